@@ -1,0 +1,8 @@
+"""moekit: Mixture-of-Experts layers, models, training, checkpoints and analysis."""
+
+from moekit.config import MoEConfig
+from moekit.moe import MoEAux, MoELayer
+from moekit.routing import Router, Routing
+
+__all__ = ["MoEAux", "MoEConfig", "MoELayer", "Router", "Routing"]
+__version__ = "0.1.0"

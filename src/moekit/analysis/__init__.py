@@ -1,0 +1,1 @@
+"""moekit.analysis (see ../shared/DESIGN.md)."""

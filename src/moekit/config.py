@@ -1,0 +1,281 @@
+"""Configs: plain, validated, JSON-round-trippable dataclasses.
+
+Every config is `@dataclass(kw_only=True)` data (no tensors, devices or callables) validated in
+`__post_init__`; a bad value raises `ValueError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise unless `value` is one of `choices`."""
+    if value not in choices:
+        _fail(name, value, f"allowed values are {', '.join(repr(c) for c in choices)}")
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise unless `value` is a finite number > 0 (or >= 0 with `allow_zero`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        _fail(name, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+class ConfigBase:
+    """JSON round-trip for nested config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a dict as `to_dict` writes it; unknown keys are an error."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
+        kwargs = {k: _from_json_value(hints[k], v) for k, v in data.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _from_json_value(hint: Any, value: Any) -> Any:
+    """Turn a JSON value back into what the field's type hint expects (nested configs, tuples)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if isinstance(arg, type) and issubclass(arg, ConfigBase) and isinstance(value, dict):
+                return arg.from_dict(value)
+            if typing.get_origin(arg) is tuple and isinstance(value, list):
+                return tuple(value)
+        return value
+    if isinstance(hint, type) and issubclass(hint, ConfigBase):
+        return hint.from_dict(value)
+    if origin is tuple:
+        return tuple(value)
+    return value
+
+
+Activation = Literal["swiglu", "gelu", "relu"]
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+@dataclass(kw_only=True)
+class MoEConfig(ConfigBase):
+    """One Mixture-of-Experts feed-forward layer.
+
+    Sizes
+        d_model: width of the token vectors the layer reads and writes.
+        d_expert: hidden width F of each routed expert.
+        n_experts: number of routed experts E.
+        top_k: experts per token k (token choice); for expert choice, the average experts per token
+            that sets each expert's capacity.
+
+    Experts
+        activation: "swiglu" (gated, silu(x W_gate) * x W_up; default), "gelu" or "relu" (ungated).
+        expert_bias: add bias terms to the expert projections.
+        n_shared_experts: always-on experts applied to every token (DeepSeekMoE, Qwen2-MoE); they are
+            fused into one dense FFN of width `d_shared`.
+        d_shared: hidden width of the fused shared FFN; default `n_shared_experts * d_expert`.
+        shared_gate: scale the shared output by `sigmoid(x @ w_shared_gate)` (Qwen2-MoE).
+
+    Routing
+        router: "topk" (token choice: each token picks k experts) or "expert_choice" (each expert
+            picks its C tokens, Zhou et al. 2022; NOT causal: a token's routing depends on later
+            tokens of the same call, so it is unfit for autoregressive decoding).
+        score: "softmax" (probabilities over all experts) or "sigmoid" (independent gates, DeepSeek-V3).
+        normalize: divide the selected weights of a token by their sum (Mixtral, DeepSeek-V3).
+            With top_k=1 and normalize=False, softmax routing is Switch.
+        routed_scaling: multiplies the routed weights (DeepSeek-V3 uses 2.5).
+        n_groups, topk_groups: group-limited routing (DeepSeek-V3): experts are split into n_groups
+            groups, each group scores the sum of its two best biased scores, and only the experts of
+            the best topk_groups groups may be selected.
+        noise: None; "jitter" (Switch: the router input is multiplied by U(1-eps, 1+eps) during
+            training); "gaussian" (Shazeer et al. 2017 noisy top-k: logits get N(0,1) noise with
+            learned std softplus(x @ W_noise), training only).
+        noise_eps: the jitter's eps.
+
+    Capacity
+        capacity_factor: None is dropless; otherwise each expert takes at most
+            C = ceil(capacity_factor * T * top_k / n_experts) of the T tokens of a call.
+        drop_policy: which assignments win a full expert: "position" (every first choice before any
+            second choice, then token order; GShard/Switch) or "probability" (highest routing weight
+            first; batch-prioritised routing).
+        overflow: "drop" (a dropped assignment contributes zero; the token's other weights are not
+            renormalised) or "next_best" (it moves to the token's next expert by score that has room
+            and is not already chosen by the token, weighted by that expert's score under the same
+            normaliser; in rounds: each round every homeless assignment asks its best remaining
+            expert, and experts accept by priority up to their free room).
+
+    Balance (each loss is returned unweighted in `aux`, and weighted in `aux.loss`)
+        aux_loss_coef: Switch balance loss E * sum_i f_i P_i (1 under uniform routing).
+        aux_loss_scope: "batch" (over all tokens of the call) or "sequence" (per sequence, averaged;
+            DeepSeek-V3's sequence-wise loss).
+        z_loss_coef: router z-loss mean(logsumexp(logits)^2) (ST-MoE).
+        importance_loss_coef, load_loss_coef: Shazeer et al. 2017 CV^2 losses; the load loss needs
+            noise="gaussian".
+        bias_update_rate: auxiliary-loss-free balancing (Wang et al. 2024): after each optimizer step
+            `update_expert_bias()` moves each expert's selection bias by rate * sign(mean - load).
+            0 disables it.
+
+    Compute
+        expert_impl: "auto" (grouped GEMM where the platform supports it, else "loop"),
+            "grouped_mm" (torch._grouped_mm), "loop" (one GEMM per expert that received tokens) or
+            "reference" (one token at a time; slow and obviously correct, for tests).
+    """
+
+    d_model: int
+    d_expert: int
+    n_experts: int
+    top_k: int = 2
+    activation: Activation = "swiglu"
+    expert_bias: bool = False
+    n_shared_experts: int = 0
+    d_shared: int | None = None
+    shared_gate: bool = False
+    router: Literal["topk", "expert_choice"] = "topk"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    normalize: bool = True
+    routed_scaling: float = 1.0
+    n_groups: int = 1
+    topk_groups: int = 1
+    noise: Literal["jitter", "gaussian"] | None = None
+    noise_eps: float = 1e-2
+    capacity_factor: float | None = None
+    drop_policy: Literal["position", "probability"] = "position"
+    overflow: Literal["drop", "next_best"] = "drop"
+    aux_loss_coef: float = 0.0
+    aux_loss_scope: Literal["batch", "sequence"] = "batch"
+    z_loss_coef: float = 0.0
+    importance_loss_coef: float = 0.0
+    load_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    expert_impl: Literal["auto", "grouped_mm", "loop", "reference"] = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_sizes()
+        self._check_routing()
+        self._check_capacity_and_losses()
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the fused shared-expert FFN (0 without shared experts)."""
+        if self.n_shared_experts == 0:
+            return 0
+        return self.d_shared if self.d_shared is not None else self.n_shared_experts * self.d_expert
+
+    @property
+    def token_choice(self) -> bool:
+        """True for routers where each token picks its experts (ids and weights per token)."""
+        return self.router != "expert_choice"
+
+    def _check_sizes(self) -> None:
+        for name in ("d_model", "d_expert", "n_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "must be an integer >= 1")
+        if self.top_k > self.n_experts:
+            _fail("top_k", self.top_k, f"must be <= n_experts ({self.n_experts})")
+        check_choice("activation", self.activation, ACTIVATIONS)
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            _fail("n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
+        if self.d_shared is not None:
+            if self.n_shared_experts == 0:
+                _fail("d_shared", self.d_shared, "needs n_shared_experts >= 1")
+            if not isinstance(self.d_shared, int) or self.d_shared < 1:
+                _fail("d_shared", self.d_shared, "must be an integer >= 1 or None")
+        if self.shared_gate and self.n_shared_experts == 0:
+            _fail("shared_gate", self.shared_gate, "needs n_shared_experts >= 1")
+
+    def _check_routing(self) -> None:
+        check_choice("router", self.router, ("topk", "expert_choice"))
+        check_choice("score", self.score, ("softmax", "sigmoid"))
+        check_choice("noise", self.noise, (None, "jitter", "gaussian"))
+        check_positive("routed_scaling", self.routed_scaling)
+        check_positive("noise_eps", self.noise_eps)
+        if self.noise == "jitter" and self.noise_eps >= 1:
+            _fail("noise_eps", self.noise_eps, "jitter needs 0 < noise_eps < 1")
+        for name in ("n_groups", "topk_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail(name, value, "must be an integer >= 1")
+        if self.n_experts % self.n_groups != 0:
+            _fail("n_groups", self.n_groups, f"must divide n_experts ({self.n_experts})")
+        if self.topk_groups > self.n_groups:
+            _fail("topk_groups", self.topk_groups, f"must be <= n_groups ({self.n_groups})")
+        reachable = self.topk_groups * (self.n_experts // self.n_groups)
+        if self.top_k > reachable:
+            _fail("top_k", self.top_k, f"must be <= topk_groups * experts per group ({reachable})")
+        if self.router != "topk":
+            self._check_simple_router()
+
+    def _check_simple_router(self) -> None:
+        """Options that only token-choice top-k routing can use."""
+        who = f"router={self.router!r}"
+        if self.n_groups > 1:
+            _fail(
+                "n_groups", self.n_groups, f"group-limited routing needs router='topk', not {who}"
+            )
+        if self.noise is not None:
+            _fail("noise", self.noise, f"noise needs router='topk', not {who}")
+        if self.bias_update_rate > 0:
+            _fail(
+                "bias_update_rate", self.bias_update_rate, f"needs router='topk'; {who} has no bias"
+            )
+        if self.overflow != "drop":
+            _fail("overflow", self.overflow, f"needs router='topk', not {who}")
+        if self.capacity_factor is None:
+            _fail("capacity_factor", None, "router='expert_choice' needs a capacity (e.g. 1.0)")
+        for name in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef"):
+            if getattr(self, name) > 0:
+                _fail(
+                    name, getattr(self, name), f"token-balance losses need router='topk', not {who}"
+                )
+
+    def _check_capacity_and_losses(self) -> None:
+        if self.capacity_factor is not None:
+            check_positive("capacity_factor", self.capacity_factor)
+        check_choice("drop_policy", self.drop_policy, ("position", "probability"))
+        check_choice("overflow", self.overflow, ("drop", "next_best"))
+        check_choice("aux_loss_scope", self.aux_loss_scope, ("batch", "sequence"))
+        check_choice("expert_impl", self.expert_impl, ("auto", "grouped_mm", "loop", "reference"))
+        for name in (
+            "aux_loss_coef",
+            "z_loss_coef",
+            "importance_loss_coef",
+            "load_loss_coef",
+            "bias_update_rate",
+        ):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        if self.load_loss_coef > 0 and self.noise != "gaussian":
+            _fail("load_loss_coef", self.load_loss_coef, "the load loss needs noise='gaussian'")
+        if self.load_loss_coef > 0 and self.top_k == self.n_experts:
+            _fail("load_loss_coef", self.load_loss_coef, "the load loss needs top_k < n_experts")
+
+
+__all__ = ["ConfigBase", "MoEConfig", "check_choice", "check_positive", "field"]

@@ -1,0 +1,1 @@
+"""moekit.data (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""moekit.distributed (see ../shared/DESIGN.md)."""

@@ -1,0 +1,97 @@
+"""Stacked expert weights and their grouped feed-forward compute."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
+
+
+def activate(h_RH: Tensor, activation: str) -> Tensor:
+    """Hidden activation. For "swiglu" h is [gate | up] (R, 2F) -> silu(gate) * up (R, F)."""
+    if activation == "swiglu":
+        gate, up = h_RH.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(h_RH)
+    return F.relu(h_RH)
+
+
+class Experts(nn.Module):
+    """E feed-forward experts with stacked weights, computed over expert-sorted rows.
+
+    w_in: (E, 2F, D) for swiglu ([w_gate; w_up] stacked on the output axis) or (E, F, D);
+    w_out: (E, D, F). Both in nn.Linear (out, in) layout. Optional biases b_in (E, 2F|F), b_out (E, D).
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        E, F_, D = cfg.n_experts, cfg.d_expert, cfg.d_model
+        n_in = 2 if cfg.activation == "swiglu" else 1
+        self.w_in = nn.Parameter(torch.empty(E, n_in * F_, D))
+        self.w_out = nn.Parameter(torch.empty(E, D, F_))
+        self.b_in = nn.Parameter(torch.empty(E, n_in * F_)) if cfg.expert_bias else None
+        self.b_out = nn.Parameter(torch.empty(E, D)) if cfg.expert_bias else None
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w_in, std=std)
+        nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def expert_weights(self, e: int) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Expert e's (w_gate (F, D) or None if ungated, w_up (F, D), w_down (D, F))."""
+        if self.cfg.activation == "swiglu":
+            w_gate, w_up = self.w_in[e].chunk(2, dim=0)
+            return w_gate, w_up, self.w_out[e]
+        return None, self.w_in[e], self.w_out[e]
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
+        matmul = GROUPED_MATMULS[resolve_impl(self.cfg.expert_impl, x_RD)]
+        h = matmul(x_RD, self.w_in, counts_E)
+        if self.b_in is not None:
+            h = h + torch.repeat_interleave(self.b_in, counts_E, dim=0, output_size=x_RD.shape[0])
+        y = matmul(activate(h, self.cfg.activation), self.w_out, counts_E)
+        if self.b_out is not None:
+            y = y + torch.repeat_interleave(self.b_out, counts_E, dim=0, output_size=x_RD.shape[0])
+        return y
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"experts={c.n_experts}, d_model={c.d_model}, d_expert={c.d_expert}, {c.activation}"
+
+
+class SharedExperts(nn.Module):
+    """The always-on experts, fused into one dense FFN of width `cfg.shared_width`, optionally
+    scaled by sigmoid(x @ w_gate.T) (Qwen2-MoE's shared-expert gate)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        n_in = 2 if cfg.activation == "swiglu" else 1
+        self.w_in = nn.Linear(cfg.d_model, n_in * cfg.shared_width, bias=cfg.expert_bias)
+        self.w_out = nn.Linear(cfg.shared_width, cfg.d_model, bias=cfg.expert_bias)
+        self.gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w_in.weight, std=std)
+        nn.init.normal_(self.w_out.weight, std=std if out_std is None else out_std)
+        for lin in (self.w_in, self.w_out):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=std)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y = self.w_out(activate(self.w_in(x_TD), self.activation))
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x_TD))
+        return y

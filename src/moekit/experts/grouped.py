@@ -1,0 +1,72 @@
+"""Grouped matrix products over expert-sorted rows: y[rows of e] = x[rows of e] @ w[e].T.
+
+Three implementations of one contract, selected by `MoEConfig.expert_impl`:
+  grouped_mm  one `torch._grouped_mm` call (checked at run time: `grouped_mm_available`);
+  loop        one GEMM per expert that received rows;
+  reference   one row at a time; slow and obviously correct, the twin the others are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+def grouped_matmul_grouped_mm(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """x_RI (R, I) rows sorted by expert, w_EOI (E, O, I), counts_E (E,) -> (R, O)."""
+    offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offsets)
+
+
+def grouped_matmul_loop(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """Same contract; a Python loop over the experts that received rows."""
+    pieces = [
+        rows @ w_EOI[e].t()
+        for e, rows in enumerate(torch.split(x_RI, counts_E.tolist()))
+        if rows.shape[0]
+    ]
+    if not pieces:
+        return x_RI.new_zeros(0, w_EOI.shape[1])
+    return torch.cat(pieces)
+
+
+def grouped_matmul_reference(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    """Same contract; one row at a time."""
+    expert_of_row = torch.repeat_interleave(torch.arange(w_EOI.shape[0]), counts_E.cpu()).tolist()
+    rows = [w_EOI[e] @ x_RI[r] for r, e in enumerate(expert_of_row)]
+    if not rows:
+        return x_RI.new_zeros(0, w_EOI.shape[1])
+    return torch.stack(rows)
+
+
+@functools.cache
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward here, with correct results."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(6, 8, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(3, 16, 8, device=device_type, dtype=dtype, requires_grad=True)
+        counts = torch.tensor([2, 0, 4], device=device_type)
+        y = grouped_matmul_grouped_mm(x, w, counts)
+        y.sum().backward()
+        expected = grouped_matmul_loop(x.detach(), w.detach(), counts)
+        return bool(torch.allclose(y.detach().float(), expected.float(), rtol=0.05, atol=0.05))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+GROUPED_MATMULS = {
+    "grouped_mm": grouped_matmul_grouped_mm,
+    "loop": grouped_matmul_loop,
+    "reference": grouped_matmul_reference,
+}
+
+
+def resolve_impl(impl: str, x: Tensor) -> str:
+    """Turn "auto" into the fastest implementation that works for x's device and dtype."""
+    if impl != "auto":
+        return impl
+    return "grouped_mm" if grouped_mm_available(x.device.type, x.dtype) else "loop"

@@ -1,0 +1,1 @@
+"""moekit.inference (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""moekit.interop (see ../shared/DESIGN.md)."""

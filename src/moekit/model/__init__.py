@@ -1,0 +1,1 @@
+"""moekit.model (see ../shared/DESIGN.md)."""

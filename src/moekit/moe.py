@@ -1,0 +1,150 @@
+"""`MoELayer` = router + dispatch + experts (+ shared experts), returning its output and `aux`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit import losses
+from moekit.config import MoEConfig
+from moekit.dispatch import make_dispatcher
+from moekit.experts import Experts, SharedExperts
+from moekit.routing import Router, Routing
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer call reports. Losses are float32 scalars.
+
+    loss: the balance losses already multiplied by their coefficients (add it to the LM loss).
+    balance_loss, z_loss, importance_loss, load_loss: each unweighted (0 when its coefficient is 0
+        and it was not computed; see `computed`).
+    counts: (E,) assignments each expert processed (after capacity).
+    routed_counts: (E,) assignments the router sent to each expert (before capacity).
+    dropped_fraction: share of the T*K assignments dropped by capacity.
+    max_vio: max_i routed_i / mean routed - 1.  entropy: mean routing entropy (nats).
+    ids, weights: (T, K) for token-choice routers (after capacity: -1 / 0 where dropped); None for
+        expert choice.
+    """
+
+    loss: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+    importance_loss: Tensor
+    load_loss: Tensor
+    counts: Tensor
+    routed_counts: Tensor
+    dropped_fraction: Tensor
+    max_vio: Tensor
+    entropy: Tensor
+    ids: Tensor | None
+    weights: Tensor | None
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    `y, aux = layer(x)` maps x (..., d_model) to y of the same shape. With a 3-D input (B, S, D) the
+    B rows are the sequences that `aux_loss_scope="sequence"` balances separately.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = SharedExperts(cfg) if cfg.n_shared_experts else None
+        self.dispatcher = make_dispatcher(cfg)
+        # Routed counts gathered since the last update_expert_bias() (aux-loss-free balancing).
+        self.register_buffer("bias_counts", torch.zeros(cfg.n_experts), persistent=False)
+
+    def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+        self.bias_counts.zero_()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"MoELayer expects inputs whose last dimension is d_model={self.cfg.d_model}, "
+                f"got shape {tuple(x.shape)} (last dimension {x.shape[-1]})"
+            )
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        routing = self.router(x_TD)
+        x_RD, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
+        y_RD = self.experts(x_RD, counts_E)
+        y_TD = self.dispatcher.combine(y_RD, state)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        n_sequences = x.shape[0] if x.dim() == 3 else 1
+        aux = self._aux(routing, counts_E, state.ids_TK, state.weights_TK, n_sequences)
+        return y_TD.view(x.shape), aux
+
+    def _aux(
+        self,
+        routing: Routing,
+        counts_E: Tensor,
+        final_ids: Tensor | None,
+        final_w: Tensor,
+        n_seq: int,
+    ) -> MoEAux:
+        cfg = self.cfg
+        zero = routing.logits_TE.new_zeros(())
+        balance = z = importance = load = zero
+        if cfg.token_choice:
+            assert routing.ids_TK is not None
+            routed_E = losses.expert_counts(routing.ids_TK, cfg.n_experts)
+            if self.training and cfg.bias_update_rate > 0:
+                self.bias_counts += routed_E.to(self.bias_counts.dtype)
+        else:
+            routed_E = counts_E
+        if cfg.aux_loss_coef > 0:
+            seqs = n_seq if cfg.aux_loss_scope == "sequence" else 1
+            balance = losses.switch_balance_loss(routing.probs_TE, routing.ids_TK, seqs)
+        if cfg.z_loss_coef > 0:
+            z = losses.z_loss(routing.logits_TE)
+        if cfg.importance_loss_coef > 0:
+            importance = losses.importance_loss(routing.weights_TK, routing.ids_TK, cfg.n_experts)
+        if cfg.load_loss_coef > 0 and routing.clean_logits_TE is not None:
+            load = losses.load_loss(
+                routing.clean_logits_TE, routing.logits_TE, routing.noise_std_TE, cfg.top_k
+            )
+        total = (
+            cfg.aux_loss_coef * balance
+            + cfg.z_loss_coef * z
+            + cfg.importance_loss_coef * importance
+            + cfg.load_loss_coef * load
+        )
+        assigned = routing.n_tokens * cfg.top_k
+        with torch.no_grad():
+            dropped = 1.0 - counts_E.sum().float() / max(assigned, 1)
+            max_vio = losses.max_violation(routed_E)
+            entropy = losses.routing_entropy(routing.probs_TE.detach())
+        return MoEAux(
+            loss=total,
+            balance_loss=balance,
+            z_loss=z,
+            importance_loss=importance,
+            load_loss=load,
+            counts=counts_E,
+            routed_counts=routed_E,
+            dropped_fraction=dropped if cfg.token_choice else zero.detach(),
+            max_vio=max_vio,
+            entropy=entropy,
+            ids=final_ids,
+            weights=final_w if cfg.token_choice else None,
+        )
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step (Wang et al. 2024): b += rate * sign(mean load - load),
+        from the routed counts gathered since the last call; then clears them."""
+        rate = self.cfg.bias_update_rate
+        if rate > 0 and self.bias_counts.sum() > 0:
+            load = self.bias_counts
+            self.router.expert_bias += rate * torch.sign(load.mean() - load)
+        self.bias_counts.zero_()

@@ -1,0 +1,60 @@
+"""The `Router` module: holds the routing parameters and turns tokens into a `Routing`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.routing.base import Routing
+from moekit.routing.expert_choice import expert_choice_route
+from moekit.routing.topk import topk_route
+
+
+class Router(nn.Module):
+    """Linear router `logits = x @ weight.T` computed in float32, then the configured scheme.
+
+    weight: (E, D) parameter. expert_bias: (E,) buffer, the aux-loss-free selection correction
+    (selection only, never in the weights; moved by `MoELayer.update_expert_bias`).
+    noise_weight: (E, D) parameter for gaussian noisy top-k (Shazeer et al. 2017).
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        self.noise_weight = None
+        if cfg.noise == "gaussian":
+            self.noise_weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+        self.expert_bias.zero_()
+        if self.noise_weight is not None:
+            # Zero noise weights start the learned std at softplus(0) = 0.69 (as Shazeer 2017).
+            nn.init.zeros_(self.noise_weight)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        """x_TD: (T, D) any float dtype -> Routing with float32 logits (T, E)."""
+        x = x_TD.float()
+        if self.cfg.noise == "jitter" and self.training:
+            eps = self.cfg.noise_eps
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = F.linear(x, self.weight.float())
+        if self.cfg.router == "expert_choice":
+            return expert_choice_route(logits_TE, self.cfg)
+        if self.noise_weight is None or not self.training:
+            return topk_route(logits_TE, self.expert_bias, self.cfg)
+        noise_std_TE = F.softplus(F.linear(x, self.noise_weight.float()))
+        noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        routing = topk_route(noisy_TE, self.expert_bias, self.cfg)
+        routing.clean_logits_TE = logits_TE
+        routing.noise_std_TE = noise_std_TE
+        return routing
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"{c.router}, score={c.score}, experts={c.n_experts}, top_k={c.top_k}"

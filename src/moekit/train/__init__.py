@@ -1,0 +1,1 @@
+"""moekit.train (see ../shared/DESIGN.md)."""
