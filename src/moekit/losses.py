@@ -27,8 +27,8 @@ def switch_balance_loss(probs_TE: Tensor, ids_TK: Tensor, n_sequences: int = 1) 
     K = ids_TK.shape[1]
     B = n_sequences
     ids_BR = ids_TK.reshape(B, (T // B) * K)
-    counts_BE = torch.zeros(B, E, device=ids_TK.device).scatter_add_(
-        1, ids_BR, torch.ones_like(ids_BR, dtype=torch.float32)
+    counts_BE = probs_TE.new_zeros(B, E).scatter_add_(
+        1, ids_BR, torch.ones_like(ids_BR, dtype=probs_TE.dtype)
     )
     f_BE = counts_BE / ids_BR.shape[1]
     P_BE = probs_TE.reshape(B, T // B, E).mean(1)

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch import make_dispatcher
-from moekit.experts import Experts, SharedExperts
+from moekit.dispatch.capacity import token_capacity
+from moekit.dispatch.reference import reference_capacity_assignment
+from moekit.experts import Experts, SharedExperts, activate
 from moekit.routing import Router, Routing
 
 
@@ -148,3 +150,52 @@ class MoELayer(nn.Module):
             load = self.bias_counts
             self.router.expert_bias += rate * torch.sign(load.mean() - load)
         self.bias_counts.zero_()
+
+
+def reference_expert(layer: MoELayer, e: int, x_D: Tensor) -> Tensor:
+    """Expert e applied to one token, written from `expert_weights(e)` (nn.Linear layout)."""
+    w_gate, w_up, w_down = layer.experts.expert_weights(e)
+    w_in = w_up if w_gate is None else torch.cat([w_gate, w_up])
+    h = w_in @ x_D
+    if layer.experts.b_in is not None:
+        h = h + layer.experts.b_in[e]
+    y = w_down @ activate(h, layer.cfg.activation)
+    if layer.experts.b_out is not None:
+        y = y + layer.experts.b_out[e]
+    return y
+
+
+def reference_moe_forward(layer: MoELayer, x: Tensor, routing: Routing) -> Tensor:
+    """Readable twin of `MoELayer.forward`: one token and one assignment at a time.
+
+    Uses the given routing (the router has its own per-token twin) and the reference capacity
+    assignment; returns y with x's shape. Slow; for tests.
+    """
+    cfg = layer.cfg
+    x_TD = x.reshape(-1, cfg.d_model)
+    T = x_TD.shape[0]
+    contributions: list[list[Tensor]] = [[] for _ in range(T)]
+    if cfg.router == "expert_choice":
+        for e, (tokens, gates) in enumerate(zip(routing.tokens_EC, routing.gates_EC, strict=True)):
+            for t, g in zip(tokens.tolist(), gates, strict=True):
+                contributions[t].append(g * reference_expert(layer, e, x_TD[t]))
+    else:
+        final = routing.ids_TK.tolist()
+        if cfg.capacity_factor is not None:
+            final = reference_capacity_assignment(
+                routing.ids_TK,
+                routing.weights_TK,
+                routing.selection_TE,
+                token_capacity(T, cfg),
+                cfg.drop_policy,
+                cfg.overflow,
+            )
+        for t, experts in enumerate(final):
+            for e in (e for e in experts if e >= 0):
+                weight = routing.scores_TE[t, e] * routing.scale_T[t]
+                contributions[t].append(weight * reference_expert(layer, e, x_TD[t]))
+    rows = [sum(c) if c else x_TD.new_zeros(cfg.d_model) for c in contributions]
+    y_TD = torch.stack([r.to(x.dtype) for r in rows])
+    if layer.shared_experts is not None:
+        y_TD = y_TD + layer.shared_experts(x_TD)
+    return y_TD.view(x.shape)

@@ -54,7 +54,7 @@ class Experts(nn.Module):
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
-        matmul = GROUPED_MATMULS[resolve_impl(self.cfg.expert_impl, x_RD)]
+        matmul = GROUPED_MATMULS[resolve_impl(self.cfg.expert_impl, x_RD, self.w_out)]
         h = matmul(x_RD, self.w_in, counts_E)
         if self.b_in is not None:
             h = h + torch.repeat_interleave(self.b_in, counts_E, dim=0, output_size=x_RD.shape[0])

@@ -47,8 +47,8 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(6, 8, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(3, 16, 8, device=device_type, dtype=dtype, requires_grad=True)
+        x = torch.randn(6, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(3, 32, 16, device=device_type, dtype=dtype, requires_grad=True)
         counts = torch.tensor([2, 0, 4], device=device_type)
         y = grouped_matmul_grouped_mm(x, w, counts)
         y.sum().backward()
@@ -58,6 +58,12 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def grouped_mm_fits(x_RI: Tensor, w_EOI: Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows: I and O times the element size."""
+    size = x_RI.element_size()
+    return (w_EOI.shape[-1] * size) % 16 == 0 and (w_EOI.shape[-2] * size) % 16 == 0
+
+
 GROUPED_MATMULS = {
     "grouped_mm": grouped_matmul_grouped_mm,
     "loop": grouped_matmul_loop,
@@ -65,8 +71,14 @@ GROUPED_MATMULS = {
 }
 
 
-def resolve_impl(impl: str, x: Tensor) -> str:
-    """Turn "auto" into the fastest implementation that works for x's device and dtype."""
+def resolve_impl(impl: str, x_RI: Tensor, w_EOI: Tensor) -> str:
+    """Turn "auto" into the fastest implementation that works for these operands."""
+    if impl == "grouped_mm" and not grouped_mm_fits(x_RI, w_EOI):
+        raise ValueError(
+            f"expert_impl='grouped_mm' needs d_model and d_expert whose rows are multiples of 16 "
+            f"bytes (got weights {tuple(w_EOI.shape)} in {x_RI.dtype}); use expert_impl='auto'"
+        )
     if impl != "auto":
         return impl
-    return "grouped_mm" if grouped_mm_available(x.device.type, x.dtype) else "loop"
+    usable = grouped_mm_available(x_RI.device.type, x_RI.dtype) and grouped_mm_fits(x_RI, w_EOI)
+    return "grouped_mm" if usable else "loop"

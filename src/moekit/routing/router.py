@@ -13,7 +13,8 @@ from moekit.routing.topk import topk_route
 
 
 class Router(nn.Module):
-    """Linear router `logits = x @ weight.T` computed in float32, then the configured scheme.
+    """Linear router `logits = x @ weight.T` computed in float32 (float64 stays float64, for
+    gradcheck), then the configured scheme.
 
     weight: (E, D) parameter. expert_bias: (E,) buffer, the aux-loss-free selection correction
     (selection only, never in the weights; moved by `MoELayer.update_expert_bias`).
@@ -38,17 +39,17 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise_weight)
 
     def forward(self, x_TD: Tensor) -> Routing:
-        """x_TD: (T, D) any float dtype -> Routing with float32 logits (T, E)."""
-        x = x_TD.float()
+        """x_TD: (T, D) any float dtype -> Routing with float32 (or float64) logits (T, E)."""
+        x = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
         if self.cfg.noise == "jitter" and self.training:
             eps = self.cfg.noise_eps
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = F.linear(x, self.weight.float())
+        logits_TE = F.linear(x, self.weight.to(x.dtype))
         if self.cfg.router == "expert_choice":
             return expert_choice_route(logits_TE, self.cfg)
         if self.noise_weight is None or not self.training:
             return topk_route(logits_TE, self.expert_bias, self.cfg)
-        noise_std_TE = F.softplus(F.linear(x, self.noise_weight.float()))
+        noise_std_TE = F.softplus(F.linear(x, self.noise_weight.to(x.dtype)))
         noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         routing = topk_route(noisy_TE, self.expert_bias, self.cfg)
         routing.clean_logits_TE = logits_TE

@@ -1,0 +1,121 @@
+"""MoELayer against its per-token reference, forward and gradients, for every router x option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.moe_cases import CASES, make_layer, tie_free_tokens
+from torch.func import functional_call
+
+from moekit import MoEConfig, MoELayer
+from moekit.moe import reference_moe_forward
+
+
+def _grads(layer: MoELayer, x: torch.Tensor, forward) -> dict[str, torch.Tensor]:
+    layer.zero_grad()
+    x = x.detach().requires_grad_(True)
+    y = forward(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return {"x": x.grad.clone(), **grads}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_layer_matches_reference_forward_and_gradients(name: str) -> None:
+    layer = make_layer(**CASES[name]).eval()
+    x = tie_free_tokens(layer, 24).view(2, 12, -1)
+
+    def fast(inp):
+        return layer(inp)[0]
+
+    def reference(inp):
+        return reference_moe_forward(layer, inp, layer.router(inp.reshape(-1, inp.shape[-1])))
+
+    torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-5)
+    got, want = _grads(layer, x, fast), _grads(layer, x, reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3", "capacity-next-best", "expert-choice"])
+def test_gradcheck_float64(name: str) -> None:
+    layer = make_layer(torch.float64, **CASES[name]).eval()
+    x = tie_free_tokens(layer, 6).requires_grad_(True)
+    names = ["router.weight", "experts.w_in", "experts.w_out"]
+    params = dict(layer.named_parameters())
+
+    def fn(inp, *tensors):
+        overrides = dict(zip(names, tensors, strict=True))
+        return functional_call(layer, {**params, **overrides}, (inp,))[0]
+
+    inputs = (x, *(params[n].detach().clone().requires_grad_(True) for n in names))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def _assert_close_relative(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    """Error measured against the tensor's own scale (bf16 rounds relative to magnitude)."""
+    error = (got.double() - want).abs().max() / want.abs().max()
+    assert error <= tol, f"{what}: relative error {error:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "reference"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_expert_impls_agree(impl: str, dtype: torch.dtype, tol: float, activation: str) -> None:
+    """Each grouped compute against the float64 per-row reference, forward and gradients."""
+    sizes = dict(d_model=16, d_expert=8, activation=activation, expert_bias=activation == "gelu")
+    ref_layer = make_layer(torch.float64, expert_impl="reference", **sizes)
+    layer = make_layer(dtype, expert_impl=impl, **sizes)
+    x_RD = torch.randn(68, 16, dtype=torch.float64)
+    counts = torch.tensor([10, 0, 20, 4, 0, 6, 24, 4])
+    xin, xref = x_RD.to(dtype).requires_grad_(True), x_RD.clone().requires_grad_(True)
+    got, want = layer.experts(xin, counts), ref_layer.experts(xref, counts)
+    _assert_close_relative(got, want, tol, "output")
+    got.float().square().sum().backward()
+    want.square().sum().backward()
+    _assert_close_relative(xin.grad, xref.grad, 2 * tol, "grad x")
+    for name, p in ref_layer.experts.named_parameters():
+        mine = dict(layer.experts.named_parameters())[name].grad
+        _assert_close_relative(mine, p.grad, 2 * tol, f"grad {name}")
+
+
+def test_grouped_mm_refuses_misaligned_sizes_with_advice() -> None:
+    layer = make_layer(expert_impl="grouped_mm")  # d_expert=10: 40-byte rows
+    with pytest.raises(ValueError, match="expert_impl='auto'"):
+        layer(torch.randn(4, layer.cfg.d_model))
+
+
+def test_wrong_width_names_both_numbers() -> None:
+    layer = MoELayer(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=1))
+    with pytest.raises(ValueError, match=r"d_model=16.*last dimension 15"):
+        layer(torch.randn(3, 15))
+
+
+def test_output_shape_and_aux_fields() -> None:
+    layer = MoELayer(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, aux_loss_coef=0.01))
+    y, aux = layer(torch.randn(2, 5, 16))
+    assert y.shape == (2, 5, 16)
+    assert aux.ids.shape == aux.weights.shape == (10, 2)
+    assert aux.counts.shape == (4,) and int(aux.counts.sum()) == 20
+    assert aux.loss.ndim == 0 and aux.loss.requires_grad
+    torch.testing.assert_close(aux.loss, 0.01 * aux.balance_loss)
+
+
+def test_expert_weights_are_views_in_linear_layout() -> None:
+    layer = MoELayer(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2))
+    w_gate, w_up, w_down = layer.experts.expert_weights(3)
+    assert w_gate.shape == w_up.shape == (8, 16) and w_down.shape == (16, 8)
+    assert w_gate.data_ptr() == layer.experts.w_in[3].data_ptr()
+    assert layer.router.weight.shape == (4, 16) and layer.router.expert_bias.shape == (4,)
+
+
+def test_meta_device_build_then_init() -> None:
+    cfg = MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=2, n_shared_experts=1)
+    with torch.device("meta"):
+        layer = MoELayer(cfg)
+    assert layer.experts.w_in.is_meta
+    layer.to_empty(device="cpu")
+    layer.init_weights()
+    y, _ = layer(torch.randn(3, 16))
+    assert torch.isfinite(y).all()
