@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -279,3 +280,231 @@ class MoEConfig(ConfigBase):
 
 
 __all__ = ["ConfigBase", "MoEConfig", "check_choice", "check_positive", "field"]
+
+
+# Training runs (issue 3): data, optimisation, evaluation and checkpoints; `moekit train` saves a
+# RunConfig as config.json in the run directory.
+
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+@dataclass(kw_only=True)
+class DataConfig(ConfigBase):
+    """Where the training text comes from and how it becomes tokens.
+
+    source: "stdlib" (the .py files of the running Python's standard library, without its test
+        suites), a text file, a folder of text files, or a glob such as "docs/**/*.md". Files are
+        split into train and validation by a hash of their path; a single file by lines.
+    tokenizer: "bpe" (byte-level BPE trained with `tokenizers` on the training split, cached) or
+        "bytes" (one token per UTF-8 byte plus end-of-text: 257 ids).
+    vocab_size: BPE vocabulary size, end-of-text included; None means the model's vocab_size.
+    val_fraction: share of the files held out for validation (about; at least one file).
+    max_files: read only the first N files of the source (sorted by path); None reads all.
+    cache_dir: where trained tokenizers and tokenised splits are cached; None means
+        $MOEKIT_CACHE, else ~/.cache/moekit.
+    """
+
+    source: str = "stdlib"
+    tokenizer: Literal["bpe", "bytes"] = "bpe"
+    vocab_size: int | None = None
+    val_fraction: float = 0.05
+    max_files: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            _fail("source", self.source, "must be 'stdlib', a file, a folder or a glob")
+        check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+        if self.vocab_size is not None:
+            if self.tokenizer == "bytes":
+                _fail("vocab_size", self.vocab_size, "must be None with tokenizer='bytes' (257)")
+            _check_int("vocab_size", self.vocab_size, 258)
+        check_positive("val_fraction", self.val_fraction)
+        if self.val_fraction >= 1:
+            _fail("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if self.max_files is not None:
+            _check_int("max_files", self.max_files, 1)
+
+
+@dataclass(kw_only=True)
+class EvalConfig(ConfigBase):
+    """Evaluation on the validation split: loss and bits per byte.
+
+    every: evaluate every N optimizer steps (and always after the last); 0 only after the last.
+    batches: number of batches per evaluation; the same windows every time, so losses compare.
+    batch_size: sequences per evaluation batch; None means the training batch_size.
+    """
+
+    every: int = 100
+    batches: int = 8
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("every", self.every, 0)
+        _check_int("batches", self.batches, 1)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(ConfigBase):
+    """Checkpoints in RUN_DIR/checkpoints/step-NNNNNN (weights, optimizer, schedule, RNG, data).
+
+    every: save every N optimizer steps (and always after the last, and on Ctrl-C); 0 only then.
+    keep: how many of the most recent checkpoints to keep.
+    """
+
+    every: int = 200
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check_int("every", self.every, 0)
+        _check_int("keep", self.keep, 1)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(ConfigBase):
+    """How to train: batches, AdamW, learning-rate schedule, precision, logging.
+
+    Batches
+        steps: optimizer steps.
+        batch_size: sequences per micro-batch; one step sees batch_size * grad_accum sequences.
+        seq_len: tokens per sequence (at most the model's max_seq_len).
+        grad_accum: micro-batches whose gradients are summed before each optimizer step.
+        seed: seeds the initial weights, the batch sampler and the global torch RNG.
+
+    Optimizer (AdamW; no weight decay on norms, biases, embeddings and routers)
+        lr: peak learning rate, reached after warmup_steps of linear warmup, then cosine decay to
+            lr * min_lr_ratio at the last step.
+        weight_decay, betas, eps: AdamW's.
+        grad_clip: clip the gradients' global norm to this; None does not clip.
+
+    Execution
+        device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
+        bf16: run the forward pass under bfloat16 autocast (weights and optimizer stay float32).
+        compile: wrap the model in torch.compile.
+        threads: CPU threads for torch; None leaves torch's default.
+
+    Logging
+        log_every: write train metrics (loss averaged over the interval, expert counts summed over
+            it) to metrics.jsonl every N steps.
+        progress: show a progress bar.
+        tensorboard: also write TensorBoard events when the tensorboard package is installed.
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    seed: int = 0
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = False
+    threads: int | None = None
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1)):
+            _check_int(name, getattr(self, name), minimum)
+        for name, minimum in (("seed", 0), ("warmup_steps", 0), ("log_every", 1)):
+            _check_int(name, getattr(self, name), minimum)
+        self._check_optimizer()
+        if not re.fullmatch(DEVICE_PATTERN, str(self.device)):
+            _fail("device", self.device, "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        for name in ("bf16", "compile", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+
+    def _check_optimizer(self) -> None:
+        check_positive("lr", self.lr)
+        check_positive("eps", self.eps)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("min_lr_ratio", self.min_lr_ratio, allow_zero=True)
+        if self.min_lr_ratio > 1:
+            _fail("min_lr_ratio", self.min_lr_ratio, "must be between 0 and 1")
+        ok = len(self.betas) == 2 and all(isinstance(b, (int, float)) for b in self.betas)
+        if not ok or not all(0 <= b < 1 for b in self.betas):
+            _fail("betas", self.betas, "must be two numbers in [0, 1)")
+        if self.grad_clip is not None:
+            check_positive("grad_clip", self.grad_clip)
+
+
+@dataclass(kw_only=True)
+class RunConfig(ConfigBase):
+    """A training run: the model and how to train it.
+
+    `RunConfig.preset(name)` pairs `ModelConfig.preset(name)` with the training settings tuned for
+    it; "tiny" (for tests and smoke runs) widens the tiny model's vocabulary to 512 so that a BPE
+    fits, and trains 30 steps on 40 files.
+    """
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail(
+                "train.seq_len",
+                self.train.seq_len,
+                f"must be <= model.max_seq_len ({self.model.max_seq_len})",
+            )
+        data = self.train.data
+        if data.tokenizer == "bytes" and self.model.vocab_size < 257:
+            _fail("model.vocab_size", self.model.vocab_size, "tokenizer='bytes' needs >= 257")
+        if data.tokenizer == "bpe" and data.vocab_size is None and self.model.vocab_size < 258:
+            _fail("model.vocab_size", self.model.vocab_size, "a BPE vocabulary needs >= 258")
+        if data.vocab_size is not None and data.vocab_size > self.model.vocab_size:
+            _fail(
+                "train.data.vocab_size",
+                data.vocab_size,
+                f"must be <= model.vocab_size ({self.model.vocab_size})",
+            )
+
+    @property
+    def token_vocab_size(self) -> int:
+        """Size of the tokenizer's vocabulary (at most model.vocab_size)."""
+        data = self.train.data
+        if data.tokenizer == "bytes":
+            return 257
+        return data.vocab_size if data.vocab_size is not None else self.model.vocab_size
+
+    @classmethod
+    def preset(cls, name: str) -> RunConfig:
+        """The model preset `name` with its training settings."""
+        if name == "tiny":
+            return tiny_run()
+        return cls(model=ModelConfig.preset(name))
+
+
+def tiny_run() -> RunConfig:
+    """A run of seconds: the tiny model (vocabulary 512) on 40 standard-library files."""
+    train = TrainConfig(
+        steps=30,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=5,
+        log_every=5,
+        data=DataConfig(max_files=40),
+        eval=EvalConfig(every=10, batches=2),
+        checkpoint=CheckpointConfig(every=10),
+    )
+    return RunConfig(model=ModelConfig.preset("tiny").replace(vocab_size=512), train=train)
+
+
+__all__ += ["CheckpointConfig", "DataConfig", "EvalConfig", "RunConfig", "TrainConfig"]

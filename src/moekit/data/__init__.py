@@ -1,1 +1,73 @@
-"""moekit.data (see ../shared/DESIGN.md)."""
+"""Corpora and tokenizers: text in, cached token arrays and batch samplers out.
+
+`prepare_data(cfg, vocab_size)` is the one call a training run makes: it reads the corpus, splits it
+by file, trains (or loads from the cache) the tokenizer on the training split, and tokenises both
+splits (or maps them from the cache).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from moekit.config import DataConfig
+from moekit.data.corpus import STDLIB, Corpus, Document, Split, find_files, load_corpus
+from moekit.data.tokenizer import END_OF_TEXT, byte_tokenizer, cached_bpe, eos_id, train_bpe
+from moekit.data.tokens import TokenSplit, WindowSampler, fixed_batches, tokenize_split
+
+
+@dataclass(frozen=True)
+class Data:
+    """A tokenizer and the two tokenised splits of a corpus."""
+
+    tokenizer: Tokenizer
+    train: TokenSplit
+    val: TokenSplit
+    n_train_files: int
+    n_val_files: int
+
+
+def default_cache_dir() -> Path:
+    """$MOEKIT_CACHE if set, else ~/.cache/moekit (or $XDG_CACHE_HOME/moekit)."""
+    if os.environ.get("MOEKIT_CACHE"):
+        return Path(os.environ["MOEKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moekit"
+
+
+def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = False) -> Data:
+    """Read, split, tokenise and cache the corpus of `cfg`; `vocab_size` sizes a BPE tokenizer."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    corpus = load_corpus(cfg.source, cfg.val_fraction, cfg.max_files)
+    if cfg.tokenizer == "bytes":
+        tok = byte_tokenizer()
+    else:
+        tok = cached_bpe(corpus.train, cfg.vocab_size or vocab_size, cache, progress)
+    train = tokenize_split(tok, corpus.train, cache, progress, "train")
+    val = tokenize_split(tok, corpus.val, cache, progress, "validation")
+    return Data(tok, train, val, len(corpus.train.documents), len(corpus.val.documents))
+
+
+__all__ = [
+    "END_OF_TEXT",
+    "STDLIB",
+    "Corpus",
+    "Data",
+    "Document",
+    "Split",
+    "TokenSplit",
+    "WindowSampler",
+    "byte_tokenizer",
+    "cached_bpe",
+    "default_cache_dir",
+    "eos_id",
+    "find_files",
+    "fixed_batches",
+    "load_corpus",
+    "prepare_data",
+    "tokenize_split",
+    "train_bpe",
+]

@@ -1,0 +1,89 @@
+"""Tokenizers: byte-level BPE trained with the `tokenizers` library, or plain bytes.
+
+Both are `tokenizers.Tokenizer` objects (saved as `tokenizer.json`, loadable by Hugging Face
+`PreTrainedTokenizerFast`), with one special token, END_OF_TEXT, that separates documents. A trained
+BPE is cached on disk under a key made of the training text's fingerprint and the vocabulary size,
+so a second run on the same corpus loads it instead of training again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moekit.data.corpus import Split
+from moekit.fileio import atomic_path
+
+END_OF_TEXT = "<|endoftext|>"
+BYTES_VOCAB_SIZE = 257  # 256 byte values + END_OF_TEXT
+
+
+def byte_tokenizer() -> Tokenizer:
+    """One token per UTF-8 byte (token id = byte value), and END_OF_TEXT = 256."""
+    vocab = {ch: byte for byte, ch in enumerate(_byte_characters())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    _byte_level(tok, use_regex=False)
+    tok.add_special_tokens([END_OF_TEXT])
+    return tok
+
+
+def train_bpe(split: Split, vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE of at most `vocab_size` tokens (END_OF_TEXT included) on a split."""
+    if vocab_size <= BYTES_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is invalid: a byte-level BPE needs more than "
+            f"{BYTES_VOCAB_SIZE} tokens (256 bytes + {END_OF_TEXT}); use tokenizer='bytes' instead"
+        )
+    tok = Tokenizer(models.BPE())
+    _byte_level(tok, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    texts = [doc.text for doc in split.documents]
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def cached_bpe(
+    split: Split, vocab_size: int, cache_dir: Path, show_progress: bool = False
+) -> Tokenizer:
+    """The BPE for this training split and vocabulary size: loaded from the cache, else trained
+    and stored there (atomically)."""
+    path = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{split.fingerprint[:20]}.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    tok = train_bpe(split, vocab_size, show_progress)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
+    return tok
+
+
+def eos_id(tok: Tokenizer) -> int:
+    """The id of END_OF_TEXT."""
+    token_id = tok.token_to_id(END_OF_TEXT)
+    if token_id is None:
+        raise ValueError(f"this tokenizer has no {END_OF_TEXT} token; it was not made by moekit")
+    return token_id
+
+
+def _byte_characters() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2) writes for each byte value 0-255:
+    printable Latin-1 bytes stand for themselves, the others for 256 + their rank."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _byte_level(tok: Tokenizer, use_regex: bool) -> None:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+    tok.decoder = decoders.ByteLevel()

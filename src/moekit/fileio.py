@@ -1,0 +1,61 @@
+"""Atomic file and directory writes: write under a temporary name, then rename.
+
+A crash or Ctrl-C in the middle of a write leaves the previous file (or nothing) behind, never a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    Works for files and directories alike: whatever the block creates at the yielded path replaces
+    `path` (an existing file is replaced atomically; an existing directory is swapped out first).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.rmdir()  # the caller decides whether this becomes a file or a directory
+    try:
+        yield tmp
+        _replace(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    if dst.is_dir() and src.is_dir():
+        old = dst.with_name(f".{dst.name}.old")
+        _remove(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        _remove(old)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
