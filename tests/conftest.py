@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tests run in parallel workers on a 2-core machine: one thread each avoids oversubscription, under
+# which OpenMP spin-waiting makes small matmuls a hundred times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -55,22 +55,27 @@ def importance_loss(weights_TK: Tensor, ids_TK: Tensor, n_experts: int) -> Tenso
     return cv_squared(importance_E)
 
 
-def load_loss(
+def load_probabilities(
     clean_logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std_TE: Tensor, k: int
 ) -> Tensor:
-    """Shazeer et al. 2017 (appendix A): CV^2 of the smooth load estimator.
+    """Shazeer et al. 2017 (appendix A) smooth load estimator, (T, E).
 
     P(t, i) = Phi((clean_i - kth_excluding(noisy, k, i)) / std_i): the probability that expert i
-    would still be in token t's top-k under a fresh draw of its own noise. Needs k < E.
+    is in token t's top-k under a fresh draw of its own noise, the other logits held. Needs k < E.
     """
     top_TK1 = noisy_logits_TE.topk(k + 1, dim=-1).values
     threshold_if_in = top_TK1[:, k : k + 1]
     threshold_if_out = top_TK1[:, k - 1 : k]
     is_in = noisy_logits_TE >= threshold_if_out
-    normal = torch.distributions.Normal(0.0, 1.0)
-    p_in = normal.cdf((clean_logits_TE - threshold_if_in) / noise_std_TE)
-    p_out = normal.cdf((clean_logits_TE - threshold_if_out) / noise_std_TE)
-    return cv_squared(torch.where(is_in, p_in, p_out).sum(0))
+    threshold = torch.where(is_in, threshold_if_in, threshold_if_out)
+    return torch.special.ndtr((clean_logits_TE - threshold) / noise_std_TE)
+
+
+def load_loss(
+    clean_logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std_TE: Tensor, k: int
+) -> Tensor:
+    """Shazeer et al. 2017: CV^2 of each expert's smooth load, sum_t P(t, i)."""
+    return cv_squared(load_probabilities(clean_logits_TE, noisy_logits_TE, noise_std_TE, k).sum(0))
 
 
 def max_violation(counts_E: Tensor) -> Tensor:

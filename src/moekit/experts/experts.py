@@ -24,7 +24,8 @@ class Experts(nn.Module):
     """E feed-forward experts with stacked weights, computed over expert-sorted rows.
 
     w_in: (E, 2F, D) for swiglu ([w_gate; w_up] stacked on the output axis) or (E, F, D);
-    w_out: (E, D, F). Both in nn.Linear (out, in) layout. Optional biases b_in (E, 2F|F), b_out (E, D).
+    w_out: (E, D, F). Both in nn.Linear (out, in) layout (as transformers' gate_up_proj and
+    down_proj). Optional biases b_in (E, 2F|F), b_out (E, D).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:

@@ -14,7 +14,7 @@ class Routing:
     Token choice fills `ids_TK` / `weights_TK`; expert choice fills `tokens_EC` / `gates_EC`.
 
     ids_TK: (T, K) long, the experts each token chose, best first.
-    weights_TK: (T, K) combine weights; `weights_TK == scores_TE.gather(1, ids_TK) * scale_T[:, None]`.
+    weights_TK: (T, K) combine weights, `scores_TE.gather(1, ids_TK) * scale_T[:, None]`.
     logits_TE: (T, E) router logits (noisy ones when gaussian noise is on).
     scores_TE: (T, E) scores the weights are read from (softmax or sigmoid of the logits).
     probs_TE: (T, E) the scores as a distribution over experts (sigmoid scores renormalised), used
