@@ -49,7 +49,7 @@ def test_capacity_formula() -> None:
 def test_dropped_assignment_contributes_zero_and_others_keep_their_weight() -> None:
     layer = make_layer(capacity_factor=0.25).eval()
     x = tie_free_tokens(layer, 40)
-    y, aux = layer(x)
+    _, aux = layer(x)
     dropped = aux.ids < 0
     assert dropped.any() and (~dropped).any()
     assert torch.equal(aux.weights[dropped], torch.zeros(int(dropped.sum())))
