@@ -7,7 +7,7 @@ import torch
 from tests.moe_cases import CASES, make_layer, tie_free_tokens
 from torch.func import functional_call
 
-from moekit import MoEConfig, MoELayer
+from moekit import MoEConfig, MoELayer, losses
 from moekit.moe import reference_moe_forward
 
 
@@ -38,12 +38,12 @@ def test_layer_matches_reference_forward_and_gradients(name: str) -> None:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3", "capacity-next-best", "expert-choice"])
+@pytest.mark.parametrize("name", CASES)
 def test_gradcheck_float64(name: str) -> None:
     layer = make_layer(torch.float64, **CASES[name]).eval()
     x = tie_free_tokens(layer, 6).requires_grad_(True)
-    names = ["router.weight", "experts.w_in", "experts.w_out"]
     params = dict(layer.named_parameters())
+    names = [n for n in params if n != "router.noise_weight"]  # noise is off in eval
 
     def fn(inp, *tensors):
         overrides = dict(zip(names, tensors, strict=True))
@@ -84,6 +84,18 @@ def test_grouped_mm_refuses_misaligned_sizes_with_advice() -> None:
     layer = make_layer(expert_impl="grouped_mm")  # d_expert=10: 40-byte rows
     with pytest.raises(ValueError, match="expert_impl='auto'"):
         layer(torch.randn(4, layer.cfg.d_model))
+
+
+def test_sequence_scope_balances_each_row_of_a_3d_input() -> None:
+    layer = make_layer(aux_loss_coef=0.1, aux_loss_scope="sequence")
+    x = torch.randn(3, 7, layer.cfg.d_model)
+    _, aux = layer(x)
+    routing = layer.router(x.view(21, -1))
+    expected = losses.switch_balance_loss(routing.probs_TE, routing.ids_TK, n_sequences=3)
+    torch.testing.assert_close(aux.balance_loss, expected)
+    torch.testing.assert_close(aux.loss, 0.1 * expected)
+    batch_scope = losses.switch_balance_loss(routing.probs_TE, routing.ids_TK, n_sequences=1)
+    assert not torch.allclose(expected, batch_scope)
 
 
 def test_wrong_width_names_both_numbers() -> None:
