@@ -279,7 +279,299 @@ class MoEConfig(ConfigBase):
             _fail("load_loss_coef", self.load_loss_coef, "the load loss needs top_k < n_experts")
 
 
-__all__ = ["ConfigBase", "MoEConfig", "check_choice", "check_positive", "field"]
+MoELayers = Literal["all"] | int | tuple[int, ...]
+
+
+@dataclass(kw_only=True)
+class ModelConfig(ConfigBase):
+    """A decoder-only language model: pre-RMSNorm blocks of attention and a dense or MoE FFN.
+
+    Sizes
+        vocab_size: number of token ids.
+        d_model: width of the residual stream.
+        n_layers: number of blocks.
+        n_heads: query heads per attention layer.
+        n_kv_heads: key/value heads (grouped-query attention, Ainslie et al. 2023); must divide
+            n_heads. None means n_heads (plain multi-head attention).
+        head_dim: width of each head; None means d_model // n_heads.
+        d_ff: hidden width of the dense SwiGLU FFN of the non-MoE layers; required when some layer
+            is dense, ignored otherwise.
+
+    Mixture of experts
+        moe: the MoE FFN of the MoE layers (its d_model must equal the model's); None makes every
+            layer dense.
+        moe_layers: which layers are MoE: "all"; an int n for every n-th layer (layers n-1, 2n-1,
+            ... counting from 0, as Qwen2-MoE's decoder_sparse_step); or an explicit tuple of layer
+            indices.
+        first_dense: the first k layers are dense whatever moe_layers says (DeepSeek's
+            first_k_dense_replace).
+
+    Attention
+        max_seq_len: longest sequence (prompt plus generated tokens) the model accepts.
+        rope_theta: base of the rotary position embedding frequencies (Su et al. 2021).
+        sliding_window: None for full causal attention, or W: each token attends to itself and the
+            W - 1 tokens before it (Mistral/Mixtral).
+        attn_bias: add biases to the q, k, v and output projections.
+        qk_norm: None; "head" (RMSNorm over each head of q and k, one weight of head_dim shared by
+            the heads; Qwen3); or "full" (RMSNorm over the whole q and k projections; OLMoE).
+
+    Other
+        norm_eps: epsilon of every RMSNorm.
+        tie_embeddings: the LM head reuses the token embedding matrix.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int | None = None
+    moe: MoEConfig | None = None
+    moe_layers: MoELayers = "all"
+    first_dense: int = 0
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    attn_bias: bool = False
+    qk_norm: Literal["head", "full"] | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe_layers, list):
+            self.moe_layers = tuple(self.moe_layers)
+        self._check_sizes()
+        self._check_attention()
+        self._check_layers()
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (n_kv_heads, or n_heads when that is None)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def d_head(self) -> int:
+        """Width of one attention head (head_dim, or d_model // n_heads when that is None)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the MoE layers, ascending (empty when moe is None)."""
+        if self.moe is None:
+            return []
+        if self.moe_layers == "all":
+            chosen = range(self.n_layers)
+        elif isinstance(self.moe_layers, int):
+            chosen = range(self.moe_layers - 1, self.n_layers, self.moe_layers)
+        else:
+            chosen = sorted(self.moe_layers)
+        return [i for i in chosen if i >= self.first_dense]
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """The named preset; see `MODEL_PRESETS` for the names."""
+        if name not in MODEL_PRESETS:
+            _fail("preset", name, f"known model presets are {', '.join(MODEL_PRESETS)}")
+        return MODEL_PRESETS[name]()
+
+    def _check_sizes(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("n_kv_heads", "head_dim", "d_ff"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        check_positive("rope_theta", self.rope_theta)
+        check_positive("norm_eps", self.norm_eps)
+        for name in ("attn_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
+
+    def _check_attention(self) -> None:
+        if self.n_heads % self.kv_heads != 0:
+            _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads ({self.n_heads})")
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            _fail(
+                "head_dim",
+                None,
+                f"None needs d_model ({self.d_model}) divisible by n_heads ({self.n_heads})",
+            )
+        if self.d_head % 2 != 0:
+            _fail("head_dim", self.d_head, "rotary embeddings need an even head width")
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, 1)
+        check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
+
+    def _check_layers(self) -> None:
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            _fail("moe", self.moe, "must be a MoEConfig or None")
+        if self.moe is not None and self.moe.d_model != self.d_model:
+            _fail("moe.d_model", self.moe.d_model, f"must equal d_model ({self.d_model})")
+        _check_int("first_dense", self.first_dense, 0)
+        if self.first_dense > self.n_layers:
+            _fail("first_dense", self.first_dense, f"must be <= n_layers ({self.n_layers})")
+        self._check_moe_layers()
+        if self.moe is not None and not self.moe_layer_indices:
+            _fail(
+                "moe_layers",
+                self.moe_layers,
+                f"selects no MoE layer (first_dense={self.first_dense})",
+            )
+        if len(self.moe_layer_indices) < self.n_layers and self.d_ff is None:
+            _fail("d_ff", None, "dense layers need a dense FFN width (an integer >= 1)")
+
+    def _check_moe_layers(self) -> None:
+        layers = self.moe_layers
+        if layers == "all":
+            return
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            _check_int("moe_layers", layers, 1)
+            return
+        allowed = '"all", an integer n >= 1 (every n-th layer) or a tuple of layer indices'
+        if not isinstance(layers, tuple):
+            _fail("moe_layers", layers, allowed)
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+        if bad or len(set(layers)) != len(layers):
+            _fail(
+                "moe_layers", layers, f"indices must be distinct integers in [0, {self.n_layers})"
+            )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(name, value, f"must be an integer >= {minimum}")
+
+
+def tiny_model() -> ModelConfig:
+    """For tests: 2 layers, d_model 64, GQA (4 heads, 2 kv heads), 8 experts top-2."""
+    return ModelConfig(
+        vocab_size=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        moe=MoEConfig(d_model=64, d_expert=64, n_experts=8, top_k=2, aux_loss_coef=0.01),
+        max_seq_len=128,
+    )
+
+
+def small_model() -> ModelConfig:
+    """The demo model: trains on 2 CPU cores in minutes. 8 experts top-2, tied embeddings."""
+    return ModelConfig(
+        vocab_size=4096,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        moe=MoEConfig(
+            d_model=256, d_expert=512, n_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3
+        ),
+        max_seq_len=256,
+        tie_embeddings=True,
+    )
+
+
+def dense_small_model() -> ModelConfig:
+    """`small` with a dense FFN of width top_k * d_expert: the same active parameters but the
+    routers'."""
+    small = small_model()
+    assert small.moe is not None
+    return small.replace(moe=None, d_ff=small.moe.top_k * small.moe.d_expert)
+
+
+def mixtral_8x7b() -> ModelConfig:
+    """Mixtral-8x7B (Jiang et al. 2024; mistralai/Mixtral-8x7B-v0.1): 46.7B total, 12.9B active."""
+    return ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        moe=MoEConfig(d_model=4096, d_expert=14336, n_experts=8, top_k=2, aux_loss_coef=0.02),
+        max_seq_len=32768,
+        rope_theta=1e6,
+    )
+
+
+def mixtral_8x22b() -> ModelConfig:
+    """Mixtral-8x22B (mistralai/Mixtral-8x22B-v0.1): 141B total, 39B active."""
+    return ModelConfig(
+        vocab_size=32768,
+        d_model=6144,
+        n_layers=56,
+        n_heads=48,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=16384,
+        moe=MoEConfig(d_model=6144, d_expert=16384, n_experts=8, top_k=2, aux_loss_coef=0.001),
+        max_seq_len=65536,
+        rope_theta=1e6,
+    )
+
+
+def qwen3_30b_a3b() -> ModelConfig:
+    """Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B): 30.5B total, 3.3B active; per-head q/k norm."""
+    return ModelConfig(
+        vocab_size=151936,
+        d_model=2048,
+        n_layers=48,
+        n_heads=32,
+        n_kv_heads=4,
+        head_dim=128,
+        d_ff=6144,
+        moe=MoEConfig(d_model=2048, d_expert=768, n_experts=128, top_k=8, aux_loss_coef=0.001),
+        max_seq_len=40960,
+        rope_theta=1e6,
+        qk_norm="head",
+        norm_eps=1e-6,
+    )
+
+
+def olmoe_1b_7b() -> ModelConfig:
+    """OLMoE-1B-7B (Muennighoff et al. 2024; allenai/OLMoE-1B-7B-0924): 6.9B total, 1.3B active;
+    q/k norm over the full projections, unnormalised top-8 weights."""
+    moe = MoEConfig(
+        d_model=2048,
+        d_expert=1024,
+        n_experts=64,
+        top_k=8,
+        normalize=False,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,
+    )
+    return ModelConfig(
+        vocab_size=50304,
+        d_model=2048,
+        n_layers=16,
+        n_heads=16,
+        moe=moe,
+        max_seq_len=4096,
+        qk_norm="full",
+    )
+
+
+MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "tiny": tiny_model,
+    "small": small_model,
+    "dense-small": dense_small_model,
+    "mixtral-8x7b": mixtral_8x7b,
+    "mixtral-8x22b": mixtral_8x22b,
+    "qwen3-30b-a3b": qwen3_30b_a3b,
+    "olmoe-1b-7b": olmoe_1b_7b,
+}
+
+
+__all__ = [
+    "MODEL_PRESETS",
+    "ConfigBase",
+    "MoEConfig",
+    "ModelConfig",
+    "check_choice",
+    "check_positive",
+    "field",
+]
 
 
 # Training runs (issue 3): data, optimisation, evaluation and checkpoints; `moekit train` saves a

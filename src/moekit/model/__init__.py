@@ -1,1 +1,16 @@
-"""moekit.model (see ../shared/DESIGN.md)."""
+"""moekit.model: the decoder-only MoE language model, its generation and parameter counts."""
+
+from moekit.model.generation import KVCache, generate, sample_next
+from moekit.model.params import format_count, parameter_breakdown, parameter_table
+from moekit.model.transformer import ModelOutput, MoETransformer
+
+__all__ = [
+    "KVCache",
+    "ModelOutput",
+    "MoETransformer",
+    "format_count",
+    "generate",
+    "parameter_breakdown",
+    "parameter_table",
+    "sample_next",
+]

@@ -1,0 +1,67 @@
+"""One decoder block: x + attn(norm(x)), then x + ffn(norm(x)), the FFN dense or MoE."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.model.attention import Attention, AttentionMask, LayerKVCache
+from moekit.moe import MoEAux, MoELayer
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): w_down(silu(w_gate x) * w_up x), no biases."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w_gate.weight, std=std)
+        nn.init.normal_(self.w_up.weight, std=std)
+        nn.init.normal_(self.w_down.weight, std=out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-RMSNorm decoder block. `ffn` is a `MoELayer` when `is_moe`, else a `DenseFFN`."""
+
+    def __init__(self, cfg: ModelConfig, is_moe: bool) -> None:
+        super().__init__()
+        self.is_moe = is_moe
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if is_moe:
+            assert cfg.moe is not None
+            self.ffn: MoELayer | DenseFFN = MoELayer(cfg.moe)
+        else:
+            assert cfg.d_ff is not None
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attn.init_weights(std, out_std)
+        self.ffn.init_weights(std, out_std)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        cache: LayerKVCache | None = None,
+    ) -> tuple[Tensor, MoEAux | None]:
+        """x_BSD (B, S, D) -> (B, S, D) and the MoE layer's aux (None for a dense block)."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoELayer):
+            y_BSD, aux = self.ffn(h_BSD)
+            return x_BSD + y_BSD, aux
+        return x_BSD + self.ffn(h_BSD), None

@@ -1,0 +1,170 @@
+"""Autoregressive generation with a preallocated KV cache: one prefill of the prompt, then one
+forward per new token. Greedy, temperature, top-k and top-p (nucleus) sampling; stops at EOS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from moekit.config import ModelConfig
+from moekit.model.attention import LayerKVCache
+from moekit.model.transformer import MoETransformer
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` sequences of up to `max_len` positions,
+    preallocated as (batch_size, n_kv_heads, max_len, head_dim) per layer.
+
+    The cache keeps every position; a sliding window is applied by the attention mask, so cached
+    decoding sees exactly what a full forward sees.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.d_head)
+        self.max_len = max_len
+        self.layers = [
+            LayerKVCache(
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+            )
+            for _ in range(cfg.n_layers)
+        ]
+
+    @classmethod
+    def for_model(cls, model: MoETransformer, batch_size: int, max_len: int) -> KVCache:
+        """A cache on the model's device, in its dtype."""
+        weight = model.embed.weight
+        return cls(model.cfg, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (the position of the next token)."""
+        return self.layers[0].length
+
+
+def sample_next(
+    logits_BV: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row of logits (B, V) -> ids (B,) long.
+
+    temperature 0 is greedy (argmax; top_k and top_p are then irrelevant). Otherwise the logits are
+    divided by the temperature, restricted to the top_k best tokens (ties with the k-th kept), then
+    to the smallest set of best tokens whose probability reaches top_p (Holtzman et al. 2020),
+    and sampled.
+    """
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None:
+        kth_B1 = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None:
+        logits_BV = logits_BV.masked_fill(_outside_nucleus(logits_BV, top_p), float("-inf"))
+    probs_BV = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def _outside_nucleus(logits_BV: Tensor, top_p: float) -> Tensor:
+    """(B, V) True for the tokens after the smallest best-first prefix with probability >= top_p."""
+    sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+    probs_BV = sorted_BV.softmax(dim=-1)
+    mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV
+    drop_sorted_BV = mass_before_BV >= top_p
+    return torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
+
+
+@torch.no_grad()
+def generate(
+    model: MoETransformer,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    stream: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Continue the prompts input_ids (B, S) -> the new ids (B, N), N <= max_new_tokens.
+
+    Sampling is as `sample_next`. A sequence that emits `eos_token_id` keeps it and is padded with
+    `pad_token_id` (default: eos_token_id) afterwards; generation ends when every sequence has
+    ended or after max_new_tokens. `stream`, if given, receives each new column (B,) as it is
+    made. The model runs in eval mode (restored afterwards); S + max_new_tokens must fit in
+    `max_seq_len`.
+    """
+    _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    B, S = input_ids.shape
+    if max_new_tokens == 0:
+        return input_ids.new_empty(B, 0)
+    cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
+    finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new_ids: list[Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        logits_BV = model(input_ids, kv_cache=cache).logits[:, -1]
+        for step in range(max_new_tokens):
+            ids_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                ids_B = torch.where(finished_B, pad, ids_B)
+                finished_B |= ids_B == eos_token_id
+            new_ids.append(ids_B)
+            if stream is not None:
+                stream(ids_B)
+            if step == max_new_tokens - 1 or bool(finished_B.all()):
+                break
+            logits_BV = model(ids_B[:, None], kv_cache=cache).logits[:, -1]
+    finally:
+        model.train(was_training)
+    return torch.stack(new_ids, dim=1)
+
+
+def _check_generate_args(
+    model: MoETransformer,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> None:
+    cfg = model.cfg
+    if cfg.moe is not None and not cfg.moe.token_choice:
+        raise ValueError(
+            f"router={cfg.moe.router!r} is not causal (a token's experts depend on later tokens), "
+            "so it cannot generate; use a token-choice router such as 'topk'"
+        )
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
+    if input_ids.shape[1] + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} is longer "
+            f"than max_seq_len={cfg.max_seq_len}"
+        )
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1 or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1] or None")

@@ -1,0 +1,100 @@
+"""Parameter counts of a model or config: total, active per token, and where they are."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moekit.config import ModelConfig
+from moekit.experts import Experts, SharedExperts
+from moekit.model.attention import Attention
+from moekit.model.block import DenseFFN
+from moekit.model.transformer import MoETransformer
+from moekit.routing import Router
+
+# The parts that partition the parameters: their counts sum to the total.
+PARTS = (
+    "embeddings",
+    "attention",
+    "dense_ffn",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norms",
+)
+_PART_OF_MODULE: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.RMSNorm, "norms"),
+    (nn.Embedding, "embeddings"),
+    (Router, "router"),
+    (Experts, "routed_experts"),
+    (SharedExperts, "shared_experts"),
+    (DenseFFN, "dense_ffn"),
+    (Attention, "attention"),
+)
+
+
+def parameter_breakdown(model: ModelConfig | MoETransformer) -> dict[str, int]:
+    """Parameter counts by part (the keys of `PARTS`, which sum to "total"), plus
+    "routed_experts_active" (top_k experts per MoE layer), "total" and "active" (per token).
+
+    A config is built on the meta device, so the largest models cost no memory.
+    """
+    if isinstance(model, ModelConfig):
+        with torch.device("meta"):
+            model = MoETransformer(model)
+    counts = dict.fromkeys(PARTS, 0)
+    for name, p in model.named_parameters():
+        counts[_part_of(model, name)] += p.numel()
+    counts["total"] = sum(counts[part] for part in PARTS)
+    inactive = counts["total"] - model.num_parameters(active=True)
+    counts["routed_experts_active"] = counts["routed_experts"] - inactive
+    counts["active"] = counts["total"] - inactive
+    return counts
+
+
+def _part_of(model: MoETransformer, param_name: str) -> str:
+    """The part of the innermost module holding the parameter that has one (the LM head is an
+    embedding)."""
+    path = param_name.split(".")[:-1]
+    if path == ["lm_head"]:
+        return "embeddings"
+    for depth in range(len(path), 0, -1):
+        module = model.get_submodule(".".join(path[:depth]))
+        for kind, part in _PART_OF_MODULE:
+            if isinstance(module, kind):
+                return part
+    raise ValueError(f"parameter {param_name!r} belongs to no known part of the model")
+
+
+def format_count(n: int) -> str:
+    """A parameter count to 3 significant figures with a K/M/B/T suffix: 46702792704 -> "46.7B"."""
+    rounded = float(f"{n:.3g}")
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if rounded >= scale:
+            value = rounded / scale
+            decimals = 2 - math.floor(math.log10(value * (1 + 1e-9)))
+            return f"{value:.{decimals}f}{suffix}"
+    return str(n)
+
+
+def parameter_table(model: ModelConfig | MoETransformer, title: str | None = None) -> str:
+    """A plain-text table of `parameter_breakdown`: each part's total and active counts."""
+    counts = parameter_breakdown(model)
+    rows = [(part.replace("_", " "), counts[part], counts[part]) for part in PARTS]
+    rows[PARTS.index("routed_experts")] = (
+        "routed experts",
+        counts["routed_experts"],
+        counts["routed_experts_active"],
+    )
+    rows.append(("total", counts["total"], counts["active"]))
+    lines = [] if title is None else [title]
+    lines.append(f"{'part':<16}{'total':>18}{'active':>26}")
+    for i, (label, total, active) in enumerate(rows):
+        if i == len(rows) - 1:
+            lines.append("-" * 68)
+        lines.append(
+            f"{label:<16}{total:>18,}{format_count(total):>8}{active:>18,}{format_count(active):>8}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""`MoETransformer`: a decoder-only language model whose FFNs are dense SwiGLU or `MoELayer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.model.attention import attention_mask
+from moekit.model.block import Block
+from moekit.model.rope import RotaryEmbedding
+from moekit.moe import MoEAux, MoELayer
+
+if TYPE_CHECKING:
+    from moekit.model.generation import KVCache
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """What `MoETransformer.forward` returns.
+
+    logits: (B, S, vocab_size).
+    aux_loss: float32 scalar, the sum over MoE layers of `aux.loss` (0 for a dense model).
+    aux: one `MoEAux` per MoE layer, in layer order.
+    lm_loss: mean next-token cross-entropy over the labels that are not -100; None without labels.
+    loss: lm_loss + aux_loss, what to backpropagate; None without labels.
+    """
+
+    logits: Tensor
+    aux_loss: Tensor
+    aux: list[MoEAux] = field(default_factory=list)
+    lm_loss: Tensor | None = None
+    loss: Tensor | None = None
+
+
+class MoETransformer(nn.Module):
+    """Token embedding, `cfg.n_layers` pre-RMSNorm blocks, final RMSNorm and LM head.
+
+    Build big models on the meta device and initialise them with one call:
+
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
+        moe_layers = set(cfg.moe_layer_indices)
+        self.layers = nn.ModuleList(Block(cfg, i in moe_layers) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # A tied head multiplies by embed.weight directly, so to_empty() cannot untie it.
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights; the projections that write into the residual stream (attention
+        output, FFN down, experts' w_out) use std / sqrt(2 * n_layers) (GPT-2); norms to one,
+        biases to zero, RoPE tables and MoE balance state recomputed."""
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        self.rope.init_weights()
+        for block in self.layers:
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> ModelOutput:
+        """input_ids (B, S) long -> `ModelOutput` with logits (B, S, vocab_size).
+
+        labels (B, S) are aligned with input_ids, as in `transformers`: the model shifts them, so
+        the logits at position t are scored against labels[:, t + 1]; -100 marks a label to
+        ignore. Pass `labels=input_ids` to train a language model.
+        With `kv_cache`, input_ids continue the cached sequences: their positions start at
+        `kv_cache.length`, and their keys and values are appended to the cache.
+        """
+        self._check_input(input_ids, kv_cache)
+        S = input_ids.shape[1]
+        start = 0 if kv_cache is None else kv_cache.length
+        rope = self.rope(torch.arange(start, start + S, device=input_ids.device))
+        mask = attention_mask(start, S, self.cfg.sliding_window, input_ids.device)
+        x_BSD = self.embed(input_ids)
+        aux: list[MoEAux] = []
+        for i, block in enumerate(self.layers):
+            cache = None if kv_cache is None else kv_cache.layers[i]
+            x_BSD, layer_aux = block(x_BSD, rope, mask, cache)
+            if layer_aux is not None:
+                aux.append(layer_aux)
+        logits_BSV = self._head(self.norm(x_BSD))
+        aux_loss = (
+            torch.stack([a.loss.float() for a in aux]).sum() if aux else logits_BSV.new_zeros(())
+        )
+        out = ModelOutput(logits=logits_BSV, aux_loss=aux_loss, aux=aux)
+        if labels is not None:
+            out.lm_loss = lm_loss(logits_BSV, labels)
+            out.loss = out.lm_loss + aux_loss
+        return out
+
+    def _head(self, h_BSD: Tensor) -> Tensor:
+        if self.lm_head is None:
+            return F.linear(h_BSD, self.embed.weight)
+        return self.lm_head(h_BSD)
+
+    def _check_input(self, input_ids: Tensor, kv_cache: KVCache | None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(
+                f"input_ids must be a (batch, seq) long tensor, got shape {tuple(input_ids.shape)} "
+                f"and dtype {input_ids.dtype}"
+            )
+        end = input_ids.shape[1] + (0 if kv_cache is None else kv_cache.length)
+        if end > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {end} positions is longer than max_seq_len={self.cfg.max_seq_len}"
+            )
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in layer order."""
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
+
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step on every MoE layer (call after each optimizer step)."""
+        for layer in self.moe_layers():
+            layer.update_expert_bias()
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameters, or with `active` those one token uses: all but the routed experts,
+        plus top_k routed experts per MoE layer. A tied embedding counts once."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        for layer in self.moe_layers():
+            routed = sum(p.numel() for p in layer.experts.parameters())
+            total -= routed - routed // layer.cfg.n_experts * layer.cfg.top_k
+        return total
+
+
+def lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
+    """Mean float32 cross-entropy of logits[:, t] against labels[:, t + 1], skipping -100."""
+    V = logits_BSV.shape[-1]
+    return F.cross_entropy(
+        logits_BSV[:, :-1].reshape(-1, V).float(),
+        labels_BS[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
