@@ -6,8 +6,8 @@ from moekit.model.transformer import ModelOutput, MoETransformer
 
 __all__ = [
     "KVCache",
-    "ModelOutput",
     "MoETransformer",
+    "ModelOutput",
     "format_count",
     "generate",
     "parameter_breakdown",

@@ -122,16 +122,18 @@ def generate(
     try:
         logits_BV = model(input_ids, kv_cache=cache).logits[:, -1]
         for step in range(max_new_tokens):
-            ids_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+            sampled_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+            ids_B = sampled_B
             if eos_token_id is not None:
-                ids_B = torch.where(finished_B, pad, ids_B)
+                ids_B = torch.where(finished_B, pad, sampled_B)
                 finished_B |= ids_B == eos_token_id
             new_ids.append(ids_B)
             if stream is not None:
                 stream(ids_B)
             if step == max_new_tokens - 1 or bool(finished_B.all()):
                 break
-            logits_BV = model(ids_B[:, None], kv_cache=cache).logits[:, -1]
+            # Ended rows still run (their outputs are replaced by padding): feed them a real token.
+            logits_BV = model(sampled_B[:, None], kv_cache=cache).logits[:, -1]
     finally:
         model.train(was_training)
     return torch.stack(new_ids, dim=1)

@@ -1,0 +1,132 @@
+"""KV-cache decoding and sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import ModelConfig, MoETransformer
+from moekit.model.generation import KVCache, generate, sample_next
+
+TINY = ModelConfig.preset("tiny")
+
+
+def prompt(batch: int = 2, seq: int = 5) -> torch.Tensor:
+    return torch.randint(0, TINY.vocab_size, (batch, seq))
+
+
+@pytest.mark.parametrize(("window", "prefill"), [(None, 6), (None, 1), (4, 6), (3, 2)])
+def test_cached_decoding_equals_full_forward(window: int | None, prefill: int) -> None:
+    model = MoETransformer(TINY.replace(sliding_window=window, qk_norm="head")).eval()
+    x = prompt(2, 14)
+    full = model(x).logits
+    cache = KVCache.for_model(model, batch_size=2, max_len=14)
+    pieces = [model(x[:, :prefill], kv_cache=cache).logits]
+    for t in range(prefill, 14):
+        pieces.append(model(x[:, t : t + 1], kv_cache=cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_equals_full_forward() -> None:
+    model = MoETransformer(TINY.replace(sliding_window=5)).eval()
+    x = prompt(1, 12)
+    cache = KVCache.for_model(model, batch_size=1, max_len=12)
+    chunks = [model(x[:, i : i + 4], kv_cache=cache).logits for i in range(0, 12, 4)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_greedy_is_deterministic_and_follows_the_argmax() -> None:
+    model = MoETransformer(TINY)
+    x = prompt()
+    new = generate(model, x, 6)
+    assert torch.equal(new, generate(model, x, 6))
+    logits = model.eval()(torch.cat([x, new], dim=1)).logits
+    assert torch.equal(logits[:, x.shape[1] - 1 : -1].argmax(-1), new)
+
+
+def test_generate_restores_training_mode() -> None:
+    model = MoETransformer(TINY).train()
+    generate(model, prompt(), 2)
+    assert model.training
+
+
+def test_top_k_samples_only_the_k_best() -> None:
+    logits = torch.randn(4, 50)
+    allowed = logits.topk(3, dim=-1).indices
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, 1.0, top_k=3, generator=g) for _ in range(300)], 1)
+    assert (draws[:, :, None] == allowed[:, None, :]).any(-1).all()
+    assert all(len(row.unique()) == 3 for row in draws)
+
+
+def test_top_p_samples_only_the_nucleus() -> None:
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next(probs.log(), 1.0, top_p=0.7, generator=g) for _ in range(300)])
+    assert set(draws.tolist()) == {1, 3}
+
+
+def test_temperature_sampling_reaches_beyond_the_argmax() -> None:
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next(logits, 1.0, generator=g) for _ in range(300)])
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+def test_sampling_is_reproducible_with_a_generator() -> None:
+    model = MoETransformer(TINY)
+    x = prompt()
+
+    def run() -> torch.Tensor:
+        return generate(model, x, 8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+
+    assert torch.equal(run(), run())
+
+
+def test_eos_stops_a_sequence_and_pads_it() -> None:
+    model = MoETransformer(TINY)
+    x = prompt(2, 5)
+    free = generate(model, x, 8)
+    eos = int(free[0, 2])
+    stopped = generate(model, x, 8, eos_token_id=eos, pad_token_id=-1)
+    first = int((free[0] == eos).nonzero()[0])
+    assert torch.equal(stopped[0, : first + 1], free[0, : first + 1])
+    assert (stopped[0, first + 1 :] == -1).all()
+    row1_end = int((free[1] == eos).nonzero()[0]) + 1 if (free[1] == eos).any() else 8
+    assert torch.equal(stopped[1, :row1_end], free[1, :row1_end])
+
+
+def test_generation_ends_when_every_sequence_has_ended() -> None:
+    model = MoETransformer(TINY)
+    x = prompt(1, 5)
+    free = generate(model, x, 8)
+    stopped = generate(model, x, 8, eos_token_id=int(free[0, 1]))
+    first = int((free[0] == free[0, 1]).nonzero()[0])
+    assert torch.equal(stopped, free[:, : first + 1])
+
+
+def test_stream_receives_every_new_column() -> None:
+    model = MoETransformer(TINY)
+    seen: list[torch.Tensor] = []
+    new = generate(model, prompt(), 4, stream=seen.append)
+    assert torch.equal(torch.stack(seen, dim=1), new)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_new_tokens=200), "max_seq_len=128"),
+        (dict(max_new_tokens=2, temperature=-1.0), "temperature=-1.0"),
+        (dict(max_new_tokens=2, temperature=1.0, top_k=0), "top_k=0"),
+        (dict(max_new_tokens=2, temperature=1.0, top_p=1.5), "top_p=1.5"),
+    ],
+)
+def test_bad_generation_arguments_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate(MoETransformer(TINY), prompt(), **kwargs)
+
+
+def test_expert_choice_models_cannot_generate() -> None:
+    moe = TINY.moe.replace(router="expert_choice", capacity_factor=1.0, aux_loss_coef=0.0)
+    with pytest.raises(ValueError, match="not causal"):
+        generate(MoETransformer(TINY.replace(moe=moe)), prompt(), 2)
