@@ -3,23 +3,46 @@
 Each subcommand registers itself in `COMMANDS` with a function `(args) -> int` and an argparse
 configurator. Subcommands that take a config accept a preset name or a JSON file plus
 `--a.b=value` overrides, print the resolved config and save it beside their outputs.
+
+    moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]
+    moekit generate RUN_DIR --prompt "def fib(" --max-new-tokens 200
+    moekit params PRESET|CONFIG.json
+    moekit demo
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
 
 
-def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Register a subcommand."""
+# Subcommands whose extra arguments are `--a.b=value` config overrides (in `args.overrides`).
+TAKES_OVERRIDES: set[str] = set()
+# Errors that are the user's input, printed as one line instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def command(
+    name: str,
+    help_text: str,
+    configure: Callable[[argparse.ArgumentParser], None],
+    overrides: bool = False,
+):
+    """Register a subcommand; with `overrides`, it receives `--a.b=value` arguments."""
 
     def register(fn: Handler) -> Handler:
         COMMANDS[name] = (help_text, configure, fn)
+        if overrides:
+            TAKES_OVERRIDES.add(name)
         return fn
 
     return register
@@ -56,28 +79,247 @@ def layer_demo(args: argparse.Namespace) -> int:
     layer = MoELayer(cfg)
     x = torch.randn(args.tokens, cfg.d_model)
     y, aux = layer(x)
-    print(
-        f"\nrouted {args.tokens} tokens, top-{cfg.top_k} of {cfg.n_experts} experts -> {tuple(y.shape)}"
-    )
+    shape = tuple(y.shape)
+    print(f"\nrouted {args.tokens} tokens, top-{cfg.top_k} of {cfg.n_experts} experts -> {shape}")
     print(load_table(aux.routed_counts, aux.counts))
     print(
-        f"balance loss {aux.balance_loss.item():.4f} (1.0 = uniform)   MaxVio {aux.max_vio.item():.3f}   "
-        f"dropped {aux.dropped_fraction.item():.1%}   entropy {aux.entropy.item():.3f} nats"
+        f"balance loss {aux.balance_loss.item():.4f} (1.0 = uniform)   "
+        f"MaxVio {aux.max_vio.item():.3f}   dropped {aux.dropped_fraction.item():.1%}   "
+        f"entropy {aux.entropy.item():.3f} nats"
     )
     return 0
+
+
+DEFAULT_PRESET = "small"
+DEMO_PROMPT = "def "
+
+
+def resolve_run_config(spec: str | None, overrides: list[str]) -> Any:
+    """A `RunConfig` from a preset name or a JSON file (a RunConfig, or a bare ModelConfig),
+    with `--a.b=value` overrides applied."""
+    from moekit.config import ModelConfig, RunConfig
+    from moekit.overrides import apply_overrides
+
+    spec = spec or DEFAULT_PRESET
+    if spec.endswith(".json") or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {spec} does not exist")
+        data = json.loads(path.read_text())
+        is_run = "model" in data
+        cfg = RunConfig.from_dict(data) if is_run else RunConfig(model=ModelConfig.from_dict(data))
+    else:
+        cfg = RunConfig.preset(spec)
+    return apply_overrides(cfg, overrides)
+
+
+def _print_config(cfg: Any) -> None:
+    print("resolved config:")
+    print(cfg.to_json(), flush=True)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help=f"preset or config JSON (default {DEFAULT_PRESET})")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+
+
+@command(
+    "train",
+    "train a model on the built-in corpus (or any text) and write a run directory",
+    _train_args,
+    overrides=True,
+)
+def train_command(args: argparse.Namespace) -> int:
+    from moekit.config import RunConfig
+    from moekit.overrides import apply_overrides
+    from moekit.train import train
+
+    if args.resume:
+        if args.config or args.out:
+            raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: it has no config.json")
+        cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+        cfg = apply_overrides(cfg, args.overrides)
+    else:
+        cfg = resolve_run_config(args.config, args.overrides)
+        run_dir = Path(args.out or _default_run_dir(args.config))
+    _print_config(cfg)
+    return _report_training(lambda: train(cfg, run_dir, resume=bool(args.resume)))
+
+
+def _default_run_dir(spec: str | None) -> str:
+    name = Path(spec).stem if spec and spec.endswith(".json") else (spec or DEFAULT_PRESET)
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _report_training(run: Callable[[], Any]) -> int:
+    """Run a training call; print how it ended. 1 if it diverged."""
+    from moekit.train import TrainingDiverged
+
+    try:
+        result = run()
+    except TrainingDiverged as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: Any) -> None:
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    if result.interrupted:
+        print(f"\ninterrupted at step {result.step}; checkpoint {result.checkpoint}")
+        print(f"continue with: moekit train --resume {result.run_dir}")
+    print(
+        f"\nstep {result.step}: train loss {fmt(result.train_loss)}, "
+        f"validation loss {fmt(result.val_loss)} ({fmt(result.val_bpb)} bits/byte), "
+        f"{result.tokens_per_s:,.0f} tokens/s"
+    )
+    print(f"report: {result.run_dir / 'report.md'}")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by moekit train")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("generate", "stream text from a trained run's newest checkpoint", _generate_args)
+def generate_command(args: argparse.Namespace) -> int:
+    from moekit.train.sample import load_run, sample_text
+
+    _, model, tokenizer = load_run(args.run_dir)
+    print(args.prompt, end="", flush=True)
+    sample_text(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_text=lambda text: print(text, end="", flush=True),
+    )
+    print()
+    return 0
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="PRESET|CONFIG.json", help="model preset or config JSON")
+
+
+@command(
+    "params",
+    "print a model's parameters: total, active per token, and by part",
+    _params_args,
+    overrides=True,
+)
+def params_command(args: argparse.Namespace) -> int:
+    from moekit.config import MODEL_PRESETS, ModelConfig
+    from moekit.model import parameter_table
+
+    if args.config in MODEL_PRESETS:  # the model preset itself, not its training run's variant
+        model_overrides = [_model_override(o) for o in args.overrides]
+        from moekit.overrides import apply_overrides
+
+        cfg = apply_overrides(ModelConfig.preset(args.config), model_overrides)
+    else:
+        cfg = resolve_run_config(args.config, args.overrides).model
+    print(parameter_table(cfg, title=f"{args.config}: parameters"))
+    return 0
+
+
+def _model_override(item: str) -> str:
+    """ "--model.a=v" -> "--a=v" (params takes model keys only)."""
+    if not item.startswith("--model."):
+        raise ValueError(f"params takes model overrides only (--model.key=value), not {item!r}")
+    return "--" + item[len("--model.") :]
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run directory (replaced if it is a run)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+
+
+@command(
+    "demo",
+    f"train `{DEFAULT_PRESET}` on the Python standard library for a few minutes, then sample",
+    _demo_args,
+    overrides=True,
+)
+def demo_command(args: argparse.Namespace) -> int:
+    from moekit.train import train, write_report
+    from moekit.train.sample import load_run, sample_text
+
+    start = time.perf_counter()
+    cfg = resolve_run_config(DEFAULT_PRESET, args.overrides)
+    run_dir = Path(args.out)
+    _clear_previous_run(run_dir)
+    _print_config(cfg)
+    status = _report_training(lambda: train(cfg, run_dir))
+    if status:
+        return status
+    _, model, tokenizer = load_run(run_dir)
+    print(f"\n--- sample (prompt {args.prompt!r}, temperature 0.8, top-k 50) ---")
+    print(args.prompt, end="", flush=True)
+    on_text = lambda text: print(text, end="", flush=True)  # noqa: E731
+    sample = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, on_text=on_text)
+    print("\n--- end of sample ---")
+    write_report(run_dir, cfg, model, sample=args.prompt + sample)
+    print(f"\nreport: {run_dir / 'report.md'}")
+    print(f"plots:  {run_dir / 'loss.png'}, {run_dir / 'expert_load.png'}")
+    print(f"more:   moekit generate {run_dir} --prompt 'def fib('")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _clear_previous_run(run_dir: Path) -> None:
+    """Remove an earlier demo run in `run_dir`; refuse to delete anything else."""
+    if not run_dir.exists():
+        return
+    if not (run_dir / "config.json").is_file():
+        raise FileExistsError(f"{run_dir} exists and is not a moekit run; choose another --out")
+    shutil.rmtree(run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, _) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        epilog = "Config overrides: --a.b=value, e.g. --train.lr=3e-4 --model.moe.top_k=1"
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            allow_abbrev=False,
+            epilog=epilog if name in TAKES_OVERRIDES else None,
+        )
+        configure(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in TAKES_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    try:
+        return COMMANDS[args.command][2](args)
+    except USER_ERRORS as err:
+        print(f"moekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,21 +29,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _replace(tmp, final)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
 def _replace(src: Path, dst: Path) -> None:
     if dst.is_dir() and src.is_dir():
         old = dst.with_name(f".{dst.name}.old")
-        _remove(old)
+        remove_path(old)
         os.replace(dst, old)
         os.replace(src, dst)
-        _remove(old)
+        remove_path(old)
     else:
         os.replace(src, dst)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree, if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():

@@ -1,0 +1,145 @@
+"""Training checkpoints: RUN_DIR/checkpoints/step-NNNNNN/, written atomically.
+
+A checkpoint directory holds
+    model.safetensors   the model's weights and persistent buffers (the routers' expert biases)
+    state.safetensors   the optimizer's tensors ("optimizer.<param>.<name>") and the RNG states
+                        ("rng.torch", "rng.cuda", "rng.sampler")
+    trainer.json        step, tokens seen, the optimizer's hyper-parameters, schedule position
+Each is written into a hidden temporary directory that is renamed to its final name only once
+complete, so an interrupted write leaves the previous checkpoints untouched and nothing under a
+checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
+
+from moekit.fileio import atomic_path, remove_path
+
+CHECKPOINT_DIR = "checkpoints"
+NAME = re.compile(r"step-(\d{6,})")
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint restores besides the weights and the optimizer."""
+
+    step: int
+    tokens: int
+    sampler: dict[str, Tensor]
+    torch_rng: Tensor
+    cuda_rng: Tensor | None = None
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    keep: int,
+) -> Path:
+    """Write a checkpoint of `state.step` atomically, then delete all but the `keep` newest."""
+    final = checkpoint_path(run_dir, state.step)
+    _remove_stale_temporaries(final.parent)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        write_checkpoint_files(tmp, model, optimizer, state)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        remove_path(old)
+    return final
+
+
+def write_checkpoint_files(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState
+) -> None:
+    """The three files of a checkpoint, into `folder`."""
+    save_model(model, str(folder / "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = _flatten_optimizer(opt["state"])
+    tensors["rng.torch"] = state.torch_rng
+    tensors |= {f"rng.sampler.{k}": v for k, v in state.sampler.items()}
+    if state.cuda_rng is not None:
+        tensors["rng.cuda"] = state.cuda_rng
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
+    meta = {"step": state.step, "tokens": state.tokens, "param_groups": opt["param_groups"]}
+    (folder / "trainer.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> TrainerState:
+    """Load weights (and optimizer state) from a checkpoint directory into `model` (and
+    `optimizer`); returns the rest of the state."""
+    path = Path(path)
+    load_model(model, str(path / "model.safetensors"))
+    meta = json.loads((path / "trainer.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
+        )
+    prefix = "rng.sampler."
+    sampler = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return TrainerState(
+        step=meta["step"],
+        tokens=meta["tokens"],
+        sampler=sampler,
+        torch_rng=tensors["rng.torch"],
+        cuda_rng=tensors.get("rng.cuda"),
+    )
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load only the weights of a checkpoint directory into `model`."""
+    load_model(model, str(Path(path) / "model.safetensors"))
+
+
+def _flatten_optimizer(state: dict[int, dict[str, Any]]) -> dict[str, Tensor]:
+    flat = {}
+    for index, entries in state.items():
+        for name, value in entries.items():
+            tensor = value if isinstance(value, Tensor) else torch.tensor(value)
+            flat[f"optimizer.{index}.{name}"] = tensor
+    return flat
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return state
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary directories left by a write that was killed (e.g. by SIGKILL)."""
+    if folder.is_dir():
+        for stale in folder.glob(".step-*.tmp"):
+            remove_path(stale)

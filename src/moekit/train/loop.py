@@ -1,0 +1,339 @@
+"""The training loop: `train(cfg, run_dir)` trains a model from a `RunConfig` and writes the run
+directory (config.json, tokenizer.json, metrics.jsonl, checkpoints/, report.md and plots)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from moekit.config import RunConfig
+from moekit.data import Data, WindowSampler, fixed_batches, prepare_data
+from moekit.fileio import atomic_path, atomic_write_text
+from moekit.model import ModelOutput, MoETransformer
+from moekit.train.checkpoint import (
+    TrainerState,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult
+from moekit.train.optim import build_optimizer, lr_at, set_lr
+from moekit.train.report import write_report
+
+EVAL_SEED = 1234  # the validation windows: the same in every evaluation and every run
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite; no update was applied for that step."""
+
+
+@dataclass
+class TrainResult:
+    """How a call to `train` ended."""
+
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    tokens_per_s: float
+    seconds: float
+    checkpoint: Path | None
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is cuda when available, else cpu; other names are passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def forward(model: torch.nn.Module, batch: Tensor, autocast: AbstractContextManager) -> ModelOutput:
+    """One forward pass of a batch (B, S) read as both input ids and labels."""
+    with autocast:
+        return model(batch, labels=batch)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> TrainResult:
+    """Train `cfg.model` as `cfg.train` says, writing the run into `run_dir`.
+
+    With `resume`, continue from the newest checkpoint of `run_dir`: the losses of the remaining
+    steps are exactly those of an uninterrupted run. Ctrl-C finishes the current step, saves a
+    checkpoint and returns (a second Ctrl-C aborts at once). A non-finite loss raises
+    `TrainingDiverged` naming the step; the checkpoints already written are kept.
+    """
+    trainer = Trainer(cfg, Path(run_dir), resume)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    write_report(trainer.run_dir, cfg, trainer.model)
+    return result
+
+
+class Trainer:
+    """The state of one training run; `run()` trains until the last step or a Ctrl-C."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+        t = cfg.train
+        self.cfg, self.run_dir, self.device = cfg, run_dir, resolve_device(t.device)
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
+        checkpoint = _check_run_dir(run_dir, resume)
+        self.data = self._prepare_data()
+        torch.manual_seed(t.seed)
+        self.model = MoETransformer(cfg.model).to(self.device)
+        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = build_optimizer(self.model, t)
+        self.sampler = WindowSampler(self.data.train.tokens, t.batch_size, t.seq_len, t.seed)
+        eval_bs = t.eval.batch_size or t.batch_size
+        self.eval_batches = fixed_batches(
+            self.data.val.tokens, t.eval.batches, eval_bs, t.seq_len, EVAL_SEED
+        )
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t.bf16)
+        self.step, self.tokens = 0, 0
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, Any] = {}
+        self.session_seconds, self.session_tokens = 0.0, 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.metrics = MetricsLog(run_dir, self.step if resume else None, t.tensorboard)
+        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+
+    def _prepare_data(self) -> Data:
+        t = self.cfg.train
+        self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
+        data = prepare_data(t.data, self.cfg.token_vocab_size, progress=t.progress)
+        if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
+                f"{data.tokenizer.get_vocab_size()} tokens"
+            )
+        with atomic_path(self.run_dir / "tokenizer.json") as tmp:
+            data.tokenizer.save(str(tmp))
+        self._say(
+            f"data: {data.n_train_files} train files ({data.train.n_tokens:,} tokens), "
+            f"{data.n_val_files} validation files ({data.val.n_tokens:,} tokens), "
+            f"{data.val.bytes_per_token:.2f} bytes/token"
+        )
+        return data
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        self.sampler.load_state_dict(state.sampler)
+        torch.set_rng_state(state.torch_rng)
+        if state.cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state.cuda_rng)
+        self.step, self.tokens = state.step, state.tokens
+        self._say(f"resumed from {checkpoint} (step {self.step})")
+
+    def run(self) -> TrainResult:
+        """Train until the last step, or until Ctrl-C; then save a checkpoint if none is new."""
+        t = self.cfg.train
+        start, interval = time.perf_counter(), Interval()
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not t.progress)
+        with bar, StopOnInterrupt(self._say) as stop:
+            while self.step < t.steps and not stop.requested:
+                result, seconds = self._timed_step()
+                interval.add(result, seconds, self.tokens_per_step)
+                _show_progress(bar, result, seconds, self.tokens_per_step)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    interval = self._log(interval)
+                self._maybe_evaluate_and_save()
+            if interval.steps:
+                self._log(interval)
+            if not self._saved_now():
+                self._save()
+        return self._result(time.perf_counter() - start, stop.requested)
+
+    def _log(self, interval: Interval) -> Interval:
+        """Write the interval's record; return a fresh interval."""
+        self.last_train = interval.record(self.step, self._lr(), self.tokens)
+        self.metrics.write(self.last_train)
+        self.session_seconds += interval.seconds
+        self.session_tokens += interval.tokens
+        return Interval()
+
+    def _saved_now(self) -> bool:
+        latest = latest_checkpoint(self.run_dir)
+        return latest is not None and latest == checkpoint_path(self.run_dir, self.step)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.seq_len * t.grad_accum
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _timed_step(self) -> tuple[StepResult, float]:
+        begin = time.perf_counter()
+        result = self._train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        return result, time.perf_counter() - begin
+
+    def _train_step(self) -> StepResult:
+        """Accumulate gradients over grad_accum micro-batches, clip, step, update expert biases."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, layers = [0.0, 0.0, 0.0], None
+        for _ in range(t.grad_accum):
+            out = forward(
+                self.forward_model, self.sampler.next_batch().to(self.device), self.autocast
+            )
+            assert out.loss is not None and out.lm_loss is not None
+            (out.loss / t.grad_accum).backward()
+            for i, value in enumerate((out.loss, out.lm_loss, out.aux_loss)):
+                sums[i] += float(value.detach()) / t.grad_accum
+            layers = _add_layers(layers, out)
+        grad_norm = self._clip()
+        self._check_finite(sums[0], grad_norm)
+        set_lr(self.optimizer, lr_at(self.step, t))
+        self.optimizer.step()
+        self.model.update_expert_bias()
+        return StepResult(*sums, grad_norm=grad_norm, layers=layers or [])
+
+    def _clip(self) -> float:
+        clip = self.cfg.train.grad_clip
+        max_norm = clip if clip is not None else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        what = (
+            f"the loss is {loss}"
+            if not math.isfinite(loss)
+            else f"the gradient norm is {grad_norm}"
+        )
+        ckpt = latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been saved yet"
+        raise TrainingDiverged(
+            f"training stopped at step {self.step + 1}: {what}; that step was not applied and "
+            f"{kept}. Try a lower train.lr, a smaller train.grad_clip, or train.bf16=false."
+        )
+
+    def _maybe_evaluate_and_save(self) -> None:
+        t, step = self.cfg.train, self.step
+        last = step == t.steps
+        if last or (t.eval.every and step % t.eval.every == 0):
+            self._evaluate()
+        if last or (t.checkpoint.every and step % t.checkpoint.every == 0):
+            self._save()
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        self.model.eval()
+        try:
+            losses = [
+                float(forward(self.forward_model, b.to(self.device), self.autocast).lm_loss)
+                for b in self.eval_batches
+            ]
+        finally:
+            self.model.train()
+        loss = sum(losses) / len(losses)
+        bpb = loss / math.log(2) / self.data.val.bytes_per_token
+        self.last_eval = {"val_loss": loss, "val_bpb": bpb}
+        self.metrics.write({"kind": "eval", "step": self.step, **self.last_eval})
+
+    def _save(self) -> Path:
+        cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        state = TrainerState(
+            self.step, self.tokens, self.sampler.state_dict(), torch.get_rng_state(), cuda_rng
+        )
+        keep = self.cfg.train.checkpoint.keep
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, state, keep)
+
+    def _result(self, seconds: float, interrupted: bool) -> TrainResult:
+        rate = self.session_tokens / self.session_seconds if self.session_seconds else 0.0
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            train_loss=self.last_train.get("loss"),
+            val_loss=self.last_eval.get("val_loss"),
+            val_bpb=self.last_eval.get("val_bpb"),
+            tokens_per_s=rate,
+            seconds=seconds,
+            checkpoint=latest_checkpoint(self.run_dir),
+            interrupted=interrupted,
+        )
+
+    def _say(self, message: str) -> None:
+        if self.cfg.train.progress:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run."""
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
+    if not resume and latest is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
+            f"`moekit train --resume {run_dir}` or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return latest if resume else None
+
+
+def _add_layers(layers: list[LayerFigures] | None, out: ModelOutput) -> list[LayerFigures]:
+    """Add the MoE layers' figures of one forward pass to those of the step so far."""
+    figures = [LayerFigures.from_aux(aux) for aux in out.aux]
+    if layers is None:
+        return figures
+    for mine, theirs in zip(layers, figures, strict=True):
+        mine.add(theirs)
+    return layers
+
+
+def _show_progress(bar: tqdm, result: StepResult, seconds: float, tokens: int) -> None:
+    postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens / seconds:,.0f}"}
+    if result.layers:
+        postfix["maxvio"] = f"{result.worst_max_vio:.2f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
+
+
+class StopOnInterrupt:
+    """While active (in the main thread), the first Ctrl-C only sets `requested`, so the loop can
+    finish its step and save; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self, say: Any) -> None:
+        self.requested = False
+        self._say = say
+        self._previous: Any = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._say("\nCtrl-C: saving a checkpoint after this step (press again to abort at once)")

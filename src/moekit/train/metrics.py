@@ -1,0 +1,150 @@
+"""Training metrics: per-step figures, their sums over a logging interval, and the sinks they go
+to (metrics.jsonl, one JSON object a line; TensorBoard when it is installed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.fileio import atomic_write_text
+from moekit.moe import MoEAux
+
+# Per-layer figures of `MoEAux` averaged over micro-batches and steps (counts are summed instead).
+LAYER_FIGURES = ("max_vio", "dropped_fraction", "z_loss", "balance_loss", "entropy")
+
+
+@dataclass
+class LayerFigures:
+    """One MoE layer over one or more forward passes: summed counts, summed scalar figures."""
+
+    counts: torch.Tensor
+    sums: dict[str, float]
+    passes: int = 1
+
+    @classmethod
+    def from_aux(cls, aux: MoEAux) -> LayerFigures:
+        sums = {name: float(getattr(aux, name).detach().float()) for name in LAYER_FIGURES}
+        return cls(aux.routed_counts.detach().float().cpu(), sums)
+
+    def add(self, other: LayerFigures) -> None:
+        self.counts += other.counts
+        for name in LAYER_FIGURES:
+            self.sums[name] += other.sums[name]
+        self.passes += other.passes
+
+    def mean(self, name: str) -> float:
+        return self.sums[name] / self.passes
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: losses averaged over its micro-batches, and per-layer figures."""
+
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    grad_norm: float
+    layers: list[LayerFigures]
+
+    @property
+    def worst_max_vio(self) -> float:
+        return max((layer.mean("max_vio") for layer in self.layers), default=0.0)
+
+
+@dataclass
+class Interval:
+    """Steps since the last train record: summed losses, time, tokens and layer figures."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_LOSSES, 0.0))
+    layers: list[LayerFigures] = field(default_factory=list)
+
+    def add(self, result: StepResult, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        for name in _LOSSES:
+            self.sums[name] += getattr(result, name)
+        if not self.layers:
+            self.layers = [
+                LayerFigures(f.counts.clone(), dict(f.sums), f.passes) for f in result.layers
+            ]
+        else:
+            for mine, theirs in zip(self.layers, result.layers, strict=True):
+                mine.add(theirs)
+
+    def record(self, step: int, lr: float, tokens_seen: int) -> dict[str, Any]:
+        """The metrics.jsonl record of this interval, ending at optimizer step `step`."""
+        rec: dict[str, Any] = {"kind": "train", "step": step}
+        rec |= {name: self.sums[name] / self.steps for name in _LOSSES}
+        rec |= {"lr": lr, "tokens": tokens_seen, "seconds": self.seconds}
+        rec["tokens_per_s"] = self.tokens / self.seconds
+        rec["layers"] = [_layer_record(layer) for layer in self.layers]
+        return rec
+
+
+_LOSSES = ("loss", "lm_loss", "aux_loss", "grad_norm")
+
+
+def _layer_record(layer: LayerFigures) -> dict[str, Any]:
+    rec: dict[str, Any] = {"counts": [int(c) for c in layer.counts.tolist()]}
+    return rec | {name: layer.mean(name) for name in LAYER_FIGURES}
+
+
+class MetricsLog:
+    """Appends records to RUN_DIR/metrics.jsonl (and TensorBoard, if installed and wanted).
+
+    `resume_step` keeps the records up to that step from an earlier run and drops the later ones,
+    which the resumed run will write again; None starts a fresh file.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        kept = read_metrics(self.path) if resume_step is not None else []
+        kept = [r for r in kept if r["step"] <= (resume_step or 0)]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = _tensorboard_writer(run_dir) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            _write_tensorboard(self._tb, record)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file ([] if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: TensorBoard is not a dependency
+        return None
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+
+def _write_tensorboard(writer: Any, record: dict[str, Any]) -> None:
+    step, kind = record["step"], record["kind"]
+    for key, value in record.items():
+        if isinstance(value, float):
+            writer.add_scalar(f"{kind}/{key}", value, step)
+    for i, layer in enumerate(record.get("layers", [])):
+        for name in LAYER_FIGURES:
+            writer.add_scalar(f"layer{i}/{name}", layer[name], step)

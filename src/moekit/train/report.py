@@ -1,0 +1,137 @@
+"""The end-of-run report: report.md with the config, parameter counts, final losses and
+throughput, and two PNG plots (loss curves; each MoE layer's expert load over training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
+
+from moekit.config import RunConfig
+from moekit.fileio import atomic_path, atomic_write_text
+from moekit.model import MoETransformer, format_count, parameter_table
+from moekit.train.metrics import read_metrics
+
+
+def write_report(
+    run_dir: Path, cfg: RunConfig, model: MoETransformer, sample: str | None = None
+) -> Path:
+    """Write RUN_DIR/report.md (and loss.png, expert_load.png) from RUN_DIR/metrics.jsonl."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    plots = []
+    if train:
+        save_figure(loss_figure(train, evals), run_dir / "loss.png")
+        plots.append(("Loss", "loss.png"))
+    if train and train[-1]["layers"]:
+        save_figure(expert_load_figure(train), run_dir / "expert_load.png")
+        plots.append(("Expert load (share of the mean; 1 = balanced)", "expert_load.png"))
+    text = report_text(run_dir, cfg, model, train, evals, plots, sample)
+    atomic_write_text(run_dir / "report.md", text)
+    return run_dir / "report.md"
+
+
+def summary(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The key figures of a run from its metrics records."""
+    seconds = sum(r["seconds"] for r in train)
+    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in train)
+    last_train = train[-1] if train else {}
+    last_eval = evals[-1] if evals else {}
+    return {
+        "step": last_train.get("step", 0),
+        "tokens": last_train.get("tokens", 0),
+        "train_loss": last_train.get("lm_loss"),
+        "val_loss": last_eval.get("val_loss"),
+        "val_bpb": last_eval.get("val_bpb"),
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "train_seconds": seconds,
+        "max_vio": max((layer["max_vio"] for layer in last_train.get("layers", [])), default=None),
+    }
+
+
+def report_text(
+    run_dir: Path,
+    cfg: RunConfig,
+    model: MoETransformer,
+    train: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    plots: list[tuple[str, str]],
+    sample: str | None,
+) -> str:
+    s = summary(train, evals)
+    lines = [
+        f"# Training report: {run_dir.name}",
+        "",
+        f"- parameters: {format_count(model.num_parameters())} total, "
+        f"{format_count(model.num_parameters(active=True))} active per token",
+        f"- steps: {s['step']} of {cfg.train.steps}, {s['tokens']:,} tokens",
+        f"- final train loss: {_num(s['train_loss'])} nats/token (mean of the last log interval)",
+        f"- final validation loss: {_num(s['val_loss'])} nats/token, "
+        f"{_num(s['val_bpb'])} bits per byte",
+        f"- throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.0f} s of "
+        "training steps",
+    ]
+    if s["max_vio"] is not None:
+        lines.append(f"- worst layer MaxVio over the last log interval: {s['max_vio']:.3f}")
+    for title, name in plots:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    if sample is not None:
+        lines += ["", "## Sample", "", "```python", sample, "```"]
+    lines += ["", "## Parameters", "", "```", parameter_table(model), "```"]
+    lines += ["", "## Config", "", "```json", cfg.to_json(), "```", ""]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def loss_figure(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Figure:
+    """Train LM loss per log interval and validation loss per evaluation, against the step."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train", lw=1.2)
+    if evals:
+        steps, losses = [r["step"] for r in evals], [r["val_loss"] for r in evals]
+        ax.plot(steps, losses, "o-", label="validation", lw=1.5, ms=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Language-model loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def expert_load_figure(train: list[dict[str, Any]]) -> Figure:
+    """One heatmap per MoE layer: expert (rows) by step (columns), coloured by the expert's share
+    of the tokens routed in that log interval relative to the mean (1 = perfectly balanced)."""
+    n_layers = len(train[-1]["layers"])
+    steps = [r["step"] for r in train]
+    fig = Figure(figsize=(9, 1.2 + 1.6 * n_layers))
+    axes = np.atleast_1d(fig.subplots(n_layers, 1, sharex=True))
+    image = None
+    for i, ax in enumerate(axes):
+        counts = np.array([r["layers"][i]["counts"] for r in train], dtype=float).T
+        load = counts / np.maximum(counts.mean(axis=0, keepdims=True), 1e-9)
+        extent = (0, steps[-1], counts.shape[0] - 0.5, -0.5)
+        image = ax.imshow(
+            load, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, extent=extent,
+            interpolation="nearest",
+        )  # fmt: skip
+        ax.set_ylabel(f"layer {i}\nexpert")
+        ax.set_yticks(range(counts.shape[0]))
+        ax.tick_params(axis="y", labelsize=7)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("Expert load per MoE layer (tokens routed / mean; 1 = balanced)")
+    fig.colorbar(image, ax=list(axes), label="load / mean", shrink=0.9)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Save a figure as PNG atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

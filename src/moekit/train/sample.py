@@ -1,0 +1,86 @@
+"""Text from a trained run: load its config, tokenizer and newest weights, and sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from moekit.config import RunConfig
+from moekit.data import eos_id
+from moekit.model import MoETransformer, generate
+from moekit.train.checkpoint import latest_checkpoint, load_weights
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Tokenizer]:
+    """The config, the model with the newest checkpoint's weights (eval mode), and the tokenizer
+    of a run directory written by `moekit train`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
+    cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
+    model = MoETransformer(cfg.model)
+    load_weights(checkpoint, model)
+    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    return cfg, model.eval(), tokenizer
+
+
+def sample_text(
+    model: MoETransformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Continue `prompt` by up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len);
+    returns the new text, and passes each new piece of it to `on_text` as it is made."""
+    eos = eos_id(tokenizer)
+    ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
+    budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+    if budget < 1:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens; the model's max_seq_len={model.cfg.max_seq_len} "
+            "leaves no room to generate"
+        )
+    stream = _TextStream(tokenizer, on_text)
+    generate(
+        model,
+        torch.tensor([ids]),
+        budget,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos,
+        generator=torch.Generator().manual_seed(seed),
+        stream=stream,
+    )
+    return stream.text
+
+
+class _TextStream:
+    """Turns new token ids into new text. Decoding the whole continuation each time keeps
+    multi-byte characters whole: text ending in an incomplete character waits for the next token."""
+
+    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None] | None) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.text = ""
+
+    def __call__(self, ids_B: torch.Tensor) -> None:
+        self.ids.append(int(ids_B[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.text):
+            return
+        new, self.text = text[len(self.text) :], text
+        if self.on_text is not None:
+            self.on_text(new)
