@@ -1,0 +1,90 @@
+"""The command line: `--a.b=value` overrides, `moekit params`, `moekit train` and `generate`."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from moekit.cli import main
+from moekit.config import ModelConfig, RunConfig
+from moekit.model import MoETransformer
+from moekit.overrides import apply_overrides, split_override
+
+JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+
+
+def test_overrides_are_typed_by_their_fields() -> None:
+    cfg = apply_overrides(
+        RunConfig.preset("small"),
+        [
+            "--train.lr=3e-4",
+            "--model.moe.top_k=1",
+            "--train.bf16=true",
+            "--train.betas=0.8,0.99",
+            "--model.sliding_window=none",
+            "--model.qk_norm=head",
+            "--train.data.max_files=7",
+        ],
+    )
+    assert cfg.train.lr == 3e-4 and cfg.model.moe is not None and cfg.model.moe.top_k == 1
+    assert cfg.train.bf16 is True and cfg.train.betas == (0.8, 0.99)
+    assert cfg.model.sliding_window is None and cfg.model.qk_norm == "head"
+    assert cfg.train.data.max_files == 7
+
+
+def test_union_fields_take_each_of_their_forms() -> None:
+    base = RunConfig.preset("small")
+    forms = {"all": "all", "2": 2, "0,2": (0, 2), "[1, 3]": (1, 3)}
+    for text, expected in forms.items():
+        cfg = apply_overrides(base, [f"--model.moe_layers={text}", "--model.d_ff=64"])
+        assert cfg.model.moe_layers == expected
+
+
+def test_unknown_key_error_names_the_key_and_the_fields() -> None:
+    with pytest.raises(ValueError, match=r"--train\.lrr.*has no field 'lrr'.*\blr\b"):
+        apply_overrides(RunConfig.preset("small"), ["--train.lrr=1"])
+
+
+def test_bad_value_error_names_the_key_and_the_type() -> None:
+    with pytest.raises(ValueError, match=r"--model\.moe\.top_k='two': expected int"):
+        apply_overrides(RunConfig.preset("small"), ["--model.moe.top_k=two"])
+
+
+def test_malformed_override_is_an_error() -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        split_override("--train.lr")
+
+
+def test_params_prints_the_parameter_table(capsys) -> None:
+    assert main(["params", "tiny"]) == 0
+    out = capsys.readouterr().out
+    total = MoETransformer(ModelConfig.preset("tiny")).num_parameters()
+    assert "routed experts" in out and f"{total:,}" in out.splitlines()[-1]
+
+
+def test_unknown_preset_is_one_line_error(capsys) -> None:
+    assert main(["params", "no-such-model"]) == 2
+    assert "known model presets are tiny" in capsys.readouterr().err
+
+
+def test_train_saves_the_resolved_config_and_generate_streams(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "tiny",
+        f"--out={run}",
+        "--train.steps=3",
+        "--train.progress=false",
+        f"--train.data.source={JSON_PACKAGE}",
+        "--train.data.tokenizer=bytes",
+        f"--train.data.cache_dir={tmp_path / 'cache'}",
+    ]
+    assert main(args) == 0
+    saved = RunConfig.from_json((run / "config.json").read_text())
+    assert saved.train.steps == 3 and saved.train.data.tokenizer == "bytes"
+    printed = capsys.readouterr().out.split("resolved config:\n")[1]
+    assert RunConfig.from_json(printed[: printed.index("\n}\n") + 2]) == saved
+    assert main(["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def f(")

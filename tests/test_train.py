@@ -1,0 +1,179 @@
+"""Training: the loss falls, resume is exact, checkpoints are atomic, divergence stops the run."""
+
+from __future__ import annotations
+
+import signal
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
+from moekit.model import MoETransformer
+from moekit.train import TrainingDiverged, build_optimizer, list_checkpoints, load_checkpoint, lr_at
+from moekit.train import loop as loop_module
+from moekit.train.checkpoint import TrainerState, save_checkpoint
+from moekit.train.metrics import read_metrics
+
+# A slice of the built-in corpus: the standard library's json package, as bytes.
+JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+
+
+def tiny_run(tmp_path: Path, **train: object) -> RunConfig:
+    """The tiny model on bytes of a few files; `train` overrides TrainConfig fields."""
+    data = DataConfig(source=JSON_PACKAGE, tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
+    settings: dict = dict(
+        steps=12,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        progress=False,
+        tensorboard=False,
+        data=data,
+        eval=EvalConfig(every=4, batches=2),
+        checkpoint=CheckpointConfig(every=4, keep=3),
+    )
+    settings.update(train)
+    model = ModelConfig.preset("tiny").replace(vocab_size=257)
+    return RunConfig(model=model, train=TrainConfig(**settings))
+
+
+def losses(run_dir: Path) -> list[tuple[str, int, float]]:
+    """(kind, step, loss) of every record of a run's metrics.jsonl."""
+    out = []
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        out.append((r["kind"], r["step"], r["loss"] if r["kind"] == "train" else r["val_loss"]))
+    return out
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Send ourselves Ctrl-C (SIGINT) during optimizer step `step`, as a user would."""
+    original = loop_module.Trainer._train_step
+
+    def step_then_interrupt(self: loop_module.Trainer):  # type: ignore[no-untyped-def]
+        result = original(self)
+        if self.step + 1 == step:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(loop_module.Trainer, "_train_step", step_then_interrupt)
+
+
+def test_loss_falls_over_30_steps(tmp_path: Path) -> None:
+    cfg = tiny_run(tmp_path, steps=30, log_every=5, eval=EvalConfig(every=0, batches=2))
+    result = loop_module.train(cfg, tmp_path / "run")
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert result.step == 30
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"] - 1.0
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, monkeypatch) -> None:
+    interrupt_at(monkeypatch, 3)
+    result = loop_module.train(tiny_run(tmp_path), tmp_path / "run")
+    assert result.interrupted and result.step == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003"]
+
+
+def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path: Path, monkeypatch):
+    cfg = tiny_run(tmp_path)
+    loop_module.train(cfg, tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 6)
+        loop_module.train(cfg, tmp_path / "halves")
+    loop_module.train(cfg, tmp_path / "halves", resume=True)
+    assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
+
+
+def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
+    cfg = tiny_run(tmp_path, steps=2)
+    loop_module.train(cfg, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        loop_module.train(cfg, tmp_path / "run")
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    model = MoETransformer(ModelConfig.preset("tiny"))
+    optimizer = build_optimizer(model, TrainConfig())
+    state = TrainerState(
+        1, 100, {"generator": torch.Generator().get_state()}, torch.get_rng_state()
+    )
+    first = save_checkpoint(tmp_path, model, optimizer, state, keep=2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def fail_midway(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")  # after model.safetensors was written, before the rest
+
+    monkeypatch.setattr("moekit.train.checkpoint.save_file", fail_midway)
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    state.step = 2
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, model, optimizer, state, keep=2)
+    assert list((tmp_path / "checkpoints").iterdir()) == [first]
+    fresh = MoETransformer(ModelConfig.preset("tiny"))
+    assert load_checkpoint(first, fresh, build_optimizer(fresh, TrainConfig())).step == 1
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    original = loop_module.forward
+
+    def nan_at_fifth_step(model, batch, autocast):  # type: ignore[no-untyped-def]
+        out = original(model, batch, autocast)
+        calls.append(model.training)
+        if sum(calls) == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(loop_module, "forward", nan_at_fifth_step)
+    cfg = tiny_run(tmp_path, checkpoint=CheckpointConfig(every=2, keep=2))
+    with pytest.raises(TrainingDiverged, match=r"at step 5: the loss is nan.*step-000004"):
+        loop_module.train(cfg, tmp_path / "run")
+    last = list_checkpoints(tmp_path / "run")[-1]
+    fresh = MoETransformer(cfg.model)
+    assert load_checkpoint(last, fresh).step == 4
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: TrainConfig(lr=0.0), "lr"),
+        (lambda: TrainConfig(betas=(0.9, 1.5)), "betas"),
+        (lambda: TrainConfig(device="gpu"), "device"),
+        (lambda: DataConfig(tokenizer="words"), "tokenizer"),  # type: ignore[arg-type]
+        (lambda: DataConfig(val_fraction=1.0), "val_fraction"),
+        (lambda: RunConfig(model=ModelConfig.preset("tiny"), train=TrainConfig()), "seq_len"),
+    ],
+)
+def test_bad_config_names_the_field(build, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"\b{field}="):
+        build()
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4)
+
+
+def test_no_weight_decay_on_norms_embeddings_and_routers() -> None:
+    model = MoETransformer(ModelConfig.preset("tiny"))
+    decayed, plain = build_optimizer(model, TrainConfig()).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert plain["weight_decay"] == 0.0 and decayed["weight_decay"] > 0
+    assert {"embed.weight", "norm.weight", "layers.0.ffn.router.weight"} <= plain_names
+    assert "layers.0.attn.q_proj.weight" in {names[id(p)] for p in decayed["params"]}
