@@ -136,7 +136,6 @@ def test_meta_build_then_init_weights_equals_a_cpu_build() -> None:
     cpu.init_weights()
     for (name, a), b in zip(meta.state_dict().items(), cpu.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    torch.testing.assert_close(meta.rope.cos, cpu.rope.cos)
     assert torch.isfinite(meta(ids()).logits).all()
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.model.attention import attention_mask
 from moekit.model.block import Block
-from moekit.model.rope import RotaryEmbedding
+from moekit.model.rope import rope_angles
 from moekit.moe import MoEAux, MoELayer
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
         moe_layers = set(cfg.moe_layer_indices)
         self.layers = nn.ModuleList(Block(cfg, i in moe_layers) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -69,10 +68,9 @@ class MoETransformer(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Normal(0, std) weights; the projections that write into the residual stream (attention
         output, FFN down, experts' w_out) use std / sqrt(2 * n_layers) (GPT-2); norms to one,
-        biases to zero, RoPE tables and MoE balance state recomputed."""
+        biases to zero, MoE balance state reset."""
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed.weight, std=std)
-        self.rope.init_weights()
         for block in self.layers:
             block.init_weights(std, out_std)
         self.norm.reset_parameters()
@@ -93,7 +91,8 @@ class MoETransformer(nn.Module):
         self._check_input(input_ids, kv_cache)
         S = input_ids.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
-        rope = self.rope(torch.arange(start, start + S, device=input_ids.device))
+        positions_S = torch.arange(start, start + S, device=input_ids.device)
+        rope = rope_angles(positions_S, self.cfg.d_head, self.cfg.rope_theta)
         mask = attention_mask(start, S, self.cfg.sliding_window, input_ids.device)
         x_BSD = self.embed(input_ids)
         aux: list[MoEAux] = []
@@ -103,9 +102,9 @@ class MoETransformer(nn.Module):
             if layer_aux is not None:
                 aux.append(layer_aux)
         logits_BSV = self._head(self.norm(x_BSD))
-        aux_loss = (
-            torch.stack([a.loss.float() for a in aux]).sum() if aux else logits_BSV.new_zeros(())
-        )
+        aux_loss = torch.zeros((), device=logits_BSV.device)
+        if aux:
+            aux_loss = torch.stack([a.loss.float() for a in aux]).sum()
         out = ModelOutput(logits=logits_BSV, aux_loss=aux_loss, aux=aux)
         if labels is not None:
             out.lm_loss = lm_loss(logits_BSV, labels)
@@ -152,9 +151,8 @@ class MoETransformer(nn.Module):
 
 def lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
     """Mean float32 cross-entropy of logits[:, t] against labels[:, t + 1], skipping -100."""
-    V = logits_BSV.shape[-1]
+    # Shift the labels, not the logits: slicing (B, S, V) logits would copy them.
+    targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
-        logits_BSV[:, :-1].reshape(-1, V).float(),
-        labels_BS[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
+        logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), ignore_index=IGNORE_INDEX
     )
