@@ -131,3 +131,12 @@ def test_meta_device_build_then_init() -> None:
     layer.init_weights()
     y, _ = layer(torch.randn(3, 16))
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_backward_from_an_expanded_gradient(impl: str) -> None:
+    """`y.sum()` sends a zero-stride gradient, which torch._grouped_mm's backward rejects raw."""
+    layer = make_layer(d_model=16, d_expert=8, expert_impl=impl)
+    x = torch.randn(10, 16, requires_grad=True)
+    layer(x)[0].sum().backward()
+    assert torch.isfinite(x.grad).all() and layer.experts.w_in.grad.abs().sum() > 0

@@ -17,13 +17,20 @@ from torch import Tensor
 def grouped_matmul_grouped_mm(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """x_RI (R, I) rows sorted by expert, w_EOI (E, O, I), counts_E (E,) -> (R, O)."""
     offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offsets)
+    y_RO = torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offsets)
+    if y_RO.requires_grad:
+        # Its backward rejects gradients with zero strides (e.g. from `y.sum()`).
+        y_RO.register_hook(torch.Tensor.contiguous)
+    return y_RO
 
 
 def grouped_matmul_loop(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> Tensor:
     """Same contract; a Python loop over the experts that received rows."""
+    # unbind, not w_EOI[e]: its backward stacks the E gradients once instead of writing each into
+    # a zero-filled (E, O, I) tensor.
+    weights = w_EOI.unbind(0)
     pieces = [
-        rows @ w_EOI[e].t()
+        rows @ weights[e].t()
         for e, rows in enumerate(torch.split(x_RI, counts_E.tolist()))
         if rows.shape[0]
     ]
@@ -51,7 +58,7 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         w = torch.randn(3, 32, 16, device=device_type, dtype=dtype, requires_grad=True)
         counts = torch.tensor([2, 0, 4], device=device_type)
         y = grouped_matmul_grouped_mm(x, w, counts)
-        y.sum().backward()
+        y.sum().backward()  # an expanded (zero-stride) gradient, the hardest case
         expected = grouped_matmul_loop(x.detach(), w.detach(), counts)
         return bool(torch.allclose(y.detach().float(), expected.float(), rtol=0.05, atol=0.05))
     except (RuntimeError, NotImplementedError, TypeError):
