@@ -91,7 +91,7 @@ class MoELayer(nn.Module):
         routing: Routing,
         counts_E: Tensor,
         final_ids: Tensor | None,
-        final_w: Tensor,
+        final_w: Tensor | None,
         n_seq: int,
     ) -> MoEAux:
         cfg = self.cfg
@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
             max_vio=max_vio,
             entropy=entropy,
             ids=final_ids,
-            weights=final_w if cfg.token_choice else None,
+            weights=final_w,
         )
 
     @torch.no_grad()

@@ -9,24 +9,25 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from moekit.dispatch.combine import scatter_weighted
 from moekit.routing.base import Routing
 
 
 @dataclass
 class DispatchState:
-    """What `combine` needs to undo `dispatch`.
+    """What `combine` needs to undo `dispatch`, plus the final routing for the layer's metrics.
 
-    slot_R: (R,) for each expert-sorted row, its flat assignment index t * K + k (token choice) or
-        its token (expert choice).
-    weights_TK: (T, K) combine weights after capacity (dropped assignments are 0), or for expert
-        choice the gates per row (R,).
-    ids_TK: (T, K) the expert each assignment ended on (after any next-best move), -1 if dropped.
+    token_R: (R,) the token each expert-sorted row belongs to.
+    weights_R: (R,) each row's combine weight (float32, differentiable).
+    ids_TK, weights_TK: (T, K) the expert each assignment ended on (-1 if dropped) and its weight
+        (0 if dropped), after capacity; None for expert choice.
     n_tokens: T.
     """
 
-    slot_R: Tensor
-    weights_TK: Tensor
+    token_R: Tensor
+    weights_R: Tensor
     ids_TK: Tensor | None
+    weights_TK: Tensor | None
     n_tokens: int
 
 
@@ -50,15 +51,6 @@ def sort_by_expert(ids_R: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     return order_R, counts_E
 
 
-def weighted_sum_by_token(y_RD: Tensor, state: DispatchState) -> Tensor:
-    """Token-choice combine: y_TD[t] = sum_k weights_TK[t, k] * y[row of (t, k)].
-
-    Rows are put back in (T, K) order (zeros where an assignment was dropped) and reduced with one
-    batched matmul, so no scatter-add over D is needed.
-    """
-    T, K = state.weights_TK.shape
-    dropless = y_RD.shape[0] == T * K
-    y_flat = (y_RD.new_empty if dropless else y_RD.new_zeros)(T * K, y_RD.shape[1])
-    y_flat.index_copy_(0, state.slot_R, y_RD)
-    w_T1K = state.weights_TK.to(y_RD.dtype).unsqueeze(1)
-    return torch.bmm(w_T1K, y_flat.view(T, K, -1)).squeeze(1)
+def combine_rows(y_RD: Tensor, state: DispatchState) -> Tensor:
+    """The combine every dispatcher shares: y_TD[t] = sum of weights_R * y_RD over t's rows."""
+    return scatter_weighted(y_RD, state.weights_R, state.token_R, state.n_tokens)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import MoEConfig
-from moekit.dispatch.base import DispatchState, sort_by_expert, weighted_sum_by_token
+from moekit.dispatch.base import DispatchState, combine_rows, sort_by_expert
 from moekit.routing.base import Routing
 
 
@@ -122,9 +122,9 @@ class CapacityDispatcher:
         slots = kept_TK.reshape(-1).nonzero().squeeze(1)
         order_R, counts_E = sort_by_expert(final_TK.reshape(-1)[slots], routing.n_experts)
         slot_R = slots[order_R]
-        K = final_TK.shape[1]
-        x_RD = x_TD.index_select(0, slot_R // K)
-        return x_RD, counts_E, DispatchState(slot_R, weights_TK, final_TK, T)
+        token_R = slot_R // final_TK.shape[1]
+        state = DispatchState(token_R, weights_TK.reshape(-1)[slot_R], final_TK, weights_TK, T)
+        return x_TD.index_select(0, token_R), counts_E, state
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
-        return weighted_sum_by_token(y_RD, state)
+        return combine_rows(y_RD, state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moekit.dispatch.base import DispatchState, sort_by_expert, weighted_sum_by_token
+from moekit.dispatch.base import DispatchState, combine_rows, sort_by_expert
 from moekit.routing.base import Routing
 
 
@@ -15,9 +15,10 @@ class DroplessDispatcher:
         assert routing.ids_TK is not None and routing.weights_TK is not None
         K = routing.ids_TK.shape[1]
         order_R, counts_E = sort_by_expert(routing.ids_TK.reshape(-1), routing.n_experts)
-        x_RD = x_TD.index_select(0, order_R // K)
-        state = DispatchState(order_R, routing.weights_TK, routing.ids_TK, x_TD.shape[0])
-        return x_RD, counts_E, state
+        token_R = order_R // K
+        weights_R = routing.weights_TK.reshape(-1)[order_R]
+        state = DispatchState(token_R, weights_R, routing.ids_TK, routing.weights_TK, len(x_TD))
+        return x_TD.index_select(0, token_R), counts_E, state
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
-        return weighted_sum_by_token(y_RD, state)
+        return combine_rows(y_RD, state)
