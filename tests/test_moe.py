@@ -8,6 +8,7 @@ from tests.moe_cases import CASES, make_layer, tie_free_tokens
 from torch.func import functional_call
 
 from moekit import MoEConfig, MoELayer, losses
+from moekit.experts.experts import activate, swiglu
 from moekit.moe import reference_moe_forward
 
 
@@ -140,3 +141,9 @@ def test_backward_from_an_expanded_gradient(impl: str) -> None:
     x = torch.randn(10, 16, requires_grad=True)
     layer(x)[0].sum().backward()
     assert torch.isfinite(x.grad).all() and layer.experts.w_in.grad.abs().sum() > 0
+
+
+def test_fused_swiglu_matches_its_definition() -> None:
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(swiglu(h), activate(h, "swiglu"))
+    assert torch.autograd.gradcheck(swiglu, (h,))

@@ -45,9 +45,10 @@ class _ScatterWeighted(torch.autograd.Function):
             rows = slice(s, s + CHUNK_ROWS)
             g_rows = grad_TD.index_select(0, token_R[rows])
             if grad_y is not None:
-                grad_y[rows] = g_rows * weights_R[rows, None]
+                torch.mul(g_rows, weights_R[rows, None].to(g_rows.dtype), out=grad_y[rows])
             if grad_w is not None:
-                grad_w[rows] = (g_rows.to(weights_R.dtype) * y_RD[rows]).sum(-1)
+                y_rows = y_RD[rows].to(weights_R.dtype)
+                grad_w[rows] = torch.linalg.vecdot(g_rows.to(weights_R.dtype), y_rows)
         return grad_y, grad_w, None, None
 
 

@@ -11,13 +11,43 @@ from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 
 
 def activate(h_RH: Tensor, activation: str) -> Tensor:
-    """Hidden activation. For "swiglu" h is [gate | up] (R, 2F) -> silu(gate) * up (R, F)."""
+    """Hidden activation. For "swiglu" h is [gate | up] (R, 2F) -> silu(gate) * up (R, F).
+
+    The readable definition; `Experts` runs swiglu through the fused `swiglu` below."""
     if activation == "swiglu":
         gate, up = h_RH.chunk(2, dim=-1)
         return F.silu(gate) * up
     if activation == "gelu":
         return F.gelu(h_RH)
     return F.relu(h_RH)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up with a backward that writes d[gate | up] into one (R, 2F) tensor, so no
+    concatenation of the two halves' gradients is needed."""
+
+    @staticmethod
+    def forward(ctx, h_RH: Tensor) -> Tensor:
+        gate, up = h_RH.chunk(2, dim=-1)
+        ctx.save_for_backward(h_RH)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_RF: Tensor) -> Tensor:
+        (h_RH,) = ctx.saved_tensors
+        gate, up = h_RH.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h_RH)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        torch.mul(gate * sig, grad_RF, out=grad_up)
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        torch.mul(grad_RF * up, sig * (1 + gate * (1 - sig)), out=grad_gate)
+        return grad_h
+
+
+def swiglu(h_RH: Tensor) -> Tensor:
+    """Fused silu(gate) * up for h = [gate | up] (R, 2F) -> (R, F); twin of `activate`."""
+    return _SwiGLU.apply(h_RH)
 
 
 class Experts(nn.Module):
@@ -59,7 +89,8 @@ class Experts(nn.Module):
         h = matmul(x_RD, self.w_in, counts_E)
         if self.b_in is not None:
             h = h + torch.repeat_interleave(self.b_in, counts_E, dim=0, output_size=x_RD.shape[0])
-        y = matmul(activate(h, self.cfg.activation), self.w_out, counts_E)
+        act = swiglu(h) if self.cfg.activation == "swiglu" else activate(h, self.cfg.activation)
+        y = matmul(act, self.w_out, counts_E)
         if self.b_out is not None:
             y = y + torch.repeat_interleave(self.b_out, counts_E, dim=0, output_size=x_RD.shape[0])
         return y
