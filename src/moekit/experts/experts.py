@@ -10,38 +10,44 @@ from moekit.config import MoEConfig
 from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 
 
-def activate(h_RH: Tensor, activation: str) -> Tensor:
+def activate(h_RH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
     """Hidden activation. For "swiglu" h is [gate | up] (R, 2F) -> silu(gate) * up (R, F).
 
+    "clamped_swiglu" (GPT-OSS; OpenAI 2025, gpt-oss model card) clamps gate above at `limit` and
+    up to [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1).
     The readable definition; `Experts` runs swiglu through the fused `swiglu` below."""
     if activation == "swiglu":
         gate, up = h_RH.chunk(2, dim=-1)
         return F.silu(gate) * up
+    if activation == "clamped_swiglu":
+        gate, up = h_RH.chunk(2, dim=-1)
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return gate * torch.sigmoid(gate * alpha) * (up + 1)
     if activation == "gelu":
         return F.gelu(h_RH)
     return F.relu(h_RH)
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up with a backward that writes d[gate | up] into one (R, 2F) tensor, so no
-    concatenation of the two halves' gradients is needed."""
+    """silu(gate) * up with a backward that writes d[gate | up] straight into one (R, 2F) tensor:
+    no concatenation of the halves' gradients, and no more temporaries than autograd's own."""
 
     @staticmethod
     def forward(ctx, h_RH: Tensor) -> Tensor:
         gate, up = h_RH.chunk(2, dim=-1)
-        ctx.save_for_backward(h_RH)
-        return F.silu(gate) * up
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(h_RH, silu_gate)
+        return silu_gate * up
 
     @staticmethod
     def backward(ctx, grad_RF: Tensor) -> Tensor:
-        (h_RH,) = ctx.saved_tensors
+        h_RH, silu_gate = ctx.saved_tensors
         gate, up = h_RH.chunk(2, dim=-1)
         grad_h = torch.empty_like(h_RH)
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        torch.mul(gate * sig, grad_RF, out=grad_up)
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        torch.mul(grad_RF * up, sig * (1 + gate * (1 - sig)), out=grad_gate)
+        torch.mul(silu_gate, grad_RF, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_RF * up, gate, grad_input=grad_gate)
         return grad_h
 
 
@@ -62,7 +68,7 @@ class Experts(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, F_, D = cfg.n_experts, cfg.d_expert, cfg.d_model
-        n_in = 2 if cfg.activation == "swiglu" else 1
+        n_in = 2 if cfg.gated else 1
         self.w_in = nn.Parameter(torch.empty(E, n_in * F_, D))
         self.w_out = nn.Parameter(torch.empty(E, D, F_))
         self.b_in = nn.Parameter(torch.empty(E, n_in * F_)) if cfg.expert_bias else None
@@ -78,7 +84,7 @@ class Experts(nn.Module):
 
     def expert_weights(self, e: int) -> tuple[Tensor | None, Tensor, Tensor]:
         """Expert e's (w_gate (F, D) or None if ungated, w_up (F, D), w_down (D, F))."""
-        if self.cfg.activation == "swiglu":
+        if self.cfg.gated:
             w_gate, w_up = self.w_in[e].chunk(2, dim=0)
             return w_gate, w_up, self.w_out[e]
         return None, self.w_in[e], self.w_out[e]
@@ -89,7 +95,12 @@ class Experts(nn.Module):
         h = matmul(x_RD, self.w_in, counts_E)
         if self.b_in is not None:
             h = h + torch.repeat_interleave(self.b_in, counts_E, dim=0, output_size=x_RD.shape[0])
-        act = swiglu(h) if self.cfg.activation == "swiglu" else activate(h, self.cfg.activation)
+        c = self.cfg
+        act = (
+            swiglu(h)
+            if c.activation == "swiglu"
+            else activate(h, c.activation, c.swiglu_alpha, c.swiglu_limit)
+        )
         y = matmul(act, self.w_out, counts_E)
         if self.b_out is not None:
             y = y + torch.repeat_interleave(self.b_out, counts_E, dim=0, output_size=x_RD.shape[0])
@@ -106,8 +117,8 @@ class SharedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        self.activation = cfg.activation
-        n_in = 2 if cfg.activation == "swiglu" else 1
+        self.activation = (cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+        n_in = 2 if cfg.gated else 1
         self.w_in = nn.Linear(cfg.d_model, n_in * cfg.shared_width, bias=cfg.expert_bias)
         self.w_out = nn.Linear(cfg.shared_width, cfg.d_model, bias=cfg.expert_bias)
         self.gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
@@ -123,7 +134,7 @@ class SharedExperts(nn.Module):
             nn.init.normal_(self.gate.weight, std=std)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        y = self.w_out(activate(self.w_in(x_TD), self.activation))
+        y = self.w_out(activate(self.w_in(x_TD), *self.activation))
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x_TD))
         return y
