@@ -21,6 +21,10 @@ CASES: dict[str, dict] = {
     "shared-gated": dict(n_shared_experts=2, shared_gate=True),
     "gelu-bias": dict(activation="gelu", expert_bias=True),
     "relu": dict(activation="relu"),
+    # GPT-OSS: router bias, expert biases, clamped SwiGLU with a limit low enough to clamp often.
+    "gpt-oss": dict(
+        activation="clamped_swiglu", swiglu_limit=0.5, expert_bias=True, router_bias=True
+    ),
     "capacity-position": dict(capacity_factor=0.75),
     "capacity-probability": dict(capacity_factor=0.75, drop_policy="probability"),
     "capacity-next-best": dict(capacity_factor=0.75, overflow="next_best"),
@@ -39,6 +43,8 @@ def make_layer(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -
     layer = MoELayer(MoEConfig(**{**BASE, **overrides}))
     with torch.no_grad():
         layer.router.weight.normal_(0.0, 1.0)
+        if layer.router.bias is not None:
+            layer.router.bias.normal_(0.0, 1.0)
         layer.experts.w_in.normal_(0.0, 0.3)
         layer.experts.w_out.normal_(0.0, 0.3)
         if layer.experts.b_in is not None:
@@ -64,6 +70,8 @@ def tie_free_tokens(layer: MoELayer, n_tokens: int, gap: float = 1e-3) -> torch.
     x = torch.randn(64 * n_tokens, cfg.d_model, dtype=layer.router.weight.dtype)
     with torch.no_grad():
         logits = x.double() @ layer.router.weight.double().t()
+        if layer.router.bias is not None:
+            logits = logits + layer.router.bias.double()
         scores = torch.softmax(logits, -1) if cfg.score == "softmax" else torch.sigmoid(logits)
         selection = scores + layer.router.expert_bias.double()
         ok = _row_gaps(selection, cfg.top_k) > gap

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tests.moe_cases import CASES, make_layer, tie_free_tokens
@@ -62,7 +64,7 @@ def _assert_close_relative(got: torch.Tensor, want: torch.Tensor, tol: float, wh
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop", "reference"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "clamped_swiglu"])
 def test_expert_impls_agree(impl: str, dtype: torch.dtype, tol: float, activation: str) -> None:
     """Each grouped compute against the float64 per-row reference, forward and gradients."""
     sizes = dict(d_model=16, d_expert=8, activation=activation, expert_bias=activation == "gelu")
@@ -79,6 +81,15 @@ def test_expert_impls_agree(impl: str, dtype: torch.dtype, tol: float, activatio
     for name, p in ref_layer.experts.named_parameters():
         mine = dict(layer.experts.named_parameters())[name].grad
         _assert_close_relative(mine, p.grad, 2 * tol, f"grad {name}")
+
+
+def test_clamped_swiglu_worked_example() -> None:
+    """h = [gate | up] = [8, -1 | 9, -9], alpha 1.702, limit 7: gate clamps to (7, -1) (above
+    only), up to (7, -7); out = g * sigmoid(1.702 g) * (u + 1)."""
+    out = activate(torch.tensor([[8.0, -1.0, 9.0, -9.0]]), "clamped_swiglu", 1.702, 7.0)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    expected = torch.tensor([[7 * sig(1.702 * 7) * 8, -1 * sig(-1.702) * -6]])
+    torch.testing.assert_close(out, expected)
 
 
 def test_grouped_mm_refuses_misaligned_sizes_with_advice() -> None:

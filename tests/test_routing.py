@@ -9,7 +9,7 @@ import torch
 from tests.moe_cases import CASES, make_layer, tie_free_tokens
 
 from moekit import MoEConfig, MoELayer
-from moekit.routing.reference import reference_route_token
+from moekit.routing.reference import reference_logits, reference_route_token
 
 TOKEN_CHOICE = {n: c for n, c in CASES.items() if c.get("router") != "expert_choice"}
 
@@ -26,6 +26,26 @@ def test_router_matches_per_token_reference(name: str) -> None:
         torch.testing.assert_close(
             routing.weights_TK[t], torch.tensor(weights), rtol=1e-5, atol=1e-6
         )
+
+
+def test_router_logits_with_bias_match_reference() -> None:
+    layer = make_layer(**CASES["gpt-oss"]).eval()
+    x = torch.randn(5, layer.cfg.d_model)
+    logits = layer.router(x).logits_TE
+    weight, bias = layer.router.weight.tolist(), layer.router.bias.tolist()
+    for t in range(5):
+        want = reference_logits(x[t].tolist(), weight, bias)
+        torch.testing.assert_close(logits[t], torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_normalized_is_gpt_oss_topk_then_softmax() -> None:
+    """GPT-OSS takes the top-k logits, then a softmax over those k: the same experts and weights
+    as softmax over all experts renormalised over the selected ones."""
+    layer = make_layer(**CASES["gpt-oss"]).eval()
+    routing = layer.router(tie_free_tokens(layer, 30))
+    top_logits, top_ids = routing.logits_TE.topk(layer.cfg.top_k, dim=-1)
+    assert torch.equal(routing.ids_TK, top_ids)
+    torch.testing.assert_close(routing.weights_TK, top_logits.softmax(-1), rtol=0, atol=1e-6)
 
 
 def test_logits_are_float32_for_bfloat16_input() -> None:

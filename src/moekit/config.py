@@ -82,8 +82,8 @@ def _from_json_value(hint: Any, value: Any) -> Any:
     return value
 
 
-Activation = Literal["swiglu", "gelu", "relu"]
-ACTIVATIONS = ("swiglu", "gelu", "relu")
+Activation = Literal["swiglu", "gelu", "relu", "clamped_swiglu"]
+ACTIVATIONS = ("swiglu", "gelu", "relu", "clamped_swiglu")
 
 
 @dataclass(kw_only=True)
@@ -98,7 +98,10 @@ class MoEConfig(ConfigBase):
             that sets each expert's capacity.
 
     Experts
-        activation: "swiglu" (gated, silu(x W_gate) * x W_up; default), "gelu" or "relu" (ungated).
+        activation: "swiglu" (gated, silu(x W_gate) * x W_up; default), "gelu" or "relu" (ungated),
+            or "clamped_swiglu" (GPT-OSS; gated): with g = min(x W_gate, limit) and
+            u = clamp(x W_up, -limit, limit), g * sigmoid(alpha * g) * (u + 1).
+        swiglu_alpha, swiglu_limit: the alpha (1.702) and limit (7.0) of "clamped_swiglu".
         expert_bias: add bias terms to the expert projections.
         n_shared_experts: always-on experts applied to every token (DeepSeekMoE, Qwen2-MoE); they are
             fused into one dense FFN of width `d_shared`.
@@ -111,11 +114,18 @@ class MoEConfig(ConfigBase):
             tokens of the same call, so it is unfit for autoregressive decoding).
         score: "softmax" (probabilities over all experts) or "sigmoid" (independent gates, DeepSeek-V3).
         normalize: divide the selected weights of a token by their sum (Mixtral, DeepSeek-V3).
-            With top_k=1 and normalize=False, softmax routing is Switch.
+            With top_k=1 and normalize=False, softmax routing is Switch. softmax with normalize is
+            also GPT-OSS's "top-k, then softmax over the selected logits": softmax is monotonic, so
+            the same experts win, and renormalising cancels the partition function.
+        router_bias: add a learned bias to the router logits (GPT-OSS). Unlike the router's
+            `expert_bias` buffer (aux-loss-free balancing), it is a trained parameter and it
+            changes the weights, not only the selection.
         routed_scaling: multiplies the routed weights (DeepSeek-V3 uses 2.5).
         n_groups, topk_groups: group-limited routing (DeepSeek-V3): experts are split into n_groups
             groups, each group scores the sum of its two best biased scores, and only the experts of
-            the best topk_groups groups may be selected.
+            the best topk_groups groups may be selected: the others are excluded outright (-inf),
+            as DeepSeek-V3's inference code and transformers 5 do (the first Hugging Face remote
+            code filled them with 0.0, which let a masked expert win over negative biased scores).
         noise: None; "jitter" (Switch: the router input is multiplied by U(1-eps, 1+eps) during
             training); "gaussian" (Shazeer et al. 2017 noisy top-k: logits get N(0,1) noise with
             learned std softplus(x @ W_noise), training only).
@@ -155,6 +165,8 @@ class MoEConfig(ConfigBase):
     n_experts: int
     top_k: int = 2
     activation: Activation = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     expert_bias: bool = False
     n_shared_experts: int = 0
     d_shared: int | None = None
@@ -162,6 +174,7 @@ class MoEConfig(ConfigBase):
     router: Literal["topk", "expert_choice"] = "topk"
     score: Literal["softmax", "sigmoid"] = "softmax"
     normalize: bool = True
+    router_bias: bool = False
     routed_scaling: float = 1.0
     n_groups: int = 1
     topk_groups: int = 1
@@ -191,6 +204,11 @@ class MoEConfig(ConfigBase):
         return self.d_shared if self.d_shared is not None else self.n_shared_experts * self.d_expert
 
     @property
+    def gated(self) -> bool:
+        """True for the gated activations, whose experts project to [gate | up] (2 * d_expert)."""
+        return self.activation in ("swiglu", "clamped_swiglu")
+
+    @property
     def token_choice(self) -> bool:
         """True for routers where each token picks its experts (ids and weights per token)."""
         return self.router != "expert_choice"
@@ -203,6 +221,11 @@ class MoEConfig(ConfigBase):
         if self.top_k > self.n_experts:
             _fail("top_k", self.top_k, f"must be <= n_experts ({self.n_experts})")
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_positive("swiglu_alpha", self.swiglu_alpha)
+        check_positive("swiglu_limit", self.swiglu_limit)
+        for name in ("expert_bias", "router_bias", "shared_gate", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
         if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             _fail("n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
         if self.d_shared is not None:

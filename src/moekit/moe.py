@@ -159,7 +159,8 @@ def reference_expert(layer: MoELayer, e: int, x_D: Tensor) -> Tensor:
     h = w_in @ x_D
     if layer.experts.b_in is not None:
         h = h + layer.experts.b_in[e]
-    y = w_down @ activate(h, layer.cfg.activation)
+    cfg = layer.cfg
+    y = w_down @ activate(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
     if layer.experts.b_out is not None:
         y = y + layer.experts.b_out[e]
     return y

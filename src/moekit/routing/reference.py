@@ -11,6 +11,14 @@ import math
 from moekit.config import MoEConfig
 
 
+def reference_logits(
+    x: list[float], weight: list[list[float]], bias: list[float] | None
+) -> list[float]:
+    """One token's router logits: weight @ x, plus the router bias (GPT-OSS) when there is one."""
+    logits = [sum(w * v for w, v in zip(row, x, strict=True)) for row in weight]
+    return logits if bias is None else [v + b for v, b in zip(logits, bias, strict=True)]
+
+
 def reference_scores(logits: list[float], kind: str) -> list[float]:
     """softmax or sigmoid of one token's logits."""
     if kind == "softmax":

@@ -16,7 +16,8 @@ class Router(nn.Module):
     """Linear router `logits = x @ weight.T` computed in float32 (float64 stays float64, for
     gradcheck), then the configured scheme.
 
-    weight: (E, D) parameter. expert_bias: (E,) buffer, the aux-loss-free selection correction
+    weight: (E, D) parameter. bias: (E,) parameter added to the logits (`router_bias`, GPT-OSS)
+    or None. expert_bias: (E,) buffer, the aux-loss-free selection correction
     (selection only, never in the weights; moved by `MoELayer.update_expert_bias`).
     noise_weight: (E, D) parameter for gaussian noisy top-k (Shazeer et al. 2017).
     """
@@ -25,6 +26,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.bias = nn.Parameter(torch.empty(cfg.n_experts)) if cfg.router_bias else None
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
         self.noise_weight = None
         if cfg.noise == "gaussian":
@@ -33,6 +35,8 @@ class Router(nn.Module):
 
     def init_weights(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
         self.expert_bias.zero_()
         if self.noise_weight is not None:
             # Zero noise weights start the learned std at softplus(0) = 0.69 (as Shazeer 2017).
@@ -44,7 +48,8 @@ class Router(nn.Module):
         if self.cfg.noise == "jitter" and self.training:
             eps = self.cfg.noise_eps
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = F.linear(x, self.weight.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        logits_TE = F.linear(x, self.weight.to(x.dtype), bias)
         if self.cfg.router == "expert_choice":
             return expert_choice_route(logits_TE, self.cfg)
         if self.noise_weight is None or not self.training:
