@@ -19,7 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m moekit.cli layer-demo
+	$(PY) -m moekit.cli demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -107,6 +107,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, Any] = {}
         self.session_seconds, self.session_tokens = 0.0, 0
+        self.interval = Interval()
         if checkpoint is not None:
             self._restore(checkpoint)
         self.metrics = MetricsLog(run_dir, self.step if resume else None, t.tensorboard)
@@ -140,31 +141,46 @@ class Trainer:
         self._say(f"resumed from {checkpoint} (step {self.step})")
 
     def run(self) -> TrainResult:
-        """Train until the last step, or until Ctrl-C; then save a checkpoint if none is new."""
+        """Train until the last step, or until Ctrl-C; then `finish()`."""
         t = self.cfg.train
-        start, interval = time.perf_counter(), Interval()
+        start = time.perf_counter()
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not t.progress)
         with bar, StopOnInterrupt(self._say) as stop:
-            while self.step < t.steps and not stop.requested:
-                result, seconds = self._timed_step()
-                interval.add(result, seconds, self.tokens_per_step)
+            while not self.done and not stop.requested:
+                result, seconds = self.advance()
                 _show_progress(bar, result, seconds, self.tokens_per_step)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    interval = self._log(interval)
-                self._maybe_evaluate_and_save()
-            if interval.steps:
-                self._log(interval)
-            if not self._saved_now():
-                self._save()
-        return self._result(time.perf_counter() - start, stop.requested)
+            self.finish()
+        return self.result(time.perf_counter() - start, stop.requested)
 
-    def _log(self, interval: Interval) -> Interval:
-        """Write the interval's record; return a fresh interval."""
-        self.last_train = interval.record(self.step, self._lr(), self.tokens)
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.train.steps
+
+    def advance(self) -> tuple[StepResult, float]:
+        """One optimizer step, then the logging, evaluation and checkpoint that are due; returns
+        the step's figures and its duration in seconds."""
+        t = self.cfg.train
+        result, seconds = self._timed_step()
+        self.interval.add(result, seconds, self.tokens_per_step)
+        if self.step % t.log_every == 0 or self.done:
+            self._log()
+        self._maybe_evaluate_and_save()
+        return result, seconds
+
+    def finish(self) -> None:
+        """Log the steps not yet logged and save a checkpoint unless this step has one."""
+        if self.interval.steps:
+            self._log()
+        if not self._saved_now():
+            self._save()
+
+    def _log(self) -> None:
+        """Write the current interval's record and start a new interval."""
+        self.last_train = self.interval.record(self.step, self._lr(), self.tokens)
         self.metrics.write(self.last_train)
-        self.session_seconds += interval.seconds
-        self.session_tokens += interval.tokens
-        return Interval()
+        self.session_seconds += self.interval.seconds
+        self.session_tokens += self.interval.tokens
+        self.interval = Interval()
 
     def _saved_now(self) -> bool:
         latest = latest_checkpoint(self.run_dir)
@@ -230,7 +246,7 @@ class Trainer:
 
     def _maybe_evaluate_and_save(self) -> None:
         t, step = self.cfg.train, self.step
-        last = step == t.steps
+        last = self.done
         if last or (t.eval.every and step % t.eval.every == 0):
             self._evaluate()
         if last or (t.checkpoint.every and step % t.checkpoint.every == 0):
@@ -259,7 +275,8 @@ class Trainer:
         keep = self.cfg.train.checkpoint.keep
         return save_checkpoint(self.run_dir, self.model, self.optimizer, state, keep)
 
-    def _result(self, seconds: float, interrupted: bool) -> TrainResult:
+    def result(self, seconds: float, interrupted: bool) -> TrainResult:
+        """How this session ended, `seconds` after it began."""
         rate = self.session_tokens / self.session_seconds if self.session_seconds else 0.0
         return TrainResult(
             run_dir=self.run_dir,

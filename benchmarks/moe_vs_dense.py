@@ -1,0 +1,213 @@
+"""MoE versus dense at the same active parameters: `small` against `dense-small`.
+
+Both models train with the same training settings (the `small` preset's), the same seed, hence the
+same initial RNG state and the same batches in the same order, for the same number of steps. They
+train in lockstep in one process, one optimizer step of each in turn, so both see the same machine
+load and their throughputs compare side by side (DESIGN.md convention 12). Both are evaluated on
+the same validation windows at the same steps.
+
+Reported: the validation-loss curves (one plot), the first evaluated step at which the MoE model's
+validation loss reaches the dense model's final one, and both training throughputs (tokens/s of
+the optimizer steps, evaluation and checkpoints excluded). Targets (issue 3): MoE reaches dense's
+final validation loss in at most 0.6 x the steps, at a throughput of at least 0.85 x dense's.
+
+    python benchmarks/moe_vs_dense.py                 # the demo's steps; ~2 x the demo's time
+    python benchmarks/moe_vs_dense.py --steps 40      # a quick look
+
+Prints the JSON to stdout (progress goes to stderr), writes it to
+benchmarks/results/moe_vs_dense.json and the plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+import moekit
+from moekit.config import RunConfig
+from moekit.fileio import atomic_path, atomic_write_text
+from moekit.train.loop import Trainer
+from moekit.train.metrics import read_metrics
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODELS = ("small", "dense-small")
+TARGET_STEP_RATIO = 0.6
+TARGET_THROUGHPUT_RATIO = 0.85
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="default: the small preset's steps")
+    p.add_argument("--evals", type=int, default=20, help="evaluations over the run")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_vs_dense.json")
+    p.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: moekit's)")
+    return p.parse_args(argv)
+
+
+def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
+    """The two runs: each model preset with the training settings of `small`."""
+    base = RunConfig.preset("small").train
+    steps = args.steps or base.steps
+    train = base.replace(
+        steps=steps,
+        progress=False,
+        tensorboard=False,
+        log_every=max(1, steps // 50),
+        eval=base.eval.replace(every=max(1, steps // args.evals)),
+        checkpoint=base.checkpoint.replace(every=0, keep=1),
+        data=base.data.replace(cache_dir=args.cache_dir),
+    )
+    return {name: RunConfig(model=RunConfig.preset(name).model, train=train) for name in MODELS}
+
+
+def train_in_lockstep(configs: dict[str, RunConfig], work: Path) -> dict[str, dict[str, Any]]:
+    """Train every config one step at a time in turn; return each run's metrics and sizes."""
+    trainers = {name: Trainer(cfg, work / name, resume=False) for name, cfg in configs.items()}
+    steps = next(iter(configs.values())).train.steps
+    try:
+        for _ in tqdm(range(steps), desc="lockstep training", unit="step", file=sys.stderr):
+            for trainer in trainers.values():
+                trainer.advance()
+        for trainer in trainers.values():
+            trainer.finish()
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
+    return {name: run_summary(trainer) for name, trainer in trainers.items()}
+
+
+def run_summary(trainer: Trainer) -> dict[str, Any]:
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    seconds = sum(r["seconds"] for r in train)
+    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in train)
+    return {
+        "parameters": trainer.model.num_parameters(),
+        "active_parameters": trainer.model.num_parameters(active=True),
+        "tokens_per_s": tokens / seconds,
+        "train_seconds": seconds,
+        "final_train_loss": train[-1]["lm_loss"],
+        "final_val_loss": evals[-1]["val_loss"],
+        "final_val_bpb": evals[-1]["val_bpb"],
+        "val_curve": [[r["step"], r["val_loss"]] for r in evals],
+    }
+
+
+def first_step_reaching(curve: list[list[float]], loss: float) -> int | None:
+    """The first evaluated step whose validation loss is <= `loss` (None if none is)."""
+    return next((int(step) for step, value in curve if value <= loss), None)
+
+
+def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, Any]:
+    moe, dense = runs["small"], runs["dense-small"]
+    reach = first_step_reaching(moe["val_curve"], dense["final_val_loss"])
+    step_ratio = None if reach is None else reach / steps
+    throughput_ratio = moe["tokens_per_s"] / dense["tokens_per_s"]
+    return {
+        "dense_final_val_loss": dense["final_val_loss"],
+        "moe_step_reaching_dense_final": reach,
+        "step_ratio": step_ratio,
+        "throughput_ratio": throughput_ratio,
+        "targets": {
+            f"step_ratio <= {TARGET_STEP_RATIO}": step_ratio is not None
+            and step_ratio <= TARGET_STEP_RATIO,
+            f"throughput_ratio >= {TARGET_THROUGHPUT_RATIO}": throughput_ratio
+            >= TARGET_THROUGHPUT_RATIO,
+        },
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for name, run in result["runs"].items():
+        steps, losses = zip(*run["val_curve"], strict=True)
+        label = f"{name} ({run['active_parameters'] / 1e6:.2f}M active, "
+        label += f"{run['parameters'] / 1e6:.2f}M total; {run['tokens_per_s']:,.0f} tok/s)"
+        ax.plot(steps, losses, "o-", ms=3, label=label)
+    cmp = result["comparison"]
+    ax.axhline(cmp["dense_final_val_loss"], color="gray", ls="--", lw=1, label="dense final")
+    if cmp["moe_step_reaching_dense_final"] is not None:
+        ax.axvline(cmp["moe_step_reaching_dense_final"], color="gray", ls=":", lw=1)
+    ratio = "never" if cmp["step_ratio"] is None else f"{cmp['step_ratio']:.2f} x the steps"
+    ax.set_title(
+        f"Validation loss: MoE reaches dense's final loss at {ratio}; "
+        f"throughput {cmp['throughput_ratio']:.2f} x dense",
+        fontsize=10,
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    m = result["machine"]
+    fig.text(0.01, 0.005, f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch']}",
+             fontsize=7, color="gray")  # fmt: skip
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "moekit": moekit.__version__,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print and write the JSON (and the PNG beside it); return it."""
+    args = parse_args(argv)
+    configs = run_configs(args)
+    started = time.perf_counter()
+    machine = machine_info()
+    with tempfile.TemporaryDirectory() as work:
+        runs = train_in_lockstep(configs, Path(work))
+    machine["loadavg_end"] = list(os.getloadavg())
+    steps = configs["small"].train.steps
+    result = {
+        "benchmark": "moe_vs_dense",
+        "machine": machine,
+        "steps": steps,
+        "tokens_per_step": configs["small"].train.batch_size * configs["small"].train.seq_len,
+        "train": configs["small"].train.to_dict(),
+        "runs": runs,
+        "comparison": compare(runs, steps),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    atomic_write_text(args.out, text + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
