@@ -112,8 +112,7 @@ class CapacityDispatcher:
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, DispatchState]:
         assert routing.scores_TE is not None and routing.scale_T is not None
         T = x_TD.shape[0]
-        capacity = token_capacity(T, self.cfg)
-        final_TK = capacity_assignment(routing, capacity, self.cfg.drop_policy, self.cfg.overflow)
+        final_TK = self.assignment(routing)
         kept_TK = final_TK >= 0
         # Weights are re-read from the scores so that moved assignments get their new expert's score
         # under the token's original normaliser; dropped assignments weigh zero.
@@ -128,3 +127,9 @@ class CapacityDispatcher:
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
         return combine_rows(y_RD, state)
+
+    def assignment(self, routing: Routing) -> Tensor:
+        """(T, K) the expert each assignment ends on, -1 where dropped, with the capacity of this
+        call's T tokens. (Expert parallelism overrides it to decide over the global batch.)"""
+        capacity = token_capacity(routing.n_tokens, self.cfg)
+        return capacity_assignment(routing, capacity, self.cfg.drop_policy, self.cfg.overflow)
