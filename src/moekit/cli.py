@@ -7,6 +7,8 @@ configurator. Subcommands that take a config accept a preset name or a JSON file
     moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]
     moekit generate RUN_DIR --prompt "def fib(" --max-new-tokens 200
     moekit params PRESET|CONFIG.json
+    moekit convert --from-hf DIR --out RUN_DIR
+    moekit convert --to-hf RUN_DIR --arch mixtral --out DIR
     moekit demo
 """
 
@@ -244,6 +246,52 @@ def _model_override(item: str) -> str:
     if not item.startswith("--model."):
         raise ValueError(f"params takes model overrides only (--model.key=value), not {item!r}")
     return "--" + item[len("--model.") :]
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    from moekit.interop.hf import ARCHITECTURES
+    from moekit.interop.keymaps import LAYOUTS
+
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="Hugging Face checkpoint -> run directory")
+    source.add_argument(
+        "--to-hf", metavar="RUN_DIR", help="run's newest checkpoint -> Hugging Face"
+    )
+    p.add_argument(
+        "--out", required=True, help="the run directory or checkpoint directory to write"
+    )
+    p.add_argument("--arch", choices=ARCHITECTURES, help="architecture to write (with --to-hf)")
+    p.add_argument("--layout", choices=LAYOUTS, default="per_expert", help="expert key layout")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="of the weights")
+    p.add_argument("--max-shard-size", default="2GB", help="bytes per safetensors shard")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (--to-hf)")
+
+
+@command(
+    "convert",
+    "convert Hugging Face checkpoints to run directories (--from-hf) and back (--to-hf)",
+    _convert_args,
+)
+def convert_command(args: argparse.Namespace) -> int:
+    from moekit.interop.convert import hf_to_run, run_to_hf
+
+    if args.from_hf:
+        out = hf_to_run(args.from_hf, args.out, dtype=args.dtype)
+        print(f"wrote run directory {out} (weights as checkpoint step 0)")
+        return 0
+    if args.arch is None:
+        raise ValueError("--to-hf needs --arch (one of the architectures in `moekit convert -h`)")
+    out = run_to_hf(
+        args.to_hf,
+        args.out,
+        args.arch,
+        layout=args.layout,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.arch} checkpoint {out}")
+    return 0
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -306,6 +306,87 @@ MoELayers = Literal["all"] | int | tuple[int, ...]
 
 
 @dataclass(kw_only=True)
+class RopeScaling(ConfigBase):
+    """YaRN extension of the rotary embedding to longer contexts (Peng et al. 2023, *YaRN*), as
+    transformers' "yarn" rope type computes it (DeepSeek-V3, GPT-OSS).
+
+    factor: how many times longer than `original_max_seq_len` the context is stretched.
+    original_max_seq_len: the context length of pre-training.
+    beta_fast, beta_slow: the frequency ramp's bounds, in rotations over the original context:
+        dimensions turning more than beta_fast times keep their frequency, fewer than beta_slow
+        times are interpolated (frequency / factor), and those between blend linearly.
+    truncate: round the ramp's bounds outwards to whole dimensions (DeepSeek); GPT-OSS does not.
+    mscale, mscale_all_dim: DeepSeek's temperature terms, with m(s) = 0.1 * s * ln(factor) + 1.
+    attention_factor: the factor on cos and sin (so on every attention logit, squared); None
+        derives it as m(mscale) / m(mscale_all_dim) when both are set and non-zero, else m(1).
+    Multi-head latent attention (`mla`) also multiplies its softmax scale by m(mscale_all_dim)^2
+    when mscale_all_dim is set, as DeepSeek-V2/V3 do in transformers.
+    """
+
+    factor: float
+    original_max_seq_len: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("factor", self.factor)
+        _check_int("original_max_seq_len", self.original_max_seq_len, 1)
+        check_positive("beta_fast", self.beta_fast)
+        check_positive("beta_slow", self.beta_slow)
+        if not isinstance(self.truncate, bool):
+            _fail("truncate", self.truncate, "must be True or False")
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name), allow_zero=name != "attention_factor")
+
+
+@dataclass(kw_only=True)
+class MLAConfig(ConfigBase):
+    """Multi-head latent attention (DeepSeek-AI 2024, *DeepSeek-V2*): keys and values are expanded
+    per head from one low-rank latent per token, and RoPE is decoupled into extra dimensions
+    whose key is shared by all heads. The KV cache keeps only the latent and the rotary key.
+
+    q_lora_rank: rank of the low-rank query (x -> q_a_proj -> RMSNorm -> q_b_proj); None projects
+        the queries directly (q_proj).
+    kv_lora_rank: width of the key/value latent (kv_a_proj -> RMSNorm -> kv_b_proj).
+    qk_nope_head_dim: per-head width of the query and key parts without position.
+    qk_rope_head_dim: per-head width of the rotary parts (even).
+    v_head_dim: per-head width of the values.
+    rope_interleave: the rotary dimensions come in interleaved pairs (x0, x1), (x2, x3) ... as in
+        DeepSeek's checkpoints, rather than as two halves.
+    latent_norm_eps: epsilon of the two latent RMSNorms (transformers fixes it at 1e-6).
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True
+    latent_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.q_lora_rank is not None:
+            _check_int("q_lora_rank", self.q_lora_rank, 1)
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check_int(name, getattr(self, name), 1)
+        if self.qk_rope_head_dim % 2:
+            _fail("qk_rope_head_dim", self.qk_rope_head_dim, "rotary embeddings need an even width")
+        if not isinstance(self.rope_interleave, bool):
+            _fail("rope_interleave", self.rope_interleave, "must be True or False")
+        check_positive("latent_norm_eps", self.latent_norm_eps)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of queries and keys: qk_nope_head_dim + qk_rope_head_dim."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(kw_only=True)
 class ModelConfig(ConfigBase):
     """A decoder-only language model: pre-RMSNorm blocks of attention and a dense or MoE FFN.
 
@@ -334,9 +415,20 @@ class ModelConfig(ConfigBase):
         rope_theta: base of the rotary position embedding frequencies (Su et al. 2021).
         sliding_window: None for full causal attention, or W: each token attends to itself and the
             W - 1 tokens before it (Mistral/Mixtral).
-        attn_bias: add biases to the q, k, v and output projections.
+        layer_types: None (every layer windowed when sliding_window is set), or one of "full" /
+            "sliding" per layer: only the "sliding" layers use the window (GPT-OSS alternates them;
+            Qwen2-MoE's max_window_layers).
+        attn_bias: add biases to the q, k, v and output projections; "qkv" to q, k and v only
+            (Qwen2-MoE). Multi-head latent attention puts them on q_a_proj, kv_a_proj and o_proj.
+        attn_sinks: a learned logit per head joins each softmax's denominator and takes no value,
+            so a head may attend to nothing (GPT-OSS; Xiao et al. 2023, *Attention Sinks*).
         qk_norm: None; "head" (RMSNorm over each head of q and k, one weight of head_dim shared by
             the heads; Qwen3); or "full" (RMSNorm over the whole q and k projections; OLMoE).
+        clip_qkv: None, or c: q, k and v are clamped to [-c, c] after projection (and the "full"
+            q/k norm), as OLMoE's clip_qkv.
+        rope_scaling: None, or the `RopeScaling` (YaRN) of the rotary embedding.
+        mla: None, or the `MLAConfig` that replaces grouped-query attention by multi-head latent
+            attention (DeepSeek-V2/V3); n_kv_heads, head_dim and qk_norm then do not apply.
 
     Other
         norm_eps: epsilon of every RMSNorm.
@@ -356,14 +448,21 @@ class ModelConfig(ConfigBase):
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     sliding_window: int | None = None
-    attn_bias: bool = False
+    layer_types: tuple[Literal["full", "sliding"], ...] | None = None
+    attn_bias: bool | Literal["qkv"] = False
+    attn_sinks: bool = False
     qk_norm: Literal["head", "full"] | None = None
+    clip_qkv: float | None = None
+    rope_scaling: RopeScaling | None = None
+    mla: MLAConfig | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.moe_layers, list):
             self.moe_layers = tuple(self.moe_layers)
+        if isinstance(self.layer_types, list):
+            self.layer_types = tuple(self.layer_types)
         self._check_sizes()
         self._check_attention()
         self._check_layers()
@@ -377,6 +476,17 @@ class ModelConfig(ConfigBase):
     def d_head(self) -> int:
         """Width of one attention head (head_dim, or d_model // n_heads when that is None)."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary part of each head (d_head; qk_rope_head_dim under MLA)."""
+        return self.d_head if self.mla is None else self.mla.qk_rope_head_dim
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full causal attention)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full":
+            return None
+        return self.sliding_window
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -406,11 +516,15 @@ class ModelConfig(ConfigBase):
                 _check_int(name, getattr(self, name), 1)
         check_positive("rope_theta", self.rope_theta)
         check_positive("norm_eps", self.norm_eps)
-        for name in ("attn_bias", "tie_embeddings"):
+        for name in ("attn_sinks", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be True or False")
+        check_choice("attn_bias", self.attn_bias, (False, True, "qkv"))
 
     def _check_attention(self) -> None:
+        self._check_attention_options()
+        if self.mla is not None:
+            return
         if self.n_heads % self.kv_heads != 0:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads ({self.n_heads})")
         if self.head_dim is None and self.d_model % self.n_heads != 0:
@@ -421,9 +535,29 @@ class ModelConfig(ConfigBase):
             )
         if self.d_head % 2 != 0:
             _fail("head_dim", self.d_head, "rotary embeddings need an even head width")
+
+    def _check_attention_options(self) -> None:
         if self.sliding_window is not None:
             _check_int("sliding_window", self.sliding_window, 1)
         check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
+        if self.clip_qkv is not None:
+            check_positive("clip_qkv", self.clip_qkv)
+        for name, kind in (("rope_scaling", RopeScaling), ("mla", MLAConfig)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                _fail(name, getattr(self, name), f"must be a {kind.__name__} or None")
+        if self.layer_types is not None:
+            ok = isinstance(self.layer_types, tuple) and len(self.layer_types) == self.n_layers
+            if not ok or not set(self.layer_types) <= {"full", "sliding"}:
+                allowed = f'a tuple of {self.n_layers} (n_layers) of "full" or "sliding"'
+                _fail("layer_types", self.layer_types, allowed)
+            if "sliding" in self.layer_types and self.sliding_window is None:
+                _fail("layer_types", self.layer_types, '"sliding" layers need a sliding_window')
+        if self.mla is not None:
+            for name in ("qk_norm", "clip_qkv", "attn_sinks"):
+                if getattr(self, name) not in (None, False):
+                    _fail(name, getattr(self, name), "is not supported with mla (use None/False)")
+            if self.attn_bias == "qkv":
+                _fail("attn_bias", "qkv", "mla takes True or False")
 
     def _check_layers(self) -> None:
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
@@ -575,6 +709,81 @@ def olmoe_1b_7b() -> ModelConfig:
     )
 
 
+def deepseek_v3() -> ModelConfig:
+    """DeepSeek-V3 (DeepSeek-AI 2024; deepseek-ai/DeepSeek-V3): 671B total, 37B active, without
+    its multi-token-prediction module. Latent attention with YaRN (factor 40), 3 dense layers,
+    then 256 routed experts (8 per token, 4 of 8 groups, sigmoid, scaling 2.5) and one shared;
+    the paper's bias update speed 0.001 and sequence-wise balance loss 0.0001."""
+    moe = MoEConfig(
+        d_model=7168,
+        d_expert=2048,
+        n_experts=256,
+        top_k=8,
+        score="sigmoid",
+        routed_scaling=2.5,
+        n_groups=8,
+        topk_groups=4,
+        n_shared_experts=1,
+        bias_update_rate=0.001,
+        aux_loss_coef=0.0001,
+        aux_loss_scope="sequence",
+    )
+    mla = MLAConfig(
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+    )
+    yarn = RopeScaling(
+        factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0, truncate=True
+    )
+    return ModelConfig(
+        vocab_size=129280,
+        d_model=7168,
+        n_layers=61,
+        n_heads=128,
+        d_ff=18432,
+        moe=moe,
+        first_dense=3,
+        max_seq_len=163840,
+        rope_scaling=yarn,
+        mla=mla,
+        norm_eps=1e-6,
+    )
+
+
+def gpt_oss_20b() -> ModelConfig:
+    """GPT-OSS-20B (OpenAI 2025; openai/gpt-oss-20b): 20.9B total, 3.6B active. Alternating
+    128-token sliding-window and full attention with sinks, 32 experts top-4 with router and
+    expert biases, clamped SwiGLU, YaRN (factor 32, untruncated ramp)."""
+    moe = MoEConfig(
+        d_model=2880,
+        d_expert=2880,
+        n_experts=32,
+        top_k=4,
+        activation="clamped_swiglu",
+        expert_bias=True,
+        router_bias=True,
+    )
+    return ModelConfig(
+        vocab_size=201088,
+        d_model=2880,
+        n_layers=24,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=64,
+        moe=moe,
+        max_seq_len=131072,
+        rope_theta=150000.0,
+        rope_scaling=RopeScaling(factor=32.0, original_max_seq_len=4096, truncate=False),
+        sliding_window=128,
+        layer_types=("sliding", "full") * 12,
+        attn_bias=True,
+        attn_sinks=True,
+    )
+
+
 MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "tiny": tiny_model,
     "small": small_model,
@@ -583,14 +792,18 @@ MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "mixtral-8x22b": mixtral_8x22b,
     "qwen3-30b-a3b": qwen3_30b_a3b,
     "olmoe-1b-7b": olmoe_1b_7b,
+    "deepseek-v3": deepseek_v3,
+    "gpt-oss-20b": gpt_oss_20b,
 }
 
 
 __all__ = [
     "MODEL_PRESETS",
     "ConfigBase",
+    "MLAConfig",
     "MoEConfig",
     "ModelConfig",
+    "RopeScaling",
     "check_choice",
     "check_positive",
     "field",

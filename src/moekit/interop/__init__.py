@@ -1,1 +1,7 @@
-"""moekit.interop (see ../shared/DESIGN.md)."""
+"""moekit.interop: Hugging Face checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3,
+GPT-OSS) read into `MoETransformer` and written back, with logits equal to transformers'."""
+
+from moekit.interop.files import CheckpointError
+from moekit.interop.hf import ARCHITECTURES, hf_model_config, load_hf, save_hf
+
+__all__ = ["ARCHITECTURES", "CheckpointError", "hf_model_config", "load_hf", "save_hf"]

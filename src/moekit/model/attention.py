@@ -1,5 +1,6 @@
 """Causal self-attention with grouped-query heads, RoPE, an optional sliding window and q/k norms,
-computed by `torch.nn.functional.scaled_dot_product_attention`."""
+computed by `torch.nn.functional.scaled_dot_product_attention`; with attention sinks (GPT-OSS),
+by the explicit softmax that takes the sink logits into its denominator."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ class AttentionMask:
 
     mask_SL: Tensor | None
     is_causal: bool
+
+    def allowed(self, n_queries: int, n_keys: int, device: torch.device) -> Tensor:
+        """The (S, L) boolean mask spelled out (True = may attend)."""
+        if self.mask_SL is not None:
+            return self.mask_SL
+        if not self.is_causal:
+            return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
+        return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril()
 
 
 def attention_mask(
@@ -47,17 +56,21 @@ class Attention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads shared by groups of query heads.
 
     q_proj (H*hd, D), k_proj and v_proj (KV*hd, D), o_proj (D, H*hd) in nn.Linear layout; q_norm and
-    k_norm are RMSNorms over each head (qk_norm="head") or the whole projection ("full").
+    k_norm are RMSNorms over each head (qk_norm="head") or the whole projection ("full"); sinks
+    (H,) are the per-head sink logits (attn_sinks).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.d_head
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, q_width, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(q_width, cfg.d_model, bias=cfg.attn_bias)
+        qkv_bias = bool(cfg.attn_bias)
+        self.q_proj = nn.Linear(cfg.d_model, q_width, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_width, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_width, cfg.d_model, bias=cfg.attn_bias is True)
+        self.sinks = nn.Parameter(torch.empty(self.n_heads)) if cfg.attn_sinks else None
+        self.clip_qkv = cfg.clip_qkv
         self.qk_norm = cfg.qk_norm
         self.q_norm = self.k_norm = None
         if cfg.qk_norm is not None:
@@ -73,6 +86,8 @@ class Attention(nn.Module):
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     def forward(
         self,
@@ -91,14 +106,17 @@ class Attention(nn.Module):
         k_BKSd = apply_rope(k_BKSd, *rope)
         if cache is not None:
             k_BKSd, v_BKSd = cache.update(k_BKSd, v_BKSd)
-        y_BHSd = F.scaled_dot_product_attention(
-            q_BHSd,
-            k_BKSd,
-            v_BKSd,
-            attn_mask=mask.mask_SL,
-            is_causal=mask.is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if self.sinks is not None:
+            y_BHSd = sink_attention(q_BHSd, k_BKSd, v_BKSd, mask, self.sinks)
+        else:
+            y_BHSd = F.scaled_dot_product_attention(
+                q_BHSd,
+                k_BKSd,
+                v_BKSd,
+                attn_mask=mask.mask_SL,
+                is_causal=mask.is_causal,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         B, S, _ = x_BSD.shape
         return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, -1))
 
@@ -108,12 +126,35 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
+
+
+def sink_attention(
+    q_BHSd: Tensor, k_BKLd: Tensor, v_BKLd: Tensor, mask: AttentionMask, sinks_H: Tensor
+) -> Tensor:
+    """Softmax attention whose denominator also holds one learned logit per head, the sink, which
+    carries no value (GPT-OSS). Written as transformers' eager GPT-OSS attention, in its order of
+    operations: (B, H, S, hd) queries over (B, KV, L, hd) keys and values -> (B, H, S, hd)."""
+    B, H, S, hd = q_BHSd.shape
+    group = H // k_BKLd.shape[1]
+    k_BHLd = k_BKLd.repeat_interleave(group, dim=1)
+    v_BHLd = v_BKLd.repeat_interleave(group, dim=1)
+    scores_BHSL = torch.matmul(q_BHSd, k_BHLd.transpose(2, 3)) * hd**-0.5
+    allowed_SL = mask.allowed(S, k_BHLd.shape[2], q_BHSd.device)
+    scores_BHSL = scores_BHSL.masked_fill(~allowed_SL, float("-inf"))
+    sinks = sinks_H.to(scores_BHSL.dtype).reshape(1, H, 1, 1).expand(B, H, S, 1)
+    logits = torch.cat([scores_BHSL, sinks], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs_BHSL = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs_BHSL.to(v_BHLd.dtype), v_BHLd)
 
 
 class LayerKVCache:

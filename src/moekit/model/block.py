@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from moekit.config import ModelConfig
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
+from moekit.model.mla import LatentAttention
 from moekit.moe import MoEAux, MoELayer
 
 
@@ -30,13 +31,14 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-RMSNorm decoder block. `ffn` is a `MoELayer` when `is_moe`, else a `DenseFFN`."""
+    """Pre-RMSNorm decoder block. `ffn` is a `MoELayer` when `is_moe`, else a `DenseFFN`; `attn`
+    is grouped-query `Attention`, or `LatentAttention` when the config has `mla`."""
 
     def __init__(self, cfg: ModelConfig, is_moe: bool) -> None:
         super().__init__()
         self.is_moe = is_moe
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg) if cfg.mla is None else LatentAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if is_moe:
             assert cfg.moe is not None

@@ -15,7 +15,8 @@ from moekit.model.transformer import MoETransformer
 
 class KVCache:
     """Keys and values of every layer for `batch_size` sequences of up to `max_len` positions,
-    preallocated as (batch_size, n_kv_heads, max_len, head_dim) per layer.
+    preallocated as (batch_size, n_kv_heads, max_len, head_dim) per layer (with multi-head latent
+    attention: its latent (batch_size, 1, max_len, kv_lora_rank) and rotary key).
 
     The cache keeps every position; a sliding window is applied by the attention mask, so cached
     decoding sees exactly what a full forward sees.
@@ -30,12 +31,15 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (batch_size, cfg.kv_heads, max_len, cfg.d_head)
+        k_shape = v_shape = (batch_size, cfg.kv_heads, max_len, cfg.d_head)
+        if cfg.mla is not None:  # latent attention caches its latent and its shared rotary key
+            k_shape = (batch_size, 1, max_len, cfg.mla.kv_lora_rank)
+            v_shape = (batch_size, 1, max_len, cfg.mla.qk_rope_head_dim)
         self.max_len = max_len
         self.layers = [
             LayerKVCache(
-                torch.zeros(shape, device=device, dtype=dtype),
-                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(k_shape, device=device, dtype=dtype),
+                torch.zeros(v_shape, device=device, dtype=dtype),
             )
             for _ in range(cfg.n_layers)
         ]

@@ -11,6 +11,7 @@ from moekit.config import ModelConfig
 from moekit.experts import Experts, SharedExperts
 from moekit.model.attention import Attention
 from moekit.model.block import DenseFFN
+from moekit.model.mla import LatentAttention
 from moekit.model.transformer import MoETransformer
 from moekit.routing import Router
 
@@ -32,6 +33,7 @@ _PART_OF_MODULE: tuple[tuple[type[nn.Module], str], ...] = (
     (SharedExperts, "shared_experts"),
     (DenseFFN, "dense_ffn"),
     (Attention, "attention"),
+    (LatentAttention, "attention"),
 )
 
 

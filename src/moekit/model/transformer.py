@@ -92,13 +92,15 @@ class MoETransformer(nn.Module):
         S = input_ids.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
         positions_S = torch.arange(start, start + S, device=input_ids.device)
-        rope = rope_angles(positions_S, self.cfg.d_head, self.cfg.rope_theta)
-        mask = attention_mask(start, S, self.cfg.sliding_window, input_ids.device)
+        cfg = self.cfg
+        rope = rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        windows = {cfg.layer_window(i) for i in range(cfg.n_layers)}
+        masks = {w: attention_mask(start, S, w, input_ids.device) for w in windows}
         x_BSD = self.embed(input_ids)
         aux: list[MoEAux] = []
         for i, block in enumerate(self.layers):
             cache = None if kv_cache is None else kv_cache.layers[i]
-            x_BSD, layer_aux = block(x_BSD, rope, mask, cache)
+            x_BSD, layer_aux = block(x_BSD, rope, masks[cfg.layer_window(i)], cache)
             if layer_aux is not None:
                 aux.append(layer_aux)
         logits_BSV = self._head(self.norm(x_BSD))

@@ -1,0 +1,84 @@
+"""`moekit convert`: Hugging Face checkpoint directories <-> moekit run directories.
+
+A run directory (as `moekit train` writes it) holds config.json (a `RunConfig`), tokenizer.json
+and checkpoints/step-NNNNNN/model.safetensors. `run_to_hf` exports the newest checkpoint;
+`hf_to_run` writes a run directory with the imported weights as checkpoint step 0 (what
+`moekit generate` and `convert --to-hf` read).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from moekit.config import RunConfig, TrainConfig
+from moekit.fileio import atomic_path
+from moekit.interop.hf import hf_model_config, load_hf, read_hf_config, save_hf
+from moekit.model import MoETransformer
+from moekit.train.checkpoint import checkpoint_path, latest_checkpoint, load_weights
+
+
+def load_run_model(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Path]:
+    """The config, the model with the newest checkpoint's weights, and that checkpoint's path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
+    cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    model.to_empty(device="cpu")
+    model.init_weights()  # buffers and anything the checkpoint does not hold
+    load_weights(checkpoint, model)
+    return cfg, model.eval(), checkpoint
+
+
+def run_to_hf(
+    run_dir: str | Path,
+    out: str | Path,
+    arch: str,
+    *,
+    layout: str = "per_expert",
+    dtype: str | None = None,
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> Path:
+    """Export a run's newest checkpoint (and its tokenizer) as a Hugging Face checkpoint."""
+    _, model, _ = load_run_model(run_dir)
+    tokenizer = Path(run_dir) / "tokenizer.json"
+    return save_hf(
+        model,
+        out,
+        arch,
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+        layout=layout,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
+
+
+def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
+    """Import a Hugging Face checkpoint as a run directory (its weights as checkpoint step 0;
+    tokenizer.json copied when the checkpoint has one). Refuses an existing `out`."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new run directory")
+    model_cfg = hf_model_config(read_hf_config(hf_dir))
+    train = TrainConfig(seq_len=min(TrainConfig().seq_len, model_cfg.max_seq_len))
+    cfg = RunConfig(model=model_cfg, train=train)  # validated before any weight is read
+    model = load_hf(hf_dir, dtype=dtype)
+    with atomic_path(out) as tmp:
+        weights = checkpoint_path(tmp, 0)
+        weights.mkdir(parents=True)
+        save_model(model, str(weights / "model.safetensors"))
+        (tmp / "config.json").write_text(cfg.to_json() + "\n")
+        tokenizer = Path(hf_dir) / "tokenizer.json"
+        if tokenizer.is_file():
+            shutil.copy2(tokenizer, tmp / "tokenizer.json")
+    return out

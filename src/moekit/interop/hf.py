@@ -1,0 +1,343 @@
+"""`load_hf` and `save_hf`: Hugging Face checkpoint directories <-> `MoETransformer`.
+
+Loading builds the model on the meta device, allocates it once in the target dtype, checks every
+tensor's name and shape against the checkpoint headers before reading any weight, then streams
+the weights into place (see `files.CheckpointReader`). Saving writes config.json, the safetensors
+shards (with an index above one shard) and the tokenizer into a temporary directory that is
+renamed to the destination only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.fileio import atomic_path
+from moekit.interop.configs import CONFIG_MAPS, HF, check_expressible
+from moekit.interop.files import (
+    CheckpointError,
+    CheckpointReader,
+    WeightInfo,
+    find_weight_files,
+    parse_size,
+    plan_shards,
+    write_shards,
+)
+from moekit.interop.keymaps import (
+    LAYOUTS,
+    OPS,
+    KeyMap,
+    Source,
+    checkpoint_keys,
+    deepseek_v3_keys,
+    expected_shapes,
+    gpt_oss_keys,
+    mixtral_keys,
+    qwen_keys,
+    sources,
+    template_of,
+)
+from moekit.model import MoETransformer
+
+KEY_MAPS: dict[str, KeyMap] = {
+    "mixtral": mixtral_keys(),
+    "qwen2_moe": qwen_keys(shared=True),
+    "qwen3_moe": qwen_keys(shared=False),
+    "olmoe": qwen_keys(shared=False),
+    "deepseek_v3": deepseek_v3_keys(),
+    "gpt_oss": gpt_oss_keys(),
+}
+ARCHITECTURES = tuple(KEY_MAPS)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LISTED = 12  # how many missing / unexpected keys an error lists
+
+
+def read_hf_config(folder: str | Path) -> HF:
+    """config.json of a checkpoint directory, as a dict."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def architecture_of(hf: HF) -> str:
+    """The supported architecture (model_type) of a config, or an error naming what it is."""
+    kind = hf.get("model_type")
+    if kind not in KEY_MAPS:
+        classes = hf.get("architectures")
+        raise CheckpointError(
+            f"architecture {kind!r} ({classes}) is not supported; moekit reads and writes "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    quant = hf.get("quantization_config")
+    if quant:
+        raise CheckpointError(
+            f"{kind}: quantized checkpoints (quant_method={quant.get('quant_method')!r}) are not "
+            "supported; load a dequantized (bfloat16 or float32) copy"
+        )
+    return kind
+
+
+def hf_model_config(hf: HF) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face config dict."""
+    return CONFIG_MAPS[architecture_of(hf)].from_hf(hf)
+
+
+def load_hf(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransformer:
+    """A `MoETransformer` (eval mode, on CPU) with the weights of a Hugging Face checkpoint
+    directory: config.json plus model.safetensors, or shards listed by
+    model.safetensors.index.json, in the hub's per-expert key layout or transformers 5's fused one.
+
+    dtype: of the weights; None takes the config's "dtype" (or "torch_dtype"), else float32. The
+    routers' correction biases stay float32. Tensors are streamed into the model one at a time (a
+    large one in slices), so the peak memory is about the model's own. Unsupported
+    architectures, quantized checkpoints, missing, unexpected or misshapen tensors and truncated
+    or corrupt files raise `CheckpointError` before any weight is read.
+    """
+    folder = Path(path)
+    hf = read_hf_config(folder)
+    arch = architecture_of(hf)
+    cfg = CONFIG_MAPS[arch].from_hf(hf)
+    files = find_weight_files(folder)
+    model = _empty_model(cfg, _resolve_dtype(dtype, hf))
+    plan = _plan_load(model, arch, files)
+    reader = CheckpointReader({k: info.path for k, info in files.items()})
+    try:
+        with torch.no_grad():
+            for dest, source, keys in plan:
+                OPS[source.op][0](dest, keys, reader)
+    finally:
+        reader.close()
+    return model.eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype={name!r} is invalid: allowed values are {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[name]
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
+    """The model allocated once, uninitialised, parameters in `dtype`; buffers zero (float32)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype)))
+    model.to_empty(device="cpu")
+    for buffer in model.buffers():
+        buffer.zero_()
+    return model
+
+
+def _ignored(arch: str, cfg: ModelConfig, key: str) -> bool:
+    """Checkpoint keys that are not part of the model: the rotary tables older checkpoints kept,
+    a tied model's copy of its embedding, and DeepSeek-V3's multi-token-prediction module (the
+    layers after the last, which transformers does not load either)."""
+    if key.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and key == "lm_head.weight"):
+        return True
+    layer = re.match(r"model\.layers\.(\d+)\.", key)
+    return arch == "deepseek_v3" and layer is not None and int(layer.group(1)) >= cfg.n_layers
+
+
+def _plan_load(
+    model: MoETransformer, arch: str, files: dict[str, WeightInfo]
+) -> list[tuple[Tensor, Source, list[str]]]:
+    """(moekit tensor, source, checkpoint keys) for every tensor the checkpoint must fill; raises
+    `CheckpointError` listing all missing, unexpected and misshapen tensors at once."""
+    keymap, cfg = KEY_MAPS[arch], model.cfg
+    n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
+    buffers = {name for name, _ in model.named_buffers()}
+    plan, used, missing, wrong = [], set(), [], []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        template, layer = template_of(name)
+        if template not in keymap:
+            if name in buffers:
+                continue  # e.g. a correction bias the architecture does not have: stays zero
+            raise CheckpointError(f"{arch}: moekit parameter {name} has no place in the key map")
+        options = [(s, checkpoint_keys(s, layer, n_experts)) for s in sources(keymap[template])]
+        found = [(s, keys) for s, keys in options if all(k in files for k in keys)]
+        if not found:
+            best = max(options, key=lambda o: sum(k in files for k in o[1]))[1]
+            missing += [k for k in best if k not in files]
+            continue
+        source, keys = found[0]
+        for key, shape in expected_shapes(source, tuple(tensor.shape), layer, n_experts).items():
+            if files[key].shape != shape:
+                wrong.append(f"{key} has shape {files[key].shape}, the config needs {shape}")
+        plan.append((tensor.data, source, keys))
+        used.update(keys)
+    unexpected = sorted(k for k in files if k not in used and not _ignored(arch, cfg, k))
+    _raise_if_any(arch, missing, unexpected, wrong)
+    return plan
+
+
+def _raise_if_any(arch: str, missing: list[str], unexpected: list[str], wrong: list[str]) -> None:
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", wrong)):
+        if keys:
+            more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+            problems.append(f"{len(keys)} {what}: " + ", ".join(keys[:_LISTED]) + more)
+    if problems:
+        raise CheckpointError(
+            f"this {arch} checkpoint does not fit its config: " + "; ".join(problems)
+        )
+
+
+def save_hf(
+    model: MoETransformer,
+    path: str | Path,
+    arch: str,
+    *,
+    tokenizer: Any = None,
+    layout: str = "per_expert",
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+    extra_config: HF | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face checkpoint of architecture `arch` into directory `path`,
+    which `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected
+    keys, and `load_hf` reads back.
+
+    layout: "per_expert" (the hub's `experts.{e}.*` keys, as transformers' save_pretrained writes)
+        or "fused" (transformers 5's `experts.gate_up_proj` / `down_proj`); GPT-OSS has only one.
+    tokenizer: a `tokenizers.Tokenizer`, a tokenizer.json file, or a directory whose tokenizer
+        files are copied; its end-of-text token becomes the config's eos_token_id.
+    dtype: of the written weights (default: the model's); correction biases stay float32.
+    max_shard_size: bytes per safetensors file (int, or "2GB", "500MB" ...); above it the weights
+        are sharded with a model.safetensors.index.json. One shard is held in memory at a time.
+    overwrite: replace an existing non-empty directory (otherwise FileExistsError).
+    extra_config: more config.json entries (e.g. bos_token_id), written last.
+
+    A model the architecture cannot express (say shared experts for mixtral) raises ValueError
+    naming the fields. The directory appears complete or not at all.
+    """
+    if arch not in KEY_MAPS:
+        raise ValueError(f"arch={arch!r} is invalid: allowed values are {', '.join(ARCHITECTURES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")
+    hf = check_expressible(model.cfg, arch)
+    out_dtype = _resolve_dtype(dtype, {"dtype": str(model.embed.weight.dtype).split(".")[-1]})
+    tensors = _save_plan(model, arch, layout, out_dtype)
+    final = Path(path)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        sizes = [(key, _nbytes(shape, dt)) for key, (_, shape, dt) in tensors.items()]
+        shards = plan_shards(sizes, parse_size(max_shard_size))
+        write_shards(
+            tmp, shards, lambda names: _materialise(tensors, names), sum(s for _, s in sizes)
+        )
+        eos = write_tokenizer(tokenizer, tmp, model.cfg)
+        hf["dtype"] = str(out_dtype).split(".")[-1]
+        if eos is not None:
+            hf["eos_token_id"] = eos
+        hf |= extra_config or {}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    return final
+
+
+_Pending = tuple[Any, tuple[int, ...], torch.dtype]  # (producer, shape, dtype)
+
+
+def _save_plan(
+    model: MoETransformer, arch: str, layout: str, dtype: torch.dtype
+) -> dict[str, _Pending]:
+    """{checkpoint key: (zero-argument producer, shape, dtype)} in model order."""
+    keymap, cfg = KEY_MAPS[arch], model.cfg
+    n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
+    buffers = {name for name, _ in model.named_buffers()}
+    out: dict[str, _Pending] = {}
+    for name, tensor in model.state_dict().items():
+        template, layer = template_of(name)
+        if template not in keymap:
+            if name in buffers and not tensor.any():
+                continue  # a zero correction bias is the architecture's plain router
+            raise ValueError(f"{arch} cannot express this model: it has no place for {name}")
+        options = sources(keymap[template])
+        source = options[min(LAYOUTS.index(layout), len(options) - 1)]
+        keys = checkpoint_keys(source, layer, n_experts)
+        out_dtype = dtype if name not in buffers and tensor.is_floating_point() else tensor.dtype
+        shapes = expected_shapes(source, tuple(tensor.shape), layer, n_experts)
+        for key in keys:
+            out[key] = ((tensor, source, keys), shapes[key], out_dtype)
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * dtype.itemsize
+
+
+def _materialise(tensors: dict[str, _Pending], names: list[str]) -> dict[str, Tensor]:
+    """The checkpoint tensors of one shard, contiguous and in their output dtype."""
+    out: dict[str, Tensor] = {}
+    done: set[int] = set()
+    wanted = set(names)
+    for name in names:
+        (tensor, source, keys), _, dtype = tensors[name]
+        if id(keys) in done:
+            continue
+        done.add(id(keys))
+        for key, value in OPS[source.op][1](tensor.detach(), keys):
+            if key in wanted:
+                out[key] = value.to(dtype).contiguous()
+    return out
+
+
+def write_tokenizer(tokenizer: Any, folder: Path, cfg: ModelConfig) -> int | None:
+    """Write or copy tokenizer files into `folder`; return the end-of-text id when known."""
+    if tokenizer is None:
+        return None
+    from tokenizers import Tokenizer
+
+    from moekit.data.tokenizer import END_OF_TEXT
+
+    if isinstance(tokenizer, (str, Path)):
+        source = Path(tokenizer)
+        if source.is_dir():
+            copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
+            if not copied:
+                raise FileNotFoundError(f"{source} holds none of {', '.join(TOKENIZER_FILES)}")
+            for name in copied:
+                shutil.copy2(source / name, folder / name)
+            return None
+        tokenizer = Tokenizer.from_file(str(source))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    eos = tokenizer.token_to_id(END_OF_TEXT)
+    settings: HF = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    if eos is not None:
+        settings["eos_token"] = END_OF_TEXT
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return eos

@@ -1,0 +1,299 @@
+"""Declarative key maps: where each moekit tensor lives in a Hugging Face checkpoint.
+
+A key map is a table `{moekit name template: Source}` (or a pair of sources: the hub's per-expert
+layout first, transformers 5's fused layout second). Templates use `{i}` for the layer and `{e}`
+for the expert. A `Source` names the checkpoint keys a tensor is made of and the `op` that joins
+them; each op is a pair of functions, one filling a moekit tensor from the checkpoint (streamed,
+one expert or one slice at a time) and one producing the checkpoint tensors from a moekit tensor.
+
+    copy            one key, the same tensor
+    cat             k keys stacked on the first axis: [gate; up] of a fused shared FFN
+    experts         per expert e, k keys stacked on the expert's first axis: experts.{e}.w1/w3
+    transpose       one key holding the tensor with its last two axes swapped (GPT-OSS down_proj)
+    interleaved_t   one key (E, D, 2F) with gate and up interleaved on the last axis (GPT-OSS
+                    gate_up_proj; its (E, 2F) bias likewise, untransposed)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.interop.files import CheckpointReader
+
+
+@dataclass(frozen=True)
+class Source:
+    """The checkpoint keys (templates) of one moekit tensor and how they join."""
+
+    keys: tuple[str, ...]
+    op: str = "copy"
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op={self.op!r} is not one of {sorted(OPS)}")
+
+
+KeyMap = dict[str, "Source | tuple[Source, Source]"]
+LAYOUTS = ("per_expert", "fused")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def template_of(name: str) -> tuple[str, int | None]:
+    """ "layers.3.attn.q_proj.weight" -> ("layers.{i}.attn.q_proj.weight", 3)."""
+    match = _LAYER.match(name)
+    if match is None:
+        return name, None
+    return "layers.{i}." + name[match.end() :], int(match.group(1))
+
+
+def sources(entry: Source | tuple[Source, Source]) -> tuple[Source, ...]:
+    """The layouts of one key-map entry, per-expert (hub) first."""
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def checkpoint_keys(source: Source, layer: int | None, n_experts: int) -> list[str]:
+    """The concrete checkpoint keys of a source for one layer."""
+    keys = []
+    for template in source.keys:
+        experts = range(n_experts) if "{e}" in template else [None]
+        keys += [template.format(i=layer, e=e) for e in experts]
+    return keys
+
+
+# ---- ops: expected shapes, loading (checkpoint -> moekit) and saving (moekit -> checkpoint) ----
+
+
+def _shapes(source: Source, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shape each template of `source` must have for a moekit tensor of shape `ours`."""
+    k = len(source.keys)
+    if source.op == "copy":
+        return [ours]
+    if source.op == "cat":
+        return [(ours[0] // k, *ours[1:])] * k
+    if source.op == "experts":
+        return [(ours[1] // k, *ours[2:])] * k
+    if source.op == "transpose":
+        return [(*ours[:-2], ours[-1], ours[-2])]
+    return [(ours[0], ours[2], ours[1]) if len(ours) == 3 else ours]  # interleaved_t
+
+
+def expected_shapes(
+    source: Source, ours: tuple[int, ...], layer: int | None, n_experts: int
+) -> dict[str, tuple[int, ...]]:
+    """{checkpoint key: required shape} for one moekit tensor."""
+    out = {}
+    for template, shape in zip(source.keys, _shapes(source, ours), strict=True):
+        one = Source((template,), "copy")
+        out |= dict.fromkeys(checkpoint_keys(one, layer, n_experts), shape)
+    return out
+
+
+def _load_copy(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
+    for rows in reader.row_slices(keys[0]):
+        dest[rows].copy_(reader.read(keys[0], None if rows == slice(None) else rows))
+
+
+def _load_cat(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
+    for part, block in zip(keys, dest.chunk(len(keys), dim=0), strict=True):
+        block.copy_(reader.read(part))
+
+
+def _load_experts(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
+    n_experts = dest.shape[0]
+    parts = len(keys) // n_experts
+    for e in range(n_experts):
+        for p, block in enumerate(dest[e].chunk(parts, dim=0)):
+            block.copy_(reader.read(keys[p * n_experts + e]))
+
+
+def _load_transpose(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
+    for e in range(dest.shape[0]):
+        dest[e].copy_(reader.read(keys[0], e).transpose(-1, -2))
+
+
+def _load_interleaved(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
+    for e in range(dest.shape[0]):
+        src = reader.read(keys[0], e)  # (D, 2F) or, for the bias, (2F,)
+        gate, up = dest[e].chunk(2, dim=0)
+        gate.copy_(src[..., 0::2].transpose(-1, -2) if src.dim() == 2 else src[0::2])
+        up.copy_(src[..., 1::2].transpose(-1, -2) if src.dim() == 2 else src[1::2])
+
+
+def _save_copy(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    yield keys[0], t
+
+
+def _save_cat(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    yield from zip(keys, t.chunk(len(keys), dim=0), strict=True)
+
+
+def _save_experts(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    n_experts = t.shape[0]
+    parts = len(keys) // n_experts
+    for p in range(parts):
+        for e in range(n_experts):
+            yield keys[p * n_experts + e], t[e].chunk(parts, dim=0)[p]
+
+
+def _save_transpose(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    yield keys[0], t.transpose(-1, -2).contiguous()
+
+
+def _save_interleaved(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    gate, up = t.chunk(2, dim=1)  # (E, F, D) each, or (E, F) for the bias
+    if t.dim() == 3:
+        gate, up = gate.transpose(1, 2), up.transpose(1, 2)
+    yield keys[0], torch.stack([gate, up], dim=-1).flatten(-2)
+
+
+Loader = Callable[[Tensor, list[str], CheckpointReader], None]
+Saver = Callable[[Tensor, list[str]], Iterator[tuple[str, Tensor]]]
+OPS: dict[str, tuple[Loader, Saver]] = {
+    "copy": (_load_copy, _save_copy),
+    "cat": (_load_cat, _save_cat),
+    "experts": (_load_experts, _save_experts),
+    "transpose": (_load_transpose, _save_transpose),
+    "interleaved_t": (_load_interleaved, _save_interleaved),
+}
+
+
+# ---- the key maps ----
+
+L = "model.layers.{i}."
+
+
+def _common() -> KeyMap:
+    return {
+        "embed.weight": Source(("model.embed_tokens.weight",)),
+        "norm.weight": Source(("model.norm.weight",)),
+        "lm_head.weight": Source(("lm_head.weight",)),
+        "layers.{i}.attn_norm.weight": Source((L + "input_layernorm.weight",)),
+        "layers.{i}.ffn_norm.weight": Source((L + "post_attention_layernorm.weight",)),
+    }
+
+
+def _attention() -> KeyMap:
+    out: KeyMap = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for kind in ("weight", "bias"):
+            out[f"layers.{{i}}.attn.{proj}.{kind}"] = Source((f"{L}self_attn.{proj}.{kind}",))
+    for norm in ("q_norm", "k_norm"):
+        out[f"layers.{{i}}.attn.{norm}.weight"] = Source((f"{L}self_attn.{norm}.weight",))
+    out["layers.{i}.attn.sinks"] = Source((L + "self_attn.sinks",))
+    return out
+
+
+def _latent_attention() -> KeyMap:
+    names = {
+        "q_proj": "q_proj",
+        "q_a_proj": "q_a_proj",
+        "q_a_norm": "q_a_layernorm",
+        "q_b_proj": "q_b_proj",
+        "kv_a_proj": "kv_a_proj_with_mqa",
+        "kv_a_norm": "kv_a_layernorm",
+        "kv_b_proj": "kv_b_proj",
+        "o_proj": "o_proj",
+    }
+    out: KeyMap = {}
+    for ours, theirs in names.items():
+        for kind in ("weight", "bias"):
+            out[f"layers.{{i}}.attn.{ours}.{kind}"] = Source((f"{L}self_attn.{theirs}.{kind}",))
+    return out
+
+
+def _dense_ffn(prefix: str = L + "mlp.") -> KeyMap:
+    return {
+        f"layers.{{i}}.ffn.w_{part}.weight": Source((f"{prefix}{part}_proj.weight",))
+        for part in ("gate", "up", "down")
+    }
+
+
+def _experts(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:
+    """Routed experts: hub keys `{hub}experts.{e}.<gate|up|down>.weight`, fused keys
+    `{fused}experts.gate_up_proj` and `down_proj`."""
+    gate, up, down = (f"{hub}experts.{{e}}.{n}.weight" for n in names)
+    return {
+        "layers.{i}.ffn.experts.w_in": (
+            Source((gate, up), "experts"),
+            Source((fused + "experts.gate_up_proj",)),
+        ),
+        "layers.{i}.ffn.experts.w_out": (
+            Source((down,), "experts"),
+            Source((fused + "experts.down_proj",)),
+        ),
+    }
+
+
+def _shared(prefix: str) -> KeyMap:
+    return {
+        "layers.{i}.ffn.shared_experts.w_in.weight": Source(
+            (prefix + "gate_proj.weight", prefix + "up_proj.weight"), "cat"
+        ),
+        "layers.{i}.ffn.shared_experts.w_out.weight": Source((prefix + "down_proj.weight",)),
+    }
+
+
+def mixtral_keys() -> KeyMap:
+    """Mixtral: the hub's `block_sparse_moe.experts.{e}.w1/w3/w2`, transformers 5's `mlp.`."""
+    hub, fused = L + "block_sparse_moe.", L + "mlp."
+    router = (Source((hub + "gate.weight",)), Source((fused + "gate.weight",)))
+    return {
+        **_common(),
+        **_attention(),
+        "layers.{i}.ffn.router.weight": router,
+        **_experts(hub, fused, ("w1", "w3", "w2")),
+    }
+
+
+def qwen_keys(shared: bool) -> KeyMap:
+    """Qwen2-MoE (shared expert with a sigmoid gate), Qwen3-MoE and OLMoE: `mlp.experts.{e}.*`."""
+    mlp = L + "mlp."
+    out = {
+        **_common(),
+        **_attention(),
+        **_dense_ffn(),
+        "layers.{i}.ffn.router.weight": Source((mlp + "gate.weight",)),
+        **_experts(mlp, mlp, ("gate_proj", "up_proj", "down_proj")),
+    }
+    if shared:
+        out |= _shared(mlp + "shared_expert.")
+        out["layers.{i}.ffn.shared_experts.gate.weight"] = Source(
+            (mlp + "shared_expert_gate.weight",)
+        )
+    return out
+
+
+def deepseek_v3_keys() -> KeyMap:
+    """DeepSeek-V3: latent attention, `mlp.shared_experts.*`, the router's correction bias."""
+    mlp = L + "mlp."
+    return {
+        **_common(),
+        **_latent_attention(),
+        **_dense_ffn(),
+        "layers.{i}.ffn.router.weight": Source((mlp + "gate.weight",)),
+        "layers.{i}.ffn.router.expert_bias": Source((mlp + "gate.e_score_correction_bias",)),
+        **_experts(mlp, mlp, ("gate_proj", "up_proj", "down_proj")),
+        **_shared(mlp + "shared_experts."),
+    }
+
+
+def gpt_oss_keys() -> KeyMap:
+    """GPT-OSS: one layout, experts stored (E, D, 2F) with gate and up interleaved."""
+    mlp = L + "mlp."
+    return {
+        **_common(),
+        **_attention(),
+        "layers.{i}.ffn.router.weight": Source((mlp + "router.weight",)),
+        "layers.{i}.ffn.router.bias": Source((mlp + "router.bias",)),
+        "layers.{i}.ffn.experts.w_in": Source((mlp + "experts.gate_up_proj",), "interleaved_t"),
+        "layers.{i}.ffn.experts.b_in": Source(
+            (mlp + "experts.gate_up_proj_bias",), "interleaved_t"
+        ),
+        "layers.{i}.ffn.experts.w_out": Source((mlp + "experts.down_proj",), "transpose"),
+        "layers.{i}.ffn.experts.b_out": Source((mlp + "experts.down_proj_bias",)),
+    }
