@@ -16,9 +16,10 @@ from pathlib import Path
 
 STDLIB = "stdlib"
 # Directories of the standard library that are not code a user would write: test suites,
-# third-party packages, and the codec tables of `encodings` (megabytes of hex literals).
+# third-party packages, the codec tables of `encodings` (hex literals) and `pydoc_data` (750 KB of
+# English help text in one string; it alone would be most of the validation split).
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
-                         "encodings", "__pycache__"})  # fmt: skip
+                         "encodings", "pydoc_data", "__pycache__"})  # fmt: skip
 
 
 @dataclass(frozen=True)
