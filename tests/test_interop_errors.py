@@ -1,0 +1,200 @@
+"""Bad checkpoints and impossible exports fail with one clear error, before anything is loaded or
+written: unsupported architectures, missing / unexpected / misshapen tensors, truncated or corrupt
+files, quantized checkpoints, and models an architecture cannot express."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file, save_file
+from tests.interop_cases import hf_config, save_hf_case
+
+from moekit import ModelConfig, MoEConfig, MoETransformer
+from moekit.interop import CheckpointError, hf_model_config, load_hf, save_hf
+from moekit.interop.configs import rope_scaling, rope_theta
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory) -> Path:
+    return save_hf_case("mixtral", tmp_path_factory.mktemp("hf") / "mixtral")
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def edit_weights(folder: Path, change) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_unsupported_architecture_is_named(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg |= {"model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"'llama4_text'.*Llama4ForCausalLM.*mixtral"):
+        load_hf(folder)
+
+
+def test_missing_tensors_are_listed(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    edit_weights(folder, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing: model\.layers\.1\..*experts\.3\.w2"):
+        load_hf(folder)
+
+
+def test_unexpected_tensors_are_listed(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    edit_weights(folder, lambda t: t.update({"model.layers.0.mystery.weight": torch.ones(3)}))
+    with pytest.raises(CheckpointError, match=r"1 unexpected: model\.layers\.0\.mystery\.weight"):
+        load_hf(folder)
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(mixtral_dir: Path, tmp_path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    key = "model.layers.2.self_attn.k_proj.weight"
+    edit_weights(folder, lambda t: t.update({key: torch.zeros(20, 40)}))
+    with pytest.raises(CheckpointError, match=rf"{key} has shape \(20, 40\).*needs \(24, 40\)"):
+        load_hf(folder)
+
+
+def test_truncated_file_is_reported_as_such(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    path = folder / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 1000)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_hf(folder)
+
+
+def test_corrupt_header_is_reported_as_such(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:12] = b"\x00\xff\x00\xff"  # inside the JSON header
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_hf(folder)
+
+
+def test_index_naming_a_missing_shard(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    model = load_hf(folder)
+    save_hf(model, tmp_path / "sharded", "mixtral", max_shard_size="60KB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"lists {shard.name}.*does not exist"):
+        load_hf(tmp_path / "sharded")
+
+
+def test_no_weights_and_bin_weights_are_explained(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"neither model\.safetensors.*\.bin"):
+        load_hf(folder)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_hf(tmp_path / "nowhere")
+
+
+def test_quantized_checkpoints_are_refused(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quant_method='mxfp4'"):
+        load_hf(folder)
+
+
+def test_config_styles_rope_theta_top_level_or_in_rope_parameters() -> None:
+    new = {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    old = {"rope_theta": 5e5, "rope_scaling": None}
+    assert rope_theta(new) == rope_theta(old) == 5e5
+    assert rope_scaling(new) is None and rope_scaling(old) is None
+    legacy = {"rope_theta": 1e4, "max_position_embeddings": 64}
+    legacy["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    scaling = rope_scaling(legacy)
+    assert scaling.factor == 4.0 and scaling.original_max_seq_len == 16 and scaling.truncate
+    with pytest.raises(CheckpointError, match="rope_type='llama3' is not supported"):
+        rope_scaling({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
+
+
+def test_old_style_config_loads_the_same_model(mixtral_dir: Path, tmp_path: Path) -> None:
+    folder = copy_of(mixtral_dir, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    cfg |= {"rope_theta": theta, "num_experts": cfg.pop("num_local_experts")}  # an alias too
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert load_hf(folder).cfg == load_hf(mixtral_dir).cfg
+
+
+def test_missing_config_keys_take_transformers_defaults() -> None:
+    cfg = hf_model_config(
+        {
+            "model_type": "qwen3_moe",
+            "vocab_size": 97,
+            "hidden_size": 40,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "moe_intermediate_size": 8,
+            "intermediate_size": 16,
+        }
+    )
+    assert cfg.moe.n_experts == 128 and cfg.moe.top_k == 8 and not cfg.moe.normalize
+    assert cfg.kv_heads == 4 and cfg.rope_theta == 1e4 and cfg.qk_norm == "head"
+
+
+def test_architecture_that_cannot_express_the_model_names_the_fields(tmp_path: Path) -> None:
+    cfg = hf_model_config(hf_config("qwen2_moe").to_dict())  # shared experts, qkv bias
+    with pytest.raises(ValueError, match=r"mixtral cannot express.*attn_bias.*n_shared_experts"):
+        save_hf(MoETransformer(cfg), tmp_path / "out", "mixtral")
+    assert not (tmp_path / "out").exists()
+
+
+def test_capacity_and_expert_choice_cannot_be_exported(tmp_path: Path) -> None:
+    moe = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, capacity_factor=1.0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, moe=moe)
+    with pytest.raises(ValueError, match=r"moe\.capacity_factor=1\.0"):
+        save_hf(MoETransformer(cfg), tmp_path / "out", "mixtral")
+
+
+def test_nonzero_correction_bias_needs_an_architecture_that_has_one(tmp_path: Path) -> None:
+    moe = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2)
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, moe=moe))
+    model.moe_layers()[0].router.expert_bias.fill_(0.1)
+    with pytest.raises(ValueError, match=r"no place for layers\.0\.ffn\.router\.expert_bias"):
+        save_hf(model, tmp_path / "out", "mixtral")
+
+
+def test_existing_directory_is_kept_unless_overwrite(mixtral_dir: Path, tmp_path: Path) -> None:
+    model = load_hf(mixtral_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_hf(model, out, "mixtral")
+    assert (out / "notes.txt").read_text() == "mine"
+    save_hf(model, out, "mixtral", overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+
+
+def test_failed_write_leaves_nothing_behind(mixtral_dir: Path, tmp_path: Path, monkeypatch):
+    import moekit.interop.hf as hf_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_module, "write_shards", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(load_hf(mixtral_dir), tmp_path / "out", "mixtral")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,78 @@
+"""A user who trained with `moekit train` exports with `moekit convert --to-hf` and loads the
+result in transformers: same logits, same tokenizer; `convert --from-hf` brings it back."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from moekit.cli import main
+from moekit.interop.convert import load_run_model
+
+transformers = pytest.importorskip("transformers")
+
+JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 4-step `moekit train` run of the tiny preset on bytes of the json package."""
+    root = tmp_path_factory.mktemp("train")
+    args = [
+        "train",
+        "tiny",
+        f"--out={root / 'run'}",
+        "--train.steps=4",
+        "--train.progress=false",
+        "--train.tensorboard=false",
+        f"--train.data.source={JSON_PACKAGE}",
+        "--train.data.tokenizer=bytes",
+        f"--train.data.cache_dir={root / 'cache'}",
+    ]
+    assert main(args) == 0
+    return root / "run"
+
+
+def test_trained_run_converts_and_transformers_computes_the_same_logits(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(out)]) == 0
+    _, ours, _ = load_run_model(run_dir)
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out,
+        attn_implementation="eager",
+        experts_implementation="eager",
+        output_loading_info=True,
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    text = "def dumps(obj, *, indent=None):\n    return"
+    ids = Tokenizer.from_file(str(run_dir / "tokenizer.json")).encode(text).ids
+    hf_ids = transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    assert hf_ids == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (ours(x).logits - theirs.eval()(x).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_export_to_an_architecture_that_cannot_hold_it_is_one_line(run_dir, tmp_path, capsys):
+    args = ["convert", "--to-hf", str(run_dir), "--arch", "qwen3_moe", "--out", str(tmp_path / "q")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "qwen3_moe cannot express this model" in err and "qk_norm=None" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_from_hf_writes_a_run_that_exports_the_same_weights(run_dir, tmp_path) -> None:
+    hf, back = tmp_path / "hf", tmp_path / "run"
+    assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(hf)]) == 0
+    assert main(["convert", "--from-hf", str(hf), "--out", str(back)]) == 0
+    _, original, _ = load_run_model(run_dir)
+    _, imported, checkpoint = load_run_model(back)
+    assert checkpoint.name == "step-000000" and (back / "tokenizer.json").is_file()
+    a, b = original.state_dict(), imported.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["generate", str(back), "--prompt", "def f(", "--max-new-tokens", "3"]) == 0
