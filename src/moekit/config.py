@@ -973,6 +973,59 @@ class TrainConfig(ConfigBase):
 
 
 @dataclass(kw_only=True)
+class ParallelConfig(ConfigBase):
+    """How a run spreads over the processes `torchrun` starts (moekit.distributed).
+
+    The processes form a (dp, ep) grid. Each MoE layer's routed experts are split over the ep
+    processes of a row (expert parallelism: tokens travel to their experts and back by
+    all-to-all); the dp rows are copies of one another's expert shards. Everything that is not a
+    routed expert (attention, routers, shared experts, embeddings) is replicated on every process
+    and its gradients are averaged over all of them (DDP). `train.batch_size` stays the global
+    batch: each process takes batch_size / world_size of its sequences.
+
+    ep: expert-parallel size; must divide every MoE layer's n_experts.
+    dp: data-parallel size (copies of each expert shard); None means world_size // ep.
+        world_size must equal ep * dp.
+    scope: what the statistics that couple tokens are computed over. "global": every process's
+        tokens of the micro-batch, as one process would see the whole global batch: the balance
+        losses, the metrics in `aux` (counts, MaxVio, dropped fraction, entropy) and the capacity
+        C = ceil(capacity_factor * T_global * top_k / E) with its drop order; results do not
+        depend on the layout. "local": each process's own tokens (GShard's per-group capacity,
+        per-device balance losses); less communication, results change with the layout.
+        The aux-loss-free bias counts are summed over all processes in both scopes, so every
+        process keeps identical biases.
+    timeout_s: a collective operation that waits longer than this fails with an error naming the
+        failure (a dead or hung process); it must exceed the longest checkpoint write.
+    backend: "auto" (nccl on CUDA, else gloo), "gloo" or "nccl".
+    """
+
+    ep: int = 1
+    dp: int | None = None
+    scope: Literal["global", "local"] = "global"
+    timeout_s: float = 600.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check_int("ep", self.ep, 1)
+        if self.dp is not None:
+            _check_int("dp", self.dp, 1)
+        check_choice("scope", self.scope, ("global", "local"))
+        check_positive("timeout_s", self.timeout_s)
+        check_choice("backend", self.backend, ("auto", "gloo", "nccl"))
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise unless the model's MoE layers can be split over `ep` processes."""
+        if self.ep == 1 or model.moe is None:
+            return
+        if model.moe.n_experts % self.ep:
+            _fail(
+                "parallel.ep", self.ep, f"must divide model.moe.n_experts ({model.moe.n_experts})"
+            )
+        if not model.moe.token_choice:
+            _fail("parallel.ep", self.ep, "expert parallelism needs a token-choice router")
+
+
+@dataclass(kw_only=True)
 class RunConfig(ConfigBase):
     """A training run: the model and how to train it.
 
@@ -983,8 +1036,10 @@ class RunConfig(ConfigBase):
 
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        self.parallel.check_model(self.model)
         if self.train.seq_len > self.model.max_seq_len:
             _fail(
                 "train.seq_len",
@@ -1036,3 +1091,4 @@ def tiny_run() -> RunConfig:
 
 
 __all__ += ["CheckpointConfig", "DataConfig", "EvalConfig", "RunConfig", "TrainConfig"]
+__all__ += ["ParallelConfig"]

@@ -73,7 +73,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> Train
     steps are exactly those of an uninterrupted run. Ctrl-C finishes the current step, saves a
     checkpoint and returns (a second Ctrl-C aborts at once). A non-finite loss raises
     `TrainingDiverged` naming the step; the checkpoints already written are kept.
+    Launched as several processes (torchrun), or with `cfg.parallel` asking for expert or data
+    parallelism, it trains distributed (`moekit.distributed.trainer`).
     """
+    from moekit.distributed.trainer import is_distributed_run, train_distributed
+
+    if is_distributed_run(cfg):
+        return train_distributed(cfg, run_dir, resume=resume)
     trainer = Trainer(cfg, Path(run_dir), resume)
     try:
         result = trainer.run()
@@ -110,8 +116,14 @@ class Trainer:
         self.interval = Interval()
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.metrics = MetricsLog(run_dir, self.step if resume else None, t.tensorboard)
-        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+        self._open_run_files(resume)
+
+    def _open_run_files(self, resume: bool) -> None:
+        """Open metrics.jsonl (a resumed run keeps its records to its step); write config.json."""
+        self.metrics = MetricsLog(
+            self.run_dir, self.step if resume else None, self.cfg.train.tensorboard
+        )
+        atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
 
     def _prepare_data(self) -> Data:
         t = self.cfg.train
@@ -262,10 +274,15 @@ class Trainer:
             ]
         finally:
             self.model.train()
-        loss = sum(losses) / len(losses)
+        loss = self._average(sum(losses) / len(losses))
         bpb = loss / math.log(2) / self.data.val.bytes_per_token
         self.last_eval = {"val_loss": loss, "val_bpb": bpb}
         self.metrics.write({"kind": "eval", "step": self.step, **self.last_eval})
+
+    def _average(self, value: float) -> float:
+        """A figure of this process's share of the data, averaged over the processes of a
+        distributed run (here, one process)."""
+        return value
 
     def _save(self) -> Path:
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None

@@ -1,0 +1,142 @@
+"""Data parallelism around expert parallelism: DDP for what is replicated, replicas for experts.
+
+`apply_data_parallel` wraps a model in torch's `DistributedDataParallel` over every process of the
+run, with the routed experts excluded: different processes of an expert-parallel group hold
+different experts, so averaging those weights' gradients over all processes would mix unrelated
+experts. Each expert shard's gradients are averaged over the processes that hold copies of it
+(the "dp" dimension of the mesh) instead, whenever DDP synchronises (so `no_sync()` covers both).
+
+After `loss.backward()` on every process (each on its share of the global batch, `loss` the mean
+over that share), every gradient is that of the mean loss over the global batch: DDP averages the
+replicated ones; an expert's gradient was already the mean over its expert-parallel group (see
+`apply_expert_parallel`) and is averaged over its copies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed import ProcessGroup
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
+
+from moekit.distributed.expert_parallel import expert_parallel_layers
+from moekit.distributed.layout import Layout, group_timeout, layout_of
+
+
+def apply_data_parallel(
+    model: nn.Module, mesh_or_group: DeviceMesh | ProcessGroup | None = None, **ddp_kwargs: Any
+) -> DistributedDataParallel:
+    """Wrap `model` (expert-parallel or not) in DDP over every process of the run.
+
+    mesh_or_group: the layout, needed only when no layer was made expert-parallel (a dense
+        model); otherwise the layers' own layout is used.
+    ddp_kwargs: passed to `DistributedDataParallel` (e.g. find_unused_parameters=True).
+    """
+    layout = _layout(model, mesh_or_group)
+    names, params = expert_parameters(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    # A group of its own: DDP's asynchronous all-reduces must not interleave with the
+    # synchronous collectives of the forward and backward passes.
+    world = dist.get_process_group_ranks(layout.batch_group)
+    group = dist.new_group(
+        world, timeout=group_timeout(layout.batch_group), use_local_synchronization=True
+    )
+    ddp_kwargs.setdefault("broadcast_buffers", False)
+    ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
+    if params and layout.dp_size > 1:
+        assert layout.dp_group is not None
+        ddp.register_comm_hook(ExpertReplicaSync(params, layout.dp_group, group), _bucket_hook)
+    return ddp
+
+
+def _layout(model: nn.Module, mesh_or_group: DeviceMesh | ProcessGroup | None) -> Layout:
+    layers = expert_parallel_layers(model)
+    if layers:
+        return layers[0][2].layout
+    if mesh_or_group is None:
+        raise ValueError(
+            "the model has no expert-parallel layer: pass the device mesh or process group"
+        )
+    return layout_of(mesh_or_group)
+
+
+def expert_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and parameters of the routed experts of the expert-parallel layers of `model`."""
+    names, params = [], []
+    for layer_name, layer, _ in expert_parallel_layers(model):
+        for name, p in layer.experts.named_parameters():
+            names.append(f"{layer_name}.experts.{name}" if layer_name else f"experts.{name}")
+            params.append(p)
+    return names, params
+
+
+class ExpertReplicaSync:
+    """Averages expert gradients over their copies at the end of each backward DDP syncs."""
+
+    def __init__(
+        self, params: list[nn.Parameter], dp_group: ProcessGroup, ddp_group: ProcessGroup
+    ) -> None:
+        self.params, self.dp_group, self.ddp_group = params, dp_group, ddp_group
+        self.queued = False
+
+    def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        """DDP is reducing a bucket: this backward syncs, so average the experts after it."""
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.average)
+        return default_hooks.allreduce_hook(self.ddp_group, bucket)
+
+    def average(self) -> None:
+        self.queued = False
+        grads = []
+        for p in self.params:
+            if p.grad is None:  # this process's experts got no rows; its copies may have
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dp_group.size()
+        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(averaged)
+
+
+def _bucket_hook(state, bucket):  # type: ignore[no-untyped-def]
+    # Unannotated: DDP checks a hook's annotations against the real classes, and this module's
+    # annotations are strings.
+    return state.on_bucket(bucket)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """Clip every gradient of an expert-parallel model by the norm of the whole model's gradient
+    (all experts of all processes counted once); returns that norm, the same on every process."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    _, experts = expert_parameters(module)
+    expert_ids = {id(p) for p in experts}
+    shared = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in expert_ids]
+    own = [p.grad for p in experts if p.grad is not None]
+    device = next(module.parameters()).device
+    total_sq = _norm(shared, device) ** 2
+    layers = expert_parallel_layers(module)
+    if layers:
+        expert_sq = (_norm(own, device) ** 2).reshape(1)
+        dist.all_reduce(expert_sq, group=layers[0][2].layout.ep_group)
+        total_sq = total_sq + expert_sq[0]
+    total = total_sq.sqrt()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(
+            [p for p in module.parameters() if p.grad is not None], max_norm, total
+        )
+    return total
+
+
+def _norm(grads: list[Tensor], device: torch.device) -> Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.nn.utils.get_total_norm(grads).float().to(device)

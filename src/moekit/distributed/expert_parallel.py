@@ -1,0 +1,146 @@
+"""`apply_expert_parallel`: split a built model's experts over processes, from outside the model.
+
+For every `MoELayer` of the model (a whole `MoETransformer`, or bare layers in any container):
+
+- `layer.experts` becomes an `Experts` holding only this process's slice of the stacked expert
+  weights (experts [first, first + E / ep) on rank `ep_rank` of the expert-parallel group); it
+  loads a full (single-process) state dict by slicing it;
+- `layer.dispatcher` becomes an `AllToAllDispatcher` around the layer's own dispatcher (or, for
+  capacity under `scope="global"`, around a `GlobalCapacityDispatcher`);
+- `BatchStats` hooks make `aux` describe the global batch, or this process's tokens (`scope`);
+- each expert weight's gradient is divided by ep: a process's loss is the mean over its own
+  tokens, and an expert receives the gradients of all ep processes' losses, so its gradient
+  becomes that of their mean. Gradients of the replicated parameters (routers, attention, shared
+  experts) stay per process: average them over every process, as `apply_data_parallel` does.
+
+Shared experts are dense and stay whole on every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
+
+from moekit.config import check_choice
+from moekit.distributed.dispatch import AllToAllDispatcher, GlobalCapacityDispatcher
+from moekit.distributed.layout import Layout, layout_of
+from moekit.distributed.stats import BatchStats
+from moekit.experts import Experts
+from moekit.moe import MoELayer
+
+SCOPES = ("global", "local")
+
+
+def apply_expert_parallel(
+    model: nn.Module, mesh_or_group: DeviceMesh | ProcessGroup, *, scope: str = "global"
+) -> nn.Module:
+    """Make every MoE layer of `model` expert-parallel over `mesh_or_group`; returns `model`.
+
+    mesh_or_group: a process group or 1-D mesh (experts split over all of its processes), or a
+        2-D mesh with dimensions ("dp", "ep") (split over "ep", copies along "dp").
+    scope: "global" or "local", as `ParallelConfig.scope` defines them.
+
+    Every process must call it with the same model and arguments. Raises ValueError, changing
+    nothing, when a layer cannot be split (E not divisible by the group size, expert-choice
+    routing) or is already expert-parallel.
+    """
+    check_choice("scope", scope, SCOPES)
+    layout = layout_of(mesh_or_group)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} contains no MoELayer to make expert-parallel")
+    for name, layer in layers:
+        _check_layer(name or "<model>", layer, layout.ep_size)
+    for _, layer in layers:
+        _parallelize(layer, layout, scope)
+    return model
+
+
+def expert_parallel_layers(model: nn.Module) -> list[tuple[str, MoELayer, AllToAllDispatcher]]:
+    """(name, layer, dispatcher) of every MoE layer `apply_expert_parallel` converted."""
+    return [
+        (name, m, m.dispatcher)
+        for name, m in model.named_modules()
+        if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)
+    ]
+
+
+def _check_layer(name: str, layer: MoELayer, ep: int) -> None:
+    cfg = layer.cfg
+    if isinstance(layer.dispatcher, AllToAllDispatcher):
+        raise ValueError(f"MoE layer {name!r} is already expert-parallel")
+    if not cfg.token_choice:
+        raise ValueError(
+            f"MoE layer {name!r} uses router={cfg.router!r}: expert parallelism needs a "
+            "token-choice router (each expert's choice of tokens would span every process)"
+        )
+    if cfg.n_experts % ep:
+        raise ValueError(
+            f"MoE layer {name!r} has n_experts={cfg.n_experts}, which does not divide over an "
+            f"expert-parallel group of {ep} processes; use a group size that divides "
+            f"{cfg.n_experts}"
+        )
+
+
+def _parallelize(layer: MoELayer, layout: Layout, scope: str) -> None:
+    cfg = layer.cfg
+    local = layer.dispatcher
+    if cfg.capacity_factor is not None and scope == "global" and layout.world_size > 1:
+        local = GlobalCapacityDispatcher(cfg, layout.batch_group)
+    dispatcher = AllToAllDispatcher(local, cfg.n_experts, layout)
+    if layout.ep_size > 1:
+        layer.experts = shard_experts(layer.experts, dispatcher.first_expert, dispatcher.n_local)
+        for p in layer.experts.parameters():
+            if p.requires_grad:
+                p.register_hook(_scale_by(1.0 / layout.ep_size))
+    layer.dispatcher = dispatcher
+    dispatcher.stats = BatchStats(layer, layout.batch_group, scope)
+
+
+def _scale_by(factor: float) -> Callable[[Tensor], Tensor]:
+    def scale(grad: Tensor) -> Tensor:
+        return grad * factor
+
+    return scale
+
+
+def shard_experts(experts: Experts, first: int, n_local: int) -> Experts:
+    """An `Experts` of the same config holding experts [first, first + n_local) of `experts`.
+
+    Every parameter and buffer of an `Experts` is stacked on a leading expert axis; each is
+    sliced (copied, so the full tensors can be freed). The result loads a full state dict, whose
+    expert tensors it slices the same way.
+    """
+    n_experts = experts.cfg.n_experts
+    with torch.device("meta"):
+        local = Experts(experts.cfg)
+    for name, tensor in [*experts.named_parameters(), *experts.named_buffers()]:
+        if tensor.dim() == 0 or tensor.shape[0] != n_experts:
+            raise ValueError(
+                f"Experts.{name} has shape {tuple(tensor.shape)}, with no leading axis of "
+                f"{n_experts} experts to split"
+            )
+        piece = tensor.detach()[first : first + n_local].clone()
+        if isinstance(tensor, nn.Parameter):
+            piece = nn.Parameter(piece, requires_grad=tensor.requires_grad)
+        module_name, _, attr = name.rpartition(".")
+        setattr(local.get_submodule(module_name), attr, piece)
+    local.train(experts.training)
+    local.register_load_state_dict_pre_hook(_slice_full_tensors(n_experts, first, n_local))
+    return local
+
+
+def _slice_full_tensors(n_experts: int, first: int, n_local: int) -> Callable[..., None]:
+    """A load_state_dict pre-hook: full (n_experts, ...) tensors are cut to this shard."""
+
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            value = state_dict[key]
+            if value.dim() and value.shape[0] == n_experts != n_local:
+                state_dict[key] = value[first : first + n_local]
+
+    return hook

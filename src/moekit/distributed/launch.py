@@ -1,0 +1,153 @@
+"""Starting a distributed run under `torchrun`, and failing clearly when a process is lost.
+
+`init_distributed(parallel)` joins the process group that torchrun's environment describes
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), with `parallel.timeout_s` on every group, and builds
+the (dp, ep) device mesh. `check_same_config` compares every process's config at start.
+`explain_failures` turns a collective that failed because another process died or hung into a
+`DistributedFailure` that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moekit.config import ParallelConfig
+
+
+class DistributedFailure(RuntimeError):
+    """A collective operation failed: another process died, hung past the timeout, or the
+    processes disagree (their configs differ)."""
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def resolve_backend(parallel: ParallelConfig) -> str:
+    if parallel.backend != "auto":
+        return parallel.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def mesh_shape(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(dp, ep) for `world_size` processes; raises ValueError naming the fix."""
+    if world_size % parallel.ep:
+        raise ValueError(
+            f"parallel.ep={parallel.ep} does not divide the {world_size} processes launched; "
+            f"launch a multiple of {parallel.ep} (torchrun --nproc-per-node ...)"
+        )
+    dp = parallel.dp if parallel.dp is not None else world_size // parallel.ep
+    if dp * parallel.ep != world_size:
+        raise ValueError(
+            f"parallel.ep={parallel.ep} x parallel.dp={dp} = {dp * parallel.ep} processes, but "
+            f"{world_size} were launched; set parallel.dp={world_size // parallel.ep} or launch "
+            f"{dp * parallel.ep}"
+        )
+    return dp, parallel.ep
+
+
+def init_distributed(parallel: ParallelConfig) -> DeviceMesh:
+    """Join the process group (if not joined yet) and build the ("dp", "ep") device mesh, every
+    group with `parallel.timeout_s`. On CUDA, each process takes the GPU LOCAL_RANK."""
+    backend = resolve_backend(parallel)
+    timeout = timedelta(seconds=parallel.timeout_s)
+    device_type = "cuda" if backend == "nccl" else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+    dp, ep = mesh_shape(parallel, dist.get_world_size())
+    options = _group_options(backend, timeout)
+    return init_device_mesh(
+        device_type,
+        (dp, ep),
+        mesh_dim_names=("dp", "ep"),
+        backend_override={"dp": (backend, options), "ep": (backend, options)},
+    )
+
+
+def _group_options(backend: str, timeout: timedelta) -> Any:
+    options = (
+        dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    )
+    options._timeout = timeout
+    return options
+
+
+def check_same_config(config_json: str) -> None:
+    """Raise `DistributedFailure` on every process unless all hold the same config (and the same
+    torch version); the error names the ranks and the fields that differ from rank 0's."""
+    mine = {"config": json.loads(config_json), "torch": torch.__version__}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    reference = _flatten(everyone[0])
+    problems = []
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        flat = _flatten(theirs)
+        keys = sorted(k for k in reference.keys() | flat.keys() if reference.get(k) != flat.get(k))
+        if keys:
+            diffs = ", ".join(f"{k}={flat.get(k)!r} (rank 0: {reference.get(k)!r})" for k in keys)
+            problems.append(f"rank {rank}: {diffs}")
+    if problems:
+        raise DistributedFailure(
+            "the processes were started with different configs; every process must get the same "
+            "command line and config file. Differences from rank 0: " + "; ".join(problems)
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else key)
+    return flat
+
+
+# What gloo and NCCL say when the other side of a collective is gone or silent.
+_LOST_PEER = re.compile(
+    r"[Tt]imed out|[Tt]imeout|Connection (reset|closed|refused)|pair closure|[Bb]roken pipe|"
+    r"NCCL (error|communicator)|ProcessGroup.*(abort|shut ?down)|Socket Timeout"
+)
+
+
+def is_lost_peer_error(err: BaseException) -> bool:
+    """Whether an exception is a collective failing because another process died or hung."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and bool(_LOST_PEER.search(str(err)))
+    )
+
+
+@contextmanager
+def explain_failures(timeout_s: float, doing: str = "training") -> Iterator[None]:
+    """Re-raise a collective failure caused by a lost process as a `DistributedFailure` that
+    says what happened, this process's rank, and what to do."""
+    try:
+        yield
+    except DistributedFailure:
+        raise
+    except (RuntimeError, dist.DistError) as err:
+        if not is_lost_peer_error(err):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else rank_from_env()
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedFailure(
+            f"rank {rank}: a collective operation failed while {doing}: another process died or "
+            f"did not answer within parallel.timeout_s={timeout_s:g} s. Its own log says why "
+            f"(torchrun names the rank that failed first). Cause: {first_line}"
+        ) from err

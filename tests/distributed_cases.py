@@ -1,0 +1,240 @@
+"""Spawned-process harness for the distributed tests, and the work each process does.
+
+`spawn(fn, world, *args)` starts `world` processes (spawn start method, gloo on localhost, a free
+port), runs `fn(rank, world, *args)` in each with one thread, and returns each rank's return value
+(saved with torch.save). A process that raises makes `spawn` raise with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moekit.config import MoEConfig, ParallelConfig
+from moekit.moe import MoELayer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _context() -> Any:
+    """Processes forked from a server that has imported torch and moekit once: a process starts
+    in a fraction of a second instead of importing torch again."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "moekit.distributed", "moekit.model"])
+    return ctx
+
+
+def spawn(
+    fn: Callable, world: int, *args: Any, timeout: float = 90.0, may_die: tuple[int, ...] = ()
+) -> list[Any]:
+    """Run fn(rank, world, *args) in `world` fresh processes; their results, by rank. The ranks
+    in `may_die` may end without a result (None)."""
+    ctx = _context()
+    with tempfile.TemporaryDirectory() as out:
+        port = free_port()
+        procs = [
+            ctx.Process(target=_entry, args=(r, world, port, out, fn, args)) for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 0.1))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = {r: Path(out, f"rank{r}.err") for r in range(world)}
+        failed = {r: e.read_text() for r, e in errors.items() if e.exists() and r not in may_die}
+        if failed:
+            raise RuntimeError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in failed.items()))
+        results = [Path(out, f"rank{r}.pt") for r in range(world)]
+        missing = [r for r in range(world) if not results[r].exists() and r not in may_die]
+        if missing:
+            codes = [p.exitcode for p in procs]
+            raise RuntimeError(f"ranks {missing} returned nothing (exit codes {codes})")
+        return [torch.load(f, weights_only=False) if f.exists() else None for f in results]
+
+
+def join(ep: int, dp: int = 1, timeout_s: float = 30.0) -> Any:
+    """Join the process group of this spawned process; the (dp, ep) mesh."""
+    from moekit.distributed import init_distributed
+
+    return init_distributed(ParallelConfig(ep=ep, dp=dp, timeout_s=timeout_s, backend="gloo"))
+
+
+def my_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This process's share of a global batch (B, ...): B / world consecutive rows."""
+    n = x.shape[0] // world
+    return x[rank * n : (rank + 1) * n]
+
+
+def layer_and_batch(overrides: dict, batch: int, seq: int) -> tuple[MoELayer, torch.Tensor]:
+    """The same layer and global batch (batch, seq, d_model) in every process, with tokens far
+    from routing ties (a last-bit difference between layouts cannot flip a choice)."""
+    from tests.moe_cases import make_layer, tie_free_tokens
+
+    layer = make_layer(**overrides)
+    torch.manual_seed(1)
+    x = tie_free_tokens(layer, batch * seq).view(batch, seq, -1)
+    return layer, x
+
+
+def layer_loss(y: torch.Tensor, aux: Any, target: torch.Tensor) -> torch.Tensor:
+    """A loss that is a mean over the tokens it sees, plus the layer's balance losses."""
+    return (y * target).sum(-1).mean() + aux.loss
+
+
+AUX_FIELDS = (
+    "loss",
+    "balance_loss",
+    "z_loss",
+    "importance_loss",
+    "load_loss",
+    "counts",
+    "routed_counts",
+    "dropped_fraction",
+    "max_vio",
+    "entropy",
+)
+
+# Each layer configuration the equivalence tests cover (MoEConfig overrides of moe_cases.BASE).
+LAYER_CASES: dict[str, dict] = {
+    "dropless": dict(aux_loss_coef=0.01, z_loss_coef=0.01),
+    "switch-capacity": dict(top_k=1, normalize=False, capacity_factor=1.0, aux_loss_coef=0.01),
+    "capacity": dict(capacity_factor=0.75, aux_loss_coef=0.01),
+    "capacity-next-best": dict(
+        capacity_factor=0.5,
+        overflow="next_best",
+        drop_policy="probability",
+        score="sigmoid",
+        importance_loss_coef=0.01,
+    ),
+    "sigmoid-bias": dict(
+        score="sigmoid", n_groups=4, topk_groups=2, routed_scaling=2.5, bias_update_rate=1e-4
+    ),
+    "shared-sequence": dict(
+        n_shared_experts=2, shared_gate=True, aux_loss_coef=0.01, aux_loss_scope="sequence"
+    ),
+}
+STEPS = 2  # forward/backward passes per case, each followed by the bias update
+SEQS, SEQ_LEN = 4, 6  # sequences per process, tokens per sequence
+
+
+def _passes(model: Any, layer: MoELayer, x: torch.Tensor, target: torch.Tensor) -> list[dict]:
+    """STEPS forward/backward passes, each followed by the aux-loss-free bias update."""
+    passes = []
+    for _ in range(STEPS):
+        layer.zero_grad()
+        x = x.detach().requires_grad_()  # as inside a model: the gradient flows back through
+        y, aux = model(x)
+        layer_loss(y, aux, target).backward()
+        layer.update_expert_bias()
+        passes.append(
+            {
+                "y": y.detach(),
+                "x_grad": x.grad,
+                "aux": {f: getattr(aux, f).detach() for f in AUX_FIELDS},
+                "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
+                "expert_bias": layer.router.expert_bias.clone(),
+            }
+        )
+    return passes
+
+
+def layer_cases(rank: int, world: int, ep: int, dp: int, names: list[str], scope: str) -> dict:
+    """Every case of `names` expert-parallel over a (dp, ep) mesh, on this process's share of
+    the global batch; also the traffic each case's all-to-alls caused."""
+    from moekit.distributed import TRAFFIC, apply_data_parallel, apply_expert_parallel
+
+    mesh = join(ep, dp)
+    results = {}
+    for name in names:
+        layer, x = layer_and_batch(LAYER_CASES[name], batch=SEQS * world, seq=SEQ_LEN)
+        target = torch.randn_like(x)
+        apply_expert_parallel(layer, mesh, scope=scope)
+        model = apply_data_parallel(layer)
+        TRAFFIC.reset()
+        passes = _passes(model, layer, my_rows(x, rank, world), my_rows(target, rank, world))
+        results[name] = {
+            "passes": passes,
+            "first_expert": layer.dispatcher.first_expert,
+            "traffic": (TRAFFIC.bytes_sent, TRAFFIC.calls),
+        }
+    return results
+
+
+def reference_case(name: str, world: int) -> list[dict]:
+    """`layer_cases` for one case in this process, on the whole global batch."""
+    layer, x = layer_and_batch(LAYER_CASES[name], batch=SEQS * world, seq=SEQ_LEN)
+    target = torch.randn_like(x)
+    return _passes(layer, layer, x, target)
+
+
+def reference_case_per_process(name: str, world: int) -> list[list[dict]]:
+    """`layer_cases` for one case as `world` separate single processes, each on its own share
+    (what scope="local" means for capacity: GShard's per-group capacity)."""
+    out = []
+    for rank in range(world):
+        layer, x = layer_and_batch(LAYER_CASES[name], batch=SEQS * world, seq=SEQ_LEN)
+        target = torch.randn_like(x)
+        out.append(_passes(layer, layer, my_rows(x, rank, world), my_rows(target, rank, world)))
+    return out
+
+
+def bad_layers(rank: int, world: int) -> dict[str, str]:
+    """The error each layer that cannot be made expert-parallel over `world` raises."""
+    from moekit.distributed import apply_expert_parallel
+
+    mesh = join(world)
+    errors = {}
+    candidates = {
+        "indivisible": lambda: MoELayer(MoEConfig(d_model=8, d_expert=8, n_experts=6)),
+        "expert-choice": lambda: MoELayer(
+            MoEConfig(d_model=8, d_expert=8, n_experts=8, router="expert_choice", capacity_factor=1)
+        ),
+        "twice": lambda: apply_expert_parallel(
+            MoELayer(MoEConfig(d_model=8, d_expert=8, n_experts=8)), mesh
+        ),
+    }
+    for name, make in candidates.items():
+        try:
+            apply_expert_parallel(make(), mesh)
+        except ValueError as err:
+            errors[name] = str(err)
+    return errors
