@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on tiny shapes (their numbers are not judged here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_moe_layer_benchmark_quick(tmp_path):
+    pytest.importorskip("transformers")
+    bench = load_benchmark("moe_layer")
+    out = tmp_path / "moe_layer.json"
+    result = bench.main(["--quick", "--threads", "1", "--out", str(out), "--no-profile"])
+    assert out.exists()
+    expected = {"moekit/grouped_mm", "moekit/loop", "dense_swiglu"}
+    for family in ("mixtral", "qwen3_moe"):
+        expected |= {f"hf_{family}/{impl}" for impl in ("eager", "grouped_mm")}
+    for shape in result["shapes"]:
+        assert expected <= set(shape["times"]), shape["errors"]
+        for name in set(shape["times"]) | set(shape["errors"]):
+            ran = name in shape["times"]
+            assert ran != (name in shape["errors"]), name  # each contender either ran or says why
+            assert not ran or shape["times"][name]["median_ms"] > 0
+        parity = shape["parity"]
+        assert parity["passed"] and parity["worst"] <= bench.PARITY_ATOL
+        assert {n for n in shape["times"] if n != "dense_swiglu"} - {parity["reference"]} == set(
+            parity["max_abs"]
+        )
+        assert shape["activations"]["moekit_within_bound"]
+    assert result["machine"]["torch"] and result["machine"]["cpu_model"]
+    assert len(result["targets"]) == 2 * len(bench.TARGETS)
