@@ -12,12 +12,16 @@ from moekit.model.params import PARTS, format_count, parameter_breakdown, parame
 # (total, active) to 3 significant figures. Published: Mixtral-8x7B 46.7B / 12.9B (Jiang et al.
 # 2024); Mixtral-8x22B 141B / 39B (Mistral AI); Qwen3-30B-A3B 30.5B / 3.3B (model card; 3.35B
 # counts the 48 routers, 12.6M, as active: they run for every token); OLMoE-1B-7B 6.92B / 1.28B
-# (Muennighoff et al. 2024, "6.9B / 1.3B").
+# (Muennighoff et al. 2024, "6.9B / 1.3B"); DeepSeek-V3 671B without its MTP module / 37.6B
+# (DeepSeek-AI 2024 says 37B: see the test of the input embedding below); GPT-OSS-20B 20.9B / 4.19B
+# (OpenAI's model card: 20.91B / 3.61B, likewise).
 PUBLISHED = {
     "mixtral-8x7b": ("46.7B", "12.9B"),
     "mixtral-8x22b": ("141B", "39.2B"),
     "qwen3-30b-a3b": ("30.5B", "3.35B"),
     "olmoe-1b-7b": ("6.92B", "1.28B"),
+    "deepseek-v3": ("671B", "37.6B"),
+    "gpt-oss-20b": ("20.9B", "4.19B"),
 }
 
 
@@ -31,6 +35,29 @@ def test_preset_reproduces_published_counts(name: str) -> None:
     model = meta_model(name)
     got = (format_count(model.num_parameters()), format_count(model.num_parameters(active=True)))
     assert got == PUBLISHED[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "published_active"), [("deepseek-v3", "36.6B"), ("gpt-oss-20b", "3.61B")]
+)
+def test_deepseek_and_openai_count_active_without_the_input_embedding(
+    name: str, published_active: str
+) -> None:
+    """moekit counts the input embedding as active (Mistral, Qwen and OLMoE do); DeepSeek-V3's
+    "37B" (36.6B to 3 s.f.) and OpenAI's 3.61B leave that lookup table out."""
+    cfg = ModelConfig.preset(name)
+    active = meta_model(name).num_parameters(active=True) - cfg.vocab_size * cfg.d_model
+    assert format_count(active) == published_active
+
+
+def test_deepseek_v3_attention_is_latent_and_its_first_three_layers_dense() -> None:
+    counts = parameter_breakdown(ModelConfig.preset("deepseek-v3"))
+    d, h = 7168, 128
+    per_layer = d * 1536 + 1536 * h * 192 + d * (512 + 64) + 512 * h * 256 + h * 128 * d
+    assert counts["attention"] == 61 * per_layer
+    assert counts["dense_ffn"] == 3 * 3 * d * 18432
+    assert counts["routed_experts"] == 58 * 256 * 3 * d * 2048
+    assert counts["shared_experts"] == 58 * 3 * d * 2048
 
 
 def test_mixtral_8x7b_exact_count_from_its_config() -> None:
