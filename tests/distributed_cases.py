@@ -177,13 +177,16 @@ def _passes(model: Any, layer: MoELayer, x: torch.Tensor, target: torch.Tensor) 
     return passes
 
 
-def layer_cases(rank: int, world: int, ep: int, dp: int, names: list[str], scope: str) -> dict:
+def layer_cases(
+    rank: int, world: int, ep: int, dp: int, names: list[str], scope: str, refusals: bool = False
+) -> dict:
     """Every case of `names` expert-parallel over a (dp, ep) mesh, on this process's share of
-    the global batch; also the traffic each case's all-to-alls caused."""
+    the global batch; also the traffic each case's all-to-alls caused (and, with `refusals`,
+    the errors of `refused_layers`)."""
     from moekit.distributed import TRAFFIC, apply_data_parallel, apply_expert_parallel
 
     mesh = join(ep, dp)
-    results = {}
+    results: dict[str, Any] = {"refused": refused_layers(mesh) if refusals else {}}
     for name in names:
         layer, x = layer_and_batch(LAYER_CASES[name], batch=SEQS * world, seq=SEQ_LEN)
         target = torch.randn_like(x)
@@ -217,11 +220,10 @@ def reference_case_per_process(name: str, world: int) -> list[list[dict]]:
     return out
 
 
-def bad_layers(rank: int, world: int) -> dict[str, str]:
-    """The error each layer that cannot be made expert-parallel over `world` raises."""
+def refused_layers(mesh: Any) -> dict[str, str]:
+    """The error each layer that cannot be made expert-parallel over 4 processes raises."""
     from moekit.distributed import apply_expert_parallel
 
-    mesh = join(world)
     errors = {}
     candidates = {
         "indivisible": lambda: MoELayer(MoEConfig(d_model=8, d_expert=8, n_experts=6)),
@@ -238,3 +240,41 @@ def bad_layers(rank: int, world: int) -> dict[str, str]:
         except ValueError as err:
             errors[name] = str(err)
     return errors
+
+
+def train_worker(rank: int, world: int, cfg_json: str, run_dir: str, fault: tuple) -> dict:
+    """`moekit.train.train` on this process, with an optional fault:
+    ("kill", rank, step): that rank is killed (SIGKILL) as it starts optimizer step `step`;
+    ("hang", rank, step, seconds): that rank stops answering for `seconds` at that step;
+    ("lr", rank, lr): that rank was started with another learning rate.
+    Returns how `train` ended here: its final loss, or the DistributedFailure's message and how
+    long after the start it came."""
+    import signal
+
+    from moekit.config import RunConfig
+    from moekit.distributed import DistributedFailure
+    from moekit.distributed.trainer import DistributedTrainer
+    from moekit.train import train
+
+    cfg = RunConfig.from_json(cfg_json)
+    kind, target = fault[:2] if fault else (None, None)
+    if kind == "lr" and rank == target:
+        cfg = cfg.replace(train=cfg.train.replace(lr=fault[2]))
+    if kind in ("kill", "hang") and rank == target:
+        original = DistributedTrainer._train_step
+
+        def faulty_step(self: DistributedTrainer) -> Any:
+            if self.step + 1 == fault[2]:
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(fault[3])
+                os._exit(0)
+            return original(self)
+
+        DistributedTrainer._train_step = faulty_step  # type: ignore[method-assign]
+    start = time.monotonic()
+    try:
+        result = train(cfg, run_dir)
+    except DistributedFailure as err:
+        return {"error": str(err), "seconds": time.monotonic() - start}
+    return {"loss": result.train_loss, "seconds": time.monotonic() - start}

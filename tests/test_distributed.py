@@ -11,7 +11,6 @@ from tests.distributed_cases import (
     AUX_FIELDS,
     LAYER_CASES,
     STEPS,
-    bad_layers,
     layer_cases,
     reference_case,
     reference_case_per_process,
@@ -41,7 +40,9 @@ def runs() -> dict:
     def get(layout: str) -> list[dict]:
         if layout not in cache:
             ep, dp, cases = LAYOUTS[layout]
-            cache[layout] = spawn(layer_cases, ep * dp, ep, dp, cases, "global", timeout=120)
+            refusals = layout == "ep4"
+            args = (ep, dp, cases, "global", refusals)
+            cache[layout] = spawn(layer_cases, ep * dp, *args, timeout=120)
         return cache[layout]
 
     return get  # type: ignore[return-value]
@@ -164,8 +165,8 @@ def test_local_scope_is_per_process_capacity() -> None:
     assert all(d > 0 for d in dropped)  # capacity did bind, so the scope mattered
 
 
-def test_layers_that_cannot_be_split_are_refused_clearly() -> None:
-    errors = spawn(bad_layers, 4, timeout=60)[0]
+def test_layers_that_cannot_be_split_are_refused_clearly(runs) -> None:
+    errors = runs("ep4")[0]["refused"]
     assert "n_experts=6" in errors["indivisible"] and "4 processes" in errors["indivisible"]
     assert "token-choice router" in errors["expert-choice"]
     assert "already expert-parallel" in errors["twice"]

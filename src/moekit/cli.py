@@ -6,7 +6,7 @@ configurator. Subcommands that take a config accept a preset name or a JSON file
 
     moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]
     moekit generate RUN_DIR --prompt "def fib(" --max-new-tokens 200
-    moekit params PRESET|CONFIG.json
+    moekit params PRESET|CONFIG.json [--ep N]
     moekit convert --from-hf DIR --out RUN_DIR
     moekit convert --to-hf RUN_DIR --arch mixtral --out DIR
     moekit demo
@@ -218,6 +218,13 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="PRESET|CONFIG.json", help="model preset or config JSON")
+    p.add_argument(
+        "--ep",
+        type=int,
+        metavar="N",
+        help="also print the bytes per token per MoE layer that expert parallelism over N "
+        "processes sends per training step",
+    )
 
 
 @command(
@@ -237,7 +244,12 @@ def params_command(args: argparse.Namespace) -> int:
         cfg = apply_overrides(ModelConfig.preset(args.config), model_overrides)
     else:
         cfg = resolve_run_config(args.config, args.overrides).model
+    from moekit.distributed.traffic import traffic_table
+
+    traffic = None if args.ep is None else traffic_table(cfg, args.ep)
     print(parameter_table(cfg, title=f"{args.config}: parameters"))
+    if traffic is not None:
+        print(f"\n{traffic}")
     return 0
 
 

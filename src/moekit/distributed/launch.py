@@ -92,13 +92,12 @@ def _group_options(backend: str, timeout: timedelta) -> Any:
 def check_same_config(config_json: str) -> None:
     """Raise `DistributedFailure` on every process unless all hold the same config (and the same
     torch version); the error names the ranks and the fields that differ from rank 0's."""
-    mine = {"config": json.loads(config_json), "torch": torch.__version__}
+    mine = _flatten(json.loads(config_json)) | {"torch version": torch.__version__}
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    reference = _flatten(everyone[0])
+    reference = everyone[0]
     problems = []
-    for rank, theirs in enumerate(everyone[1:], start=1):
-        flat = _flatten(theirs)
+    for rank, flat in enumerate(everyone[1:], start=1):
         keys = sorted(k for k in reference.keys() | flat.keys() if reference.get(k) != flat.get(k))
         if keys:
             diffs = ", ".join(f"{k}={flat.get(k)!r} (rank 0: {reference.get(k)!r})" for k in keys)

@@ -40,7 +40,8 @@ def traffic_table(cfg: ModelConfig, ep: int) -> str:
         f"expert parallelism over {ep} processes: bytes each process sends per token per MoE "
         "layer per training step",
         f"(balanced routing: {ep - 1}/{ep} of a token's top_k={cfg.moe.top_k} copies of "
-        f"d_model={cfg.d_model} values leave its process; capacity dispatch sends at most this)",
+        f"d_model={cfg.d_model} values leave its process;",
+        " capacity dispatch sends at most this; the counts and balance statistics are per expert)",
         f"{'dtype':<10}{'dispatch fwd':>14}{'combine fwd':>13}{'dispatch bwd':>14}"
         f"{'combine bwd':>13}{'total':>11}{f'x {n_layers} layers':>16}",
     ]

@@ -1,0 +1,169 @@
+"""`torchrun -m moekit train --parallel.ep=2` trains as one process does, writes single-process
+checkpoints that any process count resumes and `moekit convert` reads, and fails clearly when a
+process dies, hangs, or was started with another config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.distributed_cases import spawn, train_worker
+
+from moekit.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
+from moekit.train import train
+from moekit.train.metrics import read_metrics
+
+JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_config(cache: Path, **train_fields: object) -> RunConfig:
+    """The tiny model on the bytes of the json package: 6 steps, checkpoints at 3 and 6."""
+    data = DataConfig(source=JSON_PACKAGE, tokenizer="bytes", cache_dir=str(cache))
+    settings: dict = dict(
+        steps=6,
+        batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        progress=False,
+        tensorboard=False,
+        data=data,
+        eval=EvalConfig(every=3, batches=1),
+        checkpoint=CheckpointConfig(every=3, keep=3),
+    )
+    settings.update(train_fields)
+    parallel = ParallelConfig(backend="gloo", timeout_s=60)
+    model = ModelConfig.preset("tiny").replace(vocab_size=257)
+    return RunConfig(model=model, train=TrainConfig(**settings), parallel=parallel)
+
+
+def curve(run_dir: Path) -> list[tuple[str, int, float]]:
+    return [
+        (r["kind"], r["step"], r["loss"] if r["kind"] == "train" else r["val_loss"])
+        for r in read_metrics(run_dir / "metrics.jsonl")
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same run on one process, and on two launched by torchrun with --parallel.ep=2."""
+    tmp = tmp_path_factory.mktemp("runs")
+    cfg = run_config(tmp / "cache")
+    train(cfg, tmp / "single")  # also fills the token cache the two processes read
+    (tmp / "run.json").write_text(cfg.to_json())
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "moekit",
+        "train",
+        str(tmp / "run.json"),
+        "--out",
+        str(tmp / "ep2"),
+        "--parallel.ep=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"single": tmp / "single", "ep2": tmp / "ep2", "tmp": tmp}
+
+
+def test_torchrun_two_processes_have_the_loss_curve_of_one(runs) -> None:
+    single, ep2 = curve(runs["single"]), curve(runs["ep2"])
+    assert [(kind, step) for kind, step, _ in ep2] == [(kind, step) for kind, step, _ in single]
+    for (kind, step, got), (_, _, want) in zip(ep2, single, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (kind, step)
+
+
+def test_checkpoint_files_are_those_of_one_process(runs) -> None:
+    for name in ("model.safetensors", "state.safetensors"):
+        ours = load_file(runs["ep2"] / "checkpoints" / "step-000006" / name)
+        theirs = load_file(runs["single"] / "checkpoints" / "step-000006" / name)
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key].shape == value.shape and ours[key].dtype == value.dtype, key
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    trainer_json = "checkpoints/step-000006/trainer.json"
+    assert (runs["ep2"] / trainer_json).read_text() == (runs["single"] / trainer_json).read_text()
+
+
+def test_a_two_process_run_resumes_on_one_process(runs) -> None:
+    """Resumed from the two-process checkpoint at step 3, one process continues the curve."""
+    resumed = runs["tmp"] / "resumed"
+    shutil.copytree(runs["ep2"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    cfg = RunConfig.from_json((resumed / "config.json").read_text())
+    single_process = cfg.replace(parallel=cfg.parallel.replace(ep=1))
+    train(single_process, resumed, resume=True)
+    for (kind, step, got), (_, _, want) in zip(curve(resumed), curve(runs["ep2"]), strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (kind, step)
+
+
+def test_convert_reads_a_two_process_checkpoint(runs) -> None:
+    pytest.importorskip("transformers")
+    from moekit.cli import main
+
+    out = runs["tmp"] / "hf"
+    assert (
+        main(["convert", "--to-hf", str(runs["ep2"]), "--arch", "mixtral", "--out", str(out)]) == 0
+    )
+    assert any(out.glob("*.safetensors"))
+
+
+def fault_config(tmp: Path, timeout_s: float) -> str:
+    cfg = run_config(tmp / "cache", steps=4, eval=EvalConfig(every=0, batches=1))
+    return cfg.replace(parallel=cfg.parallel.replace(ep=2, timeout_s=timeout_s)).to_json()
+
+
+def test_a_killed_process_fails_the_other_with_a_clear_error(tmp_path) -> None:
+    cfg = fault_config(tmp_path, timeout_s=5)
+    survivor, killed = spawn(
+        train_worker, 2, cfg, str(tmp_path / "run"), ("kill", 1, 2), may_die=(1,), timeout=60
+    )
+    assert killed is None
+    assert "rank 0: a collective operation failed while training" in survivor["error"]
+    assert (
+        "another process died or did not answer within parallel.timeout_s=5 s"
+        in (survivor["error"])
+    )
+
+
+def test_a_hung_process_fails_the_other_after_the_timeout(tmp_path) -> None:
+    cfg = fault_config(tmp_path, timeout_s=3)
+    survivor, hung = spawn(
+        train_worker, 2, cfg, str(tmp_path / "run"), ("hang", 1, 2, 6), may_die=(1,), timeout=60
+    )
+    assert hung is None
+    assert "parallel.timeout_s=3 s" in survivor["error"]
+    assert "Timed out" in survivor["error"]  # the timeout fired; no connection was lost
+    assert survivor["seconds"] < 30
+
+
+def test_processes_started_with_different_configs_stop_at_once(tmp_path) -> None:
+    cfg = fault_config(tmp_path, timeout_s=20)
+    results = spawn(train_worker, 2, cfg, str(tmp_path / "run"), ("lr", 1, 1e-3), timeout=60)
+    for r in results:
+        assert "different configs" in r["error"]
+        assert "rank 1: train.lr=0.001 (rank 0: 0.003)" in r["error"]
