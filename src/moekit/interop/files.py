@@ -4,7 +4,7 @@ Reading goes through `safetensors.safe_open`, which maps each file into memory: 
 touches count against the process until the file is closed. `CheckpointReader` therefore closes
 and reopens a file after every `REOPEN_BYTES` read from it, and reads large tensors in slices
 along their first axis, so that loading needs the model's memory plus a bounded margin, not twice
-the checkpoint.
+the checkpoint. At most one file is open at a time.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch import Tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-REOPEN_BYTES = 64 * 2**20
-SLICE_BYTES = 32 * 2**20
+REOPEN_BYTES = 32 * 2**20
+SLICE_BYTES = 16 * 2**20
 
 _DTYPES = {
     "F64": torch.float64,
@@ -141,8 +141,11 @@ class CheckpointReader:
         self._open.clear()
 
     def _handle(self, key: str) -> Any:
+        """The open file holding `key`; any other file is closed first (tensors are read in
+        model order, which is the order of the shards, so this rarely reopens a file)."""
         path = self.files[key]
         if path not in self._open:
+            self.close()
             self._open[path] = safe_open(str(path), framework="pt").__enter__()
             self._read_since_open[path] = 0
         return self._open[path]
