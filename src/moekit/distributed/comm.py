@@ -20,23 +20,37 @@ from torch.distributed import ProcessGroup
 
 @dataclass
 class Traffic:
-    """All-to-all traffic of this process since the last `reset()`.
+    """Communication of this process's MoE layers since the last `reset()`.
 
-    bytes_sent: bytes sent to other processes (rows kept by this process are not counted).
-    seconds: wall time inside all-to-all calls, forward and backward (waiting for the slowest
+    bytes_sent: bytes of rows the all-to-alls sent to other processes (rows that stay are not
+        counted).
+    seconds: wall time inside those all-to-alls, forward and backward (waiting for the slowest
         process included).
-    calls: number of all-to-all calls.
+    calls: number of those all-to-alls.
+    other_seconds: wall time in the small collectives: counts exchange, batch statistics,
+        global-capacity gathers.
     """
 
     bytes_sent: int = 0
     seconds: float = 0.0
     calls: int = 0
+    other_seconds: float = 0.0
 
     def reset(self) -> None:
-        self.bytes_sent, self.seconds, self.calls = 0, 0.0, 0
+        self.bytes_sent, self.seconds, self.calls, self.other_seconds = 0, 0.0, 0, 0.0
 
 
 TRAFFIC = Traffic()
+
+
+class _Timed:
+    """Adds the wall time of a block to TRAFFIC.other_seconds."""
+
+    def __enter__(self) -> None:
+        self.begin = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        TRAFFIC.other_seconds += time.perf_counter() - self.begin
 
 
 def _exchange(x: Tensor, send: list[int], recv: list[int], group: ProcessGroup) -> Tensor:
@@ -77,7 +91,8 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
         ctx.group = group
         out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
+        with _Timed():
+            dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
@@ -85,7 +100,8 @@ class _AllReduceSum(torch.autograd.Function):
         # Every process's loss may depend on the sum, so each input's gradient is the sum of the
         # gradients of all processes.
         out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=ctx.group)
+        with _Timed():
+            dist.all_reduce(out, group=ctx.group)
         return out, None
 
 
@@ -100,7 +116,8 @@ def exchange_counts(counts_E: Tensor, group: ProcessGroup) -> Tensor:
     process's experts."""
     ep = group.size()
     received = torch.empty_like(counts_E)
-    dist.all_to_all_single(received, counts_E.contiguous(), group=group)
+    with _Timed():
+        dist.all_to_all_single(received, counts_E.contiguous(), group=group)
     return received.view(ep, -1)
 
 
@@ -113,13 +130,15 @@ def gather_rows(x_TC: Tensor, group: ProcessGroup) -> tuple[Tensor, int]:
     n = group.size()
     sizes = torch.tensor([x_TC.shape[0]], dtype=torch.long, device=x_TC.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(n)]
-    dist.all_gather(all_sizes, sizes, group=group)
+    with _Timed():
+        dist.all_gather(all_sizes, sizes, group=group)
     lengths = [int(s) for s in all_sizes]
     longest = max(lengths)
     padded = x_TC.new_zeros((longest, *x_TC.shape[1:]))
     padded[: x_TC.shape[0]] = x_TC
     parts = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(parts, padded, group=group)
+    with _Timed():
+        dist.all_gather(parts, padded, group=group)
     me = dist.get_rank(group)
     rows = torch.cat([part[:length] for part, length in zip(parts, lengths, strict=True)])
     return rows, sum(lengths[:me])
