@@ -33,7 +33,8 @@ def load_run_model(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Path
     with torch.device("meta"):
         model = MoETransformer(cfg.model)
     model.to_empty(device="cpu")
-    model.init_weights()  # buffers and anything the checkpoint does not hold
+    for buffer in model.buffers():  # the non-persistent ones; the checkpoint holds the rest
+        buffer.zero_()
     load_weights(checkpoint, model)
     return cfg, model.eval(), checkpoint
 
@@ -72,7 +73,7 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) 
     model_cfg = hf_model_config(read_hf_config(hf_dir))
     train = TrainConfig(seq_len=min(TrainConfig().seq_len, model_cfg.max_seq_len))
     cfg = RunConfig(model=model_cfg, train=train)  # validated before any weight is read
-    model = load_hf(hf_dir, dtype=dtype)
+    model = load_hf(hf_dir, dtype=dtype, progress=True)
     with atomic_path(out) as tmp:
         weights = checkpoint_path(tmp, 0)
         weights.mkdir(parents=True)

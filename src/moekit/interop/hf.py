@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from moekit.config import ModelConfig
 from moekit.fileio import atomic_path
@@ -103,7 +104,9 @@ def hf_model_config(hf: HF) -> ModelConfig:
     return CONFIG_MAPS[architecture_of(hf)].from_hf(hf)
 
 
-def load_hf(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransformer:
+def load_hf(
+    path: str | Path, dtype: torch.dtype | str | None = None, *, progress: bool = False
+) -> MoETransformer:
     """A `MoETransformer` (eval mode, on CPU) with the weights of a Hugging Face checkpoint
     directory: config.json plus model.safetensors, or shards listed by
     model.safetensors.index.json, in the hub's per-expert key layout or transformers 5's fused one.
@@ -112,7 +115,8 @@ def load_hf(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETran
     routers' correction biases stay float32. Tensors are streamed into the model one at a time (a
     large one in slices), so the peak memory is about the model's own. Unsupported
     architectures, quantized checkpoints, missing, unexpected or misshapen tensors and truncated
-    or corrupt files raise `CheckpointError` before any weight is read.
+    or corrupt files raise `CheckpointError` before any weight is read. `progress` shows a
+    progress bar (bytes read, rate, ETA).
     """
     folder = Path(path)
     hf = read_hf_config(folder)
@@ -122,12 +126,16 @@ def load_hf(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETran
     model = _empty_model(cfg, _resolve_dtype(dtype, hf))
     plan = _plan_load(model, arch, files)
     reader = CheckpointReader({k: info.path for k, info in files.items()})
+    total = sum(dest.numel() * dest.element_size() for dest, _, _ in plan)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_hf", disable=not progress)
     try:
         with torch.no_grad():
             for dest, source, keys in plan:
                 OPS[source.op][0](dest, keys, reader)
+                bar.update(dest.numel() * dest.element_size())
     finally:
         reader.close()
+        bar.close()
     return model.eval()
 
 
