@@ -178,15 +178,18 @@ def _passes(model: Any, layer: MoELayer, x: torch.Tensor, target: torch.Tensor) 
 
 
 def layer_cases(
-    rank: int, world: int, ep: int, dp: int, names: list[str], scope: str, refusals: bool = False
+    rank: int, world: int, ep: int, dp: int, names: list[str], scope: str, extras: tuple = ()
 ) -> dict:
     """Every case of `names` expert-parallel over a (dp, ep) mesh, on this process's share of
-    the global batch; also the traffic each case's all-to-alls caused (and, with `refusals`,
-    the errors of `refused_layers`)."""
+    the global batch; also the traffic each case's all-to-alls caused. `extras` may ask for
+    "refused" (the errors of `refused_layers`) and "model" (`model_pass` on this mesh)."""
     from moekit.distributed import TRAFFIC, apply_data_parallel, apply_expert_parallel
 
     mesh = join(ep, dp)
-    results: dict[str, Any] = {"refused": refused_layers(mesh) if refusals else {}}
+    results: dict[str, Any] = {
+        "refused": refused_layers(mesh) if "refused" in extras else {},
+        "model": model_pass(mesh, rank, world) if "model" in extras else {},
+    }
     for name in names:
         layer, x = layer_and_batch(LAYER_CASES[name], batch=SEQS * world, seq=SEQ_LEN)
         target = torch.randn_like(x)
@@ -278,3 +281,49 @@ def train_worker(rank: int, world: int, cfg_json: str, run_dir: str, fault: tupl
     except DistributedFailure as err:
         return {"error": str(err), "seconds": time.monotonic() - start}
     return {"loss": result.train_loss, "seconds": time.monotonic() - start}
+
+
+def tiny_model_and_batch() -> tuple[Any, torch.Tensor]:
+    """The tiny MoETransformer (vocabulary 64) and a global batch of 8 sequences of 16 ids."""
+    from moekit.config import ModelConfig
+    from moekit.model import MoETransformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.preset("tiny").replace(vocab_size=64))
+    return model, torch.randint(0, 64, (8, 16))
+
+
+def model_pass(mesh: Any, rank: int, world: int) -> dict:
+    """One training forward/backward of the tiny model, expert-parallel and data-parallel on
+    `mesh`, on this process's share: logits, losses, gradients, global gradient norm."""
+    from moekit.distributed import apply_data_parallel, apply_expert_parallel, clip_grad_norm_
+
+    model, ids = tiny_model_and_batch()
+    apply_expert_parallel(model, mesh)
+    ddp = apply_data_parallel(model)
+    mine = my_rows(ids, rank, world)
+    out = ddp(mine, labels=mine)
+    out.loss.backward()
+    return {
+        "logits": out.logits.detach(),
+        "loss": out.loss.detach(),
+        "aux_loss": out.aux_loss.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "grad_norm": clip_grad_norm_(ddp, float("inf")),
+    }
+
+
+def reference_model_pass() -> dict:
+    """`model_pass` in one process on the whole batch."""
+    model, ids = tiny_model_and_batch()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    return {
+        "logits": out.logits.detach(),
+        "loss": out.loss.detach(),
+        "aux_loss": out.aux_loss.detach(),
+        "grads": grads,
+        "grad_norm": norm,
+    }

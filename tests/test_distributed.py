@@ -14,6 +14,7 @@ from tests.distributed_cases import (
     layer_cases,
     reference_case,
     reference_case_per_process,
+    reference_model_pass,
     spawn,
 )
 
@@ -40,8 +41,8 @@ def runs() -> dict:
     def get(layout: str) -> list[dict]:
         if layout not in cache:
             ep, dp, cases = LAYOUTS[layout]
-            refusals = layout == "ep4"
-            args = (ep, dp, cases, "global", refusals)
+            extras = {"ep4": ("refused",), "ep2xdp2": ("model",)}.get(layout, ())
+            args = (ep, dp, cases, "global", extras)
             cache[layout] = spawn(layer_cases, ep * dp, *args, timeout=120)
         return cache[layout]
 
@@ -186,3 +187,24 @@ def test_traffic_table_names_each_dtype_and_the_model_total() -> None:
     table = traffic_table(ModelConfig.preset("mixtral-8x7b"), 8)
     assert "float32" in table and "bfloat16" in table and "x 32 layers" in table
     assert f"{4 * 2 * 4096 * 2 * 7 // 8 * 32:,}" in table
+
+
+def test_a_whole_model_on_ep2_x_dp2_computes_what_one_process_does(runs) -> None:
+    """The tiny transformer (attention, two MoE layers) under DDP and expert parallelism on 4
+    processes: logits, loss, every gradient and the global gradient norm of one process."""
+    results, ref = runs("ep2xdp2"), reference_model_pass()
+    logits = torch.cat([r["model"]["logits"] for r in results])
+    torch.testing.assert_close(logits, ref["logits"], **TOL)
+    mean_loss = torch.stack([r["model"]["loss"] for r in results]).mean()
+    torch.testing.assert_close(mean_loss, ref["loss"], **TOL)
+    for r in results:
+        torch.testing.assert_close(r["model"]["aux_loss"], ref["aux_loss"], **TOL)
+        torch.testing.assert_close(r["model"]["grad_norm"], ref["grad_norm"], **TOL)
+    for name, expected in ref["grads"].items():
+        if ".experts." in name:  # processes 0, 1 hold halves; 2, 3 the same halves
+            for row in (results[:2], results[2:]):
+                got = torch.cat([r["model"]["grads"][name] for r in row])
+                torch.testing.assert_close(got, expected, **TOL, msg=name)
+        else:
+            for r in results:
+                torch.testing.assert_close(r["model"]["grads"][name], expected, **TOL, msg=name)

@@ -96,6 +96,21 @@ def test_torchrun_two_processes_have_the_loss_curve_of_one(runs) -> None:
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (kind, step)
 
 
+def test_logged_gradient_norms_and_expert_loads_are_those_of_one_process(runs) -> None:
+    """The metrics of each logged step: the global gradient norm (clipped at 1.0 here) and each
+    layer's expert counts, MaxVio and balance loss over the global batch."""
+    single, ep2 = (
+        [r for r in read_metrics(runs[k] / "metrics.jsonl") if r["kind"] == "train"]
+        for k in ("single", "ep2")
+    )
+    for ours, theirs in zip(ep2, single, strict=True):
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+        for mine, want in zip(ours["layers"], theirs["layers"], strict=True):
+            assert mine["counts"] == want["counts"]
+            assert mine["max_vio"] == pytest.approx(want["max_vio"], rel=1e-5, abs=1e-6)
+            assert mine["balance_loss"] == pytest.approx(want["balance_loss"], rel=1e-5)
+
+
 def test_checkpoint_files_are_those_of_one_process(runs) -> None:
     for name in ("model.safetensors", "state.safetensors"):
         ours = load_file(runs["ep2"] / "checkpoints" / "step-000006" / name)
