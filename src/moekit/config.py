@@ -863,8 +863,8 @@ class EvalConfig(ConfigBase):
     batch_size: sequences per evaluation batch; None means the training batch_size.
     """
 
-    every: int = 100
-    batches: int = 8
+    every: int = 50
+    batches: int = 6
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -882,7 +882,7 @@ class CheckpointConfig(ConfigBase):
     keep: how many of the most recent checkpoints to keep.
     """
 
-    every: int = 200
+    every: int = 100
     keep: int = 2
 
     def __post_init__(self) -> None:
@@ -920,14 +920,14 @@ class TrainConfig(ConfigBase):
         tensorboard: also write TensorBoard events when the tensorboard package is installed.
     """
 
-    steps: int = 1000
-    batch_size: int = 16
+    steps: int = 400
+    batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
     seed: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
