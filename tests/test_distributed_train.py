@@ -33,11 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_config(cache: Path, **train_fields: object) -> RunConfig:
-    """The tiny model on the bytes of the json package: 6 steps, checkpoints at 3 and 6."""
+    """The tiny model on the bytes of the json package: 6 steps of 2 micro-batches of 4
+    sequences, checkpoints at 3 and 6."""
     data = DataConfig(source=JSON_PACKAGE, tokenizer="bytes", cache_dir=str(cache))
     settings: dict = dict(
         steps=6,
-        batch_size=8,
+        batch_size=4,
+        grad_accum=2,
         seq_len=32,
         lr=3e-3,
         warmup_steps=2,
@@ -182,3 +184,24 @@ def test_processes_started_with_different_configs_stop_at_once(tmp_path) -> None
     for r in results:
         assert "different configs" in r["error"]
         assert "rank 1: train.lr=0.001 (rank 0: 0.003)" in r["error"]
+
+
+def test_only_the_last_micro_batch_of_a_step_averages_gradients() -> None:
+    from moekit.distributed.trainer import _SyncOnLastMicroBatch
+
+    synced = []
+
+    class RecordingDDP:
+        require_backward_grad_sync = True
+
+        def __call__(self, batch: int) -> int:
+            synced.append(self.require_backward_grad_sync)
+            return batch
+
+    model = _SyncOnLastMicroBatch(RecordingDDP(), grad_accum=3)
+    for _ in range(3):
+        model(0)
+    with torch.no_grad():  # an evaluation pass is not a micro-batch
+        model(0)
+    assert synced == [False, False, True, True]
+    assert model.calls == 3

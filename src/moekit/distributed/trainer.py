@@ -112,6 +112,21 @@ def my_share(batch: Tensor, rank: int, world: int) -> Tensor:
     return batch[rank * n : (rank + 1) * n]
 
 
+class _SyncOnLastMicroBatch:
+    """The DDP model as the training loop calls it: of the grad_accum training forward passes of
+    a step, only the last one's backward averages gradients over the processes (the others
+    accumulate locally, as under `DistributedDataParallel.no_sync()`)."""
+
+    def __init__(self, ddp: Any, grad_accum: int) -> None:
+        self.ddp, self.grad_accum, self.calls = ddp, grad_accum, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            self.calls += 1
+            self.ddp.require_backward_grad_sync = self.calls >= self.grad_accum
+        return self.ddp(*args, **kwargs)
+
+
 class _NoMetrics:
     """The metrics log of the processes that do not write the run directory."""
 
@@ -150,7 +165,8 @@ class DistributedTrainer(Trainer):
     def _parallelize(self) -> None:
         """Shard the whole model and its optimizer state; DDP for the rest."""
         if self.cfg.model.moe is None:
-            self.forward_model = apply_data_parallel(self.model, self.mesh)
+            ddp = apply_data_parallel(self.model, self.mesh)
+            self.forward_model = _SyncOnLastMicroBatch(ddp, self.cfg.train.grad_accum)
             return
         full_state = self.optimizer.state_dict()
         apply_expert_parallel(self.model, self.mesh, scope=self.cfg.parallel.scope)
@@ -158,7 +174,9 @@ class DistributedTrainer(Trainer):
         self.optimizer.load_state_dict(
             shard_optimizer_state(full_state, self.optimizer, self.model)
         )
-        self.forward_model = apply_data_parallel(self.model)
+        self.forward_model = _SyncOnLastMicroBatch(
+            apply_data_parallel(self.model), self.cfg.train.grad_accum
+        )
 
     def _prepare_data(self) -> Data:
         """Rank 0 tokenises (and caches) first; the others then read its cache."""
@@ -184,7 +202,13 @@ class DistributedTrainer(Trainer):
     def _train_step(self) -> StepResult:
         # Router noise draws differ per process and step, and repeat after a resume.
         torch.manual_seed(hash((self.cfg.train.seed, self.step, self.rank)) % 2**63)
+        self.forward_model.calls = 0
         result = super()._train_step()
+        if self.forward_model.calls != self.cfg.train.grad_accum:
+            raise RuntimeError(
+                f"a training step made {self.forward_model.calls} forward passes, not "
+                f"train.grad_accum={self.cfg.train.grad_accum}: gradients were not averaged"
+            )
         losses = torch.tensor([result.loss, result.lm_loss, result.aux_loss], dtype=torch.float64)
         dist.all_reduce(losses)
         result.loss, result.lm_loss, result.aux_loss = (losses / self.world).tolist()
