@@ -215,3 +215,33 @@ def tokens(batch: int = 2, length: int = 23, vocab: int = 97, seed: int = 1) -> 
 def max_logit_diff(ours: MoETransformer, theirs: torch.nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         return (ours(x).logits - theirs(x).logits).abs().max().item()
+
+
+def min_routing_gap(model: MoETransformer, x: torch.Tensor) -> float:
+    """The smallest margin, over MoE layers and tokens, between the k-th and (k+1)-th choice (and
+    between the last chosen and the first dropped group): float32 noise far below it cannot flip a
+    choice, so equal logits test the same routing. Softmax choices are compared by their logits
+    (the probabilities of the experts not chosen are tiny, and so are their absolute gaps)."""
+    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: seen.append((m, args[0])))
+        for layer in model.moe_layers()
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    gaps = []
+    for layer, h in seen:
+        cfg = layer.cfg
+        routing = layer.router(h.reshape(-1, cfg.d_model))
+        ranked = routing.logits_TE if cfg.score == "softmax" else routing.selection_TE
+        top = ranked.topk(cfg.top_k + 1, dim=-1).values
+        gap = top[:, cfg.top_k - 1] - top[:, cfg.top_k]
+        gaps.append(gap[torch.isfinite(gap)].min().item() if torch.isfinite(gap).any() else 1.0)
+        if cfg.n_groups > 1:
+            biased = routing.scores_TE + layer.router.expert_bias
+            grouped = biased.view(-1, cfg.n_groups, cfg.n_experts // cfg.n_groups)
+            group = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_groups + 1, -1).values
+            gaps.append((group[:, -2] - group[:, -1]).min().item())
+    return min(gaps)

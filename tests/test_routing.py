@@ -104,6 +104,26 @@ def test_sigmoid_group_limited_worked_example() -> None:
     torch.testing.assert_close(routing.weights_TK, expected)
 
 
+def test_masked_groups_lose_even_to_negative_biased_scores() -> None:
+    """Group-limited routing excludes the other groups outright (-inf), as DeepSeek-V3's inference
+    code and transformers 5 do. Sigmoid scores (0.982, 0.5, 0.3, 0.3) plus correction bias
+    (-0.08, -0.6, 0, 0) = (0.902, -0.1, 0.3, 0.3); group {0, 1} scores 0.802 > 0.6 and wins, so
+    top-2 is experts 0 and 1. A 0.0 fill for the masked group (the first remote code) would have
+    picked expert 2 or 3 over expert 1's negative biased score."""
+    cfg = MoEConfig(
+        d_model=4, d_expert=2, n_experts=4, top_k=2, score="sigmoid", n_groups=2, topk_groups=1
+    )
+    layer = MoELayer(cfg)
+    logit_03 = math.log(0.3 / 0.7)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))
+        layer.router.expert_bias.copy_(torch.tensor([-0.08, -0.6, 0.0, 0.0]))
+    routing = layer.router(torch.tensor([[4.0, 0.0, logit_03, logit_03]]))
+    assert routing.ids_TK.tolist() == [[0, 1]]
+    s0 = 1 / (1 + math.exp(-4.0))
+    torch.testing.assert_close(routing.weights_TK, torch.tensor([[s0, 0.5]]) / (s0 + 0.5))
+
+
 def test_bias_changes_selection_but_never_the_weights() -> None:
     layer = make_layer(score="sigmoid", bias_update_rate=1e-3)
     x = torch.randn(30, layer.cfg.d_model)
