@@ -10,10 +10,11 @@ renamed to the destination only when complete.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -249,14 +250,14 @@ def save_hf(
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")
     hf = check_expressible(model.cfg, arch)
-    out_dtype = _resolve_dtype(dtype, {"dtype": str(model.embed.weight.dtype).split(".")[-1]})
+    out_dtype = model.embed.weight.dtype if dtype is None else _resolve_dtype(dtype, {})
     tensors = _save_plan(model, arch, layout, out_dtype)
     final = Path(path)
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        sizes = [(key, _nbytes(shape, dt)) for key, (_, shape, dt) in tensors.items()]
+        sizes = [(key, math.prod(p.shape) * p.dtype.itemsize) for key, p in tensors.items()]
         shards = plan_shards(sizes, parse_size(max_shard_size))
         write_shards(
             tmp, shards, lambda names: _materialise(tensors, names), sum(s for _, s in sizes)
@@ -270,13 +271,21 @@ def save_hf(
     return final
 
 
-_Pending = tuple[Any, tuple[int, ...], torch.dtype]  # (producer, shape, dtype)
+class _Pending(NamedTuple):
+    """One checkpoint tensor to write: made by `source`'s op from the moekit `tensor` (with the
+    other `keys` it produces), of `shape`, written in `dtype`."""
+
+    tensor: Tensor
+    source: Source
+    keys: list[str]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def _save_plan(
     model: MoETransformer, arch: str, layout: str, dtype: torch.dtype
 ) -> dict[str, _Pending]:
-    """{checkpoint key: (zero-argument producer, shape, dtype)} in model order."""
+    """{checkpoint key: what makes it} in model order."""
     keymap, cfg = KEY_MAPS[arch], model.cfg
     n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
@@ -293,30 +302,21 @@ def _save_plan(
         out_dtype = dtype if name not in buffers and tensor.is_floating_point() else tensor.dtype
         shapes = expected_shapes(source, tuple(tensor.shape), layer, n_experts)
         for key in keys:
-            out[key] = ((tensor, source, keys), shapes[key], out_dtype)
+            out[key] = _Pending(tensor, source, keys, shapes[key], out_dtype)
     return out
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * dtype.itemsize
 
 
 def _materialise(tensors: dict[str, _Pending], names: list[str]) -> dict[str, Tensor]:
     """The checkpoint tensors of one shard, contiguous and in their output dtype."""
     out: dict[str, Tensor] = {}
-    done: set[int] = set()
     wanted = set(names)
     for name in names:
-        (tensor, source, keys), _, dtype = tensors[name]
-        if id(keys) in done:
-            continue
-        done.add(id(keys))
-        for key, value in OPS[source.op][1](tensor.detach(), keys):
+        if name in out:
+            continue  # made with an earlier key of the same moekit tensor
+        pending = tensors[name]
+        for key, value in OPS[pending.source.op][1](pending.tensor.detach(), pending.keys):
             if key in wanted:
-                out[key] = value.to(dtype).contiguous()
+                out[key] = value.to(pending.dtype).contiguous()
     return out
 
 
