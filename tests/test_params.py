@@ -131,3 +131,13 @@ def test_table_shows_total_and_active_of_each_part() -> None:
     assert lines[-1].split() == ["total", "46,702,792,704", "46.7B", "12,879,925,248", "12.9B"]
     routed = next(line for line in lines if line.startswith("routed experts"))
     assert routed.split()[2:] == ["45,097,156,608", "45.1B", "11,274,289,152", "11.3B"]
+
+
+@pytest.mark.parametrize(("name", "total"), [("deepseek-v3", "671B"), ("gpt-oss-20b", "20.9B")])
+def test_params_command_shows_the_presets_of_the_checkpoint_architectures(
+    name: str, total: str, capsys
+) -> None:
+    from moekit.cli import main
+
+    assert main(["params", name]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[2] == total
