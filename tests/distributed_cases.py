@@ -189,6 +189,7 @@ def layer_cases(
     results: dict[str, Any] = {
         "refused": refused_layers(mesh) if "refused" in extras else {},
         "model": model_pass(mesh, rank, world) if "model" in extras else {},
+        "dp_only": data_parallel_only(mesh, rank, world) if "dp_only" in extras else [],
     }
     for name in names:
         layer, x = layer_and_batch(LAYER_CASES[name], batch=SEQS * world, seq=SEQ_LEN)
@@ -327,3 +328,17 @@ def reference_model_pass() -> dict:
         "grads": grads,
         "grad_norm": norm,
     }
+
+
+DP_ONLY_CASE = dict()  # dropless, no balance loss: each token's result is its own
+
+
+def data_parallel_only(mesh: Any, rank: int, world: int) -> list[dict]:
+    """A layer that is not expert-parallel (every process holds every expert), under
+    `apply_data_parallel(layer, mesh)` alone, on this process's share."""
+    from moekit.distributed import apply_data_parallel
+
+    layer, x = layer_and_batch(DP_ONLY_CASE, batch=SEQS * world, seq=SEQ_LEN)
+    target = torch.randn_like(x)
+    model = apply_data_parallel(layer, mesh)
+    return _passes(model, layer, my_rows(x, rank, world), my_rows(target, rank, world))

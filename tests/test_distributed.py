@@ -9,8 +9,10 @@ import pytest
 import torch
 from tests.distributed_cases import (
     AUX_FIELDS,
+    DP_ONLY_CASE,
     LAYER_CASES,
     STEPS,
+    layer_and_batch,
     layer_cases,
     reference_case,
     reference_case_per_process,
@@ -41,7 +43,7 @@ def runs() -> dict:
     def get(layout: str) -> list[dict]:
         if layout not in cache:
             ep, dp, cases = LAYOUTS[layout]
-            extras = {"ep4": ("refused",), "ep2xdp2": ("model",)}.get(layout, ())
+            extras = {"ep4": ("refused",), "ep2xdp2": ("model", "dp_only")}.get(layout, ())
             args = (ep, dp, cases, "global", extras)
             cache[layout] = spawn(layer_cases, ep * dp, *args, timeout=120)
         return cache[layout]
@@ -208,3 +210,27 @@ def test_a_whole_model_on_ep2_x_dp2_computes_what_one_process_does(runs) -> None
         else:
             for r in results:
                 torch.testing.assert_close(r["model"]["grads"][name], expected, **TOL, msg=name)
+
+
+def test_data_parallelism_alone_averages_every_gradient(runs) -> None:
+    """A layer left whole on every process (no expert parallelism) under `apply_data_parallel`:
+    DDP averages all its gradients, experts included, to one process's."""
+    results = runs("ep2xdp2")
+    layer, x = layer_and_batch(DP_ONLY_CASE, batch=4 * 4, seq=6)
+    target = torch.randn_like(x)
+    y, aux = layer(x)
+    ((y * target).sum(-1).mean() + aux.loss).backward()
+    for r in results:
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(r["dp_only"][0]["grads"][name], p.grad, **TOL, msg=name)
+
+
+def test_the_cli_reports_a_lost_process_in_one_line(capsys) -> None:
+    from moekit.cli import _report_training
+    from moekit.distributed import DistributedFailure
+
+    def lose_a_process() -> None:
+        raise DistributedFailure("rank 0: a collective operation failed while training")
+
+    assert _report_training(lose_a_process) == 1
+    assert "error: rank 0: a collective operation failed" in capsys.readouterr().err

@@ -158,12 +158,13 @@ def _default_run_dir(spec: str | None) -> str:
 
 
 def _report_training(run: Callable[[], Any]) -> int:
-    """Run a training call; print how it ended. 1 if it diverged."""
+    """Run a training call; print how it ended. 1 if it diverged or lost a process."""
+    from moekit.distributed import DistributedFailure
     from moekit.train import TrainingDiverged
 
     try:
         result = run()
-    except TrainingDiverged as err:
+    except (TrainingDiverged, DistributedFailure) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
     _print_result(result)

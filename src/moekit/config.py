@@ -995,7 +995,8 @@ class ParallelConfig(ConfigBase):
         The aux-loss-free bias counts are summed over all processes in both scopes, so every
         process keeps identical biases.
     timeout_s: a collective operation that waits longer than this fails with an error naming the
-        failure (a dead or hung process); it must exceed the longest checkpoint write.
+        failure (a dead or hung process); it must exceed the longest time one process works
+        while the others wait: rank 0 preparing the data on a first run, writing a checkpoint.
     backend: "auto" (nccl on CUDA, else gloo), "gloo" or "nccl".
     """
 

@@ -71,7 +71,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
         with explain_failures(timeout, "starting"):
             check_same_config(cfg.to_json())
             run_dir = _rank0_value(str(run_dir))
-        trainer = DistributedTrainer(cfg, Path(run_dir), resume, mesh)
+            trainer = DistributedTrainer(cfg, Path(run_dir), resume, mesh)
         try:
             with explain_failures(timeout, "training"):
                 result = trainer.run()
@@ -163,8 +163,10 @@ class DistributedTrainer(Trainer):
         self.eval_batches = [my_share(b, self.rank, self.world) for b in self.eval_batches]
 
     def _parallelize(self) -> None:
-        """Shard the whole model and its optimizer state; DDP for the rest."""
-        if self.cfg.model.moe is None:
+        """Shard the whole model and its optimizer state; DDP for the rest. (A dense model, or
+        expert-choice routing without expert parallelism, is data-parallel only.)"""
+        moe = self.cfg.model.moe
+        if moe is None or (self.cfg.parallel.ep == 1 and not moe.token_choice):
             ddp = apply_data_parallel(self.model, self.mesh)
             self.forward_model = _SyncOnLastMicroBatch(ddp, self.cfg.train.grad_accum)
             return
