@@ -125,6 +125,25 @@ def test_config_styles_rope_theta_top_level_or_in_rope_parameters() -> None:
     legacy["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
     scaling = rope_scaling(legacy)
     assert scaling.factor == 4.0 and scaling.original_max_seq_len == 16 and scaling.truncate
+    gpt_oss = {  # the gpt-oss-20b config.json: 4.x style, no rope_parameters
+        "model_type": "gpt_oss",
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 16,
+        "num_local_experts": 4,
+        "rope_theta": 150000,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+        },
+    }
+    cfg = hf_model_config(gpt_oss)
+    assert cfg.rope_theta == 150000 and cfg.rope_scaling.factor == 8.0
+    assert cfg.layer_types == ("sliding", "full") and cfg.attn_sinks
     with pytest.raises(CheckpointError, match="rope_type='llama3' is not supported"):
         rope_scaling({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
 

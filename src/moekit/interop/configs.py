@@ -3,7 +3,7 @@
 `from_hf` reads a plain dict (transformers is not needed to load a checkpoint); a key that is
 missing takes the default of transformers' config class for that architecture (5.23). RoPE's base
 is read from `rope_parameters` (transformers 5), else from the top-level `rope_theta` (4.x), and
-its scaling from `rope_parameters` or the older `rope_scaling`.
+its scaling from the older `rope_scaling` when there is one, else from `rope_parameters`.
 
 `to_hf` writes the transformers 5 form. Whether an architecture can express a moekit model at all
 is decided by `check_expressible`: the config is mapped to the architecture and back, and every
@@ -161,7 +161,8 @@ def with_defaults(hf: HF, model_type: str) -> HF:
 
 
 def _rope_parameters(hf: HF) -> HF:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    """The RoPE settings: a 4.x `rope_scaling` wins over `rope_parameters`, as in transformers."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in params.values()):
         raise CheckpointError(f"per-layer rope_parameters are not supported: {params}")
     return params
