@@ -177,6 +177,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "moekit": moekit.__version__,
         "loadavg_start": list(os.getloadavg()),
     }

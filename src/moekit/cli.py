@@ -93,7 +93,7 @@ def layer_demo(args: argparse.Namespace) -> int:
 
 
 DEFAULT_PRESET = "small"
-DEMO_PROMPT = "def "
+DEMO_PROMPT = "def main("  # no trailing space: byte-level BPE tokens carry their leading space
 
 
 def resolve_run_config(spec: str | None, overrides: list[str]) -> Any:
@@ -320,29 +320,73 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     overrides=True,
 )
 def demo_command(args: argparse.Namespace) -> int:
-    from moekit.train import train, write_report
-    from moekit.train.sample import load_run, sample_text
+    from moekit.train import TrainingDiverged, train, write_report
+    from moekit.train.sample import load_run
 
     start = time.perf_counter()
     cfg = resolve_run_config(DEFAULT_PRESET, args.overrides)
     run_dir = Path(args.out)
     _clear_previous_run(run_dir)
     _print_config(cfg)
-    status = _report_training(lambda: train(cfg, run_dir))
-    if status:
-        return status
+    try:
+        result = train(cfg, run_dir)
+    except TrainingDiverged as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        _print_result(result)
+        return 0
     _, model, tokenizer = load_run(run_dir)
-    print(f"\n--- sample (prompt {args.prompt!r}, temperature 0.8, top-k 50) ---")
-    print(args.prompt, end="", flush=True)
-    on_text = lambda text: print(text, end="", flush=True)  # noqa: E731
-    sample = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, on_text=on_text)
-    print("\n--- end of sample ---")
+    sample = _stream_sample(model, tokenizer, args.prompt, args.max_new_tokens)
     write_report(run_dir, cfg, model, sample=args.prompt + sample)
-    print(f"\nreport: {run_dir / 'report.md'}")
-    print(f"plots:  {run_dir / 'loss.png'}, {run_dir / 'expert_load.png'}")
-    print(f"more:   moekit generate {run_dir} --prompt 'def fib('")
-    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    _print_key_figures(run_dir, cfg, model, time.perf_counter() - start)
     return 0
+
+
+def _stream_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """Print a sample from the model as it is generated; return its new text."""
+    from moekit.train.sample import sample_text
+
+    print(f"\n--- sample (prompt {prompt!r}, temperature 0.8, top-k 50, top-p 0.95) ---")
+    print(prompt, end="", flush=True)
+    on_text = lambda text: print(text, end="", flush=True)  # noqa: E731
+    sample = sample_text(model, tokenizer, prompt, max_new_tokens, on_text=on_text)
+    print("\n--- end of sample ---")
+    return sample
+
+
+def _print_key_figures(run_dir: Path, cfg: Any, model: Any, seconds: float) -> None:
+    from moekit.model import format_count
+    from moekit.train.metrics import read_metrics
+    from moekit.train.report import summary
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    s = summary(
+        [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
+    )
+    moe = cfg.model.moe
+    shape = f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}"
+    if moe is not None:
+        shape += f", {moe.n_experts} experts top-{moe.top_k}"
+    print(f"\n=== key figures ({run_dir / 'report.md'}) ===")
+    print(
+        f"model       {format_count(model.num_parameters())} parameters, "
+        f"{format_count(model.num_parameters(active=True))} active per token ({shape})"
+    )
+    print(
+        f"training    {s['step']} steps, {s['tokens']:,} tokens, "
+        f"{s['tokens_per_s']:,.0f} tokens/s, {s['train_seconds']:.0f} s of steps"
+    )
+    print(
+        f"loss        train {s['train_loss']:.3f}, validation {s['val_loss']:.3f} nats/token "
+        f"({s['val_bpb']:.3f} bits per byte)"
+    )
+    if s["max_vio"] is not None:
+        print(f"balance     worst layer MaxVio {s['max_vio']:.2f} over the last log interval")
+    print(f"report      {run_dir / 'report.md'}")
+    print(f"plots       {run_dir / 'loss.png'}, {run_dir / 'expert_load.png'}")
+    print(f"more text   moekit generate {run_dir} --prompt 'def fib('")
+    print(f"demo time   {seconds // 60:.0f} min {seconds % 60:.0f} s")
 
 
 def _clear_previous_run(run_dir: Path) -> None:
