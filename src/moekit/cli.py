@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop, or a second Ctrl-C inside one
+        print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
