@@ -103,8 +103,8 @@ class MoEConfig(ConfigBase):
             u = clamp(x W_up, -limit, limit), g * sigmoid(alpha * g) * (u + 1).
         swiglu_alpha, swiglu_limit: the alpha (1.702) and limit (7.0) of "clamped_swiglu".
         expert_bias: add bias terms to the expert projections.
-        n_shared_experts: always-on experts applied to every token (DeepSeekMoE, Qwen2-MoE); they are
-            fused into one dense FFN of width `d_shared`.
+        n_shared_experts: always-on experts applied to every token (DeepSeekMoE, Qwen2-MoE); they
+            are fused into one dense FFN of width `d_shared`.
         d_shared: hidden width of the fused shared FFN; default `n_shared_experts * d_expert`.
         shared_gate: scale the shared output by `sigmoid(x @ w_shared_gate)` (Qwen2-MoE).
 
@@ -112,11 +112,12 @@ class MoEConfig(ConfigBase):
         router: "topk" (token choice: each token picks k experts) or "expert_choice" (each expert
             picks its C tokens, Zhou et al. 2022; NOT causal: a token's routing depends on later
             tokens of the same call, so it is unfit for autoregressive decoding).
-        score: "softmax" (probabilities over all experts) or "sigmoid" (independent gates, DeepSeek-V3).
+        score: "softmax" (probabilities over all experts) or "sigmoid" (independent gates,
+            DeepSeek-V3).
         normalize: divide the selected weights of a token by their sum (Mixtral, DeepSeek-V3).
-            With top_k=1 and normalize=False, softmax routing is Switch. softmax with normalize is
-            also GPT-OSS's "top-k, then softmax over the selected logits": softmax is monotonic, so
-            the same experts win, and renormalising cancels the partition function.
+            With top_k=1 and normalize=False, softmax routing is Switch. Softmax with normalize
+            is also GPT-OSS's "top-k, then softmax over the selected logits": softmax is
+            monotonic, so the same experts win, and renormalising cancels the partition function.
         router_bias: add a learned bias to the router logits (GPT-OSS). Unlike the router's
             `expert_bias` buffer (aux-loss-free balancing), it is a trained parameter and it
             changes the weights, not only the selection.
@@ -150,9 +151,9 @@ class MoEConfig(ConfigBase):
         z_loss_coef: router z-loss mean(logsumexp(logits)^2) (ST-MoE).
         importance_loss_coef, load_loss_coef: Shazeer et al. 2017 CV^2 losses; the load loss needs
             noise="gaussian".
-        bias_update_rate: auxiliary-loss-free balancing (Wang et al. 2024): after each optimizer step
-            `update_expert_bias()` moves each expert's selection bias by rate * sign(mean - load).
-            0 disables it.
+        bias_update_rate: auxiliary-loss-free balancing (Wang et al. 2024): after each optimizer
+            step `update_expert_bias()` moves each expert's selection bias by
+            rate * sign(mean - load). 0 disables it.
 
     Compute
         expert_impl: "auto" (grouped GEMM where the platform supports it, else "loop"),
