@@ -234,3 +234,19 @@ def test_the_cli_reports_a_lost_process_in_one_line(capsys) -> None:
 
     assert _report_training(lose_a_process) == 1
     assert "error: rank 0: a collective operation failed" in capsys.readouterr().err
+
+
+def test_a_shard_of_the_experts_holds_its_slice_and_loads_a_full_state_dict() -> None:
+    from tests.moe_cases import make_layer
+
+    from moekit.distributed import shard_experts
+
+    full = make_layer(activation="gelu", expert_bias=True).experts
+    shard = shard_experts(full, first=2, n_local=3)
+    assert type(shard) is type(full)
+    for name, p in full.named_parameters():
+        assert torch.equal(getattr(shard, name), p[2:5])
+    other = make_layer(seed=1, activation="gelu", expert_bias=True).experts
+    shard.load_state_dict(other.state_dict())  # a single-process (full) state dict
+    for name, p in other.named_parameters():
+        assert torch.equal(getattr(shard, name), p[2:5])

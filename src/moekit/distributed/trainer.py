@@ -65,10 +65,10 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             f"`torchrun --nproc-per-node {n} -m moekit train ... --parallel.ep={p.ep}`"
         )
     joined_here = not dist.is_initialized()
-    mesh = init_distributed(cfg.parallel)
     timeout = cfg.parallel.timeout_s
     try:
         with explain_failures(timeout, "starting"):
+            mesh = init_distributed(cfg.parallel)
             check_same_config(cfg.to_json())
             run_dir = _rank0_value(str(run_dir))
             trainer = DistributedTrainer(cfg, Path(run_dir), resume, mesh)
@@ -80,7 +80,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
         trainer.write_report()
         return result
     finally:
-        if joined_here:
+        if joined_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
