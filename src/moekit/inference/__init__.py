@@ -1,1 +1,18 @@
-"""moekit.inference (see ../shared/DESIGN.md)."""
+"""moekit.inference: expert offloading and its cache (see ../shared/DESIGN.md)."""
+
+from moekit.inference.cache import CacheStats, ExpertCache
+from moekit.inference.offload import (
+    ExpertOffload,
+    apply_expert_offload,
+    resolve_budget,
+    write_expert_files,
+)
+
+__all__ = [
+    "CacheStats",
+    "ExpertCache",
+    "ExpertOffload",
+    "apply_expert_offload",
+    "resolve_budget",
+    "write_expert_files",
+]

@@ -1,0 +1,246 @@
+"""Which experts stay resident: eviction policies, the `ExpertCache` that applies them to real
+weights, and its statistics.
+
+A key is `(moe_layer, expert)`. A policy only chooses victims; the cache counts, loads, pins and
+prefetches. The same policy classes drive `moekit cache-sim`, so a simulated hit rate is the hit
+rate the cache would see on the same request sequence (without prefetch).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from torch import Tensor
+
+Key = tuple[int, int]
+POLICIES = ("lru", "lfu", "static")
+
+
+class Policy:
+    """Least recently used: `victim` is the candidate touched longest ago."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def insert(self, key: Key) -> None:
+        """A key loaded without being requested (prefetched): known, but not a use."""
+        if key not in self.order:
+            self.order[key] = None
+
+    def victim(self, candidates: set[Key]) -> Key | None:
+        return next((k for k in self.order if k in candidates), None)
+
+
+class LFUPolicy(Policy):
+    """Least frequently used: fewest requests since the cache began (ties: least recent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[Key, int] = {}
+
+    def touch(self, key: Key) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        super().touch(key)
+
+    def victim(self, candidates: set[Key]) -> Key | None:
+        rank = {k: i for i, k in enumerate(self.order)}
+        pool = [k for k in candidates if k in rank]
+        return min(pool, key=lambda k: (self.counts.get(k, 0), rank[k]), default=None)
+
+
+class StaticPolicy(Policy):
+    """A fixed set of experts (the most used in a recorded trace) is never evicted; the other
+    slots are LRU, so any request can still be served."""
+
+    def __init__(self, pinned: Iterable[Key]) -> None:
+        super().__init__()
+        self.pinned = set(pinned)
+
+    def victim(self, candidates: set[Key]) -> Key | None:
+        return super().victim(candidates - self.pinned) or super().victim(candidates)
+
+
+def make_policy(name: str, counts: dict[Key, int] | None = None, n_static: int = 0) -> Policy:
+    """The policy called `name`; "static" keeps the `n_static` keys with the largest `counts`."""
+    if name == "lru":
+        return Policy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "static":
+        if counts is None:
+            raise ValueError("policy='static' needs expert counts from a routing trace (--trace)")
+        top = sorted(counts, key=lambda k: (-counts[k], k))[: max(n_static, 0)]
+        return StaticPolicy(top)
+    raise ValueError(f"policy={name!r} is unknown; choose one of {', '.join(POLICIES)}")
+
+
+@dataclass
+class CacheStats:
+    """What the cache did. A hit is a request served without a synchronous load (a prefetched
+    expert counts as a hit even if the request had to wait for its load to finish)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    load_wait_s: float = 0.0
+    prefetched: int = 0
+    prefetch_used: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        """Share of the prefetched experts that were requested before being evicted."""
+        return self.prefetch_used / max(self.prefetched, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d.update(hit_rate=self.hit_rate, prefetch_accuracy=self.prefetch_accuracy)
+        return d
+
+
+class ExpertCache:
+    """At most `capacity` experts' weights resident; `load(key)` reads one from disk.
+
+    `pin`/`unpin` protect experts being computed. Prefetches reserve their slot when issued, so
+    resident plus in-flight experts never exceed the capacity.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[Key], tuple[Tensor, ...]],
+        capacity: int,
+        policy: Policy,
+        expert_bytes: int,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity} is invalid: must hold at least one expert")
+        self.load, self.capacity, self.policy = load, capacity, policy
+        self.expert_bytes = expert_bytes
+        self.resident: dict[Key, tuple[Tensor, ...]] = {}
+        self.pending: dict[Key, Future] = {}
+        self.pinned: dict[Key, int] = {}
+        self.unused_prefetch: set[Key] = set()
+        self.stats = CacheStats()
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the weights held now (counting each tensor's storage)."""
+        with self.lock:
+            return sum(t.untyped_storage().nbytes() for w in self.resident.values() for t in w)
+
+    def get(self, key: Key) -> tuple[Tensor, ...]:
+        """The weights of `key`, loading them if needed; the caller must `unpin(key)` after."""
+        t0 = time.perf_counter()
+        with self.lock:
+            self.pinned[key] = self.pinned.get(key, 0) + 1
+            self.policy.touch(key)
+            future = self.pending.get(key)
+            if key in self.resident or future is not None:
+                self.stats.hits += 1
+                if key in self.unused_prefetch:
+                    self.unused_prefetch.discard(key)
+                    self.stats.prefetch_used += 1
+            else:
+                self.stats.misses += 1
+                future = self._reserve(key, wait=True)
+        try:
+            future is None or future.result()
+        except BaseException:
+            self.unpin(key)
+            raise
+        self.stats.load_wait_s += time.perf_counter() - t0
+        with self.lock:
+            return self.resident[key]
+
+    def unpin(self, key: Key) -> None:
+        with self.lock:
+            self.pinned[key] -= 1
+            if not self.pinned[key]:
+                del self.pinned[key]
+
+    def prefetch(self, keys: Iterable[Key], protect_layer: int | None = None) -> None:
+        """Start loading `keys` in a background thread, into free slots or slots of unpinned
+        experts not of `protect_layer` (the layer about to run); stops when no slot is free."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch")
+        with self.lock:
+            protect = {k for k in self.resident if k[0] == protect_layer}
+            for key in keys:
+                if key in self.resident or key in self.pending:
+                    continue
+                if self._reserve(key, wait=False, protect=protect) is None:
+                    return
+                self.stats.prefetched += 1
+                self.unused_prefetch.add(key)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (after its loads finish)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+    def _reserve(self, key: Key, wait: bool, protect: set[Key] = frozenset()) -> Future | None:
+        """With the lock held: free a slot and start loading `key` into it."""
+        while len(self.resident) + len(self.pending) >= self.capacity:
+            candidates = set(self.resident) - set(self.pinned) - protect
+            victim = self.policy.victim(candidates)
+            if victim is not None:
+                self._evict(victim)
+            elif wait and self.pending:  # every slot is loading: let one finish
+                future = next(iter(self.pending.values()))
+                self.lock.release()
+                try:
+                    future.result()
+                finally:
+                    self.lock.acquire()
+            elif wait:
+                raise RuntimeError(
+                    f"expert cache of {self.capacity} experts is full of experts in use; "
+                    "a layer needs more experts at once than the budget allows"
+                )
+            else:
+                return None
+        future: Future = Future()
+        self.pending[key] = future
+        self.policy.insert(key)
+        if wait:
+            self.lock.release()
+            try:
+                self._fill(key, future)
+            finally:
+                self.lock.acquire()
+            return future
+        self.pool.submit(self._fill, key, future)
+        return future
+
+    def _fill(self, key: Key, future: Future) -> None:
+        try:
+            weights = self.load(key)
+        except BaseException as exc:  # the waiter re-raises it
+            with self.lock:
+                self.pending.pop(key, None)
+            future.set_exception(exc)
+            return
+        with self.lock:
+            self.resident[key] = weights
+            self.pending.pop(key, None)
+            self.stats.bytes_read += sum(t.numel() * t.element_size() for t in weights)
+        future.set_result(None)
+
+    def _evict(self, key: Key) -> None:
+        del self.resident[key]
+        self.unused_prefetch.discard(key)

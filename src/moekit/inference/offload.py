@@ -1,0 +1,329 @@
+"""Expert offloading: routed experts live on disk, one safetensors file per MoE layer read one
+expert at a time; an `ExpertCache` keeps at most a budget of them in memory.
+
+`apply_expert_offload(model, expert_dir, budget=..., policy=...)` replaces each MoE layer's
+`Experts` with `OffloadedExperts` from outside the model. It computes only the experts that
+received rows, with the same grouped matmul and activation as `Experts`, so its output is
+bit-identical to the all-resident model; `Experts` is its reference twin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig, MoEConfig
+from moekit.experts.experts import activate, swiglu
+from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
+from moekit.fileio import atomic_path
+from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
+from moekit.model.transformer import MoETransformer
+
+MANIFEST = "manifest.json"
+
+
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """What an expert directory or a routing trace must match: the routed-expert shape and a hash
+    of the whole model config."""
+    moe = cfg.moe
+    if moe is None or not cfg.moe_layer_indices:
+        raise ValueError("the model has no MoE layers: there are no experts to offload or trace")
+    return {
+        "n_layers": len(cfg.moe_layer_indices),
+        "n_experts": moe.n_experts,
+        "top_k": moe.top_k,
+        "d_model": moe.d_model,
+        "d_expert": moe.d_expert,
+        "config_hash": hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16],
+    }
+
+
+def layer_file(expert_dir: Path, layer: int) -> Path:
+    return Path(expert_dir) / f"layer-{layer:03d}.safetensors"
+
+
+def write_expert_files(model: MoETransformer, expert_dir: str | Path) -> Path:
+    """Write every MoE layer's routed experts as `layer-NNN.safetensors` (keys "E.w_in",
+    "E.w_out") plus a manifest, atomically (the directory appears whole or not at all)."""
+    expert_dir = Path(expert_dir)
+    identity = model_identity(model.cfg)
+    with atomic_path(expert_dir) as tmp:
+        tmp.mkdir()
+        for i, layer in enumerate(model.moe_layers()):
+            w_in, w_out = layer.experts.w_in.detach(), layer.experts.w_out.detach()
+            tensors = {}
+            for e in range(w_in.shape[0]):
+                tensors[f"{e}.w_in"] = w_in[e].contiguous().cpu()
+                tensors[f"{e}.w_out"] = w_out[e].contiguous().cpu()
+            save_file(tensors, str(layer_file(tmp, i)))
+        (tmp / MANIFEST).write_text(json.dumps(identity, indent=2))
+    return expert_dir
+
+
+class ExpertStore:
+    """The expert files of one model, checked whole when opened (manifest, every file present,
+    every tensor present with its shape, no file shorter than its header says)."""
+
+    def __init__(self, expert_dir: str | Path, cfg: ModelConfig) -> None:
+        self.dir = Path(expert_dir)
+        identity = model_identity(cfg)
+        manifest = self.dir / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{self.dir} is not an expert directory: it has no {MANIFEST} "
+                "(write one with moekit.inference.write_expert_files)"
+            )
+        found = json.loads(manifest.read_text())
+        if found != identity:
+            raise ValueError(
+                f"the experts in {self.dir} belong to another model: {found} != {identity}"
+            )
+        moe = cfg.moe
+        n_in = 2 if moe.gated else 1
+        shapes = {"w_in": [n_in * moe.d_expert, moe.d_model], "w_out": [moe.d_model, moe.d_expert]}
+        sizes = [
+            _check_file(layer_file(self.dir, i), moe.n_experts, shapes)
+            for i in range(identity["n_layers"])
+        ]
+        self.expert_bytes = max(sizes)
+
+    def load(self, key: Key) -> tuple[Tensor, Tensor]:
+        """Expert key = (moe_layer, expert) -> (w_in, w_out), read from disk."""
+        layer, e = key
+        with safe_open(str(layer_file(self.dir, layer)), framework="pt") as f:
+            return f.get_tensor(f"{e}.w_in"), f.get_tensor(f"{e}.w_out")
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("layer-*.safetensors"))
+
+
+def _check_file(path: Path, n_experts: int, shapes: dict[str, list[int]]) -> int:
+    """Raise if the file is missing, short or lacks a tensor; return the bytes of one expert."""
+    if not path.is_file():
+        raise FileNotFoundError(f"expert file {path} is missing; rewrite the expert directory")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        try:
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except ValueError:
+            header = None
+    if header is None:
+        raise ValueError(f"expert file {path} is truncated or corrupt: its header is unreadable")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(
+            f"expert file {path} is truncated: {size} bytes, its header needs {8 + n + end}"
+        )
+    for e in range(n_experts):
+        for name, shape in shapes.items():
+            entry = header.get(f"{e}.{name}")
+            if entry is None or entry["shape"] != shape:
+                raise ValueError(
+                    f"expert file {path}: tensor '{e}.{name}' should have shape {shape}, "
+                    f"found {None if entry is None else entry['shape']}"
+                )
+    return sum(
+        b - a for k, v in header.items() if k.startswith("0.") for a, b in [v["data_offsets"]]
+    )
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for `Experts` whose weights come from an `ExpertCache`, one chunk of at most the
+    cache's capacity of experts at a time; biases (small) stay resident."""
+
+    def __init__(self, experts: nn.Module, layer: int, cache: ExpertCache) -> None:
+        super().__init__()
+        self.cfg: MoEConfig = experts.cfg
+        self.layer, self.cache = layer, cache
+        self.b_in = None if experts.b_in is None else experts.b_in.detach().clone()
+        self.b_out = None if experts.b_out is None else experts.b_out.detach().clone()
+        w_out = experts.w_out
+        self._probe = torch.empty((1, *w_out.shape[1:]), dtype=w_out.dtype, device="meta")
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
+        counts = counts_E.tolist()
+        active = [e for e, c in enumerate(counts) if c]
+        if not active:
+            return x_RD.new_zeros(x_RD.shape[0], self.cfg.d_model)
+        matmul = GROUPED_MATMULS[resolve_impl(self.cfg.expert_impl, x_RD, self._probe)]
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        step = self.cache.capacity
+        pieces = []
+        for i in range(0, len(active), step):
+            chunk = active[i : i + step]
+            rows = x_RD[starts[chunk[0]] : starts[chunk[-1] + 1]]
+            pieces.append(self._compute(rows, chunk, counts_E[chunk], matmul))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _compute(self, x_RD: Tensor, chunk: list[int], counts_A: Tensor, matmul) -> Tensor:
+        keys = [(self.layer, e) for e in chunk]
+        weights = []
+        try:
+            for key in keys:
+                weights.append(self.cache.get(key))
+            w_in = torch.stack([w[0] for w in weights])
+            w_out = torch.stack([w[1] for w in weights])
+        finally:
+            for key in keys[: len(weights)]:
+                self.cache.unpin(key)
+        h = matmul(x_RD, w_in, counts_A)
+        if self.b_in is not None:
+            h = h + torch.repeat_interleave(self.b_in[chunk], counts_A, dim=0)
+        c = self.cfg
+        act = (
+            swiglu(h)
+            if c.activation == "swiglu"
+            else activate(h, c.activation, c.swiglu_alpha, c.swiglu_limit)
+        )
+        y = matmul(act, w_out, counts_A)
+        if self.b_out is not None:
+            y = y + torch.repeat_interleave(self.b_out[chunk], counts_A, dim=0)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.cfg.n_experts}, offloaded"
+
+
+def resolve_budget(budget: int | float | str, n_total: int, expert_bytes: int, top_k: int) -> int:
+    """A budget as a number of experts: an int is a count, a float in (0, 1] or "N%" a fraction of
+    all experts, "N[K|M|G]B" (or "NKiB" ...) bytes. Below top_k experts nothing can run."""
+    count = _parse_budget(budget, n_total, expert_bytes)
+    if count < top_k:
+        raise ValueError(
+            f"expert budget {budget!r} holds {count} experts; the minimum is top_k={top_k} "
+            f"({top_k * expert_bytes:,} bytes, {top_k / n_total:.1%} of the {n_total} experts)"
+        )
+    return min(count, n_total)
+
+
+_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+
+def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int) -> int:
+    if isinstance(budget, str):
+        text = budget.strip()
+        m = re.fullmatch(r"([0-9.]+)\s*([KMG]I?)?B", text, re.IGNORECASE)
+        if m:
+            return int(float(m[1]) * _UNITS[(m[2] or "").upper()]) // expert_bytes
+        try:
+            if text.endswith("%"):
+                budget = float(text[:-1]) / 100
+            else:
+                budget = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            raise ValueError(
+                f"expert budget {budget!r} is invalid: give a count (12), a fraction (0.5 or "
+                "50%) or bytes (200MB)"
+            ) from None
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise ValueError(f"expert budget {budget!r} is invalid: must be an int, float or str")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"expert budget fraction {budget!r} is invalid: must be in (0, 1]")
+        return int(budget * n_total)
+    return budget
+
+
+@dataclass
+class ExpertOffload:
+    """A model's offloading: its cache (statistics in `stats()`), store and prefetch hooks."""
+
+    cache: ExpertCache
+    store: ExpertStore
+    hooks: list = field(default_factory=list)
+
+    def stats(self) -> dict[str, float]:
+        d = self.cache.stats.as_dict()
+        d.update(capacity=self.cache.capacity, expert_bytes=self.store.expert_bytes)
+        return d
+
+    def reset_stats(self) -> None:
+        self.cache.stats = CacheStats()
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.cache.close()
+
+
+def apply_expert_offload(
+    model: MoETransformer,
+    expert_dir: str | Path,
+    *,
+    budget: int | float | str = 0.5,
+    policy: str = "lru",
+    prefetch: bool = False,
+    expert_counts: Tensor | None = None,
+) -> ExpertOffload:
+    """Replace each MoE layer's experts by `OffloadedExperts` reading from `expert_dir` (written
+    by `write_expert_files`) through one `ExpertCache` of `budget` experts (see `resolve_budget`).
+
+    policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
+    (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
+    the next MoE layer's router on this layer's input and load its experts in a background thread.
+    Everything is checked before the model is changed.
+    """
+    store = ExpertStore(expert_dir, model.cfg)
+    moe = model.cfg.moe
+    layers = model.moe_layers()
+    n_total = len(layers) * moe.n_experts
+    capacity = resolve_budget(budget, n_total, store.expert_bytes, moe.top_k)
+    counts = None
+    if expert_counts is not None:
+        counts = {(i, e): int(c) for (i, e), c in _enumerate2(expert_counts)}
+    pol = make_policy(policy, counts, n_static=capacity - moe.top_k)
+    cache = ExpertCache(store.load, capacity, pol, store.expert_bytes)
+    for i, layer in enumerate(layers):
+        layer.experts = OffloadedExperts(layer.experts, i, cache)
+    offload = ExpertOffload(cache, store)
+    if prefetch:
+        for i, (layer, nxt) in enumerate(itertools.pairwise(layers)):
+            offload.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(i, nxt, cache)))
+    return offload
+
+
+def _enumerate2(t: Tensor):
+    for i, row in enumerate(t.tolist()):
+        for e, c in enumerate(row):
+            yield (i, e), c
+
+
+def _prefetch_hook(layer: int, next_layer: nn.Module, cache: ExpertCache):
+    """Guess the next MoE layer's experts from this layer's input (its router applied to the
+    current hidden state: Eliseev & Mazur 2023, "Fast inference of MoE language models with
+    offloading") and start loading them."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x_TD = args[0].reshape(-1, next_layer.cfg.d_model)
+        with torch.no_grad():
+            ids = next_layer.router(x_TD).ids_TK
+        if ids is not None:
+            keys = [(layer + 1, int(e)) for e in ids.unique().tolist()]
+            cache.prefetch(keys, protect_layer=layer)
+
+    return hook
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """Ask the OS to forget these files' cached pages, so the next reads come from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

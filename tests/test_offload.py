@@ -1,0 +1,138 @@
+"""Expert offloading: bit-identical output at every budget, budget never exceeded, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moekit import ModelConfig, MoETransformer
+from moekit.inference.cache import ExpertCache, make_policy
+from moekit.inference.offload import (
+    apply_expert_offload,
+    layer_file,
+    resolve_budget,
+    write_expert_files,
+)
+from moekit.model.generation import KVCache, generate
+
+TINY = ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model_and_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MoETransformer(TINY).eval()
+    expert_dir = write_expert_files(model, tmp_path_factory.mktemp("offload") / "experts")
+    return model, expert_dir
+
+
+def greedy(model: MoETransformer, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens (B, n) and the logits (B, n, V) that chose them."""
+    cache = KVCache.for_model(model, x.shape[0], x.shape[1] + n)
+    logits, ids = [], []
+    with torch.no_grad():
+        step = model(x, kv_cache=cache).logits[:, -1]
+        for _ in range(n):
+            logits.append(step)
+            ids.append(step.argmax(-1))
+            step = model(ids[-1][:, None], kv_cache=cache).logits[:, -1]
+    return torch.stack(ids, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize(
+    ("budget", "policy", "prefetch"),
+    [(2, "lru", False), (2, "lru", True), (3, "lfu", True), (0.5, "static", False),
+     ("25%", "static", True), (1.0, "lru", False)],
+)  # fmt: skip
+def test_offloaded_generation_is_bit_identical(model_and_dir, budget, policy, prefetch) -> None:
+    model, expert_dir = model_and_dir
+    x = torch.randint(0, TINY.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    ids, logits = greedy(model, x, 8)
+    offloaded = copy.deepcopy(model)
+    counts = torch.arange(16.0).view(2, 8)
+    handle = apply_expert_offload(
+        offloaded, expert_dir, budget=budget, policy=policy, prefetch=prefetch, expert_counts=counts
+    )
+    try:
+        got_ids, got_logits = greedy(offloaded, x, 8)
+    finally:
+        handle.close()
+    assert torch.equal(got_ids, ids)
+    assert torch.equal(got_logits, logits)
+    stats = handle.stats()
+    assert stats["hits"] + stats["misses"] > 0
+    assert stats["bytes_read"] % stats["expert_bytes"] == 0
+    assert (stats["prefetched"] > 0) == prefetch
+
+
+def test_resident_bytes_never_exceed_the_budget(model_and_dir) -> None:
+    model, expert_dir = model_and_dir
+    offloaded = copy.deepcopy(model)
+    handle = apply_expert_offload(offloaded, expert_dir, budget=3, prefetch=True)
+    limit = 3 * handle.store.expert_bytes
+    seen = []
+    get = handle.cache.get
+
+    def checked_get(key):
+        seen.append(handle.cache.resident_bytes)
+        return get(key)
+
+    handle.cache.get = checked_get
+    generate(offloaded, torch.randint(0, 256, (3, 5)), 6)
+    handle.close()
+    seen.append(handle.cache.resident_bytes)
+    assert seen and max(seen) <= limit
+    assert max(seen) == limit  # the budget is used
+
+
+def test_budget_below_top_k_fails_before_changing_the_model(model_and_dir) -> None:
+    model, expert_dir = model_and_dir
+    offloaded = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="minimum is top_k=2"):
+        apply_expert_offload(offloaded, expert_dir, budget=1)
+    assert type(offloaded.moe_layers()[0].experts).__name__ == "Experts"
+
+
+def test_missing_or_truncated_expert_file_is_a_clear_error(model_and_dir, tmp_path) -> None:
+    model, _ = model_and_dir
+    expert_dir = write_expert_files(model, tmp_path / "experts")
+    path = layer_file(expert_dir, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        apply_expert_offload(copy.deepcopy(model), expert_dir, budget=4)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        apply_expert_offload(copy.deepcopy(model), expert_dir, budget=4)
+
+
+def test_experts_of_another_model_are_rejected(model_and_dir) -> None:
+    _, expert_dir = model_and_dir
+    other = MoETransformer(TINY.replace(n_layers=3))
+    with pytest.raises(ValueError, match="another model"):
+        apply_expert_offload(other, expert_dir, budget=4)
+
+
+def test_budget_forms() -> None:
+    assert resolve_budget(5, 16, 1000, 2) == 5
+    assert resolve_budget(0.5, 16, 1000, 2) == 8
+    assert resolve_budget("25%", 16, 1000, 2) == 4
+    assert resolve_budget("0.25", 16, 1000, 2) == 4
+    assert resolve_budget("3kB", 16, 1000, 2) == 3
+    assert resolve_budget(99, 16, 1000, 2) == 16
+    with pytest.raises(ValueError, match="invalid"):
+        resolve_budget("lots", 16, 1000, 2)
+
+
+def test_lru_and_lfu_evict_the_expected_expert() -> None:
+    def run(policy: str, keys: list[int]) -> set[int]:
+        cache = ExpertCache(lambda k: (torch.zeros(1),), 2, make_policy(policy), 4)
+        for k in keys:
+            cache.get((0, k))
+            cache.unpin((0, k))
+        return {k for _, k in cache.resident}
+
+    assert run("lru", [1, 1, 2, 3]) == {2, 3}
+    assert run("lfu", [1, 1, 2, 3]) == {1, 3}
