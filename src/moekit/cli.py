@@ -398,6 +398,22 @@ def _clear_previous_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
+    p.add_argument("--data", help="corpus whose validation split is traced (default: the run's)")
+    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to trace")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per traced sequence")
+    p.add_argument("--out", help="report folder (default: PATH/analysis)")
+
+
+@command("analyze", "trace a model's routing over held-out text; write a report", _analyze_args)
+def analyze_command(args: argparse.Namespace) -> int:
+    from moekit.analysis.analyze import analyze
+
+    print(f"report: {analyze(args.path, args.data, args.tokens, args.out, args.seq_len)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,100 @@
+"""Routing traces: run a model over labelled held-out text and keep every MoE layer's choices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from moekit.analysis.token_classes import CLASSES, char_classes, token_classes
+from moekit.data import Document, eos_id
+from moekit.model import MoETransformer
+
+TOP_LEVEL = "(top level)"  # the domain of a file at the corpus root (a stdlib module, not package)
+
+
+@dataclass(frozen=True)
+class LabelledTokens:
+    """A token stream with, per token, its `tokenize` class and the index of its domain."""
+
+    token_ids: np.ndarray
+    token_class: np.ndarray
+    domain: np.ndarray
+    domains: list[str]
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """Per MoE layer, the (T, K) expert ids of T tokens; new_seq (T,) marks sequence starts."""
+
+    tokens: LabelledTokens
+    new_seq: Tensor
+    ids: list[Tensor]
+    entropy: list[float]
+
+
+def domain_of(name: str) -> str:
+    """The package a corpus file belongs to: its first folder ("json/decoder.py" -> "json")."""
+    parts = name.split("/")
+    return parts[0] if len(parts) > 1 else TOP_LEVEL
+
+
+def label_tokens(tok: Tokenizer, documents: Sequence[Document], n_tokens: int) -> LabelledTokens:
+    """The first `n_tokens` tokens of the documents, each followed by END_OF_TEXT ("other")."""
+    ids, classes, domain, domains = [], [], [], {}
+    total = 0
+    for doc in documents:
+        if total >= n_tokens:
+            break
+        enc = tok.encode(doc.text)
+        d = domains.setdefault(domain_of(doc.name), len(domains))
+        ids += [np.asarray(enc.ids, dtype=np.int64), np.array([eos_id(tok)])]
+        classes += [token_classes(char_classes(doc.text), enc.offsets), [CLASSES.index("other")]]
+        domain.append(np.full(len(enc.ids) + 1, d))
+        total += len(enc.ids) + 1
+    if total == 0:
+        raise ValueError("analysis needs held-out text: the documents given are empty")
+    cat = [np.concatenate(x)[:n_tokens] for x in (ids, classes, domain)]
+    return LabelledTokens(cat[0], cat[1].astype(np.int64), cat[2], list(domains))
+
+
+@torch.no_grad()
+def record_routing(
+    model: MoETransformer, tokens: LabelledTokens, seq_len: int, batch_size: int = 8
+) -> RoutingTrace:
+    """Run the model over consecutive windows of `seq_len` tokens and keep each layer's top-k."""
+    ids_T = torch.from_numpy(tokens.token_ids)
+    windows = list(torch.split(ids_T, seq_len))
+    per_layer: list[list[Tensor]] = []
+    entropy: list[list[float]] = []
+    for start in range(0, len(windows), batch_size):
+        group = windows[start : start + batch_size]
+        full = [w for w in group if len(w) == seq_len]  # equal lengths batch; a short tail alone
+        for batch in ([torch.stack(full)] if full else []) + [
+            w[None] for w in group if len(w) < seq_len
+        ]:
+            _record(model(batch), per_layer, entropy)
+    new_seq = torch.zeros(len(ids_T), dtype=torch.bool)
+    new_seq[::seq_len] = True
+    ids = [torch.cat(chunks) for chunks in per_layer]
+    return RoutingTrace(tokens, new_seq, ids, [float(np.mean(e)) for e in entropy])
+
+
+def _record(out, per_layer: list[list[Tensor]], entropy: list[list[float]]) -> None:
+    if not out.aux:
+        raise ValueError("the model has no MoE layer: there is no routing to analyse")
+    for i, aux in enumerate(out.aux):
+        if aux.ids is None:
+            raise ValueError(
+                "routing analysis needs token-choice routing (aux.ids); expert-choice layers "
+                "have no per-token top-k"
+            )
+        if len(per_layer) <= i:
+            per_layer.append([])
+            entropy.append([])
+        per_layer[i].append(aux.ids.reshape(-1, aux.ids.shape[-1]).cpu())
+        entropy[i].append(float(aux.entropy))
