@@ -194,6 +194,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--expert-budget",
+        metavar="N|FRACTION|N%|BYTES",
+        help="keep experts on disk with at most this many in memory (e.g. 12, 0.5, 50%%, 200MB)",
+    )
+    p.add_argument("--policy", choices=["lru", "lfu", "static"], default="lru")
+    p.add_argument("--prefetch", action="store_true", help="load the next layer's experts early")
+    p.add_argument("--trace", help="routing trace (moekit trace) whose top experts 'static' keeps")
 
 
 @command("generate", "stream text from a trained run's newest checkpoint", _generate_args)
@@ -201,6 +209,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from moekit.train.sample import load_run, sample_text
 
     _, model, tokenizer = load_run(args.run_dir)
+    offload = _offload(model, args) if args.expert_budget else None
     print(args.prompt, end="", flush=True)
     sample_text(
         model,
@@ -214,6 +223,80 @@ def generate_command(args: argparse.Namespace) -> int:
         on_text=lambda text: print(text, end="", flush=True),
     )
     print()
+    if offload is not None:
+        from moekit.inference.offload import format_stats
+
+        offload.close()
+        print(format_stats(offload.stats()))
+    return 0
+
+
+def _offload(model: Any, args: argparse.Namespace) -> Any:
+    """Move the model's experts to disk behind a cache, checked before generation starts."""
+    from moekit.inference.offload import apply_expert_offload, run_expert_dir
+    from moekit.inference.trace import load_trace
+
+    counts = load_trace(args.trace, model.cfg).expert_counts() if args.trace else None
+    expert_dir = run_expert_dir(model, args.run_dir)
+    return apply_expert_offload(
+        model,
+        expert_dir,
+        budget=args.expert_budget,
+        policy=args.policy,
+        prefetch=args.prefetch,
+        expert_counts=counts,
+    )
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="trace file to write (safetensors)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
+
+
+@command("trace", "record which experts each token uses while generating", _trace_args)
+def trace_command(args: argparse.Namespace) -> int:
+    from moekit.inference.trace import load_model_and_tokenizer, record_prompts, save_trace
+
+    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: {args.prompts} has no prompts (one per non-empty line)")
+    model, tokenizer = load_model_and_tokenizer(args.path)
+    trace = record_prompts(model, tokenizer, prompts, args.max_new_tokens)
+    save_trace(trace, args.out)
+    print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
+    return 0
+
+
+def _cache_sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", metavar="TRACE", help="a trace written by moekit trace")
+    p.add_argument(
+        "--budget",
+        nargs="+",
+        default=["100%", "50%", "25%"],
+        help="budgets: counts, fractions or N%% of all experts (the minimum, top_k, is added)",
+    )
+    p.add_argument(
+        "--policy", nargs="+", choices=["lru", "lfu", "static"], default=["lru", "lfu", "static"]
+    )
+
+
+@command("cache-sim", "replay a routing trace against cache policies and Belady's oracle",
+         _cache_sim_args)  # fmt: skip
+def cache_sim_command(args: argparse.Namespace) -> int:
+    from moekit.inference.offload import resolve_budget
+    from moekit.inference.trace import cache_sim_rows, load_trace
+
+    trace = load_trace(args.trace)
+    ident = trace.identity
+    n_total, k = ident["n_layers"] * ident["n_experts"], ident["top_k"]
+    caps = sorted({k, *(resolve_budget(b, n_total, 1, k) for b in args.budget)}, reverse=True)
+    print(f"{len(trace.requests())} requests, {n_total} experts, top_k={k}")
+    print("budget  " + "".join(f"{p:>9}" for p in [*args.policy, "belady"]))
+    for row in cache_sim_rows(trace, caps, args.policy):
+        rates = "".join(f"{row[p]:>9.1%}" for p in [*args.policy, "belady"])
+        print(f"{row['budget']:>6}  {rates}")
     return 0
 
 

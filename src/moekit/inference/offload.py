@@ -327,3 +327,29 @@ def drop_from_page_cache(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def run_expert_dir(model: MoETransformer, run_dir: str | Path) -> Path:
+    """The expert directory of a run's newest checkpoint (`RUN_DIR/experts/step-N`), written from
+    `model` the first time it is asked for."""
+    from moekit.train.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(run_dir))
+    expert_dir = Path(run_dir) / "experts" / (checkpoint.name if checkpoint else "model")
+    if not (expert_dir / MANIFEST).is_file():
+        write_expert_files(model, expert_dir)
+    return expert_dir
+
+
+def format_stats(stats: dict[str, float]) -> str:
+    """One line of cache statistics for people."""
+    return (
+        f"expert cache: {stats['capacity']} experts, hit rate {stats['hit_rate']:.1%} "
+        f"({stats['hits']} hits, {stats['misses']} misses), "
+        f"{stats['bytes_read'] / 1e6:,.1f} MB read, {stats['load_wait_s']:.2f} s waiting for loads"
+        + (
+            f", prefetch accuracy {stats['prefetch_accuracy']:.1%} of {stats['prefetched']}"
+            if stats["prefetched"]
+            else ""
+        )
+    )

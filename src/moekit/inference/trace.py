@@ -146,3 +146,45 @@ def belady(requests: list[Key], capacity: int) -> float:
             del resident[max(resident, key=resident.__getitem__)]
         resident[key] = next_use[i]
     return hits / max(len(requests), 1)
+
+
+def load_model_and_tokenizer(path: str | Path):
+    """(model, tokenizer) of a moekit run directory or a Hugging Face checkpoint directory (which
+    must hold a tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        from moekit.train.sample import load_run
+
+        _, model, tokenizer = load_run(path)
+        return model, tokenizer
+    from moekit.interop import load_hf
+
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json: cannot encode the prompts")
+    return load_hf(path), Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new_tokens: int):
+    """Trace greedy generation of `max_new_tokens` after each prompt, one prompt at a time."""
+    from moekit.model.generation import generate
+
+    with TraceRecorder(model) as rec:
+        for text in prompts:
+            ids = tokenizer.encode(text).ids[: model.cfg.max_seq_len - max_new_tokens] or [0]
+            generate(model, torch.tensor([ids]), max_new_tokens)
+    return rec.trace()
+
+
+def cache_sim_rows(trace: Trace, capacities: list[int], policies: list[str]) -> list[dict]:
+    """Hit rate of each policy and of Belady's oracle at each capacity (in experts)."""
+    requests, counts = trace.requests(), trace.expert_counts()
+    top_k = trace.identity["top_k"]
+    rows = []
+    for cap in capacities:
+        row = {"budget": cap, "belady": belady(requests, cap)}
+        for p in policies:
+            row[p] = simulate(requests, cap, p, counts if p == "static" else None, top_k)
+        rows.append(row)
+    return rows
