@@ -44,18 +44,20 @@ def domain_of(name: str) -> str:
 
 
 def label_tokens(tok: Tokenizer, documents: Sequence[Document], n_tokens: int) -> LabelledTokens:
-    """The first `n_tokens` tokens of the documents, each followed by END_OF_TEXT ("other")."""
+    """`n_tokens` tokens spread over all the documents (a prefix of each, so that every domain is
+    seen), each prefix followed by END_OF_TEXT (class "other")."""
     ids, classes, domain, domains = [], [], [], {}
+    per_doc = -(-n_tokens // max(len(documents), 1))
     total = 0
     for doc in documents:
-        if total >= n_tokens:
-            break
         enc = tok.encode(doc.text)
         d = domains.setdefault(domain_of(doc.name), len(domains))
-        ids += [np.asarray(enc.ids, dtype=np.int64), np.array([eos_id(tok)])]
-        classes += [token_classes(char_classes(doc.text), enc.offsets), [CLASSES.index("other")]]
-        domain.append(np.full(len(enc.ids) + 1, d))
-        total += len(enc.ids) + 1
+        n = min(len(enc.ids), per_doc)
+        ids += [np.asarray(enc.ids[:n], dtype=np.int64), np.array([eos_id(tok)])]
+        labels = token_classes(char_classes(doc.text), enc.offsets[:n])
+        classes += [labels, [CLASSES.index("other")]]
+        domain.append(np.full(n + 1, d))
+        total += n + 1
     if total == 0:
         raise ValueError("analysis needs held-out text: the documents given are empty")
     cat = [np.concatenate(x)[:n_tokens] for x in (ids, classes, domain)]
