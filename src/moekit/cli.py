@@ -497,6 +497,23 @@ def analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upcycle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dense_run", metavar="DENSE_RUN", help="a run directory of a dense model")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (copies of the FFN)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--noise", type=float, default=0.0, help="expert noise, times each weight's std")
+    p.add_argument("--out", required=True, help="the new run directory")
+
+
+@command("upcycle", "turn a dense run into an MoE run (sparse upcycling)", _upcycle_args)
+def upcycle_command(args: argparse.Namespace) -> int:
+    from moekit.train.upcycle import upcycle_run
+
+    out = upcycle_run(args.dense_run, args.out, args.experts, args.top_k, args.noise)
+    print(f"upcycled run: {out}\ntrain it with: moekit train --resume {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
