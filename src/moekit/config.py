@@ -891,6 +891,9 @@ class CheckpointConfig(ConfigBase):
         _check_int("keep", self.keep, 1)
 
 
+FREEZE_PARTS = ("experts", "router", "attention")
+
+
 @dataclass(kw_only=True)
 class TrainConfig(ConfigBase):
     """How to train: batches, AdamW, learning-rate schedule, precision, logging.
@@ -913,6 +916,8 @@ class TrainConfig(ConfigBase):
         bf16: run the forward pass under bfloat16 autocast (weights and optimizer stay float32).
         compile: wrap the model in torch.compile.
         threads: CPU threads for torch; None leaves torch's default.
+        freeze: parts left untrained (fine-tuning): "experts" (routed and shared), "router",
+            "attention", or several comma-separated; None trains everything.
 
     Logging
         log_every: write train metrics (loss averaged over the interval, expert counts summed over
@@ -937,6 +942,7 @@ class TrainConfig(ConfigBase):
     bf16: bool = False
     compile: bool = False
     threads: int | None = None
+    freeze: str | None = None
     log_every: int = 10
     progress: bool = True
     tensorboard: bool = True
@@ -958,6 +964,13 @@ class TrainConfig(ConfigBase):
                 _fail(name, getattr(self, name), "must be True or False")
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
+        parts = str(self.freeze).split(",") if self.freeze else []
+        if not all(p.strip() in FREEZE_PARTS for p in parts):
+            _fail(
+                "freeze",
+                self.freeze,
+                f"use one or more of {', '.join(FREEZE_PARTS)}, comma-separated",
+            )
 
     def _check_optimizer(self) -> None:
         check_positive("lr", self.lr)

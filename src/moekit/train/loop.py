@@ -27,6 +27,7 @@ from moekit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from moekit.train.freeze import freeze, trainable_table
 from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
@@ -102,6 +103,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model).to(self.device)
         self.forward_model = torch.compile(self.model) if t.compile else self.model
+        if t.freeze:
+            freeze(self.model, t.freeze)
+            self._say(f"frozen: {t.freeze}\n{trainable_table(self.model)}")
         self.optimizer = build_optimizer(self.model, t)
         self.sampler = WindowSampler(self.data.train.tokens, t.batch_size, t.seq_len, t.seed)
         eval_bs = t.eval.batch_size or t.batch_size

@@ -1,0 +1,60 @@
+"""Fine-tuning with parts of the model frozen: `train.freeze` names the parts whose parameters
+get no gradient and are left out of the optimizer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Each part: the module names (a component of a parameter's dotted name) it covers.
+from moekit.config import FREEZE_PARTS
+
+PARTS = {
+    "experts": ("experts", "shared_experts"),  # routed and shared experts of the MoE layers
+    "router": ("router",),
+    "attention": ("attn",),  # the attention projections (the norms stay trainable)
+}
+
+
+def parse_freeze(spec: str | None) -> list[str]:
+    """ "experts,router" -> ["experts", "router"]; None or "" -> []."""
+    parts = [p.strip() for p in (spec or "").split(",") if p.strip()]
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(
+                f"train.freeze={spec!r} is invalid: {part!r} is not one of {', '.join(PARTS)} "
+                "(comma-separated)"
+            )
+    return parts
+
+
+def part_of(name: str) -> str:
+    """The part a parameter belongs to ("other" for embeddings, norms, dense FFNs, the head)."""
+    components = set(name.split("."))
+    for part, modules in PARTS.items():
+        if components & set(modules):
+            return part
+    return "other"
+
+
+def freeze(model: nn.Module, spec: str | None) -> None:
+    """Set requires_grad=False on every parameter of the parts named in `spec`."""
+    frozen = set(parse_freeze(spec))
+    for name, param in model.named_parameters():
+        if part_of(name) in frozen:
+            param.requires_grad_(False)
+
+
+def trainable_table(model: nn.Module) -> str:
+    """Parameters per part: trainable and frozen, and the trainable share of the whole."""
+    counts: dict[str, list[int]] = {part: [0, 0] for part in [*PARTS, "other"]}
+    for name, param in model.named_parameters():
+        counts[part_of(name)][0 if param.requires_grad else 1] += param.numel()
+    total = sum(t + f for t, f in counts.values())
+    trainable = sum(t for t, _ in counts.values())
+    lines = [f"{'part':<10} {'trainable':>12} {'frozen':>12}"]
+    lines += [f"{p:<10} {t:>12,} {f:>12,}" for p, (t, f) in counts.items() if t + f]
+    lines.append(f"trainable: {trainable:,} of {total:,} ({trainable / max(total, 1):.1%})")
+    return "\n".join(lines)
+
+
+assert tuple(PARTS) == FREEZE_PARTS  # the config validates the same names
