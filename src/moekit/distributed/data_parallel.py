@@ -50,9 +50,10 @@ def apply_data_parallel(
     )
     ddp_kwargs.setdefault("broadcast_buffers", False)
     ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
-    if params and layout.dp_size > 1:
+    trained = [p for p in params if p.requires_grad]  # frozen experts have nothing to average
+    if trained and layout.dp_size > 1:
         assert layout.dp_group is not None
-        ddp.register_comm_hook(ExpertReplicaSync(params, layout.dp_group, group), _bucket_hook)
+        ddp.register_comm_hook(ExpertReplicaSync(trained, layout.dp_group, group), _bucket_hook)
     return ddp
 
 
