@@ -514,6 +514,31 @@ def upcycle_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    from moekit.experiments.arms import EXPERIMENTS
+
+    p.add_argument("name", metavar="NAME", choices=list(EXPERIMENTS), help=", ".join(EXPERIMENTS))
+    p.add_argument("--preset", default="tiny", help="base run preset of every arm (default tiny)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat each arm with N seeds")
+    p.add_argument("--out", help="report folder (default runs/experiments/NAME)")
+
+
+@command(
+    "experiment",
+    "train a paper's arms side by side and report the measured direction",
+    _experiment_args,
+    overrides=True,
+)
+def experiment_command(args: argparse.Namespace) -> int:
+    from moekit.config import RunConfig
+    from moekit.experiments.runner import run_experiment
+
+    out = args.out or f"runs/experiments/{args.name}"
+    base = RunConfig.preset(args.preset)
+    print(f"report: {run_experiment(args.name, base, out, args.seeds, args.overrides)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,109 @@
+"""The experiments of `moekit experiment NAME`: arms as config overrides of one base run, and the
+paper's prediction each one checks.
+
+Sizes are relative to the base run's MoE layer (E experts of width F, top-k): the arms of an
+experiment keep the active expert width k * F per token equal unless the experiment varies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moekit.config import RunConfig
+
+Arm = tuple[str, list[str]]  # (name, "--a.b=value" overrides of the base run)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Arms, the paper's prediction, and the metric (lower is better) the prediction is about."""
+
+    name: str
+    prediction: str
+    arms: Callable[[RunConfig], list[Arm]]
+    metric: str = "val_loss"
+    better: tuple[str, str] | None = None  # (arm expected better, arm expected worse) on metric
+
+
+def _moe(base: RunConfig) -> tuple[int, int, int]:
+    moe = base.model.moe
+    if moe is None:
+        raise ValueError("experiments need a base run with an MoE model (model.moe set)")
+    return moe.n_experts, moe.top_k, moe.d_expert
+
+
+def moe_vs_dense(base: RunConfig) -> list[Arm]:
+    """Equal active expert width A = k * F: dense d_ff = A, Switch top-1 of width A, top-2 of
+    A / 2, fine-grained (2E experts of A / 4, top-3, one shared of A / 4: DeepSeekMoE)."""
+    e, k, f = _moe(base)
+    a = k * f
+    m = "--model.moe."
+    return [
+        ("dense", ["--model.moe=null", f"--model.d_ff={a}"]),
+        ("switch-top1", [f"{m}top_k=1", f"{m}d_expert={a}", f"{m}normalize=false"]),
+        ("top2", [f"{m}top_k=2", f"{m}d_expert={a // 2}"]),
+        ("fine-grained+shared", [f"{m}n_experts={2 * e}", f"{m}top_k=3", f"{m}d_expert={a // 4}",
+                                 f"{m}n_shared_experts=1", f"{m}d_shared={a // 4}"]),
+    ]  # fmt: skip
+
+
+def balance(base: RunConfig) -> list[Arm]:
+    m = "--model.moe."
+    return [
+        ("no-balancing", [f"{m}aux_loss_coef=0", f"{m}bias_update_rate=0"]),
+        ("aux-1e-2", [f"{m}aux_loss_coef=0.01", f"{m}bias_update_rate=0"]),
+        ("aux-1e-3", [f"{m}aux_loss_coef=0.001", f"{m}bias_update_rate=0"]),
+        ("aux-loss-free", [f"{m}aux_loss_coef=0", f"{m}bias_update_rate=0.001"]),
+    ]
+
+
+def granularity(base: RunConfig) -> list[Arm]:
+    """(E, k, F) = (8, 1, 4F0), (16, 2, 2F0), (32, 4, F0), and (32, 3, F0) + one shared F0; with
+    F0 a quarter of the base's active width k * F (equal active compute)."""
+    _, k, f = _moe(base)
+    f0 = max(k * f // 4, 1)
+    m = "--model.moe."
+    arms = [(8, 1, 4 * f0), (16, 2, 2 * f0), (32, 4, f0)]
+    out = [(f"E{e}-k{kk}", [f"{m}n_experts={e}", f"{m}top_k={kk}", f"{m}d_expert={ff}"])
+           for e, kk, ff in arms]  # fmt: skip
+    shared = [f"{m}n_experts=32", f"{m}top_k=3", f"{m}d_expert={f0}", f"{m}n_shared_experts=1"]
+    return [*out, ("E32-k3+shared", [*shared, f"{m}d_shared={f0}"])]
+
+
+def z_loss(base: RunConfig) -> list[Arm]:
+    lr = base.train.lr
+    m = "--model.moe.z_loss_coef"
+    return [(f"{name}-lr{scale}x", [f"{m}={coef}", f"--train.lr={lr * scale}"])
+            for scale in (1, 4) for name, coef in (("no-z", 0), ("z-1e-3", 0.001))]  # fmt: skip
+
+
+def capacity(base: RunConfig) -> list[Arm]:
+    m = "--model.moe.capacity_factor"
+    return [(f"cf-{c}", [f"{m}={c}"]) for c in (0.5, 1.0, 1.25, 2.0)] + [
+        ("dropless", [f"{m}=null"])
+    ]
+
+
+EXPERIMENTS = {
+    e.name: e
+    for e in [
+        Experiment("moe-vs-dense", "At equal active parameters an MoE reaches a lower loss than "
+                   "the dense model (Switch, Fedus 2021; DeepSeekMoE: finer experts + a shared "
+                   "expert lower it further). (Hash routing, Roller 2021, is not in moekit yet.)",
+                   moe_vs_dense, better=("top2", "dense")),
+        Experiment("balance", "Without balancing, routing collapses (high MaxVio, dead experts); "
+                   "a 1e-2 aux loss balances at a small loss cost; the aux-loss-free bias balances "
+                   "without it (Wang 2024).", balance, metric="max_vio",
+                   better=("aux-1e-2", "no-balancing")),
+        Experiment("granularity", "Finer experts (more, smaller, higher k) lower the loss at equal "
+                   "active compute (DeepSeekMoE; Krajewski 2024).", granularity,
+                   better=("E32-k4", "E8-k1")),
+        Experiment("z-loss", "The router z-loss keeps router logits small and makes training at a "
+                   "high learning rate stabler (ST-MoE, Zoph 2022).", z_loss, metric="logit_rms",
+                   better=("z-1e-3-lr4x", "no-z-lr4x")),
+        Experiment("capacity", "Lower capacity drops more tokens and raises the loss; dropless "
+                   "matches or beats capacity 2.0 (GShard, Switch, MegaBlocks).", capacity,
+                   better=("dropless", "cf-0.5")),
+    ]
+}  # fmt: skip

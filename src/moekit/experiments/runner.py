@@ -1,0 +1,114 @@
+"""Run an experiment's arms with the same data order, gather their figures, write the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from moekit.config import RunConfig
+from moekit.experiments.arms import EXPERIMENTS, Experiment
+from moekit.fileio import atomic_write_text
+from moekit.overrides import apply_overrides
+from moekit.train import TrainingDiverged, train
+from moekit.train.metrics import read_metrics
+
+SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
+
+
+def run_experiment(
+    name: str, base: RunConfig, out_dir: str | Path, seeds: int = 1,
+    overrides: list[str] | None = None,
+) -> Path:  # fmt: skip
+    """Train every arm of experiment `name` `seeds` times (seeds base.train.seed + 0..seeds-1,
+    the same for every arm: same initial RNG and batch order); write OUT/report.md."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    exp, out_dir = EXPERIMENTS[name], Path(out_dir)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for arm, arm_overrides in exp.arms(base):
+        for s in range(seeds):
+            seed = f"--train.seed={base.train.seed + s}"
+            cfg = apply_overrides(base, [*(overrides or []), *arm_overrides, seed])
+            results.setdefault(arm, []).append(_train_arm(cfg, out_dir / arm / f"seed-{s}"))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
+    path = out_dir / "report.md"
+    atomic_write_text(path, report_text(exp, results, base, overrides or []))
+    return path
+
+
+def _train_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    try:
+        result = train(cfg, run_dir)
+        diverged = False
+    except TrainingDiverged:
+        result, diverged = None, True
+    figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
+    return figures | {"diverged": diverged, "seconds": result.seconds if result else None}
+
+
+def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """An arm's figures from its metrics.jsonl records (NaN where the run logged none)."""
+    train_recs = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    last = train_recs[-1] if train_recs else {}
+    layers = last.get("layers", [])
+    losses = [r["loss"] for r in train_recs]
+    spikes = sum(loss > SPIKE * min(losses[:i]) for i, loss in enumerate(losses) if i)
+    mean = lambda key: _mean([layer[key] for layer in layers])  # noqa: E731
+    return {
+        "val_loss": evals[-1]["val_loss"] if evals else math.nan,
+        "train_loss": losses[-1] if losses else math.nan,
+        "max_vio": max((layer["max_vio"] for layer in layers), default=math.nan),
+        "dropped_fraction": mean("dropped_fraction"),
+        "logit_rms": math.sqrt(mean("z_loss")) if layers else math.nan,
+        "tokens_per_s": _mean([r["tokens_per_s"] for r in train_recs]),
+        "spikes": spikes,
+        "losses": [(r["step"], r["loss"]) for r in train_recs],
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+COLUMNS = ("val_loss", "train_loss", "max_vio", "dropped_fraction", "logit_rms", "tokens_per_s",
+           "spikes", "seconds")  # fmt: skip
+
+
+def report_text(
+    exp: Experiment, results: dict[str, list[dict[str, Any]]], base: RunConfig, overrides: list[str]
+) -> str:
+    """The report: prediction, arms table (mean over seeds), and the measured direction."""
+    lines = [f"# Experiment: {exp.name}", "", f"Prediction: {exp.prediction}", "",
+             f"Base: {base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} "
+             f"tokens on {base.train.data.source}; overrides for all arms: {overrides or 'none'}; "
+             f"{len(next(iter(results.values())))} seed(s) per arm.", "",
+             "| arm | " + " | ".join(COLUMNS) + " | diverged |",
+             "|---" * (len(COLUMNS) + 2) + "|"]  # fmt: skip
+    for arm, runs in results.items():
+        cells = [_fmt(_mean([r[c] for r in runs if r[c] is not None])) for c in COLUMNS]
+        diverged = sum(r["diverged"] for r in runs)
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {diverged}/{len(runs)} |")
+    lines += ["", verdict(exp, results), ""]
+    return "\n".join(lines)
+
+
+def verdict(exp: Experiment, results: dict[str, list[dict[str, Any]]]) -> str:
+    """Paired differences (worse - better) of the metric per seed, and whether they agree."""
+    if exp.better is None:
+        return ""
+    good, bad = exp.better
+    diffs = [
+        b[exp.metric] - g[exp.metric] for g, b in zip(results[good], results[bad], strict=True)
+    ]
+    mean = _mean(diffs)
+    agrees = "agrees with" if mean > 0 else "differs from"
+    per_seed = ", ".join(_fmt(d) for d in diffs)
+    return (f"Measured: {exp.metric}({bad}) - {exp.metric}({good}) = {_fmt(mean)} "
+            f"(per seed: {per_seed}); the direction {agrees} the paper's.")  # fmt: skip
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value != value else f"{value:.4g}"
