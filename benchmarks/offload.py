@@ -13,7 +13,9 @@ offloaded run's tokens and logits are checked bit-identical to the all-resident 
 
 The model (random weights; experts ~94% of its bytes) is built in the script; "static" keeps the
 most used experts of a trace recorded on other prompts. The CPU may be shared with other jobs:
-compare ratios within one run, not absolute times.
+compare ratios within one run, not absolute times. Each offloaded configuration runs twice (cold
+each time) and keeps its best time; the all-resident run is repeated between the budgets and
+keeps its best.
 
     python benchmarks/offload.py            # ~ a few minutes
     python benchmarks/offload.py --quick    # seconds, for tests
@@ -87,17 +89,21 @@ def greedy(model, prompt, n_new: int):
     return torch.stack(ids, 1), torch.stack(logits, 1), seconds
 
 
-def run_offloaded(model, expert_dir, prompt, n_new, reference, **kw) -> dict:
+def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats=2, **kw) -> dict:
+    """Best tokens/s of `repeats` cold runs (each from an empty cache and page cache)."""
     from moekit.inference import apply_expert_offload
     from moekit.inference.offload import drop_from_page_cache
 
-    m = copy.deepcopy(model)
-    offload = apply_expert_offload(m, expert_dir, **kw)
-    cold_loads(offload)
-    drop_from_page_cache(offload.store.files())
-    ids, logits, seconds = greedy(m, prompt, n_new)
-    offload.close()
-    stats = offload.stats()
+    best = float("inf")
+    for _ in range(repeats):
+        m = copy.deepcopy(model)
+        offload = apply_expert_offload(m, expert_dir, **kw)
+        cold_loads(offload)
+        drop_from_page_cache(offload.store.files())
+        ids, logits, seconds = greedy(m, prompt, n_new)
+        offload.close()
+        best = min(best, seconds)
+    seconds, stats = best, offload.stats()
     same = torch.equal(ids, reference[0]) and torch.equal(logits, reference[1])
     return {
         "tokens_per_s": ids.numel() / seconds,
@@ -141,7 +147,7 @@ def measure(quick: bool) -> dict:
     with TraceRecorder(model) as rec:
         reference = greedy(model, prompt, n_new)
     requests = rec.trace().requests()
-    resident = [greedy(model, prompt, n_new)[2] for _ in range(2)]
+    resident = [greedy(model, prompt, n_new)[2] for _ in range(2)]  # more added between runs
     n_total = len(model.moe_layers()) * cfg.moe.n_experts
     expert_params = sum(p.numel() for n, p in model.named_parameters() if "experts.w_" in n)
     result = {
@@ -157,9 +163,8 @@ def measure(quick: bool) -> dict:
         },
         "page_cache": "posix_fadvise(DONTNEED) on the expert files before each run and after "
         "every expert load",
-        "all_resident": {"tokens_per_s": n_new / min(resident)},
     }
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         expert_dir = write_expert_files(model, Path(tmp) / "experts")
         run = lambda **kw: run_offloaded(model, expert_dir, prompt, n_new, reference, **kw)  # noqa: E731
         result["no_cache"] = run(budget=cfg.moe.top_k)
@@ -172,7 +177,14 @@ def measure(quick: bool) -> dict:
                     row.update(budget=budget, policy=policy, prefetch=prefetch)
                     row["belady_hit_rate"] = belady(requests, row["capacity"])
                     rows.append(row)
+            resident.append(greedy(model, prompt, n_new)[2])
         result["runs"] = rows
+    # The best of the resident runs interleaved with the offloaded ones: the load of the machine
+    # changes during the benchmark; every speed here is a best of its repeats.
+    result["all_resident"] = {
+        "tokens_per_s": n_new / min(resident),
+        "each_run_tokens_per_s": [n_new / t for t in resident],
+    }
     result["checks"] = checks(result)
     return result
 
