@@ -291,7 +291,7 @@ def apply_expert_offload(
     for i, layer in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts, i, cache)
     offload = ExpertOffload(cache, store)
-    if prefetch:
+    if prefetch and moe.router != "hash":  # a hash router needs the token ids, not x
         for i, (layer, nxt) in enumerate(itertools.pairwise(layers)):
             offload.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(i, nxt, cache)))
     return offload
