@@ -29,7 +29,8 @@ def test_moe_vs_dense_keeps_the_active_width():
     base = RunConfig.preset("tiny")  # 8 experts of 64, top-2: active width 128
     cfgs = {arm: apply_overrides(base, ov).model for arm, ov in moe_vs_dense(base)}
     assert cfgs["dense"].moe is None and cfgs["dense"].d_ff == 128
-    for arm in ("switch-top1", "top2", "fine-grained+shared"):
+    assert cfgs["hash"].moe.router == "hash"
+    for arm in ("hash", "switch-top1", "top2", "fine-grained+shared"):
         moe = cfgs[arm].moe
         assert moe.top_k * moe.d_expert + moe.n_shared_experts * (moe.d_shared or 0) == 128
 
@@ -65,11 +66,11 @@ def test_an_experiment_trains_its_arms_and_writes_the_report(tmp_path: Path, mon
                     eval=EvalConfig(every=2, batches=1))  # fmt: skip
     base = RunConfig(model=ModelConfig.preset("tiny").replace(vocab_size=257), train=t)
     two_arms = Experiment("moe-vs-dense", "MoE beats dense", lambda b: moe_vs_dense(b)[:2],
-                          better=("switch-top1", "dense"))  # fmt: skip
+                          better=("hash", "dense"))  # fmt: skip
     monkeypatch.setitem(EXPERIMENTS, "moe-vs-dense", two_arms)
     report = run_experiment("moe-vs-dense", base, tmp_path / "exp").read_text()
-    assert "| dense |" in report and "| switch-top1 |" in report
-    assert "Measured: val_loss(dense) - val_loss(switch-top1)" in report
+    assert "| dense |" in report and "| hash |" in report
+    assert "Measured: val_loss(dense) - val_loss(hash)" in report
     assert (tmp_path / "exp/dense/seed-0/metrics.jsonl").is_file()
 
 

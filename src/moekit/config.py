@@ -111,7 +111,9 @@ class MoEConfig(ConfigBase):
     Routing
         router: "topk" (token choice: each token picks k experts) or "expert_choice" (each expert
             picks its C tokens, Zhou et al. 2022; NOT causal: a token's routing depends on later
-            tokens of the same call, so it is unfit for autoregressive decoding).
+            tokens of the same call, so it is unfit for autoregressive decoding), or "hash" (a fixed
+            balanced map from token id to expert, Roller et al. 2021; no learned router; the
+            layer needs the token ids: `layer(x, token_ids)`; weights 1/top_k).
         score: "softmax" (probabilities over all experts) or "sigmoid" (independent gates,
             DeepSeek-V3).
         normalize: divide the selected weights of a token by their sum (Mixtral, DeepSeek-V3).
@@ -172,7 +174,7 @@ class MoEConfig(ConfigBase):
     n_shared_experts: int = 0
     d_shared: int | None = None
     shared_gate: bool = False
-    router: Literal["topk", "expert_choice"] = "topk"
+    router: Literal["topk", "expert_choice", "hash"] = "topk"
     score: Literal["softmax", "sigmoid"] = "softmax"
     normalize: bool = True
     router_bias: bool = False
@@ -238,7 +240,7 @@ class MoEConfig(ConfigBase):
             _fail("shared_gate", self.shared_gate, "needs n_shared_experts >= 1")
 
     def _check_routing(self) -> None:
-        check_choice("router", self.router, ("topk", "expert_choice"))
+        check_choice("router", self.router, ("topk", "expert_choice", "hash"))
         check_choice("score", self.score, ("softmax", "sigmoid"))
         check_choice("noise", self.noise, (None, "jitter", "gaussian"))
         check_positive("routed_scaling", self.routed_scaling)
@@ -274,6 +276,8 @@ class MoEConfig(ConfigBase):
             )
         if self.overflow != "drop":
             _fail("overflow", self.overflow, f"needs router='topk', not {who}")
+        if self.router == "hash":  # fixed routing: the balance losses are constants, allowed
+            return
         if self.capacity_factor is None:
             _fail("capacity_factor", None, "router='expert_choice' needs a capacity (e.g. 1.0)")
         for name in ("aux_loss_coef", "importance_loss_coef", "load_loss_coef"):

@@ -69,14 +69,16 @@ class MoELayer(nn.Module):
             self.shared_experts.init_weights(std, out_std)
         self.bias_counts.zero_()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """x (..., D) -> y (..., D), aux. token_ids (...): only for router="hash", which routes by
+        them."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"MoELayer expects inputs whose last dimension is d_model={self.cfg.d_model}, "
                 f"got shape {tuple(x.shape)} (last dimension {x.shape[-1]})"
             )
         x_TD = x.reshape(-1, self.cfg.d_model)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         x_RD, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
         y_RD = self.experts(x_RD, counts_E)
         y_TD = self.dispatcher.combine(y_RD, state)

@@ -34,13 +34,15 @@ def _moe(base: RunConfig) -> tuple[int, int, int]:
 
 
 def moe_vs_dense(base: RunConfig) -> list[Arm]:
-    """Equal active expert width A = k * F: dense d_ff = A, Switch top-1 of width A, top-2 of
-    A / 2, fine-grained (2E experts of A / 4, top-3, one shared of A / 4: DeepSeekMoE)."""
+    """Equal active expert width A = k * F: dense d_ff = A, hash (Roller 2021) and Switch top-1
+    of width A, top-2 of A / 2, fine-grained (2E experts of A / 4, top-3, one shared of A / 4:
+    DeepSeekMoE)."""
     e, k, f = _moe(base)
     a = k * f
     m = "--model.moe."
     return [
         ("dense", ["--model.moe=null", f"--model.d_ff={a}"]),
+        ("hash", [f"{m}router=hash", f"{m}top_k=1", f"{m}d_expert={a}"]),
         ("switch-top1", [f"{m}top_k=1", f"{m}d_expert={a}", f"{m}normalize=false"]),
         ("top2", [f"{m}top_k=2", f"{m}d_expert={a // 2}"]),
         ("fine-grained+shared", [f"{m}n_experts={2 * e}", f"{m}top_k=3", f"{m}d_expert={a // 4}",
@@ -90,7 +92,8 @@ EXPERIMENTS = {
     for e in [
         Experiment("moe-vs-dense", "At equal active parameters an MoE reaches a lower loss than "
                    "the dense model (Switch, Fedus 2021; DeepSeekMoE: finer experts + a shared "
-                   "expert lower it further). (Hash routing, Roller 2021, is not in moekit yet.)",
+                   "expert lower it further); hash routing is competitive but below a learned "
+                   "router (Roller 2021).",
                    moe_vs_dense, better=("top2", "dense")),
         Experiment("balance", "Without balancing, routing collapses (high MaxVio, dead experts); "
                    "a 1e-2 aux loss balances at a small loss cost; the aux-loss-free bias balances "

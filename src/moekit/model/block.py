@@ -59,11 +59,14 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask: AttentionMask,
         cache: LayerKVCache | None = None,
+        token_ids_BS: Tensor | None = None,
     ) -> tuple[Tensor, MoEAux | None]:
-        """x_BSD (B, S, D) -> (B, S, D) and the MoE layer's aux (None for a dense block)."""
+        """x_BSD (B, S, D) -> (B, S, D) and the MoE layer's aux (None for a dense block).
+        token_ids_BS: the input token ids, which a hash-routed MoE layer routes by."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
-            y_BSD, aux = self.ffn(h_BSD)
+            hashed = self.ffn.cfg.router == "hash"
+            y_BSD, aux = self.ffn(h_BSD, token_ids_BS) if hashed else self.ffn(h_BSD)
             return x_BSD + y_BSD, aux
         return x_BSD + self.ffn(h_BSD), None

@@ -100,7 +100,7 @@ class MoETransformer(nn.Module):
         aux: list[MoEAux] = []
         for i, block in enumerate(self.layers):
             cache = None if kv_cache is None else kv_cache.layers[i]
-            x_BSD, layer_aux = block(x_BSD, rope, masks[cfg.layer_window(i)], cache)
+            x_BSD, layer_aux = block(x_BSD, rope, masks[cfg.layer_window(i)], cache, input_ids)
             if layer_aux is not None:
                 aux.append(layer_aux)
         logits_BSV = self._head(self.norm(x_BSD))

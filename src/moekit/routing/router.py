@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.routing.base import Routing
 from moekit.routing.expert_choice import expert_choice_route
+from moekit.routing.hash import hash_route
 from moekit.routing.topk import topk_route
 
 
@@ -42,9 +43,16 @@ class Router(nn.Module):
             # Zero noise weights start the learned std at softplus(0) = 0.69 (as Shazeer 2017).
             nn.init.zeros_(self.noise_weight)
 
-    def forward(self, x_TD: Tensor) -> Routing:
-        """x_TD: (T, D) any float dtype -> Routing with float32 (or float64) logits (T, E)."""
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        """x_TD: (T, D) any float dtype -> Routing with float32 (or float64) logits (T, E).
+        token_ids_T (T,): the token ids, needed (and only used) by router="hash"."""
         x = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
+        if self.cfg.router == "hash":
+            if token_ids_T is None or token_ids_T.shape[0] != x_TD.shape[0]:
+                raise ValueError(
+                    "router='hash' routes by token id: call the layer as layer(x, ids)"
+                )
+            return hash_route(token_ids_T, self.cfg, x.dtype)
         if self.cfg.noise == "jitter" and self.training:
             eps = self.cfg.noise_eps
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
