@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_model
 
 from moekit.analysis.analyze import analyze
-from moekit.analysis.report import top_domains
+from moekit.analysis.report import favourites, top_domains
 from moekit.analysis.token_classes import CLASSES, char_classes, token_classes
 from moekit.analysis.trace import domain_of, label_tokens, record_routing
 from moekit.cli import main
@@ -55,6 +56,11 @@ def test_top_domains_merges_the_rare_ones(monkeypatch):
     assert labels.tolist() == [2, 1, 1, 0, 0, 0]
 
 
+def test_favourites_names_each_class_best_expert():
+    spec = [[0.5, 0.0], [0.25, 0.0]]  # expert x class; the second class is empty
+    assert favourites(spec, ["keyword", "name"], 0.25) == "keyword: expert 0 (2.0x)"
+
+
 def tiny_model() -> MoETransformer:
     model = MoETransformer(ModelConfig.preset("tiny").replace(vocab_size=257))
     model.init_weights()
@@ -71,6 +77,7 @@ def test_trace_keeps_each_layer_top_k_in_token_order():
     assert trace.new_seq.nonzero().flatten().tolist() == [0, 32, 64]
     alone = model(torch.from_numpy(tokens.token_ids[32:64])[None]).aux[1].ids
     assert torch.equal(trace.ids[1][32:64], alone)
+    assert 0 < trace.entropy[0] <= math.log(8) + 1e-6
 
 
 def fake_run(tmp_path: Path) -> Path:

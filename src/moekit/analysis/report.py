@@ -125,12 +125,27 @@ def report_text(
             f"| {b['any_uniform']:.3f} | {np.mean(r['vocabulary_per_expert']):.3f} |"
         )
     lines += ["", *DEFINITIONS.format(k_over_e=k / e).splitlines(), ""]
+    lines += ["Most preferred expert per token class (share / uniform K/E), per layer:", ""]
+    for i, r in enumerate(layers):
+        lines.append(f"- layer {i}: " + favourites(r["token_class"], list(CLASSES), k / e))
+    lines.append("")
     if saturation:
         final = [f"{v[0]:.3f}" for v in saturation["layers"]]
         lines += [f"Router saturation at the first checkpoint (step {saturation['steps'][0]}), "
                   f"per layer: {', '.join(final)}.", ""]  # fmt: skip
     lines += [f"![{name[:-4]}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def favourites(spec_EC: list[list[float]], classes: list[str], uniform: float) -> str:
+    """ "keyword: expert 3 (2.1x), ...": each class's most preferred expert and its ratio."""
+    spec = np.asarray(spec_EC)
+    parts = []
+    for c, name in enumerate(classes):
+        if spec[:, c].any():
+            e = int(spec[:, c].argmax())
+            parts.append(f"{name}: expert {e} ({spec[e, c] / uniform:.1f}x)")
+    return ", ".join(parts)
 
 
 DEFINITIONS = """\

@@ -83,7 +83,10 @@ def record_routing(
     new_seq = torch.zeros(len(ids_T), dtype=torch.bool)
     new_seq[::seq_len] = True
     ids = [torch.cat(chunks) for chunks in per_layer]
-    return RoutingTrace(tokens, new_seq, ids, [float(np.mean(e)) for e in entropy])
+    sizes = [len(c) for c in per_layer[0]]  # the mean entropy of each batch, weighted by tokens
+    return RoutingTrace(
+        tokens, new_seq, ids, [float(np.average(e, weights=sizes)) for e in entropy]
+    )
 
 
 def _record(out, per_layer: list[list[Tensor]], entropy: list[list[float]]) -> None:
