@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sysconfig
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_arm_figures_from_metrics_records():
     ]
     fig = arm_figures(records)
     assert (fig["val_loss"], fig["train_loss"], fig["spikes"]) == (1.5, 3.5, 1)
-    assert (fig["logit_rms"], fig["tokens_per_s"], fig["max_vio"]) == (2.0, 20.0, 0.5)
+    assert (fig["tokens_per_s"], fig["max_vio"], fig["dropped_fraction"]) == (20.0, 0.5, 0.1)
     assert math.isnan(arm_figures([])["val_loss"])
 
 
@@ -72,6 +73,10 @@ def test_an_experiment_trains_its_arms_and_writes_the_report(tmp_path: Path, mon
     assert "| dense |" in report and "| hash |" in report
     assert "Measured: val_loss(dense) - val_loss(hash)" in report
     assert (tmp_path / "exp/dense/seed-0/metrics.jsonl").is_file()
+    results = json.loads((tmp_path / "exp/results.json").read_text())
+    assert math.isnan(results["dense"][0]["logit_rms"])  # no router
+    assert results["hash"][0]["logit_rms"] == pytest.approx(math.log(8))  # zero logits, E = 8
+    assert "Base: 2 steps" in report
 
 
 def test_experiment_cli_refuses_an_unknown_name(capsys):

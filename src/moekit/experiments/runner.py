@@ -7,12 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from moekit.config import RunConfig
+from moekit.data import fixed_batches, prepare_data
 from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text
+from moekit.losses import z_loss
 from moekit.overrides import apply_overrides
-from moekit.train import TrainingDiverged, train
+from moekit.train import TrainingDiverged, latest_checkpoint, train
 from moekit.train.metrics import read_metrics
+from moekit.train.sample import load_run
 
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
 
@@ -34,7 +40,8 @@ def run_experiment(
             results.setdefault(arm, []).append(_train_arm(cfg, out_dir / arm / f"seed-{s}"))
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     path = out_dir / "report.md"
-    atomic_write_text(path, report_text(exp, results, base, overrides or []))
+    shown = apply_overrides(base, overrides or [])
+    atomic_write_text(path, report_text(exp, results, shown, overrides or []))
     return path
 
 
@@ -45,7 +52,29 @@ def _train_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     except TrainingDiverged:
         result, diverged = None, True
     figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
+    figures["logit_rms"] = router_logit_rms(run_dir)
     return figures | {"diverged": diverged, "seconds": result.seconds if result else None}
+
+
+@torch.no_grad()
+def router_logit_rms(run_dir: Path) -> float:
+    """sqrt(mean over tokens and layers of logsumexp(router logits)^2) of the run's newest
+    checkpoint on one fixed validation batch: the magnitude the z-loss (ST-MoE) penalises, measured
+    whether or not the arm trains with it. NaN for a dense model or a run without checkpoint."""
+    if latest_checkpoint(run_dir) is None:
+        return math.nan
+    cfg, model, _ = load_run(run_dir)
+    if not model.moe_layers():
+        return math.nan
+    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
+    batch = fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
+    z: list[Tensor] = []
+    hooks = [m.router.register_forward_hook(lambda _m, _i, out: z.append(z_loss(out.logits_TE)))
+             for m in model.moe_layers()]  # fmt: skip
+    model(batch)
+    for hook in hooks:
+        hook.remove()
+    return math.sqrt(float(torch.stack(z).mean()))
 
 
 def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,7 +91,6 @@ def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
         "train_loss": losses[-1] if losses else math.nan,
         "max_vio": max((layer["max_vio"] for layer in layers), default=math.nan),
         "dropped_fraction": mean("dropped_fraction"),
-        "logit_rms": math.sqrt(mean("z_loss")) if layers else math.nan,
         "tokens_per_s": _mean([r["tokens_per_s"] for r in train_recs]),
         "spikes": spikes,
         "losses": [(r["step"], r["loss"]) for r in train_recs],
