@@ -39,12 +39,12 @@ def test_moe_vs_dense_keeps_the_active_width():
 def test_arm_figures_from_metrics_records():
     layer = {"max_vio": 0.5, "dropped_fraction": 0.1, "z_loss": 4.0}
     records = [
-        {"kind": "train", "step": 1, "loss": 2.0, "tokens_per_s": 10.0, "layers": [layer]},
-        {"kind": "train", "step": 2, "loss": 3.5, "tokens_per_s": 30.0, "layers": [layer]},
+        {"kind": "train", "step": 1, "lm_loss": 2.0, "tokens_per_s": 10.0, "layers": [layer]},
+        {"kind": "train", "step": 2, "lm_loss": 3.5, "tokens_per_s": 30.0, "layers": [layer]},
         {"kind": "eval", "step": 2, "val_loss": 1.5},
     ]
     fig = arm_figures(records)
-    assert (fig["val_loss"], fig["train_loss"], fig["spikes"]) == (1.5, 3.5, 1)
+    assert (fig["val_loss"], fig["train_lm_loss"], fig["spikes"]) == (1.5, 3.5, 1)
     assert (fig["tokens_per_s"], fig["max_vio"], fig["dropped_fraction"]) == (20.0, 0.5, 0.1)
     assert math.isnan(arm_figures([])["val_loss"])
 
@@ -76,7 +76,8 @@ def test_an_experiment_trains_its_arms_and_writes_the_report(tmp_path: Path, mon
     results = json.loads((tmp_path / "exp/results.json").read_text())
     assert math.isnan(results["dense"][0]["logit_rms"])  # no router
     assert results["hash"][0]["logit_rms"] == pytest.approx(math.log(8))  # zero logits, E = 8
-    assert "Base: 2 steps" in report
+    assert "Base: 2 steps" in report and "(loss.png)" in report
+    assert (tmp_path / "exp/loss.png").stat().st_size > 1000
 
 
 def test_experiment_cli_refuses_an_unknown_name(capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 from torch import Tensor
 
 from moekit.config import RunConfig
@@ -18,6 +19,7 @@ from moekit.losses import z_loss
 from moekit.overrides import apply_overrides
 from moekit.train import TrainingDiverged, latest_checkpoint, train
 from moekit.train.metrics import read_metrics
+from moekit.train.report import save_figure
 from moekit.train.sample import load_run
 
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
@@ -40,6 +42,7 @@ def run_experiment(
             results.setdefault(arm, []).append(_train_arm(cfg, out_dir / arm / f"seed-{s}"))
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     path = out_dir / "report.md"
+    save_figure(loss_figure(results), out_dir / "loss.png")
     shown = apply_overrides(base, overrides or [])
     atomic_write_text(path, report_text(exp, results, shown, overrides or []))
     return path
@@ -83,25 +86,41 @@ def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     evals = [r for r in records if r["kind"] == "eval"]
     last = train_recs[-1] if train_recs else {}
     layers = last.get("layers", [])
-    losses = [r["loss"] for r in train_recs]
+    losses = [r["lm_loss"] for r in train_recs]
     spikes = sum(loss > SPIKE * min(losses[:i]) for i, loss in enumerate(losses) if i)
     mean = lambda key: _mean([layer[key] for layer in layers])  # noqa: E731
     return {
         "val_loss": evals[-1]["val_loss"] if evals else math.nan,
-        "train_loss": losses[-1] if losses else math.nan,
+        "train_lm_loss": losses[-1] if losses else math.nan,
         "max_vio": max((layer["max_vio"] for layer in layers), default=math.nan),
         "dropped_fraction": mean("dropped_fraction"),
         "tokens_per_s": _mean([r["tokens_per_s"] for r in train_recs]),
         "spikes": spikes,
-        "losses": [(r["step"], r["loss"]) for r in train_recs],
+        "losses": [(r["step"], r["lm_loss"]) for r in train_recs],
     }
+
+
+def loss_figure(results: dict[str, list[dict[str, Any]]]) -> Figure:
+    """Train language-model loss (without the balance losses) against step, one line per arm
+    (its first seed)."""
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.subplots()
+    for arm, runs in results.items():
+        if runs[0]["losses"]:
+            steps, losses = zip(*runs[0]["losses"], strict=True)
+            ax.plot(steps, losses, label=arm)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train LM loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-COLUMNS = ("val_loss", "train_loss", "max_vio", "dropped_fraction", "logit_rms", "tokens_per_s",
+COLUMNS = ("val_loss", "train_lm_loss", "max_vio", "dropped_fraction", "logit_rms", "tokens_per_s",
            "spikes", "seconds")  # fmt: skip
 
 
@@ -119,7 +138,7 @@ def report_text(
         cells = [_fmt(_mean([r[c] for r in runs if r[c] is not None])) for c in COLUMNS]
         diverged = sum(r["diverged"] for r in runs)
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {diverged}/{len(runs)} |")
-    lines += ["", verdict(exp, results), ""]
+    lines += ["", verdict(exp, results), "", "![train loss of every arm](loss.png)", ""]
     return "\n".join(lines)
 
 
