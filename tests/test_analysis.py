@@ -80,12 +80,17 @@ def test_trace_keeps_each_layer_top_k_in_token_order():
     assert 0 < trace.entropy[0] <= math.log(8) + 1e-6
 
 
-def fake_run(tmp_path: Path) -> Path:
-    """A run directory with two checkpoints of a random tiny model, on a corpus of 3 files."""
+def write_corpus(tmp_path: Path) -> Path:
     corpus = tmp_path / "corpus"
     for name in ("pkg/a.py", "pkg/b.py", "c.py"):
         (corpus / name).parent.mkdir(parents=True, exist_ok=True)
         (corpus / name).write_text(SOURCE * 20)
+    return corpus
+
+
+def fake_run(tmp_path: Path) -> Path:
+    """A run directory with two checkpoints of a random tiny model, on a corpus of 3 files."""
+    corpus = write_corpus(tmp_path)
     run = tmp_path / "run"
     data = DataConfig(source=str(corpus), tokenizer="bytes", val_fraction=0.5)
     cfg = RunConfig(
@@ -120,3 +125,15 @@ def test_analyze_writes_the_report_json_and_plots(tmp_path: Path):
 def test_analyze_cli_names_a_directory_that_is_not_a_model(tmp_path: Path, capsys):
     assert main(["analyze", str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_analyze_reads_a_hugging_face_checkpoint_directory(tmp_path: Path):
+    from moekit.interop import save_hf
+
+    save_hf(tiny_model(), tmp_path / "hf", "mixtral", tokenizer=byte_tokenizer())
+    corpus = write_corpus(tmp_path)
+    report = analyze(
+        tmp_path / "hf", data=str(corpus), n_tokens=200, seq_len=64, out_dir=tmp_path / "a"
+    )
+    data = json.loads((tmp_path / "a/analysis.json").read_text())
+    assert report.is_file() and data["saturation"] is None and len(data["layers"]) == 2
