@@ -18,8 +18,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# OMP_WAIT_POLICY=PASSIVE: waiting OpenMP threads sleep instead of spinning, so other work on
+# the machine slows the demo a little instead of many times over.
 demo: $(STAMP)
-	$(PY) -m moekit.cli demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m moekit.cli demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
