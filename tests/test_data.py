@@ -118,3 +118,11 @@ def test_sampler_windows_are_contiguous_text() -> None:
     batch = WindowSampler(np.arange(500, dtype=np.uint16), 3, 10, seed=0).next_batch()
     assert batch.dtype == torch.long and batch.shape == (3, 10)
     assert torch.equal(batch - batch[:, :1], torch.arange(10).expand(3, 10))
+
+
+def test_glob_source_reads_only_matching_files(tmp_path: Path) -> None:
+    folder = write_corpus(tmp_path / "corpus")
+    (folder / "pkg0" / "notes.txt").write_text("not python\n" * 10)
+    corpus = load_corpus(str(folder / "pkg0" / "*.py"), val_fraction=0.2)
+    names = [d.name for d in corpus.train.documents + corpus.val.documents]
+    assert len(names) == 20 and all(name.endswith(".py") and "pkg0" in name for name in names)
