@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 
 
@@ -143,10 +145,7 @@ def measure(quick: bool) -> dict:
 def machine() -> dict:
     import transformers
 
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    cpu = cpu_model()
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),

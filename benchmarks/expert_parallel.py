@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from moekit.machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "expert_parallel.json"
 SHAPES = {  # name -> MoEConfig fields; the batch is `tokens` tokens in all
     "small": dict(d_model=256, d_expert=512, n_experts=8, top_k=2, tokens=4096),
@@ -166,12 +168,7 @@ def summarise(ranks: list[list[dict]], shape: dict[str, int], world: int) -> dic
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.machine import cpu_model
+
 TARGET_RATIO = 1.2
 RESULTS = Path(__file__).resolve().parent / "results" / "load_hf.json"
 LOADERS = ("moekit", "transformers")
@@ -157,12 +159,7 @@ def machine_info() -> dict:
 
     import moekit
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     with open("/proc/meminfo") as f:
         mem = {line.split(":")[0]: int(line.split()[1]) for line in f}
     return {

@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten
 
 import moekit
 from moekit.experts import grouped_mm_available, resolve_impl
+from moekit.machine import cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MOEKIT_IMPLS = ("grouped_mm", "loop")
@@ -641,17 +642,6 @@ def evaluate_targets(shapes: list[dict], is_issue_shapes: bool) -> list[dict]:
                 row["passed" + suffix] = meets(value, target)
             out.append(row)
     return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_state() -> dict:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 import moekit
 from moekit.config import RunConfig
 from moekit.fileio import atomic_path, atomic_write_text
+from moekit.machine import cpu_model
 from moekit.train.loop import Trainer
 from moekit.train.metrics import read_metrics
 
@@ -156,17 +157,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
              fontsize=7, color="gray")  # fmt: skip
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict[str, Any]:

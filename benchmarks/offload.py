@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "offload.json"
 BUDGETS = (1.0, 0.5, 0.25)
 POLICIES = ("lru", "lfu", "static")
@@ -115,10 +117,7 @@ def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats=2, **kw) 
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    cpu = cpu_model()
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
