@@ -138,6 +138,7 @@ class Trainer:
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
                 f"{data.tokenizer.get_vocab_size()} tokens"
             )
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is good
         with atomic_path(self.run_dir / "tokenizer.json") as tmp:
             data.tokenizer.save(str(tmp))
         self._say(
@@ -330,7 +331,6 @@ def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
             f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
             f"`moekit train --resume {run_dir}` or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return latest if resume else None
 
 
