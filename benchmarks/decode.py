@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from moekit.machine import cpu_model
+from moekit.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 
@@ -145,17 +143,7 @@ def measure(quick: bool) -> dict:
 def machine() -> dict:
     import transformers
 
-    cpu = cpu_model()
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_start": list(os.getloadavg()),
-    }
+    return {**machine_info(), "transformers": transformers.__version__}
 
 
 def main() -> None:

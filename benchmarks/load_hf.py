@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.machine import cpu_model
+from moekit.machine import machine_info as machine
 
 TARGET_RATIO = 1.2
 RESULTS = Path(__file__).resolve().parent / "results" / "load_hf.json"
@@ -159,20 +158,14 @@ def machine_info() -> dict:
 
     import moekit
 
-    cpu = cpu_model()
     with open("/proc/meminfo") as f:
         mem = {line.split(":")[0]: int(line.split()[1]) for line in f}
     return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine(),
         "transformers": transformers.__version__,
         "moekit": moekit.__version__,
         "mem_total_gib": round(mem["MemTotal"] / 2**20, 1),
         "mem_available_gib": round(mem["MemAvailable"] / 2**20, 1),
-        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
     }
 
 

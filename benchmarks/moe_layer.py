@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from torch.utils._pytree import tree_flatten
 
 import moekit
 from moekit.experts import grouped_mm_available, resolve_impl
-from moekit.machine import cpu_model
+from moekit.machine import machine_info as machine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MOEKIT_IMPLS = ("grouped_mm", "loop")
@@ -662,17 +661,11 @@ def machine_info(device: torch.device) -> dict:
     import transformers
 
     info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        **machine(),
         "transformers": transformers.__version__,
         "moekit": getattr(moekit, "__version__", None),
         "moekit_git": git_state(),
         "mem_available_gib": round((mem_available_bytes() or 0) / 2**30, 1),
-        "loadavg_start": list(os.getloadavg()),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -23,21 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import moekit
 from moekit.config import RunConfig
 from moekit.fileio import atomic_path, atomic_write_text
-from moekit.machine import cpu_model
+from moekit.machine import machine_info as machine
 from moekit.train.loop import Trainer
 from moekit.train.metrics import read_metrics
 
@@ -161,15 +159,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def machine_info() -> dict[str, Any]:
     return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        **machine(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "moekit": moekit.__version__,
-        "loadavg_start": list(os.getloadavg()),
     }
 
 

@@ -29,15 +29,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from moekit.machine import cpu_model
+from moekit.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "offload.json"
 BUDGETS = (1.0, 0.5, 0.25)
@@ -116,19 +114,6 @@ def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats=2, **kw) 
     }
 
 
-def machine() -> dict:
-    cpu = cpu_model()
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
 def measure(quick: bool) -> dict:
     from moekit import MoETransformer
     from moekit.inference import write_expert_files
@@ -152,7 +137,7 @@ def measure(quick: bool) -> dict:
     expert_params = sum(p.numel() for n, p in model.named_parameters() if "experts.w_" in n)
     result = {
         "benchmark": "offload",
-        "machine": machine(),
+        "machine": machine_info(),
         "model": {
             "parameters": model.num_parameters(),
             "expert_fraction_of_bytes": expert_params / model.num_parameters(),
