@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
+from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import main
 from moekit.config import ModelConfig, RunConfig
 from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides, split_override
-
-JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
 
 
 def test_overrides_are_typed_by_their_fields() -> None:

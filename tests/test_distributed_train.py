@@ -8,52 +8,40 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tests.distributed_cases import spawn, train_worker
+from tests.run_cases import tiny_run
 
 from moekit.config import (
     CheckpointConfig,
-    DataConfig,
     EvalConfig,
-    ModelConfig,
     ParallelConfig,
     RunConfig,
-    TrainConfig,
 )
 from moekit.train import train
 from moekit.train.metrics import read_metrics
 
-JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_config(cache: Path, **train_fields: object) -> RunConfig:
-    """The tiny model on the bytes of the json package: 6 steps of 2 micro-batches of 4
-    sequences, checkpoints at 3 and 6."""
-    data = DataConfig(source=JSON_PACKAGE, tokenizer="bytes", cache_dir=str(cache))
+def run_config(work_dir: Path, **train_fields: object) -> RunConfig:
+    """The tiny run as 6 steps of 2 micro-batches of 4 sequences of 32, checkpoints at 3 and 6."""
     settings: dict = dict(
         steps=6,
         batch_size=4,
         grad_accum=2,
         seq_len=32,
-        lr=3e-3,
-        warmup_steps=2,
-        log_every=1,
-        progress=False,
-        tensorboard=False,
-        data=data,
         eval=EvalConfig(every=3, batches=1),
         checkpoint=CheckpointConfig(every=3, keep=3),
     )
     settings.update(train_fields)
-    parallel = ParallelConfig(backend="gloo", timeout_s=60)
-    model = ModelConfig.preset("tiny").replace(vocab_size=257)
-    return RunConfig(model=model, train=TrainConfig(**settings), parallel=parallel)
+    return tiny_run(work_dir, **settings).replace(
+        parallel=ParallelConfig(backend="gloo", timeout_s=60)
+    )
 
 
 def curve(run_dir: Path) -> list[tuple[str, int, float]]:
@@ -67,7 +55,7 @@ def curve(run_dir: Path) -> list[tuple[str, int, float]]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """The same run on one process, and on two launched by torchrun with --parallel.ep=2."""
     tmp = tmp_path_factory.mktemp("runs")
-    cfg = run_config(tmp / "cache")
+    cfg = run_config(tmp)
     train(cfg, tmp / "single")  # also fills the token cache the two processes read
     (tmp / "run.json").write_text(cfg.to_json())
     command = [
@@ -150,7 +138,7 @@ def test_convert_reads_a_two_process_checkpoint(runs) -> None:
 
 
 def fault_config(tmp: Path, timeout_s: float) -> str:
-    cfg = run_config(tmp / "cache", steps=4, eval=EvalConfig(every=0, batches=1))
+    cfg = run_config(tmp, steps=4, eval=EvalConfig(every=0, batches=1))
     return cfg.replace(parallel=cfg.parallel.replace(ep=2, timeout_s=timeout_s)).to_json()
 
 

@@ -3,19 +3,17 @@ result in transformers: same logits, same tokenizer; `convert --from-hf` brings 
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from tests.run_cases import JSON_PACKAGE
 from tokenizers import Tokenizer
 
 from moekit.cli import main
 from moekit.interop.convert import load_run_model
 
 transformers = pytest.importorskip("transformers")
-
-JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
 
 
 @pytest.fixture(scope="module")

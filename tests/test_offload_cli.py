@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
+from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import main
 from moekit.inference.trace import load_trace
-
-JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
 
 
 @pytest.fixture(scope="module")

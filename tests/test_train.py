@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import signal
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from tests.run_cases import tiny_run
 
 from moekit.config import (
     CheckpointConfig,
@@ -22,30 +22,6 @@ from moekit.train import TrainingDiverged, build_optimizer, list_checkpoints, lo
 from moekit.train import loop as loop_module
 from moekit.train.checkpoint import TrainerState, save_checkpoint
 from moekit.train.metrics import read_metrics
-
-# A slice of the built-in corpus: the standard library's json package, as bytes.
-JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
-
-
-def tiny_run(tmp_path: Path, **train: object) -> RunConfig:
-    """The tiny model on bytes of a few files; `train` overrides TrainConfig fields."""
-    data = DataConfig(source=JSON_PACKAGE, tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
-    settings: dict = dict(
-        steps=12,
-        batch_size=8,
-        seq_len=64,
-        lr=3e-3,
-        warmup_steps=2,
-        log_every=1,
-        progress=False,
-        tensorboard=False,
-        data=data,
-        eval=EvalConfig(every=4, batches=2),
-        checkpoint=CheckpointConfig(every=4, keep=3),
-    )
-    settings.update(train)
-    model = ModelConfig.preset("tiny").replace(vocab_size=257)
-    return RunConfig(model=model, train=TrainConfig(**settings))
 
 
 def losses(run_dir: Path) -> list[tuple[str, int, float]]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import main
 from moekit.config import (
@@ -25,7 +25,6 @@ from moekit.train.optim import build_optimizer
 from moekit.train.upcycle import upcycle_config, upcycle_model
 
 DENSE = ModelConfig.preset("tiny").replace(vocab_size=257, moe=None)
-JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
 
 
 def dense_model() -> MoETransformer:
