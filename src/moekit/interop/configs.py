@@ -291,6 +291,24 @@ def _windows(cfg: ModelConfig) -> list[int | None]:
     return [cfg.layer_window(i) for i in range(cfg.n_layers)]
 
 
+def _layer_windows_from_hf(hf: HF, types: list[str], sliding: bool) -> dict:
+    """ModelConfig's sliding_window and layer_types for HF per-layer attention types."""
+    if not sliding:
+        return {"sliding_window": None, "layer_types": None}
+    names = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+    return {"sliding_window": hf["sliding_window"], "layer_types": names}
+
+
+def _layer_windows_to_hf(cfg: ModelConfig) -> HF:
+    """HF's sliding_window (the first windowed layer's) and per-layer attention types."""
+    windows = _windows(cfg)
+    sliding = [w for w in windows if w is not None]
+    return {
+        "sliding_window": sliding[0] if sliding else None,
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
+    }
+
+
 def _one_window(cfg: ModelConfig) -> int | None:
     """The window of an architecture that windows every layer or none (None if mixed: the
     round trip in `check_expressible` then reports it)."""
@@ -346,17 +364,13 @@ def qwen2_moe_from_hf(hf: HF) -> ModelConfig:
         moe=moe,
         moe_layers=_qwen_moe_layers(hf),
         attn_bias="qkv" if hf["qkv_bias"] else False,
-        sliding_window=hf["sliding_window"] if sliding else None,
-        layer_types=tuple("sliding" if t == "sliding_attention" else "full" for t in types)
-        if sliding
-        else None,
+        **_layer_windows_from_hf(hf, types, sliding),
     )
 
 
 def qwen2_moe_to_hf(cfg: ModelConfig) -> HF:
     moe = _need_moe(cfg, "qwen2_moe")
-    windows = _windows(cfg)
-    sliding = [w for w in windows if w is not None]
+    layer_windows = _layer_windows_to_hf(cfg)
     return {
         **_common_to_hf(cfg, "qwen2_moe", "Qwen2MoeForCausalLM"),
         **_qwen_moe_layers_to_hf(cfg),
@@ -366,10 +380,9 @@ def qwen2_moe_to_hf(cfg: ModelConfig) -> HF:
         "norm_topk_prob": moe.normalize,
         "shared_expert_intermediate_size": moe.shared_width,
         "qkv_bias": cfg.attn_bias == "qkv",
-        "use_sliding_window": bool(sliding),
-        "sliding_window": sliding[0] if sliding else None,
+        "use_sliding_window": layer_windows["sliding_window"] is not None,
+        **layer_windows,
         "max_window_layers": cfg.n_layers,
-        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
         "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
@@ -528,17 +541,12 @@ def gpt_oss_from_hf(hf: HF) -> ModelConfig:
         moe=moe,
         attn_bias=bool(hf["attention_bias"]),
         attn_sinks=True,
-        sliding_window=hf["sliding_window"] if sliding else None,
-        layer_types=tuple("sliding" if t == "sliding_attention" else "full" for t in types)
-        if sliding
-        else None,
+        **_layer_windows_from_hf(hf, types, sliding),
     )
 
 
 def gpt_oss_to_hf(cfg: ModelConfig) -> HF:
     moe = _need_moe(cfg, "gpt_oss")
-    windows = _windows(cfg)
-    sliding = [w for w in windows if w is not None]
     return {
         **_common_to_hf(cfg, "gpt_oss", "GptOssForCausalLM"),
         "intermediate_size": moe.d_expert,
@@ -547,8 +555,7 @@ def gpt_oss_to_hf(cfg: ModelConfig) -> HF:
         "swiglu_alpha": moe.swiglu_alpha,
         "swiglu_limit": moe.swiglu_limit,
         "attention_bias": cfg.attn_bias is True,
-        "sliding_window": sliding[0] if sliding else None,
-        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
+        **_layer_windows_to_hf(cfg),
         "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
