@@ -12,18 +12,25 @@ import pytest
 from moekit.cli import main
 from moekit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from moekit.experiments.arms import EXPERIMENTS, Experiment, moe_vs_dense
-from moekit.experiments.runner import arm_figures, run_experiment, verdict
+from moekit.experiments.runner import (
+    add_loss_at_equal_time,
+    arm_figures,
+    run_experiment,
+    verdict,
+    write_report,
+)
 from moekit.overrides import apply_overrides
 
 
+@pytest.mark.parametrize("preset", ["tiny", "experiment"])
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
-def test_every_arm_is_a_valid_config_with_the_paper_sizes(name: str):
-    base = RunConfig.preset("tiny")
+def test_every_arm_is_a_valid_config_with_the_paper_sizes(name: str, preset: str):
+    base = RunConfig.preset(preset)
     arms = dict(EXPERIMENTS[name].arms(base))
     cfgs = {arm: apply_overrides(base, ov) for arm, ov in arms.items()}
     assert len(cfgs) >= 4
-    good, bad = EXPERIMENTS[name].better
-    assert good in cfgs and bad in cfgs
+    for _, good, bad in EXPERIMENTS[name].checks:
+        assert good in cfgs and bad in cfgs
 
 
 def test_moe_vs_dense_keeps_the_active_width():
@@ -39,27 +46,82 @@ def test_moe_vs_dense_keeps_the_active_width():
 def test_arm_figures_from_metrics_records():
     layer = {"max_vio": 0.5, "dropped_fraction": 0.1, "z_loss": 4.0}
     records = [
-        {"kind": "train", "step": 1, "lm_loss": 2.0, "tokens_per_s": 10.0, "layers": [layer]},
-        {"kind": "train", "step": 2, "lm_loss": 3.5, "tokens_per_s": 30.0, "layers": [layer]},
+        {"kind": "train", "step": 1, "lm_loss": 2.0, "tokens_per_s": 10.0, "seconds": 1.0,
+         "layers": [layer]},
+        {"kind": "train", "step": 2, "lm_loss": 3.5, "tokens_per_s": 30.0, "seconds": 2.0,
+         "layers": [layer, layer | {"max_vio": 0.7}]},
         {"kind": "eval", "step": 2, "val_loss": 1.5},
-    ]
+    ]  # fmt: skip
     fig = arm_figures(records)
-    assert (fig["val_loss"], fig["train_lm_loss"], fig["spikes"]) == (1.5, 3.5, 1)
-    assert (fig["tokens_per_s"], fig["max_vio"], fig["dropped_fraction"]) == (20.0, 0.5, 0.1)
+    assert (fig["val_loss"], fig["train_lm_loss"], fig["spikes"], fig["steps"]) == (1.5, 3.5, 1, 2)
+    assert (fig["tokens_per_s"], fig["max_vio"], fig["dropped_fraction"]) == (20.0, 0.7, 0.1)
+    assert fig["times"] == [1.0, 3.0] and fig["curves"]["logit_rms"] == [(1, 2.0), (2, 2.0)]
     assert math.isnan(arm_figures([])["val_loss"])
 
 
+def test_loss_at_equal_time_reads_each_arm_where_the_fastest_one_finished():
+    fast = {"times": [1.0, 2.0], "losses": [(1, 5.0), (2, 4.0)]}
+    slow = {"times": [1.5, 3.0], "losses": [(1, 4.5), (2, 3.0)]}
+    add_loss_at_equal_time({"fast": [fast], "slow": [slow]})
+    assert (fast["loss_at_equal_time"], slow["loss_at_equal_time"]) == (4.0, 4.5)
+
+
 def test_verdict_reports_paired_differences_and_a_contrary_direction():
-    exp = Experiment("x", "a beats b", lambda base: [], better=("a", "b"))
     results = {
         "a": [{"val_loss": 2.0}, {"val_loss": 2.0}],
         "b": [{"val_loss": 1.0}, {"val_loss": 1.5}],
     }
-    text = verdict(exp, results)
+    text = verdict(("val_loss", "a", "b"), results)
     assert "= -0.75 (per seed: -1, -0.5)" in text and "differs from" in text
+    results["b"][1]["val_loss"] = math.nan  # a diverged arm
+    assert "not measurable" in verdict(("val_loss", "a", "b"), results)
 
 
-def test_an_experiment_trains_its_arms_and_writes_the_report(tmp_path: Path, monkeypatch):
+# What issue 7 asks each report to show: columns of the table and plots beside loss.png.
+REQUIRED = {
+    "moe-vs-dense": (("val_loss", "active_params", "params", "tokens_per_s"), ()),
+    "balance": (("max_vio", "val_loss"), ("max_vio.png",)),
+    "granularity": (("val_loss", "loss_at_equal_time", "tokens_per_s"), ("loss_time.png",)),
+    "z-loss": (("logit_rms", "spikes", "diverged", "steps"), ("logit_rms.png",)),
+    "capacity": (("dropped_fraction", "val_loss", "tokens_per_s"), ("dropped_fraction.png",)),
+}
+
+
+def fake_run(loss: float) -> dict:
+    layer = {"max_vio": 0.5, "dropped_fraction": 0.1, "z_loss": 4.0}
+    records = [{"kind": "train", "step": s, "lm_loss": loss / s, "tokens_per_s": 10.0,
+                "seconds": 1.0, "layers": [layer]} for s in (1, 2)]  # fmt: skip
+    run = arm_figures([*records, {"kind": "eval", "step": 2, "val_loss": loss}])
+    return run | {
+        "logit_rms": 2.0,
+        "diverged": False,
+        "params": 9,
+        "active_params": 5,
+    }
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_each_report_has_the_issues_columns_plots_and_checks(name: str, tmp_path: Path):
+    exp, base = EXPERIMENTS[name], RunConfig.preset("experiment")
+    results = {arm: [fake_run(2.0 + i)] for i, (arm, _) in enumerate(exp.arms(base))}
+    add_loss_at_equal_time(results)
+    run = {"command": "moekit experiment x", "overrides": [], "seeds": 1, "wall_seconds": 60.0,
+           "data_seconds": 1.0, "unigram_entropy": 5.0,
+           "machine": {"cpu_model": "cpu", "cpu_count": 2, "torch": "2", "torch_threads": 2,
+                       "loadavg_start": [1, 1, 1], "loadavg_end": [2, 2, 2]}}  # fmt: skip
+    write_report(exp, run, results, base, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| arm |"))
+    columns, plots = REQUIRED[name]
+    assert all(f" {c} |" in header for c in columns)
+    for plot in ("loss.png", "loss_time.png", *plots):
+        assert f"]({plot})" in report and (tmp_path / plot).stat().st_size > 1000
+    assert report.count("- Measured: ") == len(exp.checks) >= 2
+    assert f"Prediction: {exp.prediction}" in report and "Command: `moekit experiment x`" in report
+    assert "load average" in report and "Unigram baseline" in report
+
+
+def test_an_experiment_trains_its_arms_with_paired_seeds(tmp_path: Path, monkeypatch):
     source = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
     data = DataConfig(source=source, tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
     t = TrainConfig(steps=2, batch_size=2, seq_len=32, warmup_steps=1, log_every=1,
@@ -67,17 +129,28 @@ def test_an_experiment_trains_its_arms_and_writes_the_report(tmp_path: Path, mon
                     eval=EvalConfig(every=2, batches=1))  # fmt: skip
     base = RunConfig(model=ModelConfig.preset("tiny").replace(vocab_size=257), train=t)
     two_arms = Experiment("moe-vs-dense", "MoE beats dense", lambda b: moe_vs_dense(b)[:2],
-                          better=("hash", "dense"))  # fmt: skip
+                          (("val_loss", "hash", "dense"),))  # fmt: skip
     monkeypatch.setitem(EXPERIMENTS, "moe-vs-dense", two_arms)
-    report = run_experiment("moe-vs-dense", base, tmp_path / "exp").read_text()
+    report = run_experiment("moe-vs-dense", base, tmp_path / "exp", seeds=2).read_text()
     assert "| dense |" in report and "| hash |" in report
-    assert "Measured: val_loss(dense) - val_loss(hash)" in report
-    assert (tmp_path / "exp/dense/seed-0/metrics.jsonl").is_file()
+    assert "Measured: val_loss(dense) - val_loss(hash)" in report and "(per seed: " in report
+    assert (tmp_path / "exp/arms/dense/seed-1/metrics.jsonl").is_file()
     results = json.loads((tmp_path / "exp/results.json").read_text())
-    assert math.isnan(results["dense"][0]["logit_rms"])  # no router
-    assert results["hash"][0]["logit_rms"] == pytest.approx(math.log(8))  # zero logits, E = 8
-    assert "Base: 2 steps" in report and "(loss.png)" in report
-    assert (tmp_path / "exp/loss.png").stat().st_size > 1000
+    arms = results["arms"]
+    assert len(arms["hash"]) == 2 and results["machine"]["loadavg_end"]
+    assert math.isnan(arms["dense"][0]["logit_rms"])  # no router
+    assert arms["hash"][0]["logit_rms"] == pytest.approx(math.log(8))  # zero logits, E = 8
+    assert arms["dense"][0]["active_params"] < arms["hash"][0]["params"]
+    assert "2 steps" in report and results["wall_seconds"] > 0
+
+
+def test_the_experiment_preset_is_the_cli_default_with_each_experiments_steps(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("moekit.experiments.runner.run_experiment",
+                        lambda name, base, *a: seen.setdefault("base", base))  # fmt: skip
+    assert main(["experiment", "balance", "--train.lr=1e-3"]) == 0
+    assert seen["base"].train.steps == EXPERIMENTS["balance"].steps
+    assert seen["base"].model == RunConfig.preset("experiment").model
 
 
 def test_experiment_cli_refuses_an_unknown_name(capsys):

@@ -1050,7 +1050,7 @@ class RunConfig(ConfigBase):
 
     `RunConfig.preset(name)` pairs `ModelConfig.preset(name)` with the training settings tuned for
     it; "tiny" (for tests and smoke runs) widens the tiny model's vocabulary to 512 so that a BPE
-    fits, and trains 30 steps on 40 files.
+    fits, and trains 30 steps on 40 files; "experiment" is the base run of `moekit experiment`.
     """
 
     model: ModelConfig
@@ -1088,8 +1088,8 @@ class RunConfig(ConfigBase):
     @classmethod
     def preset(cls, name: str) -> RunConfig:
         """The model preset `name` with its training settings."""
-        if name == "tiny":
-            return tiny_run()
+        if name in RUN_PRESETS:
+            return RUN_PRESETS[name]()
         return cls(model=ModelConfig.preset(name))
 
 
@@ -1109,5 +1109,33 @@ def tiny_run() -> RunConfig:
     return RunConfig(model=ModelConfig.preset("tiny").replace(vocab_size=512), train=train)
 
 
+def experiment_run() -> RunConfig:
+    """The base run of `moekit experiment` (issue 7), sized so that each experiment (4-5 arms of
+    a few hundred steps each, data preparation included) takes about 9 minutes on 2 CPU cores:
+    4 layers of width 128, 8 experts of 256 top-2 (active width 512), a 2048-token BPE over the
+    whole standard library, 16 x 128 tokens a step. Each experiment sets its own train.steps.
+    One final checkpoint per arm: the report measures its router logits."""
+    moe = MoEConfig(d_model=128, d_expert=256, n_experts=8, top_k=2, aux_loss_coef=0.01)
+    model = ModelConfig(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_ff=512, moe=moe,
+                        max_seq_len=128, tie_embeddings=True)  # fmt: skip
+    train = TrainConfig(
+        steps=400,
+        batch_size=16,
+        seq_len=128,
+        warmup_steps=30,
+        log_every=10,
+        tensorboard=False,
+        eval=EvalConfig(every=50, batches=4),
+        checkpoint=CheckpointConfig(every=0, keep=1),
+    )
+    return RunConfig(model=model, train=train)
+
+
+RUN_PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
+    "tiny": tiny_run,
+    "experiment": experiment_run,
+}
+
+
 __all__ += ["CheckpointConfig", "DataConfig", "EvalConfig", "RunConfig", "TrainConfig"]
-__all__ += ["ParallelConfig"]
+__all__ += ["RUN_PRESETS", "ParallelConfig"]

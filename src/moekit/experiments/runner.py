@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 from torch import Tensor
@@ -16,6 +19,8 @@ from moekit.data import fixed_batches, prepare_data
 from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text
 from moekit.losses import z_loss
+from moekit.machine import machine_info
+from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides
 from moekit.train import TrainingDiverged, latest_checkpoint, train
 from moekit.train.metrics import read_metrics
@@ -23,29 +28,70 @@ from moekit.train.report import save_figure
 from moekit.train.sample import load_run
 
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
+ARMS_DIR = "arms"  # OUT/arms/ARM/seed-N: the arms' run directories, apart from the report files
+CURVES = {"max_vio": "MaxVio (max over layers)", "dropped_fraction": "dropped fraction",
+          "logit_rms": "router logit RMS (sqrt z-loss)"}  # fmt: skip
 
 
 def run_experiment(
     name: str, base: RunConfig, out_dir: str | Path, seeds: int = 1,
-    overrides: list[str] | None = None,
+    overrides: list[str] | None = None, command: str | None = None,
 ) -> Path:  # fmt: skip
     """Train every arm of experiment `name` `seeds` times (seeds base.train.seed + 0..seeds-1,
-    the same for every arm: same initial RNG and batch order); write OUT/report.md."""
+    the same for every arm: same initial RNG and batch order); write OUT/report.md, results.json
+    and the plots, the arms' runs under OUT/arms/. `command` is recorded as given."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
-    exp, out_dir = EXPERIMENTS[name], Path(out_dir)
+    exp, out_dir, begin = EXPERIMENTS[name], Path(out_dir), time.perf_counter()
+    machine, shown = machine_info(), apply_overrides(base, overrides or [])
+    setup = data_facts(shown)
     results: dict[str, list[dict[str, Any]]] = {}
     for arm, arm_overrides in exp.arms(base):
         for s in range(seeds):
             seed = f"--train.seed={base.train.seed + s}"
             cfg = apply_overrides(base, [*(overrides or []), *arm_overrides, seed])
-            results.setdefault(arm, []).append(_train_arm(cfg, out_dir / arm / f"seed-{s}"))
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    path = out_dir / "report.md"
-    save_figure(loss_figure(results), out_dir / "loss.png")
-    shown = apply_overrides(base, overrides or [])
-    atomic_write_text(path, report_text(exp, results, shown, overrides or []))
-    return path
+            run = _train_arm(cfg, out_dir / ARMS_DIR / arm / f"seed-{s}")
+            results.setdefault(arm, []).append(run | parameters(cfg))
+    add_loss_at_equal_time(results)
+    machine["loadavg_end"] = list(os.getloadavg())
+    run = {"experiment": name, "command": command, "overrides": overrides or [], "seeds": seeds,
+           "wall_seconds": time.perf_counter() - begin, **setup, "machine": machine,
+           "base": json.loads(shown.to_json())}  # fmt: skip
+    write_report(exp, run, results, shown, out_dir)
+    return out_dir / "report.md"
+
+
+def write_report(
+    exp: Experiment, run: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+    base: RunConfig, out_dir: Path,
+) -> None:  # fmt: skip
+    """results.json, the plots and report.md (last: its presence means the others are there)."""
+    atomic_write_text(out_dir / "results.json", json.dumps(run | {"arms": results}, indent=1))
+    save_figure(curve_figure(results, "losses", "train LM loss"), out_dir / "loss.png")
+    save_figure(loss_time_figure(results), out_dir / "loss_time.png")
+    if exp.curve:
+        figure = curve_figure(results, exp.curve, CURVES[exp.curve])
+        save_figure(figure, out_dir / f"{exp.curve}.png")
+    atomic_write_text(out_dir / "report.md", report_text(exp, results, base, run))
+
+
+def data_facts(cfg: RunConfig) -> dict[str, float]:
+    """Prepare the data once before the arms (the arms then read the cache); how long it took
+    and the unigram entropy of the training tokens: the loss of a model that learned only the
+    token frequencies, the line a model must get well below."""
+    begin = time.perf_counter()
+    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
+    seconds = time.perf_counter() - begin
+    counts = np.bincount(np.asarray(data.train.tokens), minlength=cfg.token_vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return {"data_seconds": seconds, "unigram_entropy": float(-(p * np.log(p)).sum())}
+
+
+def parameters(cfg: RunConfig) -> dict[str, int]:
+    """Total and active (per token) parameters of the arm's model, built on the meta device."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    return {"params": model.num_parameters(), "active_params": model.num_parameters(active=True)}
 
 
 def _train_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -56,7 +102,8 @@ def _train_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         result, diverged = None, True
     figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
     figures["logit_rms"] = router_logit_rms(run_dir)
-    return figures | {"diverged": diverged, "seconds": result.seconds if result else None}
+    wall = result.seconds if result else None  # evaluations and the checkpoint included
+    return figures | {"diverged": diverged, "wall_seconds": wall}
 
 
 @torch.no_grad()
@@ -81,81 +128,196 @@ def router_logit_rms(run_dir: Path) -> float:
 
 
 def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """An arm's figures from its metrics.jsonl records (NaN where the run logged none)."""
+    """An arm's figures from its metrics.jsonl records (NaN where the run logged none), and its
+    per-record curves: "losses" and "curves" (each of `CURVES`) as (step, value) pairs, and
+    "times" (the training seconds spent up to each record: steps only, evaluation and checkpoints
+    excluded)."""
     train_recs = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    last = train_recs[-1] if train_recs else {}
-    layers = last.get("layers", [])
+    last = train_recs[-1] if train_recs else {"layers": []}
     losses = [r["lm_loss"] for r in train_recs]
     spikes = sum(loss > SPIKE * min(losses[:i]) for i, loss in enumerate(losses) if i)
-    mean = lambda key: _mean([layer[key] for layer in layers])  # noqa: E731
+    curves = {key: [(r["step"], _layer_figure(r, key)) for r in train_recs] for key in CURVES}
+    times = np.cumsum([r["seconds"] for r in train_recs]).tolist()
     return {
         "val_loss": evals[-1]["val_loss"] if evals else math.nan,
         "train_lm_loss": losses[-1] if losses else math.nan,
-        "max_vio": max((layer["max_vio"] for layer in layers), default=math.nan),
-        "dropped_fraction": mean("dropped_fraction"),
+        "max_vio": _layer_figure(last, "max_vio"),
+        "dropped_fraction": _layer_figure(last, "dropped_fraction"),
         "tokens_per_s": _mean([r["tokens_per_s"] for r in train_recs]),
         "spikes": spikes,
+        "seconds": times[-1] if times else math.nan,
+        "steps": train_recs[-1]["step"] if train_recs else 0,
         "losses": [(r["step"], r["lm_loss"]) for r in train_recs],
+        "times": times,
+        "curves": curves,
     }
 
 
-def loss_figure(results: dict[str, list[dict[str, Any]]]) -> Figure:
-    """Train language-model loss (without the balance losses) against step, one line per arm
-    (its first seed)."""
+def _layer_figure(record: dict[str, Any], key: str) -> float:
+    """MaxVio: the worst layer's; dropped fraction: the layers' mean; logit RMS: sqrt of the
+    layers' mean z-loss (the logged mean of logsumexp(logits)^2). NaN without MoE layers."""
+    layers = record["layers"]
+    if not layers:
+        return math.nan
+    if key == "max_vio":
+        return max(layer["max_vio"] for layer in layers)
+    if key == "logit_rms":
+        return math.sqrt(_mean([layer["z_loss"] for layer in layers]))
+    return _mean([layer[key] for layer in layers])
+
+
+def add_loss_at_equal_time(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Per seed, each arm's train LM loss at the training time the fastest arm finished in (its
+    last record at or before that time): the loss per second of compute, beside the loss per
+    step. NaN for a run that logged nothing by then."""
+    for s in range(len(next(iter(results.values())))):
+        runs = [r[s] for r in results.values()]
+        budget = min((r["times"][-1] for r in runs if r["times"]), default=math.nan)
+        for r in runs:
+            done = [loss for t, (_, loss) in zip(r["times"], r["losses"], strict=True)
+                    if t <= budget * (1 + 1e-9)]  # fmt: skip
+            r["loss_at_equal_time"] = done[-1] if done else math.nan
+            r["equal_time_s"] = budget
+
+
+def curve_figure(results: dict[str, list[dict[str, Any]]], key: str, label: str) -> Figure:
+    """The per-step curve `key` ("losses" or one of `CURVES`) of every arm's first seed."""
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.subplots()
+    for arm, runs in results.items():
+        curve = runs[0]["losses"] if key == "losses" else runs[0]["curves"][key]
+        points = [(step, v) for step, v in curve if v == v]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=arm)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    _finish(ax, key == "losses")
+    fig.tight_layout()
+    return fig
+
+
+def loss_time_figure(results: dict[str, list[dict[str, Any]]]) -> Figure:
+    """Train LM loss against the training seconds spent (first seed of every arm)."""
     fig = Figure(figsize=(6.0, 3.8))
     ax = fig.subplots()
     for arm, runs in results.items():
         if runs[0]["losses"]:
-            steps, losses = zip(*runs[0]["losses"], strict=True)
-            ax.plot(steps, losses, label=arm)
-    ax.set_xlabel("step")
+            ax.plot(runs[0]["times"], [loss for _, loss in runs[0]["losses"]], label=arm)
+    ax.set_xlabel("training seconds (steps only, this machine)")
     ax.set_ylabel("train LM loss")
-    ax.legend(fontsize=8)
+    _finish(ax, True)
     fig.tight_layout()
     return fig
+
+
+def _finish(ax: Any, is_loss: bool) -> None:
+    """Legend; for losses, a y range that starts below the lowest loss and stops at 1.5 x the
+    median, so that the first steps' losses do not flatten the differences between arms."""
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    values = [y for line in ax.get_lines() for y in line.get_ydata() if y == y]
+    if is_loss and values:
+        low, mid = min(values), float(np.median(values))
+        ax.set_ylim(low - 0.05 * (mid - low), 1.5 * mid)
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-COLUMNS = ("val_loss", "train_lm_loss", "max_vio", "dropped_fraction", "logit_rms", "tokens_per_s",
-           "spikes", "seconds")  # fmt: skip
+COLUMNS = ("val_loss", "train_lm_loss", "loss_at_equal_time", "max_vio", "dropped_fraction",
+           "logit_rms", "spikes", "tokens_per_s", "seconds", "steps", "active_params",
+           "params")  # fmt: skip
 
 
 def report_text(
-    exp: Experiment, results: dict[str, list[dict[str, Any]]], base: RunConfig, overrides: list[str]
-) -> str:
-    """The report: prediction, arms table (mean over seeds), and the measured direction."""
+    exp: Experiment, results: dict[str, list[dict[str, Any]]], base: RunConfig,
+    run: dict[str, Any],
+) -> str:  # fmt: skip
+    """The report: prediction, how it ran, arms table (mean over seeds), plots, and the measured
+    direction of every check."""
     lines = [f"# Experiment: {exp.name}", "", f"Prediction: {exp.prediction}", "",
-             f"Base: {base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} "
-             f"tokens on {base.train.data.source}; overrides for all arms: {overrides or 'none'}; "
-             f"{len(next(iter(results.values())))} seed(s) per arm.", "",
+             *_setup_lines(base, run), "",
              "| arm | " + " | ".join(COLUMNS) + " | diverged |",
              "|---" * (len(COLUMNS) + 2) + "|"]  # fmt: skip
     for arm, runs in results.items():
-        cells = [_fmt(_mean([r[c] for r in runs if r[c] is not None])) for c in COLUMNS]
+        cells = [_fmt(_mean([r[c] for r in runs if r.get(c) is not None])) for c in COLUMNS]
         diverged = sum(r["diverged"] for r in runs)
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {diverged}/{len(runs)} |")
-    lines += ["", verdict(exp, results), "", "![train loss of every arm](loss.png)", ""]
+    lines += ["", COLUMN_NOTES, "", "## Measured direction", "",
+              *[f"- {verdict(check, results)}" for check in exp.checks], "", _noise_note(run), "",
+              "## Plots", "", "![train LM loss per step](loss.png)", "",
+              "![train LM loss per training second](loss_time.png)", ""]  # fmt: skip
+    if exp.curve:
+        lines += [f"![{CURVES[exp.curve]} per step]({exp.curve}.png)", ""]
     return "\n".join(lines)
 
 
-def verdict(exp: Experiment, results: dict[str, list[dict[str, Any]]]) -> str:
-    """Paired differences (worse - better) of the metric per seed, and whether they agree."""
-    if exp.better is None:
-        return ""
-    good, bad = exp.better
-    diffs = [
-        b[exp.metric] - g[exp.metric] for g, b in zip(results[good], results[bad], strict=True)
+def _setup_lines(base: RunConfig, run: dict[str, Any]) -> list[str]:
+    m, t = run["machine"], base.train
+    moe = base.model.moe
+    experts = f"{moe.n_experts} experts of {moe.d_expert}, top-{moe.top_k}" if moe else "dense"
+    model = f"{base.model.n_layers} layers of width {base.model.d_model}, {experts}"
+    return [
+        f"Command: `{run['command'] or 'run_experiment(...)'}`; overrides for all arms: "
+        f"{run['overrides'] or 'none'}; {run['seeds']} seed(s) per arm.",
+        f"Base: {model}; {t.steps} steps of {t.batch_size} x {t.seq_len} tokens on "
+        f"{t.data.source} ({t.data.tokenizer}, vocabulary {base.token_vocab_size}), lr {t.lr:g}.",
+        f"Wall time of the whole experiment: {run['wall_seconds'] / 60:.1f} min (data preparation "
+        f"{run['data_seconds']:.1f} s). Machine: {m['cpu_model']}, {m['cpu_count']} cores, torch "
+        f"{m['torch']} with {m['torch_threads']} threads; load average (1, 5, 15 min) "
+        f"{_load(m['loadavg_start'])} at the start, {_load(m['loadavg_end'])} at the end.",
+        f"Unigram baseline: the training tokens' unigram entropy is "
+        f"{run['unigram_entropy']:.3f} nats, the loss of a model that learned only token "
+        f"frequencies.",
     ]
+
+
+def _load(values: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+COLUMN_NOTES = (
+    "Columns: val_loss on fixed held-out windows after the last step (or the last evaluation "
+    "before a divergence); train_lm_loss averaged "
+    "over the last logged steps (balance losses excluded); loss_at_equal_time the train LM loss "
+    "when the arm had trained as many seconds as the fastest arm did in all; max_vio the worst "
+    "layer's MaxVio (max load / mean load - 1) over the last logged steps; dropped_fraction the "
+    "share of expert assignments dropped by capacity; logit_rms the router logits' "
+    "sqrt(mean logsumexp^2) on a fixed validation batch with the final weights; spikes the "
+    f"logged train losses above {SPIKE} x the lowest before them; tokens_per_s and seconds of "
+    "training steps (evaluation excluded; the machine is shared, so timings carry its load); "
+    "steps the last step reached (fewer when the arm diverged); active_params per token."
+)
+
+
+def _noise_note(run: dict[str, Any]) -> str:
+    if run["seeds"] > 1:
+        return ("Differences are paired: the same seed gives both arms the same initial RNG and "
+                "batch order; each per-seed difference is listed.")  # fmt: skip
+    return ("One seed per arm: a difference smaller than the spread between seeds is not "
+            "evidence; `--seeds N` repeats every arm and reports paired differences.")  # fmt: skip
+
+
+def verdict(check: tuple[str, str, str], results: dict[str, list[dict[str, Any]]]) -> str:
+    """Paired differences metric(worse) - metric(better) per seed, and whether their mean has
+    the paper's sign (positive)."""
+    metric, good, bad = check
+    diffs = [b[metric] - g[metric] for g, b in zip(results[good], results[bad], strict=True)]
     mean = _mean(diffs)
-    agrees = "agrees with" if mean > 0 else "differs from"
     per_seed = ", ".join(_fmt(d) for d in diffs)
-    return (f"Measured: {exp.metric}({bad}) - {exp.metric}({good}) = {_fmt(mean)} "
-            f"(per seed: {per_seed}); the direction {agrees} the paper's.")  # fmt: skip
+    if mean != mean:
+        direction = "not measurable (an arm diverged or logged no value)"
+    elif mean == 0:
+        direction = "no difference: the paper expects a positive one"
+    else:
+        direction = f"the direction {'agrees with' if mean > 0 else 'differs from'} the paper's"
+    return (f"Measured: {metric}({bad}) - {metric}({good}) = {_fmt(mean)} "
+            f"(per seed: {per_seed}); {direction}.")  # fmt: skip
 
 
 def _fmt(value: float) -> str:
-    return "nan" if value != value else f"{value:.4g}"
+    if value != value:
+        return "nan"
+    return f"{value:.0f}" if abs(value) >= 1e5 else f"{value:.4g}"
