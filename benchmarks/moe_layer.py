@@ -22,6 +22,9 @@ per-round ratios (drift between rounds cancels), the ratio of minima (the least 
 and the ratio of median process CPU times (time.process_time: with --threads 1 on a machine shared
 with other work, the time this process was actually computing).
 
+The process keeps freed memory for reuse (`moekit.cpu_memory.keep_freed_memory`, as `moekit train`
+does) for every contender alike; `--malloc glibc` measures with the C library's defaults instead.
+
     python benchmarks/moe_layer.py            # the shapes, fp32 CPU, ~4 min on 2 cores
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke test
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16
@@ -49,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import moekit
+from moekit.cpu_memory import keep_freed_memory
 from moekit.experts import grouped_mm_available, resolve_impl
 from moekit.machine import machine_info as machine
 
@@ -695,6 +699,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "1 thread avoids OpenMP barrier stalls that slow many-small-GEMM code far more than one "
         "big GEMM and so bias the ratios",
     )
+    p.add_argument(
+        "--malloc",
+        default="keep",
+        choices=["keep", "glibc"],
+        help="keep: reuse freed memory as `moekit train` does (moekit.cpu_memory, the default); "
+        "glibc: the C library's defaults (every buffer over 32 MiB is a fresh, page-faulted mmap)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--seed", type=int, default=0)
@@ -704,7 +715,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.iters = args.iters or (2 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     if args.out is None:
-        suffix = "_quick" if args.quick else ""
+        suffix = ("_quick" if args.quick else "") + (
+            "_glibc_malloc" if args.malloc == "glibc" else ""
+        )
         args.out = RESULTS_DIR / f"moe_layer_{args.device}_{args.dtype}{suffix}.json"
     return args
 
@@ -736,6 +749,7 @@ def run(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "iters": args.iters,
         "warmup": args.warmup,
+        "malloc": args.malloc,
         "machine": machine,
         "moekit_grouped_mm_available": grouped_mm_available(
             args.device, getattr(torch, args.dtype)
@@ -754,6 +768,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if args.malloc == "keep":
+        keep_freed_memory()  # for every contender alike; lasts for the process
     threads = torch.get_num_threads()
     try:
         if args.threads:

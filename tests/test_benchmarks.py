@@ -24,7 +24,9 @@ def test_moe_layer_benchmark_quick(tmp_path):
     pytest.importorskip("transformers")
     bench = load_benchmark("moe_layer")
     out = tmp_path / "moe_layer.json"
-    result = bench.main(["--quick", "--threads", "1", "--out", str(out), "--no-profile"])
+    result = bench.main(
+        ["--quick", "--threads", "1", "--out", str(out), "--no-profile", "--malloc", "glibc"]
+    )
     assert out.exists()
     expected = {"moekit/grouped_mm", "moekit/loop", "dense_swiglu"}
     for family in ("mixtral", "qwen3_moe"):

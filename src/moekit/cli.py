@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
 
 # Subcommands whose extra arguments are `--a.b=value` config overrides (in `args.overrides`).
 TAKES_OVERRIDES: set[str] = set()
+# Subcommands that train: their process keeps freed memory for reuse (moekit.cpu_memory).
+TRAINS = {"train", "demo", "experiment"}
 # Errors that are the user's input, printed as one line instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
@@ -576,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    if args.command in TRAINS:
+        from moekit.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return COMMANDS[args.command][2](args)
     except USER_ERRORS as err:
