@@ -97,3 +97,25 @@ def test_dense_small_matches_small_but_dense() -> None:
     assert small.moe is not None and dense.moe is None
     assert dense.d_ff == small.moe.top_k * small.moe.d_expert
     assert dense.replace(moe=small.moe, d_ff=small.d_ff) == small
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("model", "moe", "top_k"), 99, "model.moe.top_k=99 is invalid"),
+        (("model", "moe", "bogus"), 1, "model.moe: MoEConfig has no field(s) ['bogus']"),
+        (("train", "eval", "every"), -1, "train.eval.every=-1 is invalid"),
+    ],
+)
+def test_a_nested_config_error_names_the_path_to_its_field(
+    path: tuple[str, ...], value: object, message: str
+) -> None:
+    from moekit.config import RunConfig
+
+    data = RunConfig.preset("small").to_dict()
+    inner = data
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig.from_dict(data)

@@ -52,7 +52,12 @@ class ConfigBase:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
-        kwargs = {k: _from_json_value(hints[k], v) for k, v in data.items()}
+        kwargs = {}
+        for key, value in data.items():
+            try:
+                kwargs[key] = _from_json_value(hints[key], value)
+            except ValueError as err:  # a nested config's error names the path to its field
+                raise ValueError(_with_path(key, str(err))) from None
         return cls(**kwargs)
 
     @classmethod
@@ -61,6 +66,13 @@ class ConfigBase:
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _with_path(key: str, message: str) -> str:
+    """`top_k=9 is invalid...` raised inside field `moe` -> `moe.top_k=9 is invalid...`."""
+    if re.match(r"[A-Za-z_][\w.]*(=|: )", message):
+        return f"{key}.{message}"
+    return f"{key}: {message}"
 
 
 def _from_json_value(hint: Any, value: Any) -> Any:
