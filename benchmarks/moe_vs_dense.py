@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 import moekit
 from moekit.config import RunConfig
+from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_text
 from moekit.machine import machine_info as machine
 from moekit.train.loop import Trainer
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="default: the small preset's steps")
     p.add_argument("--evals", type=int, default=20, help="evaluations over the run")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_vs_dense.json")
+    p.add_argument(
+        "--malloc",
+        default="keep",
+        choices=["keep", "glibc"],
+        help="keep: reuse freed memory as `moekit train` does (default); glibc: the C defaults",
+    )
     p.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: moekit's)")
     return p.parse_args(argv)
 
@@ -114,7 +121,13 @@ def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, Any]:
     reach = first_step_reaching(moe["val_curve"], dense["final_val_loss"])
     step_ratio = None if reach is None else reach / steps
     throughput_ratio = moe["tokens_per_s"] / dense["tokens_per_s"]
+    # For every evaluated dense loss, the first step at which MoE reached it: the step ratio along
+    # the run, not only at its end (how the advantage develops with training).
+    along = [
+        [step, first_step_reaching(moe["val_curve"], loss)] for step, loss in dense["val_curve"]
+    ]
     return {
+        "moe_step_reaching_each_dense_eval": along,
         "dense_final_val_loss": dense["final_val_loss"],
         "moe_step_reaching_dense_final": reach,
         "step_ratio": step_ratio,
@@ -168,6 +181,8 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print and write the JSON (and the PNG beside it); return it."""
     args = parse_args(argv)
+    if args.malloc == "keep":
+        keep_freed_memory()  # as the training commands do; lasts for the process
     configs = run_configs(args)
     started = time.perf_counter()
     machine = machine_info()
@@ -179,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "moe_vs_dense",
         "machine": machine,
         "steps": steps,
+        "malloc": args.malloc,
         "tokens_per_step": configs["small"].train.batch_size * configs["small"].train.seq_len,
         "train": configs["small"].train.to_dict(),
         "runs": runs,
