@@ -130,3 +130,26 @@ def test_expert_choice_models_cannot_generate() -> None:
     moe = TINY.moe.replace(router="expert_choice", capacity_factor=1.0, aux_loss_coef=0.0)
     with pytest.raises(ValueError, match="not causal"):
         generate(MoETransformer(TINY.replace(moe=moe)), prompt(), 2)
+
+
+def greedy_logits(model: MoETransformer, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The logits (B, n, V) of n greedy steps after the prompt x (B, S)."""
+    cache = KVCache.for_model(model, x.shape[0], x.shape[1] + n)
+    steps = []
+    with torch.no_grad():
+        step = model(x, kv_cache=cache).logits[:, -1]
+        for _ in range(n):
+            steps.append(step)
+            step = model(step.argmax(-1)[:, None], kv_cache=cache).logits[:, -1]
+    return torch.stack(steps, 1)
+
+
+def test_selected_experts_decode_path_gives_the_dispatch_tokens_and_logits(monkeypatch) -> None:
+    model = MoETransformer(TINY).eval()
+    x = prompt(3, 20)  # the prefill (60 tokens) takes the dispatch, each decode step (3) does not
+    with torch.no_grad():
+        assert model.moe_layers()[0].selected_path(3)
+    fast_ids, fast_logits = generate(model, x, 8), greedy_logits(model, x, 8)
+    monkeypatch.setattr("moekit.moe.SELECTED_MAX_TOKENS", 0)
+    assert torch.equal(generate(model, x, 8), fast_ids)
+    torch.testing.assert_close(greedy_logits(model, x, 8), fast_logits, rtol=0, atol=1e-5)

@@ -158,3 +158,30 @@ def test_fused_swiglu_matches_its_definition() -> None:
     h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(swiglu(h), activate(h, "swiglu"))
     assert torch.autograd.gradcheck(swiglu, (h,))
+
+
+SELECTED_CASES = ["switch", "mixtral", "deepseek-v3", "shared-gated", "gelu-bias", "gpt-oss"]
+
+
+@pytest.mark.parametrize("name", SELECTED_CASES)
+@pytest.mark.parametrize("n_tokens", [1, 5, 16])
+def test_selected_experts_path_matches_the_dispatch(name: str, n_tokens: int) -> None:
+    """The decode path (no autograd, few tokens) against the sorted dispatch it replaces."""
+    layer = make_layer(**CASES[name]).eval()
+    x = tie_free_tokens(layer, n_tokens)
+    with torch.no_grad():
+        assert layer.selected_path(n_tokens)
+        got, aux = layer(x)
+    with torch.enable_grad():
+        assert not layer.selected_path(n_tokens)
+        want, want_aux = layer(x)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(aux.counts, want_aux.counts) and torch.equal(aux.ids, want_aux.ids)
+
+
+def test_selected_experts_path_is_only_for_small_dropless_calls() -> None:
+    layer = make_layer().eval()
+    with torch.no_grad():
+        assert not layer.selected_path(17)
+        assert not make_layer(**CASES["capacity-position"]).selected_path(1)
+        assert not make_layer(expert_impl="loop").selected_path(1)

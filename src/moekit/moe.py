@@ -9,11 +9,15 @@ from torch import Tensor, nn
 
 from moekit import losses
 from moekit.config import MoEConfig
-from moekit.dispatch import make_dispatcher
+from moekit.dispatch import DroplessDispatcher, make_dispatcher
 from moekit.dispatch.capacity import token_capacity
 from moekit.dispatch.reference import reference_capacity_assignment
 from moekit.experts import Experts, SharedExperts, activate
 from moekit.routing import Router, Routing
+
+# Calls of at most this many tokens without autograd (decoding) run only the chosen experts
+# (`Experts.forward_selected`); larger ones sort their rows into all E groups (the dispatch).
+SELECTED_MAX_TOKENS = 16
 
 
 @dataclass
@@ -79,14 +83,29 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, self.cfg.d_model)
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        x_RD, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
-        y_RD = self.experts(x_RD, counts_E)
-        y_TD = self.dispatcher.combine(y_RD, state)
+        if self.selected_path(x_TD.shape[0]):
+            y_TD = self.experts.forward_selected(x_TD, routing.ids_TK, routing.weights_TK)
+            counts_E = losses.expert_counts(routing.ids_TK, self.cfg.n_experts)
+            final_ids, final_w = routing.ids_TK, routing.weights_TK
+        else:
+            x_RD, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
+            y_TD = self.dispatcher.combine(self.experts(x_RD, counts_E), state)
+            final_ids, final_w = state.ids_TK, state.weights_TK
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         n_sequences = x.shape[0] if x.dim() == 3 else 1
-        aux = self._aux(routing, counts_E, state.ids_TK, state.weights_TK, n_sequences)
+        aux = self._aux(routing, counts_E, final_ids, final_w, n_sequences)
         return y_TD.view(x.shape), aux
+
+    def selected_path(self, n_tokens: int) -> bool:
+        """Whether a call of n_tokens runs only its chosen experts (the decode path): without
+        autograd, at most SELECTED_MAX_TOKENS tokens, dropless dispatch, expert_impl "auto"."""
+        return (
+            n_tokens <= SELECTED_MAX_TOKENS
+            and not torch.is_grad_enabled()
+            and self.cfg.expert_impl == "auto"
+            and type(self.dispatcher) is DroplessDispatcher
+        )
 
     def _aux(
         self,

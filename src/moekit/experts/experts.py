@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,6 +58,50 @@ def swiglu(h_RH: Tensor) -> Tensor:
     return _SwiGLU.apply(h_RH)
 
 
+def expert_ffn(
+    x_ND: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    cfg: MoEConfig,
+) -> Tensor:
+    """One expert on N rows: x (N, D), w_in (2F|F, D), w_out (D, F) in nn.Linear layout -> (N, D).
+    Shared by the resident and the offloaded decode paths, so their outputs agree bit for bit."""
+    h_NH = F.linear(x_ND, w_in, b_in)
+    act_NF = activate(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+    return F.linear(act_NF, w_out, b_out)
+
+
+def selected_experts_forward(
+    x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, expert: Callable[[int, Tensor], Tensor]
+) -> Tensor:
+    """The decode path: y_TD[t] = sum_k weights_TK[t, k] * expert(ids_TK[t, k], x_TD[t]).
+
+    Each expert some token chose runs once, on the rows that chose it (all T rows need no
+    gather); no other expert's weights are read. Like transformers' eager MoE, and unlike the
+    sorted dispatch that large batches need, there is no sort, no per-expert count and no grouped
+    GEMM over all E groups. Products and sums are those of `combine`, in its order (increasing
+    expert), accumulated in float32. x_TD (T, D), ids_TK and weights_TK (T, K) -> (T, D).
+    """
+    T = x_TD.shape[0]
+    rows: dict[int, list[int]] = {}
+    for t, row in enumerate(ids_TK.tolist()):  # the one host sync: which experts run
+        for e in row:
+            rows.setdefault(e, []).append(t)
+    acc = torch.promote_types(x_TD.dtype, weights_TK.dtype)
+    w_TE = weights_TK.new_zeros(T, max(rows) + 1).scatter_(1, ids_TK, weights_TK)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
+    for e in sorted(rows):
+        if len(rows[e]) == T:
+            y_TD += expert(e, x_TD) * w_TE[:, e, None]
+        else:
+            t_N = torch.tensor(rows[e], device=x_TD.device)
+            y_ND = expert(e, x_TD.index_select(0, t_N))
+            y_TD.index_add_(0, t_N, y_ND * w_TE.index_select(0, t_N)[:, e, None])
+    return y_TD.to(x_TD.dtype)
+
+
 class Experts(nn.Module):
     """E feed-forward experts with stacked weights, computed over expert-sorted rows.
 
@@ -105,6 +151,18 @@ class Experts(nn.Module):
         if self.b_out is not None:
             y = y + torch.repeat_interleave(self.b_out, counts_E, dim=0, output_size=x_RD.shape[0])
         return y
+
+    def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """The decode path (no autograd, few tokens): x_TD (T, D), ids_TK and weights_TK (T, K)
+        -> y_TD (T, D), running only the chosen experts (`selected_experts_forward`). `forward`
+        with the dropless dispatch is its reference."""
+
+        def expert(e: int, x_ND: Tensor) -> Tensor:
+            b_in = None if self.b_in is None else self.b_in[e]
+            b_out = None if self.b_out is None else self.b_out[e]
+            return expert_ffn(x_ND, self.w_in[e], self.w_out[e], b_in, b_out, self.cfg)
+
+        return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 
     def extra_repr(self) -> str:
         c = self.cfg

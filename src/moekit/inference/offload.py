@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.experts.experts import activate, swiglu
+from moekit.experts.experts import activate, expert_ffn, selected_experts_forward, swiglu
 from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 from moekit.fileio import atomic_path
 from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
@@ -194,6 +194,21 @@ class OffloadedExperts(nn.Module):
         if self.b_out is not None:
             y = y + torch.repeat_interleave(self.b_out[chunk], counts_A, dim=0)
         return y
+
+    def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """`Experts.forward_selected` (the decode path), one cached expert at a time."""
+
+        def expert(e: int, x_ND: Tensor) -> Tensor:
+            key = (self.layer, e)
+            w_in, w_out = self.cache.get(key)
+            try:
+                b_in = None if self.b_in is None else self.b_in[e]
+                b_out = None if self.b_out is None else self.b_out[e]
+                return expert_ffn(x_ND, w_in, w_out, b_in, b_out, self.cfg)
+            finally:
+                self.cache.unpin(key)
+
+        return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.cfg.n_experts}, offloaded"
