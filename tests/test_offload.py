@@ -6,12 +6,14 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_model
 
 from moekit import ModelConfig, MoETransformer
 from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offload import (
     apply_expert_offload,
     layer_file,
+    load_offloaded,
     resolve_budget,
     write_expert_files,
 )
@@ -85,6 +87,42 @@ def test_resident_bytes_never_exceed_the_budget(model_and_dir) -> None:
     seen.append(handle.cache.resident_bytes)
     assert seen and max(seen) <= limit
     assert max(seen) == limit  # the budget is used
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model_and_dir, tmp_path_factory):
+    """The model saved as a training checkpoint saves it (one model.safetensors)."""
+    path = tmp_path_factory.mktemp("checkpoint") / "model.safetensors"
+    save_model(model_and_dir[0], str(path))
+    return path
+
+
+def tensor_bytes(model: MoETransformer) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.untyped_storage().nbytes() for t in tensors if not t.is_meta)
+
+
+def test_loading_from_a_checkpoint_leaves_the_experts_in_the_file(model_and_dir, checkpoint):
+    model, _ = model_and_dir
+    loaded, handle = load_offloaded(checkpoint, TINY, budget=2, prefetch=True)
+    experts = sum(layer.experts.w_in.nbytes + layer.experts.w_out.nbytes
+                  for layer in model.moe_layers())  # fmt: skip
+    assert tensor_bytes(loaded) == tensor_bytes(model) - experts
+    x = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    try:
+        got = greedy(loaded, x, 6)
+        assert handle.cache.resident_bytes <= 2 * handle.store.expert_bytes
+    finally:
+        handle.close()
+    want = greedy(model, x, 6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_truncated_checkpoint_is_a_clear_error(checkpoint, tmp_path) -> None:
+    short = tmp_path / "model.safetensors"
+    short.write_bytes(checkpoint.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        load_offloaded(short, TINY, budget=4)
 
 
 def test_budget_below_top_k_fails_before_changing_the_model(model_and_dir) -> None:

@@ -211,8 +211,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     from moekit.train.sample import load_run, sample_text
 
-    _, model, tokenizer = load_run(args.run_dir)
-    offload = _offload(model, args) if args.expert_budget else None
+    if args.expert_budget:
+        model, tokenizer, offload = _offloaded_run(args)
+    else:
+        (_, model, tokenizer), offload = load_run(args.run_dir), None
     print(args.prompt, end="", flush=True)
     sample_text(
         model,
@@ -234,21 +236,24 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _offload(model: Any, args: argparse.Namespace) -> Any:
-    """Move the model's experts to disk behind a cache, checked before generation starts."""
-    from moekit.inference.offload import apply_expert_offload, run_expert_dir
+def _offloaded_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The run's newest checkpoint with its routed experts left in the checkpoint file behind a
+    cache (the whole model is never in memory), checked before generation starts."""
+    from moekit.inference.offload import load_offloaded
     from moekit.inference.trace import load_trace
+    from moekit.train.sample import load_run_files
 
-    counts = load_trace(args.trace, model.cfg).expert_counts() if args.trace else None
-    expert_dir = run_expert_dir(model, args.run_dir)
-    return apply_expert_offload(
-        model,
-        expert_dir,
+    cfg, checkpoint, tokenizer = load_run_files(args.run_dir)
+    counts = load_trace(args.trace, cfg.model).expert_counts() if args.trace else None
+    model, offload = load_offloaded(
+        checkpoint / "model.safetensors",
+        cfg.model,
         budget=args.expert_budget,
         policy=args.policy,
         prefetch=args.prefetch,
         expert_counts=counts,
     )
+    return model, tokenizer, offload
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from moekit.inference.cache import CacheStats, ExpertCache
 from moekit.inference.offload import (
     ExpertOffload,
     apply_expert_offload,
+    load_offloaded,
     resolve_budget,
     write_expert_files,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "ExpertCache",
     "ExpertOffload",
     "apply_expert_offload",
+    "load_offloaded",
     "resolve_budget",
     "write_expert_files",
 ]

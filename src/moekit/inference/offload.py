@@ -30,6 +30,7 @@ from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 from moekit.fileio import atomic_path
 from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
 from moekit.model.transformer import MoETransformer
+from moekit.moe import MoELayer
 
 MANIFEST = "manifest.json"
 
@@ -103,14 +104,21 @@ class ExpertStore:
         """Expert key = (moe_layer, expert) -> (w_in, w_out), read from disk."""
         layer, e = key
         with safe_open(str(layer_file(self.dir, layer)), framework="pt") as f:
-            return f.get_tensor(f"{e}.w_in"), f.get_tensor(f"{e}.w_out")
+            return _read(f.get_tensor(f"{e}.w_in")), _read(f.get_tensor(f"{e}.w_out"))
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("layer-*.safetensors"))
 
 
-def _check_file(path: Path, n_experts: int, shapes: dict[str, list[int]]) -> int:
-    """Raise if the file is missing, short or lacks a tensor; return the bytes of one expert."""
+def _read(mapped: Tensor) -> Tensor:
+    """A copy of a tensor that safetensors hands out as a view of its memory-mapped file: the
+    bytes are read now (in the loading thread, so prefetching really reads ahead) into memory of
+    their own, and the view, which would keep the whole mapping alive, is dropped."""
+    return mapped.clone()
+
+
+def _read_header(path: Path) -> dict:
+    """A safetensors file's header; raises if the file is missing, short or unreadable."""
     if not path.is_file():
         raise FileNotFoundError(f"expert file {path} is missing; rewrite the expert directory")
     size = path.stat().st_size
@@ -128,17 +136,63 @@ def _check_file(path: Path, n_experts: int, shapes: dict[str, list[int]]) -> int
         raise ValueError(
             f"expert file {path} is truncated: {size} bytes, its header needs {8 + n + end}"
         )
+    return header
+
+
+def _check_shape(path: Path, header: dict, name: str, shape: list[int]) -> None:
+    entry = header.get(name)
+    if entry is None or entry["shape"] != shape:
+        raise ValueError(
+            f"expert file {path}: tensor '{name}' should have shape {shape}, "
+            f"found {None if entry is None else entry['shape']}"
+        )
+
+
+def _check_file(path: Path, n_experts: int, shapes: dict[str, list[int]]) -> int:
+    """Raise if the file is missing, short or lacks a tensor; return the bytes of one expert."""
+    header = _read_header(path)
     for e in range(n_experts):
         for name, shape in shapes.items():
-            entry = header.get(f"{e}.{name}")
-            if entry is None or entry["shape"] != shape:
-                raise ValueError(
-                    f"expert file {path}: tensor '{e}.{name}' should have shape {shape}, "
-                    f"found {None if entry is None else entry['shape']}"
-                )
+            _check_shape(path, header, f"{e}.{name}", shape)
     return sum(
         b - a for k, v in header.items() if k.startswith("0.") for a, b in [v["data_offsets"]]
     )
+
+
+class CheckpointExpertStore:
+    """The routed experts inside a checkpoint's safetensors file (each MoE layer's stacked
+    (E, ., .) `w_in` and `w_out`), read one expert at a time through a memory map: a slice of
+    the file, never the whole tensor. The file is checked when the store is made."""
+
+    def __init__(self, path: str | Path, model: MoETransformer) -> None:
+        self.path = Path(path)
+        self.keys = routed_expert_keys(model)
+        moe = model.cfg.moe
+        n_in = 2 if moe.gated else 1
+        E, F_, D = moe.n_experts, moe.d_expert, moe.d_model
+        header = _read_header(self.path)
+        for w_in, w_out in self.keys:
+            _check_shape(self.path, header, w_in, [E, n_in * F_, D])
+            _check_shape(self.path, header, w_out, [E, D, F_])
+        a, b = header[w_in]["data_offsets"]
+        c, d = header[w_out]["data_offsets"]
+        self.expert_bytes = (b - a + d - c) // E
+
+    def load(self, key: Key) -> tuple[Tensor, Tensor]:
+        """Expert key = (moe_layer, expert) -> (w_in, w_out), read from the file."""
+        layer, e = key
+        w_in, w_out = self.keys[layer]
+        with safe_open(str(self.path), framework="pt") as f:
+            return _read(f.get_slice(w_in)[e : e + 1][0]), _read(f.get_slice(w_out)[e : e + 1][0])
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+
+def routed_expert_keys(model: MoETransformer) -> list[tuple[str, str]]:
+    """The state_dict keys of each MoE layer's routed expert weights (w_in, w_out), in order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
+    return [(f"{n}.experts.w_in", f"{n}.experts.w_out") for n in names]
 
 
 class OffloadedExperts(nn.Module):
@@ -259,7 +313,7 @@ class ExpertOffload:
     """A model's offloading: its cache (statistics in `stats()`), store and prefetch hooks."""
 
     cache: ExpertCache
-    store: ExpertStore
+    store: ExpertStore | CheckpointExpertStore
     hooks: list = field(default_factory=list)
 
     def stats(self) -> dict[str, float]:
@@ -278,7 +332,7 @@ class ExpertOffload:
 
 def apply_expert_offload(
     model: MoETransformer,
-    expert_dir: str | Path,
+    expert_dir: str | Path | CheckpointExpertStore,
     *,
     budget: int | float | str = 0.5,
     policy: str = "lru",
@@ -286,14 +340,17 @@ def apply_expert_offload(
     expert_counts: Tensor | None = None,
 ) -> ExpertOffload:
     """Replace each MoE layer's experts by `OffloadedExperts` reading from `expert_dir` (written
-    by `write_expert_files`) through one `ExpertCache` of `budget` experts (see `resolve_budget`).
+    by `write_expert_files`), or from a `CheckpointExpertStore`, through one `ExpertCache` of
+    `budget` experts (see `resolve_budget`).
 
     policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
     (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
     the next MoE layer's router on this layer's input and load its experts in a background thread.
     Everything is checked before the model is changed.
     """
-    store = ExpertStore(expert_dir, model.cfg)
+    store = expert_dir
+    if not isinstance(store, CheckpointExpertStore):
+        store = ExpertStore(expert_dir, model.cfg)
     moe = model.cfg.moe
     layers = model.moe_layers()
     n_total = len(layers) * moe.n_experts
@@ -344,16 +401,30 @@ def drop_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def run_expert_dir(model: MoETransformer, run_dir: str | Path) -> Path:
-    """The expert directory of a run's newest checkpoint (`RUN_DIR/experts/step-N`), written from
-    `model` the first time it is asked for."""
-    from moekit.train.checkpoint import latest_checkpoint
-
-    checkpoint = latest_checkpoint(Path(run_dir))
-    expert_dir = Path(run_dir) / "experts" / (checkpoint.name if checkpoint else "model")
-    if not (expert_dir / MANIFEST).is_file():
-        write_expert_files(model, expert_dir)
-    return expert_dir
+def load_offloaded(
+    path: str | Path, cfg: ModelConfig, **offload: Any
+) -> tuple[MoETransformer, ExpertOffload]:
+    """The model of `cfg` with the weights of the safetensors file `path` (a checkpoint's
+    model.safetensors), its routed experts left in the file: the model is built on the meta
+    device, everything else is read into memory, and the experts are read one at a time through
+    `apply_expert_offload(..., **offload)`. The whole model is never in memory. Eval mode."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    store = CheckpointExpertStore(path, model)  # checks the file before anything is read
+    routed = {key for pair in store.keys for key in pair}
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: _read(f.get_tensor(k)) for k in f.keys() if k not in routed}  # noqa: SIM118
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if set(missing) != routed or unexpected:
+        raise ValueError(
+            f"{path} does not hold this model's weights: missing {sorted(set(missing) - routed)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:  # non-persistent state (the MoE layers' balance counts) starts at 0
+                module.register_buffer(name, torch.zeros_like(buf, device="cpu"), persistent=False)
+    return model.eval(), apply_expert_offload(model, store, **offload)
 
 
 def format_stats(stats: dict[str, float]) -> str:

@@ -17,6 +17,14 @@ from moekit.train.checkpoint import latest_checkpoint, load_weights
 def load_run(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Tokenizer]:
     """The config, the model with the newest checkpoint's weights (eval mode), and the tokenizer
     of a run directory written by `moekit train`."""
+    cfg, checkpoint, tokenizer = load_run_files(run_dir)
+    model = MoETransformer(cfg.model)
+    load_weights(checkpoint, model)
+    return cfg, model.eval(), tokenizer
+
+
+def load_run_files(run_dir: str | Path) -> tuple[RunConfig, Path, Tokenizer]:
+    """The config, the newest checkpoint's directory and the tokenizer of a run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
@@ -24,10 +32,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Tokenizer]
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
-    model = MoETransformer(cfg.model)
-    load_weights(checkpoint, model)
-    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
-    return cfg, model.eval(), tokenizer
+    return cfg, checkpoint, Tokenizer.from_file(str(run_dir / "tokenizer.json"))
 
 
 def sample_text(
