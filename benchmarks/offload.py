@@ -13,10 +13,14 @@ offloaded run's tokens and logits are checked bit-identical to the all-resident 
 
 The model (random weights; experts ~94% of its bytes) is built in the script; "static" keeps the
 most used experts of a trace recorded on other prompts. The CPU may be shared with other jobs:
-compare ratios within one run, not absolute times. Each offloaded configuration runs twice (cold
-each time) and keeps its best time; the all-resident run is repeated between the budgets and
-keeps its best. When other jobs load the CPU the wall times swing by far more than the loads
-cost; `checks` then also gives the speed ratio from the measured time waiting for loads.
+compare ratios within one run, not absolute times (run it under the machine's CPU lock). Each
+offloaded configuration runs 3 times (cold each time) and reports the median; the all-resident
+run is repeated between the budgets, median too. `checks` also gives the speed ratio from the
+measured time waiting for loads.
+
+Memory: a fresh process loads the model from one checkpoint file and decodes, whole
+(`load_model`) or with the experts left in the file (`load_offloaded`, as `moekit generate
+--expert-budget` does) at each budget; its peak RSS above the RSS after the imports is reported.
 
     python benchmarks/offload.py            # ~ a few minutes
     python benchmarks/offload.py --quick    # seconds, for tests
@@ -29,6 +33,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,12 +98,12 @@ def greedy(model, prompt, n_new: int):
     return torch.stack(ids, 1), torch.stack(logits, 1), seconds
 
 
-def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats=2, **kw) -> dict:
-    """Best tokens/s of `repeats` cold runs (each from an empty cache and page cache)."""
+def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw) -> dict:
+    """Median tokens/s of `repeats` cold runs (each from an empty cache and page cache)."""
     from moekit.inference import apply_expert_offload
     from moekit.inference.offload import drop_from_page_cache
 
-    best = float("inf")
+    times, same = [], True
     for _ in range(repeats):
         m = copy.deepcopy(model)
         offload = apply_expert_offload(m, expert_dir, **kw)
@@ -103,11 +111,12 @@ def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats=2, **kw) 
         drop_from_page_cache(offload.store.files())
         ids, logits, seconds = greedy(m, prompt, n_new)
         offload.close()
-        best = min(best, seconds)
-    seconds, stats = best, offload.stats()
-    same = torch.equal(ids, reference[0]) and torch.equal(logits, reference[1])
+        times.append(seconds)
+        same &= torch.equal(ids, reference[0]) and torch.equal(logits, reference[1])
+    stats = offload.stats()
     return {
-        "tokens_per_s": ids.numel() / seconds,
+        "tokens_per_s": ids.numel() / statistics.median(times),
+        "each_tokens_per_s": [ids.numel() / t for t in times],
         "bit_identical": same,
         **{k: stats[k] for k in ("capacity", "hit_rate", "hits", "misses", "bytes_read")},
         **{k: stats[k] for k in ("load_wait_s", "prefetched", "prefetch_accuracy")},
@@ -125,14 +134,14 @@ def measure(quick: bool) -> dict:
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen)
     other = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen)
-    n_new = 8 if quick else 48
+    n_new, repeats = (8, 1) if quick else (48, 3)
     with TraceRecorder(model) as rec:
         greedy(model, other, n_new)
     static_counts = rec.trace().expert_counts()
     with TraceRecorder(model) as rec:
         reference = greedy(model, prompt, n_new)
     requests = rec.trace().requests()
-    resident = [greedy(model, prompt, n_new)[2] for _ in range(2)]  # more added between runs
+    resident = [greedy(model, prompt, n_new)[2] for _ in range(repeats)]  # more between budgets
     n_total = len(model.moe_layers()) * cfg.moe.n_experts
     expert_params = sum(p.numel() for n, p in model.named_parameters() if "experts.w_" in n)
     result = {
@@ -151,7 +160,7 @@ def measure(quick: bool) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         expert_dir = write_expert_files(model, Path(tmp) / "experts")
-        run = lambda **kw: run_offloaded(model, expert_dir, prompt, n_new, reference, **kw)  # noqa: E731
+        run = lambda **kw: run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw)  # noqa: E731
         result["no_cache"] = run(budget=cfg.moe.top_k)
         rows = []
         for budget in (*BUDGETS, cfg.moe.top_k):
@@ -164,14 +173,75 @@ def measure(quick: bool) -> dict:
                     rows.append(row)
             resident.append(greedy(model, prompt, n_new)[2])
         result["runs"] = rows
-    # The best of the resident runs interleaved with the offloaded ones: the load of the machine
-    # changes during the benchmark; every speed here is a best of its repeats.
+    # The median of the resident runs, interleaved with the offloaded ones; every speed here is
+    # a median of its repeats.
     result["all_resident"] = {
-        "tokens_per_s": n_new / min(resident),
+        "tokens_per_s": n_new / statistics.median(resident),
         "each_run_tokens_per_s": [n_new / t for t in resident],
     }
+    result["memory"] = memory(model, n_new, quick)
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["checks"] = checks(result)
     return result
+
+
+def memory(model, n_new: int, quick: bool) -> dict:
+    """Peak resident memory of a fresh process that loads the model from a checkpoint file and
+    decodes n_new tokens: whole (`load_model`), and with the experts left in the file
+    (`load_offloaded`) at each budget. Measured as VmHWM minus VmRSS after the imports, torch's
+    Python meta-device kernels included (the meta build of `load_offloaded` loads them: a fixed
+    cost, reported on its own)."""
+    from safetensors.torch import save_model
+
+    from moekit.inference.offload import drop_from_page_cache
+
+    expert_bytes = sum(p.nbytes for n, p in model.named_parameters() if "experts.w_" in n)
+    result = {
+        "model_bytes": sum(p.nbytes for p in model.parameters()),
+        "routed_expert_bytes": expert_bytes,
+        "peak_rss_above_imports_bytes": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_model(model, str(path))
+        (Path(tmp) / "config.json").write_text(model.cfg.to_json())
+        budgets = ("all", "0.5") if quick else ("all", *map(str, BUDGETS), str(model.cfg.moe.top_k))
+        for budget in budgets:
+            drop_from_page_cache([path])
+            probe = [sys.executable, __file__, "--probe", tmp, budget, str(n_new)]
+            out = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+            measured = json.loads(out)
+            result["peak_rss_above_imports_bytes"][budget] = measured["peak_above_imports"]
+            result["meta_kernels_import_rss_bytes"] = measured["meta_kernels"]
+    return result
+
+
+def probe(folder: str, budget: str, n_new: int) -> None:
+    """The `--probe` process of `memory`: prints its peak RSS above the RSS after the imports."""
+    from safetensors.torch import load_model
+
+    from moekit import ModelConfig, MoETransformer
+    from moekit.inference import load_offloaded
+
+    def status(field: str) -> int:
+        line = next(
+            x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field)
+        )
+        return int(line.split()[1]) * 1024
+
+    path = Path(folder) / "model.safetensors"
+    cfg = ModelConfig.from_json((Path(folder) / "config.json").read_text())
+    before = status("VmRSS:")
+    torch.empty(1, device="meta").normal_()  # loads torch's Python meta kernels (sympy ...)
+    base = status("VmRSS:")
+    if budget == "all":
+        model = MoETransformer(cfg).eval()
+        load_model(model, str(path))
+    else:
+        model, _ = load_offloaded(path, cfg, budget=float(budget) if "." in budget else int(budget))
+    greedy(model, torch.zeros(1, 16, dtype=torch.long), n_new)
+    peak = status("VmHWM:") - base
+    print(json.dumps({"peak_above_imports": peak, "meta_kernels": base - before}))
 
 
 def checks(result: dict) -> dict:
@@ -180,6 +250,7 @@ def checks(result: dict) -> dict:
     half = [r for r in result["runs"] if r["budget"] == 0.5]
     lru_pf = next(r for r in half if r["policy"] == "lru" and r["prefetch"])
     resident_s = result["model"]["new_tokens"] / base
+    peak = result["memory"]["peak_rss_above_imports_bytes"]
     return {
         "all_bit_identical": all(r["bit_identical"] for r in result["runs"]),
         "best_50pct_speed_ratio": max(r["tokens_per_s"] for r in half) / base,
@@ -194,6 +265,7 @@ def checks(result: dict) -> dict:
         "lru_prefetch_50pct_load_wait_s": lru_pf["load_wait_s"],
         "lru_prefetch_50pct_speed_ratio_from_load_wait": resident_s
         / (resident_s + lru_pf["load_wait_s"]),
+        "peak_rss_50pct_over_whole_model": peak["0.5"] / peak["all"],
     }
 
 
@@ -231,11 +303,14 @@ def plot(result: dict, path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for tests")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
-    args = parser.parse_args()
+    parser.add_argument("--probe", nargs=3, metavar=("DIR", "BUDGET", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        return probe(args.probe[0], args.probe[1], int(args.probe[2]))
     result = measure(args.quick)
     text = json.dumps(result, indent=2)
     print(text)
@@ -243,6 +318,7 @@ def main() -> None:
 
     atomic_write_text(args.out, text + "\n")
     plot(result, args.out.with_suffix(".png"))
+    return result
 
 
 if __name__ == "__main__":

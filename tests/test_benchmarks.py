@@ -45,3 +45,17 @@ def test_moe_layer_benchmark_quick(tmp_path):
         assert shape["activations"]["moekit_within_bound"]
     assert result["machine"]["torch"] and result["machine"]["cpu_model"]
     assert len(result["targets"]) == 2 * len(bench.TARGETS)
+
+
+@pytest.mark.slow
+def test_offload_benchmark_quick(tmp_path):
+    bench = load_benchmark("offload")
+    out = tmp_path / "offload.json"
+    result = bench.main(["--quick", "--out", str(out)])
+    assert out.exists() and out.with_suffix(".png").stat().st_size > 0
+    assert result["checks"]["all_bit_identical"]
+    budgets = {r["budget"] for r in result["runs"]}
+    assert budgets == {*bench.BUDGETS, result["model"]["top_k"]}
+    assert all(0 <= r["belady_hit_rate"] <= 1 and r["tokens_per_s"] > 0 for r in result["runs"])
+    peaks = result["memory"]["peak_rss_above_imports_bytes"]
+    assert set(peaks) == {"all", "0.5"} and min(peaks.values()) > 0
