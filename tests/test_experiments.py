@@ -55,7 +55,7 @@ def test_arm_figures_from_metrics_records():
     fig = arm_figures(records)
     assert (fig["val_loss"], fig["train_lm_loss"], fig["spikes"], fig["steps"]) == (1.5, 3.5, 1, 2)
     assert (fig["tokens_per_s"], fig["max_vio"], fig["dropped_fraction"]) == (20.0, 0.7, 0.1)
-    assert fig["times"] == [1.0, 3.0] and fig["curves"]["logit_rms"] == [(1, 2.0), (2, 2.0)]
+    assert fig["times"] == [1.0, 3.0] and fig["curves"]["max_vio"] == [(1, 0.5), (2, 0.7)]
     assert math.isnan(arm_figures([])["val_loss"])
 
 
@@ -92,6 +92,7 @@ def fake_run(loss: float) -> dict:
     records = [{"kind": "train", "step": s, "lm_loss": loss / s, "tokens_per_s": 10.0,
                 "seconds": 1.0, "layers": [layer]} for s in (1, 2)]  # fmt: skip
     run = arm_figures([*records, {"kind": "eval", "step": 2, "val_loss": loss}])
+    run["curves"]["logit_rms"] = [(1, 3.0), (2, 2.0)]
     return run | {
         "logit_rms": 2.0,
         "diverged": False,
@@ -140,6 +141,7 @@ def test_an_experiment_trains_its_arms_with_paired_seeds(tmp_path: Path, monkeyp
     assert len(arms["hash"]) == 2 and results["machine"]["loadavg_end"]
     assert math.isnan(arms["dense"][0]["logit_rms"])  # no router
     assert arms["hash"][0]["logit_rms"] == pytest.approx(math.log(8))  # zero logits, E = 8
+    assert arms["hash"][0]["curves"]["logit_rms"] == [[2, arms["hash"][0]["logit_rms"]]]
     assert arms["dense"][0]["active_params"] < arms["hash"][0]["params"]
     assert "2 steps" in report and results["wall_seconds"] > 0
 

@@ -28,7 +28,8 @@ class Experiment:
     arms: Callable[[RunConfig], list[Arm]]
     checks: tuple[Check, ...]
     steps: int = 400
-    curve: str | None = None  # a per-step figure worth its own plot (a train-record field)
+    curve: str | None = None  # a per-step figure worth its own plot (runner.CURVES)
+    settings: tuple[str, ...] = ()  # overrides of the base for every arm, before the user's
 
 
 def _moe(base: RunConfig) -> tuple[int, int, int]:
@@ -121,7 +122,9 @@ EXPERIMENTS = {
                     ("logit_rms", "z-1e-3-lr4x", "no-z-lr4x"),
                     ("spikes", "z-1e-3-lr4x", "no-z-lr4x"),
                     ("val_loss", "z-1e-3-lr4x", "no-z-lr4x")),
-                   steps=450, curve="logit_rms"),
+                   steps=450, curve="logit_rms",
+                   # a checkpoint every 50 steps: the logit RMS curve is measured on each
+                   settings=("--train.checkpoint.every=50", "--train.checkpoint.keep=1000")),
         Experiment("capacity", "Lower capacity drops more tokens and raises the loss; dropless "
                    "matches or beats capacity 2.0 (GShard, Switch, MegaBlocks).", capacity,
                    (("dropped_fraction", "cf-1.0", "cf-0.5"), ("val_loss", "cf-1.0", "cf-0.5"),

@@ -22,7 +22,8 @@ from moekit.losses import z_loss
 from moekit.machine import machine_info
 from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides
-from moekit.train import TrainingDiverged, latest_checkpoint, train
+from moekit.train import TrainingDiverged, train
+from moekit.train.checkpoint import list_checkpoints, load_weights
 from moekit.train.metrics import read_metrics
 from moekit.train.report import save_figure
 from moekit.train.sample import load_run
@@ -30,7 +31,8 @@ from moekit.train.sample import load_run
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
 ARMS_DIR = "arms"  # OUT/arms/ARM/seed-N: the arms' run directories, apart from the report files
 CURVES = {"max_vio": "MaxVio (max over layers)", "dropped_fraction": "dropped fraction",
-          "logit_rms": "router logit RMS (sqrt z-loss)"}  # fmt: skip
+          "logit_rms": "router logit RMS, sqrt(z-loss), at each checkpoint"}  # fmt: skip
+LOGGED = ("max_vio", "dropped_fraction")  # curves from the train records; logit_rms: checkpoints
 
 
 def run_experiment(
@@ -43,18 +45,19 @@ def run_experiment(
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     exp, out_dir, begin = EXPERIMENTS[name], Path(out_dir), time.perf_counter()
-    machine, shown = machine_info(), apply_overrides(base, overrides or [])
+    overrides = [*exp.settings, *(overrides or [])]
+    machine, shown = machine_info(), apply_overrides(base, overrides)
     setup = data_facts(shown)
     results: dict[str, list[dict[str, Any]]] = {}
     for arm, arm_overrides in exp.arms(base):
         for s in range(seeds):
             seed = f"--train.seed={base.train.seed + s}"
-            cfg = apply_overrides(base, [*(overrides or []), *arm_overrides, seed])
+            cfg = apply_overrides(base, [*overrides, *arm_overrides, seed])
             run = _train_arm(cfg, out_dir / ARMS_DIR / arm / f"seed-{s}")
             results.setdefault(arm, []).append(run | parameters(cfg))
     add_loss_at_equal_time(results)
     machine["loadavg_end"] = list(os.getloadavg())
-    run = {"experiment": name, "command": command, "overrides": overrides or [], "seeds": seeds,
+    run = {"experiment": name, "command": command, "overrides": overrides, "seeds": seeds,
            "wall_seconds": time.perf_counter() - begin, **setup, "machine": machine,
            "base": json.loads(shown.to_json())}  # fmt: skip
     write_report(exp, run, results, shown, out_dir)
@@ -101,35 +104,45 @@ def _train_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     except TrainingDiverged:
         result, diverged = None, True
     figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
-    figures["logit_rms"] = router_logit_rms(run_dir)
+    rms = router_logit_rms(run_dir)
+    figures["curves"]["logit_rms"] = rms
+    figures["logit_rms"] = rms[-1][1] if rms else math.nan
     wall = result.seconds if result else None  # evaluations and the checkpoint included
     return figures | {"diverged": diverged, "wall_seconds": wall}
 
 
 @torch.no_grad()
-def router_logit_rms(run_dir: Path) -> float:
-    """sqrt(mean over tokens and layers of logsumexp(router logits)^2) of the run's newest
-    checkpoint on one fixed validation batch: the magnitude the z-loss (ST-MoE) penalises, measured
-    whether or not the arm trains with it. NaN for a dense model or a run without checkpoint."""
-    if latest_checkpoint(run_dir) is None:
-        return math.nan
+def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, sqrt(mean over tokens and layers of logsumexp(router logits)^2)) of each of the
+    run's checkpoints on one fixed validation batch: the magnitude the z-loss (ST-MoE) penalises,
+    measured whether or not the arm trains with it. Empty for a dense model or no checkpoint."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return []
     cfg, model, _ = load_run(run_dir)
     if not model.moe_layers():
-        return math.nan
+        return []
     data = prepare_data(cfg.train.data, cfg.token_vocab_size)
     batch = fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
     z: list[Tensor] = []
     hooks = [m.router.register_forward_hook(lambda _m, _i, out: z.append(z_loss(out.logits_TE)))
              for m in model.moe_layers()]  # fmt: skip
-    model(batch)
+    curve = []
+    for checkpoint in checkpoints:
+        load_weights(checkpoint, model)
+        z.clear()
+        model(batch)
+        curve.append(
+            (int(checkpoint.name.removeprefix("step-")), math.sqrt(float(torch.stack(z).mean())))
+        )
     for hook in hooks:
         hook.remove()
-    return math.sqrt(float(torch.stack(z).mean()))
+    return curve
 
 
 def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     """An arm's figures from its metrics.jsonl records (NaN where the run logged none), and its
-    per-record curves: "losses" and "curves" (each of `CURVES`) as (step, value) pairs, and
+    per-record curves: "losses" and "curves" (each of `LOGGED`) as (step, value) pairs, and
     "times" (the training seconds spent up to each record: steps only, evaluation and checkpoints
     excluded)."""
     train_recs = [r for r in records if r["kind"] == "train"]
@@ -137,7 +150,7 @@ def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     last = train_recs[-1] if train_recs else {"layers": []}
     losses = [r["lm_loss"] for r in train_recs]
     spikes = sum(loss > SPIKE * min(losses[:i]) for i, loss in enumerate(losses) if i)
-    curves = {key: [(r["step"], _layer_figure(r, key)) for r in train_recs] for key in CURVES}
+    curves = {key: [(r["step"], _layer_figure(r, key)) for r in train_recs] for key in LOGGED}
     times = np.cumsum([r["seconds"] for r in train_recs]).tolist()
     return {
         "val_loss": evals[-1]["val_loss"] if evals else math.nan,
@@ -155,15 +168,12 @@ def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _layer_figure(record: dict[str, Any], key: str) -> float:
-    """MaxVio: the worst layer's; dropped fraction: the layers' mean; logit RMS: sqrt of the
-    layers' mean z-loss (the logged mean of logsumexp(logits)^2). NaN without MoE layers."""
+    """MaxVio: the worst layer's; dropped fraction: the layers' mean. NaN without MoE layers."""
     layers = record["layers"]
     if not layers:
         return math.nan
     if key == "max_vio":
         return max(layer["max_vio"] for layer in layers)
-    if key == "logit_rms":
-        return math.sqrt(_mean([layer["z_loss"] for layer in layers]))
     return _mean([layer[key] for layer in layers])
 
 
@@ -260,8 +270,9 @@ def _setup_lines(base: RunConfig, run: dict[str, Any]) -> list[str]:
     experts = f"{moe.n_experts} experts of {moe.d_expert}, top-{moe.top_k}" if moe else "dense"
     model = f"{base.model.n_layers} layers of width {base.model.d_model}, {experts}"
     return [
-        f"Command: `{run['command'] or 'run_experiment(...)'}`; overrides for all arms: "
-        f"{run['overrides'] or 'none'}; {run['seeds']} seed(s) per arm.",
+        f"Command: `{run['command'] or 'run_experiment(...)'}`; overrides for all arms (the "
+        f"experiment's settings, then the command's): {run['overrides'] or 'none'}; "
+        f"{run['seeds']} seed(s) per arm.",
         f"Base: {model}; {t.steps} steps of {t.batch_size} x {t.seq_len} tokens on "
         f"{t.data.source} ({t.data.tokenizer}, vocabulary {base.token_vocab_size}), lr {t.lr:g}.",
         f"Wall time of the whole experiment: {run['wall_seconds'] / 60:.1f} min (data preparation "
@@ -285,10 +296,10 @@ COLUMN_NOTES = (
     "when the arm had trained as many seconds as the fastest arm did in all; max_vio the worst "
     "layer's MaxVio (max load / mean load - 1) over the last logged steps; dropped_fraction the "
     "share of expert assignments dropped by capacity; logit_rms the router logits' "
-    "sqrt(mean logsumexp^2) on a fixed validation batch with the final weights; spikes the "
-    f"logged train losses above {SPIKE} x the lowest before them; tokens_per_s and seconds of "
-    "training steps (evaluation excluded; the machine is shared, so timings carry its load); "
-    "steps the last step reached (fewer when the arm diverged); active_params per token."
+    "sqrt(mean logsumexp^2) on a fixed validation batch with the last checkpoint's weights; "
+    f"spikes the logged train losses above {SPIKE} x the lowest before them; tokens_per_s and "
+    "seconds of training steps (evaluation excluded; the machine is shared, so timings carry "
+    "its load); steps the last step reached (fewer when the arm diverged); active_params per token."
 )
 
 
