@@ -251,6 +251,8 @@ def checks(result: dict) -> dict:
     lru_pf = next(r for r in half if r["policy"] == "lru" and r["prefetch"])
     resident_s = result["model"]["new_tokens"] / base
     peak = result["memory"]["peak_rss_above_imports_bytes"]
+    per_load = result["no_cache"]["load_wait_s"] / max(result["no_cache"]["misses"], 1)
+    belady_misses = (1 - lru_pf["belady_hit_rate"]) * (lru_pf["hits"] + lru_pf["misses"])
     return {
         "all_bit_identical": all(r["bit_identical"] for r in result["runs"]),
         "best_50pct_speed_ratio": max(r["tokens_per_s"] for r in half) / base,
@@ -266,6 +268,10 @@ def checks(result: dict) -> dict:
         "lru_prefetch_50pct_speed_ratio_from_load_wait": resident_s
         / (resident_s + lru_pf["load_wait_s"]),
         "peak_rss_50pct_over_whole_model": peak["0.5"] / peak["all"],
+        # The ratio a perfect (Belady) cache would reach at 50%, loading each of its misses in
+        # the time an expert load took without a cache (no_cache run), without overlap.
+        "seconds_per_expert_load": per_load,
+        "belady_50pct_speed_ratio_estimate": resident_s / (resident_s + belady_misses * per_load),
     }
 
 
