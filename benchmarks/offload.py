@@ -41,6 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Waiting OpenMP threads sleep instead of spinning, so the prefetch thread gets a core on a 2-core
+# machine (as `make demo` runs); read when torch starts its thread pool, and set for every run.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 from moekit.machine import machine_info
@@ -155,6 +159,7 @@ def measure(quick: bool) -> dict:
             "new_tokens": n_new,
             "prompt_tokens": prompt.shape[1],
         },
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "page_cache": "posix_fadvise(DONTNEED) on the expert files before each run and after "
         "every expert load",
     }

@@ -17,7 +17,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -94,17 +94,23 @@ class ExpertStore:
         moe = cfg.moe
         n_in = 2 if moe.gated else 1
         shapes = {"w_in": [n_in * moe.d_expert, moe.d_model], "w_out": [moe.d_model, moe.d_expert]}
-        sizes = [
+        self.headers = [
             _check_file(layer_file(self.dir, i), moe.n_experts, shapes)
             for i in range(identity["n_layers"])
         ]
-        self.expert_bytes = max(sizes)
+        self.expert_bytes = max(
+            sum(b - a for k, v in h.items() if k.startswith("0.") for a, b in [v["data_offsets"]])
+            for h, _ in self.headers
+        )
 
     def load(self, key: Key) -> tuple[Tensor, Tensor]:
         """Expert key = (moe_layer, expert) -> (w_in, w_out), read from disk."""
         layer, e = key
-        path = layer_file(self.dir, layer)
-        return read_tensor(path, f"{e}.w_in"), read_tensor(path, f"{e}.w_out")
+        header, start = self.headers[layer]
+        with layer_file(self.dir, layer).open("rb", buffering=0) as f:
+            return read_tensor(f, start, header[f"{e}.w_in"]), read_tensor(
+                f, start, header[f"{e}.w_out"]
+            )
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("layer-*.safetensors"))
@@ -113,27 +119,27 @@ class ExpertStore:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_tensor(path: Path, name: str, index: int | None = None) -> Tensor:
-    """Tensor `name` of a safetensors file (with `index`: its index-th slice along the first
-    axis), read from the disk straight into memory of its own with one read at the offsets the
-    header gives. Not through a memory map: a cold mapped file is read a page fault at a time,
-    about 10x slower per expert on this project's machine."""
-    with path.open("rb", buffering=0) as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        entry = json.loads(f.read(n))[name]
-        start, end = entry["data_offsets"]
-        shape = entry["shape"]
-        if index is not None:
-            step = (end - start) // shape[0]
-            start, shape = start + index * step, shape[1:]
-        out = torch.empty(shape, dtype=_DTYPES[entry["dtype"]])
-        f.seek(8 + n + start)
-        f.readinto(out.view(torch.uint8).numpy())
+def read_tensor(f: BinaryIO, data_start: int, entry: dict, index: int | None = None) -> Tensor:
+    """The tensor of header `entry` in the open safetensors file f whose data begin at
+    `data_start` (with `index`: its index-th slice along the first axis), read from the disk
+    straight into memory of its own with one read. Not through a memory map: a cold mapped file
+    is read a page fault at a time, about 10x slower per expert on this project's machine."""
+    start, end = entry["data_offsets"]
+    shape = entry["shape"]
+    if index is not None:
+        step = (end - start) // shape[0]
+        start, shape = start + index * step, shape[1:]
+    out = torch.empty(shape, dtype=_DTYPES[entry["dtype"]])
+    buffer = out.view(torch.uint8).numpy()
+    f.seek(data_start + start)
+    if f.readinto(buffer) != buffer.nbytes:
+        raise ValueError(f"{f.name} is truncated: a tensor ends past the end of the file")
     return out
 
 
-def _read_header(path: Path) -> dict:
-    """A safetensors file's header; raises if the file is missing, short or unreadable."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and where its data begin; raises if the file is missing,
+    short or unreadable."""
     if not path.is_file():
         raise FileNotFoundError(f"expert file {path} is missing; rewrite the expert directory")
     size = path.stat().st_size
@@ -151,7 +157,7 @@ def _read_header(path: Path) -> dict:
         raise ValueError(
             f"expert file {path} is truncated: {size} bytes, its header needs {8 + n + end}"
         )
-    return header
+    return header, 8 + n
 
 
 def _check_shape(path: Path, header: dict, name: str, shape: list[int]) -> None:
@@ -163,15 +169,13 @@ def _check_shape(path: Path, header: dict, name: str, shape: list[int]) -> None:
         )
 
 
-def _check_file(path: Path, n_experts: int, shapes: dict[str, list[int]]) -> int:
-    """Raise if the file is missing, short or lacks a tensor; return the bytes of one expert."""
-    header = _read_header(path)
+def _check_file(path: Path, n_experts: int, shapes: dict[str, list[int]]) -> tuple[dict, int]:
+    """Raise if the file is missing, short or lacks a tensor; return `_read_header`'s answer."""
+    header, start = _read_header(path)
     for e in range(n_experts):
         for name, shape in shapes.items():
             _check_shape(path, header, f"{e}.{name}", shape)
-    return sum(
-        b - a for k, v in header.items() if k.startswith("0.") for a, b in [v["data_offsets"]]
-    )
+    return header, start
 
 
 class CheckpointExpertStore:
@@ -185,10 +189,11 @@ class CheckpointExpertStore:
         moe = model.cfg.moe
         n_in = 2 if moe.gated else 1
         E, F_, D = moe.n_experts, moe.d_expert, moe.d_model
-        header = _read_header(self.path)
+        header, self.data_start = _read_header(self.path)
         for w_in, w_out in self.keys:
             _check_shape(self.path, header, w_in, [E, n_in * F_, D])
             _check_shape(self.path, header, w_out, [E, D, F_])
+        self.entries = [(header[w_in], header[w_out]) for w_in, w_out in self.keys]
         a, b = header[w_in]["data_offsets"]
         c, d = header[w_out]["data_offsets"]
         self.expert_bytes = (b - a + d - c) // E
@@ -196,8 +201,11 @@ class CheckpointExpertStore:
     def load(self, key: Key) -> tuple[Tensor, Tensor]:
         """Expert key = (moe_layer, expert) -> (w_in, w_out), read from the file."""
         layer, e = key
-        w_in, w_out = self.keys[layer]
-        return read_tensor(self.path, w_in, e), read_tensor(self.path, w_out, e)
+        w_in, w_out = self.entries[layer]
+        with self.path.open("rb", buffering=0) as f:
+            return read_tensor(f, self.data_start, w_in, e), read_tensor(
+                f, self.data_start, w_out, e
+            )
 
     def files(self) -> list[Path]:
         return [self.path]
