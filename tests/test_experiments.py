@@ -22,7 +22,7 @@ from moekit.experiments.runner import (
 from moekit.overrides import apply_overrides
 
 
-@pytest.mark.parametrize("preset", ["tiny", "experiment"])
+@pytest.mark.parametrize("preset", ["tiny", "experiment", "small"])
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_every_arm_is_a_valid_config_with_the_paper_sizes(name: str, preset: str):
     base = RunConfig.preset(preset)
@@ -41,6 +41,17 @@ def test_moe_vs_dense_keeps_the_active_width():
     for arm in ("hash", "switch-top1", "top2", "fine-grained+shared"):
         moe = cfgs[arm].moe
         assert moe.top_k * moe.d_expert + moe.n_shared_experts * (moe.d_shared or 0) == 128
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_a_learned_top1_router_is_not_renormalised(name: str):
+    """Renormalised top-1 weighs every token's expert 1: the router would get no gradient from
+    the language-model loss."""
+    base = RunConfig.preset("experiment")
+    for _, overrides in EXPERIMENTS[name].arms(base):
+        moe = apply_overrides(base, overrides).model.moe
+        if moe is not None and moe.top_k == 1 and moe.router != "hash":
+            assert not moe.normalize
 
 
 def test_arm_figures_from_metrics_records():

@@ -68,12 +68,15 @@ def balance(base: RunConfig) -> list[Arm]:
 
 def granularity(base: RunConfig) -> list[Arm]:
     """(E, k, F) = (8, 1, 4F0), (16, 2, 2F0), (32, 4, F0), and (32, 3, F0) + one shared F0; with
-    F0 a quarter of the base's active width k * F (equal active compute)."""
+    F0 a quarter of the base's active width k * F (equal active compute). Top-1 weighs its expert
+    by the router probability (Switch): renormalised, its weight would always be 1 and the router
+    would learn from the balance loss only."""
     _, k, f = _moe(base)
     f0 = max(k * f // 4, 1)
     m = "--model.moe."
     arms = [(8, 1, 4 * f0), (16, 2, 2 * f0), (32, 4, f0)]
-    out = [(f"E{e}-k{kk}", [f"{m}n_experts={e}", f"{m}top_k={kk}", f"{m}d_expert={ff}"])
+    out = [(f"E{e}-k{kk}", [f"{m}n_experts={e}", f"{m}top_k={kk}", f"{m}d_expert={ff}",
+                            *([f"{m}normalize=false"] if kk == 1 else [])])
            for e, kk, ff in arms]  # fmt: skip
     shared = [f"{m}n_experts=32", f"{m}top_k=3", f"{m}d_expert={f0}", f"{m}n_shared_experts=1"]
     return [*out, ("E32-k3+shared", [*shared, f"{m}d_shared={f0}"])]
