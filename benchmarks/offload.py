@@ -185,7 +185,34 @@ def measure(quick: bool) -> dict:
     result["memory"] = memory(model, n_new, quick)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["checks"] = checks(result)
+    result["note"] = note(result)
     return result
+
+
+def note(result: dict) -> str:
+    """What the figures say and what limits them."""
+    c, m = result["checks"], result["memory"]
+    resident = result["all_resident"]["each_run_tokens_per_s"]
+    peak = m["peak_rss_above_imports_bytes"]
+    return (
+        f"All-resident decode: median {result['all_resident']['tokens_per_s']:.0f} tokens/s, "
+        f"its runs ranging {min(resident):.0f}-{max(resident):.0f} as the shared machine's "
+        "load varied: ratios move by about that spread. At a 50% budget the best policy "
+        f"reached {c['best_50pct_speed_ratio']:.3f}x it, LRU + prefetch "
+        f"{c['lru_prefetch_50pct_speed_ratio']:.3f}x (target 0.5x). Each expert load from "
+        f"disk took {c['seconds_per_expert_load'] * 1e3:.1f} ms (no-cache run): over "
+        f"{result['model']['new_tokens']} tokens the first use of each expert (compulsory "
+        "misses) dominates, which is why even a 100% budget stays well below all-resident; a "
+        "perfect (Belady) cache at 50% with these loads would reach about "
+        f"{c['belady_50pct_speed_ratio_estimate']:.2f}x. Prefetch runs in a thread that "
+        "competes with torch's two OpenMP threads for the 2 cores, so it raises the hit rate "
+        "more than the speed. Peak RSS of a process that loads the checkpoint and decodes: "
+        f"{peak['all'] / 1e6:.0f} MB whole, {peak['0.5'] / 1e6:.0f} MB with the experts left in "
+        f"the file at 50% (model {m['model_bytes'] / 1e6:.0f} MB, of which experts "
+        f"{m['routed_expert_bytes'] / 1e6:.0f} MB), plus a fixed "
+        f"{m['meta_kernels_import_rss_bytes'] / 1e6:.0f} MB for torch's meta-device kernels, "
+        "which the meta build imports."
+    )
 
 
 def memory(model, n_new: int, quick: bool) -> dict:
