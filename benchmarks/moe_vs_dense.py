@@ -13,6 +13,9 @@ final validation loss in at most 0.6 x the steps, at a throughput of at least 0.
 
     python benchmarks/moe_vs_dense.py                 # the demo's steps; ~2 x the demo's time
     python benchmarks/moe_vs_dense.py --steps 40      # a quick look
+    python benchmarks/moe_vs_dense.py --model.moe.n_experts=16 --model.moe.top_k=3 \
+        --model.moe.d_expert=256 --model.moe.n_shared_experts=1 --model.moe.d_shared=256 \
+        --out benchmarks/results/moe_vs_dense_finegrained.json   # another MoE design
 
 Prints the JSON to stdout (progress goes to stderr), writes it to
 benchmarks/results/moe_vs_dense.json and the plot beside it.
@@ -37,6 +40,7 @@ from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_text
 from moekit.machine import machine_info as machine
+from moekit.overrides import apply_overrides
 from moekit.train.loop import Trainer
 from moekit.train.metrics import read_metrics
 
@@ -58,7 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep: reuse freed memory as `moekit train` does (default); glibc: the C defaults",
     )
     p.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: moekit's)")
-    return p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # Any other argument is an override of the MoE model's config only, to measure another design
+    # against the same dense model: e.g. --model.moe.n_experts=16 --model.moe.top_k=3 ...
+    if bad := [a for a in extra if not a.startswith("--model.moe.")]:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (overrides must be --model.moe.*)")
+    args.moe_overrides = extra
+    return args
 
 
 def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
@@ -74,7 +84,9 @@ def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
         checkpoint=base.checkpoint.replace(every=0, keep=1),
         data=base.data.replace(cache_dir=args.cache_dir),
     )
-    return {name: RunConfig(model=RunConfig.preset(name).model, train=train) for name in MODELS}
+    configs = {name: RunConfig(model=RunConfig.preset(name).model, train=train) for name in MODELS}
+    configs["small"] = apply_overrides(configs["small"], args.moe_overrides)
+    return configs
 
 
 def train_in_lockstep(configs: dict[str, RunConfig], work: Path) -> dict[str, dict[str, Any]]:
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "steps": steps,
         "malloc": args.malloc,
+        "moe_overrides": args.moe_overrides,
         "tokens_per_step": configs["small"].train.batch_size * configs["small"].train.seq_len,
         "train": configs["small"].train.to_dict(),
         "runs": runs,
