@@ -59,3 +59,14 @@ def test_offload_benchmark_quick(tmp_path):
     assert all(0 <= r["belady_hit_rate"] <= 1 and r["tokens_per_s"] > 0 for r in result["runs"])
     peaks = result["memory"]["peak_rss_above_imports_bytes"]
     assert set(peaks) == {"all", "0.5"} and min(peaks.values()) > 0
+
+
+def test_moe_vs_dense_overrides_change_the_moe_run_only():
+    bench = load_benchmark("moe_vs_dense")
+    args = bench.parse_args(["--steps", "8", "--model.moe.n_experts=16", "--model.moe.top_k=3"])
+    configs = bench.run_configs(args)
+    assert (configs["small"].model.moe.n_experts, configs["small"].model.moe.top_k) == (16, 3)
+    assert configs["dense-small"].model.moe is None
+    assert configs["small"].train == configs["dense-small"].train  # same steps, data and seed
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train.lr=1"])  # only the MoE model may differ
