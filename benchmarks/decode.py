@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import tempfile
@@ -300,11 +299,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     result = measure(args.quick)
-    text = json.dumps(result, indent=2)
-    print(text)
-    from moekit.fileio import atomic_write_text
+    from moekit.fileio import atomic_write_json
 
-    atomic_write_text(args.out, text + "\n")
+    print(atomic_write_json(args.out, result))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from moekit.fileio import atomic_write_json
 from moekit.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "expert_parallel.json"
@@ -209,13 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "single_machine_scope": SCOPE_NOTE,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    print(atomic_write_json(args.out, report))
     return report
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info as machine
 
 TARGET_RATIO = 1.2
@@ -213,13 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": model_config(args.quick).to_dict(),
         "layouts": measure(args.quick, args.loaders, args.layouts),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)
+    print(atomic_write_json(args.out, report))
     return report
 
 

@@ -35,7 +35,6 @@ Prints the JSON to stdout (progress goes to stderr) and writes it to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ from torch.utils._pytree import tree_flatten
 import moekit
 from moekit.cpu_memory import keep_freed_memory
 from moekit.experts import grouped_mm_available, resolve_impl
+from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info as machine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -778,12 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = run(args)
     finally:
         torch.set_num_threads(threads)
-    text = json.dumps(result, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(args.out)
-    print(text)
+    print(atomic_write_json(args.out, result))
     return result
 
 

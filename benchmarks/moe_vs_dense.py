@@ -24,7 +24,6 @@ benchmarks/results/moe_vs_dense.json and the plot beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 import moekit
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
-from moekit.fileio import atomic_path, atomic_write_text
+from moekit.fileio import atomic_path, atomic_write_json
 from moekit.machine import machine_info as machine
 from moekit.overrides import apply_overrides
 from moekit.train.loop import Trainer
@@ -214,9 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "comparison": compare(runs, steps),
         "wall_seconds": time.perf_counter() - started,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    atomic_write_text(args.out, text + "\n")
+    print(atomic_write_json(args.out, result))
     plot(result, args.out.with_suffix(".png"))
     return result
 

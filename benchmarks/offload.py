@@ -348,11 +348,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.probe:
         return probe(args.probe[0], args.probe[1], int(args.probe[2]))
     result = measure(args.quick)
-    text = json.dumps(result, indent=2)
-    print(text)
-    from moekit.fileio import atomic_write_text
+    from moekit.fileio import atomic_write_json
 
-    atomic_write_text(args.out, text + "\n")
+    print(atomic_write_json(args.out, result))
     plot(result, args.out.with_suffix(".png"))
     return result
 

@@ -6,6 +6,7 @@ half-written file under the final name.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -60,3 +61,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: object) -> str:
+    """Write `data` as indented JSON (one trailing newline) to `path` atomically; return the JSON
+    text, which the benchmark scripts also print."""
+    text = json.dumps(data, indent=2)
+    atomic_write_text(path, text + "\n")
+    return text
