@@ -5,8 +5,11 @@ and unmaps it on free. A training step on CPU allocates and frees many such buff
 expert-sorted rows are (T * k, D): 64 MiB at T=4096, k=8, D=512, float32), so each one is
 page-faulted in anew, step after step. A page fault per 4 KiB costs about as much as the
 arithmetic on the page: measured on 2 cores, `a * w` into a fresh 64 MiB tensor takes 30 ms, into an
-existing one 5 ms; one MoE layer's forward+backward at (E=64, k=8, F=128) takes 489 ms with glibc's
-defaults and 391 ms with `keep_freed_memory()` (benchmarks/moe_layer.py records both).
+existing one 5 ms. One MoE layer's forward+backward at (E=64, k=8, F=128, T=4096, D=512), timed
+against the dense FFN of equal FLOPs in the same process: 1.45-1.55 x dense with glibc's defaults,
+1.20-1.29 x with `keep_freed_memory()` (benchmarks/moe_layer.py with and without `--malloc glibc`,
+and two alternating standalone runs of each; absolute times on the shared 2-core machine varied by
+up to 40% between processes, the ratios far less).
 
 `keep_freed_memory()` makes malloc serve all sizes from its heap (`M_MMAP_MAX = 0`) and keep freed
 heap memory (`M_TRIM_THRESHOLD` at its maximum): what the CUDA caching allocator does on GPU and
