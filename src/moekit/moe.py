@@ -73,9 +73,12 @@ class MoELayer(nn.Module):
             self.shared_experts.init_weights(std, out_std)
         self.bias_counts.zero_()
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, *, with_aux: bool = True
+    ) -> tuple[Tensor, MoEAux | None]:
         """x (..., D) -> y (..., D), aux. token_ids (...): only for router="hash", which routes by
-        them."""
+        them. with_aux=False skips the losses and metrics and returns None for aux (generation
+        needs neither; on a decode step they cost about as much as the routing itself)."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"MoELayer expects inputs whose last dimension is d_model={self.cfg.d_model}, "
@@ -85,14 +88,16 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
         if self.selected_path(x_TD.shape[0]):
             y_TD = self.experts.forward_selected(x_TD, routing.ids_TK, routing.weights_TK)
-            counts_E = losses.expert_counts(routing.ids_TK, self.cfg.n_experts)
             final_ids, final_w = routing.ids_TK, routing.weights_TK
+            counts_E = losses.expert_counts(final_ids, self.cfg.n_experts) if with_aux else None
         else:
             x_RD, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
             y_TD = self.dispatcher.combine(self.experts(x_RD, counts_E), state)
             final_ids, final_w = state.ids_TK, state.weights_TK
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
+        if not with_aux:
+            return y_TD.view(x.shape), None
         n_sequences = x.shape[0] if x.dim() == 3 else 1
         aux = self._aux(routing, counts_E, final_ids, final_w, n_sequences)
         return y_TD.view(x.shape), aux

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit import cpu_kernels
 from moekit.config import MoEConfig
 from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 
@@ -67,10 +68,13 @@ def expert_ffn(
     cfg: MoEConfig,
 ) -> Tensor:
     """One expert on N rows: x (N, D), w_in (2F|F, D), w_out (D, F) in nn.Linear layout -> (N, D).
-    Shared by the resident and the offloaded decode paths, so their outputs agree bit for bit."""
-    h_NH = F.linear(x_ND, w_in, b_in)
+    Shared by the resident and the offloaded decode paths, so their outputs agree bit for bit.
+    A SwiGLU expert without biases on CPU runs as one `cpu_kernels.swiglu_expert` call."""
+    if cfg.activation == "swiglu" and b_in is None and b_out is None:
+        return cpu_kernels.swiglu_expert(x_ND, w_in, w_out)
+    h_NH = cpu_kernels.linear(x_ND, w_in, b_in)
     act_NF = activate(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-    return F.linear(act_NF, w_out, b_out)
+    return cpu_kernels.linear(act_NF, w_out, b_out)
 
 
 def selected_experts_forward(
@@ -177,9 +181,9 @@ class SharedExperts(nn.Module):
         super().__init__()
         self.activation = (cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
         n_in = 2 if cfg.gated else 1
-        self.w_in = nn.Linear(cfg.d_model, n_in * cfg.shared_width, bias=cfg.expert_bias)
-        self.w_out = nn.Linear(cfg.shared_width, cfg.d_model, bias=cfg.expert_bias)
-        self.gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
+        self.w_in = cpu_kernels.Linear(cfg.d_model, n_in * cfg.shared_width, bias=cfg.expert_bias)
+        self.w_out = cpu_kernels.Linear(cfg.shared_width, cfg.d_model, bias=cfg.expert_bias)
+        self.gate = cpu_kernels.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
         self.init_weights()
 
     def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:

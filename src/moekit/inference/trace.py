@@ -51,7 +51,10 @@ class Trace:
 
 
 class TraceRecorder:
-    """Records the routing of every forward of `model` inside `with TraceRecorder(model) as r`."""
+    """Records the routing of every forward of `model` inside `with TraceRecorder(model) as r`:
+    the experts each token's router chose, hooked on the routers (generation runs the MoE layers
+    without their aux). With dropless dispatch, what generation uses, these are the experts that
+    ran; a capacity-limited layer may have dropped some of them."""
 
     def __init__(self, model: MoETransformer) -> None:
         self.model, self.identity = model, model_identity(model.cfg)
@@ -61,7 +64,7 @@ class TraceRecorder:
     def __enter__(self) -> TraceRecorder:
         layers = self.model.moe_layers()
         for i, layer in enumerate(layers):
-            self.hooks.append(layer.register_forward_hook(self._hook(i)))
+            self.hooks.append(layer.router.register_forward_hook(self._hook(i)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -69,10 +72,10 @@ class TraceRecorder:
             h.remove()
 
     def _hook(self, i: int):
-        def hook(module, args, output) -> None:
+        def hook(module, args, routing) -> None:
             if i == 0:
                 self.calls.append([])
-            self.calls[-1].append(output[1].ids.detach().to(torch.int32).cpu())
+            self.calls[-1].append(routing.ids_TK.detach().to(torch.int32).cpu())
 
         return hook
 

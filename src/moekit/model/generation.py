@@ -111,7 +111,8 @@ def generate(
     `pad_token_id` (default: eos_token_id) afterwards; generation ends when every sequence has
     ended or after max_new_tokens. `stream`, if given, receives each new column (B,) as it is
     made. The model runs in eval mode (restored afterwards); S + max_new_tokens must fit in
-    `max_seq_len`.
+    `max_seq_len`. On CPU, the float32 products of the decode steps run `moekit.cpu_kernels`'
+    GEMV, which streams the weights about twice as fast as MKL's on this project's machine.
     """
     _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
     pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -123,8 +124,12 @@ def generate(
     new_ids: list[Tensor] = []
     was_training = model.training
     model.eval()
+
+    def next_logits(ids_BS: Tensor) -> Tensor:  # (B, S) -> (B, V)
+        return model(ids_BS, kv_cache=cache, with_aux=False).logits[:, -1]
+
     try:
-        logits_BV = model(input_ids, kv_cache=cache).logits[:, -1]
+        logits_BV = next_logits(input_ids)
         for step in range(max_new_tokens):
             sampled_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
             ids_B = sampled_B
@@ -137,7 +142,7 @@ def generate(
             if step == max_new_tokens - 1 or bool(finished_B.all()):
                 break
             # Ended rows still run (their outputs are replaced by padding): feed them a real token.
-            logits_BV = model(sampled_B[:, None], kv_cache=cache).logits[:, -1]
+            logits_BV = next_logits(sampled_B[:, None])
     finally:
         model.train(was_training)
     return torch.stack(new_ids, dim=1)

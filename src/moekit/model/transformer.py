@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.cpu_kernels import Linear, linear
 from moekit.model.attention import attention_mask
 from moekit.model.block import Block
 from moekit.model.rope import rope_angles
@@ -60,7 +61,7 @@ class MoETransformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # A tied head multiplies by embed.weight directly, so to_empty() cannot untie it.
         self.lm_head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
         self.init_weights()
 
@@ -78,7 +79,12 @@ class MoETransformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        with_aux: bool = True,
     ) -> ModelOutput:
         """input_ids (B, S) long -> `ModelOutput` with logits (B, S, vocab_size).
 
@@ -87,6 +93,8 @@ class MoETransformer(nn.Module):
         ignore. Pass `labels=input_ids` to train a language model.
         With `kv_cache`, input_ids continue the cached sequences: their positions start at
         `kv_cache.length`, and their keys and values are appended to the cache.
+        with_aux=False skips the MoE layers' losses and metrics (`aux` is then empty and
+        `aux_loss` 0): what generation passes.
         """
         self._check_input(input_ids, kv_cache)
         S = input_ids.shape[1]
@@ -100,7 +108,8 @@ class MoETransformer(nn.Module):
         aux: list[MoEAux] = []
         for i, block in enumerate(self.layers):
             cache = None if kv_cache is None else kv_cache.layers[i]
-            x_BSD, layer_aux = block(x_BSD, rope, masks[cfg.layer_window(i)], cache, input_ids)
+            mask = masks[cfg.layer_window(i)]
+            x_BSD, layer_aux = block(x_BSD, rope, mask, cache, input_ids, with_aux)
             if layer_aux is not None:
                 aux.append(layer_aux)
         logits_BSV = self._head(self.norm(x_BSD))
@@ -115,7 +124,7 @@ class MoETransformer(nn.Module):
 
     def _head(self, h_BSD: Tensor) -> Tensor:
         if self.lm_head is None:
-            return F.linear(h_BSD, self.embed.weight)
+            return linear(h_BSD, self.embed.weight)
         return self.lm_head(h_BSD)
 
     def _check_input(self, input_ids: Tensor, kv_cache: KVCache | None) -> None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.cpu_kernels import linear
 from moekit.routing.base import Routing
 from moekit.routing.expert_choice import expert_choice_route
 from moekit.routing.hash import hash_route
@@ -57,7 +58,7 @@ class Router(nn.Module):
             eps = self.cfg.noise_eps
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        logits_TE = F.linear(x, self.weight.to(x.dtype), bias)
+        logits_TE = linear(x, self.weight.to(x.dtype), bias)
         if self.cfg.router == "expert_choice":
             return expert_choice_route(logits_TE, self.cfg)
         if self.noise_weight is None or not self.training:

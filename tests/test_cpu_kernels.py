@@ -1,0 +1,122 @@
+"""moekit.cpu_kernels: the decode GEMV against its reference F.linear, its fallbacks, its mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit import cpu_kernels
+from moekit.cpu_kernels import MAX_ROWS, Linear, linear, qualifies, swiglu_expert
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """The library as on a machine without a C compiler."""
+    cpu_kernels._library.cache_clear()
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-DUNCACHED_BUILD"])
+    yield
+    cpu_kernels._library.cache_clear()
+
+
+def test_kernel_is_built_here() -> None:
+    """This machine (and CI) has a C compiler: the fast path must be live, not silently off."""
+    assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, MAX_ROWS])
+@pytest.mark.parametrize("out_in", [(8, 768), (2048, 768), (768, 1024), (100, 37), (1, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(rows: int, out_in: tuple[int, int], bias: bool) -> None:
+    O, I = out_in
+    g = torch.Generator().manual_seed(rows * 1000 + O + I)
+    x = torch.randn(rows, I, generator=g)
+    w = torch.randn(O, I, generator=g) / I**0.5
+    b = torch.randn(O, generator=g) if bias else None
+    assert qualifies(x, w, b)
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dims_and_strided_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 64, generator=g)  # (B, S=1, D), as a decode step
+    w_big = torch.randn(48, 100, generator=g)
+    w = w_big[:, 10:74]  # rows of 64 floats, 100 apart: a view into a stacked weight
+    assert qualifies(x, w, None)
+    y = linear(x, w)
+    assert y.shape == (2, 1, 48)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_across_thread_counts() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 512, generator=g), torch.randn(1024, 512, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear(x, w)
+        torch.set_num_threads(2)
+        two = linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["too many rows", "float64", "transposed weight", "needs grad"],
+)
+def test_falls_back_to_f_linear(case: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 32, generator=g), torch.randn(16, 32, generator=g)
+    if case == "too many rows":
+        x = torch.randn(MAX_ROWS + 1, 32, generator=g)
+    elif case == "float64":
+        x, w = x.double(), w.double()
+    elif case == "transposed weight":
+        w = torch.randn(32, 16, generator=g).t()
+    elif case == "needs grad":
+        w.requires_grad_(True)
+    assert not qualifies(x, w, None)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_no_compiler_means_f_linear(no_kernel) -> None:
+    assert not cpu_kernels.available()
+    x, w = torch.randn(1, 32), torch.randn(16, 32)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    w_in, w_out = torch.randn(64, 32), torch.randn(32, 32)
+    gate, up = F.linear(x, w_in).chunk(2, dim=-1)
+    assert torch.equal(swiglu_expert(x, w_in, w_out), F.linear(F.silu(gate) * up, w_out))
+
+
+def test_linear_module_is_nn_linear_with_the_kernel() -> None:
+    torch.manual_seed(3)
+    layer = Linear(256, 512)
+    reference = nn.Linear(256, 512)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+        many = torch.randn(MAX_ROWS + 1, 256)
+        assert torch.equal(layer(many), reference(many))  # a GEMM: F.linear itself
+    y = layer(x)  # training: F.linear, with its gradient
+    assert torch.equal(y, reference(x))
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [1, 4, MAX_ROWS])
+def test_swiglu_expert_matches_torch(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    D, F_ = 96, 80
+    x = torch.randn(rows, D, generator=g)
+    w_in = torch.randn(2 * F_, D, generator=g) / D**0.5
+    w_out = torch.randn(D, F_, generator=g) / F_**0.5
+    gate, up = F.linear(x, w_in).chunk(2, dim=-1)
+    torch.testing.assert_close(
+        swiglu_expert(x, w_in, w_out), F.linear(F.silu(gate) * up, w_out), rtol=1e-5, atol=1e-5
+    )
