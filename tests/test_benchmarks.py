@@ -70,3 +70,20 @@ def test_moe_vs_dense_overrides_change_the_moe_run_only():
     assert configs["small"].train == configs["dense-small"].train  # same steps, data and seed
     with pytest.raises(SystemExit):
         bench.parse_args(["--train.lr=1"])  # only the MoE model may differ
+
+
+@pytest.mark.slow
+def test_decode_benchmark_quick(tmp_path):
+    pytest.importorskip("transformers")
+    result = load_benchmark("decode").main(["--quick", "--out", str(tmp_path / "decode.json")])
+    assert (tmp_path / "decode.json").exists()
+    assert result["model"]["kernels"]
+    bw = result["bandwidth"]
+    assert bw["bytes_per_token"] > 0 and bw["stream_gb_s"]["median"] > 0
+    assert {"torch", "moekit"} == set(bw["gemv"])
+    for batch in ("1", "8"):
+        runs = result["batches"][batch]
+        assert runs["same_tokens"], batch  # kernels on, off, and transformers agree
+        for name in ("moekit", "moekit_without_kernels", "transformers_eager"):
+            assert runs[name]["decode_tokens_per_s"] > 0 and runs[name]["prefill_s"] > 0
+    assert "moekit decodes" in result["note"]

@@ -120,3 +120,12 @@ def test_swiglu_expert_matches_torch(rows: int) -> None:
     torch.testing.assert_close(
         swiglu_expert(x, w_in, w_out), F.linear(F.silu(gate) * up, w_out), rtol=1e-5, atol=1e-5
     )
+
+
+def test_reference_only_switches_the_kernels_off() -> None:
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    assert qualifies(x, w, None)
+    with cpu_kernels.reference_only():
+        assert not qualifies(x, w, None)
+        assert torch.equal(linear(x, w), F.linear(x, w))
+    assert qualifies(x, w, None)

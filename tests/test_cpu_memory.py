@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,29 @@ def mmapped_bytes(mode: str) -> int:
 def test_large_tensors_come_from_the_heap_after_keep_freed_memory():
     assert mmapped_bytes("default") >= 64 * 2**20  # glibc's default: the tensor is its own mmap
     assert mmapped_bytes("keep") == 0  # served from the heap, reusable after free
+
+
+def test_use_huge_pages_collapses_in_place() -> None:
+    import torch
+
+    from moekit.cpu_memory import HUGE_PAGE, use_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if _glibc() is None or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no glibc, or transparent huge pages are off on this system")
+    x = torch.randn(4 * HUGE_PAGE // 4 + 123)
+    expected = x.clone()
+    collapsed = use_huge_pages([x, x[7:], torch.ones(3), torch.empty(5, device="meta")])
+    assert collapsed >= 3 * HUGE_PAGE  # the whole 2 MiB pages inside x, once
+    assert torch.equal(x, expected)
+    huge_kb = 0
+    begin, end = x.data_ptr(), x.data_ptr() + x.numel() * 4
+    region = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            region = lo < end and hi > begin
+        elif region and line.startswith("AnonHugePages:"):
+            huge_kb += int(line.split()[1])
+    assert huge_kb * 1024 >= 3 * HUGE_PAGE

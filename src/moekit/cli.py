@@ -209,12 +209,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "stream text from a trained run's newest checkpoint", _generate_args)
 def generate_command(args: argparse.Namespace) -> int:
+    from moekit.cpu_memory import use_huge_pages
     from moekit.train.sample import load_run, sample_text
 
     if args.expert_budget:
         model, tokenizer, offload = _offloaded_run(args)
     else:
         (_, model, tokenizer), offload = load_run(args.run_dir), None
+    use_huge_pages(model.parameters())  # decode streams every weight per token (cpu_memory)
     print(args.prompt, end="", flush=True)
     sample_text(
         model,

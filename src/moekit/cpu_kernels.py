@@ -26,6 +26,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,11 +39,27 @@ MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-lm"]
 
 
+_enabled = True
+
+
+@contextmanager
+def reference_only() -> Iterator[None]:
+    """Run F.linear (and torch's SwiGLU) instead of the kernels inside the block: to compare the
+    two, or to rule the kernels out when chasing a numerical difference."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
 def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
     """Whether `linear` runs the kernel: CPU float32, at most MAX_ROWS rows, W (O, I) with unit
-    stride along I, no gradient needed, and the kernel built."""
+    stride along I, no gradient needed, the kernel built and not inside `reference_only()`."""
     return (
-        not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        _enabled
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and w.dtype == torch.float32
