@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -174,3 +176,50 @@ def test_lru_and_lfu_evict_the_expected_expert() -> None:
 
     assert run("lru", [1, 1, 2, 3]) == {2, 3}
     assert run("lfu", [1, 1, 2, 3]) == {1, 3}
+
+
+def test_get_many_overlaps_the_loads_and_counts_like_get() -> None:
+    loading = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow_load(key):
+        with lock:
+            loading["now"] += 1
+            loading["most"] = max(loading["most"], loading["now"])
+        time.sleep(0.05)
+        with lock:
+            loading["now"] -= 1
+        return (torch.full((2,), float(key[1])),)
+
+    cache = ExpertCache(slow_load, 4, make_policy("lru"), 8)
+    try:
+        cache.get((0, 0))
+        cache.unpin((0, 0))
+        weights = cache.get_many([(0, 0), (0, 1), (0, 2), (0, 3)])
+        assert [float(w[0][0]) for w in weights] == [0, 1, 2, 3]
+        assert loading["most"] >= 2  # the three misses were read at the same time
+        assert (cache.stats.hits, cache.stats.misses) == (1, 4)
+        assert set(cache.pinned) == {(0, e) for e in range(4)}
+        for e in range(4):
+            cache.unpin((0, e))
+        cache.get_many([(0, 4), (0, 5)])  # evicts the least recently used, 0 and 1
+        assert set(cache.resident) == {(0, 2), (0, 3), (0, 4), (0, 5)}
+        with pytest.raises(ValueError, match="fit in the cache"):
+            cache.get_many([(1, e) for e in range(5)])
+    finally:
+        cache.close()
+
+
+def test_get_many_unpins_when_a_load_fails() -> None:
+    def load(key):
+        if key[1] == 1:
+            raise OSError("disk gone")
+        return (torch.zeros(1),)
+
+    cache = ExpertCache(load, 2, make_policy("lru"), 4)
+    try:
+        with pytest.raises(OSError, match="disk gone"):
+            cache.get_many([(0, 0), (0, 1)])
+        assert not cache.pinned and (0, 1) not in cache.resident
+    finally:
+        cache.close()

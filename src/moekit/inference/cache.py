@@ -19,6 +19,9 @@ from torch import Tensor
 
 Key = tuple[int, int]
 POLICIES = ("lru", "lfu", "static")
+# Threads that read experts (prefetches and `get_many`'s misses): cold 400 KB reads from this
+# machine's disk ran at 460 MB/s one at a time, 760 MB/s four at a time, 910 MB/s eight at a time.
+LOADER_THREADS = 4
 
 
 class Policy:
@@ -166,6 +169,43 @@ class ExpertCache:
         with self.lock:
             return self.resident[key]
 
+    def get_many(self, keys: list[Key]) -> list[tuple[Tensor, ...]]:
+        """`get` for distinct keys that fit in the cache together (at most `capacity`): every
+        missing one starts loading, on the loader threads, before any is waited for, so their
+        disk reads overlap. Counted as `get` counts them; the caller must `unpin` each key."""
+        if len(set(keys)) != len(keys) or len(keys) > self.capacity:
+            raise ValueError(
+                f"get_many needs distinct keys that fit in the cache together: {len(keys)} keys, "
+                f"capacity {self.capacity}; use get() one key at a time"
+            )
+        t0 = time.perf_counter()
+        futures: list[Future | None] = []
+        with self.lock:
+            self._start_pool()
+            for key in keys:
+                self.pinned[key] = self.pinned.get(key, 0) + 1
+                self.policy.touch(key)
+                future = self.pending.get(key)
+                if key in self.resident or future is not None:
+                    self.stats.hits += 1
+                    if key in self.unused_prefetch:
+                        self.unused_prefetch.discard(key)
+                        self.stats.prefetch_used += 1
+                else:
+                    self.stats.misses += 1
+                    future = self._reserve(key, wait=True, background=True)
+                futures.append(future)
+        try:
+            for future in futures:
+                future is None or future.result()
+        except BaseException:
+            for key in keys:
+                self.unpin(key)
+            raise
+        self.stats.load_wait_s += time.perf_counter() - t0
+        with self.lock:
+            return [self.resident[key] for key in keys]
+
     def unpin(self, key: Key) -> None:
         with self.lock:
             self.pinned[key] -= 1
@@ -175,9 +215,8 @@ class ExpertCache:
     def prefetch(self, keys: Iterable[Key], protect_layer: int | None = None) -> None:
         """Start loading `keys` in a background thread, into free slots or slots of unpinned
         experts not of `protect_layer` (the layer about to run); stops when no slot is free."""
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch")
         with self.lock:
+            self._start_pool()
             protect = {k for k in self.resident if k[0] == protect_layer}
             for key in keys:
                 if key in self.resident or key in self.pending:
@@ -187,14 +226,21 @@ class ExpertCache:
                 self.stats.prefetched += 1
                 self.unused_prefetch.add(key)
 
+    def _start_pool(self) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="moekit-loader")
+
     def close(self) -> None:
-        """Stop the prefetch thread (after its loads finish)."""
+        """Stop the loader threads (after their loads finish)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
 
-    def _reserve(self, key: Key, wait: bool, protect: set[Key] = frozenset()) -> Future | None:
-        """With the lock held: free a slot and start loading `key` into it."""
+    def _reserve(
+        self, key: Key, wait: bool, protect: set[Key] = frozenset(), background: bool = False
+    ) -> Future | None:
+        """With the lock held: free a slot and start loading `key` into it, in this thread when
+        `wait` (for a free slot) and not `background`, else on a loader thread."""
         while len(self.resident) + len(self.pending) >= self.capacity:
             candidates = set(self.resident) - set(self.pinned) - protect
             victim = self.policy.victim(candidates)
@@ -217,7 +263,7 @@ class ExpertCache:
         future: Future = Future()
         self.pending[key] = future
         self.policy.insert(key)
-        if wait:
+        if wait and not background:
             self.lock.release()
             try:
                 self._fill(key, future)

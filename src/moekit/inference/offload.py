@@ -248,14 +248,12 @@ class OffloadedExperts(nn.Module):
 
     def _compute(self, x_RD: Tensor, chunk: list[int], counts_A: Tensor, matmul) -> Tensor:
         keys = [(self.layer, e) for e in chunk]
-        weights = []
+        weights = self.cache.get_many(keys)
         try:
-            for key in keys:
-                weights.append(self.cache.get(key))
             w_in = torch.stack([w[0] for w in weights])
             w_out = torch.stack([w[1] for w in weights])
         finally:
-            for key in keys[: len(weights)]:
+            for key in keys:
                 self.cache.unpin(key)
         h = matmul(x_RD, w_in, counts_A)
         if self.b_in is not None:
@@ -272,19 +270,35 @@ class OffloadedExperts(nn.Module):
         return y
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
-        """`Experts.forward_selected` (the decode path), one cached expert at a time."""
+        """`Experts.forward_selected` (the decode path): the chosen experts fetched together (their
+        loads overlap) when they fit in the cache at once, else one at a time."""
+        chosen = sorted(set(ids_TK.flatten().tolist()))
+        if len(chosen) <= self.cache.capacity:
+            keys = [(self.layer, e) for e in chosen]
+            fetched = dict(zip(chosen, self.cache.get_many(keys), strict=True))
+            try:
+                return selected_experts_forward(x_TD, ids_TK, weights_TK, self._resident(fetched))
+            finally:
+                for key in keys:
+                    self.cache.unpin(key)
 
         def expert(e: int, x_ND: Tensor) -> Tensor:
             key = (self.layer, e)
-            w_in, w_out = self.cache.get(key)
             try:
-                b_in = None if self.b_in is None else self.b_in[e]
-                b_out = None if self.b_out is None else self.b_out[e]
-                return expert_ffn(x_ND, w_in, w_out, b_in, b_out, self.cfg)
+                return self._ffn(e, *self.cache.get(key), x_ND)
             finally:
                 self.cache.unpin(key)
 
         return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
+
+    def _resident(self, fetched: dict[int, tuple[Tensor, Tensor]]):
+        """expert(e, x_ND) over weights already fetched (and pinned)."""
+        return lambda e, x_ND: self._ffn(e, *fetched[e], x_ND)
+
+    def _ffn(self, e: int, w_in: Tensor, w_out: Tensor, x_ND: Tensor) -> Tensor:
+        b_in = None if self.b_in is None else self.b_in[e]
+        b_out = None if self.b_out is None else self.b_out[e]
+        return expert_ffn(x_ND, w_in, w_out, b_in, b_out, self.cfg)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.cfg.n_experts}, offloaded"
