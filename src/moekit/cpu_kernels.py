@@ -1,4 +1,4 @@
-"""A faster few-row float32 linear for CPU decoding, and the mode that routes decode steps to it.
+"""Few-row float32 kernels for CPU decoding: a linear (GEMV) and a whole SwiGLU expert, in C.
 
 A batch-1 decode step is a chain of matrix-vector products: its speed is the rate at which the
 weights stream from memory. On this project's machine (AMD EPYC, 2 cores) torch's F.linear (MKL)
@@ -7,7 +7,8 @@ numpy's OpenBLAS streams 23-25 GB/s on its own, but its thread pool and torch's 
 take turns spinning on the same two cores, and a decode step got slower, not faster (measured).
 
 `cpu_gemv.c` is a plain GEMV: each weight row is read once and multiplied by every input row, the
-output rows split over torch's own OpenMP threads. It is compiled on first use with the system C
+output rows split over torch's own OpenMP threads; `swiglu_expert` runs an expert's two
+projections and its activation in one call. It is compiled on first use with the system C
 compiler (`cc`, or $CC) into moekit's cache directory, keyed by the source's hash, and loaded with
 ctypes. Where no compiler is found or the build fails, `linear` is `F.linear`, which stays the
 reference (tests/test_cpu_kernels.py holds the kernel to it).
