@@ -16,7 +16,8 @@ top_k experts per MoE layer, LM head) divided by
   - the streaming read bandwidth (`sum` over 1 GiB; median of 7): what the memory can deliver;
   - the GEMV bandwidth on the model's own matrix shapes (one row against a pool of distinct
     weights larger than L3, as in decode; median of 7), of torch's F.linear (MKL) and of
-    moekit's kernel: what a decode step built from those products can reach at best.
+    moekit's kernel: what a decode step built from those products can reach at best; and of
+    numpy's OpenBLAS, for comparison (not used: its thread pool would compete with torch's).
 The model (~210M parameters, Mixtral-style, random weights) is built in the script. The CPU may be
 shared: run it under the machine's CPU lock, and compare ratios measured side by side.
 
@@ -114,7 +115,15 @@ def bounds(model, quick: bool) -> dict:
     pool = (64 if quick else 256) * 2**20
     stream = stream_bandwidth()
     gemv = {}
-    for name, linear in (("torch", F.linear), ("moekit", cpu_kernels.linear)):
+
+    def numpy_gemv(x, w):  # OpenBLAS, for comparison only (its thread pool is not torch's)
+        return w.numpy() @ x.numpy()[0]
+
+    for name, linear in (
+        ("torch", F.linear),
+        ("moekit", cpu_kernels.linear),
+        ("numpy", numpy_gemv),
+    ):
         per_role = {r: gemv_bandwidth(s, linear, pool) for r, (s, _) in weights.items()}
         seconds = sum(o * i * 4 * n / per_role[r] for r, ((o, i), n) in weights.items())
         gemv[name] = {
