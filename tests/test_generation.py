@@ -153,3 +153,17 @@ def test_selected_experts_decode_path_gives_the_dispatch_tokens_and_logits(monke
     monkeypatch.setattr("moekit.moe.SELECTED_MAX_TOKENS", 0)
     assert torch.equal(generate(model, x, 8), fast_ids)
     torch.testing.assert_close(greedy_logits(model, x, 8), fast_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_kernels_give_the_reference_tokens_and_logits(batch: int) -> None:
+    """The decode steps' products through moekit.cpu_kernels against torch's F.linear."""
+    from moekit import cpu_kernels
+
+    assert cpu_kernels.available()
+    model = MoETransformer(TINY).eval()
+    x = prompt(batch, 6)
+    fast_ids, fast_logits = generate(model, x, 10), greedy_logits(model, x, 10)
+    with cpu_kernels.reference_only():
+        assert torch.equal(generate(model, x, 10), fast_ids)
+        torch.testing.assert_close(greedy_logits(model, x, 10), fast_logits, rtol=0, atol=1e-5)
