@@ -78,7 +78,8 @@ class MoELayer(nn.Module):
     ) -> tuple[Tensor, MoEAux | None]:
         """x (..., D) -> y (..., D), aux. token_ids (...): only for router="hash", which routes by
         them. with_aux=False skips the losses and metrics and returns None for aux (generation
-        needs neither; on a decode step they cost about as much as the routing itself)."""
+        needs neither; on a decode step they cost about as much as the routing itself). It also
+        skips counting the tokens for the aux-loss-free bias update: it is for inference."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"MoELayer expects inputs whose last dimension is d_model={self.cfg.d_model}, "
