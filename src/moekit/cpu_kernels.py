@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,7 +148,15 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         path = _build()
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        warnings.warn(
+            f"moekit could not build its CPU decode kernels ({str(detail).strip()[-300:]}); "
+            "decoding runs torch's F.linear instead. Install a C compiler with OpenMP (gcc) "
+            "or set CC; MOEKIT_NO_KERNELS=1 silences this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     lib = ctypes.CDLL(str(path))
     f = lib.moekit_linear_f32
@@ -175,7 +184,10 @@ def _build() -> Path:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             out = Path(tmp) / path.name
             subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True
+                [compiler, *FLAGS, str(SOURCE), "-o", str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             os.replace(out, path)
     return path
