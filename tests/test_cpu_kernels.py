@@ -66,12 +66,27 @@ def test_deterministic_across_thread_counts() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["too many rows", "float64", "transposed weight", "needs grad"],
+    [
+        "too many rows",
+        "float64",
+        "transposed weight",
+        "needs grad",
+        "bias needs grad",
+        "broadcast bias",
+        "zero width",
+    ],
 )
 def test_falls_back_to_f_linear(case: str) -> None:
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(4, 32, generator=g), torch.randn(16, 32, generator=g)
-    if case == "too many rows":
+    b = None
+    if case == "bias needs grad":
+        b = torch.zeros(16, requires_grad=True)
+    elif case == "broadcast bias":
+        b = torch.ones(1)
+    elif case == "zero width":
+        x, w = torch.randn(2, 0), torch.randn(3, 0)
+    elif case == "too many rows":
         x = torch.randn(MAX_ROWS + 1, 32, generator=g)
     elif case == "float64":
         x, w = x.double(), w.double()
@@ -79,8 +94,37 @@ def test_falls_back_to_f_linear(case: str) -> None:
         w = torch.randn(32, 16, generator=g).t()
     elif case == "needs grad":
         w.requires_grad_(True)
-    assert not qualifies(x, w, None)
-    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert not qualifies(x, w, b)
+    y = linear(x, w, b)
+    assert torch.equal(y, F.linear(x, w, b))
+    assert (y.grad_fn is not None) == (case in ("needs grad", "bias needs grad"))
+
+
+def test_weights_off_the_cpu_or_a_meta_default_device_are_not_read() -> None:
+    x = torch.randn(1, 64)
+    assert not qualifies(x, torch.empty(128, 64, device="meta"), None)
+    assert not qualifies(x, torch.randn(128, 64), torch.empty(128, device="meta"))
+    w = torch.randn(128, 64)
+    with torch.device("meta"):  # outputs are made on x's device, not the default one
+        y = linear(x, w)
+    assert y.device.type == "cpu"
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_checks_shapes_and_gradients() -> None:
+    x, w_in, w_out = torch.randn(2, 8), torch.randn(12, 8), torch.randn(8, 6)
+    assert cpu_kernels.expert_qualifies(x, w_in, w_out)
+    assert not cpu_kernels.expert_qualifies(x[0], w_in, w_out)
+    assert not cpu_kernels.expert_qualifies(x, w_in, w_out[None])
+    w_out.requires_grad_(True)
+    assert not cpu_kernels.expert_qualifies(x, w_in, w_out)
+    assert swiglu_expert(x, w_in, w_out).grad_fn is not None
+
+
+def test_vmap_runs_f_linear() -> None:
+    x, w = torch.randn(3, 1, 16), torch.randn(8, 16)
+    y = torch.vmap(lambda row: linear(row, w))(x)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_no_compiler_means_f_linear(no_kernel) -> None:

@@ -223,3 +223,29 @@ def test_get_many_unpins_when_a_load_fails() -> None:
         assert not cache.pinned and (0, 1) not in cache.resident
     finally:
         cache.close()
+
+
+def test_a_failed_wait_leaves_nothing_pinned() -> None:
+    """A request that waits on a failing prefetch, or runs out of room, unpins what it pinned."""
+    gate = threading.Event()
+
+    def load(key):
+        if key == (0, 0):
+            gate.wait(5)
+            raise OSError("bad sector")
+        return (torch.zeros(1),)
+
+    cache = ExpertCache(load, 2, make_policy("lru"), 4)
+    try:
+        cache.prefetch([(0, 0), (0, 1)])  # both slots reserved, (0, 0) about to fail
+        gate.set()
+        with pytest.raises(OSError, match="bad sector"):
+            cache.get_many([(0, 0), (0, 2)])
+        assert not cache.pinned
+        cache.get((0, 3))
+        cache.get((0, 4))  # both slots now pinned by the caller
+        with pytest.raises(RuntimeError, match="full of experts in use"):
+            cache.get_many([(0, 5)])
+        assert cache.pinned == {(0, 3): 1, (0, 4): 1}
+    finally:
+        cache.close()

@@ -47,7 +47,8 @@ _enabled = True
 @contextmanager
 def reference_only() -> Iterator[None]:
     """Run F.linear (and torch's SwiGLU) instead of the kernels inside the block: to compare the
-    two, or to rule the kernels out when chasing a numerical difference."""
+    two, or to rule the kernels out when chasing a numerical difference. Process-wide: it
+    affects every thread while the block runs."""
     global _enabled
     before, _enabled = _enabled, False
     try:
@@ -57,32 +58,54 @@ def reference_only() -> Iterator[None]:
 
 
 def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether `linear` runs the kernel: CPU float32, at most MAX_ROWS rows, W (O, I) with unit
-    stride along I, no gradient needed, the kernel built and not inside `reference_only()`."""
+    """Whether `linear` runs the kernel: plain CPU float32 tensors, x (..., I) with at most
+    MAX_ROWS rows, W (O, I) with unit stride along I, b (O,) contiguous, no gradient needed by any
+    of them, the kernel built and not inside `reference_only()`. Anything else is F.linear's."""
     return (
         _enabled
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and w.dtype == torch.float32
+        and not (torch.is_grad_enabled() and _any_requires_grad(x, w, b))
+        and _plain_cpu_float32(x)
+        and _plain_cpu_float32(w)
         and w.dim() == 2
+        and w.shape[0] > 0
+        and w.shape[1] > 0
         and w.stride(1) == 1
+        and x.dim() >= 1
         and x.shape[-1] == w.shape[1]
         and x.numel() <= MAX_ROWS * w.shape[1]
-        and (b is None or (b.dtype == torch.float32 and b.dim() == 1 and b.is_contiguous()))
+        and (
+            b is None or (_plain_cpu_float32(b) and b.shape == (w.shape[0],) and b.is_contiguous())
+        )
         and _library() is not None
     )
 
 
 def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
-    """Whether `swiglu_expert` runs the kernel: as `qualifies`, with both weights contiguous."""
+    """Whether `swiglu_expert` runs the kernel: as `qualifies`, x 2-D, both weights contiguous,
+    w_in (2F, D) and w_out (D, F)."""
     return (
-        qualifies(x_ND, w_in, None)
-        and w_out.dtype == torch.float32
+        x_ND.dim() == 2
+        and qualifies(x_ND, w_in, None)
+        and not (torch.is_grad_enabled() and w_out.requires_grad)
+        and _plain_cpu_float32(w_out)
+        and w_out.dim() == 2
         and w_in.is_contiguous()
         and w_out.is_contiguous()
         and w_in.shape[0] == 2 * w_out.shape[1]
         and w_out.shape[0] == w_in.shape[1]
+    )
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _plain_cpu_float32(t: Tensor) -> bool:
+    """A CPU float32 tensor whose data pointer is its data: not meta, not a functorch wrapper."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
 
 
@@ -95,8 +118,8 @@ def swiglu_expert(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
         return F.linear(F.silu(gate) * up, w_out)
     x_ND = x_ND.contiguous()
     N, D = x_ND.shape
-    h_NH = torch.empty(N, w_in.shape[0], dtype=torch.float32)
-    y_ND = torch.empty(N, D, dtype=torch.float32)
+    h_NH = x_ND.new_empty(N, w_in.shape[0])
+    y_ND = x_ND.new_empty(N, D)
     _library().moekit_swiglu_expert_f32(
         x_ND.data_ptr(),
         N,
@@ -115,7 +138,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if not qualifies(x, w, b):
         return F.linear(x, w, b)
     x_RI = x.reshape(-1, w.shape[1]).contiguous()
-    y_RO = torch.empty(x_RI.shape[0], w.shape[0], dtype=torch.float32)
+    y_RO = x_RI.new_empty(x_RI.shape[0], w.shape[0])
     _library().moekit_linear_f32(
         x_RI.data_ptr(),
         x_RI.shape[0],
@@ -146,9 +169,14 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("MOEKIT_NO_KERNELS"):
         return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     try:
-        path = _build()
-    except (OSError, subprocess.CalledProcessError) as exc:
+        lib = ctypes.CDLL(str(_build()))
+        lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+        lib.moekit_linear_f32.restype = None
+        lib.moekit_swiglu_expert_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr]
+        lib.moekit_swiglu_expert_f32.restype = None
+    except (OSError, AttributeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         warnings.warn(
             f"moekit could not build its CPU decode kernels ({str(detail).strip()[-300:]}); "
@@ -158,14 +186,6 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    lib = ctypes.CDLL(str(path))
-    f = lib.moekit_linear_f32
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
-    f.restype = None
-    g = lib.moekit_swiglu_expert_f32
-    g.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr]
-    g.restype = None
     return lib
 
 

@@ -64,7 +64,8 @@ def use_huge_pages(tensors: Iterable[Tensor]) -> int:
     """Back the CPU tensors' memory with 2 MiB transparent huge pages, now (Linux 6.1+
     `MADV_COLLAPSE`, where the system's THP setting is `always` or `madvise`): the whole 2 MiB
     pages inside each tensor, in place, values unchanged. Returns the bytes collapsed (0 where
-    unsupported; nothing is changed then).
+    unsupported; on a kernel without MADV_COLLAPSE the MADV_HUGEPAGE advice stays, which only lets
+    the kernel's background khugepaged collapse those pages later).
 
     Decoding streams every weight matrix once per token; with 4 KiB pages that is a page-table
     walk every 4 KiB. On the decode benchmark's 213M-parameter model (2 cores), collapsing the

@@ -146,28 +146,9 @@ class ExpertCache:
             return sum(t.untyped_storage().nbytes() for w in self.resident.values() for t in w)
 
     def get(self, key: Key) -> tuple[Tensor, ...]:
-        """The weights of `key`, loading them if needed; the caller must `unpin(key)` after."""
-        t0 = time.perf_counter()
-        with self.lock:
-            self.pinned[key] = self.pinned.get(key, 0) + 1
-            self.policy.touch(key)
-            future = self.pending.get(key)
-            if key in self.resident or future is not None:
-                self.stats.hits += 1
-                if key in self.unused_prefetch:
-                    self.unused_prefetch.discard(key)
-                    self.stats.prefetch_used += 1
-            else:
-                self.stats.misses += 1
-                future = self._reserve(key, wait=True)
-        try:
-            future is None or future.result()
-        except BaseException:
-            self.unpin(key)
-            raise
-        self.stats.load_wait_s += time.perf_counter() - t0
-        with self.lock:
-            return self.resident[key]
+        """The weights of `key`, loading them (in this thread) if needed; the caller must
+        `unpin(key)` after."""
+        return self._fetch([key], background=False)[0]
 
     def get_many(self, keys: list[Key]) -> list[tuple[Tensor, ...]]:
         """`get` for distinct keys that fit in the cache together (at most `capacity`): every
@@ -178,28 +159,36 @@ class ExpertCache:
                 f"get_many needs distinct keys that fit in the cache together: {len(keys)} keys, "
                 f"capacity {self.capacity}; use get() one key at a time"
             )
+        return self._fetch(keys, background=True)
+
+    def _fetch(self, keys: list[Key], background: bool) -> list[tuple[Tensor, ...]]:
+        """Pin, count and (re)load `keys`, then wait for them; on any error every key pinned
+        here is unpinned again before it propagates."""
         t0 = time.perf_counter()
+        pinned: list[Key] = []
         futures: list[Future | None] = []
-        with self.lock:
-            self._start_pool()
-            for key in keys:
-                self.pinned[key] = self.pinned.get(key, 0) + 1
-                self.policy.touch(key)
-                future = self.pending.get(key)
-                if key in self.resident or future is not None:
-                    self.stats.hits += 1
-                    if key in self.unused_prefetch:
-                        self.unused_prefetch.discard(key)
-                        self.stats.prefetch_used += 1
-                else:
-                    self.stats.misses += 1
-                    future = self._reserve(key, wait=True, background=True)
-                futures.append(future)
         try:
+            with self.lock:
+                if background:
+                    self._start_pool()
+                for key in keys:
+                    self.pinned[key] = self.pinned.get(key, 0) + 1
+                    pinned.append(key)
+                    self.policy.touch(key)
+                    future = self.pending.get(key)
+                    if key in self.resident or future is not None:
+                        self.stats.hits += 1
+                        if key in self.unused_prefetch:
+                            self.unused_prefetch.discard(key)
+                            self.stats.prefetch_used += 1
+                    else:
+                        self.stats.misses += 1
+                        future = self._reserve(key, wait=True, background=background)
+                    futures.append(future)
             for future in futures:
                 future is None or future.result()
         except BaseException:
-            for key in keys:
+            for key in pinned:
                 self.unpin(key)
             raise
         self.stats.load_wait_s += time.perf_counter() - t0
