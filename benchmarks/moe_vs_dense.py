@@ -13,6 +13,8 @@ final validation loss in at most 0.6 x the steps, at a throughput of at least 0.
 
     python benchmarks/moe_vs_dense.py                 # the demo's steps; ~2 x the demo's time
     python benchmarks/moe_vs_dense.py --steps 40      # a quick look
+    python benchmarks/moe_vs_dense.py --steps 1200 --evals 30 \
+        --out benchmarks/results/moe_vs_dense_1200.json   # 3x the horizon, ~38 min
     python benchmarks/moe_vs_dense.py --model.moe.n_experts=16 --model.moe.top_k=3 \
         --model.moe.d_expert=256 --model.moe.n_shared_experts=1 --model.moe.d_shared=256 \
         --out benchmarks/results/moe_vs_dense_finegrained.json   # another MoE design
