@@ -342,7 +342,10 @@ def plot(result: dict, path: Path) -> None:
     ax_hit.set(xlabel="budget (fraction of all experts)", ylabel="hit rate", ylim=(0, 1.02))
     ax_speed.legend(fontsize=7)
     ax_hit.legend(fontsize=7)
-    fig.suptitle("moekit expert offloading: batch-1 greedy decode, experts read from disk")
+    fig.suptitle(
+        "moekit expert offloading: batch-1 greedy decode of "
+        f"{result['model']['new_tokens']} tokens, experts read from disk"
+    )
     fig.tight_layout()
     from moekit.fileio import atomic_path
 
