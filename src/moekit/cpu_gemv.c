@@ -89,9 +89,3 @@ void moekit_swiglu_expert_f32(const float *x, int64_t R, int64_t D, const float 
     }
     linear_rows(dot, h, 2 * F, R, F, w_out, F, D, NULL, y);
 }
-
-/* Which body moekit_linear_f32 runs on this CPU: 1 = AVX2+FMA, 0 = portable. */
-int moekit_linear_uses_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}

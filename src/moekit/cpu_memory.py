@@ -78,12 +78,13 @@ def use_huge_pages(tensors: Iterable[Tensor]) -> int:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed, seen = 0, set()
     for t in tensors:
-        if t.device.type != "cpu" or t.untyped_storage().data_ptr() in seen:
+        storage = t.untyped_storage()
+        begin = storage.data_ptr()
+        if t.device.type != "cpu" or begin in seen:
             continue
-        seen.add(t.untyped_storage().data_ptr())
-        begin = t.untyped_storage().data_ptr()
+        seen.add(begin)
         start = -(-begin // HUGE_PAGE) * HUGE_PAGE
-        end = (begin + t.untyped_storage().nbytes()) // HUGE_PAGE * HUGE_PAGE
+        end = (begin + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
         if end <= start:
             continue
         advised = libc.madvise(start, end - start, MADV_HUGEPAGE) == 0

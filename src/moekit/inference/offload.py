@@ -277,7 +277,8 @@ class OffloadedExperts(nn.Module):
             keys = [(self.layer, e) for e in chosen]
             fetched = dict(zip(chosen, self.cache.get_many(keys), strict=True))
             try:
-                return selected_experts_forward(x_TD, ids_TK, weights_TK, self._resident(fetched))
+                resident = lambda e, x_ND: self._ffn(e, *fetched[e], x_ND)  # noqa: E731
+                return selected_experts_forward(x_TD, ids_TK, weights_TK, resident)
             finally:
                 for key in keys:
                     self.cache.unpin(key)
@@ -290,10 +291,6 @@ class OffloadedExperts(nn.Module):
                 self.cache.unpin(key)
 
         return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
-
-    def _resident(self, fetched: dict[int, tuple[Tensor, Tensor]]):
-        """expert(e, x_ND) over weights already fetched (and pinned)."""
-        return lambda e, x_ND: self._ffn(e, *fetched[e], x_ND)
 
     def _ffn(self, e: int, w_in: Tensor, w_out: Tensor, x_ND: Tensor) -> Tensor:
         b_in = None if self.b_in is None else self.b_in[e]
