@@ -73,6 +73,39 @@ def test_moe_vs_dense_overrides_change_the_moe_run_only():
 
 
 @pytest.mark.slow
+def test_moe_designs_benchmark_measures_every_design_against_the_same_seeds_dense(tmp_path):
+    bench = load_benchmark("moe_designs")
+    out = tmp_path / "designs.json"
+    result = bench.main(["--preset", "tiny", "--steps", "6", "--evals", "3", "--seeds", "2",
+                         "--out", str(out)])  # fmt: skip
+    assert out.exists() and out.with_suffix(".png").stat().st_size > 0
+    designs = result["designs"]
+    assert set(designs) == set(
+        bench.default_designs(bench.base_config(bench.parse_args(["--preset", "tiny"])))
+    )
+    assert designs["dense"]["step_ratio_per_seed"] == [1.0, 1.0]  # dense reaches its own final
+    for name, design in designs.items():
+        losses = design["final_val_loss_per_seed"]
+        assert len(losses) == 2 and losses[0] != losses[1], name  # two seeds, two runs
+        dense = [runs["dense"]["final_val_loss"] for runs in result["runs"]]
+        below = [d - f for d, f in zip(dense, losses, strict=True)]
+        assert design["val_loss_below_dense_per_seed"] == below
+    # every design keeps the dense model's active expert width (top_k * d_expert + shared)
+    active = {name: d["active_parameters"] for name, d in designs.items()}
+    assert max(active.values()) - min(active.values()) <= 4 * 8 * 64  # routers: layers x E x D
+    assert designs["hash-top1-wide"]["parameters"] > designs["top2"]["parameters"]
+
+
+def test_moe_designs_needs_a_dense_design(tmp_path):
+    bench = load_benchmark("moe_designs")
+    spec = tmp_path / "designs.json"
+    spec.write_text('{"top1": ["--model.moe.top_k=1"]}')
+    args = bench.parse_args(["--preset", "tiny", "--designs", str(spec)])
+    with pytest.raises(SystemExit, match='"dense" entry'):
+        bench.designs(args, bench.base_config(args))
+
+
+@pytest.mark.slow
 def test_decode_benchmark_quick(tmp_path):
     pytest.importorskip("transformers")
     result = load_benchmark("decode").main(["--quick", "--out", str(tmp_path / "decode.json")])

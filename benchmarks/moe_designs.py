@@ -1,0 +1,226 @@
+"""Which MoE design learns fastest per step against dense, at equal active parameters.
+
+`moe_vs_dense.py` measures one design (`small`) against `dense-small`; this one trains several MoE
+designs and the dense model in lockstep (one optimizer step of each in turn: same machine load,
+same seed, same batches in the same order) at one base run, for one or more seeds, and reports for
+each design the step ratio of issue 3: the first evaluated step at which its validation loss
+reaches the dense model's final one, over the steps (lower is better; 1.0 = no faster than dense;
+null = never). Designs are overrides of the base run's MoE layer; the default ones keep the active
+expert width A = top_k * d_expert + shared width of the base (512 for the `experiment` preset):
+
+    dense               a dense SwiGLU FFN of width A
+    top2                the base MoE: E experts of A / 2, learned softmax top-2 (`small`'s design)
+    top2-frozen-router  the same, the router left at its random initial weights
+    top2-16-experts     16 experts of A / 2, top-2: twice the expert parameters
+    sigmoid-aux-free    top-2, sigmoid scores, aux-loss-free bias balancing (DeepSeek-V3)
+    fine-grained+shared 2E experts of A / 4, top-3, one shared expert of A / 4 (DeepSeekMoE)
+    hash-top2           top-2 of E experts of A / 2 chosen by a fixed hash of the token id (Roller
+                        2021): the base design's parameters, no learned router
+    hash-top1-wide      top-1 of E experts of width A, hashed: E times the dense FFN's parameters
+
+    python benchmarks/moe_designs.py --seeds 2        # ~16 min per seed on 2 CPU cores
+    python benchmarks/moe_designs.py --steps 40 --out /tmp/designs.json   # a quick look
+    python benchmarks/moe_designs.py --preset small --set=--train.batch_size=16 ...
+
+Prints the JSON to stdout (progress to stderr), writes it to
+benchmarks/results/moe_designs.json and the plot of the first seed's curves beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from matplotlib.figure import Figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_vs_dense import first_step_reaching, machine_info, train_in_lockstep
+from moekit.config import RunConfig
+from moekit.cpu_memory import keep_freed_memory
+from moekit.fileio import atomic_path, atomic_write_json
+from moekit.overrides import apply_overrides
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DENSE = "dense"
+
+
+def default_designs(base: RunConfig) -> dict[str, list[str]]:
+    """The designs of the module docstring, sized from the base run's MoE layer."""
+    moe = base.model.moe
+    if moe is None:
+        raise SystemExit("the base run needs an MoE model (model.moe set)")
+    e, a, m = moe.n_experts, moe.top_k * moe.d_expert + moe.shared_width, "--model.moe."
+    half = [f"{m}top_k=2", f"{m}d_expert={a // 2}", f"{m}n_shared_experts=0"]
+    return {
+        DENSE: ["--model.moe=null", f"--model.d_ff={a}"],
+        "top2": half,
+        "top2-frozen-router": [*half, "--train.freeze=router"],
+        "top2-16-experts": [*half, f"{m}n_experts=16"],
+        "sigmoid-aux-free": [
+            *half,
+            f"{m}score=sigmoid",
+            f"{m}aux_loss_coef=0",
+            f"{m}bias_update_rate=0.001",
+        ],
+        "fine-grained+shared": [
+            f"{m}n_experts={2 * e}",
+            f"{m}top_k=3",
+            f"{m}d_expert={a // 4}",
+            f"{m}n_shared_experts=1",
+            f"{m}d_shared={a // 4}",
+        ],
+        "hash-top2": [*half, f"{m}router=hash"],
+        "hash-top1-wide": [
+            f"{m}router=hash",
+            f"{m}top_k=1",
+            f"{m}d_expert={a}",
+            f"{m}n_shared_experts=0",
+        ],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="experiment", help="the base run (default: experiment)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="--a.b=VALUE",
+        help="an override of the base run, for every design (repeatable)",
+    )
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--evals", type=int, default=16, help="evaluations over the run")
+    p.add_argument("--seeds", type=int, default=1, help="seeds train.seed + 0..N-1")
+    p.add_argument(
+        "--designs",
+        type=Path,
+        default=None,
+        help='a JSON file {"name": ["--model.moe.x=...", ...]}; needs a "dense" entry',
+    )
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_designs.json")
+    return p.parse_args(argv)
+
+
+def base_config(args: argparse.Namespace) -> RunConfig:
+    base = apply_overrides(RunConfig.preset(args.preset), args.set)
+    every = max(1, args.steps // args.evals)
+    train = base.train.replace(
+        steps=args.steps,
+        progress=False,
+        tensorboard=False,
+        log_every=max(1, args.steps // 50),
+        eval=base.train.eval.replace(every=every),
+        checkpoint=base.train.checkpoint.replace(every=0, keep=1),
+    )
+    return base.replace(train=train)
+
+
+def designs(args: argparse.Namespace, base: RunConfig) -> dict[str, list[str]]:
+    chosen = default_designs(base) if args.designs is None else json.loads(args.designs.read_text())
+    if DENSE not in chosen:
+        raise SystemExit(
+            f'the designs need a "{DENSE}" entry: the model the others are measured by'
+        )
+    return chosen
+
+
+def summarise(per_seed: list[dict[str, dict[str, Any]]], steps: int) -> dict[str, Any]:
+    """Each design's step ratio and throughput ratio against the same seed's dense run."""
+    table = {}
+    for name in per_seed[0]:
+        ratios, speeds, finals = [], [], []
+        for runs in per_seed:
+            run, dense = runs[name], runs[DENSE]
+            reach = first_step_reaching(run["val_curve"], dense["final_val_loss"])
+            ratios.append(None if reach is None else reach / steps)
+            speeds.append(run["tokens_per_s"] / dense["tokens_per_s"])
+            finals.append(run["final_val_loss"])
+        table[name] = {
+            "step_ratio_per_seed": ratios,
+            "step_ratio_mean": None if None in ratios else mean(ratios),
+            "throughput_ratio": mean(speeds),
+            "final_val_loss_per_seed": finals,
+            "val_loss_below_dense_per_seed": [
+                r[DENSE]["final_val_loss"] - f for r, f in zip(per_seed, finals, strict=True)
+            ],
+            "parameters": per_seed[0][name]["parameters"],
+            "active_parameters": per_seed[0][name]["active_parameters"],
+        }
+    return table
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    for name, run in result["runs"][0].items():
+        steps, losses = zip(*run["val_curve"], strict=True)
+        ratio = result["designs"][name]["step_ratio_per_seed"][0]
+        shown = "never" if ratio is None else f"{ratio:.2f}"
+        label = f"{name}: {run['parameters'] / 1e6:.2f}M total, step ratio {shown}"
+        ax.plot(
+            steps,
+            losses,
+            "-" if name == DENSE else "o-",
+            ms=2,
+            lw=2 if name == DENSE else 1,
+            color="black" if name == DENSE else None,
+            label=label,
+        )
+    ax.axhline(result["runs"][0][DENSE]["final_val_loss"], color="gray", ls="--", lw=1)
+    ax.set_title(
+        f"MoE designs vs dense at {result['active_parameters'] / 1e6:.2f}M active "
+        f"parameters (seed {result['seed']}): validation loss",
+        fontsize=10,
+    )
+    tail = [loss for run in result["runs"][0].values() for _, loss in run["val_curve"][2:]]
+    ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)  # the interesting part: past the first drop
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print and write the JSON (and the PNG beside it); return it."""
+    args = parse_args(argv)
+    keep_freed_memory()  # as the training commands do; lasts for the process
+    base = base_config(args)
+    chosen = designs(args, base)
+    started, machine = time.perf_counter(), machine_info()
+    per_seed = []
+    for s in range(args.seeds):
+        seed = f"--train.seed={base.train.seed + s}"
+        configs = {name: apply_overrides(base, [*ov, seed]) for name, ov in chosen.items()}
+        with tempfile.TemporaryDirectory() as work:
+            per_seed.append(train_in_lockstep(configs, Path(work)))
+    result = {
+        "benchmark": "moe_designs",
+        "machine": machine,
+        "preset": args.preset,
+        "base_overrides": args.set,
+        "steps": args.steps,
+        "seed": base.train.seed,
+        "seeds": args.seeds,
+        "tokens_per_step": base.train.batch_size * base.train.seq_len * base.train.grad_accum,
+        "active_parameters": per_seed[0][DENSE]["active_parameters"],
+        "design_overrides": chosen,
+        "designs": summarise(per_seed, args.steps),
+        "runs": per_seed,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    print(atomic_write_json(args.out, result))
+    plot(result, args.out.with_suffix(".png"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
