@@ -18,9 +18,11 @@ expert width A = top_k * d_expert + shared width of the base (512 for the `exper
                         2021): the base design's parameters, no learned router
     hash-top1-wide      top-1 of E experts of width A, hashed: E times the dense FFN's parameters
 
-    python benchmarks/moe_designs.py --seeds 2        # ~16 min per seed on 2 CPU cores
+    python benchmarks/moe_designs.py --seeds 2 --set=--train.eval.batches=8   # ~16 min a seed
     python benchmarks/moe_designs.py --steps 40 --out /tmp/designs.json   # a quick look
-    python benchmarks/moe_designs.py --preset small --set=--train.batch_size=16 ...
+    python benchmarks/moe_designs.py --steps 1200 --evals 24 --only dense,top2,hash-top2 \
+        --set=--train.eval.batches=8 --out benchmarks/results/moe_designs_1200.json
+    python benchmarks/moe_designs.py --preset small --designs mine.json   # {"dense": [...], ...}
 
 Prints the JSON to stdout (progress to stderr), writes it to
 benchmarks/results/moe_designs.json and the plot of the first seed's curves beside it.
@@ -104,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help='a JSON file {"name": ["--model.moe.x=...", ...]}; needs a "dense" entry',
     )
+    p.add_argument("--only", default=None, metavar="NAME,NAME", help="a subset of the designs")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_designs.json")
     return p.parse_args(argv)
 
@@ -124,6 +127,11 @@ def base_config(args: argparse.Namespace) -> RunConfig:
 
 def designs(args: argparse.Namespace, base: RunConfig) -> dict[str, list[str]]:
     chosen = default_designs(base) if args.designs is None else json.loads(args.designs.read_text())
+    if args.only is not None:
+        names = args.only.split(",")
+        if unknown := [n for n in names if n not in chosen]:
+            raise SystemExit(f"unknown designs {unknown}; choose from {', '.join(chosen)}")
+        chosen = {name: chosen[name] for name in names}
     if DENSE not in chosen:
         raise SystemExit(
             f'the designs need a "{DENSE}" entry: the model the others are measured by'

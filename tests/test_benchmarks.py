@@ -103,6 +103,11 @@ def test_moe_designs_needs_a_dense_design(tmp_path):
     args = bench.parse_args(["--preset", "tiny", "--designs", str(spec)])
     with pytest.raises(SystemExit, match='"dense" entry'):
         bench.designs(args, bench.base_config(args))
+    args = bench.parse_args(["--preset", "tiny", "--only", "dense,hash-top2"])
+    assert list(bench.designs(args, bench.base_config(args))) == ["dense", "hash-top2"]
+    args = bench.parse_args(["--preset", "tiny", "--only", "dense,top9"])
+    with pytest.raises(SystemExit, match="unknown designs"):
+        bench.designs(args, bench.base_config(args))
 
 
 @pytest.mark.slow
