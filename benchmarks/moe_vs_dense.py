@@ -18,6 +18,8 @@ final validation loss in at most 0.6 x the steps, at a throughput of at least 0.
     python benchmarks/moe_vs_dense.py --model.moe.n_experts=16 --model.moe.top_k=3 \
         --model.moe.d_expert=256 --model.moe.n_shared_experts=1 --model.moe.d_shared=256 \
         --out benchmarks/results/moe_vs_dense_finegrained.json   # another MoE design
+    python benchmarks/moe_vs_dense.py --model.moe.router=hash \
+        --out benchmarks/results/moe_vs_dense_hash.json   # routed by a hash of the token id
 
 Prints the JSON to stdout (progress goes to stderr), writes it to
 benchmarks/results/moe_vs_dense.json and the plot beside it.
