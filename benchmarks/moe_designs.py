@@ -5,13 +5,17 @@ designs and the dense model in lockstep (one optimizer step of each in turn: sam
 same seed, same batches in the same order) at one base run, for one or more seeds, and reports for
 each design the step ratio of issue 3: the first evaluated step at which its validation loss
 reaches the dense model's final one, over the steps (lower is better; 1.0 = no faster than dense;
-null = never). Designs are overrides of the base run's MoE layer; the default ones keep the active
-expert width A = top_k * d_expert + shared width of the base (512 for the `experiment` preset):
+null = never; its resolution is the evaluation interval, steps / evals). Designs are overrides of
+the base run; the default ones keep the active expert width A = top_k * d_expert + shared width of
+the base (512 for the `experiment` preset; A must divide by 4), and the run stops before training
+if a design's differs from the dense model's d_ff. They suit a base whose layers are all MoE with
+softmax top-k routing (hash routing takes no groups and no bias balancing):
 
     dense               a dense SwiGLU FFN of width A
-    top2                the base MoE: E experts of A / 2, learned softmax top-2 (`small`'s design)
+    top2                E experts of A / 2, learned top-2, no shared expert (`small`'s layout; the
+                        base's scores, balance losses and other router settings)
     top2-frozen-router  the same, the router left at its random initial weights
-    top2-16-experts     16 experts of A / 2, top-2: twice the expert parameters
+    top2-16-experts     16 experts of A / 2, top-2 (twice the expert parameters of an 8-expert base)
     sigmoid-aux-free    top-2, sigmoid scores, aux-loss-free bias balancing (DeepSeek-V3)
     fine-grained+shared 2E experts of A / 4, top-3, one shared expert of A / 4 (DeepSeekMoE)
     hash-top2           top-2 of E experts of A / 2 chosen by a fixed hash of the token id (Roller
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,7 +63,8 @@ def default_designs(base: RunConfig) -> dict[str, list[str]]:
     if moe is None:
         raise SystemExit("the base run needs an MoE model (model.moe set)")
     e, a, m = moe.n_experts, moe.top_k * moe.d_expert + moe.shared_width, "--model.moe."
-    half = [f"{m}top_k=2", f"{m}d_expert={a // 2}", f"{m}n_shared_experts=0"]
+    unshared = [f"{m}n_shared_experts=0", f"{m}d_shared=null", f"{m}shared_gate=false"]
+    half = [f"{m}top_k=2", f"{m}d_expert={a // 2}", *unshared]
     return {
         DENSE: ["--model.moe=null", f"--model.d_ff={a}"],
         "top2": half,
@@ -82,7 +88,7 @@ def default_designs(base: RunConfig) -> dict[str, list[str]]:
             f"{m}router=hash",
             f"{m}top_k=1",
             f"{m}d_expert={a}",
-            f"{m}n_shared_experts=0",
+            *unshared,
         ],
     }
 
@@ -139,6 +145,19 @@ def designs(args: argparse.Namespace, base: RunConfig) -> dict[str, list[str]]:
     return chosen
 
 
+def check_widths(configs: dict[str, RunConfig]) -> None:
+    """Exit unless every MoE design's active expert width equals the dense model's d_ff."""
+    width = configs[DENSE].model.d_ff
+    for name, cfg in configs.items():
+        moe = cfg.model.moe
+        if moe is not None and moe.top_k * moe.d_expert + moe.shared_width != width:
+            active = moe.top_k * moe.d_expert + moe.shared_width
+            raise SystemExit(
+                f"design {name!r} has an active expert width of {active} (top_k * d_expert + "
+                f"shared width), the dense model's d_ff is {width}: resize one of them"
+            )
+
+
 def summarise(per_seed: list[dict[str, dict[str, Any]]], steps: int) -> dict[str, Any]:
     """Each design's step ratio and throughput ratio against the same seed's dense run."""
     table = {}
@@ -170,7 +189,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for name, run in result["runs"][0].items():
         steps, losses = zip(*run["val_curve"], strict=True)
         ratio = result["designs"][name]["step_ratio_per_seed"][0]
-        shown = "never" if ratio is None else f"{ratio:.2f}"
+        shown = "never" if ratio is None else f"{ratio:.3f}"
         label = f"{name}: {run['parameters'] / 1e6:.2f}M total, step ratio {shown}"
         ax.plot(
             steps,
@@ -188,7 +207,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     tail = [loss for run in result["runs"][0].values() for _, loss in run["val_curve"][2:]]
-    ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)  # the interesting part: past the first drop
+    if tail:
+        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)  # the interesting part: past the first drop
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     keep_freed_memory()  # as the training commands do; lasts for the process
     base = base_config(args)
     chosen = designs(args, base)
+    check_widths({name: apply_overrides(base, ov) for name, ov in chosen.items()})
     started, machine = time.perf_counter(), machine_info()
     per_seed = []
     for s in range(args.seeds):
@@ -216,15 +237,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "preset": args.preset,
         "base_overrides": args.set,
         "steps": args.steps,
+        "eval_every": base.train.eval.every,
         "seed": base.train.seed,
         "seeds": args.seeds,
         "tokens_per_step": base.train.batch_size * base.train.seq_len * base.train.grad_accum,
         "active_parameters": per_seed[0][DENSE]["active_parameters"],
         "design_overrides": chosen,
         "designs": summarise(per_seed, args.steps),
+        "base": base.to_dict(),
         "runs": per_seed,
         "wall_seconds": time.perf_counter() - started,
     }
+    machine["loadavg_end"] = list(os.getloadavg())
     print(atomic_write_json(args.out, result))
     plot(result, args.out.with_suffix(".png"))
     return result
