@@ -47,7 +47,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_vs_dense import first_step_reaching, machine_info, train_in_lockstep
+from moe_vs_dense import first_step_reaching, lockstep_settings, machine_info, train_in_lockstep
 from moekit.config import MoEConfig, RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
@@ -124,16 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace) -> RunConfig:
     base = apply_overrides(RunConfig.preset(args.preset), args.set)
-    every = max(1, args.steps // args.evals)
-    train = base.train.replace(
-        steps=args.steps,
-        progress=False,
-        tensorboard=False,
-        log_every=max(1, args.steps // 50),
-        eval=base.train.eval.replace(every=every),
-        checkpoint=base.train.checkpoint.replace(every=0, keep=1),
-    )
-    return base.replace(train=train)
+    return base.replace(train=lockstep_settings(base.train, args.steps, args.evals))
 
 
 def designs(args: argparse.Namespace, base: RunConfig) -> dict[str, list[str]]:
@@ -166,21 +157,20 @@ def summarise(per_seed: list[dict[str, dict[str, Any]]], steps: int) -> dict[str
     """Each design's step ratio and throughput ratio against the same seed's dense run."""
     table = {}
     for name in per_seed[0]:
-        ratios, speeds, finals = [], [], []
+        ratios, speeds, finals, below = [], [], [], []
         for runs in per_seed:
             run, dense = runs[name], runs[DENSE]
             reach = first_step_reaching(run["val_curve"], dense["final_val_loss"])
             ratios.append(None if reach is None else reach / steps)
             speeds.append(run["tokens_per_s"] / dense["tokens_per_s"])
             finals.append(run["final_val_loss"])
+            below.append(dense["final_val_loss"] - run["final_val_loss"])
         table[name] = {
             "step_ratio_per_seed": ratios,
             "step_ratio_mean": None if None in ratios else mean(ratios),
             "throughput_ratio": mean(speeds),
             "final_val_loss_per_seed": finals,
-            "val_loss_below_dense_per_seed": [
-                r[DENSE]["final_val_loss"] - f for r, f in zip(per_seed, finals, strict=True)
-            ],
+            "val_loss_below_dense_per_seed": below,
             "parameters": per_seed[0][name]["parameters"],
             "active_parameters": per_seed[0][name]["active_parameters"],
         }

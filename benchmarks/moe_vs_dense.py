@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import moekit
-from moekit.config import RunConfig
+from moekit.config import RunConfig, TrainConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.machine import machine_info as machine
@@ -74,19 +74,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
-    """The two runs: each model preset with the training settings of `small`."""
-    base = RunConfig.preset("small").train
-    steps = args.steps or base.steps
-    train = base.replace(
+def lockstep_settings(train: TrainConfig, steps: int, evals: int) -> TrainConfig:
+    """`train` for `steps` steps with `evals` evaluations, ~50 logged steps, no progress bar,
+    TensorBoard or intermediate checkpoints: what a benchmark's lockstep runs use."""
+    return train.replace(
         steps=steps,
         progress=False,
         tensorboard=False,
         log_every=max(1, steps // 50),
-        eval=base.eval.replace(every=max(1, steps // args.evals)),
-        checkpoint=base.checkpoint.replace(every=0, keep=1),
-        data=base.data.replace(cache_dir=args.cache_dir),
+        eval=train.eval.replace(every=max(1, steps // evals)),
+        checkpoint=train.checkpoint.replace(every=0, keep=1),
     )
+
+
+def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
+    """The two runs: each model preset with the training settings of `small`."""
+    base = RunConfig.preset("small").train
+    train = lockstep_settings(base, args.steps or base.steps, args.evals)
+    train = train.replace(data=base.data.replace(cache_dir=args.cache_dir))
     configs = {name: RunConfig(model=RunConfig.preset(name).model, train=train) for name in MODELS}
     configs["small"] = apply_overrides(configs["small"], args.moe_overrides)
     return configs
