@@ -13,6 +13,7 @@ from safetensors.torch import save_model
 from moekit import ModelConfig, MoETransformer
 from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offload import (
+    OffloadedExperts,
     apply_expert_offload,
     layer_file,
     load_offloaded,
@@ -247,5 +248,28 @@ def test_a_failed_wait_leaves_nothing_pinned() -> None:
         with pytest.raises(RuntimeError, match="full of experts in use"):
             cache.get_many([(0, 5)])
         assert cache.pinned == {(0, 3): 1, (0, 4): 1}
+    finally:
+        cache.close()
+
+
+def test_a_failed_load_one_expert_at_a_time_raises_its_own_error() -> None:
+    """More chosen experts than the cache holds: fetched one at a time; a failed read surfaces as
+    itself (not as a second unpin's KeyError) and leaves nothing pinned."""
+    torch.manual_seed(0)
+    experts = MoETransformer(TINY).layers[0].ffn.experts
+
+    def load(key):
+        if key[1] == 1:
+            raise OSError("disk gone")
+        return experts.w_in[key[1]].detach(), experts.w_out[key[1]].detach()
+
+    cache = ExpertCache(load, 2, make_policy("lru"), 4)
+    try:
+        offloaded = OffloadedExperts(experts, 0, cache)
+        x_TD = torch.randn(3, TINY.d_model)
+        ids_TK = torch.tensor([[0, 1], [2, 3], [0, 2]])  # 4 experts chosen, 2 fit
+        with torch.no_grad(), pytest.raises(OSError, match="disk gone"):
+            offloaded.forward_selected(x_TD, ids_TK, torch.full((3, 2), 0.5))
+        assert not cache.pinned
     finally:
         cache.close()

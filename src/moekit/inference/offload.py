@@ -285,8 +285,9 @@ class OffloadedExperts(nn.Module):
 
         def expert(e: int, x_ND: Tensor) -> Tensor:
             key = (self.layer, e)
+            w_in, w_out = self.cache.get(key)  # a failed load unpins before it raises
             try:
-                return self._ffn(e, *self.cache.get(key), x_ND)
+                return self._ffn(e, w_in, w_out, x_ND)
             finally:
                 self.cache.unpin(key)
 
