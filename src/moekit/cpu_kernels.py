@@ -26,7 +26,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.fileio import atomic_path
+
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
-FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-lm"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+LIBS = ["-lm"]  # after the source: with --as-needed linkers, a library before it is dropped
 
 
 _enabled = True
@@ -197,17 +199,12 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()
+    command = [compiler, *FLAGS, "{source}", "-o", "{out}", *LIBS]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
     path = default_cache_dir() / "kernels" / f"cpu_gemv-{key[:16]}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(out)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            os.replace(out, path)
+        with atomic_path(path) as out:
+            names = {"{source}": str(SOURCE), "{out}": str(out)}
+            filled = [names.get(arg, arg) for arg in command]
+            subprocess.run(filled, check=True, capture_output=True, text=True)
     return path

@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(cfg.d_model, q_width, bias=qkv_bias)
         self.k_proj = Linear(cfg.d_model, kv_width, bias=qkv_bias)
         self.v_proj = Linear(cfg.d_model, kv_width, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_width, cfg.d_model, bias=cfg.attn_bias is True)
+        self.o_proj = Linear(q_width, cfg.d_model, bias=cfg.attn_bias is True)
         self.sinks = nn.Parameter(torch.empty(self.n_heads)) if cfg.attn_sinks else None
         self.clip_qkv = cfg.clip_qkv
         self.qk_norm = cfg.qk_norm
