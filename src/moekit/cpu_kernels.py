@@ -78,7 +78,7 @@ def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
         and (
             b is None or (_plain_cpu_float32(b) and b.shape == (w.shape[0],) and b.is_contiguous())
         )
-        and _library() is not None
+        and available()
     )
 
 
@@ -88,7 +88,7 @@ def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
     return (
         x_ND.dim() == 2
         and qualifies(x_ND, w_in, None)
-        and not (torch.is_grad_enabled() and w_out.requires_grad)
+        and not (torch.is_grad_enabled() and _any_requires_grad(w_out))
         and _plain_cpu_float32(w_out)
         and w_out.dim() == 2
         and w_in.is_contiguous()
