@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from torch import Tensor
@@ -160,6 +161,17 @@ class ExpertCache:
                 f"capacity {self.capacity}; use get() one key at a time"
             )
         return self._fetch(keys, background=True)
+
+    @contextmanager
+    def using(self, keys: list[Key]) -> Iterator[list[tuple[Tensor, ...]]]:
+        """The weights of `keys` for the block (`get_many`; `get`, in this thread, for one key),
+        each key unpinned after it whatever happens."""
+        weights = self.get_many(keys) if len(keys) > 1 else [self.get(keys[0])]
+        try:
+            yield weights
+        finally:
+            for key in keys:
+                self.unpin(key)
 
     def _fetch(self, keys: list[Key], background: bool) -> list[tuple[Tensor, ...]]:
         """Pin, count and (re)load `keys`, then wait for them; on any error every key pinned

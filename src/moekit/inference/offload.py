@@ -247,14 +247,9 @@ class OffloadedExperts(nn.Module):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def _compute(self, x_RD: Tensor, chunk: list[int], counts_A: Tensor, matmul) -> Tensor:
-        keys = [(self.layer, e) for e in chunk]
-        weights = self.cache.get_many(keys)
-        try:
+        with self.cache.using([(self.layer, e) for e in chunk]) as weights:
             w_in = torch.stack([w[0] for w in weights])
             w_out = torch.stack([w[1] for w in weights])
-        finally:
-            for key in keys:
-                self.cache.unpin(key)
         h = matmul(x_RD, w_in, counts_A)
         if self.b_in is not None:
             h = h + torch.repeat_interleave(self.b_in[chunk], counts_A, dim=0)
@@ -274,22 +269,14 @@ class OffloadedExperts(nn.Module):
         loads overlap) when they fit in the cache at once, else one at a time."""
         chosen = sorted(set(ids_TK.flatten().tolist()))
         if len(chosen) <= self.cache.capacity:
-            keys = [(self.layer, e) for e in chosen]
-            fetched = dict(zip(chosen, self.cache.get_many(keys), strict=True))
-            try:
+            with self.cache.using([(self.layer, e) for e in chosen]) as weights:
+                fetched = dict(zip(chosen, weights, strict=True))
                 resident = lambda e, x_ND: self._ffn(e, *fetched[e], x_ND)  # noqa: E731
                 return selected_experts_forward(x_TD, ids_TK, weights_TK, resident)
-            finally:
-                for key in keys:
-                    self.cache.unpin(key)
 
         def expert(e: int, x_ND: Tensor) -> Tensor:
-            key = (self.layer, e)
-            w_in, w_out = self.cache.get(key)  # a failed load unpins before it raises
-            try:
+            with self.cache.using([(self.layer, e)]) as [(w_in, w_out)]:
                 return self._ffn(e, w_in, w_out, x_ND)
-            finally:
-                self.cache.unpin(key)
 
         return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 
