@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests.run_cases import tiny_run
 
 from moekit.config import (
@@ -68,6 +72,72 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path: Path,
         loop_module.train(cfg, tmp_path / "halves")
     loop_module.train(cfg, tmp_path / "halves", resume=True)
     assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
+
+
+# Trains tiny_run with a noisy router in a fresh process: "straight" for all 12 steps, "first"
+# until a Ctrl-C during step 6, "resume" from that run's checkpoint. A fresh process meets every
+# first-call probe (cached per process) at the step where a user's resumed process meets it.
+FRESH_PROCESS_RUN = """
+import signal, sys
+from pathlib import Path
+from tests.run_cases import tiny_run
+from moekit.train import loop
+
+work, mode, noise = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+cfg = tiny_run(work)
+cfg = cfg.replace(model=cfg.model.replace(moe=cfg.model.moe.replace(noise=noise)))
+if mode == "first":
+    step = loop.Trainer._train_step
+    def step_then_interrupt(self):
+        result = step(self)
+        if self.step + 1 == 6:
+            signal.raise_signal(signal.SIGINT)
+        return result
+    loop.Trainer._train_step = step_then_interrupt
+run = work / ("straight" if mode == "straight" else "halves")
+loop.train(cfg, run, resume=mode == "resume")
+"""
+
+
+@pytest.mark.parametrize("noise", ["jitter", "gaussian"])
+def test_resume_in_a_fresh_process_is_exact_with_a_noisy_router(tmp_path: Path, noise: str):
+    """Router noise draws from the global RNG, which the checkpoint restores: nothing else in a
+    resumed process may draw from it first (issue 13: the grouped_mm probe did)."""
+    for mode in ("straight", "first", "resume"):
+        subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS_RUN, str(tmp_path), mode, noise],
+            check=True,
+            cwd=Path(__file__).parent.parent,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
+    straight, halves = (list_checkpoints(tmp_path / r)[-1] for r in ("straight", "halves"))
+    assert straight.name == halves.name == "step-000012"
+    a, b = (load_file(str(c / "model.safetensors")) for c in (straight, halves))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+FIRST_FORWARD = """
+import torch
+from moekit.config import ModelConfig
+from moekit.model import MoETransformer
+
+torch.manual_seed(0)
+model = MoETransformer(ModelConfig.preset("tiny"))
+before = torch.get_rng_state()
+ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+model(ids, labels=ids).loss.backward()
+print(torch.equal(before, torch.get_rng_state()))
+"""
+
+
+def test_a_first_forward_without_noise_draws_nothing_from_the_global_rng() -> None:
+    """Library code draws from the global RNG only for init, router noise and sampling: a model's
+    first training forward (which runs every per-process probe) leaves it where it was."""
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_FORWARD], check=True, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "True"
 
 
 def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:

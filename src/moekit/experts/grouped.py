@@ -54,8 +54,11 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(6, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(3, 32, 16, device=device_type, dtype=dtype, requires_grad=True)
+        # Its own generator: a probe that drew from the global RNG would shift every later draw
+        # (router noise) by when it first ran, so a resumed run would not repeat the original.
+        gen = torch.Generator(device_type).manual_seed(0)
+        x = torch.randn(6, 16, generator=gen, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(3, 32, 16, generator=gen, device=device_type, dtype=dtype).requires_grad_()
         counts = torch.tensor([2, 0, 4], device=device_type)
         y = grouped_matmul_grouped_mm(x, w, counts)
         y.sum().backward()  # an expanded (zero-stride) gradient, the hardest case
