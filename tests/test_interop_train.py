@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.interop_cases import save_hf_case
 from tests.run_cases import JSON_PACKAGE
 from tokenizers import Tokenizer
 
 from moekit.cli import main
+from moekit.interop import load_hf
 from moekit.interop.convert import load_run_model
 
 transformers = pytest.importorskip("transformers")
@@ -74,3 +76,32 @@ def test_from_hf_writes_a_run_that_exports_the_same_weights(run_dir, tmp_path) -
     a, b = original.state_dict(), imported.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["generate", str(back), "--prompt", "def f(", "--max-new-tokens", "3"]) == 0
+
+
+def test_a_converted_run_fine_tunes_with_its_own_tokenizer(run_dir, tmp_path) -> None:
+    """`train --resume` on a `convert --from-hf` run trains from the imported weights and keeps
+    the checkpoint's tokenizer.json as it came (no BPE is trained over it)."""
+    hf, back = tmp_path / "hf", tmp_path / "run"
+    assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(hf)]) == 0
+    assert main(["convert", "--from-hf", str(hf), "--out", str(back)]) == 0
+    tokenizer = (back / "tokenizer.json").read_bytes()
+    args = ["train", "--resume", str(back), "--train.steps=2", "--train.progress=false",
+            "--train.tensorboard=false", f"--train.data.source={JSON_PACKAGE}",
+            f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(args) == 0
+    assert (back / "tokenizer.json").read_bytes() == tokenizer
+    _, tuned, checkpoint = load_run_model(back)
+    assert checkpoint.name == "step-000002"
+    _, original, _ = load_run_model(run_dir)
+    assert not torch.equal(tuned.embed.weight, original.embed.weight)  # it trained
+
+
+@pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
+def test_from_hf_keeps_a_vocabulary_too_small_for_a_bpe(case: str, tmp_path) -> None:
+    """A valid checkpoint of 97 tokens converts: its run needs no BPE (issue 13)."""
+    hf = save_hf_case(case, tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(hf), "--out", str(tmp_path / "run")]) == 0
+    cfg, model, _ = load_run_model(tmp_path / "run")
+    assert cfg.model.vocab_size == 97 and cfg.train.data.tokenizer == "run"
+    want = load_hf(hf).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())

@@ -840,8 +840,10 @@ class DataConfig(ConfigBase):
     source: "stdlib" (the .py files of the running Python's standard library, without its test
         suites), a text file, a folder of text files, or a glob such as "docs/**/*.md". Files are
         split into train and validation by a hash of their path; a single file by lines.
-    tokenizer: "bpe" (byte-level BPE trained with `tokenizers` on the training split, cached) or
-        "bytes" (one token per UTF-8 byte plus end-of-text: 257 ids).
+    tokenizer: "bpe" (byte-level BPE trained with `tokenizers` on the training split, cached),
+        "bytes" (one token per UTF-8 byte plus end-of-text: 257 ids) or "run" (the run
+        directory's own tokenizer.json, as `moekit convert --from-hf` writes it; checked against
+        the model's vocabulary when the data is prepared).
     vocab_size: BPE vocabulary size, end-of-text included; None means the model's vocab_size.
     val_fraction: share of the files held out for validation (about; at least one file).
     max_files: read only the first N files of the source (sorted by path); None reads all.
@@ -850,7 +852,7 @@ class DataConfig(ConfigBase):
     """
 
     source: str = "stdlib"
-    tokenizer: Literal["bpe", "bytes"] = "bpe"
+    tokenizer: Literal["bpe", "bytes", "run"] = "bpe"
     vocab_size: int | None = None
     val_fraction: float = 0.05
     max_files: int | None = None
@@ -859,10 +861,10 @@ class DataConfig(ConfigBase):
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             _fail("source", self.source, "must be 'stdlib', a file, a folder or a glob")
-        check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+        check_choice("tokenizer", self.tokenizer, ("bpe", "bytes", "run"))
         if self.vocab_size is not None:
-            if self.tokenizer == "bytes":
-                _fail("vocab_size", self.vocab_size, "must be None with tokenizer='bytes' (257)")
+            if self.tokenizer != "bpe":
+                _fail("vocab_size", self.vocab_size, "sizes a BPE: must be None unless 'bpe'")
             _check_int("vocab_size", self.vocab_size, 258)
         check_positive("val_fraction", self.val_fraction)
         if self.val_fraction >= 1:

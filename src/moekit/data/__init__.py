@@ -38,17 +38,34 @@ def default_cache_dir() -> Path:
     return Path(base) / "moekit"
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = False) -> Data:
-    """Read, split, tokenise and cache the corpus of `cfg`; `vocab_size` sizes a BPE tokenizer."""
+def prepare_data(
+    cfg: DataConfig, vocab_size: int, progress: bool = False, run_dir: Path | None = None
+) -> Data:
+    """Read, split, tokenise and cache the corpus of `cfg`; `vocab_size` sizes a BPE tokenizer;
+    tokenizer "run" reads `run_dir`/tokenizer.json."""
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     corpus = load_corpus(cfg.source, cfg.val_fraction, cfg.max_files)
     if cfg.tokenizer == "bytes":
         tok = byte_tokenizer()
+    elif cfg.tokenizer == "run":
+        tok = run_tokenizer(run_dir)
     else:
         tok = cached_bpe(corpus.train, cfg.vocab_size or vocab_size, cache, progress)
     train = tokenize_split(tok, corpus.train, cache, progress, "train")
     val = tokenize_split(tok, corpus.val, cache, progress, "validation")
     return Data(tok, train, val, len(corpus.train.documents), len(corpus.val.documents))
+
+
+def run_tokenizer(run_dir: Path | None) -> Tokenizer:
+    """The tokenizer.json a run directory brought with it (tokenizer "run")."""
+    path = Path(run_dir or ".") / "tokenizer.json"
+    if run_dir is None or not path.is_file():
+        raise FileNotFoundError(
+            f"train.data.tokenizer='run' reads the run directory's tokenizer.json, and {path} does "
+            "not exist: copy the checkpoint's tokenizer.json there, or train a new one with "
+            "--train.data.tokenizer=bpe (or bytes)"
+        )
+    return Tokenizer.from_file(str(path))
 
 
 __all__ = [

@@ -8,17 +8,14 @@ and checkpoints/step-NNNNNN/model.safetensors. `run_to_hf` exports the newest ch
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
-from moekit.config import RunConfig, TrainConfig
-from moekit.fileio import atomic_path
+from moekit.config import DataConfig, RunConfig, TrainConfig
 from moekit.interop.hf import hf_model_config, load_hf, read_hf_config, save_hf
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import checkpoint_path, latest_checkpoint, load_weights
+from moekit.train.checkpoint import latest_checkpoint, load_weights, write_new_run
 
 
 def load_run_model(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Path]:
@@ -65,21 +62,18 @@ def run_to_hf(
 
 
 def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
-    """Import a Hugging Face checkpoint as a run directory (its weights as checkpoint step 0;
-    tokenizer.json copied when the checkpoint has one). Refuses an existing `out`."""
-    out = Path(out)
-    if out.exists():
+    """Import a Hugging Face checkpoint as a run directory: its weights as checkpoint step 0
+    (which `moekit train --resume OUT` fine-tunes), its tokenizer.json copied when it has one.
+    Refuses an existing `out`."""
+    if Path(out).exists():
         raise FileExistsError(f"{out} exists; choose a new run directory")
     model_cfg = hf_model_config(read_hf_config(hf_dir))
-    train = TrainConfig(seq_len=min(TrainConfig().seq_len, model_cfg.max_seq_len))
+    # Fine-tuning keeps the checkpoint's own tokenizer: no BPE is trained for a converted model.
+    train = TrainConfig(
+        seq_len=min(TrainConfig().seq_len, model_cfg.max_seq_len),
+        data=DataConfig(tokenizer="run"),
+    )
     cfg = RunConfig(model=model_cfg, train=train)  # validated before any weight is read
     model = load_hf(hf_dir, dtype=dtype, progress=True)
-    with atomic_path(out) as tmp:
-        weights = checkpoint_path(tmp, 0)
-        weights.mkdir(parents=True)
-        save_model(model, str(weights / "model.safetensors"))
-        (tmp / "config.json").write_text(cfg.to_json() + "\n")
-        tokenizer = Path(hf_dir) / "tokenizer.json"
-        if tokenizer.is_file():
-            shutil.copy2(tokenizer, tmp / "tokenizer.json")
-    return out
+    tokenizer = Path(hf_dir) / "tokenizer.json"
+    return write_new_run(Path(out), cfg, model, tokenizer if tokenizer.is_file() else None)

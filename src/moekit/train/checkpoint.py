@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,23 @@ def _remove_stale_temporaries(folder: Path) -> None:
     if folder.is_dir():
         for stale in folder.glob(".step-*.tmp"):
             remove_path(stale)
+
+
+def write_new_run(out_dir: Path, cfg: Any, model: nn.Module, tokenizer: Path | None) -> Path:
+    """A run directory (config.json, tokenizer.json when given, and `model` as a step-0
+    checkpoint with a fresh optimizer and the seed's RNG state) that `moekit train --resume`
+    continues; written atomically, refusing an existing `out_dir`. `cfg` is a `RunConfig`."""
+    from moekit.train.optim import build_optimizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; choose a new run directory")
+    seeded = torch.Generator().manual_seed(cfg.train.seed).get_state()
+    state = TrainerState(0, 0, sampler={"generator": seeded}, torch_rng=seeded.clone())
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(cfg.to_json() + "\n")
+        if tokenizer is not None:
+            shutil.copy2(tokenizer, tmp / "tokenizer.json")
+        save_checkpoint(tmp, model, build_optimizer(model, cfg.train), state, keep=1)
+    return out_dir

@@ -132,15 +132,16 @@ class Trainer:
     def _prepare_data(self) -> Data:
         t = self.cfg.train
         self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
-        data = prepare_data(t.data, self.cfg.token_vocab_size, progress=t.progress)
+        data = prepare_data(t.data, self.cfg.token_vocab_size, t.progress, self.run_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
                 f"{data.tokenizer.get_vocab_size()} tokens"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is good
-        with atomic_path(self.run_dir / "tokenizer.json") as tmp:
-            data.tokenizer.save(str(tmp))
+        if t.data.tokenizer != "run":  # "run" read it from there
+            with atomic_path(self.run_dir / "tokenizer.json") as tmp:
+                data.tokenizer.save(str(tmp))
         self._say(
             f"data: {data.n_train_files} train files ({data.train.n_tokens:,} tokens), "
             f"{data.n_val_files} validation files ({data.val.n_tokens:,} tokens), "

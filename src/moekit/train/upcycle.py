@@ -7,16 +7,13 @@ output: the upcycled model starts at the dense model's loss and training continu
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from moekit.config import ModelConfig, MoEConfig, RunConfig
-from moekit.fileio import atomic_path
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import TrainerState, save_checkpoint
-from moekit.train.optim import build_optimizer
+from moekit.train.checkpoint import write_new_run
 from moekit.train.sample import load_run
 
 ROUTER_STD = 1e-3  # a near-uniform router at the start: every expert is the same function anyway
@@ -68,17 +65,9 @@ def upcycle_run(
 ) -> Path:
     """Write a run directory holding the upcycled model as its step-0 checkpoint, with the dense
     run's data and training settings: `moekit train --resume OUT_DIR` trains it."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
+    if Path(out_dir).exists():
         raise FileExistsError(f"{out_dir} exists; choose a new --out for the upcycled run")
     run, dense, _ = load_run(dense_dir)
     cfg = RunConfig(model=upcycle_config(run.model, n_experts, top_k), train=run.train)
     model = upcycle_model(dense, cfg.model, noise, seed=run.train.seed)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(cfg.to_json() + "\n")
-        shutil.copy(Path(dense_dir) / "tokenizer.json", tmp / "tokenizer.json")
-        sampler = {"generator": torch.Generator().manual_seed(run.train.seed).get_state()}
-        state = TrainerState(step=0, tokens=0, sampler=sampler, torch_rng=torch.get_rng_state())
-        save_checkpoint(tmp, model, build_optimizer(model, run.train), state, keep=1)
-    return out_dir
+    return write_new_run(Path(out_dir), cfg, model, Path(dense_dir) / "tokenizer.json")
