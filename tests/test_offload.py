@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offload import (
     OffloadedExperts,
     apply_expert_offload,
+    expert_groups,
     layer_file,
     load_offloaded,
     resolve_budget,
@@ -48,7 +50,7 @@ def greedy(model: MoETransformer, x: torch.Tensor, n: int) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize(
     ("budget", "policy", "prefetch"),
-    [(2, "lru", False), (2, "lru", True), (3, "lfu", True), (0.5, "static", False),
+    [(2, "lru", False), (2, "lru", True), (5, "lfu", True), (0.5, "static", False),
      ("25%", "static", True), (1.0, "lru", False)],
 )  # fmt: skip
 def test_offloaded_generation_is_bit_identical(model_and_dir, budget, policy, prefetch) -> None:
@@ -57,19 +59,56 @@ def test_offloaded_generation_is_bit_identical(model_and_dir, budget, policy, pr
     ids, logits = greedy(model, x, 8)
     offloaded = copy.deepcopy(model)
     counts = torch.arange(16.0).view(2, 8)
-    handle = apply_expert_offload(
-        offloaded, expert_dir, budget=budget, policy=policy, prefetch=prefetch, expert_counts=counts
-    )
-    try:
-        got_ids, got_logits = greedy(offloaded, x, 8)
-    finally:
-        handle.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = apply_expert_offload(
+            offloaded, expert_dir, budget=budget, policy=policy, prefetch=prefetch,
+            expert_counts=counts,
+        )  # fmt: skip
+        try:
+            got_ids, got_logits = greedy(offloaded, x, 8)
+        finally:
+            handle.close()
     assert torch.equal(got_ids, ids)
     assert torch.equal(got_logits, logits)
     stats = handle.stats()
     assert stats["hits"] + stats["misses"] > 0
     assert stats["bytes_read"] % stats["expert_bytes"] == 0
-    assert (stats["prefetched"] > 0) == prefetch
+    # at the minimum budget, top_k = 2, prefetch stands down and says so once
+    stands_down = prefetch and stats["capacity"] == TINY.moe.top_k
+    assert handle.prefetching == (prefetch and not stands_down)
+    assert (stats["prefetched"] > 0) == handle.prefetching
+    assert [str(w.message)[:22] for w in caught] == ["prefetch stands down: "] * stands_down
+
+
+def test_prefetch_stands_down_at_the_minimum_budget(model_and_dir) -> None:
+    """At budget = top_k a layer's own experts fill the cache, so every prefetched read would be
+    evicted before its use (the budget cannot hold them plus a guess): no prefetch, one warning
+    for the whole run, and the same statistics as without prefetch."""
+    model, expert_dir = model_and_dir
+    x = torch.randint(0, TINY.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    stats = {}
+    for prefetch in (False, True):
+        offloaded = copy.deepcopy(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            handle = apply_expert_offload(offloaded, expert_dir, budget=2, prefetch=prefetch)
+            greedy(offloaded, x, 6)
+            handle.close()
+        stats[prefetch] = handle.stats()
+        assert len(caught) == prefetch and not handle.hooks
+    assert "budget of 2 experts cannot hold a layer's top_k=2 experts" in str(caught[0].message)
+    assert stats[True]["prefetched"] == 0 and stats[True] == stats[False] | {
+        "load_wait_s": stats[True]["load_wait_s"]
+    }
+
+
+def test_expert_groups_are_the_pins_of_one_layer_call() -> None:
+    assert expert_groups([1, 3, 4], 3, selected=False) == [[1, 3, 4]]  # fit: all at once
+    assert expert_groups([1, 3, 4], 3, selected=True) == [[1, 3, 4]]
+    assert expert_groups([0, 1, 3, 4, 6], 2, selected=False) == [[0, 1], [3, 4], [6]]  # chunks
+    assert expert_groups([0, 1, 3], 2, selected=True) == [[0], [1], [3]]  # decode: one at a time
+    assert expert_groups([], 2, selected=False) == []
 
 
 def test_resident_bytes_never_exceed_the_budget(model_and_dir) -> None:
@@ -107,14 +146,14 @@ def tensor_bytes(model: MoETransformer) -> int:
 
 def test_loading_from_a_checkpoint_leaves_the_experts_in_the_file(model_and_dir, checkpoint):
     model, _ = model_and_dir
-    loaded, handle = load_offloaded(checkpoint, TINY, budget=2, prefetch=True)
+    loaded, handle = load_offloaded(checkpoint, TINY, budget=3, prefetch=True)
     experts = sum(layer.experts.w_in.nbytes + layer.experts.w_out.nbytes
                   for layer in model.moe_layers())  # fmt: skip
     assert tensor_bytes(loaded) == tensor_bytes(model) - experts
     x = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     try:
         got = greedy(loaded, x, 6)
-        assert handle.cache.resident_bytes <= 2 * handle.store.expert_bytes
+        assert handle.cache.resident_bytes <= 3 * handle.store.expert_bytes
     finally:
         handle.close()
     want = greedy(model, x, 6)

@@ -31,10 +31,15 @@ def generate(run: Path, capsys, *extra: str) -> tuple[int, str, str]:
 def test_offloaded_generate_prints_the_same_text_and_its_statistics(run: Path, capsys) -> None:
     capsys.readouterr()
     _, plain, _ = generate(run, capsys)
-    code, text, _ = generate(run, capsys, "--expert-budget", "2", "--prefetch")
+    code, text, _ = generate(run, capsys, "--expert-budget", "3", "--prefetch")
     assert code == 0
     assert text.startswith(plain.rstrip("\n"))
-    assert "expert cache: 2 experts, hit rate" in text and "prefetch accuracy" in text
+    assert "expert cache: 3 experts, hit rate" in text and "prefetch accuracy" in text
+    # at the minimum budget (top_k = 2) prefetch would only waste reads: it stands down, once
+    with pytest.warns(UserWarning, match="prefetch stands down") as caught:
+        code, text, _ = generate(run, capsys, "--expert-budget", "2", "--prefetch")
+    assert code == 0 and len(caught) == 1
+    assert text.startswith(plain.rstrip("\n")) and "prefetch accuracy" not in text
 
 
 def test_budget_below_minimum_fails_before_generating(run: Path, capsys) -> None:
@@ -51,8 +56,9 @@ def test_trace_then_cache_sim_then_static(run: Path, tmp_path: Path, capsys) -> 
     assert load_trace(out).ids.shape[1:] == (2, 2)
     capsys.readouterr()
     assert main(["cache-sim", str(out), "--budget", "50%", "4"]) == 0
-    table = capsys.readouterr().out
-    assert "belady" in table and table.count("%") >= 4 * 3
+    printed = capsys.readouterr()
+    assert "belady" in printed.out and printed.out.count("%") >= 4 * 3
+    assert "note" not in printed.err  # a trace of this version: the figures are the model's
     code, _, _ = generate(run, capsys, "--expert-budget", "4", "--policy", "static", "--trace",
                           str(out))  # fmt: skip
     assert code == 0

@@ -1,15 +1,24 @@
-"""Routing traces and the cache simulator, on hand-built traces whose answers are known."""
+"""Routing traces and the cache simulator, on hand-built traces whose answers are known, and
+against the real offloaded model, whose hit counts the simulator must reproduce exactly."""
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from moekit import ModelConfig, MoETransformer
+from moekit.cli import main
+from moekit.inference.offload import apply_expert_offload, write_expert_files
 from moekit.inference.trace import (
+    LayerCall,
     Trace,
     TraceRecorder,
     belady,
+    cache_sim_rows,
     load_trace,
     save_trace,
     simulate,
@@ -18,6 +27,11 @@ from moekit.model.generation import generate
 
 TINY = ModelConfig.preset("tiny")
 SEQ = [(0, e) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
+CALLS = [LayerCall(layer, (e,), True) for layer, e in SEQ]  # SEQ, one expert per layer call
+
+
+def hit_rate(*args, **kwargs) -> float:
+    return simulate(*args, **kwargs).hit_rate
 
 
 def test_belady_by_hand() -> None:
@@ -27,16 +41,31 @@ def test_belady_by_hand() -> None:
 
 
 def test_lru_and_lfu_by_hand() -> None:
-    assert simulate(SEQ, 2, "lru") == 0.0  # each request evicts the next one needed
+    assert hit_rate(CALLS, 2, "lru") == 0.0  # each request evicts the next one needed
     # lfu keeps 1 once it has been used twice: hits only on the last request
-    assert simulate(SEQ, 2, "lfu") == 1 / 8
-    assert simulate(SEQ, 4, "lru") == 4 / 8
+    assert hit_rate(CALLS, 2, "lfu") == 1 / 8
+    assert hit_rate(CALLS, 4, "lru") == 4 / 8
 
 
 def test_static_keeps_the_most_used() -> None:
     counts = torch.tensor([[0, 5, 1, 1, 1]])
     # capacity 2, top_k 1: expert 1 never evicted -> hits at 1, 1; 2 always misses
-    assert simulate(SEQ, 2, "static", counts, top_k=1) == 2 / 8
+    assert hit_rate(CALLS, 2, "static", counts, top_k=1) == 2 / 8
+
+
+def test_a_layer_call_pins_its_experts_together() -> None:
+    # capacity 2, lfu: 3 used five times, then 1; a call of (1, 2) holds 1 pinned while it
+    # fetches 2, so it must evict 3 (the model's way), and 3 then misses. Key by key, the cache
+    # would evict 1 (fewer uses than 3) and 3 would hit: the old simulator's overstatement.
+    calls = [LayerCall(0, (3,), True)] * 5 + [LayerCall(0, (1,), True)]
+    grouped = simulate([*calls, LayerCall(0, (1, 2), False), LayerCall(0, (3,), True)], 2, "lfu")
+    assert (grouped.hits, grouped.misses) == (5, 4)
+    alone = [*calls, *(LayerCall(0, (e,), True) for e in (1, 2, 3))]
+    assert (simulate(alone, 2, "lfu").hits, simulate(alone, 2, "lfu").misses) == (6, 3)
+    # more experts than the capacity: fetched in chunks (dispatch) or one at a time (decode)
+    for selected in (False, True):
+        stats = simulate([LayerCall(0, (0, 1, 2, 3), selected)] * 2, 2, "lru")
+        assert (stats.hits, stats.misses) == (0, 8)
 
 
 def test_requests_are_distinct_experts_per_step_and_layer() -> None:
@@ -45,6 +74,7 @@ def test_requests_are_distinct_experts_per_step_and_layer() -> None:
     trace = Trace(ids, torch.tensor([0, 0, 1]), identity)
     assert trace.requests() == [(0, 0), (0, 1), (1, 2), (1, 3), (0, 1), (0, 2), (1, 0), (1, 3)]
     assert trace.expert_counts().tolist() == [[2, 3, 1, 0], [1, 0, 2, 3]]
+    assert trace.derived and trace.layer_calls()[2] == LayerCall(0, (1, 2), True)
 
 
 def test_recorded_trace_round_trips_and_rejects_another_model(tmp_path) -> None:
@@ -56,9 +86,76 @@ def test_recorded_trace_round_trips_and_rejects_another_model(tmp_path) -> None:
     assert trace.step.tolist() == [0, 0, 0, 0, 1, 2]
     save_trace(trace, tmp_path / "t.trace")
     back = load_trace(tmp_path / "t.trace", TINY)
-    assert torch.equal(back.ids, trace.ids)
+    assert torch.equal(back.ids, trace.ids) and not back.derived
+    assert back.layer_calls() == trace.layer_calls()
     with pytest.raises(ValueError, match="another model"):
         load_trace(tmp_path / "t.trace", TINY.replace(n_layers=3))
     (tmp_path / "bad").write_bytes(b"not a trace")
     with pytest.raises(ValueError, match="not a readable routing trace"):
         load_trace(tmp_path / "bad")
+
+
+def test_a_trace_of_version_1_is_read_with_derived_calls(tmp_path, capsys) -> None:
+    """A trace written before the layer calls were recorded (ids and step only, no version):
+    read, its calls derived; with dropless dispatch they are exactly the recorded ones."""
+    model = MoETransformer(TINY).eval()
+    with TraceRecorder(model) as rec:
+        generate(model, torch.randint(0, 256, (3, 6)), 3)  # an 18-token prefill, then decode
+    trace = rec.trace()
+    meta = {"moekit_trace": json.dumps(trace.identity)}
+    save_file({"ids": trace.ids, "step": trace.step}, str(tmp_path / "v1.trace"), metadata=meta)
+    old = load_trace(tmp_path / "v1.trace", TINY)
+    assert old.derived and old.layer_calls() == trace.layer_calls()
+    assert [c.selected for c in old.layer_calls()] == [False, False] + [True] * 4
+    assert main(["cache-sim", str(tmp_path / "v1.trace")]) == 0
+    assert "predates the record of each layer call's path" in capsys.readouterr().err
+    meta["moekit_trace_version"] = "3"
+    save_file({"ids": trace.ids, "step": trace.step}, str(tmp_path / "v3.trace"), metadata=meta)
+    with pytest.raises(ValueError, match="version 3, newer than this moekit reads"):
+        load_trace(tmp_path / "v3.trace")
+
+
+def run_prompts(model: MoETransformer) -> None:
+    """Calls on every path of `OffloadedExperts`: a 21-token prefill (dispatch path, chunked
+    below 8 experts), a 10-token prefill and 3-token decode steps (selected path, one expert at
+    a time when they do not fit), one-token decode steps."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(3, 7), (2, 5), (1, 6)]:
+        generate(model, torch.randint(0, TINY.vocab_size, shape, generator=gen), 12)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_simulated_hits_are_the_real_caches(tmp_path, capacity_factor) -> None:
+    """The simulator replays a trace to the very hit and miss counts the offloaded model gets on
+    it, for every policy at the minimum budget (top_k), in between and with every expert."""
+    cfg = TINY.replace(moe=TINY.moe.replace(capacity_factor=capacity_factor))
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    with TraceRecorder(model) as rec:
+        run_prompts(model)
+    trace = rec.trace()
+    # a capacity-limited layer never takes the selected path: recorded, not guessed from tokens
+    assert trace.selected.any() == (capacity_factor is None)
+    counts, top_k = trace.expert_counts(), cfg.moe.top_k
+    expert_dir = write_expert_files(model, tmp_path / "experts")
+    budgets, policies = [top_k, 3, 5, 8, 16], ["lru", "lfu", "static"]
+    real, simulated = {}, {}
+    for budget in budgets:
+        for policy in policies:
+            offloaded = copy.deepcopy(model)
+            handle = apply_expert_offload(
+                offloaded, expert_dir, budget=budget, policy=policy, expert_counts=counts
+            )
+            with TraceRecorder(offloaded) as again:
+                run_prompts(offloaded)
+            handle.close()
+            assert torch.equal(again.trace().fetched, trace.fetched)  # the same routing
+            real[budget, policy] = (handle.cache.stats.hits, handle.cache.stats.misses)
+            stats = simulate(trace.layer_calls(), budget, policy, counts, top_k)
+            simulated[budget, policy] = (stats.hits, stats.misses)
+    assert simulated == real
+    rows = cache_sim_rows(trace, budgets, policies)
+    for row in rows:
+        for policy in policies:
+            hits, misses = real[row["budget"], policy]
+            assert row[policy] == hits / (hits + misses) <= row["belady"]

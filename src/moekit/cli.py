@@ -297,8 +297,13 @@ def _cache_sim_args(p: argparse.ArgumentParser) -> None:
 def cache_sim_command(args: argparse.Namespace) -> int:
     from moekit.inference.offload import resolve_budget
     from moekit.inference.trace import cache_sim_rows, load_trace
+    from moekit.moe import SELECTED_MAX_TOKENS
 
     trace = load_trace(args.trace)
+    if trace.derived:
+        print(f"note: {args.trace} predates the record of each layer call's path: calls of at most "
+              f"{SELECTED_MAX_TOKENS} tokens count as decode steps; record it again for the "
+              "model's exact figures", file=sys.stderr)  # fmt: skip
     ident = trace.identity
     n_total, k = ident["n_layers"] * ident["n_experts"], ident["top_k"]
     caps = sorted({k, *(resolve_budget(b, n_total, 1, k) for b in args.budget)}, reverse=True)

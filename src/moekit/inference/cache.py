@@ -2,8 +2,9 @@
 weights, and its statistics.
 
 A key is `(moe_layer, expert)`. A policy only chooses victims; the cache counts, loads, pins and
-prefetches. The same policy classes drive `moekit cache-sim`, so a simulated hit rate is the hit
-rate the cache would see on the same request sequence (without prefetch).
+prefetches. `moekit cache-sim` drives this very cache (with no weights and no loader threads)
+with the requests of a routing trace, grouped as the model pins them, so a simulated hit count is
+the one the model gets on the same trace (without prefetch).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ class ExpertCache:
     """At most `capacity` experts' weights resident; `load(key)` reads one from disk.
 
     `pin`/`unpin` protect experts being computed. Prefetches reserve their slot when issued, so
-    resident plus in-flight experts never exceed the capacity.
+    resident plus in-flight experts never exceed the capacity. `loader_threads=0`: every load
+    runs in the requesting thread (what a simulation wants; no prefetch then), with the same
+    hits, misses and evictions.
     """
 
     def __init__(
@@ -127,10 +130,12 @@ class ExpertCache:
         capacity: int,
         policy: Policy,
         expert_bytes: int,
+        loader_threads: int = LOADER_THREADS,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity={capacity} is invalid: must hold at least one expert")
         self.load, self.capacity, self.policy = load, capacity, policy
+        self.loader_threads = loader_threads
         self.expert_bytes = expert_bytes
         self.resident: dict[Key, tuple[Tensor, ...]] = {}
         self.pending: dict[Key, Future] = {}
@@ -160,7 +165,7 @@ class ExpertCache:
                 f"get_many needs distinct keys that fit in the cache together: {len(keys)} keys, "
                 f"capacity {self.capacity}; use get() one key at a time"
             )
-        return self._fetch(keys, background=True)
+        return self._fetch(keys, background=self.loader_threads > 0)
 
     @contextmanager
     def using(self, keys: list[Key]) -> Iterator[list[tuple[Tensor, ...]]]:
@@ -216,6 +221,8 @@ class ExpertCache:
     def prefetch(self, keys: Iterable[Key], protect_layer: int | None = None) -> None:
         """Start loading `keys` in a background thread, into free slots or slots of unpinned
         experts not of `protect_layer` (the layer about to run); stops when no slot is free."""
+        if not self.loader_threads:
+            raise ValueError("prefetch needs loader threads: this cache has loader_threads=0")
         with self.lock:
             self._start_pool()
             protect = {k for k in self.resident if k[0] == protect_layer}
@@ -229,7 +236,7 @@ class ExpertCache:
 
     def _start_pool(self) -> None:
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="moekit-loader")
+            self.pool = ThreadPoolExecutor(self.loader_threads, thread_name_prefix="moekit-loader")
 
     def close(self) -> None:
         """Stop the loader threads (after their loads finish)."""

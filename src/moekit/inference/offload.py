@@ -15,6 +15,8 @@ import json
 import os
 import re
 import struct
+import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -217,9 +219,23 @@ def routed_expert_keys(model: MoETransformer) -> list[tuple[str, str]]:
     return [(f"{n}.experts.w_in", f"{n}.experts.w_out") for n in names]
 
 
+def expert_groups(experts: list[int], capacity: int, selected: bool) -> list[list[int]]:
+    """The groups in which one MoE layer call fetches its distinct experts (ascending) from a
+    cache of `capacity`, each group pinned together, in order: all at once when they fit; else,
+    on the dispatch path (a prefill), chunks of `capacity`; on the selected path
+    (`MoELayer.selected_path`: a decode step, few tokens), one expert at a time.
+
+    `OffloadedExperts` fetches by these groups and `moekit cache-sim` replays them, so the two
+    count the same hits."""
+    if len(experts) <= capacity:
+        return [list(experts)] if experts else []
+    step = 1 if selected else capacity
+    return [list(experts[i : i + step]) for i in range(0, len(experts), step)]
+
+
 class OffloadedExperts(nn.Module):
-    """Drop-in for `Experts` whose weights come from an `ExpertCache`, one chunk of at most the
-    cache's capacity of experts at a time; biases (small) stay resident."""
+    """Drop-in for `Experts` whose weights come from an `ExpertCache`, fetched in the groups of
+    `expert_groups`; biases (small) stay resident."""
 
     def __init__(self, experts: nn.Module, layer: int, cache: ExpertCache) -> None:
         super().__init__()
@@ -238,10 +254,8 @@ class OffloadedExperts(nn.Module):
             return x_RD.new_zeros(x_RD.shape[0], self.cfg.d_model)
         matmul = GROUPED_MATMULS[resolve_impl(self.cfg.expert_impl, x_RD, self._probe)]
         starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
-        step = self.cache.capacity
         pieces = []
-        for i in range(0, len(active), step):
-            chunk = active[i : i + step]
+        for chunk in expert_groups(active, self.cache.capacity, selected=False):
             rows = x_RD[starts[chunk[0]] : starts[chunk[-1] + 1]]
             pieces.append(self._compute(rows, chunk, counts_E[chunk], matmul))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
@@ -266,19 +280,24 @@ class OffloadedExperts(nn.Module):
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """`Experts.forward_selected` (the decode path): the chosen experts fetched together (their
-        loads overlap) when they fit in the cache at once, else one at a time."""
+        loads overlap) when they fit in the cache at once, else one at a time (`expert_groups`).
+        Experts run in ascending order; a group stays pinned until the next one is fetched."""
         chosen = sorted(set(ids_TK.flatten().tolist()))
-        if len(chosen) <= self.cache.capacity:
-            with self.cache.using([(self.layer, e) for e in chosen]) as weights:
-                fetched = dict(zip(chosen, weights, strict=True))
-                resident = lambda e, x_ND: self._ffn(e, *fetched[e], x_ND)  # noqa: E731
-                return selected_experts_forward(x_TD, ids_TK, weights_TK, resident)
+        groups = expert_groups(chosen, self.cache.capacity, selected=True)
+        group_of = {e: group for group in groups for e in group}
+        fetched: dict[int, tuple[Tensor, ...]] = {}
+        with ExitStack() as held:
 
-        def expert(e: int, x_ND: Tensor) -> Tensor:
-            with self.cache.using([(self.layer, e)]) as [(w_in, w_out)]:
-                return self._ffn(e, w_in, w_out, x_ND)
+            def expert(e: int, x_ND: Tensor) -> Tensor:
+                if e not in fetched:
+                    held.close()  # unpins the previous group
+                    fetched.clear()
+                    group = group_of[e]
+                    weights = held.enter_context(self.cache.using([(self.layer, g) for g in group]))
+                    fetched.update(zip(group, weights, strict=True))
+                return self._ffn(e, *fetched[e], x_ND)
 
-        return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
+            return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 
     def _ffn(self, e: int, w_in: Tensor, w_out: Tensor, x_ND: Tensor) -> Tensor:
         b_in = None if self.b_in is None else self.b_in[e]
@@ -331,11 +350,13 @@ def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int) ->
 
 @dataclass
 class ExpertOffload:
-    """A model's offloading: its cache (statistics in `stats()`), store and prefetch hooks."""
+    """A model's offloading: its cache (statistics in `stats()`), store and prefetch hooks
+    (`prefetching`: whether prefetch runs; it stands down at a budget of top_k experts)."""
 
     cache: ExpertCache
     store: ExpertStore | CheckpointExpertStore
     hooks: list = field(default_factory=list)
+    prefetching: bool = False
 
     def stats(self) -> dict[str, float]:
         d = self.cache.stats.as_dict()
@@ -366,7 +387,9 @@ def apply_expert_offload(
 
     policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
     (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
-    the next MoE layer's router on this layer's input and load its experts in a background thread.
+    the next MoE layer's router on this layer's input and load its experts in a background thread
+    (`_prefetch_hook`; it skips a call whose layer's own experts fill the budget). At a budget of
+    top_k experts every layer call fills it: prefetch then stands down for good, with one warning.
     Everything is checked before the model is changed.
     """
     store = expert_dir
@@ -384,7 +407,15 @@ def apply_expert_offload(
     for i, layer in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts, i, cache)
     offload = ExpertOffload(cache, store)
-    if prefetch and moe.router != "hash":  # a hash router needs the token ids, not x
+    if prefetch and capacity <= moe.top_k:
+        warnings.warn(
+            f"prefetch stands down: a budget of {capacity} experts cannot hold a layer's "
+            f"top_k={moe.top_k} experts plus a guess of the next layer's, so every prefetched "
+            f"read would be evicted unused; give a budget above {moe.top_k} experts to prefetch",
+            stacklevel=2,
+        )
+    elif prefetch and moe.router != "hash":  # a hash router needs the token ids, not x
+        offload.prefetching = True
         for i, (layer, nxt) in enumerate(itertools.pairwise(layers)):
             offload.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(i, nxt, cache)))
     return offload
@@ -399,13 +430,14 @@ def _enumerate2(t: Tensor):
 def _prefetch_hook(layer: int, next_layer: nn.Module, cache: ExpertCache):
     """Guess the next MoE layer's experts from this layer's input (its router applied to the
     current hidden state: Eliseev & Mazur 2023, "Fast inference of MoE language models with
-    offloading") and start loading them."""
+    offloading") and start loading them. Not when this layer's own experts (its router on the same
+    input says which) fill the budget: fetching them would evict every guess before its use."""
 
     def hook(module: nn.Module, args: tuple) -> None:
         x_TD = args[0].reshape(-1, next_layer.cfg.d_model)
         with torch.no_grad():
-            ids = next_layer.router(x_TD).ids_TK
-        if ids is not None:
+            now, ids = module.router(x_TD).ids_TK, next_layer.router(x_TD).ids_TK
+        if ids is not None and now is not None and now.unique().numel() < cache.capacity:
             keys = [(layer + 1, int(e)) for e in ids.unique().tolist()]
             cache.prefetch(keys, protect_layer=layer)
 

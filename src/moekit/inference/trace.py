@@ -2,16 +2,19 @@
 while generating, saved as one small safetensors file with the model's identity; and a replay of
 a trace against the cache policies and Belady's optimal oracle (`moekit cache-sim`).
 
-A trace's request sequence: for each forward call (a prefill or one decode step), for each MoE
-layer in order, the distinct experts its tokens chose, ascending: what `OffloadedExperts` asks
-the cache for.
+A trace's layer calls: for each forward call (a prefill or one decode step), for each MoE layer
+in order, the distinct experts the layer fetched, ascending, and whether it ran the selected
+(decode) path; `OffloadedExperts` asks the cache for them in the groups of `expert_groups`, and
+the simulator replays those very groups on an `ExpertCache`, so its hit counts are the model's.
+The request sequence is the same keys one after another.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -20,19 +23,55 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.fileio import atomic_path
-from moekit.inference.cache import ExpertCache, Key, make_policy
-from moekit.inference.offload import model_identity
+from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
+from moekit.inference.offload import expert_groups, model_identity
 from moekit.model.transformer import MoETransformer
+from moekit.moe import SELECTED_MAX_TOKENS
+
+# 1: ids and step only. 2: also `fetched` and `selected`, what the layer calls did.
+TRACE_VERSION = 2
+
+
+class LayerCall(NamedTuple):
+    """One MoE layer call as the expert cache sees it: the distinct experts (ascending) that layer
+    `layer` fetched, and whether the call ran the selected path (`MoELayer.selected_path`)."""
+
+    layer: int
+    experts: tuple[int, ...]
+    selected: bool
 
 
 @dataclass
 class Trace:
     """ids (N, L, K): the experts of N tokens at L MoE layers; step (N,): the forward call of each
-    token; identity: the model's (see `model_identity`)."""
+    token; identity: the model's (see `model_identity`).
+
+    fetched (S, L, E) bool: the experts each of the S forward calls fetched at each layer (the
+    chosen ones, less any a capacity-limited dispatch dropped); selected (S, L) bool: whether
+    that layer call ran the selected path. A trace of version 1 has neither: they are derived
+    (`derived`), fetched as the chosen experts and selected as "at most SELECTED_MAX_TOKENS
+    tokens in the call", which is exact for dropless dispatch and expert_impl "auto".
+    """
 
     ids: Tensor
     step: Tensor
     identity: dict
+    fetched: Tensor | None = None
+    selected: Tensor | None = None
+    derived: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        if self.fetched is not None and self.selected is not None:
+            return
+        self.derived = True
+        _, call, tokens = self.step.unique(return_inverse=True, return_counts=True)
+        N, L, K = self.ids.shape
+        if self.fetched is None:
+            self.fetched = torch.zeros(len(tokens), L, self.identity["n_experts"], dtype=torch.bool)
+            layer = torch.arange(L)[None, :, None].expand(N, L, K)
+            self.fetched[call[:, None, None].expand(N, L, K), layer, self.ids.long()] = True
+        if self.selected is None:
+            self.selected = (tokens <= SELECTED_MAX_TOKENS)[:, None].expand(-1, L).clone()
 
     def expert_counts(self) -> Tensor:
         """(L, E) how many tokens chose each expert at each layer."""
@@ -40,72 +79,106 @@ class Trace:
         flat = self.ids + torch.arange(L)[None, :, None] * E
         return torch.bincount(flat.flatten(), minlength=L * E).view(L, E)
 
+    def layer_calls(self) -> list[LayerCall]:
+        """Every MoE layer call, in order (see the module docstring)."""
+        assert self.fetched is not None and self.selected is not None
+        return [
+            LayerCall(layer, tuple(e for e, f in enumerate(row) if f), selected)
+            for rows, flags in zip(self.fetched.tolist(), self.selected.tolist(), strict=True)
+            for layer, (row, selected) in enumerate(zip(rows, flags, strict=True))
+        ]
+
     def requests(self) -> list[Key]:
-        """The cache's request sequence (see the module docstring)."""
-        out: list[Key] = []
-        for s in self.step.unique().tolist():
-            rows = self.ids[self.step == s]
-            for layer in range(rows.shape[1]):
-                out += [(layer, e) for e in rows[:, layer].unique().tolist()]
-        return out
+        """The cache's request sequence: the layer calls' experts one after another."""
+        return [(c.layer, e) for c in self.layer_calls() for e in c.experts]
 
 
 class TraceRecorder:
     """Records the routing of every forward of `model` inside `with TraceRecorder(model) as r`:
-    the experts each token's router chose, hooked on the routers (generation runs the MoE layers
-    without their aux). With dropless dispatch, what generation uses, these are the experts that
-    ran; a capacity-limited layer may have dropped some of them."""
+    the experts each token's router chose (hooked on the routers; generation runs the MoE layers
+    without their aux), which experts each layer call fetched (the chosen ones; on the dispatch
+    path, those that received rows, hooked on the experts) and which path it ran."""
 
     def __init__(self, model: MoETransformer) -> None:
         self.model, self.identity = model, model_identity(model.cfg)
         self.calls: list[list[Tensor]] = []
+        self.fetched: list[list[Tensor]] = []
+        self.selected: list[list[bool]] = []
         self.hooks: list = []
 
     def __enter__(self) -> TraceRecorder:
-        layers = self.model.moe_layers()
-        for i, layer in enumerate(layers):
-            self.hooks.append(layer.router.register_forward_hook(self._hook(i)))
+        for i, layer in enumerate(self.model.moe_layers()):
+            self.hooks.append(layer.router.register_forward_hook(self._router_hook(i, layer)))
+            self.hooks.append(layer.experts.register_forward_pre_hook(self._experts_hook(i)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.hooks:
             h.remove()
 
-    def _hook(self, i: int):
+    def _router_hook(self, i: int, layer):
+        n_experts = self.identity["n_experts"]
+
         def hook(module, args, routing) -> None:
             if i == 0:
                 self.calls.append([])
-            self.calls[-1].append(routing.ids_TK.detach().to(torch.int32).cpu())
+                self.fetched.append([])
+                self.selected.append([])
+            ids = routing.ids_TK.detach().to(torch.int32).cpu()
+            self.calls[-1].append(ids)
+            self.fetched[-1].append(torch.bincount(ids.flatten(), minlength=n_experts) > 0)
+            self.selected[-1].append(layer.selected_path(ids.shape[0]))
+
+        return hook
+
+    def _experts_hook(self, i: int):
+        def hook(module, args) -> None:  # the dispatch path: experts(x_RD, counts_E)
+            self.fetched[-1][i] = args[1].detach().cpu() > 0
 
         return hook
 
     def trace(self) -> Trace:
         ids = [torch.stack(layers, dim=1) for layers in self.calls]
         step = [torch.full((len(x),), s, dtype=torch.int32) for s, x in enumerate(ids)]
-        return Trace(torch.cat(ids), torch.cat(step), self.identity)
+        fetched = torch.stack([torch.stack(layers) for layers in self.fetched])
+        selected = torch.tensor(self.selected, dtype=torch.bool)
+        return Trace(torch.cat(ids), torch.cat(step), self.identity, fetched, selected)
 
 
 def save_trace(trace: Trace, path: str | Path) -> None:
-    """Write a trace atomically as safetensors (identity in the metadata)."""
+    """Write a trace atomically as safetensors (identity and format version in the metadata)."""
+    tensors = {k: getattr(trace, k).contiguous() for k in ("ids", "step", "fetched", "selected")}
     with atomic_path(path) as tmp:
         save_file(
-            {"ids": trace.ids.contiguous(), "step": trace.step.contiguous()},
+            tensors,
             str(tmp),
-            metadata={"moekit_trace": json.dumps(trace.identity)},
+            metadata={
+                "moekit_trace": json.dumps(trace.identity),
+                "moekit_trace_version": str(TRACE_VERSION),
+            },
         )
 
 
 def load_trace(path: str | Path, cfg: ModelConfig | None = None) -> Trace:
-    """Read a trace; with `cfg`, raise unless it was recorded from that model."""
+    """Read a trace; with `cfg`, raise unless it was recorded from that model. A trace of
+    version 1 is read with its layer calls derived (see `Trace`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            ids, step = f.get_tensor("ids"), f.get_tensor("step")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
         raise ValueError(f"{path} is not a readable routing trace: {exc}") from exc
     if "moekit_trace" not in meta:
         raise ValueError(f"{path} is not a moekit routing trace (no 'moekit_trace' metadata)")
-    trace = Trace(ids.long(), step, json.loads(meta["moekit_trace"]))
+    version = int(meta.get("moekit_trace_version", 1))
+    if version > TRACE_VERSION:
+        raise ValueError(
+            f"{path} is a routing trace of version {version}, newer than this moekit reads "
+            f"({TRACE_VERSION}); upgrade moekit or record the trace again"
+        )
+    identity = json.loads(meta["moekit_trace"])
+    calls = [tensors[k].bool() for k in ("fetched", "selected")] if version >= 2 else [None, None]
+    trace = Trace(tensors["ids"].long(), tensors["step"], identity, *calls)
     if cfg is not None and trace.identity != model_identity(cfg):
         raise ValueError(
             f"the trace {path} was recorded from another model: {trace.identity} != "
@@ -115,26 +188,40 @@ def load_trace(path: str | Path, cfg: ModelConfig | None = None) -> Trace:
 
 
 def simulate(
-    requests: list[Key], capacity: int, policy: str, counts: Tensor | None = None, top_k: int = 1
-) -> float:
-    """Hit rate of `ExpertCache` with `policy` (no prefetch) on the request sequence. "static"
-    never evicts the `capacity - top_k` most counted keys of `counts` (L, E), as the model does."""
+    calls: list[LayerCall],
+    capacity: int,
+    policy: str,
+    counts: Tensor | None = None,
+    top_k: int = 1,
+) -> CacheStats:
+    """The statistics of an `ExpertCache` of `capacity` with `policy` (no prefetch) fed the layer
+    calls as `OffloadedExperts` feeds it: each call's experts pinned together in the groups of
+    `expert_groups`, so the hits and misses are those of the model on the same routing. "static"
+    never evicts the `capacity - top_k` most counted keys of `counts` (L, E), as the model does
+    given the same counts."""
     by_key = None
     if counts is not None:
         by_key = {
             (i, e): int(c) for i, row in enumerate(counts.tolist()) for e, c in enumerate(row)
         }
     pol = make_policy(policy, by_key, n_static=capacity - top_k)
-    cache = ExpertCache(lambda key: (), capacity, pol, expert_bytes=0)
-    for key in requests:
-        cache.get(key)
-        cache.unpin(key)
-    return cache.stats.hit_rate
+    cache = ExpertCache(lambda key: (), capacity, pol, expert_bytes=0, loader_threads=0)
+    for call in calls:
+        for group in expert_groups(list(call.experts), capacity, call.selected):
+            with cache.using([(call.layer, e) for e in group]):
+                pass
+    return cache.stats
 
 
 def belady(requests: list[Key], capacity: int) -> float:
     """Hit rate of the optimal offline policy (Belady 1966): on a miss with the cache full, evict
-    the resident key whose next request is furthest away (or never comes)."""
+    the resident key whose next request is furthest away (or never comes).
+
+    It serves the requests one key at a time and may evict any resident key, even one that the
+    same layer call requested just before (the model keeps those pinned) and it reads nothing
+    ahead of its request. Any cache without prefetch that serves the same sequence in the same
+    order, `ExpertCache` with its group pins included, is such a demand-paging cache, so this is
+    an upper bound on its hit rate; with prefetch a cache can count more hits."""
     next_use = [0] * len(requests)
     seen: dict[Key, int] = {}
     for i in range(len(requests) - 1, -1, -1):
@@ -181,13 +268,15 @@ def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new
 
 
 def cache_sim_rows(trace: Trace, capacities: list[int], policies: list[str]) -> list[dict]:
-    """Hit rate of each policy and of Belady's oracle at each capacity (in experts)."""
-    requests, counts = trace.requests(), trace.expert_counts()
+    """Hit rate of each policy (as the model gets it, see `simulate`) and of Belady's oracle at
+    each capacity (in experts)."""
+    calls, requests, counts = trace.layer_calls(), trace.requests(), trace.expert_counts()
     top_k = trace.identity["top_k"]
     rows = []
     for cap in capacities:
         row = {"budget": cap, "belady": belady(requests, cap)}
         for p in policies:
-            row[p] = simulate(requests, cap, p, counts if p == "static" else None, top_k)
+            stats = simulate(calls, cap, p, counts if p == "static" else None, top_k)
+            row[p] = stats.hit_rate
         rows.append(row)
     return rows
