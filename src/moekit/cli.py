@@ -15,7 +15,7 @@ configurator. Subcommands that take a config accept a preset name or a JSON file
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import shlex
 import shutil
 import sys
@@ -36,6 +36,83 @@ TRAINS = {"train", "demo", "experiment"}
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+# Types of numeric arguments: argparse reports a value out of range as
+# "argument --max-new-tokens: must be an integer >= 1, not -3" and exits 2.
+
+
+def _parse(text: str, kind: type, noun: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {noun}, not {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count of tokens, experts, processes, seeds)."""
+    value = _parse(text, int, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer in [0, 2**64)."""
+    value = _parse(text, int, "an integer >= 0")
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), not {text}")
+    return value
+
+
+def top_k_or_off(text: str) -> int | None:
+    """Top-k sampling: an integer >= 1, or 0 for none (None)."""
+    value = _parse(text, int, "an integer >= 1, or 0 for no top-k")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, or 0 for no top-k, not {text}")
+    return value or None
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a temperature, where 0 is greedy; a noise scale)."""
+    value = _parse(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a capacity factor)."""
+    value = _parse(text, float, "a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability mass in (0, 1] (top-p; 1 keeps every token)."""
+    value = _parse(text, float, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text}")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """A number of bytes > 0: 2000000, "2GB", "500MB", "2GiB"."""
+    from moekit.interop.files import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        value = None
+    if not value or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a size above 0 in bytes or with a unit (5GB, 500MB, 2GiB), not {text!r}"
+        )
+    return value
+
+
 def command(
     name: str,
     help_text: str,
@@ -54,10 +131,10 @@ def command(
 
 
 def _layer_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument("--tokens", type=positive_int, default=4096)
+    p.add_argument("--experts", type=positive_int, default=8)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--capacity-factor", type=positive_float, default=None)
 
 
 @command(
@@ -96,23 +173,30 @@ def layer_demo(args: argparse.Namespace) -> int:
 
 
 DEFAULT_PRESET = "small"
+CONFIG_FILE_REMEDY = (
+    "fix it: a config file is one JSON object, a RunConfig or a ModelConfig, such as the resolved "
+    "config `moekit train` prints"
+)
 DEMO_PROMPT = "def main("  # no trailing space: byte-level BPE tokens carry their leading space
 
 
 def resolve_run_config(spec: str | None, overrides: list[str]) -> Any:
     """A `RunConfig` from a preset name or a JSON file (a RunConfig, or a bare ModelConfig),
     with `--a.b=value` overrides applied."""
-    from moekit.config import ModelConfig, RunConfig
+    from moekit.config import ModelConfig, RunConfig, config_from_data
     from moekit.overrides import apply_overrides
+    from moekit.userfiles import read_json
 
     spec = spec or DEFAULT_PRESET
     if spec.endswith(".json") or Path(spec).is_file():
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"config file {spec} does not exist")
-        data = json.loads(path.read_text())
-        is_run = "model" in data
-        cfg = RunConfig.from_dict(data) if is_run else RunConfig(model=ModelConfig.from_dict(data))
+        data = read_json(path, CONFIG_FILE_REMEDY)
+        if "model" in data:
+            cfg = config_from_data(RunConfig, data, path)
+        else:
+            cfg = RunConfig(model=config_from_data(ModelConfig, data, path))
     else:
         cfg = RunConfig.preset(spec)
     return apply_overrides(cfg, overrides)
@@ -136,7 +220,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     overrides=True,
 )
 def train_command(args: argparse.Namespace) -> int:
-    from moekit.config import RunConfig
+    from moekit.config import RUN_FILE_REMEDY, RunConfig
     from moekit.overrides import apply_overrides
     from moekit.train import train
 
@@ -146,7 +230,7 @@ def train_command(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: it has no config.json")
-        cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+        cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
         cfg = apply_overrides(cfg, args.overrides)
     else:
         cfg = resolve_run_config(args.config, args.overrides)
@@ -192,11 +276,11 @@ def _print_result(result: Any) -> None:
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by moekit train")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=top_k_or_off, default=50, help="0 turns top-k off")
+    p.add_argument("--top-p", type=probability, default=0.95, help="in (0, 1]; 1 turns it off")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument(
         "--expert-budget",
         metavar="N|FRACTION|N%|BYTES",
@@ -262,16 +346,20 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="trace file to write (safetensors)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="greedy tokens per prompt"
+    )
 
 
 @command("trace", "record which experts each token uses while generating", _trace_args)
 def trace_command(args: argparse.Namespace) -> int:
     from moekit.inference.trace import load_model_and_tokenizer, record_prompts, save_trace
+    from moekit.userfiles import read_text
 
-    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit(f"error: {args.prompts} has no prompts (one per non-empty line)")
+        raise ValueError(f"{args.prompts} has no prompts (one per non-empty line)")
     model, tokenizer = load_model_and_tokenizer(args.path)
     trace = record_prompts(model, tokenizer, prompts, args.max_new_tokens)
     save_trace(trace, args.out)
@@ -319,7 +407,7 @@ def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="PRESET|CONFIG.json", help="model preset or config JSON")
     p.add_argument(
         "--ep",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="also print the bytes per token per MoE layer that expert parallelism over N "
         "processes sends per training step",
@@ -374,7 +462,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHITECTURES, help="architecture to write (with --to-hf)")
     p.add_argument("--layout", choices=LAYOUTS, default="per_expert", help="expert key layout")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="of the weights")
-    p.add_argument("--max-shard-size", default="2GB", help="bytes per safetensors shard")
+    p.add_argument(
+        "--max-shard-size", type=byte_size, default="2GB", help="bytes per safetensors shard"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (--to-hf)")
 
 
@@ -407,7 +497,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (replaced if it is a run)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
     p.add_argument("--prompt", default=DEMO_PROMPT)
 
 
@@ -499,8 +589,8 @@ def _clear_previous_run(run_dir: Path) -> None:
 def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
     p.add_argument("--data", help="corpus whose validation split is traced (default: the run's)")
-    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to trace")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per traced sequence")
+    p.add_argument("--tokens", type=positive_int, default=16384, help="held-out tokens to trace")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per traced sequence")
     p.add_argument("--out", help="report folder (default: PATH/analysis)")
 
 
@@ -514,9 +604,16 @@ def analyze_command(args: argparse.Namespace) -> int:
 
 def _upcycle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dense_run", metavar="DENSE_RUN", help="a run directory of a dense model")
-    p.add_argument("--experts", type=int, default=8, help="experts per layer (copies of the FFN)")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--noise", type=float, default=0.0, help="expert noise, times each weight's std")
+    p.add_argument(
+        "--experts", type=positive_int, default=8, help="experts per layer (copies of the FFN)"
+    )
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument(
+        "--noise",
+        type=non_negative_float,
+        default=0.0,
+        help="expert noise, times each weight's std",
+    )
     p.add_argument("--out", required=True, help="the new run directory")
 
 
@@ -540,7 +637,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
         "minutes on 2 CPU cores, with its own train.steps); scale up with another preset (e.g. "
         "small) or overrides such as --train.steps=2000 --model.n_layers=8",
     )
-    p.add_argument("--seeds", type=int, default=1, help="repeat each arm with N seeds")
+    p.add_argument("--seeds", type=positive_int, default=1, help="repeat each arm with N seeds")
     p.add_argument("--out", help="report folder (default runs/experiments/NAME); runs in OUT/arms")
 
 

@@ -13,9 +13,14 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from moekit.userfiles import read_json
+
 C = TypeVar("C", bound="ConfigBase")
+# What to do about a damaged file of a run directory (config.json, written by `moekit train`).
+RUN_FILE_REMEDY = "restore it from a copy of the run (`moekit train` or `convert` wrote it)"
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -46,12 +51,18 @@ class ConfigBase:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        """Build from a dict as `to_dict` writes it; unknown keys are an error."""
+        """Build from a dict as `to_dict` writes it; unknown and missing keys are an error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} is a JSON object of its fields, not {data!r}")
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        names = {f.name for f in fields}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
+        missing = [f.name for f in fields if f.name not in data and _required(f)]
+        if missing:
+            raise ValueError(f"{cls.__name__} needs the field(s) {missing}")
         kwargs = {}
         for key, value in data.items():
             try:
@@ -64,8 +75,27 @@ class ConfigBase:
     def from_json(cls: type[C], text: str) -> C:
         return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_file(cls: type[C], path: str | Path, remedy: str) -> C:
+        """Read a config JSON file a user handed us: a file that is not JSON, or a config whose
+        fields are wrong, is one `ValueError` naming the file (and the position or the field);
+        `remedy` says what to do about a file that is not JSON."""
+        return config_from_data(cls, read_json(path, remedy), path)
+
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def config_from_data(cls: type[C], data: Any, path: str | Path) -> C:
+    """`cls.from_dict(data)` of the JSON read from `path`; its errors name the file."""
+    try:
+        return cls.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _with_path(key: str, message: str) -> str:

@@ -129,8 +129,9 @@ def _parse_bool(text: str, key: str) -> bool:
 def _json(text: str, key: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(f"--{key}={text!r}: expected JSON") from None
+    except json.JSONDecodeError as err:
+        where = f"{err.msg[:1].lower()}{err.msg[1:]} at character {err.pos + 1}"
+        raise ValueError(f"--{key}={text!r}: expected JSON ({where})") from None
 
 
 def _config_class(hint: Any) -> type | None:

@@ -61,10 +61,11 @@ def _load(path: Path) -> tuple[MoETransformer, Tokenizer, str, float, list[Path]
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path} has no tokenizer.json: analysis needs the tokenizer")
     from moekit.interop import load_hf
+    from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
     return (
         load_hf(path, "float32"),
-        Tokenizer.from_file(str(path / "tokenizer.json")),
+        read_tokenizer(path / "tokenizer.json", REDOWNLOAD),
         "stdlib",
         0.05,
         [],

@@ -17,6 +17,7 @@ from moekit.config import DataConfig
 from moekit.data.corpus import STDLIB, Corpus, Document, Split, find_files, load_corpus
 from moekit.data.tokenizer import END_OF_TEXT, byte_tokenizer, cached_bpe, eos_id, train_bpe
 from moekit.data.tokens import TokenSplit, WindowSampler, fixed_batches, tokenize_split
+from moekit.userfiles import read_tokenizer
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def run_tokenizer(run_dir: Path | None) -> Tokenizer:
             "not exist: copy the checkpoint's tokenizer.json there, or train a new one with "
             "--train.data.tokenizer=bpe (or bytes)"
         )
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path, "copy the checkpoint's tokenizer.json there again")
 
 
 __all__ = [

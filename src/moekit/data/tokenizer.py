@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moekit.data.corpus import Split
 from moekit.fileio import atomic_path
+from moekit.userfiles import read_tokenizer
 
 END_OF_TEXT = "<|endoftext|>"
 BYTES_VOCAB_SIZE = 257  # 256 byte values + END_OF_TEXT
@@ -55,7 +56,7 @@ def cached_bpe(
     and stored there (atomically)."""
     path = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{split.fingerprint[:20]}.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        return read_tokenizer(path, "delete it (a cache: the tokenizer is trained again)")
     tok = train_bpe(split, vocab_size, show_progress)
     with atomic_path(path) as tmp:
         tok.save(str(tmp))

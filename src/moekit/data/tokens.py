@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from moekit.data.corpus import Split
 from moekit.data.tokenizer import eos_id
 from moekit.fileio import atomic_path, atomic_write_text
+from moekit.userfiles import read_json
 
 CHUNK_DOCS = 64  # documents tokenised per call: bounds the memory of the encodings
 
@@ -50,7 +51,8 @@ def tokenize_split(
     stem = Path(cache_dir) / "tokens" / f"{tok_hash}-{split.fingerprint[:20]}"
     meta_path, bin_path = stem.with_suffix(".json"), stem.with_suffix(".bin")
     if meta_path.is_file() and bin_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        remedy = f"delete it and {bin_path.name} (a cache: the split is tokenised again)"
+        meta = read_json(meta_path, remedy)
         return TokenSplit(np.memmap(bin_path, dtype=meta["dtype"], mode="r"), meta["n_bytes"])
     ids = _encode(tok, split, progress, name)
     with atomic_path(bin_path) as tmp:

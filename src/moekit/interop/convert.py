@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import DataConfig, RunConfig, TrainConfig
+from moekit.config import RUN_FILE_REMEDY, DataConfig, RunConfig, TrainConfig
 from moekit.interop.hf import hf_model_config, load_hf, read_hf_config, save_hf
 from moekit.model import MoETransformer
 from moekit.train.checkpoint import latest_checkpoint, load_weights, write_new_run
+from moekit.train.sample import read_run_tokenizer
 
 
 def load_run_model(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Path]:
@@ -23,7 +24,7 @@ def load_run_model(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Path
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
-    cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+    cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
@@ -48,12 +49,12 @@ def run_to_hf(
 ) -> Path:
     """Export a run's newest checkpoint (and its tokenizer) as a Hugging Face checkpoint."""
     _, model, _ = load_run_model(run_dir)
-    tokenizer = Path(run_dir) / "tokenizer.json"
+    has_tokenizer = (Path(run_dir) / "tokenizer.json").is_file()
     return save_hf(
         model,
         out,
         arch,
-        tokenizer=tokenizer if tokenizer.is_file() else None,
+        tokenizer=read_run_tokenizer(run_dir) if has_tokenizer else None,
         layout=layout,
         dtype=dtype,
         max_shard_size=max_shard_size,

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from moekit.userfiles import REDOWNLOAD, DamagedFile, open_safetensors, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -42,6 +44,15 @@ _DTYPES = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: unsupported, incomplete, mismatched or corrupt."""
+
+
+class DamagedCheckpoint(CheckpointError, DamagedFile):
+    """A file of a Hugging Face checkpoint that cannot be read (truncated, corrupt, not JSON)."""
+
+
+def read_checkpoint_json(path: Path) -> dict[str, Any]:
+    """A JSON object of a Hugging Face checkpoint directory (config.json, the index)."""
+    return read_json(path, REDOWNLOAD, DamagedCheckpoint)
 
 
 class WeightInfo(NamedTuple):
@@ -71,10 +82,11 @@ def find_weight_files(folder: Path) -> dict[str, WeightInfo]:
 
 
 def _from_index(folder: Path, index: Path) -> dict[str, WeightInfo]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {err}") from err
+    weight_map = read_checkpoint_json(index).get("weight_map")
+    valid = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    if not valid:
+        problem = "is not a safetensors index (no weight_map of tensor names to file names)"
+        raise DamagedCheckpoint(index, problem, REDOWNLOAD)
     files: dict[str, WeightInfo] = {}
     headers: dict[str, dict[str, Any]] = {}
     for key, name in weight_map.items():
@@ -92,17 +104,9 @@ def _from_index(folder: Path, index: Path) -> dict[str, WeightInfo]:
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (dtype, shape)} of a safetensors file; a truncated or corrupt file raises
     `CheckpointError` saying so."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = f.keys()  # safe_open is not iterable
-            return {
-                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in names
-            }
-    except SafetensorError as err:
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt, {size} bytes): {err}"
-        ) from err
+    with open_safetensors(path, REDOWNLOAD, DamagedCheckpoint) as f:
+        names = f.keys()  # safe_open is not iterable
+        return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in names}
 
 
 class CheckpointReader:

@@ -30,6 +30,7 @@ from moekit.interop.files import (
     find_weight_files,
     parse_size,
     plan_shards,
+    read_checkpoint_json,
     write_shards,
 )
 from moekit.interop.keymaps import (
@@ -47,6 +48,7 @@ from moekit.interop.keymaps import (
     template_of,
 )
 from moekit.model import MoETransformer
+from moekit.userfiles import read_tokenizer
 
 KEY_MAPS: dict[str, KeyMap] = {
     "mixtral": mixtral_keys(),
@@ -76,10 +78,7 @@ def read_hf_config(folder: str | Path) -> HF:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    return read_checkpoint_json(path)
 
 
 def architecture_of(hf: HF) -> str:
@@ -324,8 +323,6 @@ def write_tokenizer(tokenizer: Any, folder: Path, cfg: ModelConfig) -> int | Non
     """Write or copy tokenizer files into `folder`; return the end-of-text id when known."""
     if tokenizer is None:
         return None
-    from tokenizers import Tokenizer
-
     from moekit.data.tokenizer import END_OF_TEXT
 
     if isinstance(tokenizer, (str, Path)):
@@ -337,7 +334,7 @@ def write_tokenizer(tokenizer: Any, folder: Path, cfg: ModelConfig) -> int | Non
             for name in copied:
                 shutil.copy2(source / name, folder / name)
             return None
-        tokenizer = Tokenizer.from_file(str(source))
+        tokenizer = read_tokenizer(source, "give a readable tokenizer.json")
     tokenizer.save(str(folder / "tokenizer.json"))
     eos = tokenizer.token_to_id(END_OF_TEXT)
     settings: HF = {

@@ -7,7 +7,8 @@ A checkpoint directory holds
     trainer.json        step, tokens seen, the optimizer's hyper-parameters, schedule position
 Each is written into a hidden temporary directory that is renamed to its final name only once
 complete, so an interrupted write leaves the previous checkpoints untouched and nothing under a
-checkpoint's name.
+checkpoint's name. A checkpoint damaged later (a copy cut short, a bad disk) fails to load with
+one `DamagedFile` naming the file and the checkpoint to fall back on.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import Tensor, nn
 
 from moekit.fileio import atomic_path, remove_path
+from moekit.userfiles import DamagedFile, open_safetensors, read_json, read_safetensors, reading
 
 CHECKPOINT_DIR = "checkpoints"
 NAME = re.compile(r"step-(\d{6,})")
@@ -98,9 +100,12 @@ def load_checkpoint(
     """Load weights (and optimizer state) from a checkpoint directory into `model` (and
     `optimizer`); returns the rest of the state."""
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"))
-    meta = json.loads((path / "trainer.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
+    load_weights(path, model)
+    meta = read_trainer_json(path)
+    state_file = path / "state.safetensors"
+    tensors = read_safetensors(state_file, checkpoint_remedy(path))
+    if "rng.torch" not in tensors:
+        raise DamagedFile(state_file, "has no 'rng.torch' tensor", checkpoint_remedy(path))
     if optimizer is not None:
         optimizer.load_state_dict(
             {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
@@ -117,8 +122,66 @@ def load_checkpoint(
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
-    """Load only the weights of a checkpoint directory into `model`."""
-    load_model(model, str(Path(path) / "model.safetensors"))
+    """Load only the weights of a checkpoint directory into `model`, the model of its run's
+    config.json."""
+    file = Path(path) / "model.safetensors"
+    problems = []
+    with reading(file, checkpoint_remedy(path)):
+        try:
+            missing, unexpected = load_model(model, str(file), strict=False)
+        except RuntimeError as err:  # tensors of other shapes than the model's
+            missing, unexpected, problems = [], [], [_first_problem(err)]
+    for kind, names in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
+        if names:
+            problems.append(f"{len(names)} {kind}: {', '.join(names[:3])}")
+    if problems:
+        raise ValueError(
+            f"{file} holds the weights of another model than its run's config.json describes "
+            f"({'; '.join(problems)}); restore the config.json the run was trained with"
+        )
+
+
+def _first_problem(err: RuntimeError) -> str:
+    """The first "size mismatch for ..." line of `load_state_dict`'s error."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return (lines[0] if lines else str(err)).rstrip(".")
+
+
+def read_trainer_json(path: Path) -> dict[str, Any]:
+    """trainer.json of a checkpoint directory, with its step, tokens and param_groups."""
+    file = Path(path) / "trainer.json"
+    meta = read_json(file, checkpoint_remedy(path))
+    fields = {"step": int, "tokens": int, "param_groups": list}
+    for name, kind in fields.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            problem = f"has no {name!r} {kind.__name__} (found {meta.get(name)!r})"
+            raise DamagedFile(file, problem, checkpoint_remedy(path))
+    return meta
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise `DamagedFile` unless the three files of a checkpoint directory can be read (their
+    headers and trainer.json: before a resumed run writes anything)."""
+    path = Path(path)
+    read_trainer_json(path)
+    for name in ("model.safetensors", "state.safetensors"):
+        with open_safetensors(path / name, checkpoint_remedy(path)):
+            pass
+
+
+def checkpoint_remedy(checkpoint: Path) -> str:
+    """What to do about a damaged file of `checkpoint`: fall back on the previous checkpoint."""
+    checkpoint = Path(checkpoint)
+    found = list_checkpoints(checkpoint.parent.parent)
+    others = [p for p in found if p != checkpoint]
+    if not others:
+        return "it is the run's only checkpoint: copy the run again, or train it anew"
+    if found[-1] == checkpoint:
+        return (
+            f"delete {checkpoint} to fall back on {others[-1].name} (moekit reads a run's newest "
+            "checkpoint), or copy the run again"
+        )
+    return f"delete {checkpoint} (the newer checkpoints do not need it), or copy the run again"
 
 
 def _flatten_optimizer(state: dict[int, dict[str, Any]]) -> dict[str, Tensor]:

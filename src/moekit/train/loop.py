@@ -22,13 +22,14 @@ from moekit.fileio import atomic_path, atomic_write_text
 from moekit.model import ModelOutput, MoETransformer
 from moekit.train.checkpoint import (
     TrainerState,
+    check_checkpoint,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from moekit.train.freeze import freeze, trainable_table
-from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult
+from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult, read_metrics
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
 
@@ -323,10 +324,14 @@ class Trainer:
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run."""
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, and to
+    resume from damaged files (before anything is written)."""
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
+    if resume and latest is not None:
+        check_checkpoint(latest)
+        read_metrics(run_dir / "metrics.jsonl")
     if not resume and latest is not None:
         raise FileExistsError(
             f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "

@@ -12,6 +12,7 @@ import torch
 
 from moekit.fileio import atomic_write_text
 from moekit.moe import MoEAux
+from moekit.userfiles import read_json_lines
 
 # Per-layer figures of `MoEAux` averaged over micro-batches and steps (counts are summed instead).
 LAYER_FIGURES = ("max_vio", "dropped_fraction", "z_loss", "balance_loss", "entropy")
@@ -125,11 +126,14 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file ([] if it does not exist)."""
+    """The records of a metrics.jsonl file ([] if it does not exist). A damaged line is an error
+    naming it, except a last line cut short by a killed run (of a step after its last checkpoint,
+    which a resumed run writes again), which is dropped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    remedy = "delete that line (the records feed the report and its plots)"
+    return read_json_lines(path, remedy, expect=dict)
 
 
 def _tensorboard_writer(run_dir: Path) -> Any:

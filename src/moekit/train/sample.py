@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from moekit.config import RunConfig
+from moekit.config import RUN_FILE_REMEDY, RunConfig
 from moekit.data import eos_id
 from moekit.model import MoETransformer, generate
 from moekit.train.checkpoint import latest_checkpoint, load_weights
+from moekit.userfiles import read_tokenizer
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Tokenizer]:
@@ -28,11 +29,20 @@ def load_run_files(run_dir: str | Path) -> tuple[RunConfig, Path, Tokenizer]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
-    cfg = RunConfig.from_json((run_dir / "config.json").read_text())
+    cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
-    return cfg, checkpoint, Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    return cfg, checkpoint, read_run_tokenizer(run_dir)
+
+
+def read_run_tokenizer(run_dir: str | Path) -> Tokenizer:
+    """The tokenizer.json of a run directory."""
+    remedy = (
+        f"copy the run again (if moekit trained it, `moekit train --resume {run_dir}` writes it "
+        "again)"
+    )
+    return read_tokenizer(Path(run_dir) / "tokenizer.json", remedy)
 
 
 def sample_text(
@@ -49,6 +59,8 @@ def sample_text(
 ) -> str:
     """Continue `prompt` by up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len);
     returns the new text, and passes each new piece of it to `on_text` as it is made."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
     eos = eos_id(tokenizer)
     ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
     budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))

@@ -1,0 +1,162 @@
+"""Reading the files a user hands us: configs, run directories, checkpoints, tokenizers, indexes.
+
+Whatever the libraries raise for a file that cannot be read (safetensors' `SafetensorError`,
+`json`'s position without the file's name, `tokenizers`' bare `Exception`, a
+`UnicodeDecodeError`) becomes one `DamagedFile`, a `ValueError` that names the file, says what is
+wrong with it and what to do:
+
+    runs/a/checkpoints/step-000012/model.safetensors is not a readable safetensors file (truncated
+    or corrupt, 1,024 bytes: incomplete metadata, file not fully covered); delete
+    runs/a/checkpoints/step-000012 to fall back on step-000008 (...), or copy the run again
+
+What to do (`remedy`) depends on where the file comes from, so every reader takes it from its
+caller. The command line prints a `ValueError` as one line and exits 2 (`moekit.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+REDOWNLOAD = "download or copy the checkpoint again"
+
+
+class DamagedFile(ValueError):
+    """A file that exists but cannot be read as what it should be: truncated, corrupt, not JSON,
+    not UTF-8, or holding the wrong kind of data."""
+
+    def __init__(self, path: str | Path, problem: str, remedy: str) -> None:
+        self.path, self.problem, self.remedy = Path(path), problem, remedy
+        super().__init__(f"{path} {problem}; {remedy}")
+
+
+@contextmanager
+def reading(
+    path: str | Path, remedy: str, error: type[DamagedFile] = DamagedFile
+) -> Iterator[None]:
+    """Turn what reading `path` inside the block raises into one clear error (`error`, a
+    `DamagedFile` or a subclass, for damaged contents; `FileNotFoundError` for a missing file;
+    `ValueError` for a file that cannot be opened at all, such as a directory)."""
+    path = Path(path)
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise error(path, f"is not UTF-8 text (byte {err.start:,} is invalid)", remedy) from None
+    except SafetensorError as err:
+        size = path.stat().st_size if path.is_file() else 0
+        detail = _lower(str(err).removeprefix("Error while deserializing header: "))
+        problem = f"truncated or corrupt, {size:,} bytes: {detail}"
+        raise error(path, f"is not a readable safetensors file ({problem})", remedy) from None
+    except FileNotFoundError:
+        if path.exists():
+            raise
+        raise FileNotFoundError(f"{path} does not exist; {remedy}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a file") from None
+    except PermissionError:
+        raise ValueError(f"{path} cannot be read: permission denied") from None
+
+
+def _lower(message: str) -> str:
+    """ "Expecting value" -> "expecting value" (it goes mid-sentence)."""
+    return message[:1].lower() + message[1:]
+
+
+def read_text(path: str | Path, remedy: str, error: type[DamagedFile] = DamagedFile) -> str:
+    """The UTF-8 text of `path`."""
+    with reading(path, remedy, error):
+        return Path(path).read_text(encoding="utf-8")
+
+
+def read_json(
+    path: str | Path,
+    remedy: str,
+    error: type[DamagedFile] = DamagedFile,
+    expect: type = dict,
+) -> Any:
+    """The JSON value of `path`, which must be an `expect` (dict: a JSON object; list: an array)."""
+    return parse_json(read_text(path, remedy, error), path, remedy, error, expect)
+
+
+def parse_json(
+    text: str,
+    path: str | Path,
+    remedy: str,
+    error: type[DamagedFile] = DamagedFile,
+    expect: type = object,
+    line: int | None = None,
+) -> Any:
+    """The JSON value of `text`, read from `path` (all of it, or its line number `line`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno + (line or 1) - 1}, column {err.colno}"
+        raise error(path, f"is not valid JSON ({_lower(err.msg)} at {where})", remedy) from None
+    if not isinstance(value, expect):
+        kind = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
+        where = "" if line is None else f" on line {line}"
+        raise error(path, f"holds a JSON {_json_kind(value)}{where}, not {kind}", remedy)
+    return value
+
+
+def read_json_lines(path: str | Path, remedy: str, expect: type = object) -> list[Any]:
+    """The JSON value (an `expect`) of every non-empty line of `path` (a .jsonl log). A last line
+    without its newline that is not JSON is dropped: what a writer killed mid-line leaves."""
+    text = read_text(path, remedy)
+    lines = text.splitlines()
+    if lines and not text.endswith("\n") and not _is_json(lines[-1]):
+        lines.pop()
+    return [
+        parse_json(text, path, remedy, DamagedFile, expect, line=number)
+        for number, text in enumerate(lines, start=1)
+        if text.strip()
+    ]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+@contextmanager
+def open_safetensors(
+    path: str | Path, remedy: str, error: type[DamagedFile] = DamagedFile
+) -> Iterator[Any]:
+    """`safetensors.safe_open(path)` (a truncated or corrupt file fails here, at its header),
+    closed after the block; what reading it inside the block raises is reported as `reading`
+    does."""
+    with reading(path, remedy, error), safe_open(str(path), framework="pt") as handle:
+        yield handle
+
+
+def read_safetensors(
+    path: str | Path, remedy: str, error: type[DamagedFile] = DamagedFile
+) -> dict[str, Any]:
+    """Every tensor of a safetensors file, by name."""
+    with open_safetensors(path, remedy, error) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not iterable)
+
+
+def read_tokenizer(path: str | Path, remedy: str) -> Any:
+    """A `tokenizers.Tokenizer` from its tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    text = read_text(path, remedy)
+    parse_json(text, path, remedy, expect=dict)  # a JSON error with the path and the position
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception for every bad file
+        raise DamagedFile(path, f"is not a tokenizer ({_lower(str(err))})", remedy) from None

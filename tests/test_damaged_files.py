@@ -1,0 +1,274 @@
+"""Every command that reads a file a user hands us (checkpoints, configs, tokenizers, indexes,
+metrics) reports a damaged one as one line naming the file and what to do: exit 2, no traceback,
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from tests.run_cases import tiny_run
+
+from moekit.cli import main
+from moekit.interop.convert import run_to_hf
+from moekit.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished tiny run with checkpoints at steps 4, 8 and 12."""
+    work = tmp_path_factory.mktemp("damaged")
+    train(tiny_run(work), work / "run")
+    return work / "run"
+
+
+@pytest.fixture(scope="module")
+def hf_trained(trained: Path, tmp_path_factory) -> Path:
+    """The run as a Mixtral checkpoint in several shards (with an index), with its tokenizer."""
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    return run_to_hf(trained, out, "mixtral", max_shard_size="500KB")
+
+
+@pytest.fixture
+def run(trained: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+@pytest.fixture
+def hf(hf_trained: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "hf"
+    shutil.copytree(hf_trained, out)
+    return out
+
+
+def truncate(path: Path) -> None:
+    """What a copy or download cut short leaves."""
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def garbage(path: Path) -> None:
+    """Bytes that are no file format at all, the file's own size."""
+    size = path.stat().st_size
+    path.write_bytes((bytes(range(256)) * (size // 256 + 1))[:size])
+
+
+DAMAGE = {"truncated": truncate, "garbage": garbage}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder`: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line_error(capsys, command: str, path: Path) -> str:
+    """The single stderr line of a failed command, which names `path`."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"moekit {command}: error: "), err
+    assert str(path) in lines[0], err
+    return lines[0]
+
+
+def checkpoint_commands(run: Path, tmp_path: Path) -> dict[str, list[str]]:
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "o"
+    prompts.write_text("def f(\n")
+    return {
+        "generate": ["generate", str(run), "--max-new-tokens", "3"],
+        "analyze": ["analyze", str(run), "--tokens", "256", "--seq-len", "32"],
+        "convert": ["convert", "--to-hf", str(run), "--arch", "mixtral", "--out", str(out)],
+        "train": ["train", "--resume", str(run)],
+        "trace": ["trace", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "o.st")],
+    }
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("command", ["generate", "analyze", "convert", "train", "trace"])
+def test_damaged_newest_weights_are_named_with_the_checkpoint_to_fall_back_on(
+    run: Path, tmp_path: Path, capsys, command: str, damage: str
+) -> None:
+    weights = run / "checkpoints/step-000012/model.safetensors"
+    DAMAGE[damage](weights)
+    before = snapshot(run)
+    assert main(checkpoint_commands(run, tmp_path)[command]) == 2
+    line = one_line_error(capsys, command, weights)
+    assert "truncated or corrupt" in line
+    assert f"delete {run / 'checkpoints/step-000012'}" in line and "step-000008" in line
+    assert snapshot(run) == before
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.st").exists()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_only_checkpoint_says_so(run: Path, tmp_path: Path, capsys, damage: str) -> None:
+    for step in (4, 8):
+        shutil.rmtree(run / f"checkpoints/step-{step:06d}")
+    weights = run / "checkpoints/step-000012/model.safetensors"
+    DAMAGE[damage](weights)
+    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 2
+    assert "the run's only checkpoint" in one_line_error(capsys, "generate", weights)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_analyze_names_a_damaged_older_checkpoint(run: Path, capsys, damage: str) -> None:
+    weights = run / "checkpoints/step-000004/model.safetensors"
+    DAMAGE[damage](weights)
+    assert main(["analyze", str(run), "--tokens", "256", "--seq-len", "32"]) == 2
+    line = one_line_error(capsys, "analyze", weights)
+    assert f"delete {run / 'checkpoints/step-000004'}" in line
+
+
+@pytest.mark.parametrize("field", ["n_layers", "n_experts"])
+def test_weights_of_another_model_are_named(run: Path, capsys, field: str) -> None:
+    """config.json edited after training: more layers (missing tensors) or fewer experts (tensors
+    of other shapes)."""
+    cfg = json.loads((run / "config.json").read_text())
+    if field == "n_layers":
+        cfg["model"]["n_layers"] += 1
+    else:
+        cfg["model"]["moe"]["n_experts"] = 4
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 2
+    line = one_line_error(capsys, "generate", run / "checkpoints/step-000012/model.safetensors")
+    assert "config.json" in line
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("name", ["model.safetensors", "state.safetensors", "trainer.json"])
+def test_resume_from_a_damaged_checkpoint_writes_nothing(
+    run: Path, capsys, name: str, damage: str
+) -> None:
+    path = run / "checkpoints/step-000012" / name
+    DAMAGE[damage](path)
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "step-000008" in one_line_error(capsys, "train", path)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "meta", [{"tokens": 1, "param_groups": []}, [1, 2], {"step": "x", "tokens": 1}]
+)
+def test_resume_from_a_trainer_json_without_its_fields(run: Path, capsys, meta) -> None:
+    path = run / "checkpoints/step-000012/trainer.json"
+    path.write_text(json.dumps(meta))
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    one_line_error(capsys, "train", path)
+    assert snapshot(run) == before
+
+
+def test_resume_names_a_damaged_line_of_the_metrics(run: Path, capsys) -> None:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][: len(lines[2]) // 2] + "\n"
+    path.write_text("".join(lines))
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "line 3" in one_line_error(capsys, "train", path)
+    assert snapshot(run) == before
+
+
+def test_resume_drops_a_last_metrics_line_cut_short(run: Path) -> None:
+    """A run killed while writing a record leaves part of a line; the record is of a step after
+    the last checkpoint, which the resumed run writes again."""
+    path = run / "metrics.jsonl"
+    whole = path.read_text()
+    last = whole.splitlines(keepends=True)[-1]
+    path.write_text(whole + last[: len(last) // 2])
+    assert main(["train", "--resume", str(run)]) == 0
+    assert path.read_text() == whole
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("command", ["generate", "analyze", "convert"])
+def test_damaged_run_tokenizer_is_named(
+    run: Path, tmp_path: Path, capsys, command: str, damage: str
+) -> None:
+    path = run / "tokenizer.json"
+    DAMAGE[damage](path)
+    assert main(checkpoint_commands(run, tmp_path)[command]) == 2
+    assert "moekit train --resume" in one_line_error(capsys, command, path)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("command", ["generate", "analyze", "convert", "train", "trace"])
+def test_damaged_run_config_is_named(
+    run: Path, tmp_path: Path, capsys, command: str, damage: str
+) -> None:
+    path = run / "config.json"
+    DAMAGE[damage](path)
+    before = snapshot(run)
+    assert main(checkpoint_commands(run, tmp_path)[command]) == 2
+    line = one_line_error(capsys, command, path)
+    assert ("column" in line) if damage == "truncated" else ("not UTF-8" in line)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("name", ["a shard", "model.safetensors.index.json", "config.json"])
+def test_damaged_hugging_face_files_are_named(
+    hf: Path, tmp_path: Path, capsys, name: str, damage: str
+) -> None:
+    shards = sorted(hf.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    path = shards[1] if name == "a shard" else hf / name
+    DAMAGE[damage](path)
+    assert main(["convert", "--from-hf", str(hf), "--out", str(tmp_path / "o")]) == 2
+    assert "download" in one_line_error(capsys, "convert", path)
+    assert not (tmp_path / "o").exists()
+    assert main(["analyze", str(hf), "--tokens", "256", "--seq-len", "32"]) == 2
+    one_line_error(capsys, "analyze", path)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_hugging_face_tokenizer_is_named(hf: Path, capsys, damage: str) -> None:
+    path = hf / "tokenizer.json"
+    DAMAGE[damage](path)
+    assert main(["analyze", str(hf), "--tokens", "256", "--seq-len", "32"]) == 2
+    assert "download" in one_line_error(capsys, "analyze", path)
+
+
+def test_hugging_face_index_without_a_weight_map(hf: Path, tmp_path: Path, capsys) -> None:
+    path = hf / "model.safetensors.index.json"
+    path.write_text(json.dumps({"metadata": {}}))
+    assert main(["convert", "--from-hf", str(hf), "--out", str(tmp_path / "o")]) == 2
+    assert "weight_map" in one_line_error(capsys, "convert", path)
+
+
+@pytest.mark.parametrize("command", ["train", "params"])
+def test_config_file_that_is_not_json_names_the_file_and_the_position(
+    tmp_path: Path, capsys, command: str
+) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"model": {"d_model": 64, }}')
+    assert main([command, str(path)]) == 2
+    line = one_line_error(capsys, command, path)
+    assert "line 1, column 27" in line and "double quotes" in line
+    assert not any(p.name != "broken.json" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "data, says",
+    [
+        ([1, 2], "not an object"),
+        ({"model": 5}, "model"),
+        ({"d_model": 64, "vocab_size": 257, "n_layers": 2}, "n_heads"),
+        ({"model": {"d_model": 64, "vocab_size": 257, "n_heads": 2}}, "n_layers"),
+    ],
+)
+def test_config_file_of_the_wrong_shape_names_the_file(tmp_path: Path, capsys, data, says) -> None:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(data))
+    assert main(["params", str(path)]) == 2
+    assert says in one_line_error(capsys, "params", path)
