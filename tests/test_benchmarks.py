@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.run_cases import JSON_PACKAGE
 
 from moekit.overrides import apply_overrides
 
@@ -160,3 +161,44 @@ def test_decode_benchmark_quick(tmp_path):
         for name in ("moekit", "moekit_without_kernels", "transformers_eager"):
             assert runs[name]["decode_tokens_per_s"] > 0 and runs[name]["prefill_s"] > 0
     assert "moekit decodes" in result["note"]
+
+
+@pytest.mark.slow
+def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
+    bench = load_benchmark("moe_scaling")
+    out = tmp_path / "scaling.json"
+    small = ["--train.data.tokenizer=bytes", "--model.vocab_size=257", "--train.batch_size=8",
+             "--train.seq_len=32", f"--train.data.source={JSON_PACKAGE}",
+             f"--train.data.cache_dir={tmp_path / 'cache'}", "--train.eval.batches=1"]  # fmt: skip
+    result = bench.main(["--compute", "1e8", "--budgets", "1,10", "--seeds", "2", "--evals", "2",
+                         *(f"--set={o}" for o in small), "--out", str(out)])  # fmt: skip
+    assert out.exists() and out.with_suffix(".png").stat().st_size > 0
+    sizes = [p["size"] for p in result["points"]]
+    assert [s["budget"] for s in sizes] == [1, 10]
+    for s in sizes:  # the steps give the budget's tokens per active parameter
+        assert s["steps"] * result["tokens_per_step"] / s["active_parameters"] == pytest.approx(
+            s["budget"], rel=0.05
+        )
+    assert sizes[0]["d_model"] > sizes[1]["d_model"]  # a larger budget trains a smaller model
+    rows = {(r["budget"], r["design"]): r for r in result["summary"]}
+    assert set(rows) == {(b, d) for b in (1, 10) for d in bench.designs(8)}
+    dense = rows[(10, "dense")]
+    assert dense["step_ratio_per_seed"] == [1.0, 1.0] and dense["time_ratio_per_seed"] == [1, 1]
+    for point in result["points"]:
+        losses = [s["designs"]["fine-grained"]["final_val_loss"] for s in point["seeds"]]
+        assert losses[0] != losses[1]  # two seeds, two runs
+
+
+def test_moe_scaling_time_ratio_is_the_time_to_reach_dense_over_dense_time():
+    bench = load_benchmark("moe_scaling")
+    dense = {"final_val_loss": 4.0, "val_curve": [[50, 4.5], [100, 4.0]], "tokens_per_s": 2.0,
+             "train_seconds": 10.0, "final_val_bpb": 2.0,
+             "seconds_curve": [[50, 5.0], [100, 10.0]]}  # fmt: skip
+    moe = {"final_val_loss": 3.8, "val_curve": [[50, 4.0], [100, 3.8]], "tokens_per_s": 1.0,
+           "train_seconds": 20.0, "final_val_bpb": 1.9,
+           "seconds_curve": [[40, 8.0], [100, 20.0]]}  # fmt: skip
+    table = bench.compare({"dense": dense, "moe": moe}, steps=100)
+    assert table["moe"]["step_ratio"] == 0.5
+    assert table["moe"]["time_ratio"] == pytest.approx(1.0)  # 10 s at step 50, of dense's 10 s
+    assert table["moe"]["throughput_ratio"] == 0.5
+    assert table["dense"]["time_ratio"] == 1.0

@@ -1,0 +1,288 @@
+"""When MoE pays: step and wall-clock ratio to dense's final loss against tokens per parameter.
+
+An MoE adds parameters at the same compute per token; that capacity can only show once a model is
+limited by its capacity rather than by optimisation, i.e. once it has seen many tokens per
+parameter. This study holds the compute of each run fixed (`--compute`, tokens x active
+parameters) and spends it at several budgets B of training tokens per active parameter: the model
+shrinks as B grows (width d_model, chosen so that the dense model's active parameters, embeddings
+included, are about sqrt(compute / B)) and the run lengthens (steps = B x active / tokens a step).
+
+At each budget, dense and three MoE designs of equal active expert width A = 4 d_model train in
+lockstep (one optimizer step of each in turn: same batches, same seed, same machine load):
+
+    dense          a dense SwiGLU FFN of width A
+    top2-8         8 experts of A / 2, learned top-2 (coarse; `small`'s layout)
+    top2-32        32 experts of A / 2, top-2 (many experts: 4x the expert parameters of top2-8)
+    fine-grained   64 experts of A / 8, top-7, one shared expert of A / 8 (DeepSeekMoE)
+
+For each design and seed it reports the step ratio (the first evaluated step whose validation loss
+reaches dense's final one, over the steps; its resolution is steps / evals), the wall-clock ratio
+(the training seconds to that step over dense's whole run, both timed in the same lockstep run:
+what a user pays), the loss below dense and the throughput ratio. The base run is the `experiment`
+preset (2048-token BPE over the standard library, 16 x 128 tokens a step) with 2 layers of 2 heads.
+
+    python benchmarks/moe_scaling.py                              # 5 budgets x 2 seeds
+    python benchmarks/moe_scaling.py --budgets 30 --seeds 1       # one point
+    python benchmarks/moe_scaling.py --compute 2e10 --budgets 1,10 --out /tmp/s.json  # quick look
+
+Prints the JSON to stdout (progress to stderr), writes it to benchmarks/results/moe_scaling.json
+and the plot of step and time ratio against tokens per parameter beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from matplotlib.figure import Figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_designs import DENSE, check_widths
+from moe_vs_dense import first_step_reaching, lockstep_settings, machine_info, train_in_lockstep
+from moekit.config import RunConfig
+from moekit.cpu_memory import keep_freed_memory
+from moekit.fileio import atomic_path, atomic_write_json
+from moekit.model import parameter_breakdown
+from moekit.overrides import apply_overrides
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BUDGETS = (1, 3, 10, 30, 100)
+# tokens x active parameters of every run: 30 tokens per parameter at the 262K-parameter model
+# (d_model 64) that the issue measured, ~4,000 steps of 2,048 tokens.
+COMPUTE = 2.06e12
+WIDTH_STEP = 8  # d_model is a multiple of this: A / 8 and the 2 heads' widths stay whole
+BASE = ["--model.n_layers=2", "--model.n_heads=2"]
+
+
+def designs(d_model: int) -> dict[str, list[str]]:
+    """The four designs of the module docstring at width d_model (active expert width 4 d)."""
+    a, m = 4 * d_model, "--model.moe."
+    shape = [f"--model.d_model={d_model}", f"{m}d_model={d_model}"]
+    unshared = [f"{m}n_shared_experts=0", f"{m}d_shared=null", f"{m}shared_gate=false"]
+    top2 = [*shape, f"{m}top_k=2", f"{m}d_expert={a // 2}", *unshared]
+    return {
+        DENSE: [*shape, "--model.moe=null", f"--model.d_ff={a}"],
+        "top2-8": [*top2, f"{m}n_experts=8"],
+        "top2-32": [*top2, f"{m}n_experts=32"],
+        "fine-grained": [
+            *shape,
+            f"{m}n_experts=64",
+            f"{m}top_k=7",
+            f"{m}d_expert={a // 8}",
+            f"{m}n_shared_experts=1",
+            f"{m}d_shared={a // 8}",
+        ],
+    }
+
+
+def dense_active(base: RunConfig, d_model: int) -> int:
+    """Active parameters (embeddings included) of the dense design at width d_model."""
+    cfg = apply_overrides(base, designs(d_model)[DENSE]).model
+    return parameter_breakdown(cfg)["active"]
+
+
+def size_for(base: RunConfig, budget: float, compute: float, tokens_per_step: int) -> dict:
+    """The width whose dense model is closest (in log) to sqrt(compute / budget) active
+    parameters, and the steps that give it `budget` tokens per active parameter."""
+    target = math.sqrt(compute / budget)
+    widths = range(WIDTH_STEP, 1025, WIDTH_STEP)
+    d = min(widths, key=lambda w: abs(math.log(dense_active(base, w) / target)))
+    active = dense_active(base, d)
+    steps = max(1, round(budget * active / tokens_per_step))
+    return {"budget": budget, "d_model": d, "active_parameters": active, "steps": steps,
+            "tokens_per_active_parameter": steps * tokens_per_step / active}  # fmt: skip
+
+
+def seconds_at(run: dict[str, Any], step: float) -> float:
+    """Training seconds the run had spent when it finished `step` (linear between logged steps)."""
+    points = [(0, 0.0), *run["seconds_curve"]]
+    for (s0, t0), (s1, t1) in itertools.pairwise(points):
+        if step <= s1:
+            return t0 + (t1 - t0) * (step - s0) / max(s1 - s0, 1)
+    return points[-1][1]
+
+
+def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:
+    """Each design against this seed's dense run."""
+    dense = runs[DENSE]
+    out = {}
+    for name, run in runs.items():
+        reach = first_step_reaching(run["val_curve"], dense["final_val_loss"])
+        out[name] = {
+            "step_ratio": None if reach is None else reach / steps,
+            "time_ratio": None
+            if reach is None
+            else seconds_at(run, reach) / dense["train_seconds"],
+            "throughput_ratio": run["tokens_per_s"] / dense["tokens_per_s"],
+            "val_loss_below_dense": dense["final_val_loss"] - run["final_val_loss"],
+            "final_val_loss": run["final_val_loss"],
+            "final_val_bpb": run["final_val_bpb"],
+        }
+    return out
+
+
+def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget and design: the per-seed figures side by side, and their means."""
+    rows = []
+    for point in points:
+        for name in point["seeds"][0]["designs"]:
+            per_seed = [s["designs"][name] for s in point["seeds"]]
+            row = {"budget": point["size"]["budget"], "design": name}
+            for key in ("step_ratio", "time_ratio", "throughput_ratio", "val_loss_below_dense"):
+                values = [s[key] for s in per_seed]
+                row[f"{key}_per_seed"] = values
+                row[f"{key}_mean"] = None if None in values else mean(values)
+            rows.append(row)
+    return rows
+
+
+def with_seconds(runs: dict[str, dict[str, Any]], work: Path) -> dict[str, dict[str, Any]]:
+    """Add each run's cumulative training seconds at its logged steps (from metrics.jsonl)."""
+    from moekit.train.metrics import read_metrics
+
+    for name, run in runs.items():
+        total, curve = 0.0, []
+        for r in read_metrics(work / name / "metrics.jsonl"):
+            if r["kind"] == "train":
+                total += r["seconds"]
+                curve.append([r["step"], total])
+        run["seconds_curve"] = curve
+    return runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                   help="tokens per active parameter, comma-separated")  # fmt: skip
+    p.add_argument("--compute", type=float, default=COMPUTE,
+                   help="tokens x active parameters of every run")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=2, help="seeds train.seed + 0..N-1")
+    p.add_argument("--evals", type=int, default=20, help="evaluations over each run")
+    p.add_argument("--only", default=None, metavar="NAME,NAME", help="a subset of the designs")
+    p.add_argument("--set", action="append", default=[], metavar="--a.b=VALUE",
+                   help="an override of the base run, for every design (repeatable)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_scaling.json")
+    args = p.parse_args(argv)
+    try:
+        args.budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        p.error(f"argument --budgets: expected numbers like 1,3,10, got {args.budgets!r}")
+    if any(b <= 0 for b in args.budgets) or args.compute <= 0 or args.seeds < 1:
+        p.error("--budgets, --compute and --seeds must be positive")
+    return args
+
+
+def chosen_designs(args: argparse.Namespace, d_model: int) -> dict[str, list[str]]:
+    all_designs = designs(d_model)
+    names = list(all_designs) if args.only is None else [DENSE, *args.only.split(",")]
+    if unknown := [n for n in names if n not in all_designs]:
+        raise SystemExit(f"unknown designs {unknown}; choose from {', '.join(all_designs)}")
+    return {n: all_designs[n] for n in dict.fromkeys(names)}
+
+
+def run_point(base: RunConfig, args: argparse.Namespace, size: dict) -> dict[str, Any]:
+    """Every design at one budget, for every seed, in lockstep."""
+    settings = lockstep_settings(base.train, size["steps"], args.evals)
+    sized = base.replace(train=settings)
+    chosen = chosen_designs(args, size["d_model"])
+    check_widths({n: apply_overrides(sized, ov) for n, ov in chosen.items()})
+    seeds = []
+    for s in range(args.seeds):
+        seed = f"--train.seed={base.train.seed + s}"
+        configs = {n: apply_overrides(sized, [*ov, seed]) for n, ov in chosen.items()}
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            runs = with_seconds(train_in_lockstep(configs, Path(work)), Path(work))
+        seeds.append({"seed": base.train.seed + s, "designs": compare(runs, size["steps"]),
+                      "runs": runs, "wall_seconds": time.perf_counter() - started})  # fmt: skip
+        print(f"budget {size['budget']:g} seed {s}: {_line(seeds[-1]['designs'])}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return {"size": size, "design_overrides": chosen, "seeds": seeds}
+
+
+def _line(designs: dict[str, dict[str, Any]]) -> str:
+    def show(x: float | None) -> str:
+        return "never" if x is None else f"{x:.2f}"
+
+    return "; ".join(
+        f"{n} steps {show(d['step_ratio'])} time {show(d['time_ratio'])}"
+        for n, d in designs.items()
+        if n != DENSE
+    )
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    rows = [r for r in result["summary"] if r["design"] != DENSE]
+    titles = {"step_ratio": "steps to dense's final loss", "time_ratio": "training time to it"}
+    for ax, (key, title) in zip(axes, titles.items(), strict=True):
+        for name in dict.fromkeys(r["design"] for r in rows):
+            points = [
+                (r["budget"], v)
+                for r in rows
+                if r["design"] == name
+                for v in r[f"{key}_per_seed"]
+                if v is not None
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, "o", ms=4, label=name)
+                means = [(r["budget"], r[f"{key}_mean"]) for r in rows
+                         if r["design"] == name and r[f"{key}_mean"] is not None]  # fmt: skip
+                if means:
+                    ax.plot(*zip(*means, strict=True), "-", lw=1, color=ax.lines[-1].get_color())
+        ax.axhline(1.0, color="black", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens per active parameter")
+        ax.set_title(f"MoE / dense: {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ratio to dense (below 1: MoE is ahead)")
+    axes[0].legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"{m['cpu_model']}, {m['torch_threads']} threads; points: seeds, lines: means, "
+                 "never reached: not drawn", fontsize=8, color="gray")  # fmt: skip
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the study; print and write the JSON (and the PNG beside it); return it."""
+    args = parse_args(argv)
+    keep_freed_memory()  # as the training commands do; lasts for the process
+    base = apply_overrides(RunConfig.preset("experiment"), [*BASE, *args.set])
+    t = base.train
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    started, machine = time.perf_counter(), machine_info()
+    points = [
+        run_point(base, args, size_for(base, b, args.compute, tokens_per_step))
+        for b in args.budgets
+    ]
+    result = {
+        "benchmark": "moe_scaling",
+        "machine": machine,
+        "compute": args.compute,
+        "base_overrides": [*BASE, *args.set],
+        "tokens_per_step": tokens_per_step,
+        "evals": args.evals,
+        "summary": summarise(points),
+        "points": points,
+        "base": base.to_dict(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    machine["loadavg_end"] = list(os.getloadavg())
+    print(atomic_write_json(args.out, result))
+    plot(result, args.out.with_suffix(".png"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
