@@ -85,6 +85,7 @@ def checkpoint_commands(run: Path, tmp_path: Path) -> dict[str, list[str]]:
     prompts.write_text("def f(\n")
     return {
         "generate": ["generate", str(run), "--max-new-tokens", "3"],
+        "offloaded": ["generate", str(run), "--max-new-tokens", "3", "--expert-budget", "50%"],
         "analyze": ["analyze", str(run), "--tokens", "256", "--seq-len", "32"],
         "convert": ["convert", "--to-hf", str(run), "--arch", "mixtral", "--out", str(out)],
         "train": ["train", "--resume", str(run)],
@@ -93,16 +94,19 @@ def checkpoint_commands(run: Path, tmp_path: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-@pytest.mark.parametrize("command", ["generate", "analyze", "convert", "train", "trace"])
+@pytest.mark.parametrize(
+    "command", ["generate", "offloaded", "analyze", "convert", "train", "trace"]
+)
 def test_damaged_newest_weights_are_named_with_the_checkpoint_to_fall_back_on(
     run: Path, tmp_path: Path, capsys, command: str, damage: str
 ) -> None:
     weights = run / "checkpoints/step-000012/model.safetensors"
     DAMAGE[damage](weights)
     before = snapshot(run)
-    assert main(checkpoint_commands(run, tmp_path)[command]) == 2
-    line = one_line_error(capsys, command, weights)
-    assert "truncated or corrupt" in line
+    args = checkpoint_commands(run, tmp_path)[command]
+    assert main(args) == 2
+    line = one_line_error(capsys, args[0], weights)
+    assert "truncated" in line
     assert f"delete {run / 'checkpoints/step-000012'}" in line and "step-000008" in line
     assert snapshot(run) == before
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.st").exists()
@@ -232,11 +236,46 @@ def test_damaged_hugging_face_files_are_named(
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_damaged_hugging_face_tokenizer_is_named(hf: Path, capsys, damage: str) -> None:
+@pytest.mark.parametrize("command", ["analyze", "trace"])
+def test_damaged_hugging_face_tokenizer_is_named(
+    hf: Path, tmp_path: Path, capsys, damage: str, command: str
+) -> None:
     path = hf / "tokenizer.json"
     DAMAGE[damage](path)
-    assert main(["analyze", str(hf), "--tokens", "256", "--seq-len", "32"]) == 2
-    assert "download" in one_line_error(capsys, "analyze", path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\n")
+    args = {
+        "analyze": ["analyze", str(hf), "--tokens", "256", "--seq-len", "32"],
+        "trace": ["trace", str(hf), "--prompts", str(prompts), "--out", str(tmp_path / "t")],
+    }
+    assert main(args[command]) == 2
+    assert "download" in one_line_error(capsys, command, path)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_routing_trace_is_named_with_what_to_do(
+    run: Path, tmp_path: Path, capsys, damage: str
+) -> None:
+    prompts, trace = tmp_path / "prompts.txt", tmp_path / "trace.safetensors"
+    prompts.write_text("def f(\n")
+    assert main(["trace", str(run), "--prompts", str(prompts), "--out", str(trace)]) == 0
+    capsys.readouterr()
+    DAMAGE[damage](trace)
+    for args in (
+        ["cache-sim", str(trace)],
+        [
+            "generate",
+            str(run),
+            "--expert-budget",
+            "50%",
+            "--policy",
+            "static",
+            "--trace",
+            str(trace),
+        ],
+    ):
+        assert main(args) == 2
+        assert "moekit trace" in one_line_error(capsys, args[0], trace)
 
 
 def test_hugging_face_index_without_a_weight_map(hf: Path, tmp_path: Path, capsys) -> None:

@@ -204,6 +204,12 @@ def test_budget_forms() -> None:
     assert resolve_budget(99, 16, 1000, 2) == 16
     with pytest.raises(ValueError, match="invalid"):
         resolve_budget("lots", 16, 1000, 2)
+    # Without the experts' size (a routing trace) a budget in bytes is refused, not misread.
+    assert resolve_budget("50%", 16, None, 2) == 8
+    with pytest.raises(ValueError, match="in bytes.*a count"):
+        resolve_budget("200MB", 16, None, 2)
+    with pytest.raises(ValueError, match=r"minimum is top_k=2 \(12.5%"):
+        resolve_budget(1, 16, None, 2)
 
 
 def test_lru_and_lfu_evict_the_expected_expert() -> None:

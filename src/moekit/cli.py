@@ -394,7 +394,7 @@ def cache_sim_command(args: argparse.Namespace) -> int:
               "model's exact figures", file=sys.stderr)  # fmt: skip
     ident = trace.identity
     n_total, k = ident["n_layers"] * ident["n_experts"], ident["top_k"]
-    caps = sorted({k, *(resolve_budget(b, n_total, 1, k) for b in args.budget)}, reverse=True)
+    caps = sorted({k, *(resolve_budget(b, n_total, None, k) for b in args.budget)}, reverse=True)
     print(f"{len(trace.requests())} requests, {n_total} experts, top_k={k}")
     print("budget  " + "".join(f"{p:>9}" for p in [*args.policy, "belady"]))
     for row in cache_sim_rows(trace, caps, args.policy):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -33,6 +32,8 @@ from moekit.fileio import atomic_path
 from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
+from moekit.train.checkpoint import checkpoint_remedy
+from moekit.userfiles import open_safetensors
 
 MANIFEST = "manifest.json"
 
@@ -139,11 +140,14 @@ def read_tensor(f: BinaryIO, data_start: int, entry: dict, index: int | None = N
     return out
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header and where its data begin; raises if the file is missing,
-    short or unreadable."""
+REWRITE_EXPERTS = "write the expert directory again (write_expert_files)"
+
+
+def _read_header(path: Path, remedy: str = REWRITE_EXPERTS) -> tuple[dict, int]:
+    """A safetensors file's header and where its data begin; raises, saying `remedy`, if the
+    file is missing, short or unreadable."""
     if not path.is_file():
-        raise FileNotFoundError(f"expert file {path} is missing; rewrite the expert directory")
+        raise FileNotFoundError(f"expert file {path} is missing; {remedy}")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -153,11 +157,11 @@ def _read_header(path: Path) -> tuple[dict, int]:
         except ValueError:
             header = None
     if header is None:
-        raise ValueError(f"expert file {path} is truncated or corrupt: its header is unreadable")
+        raise ValueError(f"{path} is truncated or corrupt: its header is unreadable; {remedy}")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise ValueError(
-            f"expert file {path} is truncated: {size} bytes, its header needs {8 + n + end}"
+            f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; {remedy}"
         )
     return header, 8 + n
 
@@ -191,7 +195,7 @@ class CheckpointExpertStore:
         moe = model.cfg.moe
         n_in = 2 if moe.gated else 1
         E, F_, D = moe.n_experts, moe.d_expert, moe.d_model
-        header, self.data_start = _read_header(self.path)
+        header, self.data_start = _read_header(self.path, checkpoint_remedy(self.path.parent))
         for w_in, w_out in self.keys:
             _check_shape(self.path, header, w_in, [E, n_in * F_, D])
             _check_shape(self.path, header, w_out, [E, D, F_])
@@ -308,14 +312,18 @@ class OffloadedExperts(nn.Module):
         return f"layer={self.layer}, experts={self.cfg.n_experts}, offloaded"
 
 
-def resolve_budget(budget: int | float | str, n_total: int, expert_bytes: int, top_k: int) -> int:
+def resolve_budget(
+    budget: int | float | str, n_total: int, expert_bytes: int | None, top_k: int
+) -> int:
     """A budget as a number of experts: an int is a count, a float in (0, 1] or "N%" a fraction of
-    all experts, "N[K|M|G]B" (or "NKiB" ...) bytes. Below top_k experts nothing can run."""
+    all experts, "N[K|M|G]B" (or "NKiB" ...) bytes (refused where `expert_bytes` is None: a
+    routing trace knows no sizes). Below top_k experts nothing can run."""
     count = _parse_budget(budget, n_total, expert_bytes)
     if count < top_k:
+        size = "" if expert_bytes is None else f"{top_k * expert_bytes:,} bytes, "
         raise ValueError(
             f"expert budget {budget!r} holds {count} experts; the minimum is top_k={top_k} "
-            f"({top_k * expert_bytes:,} bytes, {top_k / n_total:.1%} of the {n_total} experts)"
+            f"({size}{top_k / n_total:.1%} of the {n_total} experts)"
         )
     return min(count, n_total)
 
@@ -323,10 +331,15 @@ def resolve_budget(budget: int | float | str, n_total: int, expert_bytes: int, t
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
 
-def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int) -> int:
+def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | None) -> int:
     if isinstance(budget, str):
         text = budget.strip()
         m = re.fullmatch(r"([0-9.]+)\s*([KMG]I?)?B", text, re.IGNORECASE)
+        if m and expert_bytes is None:
+            raise ValueError(
+                f"expert budget {budget!r} is in bytes, but a routing trace does not know the "
+                "experts' size: give a count (12) or a fraction (0.5 or 50%)"
+            )
         if m:
             return int(float(m[1]) * _UNITS[(m[2] or "").upper()]) // expert_bytes
         try:
@@ -465,7 +478,7 @@ def load_offloaded(
         model = MoETransformer(cfg)
     store = CheckpointExpertStore(path, model)  # checks the file before anything is read
     routed = {key for pair in store.keys for key in pair}
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path, checkpoint_remedy(Path(path).parent)) as f:
         # clone: safetensors hands out views of its memory map, which would keep the file mapped
         state = {k: f.get_tensor(k).clone() for k in f.keys() if k not in routed}  # noqa: SIM118
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

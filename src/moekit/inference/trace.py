@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -27,9 +26,11 @@ from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
 from moekit.inference.offload import expert_groups, model_identity
 from moekit.model.transformer import MoETransformer
 from moekit.moe import SELECTED_MAX_TOKENS
+from moekit.userfiles import REDOWNLOAD, open_safetensors, read_tokenizer
 
 # 1: ids and step only. 2: also `fetched` and `selected`, what the layer calls did.
 TRACE_VERSION = 2
+RECORD_AGAIN = "record it again with `moekit trace`"
 
 
 class LayerCall(NamedTuple):
@@ -162,12 +163,9 @@ def save_trace(trace: Trace, path: str | Path) -> None:
 def load_trace(path: str | Path, cfg: ModelConfig | None = None) -> Trace:
     """Read a trace; with `cfg`, raise unless it was recorded from that model. A trace of
     version 1 is read with its layer calls derived (see `Trace`)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable routing trace: {exc}") from exc
+    with open_safetensors(path, RECORD_AGAIN) as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     if "moekit_trace" not in meta:
         raise ValueError(f"{path} is not a moekit routing trace (no 'moekit_trace' metadata)")
     version = int(meta.get("moekit_trace_version", 1))
@@ -241,7 +239,6 @@ def belady(requests: list[Key], capacity: int) -> float:
 def load_model_and_tokenizer(path: str | Path):
     """(model, tokenizer) of a moekit run directory or a Hugging Face checkpoint directory (which
     must hold a tokenizer.json)."""
-    from tokenizers import Tokenizer
 
     path = Path(path)
     if (path / "checkpoints").is_dir():
@@ -253,7 +250,7 @@ def load_model_and_tokenizer(path: str | Path):
 
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path} has no tokenizer.json: cannot encode the prompts")
-    return load_hf(path), Tokenizer.from_file(str(path / "tokenizer.json"))
+    return load_hf(path), read_tokenizer(path / "tokenizer.json", REDOWNLOAD)
 
 
 def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new_tokens: int):
