@@ -206,7 +206,7 @@ def test_budget_forms() -> None:
         resolve_budget("lots", 16, 1000, 2)
     # Without the experts' size (a routing trace) a budget in bytes is refused, not misread.
     assert resolve_budget("50%", 16, None, 2) == 8
-    with pytest.raises(ValueError, match="in bytes.*a count"):
+    with pytest.raises(ValueError, match=r"in bytes.*a count"):
         resolve_budget("200MB", 16, None, 2)
     with pytest.raises(ValueError, match=r"minimum is top_k=2 \(12.5%"):
         resolve_budget(1, 16, None, 2)
