@@ -47,11 +47,12 @@ from typing import Any
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_vs_dense import first_step_reaching, lockstep_settings, machine_info, train_in_lockstep
+from moe_vs_dense import machine_info
 from moekit.config import MoEConfig, RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.overrides import apply_overrides
+from moekit.train.lockstep import first_step_reaching, lockstep_settings, train_in_lockstep
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DENSE = "dense"
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed = f"--train.seed={base.train.seed + s}"
         configs = {name: apply_overrides(base, [*ov, seed]) for name, ov in chosen.items()}
         with tempfile.TemporaryDirectory() as work:
-            per_seed.append(train_in_lockstep(configs, Path(work)))
+            per_seed.append(train_in_lockstep(configs, {n: Path(work) / n for n in configs}))
     result = {
         "benchmark": "moe_designs",
         "machine": machine,

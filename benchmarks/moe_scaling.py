@@ -32,7 +32,6 @@ and the plot of step and time ratio against tokens per parameter beside it.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -46,12 +45,13 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_designs import DENSE, check_widths
-from moe_vs_dense import first_step_reaching, lockstep_settings, machine_info, train_in_lockstep
+from moe_vs_dense import machine_info
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.model import parameter_breakdown
 from moekit.overrides import apply_overrides
+from moekit.train.lockstep import compare_to, lockstep_settings, train_in_lockstep
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUDGETS = (1, 3, 10, 30, 100)
@@ -101,34 +101,6 @@ def size_for(base: RunConfig, budget: float, compute: float, tokens_per_step: in
             "tokens_per_active_parameter": steps * tokens_per_step / active}  # fmt: skip
 
 
-def seconds_at(run: dict[str, Any], step: float) -> float:
-    """Training seconds the run had spent when it finished `step` (linear between logged steps)."""
-    points = [(0, 0.0), *run["seconds_curve"]]
-    for (s0, t0), (s1, t1) in itertools.pairwise(points):
-        if step <= s1:
-            return t0 + (t1 - t0) * (step - s0) / max(s1 - s0, 1)
-    return points[-1][1]
-
-
-def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:
-    """Each design against this seed's dense run."""
-    dense = runs[DENSE]
-    out = {}
-    for name, run in runs.items():
-        reach = first_step_reaching(run["val_curve"], dense["final_val_loss"])
-        out[name] = {
-            "step_ratio": None if reach is None else reach / steps,
-            "time_ratio": None
-            if reach is None
-            else seconds_at(run, reach) / dense["train_seconds"],
-            "throughput_ratio": run["tokens_per_s"] / dense["tokens_per_s"],
-            "val_loss_below_dense": dense["final_val_loss"] - run["final_val_loss"],
-            "final_val_loss": run["final_val_loss"],
-            "final_val_bpb": run["final_val_bpb"],
-        }
-    return out
-
-
 def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per budget and design: the per-seed figures side by side, and their means."""
     rows = []
@@ -136,26 +108,12 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name in point["seeds"][0]["designs"]:
             per_seed = [s["designs"][name] for s in point["seeds"]]
             row = {"budget": point["size"]["budget"], "design": name}
-            for key in ("step_ratio", "time_ratio", "throughput_ratio", "val_loss_below_dense"):
+            for key in ("step_ratio", "time_ratio", "throughput_ratio", "val_loss_below"):
                 values = [s[key] for s in per_seed]
                 row[f"{key}_per_seed"] = values
                 row[f"{key}_mean"] = None if None in values else mean(values)
             rows.append(row)
     return rows
-
-
-def with_seconds(runs: dict[str, dict[str, Any]], work: Path) -> dict[str, dict[str, Any]]:
-    """Add each run's cumulative training seconds at its logged steps (from metrics.jsonl)."""
-    from moekit.train.metrics import read_metrics
-
-    for name, run in runs.items():
-        total, curve = 0.0, []
-        for r in read_metrics(work / name / "metrics.jsonl"):
-            if r["kind"] == "train":
-                total += r["seconds"]
-                curve.append([r["step"], total])
-        run["seconds_curve"] = curve
-    return runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -200,9 +158,10 @@ def run_point(base: RunConfig, args: argparse.Namespace, size: dict) -> dict[str
         configs = {n: apply_overrides(sized, [*ov, seed]) for n, ov in chosen.items()}
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
-            runs = with_seconds(train_in_lockstep(configs, Path(work)), Path(work))
-        seeds.append({"seed": base.train.seed + s, "designs": compare(runs, size["steps"]),
-                      "runs": runs, "wall_seconds": time.perf_counter() - started})  # fmt: skip
+            runs = train_in_lockstep(configs, {n: Path(work) / n for n in configs})
+        compared = compare_to(runs, DENSE, size["steps"])
+        seeds.append({"seed": base.train.seed + s, "designs": compared, "runs": runs,
+                      "wall_seconds": time.perf_counter() - started})  # fmt: skip
         print(f"budget {size['budget']:g} seed {s}: {_line(seeds[-1]['designs'])}",
               file=sys.stderr, flush=True)  # fmt: skip
     return {"size": size, "design_overrides": chosen, "seeds": seeds}

@@ -29,23 +29,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 import moekit
-from moekit.config import RunConfig, TrainConfig
+from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.machine import machine_info as machine
 from moekit.overrides import apply_overrides
-from moekit.train.loop import Trainer
-from moekit.train.metrics import read_metrics
+from moekit.train.lockstep import first_step_reaching, lockstep_settings, train_in_lockstep
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS = ("small", "dense-small")
@@ -74,19 +71,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def lockstep_settings(train: TrainConfig, steps: int, evals: int) -> TrainConfig:
-    """`train` for `steps` steps with `evals` evaluations, ~50 logged steps, no progress bar,
-    TensorBoard or intermediate checkpoints: what a benchmark's lockstep runs use."""
-    return train.replace(
-        steps=steps,
-        progress=False,
-        tensorboard=False,
-        log_every=max(1, steps // 50),
-        eval=train.eval.replace(every=max(1, steps // evals)),
-        checkpoint=train.checkpoint.replace(every=0, keep=1),
-    )
-
-
 def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
     """The two runs: each model preset with the training settings of `small`."""
     base = RunConfig.preset("small").train
@@ -95,45 +79,6 @@ def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
     configs = {name: RunConfig(model=RunConfig.preset(name).model, train=train) for name in MODELS}
     configs["small"] = apply_overrides(configs["small"], args.moe_overrides)
     return configs
-
-
-def train_in_lockstep(configs: dict[str, RunConfig], work: Path) -> dict[str, dict[str, Any]]:
-    """Train every config one step at a time in turn; return each run's metrics and sizes."""
-    trainers = {name: Trainer(cfg, work / name, resume=False) for name, cfg in configs.items()}
-    steps = next(iter(configs.values())).train.steps
-    try:
-        for _ in tqdm(range(steps), desc="lockstep training", unit="step", file=sys.stderr):
-            for trainer in trainers.values():
-                trainer.advance()
-        for trainer in trainers.values():
-            trainer.finish()
-    finally:
-        for trainer in trainers.values():
-            trainer.close()
-    return {name: run_summary(trainer) for name, trainer in trainers.items()}
-
-
-def run_summary(trainer: Trainer) -> dict[str, Any]:
-    records = read_metrics(trainer.run_dir / "metrics.jsonl")
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    seconds = sum(r["seconds"] for r in train)
-    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in train)
-    return {
-        "parameters": trainer.model.num_parameters(),
-        "active_parameters": trainer.model.num_parameters(active=True),
-        "tokens_per_s": tokens / seconds,
-        "train_seconds": seconds,
-        "final_train_loss": train[-1]["lm_loss"],
-        "final_val_loss": evals[-1]["val_loss"],
-        "final_val_bpb": evals[-1]["val_bpb"],
-        "val_curve": [[r["step"], r["val_loss"]] for r in evals],
-    }
-
-
-def first_step_reaching(curve: list[list[float]], loss: float) -> int | None:
-    """The first evaluated step whose validation loss is <= `loss` (None if none is)."""
-    return next((int(step) for step, value in curve if value <= loss), None)
 
 
 def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, Any]:
@@ -207,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     machine = machine_info()
     with tempfile.TemporaryDirectory() as work:
-        runs = train_in_lockstep(configs, Path(work))
+        runs = train_in_lockstep(configs, {name: Path(work) / name for name in configs})
     machine["loadavg_end"] = list(os.getloadavg())
     steps = configs["small"].train.steps
     result = {

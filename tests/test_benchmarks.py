@@ -187,18 +187,3 @@ def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
     for point in result["points"]:
         losses = [s["designs"]["fine-grained"]["final_val_loss"] for s in point["seeds"]]
         assert losses[0] != losses[1]  # two seeds, two runs
-
-
-def test_moe_scaling_time_ratio_is_the_time_to_reach_dense_over_dense_time():
-    bench = load_benchmark("moe_scaling")
-    dense = {"final_val_loss": 4.0, "val_curve": [[50, 4.5], [100, 4.0]], "tokens_per_s": 2.0,
-             "train_seconds": 10.0, "final_val_bpb": 2.0,
-             "seconds_curve": [[50, 5.0], [100, 10.0]]}  # fmt: skip
-    moe = {"final_val_loss": 3.8, "val_curve": [[50, 4.0], [100, 3.8]], "tokens_per_s": 1.0,
-           "train_seconds": 20.0, "final_val_bpb": 1.9,
-           "seconds_curve": [[40, 8.0], [100, 20.0]]}  # fmt: skip
-    table = bench.compare({"dense": dense, "moe": moe}, steps=100)
-    assert table["moe"]["step_ratio"] == 0.5
-    assert table["moe"]["time_ratio"] == pytest.approx(1.0)  # 10 s at step 50, of dense's 10 s
-    assert table["moe"]["throughput_ratio"] == 0.5
-    assert table["dense"]["time_ratio"] == 1.0

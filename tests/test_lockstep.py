@@ -1,0 +1,47 @@
+"""Runs in lockstep: each compared with a baseline by steps and by training time."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from tests.run_cases import tiny_run
+
+from moekit.train.lockstep import compare_to, lockstep_settings, seconds_at, train_in_lockstep
+
+
+def _run(final: float, curve: list, seconds: list, tokens_per_s: float) -> dict:
+    return {"final_val_loss": final, "final_val_bpb": final / 2, "val_curve": curve,
+            "seconds_curve": seconds, "train_seconds": seconds[-1][1],
+            "tokens_per_s": tokens_per_s}  # fmt: skip
+
+
+def test_time_ratio_is_the_time_to_reach_the_baseline_over_its_whole_time() -> None:
+    dense = _run(4.0, [[50, 4.5], [100, 4.0]], [[50, 5.0], [100, 10.0]], 2.0)
+    moe = _run(3.8, [[50, 4.0], [100, 3.8]], [[40, 8.0], [100, 20.0]], 1.0)
+    table = compare_to({"dense": dense, "moe": moe}, "dense", steps=100)
+    assert table["moe"]["step_ratio"] == 0.5
+    assert seconds_at(moe, 50) == pytest.approx(10.0)  # between the logged steps 40 and 100
+    assert table["moe"]["time_ratio"] == pytest.approx(1.0)  # 10 s to step 50, of dense's 10 s
+    assert table["moe"]["throughput_ratio"] == 0.5
+    assert table["moe"]["val_loss_below"] == pytest.approx(0.2)
+    assert table["dense"]["step_ratio"] == table["dense"]["time_ratio"] == 1.0
+    never = _run(4.2, [[50, 4.5], [100, 4.2]], [[100, 10.0]], 2.0)
+    assert compare_to({"dense": dense, "x": never}, "dense", 100)["x"]["time_ratio"] is None
+
+
+def test_lockstep_runs_are_ordinary_runs_with_timed_curves(tmp_path: Path) -> None:
+    base = tiny_run(tmp_path)
+    train = lockstep_settings(base.train, steps=8, evals=2)
+    moe = base.replace(train=train)
+    dense = moe.replace(model=moe.model.replace(moe=None, d_ff=128))
+    dirs = {"moe": tmp_path / "moe", "dense": tmp_path / "dense"}
+    runs = train_in_lockstep({"moe": moe, "dense": dense}, dirs, progress=False)
+    assert [s for s, _ in runs["moe"]["val_curve"]] == [4, 8]
+    steps, seconds = zip(*runs["dense"]["seconds_curve"], strict=True)
+    assert steps[-1] == 8 and all(b > a for a, b in itertools.pairwise(seconds))
+    assert runs["dense"]["train_seconds"] == seconds[-1]
+    assert (dirs["moe"] / "checkpoints" / "step-000008" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"same train\.steps"):
+        train_in_lockstep({"a": moe, "b": dense.replace(train=train.replace(steps=4))}, dirs)
