@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_vs_dense import machine_info
-from moekit.config import MoEConfig, RunConfig
+from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.overrides import apply_overrides
@@ -58,17 +58,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DENSE = "dense"
 
 
-def active_width(moe: MoEConfig) -> int:
-    """The expert width one token runs through: top_k routed experts and the shared ones."""
-    return moe.top_k * moe.d_expert + moe.shared_width
-
-
 def default_designs(base: RunConfig) -> dict[str, list[str]]:
     """The designs of the module docstring, sized from the base run's MoE layer."""
     moe = base.model.moe
     if moe is None:
         raise SystemExit("the base run needs an MoE model (model.moe set)")
-    e, a, m = moe.n_experts, active_width(moe), "--model.moe."
+    e, a, m = moe.n_experts, moe.active_width, "--model.moe."
     unshared = [f"{m}n_shared_experts=0", f"{m}d_shared=null", f"{m}shared_gate=false"]
     half = [f"{m}top_k=2", f"{m}d_expert={a // 2}", *unshared]
     return {
@@ -147,9 +142,9 @@ def check_widths(configs: dict[str, RunConfig]) -> None:
     width = configs[DENSE].model.d_ff
     for name, cfg in configs.items():
         moe = cfg.model.moe
-        if moe is not None and active_width(moe) != width:
+        if moe is not None and moe.active_width != width:
             raise SystemExit(
-                f"design {name!r} has an active expert width of {active_width(moe)} (top_k * "
+                f"design {name!r} has an active expert width of {moe.active_width} (top_k * "
                 f"d_expert + shared width), the dense model's d_ff is {width}: resize one of them"
             )
 

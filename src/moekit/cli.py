@@ -495,39 +495,45 @@ def convert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PRESET = "demo"
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run directory (replaced if it is a run)")
+    p.add_argument("--out", default="runs/demo", help="folder of both runs (replaced if a demo)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200)
     p.add_argument("--prompt", default=DEMO_PROMPT)
 
 
 @command(
     "demo",
-    f"train `{DEFAULT_PRESET}` on the Python standard library for a few minutes, then sample",
+    f"train the `{DEMO_PRESET}` MoE and its dense twin side by side for a few minutes, compare "
+    "them, then sample from the MoE",
     _demo_args,
     overrides=True,
 )
 def demo_command(args: argparse.Namespace) -> int:
-    from moekit.train import TrainingDiverged, train, write_report
+    from moekit.train import TrainingDiverged, write_report
+    from moekit.train.lockstep import SideBySideFailed
     from moekit.train.sample import load_run
+    from moekit.train.twin import DENSE, MOE, train_with_dense_twin, write_twin_report
 
     start = time.perf_counter()
-    cfg = resolve_run_config(DEFAULT_PRESET, args.overrides)
-    run_dir = Path(args.out)
-    _clear_previous_run(run_dir)
+    cfg = resolve_run_config(DEMO_PRESET, args.overrides)
+    out = Path(args.out)
+    _clear_previous_demo(out)
     _print_config(cfg)
     try:
-        result = train(cfg, run_dir)
-    except TrainingDiverged as err:
+        result = train_with_dense_twin(cfg, out)
+    except (TrainingDiverged, SideBySideFailed) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
-    if result.interrupted:
-        _print_result(result)
-        return 0
-    _, model, tokenizer = load_run(run_dir)
-    sample = _stream_sample(model, tokenizer, args.prompt, args.max_new_tokens)
-    write_report(run_dir, cfg, model, sample=args.prompt + sample)
-    _print_key_figures(run_dir, cfg, model, time.perf_counter() - start)
+    _, model, tokenizer = load_run(out / MOE)
+    sample = args.prompt + _stream_sample(model, tokenizer, args.prompt, args.max_new_tokens)
+    write_report(out / MOE, cfg, model, sample=sample)
+    dense_cfg, dense_model, _ = load_run(out / DENSE)
+    write_report(out / DENSE, dense_cfg, dense_model)
+    report = write_twin_report(result, cfg, sample)
+    _print_twin_figures(result, cfg, report, time.perf_counter() - start)
     return 0
 
 
@@ -543,47 +549,47 @@ def _stream_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int)
     return sample
 
 
-def _print_key_figures(run_dir: Path, cfg: Any, model: Any, seconds: float) -> None:
+def _print_twin_figures(result: Any, cfg: Any, report: Path, seconds: float) -> None:
     from moekit.model import format_count
-    from moekit.train.metrics import read_metrics
-    from moekit.train.report import summary
+    from moekit.train.twin import DENSE, MOE, balance_rows, balance_table, ratio_text
 
-    records = read_metrics(run_dir / "metrics.jsonl")
-    s = summary(
-        [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
-    )
     moe = cfg.model.moe
-    shape = f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}"
-    if moe is not None:
-        shape += f", {moe.n_experts} experts top-{moe.top_k}"
-    print(f"\n=== key figures ({run_dir / 'report.md'}) ===")
+    shapes = {
+        MOE: f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {moe.n_experts} experts "
+        f"of {moe.d_expert} top-{moe.top_k}"
+        + (f" + shared {moe.shared_width}" if moe.shared_width else ""),
+        DENSE: f"the same with a dense FFN of {moe.active_width}",
+    }
+    print(f"\n=== an MoE and its dense twin, side by side ({report}) ===")
+    for name, run in result.runs.items():
+        print(
+            f"{name:<6} {format_count(run['parameters'])} parameters, "
+            f"{format_count(run['active_parameters'])} active ({shapes[name]}): validation "
+            f"{run['final_val_loss']:.3f} nats/token, {run['final_val_bpb']:.3f} bits/byte, "
+            f"{run['tokens_per_s']:,.0f} tokens/s"
+        )
+    cmp = result.comparison[MOE]
     print(
-        f"model       {format_count(model.num_parameters())} parameters, "
-        f"{format_count(model.num_parameters(active=True))} active per token ({shape})"
+        f"MoE reached dense's final validation loss in {ratio_text(result, 'step_ratio')} the "
+        f"steps and {ratio_text(result, 'time_ratio')} the training time (throughput "
+        f"{cmp['throughput_ratio']:.2f}x dense's; {result.steps} steps each)"
     )
-    print(
-        f"training    {s['step']} steps, {s['tokens']:,} tokens, "
-        f"{s['tokens_per_s']:,.0f} tokens/s, {s['train_seconds']:.0f} s of steps"
-    )
-    print(
-        f"loss        train {s['train_loss']:.3f}, validation {s['val_loss']:.3f} nats/token "
-        f"({s['val_bpb']:.3f} bits per byte)"
-    )
-    if s["max_vio"] is not None:
-        print(f"balance     worst layer MaxVio {s['max_vio']:.2f} over the last log interval")
-    print(f"report      {run_dir / 'report.md'}")
-    print(f"plots       {run_dir / 'loss.png'}, {run_dir / 'expert_load.png'}")
-    print(f"more text   moekit generate {run_dir} --prompt 'def fib('")
+    print("expert balance over the last quarter of training (share of the mean load):")
+    print(balance_table(balance_rows(result.moe_dir)))
+    print(f"report      {report} (loss.png: both models; expert_load.png: the MoE's experts)")
+    print(f"more text   moekit generate {result.moe_dir} --prompt 'def fib('")
     print(f"demo time   {seconds // 60:.0f} min {seconds % 60:.0f} s")
 
 
-def _clear_previous_run(run_dir: Path) -> None:
-    """Remove an earlier demo run in `run_dir`; refuse to delete anything else."""
-    if not run_dir.exists():
+def _clear_previous_demo(out: Path) -> None:
+    """Remove an earlier demo in `out`; refuse to delete anything else."""
+    if not out.exists():
         return
-    if not (run_dir / "config.json").is_file():
-        raise FileExistsError(f"{run_dir} exists and is not a moekit run; choose another --out")
-    shutil.rmtree(run_dir)
+    from moekit.train.twin import MOE
+
+    if not ((out / MOE / "config.json").is_file() or (out / "config.json").is_file()):
+        raise FileExistsError(f"{out} exists and is not a moekit demo; choose another --out")
+    shutil.rmtree(out)
 
 
 def _analyze_args(p: argparse.ArgumentParser) -> None:

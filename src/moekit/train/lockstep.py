@@ -1,15 +1,23 @@
-"""Several runs trained in lockstep, one optimizer step of each in turn, and compared with one of
-them: how `moekit demo` and the MoE-versus-dense benchmarks measure what an MoE buys.
+"""Several runs trained side by side and compared with one of them: how `moekit demo` and the
+MoE-versus-dense benchmarks measure what an MoE buys. With the same seed every run draws the same
+batches in the same order; each is an ordinary run directory (metrics.jsonl, checkpoints) that
+`moekit generate` and `analyze` read. Two ways to share the machine:
 
-In lockstep every run sees the same machine load, so their throughputs and training times compare
-side by side; with the same seed they draw the same batches in the same order. Each run is an
-ordinary run directory (metrics.jsonl, checkpoints) that `moekit generate` and `analyze` read.
+  train_in_lockstep  one process, one optimizer step of each run in turn: every run sees the same
+                     machine load and uses all its threads (the benchmarks).
+  train_in_parallel  one process per run at the same time, each with its share of the cores
+                     (`moekit demo`: on 2 cores, two 1-thread runs take about half the time of
+                     the lockstep, whose small products gain little from a second thread).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import multiprocessing
+import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moekit.config import RunConfig, TrainConfig
-from moekit.train.loop import Trainer
+from moekit.data import prepare_data
+from moekit.model import parameter_breakdown
+from moekit.train.loop import Trainer, train
 from moekit.train.metrics import read_metrics
+
+
+class SideBySideFailed(RuntimeError):
+    """A run of `train_in_parallel` stopped with an error (which its process printed)."""
 
 
 def lockstep_settings(train: TrainConfig, steps: int, evals: int) -> TrainConfig:
@@ -59,20 +73,75 @@ def train_in_lockstep(
     finally:
         for trainer in trainers.values():
             trainer.close()
-    return {name: run_summary(Path(run_dirs[name]), trainer) for name, trainer in trainers.items()}
+    return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
 
 
-def run_summary(run_dir: Path, trainer: Trainer) -> dict[str, Any]:
+def train_in_parallel(
+    configs: Mapping[str, RunConfig], run_dirs: Mapping[str, Path], progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Train every config into its run directory at the same time, each in a process of its own
+    with cpu_count // len(configs) threads (at least 1); return each run's `run_summary`. The data
+    is prepared (and cached) once first. A run that fails raises once all have stopped."""
+    threads = max(1, (os.cpu_count() or 1) // len(configs))
+    prepared = set()
+    for name, cfg in configs.items():  # each corpus and tokenizer once, before the processes
+        key = (cfg.train.data.to_json(), cfg.token_vocab_size)
+        if key not in prepared:
+            prepare_data(cfg.train.data, cfg.token_vocab_size, progress, Path(run_dirs[name]))
+            prepared.add(key)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
+    processes = {}
+    for name, cfg in configs.items():
+        train = cfg.train.replace(threads=threads, progress=False)
+        processes[name] = context.Process(
+            target=_train_one, args=(cfg.replace(train=train), str(run_dirs[name])), name=name
+        )
+        processes[name].start()
+    total = sum(cfg.train.steps for cfg in configs.values())
+    with tqdm(total=total, desc="side by side", unit="step", file=sys.stderr,
+              disable=not progress) as bar:  # fmt: skip
+        while any(p.is_alive() for p in processes.values()):
+            time.sleep(1.0)
+            done = {name: _logged_step(Path(run_dirs[name])) for name in configs}
+            bar.update(sum(done.values()) - bar.n)
+            bar.set_postfix({name: f"step {step}" for name, step in done.items()})
+    if failed := [name for name, p in processes.items() if p.exitcode != 0]:
+        raise SideBySideFailed(f"training {', '.join(failed)} failed (its error is above)")
+    return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
+
+
+def _train_one(cfg: RunConfig, run_dir: str) -> None:
+    train(cfg, run_dir)
+
+
+def _logged_step(run_dir: Path) -> int:
+    """The step of the run's newest training record (0 before the first)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if record.get("kind") == "train":
+            return record["step"]
+    return 0
+
+
+def run_summary(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """A run's sizes, throughput, final losses, validation curve [[step, loss]] and training
     seconds at each logged step [[step, seconds]] (optimizer steps only: no evaluation)."""
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     elapsed = list(itertools.accumulate(r["seconds"] for r in train))
     tokens = sum(r["tokens_per_s"] * r["seconds"] for r in train)
+    counts = parameter_breakdown(cfg.model)
     return {
-        "parameters": trainer.model.num_parameters(),
-        "active_parameters": trainer.model.num_parameters(active=True),
+        "parameters": counts["total"],
+        "active_parameters": counts["active"],
         "tokens_per_s": tokens / elapsed[-1],
         "train_seconds": elapsed[-1],
         "final_train_loss": train[-1]["lm_loss"],

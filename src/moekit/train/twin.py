@@ -1,0 +1,155 @@
+"""An MoE run and its dense twin (`dense_twin`: the same compute per token) trained side by side on
+the same batches, compared by steps and by time to the dense model's final loss, with one report
+for both: what `moekit demo` shows.
+
+    out/moe/, out/dense/   two ordinary run directories (`moekit generate out/moe` samples)
+    out/report.md          the comparison, with loss.png (both models) and expert_load.png (the MoE)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from moekit.config import RunConfig, dense_twin
+from moekit.fileio import atomic_write_text
+from moekit.model import format_count
+from moekit.train.lockstep import compare_to, train_in_lockstep, train_in_parallel
+from moekit.train.metrics import read_metrics
+from moekit.train.report import expert_load_figure, save_figure
+
+MOE, DENSE = "moe", "dense"
+
+
+@dataclass
+class TwinResult:
+    """runs: each run's `run_summary`; comparison: `compare_to` against the dense run."""
+
+    out: Path
+    steps: int
+    runs: dict[str, dict[str, Any]]
+    comparison: dict[str, dict[str, Any]]
+
+    @property
+    def moe_dir(self) -> Path:
+        return self.out / MOE
+
+
+def train_with_dense_twin(
+    cfg: RunConfig, out: Path, progress: bool = True, parallel: bool = True
+) -> TwinResult:
+    """Train `cfg` (an MoE model) and its dense twin into out/moe and out/dense: at the same
+    time in two processes (`train_in_parallel`), or with `parallel=False` in lockstep."""
+    configs = {MOE: cfg, DENSE: cfg.replace(model=dense_twin(cfg.model))}
+    side_by_side = train_in_parallel if parallel else train_in_lockstep
+    runs = side_by_side(configs, {name: out / name for name in configs}, progress)
+    steps = cfg.train.steps
+    return TwinResult(out, steps, runs, compare_to(runs, DENSE, steps))
+
+
+def balance_rows(run_dir: Path, tail: float = 0.25) -> list[dict[str, float]]:
+    """Per MoE layer, over the last `tail` of the logged training: the least and most loaded
+    expert's share of the mean load (1 = balanced) and MaxVio (most loaded / mean - 1)."""
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    last = train[int(len(train) * (1 - tail)) :] or train[-1:]
+    counts = np.array([[layer["counts"] for layer in r["layers"]] for r in last]).sum(axis=0)
+    share = counts / np.maximum(counts.mean(axis=1, keepdims=True), 1e-9)  # (layers, experts)
+    return [
+        {
+            "layer": i,
+            "experts": len(row),
+            "min": float(row.min()),
+            "max": float(row.max()),
+            "max_vio": float(row.max() - 1),
+        }
+        for i, row in enumerate(share)
+    ]
+
+
+def balance_table(rows: list[dict[str, float]]) -> str:
+    lines = [f"{'layer':>5} {'experts':>7} {'least loaded':>12} {'most loaded':>11}  (x mean load)"]
+    lines += [
+        f"{r['layer']:>5} {r['experts']:>7} {r['min']:>12.2f} {r['max']:>11.2f}" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def ratio_text(result: TwinResult, key: str) -> str:
+    value = result.comparison[MOE][key]
+    return "never (the MoE did not reach dense's final loss)" if value is None else f"{value:.2f}x"
+
+
+def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) -> Path:
+    """out/report.md, out/loss.png and out/expert_load.png."""
+    out = result.out
+    save_figure(twin_loss_figure(result), out / "loss.png")
+    moe_train = [r for r in read_metrics(result.moe_dir / "metrics.jsonl") if r["kind"] == "train"]
+    save_figure(expert_load_figure(moe_train), out / "expert_load.png")
+    moe, dense = result.runs[MOE], result.runs[DENSE]
+    cmp = result.comparison[MOE]
+    lines = [
+        "# An MoE and its dense twin, trained side by side",
+        "",
+        f"Both see the same {result.steps} batches in the same order; the dense twin's FFN has the"
+        f" MoE's active width ({cfg.model.moe.active_width}), so both compute about the same per"
+        " token.",
+        "",
+        "| | MoE | dense |",
+        "|---|---|---|",
+        f"| parameters | {format_count(moe['parameters'])} | {format_count(dense['parameters'])} |",
+        f"| active per token | {format_count(moe['active_parameters'])} | "
+        f"{format_count(dense['active_parameters'])} |",
+        f"| final validation loss (nats/token) | {moe['final_val_loss']:.4f} | "
+        f"{dense['final_val_loss']:.4f} |",
+        f"| bits per byte | {moe['final_val_bpb']:.4f} | {dense['final_val_bpb']:.4f} |",
+        f"| tokens/s | {moe['tokens_per_s']:,.0f} | {dense['tokens_per_s']:,.0f} |",
+        f"| training seconds | {moe['train_seconds']:.0f} | {dense['train_seconds']:.0f} |",
+        "",
+        f"- steps to dense's final validation loss: {ratio_text(result, 'step_ratio')} dense's",
+        f"- training time to it: {ratio_text(result, 'time_ratio')} dense's",
+        f"- throughput: {cmp['throughput_ratio']:.2f}x dense's",
+        "",
+        "![validation loss](loss.png)",
+        "",
+        "## Expert balance (last quarter of training)",
+        "",
+        "```",
+        balance_table(balance_rows(result.moe_dir)),
+        "```",
+        "",
+        "![expert load](expert_load.png)",
+    ]
+    if sample is not None:
+        lines += ["", "## Sample (from the MoE)", "", "```python", sample, "```"]
+    lines += ["", f"Each model's own report: `{MOE}/report.md`, `{DENSE}/report.md`.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out / "report.md"
+
+
+def twin_loss_figure(result: TwinResult) -> Figure:
+    """Validation loss of both models against the step, with dense's final loss marked."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for name, run in result.runs.items():
+        steps, losses = zip(*run["val_curve"], strict=True)
+        label = f"{name} ({format_count(run['parameters'])} parameters, "
+        label += f"{format_count(run['active_parameters'])} active)"
+        ax.plot(steps, losses, "o-", ms=3, label=label, color="black" if name == DENSE else None)
+    ax.axhline(result.runs[DENSE]["final_val_loss"], color="gray", ls="--", lw=1)
+    ax.set_title(
+        f"MoE reaches dense's final loss at {ratio_text(result, 'step_ratio')} the steps, "
+        f"{ratio_text(result, 'time_ratio')} the time",
+        fontsize=10,
+    )
+    tail = [loss for run in result.runs.values() for _, loss in run["val_curve"][1:]]
+    if tail:
+        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
