@@ -39,6 +39,12 @@ BAD = [
     (["layer-demo", "--experts", "-2"], "--experts", "integer >= 1"),
     (["layer-demo", "--top-k", "0"], "--top-k", "integer >= 1"),
     (["layer-demo", "--capacity-factor", "0"], "--capacity-factor", "number > 0"),
+    (["generate", RUN, "--expert-budget", "1..5GB"], "--expert-budget", "bytes (200MB)"),
+    (["generate", RUN, "--expert-budget", "-3"], "--expert-budget", "a count (12)"),
+    (["generate", RUN, "--expert-budget", ""], "--expert-budget", "a count (12)"),
+    (["generate", RUN, "--expert-budget", "150%"], "--expert-budget", "(0, 1]"),
+    (["cache-sim", "t", "--budget", "50%", "200MB"], "--budget", "does not know the experts"),
+    (["cache-sim", "t", "--budget", "lots"], "--budget", "or a fraction (0.5 or 50%)"),
 ]  # fmt: skip
 
 

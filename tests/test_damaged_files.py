@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from tests.run_cases import tiny_run
 
 from moekit.cli import main
@@ -171,6 +173,25 @@ def test_resume_from_a_trainer_json_without_its_fields(run: Path, capsys, meta) 
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("name", ["trainer.json", "state.safetensors"])
+def test_resume_from_state_that_does_not_fit_the_run_writes_nothing(
+    run: Path, capsys, name: str
+) -> None:
+    """Files that read well but hold another optimizer's groups or a broken generator state."""
+    checkpoint = run / "checkpoints/step-000012"
+    if name == "trainer.json":
+        meta = json.loads((checkpoint / name).read_text())
+        (checkpoint / name).write_text(json.dumps(meta | {"param_groups": []}))
+    else:
+        tensors = load_file(str(checkpoint / name))
+        tensors["rng.sampler.generator"] = torch.zeros(3, dtype=torch.uint8)
+        save_file(tensors, str(checkpoint / name))
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "does not fit this run" in one_line_error(capsys, "train", checkpoint / name)
+    assert snapshot(run) == before
+
+
 def test_resume_names_a_damaged_line_of_the_metrics(run: Path, capsys) -> None:
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -236,7 +257,7 @@ def test_damaged_hugging_face_files_are_named(
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-@pytest.mark.parametrize("command", ["analyze", "trace"])
+@pytest.mark.parametrize("command", ["analyze", "trace", "convert"])
 def test_damaged_hugging_face_tokenizer_is_named(
     hf: Path, tmp_path: Path, capsys, damage: str, command: str
 ) -> None:
@@ -247,9 +268,11 @@ def test_damaged_hugging_face_tokenizer_is_named(
     args = {
         "analyze": ["analyze", str(hf), "--tokens", "256", "--seq-len", "32"],
         "trace": ["trace", str(hf), "--prompts", str(prompts), "--out", str(tmp_path / "t")],
+        "convert": ["convert", "--from-hf", str(hf), "--out", str(tmp_path / "t")],
     }
     assert main(args[command]) == 2
     assert "download" in one_line_error(capsys, command, path)
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

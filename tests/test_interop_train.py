@@ -12,6 +12,7 @@ from tests.run_cases import JSON_PACKAGE
 from tokenizers import Tokenizer
 
 from moekit.cli import main
+from moekit.data import eos_id
 from moekit.interop import load_hf
 from moekit.interop.convert import load_run_model
 
@@ -94,6 +95,25 @@ def test_a_converted_run_fine_tunes_with_its_own_tokenizer(run_dir, tmp_path) ->
     assert checkpoint.name == "step-000002"
     _, original, _ = load_run_model(run_dir)
     assert not torch.equal(tuned.embed.weight, original.embed.weight)  # it trained
+
+
+def test_a_converted_run_whose_end_token_is_not_moekits_generates_and_fine_tunes(
+    run_dir, tmp_path
+) -> None:
+    """A checkpoint's own end-of-text token (Mixtral's </s> here) ends generation and joins
+    documents in training."""
+    hf, back = tmp_path / "hf", tmp_path / "run"
+    assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(hf)]) == 0
+    text = (hf / "tokenizer.json").read_text()
+    (hf / "tokenizer.json").write_text(text.replace("<|endoftext|>", "</s>"))
+    assert main(["convert", "--from-hf", str(hf), "--out", str(back)]) == 0
+    tokenizer = Tokenizer.from_file(str(back / "tokenizer.json"))
+    assert tokenizer.token_to_id("<|endoftext|>") is None and eos_id(tokenizer) == 256
+    assert main(["generate", str(back), "--prompt", "def f(", "--max-new-tokens", "3"]) == 0
+    args = ["train", "--resume", str(back), "--train.steps=2", "--train.progress=false",
+            "--train.tensorboard=false", f"--train.data.source={JSON_PACKAGE}",
+            f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(args) == 0 and load_run_model(back)[2].name == "step-000002"
 
 
 @pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from tests.run_cases import tiny_run
 
-from moekit.train.lockstep import compare_to, lockstep_settings, seconds_at, train_in_lockstep
+from moekit.train.lockstep import (
+    SideBySideFailed,
+    compare_to,
+    lockstep_settings,
+    seconds_at,
+    train_in_lockstep,
+    train_in_parallel,
+)
 
 
 def _run(final: float, curve: list, seconds: list, tokens_per_s: float) -> dict:
@@ -45,3 +52,26 @@ def test_lockstep_runs_are_ordinary_runs_with_timed_curves(tmp_path: Path) -> No
     assert (dirs["moe"] / "checkpoints" / "step-000008" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match=r"same train\.steps"):
         train_in_lockstep({"a": moe, "b": dense.replace(train=train.replace(steps=4))}, dirs)
+
+
+def test_runs_in_parallel_are_the_runs_of_one_process_each(tmp_path: Path) -> None:
+    """Two processes at once give the same runs as training each alone (same seed, same data):
+    the same losses at every step."""
+    base = tiny_run(tmp_path)
+    moe = base.replace(train=lockstep_settings(base.train, steps=6, evals=2))
+    dense = moe.replace(model=moe.model.replace(moe=None, d_ff=128))
+    dirs = {"moe": tmp_path / "moe", "dense": tmp_path / "dense"}
+    runs = train_in_parallel({"moe": moe, "dense": dense}, dirs, progress=False)
+    alone = train_in_lockstep({"dense": dense}, {"dense": tmp_path / "alone"}, progress=False)
+    assert runs["dense"]["val_curve"] == alone["dense"]["val_curve"]
+    assert runs["moe"]["active_parameters"] < runs["moe"]["parameters"]
+    assert [s for s, _ in runs["moe"]["val_curve"]] == [3, 6]
+
+
+def test_a_run_that_fails_in_its_process_is_reported(tmp_path: Path, capfd) -> None:
+    base = tiny_run(tmp_path)
+    cfg = base.replace(train=lockstep_settings(base.train, steps=2, evals=1))
+    train_in_lockstep({"a": cfg}, {"a": tmp_path / "a"}, progress=False)  # a run is there now
+    with pytest.raises(SideBySideFailed, match="training a failed"):
+        train_in_parallel({"a": cfg, "b": cfg}, {"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert "already holds a run" in capfd.readouterr().err

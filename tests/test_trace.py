@@ -24,6 +24,7 @@ from moekit.inference.trace import (
     simulate,
 )
 from moekit.model.generation import generate
+from moekit.userfiles import DamagedFile
 
 TINY = ModelConfig.preset("tiny")
 SEQ = [(0, e) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
@@ -95,6 +96,32 @@ def test_recorded_trace_round_trips_and_rejects_another_model(tmp_path) -> None:
         load_trace(tmp_path / "bad")
 
 
+def _tampered(trace: Trace, path, tensors=None, **meta) -> None:
+    saved = {"ids": trace.ids, "step": trace.step, "fetched": trace.fetched,
+             "selected": trace.selected} | (tensors or {})  # fmt: skip
+    metadata = {"moekit_trace": json.dumps(trace.identity), "moekit_trace_version": "2"} | meta
+    save_file({k: v.contiguous() for k, v in saved.items() if v is not None}, str(path), metadata)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"tensors": {"fetched": None}}, "has no tensor fetched"),
+        ({"moekit_trace_version": "two"}, "trace version 'two'"),
+        ({"moekit_trace": "{n_layers: 2"}, "is not valid JSON"),
+        ({"moekit_trace": "{}"}, "has no 'n_layers' in its model identity"),
+        ({"tensors": {"selected": torch.zeros(1, 2, dtype=torch.bool)}}, "'selected' of shape"),
+    ],
+)
+def test_a_damaged_trace_is_named_with_what_to_do(tmp_path, change: dict, says: str) -> None:
+    model = MoETransformer(TINY).eval()
+    with TraceRecorder(model) as rec:
+        generate(model, torch.randint(0, 256, (1, 4)), 3)
+    _tampered(rec.trace(), tmp_path / "t.trace", **change)
+    with pytest.raises(DamagedFile, match=rf"t\.trace .*{says}.*record it again"):
+        load_trace(tmp_path / "t.trace")
+
+
 def test_a_trace_of_version_1_is_read_with_derived_calls(tmp_path, capsys) -> None:
     """A trace written before the layer calls were recorded (ids and step only, no version):
     read, its calls derived; with dropless dispatch they are exactly the recorded ones."""
@@ -109,6 +136,8 @@ def test_a_trace_of_version_1_is_read_with_derived_calls(tmp_path, capsys) -> No
     assert [c.selected for c in old.layer_calls()] == [False, False] + [True] * 4
     assert main(["cache-sim", str(tmp_path / "v1.trace")]) == 0
     assert "predates the record of each layer call's path" in capsys.readouterr().err
+    save_trace(old, tmp_path / "again.trace")  # saved again, its derived calls stay derived
+    assert load_trace(tmp_path / "again.trace").derived
     meta["moekit_trace_version"] = "3"
     save_file({"ids": trace.ids, "step": trace.step}, str(tmp_path / "v3.trace"), metadata=meta)
     with pytest.raises(ValueError, match="version 3, newer than this moekit reads"):

@@ -20,6 +20,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,26 @@ def byte_size(text: str) -> int:
             f"must be a size above 0 in bytes or with a unit (5GB, 500MB, 2GiB), not {text!r}"
         )
     return value
+
+
+def expert_budget(text: str) -> str:
+    """An expert budget `moekit generate` can read: a count, a fraction, N% or bytes."""
+    from moekit.inference.offload import check_budget_form
+
+    try:
+        return check_budget_form(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def trace_budget(text: str) -> str:
+    """A budget `moekit cache-sim` can read: a count, a fraction or N% (a trace knows no bytes)."""
+    from moekit.inference.offload import check_budget_form
+
+    try:
+        return check_budget_form(text, in_bytes=False)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def command(
@@ -283,6 +304,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument(
         "--expert-budget",
+        type=expert_budget,
         metavar="N|FRACTION|N%|BYTES",
         help="keep experts on disk with at most this many in memory (e.g. 12, 0.5, 50%%, 200MB)",
     )
@@ -296,7 +318,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from moekit.cpu_memory import use_huge_pages
     from moekit.train.sample import load_run, sample_text
 
-    if args.expert_budget:
+    if args.expert_budget is not None:
         model, tokenizer, offload = _offloaded_run(args)
     else:
         (_, model, tokenizer), offload = load_run(args.run_dir), None
@@ -331,14 +353,18 @@ def _offloaded_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     cfg, checkpoint, tokenizer = load_run_files(args.run_dir)
     counts = load_trace(args.trace, cfg.model).expert_counts() if args.trace else None
-    model, offload = load_offloaded(
-        checkpoint / "model.safetensors",
-        cfg.model,
-        budget=args.expert_budget,
-        policy=args.policy,
-        prefetch=args.prefetch,
-        expert_counts=counts,
-    )
+    with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
+        warnings.simplefilter("always")
+        model, offload = load_offloaded(
+            checkpoint / "model.safetensors",
+            cfg.model,
+            budget=args.expert_budget,
+            policy=args.policy,
+            prefetch=args.prefetch,
+            expert_counts=counts,
+        )
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
     return model, tokenizer, offload
 
 
@@ -371,6 +397,7 @@ def _cache_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", metavar="TRACE", help="a trace written by moekit trace")
     p.add_argument(
         "--budget",
+        type=trace_budget,
         nargs="+",
         default=["100%", "50%", "25%"],
         help="budgets: counts, fractions or N%% of all experts (the minimum, top_k, is added)",

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 from moekit.config import ConfigBase
+from moekit.userfiles import json_problem
 
 C = TypeVar("C", bound=ConfigBase)
 NONE_WORDS = ("none", "null")
@@ -130,7 +131,7 @@ def _json(text: str, key: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        where = f"{err.msg[:1].lower()}{err.msg[1:]} at character {err.pos + 1}"
+        where = f"{json_problem(err)} at character {err.pos + 1}"
         raise ValueError(f"--{key}={text!r}: expected JSON ({where})") from None
 
 

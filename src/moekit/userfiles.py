@@ -67,6 +67,12 @@ def _lower(message: str) -> str:
     return message[:1].lower() + message[1:]
 
 
+def json_problem(err: json.JSONDecodeError) -> str:
+    """What `json` says is wrong, to go before " at <where>" mid-sentence ("unterminated string
+    starting", not "Unterminated string starting at")."""
+    return _lower(err.msg.removesuffix(" at"))
+
+
 def read_text(path: str | Path, remedy: str, error: type[DamagedFile] = DamagedFile) -> str:
     """The UTF-8 text of `path`."""
     with reading(path, remedy, error):
@@ -96,7 +102,7 @@ def parse_json(
         value = json.loads(text)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno + (line or 1) - 1}, column {err.colno}"
-        raise error(path, f"is not valid JSON ({_lower(err.msg)} at {where})", remedy) from None
+        raise error(path, f"is not valid JSON ({json_problem(err)} at {where})", remedy) from None
     if not isinstance(value, expect):
         kind = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
         where = "" if line is None else f" on line {line}"

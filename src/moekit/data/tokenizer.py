@@ -63,12 +63,21 @@ def cached_bpe(
     return tok
 
 
+# The end-of-text tokens of the checkpoints people convert, after moekit's own: Llama/Mixtral,
+# Llama 3, Qwen (chat end), DeepSeek-V3, GPT-OSS. The first one a tokenizer has is its end of text.
+END_TOKENS = (END_OF_TEXT, "</s>", "<|end_of_text|>", "<|im_end|>", "<｜end▁of▁sentence｜>",
+              "<|return|>")  # fmt: skip
+
+
 def eos_id(tok: Tokenizer) -> int:
-    """The id of END_OF_TEXT."""
-    token_id = tok.token_to_id(END_OF_TEXT)
-    if token_id is None:
-        raise ValueError(f"this tokenizer has no {END_OF_TEXT} token; it was not made by moekit")
-    return token_id
+    """The id of the tokenizer's end-of-text token: the first of END_TOKENS it has."""
+    for token in END_TOKENS:
+        if (token_id := tok.token_to_id(token)) is not None:
+            return token_id
+    raise ValueError(
+        f"this tokenizer has none of the end-of-text tokens moekit knows ({', '.join(END_TOKENS)}),"
+        " which separate documents in training and end generation; add one to its tokenizer.json"
+    )
 
 
 def _byte_characters() -> list[str]:

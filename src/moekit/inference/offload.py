@@ -33,9 +33,10 @@ from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
 from moekit.train.checkpoint import checkpoint_remedy
-from moekit.userfiles import open_safetensors
+from moekit.userfiles import open_safetensors, read_json
 
 MANIFEST = "manifest.json"
+REWRITE_EXPERTS = "write the expert directory again (write_expert_files)"
 
 
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class ExpertStore:
                 f"{self.dir} is not an expert directory: it has no {MANIFEST} "
                 "(write one with moekit.inference.write_expert_files)"
             )
-        found = json.loads(manifest.read_text())
+        found = read_json(manifest, REWRITE_EXPERTS, expect=dict)
         if found != identity:
             raise ValueError(
                 f"the experts in {self.dir} belong to another model: {found} != {identity}"
@@ -138,9 +139,6 @@ def read_tensor(f: BinaryIO, data_start: int, entry: dict, index: int | None = N
     if f.readinto(buffer) != buffer.nbytes:
         raise ValueError(f"{f.name} is truncated: a tensor ends past the end of the file")
     return out
-
-
-REWRITE_EXPERTS = "write the expert directory again (write_expert_files)"
 
 
 def _read_header(path: Path, remedy: str = REWRITE_EXPERTS) -> tuple[dict, int]:
@@ -332,9 +330,13 @@ _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2**10, "MI": 2**20, "GI": 2
 
 
 def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | None) -> int:
+    given = budget
+    forms = "a count (12) or a fraction (0.5 or 50%)"
+    if expert_bytes is not None:
+        forms = "a count (12), a fraction (0.5 or 50%) or bytes (200MB)"
     if isinstance(budget, str):
         text = budget.strip()
-        m = re.fullmatch(r"([0-9.]+)\s*([KMG]I?)?B", text, re.IGNORECASE)
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([KMG]I?)?B", text, re.IGNORECASE)
         if m and expert_bytes is None:
             raise ValueError(
                 f"expert budget {budget!r} is in bytes, but a routing trace does not know the "
@@ -348,16 +350,22 @@ def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | N
             else:
                 budget = int(text) if text.isdigit() else float(text)
         except ValueError:
-            raise ValueError(
-                f"expert budget {budget!r} is invalid: give a count (12), a fraction (0.5 or "
-                "50%) or bytes (200MB)"
-            ) from None
+            raise ValueError(f"expert budget {given!r} is invalid: give {forms}") from None
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise ValueError(f"expert budget {budget!r} is invalid: must be an int, float or str")
+    if budget < 0 or budget != budget:  # negative, or NaN
+        raise ValueError(f"expert budget {given!r} is invalid: give {forms}")
     if isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise ValueError(f"expert budget fraction {budget!r} is invalid: must be in (0, 1]")
+            raise ValueError(f"expert budget {given!r} is invalid: a fraction must be in (0, 1]")
         return int(budget * n_total)
+    return budget
+
+
+def check_budget_form(budget: str, in_bytes: bool = True) -> str:
+    """`budget` if `resolve_budget` can read it (before the model's sizes are known); raises
+    ValueError saying what forms it takes otherwise. For command-line arguments."""
+    _parse_budget(budget, 1, 1 if in_bytes else None)
     return budget
 
 
@@ -401,8 +409,8 @@ def apply_expert_offload(
     policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
     (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
     the next MoE layer's router on this layer's input and load its experts in a background thread
-    (`_prefetch_hook`; it skips a call whose layer's own experts fill the budget). At a budget of
-    top_k experts every layer call fills it: prefetch then stands down for good, with one warning.
+    (`_prefetch_hook`). At a budget of top_k experts every layer call fills the cache, so every
+    guess would be evicted unused: prefetch then stands down for good, with one warning.
     Everything is checked before the model is changed.
     """
     store = expert_dir
@@ -443,14 +451,13 @@ def _enumerate2(t: Tensor):
 def _prefetch_hook(layer: int, next_layer: nn.Module, cache: ExpertCache):
     """Guess the next MoE layer's experts from this layer's input (its router applied to the
     current hidden state: Eliseev & Mazur 2023, "Fast inference of MoE language models with
-    offloading") and start loading them. Not when this layer's own experts (its router on the same
-    input says which) fill the budget: fetching them would evict every guess before its use."""
+    offloading") and start loading them."""
 
     def hook(module: nn.Module, args: tuple) -> None:
         x_TD = args[0].reshape(-1, next_layer.cfg.d_model)
         with torch.no_grad():
-            now, ids = module.router(x_TD).ids_TK, next_layer.router(x_TD).ids_TK
-        if ids is not None and now is not None and now.unique().numel() < cache.capacity:
+            ids = next_layer.router(x_TD).ids_TK
+        if ids is not None:
             keys = [(layer + 1, int(e)) for e in ids.unique().tolist()]
             cache.prefetch(keys, protect_layer=layer)
 

@@ -26,7 +26,7 @@ from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
 from moekit.inference.offload import expert_groups, model_identity
 from moekit.model.transformer import MoETransformer
 from moekit.moe import SELECTED_MAX_TOKENS
-from moekit.userfiles import REDOWNLOAD, open_safetensors, read_tokenizer
+from moekit.userfiles import REDOWNLOAD, DamagedFile, open_safetensors, parse_json, read_tokenizer
 
 # 1: ids and step only. 2: also `fetched` and `selected`, what the layer calls did.
 TRACE_VERSION = 2
@@ -147,15 +147,18 @@ class TraceRecorder:
 
 
 def save_trace(trace: Trace, path: str | Path) -> None:
-    """Write a trace atomically as safetensors (identity and format version in the metadata)."""
-    tensors = {k: getattr(trace, k).contiguous() for k in ("ids", "step", "fetched", "selected")}
+    """Write a trace atomically as safetensors (identity and format version in the metadata).
+    A trace whose layer calls were derived is written as it was read, version 1: its guesses do
+    not become records."""
+    names = ("ids", "step") if trace.derived else ("ids", "step", "fetched", "selected")
+    version = 1 if trace.derived else TRACE_VERSION
     with atomic_path(path) as tmp:
         save_file(
-            tensors,
+            {k: getattr(trace, k).contiguous() for k in names},
             str(tmp),
             metadata={
                 "moekit_trace": json.dumps(trace.identity),
-                "moekit_trace_version": str(TRACE_VERSION),
+                "moekit_trace_version": str(version),
             },
         )
 
@@ -168,13 +171,17 @@ def load_trace(path: str | Path, cfg: ModelConfig | None = None) -> Trace:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     if "moekit_trace" not in meta:
         raise ValueError(f"{path} is not a moekit routing trace (no 'moekit_trace' metadata)")
-    version = int(meta.get("moekit_trace_version", 1))
+    version_text = meta.get("moekit_trace_version", "1")
+    if not version_text.isdigit():
+        raise DamagedFile(path, f"has a trace version {version_text!r}", RECORD_AGAIN)
+    version = int(version_text)
     if version > TRACE_VERSION:
         raise ValueError(
             f"{path} is a routing trace of version {version}, newer than this moekit reads "
             f"({TRACE_VERSION}); upgrade moekit or record the trace again"
         )
-    identity = json.loads(meta["moekit_trace"])
+    identity = parse_json(meta["moekit_trace"], path, RECORD_AGAIN, expect=dict)
+    _check_trace_tensors(path, tensors, identity, version)
     calls = [tensors[k].bool() for k in ("fetched", "selected")] if version >= 2 else [None, None]
     trace = Trace(tensors["ids"].long(), tensors["step"], identity, *calls)
     if cfg is not None and trace.identity != model_identity(cfg):
@@ -183,6 +190,26 @@ def load_trace(path: str | Path, cfg: ModelConfig | None = None) -> Trace:
             f"{model_identity(cfg)}"
         )
     return trace
+
+
+def _check_trace_tensors(path: str | Path, tensors: dict, identity: dict, version: int) -> None:
+    """The tensors a trace of `version` needs, in the shapes its identity gives."""
+    try:
+        L, E, K = identity["n_layers"], identity["n_experts"], identity["top_k"]
+    except KeyError as err:
+        raise DamagedFile(path, f"has no {err} in its model identity", RECORD_AGAIN) from None
+    names = ("ids", "step", "fetched", "selected") if version >= 2 else ("ids", "step")
+    if missing := [n for n in names if n not in tensors]:
+        raise DamagedFile(path, f"has no tensor {', '.join(missing)}", RECORD_AGAIN)
+    N = tensors["ids"].shape[0]
+    want = {"ids": (N, L, K), "step": (N,)}
+    if version >= 2:
+        S = int(tensors["step"].max()) + 1 if N else 0
+        want |= {"fetched": (S, L, E), "selected": (S, L)}
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            problem = f"has tensor '{name}' of shape {tuple(tensors[name].shape)}, not {shape}"
+            raise DamagedFile(path, problem, RECORD_AGAIN)
 
 
 def simulate(

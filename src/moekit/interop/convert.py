@@ -17,6 +17,7 @@ from moekit.interop.hf import hf_model_config, load_hf, read_hf_config, save_hf
 from moekit.model import MoETransformer
 from moekit.train.checkpoint import latest_checkpoint, load_weights, write_new_run
 from moekit.train.sample import read_run_tokenizer
+from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
 
 def load_run_model(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Path]:
@@ -75,6 +76,13 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) 
         data=DataConfig(tokenizer="run"),
     )
     cfg = RunConfig(model=model_cfg, train=train)  # validated before any weight is read
-    model = load_hf(hf_dir, dtype=dtype, progress=True)
     tokenizer = Path(hf_dir) / "tokenizer.json"
+    if tokenizer.is_file():  # read before anything is written: it must load and fit the model
+        vocab = read_tokenizer(tokenizer, REDOWNLOAD).get_vocab_size()
+        if vocab > model_cfg.vocab_size:
+            raise ValueError(
+                f"{tokenizer} has {vocab} tokens, more than the model's vocab_size="
+                f"{model_cfg.vocab_size}: the checkpoint's files do not belong together"
+            )
+    model = load_hf(hf_dir, dtype=dtype, progress=True)
     return write_new_run(Path(out), cfg, model, tokenizer if tokenizer.is_file() else None)

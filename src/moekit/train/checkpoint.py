@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +109,10 @@ def load_checkpoint(
     if "rng.torch" not in tensors:
         raise DamagedFile(state_file, "has no 'rng.torch' tensor", checkpoint_remedy(path))
     if optimizer is not None:
-        optimizer.load_state_dict(
-            {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
-        )
+        with restoring(path, "trainer.json", "optimizer state (with state.safetensors)"):
+            optimizer.load_state_dict(
+                {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
+            )
     prefix = "rng.sampler."
     sampler = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     return TrainerState(
@@ -119,6 +122,19 @@ def load_checkpoint(
         torch_rng=tensors["rng.torch"],
         cuda_rng=tensors.get("rng.cuda"),
     )
+
+
+@contextmanager
+def restoring(checkpoint: Path, name: str, what: str) -> Iterator[None]:
+    """Report what restoring a checkpoint's state raises as the damaged file `name` of it: the
+    files read, but do not fit this run (edited, or from another run)."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
+        if isinstance(err, DamagedFile):
+            raise
+        problem = f"holds {what} that does not fit this run ({str(err).splitlines()[0]})"
+        raise DamagedFile(Path(checkpoint) / name, problem, checkpoint_remedy(checkpoint)) from None
 
 
 def load_weights(path: Path, model: nn.Module) -> None:

@@ -26,6 +26,7 @@ from moekit.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    restoring,
     save_checkpoint,
 )
 from moekit.train.freeze import freeze, trainable_table
@@ -124,7 +125,12 @@ class Trainer:
         self._open_run_files(resume)
 
     def _open_run_files(self, resume: bool) -> None:
-        """Open metrics.jsonl (a resumed run keeps its records to its step); write config.json."""
+        """Open metrics.jsonl (a resumed run keeps its records to its step); write config.json
+        and tokenizer.json. Only now, once a resumed checkpoint has been read whole: a damaged
+        one leaves the run directory as it was."""
+        if self.cfg.train.data.tokenizer != "run":  # "run" read it from there
+            with atomic_path(self.run_dir / "tokenizer.json") as tmp:
+                self.data.tokenizer.save(str(tmp))
         self.metrics = MetricsLog(
             self.run_dir, self.step if resume else None, self.cfg.train.tensorboard
         )
@@ -140,9 +146,6 @@ class Trainer:
                 f"{data.tokenizer.get_vocab_size()} tokens"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is good
-        if t.data.tokenizer != "run":  # "run" read it from there
-            with atomic_path(self.run_dir / "tokenizer.json") as tmp:
-                data.tokenizer.save(str(tmp))
         self._say(
             f"data: {data.n_train_files} train files ({data.train.n_tokens:,} tokens), "
             f"{data.n_val_files} validation files ({data.val.n_tokens:,} tokens), "
@@ -152,8 +155,9 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.model, self.optimizer)
-        self.sampler.load_state_dict(state.sampler)
-        torch.set_rng_state(state.torch_rng)
+        with restoring(checkpoint, "state.safetensors", "RNG or sampler state"):
+            self.sampler.load_state_dict(state.sampler)
+            torch.set_rng_state(state.torch_rng)
         if state.cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state.cuda_rng)
         self.step, self.tokens = state.step, state.tokens

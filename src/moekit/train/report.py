@@ -123,7 +123,7 @@ def expert_load_figure(train: list[dict[str, Any]]) -> Figure:
             interpolation="nearest",
         )  # fmt: skip
         ax.set_ylabel(f"layer {i}\nexpert")
-        ax.set_yticks(range(counts.shape[0]))
+        ax.set_yticks(range(0, counts.shape[0], max(1, counts.shape[0] // 16)))
         ax.tick_params(axis="y", labelsize=7)
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle("Expert load per MoE layer (tokens routed / mean; 1 = balanced)")

@@ -39,8 +39,8 @@ def load_run_files(run_dir: str | Path) -> tuple[RunConfig, Path, Tokenizer]:
 def read_run_tokenizer(run_dir: str | Path) -> Tokenizer:
     """The tokenizer.json of a run directory."""
     remedy = (
-        f"copy the run again (if moekit trained it, `moekit train --resume {run_dir}` writes it "
-        "again)"
+        "copy the run again, or only its tokenizer.json: from the checkpoint it was converted "
+        f"from, or (a run moekit trained) `moekit train --resume {run_dir}` writes it again"
     )
     return read_tokenizer(Path(run_dir) / "tokenizer.json", remedy)
 

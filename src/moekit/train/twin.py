@@ -4,6 +4,7 @@ for both: what `moekit demo` shows.
 
     out/moe/, out/dense/   two ordinary run directories (`moekit generate out/moe` samples)
     out/report.md          the comparison, with loss.png (both models) and expert_load.png (the MoE)
+    out/comparison.json    its figures: each run's summary and the MoE's ratios to dense
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from moekit.config import RunConfig, dense_twin
-from moekit.fileio import atomic_write_text
+from moekit.fileio import atomic_write_json, atomic_write_text
+from moekit.machine import machine_info
 from moekit.model import format_count
 from moekit.train.lockstep import compare_to, train_in_lockstep, train_in_parallel
 from moekit.train.metrics import read_metrics
@@ -84,8 +86,12 @@ def ratio_text(result: TwinResult, key: str) -> str:
 
 
 def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) -> Path:
-    """out/report.md, out/loss.png and out/expert_load.png."""
+    """out/report.md, out/loss.png, out/expert_load.png and out/comparison.json."""
     out = result.out
+    figures = {"steps": result.steps, "comparison": result.comparison, "runs": result.runs,
+               "balance": balance_rows(result.moe_dir), "config": cfg.to_dict(),
+               "machine": machine_info()}  # fmt: skip
+    atomic_write_json(out / "comparison.json", figures)
     save_figure(twin_loss_figure(result), out / "loss.png")
     moe_train = [r for r in read_metrics(result.moe_dir / "metrics.jsonl") if r["kind"] == "train"]
     save_figure(expert_load_figure(moe_train), out / "expert_load.png")
