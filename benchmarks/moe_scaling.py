@@ -207,7 +207,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("ratio to dense (below 1: MoE is ahead)")
     axes[0].legend(fontsize=8)
     m = result["machine"]
-    fig.suptitle(f"{m['cpu_model']}, {m['torch_threads']} threads; points: seeds, lines: means, "
+    threads = result["base"]["train"]["threads"] or m["torch_threads"]
+    fig.suptitle(f"{m['cpu_model']}, {threads} threads; points: seeds, lines: means, "
                  "never reached: not drawn", fontsize=8, color="gray")  # fmt: skip
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

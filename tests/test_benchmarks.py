@@ -10,6 +10,7 @@ import pytest
 from tests.run_cases import JSON_PACKAGE
 
 from moekit.overrides import apply_overrides
+from moekit.train.lockstep import seconds_at
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -187,3 +188,11 @@ def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
     for point in result["points"]:
         losses = [s["designs"]["fine-grained"]["final_val_loss"] for s in point["seeds"]]
         assert losses[0] != losses[1]  # two seeds, two runs
+        for seed in point["seeds"]:
+            for name, d in seed["designs"].items():
+                assert (d["step_ratio"] is None) == (d["time_ratio"] is None), name
+                if d["step_ratio"] is not None:  # the MoE's seconds to that step, over dense's
+                    run, steps = seed["runs"][name], point["size"]["steps"]
+                    seconds = seconds_at(run, d["step_ratio"] * steps)
+                    dense_seconds = seed["runs"]["dense"]["train_seconds"]
+                    assert d["time_ratio"] == pytest.approx(seconds / dense_seconds)

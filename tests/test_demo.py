@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from tests.run_cases import JSON_PACKAGE
+from tests.run_cases import JSON_PACKAGE, tiny_run
 
 from moekit.cli import main
 from moekit.config import RunConfig, dense_twin
+from moekit.train import train
+
+
+def test_the_committed_demo_results_are_of_the_demo_preset() -> None:
+    """benchmarks/results/demo (the README's figures) was run with the preset as it is now."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks/results/demo/comparison.json"
+    preset = json.loads(RunConfig.preset("demo").to_json())
+    assert json.loads(results.read_text())["config"] == preset
 
 
 def test_the_dense_twin_has_the_moe_active_width() -> None:
@@ -27,20 +36,48 @@ def test_demo_trains_both_compares_and_reports(tmp_path: Path, capsys) -> None:
             f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     assert main(["demo", "--out", str(out), "--max-new-tokens", "8", *tiny]) == 0
     printed = capsys.readouterr().out
-    assert "the training time" in printed and "bits/byte" in printed and "least loaded" in printed
-    assert f"moekit generate {out / 'moe'}" in printed
+    figures = json.loads((out / "comparison.json").read_text())
+    ratio = figures["comparison"]["moe"]["step_ratio"]
+    reached = f"in {ratio:.2f}x the steps and" if ratio else "did not reach dense's final"
+    assert reached in printed and "bits/byte" in printed and "least loaded" in printed
+    for name in ("moe", "dense"):
+        assert f"validation {figures['runs'][name]['final_val_loss']:.3f} nats/token" in printed
+    assert f"moekit generate {out / 'moe'} --prompt 'def main('" in printed
     report = (out / "report.md").read_text()
     assert (
         "| final validation loss (nats/token) |" in report and "## Sample (from the MoE)" in report
     )
     for name in ("loss.png", "expert_load.png", "moe/report.md", "dense/report.md"):
         assert (out / name).stat().st_size > 0, name
+    (out / "stale.txt").write_text("from the last demo")
     assert main(["demo", "--out", str(out), "--max-new-tokens", "8", *tiny]) == 0  # replaces it
+    assert not (out / "stale.txt").exists()
 
 
 def test_demo_refuses_to_replace_what_is_not_a_demo(tmp_path: Path, capsys) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert main(["demo", "--out", str(tmp_path / "mine")]) == 2
-    assert "is not a moekit demo" in capsys.readouterr().err
+    run = tmp_path / "run"  # a run of the user's: a config.json, but not a demo's two runs
+    train(tiny_run(tmp_path, steps=2), run)
+    for folder in (tmp_path / "mine", run):
+        assert main(["demo", "--out", str(folder)]) == 2
+        assert "is not a demo of an MoE and its dense twin" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (run / "config.json").is_file() and list((run / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"activation": "gelu"}, "SwiGLU FFN without biases"),
+        ({"capacity_factor": 1.25}, "exactly top_k experts per token"),
+    ],
+)
+def test_a_dense_twin_of_another_compute_is_refused(change: dict, says: str) -> None:
+    model = RunConfig.preset("demo").model
+    with pytest.raises(ValueError, match=says):
+        dense_twin(model.replace(moe=model.moe.replace(**change)))
+    with pytest.raises(ValueError, match="dense layers have d_ff=512"):
+        dense_twin(model.replace(first_dense=1, d_ff=512))
+    shared = model.replace(moe=model.moe.replace(n_shared_experts=1, d_shared=64))
+    assert dense_twin(shared).d_ff == 2 * 128 + 64

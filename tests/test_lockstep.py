@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from tests.run_cases import tiny_run
 
+from moekit.config import dense_twin
 from moekit.train.lockstep import (
     SideBySideFailed,
     compare_to,
@@ -16,6 +17,7 @@ from moekit.train.lockstep import (
     train_in_lockstep,
     train_in_parallel,
 )
+from moekit.train.metrics import read_metrics
 
 
 def _run(final: float, curve: list, seconds: list, tokens_per_s: float) -> dict:
@@ -55,23 +57,33 @@ def test_lockstep_runs_are_ordinary_runs_with_timed_curves(tmp_path: Path) -> No
 
 
 def test_runs_in_parallel_are_the_runs_of_one_process_each(tmp_path: Path) -> None:
-    """Two processes at once give the same runs as training each alone (same seed, same data):
-    the same losses at every step."""
+    """Two processes at once give the runs of training each alone (same seed, same data, one
+    thread each): the same losses at every logged step and evaluation."""
     base = tiny_run(tmp_path)
-    moe = base.replace(train=lockstep_settings(base.train, steps=6, evals=2))
-    dense = moe.replace(model=moe.model.replace(moe=None, d_ff=128))
+    moe = base.replace(train=lockstep_settings(base.train, steps=6, evals=2).replace(threads=1))
+    dense = moe.replace(model=dense_twin(moe.model))
     dirs = {"moe": tmp_path / "moe", "dense": tmp_path / "dense"}
     runs = train_in_parallel({"moe": moe, "dense": dense}, dirs, progress=False)
     alone = train_in_lockstep({"dense": dense}, {"dense": tmp_path / "alone"}, progress=False)
     assert runs["dense"]["val_curve"] == alone["dense"]["val_curve"]
+    losses = [[r.get("lm_loss") for r in read_metrics(d / "metrics.jsonl")]
+              for d in (dirs["dense"], tmp_path / "alone")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) > 4
     assert runs["moe"]["active_parameters"] < runs["moe"]["parameters"]
     assert [s for s, _ in runs["moe"]["val_curve"]] == [3, 6]
 
 
-def test_a_run_that_fails_in_its_process_is_reported(tmp_path: Path, capfd) -> None:
+def test_a_run_that_fails_in_its_process_stops_the_others_and_is_named(
+    tmp_path: Path, capfd
+) -> None:
     base = tiny_run(tmp_path)
     cfg = base.replace(train=lockstep_settings(base.train, steps=2, evals=1))
     train_in_lockstep({"a": cfg}, {"a": tmp_path / "a"}, progress=False)  # a run is there now
-    with pytest.raises(SideBySideFailed, match="training a failed"):
+    with pytest.raises(FileExistsError, match="already holds a run"):  # before any process
         train_in_parallel({"a": cfg, "b": cfg}, {"a": tmp_path / "a", "b": tmp_path / "b"})
-    assert "already holds a run" in capfd.readouterr().err
+    (tmp_path / "file").write_text("not a folder")  # the run's mkdir fails in its process
+    long = cfg.replace(train=cfg.train.replace(steps=400))
+    with pytest.raises(SideBySideFailed, match=r"b \(failed with exit code 2") as err:
+        train_in_parallel({"a": long, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file"})
+    assert "a (interrupted" in str(err.value)  # stopped, not left to run its 400 steps
+    assert "error: " in capfd.readouterr().err

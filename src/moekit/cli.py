@@ -41,62 +41,38 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 # "argument --max-new-tokens: must be an integer >= 1, not -3" and exits 2.
 
 
-def _parse(text: str, kind: type, noun: str) -> Any:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {noun}, not {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
-    return value
+def _number(kind: type, ok: Callable[[Any], bool], noun: str, doc: str) -> Callable[[str], Any]:
+    """An argparse type: `text` as a finite `kind` for which `ok` holds, else "must be NOUN"."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, not {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {noun}, not {text}")
+        return value
+
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (a count of tokens, experts, processes, seeds)."""
-    value = _parse(text, int, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """A random seed: an integer in [0, 2**64)."""
-    value = _parse(text, int, "an integer >= 0")
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), not {text}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1",
+                       "A count of tokens, experts, processes or seeds.")  # fmt: skip
+seed_int = _number(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)", "A random seed.")
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0",
+                             "A temperature (0 is greedy) or a noise scale.")  # fmt: skip
+positive_float = _number(float, lambda v: v > 0, "a number > 0", "A capacity factor.")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]",
+                      "A probability mass (top-p; 1 keeps every token).")  # fmt: skip
+_top_k = _number(int, lambda v: v >= 0, "an integer >= 1, or 0 for no top-k", "Top-k sampling.")
 
 
 def top_k_or_off(text: str) -> int | None:
     """Top-k sampling: an integer >= 1, or 0 for none (None)."""
-    value = _parse(text, int, "an integer >= 1, or 0 for no top-k")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, or 0 for no top-k, not {text}")
-    return value or None
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (a temperature, where 0 is greedy; a noise scale)."""
-    value = _parse(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (a capacity factor)."""
-    value = _parse(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A probability mass in (0, 1] (top-p; 1 keeps every token)."""
-    value = _parse(text, float, "a number in (0, 1]")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text}")
-    return value
+    return _top_k(text) or None
 
 
 def byte_size(text: str) -> int:
@@ -542,7 +518,7 @@ def demo_command(args: argparse.Namespace) -> int:
     from moekit.train import TrainingDiverged, write_report
     from moekit.train.lockstep import SideBySideFailed
     from moekit.train.sample import load_run
-    from moekit.train.twin import DENSE, MOE, train_with_dense_twin, write_twin_report
+    from moekit.train.twin import MOE, train_with_dense_twin, write_twin_report
 
     start = time.perf_counter()
     cfg = resolve_run_config(DEMO_PRESET, args.overrides)
@@ -556,11 +532,9 @@ def demo_command(args: argparse.Namespace) -> int:
         return 1
     _, model, tokenizer = load_run(out / MOE)
     sample = args.prompt + _stream_sample(model, tokenizer, args.prompt, args.max_new_tokens)
-    write_report(out / MOE, cfg, model, sample=sample)
-    dense_cfg, dense_model, _ = load_run(out / DENSE)
-    write_report(out / DENSE, dense_cfg, dense_model)
+    write_report(out / MOE, cfg, model, sample=sample)  # its training wrote it without one
     report = write_twin_report(result, cfg, sample)
-    _print_twin_figures(result, cfg, report, time.perf_counter() - start)
+    _print_twin_figures(result, cfg, report, args.prompt, time.perf_counter() - start)
     return 0
 
 
@@ -576,7 +550,7 @@ def _stream_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int)
     return sample
 
 
-def _print_twin_figures(result: Any, cfg: Any, report: Path, seconds: float) -> None:
+def _print_twin_figures(result: Any, cfg: Any, report: Path, prompt: str, seconds: float) -> None:
     from moekit.model import format_count
     from moekit.train.twin import DENSE, MOE, balance_rows, balance_table, ratio_text
 
@@ -596,26 +570,32 @@ def _print_twin_figures(result: Any, cfg: Any, report: Path, seconds: float) -> 
             f"{run['tokens_per_s']:,.0f} tokens/s"
         )
     cmp = result.comparison[MOE]
-    print(
-        f"MoE reached dense's final validation loss in {ratio_text(result, 'step_ratio')} the "
-        f"steps and {ratio_text(result, 'time_ratio')} the training time (throughput "
-        f"{cmp['throughput_ratio']:.2f}x dense's; {result.steps} steps each)"
-    )
+    reached = "MoE did not reach dense's final validation loss"
+    if cmp["step_ratio"] is not None:
+        reached = (
+            f"MoE reached dense's final validation loss in {ratio_text(result, 'step_ratio')} "
+            f"the steps and {ratio_text(result, 'time_ratio')} the training time"
+        )
+    print(f"{reached} (throughput {cmp['throughput_ratio']:.2f}x dense's; {result.steps} steps)")
     print("expert balance over the last quarter of training (share of the mean load):")
     print(balance_table(balance_rows(result.moe_dir)))
     print(f"report      {report} (loss.png: both models; expert_load.png: the MoE's experts)")
-    print(f"more text   moekit generate {result.moe_dir} --prompt 'def fib('")
-    print(f"demo time   {seconds // 60:.0f} min {seconds % 60:.0f} s")
+    print(f"more text   moekit generate {result.moe_dir} --prompt {shlex.quote(prompt)}")
+    minutes, rest = divmod(round(seconds), 60)
+    print(f"demo time   {minutes} min {rest} s")
 
 
 def _clear_previous_demo(out: Path) -> None:
     """Remove an earlier demo in `out`; refuse to delete anything else."""
     if not out.exists():
         return
-    from moekit.train.twin import MOE
+    from moekit.train.twin import DENSE, MOE
 
-    if not ((out / MOE / "config.json").is_file() or (out / "config.json").is_file()):
-        raise FileExistsError(f"{out} exists and is not a moekit demo; choose another --out")
+    if not all((out / name / "config.json").is_file() for name in (MOE, DENSE)):
+        raise FileExistsError(
+            f"{out} exists and is not a demo of an MoE and its dense twin (an older demo's single "
+            "run, or a run of yours?): delete it yourself or choose another --out"
+        )
     shutil.rmtree(out)
 
 

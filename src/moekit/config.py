@@ -251,7 +251,8 @@ class MoEConfig(ConfigBase):
     @property
     def active_width(self) -> int:
         """The expert width one token runs through: top_k routed experts and the shared ones
-        (the d_ff of a dense FFN of the same compute per token)."""
+        (for SwiGLU experts with token-choice routing, the d_ff of a dense FFN of the same
+        compute per token: `dense_twin`)."""
         return self.top_k * self.d_expert + self.shared_width
 
     @property
@@ -682,11 +683,31 @@ def small_model() -> ModelConfig:
 
 
 def dense_twin(model: ModelConfig) -> ModelConfig:
-    """The dense model of the same compute per token: every MoE layer's FFN becomes a dense one
-    of its active width (top_k * d_expert + shared), so only the routers' parameters differ."""
-    if model.moe is None:
+    """The dense model of the same compute per token: every MoE layer's FFN becomes a dense
+    SwiGLU FFN of its active width (top_k * d_expert + shared), so only the routers' parameters
+    differ. Refuses an MoE for which that is not the same compute: experts that are not SwiGLU,
+    routing whose experts per token vary (expert choice, capacity limits), or dense layers of
+    another width."""
+    moe = model.moe
+    if moe is None:
         raise ValueError("a dense twin needs an MoE model (model.moe is not set)")
-    return model.replace(moe=None, d_ff=model.moe.active_width)
+    if moe.activation != "swiglu" or moe.expert_bias:
+        raise ValueError(
+            f"a dense twin is a SwiGLU FFN without biases: experts with activation="
+            f"{moe.activation!r}, expert_bias={moe.expert_bias} would not compute the same"
+        )
+    if moe.router == "expert_choice" or moe.capacity_factor is not None:
+        raise ValueError(
+            "a dense twin needs exactly top_k experts per token: not router='expert_choice' "
+            f"or capacity_factor={moe.capacity_factor}"
+        )
+    has_dense = len(model.moe_layer_indices) < model.n_layers
+    if has_dense and model.d_ff != moe.active_width:
+        raise ValueError(
+            f"the model's dense layers have d_ff={model.d_ff}, its MoE layers an active width of "
+            f"{moe.active_width}: a dense twin gives every layer one width, so they must match"
+        )
+    return model.replace(moe=None, d_ff=moe.active_width)
 
 
 def dense_small_model() -> ModelConfig:
@@ -1189,23 +1210,15 @@ def experiment_run() -> RunConfig:
 
 def demo_run() -> RunConfig:
     """The run `moekit demo` trains beside its dense twin, sized for the compute 2 CPU cores give
-    in about 7 minutes rather than for its parameters: 2 layers of width 64, 32 experts of 128
-    top-2 (active width 256, 1.74M parameters, 262K active with the embeddings), 4,000 steps of
-    16 x 128 tokens (31 tokens per active parameter) of a 2048-token BPE over the standard
-    library. At this size a model is limited by its capacity, which is what experts add."""
-    moe = MoEConfig(d_model=64, d_expert=128, n_experts=32, top_k=2, aux_loss_coef=0.01)
-    model = ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, moe=moe,
-                        max_seq_len=128, tie_embeddings=True)  # fmt: skip
-    train = TrainConfig(
-        steps=4000,
-        batch_size=16,
-        seq_len=128,
-        warmup_steps=30,
-        log_every=50,
-        tensorboard=False,
-        eval=EvalConfig(every=200, batches=4),
-        checkpoint=CheckpointConfig(every=0, keep=1),
-    )
+    in minutes rather than for its parameters: the `experiment` run narrowed to 2 layers of width
+    64, with 32 experts of 128 top-2 (active width 256; 1.74M parameters, 267K active with the
+    embeddings), for 4,000 steps of 16 x 128 tokens: 31 tokens per active parameter, where a
+    model is held back by its capacity, which is what experts add."""
+    base = experiment_run()
+    assert base.model.moe is not None
+    moe = base.model.moe.replace(d_model=64, d_expert=128, n_experts=32)
+    model = base.model.replace(d_model=64, n_layers=2, n_heads=2, d_ff=None, moe=moe)
+    train = base.train.replace(steps=4000, log_every=50, eval=base.train.eval.replace(every=200))
     return RunConfig(model=model, train=train)
 
 

@@ -6,8 +6,9 @@ batches in the same order; each is an ordinary run directory (metrics.jsonl, che
   train_in_lockstep  one process, one optimizer step of each run in turn: every run sees the same
                      machine load and uses all its threads (the benchmarks).
   train_in_parallel  one process per run at the same time, each with its share of the cores
-                     (`moekit demo`: on 2 cores, two 1-thread runs take about half the time of
-                     the lockstep, whose small products gain little from a second thread).
+                     (`moekit demo`: on 2 cores each run keeps a core to itself, where in
+                     lockstep the small products of a small model gain little from a second
+                     thread).
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from moekit.config import RunConfig, TrainConfig
+from moekit.cpu_memory import keep_freed_memory
 from moekit.data import prepare_data
 from moekit.model import parameter_breakdown
-from moekit.train.loop import Trainer, train
+from moekit.train.loop import Trainer, check_run_dir, train
 from moekit.train.metrics import read_metrics
+from moekit.train.report import summary
 
 
 class SideBySideFailed(RuntimeError):
@@ -76,13 +80,21 @@ def train_in_lockstep(
     return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
 
 
+def parallel_threads(n_runs: int) -> int:
+    """Threads for each of n_runs processes at once: this process's cores shared out, at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) // n_runs)
+
+
 def train_in_parallel(
     configs: Mapping[str, RunConfig], run_dirs: Mapping[str, Path], progress: bool = True
 ) -> dict[str, dict[str, Any]]:
     """Train every config into its run directory at the same time, each in a process of its own
-    with cpu_count // len(configs) threads (at least 1); return each run's `run_summary`. The data
-    is prepared (and cached) once first. A run that fails raises once all have stopped."""
-    threads = max(1, (os.cpu_count() or 1) // len(configs))
+    with `parallel_threads` threads (unless its train.threads says); return each run's
+    `run_summary`. The data is prepared (and cached) once first. When a run fails or is
+    interrupted, the others are stopped (Ctrl-C: each saves a checkpoint first) and
+    `SideBySideFailed` says which."""
+    for name in configs:  # a directory holding a run fails here, before anything trains
+        check_run_dir(Path(run_dirs[name]), resume=False)
     prepared = set()
     for name, cfg in configs.items():  # each corpus and tokenizer once, before the processes
         key = (cfg.train.data.to_json(), cfg.token_vocab_size)
@@ -91,34 +103,82 @@ def train_in_parallel(
             prepared.add(key)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
     processes = {}
-    for name, cfg in configs.items():
-        train = cfg.train.replace(threads=threads, progress=False)
-        processes[name] = context.Process(
-            target=_train_one, args=(cfg.replace(train=train), str(run_dirs[name])), name=name
-        )
-        processes[name].start()
-    total = sum(cfg.train.steps for cfg in configs.values())
-    with tqdm(total=total, desc="side by side", unit="step", file=sys.stderr,
-              disable=not progress) as bar:  # fmt: skip
-        while any(p.is_alive() for p in processes.values()):
-            time.sleep(1.0)
-            done = {name: _logged_step(Path(run_dirs[name])) for name in configs}
-            bar.update(sum(done.values()) - bar.n)
-            bar.set_postfix({name: f"step {step}" for name, step in done.items()})
-    if failed := [name for name, p in processes.items() if p.exitcode != 0]:
-        raise SideBySideFailed(f"training {', '.join(failed)} failed (its error is above)")
+    try:
+        for name, cfg in configs.items():
+            threads = cfg.train.threads or parallel_threads(len(configs))
+            train_cfg = cfg.train.replace(threads=threads, progress=False)
+            args = (cfg.replace(train=train_cfg), str(run_dirs[name]))
+            processes[name] = context.Process(target=_train_one, args=args, name=name)
+            processes[name].start()
+        _follow(processes, configs, run_dirs, progress)
+    finally:
+        _stop(processes.values())
+    if failed := {name: p.exitcode for name, p in processes.items() if p.exitcode != 0}:
+        said = ", ".join(f"{name} ({_ending(code)})" for name, code in failed.items())
+        raise SideBySideFailed(f"training side by side stopped: {said}")
     return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
 
 
+def _follow(processes: dict, configs: Mapping, run_dirs: Mapping, progress: bool) -> None:
+    """Show the runs' progress until all have ended, or one has failed."""
+    total = sum(cfg.train.steps for cfg in configs.values())
+    with tqdm(total=total, desc="side by side", unit="step", file=sys.stderr,
+              disable=not progress) as bar:  # fmt: skip
+        while True:
+            done = {name: _logged_step(Path(run_dirs[name])) for name in configs}
+            bar.update(sum(done.values()) - bar.n)
+            bar.set_postfix({name: f"step {step}" for name, step in done.items()})
+            ended = [p for p in processes.values() if not p.is_alive()]
+            if len(ended) == len(processes) or any(p.exitcode != 0 for p in ended):
+                return
+            time.sleep(1.0)
+
+
+def _stop(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    """Ask the runs still going to stop as one Ctrl-C does (a checkpoint, then exit; they are in
+    process groups of their own, so a terminal's Ctrl-C reached only this process), then wait."""
+    for p in processes:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGINT)
+    for p in processes:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.terminate()
+            p.join()
+
+
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C
+
+
+def _ending(exitcode: int | None) -> str:
+    if exitcode == INTERRUPTED:
+        return "interrupted: a checkpoint is saved if it had begun training"
+    if exitcode is not None and exitcode < 0:
+        return f"killed by signal {-exitcode}"
+    return f"failed with exit code {exitcode}; its error is above"
+
+
 def _train_one(cfg: RunConfig, run_dir: str) -> None:
-    train(cfg, run_dir)
+    """One run of `train_in_parallel`, in its own process: exits 130 when interrupted, and with
+    a user error as one line (exit 2), as `moekit train` would."""
+    os.setpgrp()  # a terminal's Ctrl-C reaches only the parent, which passes on exactly one
+    keep_freed_memory()  # as `moekit train` does; it lasts for this process only
+    try:
+        result = train(cfg, run_dir)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # stopped before its training loop (or a second Ctrl-C)
+        sys.exit(INTERRUPTED)
+    if result.interrupted:
+        sys.exit(INTERRUPTED)
 
 
 def _logged_step(run_dir: Path) -> int:
     """The step of the run's newest training record (0 before the first)."""
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
+    except OSError:  # not written yet (or the run could not make its directory)
         return 0
     for line in reversed(lines):
         try:
@@ -136,17 +196,19 @@ def run_summary(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    elapsed = list(itertools.accumulate(r["seconds"] for r in train))
-    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in train)
-    counts = parameter_breakdown(cfg.model)
+    ended = max((r["step"] for r in evals), default=0)
+    if ended != cfg.train.steps:  # an interrupted run: its ratios would be read off a stub
+        raise ValueError(f"{run_dir} ended at step {ended} of {cfg.train.steps}: it is not whole")
+    elapsed = itertools.accumulate(r["seconds"] for r in train)
+    counts, figures = parameter_breakdown(cfg.model), summary(train, evals)
     return {
         "parameters": counts["total"],
         "active_parameters": counts["active"],
-        "tokens_per_s": tokens / elapsed[-1],
-        "train_seconds": elapsed[-1],
-        "final_train_loss": train[-1]["lm_loss"],
-        "final_val_loss": evals[-1]["val_loss"],
-        "final_val_bpb": evals[-1]["val_bpb"],
+        "tokens_per_s": figures["tokens_per_s"],
+        "train_seconds": figures["train_seconds"],
+        "final_train_loss": figures["train_loss"],
+        "final_val_loss": figures["val_loss"],
+        "final_val_bpb": figures["val_bpb"],
         "val_curve": [[r["step"], r["val_loss"]] for r in evals],
         "seconds_curve": [[r["step"], s] for r, s in zip(train, elapsed, strict=True)],
     }

@@ -100,7 +100,7 @@ class Trainer:
         self.cfg, self.run_dir, self.device = cfg, run_dir, resolve_device(t.device)
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        checkpoint = _check_run_dir(run_dir, resume)
+        checkpoint = check_run_dir(run_dir, resume)
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model).to(self.device)
@@ -327,7 +327,7 @@ class Trainer:
             self.metrics.close()
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, and to
     resume from damaged files (before anything is written)."""
     latest = latest_checkpoint(run_dir)

@@ -20,7 +20,12 @@ from moekit.config import RunConfig, dense_twin
 from moekit.fileio import atomic_write_json, atomic_write_text
 from moekit.machine import machine_info
 from moekit.model import format_count
-from moekit.train.lockstep import compare_to, train_in_lockstep, train_in_parallel
+from moekit.train.lockstep import (
+    compare_to,
+    parallel_threads,
+    train_in_lockstep,
+    train_in_parallel,
+)
 from moekit.train.metrics import read_metrics
 from moekit.train.report import expert_load_figure, save_figure
 
@@ -35,6 +40,7 @@ class TwinResult:
     steps: int
     runs: dict[str, dict[str, Any]]
     comparison: dict[str, dict[str, Any]]
+    setting: dict[str, Any]  # how the two shared the machine, and the machine at the start
 
     @property
     def moe_dir(self) -> Path:
@@ -47,10 +53,15 @@ def train_with_dense_twin(
     """Train `cfg` (an MoE model) and its dense twin into out/moe and out/dense: at the same
     time in two processes (`train_in_parallel`), or with `parallel=False` in lockstep."""
     configs = {MOE: cfg, DENSE: cfg.replace(model=dense_twin(cfg.model))}
+    setting = {
+        "side_by_side": "two processes at once" if parallel else "lockstep in one process",
+        "threads_per_run": cfg.train.threads or (parallel_threads(2) if parallel else None),
+        "machine": machine_info(),
+    }
     side_by_side = train_in_parallel if parallel else train_in_lockstep
     runs = side_by_side(configs, {name: out / name for name in configs}, progress)
     steps = cfg.train.steps
-    return TwinResult(out, steps, runs, compare_to(runs, DENSE, steps))
+    return TwinResult(out, steps, runs, compare_to(runs, DENSE, steps), setting)
 
 
 def balance_rows(run_dir: Path, tail: float = 0.25) -> list[dict[str, float]]:
@@ -73,16 +84,17 @@ def balance_rows(run_dir: Path, tail: float = 0.25) -> list[dict[str, float]]:
 
 
 def balance_table(rows: list[dict[str, float]]) -> str:
-    lines = [f"{'layer':>5} {'experts':>7} {'least loaded':>12} {'most loaded':>11}  (x mean load)"]
+    lines = [f"{'MoE layer':>9} {'experts':>7} {'least loaded':>12} {'most loaded':>11}  (x mean)"]
     lines += [
-        f"{r['layer']:>5} {r['experts']:>7} {r['min']:>12.2f} {r['max']:>11.2f}" for r in rows
+        f"{r['layer']:>9} {r['experts']:>7} {r['min']:>12.2f} {r['max']:>11.2f}" for r in rows
     ]
     return "\n".join(lines)
 
 
 def ratio_text(result: TwinResult, key: str) -> str:
+    """ "0.60x", or "never" when the MoE did not reach dense's final loss."""
     value = result.comparison[MOE][key]
-    return "never (the MoE did not reach dense's final loss)" if value is None else f"{value:.2f}x"
+    return "never" if value is None else f"{value:.2f}x"
 
 
 def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) -> Path:
@@ -90,7 +102,7 @@ def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) ->
     out = result.out
     figures = {"steps": result.steps, "comparison": result.comparison, "runs": result.runs,
                "balance": balance_rows(result.moe_dir), "config": cfg.to_dict(),
-               "machine": machine_info()}  # fmt: skip
+               **result.setting}  # fmt: skip
     atomic_write_json(out / "comparison.json", figures)
     save_figure(twin_loss_figure(result), out / "loss.png")
     moe_train = [r for r in read_metrics(result.moe_dir / "metrics.jsonl") if r["kind"] == "train"]
@@ -115,8 +127,9 @@ def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) ->
         f"| tokens/s | {moe['tokens_per_s']:,.0f} | {dense['tokens_per_s']:,.0f} |",
         f"| training seconds | {moe['train_seconds']:.0f} | {dense['train_seconds']:.0f} |",
         "",
-        f"- steps to dense's final validation loss: {ratio_text(result, 'step_ratio')} dense's",
-        f"- training time to it: {ratio_text(result, 'time_ratio')} dense's",
+        f"- steps to dense's final validation loss, over dense's steps: "
+        f"{ratio_text(result, 'step_ratio')}",
+        f"- training time to it, over dense's training time: {ratio_text(result, 'time_ratio')}",
         f"- throughput: {cmp['throughput_ratio']:.2f}x dense's",
         "",
         "![validation loss](loss.png)",
@@ -146,11 +159,13 @@ def twin_loss_figure(result: TwinResult) -> Figure:
         label += f"{format_count(run['active_parameters'])} active)"
         ax.plot(steps, losses, "o-", ms=3, label=label, color="black" if name == DENSE else None)
     ax.axhline(result.runs[DENSE]["final_val_loss"], color="gray", ls="--", lw=1)
-    ax.set_title(
-        f"MoE reaches dense's final loss at {ratio_text(result, 'step_ratio')} the steps, "
-        f"{ratio_text(result, 'time_ratio')} the time",
-        fontsize=10,
-    )
+    title = "MoE never reaches dense's final loss"
+    if result.comparison[MOE]["step_ratio"] is not None:
+        title = (
+            f"MoE reaches dense's final loss at {ratio_text(result, 'step_ratio')} the steps, "
+            f"{ratio_text(result, 'time_ratio')} the time"
+        )
+    ax.set_title(title, fontsize=10)
     tail = [loss for run in result.runs.values() for _, loss in run["val_curve"][1:]]
     if tail:
         ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
