@@ -90,24 +90,23 @@ def byte_size(text: str) -> int:
     return value
 
 
-def expert_budget(text: str) -> str:
-    """An expert budget `moekit generate` can read: a count, a fraction, N% or bytes."""
-    from moekit.inference.offload import check_budget_form
+def _budget(in_bytes: bool, doc: str) -> Callable[[str], str]:
+    """An argparse type for expert budgets `resolve_budget` can read (bytes only if in_bytes)."""
 
-    try:
-        return check_budget_form(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    def parse(text: str) -> str:
+        from moekit.inference.offload import check_budget_form
+
+        try:
+            return check_budget_form(text, in_bytes)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__doc__ = doc
+    return parse
 
 
-def trace_budget(text: str) -> str:
-    """A budget `moekit cache-sim` can read: a count, a fraction or N% (a trace knows no bytes)."""
-    from moekit.inference.offload import check_budget_form
-
-    try:
-        return check_budget_form(text, in_bytes=False)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+expert_budget = _budget(True, "A budget for `moekit generate`: a count, a fraction, N% or bytes.")
+trace_budget = _budget(False, "A budget for `moekit cache-sim`: a count, a fraction or N%.")
 
 
 def command(
@@ -552,7 +551,7 @@ def _stream_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int)
 
 def _print_twin_figures(result: Any, cfg: Any, report: Path, prompt: str, seconds: float) -> None:
     from moekit.model import format_count
-    from moekit.train.twin import DENSE, MOE, balance_rows, balance_table, ratio_text
+    from moekit.train.twin import DENSE, MOE, balance_table, ratio_text
 
     moe = cfg.model.moe
     shapes = {
@@ -578,7 +577,7 @@ def _print_twin_figures(result: Any, cfg: Any, report: Path, prompt: str, second
         )
     print(f"{reached} (throughput {cmp['throughput_ratio']:.2f}x dense's; {result.steps} steps)")
     print("expert balance over the last quarter of training (share of the mean load):")
-    print(balance_table(balance_rows(result.moe_dir)))
+    print(balance_table(result.balance))
     print(f"report      {report} (loss.png: both models; expert_load.png: the MoE's experts)")
     print(f"more text   moekit generate {result.moe_dir} --prompt {shlex.quote(prompt)}")
     minutes, rest = divmod(round(seconds), 60)

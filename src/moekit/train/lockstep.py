@@ -14,7 +14,6 @@ batches in the same order; each is an ordinary run directory (metrics.jsonl, che
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing
 import os
 import signal
@@ -175,19 +174,12 @@ def _train_one(cfg: RunConfig, run_dir: str) -> None:
 
 
 def _logged_step(run_dir: Path) -> int:
-    """The step of the run's newest training record (0 before the first)."""
+    """The step of the run's newest training record (0 before the first, or if unreadable)."""
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:  # not written yet (or the run could not make its directory)
+        records = read_metrics(run_dir / "metrics.jsonl")  # drops a line being written
+    except (OSError, ValueError):  # e.g. the run could not make its directory
         return 0
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line being written
-            continue
-        if record.get("kind") == "train":
-            return record["step"]
-    return 0
+    return next((r["step"] for r in reversed(records) if r["kind"] == "train"), 0)
 
 
 def run_summary(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:

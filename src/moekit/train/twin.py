@@ -9,6 +9,7 @@ for both: what `moekit demo` shows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,11 @@ class TwinResult:
     @property
     def moe_dir(self) -> Path:
         return self.out / MOE
+
+    @functools.cached_property
+    def balance(self) -> list[dict[str, float]]:
+        """The MoE's `balance_rows`."""
+        return balance_rows(self.moe_dir)
 
 
 def train_with_dense_twin(
@@ -101,7 +107,7 @@ def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) ->
     """out/report.md, out/loss.png, out/expert_load.png and out/comparison.json."""
     out = result.out
     figures = {"steps": result.steps, "comparison": result.comparison, "runs": result.runs,
-               "balance": balance_rows(result.moe_dir), "config": cfg.to_dict(),
+               "balance": result.balance, "config": cfg.to_dict(),
                **result.setting}  # fmt: skip
     atomic_write_json(out / "comparison.json", figures)
     save_figure(twin_loss_figure(result), out / "loss.png")
@@ -137,7 +143,7 @@ def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) ->
         "## Expert balance (last quarter of training)",
         "",
         "```",
-        balance_table(balance_rows(result.moe_dir)),
+        balance_table(result.balance),
         "```",
         "",
         "![expert load](expert_load.png)",
