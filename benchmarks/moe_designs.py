@@ -52,7 +52,7 @@ from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.overrides import apply_overrides
-from moekit.train.lockstep import first_step_reaching, lockstep_settings, train_in_lockstep
+from moekit.train.lockstep import compare_to, lockstep_settings, train_in_lockstep
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DENSE = "dense"
@@ -151,22 +151,17 @@ def check_widths(configs: dict[str, RunConfig]) -> None:
 
 def summarise(per_seed: list[dict[str, dict[str, Any]]], steps: int) -> dict[str, Any]:
     """Each design's step ratio and throughput ratio against the same seed's dense run."""
+    compared = [compare_to(runs, DENSE, steps) for runs in per_seed]
     table = {}
     for name in per_seed[0]:
-        ratios, speeds, finals, below = [], [], [], []
-        for runs in per_seed:
-            run, dense = runs[name], runs[DENSE]
-            reach = first_step_reaching(run["val_curve"], dense["final_val_loss"])
-            ratios.append(None if reach is None else reach / steps)
-            speeds.append(run["tokens_per_s"] / dense["tokens_per_s"])
-            finals.append(run["final_val_loss"])
-            below.append(dense["final_val_loss"] - run["final_val_loss"])
+        rows = [seed[name] for seed in compared]
+        ratios = [r["step_ratio"] for r in rows]
         table[name] = {
             "step_ratio_per_seed": ratios,
             "step_ratio_mean": None if None in ratios else mean(ratios),
-            "throughput_ratio": mean(speeds),
-            "final_val_loss_per_seed": finals,
-            "val_loss_below_dense_per_seed": below,
+            "throughput_ratio": mean(r["throughput_ratio"] for r in rows),
+            "final_val_loss_per_seed": [r["final_val_loss"] for r in rows],
+            "val_loss_below_dense_per_seed": [r["val_loss_below"] for r in rows],
             "parameters": per_seed[0][name]["parameters"],
             "active_parameters": per_seed[0][name]["active_parameters"],
         }

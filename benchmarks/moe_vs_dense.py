@@ -42,7 +42,12 @@ from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_path, atomic_write_json
 from moekit.machine import machine_info as machine
 from moekit.overrides import apply_overrides
-from moekit.train.lockstep import first_step_reaching, lockstep_settings, train_in_lockstep
+from moekit.train.lockstep import (
+    compare_to,
+    first_step_reaching,
+    lockstep_settings,
+    train_in_lockstep,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS = ("small", "dense-small")
@@ -83,9 +88,9 @@ def run_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
 
 def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, Any]:
     moe, dense = runs["small"], runs["dense-small"]
-    reach = first_step_reaching(moe["val_curve"], dense["final_val_loss"])
-    step_ratio = None if reach is None else reach / steps
-    throughput_ratio = moe["tokens_per_s"] / dense["tokens_per_s"]
+    row = compare_to(runs, "dense-small", steps)["small"]
+    step_ratio, throughput_ratio = row["step_ratio"], row["throughput_ratio"]
+    reach = None if step_ratio is None else round(step_ratio * steps)
     # For every evaluated dense loss, the first step at which MoE reached it: the step ratio along
     # the run, not only at its end (how the advantage develops with training).
     along = [

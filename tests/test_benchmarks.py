@@ -100,7 +100,8 @@ def test_moe_designs_benchmark_measures_every_design_against_the_same_seeds_dens
 
 def _run(final: float, curve: list[tuple[int, float]]) -> dict:
     return {"final_val_loss": final, "val_curve": [list(p) for p in curve], "tokens_per_s": 1.0,
-            "parameters": 1, "active_parameters": 1}  # fmt: skip
+            "parameters": 1, "active_parameters": 1, "final_val_bpb": final,
+            "train_seconds": 40.0, "seconds_curve": [[40, 40.0]]}  # fmt: skip
 
 
 def test_moe_designs_measures_each_seed_against_its_own_dense_run():
