@@ -118,7 +118,7 @@ def test_each_report_has_the_issues_columns_plots_and_checks(name: str, tmp_path
     results = {arm: [fake_run(2.0 + i)] for i, (arm, _) in enumerate(exp.arms(base))}
     add_loss_at_equal_time(results)
     run = {"command": "moekit experiment x", "overrides": [], "seeds": 1, "wall_seconds": 60.0,
-           "data_seconds": 1.0, "unigram_entropy": 5.0,
+           "arm_threads": 1, "data_seconds": 1.0, "unigram_entropy": 5.0,
            "machine": {"cpu_model": "cpu", "cpu_count": 2, "torch": "2", "torch_threads": 2,
                        "loadavg_start": [1, 1, 1], "loadavg_end": [2, 2, 2]}}  # fmt: skip
     write_report(exp, run, results, base, tmp_path)

@@ -13,6 +13,7 @@ from moekit.train.lockstep import (
     SideBySideFailed,
     compare_to,
     lockstep_settings,
+    run_in_parallel,
     seconds_at,
     train_in_lockstep,
     train_in_parallel,
@@ -87,3 +88,20 @@ def test_a_run_that_fails_in_its_process_stops_the_others_and_is_named(
         train_in_parallel({"a": long, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file"})
     assert "a (interrupted" in str(err.value)  # stopped, not left to run its 400 steps
     assert "error: " in capfd.readouterr().err
+
+
+def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(tmp_path: Path) -> None:
+    """An experiment's arm may diverge (a high learning rate is one of its arms): it ends, the
+    others train to the end; for a comparison, a diverged run stops them all and is named."""
+    base = tiny_run(tmp_path)
+    ok = base.replace(train=lockstep_settings(base.train, steps=4, evals=1).replace(threads=1))
+    blows_up = ok.replace(train=ok.train.replace(lr=1e30, warmup_steps=0))
+    configs = {"ok": ok, "blows-up": blows_up}
+    dirs = {name: tmp_path / "side" / name for name in configs}
+    assert run_in_parallel(configs, dirs, progress=False, divergence_ends_a_run=True) == {
+        "blows-up"
+    }
+    assert [r["step"] for r in read_metrics(dirs["ok"] / "metrics.jsonl")][-1] == 4
+    dirs = {name: tmp_path / "compare" / name for name in configs}
+    with pytest.raises(SideBySideFailed, match=r"blows-up \(diverged"):
+        train_in_parallel(configs, dirs, progress=False)

@@ -1187,22 +1187,23 @@ def tiny_run() -> RunConfig:
 
 
 def experiment_run() -> RunConfig:
-    """The base run of `moekit experiment` (issue 7), sized so that each experiment (4-5 arms of
-    a few hundred steps each, data preparation included) takes about 9 minutes on 2 CPU cores:
-    4 layers of width 128, 8 experts of 256 top-2 (active width 512), a 2048-token BPE over the
-    whole standard library, 16 x 128 tokens a step. Each experiment sets its own train.steps.
-    One final checkpoint per arm: the report measures its router logits."""
-    moe = MoEConfig(d_model=128, d_expert=256, n_experts=8, top_k=2, aux_loss_coef=0.01)
-    model = ModelConfig(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_ff=512, moe=moe,
+    """The base run of `moekit experiment`, sized by tokens per parameter rather than by
+    parameters (issue 14): 2 layers of width 64 with 2 heads, 8 experts of 128 top-2 (active
+    width 256; 263K active parameters with the 2048-token BPE's tied embeddings), 16 x 128 tokens
+    a step. Each experiment sets its own train.steps (2,600 steps: 20 tokens per active
+    parameter, where a model is held back by its capacity and not only by optimisation). One
+    final checkpoint per arm: the report measures its router logits."""
+    moe = MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2, aux_loss_coef=0.01)
+    model = ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, d_ff=256, moe=moe,
                         max_seq_len=128, tie_embeddings=True)  # fmt: skip
     train = TrainConfig(
-        steps=400,
+        steps=2600,
         batch_size=16,
         seq_len=128,
         warmup_steps=30,
-        log_every=10,
+        log_every=50,
         tensorboard=False,
-        eval=EvalConfig(every=50, batches=4),
+        eval=EvalConfig(every=200, batches=4),
         checkpoint=CheckpointConfig(every=0, keep=1),
     )
     return RunConfig(model=model, train=train)
@@ -1210,16 +1211,14 @@ def experiment_run() -> RunConfig:
 
 def demo_run() -> RunConfig:
     """The run `moekit demo` trains beside its dense twin, sized for the compute 2 CPU cores give
-    in minutes rather than for its parameters: the `experiment` run narrowed to 2 layers of width
-    64, with 32 experts of 128 top-2 (active width 256; 1.74M parameters, 267K active with the
-    embeddings), for 4,000 steps of 16 x 128 tokens: 31 tokens per active parameter, where a
-    model is held back by its capacity, which is what experts add."""
+    in minutes rather than for its parameters: the `experiment` run with 32 experts of 128 top-2
+    (active width 256; 1.74M parameters, 267K active with the embeddings), for 4,000 steps of
+    16 x 128 tokens: 31 tokens per active parameter, where a model is held back by its capacity,
+    which is what experts add."""
     base = experiment_run()
     assert base.model.moe is not None
-    moe = base.model.moe.replace(d_model=64, d_expert=128, n_experts=32)
-    model = base.model.replace(d_model=64, n_layers=2, n_heads=2, d_ff=None, moe=moe)
-    train = base.train.replace(steps=4000, log_every=50, eval=base.train.eval.replace(every=200))
-    return RunConfig(model=model, train=train)
+    model = base.model.replace(d_ff=None, moe=base.model.moe.replace(n_experts=32))
+    return RunConfig(model=model, train=base.train.replace(steps=4000))
 
 
 RUN_PRESETS: dict[str, typing.Callable[[], RunConfig]] = {

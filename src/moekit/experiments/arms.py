@@ -20,14 +20,15 @@ Check = tuple[str, str, str]  # (metric, arm the paper expects lower on it, arm 
 class Experiment:
     """Arms, the paper's prediction, and the checks of its direction: for each (metric, better,
     worse), the paper expects metric(better) < metric(worse); metrics are the report's columns.
-    `steps`: train.steps of each arm at the default base run (`RunConfig.preset("experiment")`),
-    chosen so that the whole experiment takes about 9 minutes on 2 CPU cores."""
+    `steps`: train.steps of each arm at the default base run (`RunConfig.preset("experiment")`):
+    about 20 tokens per active parameter, in 10-15 minutes on 2 CPU cores with the arms side by
+    side."""
 
     name: str
     prediction: str
     arms: Callable[[RunConfig], list[Arm]]
     checks: tuple[Check, ...]
-    steps: int = 400
+    steps: int = 2600
     curve: str | None = None  # a per-step figure worth its own plot (runner.CURVES)
     settings: tuple[str, ...] = ()  # overrides of the base for every arm, before the user's
 
@@ -105,7 +106,7 @@ EXPERIMENTS = {
                    "router (Roller 2021).", moe_vs_dense,
                    (("val_loss", "top2", "dense"), ("val_loss", "switch-top1", "dense"),
                     ("val_loss", "hash", "dense"), ("val_loss", "switch-top1", "hash"),
-                    ("val_loss", "fine-grained+shared", "top2")), steps=350),
+                    ("val_loss", "fine-grained+shared", "top2"))),
         Experiment("balance", "Without balancing, routing collapses (high MaxVio, dead experts); "
                    "a 1e-2 aux loss balances at a small loss cost; the aux-loss-free bias balances "
                    "without it (Wang 2024).", balance,
@@ -113,25 +114,25 @@ EXPERIMENTS = {
                     ("max_vio", "aux-1e-3", "no-balancing"),
                     ("max_vio", "aux-loss-free", "no-balancing"),
                     ("val_loss", "no-balancing", "aux-1e-2"),
-                    ("val_loss", "aux-loss-free", "aux-1e-2")), steps=450, curve="max_vio"),
+                    ("val_loss", "aux-loss-free", "aux-1e-2")), curve="max_vio"),
         Experiment("granularity", "Finer experts (more, smaller, higher k) lower the loss at equal "
                    "active compute (DeepSeekMoE; Krajewski 2024).", granularity,
                    (("val_loss", "E32-k4", "E8-k1"), ("val_loss", "E16-k2", "E8-k1"),
                     ("val_loss", "E32-k4", "E16-k2"), ("val_loss", "E32-k3+shared", "E32-k4"),
-                    ("loss_at_equal_time", "E32-k4", "E8-k1")), steps=380),
+                    ("loss_at_equal_time", "E32-k4", "E8-k1"))),
         Experiment("z-loss", "The router z-loss keeps router logits small and makes training at a "
                    "high learning rate stabler (ST-MoE, Zoph 2022).", z_loss,
                    (("logit_rms", "z-1e-3-lr1x", "no-z-lr1x"),
                     ("logit_rms", "z-1e-3-lr4x", "no-z-lr4x"),
                     ("spikes", "z-1e-3-lr4x", "no-z-lr4x"),
                     ("val_loss", "z-1e-3-lr4x", "no-z-lr4x")),
-                   steps=450, curve="logit_rms",
-                   # a checkpoint every 50 steps: the logit RMS curve is measured on each
-                   settings=("--train.checkpoint.every=50", "--train.checkpoint.keep=1000")),
+                   curve="logit_rms",
+                   # a checkpoint every 200 steps: the logit RMS curve is measured on each
+                   settings=("--train.checkpoint.every=200", "--train.checkpoint.keep=1000")),
         Experiment("capacity", "Lower capacity drops more tokens and raises the loss; dropless "
                    "matches or beats capacity 2.0 (GShard, Switch, MegaBlocks).", capacity,
                    (("dropped_fraction", "cf-1.0", "cf-0.5"), ("val_loss", "cf-1.0", "cf-0.5"),
                     ("val_loss", "cf-2.0", "cf-1.0"), ("val_loss", "dropless", "cf-0.5"),
-                    ("val_loss", "dropless", "cf-2.0")), steps=350, curve="dropped_fraction"),
+                    ("val_loss", "dropless", "cf-2.0")), curve="dropped_fraction"),
     ]
 }  # fmt: skip

@@ -22,8 +22,8 @@ from moekit.losses import z_loss
 from moekit.machine import machine_info
 from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides
-from moekit.train import TrainingDiverged, train
 from moekit.train.checkpoint import list_checkpoints, load_weights
+from moekit.train.lockstep import parallel_threads, run_in_parallel
 from moekit.train.metrics import read_metrics
 from moekit.train.report import save_figure
 from moekit.train.sample import load_run
@@ -49,17 +49,22 @@ def run_experiment(
     machine, shown = machine_info(), apply_overrides(base, overrides)
     setup = data_facts(shown)
     results: dict[str, list[dict[str, Any]]] = {}
-    for arm, arm_overrides in exp.arms(base):
-        for s in range(seeds):
-            seed = f"--train.seed={base.train.seed + s}"
-            cfg = apply_overrides(base, [*overrides, *arm_overrides, seed])
-            run = _train_arm(cfg, out_dir / ARMS_DIR / arm / f"seed-{s}")
+    arms = exp.arms(base)
+    for s in range(seeds):  # each seed's arms side by side: they share the machine alike
+        seed = f"--train.seed={base.train.seed + s}"
+        configs = {arm: apply_overrides(base, [*overrides, *arm_overrides, seed])
+                   for arm, arm_overrides in arms}  # fmt: skip
+        run_dirs = {arm: out_dir / ARMS_DIR / arm / f"seed-{s}" for arm in configs}
+        diverged = run_in_parallel(configs, run_dirs, divergence_ends_a_run=True)
+        for arm, cfg in configs.items():
+            run = arm_results(run_dirs[arm], diverged=arm in diverged)
             results.setdefault(arm, []).append(run | parameters(cfg))
     add_loss_at_equal_time(results)
     machine["loadavg_end"] = list(os.getloadavg())
+    arm_threads = shown.train.threads or parallel_threads(len(arms))
     run = {"experiment": name, "command": command, "overrides": overrides, "seeds": seeds,
-           "wall_seconds": time.perf_counter() - begin, **setup, "machine": machine,
-           "base": json.loads(shown.to_json())}  # fmt: skip
+           "arm_threads": arm_threads, "wall_seconds": time.perf_counter() - begin, **setup,
+           "machine": machine, "base": json.loads(shown.to_json())}  # fmt: skip
     write_report(exp, run, results, shown, out_dir)
     return out_dir / "report.md"
 
@@ -97,18 +102,13 @@ def parameters(cfg: RunConfig) -> dict[str, int]:
     return {"params": model.num_parameters(), "active_params": model.num_parameters(active=True)}
 
 
-def _train_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    try:
-        result = train(cfg, run_dir)
-        diverged = False
-    except TrainingDiverged:
-        result, diverged = None, True
+def arm_results(run_dir: Path, diverged: bool) -> dict[str, Any]:
+    """An arm's figures (`arm_figures`) and its router logit RMS curve, from its run directory."""
     figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
     rms = router_logit_rms(run_dir)
     figures["curves"]["logit_rms"] = rms
     figures["logit_rms"] = rms[-1][1] if rms else math.nan
-    wall = result.seconds if result else None  # evaluations and the checkpoint included
-    return figures | {"diverged": diverged, "wall_seconds": wall}
+    return figures | {"diverged": diverged}
 
 
 @torch.no_grad()
@@ -277,7 +277,8 @@ def _setup_lines(base: RunConfig, run: dict[str, Any]) -> list[str]:
         f"{t.data.source} ({t.data.tokenizer}, vocabulary {base.token_vocab_size}), lr {t.lr:g}.",
         f"Wall time of the whole experiment: {run['wall_seconds'] / 60:.1f} min (data preparation "
         f"{run['data_seconds']:.1f} s). Machine: {m['cpu_model']}, {m['cpu_count']} cores, torch "
-        f"{m['torch']} with {m['torch_threads']} threads; load average (1, 5, 15 min) "
+        f"{m['torch']}; the arms of each seed trained side by side, each in a process of "
+        f"{run['arm_threads']} thread(s); load average (1, 5, 15 min) "
         f"{_load(m['loadavg_start'])} at the start, {_load(m['loadavg_end'])} at the end.",
         f"Unigram baseline: the training tokens' unigram entropy is "
         f"{run['unigram_entropy']:.3f} nats, the loss of a model that learned only token "

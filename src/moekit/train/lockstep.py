@@ -29,7 +29,7 @@ from moekit.config import RunConfig, TrainConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.data import prepare_data
 from moekit.model import parameter_breakdown
-from moekit.train.loop import Trainer, check_run_dir, train
+from moekit.train.loop import Trainer, TrainingDiverged, check_run_dir, train
 from moekit.train.metrics import read_metrics
 from moekit.train.report import summary
 
@@ -87,11 +87,22 @@ def parallel_threads(n_runs: int) -> int:
 def train_in_parallel(
     configs: Mapping[str, RunConfig], run_dirs: Mapping[str, Path], progress: bool = True
 ) -> dict[str, dict[str, Any]]:
+    """Train every config into its run directory at the same time (`run_in_parallel`); return
+    each run's `run_summary`."""
+    run_in_parallel(configs, run_dirs, progress)
+    return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
+
+
+def run_in_parallel(
+    configs: Mapping[str, RunConfig], run_dirs: Mapping[str, Path], progress: bool = True,
+    divergence_ends_a_run: bool = False,
+) -> set[str]:  # fmt: skip
     """Train every config into its run directory at the same time, each in a process of its own
-    with `parallel_threads` threads (unless its train.threads says); return each run's
-    `run_summary`. The data is prepared (and cached) once first. When a run fails or is
-    interrupted, the others are stopped (Ctrl-C: each saves a checkpoint first) and
-    `SideBySideFailed` says which."""
+    with `parallel_threads` threads (unless its train.threads says). The data is prepared (and
+    cached) once first. When a run fails or is interrupted, the others are stopped (Ctrl-C: each
+    saves a checkpoint first) and `SideBySideFailed` says which. With `divergence_ends_a_run`, a
+    run that diverges (`TrainingDiverged`) ends on its own and the others go on: the names of
+    those runs are returned (an experiment reports a diverged arm; a comparison cannot)."""
     for name in configs:  # a directory holding a run fails here, before anything trains
         check_run_dir(Path(run_dirs[name]), resume=False)
     prepared = set()
@@ -109,17 +120,22 @@ def train_in_parallel(
             args = (cfg.replace(train=train_cfg), str(run_dirs[name]))
             processes[name] = context.Process(target=_train_one, args=args, name=name)
             processes[name].start()
-        _follow(processes, configs, run_dirs, progress)
+        ended_well = {0, DIVERGED} if divergence_ends_a_run else {0}
+        _follow(processes, configs, run_dirs, progress, ended_well)
     finally:
         _stop(processes.values())
-    if failed := {name: p.exitcode for name, p in processes.items() if p.exitcode != 0}:
+    codes = {name: p.exitcode for name, p in processes.items()}
+    if failed := {name: code for name, code in codes.items() if code not in ended_well}:
         said = ", ".join(f"{name} ({_ending(code)})" for name, code in failed.items())
         raise SideBySideFailed(f"training side by side stopped: {said}")
-    return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
+    return {name for name, code in codes.items() if code == DIVERGED}
 
 
-def _follow(processes: dict, configs: Mapping, run_dirs: Mapping, progress: bool) -> None:
-    """Show the runs' progress until all have ended, or one has failed."""
+def _follow(
+    processes: dict, configs: Mapping, run_dirs: Mapping, progress: bool, ended_well: set[int]
+) -> None:
+    """Show the runs' progress until all have ended, or one has failed (an exit code not in
+    `ended_well`)."""
     total = sum(cfg.train.steps for cfg in configs.values())
     with tqdm(total=total, desc="side by side", unit="step", file=sys.stderr,
               disable=not progress) as bar:  # fmt: skip
@@ -128,7 +144,7 @@ def _follow(processes: dict, configs: Mapping, run_dirs: Mapping, progress: bool
             bar.update(sum(done.values()) - bar.n)
             bar.set_postfix({name: f"step {step}" for name, step in done.items()})
             ended = [p for p in processes.values() if not p.is_alive()]
-            if len(ended) == len(processes) or any(p.exitcode != 0 for p in ended):
+            if len(ended) == len(processes) or any(p.exitcode not in ended_well for p in ended):
                 return
             time.sleep(1.0)
 
@@ -147,9 +163,12 @@ def _stop(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
 
 
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C
+DIVERGED = 3  # the exit code of a run stopped by TrainingDiverged
 
 
 def _ending(exitcode: int | None) -> str:
+    if exitcode == DIVERGED:
+        return "diverged: its loss or gradient became NaN or infinite; its error is above"
     if exitcode == INTERRUPTED:
         return "interrupted: a checkpoint is saved if it had begun training"
     if exitcode is not None and exitcode < 0:
@@ -158,8 +177,8 @@ def _ending(exitcode: int | None) -> str:
 
 
 def _train_one(cfg: RunConfig, run_dir: str) -> None:
-    """One run of `train_in_parallel`, in its own process: exits 130 when interrupted, and with
-    a user error as one line (exit 2), as `moekit train` would."""
+    """One run of `run_in_parallel`, in its own process: exits 130 when interrupted, 3 when it
+    diverged, and with a user error as one line (exit 2), as `moekit train` would."""
     os.setpgrp()  # a terminal's Ctrl-C reaches only the parent, which passes on exactly one
     keep_freed_memory()  # as `moekit train` does; it lasts for this process only
     try:
@@ -167,6 +186,9 @@ def _train_one(cfg: RunConfig, run_dir: str) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"{run_dir}: {err}", file=sys.stderr)
+        sys.exit(DIVERGED)
     except KeyboardInterrupt:  # stopped before its training loop (or a second Ctrl-C)
         sys.exit(INTERRUPTED)
     if result.interrupted:
