@@ -24,6 +24,7 @@ preset (2048-token BPE over the standard library, 16 x 128 tokens a step) with 2
     python benchmarks/moe_scaling.py                              # 5 budgets x 2 seeds
     python benchmarks/moe_scaling.py --budgets 30 --seeds 1       # one point
     python benchmarks/moe_scaling.py --compute 2e10 --budgets 1,10 --out /tmp/s.json  # quick look
+    python benchmarks/moe_scaling.py --merge a.json b.json  # budgets run apart, as one study
 
 Prints the JSON to stdout (progress to stderr), writes it to benchmarks/results/moe_scaling.json
 and the plot of step and time ratio against tokens per parameter beside it.
@@ -32,6 +33,7 @@ and the plot of step and time ratio against tokens per parameter beside it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -128,6 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="--a.b=VALUE",
                    help="an override of the base run, for every design (repeatable)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_scaling.json")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: join studies of other budgets (same compute, base, "
+                   "designs; e.g. run at once on two cores) into --out and its plot")  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.budgets = [float(b) for b in args.budgets.split(",")]
@@ -214,9 +219,45 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One study from studies of other budgets with the same compute, base and evaluations: their
+    points in budget order, each part's machine and wall time kept under "parts"."""
+    parts = [_read_study(path) for path in paths]
+    same = ("compute", "base_overrides", "tokens_per_step", "evals", "base")
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        if differs := [key for key in same if part[key] != parts[0][key]]:
+            raise SystemExit(f"{path} is not the same study as {paths[0]}: its {differs} differ")
+    points = [p for part in parts for p in part["points"]]
+    points.sort(key=lambda p: p["size"]["budget"])
+    budgets = [p["size"]["budget"] for p in points]
+    if len(set(budgets)) != len(budgets):
+        raise SystemExit(f"{', '.join(map(str, paths))} measure a budget twice: {budgets}")
+    kept = ("machine", "wall_seconds")
+    return {**{key: parts[0][key] for key in ("benchmark", *kept, *same)},
+            "summary": summarise(points), "points": points,
+            "parts": [{"file": path.name, "budgets": [p["size"]["budget"] for p in part["points"]],
+                       **{key: part[key] for key in kept}}
+                      for path, part in zip(paths, parts, strict=True)]}  # fmt: skip
+
+
+def _read_study(path: Path) -> dict[str, Any]:
+    try:
+        study = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read {path} as a study's JSON: {err}") from None
+    if not isinstance(study, dict) or study.get("benchmark") != "moe_scaling":
+        raise SystemExit(f"{path} is not a moe_scaling.py result: give the JSON files it wrote")
+    return study
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study; print and write the JSON (and the PNG beside it); return it."""
     args = parse_args(argv)
+    if args.merge:
+        result = merge(args.merge)
+        print(atomic_write_json(args.out, result))
+        plot(result, args.out.with_suffix(".png"))
+        return result
     keep_freed_memory()  # as the training commands do; lasts for the process
     base = apply_overrides(RunConfig.preset("experiment"), [*BASE, *args.set])
     t = base.train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -197,3 +198,18 @@ def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
                     seconds = seconds_at(run, d["step_ratio"] * steps)
                     dense_seconds = seed["runs"]["dense"]["train_seconds"]
                     assert d["time_ratio"] == pytest.approx(seconds / dense_seconds)
+    # budgets run apart (two files) join into the same study; a budget twice is refused
+    for i, point in enumerate(result["points"]):
+        part = {key: value for key, value in result.items() if key != "summary"}
+        (tmp_path / f"part{i}.json").write_text(json.dumps(part | {"points": [point]}))
+    parts = [str(tmp_path / "part1.json"), str(tmp_path / "part0.json")]
+    joined = bench.main(["--merge", *parts, "--out", str(tmp_path / "joined.json")])
+    assert joined["summary"] == json.loads(json.dumps(result["summary"]))
+    assert [p["budgets"] for p in joined["parts"]] == [[10], [1]]
+    assert (tmp_path / "joined.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="measure a budget twice"):
+        bench.main(["--merge", parts[0], parts[0], "--out", str(tmp_path / "twice.json")])
+    (tmp_path / "other.json").write_text('{"benchmark": "moe_designs"}')
+    for path, said in (("joined.png", "cannot read"), ("other.json", "not a moe_scaling.py")):
+        with pytest.raises(SystemExit, match=said):
+            bench.main(["--merge", str(tmp_path / path), "--out", str(tmp_path / "x.json")])
