@@ -450,7 +450,7 @@ def _model_override(item: str) -> str:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    from moekit.interop.hf import ARCHITECTURES
+    from moekit.interop.archs import ARCHITECTURES
     from moekit.interop.keymaps import LAYOUTS
 
     source = p.add_mutually_exclusive_group(required=True)

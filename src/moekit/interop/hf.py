@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +21,9 @@ from tqdm.auto import tqdm
 
 from moekit.config import ModelConfig
 from moekit.fileio import atomic_path
-from moekit.interop.configs import CONFIG_MAPS, HF, check_expressible
+from moekit.interop.architecture import Architecture
+from moekit.interop.archs import architecture, architecture_of
+from moekit.interop.configs import HF
 from moekit.interop.files import (
     CheckpointError,
     CheckpointReader,
@@ -36,29 +37,15 @@ from moekit.interop.files import (
 from moekit.interop.keymaps import (
     LAYOUTS,
     OPS,
-    KeyMap,
     Source,
     checkpoint_keys,
-    deepseek_v3_keys,
     expected_shapes,
-    gpt_oss_keys,
-    mixtral_keys,
-    qwen_keys,
     sources,
     template_of,
 )
 from moekit.model import MoETransformer
 from moekit.userfiles import read_tokenizer
 
-KEY_MAPS: dict[str, KeyMap] = {
-    "mixtral": mixtral_keys(),
-    "qwen2_moe": qwen_keys(shared=True),
-    "qwen3_moe": qwen_keys(shared=False),
-    "olmoe": qwen_keys(shared=False),
-    "deepseek_v3": deepseek_v3_keys(),
-    "gpt_oss": gpt_oss_keys(),
-}
-ARCHITECTURES = tuple(KEY_MAPS)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -81,27 +68,9 @@ def read_hf_config(folder: str | Path) -> HF:
     return read_checkpoint_json(path)
 
 
-def architecture_of(hf: HF) -> str:
-    """The supported architecture (model_type) of a config, or an error naming what it is."""
-    kind = hf.get("model_type")
-    if kind not in KEY_MAPS:
-        classes = hf.get("architectures")
-        raise CheckpointError(
-            f"architecture {kind!r} ({classes}) is not supported; moekit reads and writes "
-            f"{', '.join(ARCHITECTURES)}"
-        )
-    quant = hf.get("quantization_config")
-    if quant:
-        raise CheckpointError(
-            f"{kind}: quantized checkpoints (quant_method={quant.get('quant_method')!r}) are not "
-            "supported; load a dequantized (bfloat16 or float32) copy"
-        )
-    return kind
-
-
 def hf_model_config(hf: HF) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face config dict."""
-    return CONFIG_MAPS[architecture_of(hf)].from_hf(hf)
+    return architecture_of(hf).model_config(hf)
 
 
 def load_hf(
@@ -121,7 +90,7 @@ def load_hf(
     folder = Path(path)
     hf = read_hf_config(folder)
     arch = architecture_of(hf)
-    cfg = CONFIG_MAPS[arch].from_hf(hf)
+    cfg = arch.model_config(hf)
     files = find_weight_files(folder)
     model = _empty_model(cfg, _resolve_dtype(dtype, hf))
     plan = _plan_load(model, arch, files)
@@ -161,22 +130,20 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
     return model
 
 
-def _ignored(arch: str, cfg: ModelConfig, key: str) -> bool:
+def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
     """Checkpoint keys that are not part of the model: the rotary tables older checkpoints kept,
-    a tied model's copy of its embedding, and DeepSeek-V3's multi-token-prediction module (the
-    layers after the last, which transformers does not load either)."""
+    a tied model's copy of its embedding, and those the architecture ignores."""
     if key.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and key == "lm_head.weight"):
         return True
-    layer = re.match(r"model\.layers\.(\d+)\.", key)
-    return arch == "deepseek_v3" and layer is not None and int(layer.group(1)) >= cfg.n_layers
+    return arch.ignores(key, cfg)
 
 
 def _plan_load(
-    model: MoETransformer, arch: str, files: dict[str, WeightInfo]
+    model: MoETransformer, arch: Architecture, files: dict[str, WeightInfo]
 ) -> list[tuple[Tensor, Source, list[str]]]:
     """(moekit tensor, source, checkpoint keys) for every tensor the checkpoint must fill; raises
     `CheckpointError` listing all missing, unexpected and misshapen tensors at once."""
-    keymap, cfg = KEY_MAPS[arch], model.cfg
+    keymap, cfg = arch.keys, model.cfg
     n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
     plan, used, missing, wrong = [], set(), [], []
@@ -185,7 +152,9 @@ def _plan_load(
         if template not in keymap:
             if name in buffers:
                 continue  # e.g. a correction bias the architecture does not have: stays zero
-            raise CheckpointError(f"{arch}: moekit parameter {name} has no place in the key map")
+            raise CheckpointError(
+                f"{arch.model_type}: moekit parameter {name} has no place in the key map"
+            )
         options = [(s, checkpoint_keys(s, layer, n_experts)) for s in sources(keymap[template])]
         found = [(s, keys) for s, keys in options if all(k in files for k in keys)]
         if not found:
@@ -199,7 +168,7 @@ def _plan_load(
         plan.append((tensor.data, source, keys))
         used.update(keys)
     unexpected = sorted(k for k in files if k not in used and not _ignored(arch, cfg, k))
-    _raise_if_any(arch, missing, unexpected, wrong)
+    _raise_if_any(arch.model_type, missing, unexpected, wrong)
     return plan
 
 
@@ -244,13 +213,12 @@ def save_hf(
     A model the architecture cannot express (say shared experts for mixtral) raises ValueError
     naming the fields. The directory appears complete or not at all.
     """
-    if arch not in KEY_MAPS:
-        raise ValueError(f"arch={arch!r} is invalid: allowed values are {', '.join(ARCHITECTURES)}")
+    target = architecture(arch)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")
-    hf = check_expressible(model.cfg, arch)
+    hf = target.hf_config(model.cfg)
     out_dtype = model.embed.weight.dtype if dtype is None else _resolve_dtype(dtype, {})
-    tensors = _save_plan(model, arch, layout, out_dtype)
+    tensors = _save_plan(model, target, layout, out_dtype)
     final = Path(path)
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
@@ -282,10 +250,10 @@ class _Pending(NamedTuple):
 
 
 def _save_plan(
-    model: MoETransformer, arch: str, layout: str, dtype: torch.dtype
+    model: MoETransformer, arch: Architecture, layout: str, dtype: torch.dtype
 ) -> dict[str, _Pending]:
     """{checkpoint key: what makes it} in model order."""
-    keymap, cfg = KEY_MAPS[arch], model.cfg
+    keymap, cfg = arch.keys, model.cfg
     n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
     out: dict[str, _Pending] = {}
@@ -294,7 +262,9 @@ def _save_plan(
         if template not in keymap:
             if name in buffers and not tensor.any():
                 continue  # a zero correction bias is the architecture's plain router
-            raise ValueError(f"{arch} cannot express this model: it has no place for {name}")
+            raise ValueError(
+                f"{arch.model_type} cannot express this model: it has no place for {name}"
+            )
         options = sources(keymap[template])
         source = options[min(LAYOUTS.index(layout), len(options) - 1)]
         keys = checkpoint_keys(source, layer, n_experts)

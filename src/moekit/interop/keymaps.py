@@ -2,7 +2,8 @@
 
 A key map is a table `{moekit name template: Source}` (or a pair of sources: the hub's per-expert
 layout first, transformers 5's fused layout second). Templates use `{i}` for the layer and `{e}`
-for the expert. A `Source` names the checkpoint keys a tensor is made of and the `op` that joins
+for the expert. Each architecture's key map is in `archs/<arch>.py`, built from the pieces at the
+end of this file. A `Source` names the checkpoint keys a tensor is made of and the `op` that joins
 them; each op is a pair of functions, one filling a moekit tensor from the checkpoint (streamed,
 one expert or one slice at a time) and one producing the checkpoint tensors from a moekit tensor.
 
@@ -162,58 +163,42 @@ OPS: dict[str, tuple[Loader, Saver]] = {
 }
 
 
-# ---- the key maps ----
+# ---- pieces the architectures' key maps are made of ----
 
-L = "model.layers.{i}."
+LAYER = "model.layers.{i}."  # a decoder layer's prefix in every architecture
 
 
-def _common() -> KeyMap:
+def common_keys() -> KeyMap:
+    """The embedding, final norm, LM head and each layer's two norms."""
     return {
         "embed.weight": Source(("model.embed_tokens.weight",)),
         "norm.weight": Source(("model.norm.weight",)),
         "lm_head.weight": Source(("lm_head.weight",)),
-        "layers.{i}.attn_norm.weight": Source((L + "input_layernorm.weight",)),
-        "layers.{i}.ffn_norm.weight": Source((L + "post_attention_layernorm.weight",)),
+        "layers.{i}.attn_norm.weight": Source((LAYER + "input_layernorm.weight",)),
+        "layers.{i}.ffn_norm.weight": Source((LAYER + "post_attention_layernorm.weight",)),
     }
 
 
-def _attention() -> KeyMap:
+def attention_keys() -> KeyMap:
+    """Multi-head attention: q/k/v/o projections (weights and biases) and the q/k norms."""
     out: KeyMap = {}
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         for kind in ("weight", "bias"):
-            out[f"layers.{{i}}.attn.{proj}.{kind}"] = Source((f"{L}self_attn.{proj}.{kind}",))
+            out[f"layers.{{i}}.attn.{proj}.{kind}"] = Source((f"{LAYER}self_attn.{proj}.{kind}",))
     for norm in ("q_norm", "k_norm"):
-        out[f"layers.{{i}}.attn.{norm}.weight"] = Source((f"{L}self_attn.{norm}.weight",))
-    out["layers.{i}.attn.sinks"] = Source((L + "self_attn.sinks",))
+        out[f"layers.{{i}}.attn.{norm}.weight"] = Source((f"{LAYER}self_attn.{norm}.weight",))
     return out
 
 
-def _latent_attention() -> KeyMap:
-    names = {
-        "q_proj": "q_proj",
-        "q_a_proj": "q_a_proj",
-        "q_a_norm": "q_a_layernorm",
-        "q_b_proj": "q_b_proj",
-        "kv_a_proj": "kv_a_proj_with_mqa",
-        "kv_a_norm": "kv_a_layernorm",
-        "kv_b_proj": "kv_b_proj",
-        "o_proj": "o_proj",
-    }
-    out: KeyMap = {}
-    for ours, theirs in names.items():
-        for kind in ("weight", "bias"):
-            out[f"layers.{{i}}.attn.{ours}.{kind}"] = Source((f"{L}self_attn.{theirs}.{kind}",))
-    return out
-
-
-def _dense_ffn(prefix: str = L + "mlp.") -> KeyMap:
+def dense_ffn_keys() -> KeyMap:
+    """A dense layer's FFN under `mlp.`: gate_proj, up_proj, down_proj."""
     return {
-        f"layers.{{i}}.ffn.w_{part}.weight": Source((f"{prefix}{part}_proj.weight",))
+        f"layers.{{i}}.ffn.w_{part}.weight": Source((f"{LAYER}mlp.{part}_proj.weight",))
         for part in ("gate", "up", "down")
     }
 
 
-def _experts(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:
+def expert_keys(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:
     """Routed experts: hub keys `{hub}experts.{e}.<gate|up|down>.weight`, fused keys
     `{fused}experts.gate_up_proj` and `down_proj`."""
     gate, up, down = (f"{hub}experts.{{e}}.{n}.weight" for n in names)
@@ -229,71 +214,21 @@ def _experts(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:
     }
 
 
-def _shared(prefix: str) -> KeyMap:
+def mlp_moe_keys() -> KeyMap:
+    """The router (`mlp.gate`) and routed experts (`mlp.experts.{e}.gate_proj` ...) as Qwen,
+    OLMoE and DeepSeek-V3 store them."""
+    mlp = LAYER + "mlp."
+    return {
+        "layers.{i}.ffn.router.weight": Source((mlp + "gate.weight",)),
+        **expert_keys(mlp, mlp, ("gate_proj", "up_proj", "down_proj")),
+    }
+
+
+def shared_expert_keys(prefix: str) -> KeyMap:
+    """The shared experts as one FFN at `prefix` (gate and up fused into our w_in)."""
     return {
         "layers.{i}.ffn.shared_experts.w_in.weight": Source(
             (prefix + "gate_proj.weight", prefix + "up_proj.weight"), "cat"
         ),
         "layers.{i}.ffn.shared_experts.w_out.weight": Source((prefix + "down_proj.weight",)),
-    }
-
-
-def mixtral_keys() -> KeyMap:
-    """Mixtral: the hub's `block_sparse_moe.experts.{e}.w1/w3/w2`, transformers 5's `mlp.`."""
-    hub, fused = L + "block_sparse_moe.", L + "mlp."
-    router = (Source((hub + "gate.weight",)), Source((fused + "gate.weight",)))
-    return {
-        **_common(),
-        **_attention(),
-        "layers.{i}.ffn.router.weight": router,
-        **_experts(hub, fused, ("w1", "w3", "w2")),
-    }
-
-
-def qwen_keys(shared: bool) -> KeyMap:
-    """Qwen2-MoE (shared expert with a sigmoid gate), Qwen3-MoE and OLMoE: `mlp.experts.{e}.*`."""
-    mlp = L + "mlp."
-    out = {
-        **_common(),
-        **_attention(),
-        **_dense_ffn(),
-        "layers.{i}.ffn.router.weight": Source((mlp + "gate.weight",)),
-        **_experts(mlp, mlp, ("gate_proj", "up_proj", "down_proj")),
-    }
-    if shared:
-        out |= _shared(mlp + "shared_expert.")
-        out["layers.{i}.ffn.shared_experts.gate.weight"] = Source(
-            (mlp + "shared_expert_gate.weight",)
-        )
-    return out
-
-
-def deepseek_v3_keys() -> KeyMap:
-    """DeepSeek-V3: latent attention, `mlp.shared_experts.*`, the router's correction bias."""
-    mlp = L + "mlp."
-    return {
-        **_common(),
-        **_latent_attention(),
-        **_dense_ffn(),
-        "layers.{i}.ffn.router.weight": Source((mlp + "gate.weight",)),
-        "layers.{i}.ffn.router.expert_bias": Source((mlp + "gate.e_score_correction_bias",)),
-        **_experts(mlp, mlp, ("gate_proj", "up_proj", "down_proj")),
-        **_shared(mlp + "shared_experts."),
-    }
-
-
-def gpt_oss_keys() -> KeyMap:
-    """GPT-OSS: one layout, experts stored (E, D, 2F) with gate and up interleaved."""
-    mlp = L + "mlp."
-    return {
-        **_common(),
-        **_attention(),
-        "layers.{i}.ffn.router.weight": Source((mlp + "router.weight",)),
-        "layers.{i}.ffn.router.bias": Source((mlp + "router.bias",)),
-        "layers.{i}.ffn.experts.w_in": Source((mlp + "experts.gate_up_proj",), "interleaved_t"),
-        "layers.{i}.ffn.experts.b_in": Source(
-            (mlp + "experts.gate_up_proj_bias",), "interleaved_t"
-        ),
-        "layers.{i}.ffn.experts.w_out": Source((mlp + "experts.down_proj",), "transpose"),
-        "layers.{i}.ffn.experts.b_out": Source((mlp + "experts.down_proj_bias",)),
     }

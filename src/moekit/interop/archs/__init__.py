@@ -1,0 +1,49 @@
+"""The Hugging Face architectures moekit reads and writes, by config.json's `model_type`.
+
+Each file here is one architecture: its config map, key map and anything special to it, as an
+`Architecture`. Adding one is adding its file and its line below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moekit.interop.architecture import Architecture
+from moekit.interop.archs.deepseek_v3 import DEEPSEEK_V3
+from moekit.interop.archs.gpt_oss import GPT_OSS
+from moekit.interop.archs.mixtral import MIXTRAL
+from moekit.interop.archs.olmoe import OLMOE
+from moekit.interop.archs.qwen2_moe import QWEN2_MOE
+from moekit.interop.archs.qwen3_moe import QWEN3_MOE
+from moekit.interop.files import CheckpointError
+
+ARCHS: dict[str, Architecture] = {
+    arch.model_type: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V3, GPT_OSS)
+}
+ARCHITECTURES = tuple(ARCHS)
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture called `name` (a model_type), to write a checkpoint in."""
+    if name not in ARCHS:
+        raise ValueError(f"arch={name!r} is invalid: allowed values are {', '.join(ARCHITECTURES)}")
+    return ARCHS[name]
+
+
+def architecture_of(hf: dict[str, Any]) -> Architecture:
+    """The architecture of a config.json, or an error naming what it is (unsupported or
+    quantized)."""
+    kind = hf.get("model_type")
+    if kind not in ARCHS:
+        classes = hf.get("architectures")
+        raise CheckpointError(
+            f"architecture {kind!r} ({classes}) is not supported; moekit reads and writes "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    quant = hf.get("quantization_config")
+    if quant:
+        raise CheckpointError(
+            f"{kind}: quantized checkpoints (quant_method={quant.get('quant_method')!r}) are not "
+            "supported; load a dequantized (bfloat16 or float32) copy"
+        )
+    return ARCHS[kind]

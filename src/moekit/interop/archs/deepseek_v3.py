@@ -1,0 +1,148 @@
+"""DeepSeek-V3: multi-head latent attention, sigmoid scores with an auxiliary-loss-free
+correction bias, group-limited routing, shared experts, dense first layers; the checkpoint's
+multi-token-prediction module is not loaded."""
+
+from __future__ import annotations
+
+import re
+
+from moekit.config import MLAConfig, ModelConfig, MoEConfig
+from moekit.interop.architecture import Architecture
+from moekit.interop.configs import HF, common_from_hf, common_to_hf, dense_width, moe_from_hf
+from moekit.interop.keymaps import (
+    LAYER,
+    KeyMap,
+    Source,
+    common_keys,
+    dense_ffn_keys,
+    mlp_moe_keys,
+    shared_expert_keys,
+)
+
+
+def from_hf(hf: HF) -> ModelConfig:
+    routed = moe_from_hf(hf, hf["n_routed_experts"], hf["moe_intermediate_size"])
+    routed["aux_loss_coef"] = 0.0  # auxiliary-loss-free: the correction bias balances instead
+    moe = MoEConfig(
+        **routed,
+        score="sigmoid",
+        normalize=bool(hf["norm_topk_prob"]),
+        routed_scaling=float(hf["routed_scaling_factor"]),
+        n_groups=hf["n_group"] or 1,
+        topk_groups=hf["topk_group"] or 1,
+        n_shared_experts=hf["n_shared_experts"] or 0,
+    )
+    mla = MLAConfig(
+        q_lora_rank=hf["q_lora_rank"],
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        rope_interleave=bool(hf["rope_interleave"]),
+    )
+    common = common_from_hf(hf)
+    common.update(n_kv_heads=None, head_dim=None)  # latent attention has neither
+    return ModelConfig(
+        **common,
+        d_ff=hf["intermediate_size"],
+        moe=moe,
+        first_dense=hf["first_k_dense_replace"] or 0,
+        attn_bias=bool(hf["attention_bias"]),
+        mla=mla,
+    )
+
+
+def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
+    if cfg.mla is None:
+        raise ValueError("deepseek_v3 needs multi-head latent attention: set ModelConfig.mla")
+    m = cfg.mla
+    out = common_to_hf(cfg)
+    out.update(num_key_value_heads=cfg.n_heads, head_dim=m.qk_rope_head_dim)
+    dense = [i for i in range(cfg.n_layers) if i not in set(cfg.moe_layer_indices)]
+    return {
+        **out,
+        "intermediate_size": dense_width(cfg),
+        "moe_intermediate_size": moe.d_expert,
+        "n_routed_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "n_shared_experts": moe.n_shared_experts,
+        "routed_scaling_factor": moe.routed_scaling,
+        "n_group": moe.n_groups,
+        "topk_group": moe.topk_groups,
+        "norm_topk_prob": moe.normalize,
+        "first_k_dense_replace": len(dense),
+        "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim,
+        "v_head_dim": m.v_head_dim,
+        "rope_interleave": m.rope_interleave,
+        "attention_bias": cfg.attn_bias is True,
+        "num_nextn_predict_layers": 0,
+    }
+
+
+# moekit's latent-attention module -> DeepSeek-V3's (under self_attn.)
+_LATENT_ATTENTION = {
+    "q_proj": "q_proj",
+    "q_a_proj": "q_a_proj",
+    "q_a_norm": "q_a_layernorm",
+    "q_b_proj": "q_b_proj",
+    "kv_a_proj": "kv_a_proj_with_mqa",
+    "kv_a_norm": "kv_a_layernorm",
+    "kv_b_proj": "kv_b_proj",
+    "o_proj": "o_proj",
+}
+
+
+def keys() -> KeyMap:
+    """Latent attention, `mlp.shared_experts.*`, the router's correction bias."""
+    mlp = LAYER + "mlp."
+    attention: KeyMap = {
+        f"layers.{{i}}.attn.{ours}.{kind}": Source((f"{LAYER}self_attn.{theirs}.{kind}",))
+        for ours, theirs in _LATENT_ATTENTION.items()
+        for kind in ("weight", "bias")
+    }
+    return {
+        **common_keys(),
+        **attention,
+        **dense_ffn_keys(),
+        **mlp_moe_keys(),
+        "layers.{i}.ffn.router.expert_bias": Source((mlp + "gate.e_score_correction_bias",)),
+        **shared_expert_keys(mlp + "shared_experts."),
+    }
+
+
+def is_prediction_module(key: str, cfg: ModelConfig) -> bool:
+    """The multi-token-prediction module: the layers after the last, which transformers does not
+    load either."""
+    layer = re.match(r"model\.layers\.(\d+)\.", key)
+    return layer is not None and int(layer.group(1)) >= cfg.n_layers
+
+
+DEEPSEEK_V3 = Architecture(
+    model_type="deepseek_v3",
+    class_name="DeepseekV3ForCausalLM",
+    defaults={
+        "rope_theta": 1e4,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 2.5,
+        "n_group": 8,
+        "topk_group": 4,
+        "norm_topk_prob": True,
+        "first_k_dense_replace": 3,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "rope_interleave": True,
+    },
+    aliases={"num_local_experts": "n_routed_experts"},
+    from_hf=from_hf,
+    to_hf=to_hf,
+    keys=keys(),
+    ignores=is_prediction_module,
+)

@@ -1,0 +1,55 @@
+"""Mixtral: every layer MoE, no shared experts; one sliding window for all layers or none."""
+
+from __future__ import annotations
+
+from moekit.config import ModelConfig, MoEConfig
+from moekit.interop.architecture import Architecture
+from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, one_window
+from moekit.interop.keymaps import LAYER, KeyMap, Source, attention_keys, common_keys, expert_keys
+
+
+def from_hf(hf: HF) -> ModelConfig:
+    moe = MoEConfig(**moe_from_hf(hf, hf["num_local_experts"], hf["intermediate_size"]))
+    return ModelConfig(**common_from_hf(hf), moe=moe, sliding_window=hf["sliding_window"])
+
+
+def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
+    return {
+        **common_to_hf(cfg),
+        "intermediate_size": moe.d_expert,
+        "num_local_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "sliding_window": one_window(cfg),
+        "router_aux_loss_coef": moe.aux_loss_coef,
+    }
+
+
+def keys() -> KeyMap:
+    """The hub's `block_sparse_moe.experts.{e}.w1/w3/w2`, transformers 5's `mlp.`."""
+    hub, fused = LAYER + "block_sparse_moe.", LAYER + "mlp."
+    router = (Source((hub + "gate.weight",)), Source((fused + "gate.weight",)))
+    return {
+        **common_keys(),
+        **attention_keys(),
+        "layers.{i}.ffn.router.weight": router,
+        **expert_keys(hub, fused, ("w1", "w3", "w2")),
+    }
+
+
+MIXTRAL = Architecture(
+    model_type="mixtral",
+    class_name="MixtralForCausalLM",
+    defaults={
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 8,
+        "sliding_window": None,
+        "max_position_embeddings": 131072,
+    },
+    aliases={"num_experts": "num_local_experts"},
+    from_hf=from_hf,
+    to_hf=to_hf,
+    keys=keys(),
+)

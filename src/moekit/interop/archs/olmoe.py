@@ -1,0 +1,64 @@
+"""OLMoE: every layer MoE, q/k norms over the full width, q/k/v clipped at `clip_qkv`; its
+config has no head_dim."""
+
+from __future__ import annotations
+
+from moekit.config import ModelConfig, MoEConfig
+from moekit.interop.architecture import Architecture
+from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf
+from moekit.interop.keymaps import KeyMap, attention_keys, common_keys, dense_ffn_keys, mlp_moe_keys
+
+
+def from_hf(hf: HF) -> ModelConfig:
+    moe = MoEConfig(
+        **moe_from_hf(hf, hf["num_experts"], hf["intermediate_size"]),
+        normalize=bool(hf["norm_topk_prob"]),
+    )
+    common = common_from_hf(hf)
+    common["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]  # OLMoE has no head_dim
+    return ModelConfig(
+        **common,
+        moe=moe,
+        attn_bias=bool(hf["attention_bias"]),
+        qk_norm="full",
+        clip_qkv=hf["clip_qkv"],
+    )
+
+
+def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
+    out = common_to_hf(cfg)
+    del out["head_dim"]
+    return {
+        **out,
+        "intermediate_size": moe.d_expert,
+        "num_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.normalize,
+        "attention_bias": cfg.attn_bias is True,
+        "clip_qkv": cfg.clip_qkv,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+    }
+
+
+def keys() -> KeyMap:
+    """`mlp.experts.{e}.*` and the q/k norms (Qwen3-MoE's names)."""
+    return {**common_keys(), **attention_keys(), **dense_ffn_keys(), **mlp_moe_keys()}
+
+
+OLMOE = Architecture(
+    model_type="olmoe",
+    class_name="OlmoeForCausalLM",
+    defaults={
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e4,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": False,
+        "clip_qkv": None,
+        "router_aux_loss_coef": 0.01,
+    },
+    aliases={"num_local_experts": "num_experts"},
+    from_hf=from_hf,
+    to_hf=to_hf,
+    keys=keys(),
+)
