@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from moekit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from moekit.model import MoETransformer
+from moekit.overrides import apply_overrides
 from moekit.train import train
 from moekit.train.checkpoint import latest_checkpoint, load_weights
 from moekit.train.freeze import freeze, part_of, trainable_table
@@ -18,10 +20,10 @@ from moekit.train.optim import build_optimizer
 CFG = ModelConfig.preset("tiny").replace(vocab_size=257)
 
 
-def one_step(spec: str) -> tuple[dict[str, torch.Tensor], MoETransformer]:
+def one_step(parts: list[str]) -> tuple[dict[str, torch.Tensor], MoETransformer]:
     model = MoETransformer(CFG)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    freeze(model, spec)
+    freeze(model, parts)
     opt = build_optimizer(model, TrainConfig(lr=1e-2))
     batch = torch.randint(0, 257, (2, 16))
     model(batch, labels=batch).loss.backward()
@@ -29,13 +31,14 @@ def one_step(spec: str) -> tuple[dict[str, torch.Tensor], MoETransformer]:
     return before, model
 
 
-@pytest.mark.parametrize("spec", ["experts", "router", "attention", "experts,attention"])
-def test_frozen_parameters_do_not_change_after_a_step(spec: str):
-    before, model = one_step(spec)
-    frozen = set(spec.split(","))
+@pytest.mark.parametrize(
+    "parts", [["experts"], ["router"], ["attention"], ["experts", "attention"]]
+)
+def test_frozen_parameters_do_not_change_after_a_step(parts: list[str]):
+    before, model = one_step(parts)
     for name, param in model.named_parameters():
         moved = not torch.equal(before[name], param.detach())
-        assert moved != (part_of(name) in frozen), name
+        assert moved != (part_of(name) in parts), name
 
 
 def test_parts_of_parameter_names():
@@ -48,7 +51,7 @@ def test_parts_of_parameter_names():
 
 def test_trainable_table_counts_frozen_parameters():
     model = MoETransformer(CFG)
-    freeze(model, "experts")
+    freeze(model, ["experts"])
     experts = sum(m.experts.w_in.numel() + m.experts.w_out.numel() for m in model.moe_layers())
     table = trainable_table(model)
     row = next(line for line in table.splitlines() if line.startswith("experts"))
@@ -60,6 +63,38 @@ def test_trainable_table_counts_frozen_parameters():
 def test_bad_freeze_names_the_field():
     with pytest.raises(ValueError, match="freeze='embeddings'"):
         TrainConfig(freeze="embeddings")
+    with pytest.raises(ValueError, match="freeze='embeddings' is invalid: must be one of"):
+        TrainConfig(freeze=["router", "embeddings"])
+
+
+def test_a_string_of_parts_is_not_frozen_by_its_letters():
+    with pytest.raises(ValueError, match="cannot freeze"):
+        freeze(MoETransformer(CFG), "experts")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "parts"),
+    [(None, ()), ("", ()), ("router", ("router",)), ("experts, router", ("experts", "router"))],
+)
+def test_freeze_of_older_runs_loads_as_a_list(given: str | None, parts: tuple[str, ...]):
+    """Runs saved before freeze was a list hold None or a comma-separated string."""
+    data = TrainConfig().to_dict()
+    data["freeze"] = given
+    cfg = TrainConfig.from_dict(data)
+    assert cfg.freeze == parts
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["freeze"] == list(parts)
+
+
+def test_freeze_override_takes_a_comma_separated_list():
+    base = RunConfig.preset("tiny")
+    assert apply_overrides(base, ["--train.freeze=experts,router"]).train.freeze == (
+        "experts",
+        "router",
+    )
+    assert apply_overrides(base, ['--train.freeze=["attention"]']).train.freeze == ("attention",)
+    with pytest.raises(ValueError, match=r"--train\.freeze='embeddings'"):
+        apply_overrides(base, ["--train.freeze=embeddings"])
 
 
 def test_training_run_with_experts_frozen(tmp_path: Path):

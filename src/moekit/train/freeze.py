@@ -1,30 +1,20 @@
-"""Fine-tuning with parts of the model frozen: `train.freeze` names the parts whose parameters
+"""Fine-tuning with parts of the model frozen: `train.freeze` lists the parts whose parameters
 get no gradient and are left out of the optimizer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
-# Each part: the module names (a component of a parameter's dotted name) it covers.
 from moekit.config import FREEZE_PARTS
 
+# Each part: the module names (a component of a parameter's dotted name) it covers.
 PARTS = {
     "experts": ("experts", "shared_experts"),  # routed and shared experts of the MoE layers
     "router": ("router",),
     "attention": ("attn",),  # the attention projections (the norms stay trainable)
 }
-
-
-def parse_freeze(spec: str | None) -> list[str]:
-    """ "experts,router" -> ["experts", "router"]; None or "" -> []."""
-    parts = [p.strip() for p in (spec or "").split(",") if p.strip()]
-    for part in parts:
-        if part not in PARTS:
-            raise ValueError(
-                f"train.freeze={spec!r} is invalid: {part!r} is not one of {', '.join(PARTS)} "
-                "(comma-separated)"
-            )
-    return parts
 
 
 def part_of(name: str) -> str:
@@ -36,11 +26,13 @@ def part_of(name: str) -> str:
     return "other"
 
 
-def freeze(model: nn.Module, spec: str | None) -> None:
-    """Set requires_grad=False on every parameter of the parts named in `spec`."""
-    frozen = set(parse_freeze(spec))
+def freeze(model: nn.Module, parts: Sequence[str]) -> None:
+    """Set requires_grad=False on every parameter of `parts` (as `train.freeze` lists them)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"cannot freeze {sorted(unknown)}: the parts are {', '.join(PARTS)}")
     for name, param in model.named_parameters():
-        if part_of(name) in frozen:
+        if part_of(name) in parts:
             param.requires_grad_(False)
 
 

@@ -1,0 +1,43 @@
+"""Configs: plain, validated, JSON-round-trippable dataclasses.
+
+Every config is `@dataclass(kw_only=True)` data (no tensors, devices or callables) checked against
+its type hints by `ConfigBase` (base.py), then by its own rules between fields; a bad value raises
+`ValueError` naming the field, the value and what is allowed. moe.py holds the MoE layer's config,
+model.py the model's, run.py a training run's, presets.py the named presets.
+"""
+
+from moekit.config.base import ConfigBase, check_choice, config_from_data
+from moekit.config.model import MLAConfig, ModelConfig, RopeScaling, dense_twin
+from moekit.config.moe import MoEConfig
+from moekit.config.presets import MODEL_PRESETS, RUN_PRESETS
+from moekit.config.run import (
+    FREEZE_PARTS,
+    RUN_FILE_REMEDY,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "FREEZE_PARTS",
+    "MODEL_PRESETS",
+    "RUN_FILE_REMEDY",
+    "RUN_PRESETS",
+    "CheckpointConfig",
+    "ConfigBase",
+    "DataConfig",
+    "EvalConfig",
+    "MLAConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RopeScaling",
+    "RunConfig",
+    "TrainConfig",
+    "check_choice",
+    "config_from_data",
+    "dense_twin",
+]
