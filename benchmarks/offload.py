@@ -3,7 +3,7 @@
 without prefetch, beside two baselines measured in the same process: all experts resident, and
 no cache (every needed expert loaded from disk each time it is used: a cache of top_k experts,
 which with more than one MoE layer never hits). Belady's optimal hit rate at each budget comes
-from replaying the all-resident run's routing trace (`moekit.inference.trace.belady`).
+from replaying the all-resident run's routing trace (`moekit.inference.cache_sim.belady`).
 
 Disk reads are made real: before each run the expert files are dropped from the OS page cache,
 and after every expert load the file's cached pages are dropped again
@@ -73,9 +73,19 @@ def model_config(quick: bool):
     )
 
 
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """Ask the OS to forget these files' cached pages, so the next reads come from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def cold_loads(offload) -> None:
     """After each expert load, drop its file from the page cache: every read goes to the disk."""
-    from moekit.inference.offload import drop_from_page_cache, layer_file
+    from moekit.inference.store import layer_file
 
     load = offload.cache.load
 
@@ -107,7 +117,6 @@ def greedy(model, prompt, n_new: int):
 def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw) -> dict:
     """Median tokens/s of `repeats` cold runs (each from an empty cache and page cache)."""
     from moekit.inference import apply_expert_offload
-    from moekit.inference.offload import drop_from_page_cache
 
     times, same = [], True
     for _ in range(repeats):
@@ -132,7 +141,8 @@ def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw) ->
 def measure(quick: bool, new_tokens: int = 192) -> dict:
     from moekit import MoETransformer
     from moekit.inference import write_expert_files
-    from moekit.inference.trace import TraceRecorder, belady
+    from moekit.inference.cache_sim import belady
+    from moekit.inference.trace import TraceRecorder
 
     torch.manual_seed(0)
     cfg = model_config(quick)
@@ -233,8 +243,6 @@ def memory(model, n_new: int, quick: bool) -> dict:
     Python meta-device kernels included (the meta build of `load_offloaded` loads them: a fixed
     cost, reported on its own)."""
     from safetensors.torch import save_model
-
-    from moekit.inference.offload import drop_from_page_cache
 
     expert_bytes = sum(p.nbytes for n, p in model.named_parameters() if "experts.w_" in n)
     result = {

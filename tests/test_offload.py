@@ -12,16 +12,11 @@ import torch
 from safetensors.torch import save_model
 
 from moekit import ModelConfig, MoETransformer
-from moekit.inference.cache import ExpertCache, make_policy
-from moekit.inference.offload import (
-    OffloadedExperts,
-    apply_expert_offload,
-    expert_groups,
-    layer_file,
-    load_offloaded,
-    resolve_budget,
-    write_expert_files,
-)
+from moekit.inference.budget import resolve_budget
+from moekit.inference.cache import ExpertCache, expert_groups, make_policy
+from moekit.inference.offload import apply_expert_offload, load_offloaded
+from moekit.inference.offloaded_experts import OffloadedExperts
+from moekit.inference.store import layer_file, write_expert_files
 from moekit.model.generation import KVCache, generate
 
 TINY = ModelConfig.preset("tiny")

@@ -12,17 +12,10 @@ from safetensors.torch import save_file
 
 from moekit import ModelConfig, MoETransformer
 from moekit.cli import main
-from moekit.inference.offload import apply_expert_offload, write_expert_files
-from moekit.inference.trace import (
-    LayerCall,
-    Trace,
-    TraceRecorder,
-    belady,
-    cache_sim_rows,
-    load_trace,
-    save_trace,
-    simulate,
-)
+from moekit.inference.cache_sim import belady, cache_sim_rows, simulate
+from moekit.inference.offload import apply_expert_offload
+from moekit.inference.store import write_expert_files
+from moekit.inference.trace import LayerCall, Trace, TraceRecorder, load_trace, save_trace
 from moekit.model.generation import generate
 from moekit.userfiles import DamagedFile
 

@@ -94,7 +94,7 @@ def _budget(in_bytes: bool, doc: str) -> Callable[[str], str]:
     """An argparse type for expert budgets `resolve_budget` can read (bytes only if in_bytes)."""
 
     def parse(text: str) -> str:
-        from moekit.inference.offload import check_budget_form
+        from moekit.inference.budget import check_budget_form
 
         try:
             return check_budget_form(text, in_bytes)
@@ -324,6 +324,7 @@ def _offloaded_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     cache (the whole model is never in memory), checked before generation starts."""
     from moekit.inference.offload import load_offloaded
     from moekit.inference.trace import load_trace
+    from moekit.train.checkpoint import checkpoint_remedy
     from moekit.train.sample import load_run_files
 
     cfg, checkpoint, tokenizer = load_run_files(args.run_dir)
@@ -333,6 +334,7 @@ def _offloaded_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         model, offload = load_offloaded(
             checkpoint / "model.safetensors",
             cfg.model,
+            remedy=checkpoint_remedy(checkpoint),
             budget=args.expert_budget,
             policy=args.policy,
             prefetch=args.prefetch,
@@ -385,8 +387,9 @@ def _cache_sim_args(p: argparse.ArgumentParser) -> None:
 @command("cache-sim", "replay a routing trace against cache policies and Belady's oracle",
          _cache_sim_args)  # fmt: skip
 def cache_sim_command(args: argparse.Namespace) -> int:
-    from moekit.inference.offload import resolve_budget
-    from moekit.inference.trace import cache_sim_rows, load_trace
+    from moekit.inference.budget import resolve_budget
+    from moekit.inference.cache_sim import cache_sim_rows
+    from moekit.inference.trace import load_trace
     from moekit.moe import SELECTED_MAX_TOKENS
 
     trace = load_trace(args.trace)

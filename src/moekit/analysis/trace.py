@@ -1,4 +1,5 @@
-"""Routing traces: run a model over labelled held-out text and keep every MoE layer's choices."""
+"""Routing over labelled held-out text: every MoE layer's choices for each token, with the token's
+class and domain (recorded by `moekit.inference.trace.TraceRecorder`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from moekit.analysis.token_classes import CLASSES, char_classes, token_classes
 from moekit.data import Document, eos_id
+from moekit.inference.trace import TraceRecorder
 from moekit.model import MoETransformer
 
 TOP_LEVEL = "(top level)"  # the domain of a file at the corpus root (a stdlib module, not package)
@@ -68,38 +70,22 @@ def label_tokens(tok: Tokenizer, documents: Sequence[Document], n_tokens: int) -
 def record_routing(
     model: MoETransformer, tokens: LabelledTokens, seq_len: int, batch_size: int = 8
 ) -> RoutingTrace:
-    """Run the model over consecutive windows of `seq_len` tokens and keep each layer's top-k."""
+    """Run the model over consecutive windows of `seq_len` tokens and keep each layer's top-k
+    (after capacity), recorded by the one routing recorder, `TraceRecorder`."""
     ids_T = torch.from_numpy(tokens.token_ids)
     windows = list(torch.split(ids_T, seq_len))
-    per_layer: list[list[Tensor]] = []
-    entropy: list[list[float]] = []
+    batches = []
     for start in range(0, len(windows), batch_size):
         group = windows[start : start + batch_size]
         full = [w for w in group if len(w) == seq_len]  # equal lengths batch; a short tail alone
-        for batch in ([torch.stack(full)] if full else []) + [
-            w[None] for w in group if len(w) < seq_len
-        ]:
-            _record(model(batch), per_layer, entropy)
+        batches += [torch.stack(full)] if full else []
+        batches += [w[None] for w in group if len(w) < seq_len]
+    with TraceRecorder(model) as rec:
+        for batch in batches:
+            model(batch)
     new_seq = torch.zeros(len(ids_T), dtype=torch.bool)
     new_seq[::seq_len] = True
-    ids = [torch.cat(chunks) for chunks in per_layer]
-    sizes = [len(c) for c in per_layer[0]]  # the mean entropy of each batch, weighted by tokens
-    return RoutingTrace(
-        tokens, new_seq, ids, [float(np.average(e, weights=sizes)) for e in entropy]
-    )
-
-
-def _record(out, per_layer: list[list[Tensor]], entropy: list[list[float]]) -> None:
-    if not out.aux:
-        raise ValueError("the model has no MoE layer: there is no routing to analyse")
-    for i, aux in enumerate(out.aux):
-        if aux.ids is None:
-            raise ValueError(
-                "routing analysis needs token-choice routing (aux.ids); expert-choice layers "
-                "have no per-token top-k"
-            )
-        if len(per_layer) <= i:
-            per_layer.append([])
-            entropy.append([])
-        per_layer[i].append(aux.ids.reshape(-1, aux.ids.shape[-1]).cpu())
-        entropy[i].append(float(aux.entropy))
+    ids = [torch.cat(layer) for layer in zip(*rec.kept, strict=True)]
+    sizes = [len(call[0]) for call in rec.kept]  # each batch's mean entropy weighs its tokens
+    entropy = [float(np.average(e, weights=sizes)) for e in zip(*rec.entropy, strict=True)]
+    return RoutingTrace(tokens, new_seq, ids, entropy)

@@ -1,5 +1,5 @@
 """Which experts stay resident: eviction policies, the `ExpertCache` that applies them to real
-weights, and its statistics.
+weights, its statistics, and the groups in which a layer call asks it for experts.
 
 A key is `(moe_layer, expert)`. A policy only chooses victims; the cache counts, loads, pins and
 prefetches. `moekit cache-sim` drives this very cache (with no weights and no loader threads)
@@ -24,6 +24,20 @@ POLICIES = ("lru", "lfu", "static")
 # Threads that read experts (prefetches and `get_many`'s misses): cold 400 KB reads from this
 # machine's disk ran at 460 MB/s one at a time, 760 MB/s four at a time, 910 MB/s eight at a time.
 LOADER_THREADS = 4
+
+
+def expert_groups(experts: list[int], capacity: int, selected: bool) -> list[list[int]]:
+    """The groups in which one MoE layer call fetches its distinct experts (ascending) from a
+    cache of `capacity`, each group pinned together, in order: all at once when they fit; else,
+    on the dispatch path (a prefill), chunks of `capacity`; on the selected path
+    (`MoELayer.selected_path`: a decode step, few tokens), one expert at a time.
+
+    `OffloadedExperts` fetches by these groups and `moekit cache-sim` replays them, so the two
+    count the same hits."""
+    if len(experts) <= capacity:
+        return [list(experts)] if experts else []
+    step = 1 if selected else capacity
+    return [list(experts[i : i + step]) for i in range(0, len(experts), step)]
 
 
 class Policy:
@@ -74,8 +88,9 @@ class StaticPolicy(Policy):
         return super().victim(candidates - self.pinned) or super().victim(candidates)
 
 
-def make_policy(name: str, counts: dict[Key, int] | None = None, n_static: int = 0) -> Policy:
-    """The policy called `name`; "static" keeps the `n_static` keys with the largest `counts`."""
+def make_policy(name: str, counts: Tensor | None = None, n_static: int = 0) -> Policy:
+    """The policy called `name`; "static" keeps the `n_static` keys (layer, expert) with the
+    largest `counts` (n_moe_layers, n_experts), e.g. a routing trace's `expert_counts()`."""
     if name == "lru":
         return Policy()
     if name == "lfu":
@@ -83,7 +98,9 @@ def make_policy(name: str, counts: dict[Key, int] | None = None, n_static: int =
     if name == "static":
         if counts is None:
             raise ValueError("policy='static' needs expert counts from a routing trace (--trace)")
-        top = sorted(counts, key=lambda k: (-counts[k], k))[: max(n_static, 0)]
+        rows = counts.tolist()
+        by_key = {(i, e): int(c) for i, row in enumerate(rows) for e, c in enumerate(row)}
+        top = sorted(by_key, key=lambda k: (-by_key[k], k))[: max(n_static, 0)]
         return StaticPolicy(top)
     raise ValueError(f"policy={name!r} is unknown; choose one of {', '.join(POLICIES)}")
 

@@ -1,12 +1,13 @@
-"""Routing traces for cache planning: which experts each token used at each MoE layer, recorded
-while generating, saved as one small safetensors file with the model's identity; and a replay of
-a trace against the cache policies and Belady's optimal oracle (`moekit cache-sim`).
+"""Routing traces: which experts each token used at each MoE layer, recorded by hooks on a running
+model (`TraceRecorder`, the one recorder of routing: `moekit trace` records generation with it for
+cache planning, `moekit analyze` records held-out text with it), saved as one small safetensors
+file with the model's identity (`save_trace`, `load_trace`).
 
 A trace's layer calls: for each forward call (a prefill or one decode step), for each MoE layer
 in order, the distinct experts the layer fetched, ascending, and whether it ran the selected
 (decode) path; `OffloadedExperts` asks the cache for them in the groups of `expert_groups`, and
-the simulator replays those very groups on an `ExpertCache`, so its hit counts are the model's.
-The request sequence is the same keys one after another.
+`moekit cache-sim` (`moekit.inference.cache_sim`) replays those very groups on an `ExpertCache`,
+so its hit counts are the model's. The request sequence is the same keys one after another.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from torch import Tensor
 
 from moekit.config import ModelConfig
 from moekit.fileio import atomic_path
-from moekit.inference.cache import CacheStats, ExpertCache, Key, make_policy
-from moekit.inference.offload import expert_groups, model_identity
+from moekit.inference.cache import Key
+from moekit.inference.store import model_identity
 from moekit.model.transformer import MoETransformer
 from moekit.moe import SELECTED_MAX_TOKENS
 from moekit.userfiles import REDOWNLOAD, DamagedFile, open_safetensors, parse_json, read_tokenizer
@@ -95,22 +96,28 @@ class Trace:
 
 
 class TraceRecorder:
-    """Records the routing of every forward of `model` inside `with TraceRecorder(model) as r`:
-    the experts each token's router chose (hooked on the routers; generation runs the MoE layers
-    without their aux), which experts each layer call fetched (the chosen ones; on the dispatch
-    path, those that received rows, hooked on the experts) and which path it ran."""
+    """Records the routing of every forward of `model` inside `with TraceRecorder(model) as r`,
+    per forward call and MoE layer: the experts each token's router chose (`calls`, hooked on the
+    routers: generation runs the MoE layers without their aux), which experts the layer call
+    fetched (`fetched`: the chosen ones; on the dispatch path, those that received rows, hooked
+    on the experts) and which path it ran (`selected`). Where the layer reports its aux (a
+    forward with metrics, as `moekit analyze` runs), also the assignments it kept (`kept`: (T, K),
+    -1 where capacity dropped one) and its mean routing entropy (`entropy`)."""
 
     def __init__(self, model: MoETransformer) -> None:
         self.model, self.identity = model, model_identity(model.cfg)
         self.calls: list[list[Tensor]] = []
         self.fetched: list[list[Tensor]] = []
         self.selected: list[list[bool]] = []
+        self.kept: list[list[Tensor]] = []
+        self.entropy: list[list[float]] = []
         self.hooks: list = []
 
     def __enter__(self) -> TraceRecorder:
         for i, layer in enumerate(self.model.moe_layers()):
             self.hooks.append(layer.router.register_forward_hook(self._router_hook(i, layer)))
             self.hooks.append(layer.experts.register_forward_pre_hook(self._experts_hook(i)))
+            self.hooks.append(layer.register_forward_hook(self._aux_hook))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,10 +128,14 @@ class TraceRecorder:
         n_experts = self.identity["n_experts"]
 
         def hook(module, args, routing) -> None:
+            if routing.ids_TK is None:
+                raise ValueError(
+                    "a routing trace needs token-choice routing: expert-choice layers have no "
+                    "per-token top-k"
+                )
             if i == 0:
-                self.calls.append([])
-                self.fetched.append([])
-                self.selected.append([])
+                for record in (self.calls, self.fetched, self.selected, self.kept, self.entropy):
+                    record.append([])
             ids = routing.ids_TK.detach().to(torch.int32).cpu()
             self.calls[-1].append(ids)
             self.fetched[-1].append(torch.bincount(ids.flatten(), minlength=n_experts) > 0)
@@ -137,6 +148,12 @@ class TraceRecorder:
             self.fetched[-1][i] = args[1].detach().cpu() > 0
 
         return hook
+
+    def _aux_hook(self, module, args, output) -> None:
+        aux = output[1]  # the layer returns (y, aux); aux is None without metrics
+        if aux is not None:
+            self.kept[-1].append(aux.ids.reshape(-1, aux.ids.shape[-1]).cpu())
+            self.entropy[-1].append(float(aux.entropy))
 
     def trace(self) -> Trace:
         ids = [torch.stack(layers, dim=1) for layers in self.calls]
@@ -212,57 +229,6 @@ def _check_trace_tensors(path: str | Path, tensors: dict, identity: dict, versio
             raise DamagedFile(path, problem, RECORD_AGAIN)
 
 
-def simulate(
-    calls: list[LayerCall],
-    capacity: int,
-    policy: str,
-    counts: Tensor | None = None,
-    top_k: int = 1,
-) -> CacheStats:
-    """The statistics of an `ExpertCache` of `capacity` with `policy` (no prefetch) fed the layer
-    calls as `OffloadedExperts` feeds it: each call's experts pinned together in the groups of
-    `expert_groups`, so the hits and misses are those of the model on the same routing. "static"
-    never evicts the `capacity - top_k` most counted keys of `counts` (L, E), as the model does
-    given the same counts."""
-    by_key = None
-    if counts is not None:
-        by_key = {
-            (i, e): int(c) for i, row in enumerate(counts.tolist()) for e, c in enumerate(row)
-        }
-    pol = make_policy(policy, by_key, n_static=capacity - top_k)
-    cache = ExpertCache(lambda key: (), capacity, pol, expert_bytes=0, loader_threads=0)
-    for call in calls:
-        for group in expert_groups(list(call.experts), capacity, call.selected):
-            with cache.using([(call.layer, e) for e in group]):
-                pass
-    return cache.stats
-
-
-def belady(requests: list[Key], capacity: int) -> float:
-    """Hit rate of the optimal offline policy (Belady 1966): on a miss with the cache full, evict
-    the resident key whose next request is furthest away (or never comes).
-
-    It serves the requests one key at a time and may evict any resident key, even one that the
-    same layer call requested just before (the model keeps those pinned) and it reads nothing
-    ahead of its request. Any cache without prefetch that serves the same sequence in the same
-    order, `ExpertCache` with its group pins included, is such a demand-paging cache, so this is
-    an upper bound on its hit rate; with prefetch a cache can count more hits."""
-    next_use = [0] * len(requests)
-    seen: dict[Key, int] = {}
-    for i in range(len(requests) - 1, -1, -1):
-        next_use[i] = seen.get(requests[i], len(requests))
-        seen[requests[i]] = i
-    resident: dict[Key, int] = {}  # key -> index of its next request
-    hits = 0
-    for i, key in enumerate(requests):
-        if key in resident:
-            hits += 1
-        elif len(resident) >= capacity:
-            del resident[max(resident, key=resident.__getitem__)]
-        resident[key] = next_use[i]
-    return hits / max(len(requests), 1)
-
-
 def load_model_and_tokenizer(path: str | Path):
     """(model, tokenizer) of a moekit run directory or a Hugging Face checkpoint directory (which
     must hold a tokenizer.json)."""
@@ -289,18 +255,3 @@ def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new
             ids = tokenizer.encode(text).ids[: model.cfg.max_seq_len - max_new_tokens] or [0]
             generate(model, torch.tensor([ids]), max_new_tokens)
     return rec.trace()
-
-
-def cache_sim_rows(trace: Trace, capacities: list[int], policies: list[str]) -> list[dict]:
-    """Hit rate of each policy (as the model gets it, see `simulate`) and of Belady's oracle at
-    each capacity (in experts)."""
-    calls, requests, counts = trace.layer_calls(), trace.requests(), trace.expert_counts()
-    top_k = trace.identity["top_k"]
-    rows = []
-    for cap in capacities:
-        row = {"budget": cap, "belady": belady(requests, cap)}
-        for p in policies:
-            stats = simulate(calls, cap, p, counts if p == "static" else None, top_k)
-            row[p] = stats.hit_rate
-        rows.append(row)
-    return rows
