@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from moekit.config import ModelConfig
 from moekit.inference.budget import resolve_budget
-from moekit.inference.cache import CacheStats, ExpertCache, make_policy
+from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.inference.store import CheckpointExpertStore, ExpertStore
 from moekit.model.transformer import MoETransformer
@@ -42,9 +42,6 @@ class ExpertOffload:
         d = self.cache.stats.as_dict()
         d.update(capacity=self.cache.capacity, expert_bytes=self.store.expert_bytes)
         return d
-
-    def reset_stats(self) -> None:
-        self.cache.stats = CacheStats()
 
     def close(self) -> None:
         for h in self.hooks:
