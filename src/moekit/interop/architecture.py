@@ -93,6 +93,7 @@ class Architecture:
         return hf
 
 
+# MoEConfig fields that change training, not the forward pass of a trained model
 _TRAINING_ONLY = (
     "aux_loss_coef",
     "aux_loss_scope",

@@ -166,6 +166,7 @@ OPS: dict[str, tuple[Loader, Saver]] = {
 # ---- pieces the architectures' key maps are made of ----
 
 LAYER = "model.layers.{i}."  # a decoder layer's prefix in every architecture
+MLP = LAYER + "mlp."
 
 
 def common_keys() -> KeyMap:
@@ -190,14 +191,6 @@ def attention_keys() -> KeyMap:
     return out
 
 
-def dense_ffn_keys() -> KeyMap:
-    """A dense layer's FFN under `mlp.`: gate_proj, up_proj, down_proj."""
-    return {
-        f"layers.{{i}}.ffn.w_{part}.weight": Source((f"{LAYER}mlp.{part}_proj.weight",))
-        for part in ("gate", "up", "down")
-    }
-
-
 def expert_keys(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:
     """Routed experts: hub keys `{hub}experts.{e}.<gate|up|down>.weight`, fused keys
     `{fused}experts.gate_up_proj` and `down_proj`."""
@@ -214,13 +207,16 @@ def expert_keys(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:
     }
 
 
-def mlp_moe_keys() -> KeyMap:
-    """The router (`mlp.gate`) and routed experts (`mlp.experts.{e}.gate_proj` ...) as Qwen,
-    OLMoE and DeepSeek-V3 store them."""
-    mlp = LAYER + "mlp."
+def mlp_keys() -> KeyMap:
+    """A layer's FFN under `mlp.` as Qwen, OLMoE and DeepSeek-V3 store it: a dense layer's
+    gate/up/down_proj, a MoE layer's router (`mlp.gate`) and experts (`mlp.experts.{e}.*`)."""
     return {
-        "layers.{i}.ffn.router.weight": Source((mlp + "gate.weight",)),
-        **expert_keys(mlp, mlp, ("gate_proj", "up_proj", "down_proj")),
+        **{
+            f"layers.{{i}}.ffn.w_{part}.weight": Source((f"{MLP}{part}_proj.weight",))
+            for part in ("gate", "up", "down")
+        },
+        "layers.{i}.ffn.router.weight": Source((MLP + "gate.weight",)),
+        **expert_keys(MLP, MLP, ("gate_proj", "up_proj", "down_proj")),
     }
 
 

@@ -11,11 +11,11 @@ from moekit.interop.architecture import Architecture
 from moekit.interop.configs import HF, common_from_hf, common_to_hf, dense_width, moe_from_hf
 from moekit.interop.keymaps import (
     LAYER,
+    MLP,
     KeyMap,
     Source,
     common_keys,
-    dense_ffn_keys,
-    mlp_moe_keys,
+    mlp_keys,
     shared_expert_keys,
 )
 
@@ -82,7 +82,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     }
 
 
-# moekit's latent-attention module -> DeepSeek-V3's (under self_attn.)
+# moekit's latent-attention modules -> DeepSeek-V3's (under self_attn.)
 _LATENT_ATTENTION = {
     "q_proj": "q_proj",
     "q_a_proj": "q_a_proj",
@@ -95,21 +95,12 @@ _LATENT_ATTENTION = {
 }
 
 
-def keys() -> KeyMap:
-    """Latent attention, `mlp.shared_experts.*`, the router's correction bias."""
-    mlp = LAYER + "mlp."
-    attention: KeyMap = {
+def latent_attention_keys() -> KeyMap:
+    """Latent attention's projections and norms, weights and biases."""
+    return {
         f"layers.{{i}}.attn.{ours}.{kind}": Source((f"{LAYER}self_attn.{theirs}.{kind}",))
         for ours, theirs in _LATENT_ATTENTION.items()
         for kind in ("weight", "bias")
-    }
-    return {
-        **common_keys(),
-        **attention,
-        **dense_ffn_keys(),
-        **mlp_moe_keys(),
-        "layers.{i}.ffn.router.expert_bias": Source((mlp + "gate.e_score_correction_bias",)),
-        **shared_expert_keys(mlp + "shared_experts."),
     }
 
 
@@ -143,6 +134,12 @@ DEEPSEEK_V3 = Architecture(
     aliases={"num_local_experts": "n_routed_experts"},
     from_hf=from_hf,
     to_hf=to_hf,
-    keys=keys(),
+    keys={  # latent attention, `mlp.shared_experts.*`, the router's correction bias
+        **common_keys(),
+        **latent_attention_keys(),
+        **mlp_keys(),
+        "layers.{i}.ffn.router.expert_bias": Source((MLP + "gate.e_score_correction_bias",)),
+        **shared_expert_keys(MLP + "shared_experts."),
+    },
     ignores=is_prediction_module,
 )

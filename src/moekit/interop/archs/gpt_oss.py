@@ -13,7 +13,7 @@ from moekit.interop.configs import (
     layer_windows_to_hf,
     moe_from_hf,
 )
-from moekit.interop.keymaps import LAYER, KeyMap, Source, attention_keys, common_keys
+from moekit.interop.keymaps import LAYER, MLP, Source, attention_keys, common_keys
 
 
 def from_hf(hf: HF) -> ModelConfig:
@@ -53,24 +53,6 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     }
 
 
-def keys() -> KeyMap:
-    """One layout: experts stored (E, D, 2F) with gate and up interleaved, down_proj transposed."""
-    mlp = LAYER + "mlp."
-    return {
-        **common_keys(),
-        **attention_keys(),
-        "layers.{i}.attn.sinks": Source((LAYER + "self_attn.sinks",)),
-        "layers.{i}.ffn.router.weight": Source((mlp + "router.weight",)),
-        "layers.{i}.ffn.router.bias": Source((mlp + "router.bias",)),
-        "layers.{i}.ffn.experts.w_in": Source((mlp + "experts.gate_up_proj",), "interleaved_t"),
-        "layers.{i}.ffn.experts.b_in": Source(
-            (mlp + "experts.gate_up_proj_bias",), "interleaved_t"
-        ),
-        "layers.{i}.ffn.experts.w_out": Source((mlp + "experts.down_proj",), "transpose"),
-        "layers.{i}.ffn.experts.b_out": Source((mlp + "experts.down_proj_bias",)),
-    }
-
-
 GPT_OSS = Architecture(
     model_type="gpt_oss",
     class_name="GptOssForCausalLM",
@@ -99,6 +81,18 @@ GPT_OSS = Architecture(
     aliases={"num_experts": "num_local_experts"},
     from_hf=from_hf,
     to_hf=to_hf,
-    keys=keys(),
+    keys={  # one layout: experts (E, D, 2F) with gate and up interleaved, down_proj transposed
+        **common_keys(),
+        **attention_keys(),
+        "layers.{i}.attn.sinks": Source((LAYER + "self_attn.sinks",)),
+        "layers.{i}.ffn.router.weight": Source((MLP + "router.weight",)),
+        "layers.{i}.ffn.router.bias": Source((MLP + "router.bias",)),
+        "layers.{i}.ffn.experts.w_in": Source((MLP + "experts.gate_up_proj",), "interleaved_t"),
+        "layers.{i}.ffn.experts.b_in": Source(
+            (MLP + "experts.gate_up_proj_bias",), "interleaved_t"
+        ),
+        "layers.{i}.ffn.experts.w_out": Source((MLP + "experts.down_proj",), "transpose"),
+        "layers.{i}.ffn.experts.b_out": Source((MLP + "experts.down_proj_bias",)),
+    },
     reads_hidden_act=False,  # the experts' clamped SwiGLU is fixed; hidden_act is not read
 )

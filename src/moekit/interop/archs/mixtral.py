@@ -5,7 +5,9 @@ from __future__ import annotations
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
 from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, one_window
-from moekit.interop.keymaps import LAYER, KeyMap, Source, attention_keys, common_keys, expert_keys
+from moekit.interop.keymaps import LAYER, MLP, Source, attention_keys, common_keys, expert_keys
+
+HUB = LAYER + "block_sparse_moe."  # the hub's prefix of the router and experts
 
 
 def from_hf(hf: HF) -> ModelConfig:
@@ -24,18 +26,6 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     }
 
 
-def keys() -> KeyMap:
-    """The hub's `block_sparse_moe.experts.{e}.w1/w3/w2`, transformers 5's `mlp.`."""
-    hub, fused = LAYER + "block_sparse_moe.", LAYER + "mlp."
-    router = (Source((hub + "gate.weight",)), Source((fused + "gate.weight",)))
-    return {
-        **common_keys(),
-        **attention_keys(),
-        "layers.{i}.ffn.router.weight": router,
-        **expert_keys(hub, fused, ("w1", "w3", "w2")),
-    }
-
-
 MIXTRAL = Architecture(
     model_type="mixtral",
     class_name="MixtralForCausalLM",
@@ -51,5 +41,13 @@ MIXTRAL = Architecture(
     aliases={"num_experts": "num_local_experts"},
     from_hf=from_hf,
     to_hf=to_hf,
-    keys=keys(),
+    keys={  # the hub's `block_sparse_moe.experts.{e}.w1/w3/w2`, transformers 5's `mlp.`
+        **common_keys(),
+        **attention_keys(),
+        "layers.{i}.ffn.router.weight": (
+            Source((HUB + "gate.weight",)),
+            Source((MLP + "gate.weight",)),
+        ),
+        **expert_keys(HUB, MLP, ("w1", "w3", "w2")),
+    },
 )

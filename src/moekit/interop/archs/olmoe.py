@@ -6,7 +6,7 @@ from __future__ import annotations
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
 from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf
-from moekit.interop.keymaps import KeyMap, attention_keys, common_keys, dense_ffn_keys, mlp_moe_keys
+from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
 
 def from_hf(hf: HF) -> ModelConfig:
@@ -40,11 +40,6 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     }
 
 
-def keys() -> KeyMap:
-    """`mlp.experts.{e}.*` and the q/k norms (Qwen3-MoE's names)."""
-    return {**common_keys(), **attention_keys(), **dense_ffn_keys(), **mlp_moe_keys()}
-
-
 OLMOE = Architecture(
     model_type="olmoe",
     class_name="OlmoeForCausalLM",
@@ -60,5 +55,5 @@ OLMOE = Architecture(
     aliases={"num_local_experts": "num_experts"},
     from_hf=from_hf,
     to_hf=to_hf,
-    keys=keys(),
+    keys={**common_keys(), **attention_keys(), **mlp_keys()},
 )

@@ -15,13 +15,11 @@ from moekit.interop.configs import (
     moe_from_hf,
 )
 from moekit.interop.keymaps import (
-    LAYER,
-    KeyMap,
+    MLP,
     Source,
     attention_keys,
     common_keys,
-    dense_ffn_keys,
-    mlp_moe_keys,
+    mlp_keys,
     shared_expert_keys,
 )
 
@@ -89,19 +87,6 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     }
 
 
-def keys() -> KeyMap:
-    """`mlp.experts.{e}.*`, the shared expert at `mlp.shared_expert.` with its gate."""
-    mlp = LAYER + "mlp."
-    return {
-        **common_keys(),
-        **attention_keys(),
-        **dense_ffn_keys(),
-        **mlp_moe_keys(),
-        **shared_expert_keys(mlp + "shared_expert."),
-        "layers.{i}.ffn.shared_experts.gate.weight": Source((mlp + "shared_expert_gate.weight",)),
-    }
-
-
 QWEN2_MOE = Architecture(
     model_type="qwen2_moe",
     class_name="Qwen2MoeForCausalLM",
@@ -123,5 +108,11 @@ QWEN2_MOE = Architecture(
     aliases={},
     from_hf=from_hf,
     to_hf=to_hf,
-    keys=keys(),
+    keys={  # Qwen3-MoE's, and the shared expert at `mlp.shared_expert.` with its gate
+        **common_keys(),
+        **attention_keys(),
+        **mlp_keys(),
+        **shared_expert_keys(MLP + "shared_expert."),
+        "layers.{i}.ffn.shared_experts.gate.weight": Source((MLP + "shared_expert_gate.weight",)),
+    },
 )

@@ -7,7 +7,7 @@ from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs.qwen2_moe import moe_layers_from_hf, moe_layers_to_hf
 from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, one_window
-from moekit.interop.keymaps import KeyMap, attention_keys, common_keys, dense_ffn_keys, mlp_moe_keys
+from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
 
 def from_hf(hf: HF) -> ModelConfig:
@@ -42,11 +42,6 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     }
 
 
-def keys() -> KeyMap:
-    """`mlp.experts.{e}.*` and the q/k norms."""
-    return {**common_keys(), **attention_keys(), **dense_ffn_keys(), **mlp_moe_keys()}
-
-
 QWEN3_MOE = Architecture(
     model_type="qwen3_moe",
     class_name="Qwen3MoeForCausalLM",
@@ -65,5 +60,5 @@ QWEN3_MOE = Architecture(
     aliases={"num_experts": "num_local_experts"},
     from_hf=from_hf,
     to_hf=to_hf,
-    keys=keys(),
+    keys={**common_keys(), **attention_keys(), **mlp_keys()},
 )
