@@ -33,12 +33,8 @@ class In:
 
     interval: str
 
-    def bounds(self) -> tuple[float, float]:
-        low, high = self.interval[1:-1].split(",")
-        return float(low), float(high)
-
     def holds(self, value: float) -> bool:
-        low, high = self.bounds()
+        low, high = (float(end) for end in self.interval[1:-1].split(","))
         above = value >= low if self.interval[0] == "[" else value > low
         below = value <= high if self.interval[-1] == "]" else value < high
         return math.isfinite(value) and above and below
@@ -46,10 +42,10 @@ class In:
     def phrase(self, kind: type) -> str:
         """ "an integer >= 1", "a number > 0", "a number in [0, 1)"."""
         noun = "an integer" if kind is int else "a number"
-        low, high = self.bounds()
-        if high < math.inf:
+        if not self.interval.endswith(", inf)"):
             return f"{noun} in {self.interval}"
-        return f"{noun} {'>=' if self.interval[0] == '[' else '>'} {low:g}"
+        low = self.interval[1:].split(",")[0]
+        return f"{noun} {'>=' if self.interval[0] == '[' else '>'} {low}"
 
 
 NonNegInt = Annotated[int, In("[0, inf)")]
@@ -178,8 +174,6 @@ def describe(hint: Any) -> str:
     if origin is Annotated:
         return args[1].phrase(args[0])
     if origin in (typing.Union, types.UnionType):
-        if all(_choices(arm) for arm in args):  # Literal[...] | None
-            return "one of " + ", ".join(repr(c) for arm in args for c in _choices(arm))
         return " or ".join(describe(arm) for arm in args)
     if origin is tuple and args[-1] is Ellipsis:
         return f"a list, each item {describe(args[0])}"
@@ -189,13 +183,6 @@ def describe(hint: Any) -> str:
         return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(map(repr, args))
     names = {bool: "True or False", str: "a string", type(None): "None"}
     return names.get(hint) or f"a {hint.__name__}"
-
-
-def _choices(hint: Any) -> tuple:
-    """The values of a `Literal` or of None; () for any other type."""
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    return (None,) if hint is type(None) else ()
 
 
 def _item_hints(args: tuple, length: int) -> tuple | None:

@@ -1,4 +1,7 @@
-"""Presets: functions returning configs, by name (`ModelConfig.preset`, `RunConfig.preset`)."""
+"""Presets: functions returning configs, by name (`ModelConfig.preset`, `RunConfig.preset`).
+
+Written one config to a few lines, as a table of sizes is read (hence `fmt: off`).
+"""
 
 from __future__ import annotations
 
@@ -8,34 +11,22 @@ from moekit.config.model import MLAConfig, ModelConfig, RopeScaling, dense_twin
 from moekit.config.moe import MoEConfig
 from moekit.config.run import CheckpointConfig, DataConfig, EvalConfig, RunConfig, TrainConfig
 
+# fmt: off
+
 
 def tiny_model() -> ModelConfig:
     """For tests: 2 layers, d_model 64, GQA (4 heads, 2 kv heads), 8 experts top-2."""
-    return ModelConfig(
-        vocab_size=256,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=128,
-        moe=MoEConfig(d_model=64, d_expert=64, n_experts=8, top_k=2, aux_loss_coef=0.01),
-        max_seq_len=128,
-    )
+    moe = MoEConfig(d_model=64, d_expert=64, n_experts=8, top_k=2, aux_loss_coef=0.01)
+    return ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                       moe=moe, max_seq_len=128)
 
 
 def small_model() -> ModelConfig:
     """The demo model: trains on 2 CPU cores in minutes. 8 experts top-2, tied embeddings."""
-    return ModelConfig(
-        vocab_size=4096,
-        d_model=256,
-        n_layers=4,
-        n_heads=4,
-        moe=MoEConfig(
-            d_model=256, d_expert=512, n_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3
-        ),
-        max_seq_len=256,
-        tie_embeddings=True,
-    )
+    moe = MoEConfig(d_model=256, d_expert=512, n_experts=8, top_k=2, aux_loss_coef=0.01,
+                    z_loss_coef=1e-3)
+    return ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, moe=moe,
+                       max_seq_len=256, tie_embeddings=True)
 
 
 def dense_small_model() -> ModelConfig:
@@ -46,75 +37,33 @@ def dense_small_model() -> ModelConfig:
 
 def mixtral_8x7b() -> ModelConfig:
     """Mixtral-8x7B (Jiang et al. 2024; mistralai/Mixtral-8x7B-v0.1): 46.7B total, 12.9B active."""
-    return ModelConfig(
-        vocab_size=32000,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        d_ff=14336,
-        moe=MoEConfig(d_model=4096, d_expert=14336, n_experts=8, top_k=2, aux_loss_coef=0.02),
-        max_seq_len=32768,
-        rope_theta=1e6,
-    )
+    moe = MoEConfig(d_model=4096, d_expert=14336, n_experts=8, top_k=2, aux_loss_coef=0.02)
+    return ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       head_dim=128, d_ff=14336, moe=moe, max_seq_len=32768, rope_theta=1e6)
 
 
 def mixtral_8x22b() -> ModelConfig:
     """Mixtral-8x22B (mistralai/Mixtral-8x22B-v0.1): 141B total, 39B active."""
-    return ModelConfig(
-        vocab_size=32768,
-        d_model=6144,
-        n_layers=56,
-        n_heads=48,
-        n_kv_heads=8,
-        head_dim=128,
-        d_ff=16384,
-        moe=MoEConfig(d_model=6144, d_expert=16384, n_experts=8, top_k=2, aux_loss_coef=0.001),
-        max_seq_len=65536,
-        rope_theta=1e6,
-    )
+    moe = MoEConfig(d_model=6144, d_expert=16384, n_experts=8, top_k=2, aux_loss_coef=0.001)
+    return ModelConfig(vocab_size=32768, d_model=6144, n_layers=56, n_heads=48, n_kv_heads=8,
+                       head_dim=128, d_ff=16384, moe=moe, max_seq_len=65536, rope_theta=1e6)
 
 
 def qwen3_30b_a3b() -> ModelConfig:
     """Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B): 30.5B total, 3.3B active; per-head q/k norm."""
-    return ModelConfig(
-        vocab_size=151936,
-        d_model=2048,
-        n_layers=48,
-        n_heads=32,
-        n_kv_heads=4,
-        head_dim=128,
-        d_ff=6144,
-        moe=MoEConfig(d_model=2048, d_expert=768, n_experts=128, top_k=8, aux_loss_coef=0.001),
-        max_seq_len=40960,
-        rope_theta=1e6,
-        qk_norm="head",
-        norm_eps=1e-6,
-    )
+    moe = MoEConfig(d_model=2048, d_expert=768, n_experts=128, top_k=8, aux_loss_coef=0.001)
+    return ModelConfig(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                       head_dim=128, d_ff=6144, moe=moe, max_seq_len=40960, rope_theta=1e6,
+                       qk_norm="head", norm_eps=1e-6)
 
 
 def olmoe_1b_7b() -> ModelConfig:
     """OLMoE-1B-7B (Muennighoff et al. 2024; allenai/OLMoE-1B-7B-0924): 6.9B total, 1.3B active;
     q/k norm over the full projections, unnormalised top-8 weights."""
-    moe = MoEConfig(
-        d_model=2048,
-        d_expert=1024,
-        n_experts=64,
-        top_k=8,
-        normalize=False,
-        aux_loss_coef=0.01,
-        z_loss_coef=0.001,
-    )
-    return ModelConfig(
-        vocab_size=50304,
-        d_model=2048,
-        n_layers=16,
-        n_heads=16,
-        moe=moe,
-        max_seq_len=4096,
-        qk_norm="full",
-    )
+    moe = MoEConfig(d_model=2048, d_expert=1024, n_experts=64, top_k=8, normalize=False,
+                    aux_loss_coef=0.01, z_loss_coef=0.001)
+    return ModelConfig(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, moe=moe,
+                       max_seq_len=4096, qk_norm="full")
 
 
 def deepseek_v3() -> ModelConfig:
@@ -122,102 +71,36 @@ def deepseek_v3() -> ModelConfig:
     its multi-token-prediction module. Latent attention with YaRN (factor 40), 3 dense layers,
     then 256 routed experts (8 per token, 4 of 8 groups, sigmoid, scaling 2.5) and one shared;
     the paper's bias update speed 0.001 and sequence-wise balance loss 0.0001."""
-    moe = MoEConfig(
-        d_model=7168,
-        d_expert=2048,
-        n_experts=256,
-        top_k=8,
-        score="sigmoid",
-        routed_scaling=2.5,
-        n_groups=8,
-        topk_groups=4,
-        n_shared_experts=1,
-        bias_update_rate=0.001,
-        aux_loss_coef=0.0001,
-        aux_loss_scope="sequence",
-    )
-    mla = MLAConfig(
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-    )
-    yarn = RopeScaling(
-        factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0, truncate=True
-    )
-    return ModelConfig(
-        vocab_size=129280,
-        d_model=7168,
-        n_layers=61,
-        n_heads=128,
-        d_ff=18432,
-        moe=moe,
-        first_dense=3,
-        max_seq_len=163840,
-        rope_scaling=yarn,
-        mla=mla,
-        norm_eps=1e-6,
-    )
+    moe = MoEConfig(d_model=7168, d_expert=2048, n_experts=256, top_k=8, score="sigmoid",
+                    routed_scaling=2.5, n_groups=8, topk_groups=4, n_shared_experts=1,
+                    bias_update_rate=0.001, aux_loss_coef=0.0001, aux_loss_scope="sequence")
+    mla = MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128)
+    yarn = RopeScaling(factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0,
+                       truncate=True)
+    return ModelConfig(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432,
+                       moe=moe, first_dense=3, max_seq_len=163840, rope_scaling=yarn, mla=mla,
+                       norm_eps=1e-6)
 
 
 def gpt_oss_20b() -> ModelConfig:
     """GPT-OSS-20B (OpenAI 2025; openai/gpt-oss-20b): 20.9B total, 3.6B active. Alternating
     128-token sliding-window and full attention with sinks, 32 experts top-4 with router and
     expert biases, clamped SwiGLU, YaRN (factor 32, untruncated ramp)."""
-    moe = MoEConfig(
-        d_model=2880,
-        d_expert=2880,
-        n_experts=32,
-        top_k=4,
-        activation="clamped_swiglu",
-        expert_bias=True,
-        router_bias=True,
-    )
-    return ModelConfig(
-        vocab_size=201088,
-        d_model=2880,
-        n_layers=24,
-        n_heads=64,
-        n_kv_heads=8,
-        head_dim=64,
-        moe=moe,
-        max_seq_len=131072,
-        rope_theta=150000.0,
-        rope_scaling=RopeScaling(factor=32.0, original_max_seq_len=4096, truncate=False),
-        sliding_window=128,
-        layer_types=("sliding", "full") * 12,
-        attn_bias=True,
-        attn_sinks=True,
-    )
-
-
-MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
-    "tiny": tiny_model,
-    "small": small_model,
-    "dense-small": dense_small_model,
-    "mixtral-8x7b": mixtral_8x7b,
-    "mixtral-8x22b": mixtral_8x22b,
-    "qwen3-30b-a3b": qwen3_30b_a3b,
-    "olmoe-1b-7b": olmoe_1b_7b,
-    "deepseek-v3": deepseek_v3,
-    "gpt-oss-20b": gpt_oss_20b,
-}
+    moe = MoEConfig(d_model=2880, d_expert=2880, n_experts=32, top_k=4,
+                    activation="clamped_swiglu", expert_bias=True, router_bias=True)
+    yarn = RopeScaling(factor=32.0, original_max_seq_len=4096, truncate=False)
+    return ModelConfig(vocab_size=201088, d_model=2880, n_layers=24, n_heads=64, n_kv_heads=8,
+                       head_dim=64, moe=moe, max_seq_len=131072, rope_theta=150000.0,
+                       rope_scaling=yarn, sliding_window=128,
+                       layer_types=("sliding", "full") * 12, attn_bias=True, attn_sinks=True)
 
 
 def tiny_run() -> RunConfig:
     """A run of seconds: the tiny model (vocabulary 512) on 40 standard-library files."""
-    train = TrainConfig(
-        steps=30,
-        batch_size=8,
-        seq_len=64,
-        lr=3e-3,
-        warmup_steps=5,
-        log_every=5,
-        data=DataConfig(max_files=40),
-        eval=EvalConfig(every=10, batches=2),
-        checkpoint=CheckpointConfig(every=10),
-    )
+    train = TrainConfig(steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, log_every=5,
+                        data=DataConfig(max_files=40), eval=EvalConfig(every=10, batches=2),
+                        checkpoint=CheckpointConfig(every=10))
     return RunConfig(model=ModelConfig.preset("tiny").replace(vocab_size=512), train=train)
 
 
@@ -230,17 +113,10 @@ def experiment_run() -> RunConfig:
     final checkpoint per arm: the report measures its router logits."""
     moe = MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2, aux_loss_coef=0.01)
     model = ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, d_ff=256, moe=moe,
-                        max_seq_len=128, tie_embeddings=True)  # fmt: skip
-    train = TrainConfig(
-        steps=2600,
-        batch_size=16,
-        seq_len=128,
-        warmup_steps=30,
-        log_every=50,
-        tensorboard=False,
-        eval=EvalConfig(every=200, batches=4),
-        checkpoint=CheckpointConfig(every=0, keep=1),
-    )
+                        max_seq_len=128, tie_embeddings=True)
+    train = TrainConfig(steps=2600, batch_size=16, seq_len=128, warmup_steps=30, log_every=50,
+                        tensorboard=False, eval=EvalConfig(every=200, batches=4),
+                        checkpoint=CheckpointConfig(every=0, keep=1))
     return RunConfig(model=model, train=train)
 
 
@@ -256,6 +132,19 @@ def demo_run() -> RunConfig:
     return RunConfig(model=model, train=base.train.replace(steps=4000))
 
 
+# fmt: on
+
+MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": tiny_model,
+    "small": small_model,
+    "dense-small": dense_small_model,
+    "mixtral-8x7b": mixtral_8x7b,
+    "mixtral-8x22b": mixtral_8x22b,
+    "qwen3-30b-a3b": qwen3_30b_a3b,
+    "olmoe-1b-7b": olmoe_1b_7b,
+    "deepseek-v3": deepseek_v3,
+    "gpt-oss-20b": gpt_oss_20b,
+}
 RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny_run,
     "experiment": experiment_run,
