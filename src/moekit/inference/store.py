@@ -94,7 +94,7 @@ class ExpertStore:
             path = layer_file(self.dir, i)
             if not path.is_file():
                 raise FileNotFoundError(f"expert file {path} is missing; {REWRITE_EXPERTS}")
-            header, start = read_header(path, REWRITE_EXPERTS)
+            header, start = tensor_layout(path, REWRITE_EXPERTS)
             for e in range(moe.n_experts):
                 for name, shape in shapes.items():
                     check_shape(path, header, f"{e}.{name}", shape)
@@ -129,7 +129,7 @@ class CheckpointExpertStore:
         moe = model.cfg.moe
         n_in = 2 if moe.gated else 1
         E, F_, D = moe.n_experts, moe.d_expert, moe.d_model
-        header, self.data_start = read_header(self.path, remedy)
+        header, self.data_start = tensor_layout(self.path, remedy)
         for w_in, w_out in self.keys:
             check_shape(self.path, header, w_in, [E, n_in * F_, D])
             check_shape(self.path, header, w_out, [E, D, F_])
@@ -157,7 +157,7 @@ def routed_expert_keys(model: MoETransformer) -> list[tuple[str, str]]:
     return [(f"{n}.experts.w_in", f"{n}.experts.w_out") for n in names]
 
 
-def read_header(path: Path, remedy: str) -> tuple[dict, int]:
+def tensor_layout(path: Path, remedy: str) -> tuple[dict, int]:
     """A safetensors file's header ({name: {"dtype", "shape", "data_offsets"}}) and where its
     data begin, once the library has checked the file (a truncated or corrupt one raises,
     saying `remedy`)."""
