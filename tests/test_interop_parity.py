@@ -24,7 +24,8 @@ from tests.interop_cases import (
 )
 
 from moekit import MoETransformer
-from moekit.interop import hf_model_config, load_hf, save_hf
+from moekit.interop import ARCHITECTURES, hf_model_config, load_hf, save_hf
+from moekit.interop.archs import ARCHS
 from moekit.model import generate
 
 ATOL = 1e-5
@@ -40,6 +41,14 @@ def checkpoints(tmp_path_factory) -> dict:
 def _no_loading_problems(info: dict) -> None:
     problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
     assert not problems and not info.get("error_msgs"), problems
+
+
+def test_every_registered_architecture_has_a_case_here() -> None:
+    """A file added to `moekit.interop.archs` is tested once tests/interop_cases.py has a case
+    for it, named as transformers names its model class."""
+    assert {arch for arch, *_ in CASES.values()} == set(ARCHITECTURES)
+    for arch, _, model_class, _ in CASES.values():
+        assert ARCHS[arch].model_type == arch and ARCHS[arch].class_name == model_class
 
 
 @pytest.mark.parametrize("case", CASES)

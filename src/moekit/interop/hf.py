@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from moekit.config import ModelConfig
 from moekit.fileio import atomic_path
 from moekit.interop.architecture import Architecture
-from moekit.interop.archs import architecture, architecture_of
+from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF
 from moekit.interop.files import (
     CheckpointError,
@@ -213,7 +213,7 @@ def save_hf(
     A model the architecture cannot express (say shared experts for mixtral) raises ValueError
     naming the fields. The directory appears complete or not at all.
     """
-    target = architecture(arch)
+    target = architecture_named(arch)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")
     hf = target.hf_config(model.cfg)

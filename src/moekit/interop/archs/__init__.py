@@ -23,7 +23,7 @@ ARCHS: dict[str, Architecture] = {
 ARCHITECTURES = tuple(ARCHS)
 
 
-def architecture(name: str) -> Architecture:
+def architecture_named(name: str) -> Architecture:
     """The architecture called `name` (a model_type), to write a checkpoint in."""
     if name not in ARCHS:
         raise ValueError(f"arch={name!r} is invalid: allowed values are {', '.join(ARCHITECTURES)}")
