@@ -1,12 +1,11 @@
 """The Hugging Face architectures moekit reads and writes, by config.json's `model_type`.
 
 Each file here is one architecture: its config map, key map and anything special to it, as an
-`Architecture`. Adding one is adding its file and its line below.
+`Architecture`. Adding one is adding its file, importing it below and listing it in `ARCHS`; the
+parity tests then ask for a case in tests/interop_cases.py.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs.deepseek_v3 import DEEPSEEK_V3
@@ -15,6 +14,7 @@ from moekit.interop.archs.mixtral import MIXTRAL
 from moekit.interop.archs.olmoe import OLMOE
 from moekit.interop.archs.qwen2_moe import QWEN2_MOE
 from moekit.interop.archs.qwen3_moe import QWEN3_MOE
+from moekit.interop.configs import HF
 from moekit.interop.files import CheckpointError
 
 ARCHS: dict[str, Architecture] = {
@@ -30,7 +30,7 @@ def architecture_named(name: str) -> Architecture:
     return ARCHS[name]
 
 
-def architecture_of(hf: dict[str, Any]) -> Architecture:
+def architecture_of(hf: HF) -> Architecture:
     """The architecture of a config.json, or an error naming what it is (unsupported or
     quantized)."""
     kind = hf.get("model_type")
