@@ -1,15 +1,17 @@
 """Configs: plain, validated, JSON-round-trippable dataclasses.
 
-Every config is `@dataclass(kw_only=True)` data (no tensors, devices or callables) checked against
-its type hints by `ConfigBase` (base.py), then by its own rules between fields; a bad value raises
-`ValueError` naming the field, the value and what is allowed. moe.py holds the MoE layer's config,
-model.py the model's, run.py a training run's, presets.py the named presets.
+Every config is `@dataclass(kw_only=True)` data (no tensors, devices or callables) whose fields
+`ConfigBase` (base.py) checks against their type hints (rules.py), then the class against its own
+rules between fields; a bad value raises `ValueError` naming the field, the value and what is
+allowed. moe.py holds the MoE layer's config, model.py the model's, run.py a training run's,
+presets.py the named presets.
 """
 
-from moekit.config.base import ConfigBase, check_choice, config_from_data
+from moekit.config.base import ConfigBase, config_from_data
 from moekit.config.model import MLAConfig, ModelConfig, RopeScaling, dense_twin
 from moekit.config.moe import MoEConfig
 from moekit.config.presets import MODEL_PRESETS, RUN_PRESETS
+from moekit.config.rules import check_choice
 from moekit.config.run import (
     FREEZE_PARTS,
     RUN_FILE_REMEDY,

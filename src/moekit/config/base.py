@@ -1,10 +1,5 @@
-"""`ConfigBase`: a config dataclass checked against its own type hints, and its JSON round trip.
-
-Every field is checked by one rule per type: bool (True or False), int (an integer >= 1 unless its
-hint says otherwise, as `Annotated[int, In("[0, inf)")]`), float (a finite number > 0, likewise),
-str, `Literal[...]`, `X | Y` (one of the arms, `None` included), `tuple[X, ...]` (a list is made a
-tuple) and nested configs. A bad value raises `ValueError` naming the field, the value and what
-is allowed. Rules that relate fields to one another are written by hand in each class's `check`.
+"""`ConfigBase`: a config dataclass whose fields are checked against their type hints (rules.py),
+then against one another by the class's own `check`; its JSON round trip.
 """
 
 from __future__ import annotations
@@ -12,56 +7,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import re
-import types
 import typing
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
+from moekit.config.rules import check_field, rule_of
 from moekit.userfiles import read_json
 
 C = TypeVar("C", bound="ConfigBase")
-_BAD = object()  # what `_canonical` returns for a value its type hint does not allow
-
-
-@dataclass(frozen=True)
-class In:
-    """The interval a number field lies in, written as in mathematics: `In("[0, 1)")`. A plain
-    `int` field is in "[1, inf)", a plain `float` field in "(0, inf)"."""
-
-    interval: str
-
-    def holds(self, value: float) -> bool:
-        low, high = (float(end) for end in self.interval[1:-1].split(","))
-        above = value >= low if self.interval[0] == "[" else value > low
-        below = value <= high if self.interval[-1] == "]" else value < high
-        return math.isfinite(value) and above and below
-
-    def phrase(self, kind: type) -> str:
-        """ "an integer >= 1", "a number > 0", "a number in [0, 1)"."""
-        noun = "an integer" if kind is int else "a number"
-        if not self.interval.endswith(", inf)"):
-            return f"{noun} in {self.interval}"
-        low = self.interval[1:].split(",")[0]
-        return f"{noun} {'>=' if self.interval[0] == '[' else '>'} {low}"
-
-
-NonNegInt = Annotated[int, In("[0, inf)")]
-NonNegFloat = Annotated[float, In("[0, inf)")]
-DEFAULT_RANGE = {int: In("[1, inf)"), float: In("(0, inf)")}
-
-
-def invalid(name: str, value: Any, rule: str) -> ValueError:
-    """The error for field `name` holding `value`, which breaks `rule` ("must be ...")."""
-    return ValueError(f"{name}={value!r} is invalid: {rule}")
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> None:
-    """Raise unless `value` is one of `choices`."""
-    if value not in choices:
-        raise invalid(name, value, f"allowed values are {', '.join(repr(c) for c in choices)}")
 
 
 class ConfigBase:
@@ -69,8 +24,10 @@ class ConfigBase:
     type hint, then the class's own cross-field rules (`check`); JSON round trip."""
 
     def __post_init__(self) -> None:
-        for name, hint in _hints(type(self)).items():
-            setattr(self, name, check_field(name, hint, getattr(self, name)))
+        for name, hint, rule in _field_rules(type(self)):
+            value = getattr(self, name)
+            if rule(value) is not value:  # a list to make a tuple, or a value to refuse
+                setattr(self, name, check_field(name, hint, value))
         self.check()
 
     def check(self) -> None:
@@ -95,13 +52,13 @@ class ConfigBase:
         missing = [f.name for f in fields if f.name not in data and _required(f)]
         if missing:
             raise ValueError(f"{cls.__name__} needs the field(s) {missing}")
-        kwargs = {}
+        kwargs = dict(data)
         for key, value in data.items():
             nested = _config_class(_hints(cls)[key])
+            if nested is None or not isinstance(value, dict):
+                continue
             try:
-                kwargs[key] = (
-                    nested.from_dict(value) if isinstance(value, dict) and nested else value
-                )
+                kwargs[key] = nested.from_dict(value)
             except ValueError as err:  # a nested config's error names the path to its field
                 raise ValueError(_with_path(key, str(err))) from None
         return cls(**kwargs)
@@ -129,67 +86,9 @@ def config_from_data(cls: type[C], data: Any, path: str | Path) -> C:
         raise ValueError(f"{path}: {err}") from None
 
 
-def check_field(name: str, hint: Any, value: Any) -> Any:
-    """`value` as field `name` of type `hint` holds it (a list becomes a tuple); a value the hint
-    does not allow raises, naming the bad item of a tuple."""
-    canonical = _canonical(hint, value)
-    if canonical is not _BAD:
-        return canonical
-    if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):
-        item_hints = _item_hints(typing.get_args(hint), len(value))
-        for item_hint, item in zip(item_hints or (), value, strict=False):
-            if _canonical(item_hint, item) is _BAD:
-                raise invalid(name, item, f"must be {describe(item_hint)} (each item of {name})")
-    raise invalid(name, value, f"must be {describe(hint)}")
-
-
-def _canonical(hint: Any, value: Any) -> Any:
-    """`value` as a field of type `hint` holds it, or `_BAD`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint in DEFAULT_RANGE:
-        return _canonical(Annotated[hint, DEFAULT_RANGE[hint]], value)
-    if origin is Annotated:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        kind_ok = number and (args[0] is float or isinstance(value, int))
-        return value if kind_ok and args[1].holds(value) else _BAD
-    if origin in (typing.Union, types.UnionType):
-        arms = (_canonical(arm, value) for arm in args)
-        return next((arm for arm in arms if arm is not _BAD), _BAD)
-    if origin is tuple:
-        item_hints = _item_hints(args, len(value)) if isinstance(value, (tuple, list)) else None
-        if item_hints is None:
-            return _BAD
-        items = tuple(_canonical(h, item) for h, item in zip(item_hints, value, strict=True))
-        return _BAD if any(item is _BAD for item in items) else items
-    if origin is Literal:
-        return value if value in args else _BAD
-    return value if isinstance(value, hint) else _BAD  # bool, str, None and nested configs
-
-
-def describe(hint: Any) -> str:
-    """What a field of type `hint` may hold, as the end of "must be ..."."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint in DEFAULT_RANGE:
-        return DEFAULT_RANGE[hint].phrase(hint)
-    if origin is Annotated:
-        return args[1].phrase(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(arm) for arm in args)
-    if origin is tuple and args[-1] is Ellipsis:
-        return f"a list, each item {describe(args[0])}"
-    if origin is tuple:
-        return f"a list of {len(args)}: " + ", ".join(describe(arm) for arm in args)
-    if origin is Literal:
-        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(map(repr, args))
-    names = {bool: "True or False", str: "a string", type(None): "None"}
-    return names.get(hint) or f"a {hint.__name__}"
-
-
-def _item_hints(args: tuple, length: int) -> tuple | None:
-    """The hint of each of `length` items of a `tuple[args]`, or None for a wrong length."""
-    if args[-1] is Ellipsis:
-        return (args[0],) * length
-    return args if len(args) == length else None
+@functools.cache
+def _field_rules(cls: type) -> tuple[tuple[str, Any, Callable[[Any], Any]], ...]:
+    return tuple((name, hint, rule_of(hint)) for name, hint in _hints(cls).items())
 
 
 @functools.cache

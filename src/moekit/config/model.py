@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moekit.config.base import ConfigBase, NonNegFloat, NonNegInt, invalid
+from moekit.config.base import ConfigBase
 from moekit.config.moe import MoEConfig
+from moekit.config.rules import NonNegFloat, NonNegInt, invalid
 
 MoELayers = Literal["all"] | int | tuple[NonNegInt, ...]
 

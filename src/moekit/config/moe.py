@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moekit.config.base import ConfigBase, NonNegFloat, NonNegInt, invalid
+from moekit.config.base import ConfigBase
+from moekit.config.rules import NonNegFloat, NonNegInt, invalid
 
 
 @dataclass(kw_only=True)

@@ -8,8 +8,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from moekit.config.base import ConfigBase, In, NonNegFloat, NonNegInt, invalid
+from moekit.config.base import ConfigBase
 from moekit.config.model import ModelConfig
+from moekit.config.rules import In, NonNegFloat, NonNegInt, invalid
 
 # What to do about a damaged file of a run directory (config.json, written by `moekit train`).
 RUN_FILE_REMEDY = "restore it from a copy of the run (`moekit train` or `convert` wrote it)"
