@@ -135,22 +135,15 @@ class TrainConfig(ConfigBase):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        self.freeze = _freeze_list(self.freeze)
+        # Runs saved before freeze was a list hold None or "experts,router"; a user may write that.
+        if self.freeze is None or isinstance(self.freeze, str):
+            parts = (self.freeze or "").split(",")
+            self.freeze = tuple(part.strip() for part in parts if part.strip())
         super().__post_init__()
 
     def check(self) -> None:
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise invalid("device", self.device, "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-
-
-def _freeze_list(value: object) -> object:
-    """`train.freeze` as a list: the config.json of a run from before it was one holds None or a
-    comma-separated string ("experts,router"), as a user may also write it."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    return value
 
 
 @dataclass(kw_only=True)
