@@ -87,14 +87,14 @@ def test_freeze_of_older_runs_loads_as_a_list(given: str | None, parts: tuple[st
 
 
 def test_freeze_override_takes_a_comma_separated_list():
-    base = RunConfig.preset("tiny")
-    assert apply_overrides(base, ["--train.freeze=experts,router"]).train.freeze == (
-        "experts",
-        "router",
-    )
-    assert apply_overrides(base, ['--train.freeze=["attention"]']).train.freeze == ("attention",)
+    def frozen_by(value: str) -> tuple[str, ...]:
+        return apply_overrides(RunConfig.preset("tiny"), [f"--train.freeze={value}"]).train.freeze
+
+    assert frozen_by("experts,router") == ("experts", "router")
+    assert frozen_by('["attention"]') == ("attention",)
+    assert frozen_by("none") == frozen_by("") == ()
     with pytest.raises(ValueError, match=r"--train\.freeze='embeddings'"):
-        apply_overrides(base, ["--train.freeze=embeddings"])
+        frozen_by("embeddings")
 
 
 def test_training_run_with_experts_frozen(tmp_path: Path):

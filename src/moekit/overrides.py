@@ -111,6 +111,8 @@ def _parse_literal(choices: tuple, text: str, key: str) -> Any:
 
 
 def _parse_sequence(origin: type, args: tuple, text: str, key: str) -> Any:
+    if text.lower() in NONE_WORDS:  # an empty list, as --train.freeze=none was before it was one
+        return () if origin is tuple else []
     raw = _json(text, key) if text.startswith("[") else [t for t in text.split(",") if t]
     if not isinstance(raw, list):
         raise ValueError(f"--{key}={text!r}: expected a list such as 1,2,3 or [1, 2, 3]")
