@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.fileio import atomic_path
+from moekit.fileio import atomic_path, default_cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
@@ -194,8 +194,6 @@ def _library() -> ctypes.CDLL | None:
 def _build() -> Path:
     """The shared library for this source and compiler, compiled once into the cache directory
     (under a temporary name, then renamed, so concurrent first uses are safe)."""
-    from moekit.data import default_cache_dir
-
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler")

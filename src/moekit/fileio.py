@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: write under a temporary name, then rename.
+"""Atomic file and directory writes (write under a temporary name, then rename), and where
+moekit caches what it derives (tokenised corpora, compiled kernels).
 
 A crash or Ctrl-C in the middle of a write leaves the previous file (or nothing) behind, never a
 half-written file under the final name.
@@ -69,3 +70,11 @@ def atomic_write_json(path: str | os.PathLike, data: object) -> str:
     text = json.dumps(data, indent=2)
     atomic_write_text(path, text + "\n")
     return text
+
+
+def default_cache_dir() -> Path:
+    """$MOEKIT_CACHE if set, else ~/.cache/moekit (or $XDG_CACHE_HOME/moekit)."""
+    if os.environ.get("MOEKIT_CACHE"):
+        return Path(os.environ["MOEKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moekit"

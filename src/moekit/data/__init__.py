@@ -7,7 +7,6 @@ splits (or maps them from the cache).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from moekit.config import DataConfig
 from moekit.data.corpus import STDLIB, Corpus, Document, Split, find_files, load_corpus
 from moekit.data.tokenizer import END_OF_TEXT, byte_tokenizer, cached_bpe, eos_id, train_bpe
 from moekit.data.tokens import TokenSplit, WindowSampler, fixed_batches, tokenize_split
+from moekit.fileio import default_cache_dir
 from moekit.userfiles import read_tokenizer
 
 
@@ -29,14 +29,6 @@ class Data:
     val: TokenSplit
     n_train_files: int
     n_val_files: int
-
-
-def default_cache_dir() -> Path:
-    """$MOEKIT_CACHE if set, else ~/.cache/moekit (or $XDG_CACHE_HOME/moekit)."""
-    if os.environ.get("MOEKIT_CACHE"):
-        return Path(os.environ["MOEKIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moekit"
 
 
 def prepare_data(
