@@ -220,24 +220,44 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
-    """One study from studies of other budgets with the same compute, base and evaluations: their
-    points in budget order, each part's machine and wall time kept under "parts"."""
+    """One study from studies run apart (other budgets, or other seeds of a budget: e.g. at once
+    on two cores) with the same compute, base and evaluations: their points in budget order, the
+    seeds of a budget joined, each part's machine and wall time kept under "parts"."""
     parts = [_read_study(path) for path in paths]
-    same = ("compute", "base_overrides", "tokens_per_step", "evals", "base")
     for path, part in zip(paths[1:], parts[1:], strict=True):
-        if differs := [key for key in same if part[key] != parts[0][key]]:
-            raise SystemExit(f"{path} is not the same study as {paths[0]}: its {differs} differ")
-    points = [p for part in parts for p in part["points"]]
-    points.sort(key=lambda p: p["size"]["budget"])
-    budgets = [p["size"]["budget"] for p in points]
-    if len(set(budgets)) != len(budgets):
-        raise SystemExit(f"{', '.join(map(str, paths))} measure a budget twice: {budgets}")
+        if _study_key(part) != _study_key(parts[0]):
+            raise SystemExit(
+                f"{path} is not the same study as {paths[0]}: its compute, base config (seed "
+                "aside), tokens per step or evaluations differ"
+            )
+    by_budget: dict[float, dict[str, Any]] = {}
+    for point in (p for part in parts for p in part["points"]):
+        joined = by_budget.setdefault(point["size"]["budget"], {**point, "seeds": []})
+        seeds = [s["seed"] for s in joined["seeds"]]
+        if any(s["seed"] in seeds for s in point["seeds"]):
+            raise SystemExit(f"{', '.join(map(str, paths))} measure budget "
+                             f"{point['size']['budget']:g} with the same seed twice")  # fmt: skip
+        joined["seeds"] = sorted([*joined["seeds"], *point["seeds"]], key=lambda s: s["seed"])
+    points = [by_budget[b] for b in sorted(by_budget)]
     kept = ("machine", "wall_seconds")
-    return {**{key: parts[0][key] for key in ("benchmark", *kept, *same)},
+    return {**{key: parts[0][key] for key in ("benchmark", *kept, *STUDY)},
             "summary": summarise(points), "points": points,
             "parts": [{"file": path.name, "budgets": [p["size"]["budget"] for p in part["points"]],
+                       "seeds": sorted({s["seed"] for p in part["points"] for s in p["seeds"]}),
                        **{key: part[key] for key in kept}}
                       for path, part in zip(paths, parts, strict=True)]}  # fmt: skip
+
+
+STUDY = ("compute", "base_overrides", "tokens_per_step", "evals", "base")
+
+
+def _study_key(study: dict[str, Any]) -> tuple:
+    """What studies must share to be joined: all of STUDY but the seed (read through RunConfig,
+    so configs written by older versions compare by their values)."""
+    base = RunConfig.from_dict(study["base"])
+    base = base.replace(train=base.train.replace(seed=0)).to_dict()
+    overrides = [o for o in study["base_overrides"] if not o.startswith("--train.seed=")]
+    return (study["compute"], overrides, study["tokens_per_step"], study["evals"], base)
 
 
 def _read_study(path: Path) -> dict[str, Any]:

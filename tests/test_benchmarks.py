@@ -198,17 +198,18 @@ def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
                     seconds = seconds_at(run, d["step_ratio"] * steps)
                     dense_seconds = seed["runs"]["dense"]["train_seconds"]
                     assert d["time_ratio"] == pytest.approx(seconds / dense_seconds)
-    # budgets run apart (two files) join into the same study; a budget twice is refused
-    for i, point in enumerate(result["points"]):
-        part = {key: value for key, value in result.items() if key != "summary"}
-        (tmp_path / f"part{i}.json").write_text(json.dumps(part | {"points": [point]}))
-    parts = [str(tmp_path / "part1.json"), str(tmp_path / "part0.json")]
-    joined = bench.main(["--merge", *parts, "--out", str(tmp_path / "joined.json")])
+    # budgets and seeds run apart (two files) join into the same study; a seed twice is refused
+    study = {key: value for key, value in result.items() if key != "summary"}
+    low, high = result["points"]
+    parts = [tmp_path / "part0.json", tmp_path / "part1.json"]
+    parts[0].write_text(json.dumps(study | {"points": [low, high | {"seeds": high["seeds"][:1]}]}))
+    parts[1].write_text(json.dumps(study | {"points": [high | {"seeds": high["seeds"][1:]}]}))
+    joined = bench.main(["--merge", *map(str, parts), "--out", str(tmp_path / "joined.json")])
     assert joined["summary"] == json.loads(json.dumps(result["summary"]))
-    assert [p["budgets"] for p in joined["parts"]] == [[10], [1]]
+    assert [(p["budgets"], p["seeds"]) for p in joined["parts"]] == [([1, 10], [0, 1]), ([10], [1])]
     assert (tmp_path / "joined.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="measure a budget twice"):
-        bench.main(["--merge", parts[0], parts[0], "--out", str(tmp_path / "twice.json")])
+    with pytest.raises(SystemExit, match="budget 10 with the same seed twice"):
+        bench.main(["--merge", str(parts[1]), str(parts[1]), "--out", str(tmp_path / "2.json")])
     (tmp_path / "other.json").write_text('{"benchmark": "moe_designs"}')
     for path, said in (("joined.png", "cannot read"), ("other.json", "not a moe_scaling.py")):
         with pytest.raises(SystemExit, match=said):

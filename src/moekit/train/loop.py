@@ -107,7 +107,7 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         if t.freeze:
             freeze(self.model, t.freeze)
-            self._say(f"frozen: {t.freeze}\n{trainable_table(self.model)}")
+            self._say(f"frozen: {', '.join(t.freeze)}\n{trainable_table(self.model)}")
         self.optimizer = build_optimizer(self.model, t)
         self.sampler = WindowSampler(self.data.train.tokens, t.batch_size, t.seq_len, t.seed)
         eval_bs = t.eval.batch_size or t.batch_size
