@@ -1,4 +1,5 @@
-"""Balance losses and routing metrics, as pure functions of a routing decision.
+"""Balance losses and routing metrics, as pure functions of a routing decision or of its sums
+over tokens (which add up over processes: `MoELayer` reduces them before deriving its `aux`).
 
 Each loss is returned unweighted; `MoELayer` multiplies by the config's coefficients.
 """
@@ -15,24 +16,28 @@ def expert_counts(ids: Tensor, n_experts: int) -> Tensor:
     return torch.bincount(flat[flat >= 0], minlength=n_experts)
 
 
-def switch_balance_loss(probs_TE: Tensor, ids_TK: Tensor, n_sequences: int = 1) -> Tensor:
-    """Switch Transformer balance loss E * sum_i f_i * P_i (Fedus et al. 2021).
+def switch_balance(counts_E: Tensor, probs_E: Tensor, n_tokens: Tensor | int, top_k: int) -> Tensor:
+    """Switch Transformer balance loss E * sum_i f_i * P_i (Fedus et al. 2021) from sums over
+    n_tokens tokens: counts_E (..., E) assignments routed to each expert, probs_E (..., E) each
+    expert's summed router probability. f_i = counts_i / (n_tokens * top_k) carries no gradient;
+    P_i = probs_i / n_tokens. Returns (...); 1 under uniform routing."""
+    f_E = counts_E / (n_tokens * top_k)
+    return counts_E.shape[-1] * (f_E * (probs_E / n_tokens)).sum(-1)
 
-    f_i: share of the T*K assignments routed to expert i (no gradient); P_i: mean probability of
-    expert i. Equals 1 under uniform routing. With n_sequences > 1 the T tokens are taken as
-    n_sequences equal contiguous sequences, the loss is computed per sequence and averaged
-    (DeepSeek-V3's sequence-wise balance loss).
+
+def switch_balance_loss(probs_TE: Tensor, ids_TK: Tensor, n_sequences: int = 1) -> Tensor:
+    """`switch_balance` of probs_TE (T, E) and ids_TK (T, K). With n_sequences > 1 the T tokens
+    are taken as n_sequences equal contiguous sequences, the loss is computed per sequence and
+    averaged (DeepSeek-V3's sequence-wise balance loss).
     """
     T, E = probs_TE.shape
-    K = ids_TK.shape[1]
     B = n_sequences
-    ids_BR = ids_TK.reshape(B, (T // B) * K)
+    ids_BR = ids_TK.reshape(B, -1)
     counts_BE = probs_TE.new_zeros(B, E).scatter_add_(
         1, ids_BR, torch.ones_like(ids_BR, dtype=probs_TE.dtype)
     )
-    f_BE = counts_BE / ids_BR.shape[1]
-    P_BE = probs_TE.reshape(B, T // B, E).mean(1)
-    return E * (f_BE * P_BE).sum(-1).mean()
+    probs_BE = probs_TE.reshape(B, T // B, E).sum(1)
+    return switch_balance(counts_BE, probs_BE, T // B, ids_TK.shape[1]).mean()
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
@@ -47,12 +52,14 @@ def cv_squared(values_E: Tensor) -> Tensor:
     return values_E.var(correction=0) / (values_E.mean().square() + 1e-10)
 
 
+def expert_importance(weights_TK: Tensor, ids_TK: Tensor, n_experts: int) -> Tensor:
+    """(E,) each expert's importance (Shazeer et al. 2017): the sum of its gate values."""
+    return weights_TK.new_zeros(n_experts).index_add(0, ids_TK.reshape(-1), weights_TK.reshape(-1))
+
+
 def importance_loss(weights_TK: Tensor, ids_TK: Tensor, n_experts: int) -> Tensor:
-    """Shazeer et al. 2017: CV^2 of each expert's importance, the sum of its gate values."""
-    importance_E = weights_TK.new_zeros(n_experts).index_add(
-        0, ids_TK.reshape(-1), weights_TK.reshape(-1)
-    )
-    return cv_squared(importance_E)
+    """Shazeer et al. 2017: CV^2 of each expert's importance."""
+    return cv_squared(expert_importance(weights_TK, ids_TK, n_experts))
 
 
 def load_probabilities(
@@ -78,12 +85,13 @@ def load_loss(
     return cv_squared(load_probabilities(clean_logits_TE, noisy_logits_TE, noise_std_TE, k).sum(0))
 
 
-def max_violation(counts_E: Tensor) -> Tensor:
-    """MaxVio = max_i load_i / mean load - 1 (Wang et al. 2024); 0 when perfectly balanced."""
-    counts = counts_E.float()
-    return counts.max() / counts.mean().clamp(min=1e-9) - 1.0
+def max_violation(load_E: Tensor) -> Tensor:
+    """MaxVio = max_i load_i / mean load - 1 (Wang et al. 2024) of counts or shares (integer
+    counts are taken as float32); 0 when perfectly balanced."""
+    load = load_E if load_E.is_floating_point() else load_E.float()
+    return load.max() / load.mean().clamp(min=1e-12) - 1.0
 
 
-def routing_entropy(probs_TE: Tensor) -> Tensor:
-    """Mean over tokens of the entropy (nats) of the routing distribution; log E when uniform."""
-    return -(probs_TE * torch.log(probs_TE.clamp(min=1e-30))).sum(-1).mean()
+def entropy(p: Tensor) -> Tensor:
+    """Entropy (nats) of each distribution p (..., E) over its last axis; log E when uniform."""
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)

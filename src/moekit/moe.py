@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +20,29 @@ from moekit.routing import Router, Routing
 # (`Experts.forward_selected`); larger ones sort their rows into all E groups (the dispatch).
 SELECTED_MAX_TOKENS = 16
 
+# The losses `aux.loss` weights, and the config field of each one's coefficient.
+LOSS_COEFFICIENTS = {
+    "balance_loss": "aux_loss_coef",
+    "z_loss": "z_loss_coef",
+    "importance_loss": "importance_loss_coef",
+    "load_loss": "load_loss_coef",
+}
+
+
+def own_batch(sums: Tensor) -> Tensor:
+    """The default reduction of a layer's statistics: its batch is its own call's tokens."""
+    return sums
+
 
 @dataclass
 class MoEAux:
-    """What one MoE layer call reports. Losses are float32 scalars.
+    """What one MoE layer call reports. Losses are float32 scalars. Losses and metrics are those
+    of the batch `MoELayer.reduce_stats` defines: the call's tokens, or under expert parallelism
+    with scope="global" those of every process.
 
     loss: the balance losses already multiplied by their coefficients (add it to the LM loss).
-    balance_loss, z_loss, importance_loss, load_loss: each unweighted (0 when its coefficient is 0
-        and it was not computed; see `computed`).
+    balance_loss, z_loss, importance_loss, load_loss: each unweighted (0 when its coefficient is 0:
+        not computed).
     counts: (E,) assignments each expert processed (after capacity).
     routed_counts: (E,) assignments the router sent to each expert (before capacity).
     dropped_fraction: share of the T*K assignments dropped by capacity.
@@ -65,6 +81,11 @@ class MoELayer(nn.Module):
         self.dispatcher = make_dispatcher(cfg)
         # Routed counts gathered since the last update_expert_bias() (aux-loss-free balancing).
         self.register_buffer("bias_counts", torch.zeros(cfg.n_experts), persistent=False)
+        # How this call's statistics (`balance_sums`, as one float64 vector) become those of the
+        # batch that `aux` describes, and the gathered routed counts those the biases move by:
+        # this layer's own by default; expert parallelism sets sums over processes from outside.
+        self.reduce_stats: Callable[[Tensor], Tensor] = own_batch
+        self.reduce_bias_counts: Callable[[Tensor], Tensor] = own_batch
 
     def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
         self.router.init_weights(std)
@@ -90,7 +111,7 @@ class MoELayer(nn.Module):
         if self.selected_path(x_TD.shape[0]):
             y_TD = self.experts.forward_selected(x_TD, routing.ids_TK, routing.weights_TK)
             final_ids, final_w = routing.ids_TK, routing.weights_TK
-            counts_E = losses.expert_counts(final_ids, self.cfg.n_experts) if with_aux else None
+            counts_E = None  # `_aux` counts the kept assignments from final_ids
         else:
             x_RD, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
             y_TD = self.dispatcher.combine(self.experts(x_RD, counts_E), state)
@@ -116,54 +137,37 @@ class MoELayer(nn.Module):
     def _aux(
         self,
         routing: Routing,
-        counts_E: Tensor,
+        counts_E: Tensor | None,
         final_ids: Tensor | None,
         final_w: Tensor | None,
         n_seq: int,
     ) -> MoEAux:
         cfg = self.cfg
+        # Token choice counts kept assignments over all E experts (an expert-parallel dispatcher's
+        # counts are those of this process's experts); expert choice keeps the dispatcher's.
+        kept_E = counts_E if final_ids is None else losses.expert_counts(final_ids, cfg.n_experts)
+        assert kept_E is not None
+        own = balance_sums(routing, kept_E, n_seq, cfg)
+        if self.training and cfg.bias_update_rate > 0:
+            self.bias_counts += own["routed_E"].to(self.bias_counts.dtype)
+        sums = reduce_sums(own, self.reduce_stats)
         zero = routing.logits_TE.new_zeros(())
-        balance = z = importance = load = zero
-        if cfg.token_choice:
-            assert routing.ids_TK is not None
-            routed_E = losses.expert_counts(routing.ids_TK, cfg.n_experts)
-            if self.training and cfg.bias_update_rate > 0:
-                self.bias_counts += routed_E.to(self.bias_counts.dtype)
-        else:
-            routed_E = counts_E
-        if cfg.aux_loss_coef > 0:
-            seqs = n_seq if cfg.aux_loss_scope == "sequence" else 1
-            balance = losses.switch_balance_loss(routing.probs_TE, routing.ids_TK, seqs)
-        if cfg.z_loss_coef > 0:
-            z = losses.z_loss(routing.logits_TE)
-        if cfg.importance_loss_coef > 0:
-            importance = losses.importance_loss(routing.weights_TK, routing.ids_TK, cfg.n_experts)
-        if cfg.load_loss_coef > 0 and routing.clean_logits_TE is not None:
-            load = losses.load_loss(
-                routing.clean_logits_TE, routing.logits_TE, routing.noise_std_TE, cfg.top_k
-            )
-        total = (
-            cfg.aux_loss_coef * balance
-            + cfg.z_loss_coef * z
-            + cfg.importance_loss_coef * importance
-            + cfg.load_loss_coef * load
-        )
-        assigned = routing.n_tokens * cfg.top_k
-        with torch.no_grad():
-            dropped = 1.0 - counts_E.sum().float() / max(assigned, 1)
-            max_vio = losses.max_violation(routed_E)
-            entropy = losses.routing_entropy(routing.probs_TE.detach())
+        found = balance_losses(sums, cfg)
+        unweighted = {name: found.get(name, zero).to(zero.dtype) for name in LOSS_COEFFICIENTS}
+        weighted = [
+            getattr(cfg, coef) * unweighted[name] for name, coef in LOSS_COEFFICIENTS.items()
+        ]
+        T = sums["tokens_sequences"][0]
+        routed_E = sums["routed_E"].round().long()
+        dropped = 1.0 - sums["kept_E"].sum() / (T * cfg.top_k).clamp(min=1)
         return MoEAux(
-            loss=total,
-            balance_loss=balance,
-            z_loss=z,
-            importance_loss=importance,
-            load_loss=load,
-            counts=counts_E,
+            loss=sum(weighted, zero),
+            **unweighted,
+            counts=sums["kept_E"].round().long(),
             routed_counts=routed_E,
-            dropped_fraction=dropped if cfg.token_choice else zero.detach(),
-            max_vio=max_vio,
-            entropy=entropy,
+            dropped_fraction=dropped.to(zero.dtype) if cfg.token_choice else zero.detach(),
+            max_vio=losses.max_violation(routed_E),
+            entropy=(sums["entropy"] / T).to(zero.dtype),
             ids=final_ids,
             weights=final_w,
         )
@@ -173,10 +177,71 @@ class MoELayer(nn.Module):
         """Aux-loss-free balancing step (Wang et al. 2024): b += rate * sign(mean load - load),
         from the routed counts gathered since the last call; then clears them."""
         rate = self.cfg.bias_update_rate
-        if rate > 0 and self.bias_counts.sum() > 0:
-            load = self.bias_counts
-            self.router.expert_bias += rate * torch.sign(load.mean() - load)
+        if rate > 0:
+            load = self.reduce_bias_counts(self.bias_counts)
+            if load.sum() > 0:
+                self.router.expert_bias += rate * torch.sign(load.mean() - load)
         self.bias_counts.zero_()
+
+
+def balance_sums(routing: Routing, kept_E: Tensor, n_seq: int, cfg: MoEConfig) -> dict[str, Tensor]:
+    """The sufficient statistics of one call's balance losses and metrics: sums over its tokens,
+    which add up over processes to those of their whole batch (gradients kept where a loss needs
+    them). kept_E (E,): assignments each expert kept after capacity.
+
+    tokens_sequences (2,): T and the number of sequences. routed_E, kept_E (E,): assignments per
+    expert before and after capacity. entropy: summed routing entropy. Where its coefficient is
+    set: probs_E (E,) summed router probabilities or seq_balance (sum of the per-sequence balance
+    losses, aux_loss_scope="sequence"); z: summed z-loss; importance_E, load_E (E,).
+    """
+    T, probs_TE, ids_TK = routing.n_tokens, routing.probs_TE, routing.ids_TK
+    sums = {
+        "tokens_sequences": probs_TE.new_tensor([T, n_seq]),
+        "routed_E": kept_E if ids_TK is None else losses.expert_counts(ids_TK, cfg.n_experts),
+        "kept_E": kept_E,
+        "entropy": losses.entropy(probs_TE.detach()).sum(),
+    }
+    if cfg.aux_loss_coef > 0 and cfg.aux_loss_scope == "sequence":
+        sums["seq_balance"] = n_seq * losses.switch_balance_loss(probs_TE, ids_TK, n_seq)
+    elif cfg.aux_loss_coef > 0:
+        sums["probs_E"] = probs_TE.sum(0)
+    if cfg.z_loss_coef > 0:
+        sums["z"] = T * losses.z_loss(routing.logits_TE)
+    if cfg.importance_loss_coef > 0:
+        sums["importance_E"] = losses.expert_importance(routing.weights_TK, ids_TK, cfg.n_experts)
+    if cfg.load_loss_coef > 0 and routing.clean_logits_TE is not None:
+        sums["load_E"] = losses.load_probabilities(
+            routing.clean_logits_TE, routing.logits_TE, routing.noise_std_TE, cfg.top_k
+        ).sum(0)
+    return sums
+
+
+def reduce_sums(sums: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """`sums` (each in float64) passed through `reduce` as one vector: one collective per call
+    when it is a sum over processes."""
+    parts = [s.double() for s in sums.values()]
+    flat = reduce(torch.cat([p.reshape(-1) for p in parts]))
+    pieces = flat.split([p.numel() for p in parts])
+    return {name: x.view_as(p) for name, x, p in zip(sums, pieces, parts, strict=True)}
+
+
+def balance_losses(sums: dict[str, Tensor], cfg: MoEConfig) -> dict[str, Tensor]:
+    """The unweighted losses whose sums `sums` holds (`balance_sums`), by `MoEAux` field."""
+    T, B = sums["tokens_sequences"]
+    found = {}
+    if "seq_balance" in sums:
+        found["balance_loss"] = sums["seq_balance"] / B
+    elif "probs_E" in sums:
+        found["balance_loss"] = losses.switch_balance(
+            sums["routed_E"], sums["probs_E"], T, cfg.top_k
+        )
+    if "z" in sums:
+        found["z_loss"] = sums["z"] / T
+    if "importance_E" in sums:
+        found["importance_loss"] = losses.cv_squared(sums["importance_E"])
+    if "load_E" in sums:
+        found["load_loss"] = losses.cv_squared(sums["load_E"])
+    return found
 
 
 def reference_expert(layer: MoELayer, e: int, x_D: Tensor) -> Tensor:

@@ -64,8 +64,6 @@ class AllToAllDispatcher:
         self.ep = layout.ep_size
         self.n_local = n_experts // self.ep
         self.first_expert = layout.ep_rank * self.n_local
-        # The layer's BatchStats hooks (moekit.distributed.stats), kept here to be removable.
-        self.stats: object | None = None
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, DispatchState]:
         x_RD, counts_E, local = self.local.dispatch(x_TD, routing)

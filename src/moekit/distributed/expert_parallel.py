@@ -7,7 +7,10 @@ For every `MoELayer` of the model (a whole `MoETransformer`, or bare layers in a
   loads a full (single-process) state dict by slicing it;
 - `layer.dispatcher` becomes an `AllToAllDispatcher` around the layer's own dispatcher (or, for
   capacity under `scope="global"`, around a `GlobalCapacityDispatcher`);
-- `BatchStats` hooks make `aux` describe the global batch, or this process's tokens (`scope`);
+- `layer.reduce_bias_counts` sums the routed counts of the aux-loss-free bias update over every
+  process, so all move their biases alike; under `scope="global"`, `layer.reduce_stats` sums the
+  layer's balance statistics over every process (one differentiable all-reduce per call), so its
+  `aux` is that of the global batch and each loss's gradient that of the global loss;
 - each expert weight's gradient is divided by ep: a process's loss is the mean over its own
   tokens, and an expert receives the gradients of all ep processes' losses, so its gradient
   becomes that of their mean. Gradients of the replicated parameters (routers, attention, shared
@@ -19,6 +22,7 @@ Shared experts are dense and stay whole on every process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +30,9 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from moekit.config import check_choice
+from moekit.distributed.comm import all_reduce_sum
 from moekit.distributed.dispatch import AllToAllDispatcher, GlobalCapacityDispatcher
 from moekit.distributed.layout import Layout, layout_of
-from moekit.distributed.stats import BatchStats
 from moekit.experts import Experts
 from moekit.moe import MoELayer
 
@@ -98,7 +102,10 @@ def _parallelize(layer: MoELayer, layout: Layout, scope: str) -> None:
             if p.requires_grad:
                 p.register_hook(_scale_by(1.0 / layout.ep_size))
     layer.dispatcher = dispatcher
-    dispatcher.stats = BatchStats(layer, layout.batch_group, scope)
+    sum_over_batch = partial(all_reduce_sum, group=layout.batch_group)
+    layer.reduce_bias_counts = sum_over_batch
+    if scope == "global":
+        layer.reduce_stats = sum_over_batch
 
 
 def _scale_by(factor: float) -> Callable[[Tensor], Tensor]:
