@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from moekit import losses
 from moekit.analysis import metrics
 
 # 4 tokens, top-2 of 4 experts; token 2 lost its second choice to capacity (-1).
@@ -15,9 +16,11 @@ def test_expert_load_counts_kept_assignments_only():
     assert metrics.expert_load(IDS, 4).tolist() == pytest.approx([3 / 7, 2 / 7, 1 / 7, 1 / 7])
 
 
-def test_max_vio_and_load_entropy():
-    assert metrics.max_vio(torch.tensor([0.5, 0.25, 0.25, 0.0])) == pytest.approx(1.0)
-    assert metrics.load_entropy(torch.full((8,), 1 / 8)) == pytest.approx(math.log(8))
+def test_max_vio_and_load_entropy_of_shares():
+    """The report's figures of a load (shares summing to 1), from moekit.losses."""
+    load = torch.tensor([0.5, 0.25, 0.25, 0.0], dtype=torch.float64)
+    assert float(losses.max_violation(load)) == pytest.approx(1.0)
+    assert float(losses.entropy(torch.full((8,), 1 / 8))) == pytest.approx(math.log(8))
 
 
 def test_dead_experts_below_a_tenth_of_the_mean():

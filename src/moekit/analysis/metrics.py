@@ -2,6 +2,7 @@
 
 A trace is `ids_TK` (T tokens, K experts each, -1 where capacity dropped an assignment) plus, where
 a metric needs them, per-token labels. Every function counts only the assignments that were kept.
+A load's MaxVio and entropy are those of training: `moekit.losses.max_violation` and `entropy`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,6 @@ def expert_load(ids_TK: Tensor, n_experts: int) -> Tensor:
     """(E,) float: assignments per expert, as a share of all kept assignments (sums to 1)."""
     counts = torch.bincount(ids_TK[ids_TK >= 0].long(), minlength=n_experts).double()
     return counts / counts.sum().clamp(min=1)
-
-
-def max_vio(load_E: Tensor) -> float:
-    """MaxVio = max_i load_i / mean load - 1 (Wang et al. 2024); 0 when perfectly balanced."""
-    return float(load_E.max() / load_E.mean().clamp(min=1e-12) - 1.0)
-
-
-def load_entropy(load_E: Tensor) -> float:
-    """Entropy (nats) of the load distribution; log E when perfectly balanced."""
-    p = load_E / load_E.sum().clamp(min=1e-12)
-    return float(-(p * torch.log(p.clamp(min=1e-30))).sum())
 
 
 def dead_experts(load_E: Tensor, fraction: float = DEAD_FRACTION) -> list[int]:

@@ -15,6 +15,7 @@ from moekit.analysis import metrics, plots
 from moekit.analysis.token_classes import CLASSES
 from moekit.analysis.trace import RoutingTrace
 from moekit.fileio import atomic_write_text
+from moekit.losses import entropy, max_violation
 
 MAX_DOMAINS = 12  # the most frequent packages get a column each; the rest share "(other)"
 VOCAB_MIN_COUNT = 5  # token ids seen fewer times are left out of vocabulary specialisation
@@ -30,8 +31,8 @@ def layer_stats(trace: RoutingTrace, layer: int, n_experts: int, top_k: int) -> 
     vocab = metrics.vocabulary_specialisation(tokens, ids, n_experts, VOCAB_MIN_COUNT)
     return {
         "load": load.tolist(),
-        "max_vio": metrics.max_vio(load),
-        "load_entropy": metrics.load_entropy(load),
+        "max_vio": float(max_violation(load)),
+        "load_entropy": float(entropy(load)),
         "routing_entropy": trace.entropy[layer],
         "dead_experts": metrics.dead_experts(load),
         "repetition": metrics.repetition(ids, trace.new_seq),
