@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from tests.moe_cases import make_layer, tie_free_tokens
 
 from moekit import MoEConfig, MoELayer
-from moekit.dispatch import capacity_assignment, combine, token_capacity
+from moekit.dispatch import capacity_assignment, combine
 from moekit.dispatch.reference import reference_capacity_assignment
+from moekit.routing import expert_capacity
 
 
 @pytest.mark.parametrize("policy", ["position", "probability"])
@@ -21,7 +22,7 @@ from moekit.dispatch.reference import reference_capacity_assignment
 def test_capacity_assignment_matches_reference(policy: str, overflow: str, factor: float) -> None:
     layer = make_layer(capacity_factor=factor, drop_policy=policy, overflow=overflow)
     routing = layer.router(tie_free_tokens(layer, 48))
-    C = token_capacity(48, layer.cfg)
+    C = expert_capacity(48, layer.cfg)
     got = capacity_assignment(routing, C, policy, overflow)
     want = reference_capacity_assignment(
         routing.ids_TK, routing.weights_TK, routing.selection_TE, C, policy, overflow
@@ -43,7 +44,7 @@ def test_position_priority_serves_all_first_choices_first() -> None:
 
 def test_capacity_formula() -> None:
     cfg = MoEConfig(d_model=8, d_expert=8, n_experts=8, top_k=2, capacity_factor=1.25)
-    assert token_capacity(100, cfg) == math.ceil(1.25 * 100 * 2 / 8) == 32
+    assert expert_capacity(100, cfg) == math.ceil(1.25 * 100 * 2 / 8) == 32
 
 
 def test_dropped_assignment_contributes_zero_and_others_keep_their_weight() -> None:
@@ -119,7 +120,7 @@ def test_dispatch_properties(router, n_experts, top_k, n_tokens, factor, policy,
             sums = aux.weights.sum(-1)
             torch.testing.assert_close(sums, torch.full_like(sums, cfg.routed_scaling))
     else:
-        assert int(aux.counts.max()) <= token_capacity(n_tokens, cfg)
+        assert int(aux.counts.max()) <= expert_capacity(n_tokens, cfg)
     for row in aux.ids.tolist():  # a token never uses one expert twice
         kept = [e for e in row if e >= 0]
         assert len(kept) == len(set(kept))

@@ -11,10 +11,9 @@ from torch import Tensor, nn
 from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch import DroplessDispatcher, make_dispatcher
-from moekit.dispatch.capacity import token_capacity
 from moekit.dispatch.reference import reference_capacity_assignment
 from moekit.experts import Experts, SharedExperts, activate
-from moekit.routing import Router, Routing
+from moekit.routing import Router, Routing, expert_capacity
 
 # Calls of at most this many tokens without autograd (decoding) run only the chosen experts
 # (`Experts.forward_selected`); larger ones sort their rows into all E groups (the dispatch).
@@ -279,7 +278,7 @@ def reference_moe_forward(layer: MoELayer, x: Tensor, routing: Routing) -> Tenso
                 routing.ids_TK,
                 routing.weights_TK,
                 routing.selection_TE,
-                token_capacity(T, cfg),
+                expert_capacity(T, cfg),
                 cfg.drop_policy,
                 cfg.overflow,
             )

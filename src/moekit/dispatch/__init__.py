@@ -2,7 +2,7 @@
 
 from moekit.config import MoEConfig
 from moekit.dispatch.base import Dispatcher, DispatchState, sort_by_expert
-from moekit.dispatch.capacity import CapacityDispatcher, capacity_assignment, token_capacity
+from moekit.dispatch.capacity import CapacityDispatcher, capacity_assignment
 from moekit.dispatch.dropless import DroplessDispatcher
 from moekit.dispatch.expert_choice import ExpertChoiceDispatcher
 
@@ -25,5 +25,4 @@ __all__ = [
     "capacity_assignment",
     "make_dispatcher",
     "sort_by_expert",
-    "token_capacity",
 ]

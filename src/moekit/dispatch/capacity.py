@@ -1,28 +1,21 @@
 """Capacity dispatch (GShard, Switch): each expert computes at most C assignments per call.
 
-C = ceil(capacity_factor * T * K / E). Which assignments win a full expert is the drop policy:
-"position" (every first choice before any second choice, then token order) or "probability"
-(highest routing weight first, batch-prioritised routing). An overflowing assignment is dropped
-(contributes zero, the token's other weights unchanged) or, with overflow="next_best", moved to the
-token's best remaining expert that has room. `dispatch/reference.py` is the readable twin.
+C = ceil(capacity_factor * T * K / E) (`moekit.routing.expert_capacity`). Which assignments win a
+full expert is the drop policy: "position" (every first choice before any second choice, then
+token order) or "probability" (highest routing weight first, batch-prioritised routing). An
+overflowing assignment is dropped (contributes zero, the token's other weights unchanged) or, with
+overflow="next_best", moved to the token's best remaining expert that has room.
+`dispatch/reference.py` is the readable twin.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
 from moekit.config import MoEConfig
 from moekit.dispatch.base import DispatchState, combine_rows, sort_by_expert
-from moekit.routing.base import Routing
-
-
-def token_capacity(n_tokens: int, cfg: MoEConfig) -> int:
-    """C = ceil(capacity_factor * T * K / E), never more than T (a token uses an expert once)."""
-    assert cfg.capacity_factor is not None
-    return min(n_tokens, math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts))
+from moekit.routing.base import Routing, expert_capacity
 
 
 def priority_order(weights_TK: Tensor, policy: str) -> Tensor:
@@ -131,5 +124,5 @@ class CapacityDispatcher:
     def assignment(self, routing: Routing) -> Tensor:
         """(T, K) the expert each assignment ends on, -1 where dropped, with the capacity of this
         call's T tokens. (Expert parallelism overrides it to decide over the global batch.)"""
-        capacity = token_capacity(routing.n_tokens, self.cfg)
+        capacity = expert_capacity(routing.n_tokens, self.cfg)
         return capacity_assignment(routing, capacity, self.cfg.drop_policy, self.cfg.overflow)

@@ -26,11 +26,10 @@ from moekit.dispatch import (
     Dispatcher,
     DispatchState,
     capacity_assignment,
-    token_capacity,
 )
 from moekit.distributed.comm import all_to_all, exchange_counts, gather_rows
 from moekit.distributed.layout import Layout
-from moekit.routing import Routing
+from moekit.routing import Routing, expert_capacity
 
 
 @dataclass(kw_only=True)
@@ -133,6 +132,6 @@ class GlobalCapacityDispatcher(CapacityDispatcher):
         everyone = Routing(
             placeholder, placeholder, placeholder, ids, weights, selection_TE=selection
         )
-        capacity = token_capacity(rows.shape[0], cfg)
+        capacity = expert_capacity(rows.shape[0], cfg)
         final = capacity_assignment(everyone, capacity, cfg.drop_policy, cfg.overflow)
         return final[start : start + T]

@@ -1,7 +1,7 @@
 """Routers: tokens -> (expert ids, weights). One file per family."""
 
-from moekit.routing.base import Routing
-from moekit.routing.expert_choice import expert_capacity, expert_choice_route
+from moekit.routing.base import Routing, expert_capacity
+from moekit.routing.expert_choice import expert_choice_route
 from moekit.routing.router import Router
 from moekit.routing.topk import group_limit, topk_route
 

@@ -1,10 +1,21 @@
-"""What a router returns: the `Routing` record shared by every router and dispatcher."""
+"""What a router returns: the `Routing` record shared by every router and dispatcher, and the
+expert capacity that expert choice and capacity dispatch both read."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from moekit.config import MoEConfig
+
+
+def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int:
+    """C = ceil(capacity_factor * T * top_k / E) of a call's T tokens, never more than T (a token
+    uses an expert once); at least 1 when there are tokens (capacity_factor > 0)."""
+    assert cfg.capacity_factor is not None
+    return min(n_tokens, math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts))
 
 
 @dataclass

@@ -6,20 +6,11 @@ ones, so it cannot be used for autoregressive decoding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from moekit.config import MoEConfig
-from moekit.routing.base import Routing
-
-
-def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int:
-    """C = ceil(capacity_factor * T * k / E), at most T, at least 1 when there are tokens."""
-    assert cfg.capacity_factor is not None
-    wanted = math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts)
-    return min(n_tokens, max(wanted, 1 if n_tokens else 0))
+from moekit.routing.base import Routing, expert_capacity
 
 
 def expert_choice_route(logits_TE: Tensor, cfg: MoEConfig) -> Routing:
