@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -70,6 +71,13 @@ def atomic_write_json(path: str | os.PathLike, data: object) -> str:
     text = json.dumps(data, indent=2)
     atomic_write_text(path, text + "\n")
     return text
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 110) -> None:
+    """Write a matplotlib `Figure` to `path` as a PNG atomically. Build figures as bare `Figure`s
+    (they render with Agg), not with pyplot, whose registry would keep them alive."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def default_cache_dir() -> Path:

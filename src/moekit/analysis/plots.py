@@ -3,23 +3,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.figure import Figure
-
-from moekit.fileio import atomic_path
+from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 
 
 def _panels(n: int, width: float = 4.0, height: float = 3.2) -> tuple[Figure, list[Any]]:
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat[:n])
@@ -44,7 +38,8 @@ def load_figure(layers: list[dict[str, Any]]) -> Figure:
 
 def repetition_figure(layers: list[dict[str, Any]]) -> Figure:
     """Measured consecutive-token repetition beside the random baselines, per layer."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(layers)), 3.5))
+    fig = Figure(figsize=(max(5.0, 1.6 * len(layers)), 3.5))
+    ax = fig.subplots()
     x = np.arange(len(layers))
     bars = [
         ("first choice", [r["repetition"]["first"] for r in layers]),
@@ -87,7 +82,8 @@ def heatmap_figure(
 
 def saturation_figure(steps: list[int], layers: list[list[float]]) -> Figure:
     """Top-k overlap of each checkpoint with the final one, per layer."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     for i, values in enumerate(layers):
         ax.plot(steps, values, marker="o", label=f"layer {i}")
     ax.set_xlabel("checkpoint step")
@@ -97,10 +93,3 @@ def saturation_figure(steps: list[int], layers: list[list[float]]) -> Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """Write a PNG atomically and free the figure."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)

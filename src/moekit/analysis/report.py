@@ -14,7 +14,7 @@ import torch
 from moekit.analysis import metrics, plots
 from moekit.analysis.token_classes import CLASSES
 from moekit.analysis.trace import RoutingTrace
-from moekit.fileio import atomic_write_text
+from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import entropy, max_violation
 
 MAX_DOMAINS = 12  # the most frequent packages get a column each; the rest share "(other)"
@@ -94,7 +94,7 @@ def write_report(
             saturation["steps"], saturation["layers"]
         )
     for name, fig in figures.items():
-        plots.save_figure(fig, out_dir / name)
+        save_figure(fig, out_dir / name, dpi=90)
     path = out_dir / "report.md"
     atomic_write_text(path, report_text(layers, meta, saturation, list(figures)))
     return path

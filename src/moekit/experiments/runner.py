@@ -17,7 +17,7 @@ from torch import Tensor
 from moekit.config import RunConfig
 from moekit.data import fixed_batches, prepare_data
 from moekit.experiments.arms import EXPERIMENTS, Experiment
-from moekit.fileio import atomic_write_text
+from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import z_loss
 from moekit.machine import machine_info
 from moekit.model import MoETransformer
@@ -25,7 +25,6 @@ from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import list_checkpoints, load_weights
 from moekit.train.lockstep import parallel_threads, run_in_parallel
 from moekit.train.metrics import read_metrics
-from moekit.train.report import save_figure
 from moekit.train.sample import load_run
 
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 
 from moekit.config import RunConfig
-from moekit.fileio import atomic_path, atomic_write_text
+from moekit.fileio import atomic_write_text, save_figure
 from moekit.model import MoETransformer, format_count, parameter_table
 from moekit.train.metrics import read_metrics
 
@@ -129,9 +129,3 @@ def expert_load_figure(train: list[dict[str, Any]]) -> Figure:
     fig.suptitle("Expert load per MoE layer (tokens routed / mean; 1 = balanced)")
     fig.colorbar(image, ax=list(axes), label="load / mean", shrink=0.9)
     return fig
-
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """Save a figure as PNG atomically."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from moekit.config import RunConfig, dense_twin
-from moekit.fileio import atomic_write_json, atomic_write_text
+from moekit.fileio import atomic_write_json, atomic_write_text, save_figure
 from moekit.machine import machine_info
 from moekit.model import format_count
 from moekit.train.lockstep import (
@@ -28,7 +28,7 @@ from moekit.train.lockstep import (
     train_in_parallel,
 )
 from moekit.train.metrics import read_metrics
-from moekit.train.report import expert_load_figure, save_figure
+from moekit.train.report import expert_load_figure
 
 MOE, DENSE = "moe", "dense"
 
