@@ -110,6 +110,20 @@ def test_sequence_scope_balances_each_row_of_a_3d_input() -> None:
     assert not torch.allclose(expected, batch_scope)
 
 
+def test_aux_is_that_of_the_batch_whose_statistics_reduce_stats_sums() -> None:
+    """The injected reduction decides the batch `aux` describes: counting this call's statistics
+    twice (as a sum over two processes holding the same tokens would) gives the aux of a batch
+    of two copies of them."""
+    layer = make_layer(aux_loss_coef=0.01, z_loss_coef=0.01, importance_loss_coef=0.01)
+    x = tie_free_tokens(layer, 12).view(2, 6, -1)
+    _, both = layer(torch.cat([x, x]))
+    layer.reduce_stats = lambda sums: 2 * sums
+    _, doubled = layer(x)
+    for field in ("loss", "balance_loss", "z_loss", "importance_loss", "counts", "entropy"):
+        torch.testing.assert_close(getattr(doubled, field), getattr(both, field), msg=field)
+    assert int(doubled.counts.sum()) == 2 * 12 * 2  # T * K of both copies
+
+
 def test_wrong_width_names_both_numbers() -> None:
     layer = MoELayer(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=1))
     with pytest.raises(ValueError, match=r"d_model=16.*last dimension 15"):
