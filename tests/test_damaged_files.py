@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from tests.run_cases import tiny_run
 
 from moekit.cli import main
-from moekit.interop.convert import run_to_hf
+from moekit.interop import save_hf
+from moekit.loading import load
 from moekit.train import train
 
 
@@ -31,7 +32,8 @@ def trained(tmp_path_factory) -> Path:
 def hf_trained(trained: Path, tmp_path_factory) -> Path:
     """The run as a Mixtral checkpoint in several shards (with an index), with its tokenizer."""
     out = tmp_path_factory.mktemp("hf") / "hf"
-    return run_to_hf(trained, out, "mixtral", max_shard_size="500KB")
+    loaded = load(trained)
+    return save_hf(loaded.model, out, "mixtral", tokenizer=loaded.tokenizer, max_shard_size="500KB")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from moekit.cli import main
 from moekit.data import eos_id
 from moekit.interop import load_hf
-from moekit.interop.convert import load_run_model
+from moekit.train.sample import load_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_trained_run_converts_and_transformers_computes_the_same_logits(run_dir, tmp_path):
     out = tmp_path / "hf"
     assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(out)]) == 0
-    _, ours, _ = load_run_model(run_dir)
+    _, ours, _ = load_run(run_dir)
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(
         out,
         attn_implementation="eager",
@@ -71,8 +71,8 @@ def test_from_hf_writes_a_run_that_exports_the_same_weights(run_dir, tmp_path) -
     hf, back = tmp_path / "hf", tmp_path / "run"
     assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(hf)]) == 0
     assert main(["convert", "--from-hf", str(hf), "--out", str(back)]) == 0
-    _, original, _ = load_run_model(run_dir)
-    _, imported, checkpoint = load_run_model(back)
+    _, original, _ = load_run(run_dir)
+    _, imported, checkpoint = load_run(back)
     assert checkpoint.name == "step-000000" and (back / "tokenizer.json").is_file()
     a, b = original.state_dict(), imported.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -91,9 +91,9 @@ def test_a_converted_run_fine_tunes_with_its_own_tokenizer(run_dir, tmp_path) ->
             f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     assert main(args) == 0
     assert (back / "tokenizer.json").read_bytes() == tokenizer
-    _, tuned, checkpoint = load_run_model(back)
+    _, tuned, checkpoint = load_run(back)
     assert checkpoint.name == "step-000002"
-    _, original, _ = load_run_model(run_dir)
+    _, original, _ = load_run(run_dir)
     assert not torch.equal(tuned.embed.weight, original.embed.weight)  # it trained
 
 
@@ -113,7 +113,7 @@ def test_a_converted_run_whose_end_token_is_not_moekits_generates_and_fine_tunes
     args = ["train", "--resume", str(back), "--train.steps=2", "--train.progress=false",
             "--train.tensorboard=false", f"--train.data.source={JSON_PACKAGE}",
             f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    assert main(args) == 0 and load_run_model(back)[2].name == "step-000002"
+    assert main(args) == 0 and load_run(back)[2].name == "step-000002"
 
 
 @pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
@@ -121,7 +121,7 @@ def test_from_hf_keeps_a_vocabulary_too_small_for_a_bpe(case: str, tmp_path) -> 
     """A valid checkpoint of 97 tokens converts: its run needs no BPE (issue 13)."""
     hf = save_hf_case(case, tmp_path / "hf")
     assert main(["convert", "--from-hf", str(hf), "--out", str(tmp_path / "run")]) == 0
-    cfg, model, _ = load_run_model(tmp_path / "run")
+    cfg, model, _ = load_run(tmp_path / "run")
     assert cfg.model.vocab_size == 97 and cfg.train.data.tokenizer == "run"
     want = load_hf(hf).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())

@@ -1,5 +1,7 @@
 """moekit: Mixture-of-Experts layers, models, training, checkpoints and analysis."""
 
+from typing import Any
+
 from moekit.config import ModelConfig, MoEConfig
 from moekit.model import ModelOutput, MoETransformer
 from moekit.moe import MoEAux, MoELayer
@@ -14,5 +16,16 @@ __all__ = [
     "ModelOutput",
     "Router",
     "Routing",
+    "load",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """`moekit.load` (moekit.loading), imported on first use: it reads checkpoints and
+    tokenizers, which `import moekit` does not need."""
+    if name == "load":
+        from moekit.loading import load
+
+        return load
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")

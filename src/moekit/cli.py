@@ -291,12 +291,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 @command("generate", "stream text from a trained run's newest checkpoint", _generate_args)
 def generate_command(args: argparse.Namespace) -> int:
     from moekit.cpu_memory import use_huge_pages
-    from moekit.train.sample import load_run, sample_text
+    from moekit.loading import load
+    from moekit.train.sample import sample_text
 
     if args.expert_budget is not None:
         model, tokenizer, offload = _offloaded_run(args)
     else:
-        (_, model, tokenizer), offload = load_run(args.run_dir), None
+        loaded, offload = load(args.run_dir), None
+        model, tokenizer = loaded.model, loaded.tokenizer
     use_huge_pages(model.parameters())  # decode streams every weight per token (cpu_memory)
     print(args.prompt, end="", flush=True)
     sample_text(
@@ -325,9 +327,10 @@ def _offloaded_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from moekit.inference.offload import load_offloaded
     from moekit.inference.trace import load_trace
     from moekit.train.checkpoint import checkpoint_remedy
-    from moekit.train.sample import load_run_files
+    from moekit.train.sample import find_run, read_run_tokenizer
 
-    cfg, checkpoint, tokenizer = load_run_files(args.run_dir)
+    cfg, checkpoint = find_run(args.run_dir)
+    tokenizer = read_run_tokenizer(args.run_dir)
     counts = load_trace(args.trace, cfg.model).expert_counts() if args.trace else None
     with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
         warnings.simplefilter("always")
@@ -356,15 +359,16 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
 
 @command("trace", "record which experts each token uses while generating", _trace_args)
 def trace_command(args: argparse.Namespace) -> int:
-    from moekit.inference.trace import load_model_and_tokenizer, record_prompts, save_trace
+    from moekit.inference.trace import record_prompts, save_trace
+    from moekit.loading import load
     from moekit.userfiles import read_text
 
     text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts} has no prompts (one per non-empty line)")
-    model, tokenizer = load_model_and_tokenizer(args.path)
-    trace = record_prompts(model, tokenizer, prompts, args.max_new_tokens)
+    loaded = load(args.path)
+    trace = record_prompts(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens)
     save_trace(trace, args.out)
     print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
     return 0
@@ -454,6 +458,7 @@ def _model_override(item: str) -> str:
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     from moekit.interop.archs import ARCHITECTURES
+    from moekit.interop.files import WEIGHT_DTYPES
     from moekit.interop.keymaps import LAYOUTS
 
     source = p.add_mutually_exclusive_group(required=True)
@@ -466,7 +471,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--arch", choices=ARCHITECTURES, help="architecture to write (with --to-hf)")
     p.add_argument("--layout", choices=LAYOUTS, default="per_expert", help="expert key layout")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="of the weights")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="of the weights")
     p.add_argument(
         "--max-shard-size", type=byte_size, default="2GB", help="bytes per safetensors shard"
     )
@@ -479,7 +484,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     _convert_args,
 )
 def convert_command(args: argparse.Namespace) -> int:
-    from moekit.interop.convert import hf_to_run, run_to_hf
+    from moekit.interop import save_hf
+    from moekit.interop.convert import hf_to_run
+    from moekit.loading import load
 
     if args.from_hf:
         out = hf_to_run(args.from_hf, args.out, dtype=args.dtype)
@@ -487,10 +494,12 @@ def convert_command(args: argparse.Namespace) -> int:
         return 0
     if args.arch is None:
         raise ValueError("--to-hf needs --arch (one of the architectures in `moekit convert -h`)")
-    out = run_to_hf(
-        args.to_hf,
+    loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
+    out = save_hf(
+        loaded.model,
         args.out,
         args.arch,
+        tokenizer=loaded.tokenizer,
         layout=args.layout,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
@@ -517,9 +526,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     overrides=True,
 )
 def demo_command(args: argparse.Namespace) -> int:
+    from moekit.loading import load
     from moekit.train import TrainingDiverged, write_report
     from moekit.train.lockstep import SideBySideFailed
-    from moekit.train.sample import load_run
     from moekit.train.twin import MOE, train_with_dense_twin, write_twin_report
 
     start = time.perf_counter()
@@ -532,7 +541,8 @@ def demo_command(args: argparse.Namespace) -> int:
     except (TrainingDiverged, SideBySideFailed) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
-    _, model, tokenizer = load_run(out / MOE)
+    loaded = load(out / MOE)
+    model, tokenizer = loaded.model, loaded.tokenizer
     sample = args.prompt + _stream_sample(model, tokenizer, args.prompt, args.max_new_tokens)
     write_report(out / MOE, cfg, model, sample=sample)  # its training wrote it without one
     report = write_twin_report(result, cfg, sample)

@@ -3,9 +3,7 @@ experts or a size in bytes."""
 
 from __future__ import annotations
 
-import re
-
-_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+from moekit.interop.files import parse_size
 
 
 def resolve_budget(
@@ -38,15 +36,15 @@ def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | N
         forms = "a count (12), a fraction (0.5 or 50%) or bytes (200MB)"
     if isinstance(budget, str):
         text = budget.strip()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([KMG]I?)?B", text, re.IGNORECASE)
-        if m and expert_bytes is None:
+        in_bytes = text.upper().endswith("B")
+        if in_bytes and expert_bytes is None:
             raise ValueError(
                 f"expert budget {budget!r} is in bytes, but a routing trace does not know the "
                 "experts' size: give a count (12) or a fraction (0.5 or 50%)"
             )
-        if m:
-            return int(float(m[1]) * _UNITS[(m[2] or "").upper()]) // expert_bytes
         try:
+            if in_bytes:
+                return parse_size(text) // expert_bytes
             if text.endswith("%"):
                 budget = float(text[:-1]) / 100
             else:

@@ -118,8 +118,8 @@ def load_offloaded(
     model.safetensors), its routed experts left in the file: the model is built on the meta
     device, everything else is read into memory, and the experts are read one at a time through
     `apply_expert_offload(..., **offload)`. The whole model is never in memory. Eval mode.
-    `remedy`: what a damaged file's error tells the user to do (a run's checkpoint knows better:
-    `moekit.train.checkpoint.checkpoint_remedy`)."""
+    `remedy`: what a damaged file's error tells the user to do (for a run's checkpoint, the
+    training checkpoints' `checkpoint_remedy`). The whole model in memory: `moekit.load`."""
     with torch.device("meta"):
         model = MoETransformer(cfg)
     store = CheckpointExpertStore(path, model, remedy)  # checks the file before anything is read

@@ -21,13 +21,13 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.fileio import atomic_path
 from moekit.inference.cache import Key
+from moekit.interop.files import DTYPES
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
 from moekit.userfiles import open_safetensors, read_json
 
 MANIFEST = "manifest.json"
 REWRITE_EXPERTS = "write the expert directory again (write_expert_files)"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def read_tensor(f: BinaryIO, data_start: int, entry: dict, index: int | None = N
     if index is not None:
         step = (end - start) // shape[0]
         start, shape = start + index * step, shape[1:]
-    out = torch.empty(shape, dtype=_DTYPES[entry["dtype"]])
+    out = torch.empty(shape, dtype=DTYPES[entry["dtype"]])
     buffer = out.view(torch.uint8).numpy()
     f.seek(data_start + start)
     if f.readinto(buffer) != buffer.nbytes:

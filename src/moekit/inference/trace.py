@@ -27,7 +27,7 @@ from moekit.inference.cache import Key
 from moekit.inference.store import model_identity
 from moekit.model.transformer import MoETransformer
 from moekit.moe import SELECTED_MAX_TOKENS
-from moekit.userfiles import REDOWNLOAD, DamagedFile, open_safetensors, parse_json, read_tokenizer
+from moekit.userfiles import DamagedFile, open_safetensors, parse_json
 
 # 1: ids and step only. 2: also `fetched` and `selected`, what the layer calls did.
 TRACE_VERSION = 2
@@ -227,23 +227,6 @@ def _check_trace_tensors(path: str | Path, tensors: dict, identity: dict, versio
         if tuple(tensors[name].shape) != shape:
             problem = f"has tensor '{name}' of shape {tuple(tensors[name].shape)}, not {shape}"
             raise DamagedFile(path, problem, RECORD_AGAIN)
-
-
-def load_model_and_tokenizer(path: str | Path):
-    """(model, tokenizer) of a moekit run directory or a Hugging Face checkpoint directory (which
-    must hold a tokenizer.json)."""
-
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        from moekit.train.sample import load_run
-
-        _, model, tokenizer = load_run(path)
-        return model, tokenizer
-    from moekit.interop import load_hf
-
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json: cannot encode the prompts")
-    return load_hf(path), read_tokenizer(path / "tokenizer.json", REDOWNLOAD)
 
 
 def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new_tokens: int):

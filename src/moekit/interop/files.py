@@ -28,7 +28,9 @@ SINGLE_NAME = "model.safetensors"
 REOPEN_BYTES = 32 * 2**20
 SLICE_BYTES = 16 * 2**20
 
-_DTYPES = {
+# safetensors' dtype names -> torch's (the file format's one table; `read_tensor` of the expert
+# store and `CheckpointReader` read through it).
+DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -40,6 +42,8 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# The dtypes weights are loaded or saved in, by torch's name (as config.json's "dtype" gives it).
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CheckpointError(ValueError):
@@ -134,7 +138,7 @@ class CheckpointReader:
         if len(shape) < 2:
             yield slice(None)
             return
-        row_bytes = math.prod(shape[1:]) * _DTYPES[sl.get_dtype()].itemsize
+        row_bytes = math.prod(shape[1:]) * DTYPES[sl.get_dtype()].itemsize
         step = max(1, SLICE_BYTES // max(row_bytes, 1))
         for start in range(0, shape[0], step):
             yield slice(start, min(start + step, shape[0]))
@@ -163,10 +167,11 @@ class CheckpointReader:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB" or "2GiB"."""
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB" or ".5GB" (the one size parser:
+    shard sizes, expert budgets in bytes, command-line sizes)."""
     if isinstance(size, int):
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d*\.?\d+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
     if not match:
         raise ValueError(f"max_shard_size={size!r} is invalid: use bytes or e.g. '5GB', '500MB'")
     number, unit, binary = match.groups()

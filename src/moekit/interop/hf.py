@@ -25,6 +25,7 @@ from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF
 from moekit.interop.files import (
+    WEIGHT_DTYPES,
     CheckpointError,
     CheckpointReader,
     WeightInfo,
@@ -56,7 +57,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LISTED = 12  # how many missing / unexpected keys an error lists
 
 
@@ -92,7 +92,7 @@ def load_hf(
     arch = architecture_of(hf)
     cfg = arch.model_config(hf)
     files = find_weight_files(folder)
-    model = _empty_model(cfg, _resolve_dtype(dtype, hf))
+    model = _empty_model(cfg, resolve_dtype(dtype, hf))
     plan = _plan_load(model, arch, files)
     reader = CheckpointReader({k: info.path for k, info in files.items()})
     total = sum(dest.numel() * dest.element_size() for dest, _, _ in plan)
@@ -108,13 +108,17 @@ def load_hf(
     return model.eval()
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
+    """`dtype` as a torch dtype; None takes the config dict's "dtype" (or "torch_dtype"), else
+    float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"dtype={name!r} is invalid: allowed values are {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[name]
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"dtype={name!r} is invalid: allowed values are {', '.join(WEIGHT_DTYPES)}"
+        )
+    return getattr(torch, name)
 
 
 def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
@@ -217,7 +221,7 @@ def save_hf(
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")
     hf = target.hf_config(model.cfg)
-    out_dtype = model.embed.weight.dtype if dtype is None else _resolve_dtype(dtype, {})
+    out_dtype = model.embed.weight.dtype if dtype is None else resolve_dtype(dtype, {})
     tensors = _save_plan(model, target, layout, out_dtype)
     final = Path(path)
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:

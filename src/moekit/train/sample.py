@@ -1,4 +1,4 @@
-"""Text from a trained run: load its config, tokenizer and newest weights, and sample."""
+"""A trained run: read its config, newest (or a given) checkpoint and tokenizer; sample text."""
 
 from __future__ import annotations
 
@@ -11,29 +11,32 @@ from tokenizers import Tokenizer
 from moekit.config import RUN_FILE_REMEDY, RunConfig
 from moekit.data import eos_id
 from moekit.model import MoETransformer, generate
-from moekit.train.checkpoint import latest_checkpoint, load_weights
+from moekit.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_weights
 from moekit.userfiles import read_tokenizer
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, MoETransformer, Tokenizer]:
-    """The config, the model with the newest checkpoint's weights (eval mode), and the tokenizer
-    of a run directory written by `moekit train`."""
-    cfg, checkpoint, tokenizer = load_run_files(run_dir)
-    model = MoETransformer(cfg.model)
-    load_weights(checkpoint, model)
-    return cfg, model.eval(), tokenizer
-
-
-def load_run_files(run_dir: str | Path) -> tuple[RunConfig, Path, Tokenizer]:
-    """The config, the newest checkpoint's directory and the tokenizer of a run directory."""
-    run_dir = Path(run_dir)
+def find_run(path: str | Path) -> tuple[RunConfig, Path]:
+    """The config and the checkpoint directory of a run directory written by `moekit train` (its
+    newest checkpoint) or of one of its checkpoint directories (checkpoints/step-NNNNNN)."""
+    path = Path(path)
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
     cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(run_dir) if path == run_dir else path
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
-    return cfg, checkpoint, read_run_tokenizer(run_dir)
+    return cfg, checkpoint
+
+
+def load_run(path: str | Path) -> tuple[RunConfig, MoETransformer, Path]:
+    """The config, the model with the checkpoint's weights (eval mode) and that checkpoint's
+    directory, of a run directory or one of its checkpoints (`find_run`). `moekit.load` reads
+    runs through this, and adds the tokenizer."""
+    cfg, checkpoint = find_run(path)
+    model = MoETransformer(cfg.model)
+    load_weights(checkpoint, model)
+    return cfg, model.eval(), checkpoint
 
 
 def read_run_tokenizer(run_dir: str | Path) -> Tokenizer:
