@@ -1,0 +1,87 @@
+"""`moekit.load`: a run directory, one of its checkpoints and a Hugging Face directory, alike."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit
+from moekit import MoETransformer
+from moekit.config import TrainConfig
+from moekit.data import byte_tokenizer
+from moekit.interop import save_hf
+from moekit.interop.convert import hf_run_config
+from moekit.loading import load
+from moekit.train.checkpoint import write_new_run
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[MoETransformer, Path, Path]:
+    """A tiny model as a run directory (step 0) and as a Mixtral checkpoint, with a tokenizer."""
+    work = tmp_path_factory.mktemp("loading")
+    cfg = moekit.ModelConfig.preset("tiny").replace(vocab_size=257)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    byte_tokenizer().save(str(work / "tokenizer.json"))
+    run = write_new_run(work / "run", hf_run_config(cfg), model, work / "tokenizer.json")
+    hf = save_hf(model, work / "hf", "mixtral", tokenizer=work / "tokenizer.json")
+    return model, run, hf
+
+
+def same_weights(a: MoETransformer, b: MoETransformer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_run_and_its_checkpoint_load_the_same_model(saved) -> None:
+    model, run, _ = saved
+    for path in (run, run / "checkpoints/step-000000"):
+        loaded = load(path)
+        assert same_weights(loaded.model, model) and not loaded.model.training
+        assert loaded.config == hf_run_config(model.cfg)  # as written
+        assert loaded.checkpoints == [run / "checkpoints/step-000000"]
+        assert loaded.tokenizer.get_vocab_size() == byte_tokenizer().get_vocab_size()
+
+
+def test_a_hugging_face_directory_loads_with_the_config_convert_writes(saved) -> None:
+    model, _, hf = saved
+    loaded = load(hf)
+    assert same_weights(loaded.model, model) and loaded.checkpoints == []
+    assert loaded.config == hf_run_config(loaded.model.cfg)  # what convert --from-hf writes
+    assert loaded.config.train.data.tokenizer == "run"
+    assert loaded.config.train.seq_len == min(TrainConfig().seq_len, model.cfg.max_seq_len)
+
+
+def test_dtype_converts_the_weights_and_keeps_the_correction_biases(saved) -> None:
+    _, run, hf = saved
+    for path in (run, hf):
+        model = load(path, dtype="bfloat16").model
+        assert model.embed.weight.dtype == torch.bfloat16
+        assert model.moe_layers()[0].router.expert_bias.dtype == torch.float32
+
+
+def test_a_missing_tokenizer_is_an_error_unless_not_required(saved, tmp_path) -> None:
+    _, _, hf = saved
+    bare = tmp_path / "hf"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((hf / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json does not exist"):
+        load(bare)
+    assert load(bare, require_tokenizer=False).tokenizer is None
+
+
+def test_a_folder_that_is_neither_says_so(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+        load(tmp_path)
+
+
+def test_moekit_load_is_imported_on_first_use() -> None:
+    assert moekit.load is load
+    code = "import sys, moekit; print(sorted(m for m in sys.modules if 'loading' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
