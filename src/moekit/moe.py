@@ -142,27 +142,20 @@ class MoELayer(nn.Module):
         n_seq: int,
     ) -> MoEAux:
         cfg = self.cfg
-        # Token choice counts kept assignments over all E experts (an expert-parallel dispatcher's
-        # counts are those of this process's experts); expert choice keeps the dispatcher's.
-        kept_E = counts_E if final_ids is None else losses.expert_counts(final_ids, cfg.n_experts)
-        assert kept_E is not None
-        own = balance_sums(routing, kept_E, n_seq, cfg)
+        own = balance_sums(routing, counts_E, final_ids, n_seq, cfg)
         if self.training and cfg.bias_update_rate > 0:
             self.bias_counts += own["routed_E"].to(self.bias_counts.dtype)
         sums = reduce_sums(own, self.reduce_stats)
         zero = routing.logits_TE.new_zeros(())
-        found = balance_losses(sums, cfg)
-        unweighted = {name: found.get(name, zero).to(zero.dtype) for name in LOSS_COEFFICIENTS}
-        weighted = [
-            getattr(cfg, coef) * unweighted[name] for name, coef in LOSS_COEFFICIENTS.items()
-        ]
+        found = {name: loss.to(zero.dtype) for name, loss in balance_losses(sums, cfg).items()}
+        weighted = [getattr(cfg, LOSS_COEFFICIENTS[name]) * loss for name, loss in found.items()]
         T = sums["tokens_sequences"][0]
-        routed_E = sums["routed_E"].round().long()
+        routed_E = sums["routed_E"].long()  # float64 sums of counts are exact integers
         dropped = 1.0 - sums["kept_E"].sum() / (T * cfg.top_k).clamp(min=1)
         return MoEAux(
             loss=sum(weighted, zero),
-            **unweighted,
-            counts=sums["kept_E"].round().long(),
+            **{name: found.get(name, zero) for name in LOSS_COEFFICIENTS},
+            counts=sums["kept_E"].long(),
             routed_counts=routed_E,
             dropped_fraction=dropped.to(zero.dtype) if cfg.token_choice else zero.detach(),
             max_vio=losses.max_violation(routed_E),
@@ -183,10 +176,17 @@ class MoELayer(nn.Module):
         self.bias_counts.zero_()
 
 
-def balance_sums(routing: Routing, kept_E: Tensor, n_seq: int, cfg: MoEConfig) -> dict[str, Tensor]:
+def balance_sums(
+    routing: Routing,
+    counts_E: Tensor | None,
+    final_ids: Tensor | None,
+    n_seq: int,
+    cfg: MoEConfig,
+) -> dict[str, Tensor]:
     """The sufficient statistics of one call's balance losses and metrics: sums over its tokens,
     which add up over processes to those of their whole batch (gradients kept where a loss needs
-    them). kept_E (E,): assignments each expert kept after capacity.
+    them). counts_E: the dispatcher's counts (expert choice reads them); final_ids (T, K): the
+    experts each assignment ended on after capacity (-1 where dropped; None for expert choice).
 
     tokens_sequences (2,): T and the number of sequences. routed_E, kept_E (E,): assignments per
     expert before and after capacity. entropy: summed routing entropy. Where its coefficient is
@@ -194,9 +194,13 @@ def balance_sums(routing: Routing, kept_E: Tensor, n_seq: int, cfg: MoEConfig) -
     losses, aux_loss_scope="sequence"); z: summed z-loss; importance_E, load_E (E,).
     """
     T, probs_TE, ids_TK = routing.n_tokens, routing.probs_TE, routing.ids_TK
+    routed_E = counts_E if ids_TK is None else losses.expert_counts(ids_TK, cfg.n_experts)
+    # Counted over all E experts, not read from the dispatcher: an expert-parallel one counts
+    # only this process's experts. Dispatchers that keep every assignment pass ids_TK on.
+    kept_E = routed_E if final_ids is ids_TK else losses.expert_counts(final_ids, cfg.n_experts)
     sums = {
         "tokens_sequences": probs_TE.new_tensor([T, n_seq]),
-        "routed_E": kept_E if ids_TK is None else losses.expert_counts(ids_TK, cfg.n_experts),
+        "routed_E": routed_E,
         "kept_E": kept_E,
         "entropy": losses.entropy(probs_TE.detach()).sum(),
     }
@@ -216,17 +220,19 @@ def balance_sums(routing: Routing, kept_E: Tensor, n_seq: int, cfg: MoEConfig) -
 
 
 def reduce_sums(sums: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    """`sums` (each in float64) passed through `reduce` as one vector: one collective per call
-    when it is a sum over processes."""
-    parts = [s.double() for s in sums.values()]
-    flat = reduce(torch.cat([p.reshape(-1) for p in parts]))
-    pieces = flat.split([p.numel() for p in parts])
-    return {name: x.view_as(p) for name, x, p in zip(sums, pieces, parts, strict=True)}
+    """`sums` in float64, passed through `reduce` as one vector (one collective per call when it
+    is a sum over processes; no vector to build for the default `own_batch`)."""
+    parts = {name: s.double() for name, s in sums.items()}
+    if reduce is own_batch:
+        return parts
+    flat = reduce(torch.cat([p.reshape(-1) for p in parts.values()]))
+    pieces = flat.split([p.numel() for p in parts.values()])
+    return {name: x.view_as(p) for (name, p), x in zip(parts.items(), pieces, strict=True)}
 
 
 def balance_losses(sums: dict[str, Tensor], cfg: MoEConfig) -> dict[str, Tensor]:
     """The unweighted losses whose sums `sums` holds (`balance_sums`), by `MoEAux` field."""
-    T, B = sums["tokens_sequences"]
+    T, B = sums["tokens_sequences"][0], sums["tokens_sequences"][1]
     found = {}
     if "seq_balance" in sums:
         found["balance_loss"] = sums["seq_balance"] / B
