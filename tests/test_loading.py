@@ -85,3 +85,10 @@ def test_moekit_load_is_imported_on_first_use() -> None:
     code = "import sys, moekit; print(sorted(m for m in sys.modules if 'loading' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_run_before_its_first_checkpoint_says_so(saved, tmp_path) -> None:
+    _, run, _ = saved
+    (tmp_path / "config.json").write_bytes((run / "config.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+        load(tmp_path)

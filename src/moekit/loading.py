@@ -49,7 +49,15 @@ def load(
     stay float32. require_tokenizer: False reads tokenizer.json only where there is one.
     """
     path = Path(path)
-    if (path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR:
+    has_config = (path / "config.json").is_file()
+    # A Hugging Face directory holds its weights beside config.json; a run, in checkpoints/ (none
+    # yet before its first checkpoint, which `load_run` says).
+    if has_config and (any(path.glob("*.safetensors*")) or any(path.glob("*.bin"))):
+        model = load_hf(path, dtype)
+        has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
+        tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
+        return Loaded(model, tokenizer, hf_run_config(model.cfg), [])
+    if has_config or (path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR:
         config, model, checkpoint = load_run(path)
         if dtype is not None:
             for param in model.parameters():
@@ -60,12 +68,7 @@ def load(
         has_tokenizer = require_tokenizer or (run_dir / "tokenizer.json").is_file()
         tokenizer = read_run_tokenizer(run_dir) if has_tokenizer else None
         return Loaded(model, tokenizer, config, checkpoints)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is neither a run directory ({CHECKPOINT_DIR}/) nor a Hugging Face checkpoint "
-            "directory (config.json)"
-        )
-    model = load_hf(path, dtype)
-    has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
-    tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
-    return Loaded(model, tokenizer, hf_run_config(model.cfg), [])
+    raise FileNotFoundError(
+        f"{path} is neither a run directory ({CHECKPOINT_DIR}/) nor a Hugging Face checkpoint "
+        "directory (config.json)"
+    )
