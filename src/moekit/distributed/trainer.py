@@ -211,14 +211,14 @@ class DistributedTrainer(Trainer):
                 f"a training step made {self.forward_model.calls} forward passes, not "
                 f"train.grad_accum={self.cfg.train.grad_accum}: gradients were not averaged"
             )
-        losses = torch.tensor([result.loss, result.lm_loss, result.aux_loss], dtype=torch.float64)
-        dist.all_reduce(losses)
-        result.loss, result.lm_loss, result.aux_loss = (losses / self.world).tolist()
+        losses_L = result.losses_L.to(torch.float64)
+        dist.all_reduce(losses_L)
+        result.losses_L = losses_L / self.world
         return result
 
-    def _clip(self) -> float:
+    def _clip(self) -> Tensor:
         clip = self.cfg.train.grad_clip
-        return float(clip_grad_norm_(self.model, clip if clip is not None else float("inf")))
+        return clip_grad_norm_(self.model, clip if clip is not None else float("inf"))
 
     def _saved_now(self) -> bool:
         return self._saved_step == self.step

@@ -68,8 +68,10 @@ def train_in_lockstep(
     try:
         with bar:
             while not all(t.done for t in trainers.values()):
-                losses = {name: t.advance()[0].lm_loss for name, t in trainers.items()}
-                bar.set_postfix({name: f"{loss:.3f}" for name, loss in losses.items()})
+                for trainer in trainers.values():
+                    trainer.advance()
+                logged = {name: t.last_train.get("lm_loss") for name, t in trainers.items()}
+                bar.set_postfix({n: f"{loss:.3f}" for n, loss in logged.items() if loss})
                 bar.update()
         for trainer in trainers.values():
             trainer.finish()

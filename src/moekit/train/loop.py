@@ -170,8 +170,8 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not t.progress)
         with bar, StopOnInterrupt(self._say) as stop:
             while not self.done and not stop.requested:
-                result, seconds = self.advance()
-                _show_progress(bar, result, seconds, self.tokens_per_step)
+                _, seconds = self.advance()
+                _show_progress(bar, seconds, self.tokens_per_step, self.last_train)
             self.finish()
         return self.result(time.perf_counter() - start, stop.requested)
 
@@ -227,38 +227,42 @@ class Trainer:
         return result, time.perf_counter() - begin
 
     def _train_step(self) -> StepResult:
-        """Accumulate gradients over grad_accum micro-batches, clip, step, update expert biases."""
+        """Accumulate gradients over grad_accum micro-batches, clip, step, update expert biases.
+        The step's figures stay on the device; the one host sync is the finiteness check."""
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        sums, layers = [0.0, 0.0, 0.0], None
+        losses_L, layers = None, None
         for _ in range(t.grad_accum):
             out = forward(
                 self.forward_model, self.sampler.next_batch().to(self.device), self.autocast
             )
             assert out.loss is not None and out.lm_loss is not None
             (out.loss / t.grad_accum).backward()
-            for i, value in enumerate((out.loss, out.lm_loss, out.aux_loss)):
-                sums[i] += float(value.detach()) / t.grad_accum
+            mine = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach() / t.grad_accum
+            losses_L = mine if losses_L is None else losses_L + mine
             layers = _add_layers(layers, out)
+        assert losses_L is not None
         grad_norm = self._clip()
-        self._check_finite(sums[0], grad_norm)
+        self._check_finite(losses_L[0], grad_norm)
         set_lr(self.optimizer, lr_at(self.step, t))
         self.optimizer.step()
         self.model.update_expert_bias()
-        return StepResult(*sums, grad_norm=grad_norm, layers=layers or [])
+        return StepResult(losses_L, grad_norm, layers or [])
 
-    def _clip(self) -> float:
+    def _clip(self) -> Tensor:
         clip = self.cfg.train.grad_clip
         max_norm = clip if clip is not None else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def _check_finite(self, loss: float, grad_norm: float) -> None:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+    def _check_finite(self, loss: Tensor, grad_norm: Tensor) -> None:
+        """Stop before the update when the loss or the gradient is not finite (one host sync per
+        step: the promise that a bad step is never applied needs it)."""
+        if bool(torch.isfinite(torch.stack([loss.float(), grad_norm.float()])).all()):
             return
         what = (
-            f"the loss is {loss}"
-            if not math.isfinite(loss)
-            else f"the gradient norm is {grad_norm}"
+            f"the loss is {float(loss)}"
+            if not math.isfinite(float(loss))
+            else f"the gradient norm is {float(grad_norm)}"
         )
         ckpt = latest_checkpoint(self.run_dir)
         kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been saved yet"
@@ -354,10 +358,13 @@ def _add_layers(layers: list[LayerFigures] | None, out: ModelOutput) -> list[Lay
     return layers
 
 
-def _show_progress(bar: tqdm, result: StepResult, seconds: float, tokens: int) -> None:
-    postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens / seconds:,.0f}"}
-    if result.layers:
-        postfix["maxvio"] = f"{result.worst_max_vio:.2f}"
+def _show_progress(bar: tqdm, seconds: float, tokens: int, record: dict[str, Any]) -> None:
+    """tokens/s of this step; loss and the worst layer's MaxVio of the last logged interval."""
+    postfix = {"tok/s": f"{tokens / seconds:,.0f}"}
+    if record:
+        postfix["loss"] = f"{record['loss']:.3f}"
+        if record["layers"]:
+            postfix["maxvio"] = f"{max(layer['max_vio'] for layer in record['layers']):.2f}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(1)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from moekit.fileio import atomic_write_text
 from moekit.moe import MoEAux
@@ -16,44 +17,46 @@ from moekit.userfiles import read_json_lines
 
 # Per-layer figures of `MoEAux` averaged over micro-batches and steps (counts are summed instead).
 LAYER_FIGURES = ("max_vio", "dropped_fraction", "z_loss", "balance_loss", "entropy")
+# Every figure stays a tensor on the model's device until a record is written: one host sync per
+# log interval, not one per figure, layer and micro-batch (on a GPU, each is a stall).
+ACC = torch.float64
 
 
 @dataclass
 class LayerFigures:
-    """One MoE layer over one or more forward passes: summed counts, summed scalar figures."""
+    """One MoE layer over one or more forward passes: counts_E (E,) routed counts, summed;
+    sums_F (len(LAYER_FIGURES),) the scalar figures, summed; both on the model's device."""
 
-    counts: torch.Tensor
-    sums: dict[str, float]
+    counts_E: Tensor
+    sums_F: Tensor
     passes: int = 1
 
     @classmethod
     def from_aux(cls, aux: MoEAux) -> LayerFigures:
-        sums = {name: float(getattr(aux, name).detach().float()) for name in LAYER_FIGURES}
-        return cls(aux.routed_counts.detach().float().cpu(), sums)
+        sums = torch.stack([getattr(aux, name).detach().to(ACC) for name in LAYER_FIGURES])
+        return cls(aux.routed_counts.detach().to(ACC), sums)
 
     def add(self, other: LayerFigures) -> None:
-        self.counts += other.counts
-        for name in LAYER_FIGURES:
-            self.sums[name] += other.sums[name]
+        self.counts_E = self.counts_E + other.counts_E
+        self.sums_F = self.sums_F + other.sums_F
         self.passes += other.passes
 
-    def mean(self, name: str) -> float:
-        return self.sums[name] / self.passes
+    def record(self) -> dict[str, Any]:
+        """counts and the mean of each figure, read from the device."""
+        means = (self.sums_F / self.passes).tolist()
+        return {"counts": [int(c) for c in self.counts_E.tolist()]} | dict(
+            zip(LAYER_FIGURES, means, strict=True)
+        )
 
 
 @dataclass
 class StepResult:
-    """One optimizer step: losses averaged over its micro-batches, and per-layer figures."""
+    """One optimizer step, on the model's device: losses_L (loss, lm_loss, aux_loss) averaged
+    over its micro-batches, the gradient norm, and per-layer figures."""
 
-    loss: float
-    lm_loss: float
-    aux_loss: float
-    grad_norm: float
+    losses_L: Tensor
+    grad_norm: Tensor
     layers: list[LayerFigures]
-
-    @property
-    def worst_max_vio(self) -> float:
-        return max((layer.mean("max_vio") for layer in self.layers), default=0.0)
 
 
 @dataclass
@@ -63,39 +66,34 @@ class Interval:
     steps: int = 0
     seconds: float = 0.0
     tokens: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_LOSSES, 0.0))
+    sums: Tensor | None = None  # (loss, lm_loss, aux_loss, grad_norm) summed, on the device
     layers: list[LayerFigures] = field(default_factory=list)
 
     def add(self, result: StepResult, seconds: float, tokens: int) -> None:
         self.steps += 1
         self.seconds += seconds
         self.tokens += tokens
-        for name in _LOSSES:
-            self.sums[name] += getattr(result, name)
+        step = torch.cat([result.losses_L, result.grad_norm.reshape(1)]).to(ACC)
+        self.sums = step if self.sums is None else self.sums + step
         if not self.layers:
-            self.layers = [
-                LayerFigures(f.counts.clone(), dict(f.sums), f.passes) for f in result.layers
-            ]
+            self.layers = [LayerFigures(f.counts_E, f.sums_F, f.passes) for f in result.layers]
         else:
             for mine, theirs in zip(self.layers, result.layers, strict=True):
                 mine.add(theirs)
 
     def record(self, step: int, lr: float, tokens_seen: int) -> dict[str, Any]:
-        """The metrics.jsonl record of this interval, ending at optimizer step `step`."""
+        """The metrics.jsonl record of this interval, ending at optimizer step `step` (the one
+        place the figures are read from the device)."""
+        assert self.sums is not None, "an interval without steps has no record"
         rec: dict[str, Any] = {"kind": "train", "step": step}
-        rec |= {name: self.sums[name] / self.steps for name in _LOSSES}
+        rec |= dict(zip(_LOSSES, (self.sums / self.steps).tolist(), strict=True))
         rec |= {"lr": lr, "tokens": tokens_seen, "seconds": self.seconds}
         rec["tokens_per_s"] = self.tokens / self.seconds
-        rec["layers"] = [_layer_record(layer) for layer in self.layers]
+        rec["layers"] = [layer.record() for layer in self.layers]
         return rec
 
 
 _LOSSES = ("loss", "lm_loss", "aux_loss", "grad_norm")
-
-
-def _layer_record(layer: LayerFigures) -> dict[str, Any]:
-    rec: dict[str, Any] = {"counts": [int(c) for c in layer.counts.tolist()]}
-    return rec | {name: layer.mean(name) for name in LAYER_FIGURES}
 
 
 class MetricsLog:
