@@ -2,13 +2,14 @@
 with `save_hf(..., "mixtral")`, loaded with `AutoModelForCausalLM.from_pretrained`, eager
 attention), and against two memory bounds, at batch 1 and 8, greedy, float32, CPU.
 
-Three generators: moekit (its decode kernels, `moekit.cpu_kernels`), moekit with the kernels
-switched off (`cpu_kernels.reference_only()`: every product through torch's F.linear, as
-transformers does), and transformers. Prefill and decode are timed separately: prefill =
-`generate(..., 1 new token)`; decode tokens/s = (N - 1) * batch / (time of N new tokens - time
-of 1). The generators alternate within each repetition; every figure is the median of the
-repetitions. All must emit the same tokens (checked). Every model's parameters are first backed
-by 2 MiB transparent huge pages (`moekit.cpu_memory.use_huge_pages`), as `moekit generate` does.
+Three generators: moekit (its decode kernels swapped in, `moekit.inference.decode_kernels`, as
+`moekit generate` does), moekit without them (the model as built: every product through torch's
+F.linear, as transformers does), and transformers. Prefill and decode are timed separately:
+prefill = `generate(..., 1 new token)`; decode tokens/s = (N - 1) * batch / (time of N new
+tokens - time of 1). The generators alternate within each repetition; every figure is the median
+of the repetitions. All must emit the same tokens (checked). Every model's parameters are first
+backed by 2 MiB transparent huge pages (`moekit.cpu_memory.use_huge_pages`), as `moekit generate`
+does.
 
 The bounds, for batch 1: the bytes one decode token must read (every weight matrix but the
 embedding table, of which it reads one row, and the experts no token chose: attention, routers,
@@ -30,6 +31,7 @@ Prints JSON; writes benchmarks/results/decode.json (or --out).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -110,7 +112,7 @@ def bounds(model, quick: bool) -> dict:
     bandwidth and at the GEMV bandwidths of torch's F.linear and moekit's kernel."""
     import torch.nn.functional as F
 
-    from moekit import cpu_kernels
+    from moekit.inference import decode_kernels
 
     weights = decode_weights(model)
     bytes_per_token = sum(o * i * 4 * n for (o, i), n in weights.values())
@@ -123,7 +125,7 @@ def bounds(model, quick: bool) -> dict:
 
     for name, linear in (
         ("torch", F.linear),
-        ("moekit", cpu_kernels.linear),
+        ("moekit", decode_kernels.linear),
         ("numpy", numpy_gemv),
     ):
         per_role = {r: gemv_bandwidth(s, linear, pool) for r, (s, _) in weights.items()}
@@ -174,8 +176,9 @@ def side_by_side(gens: dict, prompt, n_new: int, repeats: int) -> dict:
 def measure(quick: bool) -> dict:
     import transformers
 
-    from moekit import MoETransformer, cpu_kernels
+    from moekit import MoETransformer
     from moekit.cpu_memory import use_huge_pages
+    from moekit.inference import decode_kernels
     from moekit.interop import save_hf
     from moekit.model.generation import generate
 
@@ -200,13 +203,14 @@ def measure(quick: bool) -> dict:
             out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return out[:, x.shape[1] :]
 
-    def reference_gen(x, n):
-        with cpu_kernels.reference_only():
-            return generate(model, x, n)
+    # The same model with the kernels swapped in, sharing its parameters (the deepcopy's memo
+    # maps each one to itself): both generators read the same weights.
+    shared = {id(p): p for p in model.parameters()}
+    with_kernels = decode_kernels.apply_decode_kernels(copy.deepcopy(model, shared))
 
     gens = {
-        "moekit": lambda x, n: generate(model, x, n),
-        "moekit_without_kernels": reference_gen,
+        "moekit": lambda x, n: generate(with_kernels, x, n),
+        "moekit_without_kernels": lambda x, n: generate(model, x, n),
         "transformers_eager": hf_gen,
     }
     result = {
@@ -218,7 +222,7 @@ def measure(quick: bool) -> dict:
             "prompt_tokens": prompt_len,
             "new_tokens": n_new,
             "repeats": repeats,
-            "kernels": cpu_kernels.available(),
+            "kernels": decode_kernels.available(),
             "huge_page_bytes": huge_page_bytes,
         },
         "bandwidth": bounds(model, quick),

@@ -1,28 +1,42 @@
-"""moekit.cpu_kernels: the decode kernels against their reference F.linear, and the fallbacks."""
+"""moekit.inference.decode_kernels: the kernels against their reference F.linear, the fallbacks,
+the torch ops they are registered as, and their swap into a built model."""
 
 from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit import cpu_kernels
-from moekit.cpu_kernels import MAX_ROWS, Linear, linear, qualifies, swiglu_expert
+from moekit import ModelConfig, MoETransformer
+from moekit.inference import decode_kernels
+from moekit.inference.decode_kernels import (
+    MAX_ROWS,
+    KernelLinear,
+    apply_decode_kernels,
+    linear,
+    qualifies,
+    remove_decode_kernels,
+    swiglu_expert,
+)
 
 
 @pytest.fixture
 def no_kernel(monkeypatch):
     """The library as on a machine without a C compiler."""
-    cpu_kernels._library.cache_clear()
+    decode_kernels._library.cache_clear()
     monkeypatch.setenv("CC", "/nonexistent/cc")  # also a new cache key: no cached library
     yield
-    cpu_kernels._library.cache_clear()
+    decode_kernels._library.cache_clear()
 
 
 def test_kernel_is_built_here() -> None:
     """This machine (and CI) has a C compiler: the fast path must be live, not silently off."""
-    assert cpu_kernels.available()
+    assert decode_kernels.available()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, MAX_ROWS])
@@ -112,11 +126,11 @@ def test_weights_off_the_cpu_or_a_meta_default_device_are_not_read() -> None:
 
 def test_expert_checks_shapes_and_gradients() -> None:
     x, w_in, w_out = torch.randn(2, 8), torch.randn(12, 8), torch.randn(8, 6)
-    assert cpu_kernels.expert_qualifies(x, w_in, w_out)
-    assert not cpu_kernels.expert_qualifies(x[0], w_in, w_out)
-    assert not cpu_kernels.expert_qualifies(x, w_in, w_out[None])
+    assert decode_kernels.expert_qualifies(x, w_in, w_out)
+    assert not decode_kernels.expert_qualifies(x[0], w_in, w_out)
+    assert not decode_kernels.expert_qualifies(x, w_in, w_out[None])
     w_out.requires_grad_(True)
-    assert not cpu_kernels.expert_qualifies(x, w_in, w_out)
+    assert not decode_kernels.expert_qualifies(x, w_in, w_out)
     assert swiglu_expert(x, w_in, w_out).grad_fn is not None
 
 
@@ -128,7 +142,7 @@ def test_vmap_runs_f_linear() -> None:
 
 def test_no_compiler_means_f_linear(no_kernel) -> None:
     with pytest.warns(RuntimeWarning, match="could not build its CPU decode kernels"):
-        assert not cpu_kernels.available()
+        assert not decode_kernels.available()
     x, w = torch.randn(1, 32), torch.randn(16, 32)
     assert torch.equal(linear(x, w), F.linear(x, w))
     w_in, w_out = torch.randn(64, 32), torch.randn(32, 32)
@@ -136,11 +150,12 @@ def test_no_compiler_means_f_linear(no_kernel) -> None:
     assert torch.equal(swiglu_expert(x, w_in, w_out), F.linear(F.silu(gate) * up, w_out))
 
 
-def test_linear_module_is_nn_linear_with_the_kernel() -> None:
+def test_kernel_linear_is_nn_linear_with_the_kernel() -> None:
     torch.manual_seed(3)
-    layer = Linear(256, 512)
     reference = nn.Linear(256, 512)
-    reference.load_state_dict(layer.state_dict())
+    layer = KernelLinear.sharing(reference)
+    assert layer.weight is reference.weight and layer.bias is reference.bias
+    assert layer.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(1, 256)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -150,6 +165,49 @@ def test_linear_module_is_nn_linear_with_the_kernel() -> None:
     assert torch.equal(y, reference(x))
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_ops_are_torch_ops_with_fake_implementations() -> None:
+    """torch.compile and the profiler see moekit::linear and moekit::swiglu_expert."""
+    x, w, b = torch.randn(2, 32), torch.randn(16, 32), torch.randn(16)
+    w_in, w_out = torch.randn(24, 32), torch.randn(32, 12)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.moekit.linear.default, (x, w, b), test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.moekit.swiglu_expert.default, (x, w_in, w_out), test_utils=checks
+    )
+    compiled = torch.compile(torch.ops.moekit.linear, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    with torch.profiler.profile() as prof:
+        linear(x, w, b)
+        swiglu_expert(x, w_in, w_out)
+    names = {event.name for event in prof.events()}
+    assert {"moekit::linear", "moekit::swiglu_expert"} <= names
+
+
+def test_apply_decode_kernels_swaps_every_product_and_remove_undoes_it() -> None:
+    cfg = ModelConfig.preset("tiny").replace(tie_embeddings=True)
+    model = MoETransformer(cfg.replace(moe=cfg.moe.replace(n_shared_experts=1))).eval()
+    keys = model.state_dict().keys()
+    linears = {name for name, m in model.named_modules() if type(m) is nn.Linear}
+    x = torch.randint(0, cfg.vocab_size, (1, 3))
+    with torch.no_grad():
+        plain = model(x).logits
+        assert apply_decode_kernels(model) is model
+        assert {name for name, m in model.named_modules() if type(m) is KernelLinear} == linears
+        assert model.state_dict().keys() == keys
+        layer = model.moe_layers()[0]
+        assert layer.router.linear is linear
+        assert layer.experts.expert_ffn is decode_kernels.kernel_expert_ffn
+        assert model.tied_head_linear is linear
+        with torch.profiler.profile() as prof:
+            fast = model(x).logits
+        assert "moekit::linear" in {event.name for event in prof.events()}
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+        remove_decode_kernels(model)
+        assert {name for name, m in model.named_modules() if type(m) is nn.Linear} == linears
+        assert not any(isinstance(m, KernelLinear) for m in model.modules())
+        assert torch.equal(model(x).logits, plain)
 
 
 @pytest.mark.parametrize("rows", [1, 4, MAX_ROWS])
@@ -165,10 +223,17 @@ def test_swiglu_expert_matches_torch(rows: int) -> None:
     )
 
 
-def test_reference_only_switches_the_kernels_off() -> None:
-    x, w = torch.randn(1, 64), torch.randn(32, 64)
-    assert qualifies(x, w, None)
-    with cpu_kernels.reference_only():
-        assert not qualifies(x, w, None)
-        assert torch.equal(linear(x, w), F.linear(x, w))
-    assert qualifies(x, w, None)
+def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:
+    """Other CPUs (aarch64, Apple clang) compile only the portable body, as MOEKIT_PORTABLE does
+    here; it computes what the AVX2 body does, to float32 rounding."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    out = tmp_path / "portable.so"
+    command = [compiler, *decode_kernels.FLAGS, "-DMOEKIT_PORTABLE", str(decode_kernels.SOURCE)]
+    subprocess.run([*command, "-o", str(out), *decode_kernels.LIBS], check=True)
+    lib = ctypes.CDLL(str(out))
+    x, w = torch.randn(3, 100), torch.randn(40, 100)
+    y = torch.empty(3, 40)
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+    lib.moekit_linear_f32(x.data_ptr(), 3, 100, w.data_ptr(), 100, 40, None, y.data_ptr())
+    torch.testing.assert_close(y, linear(x, w), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -148,7 +150,7 @@ def test_selected_experts_decode_path_gives_the_dispatch_tokens_and_logits(monke
     model = MoETransformer(TINY).eval()
     x = prompt(3, 20)  # the prefill (60 tokens) takes the dispatch, each decode step (3) does not
     with torch.no_grad():
-        assert model.moe_layers()[0].selected_path(3)
+        assert model.moe_layers()[0].selected_path(3, decoding=True)
     fast_ids, fast_logits = generate(model, x, 8), greedy_logits(model, x, 8)
     monkeypatch.setattr("moekit.moe.SELECTED_MAX_TOKENS", 0)
     assert torch.equal(generate(model, x, 8), fast_ids)
@@ -157,13 +159,32 @@ def test_selected_experts_decode_path_gives_the_dispatch_tokens_and_logits(monke
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_kernels_give_the_reference_tokens_and_logits(batch: int) -> None:
-    """The decode steps' products through moekit.cpu_kernels against torch's F.linear."""
-    from moekit import cpu_kernels
+    """The decode steps' products through moekit.inference.decode_kernels against torch's
+    F.linear (the model as built)."""
+    from moekit.inference import decode_kernels
 
-    assert cpu_kernels.available()
+    assert decode_kernels.available()
     model = MoETransformer(TINY).eval()
     x = prompt(batch, 6)
-    fast_ids, fast_logits = generate(model, x, 10), greedy_logits(model, x, 10)
-    with cpu_kernels.reference_only():
-        assert torch.equal(generate(model, x, 10), fast_ids)
-        torch.testing.assert_close(greedy_logits(model, x, 10), fast_logits, rtol=0, atol=1e-5)
+    fast = decode_kernels.apply_decode_kernels(copy.deepcopy(model))
+    fast_ids, fast_logits = generate(fast, x, 10), greedy_logits(fast, x, 10)
+    assert torch.equal(generate(model, x, 10), fast_ids)
+    torch.testing.assert_close(greedy_logits(model, x, 10), fast_logits, rtol=0, atol=1e-5)
+
+
+def test_the_decode_path_is_chosen_by_the_kv_cache_not_by_grad_mode() -> None:
+    """A forward without a cache runs the dispatch, with or without autograd; a decode step with
+    a cache runs only the chosen experts (`Experts.forward_selected`), with or without it."""
+    model = MoETransformer(TINY).eval()
+    layer = model.moe_layers()[0]
+    x = prompt(1, 3)
+    calls: list[str] = []
+    layer.experts.register_forward_pre_hook(lambda module, args: calls.append("dispatch"))
+    with torch.no_grad():
+        model(x)
+    assert calls == ["dispatch"]
+    calls.clear()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            model(x, kv_cache=KVCache.for_model(model, 1, 3))
+    assert calls == []

@@ -180,14 +180,14 @@ SELECTED_CASES = ["switch", "mixtral", "deepseek-v3", "shared-gated", "gelu-bias
 @pytest.mark.parametrize("name", SELECTED_CASES)
 @pytest.mark.parametrize("n_tokens", [1, 5, 16])
 def test_selected_experts_path_matches_the_dispatch(name: str, n_tokens: int) -> None:
-    """The decode path (no autograd, few tokens) against the sorted dispatch it replaces."""
+    """The decode path (a decoding call of few tokens) against the sorted dispatch it replaces."""
     layer = make_layer(**CASES[name]).eval()
     x = tie_free_tokens(layer, n_tokens)
     with torch.no_grad():
-        assert layer.selected_path(n_tokens)
-        got, aux = layer(x)
+        assert layer.selected_path(n_tokens, decoding=True)
+        got, aux = layer(x, decoding=True)
     with torch.enable_grad():
-        assert not layer.selected_path(n_tokens)
+        assert not layer.selected_path(n_tokens, decoding=False)
         want, want_aux = layer(x)
     torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(aux.counts, want_aux.counts) and torch.equal(aux.ids, want_aux.ids)
@@ -196,6 +196,7 @@ def test_selected_experts_path_matches_the_dispatch(name: str, n_tokens: int) ->
 def test_selected_experts_path_is_only_for_small_dropless_calls() -> None:
     layer = make_layer().eval()
     with torch.no_grad():
-        assert not layer.selected_path(17)
-        assert not make_layer(**CASES["capacity-position"]).selected_path(1)
-        assert not make_layer(expert_impl="loop").selected_path(1)
+        assert not layer.selected_path(17, decoding=True)
+        assert not make_layer(**CASES["capacity-position"]).selected_path(1, decoding=True)
+        assert not make_layer(expert_impl="loop").selected_path(1, decoding=True)
+        assert not layer.selected_path(1, decoding=False)

@@ -291,6 +291,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 @command("generate", "stream text from a trained run's newest checkpoint", _generate_args)
 def generate_command(args: argparse.Namespace) -> int:
     from moekit.cpu_memory import use_huge_pages
+    from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.loading import load
     from moekit.train.sample import sample_text
 
@@ -302,7 +303,7 @@ def generate_command(args: argparse.Namespace) -> int:
     use_huge_pages(model.parameters())  # decode streams every weight per token (cpu_memory)
     print(args.prompt, end="", flush=True)
     sample_text(
-        model,
+        apply_decode_kernels(model),
         tokenizer,
         args.prompt,
         args.max_new_tokens,
@@ -359,6 +360,7 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
 
 @command("trace", "record which experts each token uses while generating", _trace_args)
 def trace_command(args: argparse.Namespace) -> int:
+    from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.inference.trace import record_prompts, save_trace
     from moekit.loading import load
     from moekit.userfiles import read_text
@@ -368,7 +370,8 @@ def trace_command(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError(f"{args.prompts} has no prompts (one per non-empty line)")
     loaded = load(args.path)
-    trace = record_prompts(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens)
+    model = apply_decode_kernels(loaded.model)
+    trace = record_prompts(model, loaded.tokenizer, prompts, args.max_new_tokens)
     save_trace(trace, args.out)
     print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
     return 0
@@ -551,13 +554,17 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def _stream_sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    """Print a sample from the model as it is generated; return its new text."""
+    """Print a sample from the model (its decode kernels swapped in) as it is generated; return
+    its new text."""
+    from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.train.sample import sample_text
 
     print(f"\n--- sample (prompt {prompt!r}, temperature 0.8, top-k 50, top-p 0.95) ---")
     print(prompt, end="", flush=True)
     on_text = lambda text: print(text, end="", flush=True)  # noqa: E731
-    sample = sample_text(model, tokenizer, prompt, max_new_tokens, on_text=on_text)
+    sample = sample_text(
+        apply_decode_kernels(model), tokenizer, prompt, max_new_tokens, on_text=on_text
+    )
     print("\n--- end of sample ---")
     return sample
 

@@ -15,7 +15,7 @@ from moekit.dispatch.reference import reference_capacity_assignment
 from moekit.experts import Experts, SharedExperts, activate
 from moekit.routing import Router, Routing, expert_capacity
 
-# Calls of at most this many tokens without autograd (decoding) run only the chosen experts
+# Decoding calls (a KV cache is present) of at most this many tokens run only the chosen experts
 # (`Experts.forward_selected`); larger ones sort their rows into all E groups (the dispatch).
 SELECTED_MAX_TOKENS = 16
 
@@ -94,12 +94,19 @@ class MoELayer(nn.Module):
         self.bias_counts.zero_()
 
     def forward(
-        self, x: Tensor, token_ids: Tensor | None = None, *, with_aux: bool = True
+        self,
+        x: Tensor,
+        token_ids: Tensor | None = None,
+        *,
+        with_aux: bool = True,
+        decoding: bool = False,
     ) -> tuple[Tensor, MoEAux | None]:
         """x (..., D) -> y (..., D), aux. token_ids (...): only for router="hash", which routes by
         them. with_aux=False skips the losses and metrics and returns None for aux (generation
         needs neither; on a decode step they cost about as much as the routing itself). It also
-        skips counting the tokens for the aux-loss-free bias update: it is for inference."""
+        skips counting the tokens for the aux-loss-free bias update: it is for inference.
+        decoding: the call continues sequences from a KV cache (the model passes it when given
+        one): a few tokens then run only their chosen experts (`selected_path`)."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"MoELayer expects inputs whose last dimension is d_model={self.cfg.d_model}, "
@@ -107,7 +114,7 @@ class MoELayer(nn.Module):
             )
         x_TD = x.reshape(-1, self.cfg.d_model)
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        if self.selected_path(x_TD.shape[0]):
+        if self.selected_path(x_TD.shape[0], decoding):
             y_TD = self.experts.forward_selected(x_TD, routing.ids_TK, routing.weights_TK)
             final_ids, final_w = routing.ids_TK, routing.weights_TK
             counts_E = None  # `_aux` counts the kept assignments from final_ids
@@ -123,12 +130,12 @@ class MoELayer(nn.Module):
         aux = self._aux(routing, counts_E, final_ids, final_w, n_sequences)
         return y_TD.view(x.shape), aux
 
-    def selected_path(self, n_tokens: int) -> bool:
-        """Whether a call of n_tokens runs only its chosen experts (the decode path): without
-        autograd, at most SELECTED_MAX_TOKENS tokens, dropless dispatch, expert_impl "auto"."""
+    def selected_path(self, n_tokens: int, decoding: bool) -> bool:
+        """Whether a call of n_tokens runs only its chosen experts (the decode path): a decoding
+        call of at most SELECTED_MAX_TOKENS tokens, dropless dispatch, expert_impl "auto"."""
         return (
-            n_tokens <= SELECTED_MAX_TOKENS
-            and not torch.is_grad_enabled()
+            decoding
+            and n_tokens <= SELECTED_MAX_TOKENS
             and self.cfg.expert_impl == "auto"
             and type(self.dispatcher) is DroplessDispatcher
         )

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit import cpu_kernels
 from moekit.config import MoEConfig
 from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 
@@ -68,13 +67,10 @@ def expert_ffn(
     cfg: MoEConfig,
 ) -> Tensor:
     """One expert on N rows: x (N, D), w_in (2F|F, D), w_out (D, F) in nn.Linear layout -> (N, D).
-    Shared by the resident and the offloaded decode paths, so their outputs agree bit for bit.
-    A SwiGLU expert without biases on CPU runs as one `cpu_kernels.swiglu_expert` call."""
-    if cfg.activation == "swiglu" and b_in is None and b_out is None:
-        return cpu_kernels.swiglu_expert(x_ND, w_in, w_out)
-    h_NH = cpu_kernels.linear(x_ND, w_in, b_in)
+    The decode path's expert (`Experts.expert_ffn`), in the resident and the offloaded experts."""
+    h_NH = F.linear(x_ND, w_in, b_in)
     act_NF = activate(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-    return cpu_kernels.linear(act_NF, w_out, b_out)
+    return F.linear(act_NF, w_out, b_out)
 
 
 def selected_experts_forward(
@@ -123,6 +119,8 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(E, D, F_))
         self.b_in = nn.Parameter(torch.empty(E, n_in * F_)) if cfg.expert_bias else None
         self.b_out = nn.Parameter(torch.empty(E, D)) if cfg.expert_bias else None
+        # One expert on the decode path; moekit.inference.decode_kernels swaps in a fused kernel.
+        self.expert_ffn: Callable[..., Tensor] = expert_ffn
         self.init_weights()
 
     def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -157,14 +155,14 @@ class Experts(nn.Module):
         return y
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
-        """The decode path (no autograd, few tokens): x_TD (T, D), ids_TK and weights_TK (T, K)
+        """The decode path (`MoELayer.selected_path`): x_TD (T, D), ids_TK and weights_TK (T, K)
         -> y_TD (T, D), running only the chosen experts (`selected_experts_forward`). `forward`
         with the dropless dispatch is its reference."""
 
         def expert(e: int, x_ND: Tensor) -> Tensor:
             b_in = None if self.b_in is None else self.b_in[e]
             b_out = None if self.b_out is None else self.b_out[e]
-            return expert_ffn(x_ND, self.w_in[e], self.w_out[e], b_in, b_out, self.cfg)
+            return self.expert_ffn(x_ND, self.w_in[e], self.w_out[e], b_in, b_out, self.cfg)
 
         return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 
@@ -181,9 +179,9 @@ class SharedExperts(nn.Module):
         super().__init__()
         self.activation = (cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
         n_in = 2 if cfg.gated else 1
-        self.w_in = cpu_kernels.Linear(cfg.d_model, n_in * cfg.shared_width, bias=cfg.expert_bias)
-        self.w_out = cpu_kernels.Linear(cfg.shared_width, cfg.d_model, bias=cfg.expert_bias)
-        self.gate = cpu_kernels.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
+        self.w_in = nn.Linear(cfg.d_model, n_in * cfg.shared_width, bias=cfg.expert_bias)
+        self.w_out = nn.Linear(cfg.shared_width, cfg.d_model, bias=cfg.expert_bias)
+        self.gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
         self.init_weights()
 
     def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:

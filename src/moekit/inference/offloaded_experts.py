@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.experts.experts import Experts, expert_ffn, selected_experts_forward
+from moekit.experts.experts import Experts, selected_experts_forward
 from moekit.inference.cache import ExpertCache, expert_groups
 
 
@@ -36,6 +36,9 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.cfg: MoEConfig = experts.cfg
         self.layer, self.cache = layer, cache
+        self.expert_ffn = (
+            experts.expert_ffn
+        )  # the resident one's (the decode kernels' if swapped in)
         self.b_in = None if experts.b_in is None else experts.b_in.detach().clone()
         self.b_out = None if experts.b_out is None else experts.b_out.detach().clone()
 
@@ -77,7 +80,7 @@ class OffloadedExperts(nn.Module):
                     fetched.update(zip(group, weights, strict=True))
                 b_in = None if self.b_in is None else self.b_in[e]
                 b_out = None if self.b_out is None else self.b_out[e]
-                return expert_ffn(x_ND, *fetched[e], b_in, b_out, self.cfg)
+                return self.expert_ffn(x_ND, *fetched[e], b_in, b_out, self.cfg)
 
             return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 

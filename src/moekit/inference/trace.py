@@ -115,7 +115,7 @@ class TraceRecorder:
 
     def __enter__(self) -> TraceRecorder:
         for i, layer in enumerate(self.model.moe_layers()):
-            self.hooks.append(layer.router.register_forward_hook(self._router_hook(i, layer)))
+            self.hooks.append(layer.router.register_forward_hook(self._router_hook(i)))
             self.hooks.append(layer.experts.register_forward_pre_hook(self._experts_hook(i)))
             self.hooks.append(layer.register_forward_hook(self._aux_hook))
         return self
@@ -124,7 +124,7 @@ class TraceRecorder:
         for h in self.hooks:
             h.remove()
 
-    def _router_hook(self, i: int, layer):
+    def _router_hook(self, i: int):
         n_experts = self.identity["n_experts"]
 
         def hook(module, args, routing) -> None:
@@ -139,13 +139,14 @@ class TraceRecorder:
             ids = routing.ids_TK.detach().to(torch.int32).cpu()
             self.calls[-1].append(ids)
             self.fetched[-1].append(torch.bincount(ids.flatten(), minlength=n_experts) > 0)
-            self.selected[-1].append(layer.selected_path(ids.shape[0]))
+            self.selected[-1].append(True)  # unless the experts' hook sees the dispatch run
 
         return hook
 
     def _experts_hook(self, i: int):
         def hook(module, args) -> None:  # the dispatch path: experts(x_RD, counts_E)
             self.fetched[-1][i] = args[1].detach().cpu() > 0
+            self.selected[-1][i] = False
 
         return hook
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.cpu_kernels import Linear
 from moekit.model.rope import apply_rope
 
 
@@ -66,10 +65,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.d_head
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv_bias = bool(cfg.attn_bias)
-        self.q_proj = Linear(cfg.d_model, q_width, bias=qkv_bias)
-        self.k_proj = Linear(cfg.d_model, kv_width, bias=qkv_bias)
-        self.v_proj = Linear(cfg.d_model, kv_width, bias=qkv_bias)
-        self.o_proj = Linear(q_width, cfg.d_model, bias=cfg.attn_bias is True)
+        self.q_proj = nn.Linear(cfg.d_model, q_width, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_width, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_width, cfg.d_model, bias=cfg.attn_bias is True)
         self.sinks = nn.Parameter(torch.empty(self.n_heads)) if cfg.attn_sinks else None
         self.clip_qkv = cfg.clip_qkv
         self.qk_norm = cfg.qk_norm

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.cpu_kernels import Linear
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.mla import LatentAttention
 from moekit.moe import MoEAux, MoELayer
@@ -17,9 +16,9 @@ class DenseFFN(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.w_gate = Linear(d_model, d_ff, bias=False)
-        self.w_up = Linear(d_model, d_ff, bias=False)
-        self.w_down = Linear(d_ff, d_model, bias=False)
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_gate.weight, std=std)
@@ -65,12 +64,13 @@ class Block(nn.Module):
     ) -> tuple[Tensor, MoEAux | None]:
         """x_BSD (B, S, D) -> (B, S, D) and the MoE layer's aux (None for a dense block, or
         without with_aux). token_ids_BS: the input token ids, which a hash-routed MoE layer
-        routes by."""
+        routes by. With a cache the call continues cached sequences: the MoE layer decodes
+        (`MoELayer.forward`'s `decoding`)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             hashed = self.ffn.cfg.router == "hash"
             ids_BS = token_ids_BS if hashed else None
-            y_BSD, aux = self.ffn(h_BSD, ids_BS, with_aux=with_aux)
+            y_BSD, aux = self.ffn(h_BSD, ids_BS, with_aux=with_aux, decoding=cache is not None)
             return x_BSD + y_BSD, aux
         return x_BSD + self.ffn(h_BSD), None

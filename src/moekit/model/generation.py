@@ -111,8 +111,9 @@ def generate(
     `pad_token_id` (default: eos_token_id) afterwards; generation ends when every sequence has
     ended or after max_new_tokens. `stream`, if given, receives each new column (B,) as it is
     made. The model runs in eval mode (restored afterwards); S + max_new_tokens must fit in
-    `max_seq_len`. On CPU, the float32 products of the decode steps run `moekit.cpu_kernels`'
-    GEMV, which streams the weights about twice as fast as MKL's on this project's machine.
+    `max_seq_len`. The model runs as built (nn.Linear): on CPU, swap in the decode kernels first
+    (`moekit.inference.apply_decode_kernels(model)`, as `moekit generate` does), whose GEMV
+    streams the weights about twice as fast as MKL's on this project's machine.
     """
     _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
     pad = eos_token_id if pad_token_id is None else pad_token_id

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.cpu_kernels import Linear
 from moekit.model.attention import AttentionMask
 from moekit.model.rope import apply_rope, deinterleave, yarn_mscale
 
@@ -56,15 +55,17 @@ class LatentAttention(nn.Module):
         bias, H, D = bool(cfg.attn_bias), cfg.n_heads, cfg.d_model
         self.q_proj = self.q_a_proj = self.q_a_norm = self.q_b_proj = None
         if m.q_lora_rank is None:
-            self.q_proj = Linear(D, H * m.qk_head_dim, bias=False)
+            self.q_proj = nn.Linear(D, H * m.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = Linear(D, m.q_lora_rank, bias=bias)
+            self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=bias)
             self.q_a_norm = nn.RMSNorm(m.q_lora_rank, eps=m.latent_norm_eps)
-            self.q_b_proj = Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
-        self.kv_a_proj = Linear(D, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
+        self.kv_a_proj = nn.Linear(D, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
         self.kv_a_norm = nn.RMSNorm(m.kv_lora_rank, eps=m.latent_norm_eps)
-        self.kv_b_proj = Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
-        self.o_proj = Linear(H * m.v_head_dim, D, bias=bias)
+        self.kv_b_proj = nn.Linear(
+            m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(H * m.v_head_dim, D, bias=bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for module in self.modules():

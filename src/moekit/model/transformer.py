@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.cpu_kernels import Linear, linear
 from moekit.model.attention import attention_mask
 from moekit.model.block import Block
 from moekit.model.rope import rope_angles
@@ -61,8 +61,10 @@ class MoETransformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # A tied head multiplies by embed.weight directly, so to_empty() cannot untie it.
         self.lm_head = (
-            None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
+        # The tied head's product; moekit.inference.decode_kernels swaps in its own for generation.
+        self.tied_head_linear: Callable[[Tensor, Tensor], Tensor] = F.linear
         self.init_weights()
 
     @torch.no_grad()
@@ -124,7 +126,7 @@ class MoETransformer(nn.Module):
 
     def _head(self, h_BSD: Tensor) -> Tensor:
         if self.lm_head is None:
-            return linear(h_BSD, self.embed.weight)
+            return self.tied_head_linear(h_BSD, self.embed.weight)
         return self.lm_head(h_BSD)
 
     def _check_input(self, input_ids: Tensor, kv_cache: KVCache | None) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.cpu_kernels import linear
 from moekit.routing.base import Routing
 from moekit.routing.expert_choice import expert_choice_route
 from moekit.routing.hash import hash_route
@@ -30,6 +31,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.bias = nn.Parameter(torch.empty(cfg.n_experts)) if cfg.router_bias else None
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        # The logits' product; moekit.inference.decode_kernels swaps in its own for generation.
+        self.linear: Callable[..., Tensor] = F.linear
         self.noise_weight = None
         if cfg.noise == "gaussian":
             self.noise_weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
@@ -58,7 +61,7 @@ class Router(nn.Module):
             eps = self.cfg.noise_eps
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        logits_TE = linear(x, self.weight.to(x.dtype), bias)
+        logits_TE = self.linear(x, self.weight.to(x.dtype), bias)
         if self.cfg.router == "expert_choice":
             return expert_choice_route(logits_TE, self.cfg)
         if self.noise_weight is None or not self.training:

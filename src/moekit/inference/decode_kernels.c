@@ -8,12 +8,14 @@
  * pool and its thread count (torch.set_num_threads).
  *
  * Each output element is one dot product summed in a fixed order (8 lanes x 4 accumulators, then
- * the lanes, then the tail), whatever the thread count: results are deterministic. The AVX2+FMA
- * body is chosen at run time; the portable body is the same algorithm without the intrinsics.
- * Built and loaded by moekit/cpu_kernels.py; F.linear is its reference (tests/test_cpu_kernels.py).
+ * the lanes, then the tail), whatever the thread count: results are deterministic. On x86-64 the
+ * AVX2+FMA body is chosen at run time; elsewhere (aarch64, Apple clang) only the portable body is
+ * compiled: the same algorithm without the intrinsics (-DMOEKIT_PORTABLE builds only it on x86
+ * too). Built and loaded by
+ * moekit/inference/decode_kernels.py; F.linear is its reference (tests/test_cpu_kernels.py).
  */
-#include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define MIN_PARALLEL_ELEMENTS 65536 /* below this, one thread: the fork costs more than it saves */
@@ -30,6 +32,9 @@ static float dot_portable(const float *a, const float *b, int64_t n) {
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
+
+#if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
+#include <immintrin.h>
 
 __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b,
                                                           int64_t n) {
@@ -50,6 +55,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
+#endif
 
 typedef float (*dot_fn)(const float *, const float *, int64_t);
 
@@ -65,9 +71,11 @@ static void linear_rows(dot_fn dot, const float *x, int64_t ldx, int64_t R, int6
 }
 
 static dot_fn best_dot(void) {
+#if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
     __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return avx2 ? dot_avx2 : dot_portable;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_avx2;
+#endif
+    return dot_portable;
 }
 
 /* x (R, I) contiguous; W rows of I floats, ldw floats apart; b (O,) or NULL; y (R, O) contiguous. */

@@ -1,0 +1,288 @@
+"""CPU decode kernels: a few-row float32 linear (GEMV) and a whole SwiGLU expert, in C, registered
+as the torch ops `moekit::linear` and `moekit::swiglu_expert`, and swapped into a built model for
+generation by `apply_decode_kernels(model)` (`moekit generate` does; training never sees them).
+
+A batch-1 decode step is a chain of matrix-vector products: its speed is the rate at which the
+weights stream from memory. On this project's machine (AMD EPYC, 2 cores) torch's F.linear (MKL)
+streams a (2048, 768) float32 matrix at 11-12 GB/s, a third of what a plain `sum` reads (33 GB/s).
+numpy's OpenBLAS streams 23-25 GB/s on its own, but its thread pool and torch's OpenMP pool then
+take turns spinning on the same two cores, and a decode step got slower, not faster (measured).
+
+`decode_kernels.c` is a plain GEMV: each weight row is read once and multiplied by every input
+row, the output rows split over torch's own OpenMP threads; `swiglu_expert` runs an expert's two
+projections and its activation in one call. It is compiled on first use with the system C
+compiler (`cc`, or $CC) into moekit's cache directory, keyed by the source's hash, and loaded with
+ctypes; the ops' CPU implementations call it, and their fake implementations give
+`torch.compile` the output shapes (the profiler lists them by name). Built with `cc`, not
+`torch.utils.cpp_extension`: measured on this machine, cc builds it in 1.4 s where a C++ op
+against torch's headers took 62 s on first use (and needs ninja and a C++ toolchain); the C++
+op's dispatch would save 5 us a call (5 against 10 us), about 2% of a batch-1 decode step of
+the 210M-parameter model of benchmarks/decode.py. Where no compiler is found or the build fails,
+the kernels are F.linear, which stays the reference (tests/test_cpu_kernels.py holds them to it).
+
+`linear` and `swiglu_expert` run the kernel where it qualifies (CPU, float32, at most MAX_ROWS
+rows, no gradient needed: a decode step) and torch otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.experts.experts import activate, expert_ffn
+from moekit.fileio import atomic_path, default_cache_dir
+from moekit.model.transformer import MoETransformer
+
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+LIBS = ["-lm"]  # after the source: with --as-needed linkers, a library before it is dropped
+
+_ops = torch.library.Library("moekit", "DEF")
+_ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_ops.define("swiglu_expert(Tensor x, Tensor w_in, Tensor w_out) -> Tensor")
+
+
+def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether `linear` runs the kernel: plain CPU float32 tensors, x (..., I) with at most
+    MAX_ROWS rows, W (O, I) with unit stride along I, b (O,) contiguous, no gradient needed by any
+    of them, the kernel built. Anything else is F.linear's."""
+    return (
+        not (torch.is_grad_enabled() and _any_requires_grad(x, w, b))
+        and _plain_cpu_float32(x)
+        and _plain_cpu_float32(w)
+        and w.dim() == 2
+        and w.shape[0] > 0
+        and w.shape[1] > 0
+        and w.stride(1) == 1
+        and x.dim() >= 1
+        and x.shape[-1] == w.shape[1]
+        and x.numel() <= MAX_ROWS * w.shape[1]
+        and (
+            b is None or (_plain_cpu_float32(b) and b.shape == (w.shape[0],) and b.is_contiguous())
+        )
+        and available()
+    )
+
+
+def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether `swiglu_expert` runs the kernel: as `qualifies`, x 2-D, both weights contiguous,
+    w_in (2F, D) and w_out (D, F)."""
+    return (
+        x_ND.dim() == 2
+        and qualifies(x_ND, w_in, None)
+        and not (torch.is_grad_enabled() and _any_requires_grad(w_out))
+        and _plain_cpu_float32(w_out)
+        and w_out.dim() == 2
+        and w_in.is_contiguous()
+        and w_out.is_contiguous()
+        and w_in.shape[0] == 2 * w_out.shape[1]
+        and w_out.shape[0] == w_in.shape[1]
+    )
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _plain_cpu_float32(t: Tensor) -> bool:
+    """A CPU float32 tensor whose data pointer is its data: not meta, not a functorch wrapper."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """F.linear(x (..., I), w (O, I), b (O,)) -> (..., O); `moekit::linear` where `qualifies`."""
+    if not qualifies(x, w, b):
+        return F.linear(x, w, b)
+    y_RO = torch.ops.moekit.linear(x.reshape(-1, w.shape[1]).contiguous(), w, b)
+    return y_RO.reshape(*x.shape[:-1], w.shape[0])
+
+
+def swiglu_expert(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """One SwiGLU expert, x (N, D), w_in (2F, D) = [w_gate; w_up], w_out (D, F) -> (N, D):
+    F.linear(silu(gate) * up, w_out) with [gate | up] = F.linear(x, w_in), in one kernel call
+    (`moekit::swiglu_expert`) where `expert_qualifies` (else exactly that, in torch)."""
+    if not expert_qualifies(x_ND, w_in, w_out):
+        gate, up = F.linear(x_ND, w_in).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w_out)
+    return torch.ops.moekit.swiglu_expert(x_ND.contiguous(), w_in, w_out)
+
+
+def kernel_expert_ffn(
+    x_ND: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    cfg: MoEConfig,
+) -> Tensor:
+    """`expert_ffn` (one expert on N rows) with the kernels: a SwiGLU expert without biases is one
+    `swiglu_expert` call, any other runs its two products through `linear`."""
+    if cfg.activation == "swiglu" and b_in is None and b_out is None:
+        return swiglu_expert(x_ND, w_in, w_out)
+    h_NH = linear(x_ND, w_in, b_in)
+    return linear(activate(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit), w_out, b_out)
+
+
+class KernelLinear(nn.Linear):
+    """nn.Linear (same parameters, state dict) whose forward is `linear`: the kernel for the
+    few-row no-grad float32 products of decoding on CPU, F.linear otherwise."""
+
+    @classmethod
+    def sharing(cls, module: nn.Linear) -> KernelLinear:
+        """A KernelLinear holding `module`'s own parameters (nothing is copied)."""
+        new = cls(module.in_features, module.out_features, bias=False, device="meta")
+        new.weight, new.bias = module.weight, module.bias
+        return new.train(module.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
+    """Swap the kernels into `model` for generation, in place: every nn.Linear becomes a
+    `KernelLinear` sharing its parameters, and the routers' projections, the experts' decode path
+    (resident or offloaded) and a tied LM head run `linear` / `kernel_expert_ffn`. Outputs agree
+    with the plain model's to float32 rounding (the sums run in another order). Returns `model`;
+    `remove_decode_kernels` undoes it."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            model.set_submodule(name, KernelLinear.sharing(module))
+    for layer in model.moe_layers():
+        layer.router.linear = linear
+        layer.experts.expert_ffn = kernel_expert_ffn
+    model.tied_head_linear = linear
+    return model
+
+
+def remove_decode_kernels(model: MoETransformer) -> MoETransformer:
+    """Undo `apply_decode_kernels`: plain nn.Linear, F.linear and `expert_ffn` again."""
+    for name, module in list(model.named_modules()):
+        if type(module) is KernelLinear:
+            plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            plain.weight, plain.bias = module.weight, module.bias
+            model.set_submodule(name, plain.train(module.training))
+    for layer in model.moe_layers():
+        layer.router.linear = F.linear
+        layer.experts.expert_ffn = expert_ffn
+    model.tied_head_linear = F.linear
+    return model
+
+
+def _linear_cpu(x_RI: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x (R, I) contiguous, w (O, I) rows of unit stride, b (O,) contiguous -> (R, O)."""
+    y_RO = x_RI.new_empty(x_RI.shape[0], w.shape[0])
+    _loaded().moekit_linear_f32(
+        x_RI.data_ptr(),
+        x_RI.shape[0],
+        x_RI.shape[1],
+        w.data_ptr(),
+        w.stride(0),
+        w.shape[0],
+        None if b is None else b.data_ptr(),
+        y_RO.data_ptr(),
+    )
+    return y_RO
+
+
+def _swiglu_expert_cpu(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """x (N, D), w_in (2F, D), w_out (D, F), all contiguous -> (N, D)."""
+    N, D = x_ND.shape
+    h_NH = x_ND.new_empty(N, w_in.shape[0])
+    y_ND = x_ND.new_empty(N, D)
+    _loaded().moekit_swiglu_expert_f32(
+        x_ND.data_ptr(),
+        N,
+        D,
+        w_in.data_ptr(),
+        w_out.shape[1],
+        w_out.data_ptr(),
+        h_NH.data_ptr(),
+        y_ND.data_ptr(),
+    )
+    return y_ND
+
+
+_ops.impl("linear", _linear_cpu, "CPU")
+_ops.impl("swiglu_expert", _swiglu_expert_cpu, "CPU")
+
+
+@torch.library.register_fake("moekit::linear")
+def _linear_fake(x_RI: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return x_RI.new_empty(x_RI.shape[0], w.shape[0])
+
+
+@torch.library.register_fake("moekit::swiglu_expert")
+def _swiglu_expert_fake(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    return x_ND.new_empty(x_ND.shape)
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (else `linear` is F.linear)."""
+    return _library() is not None
+
+
+def _loaded() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError(
+            "moekit's CPU decode kernels are not built (see the warning above): call "
+            "moekit.inference.decode_kernels.linear, which falls back to F.linear, not the op"
+        )
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MOEKIT_NO_KERNELS"):
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+        lib.moekit_linear_f32.restype = None
+        lib.moekit_swiglu_expert_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr]
+        lib.moekit_swiglu_expert_f32.restype = None
+    except (OSError, AttributeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        warnings.warn(
+            f"moekit could not build its CPU decode kernels ({str(detail).strip()[-300:]}); "
+            "decoding runs torch's F.linear instead. Install a C compiler with OpenMP (gcc) "
+            "or set CC; MOEKIT_NO_KERNELS=1 silences this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return lib
+
+
+def _build() -> Path:
+    """The shared library for this source and compiler, compiled once into the cache directory
+    (under a temporary name, then renamed, so concurrent first uses are safe)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler")
+    command = [compiler, *FLAGS, "{source}", "-o", "{out}", *LIBS]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
+    path = default_cache_dir() / "kernels" / f"decode_kernels-{key[:16]}.so"
+    if not path.exists():
+        with atomic_path(path) as out:
+            names = {"{source}": str(SOURCE), "{out}": str(out)}
+            filled = [names.get(arg, arg) for arg in command]
+            subprocess.run(filled, check=True, capture_output=True, text=True)
+    return path
