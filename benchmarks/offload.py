@@ -140,13 +140,13 @@ def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw) ->
 
 def measure(quick: bool, new_tokens: int = 192) -> dict:
     from moekit import MoETransformer
-    from moekit.inference import write_expert_files
+    from moekit.inference import apply_decode_kernels, write_expert_files
     from moekit.inference.cache_sim import belady
     from moekit.inference.trace import TraceRecorder
 
     torch.manual_seed(0)
     cfg = model_config(quick)
-    model = MoETransformer(cfg).eval()
+    model = apply_decode_kernels(MoETransformer(cfg).eval())  # as `moekit generate` decodes
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen)
     other = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen)
@@ -270,7 +270,7 @@ def probe(folder: str, budget: str, n_new: int) -> None:
     from safetensors.torch import load_model
 
     from moekit import ModelConfig, MoETransformer
-    from moekit.inference import load_offloaded
+    from moekit.inference import apply_decode_kernels, load_offloaded
 
     def status(field: str) -> int:
         line = next(
@@ -288,7 +288,7 @@ def probe(folder: str, budget: str, n_new: int) -> None:
         load_model(model, str(path))
     else:
         model, _ = load_offloaded(path, cfg, budget=float(budget) if "." in budget else int(budget))
-    greedy(model, torch.zeros(1, 16, dtype=torch.long), n_new)
+    greedy(apply_decode_kernels(model), torch.zeros(1, 16, dtype=torch.long), n_new)
     peak = status("VmHWM:") - base
     print(json.dumps({"peak_above_imports": peak, "meta_kernels": base - before}))
 

@@ -14,11 +14,11 @@ projections and its activation in one call. It is compiled on first use with the
 compiler (`cc`, or $CC) into moekit's cache directory, keyed by the source's hash, and loaded with
 ctypes; the ops' CPU implementations call it, and their fake implementations give
 `torch.compile` the output shapes (the profiler lists them by name). Built with `cc`, not
-`torch.utils.cpp_extension`: measured on this machine, cc builds it in 1.4 s where a C++ op
-against torch's headers took 62 s on first use (and needs ninja and a C++ toolchain); the C++
-op's dispatch would save 5 us a call (5 against 10 us), about 2% of a batch-1 decode step of
-the 210M-parameter model of benchmarks/decode.py. Where no compiler is found or the build fails,
-the kernels are F.linear, which stays the reference (tests/test_cpu_kernels.py holds them to it).
+`torch.utils.cpp_extension`, measured on this machine: cc builds it in 1.4 s where a minimal C++
+op against torch's headers took 62 s on first use (and needs ninja and a C++ toolchain), and
+the C++ op's call (5.5 us with an empty body) would save little over the Python one's dispatch
+(9 us, of which 5.8 us is the ctypes call). Where no compiler is found or the build fails, the
+kernels are F.linear, which stays the reference (tests/test_cpu_kernels.py holds them to it).
 
 `linear` and `swiglu_expert` run the kernel where it qualifies (CPU, float32, at most MAX_ROWS
 rows, no gradient needed: a decode step) and torch otherwise.
@@ -109,7 +109,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """F.linear(x (..., I), w (O, I), b (O,)) -> (..., O); `moekit::linear` where `qualifies`."""
     if not qualifies(x, w, b):
         return F.linear(x, w, b)
-    y_RO = torch.ops.moekit.linear(x.reshape(-1, w.shape[1]).contiguous(), w, b)
+    y_RO = torch.ops.moekit.linear.default(x.reshape(-1, w.shape[1]).contiguous(), w, b)
     return y_RO.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -120,7 +120,7 @@ def swiglu_expert(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
     if not expert_qualifies(x_ND, w_in, w_out):
         gate, up = F.linear(x_ND, w_in).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w_out)
-    return torch.ops.moekit.swiglu_expert(x_ND.contiguous(), w_in, w_out)
+    return torch.ops.moekit.swiglu_expert.default(x_ND.contiguous(), w_in, w_out)
 
 
 def kernel_expert_ffn(
