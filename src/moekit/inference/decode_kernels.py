@@ -109,6 +109,8 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """F.linear(x (..., I), w (O, I), b (O,)) -> (..., O); `moekit::linear` where `qualifies`."""
     if not qualifies(x, w, b):
         return F.linear(x, w, b)
+    if x.dim() == 2:  # no views in and out: ~30% less time a call (the routers' products)
+        return torch.ops.moekit.linear.default(x.contiguous(), w, b)
     y_RO = torch.ops.moekit.linear.default(x.reshape(-1, w.shape[1]).contiguous(), w, b)
     return y_RO.reshape(*x.shape[:-1], w.shape[0])
 
