@@ -13,11 +13,13 @@ row, the output rows split over torch's own OpenMP threads; `swiglu_expert` runs
 projections and its activation in one call. It is compiled on first use with the system C
 compiler (`cc`, or $CC) into moekit's cache directory, keyed by the source's hash, and loaded with
 ctypes; the ops' CPU implementations call it, and their fake implementations give
-`torch.compile` the output shapes (the profiler lists them by name). Built with `cc`, not
-`torch.utils.cpp_extension`, measured on this machine: cc builds it in 1.4 s where a minimal C++
-op against torch's headers took 62 s on first use (and needs ninja and a C++ toolchain), and
-the C++ op's call (5.5 us with an empty body) would save little over the Python one's dispatch
-(9 us, of which 5.8 us is the ctypes call). Where no compiler is found or the build fails, the
+`torch.compile` the output shapes (the profiler lists them by name).
+
+Built with `cc`, not `torch.utils.cpp_extension`, for what was measured on this machine: cc
+builds it in 1.4 s where a minimal C++ op against torch's headers took 62 s on first use (a
+minute of `make test`'s five on a cold cache; it also needs ninja and a C++ toolchain), to save
+about 3.5 us a call (the C++ op's call took 5.5 us with an empty body; this Python op's takes
+9 us, 5.8 of them the ctypes call itself). Where no compiler is found or the build fails, the
 kernels are F.linear, which stays the reference (tests/test_cpu_kernels.py holds them to it).
 
 `linear` and `swiglu_expert` run the kernel where it qualifies (CPU, float32, at most MAX_ROWS

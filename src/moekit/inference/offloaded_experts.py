@@ -36,9 +36,8 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.cfg: MoEConfig = experts.cfg
         self.layer, self.cache = layer, cache
-        self.expert_ffn = (
-            experts.expert_ffn
-        )  # the resident one's (the decode kernels' if swapped in)
+        # The resident experts' decode-path expert (the decode kernels' if swapped in).
+        self.expert_ffn = experts.expert_ffn
         self.b_in = None if experts.b_in is None else experts.b_in.detach().clone()
         self.b_out = None if experts.b_out is None else experts.b_out.detach().clone()
 
