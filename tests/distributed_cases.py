@@ -247,7 +247,7 @@ def refused_layers(mesh: Any) -> dict[str, str]:
 
 
 def train_worker(rank: int, world: int, cfg_json: str, run_dir: str, fault: tuple) -> dict:
-    """`moekit.train.train` on this process, with an optional fault:
+    """`moekit.distributed.train_distributed` on this process, with an optional fault:
     ("kill", rank, step): that rank is killed (SIGKILL) as it starts optimizer step `step`;
     ("hang", rank, step, seconds): that rank stops answering for `seconds` at that step;
     ("lr", rank, lr): that rank was started with another learning rate.
@@ -257,17 +257,17 @@ def train_worker(rank: int, world: int, cfg_json: str, run_dir: str, fault: tupl
 
     from moekit.config import RunConfig
     from moekit.distributed import DistributedFailure
-    from moekit.distributed.trainer import DistributedTrainer
-    from moekit.train import train
+    from moekit.distributed.trainer import train_distributed
+    from moekit.train.loop import Trainer
 
     cfg = RunConfig.from_json(cfg_json)
     kind, target = fault[:2] if fault else (None, None)
     if kind == "lr" and rank == target:
         cfg = cfg.replace(train=cfg.train.replace(lr=fault[2]))
     if kind in ("kill", "hang") and rank == target:
-        original = DistributedTrainer._train_step
+        original = Trainer._train_step
 
-        def faulty_step(self: DistributedTrainer) -> Any:
+        def faulty_step(self: Trainer) -> Any:
             if self.step + 1 == fault[2]:
                 if kind == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -275,10 +275,10 @@ def train_worker(rank: int, world: int, cfg_json: str, run_dir: str, fault: tupl
                 os._exit(0)
             return original(self)
 
-        DistributedTrainer._train_step = faulty_step  # type: ignore[method-assign]
+        Trainer._train_step = faulty_step  # type: ignore[method-assign]
     start = time.monotonic()
     try:
-        result = train(cfg, run_dir)
+        result = train_distributed(cfg, run_dir)
     except DistributedFailure as err:
         return {"error": str(err), "seconds": time.monotonic() - start}
     return {"loss": result.train_loss, "seconds": time.monotonic() - start}

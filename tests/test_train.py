@@ -23,6 +23,7 @@ from moekit.config import (
 )
 from moekit.model import MoETransformer
 from moekit.train import TrainingDiverged, build_optimizer, list_checkpoints, load_checkpoint, lr_at
+from moekit.train import checkpoint as checkpoint_module
 from moekit.train import loop as loop_module
 from moekit.train.checkpoint import TrainerState, save_checkpoint
 from moekit.train.metrics import read_metrics
@@ -153,18 +154,24 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path, mon
     state = TrainerState(
         1, 100, {"generator": torch.Generator().get_state()}, torch.get_rng_state()
     )
-    first = save_checkpoint(tmp_path, model, optimizer, state, keep=2)
+    first = save_checkpoint(tmp_path, model.state_dict(), optimizer.state_dict(), state, keep=2)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
+    written = []
+    save_file = checkpoint_module.save_file
 
-    def fail_midway(*args: object, **kwargs: object) -> None:
-        raise OSError("disk full")  # after model.safetensors was written, before the rest
+    def fail_midway(tensors: dict, path: str) -> None:
+        if written:
+            raise OSError("disk full")  # after model.safetensors was written, before the rest
+        written.append(path)
+        save_file(tensors, path)
 
-    monkeypatch.setattr("moekit.train.checkpoint.save_file", fail_midway)
+    monkeypatch.setattr(checkpoint_module, "save_file", fail_midway)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
     state.step = 2
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, model, optimizer, state, keep=2)
+        save_checkpoint(tmp_path, model.state_dict(), optimizer.state_dict(), state, keep=2)
+    assert written[-1].endswith("model.safetensors")
     assert list((tmp_path / "checkpoints").iterdir()) == [first]
     fresh = MoETransformer(ModelConfig.preset("tiny"))
     assert load_checkpoint(first, fresh, build_optimizer(fresh, TrainConfig())).step == 1

@@ -64,7 +64,7 @@ def test_upcycle_command_writes_a_run_that_trains_on(tmp_path: Path):
                     checkpoint=CheckpointConfig(every=1))  # fmt: skip
     dense_dir = tmp_path / "dense"
     model = dense_model()
-    save_checkpoint(dense_dir, model, build_optimizer(model, t),
+    save_checkpoint(dense_dir, model.state_dict(), build_optimizer(model, t).state_dict(),
                     TrainerState(0, 0, {}, torch.get_rng_state()), keep=1)  # fmt: skip
     (dense_dir / "config.json").write_text(RunConfig(model=DENSE, train=t).to_json())
     byte_tokenizer().save(str(dense_dir / "tokenizer.json"))

@@ -219,6 +219,7 @@ def train_command(args: argparse.Namespace) -> int:
     from moekit.config import RUN_FILE_REMEDY, RunConfig
     from moekit.overrides import apply_overrides
     from moekit.train import train
+    from moekit.train.loop import wants_processes
 
     if args.resume:
         if args.config or args.out:
@@ -232,6 +233,8 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = resolve_run_config(args.config, args.overrides)
         run_dir = Path(args.out or _default_run_dir(args.config))
     _print_config(cfg)
+    if wants_processes(cfg):  # torchrun, or parallel.ep / parallel.dp asked for
+        from moekit.distributed.trainer import train_distributed as train
     return _report_training(lambda: train(cfg, run_dir, resume=bool(args.resume)))
 
 

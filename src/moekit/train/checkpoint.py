@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_file
 from torch import Tensor, nn
 
 from moekit.fileio import atomic_path, remove_path
+from moekit.train.metrics import read_metrics
 from moekit.userfiles import DamagedFile, open_safetensors, read_json, read_safetensors, reading
 
 CHECKPOINT_DIR = "checkpoints"
@@ -64,36 +65,53 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(
     run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_sd: dict[str, Tensor],
+    optimizer_sd: dict[str, Any],
     state: TrainerState,
     keep: int,
 ) -> Path:
-    """Write a checkpoint of `state.step` atomically, then delete all but the `keep` newest."""
+    """Write a checkpoint of `state.step` from the whole model's and optimizer's state dicts
+    atomically, then delete all but the `keep` newest."""
     final = checkpoint_path(run_dir, state.step)
     _remove_stale_temporaries(final.parent)
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        write_checkpoint_files(tmp, model, optimizer, state)
+        write_checkpoint_files(tmp, model_sd, optimizer_sd, state)
     for old in list_checkpoints(run_dir)[:-keep]:
         remove_path(old)
     return final
 
 
 def write_checkpoint_files(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState
+    folder: Path, model_sd: dict[str, Tensor], optimizer_sd: dict[str, Any], state: TrainerState
 ) -> None:
     """The three files of a checkpoint, into `folder`."""
-    save_model(model, str(folder / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors = _flatten_optimizer(opt["state"])
+    save_file(_one_name_per_tensor(model_sd), str(folder / "model.safetensors"))
+    tensors = _flatten_optimizer(optimizer_sd["state"])
     tensors["rng.torch"] = state.torch_rng
     tensors |= {f"rng.sampler.{k}": v for k, v in state.sampler.items()}
     if state.cuda_rng is not None:
         tensors["rng.cuda"] = state.cuda_rng
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
-    meta = {"step": state.step, "tokens": state.tokens, "param_groups": opt["param_groups"]}
+    groups = optimizer_sd["param_groups"]
+    meta = {"step": state.step, "tokens": state.tokens, "param_groups": groups}
     (folder / "trainer.json").write_text(json.dumps(meta, indent=2))
+
+
+def _one_name_per_tensor(model_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict as a safetensors file holds it: a tensor stored under several names (tied
+    embeddings) once, under the first name in sorted order, as safetensors' `save_model` keeps it
+    (its `load_model` restores the others)."""
+    kept: dict[str, Tensor] = {}
+    seen = set()
+    for name in sorted(model_sd):
+        t = model_sd[name]
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and where in seen:
+            continue
+        seen.add(where)
+        kept[name] = t.contiguous()
+    return kept
 
 
 def load_checkpoint(
@@ -103,25 +121,30 @@ def load_checkpoint(
     `optimizer`); returns the rest of the state."""
     path = Path(path)
     load_weights(path, model)
+    state, optimizer_sd = read_training_state(path)
+    if optimizer is not None:
+        with restoring(path, "trainer.json", "optimizer state (with state.safetensors)"):
+            optimizer.load_state_dict(optimizer_sd)
+    return state
+
+
+def read_training_state(path: Path) -> tuple[TrainerState, dict[str, Any]]:
+    """A checkpoint's trainer state and its optimizer's state dict (of the whole model)."""
     meta = read_trainer_json(path)
     state_file = path / "state.safetensors"
     tensors = read_safetensors(state_file, checkpoint_remedy(path))
     if "rng.torch" not in tensors:
         raise DamagedFile(state_file, "has no 'rng.torch' tensor", checkpoint_remedy(path))
-    if optimizer is not None:
-        with restoring(path, "trainer.json", "optimizer state (with state.safetensors)"):
-            optimizer.load_state_dict(
-                {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
-            )
     prefix = "rng.sampler."
     sampler = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return TrainerState(
+    state = TrainerState(
         step=meta["step"],
         tokens=meta["tokens"],
         sampler=sampler,
         torch_rng=tensors["rng.torch"],
         cuda_rng=tensors.get("rng.cuda"),
     )
+    return state, {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
 
 
 @contextmanager
@@ -241,5 +264,23 @@ def write_new_run(out_dir: Path, cfg: Any, model: nn.Module, tokenizer: Path | N
         (tmp / "config.json").write_text(cfg.to_json() + "\n")
         if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / "tokenizer.json")
-        save_checkpoint(tmp, model, build_optimizer(model, cfg.train), state, keep=1)
+        optimizer_sd = build_optimizer(model, cfg.train).state_dict()
+        save_checkpoint(tmp, model.state_dict(), optimizer_sd, state, keep=1)
     return out_dir
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, and to
+    resume from damaged files (before anything is written)."""
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
+    if resume and latest is not None:
+        check_checkpoint(latest)
+        read_metrics(run_dir / "metrics.jsonl")
+    if not resume and latest is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
+            f"`moekit train --resume {run_dir}` or choose another --out"
+        )
+    return latest if resume else None

@@ -4,8 +4,7 @@ directory (config.json, tokenizer.json, metrics.jsonl, checkpoints/, report.md a
 from __future__ import annotations
 
 import math
-import signal
-import threading
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -22,17 +21,20 @@ from moekit.fileio import atomic_path, atomic_write_text
 from moekit.model import ModelOutput, MoETransformer
 from moekit.train.checkpoint import (
     TrainerState,
-    check_checkpoint,
+    check_run_dir,
     checkpoint_path,
     latest_checkpoint,
-    load_checkpoint,
+    load_weights,
+    read_training_state,
     restoring,
     save_checkpoint,
 )
 from moekit.train.freeze import freeze, trainable_table
-from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult, read_metrics
+from moekit.train.interrupt import StopOnInterrupt
+from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
+from moekit.train.world import Parallelism, World
 
 EVAL_SEED = 1234  # the validation windows: the same in every evaluation and every run
 
@@ -69,65 +71,106 @@ def forward(model: torch.nn.Module, batch: Tensor, autocast: AbstractContextMana
         return model(batch, labels=batch)
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    world: World | None = None,
+    parallelism: Parallelism | None = None,
+) -> TrainResult:
     """Train `cfg.model` as `cfg.train` says, writing the run into `run_dir`.
 
     With `resume`, continue from the newest checkpoint of `run_dir`: the losses of the remaining
     steps are exactly those of an uninterrupted run. Ctrl-C finishes the current step, saves a
     checkpoint and returns (a second Ctrl-C aborts at once). A non-finite loss raises
     `TrainingDiverged` naming the step; the checkpoints already written are kept.
-    Launched as several processes (torchrun), or with `cfg.parallel` asking for expert or data
-    parallelism, it trains distributed (`moekit.distributed.trainer`).
+    One process by default; `moekit.distributed.train_distributed` passes the `world` and
+    `parallelism` of a torchrun launch (which `moekit train` does when launched so).
     """
-    from moekit.distributed.trainer import is_distributed_run, train_distributed
-
-    if is_distributed_run(cfg):
-        return train_distributed(cfg, run_dir, resume=resume)
-    trainer = Trainer(cfg, Path(run_dir), resume)
+    world = world or World.single()
+    if world.size == 1 and wants_processes(cfg):
+        raise ValueError(
+            f"parallel.ep={cfg.parallel.ep}, parallel.dp={cfg.parallel.dp} (or a torchrun launch) "
+            "needs several processes: train with `moekit train` under torchrun, or call "
+            "moekit.distributed.train_distributed"
+        )
+    trainer = Trainer(cfg, Path(run_dir), resume, world, parallelism or Parallelism())
     try:
         result = trainer.run()
     finally:
         trainer.close()
-    write_report(trainer.run_dir, cfg, trainer.model)
+    if world.is_writer:
+        write_report(trainer.run_dir, cfg, trainer.whole_model())
     return result
 
 
-class Trainer:
-    """The state of one training run; `run()` trains until the last step or a Ctrl-C."""
+def wants_processes(cfg: RunConfig) -> bool:
+    """Whether a run is meant for several processes: launched by torchrun with more than one,
+    or asking for expert or data parallelism."""
+    p = cfg.parallel
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.ep > 1 or (p.dp or 1) > 1
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+
+class Trainer:
+    """The state of one training run; `run()` trains until the last step or a Ctrl-C. On several
+    processes every process runs it; `world` and `parallelism` say how they share the work."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        resume: bool,
+        world: World | None = None,
+        parallelism: Parallelism | None = None,
+    ) -> None:
         t = cfg.train
+        self.world, self.parallelism = world or World.single(), parallelism or Parallelism()
         self.cfg, self.run_dir, self.device = cfg, run_dir, resolve_device(t.device)
+        self.talks = t.progress and self.world.is_writer
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         checkpoint = check_run_dir(run_dir, resume)
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model).to(self.device)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
         if t.freeze:
             freeze(self.model, t.freeze)
             self._say(f"frozen: {', '.join(t.freeze)}\n{trainable_table(self.model)}")
-        self.optimizer = build_optimizer(self.model, t)
         self.sampler = WindowSampler(self.data.train.tokens, t.batch_size, t.seq_len, t.seed)
+        self.step, self.tokens, self.saved_step = 0, 0, None
+        restored = self._restore(checkpoint) if checkpoint is not None else None
+        # Parallelism is applied to the built (and restored) model, then the optimizer is built
+        # over what this process holds.
+        self.forward_model = self.parallelism.apply(self.model, t.grad_accum)
+        if t.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.optimizer = build_optimizer(self.model, t)
+        if restored is not None:
+            with restoring(checkpoint, "trainer.json", "optimizer state (with state.safetensors)"):
+                shard = self.parallelism.shard_optimizer_state(restored, self.optimizer, self.model)
+                self.optimizer.load_state_dict(shard)
         eval_bs = t.eval.batch_size or t.batch_size
-        self.eval_batches = fixed_batches(
-            self.data.val.tokens, t.eval.batches, eval_bs, t.seq_len, EVAL_SEED
-        )
+        self.eval_batches = [
+            self.parallelism.my_share(b)
+            for b in fixed_batches(
+                self.data.val.tokens, t.eval.batches, eval_bs, t.seq_len, EVAL_SEED
+            )
+        ]
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t.bf16)
-        self.step, self.tokens = 0, 0
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, Any] = {}
         self.session_seconds, self.session_tokens = 0.0, 0
         self.interval = Interval()
-        if checkpoint is not None:
-            self._restore(checkpoint)
         self._open_run_files(resume)
 
     def _open_run_files(self, resume: bool) -> None:
         """Open metrics.jsonl (a resumed run keeps its records to its step); write config.json
         and tokenizer.json. Only now, once a resumed checkpoint has been read whole: a damaged
-        one leaves the run directory as it was."""
+        one leaves the run directory as it was. Only the writer's process writes them."""
+        if not self.world.is_writer:
+            self.metrics: MetricsLog | None = None
+            return
         if self.cfg.train.data.tokenizer != "run":  # "run" read it from there
             with atomic_path(self.run_dir / "tokenizer.json") as tmp:
                 self.data.tokenizer.save(str(tmp))
@@ -137,9 +180,18 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.json", self.cfg.to_json() + "\n")
 
     def _prepare_data(self) -> Data:
+        """The writer tokenises (and caches) first; the others then read its cache."""
+        if self.world.is_writer:
+            data = self._read_data()
+        self.world.barrier()
+        if not self.world.is_writer:
+            data = self._read_data()
+        return data
+
+    def _read_data(self) -> Data:
         t = self.cfg.train
         self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
-        data = prepare_data(t.data, self.cfg.token_vocab_size, t.progress, self.run_dir)
+        data = prepare_data(t.data, self.cfg.token_vocab_size, self.talks, self.run_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
@@ -153,21 +205,25 @@ class Trainer:
         )
         return data
 
-    def _restore(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+    def _restore(self, checkpoint: Path) -> dict[str, Any]:
+        """Weights, RNG, sampler and step from `checkpoint`; returns its optimizer state (of the
+        whole model), loaded once the optimizer is built."""
+        load_weights(checkpoint, self.model)
+        state, optimizer_sd = read_training_state(checkpoint)
         with restoring(checkpoint, "state.safetensors", "RNG or sampler state"):
             self.sampler.load_state_dict(state.sampler)
             torch.set_rng_state(state.torch_rng)
         if state.cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state.cuda_rng)
-        self.step, self.tokens = state.step, state.tokens
+        self.step, self.tokens, self.saved_step = state.step, state.tokens, state.step
         self._say(f"resumed from {checkpoint} (step {self.step})")
+        return optimizer_sd
 
     def run(self) -> TrainResult:
         """Train until the last step, or until Ctrl-C; then `finish()`."""
         t = self.cfg.train
         start = time.perf_counter()
-        bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not t.progress)
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not self.talks)
         with bar, StopOnInterrupt(self._say) as stop:
             while not self.done and not stop.requested:
                 _, seconds = self.advance()
@@ -200,14 +256,17 @@ class Trainer:
     def _log(self) -> None:
         """Write the current interval's record and start a new interval."""
         self.last_train = self.interval.record(self.step, self._lr(), self.tokens)
-        self.metrics.write(self.last_train)
+        self._write(self.last_train)
         self.session_seconds += self.interval.seconds
         self.session_tokens += self.interval.tokens
         self.interval = Interval()
 
     def _saved_now(self) -> bool:
-        latest = latest_checkpoint(self.run_dir)
-        return latest is not None and latest == checkpoint_path(self.run_dir, self.step)
+        return self.saved_step == self.step
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     @property
     def tokens_per_step(self) -> int:
@@ -230,18 +289,19 @@ class Trainer:
         """Accumulate gradients over grad_accum micro-batches, clip, step, update expert biases.
         The step's figures stay on the device; the one host sync is the finiteness check."""
         t = self.cfg.train
+        self.parallelism.before_step(t.seed, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         losses_L, layers = None, None
         for _ in range(t.grad_accum):
-            out = forward(
-                self.forward_model, self.sampler.next_batch().to(self.device), self.autocast
-            )
+            batch = self.parallelism.my_share(self.sampler.next_batch()).to(self.device)
+            out = forward(self.forward_model, batch, self.autocast)
             assert out.loss is not None and out.lm_loss is not None
             (out.loss / t.grad_accum).backward()
             mine = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach() / t.grad_accum
             losses_L = mine if losses_L is None else losses_L + mine
             layers = _add_layers(layers, out)
         assert losses_L is not None
+        losses_L = self.world.all_reduce_mean(losses_L.to(torch.float64))
         grad_norm = self._clip()
         self._check_finite(losses_L[0], grad_norm)
         set_lr(self.optimizer, lr_at(self.step, t))
@@ -251,8 +311,7 @@ class Trainer:
 
     def _clip(self) -> Tensor:
         clip = self.cfg.train.grad_clip
-        max_norm = clip if clip is not None else math.inf
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return self.parallelism.clip_grad_norm_(self.model, clip if clip is not None else math.inf)
 
     def _check_finite(self, loss: Tensor, grad_norm: Tensor) -> None:
         """Stop before the update when the loss or the gradient is not finite (one host sync per
@@ -289,23 +348,35 @@ class Trainer:
             ]
         finally:
             self.model.train()
-        loss = self._average(sum(losses) / len(losses))
+        mean = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64)
+        loss = float(self.world.all_reduce_mean(mean)[0])
         bpb = loss / math.log(2) / self.data.val.bytes_per_token
         self.last_eval = {"val_loss": loss, "val_bpb": bpb}
-        self.metrics.write({"kind": "eval", "step": self.step, **self.last_eval})
-
-    def _average(self, value: float) -> float:
-        """A figure of this process's share of the data, averaged over the processes of a
-        distributed run (here, one process)."""
-        return value
+        self._write({"kind": "eval", "step": self.step, **self.last_eval})
 
     def _save(self) -> Path:
-        cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
-        state = TrainerState(
-            self.step, self.tokens, self.sampler.state_dict(), torch.get_rng_state(), cuda_rng
-        )
-        keep = self.cfg.train.checkpoint.keep
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, state, keep)
+        """The whole model's checkpoint, written by the writer; every process waits for it."""
+        model_sd, optimizer_sd = self.parallelism.full_state_dicts(self.model, self.optimizer)
+        path = checkpoint_path(self.run_dir, self.step)
+        if self.world.is_writer:
+            assert model_sd is not None and optimizer_sd is not None
+            cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+            state = TrainerState(
+                self.step, self.tokens, self.sampler.state_dict(), torch.get_rng_state(), cuda_rng
+            )
+            keep = self.cfg.train.checkpoint.keep
+            save_checkpoint(self.run_dir, model_sd, optimizer_sd, state, keep)
+        self.world.barrier()
+        self.saved_step = self.step
+        return path
+
+    def whole_model(self) -> MoETransformer:
+        """The model whose parameters the report counts: on several processes, the whole one
+        built on the meta device (this process holds a share of the experts)."""
+        if self.world.size == 1:
+            return self.model
+        with torch.device("meta"):
+            return MoETransformer(self.cfg.model)
 
     def result(self, seconds: float, interrupted: bool) -> TrainResult:
         """How this session ended, `seconds` after it began."""
@@ -323,29 +394,12 @@ class Trainer:
         )
 
     def _say(self, message: str) -> None:
-        if self.cfg.train.progress:
+        if self.talks:
             tqdm.write(message)
 
     def close(self) -> None:
-        if hasattr(self, "metrics"):
+        if getattr(self, "metrics", None) is not None:
             self.metrics.close()
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, and to
-    resume from damaged files (before anything is written)."""
-    latest = latest_checkpoint(run_dir)
-    if resume and latest is None:
-        raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
-    if resume and latest is not None:
-        check_checkpoint(latest)
-        read_metrics(run_dir / "metrics.jsonl")
-    if not resume and latest is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
-            f"`moekit train --resume {run_dir}` or choose another --out"
-        )
-    return latest if resume else None
 
 
 def _add_layers(layers: list[LayerFigures] | None, out: ModelOutput) -> list[LayerFigures]:
@@ -367,28 +421,3 @@ def _show_progress(bar: tqdm, seconds: float, tokens: int, record: dict[str, Any
             postfix["maxvio"] = f"{max(layer['max_vio'] for layer in record['layers']):.2f}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(1)
-
-
-class StopOnInterrupt:
-    """While active (in the main thread), the first Ctrl-C only sets `requested`, so the loop can
-    finish its step and save; a second Ctrl-C raises KeyboardInterrupt at once."""
-
-    def __init__(self, say: Any) -> None:
-        self.requested = False
-        self._say = say
-        self._previous: Any = None
-
-    def __enter__(self) -> StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._say("\nCtrl-C: saving a checkpoint after this step (press again to abort at once)")
