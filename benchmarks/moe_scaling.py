@@ -103,6 +103,9 @@ def size_for(base: RunConfig, budget: float, compute: float, tokens_per_step: in
             "tokens_per_active_parameter": steps * tokens_per_step / active}  # fmt: skip
 
 
+RATIOS = ("step_ratio", "time_ratio", "time_ratio_same_steps", "throughput_ratio", "val_loss_below")
+
+
 def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per budget and design: the per-seed figures side by side, and their means."""
     rows = []
@@ -110,7 +113,7 @@ def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name in point["seeds"][0]["designs"]:
             per_seed = [s["designs"][name] for s in point["seeds"]]
             row = {"budget": point["size"]["budget"], "design": name}
-            for key in ("step_ratio", "time_ratio", "throughput_ratio", "val_loss_below"):
+            for key in RATIOS:
                 values = [s[key] for s in per_seed]
                 row[f"{key}_per_seed"] = values
                 row[f"{key}_mean"] = None if None in values else mean(values)
@@ -184,10 +187,11 @@ def _line(designs: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
+    fig = Figure(figsize=(14, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
     rows = [r for r in result["summary"] if r["design"] != DENSE]
-    titles = {"step_ratio": "steps to dense's final loss", "time_ratio": "training time to it"}
+    titles = {"step_ratio": "steps to dense's final loss", "time_ratio": "training time to it",
+              "time_ratio_same_steps": "time to it, timed over the same steps"}  # fmt: skip
     for ax, (key, title) in zip(axes, titles.items(), strict=True):
         for name in dict.fromkeys(r["design"] for r in rows):
             points = [
@@ -232,6 +236,8 @@ def merge(paths: list[Path]) -> dict[str, Any]:
             )
     by_budget: dict[float, dict[str, Any]] = {}
     for point in (p for part in parts for p in part["points"]):
+        for seed in point["seeds"]:  # the figures of today's compare_to, from the runs' curves
+            seed["designs"] = compare_to(seed["runs"], DENSE, point["size"]["steps"])
         joined = by_budget.setdefault(point["size"]["budget"], {**point, "seeds": []})
         seeds = [s["seed"] for s in joined["seeds"]]
         if any(s["seed"] in seeds for s in point["seeds"]):

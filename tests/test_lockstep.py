@@ -37,6 +37,11 @@ def test_time_ratio_is_the_time_to_reach_the_baseline_over_its_whole_time() -> N
     assert table["moe"]["throughput_ratio"] == 0.5
     assert table["moe"]["val_loss_below"] == pytest.approx(0.2)
     assert table["dense"]["step_ratio"] == table["dense"]["time_ratio"] == 1.0
+    assert table["moe"]["time_ratio_same_steps"] == pytest.approx(1.0)  # uniform load: the same
+    slowed = _run(4.0, [[50, 4.5], [100, 4.0]], [[50, 5.0], [100, 20.0]], 2.0)  # a busy end
+    table = compare_to({"dense": slowed, "moe": moe}, "dense", steps=100)
+    assert table["moe"]["time_ratio"] == pytest.approx(0.5)  # 10 s of dense's 20 s
+    assert table["moe"]["time_ratio_same_steps"] == pytest.approx(1.0)  # 0.5 x 10 s / 5 s
     never = _run(4.2, [[50, 4.5], [100, 4.2]], [[100, 10.0]], 2.0)
     assert compare_to({"dense": dense, "x": never}, "dense", 100)["x"]["time_ratio"] is None
 

@@ -29,7 +29,8 @@ from moekit.config import RunConfig, TrainConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.data import prepare_data
 from moekit.model import parameter_breakdown
-from moekit.train.loop import Trainer, TrainingDiverged, check_run_dir, train
+from moekit.train.checkpoint import check_run_dir
+from moekit.train.loop import Trainer, TrainingDiverged, train
 from moekit.train.metrics import read_metrics
 from moekit.train.report import summary
 
@@ -249,15 +250,22 @@ def compare_to(
 ) -> dict[str, dict[str, Any]]:
     """Each run against `baseline`: the step ratio (the first evaluated step at or below the
     baseline's final validation loss, over the steps; None if never), the time ratio (training
-    seconds to that step over the baseline's whole run: what a user pays), the throughput ratio,
-    how far below the baseline's final loss it ends, and its own final losses."""
+    seconds to that step over the baseline's whole run: what a user pays), the same-steps time
+    ratio (the step ratio times the seconds both runs took for the steps up to it: in lockstep,
+    the same moments of the machine, so a load that comes and goes during the run cancels out;
+    equal to the time ratio on a quiet machine), the throughput ratio, how far below the
+    baseline's final loss it ends, and its own final losses."""
     base = runs[baseline]
     out = {}
     for name, run in runs.items():
         reach = first_step_reaching(run["val_curve"], base["final_val_loss"])
+        same_steps = None
+        if reach is not None:
+            same_steps = reach / steps * seconds_at(run, reach) / seconds_at(base, reach)
         out[name] = {
             "step_ratio": None if reach is None else reach / steps,
             "time_ratio": None if reach is None else seconds_at(run, reach) / base["train_seconds"],
+            "time_ratio_same_steps": same_steps,
             "throughput_ratio": run["tokens_per_s"] / base["tokens_per_s"],
             "val_loss_below": base["final_val_loss"] - run["final_val_loss"],
             "final_val_loss": run["final_val_loss"],
