@@ -230,3 +230,19 @@ def test_no_weight_decay_on_norms_embeddings_and_routers() -> None:
     assert plain["weight_decay"] == 0.0 and decayed["weight_decay"] > 0
     assert {"embed.weight", "norm.weight", "layers.0.ffn.router.weight"} <= plain_names
     assert "layers.0.attn.q_proj.weight" in {names[id(p)] for p in decayed["params"]}
+
+
+def test_a_config_for_several_processes_is_refused_on_one(tmp_path: Path, capsys) -> None:
+    """train() is the one-process entry; a config asking for expert parallelism says how to
+    launch it (moekit train under torchrun) before anything is written."""
+    cfg = tiny_run(tmp_path)
+    cfg = cfg.replace(parallel=cfg.parallel.replace(ep=2))
+    with pytest.raises(ValueError, match="needs several processes: train with `moekit train`"):
+        loop_module.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    from moekit.cli import main
+
+    (tmp_path / "run.json").write_text(cfg.to_json())
+    assert main(["train", str(tmp_path / "run.json"), "--out", str(tmp_path / "cli")]) != 0
+    assert "launch with torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
