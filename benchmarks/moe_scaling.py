@@ -232,7 +232,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         if _study_key(part) != _study_key(parts[0]):
             raise SystemExit(
                 f"{path} is not the same study as {paths[0]}: its compute, base config (seed "
-                "aside), tokens per step or evaluations differ"
+                "aside), tokens per step, evaluations or designs differ"
             )
     by_budget: dict[float, dict[str, Any]] = {}
     for point in (p for part in parts for p in part["points"]):
@@ -246,7 +246,8 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         joined["seeds"] = sorted([*joined["seeds"], *point["seeds"]], key=lambda s: s["seed"])
     points = [by_budget[b] for b in sorted(by_budget)]
     kept = ("machine", "wall_seconds")
-    return {**{key: parts[0][key] for key in ("benchmark", *kept, *STUDY)},
+    return {**{key: parts[0][key] for key in ("benchmark", "machine", *STUDY)},
+            "wall_seconds": sum(part["wall_seconds"] for part in parts),
             "summary": summarise(points), "points": points,
             "parts": [{"file": path.name, "budgets": [p["size"]["budget"] for p in part["points"]],
                        "seeds": sorted({s["seed"] for p in part["points"] for s in p["seeds"]}),
@@ -259,11 +260,12 @@ STUDY = ("compute", "base_overrides", "tokens_per_step", "evals", "base")
 
 def _study_key(study: dict[str, Any]) -> tuple:
     """What studies must share to be joined: all of STUDY but the seed (read through RunConfig,
-    so configs written by older versions compare by their values)."""
+    so configs written by older versions compare by their values), and the designs."""
     base = RunConfig.from_dict(study["base"])
     base = base.replace(train=base.train.replace(seed=0)).to_dict()
     overrides = [o for o in study["base_overrides"] if not o.startswith("--train.seed=")]
-    return (study["compute"], overrides, study["tokens_per_step"], study["evals"], base)
+    designs = sorted({name for point in study["points"] for name in point["design_overrides"]})
+    return (study["compute"], overrides, study["tokens_per_step"], study["evals"], base, designs)
 
 
 def _read_study(path: Path) -> dict[str, Any]:

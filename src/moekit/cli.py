@@ -334,7 +334,7 @@ def _offloaded_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from moekit.train.sample import find_run, read_run_tokenizer
 
     cfg, checkpoint = find_run(args.run_dir)
-    tokenizer = read_run_tokenizer(args.run_dir)
+    tokenizer = read_run_tokenizer(checkpoint.parent.parent)  # RUN/checkpoints/step-N -> RUN
     counts = load_trace(args.trace, cfg.model).expert_counts() if args.trace else None
     with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
         warnings.simplefilter("always")
@@ -687,6 +687,7 @@ def experiment_command(args: argparse.Namespace) -> int:
     from moekit.experiments.arms import EXPERIMENTS
     from moekit.experiments.runner import run_experiment
     from moekit.overrides import apply_overrides
+    from moekit.train.lockstep import SideBySideFailed
 
     out = args.out or f"runs/experiments/{args.name}"
     base = RunConfig.preset(args.preset)
@@ -695,7 +696,11 @@ def experiment_command(args: argparse.Namespace) -> int:
     _print_config(apply_overrides(base, args.overrides))
     command = shlex.join(["moekit", "experiment", args.name, "--preset", args.preset,
                           "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip
-    report = run_experiment(args.name, base, out, args.seeds, args.overrides, command)
+    try:
+        report = run_experiment(args.name, base, out, args.seeds, args.overrides, command)
+    except SideBySideFailed as err:  # an arm failed in its process; its error is above
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
     print(f"report: {report}")
     return 0
 

@@ -51,13 +51,14 @@ def load(
     path = Path(path)
     has_config = (path / "config.json").is_file()
     # A Hugging Face directory holds its weights beside config.json; a run, in checkpoints/ (none
-    # yet before its first checkpoint, which `load_run` says).
-    if has_config and (any(path.glob("*.safetensors*")) or any(path.glob("*.bin"))):
+    # yet before its first checkpoint, which `load_run` says; a trace file may sit beside it).
+    is_run = (path / CHECKPOINT_DIR).is_dir()
+    if has_config and not is_run and (any(path.glob("*.safetensors*")) or any(path.glob("*.bin"))):
         model = load_hf(path, dtype)
         has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
         return Loaded(model, tokenizer, hf_run_config(model.cfg), [])
-    if has_config or (path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR:
+    if has_config or is_run or path.parent.name == CHECKPOINT_DIR:
         config, model, checkpoint = load_run(path)
         if dtype is not None:
             for param in model.parameters():

@@ -10,6 +10,12 @@ import torch
 from torch import Tensor
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype sums of counts, losses and figures are kept in: float64 (counts stay exact,
+    many small terms keep their digits), except on devices without it (Apple's MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def expert_counts(ids: Tensor, n_experts: int) -> Tensor:
     """(E,) long: how many entries of `ids` (any shape, -1 = none) name each expert."""
     flat = ids.reshape(-1)

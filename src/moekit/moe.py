@@ -206,7 +206,7 @@ def balance_sums(
     # only this process's experts. Dispatchers that keep every assignment pass ids_TK on.
     kept_E = routed_E if final_ids is ids_TK else losses.expert_counts(final_ids, cfg.n_experts)
     sums = {
-        "tokens_sequences": probs_TE.new_tensor([T, n_seq]),
+        "tokens_sequences": _pair(probs_TE, T, n_seq),
         "routed_E": routed_E,
         "kept_E": kept_E,
         "entropy": losses.entropy(probs_TE.detach()).sum(),
@@ -226,10 +226,18 @@ def balance_sums(
     return sums
 
 
+def _pair(like: Tensor, a: float, b: float) -> Tensor:
+    """(a, b) on `like`'s device, written by fills: a tensor made from a list would be a blocking
+    copy from the host on a GPU."""
+    pair = like.new_full((2,), a, dtype=losses.sum_dtype(like.device))
+    pair[1] = b
+    return pair
+
+
 def reduce_sums(sums: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    """`sums` in float64, passed through `reduce` as one vector (one collective per call when it
-    is a sum over processes; no vector to build for the default `own_batch`)."""
-    parts = {name: s.double() for name, s in sums.items()}
+    """`sums` in `losses.sum_dtype`, passed through `reduce` as one vector (one collective per
+    call when it is a sum over processes; no vector to build for the default `own_batch`)."""
+    parts = {name: s.to(losses.sum_dtype(s.device)) for name, s in sums.items()}
     if reduce is own_batch:
         return parts
     flat = reduce(torch.cat([p.reshape(-1) for p in parts.values()]))

@@ -70,12 +70,19 @@ def check_field(name: str, hint: Any, value: Any) -> Any:
     canonical = rule_of(hint)(value)
     if canonical is not _BAD:
         return canonical
+    if typing.get_origin(hint) is Literal:  # today's wording of a choice
+        raise invalid(
+            name, value, f"allowed values are {', '.join(map(repr, typing.get_args(hint)))}"
+        )
     if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):
         item_hints = _item_hints(typing.get_args(hint), len(value))
         for item_hint, item in zip(item_hints or (), value, strict=False):
             if rule_of(item_hint)(item) is _BAD:
                 raise invalid(name, item, f"must be {describe(item_hint)} (each item of {name})")
-    raise invalid(name, value, f"must be {describe(hint)}")
+    rule = describe(hint)
+    if rule.startswith("a number >"):  # a field's own bound reads as it did before the rules
+        rule = rule.removeprefix("a number ")
+    raise invalid(name, value, f"must be {rule}")
 
 
 @functools.cache

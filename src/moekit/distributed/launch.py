@@ -29,11 +29,6 @@ class DistributedFailure(RuntimeError):
     processes disagree (their configs differ)."""
 
 
-def world_size_from_env() -> int:
-    """The number of processes torchrun started (1 when not launched by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from moekit.config import RunConfig
 from moekit.data import Data, WindowSampler, fixed_batches, prepare_data
 from moekit.fileio import atomic_path, atomic_write_text
+from moekit.losses import sum_dtype
 from moekit.model import ModelOutput, MoETransformer
 from moekit.train.checkpoint import (
     TrainerState,
@@ -85,15 +86,15 @@ def train(
     steps are exactly those of an uninterrupted run. Ctrl-C finishes the current step, saves a
     checkpoint and returns (a second Ctrl-C aborts at once). A non-finite loss raises
     `TrainingDiverged` naming the step; the checkpoints already written are kept.
-    One process by default; `moekit.distributed.train_distributed` passes the `world` and
-    `parallelism` of a torchrun launch (which `moekit train` does when launched so).
+    One process by default; `moekit.distributed.trainer.train_distributed`, which every process
+    of a torchrun launch calls (`moekit train` does), passes the `world` and `parallelism`.
     """
     world = world or World.single()
     if world.size == 1 and wants_processes(cfg):
         raise ValueError(
             f"parallel.ep={cfg.parallel.ep}, parallel.dp={cfg.parallel.dp} (or a torchrun launch) "
             "needs several processes: train with `moekit train` under torchrun, or call "
-            "moekit.distributed.train_distributed"
+            "moekit.distributed.trainer.train_distributed on every process of the launch"
         )
     trainer = Trainer(cfg, Path(run_dir), resume, world, parallelism or Parallelism())
     try:
@@ -297,11 +298,12 @@ class Trainer:
             out = forward(self.forward_model, batch, self.autocast)
             assert out.loss is not None and out.lm_loss is not None
             (out.loss / t.grad_accum).backward()
-            mine = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach() / t.grad_accum
+            losses = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach()
+            mine = losses.to(sum_dtype(losses.device)) / t.grad_accum
             losses_L = mine if losses_L is None else losses_L + mine
             layers = _add_layers(layers, out)
         assert losses_L is not None
-        losses_L = self.world.all_reduce_mean(losses_L.to(torch.float64))
+        losses_L = self.world.all_reduce_mean(losses_L)
         grad_norm = self._clip()
         self._check_finite(losses_L[0], grad_norm)
         set_lr(self.optimizer, lr_at(self.step, t))

@@ -12,14 +12,15 @@ import torch
 from torch import Tensor
 
 from moekit.fileio import atomic_write_text
+from moekit.losses import sum_dtype
 from moekit.moe import MoEAux
 from moekit.userfiles import read_json_lines
 
 # Per-layer figures of `MoEAux` averaged over micro-batches and steps (counts are summed instead).
 LAYER_FIGURES = ("max_vio", "dropped_fraction", "z_loss", "balance_loss", "entropy")
-# Every figure stays a tensor on the model's device until a record is written: one host sync per
-# log interval, not one per figure, layer and micro-batch (on a GPU, each is a stall).
-ACC = torch.float64
+# Every figure stays a tensor on the model's device until a record is written: one host read per
+# log interval, not one per figure, layer and micro-batch (on a GPU, each is a stall). Sums are
+# kept in `losses.sum_dtype` (float64 where the device has it).
 
 
 @dataclass
@@ -33,8 +34,9 @@ class LayerFigures:
 
     @classmethod
     def from_aux(cls, aux: MoEAux) -> LayerFigures:
-        sums = torch.stack([getattr(aux, name).detach().to(ACC) for name in LAYER_FIGURES])
-        return cls(aux.routed_counts.detach().to(ACC), sums)
+        acc = sum_dtype(aux.routed_counts.device)
+        sums = torch.stack([getattr(aux, name).detach().to(acc) for name in LAYER_FIGURES])
+        return cls(aux.routed_counts.detach().to(acc), sums)
 
     def add(self, other: LayerFigures) -> None:
         self.counts_E = self.counts_E + other.counts_E
@@ -73,7 +75,8 @@ class Interval:
         self.steps += 1
         self.seconds += seconds
         self.tokens += tokens
-        step = torch.cat([result.losses_L, result.grad_norm.reshape(1)]).to(ACC)
+        losses_L = result.losses_L
+        step = torch.cat([losses_L, result.grad_norm.reshape(1).to(losses_L.dtype)])
         self.sums = step if self.sums is None else self.sums + step
         if not self.layers:
             self.layers = [LayerFigures(f.counts_E, f.sums_F, f.passes) for f in result.layers]
