@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_vs_dense import machine_info
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
-from moekit.fileio import atomic_path, atomic_write_json
+from moekit.fileio import atomic_write_json, save_figure
 from moekit.overrides import apply_overrides
 from moekit.train.lockstep import compare_to, lockstep_settings, train_in_lockstep
 
@@ -198,8 +198,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

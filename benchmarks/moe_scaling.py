@@ -50,7 +50,7 @@ from moe_designs import DENSE, check_widths
 from moe_vs_dense import machine_info
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
-from moekit.fileio import atomic_path, atomic_write_json
+from moekit.fileio import atomic_write_json, save_figure
 from moekit.model import parameter_breakdown
 from moekit.overrides import apply_overrides
 from moekit.train.lockstep import compare_to, lockstep_settings, train_in_lockstep
@@ -219,8 +219,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     threads = result["base"]["train"]["threads"] or m["torch_threads"]
     fig.suptitle(f"{m['cpu_model']}, {threads} threads; points: seeds, lines: means, "
                  "never reached: not drawn", fontsize=8, color="gray")  # fmt: skip
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:

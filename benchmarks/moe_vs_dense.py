@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 import moekit
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
-from moekit.fileio import atomic_path, atomic_write_json
+from moekit.fileio import atomic_write_json, save_figure
 from moekit.machine import machine_info as machine
 from moekit.overrides import apply_overrides
 from moekit.train.lockstep import (
@@ -136,8 +136,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     m = result["machine"]
     fig.text(0.01, 0.005, f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch']}",
              fontsize=7, color="gray")  # fmt: skip
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
 
 
 def machine_info() -> dict[str, Any]:

@@ -355,10 +355,9 @@ def plot(result: dict, path: Path) -> None:
         f"{result['model']['new_tokens']} tokens, experts read from disk"
     )
     fig.tight_layout()
-    from moekit.fileio import atomic_path
+    from moekit.fileio import save_figure
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.experts.experts import activate, expert_ffn
+from moekit.experts.experts import expert_ffn
 from moekit.fileio import atomic_path, default_cache_dir
 from moekit.model.transformer import MoETransformer
 
@@ -139,8 +139,7 @@ def kernel_expert_ffn(
     `swiglu_expert` call, any other runs its two products through `linear`."""
     if cfg.activation == "swiglu" and b_in is None and b_out is None:
         return swiglu_expert(x_ND, w_in, w_out)
-    h_NH = linear(x_ND, w_in, b_in)
-    return linear(activate(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit), w_out, b_out)
+    return expert_ffn(x_ND, w_in, w_out, b_in, b_out, cfg, linear=linear)
 
 
 class KernelLinear(nn.Linear):
