@@ -23,7 +23,6 @@ from moekit.model import ModelOutput, MoETransformer
 from moekit.train.checkpoint import (
     TrainerState,
     check_run_dir,
-    checkpoint_path,
     latest_checkpoint,
     load_weights,
     read_training_state,
@@ -32,7 +31,7 @@ from moekit.train.checkpoint import (
 )
 from moekit.train.freeze import freeze, trainable_table
 from moekit.train.interrupt import StopOnInterrupt
-from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult
+from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
 from moekit.train.world import Parallelism, World
@@ -96,7 +95,7 @@ def train(
             "needs several processes: train with `moekit train` under torchrun, or call "
             "moekit.distributed.trainer.train_distributed on every process of the launch"
         )
-    trainer = Trainer(cfg, Path(run_dir), resume, world, parallelism or Parallelism())
+    trainer = Trainer(cfg, Path(run_dir), resume, world, parallelism)
     try:
         result = trainer.run()
     finally:
@@ -240,30 +239,37 @@ class Trainer:
         """One optimizer step, then the logging, evaluation and checkpoint that are due; returns
         the step's figures and its duration in seconds."""
         t = self.cfg.train
-        result, seconds = self._timed_step()
+        begin = time.perf_counter()
+        result = self._train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - begin
+        self.step += 1
+        self.tokens += self.tokens_per_step
         self.interval.add(result, seconds, self.tokens_per_step)
         if self.step % t.log_every == 0 or self.done:
             self._log()
-        self._maybe_evaluate_and_save()
+        if self.done or (t.eval.every and self.step % t.eval.every == 0):
+            self._evaluate()
+        if self.done or (t.checkpoint.every and self.step % t.checkpoint.every == 0):
+            self._save()
         return result, seconds
 
     def finish(self) -> None:
         """Log the steps not yet logged and save a checkpoint unless this step has one."""
         if self.interval.steps:
             self._log()
-        if not self._saved_now():
+        if self.saved_step != self.step:
             self._save()
 
     def _log(self) -> None:
         """Write the current interval's record and start a new interval."""
-        self.last_train = self.interval.record(self.step, self._lr(), self.tokens)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.last_train = self.interval.record(self.step, lr, self.tokens)
         self._write(self.last_train)
         self.session_seconds += self.interval.seconds
         self.session_tokens += self.interval.tokens
         self.interval = Interval()
-
-    def _saved_now(self) -> bool:
-        return self.saved_step == self.step
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -274,25 +280,13 @@ class Trainer:
         t = self.cfg.train
         return t.batch_size * t.seq_len * t.grad_accum
 
-    def _lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def _timed_step(self) -> tuple[StepResult, float]:
-        begin = time.perf_counter()
-        result = self._train_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.step += 1
-        self.tokens += self.tokens_per_step
-        return result, time.perf_counter() - begin
-
     def _train_step(self) -> StepResult:
         """Accumulate gradients over grad_accum micro-batches, clip, step, update expert biases.
         The step's figures stay on the device; the one host sync is the finiteness check."""
         t = self.cfg.train
         self.parallelism.before_step(t.seed, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        losses_L, layers = None, None
+        losses_L, layers = None, []
         for _ in range(t.grad_accum):
             batch = self.parallelism.my_share(self.sampler.next_batch()).to(self.device)
             out = forward(self.forward_model, batch, self.autocast)
@@ -301,19 +295,16 @@ class Trainer:
             losses = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach()
             mine = losses.to(sum_dtype(losses.device)) / t.grad_accum
             losses_L = mine if losses_L is None else losses_L + mine
-            layers = _add_layers(layers, out)
+            layers = add_layers(layers, [LayerFigures.from_aux(aux) for aux in out.aux])
         assert losses_L is not None
         losses_L = self.world.all_reduce_mean(losses_L)
-        grad_norm = self._clip()
+        clip = t.grad_clip if t.grad_clip is not None else math.inf
+        grad_norm = self.parallelism.clip_grad_norm_(self.model, clip)
         self._check_finite(losses_L[0], grad_norm)
         set_lr(self.optimizer, lr_at(self.step, t))
         self.optimizer.step()
         self.model.update_expert_bias()
-        return StepResult(losses_L, grad_norm, layers or [])
-
-    def _clip(self) -> Tensor:
-        clip = self.cfg.train.grad_clip
-        return self.parallelism.clip_grad_norm_(self.model, clip if clip is not None else math.inf)
+        return StepResult(losses_L, grad_norm, layers)
 
     def _check_finite(self, loss: Tensor, grad_norm: Tensor) -> None:
         """Stop before the update when the loss or the gradient is not finite (one host sync per
@@ -332,14 +323,6 @@ class Trainer:
             f"{kept}. Try a lower train.lr, a smaller train.grad_clip, or train.bf16=false."
         )
 
-    def _maybe_evaluate_and_save(self) -> None:
-        t, step = self.cfg.train, self.step
-        last = self.done
-        if last or (t.eval.every and step % t.eval.every == 0):
-            self._evaluate()
-        if last or (t.checkpoint.every and step % t.checkpoint.every == 0):
-            self._save()
-
     @torch.no_grad()
     def _evaluate(self) -> None:
         self.model.eval()
@@ -356,10 +339,9 @@ class Trainer:
         self.last_eval = {"val_loss": loss, "val_bpb": bpb}
         self._write({"kind": "eval", "step": self.step, **self.last_eval})
 
-    def _save(self) -> Path:
+    def _save(self) -> None:
         """The whole model's checkpoint, written by the writer; every process waits for it."""
         model_sd, optimizer_sd = self.parallelism.full_state_dicts(self.model, self.optimizer)
-        path = checkpoint_path(self.run_dir, self.step)
         if self.world.is_writer:
             assert model_sd is not None and optimizer_sd is not None
             cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
@@ -370,7 +352,6 @@ class Trainer:
             save_checkpoint(self.run_dir, model_sd, optimizer_sd, state, keep)
         self.world.barrier()
         self.saved_step = self.step
-        return path
 
     def whole_model(self) -> MoETransformer:
         """The model whose parameters the report counts: on several processes, the whole one
@@ -402,16 +383,6 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
-
-
-def _add_layers(layers: list[LayerFigures] | None, out: ModelOutput) -> list[LayerFigures]:
-    """Add the MoE layers' figures of one forward pass to those of the step so far."""
-    figures = [LayerFigures.from_aux(aux) for aux in out.aux]
-    if layers is None:
-        return figures
-    for mine, theirs in zip(layers, figures, strict=True):
-        mine.add(theirs)
-    return layers
 
 
 def _show_progress(bar: tqdm, seconds: float, tokens: int, record: dict[str, Any]) -> None:

@@ -38,10 +38,10 @@ class LayerFigures:
         sums = torch.stack([getattr(aux, name).detach().to(acc) for name in LAYER_FIGURES])
         return cls(aux.routed_counts.detach().to(acc), sums)
 
-    def add(self, other: LayerFigures) -> None:
-        self.counts_E = self.counts_E + other.counts_E
-        self.sums_F = self.sums_F + other.sums_F
-        self.passes += other.passes
+    def __add__(self, other: LayerFigures) -> LayerFigures:
+        return LayerFigures(
+            self.counts_E + other.counts_E, self.sums_F + other.sums_F, self.passes + other.passes
+        )
 
     def record(self) -> dict[str, Any]:
         """counts and the mean of each figure, read from the device."""
@@ -49,6 +49,13 @@ class LayerFigures:
         return {"counts": [int(c) for c in self.counts_E.tolist()]} | dict(
             zip(LAYER_FIGURES, means, strict=True)
         )
+
+
+def add_layers(layers: list[LayerFigures], more: list[LayerFigures]) -> list[LayerFigures]:
+    """Each layer's figures of `more` added to those of `layers` (`more` when `layers` is [])."""
+    if not layers:
+        return more
+    return [mine + theirs for mine, theirs in zip(layers, more, strict=True)]
 
 
 @dataclass
@@ -78,11 +85,7 @@ class Interval:
         losses_L = result.losses_L
         step = torch.cat([losses_L, result.grad_norm.reshape(1).to(losses_L.dtype)])
         self.sums = step if self.sums is None else self.sums + step
-        if not self.layers:
-            self.layers = [LayerFigures(f.counts_E, f.sums_F, f.passes) for f in result.layers]
-        else:
-            for mine, theirs in zip(self.layers, result.layers, strict=True):
-                mine.add(theirs)
+        self.layers = add_layers(self.layers, result.layers)
 
     def record(self, step: int, lr: float, tokens_seen: int) -> dict[str, Any]:
         """The metrics.jsonl record of this interval, ending at optimizer step `step` (the one
