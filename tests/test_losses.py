@@ -49,7 +49,7 @@ def test_importance_loss_sums_gates_per_expert() -> None:
     ids = torch.tensor([[0, 1], [0, 1]])
     weights = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
     # importance (1.5, 0.5, 0, 0): mean 0.5, variance (1 + 0 + 0.25 + 0.25) / 4 = 0.375
-    got = losses.importance_loss(weights, ids, n_experts=4)
+    got = losses.cv_squared(losses.expert_importance(weights, ids, n_experts=4))
     assert got.item() == pytest.approx(0.375 / 0.25)
 
 

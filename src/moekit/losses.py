@@ -63,11 +63,6 @@ def expert_importance(weights_TK: Tensor, ids_TK: Tensor, n_experts: int) -> Ten
     return weights_TK.new_zeros(n_experts).index_add(0, ids_TK.reshape(-1), weights_TK.reshape(-1))
 
 
-def importance_loss(weights_TK: Tensor, ids_TK: Tensor, n_experts: int) -> Tensor:
-    """Shazeer et al. 2017: CV^2 of each expert's importance."""
-    return cv_squared(expert_importance(weights_TK, ids_TK, n_experts))
-
-
 def load_probabilities(
     clean_logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std_TE: Tensor, k: int
 ) -> Tensor:
@@ -82,13 +77,6 @@ def load_probabilities(
     is_in = noisy_logits_TE >= threshold_if_out
     threshold = torch.where(is_in, threshold_if_in, threshold_if_out)
     return torch.special.ndtr((clean_logits_TE - threshold) / noise_std_TE)
-
-
-def load_loss(
-    clean_logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std_TE: Tensor, k: int
-) -> Tensor:
-    """Shazeer et al. 2017: CV^2 of each expert's smooth load, sum_t P(t, i)."""
-    return cv_squared(load_probabilities(clean_logits_TE, noisy_logits_TE, noise_std_TE, k).sum(0))
 
 
 def max_violation(load_E: Tensor) -> Tensor:
