@@ -13,8 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from moekit.config import DataConfig
-from moekit.data.corpus import STDLIB, Corpus, Document, Split, find_files, load_corpus
-from moekit.data.tokenizer import END_OF_TEXT, byte_tokenizer, cached_bpe, eos_id, train_bpe
+from moekit.data.corpus import Document, find_files, load_corpus
+from moekit.data.tokenizer import byte_tokenizer, cached_bpe, eos_id
 from moekit.data.tokens import TokenSplit, WindowSampler, fixed_batches, tokenize_split
 from moekit.fileio import default_cache_dir
 from moekit.userfiles import read_tokenizer
@@ -62,22 +62,15 @@ def run_tokenizer(run_dir: Path | None) -> Tokenizer:
 
 
 __all__ = [
-    "END_OF_TEXT",
-    "STDLIB",
-    "Corpus",
     "Data",
     "Document",
-    "Split",
-    "TokenSplit",
     "WindowSampler",
     "byte_tokenizer",
     "cached_bpe",
-    "default_cache_dir",
     "eos_id",
     "find_files",
     "fixed_batches",
     "load_corpus",
     "prepare_data",
     "tokenize_split",
-    "train_bpe",
 ]

@@ -1,7 +1,7 @@
 """Dispatch: permute tokens to experts and back (dropless, capacity, expert choice)."""
 
 from moekit.config import MoEConfig
-from moekit.dispatch.base import Dispatcher, DispatchState, sort_by_expert
+from moekit.dispatch.base import Dispatcher, DispatchState
 from moekit.dispatch.capacity import CapacityDispatcher, capacity_assignment
 from moekit.dispatch.dropless import DroplessDispatcher
 from moekit.dispatch.expert_choice import ExpertChoiceDispatcher
@@ -24,5 +24,4 @@ __all__ = [
     "ExpertChoiceDispatcher",
     "capacity_assignment",
     "make_dispatcher",
-    "sort_by_expert",
 ]

@@ -1,6 +1,6 @@
 """moekit.model: the decoder-only MoE language model, its generation and parameter counts."""
 
-from moekit.model.generation import KVCache, generate, sample_next
+from moekit.model.generation import KVCache, generate
 from moekit.model.params import format_count, parameter_breakdown, parameter_table
 from moekit.model.transformer import ModelOutput, MoETransformer
 
@@ -12,5 +12,4 @@ __all__ = [
     "generate",
     "parameter_breakdown",
     "parameter_table",
-    "sample_next",
 ]

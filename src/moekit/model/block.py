@@ -36,7 +36,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, is_moe: bool) -> None:
         super().__init__()
-        self.is_moe = is_moe
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg) if cfg.mla is None else LatentAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)

@@ -35,7 +35,6 @@ class KVCache:
         if cfg.mla is not None:  # latent attention caches its latent and its shared rotary key
             k_shape = (batch_size, 1, max_len, cfg.mla.kv_lora_rank)
             v_shape = (batch_size, 1, max_len, cfg.mla.qk_rope_head_dim)
-        self.max_len = max_len
         self.layers = [
             LayerKVCache(
                 torch.zeros(k_shape, device=device, dtype=dtype),
