@@ -45,10 +45,6 @@ class TrainerState:
     cuda_rng: Tensor | None = None
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first."""
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -72,7 +68,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint of `state.step` from the whole model's and optimizer's state dicts
     atomically, then delete all but the `keep` newest."""
-    final = checkpoint_path(run_dir, state.step)
+    final = Path(run_dir) / CHECKPOINT_DIR / f"step-{state.step:06d}"
     _remove_stale_temporaries(final.parent)
     with atomic_path(final) as tmp:
         tmp.mkdir()

@@ -88,7 +88,7 @@ def train(
     One process by default; `moekit.distributed.trainer.train_distributed`, which every process
     of a torchrun launch calls (`moekit train` does), passes the `world` and `parallelism`.
     """
-    world = world or World.single()
+    world = world or World()
     if world.size == 1 and wants_processes(cfg):
         raise ValueError(
             f"parallel.ep={cfg.parallel.ep}, parallel.dp={cfg.parallel.dp} (or a torchrun launch) "
@@ -125,7 +125,7 @@ class Trainer:
         parallelism: Parallelism | None = None,
     ) -> None:
         t = cfg.train
-        self.world, self.parallelism = world or World.single(), parallelism or Parallelism()
+        self.world, self.parallelism = world or World(), parallelism or Parallelism()
         self.cfg, self.run_dir, self.device = cfg, run_dir, resolve_device(t.device)
         self.talks = t.progress and self.world.is_writer
         if t.threads is not None:

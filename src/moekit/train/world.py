@@ -3,7 +3,7 @@
 `World` is the processes (rank, size, averaging, waiting, who writes the run directory);
 `Parallelism` is how a built model is spread over them (applied before the optimizer is built),
 how its state is gathered for a checkpoint and cut again on resume, and which rows of each global
-batch are this process's. Both do nothing for one process (`World.single()`, `Parallelism()`);
+batch are this process's. Both do nothing for one process (`World()`, `Parallelism()`);
 `moekit.distributed.trainer` gives the torch.distributed ones, so the trainer never imports
 torch.distributed and there is one training loop.
 """
@@ -21,10 +21,6 @@ class World:
 
     rank: int = 0
     size: int = 1
-
-    @classmethod
-    def single(cls) -> World:
-        return cls()
 
     @property
     def is_writer(self) -> bool:
