@@ -73,11 +73,13 @@ def test_trace_keeps_each_layer_top_k_in_token_order():
     assert tokens.domains == ["pkg", "(top level)"] and len(tokens.token_ids) == 80
     model = tiny_model()
     trace = record_routing(model, tokens, seq_len=32, batch_size=2)
-    assert len(trace.ids) == 2 and trace.ids[0].shape == (80, 2)
+    moe = model.cfg.moe
+    assert len(trace.ids) == len(model.cfg.moe_layer_indices)
+    assert trace.ids[0].shape == (80, moe.top_k)
     assert trace.new_seq.nonzero().flatten().tolist() == [0, 32, 64]
     alone = model(torch.from_numpy(tokens.token_ids[32:64])[None]).aux[1].ids
     assert torch.equal(trace.ids[1][32:64], alone)
-    assert 0 < trace.entropy[0] <= math.log(8) + 1e-6
+    assert 0 < trace.entropy[0] <= math.log(moe.n_experts) + 1e-6
 
 
 def write_corpus(tmp_path: Path) -> Path:
@@ -114,7 +116,8 @@ def test_analyze_writes_the_report_json_and_plots(tmp_path: Path):
     assert len(data["layers"]) == 2 and data["meta"]["n_tokens"] == 300
     layer = data["layers"][0]
     assert sum(layer["load"]) == pytest.approx(1.0)
-    assert len(layer["token_class"]) == 8 and len(layer["token_class"][0]) == len(CLASSES)
+    n_experts = ModelConfig.preset("tiny").moe.n_experts
+    assert len(layer["token_class"]) == n_experts and len(layer["token_class"][0]) == len(CLASSES)
     assert data["saturation"]["steps"] == [2, 4]
     assert [v[-1] for v in data["saturation"]["layers"]] == [1.0, 1.0]
     for png in ("load", "repetition", "coactivation", "token_class", "domain", "saturation"):

@@ -34,13 +34,14 @@ def test_every_arm_is_a_valid_config_with_the_paper_sizes(name: str, preset: str
 
 
 def test_moe_vs_dense_keeps_the_active_width():
-    base = RunConfig.preset("tiny")  # 8 experts of 64, top-2: active width 128
+    base = RunConfig.preset("tiny")
+    active = base.model.moe.top_k * base.model.moe.d_expert  # tiny: top-2 of 40, 80
     cfgs = {arm: apply_overrides(base, ov).model for arm, ov in moe_vs_dense(base)}
-    assert cfgs["dense"].moe is None and cfgs["dense"].d_ff == 128
+    assert cfgs["dense"].moe is None and cfgs["dense"].d_ff == active
     assert cfgs["hash"].moe.router == "hash"
     for arm in ("hash", "switch-top1", "top2", "fine-grained+shared"):
         moe = cfgs[arm].moe
-        assert moe.top_k * moe.d_expert + moe.n_shared_experts * (moe.d_shared or 0) == 128
+        assert moe.top_k * moe.d_expert + moe.n_shared_experts * (moe.d_shared or 0) == active
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
@@ -151,7 +152,8 @@ def test_an_experiment_trains_its_arms_with_paired_seeds(tmp_path: Path, monkeyp
     arms = results["arms"]
     assert len(arms["hash"]) == 2 and results["machine"]["loadavg_end"]
     assert math.isnan(arms["dense"][0]["logit_rms"])  # no router
-    assert arms["hash"][0]["logit_rms"] == pytest.approx(math.log(8))  # zero logits, E = 8
+    # zero logits: a hash router's logit_rms is log(E)
+    assert arms["hash"][0]["logit_rms"] == pytest.approx(math.log(base.model.moe.n_experts))
     assert arms["hash"][0]["curves"]["logit_rms"] == [[2, arms["hash"][0]["logit_rms"]]]
     assert arms["dense"][0]["active_params"] < arms["hash"][0]["params"]
     assert "2 steps" in report and results["wall_seconds"] > 0

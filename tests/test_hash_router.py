@@ -38,9 +38,9 @@ def test_a_hash_layer_sends_each_token_to_its_experts_with_equal_weights():
 def test_a_hash_routed_transformer_routes_by_input_ids_and_trains():
     cfg = ModelConfig.preset("tiny")
     model = MoETransformer(cfg.replace(moe=cfg.moe.replace(router="hash", top_k=1)))
-    ids = torch.randint(0, 256, (2, 12))
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
     out = model(ids, labels=ids)
     out.loss.backward()
     for aux in out.aux:
-        assert torch.equal(aux.ids, hash_experts(ids.flatten(), 8))
+        assert torch.equal(aux.ids, hash_experts(ids.flatten(), cfg.moe.n_experts))
     assert model.layers[0].ffn.experts.w_in.grad.abs().sum() > 0

@@ -95,9 +95,10 @@ def test_shared_experts_and_dense_layers_are_counted_apart() -> None:
     moe = ModelConfig.preset("tiny").moe.replace(n_shared_experts=1, shared_gate=True)
     cfg = ModelConfig.preset("tiny").replace(moe=moe, n_layers=3, first_dense=1)
     counts = parameter_breakdown(MoETransformer(cfg))
-    assert counts["dense_ffn"] == 3 * 64 * 128
-    assert counts["shared_experts"] == 2 * (3 * 64 * 64 + 64)
-    assert counts["active"] == counts["total"] - 2 * 6 * 3 * 64 * 64
+    D, F_, E, K = cfg.d_model, moe.d_expert, moe.n_experts, moe.top_k
+    assert counts["dense_ffn"] == 3 * D * cfg.d_ff  # one dense layer: gate, up, down
+    assert counts["shared_experts"] == 2 * (3 * D * moe.shared_width + D)  # + the gate
+    assert counts["active"] == counts["total"] - 2 * (E - K) * 3 * D * F_
 
 
 def test_tied_embedding_counts_once() -> None:

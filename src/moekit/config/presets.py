@@ -15,9 +15,11 @@ from moekit.config.run import CheckpointConfig, DataConfig, EvalConfig, RunConfi
 
 
 def tiny_model() -> ModelConfig:
-    """For tests: 2 layers, d_model 64, GQA (4 heads, 2 kv heads), 8 experts top-2."""
-    moe = MoEConfig(d_model=64, d_expert=64, n_experts=8, top_k=2, aux_loss_coef=0.01)
-    return ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+    """For tests: 2 layers, d_model 48, 3 query heads of 16 sharing 1 kv head, 6 experts of
+    width 40 top-2, a dense FFN of 56 (dense layers), vocabulary 256. Every size differs from the
+    others, so a test of the model fails when two axes are swapped (D and F above all)."""
+    moe = MoEConfig(d_model=48, d_expert=40, n_experts=6, top_k=2, aux_loss_coef=0.01)
+    return ModelConfig(vocab_size=256, d_model=48, n_layers=2, n_heads=3, n_kv_heads=1, d_ff=56,
                        moe=moe, max_seq_len=128)
 
 
