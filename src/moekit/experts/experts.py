@@ -75,6 +75,34 @@ def expert_ffn(
     return linear(act_NF, w_out, b_out)
 
 
+def grouped_experts_forward(
+    x_RD: Tensor,
+    counts_E: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    cfg: MoEConfig,
+) -> Tensor:
+    """E experts over expert-sorted rows, their weights given: x_RD (R, D), counts_E (E,) rows
+    per expert, w_in (E, 2F|F, D), w_out (E, D, F), b_in (E, 2F|F), b_out (E, D) -> y_RD (R, D).
+    `Experts.forward` on its own weights; `OffloadedExperts` on the weights of each group of
+    experts it fetched (E is then the group's size)."""
+    matmul = GROUPED_MATMULS[resolve_impl(cfg.expert_impl, x_RD, w_out)]
+    h = matmul(x_RD, w_in, counts_E)
+    if b_in is not None:
+        h = h + torch.repeat_interleave(b_in, counts_E, dim=0, output_size=x_RD.shape[0])
+    act = (
+        swiglu(h)
+        if cfg.activation == "swiglu"
+        else activate(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+    )
+    y = matmul(act, w_out, counts_E)
+    if b_out is not None:
+        y = y + torch.repeat_interleave(b_out, counts_E, dim=0, output_size=x_RD.shape[0])
+    return y
+
+
 def selected_experts_forward(
     x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, expert: Callable[[int, Tensor], Tensor]
 ) -> Tensor:
@@ -141,20 +169,9 @@ class Experts(nn.Module):
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
-        matmul = GROUPED_MATMULS[resolve_impl(self.cfg.expert_impl, x_RD, self.w_out)]
-        h = matmul(x_RD, self.w_in, counts_E)
-        if self.b_in is not None:
-            h = h + torch.repeat_interleave(self.b_in, counts_E, dim=0, output_size=x_RD.shape[0])
-        c = self.cfg
-        act = (
-            swiglu(h)
-            if c.activation == "swiglu"
-            else activate(h, c.activation, c.swiglu_alpha, c.swiglu_limit)
+        return grouped_experts_forward(
+            x_RD, counts_E, self.w_in, self.w_out, self.b_in, self.b_out, self.cfg
         )
-        y = matmul(act, self.w_out, counts_E)
-        if self.b_out is not None:
-            y = y + torch.repeat_interleave(self.b_out, counts_E, dim=0, output_size=x_RD.shape[0])
-        return y
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """The decode path (`MoELayer.selected_path`): x_TD (T, D), ids_TK and weights_TK (T, K)

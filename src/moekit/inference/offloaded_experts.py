@@ -1,31 +1,20 @@
 """`OffloadedExperts`: a drop-in for `Experts` whose weights come from an `ExpertCache`.
 
-It computes with the resident module's own code (`Experts.forward` on the fetched experts' stacked
-weights, `expert_ffn` on the decode path), so its output is bit-identical to the all-resident
-model's; `Experts` is its reference twin.
+It computes with the resident module's own functions (`grouped_experts_forward` on the fetched
+experts' stacked weights, `expert_ffn` on the decode path), so its output is bit-identical to the
+all-resident model's; `Experts` is its reference twin.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.experts.experts import Experts, selected_experts_forward
+from moekit.experts.experts import Experts, grouped_experts_forward, selected_experts_forward
 from moekit.inference.cache import ExpertCache, expert_groups
-
-
-class _ExpertGroup(NamedTuple):
-    """What `Experts.forward` reads of its module, for the experts of one fetched group."""
-
-    cfg: MoEConfig
-    w_in: Tensor
-    w_out: Tensor
-    b_in: Tensor | None
-    b_out: Tensor | None
 
 
 class OffloadedExperts(nn.Module):
@@ -56,8 +45,9 @@ class OffloadedExperts(nn.Module):
                 w_out = torch.stack([w[1] for w in weights])
             b_in = None if self.b_in is None else self.b_in[chunk]
             b_out = None if self.b_out is None else self.b_out[chunk]
-            group = _ExpertGroup(self.cfg, w_in, w_out, b_in, b_out)
-            pieces.append(Experts.forward(group, rows, counts_E[chunk]))
+            pieces.append(
+                grouped_experts_forward(rows, counts_E[chunk], w_in, w_out, b_in, b_out, self.cfg)
+            )
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
