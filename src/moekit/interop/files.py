@@ -121,9 +121,6 @@ class CheckpointReader:
         self._open: dict[Path, Any] = {}
         self._read_since_open: dict[Path, int] = {}
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
-
     def read(self, key: str, rows: slice | int | None = None) -> Tensor:
         """The tensor `key`, or `tensor[rows]` (read from disk without the rest of it)."""
         handle = self._handle(key)
@@ -193,7 +190,7 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
-def write_shards(folder: Path, shards: list[list[str]], make: Any, total_size: int) -> list[str]:
+def write_shards(folder: Path, shards: list[list[str]], make: Any, total_size: int) -> None:
     """Write each shard with `make(names) -> {name: tensor}`; an index when there are several.
 
     One shard's tensors exist at a time (safetensors serialises a shard in memory)."""
@@ -209,4 +206,3 @@ def write_shards(folder: Path, shards: list[list[str]], make: Any, total_size: i
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
