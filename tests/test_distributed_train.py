@@ -193,3 +193,43 @@ def test_only_the_last_micro_batch_of_a_step_averages_gradients() -> None:
         model(0)
     assert synced == [False, False, True, True]
     assert model.calls == 3
+
+
+class _RecordingDDP:
+    require_backward_grad_sync = True
+
+    def __call__(self, batch: int) -> int:
+        return batch
+
+
+@pytest.mark.parametrize("passes", [1, 2, 4])
+def test_a_step_of_another_number_of_micro_batches_than_grad_accum_is_refused(passes) -> None:
+    """Too few training passes are refused after the step's micro-batches (before the update),
+    one too many at once: the gradients would have been averaged at the wrong micro-batch."""
+    from moekit.distributed.trainer import _SyncOnLastMicroBatch
+
+    model = _SyncOnLastMicroBatch(_RecordingDDP(), grad_accum=3)
+    expected = rf"a training step made {passes} training forward passes, not train\.grad_accum=3"
+    for step in range(2):
+        model.start_step()
+        with pytest.raises(RuntimeError, match=expected):
+            for _ in range(passes):
+                model(step)
+            model.check_step()
+
+
+def test_each_step_counts_its_own_micro_batches() -> None:
+    from moekit.distributed.trainer import ExpertDataParallel, _SyncOnLastMicroBatch
+    from moekit.train.world import World
+
+    parallelism = ExpertDataParallel(run_config(Path(".")), mesh=None, world=World())
+    ddp = _RecordingDDP()
+    parallelism.forward_model = model = _SyncOnLastMicroBatch(ddp, grad_accum=2)
+    for step in range(3):
+        parallelism.before_step(0, step)  # starts the step's count
+        for _ in range(2):
+            model(step)
+        with torch.no_grad():
+            model(step)  # an evaluation pass is not a micro-batch
+        model.check_step()
+        assert model.calls == 2 and ddp.require_backward_grad_sync

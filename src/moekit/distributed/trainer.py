@@ -92,6 +92,7 @@ class ExpertDataParallel(Parallelism):
 
     def __init__(self, cfg: RunConfig, mesh: Any, world: World) -> None:
         self.cfg, self.mesh, self.world = cfg, mesh, world
+        self.forward_model: _SyncOnLastMicroBatch | None = None
 
     def _expert_parallel(self) -> bool:
         moe = self.cfg.model.moe
@@ -99,9 +100,12 @@ class ExpertDataParallel(Parallelism):
 
     def apply(self, model: nn.Module, grad_accum: int) -> nn.Module:
         if not self._expert_parallel():
-            return _SyncOnLastMicroBatch(apply_data_parallel(model, self.mesh), grad_accum)
-        apply_expert_parallel(model, self.mesh, scope=self.cfg.parallel.scope)
-        return _SyncOnLastMicroBatch(apply_data_parallel(model), grad_accum)
+            ddp = apply_data_parallel(model, self.mesh)
+        else:
+            apply_expert_parallel(model, self.mesh, scope=self.cfg.parallel.scope)
+            ddp = apply_data_parallel(model)
+        self.forward_model = _SyncOnLastMicroBatch(ddp, grad_accum)
+        return self.forward_model
 
     def shard_optimizer_state(
         self, full_state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
@@ -116,6 +120,10 @@ class ExpertDataParallel(Parallelism):
         return full_state_dicts(model, optimizer)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        # The first call after a step's micro-batches, before the update: a step whose gradients
+        # were averaged at the wrong micro-batch stops here.
+        if self.forward_model is not None:
+            self.forward_model.check_step()
         return clip_grad_norm_(model, max_norm)
 
     def my_share(self, batch: Tensor) -> Tensor:
@@ -124,6 +132,8 @@ class ExpertDataParallel(Parallelism):
     def before_step(self, seed: int, step: int) -> None:
         # Router noise draws differ per process and step, and repeat after a resume.
         torch.manual_seed(hash((seed, step, self.world.rank)) % 2**63)
+        if self.forward_model is not None:
+            self.forward_model.start_step()
 
 
 def my_share(batch: Tensor, rank: int, world: int) -> Tensor:
@@ -135,17 +145,37 @@ def my_share(batch: Tensor, rank: int, world: int) -> Tensor:
 class _SyncOnLastMicroBatch(nn.Module):
     """The DDP model as the training loop calls it: of the grad_accum training forward passes of
     a step, only the last one's backward averages gradients over the processes (the others
-    accumulate locally, as under `DistributedDataParallel.no_sync()`)."""
+    accumulate locally, as under `DistributedDataParallel.no_sync()`).
+
+    `start_step` begins a step; `check_step` (after its micro-batches) raises unless the step
+    made exactly grad_accum training forward passes, and a pass beyond grad_accum raises at
+    once: gradients averaged at another micro-batch than the last would be silently wrong."""
 
     def __init__(self, ddp: nn.Module, grad_accum: int) -> None:
         super().__init__()
         self.ddp, self.grad_accum, self.calls = ddp, grad_accum, 0
 
+    def start_step(self) -> None:
+        self.calls = 0
+
+    def check_step(self) -> None:
+        if self.calls != self.grad_accum:
+            raise RuntimeError(self._mismatch(self.calls))
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            self.calls = self.calls % self.grad_accum + 1
+            if self.calls == self.grad_accum:
+                raise RuntimeError(self._mismatch(self.calls + 1))
+            self.calls += 1
             self.ddp.require_backward_grad_sync = self.calls == self.grad_accum
         return self.ddp(*args, **kwargs)
+
+    def _mismatch(self, calls: int) -> str:
+        return (
+            f"a training step made {calls} training forward passes, not "
+            f"train.grad_accum={self.grad_accum}: gradients are averaged over the processes on "
+            "the last one only"
+        )
 
 
 def _check_batches(cfg: RunConfig, world: int) -> None:
