@@ -21,7 +21,7 @@ install: $(STAMP)
 # OMP_WAIT_POLICY=PASSIVE: waiting OpenMP threads sleep instead of spinning, so other work on
 # the machine slows the demo a little instead of many times over.
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m moekit.cli demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m moekit demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

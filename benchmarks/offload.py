@@ -20,7 +20,7 @@ measured time waiting for loads.
 
 Memory: a fresh process loads the model from one checkpoint file and decodes, whole
 (`load_model`) or with the experts left in the file (`load_offloaded`, as `moekit generate
---expert-budget` does) at each budget; its peak RSS above the RSS after the imports is reported.
+--offload.budget=N` does) at each budget; its peak RSS above the RSS after the imports is reported.
 
     python benchmarks/offload.py                  # 192 tokens per decode, ~7 minutes
     python benchmarks/offload.py --new-tokens 48 --out benchmarks/results/offload_48tokens.json

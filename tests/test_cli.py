@@ -1,4 +1,4 @@
-"""The command line: `--a.b=value` overrides, `moekit params`, `moekit train` and `generate`."""
+"""The command line: `--a.b=value` overrides, `moekit params`, `train`, `generate` and `analyze`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import main
-from moekit.config import ModelConfig, RunConfig
+from moekit.config import AnalyzeConfig, GenerateConfig, ModelConfig, RunConfig
 from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides, split_override
 
@@ -84,5 +84,13 @@ def test_train_saves_the_resolved_config_and_generate_streams(tmp_path: Path, ca
     assert saved.train.steps == 3 and saved.train.data.tokenizer == "bytes"
     printed = capsys.readouterr().out.split("resolved config:\n")[1]
     assert RunConfig.from_json(printed[: printed.index("\n}\n") + 2]) == saved
-    assert main(["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("def f(")
+    assert main(["generate", str(run), "--prompt=def f(", "--max_new_tokens=5"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def f(")  # the text alone: its resolved config goes to stderr
+    printed = GenerateConfig.from_json(out.err.split("resolved config:\n")[1])
+    assert printed == GenerateConfig(prompt="def f(", max_new_tokens=5)
+    analyze = ["analyze", str(run), f"--data={JSON_PACKAGE}", "--tokens=300", "--seq_len=32"]
+    assert main(analyze) == 0
+    saved = AnalyzeConfig.from_json((run / "analysis/config.json").read_text())
+    assert saved == AnalyzeConfig(data=str(JSON_PACKAGE), tokens=300, seq_len=32)
+    assert (run / "analysis/report.md").is_file()

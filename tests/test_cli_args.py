@@ -1,73 +1,92 @@
-"""Every numeric argument of the command line is checked by argparse: a value out of range is one
-line naming the flag and what it must be, exit 2, before anything is loaded."""
+"""Every bad argument of the command line is one line naming it and what it must be, exit 2, before
+anything is loaded: numeric flags are checked by argparse, settings by their config's fields."""
 
 from __future__ import annotations
 
 import pytest
 
 from moekit.cli import build_parser, main
+from moekit.cli.common import resolve_config
+from moekit.config import GenerateConfig
 
-RUN = "no-such-run"  # never read: argparse fails first
+RUN = "no-such-run"  # never read: the argument fails first
 
 BAD = [
-    (["generate", RUN, "--max-new-tokens", "-3"], "--max-new-tokens", "integer >= 1"),
-    (["generate", RUN, "--max-new-tokens", "0"], "--max-new-tokens", "integer >= 1"),
-    (["generate", RUN, "--max-new-tokens", "ten"], "--max-new-tokens", "integer >= 1"),
-    (["generate", RUN, "--temperature", "-0.5"], "--temperature", "number >= 0"),
-    (["generate", RUN, "--temperature", "nan"], "--temperature", "finite"),
-    (["generate", RUN, "--temperature", "inf"], "--temperature", "finite"),
-    (["generate", RUN, "--top-k", "-1"], "--top-k", "0 for no top-k"),
-    (["generate", RUN, "--top-p", "0"], "--top-p", "(0, 1]"),
-    (["generate", RUN, "--top-p", "1.5"], "--top-p", "(0, 1]"),
-    (["generate", RUN, "--seed", "-1"], "--seed", "[0, 2**64)"),
-    (["generate", RUN, "--seed", str(2**64)], "--seed", "[0, 2**64)"),
-    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "0"], "--max-new-tokens",
-     "integer >= 1"),
-    (["params", "tiny", "--ep", "0"], "--ep", "integer >= 1"),
+    (["generate", RUN, "--max_new_tokens=-3"], "max_new_tokens=-3", "integer >= 1"),
+    (["generate", RUN, "--max_new_tokens=0"], "max_new_tokens=0", "integer >= 1"),
+    (["generate", RUN, "--max_new_tokens=ten"], "--max_new_tokens='ten'", "expected int"),
+    (["generate", RUN, "--temperature=-0.5"], "temperature=-0.5", "must be >= 0"),
+    (["generate", RUN, "--temperature=nan"], "temperature=nan", "must be >= 0"),
+    (["generate", RUN, "--temperature=inf"], "temperature=inf", "must be >= 0"),
+    (["generate", RUN, "--top_k=-1"], "top_k=-1", "integer >= 0 or None"),
+    (["generate", RUN, "--top_p=0"], "top_p=0.0", "(0, 1]"),
+    (["generate", RUN, "--top_p=1.5"], "top_p=1.5", "(0, 1]"),
+    (["generate", RUN, "--seed=-1"], "seed=-1", "[0, 2**64)"),
+    (["generate", RUN, f"--seed={2**64}"], f"seed={2**64}", "[0, 2**64)"),
+    (["generate", RUN, "--offload.policy=fifo"], "--offload.policy='fifo'", "'lru', 'lfu'"),
+    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "0"],
+     "argument --max-new-tokens: ", "integer >= 1"),
+    (["params", "tiny", "--ep", "0"], "argument --ep: ", "integer >= 1"),
     (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max-shard-size", "0"],
-     "--max-shard-size", "size above 0"),
+     "argument --max-shard-size: ", "size above 0"),
     (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max-shard-size", "lots"],
-     "--max-shard-size", "size above 0"),
-    (["demo", "--max-new-tokens", "0"], "--max-new-tokens", "integer >= 1"),
-    (["analyze", RUN, "--tokens", "0"], "--tokens", "integer >= 1"),
-    (["analyze", RUN, "--seq-len", "-1"], "--seq-len", "integer >= 1"),
-    (["upcycle", RUN, "--out", "o", "--experts", "0"], "--experts", "integer >= 1"),
-    (["upcycle", RUN, "--out", "o", "--top-k", "0"], "--top-k", "integer >= 1"),
-    (["upcycle", RUN, "--out", "o", "--noise", "-0.1"], "--noise", "number >= 0"),
-    (["experiment", "balance", "--seeds", "0"], "--seeds", "integer >= 1"),
-    (["layer-demo", "--tokens", "0"], "--tokens", "integer >= 1"),
-    (["layer-demo", "--experts", "-2"], "--experts", "integer >= 1"),
-    (["layer-demo", "--top-k", "0"], "--top-k", "integer >= 1"),
-    (["layer-demo", "--capacity-factor", "0"], "--capacity-factor", "number > 0"),
-    (["generate", RUN, "--expert-budget", "1..5GB"], "--expert-budget", "bytes (200MB)"),
-    (["generate", RUN, "--expert-budget", "-3"], "--expert-budget", "a count (12)"),
-    (["generate", RUN, "--expert-budget", ""], "--expert-budget", "a count (12)"),
-    (["generate", RUN, "--expert-budget", "150%"], "--expert-budget", "(0, 1]"),
-    (["cache-sim", "t", "--budget", "50%", "200MB"], "--budget", "does not know the experts"),
-    (["cache-sim", "t", "--budget", "lots"], "--budget", "or a fraction (0.5 or 50%)"),
+     "argument --max-shard-size: ", "size above 0"),
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: ", "integer >= 1"),
+    (["analyze", RUN, "--tokens=0"], "tokens=0", "integer >= 1"),
+    (["analyze", RUN, "--seq_len=-1"], "seq_len=-1", "integer >= 1"),
+    (["upcycle", RUN, "--out", "o", "--experts", "0"], "argument --experts: ", "integer >= 1"),
+    (["upcycle", RUN, "--out", "o", "--top-k", "0"], "argument --top-k: ", "integer >= 1"),
+    (["upcycle", RUN, "--out", "o", "--noise", "-0.1"], "argument --noise: ", "number >= 0"),
+    (["experiment", "balance", "--seeds", "0"], "argument --seeds: ", "integer >= 1"),
+    (["generate", RUN, "--offload.budget=1..5GB"], "offload.budget", "bytes (200MB)"),
+    (["generate", RUN, "--offload.budget=-3"], "offload.budget", "a count (12)"),
+    (["generate", RUN, "--offload.budget="], "offload.budget", "a count (12)"),
+    (["generate", RUN, "--offload.budget=150%"], "offload.budget", "(0, 1]"),
+    (["cache-sim", "t", "--budget", "50%", "200MB"], "argument --budget: ",
+     "does not know the experts"),
+    (["cache-sim", "t", "--budget", "lots"], "argument --budget: ", "or a fraction (0.5 or 50%)"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("argv, flag, says", BAD, ids=[" ".join(a[0:1] + a[-2:]) for a, *_ in BAD])
-def test_out_of_range_number_is_an_argparse_error_naming_the_flag(
-    capsys, argv: list[str], flag: str, says: str
+@pytest.mark.parametrize("argv, names, says", BAD, ids=[" ".join(a[0:1] + a[-2:]) for a, *_ in BAD])
+def test_bad_argument_is_one_line_naming_it_and_what_it_must_be(
+    capsys, argv: list[str], names: str, says: str
 ) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own flags
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"moekit {argv[0]}: error: argument {flag}: "), err
-    assert says in last and argv[-1] in last and "Traceback" not in err
+    assert last.startswith(f"moekit {argv[0]}: error: "), err
+    assert names in last and says in last and argv[-1].split("=")[-1] in last, err
+    assert "Traceback" not in err
+
+
+MISSPELT = [
+    (["generate", RUN, "--max-new-tokens", "5"], "'--max-new-tokens' is malformed: write --key"),
+    (["generate", RUN, "--max-new-tokens=5"], "no field 'max-new-tokens'; its fields are prompt, "
+     "max_new_tokens"),
+    (["analyze", RUN, "--tokens", "256"], "'--tokens' is malformed: write --key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, says", MISSPELT)
+def test_misspelt_setting_is_one_line_naming_it(capsys, argv: list[str], says: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moekit {argv[0]}: error: ") and says in err and err.count("\n") == 1
 
 
 def test_numbers_in_range_parse() -> None:
-    args = build_parser().parse_args(
-        ["generate", RUN, "--temperature", "0", "--top-k", "0", "--top-p", "1", "--seed", "0"]
+    overrides = ["--temperature=0", "--top_k=0", "--top_p=1", "--seed=0", "--max_new_tokens=1"]
+    cfg = resolve_config(GenerateConfig, None, overrides)
+    assert cfg.temperature == 0.0 and cfg.top_k == 0 and cfg.top_p == 1.0 and cfg.seed == 0
+    assert (
+        cfg.max_new_tokens == 1
+        and resolve_config(GenerateConfig, None, ["--top_k=none"]).top_k is None
     )
-    assert args.temperature == 0.0 and args.top_k is None and args.top_p == 1.0
-    args = build_parser().parse_args(["generate", RUN, "--top-k", "5", "--max-new-tokens", "1"])
-    assert args.top_k == 5 and args.max_new_tokens == 1
     args = build_parser().parse_args(["convert", "--to-hf", RUN, "--out", "o"])
     assert args.max_shard_size == 2 * 10**9
     args = build_parser().parse_args(["upcycle", RUN, "--out", "o", "--noise", "0"])

@@ -88,9 +88,9 @@ def checkpoint_commands(run: Path, tmp_path: Path) -> dict[str, list[str]]:
     prompts, out = tmp_path / "prompts.txt", tmp_path / "o"
     prompts.write_text("def f(\n")
     return {
-        "generate": ["generate", str(run), "--max-new-tokens", "3"],
-        "offloaded": ["generate", str(run), "--max-new-tokens", "3", "--expert-budget", "50%"],
-        "analyze": ["analyze", str(run), "--tokens", "256", "--seq-len", "32"],
+        "generate": ["generate", str(run), "--max_new_tokens=3"],
+        "offloaded": ["generate", str(run), "--max_new_tokens=3", "--offload.budget=50%"],
+        "analyze": ["analyze", str(run), "--tokens=256", "--seq_len=32"],
         "convert": ["convert", "--to-hf", str(run), "--arch", "mixtral", "--out", str(out)],
         "train": ["train", "--resume", str(run)],
         "trace": ["trace", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "o.st")],
@@ -122,7 +122,7 @@ def test_damaged_only_checkpoint_says_so(run: Path, tmp_path: Path, capsys, dama
         shutil.rmtree(run / f"checkpoints/step-{step:06d}")
     weights = run / "checkpoints/step-000012/model.safetensors"
     DAMAGE[damage](weights)
-    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 2
+    assert main(["generate", str(run), "--max_new_tokens=3"]) == 2
     assert "the run's only checkpoint" in one_line_error(capsys, "generate", weights)
 
 
@@ -130,7 +130,7 @@ def test_damaged_only_checkpoint_says_so(run: Path, tmp_path: Path, capsys, dama
 def test_analyze_names_a_damaged_older_checkpoint(run: Path, capsys, damage: str) -> None:
     weights = run / "checkpoints/step-000004/model.safetensors"
     DAMAGE[damage](weights)
-    assert main(["analyze", str(run), "--tokens", "256", "--seq-len", "32"]) == 2
+    assert main(["analyze", str(run), "--tokens=256", "--seq_len=32"]) == 2
     line = one_line_error(capsys, "analyze", weights)
     assert f"delete {run / 'checkpoints/step-000004'}" in line
 
@@ -145,7 +145,7 @@ def test_weights_of_another_model_are_named(run: Path, capsys, field: str) -> No
     else:
         cfg["model"]["moe"]["n_experts"] = 4
     (run / "config.json").write_text(json.dumps(cfg))
-    assert main(["generate", str(run), "--max-new-tokens", "3"]) == 2
+    assert main(["generate", str(run), "--max_new_tokens=3"]) == 2
     line = one_line_error(capsys, "generate", run / "checkpoints/step-000012/model.safetensors")
     assert "config.json" in line
 
@@ -254,7 +254,7 @@ def test_damaged_hugging_face_files_are_named(
     assert main(["convert", "--from-hf", str(hf), "--out", str(tmp_path / "o")]) == 2
     assert "download" in one_line_error(capsys, "convert", path)
     assert not (tmp_path / "o").exists()
-    assert main(["analyze", str(hf), "--tokens", "256", "--seq-len", "32"]) == 2
+    assert main(["analyze", str(hf), "--tokens=256", "--seq_len=32"]) == 2
     one_line_error(capsys, "analyze", path)
 
 
@@ -268,7 +268,7 @@ def test_damaged_hugging_face_tokenizer_is_named(
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def f(\n")
     args = {
-        "analyze": ["analyze", str(hf), "--tokens", "256", "--seq-len", "32"],
+        "analyze": ["analyze", str(hf), "--tokens=256", "--seq_len=32"],
         "trace": ["trace", str(hf), "--prompts", str(prompts), "--out", str(tmp_path / "t")],
         "convert": ["convert", "--from-hf", str(hf), "--out", str(tmp_path / "t")],
     }
@@ -291,12 +291,9 @@ def test_damaged_routing_trace_is_named_with_what_to_do(
         [
             "generate",
             str(run),
-            "--expert-budget",
-            "50%",
-            "--policy",
-            "static",
-            "--trace",
-            str(trace),
+            "--offload.budget=50%",
+            "--offload.policy=static",
+            f"--offload.trace={trace}",
         ],
     ):
         assert main(args) == 2

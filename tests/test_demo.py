@@ -45,7 +45,7 @@ def test_demo_trains_both_compares_and_reports(tmp_path: Path, capsys) -> None:
     assert reached in printed and "bits/byte" in printed and "least loaded" in printed
     for name in ("moe", "dense"):
         assert f"validation {figures['runs'][name]['final_val_loss']:.3f} nats/token" in printed
-    assert f"moekit generate {out / 'moe'} --prompt 'def main('" in printed
+    assert f"moekit generate {out / 'moe'} --prompt='def main('" in printed
     report = (out / "report.md").read_text()
     assert (
         "| final validation loss (nats/token) |" in report and "## Sample (from the MoE)" in report

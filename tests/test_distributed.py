@@ -226,13 +226,13 @@ def test_data_parallelism_alone_averages_every_gradient(runs) -> None:
 
 
 def test_the_cli_reports_a_lost_process_in_one_line(capsys) -> None:
-    from moekit.cli import _report_training
+    from moekit.cli.train import report_training
     from moekit.distributed import DistributedFailure
 
     def lose_a_process() -> None:
         raise DistributedFailure("rank 0: a collective operation failed while training")
 
-    assert _report_training(lose_a_process) == 1
+    assert report_training(lose_a_process) == 1
     assert "error: rank 0: a collective operation failed" in capsys.readouterr().err
 
 

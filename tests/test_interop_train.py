@@ -76,7 +76,7 @@ def test_from_hf_writes_a_run_that_exports_the_same_weights(run_dir, tmp_path) -
     assert checkpoint.name == "step-000000" and (back / "tokenizer.json").is_file()
     a, b = original.state_dict(), imported.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert main(["generate", str(back), "--prompt", "def f(", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(back), "--prompt=def f(", "--max_new_tokens=3"]) == 0
 
 
 def test_a_converted_run_fine_tunes_with_its_own_tokenizer(run_dir, tmp_path) -> None:
@@ -109,7 +109,7 @@ def test_a_converted_run_whose_end_token_is_not_moekits_generates_and_fine_tunes
     assert main(["convert", "--from-hf", str(hf), "--out", str(back)]) == 0
     tokenizer = Tokenizer.from_file(str(back / "tokenizer.json"))
     assert tokenizer.token_to_id("<|endoftext|>") is None and eos_id(tokenizer) == 256
-    assert main(["generate", str(back), "--prompt", "def f(", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(back), "--prompt=def f(", "--max_new_tokens=3"]) == 0
     args = ["train", "--resume", str(back), "--train.steps=2", "--train.progress=false",
             "--train.tensorboard=false", f"--train.data.source={JSON_PACKAGE}",
             f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""`moekit generate --expert-budget`, `moekit trace` and `moekit cache-sim` on a tiny run."""
+"""`moekit generate --offload.budget=N`, `moekit trace` and `moekit cache-sim` on a tiny run."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def run(tmp_path_factory) -> Path:
 
 
 def generate(run: Path, capsys, *extra: str) -> tuple[int, str, str]:
-    argv = ["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "6"]
-    code = main([*argv, "--temperature", "0", *extra])
+    code = main(["generate", str(run), "--prompt=def f(", "--max_new_tokens=6", "--temperature=0",
+                 *extra])  # fmt: skip
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -31,18 +31,18 @@ def generate(run: Path, capsys, *extra: str) -> tuple[int, str, str]:
 def test_offloaded_generate_prints_the_same_text_and_its_statistics(run: Path, capsys) -> None:
     capsys.readouterr()
     _, plain, _ = generate(run, capsys)
-    code, text, _ = generate(run, capsys, "--expert-budget", "3", "--prefetch")
+    code, text, _ = generate(run, capsys, "--offload.budget=3", "--offload.prefetch=true")
     assert code == 0
     assert text.startswith(plain.rstrip("\n"))
     assert "expert cache: 3 experts, hit rate" in text and "prefetch accuracy" in text
     # at the minimum budget (top_k = 2) prefetch would only waste reads: it stands down, once
-    code, text, err = generate(run, capsys, "--expert-budget", "2", "--prefetch")
+    code, text, err = generate(run, capsys, "--offload.budget=2", "--offload.prefetch=true")
     assert code == 0 and err.count("note: prefetch stands down") == 1 and "Warning" not in err
     assert text.startswith(plain.rstrip("\n")) and "prefetch accuracy" not in text
 
 
 def test_budget_below_minimum_fails_before_generating(run: Path, capsys) -> None:
-    code, out, err = generate(run, capsys, "--expert-budget", "1")
+    code, out, err = generate(run, capsys, "--offload.budget=1")
     assert code == 2 and out == "" and "minimum is top_k=2" in err
 
 
@@ -58,6 +58,6 @@ def test_trace_then_cache_sim_then_static(run: Path, tmp_path: Path, capsys) -> 
     printed = capsys.readouterr()
     assert "belady" in printed.out and printed.out.count("%") >= 4 * 3
     assert "note" not in printed.err  # a trace of this version: the figures are the model's
-    code, _, _ = generate(run, capsys, "--expert-budget", "4", "--policy", "static", "--trace",
-                          str(out))  # fmt: skip
+    code, _, _ = generate(run, capsys, "--offload.budget=4", "--offload.policy=static",
+                          f"--offload.trace={out}")  # fmt: skip
     assert code == 0

@@ -31,7 +31,7 @@ class In:
     @functools.cached_property
     def bounds(self) -> tuple[float, float]:
         low, high = self.interval[1:-1].split(",")
-        return float(low), float(high)
+        return _bound(low), _bound(high)
 
     def holds(self, value: float) -> bool:
         low, high = self.bounds
@@ -46,6 +46,12 @@ class In:
             return f"{noun} in {self.interval}"
         low = self.interval[1:].split(",")[0]
         return f"{noun} {'>=' if self.interval[0] == '[' else '>'} {low}"
+
+
+def _bound(text: str) -> float:
+    """ "0", "inf" or a power such as "2**64"."""
+    base, _, power = text.partition("**")
+    return float(base) ** float(power or 1)
 
 
 NonNegInt = Annotated[int, In("[0, inf)")]

@@ -97,7 +97,7 @@ def make_policy(name: str, counts: Tensor | None = None, n_static: int = 0) -> P
         return LFUPolicy()
     if name == "static":
         if counts is None:
-            raise ValueError("policy='static' needs expert counts from a routing trace (--trace)")
+            raise ValueError("policy='static' needs a routing trace's counts (--offload.trace)")
         rows = counts.tolist()
         by_key = {(i, e): int(c) for i, row in enumerate(rows) for e, c in enumerate(row)}
         top = sorted(by_key, key=lambda k: (-by_key[k], k))[: max(n_static, 0)]

@@ -1,0 +1,31 @@
+"""`moekit analyze RUN_DIR|HF_DIR [CONFIG.json] [--a.b=value ...] [--out DIR]`: trace a model's
+routing over held-out text; write the report, and its resolved `AnalyzeConfig` as config.json
+beside it."""
+
+from __future__ import annotations
+
+import argparse
+
+from moekit.analysis.analyze import analyze
+from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config
+from moekit.config import AnalyzeConfig
+from moekit.fileio import atomic_write_text
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
+    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
+    p.add_argument("--out", help="report folder (default: PATH/analysis)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(AnalyzeConfig, args.config, args.overrides)
+    print_config(cfg)
+    report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
+    atomic_write_text(report.parent / "config.json", cfg.to_json())
+    print(f"report: {report}")
+    return 0
+
+
+COMMAND = Command("analyze", "trace a model's routing over held-out text; write a report",
+                  configure, run, overrides=True, config=AnalyzeConfig)  # fmt: skip

@@ -1,0 +1,105 @@
+"""What several commands share: the `Command` record, argparse number types, the config resolver
+and its printer, the streaming sampler."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+from moekit.config import ConfigBase, ModelConfig, RunConfig, config_from_data
+from moekit.inference.decode_kernels import apply_decode_kernels
+from moekit.overrides import apply_overrides
+from moekit.train.sample import sample_text
+from moekit.userfiles import read_json
+
+C = TypeVar("C", bound=ConfigBase)
+DEFAULT_PRESET = "small"
+CONFIG_HELP = "settings as JSON, such as the resolved config it prints (default: the defaults)"
+RUN_FILE_IS = "a RunConfig or a ModelConfig, such as the resolved config `moekit train` prints"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `configure` adds its arguments to its parser, `run(args)` returns the exit
+    status. With `overrides`, its extra arguments are `--a.b=value` config overrides
+    (`args.overrides`); with `trains`, its process keeps freed memory for reuse (cpu_memory)."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    overrides: bool = False
+    trains: bool = False
+    config: type[ConfigBase] | None = None  # its settings, when not a RunConfig
+
+
+def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:
+    """A config's dict as the `--a.b=value` overrides that set each field to its value."""
+    return [item for key, value in data.items() for item in (
+        flat_overrides(value, f"{prefix}{key}.") if isinstance(value, dict)
+        else [f"{prefix}{key}={value}"])]  # fmt: skip
+
+
+def number(kind: type, ok: Callable[[Any], bool], noun: str) -> Callable[[str], Any]:
+    """An argparse type: `text` as a finite `kind` for which `ok` holds; else argparse reports
+    "argument --flag: must be NOUN, not TEXT" and exits 2."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, not {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {noun}, not {text}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_float = number(float, lambda v: v >= 0, "a number >= 0")
+
+
+def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> C:
+    """A `cls` config from a preset name or a JSON file, with `--a.b=value` overrides applied.
+    Without `spec`: a RunConfig is the preset DEFAULT_PRESET, any other the class's defaults. A
+    RunConfig's file may hold a bare ModelConfig; only a RunConfig has presets."""
+    if spec is not None and (
+        spec.endswith(".json") or Path(spec).is_file() or cls is not RunConfig
+    ):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {spec} does not exist")
+        kind = RUN_FILE_IS if cls is RunConfig else f"{cls.__name__}, as the command prints it"
+        data = read_json(path, f"fix it: a config file is one JSON object, a {kind}")
+        if cls is RunConfig and "model" not in data:
+            cfg: Any = RunConfig(model=config_from_data(ModelConfig, data, path))
+        else:
+            cfg = config_from_data(cls, data, path)
+    else:
+        cfg = RunConfig.preset(spec or DEFAULT_PRESET) if cls is RunConfig else cls()
+    return apply_overrides(cfg, overrides)
+
+
+def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:
+    print("resolved config:", cfg.to_json(), sep="\n", file=file or sys.stdout, flush=True)
+
+
+def stream_text(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, **sampling: Any
+) -> str:
+    """Print `prompt` and its continuation by the model (its decode kernels swapped in) as it is
+    generated; return the new text."""
+    print(prompt, end="", flush=True)
+    on_text = lambda text: print(text, end="", flush=True)  # noqa: E731
+    model = apply_decode_kernels(model)
+    text = sample_text(model, tokenizer, prompt, max_new_tokens, on_text=on_text, **sampling)
+    print()
+    return text

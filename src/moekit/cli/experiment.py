@@ -1,0 +1,49 @@
+"""`moekit experiment NAME [--preset PRESET|CONFIG.json] [--seeds N] [--a.b=value ...]`: a
+paper's arms trained side by side, with the measured direction."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from moekit.cli.common import Command, positive_int, print_config, resolve_config
+from moekit.config import RunConfig
+from moekit.experiments.arms import EXPERIMENTS
+from moekit.experiments.runner import run_experiment
+from moekit.overrides import apply_overrides
+from moekit.train.lockstep import SideBySideFailed
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", choices=list(EXPERIMENTS), help=", ".join(EXPERIMENTS))
+    p.add_argument(
+        "--preset",
+        default="experiment",
+        help="base run preset (or config JSON) of every arm (default experiment: each experiment "
+        "takes about 9 minutes on 2 CPU cores, with its own train.steps); scale up with another "
+        "preset (e.g. small) or overrides such as --train.steps=2000 --model.n_layers=8",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="repeat each arm with N seeds")
+    p.add_argument("--out", help="report folder (default runs/experiments/NAME); runs in OUT/arms")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or f"runs/experiments/{args.name}"
+    base = resolve_config(RunConfig, args.preset, [])
+    if args.preset == "experiment":  # each experiment's steps fit its arms in the time budget
+        base = base.replace(train=base.train.replace(steps=EXPERIMENTS[args.name].steps))
+    print_config(apply_overrides(base, args.overrides))
+    command = shlex.join(["moekit", "experiment", args.name, "--preset", args.preset,
+                          "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip
+    try:
+        report = run_experiment(args.name, base, out, args.seeds, args.overrides, command)
+    except SideBySideFailed as err:  # an arm failed in its process; its error is above
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {report}")
+    return 0
+
+
+COMMAND = Command("experiment", "train a paper's arms side by side and report the measured "
+                  "direction", configure, run, overrides=True, trains=True)  # fmt: skip

@@ -1,0 +1,35 @@
+"""`moekit trace RUN_DIR|HF_DIR --prompts FILE --out TRACE`: record which experts each token uses
+while generating greedily."""
+
+from __future__ import annotations
+
+import argparse
+
+from moekit.cli.common import Command, positive_int
+from moekit.inference.decode_kernels import apply_decode_kernels
+from moekit.inference.trace import record_prompts, save_trace
+from moekit.loading import load
+from moekit.userfiles import read_text
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="trace file to write (safetensors)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per prompt")
+
+
+def run(args: argparse.Namespace) -> int:
+    text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts} has no prompts (one per non-empty line)")
+    loaded = load(args.path)
+    model = apply_decode_kernels(loaded.model)
+    trace = record_prompts(model, loaded.tokenizer, prompts, args.max_new_tokens)
+    save_trace(trace, args.out)
+    print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
+    return 0
+
+
+COMMAND = Command("trace", "record which experts each token uses while generating", configure, run)

@@ -1,0 +1,74 @@
+"""`moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
+from moekit.config import RUN_FILE_REMEDY, RunConfig
+from moekit.distributed import DistributedFailure
+from moekit.distributed.trainer import train_distributed
+from moekit.overrides import apply_overrides
+from moekit.train import TrainingDiverged, train
+from moekit.train.loop import wants_processes
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help=f"preset or config JSON (default {DEFAULT_PRESET})")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.config or args.out:
+            raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: it has no config.json")
+        cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
+        cfg = apply_overrides(cfg, args.overrides)
+    else:
+        cfg = resolve_config(RunConfig, args.config, args.overrides)
+        run_dir = Path(args.out or default_run_dir(args.config))
+    print_config(cfg)
+    # torchrun, or parallel.ep / parallel.dp asked for
+    trainer = train_distributed if wants_processes(cfg) else train
+    return report_training(lambda: trainer(cfg, run_dir, resume=bool(args.resume)))
+
+
+def default_run_dir(spec: str | None) -> str:
+    name = Path(spec).stem if spec and spec.endswith(".json") else (spec or DEFAULT_PRESET)
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def report_training(run: Callable[[], Any]) -> int:
+    """Run a training call; print how it ended. 1 if it diverged or lost a process."""
+    try:
+        result = run()
+    except (TrainingDiverged, DistributedFailure) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    if result.interrupted:
+        print(f"\ninterrupted at step {result.step}; checkpoint {result.checkpoint}")
+        print(f"continue with: moekit train --resume {result.run_dir}")
+    print(
+        f"\nstep {result.step}: train loss {fmt(result.train_loss)}, "
+        f"validation loss {fmt(result.val_loss)} ({fmt(result.val_bpb)} bits/byte), "
+        f"{result.tokens_per_s:,.0f} tokens/s"
+    )
+    print(f"report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+COMMAND = Command("train", "train a model on the built-in corpus (or any text) and write a run "
+                  "directory", configure, run, overrides=True, trains=True)  # fmt: skip

@@ -1,0 +1,64 @@
+"""Configs of the commands that read a trained model: `moekit generate` (`GenerateConfig`, with
+its `OffloadConfig`) and `moekit analyze` (`AnalyzeConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from moekit.config.base import ConfigBase
+from moekit.config.rules import In, NonNegFloat, NonNegInt
+
+
+@dataclass(kw_only=True)
+class OffloadConfig(ConfigBase):
+    """Expert offloading: the routed experts stay in the checkpoint file, at most `budget` of them
+    in memory behind a cache (the whole model is never in memory).
+
+    budget: None keeps the whole model in memory; else a count (12), a fraction of all experts
+        (0.5 or 50%) or bytes (200MB).
+    policy: what the cache keeps: "lru", "lfu" or "static" (the most used experts of `trace`).
+    prefetch: load the next layer's experts early.
+    trace: a routing trace (written by `moekit trace`) whose most used experts "static" keeps.
+    """
+
+    budget: str | None = None
+    policy: Literal["lru", "lfu", "static"] = "lru"
+    prefetch: bool = False
+    trace: str | None = None
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(ConfigBase):
+    """`moekit generate`: what to continue and how to sample it.
+
+    prompt: text to continue; "" starts a new document.
+    max_new_tokens: tokens to generate (fewer at end-of-text or at the model's max_seq_len).
+    temperature: 0 is greedy.
+    top_k: sample among the k likeliest tokens; 0 or None turns it off.
+    top_p: sample among the likeliest tokens holding this probability; 1 turns it off.
+    seed: seeds the sampler.
+    """
+
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: NonNegFloat = 0.8
+    top_k: NonNegInt | None = 50
+    top_p: Annotated[float, In("(0, 1]")] = 0.95
+    seed: Annotated[int, In("[0, 2**64)")] = 0
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig(ConfigBase):
+    """`moekit analyze`: the held-out text a model's routing is traced over.
+
+    data: the corpus whose validation split is traced ("stdlib", a file, a folder or a glob); None
+        means the run's own corpus (the standard library for a Hugging Face checkpoint).
+    tokens: held-out tokens to trace.
+    seq_len: tokens per traced sequence (at most the model's max_seq_len).
+    """
+
+    data: str | None = None
+    tokens: int = 16384
+    seq_len: int = 256
