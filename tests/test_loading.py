@@ -11,11 +11,13 @@ import torch
 
 import moekit
 from moekit import MoETransformer
-from moekit.config import TrainConfig
+from moekit.config import OffloadConfig, TrainConfig
 from moekit.data import byte_tokenizer
+from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.interop import save_hf
 from moekit.interop.convert import hf_run_config
 from moekit.loading import load
+from moekit.model.generation import generate
 from moekit.train.checkpoint import write_new_run
 
 
@@ -92,3 +94,61 @@ def test_a_run_before_its_first_checkpoint_says_so(saved, tmp_path) -> None:
     (tmp_path / "config.json").write_bytes((run / "config.json").read_bytes())
     with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
         load(tmp_path)
+
+
+def test_experts_offloaded_under_a_budget_generate_the_tokens_of_the_resident_model(saved) -> None:
+    """load(..., experts=budget) leaves the routed experts in the checkpoint file behind a cache
+    of that budget (a count, a fraction, bytes or an OffloadConfig) and generates the same
+    greedy tokens as every expert in memory: the prefill through the grouped experts, the
+    decoding steps through the selected ones."""
+    model, run, _ = saved
+    moe = model.cfg.moe
+    n_experts = len(model.moe_layers()) * moe.n_experts
+    expert_bytes = (2 * moe.d_expert * moe.d_model + moe.d_model * moe.d_expert) * 4  # float32
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.manual_seed(1))
+    expected = generate(model, prompt, 8)
+    budgets = [
+        (moe.top_k, moe.top_k),  # the least that runs a layer
+        ("50%", n_experts // 2),
+        (f"{3 * expert_bytes}B", 3),
+        (OffloadConfig(budget="0.25", policy="lfu", prefetch=True), n_experts // 4),
+    ]
+    for budget, capacity in budgets:
+        loaded = load(run, experts=budget)
+        assert loaded.offload is not None and loaded.offload.cache.capacity == capacity
+        layers = loaded.model.moe_layers()
+        assert all(isinstance(layer.experts, OffloadedExperts) for layer in layers)
+        assert loaded.checkpoints == [run / "checkpoints/step-000000"] and loaded.tokenizer
+        try:
+            assert torch.equal(generate(loaded.model, prompt, 8), expected), budget
+            assert loaded.offload.stats()["misses"] > 0
+        finally:
+            loaded.offload.close()
+
+
+def test_experts_none_keeps_every_expert_in_memory(saved) -> None:
+    model, run, _ = saved
+    for experts in (None, OffloadConfig(budget=None)):
+        loaded = load(run, experts=experts)
+        assert loaded.offload is None and same_weights(loaded.model, model)
+
+
+@pytest.mark.parametrize(
+    ("experts", "dtype", "message"),
+    [
+        (1, None, r"expert budget 1 holds 1 experts; the minimum is top_k=2"),
+        ("lots", None, r"expert budget 'lots' is invalid"),
+        (True, None, r"experts=True is invalid"),
+        ("50%", "bfloat16", r"dtype='bfloat16' with experts='50%'"),
+    ],
+)
+def test_a_bad_expert_budget_is_one_clear_error(saved, experts, dtype, message) -> None:
+    _, run, _ = saved
+    with pytest.raises(ValueError, match=message):
+        load(run, experts=experts, dtype=dtype)
+
+
+def test_a_hugging_face_directory_is_not_offloaded_but_says_how(saved) -> None:
+    _, _, hf = saved
+    with pytest.raises(ValueError, match=r"convert it first \(moekit convert --from-hf"):
+        load(hf, experts="50%")

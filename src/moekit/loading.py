@@ -1,10 +1,11 @@
 """`moekit.load`: a model with its tokenizer and config, from a moekit run directory (its newest
 checkpoint), one of a run's checkpoint directories, or a Hugging Face checkpoint directory. Every
-command that reads a whole model reads it here; `moekit.inference.load_offloaded` reads a
-checkpoint file itself, leaving the routed experts in it.
+command that reads a model reads it here, whole or (`experts=`, a run's checkpoint) with its routed
+experts left in the checkpoint file behind a cache (`moekit.inference.load_offloaded`).
 
     loaded = moekit.load("runs/demo/moe")
     loaded.model, loaded.tokenizer, loaded.config
+    offloaded = moekit.load("runs/demo/moe", experts="25%")  # offloaded.offload: the cache
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from moekit.config import RunConfig
+from moekit.config import OffloadConfig, RunConfig
+from moekit.inference.offload import ExpertOffload, load_offloaded
+from moekit.inference.trace import load_trace
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf, resolve_dtype
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import CHECKPOINT_DIR, list_checkpoints
-from moekit.train.sample import load_run, read_run_tokenizer
+from moekit.train.checkpoint import CHECKPOINT_DIR, checkpoint_remedy, list_checkpoints
+from moekit.train.sample import find_run, load_run, read_run_tokenizer
 from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
 
@@ -29,16 +32,23 @@ class Loaded:
     """What `load` read. model: in eval mode, on the CPU. tokenizer: None only where it was not
     required and the directory has no tokenizer.json. config: the run's; for a Hugging Face
     directory, the one `moekit convert --from-hf` writes for it. checkpoints: the run's
-    checkpoints up to the loaded one, oldest first (none for a Hugging Face directory)."""
+    checkpoints up to the loaded one, oldest first (none for a Hugging Face directory).
+    offload: with `load(..., experts=budget)`, the experts' cache and store (statistics in
+    `offload.stats()`; `offload.close()` when done); None when every expert is in memory."""
 
     model: MoETransformer
     tokenizer: Tokenizer | None
     config: RunConfig
     checkpoints: list[Path]
+    offload: ExpertOffload | None = None
 
 
 def load(
-    path: str | Path, *, dtype: torch.dtype | str | None = None, require_tokenizer: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    experts: int | float | str | OffloadConfig | None = None,
+    require_tokenizer: bool = True,
 ) -> Loaded:
     """The model, tokenizer and config of `path`: a run directory (its newest checkpoint), a
     checkpoint directory of a run (RUN_DIR/checkpoints/step-NNNNNN) or a Hugging Face checkpoint
@@ -47,29 +57,90 @@ def load(
     dtype: of the weights ("float32", "bfloat16", "float16" or a torch dtype); None keeps the
     stored one (a run's float32, a Hugging Face config's "dtype"). The routers' correction biases
     stay float32. require_tokenizer: False reads tokenizer.json only where there is one.
+    experts: None keeps every expert in memory. A budget (`moekit generate --offload.budget`'s
+    forms: a count (12), a fraction of all experts (0.5 or "50%") or bytes ("200MB")) leaves the
+    routed experts of a run's checkpoint in its file, at most the budget of them in memory behind
+    an LRU cache; an `OffloadConfig` gives the budget with the cache's policy, prefetch and
+    trace (its budget None: every expert in memory). The whole model is then never in memory
+    (`moekit.inference.load_offloaded`); the weights keep the checkpoint's dtype. A Hugging Face
+    directory is offloaded once converted to a run (`moekit convert --from-hf`).
     """
     path = Path(path)
+    offload = _offloaded(experts)
+    if offload is not None and dtype is not None:
+        raise ValueError(
+            f"dtype={dtype!r} with experts={experts!r}: offloaded experts are read as the "
+            "checkpoint stores them; convert the checkpoint to that dtype instead "
+            "(moekit convert --dtype)"
+        )
     has_config = (path / "config.json").is_file()
     # A Hugging Face directory holds its weights beside config.json; a run, in checkpoints/ (none
     # yet before its first checkpoint, which `load_run` says; a trace file may sit beside it).
     is_run = (path / CHECKPOINT_DIR).is_dir()
     if has_config and not is_run and (any(path.glob("*.safetensors*")) or any(path.glob("*.bin"))):
+        if offload is not None:
+            raise ValueError(
+                f"{path} is a Hugging Face directory: experts={experts!r} offloads the experts of "
+                f"a run's checkpoint; convert it first (moekit convert --from-hf {path} --out "
+                "RUN_DIR) and load the run"
+            )
         model = load_hf(path, dtype)
         has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
         return Loaded(model, tokenizer, hf_run_config(model.cfg), [])
     if has_config or is_run or path.parent.name == CHECKPOINT_DIR:
-        config, model, checkpoint = load_run(path)
-        if dtype is not None:
-            for param in model.parameters():
-                param.data = param.data.to(resolve_dtype(dtype, {}))
+        if offload is None:
+            config, model, checkpoint = load_run(path)
+            if dtype is not None:
+                for param in model.parameters():
+                    param.data = param.data.to(resolve_dtype(dtype, {}))
+        else:
+            config, checkpoint = find_run(path)
         run_dir = checkpoint.parent.parent
         found = list_checkpoints(run_dir)
         checkpoints = found[: found.index(checkpoint) + 1] if checkpoint in found else [checkpoint]
         has_tokenizer = require_tokenizer or (run_dir / "tokenizer.json").is_file()
         tokenizer = read_run_tokenizer(run_dir) if has_tokenizer else None
-        return Loaded(model, tokenizer, config, checkpoints)
+        if offload is None:
+            return Loaded(model, tokenizer, config, checkpoints)
+        model, cache = _load_offloaded_run(config, checkpoint, *offload)
+        return Loaded(model, tokenizer, config, checkpoints, cache)
     raise FileNotFoundError(
         f"{path} is neither a run directory ({CHECKPOINT_DIR}/) nor a Hugging Face checkpoint "
         "directory (config.json)"
+    )
+
+
+def _offloaded(
+    experts: int | float | str | OffloadConfig | None,
+) -> tuple[int | float | str, OffloadConfig] | None:
+    """`load`'s experts= as (budget, the cache's settings); None when every expert stays in
+    memory."""
+    if isinstance(experts, OffloadConfig):
+        return None if experts.budget is None else (experts.budget, experts)
+    if experts is None:
+        return None
+    if isinstance(experts, bool) or not isinstance(experts, int | float | str):
+        raise ValueError(
+            f"experts={experts!r} is invalid: give None (every expert in memory), a budget (a "
+            "count (12), a fraction (0.5 or '50%') or bytes ('200MB')) or an OffloadConfig"
+        )
+    return experts, OffloadConfig()  # the cache's default settings
+
+
+def _load_offloaded_run(
+    config: RunConfig, checkpoint: Path, budget: int | float | str, offload: OffloadConfig
+) -> tuple[MoETransformer, ExpertOffload]:
+    """The model of a run's `checkpoint` directory with its routed experts left in the file."""
+    counts = None
+    if offload.trace is not None:
+        counts = load_trace(offload.trace, config.model).expert_counts()
+    return load_offloaded(
+        checkpoint / "model.safetensors",
+        config.model,
+        remedy=checkpoint_remedy(checkpoint),
+        budget=budget,
+        policy=offload.policy,
+        prefetch=offload.prefetch,
+        expert_counts=counts,
     )
