@@ -3,7 +3,8 @@
 
 `apply_expert_offload(model, expert_dir, budget=..., policy=...)` replaces each MoE layer's
 `Experts` with `OffloadedExperts` from outside the model, optionally with prefetch hooks;
-`load_offloaded` builds a model from a checkpoint with its experts left in the file.
+`load_offloaded` builds a model from a checkpoint with its experts left in the file (what
+`moekit.load(..., experts=budget)` does for a run).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def load_offloaded(
     device, everything else is read into memory, and the experts are read one at a time through
     `apply_expert_offload(..., **offload)`. The whole model is never in memory. Eval mode.
     `remedy`: what a damaged file's error tells the user to do (for a run's checkpoint, the
-    training checkpoints' `checkpoint_remedy`). The whole model in memory: `moekit.load`."""
+    training checkpoints' `checkpoint_remedy`). `moekit.load(run, experts=budget)` loads a run's
+    checkpoint through this (and the whole model in memory without `experts`)."""
     with torch.device("meta"):
         model = MoETransformer(cfg)
     store = CheckpointExpertStore(path, model, remedy)  # checks the file before anything is read
