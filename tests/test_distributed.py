@@ -225,14 +225,16 @@ def test_data_parallelism_alone_averages_every_gradient(runs) -> None:
             torch.testing.assert_close(r["dp_only"][0]["grads"][name], p.grad, **TOL, msg=name)
 
 
-def test_the_cli_reports_a_lost_process_in_one_line(capsys) -> None:
-    from moekit.cli.train import report_training
+def test_the_cli_reports_a_lost_process_in_one_line(capsys, monkeypatch, tmp_path) -> None:
+    from moekit.cli import main
+    from moekit.cli import train as train_command
     from moekit.distributed import DistributedFailure
 
-    def lose_a_process() -> None:
+    def lose_a_process(*args, **kwargs) -> None:
         raise DistributedFailure("rank 0: a collective operation failed while training")
 
-    assert report_training(lose_a_process) == 1
+    monkeypatch.setattr(train_command, "train", lose_a_process)
+    assert main(["train", "tiny", "--out", str(tmp_path / "run")]) == 1
     assert "error: rank 0: a collective operation failed" in capsys.readouterr().err
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Any
 
 from moekit.cli import (
     analyze,
@@ -34,21 +33,20 @@ from moekit.cli import (
 )
 from moekit.cli.common import flat_overrides
 from moekit.cpu_memory import keep_freed_memory
+from moekit.distributed import DistributedFailure
 from moekit.overrides import split_override
+from moekit.train import TrainingDiverged
+from moekit.train.lockstep import SideBySideFailed
 
 MODULES = (train, generate, trace, cache_sim, params, convert, demo, analyze, upcycle, experiment)
 COMMANDS = {module.COMMAND.name: module.COMMAND for module in MODULES}
 # Errors that are the user's input, printed as one line instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
-HIDDEN_SPACE = "\0"  # no argument holds it (argv strings are C strings)
-OVERRIDE = re.compile(r"--[\w.]+=")  # and --out=DIR, whose value has its spaces back
+# Training that diverged, lost a process or failed in an arm's process: one line, exit 1.
+FAILURES = (TrainingDiverged, DistributedFailure, SideBySideFailed)
+NUL = "\0"  # in no argument: argv strings are C strings
+OVERRIDE = re.compile(r"--[\w.]+=")  # and --out=DIR: what argparse keeps gets its spaces back
 EPILOG = "Config overrides: --a.b=value, e.g. --train.lr=3e-4 --model.moe.top_k=1"
-
-
-def _unhide(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_unhide(item) for item in value]
-    return value.replace(HIDDEN_SPACE, " ") if isinstance(value, str) else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # argparse takes an unknown option with a space (--prompt="def f(") for a positional: hide it
     argv = sys.argv[1:] if argv is None else argv
-    hidden = [a.replace(" ", HIDDEN_SPACE) if OVERRIDE.match(a) else a for a in argv]
-    args, extra = parser.parse_known_args(hidden)
-    for key, value in vars(args).items():
-        setattr(args, key, _unhide(value))
+    argv = [a.replace(" ", NUL) if OVERRIDE.match(a) else a for a in argv]
+    args, extra = parser.parse_known_args(argv)
+    args.__dict__.update((k, v.replace(NUL, " ")) for k, v in vars(args).items() if type(v) is str)
+    args.overrides = extra = [item.replace(NUL, " ") for item in extra]
     cmd = COMMANDS[args.command]
-    args.overrides = extra = _unhide(extra)
     if extra and not cmd.overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if cmd.trains:
@@ -86,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FAILURES as err:  # a side-by-side run's error is above, in its process's output
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # outside a training loop, or a second Ctrl-C inside one
         print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -46,16 +46,14 @@ def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:
 
 
 def number(kind: type, ok: Callable[[Any], bool], noun: str) -> Callable[[str], Any]:
-    """An argparse type: `text` as a finite `kind` for which `ok` holds; else argparse reports
-    "argument --flag: must be NOUN, not TEXT" and exits 2."""
+    """An argparse type: `text` as a `kind` for which `ok` holds; else argparse reports "argument
+    --flag: must be NOUN, not TEXT" and exits 2."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {noun}, not {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {noun}, not {text}")
         return value
@@ -64,7 +62,7 @@ def number(kind: type, ok: Callable[[Any], bool], noun: str) -> Callable[[str], 
 
 
 positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
-non_negative_float = number(float, lambda v: v >= 0, "a number >= 0")
+non_negative_float = number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> C:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 from moekit.cli.common import Command, positive_int, print_config, resolve_config
 from moekit.config import RunConfig
+from moekit.experiments import runner
 from moekit.experiments.arms import EXPERIMENTS
-from moekit.experiments.runner import run_experiment
 from moekit.overrides import apply_overrides
-from moekit.train.lockstep import SideBySideFailed
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -36,11 +34,7 @@ def run(args: argparse.Namespace) -> int:
     print_config(apply_overrides(base, args.overrides))
     command = shlex.join(["moekit", "experiment", args.name, "--preset", args.preset,
                           "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip
-    try:
-        report = run_experiment(args.name, base, out, args.seeds, args.overrides, command)
-    except SideBySideFailed as err:  # an arm failed in its process; its error is above
-        print(f"\nerror: {err}", file=sys.stderr)
-        return 1
+    report = runner.run_experiment(args.name, base, out, args.seeds, args.overrides, command)
     print(f"report: {report}")
     return 0
 

@@ -27,11 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(GenerateConfig, args.config, args.overrides)
     if cfg.offload.budget is not None:
-        try:
-            check_budget_form(cfg.offload.budget)
-        except ValueError as err:
-            raise ValueError(f"offload.budget: {err}") from None
-    if cfg.offload.budget is not None:
+        check_budget_form(cfg.offload.budget)  # before anything is read
         model, tokenizer, offload = offloaded_run(args.run_dir, cfg.offload)
     else:
         loaded, offload = load(args.run_dir), None
@@ -55,14 +51,9 @@ def offloaded_run(run_dir: str, cfg: OffloadConfig) -> tuple[Any, Any, Any]:
     with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
         warnings.simplefilter("always")
         model, offload = load_offloaded(
-            checkpoint / "model.safetensors",
-            run_cfg.model,
-            remedy=checkpoint_remedy(checkpoint),
-            budget=cfg.budget,
-            policy=cfg.policy,
-            prefetch=cfg.prefetch,
-            expert_counts=counts,
-        )
+            checkpoint / "model.safetensors", run_cfg.model, remedy=checkpoint_remedy(checkpoint),
+            budget=cfg.budget, policy=cfg.policy, prefetch=cfg.prefetch, expert_counts=counts,
+        )  # fmt: skip
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
     return model, tokenizer, offload

@@ -16,7 +16,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="trace file to write (safetensors)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per prompt")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="greedy tokens per prompt"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
 from moekit.config import RUN_FILE_REMEDY, RunConfig
-from moekit.distributed import DistributedFailure
 from moekit.distributed.trainer import train_distributed
 from moekit.overrides import apply_overrides
-from moekit.train import TrainingDiverged, train
+from moekit.train import TrainResult, train
 from moekit.train.loop import wants_processes
 
 
@@ -37,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))
     print_config(cfg)
-    # torchrun, or parallel.ep / parallel.dp asked for
-    trainer = train_distributed if wants_processes(cfg) else train
-    return report_training(lambda: trainer(cfg, run_dir, resume=bool(args.resume)))
+    trainer = train_distributed if wants_processes(cfg) else train  # torchrun, or parallel.ep/dp
+    print_result(trainer(cfg, run_dir, resume=bool(args.resume)))
+    return 0
 
 
 def default_run_dir(spec: str | None) -> str:
@@ -47,14 +43,7 @@ def default_run_dir(spec: str | None) -> str:
     return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def report_training(run: Callable[[], Any]) -> int:
-    """Run a training call; print how it ended. 1 if it diverged or lost a process."""
-    try:
-        result = run()
-    except (TrainingDiverged, DistributedFailure) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        return 1
-
+def print_result(result: TrainResult) -> None:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
@@ -67,7 +56,6 @@ def report_training(run: Callable[[], Any]) -> int:
         f"{result.tokens_per_s:,.0f} tokens/s"
     )
     print(f"report: {result.run_dir / 'report.md'}")
-    return 0
 
 
 COMMAND = Command("train", "train a model on the built-in corpus (or any text) and write a run "
