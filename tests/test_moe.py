@@ -200,3 +200,27 @@ def test_selected_experts_path_is_only_for_small_dropless_calls() -> None:
         assert not make_layer(**CASES["capacity-position"]).selected_path(1, decoding=True)
         assert not make_layer(expert_impl="loop").selected_path(1, decoding=True)
         assert not layer.selected_path(1, decoding=False)
+
+
+def test_training_step_reads_nothing_back_from_the_device() -> None:
+    """Forward, backward and the aux-loss-free bias update of the dropless layer run on the meta
+    device, where any host read of a value (`.item()`, `bool(t)`, a boolean mask's index) raises:
+    on a GPU each would be a sync per layer per micro-batch. (grouped_mm's meta kernel takes
+    bfloat16.)"""
+    cfg = MoEConfig(
+        d_model=32,
+        d_expert=16,
+        n_experts=4,
+        top_k=2,
+        expert_impl="grouped_mm",
+        bias_update_rate=0.01,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,
+    )
+    with torch.device("meta"):
+        layer = MoELayer(cfg).to(torch.bfloat16).train()
+        x = torch.randn(2, 8, 32, dtype=torch.bfloat16, requires_grad=True)
+        y, aux = layer(x)
+        (y.float().sum() + aux.loss).backward()
+        layer.update_expert_bias()
+    assert y.shape == x.shape and x.grad is not None and layer.router.weight.grad is not None

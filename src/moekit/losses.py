@@ -17,9 +17,12 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 
 
 def expert_counts(ids: Tensor, n_experts: int) -> Tensor:
-    """(E,) long: how many entries of `ids` (any shape, -1 = none) name each expert."""
-    flat = ids.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=n_experts)
+    """(E,) long: how many entries of `ids` (any shape, -1 = none) name each expert. Counted by a
+    scatter into E + 1 slots (slot 0 takes the -1s): no host sync, where masking out the -1s or
+    `torch.bincount` on a GPU would each wait for the device."""
+    flat = ids.reshape(-1) + 1
+    counts = flat.new_zeros(n_experts + 1).scatter_add_(0, flat, torch.ones_like(flat))
+    return counts[1:]
 
 
 def switch_balance(counts_E: Tensor, probs_E: Tensor, n_tokens: Tensor | int, top_k: int) -> Tensor:

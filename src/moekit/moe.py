@@ -176,10 +176,9 @@ class MoELayer(nn.Module):
         """Aux-loss-free balancing step (Wang et al. 2024): b += rate * sign(mean load - load),
         from the routed counts gathered since the last call; then clears them."""
         rate = self.cfg.bias_update_rate
-        if rate > 0:
+        if rate > 0:  # no tokens counted: every load 0, every sign 0, nothing moves (no sync)
             load = self.reduce_bias_counts(self.bias_counts)
-            if load.sum() > 0:
-                self.router.expert_bias += rate * torch.sign(load.mean() - load)
+            self.router.expert_bias += rate * torch.sign(load.mean() - load)
         self.bias_counts.zero_()
 
 

@@ -12,6 +12,8 @@ from math import comb
 import torch
 from torch import Tensor
 
+from moekit import losses
+
 DEAD_FRACTION = 0.1  # an expert whose load is below 10% of the mean load is "dead"
 
 
@@ -24,7 +26,7 @@ def routed_mask(ids_TK: Tensor, n_experts: int) -> Tensor:
 
 def expert_load(ids_TK: Tensor, n_experts: int) -> Tensor:
     """(E,) float: assignments per expert, as a share of all kept assignments (sums to 1)."""
-    counts = torch.bincount(ids_TK[ids_TK >= 0].long(), minlength=n_experts).double()
+    counts = losses.expert_counts(ids_TK.long(), n_experts).double()
     return counts / counts.sum().clamp(min=1)
 
 

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from moekit import losses
 from moekit.dispatch.combine import scatter_weighted
 from moekit.routing.base import Routing
 
@@ -47,8 +48,7 @@ def sort_by_expert(ids_R: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     `order_R[i]` is the assignment that lands in row i; rows of one expert keep their input order.
     """
     order_R = torch.argsort(ids_R, stable=True)
-    counts_E = torch.bincount(ids_R, minlength=n_experts)
-    return order_R, counts_E
+    return order_R, losses.expert_counts(ids_R, n_experts)
 
 
 def combine_rows(y_RD: Tensor, state: DispatchState) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch.base import DispatchState, combine_rows, sort_by_expert
 from moekit.routing.base import Routing, expert_capacity
@@ -88,7 +89,7 @@ def capacity_assignment(routing: Routing, capacity: int, policy: str, overflow: 
     final_ids = torch.full_like(ids_flat, -1)
     final_ids[prio_R[kept_in_prio]] = ids_flat[prio_R[kept_in_prio]]
     if overflow == "next_best" and not bool(kept_in_prio.all()):
-        kept_counts = torch.bincount(final_ids[final_ids >= 0], minlength=routing.n_experts)
+        kept_counts = losses.expert_counts(final_ids, routing.n_experts)
         assert routing.selection_TE is not None
         reroute_overflow(
             final_ids, prio_R, routing.selection_TE, capacity - kept_counts, routing.ids_TK.shape[1]
