@@ -7,7 +7,7 @@ import pytest
 
 from moekit.cli import build_parser, main
 from moekit.cli.common import resolve_config
-from moekit.config import GenerateConfig
+from moekit.config import AnalyzeConfig, GenerateConfig, OffloadConfig
 
 RUN = "no-such-run"  # never read: the argument fails first
 
@@ -91,6 +91,20 @@ def test_numbers_in_range_parse() -> None:
     assert args.max_shard_size == 2 * 10**9
     args = build_parser().parse_args(["upcycle", RUN, "--out", "o", "--noise", "0"])
     assert args.noise == 0.0
+
+
+def test_a_command_reads_its_config_file_then_the_overrides(tmp_path) -> None:
+    path = tmp_path / "generate.json"
+    path.write_text(GenerateConfig(prompt="def f(", top_k=None).to_json())
+    cfg = resolve_config(GenerateConfig, str(path), ["--offload.budget=50%"])
+    assert cfg == GenerateConfig(prompt="def f(", top_k=None, offload=OffloadConfig(budget="50%"))
+    with pytest.raises(FileNotFoundError, match=r"config file analyze\.json does not exist"):
+        resolve_config(AnalyzeConfig, "analyze.json", [])
+    path.write_text('{"tokens": 0}')
+    with pytest.raises(
+        ValueError, match=r"generate\.json: tokens=0 is invalid: must be an integer"
+    ):
+        resolve_config(AnalyzeConfig, str(path), [])
 
 
 @pytest.mark.parametrize("value", ['{"n_experts": 4}', "5"])
