@@ -38,13 +38,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import mean
 from typing import Any
-
-from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_vs_dense import machine_info
@@ -52,7 +49,14 @@ from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json, save_figure
 from moekit.overrides import apply_overrides
-from moekit.train.lockstep import compare_to, lockstep_settings, train_in_lockstep
+from moekit.train.lockstep import (
+    VAL_LOSS,
+    compare_to,
+    curves_figure,
+    design_configs,
+    lockstep_settings,
+    train_designs,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DENSE = "dense"
@@ -113,7 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help='a JSON file {"name": ["--model.moe.x=...", ...]}; needs a "dense" entry',
     )
-    p.add_argument("--only", default=None, metavar="NAME,NAME", help="a subset of the designs")
+    p.add_argument("--only", default=None, metavar="NAME,NAME",
+                   help="a subset of the designs (and dense)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_designs.json")
     return p.parse_args(argv)
 
@@ -125,20 +130,24 @@ def base_config(args: argparse.Namespace) -> RunConfig:
 
 def designs(args: argparse.Namespace, base: RunConfig) -> dict[str, list[str]]:
     chosen = default_designs(base) if args.designs is None else json.loads(args.designs.read_text())
-    if args.only is not None:
-        names = args.only.split(",")
-        if unknown := [n for n in names if n not in chosen]:
-            raise SystemExit(f"unknown designs {unknown}; choose from {', '.join(chosen)}")
-        chosen = {name: chosen[name] for name in names}
-    if DENSE not in chosen:
+    return choose_designs(chosen, args.only)
+
+
+def choose_designs(designs: dict[str, list[str]], only: str | None) -> dict[str, list[str]]:
+    """All `designs`, or the comma-separated names `only` and dense (first), which the others
+    are measured by."""
+    if DENSE not in designs:
         raise SystemExit(
             f'the designs need a "{DENSE}" entry: the model the others are measured by'
         )
-    return chosen
+    names = list(designs) if only is None else [DENSE, *only.split(",")]
+    if unknown := [name for name in names if name not in designs]:
+        raise SystemExit(f"unknown designs {unknown}; choose from {', '.join(designs)}")
+    return {name: designs[name] for name in dict.fromkeys(names)}
 
 
-def check_widths(configs: dict[str, RunConfig]) -> None:
-    """Exit unless every MoE design's active expert width equals the dense model's d_ff."""
+def check_widths(configs: dict[str, RunConfig]) -> dict[str, RunConfig]:
+    """`configs`; exit unless every MoE design's active expert width equals dense's d_ff."""
     width = configs[DENSE].model.d_ff
     for name, cfg in configs.items():
         moe = cfg.model.moe
@@ -147,58 +156,46 @@ def check_widths(configs: dict[str, RunConfig]) -> None:
                 f"design {name!r} has an active expert width of {moe.active_width} (top_k * "
                 f"d_expert + shared width), the dense model's d_ff is {width}: resize one of them"
             )
+    return configs
+
+
+def seed_table(compared: list[dict[str, dict[str, Any]]], keys: tuple[str, ...]) -> dict:
+    """Per design, each of `keys` of its `compare_to` rows, one per seed: KEY_per_seed (the
+    seeds' values) and KEY_mean (None when a seed has none: a design that never reached it)."""
+    table: dict[str, dict[str, Any]] = {}
+    for name in compared[0]:
+        for key in keys:
+            values = [seed[name][key] for seed in compared]
+            table.setdefault(name, {})[f"{key}_per_seed"] = values
+            table[name][f"{key}_mean"] = None if None in values else mean(values)
+    return table
 
 
 def summarise(per_seed: list[dict[str, dict[str, Any]]], steps: int) -> dict[str, Any]:
     """Each design's step ratio and throughput ratio against the same seed's dense run."""
-    compared = [compare_to(runs, DENSE, steps) for runs in per_seed]
-    table = {}
-    for name in per_seed[0]:
-        rows = [seed[name] for seed in compared]
-        ratios = [r["step_ratio"] for r in rows]
-        table[name] = {
-            "step_ratio_per_seed": ratios,
-            "step_ratio_mean": None if None in ratios else mean(ratios),
-            "throughput_ratio": mean(r["throughput_ratio"] for r in rows),
-            "final_val_loss_per_seed": [r["final_val_loss"] for r in rows],
-            "val_loss_below_dense_per_seed": [r["val_loss_below"] for r in rows],
-            "parameters": per_seed[0][name]["parameters"],
-            "active_parameters": per_seed[0][name]["active_parameters"],
-        }
-    return table
+    keys = ("step_ratio", "throughput_ratio", "final_val_loss", "val_loss_below")
+    table = seed_table([compare_to(runs, DENSE, steps) for runs in per_seed], keys)
+    return {name: {"step_ratio_per_seed": row["step_ratio_per_seed"],
+                   "step_ratio_mean": row["step_ratio_mean"],
+                   "throughput_ratio": row["throughput_ratio_mean"],
+                   "final_val_loss_per_seed": row["final_val_loss_per_seed"],
+                   "val_loss_below_dense_per_seed": row["val_loss_below_per_seed"],
+                   "parameters": per_seed[0][name]["parameters"],
+                   "active_parameters": per_seed[0][name]["active_parameters"]}
+            for name, row in table.items()}  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.subplots()
-    for name, run in result["runs"][0].items():
-        steps, losses = zip(*run["val_curve"], strict=True)
+    runs = result["runs"][0]
+    labels = {}
+    for name, run in runs.items():
         ratio = result["designs"][name]["step_ratio_per_seed"][0]
         shown = "never" if ratio is None else f"{ratio:.3f}"
-        label = f"{name}: {run['parameters'] / 1e6:.2f}M total, step ratio {shown}"
-        ax.plot(
-            steps,
-            losses,
-            "-" if name == DENSE else "o-",
-            ms=2,
-            lw=2 if name == DENSE else 1,
-            color="black" if name == DENSE else None,
-            label=label,
-        )
-    ax.axhline(result["runs"][0][DENSE]["final_val_loss"], color="gray", ls="--", lw=1)
-    ax.set_title(
-        f"MoE designs vs dense at {result['active_parameters'] / 1e6:.2f}M active "
-        f"parameters (seed {result['seed']}): validation loss",
-        fontsize=10,
-    )
-    tail = [loss for run in result["runs"][0].values() for _, loss in run["val_curve"][2:]]
-    if tail:
-        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)  # the interesting part: past the first drop
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+        labels[name] = f"{name}: {run['parameters'] / 1e6:.2f}M total, step ratio {shown}"
+    title = (f"MoE designs vs dense at {result['active_parameters'] / 1e6:.2f}M active "
+             f"parameters (seed {result['seed']}): validation loss")  # fmt: skip
+    curves = {name: run["val_curve"] for name, run in runs.items()}
+    save_figure(curves_figure(curves, "optimizer step", VAL_LOSS, title, DENSE, labels), path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -207,14 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     keep_freed_memory()  # as the training commands do; lasts for the process
     base = base_config(args)
     chosen = designs(args, base)
-    check_widths({name: apply_overrides(base, ov) for name, ov in chosen.items()})
+    configs = check_widths(design_configs(base, chosen))
     started, machine = time.perf_counter(), machine_info()
-    per_seed = []
-    for s in range(args.seeds):
-        seed = f"--train.seed={base.train.seed + s}"
-        configs = {name: apply_overrides(base, [*ov, seed]) for name, ov in chosen.items()}
-        with tempfile.TemporaryDirectory() as work:
-            per_seed.append(train_in_lockstep(configs, {n: Path(work) / n for n in configs}))
+    per_seed = list(train_designs(configs, args.seeds))
     result = {
         "benchmark": "moe_designs",
         "machine": machine,

@@ -37,23 +37,21 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_designs import DENSE, check_widths
+from moe_designs import DENSE, check_widths, choose_designs, seed_table
 from moe_vs_dense import machine_info
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json, save_figure
 from moekit.model import parameter_breakdown
 from moekit.overrides import apply_overrides
-from moekit.train.lockstep import compare_to, lockstep_settings, train_in_lockstep
+from moekit.train.lockstep import compare_to, design_configs, lockstep_settings, train_designs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUDGETS = (1, 3, 10, 30, 100)
@@ -108,17 +106,10 @@ RATIOS = ("step_ratio", "time_ratio", "time_ratio_same_steps", "throughput_ratio
 
 def summarise(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per budget and design: the per-seed figures side by side, and their means."""
-    rows = []
-    for point in points:
-        for name in point["seeds"][0]["designs"]:
-            per_seed = [s["designs"][name] for s in point["seeds"]]
-            row = {"budget": point["size"]["budget"], "design": name}
-            for key in RATIOS:
-                values = [s[key] for s in per_seed]
-                row[f"{key}_per_seed"] = values
-                row[f"{key}_mean"] = None if None in values else mean(values)
-            rows.append(row)
-    return rows
+    tables = [(p["size"]["budget"], seed_table([s["designs"] for s in p["seeds"]], RATIOS))
+              for p in points]  # fmt: skip
+    return [{"budget": budget, "design": name, **row}
+            for budget, table in tables for name, row in table.items()]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,32 +137,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def chosen_designs(args: argparse.Namespace, d_model: int) -> dict[str, list[str]]:
-    all_designs = designs(d_model)
-    names = list(all_designs) if args.only is None else [DENSE, *args.only.split(",")]
-    if unknown := [n for n in names if n not in all_designs]:
-        raise SystemExit(f"unknown designs {unknown}; choose from {', '.join(all_designs)}")
-    return {n: all_designs[n] for n in dict.fromkeys(names)}
-
-
 def run_point(base: RunConfig, args: argparse.Namespace, size: dict) -> dict[str, Any]:
     """Every design at one budget, for every seed, in lockstep."""
-    settings = lockstep_settings(base.train, size["steps"], args.evals)
-    sized = base.replace(train=settings)
-    chosen = chosen_designs(args, size["d_model"])
-    check_widths({n: apply_overrides(sized, ov) for n, ov in chosen.items()})
-    seeds = []
-    for s in range(args.seeds):
-        seed = f"--train.seed={base.train.seed + s}"
-        configs = {n: apply_overrides(sized, [*ov, seed]) for n, ov in chosen.items()}
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as work:
-            runs = train_in_lockstep(configs, {n: Path(work) / n for n in configs})
+    sized = base.replace(train=lockstep_settings(base.train, size["steps"], args.evals))
+    chosen = choose_designs(designs(size["d_model"]), args.only)
+    configs = check_widths(design_configs(sized, chosen))
+    seeds, started = [], time.perf_counter()
+    for s, runs in enumerate(train_designs(configs, args.seeds)):
         compared = compare_to(runs, DENSE, size["steps"])
         seeds.append({"seed": base.train.seed + s, "designs": compared, "runs": runs,
                       "wall_seconds": time.perf_counter() - started})  # fmt: skip
-        print(f"budget {size['budget']:g} seed {s}: {_line(seeds[-1]['designs'])}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(f"budget {size['budget']:g} seed {s}: {_line(compared)}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
     return {"size": size, "design_overrides": chosen, "seeds": seeds}
 
 

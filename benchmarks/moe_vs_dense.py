@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-from matplotlib.figure import Figure
 
 import moekit
 from moekit.config import RunConfig
@@ -43,10 +40,12 @@ from moekit.fileio import atomic_write_json, save_figure
 from moekit.machine import machine_info as machine
 from moekit.overrides import apply_overrides
 from moekit.train.lockstep import (
+    VAL_LOSS,
     compare_to,
+    curves_figure,
     first_step_reaching,
     lockstep_settings,
-    train_in_lockstep,
+    train_designs,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -112,27 +111,17 @@ def compare(runs: dict[str, dict[str, Any]], steps: int) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    ax = fig.subplots()
-    for name, run in result["runs"].items():
-        steps, losses = zip(*run["val_curve"], strict=True)
-        label = f"{name} ({run['active_parameters'] / 1e6:.2f}M active, "
-        label += f"{run['parameters'] / 1e6:.2f}M total; {run['tokens_per_s']:,.0f} tok/s)"
-        ax.plot(steps, losses, "o-", ms=3, label=label)
-    cmp = result["comparison"]
-    ax.axhline(cmp["dense_final_val_loss"], color="gray", ls="--", lw=1, label="dense final")
-    if cmp["moe_step_reaching_dense_final"] is not None:
-        ax.axvline(cmp["moe_step_reaching_dense_final"], color="gray", ls=":", lw=1)
+    cmp, runs = result["comparison"], result["runs"]
+    labels = {name: f"{name} ({run['active_parameters'] / 1e6:.2f}M active, "
+              f"{run['parameters'] / 1e6:.2f}M total; {run['tokens_per_s']:,.0f} tok/s)"
+              for name, run in runs.items()}  # fmt: skip
     ratio = "never" if cmp["step_ratio"] is None else f"{cmp['step_ratio']:.2f} x the steps"
-    ax.set_title(
-        f"Validation loss: MoE reaches dense's final loss at {ratio}; "
-        f"throughput {cmp['throughput_ratio']:.2f} x dense",
-        fontsize=10,
-    )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    title = (f"Validation loss: MoE reaches dense's final loss at {ratio}; "
+             f"throughput {cmp['throughput_ratio']:.2f} x dense")  # fmt: skip
+    curves = {name: run["val_curve"] for name, run in runs.items()}
+    fig = curves_figure(curves, "optimizer step", VAL_LOSS, title, "dense-small", labels)
+    if cmp["moe_step_reaching_dense_final"] is not None:
+        fig.axes[0].axvline(cmp["moe_step_reaching_dense_final"], color="gray", ls=":", lw=1)
     m = result["machine"]
     fig.text(0.01, 0.005, f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch']}",
              fontsize=7, color="gray")  # fmt: skip
@@ -155,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = run_configs(args)
     started = time.perf_counter()
     machine = machine_info()
-    with tempfile.TemporaryDirectory() as work:
-        runs = train_in_lockstep(configs, {name: Path(work) / name for name in configs})
+    (runs,) = train_designs(configs)
     machine["loadavg_end"] = list(os.getloadavg())
     steps = configs["small"].train.steps
     result = {

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from tests.run_cases import JSON_PACKAGE
 
-from moekit.overrides import apply_overrides
-from moekit.train.lockstep import seconds_at
+from moekit.train.lockstep import design_configs, seconds_at
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -125,14 +124,17 @@ def test_moe_designs_keep_the_active_width_of_a_base_with_a_shared_expert():
     bench = load_benchmark("moe_designs")
     args = bench.parse_args(["--preset", "tiny", "--set=--model.moe.n_shared_experts=1"])
     base = bench.base_config(args)
-    assert base.model.moe.shared_width == 64  # tiny: top-2 of 64 + a shared 64: A = 192
-    configs = {n: apply_overrides(base, ov) for n, ov in bench.designs(args, base).items()}
-    assert configs["dense"].model.d_ff == 192
-    bench.check_widths(configs)  # every default design: top_k * d_expert + shared = 192
+    moe = base.model.moe
+    assert moe.shared_width > 0  # the active width A = top_k * d_expert + the shared width
+    designs = bench.designs(args, base)
+    configs = bench.check_widths(design_configs(base, designs))  # every design's width is A
+    assert configs["dense"].model.d_ff == moe.top_k * moe.d_expert + moe.shared_width
     assert configs["top2"].model.moe.shared_width == 0
-    configs["top2"] = apply_overrides(configs["top2"], ["--model.moe.d_expert=64"])
-    with pytest.raises(SystemExit, match="'top2' has an active expert width of 128"):
-        bench.check_widths(configs)
+    designs["top2"] = [*designs["top2"], f"--model.moe.d_expert={moe.d_expert}"]
+    with pytest.raises(
+        SystemExit, match=f"'top2' has an active expert width of {2 * moe.d_expert}"
+    ):
+        bench.check_widths(design_configs(base, designs))
 
 
 def test_moe_designs_needs_a_dense_design(tmp_path):
@@ -142,7 +144,7 @@ def test_moe_designs_needs_a_dense_design(tmp_path):
     args = bench.parse_args(["--preset", "tiny", "--designs", str(spec)])
     with pytest.raises(SystemExit, match='"dense" entry'):
         bench.designs(args, bench.base_config(args))
-    args = bench.parse_args(["--preset", "tiny", "--only", "dense,hash-top2"])
+    args = bench.parse_args(["--preset", "tiny", "--only", "hash-top2,dense"])  # dense first
     assert list(bench.designs(args, bench.base_config(args))) == ["dense", "hash-top2"]
     args = bench.parse_args(["--preset", "tiny", "--only", "dense,top9"])
     with pytest.raises(SystemExit, match="unknown designs"):

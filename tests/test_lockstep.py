@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from moekit.config import dense_twin
 from moekit.train.lockstep import (
     SideBySideFailed,
     compare_to,
+    design_configs,
     lockstep_settings,
     run_in_parallel,
+    run_summary,
     seconds_at,
+    train_designs,
     train_in_lockstep,
-    train_in_parallel,
 )
 from moekit.train.metrics import read_metrics
 
@@ -52,7 +55,8 @@ def test_lockstep_runs_are_ordinary_runs_with_timed_curves(tmp_path: Path) -> No
     moe = base.replace(train=train)
     dense = moe.replace(model=moe.model.replace(moe=None, d_ff=128))
     dirs = {"moe": tmp_path / "moe", "dense": tmp_path / "dense"}
-    runs = train_in_lockstep({"moe": moe, "dense": dense}, dirs, progress=False)
+    train_in_lockstep({"moe": moe, "dense": dense}, dirs, progress=False)
+    runs = {"moe": run_summary(dirs["moe"], moe), "dense": run_summary(dirs["dense"], dense)}
     assert [s for s, _ in runs["moe"]["val_curve"]] == [4, 8]
     steps, seconds = zip(*runs["dense"]["seconds_curve"], strict=True)
     assert steps[-1] == 8 and all(b > a for a, b in itertools.pairwise(seconds))
@@ -69,9 +73,10 @@ def test_runs_in_parallel_are_the_runs_of_one_process_each(tmp_path: Path) -> No
     moe = base.replace(train=lockstep_settings(base.train, steps=6, evals=2).replace(threads=1))
     dense = moe.replace(model=dense_twin(moe.model))
     dirs = {"moe": tmp_path / "moe", "dense": tmp_path / "dense"}
-    runs = train_in_parallel({"moe": moe, "dense": dense}, dirs, progress=False)
-    alone = train_in_lockstep({"dense": dense}, {"dense": tmp_path / "alone"}, progress=False)
-    assert runs["dense"]["val_curve"] == alone["dense"]["val_curve"]
+    run_in_parallel({"moe": moe, "dense": dense}, dirs, progress=False)
+    runs = {name: run_summary(dirs[name], cfg) for name, cfg in (("moe", moe), ("dense", dense))}
+    train_in_lockstep({"dense": dense}, {"dense": tmp_path / "alone"}, progress=False)
+    assert runs["dense"]["val_curve"] == run_summary(tmp_path / "alone", dense)["val_curve"]
     losses = [[r.get("lm_loss") for r in read_metrics(d / "metrics.jsonl")]
               for d in (dirs["dense"], tmp_path / "alone")]  # fmt: skip
     assert losses[0] == losses[1] and len(losses[0]) > 4
@@ -86,11 +91,11 @@ def test_a_run_that_fails_in_its_process_stops_the_others_and_is_named(
     cfg = base.replace(train=lockstep_settings(base.train, steps=2, evals=1))
     train_in_lockstep({"a": cfg}, {"a": tmp_path / "a"}, progress=False)  # a run is there now
     with pytest.raises(FileExistsError, match="already holds a run"):  # before any process
-        train_in_parallel({"a": cfg, "b": cfg}, {"a": tmp_path / "a", "b": tmp_path / "b"})
+        run_in_parallel({"a": cfg, "b": cfg}, {"a": tmp_path / "a", "b": tmp_path / "b"})
     (tmp_path / "file").write_text("not a folder")  # the run's mkdir fails in its process
     long = cfg.replace(train=cfg.train.replace(steps=400))
     with pytest.raises(SideBySideFailed, match=r"b \(failed with exit code 2") as err:
-        train_in_parallel({"a": long, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file"})
+        run_in_parallel({"a": long, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file"})
     assert "a (interrupted" in str(err.value)  # stopped, not left to run its 400 steps
     assert "error: " in capfd.readouterr().err
 
@@ -109,4 +114,18 @@ def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(tmp_path: Pat
     assert [r["step"] for r in read_metrics(dirs["ok"] / "metrics.jsonl")][-1] == 4
     dirs = {name: tmp_path / "compare" / name for name in configs}
     with pytest.raises(SideBySideFailed, match=r"blows-up \(diverged"):
-        train_in_parallel(configs, dirs, progress=False)
+        run_in_parallel(configs, dirs, progress=False)
+
+
+def test_designs_are_overrides_of_a_base_trained_side_by_side_once_per_seed(tmp_path: Path):
+    base = tiny_run(tmp_path)
+    base = base.replace(train=lockstep_settings(base.train, steps=2, evals=1))
+    dense = ["--model.moe=null", f"--model.d_ff={base.model.moe.active_width}"]
+    configs = design_configs(base, {"dense": dense, "moe": []})
+    assert configs["moe"] == base and configs["dense"].model.moe is None
+    per_seed = list(train_designs(configs, seeds=2, out=tmp_path / "out"))
+    seeds = [json.loads((tmp_path / f"out/moe/seed-{s}/config.json").read_text())["train"]["seed"]
+             for s in (0, 1)]  # fmt: skip
+    assert seeds == [base.train.seed, base.train.seed + 1]
+    assert per_seed[0]["moe"]["val_curve"] != per_seed[1]["moe"]["val_curve"]
+    assert [s[1] for s in per_seed[1]["dense"]["seconds_curve"]][-1] > 0

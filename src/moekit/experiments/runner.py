@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 from torch import Tensor
 
 from moekit.config import RunConfig
@@ -20,10 +19,10 @@ from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import z_loss
 from moekit.machine import machine_info
-from moekit.model import MoETransformer
+from moekit.model import parameter_breakdown
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import list_checkpoints, load_weights
-from moekit.train.lockstep import parallel_threads, run_in_parallel
+from moekit.train.lockstep import curves_figure, design_configs, parallel_threads, train_designs
 from moekit.train.metrics import read_metrics
 from moekit.train.sample import load_run
 
@@ -38,26 +37,19 @@ def run_experiment(
     name: str, base: RunConfig, out_dir: str | Path, seeds: int = 1,
     overrides: list[str] | None = None, command: str | None = None,
 ) -> Path:  # fmt: skip
-    """Train every arm of experiment `name` `seeds` times (seeds base.train.seed + 0..seeds-1,
-    the same for every arm: same initial RNG and batch order); write OUT/report.md, results.json
-    and the plots, the arms' runs under OUT/arms/. `command` is recorded as given."""
+    """Train every arm of experiment `name` `seeds` times (seeds train.seed + 0..seeds-1 of the
+    base with the overrides, the same for every arm: same initial RNG and batch order); write
+    OUT/report.md, results.json and the plots, the arms' runs under OUT/arms/. `command` is
+    recorded as given. Each seed's arms train side by side: they share the machine alike."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     exp, out_dir, begin = EXPERIMENTS[name], Path(out_dir), time.perf_counter()
     overrides = [*exp.settings, *(overrides or [])]
     machine, shown = machine_info(), apply_overrides(base, overrides)
     setup = data_facts(shown)
-    results: dict[str, list[dict[str, Any]]] = {}
-    arms = exp.arms(base)
-    for s in range(seeds):  # each seed's arms side by side: they share the machine alike
-        seed = f"--train.seed={base.train.seed + s}"
-        configs = {arm: apply_overrides(base, [*overrides, *arm_overrides, seed])
-                   for arm, arm_overrides in arms}  # fmt: skip
-        run_dirs = {arm: out_dir / ARMS_DIR / arm / f"seed-{s}" for arm in configs}
-        diverged = run_in_parallel(configs, run_dirs, divergence_ends_a_run=True)
-        for arm, cfg in configs.items():
-            run = arm_results(run_dirs[arm], diverged=arm in diverged)
-            results.setdefault(arm, []).append(run | parameters(cfg))
+    arms = design_configs(shown, dict(exp.arms(base)))
+    per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results))
+    results = {arm: [runs[arm] for runs in per_seed] for arm in arms}
     add_loss_at_equal_time(results)
     machine["loadavg_end"] = list(os.getloadavg())
     arm_threads = shown.train.threads or parallel_threads(len(arms))
@@ -74,10 +66,16 @@ def write_report(
 ) -> None:  # fmt: skip
     """results.json, the plots and report.md (last: its presence means the others are there)."""
     atomic_write_text(out_dir / "results.json", json.dumps(run | {"arms": results}, indent=1))
-    save_figure(curve_figure(results, "losses", "train LM loss"), out_dir / "loss.png")
-    save_figure(loss_time_figure(results), out_dir / "loss_time.png")
+    first = {arm: runs[0] for arm, runs in results.items()}
+    losses = {arm: run["losses"] for arm, run in first.items()}
+    save_figure(curves_figure(losses, "step", "train LM loss"), out_dir / "loss.png")
+    timed = {arm: [(t, loss) for t, (_, loss) in zip(run["times"], run["losses"], strict=True)]
+             for arm, run in first.items()}  # fmt: skip
+    xlabel = "training seconds (steps only, this machine)"
+    save_figure(curves_figure(timed, xlabel, "train LM loss"), out_dir / "loss_time.png")
     if exp.curve:
-        figure = curve_figure(results, exp.curve, CURVES[exp.curve])
+        curves = {arm: run["curves"][exp.curve] for arm, run in first.items()}
+        figure = curves_figure(curves, "step", CURVES[exp.curve], loss=False)
         save_figure(figure, out_dir / f"{exp.curve}.png")
     atomic_write_text(out_dir / "report.md", report_text(exp, results, base, run))
 
@@ -94,20 +92,16 @@ def data_facts(cfg: RunConfig) -> dict[str, float]:
     return {"data_seconds": seconds, "unigram_entropy": float(-(p * np.log(p)).sum())}
 
 
-def parameters(cfg: RunConfig) -> dict[str, int]:
-    """Total and active (per token) parameters of the arm's model, built on the meta device."""
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model)
-    return {"params": model.num_parameters(), "active_params": model.num_parameters(active=True)}
-
-
-def arm_results(run_dir: Path, diverged: bool) -> dict[str, Any]:
-    """An arm's figures (`arm_figures`) and its router logit RMS curve, from its run directory."""
+def arm_results(run_dir: Path, cfg: RunConfig, diverged: bool) -> dict[str, Any]:
+    """An arm's figures (`arm_figures`), its router logit RMS curve and its total and active
+    (per token) parameters."""
     figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
     rms = router_logit_rms(run_dir)
     figures["curves"]["logit_rms"] = rms
     figures["logit_rms"] = rms[-1][1] if rms else math.nan
-    return figures | {"diverged": diverged}
+    counts = parameter_breakdown(cfg.model)
+    return figures | {"diverged": diverged, "params": counts["total"],
+                      "active_params": counts["active"]}  # fmt: skip
 
 
 @torch.no_grad()
@@ -188,47 +182,6 @@ def add_loss_at_equal_time(results: dict[str, list[dict[str, Any]]]) -> None:
                     if t <= budget * (1 + 1e-9)]  # fmt: skip
             r["loss_at_equal_time"] = done[-1] if done else math.nan
             r["equal_time_s"] = budget
-
-
-def curve_figure(results: dict[str, list[dict[str, Any]]], key: str, label: str) -> Figure:
-    """The per-step curve `key` ("losses" or one of `CURVES`) of every arm's first seed."""
-    fig = Figure(figsize=(6.0, 3.8))
-    ax = fig.subplots()
-    for arm, runs in results.items():
-        curve = runs[0]["losses"] if key == "losses" else runs[0]["curves"][key]
-        points = [(step, v) for step, v in curve if v == v]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=arm)
-    ax.set_xlabel("step")
-    ax.set_ylabel(label)
-    _finish(ax, key == "losses")
-    fig.tight_layout()
-    return fig
-
-
-def loss_time_figure(results: dict[str, list[dict[str, Any]]]) -> Figure:
-    """Train LM loss against the training seconds spent (first seed of every arm)."""
-    fig = Figure(figsize=(6.0, 3.8))
-    ax = fig.subplots()
-    for arm, runs in results.items():
-        if runs[0]["losses"]:
-            ax.plot(runs[0]["times"], [loss for _, loss in runs[0]["losses"]], label=arm)
-    ax.set_xlabel("training seconds (steps only, this machine)")
-    ax.set_ylabel("train LM loss")
-    _finish(ax, True)
-    fig.tight_layout()
-    return fig
-
-
-def _finish(ax: Any, is_loss: bool) -> None:
-    """Legend; for losses, a y range that starts below the lowest loss and stops at 1.5 x the
-    median, so that the first steps' losses do not flatten the differences between arms."""
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    values = [y for line in ax.get_lines() for y in line.get_ydata() if y == y]
-    if is_loss and values:
-        low, mid = min(values), float(np.median(values))
-        ax.set_ylim(low - 0.05 * (mid - low), 1.5 * mid)
 
 
 def _mean(values: list[float]) -> float:

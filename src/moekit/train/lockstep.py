@@ -1,14 +1,14 @@
-"""Several runs trained side by side and compared with one of them: how `moekit demo` and the
-MoE-versus-dense benchmarks measure what an MoE buys. With the same seed every run draws the same
-batches in the same order; each is an ordinary run directory (metrics.jsonl, checkpoints) that
-`moekit generate` and `analyze` read. Two ways to share the machine:
+"""Designs trained side by side and compared with one of them: how `moekit demo`, `moekit
+experiment` and the MoE benchmarks measure what an MoE buys. A design is a base run with
+overrides (`design_configs`); with the same seed every run draws the same batches in the same
+order, and each is an ordinary run directory that `moekit generate` and `analyze` read. Two ways
+to share the machine:
 
   train_in_lockstep  one process, one optimizer step of each run in turn: every run sees the same
                      machine load and uses all its threads (the benchmarks).
-  train_in_parallel  one process per run at the same time, each with its share of the cores
-                     (`moekit demo`: on 2 cores each run keeps a core to itself, where in
-                     lockstep the small products of a small model gain little from a second
-                     thread).
+  run_in_parallel    a process per run at once, each with its share of the cores (`moekit demo`,
+                     `moekit experiment`: on 2 cores each run keeps a core to itself, where in
+                     lockstep a small model's small products gain little from a second thread).
 """
 
 from __future__ import annotations
@@ -18,17 +18,21 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 from tqdm.auto import tqdm
 
 from moekit.config import RunConfig, TrainConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.data import prepare_data
 from moekit.model import parameter_breakdown
+from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import check_run_dir
 from moekit.train.loop import Trainer, TrainingDiverged, train
 from moekit.train.metrics import read_metrics
@@ -36,7 +40,7 @@ from moekit.train.report import summary
 
 
 class SideBySideFailed(RuntimeError):
-    """A run of `train_in_parallel` stopped with an error (which its process printed)."""
+    """A run of `run_in_parallel` stopped with an error (which its process printed)."""
 
 
 def lockstep_settings(train: TrainConfig, steps: int, evals: int) -> TrainConfig:
@@ -52,11 +56,38 @@ def lockstep_settings(train: TrainConfig, steps: int, evals: int) -> TrainConfig
     )
 
 
+def design_configs(base: RunConfig, designs: Mapping[str, Sequence[str]]) -> dict[str, RunConfig]:
+    """Each design's config: `base` with the design's overrides ("--a.b=value")."""
+    return {name: apply_overrides(base, overrides) for name, overrides in designs.items()}
+
+
+def train_designs(
+    configs: Mapping[str, RunConfig], seeds: int = 1, out: Path | None = None,
+    parallel: bool = False, summarise: Callable[[Path, RunConfig, bool], Any] | None = None,
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Train the designs side by side once per seed, train.seed + 0..seeds-1 (one seed: the same
+    initial RNG and batch order for all), in lockstep or with `parallel` a process each, where a
+    diverged run ends alone (`run_in_parallel`); the runs are out/NAME/seed-N, or temporary.
+    Yields each seed's {name: summarise(run_dir, config, diverged)}, by default `run_summary`."""
+    summarise = summarise or (lambda run_dir, cfg, _: run_summary(run_dir, cfg))
+    for s in range(seeds):
+        seeded = {name: cfg.replace(train=cfg.train.replace(seed=cfg.train.seed + s))
+                  for name, cfg in configs.items()}  # fmt: skip
+        with tempfile.TemporaryDirectory() as work:
+            dirs = {name: Path(out or work) / name / f"seed-{s}" for name in configs}
+            if parallel:
+                diverged = run_in_parallel(seeded, dirs, divergence_ends_a_run=True)
+            else:
+                train_in_lockstep(seeded, dirs)
+                diverged = set()
+            yield {n: summarise(dirs[n], cfg, n in diverged) for n, cfg in seeded.items()}
+
+
 def train_in_lockstep(
     configs: Mapping[str, RunConfig], run_dirs: Mapping[str, Path], progress: bool = True
-) -> dict[str, dict[str, Any]]:
+) -> None:
     """Train every config into its run directory one step at a time in turn (all need the same
-    train.steps); return each run's `run_summary`."""
+    train.steps)."""
     steps = {cfg.train.steps for cfg in configs.values()}
     if len(steps) != 1:
         raise ValueError(f"runs in lockstep need the same train.steps, got {sorted(steps)}")
@@ -79,21 +110,11 @@ def train_in_lockstep(
     finally:
         for trainer in trainers.values():
             trainer.close()
-    return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
 
 
 def parallel_threads(n_runs: int) -> int:
     """Threads for each of n_runs processes at once: this process's cores shared out, at least 1."""
     return max(1, len(os.sched_getaffinity(0)) // n_runs)
-
-
-def train_in_parallel(
-    configs: Mapping[str, RunConfig], run_dirs: Mapping[str, Path], progress: bool = True
-) -> dict[str, dict[str, Any]]:
-    """Train every config into its run directory at the same time (`run_in_parallel`); return
-    each run's `run_summary`."""
-    run_in_parallel(configs, run_dirs, progress)
-    return {name: run_summary(run_dirs[name], configs[name]) for name in configs}
 
 
 def run_in_parallel(
@@ -272,3 +293,36 @@ def compare_to(
             "final_val_bpb": run["final_val_bpb"],
         }
     return out
+
+
+VAL_LOSS = "validation cross-entropy (nats/token)"
+
+
+def curves_figure(
+    curves: Mapping[str, Sequence[Sequence[float]]], xlabel: str, ylabel: str, title: str = "",
+    baseline: str | None = None, labels: Mapping[str, str] | None = None, loss: bool = True,
+) -> Figure:  # fmt: skip
+    """One line per curve of (x, y) points (NaN left out), labelled by `labels` or its name; the
+    `baseline`'s black, with its last value a dashed line. For a `loss`, the y range starts
+    below the lowest value and stops at 1.5 x the median: the first steps' losses would flatten
+    the differences between the curves."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        points = [(x, y) for x, y in curve if y == y]
+        if points:
+            black = {"color": "black", "lw": 2} if name == baseline else {"lw": 1}
+            style = "o-" if len(points) <= 40 else "-"
+            label = (labels or {}).get(name, name)
+            ax.plot(*zip(*points, strict=True), style, ms=3, label=label, **black)
+    values = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if loss and values:
+        low, mid = min(values), float(np.median(values))
+        ax.set_ylim(low - 0.05 * (mid - low), 1.5 * mid)
+    if baseline is not None:
+        ax.axhline(curves[baseline][-1][1], color="gray", ls="--", lw=1)
+    ax.set_title(title, fontsize=10)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

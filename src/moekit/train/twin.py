@@ -22,10 +22,13 @@ from moekit.fileio import atomic_write_json, atomic_write_text, save_figure
 from moekit.machine import machine_info
 from moekit.model import format_count
 from moekit.train.lockstep import (
+    VAL_LOSS,
     compare_to,
+    curves_figure,
     parallel_threads,
+    run_in_parallel,
+    run_summary,
     train_in_lockstep,
-    train_in_parallel,
 )
 from moekit.train.metrics import read_metrics
 from moekit.train.report import expert_load_figure
@@ -57,15 +60,16 @@ def train_with_dense_twin(
     cfg: RunConfig, out: Path, progress: bool = True, parallel: bool = True
 ) -> TwinResult:
     """Train `cfg` (an MoE model) and its dense twin into out/moe and out/dense: at the same
-    time in two processes (`train_in_parallel`), or with `parallel=False` in lockstep."""
+    time in two processes (`run_in_parallel`), or with `parallel=False` in lockstep."""
     configs = {MOE: cfg, DENSE: cfg.replace(model=dense_twin(cfg.model))}
     setting = {
         "side_by_side": "two processes at once" if parallel else "lockstep in one process",
         "threads_per_run": cfg.train.threads or (parallel_threads(2) if parallel else None),
         "machine": machine_info(),
     }
-    side_by_side = train_in_parallel if parallel else train_in_lockstep
-    runs = side_by_side(configs, {name: out / name for name in configs}, progress)
+    dirs = {name: out / name for name in configs}
+    (run_in_parallel if parallel else train_in_lockstep)(configs, dirs, progress)
+    runs = {name: run_summary(dirs[name], configs[name]) for name in configs}
     steps = cfg.train.steps
     return TwinResult(out, steps, runs, compare_to(runs, DENSE, steps), setting)
 
@@ -157,26 +161,14 @@ def write_twin_report(result: TwinResult, cfg: RunConfig, sample: str | None) ->
 
 def twin_loss_figure(result: TwinResult) -> Figure:
     """Validation loss of both models against the step, with dense's final loss marked."""
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for name, run in result.runs.items():
-        steps, losses = zip(*run["val_curve"], strict=True)
-        label = f"{name} ({format_count(run['parameters'])} parameters, "
-        label += f"{format_count(run['active_parameters'])} active)"
-        ax.plot(steps, losses, "o-", ms=3, label=label, color="black" if name == DENSE else None)
-    ax.axhline(result.runs[DENSE]["final_val_loss"], color="gray", ls="--", lw=1)
     title = "MoE never reaches dense's final loss"
     if result.comparison[MOE]["step_ratio"] is not None:
         title = (
             f"MoE reaches dense's final loss at {ratio_text(result, 'step_ratio')} the steps, "
             f"{ratio_text(result, 'time_ratio')} the time"
         )
-    ax.set_title(title, fontsize=10)
-    tail = [loss for run in result.runs.values() for _, loss in run["val_curve"][1:]]
-    if tail:
-        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    curves = {name: run["val_curve"] for name, run in result.runs.items()}
+    labels = {name: f"{name} ({format_count(run['parameters'])} parameters, "
+              f"{format_count(run['active_parameters'])} active)"
+              for name, run in result.runs.items()}  # fmt: skip
+    return curves_figure(curves, "optimizer step", VAL_LOSS, title, DENSE, labels)
