@@ -74,9 +74,9 @@ def test_requests_are_distinct_experts_per_step_and_layer() -> None:
 def test_recorded_trace_round_trips_and_rejects_another_model(tmp_path) -> None:
     model = MoETransformer(TINY).eval()
     with TraceRecorder(model) as rec:
-        generate(model, torch.randint(0, 256, (1, 4)), 3)
+        generate(model, torch.randint(0, TINY.vocab_size, (1, 4)), 3)
     trace = rec.trace()
-    assert trace.ids.shape == (4 + 2, 2, 2)
+    assert trace.ids.shape == (4 + 2, len(TINY.moe_layer_indices), TINY.moe.top_k)
     assert trace.step.tolist() == [0, 0, 0, 0, 1, 2]
     save_trace(trace, tmp_path / "t.trace")
     back = load_trace(tmp_path / "t.trace", TINY)
@@ -139,8 +139,8 @@ def test_a_trace_of_version_1_is_read_with_derived_calls(tmp_path, capsys) -> No
 
 def run_prompts(model: MoETransformer) -> None:
     """Calls on every path of `OffloadedExperts`: a 21-token prefill (dispatch path, chunked
-    below 8 experts), a 10-token prefill and 3-token decode steps (selected path, one expert at
-    a time when they do not fit), one-token decode steps."""
+    below a layer's experts), a 10-token prefill and 3-token decode steps (selected path, one
+    expert at a time when they do not fit), one-token decode steps."""
     gen = torch.Generator().manual_seed(3)
     for shape in [(3, 7), (2, 5), (1, 6)]:
         generate(model, torch.randint(0, TINY.vocab_size, shape, generator=gen), 12)
@@ -160,7 +160,8 @@ def test_simulated_hits_are_the_real_caches(tmp_path, capacity_factor) -> None:
     assert trace.selected.any() == (capacity_factor is None)
     counts, top_k = trace.expert_counts(), cfg.moe.top_k
     expert_dir = write_expert_files(model, tmp_path / "experts")
-    budgets, policies = [top_k, 3, 5, 8, 16], ["lru", "lfu", "static"]
+    every = len(cfg.moe_layer_indices) * cfg.moe.n_experts
+    budgets, policies = [top_k, 3, 5, 8, every], ["lru", "lfu", "static"]
     real, simulated = {}, {}
     for budget in budgets:
         for policy in policies:
