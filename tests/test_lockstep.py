@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,34 @@ def test_designs_are_overrides_of_a_base_trained_side_by_side_once_per_seed(tmp_
     assert seeds == [base.train.seed, base.train.seed + 1]
     assert per_seed[0]["moe"]["val_curve"] != per_seed[1]["moe"]["val_curve"]
     assert [s[1] for s in per_seed[1]["dense"]["seconds_curve"]][-1] > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_whose_parent_is_killed_stops_as_on_ctrl_c(tmp_path) -> None:
+    """run_in_parallel's runs live in process groups of their own: when their parent dies without
+    stopping them (SIGKILL), each gets the Ctrl-C it would have sent, instead of training on."""
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    child = (
+        "import time\n"
+        "from moekit.train.lockstep import _interrupt_when_parent_dies\n"
+        "_interrupt_when_parent_dies()\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "try:\n    time.sleep(120)\n"
+        f"except KeyboardInterrupt:\n    open({str(stopped)!r}, 'w').close()\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys, time\n"
+         f"subprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(120)"]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "the child did not start"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not stopped.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stopped.exists()

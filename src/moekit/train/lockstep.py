@@ -13,6 +13,7 @@ to share the machine:
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import multiprocessing
 import os
@@ -200,10 +201,25 @@ def _ending(exitcode: int | None) -> str:
     return f"failed with exit code {exitcode}; its error is above"
 
 
+def _interrupt_when_parent_dies() -> None:
+    """A run whose parent was killed (SIGKILL, a test's timeout) stops as on Ctrl-C instead of
+    training on unseen: Linux's PR_SET_PDEATHSIG; elsewhere the parent's `_stop` is the only way."""
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _train_one(cfg: RunConfig, run_dir: str) -> None:
     """One run of `run_in_parallel`, in its own process: exits 130 when interrupted, 3 when it
     diverged, and with a user error as one line (exit 2), as `moekit train` would."""
     os.setpgrp()  # a terminal's Ctrl-C reaches only the parent, which passes on exactly one
+    _interrupt_when_parent_dies()
     keep_freed_memory()  # as `moekit train` does; it lasts for this process only
     try:
         result = train(cfg, run_dir)
