@@ -225,23 +225,38 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     return {**{key: parts[0][key] for key in ("benchmark", "machine", *STUDY)},
             "wall_seconds": sum(part["wall_seconds"] for part in parts),
             "summary": summarise(points), "points": points,
-            "parts": [{"file": path.name, "budgets": [p["size"]["budget"] for p in part["points"]],
-                       "seeds": sorted({s["seed"] for p in part["points"] for s in p["seeds"]}),
-                       **{key: part[key] for key in kept}}
-                      for path, part in zip(paths, parts, strict=True)]}  # fmt: skip
+            "parts": [piece for path, part in zip(paths, parts, strict=True)
+                      for piece in part.get("parts") or [  # a joined study brings its own parts
+                          {"file": path.name,
+                           "budgets": [p["size"]["budget"] for p in part["points"]],
+                           "seeds": sorted({s["seed"] for p in part["points"] for s in p["seeds"]}),
+                           **{key: part[key] for key in kept}}]]}  # fmt: skip
 
 
 STUDY = ("compute", "base_overrides", "tokens_per_step", "evals", "base")
 
 
 def _study_key(study: dict[str, Any]) -> tuple:
-    """What studies must share to be joined: all of STUDY but the seed (read through RunConfig,
-    so configs written by older versions compare by their values), and the designs."""
+    """What studies must share to be joined: compute, tokens per step, evaluations, the designs,
+    and the config each design trains with (read through RunConfig, so configs written by older
+    versions compare by their values) less what every point sets itself: width, steps, seed and
+    the settings `lockstep_settings` derives from the steps."""
     base = RunConfig.from_dict(study["base"])
-    base = base.replace(train=base.train.replace(seed=0)).to_dict()
+    base = base.replace(train=lockstep_settings(base.train.replace(seed=0), 1, study["evals"]))
+    trained = {
+        name: _as_trained(cfg).to_dict() for name, cfg in design_configs(base, designs(64)).items()
+    }
     overrides = [o for o in study["base_overrides"] if not o.startswith("--train.seed=")]
-    designs = sorted({name for point in study["points"] for name in point["design_overrides"]})
-    return (study["compute"], overrides, study["tokens_per_step"], study["evals"], base, designs)
+    names = sorted({name for point in study["points"] for name in point["design_overrides"]})
+    return (study["compute"], overrides, study["tokens_per_step"], study["evals"], trained, names)
+
+
+def _as_trained(cfg: RunConfig) -> RunConfig:
+    """`cfg` with d_ff cleared where no layer reads it (every layer an MoE layer)."""
+    model = cfg.model
+    if len(model.moe_layer_indices) == model.n_layers:
+        model = model.replace(d_ff=None)
+    return cfg.replace(model=model)
 
 
 def _read_study(path: Path) -> dict[str, Any]:

@@ -210,6 +210,25 @@ def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
     assert joined["summary"] == json.loads(json.dumps(result["summary"]))
     assert [(p["budgets"], p["seeds"]) for p in joined["parts"]] == [([1, 10], [0, 1]), ([10], [1])]
     assert (tmp_path / "joined.png").stat().st_size > 0
+    # a joined study joins again, bringing its parts; a base that differs only where every point
+    # sets its own value (here the base's width and d_ff) is the same study, another lr is not
+    resized = json.loads(json.dumps(study))
+    for field in (resized["base"]["model"], resized["base"]["model"]["moe"]):
+        field["d_model"] += 8
+    resized["base"]["model"]["d_ff"] += 8
+    files = {name: tmp_path / f"{name}.json" for name in ("a", "b", "c", "ab")}
+    files["a"].write_text(json.dumps(study | {"points": [low]}))
+    files["b"].write_text(json.dumps(study | {"points": [high | {"seeds": high["seeds"][:1]}]}))
+    files["c"].write_text(json.dumps(resized | {"points": [high | {"seeds": high["seeds"][1:]}]}))
+    bench.main(["--merge", str(files["a"]), str(files["b"]), "--out", str(files["ab"])])
+    again = bench.main(["--merge", str(files["ab"]), str(files["c"]),
+                        "--out", str(tmp_path / "again.json")])  # fmt: skip
+    assert again["summary"] == joined["summary"]
+    assert [p["file"] for p in again["parts"]] == ["a.json", "b.json", "c.json"]
+    resized["base"]["train"]["lr"] *= 2
+    files["c"].write_text(json.dumps(resized | {"points": [high | {"seeds": high["seeds"][1:]}]}))
+    with pytest.raises(SystemExit, match="is not the same study"):
+        bench.main(["--merge", str(files["a"]), str(files["c"]), "--out", str(tmp_path / "3.json")])
     with pytest.raises(SystemExit, match="budget 10 with the same seed twice"):
         bench.main(["--merge", str(parts[1]), str(parts[1]), "--out", str(tmp_path / "2.json")])
     (tmp_path / "other.json").write_text('{"benchmark": "moe_designs"}')
