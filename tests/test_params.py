@@ -33,7 +33,8 @@ def meta_model(name: str) -> MoETransformer:
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_preset_reproduces_published_counts(name: str) -> None:
     model = meta_model(name)
-    got = (format_count(model.num_parameters()), format_count(model.num_parameters(active=True)))
+    main = (model.num_parameters(mtp=False), model.num_parameters(active=True, mtp=False))
+    got = (format_count(main[0]), format_count(main[1]))
     assert got == PUBLISHED[name]
 
 
@@ -46,7 +47,8 @@ def test_deepseek_and_openai_count_active_without_the_input_embedding(
     """moekit counts the input embedding as active (Mistral, Qwen and OLMoE do); DeepSeek-V3's
     "37B" (36.6B to 3 s.f.) and OpenAI's 3.61B leave that lookup table out."""
     cfg = ModelConfig.preset(name)
-    active = meta_model(name).num_parameters(active=True) - cfg.vocab_size * cfg.d_model
+    model = meta_model(name)
+    active = model.num_parameters(active=True, mtp=False) - cfg.vocab_size * cfg.d_model
     assert format_count(active) == published_active
 
 
@@ -75,8 +77,10 @@ def test_mixtral_8x7b_exact_count_from_its_config() -> None:
 def test_breakdown_parts_sum_to_the_total(name: str) -> None:
     counts = parameter_breakdown(ModelConfig.preset(name))
     model = meta_model(name)
-    assert sum(counts[part] for part in PARTS) == counts["total"] == model.num_parameters()
-    assert counts["active"] == model.num_parameters(active=True)
+    main = model.num_parameters(mtp=False)
+    assert sum(counts[part] for part in PARTS) == counts["total"] == main
+    assert counts["active"] == model.num_parameters(active=True, mtp=False)
+    assert counts["total"] + counts["mtp"] == model.num_parameters()
 
 
 def test_breakdown_of_olmoe_by_part() -> None:
@@ -141,4 +145,8 @@ def test_params_command_shows_the_presets_of_the_checkpoint_architectures(
     from moekit.cli import main
 
     assert main(["params", name]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split()[2] == total
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("total ")).split()[2] == total
+    if name == "deepseek-v3":  # and its multi-token-prediction module apart
+        assert lines[-2].split()[2:4] == ["11,610,067,968", "11.6B"]
+        assert lines[-1].split()[:5] == ["total", "with", "mtp", "682,636,472,320", "683B"]

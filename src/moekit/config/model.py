@@ -121,6 +121,12 @@ class ModelConfig(ConfigBase):
         mla: None, or the `MLAConfig` that replaces grouped-query attention by multi-head latent
             attention (DeepSeek-V2/V3); n_kv_heads, head_dim and qk_norm then do not apply.
 
+    Multi-token prediction (DeepSeek-V3 paper, arXiv 2412.19437, section 2.2)
+        mtp_depth: number D of extra prediction depths; 0 turns it off. Depth k predicts the
+            token k + 1 positions ahead with one more block (`moekit.model.mtp`).
+        mtp_loss_weight: lambda: the loss adds (lambda / D) * the sum of the depths' losses
+            (DeepSeek-V3 used 0.3, then 0.1).
+
     Other
         norm_eps: epsilon of every RMSNorm.
         tie_embeddings: the LM head reuses the token embedding matrix.
@@ -146,6 +152,8 @@ class ModelConfig(ConfigBase):
     clip_qkv: float | None = None
     rope_scaling: RopeScaling | None = None
     mla: MLAConfig | None = None
+    mtp_depth: NonNegInt = 0
+    mtp_loss_weight: NonNegFloat = 0.3
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 
@@ -195,6 +203,9 @@ class ModelConfig(ConfigBase):
     def check(self) -> None:
         self._check_attention()
         self._check_layers()
+        if self.mtp_depth >= self.max_seq_len - 1:
+            rule = f"must be < max_seq_len - 1 ({self.max_seq_len - 1}): no position has a target"
+            raise invalid("mtp_depth", self.mtp_depth, rule)
 
     def _check_attention(self) -> None:
         if self.layer_types is not None:

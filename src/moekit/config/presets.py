@@ -70,9 +70,11 @@ def olmoe_1b_7b() -> ModelConfig:
 
 def deepseek_v3() -> ModelConfig:
     """DeepSeek-V3 (DeepSeek-AI 2024; deepseek-ai/DeepSeek-V3): 671B total, 37B active, without
-    its multi-token-prediction module. Latent attention with YaRN (factor 40), 3 dense layers,
-    then 256 routed experts (8 per token, 4 of 8 groups, sigmoid, scaling 2.5) and one shared;
-    the paper's bias update speed 0.001 and sequence-wise balance loss 0.0001."""
+    its multi-token-prediction module (one depth: 11.6B more of its own; the checkpoint's 685B
+    also holds that layer's copies of the embedding and head, 1.85B). Latent attention with
+    YaRN (factor 40), 3 dense layers, then 256 routed experts (8 per token, 4 of 8 groups,
+    sigmoid, scaling 2.5) and one shared; the paper's bias update speed 0.001 and sequence-wise
+    balance loss 0.0001."""
     moe = MoEConfig(d_model=7168, d_expert=2048, n_experts=256, top_k=8, score="sigmoid",
                     routed_scaling=2.5, n_groups=8, topk_groups=4, n_shared_experts=1,
                     bias_update_rate=0.001, aux_loss_coef=0.0001, aux_loss_scope="sequence")
@@ -82,7 +84,7 @@ def deepseek_v3() -> ModelConfig:
                        truncate=True)
     return ModelConfig(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432,
                        moe=moe, first_dense=3, max_seq_len=163840, rope_scaling=yarn, mla=mla,
-                       norm_eps=1e-6)
+                       norm_eps=1e-6, mtp_depth=1)
 
 
 def gpt_oss_20b() -> ModelConfig:

@@ -38,8 +38,11 @@ _PART_OF_MODULE: tuple[tuple[type[nn.Module], str], ...] = (
 
 
 def parameter_breakdown(model: ModelConfig | MoETransformer) -> dict[str, int]:
-    """Parameter counts by part (the keys of `PARTS`, which sum to "total"), plus
-    "routed_experts_active" (top_k experts per MoE layer), "total" and "active" (per token).
+    """Parameter counts of the main model by part (the keys of `PARTS`, which sum to "total"),
+    plus "routed_experts_active" (top_k experts per MoE layer), "total" and "active" (per token);
+    and "mtp", "mtp_active": the multi-token-prediction module apart (0 without one; it shares
+    the main model's embedding and head, counted there). DeepSeek-V3's published 671B is the main
+    model's.
 
     A config is built on the meta device, so the largest models cost no memory.
     """
@@ -48,11 +51,14 @@ def parameter_breakdown(model: ModelConfig | MoETransformer) -> dict[str, int]:
             model = MoETransformer(model)
     counts = dict.fromkeys(PARTS, 0)
     for name, p in model.named_parameters():
-        counts[_part_of(model, name)] += p.numel()
+        if not name.startswith("mtp."):
+            counts[_part_of(model, name)] += p.numel()
     counts["total"] = sum(counts[part] for part in PARTS)
-    inactive = counts["total"] - model.num_parameters(active=True)
+    inactive = counts["total"] - model.num_parameters(active=True, mtp=False)
     counts["routed_experts_active"] = counts["routed_experts"] - inactive
     counts["active"] = counts["total"] - inactive
+    counts["mtp"] = model.num_parameters() - counts["total"]
+    counts["mtp_active"] = model.num_parameters(active=True) - counts["active"]
     return counts
 
 
@@ -82,7 +88,8 @@ def format_count(n: int) -> str:
 
 
 def parameter_table(model: ModelConfig | MoETransformer, title: str | None = None) -> str:
-    """A plain-text table of `parameter_breakdown`: each part's total and active counts."""
+    """A plain-text table of `parameter_breakdown`: each part's total and active counts, the main
+    model's total; with multi-token prediction, the MTP module's and the sum of both."""
     counts = parameter_breakdown(model)
     rows = [(part.replace("_", " "), counts[part], counts[part]) for part in PARTS]
     rows[PARTS.index("routed_experts")] = (
@@ -91,10 +98,14 @@ def parameter_table(model: ModelConfig | MoETransformer, title: str | None = Non
         counts["routed_experts_active"],
     )
     rows.append(("total", counts["total"], counts["active"]))
+    if counts["mtp"]:
+        rows.append(("mtp module", counts["mtp"], counts["mtp_active"]))
+        both = ("total with mtp", counts["total"] + counts["mtp"])
+        rows.append((*both, counts["active"] + counts["mtp_active"]))
     lines = [] if title is None else [title]
     lines.append(f"{'part':<16}{'total':>18}{'active':>26}")
-    for i, (label, total, active) in enumerate(rows):
-        if i == len(rows) - 1:
+    for label, total, active in rows:
+        if label == "total":
             lines.append("-" * 68)
         lines.append(
             f"{label:<16}{total:>18,}{format_count(total):>8}{active:>18,}{format_count(active):>8}"

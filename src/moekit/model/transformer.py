@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig
 from moekit.model.attention import attention_mask
 from moekit.model.block import Block
+from moekit.model.mtp import MultiTokenPrediction, shift_left
 from moekit.model.rope import rope_angles
 from moekit.moe import MoEAux, MoELayer
 
@@ -30,19 +31,30 @@ class ModelOutput:
     logits: (B, S, vocab_size).
     aux_loss: float32 scalar, the sum over MoE layers of `aux.loss` (0 for a dense model).
     aux: one `MoEAux` per MoE layer, in layer order.
+    aux_loss: float32 scalar, the sum over MoE layers (the MTP blocks' included) of `aux.loss`.
+    aux: one `MoEAux` per MoE layer, in layer order, then those of the MTP blocks when they ran.
     lm_loss: mean next-token cross-entropy over the labels that are not -100; None without labels.
-    loss: lm_loss + aux_loss, what to backpropagate; None without labels.
+    mtp_logits: with multi-token prediction run, depth k's (B, S, vocab_size) logits (k = 1..D),
+        at position t scoring the token at t + k + 1; [] otherwise.
+    mtp_losses: depth k's mean cross-entropy over the positions with a target (labels[:, t + k +
+        1] not -100), unweighted; [] without labels or MTP.
+    mtp_loss: (mtp_loss_weight / D) * sum(mtp_losses); None without labels or MTP.
+    loss: lm_loss + aux_loss (+ mtp_loss), what to backpropagate; None without labels.
     """
 
     logits: Tensor
     aux_loss: Tensor
     aux: list[MoEAux] = field(default_factory=list)
     lm_loss: Tensor | None = None
+    mtp_logits: list[Tensor] = field(default_factory=list)
+    mtp_losses: list[Tensor] = field(default_factory=list)
+    mtp_loss: Tensor | None = None
     loss: Tensor | None = None
 
 
 class MoETransformer(nn.Module):
-    """Token embedding, `cfg.n_layers` pre-RMSNorm blocks, final RMSNorm and LM head.
+    """Token embedding, `cfg.n_layers` pre-RMSNorm blocks, final RMSNorm and LM head; with
+    `cfg.mtp_depth`, the multi-token-prediction module `mtp` (`moekit.model.mtp`) after them.
 
     Build big models on the meta device and initialise them with one call:
 
@@ -65,6 +77,7 @@ class MoETransformer(nn.Module):
         )
         # The tied head's product; moekit.inference.decode_kernels swaps in its own for generation.
         self.tied_head_linear: Callable[[Tensor, Tensor], Tensor] = F.linear
+        self.mtp = MultiTokenPrediction(cfg)
         self.init_weights()
 
     @torch.no_grad()
@@ -79,6 +92,8 @@ class MoETransformer(nn.Module):
         self.norm.reset_parameters()
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=std)
+        for depth in self.mtp:
+            depth.init_weights(std, out_std)
 
     def forward(
         self,
@@ -87,6 +102,7 @@ class MoETransformer(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         with_aux: bool = True,
+        mtp: bool | None = None,
     ) -> ModelOutput:
         """input_ids (B, S) long -> `ModelOutput` with logits (B, S, vocab_size).
 
@@ -97,8 +113,11 @@ class MoETransformer(nn.Module):
         `kv_cache.length`, and their keys and values are appended to the cache.
         with_aux=False skips the MoE layers' losses and metrics (`aux` is then empty and
         `aux_loss` 0): what generation passes.
+        mtp: run the multi-token-prediction module (`mtp_logits`, and with labels `mtp_losses`,
+        added to `loss`); None runs it when labels are given and the model has one.
         """
         self._check_input(input_ids, kv_cache)
+        run_mtp = self._runs_mtp(mtp, labels, kv_cache)
         S = input_ids.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
         positions_S = torch.arange(start, start + S, device=input_ids.device)
@@ -114,15 +133,41 @@ class MoETransformer(nn.Module):
             x_BSD, layer_aux = block(x_BSD, rope, mask, cache, input_ids, with_aux)
             if layer_aux is not None:
                 aux.append(layer_aux)
-        logits_BSV = self._head(self.norm(x_BSD))
+        h_BSD = self.norm(x_BSD)
+        logits_BSV = self._head(h_BSD)
+        mtp_logits: list[Tensor] = []
+        if run_mtp:
+            mask = masks[cfg.layer_window(cfg.n_layers - 1)]
+            mtp_logits, mtp_aux = self.mtp(
+                h_BSD, input_ids, rope, mask, self.embed, self._head, with_aux
+            )
+            aux += mtp_aux
         aux_loss = torch.zeros((), device=logits_BSV.device)
         if aux:
             aux_loss = torch.stack([a.loss.float() for a in aux]).sum()
-        out = ModelOutput(logits=logits_BSV, aux_loss=aux_loss, aux=aux)
+        out = ModelOutput(logits=logits_BSV, aux_loss=aux_loss, aux=aux, mtp_logits=mtp_logits)
         if labels is not None:
             out.lm_loss = lm_loss(logits_BSV, labels)
             out.loss = out.lm_loss + aux_loss
+            if mtp_logits:
+                out.mtp_losses = [
+                    lm_loss(logits, shift_left(labels, k, IGNORE_INDEX))
+                    for k, logits in enumerate(mtp_logits, start=1)
+                ]
+                weight = cfg.mtp_loss_weight / cfg.mtp_depth
+                out.mtp_loss = weight * torch.stack(out.mtp_losses).sum()
+                out.loss = out.loss + out.mtp_loss
         return out
+
+    def _runs_mtp(self, mtp: bool | None, labels: Tensor | None, kv_cache: object) -> bool:
+        """Whether this forward runs the multi-token-prediction module."""
+        if mtp is None:
+            return labels is not None and self.cfg.mtp_depth > 0
+        if mtp and self.cfg.mtp_depth == 0:
+            raise ValueError("mtp=True needs a model with multi-token prediction (mtp_depth >= 1)")
+        if mtp and kv_cache is not None:
+            raise ValueError("mtp=True with a kv_cache is not supported: run it without the cache")
+        return mtp
 
     def _head(self, h_BSD: Tensor) -> Tensor:
         if self.lm_head is None:
@@ -141,22 +186,26 @@ class MoETransformer(nn.Module):
                 f"sequence of {end} positions is longer than max_seq_len={self.cfg.max_seq_len}"
             )
 
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE layers, in layer order."""
-        return [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
+    def moe_layers(self, with_mtp: bool = False) -> list[MoELayer]:
+        """The MoE layers of the main model, in layer order; `with_mtp` adds the MTP blocks'."""
+        main = [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
+        return main + self.mtp.moe_layers() if with_mtp else main
 
     def update_expert_bias(self) -> None:
-        """Aux-loss-free balancing step on every MoE layer (call after each optimizer step)."""
-        for layer in self.moe_layers():
+        """Aux-loss-free balancing step on every MoE layer, the MTP blocks' included (call after
+        each optimizer step)."""
+        for layer in self.moe_layers(with_mtp=True):
             layer.update_expert_bias()
 
-    def num_parameters(self, active: bool = False) -> int:
+    def num_parameters(self, active: bool = False, mtp: bool = True) -> int:
         """Total parameters, or with `active` those one token uses: all but the routed experts,
-        plus top_k routed experts per MoE layer. A tied embedding counts once."""
-        total = sum(p.numel() for p in self.parameters())
+        plus top_k routed experts per MoE layer. A tied embedding counts once. mtp=False leaves
+        out the multi-token-prediction module (as DeepSeek-V3's published 671B does)."""
+        params = self.named_parameters()
+        total = sum(p.numel() for name, p in params if mtp or not name.startswith("mtp."))
         if not active:
             return total
-        for layer in self.moe_layers():
+        for layer in self.moe_layers(with_mtp=mtp):
             routed = sum(p.numel() for p in layer.experts.parameters())
             total -= routed - routed // layer.cfg.n_experts * layer.cfg.top_k
         return total
