@@ -15,7 +15,7 @@ from moekit.config.rules import In, NonNegFloat, NonNegInt, invalid
 # What to do about a damaged file of a run directory (config.json, written by `moekit train`).
 RUN_FILE_REMEDY = "restore it from a copy of the run (`moekit train` or `convert` wrote it)"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-FreezePart = Literal["experts", "router", "attention"]
+FreezePart = Literal["experts", "router", "attention", "model", "mtp"]
 FREEZE_PARTS = typing.get_args(FreezePart)
 Beta = Annotated[float, In("[0, 1)")]
 
@@ -101,7 +101,10 @@ class TrainConfig(ConfigBase):
         compile: wrap the model in torch.compile.
         threads: CPU threads for torch; None leaves torch's default.
         freeze: parts left untrained (fine-tuning), any of "experts" (routed and shared), "router"
-            and "attention"; () trains everything. A comma-separated string is read as the list.
+            and "attention" (in the main model and the MTP blocks), "model" (the whole main
+            model, its embedding and head included: --train.freeze=model trains only the
+            multi-token-prediction module) and "mtp" (that module); () trains everything. A
+            comma-separated string is read as the list.
 
     Logging
         log_every: write train metrics (loss averaged over the interval, expert counts summed over

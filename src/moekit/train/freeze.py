@@ -1,5 +1,8 @@
 """Fine-tuning with parts of the model frozen: `train.freeze` lists the parts whose parameters
-get no gradient and are left out of the optimizer."""
+get no gradient and are left out of the optimizer. The parts are the kinds of module (`PARTS`,
+wherever they are) and the two modules of a model with multi-token prediction (`MODULES`): the
+main model, and the MTP module (`mtp.*`; `--train.freeze=model` trains it alone, on a frozen
+model, which is how a model that lacks one gains one)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,13 @@ PARTS = {
     "attention": ("attn",),  # the attention projections (the norms stay trainable)
 }
 
+MODULES = ("model", "mtp")
+
+
+def module_of(name: str) -> str:
+    """ "mtp" for a parameter of the multi-token-prediction module, else "model"."""
+    return "mtp" if name.startswith("mtp.") else "model"
+
 
 def part_of(name: str) -> str:
     """The part a parameter belongs to ("other" for embeddings, norms, dense FFNs, the head)."""
@@ -28,11 +38,13 @@ def part_of(name: str) -> str:
 
 def freeze(model: nn.Module, parts: Sequence[str]) -> None:
     """Set requires_grad=False on every parameter of `parts` (as `train.freeze` lists them)."""
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(FREEZE_PARTS)
     if unknown:
-        raise ValueError(f"cannot freeze {sorted(unknown)}: the parts are {', '.join(PARTS)}")
+        raise ValueError(
+            f"cannot freeze {sorted(unknown)}: the parts are {', '.join(FREEZE_PARTS)}"
+        )
     for name, param in model.named_parameters():
-        if part_of(name) in parts:
+        if part_of(name) in parts or module_of(name) in parts:
             param.requires_grad_(False)
 
 
@@ -45,8 +57,13 @@ def trainable_table(model: nn.Module) -> str:
     trainable = sum(t for t, _ in counts.values())
     lines = [f"{'part':<10} {'trainable':>12} {'frozen':>12}"]
     lines += [f"{p:<10} {t:>12,} {f:>12,}" for p, (t, f) in counts.items() if t + f]
+    mtp = [(p.numel(), p.requires_grad) for n, p in model.named_parameters() if n[:4] == "mtp."]
+    if mtp:
+        on = sum(n for n, grad in mtp if grad)
+        off = sum(n for n, _ in mtp) - on
+        lines.append(f"of which the mtp module: {on:,} trainable, {off:,} frozen")
     lines.append(f"trainable: {trainable:,} of {total:,} ({trainable / max(total, 1):.1%})")
     return "\n".join(lines)
 
 
-assert tuple(PARTS) == FREEZE_PARTS  # the config validates the same names
+assert (*PARTS, *MODULES) == FREEZE_PARTS  # the config validates the same names

@@ -292,7 +292,7 @@ class Trainer:
             out = forward(self.forward_model, batch, self.autocast)
             assert out.loss is not None and out.lm_loss is not None
             (out.loss / t.grad_accum).backward()
-            losses = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach()
+            losses = torch.stack([out.loss, out.lm_loss, out.aux_loss, *out.mtp_losses]).detach()
             mine = losses.to(sum_dtype(losses.device)) / t.grad_accum
             losses_L = mine if losses_L is None else losses_L + mine
             layers = add_layers(layers, [LayerFigures.from_aux(aux) for aux in out.aux])
@@ -386,10 +386,13 @@ class Trainer:
 
 
 def _show_progress(bar: tqdm, seconds: float, tokens: int, record: dict[str, Any]) -> None:
-    """tokens/s of this step; loss and the worst layer's MaxVio of the last logged interval."""
+    """tokens/s of this step; loss, the first MTP depth's loss and the worst layer's MaxVio of
+    the last logged interval."""
     postfix = {"tok/s": f"{tokens / seconds:,.0f}"}
     if record:
         postfix["loss"] = f"{record['loss']:.3f}"
+        if "mtp_loss_1" in record:
+            postfix["mtp"] = f"{record['mtp_loss_1']:.3f}"
         if record["layers"]:
             postfix["maxvio"] = f"{max(layer['max_vio'] for layer in record['layers']):.2f}"
     bar.set_postfix(postfix, refresh=False)

@@ -60,8 +60,9 @@ def add_layers(layers: list[LayerFigures], more: list[LayerFigures]) -> list[Lay
 
 @dataclass
 class StepResult:
-    """One optimizer step, on the model's device: losses_L (loss, lm_loss, aux_loss) averaged
-    over its micro-batches, the gradient norm, and per-layer figures."""
+    """One optimizer step, on the model's device: losses_L (loss, lm_loss, aux_loss, then each
+    multi-token-prediction depth's loss) averaged over its micro-batches, the gradient norm, and
+    per-layer figures (the MTP blocks' MoE layers after the main model's)."""
 
     losses_L: Tensor
     grad_norm: Tensor
@@ -75,7 +76,7 @@ class Interval:
     steps: int = 0
     seconds: float = 0.0
     tokens: int = 0
-    sums: Tensor | None = None  # (loss, lm_loss, aux_loss, grad_norm) summed, on the device
+    sums: Tensor | None = None  # (loss, lm_loss, aux_loss, mtp..., grad_norm) summed, on device
     layers: list[LayerFigures] = field(default_factory=list)
 
     def add(self, result: StepResult, seconds: float, tokens: int) -> None:
@@ -92,14 +93,20 @@ class Interval:
         place the figures are read from the device)."""
         assert self.sums is not None, "an interval without steps has no record"
         rec: dict[str, Any] = {"kind": "train", "step": step}
-        rec |= dict(zip(_LOSSES, (self.sums / self.steps).tolist(), strict=True))
+        rec |= dict(
+            zip(loss_names(len(self.sums) - 4), (self.sums / self.steps).tolist(), strict=True)
+        )
         rec |= {"lr": lr, "tokens": tokens_seen, "seconds": self.seconds}
         rec["tokens_per_s"] = self.tokens / self.seconds
         rec["layers"] = [layer.record() for layer in self.layers]
         return rec
 
 
-_LOSSES = ("loss", "lm_loss", "aux_loss", "grad_norm")
+def loss_names(mtp_depth: int) -> tuple[str, ...]:
+    """The names of a train record's losses: loss, lm_loss, aux_loss, mtp_loss_1 .. mtp_loss_D
+    (each depth's unweighted cross-entropy) and grad_norm."""
+    mtp = tuple(f"mtp_loss_{k}" for k in range(1, mtp_depth + 1))
+    return ("loss", "lm_loss", "aux_loss", *mtp, "grad_norm")
 
 
 class MetricsLog:

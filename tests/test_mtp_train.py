@@ -1,0 +1,74 @@
+"""Training with multi-token prediction: `moekit train --model.mtp_depth=1` logs each depth's
+loss beside the main one and tracks the MTP block's experts like the other layers;
+`--train.freeze=model` trains the MTP module alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tests.run_cases import tiny_run
+
+from moekit.cli import main
+from moekit.config import TrainConfig
+from moekit.model import MoETransformer
+from moekit.train.checkpoint import latest_checkpoint, load_weights
+from moekit.train.freeze import freeze, trainable_table
+from moekit.train.optim import build_optimizer
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_train_with_mtp_logs_each_depth_and_its_experts(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(tiny_run(tmp_path, steps=4, grad_accum=2).to_json())
+    args = ["train", str(tmp_path / "run.json"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--model.mtp_depth=2", "--model.mtp_loss_weight=0.2"]) == 0
+    train = records(tmp_path / "run", "train")
+    assert len(train) == 4
+    for r in train:
+        assert {"loss", "lm_loss", "aux_loss", "mtp_loss_1", "mtp_loss_2", "grad_norm"} <= set(r)
+        weighted = 0.2 / 2 * (r["mtp_loss_1"] + r["mtp_loss_2"])
+        assert abs(r["loss"] - (r["lm_loss"] + r["aux_loss"] + weighted)) < 1e-5
+        assert len(r["layers"]) == 2 + 2  # the tiny model's two MoE layers, then each depth's
+        assert sum(r["layers"][-1]["counts"]) == 2 * 8 * 64 * 2  # grad_accum x tokens x top_k
+    assert train[-1]["mtp_loss_1"] < train[0]["mtp_loss_1"]
+
+
+def test_freezing_the_model_trains_only_the_mtp_module() -> None:
+    cfg = tiny_run(Path("."), steps=1).model.replace(mtp_depth=1)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    freeze(model, ["model"])
+    opt = build_optimizer(model, TrainConfig(lr=1e-2))
+    batch = torch.randint(0, 257, (2, 16))
+    model(batch, labels=batch).loss.backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(before[name], p.detach()) != name.startswith("mtp."), name
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    assert f"of which the mtp module: {mtp:,} trainable, 0 frozen" in trainable_table(model)
+
+
+def test_freezing_mtp_keeps_the_module_and_trains_the_rest() -> None:
+    model = MoETransformer(tiny_run(Path("."), steps=1).model.replace(mtp_depth=1))
+    freeze(model, ["mtp"])
+    assert all(p.requires_grad != n.startswith("mtp.") for n, p in model.named_parameters())
+
+
+def test_train_cli_with_the_model_frozen_moves_only_the_mtp_module(tmp_path: Path) -> None:
+    cfg = tiny_run(tmp_path, steps=2)
+    (tmp_path / "run.json").write_text(cfg.to_json())
+    args = ["train", str(tmp_path / "run.json"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--model.mtp_depth=1", "--train.freeze=model"]) == 0
+    model_cfg = cfg.model.replace(mtp_depth=1)
+    torch.manual_seed(cfg.train.seed)
+    initial, trained = MoETransformer(model_cfg), MoETransformer(model_cfg)
+    load_weights(latest_checkpoint(tmp_path / "run"), trained)
+    assert torch.equal(initial.embed.weight, trained.embed.weight)
+    assert torch.equal(initial.layers[1].ffn.router.weight, trained.layers[1].ffn.router.weight)
+    assert not torch.equal(initial.mtp[0].eh_proj.weight, trained.mtp[0].eh_proj.weight)
