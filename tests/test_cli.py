@@ -51,8 +51,11 @@ def test_bad_value_error_names_the_key_and_the_type() -> None:
 
 
 def test_malformed_override_is_an_error() -> None:
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match=r"'--train\.lr' has no value: write --train\.lr=VALUE"):
         split_override("--train.lr")
+    for item in ("--=3", "--train..lr=3"):
+        with pytest.raises(ValueError, match="malformed"):
+            split_override(item)
 
 
 def test_params_prints_the_parameter_table(capsys) -> None:
@@ -91,6 +94,6 @@ def test_train_saves_the_resolved_config_and_generate_streams(tmp_path: Path, ca
     assert printed == GenerateConfig(prompt="def f(", max_new_tokens=5)
     analyze = ["analyze", str(run), f"--data={JSON_PACKAGE}", "--tokens=300", "--seq_len=32"]
     assert main(analyze) == 0
-    saved = AnalyzeConfig.from_json((run / "analysis/config.json").read_text())
+    saved = AnalyzeConfig.from_json((run / "analysis/analyze_config.json").read_text())
     assert saved == AnalyzeConfig(data=str(JSON_PACKAGE), tokens=300, seq_len=32)
     assert (run / "analysis/report.md").is_file()

@@ -65,10 +65,11 @@ def test_bad_argument_is_one_line_naming_it_and_what_it_must_be(
 
 
 MISSPELT = [
-    (["generate", RUN, "--max-new-tokens", "5"], "'--max-new-tokens' is malformed: write --key"),
+    (["generate", RUN, "--max-new-tokens", "5"], "'--max-new-tokens' has no value: write "
+     "--max-new-tokens=VALUE"),
     (["generate", RUN, "--max-new-tokens=5"], "no field 'max-new-tokens'; its fields are prompt, "
      "max_new_tokens"),
-    (["analyze", RUN, "--tokens", "256"], "'--tokens' is malformed: write --key"),
+    (["analyze", RUN, "--tokens", "256"], "'--tokens' has no value: write --tokens=VALUE"),
 ]  # fmt: skip
 
 

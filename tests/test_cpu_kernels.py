@@ -237,3 +237,14 @@ def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:
     lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
     lib.moekit_linear_f32(x.data_ptr(), 3, 100, w.data_ptr(), 100, 40, None, y.data_ptr())
     torch.testing.assert_close(y, linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_fake_tensors_never_reach_the_kernel() -> None:
+    """Under FakeTensorMode (torch.export, shape propagation) the tensors claim to be CPU float32
+    but have no memory: torch's products run, the C kernel never reads a pointer."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode():
+        y = linear(torch.randn(1, 8), torch.randn(4, 8))
+        z = swiglu_expert(torch.randn(2, 8), torch.randn(12, 8), torch.randn(8, 6))
+    assert (y.shape, z.shape) == ((1, 4), (2, 8))

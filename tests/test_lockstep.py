@@ -135,27 +135,34 @@ def test_designs_are_overrides_of_a_base_trained_side_by_side_once_per_seed(tmp_
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_run_whose_parent_is_killed_stops_as_on_ctrl_c(tmp_path) -> None:
+@pytest.mark.parametrize("parent_dies", ["while the run trains", "before the run asks"])
+def test_a_run_whose_parent_is_killed_stops_as_on_ctrl_c(tmp_path, parent_dies) -> None:
     """run_in_parallel's runs live in process groups of their own: when their parent dies without
-    stopping them (SIGKILL), each gets the Ctrl-C it would have sent, instead of training on."""
-    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    stopping them (SIGKILL), each gets the Ctrl-C it would have sent, instead of training on; also
+    when the parent died while the run was still starting (importing torch takes seconds)."""
+    started, stopped = tmp_path / "started", tmp_path / "stopped"
+    delay = 0 if parent_dies == "while the run trains" else 2
     child = (
-        "import time\n"
+        "import os, sys, time\n"
         "from moekit.train.lockstep import _interrupt_when_parent_dies\n"
-        "_interrupt_when_parent_dies()\n"
-        f"open({str(ready)!r}, 'w').close()\n"
-        "try:\n    time.sleep(120)\n"
+        f"open({str(started)!r}, 'w').close()\n"
+        "try:\n"
+        f"    time.sleep({delay})\n"
+        "    _interrupt_when_parent_dies(int(sys.argv[1]))\n"
+        "    time.sleep(120)\n"
         f"except KeyboardInterrupt:\n    open({str(stopped)!r}, 'w').close()\n"
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", f"import subprocess, sys, time\n"
-         f"subprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(120)"]
+        [sys.executable, "-c", f"import os, subprocess, sys, time\n"
+         f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())])\n"
+         "time.sleep(120)"]
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not ready.exists() and time.monotonic() < deadline:
+        while not started.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert ready.exists(), "the child did not start"
+        assert started.exists(), "the child did not start"
+        time.sleep(0.5 if delay == 0 else 0)  # armed by then, or not yet
     finally:
         parent.kill()
         parent.wait()

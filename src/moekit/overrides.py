@@ -38,8 +38,10 @@ def split_override(item: str) -> tuple[str, str]:
     """ "--a.b=value" -> ("a.b", "value")."""
     body = item[2:] if item.startswith("--") else item
     key, sep, text = body.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {item!r} is malformed: write --key.subkey=value")
+    if not sep:
+        raise ValueError(f"override {item!r} has no value: write {item}=VALUE (one argument)")
     return key, text
 
 

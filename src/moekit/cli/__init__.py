@@ -2,7 +2,8 @@
 
 Each command module holds a `COMMAND` (common.Command): its name, help, arguments and handler.
 Commands whose settings are a config take a preset name or a JSON file plus `--a.b=value`
-overrides (common.resolve_config), print the resolved config and save it beside their outputs.
+overrides (common.resolve_config) and print the resolved config; train saves it in the run
+directory, analyze beside its report (generate writes nothing but the text).
 
     moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]
     moekit generate RUN_DIR [CONFIG.json] --prompt="def fib(" --max_new_tokens=200

@@ -1,6 +1,7 @@
 """`moekit analyze RUN_DIR|HF_DIR [CONFIG.json] [--a.b=value ...] [--out DIR]`: trace a model's
-routing over held-out text; write the report, and its resolved `AnalyzeConfig` as config.json
-beside it."""
+routing over held-out text; write the report, and its resolved `AnalyzeConfig` as
+analyze_config.json beside it (not config.json: --out may be a run or HF directory, whose
+config.json is the model's)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(AnalyzeConfig, args.config, args.overrides)
     print_config(cfg)
     report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
-    atomic_write_text(report.parent / "config.json", cfg.to_json())
+    atomic_write_text(report.parent / "analyze_config.json", cfg.to_json())
     print(f"report: {report}")
     return 0
 

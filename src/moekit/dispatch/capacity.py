@@ -74,7 +74,7 @@ def reroute_overflow(
         expert = candidates_TE[tok, pick]
         accepted = has_room & (rank_within_expert(expert, room_E.numel()) < room_E[expert])
         final_ids[proposer[accepted]] = expert[accepted]
-        room_E -= torch.bincount(expert[accepted], minlength=room_E.numel())
+        room_E -= losses.expert_counts(expert.where(accepted, -1), room_E.numel())
         exhausted = torch.zeros_like(next_T, dtype=torch.bool)
         exhausted[tok[~has_room]] = True
         homeless = homeless[(final_ids[homeless] < 0) & ~exhausted[homeless // K]]

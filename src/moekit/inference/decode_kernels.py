@@ -98,10 +98,14 @@ def _any_requires_grad(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
 def _plain_cpu_float32(t: Tensor) -> bool:
     """A CPU float32 tensor whose data pointer is its data: not meta, not a functorch wrapper."""
     return (
-        t.is_cpu  # 5x cheaper than t.device.type == "cpu"
+        type(t) in _PLAIN  # no subclass: a FakeTensor is "cpu" too, with no memory behind it
+        and t.is_cpu  # 5x cheaper than t.device.type == "cpu"
         and t.dtype == torch.float32
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
@@ -131,9 +135,9 @@ def swiglu_expert(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
 
 def _call(kernel, op, *args):
     """`kernel(*args)` directly in eager decoding, through its torch op `op` (same function) when
-    `torch.compile` traces or a profiler records: the op's dispatch costs ~4 us a call, and a
-    batch-1 decode token makes ~60 calls (measured: 1.42x transformers with every call through
-    the op, see benchmarks/README.md)."""
+    `torch.compile` traces or a profiler records: the op's dispatch and the checks cost ~25 us a
+    call where the direct call with the checks costs ~10, and a batch-1 decode token makes ~60
+    calls (1.42x transformers with every call through the op; benchmarks/README.md)."""
     if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
         return op(*args)
     return kernel(*args)

@@ -142,7 +142,7 @@ def run_in_parallel(
         for name, cfg in configs.items():
             threads = cfg.train.threads or parallel_threads(len(configs))
             train_cfg = cfg.train.replace(threads=threads, progress=False)
-            args = (cfg.replace(train=train_cfg), str(run_dirs[name]))
+            args = (cfg.replace(train=train_cfg), str(run_dirs[name]), os.getpid())
             processes[name] = context.Process(target=_train_one, args=args, name=name)
             processes[name].start()
         ended_well = {0, DIVERGED} if divergence_ends_a_run else {0}
@@ -201,25 +201,25 @@ def _ending(exitcode: int | None) -> str:
     return f"failed with exit code {exitcode}; its error is above"
 
 
-def _interrupt_when_parent_dies() -> None:
-    """A run whose parent was killed (SIGKILL, a test's timeout) stops as on Ctrl-C instead of
-    training on unseen: Linux's PR_SET_PDEATHSIG; elsewhere the parent's `_stop` is the only way."""
+def _interrupt_when_parent_dies(parent: int) -> None:
+    """A run whose parent (pid `parent`) was killed (SIGKILL, a test's timeout) stops as on Ctrl-C
+    instead of training on unseen: Linux's PR_SET_PDEATHSIG; elsewhere the parent's `_stop` is the
+    only way. A parent already gone (killed while this process started) counts too."""
     if sys.platform != "linux":
         return
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
-    if os.getppid() != parent:  # it died before the request was made
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGINT)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _train_one(cfg: RunConfig, run_dir: str) -> None:
+def _train_one(cfg: RunConfig, run_dir: str, parent: int) -> None:
     """One run of `run_in_parallel`, in its own process: exits 130 when interrupted, 3 when it
     diverged, and with a user error as one line (exit 2), as `moekit train` would."""
     os.setpgrp()  # a terminal's Ctrl-C reaches only the parent, which passes on exactly one
-    _interrupt_when_parent_dies()
+    _interrupt_when_parent_dies(parent)
     keep_freed_memory()  # as `moekit train` does; it lasts for this process only
     try:
         result = train(cfg, run_dir)
