@@ -53,6 +53,7 @@ DEEPSEEK = dict(
     qk_rope_head_dim=8,
     qk_nope_head_dim=12,
     v_head_dim=10,
+    num_nextn_predict_layers=0,  # transformers' models have no MTP layer (test_interop_mtp.py)
 )
 
 # case -> (architecture, config class, model class, config overrides); the classes are looked up

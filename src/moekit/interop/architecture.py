@@ -21,6 +21,10 @@ def _no_key(key: str, cfg: ModelConfig) -> bool:
     return False
 
 
+def _no_copies(cfg: ModelConfig) -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One Hugging Face architecture: its names, config map and key map.
@@ -36,6 +40,9 @@ class Architecture:
     ignores: checkpoint keys (of a model of this config) that are not part of the model.
     reads_hidden_act: whether config.json's hidden_act is what the experts compute (then it must
         be "silu").
+    copies: {checkpoint key: checkpoint key it copies} for a model of this config: tensors the
+        format stores twice and moekit once (DeepSeek-V3's MTP layer keeps its own embedding and
+        head); load checks each copy equals its original, save writes it.
     """
 
     model_type: str
@@ -47,6 +54,7 @@ class Architecture:
     keys: KeyMap
     ignores: Callable[[str, ModelConfig], bool] = _no_key
     reads_hidden_act: bool = True
+    copies: Callable[[ModelConfig], dict[str, str]] = _no_copies
 
     def with_defaults(self, hf: HF) -> HF:
         """The config with its aliases renamed and transformers' defaults for the keys it lacks."""
@@ -114,7 +122,15 @@ def forward_signature(cfg: ModelConfig) -> HF:
     signature compute the same function of the same weights."""
     sig: HF = {
         name: getattr(cfg, name)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "norm_eps", "tie_embeddings")
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "norm_eps",
+            "tie_embeddings",
+            "mtp_depth",
+        )
     }
     sig |= {
         "rope_theta": cfg.rope_theta,

@@ -43,4 +43,5 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) 
                 f"{model_cfg.vocab_size}: the checkpoint's files do not belong together"
             )
     model = load_hf(hf_dir, dtype=dtype, progress=True)
+    cfg = cfg.replace(model=model.cfg)  # mtp_depth: the MTP layers the checkpoint holds
     return write_new_run(Path(out), cfg, model, tokenizer if tokenizer.is_file() else None)

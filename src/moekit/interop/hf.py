@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -74,7 +76,11 @@ def hf_model_config(hf: HF) -> ModelConfig:
 
 
 def load_hf(
-    path: str | Path, dtype: torch.dtype | str | None = None, *, progress: bool = False
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    *,
+    progress: bool = False,
+    mtp: bool = True,
 ) -> MoETransformer:
     """A `MoETransformer` (eval mode, on CPU) with the weights of a Hugging Face checkpoint
     directory: config.json plus model.safetensors, or shards listed by
@@ -86,18 +92,25 @@ def load_hf(
     architectures, quantized checkpoints, missing, unexpected or misshapen tensors and truncated
     or corrupt files raise `CheckpointError` before any weight is read. `progress` shows a
     progress bar (bytes read, rate, ETA).
+
+    Multi-token prediction (DeepSeek-V3's layers after the last, `num_nextn_predict_layers`) is
+    loaded into `model.mtp`; its copies of the embedding and head must equal the main ones.
+    mtp=False drops it (with a warning naming what is dropped). A config that declares MTP layers
+    of which the checkpoint holds no tensor (as transformers' save_pretrained writes) loads a
+    model without MTP.
     """
     folder = Path(path)
     hf = read_hf_config(folder)
     arch = architecture_of(hf)
-    cfg = arch.model_config(hf)
     files = find_weight_files(folder)
+    cfg, dropped = _choose_mtp(arch.model_config(hf), files, mtp)
     model = _empty_model(cfg, resolve_dtype(dtype, hf))
-    plan = _plan_load(model, arch, files)
+    plan = _plan_load(model, arch, files, dropped)
     reader = CheckpointReader({k: info.path for k, info in files.items()})
     total = sum(dest.numel() * dest.element_size() for dest, _, _ in plan)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_hf", disable=not progress)
     try:
+        _check_copies(arch, cfg, reader)
         with torch.no_grad():
             for dest, source, keys in plan:
                 OPS[source.op][0](dest, keys, reader)
@@ -134,6 +147,43 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
     return model
 
 
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _choose_mtp(
+    cfg: ModelConfig, files: dict[str, WeightInfo], keep: bool
+) -> tuple[ModelConfig, set[str]]:
+    """The config to load (its mtp_depth what the checkpoint holds and the caller keeps) and the
+    checkpoint keys left out on purpose (the MTP layers' when keep is False)."""
+    first, end = cfg.n_layers, cfg.n_layers + cfg.mtp_depth
+    layers = {k: _LAYER_KEY.match(k) for k in files}
+    mtp = {k for k, m in layers.items() if m is not None and first <= int(m.group(1)) < end}
+    if not mtp:
+        return cfg.replace(mtp_depth=0), set()
+    if not keep:
+        warnings.warn(
+            f"load_hf(mtp=False) drops the checkpoint's multi-token-prediction module "
+            f"({len(mtp)} tensors of model.layers.{first}..{end - 1}); load with mtp=True "
+            "(the default) to keep it",
+            stacklevel=3,
+        )
+        return cfg.replace(mtp_depth=0), mtp
+    return cfg, set()
+
+
+def _check_copies(arch: Architecture, cfg: ModelConfig, reader: CheckpointReader) -> None:
+    """Refuse a checkpoint whose copies (`Architecture.copies`) differ from their originals:
+    moekit keeps one tensor for both."""
+    for copy, original in arch.copies(cfg).items():
+        for rows in reader.row_slices(original):
+            part = None if rows == slice(None) else rows
+            if not torch.equal(reader.read(copy, part), reader.read(original, part)):
+                raise CheckpointError(
+                    f"this {arch.model_type} checkpoint's {copy} differs from {original}: moekit "
+                    "shares one tensor between them, so it loads only equal copies"
+                )
+
+
 def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
     """Checkpoint keys that are not part of the model: the rotary tables older checkpoints kept,
     a tied model's copy of its embedding, and those the architecture ignores."""
@@ -143,16 +193,17 @@ def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
 
 
 def _plan_load(
-    model: MoETransformer, arch: Architecture, files: dict[str, WeightInfo]
+    model: MoETransformer, arch: Architecture, files: dict[str, WeightInfo], dropped: set[str]
 ) -> list[tuple[Tensor, Source, list[str]]]:
     """(moekit tensor, source, checkpoint keys) for every tensor the checkpoint must fill; raises
-    `CheckpointError` listing all missing, unexpected and misshapen tensors at once."""
+    `CheckpointError` listing all missing, unexpected and misshapen tensors at once (`dropped`
+    keys are left out on purpose, the architecture's copies are checked, not loaded)."""
     keymap, cfg = arch.keys, model.cfg
     n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
     plan, used, missing, wrong = [], set(), [], []
     for name, tensor in model.state_dict(keep_vars=True).items():
-        template, layer = template_of(name)
+        template, layer = template_of(name, cfg.n_layers)
         if template not in keymap:
             if name in buffers:
                 continue  # e.g. a correction bias the architecture does not have: stays zero
@@ -171,6 +222,15 @@ def _plan_load(
                 wrong.append(f"{key} has shape {files[key].shape}, the config needs {shape}")
         plan.append((tensor.data, source, keys))
         used.update(keys)
+    for copy, original in arch.copies(cfg).items():
+        if copy not in files:
+            missing.append(copy)
+        elif original in files and files[copy].shape != files[original].shape:
+            wrong.append(
+                f"{copy} has shape {files[copy].shape}, {original} {files[original].shape}"
+            )
+        used.add(copy)
+    used |= dropped
     unexpected = sorted(k for k in files if k not in used and not _ignored(arch, cfg, k))
     _raise_if_any(arch.model_type, missing, unexpected, wrong)
     return plan
@@ -262,7 +322,7 @@ def _save_plan(
     buffers = {name for name, _ in model.named_buffers()}
     out: dict[str, _Pending] = {}
     for name, tensor in model.state_dict().items():
-        template, layer = template_of(name)
+        template, layer = template_of(name, cfg.n_layers)
         if template not in keymap:
             if name in buffers and not tensor.any():
                 continue  # a zero correction bias is the architecture's plain router
@@ -276,12 +336,17 @@ def _save_plan(
         shapes = expected_shapes(source, tuple(tensor.shape), layer, n_experts)
         for key in keys:
             out[key] = _Pending(tensor, source, keys, shapes[key], out_dtype)
+    for copy, original in arch.copies(cfg).items():
+        main = out[original]
+        out[copy] = main._replace(source=Source((copy,)), keys=[copy])
     return out
 
 
 def _materialise(tensors: dict[str, _Pending], names: list[str]) -> dict[str, Tensor]:
-    """The checkpoint tensors of one shard, contiguous and in their output dtype."""
+    """The checkpoint tensors of one shard, contiguous and in their output dtype; a copy
+    (`Architecture.copies`) gets its own memory, as safetensors wants."""
     out: dict[str, Tensor] = {}
+    starts: set[int] = set()
     wanted = set(names)
     for name in names:
         if name in out:
@@ -289,7 +354,9 @@ def _materialise(tensors: dict[str, _Pending], names: list[str]) -> dict[str, Te
         pending = tensors[name]
         for key, value in OPS[pending.source.op][1](pending.tensor.detach(), pending.keys):
             if key in wanted:
-                out[key] = value.to(pending.dtype).contiguous()
+                value = value.to(pending.dtype).contiguous()
+                out[key] = value.clone() if value.data_ptr() in starts else value
+                starts.add(out[key].data_ptr())
     return out
 
 

@@ -44,8 +44,21 @@ LAYOUTS = ("per_expert", "fused")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-def template_of(name: str) -> tuple[str, int | None]:
-    """ "layers.3.attn.q_proj.weight" -> ("layers.{i}.attn.q_proj.weight", 3)."""
+_MTP = re.compile(r"^mtp\.(\d+)\.")
+
+
+def template_of(name: str, n_layers: int) -> tuple[str, int | None]:
+    """ "layers.3.attn.q_proj.weight" -> ("layers.{i}.attn.q_proj.weight", 3). Depth k of the
+    multi-token-prediction module is checkpoint layer n_layers + k (DeepSeek-V3's layer 61): its
+    block's tensors take the layers' templates, its own ones "mtp.{i}.*":
+    "mtp.0.block.attn_norm.weight" -> ("layers.{i}.attn_norm.weight", n_layers),
+    "mtp.0.enorm.weight" -> ("mtp.{i}.enorm.weight", n_layers)."""
+    mtp = _MTP.match(name)
+    if mtp is not None:
+        rest, layer = name[mtp.end() :], n_layers + int(mtp.group(1))
+        if rest.startswith("block."):
+            return "layers.{i}." + rest.removeprefix("block."), layer
+        return "mtp.{i}." + rest, layer
     match = _LAYER.match(name)
     if match is None:
         return name, None

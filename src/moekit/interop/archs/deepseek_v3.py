@@ -1,10 +1,11 @@
 """DeepSeek-V3: multi-head latent attention, sigmoid scores with an auxiliary-loss-free
-correction bias, group-limited routing, shared experts, dense first layers; the checkpoint's
-multi-token-prediction module is not loaded."""
+correction bias, group-limited routing, shared experts, dense first layers, and the
+multi-token-prediction layers after the last (`num_nextn_predict_layers`; the released layer 61):
+`model.layers.{N}.enorm / hnorm / eh_proj / shared_head.norm` and a decoder layer's tensors, plus
+copies of the embedding (`embed_tokens`) and head (`shared_head.head`), which moekit shares with
+the main model (as vLLM's deepseek_mtp.py and transformers' MtpModel do)."""
 
 from __future__ import annotations
-
-import re
 
 from moekit.config import MLAConfig, ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
@@ -49,6 +50,7 @@ def from_hf(hf: HF) -> ModelConfig:
         first_dense=hf["first_k_dense_replace"] or 0,
         attn_bias=bool(hf["attention_bias"]),
         mla=mla,
+        mtp_depth=hf["num_nextn_predict_layers"] or 0,
     )
 
 
@@ -78,7 +80,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
         "v_head_dim": m.v_head_dim,
         "rope_interleave": m.rope_interleave,
         "attention_bias": cfg.attn_bias is True,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": cfg.mtp_depth,
     }
 
 
@@ -104,11 +106,23 @@ def latent_attention_keys() -> KeyMap:
     }
 
 
-def is_prediction_module(key: str, cfg: ModelConfig) -> bool:
-    """The multi-token-prediction module: the layers after the last, which transformers does not
-    load either."""
-    layer = re.match(r"model\.layers\.(\d+)\.", key)
-    return layer is not None and int(layer.group(1)) >= cfg.n_layers
+def mtp_keys() -> KeyMap:
+    """The MTP layers' own tensors (their blocks' take the layers' templates)."""
+    own = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
+    return {
+        f"mtp.{{i}}.{ours}.weight": Source((f"{LAYER}{theirs}.weight",))
+        for ours, theirs in own.items()
+    }
+
+
+def mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+    """Each MTP layer's copies of the embedding and of the head (the embedding when tied)."""
+    head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+    out = {}
+    for layer in range(cfg.n_layers, cfg.n_layers + cfg.mtp_depth):
+        out[f"model.layers.{layer}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"model.layers.{layer}.shared_head.head.weight"] = head
+    return out
 
 
 DEEPSEEK_V3 = Architecture(
@@ -130,8 +144,9 @@ DEEPSEEK_V3 = Architecture(
         "qk_nope_head_dim": 128,
         "v_head_dim": 128,
         "rope_interleave": True,
+        "num_nextn_predict_layers": 1,
     },
-    aliases={"num_local_experts": "n_routed_experts"},
+    aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     from_hf=from_hf,
     to_hf=to_hf,
     keys={  # latent attention, `mlp.shared_experts.*`, the router's correction bias
@@ -140,6 +155,7 @@ DEEPSEEK_V3 = Architecture(
         **mlp_keys(),
         "layers.{i}.ffn.router.expert_bias": Source((MLP + "gate.e_score_correction_bias",)),
         **shared_expert_keys(MLP + "shared_experts."),
+        **mtp_keys(),
     },
-    ignores=is_prediction_module,
+    copies=mtp_copies,
 )
