@@ -99,9 +99,9 @@ def arm_results(run_dir: Path, cfg: RunConfig, diverged: bool) -> dict[str, Any]
     rms = router_logit_rms(run_dir)
     figures["curves"]["logit_rms"] = rms
     figures["logit_rms"] = rms[-1][1] if rms else math.nan
-    counts = parameter_breakdown(cfg.model)
-    return figures | {"diverged": diverged, "params": counts["total"],
-                      "active_params": counts["active"]}  # fmt: skip
+    counts = parameter_breakdown(cfg.model)  # what trains: the MTP module too, where there is one
+    return figures | {"diverged": diverged, "params": counts["total"] + counts["mtp"],
+                      "active_params": counts["active"] + counts["mtp_active"]}  # fmt: skip
 
 
 @torch.no_grad()
