@@ -235,3 +235,19 @@ def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
     for path, said in (("joined.png", "cannot read"), ("other.json", "not a moe_scaling.py")):
         with pytest.raises(SystemExit, match=said):
             bench.main(["--merge", str(tmp_path / path), "--out", str(tmp_path / "x.json")])
+
+
+def test_train_step_profile_times_and_profiles_every_design(tmp_path):
+    bench = load_benchmark("train_step_profile")
+    out = tmp_path / "profile.json"
+    result = bench.main(["--width", "16", "--rounds", "2", "--profiled", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    names = set(load_benchmark("moe_scaling").designs(16))
+    assert set(result["ms_per_step"]) == set(result["profiled_ms_per_step"]) == names
+    assert result["throughput_vs_dense"]["dense"] == 1.0
+    assert all(ms > 0 for ms in result["ms_per_step"].values())
+    ops = result["ops_ms_per_step"]
+    assert 0 < len(ops) <= bench.SHOWN_OPS and "aten::mm" in ops
+    assert all(set(row) == names for row in ops.values())
+    gaps = [row["fine-grained"] - row["dense"] for row in ops.values()]
+    assert gaps == sorted(gaps, reverse=True)  # the fine-grained design's extra time first
