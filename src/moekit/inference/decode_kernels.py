@@ -176,13 +176,13 @@ class KernelLinear(nn.Linear):
 def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
     """Swap the kernels into `model` for generation, in place: every nn.Linear becomes a
     `KernelLinear` sharing its parameters, and the routers' projections, the experts' decode path
-    (resident or offloaded) and a tied LM head run `linear` / `kernel_expert_ffn`. Outputs agree
-    with the plain model's to float32 rounding (the sums run in another order). Returns `model`;
-    `remove_decode_kernels` undoes it."""
+    (resident or offloaded; the MTP blocks' too) and a tied LM head run `linear` /
+    `kernel_expert_ffn`. Outputs agree with the plain model's to float32 rounding (the sums run
+    in another order). Returns `model`; `remove_decode_kernels` undoes it."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             model.set_submodule(name, KernelLinear.sharing(module))
-    for layer in model.moe_layers():
+    for layer in model.moe_layers(with_mtp=True):
         layer.router.linear = linear
         layer.experts.expert_ffn = kernel_expert_ffn
     model.tied_head_linear = linear
@@ -196,7 +196,7 @@ def remove_decode_kernels(model: MoETransformer) -> MoETransformer:
             plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
             plain.weight, plain.bias = module.weight, module.bias
             model.set_submodule(name, plain.train(module.training))
-    for layer in model.moe_layers():
+    for layer in model.moe_layers(with_mtp=True):
         layer.router.linear = F.linear
         layer.experts.expert_ffn = expert_ffn
     model.tied_head_linear = F.linear

@@ -173,3 +173,9 @@ class LayerKVCache:
         self.v_BKLd[:, :, self.length : end] = v_BKSd
         self.length = end
         return self.k_BKLd[:, :, :end], self.v_BKLd[:, :, :end]
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (at most those filled): later ones are overwritten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a KV cache of {self.length} positions to {length}")
+        self.length = length

@@ -4,6 +4,7 @@ forward per new token. Greedy, temperature, top-k and top-p (nucleus) sampling; 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -12,6 +13,9 @@ from moekit.config import ModelConfig
 from moekit.model.attention import LayerKVCache
 from moekit.model.transformer import MoETransformer
 
+if TYPE_CHECKING:
+    from moekit.model.speculative import SpeculativeStats
+
 
 class KVCache:
     """Keys and values of every layer for `batch_size` sequences of up to `max_len` positions,
@@ -19,7 +23,8 @@ class KVCache:
     attention: its latent (batch_size, 1, max_len, kv_lora_rank) and rotary key).
 
     The cache keeps every position; a sliding window is applied by the attention mask, so cached
-    decoding sees exactly what a full forward sees.
+    decoding sees exactly what a full forward sees. With `mtp`, `self.mtp` is one more layer, the
+    first multi-token-prediction depth's own (`MoETransformer.mtp_step`), with its own length.
     """
 
     def __init__(
@@ -30,29 +35,41 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        mtp: bool = False,
     ) -> None:
+        if mtp and cfg.mtp_depth == 0:
+            raise ValueError("KVCache(mtp=True) needs a model with multi-token prediction")
         k_shape = v_shape = (batch_size, cfg.kv_heads, max_len, cfg.d_head)
         if cfg.mla is not None:  # latent attention caches its latent and its shared rotary key
             k_shape = (batch_size, 1, max_len, cfg.mla.kv_lora_rank)
             v_shape = (batch_size, 1, max_len, cfg.mla.qk_rope_head_dim)
-        self.layers = [
-            LayerKVCache(
-                torch.zeros(k_shape, device=device, dtype=dtype),
-                torch.zeros(v_shape, device=device, dtype=dtype),
-            )
-            for _ in range(cfg.n_layers)
-        ]
+
+        def layer() -> LayerKVCache:
+            k = torch.zeros(k_shape, device=device, dtype=dtype)
+            return LayerKVCache(k, torch.zeros(v_shape, device=device, dtype=dtype))
+
+        self.layers = [layer() for _ in range(cfg.n_layers)]
+        self.mtp = layer() if mtp else None
 
     @classmethod
-    def for_model(cls, model: MoETransformer, batch_size: int, max_len: int) -> KVCache:
+    def for_model(
+        cls, model: MoETransformer, batch_size: int, max_len: int, *, mtp: bool = False
+    ) -> KVCache:
         """A cache on the model's device, in its dtype."""
         weight = model.embed.weight
-        return cls(model.cfg, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+        device, dtype = weight.device, weight.dtype
+        return cls(model.cfg, batch_size, max_len, device=device, dtype=dtype, mtp=mtp)
 
     @property
     def length(self) -> int:
         """Positions cached so far (the position of the next token)."""
         return self.layers[0].length
+
+    def crop(self, length: int) -> None:
+        """Forget the main layers' positions from `length` on (speculative decoding's rollback
+        past a rejected draft); the MTP layer crops on its own (`self.mtp.crop`)."""
+        for layer in self.layers:
+            layer.crop(length)
 
 
 def sample_next(
@@ -71,14 +88,21 @@ def sample_next(
     """
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
+    probs_BV = sampling_probs(logits_BV, temperature, top_k, top_p)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(
+    logits_BV: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """The float32 distribution (B, V) that `sample_next` samples from (temperature > 0)."""
     logits_BV = logits_BV.float() / temperature
     if top_k is not None:
         kth_B1 = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
     if top_p is not None:
         logits_BV = logits_BV.masked_fill(_outside_nucleus(logits_BV, top_p), float("-inf"))
-    probs_BV = logits_BV.softmax(dim=-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    return logits_BV.softmax(dim=-1)
 
 
 def _outside_nucleus(logits_BV: Tensor, top_p: float) -> Tensor:
@@ -103,6 +127,9 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     stream: Callable[[Tensor], None] | None = None,
+    speculative: Literal["mtp"] | None = None,
+    draft_tokens: int = 2,
+    stats: SpeculativeStats | None = None,
 ) -> Tensor:
     """Continue the prompts input_ids (B, S) -> the new ids (B, N), N <= max_new_tokens.
 
@@ -113,12 +140,31 @@ def generate(
     `max_seq_len`. The model runs as built (nn.Linear): on CPU, swap in the decode kernels first
     (`moekit.inference.apply_decode_kernels(model)`, as `moekit generate` does), whose GEMV
     streams the weights about twice as fast as MKL's on this project's machine.
+
+    speculative="mtp" decodes with the model's multi-token-prediction head drafting
+    `draft_tokens` tokens a round and one forward of the model verifying them
+    (`moekit.model.speculative`): batch 1; greedy gives plain greedy's tokens, sampling the
+    model's own distribution; `stats`, a `SpeculativeStats`, is filled with what it measured.
     """
     _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     B, S = input_ids.shape
     if max_new_tokens == 0:
         return input_ids.new_empty(B, 0)
+    if speculative is not None or stats is not None:
+        from moekit.model.speculative import check_speculative, speculative_generate
+
+        if speculative != "mtp":
+            raise ValueError(f"speculative={speculative!r} is invalid: must be 'mtp' or None")
+        check_speculative(model, input_ids, draft_tokens)
+        was_training = model.training
+        model.eval()
+        try:
+            args = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "stats": stats}
+            args.update(eos_token_id=eos_token_id, generator=generator, stream=stream)
+            return speculative_generate(model, input_ids, max_new_tokens, draft_tokens, **args)
+        finally:
+            model.train(was_training)
     cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
     finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_ids: list[Tensor] = []

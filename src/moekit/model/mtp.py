@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import AttentionMask
+from moekit.model.attention import AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
 
@@ -72,11 +72,14 @@ class MTPDepth(nn.Module):
         mask: AttentionMask,
         ids_BS: Tensor,
         with_aux: bool,
+        cache: LayerKVCache | None = None,
     ) -> tuple[Tensor, MoEAux | None]:
         """h_BSD: the previous depth's (normed) hidden state; e_BSD: the embeddings of the
-        shifted tokens ids_BS -> this depth's normed hidden state (B, S, D) and its block's aux."""
+        shifted tokens ids_BS -> this depth's normed hidden state (B, S, D) and its block's aux.
+        With `cache` (this depth's own keys and values) the call continues the positions cached
+        so far, as a main block does (`MoETransformer.mtp_step`)."""
         x_BSD = self.eh_proj(torch.cat([self.enorm(e_BSD), self.hnorm(h_BSD)], dim=-1))
-        x_BSD, aux = self.block(x_BSD, rope, mask, None, ids_BS, with_aux)
+        x_BSD, aux = self.block(x_BSD, rope, mask, cache, ids_BS, with_aux)
         return self.norm(x_BSD), aux
 
 

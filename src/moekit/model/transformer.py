@@ -29,8 +29,8 @@ class ModelOutput:
     """What `MoETransformer.forward` returns.
 
     logits: (B, S, vocab_size).
-    aux_loss: float32 scalar, the sum over MoE layers of `aux.loss` (0 for a dense model).
-    aux: one `MoEAux` per MoE layer, in layer order.
+    hidden: (B, S, D), the main model's hidden state after its final norm (what the head and the
+        first MTP depth read).
     aux_loss: float32 scalar, the sum over MoE layers (the MTP blocks' included) of `aux.loss`.
     aux: one `MoEAux` per MoE layer, in layer order, then those of the MTP blocks when they ran.
     lm_loss: mean next-token cross-entropy over the labels that are not -100; None without labels.
@@ -43,6 +43,7 @@ class ModelOutput:
     """
 
     logits: Tensor
+    hidden: Tensor
     aux_loss: Tensor
     aux: list[MoEAux] = field(default_factory=list)
     lm_loss: Tensor | None = None
@@ -145,7 +146,7 @@ class MoETransformer(nn.Module):
         aux_loss = torch.zeros((), device=logits_BSV.device)
         if aux:
             aux_loss = torch.stack([a.loss.float() for a in aux]).sum()
-        out = ModelOutput(logits=logits_BSV, aux_loss=aux_loss, aux=aux, mtp_logits=mtp_logits)
+        out = ModelOutput(logits_BSV, h_BSD, aux_loss, aux, mtp_logits=mtp_logits)
         if labels is not None:
             out.lm_loss = lm_loss(logits_BSV, labels)
             out.loss = out.lm_loss + aux_loss
@@ -166,8 +167,35 @@ class MoETransformer(nn.Module):
         if mtp and self.cfg.mtp_depth == 0:
             raise ValueError("mtp=True needs a model with multi-token prediction (mtp_depth >= 1)")
         if mtp and kv_cache is not None:
-            raise ValueError("mtp=True with a kv_cache is not supported: run it without the cache")
+            raise ValueError(
+                "mtp=True with a kv_cache is not supported: a cached MTP depth runs through "
+                "mtp_step(out.hidden, next_ids, kv_cache), once the next tokens are known"
+            )
         return mtp
+
+    def mtp_step(
+        self, h_BSD: Tensor, next_ids_BS: Tensor, kv_cache: KVCache
+    ) -> tuple[Tensor, Tensor]:
+        """The first MTP depth continuing its own keys and values, `kv_cache.mtp`: h_BSD (B, S, D)
+        the hidden states at the positions kv_cache.mtp.length onwards (the main model's after its
+        final norm, `ModelOutput.hidden`, or this depth's own output when drafting further ahead),
+        next_ids_BS (B, S) the token after each of them -> logits (B, S, vocab_size) scoring the
+        token two after each position, and the depth's output hidden state (B, S, D). Position i
+        sees what a full forward's depth 1 sees at i when its inputs are the same; speculative
+        decoding drafts with it (`moekit.model.speculative`)."""
+        cache = kv_cache.mtp
+        if cache is None:
+            raise ValueError(
+                "kv_cache has no MTP layer: build it with KVCache.for_model(model, ..., mtp=True)"
+            )
+        cfg = self.cfg
+        start, S = cache.length, h_BSD.shape[1]
+        positions_S = torch.arange(start, start + S, device=h_BSD.device)
+        rope = rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        mask = attention_mask(start, S, cfg.layer_window(cfg.n_layers - 1), h_BSD.device)
+        e_BSD = self.embed(next_ids_BS)
+        h_BSD, _ = self.mtp[0](h_BSD, e_BSD, rope, mask, next_ids_BS, False, cache)
+        return self._head(h_BSD), h_BSD
 
     def _head(self, h_BSD: Tensor) -> Tensor:
         if self.lm_head is None:
