@@ -13,6 +13,7 @@ from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
 from moekit.loading import load
+from moekit.model.speculative import SpeculativeStats, check_speculative
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -32,8 +33,15 @@ def run(args: argparse.Namespace) -> int:
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error
     use_huge_pages(loaded.model.parameters())  # decode streams every weight per token (cpu_memory)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
+    stats = None
+    if cfg.speculative is not None:
+        check_speculative(loaded.model, 1, cfg.draft_tokens)  # before any text is printed
+        stats = SpeculativeStats()
+        sampling.update(speculative=cfg.speculative, draft_tokens=cfg.draft_tokens, stats=stats)
     stream_text(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens, seed=cfg.seed,
                 **sampling)  # fmt: skip
+    if stats is not None:
+        print(stats.format(), file=sys.stderr)
     if loaded.offload is not None:
         loaded.offload.close()
         print(format_stats(loaded.offload.stats()))

@@ -38,6 +38,10 @@ class GenerateConfig(ConfigBase):
     top_k: sample among the k likeliest tokens; 0 or None turns it off.
     top_p: sample among the likeliest tokens holding this probability; 1 turns it off.
     seed: seeds the sampler.
+    speculative: "mtp" drafts with the model's multi-token-prediction head and verifies the drafts
+        in one forward (greedy output unchanged, sampling from the same distribution; batch 1);
+        None decodes one token per forward.
+    draft_tokens: tokens the head drafts per verification (with speculative).
     """
 
     prompt: str = ""
@@ -46,6 +50,8 @@ class GenerateConfig(ConfigBase):
     top_k: NonNegInt | None = 50
     top_p: Annotated[float, In("(0, 1]")] = 0.95
     seed: Annotated[int, In("[0, 2**64)")] = 0
+    speculative: Literal["mtp"] | None = None
+    draft_tokens: int = 2
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 

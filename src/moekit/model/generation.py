@@ -156,7 +156,7 @@ def generate(
 
         if speculative != "mtp":
             raise ValueError(f"speculative={speculative!r} is invalid: must be 'mtp' or None")
-        check_speculative(model, input_ids, draft_tokens)
+        check_speculative(model, B, draft_tokens)
         was_training = model.training
         model.eval()
         try:

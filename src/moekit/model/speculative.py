@@ -90,7 +90,7 @@ class SpeculativeStats:
         )
 
 
-def check_speculative(model: MoETransformer, input_ids: Tensor, draft_tokens: int) -> None:
+def check_speculative(model: MoETransformer, batch_size: int, draft_tokens: int) -> None:
     """One-line errors for what speculative decoding cannot run."""
     if model.cfg.mtp_depth == 0:
         raise ValueError(
@@ -98,10 +98,10 @@ def check_speculative(model: MoETransformer, input_ids: Tensor, draft_tokens: in
             "mtp_depth=0: train one with --model.mtp_depth=1, or add a head to a trained model by "
             "training only it (--model.mtp_depth=1 --train.freeze=model)"
         )
-    if input_ids.shape[0] != 1:
+    if batch_size != 1:
         raise ValueError(
-            f"speculative decoding runs one sequence at a time, got a batch of "
-            f"{input_ids.shape[0]}: generate each prompt on its own, or without speculative"
+            f"speculative decoding runs one sequence at a time, got a batch of {batch_size}: "
+            "generate each prompt on its own, or without speculative"
         )
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens!r} is invalid: must be an integer >= 1")

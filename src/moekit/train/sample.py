@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -59,9 +60,11 @@ def sample_text(
     top_p: float | None = 0.95,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
+    **speculative: Any,
 ) -> str:
     """Continue `prompt` by up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len);
-    returns the new text, and passes each new piece of it to `on_text` as it is made."""
+    returns the new text, and passes each new piece of it to `on_text` as it is made.
+    `speculative`: generate's speculative, draft_tokens and stats."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
     eos = eos_id(tokenizer)
@@ -83,6 +86,7 @@ def sample_text(
         eos_token_id=eos,
         generator=torch.Generator().manual_seed(seed),
         stream=stream,
+        **speculative,
     )
     return stream.text
 
