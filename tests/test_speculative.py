@@ -65,6 +65,8 @@ def test_a_cache_cannot_crop_beyond_what_it_holds() -> None:
         cache.crop(3)
     with pytest.raises(ValueError, match=r"KVCache\(mtp=True\) needs a model with multi-token"):
         KVCache(TINY.replace(mtp_depth=0), 1, 8, mtp=True)
+    with pytest.raises(ValueError, match=r"a cached MTP depth runs through mtp_step"):
+        model_of(TINY)(prompt(2), kv_cache=KVCache(TINY, 1, 8, mtp=True), mtp=True)
     with pytest.raises(ValueError, match="kv_cache has no MTP layer"):
         model_of(TINY).mtp_step(torch.zeros(1, 1, 48), torch.zeros(1, 1, dtype=torch.long),
                                 KVCache(TINY, 1, 8))  # fmt: skip
