@@ -6,8 +6,9 @@ interleaved step by step in one process, timed and then profiled by operator.
     python benchmarks/train_step_profile.py --threads 2 --width 88
 
 The base run is the `experiment` preset with 2 layers of 2 heads (the scaling study's), 16 x 128
-tokens a step. Timing: `--rounds` rounds after a warm-up, each design's step once per round in
-turn; the median ms per step and the throughput ratio to dense (ratio of medians). Profile:
+tokens a step, freed memory kept for reuse as `moekit train` does. Timing: `--rounds` rounds after
+a warm-up, each design's step once per round, the order rotating every round; the median ms per
+step and the throughput ratio to dense (ratio of medians). Profile:
 `torch.profiler` over `--profiled` further rounds, each step profiled on its own; per operator the
 self CPU milliseconds per step, for every design, sorted by how much more the fine-grained design
 spends than dense. Run it alone (under the CPU lock): ratios are what it measures, and another job
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_scaling import BASE, designs
 from moekit.config import RunConfig
+from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 from moekit.model.transformer import MoETransformer
@@ -66,8 +68,10 @@ def measure(width: int, rounds: int, profiled: int) -> dict:
         for _ in range(5):
             step(model, optimizer, batch_BS)
     seconds = {name: [] for name in built}
-    for _ in range(rounds):
-        for name, (model, optimizer, _) in built.items():
+    names = list(built)
+    for r in range(rounds):  # the order rotates every round: no design always follows another
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            model, optimizer, _ = built[name]
             start = time.perf_counter()
             step(model, optimizer, batch_BS)
             seconds[name].append(time.perf_counter() - start)
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the training commands do: freed memory is reused, not page-faulted
     result = {
         "benchmark": "train_step_profile",
         "machine": machine_info(),
