@@ -166,6 +166,20 @@ def test_decode_benchmark_quick(tmp_path):
         for name in ("moekit", "moekit_without_kernels", "transformers_eager"):
             assert runs[name]["decode_tokens_per_s"] > 0 and runs[name]["prefill_s"] > 0
     assert "moekit decodes" in result["note"]
+    spec = result["speculative"]  # a briefly trained MTP model, drafting 1 and 2 tokens
+    assert spec["training"]["steps"] > 0 and spec["training"]["final_logged"]["mtp_loss_1"] > 0
+    assert spec["all_same_tokens"], spec["same_tokens"]  # drafting changes no greedy token
+    assert {"moekit", "moekit_mtp_1", "moekit_mtp_2"} <= set(spec["same_tokens"])
+    for n, d in spec["draft_tokens"].items():
+        assert len(d["acceptance_by_position"]) == int(n)
+        assert 0 <= d["acceptance_first_position"] <= 1
+        assert 1 <= d["mean_accepted_length"] <= int(n) + 1
+        assert d["speedup_vs_plain"] > 0 and d["bound_speedup"] == d["mean_accepted_length"]
+        assert d["cost_model_speedup"] > 0 and d["in_run_seconds"]["draft_step_s"] > 0
+    assert 0 <= spec["teacher_forced_first_draft_agreement"] <= 1
+    # transformers' generate(use_mtp=True) on the same weights, or why it could not run
+    assert ("transformers_eager_use_mtp" in spec) == spec["transformers_use_mtp"].startswith("ran")
+    assert spec["checks"]["best_draft_tokens"] in (1, 2)
 
 
 @pytest.mark.slow
