@@ -28,7 +28,7 @@ def test_every_arm_is_a_valid_config_with_the_paper_sizes(name: str, preset: str
     base = RunConfig.preset(preset)
     arms = dict(EXPERIMENTS[name].arms(base))
     cfgs = {arm: apply_overrides(base, ov) for arm, ov in arms.items()}
-    assert len(cfgs) >= 4
+    assert len(cfgs) >= 3
     for _, good, bad in EXPERIMENTS[name].checks:
         assert good in cfgs and bad in cfgs
 
@@ -96,6 +96,7 @@ REQUIRED = {
     "granularity": (("val_loss", "loss_at_equal_time", "tokens_per_s"), ("loss_time.png",)),
     "z-loss": (("logit_rms", "spikes", "diverged", "steps"), ("logit_rms.png",)),
     "capacity": (("dropped_fraction", "val_loss", "tokens_per_s"), ("dropped_fraction.png",)),
+    "mtp": (("val_loss", "loss_at_equal_time", "mtp_accuracy", "mtp_acceptance"), ()),
 }
 
 
@@ -110,6 +111,10 @@ def fake_run(loss: float) -> dict:
         "diverged": False,
         "params": 9,
         "active_params": 5,
+        "mtp_accuracy": 0.3,
+        "mtp_error": 0.7,
+        "mtp_acceptance": 0.6,
+        "mtp_rejection": 0.4,
     }
 
 
@@ -172,3 +177,30 @@ def test_experiment_cli_refuses_an_unknown_name(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "nonsense"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_mtp_arms_and_their_head_figures(tmp_path: Path):
+    """`moekit experiment mtp`: lambda 0.3 and 0.1 against no MTP; an arm's MTP-head accuracy
+    and decode acceptance come from its last checkpoint (NaN without a head)."""
+    from moekit.experiments.arms import mtp
+    from moekit.experiments.runner import mtp_figures
+    from moekit.train import train
+
+    base = RunConfig.preset("experiment")
+    cfgs = {arm: apply_overrides(base, ov).model for arm, ov in mtp(base)}
+    assert [(c.mtp_depth, c.mtp_loss_weight) for c in cfgs.values()][1:] == [(1, 0.3), (1, 0.1)]
+    assert cfgs["no-mtp"].mtp_depth == 0
+    source = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+    data = DataConfig(source=source, tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
+    t = TrainConfig(steps=2, batch_size=2, seq_len=32, warmup_steps=1, log_every=1,
+                    progress=False, tensorboard=False, data=data,
+                    eval=EvalConfig(every=2, batches=1))  # fmt: skip
+    model = ModelConfig.preset("tiny").replace(vocab_size=257, mtp_depth=1)
+    cfg = RunConfig(model=model, train=t)
+    train(cfg, tmp_path / "run")
+    figures = mtp_figures(tmp_path / "run", cfg)
+    assert 0 <= figures["mtp_accuracy"] <= 1 and 0 <= figures["mtp_acceptance"] <= 1
+    assert figures["mtp_error"] == pytest.approx(1 - figures["mtp_accuracy"])
+    assert figures["mtp_rejection"] == pytest.approx(1 - figures["mtp_acceptance"])
+    plain = cfg.replace(model=model.replace(mtp_depth=0))
+    assert all(math.isnan(v) for v in mtp_figures(tmp_path / "run", plain).values())

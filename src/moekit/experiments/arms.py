@@ -31,6 +31,7 @@ class Experiment:
     steps: int = 2600
     curve: str | None = None  # a per-step figure worth its own plot (runner.CURVES)
     settings: tuple[str, ...] = ()  # overrides of the base for every arm, before the user's
+    columns: tuple[str, ...] = ()  # report columns of this experiment's own (runner.COLUMNS too)
 
 
 def _moe(base: RunConfig) -> tuple[int, int, int]:
@@ -97,6 +98,14 @@ def capacity(base: RunConfig) -> list[Arm]:
     ]
 
 
+def mtp(base: RunConfig) -> list[Arm]:
+    """DeepSeek-V3's multi-token prediction, one depth, at lambda 0.3 (V3's first 10T tokens)
+    and 0.1 (its last 4.8T), against the base without it; equal steps."""
+    d, w = "--model.mtp_depth", "--model.mtp_loss_weight"
+    return [("no-mtp", [f"{d}=0"]), ("mtp-0.3", [f"{d}=1", f"{w}=0.3"]),
+            ("mtp-0.1", [f"{d}=1", f"{w}=0.1"])]  # fmt: skip
+
+
 EXPERIMENTS = {
     e.name: e
     for e in [
@@ -134,5 +143,14 @@ EXPERIMENTS = {
                    (("dropped_fraction", "cf-1.0", "cf-0.5"), ("val_loss", "cf-1.0", "cf-0.5"),
                     ("val_loss", "cf-2.0", "cf-1.0"), ("val_loss", "dropless", "cf-0.5"),
                     ("val_loss", "dropless", "cf-2.0")), curve="dropped_fraction"),
+        Experiment("mtp", "Training with multi-token prediction lowers the main model's loss "
+                   "at equal steps (DeepSeek-V3 2.2 and its ablation; at small scale the "
+                   "literature finds the effect small or negative: Gloeckle 2024); a heavier MTP "
+                   "loss trains a more accurate head, whose drafts are accepted more often at "
+                   "decode.", mtp,
+                   (("val_loss", "mtp-0.3", "no-mtp"), ("val_loss", "mtp-0.1", "no-mtp"),
+                    ("mtp_error", "mtp-0.3", "mtp-0.1"),
+                    ("mtp_rejection", "mtp-0.3", "mtp-0.1")),
+                   columns=("mtp_accuracy", "mtp_acceptance")),
     ]
 }  # fmt: skip

@@ -100,8 +100,9 @@ def arm_results(run_dir: Path, cfg: RunConfig, diverged: bool) -> dict[str, Any]
     figures["curves"]["logit_rms"] = rms
     figures["logit_rms"] = rms[-1][1] if rms else math.nan
     counts = parameter_breakdown(cfg.model)  # what trains: the MTP module too, where there is one
-    return figures | {"diverged": diverged, "params": counts["total"] + counts["mtp"],
-                      "active_params": counts["active"] + counts["mtp_active"]}  # fmt: skip
+    return figures | mtp_figures(run_dir, cfg) | {
+        "diverged": diverged, "params": counts["total"] + counts["mtp"],
+        "active_params": counts["active"] + counts["mtp_active"]}  # fmt: skip
 
 
 @torch.no_grad()
@@ -131,6 +132,40 @@ def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
     for hook in hooks:
         hook.remove()
     return curve
+
+
+MTP_PROMPTS, MTP_PROMPT_TOKENS, MTP_NEW_TOKENS = 4, 32, 32
+
+
+@torch.no_grad()
+def mtp_figures(run_dir: Path, cfg: RunConfig) -> dict[str, float]:
+    """With the last checkpoint's weights: the first MTP depth's top-1 accuracy on the token two
+    ahead over one fixed validation batch, and the acceptance rate of its drafts in greedy
+    self-speculative decoding (one draft a round) of `MTP_NEW_TOKENS` tokens after each of
+    `MTP_PROMPTS` validation prompts; error and rejection are 1 minus each (the checks read lower
+    as better). NaN without an MTP head or a checkpoint."""
+    nan = {"mtp_accuracy": math.nan, "mtp_error": math.nan, "mtp_acceptance": math.nan,
+           "mtp_rejection": math.nan}  # fmt: skip
+    if cfg.model.mtp_depth == 0 or not list_checkpoints(run_dir):
+        return nan
+    from moekit.model.generation import generate
+    from moekit.model.speculative import SpeculativeStats
+
+    cfg, model, _ = load_run(run_dir)
+    model.eval()
+    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
+    batch = fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
+    logits = model(batch, mtp=True, with_aux=False).mtp_logits[0]  # position i: token i + 2
+    accuracy = float((logits[:, :-2].argmax(-1) == batch[:, 2:]).float().mean())
+    accepted = proposed = 0
+    for prompt in batch[:MTP_PROMPTS, :MTP_PROMPT_TOKENS]:
+        stats = SpeculativeStats()
+        generate(model, prompt[None], MTP_NEW_TOKENS, speculative="mtp", draft_tokens=1,
+                 stats=stats)  # fmt: skip
+        accepted, proposed = accepted + stats.accepted[0], proposed + stats.proposed[0]
+    acceptance = accepted / proposed if proposed else math.nan
+    return {"mtp_accuracy": accuracy, "mtp_error": 1 - accuracy, "mtp_acceptance": acceptance,
+            "mtp_rejection": 1 - acceptance}  # fmt: skip
 
 
 def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,12 +234,13 @@ def report_text(
 ) -> str:  # fmt: skip
     """The report: prediction, how it ran, arms table (mean over seeds), plots, and the measured
     direction of every check."""
+    columns = (*COLUMNS, *exp.columns)
     lines = [f"# Experiment: {exp.name}", "", f"Prediction: {exp.prediction}", "",
              *_setup_lines(base, run), "",
-             "| arm | " + " | ".join(COLUMNS) + " | diverged |",
-             "|---" * (len(COLUMNS) + 2) + "|"]  # fmt: skip
+             "| arm | " + " | ".join(columns) + " | diverged |",
+             "|---" * (len(columns) + 2) + "|"]  # fmt: skip
     for arm, runs in results.items():
-        cells = [_fmt(_mean([r[c] for r in runs if r.get(c) is not None])) for c in COLUMNS]
+        cells = [_fmt(_mean([r[c] for r in runs if r.get(c) is not None])) for c in columns]
         diverged = sum(r["diverged"] for r in runs)
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {diverged}/{len(runs)} |")
     lines += ["", COLUMN_NOTES, "", "## Measured direction", "",
@@ -252,7 +288,12 @@ COLUMN_NOTES = (
     "sqrt(mean logsumexp^2) on a fixed validation batch with the last checkpoint's weights; "
     f"spikes the logged train losses above {SPIKE} x the lowest before them; tokens_per_s and "
     "seconds of training steps (evaluation excluded; the machine is shared, so timings carry "
-    "its load); steps the last step reached (fewer when the arm diverged); active_params per token."
+    "its load); steps the last step reached (fewer when the arm diverged); active_params per "
+    "token. Where an arm has an MTP head: mtp_accuracy its first depth's top-1 accuracy on the "
+    "token two ahead over a fixed validation batch, mtp_acceptance the share of its drafts "
+    f"accepted in greedy self-speculative decoding (one draft a round, {MTP_NEW_TOKENS} tokens "
+    f"after each of {MTP_PROMPTS} validation prompts), both with the last checkpoint's weights; "
+    "mtp_error and mtp_rejection are 1 minus each."
 )
 
 
