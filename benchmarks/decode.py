@@ -435,6 +435,53 @@ def round_costs(model, prompt, n_new: int, n: int) -> dict:
     }
 
 
+SAMPLING_TEMPERATURE = 0.8
+
+
+def sampled_contenders(model, prompt, n_new: int, repeats: int, drafts: tuple[int, ...]) -> dict:
+    """Sampling at temperature 0.8 (the continuation varies instead of looping as greedy's
+    does): plain against MTP drafting of each count, side by side, each call's generator seeded
+    alike; tokens differ by design (the accept/reject rule keeps the distribution, tested in
+    tests/test_speculative*.py). Acceptance and mean accepted length over all the timed calls."""
+    from moekit.model.generation import generate
+    from moekit.model.speculative import SpeculativeStats
+
+    t = SAMPLING_TEMPERATURE
+    totals = {n: {"proposed": [0] * n, "accepted": [0] * n, "verifications": 0} for n in drafts}
+
+    def spec(x, k, n):
+        stats = SpeculativeStats()
+        out = generate(model, x, k, temperature=t, speculative="mtp", draft_tokens=n,
+                       stats=stats, generator=torch.Generator().manual_seed(k))  # fmt: skip
+        if k == n_new:
+            tot = totals[n]
+            tot["proposed"] = [a + b for a, b in zip(tot["proposed"], stats.proposed, strict=True)]
+            tot["accepted"] = [a + b for a, b in zip(tot["accepted"], stats.accepted, strict=True)]
+            tot["verifications"] += stats.verifications
+        return out
+
+    def plain(x, k):
+        return generate(model, x, k, temperature=t, generator=torch.Generator().manual_seed(k))
+
+    gens = {"moekit": plain}
+    for n in drafts:
+        gens[f"moekit_mtp_{n}"] = lambda x, k, n=n: spec(x, k, n)
+    runs = side_by_side(gens, prompt, n_new, repeats)
+    for r in runs.values():
+        r.pop("tokens")
+    base = runs["moekit"]["decode_tokens_per_s"]
+    out: dict = {"temperature": t, **runs, "draft_tokens": {}}
+    for n in drafts:
+        tot = totals[n]
+        rates = [a / p if p else 0.0 for a, p in zip(tot["accepted"], tot["proposed"], strict=True)]
+        out["draft_tokens"][str(n)] = {
+            "acceptance_by_position": rates,
+            "mean_accepted_length": 1 + sum(tot["accepted"]) / max(tot["verifications"], 1),
+            "speedup_vs_plain": runs[f"moekit_mtp_{n}"]["decode_tokens_per_s"] / base,
+        }
+    return out
+
+
 def teacher_forced_agreement(model, ids) -> float:
     """On a text (1, S), the share of positions where the MTP head's argmax for the token two
     ahead equals the main model's argmax for it one position later: the first draft's greedy
@@ -533,6 +580,7 @@ def speculative(quick: bool) -> dict:
             "round_cost_in_decode_steps": cost,
             "cost_model_speedup": length / cost,
         }
+    sampled = sampled_contenders(fast, prompt, n_new, repeats, drafts)
     window = torch.tensor([tokenizer.encode(text).ids[:256]])
     agreement = teacher_forced_agreement(fast, window)
     best = max(per_draft, key=lambda n: per_draft[n]["speedup_vs_plain"])
@@ -548,6 +596,7 @@ def speculative(quick: bool) -> dict:
         **runs,
         "generated_text": tokenizer.decode(tokens["moekit"][0].tolist()),
         "teacher_forced_first_draft_agreement": agreement,
+        "sampled": sampled,
         "same_tokens": same,
         "all_same_tokens": all(same.values()),
         "draft_tokens": per_draft,
