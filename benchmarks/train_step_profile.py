@@ -83,18 +83,16 @@ def measure(width: int, rounds: int, profiled: int) -> dict:
                 step(model, optimizer, batch_BS)
             for event in prof.key_averages():
                 ops[name][event.key] += event.self_cpu_time_total / 1e3 / profiled
-    dense, fine = ops["dense"], ops["fine-grained"]
-    order = sorted(set(dense) | set(fine), key=lambda op: dense.get(op, 0) - fine.get(op, 0))
+    table = {op: {name: round(ops[name].get(op, 0.0), 3) for name in built}
+             for op in set(ops["dense"]) | set(ops["fine-grained"])}  # fmt: skip
+    order = sorted(table, key=lambda op: table[op]["dense"] - table[op]["fine-grained"])
     return {
         "width": width,
         "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
         "ms_per_step": ms_per_step,
         "throughput_vs_dense": {n: ms_per_step["dense"] / ms for n, ms in ms_per_step.items()},
         "profiled_ms_per_step": {name: sum(c.values()) for name, c in ops.items()},
-        "ops_ms_per_step": {
-            op: {name: round(ops[name].get(op, 0.0), 3) for name in built}
-            for op in order[:SHOWN_OPS]
-        },
+        "ops_ms_per_step": {op: table[op] for op in order[:SHOWN_OPS]},
     }
 
 
