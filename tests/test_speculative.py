@@ -203,9 +203,10 @@ def exact_distribution(model, x, temperature, top_k, top_p) -> tuple[torch.Tenso
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, None), (0.7, 3, 0.9)])
 def test_sampled_speculative_output_follows_the_models_distribution(temperature, top_k, top_p):
     """With 2 drafts a round and 4 tokens, tokens 2-3 are drafts accepted or resampled and token 4
-    a bonus or a correction. Their empirical distribution over 2000 seeds is within total
-    variation 0.06 of the exact one (measured: 0.004-0.02, as plain sampling's 0.004-0.016),
-    while accepting every draft lands over 0.5 away (measured: 0.9-1.0): the bound has power."""
+    a bonus or a correction. Their empirical distribution over 1000 seeds is within total
+    variation 0.06 of the exact one (measured: 0.003-0.023; at 2000 seeds 0.004-0.02, as plain
+    sampling's 0.004-0.016), while accepting every draft lands over 0.5 away (measured: 0.9-1.0):
+    the bound has power."""
     cfg = TINY.replace(vocab_size=4, moe=None)
     model = model_of(cfg, seed=1)
     model.init_weights(std=0.4)  # peaked, different main and draft distributions
@@ -225,7 +226,7 @@ def test_sampled_speculative_output_follows_the_models_distribution(temperature,
             accepted_first += stats.acceptance_rates[0]
         return counts3 / n, counts4 / n, accepted_first / n
 
-    got3, got4, accepted_first = empirical(2000)
+    got3, got4, accepted_first = empirical(1000)
     tv3, tv4 = 0.5 * (got3 - joint3).abs().sum(), 0.5 * (got4 - fourth).abs().sum()
     assert tv3 < 0.06 and tv4 < 0.06, (tv3, tv4)
     assert 0.1 < accepted_first < 0.9  # both branches of the rule ran
@@ -235,5 +236,5 @@ def test_sampled_speculative_output_follows_the_models_distribution(temperature,
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(speculative, "_accept_sampled", accept_all)
-        naive3, _, _ = empirical(300)
+        naive3, _, _ = empirical(200)
     assert 0.5 * (naive3 - joint3).abs().sum() > 0.5
