@@ -151,30 +151,28 @@ def generate(
     B, S = input_ids.shape
     if max_new_tokens == 0:
         return input_ids.new_empty(B, 0)
-    if speculative is not None or stats is not None:
+    speculate = speculative is not None or stats is not None
+    if speculate:
+        # imported here: moekit.model.speculative builds on this module (KVCache, sample_next)
         from moekit.model.speculative import check_speculative, speculative_generate
 
         if speculative != "mtp":
             raise ValueError(f"speculative={speculative!r} is invalid: must be 'mtp' or None")
         check_speculative(model, B, draft_tokens)
-        was_training = model.training
-        model.eval()
-        try:
+    was_training = model.training
+    model.eval()
+    try:
+        if speculate:
             args = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "stats": stats}
             args.update(eos_token_id=eos_token_id, generator=generator, stream=stream)
             return speculative_generate(model, input_ids, max_new_tokens, draft_tokens, **args)
-        finally:
-            model.train(was_training)
-    cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
-    finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    new_ids: list[Tensor] = []
-    was_training = model.training
-    model.eval()
+        cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
+        finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new_ids: list[Tensor] = []
 
-    def next_logits(ids_BS: Tensor) -> Tensor:  # (B, S) -> (B, V)
-        return model(ids_BS, kv_cache=cache, with_aux=False).logits[:, -1]
+        def next_logits(ids_BS: Tensor) -> Tensor:  # (B, S) -> (B, V)
+            return model(ids_BS, kv_cache=cache, with_aux=False).logits[:, -1]
 
-    try:
         logits_BV = next_logits(input_ids)
         for step in range(max_new_tokens):
             sampled_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
@@ -189,9 +187,9 @@ def generate(
                 break
             # Ended rows still run (their outputs are replaced by padding): feed them a real token.
             logits_BV = next_logits(sampled_B[:, None])
+        return torch.stack(new_ids, dim=1)
     finally:
         model.train(was_training)
-    return torch.stack(new_ids, dim=1)
 
 
 def _check_generate_args(
