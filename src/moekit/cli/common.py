@@ -76,11 +76,13 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
         if not path.is_file():
             raise FileNotFoundError(f"config file {spec} does not exist")
         kind = RUN_FILE_IS if cls is RunConfig else f"{cls.__name__}, as the command prints it"
-        data = read_json(path, f"fix it: a config file is one JSON object, a {kind}")
-        if cls is RunConfig and "model" not in data:
-            cfg: Any = RunConfig(model=config_from_data(ModelConfig, data, path))
+        remedy = f"fix it: a config file is one JSON object, a {kind}"
+        if cls is not RunConfig:
+            cfg: Any = cls.from_file(path, remedy)
+        elif "model" not in (data := read_json(path, remedy)):
+            cfg = RunConfig(model=config_from_data(ModelConfig, data, path))
         else:
-            cfg = config_from_data(cls, data, path)
+            cfg = config_from_data(RunConfig, data, path)
     else:
         cfg = RunConfig.preset(spec or DEFAULT_PRESET) if cls is RunConfig else cls()
     return apply_overrides(cfg, overrides)

@@ -121,9 +121,8 @@ class MoETransformer(nn.Module):
         run_mtp = self._runs_mtp(mtp, labels, kv_cache)
         S = input_ids.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
-        positions_S = torch.arange(start, start + S, device=input_ids.device)
         cfg = self.cfg
-        rope = rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        rope = self._rope(start, S, input_ids.device)
         windows = {cfg.layer_window(i) for i in range(cfg.n_layers)}
         masks = {w: attention_mask(start, S, w, input_ids.device) for w in windows}
         x_BSD = self.embed(input_ids)
@@ -138,7 +137,7 @@ class MoETransformer(nn.Module):
         logits_BSV = self._head(h_BSD)
         mtp_logits: list[Tensor] = []
         if run_mtp:
-            mask = masks[cfg.layer_window(cfg.n_layers - 1)]
+            mask = masks[self._mtp_window]
             mtp_logits, mtp_aux = self.mtp(
                 h_BSD, input_ids, rope, mask, self.embed, self._head, with_aux
             )
@@ -188,14 +187,23 @@ class MoETransformer(nn.Module):
             raise ValueError(
                 "kv_cache has no MTP layer: build it with KVCache.for_model(model, ..., mtp=True)"
             )
-        cfg = self.cfg
         start, S = cache.length, h_BSD.shape[1]
-        positions_S = torch.arange(start, start + S, device=h_BSD.device)
-        rope = rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
-        mask = attention_mask(start, S, cfg.layer_window(cfg.n_layers - 1), h_BSD.device)
+        rope = self._rope(start, S, h_BSD.device)
+        mask = attention_mask(start, S, self._mtp_window, h_BSD.device)
         e_BSD = self.embed(next_ids_BS)
         h_BSD, _ = self.mtp[0](h_BSD, e_BSD, rope, mask, next_ids_BS, False, cache)
         return self._head(h_BSD), h_BSD
+
+    def _rope(self, start: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The rotary angles of positions start .. start + S - 1."""
+        positions_S = torch.arange(start, start + S, device=device)
+        cfg = self.cfg
+        return rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    @property
+    def _mtp_window(self) -> int | None:
+        """The MTP depths' attention window: the last layer's."""
+        return self.cfg.layer_window(self.cfg.n_layers - 1)
 
     def _head(self, h_BSD: Tensor) -> Tensor:
         if self.lm_head is None:
