@@ -173,6 +173,14 @@ def test_the_experiment_preset_is_the_cli_default_with_each_experiments_steps(mo
     assert seen["base"].model == RunConfig.preset("experiment").model
 
 
+def test_the_printed_config_is_the_one_the_arms_start_from(monkeypatch, capsys):
+    """The experiment's own settings (z-loss keeps every 200th checkpoint) are in what is shown."""
+    monkeypatch.setattr("moekit.experiments.runner.run_experiment", lambda *a: Path("r"))
+    assert main(["experiment", "z-loss", "--train.lr=1e-3"]) == 0
+    shown = json.loads(capsys.readouterr().out.split("resolved config:\n")[1].split("\nreport")[0])
+    assert shown["train"]["checkpoint"]["every"] == 200 and shown["train"]["lr"] == 1e-3
+
+
 def test_experiment_cli_refuses_an_unknown_name(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "nonsense"])

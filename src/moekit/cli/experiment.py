@@ -10,7 +10,6 @@ from moekit.cli.common import Command, positive_int, print_config, resolve_confi
 from moekit.config import RunConfig
 from moekit.experiments import runner
 from moekit.experiments.arms import EXPERIMENTS
-from moekit.overrides import apply_overrides
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     base = resolve_config(RunConfig, args.preset, [])
     if args.preset == "experiment":  # each experiment's steps fit its arms in the time budget
         base = base.replace(train=base.train.replace(steps=EXPERIMENTS[args.name].steps))
-    print_config(apply_overrides(base, args.overrides))
+    print_config(runner.experiment_base(args.name, base, args.overrides))
     command = shlex.join(["moekit", "experiment", args.name, "--preset", args.preset,
                           "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip
     report = runner.run_experiment(args.name, base, out, args.seeds, args.overrides, command)

@@ -33,6 +33,12 @@ CURVES = {"max_vio": "MaxVio (max over layers)", "dropped_fraction": "dropped fr
 LOGGED = ("max_vio", "dropped_fraction")  # curves from the train records; logit_rms: checkpoints
 
 
+def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConfig:
+    """The config every arm of experiment `name` starts from: `base` with the experiment's own
+    settings, then the user's `overrides`."""
+    return apply_overrides(base, [*EXPERIMENTS[name].settings, *overrides])
+
+
 def run_experiment(
     name: str, base: RunConfig, out_dir: str | Path, seeds: int = 1,
     overrides: list[str] | None = None, command: str | None = None,
@@ -44,8 +50,8 @@ def run_experiment(
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     exp, out_dir, begin = EXPERIMENTS[name], Path(out_dir), time.perf_counter()
+    machine, shown = machine_info(), experiment_base(name, base, overrides or [])
     overrides = [*exp.settings, *(overrides or [])]
-    machine, shown = machine_info(), apply_overrides(base, overrides)
     setup = data_facts(shown)
     arms = design_configs(shown, dict(exp.arms(base)))
     per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results))
