@@ -50,13 +50,10 @@ class SpeculativeStats:
 
     def start(self, draft_tokens: int) -> None:
         """Zero every count, for a call drafting `draft_tokens` a round."""
-        self.draft_tokens, self.proposed, self.accepted = draft_tokens, [0] * draft_tokens, []
-        self.accepted, self.verifications, self.new_tokens, self.seconds = (
-            [0] * draft_tokens,
-            0,
-            0,
-            0.0,
-        )
+        self.draft_tokens = draft_tokens
+        self.proposed, self.accepted = [0] * draft_tokens, [0] * draft_tokens
+        self.verifications = self.new_tokens = 0
+        self.seconds = 0.0
 
     def count(self, n: int, n_ok: int) -> None:
         """One verification of n drafts, the first n_ok accepted."""
