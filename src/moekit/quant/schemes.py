@@ -31,7 +31,8 @@ from torch import Tensor
 SCHEMES = ("bf16", "int8", "int4", "mxfp4")
 GROUP = 32  # int4 and mxfp4 group size along the input axis
 # The 16 E2M1 codes' values: bit 3 is the sign.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_VALUES = E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES)
 E8M0_BIAS = 127
 
 
@@ -118,7 +119,7 @@ def _quantize_mxfp4(w_G32: Tensor) -> QuantizedWeight:
     exponent = torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2
     exponent = exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
     scaled = w_G32 / torch.exp2(exponent)[..., None]
-    magnitudes = torch.tensor(E2M1_VALUES[:8])
+    magnitudes = torch.tensor(E2M1_MAGNITUDES)
     midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
     code = torch.bucketize(scaled.abs(), midpoints) + 8 * (scaled < 0)
     scales = (exponent + E8M0_BIAS).to(torch.uint8)
@@ -156,4 +157,3 @@ def _unpack(data: Tensor) -> Tensor:
 def _nonzero(scales: Tensor) -> Tensor:
     """Scales with zeros replaced by 1: an all-zero group quantizes to zeros, not NaN."""
     return torch.where(scales == 0, torch.ones_like(scales), scales)
-
