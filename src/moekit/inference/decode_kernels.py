@@ -11,9 +11,9 @@ take turns spinning on the same two cores, and a decode step got slower, not fas
 `decode_kernels.c` is a plain GEMV: each weight row is read once and multiplied by every input
 row, the output rows split over torch's own OpenMP threads; `swiglu_expert` runs an expert's two
 projections and its activation in one call. It is compiled on first use with the system C
-compiler (`cc`, or $CC) into moekit's cache directory, keyed by the source's hash, and loaded with
-ctypes; the ops' CPU implementations call it, and their fake implementations give
-`torch.compile` the output shapes (the profiler lists them by name).
+compiler (`cc`, or $CC) into moekit's cache directory and loaded with ctypes (`moekit.cbuild`,
+shared with the quantized kernels); the ops' CPU implementations call it, and their fake
+implementations give `torch.compile` the output shapes (the profiler lists them by name).
 
 Built with `cc`, not `torch.utils.cpp_extension`, for what was measured on this machine: cc
 builds it in 1.4 s where a minimal C++ op against torch's headers took 62 s on first use (a
@@ -30,26 +30,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit import cbuild
+from moekit.cbuild import any_requires_grad as _any_requires_grad
+from moekit.cbuild import call as _call
 from moekit.config import MoEConfig
 from moekit.experts.experts import expert_ffn
-from moekit.fileio import atomic_path, default_cache_dir
 from moekit.model.transformer import MoETransformer
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
-FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
-LIBS = ["-lm"]  # after the source: with --as-needed linkers, a library before it is dropped
+FLAGS, LIBS = list(cbuild.FLAGS), list(cbuild.LIBS)
 
 _ops = torch.library.Library("moekit", "DEF")
 _ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
@@ -94,21 +90,8 @@ def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
     )
 
 
-def _any_requires_grad(*tensors: Tensor | None) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
-_PLAIN = (Tensor, nn.Parameter)
-
-
 def _plain_cpu_float32(t: Tensor) -> bool:
-    """A CPU float32 tensor whose data pointer is its data: not meta, not a functorch wrapper."""
-    return (
-        type(t) in _PLAIN  # no subclass: a FakeTensor is "cpu" too, with no memory behind it
-        and t.is_cpu  # 5x cheaper than t.device.type == "cpu"
-        and t.dtype == torch.float32
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
+    return cbuild.plain_cpu(t, torch.float32)
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -131,16 +114,6 @@ def swiglu_expert(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
         return F.linear(F.silu(gate) * up, w_out)
     op = torch.ops.moekit.swiglu_expert.default
     return _call(_swiglu_expert_cpu, op, x_ND.contiguous(), w_in, w_out)
-
-
-def _call(kernel, op, *args):
-    """`kernel(*args)` directly in eager decoding, through its torch op `op` (same function) when
-    `torch.compile` traces or a profiler records: the op's dispatch and the checks cost ~25 us a
-    call where the direct call with the checks costs ~10, and a batch-1 decode token makes ~60
-    calls (1.42x transformers with every call through the op; benchmarks/README.md)."""
-    if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
-        return op(*args)
-    return kernel(*args)
 
 
 def kernel_expert_ffn(
@@ -269,40 +242,14 @@ def _loaded() -> ctypes.CDLL:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MOEKIT_NO_KERNELS"):
-        return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    try:
-        lib = ctypes.CDLL(str(_build()))
-        lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
-        lib.moekit_linear_f32.restype = None
-        lib.moekit_swiglu_expert_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr]
-        lib.moekit_swiglu_expert_f32.restype = None
-    except (OSError, AttributeError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        warnings.warn(
-            f"moekit could not build its CPU decode kernels ({str(detail).strip()[-300:]}); "
-            "decoding runs torch's F.linear instead. Install a C compiler with OpenMP (gcc) "
-            "or set CC; MOEKIT_NO_KERNELS=1 silences this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-    return lib
-
-
-def _build() -> Path:
-    """The shared library for this source and compiler, compiled once into the cache directory
-    (under a temporary name, then renamed, so concurrent first uses are safe)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler")
-    command = [compiler, *FLAGS, "{source}", "-o", "{out}", *LIBS]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
-    path = default_cache_dir() / "kernels" / f"decode_kernels-{key[:16]}.so"
-    if not path.exists():
-        with atomic_path(path) as out:
-            names = {"{source}": str(SOURCE), "{out}": str(out)}
-            filled = [names.get(arg, arg) for arg in command]
-            subprocess.run(filled, check=True, capture_output=True, text=True)
-    return path
+    return cbuild.load(
+        SOURCE,
+        {
+            "moekit_linear_f32": ([ptr, i64, i64, ptr, i64, i64, ptr, ptr], None),
+            "moekit_swiglu_expert_f32": ([ptr, i64, i64, ptr, i64, ptr, ptr, ptr], None),
+        },
+        what="CPU decode kernels",
+        fallback="decoding runs torch's F.linear",
+        flags=FLAGS,
+    )

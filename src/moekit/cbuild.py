@@ -1,0 +1,107 @@
+"""moekit's one way to build and call C kernels: compile a C source with the system compiler into
+the cache directory (keyed by the source's and the command's hash), load it with ctypes, warn and
+fall back to torch where that fails; and `call`, the direct-call-in-eager dispatch of a kernel
+registered as a torch op. Used by `moekit.inference.decode_kernels` (float32 decode products) and
+`moekit.quant.kernels` (products over quantized weights).
+
+Why `cc` and ctypes rather than `torch.utils.cpp_extension` (measured on this project's machine):
+cc builds a kernel file in about a second where a minimal C++ op against torch's headers took 62 s
+on first use (and needs ninja and a C++ toolchain), to save about 3.5 us a call. The kernels link
+with -fopenmp: the libgomp torch has already loaded (same soname), so they share torch's thread
+pool and its thread count (torch.set_num_threads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moekit.fileio import atomic_path, default_cache_dir
+
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
+LIBS = ("-lm",)  # after the source: with --as-needed linkers, a library before it is dropped
+
+
+def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS) -> Path:
+    """The shared library of `source` for this compiler ($CC, else cc, else gcc) and flags,
+    compiled once into the cache directory (under a temporary name, then renamed, so concurrent
+    first uses are safe). Raises OSError without a compiler, CalledProcessError if it fails."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler")
+    command = [compiler, *flags, "{source}", "-o", "{out}", *libs]
+    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()
+    path = default_cache_dir() / "kernels" / f"{source.stem}-{key[:16]}.so"
+    if not path.exists():
+        with atomic_path(path) as out:
+            names = {"{source}": str(source), "{out}": str(out)}
+            filled = [names.get(arg, arg) for arg in command]
+            subprocess.run(filled, check=True, capture_output=True, text=True)
+    return path
+
+
+def load(
+    source: Path,
+    signatures: dict[str, tuple[list, object]],
+    what: str,
+    fallback: str,
+    flags: Sequence[str] = FLAGS,
+) -> ctypes.CDLL | None:
+    """`source` built and loaded, each function of `signatures` ({name: (argtypes, restype)})
+    typed; None if MOEKIT_NO_KERNELS is set, or (with a RuntimeWarning naming `what` and saying
+    that `fallback` runs instead) if it cannot be built or loaded. Callers cache the result."""
+    if os.environ.get("MOEKIT_NO_KERNELS"):
+        return None
+    try:
+        library = ctypes.CDLL(str(build(source, flags)))
+        for name, (argtypes, restype) in signatures.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, restype
+    except (OSError, AttributeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        warnings.warn(
+            f"moekit could not build its {what} ({str(detail).strip()[-300:]}); {fallback} "
+            "instead. Install a C compiler with OpenMP (gcc) or set CC; MOEKIT_NO_KERNELS=1 "
+            "silences this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return library
+
+
+def call(kernel: Callable, op, *args):
+    """`kernel(*args)` directly in eager decoding, through its torch op `op` (same function) when
+    `torch.compile` traces or a profiler records: the op's dispatch and the checks cost ~25 us a
+    call where the direct call with the checks costs ~10, and a batch-1 decode token makes ~60
+    calls (1.42x transformers with every call through the op; benchmarks/README.md)."""
+    if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
+        return op(*args)
+    return kernel(*args)
+
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
+    """A CPU tensor of `dtype` whose data pointer is its data: not meta, not a functorch wrapper,
+    not a subclass (a FakeTensor is "cpu" too, with no memory behind it)."""
+    return (
+        type(t) in _PLAIN
+        and t.is_cpu  # 5x cheaper than t.device.type == "cpu"
+        and t.dtype == dtype
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
