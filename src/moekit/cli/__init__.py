@@ -28,6 +28,7 @@ from moekit.cli import (
     experiment,
     generate,
     params,
+    quantize,
     trace,
     train,
     upcycle,
@@ -39,7 +40,19 @@ from moekit.overrides import split_override
 from moekit.train import TrainingDiverged
 from moekit.train.lockstep import SideBySideFailed
 
-MODULES = (train, generate, trace, cache_sim, params, convert, demo, analyze, upcycle, experiment)
+MODULES = (
+    train,
+    generate,
+    trace,
+    cache_sim,
+    params,
+    convert,
+    quantize,
+    demo,
+    analyze,
+    upcycle,
+    experiment,
+)
 COMMANDS = {module.COMMAND.name: module.COMMAND for module in MODULES}
 # Errors that are the user's input, printed as one line instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)

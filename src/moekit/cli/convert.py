@@ -12,6 +12,7 @@ from moekit.interop.convert import hf_to_run
 from moekit.interop.files import WEIGHT_DTYPES, parse_size
 from moekit.interop.keymaps import LAYOUTS
 from moekit.loading import load
+from moekit.quant.modules import dequantize_model
 
 byte_size = number(parse_size, lambda v: v >= 1,
                    "a size above 0 in bytes or with a unit (5GB, 500MB, 2GiB)")  # fmt: skip
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     if args.arch is None:
         raise ValueError("--to-hf needs --arch (one of the architectures in `moekit convert -h`)")
     loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
-    out = save_hf(loaded.model, args.out, args.arch, tokenizer=loaded.tokenizer,
+    model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
+    out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
                   layout=args.layout, dtype=args.dtype, max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {args.arch} checkpoint {out}")

@@ -4,11 +4,11 @@ Every config is `@dataclass(kw_only=True)` data (no tensors, devices or callable
 `ConfigBase` (base.py) checks against their type hints (rules.py), then the class against its own
 rules between fields; a bad value raises `ValueError` naming the field, the value and what is
 allowed. moe.py holds the MoE layer's config, model.py the model's, run.py a training run's,
-commands.py those of `moekit generate` and `analyze`, presets.py the named presets.
+commands.py those of `moekit generate`, `analyze` and `quantize`, presets.py the named presets.
 """
 
 from moekit.config.base import ConfigBase, config_from_data
-from moekit.config.commands import AnalyzeConfig, GenerateConfig, OffloadConfig
+from moekit.config.commands import AnalyzeConfig, GenerateConfig, OffloadConfig, QuantizeConfig
 from moekit.config.model import MLAConfig, ModelConfig, RopeScaling, dense_twin
 from moekit.config.moe import MoEConfig
 from moekit.config.presets import MODEL_PRESETS, RUN_PRESETS
@@ -40,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "OffloadConfig",
     "ParallelConfig",
+    "QuantizeConfig",
     "RopeScaling",
     "RunConfig",
     "TrainConfig",

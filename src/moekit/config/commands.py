@@ -1,5 +1,6 @@
 """Configs of the commands that read a trained model: `moekit generate` (`GenerateConfig`, with
-its `OffloadConfig`) and `moekit analyze` (`AnalyzeConfig`)."""
+its `OffloadConfig`), `moekit analyze` (`AnalyzeConfig`) and `moekit quantize`
+(`QuantizeConfig`)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,33 @@ class AnalyzeConfig(ConfigBase):
     data: str | None = None
     tokens: int = 16384
     seq_len: int = 256
+
+
+Scheme = Literal["bf16", "int8", "int4", "mxfp4", "none"]
+
+
+@dataclass(kw_only=True)
+class QuantizeConfig(ConfigBase):
+    """`moekit quantize`: weight-only quantization of a model's projections, part by part
+    (`moekit.quant.schemes` has the formats).
+
+    weights: the scheme of every part not given its own: "int4" (groups of 32), "int8" (per
+        output channel), "mxfp4" (OCP microscaling, GPT-OSS's), "bf16", or "none" (float).
+    experts: the routed experts' scheme (None: `weights`).
+    attention: the attention projections' scheme (None: `weights`).
+    ffn: every other projection's: dense FFN layers, shared experts (None: `weights`).
+    head: an untied LM head's (None: `weights`); a tied head stays the embedding.
+    zero_point: int4 with a zero point per group (q4_1's rule) instead of symmetric (q4_0's).
+    """
+
+    weights: Scheme = "int4"
+    experts: Scheme | None = None
+    attention: Scheme | None = None
+    ffn: Scheme | None = None
+    head: Scheme | None = None
+    zero_point: bool = False
+
+    def scheme_of(self, part: str) -> str | None:
+        """The scheme of `part` ("experts", "attention", "ffn" or "head"); None: left float."""
+        scheme = getattr(self, part) or self.weights
+        return None if scheme == "none" else scheme

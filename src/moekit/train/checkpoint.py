@@ -5,6 +5,8 @@ A checkpoint directory holds
     state.safetensors   the optimizer's tensors ("optimizer.<param>.<name>") and the RNG states
                         ("rng.torch", "rng.cuda", "rng.sampler")
     trainer.json        step, tokens seen, the optimizer's hyper-parameters, schedule position
+A quantized model's checkpoint (`write_quantized_run`) holds model.safetensors and the
+`quantization.json` it was quantized with instead: it loads for inference, never to train.
 Each is written into a hidden temporary directory that is renamed to its final name only once
 complete, so an interrupted write leaves the previous checkpoints untouched and nothing under a
 checkpoint's name. A checkpoint damaged later (a copy cut short, a bad disk) fails to load with
@@ -27,6 +29,7 @@ from safetensors.torch import load_model, save_file
 from torch import Tensor, nn
 
 from moekit.fileio import atomic_path, remove_path
+from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
 from moekit.userfiles import DamagedFile, open_safetensors, read_json, read_safetensors, reading
 
@@ -160,6 +163,8 @@ def load_weights(path: Path, model: nn.Module) -> None:
     """Load only the weights of a checkpoint directory into `model`, the model of its run's
     config.json."""
     file = Path(path) / "model.safetensors"
+    if not is_quantized(model):
+        refuse_quantized(path)
     problems = []
     with reading(file, checkpoint_remedy(path)):
         try:
@@ -198,10 +203,21 @@ def check_checkpoint(path: Path) -> None:
     """Raise `DamagedFile` unless the three files of a checkpoint directory can be read (their
     headers and trainer.json: before a resumed run writes anything)."""
     path = Path(path)
+    refuse_quantized(path)
     read_trainer_json(path)
     for name in ("model.safetensors", "state.safetensors"):
         with open_safetensors(path / name, checkpoint_remedy(path)):
             pass
+
+
+def refuse_quantized(checkpoint: Path) -> None:
+    """Raise ValueError if `checkpoint` holds a quantized model (which trains no more)."""
+    if (Path(checkpoint) / QUANTIZATION_FILE).is_file():
+        raise ValueError(
+            f"{checkpoint} holds a quantized model (moekit quantize): it is for inference "
+            "(generate, analyze, convert --to-hf); to train, start from the run it was quantized "
+            "from"
+        )
 
 
 def checkpoint_remedy(checkpoint: Path) -> str:
@@ -263,6 +279,27 @@ def write_new_run(out_dir: Path, cfg: Any, model: nn.Module, tokenizer: Path | N
         optimizer_sd = build_optimizer(model, cfg.train).state_dict()
         save_checkpoint(tmp, model.state_dict(), optimizer_sd, state, keep=1)
     return out_dir
+
+
+def write_quantized_run(
+    out: Path, cfg: Any, model: nn.Module, quantization: Any, tokenizer: Path | None
+) -> Path:
+    """A run directory of a quantized model (`moekit quantize`): config.json, tokenizer.json when
+    given, and one checkpoint of the model's weights with the `QuantizeConfig` it was quantized
+    with (`quantization.json`), no optimizer state (it is for inference). Written atomically,
+    refusing an existing `out`."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new directory for the quantized model")
+    with atomic_path(out) as tmp:
+        checkpoint = tmp / CHECKPOINT_DIR / "step-000000"
+        checkpoint.mkdir(parents=True)
+        (tmp / "config.json").write_text(cfg.to_json() + "\n")
+        if tokenizer is not None:
+            shutil.copy2(tokenizer, tmp / "tokenizer.json")
+        save_file(_one_name_per_tensor(model.state_dict()), str(checkpoint / "model.safetensors"))
+        (checkpoint / QUANTIZATION_FILE).write_text(quantization.to_json() + "\n")
+    return out
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> Path | None:

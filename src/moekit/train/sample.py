@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from moekit.config import RUN_FILE_REMEDY, RunConfig
 from moekit.data import eos_id
 from moekit.model import MoETransformer, generate
+from moekit.quant.files import empty_quantized_model, read_quantization
 from moekit.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_weights
 from moekit.userfiles import read_tokenizer
 
@@ -32,10 +33,15 @@ def find_run(path: str | Path) -> tuple[RunConfig, Path]:
 
 def load_run(path: str | Path) -> tuple[RunConfig, MoETransformer, Path]:
     """The config, the model with the checkpoint's weights (eval mode) and that checkpoint's
-    directory, of a run directory or one of its checkpoints (`find_run`). `moekit.load` reads
-    runs through this, and adds the tokenizer."""
+    directory, of a run directory or one of its checkpoints (`find_run`); a quantized checkpoint
+    (`moekit quantize`) gives the quantized model. `moekit.load` reads runs through this, and
+    adds the tokenizer."""
     cfg, checkpoint = find_run(path)
-    model = MoETransformer(cfg.model)
+    quantization = read_quantization(checkpoint)
+    if quantization is None:
+        model = MoETransformer(cfg.model)
+    else:  # allocated quantized: the float model is never built
+        model = empty_quantized_model(cfg.model, quantization)
     load_weights(checkpoint, model)
     return cfg, model.eval(), checkpoint
 

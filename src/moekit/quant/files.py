@@ -1,0 +1,46 @@
+"""Quantized checkpoints: a run directory (config.json, tokenizer.json,
+checkpoints/step-NNNNNN/model.safetensors) whose checkpoint also holds `quantization.json`, the
+`QuantizeConfig` its tensors were quantized with. `moekit.load` (through `train.sample.load_run`)
+rebuilds the quantized model from it; `moekit quantize` writes one (`train.checkpoint.
+write_quantized_run`).
+
+It holds no optimizer state: a quantized model is for inference (`moekit train --resume` refuses
+it), and `moekit convert --to-hf` writes its dequantized weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekit.config import ModelConfig, QuantizeConfig
+from moekit.model.transformer import MoETransformer
+from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
+
+QUANTIZATION_FILE = "quantization.json"  # beside a quantized checkpoint's model.safetensors
+
+
+def read_quantization(checkpoint: Path) -> QuantizeConfig | None:
+    """The `QuantizeConfig` of a checkpoint directory; None if its weights are not quantized."""
+    path = Path(checkpoint) / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    remedy = f"write the quantized checkpoint again (moekit quantize), or delete {path}"
+    return QuantizeConfig.from_file(path, remedy)
+
+
+def empty_quantized_model(cfg: ModelConfig, quantization: QuantizeConfig) -> MoETransformer:
+    """The model of `cfg` quantized as `quantization`, allocated once on the CPU and uninitialised
+    (the float weights are never built); buffers zero. For a quantized checkpoint to load into."""
+    with torch.device("meta"):
+        model = quantize_model(MoETransformer(cfg), quantization, empty=True)
+    model.to_empty(device="cpu")
+    for buffer in model.buffers():
+        buffer.zero_()
+    return model
+
+
+def is_quantized(model: MoETransformer) -> bool:
+    """Whether any of `model`'s modules is quantized."""
+    return any(isinstance(m, QuantizedLinear | QuantizedExperts) for m in model.modules())

@@ -1,0 +1,189 @@
+"""A built model's projections swapped for quantized ones, from outside the model:
+`quantize_model(model, QuantizeConfig(weights="int4", attention="int8"))`.
+
+Parts, each with its own scheme (`QuantizeConfig`): the routed experts ("experts"), the attention
+projections ("attention"), every other projection ("ffn": dense FFN layers, shared experts, the
+MTP blocks' input projection) and an untied LM head ("head"). Embeddings, norms, routers and a
+shared expert's one-output gate stay as they are: they are small or read one row at a time, and
+routing decisions are the most sensitive to error. A tied head stays the embedding.
+
+`QuantizedLinear` and `QuantizedExperts` keep the quantized tensors as buffers (the state dict a
+quantized checkpoint stores: "<module>.weight_data", "weight_scales", "weight_offsets"; experts
+"w_in_data", ...) and compute through `moekit.quant.kernels.linear`, which is the decode kernel
+for a few rows and F.linear over the dequantized weight otherwise (prefill). They are for
+inference: nothing in them trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig, QuantizeConfig
+from moekit.experts import Experts
+from moekit.experts.experts import expert_ffn, selected_experts_forward
+from moekit.model.transformer import MoETransformer
+from moekit.quant import kernels
+from moekit.quant.schemes import QuantizedWeight, check_quantizable, empty_quantized, quantize
+
+PARTS = ("experts", "attention", "ffn", "head")
+
+
+def _register(module: nn.Module, prefix: str, qw: QuantizedWeight) -> None:
+    for name, t in qw.tensors().items():
+        module.register_buffer(f"{prefix}_{name}", t)
+
+
+def _stored(module: nn.Module, prefix: str, scheme: str) -> QuantizedWeight:
+    get = module._buffers.get
+    return QuantizedWeight(
+        scheme, get(f"{prefix}_data"), get(f"{prefix}_scales"), get(f"{prefix}_offsets")
+    )
+
+
+def _frozen(p: Tensor | None) -> nn.Parameter | None:
+    return None if p is None else nn.Parameter(p.detach(), requires_grad=False)
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with its weight (O, I) stored as a `QuantizedWeight`; the bias stays float."""
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.scheme = weight.scheme
+        self.out_features, self.in_features = weight.shape
+        _register(self, "weight", weight)
+        self.bias = _frozen(bias)
+
+    @property
+    def weight_q(self) -> QuantizedWeight:
+        return _stored(self, "weight", self.scheme)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear(x, self.weight_q, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+def quantized_expert_ffn(
+    x_ND: Tensor,
+    w_in: QuantizedWeight,
+    w_out: QuantizedWeight,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    cfg: MoEConfig,
+) -> Tensor:
+    """`expert_ffn` (one expert on N rows) with quantized weights, its products through
+    `kernels.linear`."""
+    return expert_ffn(x_ND, w_in, w_out, b_in, b_out, cfg, linear=kernels.linear)
+
+
+class QuantizedExperts(nn.Module):
+    """Drop-in for `Experts` (inference) with w_in (E, 2F|F, D) and w_out (E, D, F) stored as
+    `QuantizedWeight`s; biases stay float. Every expert runs on its own rows (`expert_ffn` over
+    the quantized products): the decode path's way, and in prefill only one expert's weight is
+    ever dequantized at a time. `Experts` on the dequantized weights is its reference."""
+
+    def __init__(self, experts: Experts, w_in: QuantizedWeight, w_out: QuantizedWeight) -> None:
+        super().__init__()
+        self.cfg: MoEConfig = experts.cfg
+        self.schemes = (w_in.scheme, w_out.scheme)
+        _register(self, "w_in", w_in)
+        _register(self, "w_out", w_out)
+        self.b_in, self.b_out = _frozen(experts.b_in), _frozen(experts.b_out)
+
+    def quantized_weights(self) -> tuple[QuantizedWeight, QuantizedWeight]:
+        """(w_in, w_out) of all experts, stacked."""
+        return _stored(self, "w_in", self.schemes[0]), _stored(self, "w_out", self.schemes[1])
+
+    def _expert(self, e: int, x_ND: Tensor) -> Tensor:
+        w_in, w_out = self.quantized_weights()
+        b_in = None if self.b_in is None else self.b_in[e]
+        b_out = None if self.b_out is None else self.b_out[e]
+        return quantized_expert_ffn(x_ND, w_in[e], w_out[e], b_in, b_out, self.cfg)
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
+        pieces, start = [], 0
+        for e, count in enumerate(counts_E.tolist()):
+            if count:
+                pieces.append(self._expert(e, x_RD[start : start + count]))
+                start += count
+        return torch.cat(pieces) if pieces else x_RD.new_zeros(0, self.cfg.d_model)
+
+    def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """`Experts.forward_selected` (the decode path) over the quantized experts."""
+        return selected_experts_forward(x_TD, ids_TK, weights_TK, self._expert)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"experts={c.n_experts}, d_model={c.d_model}, d_expert={c.d_expert}, "
+            f"{c.activation}, w_in {self.schemes[0]}, w_out {self.schemes[1]}"
+        )
+
+
+def quantizable_parts(model: MoETransformer) -> dict[str, str]:
+    """{module name: part} of every module `quantize_model` may quantize, in model order."""
+    parts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            parts[name] = "experts"
+        elif type(module) is nn.Linear and not name.endswith("shared_experts.gate"):
+            is_attention = ".attn." in f".{name}."
+            parts[name] = "head" if name == "lm_head" else "attention" if is_attention else "ffn"
+    return parts
+
+
+def quantize_model(
+    model: MoETransformer, config: QuantizeConfig, *, empty: bool = False
+) -> MoETransformer:
+    """Swap `model`'s projections for quantized ones in place, each part in the scheme
+    `config.scheme_of(part)` gives (None leaves it float); returns `model`. Every weight is
+    checked before any is swapped (a scheme that cannot store one -> ValueError naming it).
+    `empty`: allocate the quantized tensors without quantizing (to load a quantized checkpoint
+    into; the model may be on the meta device)."""
+    plan = {}
+    for name, part in quantizable_parts(model).items():
+        scheme = config.scheme_of(part)
+        if scheme is None:
+            continue
+        module = model.get_submodule(name)
+        weights = (module.w_in, module.w_out) if part == "experts" else (module.weight,)
+        for w in weights:
+            check_quantizable(w.shape, scheme, f"{name} ({part}, shape {tuple(w.shape)})")
+        plan[name] = (module, part, scheme)
+    for name, (module, part, scheme) in plan.items():
+
+        def stored(w: Tensor, scheme: str = scheme) -> QuantizedWeight:
+            if empty:
+                return empty_quantized(w.shape, scheme, config.zero_point, device=w.device)
+            return quantize(w, scheme, config.zero_point)
+
+        if part == "experts":
+            new = QuantizedExperts(module, stored(module.w_in), stored(module.w_out))
+        else:
+            new = QuantizedLinear(stored(module.weight), module.bias)
+        model.set_submodule(name, new.train(False))
+    return model
+
+
+def dequantize_model(model: MoETransformer) -> MoETransformer:
+    """Undo `quantize_model` with the dequantized weights (float32), in place: plain `Experts`
+    and nn.Linear again, e.g. to save a Hugging Face checkpoint. Returns `model`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedExperts):
+            with torch.device("meta"):
+                plain = Experts(module.cfg)
+            w_in, w_out = module.quantized_weights()
+            plain.w_in, plain.w_out = (nn.Parameter(w.dequantize()) for w in (w_in, w_out))
+            plain.b_in, plain.b_out = module.b_in, module.b_out
+        elif isinstance(module, QuantizedLinear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            plain.weight = nn.Parameter(module.weight_q.dequantize())
+            plain.bias = module.bias
+        else:
+            continue
+        model.set_submodule(name, plain.train(False))
+    return model

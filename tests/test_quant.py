@@ -1,0 +1,233 @@
+"""Weight-only quantization: the schemes against independent decoders and their rules, the
+quantized model against its dequantized twin, quantized checkpoints through the commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from tests.run_cases import JSON_PACKAGE
+
+from moekit import load
+from moekit.cli import main
+from moekit.config import ModelConfig, QuantizeConfig
+from moekit.experts import Experts
+from moekit.model import MoETransformer
+from moekit.quant import QuantizedWeight, dequantize, quantize
+from moekit.quant.modules import (
+    QuantizedExperts,
+    QuantizedLinear,
+    dequantize_model,
+    quantize_model,
+)
+from moekit.quant.schemes import GROUP, empty_quantized
+
+
+def model_cfg() -> ModelConfig:
+    """tiny with every width a multiple of 32 (int4 and MXFP4 quantize groups of 32)."""
+    tiny = ModelConfig.preset("tiny")
+    return tiny.replace(
+        d_model=64,
+        n_heads=4,
+        d_ff=96,
+        vocab_size=257,
+        moe=tiny.moe.replace(d_model=64, d_expert=32),
+    )
+
+
+def weight(*shape: int) -> torch.Tensor:
+    w = torch.randn(*shape) * 0.02
+    w[..., 0, :GROUP] = 0  # an all-zero group
+    w[..., 1, 5] = 0.3  # an outlier
+    return w
+
+
+def unpack_nibbles(data: np.ndarray) -> np.ndarray:
+    return np.stack([data & 15, data >> 4], -1).reshape(*data.shape[:-1], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "mxfp4"])
+def test_every_scheme_round_trips_within_its_step(scheme: str) -> None:
+    w = weight(3, 16, 96)
+    qw = quantize(w, scheme)
+    assert qw.shape == w.shape and qw[1].shape == w.shape[1:]
+    back = qw.dequantize()
+    assert back[..., 0, :GROUP].abs().max() == 0  # zero groups stay zero, not NaN
+    # the error of each element is at most half a quantization step of its group (int4: a whole
+    # step, for values of the other sign than the largest beyond +7 steps, clamped as in q4_0)
+    groups = w.unflatten(-1, (-1, GROUP)).abs().amax(-1, keepdim=True)
+    rows = w.abs().amax(-1, keepdim=True)
+    bound = {
+        "bf16": w.abs() * 2**-8,
+        "int8": rows / 127 / 2,
+        "int4": (groups / 8).expand(-1, -1, -1, GROUP).flatten(-2),
+        "mxfp4": (groups / 2).expand(-1, -1, -1, GROUP).flatten(-2),  # half the step at 6 (2)
+    }[scheme]
+    assert ((back - w).abs() <= bound * (1 + 1e-3) + 1e-9).all()
+    # stored bytes: (O * I) x bits / 8, plus scales
+    assert empty_quantized(w.shape, scheme).nbytes == qw.nbytes
+    for name, t in empty_quantized(w.shape, scheme).tensors().items():
+        assert t.shape == qw.tensors()[name].shape and t.dtype == qw.tensors()[name].dtype
+
+
+def test_mxfp4_matches_ml_dtypes_independent_decoder_and_rounding() -> None:
+    w = weight(2, 8, 64)
+    w[0, 2, 32:] = torch.linspace(-6, 6, 32) * 2.0**-5  # every code, one exponent
+    qw = quantize(w, "mxfp4")
+    codes = unpack_nibbles(qw.data.numpy())
+    values = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    scales = qw.scales.numpy().view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+    expected = (values.reshape(2, 8, 2, GROUP) * scales[..., None]).reshape(2, 8, 64)
+    assert np.array_equal(qw.dequantize().numpy(), expected)
+    # each element is w / scale rounded to E2M1 as ml_dtypes rounds it
+    scaled = w.numpy().reshape(2, 8, 2, GROUP) / scales[..., None]
+    rounded = scaled.astype(ml_dtypes.float4_e2m1fn).astype(np.float32).reshape(2, 8, 64)
+    assert np.array_equal(rounded, values)
+
+
+def test_int4_follows_q4_0_and_q4_1_rules() -> None:
+    w = torch.randn(4, 64) * 0.02
+    qw = quantize(w, "int4")
+    nibbles = torch.from_numpy(unpack_nibbles(qw.data.numpy())).view(4, 2, GROUP)
+    w_G = w.view(4, 2, GROUP)
+    largest = w_G.abs().argmax(-1, keepdim=True)
+    assert (nibbles.gather(-1, largest) == 0).all()  # the largest magnitude is -8 (nibble 0)
+    signs = torch.sign(w_G.gather(-1, largest)).squeeze(-1)
+    assert torch.equal(torch.sign(qw.scales.float()), -signs)
+    zp = quantize(w, "int4", zero_point=True)
+    back = zp.dequantize().view(4, 2, GROUP)
+    # min is represented exactly (to float16), max within half a step
+    assert torch.allclose(back.amin(-1), w_G.amin(-1), atol=1e-4)
+    step = (w_G.amax(-1) - w_G.amin(-1)) / 15
+    assert ((back.amax(-1) - w_G.amax(-1)).abs() <= step / 2 + 1e-4).all()
+
+
+def test_int8_matches_an_independent_numpy_rule() -> None:
+    w = weight(5, 40)  # int8 and bf16 take any width
+    qw = quantize(w, "int8")
+    scales = np.abs(w.numpy()).max(-1) / 127
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.clip(np.rint(w.numpy() / scales[:, None]), -127, 127)
+    q = np.nan_to_num(q)
+    assert np.array_equal(qw.data.numpy(), q.astype(np.int8))
+    assert torch.equal(dequantize(qw), qw.data.float() * qw.scales[:, None])
+
+
+def test_unquantizable_widths_and_schemes_are_named() -> None:
+    with pytest.raises(ValueError, match=r"40 input features, not a multiple of 32: int4"):
+        quantize(torch.randn(8, 40), "int4")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
+        quantize(torch.randn(8, 64), "int3")
+    model = MoETransformer(ModelConfig.preset("tiny"))  # widths 48 and 40
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.q_proj \(attention, shape"):
+        quantize_model(model, QuantizeConfig(weights="mxfp4"))
+    assert type(model.layers[0].attn.q_proj) is torch.nn.Linear  # nothing was swapped
+
+
+def test_quantized_model_is_its_dequantized_twin_and_close_to_float() -> None:
+    model = MoETransformer(model_cfg()).eval()
+    ids = torch.randint(0, 257, (2, 12))
+    with torch.no_grad():
+        reference = model(ids).logits
+        for config, tolerance in [
+            (QuantizeConfig(weights="bf16"), 0.01),
+            (QuantizeConfig(weights="int8"), 0.05),
+            (QuantizeConfig(weights="int4", zero_point=True), 0.2),
+            (QuantizeConfig(weights="mxfp4"), 0.3),
+            (QuantizeConfig(weights="int4", attention="int8", head="none"), 0.2),
+        ]:
+            quantized = quantize_model(copy.deepcopy(model), config)
+            logits = quantized(ids).logits
+            twin = dequantize_model(copy.deepcopy(quantized))
+            assert torch.equal(twin(ids).logits, logits), config
+            assert (logits - reference).abs().max() < tolerance, config
+    assert isinstance(quantized.layers[0].ffn.experts, QuantizedExperts)
+    assert quantized.layers[0].attn.q_proj.scheme == "int8"
+    assert type(quantized.lm_head) is torch.nn.Linear  # head="none"
+
+
+def test_quantized_experts_decode_path_equals_grouped_path_and_reference() -> None:
+    cfg = model_cfg().moe
+    experts = Experts(cfg)
+    w_in, w_out = quantize(experts.w_in, "int4"), quantize(experts.w_out, "int8")
+    quantized = QuantizedExperts(experts, w_in, w_out)
+    reference = Experts(cfg)
+    reference.w_in.data, reference.w_out.data = w_in.dequantize(), w_out.dequantize()
+    x_TD = torch.randn(5, cfg.d_model)
+    ids_TK = torch.tensor([[0, 3], [3, 1], [5, 0], [0, 3], [2, 4]])
+    weights_TK = torch.rand(5, 2)
+    with torch.no_grad():
+        expected = reference.forward_selected(x_TD, ids_TK, weights_TK)
+        assert torch.allclose(quantized.forward_selected(x_TD, ids_TK, weights_TK), expected,
+                              atol=1e-6)  # fmt: skip
+        order = ids_TK.flatten().argsort(stable=True)
+        x_RD = x_TD.repeat_interleave(2, 0)[order]
+        counts_E = torch.bincount(ids_TK.flatten(), minlength=cfg.n_experts)
+        assert torch.allclose(quantized(x_RD, counts_E), reference(x_RD, counts_E), atol=1e-6)
+
+
+def test_quantized_weight_indexes_its_stacked_experts() -> None:
+    qw = quantize(weight(3, 8, 64), "int4", zero_point=True)
+    for e in range(3):
+        one = qw[e]
+        assert isinstance(one, QuantizedWeight) and one.offsets is not None
+        assert torch.equal(one.dequantize(), qw.dequantize()[e])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("quant_cli")
+    cfg = model_cfg()
+    overrides = [f"--model.d_model={cfg.d_model}", f"--model.n_heads={cfg.n_heads}",
+                 f"--model.d_ff={cfg.d_ff}", f"--model.moe.d_model={cfg.d_model}",
+                 f"--model.moe.d_expert={cfg.moe.d_expert}"]  # fmt: skip
+    args = ["train", "tiny", f"--out={tmp / 'run'}", "--train.steps=2", "--train.progress=false",
+            f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
+            f"--train.data.cache_dir={tmp / 'cache'}", *overrides]  # fmt: skip
+    assert main(args) == 0
+    return tmp / "run"
+
+
+def test_quantize_command_writes_a_run_that_generate_and_convert_read(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "q"
+    assert main(["quantize", str(run), "--weights=int4", "--attention=int8", f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "MB ->" in printed
+    saved = json.loads((out / "checkpoints/step-000000/quantization.json").read_text())
+    assert saved["weights"] == "int4" and saved["attention"] == "int8"
+    loaded, original = load(out), load(run)
+    expected = quantize_model(original.model, QuantizeConfig(weights="int4", attention="int8"))
+    ids = torch.randint(0, 257, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, expected(ids).logits)
+    assert isinstance(loaded.model.layers[1].attn.o_proj, QuantizedLinear)
+    assert main(["generate", str(out), "--prompt=def f(", "--max_new_tokens=5",
+                 "--temperature=0"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("def f(")
+    hf = tmp_path / "hf"
+    assert main(["convert", "--to-hf", str(out), "--arch=mixtral", f"--out={hf}"]) == 0
+    with torch.no_grad():
+        assert torch.allclose(load(hf).model(ids).logits, expected(ids).logits, atol=1e-5)
+
+
+def test_quantized_runs_refuse_training_and_existing_outputs(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "q"
+    assert main(["quantize", str(run), "--weights=int8", f"--out={out}"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(run), f"--out={out}"]) == 2
+    assert "exists; choose a new directory" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--train.progress=false"]) == 2
+    assert (
+        "holds a quantized model (moekit quantize): it is for inference" in capsys.readouterr().err
+    )
+    assert main(["quantize", str(run), "--weights=int3", f"--out={tmp_path / 'r'}"]) == 2
+    assert "int3" in capsys.readouterr().err and not (tmp_path / "r").exists()
