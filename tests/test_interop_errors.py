@@ -107,12 +107,13 @@ def test_no_weights_and_bin_weights_are_explained(mixtral_dir: Path, tmp_path: P
         load_hf(tmp_path / "nowhere")
 
 
-def test_quantized_checkpoints_are_refused(mixtral_dir: Path, tmp_path: Path) -> None:
+def test_unsupported_quantization_is_refused(mixtral_dir: Path, tmp_path: Path) -> None:
+    """FP8 and MXFP4 load (tests/test_quant_formats.py); another quant_method is named."""
     folder = copy_of(mixtral_dir, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="quant_method='mxfp4'"):
+    with pytest.raises(CheckpointError, match="quant_method='awq' is not supported"):
         load_hf(folder)
 
 

@@ -46,6 +46,13 @@ from moekit.interop.keymaps import (
     sources,
     template_of,
 )
+from moekit.interop.quantized import (
+    DequantizingReader,
+    QuantizedView,
+    load_mxfp4_experts,
+    quantized_view,
+    read_quantization,
+)
 from moekit.model import MoETransformer
 from moekit.userfiles import read_tokenizer
 
@@ -86,12 +93,18 @@ def load_hf(
     directory: config.json plus model.safetensors, or shards listed by
     model.safetensors.index.json, in the hub's per-expert key layout or transformers 5's fused one.
 
-    dtype: of the weights; None takes the config's "dtype" (or "torch_dtype"), else float32. The
-    routers' correction biases stay float32. Tensors are streamed into the model one at a time (a
-    large one in slices), so the peak memory is about the model's own. Unsupported
-    architectures, quantized checkpoints, missing, unexpected or misshapen tensors and truncated
-    or corrupt files raise `CheckpointError` before any weight is read. `progress` shows a
-    progress bar (bytes read, rate, ETA).
+    dtype: of the weights; None takes the config's "dtype" (or "torch_dtype"), else float32, and
+    bfloat16 for a quantized checkpoint. The routers' correction biases stay float32. Tensors are
+    streamed into the model one at a time (a large one in slices), so the peak memory is about
+    the model's own. Unsupported architectures, missing, unexpected or misshapen tensors and
+    truncated or corrupt files raise `CheckpointError` before any weight is read. `progress`
+    shows a progress bar (bytes read, rate, ETA).
+
+    Quantized checkpoints (config.json's quantization_config; see `interop.quantized`) are
+    dequantized on load, a tensor or slice at a time: quant_method "fp8" (DeepSeek-V3's
+    float8_e4m3fn weights with block scales) and "mxfp4" (GPT-OSS's experts); the tensors they
+    leave unquantized are read as stored. Another method, a missing or misshapen scale tensor,
+    or a truncated blocks tensor raises `CheckpointError` naming it, before any weight is read.
 
     Multi-token prediction (DeepSeek-V3's layers after the last, `num_nextn_predict_layers`) is
     loaded into `model.mtp`; its copies of the embedding and head must equal the main ones.
@@ -102,18 +115,24 @@ def load_hf(
     folder = Path(path)
     hf = read_hf_config(folder)
     arch = architecture_of(hf)
-    files = find_weight_files(folder)
-    cfg, dropped = _choose_mtp(arch.model_config(hf), files, mtp)
+    quantization = read_quantization(hf)
+    view = quantized_view(find_weight_files(folder), quantization)
+    cfg, dropped = _choose_mtp(arch.model_config(hf), view.files, mtp)
+    if dtype is None and quantization is not None:
+        dtype = torch.bfloat16
     model = _empty_model(cfg, resolve_dtype(dtype, hf))
-    plan = _plan_load(model, arch, files, dropped)
-    reader = CheckpointReader({k: info.path for k, info in files.items()})
+    plan = _plan_load(model, arch, view, dropped)
+    reader = DequantizingReader(view, model.embed.weight.dtype)
     total = sum(dest.numel() * dest.element_size() for dest, _, _ in plan)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_hf", disable=not progress)
     try:
         _check_copies(arch, cfg, reader)
         with torch.no_grad():
             for dest, source, keys in plan:
-                OPS[source.op][0](dest, keys, reader)
+                if keys[0] in view.mxfp4_pairs:
+                    load_mxfp4_experts(dest, keys[0], source.op, reader)
+                else:
+                    OPS[source.op][0](dest, keys, reader)
                 bar.update(dest.numel() * dest.element_size())
     finally:
         reader.close()
@@ -193,12 +212,13 @@ def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
 
 
 def _plan_load(
-    model: MoETransformer, arch: Architecture, files: dict[str, WeightInfo], dropped: set[str]
+    model: MoETransformer, arch: Architecture, view: QuantizedView, dropped: set[str]
 ) -> list[tuple[Tensor, Source, list[str]]]:
     """(moekit tensor, source, checkpoint keys) for every tensor the checkpoint must fill; raises
     `CheckpointError` listing all missing, unexpected and misshapen tensors at once (`dropped`
-    keys are left out on purpose, the architecture's copies are checked, not loaded)."""
-    keymap, cfg = arch.keys, model.cfg
+    keys are left out on purpose, the architecture's copies are checked, not loaded). Keys and
+    shapes are the dense ones of `view` (a quantized tensor's dense form)."""
+    keymap, cfg, files = arch.keys, model.cfg, view.files
     n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
     plan, used, missing, wrong = [], set(), [], []
@@ -219,7 +239,8 @@ def _plan_load(
         source, keys = found[0]
         for key, shape in expected_shapes(source, tuple(tensor.shape), layer, n_experts).items():
             if files[key].shape != shape:
-                wrong.append(f"{key} has shape {files[key].shape}, the config needs {shape}")
+                wrong.append(view.misshapen(key, shape))
+        wrong += view.check_op(source.op, keys)
         plan.append((tensor.data, source, keys))
         used.update(keys)
     for copy, original in arch.copies(cfg).items():
@@ -275,8 +296,16 @@ def save_hf(
     extra_config: more config.json entries (e.g. bos_token_id), written last.
 
     A model the architecture cannot express (say shared experts for mixtral) raises ValueError
-    naming the fields. The directory appears complete or not at all.
+    naming the fields. The directory appears complete or not at all. The weights are written
+    unquantized: moekit reads FP8 and MXFP4 checkpoints but does not write them, so an
+    extra_config with a quantization_config is refused.
     """
+    if extra_config and "quantization_config" in extra_config:
+        raise ValueError(
+            "save_hf writes unquantized weights (float32, bfloat16 or float16): a "
+            "quantization_config in extra_config would describe tensors it does not write; "
+            "drop it"
+        )
     target = architecture_named(arch)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")

@@ -31,19 +31,13 @@ def architecture_named(name: str) -> Architecture:
 
 
 def architecture_of(hf: HF) -> Architecture:
-    """The architecture of a config.json, or an error naming what it is (unsupported or
-    quantized)."""
+    """The architecture of a config.json, or an error naming it when unsupported (its
+    quantization_config, if any, is `interop.quantized`'s)."""
     kind = hf.get("model_type")
     if kind not in ARCHS:
         classes = hf.get("architectures")
         raise CheckpointError(
             f"architecture {kind!r} ({classes}) is not supported; moekit reads and writes "
             f"{', '.join(ARCHITECTURES)}"
-        )
-    quant = hf.get("quantization_config")
-    if quant:
-        raise CheckpointError(
-            f"{kind}: quantized checkpoints (quant_method={quant.get('quant_method')!r}) are not "
-            "supported; load a dequantized (bfloat16 or float32) copy"
         )
     return ARCHS[kind]

@@ -1,0 +1,289 @@
+"""Quantized Hugging Face checkpoints, dequantized on load: config.json's `quantization_config`
+read and checked, the checkpoint's tensors seen as the dense ones the key maps expect, and the
+readers that dequantize them (the formats themselves are `moekit.quant.formats`).
+
+    quant_method "fp8"    DeepSeek-V3 (and Qwen3's -FP8 checkpoints): fmt "e4m3",
+                          weight_block_size [bm, bn]. A float8_e4m3fn `X.weight` has a
+                          `X.weight_scale_inv` grid beside it; every other tensor (embeddings,
+                          head, norms, router, correction bias: those with no scale) is read as
+                          it is stored.
+    quant_method "mxfp4"  GPT-OSS: an expert projection `P` ships as `P_blocks` / `P_scales`;
+                          everything else (modules_to_not_convert: attention, router, embedding,
+                          head) is stored unquantized and read as it is.
+
+The view (`QuantizedView`) names each quantized tensor by the dense key a bf16 checkpoint would
+have, with the shape transformers dequantizes it to (GPT-OSS's transposed (E, D, 2F) / (E, F, D)),
+so the loader's check of names and shapes against the config covers quantized checkpoints before
+any weight is read. Every problem of the format is a `CheckpointError` naming the tensor or field
+and what would be right. moekit writes (`save_hf`) unquantized checkpoints only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moekit.interop.configs import HF
+from moekit.interop.files import SLICE_BYTES, CheckpointError, CheckpointReader, WeightInfo
+from moekit.quant.formats import (
+    FP8_FORMATS,
+    check_fp8_scales,
+    check_mxfp4_pair,
+    dequantize_fp8_blocks,
+    fp8_row_slices,
+    mxfp4_expert_weight,
+)
+from moekit.quant.schemes import GROUP
+
+QUANT_METHODS = ("fp8", "mxfp4")
+SCALE_SUFFIX = "_scale_inv"  # FP8: "X.weight" -> "X.weight_scale_inv"
+BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"  # MXFP4: "P" -> "P_blocks", "P_scales"
+FP8_DTYPES = {"F8_E4M3": "e4m3"}  # safetensors' name -> quantization_config's fmt
+SCALE_DTYPES = ("F32", "BF16", "F16")
+# The key-map ops an MXFP4 pair can fill: GPT-OSS's experts, gate_up_proj (rows interleaved)
+# and down_proj; {op: whether the rows interleave gate and up}.
+MXFP4_OPS = {"interleaved_t": True, "transpose": False}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """config.json's quantization_config, checked: the method and, for fp8, the block size."""
+
+    method: str
+    block_size: tuple[int, int] | None = None
+
+
+def read_quantization(hf: HF) -> Quantization | None:
+    """The checkpoint's `Quantization` (None when config.json has no quantization_config);
+    `CheckpointError` naming the field for anything moekit does not read."""
+    config = hf.get("quantization_config")
+    if not config:
+        return None
+    method = config.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise CheckpointError(
+            f"quantization_config.quant_method={method!r} is not supported: moekit reads "
+            f"{' and '.join(repr(m) for m in QUANT_METHODS)} checkpoints (DeepSeek-V3's FP8, "
+            "GPT-OSS's MXFP4); load a dequantized (bfloat16 or float32) copy"
+        )
+    if method == "mxfp4":
+        return Quantization("mxfp4")
+    fmt = config.get("fmt", "e4m3")
+    if fmt not in FP8_FORMATS:
+        raise CheckpointError(
+            f"quantization_config.fmt={fmt!r} is not supported: moekit reads FP8 weights in "
+            f"{', '.join(repr(f) for f in FP8_FORMATS)} (float8_e4m3fn)"
+        )
+    return Quantization("fp8", _block_size(config.get("weight_block_size")))
+
+
+def _block_size(value: object) -> tuple[int, int]:
+    ints = isinstance(value, (list, tuple)) and all(type(v) is int and v > 0 for v in value)
+    if not ints or len(value) != 2:
+        raise CheckpointError(
+            f"quantization_config.weight_block_size={value!r} is invalid: moekit reads "
+            "block-scaled FP8, which needs two positive block sizes (rows, columns), "
+            "[128, 128] for DeepSeek-V3"
+        )
+    return value[0], value[1]
+
+
+@dataclass
+class QuantizedView:
+    """A checkpoint's tensors as the dense ones they stand for.
+
+    files: {dense key: WeightInfo}, what the loader checks against the config: unquantized
+        tensors as they are; a quantized one under the key and shape of its dense form (its
+        WeightInfo.dtype says how it is stored: "F8_E4M3", "MXFP4").
+    fp8_scales: {weight key: its scale-grid key}.
+    mxfp4_pairs: {dense key: (its blocks key, its scales key)}.
+    """
+
+    quantization: Quantization | None
+    files: dict[str, WeightInfo]
+    fp8_scales: dict[str, str] = field(default_factory=dict)
+    mxfp4_pairs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    stored: dict[str, WeightInfo] = field(default_factory=dict)  # the checkpoint's own tensors
+
+    def misshapen(self, key: str, needed: tuple[int, ...]) -> str:
+        """What is wrong with `key` when its dense shape is not the `needed` one."""
+        found = self.files[key].shape
+        if key not in self.mxfp4_pairs:
+            return f"{key} has shape {found}, the config needs {needed}"
+        blocks, scales = self.mxfp4_pairs[key]
+        *lead, cols, rows = needed  # stored (..., rows, cols / 32, 16), read transposed
+        scales_needed = (*lead, rows, cols // GROUP)
+        return (
+            f"{blocks} {self.stored[blocks].shape} with {scales} {self.stored[scales].shape} "
+            f"hold a {found} weight (as transformers reads it), the config needs {needed}: "
+            f"blocks {(*scales_needed, GROUP // 2)}, scales {scales_needed}"
+        )
+
+    def check_op(self, op: str, keys: list[str]) -> list[str]:
+        """Problems of filling a moekit tensor with `op` from `keys`: MXFP4 pairs fill GPT-OSS's
+        experts only."""
+        return [
+            f"{key} is MXFP4-quantized where moekit reads op {op!r}: moekit dequantizes MXFP4 "
+            f"for GPT-OSS's experts only (ops {', '.join(MXFP4_OPS)})"
+            for key in keys
+            if key in self.mxfp4_pairs and op not in MXFP4_OPS
+        ]
+
+
+def quantized_view(
+    files: dict[str, WeightInfo], quantization: Quantization | None
+) -> QuantizedView:
+    """The `QuantizedView` of a checkpoint's headers; `CheckpointError` listing every tensor whose
+    quantization is wrong (a weight without its scales, blocks without scales, mismatched or
+    truncated shapes, an FP8 tensor in a checkpoint that declares no FP8), before any weight is
+    read."""
+    view = QuantizedView(quantization, dict(files), stored=files)
+    method = quantization.method if quantization is not None else None
+    problems = [] if method == "fp8" else _stray_fp8(files)
+    if method == "fp8":
+        problems += _view_fp8(view, quantization.block_size)
+    elif method == "mxfp4":
+        problems += _view_mxfp4(view)
+    if problems:
+        more = f" ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise CheckpointError(
+            f"this {method or 'unquantized'} checkpoint's quantized tensors do not fit its "
+            f"quantization_config: {'; '.join(problems[:12])}{more}"
+        )
+    return view
+
+
+def _stray_fp8(files: dict[str, WeightInfo]) -> list[str]:
+    return [
+        f"{key} is {info.dtype} but config.json declares no quant_method 'fp8' (with its "
+        "weight_block_size): its scales would be ignored"
+        for key, info in files.items()
+        if info.dtype.startswith("F8")
+    ]
+
+
+def _view_fp8(view: QuantizedView, block_size: tuple[int, int]) -> list[str]:
+    """Pair every FP8 weight with its scale grid (checked against the block size); the scale keys
+    leave `view.files`."""
+    files, problems = view.files, []
+    for scale_key in [k for k in files if k.endswith(SCALE_SUFFIX)]:
+        key, scales = scale_key.removesuffix(SCALE_SUFFIX), files.pop(scale_key)
+        if key not in files:
+            problems.append(f"{scale_key} scales no tensor: {key} is missing")
+        elif files[key].dtype not in FP8_DTYPES:
+            problems.append(f"{key} is {files[key].dtype} but has a {scale_key}: expected F8_E4M3")
+        elif scales.dtype not in SCALE_DTYPES:
+            problems.append(f"{scale_key} is {scales.dtype}: FP8 scales are float32 (F32)")
+        else:
+            try:
+                check_fp8_scales(key, files[key].shape, scales.shape, block_size)
+            except ValueError as err:
+                problems.append(str(err))
+            view.fp8_scales[key] = scale_key
+    for key, info in files.items():
+        if info.dtype.startswith("F8") and key not in view.fp8_scales:
+            if info.dtype not in FP8_DTYPES:
+                problems.append(f"{key} is {info.dtype}: fmt 'e4m3' weights are F8_E4M3")
+            elif key + SCALE_SUFFIX not in view.stored:
+                problems.append(f"{key} is {info.dtype} without its scale grid {key}{SCALE_SUFFIX}")
+    return problems
+
+
+def _view_mxfp4(view: QuantizedView) -> list[str]:
+    """Join every `P_blocks` / `P_scales` pair into one dense key `P` of the transposed shape
+    transformers dequantizes it to."""
+    files, problems = view.files, []
+    stems = {k.removesuffix(BLOCKS_SUFFIX) for k in files if k.endswith(BLOCKS_SUFFIX)}
+    stems |= {k.removesuffix(SCALES_SUFFIX) for k in files if k.endswith(SCALES_SUFFIX)}
+    for stem in sorted(stems):
+        blocks, scales = stem + BLOCKS_SUFFIX, stem + SCALES_SUFFIX
+        if blocks not in files or scales not in files:
+            there, absent = (blocks, scales) if blocks in files else (scales, blocks)
+            problems.append(f"{there} has no partner: {absent} is missing")
+            continue
+        wrong_dtype = [k for k in (blocks, scales) if files[k].dtype != "U8"]
+        if wrong_dtype:
+            problems += [
+                f"{k} is {files[k].dtype}: MXFP4 blocks and scales are U8" for k in wrong_dtype
+            ]
+            continue
+        try:
+            shape = check_mxfp4_pair(stem, files[blocks].shape, files[scales].shape)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        dense = (*shape[:-2], shape[-1], shape[-2])
+        files[stem] = WeightInfo(files[blocks].path, "MXFP4", dense)
+        view.mxfp4_pairs[stem] = (blocks, scales)
+        del files[blocks], files[scales]
+    return problems
+
+
+class DequantizingReader(CheckpointReader):
+    """A `CheckpointReader` that reads FP8 weights dequantized (to `dtype`), one whole block row
+    slice at a time; MXFP4 pairs are read by `load_mxfp4_experts`."""
+
+    def __init__(self, view: QuantizedView, dtype: torch.dtype) -> None:
+        super().__init__({k: info.path for k, info in view.stored.items()})
+        self.view, self.dtype = view, dtype
+
+    def read_stored(self, key: str, rows: slice | int | None = None) -> Tensor:
+        """A tensor of the checkpoint as it is stored (a scale grid, MXFP4 blocks)."""
+        return super().read(key, rows)
+
+    def read(self, key: str, rows: slice | int | None = None) -> Tensor:
+        if key in self.view.mxfp4_pairs:
+            raise CheckpointError(f"{key} is MXFP4: read it with load_mxfp4_experts")
+        if key not in self.view.fp8_scales:
+            return super().read(key, rows)
+        return self._read_fp8(key, rows)
+
+    def row_slices(self, key: str) -> Iterator[slice]:
+        if key not in self.view.fp8_scales:
+            yield from super().row_slices(key)
+            return
+        budget = SLICE_BYTES // 4  # elements: each is dequantized through float32
+        yield from fp8_row_slices(
+            self.view.files[key].shape, self.view.quantization.block_size, budget
+        )
+
+    def _read_fp8(self, key: str, rows: slice | int | None) -> Tensor:
+        """W[rows] of an FP8 weight, dequantized: the weight's rows and the grid's rows they
+        need."""
+        n_rows = self.view.files[key].shape[0]
+        if isinstance(rows, int):
+            return self._read_fp8(key, slice(rows, rows + 1))[0]
+        start, stop, _ = (rows or slice(None)).indices(n_rows)
+        bm = self.view.quantization.block_size[0]
+        w_MN = self.read_stored(key, slice(start, stop))
+        grid_rows = slice(start // bm, -(-stop // bm))
+        scale_inv_GH = self.read_stored(self.view.fp8_scales[key], grid_rows)
+        return dequantize_fp8_blocks(
+            w_MN,
+            scale_inv_GH,
+            self.view.quantization.block_size,
+            self.dtype,
+            first_row=start,
+            name=key,
+        )
+
+
+def load_mxfp4_experts(dest_EOI: Tensor, key: str, op: str, reader: DequantizingReader) -> None:
+    """Fill moekit's stacked expert weight `dest_EOI` (w_in (E, 2F, D) or w_out (E, D, F)) from
+    the MXFP4 pair of `key`, one expert and at most SLICE_BYTES of float32 rows at a time, through
+    `mxfp4_expert_weight` (the bytes as shipped) and `QuantizedWeight.dequantize`."""
+    blocks, scales = reader.view.mxfp4_pairs[key]
+    rows_per_slice = max(1, SLICE_BYTES // (4 * dest_EOI.shape[-1]))
+    for e in range(dest_EOI.shape[0]):
+        qw_OI = mxfp4_expert_weight(
+            reader.read_stored(blocks, e),
+            reader.read_stored(scales, e),
+            interleaved=MXFP4_OPS[op],
+            name=key,
+        )
+        for start in range(0, dest_EOI.shape[1], rows_per_slice):
+            part = slice(start, start + rows_per_slice)
+            dest_EOI[e, part].copy_(qw_OI[part].dequantize(dest_EOI.dtype))
