@@ -24,6 +24,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from tests.interop_cases import CASES, COMMON, DROP, hf_config, randomize, tokens
+from tests.test_interop_mtp import mtp_model
 
 from moekit.interop import CheckpointError, load_hf, save_hf
 from moekit.interop import files as interop_files
@@ -227,17 +228,14 @@ def saved(model, folder: Path) -> tuple[dict, dict]:
 
 
 def is_fp8_quantized(key: str, t: torch.Tensor) -> bool:
-    """DeepSeek-V3's FP8 weights: every linear weight but the embedding, head and router."""
-    skip = ("embed_tokens", "lm_head", "mlp.gate.weight", "norm")
+    """DeepSeek-V3's FP8 weights: every linear weight but the embedding, head, router and the MTP
+    layer's eh_proj and copies of the embedding and head."""
+    skip = ("embed_tokens", "lm_head", "mlp.gate.weight", "norm", "eh_proj", "shared_head.head")
     return key.endswith(".weight") and t.dim() == 2 and not any(s in key for s in skip)
 
 
-@pytest.fixture(scope="module")
-def deepseek_fp8(tmp_path_factory) -> tuple[Path, Path]:
-    """(FP8 checkpoint, float32 checkpoint of its independently decoded weights)."""
-    root = tmp_path_factory.mktemp("deepseek_fp8")
-    model = randomize(transformers.DeepseekV3ForCausalLM(hf_config("deepseek_v3")).float())
-    tensors, config = saved(model, root / "src")
+def fp8_checkpoints(tensors: dict, config: dict, root: Path) -> tuple[Path, Path]:
+    """(FP8 checkpoint of float32 `tensors`, float32 checkpoint of its decoded weights)."""
     quantized, dense = {}, {}
     for key, t in tensors.items():
         if is_fp8_quantized(key, t):
@@ -247,12 +245,37 @@ def deepseek_fp8(tmp_path_factory) -> tuple[Path, Path]:
             dense[key] = decode_fp8(w_fp8, scale_inv, FP8_BLOCK)
         else:
             quantized[key] = dense[key] = t
-    edge = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
-    assert quantized[edge].shape == (24, 40) and quantized[edge + "_scale_inv"].shape == (2, 5)
-    fp8_dir = write_checkpoint(
-        root / "fp8", quantized, config | {"quantization_config": FP8_CONFIG}
+    fp8 = config | {"quantization_config": FP8_CONFIG}
+    return write_checkpoint(root / "fp8", quantized, fp8), write_checkpoint(
+        root / "dense", dense, config
     )
-    return fp8_dir, write_checkpoint(root / "dense", dense, config)
+
+
+@pytest.fixture(scope="module")
+def deepseek_fp8(tmp_path_factory) -> tuple[Path, Path]:
+    """transformers' tiny DeepSeek-V3 as (FP8 checkpoint, float32 checkpoint of its decoded
+    weights)."""
+    root = tmp_path_factory.mktemp("deepseek_fp8")
+    model = randomize(transformers.DeepseekV3ForCausalLM(hf_config("deepseek_v3")).float())
+    fp8_dir, dense_dir = fp8_checkpoints(*saved(model, root / "src"), root)
+    edge = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(fp8_dir / "model.safetensors")).items()}
+    assert shapes[edge] == (24, 40) and shapes[edge + "_scale_inv"] == (2, 5)
+    return fp8_dir, dense_dir
+
+
+def test_fp8_mtp_layer_loads_like_its_decoded_weights(tmp_path) -> None:
+    """DeepSeek-V3's layer 61 as released: its block FP8, eh_proj and the copies of the
+    embedding and head unquantized."""
+    (tmp_path / "src").mkdir()
+    save_hf(mtp_model(), tmp_path / "src", "deepseek_v3")
+    tensors = load_file(str(tmp_path / "src" / "model.safetensors"))
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert "model.layers.3.self_attn.kv_a_proj_with_mqa.weight" in tensors
+    fp8_dir, dense_dir = fp8_checkpoints(tensors, config, tmp_path)
+    ours = load_hf(fp8_dir, dtype="float32")
+    assert ours.cfg.mtp_depth == 1
+    same_weights(ours, load_hf(dense_dir, dtype="float32"))
 
 
 @pytest.fixture(scope="module")
