@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 from tests.run_cases import tiny_run
+from tests.test_train import interrupt_at
 
 from moekit.cli import main
 from moekit.config import TrainConfig
 from moekit.model import MoETransformer
+from moekit.train import loop as loop_module
 from moekit.train.checkpoint import latest_checkpoint, load_weights
 from moekit.train.freeze import freeze, trainable_table
 from moekit.train.optim import build_optimizer
@@ -36,6 +38,31 @@ def test_train_with_mtp_logs_each_depth_and_its_experts(tmp_path: Path) -> None:
         assert len(r["layers"]) == 2 + 2  # the tiny model's two MoE layers, then each depth's
         assert sum(r["layers"][-1]["counts"]) == 2 * 8 * 64 * 2  # grad_accum x tokens x top_k
     assert train[-1]["mtp_loss_1"] < train[0]["mtp_loss_1"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    last = train[-1]
+    assert (
+        f"- final multi-token-prediction loss (depth 1: {last['mtp_loss_1']:.4f}, depth 2: "
+        f"{last['mtp_loss_2']:.4f}) nats/token"
+    ) in report
+
+
+def test_resume_with_mtp_gives_the_losses_of_an_uninterrupted_run(tmp_path: Path, monkeypatch):
+    """The MTP module's weights, optimizer state and losses resume exactly like the model's."""
+    cfg = tiny_run(tmp_path, steps=8)
+    cfg = cfg.replace(model=cfg.model.replace(mtp_depth=1))
+    loop_module.train(cfg, tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 5)
+        loop_module.train(cfg, tmp_path / "halves")
+    assert latest_checkpoint(tmp_path / "halves").name == "step-000005"  # stopped there
+    loop_module.train(cfg, tmp_path / "halves", resume=True)
+    straight, halves = (
+        records(tmp_path / "straight", "train"),
+        records(tmp_path / "halves", "train"),
+    )
+    assert [r["step"] for r in halves] == list(range(1, 9))
+    for a, b in zip(straight, halves, strict=True):
+        assert (a["loss"], a["mtp_loss_1"]) == (b["loss"], b["mtp_loss_1"])
 
 
 def test_freezing_the_model_trains_only_the_mtp_module() -> None:

@@ -50,6 +50,11 @@ def summary(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[st
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "train_seconds": seconds,
         "max_vio": max((layer["max_vio"] for layer in last_train.get("layers", [])), default=None),
+        # depth k's loss predicts the token k + 1 ahead (multi-token prediction), k = 1, 2, ...
+        "mtp_losses": [
+            last_train[f"mtp_loss_{k}"]
+            for k in range(1, 1 + sum("mtp_loss_" in n for n in last_train))
+        ],
     }
 
 
@@ -75,6 +80,9 @@ def report_text(
         f"- throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.0f} s of "
         "training steps",
     ]
+    if s["mtp_losses"]:
+        depths = ", ".join(f"depth {k}: {v:.4f}" for k, v in enumerate(s["mtp_losses"], 1))
+        lines.append(f"- final multi-token-prediction loss ({depths}) nats/token")
     if s["max_vio"] is not None:
         lines.append(f"- worst layer MaxVio over the last log interval: {s['max_vio']:.3f}")
     for title, name in plots:
