@@ -98,15 +98,16 @@ class QuantizedView:
     files: {dense key: WeightInfo}, what the loader checks against the config: unquantized
         tensors as they are; a quantized one under the key and shape of its dense form (its
         WeightInfo.dtype says how it is stored: "F8_E4M3", "MXFP4").
+    stored: the checkpoint's tensors as stored (scale grids, blocks and scales included).
     fp8_scales: {weight key: its scale-grid key}.
     mxfp4_pairs: {dense key: (its blocks key, its scales key)}.
     """
 
     quantization: Quantization | None
     files: dict[str, WeightInfo]
+    stored: dict[str, WeightInfo]  # the checkpoint's own tensors, by their own keys
     fp8_scales: dict[str, str] = field(default_factory=dict)
     mxfp4_pairs: dict[str, tuple[str, str]] = field(default_factory=dict)
-    stored: dict[str, WeightInfo] = field(default_factory=dict)  # the checkpoint's own tensors
 
     def misshapen(self, key: str, needed: tuple[int, ...]) -> str:
         """What is wrong with `key` when its dense shape is not the `needed` one."""
@@ -140,7 +141,7 @@ def quantized_view(
     quantization is wrong (a weight without its scales, blocks without scales, mismatched or
     truncated shapes, an FP8 tensor in a checkpoint that declares no FP8), before any weight is
     read."""
-    view = QuantizedView(quantization, dict(files), stored=files)
+    view = QuantizedView(quantization, dict(files), files)
     method = quantization.method if quantization is not None else None
     problems = [] if method == "fp8" else _stray_fp8(files)
     if method == "fp8":
