@@ -144,7 +144,8 @@ def test_quantized_model_is_its_dequantized_twin_and_close_to_float() -> None:
             quantized = quantize_model(copy.deepcopy(model), config)
             logits = quantized(ids).logits
             twin = dequantize_model(copy.deepcopy(quantized))
-            assert torch.equal(twin(ids).logits, logits), config
+            # the decode kernels (a few rows) sum in another order than F.linear
+            assert torch.allclose(twin(ids).logits, logits, atol=1e-5), config
             assert (logits - reference).abs().max() < tolerance, config
     assert isinstance(quantized.layers[0].ffn.experts, QuantizedExperts)
     assert quantized.layers[0].attn.q_proj.scheme == "int8"
