@@ -1,0 +1,449 @@
+/* Few-row products over quantized weights for CPU decode: y (R, O) = x (R, I) @ W^T (+ b), x
+ * float32, R <= 16, W (O, I) stored in one of moekit.quant.schemes' layouts (its docstring is
+ * binding; `dequantize` there is the reference):
+ *   bf16     uint16 (O, I)                                  w = bits << 16
+ *   int8     int8 (O, I), float32 scales (O,)               w = s[o] * q
+ *   int4     uint8 (O, I/2), float16 scales (O, I/32),      w = d * (nibble - 8)
+ *            float16 offsets (O, I/32) or none              w = d * nibble + m (zero point)
+ *   mxfp4    uint8 (O, I/2), uint8 E8M0 scales (O, I/32)    w = E2M1[nibble] * 2^(e - 127)
+ * with byte j of a 4-bit row holding element 2j in its low nibble and 2j + 1 in its high one.
+ *
+ * A decode step's products stream their weights: each weight row is read once, dequantized in
+ * registers and multiplied by every row of x, accumulating in float32; the output rows are split
+ * between OpenMP threads. Like decode_kernels.c it links the libgomp torch has already loaded
+ * (same soname), so it shares torch's thread pool and thread count; products under
+ * MIN_PARALLEL_WEIGHTS run on one thread (the fork costs more than it saves). Each output element
+ * is summed by one thread in an order fixed by I and R alone: results do not depend on the thread
+ * count (they may on R: rows of x are processed in blocks whose accumulator count depends on the
+ * block's size).
+ *
+ * Two bodies, both always compiled on x86-64 and chosen at run time (moekit_q_set_path forces
+ * one, for the tests): AVX2+FMA+F16C, and a portable C one (the same algorithm: a row dequantized
+ * once, in chunks, then multiplied by the R rows; the compiler vectorizes what it can). Other
+ * CPUs (aarch64, Apple clang) and -DMOEKIT_PORTABLE compile only the portable body.
+ *
+ * The AVX2 body's tricks:
+ *   - bf16: a bfloat16 is the top half of a float32: widen to 32 bits and shift left by 16.
+ *   - int8: widen, convert, and multiply by the channel's scale once, after the row's dot.
+ *   - 4-bit: x is de-interleaved once per call (x_perm: per group of 32, the 16 even elements,
+ *     then the 16 odd ones), so the low nibbles of a group's 16 bytes multiply x_perm[0:16] and
+ *     the high nibbles x_perm[16:32] with no shuffling of the weights. A row's scales (and
+ *     offsets) are converted to float once per SEGMENT groups (vcvtph2ps, 8 at a time).
+ *   - int4: 8 bytes zero-extended to 32-bit lanes, nibbles split by a mask and a shift,
+ *     converted, then w = fma(q, d, m) (m = -8 d without a zero point): the reference's float32
+ *     weights exactly, shared by every row of x; ~20 instructions a group of 32 at one row.
+ *   - MXFP4: a pshufb table maps each nibble to twice its E2M1 value as int8 (all integers;
+ *     llama.cpp's kvalues_mxfp4 trick), with the scale halved (2^(e - 128), from a 256-entry
+ *     table); the group's scale multiplies the group's dot once (d * sum(x q)).
+ * Next step, not written here (this machine has no AVX-512 to run it on): AVX-512 (16 lanes,
+ * vpermb/vpermi2b tables for 4-bit, VNNI/AVX512-BF16 dot products where x may be quantized).
+ *
+ * Built and loaded by moekit/quant/kernels.py (through moekit/cbuild.py); tests/
+ * test_quant_kernels.py holds both bodies to F.linear over the dequantized weight.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MIN_PARALLEL_WEIGHTS 65536
+#define GROUP 32
+#define MAX_ROWS 16
+#define CHUNK 256 /* portable body: weights dequantized at a time (a multiple of GROUP) */
+
+enum { PATH_PORTABLE = 0, PATH_AVX2 = 1 };
+enum { BF16 = 0, INT8 = 1, INT4 = 2, INT4_ZP = 3, MXFP4 = 4 };
+
+typedef struct {
+    int kind;
+    int64_t I;
+    const void *data;        /* row o: I elements (bf16, int8) or I/2 bytes (4-bit) */
+    const void *scales;      /* int8: float (O,); int4: fp16 (O, I/32); mxfp4: uint8 (O, I/32) */
+    const uint16_t *offsets; /* int4 with zero point: fp16 (O, I/32); else NULL */
+} weight_t;
+
+static float from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static float fp16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+        float f = ldexpf((float)mantissa, -24);
+        return sign ? -f : f;
+    }
+    if (exponent == 31) return from_bits(sign | 0x7f800000u | (mantissa << 13));
+    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+/* 2^(e - 127 - halve), exactly (e = 0 and 1 give subnormals; e = 255 gives 2^128 = inf unhalved,
+ * as the reference's exp2 does). */
+static float e8m0_to_float(uint8_t e, int halve) {
+    int exponent = (int)e - halve;
+    if (exponent >= 1) return exponent >= 255 ? INFINITY : from_bits((uint32_t)exponent << 23);
+    return from_bits(0x00400000u >> -exponent); /* 2^-127 >> k */
+}
+
+static float E8M0_HALF[256]; /* 2^(e - 128): the AVX2 body's halved MXFP4 scales */
+
+static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* ---------------------------------------------------------------- portable body */
+
+/* Weights [i0, i0 + n) of row o as float; int8 unscaled (its scale multiplies the row's dot). */
+static void dequantize_chunk(const weight_t *w, int64_t o, int64_t i0, int64_t n, float *out) {
+    const int64_t I = w->I, G = I / GROUP;
+    if (w->kind == BF16) {
+        const uint16_t *row = (const uint16_t *)w->data + o * I + i0;
+        for (int64_t k = 0; k < n; k++) out[k] = from_bits((uint32_t)row[k] << 16);
+        return;
+    }
+    if (w->kind == INT8) {
+        const int8_t *row = (const int8_t *)w->data + o * I + i0;
+        for (int64_t k = 0; k < n; k++) out[k] = (float)row[k];
+        return;
+    }
+    const uint8_t *bytes = (const uint8_t *)w->data + o * (I / 2);
+    for (int64_t g = i0 / GROUP; g < (i0 + n) / GROUP; g++) {
+        const uint8_t *b = bytes + g * (GROUP / 2);
+        float *v = out + (g * GROUP - i0);
+        if (w->kind == MXFP4) {
+            float d = e8m0_to_float(((const uint8_t *)w->scales)[o * G + g], 0);
+            for (int j = 0; j < GROUP / 2; j++) {
+                v[2 * j] = E2M1[b[j] & 15] * d;
+                v[2 * j + 1] = E2M1[b[j] >> 4] * d;
+            }
+        } else if (w->offsets == NULL) {
+            float d = fp16_to_float(((const uint16_t *)w->scales)[o * G + g]);
+            for (int j = 0; j < GROUP / 2; j++) {
+                v[2 * j] = (float)((b[j] & 15) - 8) * d;
+                v[2 * j + 1] = (float)((b[j] >> 4) - 8) * d;
+            }
+        } else {
+            float d = fp16_to_float(((const uint16_t *)w->scales)[o * G + g]);
+            float m = fp16_to_float(w->offsets[o * G + g]);
+            for (int j = 0; j < GROUP / 2; j++) {
+                v[2 * j] = (float)(b[j] & 15) * d + m;
+                v[2 * j + 1] = (float)(b[j] >> 4) * d + m;
+            }
+        }
+    }
+}
+
+/* sums[r] = x[r, :] . W[o, :] for r < R: the row dequantized CHUNK weights at a time, each chunk
+ * multiplied by every row of x into 32 lanes per row, the lanes summed in a fixed tree. */
+static void row_portable(const weight_t *w, const float *x, int64_t R, int64_t o, float *sums) {
+    const int64_t I = w->I;
+    float acc[MAX_ROWS][32];
+    float buf[CHUNK];
+    memset(acc, 0, sizeof acc);
+    for (int64_t i0 = 0; i0 < I; i0 += CHUNK) {
+        int64_t n = I - i0 < CHUNK ? I - i0 : CHUNK;
+        dequantize_chunk(w, o, i0, n, buf);
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * I + i0;
+            int64_t k = 0;
+            for (; k + 32 <= n; k += 32)
+                for (int j = 0; j < 32; j++) acc[r][j] += xr[k + j] * buf[k + j];
+            for (int j = 0; k + j < n; j++) acc[r][j] += xr[k + j] * buf[k + j];
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        float lanes[8];
+        for (int j = 0; j < 8; j++)
+            lanes[j] = (acc[r][j] + acc[r][j + 8]) + (acc[r][j + 16] + acc[r][j + 24]);
+        sums[r] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) +
+                  ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    }
+}
+
+/* ---------------------------------------------------------------- AVX2 body */
+
+#if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
+#include <immintrin.h>
+
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+AVX2_INLINE float hsum(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+}
+
+/* 32 weights of a bf16 or int8 row (int8 unscaled) as 4 vectors of 8 floats, in order. */
+AVX2_INLINE void load32(const int kind, const void *row, int64_t i, __m256 v[4]) {
+    _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) {
+        if (kind == BF16) {
+            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i + 8 * k));
+            v[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        } else {
+            __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)row + i + 8 * k));
+            v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+        }
+    }
+}
+
+/* bf16 / int8: sums[r] = x[r, :] . row for RB rows of x (RB a constant after inlining). Each row
+ * of x has NA accumulators of 8 lanes (RB * NA independent FMA chains, at most 8 registers). */
+AVX2_INLINE void dense_block(const int RB, const int kind, const float *x, int64_t I,
+                             const void *row, float *sums) {
+    const int NA = RB <= 2 ? 4 : RB <= 4 ? 2 : 1;
+    __m256 acc[8][4];
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 8") for (int a = 0; a < NA; a++) acc[r][a] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m256 v[4];
+        load32(kind, row, i, v);
+        _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
+            _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++)
+                acc[r][k % NA] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(x + r * I + i + 8 * k), v[k], acc[r][k % NA]);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        __m256 total = acc[r][0];
+        if (NA == 4)
+            total = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
+                                  _mm256_add_ps(acc[r][2], acc[r][3]));
+        else if (NA == 2)
+            total = _mm256_add_ps(acc[r][0], acc[r][1]);
+        float s = hsum(total);
+        for (int64_t j = i; j < I; j++) {
+            float wj = kind == BF16 ? from_bits((uint32_t)((const uint16_t *)row)[j] << 16)
+                                    : (float)((const int8_t *)row)[j];
+            s += x[r * I + j] * wj;
+        }
+        sums[r] = s;
+    }
+}
+
+/* One group g of a 4-bit row into accumulator a of each of RB rows of x_perm; d and m are the
+ * group's scale and offset as floats (int4: w = d q + m, with m = -8 d without a zero point;
+ * mxfp4: d halved, m unused). */
+AVX2_INLINE void group_step(const int RB, const int kind, const float *xp, int64_t I, int64_t g,
+                            const uint8_t *bytes, const float *d, const float *m,
+                            __m256 acc[8][4], const int a) {
+    const float *xg = xp + g * GROUP;
+    const uint8_t *b = bytes + g * (GROUP / 2);
+    __m256 v[4]; /* weights 0, 2, .., 14 | 16, .., 30 | 1, .., 15 | 17, .., 31: x_perm's order */
+    if (kind == MXFP4) {
+        /* nibble -> twice its E2M1 value as int8 (pshufb), then widened and converted */
+        const __m128i nibble = _mm_set1_epi8(15);
+        const __m128i table =
+            _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        __m128i bytes16 = _mm_loadu_si128((const __m128i *)b);
+        __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes16, nibble));
+        __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes16, 4), nibble));
+        v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+        v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+        v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+        __m256 dv = _mm256_broadcast_ss(d + g);
+        _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+            const float *xr = xg + r * I;
+            __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xr), v[0]);
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), v[1], t);
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), v[2], t);
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), v[3], t);
+            acc[r][a] = _mm256_fmadd_ps(t, dv, acc[r][a]);
+        }
+        return;
+    }
+    /* int4: each byte zero-extended into a 32-bit lane, its nibbles split by a mask and a shift
+     * (no table: the nibble is q itself), converted, and dequantized in full, w = fma(q, d, m):
+     * exactly the reference's float32 weight ((q - 8) d is exact in float32) */
+    const __m256i nibble = _mm256_set1_epi32(15);
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)));
+    __m256 dv = _mm256_broadcast_ss(d + g), mv = _mm256_broadcast_ss(m + g);
+    v[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, nibble)), dv, mv);
+    v[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, nibble)), dv, mv);
+    v[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), dv, mv);
+    v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), dv, mv);
+    const int NK = RB <= 2 ? 4 : RB <= 4 ? 2 : 1; /* accumulators a row: >= 4 FMA chains */
+    (void)a;
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) acc[r][k % NK] =
+            _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * I + 8 * k), v[k], acc[r][k % NK]);
+}
+
+/* 4-bit: sums[r] = x[r, :] . row for RB rows of x_perm (x de-interleaved per group). MXFP4 sums
+ * each group's dot apart and alternates NG accumulators a row between groups; int4 adds into NK
+ * accumulators a row, one per quarter of a group: either way at least 4 independent FMA chains
+ * (one chain through every group would be latency-bound: 4 cycles an FMA). The groups' scales (and offsets) are first
+ * converted to float, SEGMENT groups at a time. */
+#define SEGMENT 256
+AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, int64_t I,
+                             const uint8_t *bytes, const void *scales, const uint16_t *offsets,
+                             float *sums) {
+    const int NG = kind == MXFP4 && RB <= 4 ? 2 : 1;
+    const int NA = kind == MXFP4 ? NG : RB <= 2 ? 4 : RB <= 4 ? 2 : 1;
+    const int64_t G = I / GROUP;
+    float d[SEGMENT], m[SEGMENT];
+    __m256 acc[8][4];
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 8") for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < G; s += SEGMENT) {
+        const int64_t n = G - s < SEGMENT ? G - s : SEGMENT;
+        if (kind == MXFP4) {
+            for (int64_t j = 0; j < n; j++) d[j] = E8M0_HALF[((const uint8_t *)scales)[s + j]];
+        } else {
+            const uint16_t *sc = (const uint16_t *)scales + s;
+            int64_t j = 0;
+            for (; j + 8 <= n; j += 8) {
+                __m256 dj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j)));
+                __m256 mj = kind == INT4_ZP
+                                ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
+                                : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
+                _mm256_storeu_ps(d + j, dj);
+                _mm256_storeu_ps(m + j, mj);
+            }
+            for (; j < n; j++) {
+                d[j] = _cvtsh_ss(sc[j]);
+                m[j] = kind == INT4_ZP ? _cvtsh_ss(offsets[s + j]) : -8.0f * d[j];
+            }
+        }
+        const uint8_t *bs = bytes + s * (GROUP / 2);
+        const float *xs = xp + s * GROUP;
+        int64_t g = 0;
+        for (; g + NG <= n; g += NG)
+            _Pragma("GCC unroll 8") for (int a = 0; a < NG; a++)
+                group_step(RB, kind, xs, I, g + a, bs, d, m, acc, a);
+        for (; g < n; g++) group_step(RB, kind, xs, I, g, bs, d, m, acc, 0);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        __m256 total = acc[r][0];
+        if (NA == 4)
+            total = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
+                                  _mm256_add_ps(acc[r][2], acc[r][3]));
+        else if (NA == 2)
+            total = _mm256_add_ps(acc[r][0], acc[r][1]);
+        sums[r] = hsum(total);
+    }
+}
+
+#define FOR_BLOCK(call)                                                                          \
+    switch (rb) {                                                                                \
+    case 1: call(1); break;                                                                      \
+    case 2: call(2); break;                                                                      \
+    case 3: call(3); break;                                                                      \
+    case 4: call(4); break;                                                                      \
+    case 5: call(5); break;                                                                      \
+    case 6: call(6); break;                                                                      \
+    case 7: call(7); break;                                                                      \
+    default: call(8); break;                                                                     \
+    }
+
+/* The kind is a constant in each instantiation, so every block is specialised twice over. */
+#define DENSE(RB) dense_block(RB, KIND, x + r0 * I, I, row, sums + r0)
+#define GROUPS(RB) group_block(RB, KIND, xp + r0 * I, I, bytes, scales, offsets, sums + r0)
+
+static AVX2_TARGET void row_avx2(const weight_t *w, const float *x, const float *xp, int64_t R,
+                                 int64_t o, float *sums) {
+    const int64_t I = w->I, G = I / GROUP;
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
+        if (w->kind == BF16) {
+            const void *row = (const uint16_t *)w->data + o * I;
+#define KIND BF16
+            FOR_BLOCK(DENSE)
+#undef KIND
+        } else if (w->kind == INT8) {
+            const void *row = (const int8_t *)w->data + o * I;
+#define KIND INT8
+            FOR_BLOCK(DENSE)
+#undef KIND
+        } else {
+            const uint8_t *bytes = (const uint8_t *)w->data + o * (I / 2);
+            const uint16_t *offsets = w->offsets ? w->offsets + o * G : NULL;
+            if (w->kind == MXFP4) {
+                const void *scales = (const uint8_t *)w->scales + o * G;
+#define KIND MXFP4
+                FOR_BLOCK(GROUPS)
+#undef KIND
+            } else if (offsets == NULL) {
+                const void *scales = (const uint16_t *)w->scales + o * G;
+#define KIND INT4
+                FOR_BLOCK(GROUPS)
+#undef KIND
+            } else {
+                const void *scales = (const uint16_t *)w->scales + o * G;
+#define KIND INT4_ZP
+                FOR_BLOCK(GROUPS)
+#undef KIND
+            }
+        }
+    }
+}
+
+static int avx2_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#else
+static int avx2_supported(void) { return 0; }
+static void row_avx2(const weight_t *w, const float *x, const float *xp, int64_t R, int64_t o,
+                     float *sums) {
+    (void)xp;
+    row_portable(w, x, R, o, sums);
+}
+#endif
+
+/* ---------------------------------------------------------------- entry points */
+
+static int active_path = -1; /* -1: not chosen yet */
+
+/* Choose the body: -1 the best this CPU runs, PATH_PORTABLE, or PATH_AVX2 (if the CPU has it).
+ * Returns the body now in use, or -1 if the one asked for cannot run here. */
+int moekit_q_set_path(int path) {
+    for (int e = 0; e < 256; e++) E8M0_HALF[e] = e8m0_to_float((uint8_t)e, 1);
+    if (path == PATH_AVX2 && !avx2_supported()) return -1;
+    active_path = path >= 0 ? path : (avx2_supported() ? PATH_AVX2 : PATH_PORTABLE);
+    return active_path;
+}
+
+/* y (R, O) = x (R, I) @ W^T (+ bias): x and y contiguous float32, W's tensors contiguous in the
+ * layouts above (offsets NULL but for int4 with a zero point), bias (O,) or NULL. Returns 0, or
+ * -1 if R, I or the kind is out of range (nothing written). */
+int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *data,
+                    const void *scales, const uint16_t *offsets, int64_t O, const float *bias,
+                    float *y) {
+    const int grouped = kind == INT4 || kind == INT4_ZP || kind == MXFP4;
+    if (R < 1 || R > MAX_ROWS || I < 1 || O < 1 || kind < BF16 || kind > MXFP4) return -1;
+    if (grouped && I % GROUP) return -1;
+    if ((kind == INT4_ZP) != (offsets != NULL)) return -1;
+    if (active_path < 0) moekit_q_set_path(-1);
+    const int path = active_path;
+    const weight_t w = {kind, I, data, scales, offsets};
+
+    /* x_perm for the AVX2 4-bit body: per group of 32, elements 0, 2, ..., 30 then 1, 3, ..., 31 */
+    float *xp = NULL;
+    if (path == PATH_AVX2 && grouped) {
+        xp = malloc((size_t)(R * I) * sizeof(float));
+        if (xp == NULL) return -1;
+        for (int64_t i = 0; i < R * I; i += GROUP)
+            for (int j = 0; j < GROUP / 2; j++) {
+                xp[i + j] = x[i + 2 * j];
+                xp[i + GROUP / 2 + j] = x[i + 2 * j + 1];
+            }
+    }
+#pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
+    for (int64_t o = 0; o < O; o++) {
+        float sums[MAX_ROWS];
+        if (path == PATH_AVX2)
+            row_avx2(&w, x, xp, R, o, sums);
+        else
+            row_portable(&w, x, R, o, sums);
+        const float scale = kind == INT8 ? ((const float *)scales)[o] : 1.0f;
+        const float b = bias ? bias[o] : 0.0f;
+        for (int64_t r = 0; r < R; r++) y[r * O + o] = (kind == INT8 ? sums[r] * scale : sums[r]) + b;
+    }
+    free(xp);
+    return 0;
+}
