@@ -48,7 +48,10 @@ _DTYPES = {
 }
 
 _ops = torch.library.Library("moekit", "FRAGMENT")  # decode_kernels holds the namespace's DEF
-_ops.define("quant_linear(Tensor x, str scheme, Tensor data, Tensor? scales, Tensor? offsets, Tensor? bias) -> Tensor")  # noqa: E501
+_ops.define(
+    "quant_linear(Tensor x, str scheme, Tensor data, Tensor? scales, Tensor? offsets, "
+    "Tensor? bias) -> Tensor"
+)
 
 
 def linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
@@ -76,7 +79,9 @@ def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> boo
         and data.dim() == 2
         and O > 0
         and I > 0
-        and not (torch.is_grad_enabled() and cbuild.any_requires_grad(x, bias, data, scales, offsets))
+        and not (
+            torch.is_grad_enabled() and cbuild.any_requires_grad(x, bias, data, scales, offsets)
+        )
         and cbuild.plain_cpu(x, torch.float32)
         and x.dim() >= 1
         and x.shape[-1] == I
@@ -99,9 +104,7 @@ def _scales_fit(qw: QuantizedWeight, dtype: torch.dtype | None, O: int, I: int) 
 
 def _fits(t: Tensor, dtype: torch.dtype, like: Tensor | None = None) -> bool:
     return (
-        cbuild.plain_cpu(t, dtype)
-        and t.is_contiguous()
-        and (like is None or t.shape == like.shape)
+        cbuild.plain_cpu(t, dtype) and t.is_contiguous() and (like is None or t.shape == like.shape)
     )
 
 
