@@ -210,7 +210,7 @@ def _library() -> ctypes.CDLL | None:
         what="quantized decode kernels",
         fallback="products over quantized weights run F.linear on the dequantized weight",
     )
-    if library is not None and os.environ.get("MOEKIT_PORTABLE"):
-        library.moekit_q_set_path(0)
-        _PATH[0] = 0
+    if library is not None:  # dlopen hands back the one loaded library: choose its body afresh
+        _PATH[0] = 0 if os.environ.get("MOEKIT_PORTABLE") else -1
+        library.moekit_q_set_path(_PATH[0])
     return library

@@ -1,0 +1,287 @@
+"""moekit.quant.kernels: the C kernels over each stored layout (both bodies, AVX2 and portable)
+against their reference F.linear(x, qw.dequantize(), b), the inputs they leave to the reference,
+the torch op they are registered as, and their build.
+
+Tolerance: the kernels sum in float32 in another order than torch's F.linear (MKL), so both carry
+rounding error; for a dot product of I terms summed in 8 lanes x a few accumulators, then a
+fixed tree, each side's error is at most about (I / 32 + 16) float32 rounding units times
+sum_i |x_i w_i| (a sequential sum of n terms errs by at most ~n units of that sum; ours chains
+I / 32 terms a lane, plus the tree and the group-scale multiply). `_assert_matches` allows twice
+that, elementwise against |x| @ |W|^T: a real bug (a wrong nibble, scale or tail element) is
+off by whole weights, orders of magnitude above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit import cbuild
+from moekit.quant import kernels, quantize
+from moekit.quant.kernels import MAX_ROWS, linear, qualifies
+from moekit.quant.schemes import QuantizedWeight
+
+# (scheme, zero_point): int4 with and without offsets
+SCHEMES = [("bf16", False), ("int8", False), ("int4", False), ("int4", True), ("mxfp4", False)]
+IDS = ["bf16", "int8", "int4", "int4_zp", "mxfp4"]
+PATHS = ["portable", "avx2"]
+
+
+def _path(name: str):
+    """The kernels' `name` body for the block; skips the test where this CPU cannot run it."""
+    if name == "avx2" and not _avx2_here():
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    return kernels.use_path(name)
+
+
+def _avx2_here() -> bool:
+    try:
+        with kernels.use_path("avx2"):
+            return True
+    except ValueError:
+        return False
+
+
+def _weight(scheme: str, zero_point: bool, O: int, I: int, seed: int) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    return quantize(torch.randn(O, I, generator=g) / I**0.5, scheme, zero_point=zero_point)
+
+
+def _assert_matches(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, b=None) -> None:
+    w = qw.dequantize()
+    reference = F.linear(x, w, b)
+    units = x.shape[-1] // 32 + 16
+    bound = 2 * units * 2.0**-24 * (x.abs() @ w.abs().T) + 1e-30
+    excess = ((y - reference).abs() - bound).max().item()
+    assert excess <= 0, f"off the reference by {excess:.3g} beyond the float32 bound"
+
+
+def test_kernels_are_built_here() -> None:
+    """This machine (and CI) has a C compiler: the fast path must be live, not silently off."""
+    assert kernels.available()
+    assert kernels.path() in kernels.PATHS
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scheme", "zero_point"), SCHEMES, ids=IDS)
+def test_every_row_count_matches_the_reference(scheme: str, zero_point: bool, path: str) -> None:
+    """R = 1..16 rows, odd O, and for bf16 / int8 an I that leaves a tail after the vector body
+    (100 = 3 * 32 + 4; 7 has no vector body at all); 4-bit I must be a multiple of 32."""
+    shapes = [(37, 96), (5, 64)] if scheme in ("int4", "mxfp4") else [(37, 100), (3, 7)]
+    with _path(path):
+        for O, I in shapes:
+            qw = _weight(scheme, zero_point, O, I, seed=O + I)
+            g = torch.Generator().manual_seed(O)
+            b = torch.randn(O, generator=g)
+            for rows in range(1, MAX_ROWS + 1):
+                x = torch.randn(rows, I, generator=g)
+                assert qualifies(x, qw, b)
+                _assert_matches(linear(x, qw, b), x, qw, b)
+                _assert_matches(linear(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scheme", "zero_point"), SCHEMES, ids=IDS)
+def test_threads_split_rows_without_changing_a_bit(
+    scheme: str, zero_point: bool, path: str
+) -> None:
+    """A product big enough for OpenMP (>= 65536 weights) gives identical results on 1 and 2
+    threads: each output is summed by one thread in a fixed order."""
+    qw = _weight(scheme, zero_point, 257, 320, seed=4)
+    x = torch.randn(9, 320, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    with _path(path):
+        try:
+            torch.set_num_threads(1)
+            one = linear(x, qw)
+            torch.set_num_threads(2)
+            two = linear(x, qw)
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    _assert_matches(one, x, qw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scheme", "zero_point"), SCHEMES, ids=IDS)
+def test_zero_groups_and_rows(scheme: str, zero_point: bool, path: str) -> None:
+    """All-zero rows and groups quantize to zero scales (MXFP4: the smallest, subnormal scale,
+    byte 0): the kernels must give exact zeros there, not NaN."""
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(6))
+    w[1] = 0
+    w[3, 32:] = 0
+    qw = quantize(w, scheme, zero_point=zero_point)
+    x = torch.randn(3, 64)
+    with _path(path):
+        y = linear(x, qw)
+    assert torch.equal(y[:, 1], torch.zeros(3))
+    _assert_matches(y, x, qw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_mxfp4_code_and_extreme_scales(path: str) -> None:
+    """Random bytes hit all 16 E2M1 codes (-0 included) in both nibbles; scale bytes from 0
+    (2^-127, subnormal) through 1 and 2 to large ones."""
+    g = torch.Generator().manual_seed(7)
+    data = torch.randint(0, 256, (11, 64), generator=g, dtype=torch.uint8)
+    scales = torch.randint(110, 140, (11, 4), generator=g, dtype=torch.uint8)
+    scales[0] = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)
+    qw = QuantizedWeight("mxfp4", data, scales)
+    x = torch.randn(2, 128, generator=g)
+    x *= 2.0**90  # lifts the 2^-127 groups' products out of float32's underflow, no overflow
+    with _path(path):
+        _assert_matches(linear(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_and_batched_inputs(path: str) -> None:
+    """x transposed or with leading dims is made contiguous and runs the kernel; one expert of a
+    stacked weight (qw[e], contiguous views) runs it too."""
+    g = torch.Generator().manual_seed(8)
+    stacked = quantize(torch.randn(3, 40, 64, generator=g), "int4", zero_point=True)
+    x_t = torch.randn(64, 4, generator=g).t()
+    x_b = torch.randn(2, 1, 64, generator=g)
+    with _path(path):
+        assert qualifies(x_t, stacked[1]) and qualifies(x_b, stacked[2])
+        _assert_matches(linear(x_t, stacked[1]), x_t, stacked[1])
+        y = linear(x_b, stacked[2])
+        assert y.shape == (2, 1, 40)
+        _assert_matches(y, x_b, stacked[2])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "too many rows",
+        "float64 x",
+        "bfloat16 x",
+        "x needs grad",
+        "stacked weight",
+        "strided data",
+        "strided scales",
+        "float32 scales",
+        "broadcast bias",
+        "float64 x and bias",
+        "offsets on int8",
+    ],
+)
+def test_falls_back_to_the_reference(case: str) -> None:
+    g = torch.Generator().manual_seed(9)
+    qw = _weight("int4", False, 16, 64, seed=9)
+    x, b = torch.randn(4, 64, generator=g), None
+    if case == "too many rows":
+        x = torch.randn(MAX_ROWS + 1, 64, generator=g)
+    elif case == "float64 x":
+        x = x.double()
+    elif case == "bfloat16 x":
+        x = x.bfloat16()
+    elif case == "x needs grad":
+        x.requires_grad_(True)
+    elif case == "stacked weight":
+        qw = quantize(torch.randn(2, 16, 64, generator=g), "int4")
+    elif case == "strided data":
+        wide = _weight("int8", False, 16, 128, seed=9)
+        qw = QuantizedWeight("int8", wide.data[:, ::2], wide.scales)
+    elif case == "strided scales":
+        qw = QuantizedWeight("int4", qw.data, qw.scales.t().contiguous().t())
+    elif case == "float32 scales":
+        qw = QuantizedWeight("int4", qw.data, qw.scales.float())
+    elif case == "broadcast bias":
+        b = torch.ones(1)
+    elif case == "float64 x and bias":
+        x, b = x.double(), torch.ones(16, dtype=torch.float64)
+    elif case == "offsets on int8":
+        int8 = _weight("int8", False, 16, 64, seed=9)
+        qw = QuantizedWeight("int8", int8.data, int8.scales, offsets=qw.scales)
+    assert not qualifies(x, qw, b)
+    if case == "stacked weight":  # no product with a stacked weight: the reference's error too
+        with pytest.raises(RuntimeError):
+            linear(x, qw, b)
+        return
+    if case == "offsets on int8":
+        return  # a malformed weight: only that the kernel never reads it
+    y = linear(x, qw, b)
+    assert torch.equal(y, F.linear(x, qw.dequantize(x.dtype), b))
+    assert (y.grad_fn is not None) == (case == "x needs grad")
+
+
+def test_fake_tensors_never_reach_the_kernel() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qw = _weight("int8", False, 4, 8, seed=10)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        y = linear(torch.randn(1, 8), qw)
+    assert y.shape == (1, 4)
+
+
+def test_op_is_a_torch_op_with_a_fake_implementation() -> None:
+    """torch.compile and the profiler see moekit::quant_linear."""
+    qw = _weight("int4", True, 16, 64, seed=11)
+    x, b = torch.randn(2, 64), torch.randn(16)
+    args = (x, "int4", qw.data, qw.scales, qw.offsets, b)
+    op = torch.ops.moekit.quant_linear.default
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(op, backend="eager", fullgraph=True)
+    _assert_matches(compiled(*args), x, qw, b)
+    with torch.profiler.profile() as prof:
+        linear(x, qw, b)
+    assert "moekit::quant_linear" in {event.name for event in prof.events()}
+
+
+@contextlib.contextmanager
+def _fresh_library():
+    """Reload the library inside the block and after it (each load chooses its body afresh)."""
+    kernels._library.cache_clear()
+    try:
+        yield
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_no_compiler_means_the_reference(monkeypatch) -> None:
+    qw = _weight("mxfp4", False, 16, 64, seed=12)
+    x = torch.randn(1, 64)
+    with _fresh_library():
+        monkeypatch.setenv("CC", "/nonexistent/cc")  # also a new cache key: no cached library
+        with pytest.warns(RuntimeWarning, match="could not build its quantized decode kernels"):
+            assert not kernels.available()
+        assert not qualifies(x, qw)
+        assert torch.equal(linear(x, qw), F.linear(x, qw.dequantize()))
+
+
+def test_moekit_portable_forces_the_portable_body(monkeypatch) -> None:
+    with _fresh_library():
+        monkeypatch.setenv("MOEKIT_PORTABLE", "1")
+        assert kernels.path() == "portable"
+
+
+def test_source_builds_without_the_x86_intrinsics() -> None:
+    """Other CPUs (aarch64, Apple clang) compile only the portable body, as -DMOEKIT_PORTABLE
+    does here: it runs, and refuses to be switched to AVX2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = ctypes.CDLL(str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS, "-DMOEKIT_PORTABLE"))))
+    assert lib.moekit_q_set_path(1) == -1
+    assert lib.moekit_q_set_path(-1) == 0
+    qw = _weight("int4", False, 24, 96, seed=13)
+    x, y = torch.randn(3, 96), torch.empty(3, 24)
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moekit_q_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
+    status = lib.moekit_q_linear(
+        2, x.data_ptr(), 3, 96, qw.data.data_ptr(), qw.scales.data_ptr(), None, 24, None,
+        y.data_ptr(),
+    )  # fmt: skip
+    assert status == 0
+    _assert_matches(y, x, qw)
+
+
+def test_the_kernel_refuses_what_it_cannot_run() -> None:
+    """Called directly (not through `linear`), the op raises with what to do, writing nothing."""
+    qw = _weight("int8", False, 4, 8, seed=14)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        kernels._linear_cpu(torch.randn(MAX_ROWS + 1, 8), "int8", qw.data, qw.scales, None, None)
