@@ -42,9 +42,20 @@ speculative part takes about 5 minutes (plus the first training).
     python benchmarks/decode.py                      # minutes (+ the MTP model's training)
     python benchmarks/decode.py --speculative-only   # the MTP contenders: decode_speculative.json
     python benchmarks/decode.py --quick              # small models, for the tests
+    python benchmarks/decode.py --llamacpp           # against llama.cpp: decode_llamacpp.json
+
+llama.cpp on the same weights (issue 17; `--llamacpp`, needs the `bench` extras: llama-cpp-python
+built from source, gguf, sentencepiece): the model saved with `save_hf` and a Llama-style
+tokenizer, converted by llama.cpp's convert_hf_to_gguf.py to f32, f16 and q8_0 GGUF and quantized
+by llama.cpp's quantizer to q4_0 (benchmarks/llamacpp.py). llama.cpp's f32 logits on a 16-token
+prompt are compared with moekit's first (flash attention off, float32 K/V cache). Then batch 1
+and 8, 128 new tokens after a 16-token prompt, 2 threads, medians of 3 side by side, greedy and
+fed a fixed random token sequence (experts change every step, as in real text), against moekit's
+fp32 decode; effective GB/s = tokens/s x the bytes a batch-1 token reads in each format (all but
+the embedding's other rows and the unchosen experts), against a 2 GiB `sum`.
 
 Prints JSON; writes benchmarks/results/decode.json (decode_speculative.json with
---speculative-only; or --out).
+--speculative-only, decode_llamacpp.json with --llamacpp; or --out).
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -83,9 +95,10 @@ def model_config(quick: bool):
     )
 
 
-def stream_bandwidth(repeats: int = 7) -> dict:
-    """Bytes/s of summing a 1 GiB float32 tensor: the median and the best of `repeats`."""
-    x = torch.ones(2**28)
+def stream_bandwidth(repeats: int = 7, n_bytes: int = 2**30) -> dict:
+    """Bytes/s of summing an n_bytes (1 GiB) float32 tensor: the median and the best of
+    `repeats`."""
+    x = torch.ones(n_bytes // 4)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -627,6 +640,207 @@ def speculative(quick: bool) -> dict:
     return result
 
 
+# --- llama.cpp on the same weights (issue 17) ----------------------------------------------------
+
+LLAMACPP_RESULTS = RESULTS.with_name("decode_llamacpp.json")
+# How the llama-cpp-python in the `bench` group was built (benchmarks/README.md, Decoding).
+LLAMACPP_BUILD = (
+    "pip install --no-deps --no-build-isolation llama_cpp_python-0.3.36.tar.gz with "
+    "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF "
+    "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF "
+    "-DCMAKE_BUILD_TYPE=Release', gcc 12.2 (-march=native on the AMD EPYC host: AVX2, FMA, F16C; "
+    "no AVX-512 or AMX there), OpenMP"
+)
+# moekit's side, its precision matched to a llama.cpp format for the comparison; a quantized
+# variant is one more entry in `moekit_contenders`.
+MATCHED = {"moekit_fp32": "f32", "moekit_bf16": "f16", "moekit_int8": "q8_0",
+           "moekit_int4": "q4_0"}  # fmt: skip
+
+
+def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, model ready to decode) of moekit's side; each shares nothing it changes with
+    `model`. Names of MATCHED pair with llama.cpp's format of the same precision."""
+    from moekit.inference import decode_kernels
+
+    shared = {id(p): p for p in model.parameters()}
+    return [
+        ("moekit_fp32", decode_kernels.apply_decode_kernels(copy.deepcopy(model, shared))),
+    ]
+
+
+def busiest_processes(n: int = 8) -> list[str]:
+    """`ps aux --sort=-%cpu`'s first lines: what else ran on the machine."""
+    import subprocess
+
+    ps = subprocess.run(["ps", "aux", "--sort=-%cpu"], capture_output=True, text=True)
+    return [" ".join(line.split()[:3] + line.split()[10:])[:160] for line in
+            ps.stdout.splitlines()[: n + 1]]  # fmt: skip
+
+
+def _load_llamacpp_module():
+    """benchmarks/llamacpp.py, by path (decode.py runs as a script and from the tests)."""
+    import importlib.util
+    import sys
+
+    name = "benchmark_llamacpp"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("llamacpp.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
+    """moekit against llama.cpp (f32, f16, q8_0, q4_0 GGUF of the same weights) at batch 1 and 8,
+    greedy and fed a fixed random token sequence, side by side; the f32 logits checked first."""
+    from moekit import MoETransformer
+    from moekit.cpu_memory import use_huge_pages
+
+    lc = _load_llamacpp_module()
+    processes_before = busiest_processes()
+    torch.manual_seed(0)
+    cfg = model_config(quick)
+    model = MoETransformer(cfg).eval()
+    prompt_len, n_new, repeats = 16, (16 if quick else 128), (2 if quick else 3)
+    threads = 2
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="decode-llamacpp-"))
+    converter = lc.find_converter(converter)
+    t0 = time.perf_counter()
+    written = lc.write_ggufs(model, work, converter, threads=threads)
+    convert_s = time.perf_counter() - t0
+    engines = {fmt: lc.LlamaCppDecoder(path, threads=threads) for fmt, path in
+               written["files"].items()}  # fmt: skip
+    formats = {f"llamacpp_{fmt}": lc.gguf_bytes_per_token(p, cfg) for fmt, p in
+               written["files"].items()}  # fmt: skip
+    for fmt, path in written["files"].items():
+        formats[f"llamacpp_{fmt}"]["file_bytes"] = path.stat().st_size
+    shutil.rmtree(work)  # read into memory: the files are no longer needed
+    huge_pages = {f"llamacpp_{fmt}": e.huge_page_bytes for fmt, e in engines.items()}
+    huge_pages["moekit"] = use_huge_pages(model.parameters())
+    ours = moekit_contenders(model)
+
+    # The same computation first: f32 logits on a 16-token prompt (flash attention off, float32
+    # K/V cache), greedy tokens below.
+    gen = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(0, cfg.vocab_size, (b, prompt_len), generator=gen) for b in (1, 8)}
+    forced = torch.randint(0, cfg.vocab_size, (8, n_new), generator=gen)
+    with torch.no_grad():
+        theirs_logits = torch.from_numpy(engines["f32"].prompt_logits(prompts[1][0]))
+        our_logits = dict(ours)["moekit_fp32"](prompts[1], with_aux=False).logits[0]
+    diff = (theirs_logits - our_logits).abs()
+    agreement = {
+        "prompt_positions": prompt_len,
+        "max_abs_logit_diff": float(diff.max()),
+        "max_abs_logit": float(our_logits.abs().max()),
+        "max_abs_logit_diff_per_position": diff.max(-1).values.tolist(),
+        "same_argmax_every_position": bool(
+            torch.equal(theirs_logits.argmax(-1), our_logits.argmax(-1))
+        ),
+    }
+
+    from moekit.model.generation import generate
+
+    def moekit_gen(m, mode):
+        if mode == "greedy":
+            return lambda x, n: generate(m, x, n)
+        return lambda x, n: lc.moekit_forced(m, x, n, forced)
+
+    def llamacpp_gen(engine, mode):
+        def run(x, n):
+            engine.forced = None if mode == "greedy" else forced
+            return engine(x, n)
+
+        return run
+
+    for name, m in ours:
+        formats[name] = lc.torch_bytes_per_token(m)
+    stream = stream_bandwidth(n_bytes=2**31)
+    batches: dict = {}
+    for batch in (1, 8):
+        for mode in ("greedy", "fixed_sequence"):
+            gens = {name: moekit_gen(m, mode) for name, m in ours}
+            gens.update({f"llamacpp_{f}": llamacpp_gen(e, mode) for f, e in engines.items()})
+            runs = side_by_side(gens, prompts[batch], n_new, repeats)
+            reference = runs["moekit_fp32"]["tokens"]
+            for name, r in runs.items():
+                tokens = r.pop("tokens")
+                r["tokens_agree_with_moekit_fp32"] = float((tokens == reference).float().mean())
+                r["vs_moekit_fp32"] = (
+                    r["decode_tokens_per_s"] / runs["moekit_fp32"]["decode_tokens_per_s"]
+                )
+                if batch == 1:  # bytes per token are a batch-1 figure
+                    gb_s = r["decode_tokens_per_s"] * formats[name]["bytes_per_token"] / 1e9
+                    r["effective_gb_s"] = gb_s
+                    r["fraction_of_stream"] = gb_s / (stream["median"] / 1e9)
+            batches.setdefault(str(batch), {})[mode] = runs
+    agreement["greedy_same_tokens_f32"] = (
+        batches["1"]["greedy"]["llamacpp_f32"]["tokens_agree_with_moekit_fp32"] == 1.0
+    )
+    for e in engines.values():
+        e.close()
+    result = {
+        "benchmark": "decode_llamacpp",
+        "machine": machine(),
+        "llamacpp": {
+            **lc.llamacpp_info(),
+            "build": LLAMACPP_BUILD,
+            "converter": str(converter),
+            "convert_and_quantize_s": convert_s,
+            "converter_log_tail": written["converter_log_tail"],
+        },
+        "settings": {
+            "threads": threads,
+            "torch_threads": torch.get_num_threads(),
+            "prompt_tokens": prompt_len,
+            "new_tokens": n_new,
+            "repeats": repeats,
+            "llamacpp_context": "flash attention off, float32 K/V cache, weights read into "
+            "memory (no mmap) and backed by 2 MiB pages like moekit's",
+            "fixed_sequence": "a seeded random sequence of new_tokens ids per row, fed one per "
+            "step after the prompt instead of the argmax (the argmax is still computed); greedy "
+            "with random weights repeats a token and so re-reads the same experts",
+            "huge_page_bytes": huge_pages,
+        },
+        "model": {
+            "parameters": model.num_parameters(),
+            "active_parameters": model.num_parameters(active=True),
+            "config": cfg.to_dict(),
+        },
+        "formats": formats,
+        "agreement": agreement,
+        "stream_gb_s": {k: v / 1e9 for k, v in stream.items()},
+        "stream_bytes": 2**31,
+        "batches": batches,
+        "matched_precisions": {k: f"llamacpp_{v}" for k, v in MATCHED.items()},
+        "processes_before": processes_before,
+        "processes_after": busiest_processes(),
+    }
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["table"] = llamacpp_table(result)
+    return result
+
+
+def llamacpp_table(result: dict) -> list[str]:
+    """One markdown row per contender: tokens/s at batch 1 and 8, greedy and fixed sequence, the
+    ratio to moekit fp32 and the batch-1 effective GB/s (fraction of the stream bandwidth)."""
+    b = result["batches"]
+    rows = ["| contender | b1 greedy | b1 fixed | b8 greedy | b8 fixed | b1 fixed vs moekit fp32 "
+            "| b1 fixed GB/s (of stream) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in b["1"]["greedy"]:
+        r = {f"{k}{m}": b[k][m][name] for k in b for m in b[k]}
+        fixed = r["1fixed_sequence"]
+        rows.append(
+            f"| {name} | {r['1greedy']['decode_tokens_per_s']:.1f} "
+            f"| {fixed['decode_tokens_per_s']:.1f} | {r['8greedy']['decode_tokens_per_s']:.1f} "
+            f"| {r['8fixed_sequence']['decode_tokens_per_s']:.1f} "
+            f"| {fixed['vs_moekit_fp32']:.2f}x | {fixed['effective_gb_s']:.1f} "
+            f"({fixed['fraction_of_stream']:.0%}) |"
+        )
+    return rows
+
+
 def _stdlib_text() -> str:
     """The opening of a standard-library file (the corpus the model trained on)."""
     import sysconfig
@@ -648,9 +862,19 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help=f"only the MTP contenders (default --out {SPECULATIVE_RESULTS.name})",
     )
+    parser.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help=f"only moekit against llama.cpp (default --out {LLAMACPP_RESULTS.name}; needs the "
+        "`bench` extras)",
+    )
+    parser.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if args.speculative_only:
+    if args.llamacpp:
+        result = llamacpp_section(args.quick, args.converter)
+        args.out = args.out or LLAMACPP_RESULTS
+    elif args.speculative_only:
         result = {"benchmark": "decode_speculative", "machine": machine(),
                   "speculative": speculative(args.quick)}  # fmt: skip
         result["machine"]["loadavg_end"] = list(os.getloadavg())
