@@ -49,6 +49,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     experts: int | float | str | OffloadConfig | None = None,
     require_tokenizer: bool = True,
+    keep_quantized: bool = True,
 ) -> Loaded:
     """The model, tokenizer and config of `path`: a run directory (its newest checkpoint), a
     checkpoint directory of a run (RUN_DIR/checkpoints/step-NNNNNN) or a Hugging Face checkpoint
@@ -64,6 +65,11 @@ def load(
     trace (its budget None: every expert in memory). The whole model is then never in memory
     (`moekit.inference.load_offloaded`); the weights keep the checkpoint's dtype. A Hugging Face
     directory is offloaded once converted to a run (`moekit convert --from-hf`).
+    keep_quantized: a Hugging Face checkpoint's MXFP4 experts (GPT-OSS) stay MXFP4 as shipped
+    (`QuantizedExperts`; the model needs about the checkpoint's memory, ~13 GB for gpt-oss-20b
+    instead of ~42 GB in bfloat16), the rest loads in `dtype`; False dequantizes them too (to
+    `dtype`, bfloat16 by default). FP8 weights (DeepSeek-V3) are dequantized either way. A run
+    (`moekit quantize`) is read as it is stored.
     """
     path = Path(path)
     offload = _offloaded(experts)
@@ -84,7 +90,7 @@ def load(
                 f"a run's checkpoint; convert it first (moekit convert --from-hf {path} --out "
                 "RUN_DIR) and load the run"
             )
-        model = load_hf(path, dtype)
+        model = load_hf(path, dtype, keep_quantized=keep_quantized)
         has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
         return Loaded(model, tokenizer, hf_run_config(model.cfg), [])

@@ -1,17 +1,28 @@
 """`moekit quantize RUN_DIR|HF_DIR [CONFIG.json] [--weights=int4 --attention=int8 ...] --out DIR`:
 weight-only quantization of a model's projections (`QuantizeConfig`), written as a run directory
-that generate, analyze, offloading and `convert --to-hf` (dequantized) read."""
+that generate, analyze, offloading and `convert --to-hf` (dequantized) read.
+
+A Hugging Face directory is read straight into its quantized form (`load_hf(quantize=...)`), one
+tensor at a time: its float model is never in memory. GPT-OSS's MXFP4 experts with
+`--experts=mxfp4` are taken as shipped (the checkpoint's bytes, rows reordered to moekit's
+layout); in another scheme they are dequantized one expert at a time and requantized. DeepSeek-V3's
+FP8 weights are dequantized one slice at a time and quantized (int8 is the closest scheme)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
+
 from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config
 from moekit.config import QuantizeConfig
+from moekit.interop.convert import hf_run_config
+from moekit.interop.hf import load_hf
 from moekit.loading import load
+from moekit.model import MoETransformer
 from moekit.quant.modules import quantize_model
-from moekit.train.checkpoint import write_quantized_run
+from moekit.train.checkpoint import CHECKPOINT_DIR, write_quantized_run
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -25,16 +36,30 @@ def run(args: argparse.Namespace) -> int:
     print_config(cfg)
     if Path(args.out).exists():  # before the model is read
         raise FileExistsError(f"{args.out} exists; choose a new directory for the quantized model")
-    loaded = load(args.path, require_tokenizer=False)
-    before = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-    model = quantize_model(loaded.model, cfg)
-    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    source = loaded.checkpoints[-1].parent.parent if loaded.checkpoints else Path(args.path)
+    source = Path(args.path)
+    if (source / "config.json").is_file() and not (source / CHECKPOINT_DIR).is_dir():
+        model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read
+        config = hf_run_config(model.cfg)
+        before = _float_bytes(model)
+    else:
+        loaded = load(source, require_tokenizer=False)
+        before = _float_bytes(loaded.model)
+        model = quantize_model(loaded.model, cfg)
+        config = loaded.config
+        source = loaded.checkpoints[-1].parent.parent
     tokenizer = source / "tokenizer.json"
     tokenizer = tokenizer if tokenizer.is_file() else None
-    out = write_quantized_run(Path(args.out), loaded.config, model, cfg, tokenizer)
+    out = write_quantized_run(Path(args.out), config, model, cfg, tokenizer)
+    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(f"wrote {out}: weights {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB")
     return 0
+
+
+def _float_bytes(model: MoETransformer) -> int:
+    """The bytes of `model`'s weights unquantized, in its float dtype (its embedding's)."""
+    with torch.device("meta"):
+        shapes = MoETransformer(model.cfg).state_dict().values()
+    return sum(t.numel() for t in shapes) * model.embed.weight.element_size()
 
 
 COMMAND = Command("quantize", "quantize a model's weights (int8, int4, MXFP4, bf16) for "

@@ -2,7 +2,9 @@
 
 Loading builds the model on the meta device, allocates it once in the target dtype, checks every
 tensor's name and shape against the checkpoint headers before reading any weight, then streams
-the weights into place (see `files.CheckpointReader`). Saving writes config.json, the safetensors
+the weights into place (see `files.CheckpointReader`). A model loaded quantized (`keep_quantized`,
+`quantize`) is swapped for its quantized form while still on the meta device and allocated
+quantized: its float weights are never all in memory. Saving writes config.json, the safetensors
 shards (with an index above one shard) and the tokenizer into a temporary directory that is
 renamed to the destination only when complete.
 """
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, QuantizeConfig
 from moekit.fileio import atomic_path
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
@@ -48,12 +50,18 @@ from moekit.interop.keymaps import (
 )
 from moekit.interop.quantized import (
     DequantizingReader,
+    Quantization,
     QuantizedView,
     load_mxfp4_experts,
+    load_mxfp4_quantized,
+    quantize_into,
     quantized_view,
     read_quantization,
 )
 from moekit.model import MoETransformer
+from moekit.quant.files import is_quantized
+from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
+from moekit.quant.schemes import QuantizedWeight
 from moekit.userfiles import read_tokenizer
 
 TOKENIZER_FILES = (
@@ -88,6 +96,8 @@ def load_hf(
     *,
     progress: bool = False,
     mtp: bool = True,
+    keep_quantized: bool = False,
+    quantize: QuantizeConfig | None = None,
 ) -> MoETransformer:
     """A `MoETransformer` (eval mode, on CPU) with the weights of a Hugging Face checkpoint
     directory: config.json plus model.safetensors, or shards listed by
@@ -106,6 +116,20 @@ def load_hf(
     leave unquantized are read as stored. Another method, a missing or misshapen scale tensor,
     or a truncated blocks tensor raises `CheckpointError` naming it, before any weight is read.
 
+    keep_quantized: GPT-OSS's MXFP4 experts stay MXFP4 (`QuantizedExperts` holding the bytes as
+        shipped, rows reordered to moekit's layout; never decoded to float), everything else
+        loads as without it (in `dtype`); the model then needs about the checkpoint's memory
+        (gpt-oss-20b: ~13 GB instead of ~42 GB in bfloat16). FP8 weights have no kept form in
+        moekit's schemes: with keep_quantized they are dequantized as without it (to quantize
+        them instead, int8 is the closest, give `quantize`). No effect on an unquantized
+        checkpoint.
+    quantize: load straight into `quantize_model(model, quantize)`'s form, each tensor quantized
+        as it is read (one expert, or a slice of rows, in float at a time), so the float model is
+        never in memory: what `moekit quantize HF_DIR` writes. The weights quantize from what
+        the float load reads (in `dtype`); an MXFP4 expert pair given the "mxfp4" scheme is
+        taken as shipped, in another scheme it is dequantized one expert at a time and
+        requantized. Not with keep_quantized (quantize's experts="mxfp4" keeps them).
+
     Multi-token prediction (DeepSeek-V3's layers after the last, `num_nextn_predict_layers`) is
     loaded into `model.mtp`; its copies of the embedding and head must equal the main ones.
     mtp=False drops it (with a warning naming what is dropped). A config that declares MTP layers
@@ -116,28 +140,103 @@ def load_hf(
     hf = read_hf_config(folder)
     arch = architecture_of(hf)
     quantization = read_quantization(hf)
+    schemes = _load_schemes(quantize, keep_quantized, quantization)
     view = quantized_view(find_weight_files(folder), quantization)
     cfg, dropped = _choose_mtp(arch.model_config(hf), view.files, mtp)
     if dtype is None and quantization is not None:
         dtype = torch.bfloat16
-    model = _empty_model(cfg, resolve_dtype(dtype, hf))
+    model = _meta_model(cfg, resolve_dtype(dtype, hf))
     plan = _plan_load(model, arch, view, dropped)
-    reader = DequantizingReader(view, model.embed.weight.dtype)
-    total = sum(dest.numel() * dest.element_size() for dest, _, _ in plan)
+    if schemes is not None:
+        quantize_model(model, schemes, empty=True)  # still on the meta device
+        if keep_quantized:
+            _check_kept(model, plan, view)
+    _allocate(model)
+    float_dtype = model.embed.weight.dtype
+    targets = [(_destination(model, name), source, keys) for name, source, keys in plan]
+    reader = DequantizingReader(view, float_dtype)
+    total = sum(_nbytes(dest) for dest, _, _ in targets)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_hf", disable=not progress)
     try:
         _check_copies(arch, cfg, reader)
         with torch.no_grad():
-            for dest, source, keys in plan:
-                if keys[0] in view.mxfp4_pairs:
-                    load_mxfp4_experts(dest, keys[0], source.op, reader)
-                else:
-                    OPS[source.op][0](dest, keys, reader)
-                bar.update(dest.numel() * dest.element_size())
+            for dest, source, keys in targets:
+                _fill(dest, source.op, keys, reader, float_dtype)
+                bar.update(_nbytes(dest))
     finally:
         reader.close()
         bar.close()
     return model.eval()
+
+
+def _load_schemes(
+    quantize: QuantizeConfig | None, keep_quantized: bool, quantization: Quantization | None
+) -> QuantizeConfig | None:
+    """The `QuantizeConfig` the model is loaded in (None: float)."""
+    if quantize is not None and keep_quantized:
+        raise ValueError(
+            "load_hf takes keep_quantized or quantize, not both: quantize with experts='mxfp4' "
+            "keeps MXFP4 experts as shipped"
+        )
+    if quantize is not None:
+        return quantize
+    if keep_quantized and quantization is not None and quantization.method == "mxfp4":
+        return QuantizeConfig(weights="none", experts="mxfp4")
+    return None
+
+
+def _check_kept(
+    model: MoETransformer, plan: list[tuple[str, Source, list[str]]], view: QuantizedView
+) -> None:
+    """keep_quantized keeps MXFP4 experts: every routed expert weight must be shipped in MXFP4
+    (a float one would be quantized, which keep_quantized never does)."""
+    for name, _, keys in plan:
+        if isinstance(_destination(model, name), QuantizedWeight) and (
+            keys[0] not in view.mxfp4_pairs
+        ):
+            raise CheckpointError(
+                f"keep_quantized keeps MXFP4 experts as shipped, but {keys[0]} (moekit's {name}) "
+                f"is stored {view.files[keys[0]].dtype}, not MXFP4: load with "
+                "keep_quantized=False, or quantize the experts (quantize=QuantizeConfig(...))"
+            )
+
+
+def _destination(model: MoETransformer, name: str) -> Tensor | QuantizedWeight:
+    """Where the plan's moekit tensor `name` goes: a quantized module's storage, or the float
+    parameter or buffer itself."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if isinstance(module, QuantizedExperts) and attr in ("w_in", "w_out"):
+        return module.quantized_weights()[("w_in", "w_out").index(attr)]
+    if isinstance(module, QuantizedLinear) and attr == "weight":
+        return module.weight_q
+    return getattr(module, attr).data
+
+
+def _nbytes(dest: Tensor | QuantizedWeight) -> int:
+    return dest.nbytes if isinstance(dest, QuantizedWeight) else dest.numel() * dest.element_size()
+
+
+def _fill(
+    dest: Tensor | QuantizedWeight,
+    op: str,
+    keys: list[str],
+    reader: DequantizingReader,
+    float_dtype: torch.dtype,
+) -> None:
+    """Fill one moekit tensor (or its quantized storage) from the checkpoint `keys`."""
+    mxfp4 = keys[0] in reader.view.mxfp4_pairs
+    if isinstance(dest, Tensor):
+        if mxfp4:
+            load_mxfp4_experts(dest, keys[0], op, reader)
+        else:
+            OPS[op][0](dest, keys, reader)
+    elif mxfp4:
+        load_mxfp4_quantized(dest, keys[0], op, reader, float_dtype)
+    else:  # read as the float load reads it (one moekit tensor), then quantized in slices
+        dense = torch.empty(dest.shape, dtype=float_dtype)
+        OPS[op][0](dense, keys, reader)
+        quantize_into(dest, dense)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
@@ -153,17 +252,21 @@ def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
-    """The model allocated once, uninitialised, parameters in `dtype`; buffers zero (float32)."""
+def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
+    """The model on the meta device, parameters in `dtype`."""
     with torch.device("meta"):
         model = MoETransformer(cfg)
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype)))
+    return model
+
+
+def _allocate(model: MoETransformer) -> None:
+    """Allocate a meta model once on the CPU, uninitialised; buffers zero."""
     model.to_empty(device="cpu")
     for buffer in model.buffers():
         buffer.zero_()
-    return model
 
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -213,11 +316,11 @@ def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
 
 def _plan_load(
     model: MoETransformer, arch: Architecture, view: QuantizedView, dropped: set[str]
-) -> list[tuple[Tensor, Source, list[str]]]:
-    """(moekit tensor, source, checkpoint keys) for every tensor the checkpoint must fill; raises
-    `CheckpointError` listing all missing, unexpected and misshapen tensors at once (`dropped`
-    keys are left out on purpose, the architecture's copies are checked, not loaded). Keys and
-    shapes are the dense ones of `view` (a quantized tensor's dense form)."""
+) -> list[tuple[str, Source, list[str]]]:
+    """(moekit tensor's name, source, checkpoint keys) for every tensor the checkpoint must fill;
+    raises `CheckpointError` listing all missing, unexpected and misshapen tensors at once
+    (`dropped` keys are left out on purpose, the architecture's copies are checked, not loaded).
+    Keys and shapes are the dense ones of `view` (a quantized tensor's dense form)."""
     keymap, cfg, files = arch.keys, model.cfg, view.files
     n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
@@ -241,7 +344,7 @@ def _plan_load(
             if files[key].shape != shape:
                 wrong.append(view.misshapen(key, shape))
         wrong += view.check_op(source.op, keys)
-        plan.append((tensor.data, source, keys))
+        plan.append((name, source, keys))
         used.update(keys)
     for copy, original in arch.copies(cfg).items():
         if copy not in files:
@@ -300,6 +403,12 @@ def save_hf(
     unquantized: moekit reads FP8 and MXFP4 checkpoints but does not write them, so an
     extra_config with a quantization_config is refused.
     """
+    if is_quantized(model):
+        raise ValueError(
+            "save_hf writes unquantized weights and this model is quantized (QuantizedExperts or "
+            "QuantizedLinear): dequantize it first (moekit.quant.modules.dequantize_model), or "
+            "load the checkpoint with keep_quantized=False"
+        )
     if extra_config and "quantization_config" in extra_config:
         raise ValueError(
             "save_hf writes unquantized weights (float32, bfloat16 or float16): a "

@@ -16,6 +16,12 @@ have, with the shape transformers dequantizes it to (GPT-OSS's transposed (E, D,
 so the loader's check of names and shapes against the config covers quantized checkpoints before
 any weight is read. Every problem of the format is a `CheckpointError` naming the tensor or field
 and what would be right. moekit writes (`save_hf`) unquantized checkpoints only.
+
+Loaded quantized (`load_hf(keep_quantized=True)` or `load_hf(quantize=QuantizeConfig(...))`), a
+tensor goes into its `QuantizedWeight` storage here: an MXFP4 pair into MXFP4 storage as shipped
+(`load_mxfp4_quantized`: the bytes copied, rows reordered, never decoded), anything else
+dequantized (MXFP4 one expert, FP8 one block row slice at a time) and quantized a slice of rows at
+a time (`quantize_into`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from moekit.quant.formats import (
     fp8_row_slices,
     mxfp4_expert_weight,
 )
-from moekit.quant.schemes import GROUP
+from moekit.quant.schemes import GROUP, QuantizedWeight, quantize
 
 QUANT_METHODS = ("fp8", "mxfp4")
 SCALE_SUFFIX = "_scale_inv"  # FP8: "X.weight" -> "X.weight_scale_inv"
@@ -288,3 +294,49 @@ def load_mxfp4_experts(dest_EOI: Tensor, key: str, op: str, reader: Dequantizing
         for start in range(0, dest_EOI.shape[1], rows_per_slice):
             part = slice(start, start + rows_per_slice)
             dest_EOI[e, part].copy_(qw_OI[part].dequantize(dest_EOI.dtype))
+
+
+def quantize_into(dest: QuantizedWeight, w: Tensor, max_elements: int = SLICE_BYTES // 4) -> None:
+    """Quantize the float weight w (..., O, I) into the storage `dest` of its shape, in dest's
+    scheme (int4 with a zero point where dest has offsets), one matrix and at most `max_elements`
+    of its rows at a time (every scheme quantizes rows independently, so the result is the one
+    `quantize(w, ...)` gives at once)."""
+    if tuple(dest.shape) != tuple(w.shape):
+        raise ValueError(f"a {tuple(w.shape)} weight does not fit {dest.scheme} storage of "
+                         f"{tuple(dest.shape)}")  # fmt: skip
+    if w.dim() > 2:
+        for e in range(w.shape[0]):
+            quantize_into(dest[e], w[e], max_elements)
+        return
+    step = max(1, max_elements // max(w.shape[-1], 1))
+    for start in range(0, w.shape[0], step):
+        rows = slice(start, start + step)
+        q = quantize(w[rows], dest.scheme, zero_point=dest.offsets is not None).tensors()
+        for name, t in dest[rows].tensors().items():
+            t.copy_(q[name])
+
+
+def load_mxfp4_quantized(
+    dest: QuantizedWeight, key: str, op: str, reader: DequantizingReader, dtype: torch.dtype
+) -> None:
+    """Fill the quantized storage `dest` of moekit's stacked expert weight (w_in (E, 2F, D) or
+    w_out (E, D, F)) from the MXFP4 pair of `key`, one expert at a time. MXFP4 storage takes the
+    bytes as shipped (`mxfp4_expert_weight`: rows reordered, never decoded); another scheme gets
+    each expert dequantized to `dtype` (what `load_mxfp4_experts` would load) and requantized, at
+    most SLICE_BYTES of float32 rows at a time."""
+    blocks, scales = reader.view.mxfp4_pairs[key]
+    for e in range(dest.shape[0]):
+        qw_OI = mxfp4_expert_weight(
+            reader.read_stored(blocks, e),
+            reader.read_stored(scales, e),
+            interleaved=MXFP4_OPS[op],
+            name=key,
+        )
+        if dest.scheme == "mxfp4":
+            dest.data[e].copy_(qw_OI.data)
+            dest.scales[e].copy_(qw_OI.scales)
+            continue
+        rows_per_slice = max(1, SLICE_BYTES // (4 * qw_OI.shape[-1]))
+        for start in range(0, qw_OI.shape[0], rows_per_slice):
+            part = slice(start, start + rows_per_slice)
+            quantize_into(dest[e][part], qw_OI[part].dequantize(dtype))

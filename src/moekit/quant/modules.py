@@ -16,6 +16,8 @@ inference: nothing in them trains.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -143,7 +145,12 @@ def quantize_model(
     `config.scheme_of(part)` gives (None leaves it float); returns `model`. Every weight is
     checked before any is swapped (a scheme that cannot store one -> ValueError naming it).
     `empty`: allocate the quantized tensors without quantizing (to load a quantized checkpoint
-    into; the model may be on the meta device)."""
+    into; the model may be on the meta device).
+
+    Modules already quantized (GPT-OSS's MXFP4 experts kept as shipped, `load_hf(...,
+    keep_quantized=True)`) stay as they are where their part's scheme is theirs or None; another
+    scheme requantizes them one expert at a time (dequantized to float32, then quantized), never
+    the whole part in float."""
     plan = {}
     for name, part in quantizable_parts(model).items():
         scheme = config.scheme_of(part)
@@ -154,6 +161,7 @@ def quantize_model(
         for w in weights:
             check_quantizable(w.shape, scheme, f"{name} ({part}, shape {tuple(w.shape)})")
         plan[name] = (module, part, scheme)
+    requantize = _requantize_plan(model, config)
     for name, (module, part, scheme) in plan.items():
 
         def stored(w: Tensor, scheme: str = scheme) -> QuantizedWeight:
@@ -166,7 +174,59 @@ def quantize_model(
         else:
             new = QuantizedLinear(stored(module.weight), module.bias)
         model.set_submodule(name, new.train(False))
+    for name, (module, scheme) in requantize.items():
+
+        def restored(qw: QuantizedWeight, scheme: str = scheme) -> QuantizedWeight:
+            return _requantized(qw, scheme, config.zero_point, empty)
+
+        if isinstance(module, QuantizedExperts):
+            new = QuantizedExperts(module, *map(restored, module.quantized_weights()))
+        else:
+            new = QuantizedLinear(restored(module.weight_q), module.bias)
+        model.set_submodule(name, new.train(False))
     return model
+
+
+def _requantize_plan(
+    model: MoETransformer, config: QuantizeConfig
+) -> dict[str, tuple[QuantizedExperts | QuantizedLinear, str]]:
+    """{name: (module, scheme)} of the already quantized modules `config` stores otherwise, each
+    weight checked against its new scheme."""
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            part, stored = "experts", module.quantized_weights()
+        elif isinstance(module, QuantizedLinear):
+            in_attention = ".attn." in f".{name}."
+            part = "head" if name == "lm_head" else "attention" if in_attention else "ffn"
+            stored = (module.weight_q,)
+        else:
+            continue
+        scheme = config.scheme_of(part)
+        zero_point = config.zero_point and scheme == "int4"
+        if scheme is None or all(
+            qw.scheme == scheme and (qw.offsets is not None) == zero_point for qw in stored
+        ):
+            continue
+        for qw in stored:
+            where = f"{name} ({part}, {qw.scheme}, shape {tuple(qw.shape)})"
+            check_quantizable(qw.shape, scheme, where)
+        plan[name] = (module, scheme)
+    return plan
+
+
+def _requantized(
+    qw: QuantizedWeight, scheme: str, zero_point: bool, empty: bool
+) -> QuantizedWeight:
+    """`qw` stored in `scheme`: each matrix (one expert) dequantized to float32 and quantized."""
+    out = empty_quantized(qw.shape, scheme, zero_point, device=qw.data.device)
+    if empty:
+        return out
+    for index in itertools.product(*map(range, qw.shape[:-2])):
+        q = quantize(qw[index].dequantize(), scheme, zero_point).tensors()
+        for name, t in out[index].tensors().items():
+            t.copy_(q[name])
+    return out
 
 
 def dequantize_model(model: MoETransformer) -> MoETransformer:
