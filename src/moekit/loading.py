@@ -22,6 +22,7 @@ from moekit.inference.trace import load_trace
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf, resolve_dtype
 from moekit.model import MoETransformer
+from moekit.quant.files import read_quantization
 from moekit.train.checkpoint import CHECKPOINT_DIR, checkpoint_remedy, list_checkpoints
 from moekit.train.sample import find_run, load_run, read_run_tokenizer
 from moekit.userfiles import REDOWNLOAD, read_tokenizer
@@ -137,7 +138,8 @@ def _offloaded(
 def _load_offloaded_run(
     config: RunConfig, checkpoint: Path, budget: int | float | str, offload: OffloadConfig
 ) -> tuple[MoETransformer, ExpertOffload]:
-    """The model of a run's `checkpoint` directory with its routed experts left in the file."""
+    """The model of a run's `checkpoint` directory with its routed experts left in the file (a
+    quantized run's, `moekit quantize`, in their quantized format)."""
     counts = None
     if offload.trace is not None:
         counts = load_trace(offload.trace, config.model).expert_counts()
@@ -145,6 +147,7 @@ def _load_offloaded_run(
         checkpoint / "model.safetensors",
         config.model,
         remedy=checkpoint_remedy(checkpoint),
+        quantization=read_quantization(checkpoint),
         budget=budget,
         policy=offload.policy,
         prefetch=offload.prefetch,

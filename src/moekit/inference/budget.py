@@ -7,17 +7,30 @@ from moekit.interop.files import parse_size
 
 
 def resolve_budget(
-    budget: int | float | str, n_total: int, expert_bytes: int | None, top_k: int
+    budget: int | float | str,
+    n_total: int,
+    expert_bytes: int | None,
+    top_k: int,
+    *,
+    name: str = "the budget",
+    stored_as: str | None = None,
 ) -> int:
     """A budget as a number of experts: an int is a count, a float in (0, 1] or "N%" a fraction of
-    all experts, "N[K|M|G]B" (or "NKiB" ...) bytes (refused where `expert_bytes` is None: a
-    routing trace knows no sizes). Below top_k experts nothing can run."""
+    all experts, "N[K|M|G]B" (or "NKiB" ...) bytes of `expert_bytes` each (one expert as stored:
+    a quantized run's in its quantized format, `stored_as`; refused where `expert_bytes` is None:
+    a routing trace knows no sizes). Below top_k experts nothing can run: ValueError naming the
+    setting (`name`, e.g. "offload.budget"), the minimum and its size in bytes."""
     count = _parse_budget(budget, n_total, expert_bytes)
     if count < top_k:
-        size = "" if expert_bytes is None else f"{top_k * expert_bytes:,} bytes, "
+        share = f"{top_k / n_total:.1%} of the {n_total} experts"
+        least = f"{top_k} experts"
+        if expert_bytes is not None:
+            fmt = f" ({stored_as})" if stored_as else ""
+            share += f"; {top_k} x {expert_bytes:,} bytes{fmt} = {top_k * expert_bytes:,} bytes"
+            least += f" or {top_k * expert_bytes}B"
         raise ValueError(
             f"expert budget {budget!r} holds {count} experts; the minimum is top_k={top_k} "
-            f"({size}{top_k / n_total:.1%} of the {n_total} experts)"
+            f"({share}): give {name} at least {least}"
         )
     return min(count, n_total)
 

@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor
 
+from moekit.quant.schemes import QuantizedWeight
+
 Key = tuple[int, int]
+# One weight of an expert as the cache holds it: a float tensor, or a quantized run's
+# `QuantizedWeight` (data, scales, offsets), counted at its stored bytes.
+ExpertWeight = Tensor | QuantizedWeight
 POLICIES = ("lru", "lfu", "static")
 # Threads that read experts (prefetches and `get_many`'s misses): cold 400 KB reads from this
 # machine's disk ran at 460 MB/s one at a time, 760 MB/s four at a time, 910 MB/s eight at a time.
@@ -38,6 +43,15 @@ def expert_groups(experts: list[int], capacity: int, selected: bool) -> list[lis
         return [list(experts)] if experts else []
     step = 1 if selected else capacity
     return [list(experts[i : i + step]) for i in range(0, len(experts), step)]
+
+
+def tensors_of(weights: tuple[ExpertWeight, ...]) -> list[Tensor]:
+    """Every tensor of one expert's weights: a quantized weight's data, scales and offsets."""
+    return [
+        t
+        for w in weights
+        for t in (w.tensors().values() if isinstance(w, QuantizedWeight) else (w,))
+    ]
 
 
 class Policy:
@@ -143,7 +157,7 @@ class ExpertCache:
 
     def __init__(
         self,
-        load: Callable[[Key], tuple[Tensor, ...]],
+        load: Callable[[Key], tuple[ExpertWeight, ...]],
         capacity: int,
         policy: Policy,
         expert_bytes: int,
@@ -154,7 +168,7 @@ class ExpertCache:
         self.load, self.capacity, self.policy = load, capacity, policy
         self.loader_threads = loader_threads
         self.expert_bytes = expert_bytes
-        self.resident: dict[Key, tuple[Tensor, ...]] = {}
+        self.resident: dict[Key, tuple[ExpertWeight, ...]] = {}
         self.pending: dict[Key, Future] = {}
         self.pinned: dict[Key, int] = {}
         self.unused_prefetch: set[Key] = set()
@@ -166,14 +180,15 @@ class ExpertCache:
     def resident_bytes(self) -> int:
         """Bytes of the weights held now (counting each tensor's storage)."""
         with self.lock:
-            return sum(t.untyped_storage().nbytes() for w in self.resident.values() for t in w)
+            held = [t for w in self.resident.values() for t in tensors_of(w)]
+        return sum(t.untyped_storage().nbytes() for t in held)
 
-    def get(self, key: Key) -> tuple[Tensor, ...]:
+    def get(self, key: Key) -> tuple[ExpertWeight, ...]:
         """The weights of `key`, loading them (in this thread) if needed; the caller must
         `unpin(key)` after."""
         return self._fetch([key], background=False)[0]
 
-    def get_many(self, keys: list[Key]) -> list[tuple[Tensor, ...]]:
+    def get_many(self, keys: list[Key]) -> list[tuple[ExpertWeight, ...]]:
         """`get` for distinct keys that fit in the cache together (at most `capacity`): every
         missing one starts loading, on the loader threads, before any is waited for, so their
         disk reads overlap. Counted as `get` counts them; the caller must `unpin` each key."""
@@ -185,7 +200,7 @@ class ExpertCache:
         return self._fetch(keys, background=self.loader_threads > 0)
 
     @contextmanager
-    def using(self, keys: list[Key]) -> Iterator[list[tuple[Tensor, ...]]]:
+    def using(self, keys: list[Key]) -> Iterator[list[tuple[ExpertWeight, ...]]]:
         """The weights of `keys` for the block (`get_many`; `get`, in this thread, for one key),
         each key unpinned after it whatever happens."""
         weights = self.get_many(keys) if len(keys) > 1 else [self.get(keys[0])]
@@ -195,7 +210,7 @@ class ExpertCache:
             for key in keys:
                 self.unpin(key)
 
-    def _fetch(self, keys: list[Key], background: bool) -> list[tuple[Tensor, ...]]:
+    def _fetch(self, keys: list[Key], background: bool) -> list[tuple[ExpertWeight, ...]]:
         """Pin, count and (re)load `keys`, then wait for them; on any error every key pinned
         here is unpinned again before it propagates."""
         t0 = time.perf_counter()
@@ -309,7 +324,7 @@ class ExpertCache:
         with self.lock:
             self.resident[key] = weights
             self.pending.pop(key, None)
-            self.stats.bytes_read += sum(t.numel() * t.element_size() for t in weights)
+            self.stats.bytes_read += sum(t.nbytes for t in tensors_of(weights))
         future.set_result(None)
 
     def _evict(self, key: Key) -> None:

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.config import ModelConfig
+from moekit.config import ModelConfig, QuantizeConfig
 from moekit.inference.budget import resolve_budget
 from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.inference.store import CheckpointExpertStore, ExpertStore
 from moekit.model.transformer import MoETransformer
+from moekit.quant.modules import quantize_model
 from moekit.userfiles import open_safetensors
 
 RESAVE_CHECKPOINT = "copy or save the checkpoint again"
@@ -41,7 +42,8 @@ class ExpertOffload:
 
     def stats(self) -> dict[str, float]:
         d = self.cache.stats.as_dict()
-        d.update(capacity=self.cache.capacity, expert_bytes=self.store.expert_bytes)
+        d.update(capacity=self.cache.capacity, expert_bytes=self.store.expert_bytes,
+                 stored_as=self.store.stored_as)  # fmt: skip
         return d
 
     def close(self) -> None:
@@ -59,9 +61,10 @@ def apply_expert_offload(
     prefetch: bool = False,
     expert_counts: Tensor | None = None,
 ) -> ExpertOffload:
-    """Replace each MoE layer's experts by `OffloadedExperts` reading from `expert_dir` (written
-    by `write_expert_files`), or from a `CheckpointExpertStore`, through one `ExpertCache` of
-    `budget` experts (see `resolve_budget`).
+    """Replace each MoE layer's experts (`Experts`, or a quantized model's `QuantizedExperts`)
+    by `OffloadedExperts` reading from `expert_dir` (written by `write_expert_files`), or from a
+    `CheckpointExpertStore`, through one `ExpertCache` of `budget` experts (see `resolve_budget`;
+    in bytes, of the experts as stored: quantized ones at their quantized size).
 
     policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
     (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
@@ -72,11 +75,10 @@ def apply_expert_offload(
     """
     store = expert_dir
     if not isinstance(store, CheckpointExpertStore):
-        store = ExpertStore(expert_dir, model.cfg)
+        store = ExpertStore(expert_dir, model)
     moe = model.cfg.moe
     layers = model.moe_layers()
-    n_total = len(layers) * moe.n_experts
-    capacity = resolve_budget(budget, n_total, store.expert_bytes, moe.top_k)
+    capacity = expert_capacity(store, model, budget)
     pol = make_policy(policy, expert_counts, n_static=capacity - moe.top_k)
     cache = ExpertCache(store.load, capacity, pol, store.expert_bytes)
     for i, layer in enumerate(layers):
@@ -96,6 +98,19 @@ def apply_expert_offload(
     return offload
 
 
+def expert_capacity(
+    store: ExpertStore | CheckpointExpertStore, model: MoETransformer, budget: int | float | str
+) -> int:
+    """`budget` as a number of experts of `model` stored as in `store` (`resolve_budget`: an error
+    naming offload.budget when it cannot hold top_k of them)."""
+    moe = model.cfg.moe
+    n_total = len(model.moe_layers()) * moe.n_experts
+    return resolve_budget(
+        budget, n_total, store.expert_bytes, moe.top_k, name="offload.budget",
+        stored_as=store.stored_as,
+    )  # fmt: skip
+
+
 def _prefetch_hook(layer: int, next_layer: nn.Module, cache: ExpertCache):
     """Guess the next MoE layer's experts from this layer's input (its router applied to the
     current hidden state: Eliseev & Mazur 2023, "Fast inference of MoE language models with
@@ -113,19 +128,33 @@ def _prefetch_hook(layer: int, next_layer: nn.Module, cache: ExpertCache):
 
 
 def load_offloaded(
-    path: str | Path, cfg: ModelConfig, *, remedy: str = RESAVE_CHECKPOINT, **offload: Any
+    path: str | Path,
+    cfg: ModelConfig,
+    *,
+    remedy: str = RESAVE_CHECKPOINT,
+    quantization: QuantizeConfig | None = None,
+    budget: int | float | str = 0.5,
+    **offload: Any,
 ) -> tuple[MoETransformer, ExpertOffload]:
     """The model of `cfg` with the weights of the safetensors file `path` (a checkpoint's
     model.safetensors), its routed experts left in the file: the model is built on the meta
     device, everything else is read into memory, and the experts are read one at a time through
-    `apply_expert_offload(..., **offload)`. The whole model is never in memory. Eval mode.
+    `apply_expert_offload(..., budget=budget, **offload)`. The whole model is never in memory.
+    Eval mode.
+    `quantization`: the checkpoint's `QuantizeConfig` (`moekit quantize` wrote it; None: float
+    weights): the model is quantized as it was (`quantize_model(..., empty=True)`) and its
+    experts are read and cached in their quantized format. The budget is checked (`offload.budget`
+    against top_k experts as stored) before the file's weights are read.
     `remedy`: what a damaged file's error tells the user to do (for a run's checkpoint, the
     training checkpoints' `checkpoint_remedy`). `moekit.load(run, experts=budget)` loads a run's
     checkpoint through this (and the whole model in memory without `experts`)."""
     with torch.device("meta"):
         model = MoETransformer(cfg)
+        if quantization is not None:
+            quantize_model(model, quantization, empty=True)
     store = CheckpointExpertStore(path, model, remedy)  # checks the file before anything is read
-    routed = {key for pair in store.keys for key in pair}
+    expert_capacity(store, model, budget)  # a budget below top_k experts: nothing read yet
+    routed = store.routed_keys
     with open_safetensors(path, remedy) as f:
         # clone: safetensors hands out views of its memory map, which would keep the file mapped
         state = {k: f.get_tensor(k).clone() for k in f.keys() if k not in routed}  # noqa: SIM118
@@ -135,11 +164,12 @@ def load_offloaded(
             f"{path} does not hold this model's weights: missing {sorted(set(missing) - routed)}, "
             f"unexpected {sorted(unexpected)}"
         )
+    offloaded = apply_expert_offload(model, store, budget=budget, **offload)  # experts leave
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             if buf.is_meta:  # non-persistent state (the MoE layers' balance counts) starts at 0
                 module.register_buffer(name, torch.zeros_like(buf, device="cpu"), persistent=False)
-    return model.eval(), apply_expert_offload(model, store, **offload)
+    return model.eval(), offloaded
 
 
 def format_stats(stats: dict[str, float]) -> str:

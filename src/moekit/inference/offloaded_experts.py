@@ -1,8 +1,12 @@
-"""`OffloadedExperts`: a drop-in for `Experts` whose weights come from an `ExpertCache`.
+"""`OffloadedExperts`: a drop-in for `Experts` (or a quantized run's `QuantizedExperts`) whose
+weights come from an `ExpertCache`.
 
-It computes with the resident module's own functions (`grouped_experts_forward` on the fetched
-experts' stacked weights, `expert_ffn` on the decode path), so its output is bit-identical to the
-all-resident model's; `Experts` is its reference twin.
+It computes with the resident module's own functions, so its output is bit-identical to the
+all-resident model's: float experts through `grouped_experts_forward` on the fetched experts'
+stacked weights and `expert_ffn` on the decode path (`Experts` is the reference twin); quantized
+experts (their `QuantizedWeight`s fetched as stored) through `quantized_expert_ffn`, each expert
+on its own rows as `QuantizedExperts.forward` runs them (`experts_on_their_rows`), and on the
+decode path (`QuantizedExperts` is the reference twin).
 """
 
 from __future__ import annotations
@@ -14,21 +18,49 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.experts.experts import Experts, grouped_experts_forward, selected_experts_forward
-from moekit.inference.cache import ExpertCache, expert_groups
+from moekit.inference.cache import ExpertCache, ExpertWeight, expert_groups
+from moekit.quant.modules import QuantizedExperts, experts_on_their_rows, quantized_expert_ffn
 
 
 class OffloadedExperts(nn.Module):
-    """Drop-in for `Experts` whose weights come from an `ExpertCache`, fetched in the groups of
-    `expert_groups`; biases (small) stay resident."""
+    """Drop-in for `Experts` or `QuantizedExperts` whose weights come from an `ExpertCache`,
+    fetched in the groups of `expert_groups`; biases (small) stay resident."""
 
-    def __init__(self, experts: Experts, layer: int, cache: ExpertCache) -> None:
+    def __init__(self, experts: Experts | QuantizedExperts, layer: int, cache: ExpertCache) -> None:
         super().__init__()
         self.cfg: MoEConfig = experts.cfg
         self.layer, self.cache = layer, cache
-        # The resident experts' decode-path expert (the decode kernels' if swapped in).
-        self.expert_ffn = experts.expert_ffn
+        self.quantized = isinstance(experts, QuantizedExperts)
+        # The resident experts' decode-path expert for float weights (the decode kernels' if
+        # swapped in, as `apply_decode_kernels` does here too); quantized ones always run
+        # `quantized_expert_ffn`, as `QuantizedExperts` does.
+        self.expert_ffn = getattr(experts, "expert_ffn", None)
         self.b_in = None if experts.b_in is None else experts.b_in.detach().clone()
         self.b_out = None if experts.b_out is None else experts.b_out.detach().clone()
+
+    def _ffn(self, e: int, x_ND: Tensor, w_in: ExpertWeight, w_out: ExpertWeight) -> Tensor:
+        """Expert e (its weights fetched) on N rows x_ND (N, D) -> (N, D)."""
+        b_in = None if self.b_in is None else self.b_in[e]
+        b_out = None if self.b_out is None else self.b_out[e]
+        ffn = quantized_expert_ffn if self.quantized else self.expert_ffn
+        return ffn(x_ND, w_in, w_out, b_in, b_out, self.cfg)
+
+    def _group(
+        self, x_RD: Tensor, counts_G: Tensor, group: list[int], weights: list[tuple]
+    ) -> Tensor:
+        """The experts of `group` (their weights fetched, in order) on their expert-sorted rows
+        x_RD (R, D), counts_G (G,) rows each -> y_RD (R, D)."""
+        if self.quantized:
+
+            def expert(i: int, x_ND: Tensor) -> Tensor:
+                return self._ffn(group[i], x_ND, *weights[i])
+
+            return experts_on_their_rows(x_RD, counts_G, expert)
+        w_in = torch.stack([w[0] for w in weights])
+        w_out = torch.stack([w[1] for w in weights])
+        b_in = None if self.b_in is None else self.b_in[group]
+        b_out = None if self.b_out is None else self.b_out[group]
+        return grouped_experts_forward(x_RD, counts_G, w_in, w_out, b_in, b_out, self.cfg)
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
@@ -41,13 +73,7 @@ class OffloadedExperts(nn.Module):
         for chunk in expert_groups(active, self.cache.capacity, selected=False):
             rows = x_RD[starts[chunk[0]] : starts[chunk[-1] + 1]]
             with self.cache.using([(self.layer, e) for e in chunk]) as weights:
-                w_in = torch.stack([w[0] for w in weights])
-                w_out = torch.stack([w[1] for w in weights])
-            b_in = None if self.b_in is None else self.b_in[chunk]
-            b_out = None if self.b_out is None else self.b_out[chunk]
-            pieces.append(
-                grouped_experts_forward(rows, counts_E[chunk], w_in, w_out, b_in, b_out, self.cfg)
-            )
+                pieces.append(self._group(rows, counts_E[chunk], chunk, weights))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
@@ -57,7 +83,7 @@ class OffloadedExperts(nn.Module):
         chosen = sorted(set(ids_TK.flatten().tolist()))
         groups = expert_groups(chosen, self.cache.capacity, selected=True)
         group_of = {e: group for group in groups for e in group}
-        fetched: dict[int, tuple[Tensor, ...]] = {}
+        fetched: dict[int, tuple[ExpertWeight, ...]] = {}
         with ExitStack() as held:
 
             def expert(e: int, x_ND: Tensor) -> Tensor:
@@ -67,11 +93,10 @@ class OffloadedExperts(nn.Module):
                     group = group_of[e]
                     weights = held.enter_context(self.cache.using([(self.layer, g) for g in group]))
                     fetched.update(zip(group, weights, strict=True))
-                b_in = None if self.b_in is None else self.b_in[e]
-                b_out = None if self.b_out is None else self.b_out[e]
-                return self.expert_ffn(x_ND, *fetched[e], b_in, b_out, self.cfg)
+                return self._ffn(e, x_ND, *fetched[e])
 
             return selected_experts_forward(x_TD, ids_TK, weights_TK, expert)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, experts={self.cfg.n_experts}, offloaded"
+        stored = ", quantized" if self.quantized else ""
+        return f"layer={self.layer}, experts={self.cfg.n_experts}, offloaded{stored}"

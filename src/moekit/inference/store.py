@@ -2,6 +2,11 @@
 keys "E.w_in" and "E.w_out", plus a manifest) or the stacked expert tensors of a checkpoint's
 model.safetensors. Either store is checked whole when opened and then reads one expert at a time.
 
+Quantized experts (a quantized run's `QuantizedExperts`, `moekit quantize`) are read as they are
+stored: each weight's data, scales and offsets ("w_in_data", "w_in_scales", ... ; `stored_experts`
+names them) from their own byte ranges, given as a `QuantizedWeight`, so a miss reads the
+quantized bytes (int4: 4.5 bits a weight against float32's 32).
+
 The `safetensors` library checks each file (a missing, truncated or corrupt one fails when the
 store opens, naming the file and what to do); an expert is then read straight from its byte range
 in the file (`read_tensor`), which is what the library has no call for.
@@ -16,18 +21,23 @@ from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.experts import Experts
 from moekit.fileio import atomic_path
-from moekit.inference.cache import Key
+from moekit.inference.cache import ExpertWeight, Key
 from moekit.interop.files import DTYPES
 from moekit.model.transformer import MoETransformer
-from moekit.moe import MoELayer
+from moekit.quant.modules import QuantizedExperts
+from moekit.quant.schemes import QuantizedWeight
 from moekit.userfiles import open_safetensors, read_json
 
 MANIFEST = "manifest.json"
 REWRITE_EXPERTS = "write the expert directory again (write_expert_files)"
+WEIGHTS = ("w_in", "w_out")  # an expert's two weights, in the order a store's `load` gives them
+# How a layer's experts are stored: weight -> (scheme or None for float, its tensors' names).
+Layout = dict[str, tuple[str | None, tuple[str, ...]]]
 
 
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
@@ -50,19 +60,68 @@ def layer_file(expert_dir: Path, layer: int) -> Path:
     return Path(expert_dir) / f"layer-{layer:03d}.safetensors"
 
 
+def stored_experts(experts: nn.Module) -> dict[str, tuple[str | None, dict[str, Tensor]]]:
+    """How one MoE layer's routed experts are stored: weight ("w_in", "w_out") -> (its quantization
+    scheme, None for float; {its tensors' names under the experts module: the stacked (E, ...)
+    tensor}). `Experts`: {"w_in": (None, {"w_in": ...}), ...}; `QuantizedExperts` (a quantized
+    run's, `moekit quantize`): {"w_in": ("int4", {"w_in_data": ..., "w_in_scales": ...}), ...}."""
+    if isinstance(experts, QuantizedExperts):
+        pairs = zip(WEIGHTS, experts.quantized_weights(), strict=True)
+        return {w: (qw.scheme, {f"{w}_{k}": t for k, t in qw.tensors().items()}) for w, qw in pairs}
+    if isinstance(experts, Experts):
+        return {w: (None, {w: getattr(experts, w)}) for w in WEIGHTS}
+    raise TypeError(
+        f"{type(experts).__name__} holds no routed experts in memory to offload or write "
+        "(experts already offloaded?): give a model with Experts or QuantizedExperts"
+    )
+
+
+def layout_of(stored: dict[str, tuple[str | None, dict[str, Tensor]]]) -> Layout:
+    """`stored_experts`'s answer without the tensors: weight -> (scheme, its tensors' names). What
+    a store keeps (not the model's tensors, which offloading is to free)."""
+    return {w: (scheme, tuple(stacked)) for w, (scheme, stacked) in stored.items()}
+
+
+def expert_weight(weight: str, scheme: str | None, read: dict[str, Tensor]) -> ExpertWeight:
+    """One expert's `weight` ("w_in" or "w_out") from its tensors as read, named as in
+    `stored_experts`: the float tensor, or a `QuantizedWeight` of `scheme`."""
+    if scheme is None:
+        return read[weight]
+    return QuantizedWeight(scheme, **{k.removeprefix(f"{weight}_"): t for k, t in read.items()})
+
+
+def moe_layer_names(model: MoETransformer) -> list[str]:
+    """The module names of the main model's MoE layers (`model.moe_layers()`), in order: the
+    layers whose experts are offloaded (the MTP blocks' stay in memory)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(layer)] for layer in model.moe_layers()]
+
+
+def directory_identity(model: MoETransformer) -> dict[str, Any]:
+    """What an expert directory's manifest holds: `model_identity`, plus the schemes of quantized
+    experts (a float directory cannot serve a quantized model, nor the reverse)."""
+    identity = model_identity(model.cfg)
+    layers = model.moe_layers()
+    schemes = {w: scheme for w, (scheme, _) in stored_experts(layers[0].experts).items()}
+    if any(schemes.values()):
+        identity["quantized"] = schemes
+    return identity
+
+
 def write_expert_files(model: MoETransformer, expert_dir: str | Path) -> Path:
     """Write every MoE layer's routed experts as `layer-NNN.safetensors` (keys "E.w_in",
-    "E.w_out") plus a manifest, atomically (the directory appears whole or not at all)."""
+    "E.w_out"; a quantized model's "E.w_in_data", "E.w_in_scales", ... as `stored_experts` names
+    them) plus a manifest, atomically (the directory appears whole or not at all)."""
     expert_dir = Path(expert_dir)
-    identity = model_identity(model.cfg)
+    identity = directory_identity(model)
     with atomic_path(expert_dir) as tmp:
         tmp.mkdir()
         for i, layer in enumerate(model.moe_layers()):
-            w_in, w_out = layer.experts.w_in.detach(), layer.experts.w_out.detach()
             tensors = {}
-            for e in range(w_in.shape[0]):
-                tensors[f"{e}.w_in"] = w_in[e].contiguous().cpu()
-                tensors[f"{e}.w_out"] = w_out[e].contiguous().cpu()
+            for _, stacked in stored_experts(layer.experts).values():
+                for name, t_E in stacked.items():
+                    for e in range(t_E.shape[0]):
+                        tensors[f"{e}.{name}"] = t_E[e].detach().contiguous().cpu()
             save_file(tensors, str(layer_file(tmp, i)))
         (tmp / MANIFEST).write_text(json.dumps(identity, indent=2))
     return expert_dir
@@ -70,11 +129,14 @@ def write_expert_files(model: MoETransformer, expert_dir: str | Path) -> Path:
 
 class ExpertStore:
     """The expert files of one model, checked whole when opened (manifest, every file present
-    and readable, every tensor present with its shape)."""
+    and readable, every tensor present with its shape; a quantized model's with its dtype too).
+    `load` gives one expert's (w_in, w_out): tensors, or `QuantizedWeight`s for quantized
+    experts. expert_bytes: one expert's stored bytes; stored_as: their format ("float32",
+    "int4", ...)."""
 
-    def __init__(self, expert_dir: str | Path, cfg: ModelConfig) -> None:
+    def __init__(self, expert_dir: str | Path, model: MoETransformer) -> None:
         self.dir = Path(expert_dir)
-        identity = model_identity(cfg)
+        identity = directory_identity(model)
         manifest = self.dir / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(
@@ -86,32 +148,34 @@ class ExpertStore:
             raise ValueError(
                 f"the experts in {self.dir} belong to another model: {found} != {identity}"
             )
-        moe = cfg.moe
-        n_in = 2 if moe.gated else 1
-        shapes = {"w_in": [n_in * moe.d_expert, moe.d_model], "w_out": [moe.d_model, moe.d_expert]}
-        self.headers = []
-        for i in range(identity["n_layers"]):
+        self.layouts, self.headers = [], []
+        for i, layer in enumerate(model.moe_layers()):
             path = layer_file(self.dir, i)
             if not path.is_file():
                 raise FileNotFoundError(f"expert file {path} is missing; {REWRITE_EXPERTS}")
             header, start = tensor_layout(path, REWRITE_EXPERTS)
-            for e in range(moe.n_experts):
-                for name, shape in shapes.items():
-                    check_shape(path, header, f"{e}.{name}", shape)
+            stored = stored_experts(layer.experts)
+            for scheme, stacked in stored.values():
+                for name, t_E in stacked.items():
+                    for e in range(t_E.shape[0]):
+                        check_tensor(path, header, f"{e}.{name}", t_E[0], scheme is not None)
+            self.layouts.append(layout_of(stored))
             self.headers.append((header, start))
-        self.expert_bytes = max(
-            sum(b - a for k, v in h.items() if k.startswith("0.") for a, b in [v["data_offsets"]])
-            for h, _ in self.headers
-        )
+        firsts = [self._entries(i, 0) for i in range(len(self.layouts))]
+        self.expert_bytes = max(sum(map(_span, entries.values())) for entries in firsts)
+        self.stored_as = stored_format(self.layouts[0], firsts[0])
 
-    def load(self, key: Key) -> tuple[Tensor, Tensor]:
+    def _entries(self, layer: int, e: int) -> dict[str, dict]:
+        """{tensor name ("w_in", "w_in_data", ...): its header entry} of expert e of `layer`."""
+        header = self.headers[layer][0]
+        return {n: header[f"{e}.{n}"] for _, t in self.layouts[layer].values() for n in t}
+
+    def load(self, key: Key) -> tuple[ExpertWeight, ...]:
         """Expert key = (moe_layer, expert) -> (w_in, w_out), read from disk."""
         layer, e = key
-        header, start = self.headers[layer]
+        start = self.headers[layer][1]
         with layer_file(self.dir, layer).open("rb", buffering=0) as f:
-            return read_tensor(f, start, header[f"{e}.w_in"]), read_tensor(
-                f, start, header[f"{e}.w_out"]
-            )
+            return read_expert(f, start, self.layouts[layer], self._entries(layer, e))
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("layer-*.safetensors"))
@@ -119,42 +183,66 @@ class ExpertStore:
 
 class CheckpointExpertStore:
     """The routed experts inside a checkpoint's safetensors file (each MoE layer's stacked
-    (E, ., .) `w_in` and `w_out`), read one expert at a time (`read_tensor`): a slice of the
-    file, never the whole tensor. The file is checked when the store is made; `remedy` says what
-    to do about a damaged one."""
+    (E, ., .) `w_in` and `w_out`; a quantized run's `w_in_data`, `w_in_scales`, ...), read one
+    expert at a time (`read_tensor`): a slice of the file, never the whole tensor. `model` (on
+    the meta device will do) says which tensors and shapes to expect. The file is checked when
+    the store is made; `remedy` says what to do about a damaged one. `load` gives one expert's
+    (w_in, w_out) as `ExpertStore.load` does; expert_bytes and stored_as as there."""
 
     def __init__(self, path: str | Path, model: MoETransformer, remedy: str) -> None:
         self.path = Path(path)
-        self.keys = routed_expert_keys(model)
-        moe = model.cfg.moe
-        n_in = 2 if moe.gated else 1
-        E, F_, D = moe.n_experts, moe.d_expert, moe.d_model
         header, self.data_start = tensor_layout(self.path, remedy)
-        for w_in, w_out in self.keys:
-            check_shape(self.path, header, w_in, [E, n_in * F_, D])
-            check_shape(self.path, header, w_out, [E, D, F_])
-        self.entries = [(header[w_in], header[w_out]) for w_in, w_out in self.keys]
-        a, b = header[w_in]["data_offsets"]
-        c, d = header[w_out]["data_offsets"]
-        self.expert_bytes = (b - a + d - c) // E
+        self.layouts, self.entries, self.routed_keys = [], [], set()
+        for layer_name, layer in zip(moe_layer_names(model), model.moe_layers(), strict=True):
+            stored, entries = stored_experts(layer.experts), {}
+            for scheme, stacked in stored.values():
+                for name, t_E in stacked.items():
+                    key = f"{layer_name}.experts.{name}"
+                    check_tensor(self.path, header, key, t_E, scheme is not None)
+                    entries[name] = header[key]
+                    self.routed_keys.add(key)
+            self.layouts.append(layout_of(stored))
+            self.entries.append(entries)
+        E = model.cfg.moe.n_experts
+        self.expert_bytes = max(sum(_span(v) // E for v in e.values()) for e in self.entries)
+        self.stored_as = stored_format(self.layouts[0], self.entries[0])
 
-    def load(self, key: Key) -> tuple[Tensor, Tensor]:
+    def load(self, key: Key) -> tuple[ExpertWeight, ...]:
         """Expert key = (moe_layer, expert) -> (w_in, w_out), read from the file."""
         layer, e = key
-        w_in, w_out = self.entries[layer]
         with self.path.open("rb", buffering=0) as f:
-            return read_tensor(f, self.data_start, w_in, e), read_tensor(
-                f, self.data_start, w_out, e
-            )
+            return read_expert(f, self.data_start, self.layouts[layer], self.entries[layer], e)
 
     def files(self) -> list[Path]:
         return [self.path]
 
 
-def routed_expert_keys(model: MoETransformer) -> list[tuple[str, str]]:
-    """The state_dict keys of each MoE layer's routed expert weights (w_in, w_out), in order."""
-    names = [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
-    return [(f"{n}.experts.w_in", f"{n}.experts.w_out") for n in names]
+def read_expert(
+    f: BinaryIO, data_start: int, layout: Layout, entries: dict[str, dict], index: int | None = None
+) -> tuple[ExpertWeight, ...]:
+    """One expert's (w_in, w_out) from the open file f: each tensor of `layout` (`stored_experts`)
+    read from its header entry in `entries` (with `index`: that slice of a stacked tensor)."""
+    return tuple(
+        expert_weight(w, scheme, {n: read_tensor(f, data_start, entries[n], index) for n in t})
+        for w, (scheme, t) in layout.items()
+    )
+
+
+def stored_format(layout: Layout, entries: dict[str, dict]) -> str:
+    """The experts' stored format for people: their scheme ("int4") or, float, the file's dtype
+    ("float32"); "w_in int4, w_out int8" where the weights differ."""
+    formats = {
+        w: scheme or str(DTYPES[entries[next(iter(stacked))]["dtype"]]).removeprefix("torch.")
+        for w, (scheme, stacked) in layout.items()
+    }
+    if len(set(formats.values())) == 1:
+        return next(iter(formats.values()))
+    return ", ".join(f"{w} {f}" for w, f in formats.items())
+
+
+def _span(entry: dict) -> int:
+    start, end = entry["data_offsets"]
+    return end - start
 
 
 def tensor_layout(path: Path, remedy: str) -> tuple[dict, int]:
@@ -169,12 +257,20 @@ def tensor_layout(path: Path, remedy: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def check_shape(path: Path, header: dict, name: str, shape: list[int]) -> None:
-    entry = header.get(name)
+def check_tensor(path: Path, header: dict, name: str, like: Tensor, exact_dtype: bool) -> None:
+    """The tensor `name` of a file's header has the shape of `like` and, with `exact_dtype`
+    (quantized tensors: the dtype is part of the scheme's layout), its dtype."""
+    entry, shape = header.get(name), list(like.shape)
     if entry is None or entry["shape"] != shape:
         raise ValueError(
             f"expert file {path}: tensor '{name}' should have shape {shape}, "
             f"found {None if entry is None else entry['shape']}"
+        )
+    if exact_dtype and DTYPES.get(entry["dtype"]) != like.dtype:
+        raise ValueError(
+            f"expert file {path}: tensor '{name}' should be {like.dtype} as its quantization "
+            f"scheme stores it, found {entry['dtype']}; write the quantized model again "
+            "(moekit quantize)"
         )
 
 

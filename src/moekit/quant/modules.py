@@ -17,6 +17,7 @@ inference: nothing in them trains.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +82,21 @@ def quantized_expert_ffn(
     return expert_ffn(x_ND, w_in, w_out, b_in, b_out, cfg, linear=kernels.linear)
 
 
+def experts_on_their_rows(
+    x_RD: Tensor, counts_E: Tensor, expert: Callable[[int, Tensor], Tensor]
+) -> Tensor:
+    """Expert-sorted rows x_RD (R, D) with counts_E (E,) rows per expert -> y_RD (R, D): each
+    expert e with rows runs `expert(e, x_ND)` on its own N rows (one expert's weight in use at a
+    time). `QuantizedExperts.forward`, and the offloaded quantized experts on each group of experts
+    they fetched (`moekit.inference.OffloadedExperts`; e then indexes the group)."""
+    pieces, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            pieces.append(expert(e, x_RD[start : start + count]))
+            start += count
+    return torch.cat(pieces) if pieces else x_RD.new_zeros(0, x_RD.shape[-1])
+
+
 class QuantizedExperts(nn.Module):
     """Drop-in for `Experts` (inference) with w_in (E, 2F|F, D) and w_out (E, D, F) stored as
     `QuantizedWeight`s; biases stay float. Every expert runs on its own rows (`expert_ffn` over
@@ -107,12 +123,7 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """x_RD (R, D) rows sorted by expert, counts_E (E,) rows per expert -> y_RD (R, D)."""
-        pieces, start = [], 0
-        for e, count in enumerate(counts_E.tolist()):
-            if count:
-                pieces.append(self._expert(e, x_RD[start : start + count]))
-                start += count
-        return torch.cat(pieces) if pieces else x_RD.new_zeros(0, self.cfg.d_model)
+        return experts_on_their_rows(x_RD, counts_E, self._expert)
 
     def forward_selected(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """`Experts.forward_selected` (the decode path) over the quantized experts."""
