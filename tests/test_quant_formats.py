@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tests.interop_cases import CASES, COMMON, DROP, hf_config, randomize, tokens
 from tests.test_interop_mtp import mtp_model
 
+from moekit.config import QuantizeConfig
 from moekit.interop import CheckpointError, load_hf, save_hf
 from moekit.interop import files as interop_files
 from moekit.interop import quantized as interop_quantized
@@ -35,6 +36,7 @@ from moekit.quant.formats import (
     fp8_row_slices,
     mxfp4_expert_weight,
 )
+from moekit.quant.modules import QuantizedLinear, quantize_model
 
 FP8_BLOCK = (16, 8)  # not square: rows and columns swapped would not fit
 FP8_CONFIG = {
@@ -355,6 +357,17 @@ def test_quantized_checkpoints_load_in_bfloat16_by_default(deepseek_fp8, gpt_oss
                 assert p.dtype == torch.float32
             else:
                 assert p.dtype == torch.bfloat16 and torch.equal(p, q.bfloat16()), name
+
+
+def test_fp8_has_no_kept_form_and_quantizes_as_it_streams(deepseek_fp8) -> None:
+    """keep_quantized leaves FP8 weights dequantized (moekit stores no FP8); quantize= loads them
+    straight into int8, a slice at a time: what quantize_model makes of the float load."""
+    fp8_dir = deepseek_fp8[0]
+    same_weights(load_hf(fp8_dir, keep_quantized=True), load_hf(fp8_dir))
+    config = QuantizeConfig(weights="int8")
+    streamed = load_hf(fp8_dir, quantize=config)
+    assert isinstance(streamed.layers[1].attn.o_proj, QuantizedLinear)
+    same_weights(streamed, quantize_model(load_hf(fp8_dir), config))
 
 
 def test_fp8_weights_streamed_in_small_slices_load_the_same(deepseek_fp8, monkeypatch) -> None:

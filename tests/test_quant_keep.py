@@ -115,7 +115,7 @@ def test_kept_experts_are_the_shipped_bytes_and_give_the_dequantized_logits(
     x = tokens(vocab=VOCAB)
     ours, reference = logits(kept, x), logits(plain, x)
     assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
-    with pytest.raises(ValueError, match="save_hf writes unquantized weights.*dequantize_model"):
+    with pytest.raises(ValueError, match=r"save_hf writes unquantized weights.*dequantize_model"):
         save_hf(kept, folder.parent / "back", "gpt_oss")
 
 
