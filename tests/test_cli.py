@@ -1,14 +1,29 @@
-"""The command line: `--a.b=value` overrides, `moekit params`, `train`, `generate` and `analyze`."""
+"""The command line: `--a.b=value` overrides, `moekit params`, `train`, `generate`, `analyze`,
+`trace`, `cache-sim` and `convert`, each saving its resolved config where it writes."""
 
 from __future__ import annotations
 
+import json
+import typing
 from pathlib import Path
 
 import pytest
 from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import main
-from moekit.config import AnalyzeConfig, GenerateConfig, ModelConfig, RunConfig
+from moekit.config import (
+    AnalyzeConfig,
+    CacheSimConfig,
+    ConvertConfig,
+    GenerateConfig,
+    ModelConfig,
+    RunConfig,
+    TraceConfig,
+)
+from moekit.inference.cache import POLICIES
+from moekit.inference.trace import load_trace
+from moekit.interop.files import WEIGHT_DTYPES
+from moekit.interop.keymaps import LAYOUTS
 from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides, split_override
 
@@ -70,7 +85,9 @@ def test_unknown_preset_is_one_line_error(capsys) -> None:
     assert "known model presets are tiny" in capsys.readouterr().err
 
 
-def test_train_saves_the_resolved_config_and_generate_streams(tmp_path: Path, capsys) -> None:
+def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
+    tmp_path: Path, capsys
+) -> None:
     run = tmp_path / "run"
     args = [
         "train",
@@ -83,7 +100,7 @@ def test_train_saves_the_resolved_config_and_generate_streams(tmp_path: Path, ca
         f"--train.data.cache_dir={tmp_path / 'cache'}",
     ]
     assert main(args) == 0
-    saved = RunConfig.from_json((run / "config.json").read_text())
+    saved = saved_run = RunConfig.from_json((run / "config.json").read_text())
     assert saved.train.steps == 3 and saved.train.data.tokenizer == "bytes"
     printed = capsys.readouterr().out.split("resolved config:\n")[1]
     assert RunConfig.from_json(printed[: printed.index("\n}\n") + 2]) == saved
@@ -97,3 +114,46 @@ def test_train_saves_the_resolved_config_and_generate_streams(tmp_path: Path, ca
     saved = AnalyzeConfig.from_json((run / "analysis/analyze_config.json").read_text())
     assert saved == AnalyzeConfig(data=str(JSON_PACKAGE), tokens=300, seq_len=32)
     assert (run / "analysis/report.md").is_file()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\nimport json\n")
+    trace = tmp_path / "run.trace"
+    args = ["trace", str(run), "--prompts", str(prompts), "--out", str(trace), "--max_new_tokens=3"]
+    assert main(args) == 0
+    assert load_trace(trace).ids.shape[1:] == (2, 2)  # tiny: 2 layers, top_k=2
+    saved = TraceConfig.from_json(Path(f"{trace}.config.json").read_text())
+    assert saved == TraceConfig(max_new_tokens=3)
+    config = tmp_path / "cache_sim.json"
+    config.write_text(CacheSimConfig(budget=("4",), policy=("lfu",)).to_json())
+    capsys.readouterr()
+    assert main(["cache-sim", str(trace), str(config), "--budget=50%,3"]) == 0
+    out = capsys.readouterr().out
+    printed = out.split("resolved config:\n")[1]
+    printed = CacheSimConfig.from_json(printed[: printed.index("\n}\n") + 2])
+    assert printed == CacheSimConfig(budget=("50%", "3"), policy=("lfu",))
+    table = [line.split() for line in out.splitlines()[-4:]]  # 50% of 12 experts, 3, top_k=2
+    assert [row[0] for row in table] == ["budget", "6", "3", "2"] and table[0][1:] == [
+        "lfu",
+        "belady",
+    ]
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    to_hf = ["convert", "--to-hf", str(run), "--arch", "mixtral", "--out", str(hf)]
+    assert main([*to_hf, "--layout=fused", "--dtype=bfloat16", "--max_shard_size=100KB"]) == 0
+    saved = ConvertConfig.from_json((hf / "convert_config.json").read_text())
+    assert saved == ConvertConfig(layout="fused", dtype="bfloat16", max_shard_size="100KB")
+    assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "mixtral"
+    assert main(["convert", "--from-hf", str(hf), "--out", str(back), "--dtype=float32"]) == 0
+    saved = ConvertConfig.from_json((back / "convert_config.json").read_text())
+    assert saved == ConvertConfig(dtype="float32")
+    model = RunConfig.from_json((back / "config.json").read_text()).model
+    assert model.moe == saved_run.model.moe and model.n_layers == saved_run.model.n_layers
+
+
+def test_command_configs_name_what_their_modules_take() -> None:
+    """The configs spell out choices the layers above them hold (config imports none of them)."""
+    hints = typing.get_type_hints(CacheSimConfig)
+    assert typing.get_args(typing.get_args(hints["policy"])[0]) == POLICIES
+    assert CacheSimConfig().policy == POLICIES
+    hints = typing.get_type_hints(ConvertConfig)
+    assert typing.get_args(typing.get_args(hints["dtype"])[0]) == WEIGHT_DTYPES
+    assert typing.get_args(hints["layout"]) == LAYOUTS

@@ -7,7 +7,15 @@ import pytest
 
 from moekit.cli import build_parser, main
 from moekit.cli.common import resolve_config
-from moekit.config import AnalyzeConfig, GenerateConfig, OffloadConfig
+from moekit.cli.convert import shard_bytes
+from moekit.config import (
+    AnalyzeConfig,
+    CacheSimConfig,
+    ConvertConfig,
+    GenerateConfig,
+    OffloadConfig,
+    UpcycleConfig,
+)
 
 RUN = "no-such-run"  # never read: the argument fails first
 
@@ -24,27 +32,32 @@ BAD = [
     (["generate", RUN, "--seed=-1"], "seed=-1", "[0, 2**64)"),
     (["generate", RUN, f"--seed={2**64}"], f"seed={2**64}", "[0, 2**64)"),
     (["generate", RUN, "--offload.policy=fifo"], "--offload.policy='fifo'", "'lru', 'lfu'"),
-    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "0"],
-     "argument --max-new-tokens: ", "integer >= 1"),
+    (["trace", RUN, "--prompts", "p", "--out", "o", "--max_new_tokens=0"], "max_new_tokens=0",
+     "integer >= 1"),
     (["params", "tiny", "--ep", "0"], "argument --ep: ", "integer >= 1"),
-    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max-shard-size", "0"],
-     "argument --max-shard-size: ", "size above 0"),
-    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max-shard-size", "lots"],
-     "argument --max-shard-size: ", "size above 0"),
-    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: ", "integer >= 1"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max_shard_size=0"],
+     "max_shard_size='0'", "size above 0"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max_shard_size=lots"],
+     "max_shard_size='lots'", "size above 0"),
+    (["convert", "--from-hf", RUN, "--out", "o", "--dtype=float8"], "--dtype='float8'",
+     "'bfloat16'"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--layout=stacked"],
+     "--layout='stacked'", "'per_expert', 'fused'"),
+    (["demo", "--max_new_tokens=0"], "argument --max_new_tokens: ", "integer >= 1"),
     (["analyze", RUN, "--tokens=0"], "tokens=0", "integer >= 1"),
     (["analyze", RUN, "--seq_len=-1"], "seq_len=-1", "integer >= 1"),
-    (["upcycle", RUN, "--out", "o", "--experts", "0"], "argument --experts: ", "integer >= 1"),
-    (["upcycle", RUN, "--out", "o", "--top-k", "0"], "argument --top-k: ", "integer >= 1"),
-    (["upcycle", RUN, "--out", "o", "--noise", "-0.1"], "argument --noise: ", "number >= 0"),
+    (["upcycle", RUN, "--out", "o", "--n_experts=0"], "n_experts=0", "integer >= 1"),
+    (["upcycle", RUN, "--out", "o", "--top_k=0"], "top_k=0", "integer >= 1"),
+    (["upcycle", RUN, "--out", "o", "--top_k=9"], "top_k=9", "<= n_experts (8)"),
+    (["upcycle", RUN, "--out", "o", "--noise=-0.1"], "noise=-0.1", "must be >= 0"),
     (["experiment", "balance", "--seeds", "0"], "argument --seeds: ", "integer >= 1"),
     (["generate", RUN, "--offload.budget=1..5GB"], "expert budget", "bytes (200MB)"),
     (["generate", RUN, "--offload.budget=-3"], "expert budget", "a count (12)"),
     (["generate", RUN, "--offload.budget="], "expert budget", "a count (12)"),
     (["generate", RUN, "--offload.budget=150%"], "expert budget", "(0, 1]"),
-    (["cache-sim", "t", "--budget", "50%", "200MB"], "argument --budget: ",
-     "does not know the experts"),
-    (["cache-sim", "t", "--budget", "lots"], "argument --budget: ", "or a fraction (0.5 or 50%)"),
+    (["cache-sim", "t", "--budget=200MB"], "expert budget", "does not know the experts"),
+    (["cache-sim", "t", "--budget=lots"], "expert budget", "or a fraction (0.5 or 50%)"),
+    (["cache-sim", "t", "--policy=fifo"], "--policy='fifo'", "'lru', 'lfu', 'static'"),
 ]  # fmt: skip
 
 
@@ -70,6 +83,17 @@ MISSPELT = [
     (["generate", RUN, "--max-new-tokens=5"], "no field 'max-new-tokens'; its fields are prompt, "
      "max_new_tokens"),
     (["analyze", RUN, "--tokens", "256"], "'--tokens' has no value: write --tokens=VALUE"),
+    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "4"], "'--max-new-tokens' "
+     "has no value: write --max-new-tokens=VALUE"),
+    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens=4"], "no field "
+     "'max-new-tokens'; its fields are max_new_tokens"),
+    (["cache-sim", "t", "--budget", "50%"], "'--budget' has no value: write --budget=VALUE"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--layout", "fused"],
+     "'--layout' has no value: write --layout=VALUE"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--max-shard-size=1GB"],
+     "no field 'max-shard-size'; its fields are dtype, layout, max_shard_size"),
+    (["upcycle", RUN, "--out", "o", "--experts=4"], "no field 'experts'; its fields are n_experts, "
+     "top_k, noise"),
 ]  # fmt: skip
 
 
@@ -80,6 +104,12 @@ def test_misspelt_setting_is_one_line_naming_it(capsys, argv: list[str], says: s
     assert err.startswith(f"moekit {argv[0]}: error: ") and says in err and err.count("\n") == 1
 
 
+def test_an_empty_list_of_policies_is_one_line(capsys) -> None:
+    assert main(["cache-sim", "t", "--policy=none"]) == 2
+    err = capsys.readouterr().err
+    assert err == "moekit cache-sim: error: policy=() is invalid: must list at least one policy\n"
+
+
 def test_numbers_in_range_parse() -> None:
     overrides = ["--temperature=0", "--top_k=0", "--top_p=1", "--seed=0", "--max_new_tokens=1"]
     cfg = resolve_config(GenerateConfig, None, overrides)
@@ -88,10 +118,12 @@ def test_numbers_in_range_parse() -> None:
         cfg.max_new_tokens == 1
         and resolve_config(GenerateConfig, None, ["--top_k=none"]).top_k is None
     )
-    args = build_parser().parse_args(["convert", "--to-hf", RUN, "--out", "o"])
-    assert args.max_shard_size == 2 * 10**9
-    args = build_parser().parse_args(["upcycle", RUN, "--out", "o", "--noise", "0"])
-    assert args.noise == 0.0
+    assert shard_bytes(resolve_config(ConvertConfig, None, [])) == 2 * 10**9
+    assert shard_bytes(resolve_config(ConvertConfig, None, ["--max_shard_size=2GiB"])) == 2 * 2**30
+    assert resolve_config(UpcycleConfig, None, ["--noise=0"]).noise == 0.0
+    cfg = resolve_config(CacheSimConfig, None, ["--budget=4,0.5,25%", "--policy=lru"])
+    assert cfg.budget == ("4", "0.5", "25%") and cfg.policy == ("lru",)
+    assert build_parser().parse_args(["demo", "--max_new_tokens=1"]).max_new_tokens == 1
 
 
 def test_a_command_reads_its_config_file_then_the_overrides(tmp_path) -> None:

@@ -38,7 +38,7 @@ def test_demo_trains_both_compares_and_reports(tmp_path: Path, capsys) -> None:
     tiny = ["--train.steps=12", "--train.eval.every=4", "--train.log_every=2",
             f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
             f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    assert main(["demo", "--out", str(out), "--max-new-tokens", "8", *tiny]) == 0
+    assert main(["demo", "--out", str(out), "--max_new_tokens=8", *tiny]) == 0
     printed = capsys.readouterr().out
     figures = json.loads((out / "comparison.json").read_text())
     ratio = figures["comparison"]["moe"]["step_ratio"]
@@ -54,7 +54,7 @@ def test_demo_trains_both_compares_and_reports(tmp_path: Path, capsys) -> None:
     for name in ("loss.png", "expert_load.png", "moe/report.md", "dense/report.md"):
         assert (out / name).stat().st_size > 0, name
     (out / "stale.txt").write_text("from the last demo")
-    assert main(["demo", "--out", str(out), "--max-new-tokens", "8", *tiny]) == 0  # replaces it
+    assert main(["demo", "--out", str(out), "--max_new_tokens=8", *tiny]) == 0  # replaces it
     assert not (out / "stale.txt").exists()
 
 

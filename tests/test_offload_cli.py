@@ -51,10 +51,10 @@ def test_trace_then_cache_sim_then_static(run: Path, tmp_path: Path, capsys) -> 
     prompts.write_text("def f(\nimport json\n")
     out = tmp_path / "run.trace"
     assert main(["trace", str(run), "--prompts", str(prompts), "--out", str(out),
-                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+                 "--max_new_tokens=4"]) == 0  # fmt: skip
     assert load_trace(out).ids.shape[1:] == (2, 2)
     capsys.readouterr()
-    assert main(["cache-sim", str(out), "--budget", "50%", "4"]) == 0
+    assert main(["cache-sim", str(out), "--budget=50%,4"]) == 0
     printed = capsys.readouterr()
     assert "belady" in printed.out and printed.out.count("%") >= 4 * 3
     assert "note" not in printed.err  # a trace of this version: the figures are the model's

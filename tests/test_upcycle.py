@@ -16,6 +16,7 @@ from moekit.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
+    UpcycleConfig,
 )
 from moekit.data import byte_tokenizer
 from moekit.model import MoETransformer
@@ -69,10 +70,10 @@ def test_upcycle_command_writes_a_run_that_trains_on(tmp_path: Path):
     (dense_dir / "config.json").write_text(RunConfig(model=DENSE, train=t).to_json())
     byte_tokenizer().save(str(dense_dir / "tokenizer.json"))
     out = tmp_path / "moe"
-    assert (
-        main(["upcycle", str(dense_dir), "--experts", "4", "--top-k", "2", "--out", str(out)]) == 0
-    )
+    assert main(["upcycle", str(dense_dir), "--n_experts=4", "--top_k=2", "--out", str(out)]) == 0
     cfg = RunConfig.from_json((out / "config.json").read_text())
+    saved = UpcycleConfig.from_json((out / "upcycle_config.json").read_text())
+    assert saved == UpcycleConfig(n_experts=4, top_k=2)
     assert cfg.model.moe.n_experts == 4 and cfg.model.moe.d_expert == DENSE.d_ff
     result = train(cfg, out, resume=True)
     assert result.step == 1 and result.train_loss is not None

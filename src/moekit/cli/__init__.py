@@ -1,17 +1,27 @@
 """`moekit <command>`: the one command-line entry point, one module per command.
 
 Each command module holds a `COMMAND` (common.Command): its name, help, arguments and handler.
-Commands whose settings are a config take a preset name or a JSON file plus `--a.b=value`
-overrides (common.resolve_config) and print the resolved config; train saves it in the run
-directory, analyze beside its report (generate writes nothing but the text).
+A command's settings are a config: a preset name or a JSON file plus `--a.b=value` overrides
+(common.resolve_config), its resolved config printed and saved where the command writes: train
+and demo in the run directories (config.json), analyze beside its report (analyze_config.json),
+trace beside the trace (TRACE.config.json), convert and upcycle in the directory they write
+(convert_config.json, upcycle_config.json), quantize in its checkpoint (quantization.json);
+generate, cache-sim and params write nothing but what they print. What a command reads
+(positional, or --from-hf, --to-hf, --prompts) and where it writes (--out) are arguments, not
+settings.
 
     moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]
     moekit generate RUN_DIR [CONFIG.json] --prompt="def fib(" --max_new_tokens=200
     moekit analyze RUN_DIR|HF_DIR [CONFIG.json] [--tokens=32768 ...] [--out DIR]
-    moekit params PRESET|CONFIG.json [--ep N]
-    moekit convert --from-hf DIR --out RUN_DIR
-    moekit convert --to-hf RUN_DIR --arch mixtral --out DIR
-    moekit demo
+    moekit quantize RUN_DIR|HF_DIR [CONFIG.json] [--weights=int4 ...] --out DIR
+    moekit trace RUN_DIR|HF_DIR [CONFIG.json] [--max_new_tokens=32] --prompts FILE --out TRACE
+    moekit cache-sim TRACE [CONFIG.json] [--budget=100%,50%,25%] [--policy=lru,lfu,static]
+    moekit params PRESET|CONFIG.json [--model.a=value ...] [--ep N]
+    moekit convert --from-hf DIR [CONFIG.json] [--dtype=bfloat16] --out RUN_DIR
+    moekit convert --to-hf RUN_DIR --arch mixtral [CONFIG.json] [--layout=fused ...] --out DIR
+    moekit upcycle DENSE_RUN [CONFIG.json] [--n_experts=8 --top_k=2 --noise=0] --out RUN_DIR
+    moekit experiment NAME [--preset PRESET|CONFIG.json] [--seeds N] [--a.b=value ...]
+    moekit demo [--a.b=value ...] [--out DIR] [--prompt="def main(" --max_new_tokens=200]
 """
 
 from __future__ import annotations

@@ -1,36 +1,30 @@
-"""`moekit cache-sim TRACE [--budget ...] [--policy ...]`: replay a routing trace against cache
-policies and Belady's oracle."""
+"""`moekit cache-sim TRACE [CONFIG.json] [--budget=100%,50%,25%] [--policy=lru,lfu,static]`: replay
+a routing trace against cache policies and Belady's oracle (`CacheSimConfig`); it prints its
+resolved config and the hit rates and writes nothing."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from moekit.cli.common import Command
+from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config
+from moekit.config import CacheSimConfig
 from moekit.inference.budget import check_budget_form, resolve_budget
-from moekit.inference.cache import POLICIES
 from moekit.inference.cache_sim import cache_sim_rows
 from moekit.inference.trace import load_trace
 from moekit.moe import SELECTED_MAX_TOKENS
 
 
-def trace_budget(text: str) -> str:
-    """A budget of a trace's experts: a count, a fraction or N% (a trace knows no sizes)."""
-    try:
-        return check_budget_form(text, in_bytes=False)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", metavar="TRACE", help="a trace written by moekit trace")
-    p.add_argument("--budget", type=trace_budget, nargs="+", default=["100%", "50%", "25%"],
-                   help="counts, fractions or N%% of all experts (the minimum, top_k, is "
-                   "added)")  # fmt: skip
-    p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(CacheSimConfig, args.config, args.overrides)
+    for budget in cfg.budget:  # before the trace is read; a trace knows no sizes in bytes
+        check_budget_form(budget, in_bytes=False)
+    print_config(cfg)
     trace = load_trace(args.trace)
     if trace.derived:
         print(f"note: {args.trace} predates the record of each layer call's path: calls of at most "
@@ -38,14 +32,15 @@ def run(args: argparse.Namespace) -> int:
               "model's exact figures", file=sys.stderr)  # fmt: skip
     ident = trace.identity
     n_total, k = ident["n_layers"] * ident["n_experts"], ident["top_k"]
-    caps = sorted({k, *(resolve_budget(b, n_total, None, k) for b in args.budget)}, reverse=True)
+    caps = sorted({k, *(resolve_budget(b, n_total, None, k) for b in cfg.budget)}, reverse=True)
+    policies = list(cfg.policy)
     print(f"{len(trace.requests())} requests, {n_total} experts, top_k={k}")
-    print("budget  " + "".join(f"{p:>9}" for p in [*args.policy, "belady"]))
-    for row in cache_sim_rows(trace, caps, args.policy):
-        rates = "".join(f"{row[p]:>9.1%}" for p in [*args.policy, "belady"])
+    print("budget  " + "".join(f"{p:>9}" for p in [*policies, "belady"]))
+    for row in cache_sim_rows(trace, caps, policies):
+        rates = "".join(f"{row[p]:>9.1%}" for p in [*policies, "belady"])
         print(f"{row['budget']:>6}  {rates}")
     return 0
 
 
 COMMAND = Command("cache-sim", "replay a routing trace against cache policies and Belady's oracle",
-                  configure, run)  # fmt: skip
+                  configure, run, overrides=True, config=CacheSimConfig)  # fmt: skip

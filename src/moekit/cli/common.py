@@ -1,10 +1,9 @@
-"""What several commands share: the `Command` record, argparse number types, the config resolver
-and its printer, the streaming sampler."""
+"""What several commands share: the `Command` record, argparse number types, the config resolver,
+its printer and writer, the streaming sampler."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from moekit.config import ConfigBase, ModelConfig, RunConfig, config_from_data
+from moekit.fileio import atomic_write_text
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.overrides import apply_overrides
 from moekit.train.sample import sample_text
@@ -62,7 +62,6 @@ def number(kind: type, ok: Callable[[Any], bool], noun: str) -> Callable[[str], 
 
 
 positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
-non_negative_float = number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> C:
@@ -90,6 +89,13 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
 
 def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:
     print("resolved config:", cfg.to_json(), sep="\n", file=file or sys.stdout, flush=True)
+
+
+def save_config(cfg: ConfigBase, path: str | Path) -> Path:
+    """Write a command's resolved config where its output is (atomically): a file that command
+    reads back as its CONFIG.json."""
+    atomic_write_text(path, cfg.to_json())
+    return Path(path)
 
 
 def stream_text(

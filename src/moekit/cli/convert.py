@@ -1,21 +1,25 @@
-"""`moekit convert --from-hf DIR --out RUN_DIR`, `moekit convert --to-hf RUN_DIR --arch ARCH --out
-DIR`: Hugging Face checkpoints to run directories and back."""
+"""`moekit convert --from-hf DIR [CONFIG.json] [--dtype=bfloat16] --out RUN_DIR`,
+`moekit convert --to-hf RUN_DIR --arch ARCH [CONFIG.json] [--layout=fused --dtype=bfloat16
+--max_shard_size=2GB] --out DIR [--overwrite]`: Hugging Face checkpoints to run directories and
+back. What is converted into what are arguments; how it is written is a `ConvertConfig`, saved in
+the directory written as convert_config.json (not config.json: that is the model's)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from moekit.cli.common import Command, number
+from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, save_config
+from moekit.config import ConvertConfig
+from moekit.config.rules import invalid
 from moekit.interop import save_hf
 from moekit.interop.archs import ARCHITECTURES
 from moekit.interop.convert import hf_to_run
-from moekit.interop.files import WEIGHT_DTYPES, parse_size
-from moekit.interop.keymaps import LAYOUTS
+from moekit.interop.files import parse_size
 from moekit.loading import load
 from moekit.quant.modules import dequantize_model
 
-byte_size = number(parse_size, lambda v: v >= 1,
-                   "a size above 0 in bytes or with a unit (5GB, 500MB, 2GiB)")  # fmt: skip
+CONFIG_FILE = "convert_config.json"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -24,31 +28,47 @@ def configure(p: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--to-hf", metavar="RUN_DIR", help="run's newest checkpoint -> Hugging Face"
     )
+    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument(
         "--out", required=True, help="the run directory or checkpoint directory to write"
     )
     p.add_argument("--arch", choices=ARCHITECTURES, help="architecture to write (with --to-hf)")
-    p.add_argument("--layout", choices=LAYOUTS, default="per_expert", help="expert key layout")
-    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="of the weights")
-    p.add_argument("--max-shard-size", type=byte_size, default="2GB", help="bytes per shard")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (--to-hf)")
 
 
+def shard_bytes(cfg: ConvertConfig) -> int:
+    """`max_shard_size` in bytes; one line naming it unless it is a size above 0."""
+    try:
+        size = parse_size(cfg.max_shard_size)
+    except ValueError:
+        size = 0
+    if size < 1:
+        rule = "must be a size above 0 in bytes or with a unit (5GB, 500MB, 2GiB)"
+        raise invalid("max_shard_size", cfg.max_shard_size, rule)
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(ConvertConfig, args.config, args.overrides)
+    max_shard_size = shard_bytes(cfg)  # before anything is read
+    if args.to_hf and args.arch is None:
+        raise ValueError("--to-hf needs --arch (one of the architectures in `moekit convert -h`)")
+    print_config(cfg)
     if args.from_hf:
-        out = hf_to_run(args.from_hf, args.out, dtype=args.dtype)
+        out = hf_to_run(args.from_hf, args.out, dtype=cfg.dtype)
+        save_config(cfg, Path(out) / CONFIG_FILE)
         print(f"wrote run directory {out} (weights as checkpoint step 0)")
         return 0
-    if args.arch is None:
-        raise ValueError("--to-hf needs --arch (one of the architectures in `moekit convert -h`)")
     loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
     model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
     out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
-                  layout=args.layout, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                  layout=cfg.layout, dtype=cfg.dtype, max_shard_size=max_shard_size,
                   overwrite=args.overwrite)  # fmt: skip
+    save_config(cfg, Path(out) / CONFIG_FILE)
     print(f"wrote {args.arch} checkpoint {out}")
     return 0
 
 
 COMMAND = Command("convert", "convert Hugging Face checkpoints to run directories (--from-hf) and "
-                  "back (--to-hf)", configure, run)  # fmt: skip
+                  "back (--to-hf)", configure, run, overrides=True,
+                  config=ConvertConfig)  # fmt: skip

@@ -1,5 +1,9 @@
-"""`moekit demo [--a.b=value ...] [--out DIR]`: train the `demo` MoE and its dense twin side by
-side, compare them, then sample from the MoE."""
+"""`moekit demo [--a.b=value ...] [--out DIR] [--prompt=TEXT] [--max_new_tokens=N]`: train the
+`demo` MoE and its dense twin side by side, compare them, then sample from the MoE.
+
+Its config is the `demo` run preset with the overrides, printed and saved by training in both runs
+(OUT/moe/config.json, OUT/dense/config.json). The sample's --prompt and --max_new_tokens are
+spelt as generate's settings; the sample, prompt first, goes into the reports."""
 
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ DEMO_PROMPT = "def main("  # no trailing space: byte-level BPE tokens carry thei
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder of both runs (replaced if a demo)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200)
-    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="text the sample continues")
+    p.add_argument("--max_new_tokens", type=positive_int, default=200,
+                   help="tokens the sample generates")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

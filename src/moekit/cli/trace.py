@@ -1,11 +1,14 @@
-"""`moekit trace RUN_DIR|HF_DIR --prompts FILE --out TRACE`: record which experts each token uses
-while generating greedily."""
+"""`moekit trace RUN_DIR|HF_DIR [CONFIG.json] [--max_new_tokens=32] --prompts FILE --out TRACE`:
+record which experts each token uses while generating greedily; write the trace, and its
+resolved `TraceConfig` beside it as TRACE.config.json."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from moekit.cli.common import Command, positive_int
+from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, save_config
+from moekit.config import TraceConfig
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.inference.trace import record_prompts, save_trace
 from moekit.loading import load
@@ -14,24 +17,31 @@ from moekit.userfiles import read_text
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
+    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="trace file to write (safetensors)")
-    p.add_argument(
-        "--max-new-tokens", type=positive_int, default=32, help="greedy tokens per prompt"
-    )
+
+
+def config_path(trace: str | Path) -> Path:
+    """Where the resolved config of the trace `trace` is saved: TRACE.config.json beside it."""
+    return Path(f"{trace}.config.json")
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(TraceConfig, args.config, args.overrides)
+    print_config(cfg)
     text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts} has no prompts (one per non-empty line)")
     loaded = load(args.path)
     model = apply_decode_kernels(loaded.model)
-    trace = record_prompts(model, loaded.tokenizer, prompts, args.max_new_tokens)
+    trace = record_prompts(model, loaded.tokenizer, prompts, cfg.max_new_tokens)
     save_trace(trace, args.out)
+    save_config(cfg, config_path(args.out))
     print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
     return 0
 
 
-COMMAND = Command("trace", "record which experts each token uses while generating", configure, run)
+COMMAND = Command("trace", "record which experts each token uses while generating", configure, run,
+                  overrides=True, config=TraceConfig)  # fmt: skip

@@ -1,26 +1,32 @@
-"""`moekit upcycle DENSE_RUN --out RUN_DIR [--experts N --top-k K --noise S]`: sparse upcycling."""
+"""`moekit upcycle DENSE_RUN [CONFIG.json] [--n_experts=8 --top_k=2 --noise=0.0] --out RUN_DIR`:
+sparse upcycling (`UpcycleConfig`); the resolved config is saved in the new run as
+upcycle_config.json (its config.json is the run's)."""
 
 from __future__ import annotations
 
 import argparse
 
-from moekit.cli.common import Command, non_negative_float, positive_int
+from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, save_config
+from moekit.config import UpcycleConfig
 from moekit.train.upcycle import upcycle_run
+
+CONFIG_FILE = "upcycle_config.json"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("dense_run", metavar="DENSE_RUN", help="a run directory of a dense model")
-    p.add_argument("--experts", type=positive_int, default=8, help="experts per layer (FFN copies)")
-    p.add_argument("--top-k", type=positive_int, default=2)
-    p.add_argument("--noise", type=non_negative_float, default=0.0,
-                   help="expert noise, times each weight's std")  # fmt: skip
+    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="the new run directory")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = upcycle_run(args.dense_run, args.out, args.experts, args.top_k, args.noise)
+    cfg = resolve_config(UpcycleConfig, args.config, args.overrides)
+    print_config(cfg)
+    out = upcycle_run(args.dense_run, args.out, cfg.n_experts, cfg.top_k, cfg.noise)
+    save_config(cfg, out / CONFIG_FILE)
     print(f"upcycled run: {out}\ntrain it with: moekit train --resume {out}")
     return 0
 
 
-COMMAND = Command("upcycle", "turn a dense run into an MoE run (sparse upcycling)", configure, run)
+COMMAND = Command("upcycle", "turn a dense run into an MoE run (sparse upcycling)", configure, run,
+                  overrides=True, config=UpcycleConfig)  # fmt: skip

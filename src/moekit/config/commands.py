@@ -1,6 +1,7 @@
 """Configs of the commands that read a trained model: `moekit generate` (`GenerateConfig`, with
 its `OffloadConfig`), `moekit analyze` (`AnalyzeConfig`) and `moekit quantize`
-(`QuantizeConfig`)."""
+(`QuantizeConfig`); and of `moekit trace` (`TraceConfig`), `cache-sim` (`CacheSimConfig`),
+`convert` (`ConvertConfig`) and `upcycle` (`UpcycleConfig`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from moekit.config.base import ConfigBase
-from moekit.config.rules import In, NonNegFloat, NonNegInt
+from moekit.config.rules import In, NonNegFloat, NonNegInt, invalid
 
 
 @dataclass(kw_only=True)
@@ -99,3 +100,75 @@ class QuantizeConfig(ConfigBase):
         """The scheme of `part` ("experts", "attention", "ffn" or "head"); None: left float."""
         scheme = getattr(self, part) or self.weights
         return None if scheme == "none" else scheme
+
+
+@dataclass(kw_only=True)
+class TraceConfig(ConfigBase):
+    """`moekit trace`: how each prompt of the prompts file is continued while its routing is
+    recorded (greedily).
+
+    max_new_tokens: greedy tokens generated per prompt (fewer at end-of-text or at the model's
+        max_seq_len).
+    """
+
+    max_new_tokens: int = 32
+
+
+# The expert cache's policies, as inference.cache.POLICIES names them (tests/test_cli.py).
+Policy = Literal["lru", "lfu", "static"]
+
+
+@dataclass(kw_only=True)
+class CacheSimConfig(ConfigBase):
+    """`moekit cache-sim`: the expert caches a routing trace is replayed against.
+
+    budget: the cache sizes to replay, each a count of experts (12) or a fraction of all the
+        trace's experts (0.5 or 50%), as `generate --offload.budget` takes them; a trace knows no
+        sizes in bytes. The minimum, top_k, is always added.
+    policy: the cache policies to compare ("lru", "lfu", "static"); Belady's oracle is always
+        shown.
+    """
+
+    budget: tuple[str, ...] = ("100%", "50%", "25%")
+    policy: tuple[Policy, ...] = ("lru", "lfu", "static")
+
+    def check(self) -> None:
+        for name in ("budget", "policy"):
+            if not getattr(self, name):
+                raise invalid(name, getattr(self, name), f"must list at least one {name}")
+
+
+@dataclass(kw_only=True)
+class ConvertConfig(ConfigBase):
+    """`moekit convert`: how the checkpoint is written (which one, and into what, are the
+    command's arguments: `--from-hf DIR` | `--to-hf RUN_DIR --arch ARCH`, `--out`).
+
+    dtype: the weights' dtype, "float32", "bfloat16" or "float16"; None keeps the source's (the
+        dtype of the Hugging Face config with --from-hf, the model's with --to-hf).
+    layout: the experts' keys written with --to-hf: "per_expert" (one tensor per expert, as on
+        the Hub) or "fused" (transformers 5's: one tensor of all experts per projection).
+    max_shard_size: the largest safetensors shard written with --to-hf, in bytes or with a unit
+        ("2GB", "500MB", "2GiB").
+    """
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    layout: Literal["per_expert", "fused"] = "per_expert"
+    max_shard_size: str = "2GB"
+
+
+@dataclass(kw_only=True)
+class UpcycleConfig(ConfigBase):
+    """`moekit upcycle`: the MoE a dense run becomes (sparse upcycling, Komatsuzaki et al. 2022).
+
+    n_experts: experts per MoE layer, each a copy of the dense layer's FFN.
+    top_k: experts per token.
+    noise: Gaussian noise added to each expert copy, times each weight's std (0: exact copies).
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    noise: NonNegFloat = 0.0
+
+    def check(self) -> None:
+        if self.top_k > self.n_experts:
+            raise invalid("top_k", self.top_k, f"must be <= n_experts ({self.n_experts})")
