@@ -25,6 +25,12 @@ Memory: a fresh process loads the model from one checkpoint file and decodes, wh
     python benchmarks/offload.py                  # 192 tokens per decode, ~7 minutes
     python benchmarks/offload.py --new-tokens 48 --out benchmarks/results/offload_48tokens.json
     python benchmarks/offload.py --quick          # seconds, for tests
+    python benchmarks/offload.py --experts int4 --out benchmarks/results/offload_int4.json
+
+`--experts int4` (int8, mxfp4) quantizes the routed experts (`quantize_model`, experts only) before
+anything is measured: the expert files and the checkpoint then hold them in that format, a miss
+reads its bytes (`expert_bytes` per expert in each run) and every comparison is against the
+all-resident quantized model.
 
 The number of tokens decides what the speed ratio measures. Every expert must be read from disk
 once, whatever the budget (compulsory misses): on the committed model that costs about as much
@@ -114,6 +120,12 @@ def greedy(model, prompt, n_new: int):
     return torch.stack(ids, 1), torch.stack(logits, 1), seconds
 
 
+def stored_bytes(model, part: str = "") -> int:
+    """Bytes of the model's state dict (parameters and stored buffers: quantized tensors as
+    stored), or of its tensors whose names contain `part`."""
+    return sum(t.nbytes for name, t in model.state_dict().items() if part in name)
+
+
 def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw) -> dict:
     """Median tokens/s of `repeats` cold runs (each from an empty cache and page cache)."""
     from moekit.inference import apply_expert_offload
@@ -134,19 +146,28 @@ def run_offloaded(model, expert_dir, prompt, n_new, reference, repeats, **kw) ->
         "each_tokens_per_s": [ids.numel() / t for t in times],
         "bit_identical": same,
         **{k: stats[k] for k in ("capacity", "hit_rate", "hits", "misses", "bytes_read")},
+        **{k: stats[k] for k in ("expert_bytes", "stored_as")},
         **{k: stats[k] for k in ("load_wait_s", "prefetched", "prefetch_accuracy")},
     }
 
 
-def measure(quick: bool, new_tokens: int = 192) -> dict:
+def measure(quick: bool, new_tokens: int = 192, experts: str = "float32") -> dict:
     from moekit import MoETransformer
+    from moekit.config import QuantizeConfig
     from moekit.inference import apply_decode_kernels, write_expert_files
     from moekit.inference.cache_sim import belady
     from moekit.inference.trace import TraceRecorder
+    from moekit.quant.modules import quantize_model
 
     torch.manual_seed(0)
     cfg = model_config(quick)
-    model = apply_decode_kernels(MoETransformer(cfg).eval())  # as `moekit generate` decodes
+    model = MoETransformer(cfg).eval()
+    parameters = model.num_parameters()  # of the float model (quantized tensors are buffers)
+    quantization = None
+    if experts != "float32":
+        quantization = QuantizeConfig(weights="none", experts=experts)
+        model = quantize_model(model, quantization)
+    model = apply_decode_kernels(model)  # as `moekit generate` decodes
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen)
     other = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen)
@@ -159,13 +180,13 @@ def measure(quick: bool, new_tokens: int = 192) -> dict:
     requests = rec.trace().requests()
     resident = [greedy(model, prompt, n_new)[2] for _ in range(repeats)]  # more between budgets
     n_total = len(model.moe_layers()) * cfg.moe.n_experts
-    expert_params = sum(p.numel() for n, p in model.named_parameters() if "experts.w_" in n)
     result = {
         "benchmark": "offload",
         "machine": machine_info(),
         "model": {
-            "parameters": model.num_parameters(),
-            "expert_fraction_of_bytes": expert_params / model.num_parameters(),
+            "parameters": parameters,
+            "expert_fraction_of_bytes": stored_bytes(model, "experts.w_") / stored_bytes(model),
+            "experts_stored_as": experts,
             "n_experts_total": n_total,
             "top_k": cfg.moe.top_k,
             "new_tokens": n_new,
@@ -198,7 +219,7 @@ def measure(quick: bool, new_tokens: int = 192) -> dict:
         "tokens_per_s": n_new / statistics.median(resident),
         "each_run_tokens_per_s": [n_new / t for t in resident],
     }
-    result["memory"] = memory(model, n_new, quick)
+    result["memory"] = memory(model, n_new, quick, quantization)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["checks"] = checks(result)
     result["note"] = note(result)
@@ -236,7 +257,7 @@ def note(result: dict) -> str:
     )
 
 
-def memory(model, n_new: int, quick: bool) -> dict:
+def memory(model, n_new: int, quick: bool, quantization=None) -> dict:
     """Peak resident memory of a fresh process that loads the model from a checkpoint file and
     decodes n_new tokens: whole (`load_model`), and with the experts left in the file
     (`load_offloaded`) at each budget. Measured as VmHWM minus VmRSS after the imports, torch's
@@ -244,16 +265,19 @@ def memory(model, n_new: int, quick: bool) -> dict:
     cost, reported on its own)."""
     from safetensors.torch import save_model
 
-    expert_bytes = sum(p.nbytes for n, p in model.named_parameters() if "experts.w_" in n)
+    from moekit.quant.files import QUANTIZATION_FILE
+
     result = {
-        "model_bytes": sum(p.nbytes for p in model.parameters()),
-        "routed_expert_bytes": expert_bytes,
+        "model_bytes": stored_bytes(model),
+        "routed_expert_bytes": stored_bytes(model, "experts.w_"),
         "peak_rss_above_imports_bytes": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
         save_model(model, str(path))
         (Path(tmp) / "config.json").write_text(model.cfg.to_json())
+        if quantization is not None:
+            (Path(tmp) / QUANTIZATION_FILE).write_text(quantization.to_json())
         budgets = ("all", "0.5") if quick else ("all", *map(str, BUDGETS), str(model.cfg.moe.top_k))
         for budget in budgets:
             drop_from_page_cache([path])
@@ -271,6 +295,7 @@ def probe(folder: str, budget: str, n_new: int) -> None:
 
     from moekit import ModelConfig, MoETransformer
     from moekit.inference import apply_decode_kernels, load_offloaded
+    from moekit.quant.files import empty_quantized_model, read_quantization
 
     def status(field: str) -> int:
         line = next(
@@ -280,14 +305,20 @@ def probe(folder: str, budget: str, n_new: int) -> None:
 
     path = Path(folder) / "model.safetensors"
     cfg = ModelConfig.from_json((Path(folder) / "config.json").read_text())
+    quantization = read_quantization(Path(folder))
     before = status("VmRSS:")
     torch.empty(1, device="meta").normal_()  # loads torch's Python meta kernels (sympy ...)
     base = status("VmRSS:")
     if budget == "all":
-        model = MoETransformer(cfg).eval()
-        load_model(model, str(path))
+        model = (
+            MoETransformer(cfg)
+            if quantization is None
+            else empty_quantized_model(cfg, quantization)
+        )
+        load_model(model.eval(), str(path))
     else:
-        model, _ = load_offloaded(path, cfg, budget=float(budget) if "." in budget else int(budget))
+        number = float(budget) if "." in budget else int(budget)
+        model, _ = load_offloaded(path, cfg, quantization=quantization, budget=number)
     greedy(apply_decode_kernels(model), torch.zeros(1, 16, dtype=torch.long), n_new)
     peak = status("VmHWM:") - base
     print(json.dumps({"peak_above_imports": peak, "meta_kernels": base - before}))
@@ -370,11 +401,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         default=192,
         help="tokens per decode (compulsory misses weigh less the longer it is)",
     )
+    parser.add_argument(
+        "--experts",
+        choices=("float32", "int8", "int4", "mxfp4"),
+        default="float32",
+        help="the routed experts' stored format (quantized with moekit.quant before measuring)",
+    )
     parser.add_argument("--probe", nargs=3, metavar=("DIR", "BUDGET", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         return probe(args.probe[0], args.probe[1], int(args.probe[2]))
-    result = measure(args.quick, args.new_tokens)
+    result = measure(args.quick, args.new_tokens, args.experts)
     from moekit.fileio import atomic_write_json
 
     print(atomic_write_json(args.out, result))
