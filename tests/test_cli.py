@@ -1,16 +1,19 @@
 """The command line: `--a.b=value` overrides, `moekit params`, `train`, `generate`, `analyze`,
-`trace`, `cache-sim` and `convert`, each saving its resolved config where it writes."""
+`trace`, `cache-sim` and `convert`, each saving its resolved config where it writes; the docs'
+`moekit` commands parse."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import typing
 from pathlib import Path
 
 import pytest
 from tests.run_cases import JSON_PACKAGE
 
-from moekit.cli import main
+from moekit.cli import COMMANDS, NUL, OVERRIDE, build_parser, main
+from moekit.cli.common import resolve_config
 from moekit.config import (
     AnalyzeConfig,
     CacheSimConfig,
@@ -157,3 +160,38 @@ def test_command_configs_name_what_their_modules_take() -> None:
     hints = typing.get_type_hints(ConvertConfig)
     assert typing.get_args(typing.get_args(hints["dtype"])[0]) == WEIGHT_DTYPES
     assert typing.get_args(hints["layout"]) == LAYOUTS
+
+
+DOCS = ("README.md", "benchmarks/README.md")
+
+
+def doc_commands() -> list[tuple[str, list[str]]]:
+    """Every `moekit ...` line of the docs' bash blocks, as its arguments."""
+    root = Path(__file__).resolve().parent.parent
+    commands = []
+    for doc in DOCS:
+        in_bash = False
+        for line in (root / doc).read_text().splitlines():
+            if line.startswith("```"):
+                in_bash = line == "```bash"
+            elif in_bash and line.startswith("moekit "):
+                commands.append((doc, shlex.split(line, comments=True)[1:]))
+    return commands
+
+
+@pytest.mark.parametrize("doc, argv", doc_commands(), ids=lambda v: " ".join(v)[:60])
+def test_the_docs_commands_parse_and_their_settings_exist(doc: str, argv: list[str]) -> None:
+    """As `main` reads them: its arguments parse and each `--a.b=value` is a field of the config
+    it overrides, with a value that field takes (nothing is read or run)."""
+    argv = [a.replace(" ", NUL) if OVERRIDE.match(a) else a for a in argv]
+    args, extra = build_parser().parse_known_args(argv)
+    extra = [item.replace(NUL, " ") for item in extra]
+    cmd = COMMANDS[args.command]
+    assert cmd.overrides or not extra, (doc, argv)
+    if cmd.config is not None:
+        resolve_config(cmd.config, None, extra)
+    elif args.command in ("train", "demo"):
+        resolve_config(RunConfig, None, extra)
+    else:
+        for item in extra:
+            split_override(item)
