@@ -146,6 +146,7 @@ def test_offloaded_generate_command_prints_the_resident_text(runs, capsys) -> No
     assert main([*command, "--offload.budget=3", "--offload.prefetch=true"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(resident.rstrip("\n")) and "expert cache: 3 experts" in text
+    assert "MB read (mxfp4)" in text
 
 
 def test_expert_directory_of_a_quantized_model(runs, tmp_path) -> None:

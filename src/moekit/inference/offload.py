@@ -40,7 +40,9 @@ class ExpertOffload:
     hooks: list = field(default_factory=list)
     prefetching: bool = False
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
+        """The cache's statistics with its capacity, one expert's stored bytes and their format
+        ("float32", "int4", ...)."""
         d = self.cache.stats.as_dict()
         d.update(capacity=self.cache.capacity, expert_bytes=self.store.expert_bytes,
                  stored_as=self.store.stored_as)  # fmt: skip
@@ -172,12 +174,13 @@ def load_offloaded(
     return model.eval(), offloaded
 
 
-def format_stats(stats: dict[str, float]) -> str:
+def format_stats(stats: dict[str, float | str]) -> str:
     """One line of cache statistics for people."""
     return (
         f"expert cache: {stats['capacity']} experts, hit rate {stats['hit_rate']:.1%} "
         f"({stats['hits']} hits, {stats['misses']} misses), "
-        f"{stats['bytes_read'] / 1e6:,.1f} MB read, {stats['load_wait_s']:.2f} s waiting for loads"
+        f"{stats['bytes_read'] / 1e6:,.1f} MB read ({stats['stored_as']}), "
+        f"{stats['load_wait_s']:.2f} s waiting for loads"
         + (
             f", prefetch accuracy {stats['prefetch_accuracy']:.1%} of {stats['prefetched']}"
             if stats["prefetched"]
