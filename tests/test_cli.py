@@ -13,7 +13,7 @@ import pytest
 from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import COMMANDS, NUL, OVERRIDE, build_parser, main
-from moekit.cli.common import resolve_config
+from moekit.cli.common import flat_overrides, resolve_config
 from moekit.config import (
     AnalyzeConfig,
     CacheSimConfig,
@@ -160,6 +160,20 @@ def test_command_configs_name_what_their_modules_take() -> None:
     hints = typing.get_type_hints(ConvertConfig)
     assert typing.get_args(typing.get_args(hints["dtype"])[0]) == WEIGHT_DTYPES
     assert typing.get_args(hints["layout"]) == LAYOUTS
+
+
+def test_the_settings_help_lists_are_overrides_that_give_the_defaults(capsys) -> None:
+    """`moekit COMMAND -h` lists each setting as the override that sets its default."""
+    configs = [cmd.config() for cmd in COMMANDS.values() if cmd.config is not None]
+    assert {type(cfg) for cfg in configs} >= {TraceConfig, CacheSimConfig, ConvertConfig}
+    for cfg in configs:
+        assert resolve_config(type(cfg), None, flat_overrides(cfg.to_dict())) == cfg
+    small = RunConfig.preset("small")  # lists, empty lists and None among its fields
+    assert resolve_config(RunConfig, "tiny", flat_overrides(small.to_dict())) == small
+    with pytest.raises(SystemExit):
+        main(["cache-sim", "-h"])
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps it at the width
+    assert "defaults: --budget=100%,50%,25% --policy=lru,lfu,static" in printed
 
 
 DOCS = ("README.md", "benchmarks/README.md")

@@ -4,6 +4,7 @@ its printer and writer, the streaming sampler."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,18 @@ def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:
     """A config's dict as the `--a.b=value` overrides that set each field to its value."""
     return [item for key, value in data.items() for item in (
         flat_overrides(value, f"{prefix}{key}.") if isinstance(value, dict)
-        else [f"{prefix}{key}={value}"])]  # fmt: skip
+        else [f"{prefix}{key}={override_text(value)}"])]  # fmt: skip
+
+
+def override_text(value: Any) -> str:
+    """A field's value as an override writes it: a list as 1,2,3 (JSON when nested), () as none."""
+    if not isinstance(value, (tuple, list)):
+        return str(value)
+    if not value:
+        return "none"
+    if any(isinstance(item, (tuple, list, dict)) for item in value):
+        return json.dumps(value)
+    return ",".join(map(str, value))
 
 
 def number(kind: type, ok: Callable[[Any], bool], noun: str) -> Callable[[str], Any]:
