@@ -222,15 +222,22 @@ AVX2_INLINE void dense_block(const int RB, const int kind, const float *x, int64
     }
 }
 
-/* One group g of a 4-bit row into accumulator a of each of RB rows of x_perm; d and m are the
- * group's scale and offset as floats (int4: w = d q + m, with m = -8 d without a zero point;
- * mxfp4: d halved, m unused). */
-AVX2_INLINE void group_step(const int RB, const int kind, const float *xp, int64_t I, int64_t g,
-                            const uint8_t *bytes, const float *d, const float *m,
-                            __m256 acc[8][4], const int a) {
+#ifndef SCALE_AFTER_ROWS
+#define SCALE_AFTER_ROWS 2 /* int4 blocks of up to this many rows scale each group's dot */
+#endif
+
+/* One group g of a 4-bit row into the accumulators of each of RB rows of x_perm (a: which of
+ * the alternating pair); d and m are the group's scale and offset as floats (int4: w = d q + m,
+ * m = -8 d without a zero point; mxfp4: d halved, m unused); sx (RB, G, 8) holds each group's
+ * x_perm summed over its 4 vectors, lane by lane (the int4 scale-after form only). */
+AVX2_INLINE void group_step(const int RB, const int kind, const float *xp, const float *sx,
+                            int64_t I, int64_t g, const uint8_t *bytes, const float *d,
+                            const float *m, __m256 acc[8][4], const int a) {
     const float *xg = xp + g * GROUP;
     const uint8_t *b = bytes + g * (GROUP / 2);
     __m256 v[4]; /* weights 0, 2, .., 14 | 16, .., 30 | 1, .., 15 | 17, .., 31: x_perm's order */
+    const int scale_after = kind == MXFP4 || RB <= SCALE_AFTER_ROWS;
+    __m256 dv = _mm256_broadcast_ss(d + g);
     if (kind == MXFP4) {
         /* nibble -> twice its E2M1 value as int8 (pshufb), then widened and converted */
         const __m128i nibble = _mm_set1_epi8(15);
@@ -243,46 +250,56 @@ AVX2_INLINE void group_step(const int RB, const int kind, const float *xp, int64
         v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
         v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
         v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-        __m256 dv = _mm256_broadcast_ss(d + g);
+    } else {
+        /* int4: each byte zero-extended into a 32-bit lane, its nibbles split by a mask and a
+         * shift (no table: the nibble is q itself), converted */
+        const __m256i nibble = _mm256_set1_epi32(15);
+        __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+        __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)));
+        v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, nibble));
+        v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, nibble));
+        v[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+        v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+    }
+    if (scale_after) {
+        /* d * sum(x q) (+ m * sum(x)): 6 FMAs a group and row, for few rows */
+        __m256 mv = kind == MXFP4 ? dv : _mm256_broadcast_ss(m + g);
         _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
             const float *xr = xg + r * I;
             __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xr), v[0]);
             t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), v[1], t);
             t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), v[2], t);
             t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), v[3], t);
-            acc[r][a] = _mm256_fmadd_ps(t, dv, acc[r][a]);
+            acc[r][2 * a] = _mm256_fmadd_ps(t, dv, acc[r][2 * a]);
+            if (kind != MXFP4) {
+                __m256 sxr = _mm256_loadu_ps(sx + (r * (I / GROUP) + g) * 8);
+                acc[r][2 * a + 1] = _mm256_fmadd_ps(sxr, mv, acc[r][2 * a + 1]);
+            }
         }
         return;
     }
-    /* int4: each byte zero-extended into a 32-bit lane, its nibbles split by a mask and a shift
-     * (no table: the nibble is q itself), converted, and dequantized in full, w = fma(q, d, m):
-     * exactly the reference's float32 weight ((q - 8) d is exact in float32) */
-    const __m256i nibble = _mm256_set1_epi32(15);
-    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
-    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)));
-    __m256 dv = _mm256_broadcast_ss(d + g), mv = _mm256_broadcast_ss(m + g);
-    v[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, nibble)), dv, mv);
-    v[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, nibble)), dv, mv);
-    v[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), dv, mv);
-    v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), dv, mv);
-    const int NK = RB <= 2 ? 4 : RB <= 4 ? 2 : 1; /* accumulators a row: >= 4 FMA chains */
-    (void)a;
+    /* int4, more rows: dequantized in full, w = fma(q, d, m), exactly the reference's float32
+     * weight ((q - 8) d is exact in float32), shared by the RB rows: 4 + 4 RB FMAs a group */
+    __m256 mv = _mm256_broadcast_ss(m + g);
+    _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) v[k] = _mm256_fmadd_ps(v[k], dv, mv);
+    const int NK = RB <= 4 ? 2 : 1; /* accumulators a row: >= 4 FMA chains */
     _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
         _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) acc[r][k % NK] =
             _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * I + 8 * k), v[k], acc[r][k % NK]);
 }
 
-/* 4-bit: sums[r] = x[r, :] . row for RB rows of x_perm (x de-interleaved per group). MXFP4 sums
- * each group's dot apart and alternates NG accumulators a row between groups; int4 adds into NK
- * accumulators a row, one per quarter of a group: either way at least 4 independent FMA chains
- * (one chain through every group would be latency-bound: 4 cycles an FMA). The groups' scales (and offsets) are first
- * converted to float, SEGMENT groups at a time. */
+/* 4-bit: sums[r] = x[r, :] . row for RB rows of x_perm (x de-interleaved per group). Few rows
+ * (and MXFP4 always) sum each group's dot apart, scale it, and alternate between 2 pairs of
+ * accumulators a row from group to group; more rows add dequantized weights into NK
+ * accumulators a row. Either way >= 4 independent FMA chains (one chain through every group
+ * would be latency-bound: 4 cycles an FMA). The groups' scales (and offsets) are first converted
+ * to float, SEGMENT groups at a time. */
 #define SEGMENT 256
-AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, int64_t I,
-                             const uint8_t *bytes, const void *scales, const uint16_t *offsets,
-                             float *sums) {
-    const int NG = kind == MXFP4 && RB <= 4 ? 2 : 1;
-    const int NA = kind == MXFP4 ? NG : RB <= 2 ? 4 : RB <= 4 ? 2 : 1;
+AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, const float *sx,
+                             int64_t I, const uint8_t *bytes, const void *scales,
+                             const uint16_t *offsets, float *sums) {
+    const int scale_after = kind == MXFP4 || RB <= SCALE_AFTER_ROWS;
+    const int NG = scale_after && RB <= 4 ? 2 : 1;
     const int64_t G = I / GROUP;
     float d[SEGMENT], m[SEGMENT];
     __m256 acc[8][4];
@@ -297,9 +314,10 @@ AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, int6
             int64_t j = 0;
             for (; j + 8 <= n; j += 8) {
                 __m256 dj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j)));
-                __m256 mj = kind == INT4_ZP
-                                ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
-                                : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
+                __m256 mj =
+                    kind == INT4_ZP
+                        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
+                        : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
                 _mm256_storeu_ps(d + j, dj);
                 _mm256_storeu_ps(m + j, mj);
             }
@@ -309,20 +327,16 @@ AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, int6
             }
         }
         const uint8_t *bs = bytes + s * (GROUP / 2);
-        const float *xs = xp + s * GROUP;
+        const float *xs = xp + s * GROUP, *sxs = sx ? sx + s * 8 : NULL;
         int64_t g = 0;
         for (; g + NG <= n; g += NG)
             _Pragma("GCC unroll 8") for (int a = 0; a < NG; a++)
-                group_step(RB, kind, xs, I, g + a, bs, d, m, acc, a);
-        for (; g < n; g++) group_step(RB, kind, xs, I, g, bs, d, m, acc, 0);
+                group_step(RB, kind, xs, sxs, I, g + a, bs, d, m, acc, a);
+        for (; g < n; g++) group_step(RB, kind, xs, sxs, I, g, bs, d, m, acc, 0);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
-        __m256 total = acc[r][0];
-        if (NA == 4)
-            total = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
-                                  _mm256_add_ps(acc[r][2], acc[r][3]));
-        else if (NA == 2)
-            total = _mm256_add_ps(acc[r][0], acc[r][1]);
+        __m256 total = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
+                                     _mm256_add_ps(acc[r][2], acc[r][3]));
         sums[r] = hsum(total);
     }
 }
@@ -341,10 +355,12 @@ AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, int6
 
 /* The kind is a constant in each instantiation, so every block is specialised twice over. */
 #define DENSE(RB) dense_block(RB, KIND, x + r0 * I, I, row, sums + r0)
-#define GROUPS(RB) group_block(RB, KIND, xp + r0 * I, I, bytes, scales, offsets, sums + r0)
+#define GROUPS(RB)                                                                             \
+    group_block(RB, KIND, xp + r0 * I, sx ? sx + r0 * (I / GROUP) * 8 : NULL, I, bytes, scales,    \
+                offsets, sums + r0)
 
-static AVX2_TARGET void row_avx2(const weight_t *w, const float *x, const float *xp, int64_t R,
-                                 int64_t o, float *sums) {
+static AVX2_TARGET void row_avx2(const weight_t *w, const float *x, const float *xp,
+                                 const float *sx, int64_t R, int64_t o, float *sums) {
     const int64_t I = w->I, G = I / GROUP;
     for (int64_t r0 = 0; r0 < R; r0 += 8) {
         const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
@@ -388,9 +404,10 @@ static int avx2_supported(void) {
 }
 #else
 static int avx2_supported(void) { return 0; }
-static void row_avx2(const weight_t *w, const float *x, const float *xp, int64_t R, int64_t o,
-                     float *sums) {
+static void row_avx2(const weight_t *w, const float *x, const float *xp, const float *sx,
+                     int64_t R, int64_t o, float *sums) {
     (void)xp;
+    (void)sx;
     row_portable(w, x, R, o, sums);
 }
 #endif
@@ -422,22 +439,31 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
     const int path = active_path;
     const weight_t w = {kind, I, data, scales, offsets};
 
-    /* x_perm for the AVX2 4-bit body: per group of 32, elements 0, 2, ..., 30 then 1, 3, ..., 31 */
-    float *xp = NULL;
+    /* The AVX2 4-bit body's x_perm: per group of 32, elements 0, 2, ..., 30 then 1, 3, ..., 31;
+     * and sx, each group's 4 vectors of x_perm summed lane by lane (int4's m * sum(x) term) */
+    float *xp = NULL, *sx = NULL;
     if (path == PATH_AVX2 && grouped) {
         xp = malloc((size_t)(R * I) * sizeof(float));
-        if (xp == NULL) return -1;
-        for (int64_t i = 0; i < R * I; i += GROUP)
+        sx = malloc((size_t)(R * I / 4) * sizeof(float));
+        if (xp == NULL || sx == NULL) {
+            free(xp);
+            free(sx);
+            return -1;
+        }
+        for (int64_t i = 0; i < R * I; i += GROUP) {
             for (int j = 0; j < GROUP / 2; j++) {
                 xp[i + j] = x[i + 2 * j];
                 xp[i + GROUP / 2 + j] = x[i + 2 * j + 1];
             }
+            for (int j = 0; j < 8; j++)
+                sx[i / 4 + j] = (xp[i + j] + xp[i + 8 + j]) + (xp[i + 16 + j] + xp[i + 24 + j]);
+        }
     }
 #pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
     for (int64_t o = 0; o < O; o++) {
         float sums[MAX_ROWS];
         if (path == PATH_AVX2)
-            row_avx2(&w, x, xp, R, o, sums);
+            row_avx2(&w, x, xp, sx, R, o, sums);
         else
             row_portable(&w, x, R, o, sums);
         const float scale = kind == INT8 ? ((const float *)scales)[o] : 1.0f;
@@ -445,5 +471,6 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
         for (int64_t r = 0; r < R; r++) y[r * O + o] = (kind == INT8 ? sums[r] * scale : sums[r]) + b;
     }
     free(xp);
+    free(sx);
     return 0;
 }

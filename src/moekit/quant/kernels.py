@@ -73,10 +73,11 @@ def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> boo
     bias (O,) contiguous float32 or None, no gradient needed, the kernels built."""
     data_dtype, scales_dtype = _DTYPES.get(qw.scheme, (None, None))
     data, scales, offsets = qw.data, qw.scales, qw.offsets
-    O, I = qw.shape[-2:] if data.dim() == 2 else (0, 0)
+    if data.dim() != 2:
+        return False  # stacked experts: index them first (qw[e])
+    O, I = data.shape[0], data.shape[1] * (2 if qw.scheme in ("int4", "mxfp4") else 1)
     return (
         data_dtype is not None
-        and data.dim() == 2
         and O > 0
         and I > 0
         and not (
