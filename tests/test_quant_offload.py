@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tests.run_cases import JSON_PACKAGE
 from tests.test_offload import greedy
 from tests.test_quant import model_cfg
@@ -19,7 +20,7 @@ from moekit.cli import main
 from moekit.config import OffloadConfig
 from moekit.inference.offload import apply_expert_offload
 from moekit.inference.offloaded_experts import OffloadedExperts
-from moekit.inference.store import write_expert_files
+from moekit.inference.store import layer_file, write_expert_files
 from moekit.quant import QuantizedWeight
 from moekit.quant.modules import QuantizedLinear
 from moekit.train.sample import find_run
@@ -167,3 +168,10 @@ def test_expert_directory_of_a_quantized_model(runs, tmp_path) -> None:
     float_dir = write_expert_files(load(runs["float"]).model, tmp_path / "float_experts")
     with pytest.raises(ValueError, match="belong to another model"):
         apply_expert_offload(copy.deepcopy(resident), float_dir, budget=TOP_K)
+    # a quantized tensor of another dtype than its scheme's is refused, naming both
+    path = layer_file(expert_dir, 1)
+    tensors = load_file(path)
+    tensors["3.w_out_scales"] = tensors["3.w_out_scales"].float()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"'3.w_out_scales' should be torch.float16.*found F32"):
+        apply_expert_offload(copy.deepcopy(resident), expert_dir, budget=TOP_K)
