@@ -175,7 +175,7 @@ def write_ggufs(model, folder: Path, converter: Path, *, threads: int = 2) -> di
     for fmt in QUANTIZED:
         out = folder / f"model-{fmt}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
-        params.nthread, params.ftype = threads, ftypes[fmt]
+        _set(params, nthread=threads, ftype=ftypes[fmt])
         rc = llama_cpp.llama_model_quantize(
             str(files["f32"]).encode(), str(out).encode(), ctypes.byref(params)
         )
@@ -303,6 +303,16 @@ def llamacpp_info() -> dict:
     }
 
 
+def _set(struct, **fields) -> None:
+    """Set fields of a ctypes structure, refusing names it lacks (ctypes would silently add a
+    Python attribute: llama.cpp's structs change between versions)."""
+    known = {name for name, *_ in type(struct)._fields_}
+    for name, value in fields.items():
+        if name not in known:
+            raise AttributeError(f"{type(struct).__name__} has no field {name!r}")
+        setattr(struct, name, value)
+
+
 class LlamaCppDecoder:
     """One GGUF model, read into memory (no mmap; its buffers then backed by 2 MiB pages, as
     decode.py does for every model), one context per batch size (flash attention off, float32
@@ -321,7 +331,7 @@ class LlamaCppDecoder:
             _backend_ready = True
         self.L, self.threads, self.max_len = L, threads, max_len
         params = L.llama_model_default_params()
-        params.use_mmap = mmap
+        _set(params, load_mode=L.LLAMA_LOAD_MODE_MMAP if mmap else L.LLAMA_LOAD_MODE_NONE)
         before = anonymous_mappings()
         self.model = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
@@ -336,14 +346,20 @@ class LlamaCppDecoder:
         if batch not in self.contexts:
             L = self.L
             p = L.llama_context_default_params()
-            p.n_ctx = self.max_len * batch
-            p.n_batch = p.n_ubatch = PROMPT_ROWS * batch  # a prefill of <= 64 tokens a row
-            p.n_seq_max = batch
-            p.n_threads = p.n_threads_batch = self.threads
-            p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            p.type_k = p.type_v = L.GGML_TYPE_F32
-            p.kv_unified = False  # each sequence its own cache stream (distinct sequences)
-            p.no_perf = True
+            _set(
+                p,
+                n_ctx=self.max_len * batch,
+                n_batch=PROMPT_ROWS * batch,  # a prefill of <= 64 tokens a row
+                n_ubatch=PROMPT_ROWS * batch,
+                n_seq_max=batch,
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                flash_attn_type=L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                type_k=L.GGML_TYPE_F32,
+                type_v=L.GGML_TYPE_F32,
+                kv_unified=False,  # each sequence its own cache stream (distinct sequences)
+                no_perf=True,
+            )
             ctx = L.llama_init_from_model(self.model, p)
             if not ctx:
                 raise RuntimeError(f"llama.cpp could not make a context for batch {batch}")
