@@ -115,11 +115,21 @@ def selected_experts_forward(
     expert), accumulated in float32. x_TD (T, D), ids_TK and weights_TK (T, K) -> (T, D).
     """
     T = x_TD.shape[0]
+    acc = torch.promote_types(x_TD.dtype, weights_TK.dtype)
+    if T == 1:
+        # One token (batch-1 decoding): every chosen expert runs on the only row, so there is
+        # nothing to gather, scatter or index; the same products summed in the same order
+        # (increasing expert, from zero) as below. Tested against it (test_decode_fast_paths).
+        ids_K = ids_TK[0].tolist()  # the one host sync
+        order = sorted(range(len(ids_K)), key=ids_K.__getitem__)
+        y_TD = expert(ids_K[order[0]], x_TD) * weights_TK[:, order[0], None]  # = 0 + it
+        for k in order[1:]:
+            y_TD += expert(ids_K[k], x_TD) * weights_TK[:, k, None]
+        return y_TD.to(x_TD.dtype)
     rows: dict[int, list[int]] = {}
     for t, row in enumerate(ids_TK.tolist()):  # the one host sync: which experts run
         for e in row:
             rows.setdefault(e, []).append(t)
-    acc = torch.promote_types(x_TD.dtype, weights_TK.dtype)
     w_TE = weights_TK.new_zeros(T, max(rows) + 1).scatter_(1, ids_TK, weights_TK)
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
     for e in sorted(rows):

@@ -4,6 +4,7 @@ by the explicit softmax that takes the sink logits into its denominator."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,9 @@ class Attention(nn.Module):
             per_head = cfg.qk_norm == "head"
             self.q_norm = nn.RMSNorm(self.head_dim if per_head else q_width, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=cfg.norm_eps)
+        # Rope, cache write and attention; moekit.inference.decode_glue swaps in a one-call C
+        # version for decode steps (`cached_attention` stays its reference).
+        self.cached_attention: Callable[..., Tensor] = cached_attention
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
@@ -102,21 +106,7 @@ class Attention(nn.Module):
         attend over everything cached so far (as `mask` allows).
         """
         q_BHSd, k_BKSd, v_BKSd = self._project(x_BSD)
-        q_BHSd = apply_rope(q_BHSd, *rope)
-        k_BKSd = apply_rope(k_BKSd, *rope)
-        if cache is not None:
-            k_BKSd, v_BKSd = cache.update(k_BKSd, v_BKSd)
-        if self.sinks is not None:
-            y_BHSd = sink_attention(q_BHSd, k_BKSd, v_BKSd, mask, self.sinks)
-        else:
-            y_BHSd = F.scaled_dot_product_attention(
-                q_BHSd,
-                k_BKSd,
-                v_BKSd,
-                attn_mask=mask.mask_SL,
-                is_causal=mask.is_causal,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
+        y_BHSd = self.cached_attention(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, self.sinks)
         B, S, _ = x_BSD.shape
         return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, -1))
 
@@ -135,6 +125,35 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
+
+
+def cached_attention(
+    q_BHSd: Tensor,
+    k_BKSd: Tensor,
+    v_BKSd: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache | None,
+    sinks_H: Tensor | None = None,
+) -> Tensor:
+    """The attention of S new positions, projected: q (B, H, S, hd), k and v (B, KV, S, hd) before
+    the rotary embedding, rope = (cos_SH, sin_SH) -> (B, H, S, hd). Rotates q and k, appends k and
+    v to the cache (when given) and attends over everything cached so far (as `mask` allows),
+    with the sink logits sinks_H (H,) when given."""
+    q_BHSd = apply_rope(q_BHSd, *rope)
+    k_BKSd = apply_rope(k_BKSd, *rope)
+    if cache is not None:
+        k_BKSd, v_BKSd = cache.update(k_BKSd, v_BKSd)
+    if sinks_H is not None:
+        return sink_attention(q_BHSd, k_BKSd, v_BKSd, mask, sinks_H)
+    return F.scaled_dot_product_attention(
+        q_BHSd,
+        k_BKSd,
+        v_BKSd,
+        attn_mask=mask.mask_SL,
+        is_causal=mask.is_causal,
+        enable_gqa=k_BKSd.shape[1] != q_BHSd.shape[1],
+    )
 
 
 def sink_attention(
