@@ -24,14 +24,20 @@ Each contender's weight is timed twice: `single`, one copy called again and agai
 cache where it fits: L2 1 MiB, L3 32 MiB here), and `dram`, a pool of distinct copies of at least
 POOL_BYTES (4x L3) called round-robin, so each call's weight was last touched POOL_BYTES of other
 weights ago and comes from DRAM, as in decode. GB/s = the stored bytes of one weight (data,
-scales, offsets) / the time of one call; the stream bound is a 2 GiB float32 `sum` (median of 5).
+scales, offsets) / the time of one call; the stream bound is a 2 GiB float32 `sum` (median of 5),
+measured before each shape and after the last: the median of those is the bound (`stream_gb_s`;
+each in `stream_gb_s_each`: on a shared machine it drifts by 20-30%).
 Each figure is the median of REPEATS passes; contenders alternate within each pass.
 
     python benchmarks/quant_kernels.py            # ~3 minutes
     python benchmarks/quant_kernels.py --quick    # two small shapes, for the tests
 
 Prints JSON; writes benchmarks/results/quant_kernels.json (or --out). Run it under the machine's
-CPU lock, with nothing else heavy running (the JSON records the load average at the start).
+CPU lock, with nothing else heavy running (the JSON records the load average at the start). The
+committed figures ran with OMP_WAIT_POLICY=PASSIVE (this machine's rule for shared CPUs): idle
+OpenMP threads sleep, so every call that forks (moekit's and torch's alike) pays a wake-up, ~15 us
+measured (a 64x1024 int8 product: 30 us passive, 15 us default); and each moekit call pays ~12 us
+in Python (checks, ctypes): the small experts' figures are far from their weights' bound for that.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 import warnings
@@ -184,15 +191,20 @@ def _short(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
 
 
-def measure(shapes: dict, rows: tuple[int, ...], pool_bytes: int, repeats: int) -> list[dict]:
+def measure(
+    shapes: dict, rows: tuple[int, ...], pool_bytes: int, repeats: int, stream_bytes: int
+) -> tuple[list[dict], list[float]]:
+    """Every contender on every shape and row count; and the stream bandwidth measured before
+    each shape and after the last (it drifts on a shared machine: the median is the bound)."""
     try:
         import torchao  # noqa: F401
 
         have_torchao = True
     except ImportError:
         have_torchao = False
-    results = []
+    results, streams = [], []
     for shape_name, (O, I) in shapes.items():
+        streams.append(stream_bandwidth(stream_bytes))
         g = torch.Generator().manual_seed(O * 7 + I)
         w = torch.randn(O, I, generator=g) / I**0.5
         entries = contenders(w, have_torchao)
@@ -233,7 +245,8 @@ def measure(shapes: dict, rows: tuple[int, ...], pool_bytes: int, repeats: int) 
                 results.append(row)
                 print(json.dumps(row), flush=True)
             del timed
-    return results
+    streams.append(stream_bandwidth(stream_bytes))
+    return results, streams
 
 
 def _time_calls(call, x: torch.Tensor, pool: list) -> float:
@@ -284,20 +297,24 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="torchao")
     torch.set_num_threads(args.threads)
     info = machine_info()
-    stream = stream_bandwidth(2**28 if args.quick else 2**31, 3 if args.quick else 5)
-    results = measure(
+    results, streams = measure(
         QUICK_SHAPES if args.quick else SHAPES,
         ROWS,
         8 * 2**20 if args.quick else POOL_BYTES,
         2 if args.quick else REPEATS,
+        2**28 if args.quick else 2**31,
     )
+    stream = statistics.median(streams)
+    for row in results:
+        row["fraction_of_stream_dram"] = round(row["gb_s_dram"] * 1e9 / stream, 3)
     report = {
         "benchmark": "quant_kernels",
         "machine": info,
         "kernel_body": kernels.path(),
         "threads": args.threads,
         "stream_gb_s": round(stream / 1e9, 2),
-        "stream_gb_s_end": round(stream_bandwidth(2**28 if args.quick else 2**31, 3) / 1e9, 2),
+        "stream_gb_s_each": [round(s / 1e9, 2) for s in streams],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "pool_bytes": 8 * 2**20 if args.quick else POOL_BYTES,
         "method": (
             "us per call from Python, median of passes; single = one weight called repeatedly "

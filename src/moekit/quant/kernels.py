@@ -8,16 +8,32 @@ of 32 with or without a zero point, MXFP4. Each weight row is read once, dequant
 and multiplied by every row of x (float32, up to MAX_ROWS), accumulating in float32; the output
 rows are split over torch's own OpenMP threads; sums run in an order that does not depend on the
 thread count. An AVX2+FMA+F16C body is chosen at run time where the CPU has it, else a portable C
-one; MOEKIT_PORTABLE=1 (or `set_path("portable")`) forces the portable one. AVX-512 (VNNI,
+one; MOEKIT_PORTABLE=1 (or `use_path("portable")`) forces the portable one. AVX-512 (VNNI,
 AVX512-BF16) is the next step, not written: this project's machine (AMD EPYC Zen 3) has none to
-run it on. Registered as torch ops (`moekit::quant_linear_<scheme>`, with fake implementations
-for torch.compile), called directly in eager decoding (`moekit.cbuild.call`).
+run it on. Registered as the torch op `moekit::quant_linear` (with a fake implementation for
+torch.compile), called directly in eager decoding (`moekit.cbuild.call`).
 
-Against torch's built-ins on the decode shapes (benchmarks/quant_kernels.py, results in
-benchmarks/results/quant_kernels.json), these kernels are kept for every scheme: torch has no
-bf16-weight/float32-x product (F.linear needs both in one dtype), `torch._weight_int8pack_mm`
-and `torch._weight_int4pack_mm_for_cpu` were slower at 1 and 8 rows (see the JSON), int4 with a
-zero point in our layout would need repacking to torch's, and torch has no MXFP4 product.
+Ours or a library's, per scheme (benchmarks/quant_kernels.py, figures in
+benchmarks/results/quant_kernels.json; 2 threads, weights from DRAM, float32 x): ours, for all
+four. torch has no bf16-weight product with float32 x (F.linear wants one dtype; with x in bf16
+it was 1.1-1.5x slower at one row and 4-7x at eight). `torch._weight_int8pack_mm` with float32 x
+was 6-10x slower; with bf16 x (x rounded to bf16) 1.4-1.9x slower at one row, 1.1-2.3x at eight.
+`torch._weight_int4pack_mm_for_cpu` with float32 x was 12-20x slower; with bf16 x 1.2-1.7x slower
+at one row and 1.0-1.2x at eight, and it needs the weight repacked to its own tiles and its
+scales and zeros in x's dtype (6 bits a weight with float32 ones). torchao 0.18 (installed to
+measure it; not a dependency) has no int4 kernel for this CPU (its CPU int4 layouts need mslk or
+are gone), and its int8 and intx weight-only tensors dequantize the whole weight every call
+(3-100x slower). torch has no MXFP4 product.
+
+Where the time goes (gcc 12 -O3, instructions counted in its loops): bf16 and int8 at one row
+stream their weights (a 2 KiB software prefetch ahead: without it int8 from DRAM was ~15%
+slower); 4-bit is compute-bound on AVX2: 22 instructions a group of 32 weights at one row (0.69
+a weight; int4: two zero-extending loads, mask and shift, four conversions, 4+1+1 FMAs: the
+group's dot, its scale, its offset times x's sum, plus the broadcasts and loop), ~10 Gw/s a core
+at 2.45 GHz (IPC ~2.8), about a third of the stream bound at 4.5 bits a weight; MXFP4's table
+lookups (pshufb, then widening: 25 instructions a group, more of them on the shuffle ports) run
+~30% slower than int4. At eight rows all schemes are FMA-bound (one FMA per
+8 multiply-adds, 2 a cycle).
 """
 
 from __future__ import annotations
