@@ -71,6 +71,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.config import QuantizeConfig
 from moekit.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
@@ -661,11 +662,24 @@ def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, model ready to decode) of moekit's side; each shares nothing it changes with
     `model`. Names of MATCHED pair with llama.cpp's format of the same precision."""
     from moekit.inference import decode_kernels
+    from moekit.quant.modules import quantize_model
 
     shared = {id(p): p for p in model.parameters()}
-    return [
-        ("moekit_fp32", decode_kernels.apply_decode_kernels(copy.deepcopy(model, shared))),
-    ]
+    out = [("moekit_fp32", decode_kernels.apply_decode_kernels(copy.deepcopy(model, shared)))]
+    for name, config in MOEKIT_QUANTIZED.items():
+        quantized = quantize_model(copy.deepcopy(model), config)
+        out.append((name, decode_kernels.apply_decode_kernels(quantized)))
+    return out
+
+
+# moekit's weights per matched format: every projection in the scheme (routers, norms and the
+# embedding stay float32); with int4, the head int8, as llama.cpp's q4_0 keeps its output at
+# Q6_K (and attn_k/attn_v at Q8_0; moekit's are int4).
+MOEKIT_QUANTIZED = {
+    "moekit_bf16": QuantizeConfig(weights="bf16"),
+    "moekit_int8": QuantizeConfig(weights="int8"),
+    "moekit_int4": QuantizeConfig(weights="int4", head="int8"),
+}
 
 
 def busiest_processes(n: int = 8) -> list[str]:
