@@ -285,3 +285,42 @@ def test_the_kernel_refuses_what_it_cannot_run() -> None:
     qw = _weight("int8", False, 4, 8, seed=14)
     with pytest.raises(ValueError, match="at most 16 rows"):
         kernels._linear_cpu(torch.randn(MAX_ROWS + 1, 8), "int8", qw.data, qw.scales, None, None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scheme_in", "scheme_out"), [("int4", "mxfp4"), ("bf16", "int8")])
+def test_swiglu_expert_matches_torch(scheme_in: str, scheme_out: str, path: str) -> None:
+    """The fused expert (one call, two products and the activation) against linear, silu and
+    linear; the weights may be stored in different schemes."""
+    g = torch.Generator().manual_seed(15)
+    D, F_ = 64, 96
+    w_in = quantize(torch.randn(2 * F_, D, generator=g) / D**0.5, scheme_in, zero_point=True)
+    w_out = quantize(torch.randn(D, F_, generator=g) / F_**0.5, scheme_out)
+    with _path(path):
+        for rows in (1, 5, MAX_ROWS):
+            x = torch.randn(rows, D, generator=g)
+            assert kernels.expert_qualifies(x, w_in, w_out)
+            gate, up = F.linear(x, w_in.dequantize()).chunk(2, dim=-1)
+            reference = F.linear(F.silu(gate) * up, w_out.dequantize())
+            torch.testing.assert_close(
+                kernels.swiglu_expert(x, w_in, w_out), reference, rtol=1e-5, atol=1e-5
+            )
+
+
+def test_swiglu_expert_falls_back_and_is_a_torch_op() -> None:
+    g = torch.Generator().manual_seed(16)
+    w_in = quantize(torch.randn(64, 32, generator=g), "int4")
+    w_out = quantize(torch.randn(32, 32, generator=g), "int8")
+    x = torch.randn(2, 32, generator=g)
+    many = torch.randn(MAX_ROWS + 1, 32, generator=g)
+    assert not kernels.expert_qualifies(many, w_in, w_out)
+    assert not kernels.expert_qualifies(x, w_in, w_in)  # w_out of the wrong shape
+    gate, up = F.linear(many, w_in.dequantize()).chunk(2, dim=-1)
+    expected = F.linear(F.silu(gate) * up, w_out.dequantize())
+    assert torch.equal(kernels.swiglu_expert(many, w_in, w_out), expected)
+    op = torch.ops.moekit.quant_swiglu_expert.default
+    args = (x, "int4", w_in.data, w_in.scales, None, "int8", w_out.data, w_out.scales, None)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    with torch.profiler.profile() as prof:
+        kernels.swiglu_expert(x, w_in, w_out)
+    assert "moekit::quant_swiglu_expert" in {event.name for event in prof.events()}

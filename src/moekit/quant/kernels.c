@@ -43,6 +43,7 @@
  * Next step, not written here (this machine has no AVX-512 to run it on): AVX-512 (16 lanes,
  * vpermb/vpermi2b tables for 4-bit, VNNI/AVX512-BF16 dot products where x may be quantized).
  *
+ * moekit_q_swiglu_expert runs a SwiGLU expert's two products and its activation in one call.
  * Built and loaded by moekit/quant/kernels.py (through moekit/cbuild.py); tests/
  * test_quant_kernels.py holds both bodies to F.linear over the dequantized weight.
  */
@@ -510,4 +511,22 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
     free(xp);
     free(sx);
     return 0;
+}
+
+/* One SwiGLU expert over quantized weights, in one call: h (R, 2F) = x (R, D) @ W_in^T with W_in
+ * (2F, D) = [W_gate; W_up], then silu(gate) * up compacted in place into h's first R * F floats
+ * (row r's result lands below row r's own inputs, on rows already consumed), then y (R, D) =
+ * that @ W_out^T with W_out (D, F). silu(g) = g / (1 + exp(-g)), as torch computes it. h is
+ * scratch of R * 2F floats. Returns 0, or -1 as moekit_q_linear (nothing meaningful in y). */
+int moekit_q_swiglu_expert(int kind_in, const float *x, int64_t R, int64_t D, const void *data_in,
+                           const void *scales_in, const uint16_t *offsets_in, int64_t F,
+                           int kind_out, const void *data_out, const void *scales_out,
+                           const uint16_t *offsets_out, float *h, float *y) {
+    if (moekit_q_linear(kind_in, x, R, D, data_in, scales_in, offsets_in, 2 * F, NULL, h)) return -1;
+    for (int64_t r = 0; r < R; r++) {
+        const float *gate = h + r * 2 * F, *up = gate + F;
+        float *act = h + r * F;
+        for (int64_t f = 0; f < F; f++) act[f] = gate[f] / (1.0f + expf(-gate[f])) * up[f];
+    }
+    return moekit_q_linear(kind_out, h, R, F, data_out, scales_out, offsets_out, D, NULL, y);
 }
