@@ -14,7 +14,7 @@ run it on.
 
 `swiglu_expert(x, w_in, w_out)` runs a whole SwiGLU expert (both products and the activation) in
 one call: 10-18% faster than two `linear` calls and torch's silu at one row (27-50 us an
-expert saved, measured on the 213M model's and Qwen3-30B-A3B's expert shapes), 1-12% at eight.
+expert saved, measured on the 213M model's and Qwen3-30B-A3B's expert shapes), -4% to +12% at eight.
 Registered as the torch ops `moekit::quant_linear` and `moekit::quant_swiglu_expert` (with fake
 implementations for torch.compile), called directly in eager decoding (`moekit.cbuild.call`).
 
