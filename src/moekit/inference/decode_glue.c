@@ -39,21 +39,22 @@ static void rope(const float *x, const float *cos_h, const float *sin_h, int64_t
 }
 
 /* One new position for B sequences. q (B, H, hd), k and v (B, KV, hd) as projected (q/k norms
- * applied, rope not), cos and sin (hd / 2) the position's angles, k_cache and v_cache
+ * applied, rope not), sequence b's at q + b * q_stride and k, v + b * kv_stride (one fused qkv
+ * row holds all three), cos and sin (hd / 2) the position's angles, k_cache and v_cache
  * (B, KV, max_len, hd) contiguous with `pos` positions filled. Writes the rotated k and v at
  * position pos, then out (B, H, hd) = softmax(q_rot . K[:pos+1] * scale) @ V[:pos+1], query head
  * h reading key/value head h / (H / KV). Heads run in parallel (torch's OpenMP pool) when the
  * cache is long enough to pay for the fork. */
-void moekit_attend_one_f32(const float *q, const float *k, const float *v, const float *cos_h,
-                           const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
-                           int64_t max_len, int64_t B, int64_t H, int64_t KV, int64_t hd,
-                           float scale, float *out) {
+void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64_t q_stride,
+                           int64_t kv_stride, const float *cos_h, const float *sin_h,
+                           float *k_cache, float *v_cache, int64_t pos, int64_t max_len,
+                           int64_t B, int64_t H, int64_t KV, int64_t hd, float scale, float *out) {
     int64_t half = hd / 2, group = H / KV, L = pos + 1;
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < KV; g++) {
             int64_t at = ((b * KV + g) * max_len + pos) * hd;
-            rope(k + (b * KV + g) * hd, cos_h, sin_h, half, k_cache + at);
-            for (int64_t i = 0; i < hd; i++) v_cache[at + i] = v[(b * KV + g) * hd + i];
+            rope(k + b * kv_stride + g * hd, cos_h, sin_h, half, k_cache + at);
+            for (int64_t i = 0; i < hd; i++) v_cache[at + i] = v[b * kv_stride + g * hd + i];
         }
     int64_t n = B * H;
 #pragma omp parallel for schedule(static) if (n > 1 && L * hd * H >= 262144)
@@ -62,7 +63,7 @@ void moekit_attend_one_f32(const float *q, const float *k, const float *v, const
         const float *kc = k_cache + (b * KV + h / group) * max_len * hd;
         const float *vc = v_cache + (b * KV + h / group) * max_len * hd;
         float qr[hd > 0 ? hd : 1];
-        rope(q + bh * hd, cos_h, sin_h, half, qr);
+        rope(q + b * q_stride + h * hd, cos_h, sin_h, half, qr);
         float *scores = malloc((size_t)L * sizeof(float));
         float top = -INFINITY;
         for (int64_t j = 0; j < L; j++) {

@@ -25,9 +25,12 @@ import functools
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit import cbuild
+from moekit.inference.decode_kernels import KernelLinear
+from moekit.inference.decode_kernels import linear as kernel_linear
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.transformer import MoETransformer
 
@@ -98,13 +101,36 @@ def glue_cached_attention(
         return cached_attention(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H)
     assert cache is not None
     B, H, _, hd = q_BHSd.shape
+    KV = cache.k_BKLd.shape[1]
+    y_BHSd = torch.empty_like(q_BHSd)
+    q, k, v = q_BHSd.data_ptr(), k_BKSd.data_ptr(), v_BKSd.data_ptr()
+    _attend(q, k, v, H * hd, KV * hd, rope, cache, B, H, hd, y_BHSd)
+    return y_BHSd
+
+
+def _attend(
+    q: int,
+    k: int,
+    v: int,
+    q_stride: int,
+    kv_stride: int,
+    rope: tuple[Tensor, Tensor],
+    cache: LayerKVCache,
+    B: int,
+    H: int,
+    hd: int,
+    out: Tensor,
+) -> None:
+    """The C attention step (qualification checked by the caller): q, k, v addresses, sequence b's
+    q at q + 4 * b * q_stride (k, v likewise with kv_stride); appends to `cache`; writes out."""
     KV, max_len = cache.k_BKLd.shape[1], cache.k_BKLd.shape[2]
     cos, sin = rope
-    y_BHSd = torch.empty_like(q_BHSd)
     _library().moekit_attend_one_f32(
-        q_BHSd.data_ptr(),
-        k_BKSd.data_ptr(),
-        v_BKSd.data_ptr(),
+        q,
+        k,
+        v,
+        q_stride,
+        kv_stride,
         cos.data_ptr(),
         sin.data_ptr(),
         cache.k_BKLd.data_ptr(),
@@ -116,10 +142,9 @@ def glue_cached_attention(
         KV,
         hd,
         hd**-0.5,
-        y_BHSd.data_ptr(),
+        out.data_ptr(),
     )
     cache.length += 1
-    return y_BHSd
 
 
 def _attention_qualifies(
@@ -133,17 +158,102 @@ def _attention_qualifies(
 ) -> bool:
     if cache is None or sinks is not None or mask.mask_SL is not None or q.shape[2] != 1:
         return False
-    cos, sin = rope
-    ck, cv = cache.k_BKLd, cache.v_BKLd
     B, H, _, hd = q.shape
+    KV = k.shape[1]
     return (
         _eager_no_grad(q, k, v)
-        and all(_plain(t) for t in (q, k, v, cos, sin, ck, cv))
-        and k.shape == v.shape == (B, ck.shape[1], 1, hd)
+        and all(_plain(t) for t in (q, k, v))
+        and k.shape == v.shape == (B, KV, 1, hd)
+        and H % KV == 0
+        and _cache_qualifies(cache, B, KV, hd, rope)
+    )
+
+
+def _linear_of(module: nn.Module):
+    """The product a plain projection module runs (KernelLinear: the decode kernel), or None for
+    any other module (a quantized one, say): its own forward then runs."""
+    if type(module) is KernelLinear:
+        return kernel_linear
+    if type(module) is nn.Linear:
+        return F.linear
+    return None
+
+
+def fuse_qkv(attn: Attention) -> bool:
+    """Stack q_proj, k_proj and v_proj's weights (and biases) into one (q+k+v, D) tensor whose
+    rows the three parameters become views of (nothing is duplicated; in-place updates of either
+    show in both), for `glue_attention_forward`'s one product. Only for three plain projections
+    of one kind; returns whether it fused."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    kinds = {_linear_of(p) for p in projs}
+    biased = {p.bias is not None for p in projs}
+    if len(kinds) != 1 or None in kinds or len(biased) != 1:
+        return False
+    with torch.no_grad():
+        for name in ("weight", "bias") if biased == {True} else ("weight",):
+            params = [getattr(p, name) for p in projs]
+            fused = torch.cat([t.detach() for t in params])
+            for t, view in zip(params, fused.split([t.shape[0] for t in params]), strict=True):
+                t.data = view
+            setattr(attn, f"_glue_qkv_{name}", fused)
+    return True
+
+
+def _unfuse_qkv(attn: Attention) -> None:
+    """Undo `fuse_qkv`: each projection's parameters get storage of their own again."""
+    for name in ("weight", "bias"):
+        if attn.__dict__.pop(f"_glue_qkv_{name}", None) is not None:
+            for p in (attn.q_proj, attn.k_proj, attn.v_proj):
+                getattr(p, name).data = getattr(p, name).data.clone()
+
+
+def glue_attention_forward(
+    attn: Attention,
+    x_BSD: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache | None = None,
+) -> Tensor:
+    """`Attention.forward` for one decode position in three calls (the fused q/k/v product, the C
+    attention step, o_proj) where it qualifies (fused projections, no q/k norms or clipping, the
+    C attention's conditions); `Attention.forward` itself otherwise."""
+    w = attn.__dict__.get("_glue_qkv_weight")
+    B, S, D = x_BSD.shape
+    if (
+        w is None
+        or S != 1
+        or attn.qk_norm is not None
+        or attn.clip_qkv is not None
+        or attn.sinks is not None
+        or cache is None
+        or mask.mask_SL is not None
+        or not _eager_no_grad(x_BSD, w, attn.o_proj.weight)
+        or not _plain(x_BSD)
+        or not _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
+    ):
+        return Attention.forward(attn, x_BSD, rope, mask, cache)
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv_BO = _linear_of(attn.q_proj)(x_BSD.view(B, D), w, attn.__dict__.get("_glue_qkv_bias"))
+    y_BHd = qkv_BO.new_empty(B, H * hd)
+    q, row = qkv_BO.data_ptr(), qkv_BO.shape[1]
+    k = q + 4 * H * hd
+    _attend(q, k, k + 4 * KV * hd, row, row, rope, cache, B, H, hd, y_BHd)
+    o_linear = _linear_of(attn.o_proj)
+    if o_linear is None:
+        return attn.o_proj(y_BHd.view(B, 1, H * hd))
+    return o_linear(y_BHd, attn.o_proj.weight, attn.o_proj.bias).view(B, 1, D)
+
+
+def _cache_qualifies(
+    cache: LayerKVCache, B: int, KV: int, hd: int, rope: tuple[Tensor, Tensor]
+) -> bool:
+    ck, cv = cache.k_BKLd, cache.v_BKLd
+    cos, sin = rope
+    return (
+        all(_plain(t) for t in (cos, sin, ck, cv))
         and ck.shape == cv.shape
-        and ck.shape[0] == B
+        and ck.shape[:2] == (B, KV)
         and ck.shape[3] == hd
-        and H % ck.shape[1] == 0
         and hd % 2 == 0
         and cos.shape == sin.shape == (1, hd // 2)
         and cache.length < ck.shape[2]  # room left (the reference raises the overflow)
@@ -160,6 +270,9 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
             model.set_submodule(name, GlueRMSNorm.sharing(module))
         elif isinstance(module, Attention):
             module.cached_attention = glue_cached_attention
+            if fuse_qkv(module):
+                module.forward = functools.partial(glue_attention_forward, module)
+    model.rope_memo = {}
     return model
 
 
@@ -172,6 +285,9 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             model.set_submodule(name, plain.train(module.training))
         elif isinstance(module, Attention):
             module.cached_attention = cached_attention
+            module.__dict__.pop("forward", None)
+            _unfuse_qkv(module)
+    model.rope_memo = None
     return model
 
 
@@ -183,7 +299,7 @@ def _library() -> ctypes.CDLL | None:
         {
             "moekit_rmsnorm_f32": ([ptr, i64, i64, ptr, ctypes.c_double, ptr], None),
             "moekit_attend_one_f32": (
-                [*[ptr] * 7, *[i64] * 6, ctypes.c_float, ptr],
+                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr],
                 None,
             ),
         },

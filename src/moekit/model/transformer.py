@@ -79,6 +79,9 @@ class MoETransformer(nn.Module):
         # The tied head's product; moekit.inference.decode_kernels swaps in its own for generation.
         self.tied_head_linear: Callable[[Tensor, Tensor], Tensor] = F.linear
         self.mtp = MultiTokenPrediction(cfg)
+        # Single positions' rotary angles by (position, device), when set to a dict (generation
+        # sets one: moekit.inference.decode_glue); None computes them on every call.
+        self.rope_memo: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -196,9 +199,15 @@ class MoETransformer(nn.Module):
 
     def _rope(self, start: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """The rotary angles of positions start .. start + S - 1."""
+        memo = self.rope_memo if S == 1 else None
+        if memo is not None and (start, device) in memo:  # the angles computed below, kept
+            return memo[start, device]
         positions_S = torch.arange(start, start + S, device=device)
         cfg = self.cfg
-        return rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        angles = rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        if memo is not None:
+            memo[start, device] = angles
+        return angles
 
     @property
     def _mtp_window(self) -> int | None:

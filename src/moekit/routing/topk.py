@@ -49,9 +49,10 @@ def topk_route(logits_TE: Tensor, expert_bias_E: Tensor, cfg: MoEConfig) -> Rout
     selection_TE = group_limit(scores_TE.detach() + expert_bias_E, cfg.n_groups, cfg.topk_groups)
     ids_TK = selection_TE.topk(cfg.top_k, dim=-1).indices
     selected_TK = scores_TE.gather(1, ids_TK)
-    scale_T = torch.full_like(selected_TK[:, 0], cfg.routed_scaling)
-    if cfg.normalize:
-        scale_T = cfg.routed_scaling / (selected_TK.sum(-1) + NORMALIZER_EPS)
+    if cfg.normalize:  # reciprocal() * scaling is what `scaling / tensor` runs, minus a wrapper
+        scale_T = (selected_TK.sum(-1) + NORMALIZER_EPS).reciprocal() * cfg.routed_scaling
+    else:
+        scale_T = torch.full_like(selected_TK[:, 0], cfg.routed_scaling)
     return Routing(
         logits_TE=logits_TE,
         scores_TE=scores_TE,
