@@ -203,3 +203,121 @@ def test_training_through_the_glued_model_keeps_gradients() -> None:
     ids = torch.randint(0, 97, (2, 10))
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "norm" in n)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(("E", "K"), [(8, 2), (16, 4), (5, 1)])
+def test_route_topk_matches_topk_route(score: str, normalize: bool, E: int, K: int) -> None:
+    from moekit.routing.topk import topk_route
+
+    cfg = MoEConfig(
+        d_model=8,
+        d_expert=8,
+        n_experts=E,
+        top_k=K,
+        score=score,
+        normalize=normalize,
+        routed_scaling=2.5,
+    )
+    g = torch.Generator().manual_seed(E * 10 + K)
+    for _ in range(20):
+        logits = torch.randn(1, E, generator=g) * 3
+        bias = torch.randn(E, generator=g) * 0.1
+        ref = topk_route(logits, bias, cfg)
+        scores, ids, weights = decode_glue._route_buffers(E, K)
+        decode_glue._library().moekit_route_topk_f32(
+            logits.data_ptr(),
+            E,
+            bias.data_ptr(),
+            K,
+            score == "sigmoid",
+            normalize,
+            2.5,
+            scores,
+            ids,
+            weights,
+        )
+        assert list(ids) == ref.ids_TK[0].tolist()
+        torch.testing.assert_close(torch.tensor(list(weights)), ref.weights_TK[0])
+
+
+@pytest.mark.parametrize(
+    "moe_overrides",
+    [
+        {},
+        {"n_shared_experts": 1},
+        {"score": "sigmoid", "routed_scaling": 2.0},
+        {"expert_bias": True},
+    ],
+)
+def test_glue_moe_forward_matches_moe_layer(moe_overrides: dict) -> None:
+    torch.manual_seed(3)
+    moe = MoEConfig(d_model=32, d_expert=16, n_experts=6, top_k=2, **moe_overrides)
+    from moekit.moe import MoELayer
+
+    layer = MoELayer(moe).eval()
+    with torch.no_grad():
+        layer.router.expert_bias.normal_(std=0.05)
+        for p in layer.experts.parameters():
+            p.normal_(std=0.1)
+        x = torch.randn(1, 1, 32)
+        ref, _ = layer(x, with_aux=False, decoding=True)
+        y, aux = decode_glue.glue_moe_forward(layer, x, with_aux=False, decoding=True)
+        assert aux is None
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        # with aux, or several tokens, or not decoding: MoELayer.forward itself
+        y_aux, aux = decode_glue.glue_moe_forward(layer, x, with_aux=True, decoding=True)
+        assert aux is not None and torch.equal(y_aux, ref)
+        x3 = torch.randn(1, 3, 32)
+        ref3, _ = layer(x3, with_aux=False, decoding=True)
+        y3, _ = decode_glue.glue_moe_forward(layer, x3, with_aux=False, decoding=True)
+        assert torch.equal(y3, ref3)
+
+
+def test_fused_qkv_shares_parameters_and_unfuses() -> None:
+    torch.manual_seed(4)
+    model = MoETransformer(_cfg()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_decode_glue(model)
+    attn = model.layers[0].attn
+    fused = attn._glue_qkv_weight
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        attn.k_proj.weight.add_(1.0)  # an in-place update shows in the fused product's rows
+    q_rows = attn.q_proj.weight.shape[0]
+    assert torch.equal(fused[q_rows : q_rows + attn.k_proj.weight.shape[0]], attn.k_proj.weight)
+    remove_decode_glue(model)
+    assert "_glue_qkv_weight" not in attn.__dict__ and "forward" not in attn.__dict__
+    assert attn.k_proj.weight.untyped_storage().nbytes() == attn.k_proj.weight.numel() * 4
+    assert model.rope_memo is None
+
+
+def test_glue_decode_runs_the_fast_paths(monkeypatch) -> None:
+    """The decode steps of a glued model run the C attention and routing (not silently the
+    references): counted through the library."""
+    torch.manual_seed(5)
+    model = apply_decode_glue(apply_decode_kernels(MoETransformer(_cfg()).eval()))
+    calls = {"attend": 0, "route": 0}
+    lib = decode_glue._library()
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            key = {"moekit_attend_one_f32": "attend", "moekit_route_topk_f32": "route"}.get(name)
+            if key is None:
+                return fn
+
+            def counted(*args):
+                calls[key] += 1
+                return fn(*args)
+
+            return counted
+
+    monkeypatch.setattr(decode_glue, "_library", lambda: Counting())
+    _decode(model, torch.randint(0, 97, (1, 8)), 4)
+    n_steps, n_layers = 4, 2
+    assert calls == {"attend": n_steps * n_layers, "route": n_steps * n_layers}

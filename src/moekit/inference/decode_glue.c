@@ -89,3 +89,37 @@ void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64
         free(scores);
     }
 }
+
+/* One token's top-k routing (moekit.routing.topk.topk_route without expert groups): scores =
+ * softmax (or sigmoid) of logits (E), the K best of scores + bias (best first; the lower expert on
+ * a tie), weights = their scores times routed_scaling, divided first by the scores' sum (+1e-20)
+ * when normalize. Writes ids (K) and weights (K); scores (E) is scratch. */
+void moekit_route_topk_f32(const float *logits, int64_t E, const float *bias, int64_t K,
+                           int sigmoid, int normalize, float scaling, float *scores,
+                           int64_t *ids, float *weights) {
+    if (sigmoid) {
+        for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+    } else {
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t e = 0; e < E; e++)
+            if (logits[e] > top) top = logits[e];
+        for (int64_t e = 0; e < E; e++) total += scores[e] = expf(logits[e] - top);
+        for (int64_t e = 0; e < E; e++) scores[e] = scores[e] / total;
+    }
+    float sum = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        float best_value = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= ids[j] == e;
+            float value = scores[e] + bias[e];
+            if (!taken && (best < 0 || value > best_value)) best = e, best_value = value;
+        }
+        ids[k] = best;
+        weights[k] = scores[best];
+        sum = k == 0 ? weights[k] : sum + weights[k];
+    }
+    float scale = normalize ? (1.0f / (sum + 1e-20f)) * scaling : scaling;
+    for (int64_t k = 0; k < K; k++) weights[k] = weights[k] * scale;
+}

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit import cbuild
+from moekit.experts.experts import Experts
 from moekit.inference.decode_kernels import KernelLinear
 from moekit.inference.decode_kernels import linear as kernel_linear
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.transformer import MoETransformer
+from moekit.moe import MoEAux, MoELayer
 
 SOURCE = Path(__file__).with_name("decode_glue.c")
 MAX_ROWS = 16  # decode steps; more rows are torch's (its vectorised kernels win there)
@@ -261,6 +263,77 @@ def _cache_qualifies(
     )
 
 
+def glue_moe_forward(
+    layer: MoELayer,
+    x: Tensor,
+    token_ids: Tensor | None = None,
+    *,
+    with_aux: bool = True,
+    decoding: bool = False,
+) -> tuple[Tensor, MoEAux | None]:
+    """`MoELayer.forward` for one decoded token without aux where it qualifies (an eval-mode
+    layer, top-k routing without expert groups, the decode path of `selected_path`, float32):
+    the router's product, then the C top-k routing into two small ctypes buffers (no tensors, no
+    host sync) and the chosen experts summed by increasing expert, as `selected_experts_forward`
+    does. `MoELayer.forward` itself otherwise."""
+    cfg, router = layer.cfg, layer.router
+    T = x.numel() // cfg.d_model if x.dim() > 0 else 0
+    if (
+        with_aux
+        or T != 1
+        or layer.training
+        or cfg.router != "topk"
+        or not (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+        or x.shape[-1] != cfg.d_model
+        or not layer.selected_path(1, decoding)
+        or not _eager_no_grad(x, router.weight)
+        or not (_plain(x) and _plain(router.weight) and _plain(router.expert_bias))
+        or (router.bias is not None and not _plain(router.bias))
+        or _library() is None
+    ):
+        return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
+    x_TD = x.view(1, cfg.d_model)
+    logits_TE = router.linear(x_TD, router.weight, router.bias)
+    K, E = cfg.top_k, cfg.n_experts
+    buffers = _route_buffers(E, K)
+    scores, ids_K, weights_K = buffers
+    _library().moekit_route_topk_f32(
+        logits_TE.data_ptr(),
+        E,
+        router.expert_bias.data_ptr(),
+        K,
+        cfg.score == "sigmoid",
+        cfg.normalize,
+        cfg.routed_scaling,
+        scores,
+        ids_K,
+        weights_K,
+    )
+    experts = layer.experts
+    chosen = sorted(zip(ids_K, weights_K, strict=True))
+    if type(experts) is Experts:
+        y_TD = None
+        for e, w in chosen:  # float32 products by the float32 weight, summed as the reference
+            b_in = None if experts.b_in is None else experts.b_in[e]
+            b_out = None if experts.b_out is None else experts.b_out[e]
+            y_e = experts.expert_ffn(x_TD, experts.w_in[e], experts.w_out[e], b_in, b_out, cfg)
+            y_TD = y_e * w if y_TD is None else y_TD.add_(y_e * w)
+    else:  # offloaded experts, say: their own decode path
+        ids_TK = torch.tensor([list(ids_K)], device=x.device)
+        weights_TK = torch.tensor([list(weights_K)], device=x.device)
+        y_TD = experts.forward_selected(x_TD, ids_TK, weights_TK)
+    if layer.shared_experts is not None:
+        y_TD = y_TD + layer.shared_experts(x_TD)
+    return y_TD.view(x.shape), None
+
+
+@functools.cache
+def _route_buffers(E: int, K: int) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """Scratch scores (E,), ids (K,) and weights (K,) for `moekit_route_topk_f32` (decoding runs
+    in one thread, and each call reads its results before the next)."""
+    return (ctypes.c_float * E)(), (ctypes.c_int64 * K)(), (ctypes.c_float * K)()
+
+
 def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     """Swap the glue into `model` for generation, in place: every nn.RMSNorm becomes a
     `GlueRMSNorm` sharing its weight, and every `Attention` (the MTP blocks' too; not latent
@@ -272,6 +345,8 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
             module.cached_attention = glue_cached_attention
             if fuse_qkv(module):
                 module.forward = functools.partial(glue_attention_forward, module)
+        elif isinstance(module, MoELayer):
+            module.forward = functools.partial(glue_moe_forward, module)
     model.rope_memo = {}
     return model
 
@@ -287,6 +362,8 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             module.cached_attention = cached_attention
             module.__dict__.pop("forward", None)
             _unfuse_qkv(module)
+        elif isinstance(module, MoELayer):
+            module.__dict__.pop("forward", None)
     model.rope_memo = None
     return model
 
@@ -298,6 +375,10 @@ def _library() -> ctypes.CDLL | None:
         SOURCE,
         {
             "moekit_rmsnorm_f32": ([ptr, i64, i64, ptr, ctypes.c_double, ptr], None),
+            "moekit_route_topk_f32": (
+                [ptr, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, *[ptr] * 3],
+                None,
+            ),
             "moekit_attend_one_f32": (
                 [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr],
                 None,
