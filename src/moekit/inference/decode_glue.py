@@ -286,7 +286,8 @@ def glue_moe_forward(
         or not (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
         or x.shape[-1] != cfg.d_model
         or not layer.selected_path(1, decoding)
-        or not _eager_no_grad(x, router.weight)
+        or torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
+        or torch.compiler.is_compiling()
         or not (_plain(x) and _plain(router.weight) and _plain(router.expert_bias))
         or (router.bias is not None and not _plain(router.bias))
         or _library() is None
@@ -312,11 +313,10 @@ def glue_moe_forward(
     experts = layer.experts
     chosen = sorted(zip(ids_K, weights_K, strict=True))
     if type(experts) is Experts:
+        views = _expert_views(experts)
         y_TD = None
         for e, w in chosen:  # float32 products by the float32 weight, summed as the reference
-            b_in = None if experts.b_in is None else experts.b_in[e]
-            b_out = None if experts.b_out is None else experts.b_out[e]
-            y_e = experts.expert_ffn(x_TD, experts.w_in[e], experts.w_out[e], b_in, b_out, cfg)
+            y_e = experts.expert_ffn(x_TD, *views[e], cfg)
             y_TD = y_e * w if y_TD is None else y_TD.add_(y_e * w)
     else:  # offloaded experts, say: their own decode path
         ids_TK = torch.tensor([list(ids_K)], device=x.device)
@@ -325,6 +325,20 @@ def glue_moe_forward(
     if layer.shared_experts is not None:
         y_TD = y_TD + layer.shared_experts(x_TD)
     return y_TD.view(x.shape), None
+
+
+def _expert_views(experts: Experts) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """Each expert's (w_in[e], w_out[e], b_in[e], b_out[e]), made once and kept while the stacked
+    parameters are the same tensors over the same memory (the selects cost ~2 us each a step)."""
+    params = (experts.w_in, experts.w_out, experts.b_in, experts.b_out)
+    key = tuple((id(p), p.data_ptr()) if p is not None else None for p in params)
+    kept = experts.__dict__.get("_glue_views")
+    if kept is None or kept[0] != key:
+        views = [
+            tuple(None if p is None else p[e] for p in params) for e in range(experts.w_in.shape[0])
+        ]
+        kept = experts.__dict__["_glue_views"] = (key, views)
+    return kept[1]
 
 
 @functools.cache
@@ -364,6 +378,7 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             _unfuse_qkv(module)
         elif isinstance(module, MoELayer):
             module.__dict__.pop("forward", None)
+            module.experts.__dict__.pop("_glue_views", None)
     model.rope_memo = None
     return model
 
