@@ -11,14 +11,14 @@ import torch
 
 import moekit
 from moekit import MoETransformer
-from moekit.config import OffloadConfig, TrainConfig
+from moekit.config import ModelConfig, OffloadConfig, TrainConfig
 from moekit.data import byte_tokenizer
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.interop import save_hf
 from moekit.interop.convert import hf_run_config
 from moekit.loading import load
 from moekit.model.generation import generate
-from moekit.train.checkpoint import write_new_run
+from moekit.train.checkpoint import TrainerState, write_new_run
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,26 @@ def test_a_hugging_face_directory_is_not_offloaded_but_says_how(saved) -> None:
     _, _, hf = saved
     with pytest.raises(ValueError, match=r"convert it first \(moekit convert --from-hf"):
         load(hf, experts="50%")
+
+
+def test_load_weights_streams_the_checkpoint_and_names_a_mismatch(tmp_path: Path) -> None:
+    """`load_weights` checks names and shapes from the file's header, then streams every tensor
+    into place; a tied embedding stored once loads into both names."""
+    from moekit.train.checkpoint import load_weights, save_checkpoint
+
+    cfg = ModelConfig.preset("tiny").replace(tie_embeddings=True)
+    model = MoETransformer(cfg)
+    folder = tmp_path / "run"
+    state = TrainerState(3, 0, sampler={}, torch_rng=torch.get_rng_state())
+    checkpoint = save_checkpoint(folder, model.state_dict(), {"state": {}, "param_groups": []},
+                                 state, keep=1)  # fmt: skip
+    fresh = MoETransformer(cfg)
+    load_weights(checkpoint, fresh)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    wider = MoETransformer(cfg.replace(vocab_size=300))
+    with pytest.raises(ValueError, match=r"size mismatch for embed\.weight: .*restore the config"):
+        load_weights(checkpoint, wider)
+    untied = MoETransformer(cfg.replace(tie_embeddings=False))
+    with pytest.raises(ValueError, match=r"1 missing: lm_head\.weight"):
+        load_weights(checkpoint, untied)

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from tests.interop_cases import CASES, COMMON, DROP, hf_config, randomize, tokens
 from tests.test_interop_mtp import mtp_model
 
+from moekit import userfiles
 from moekit.config import QuantizeConfig
 from moekit.interop import CheckpointError, load_hf, save_hf
-from moekit.interop import files as interop_files
 from moekit.interop import quantized as interop_quantized
 from moekit.quant.formats import (
     check_fp8_scales,
@@ -372,7 +372,7 @@ def test_fp8_has_no_kept_form_and_quantizes_as_it_streams(deepseek_fp8) -> None:
 
 def test_fp8_weights_streamed_in_small_slices_load_the_same(deepseek_fp8, monkeypatch) -> None:
     whole = load_hf(deepseek_fp8[0], dtype="float32")
-    monkeypatch.setattr(interop_files, "SLICE_BYTES", 16 * 40)
+    monkeypatch.setattr(userfiles, "SLICE_BYTES", 16 * 40)
     monkeypatch.setattr(interop_quantized, "SLICE_BYTES", 4 * 16 * 8)  # one block row of 8
     seen = []
     real = interop_quantized.dequantize_fp8_blocks
@@ -474,7 +474,7 @@ def refuse_reads(monkeypatch) -> None:
     def read(self, key, rows=None):
         raise AssertionError(f"{key} was read before the checkpoint was checked")
 
-    monkeypatch.setattr(interop_files.CheckpointReader, "read", read)
+    monkeypatch.setattr(userfiles.CheckpointReader, "read", read)
 
 
 @pytest.mark.parametrize("case", list(BAD_FP8) + list(BAD_MXFP4))

@@ -1,4 +1,5 @@
-"""Reading the files a user hands us: configs, run directories, checkpoints, tokenizers, indexes.
+"""Reading the files a user hands us: configs, run directories, checkpoints, tokenizers, indexes;
+and the one safetensors reader of bounded memory (`CheckpointReader`).
 
 Whatever the libraries raise for a file that cannot be read (safetensors' `SafetensorError`,
 `json`'s position without the file's name, `tokenizers`' bare `Exception`, a
@@ -16,14 +17,35 @@ caller. The command line prints a `ValueError` as one line and exits 2 (`moekit.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
+from torch import Tensor
 
 REDOWNLOAD = "download or copy the checkpoint again"
+REOPEN_BYTES = 32 * 2**20
+SLICE_BYTES = 16 * 2**20
+
+# safetensors' dtype names -> torch's (the file format's one table; `read_tensor` of the expert
+# store and `CheckpointReader` read through it).
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class DamagedFile(ValueError):
@@ -166,3 +188,57 @@ def read_tokenizer(path: str | Path, remedy: str) -> Any:
         return Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for every bad file
         raise DamagedFile(path, f"is not a tokenizer ({_lower(str(err))})", remedy) from None
+
+
+class CheckpointReader:
+    """Reads tensors of safetensors files by name ({name: file}), whole or one slice of the first
+    axis at a time, in bounded memory: `safetensors.safe_open` maps a file into memory and the
+    pages it touches count against the process until the file is closed, so a file is closed
+    and reopened after every REOPEN_BYTES read from it, and at most one file is open at a time.
+    Loading then needs the model's memory plus a bounded margin, not twice the checkpoint."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self._open: dict[Path, Any] = {}
+        self._read_since_open: dict[Path, int] = {}
+
+    def read(self, key: str, rows: slice | int | None = None) -> Tensor:
+        """The tensor `key`, or `tensor[rows]` (read from disk without the rest of it)."""
+        handle = self._handle(key)
+        tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
+        self._count(self.files[key], tensor.numel() * tensor.element_size())
+        return tensor
+
+    def row_slices(self, key: str) -> Iterator[slice]:
+        """Slices of the first axis of `key` of at most SLICE_BYTES each (one slice if 0-D/1-D)."""
+        sl = self._handle(key).get_slice(key)
+        shape = sl.get_shape()
+        if len(shape) < 2:
+            yield slice(None)
+            return
+        row_bytes = math.prod(shape[1:]) * DTYPES[sl.get_dtype()].itemsize
+        step = max(1, SLICE_BYTES // max(row_bytes, 1))
+        for start in range(0, shape[0], step):
+            yield slice(start, min(start + step, shape[0]))
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.__exit__(None, None, None)
+        self._open.clear()
+
+    def _handle(self, key: str) -> Any:
+        """The open file holding `key`; any other file is closed first (tensors are read in
+        model order, which is the order of the shards, so this rarely reopens a file)."""
+        path = self.files[key]
+        if path not in self._open:
+            self.close()
+            self._open[path] = safe_open(str(path), framework="pt").__enter__()
+            self._read_since_open[path] = 0
+        return self._open[path]
+
+    def _count(self, path: Path, nbytes: int) -> None:
+        """Close a file after REOPEN_BYTES read: unmapping drops the pages read from the page
+        cache out of this process's memory."""
+        self._read_since_open[path] += nbytes
+        if self._read_since_open[path] >= REOPEN_BYTES:
+            self._open.pop(path).__exit__(None, None, None)

@@ -27,11 +27,10 @@ from moekit.config import ModelConfig
 from moekit.experts import Experts
 from moekit.fileio import atomic_path
 from moekit.inference.cache import ExpertWeight, Key
-from moekit.interop.files import DTYPES
 from moekit.model.transformer import MoETransformer
 from moekit.quant.modules import QuantizedExperts
 from moekit.quant.schemes import QuantizedWeight
-from moekit.userfiles import open_safetensors, read_json
+from moekit.userfiles import DTYPES, open_safetensors, read_json
 
 MANIFEST = "manifest.json"
 REWRITE_EXPERTS = "write the expert directory again (write_expert_files)"

@@ -1,48 +1,28 @@
 """Safetensors checkpoint directories: find the files, read headers, stream tensors, write shards.
 
-Reading goes through `safetensors.safe_open`, which maps each file into memory: the pages it
-touches count against the process until the file is closed. `CheckpointReader` therefore closes
-and reopens a file after every `REOPEN_BYTES` read from it, and reads large tensors in slices
-along their first axis, so that loading needs the model's memory plus a bounded margin, not twice
-the checkpoint. At most one file is open at a time.
+Tensors are read through `moekit.userfiles.CheckpointReader` (the one bounded-memory reader, which
+training checkpoints load through too): loading needs the model's memory plus a bounded margin,
+not twice the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
 
-from moekit.userfiles import REDOWNLOAD, DamagedFile, open_safetensors, read_json
+from moekit.userfiles import (  # the tensor-file reader and its dtype table live there
+    REDOWNLOAD,
+    DamagedFile,
+    open_safetensors,
+    read_json,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-REOPEN_BYTES = 32 * 2**20
-SLICE_BYTES = 16 * 2**20
-
-# safetensors' dtype names -> torch's (the file format's one table; `read_tensor` of the expert
-# store and `CheckpointReader` read through it).
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 # The dtypes weights are loaded or saved in, by torch's name (as config.json's "dtype" gives it).
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -112,56 +92,6 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     with open_safetensors(path, REDOWNLOAD, DamagedCheckpoint) as f:
         names = f.keys()  # safe_open is not iterable
         return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in names}
-
-
-class CheckpointReader:
-    """Reads tensors of a checkpoint by name, whole or one slice of the first axis at a time."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
-        self._open: dict[Path, Any] = {}
-        self._read_since_open: dict[Path, int] = {}
-
-    def read(self, key: str, rows: slice | int | None = None) -> Tensor:
-        """The tensor `key`, or `tensor[rows]` (read from disk without the rest of it)."""
-        handle = self._handle(key)
-        tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
-        self._count(self.files[key], tensor.numel() * tensor.element_size())
-        return tensor
-
-    def row_slices(self, key: str) -> Iterator[slice]:
-        """Slices of the first axis of `key` of at most SLICE_BYTES each (one slice if 0-D/1-D)."""
-        sl = self._handle(key).get_slice(key)
-        shape = sl.get_shape()
-        if len(shape) < 2:
-            yield slice(None)
-            return
-        row_bytes = math.prod(shape[1:]) * DTYPES[sl.get_dtype()].itemsize
-        step = max(1, SLICE_BYTES // max(row_bytes, 1))
-        for start in range(0, shape[0], step):
-            yield slice(start, min(start + step, shape[0]))
-
-    def close(self) -> None:
-        for handle in self._open.values():
-            handle.__exit__(None, None, None)
-        self._open.clear()
-
-    def _handle(self, key: str) -> Any:
-        """The open file holding `key`; any other file is closed first (tensors are read in
-        model order, which is the order of the shards, so this rarely reopens a file)."""
-        path = self.files[key]
-        if path not in self._open:
-            self.close()
-            self._open[path] = safe_open(str(path), framework="pt").__enter__()
-            self._read_since_open[path] = 0
-        return self._open[path]
-
-    def _count(self, path: Path, nbytes: int) -> None:
-        """Close a file after REOPEN_BYTES read: unmapping drops the pages read from the page
-        cache out of this process's memory."""
-        self._read_since_open[path] += nbytes
-        if self._read_since_open[path] >= REOPEN_BYTES:
-            self._open.pop(path).__exit__(None, None, None)
 
 
 def parse_size(size: int | str) -> int:

@@ -2,11 +2,11 @@
 
 Loading builds the model on the meta device, allocates it once in the target dtype, checks every
 tensor's name and shape against the checkpoint headers before reading any weight, then streams
-the weights into place (see `files.CheckpointReader`). A model loaded quantized (`keep_quantized`,
-`quantize`) is swapped for its quantized form while still on the meta device and allocated
-quantized: its float weights are never all in memory. Saving writes config.json, the safetensors
-shards (with an index above one shard) and the tokenizer into a temporary directory that is
-renamed to the destination only when complete.
+the weights into place (`moekit.userfiles.CheckpointReader`). A model loaded quantized
+(`keep_quantized`, `quantize`) is swapped for its quantized form while still on the meta device
+and allocated quantized: its float weights are never all in memory. Saving writes config.json,
+the safetensors shards (with an index above one shard) and the tokenizer into a temporary
+directory that is renamed to the destination only when complete.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from moekit.interop.configs import HF
 from moekit.interop.files import (
     WEIGHT_DTYPES,
     CheckpointError,
-    CheckpointReader,
     WeightInfo,
     find_weight_files,
     parse_size,
@@ -62,7 +61,7 @@ from moekit.model import MoETransformer
 from moekit.quant.files import is_quantized
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
 from moekit.quant.schemes import QuantizedWeight
-from moekit.userfiles import read_tokenizer
+from moekit.userfiles import CheckpointReader, read_tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json",

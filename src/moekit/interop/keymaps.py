@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.interop.files import CheckpointReader
+from moekit.userfiles import CheckpointReader
 
 
 @dataclass(frozen=True)

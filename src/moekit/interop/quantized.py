@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from moekit.interop.configs import HF
-from moekit.interop.files import SLICE_BYTES, CheckpointError, CheckpointReader, WeightInfo
+from moekit.interop.files import CheckpointError, WeightInfo
 from moekit.quant.formats import (
     FP8_FORMATS,
     check_fp8_scales,
@@ -43,6 +43,7 @@ from moekit.quant.formats import (
     mxfp4_expert_weight,
 )
 from moekit.quant.schemes import GROUP, QuantizedWeight, quantize
+from moekit.userfiles import SLICE_BYTES, CheckpointReader
 
 QUANT_METHODS = ("fp8", "mxfp4")
 SCALE_SUFFIX = "_scale_inv"  # FP8: "X.weight" -> "X.weight_scale_inv"

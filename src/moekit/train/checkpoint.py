@@ -25,13 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moekit.fileio import atomic_path, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
-from moekit.userfiles import DamagedFile, open_safetensors, read_json, read_safetensors, reading
+from moekit.userfiles import (
+    CheckpointReader,
+    DamagedFile,
+    open_safetensors,
+    read_json,
+    read_safetensors,
+    reading,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 NAME = re.compile(r"step-(\d{6,})")
@@ -161,30 +168,51 @@ def restoring(checkpoint: Path, name: str, what: str) -> Iterator[None]:
 
 def load_weights(path: Path, model: nn.Module) -> None:
     """Load only the weights of a checkpoint directory into `model`, the model of its run's
-    config.json."""
+    config.json: names and shapes checked against the file's header first, then each tensor
+    streamed into place in slices (`CheckpointReader`), so loading needs the model's memory and a
+    bounded margin, not twice the checkpoint (a quantized 30B model is ~19 GB)."""
     file = Path(path) / "model.safetensors"
     if not is_quantized(model):
         refuse_quantized(path)
-    problems = []
-    with reading(file, checkpoint_remedy(path)):
-        try:
-            missing, unexpected = load_model(model, str(file), strict=False)
-        except RuntimeError as err:  # tensors of other shapes than the model's
-            missing, unexpected, problems = [], [], [_first_problem(err)]
-    for kind, names in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
-        if names:
-            problems.append(f"{len(names)} {kind}: {', '.join(names[:3])}")
+    remedy = checkpoint_remedy(path)
+    targets = model.state_dict()
+    with open_safetensors(file, remedy) as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    problems = _weight_problems(targets, stored)
     if problems:
         raise ValueError(
             f"{file} holds the weights of another model than its run's config.json describes "
             f"({'; '.join(problems)}); restore the config.json the run was trained with"
         )
+    reader = CheckpointReader(dict.fromkeys(stored, file))
+    try:
+        with reading(file, remedy), torch.no_grad():
+            for name in stored:
+                for rows in reader.row_slices(name):
+                    targets[name][rows].copy_(reader.read(name, rows))
+    finally:
+        reader.close()
 
 
-def _first_problem(err: RuntimeError) -> str:
-    """The first "size mismatch for ..." line of `load_state_dict`'s error."""
-    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-    return (lines[0] if lines else str(err)).rstrip(".")
+def _weight_problems(targets: dict[str, Tensor], stored: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps a file's tensors ({name: shape}) from loading into `targets`: tensors missing
+    (a tensor stored under one of its names, as tied embeddings are, counts for all of them),
+    unexpected, or of another shape."""
+    names_of: dict[int, list[str]] = {}
+    for name, t in targets.items():
+        names_of.setdefault(t.data_ptr() if t.numel() else id(t), []).append(name)
+    missing = [n for names in names_of.values() if not set(names) & stored.keys() for n in names]
+    problems = [
+        f"size mismatch for {n}: the checkpoint's is {list(shape)}, the model's "
+        f"{list(targets[n].shape)}"
+        for n, shape in stored.items()
+        if n in targets and tuple(targets[n].shape) != shape
+    ][:1]
+    unexpected = [n for n in stored if n not in targets]
+    for kind, names in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
+        if names:
+            problems.append(f"{len(names)} {kind}: {', '.join(names[:3])}")
+    return problems
 
 
 def read_trainer_json(path: Path) -> dict[str, Any]:
