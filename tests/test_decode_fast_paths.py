@@ -321,3 +321,49 @@ def test_glue_decode_runs_the_fast_paths(monkeypatch) -> None:
     _decode(model, torch.randint(0, 97, (1, 8)), 4)
     n_steps, n_layers = 4, 2
     assert calls == {"attend": n_steps * n_layers, "route": n_steps * n_layers}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mtp_depth": 1},
+        {"mtp_depth": 1, "moe": None, "d_ff": 48, "tie_embeddings": True},
+        {"mtp_depth": 1, "attn_bias": True, "n_kv_heads": 1},
+    ],
+)
+def test_speculative_decoding_with_glue_gives_greedys_tokens(overrides: dict) -> None:
+    """Speculative decoding (verification forwards of several positions, the MTP depth's own
+    cache) on a glued model still gives plain greedy's tokens."""
+    torch.manual_seed(6)
+    model = MoETransformer(_cfg(**overrides)).eval()
+    x = torch.randint(0, 97, (1, 7))
+    expected = generate(model, x, 24)
+    apply_decode_glue(apply_decode_kernels(model))
+    assert torch.equal(generate(model, x, 24), expected)
+    assert torch.equal(generate(model, x, 24, speculative="mtp", draft_tokens=2), expected)
+
+
+def test_glue_moe_forward_runs_other_experts_through_their_decode_path() -> None:
+    """Experts of another class (offloaded, quantized) keep their own `forward_selected`."""
+    from moekit.experts.experts import Experts
+    from moekit.moe import MoELayer
+
+    class OtherExperts(Experts):
+        calls = 0
+
+        def forward_selected(self, x_TD, ids_TK, weights_TK):
+            OtherExperts.calls += 1
+            return super().forward_selected(x_TD, ids_TK, weights_TK)
+
+    torch.manual_seed(7)
+    cfg = MoEConfig(d_model=32, d_expert=16, n_experts=6, top_k=2)
+    layer = MoELayer(cfg).eval()
+    other = OtherExperts(cfg)
+    other.load_state_dict(layer.experts.state_dict())
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        ref, _ = layer(x, with_aux=False, decoding=True)
+        layer.experts = other
+        y, _ = decode_glue.glue_moe_forward(layer, x, with_aux=False, decoding=True)
+    assert OtherExperts.calls == 1
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
