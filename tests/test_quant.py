@@ -212,6 +212,13 @@ def test_quantize_command_writes_a_run_that_generate_and_convert_read(
     assert main(["generate", str(out), "--prompt=def f(", "--max_new_tokens=5",
                  "--temperature=0"]) == 0  # fmt: skip
     assert capsys.readouterr().out.startswith("def f(")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\nimport os\n")
+    trace = ["trace", str(out), "--prompts", str(prompts), "--out", str(tmp_path / "routing.trace"),
+             "--max_new_tokens=3"]  # fmt: skip
+    assert main(trace) == 0
+    analyze = ["analyze", str(out), f"--data={JSON_PACKAGE}", "--tokens=200", "--seq_len=32"]
+    assert main(analyze) == 0 and (out / "analysis/report.md").is_file()
     hf = tmp_path / "hf"
     assert main(["convert", "--to-hf", str(out), "--arch=mixtral", f"--out={hf}"]) == 0
     with torch.no_grad():
