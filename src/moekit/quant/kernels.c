@@ -434,6 +434,272 @@ static void row_avx2(const weight_t *w, const float *x, const float *xp, const f
 }
 #endif
 
+/* ================================================================ int8-activation path
+ *
+ * llama.cpp's q8_0 idea (ggml-cpu's ggml_vec_dot_q4_0_q8_0 / q8_0_q8_0 / mxfp4_q8_0, our own
+ * code): each row of x is quantized once per call to int8 per block of 32 (xd = max|x| / 127,
+ * code = round-half-even(x / xd), exactly torch.round(x / xd)), and each block's weights are
+ * multiplied by the codes in integers: sum(q_w q_x) is exact in int32, and a weight row's dot is
+ * sum over blocks of (weight scale * xd) * that integer, accumulated in float32 in a fixed order.
+ * int4 (w = d nibble + m, m = -8 d without a zero point): the unsigned nibbles times the codes,
+ * plus sum over blocks of m * xs, xs = xd * sum(codes) (the dequantized x block's sum, as q8_1
+ * keeps it): the result is exactly the product of the dequantized weight and the dequantized x,
+ * up to float32 summation order. int8: the channel's scale after the row. MXFP4: twice the E2M1
+ * value as int8 (a table), the scale halved. The 4-bit bodies quantize x de-interleaved per block
+ * (the 16 even elements, then the 16 odd: a byte's low nibbles, then its high ones). */
+
+/* codes (R, I) int8, xd and xs (R, I/32): the quantized rows of x (I a multiple of 32). perm:
+ * each block's codes in x_perm's order (evens, then odds). */
+static void quantize_x_portable(const float *x, int64_t n_blocks, int perm, int8_t *codes,
+                                float *xd, float *xs) {
+    for (int64_t k = 0; k < n_blocks; k++) {
+        const float *v = x + k * GROUP;
+        float amax = 0.0f;
+        for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.0f;
+        int sum = 0;
+        for (int j = 0; j < GROUP; j++) {
+            int q = d == 0.0f ? 0 : (int)nearbyintf(v[j] / d);
+            sum += q;
+            int at = perm ? (j & 1) * (GROUP / 2) + j / 2 : j;
+            codes[k * GROUP + at] = (int8_t)q;
+        }
+        xd[k] = d;
+        xs[k] = d * (float)sum;
+    }
+}
+
+static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/* sums[r] = x[r, :] . W[o, :] over the quantized x, each block's integer dot exact, then
+ * (weight scale * xd) times it added in float32 block by block; int4's offset term apart. */
+static void row_x8_portable(const weight_t *w, const int8_t *codes, const float *xd,
+                            const float *xs, int64_t R, int64_t o, float *sums) {
+    const int64_t I = w->I, G = I / GROUP;
+    for (int64_t r = 0; r < R; r++) {
+        const int8_t *q = codes + r * I;
+        const float *dr = xd + r * G, *sr = xs + r * G;
+        float acc = 0.0f, corr = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *qg = q + g * GROUP;
+            int32_t dot = 0;
+            float scale;
+            if (w->kind == INT8) {
+                const int8_t *wg = (const int8_t *)w->data + o * I + g * GROUP;
+                for (int j = 0; j < GROUP; j++) dot += (int32_t)wg[j] * qg[j];
+                scale = 1.0f;
+            } else {
+                const uint8_t *b = (const uint8_t *)w->data + o * (I / 2) + g * (GROUP / 2);
+                if (w->kind == MXFP4) {
+                    for (int j = 0; j < GROUP / 2; j++)
+                        dot += E2M1_X2[b[j] & 15] * qg[2 * j] + E2M1_X2[b[j] >> 4] * qg[2 * j + 1];
+                    scale = e8m0_to_float(((const uint8_t *)w->scales)[o * G + g], 1);
+                } else {
+                    for (int j = 0; j < GROUP / 2; j++)
+                        dot += (b[j] & 15) * qg[2 * j] + (b[j] >> 4) * qg[2 * j + 1];
+                    scale = fp16_to_float(((const uint16_t *)w->scales)[o * G + g]);
+                    float m = w->offsets ? fp16_to_float(w->offsets[o * G + g]) : -8.0f * scale;
+                    corr += m * sr[g];
+                }
+            }
+            acc += scale * dr[g] * (float)dot;
+        }
+        sums[r] = acc + corr;
+    }
+}
+
+#if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
+/* The AVX2 quantizer: the same codes as the portable one (division, round half to even). */
+static AVX2_TARGET void quantize_x_avx2(const float *x, int64_t n_blocks, int perm, int8_t *codes,
+                                        float *xd, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13,
+                                                15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11,
+                                                13, 15);
+    for (int64_t k = 0; k < n_blocks; k++) {
+        const float *v = x + k * GROUP;
+        __m256 f[4];
+        __m256 amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            f[j] = _mm256_loadu_ps(v + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, f[j]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float d = _mm_cvtss_f32(h) / 127.0f;
+        __m256i q[4];
+        if (d == 0.0f) {
+            for (int j = 0; j < 4; j++) q[j] = _mm256_setzero_si256();
+        } else {
+            const __m256 dv = _mm256_set1_ps(d);
+            for (int j = 0; j < 4; j++)
+                q[j] = _mm256_cvtps_epi32(_mm256_round_ps(
+                    _mm256_div_ps(f[j], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* pack 32 int32 -> 32 int8 in order (packs interleave the 128-bit lanes: undo it) */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                       _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        if (perm) /* per 16: evens then odds; then the qwords (E0, O0, E1, O1) -> (E0, E1, O0, O1) */
+            p = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p, evens_odds), 0xd8);
+        _mm256_storeu_si256((__m256i *)(codes + k * GROUP), p);
+        xd[k] = d;
+        xs[k] = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* One block g of a weight row against RB rows of quantized x, into accumulator a of each row. */
+AVX2_INLINE void x8_step(const int RB, const int kind, const int8_t *codes, int64_t I, int64_t g,
+                         const void *row, const float *dx, int64_t ldx, __m256 acc[8][2],
+                         const int a) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i u, sgn = _mm256_setzero_si256(); /* u: unsigned weights; sgn: their signs, if any */
+    if (kind == INT8) {
+        sgn = _mm256_loadu_si256((const __m256i *)((const int8_t *)row + g * GROUP));
+        u = _mm256_sign_epi8(sgn, sgn);
+    } else {
+        __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)row + g * (GROUP / 2)));
+        __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b),
+                                     _mm256_set1_epi8(15));
+        if (kind == MXFP4) {
+            const __m256i table = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6,
+                                                   -8, -12, 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2,
+                                                   -3, -4, -6, -8, -12);
+            sgn = _mm256_shuffle_epi8(table, n);
+            u = _mm256_sign_epi8(sgn, sgn);
+        } else {
+            u = n;
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(codes + r * I + g * GROUP));
+        if (kind != INT4 && kind != INT4_ZP) y = _mm256_sign_epi8(y, sgn);
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), ones);
+        acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(dx + r * ldx + g),
+                                    acc[r][a]);
+    }
+}
+
+/* sums[r] = x[r, :] . row over RB rows of quantized x; dx (RB, SEGMENT) the blocks' products of
+ * scales (int8: x's scale alone, read in place), int4's offset term m * xs 8 blocks a vector. */
+AVX2_INLINE void x8_block(const int RB, const int kind, const int8_t *codes, const float *xd,
+                          const float *xs, int64_t I, const void *row, const void *scales,
+                          const uint16_t *offsets, float *sums) {
+    const int64_t G = I / GROUP;
+    float dx[8][SEGMENT], m[SEGMENT];
+    __m256 acc[8][2], corr[8];
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        acc[r][0] = acc[r][1] = corr[r] = _mm256_setzero_ps();
+    }
+    float corr_tail[8] = {0};
+    for (int64_t s = 0; s < G; s += SEGMENT) {
+        const int64_t n = G - s < SEGMENT ? G - s : SEGMENT;
+        const float *dxs = xd + s; /* int8: x's scales as they are */
+        int64_t ldx = G;
+        if (kind != INT8) {
+            float d[SEGMENT];
+            if (kind == MXFP4) {
+                for (int64_t j = 0; j < n; j++) d[j] = E8M0_HALF[((const uint8_t *)scales)[s + j]];
+            } else {
+                const uint16_t *sc = (const uint16_t *)scales + s;
+                int64_t j = 0;
+                for (; j + 8 <= n; j += 8) {
+                    __m256 dj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j)));
+                    __m256 mj =
+                        kind == INT4_ZP
+                            ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
+                            : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
+                    _mm256_storeu_ps(d + j, dj);
+                    _mm256_storeu_ps(m + j, mj);
+                }
+                for (; j < n; j++) {
+                    d[j] = _cvtsh_ss(sc[j]);
+                    m[j] = kind == INT4_ZP ? _cvtsh_ss(offsets[s + j]) : -8.0f * d[j];
+                }
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+                const float *xr = xd + r * G + s;
+                for (int64_t j = 0; j < n; j++) dx[r][j] = d[j] * xr[j];
+            }
+            dxs = &dx[0][0];
+            ldx = SEGMENT;
+        }
+        if (kind == INT4 || kind == INT4_ZP) {
+            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+                const float *sr = xs + r * G + s;
+                int64_t j = 0;
+                for (; j + 8 <= n; j += 8)
+                    corr[r] = _mm256_fmadd_ps(_mm256_loadu_ps(m + j), _mm256_loadu_ps(sr + j),
+                                              corr[r]);
+                for (; j < n; j++) corr_tail[r] += m[j] * sr[j];
+            }
+        }
+        const int8_t *cs = codes + s * GROUP;
+        const void *rs = kind == INT8 ? (const void *)((const int8_t *)row + s * GROUP)
+                                      : (const void *)((const uint8_t *)row + s * (GROUP / 2));
+        int64_t g = 0;
+        for (; g + 2 <= n; g += 2) {
+            x8_step(RB, kind, cs, I, g, rs, dxs, ldx, acc, 0);
+            x8_step(RB, kind, cs, I, g + 1, rs, dxs, ldx, acc, 1);
+        }
+        for (; g < n; g++) x8_step(RB, kind, cs, I, g, rs, dxs, ldx, acc, 0);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
+        sums[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (hsum(corr[r]) + corr_tail[r]);
+}
+
+#define X8(RB)                                                                                  \
+    x8_block(RB, KIND, codes + r0 * I, xd + r0 * G, xs + r0 * G, I, row, scales, offsets,     \
+             sums + r0)
+
+static AVX2_TARGET void row_x8_avx2(const weight_t *w, const int8_t *codes, const float *xd,
+                                    const float *xs, int64_t R, int64_t o, float *sums) {
+    const int64_t I = w->I, G = I / GROUP;
+    const uint16_t *offsets = w->offsets ? w->offsets + o * G : NULL;
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
+        if (w->kind == INT8) {
+            const void *row = (const int8_t *)w->data + o * I, *scales = NULL;
+#define KIND INT8
+            FOR_BLOCK(X8)
+#undef KIND
+        } else if (w->kind == MXFP4) {
+            const void *row = (const uint8_t *)w->data + o * (I / 2);
+            const void *scales = (const uint8_t *)w->scales + o * G;
+#define KIND MXFP4
+            FOR_BLOCK(X8)
+#undef KIND
+        } else if (offsets == NULL) {
+            const void *row = (const uint8_t *)w->data + o * (I / 2);
+            const void *scales = (const uint16_t *)w->scales + o * G;
+#define KIND INT4
+            FOR_BLOCK(X8)
+#undef KIND
+        } else {
+            const void *row = (const uint8_t *)w->data + o * (I / 2);
+            const void *scales = (const uint16_t *)w->scales + o * G;
+#define KIND INT4_ZP
+            FOR_BLOCK(X8)
+#undef KIND
+        }
+    }
+}
+#else
+static void quantize_x_avx2(const float *x, int64_t n_blocks, int perm, int8_t *codes, float *xd,
+                            float *xs) {
+    quantize_x_portable(x, n_blocks, perm, codes, xd, xs);
+}
+static void row_x8_avx2(const weight_t *w, const int8_t *codes, const float *xd, const float *xs,
+                        int64_t R, int64_t o, float *sums) {
+    row_x8_portable(w, codes, xd, xs, R, o, sums);
+}
+#endif
+
 /* ---------------------------------------------------------------- entry points */
 
 static int active_path = -1; /* -1: not chosen yet */
@@ -450,6 +716,50 @@ int moekit_q_set_path(int path) {
 /* y (R, O) = x (R, I) @ W^T (+ bias): x and y contiguous float32, W's tensors contiguous in the
  * layouts above (offsets NULL but for int4 with a zero point), bias (O,) or NULL. Returns 0, or
  * -1 if R, I or the kind is out of range (nothing written). */
+static int x8_kinds = 0; /* bit k set: kind k runs the int8-activation path (where I % 32 == 0) */
+
+/* Choose which kinds quantize x to int8 (bit k for kind k; bf16's bit is ignored); -1 leaves the
+ * choice as it is. Returns the mask now in use. */
+int moekit_q_set_x8(int mask) {
+    if (mask >= 0) x8_kinds = mask & ~(1 << BF16);
+    return x8_kinds;
+}
+
+/* The int8-activation product (kind not bf16, I a multiple of 32): x quantized once per call,
+ * then each weight row's integer dots; the output rows split between threads as below. */
+static int linear_x8(int path, const weight_t *w, const float *x, int64_t R, int64_t O,
+                     const float *bias, float *y) {
+    const int64_t I = w->I, G = I / GROUP;
+    int8_t *codes = malloc((size_t)(R * I));
+    float *xd = malloc((size_t)(R * G) * sizeof(float)), *xs = malloc((size_t)(R * G) * sizeof(float));
+    if (codes == NULL || xd == NULL || xs == NULL) {
+        free(codes);
+        free(xd);
+        free(xs);
+        return -1;
+    }
+    const int perm = w->kind != INT8;
+    if (path == PATH_AVX2)
+        quantize_x_avx2(x, R * G, perm, codes, xd, xs);
+    else
+        quantize_x_portable(x, R * G, 0, codes, xd, xs);
+#pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
+    for (int64_t o = 0; o < O; o++) {
+        float sums[MAX_ROWS];
+        if (path == PATH_AVX2)
+            row_x8_avx2(w, codes, xd, xs, R, o, sums);
+        else
+            row_x8_portable(w, codes, xd, xs, R, o, sums);
+        const float scale = w->kind == INT8 ? ((const float *)w->scales)[o] : 1.0f;
+        const float b = bias ? bias[o] : 0.0f;
+        for (int64_t r = 0; r < R; r++) y[r * O + o] = sums[r] * scale + b;
+    }
+    free(codes);
+    free(xd);
+    free(xs);
+    return 0;
+}
+
 int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *data,
                     const void *scales, const uint16_t *offsets, int64_t O, const float *bias,
                     float *y) {
@@ -460,6 +770,7 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
     if (active_path < 0) moekit_q_set_path(-1);
     const int path = active_path;
     const weight_t w = {kind, I, data, scales, offsets};
+    if ((x8_kinds >> kind) & 1 && I % GROUP == 0) return linear_x8(path, &w, x, R, O, bias, y);
 
     /* The AVX2 4-bit body's x_perm: per group of 32, elements 0, 2, ..., 30 then 1, 3, ..., 31;
      * and sx, each group's 4 vectors of x_perm summed lane by lane (int4's m * sum(x) term) */

@@ -59,6 +59,10 @@ from moekit.quant.schemes import GROUP, QuantizedWeight
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products dequantize and run a GEMM
 PATHS = ("portable", "avx2")  # kernels.c's PATH_PORTABLE, PATH_AVX2
+ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 per block of 32
+# The path each scheme takes by default (the module docstring's measurements);
+# MOEKIT_QUANT_ACTIVATIONS=float (or int8) overrides it for every quantized scheme.
+DEFAULT_ACTIVATIONS = {"bf16": "float", "int8": "float", "int4": "float", "mxfp4": "float"}
 _KIND = {"bf16": 0, "int8": 1, "int4": 2, "int4_zp": 3, "mxfp4": 4}  # kernels.c's enum
 # Each stored tensor's dtype, as the kernel reads it.
 _DTYPES = {
@@ -292,6 +296,66 @@ def use_path(name: str):
 _PATH = [-1]  # the body chosen: -1 the best this CPU runs
 
 
+def _default_activations() -> dict[str, str]:
+    forced = os.environ.get("MOEKIT_QUANT_ACTIVATIONS")
+    if forced is None:
+        return dict(DEFAULT_ACTIVATIONS)
+    if forced not in ACTIVATIONS:
+        raise ValueError(f"MOEKIT_QUANT_ACTIVATIONS={forced!r}: use one of {ACTIVATIONS}")
+    return {scheme: "float" if scheme == "bf16" else forced for scheme in DEFAULT_ACTIVATIONS}
+
+
+_ACTIVATIONS = _default_activations()  # scheme -> "float" or "int8": x as the kernels take it
+
+
+def _x8_mask(choice: dict[str, str]) -> int:
+    kinds = {"int8": ("int8",), "int4": ("int4", "int4_zp"), "mxfp4": ("mxfp4",)}
+    return sum(
+        1 << _KIND[kind]
+        for scheme, names in kinds.items()
+        if choice.get(scheme) == "int8"
+        for kind in names
+    )
+
+
+def activations() -> dict[str, str]:
+    """Per scheme, how the kernels take x: "int8" (quantized per block of 32, integer dots) or
+    "float" (the weights dequantized to float32 in registers)."""
+    return dict(_ACTIVATIONS)
+
+
+def set_activations(mode: str | dict[str, str]) -> None:
+    """Choose the kernels' path: "float" or "int8" for every quantized scheme (bf16 always takes
+    float x), or {scheme: mode} for some; "default" restores `DEFAULT_ACTIVATIONS`."""
+    if mode == "default":
+        choice = dict(DEFAULT_ACTIVATIONS)
+    elif isinstance(mode, str):
+        choice = {s: "float" if s == "bf16" else mode for s in DEFAULT_ACTIVATIONS}
+    else:
+        choice = {**_ACTIVATIONS, **mode}
+    bad = {s: m for s, m in choice.items() if s not in _DTYPES or m not in ACTIVATIONS}
+    if bad or choice["bf16"] != "float":
+        raise ValueError(
+            f"activations {mode!r}: schemes {tuple(_DTYPES)}, modes {ACTIVATIONS} "
+            "(bf16 takes float x only)"
+        )
+    _ACTIVATIONS.clear()
+    _ACTIVATIONS.update(choice)
+    if available():
+        _loaded().moekit_q_set_x8(_x8_mask(choice))
+
+
+@contextlib.contextmanager
+def use_activations(mode: str | dict[str, str]):
+    """`set_activations(mode)` inside the block, the choice before it restored after."""
+    before = dict(_ACTIVATIONS)
+    set_activations(mode)
+    try:
+        yield
+    finally:
+        set_activations(before)
+
+
 def _active_path() -> int:
     return _PATH[0]
 
@@ -322,6 +386,7 @@ def _library() -> ctypes.CDLL | None:
         {
             "moekit_q_linear": ([i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr], i32),
             "moekit_q_set_path": ([i32], i32),
+            "moekit_q_set_x8": ([i32], i32),
             "moekit_q_swiglu_expert": (
                 [i32, ptr, i64, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, ptr],
                 i32,
@@ -333,4 +398,5 @@ def _library() -> ctypes.CDLL | None:
     if library is not None:  # dlopen hands back the one loaded library: choose its body afresh
         _PATH[0] = 0 if os.environ.get("MOEKIT_PORTABLE") else -1
         library.moekit_q_set_path(_PATH[0])
+        library.moekit_q_set_x8(_x8_mask(_ACTIVATIONS))
     return library
