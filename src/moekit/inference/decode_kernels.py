@@ -150,8 +150,13 @@ def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
     """Swap the kernels into `model` for generation, in place: every nn.Linear becomes a
     `KernelLinear` sharing its parameters, and the routers' projections, the experts' decode path
     (resident or offloaded; the MTP blocks' too) and a tied LM head run `linear` /
-    `kernel_expert_ffn`. Outputs agree with the plain model's to float32 rounding (the sums run
-    in another order). Returns `model`; `remove_decode_kernels` undoes it."""
+    `kernel_expert_ffn`; then the per-token glue between the products
+    (`moekit.inference.decode_glue`: RMSNorm, one position's attention, one token's routing, in
+    C). Outputs agree with the plain model's to float32 rounding (the sums run in another order).
+    Returns `model`; `remove_decode_kernels` undoes both."""
+    # here, not at the top: decode_glue builds on this module's KernelLinear and linear
+    from moekit.inference.decode_glue import apply_decode_glue
+
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             model.set_submodule(name, KernelLinear.sharing(module))
@@ -159,11 +164,14 @@ def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
         layer.router.linear = linear
         layer.experts.expert_ffn = kernel_expert_ffn
     model.tied_head_linear = linear
-    return model
+    return apply_decode_glue(model)
 
 
 def remove_decode_kernels(model: MoETransformer) -> MoETransformer:
     """Undo `apply_decode_kernels`: plain nn.Linear, F.linear and `expert_ffn` again."""
+    from moekit.inference.decode_glue import remove_decode_glue  # as in apply_decode_kernels
+
+    remove_decode_glue(model)
     for name, module in list(model.named_modules()):
         if type(module) is KernelLinear:
             plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
