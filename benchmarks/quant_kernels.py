@@ -8,7 +8,9 @@ Shapes (O, I) are a decode step's products: the experts of benchmarks/decode.py'
 
 Contenders, each timed as a call from Python (what a decode step pays):
   - fp32: `moekit.inference.decode_kernels.linear` (float32 weight) and torch's F.linear (MKL);
-  - ours: `moekit.quant.kernels.linear` over each scheme's stored layout;
+  - ours: `moekit.quant.kernels.linear` over each scheme's stored layout, on both of its paths
+    for int8 / int4 / MXFP4: "x-float" (weights dequantized to float32 in registers) and
+    "x-int8" (x quantized to int8 per block of 32, integer dot products);
   - torch bf16: F.linear with x and W in bfloat16 (torch has no bf16-weight, float32-x product);
   - torch int8: `torch._weight_int8pack_mm` (int8 (O, I), per-channel scales), x float32 with
     float32 scales and x bfloat16 with bfloat16 scales;
@@ -43,6 +45,7 @@ in Python (checks, ctypes): the small experts' figures are far from their weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -110,14 +113,16 @@ def contenders(w: torch.Tensor, have_torchao: bool) -> dict:
         ("mxfp4", False),
     ):
         qw = quantize(w, scheme, zero_point=zero_point)
-        name = f"{scheme}{'_zp' if zero_point else ''} moekit"
         deq = qw.dequantize()
-        out[name] = (
-            lambda qw=qw: _clone(qw),
-            kernels.linear,
-            qw.nbytes,
-            lambda x, deq=deq: F.linear(x, deq),
-        )
+        for mode in ("float",) if scheme == "bf16" else kernels.ACTIVATIONS:
+            name = f"{scheme}{'_zp' if zero_point else ''} moekit"
+            name += "" if scheme == "bf16" else f" x-{mode}"
+            out[name] = (
+                lambda qw=qw: _clone(qw),
+                _ours(mode),
+                qw.nbytes,
+                lambda x, deq=deq: F.linear(x, deq),
+            )
     w_bf16 = w.bfloat16()
     out["bf16 torch F.linear (x bf16)"] = (
         w_bf16.clone,
@@ -160,6 +165,66 @@ def contenders(w: torch.Tensor, have_torchao: bool) -> dict:
     if have_torchao:
         out.update(_torchao_contenders(w))
     return out
+
+
+def _ours(mode: str):
+    """kernels.linear, timed with x taken as `mode` ("float" or "int8": `measure` sets it)."""
+
+    def call(x, qw):
+        return kernels.linear(x, qw)
+
+    call.activations = mode
+    return call
+
+
+def realistic_rows(kind: str, R: int, I: int, g: torch.Generator) -> torch.Tensor:
+    """Decode activations with outliers. "rmsnorm": a residual stream with 4 massive channels
+    (20x), RMS-normalized, times a norm weight 1 + 0.1 N(0, 1): what attention, the experts'
+    gate/up and the LM head take. "swiglu": silu(gate) * up with gate, up ~ 1.5 N(0, 1) and 0.2%
+    of entries 30x: what an expert's down projection takes."""
+    if kind == "rmsnorm":
+        h = torch.randn(R, I, generator=g)
+        h[:, torch.randperm(I, generator=g)[:4]] *= 20
+        gamma = 1 + 0.1 * torch.randn(I, generator=g)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)) * gamma
+    gate, up = 1.5 * torch.randn(2, R, I, generator=g)
+    x = F.silu(gate) * up
+    spikes = torch.rand(R, I, generator=g) < 0.002
+    return torch.where(spikes, 30 * x, x)
+
+
+def activation_errors(shapes: dict, rows: int = 8) -> list[dict]:
+    """Per shape and scheme, max |y - reference| / max |reference| over `rows` realistic rows, on
+    both paths; reference = F.linear(x, dequantized W), the float computation the kernel stands
+    for. `weight_error`: the same of F.linear(x, dequantized W) vs the float weight, for scale."""
+    out = []
+    for shape_name, (O, I) in shapes.items():
+        kind = "swiglu" if "down" in shape_name or "w_out" in shape_name else "rmsnorm"
+        g = torch.Generator().manual_seed(O * 11 + I)
+        w = torch.randn(O, I, generator=g) / I**0.5
+        x = realistic_rows(kind, rows, I, g)
+        exact = F.linear(x, w)
+        for scheme, zero_point in (
+            ("int8", False),
+            ("int4", False),
+            ("int4", True),
+            ("mxfp4", False),
+        ):
+            qw = quantize(w, scheme, zero_point=zero_point)
+            reference = F.linear(x, qw.dequantize())
+            row = {"shape": shape_name, "O": O, "I": I, "activations": kind, "rows": rows,
+                   "scheme": scheme + ("_zp" if zero_point else ""),
+                   "weight_error": _rel(reference, exact)}  # fmt: skip
+            for mode in kernels.ACTIVATIONS:
+                with torch.no_grad(), kernels.use_activations(mode):
+                    row[f"max_rel_error_x_{mode}"] = _rel(kernels.linear(x, qw), reference)
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def _rel(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(f"{((y - reference).abs().max() / reference.abs().max()).item():.3g}")
 
 
 def _torchao_contenders(w: torch.Tensor) -> dict:
@@ -213,7 +278,7 @@ def measure(
             timed = {}
             for name, (make, call, nbytes, reference) in entries.items():
                 one = make()
-                with torch.no_grad():
+                with torch.no_grad(), _activations(call):
                     y = call(x, one).float()
                     ref = reference(x)
                 error = ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
@@ -233,9 +298,9 @@ def measure(
             for _ in range(repeats):
                 for entry in timed.values():
                     for where in ("single", "dram"):
-                        entry["times"].setdefault(where, []).append(
-                            _time_calls(entry["call"], x, entry[where])
-                        )
+                        with _activations(entry["call"]):
+                            seconds = _time_calls(entry["call"], x, entry[where])
+                        entry["times"].setdefault(where, []).append(seconds)
             for entry in timed.values():
                 row = entry["row"]
                 for where in ("single", "dram"):
@@ -247,6 +312,11 @@ def measure(
             del timed
     streams.append(stream_bandwidth(stream_bytes))
     return results, streams
+
+
+def _activations(call):
+    mode = getattr(call, "activations", None)
+    return kernels.use_activations(mode) if mode else contextlib.nullcontext()
 
 
 def _time_calls(call, x: torch.Tensor, pool: list) -> float:
@@ -271,6 +341,9 @@ def summary(results: list[dict], stream: float) -> dict:
         key = f"{scheme} | {row['shape']} | R={row['rows']}"
         entry = out.setdefault(key, {})
         side = "moekit" if " moekit" in row["contender"] else "library"
+        for mode in kernels.ACTIVATIONS:
+            if row["contender"].endswith(f"x-{mode}"):
+                entry[f"moekit_x_{mode}_gb_s_dram"] = row["gb_s_dram"]
         best = entry.get(side)
         if best is None or row["us_dram"] < best["us_dram"]:
             entry[side] = {
@@ -322,7 +395,9 @@ def main() -> None:
             "pool_bytes (4x L3), so each weight comes from DRAM; GB/s = stored bytes of one "
             "weight (data + scales + offsets) / time a call"
         ),
+        "default_activations": kernels.DEFAULT_ACTIVATIONS,
         "summary_dram": summary(results, stream),
+        "activation_errors": activation_errors(QUICK_SHAPES if args.quick else SHAPES),
         "results": results,
     }
     text = json.dumps(report, indent=1)

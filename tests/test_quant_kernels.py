@@ -32,11 +32,15 @@ IDS = ["bf16", "int8", "int4", "int4_zp", "mxfp4"]
 PATHS = ["portable", "avx2"]
 
 
-def _path(name: str):
-    """The kernels' `name` body for the block; skips the test where this CPU cannot run it."""
+@contextlib.contextmanager
+def _path(name: str, activations: str = "float"):
+    """The kernels' `name` body for the block, x taken as `activations` ("float": the weights
+    dequantized in registers; the int8-activation path has its own tests below); skips the test
+    where this CPU cannot run the body."""
     if name == "avx2" and not _avx2_here():
         pytest.skip("this CPU has no AVX2+FMA+F16C")
-    return kernels.use_path(name)
+    with kernels.use_path(name), kernels.use_activations(activations):
+        yield
 
 
 def _avx2_here() -> bool:
@@ -227,7 +231,8 @@ def test_op_is_a_torch_op_with_a_fake_implementation() -> None:
     op = torch.ops.moekit.quant_linear.default
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(op, backend="eager", fullgraph=True)
-    _assert_matches(compiled(*args), x, qw, b)
+    with kernels.use_activations("float"):
+        _assert_matches(compiled(*args), x, qw, b)
     with torch.profiler.profile() as prof:
         linear(x, qw, b)
     assert "moekit::quant_linear" in {event.name for event in prof.events()}
@@ -324,3 +329,125 @@ def test_swiglu_expert_falls_back_and_is_a_torch_op() -> None:
     with torch.profiler.profile() as prof:
         kernels.swiglu_expert(x, w_in, w_out)
     assert "moekit::quant_swiglu_expert" in {event.name for event in prof.events()}
+
+
+# ---------------------------------------------------------------- the int8-activation path
+
+
+def _quantized_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, I) quantized per block of 32 as the kernels do it, written independently: scale
+    d = max|x| / 127, codes round-half-even(x / d); returns (the dequantized x, d per element)."""
+    x_B32 = x.unflatten(-1, (-1, 32))
+    d = x_B32.abs().amax(-1, keepdim=True) / 127
+    codes = torch.round(x_B32 / torch.where(d == 0, torch.ones_like(d), d))
+    assert codes.abs().max() <= 127
+    return (codes * d).flatten(-2), d.expand_as(x_B32).flatten(-2)
+
+
+def _assert_int8_path_matches(y, x, qw, b=None) -> None:
+    """Tight: y is F.linear(dequantized x, dequantized W, b) up to float32 summation order (the
+    integer dots are exact), so `_assert_matches` with the quantized x. Against the float
+    reference F.linear(x, W, b): each code is off x by at most half its block's scale d, so
+    |y - reference| <= (d / 2) @ |W|^T elementwise, plus the same float32 rounding."""
+    x_q, d = _quantized_x(x)
+    _assert_matches(y, x_q, qw, b)
+    w = qw.dequantize()
+    reference = F.linear(x, w, b)
+    units = x.shape[-1] // 32 + 16
+    bound = (d / 2) @ w.abs().T + 2 * units * 2.0**-24 * (x.abs() @ w.abs().T) * 2 + 1e-30
+    excess = ((y - reference).abs() - bound).max().item()
+    assert excess <= 0, f"off the float reference by {excess:.3g} beyond the quantization bound"
+
+
+X8_SCHEMES = SCHEMES[1:]  # bf16 always takes float x
+X8_IDS = IDS[1:]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scheme", "zero_point"), X8_SCHEMES, ids=X8_IDS)
+def test_int8_activations_match_the_quantized_reference(
+    scheme: str, zero_point: bool, path: str
+) -> None:
+    """R = 1..16 (both sides of the 8-row blocks), odd O, odd block counts (the AVX2 body takes
+    4-bit blocks in pairs), a row with an outlier channel (its
+    block's other codes lose precision: the bound still holds), an all-zero row."""
+    with _path(path, "int8"):
+        for O, I in [(37, 96), (5, 64), (3, 32 * 67)]:  # 67 blocks: past a 64-block segment
+            qw = _weight(scheme, zero_point, O, I, seed=O + I)
+            g = torch.Generator().manual_seed(O)
+            b = torch.randn(O, generator=g)
+            for rows in range(1, MAX_ROWS + 1):
+                x = torch.randn(rows, I, generator=g)
+                x[0, 5] = 40.0
+                if rows > 2:
+                    x[2] = 0
+                _assert_int8_path_matches(linear(x, qw, b), x, qw, b)
+                _assert_int8_path_matches(linear(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_activations_leave_int8_tails_to_the_float_path(path: str) -> None:
+    """int8 weights with I not a multiple of 32 take the float path (exact to float32)."""
+    qw = _weight("int8", False, 9, 100, seed=17)
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(17))
+    with _path(path):
+        float_path = linear(x, qw)
+        with kernels.use_activations("int8"):
+            assert torch.equal(linear(x, qw), float_path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scheme", "zero_point"), X8_SCHEMES, ids=X8_IDS)
+def test_int8_activations_do_not_depend_on_threads(
+    scheme: str, zero_point: bool, path: str
+) -> None:
+    qw = _weight(scheme, zero_point, 257, 320, seed=4)
+    x = torch.randn(9, 320, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    with _path(path, "int8"):
+        try:
+            torch.set_num_threads(1)
+            one = linear(x, qw)
+            torch.set_num_threads(2)
+            two = linear(x, qw)
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    _assert_int8_path_matches(one, x, qw)
+
+
+def test_activation_path_choice(monkeypatch) -> None:
+    """The default per scheme; set_activations / use_activations switch it (and restore it);
+    MOEKIT_QUANT_ACTIVATIONS forces one path for every quantized scheme; bf16 stays float."""
+    assert kernels.activations() == kernels.DEFAULT_ACTIVATIONS
+    qw = _weight("int4", False, 16, 64, seed=18)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(18))
+    with kernels.use_activations("float"):
+        assert set(kernels.activations().values()) == {"float"}
+        _assert_matches(linear(x, qw), x, qw)
+    with kernels.use_activations({"int4": "int8"}):
+        assert kernels.activations()["int4"] == "int8"
+        _assert_int8_path_matches(linear(x, qw), x, qw)
+    assert kernels.activations() == kernels.DEFAULT_ACTIVATIONS
+    with pytest.raises(ValueError, match="bf16 takes float x only"):
+        kernels.set_activations({"bf16": "int8"})
+    with _fresh_library():
+        monkeypatch.setenv("MOEKIT_QUANT_ACTIVATIONS", "float")
+        assert kernels.available()
+        assert set(kernels.activations().values()) == {"float"}
+        monkeypatch.delenv("MOEKIT_QUANT_ACTIVATIONS")
+    assert kernels.available() and kernels.activations() == kernels.DEFAULT_ACTIVATIONS
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_swiglu_expert_on_int8_activations(path: str) -> None:
+    """The fused expert quantizes each product's x (the activation too) per call."""
+    g = torch.Generator().manual_seed(19)
+    D, F_ = 64, 96
+    w_in = quantize(torch.randn(2 * F_, D, generator=g) / D**0.5, "int4")
+    w_out = quantize(torch.randn(D, F_, generator=g) / F_**0.5, "mxfp4")
+    x = torch.randn(3, D, generator=g)
+    with _path(path, "int8"):
+        gate, up = linear(x, w_in).chunk(2, dim=-1)
+        expected = linear(F.silu(gate) * up, w_out)
+        torch.testing.assert_close(kernels.swiglu_expert(x, w_in, w_out), expected)

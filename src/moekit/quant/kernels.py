@@ -398,5 +398,7 @@ def _library() -> ctypes.CDLL | None:
     if library is not None:  # dlopen hands back the one loaded library: choose its body afresh
         _PATH[0] = 0 if os.environ.get("MOEKIT_PORTABLE") else -1
         library.moekit_q_set_path(_PATH[0])
+        _ACTIVATIONS.clear()  # MOEKIT_QUANT_ACTIVATIONS read afresh too
+        _ACTIVATIONS.update(_default_activations())
         library.moekit_q_set_x8(_x8_mask(_ACTIVATIONS))
     return library
