@@ -170,7 +170,9 @@ def load_weights(path: Path, model: nn.Module) -> None:
     """Load only the weights of a checkpoint directory into `model`, the model of its run's
     config.json: names and shapes checked against the file's header first, then each tensor
     streamed into place in slices (`CheckpointReader`), so loading needs the model's memory and a
-    bounded margin, not twice the checkpoint (a quantized 30B model is ~19 GB)."""
+    bounded margin, not twice the checkpoint (a quantized 30B model is ~19 GB). `model` is whole:
+    expert parallelism is applied after loading, as the trainer does (a sharded layer's
+    load_state_dict pre-hook, which cuts full tensors to its shard, is not consulted here)."""
     file = Path(path) / "model.safetensors"
     if not is_quantized(model):
         refuse_quantized(path)
