@@ -4,15 +4,13 @@ the torch ops they are registered as, and their swap into a built model."""
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit import ModelConfig, MoETransformer
+from moekit import ModelConfig, MoETransformer, cbuild
 from moekit.inference import decode_kernels
 from moekit.inference.decode_kernels import (
     MAX_ROWS,
@@ -226,10 +224,7 @@ def test_swiglu_expert_matches_torch(rows: int) -> None:
 def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:
     """Other CPUs (aarch64, Apple clang) compile only the portable body, as MOEKIT_PORTABLE does
     here; it computes what the AVX2 body does, to float32 rounding."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    out = tmp_path / "portable.so"
-    command = [compiler, *decode_kernels.FLAGS, "-DMOEKIT_PORTABLE", str(decode_kernels.SOURCE)]
-    subprocess.run([*command, "-o", str(out), *decode_kernels.LIBS], check=True)
+    out = cbuild.build(decode_kernels.SOURCE, (*cbuild.FLAGS, "-DMOEKIT_PORTABLE"))
     lib = ctypes.CDLL(str(out))
     x, w = torch.randn(3, 100), torch.randn(40, 100)
     y = torch.empty(3, 40)

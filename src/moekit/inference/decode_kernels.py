@@ -45,7 +45,6 @@ from moekit.model.transformer import MoETransformer
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
-FLAGS, LIBS = list(cbuild.FLAGS), list(cbuild.LIBS)
 
 _ops = torch.library.Library("moekit", "DEF")
 _ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
@@ -259,5 +258,4 @@ def _library() -> ctypes.CDLL | None:
         },
         what="CPU decode kernels",
         fallback="decoding runs torch's F.linear",
-        flags=FLAGS,
     )
