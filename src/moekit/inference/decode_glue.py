@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from moekit import cbuild
 from moekit.experts.experts import Experts
-from moekit.inference.decode_kernels import KernelLinear
-from moekit.inference.decode_kernels import linear as kernel_linear
+from moekit.inference.decode_qkv import fuse_qkv, fused_qkv, linear_of, unfuse_qkv
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoEAux, MoELayer
@@ -44,6 +44,17 @@ FLAGS = (*cbuild.FLAGS, "-ffp-contract=off")
 
 def _plain(t: Tensor) -> bool:
     return cbuild.plain_cpu(t, torch.float32) and t.is_contiguous()
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook, global or of one of `modules`, waits for a call that
+    a glued forward would not make (it runs their products itself): it then runs the reference,
+    which calls them (a `TraceRecorder`'s hooks on the routers and experts, say)."""
+    return bool(
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    )
 
 
 def _eager_no_grad(*tensors: Tensor) -> bool:
@@ -171,44 +182,6 @@ def _attention_qualifies(
     )
 
 
-def _linear_of(module: nn.Module):
-    """The product a plain projection module runs (KernelLinear: the decode kernel), or None for
-    any other module (a quantized one, say): its own forward then runs."""
-    if type(module) is KernelLinear:
-        return kernel_linear
-    if type(module) is nn.Linear:
-        return F.linear
-    return None
-
-
-def fuse_qkv(attn: Attention) -> bool:
-    """Stack q_proj, k_proj and v_proj's weights (and biases) into one (q+k+v, D) tensor whose
-    rows the three parameters become views of (nothing is duplicated; in-place updates of either
-    show in both), for `glue_attention_forward`'s one product. Only for three plain projections
-    of one kind; returns whether it fused."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    kinds = {_linear_of(p) for p in projs}
-    biased = {p.bias is not None for p in projs}
-    if len(kinds) != 1 or None in kinds or len(biased) != 1:
-        return False
-    with torch.no_grad():
-        for name in ("weight", "bias") if biased == {True} else ("weight",):
-            params = [getattr(p, name) for p in projs]
-            fused = torch.cat([t.detach() for t in params])
-            for t, view in zip(params, fused.split([t.shape[0] for t in params]), strict=True):
-                t.data = view
-            setattr(attn, f"_glue_qkv_{name}", fused)
-    return True
-
-
-def _unfuse_qkv(attn: Attention) -> None:
-    """Undo `fuse_qkv`: each projection's parameters get storage of their own again."""
-    for name in ("weight", "bias"):
-        if attn.__dict__.pop(f"_glue_qkv_{name}", None) is not None:
-            for p in (attn.q_proj, attn.k_proj, attn.v_proj):
-                getattr(p, name).data = getattr(p, name).data.clone()
-
-
 def glue_attention_forward(
     attn: Attention,
     x_BSD: Tensor,
@@ -217,30 +190,35 @@ def glue_attention_forward(
     cache: LayerKVCache | None = None,
 ) -> Tensor:
     """`Attention.forward` for one decode position in three calls (the fused q/k/v product, the C
-    attention step, o_proj) where it qualifies (fused projections, no q/k norms or clipping, the
-    C attention's conditions); `Attention.forward` itself otherwise."""
-    w = attn.__dict__.get("_glue_qkv_weight")
+    attention step, o_proj) where it qualifies (projections still fused (`fused_qkv`) and not
+    hooked, no q/k norms or clipping, the C attention's conditions); `Attention.forward` itself
+    otherwise."""
+    w, q_linear = fused_qkv(attn, "weight"), linear_of(attn.q_proj)
+    b = fused_qkv(attn, "bias") if attn.q_proj.bias is not None else None
     B, S, D = x_BSD.shape
     if (
         w is None
+        or q_linear is None
+        or (b is None and attn.q_proj.bias is not None)
         or S != 1
         or attn.qk_norm is not None
         or attn.clip_qkv is not None
         or attn.sinks is not None
         or cache is None
         or mask.mask_SL is not None
-        or not _eager_no_grad(x_BSD, w, attn.o_proj.weight)
+        or not _eager_no_grad(x_BSD, attn.q_proj.weight, attn.o_proj.weight)
         or not _plain(x_BSD)
         or not _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
+        or _hooked(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
     ):
         return Attention.forward(attn, x_BSD, rope, mask, cache)
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    qkv_BO = _linear_of(attn.q_proj)(x_BSD.view(B, D), w, attn.__dict__.get("_glue_qkv_bias"))
+    qkv_BO = q_linear(x_BSD.view(B, D), w, b)
     y_BHd = qkv_BO.new_empty(B, H * hd)
     q, row = qkv_BO.data_ptr(), qkv_BO.shape[1]
     k = q + 4 * H * hd
     _attend(q, k, k + 4 * KV * hd, row, row, rope, cache, B, H, hd, y_BHd)
-    o_linear = _linear_of(attn.o_proj)
+    o_linear = linear_of(attn.o_proj)
     if o_linear is None:
         return attn.o_proj(y_BHd.view(B, 1, H * hd))
     return o_linear(y_BHd, attn.o_proj.weight, attn.o_proj.bias).view(B, 1, D)
@@ -275,7 +253,7 @@ def glue_moe_forward(
     layer, top-k routing without expert groups, the decode path of `selected_path`, float32):
     the router's product, then the C top-k routing into two small ctypes buffers (no tensors, no
     host sync) and the chosen experts summed by increasing expert, as `selected_experts_forward`
-    does. `MoELayer.forward` itself otherwise."""
+    does. `MoELayer.forward` itself otherwise (and where the router or experts are hooked)."""
     cfg, router = layer.cfg, layer.router
     T = x.numel() // cfg.d_model if x.dim() > 0 else 0
     if (
@@ -291,13 +269,13 @@ def glue_moe_forward(
         or not (_plain(x) and _plain(router.weight) and _plain(router.expert_bias))
         or (router.bias is not None and not _plain(router.bias))
         or _library() is None
+        or _hooked(router, layer.experts)  # the layer's own hooks see this call as any other
     ):
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
     x_TD = x.view(1, cfg.d_model)
     logits_TE = router.linear(x_TD, router.weight, router.bias)
     K, E = cfg.top_k, cfg.n_experts
-    buffers = _route_buffers(E, K)
-    scores, ids_K, weights_K = buffers
+    scores, ids_K, weights_K = _route_buffers(E, K)
     _library().moekit_route_topk_f32(
         logits_TE.data_ptr(),
         E,
@@ -341,11 +319,18 @@ def _expert_views(experts: Experts) -> list[tuple[Tensor, Tensor, Tensor | None,
     return kept[1]
 
 
-@functools.cache
+_scratch = threading.local()
+
+
 def _route_buffers(E: int, K: int) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
-    """Scratch scores (E,), ids (K,) and weights (K,) for `moekit_route_topk_f32` (decoding runs
-    in one thread, and each call reads its results before the next)."""
-    return (ctypes.c_float * E)(), (ctypes.c_int64 * K)(), (ctypes.c_float * K)()
+    """Scratch scores (E,), ids (K,) and weights (K,) for `moekit_route_topk_f32`, this thread's:
+    the ctypes call releases the GIL, so threads decoding at once (one model or several) each
+    need their own; one thread's calls each read their results before the next, so its layers
+    and models share them. (Per layer would still race with two threads on one model.)"""
+    kept = _scratch.__dict__.setdefault("buffers", {})
+    if (E, K) not in kept:
+        kept[E, K] = (ctypes.c_float * E)(), (ctypes.c_int64 * K)(), (ctypes.c_float * K)()
+    return kept[E, K]
 
 
 def apply_decode_glue(model: MoETransformer) -> MoETransformer:
@@ -375,7 +360,7 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, Attention):
             module.cached_attention = cached_attention
             module.__dict__.pop("forward", None)
-            _unfuse_qkv(module)
+            unfuse_qkv(module)
         elif isinstance(module, MoELayer):
             module.__dict__.pop("forward", None)
             module.experts.__dict__.pop("_glue_views", None)
