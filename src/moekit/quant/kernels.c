@@ -43,6 +43,9 @@
  * Next step, not written here (this machine has no AVX-512 to run it on): AVX-512 (16 lanes,
  * vpermb/vpermi2b tables for 4-bit, VNNI/AVX512-BF16 dot products where x may be quantized).
  *
+ * The int8-activation path (moekit_q_set_x8 chooses the kinds that take it; its own comment
+ * below) quantizes x to int8 per block of 32 and multiplies integers instead.
+ *
  * moekit_q_swiglu_expert runs a SwiGLU expert's two products and its activation in one call.
  * Built and loaded by moekit/quant/kernels.py (through moekit/cbuild.py); tests/
  * test_quant_kernels.py holds both bodies to F.linear over the dequantized weight.

@@ -18,6 +18,30 @@ expert saved, measured on the 213M model's and Qwen3-30B-A3B's expert shapes), -
 Registered as the torch ops `moekit::quant_linear` and `moekit::quant_swiglu_expert` (with fake
 implementations for torch.compile), called directly in eager decoding (`moekit.cbuild.call`).
 
+Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
+MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x):
+  - "float": the weights dequantized to float32 in registers, times float32 x (described below);
+  - "int8" (llama.cpp's q8_0 idea, our code): each row of x quantized once per call to int8 per
+    block of 32 (scale max|x| / 127, round half to even), then integer dot products per block
+    (AVX2: maddubs / madd; 4-bit blocks two at a time off one 32-byte load, ~7 instructions a
+    block at one row against 22), scaled and summed in float32 in a fixed order. Its result is
+    F.linear(dequantized x, dequantized W) up to float32 summation order (tests hold it to that,
+    and to the float path within (d / 2) @ |W|^T, d each block's x scale).
+Measured (benchmarks/results/quant_kernels.json: 2 threads, weights from DRAM, GB/s of stored
+weight, stream 30.6 GB/s; this 2-core host was shared, so figures drift by 10-20%), float -> int8
+path at one row: LM head 32000x768 int4 8.8 -> 12.7 GB/s (with zero point 9.7 -> 16.9), MXFP4
+6.4 -> 11.7, int8 18.3 -> 23.7; Qwen3-30B-A3B expert 768x2048 int4 8.1 -> 12.2, MXFP4 6.3 -> 9.5,
+int8 16.5 -> 16.2; 2048x768 int4 7.9 -> 10.0, MXFP4 5.3 -> 8.7, int8 14.4 -> 16.9 (the experts
+pay ~25 us of call and thread wake-up, not kernel); at eight rows int4 1.7-2.6x, MXFP4 1.4-1.7x,
+int8 1.0-1.6x. Error against the float reference on realistic rows (RMS-normed with 4 channels
+20x; post-SwiGLU with 0.2% 30x spikes; 8 rows): max |dy| / max |y| = 0.84-1.4% on every scheme
+and shape, where the weights' own quantization error on the same rows is 6-9% (int4), 12-18%
+(MXFP4) and 0.5-1% (int8). So the measured choice is "int8" for int4 and MXFP4 (an error an
+order of magnitude under the weights', 1.3-1.8x faster at one row) and "float" for int8 (0.98-1.3x
+for about twice the error). `DEFAULT_ACTIVATIONS` still says "float" for all: tests/test_quant.py
+holds a quantized model to its dequantized float twin to 1e-5, true only of the float path;
+flipping int4 and MXFP4 to "int8" waits on those tests taking `use_activations("float")`.
+
 Ours or a library's, per scheme (benchmarks/quant_kernels.py, figures in
 benchmarks/results/quant_kernels.json; 2 threads, weights from DRAM, float32 x): ours, for all
 four. torch has no bf16-weight product with float32 x (F.linear wants one dtype; with x in bf16
