@@ -4,6 +4,11 @@ attention) against nn.RMSNorm and `cached_attention`, and whole cached decodes w
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -34,7 +39,20 @@ def _cfg(**overrides) -> ModelConfig:
     return ModelConfig(**args)
 
 
+def _why_no_glue() -> str | None:
+    if os.environ.get("MOEKIT_NO_KERNELS"):
+        return "MOEKIT_NO_KERNELS is set: the C glue is off"
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        return "no C compiler here to build the C glue"
+    return None
+
+
+needs_glue = pytest.mark.skipif(_why_no_glue() is not None, reason=str(_why_no_glue()))
+
+
+@needs_glue
 def test_glue_is_built_here() -> None:
+    """Where a compiler is found and the glue is not switched off, it must be live."""
     assert decode_glue._library() is not None
 
 
@@ -119,6 +137,7 @@ def _attention_case(B: int, H: int, KV: int, hd: int, filled: int, seed: int = 0
     return q, k, v, rope, cache
 
 
+@needs_glue
 @pytest.mark.parametrize(
     ("B", "H", "KV", "hd", "filled"),
     [(1, 4, 2, 16, 0), (1, 4, 2, 16, 37), (2, 8, 8, 64, 5), (1, 12, 4, 64, 700), (3, 2, 1, 6, 9)],
@@ -177,7 +196,7 @@ def test_decode_with_glue_matches_plain_decode(overrides: dict, batch: int) -> N
     model = MoETransformer(_cfg(**overrides)).eval()
     ids = torch.randint(0, 97, (batch, 24))
     ref = _decode(model, ids, 5)
-    apply_decode_glue(apply_decode_kernels(model))
+    apply_decode_kernels(model)  # which applies the glue too
     assert any(isinstance(m, GlueRMSNorm) for m in model.modules())
     torch.testing.assert_close(_decode(model, ids, 5), ref, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
@@ -205,6 +224,7 @@ def test_training_through_the_glued_model_keeps_gradients() -> None:
     assert all(p.grad is not None for n, p in model.named_parameters() if "norm" in n)
 
 
+@needs_glue
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize(("E", "K"), [(8, 2), (16, 4), (5, 1)])
@@ -296,11 +316,8 @@ def test_fused_qkv_shares_parameters_and_unfuses() -> None:
     assert model.rope_memo is None
 
 
-def test_glue_decode_runs_the_fast_paths(monkeypatch) -> None:
-    """The decode steps of a glued model run the C attention and routing (not silently the
-    references): counted through the library."""
-    torch.manual_seed(5)
-    model = apply_decode_glue(apply_decode_kernels(MoETransformer(_cfg()).eval()))
+def _count_glue_calls(monkeypatch) -> dict[str, int]:
+    """From now on, count the C attention and routing calls made through the glue's library."""
     calls = {"attend": 0, "route": 0}
     lib = decode_glue._library()
 
@@ -318,9 +335,111 @@ def test_glue_decode_runs_the_fast_paths(monkeypatch) -> None:
             return counted
 
     monkeypatch.setattr(decode_glue, "_library", lambda: Counting())
+    return calls
+
+
+@needs_glue
+def test_glue_decode_runs_the_fast_paths(monkeypatch) -> None:
+    """The decode steps of a glued model run the C attention and routing (not silently the
+    references): counted through the library."""
+    torch.manual_seed(5)
+    model = apply_decode_kernels(MoETransformer(_cfg()).eval())  # which applies the glue too
+    calls = _count_glue_calls(monkeypatch)
     _decode(model, torch.randint(0, 97, (1, 8)), 4)
     n_steps, n_layers = 4, 2
     assert calls == {"attend": n_steps * n_layers, "route": n_steps * n_layers}
+
+
+@needs_glue
+@pytest.mark.parametrize("where", ["router", "experts", "q_proj", "o_proj", "global"])
+def test_hooks_make_the_glue_run_the_reference(monkeypatch, where: str) -> None:
+    """A forward hook the glue would bypass (it runs the router's, experts' and projections'
+    products itself) sends the step through the reference, which calls the module: the hook
+    sees every decode step. Removed, the fast paths run again."""
+    torch.manual_seed(8)
+    model = apply_decode_kernels(MoETransformer(_cfg()).eval())
+    ids = torch.randint(0, 97, (1, 8))
+    ref = _decode(model, ids, 4)
+    calls, seen = _count_glue_calls(monkeypatch), []
+    module = {
+        "router": model.moe_layers()[0].router,
+        "experts": model.moe_layers()[0].experts,
+        "q_proj": model.layers[0].attn.q_proj,
+        "o_proj": model.layers[0].attn.o_proj,
+    }.get(where)
+    if module is None:
+        handle = nn.modules.module.register_module_forward_pre_hook(lambda m, a: seen.append(m))
+    elif where == "experts":  # the reference runs forward_selected, no hook: only the fallback
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(m))
+    else:
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(m))
+    try:
+        torch.testing.assert_close(_decode(model, ids, 4), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        handle.remove()
+    layer_calls = {"router": 5, "q_proj": 5, "o_proj": 5, "experts": 0}  # prefill + 4 steps
+    # (the reference attention still runs the C attention step: it calls no module)
+    if where == "global":
+        assert len(seen) > 100 and calls["route"] == 0
+    else:
+        assert len(seen) == layer_calls[where]
+    if where in ("router", "experts"):
+        assert calls["route"] == 4  # layer 1's steps only: layer 0's ran the reference
+    before = dict(calls)
+    _decode(model, ids, 4)
+    assert calls == {k: v + 8 for k, v in before.items()}
+
+
+@needs_glue
+def test_route_buffers_are_each_threads_own() -> None:
+    """The routing's scratch is written by a C call that releases the GIL: two threads decoding
+    at once must not share it."""
+    here = decode_glue._route_buffers(6, 2)
+    assert decode_glue._route_buffers(6, 2) is here
+    there = []
+    thread = threading.Thread(target=lambda: there.append(decode_glue._route_buffers(6, 2)))
+    thread.start()
+    thread.join()
+    assert all(a is not b for a, b in zip(there[0], here, strict=True))
+
+
+def _plain_copy(model: MoETransformer) -> MoETransformer:
+    plain = MoETransformer(model.cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def test_deepcopy_of_a_glued_model_follows_its_own_weights() -> None:
+    """A deepcopy clones each parameter: the copy's q/k/v no longer view the fused tensor it also
+    copied, so the glue must run its projections' own (changed) weights, not the stale fusion."""
+    torch.manual_seed(9)
+    model = apply_decode_kernels(MoETransformer(_cfg()).eval())
+    ids = torch.randint(0, 97, (1, 10))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in clone.layers:
+            layer.attn.q_proj.weight.mul_(-2.0)
+            layer.attn.v_proj.weight.add_(0.1)
+    expected = _decode(_plain_copy(clone), ids, 4)
+    torch.testing.assert_close(_decode(clone, ids, 4), expected, rtol=1e-4, atol=1e-5)
+    # the original still runs its own weights, unchanged
+    torch.testing.assert_close(
+        _decode(model, ids, 4), _decode(_plain_copy(model), ids, 4), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_replaced_qkv_data_is_not_read_from_the_stale_fusion() -> None:
+    """`param.data = ...` gives a projection other memory: the glue runs it, not the fusion."""
+    torch.manual_seed(10)
+    model = apply_decode_kernels(MoETransformer(_cfg(attn_bias=True)).eval())
+    ids = torch.randint(0, 97, (1, 10))
+    for layer in model.layers:
+        k = layer.attn.k_proj
+        k.weight.data = torch.randn_like(k.weight) * 0.2
+        k.bias.data = torch.randn_like(k.bias)
+    torch.testing.assert_close(
+        _decode(model, ids, 4), _decode(_plain_copy(model), ids, 4), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -338,7 +457,7 @@ def test_speculative_decoding_with_glue_gives_greedys_tokens(overrides: dict) ->
     model = MoETransformer(_cfg(**overrides)).eval()
     x = torch.randint(0, 97, (1, 7))
     expected = generate(model, x, 24)
-    apply_decode_glue(apply_decode_kernels(model))
+    apply_decode_kernels(model)  # which applies the glue too
     assert torch.equal(generate(model, x, 24), expected)
     assert torch.equal(generate(model, x, 24, speculative="mtp", draft_tokens=2), expected)
 

@@ -182,3 +182,29 @@ def test_simulated_hits_are_the_real_caches(tmp_path, capacity_factor) -> None:
         for policy in policies:
             hits, misses = real[row["budget"], policy]
             assert row[policy] == hits / (hits + misses) <= row["belady"]
+
+
+def test_trace_with_the_decode_kernels_and_glue_is_the_plain_models() -> None:
+    """`moekit trace` runs the decode kernels and glue (apply_decode_kernels): the glue's one-token
+    routing must not bypass the recorder's hooks, or every decode step goes unrecorded."""
+    from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
+
+    torch.manual_seed(0)
+    model = MoETransformer(TINY).eval()
+    prompt = torch.randint(0, TINY.vocab_size, (1, 5))
+
+    def recorded() -> Trace:
+        with TraceRecorder(model) as rec:
+            generate(model, prompt, 6)
+        return rec.trace()
+
+    plain = recorded()
+    assert plain.step.tolist() == [0] * 5 + [1, 2, 3, 4, 5]
+    apply_decode_kernels(model)
+    try:
+        glued = recorded()
+    finally:
+        remove_decode_kernels(model)
+    assert torch.equal(glued.ids, plain.ids) and torch.equal(glued.step, plain.step)
+    assert torch.equal(glued.fetched, plain.fetched)
+    assert torch.equal(glued.selected, plain.selected)
