@@ -90,6 +90,26 @@ def test_mxfp4_matches_ml_dtypes_independent_decoder_and_rounding() -> None:
     assert np.array_equal(rounded, values)
 
 
+def test_mxfp4_tables_are_built_on_the_weights_device(monkeypatch) -> None:
+    """quantize and dequantize build the E2M1 tables on the input's device (meta here, an
+    accelerator alike): no CPU table meets a tensor elsewhere."""
+    real = torch.bucketize
+
+    def bucketize(x: torch.Tensor, boundaries: torch.Tensor, **kwargs) -> torch.Tensor:
+        assert boundaries.device == x.device, (boundaries.device, x.device)
+        return real(x, boundaries, **kwargs)
+
+    monkeypatch.setattr(torch, "bucketize", bucketize)
+    qw = quantize(torch.empty(2, 8, 64, device="meta"), "mxfp4")
+    assert qw.data.is_meta and qw.scales.is_meta
+    assert dequantize(qw).is_meta  # the CPU table indexed by meta codes raised
+    if torch.cuda.is_available():
+        w = weight(2, 8, 64)
+        on_gpu = quantize(w.cuda(), "mxfp4")
+        assert torch.equal(on_gpu.data.cpu(), quantize(w, "mxfp4").data)
+        assert torch.equal(on_gpu.dequantize().cpu(), quantize(w, "mxfp4").dequantize())
+
+
 def test_int4_follows_q4_0_and_q4_1_rules() -> None:
     w = torch.randn(4, 64) * 0.02
     qw = quantize(w, "int4")

@@ -25,10 +25,13 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tests.interop_cases import CASES, COMMON, DROP, hf_config, randomize, tokens
 from tests.test_interop_mtp import mtp_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moekit import userfiles
 from moekit.config import QuantizeConfig
 from moekit.interop import CheckpointError, load_hf, save_hf
+from moekit.interop import hf as interop_hf
 from moekit.interop import quantized as interop_quantized
 from moekit.quant.formats import (
     check_fp8_scales,
@@ -37,6 +40,7 @@ from moekit.quant.formats import (
     mxfp4_expert_weight,
 )
 from moekit.quant.modules import QuantizedLinear, quantize_model
+from moekit.quant.schemes import QuantizedWeight
 
 FP8_BLOCK = (16, 8)  # not square: rows and columns swapped would not fit
 FP8_CONFIG = {
@@ -368,6 +372,67 @@ def test_fp8_has_no_kept_form_and_quantizes_as_it_streams(deepseek_fp8) -> None:
     streamed = load_hf(fp8_dir, quantize=config)
     assert isinstance(streamed.layers[1].attn.o_proj, QuantizedLinear)
     same_weights(streamed, quantize_model(load_hf(fp8_dir), config))
+
+
+class LargestFloat(TorchDispatchMode):
+    """The largest float tensor (bytes of its storage) any torch op allocates while active. An
+    op's output over a storage given to it (a view, an in-place op, a tensor set over the
+    checkpoint's memory-mapped file) allocates nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {_storage(a) for a in tree_leaves((args, kwargs))}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and _storage(t) not in given:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def _storage(a: object) -> int | None:
+    if isinstance(a, torch.Tensor):
+        return a.untyped_storage().data_ptr()
+    return a.data_ptr() if isinstance(a, torch.UntypedStorage | torch.TypedStorage) else None
+
+
+@pytest.mark.parametrize(
+    "case", ["fp8 per-expert keys", "fused layout", "float transposed", "mxfp4 to int4"]
+)
+def test_quantize_while_loading_holds_one_expert_in_float_at_a_time(
+    case: str, deepseek_fp8, gpt_oss_mxfp4, tmp_path, monkeypatch
+) -> None:
+    """load_hf(quantize=...) fills a layer's quantized experts one expert (or part of one) at a
+    time: no float tensor larger than one expert's weight in float32 is made while they are
+    filled (the whole layer in float was), and the result is quantize_model's of the float
+    load."""
+    int8, int4 = QuantizeConfig(weights="int8"), QuantizeConfig(weights="int8", experts="int4")
+    folder, config = {
+        "fp8 per-expert keys": (deepseek_fp8[0], int8),
+        "fused layout": (deepseek_fp8[1], int8),
+        "float transposed": (gpt_oss_mxfp4[1], int4),
+        "mxfp4 to int4": (gpt_oss_mxfp4[0], int4),
+    }[case]
+    if case == "fused layout":
+        model = load_hf(folder, dtype="float32")
+        folder = save_hf(model, tmp_path / "fused", "deepseek_v3", layout="fused")
+    seen = []
+    real = interop_hf.fill
+
+    def watched(dest, *args) -> None:
+        if not (isinstance(dest, QuantizedWeight) and dest.data.dim() == 3):
+            return real(dest, *args)
+        with LargestFloat() as mode:
+            real(dest, *args)
+        seen.append((args[1][0], mode.largest, math.prod(dest.shape[1:]) * 4))
+
+    monkeypatch.setattr(interop_hf, "fill", watched)
+    streamed = load_hf(folder, quantize=config)
+    monkeypatch.undo()
+    assert seen and all(largest <= one_expert for _, largest, one_expert in seen), seen
+    same_weights(streamed, quantize_model(load_hf(folder), config))
 
 
 def test_fp8_weights_streamed_in_small_slices_load_the_same(deepseek_fp8, monkeypatch) -> None:

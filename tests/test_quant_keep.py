@@ -26,7 +26,6 @@ from moekit.cli import main
 from moekit.config import QuantizeConfig
 from moekit.data import byte_tokenizer
 from moekit.experts import Experts
-from moekit.interop import hf as interop_hf
 from moekit.interop import load_hf, save_hf
 from moekit.interop import quantized as interop_quantized
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
@@ -83,12 +82,11 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def refuse_decoding(monkeypatch) -> None:
-    """Fail on any MXFP4 expert decoded to float (the float load's path, or any dequantize)."""
+    """Fail on any MXFP4 expert decoded to float (every decode is `QuantizedWeight.dequantize`)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("an MXFP4 expert was decoded to float")
 
-    monkeypatch.setattr(interop_hf, "load_mxfp4_experts", refuse)
     monkeypatch.setattr(QuantizedWeight, "dequantize", refuse)
 
 
@@ -174,7 +172,6 @@ def test_quantize_to_int4_requantizes_one_expert_at_a_time(gpt_oss, tmp_path, mo
         "quantize_into",
         lambda dest, w, *a: calls.append(tuple(w.shape)) or real(dest, w, *a),
     )
-    monkeypatch.setattr(interop_hf, "load_mxfp4_experts", None)  # the float load's path
     args = ["quantize", str(folder), "--experts=int4", "--weights=int8", f"--out={out}"]
     assert main(args) == 0
     monkeypatch.undo()

@@ -4,18 +4,18 @@ Loading builds the model on the meta device, allocates it once in the target dty
 tensor's name and shape against the checkpoint headers before reading any weight, then streams
 the weights into place (`moekit.userfiles.CheckpointReader`). A model loaded quantized
 (`keep_quantized`, `quantize`) is swapped for its quantized form while still on the meta device
-and allocated quantized: its float weights are never all in memory. Saving writes config.json,
-the safetensors shards (with an index above one shard) and the tokenizer into a temporary
-directory that is renamed to the destination only when complete.
+and allocated quantized: its float weights are never all in memory. `interop.quantized.fill`
+puts each tensor in place, float or quantized, one expert or one slice of rows at a time
+(`interop.plan` checks names and shapes first). Saving writes config.json, the safetensors shards
+(with an index above one shard) and the tokenizer into a temporary directory that is renamed to
+the destination only when complete.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,8 +30,6 @@ from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF
 from moekit.interop.files import (
     WEIGHT_DTYPES,
-    CheckpointError,
-    WeightInfo,
     find_weight_files,
     parse_size,
     plan_shards,
@@ -47,21 +45,21 @@ from moekit.interop.keymaps import (
     sources,
     template_of,
 )
+from moekit.interop.plan import check_copies, choose_mtp, plan_load
 from moekit.interop.quantized import (
     DequantizingReader,
-    Quantization,
-    QuantizedView,
-    load_mxfp4_experts,
-    load_mxfp4_quantized,
-    quantize_into,
+    check_kept,
+    destination,
+    fill,
+    load_schemes,
     quantized_view,
     read_quantization,
 )
 from moekit.model import MoETransformer
 from moekit.quant.files import is_quantized
-from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
+from moekit.quant.modules import quantize_model
 from moekit.quant.schemes import QuantizedWeight
-from moekit.userfiles import CheckpointReader, read_tokenizer
+from moekit.userfiles import read_tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -73,7 +71,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-_LISTED = 12  # how many missing / unexpected keys an error lists
 
 
 def read_hf_config(folder: str | Path) -> HF:
@@ -139,28 +136,28 @@ def load_hf(
     hf = read_hf_config(folder)
     arch = architecture_of(hf)
     quantization = read_quantization(hf)
-    schemes = _load_schemes(quantize, keep_quantized, quantization)
+    schemes = load_schemes(quantize, keep_quantized, quantization)
     view = quantized_view(find_weight_files(folder), quantization)
-    cfg, dropped = _choose_mtp(arch.model_config(hf), view.files, mtp)
+    cfg, dropped = choose_mtp(arch.model_config(hf), view.files, mtp)
     if dtype is None and quantization is not None:
         dtype = torch.bfloat16
     model = _meta_model(cfg, resolve_dtype(dtype, hf))
-    plan = _plan_load(model, arch, view, dropped)
+    plan = plan_load(model, arch, view, dropped)
     if schemes is not None:
         quantize_model(model, schemes, empty=True)  # still on the meta device
         if keep_quantized:
-            _check_kept(model, plan, view)
+            check_kept(model, plan, view)
     _allocate(model)
     float_dtype = model.embed.weight.dtype
-    targets = [(_destination(model, name), source, keys) for name, source, keys in plan]
+    targets = [(destination(model, name), source, keys) for name, source, keys in plan]
     reader = DequantizingReader(view, float_dtype)
     total = sum(_nbytes(dest) for dest, _, _ in targets)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_hf", disable=not progress)
     try:
-        _check_copies(arch, cfg, reader)
+        check_copies(arch, cfg, reader)
         with torch.no_grad():
             for dest, source, keys in targets:
-                _fill(dest, source.op, keys, reader, float_dtype)
+                fill(dest, source.op, keys, reader, float_dtype)
                 bar.update(_nbytes(dest))
     finally:
         reader.close()
@@ -168,74 +165,8 @@ def load_hf(
     return model.eval()
 
 
-def _load_schemes(
-    quantize: QuantizeConfig | None, keep_quantized: bool, quantization: Quantization | None
-) -> QuantizeConfig | None:
-    """The `QuantizeConfig` the model is loaded in (None: float)."""
-    if quantize is not None and keep_quantized:
-        raise ValueError(
-            "load_hf takes keep_quantized or quantize, not both: quantize with experts='mxfp4' "
-            "keeps MXFP4 experts as shipped"
-        )
-    if quantize is not None:
-        return quantize
-    if keep_quantized and quantization is not None and quantization.method == "mxfp4":
-        return QuantizeConfig(weights="none", experts="mxfp4")
-    return None
-
-
-def _check_kept(
-    model: MoETransformer, plan: list[tuple[str, Source, list[str]]], view: QuantizedView
-) -> None:
-    """keep_quantized keeps MXFP4 experts: every routed expert weight must be shipped in MXFP4
-    (a float one would be quantized, which keep_quantized never does)."""
-    for name, _, keys in plan:
-        if isinstance(_destination(model, name), QuantizedWeight) and (
-            keys[0] not in view.mxfp4_pairs
-        ):
-            raise CheckpointError(
-                f"keep_quantized keeps MXFP4 experts as shipped, but {keys[0]} (moekit's {name}) "
-                f"is stored {view.files[keys[0]].dtype}, not MXFP4: load with "
-                "keep_quantized=False, or quantize the experts (quantize=QuantizeConfig(...))"
-            )
-
-
-def _destination(model: MoETransformer, name: str) -> Tensor | QuantizedWeight:
-    """Where the plan's moekit tensor `name` goes: a quantized module's storage, or the float
-    parameter or buffer itself."""
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
-    if isinstance(module, QuantizedExperts) and attr in ("w_in", "w_out"):
-        return module.quantized_weights()[("w_in", "w_out").index(attr)]
-    if isinstance(module, QuantizedLinear) and attr == "weight":
-        return module.weight_q
-    return getattr(module, attr).data
-
-
 def _nbytes(dest: Tensor | QuantizedWeight) -> int:
     return dest.nbytes if isinstance(dest, QuantizedWeight) else dest.numel() * dest.element_size()
-
-
-def _fill(
-    dest: Tensor | QuantizedWeight,
-    op: str,
-    keys: list[str],
-    reader: DequantizingReader,
-    float_dtype: torch.dtype,
-) -> None:
-    """Fill one moekit tensor (or its quantized storage) from the checkpoint `keys`."""
-    mxfp4 = keys[0] in reader.view.mxfp4_pairs
-    if isinstance(dest, Tensor):
-        if mxfp4:
-            load_mxfp4_experts(dest, keys[0], op, reader)
-        else:
-            OPS[op][0](dest, keys, reader)
-    elif mxfp4:
-        load_mxfp4_quantized(dest, keys[0], op, reader, float_dtype)
-    else:  # read as the float load reads it (one moekit tensor), then quantized in slices
-        dense = torch.empty(dest.shape, dtype=float_dtype)
-        OPS[op][0](dense, keys, reader)
-        quantize_into(dest, dense)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
@@ -266,109 +197,6 @@ def _allocate(model: MoETransformer) -> None:
     model.to_empty(device="cpu")
     for buffer in model.buffers():
         buffer.zero_()
-
-
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def _choose_mtp(
-    cfg: ModelConfig, files: dict[str, WeightInfo], keep: bool
-) -> tuple[ModelConfig, set[str]]:
-    """The config to load (its mtp_depth what the checkpoint holds and the caller keeps) and the
-    checkpoint keys left out on purpose (the MTP layers' when keep is False)."""
-    first, end = cfg.n_layers, cfg.n_layers + cfg.mtp_depth
-    layers = {k: _LAYER_KEY.match(k) for k in files}
-    mtp = {k for k, m in layers.items() if m is not None and first <= int(m.group(1)) < end}
-    if not mtp:
-        return cfg.replace(mtp_depth=0), set()
-    if not keep:
-        warnings.warn(
-            f"load_hf(mtp=False) drops the checkpoint's multi-token-prediction module "
-            f"({len(mtp)} tensors of model.layers.{first}..{end - 1}); load with mtp=True "
-            "(the default) to keep it",
-            stacklevel=3,
-        )
-        return cfg.replace(mtp_depth=0), mtp
-    return cfg, set()
-
-
-def _check_copies(arch: Architecture, cfg: ModelConfig, reader: CheckpointReader) -> None:
-    """Refuse a checkpoint whose copies (`Architecture.copies`) differ from their originals:
-    moekit keeps one tensor for both."""
-    for copy, original in arch.copies(cfg).items():
-        for rows in reader.row_slices(original):
-            part = None if rows == slice(None) else rows
-            if not torch.equal(reader.read(copy, part), reader.read(original, part)):
-                raise CheckpointError(
-                    f"this {arch.model_type} checkpoint's {copy} differs from {original}: moekit "
-                    "shares one tensor between them, so it loads only equal copies"
-                )
-
-
-def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
-    """Checkpoint keys that are not part of the model: the rotary tables older checkpoints kept,
-    a tied model's copy of its embedding, and those the architecture ignores."""
-    if key.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and key == "lm_head.weight"):
-        return True
-    return arch.ignores(key, cfg)
-
-
-def _plan_load(
-    model: MoETransformer, arch: Architecture, view: QuantizedView, dropped: set[str]
-) -> list[tuple[str, Source, list[str]]]:
-    """(moekit tensor's name, source, checkpoint keys) for every tensor the checkpoint must fill;
-    raises `CheckpointError` listing all missing, unexpected and misshapen tensors at once
-    (`dropped` keys are left out on purpose, the architecture's copies are checked, not loaded).
-    Keys and shapes are the dense ones of `view` (a quantized tensor's dense form)."""
-    keymap, cfg, files = arch.keys, model.cfg, view.files
-    n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
-    buffers = {name for name, _ in model.named_buffers()}
-    plan, used, missing, wrong = [], set(), [], []
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        template, layer = template_of(name, cfg.n_layers)
-        if template not in keymap:
-            if name in buffers:
-                continue  # e.g. a correction bias the architecture does not have: stays zero
-            raise CheckpointError(
-                f"{arch.model_type}: moekit parameter {name} has no place in the key map"
-            )
-        options = [(s, checkpoint_keys(s, layer, n_experts)) for s in sources(keymap[template])]
-        found = [(s, keys) for s, keys in options if all(k in files for k in keys)]
-        if not found:
-            best = max(options, key=lambda o: sum(k in files for k in o[1]))[1]
-            missing += [k for k in best if k not in files]
-            continue
-        source, keys = found[0]
-        for key, shape in expected_shapes(source, tuple(tensor.shape), layer, n_experts).items():
-            if files[key].shape != shape:
-                wrong.append(view.misshapen(key, shape))
-        wrong += view.check_op(source.op, keys)
-        plan.append((name, source, keys))
-        used.update(keys)
-    for copy, original in arch.copies(cfg).items():
-        if copy not in files:
-            missing.append(copy)
-        elif original in files and files[copy].shape != files[original].shape:
-            wrong.append(
-                f"{copy} has shape {files[copy].shape}, {original} {files[original].shape}"
-            )
-        used.add(copy)
-    used |= dropped
-    unexpected = sorted(k for k in files if k not in used and not _ignored(arch, cfg, k))
-    _raise_if_any(arch.model_type, missing, unexpected, wrong)
-    return plan
-
-
-def _raise_if_any(arch: str, missing: list[str], unexpected: list[str], wrong: list[str]) -> None:
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", wrong)):
-        if keys:
-            more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
-            problems.append(f"{len(keys)} {what}: " + ", ".join(keys[:_LISTED]) + more)
-    if problems:
-        raise CheckpointError(
-            f"this {arch} checkpoint does not fit its config: " + "; ".join(problems)
-        )
 
 
 def save_hf(

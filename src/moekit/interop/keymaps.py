@@ -4,8 +4,10 @@ A key map is a table `{moekit name template: Source}` (or a pair of sources: the
 layout first, transformers 5's fused layout second). Templates use `{i}` for the layer and `{e}`
 for the expert. Each architecture's key map is in `archs/<arch>.py`, built from the pieces at the
 end of this file. A `Source` names the checkpoint keys a tensor is made of and the `op` that joins
-them; each op is a pair of functions, one filling a moekit tensor from the checkpoint (streamed,
-one expert or one slice at a time) and one producing the checkpoint tensors from a moekit tensor.
+them; each op is a pair of functions, one reading a moekit tensor of a given shape from the
+checkpoint as pieces (index, values) of at most one expert or one slice of rows each, which the
+loader copies or quantizes into place, and one producing the checkpoint tensors from a moekit
+tensor.
 
     copy            one key, the same tensor
     cat             k keys stacked on the first axis: [gate; up] of a fused shared FFN
@@ -82,6 +84,12 @@ def checkpoint_keys(source: Source, layer: int | None, n_experts: int) -> list[s
 # ---- ops: expected shapes, loading (checkpoint -> moekit) and saving (moekit -> checkpoint) ----
 
 
+Shape = tuple[int, ...]
+# One piece of a moekit tensor as a loader yields it: (where it goes: an index of the tensor's
+# leading axes, the float values there), at most one expert or one slice of rows.
+Piece = tuple[int | slice | tuple[int, slice], Tensor]
+
+
 def _shapes(source: Source, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The shape each template of `source` must have for a moekit tensor of shape `ours`."""
     k = len(source.keys)
@@ -107,35 +115,42 @@ def expected_shapes(
     return out
 
 
-def _load_copy(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
+def _load_copy(shape: Shape, keys: list[str], reader: CheckpointReader) -> Iterator[Piece]:
+    if len(shape) >= 3:  # stacked experts (a fused layout's): one expert at a time
+        for e in range(shape[0]):
+            yield e, reader.read(keys[0], e)
+        return
     for rows in reader.row_slices(keys[0]):
-        dest[rows].copy_(reader.read(keys[0], None if rows == slice(None) else rows))
+        yield rows, reader.read(keys[0], None if rows == slice(None) else rows)
 
 
-def _load_cat(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
-    for part, block in zip(keys, dest.chunk(len(keys), dim=0), strict=True):
-        block.copy_(reader.read(part))
+def _load_cat(shape: Shape, keys: list[str], reader: CheckpointReader) -> Iterator[Piece]:
+    n = shape[0] // len(keys)
+    for p, key in enumerate(keys):
+        yield slice(p * n, (p + 1) * n), reader.read(key)
 
 
-def _load_experts(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
-    n_experts = dest.shape[0]
+def _load_experts(shape: Shape, keys: list[str], reader: CheckpointReader) -> Iterator[Piece]:
+    n_experts = shape[0]
     parts = len(keys) // n_experts
+    n = shape[1] // parts
     for e in range(n_experts):
-        for p, block in enumerate(dest[e].chunk(parts, dim=0)):
-            block.copy_(reader.read(keys[p * n_experts + e]))
+        for p in range(parts):
+            yield (e, slice(p * n, (p + 1) * n)), reader.read(keys[p * n_experts + e])
 
 
-def _load_transpose(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
-    for e in range(dest.shape[0]):
-        dest[e].copy_(reader.read(keys[0], e).transpose(-1, -2))
+def _load_transpose(shape: Shape, keys: list[str], reader: CheckpointReader) -> Iterator[Piece]:
+    for e in range(shape[0]):
+        yield e, reader.read(keys[0], e).transpose(-1, -2)
 
 
-def _load_interleaved(dest: Tensor, keys: list[str], reader: CheckpointReader) -> None:
-    for e in range(dest.shape[0]):
+def _load_interleaved(shape: Shape, keys: list[str], reader: CheckpointReader) -> Iterator[Piece]:
+    f = shape[1] // 2
+    for e in range(shape[0]):
         src = reader.read(keys[0], e)  # (D, 2F) or, for the bias, (2F,)
-        gate, up = dest[e].chunk(2, dim=0)
-        gate.copy_(src[..., 0::2].transpose(-1, -2) if src.dim() == 2 else src[0::2])
-        up.copy_(src[..., 1::2].transpose(-1, -2) if src.dim() == 2 else src[1::2])
+        for half, rows in ((0, slice(0, f)), (1, slice(f, 2 * f))):
+            part = src[..., half::2]
+            yield (e, rows), part.transpose(-1, -2) if src.dim() == 2 else part
 
 
 def _save_copy(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
@@ -165,7 +180,7 @@ def _save_interleaved(t: Tensor, keys: list[str]) -> Iterator[tuple[str, Tensor]
     yield keys[0], torch.stack([gate, up], dim=-1).flatten(-2)
 
 
-Loader = Callable[[Tensor, list[str], CheckpointReader], None]
+Loader = Callable[[Shape, list[str], CheckpointReader], Iterator[Piece]]
 Saver = Callable[[Tensor, list[str]], Iterator[tuple[str, Tensor]]]
 OPS: dict[str, tuple[Loader, Saver]] = {
     "copy": (_load_copy, _save_copy),

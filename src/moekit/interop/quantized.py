@@ -17,11 +17,12 @@ so the loader's check of names and shapes against the config covers quantized ch
 any weight is read. Every problem of the format is a `CheckpointError` naming the tensor or field
 and what would be right. moekit writes (`save_hf`) unquantized checkpoints only.
 
-Loaded quantized (`load_hf(keep_quantized=True)` or `load_hf(quantize=QuantizeConfig(...))`), a
-tensor goes into its `QuantizedWeight` storage here: an MXFP4 pair into MXFP4 storage as shipped
-(`load_mxfp4_quantized`: the bytes copied, rows reordered, never decoded), anything else
-dequantized (MXFP4 one expert, FP8 one block row slice at a time) and quantized a slice of rows at
-a time (`quantize_into`).
+`fill` puts each loaded tensor in place, a piece (one expert, or one slice of rows) at a time:
+into the float parameter, or, loaded quantized (`load_hf(keep_quantized=True)` or
+`load_hf(quantize=QuantizeConfig(...))`), into its `QuantizedWeight` storage: an MXFP4 pair into
+MXFP4 storage as shipped (`load_mxfp4`: the bytes copied, rows reordered, never decoded), anything
+else dequantized (MXFP4 one expert, FP8 one block row slice at a time) and quantized piece by
+piece (`quantize_into`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from moekit.config import QuantizeConfig
 from moekit.interop.configs import HF
 from moekit.interop.files import CheckpointError, WeightInfo
+from moekit.interop.keymaps import OPS, Piece, Source
 from moekit.quant.formats import (
     FP8_FORMATS,
     check_fp8_scales,
@@ -42,7 +45,8 @@ from moekit.quant.formats import (
     fp8_row_slices,
     mxfp4_expert_weight,
 )
-from moekit.quant.schemes import GROUP, QuantizedWeight, quantize
+from moekit.quant.modules import QuantizedExperts, QuantizedLinear
+from moekit.quant.schemes import GROUP, QuantizedWeight, quantize_into
 from moekit.userfiles import SLICE_BYTES, CheckpointReader
 
 QUANT_METHODS = ("fp8", "mxfp4")
@@ -232,7 +236,7 @@ def _view_mxfp4(view: QuantizedView) -> list[str]:
 
 class DequantizingReader(CheckpointReader):
     """A `CheckpointReader` that reads FP8 weights dequantized (to `dtype`), one whole block row
-    slice at a time; MXFP4 pairs are read by `load_mxfp4_experts`."""
+    slice at a time; MXFP4 pairs are read by `load_mxfp4`."""
 
     def __init__(self, view: QuantizedView, dtype: torch.dtype) -> None:
         super().__init__({k: info.path for k, info in view.stored.items()})
@@ -244,7 +248,7 @@ class DequantizingReader(CheckpointReader):
 
     def read(self, key: str, rows: slice | int | None = None) -> Tensor:
         if key in self.view.mxfp4_pairs:
-            raise CheckpointError(f"{key} is MXFP4: read it with load_mxfp4_experts")
+            raise CheckpointError(f"{key} is MXFP4: read it with load_mxfp4")
         if key not in self.view.fp8_scales:
             return super().read(key, rows)
         return self._read_fp8(key, rows)
@@ -279,53 +283,88 @@ class DequantizingReader(CheckpointReader):
         )
 
 
-def load_mxfp4_experts(dest_EOI: Tensor, key: str, op: str, reader: DequantizingReader) -> None:
-    """Fill moekit's stacked expert weight `dest_EOI` (w_in (E, 2F, D) or w_out (E, D, F)) from
-    the MXFP4 pair of `key`, one expert and at most SLICE_BYTES of float32 rows at a time, through
-    `mxfp4_expert_weight` (the bytes as shipped) and `QuantizedWeight.dequantize`."""
-    blocks, scales = reader.view.mxfp4_pairs[key]
-    rows_per_slice = max(1, SLICE_BYTES // (4 * dest_EOI.shape[-1]))
-    for e in range(dest_EOI.shape[0]):
-        qw_OI = mxfp4_expert_weight(
-            reader.read_stored(blocks, e),
-            reader.read_stored(scales, e),
-            interleaved=MXFP4_OPS[op],
-            name=key,
+def load_schemes(
+    quantize: QuantizeConfig | None, keep_quantized: bool, quantization: Quantization | None
+) -> QuantizeConfig | None:
+    """The `QuantizeConfig` `load_hf` loads the model in (None: float)."""
+    if quantize is not None and keep_quantized:
+        raise ValueError(
+            "load_hf takes keep_quantized or quantize, not both: quantize with experts='mxfp4' "
+            "keeps MXFP4 experts as shipped"
         )
-        for start in range(0, dest_EOI.shape[1], rows_per_slice):
-            part = slice(start, start + rows_per_slice)
-            dest_EOI[e, part].copy_(qw_OI[part].dequantize(dest_EOI.dtype))
+    if quantize is not None:
+        return quantize
+    if keep_quantized and quantization is not None and quantization.method == "mxfp4":
+        return QuantizeConfig(weights="none", experts="mxfp4")
+    return None
 
 
-def quantize_into(dest: QuantizedWeight, w: Tensor, max_elements: int = SLICE_BYTES // 4) -> None:
-    """Quantize the float weight w (..., O, I) into the storage `dest` of its shape, in dest's
-    scheme (int4 with a zero point where dest has offsets), one matrix and at most `max_elements`
-    of its rows at a time (every scheme quantizes rows independently, so the result is the one
-    `quantize(w, ...)` gives at once)."""
-    if tuple(dest.shape) != tuple(w.shape):
-        raise ValueError(f"a {tuple(w.shape)} weight does not fit {dest.scheme} storage of "
-                         f"{tuple(dest.shape)}")  # fmt: skip
-    if w.dim() > 2:
-        for e in range(w.shape[0]):
-            quantize_into(dest[e], w[e], max_elements)
-        return
-    step = max(1, max_elements // max(w.shape[-1], 1))
-    for start in range(0, w.shape[0], step):
-        rows = slice(start, start + step)
-        q = quantize(w[rows], dest.scheme, zero_point=dest.offsets is not None).tensors()
-        for name, t in dest[rows].tensors().items():
-            t.copy_(q[name])
+def destination(model: nn.Module, name: str) -> Tensor | QuantizedWeight:
+    """Where the load plan's moekit tensor `name` goes: a quantized module's storage, or the
+    float parameter or buffer itself."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if isinstance(module, QuantizedExperts) and attr in ("w_in", "w_out"):
+        return module.quantized_weights()[("w_in", "w_out").index(attr)]
+    if isinstance(module, QuantizedLinear) and attr == "weight":
+        return module.weight_q
+    return getattr(module, attr).data
 
 
-def load_mxfp4_quantized(
-    dest: QuantizedWeight, key: str, op: str, reader: DequantizingReader, dtype: torch.dtype
+def check_kept(
+    model: nn.Module, plan: list[tuple[str, Source, list[str]]], view: QuantizedView
 ) -> None:
-    """Fill the quantized storage `dest` of moekit's stacked expert weight (w_in (E, 2F, D) or
-    w_out (E, D, F)) from the MXFP4 pair of `key`, one expert at a time. MXFP4 storage takes the
-    bytes as shipped (`mxfp4_expert_weight`: rows reordered, never decoded); another scheme gets
-    each expert dequantized to `dtype` (what `load_mxfp4_experts` would load) and requantized, at
-    most SLICE_BYTES of float32 rows at a time."""
+    """keep_quantized keeps MXFP4 experts: every routed expert weight must be shipped in MXFP4
+    (a float one would be quantized, which keep_quantized never does)."""
+    for name, _, keys in plan:
+        if isinstance(destination(model, name), QuantizedWeight) and (
+            keys[0] not in view.mxfp4_pairs
+        ):
+            raise CheckpointError(
+                f"keep_quantized keeps MXFP4 experts as shipped, but {keys[0]} (moekit's {name}) "
+                f"is stored {view.files[keys[0]].dtype}, not MXFP4: load with "
+                "keep_quantized=False, or quantize the experts (quantize=QuantizeConfig(...))"
+            )
+
+
+def fill(
+    dest: Tensor | QuantizedWeight,
+    op: str,
+    keys: list[str],
+    reader: DequantizingReader,
+    float_dtype: torch.dtype,
+) -> None:
+    """Fill one moekit tensor `dest` (float, or its quantized storage) from the checkpoint `keys`
+    joined by the key-map `op`, one piece at a time: at most one expert, or one slice of rows, is
+    ever in float (`dest` float: copied; quantized: `quantize_into` from the piece in
+    `float_dtype`, what the float load would hold). An MXFP4 pair goes through `load_mxfp4`."""
+    if keys[0] in reader.view.mxfp4_pairs:
+        pieces = load_mxfp4(dest, keys[0], op, reader, float_dtype)
+    else:
+        pieces = OPS[op][0](tuple(dest.shape), keys, reader)
+    for index, value in pieces:
+        if isinstance(dest, QuantizedWeight):  # from what the float load would hold
+            quantize_into(dest[index], value.to(float_dtype))
+        else:
+            dest[index].copy_(value)
+
+
+def load_mxfp4(
+    dest: Tensor | QuantizedWeight,
+    key: str,
+    op: str,
+    reader: DequantizingReader,
+    dtype: torch.dtype,
+) -> Iterator[Piece]:
+    """Load moekit's stacked expert weight (w_in (E, 2F, D) or w_out (E, D, F)) from the MXFP4
+    pair of `key`, one expert at a time through `mxfp4_expert_weight` (the bytes as shipped, rows
+    reordered). MXFP4 storage `dest` takes those bytes here (never decoded); for any other `dest`
+    (float, or storage in another scheme) the pieces yielded are each expert decoded
+    (`QuantizedWeight.dequantize`, to a float `dest`'s dtype, else `dtype`), at most SLICE_BYTES
+    of float32 rows at a time, for `fill` to copy or requantize."""
     blocks, scales = reader.view.mxfp4_pairs[key]
+    kept = isinstance(dest, QuantizedWeight) and dest.scheme == "mxfp4"
+    dtype = dest.dtype if isinstance(dest, Tensor) else dtype
     for e in range(dest.shape[0]):
         qw_OI = mxfp4_expert_weight(
             reader.read_stored(blocks, e),
@@ -333,11 +372,11 @@ def load_mxfp4_quantized(
             interleaved=MXFP4_OPS[op],
             name=key,
         )
-        if dest.scheme == "mxfp4":
+        if kept:
             dest.data[e].copy_(qw_OI.data)
             dest.scales[e].copy_(qw_OI.scales)
             continue
         rows_per_slice = max(1, SLICE_BYTES // (4 * qw_OI.shape[-1]))
         for start in range(0, qw_OI.shape[0], rows_per_slice):
             part = slice(start, start + rows_per_slice)
-            quantize_into(dest[e][part], qw_OI[part].dequantize(dtype))
+            yield (e, part), qw_OI[part].dequantize(dtype)

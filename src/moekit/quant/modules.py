@@ -27,7 +27,13 @@ from moekit.experts import Experts
 from moekit.experts.experts import expert_ffn, selected_experts_forward
 from moekit.model.transformer import MoETransformer
 from moekit.quant import kernels
-from moekit.quant.schemes import QuantizedWeight, check_quantizable, empty_quantized, quantize
+from moekit.quant.schemes import (
+    QuantizedWeight,
+    check_quantizable,
+    empty_quantized,
+    quantize,
+    quantize_into,
+)
 
 PARTS = ("experts", "attention", "ffn", "head")
 
@@ -137,16 +143,26 @@ class QuantizedExperts(nn.Module):
         )
 
 
+def _part_of(name: str, module: nn.Module) -> str | None:
+    """The part ("experts", "attention", "ffn", "head") module `name` belongs to, float or
+    already quantized; None for a module `quantize_model` leaves alone."""
+    if isinstance(module, Experts | QuantizedExperts):
+        return "experts"
+    linear = type(module) is nn.Linear and not name.endswith("shared_experts.gate")
+    if not (linear or isinstance(module, QuantizedLinear)):
+        return None
+    if name == "lm_head":
+        return "head"
+    return "attention" if ".attn." in f".{name}." else "ffn"
+
+
 def quantizable_parts(model: MoETransformer) -> dict[str, str]:
     """{module name: part} of every module `quantize_model` may quantize, in model order."""
-    parts = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Experts):
-            parts[name] = "experts"
-        elif type(module) is nn.Linear and not name.endswith("shared_experts.gate"):
-            is_attention = ".attn." in f".{name}."
-            parts[name] = "head" if name == "lm_head" else "attention" if is_attention else "ffn"
-    return parts
+    return {
+        name: part
+        for name, module in model.named_modules()
+        if isinstance(module, Experts | nn.Linear) and (part := _part_of(name, module))
+    }
 
 
 def quantize_model(
@@ -206,13 +222,12 @@ def _requantize_plan(
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedExperts):
-            part, stored = "experts", module.quantized_weights()
+            stored = module.quantized_weights()
         elif isinstance(module, QuantizedLinear):
-            in_attention = ".attn." in f".{name}."
-            part = "head" if name == "lm_head" else "attention" if in_attention else "ffn"
             stored = (module.weight_q,)
         else:
             continue
+        part = _part_of(name, module)
         scheme = config.scheme_of(part)
         zero_point = config.zero_point and scheme == "int4"
         if scheme is None or all(
@@ -234,9 +249,7 @@ def _requantized(
     if empty:
         return out
     for index in itertools.product(*map(range, qw.shape[:-2])):
-        q = quantize(qw[index].dequantize(), scheme, zero_point).tensors()
-        for name, t in out[index].tensors().items():
-            t.copy_(q[name])
+        quantize_into(out[index], qw[index].dequantize())
     return out
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from moekit.userfiles import SLICE_BYTES
+
 SCHEMES = ("bf16", "int8", "int4", "mxfp4")
 GROUP = 32  # int4 and mxfp4 group size along the input axis
 # The 16 E2M1 codes' values: bit 3 is the sign.
@@ -112,6 +114,26 @@ def quantize(w: Tensor, scheme: str, zero_point: bool = False) -> QuantizedWeigh
     return QuantizedWeight("int4", _pack(q.flatten(-2)), scales)
 
 
+def quantize_into(dest: QuantizedWeight, w: Tensor, max_elements: int = SLICE_BYTES // 4) -> None:
+    """Quantize the float weight w (..., O, I) into the storage `dest` of its shape, in dest's
+    scheme (int4 with a zero point where dest has offsets), one matrix and at most `max_elements`
+    of its rows at a time (every scheme quantizes rows independently, so the result is the one
+    `quantize(w, ...)` gives at once)."""
+    if tuple(dest.shape) != tuple(w.shape):
+        raise ValueError(f"a {tuple(w.shape)} weight does not fit {dest.scheme} storage of "
+                         f"{tuple(dest.shape)}")  # fmt: skip
+    if w.dim() > 2:
+        for e in range(w.shape[0]):
+            quantize_into(dest[e], w[e], max_elements)
+        return
+    step = max(1, max_elements // max(w.shape[-1], 1))
+    for start in range(0, w.shape[0], step):
+        rows = slice(start, start + step)
+        q = quantize(w[rows], dest.scheme, zero_point=dest.offsets is not None).tensors()
+        for name, t in dest[rows].tensors().items():
+            t.copy_(q[name])
+
+
 def _quantize_mxfp4(w_G32: Tensor) -> QuantizedWeight:
     """OCP MX: shared exponent floor(log2(amax)) - 2 (E2M1's largest exponent), each element
     rounded to the nearest E2M1 value (saturating at 6)."""
@@ -119,7 +141,7 @@ def _quantize_mxfp4(w_G32: Tensor) -> QuantizedWeight:
     exponent = torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2
     exponent = exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
     scaled = w_G32 / torch.exp2(exponent)[..., None]
-    magnitudes = torch.tensor(E2M1_MAGNITUDES)
+    magnitudes = torch.tensor(E2M1_MAGNITUDES, device=w_G32.device)
     midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
     code = torch.bucketize(scaled.abs(), midpoints) + 8 * (scaled < 0)
     scales = (exponent + E8M0_BIAS).to(torch.uint8)
@@ -158,7 +180,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tenso
         return (qw.data.float() * qw.scales[..., None]).to(dtype)
     q_G32 = _unpack(qw.data).unflatten(-1, (-1, GROUP))
     if qw.scheme == "mxfp4":
-        values = torch.tensor(E2M1_VALUES)[q_G32.long()]
+        values = torch.tensor(E2M1_VALUES, device=q_G32.device)[q_G32.long()]
         w_G32 = values * torch.exp2(qw.scales.float() - E8M0_BIAS)[..., None]
     elif qw.offsets is None:
         w_G32 = (q_G32.float() - 8) * qw.scales.float()[..., None]
