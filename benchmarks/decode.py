@@ -662,9 +662,14 @@ def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, model ready to decode) of moekit's side; each shares nothing it changes with
     `model`. Names of MATCHED pair with llama.cpp's format of the same precision."""
     from moekit.inference import decode_kernels
+    from moekit.model.attention import Attention
     from moekit.quant.modules import quantize_model
 
-    shared = {id(p): p for p in model.parameters()}
+    # The fp32 copy shares the weights it leaves as they are; q/k/v it copies: the decode glue
+    # fuses them, re-pointing their parameters' memory (the caller's, were they shared).
+    fused = {id(p) for m in model.modules() if isinstance(m, Attention)
+             for proj in (m.q_proj, m.k_proj, m.v_proj) for p in proj.parameters()}  # fmt: skip
+    shared = {id(p): p for p in model.parameters() if id(p) not in fused}
     out = [("moekit_fp32", decode_kernels.apply_decode_kernels(copy.deepcopy(model, shared)))]
     for name, config in MOEKIT_QUANTIZED.items():
         quantized = quantize_model(copy.deepcopy(model), config)

@@ -486,3 +486,31 @@ def test_glue_moe_forward_runs_other_experts_through_their_decode_path() -> None
         y, _ = decode_glue.glue_moe_forward(layer, x, with_aux=False, decoding=True)
     assert OtherExperts.calls == 1
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_benchmarks_contenders_leave_the_callers_model_alone() -> None:
+    """benchmarks/decode.py's moekit side: its fp32 copy shares the caller's weights, but fusing
+    q/k/v must re-point only the copy's (the caller's model runs llama.cpp's comparison)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("benchmark_decode_contenders", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    torch.manual_seed(11)
+    model = MoETransformer(_cfg(d_model=64, moe=MoEConfig(d_model=64, d_expert=32, n_experts=4)))
+    model.eval()
+    before = {n: (p.data_ptr(), p.untyped_storage().nbytes()) for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    contenders = dict(bench.moekit_contenders(model))
+    after = {n: (p.data_ptr(), p.untyped_storage().nbytes()) for n, p in model.named_parameters()}
+    assert after == before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    fp32 = contenders["moekit_fp32"]
+    assert fp32.layers[0].attn.__dict__.get("_glue_qkv_weight") is not None
+    assert fp32.norm.weight is model.norm.weight  # what the glue leaves alone stays shared
+    ids = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(_decode(fp32, ids, 4), _decode(model, ids, 4), rtol=1e-4, atol=1e-5)
