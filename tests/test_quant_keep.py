@@ -28,6 +28,7 @@ from moekit.data import byte_tokenizer
 from moekit.experts import Experts
 from moekit.interop import load_hf, save_hf
 from moekit.interop import quantized as interop_quantized
+from moekit.quant import kernels
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
 from moekit.quant.schemes import QuantizedWeight
 
@@ -77,7 +78,9 @@ def assert_shipped_bytes(state: dict[str, torch.Tensor], shipped: dict, n_layers
 
 
 def logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
+    """On the kernels' float path: a kept model is held to its dequantized load (the int8-activation
+    path, MXFP4's default, is held to this one in tests/test_quant_kernels.py)."""
+    with torch.no_grad(), kernels.use_activations("float"):
         return model(x).logits.float()
 
 
