@@ -109,7 +109,13 @@ _ops.define(
 
 def linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear(x (..., I), W (O, I), bias (O,)) -> (..., O) with W stored as `qw`: the kernel
-    where `qualifies`, else F.linear over `qw.dequantize(x.dtype)` (the reference)."""
+    where `qualifies`, else F.linear over `qw.dequantize(x.dtype)` (the reference). A bfloat16 or
+    float16 x (a checkpoint loaded as it ships: GPT-OSS's kept MXFP4 experts beside bfloat16
+    weights) runs the kernel in float32 and is cast back."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu:
+        x32, bias32 = x.float(), None if bias is None else bias.float()
+        if qualifies(x32, qw, bias32):
+            return linear(x32, qw, bias32).to(x.dtype)
     if not qualifies(x, qw, bias):
         return F.linear(x, qw.dequantize(x.dtype), bias)
     op = torch.ops.moekit.quant_linear.default
