@@ -84,7 +84,9 @@ def quantized_expert_ffn(
     cfg: MoEConfig,
 ) -> Tensor:
     """`expert_ffn` (one expert on N rows) with quantized weights, its products through
-    `kernels.linear`."""
+    `kernels.linear`; a SwiGLU expert without biases in one call (`kernels.swiglu_expert`)."""
+    if cfg.activation == "swiglu" and b_in is None and b_out is None:
+        return kernels.swiglu_expert(x_ND, w_in, w_out)
     return expert_ffn(x_ND, w_in, w_out, b_in, b_out, cfg, linear=kernels.linear)
 
 
