@@ -296,10 +296,11 @@ def test_glue_moe_forward_matches_moe_layer(moe_overrides: dict) -> None:
 
 
 def test_fused_qkv_shares_parameters_and_unfuses() -> None:
+    """Opt-in (`fuse_qkv_weights`): q/k/v view one stacked tensor, undone by remove_decode_glue."""
     torch.manual_seed(4)
     model = MoETransformer(_cfg()).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_decode_glue(model)
+    apply_decode_glue(model, fuse_qkv_weights=True)
     attn = model.layers[0].attn
     fused = attn._glue_qkv_weight
     assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
@@ -343,7 +344,7 @@ def test_glue_decode_runs_the_fast_paths(monkeypatch) -> None:
     """The decode steps of a glued model run the C attention and routing (not silently the
     references): counted through the library."""
     torch.manual_seed(5)
-    model = apply_decode_kernels(MoETransformer(_cfg()).eval())  # which applies the glue too
+    model = apply_decode_glue(apply_decode_kernels(MoETransformer(_cfg()).eval()), True, True)
     calls = _count_glue_calls(monkeypatch)
     _decode(model, torch.randint(0, 97, (1, 8)), 4)
     n_steps, n_layers = 4, 2
@@ -357,7 +358,7 @@ def test_hooks_make_the_glue_run_the_reference(monkeypatch, where: str) -> None:
     products itself) sends the step through the reference, which calls the module: the hook
     sees every decode step. Removed, the fast paths run again."""
     torch.manual_seed(8)
-    model = apply_decode_kernels(MoETransformer(_cfg()).eval())
+    model = apply_decode_glue(apply_decode_kernels(MoETransformer(_cfg()).eval()), True, True)
     ids = torch.randint(0, 97, (1, 8))
     ref = _decode(model, ids, 4)
     calls, seen = _count_glue_calls(monkeypatch), []
@@ -413,7 +414,7 @@ def test_deepcopy_of_a_glued_model_follows_its_own_weights() -> None:
     """A deepcopy clones each parameter: the copy's q/k/v no longer view the fused tensor it also
     copied, so the glue must run its projections' own (changed) weights, not the stale fusion."""
     torch.manual_seed(9)
-    model = apply_decode_kernels(MoETransformer(_cfg()).eval())
+    model = apply_decode_glue(apply_decode_kernels(MoETransformer(_cfg()).eval()), True)
     ids = torch.randint(0, 97, (1, 10))
     clone = copy.deepcopy(model)
     with torch.no_grad():
@@ -431,7 +432,9 @@ def test_deepcopy_of_a_glued_model_follows_its_own_weights() -> None:
 def test_replaced_qkv_data_is_not_read_from_the_stale_fusion() -> None:
     """`param.data = ...` gives a projection other memory: the glue runs it, not the fusion."""
     torch.manual_seed(10)
-    model = apply_decode_kernels(MoETransformer(_cfg(attn_bias=True)).eval())
+    model = apply_decode_glue(
+        apply_decode_kernels(MoETransformer(_cfg(attn_bias=True)).eval()), True
+    )
     ids = torch.randint(0, 97, (1, 10))
     for layer in model.layers:
         k = layer.attn.k_proj
@@ -510,7 +513,6 @@ def test_decode_benchmarks_contenders_leave_the_callers_model_alone() -> None:
     assert after == before
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     fp32 = contenders["moekit_fp32"]
-    assert fp32.layers[0].attn.__dict__.get("_glue_qkv_weight") is not None
     assert fp32.norm.weight is model.norm.weight  # what the glue leaves alone stays shared
     ids = torch.randint(0, 97, (1, 8))
     torch.testing.assert_close(_decode(fp32, ids, 4), _decode(model, ids, 4), rtol=1e-4, atol=1e-5)

@@ -333,18 +333,26 @@ def _route_buffers(E: int, K: int) -> tuple[ctypes.Array, ctypes.Array, ctypes.A
     return kept[E, K]
 
 
-def apply_decode_glue(model: MoETransformer) -> MoETransformer:
+def apply_decode_glue(
+    model: MoETransformer, fuse_qkv_weights: bool = False, route_in_c: bool = False
+) -> MoETransformer:
     """Swap the glue into `model` for generation, in place: every nn.RMSNorm becomes a
     `GlueRMSNorm` sharing its weight, and every `Attention` (the MTP blocks' too; not latent
-    attention) runs `glue_cached_attention`. Returns `model`; `remove_decode_glue` undoes it."""
+    attention) runs `glue_cached_attention`. Returns `model`; `remove_decode_glue` undoes it.
+    `fuse_qkv_weights`: q/k/v's weights become views of one stacked tensor, one product a step;
+    off by default, since safetensors then refuses to save the model (partial views of one
+    storage) until `remove_decode_glue`. `route_in_c`: one token's top-k routing in C
+    (`glue_moe_forward`); off by default, since its softmax rounds differently from torch's in the
+    last bit, and a model whose layers fall back to torch (hooked, offloaded with hooks) would then
+    not reproduce a glued one's tokens bit for bit."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.RMSNorm:
             model.set_submodule(name, GlueRMSNorm.sharing(module))
         elif isinstance(module, Attention):
             module.cached_attention = glue_cached_attention
-            if fuse_qkv(module):
+            if fuse_qkv_weights and fuse_qkv(module):
                 module.forward = functools.partial(glue_attention_forward, module)
-        elif isinstance(module, MoELayer):
+        elif isinstance(module, MoELayer) and route_in_c:
             module.forward = functools.partial(glue_moe_forward, module)
     model.rope_memo = {}
     return model
