@@ -312,6 +312,30 @@ AVX2_INLINE void group_step(const int RB, const int kind, const float *xp, const
             _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * I + 8 * k), v[k], acc[r][k % NK]);
 }
 
+/* Groups s..s+n of one 4-bit row: d[j] its scale (MXFP4: halved, E8M0_HALF) and, int4 only,
+ * m[j] its offset (w = d * nibble + m: -8 d symmetric, the stored offset with a zero point). */
+AVX2_INLINE void group_scales(const int kind, const void *scales, const uint16_t *offsets,
+                              int64_t s, int64_t n, float *d, float *m) {
+    if (kind == MXFP4) {
+        for (int64_t j = 0; j < n; j++) d[j] = E8M0_HALF[((const uint8_t *)scales)[s + j]];
+        return;
+    }
+    const uint16_t *sc = (const uint16_t *)scales + s;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 dj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j)));
+        __m256 mj = kind == INT4_ZP
+                        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
+                        : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
+        _mm256_storeu_ps(d + j, dj);
+        _mm256_storeu_ps(m + j, mj);
+    }
+    for (; j < n; j++) {
+        d[j] = _cvtsh_ss(sc[j]);
+        m[j] = kind == INT4_ZP ? _cvtsh_ss(offsets[s + j]) : -8.0f * d[j];
+    }
+}
+
 /* 4-bit: sums[r] = x[r, :] . row for RB rows of x_perm (x de-interleaved per group). Few rows
  * (and MXFP4 always) sum each group's dot apart, scale it, and alternate between 2 pairs of
  * accumulators a row from group to group; more rows add dequantized weights into NK
@@ -331,25 +355,7 @@ AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, cons
         _Pragma("GCC unroll 8") for (int a = 0; a < 4; a++) acc[r][a] = _mm256_setzero_ps();
     for (int64_t s = 0; s < G; s += SEGMENT) {
         const int64_t n = G - s < SEGMENT ? G - s : SEGMENT;
-        if (kind == MXFP4) {
-            for (int64_t j = 0; j < n; j++) d[j] = E8M0_HALF[((const uint8_t *)scales)[s + j]];
-        } else {
-            const uint16_t *sc = (const uint16_t *)scales + s;
-            int64_t j = 0;
-            for (; j + 8 <= n; j += 8) {
-                __m256 dj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j)));
-                __m256 mj =
-                    kind == INT4_ZP
-                        ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
-                        : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
-                _mm256_storeu_ps(d + j, dj);
-                _mm256_storeu_ps(m + j, mj);
-            }
-            for (; j < n; j++) {
-                d[j] = _cvtsh_ss(sc[j]);
-                m[j] = kind == INT4_ZP ? _cvtsh_ss(offsets[s + j]) : -8.0f * d[j];
-            }
-        }
+        group_scales(kind, scales, offsets, s, n, d, m);
         const uint8_t *bs = bytes + s * (GROUP / 2);
         const float *xs = xp + s * GROUP, *sxs = sx ? sx + s * 8 : NULL;
         int64_t g = 0;
@@ -646,25 +652,7 @@ AVX2_INLINE void x8_block(const int RB, const int kind, const int8_t *codes, con
     for (int64_t s = 0; s < G; s += X8_SEGMENT) {
         const int64_t n = G - s < X8_SEGMENT ? G - s : X8_SEGMENT;
         if (kind != INT8) {
-            if (kind == MXFP4) {
-                for (int64_t j = 0; j < n; j++) d[j] = E8M0_HALF[((const uint8_t *)scales)[s + j]];
-            } else {
-                const uint16_t *sc = (const uint16_t *)scales + s;
-                int64_t j = 0;
-                for (; j + 8 <= n; j += 8) {
-                    __m256 dj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j)));
-                    __m256 mj =
-                        kind == INT4_ZP
-                            ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offsets + s + j)))
-                            : _mm256_mul_ps(dj, _mm256_set1_ps(-8.0f));
-                    _mm256_storeu_ps(d + j, dj);
-                    _mm256_storeu_ps(m + j, mj);
-                }
-                for (; j < n; j++) {
-                    d[j] = _cvtsh_ss(sc[j]);
-                    m[j] = kind == INT4_ZP ? _cvtsh_ss(offsets[s + j]) : -8.0f * d[j];
-                }
-            }
+            group_scales(kind, scales, offsets, s, n, d, m);
         }
         if (kind == INT4 || kind == INT4_ZP) {
             _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
