@@ -12,11 +12,9 @@ one; MOEKIT_PORTABLE=1 (or `use_path("portable")`) forces the portable one. AVX-
 AVX512-BF16) is the next step, not written: this project's machine (AMD EPYC Zen 3) has none to
 run it on.
 
-`swiglu_expert(x, w_in, w_out)` runs a whole SwiGLU expert (both products and the activation) in
-one call: 10-18% faster than two `linear` calls and torch's silu at one row (27-50 us an
-expert saved, measured on the 213M model's and Qwen3-30B-A3B's expert shapes), -4% to +12% at eight.
-Registered as the torch ops `moekit::quant_linear` and `moekit::quant_swiglu_expert` (with fake
-implementations for torch.compile), called directly in eager decoding (`moekit.cbuild.call`).
+`swiglu_expert(x, w_in, w_out)` runs a whole SwiGLU expert in one call (10-18% faster than two
+`linear` calls and torch's silu at one row). Both are torch ops (`moekit::quant_linear`,
+`moekit::quant_swiglu_expert`, with fake implementations), called directly in eager decoding.
 
 Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
 MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x):
@@ -27,41 +25,23 @@ MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x)
     block at one row against 22), scaled and summed in float32 in a fixed order. Its result is
     F.linear(dequantized x, dequantized W) up to float32 summation order (tests hold it to that,
     and to the float path within (d / 2) @ |W|^T, d each block's x scale).
-Measured (benchmarks/results/quant_kernels.json: 2 threads, weights from DRAM, GB/s of stored
-weight, stream 30.6 GB/s; this 2-core host was shared, so figures drift by 10-20%), float -> int8
-path at one row: LM head 32000x768 int4 8.8 -> 12.7 GB/s (with zero point 9.7 -> 16.9), MXFP4
-6.4 -> 11.7, int8 18.3 -> 23.7; Qwen3-30B-A3B expert 768x2048 int4 8.1 -> 12.2, MXFP4 6.3 -> 9.5,
-int8 16.5 -> 16.2; 2048x768 int4 7.9 -> 10.0, MXFP4 5.3 -> 8.7, int8 14.4 -> 16.9 (the experts
-pay ~25 us of call and thread wake-up, not kernel); at eight rows int4 1.7-2.6x, MXFP4 1.4-1.7x,
-int8 1.0-1.6x. Error against the float reference on realistic rows (RMS-normed with 4 channels
-20x; post-SwiGLU with 0.2% 30x spikes; 8 rows): max |dy| / max |y| = 0.84-1.4% on every scheme
-and shape, where the weights' own quantization error on the same rows is 6-9% (int4), 12-18%
-(MXFP4) and 0.5-1% (int8). So the measured choice is "int8" for int4 and MXFP4 (an error an
-order of magnitude under the weights', 1.3-1.8x faster at one row) and "float" for int8 (0.98-1.3x
-for about twice the error): `DEFAULT_ACTIVATIONS`, as llama.cpp does for q4_0 and MXFP4. A
-dequantized float twin equals the float path (tests/test_quant.py takes it explicitly).
+Measured (benchmarks/results/quant_kernels.json; figures and the error study in
+benchmarks/README.md, Quantized weights): the int8 path is 1.3-1.8x the float path at one row
+for int4 and MXFP4, its output error (0.8-1.4% of the largest output on realistic rows) an order
+of magnitude under the weights' own quantization error, so it is their default
+(`DEFAULT_ACTIVATIONS`, as llama.cpp does for q4_0 and MXFP4); int8 weights stay on the float
+path (0.98-1.3x for about twice the error). A dequantized float twin equals the float path
+(tests/test_quant.py takes it explicitly).
 
-Ours or a library's, per scheme (benchmarks/quant_kernels.py, figures in
-benchmarks/results/quant_kernels.json; 2 threads, weights from DRAM, float32 x): ours, for all
-four. torch has no bf16-weight product with float32 x (F.linear wants one dtype; with x in bf16
-it was 1.1-1.5x slower at one row and 4-7x at eight). `torch._weight_int8pack_mm` with float32 x
-was 6-10x slower; with bf16 x (x rounded to bf16) 1.4-1.9x slower at one row, 1.1-2.3x at eight.
-`torch._weight_int4pack_mm_for_cpu` with float32 x was 12-20x slower; with bf16 x 1.2-1.7x slower
-at one row and 1.0-1.2x at eight, and it needs the weight repacked to its own tiles and its
-scales and zeros in x's dtype (6 bits a weight with float32 ones). torchao 0.18 (installed to
-measure it; not a dependency) has no int4 kernel for this CPU (its CPU int4 layouts need mslk or
-are gone), and its int8 and intx weight-only tensors dequantize the whole weight every call
-(3-100x slower). torch has no MXFP4 product.
+Ours or a library's, per scheme: ours, for all four. torch has no bf16-weight product with
+float32 x; `torch._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` were 6-20x slower with
+float32 x and 1.0-1.9x slower with x rounded to bf16 (and int4's needs the weight repacked to its
+own tiles); torchao 0.18 has no int4 kernel for this CPU and dequantizes the whole weight every
+call (3-100x slower); torch has no MXFP4 product.
 
-Where the time goes (gcc 12 -O3, instructions counted in its loops): bf16 and int8 at one row
-stream their weights (a 2 KiB software prefetch ahead: without it int8 from DRAM was ~15%
-slower); 4-bit is compute-bound on AVX2: 22 instructions a group of 32 weights at one row (0.69
-a weight; int4: two zero-extending loads, mask and shift, four conversions, 4+1+1 FMAs: the
-group's dot, its scale, its offset times x's sum, plus the broadcasts and loop), ~10 Gw/s a core
-at 2.45 GHz (IPC ~2.8), about a third of the stream bound at 4.5 bits a weight; MXFP4's table
-lookups (pshufb, then widening: 25 instructions a group, more of them on the shuffle ports) run
-~30% slower than int4. At eight rows all schemes are FMA-bound (one FMA per
-8 multiply-adds, 2 a cycle).
+Where the time goes: bf16 and int8 stream their weights (a 2 KiB software prefetch ahead);
+4-bit on the float path is compute-bound on AVX2 (22 instructions a group of 32 weights at one
+row, ~10 G weights/s a core; MXFP4's table lookups ~30% slower), hence the int8 path.
 """
 
 from __future__ import annotations
