@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from tests.run_cases import JSON_PACKAGE
+from tests.run_cases import JSON_PACKAGE, quantizable_model, train_quantizable_run
 
 from moekit import load
 from moekit.cli import main
@@ -26,18 +26,6 @@ from moekit.quant.modules import (
     quantize_model,
 )
 from moekit.quant.schemes import GROUP, empty_quantized
-
-
-def model_cfg() -> ModelConfig:
-    """tiny with every width a multiple of 32 (int4 and MXFP4 quantize groups of 32)."""
-    tiny = ModelConfig.preset("tiny")
-    return tiny.replace(
-        d_model=64,
-        n_heads=4,
-        d_ff=96,
-        vocab_size=257,
-        moe=tiny.moe.replace(d_model=64, d_expert=32),
-    )
 
 
 def weight(*shape: int) -> torch.Tensor:
@@ -153,7 +141,7 @@ def test_quantized_model_is_its_dequantized_twin_and_close_to_float() -> None:
     """On the kernels' float path (weights dequantized in registers) the quantized model is its
     dequantized twin; the int8-activation path (int4's and MXFP4's default) is held to it in
     tests/test_quant_kernels.py."""
-    model = MoETransformer(model_cfg()).eval()
+    model = MoETransformer(quantizable_model()).eval()
     ids = torch.randint(0, 257, (2, 12))
     with torch.no_grad(), kernels.use_activations("float"):
         reference = model(ids).logits
@@ -176,7 +164,7 @@ def test_quantized_model_is_its_dequantized_twin_and_close_to_float() -> None:
 
 
 def test_quantized_experts_decode_path_equals_grouped_path_and_reference() -> None:
-    cfg = model_cfg().moe
+    cfg = quantizable_model().moe
     experts = Experts(cfg)
     w_in, w_out = quantize(experts.w_in, "int4"), quantize(experts.w_out, "int8")
     quantized = QuantizedExperts(experts, w_in, w_out)
@@ -205,16 +193,7 @@ def test_quantized_weight_indexes_its_stacked_experts() -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("quant_cli")
-    cfg = model_cfg()
-    overrides = [f"--model.d_model={cfg.d_model}", f"--model.n_heads={cfg.n_heads}",
-                 f"--model.d_ff={cfg.d_ff}", f"--model.moe.d_model={cfg.d_model}",
-                 f"--model.moe.d_expert={cfg.moe.d_expert}"]  # fmt: skip
-    args = ["train", "tiny", f"--out={tmp / 'run'}", "--train.steps=2", "--train.progress=false",
-            f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
-            f"--train.data.cache_dir={tmp / 'cache'}", *overrides]  # fmt: skip
-    assert main(args) == 0
-    return tmp / "run"
+    return train_quantizable_run(tmp_path_factory.mktemp("quant_cli"))
 
 
 def test_quantize_command_writes_a_run_that_generate_and_convert_read(

@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tests.run_cases import JSON_PACKAGE
+from tests.run_cases import quantizable_model, train_quantizable_run
 from tests.test_offload import greedy
-from tests.test_quant import model_cfg
 
 from moekit import load
 from moekit.cli import main
@@ -25,7 +24,7 @@ from moekit.quant import QuantizedWeight
 from moekit.quant.modules import QuantizedLinear
 from moekit.train.sample import find_run
 
-CFG = model_cfg()
+CFG = quantizable_model()
 TOP_K = CFG.moe.top_k
 N_EXPERTS = len(CFG.moe_layer_indices) * CFG.moe.n_experts
 # Quantized runs by name: the `moekit quantize` options that wrote them.
@@ -36,14 +35,7 @@ QUANTIZED = {"int4": ["--weights=int4"], "mixed": ["--experts=mxfp4", "--attenti
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A float run trained 2 steps (widths multiples of 32) and its quantized runs, by name."""
     tmp = tmp_path_factory.mktemp("quant_offload")
-    overrides = [f"--model.d_model={CFG.d_model}", f"--model.n_heads={CFG.n_heads}",
-                 f"--model.d_ff={CFG.d_ff}", f"--model.moe.d_model={CFG.d_model}",
-                 f"--model.moe.d_expert={CFG.moe.d_expert}"]  # fmt: skip
-    args = ["train", "tiny", f"--out={tmp / 'float'}", "--train.steps=2", "--train.progress=false",
-            f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
-            f"--train.data.cache_dir={tmp / 'cache'}", *overrides]  # fmt: skip
-    assert main(args) == 0
-    runs = {"float": tmp / "float"}
+    runs = {"float": train_quantizable_run(tmp, "float")}
     for name, options in QUANTIZED.items():
         runs[name] = tmp / name
         assert main(["quantize", str(runs["float"]), *options, f"--out={runs[name]}"]) == 0
