@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -76,18 +77,6 @@ ROWS = (1, 8)
 POOL_BYTES = 128 * 2**20  # 4x the L3
 REPEATS = 5
 SECONDS_A_PASS = 0.04  # each contender's calls a pass last about this long
-
-
-def stream_bandwidth(n_bytes: int = 2**31, repeats: int = 5) -> float:
-    """Bytes/s of a float32 `sum` over n_bytes: the median of `repeats`."""
-    x = torch.ones(n_bytes // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return n_bytes / statistics.median(times)
 
 
 def _nbytes(*tensors) -> int:
@@ -261,6 +250,9 @@ def measure(
 ) -> tuple[list[dict], list[float]]:
     """Every contender on every shape and row count; and the stream bandwidth measured before
     each shape and after the last (it drifts on a shared machine: the median is the bound)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode import stream_bandwidth  # the benchmarks' one stream measurement
+
     try:
         import torchao  # noqa: F401
 
@@ -269,7 +261,7 @@ def measure(
         have_torchao = False
     results, streams = [], []
     for shape_name, (O, I) in shapes.items():
-        streams.append(stream_bandwidth(stream_bytes))
+        streams.append(stream_bandwidth(repeats=5, n_bytes=stream_bytes)["median"])
         g = torch.Generator().manual_seed(O * 7 + I)
         w = torch.randn(O, I, generator=g) / I**0.5
         entries = contenders(w, have_torchao)
@@ -310,7 +302,7 @@ def measure(
                 results.append(row)
                 print(json.dumps(row), flush=True)
             del timed
-    streams.append(stream_bandwidth(stream_bytes))
+    streams.append(stream_bandwidth(repeats=5, n_bytes=stream_bytes)["median"])
     return results, streams
 
 
