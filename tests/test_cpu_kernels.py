@@ -61,17 +61,22 @@ def test_leading_dims_and_strided_rows() -> None:
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_deterministic_across_thread_counts() -> None:
-    g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(3, 512, generator=g), torch.randn(1024, 512, generator=g)
+def on_one_and_two_threads(call):
+    """(call() on 1 thread, call() on 2 threads), torch's thread count restored after."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = linear(x, w)
+        one = call()
         torch.set_num_threads(2)
-        two = linear(x, w)
+        return one, call()
     finally:
         torch.set_num_threads(before)
+
+
+def test_deterministic_across_thread_counts() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 512, generator=g), torch.randn(1024, 512, generator=g)
+    one, two = on_one_and_two_threads(lambda: linear(x, w))
     assert torch.equal(one, two)
 
 

@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.test_cpu_kernels import on_one_and_two_threads
 
 from moekit import cbuild
 from moekit.quant import kernels, quantize
@@ -98,15 +99,8 @@ def test_threads_split_rows_without_changing_a_bit(
     threads: each output is summed by one thread in a fixed order."""
     qw = _weight(scheme, zero_point, 257, 320, seed=4)
     x = torch.randn(9, 320, generator=torch.Generator().manual_seed(5))
-    before = torch.get_num_threads()
     with _path(path):
-        try:
-            torch.set_num_threads(1)
-            one = linear(x, qw)
-            torch.set_num_threads(2)
-            two = linear(x, qw)
-        finally:
-            torch.set_num_threads(before)
+        one, two = on_one_and_two_threads(lambda: linear(x, qw))
     assert torch.equal(one, two)
     _assert_matches(one, x, qw)
 
@@ -401,15 +395,8 @@ def test_int8_activations_do_not_depend_on_threads(
 ) -> None:
     qw = _weight(scheme, zero_point, 257, 320, seed=4)
     x = torch.randn(9, 320, generator=torch.Generator().manual_seed(5))
-    before = torch.get_num_threads()
     with _path(path, "int8"):
-        try:
-            torch.set_num_threads(1)
-            one = linear(x, qw)
-            torch.set_num_threads(2)
-            two = linear(x, qw)
-        finally:
-            torch.set_num_threads(before)
+        one, two = on_one_and_two_threads(lambda: linear(x, qw))
     assert torch.equal(one, two)
     _assert_int8_path_matches(one, x, qw)
 
