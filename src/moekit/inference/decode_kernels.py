@@ -42,6 +42,7 @@ from moekit.cbuild import call as _call
 from moekit.config import MoEConfig
 from moekit.experts.experts import expert_ffn
 from moekit.model.transformer import MoETransformer
+from moekit.quant.modules import QuantizedExperts
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
@@ -161,7 +162,8 @@ def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
             model.set_submodule(name, KernelLinear.sharing(module))
     for layer in model.moe_layers(with_mtp=True):
         layer.router.linear = linear
-        layer.experts.expert_ffn = kernel_expert_ffn
+        if not isinstance(layer.experts, QuantizedExperts):  # those run the quantized kernels
+            layer.experts.expert_ffn = kernel_expert_ffn
     model.tied_head_linear = linear
     return apply_decode_glue(model)
 
@@ -178,7 +180,8 @@ def remove_decode_kernels(model: MoETransformer) -> MoETransformer:
             model.set_submodule(name, plain.train(module.training))
     for layer in model.moe_layers(with_mtp=True):
         layer.router.linear = F.linear
-        layer.experts.expert_ffn = expert_ffn
+        if not isinstance(layer.experts, QuantizedExperts):
+            layer.experts.expert_ffn = expert_ffn
     model.tied_head_linear = F.linear
     return model
 
