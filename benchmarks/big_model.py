@@ -124,6 +124,7 @@ def active_bytes(model) -> int:
 
 def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> dict:
     """In this process: load, swap the decode kernels in, decode a fixed token sequence."""
+    from load_hf import status_kib  # this script's directory is on sys.path in the child
     from moekit import load
     from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.model.generation import KVCache
@@ -152,7 +153,7 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
         "tokens_per_s": new_tokens / decode_s,
         "finite": bool(torch.isfinite(logits).all()),
         "active_bytes": active_bytes(model) if loaded.offload is None else None,
-        "peak_rss_bytes": _status_bytes("VmHWM"),
+        "peak_rss_bytes": status_kib("VmHWM") * 1024,
     }
     if loaded.offload is not None:
         after = loaded.offload.stats()
@@ -166,13 +167,6 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
         }
         loaded.offload.close()
     return result
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def decode_in_fresh_process(run: Path, budget: str | None, args) -> dict:

@@ -85,7 +85,7 @@ def generate(folder: Path, quick: bool, layout: str, tiny: bool = False) -> dict
 # ---- the measured side: one load in this (fresh) process ----
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -119,19 +119,19 @@ def worker(loader: str, folder: str, warmup: str) -> dict:
     import gc
 
     gc.collect()
-    imported = _status_kib("VmRSS")
+    imported = status_kib("VmRSS")
     del_me = load_from(warmup)
     del del_me
     gc.collect()
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - start
-    peak, after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    peak, after = status_kib("VmHWM"), status_kib("VmRSS")
     with torch.no_grad():  # read every weight: a lazily mapped model becomes resident now
         n_params = sum(p.numel() for p in model.parameters() if p.float().sum() is not None)
-    touched = _status_kib("VmRSS")
+    touched = status_kib("VmRSS")
     return {
         "seconds": round(seconds, 3),
         "peak_above_baseline_bytes": (peak - baseline) * 1024,
