@@ -20,7 +20,7 @@ a budget a 16 GB laptop has.
 
     python benchmarks/big_model.py                    # both models, ~20 min and 30 GB of disk
     python benchmarks/big_model.py --models qwen3-30b-a3b --new-tokens 16
-    python benchmarks/big_model.py --quick            # scaled-down shapes, for tests
+    python benchmarks/big_model.py --quick            # scaled-down shapes: a 20 s smoke run
 
 Models are written under --work (default ~/.cache/moekit/big_model) and kept for reruns.
 Prints the JSON to stdout and writes benchmarks/results/big_model.json (or --out).
@@ -57,7 +57,7 @@ SCALES = {"int4": WEIGHT_STD / 4.6, "int8": WEIGHT_STD / 73.3, "mxfp4": 120}
 
 
 def model_config(name: str, quick: bool) -> ModelConfig:
-    """The preset; quick: its layout at 1/8 of the widths and 2 layers (for tests)."""
+    """The preset; quick: its layout at 1/8 of the widths and 2 layers (a smoke run)."""
     cfg = ModelConfig.preset(name)
     if not quick:
         return cfg
@@ -183,7 +183,7 @@ def decode_in_fresh_process(run: Path, budget: str | None, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--quick", action="store_true", help="scaled-down shapes (for tests)")
+    p.add_argument("--quick", action="store_true", help="scaled-down shapes (a smoke run)")
     p.add_argument("--budget", help="offload budget (default 6GB; quick 2MB)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)

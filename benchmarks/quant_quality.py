@@ -9,7 +9,7 @@ last validation loss, which the JSON checks. Greedy continuations: `--new-tokens
 each of the sample prompts, counted up to the first token that differs from float32's.
 
     python benchmarks/quant_quality.py runs/demo/moe [RUN ...]   # a minute per run
-    python benchmarks/quant_quality.py --quick RUN               # two configs, for tests
+    python benchmarks/quant_quality.py --quick RUN               # two configs: a smoke run
 
 Prints the JSON to stdout and writes it to benchmarks/results/quant_quality.json (or --out).
 """
