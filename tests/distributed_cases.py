@@ -95,7 +95,9 @@ def join(ep: int, dp: int = 1, timeout_s: float = 30.0) -> Any:
     """Join the process group of this spawned process; the (dp, ep) mesh."""
     from moekit.distributed import init_distributed
 
-    return init_distributed(ParallelConfig(ep=ep, dp=dp, timeout_s=timeout_s, backend="gloo"))
+    return init_distributed(
+        ParallelConfig(ep=ep, dp_replicate=dp, timeout_s=timeout_s, backend="gloo")
+    )
 
 
 def my_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -153,16 +153,31 @@ class TrainConfig(ConfigBase):
 class ParallelConfig(ConfigBase):
     """How a run spreads over the processes `torchrun` starts (moekit.distributed).
 
-    The processes form a (dp, ep) grid. Each MoE layer's routed experts are split over the ep
-    processes of a row (expert parallelism: tokens travel to their experts and back by
-    all-to-all); the dp rows are copies of one another's expert shards. Everything that is not a
-    routed expert (attention, routers, shared experts, embeddings) is replicated on every process
-    and its gradients are averaged over all of them (DDP). `train.batch_size` stays the global
-    batch: each process takes batch_size / world_size of its sequences.
+    The processes form a mesh of named axes ("dp_replicate", "dp_shard", "tp") with
+    world size = dp_replicate * dp_shard * tp; expert parallelism ("ep") borrows its processes
+    from the data-parallel ones, as torchtitan's does:
 
-    ep: expert-parallel size; must divide every MoE layer's n_experts.
-    dp: data-parallel size (copies of each expert shard); None means world_size // ep.
-        world_size must equal ep * dp.
+    dp_replicate, dp_shard: the data-parallel processes (D = dp_replicate * dp_shard), each with
+        its own rows of every global batch (`train.batch_size` stays the global batch). Every
+        parameter that is not a routed expert is replicated over dp_replicate and, with
+        dp_shard > 1, sharded over dp_shard by FSDP2 (`fully_shard`; gathered per block for its
+        forward and backward, gradients reduce-scattered). dp_replicate=None means
+        world_size // (dp_shard * tp).
+    ep: expert-parallel size, taken from the D data-parallel processes: each MoE layer's routed
+        experts are split over ep of them (tokens travel to their experts and back by
+        all-to-all). ep must divide every MoE layer's n_experts, and either divide dp_shard (the
+        experts are then sharded by FSDP2 over the dp_shard / ep processes that hold the same
+        experts) or be a multiple of dp_shard that divides D (the experts are then replicated).
+    tp: tensor-parallel size (`parallelize_module`): attention heads, dense FFNs and shared
+        experts are split over tp processes (column-wise in, row-wise out), which see the same
+        rows; routers stay replicated. With ep=1 the routed experts are split on their hidden
+        dimension over tp too; with ep > 1 they are expert-parallel and every tp process runs
+        its rows' experts. tp must divide n_heads, the key/value heads and every hidden width.
+    reshard_after_forward: whether FSDP2 frees each block's gathered parameters after its
+        forward (and gathers them again for the backward): less memory, more all-gathers.
+    param_dtype: "float32", or "bfloat16" for FSDP2's mixed precision (parameters gathered and
+        computed in bfloat16, gradients reduced in float32, float32 master weights); needs
+        dp_shard > 1 or tp > 1 (the FSDP2 path).
     scope: what the statistics that couple tokens are computed over. "global": every process's
         tokens of the micro-batch, as one process would see the whole global batch: the balance
         losses, the metrics in `aux` (counts, MaxVio, dropped fraction, entropy) and the capacity
@@ -177,21 +192,106 @@ class ParallelConfig(ConfigBase):
     backend: "auto" (nccl on CUDA, else gloo), "gloo" or "nccl".
     """
 
+    dp_replicate: int | None = None
+    dp_shard: int = 1
     ep: int = 1
-    dp: int | None = None
+    tp: int = 1
+    reshard_after_forward: bool = True
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     scope: Literal["global", "local"] = "global"
     timeout_s: float = 600.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ParallelConfig:  # type: ignore[override]
+        # Runs written before dp_shard and tp existed name the replicas "dp".
+        if "dp" in data:
+            data = {("dp_replicate" if k == "dp" else k): v for k, v in data.items()}
+        return super().from_dict(data)
+
+    @property
+    def fully_sharded(self) -> bool:
+        """Whether the run takes the FSDP2 path (fully_shard, DTensor) rather than DDP."""
+        return self.dp_shard > 1 or self.tp > 1
+
+    def sizes(self, world_size: int) -> dict[str, int]:
+        """The mesh's axis sizes for `world_size` processes, checked: dp_replicate, dp_shard,
+        ep, tp, and the experts' own data-parallel axes edp_replicate and edp_shard (the
+        processes that hold copies of the same experts: replicas, and FSDP2 shards)."""
+        if self.param_dtype != "float32" and not self.fully_sharded:
+            rule = (
+                "bfloat16 parameters need the FSDP2 path: set parallel.dp_shard or parallel.tp > 1"
+            )
+            raise invalid("parallel.param_dtype", self.param_dtype, rule)
+        inner = self.dp_shard * self.tp
+        if world_size % inner:
+            raise invalid(
+                "parallel.dp_shard * parallel.tp", inner,
+                f"must divide the {world_size} processes launched",
+            )  # fmt: skip
+        replicate = world_size // inner if self.dp_replicate is None else self.dp_replicate
+        if replicate * inner != world_size:
+            raise ValueError(
+                f"parallel.dp_replicate={replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                f"{replicate * inner} processes, but {world_size} were launched; set "
+                f"parallel.dp_replicate={world_size // inner} (or leave it unset) or launch "
+                f"{replicate * inner}"
+            )
+        data = replicate * self.dp_shard
+        ep = self.ep
+        if self.dp_shard % ep == 0:
+            edp_shard = self.dp_shard // ep
+        elif ep % self.dp_shard == 0 and data % ep == 0:
+            edp_shard = 1
+        else:
+            rule = (
+                f"takes its processes from the data-parallel ones: it must divide "
+                f"parallel.dp_shard ({self.dp_shard}), or be a multiple of it that divides "
+                f"dp_replicate * dp_shard ({data})"
+            )
+            raise invalid("parallel.ep", ep, rule)
+        return {
+            "dp_replicate": replicate,
+            "dp_shard": self.dp_shard,
+            "ep": ep,
+            "tp": self.tp,
+            "edp_replicate": data // (ep * edp_shard),
+            "edp_shard": edp_shard,
+        }
+
     def check_model(self, model: ModelConfig) -> None:
-        """Raise unless the model's MoE layers can be split over `ep` processes."""
-        if self.ep == 1 or model.moe is None:
+        """Raise unless the model can be split as asked: experts over `ep`, heads and hidden
+        widths over `tp`."""
+        moe = model.moe
+        if self.ep > 1 and moe is not None:
+            if moe.n_experts % self.ep:
+                rule = f"must divide model.moe.n_experts ({moe.n_experts})"
+                raise invalid("parallel.ep", self.ep, rule)
+            if not moe.token_choice:
+                raise invalid(
+                    "parallel.ep", self.ep, "expert parallelism needs a token-choice router"
+                )
+        if self.tp == 1:
             return
-        if model.moe.n_experts % self.ep:
-            rule = f"must divide model.moe.n_experts ({model.moe.n_experts})"
-            raise invalid("parallel.ep", self.ep, rule)
-        if not model.moe.token_choice:
-            raise invalid("parallel.ep", self.ep, "expert parallelism needs a token-choice router")
+        if model.mla is not None:
+            rule = "tensor parallelism splits multi-head and grouped-query attention; not MLA yet"
+            raise invalid("parallel.tp", self.tp, rule)
+        if model.qk_norm == "full":
+            rule = (
+                "qk_norm='full' normalises across every head; use tp=1 (or a qk_norm='head' model)"
+            )
+            raise invalid("parallel.tp", self.tp, rule)
+        widths = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.kv_heads}
+        if model.d_ff and len(model.moe_layer_indices) < model.n_layers:
+            widths["model.d_ff"] = model.d_ff
+        if moe is not None:
+            if moe.shared_width:
+                widths["model.moe.shared_width"] = moe.shared_width
+            if self.ep == 1:
+                widths["model.moe.d_expert"] = moe.d_expert
+        for name, width in widths.items():
+            if width % self.tp:
+                raise invalid("parallel.tp", self.tp, f"must divide {name} ({width})")
 
 
 @dataclass(kw_only=True)

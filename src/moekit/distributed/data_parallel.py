@@ -24,10 +24,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moekit.distributed.expert_parallel import expert_parallel_layers
 from moekit.distributed.layout import Layout, group_timeout, layout_of
+from moekit.distributed.shard_specs import shard_specs
 
 
 def apply_data_parallel(
@@ -115,25 +117,48 @@ def _bucket_hook(state, bucket):  # type: ignore[no-untyped-def]
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
-    """Clip every gradient of an expert-parallel model by the norm of the whole model's gradient
-    (all experts of all processes counted once); returns that norm, the same on every process."""
+    """Clip every gradient of a parallel model by the norm of the whole model's gradient (each
+    entry of the single-process model counted once); returns that norm, the same on every
+    process. Each gradient's squares are summed over the processes that hold other pieces of it
+    (the sharded axes of a DTensor's mesh, the groups of its `shard_specs` splits) and nowhere
+    else: copies are counted once."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
-    _, experts = expert_parameters(module)
-    expert_ids = {id(p) for p in experts}
-    shared = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in expert_ids]
-    own = [p.grad for p in experts if p.grad is not None]
+    names = {id(p): name for name, p in module.named_parameters()}
+    specs = shard_specs(module)
     device = next(module.parameters()).device
-    total_sq = _norm(shared, device) ** 2
-    layers = expert_parallel_layers(module)
-    if layers:
-        expert_sq = (_norm(own, device) ** 2).reshape(1)
-        dist.all_reduce(expert_sq, group=layers[0][2].layout.ep_group)
-        total_sq = total_sq + expert_sq[0]
+    buckets: dict[tuple[ProcessGroup, ...], list[Tensor]] = {}
+    grads = []
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad
+        groups: list[ProcessGroup] = []
+        if isinstance(grad, DTensor):
+            mesh = grad.device_mesh
+            # Shard and FSDP2's _StridedShard split; Replicate copies (a Partial gradient would
+            # be a bug upstream: its squares do not add up).
+            assert not any(pl.is_partial() for pl in grad.placements), grad.placements
+            groups += [
+                mesh.get_group(i) for i, pl in enumerate(grad.placements) if not pl.is_replicate()
+            ]
+            grad = grad.to_local()
+        spec = specs.get(names.get(id(p), ""))
+        if spec is not None:
+            groups += [group for group, _ in spec.splits]
+        buckets.setdefault(tuple(groups), []).append(grad)
+        grads.append(p.grad)
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for groups, local in buckets.items():
+        sq = (_norm(local, device) ** 2).reshape(1)
+        for group in groups:
+            if group.size() > 1:
+                dist.all_reduce(sq, group=group)
+        total_sq = total_sq + sq[0]
     total = total_sq.sqrt()
     if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(
-            [p for p in module.parameters() if p.grad is not None], max_norm, total
-        )
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
+        for grad in grads:
+            grad.mul_(scale)
     return total
 
 

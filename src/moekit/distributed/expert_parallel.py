@@ -23,16 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
 
 from moekit.config import check_choice
 from moekit.distributed.comm import all_reduce_sum
 from moekit.distributed.dispatch import AllToAllDispatcher, GlobalCapacityDispatcher
 from moekit.distributed.layout import Layout, layout_of
+from moekit.distributed.shard_specs import add_split
 from moekit.experts import Experts
 from moekit.moe import MoELayer
 
@@ -40,13 +40,19 @@ SCOPES = ("global", "local")
 
 
 def apply_expert_parallel(
-    model: nn.Module, mesh_or_group: DeviceMesh | ProcessGroup, *, scope: str = "global"
+    model: nn.Module,
+    mesh_or_group: Any,
+    *,
+    scope: str = "global",
+    scale_expert_grads: bool = True,
 ) -> nn.Module:
     """Make every MoE layer of `model` expert-parallel over `mesh_or_group`; returns `model`.
 
-    mesh_or_group: a process group or 1-D mesh (experts split over all of its processes), or a
-        2-D mesh with dimensions ("dp", "ep") (split over "ep", copies along "dp").
+    mesh_or_group: a `ParallelMesh` (split over its "ep" axis, copies along the expert
+        data-parallel ones), or a process group or 1-D mesh (split over all of its processes).
     scope: "global" or "local", as `ParallelConfig.scope` defines them.
+    scale_expert_grads: divide each expert gradient by ep as it is computed (see the module
+        docstring); False when FSDP2 divides instead (`apply_fully_shard`).
 
     Every process must call it with the same model and arguments. Raises ValueError, changing
     nothing, when a layer cannot be split (E not divisible by the group size, expert-choice
@@ -60,7 +66,7 @@ def apply_expert_parallel(
     for name, layer in layers:
         _check_layer(name or "<model>", layer, layout.ep_size)
     for _, layer in layers:
-        _parallelize(layer, layout, scope)
+        _parallelize(layer, layout, scope, scale_expert_grads)
     return model
 
 
@@ -90,7 +96,7 @@ def _check_layer(name: str, layer: MoELayer, ep: int) -> None:
         )
 
 
-def _parallelize(layer: MoELayer, layout: Layout, scope: str) -> None:
+def _parallelize(layer: MoELayer, layout: Layout, scope: str, scale_grads: bool) -> None:
     cfg = layer.cfg
     local = layer.dispatcher
     if cfg.capacity_factor is not None and scope == "global" and layout.world_size > 1:
@@ -98,8 +104,11 @@ def _parallelize(layer: MoELayer, layout: Layout, scope: str) -> None:
     dispatcher = AllToAllDispatcher(local, cfg.n_experts, layout)
     if layout.ep_size > 1:
         layer.experts = shard_experts(layer.experts, dispatcher.first_expert, dispatcher.n_local)
+        for name, _ in [*layer.experts.named_parameters(), *layer.experts.named_buffers()]:
+            module_name, _, attr = name.rpartition(".")
+            add_split(layer.experts.get_submodule(module_name), attr, layout.ep_group, 0)
         for p in layer.experts.parameters():
-            if p.requires_grad:
+            if p.requires_grad and scale_grads:
                 p.register_hook(_scale_by(1.0 / layout.ep_size))
     layer.dispatcher = dispatcher
     sum_over_batch = partial(all_reduce_sum, group=layout.batch_group)

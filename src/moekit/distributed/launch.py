@@ -2,9 +2,9 @@
 
 `init_distributed(parallel)` joins the process group that torchrun's environment describes
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), with `parallel.timeout_s` on every group, and builds
-the (dp, ep) device mesh. `check_same_config` compares every process's config at start.
-`explain_failures` turns a collective that failed because another process died or hung into a
-`DistributedFailure` that says so.
+the run's device meshes (`moekit.distributed.mesh`). `check_same_config` compares every
+process's config at start. `explain_failures` turns a collective that failed because another
+process died or hung into a `DistributedFailure` that says so.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moekit.config import ParallelConfig
+from moekit.distributed.mesh import ParallelMesh, build_mesh
 
 
 class DistributedFailure(RuntimeError):
@@ -39,49 +39,16 @@ def resolve_backend(parallel: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def mesh_shape(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(dp, ep) for `world_size` processes; raises ValueError naming the fix."""
-    if world_size % parallel.ep:
-        raise ValueError(
-            f"parallel.ep={parallel.ep} does not divide the {world_size} processes launched; "
-            f"launch a multiple of {parallel.ep} (torchrun --nproc-per-node ...)"
-        )
-    dp = parallel.dp if parallel.dp is not None else world_size // parallel.ep
-    if dp * parallel.ep != world_size:
-        raise ValueError(
-            f"parallel.ep={parallel.ep} x parallel.dp={dp} = {dp * parallel.ep} processes, but "
-            f"{world_size} were launched; set parallel.dp={world_size // parallel.ep} or launch "
-            f"{dp * parallel.ep}"
-        )
-    return dp, parallel.ep
-
-
-def init_distributed(parallel: ParallelConfig) -> DeviceMesh:
-    """Join the process group (if not joined yet) and build the ("dp", "ep") device mesh, every
-    group with `parallel.timeout_s`. On CUDA, each process takes the GPU LOCAL_RANK."""
+def init_distributed(parallel: ParallelConfig) -> ParallelMesh:
+    """Join the process group (if not joined yet) and build the run's meshes (`build_mesh`),
+    every group with `parallel.timeout_s`. On CUDA, each process takes the GPU LOCAL_RANK."""
     backend = resolve_backend(parallel)
-    timeout = timedelta(seconds=parallel.timeout_s)
     device_type = "cuda" if backend == "nccl" else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout)
-    dp, ep = mesh_shape(parallel, dist.get_world_size())
-    options = _group_options(backend, timeout)
-    return init_device_mesh(
-        device_type,
-        (dp, ep),
-        mesh_dim_names=("dp", "ep"),
-        backend_override={"dp": (backend, options), "ep": (backend, options)},
-    )
-
-
-def _group_options(backend: str, timeout: timedelta) -> Any:
-    options = (
-        dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
-    )
-    options._timeout = timeout
-    return options
+        dist.init_process_group(backend, timeout=timedelta(seconds=parallel.timeout_s))
+    return build_mesh(parallel, device_type, backend)
 
 
 def check_same_config(config_json: str) -> None:

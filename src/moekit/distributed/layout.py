@@ -1,20 +1,21 @@
 """Where a process sits in an expert-parallel run: the process groups it talks to.
 
-A run's processes form a (dp, ep) grid, usually one `DeviceMesh` with dimensions named "dp" and
-"ep" (`init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))`):
+    ep group     the ep processes that split every MoE layer's experts between them and
+                 exchange tokens by all-to-all;
+    dp group     the processes that hold copies of the same expert shard and average those
+                 experts' gradients (None when there are none);
+    batch group  the data-parallel processes (of this tensor-parallel index): their tokens form
+                 the global batch that balance statistics and capacity are computed over.
 
-    ep group     the ep processes of one row, which split every MoE layer's experts between them
-                 and exchange tokens by all-to-all;
-    dp group     the dp processes of one column, which hold copies of the same expert shard and
-                 average those experts' gradients;
-    batch group  every process of the grid: their tokens form the global batch that balance
-                 statistics and capacity are computed over, and that DDP averages over.
+A run's layout is `ParallelMesh.expert_layout` (moekit.distributed.mesh); a process group or a
+1-D mesh is the layout of experts split over all of its processes, with no copies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,32 +48,20 @@ class Layout:
         return self.batch_group.size()
 
 
-def layout_of(mesh_or_group: DeviceMesh | ProcessGroup) -> Layout:
-    """The layout of a process group (every process holds a share of the experts; no copies), a
-    1-D device mesh (the same), or a 2-D mesh whose dimensions are named "ep" and "dp"."""
+def layout_of(mesh_or_group: Any) -> Layout:
+    """The layout of a `ParallelMesh`, a process group or a 1-D device mesh (every process holds
+    a share of the experts; no copies)."""
     if isinstance(mesh_or_group, ProcessGroup):
         return Layout(mesh_or_group, mesh_or_group, None)
-    mesh = mesh_or_group
-    if mesh.ndim == 1:
-        group = mesh.get_group()
+    if isinstance(mesh_or_group, DeviceMesh):
+        if mesh_or_group.ndim != 1:
+            raise ValueError(
+                f"expert parallelism takes a ParallelMesh (moekit.distributed.init_distributed), "
+                f"a process group or a 1-D device mesh; got a {mesh_or_group.ndim}-D mesh"
+            )
+        group = mesh_or_group.get_group()
         return Layout(group, group, None)
-    names = mesh.mesh_dim_names or ()
-    if mesh.ndim != 2 or set(names) != {"dp", "ep"}:
-        raise ValueError(
-            f"expert parallelism takes a process group, a 1-D device mesh, or a 2-D mesh with "
-            f"dimensions named ('dp', 'ep'); got a mesh of shape {tuple(mesh.shape)} with names "
-            f"{names}"
-        )
-    ep_group, dp_group = mesh.get_group("ep"), mesh.get_group("dp")
-    return Layout(ep_group, _whole_mesh_group(mesh, ep_group), dp_group)
-
-
-def _whole_mesh_group(mesh: DeviceMesh, like: ProcessGroup) -> ProcessGroup:
-    """A group of every process of the mesh: the default group when the mesh is the world."""
-    ranks = sorted(int(r) for r in mesh.mesh.flatten())
-    if ranks == list(range(dist.get_world_size())):
-        return dist.group.WORLD  # type: ignore[return-value]
-    return dist.new_group(ranks, timeout=group_timeout(like), use_local_synchronization=True)
+    return mesh_or_group.expert_layout
 
 
 def group_timeout(group: ProcessGroup | None) -> timedelta | None:

@@ -1,14 +1,15 @@
 """`moekit train` over many processes (`torchrun --nproc-per-node N -m moekit train ...`).
 
 `train_distributed` runs the one training loop of `moekit.train` on every process, with the
-processes as its `World` (`ProcessGroupWorld`) and `ExpertDataParallel` as its `Parallelism`:
+processes as its `World` (`ProcessGroupWorld`) and `MeshParallelism` as its `Parallelism`:
 
 - every process builds the whole model with the same seed, restores a checkpoint as one process
-  would, then shards it (`apply_expert_parallel`, `shard_optimizer_state`) and wraps it in DDP
-  (`apply_data_parallel`);
+  would, then spreads it over the run's meshes (`parallelize`: tensor, expert, then fully sharded
+  or DDP data parallelism) and cuts the optimizer state the same way (`shard_optimizer_state`);
 - each global batch of `train.batch_size` sequences (and each evaluation batch) is drawn the same
-  on every process, which keeps rows [rank * B / world, (rank + 1) * B / world): the batches, and
-  with `parallel.scope="global"` the whole run, are those of one process;
+  on every process, and data-parallel rank d of D keeps rows [d * B / D, (d + 1) * B / D) (the
+  tp processes of one data rank share its rows): the batches, and with
+  `parallel.scope="global"` the whole run, are those of one process;
 - logged losses, evaluation losses and the gradient norm are averaged (or totalled) over the
   processes; rank 0 alone writes metrics.jsonl, config.json, the report and the checkpoints,
   which hold the gathered experts in the single-process format, so a run resumes on any number
@@ -26,12 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from moekit.config import RunConfig
 from moekit.distributed.checkpoint import full_state_dicts, shard_optimizer_state
-from moekit.distributed.data_parallel import apply_data_parallel, clip_grad_norm_
-from moekit.distributed.expert_parallel import apply_expert_parallel
+from moekit.distributed.data_parallel import clip_grad_norm_
 from moekit.distributed.launch import check_same_config, explain_failures, init_distributed
+from moekit.distributed.parallelize import parallelize
 from moekit.train.loop import TrainResult, train
 from moekit.train.world import Parallelism, World
 
@@ -41,10 +43,11 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     Rank 0's `run_dir` is used by every process."""
     if "RANK" not in os.environ and not dist.is_initialized():
         p = cfg.parallel
-        n = p.ep * (p.dp or 1)
+        n = (p.dp_replicate or 1) * p.dp_shard * p.tp
+        n = max(n, p.ep)
         raise ValueError(
-            f"parallel.ep={p.ep} needs {n} processes: launch with torchrun, e.g. "
-            f"`torchrun --nproc-per-node {n} -m moekit train ... --parallel.ep={p.ep}`"
+            f"this parallel layout needs {n} processes: launch with torchrun, e.g. "
+            f"`torchrun --nproc-per-node {n} -m moekit train ...`"
         )
     joined_here = not dist.is_initialized()
     timeout = cfg.parallel.timeout_s
@@ -54,10 +57,10 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             check_same_config(cfg.to_json())
             run_dir = _rank0_value(str(run_dir))
             world = ProcessGroupWorld()
-            _check_batches(cfg, world.size)
+            _check_batches(cfg, mesh.data_size)
         with explain_failures(timeout, "training"):
             return train(cfg, run_dir, resume=resume, world=world,
-                         parallelism=ExpertDataParallel(cfg, mesh, world))  # fmt: skip
+                         parallelism=MeshParallelism(cfg, mesh))  # fmt: skip
     finally:
         if joined_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -84,34 +87,23 @@ class ProcessGroupWorld(World):
         dist.barrier()
 
 
-class ExpertDataParallel(Parallelism):
-    """Experts sharded over the mesh's "ep" axis (`apply_expert_parallel`), the rest data
-    parallel (DDP, gradients averaged once per step); each process takes its rows of every
-    global batch. A dense model, or expert-choice routing without expert parallelism, is data
-    parallel only."""
+class MeshParallelism(Parallelism):
+    """The run's layout (`parallelize`) applied to the model; gathered single-process
+    checkpoints; each data-parallel rank's rows of every global batch."""
 
-    def __init__(self, cfg: RunConfig, mesh: Any, world: World) -> None:
-        self.cfg, self.mesh, self.world = cfg, mesh, world
+    def __init__(self, cfg: RunConfig, mesh: Any) -> None:
+        self.cfg, self.mesh = cfg, mesh
         self.forward_model: _SyncOnLastMicroBatch | None = None
 
-    def _expert_parallel(self) -> bool:
-        moe = self.cfg.model.moe
-        return moe is not None and (self.cfg.parallel.ep > 1 or moe.token_choice)
-
     def apply(self, model: nn.Module, grad_accum: int) -> nn.Module:
-        if not self._expert_parallel():
-            ddp = apply_data_parallel(model, self.mesh)
-        else:
-            apply_expert_parallel(model, self.mesh, scope=self.cfg.parallel.scope)
-            ddp = apply_data_parallel(model)
-        self.forward_model = _SyncOnLastMicroBatch(ddp, grad_accum)
+        self.forward_model = _SyncOnLastMicroBatch(
+            parallelize(model, self.cfg.parallel, self.mesh), grad_accum
+        )
         return self.forward_model
 
     def shard_optimizer_state(
         self, full_state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
     ) -> dict[str, Any]:
-        if not self._expert_parallel():
-            return full_state
         return shard_optimizer_state(full_state, optimizer, model)
 
     def full_state_dicts(
@@ -127,11 +119,12 @@ class ExpertDataParallel(Parallelism):
         return clip_grad_norm_(model, max_norm)
 
     def my_share(self, batch: Tensor) -> Tensor:
-        return my_share(batch, self.world.rank, self.world.size)
+        return my_share(batch, self.mesh.data_rank, self.mesh.data_size)
 
     def before_step(self, seed: int, step: int) -> None:
-        # Router noise draws differ per process and step, and repeat after a resume.
-        torch.manual_seed(hash((seed, step, self.world.rank)) % 2**63)
+        # Router noise draws differ per data-parallel rank and step (the same on the tensor-
+        # parallel processes that share its rows), and repeat after a resume.
+        torch.manual_seed(hash((seed, step, self.mesh.data_rank)) % 2**63)
         if self.forward_model is not None:
             self.forward_model.start_step()
 
@@ -143,9 +136,10 @@ def my_share(batch: Tensor, rank: int, world: int) -> Tensor:
 
 
 class _SyncOnLastMicroBatch(nn.Module):
-    """The DDP model as the training loop calls it: of the grad_accum training forward passes of
-    a step, only the last one's backward averages gradients over the processes (the others
-    accumulate locally, as under `DistributedDataParallel.no_sync()`).
+    """The DDP or FSDP2 model as the training loop calls it: of the grad_accum training forward
+    passes of a step, only the last one's backward averages gradients over the processes (the
+    others accumulate locally, as under `DistributedDataParallel.no_sync()` or FSDP2's
+    `set_requires_gradient_sync(False)`).
 
     `start_step` begins a step; `check_step` (after its micro-batches) raises unless the step
     made exactly grad_accum training forward passes, and a pass beyond grad_accum raises at
@@ -167,7 +161,11 @@ class _SyncOnLastMicroBatch(nn.Module):
             if self.calls == self.grad_accum:
                 raise RuntimeError(self._mismatch(self.calls + 1))
             self.calls += 1
-            self.ddp.require_backward_grad_sync = self.calls == self.grad_accum
+            sync = self.calls == self.grad_accum
+            if isinstance(self.ddp, FSDPModule):
+                self.ddp.set_requires_gradient_sync(sync)
+            else:
+                self.ddp.require_backward_grad_sync = sync
         return self.ddp(*args, **kwargs)
 
     def _mismatch(self, calls: int) -> str:
@@ -179,6 +177,7 @@ class _SyncOnLastMicroBatch(nn.Module):
 
 
 def _check_batches(cfg: RunConfig, world: int) -> None:
+    """Each global batch must split evenly over the `world` data-parallel ranks."""
     t = cfg.train
     for name, size in (
         ("train.batch_size", t.batch_size),
@@ -186,8 +185,8 @@ def _check_batches(cfg: RunConfig, world: int) -> None:
     ):
         if size % world:
             raise ValueError(
-                f"{name}={size} does not split over {world} processes: each takes an equal share "
-                f"of the global batch; use a multiple of {world}"
+                f"{name}={size} does not split over {world} data-parallel processes: each "
+                f"takes an equal share of the global batch; use a multiple of {world}"
             )
     if t.compile:
         raise ValueError("train.compile=true is not supported in a distributed run yet")

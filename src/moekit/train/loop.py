@@ -89,10 +89,12 @@ def train(
     of a torchrun launch calls (`moekit train` does), passes the `world` and `parallelism`.
     """
     world = world or World()
+    p = cfg.parallel
     if world.size == 1 and wants_processes(cfg):
         raise ValueError(
-            f"parallel.ep={cfg.parallel.ep}, parallel.dp={cfg.parallel.dp} (or a torchrun launch) "
-            "needs several processes: train with `moekit train` under torchrun, or call "
+            f"parallel.ep={p.ep}, dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, "
+            f"tp={p.tp} (or a torchrun launch) needs several processes: train with "
+            "`moekit train` under torchrun, or call "
             "moekit.distributed.trainer.train_distributed on every process of the launch"
         )
     trainer = Trainer(cfg, Path(run_dir), resume, world, parallelism)
@@ -109,7 +111,8 @@ def wants_processes(cfg: RunConfig) -> bool:
     """Whether a run is meant for several processes: launched by torchrun with more than one,
     or asking for expert or data parallelism."""
     p = cfg.parallel
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.ep > 1 or (p.dp or 1) > 1
+    processes = max(p.ep, (p.dp_replicate or 1) * p.dp_shard * p.tp)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or processes > 1
 
 
 class Trainer:

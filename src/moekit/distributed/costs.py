@@ -1,0 +1,315 @@
+"""What one device holds and sends per training step under a layout (`moekit params --tp --ep
+--dp-shard`): arithmetic only, from the model's parameter shapes (built on the meta device, parts
+as `moekit.model.params` names them) and `ParallelConfig.sizes`.
+
+Memory per device
+    parameters: the persistent shard of every parameter, in float32. FSDP2 keeps its shards in the
+        parameters' own dtype and gathers them in param_dtype, so with param_dtype="bfloat16" the
+        float32 shard is the master copy (no second one) and the bfloat16 copies are transient.
+        Sharding: tensor parallelism splits attention q/k/v (colwise) and o (rowwise), dense FFNs
+        and shared experts (colwise in, rowwise out; row-wise biases and the shared-expert gate
+        stay whole), and with ep=1 the routed experts on their hidden dimension; expert
+        parallelism splits the routed experts into E / ep per process; FSDP2 then splits dim 0 of
+        what is left over dp_shard (edp_shard for routed experts) in chunks of ceil(d0 / n) (the
+        last ranks may hold less; the collectives move the padded chunk).
+    gradients: the same shard in float32 (FSDP2 reduces in float32). Under DDP (dp_shard = tp = 1)
+        DDP's buckets hold a second float32 copy of every gradient it all-reduces.
+    optimizer: AdamW's two float32 moments per local parameter element.
+    gathered: the transient unsharded parameters (param_dtype) at the peak: with
+        reshard_after_forward the root unit and the two largest block units (one running, one
+        prefetched); without it every unit (all stay gathered from the forward to the backward).
+    activations: the tensors autograd saves for the backward of one micro-batch (T = micro_batch *
+        seq_len tokens, element size a = that of param_dtype), per block
+            attention  T*D*2 (norm input, normed) + T*(H + 2*KV)*hd/tp (q, k, v)
+                       + 2*T*H*hd/tp (attention output and its reshaped copy for o_proj)
+            FFN norm   T*D*2
+            dense FFN  4*T*F/tp (gate, silu(gate), up, their product)
+            MoE        2*T*E (router logits, probabilities) + R*(2*D + 4*F/tp') (rows gathered
+                       for the experts, [gate|up], silu(gate), product, expert outputs) with
+                       R = T*top_k rows (dropless), tp' = tp when ep=1 else 1; shared experts
+                       4*T*Fs/tp
+        plus the head: 2*T*D (final norm) and T*V float32 (the log-softmax the loss keeps). Small
+        terms (norm statistics, indices, routing weights) are left out. Calibrated against the
+        saved tensors torch reports on CPU (benchmarks/parallel_layouts.py, tests/test_params.py).
+
+Communication per step (one forward and backward of a micro-batch)
+    Two figures per collective kind: `payload`, the bytes of the tensors this process hands to
+    the collective (the input of an all-gather, all-to-all or all-reduce, the full input of a
+    reduce-scatter: what a counting wrapper around torch.distributed sees, and what the tests
+    check), and `sent`, the bytes this process puts on the network with a ring (all-gather:
+    (n-1) * input = (n-1)/n * output; reduce-scatter: (n-1)/n * input; all-reduce: 2(n-1)/n *
+    size) or pairwise (all-to-all: the rows that leave the process) algorithm.
+
+    fsdp_all_gather   per FSDP unit on a group of n > 1: once in the forward, and again in the
+                      backward with reshard_after_forward (never for the root unit, which FSDP2
+                      keeps gathered); input = the padded local chunks in param_dtype.
+    fsdp_reduce_scatter  per unit once in the backward, float32, input = n * padded chunks.
+    dp_all_reduce     HSDP: per unit one all-reduce of the reduced float32 chunk over
+                      dp_replicate (edp_replicate for routed experts). DDP (dp_shard = tp = 1):
+                      every non-expert gradient over all processes, and the routed experts'
+                      over their edp_replicate copies.
+    tp_all_reduce     per block: attention's output (forward) and input gradient (backward), the
+                      same for the dense FFN and for shared experts, each a (T, D) activation;
+                      with ep=1 the routed experts' (R, D) output and input gradient.
+    ep_all_to_all     per MoE layer: the counts exchange (E int64) and four exchanges of R rows
+                      of D (dispatch and combine, forward and backward), each process handing its
+                      rows in; under balanced routing (ep-1)/ep of them leave the process. The
+                      figure holds exactly for the dispatch forward and combine backward (T*top_k
+                      rows); the other two hand in the rows the process's experts received, which
+                      sum to the same over the ep group. Capacity dispatch hands in at most this.
+    The MoE layers' balance statistics (a float64 vector of a few E per layer, summed over the
+    batch's processes forward and backward under scope="global") are left out: they are
+    per-expert, not per-token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.config import ModelConfig, ParallelConfig
+from moekit.model.params import part_of
+from moekit.model.transformer import MoETransformer
+
+KINDS = ("fsdp_all_gather", "fsdp_reduce_scatter", "dp_all_reduce", "tp_all_reduce", "ep_all_to_all")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+FLOAT32 = 4
+INT64 = 8
+# Colwise: split on the output features (dim 0 of an nn.Linear weight, its bias); rowwise: on
+# the input features (dim 1 of the weight; the bias stays whole).
+_TP_DIM = {
+    "attention": {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0,
+                  "v_proj.weight": 0, "v_proj.bias": 0, "o_proj.weight": 1, "sinks": 0},
+    "dense_ffn": {"w_gate.weight": 0, "w_up.weight": 0, "w_down.weight": 1},
+    "shared_experts": {"w_in.weight": 0, "w_in.bias": 0, "w_out.weight": 1},
+    "routed_experts": {"w_in": 1, "b_in": 1, "w_out": 2},
+}  # fmt: skip
+
+
+@dataclass
+class Comm:
+    """One kind of collective per step: calls, bytes handed in (`payload`) and bytes sent by a
+    ring or pairwise algorithm (`sent`)."""
+
+    calls: int = 0
+    payload: float = 0.0
+    sent: float = 0.0
+
+    def add(self, calls: int, payload: float, sent: float) -> None:
+        self.calls += calls
+        self.payload += calls * payload
+        self.sent += calls * sent
+
+
+@dataclass
+class DeviceCosts:
+    """Memory (bytes) one device holds and its communication per training step (`Comm` by KINDS).
+    `params` counts the local parameter elements; `sizes` is `ParallelConfig.sizes`."""
+
+    sizes: dict[str, int]
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    gathered_bytes: int
+    activation_bytes: int
+    comms: dict[str, Comm] = field(default_factory=lambda: {k: Comm() for k in KINDS})
+
+    @property
+    def memory_bytes(self) -> int:
+        return (
+            self.param_bytes
+            + self.grad_bytes
+            + self.optimizer_bytes
+            + self.gathered_bytes
+            + self.activation_bytes
+        )
+
+
+@dataclass
+class _Param:
+    name: str
+    unit: str  # the FSDP unit: "root", "layers.3", "layers.3.experts", "mtp.0", ...
+    part: str  # a part of moekit.model.params.PARTS, or "other"
+    shape: tuple[int, ...]  # after tensor and expert parallelism, before FSDP
+
+
+def _unit_of(name: str, part: str, separate_experts: bool) -> str:
+    pieces = name.split(".")
+    if pieces[0] == "layers":
+        unit = ".".join(pieces[:2])
+    elif pieces[0] == "mtp" and pieces[2] == "block":
+        unit = ".".join(pieces[:3])
+    else:  # the embeddings, final norm, LM head and the MTP module's norms and projection
+        return "root"
+    return f"{unit}.experts" if part == "routed_experts" and separate_experts else unit
+
+
+def _local_params(cfg: ModelConfig, sizes: dict[str, int]) -> list[_Param]:
+    """Every parameter (the MTP module's too) with its shape on one device after tensor and
+    expert parallelism, and its FSDP unit."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    tp, ep = sizes["tp"], sizes["ep"]
+    out = []
+    for name, p in model.named_parameters():
+        try:
+            part = part_of(model, name)
+        except ValueError:  # the MTP module's own projection and norms
+            part = "other"
+        shape = list(p.shape)
+        if part == "routed_experts" and ep > 1:
+            shape[0] //= ep
+        elif tp > 1 and not (part == "routed_experts" and ep > 1):
+            for suffix, dim in _TP_DIM.get(part, {}).items():
+                if name.endswith("." + suffix):
+                    shape[dim] //= tp
+                    break
+        out.append(_Param(name, _unit_of(name, part, ep > 1), part, tuple(shape)))
+    return out
+
+
+def _chunk(d0: int, n: int, index: int) -> int:
+    """Rows of dim 0 that FSDP2's rank `index` of n holds (torch.chunk: ceil(d0 / n) each)."""
+    size = -(-d0 // n)
+    return max(0, min(size, d0 - index * size))
+
+
+def device_costs(
+    cfg: ModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    micro_batch: int,
+    seq_len: int,
+    rank: int = 0,
+) -> DeviceCosts:
+    """Memory and per-step communication of process `rank` (rank 0 holds the largest FSDP
+    chunks) of `world_size` under `parallel`, for a micro-batch of `micro_batch` sequences of
+    `seq_len` tokens per data-parallel rank. Raises ValueError for a layout that does not fit
+    (`ParallelConfig.sizes`, `check_model`)."""
+    sizes = parallel.sizes(world_size)
+    parallel.check_model(cfg)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+    tp, ep = sizes["tp"], sizes["ep"]
+    fsdp = parallel.fully_sharded
+    # The process's place on the meshes (moekit.distributed.mesh: tp fastest, then dp_shard; the
+    # data-parallel ranks regrouped as (edp_replicate, edp_shard, ep)).
+    data_rank = rank // tp
+    shard_of = {
+        "dense": (sizes["dp_shard"] if fsdp else 1, data_rank % sizes["dp_shard"]),
+        "experts": (sizes["edp_shard"] if fsdp else 1, (data_rank // ep) % sizes["edp_shard"]),
+    }
+    act = DTYPE_BYTES[parallel.param_dtype]
+    params = _local_params(cfg, sizes)
+    units: dict[str, dict[str, int]] = {}  # unit -> local, padded elements; its mesh
+    for p in params:
+        mesh = "experts" if p.unit.endswith(".experts") else "dense"
+        n, index = shard_of[mesh]
+        rest = math.prod(p.shape[1:])
+        u = units.setdefault(p.unit, {"local": 0, "padded": 0, "full": 0})
+        u["experts"] = int(mesh == "experts")
+        u["local"] += _chunk(p.shape[0], n, index) * rest
+        u["padded"] += -(-p.shape[0] // n) * rest
+        u["full"] += math.prod(p.shape)
+    local = sum(u["local"] for u in units.values())
+    costs = DeviceCosts(
+        sizes=sizes,
+        params=local,
+        param_bytes=local * FLOAT32,
+        grad_bytes=local * FLOAT32,
+        optimizer_bytes=2 * local * FLOAT32,
+        gathered_bytes=0,
+        activation_bytes=activation_bytes(cfg, sizes, micro_batch * seq_len, act),
+    )
+    comms = costs.comms
+    if fsdp:
+        full = {name: u["full"] * act for name, u in units.items()}
+        blocks = sorted((b for name, b in full.items() if name != "root"), reverse=True)
+        if parallel.reshard_after_forward:
+            costs.gathered_bytes = full["root"] + sum(blocks[:2])
+        else:
+            costs.gathered_bytes = sum(full.values())
+        for name, u in units.items():
+            mesh = "experts" if u["experts"] else "dense"
+            n = shard_of[mesh][0]
+            replicas = sizes["edp_replicate" if u["experts"] else "dp_replicate"]
+            if n > 1:
+                gathers = 1 + int(parallel.reshard_after_forward and name != "root")
+                comms["fsdp_all_gather"].add(gathers, u["padded"] * act, (n - 1) * u["padded"] * act)
+                rs = n * u["padded"] * FLOAT32
+                comms["fsdp_reduce_scatter"].add(1, rs, (n - 1) / n * rs)
+            if replicas > 1:
+                chunk = u["padded"] * FLOAT32
+                comms["dp_all_reduce"].add(1, chunk, 2 * (replicas - 1) / replicas * chunk)
+    else:
+        n = sizes["dp_replicate"] * sizes["dp_shard"]
+        dense = sum(u["local"] for u in units.values() if not u["experts"]) * FLOAT32
+        experts = sum(u["local"] for u in units.values() if u["experts"]) * FLOAT32
+        if n > 1:
+            costs.grad_bytes += dense  # DDP's buckets
+            comms["dp_all_reduce"].add(1, dense, 2 * (n - 1) / n * dense)
+        r = sizes["edp_replicate"]
+        if r > 1 and experts:
+            comms["dp_all_reduce"].add(1, experts, 2 * (r - 1) / r * experts)
+    _activation_comms(cfg, sizes, micro_batch * seq_len, act, comms)
+    return costs
+
+
+def _rows(cfg: ModelConfig, tokens: int) -> int:
+    """Rows the experts of one MoE layer take for `tokens` tokens: tokens * top_k (dropless; the
+    bound under capacity dispatch)."""
+    assert cfg.moe is not None
+    return tokens * cfg.moe.top_k
+
+
+def _activation_comms(
+    cfg: ModelConfig, sizes: dict[str, int], tokens: int, act: int, comms: dict[str, Comm]
+) -> None:
+    tp, ep, D = sizes["tp"], sizes["ep"], cfg.d_model
+    moe_layers = set(cfg.moe_layer_indices)
+    n_blocks = cfg.n_layers + cfg.mtp_depth
+    n_moe = len(moe_layers) + (cfg.mtp_depth if cfg.moe is not None else 0)
+    if tp > 1:
+        ring = 2 * (tp - 1) / tp
+        td = tokens * D * act
+        comms["tp_all_reduce"].add(2 * n_blocks, td, ring * td)  # attention, fwd and bwd
+        comms["tp_all_reduce"].add(2 * (n_blocks - n_moe), td, ring * td)  # dense FFNs
+        if cfg.moe is not None and cfg.moe.shared_width:
+            comms["tp_all_reduce"].add(2 * n_moe, td, ring * td)
+        if cfg.moe is not None and ep == 1:
+            rd = _rows(cfg, tokens) * D * act
+            comms["tp_all_reduce"].add(2 * n_moe, rd, ring * rd)
+    if ep > 1 and cfg.moe is not None:
+        away = (ep - 1) / ep
+        counts = cfg.moe.n_experts * INT64
+        comms["ep_all_to_all"].add(n_moe, counts, away * counts)
+        rd = _rows(cfg, tokens) * D * act
+        comms["ep_all_to_all"].add(4 * n_moe, rd, away * rd)
+
+
+def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], tokens: int, act: int) -> int:
+    """The activation estimate of the module docstring: bytes autograd saves for one micro-batch
+    of `tokens` tokens per process, elements of `act` bytes."""
+    tp, ep, T, D = sizes["tp"], sizes["ep"], tokens, cfg.d_model
+    moe_layers = set(cfg.moe_layer_indices)
+    if cfg.mla is not None:  # q and k are qk_head_dim wide per head, v v_head_dim
+        m = cfg.mla
+        qkv = cfg.n_heads * (2 * m.qk_head_dim + m.v_head_dim)
+        out = cfg.n_heads * m.v_head_dim
+    else:
+        qkv = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.d_head
+        out = cfg.n_heads * cfg.d_head
+    attention = 2 * T * D + T * qkv // tp + 2 * T * out // tp + 2 * T * D
+    dense = 4 * T * (cfg.d_ff or 0) // tp
+    moe = 0
+    if cfg.moe is not None:
+        m = cfg.moe
+        f = m.d_expert // (tp if ep == 1 else 1)
+        moe = 2 * T * m.n_experts + _rows(cfg, T) * (2 * D + 4 * f) + 4 * T * m.shared_width // tp
+    blocks = [moe if i in moe_layers else dense for i in range(cfg.n_layers)]
+    blocks += [moe if cfg.moe is not None else dense] * cfg.mtp_depth
+    elements = sum(attention + b for b in blocks) + 2 * T * D
+    return elements * act + T * cfg.vocab_size * FLOAT32 * (1 + cfg.mtp_depth)

@@ -1,0 +1,132 @@
+"""Count what a process hands to torch.distributed's collectives: `CollectiveCounter`, a
+`TorchDispatchMode` that sees every collective as the dispatcher runs it, whoever calls it —
+`torch.distributed.all_reduce` and friends (the c10d ops under them, FSDP2's all-gathers and
+reduce-scatters included) and DTensor's functional collectives (tensor parallelism), which go
+around the Python functions. It changes nothing: every op runs as called.
+
+    with CollectiveCounter() as counter:
+        loss = model(x).loss; loss.backward()
+    counter.records   # one `Record` per collective: op, group size, bytes handed in, sent
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# The collective ops: (namespace, name) -> (kind, index of the input argument). Inputs may be a
+# tensor or a list (of lists) of tensors.
+_OPS: dict[tuple[str, str], tuple[str, int]] = {
+    ("c10d", "allreduce_"): ("all_reduce", 0),
+    ("c10d", "allreduce_coalesced_"): ("all_reduce", 0),
+    ("c10d", "allgather_"): ("all_gather", 1),
+    ("c10d", "_allgather_base_"): ("all_gather", 1),
+    ("c10d", "allgather_into_tensor_coalesced_"): ("all_gather", 1),
+    ("c10d", "reduce_scatter_"): ("reduce_scatter", 1),
+    ("c10d", "_reduce_scatter_base_"): ("reduce_scatter", 1),
+    ("c10d", "reduce_scatter_tensor_coalesced_"): ("reduce_scatter", 1),
+    ("c10d", "alltoall_base_"): ("all_to_all", 1),
+    ("c10d", "alltoall_"): ("all_to_all", 1),
+    ("c10d", "broadcast_"): ("broadcast", 0),
+    ("_c10d_functional", "all_reduce"): ("all_reduce", 0),
+    ("_c10d_functional", "all_reduce_"): ("all_reduce", 0),
+    ("_c10d_functional", "all_reduce_coalesced"): ("all_reduce", 0),
+    ("_c10d_functional", "all_gather_into_tensor"): ("all_gather", 0),
+    ("_c10d_functional", "all_gather_into_tensor_out"): ("all_gather", 0),
+    ("_c10d_functional", "reduce_scatter_tensor"): ("reduce_scatter", 0),
+    ("_c10d_functional", "all_to_all_single"): ("all_to_all", 0),
+    ("_c10d_functional", "broadcast"): ("broadcast", 0),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One collective call: its kind (all_reduce, all_gather, reduce_scatter, all_to_all,
+    broadcast), the op's name, the size of its group, the dtype of its input, `payload` (bytes of
+    the input handed in) and `sent` (bytes that leave this process by a ring algorithm, or for an
+    all-to-all the rows addressed to other ranks)."""
+
+    kind: str
+    op: str
+    group: int
+    dtype: torch.dtype
+    payload: int
+    sent: float
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def _group(args: tuple, kwargs: dict, namespace: str) -> tuple[int, int]:
+    """(size, this process's rank) of the op's group."""
+    if namespace == "_c10d_functional":  # the group's name is the last string argument
+        name = [a for a in (*args, *kwargs.values()) if isinstance(a, str)][-1]
+        pg = dist.distributed_c10d._resolve_process_group(name)
+        return pg.size(), pg.rank()
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type()):
+            pg = dist.ProcessGroup.unbox(a)
+            return pg.size(), pg.rank()
+    raise ValueError("collective without a process group")
+
+
+def _sent(kind: str, n: int, payload: int, splits: list[int] | None, rank: int, rows: int) -> float:
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * payload
+    if kind == "all_gather":
+        return (n - 1) * payload
+    if kind == "reduce_scatter":
+        return (n - 1) / n * payload
+    if kind == "all_to_all":
+        if splits:  # the rows addressed to other ranks
+            return payload * (sum(splits) - splits[rank]) / max(sum(splits), 1)
+        return payload * (n - 1) / n
+    return (n - 1) * payload if rank == 0 else 0.0  # broadcast from rank 0
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Records every collective dispatched while it is active (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[Record] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        key = (func.namespace, func._schema.name.split("::")[-1])
+        if key in _OPS:
+            kind, index = _OPS[key]
+            tensors = _tensors(args[index])
+            payload = sum(t.numel() * t.element_size() for t in tensors)
+            n, rank = _group(args, kwargs, func.namespace)
+            splits = None
+            if kind == "all_to_all":  # input split sizes: alltoall_base_'s 5th, functional 3rd
+                pos = 4 if func.namespace == "c10d" else 2
+                splits = list(args[pos]) if len(args) > pos and args[pos] else None
+            rows = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
+            sent = _sent(kind, n, payload, splits, rank, rows)
+            self.records.append(Record(kind, key[1], n, tensors[0].dtype, payload, sent))
+        return func(*args, **kwargs)
+
+    def totals(self) -> dict[tuple[str, int, str], dict[str, float]]:
+        """Calls, payload and sent summed by (kind, group size, dtype name)."""
+        out: dict[tuple[str, int, str], dict[str, float]] = defaultdict(
+            lambda: {"calls": 0, "payload": 0, "sent": 0.0}
+        )
+        for r in self.records:
+            t = out[(r.kind, r.group, str(r.dtype).removeprefix("torch."))]
+            t["calls"] += 1
+            t["payload"] += r.payload
+            t["sent"] += r.sent
+        return dict(out)

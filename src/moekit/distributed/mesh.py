@@ -1,0 +1,106 @@
+"""The device meshes of a run: named axes from `ParallelConfig`, and the groups each piece uses.
+
+World ranks are laid out as (dp_replicate, dp_shard, tp), tp fastest. Two meshes view them:
+
+    dense    ("dp_replicate", "dp_shard", "tp"): FSDP2 shards every non-expert parameter over
+             dp_shard and replicates it over dp_replicate; tensor parallelism runs over tp.
+    experts  ("edp_replicate", "edp_shard", "ep", "tp"): the same ranks, with the data-parallel
+             ones (dp_replicate * dp_shard) regrouped: each MoE layer's routed experts are split
+             over "ep", sharded by FSDP2 over "edp_shard" (the dp_shard / ep processes that hold
+             the same experts) and replicated over "edp_replicate" (as torchtitan's sparse mesh).
+
+A process's rows of every global batch are those of its data-parallel rank, rank // tp: the tp
+processes of one data rank see the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from moekit.config import ParallelConfig
+from moekit.distributed.layout import Layout
+
+DENSE_AXES = ("dp_replicate", "dp_shard", "tp")
+EXPERT_AXES = ("edp_replicate", "edp_shard", "ep", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The run's meshes (see the module docstring) and the axis sizes they were built from."""
+
+    dense: DeviceMesh
+    experts: DeviceMesh
+    sizes: dict[str, int]
+    group_options: tuple[str, Any] | None = None  # (backend, options with the run's timeout)
+
+    @property
+    def tp(self) -> int:
+        return self.sizes["tp"]
+
+    @property
+    def data_size(self) -> int:
+        """D: the number of data-parallel ranks (each with its own rows of a batch)."""
+        return self.sizes["dp_replicate"] * self.sizes["dp_shard"]
+
+    @property
+    def data_rank(self) -> int:
+        return dist.get_rank() // self.tp
+
+    @cached_property
+    def dp(self) -> DeviceMesh:
+        """The ("dp_replicate", "dp_shard") mesh FSDP2 runs non-expert parameters over."""
+        return self.dense["dp_replicate", "dp_shard"]
+
+    @cached_property
+    def edp(self) -> DeviceMesh:
+        """The ("edp_replicate", "edp_shard") mesh FSDP2 runs the routed experts over."""
+        return self.experts["edp_replicate", "edp_shard"]
+
+    @cached_property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.dense["tp"]
+
+    @cached_property
+    def expert_layout(self) -> Layout:
+        """The groups of expert parallelism: ep (split the experts), the data-parallel ranks of
+        this tp index (the global batch), and the expert copies (edp)."""
+        data = self.experts["edp_replicate", "edp_shard", "ep"]._flatten(
+            "data", backend_override=self.group_options
+        )
+        copies = None
+        if self.edp.size() > 1:
+            copies = self.edp._flatten("edp", backend_override=self.group_options)
+        return Layout(
+            ep_group=self.experts.get_group("ep"),
+            batch_group=data.get_group(),
+            dp_group=None if copies is None else copies.get_group(),
+        )
+
+
+def build_mesh(
+    parallel: ParallelConfig, device_type: str = "cpu", backend: str = "gloo"
+) -> ParallelMesh:
+    """The meshes of `parallel` over the joined default process group, every group with
+    `parallel.timeout_s` (collective: every process calls it)."""
+    sizes = parallel.sizes(dist.get_world_size())
+    options = (
+        dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    )
+    options._timeout = timedelta(seconds=parallel.timeout_s)
+    ranks = torch.arange(dist.get_world_size())
+
+    def mesh(axes: tuple[str, ...]) -> DeviceMesh:
+        shape = tuple(sizes[a] for a in axes)
+        override = tuple((backend, options) for _ in axes)
+        return DeviceMesh(
+            device_type, ranks.reshape(shape), mesh_dim_names=axes, backend_override=override
+        )
+
+    return ParallelMesh(mesh(DENSE_AXES), mesh(EXPERT_AXES), sizes, (backend, options))
