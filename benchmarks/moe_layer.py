@@ -27,7 +27,19 @@ does) for every contender alike; `--malloc glibc` measures with the C library's 
 
     python benchmarks/moe_layer.py            # the issue's shapes, fp32 CPU, ~4 min on 2 cores
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke test
-    python benchmarks/moe_layer.py --device cuda --dtype bfloat16
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --shapes mixtral,deepseek-v3
+
+GPU-sized layers (`--shapes`, `SHAPE_PRESETS`): "mixtral" (d_model 4096, d_expert 14336, 8 experts
+top-2, softmax) and "deepseek-v3" (d_model 7168, d_expert 2048, 256 experts top-8, sigmoid scores,
+4 of 8 groups, scaling 2.5, one shared expert; compared with transformers' DeepseekV3MoE), 8192
+tokens each. Their float32 weights and gradients would not fit one GPU once per contender
+(DeepSeek-V3's layer alone is 11.3B parameters), so for them: the parity pass runs in float32 on a
+"twin" (the same routing and d_model, 1024 tokens, fewer/narrower experts), and the timed
+contenders are built directly in --dtype on the device sharing one copy of the expert and router
+weights (only the small shared expert and dense FFN are their own); only contenders that passed
+on the twin are timed. Every shape reports TFLOP/s: the active expert products, 3 x 2*T*(k+shared)
+*3*D*F per forward+backward (the router's 2*T*D*E and the dispatch are not counted), over the
+median time. On CUDA every timed step is bracketed by torch.cuda.synchronize.
 
 Prints the JSON to stdout (progress goes to stderr) and writes it to --out.
 """
@@ -71,12 +83,41 @@ class Shape:
     n_experts: int
     top_k: int
     d_expert: int
+    # Routing beyond Mixtral's softmax top-k (the GPU presets); the defaults are the issue's shapes.
+    score: str = "softmax"
+    n_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    n_shared: int = 0
+    name: str = ""
 
     @property
     def label(self) -> str:
-        return (
+        label = (
             f"T={self.tokens},D={self.d_model},E={self.n_experts},k={self.top_k},F={self.d_expert}"
         )
+        if self.score != "softmax" or self.n_groups > 1 or self.n_shared:
+            label += (
+                f",{self.score},groups={self.topk_groups}/{self.n_groups},shared={self.n_shared}"
+            )
+        return f"{self.name}:{label}" if self.name else label
+
+    @property
+    def hf_families(self) -> tuple[str, ...]:
+        """The transformers MoE blocks with this shape's routing."""
+        if self.score == "sigmoid" or self.n_shared:
+            return ("deepseek_v3",)
+        return ("mixtral", "qwen3_moe")
+
+    @property
+    def active_width(self) -> int:
+        """(k + shared) * F: the hidden width each token runs through, the dense FFN's."""
+        return (self.top_k + self.n_shared) * self.d_expert
+
+    @property
+    def step_flops(self) -> int:
+        """Forward + backward FLOPs of the active expert products: 3 x 2*T*3*D*(k+shared)*F."""
+        return 3 * 2 * self.tokens * 3 * self.d_model * self.active_width
 
     @property
     def activation_bound(self) -> int:
@@ -93,6 +134,20 @@ QUICK_SHAPES = (
     Shape(tokens=128, d_model=32, n_experts=4, top_k=2, d_expert=32),
     Shape(tokens=128, d_model=32, n_experts=8, top_k=4, d_expert=16),
 )
+
+_DSV3_ROUTING = dict(score="sigmoid", n_groups=8, topk_groups=4, routed_scaling=2.5, n_shared=1)
+# GPU-sized layers, each with the float32 twin its parity pass runs on (see the docstring).
+SHAPE_PRESETS: dict[str, tuple[Shape, Shape]] = {
+    "mixtral": (
+        Shape(tokens=8192, d_model=4096, n_experts=8, top_k=2, d_expert=14336, name="mixtral"),
+        Shape(tokens=1024, d_model=4096, n_experts=8, top_k=2, d_expert=1024, name="mixtral-twin"),
+    ),
+    "deepseek-v3": (
+        Shape(8192, 7168, 256, 8, 2048, **_DSV3_ROUTING, name="deepseek-v3"),
+        Shape(1024, 7168, 32, 8, 512, **_DSV3_ROUTING, name="deepseek-v3-twin"),
+    ),
+}
+PARITY_TWINS = dict(SHAPE_PRESETS.values())
 
 # The issue's targets (issue 2, "Experts and speed"), as ratios measured in the same run.
 # kind "vs_dense": moekit / dense <= bound.  kind "vs_hf": fastest HF / moekit >= bound.
@@ -158,19 +213,40 @@ def build_moekit(shape: Shape, impl: str) -> Contender:
         d_expert=shape.d_expert,
         n_experts=shape.n_experts,
         top_k=shape.top_k,
-        score="softmax",
+        score=shape.score,
         normalize=True,
+        n_groups=shape.n_groups,
+        topk_groups=shape.topk_groups,
+        routed_scaling=shape.routed_scaling,
+        n_shared_experts=shape.n_shared,
         capacity_factor=None,
         expert_impl=impl,
     )
-    layer = moekit.MoELayer(cfg)
+    return moekit_contender(moekit.MoELayer(cfg), impl)
+
+
+def moekit_contender(layer: nn.Module, impl: str) -> Contender:
     weights = (layer.router.weight, layer.experts.w_in, layer.experts.w_out)
     return Contender(f"moekit/{impl}", "moekit", layer, lambda x: layer(x)[0], weights)
 
 
 def hf_config(family: str, shape: Shape, impl: str):
     """A transformers config with the benchmark's sizes and the given experts implementation."""
-    if family == "mixtral":
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        cfg = DeepseekV3Config(
+            hidden_size=shape.d_model,
+            moe_intermediate_size=shape.d_expert,
+            n_routed_experts=shape.n_experts,
+            num_experts_per_tok=shape.top_k,
+            n_group=shape.n_groups,
+            topk_group=shape.topk_groups,
+            routed_scaling_factor=shape.routed_scaling,
+            n_shared_experts=shape.n_shared,
+            norm_topk_prob=True,
+        )
+    elif family == "mixtral":
         from transformers import MixtralConfig
 
         cfg = MixtralConfig(
@@ -194,13 +270,30 @@ def hf_config(family: str, shape: Shape, impl: str):
     return cfg
 
 
-def build_hf(family: str, shape: Shape, impl: str, source: nn.Module) -> Contender:
-    """HF sparse MoE block with `source`'s (a moekit MoELayer) weights copied in."""
-    if family == "mixtral":
+def hf_block_class(family: str) -> type[nn.Module]:
+    if family == "deepseek_v3":
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as Block
+    elif family == "mixtral":
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
     else:
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
-    block = Block(hf_config(family, shape, impl))
+    return Block
+
+
+def copy_shared_expert(block: nn.Module, source: nn.Module) -> None:
+    """moekit's fused shared expert (w_in = [gate; up]) into DeepseekV3MLP's three projections."""
+    if source.shared_experts is None:
+        return
+    gate, up = source.shared_experts.w_in.weight.chunk(2, dim=0)
+    with torch.no_grad():
+        block.shared_experts.gate_proj.weight.copy_(gate)
+        block.shared_experts.up_proj.weight.copy_(up)
+        block.shared_experts.down_proj.weight.copy_(source.shared_experts.w_out.weight)
+
+
+def build_hf(family: str, shape: Shape, impl: str, source: nn.Module) -> Contender:
+    """HF sparse MoE block with `source`'s (a moekit MoELayer) weights copied in."""
+    block = hf_block_class(family)(hf_config(family, shape, impl))
     pairs = (
         (block.gate.weight, source.router.weight),
         (block.experts.gate_up_proj, source.experts.w_in),
@@ -211,7 +304,60 @@ def build_hf(family: str, shape: Shape, impl: str, source: nn.Module) -> Contend
             if hf_param.shape != ours.shape:
                 raise RuntimeError(f"HF {family} shape {hf_param.shape} != moekit {ours.shape}")
             hf_param.copy_(ours)
+        if family == "deepseek_v3":
+            block.gate.e_score_correction_bias.copy_(source.router.expert_bias)
+    copy_shared_expert(block, source)
     weights = tuple(p for p, _ in pairs)
+    return Contender(f"hf_{family}/{impl}", "hf", block, block, weights)
+
+
+def share_parameters(dst: nn.Module, src: nn.Module) -> None:
+    """Make dst (built on the meta device) use src's parameters and buffers, by name."""
+    params, buffers = dict(src.named_parameters()), dict(src.named_buffers())
+    for name in [n for n, _ in dst.named_parameters()] + [n for n, _ in dst.named_buffers()]:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = dst.get_submodule(owner_name)
+        if name in params:
+            setattr(owner, leaf, params[name])
+        else:
+            persistent = leaf not in owner._non_persistent_buffers_set
+            owner.register_buffer(leaf, buffers[name], persistent=persistent)
+
+
+def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every parameter and buffer still on the meta device zeros on `device` (parameters
+    in dtype, buffers in their own dtype)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                zeros = torch.zeros(p.shape, device=device, dtype=dtype)
+                sub._parameters[name] = nn.Parameter(zeros, requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_meta:
+                sub._buffers[name] = torch.zeros(b.shape, device=device, dtype=b.dtype)
+
+
+def build_hf_shared(family: str, shape: Shape, impl: str, source: nn.Module) -> Contender:
+    """HF block using `source`'s router and expert tensors themselves (no copy); its own shared
+    expert (copied) and routing-bias buffer. For layers too large to hold once per contender."""
+    device, dtype = source.experts.w_in.device, source.experts.w_in.dtype
+    with torch.device("meta"):
+        block = hf_block_class(family)(hf_config(family, shape, impl))
+    pairs = (
+        (block.gate, "weight", source.router.weight),
+        (block.experts, "gate_up_proj", source.experts.w_in),
+        (block.experts, "down_proj", source.experts.w_out),
+    )
+    for owner, leaf, ours in pairs:
+        if getattr(owner, leaf).shape != ours.shape:
+            raise RuntimeError(f"HF {family} {leaf} {getattr(owner, leaf).shape} != {ours.shape}")
+        setattr(owner, leaf, ours)
+    materialize(block, device, dtype)
+    if family == "deepseek_v3":
+        with torch.no_grad():
+            block.gate.e_score_correction_bias.copy_(source.router.expert_bias)
+    copy_shared_expert(block, source)
+    weights = (source.router.weight, source.experts.w_in, source.experts.w_out)
     return Contender(f"hf_{family}/{impl}", "hf", block, block, weights)
 
 
@@ -264,7 +410,7 @@ def build_contenders(
     for other in contenders[1:]:
         other.module.load_state_dict(source.state_dict())
     errors: dict[str, str] = {}
-    for family in ("mixtral", "qwen3_moe"):
+    for family in shape.hf_families:
         for impl in hf_experts_impls():
             name = f"hf_{family}/{impl}"
             reason = too_big_reason(impl, shape, dtype, device)
@@ -275,10 +421,51 @@ def build_contenders(
                 contenders.append(build_hf(family, shape, impl, source))
             except Exception as e:  # record why, keep benchmarking the others
                 errors[name] = f"{type(e).__name__}: {e}"
-    dense = DenseSwiGLU(shape.d_model, shape.top_k * shape.d_expert)
+    dense = DenseSwiGLU(shape.d_model, shape.active_width)
     contenders.append(Contender("dense_swiglu", "dense", dense, dense))
     for c in contenders:
         c.module.to(device).train()
+    return contenders, errors
+
+
+def build_shared_contenders(
+    shape: Shape, device: torch.device, dtype: torch.dtype, names: set[str]
+) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders in `names` built directly in dtype on device, every MoE contender on one
+    copy of the router and expert weights; and {name: error} for those not built."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in dtype: no float32 copy first
+    try:
+        with torch.device(device):
+            first = build_moekit(shape, MOEKIT_IMPLS[0])
+            source = first.module
+            contenders = [first]
+            for impl in MOEKIT_IMPLS[1:]:
+                with torch.device("meta"):
+                    layer = build_moekit(shape, impl).module
+                share_parameters(layer, source)
+                contenders.append(moekit_contender(layer, impl))
+            errors: dict[str, str] = {}
+            for family in shape.hf_families:
+                for impl in hf_experts_impls():
+                    name = f"hf_{family}/{impl}"
+                    if name not in names:
+                        continue
+                    reason = too_big_reason(impl, shape, dtype, device)
+                    if reason:
+                        errors[name] = reason
+                        continue
+                    try:
+                        contenders.append(build_hf_shared(family, shape, impl, source))
+                    except Exception as e:
+                        errors[name] = f"{type(e).__name__}: {e}"
+            dense = DenseSwiGLU(shape.d_model, shape.active_width)
+            contenders.append(Contender("dense_swiglu", "dense", dense, dense))
+    finally:
+        torch.set_default_dtype(previous)
+    contenders = [c for c in contenders if c.name in names]
+    for c in contenders:
+        c.module.to(device, dtype).train()
     return contenders, errors
 
 
@@ -382,6 +569,26 @@ def parity_and_activations(
     if not parity["passed"]:
         raise AssertionError(f"parity failed (worst {worst:.3g} > {PARITY_ATOL}): {parity}")
     return ran, parity, activations
+
+
+# Shared-weight contenders at the timed shape, in dtype, against moekit/loop: norm-wise relative
+# difference of the outputs. Routers that round differently (HF DeepSeek-V3 routes in float32)
+# flip near-tied choices, so this is no parity test (the twin is); it catches a contender that
+# does not run on the shared weights (e.g. a zero router or expert tensor gives ~1).
+AGREEMENT_BOUND = 0.5
+
+
+def timed_agreement(contenders: list[Contender], x: Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        outputs = {c.name: c.call(x).float() for c in contenders if c.weights is not None}
+    ref = outputs.pop(PARITY_REFERENCE)
+    found = {n: round(((y - ref).norm() / ref.norm()).item(), 4) for n, y in outputs.items()}
+    bad = {n: v for n, v in found.items() if not v <= AGREEMENT_BOUND}
+    if bad:
+        raise AssertionError(
+            f"contenders disagree with {PARITY_REFERENCE} at the timed shape: {bad}"
+        )
+    return found
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -559,27 +766,52 @@ def run_shape(shape: Shape, args: argparse.Namespace, device: torch.device) -> d
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    contenders, errors = build_contenders(shape, device, dtype)
-    x32 = torch.randn(1, shape.tokens, shape.d_model, device=device, requires_grad=True)
-    r32 = torch.randn(1, shape.tokens, shape.d_model, device=device)
+    twin = PARITY_TWINS.get(shape)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    contenders, errors = build_contenders(twin or shape, device, dtype)
+    x32 = torch.randn(1, (twin or shape).tokens, shape.d_model, device=device, requires_grad=True)
+    r32 = torch.randn_like(x32, requires_grad=False)
     contenders, parity, activations = parity_and_activations(contenders, x32, r32, errors)
     log(f"  parity worst max abs diff {parity['worst']:.3g} (atol {PARITY_ATOL})")
+    if twin is not None:
+        # Parity and activations were measured on the twin; now the real shape, in dtype.
+        parity["on_twin"] = twin.label
+        passed = {c.name for c in contenders}
+        del contenders, x32, r32
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        contenders, build_errors = build_shared_contenders(shape, device, dtype, passed)
+        errors.update(build_errors)
+        x = torch.randn(1, shape.tokens, shape.d_model, device=device, dtype=dtype)
+        r = torch.randn(1, shape.tokens, shape.d_model, device=device, dtype=dtype)
+        x.requires_grad_()
+        parity["timed_agreement"] = timed_agreement(contenders, x.detach())
     ours = next(c for c in contenders if c.group == "moekit")
-    balance = routing_balance(ours, x32)
-    auto_impl = resolve_impl("auto", x32[0, :1].to(dtype), ours.module.experts.w_in.to(dtype))
-    for c in contenders:
-        c.module.to(dtype)
-    x = x32.detach().to(dtype).requires_grad_()
-    r = r32.to(dtype)
+    if twin is None:
+        balance = routing_balance(ours, x32)
+        auto_impl = resolve_impl("auto", x32[0, :1].to(dtype), ours.module.experts.w_in.to(dtype))
+        for c in contenders:
+            c.module.to(dtype)
+        x = x32.detach().to(dtype).requires_grad_()
+        r = r32.to(dtype)
+    else:
+        balance = routing_balance(ours, x.detach())
+        auto_impl = resolve_impl("auto", x[0, :1].detach(), ours.module.experts.w_in)
     contenders = time_round_robin(
         contenders, x, r, device, args.iters, args.warmup, args.contender_budget, errors
     )
     times = summarise(contenders)
+    tflops = {
+        n: round(shape.step_flops / (t["median_ms"] / 1e3) / 1e12, 3) for n, t in times.items()
+    }
     for name, t in times.items():
-        log(f"  {name:28s} {t['median_ms']:10.1f} ms  (n={t['n']})")
+        log(f"  {name:28s} {t['median_ms']:10.1f} ms  {tflops[name]:8.2f} TFLOP/s  (n={t['n']})")
     result = {
         "shape": asdict(shape),
         "label": shape.label,
+        "step_tflop": round(shape.step_flops / 1e12, 4),
+        "tflops_per_s": tflops,
         "moekit_auto_impl": auto_impl,
         "routing": balance,
         "times": times,
@@ -595,6 +827,8 @@ def run_shape(shape: Shape, args: argparse.Namespace, device: torch.device) -> d
         result["moekit_profile_top_ops"] = {
             c.name: profile_top_ops(c, x, r) for c in contenders if c.group == "moekit"
         }
+    if device.type == "cuda":
+        result["cuda_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -707,16 +941,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "glibc: the C library's defaults (every buffer over 32 MiB is a fresh, page-faulted mmap)",
     )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated GPU-sized layer presets instead of the issue's shapes: "
+        + ", ".join(SHAPE_PRESETS)
+        + " (8192 tokens each; for a GPU)",
+    )
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    args.shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    presets = [name.strip() for name in (args.shapes or "").split(",") if name.strip()]
+    unknown = [name for name in presets if name not in SHAPE_PRESETS]
+    if unknown or (presets and args.quick):
+        p.error(
+            f"--shapes {args.shapes!r}: "
+            + (f"unknown {unknown}, use {list(SHAPE_PRESETS)}" if unknown else "not with --quick")
+        )
+    args.shapes = (
+        tuple(SHAPE_PRESETS[name][0] for name in presets)
+        if presets
+        else QUICK_SHAPES
+        if args.quick
+        else FULL_SHAPES
+    )
     args.iters = args.iters or (2 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     if args.out is None:
-        suffix = ("_quick" if args.quick else "") + (
-            "_glibc_malloc" if args.malloc == "glibc" else ""
+        suffix = (
+            ("_quick" if args.quick else "")
+            + "".join(f"_{name}" for name in presets)
+            + ("_glibc_malloc" if args.malloc == "glibc" else "")
         )
         args.out = RESULTS_DIR / f"moe_layer_{args.device}_{args.dtype}{suffix}.json"
     return args
