@@ -5,10 +5,11 @@
 #      DeepSeek-V3-like layer shapes (TFLOP/s, ratio to the dense FFN of equal active FLOPs and to
 #      transformers' fastest MoE block);
 #   3. a short `small`-preset training run in bf16 autocast (`moekit train`): tokens/s and MFU.
-# Everything goes under one folder (default benchmarks/results/gpu_check_<UTC date-time>/, or
-# the first argument), with summary.md and summary.json. Each step has its own time limit; a
-# failed step does not stop the others, but the script then exits 1. Installs nothing: it runs
-# the project's venv (.venv, from `make install`; PYTHON=... picks another interpreter).
+# Everything goes under one folder (default benchmarks/results/gpu_check_<UTC date-time>/, or the
+# first argument), with summary.md and summary.json. Each step has its own time limit (120 + 240
+# + 100 s: the whole stays under 8 minutes); a failed step does not stop the others, but the
+# script then exits 1. Installs nothing: it runs the project's venv (.venv, from `make install`,
+# with a CUDA build of torch; PYTHON=... picks another interpreter).
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 set -euo pipefail
@@ -59,7 +60,7 @@ run_step() {
 "$PY" -c 'import json, torch; from moekit.machine import machine_info; print(json.dumps({**machine_info(), "gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}, indent=2))' >"$OUT/machine.json"
 
 # 1. gpu tests (seconds on an H100; the limit covers CUDA start-up and the float32 references).
-run_step gpu_tests 150 "$PY" -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider \
+run_step gpu_tests 120 "$PY" -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider \
     --junitxml="$OUT/gpu_tests.xml"
 
 # 2. one MoE layer, forward + backward, at both GPU-sized shapes (8192 tokens each).
@@ -69,7 +70,7 @@ run_step moe_layer 240 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloa
 # 3. a short `small` run in bf16 autocast: 200 steps of 64 x 256 tokens, the tokenizer trained
 #    on 400 standard-library files (cached in the results folder), evaluation and a checkpoint
 #    only at the end.
-run_step train_small 150 "$PY" -m moekit train small --out "$OUT/train_small" \
+run_step train_small 100 "$PY" -m moekit train small --out "$OUT/train_small" \
     --train.device=cuda --train.bf16=true --train.steps=200 --train.batch_size=64 \
     --train.seq_len=256 --train.warmup_steps=20 --train.log_every=20 --train.progress=false \
     --train.tensorboard=false --train.eval.every=0 --train.eval.batches=2 \
