@@ -41,16 +41,23 @@ Communication per step (one forward and backward of a micro-batch)
     size) or pairwise (all-to-all: the rows that leave the process) algorithm.
 
     fsdp_all_gather   per FSDP unit on a group of n > 1: once in the forward, and again in the
-                      backward with reshard_after_forward (never for the root unit, which FSDP2
-                      keeps gathered); input = the padded local chunks in param_dtype.
+                      backward with reshard_after_forward (the root unit too: `apply_fully_shard`
+                      passes the flag to the root explicitly, which turns off FSDP2's keeping the
+                      root gathered); input = the padded local chunks in param_dtype.
     fsdp_reduce_scatter  per unit once in the backward, float32, input = n * padded chunks.
     dp_all_reduce     HSDP: per unit one all-reduce of the reduced float32 chunk over
                       dp_replicate (edp_replicate for routed experts). DDP (dp_shard = tp = 1):
                       every non-expert gradient over all processes, and the routed experts'
                       over their edp_replicate copies.
-    tp_all_reduce     per block: attention's output (forward) and input gradient (backward), the
-                      same for the dense FFN and for shared experts, each a (T, D) activation;
-                      with ep=1 the routed experts' (R, D) output and input gradient.
+    tp_all_reduce     one (T, D) all-reduce in the forward per row-wise output (attention's
+                      o_proj, a dense FFN's w_down, the shared experts' w_out) and one in the
+                      backward per column-wise module's input gradient: `parallelize_module`
+                      makes each ColwiseParallel module's input a replicated DTensor of its own,
+                      so attention all-reduces three (q, k, v), a dense FFN two (gate, up), the
+                      shared experts one (fused [gate; up]); with ep=1 the routed experts add
+                      one (R, D) all-reduce forward (output) and one backward (input gradient).
+    Collectives on a group of one process send nothing and are left out (FSDP2 on a 2-D mesh
+    with a replicate axis of 1 still calls a no-op all-reduce per unit).
     ep_all_to_all     per MoE layer: the counts exchange (E int64) and four exchanges of R rows
                       of D (dispatch and combine, forward and backward), each process handing its
                       rows in; under balanced routing (ep-1)/ep of them leave the process. The
@@ -73,7 +80,13 @@ from moekit.config import ModelConfig, ParallelConfig
 from moekit.model.params import part_of
 from moekit.model.transformer import MoETransformer
 
-KINDS = ("fsdp_all_gather", "fsdp_reduce_scatter", "dp_all_reduce", "tp_all_reduce", "ep_all_to_all")
+KINDS = (
+    "fsdp_all_gather",
+    "fsdp_reduce_scatter",
+    "dp_all_reduce",
+    "tp_all_reduce",
+    "ep_all_to_all",
+)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 FLOAT32 = 4
 INT64 = 8
@@ -232,13 +245,15 @@ def device_costs(
             costs.gathered_bytes = full["root"] + sum(blocks[:2])
         else:
             costs.gathered_bytes = sum(full.values())
-        for name, u in units.items():
+        for u in units.values():
             mesh = "experts" if u["experts"] else "dense"
             n = shard_of[mesh][0]
             replicas = sizes["edp_replicate" if u["experts"] else "dp_replicate"]
             if n > 1:
-                gathers = 1 + int(parallel.reshard_after_forward and name != "root")
-                comms["fsdp_all_gather"].add(gathers, u["padded"] * act, (n - 1) * u["padded"] * act)
+                gathers = 1 + int(parallel.reshard_after_forward)
+                comms["fsdp_all_gather"].add(
+                    gathers, u["padded"] * act, (n - 1) * u["padded"] * act
+                )
                 rs = n * u["padded"] * FLOAT32
                 comms["fsdp_reduce_scatter"].add(1, rs, (n - 1) / n * rs)
             if replicas > 1:
@@ -272,16 +287,16 @@ def _activation_comms(
     moe_layers = set(cfg.moe_layer_indices)
     n_blocks = cfg.n_layers + cfg.mtp_depth
     n_moe = len(moe_layers) + (cfg.mtp_depth if cfg.moe is not None else 0)
-    if tp > 1:
+    if tp > 1:  # one forward all-reduce per row-wise output, one backward per column-wise input
         ring = 2 * (tp - 1) / tp
         td = tokens * D * act
-        comms["tp_all_reduce"].add(2 * n_blocks, td, ring * td)  # attention, fwd and bwd
-        comms["tp_all_reduce"].add(2 * (n_blocks - n_moe), td, ring * td)  # dense FFNs
+        comms["tp_all_reduce"].add(n_blocks * (1 + 3), td, ring * td)  # attention: q, k, v
+        comms["tp_all_reduce"].add((n_blocks - n_moe) * (1 + 2), td, ring * td)  # gate, up
         if cfg.moe is not None and cfg.moe.shared_width:
-            comms["tp_all_reduce"].add(2 * n_moe, td, ring * td)
+            comms["tp_all_reduce"].add(n_moe * (1 + 1), td, ring * td)  # fused [gate; up]
         if cfg.moe is not None and ep == 1:
             rd = _rows(cfg, tokens) * D * act
-            comms["tp_all_reduce"].add(2 * n_moe, rd, ring * rd)
+            comms["tp_all_reduce"].add(n_moe * (1 + 1), rd, ring * rd)
     if ep > 1 and cfg.moe is not None:
         away = (ep - 1) / ep
         counts = cfg.moe.n_experts * INT64

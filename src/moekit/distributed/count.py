@@ -11,7 +11,6 @@ around the Python functions. It changes nothing: every op runs as called.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from moekit.distributed.costs import KINDS
+
+EXTRA_KINDS = ("statistics", "one_process", "other")
 
 # The collective ops: (namespace, name) -> (kind, index of the input argument). Inputs may be a
 # tensor or a list (of lists) of tensors.
@@ -48,13 +51,14 @@ _OPS: dict[tuple[str, str], tuple[str, int]] = {
 @dataclass(frozen=True)
 class Record:
     """One collective call: its kind (all_reduce, all_gather, reduce_scatter, all_to_all,
-    broadcast), the op's name, the size of its group, the dtype of its input, `payload` (bytes of
-    the input handed in) and `sent` (bytes that leave this process by a ring algorithm, or for an
-    all-to-all the rows addressed to other ranks)."""
+    broadcast), the op's name, the size of its group and its (global) ranks, the dtype of its
+    input, `payload` (bytes of the input handed in) and `sent` (bytes that leave this process by
+    a ring algorithm, or for an all-to-all the rows addressed to other ranks)."""
 
     kind: str
     op: str
     group: int
+    ranks: tuple[int, ...]
     dtype: torch.dtype
     payload: int
     sent: float
@@ -68,20 +72,18 @@ def _tensors(x: Any) -> list[Tensor]:
     return []
 
 
-def _group(args: tuple, kwargs: dict, namespace: str) -> tuple[int, int]:
-    """(size, this process's rank) of the op's group."""
+def _group(args: tuple, kwargs: dict, namespace: str) -> dist.ProcessGroup:
+    """The op's process group."""
     if namespace == "_c10d_functional":  # the group's name is the last string argument
         name = [a for a in (*args, *kwargs.values()) if isinstance(a, str)][-1]
-        pg = dist.distributed_c10d._resolve_process_group(name)
-        return pg.size(), pg.rank()
+        return dist.distributed_c10d._resolve_process_group(name)
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type()):
-            pg = dist.ProcessGroup.unbox(a)
-            return pg.size(), pg.rank()
+            return dist.ProcessGroup.unbox(a)
     raise ValueError("collective without a process group")
 
 
-def _sent(kind: str, n: int, payload: int, splits: list[int] | None, rank: int, rows: int) -> float:
+def _sent(kind: str, n: int, payload: int, splits: list[int] | None, rank: int) -> float:
     if kind == "all_reduce":
         return 2 * (n - 1) / n * payload
     if kind == "all_gather":
@@ -109,24 +111,42 @@ class CollectiveCounter(TorchDispatchMode):
             kind, index = _OPS[key]
             tensors = _tensors(args[index])
             payload = sum(t.numel() * t.element_size() for t in tensors)
-            n, rank = _group(args, kwargs, func.namespace)
+            pg = _group(args, kwargs, func.namespace)
+            n, rank = pg.size(), pg.rank()
+            ranks = tuple(dist.get_process_group_ranks(pg))
             splits = None
             if kind == "all_to_all":  # input split sizes: alltoall_base_'s 5th, functional 3rd
                 pos = 4 if func.namespace == "c10d" else 2
                 splits = list(args[pos]) if len(args) > pos and args[pos] else None
-            rows = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
-            sent = _sent(kind, n, payload, splits, rank, rows)
-            self.records.append(Record(kind, key[1], n, tensors[0].dtype, payload, sent))
+            sent = _sent(kind, n, payload, splits, rank)
+            self.records.append(Record(kind, key[1], n, ranks, tensors[0].dtype, payload, sent))
         return func(*args, **kwargs)
 
-    def totals(self) -> dict[tuple[str, int, str], dict[str, float]]:
-        """Calls, payload and sent summed by (kind, group size, dtype name)."""
-        out: dict[tuple[str, int, str], dict[str, float]] = defaultdict(
-            lambda: {"calls": 0, "payload": 0, "sent": 0.0}
-        )
-        for r in self.records:
-            t = out[(r.kind, r.group, str(r.dtype).removeprefix("torch."))]
-            t["calls"] += 1
-            t["payload"] += r.payload
-            t["sent"] += r.sent
-        return dict(out)
+
+def by_kind(records: list[Record], tp: int, rank: int) -> dict[str, dict[str, float]]:
+    """Calls, payload and sent per kind of `moekit.distributed.costs.KINDS`, from this process's
+    records (`rank` of the world, `tp` its tensor-parallel size: the all-reduces on its
+    tensor-parallel group are tensor parallelism's). Also "statistics" (the MoE layers' float64
+    balance sums), "one_process" (collectives on a group of one: they send nothing) and "other"."""
+    first = rank - rank % tp
+    tp_ranks = tuple(range(first, first + tp))
+    out = {k: {"calls": 0, "payload": 0, "sent": 0.0} for k in (*KINDS, *EXTRA_KINDS)}
+    for r in records:
+        if r.group == 1:
+            kind = "one_process"
+        elif r.kind == "all_gather":
+            kind = "fsdp_all_gather"
+        elif r.kind == "reduce_scatter":
+            kind = "fsdp_reduce_scatter"
+        elif r.kind == "all_to_all":
+            kind = "ep_all_to_all"
+        elif r.kind == "all_reduce" and r.dtype == torch.float64:
+            kind = "statistics"
+        elif r.kind == "all_reduce":
+            kind = "tp_all_reduce" if tp > 1 and r.ranks == tp_ranks else "dp_all_reduce"
+        else:
+            kind = "other"
+        out[kind]["calls"] += 1
+        out[kind]["payload"] += r.payload
+        out[kind]["sent"] += r.sent
+    return out

@@ -52,7 +52,7 @@ def parameter_breakdown(model: ModelConfig | MoETransformer) -> dict[str, int]:
     counts = dict.fromkeys(PARTS, 0)
     for name, p in model.named_parameters():
         if not name.startswith("mtp."):
-            counts[_part_of(model, name)] += p.numel()
+            counts[part_of(model, name)] += p.numel()
     counts["total"] = sum(counts[part] for part in PARTS)
     inactive = counts["total"] - model.num_parameters(active=True, mtp=False)
     counts["routed_experts_active"] = counts["routed_experts"] - inactive
@@ -62,7 +62,7 @@ def parameter_breakdown(model: ModelConfig | MoETransformer) -> dict[str, int]:
     return counts
 
 
-def _part_of(model: MoETransformer, param_name: str) -> str:
+def part_of(model: MoETransformer, param_name: str) -> str:
     """The part of the innermost module holding the parameter that has one (the LM head is an
     embedding)."""
     path = param_name.split(".")[:-1]
