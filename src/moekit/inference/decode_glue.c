@@ -38,6 +38,51 @@ static void rope(const float *x, const float *cos_h, const float *sin_h, int64_t
     }
 }
 
+/* Writes sequence b's rotated k and its v at position pos of k_cache and v_cache. */
+static void cache_write(const float *k, const float *v, int64_t kv_stride, const float *cos_h,
+                        const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
+                        int64_t max_len, int64_t B, int64_t KV, int64_t hd) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < KV; g++) {
+            int64_t at = ((b * KV + g) * max_len + pos) * hd;
+            rope(k + b * kv_stride + g * hd, cos_h, sin_h, hd / 2, k_cache + at);
+            for (int64_t i = 0; i < hd; i++) v_cache[at + i] = v[b * kv_stride + g * hd + i];
+        }
+}
+
+/* Query head bh = b * H + h over the L cached positions of its key/value head: out (hd). */
+static void attend_head(const float *q, int64_t q_stride, const float *cos_h, const float *sin_h,
+                        const float *k_cache, const float *v_cache, int64_t L, int64_t max_len,
+                        int64_t H, int64_t KV, int64_t hd, float scale, int64_t bh, float *o) {
+    int64_t b = bh / H, h = bh % H, group = H / KV;
+    const float *kc = k_cache + (b * KV + h / group) * max_len * hd;
+    const float *vc = v_cache + (b * KV + h / group) * max_len * hd;
+    float qr[hd > 0 ? hd : 1];
+    rope(q + b * q_stride + h * hd, cos_h, sin_h, hd / 2, qr);
+    float *scores = malloc((size_t)L * sizeof(float));
+    float top = -INFINITY;
+    for (int64_t j = 0; j < L; j++) {
+        const float *kj = kc + j * hd;
+        float acc[8] = {0};
+        int64_t i = 0;
+        for (; i + 8 <= hd; i += 8)
+            for (int u = 0; u < 8; u++) acc[u] += qr[i + u] * kj[i + u];
+        float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+        for (; i < hd; i++) s += qr[i] * kj[i];
+        scores[j] = s * scale;
+        if (scores[j] > top) top = scores[j];
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < L; j++) total += scores[j] = expf(scores[j] - top);
+    for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+    for (int64_t j = 0; j < L; j++) {
+        const float *vj = vc + j * hd;
+        float p = scores[j] / total;
+        for (int64_t i = 0; i < hd; i++) o[i] += p * vj[i];
+    }
+    free(scores);
+}
+
 /* One new position for B sequences. q (B, H, hd), k and v (B, KV, hd) as projected (q/k norms
  * applied, rope not), sequence b's at q + b * q_stride and k, v + b * kv_stride (one fused qkv
  * row holds all three), cos and sin (hd / 2) the position's angles, k_cache and v_cache
@@ -49,45 +94,12 @@ void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64
                            int64_t kv_stride, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len,
                            int64_t B, int64_t H, int64_t KV, int64_t hd, float scale, float *out) {
-    int64_t half = hd / 2, group = H / KV, L = pos + 1;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < KV; g++) {
-            int64_t at = ((b * KV + g) * max_len + pos) * hd;
-            rope(k + b * kv_stride + g * hd, cos_h, sin_h, half, k_cache + at);
-            for (int64_t i = 0; i < hd; i++) v_cache[at + i] = v[b * kv_stride + g * hd + i];
-        }
-    int64_t n = B * H;
+    int64_t L = pos + 1, n = B * H;
+    cache_write(k, v, kv_stride, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
 #pragma omp parallel for schedule(static) if (n > 1 && L * hd * H >= 262144)
-    for (int64_t bh = 0; bh < n; bh++) {
-        int64_t b = bh / H, h = bh % H;
-        const float *kc = k_cache + (b * KV + h / group) * max_len * hd;
-        const float *vc = v_cache + (b * KV + h / group) * max_len * hd;
-        float qr[hd > 0 ? hd : 1];
-        rope(q + b * q_stride + h * hd, cos_h, sin_h, half, qr);
-        float *scores = malloc((size_t)L * sizeof(float));
-        float top = -INFINITY;
-        for (int64_t j = 0; j < L; j++) {
-            const float *kj = kc + j * hd;
-            float acc[8] = {0};
-            int64_t i = 0;
-            for (; i + 8 <= hd; i += 8)
-                for (int u = 0; u < 8; u++) acc[u] += qr[i + u] * kj[i + u];
-            float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-            for (; i < hd; i++) s += qr[i] * kj[i];
-            scores[j] = s * scale;
-            if (scores[j] > top) top = scores[j];
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j < L; j++) total += scores[j] = expf(scores[j] - top);
-        float *o = out + bh * hd;
-        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int64_t j = 0; j < L; j++) {
-            const float *vj = vc + j * hd;
-            float p = scores[j] / total;
-            for (int64_t i = 0; i < hd; i++) o[i] += p * vj[i];
-        }
-        free(scores);
-    }
+    for (int64_t bh = 0; bh < n; bh++)
+        attend_head(q, q_stride, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale, bh,
+                    out + bh * hd);
 }
 
 /* One token's top-k routing (moekit.routing.topk.topk_route without expert groups): scores =
@@ -122,4 +134,200 @@ void moekit_route_topk_f32(const float *logits, int64_t E, const float *bias, in
     }
     float scale = normalize ? (1.0f / (sum + 1e-20f)) * scaling : scaling;
     for (int64_t k = 0; k < K; k++) weights[k] = weights[k] * scale;
+}
+
+/* ================================================================ whole layers in one call
+ *
+ * A decode token's MoE layer (routing, its top-k experts' SwiGLU products, the weighted sum) and
+ * its attention block (q/k/v products, the step above, o_proj) each in one call and one OpenMP
+ * parallel region: each product's output rows split between the threads, barriers between the
+ * steps instead of a fork and a join per product (and a Python call per product before). The
+ * products run moekit's kernels row range by row range, through pointers handed over once by
+ * moekit_layers_set_ops: decode_kernels.c's float32 rows, quant/kernels.c's prepared x and
+ * quantized rows. Every output element is computed by the same function on the same inputs as the
+ * one-product kernels compute it, so results equal theirs bit for bit (the references in
+ * moekit/inference/decode_layers.py; tests/test_decode_layers.py). */
+
+typedef void (*f32_rows_fn)(const float *, int64_t, int64_t, const float *, int64_t, int64_t,
+                            int64_t, int64_t, const float *, float *);
+typedef void *(*q_prepare_fn)(int, const float *, int64_t, int64_t);
+typedef void (*q_rows_fn)(const void *, const void *, const void *, const uint16_t *, int64_t,
+                          int64_t, int64_t, const float *, float *);
+typedef void (*q_release_fn)(void *);
+
+static f32_rows_fn f32_rows;
+static q_prepare_fn q_prepare;
+static q_rows_fn q_rows;
+static q_release_fn q_release;
+
+void moekit_layers_set_ops(void *f32, void *prepare, void *rows, void *release) {
+    f32_rows = (f32_rows_fn)f32;
+    q_prepare = (q_prepare_fn)prepare, q_rows = (q_rows_fn)rows, q_release = (q_release_fn)release;
+}
+
+/* One weight matrix (O, I) as stored: kind -1 float32 (data rows `ld` floats apart), else
+ * quant/kernels.c's kind (data, scales, offsets in its layouts); bias (O,) float32 or NULL. */
+typedef struct {
+    int64_t kind, O, I, ld;
+    const void *data, *scales, *offsets;
+    const float *bias;
+} weight_ref;
+
+#define ROWS_A_TASK 16
+
+/* x (R, I) prepared for w: quant/kernels.c's handle, or x itself for float32 (NULL if it fails). */
+static void *prepared(const weight_ref *w, const float *x, int64_t R) {
+    if (w->kind < 0) return (void *)x;
+    return q_prepare ? q_prepare((int)w->kind, x, R, w->I) : NULL;
+}
+
+static void release(const weight_ref *w, void *p) {
+    if (w->kind >= 0 && p != NULL) q_release(p);
+}
+
+/* Rows [o0, o1) of y (R, O) = x @ W^T (+ bias), x as `prepared` gave it, on this thread. */
+static void rows(const weight_ref *w, const void *p, int64_t R, int64_t o0, int64_t o1, float *y) {
+    if (w->kind < 0)
+        f32_rows(p, R, w->I, w->data, w->ld, o0, o1, w->O, w->bias, y);
+    else
+        q_rows(p, w->data, w->scales, w->offsets, o0, o1, w->O, w->bias, y);
+}
+
+/* Inside a parallel region: y (R, O) = x @ W^T, the rows split between its threads; no barrier. */
+static void product(const weight_ref *w, const void *p, int64_t R, float *y) {
+    const int64_t tasks = (w->O + ROWS_A_TASK - 1) / ROWS_A_TASK;
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t o0 = t * ROWS_A_TASK, o1 = o0 + ROWS_A_TASK < w->O ? o0 + ROWS_A_TASK : w->O;
+        rows(w, p, R, o0, o1, y);
+    }
+}
+
+/* One token x (D) through K SwiGLU experts without biases, w_in[k] (2F, D) = [W_gate; W_up] and
+ * w_out[k] (D, F) (chosen in increasing expert order), y (D) = sum_k weights[k] * expert_k(x),
+ * summed as moekit's selected_experts_forward sums: y = y_0 w_0, then y = y + y_k w_k. h: scratch
+ * of K * (2F + D) floats. Returns 0, or -1 if a product's x cannot be prepared (nothing meaningful in y). */
+int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
+                             const weight_ref *w_out, const float *weights, float *h, float *y) {
+    const int64_t F = w_out[0].I, D = w_out[0].O, f_tasks = (F + ROWS_A_TASK - 1) / ROWS_A_TASK;
+    void *px[K > 0 ? K : 1], *pa[K > 0 ? K : 1];
+    int failed = 0;
+    for (int64_t k = 0; k < K; k++) { /* x once per kind: experts of one layer share theirs */
+        px[k] = k > 0 && w_in[k].kind == w_in[0].kind ? px[0] : prepared(&w_in[k], x, 1);
+        pa[k] = NULL;
+        failed |= px[k] == NULL;
+    }
+    if (failed) goto done;
+#pragma omp parallel
+    {
+        /* gate and up rows of one range on one thread: its activations need no barrier */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < K * f_tasks; t++) {
+            int64_t k = t / f_tasks, f0 = (t % f_tasks) * ROWS_A_TASK;
+            int64_t f1 = f0 + ROWS_A_TASK < F ? f0 + ROWS_A_TASK : F;
+            float *hk = h + k * 2 * F;
+            rows(&w_in[k], px[k], 1, f0, f1, hk);
+            rows(&w_in[k], px[k], 1, F + f0, F + f1, hk);
+            for (int64_t f = f0; f < f1; f++)
+                hk[f] = hk[f] / (1.0f + expf(-hk[f])) * hk[F + f];
+        }
+#pragma omp single
+        for (int64_t k = 0; k < K; k++) {
+            float *hk = h + k * 2 * F; /* the activations, compacted where gate was */
+            pa[k] = prepared(&w_out[k], hk, 1);
+            if (pa[k] == NULL) failed = 1;
+        }
+        if (!failed) {
+            const int64_t d_tasks = (D + ROWS_A_TASK - 1) / ROWS_A_TASK;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < d_tasks; t++) {
+                int64_t d0 = t * ROWS_A_TASK, d1 = d0 + ROWS_A_TASK < D ? d0 + ROWS_A_TASK : D;
+                for (int64_t k = 0; k < K; k++) {
+                    float *yk = h + K * 2 * F + k * D; /* expert k's output */
+                    rows(&w_out[k], pa[k], 1, d0, d1, yk);
+                    for (int64_t d = d0; d < d1; d++)
+                        y[d] = k == 0 ? yk[d] * weights[k] : y[d] + yk[d] * weights[k];
+                }
+            }
+        }
+    }
+done:
+    for (int64_t k = 0; k < K; k++) {
+        if (k == 0 || px[k] != px[0]) release(&w_in[k], px[k]);
+        release(&w_out[k], pa[k]);
+    }
+    return failed ? -1 : 0;
+}
+
+/* One token's MoE layer without shared experts: logits (E) = router x (+ its bias; float32), the
+ * top-k routing of moekit_route_topk_f32 (ids and weights best first, into ids and weights), then
+ * moekit_experts_one_token over the chosen experts in increasing expert order. w_in and w_out: the
+ * E experts' weights; scratch: 2E + K * (2F + D) floats. Returns as moekit_experts_one_token. */
+int moekit_moe_one_token(const float *x, const weight_ref *router, const float *expert_bias,
+                         int64_t K, int sigmoid, int normalize, float scaling,
+                         const weight_ref *w_in, const weight_ref *w_out, float *scratch,
+                         int64_t *ids, float *weights, float *y) {
+    const int64_t E = router->O;
+    float *logits = scratch, *scores = scratch + E;
+    rows(router, x, 1, 0, E, logits);
+    float *h = scores + E;
+    moekit_route_topk_f32(logits, E, expert_bias, K, sigmoid, normalize, scaling, scores, ids,
+                          weights);
+    int64_t order[K > 0 ? K : 1];
+    for (int64_t k = 0; k < K; k++) { /* insertion sort by expert: K is small */
+        int64_t j = k;
+        for (; j > 0 && ids[order[j - 1]] > ids[k]; j--) order[j] = order[j - 1];
+        order[j] = k;
+    }
+    weight_ref chosen_in[K > 0 ? K : 1], chosen_out[K > 0 ? K : 1];
+    float chosen_weights[K > 0 ? K : 1];
+    for (int64_t k = 0; k < K; k++) {
+        chosen_in[k] = w_in[ids[order[k]]], chosen_out[k] = w_out[ids[order[k]]];
+        chosen_weights[k] = weights[order[k]];
+    }
+    return moekit_experts_one_token(x, K, chosen_in, chosen_out, chosen_weights, h, y);
+}
+
+/* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
+ * biases) for q (H hd, D), k and v (KV hd, D), then moekit_attend_one_f32's step (rope, cache
+ * write, attention over the pos + 1 cached positions), then out (B, D) = that @ W_o^T (+ bias).
+ * scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot be prepared. */
+int moekit_attention_block(const float *x, int64_t B, const weight_ref *wq, const weight_ref *wk,
+                           const weight_ref *wv, const weight_ref *wo, const float *cos_h,
+                           const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
+                           int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,
+                           float *scratch, float *out) {
+    float *q = scratch, *k = q + B * H * hd, *v = k + B * KV * hd, *att = v + B * KV * hd;
+    void *pq = prepared(wq, x, B);
+    void *pk = wk->kind == wq->kind ? pq : prepared(wk, x, B);
+    void *pv = wv->kind == wq->kind ? pq : prepared(wv, x, B);
+    void *po = NULL;
+    int failed = pq == NULL || pk == NULL || pv == NULL;
+    const int64_t L = pos + 1, n = B * H;
+    if (failed) goto done;
+#pragma omp parallel
+    {
+        product(wq, pq, B, q);
+        product(wk, pk, B, k);
+        product(wv, pv, B, v);
+#pragma omp barrier
+#pragma omp single
+        cache_write(k, v, KV * hd, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < n; bh++)
+            attend_head(q, H * hd, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale,
+                        bh, att + bh * hd);
+#pragma omp single
+        {
+            po = prepared(wo, att, B);
+            failed = po == NULL;
+        }
+        if (!failed) product(wo, po, B, out);
+    }
+done:
+    release(wq, pq);
+    if (pk != pq) release(wk, pk);
+    if (pv != pq) release(wv, pv);
+    release(wo, po);
+    return failed ? -1 : 0;
 }

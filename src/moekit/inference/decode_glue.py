@@ -9,7 +9,9 @@ fork, views). Here each is one ctypes call:
 
 - `rms_norm`: nn.RMSNorm over at most MAX_ROWS rows (`GlueRMSNorm` swaps it in for nn.RMSNorm);
 - `glue_cached_attention`: one new position's rope, cache write and attention over every cached
-  position (`Attention.cached_attention`; decode steps with the plain mask, no sinks).
+  position (`Attention.cached_attention`; decode steps with the plain mask, no sinks);
+- whole layers (`moekit.inference.decode_layers`, on this module's library): a decode
+  position's attention block and a decoded token's MoE layer, each one C call.
 
 Anything else (training, gradients, other dtypes, prefill, sliding windows that bite, sinks,
 `torch.compile` tracing) runs the torch reference: nn.RMSNorm and
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 from pathlib import Path
 
 import torch
@@ -30,11 +31,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from moekit import cbuild
-from moekit.experts.experts import Experts
-from moekit.inference.decode_qkv import fuse_qkv, fused_qkv, linear_of, unfuse_qkv
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.transformer import MoETransformer
-from moekit.moe import MoEAux, MoELayer
+from moekit.moe import MoELayer
 
 SOURCE = Path(__file__).with_name("decode_glue.c")
 MAX_ROWS = 16  # decode steps; more rows are torch's (its vectorised kernels win there)
@@ -182,48 +181,6 @@ def _attention_qualifies(
     )
 
 
-def glue_attention_forward(
-    attn: Attention,
-    x_BSD: Tensor,
-    rope: tuple[Tensor, Tensor],
-    mask: AttentionMask,
-    cache: LayerKVCache | None = None,
-) -> Tensor:
-    """`Attention.forward` for one decode position in three calls (the fused q/k/v product, the C
-    attention step, o_proj) where it qualifies (projections still fused (`fused_qkv`) and not
-    hooked, no q/k norms or clipping, the C attention's conditions); `Attention.forward` itself
-    otherwise."""
-    w, q_linear = fused_qkv(attn, "weight"), linear_of(attn.q_proj)
-    b = fused_qkv(attn, "bias") if attn.q_proj.bias is not None else None
-    B, S, D = x_BSD.shape
-    if (
-        w is None
-        or q_linear is None
-        or (b is None and attn.q_proj.bias is not None)
-        or S != 1
-        or attn.qk_norm is not None
-        or attn.clip_qkv is not None
-        or attn.sinks is not None
-        or cache is None
-        or mask.mask_SL is not None
-        or not _eager_no_grad(x_BSD, attn.q_proj.weight, attn.o_proj.weight)
-        or not _plain(x_BSD)
-        or not _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
-        or _hooked(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    ):
-        return Attention.forward(attn, x_BSD, rope, mask, cache)
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    qkv_BO = q_linear(x_BSD.view(B, D), w, b)
-    y_BHd = qkv_BO.new_empty(B, H * hd)
-    q, row = qkv_BO.data_ptr(), qkv_BO.shape[1]
-    k = q + 4 * H * hd
-    _attend(q, k, k + 4 * KV * hd, row, row, rope, cache, B, H, hd, y_BHd)
-    o_linear = linear_of(attn.o_proj)
-    if o_linear is None:
-        return attn.o_proj(y_BHd.view(B, 1, H * hd))
-    return o_linear(y_BHd, attn.o_proj.weight, attn.o_proj.bias).view(B, 1, D)
-
-
 def _cache_qualifies(
     cache: LayerKVCache, B: int, KV: int, hd: int, rope: tuple[Tensor, Tensor]
 ) -> bool:
@@ -241,125 +198,31 @@ def _cache_qualifies(
     )
 
 
-def glue_moe_forward(
-    layer: MoELayer,
-    x: Tensor,
-    token_ids: Tensor | None = None,
-    *,
-    with_aux: bool = True,
-    decoding: bool = False,
-) -> tuple[Tensor, MoEAux | None]:
-    """`MoELayer.forward` for one decoded token without aux where it qualifies (an eval-mode
-    layer, top-k routing without expert groups, the decode path of `selected_path`, float32):
-    the router's product, then the C top-k routing into two small ctypes buffers (no tensors, no
-    host sync) and the chosen experts summed by increasing expert, as `selected_experts_forward`
-    does. `MoELayer.forward` itself otherwise (and where the router or experts are hooked)."""
-    cfg, router = layer.cfg, layer.router
-    T = x.numel() // cfg.d_model if x.dim() > 0 else 0
-    if (
-        with_aux
-        or T != 1
-        or layer.training
-        or cfg.router != "topk"
-        or not (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
-        or x.shape[-1] != cfg.d_model
-        or not layer.selected_path(1, decoding)
-        or torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
-        or torch.compiler.is_compiling()
-        or not (_plain(x) and _plain(router.weight) and _plain(router.expert_bias))
-        or (router.bias is not None and not _plain(router.bias))
-        or _library() is None
-        or _hooked(router, layer.experts)  # the layer's own hooks see this call as any other
-    ):
-        return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
-    x_TD = x.view(1, cfg.d_model)
-    logits_TE = router.linear(x_TD, router.weight, router.bias)
-    K, E = cfg.top_k, cfg.n_experts
-    scores, ids_K, weights_K = _route_buffers(E, K)
-    _library().moekit_route_topk_f32(
-        logits_TE.data_ptr(),
-        E,
-        router.expert_bias.data_ptr(),
-        K,
-        cfg.score == "sigmoid",
-        cfg.normalize,
-        cfg.routed_scaling,
-        scores,
-        ids_K,
-        weights_K,
-    )
-    experts = layer.experts
-    chosen = sorted(zip(ids_K, weights_K, strict=True))
-    if type(experts) is Experts:
-        views = _expert_views(experts)
-        y_TD = None
-        for e, w in chosen:  # float32 products by the float32 weight, summed as the reference
-            y_e = experts.expert_ffn(x_TD, *views[e], cfg)
-            y_TD = y_e * w if y_TD is None else y_TD.add_(y_e * w)
-    else:  # offloaded experts, say: their own decode path
-        ids_TK = torch.tensor([list(ids_K)], device=x.device)
-        weights_TK = torch.tensor([list(weights_K)], device=x.device)
-        y_TD = experts.forward_selected(x_TD, ids_TK, weights_TK)
-    if layer.shared_experts is not None:
-        y_TD = y_TD + layer.shared_experts(x_TD)
-    return y_TD.view(x.shape), None
-
-
-def _expert_views(experts: Experts) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
-    """Each expert's (w_in[e], w_out[e], b_in[e], b_out[e]), made once and kept while the stacked
-    parameters are the same tensors over the same memory (the selects cost ~2 us each a step)."""
-    params = (experts.w_in, experts.w_out, experts.b_in, experts.b_out)
-    key = tuple((id(p), p.data_ptr()) if p is not None else None for p in params)
-    kept = experts.__dict__.get("_glue_views")
-    if kept is None or kept[0] != key:
-        views = [
-            tuple(None if p is None else p[e] for p in params) for e in range(experts.w_in.shape[0])
-        ]
-        kept = experts.__dict__["_glue_views"] = (key, views)
-    return kept[1]
-
-
-_scratch = threading.local()
-
-
-def _route_buffers(E: int, K: int) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
-    """Scratch scores (E,), ids (K,) and weights (K,) for `moekit_route_topk_f32`, this thread's:
-    the ctypes call releases the GIL, so threads decoding at once (one model or several) each
-    need their own; one thread's calls each read their results before the next, so its layers
-    and models share them. (Per layer would still race with two threads on one model.)"""
-    kept = _scratch.__dict__.setdefault("buffers", {})
-    if (E, K) not in kept:
-        kept[E, K] = (ctypes.c_float * E)(), (ctypes.c_int64 * K)(), (ctypes.c_float * K)()
-    return kept[E, K]
-
-
-def apply_decode_glue(
-    model: MoETransformer, fuse_qkv_weights: bool = False, route_in_c: bool = False
-) -> MoETransformer:
+def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     """Swap the glue into `model` for generation, in place: every nn.RMSNorm becomes a
-    `GlueRMSNorm` sharing its weight, and every `Attention` (the MTP blocks' too; not latent
-    attention) runs `glue_cached_attention`. Returns `model`; `remove_decode_glue` undoes it.
-    `fuse_qkv_weights`: q/k/v's weights become views of one stacked tensor, one product a step;
-    off by default, since safetensors then refuses to save the model (partial views of one
-    storage) until `remove_decode_glue`. `route_in_c`: one token's top-k routing in C
-    (`glue_moe_forward`); off by default, since its softmax rounds differently from torch's in the
-    last bit, and a model whose layers fall back to torch (hooked, offloaded with hooks) would then
-    not reproduce a glued one's tokens bit for bit."""
+    `GlueRMSNorm` sharing its weight; every `Attention` (the MTP blocks' too; not latent
+    attention) runs `glue_cached_attention`, and a decode position's whole block in one C call
+    (`decode_layers.attention_forward`); every MoE layer a decoded token's routing and experts in
+    one C call (`decode_layers.moe_forward`) and its router a few rows' top-k routing in C
+    (`decode_layers.router_forward`). Nothing is copied or re-pointed: the model saves and
+    deep-copies as before. Returns `model`; `remove_decode_glue` undoes it."""
+    from moekit.inference import decode_layers  # it builds on this module's checks and library
+
     for name, module in list(model.named_modules()):
         if type(module) is nn.RMSNorm:
             model.set_submodule(name, GlueRMSNorm.sharing(module))
         elif isinstance(module, Attention):
             module.cached_attention = glue_cached_attention
-            if fuse_qkv_weights and fuse_qkv(module):
-                module.forward = functools.partial(glue_attention_forward, module)
-        elif isinstance(module, MoELayer) and route_in_c:
-            module.forward = functools.partial(glue_moe_forward, module)
+            module.forward = functools.partial(decode_layers.attention_forward, module)
+        elif isinstance(module, MoELayer):
+            module.forward = functools.partial(decode_layers.moe_forward, module)
+            module.router.forward = functools.partial(decode_layers.router_forward, module.router)
     model.rope_memo = {}
     return model
 
 
 def remove_decode_glue(model: MoETransformer) -> MoETransformer:
-    """Undo `apply_decode_glue`: plain nn.RMSNorm and `cached_attention` again."""
+    """Undo `apply_decode_glue`: plain nn.RMSNorm, `cached_attention` and forwards again."""
     for name, module in list(model.named_modules()):
         if type(module) is GlueRMSNorm:
             plain = nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
@@ -368,10 +231,9 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, Attention):
             module.cached_attention = cached_attention
             module.__dict__.pop("forward", None)
-            unfuse_qkv(module)
         elif isinstance(module, MoELayer):
             module.__dict__.pop("forward", None)
-            module.experts.__dict__.pop("_glue_views", None)
+            module.router.__dict__.pop("forward", None)
     model.rope_memo = None
     return model
 
@@ -390,6 +252,16 @@ def _library() -> ctypes.CDLL | None:
             "moekit_attend_one_f32": (
                 [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr],
                 None,
+            ),
+            "moekit_layers_set_ops": ([ptr] * 4, None),
+            "moekit_experts_one_token": ([ptr, i64, *[ptr] * 5], ctypes.c_int),
+            "moekit_moe_one_token": (
+                [ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, *[ptr] * 6],
+                ctypes.c_int,
+            ),
+            "moekit_attention_block": (
+                [ptr, i64, *[ptr] * 8, *[i64] * 5, ctypes.c_float, ptr, ptr],
+                ctypes.c_int,
             ),
         },
         what="CPU decode glue",

@@ -84,6 +84,18 @@ void moekit_linear_f32(const float *x, int64_t R, int64_t I, const float *W, int
     linear_rows(best_dot(), x, I, R, I, W, ldw, O, b, y);
 }
 
+/* Rows [o0, o1) of moekit_linear_f32's y (R, O), on the calling thread (for callers that split
+ * the rows between their own threads: moekit/inference/decode_layers.c). */
+void moekit_linear_rows_f32(const float *x, int64_t R, int64_t I, const float *W, int64_t ldw,
+                            int64_t o0, int64_t o1, int64_t O, const float *b, float *y) {
+    const dot_fn dot = best_dot();
+    for (int64_t o = o0; o < o1; o++) {
+        const float *w = W + o * ldw;
+        float bias = b ? b[o] : 0.0f;
+        for (int64_t r = 0; r < R; r++) y[r * O + o] = dot(x + r * I, w, I) + bias;
+    }
+}
+
 /* One SwiGLU expert on R rows: x (R, D); w_in (2F, D) = [w_gate; w_up], w_out (D, F), both
  * contiguous; h (R, 2F) scratch; y (R, D). h = x w_in^T, then h[:, :F] = silu(gate) * up in
  * place, then y = h[:, :F] w_out^T. silu(g) = g / (1 + exp(-g)), as torch computes it. */

@@ -47,6 +47,9 @@
  * below) quantizes x to int8 per block of 32 and multiplies integers instead.
  *
  * moekit_q_swiglu_expert runs a SwiGLU expert's two products and its activation in one call.
+ * moekit_q_prepare / moekit_q_rows / moekit_q_release are moekit_q_linear in its two steps (x
+ * prepared once, then any range of output rows on the calling thread): the whole-layer calls of
+ * moekit/inference/decode_glue.c split a product's rows between their own threads with them.
  * Built and loaded by moekit/quant/kernels.py (through moekit/cbuild.py); tests/
  * test_quant_kernels.py holds both bodies to F.linear over the dequantized weight.
  */
@@ -763,9 +766,6 @@ int moekit_q_set_path(int path) {
     return active_path;
 }
 
-/* y (R, O) = x (R, I) @ W^T (+ bias): x and y contiguous float32, W's tensors contiguous in the
- * layouts above (offsets NULL but for int4 with a zero point), bias (O,) or NULL. Returns 0, or
- * -1 if R, I or the kind is out of range (nothing written). */
 static int x8_kinds = 0; /* bit k set: kind k runs the int8-activation path (where I % 32 == 0) */
 
 /* Choose which kinds quantize x to int8 (bit k for kind k; bf16's bit is ignored); -1 leaves the
@@ -775,71 +775,46 @@ int moekit_q_set_x8(int mask) {
     return x8_kinds;
 }
 
-/* The int8-activation product (kind not bf16, I a multiple of 32): x quantized once per call,
- * then each weight row's integer dots; the output rows split between threads as below. */
-static int linear_x8(int path, const weight_t *w, const float *x, int64_t R, int64_t O,
-                     const float *bias, float *y) {
-    const int64_t I = w->I, G = I / GROUP;
-    int8_t *codes = malloc((size_t)(R * I));
-    /* xd, xs (R, G) and xd4 (R, 4 G): x's scales 4 times each, as the AVX2 4-bit pairs read */
-    float *xd = malloc((size_t)(R * G * 6) * sizeof(float)), *xs = xd + R * G, *xd4 = xs + R * G;
-    if (codes == NULL || xd == NULL) {
-        free(codes);
-        free(xd);
-        return -1;
-    }
-    const int perm = w->kind != INT8;
-    if (path == PATH_AVX2) {
-        quantize_x_avx2(x, R * G, perm, codes, xd, xs);
+/* A product's x prepared once for one weight kind: what every weight row's dot then reads. The
+ * float path's AVX2 x_perm (bf16: de-interleaved per 16; 4-bit: per group of 32, evens then odds)
+ * and sx (4-bit: each group's 4 vectors of x_perm summed lane by lane, int4's m * sum(x) term);
+ * or the int8-activation path's codes (R, I), xd and xs (R, I/32), xd4 (R, 4 I/32: each scale 4
+ * times, as the AVX2 4-bit pairs read). One allocation, released by moekit_q_release. */
+typedef struct {
+    int kind, path, x8;
+    int64_t R, I;
+    const float *x;
+    float *xp, *sx;
+    int8_t *codes;
+    float *xd, *xs, *xd4;
+} prepared_t;
+
+static void prepare_x8(prepared_t *p) {
+    const int64_t R = p->R, I = p->I, G = I / GROUP;
+    const int perm = p->kind != INT8;
+    if (p->path == PATH_AVX2) {
+        quantize_x_avx2(p->x, R * G, perm, p->codes, p->xd, p->xs);
         /* 4-bit: each row's pairs of blocks (E0 O0 E1 O1) -> (E0 E1 O0 O1), as x8_pair reads */
         for (int64_t r = 0; perm && r < R; r++)
             for (int64_t g = 0; g + 2 <= G; g += 2) {
-                int8_t *c = codes + r * I + g * GROUP, t[GROUP / 2];
+                int8_t *c = p->codes + r * I + g * GROUP, t[GROUP / 2];
                 memcpy(t, c + GROUP / 2, GROUP / 2);
                 memcpy(c + GROUP / 2, c + GROUP, GROUP / 2);
                 memcpy(c + GROUP, t, GROUP / 2);
             }
         for (int64_t k = 0; perm && k < R * G; k++)
-            xd4[4 * k] = xd4[4 * k + 1] = xd4[4 * k + 2] = xd4[4 * k + 3] = xd[k];
+            p->xd4[4 * k] = p->xd4[4 * k + 1] = p->xd4[4 * k + 2] = p->xd4[4 * k + 3] = p->xd[k];
     } else {
-        quantize_x_portable(x, R * G, 0, codes, xd, xs);
+        quantize_x_portable(p->x, R * G, 0, p->codes, p->xd, p->xs);
     }
-#pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
-    for (int64_t o = 0; o < O; o++) {
-        float sums[MAX_ROWS];
-        if (path == PATH_AVX2)
-            row_x8_avx2(w, codes, xd, xd4, xs, R, o, sums);
-        else
-            row_x8_portable(w, codes, xd, xs, R, o, sums);
-        const float scale = w->kind == INT8 ? ((const float *)w->scales)[o] : 1.0f;
-        const float b = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < R; r++) y[r * O + o] = sums[r] * scale + b;
-    }
-    free(codes);
-    free(xd);
-    return 0;
 }
 
-int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *data,
-                    const void *scales, const uint16_t *offsets, int64_t O, const float *bias,
-                    float *y) {
-    const int grouped = kind == INT4 || kind == INT4_ZP || kind == MXFP4;
-    if (R < 1 || R > MAX_ROWS || I < 1 || O < 1 || kind < BF16 || kind > MXFP4) return -1;
-    if (grouped && I % GROUP) return -1;
-    if ((kind == INT4_ZP) != (offsets != NULL)) return -1;
-    if (active_path < 0) moekit_q_set_path(-1);
-    const int path = active_path;
-    const weight_t w = {kind, I, data, scales, offsets};
-    if ((x8_kinds >> kind) & 1 && I % GROUP == 0) return linear_x8(path, &w, x, R, O, bias, y);
-
-    /* The AVX2 4-bit body's x_perm: per group of 32, elements 0, 2, ..., 30 then 1, 3, ..., 31;
-     * and sx, each group's 4 vectors of x_perm summed lane by lane (int4's m * sum(x) term) */
-    float *xp = NULL, *sx = NULL;
-    if (path == PATH_AVX2 && kind == BF16) {
-        /* per full 32 weights, x de-interleaved per 16 (evens, odds); the tail as it is */
+static void prepare_float(prepared_t *p) {
+    const int64_t R = p->R, I = p->I;
+    const float *x = p->x;
+    float *xp = p->xp, *sx = p->sx;
+    if (p->kind == BF16) { /* per full 32 weights, x de-interleaved per 16; the tail as it is */
         const int64_t full = I / 32 * 32;
-        xp = malloc((size_t)(R * I) * sizeof(float));
-        if (xp == NULL) return -1;
         for (int64_t r = 0; r < R; r++) {
             const float *xr = x + r * I;
             float *pr = xp + r * I;
@@ -850,37 +825,88 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
                 }
             for (int64_t i = full; i < I; i++) pr[i] = xr[i];
         }
+        return;
     }
-    if (path == PATH_AVX2 && grouped) {
-        xp = malloc((size_t)(R * I) * sizeof(float));
-        sx = malloc((size_t)(R * I / 4) * sizeof(float));
-        if (xp == NULL || sx == NULL) {
-            free(xp);
-            free(sx);
-            return -1;
+    for (int64_t i = 0; i < R * I; i += GROUP) {
+        for (int j = 0; j < GROUP / 2; j++) {
+            xp[i + j] = x[i + 2 * j];
+            xp[i + GROUP / 2 + j] = x[i + 2 * j + 1];
         }
-        for (int64_t i = 0; i < R * I; i += GROUP) {
-            for (int j = 0; j < GROUP / 2; j++) {
-                xp[i + j] = x[i + 2 * j];
-                xp[i + GROUP / 2 + j] = x[i + 2 * j + 1];
-            }
-            for (int j = 0; j < 8; j++)
-                sx[i / 4 + j] = (xp[i + j] + xp[i + 8 + j]) + (xp[i + 16 + j] + xp[i + 24 + j]);
-        }
+        for (int j = 0; j < 8; j++)
+            sx[i / 4 + j] = (xp[i + j] + xp[i + 8 + j]) + (xp[i + 16 + j] + xp[i + 24 + j]);
     }
-#pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
-    for (int64_t o = 0; o < O; o++) {
+}
+
+/* x (R, I) contiguous float32 prepared for weights of `kind` (the path and the int8-activation
+ * choice as they stand now): a handle for moekit_q_rows, or NULL if R, I or the kind is out of
+ * range (R <= 16; 4-bit I a multiple of 32) or memory runs out. x must outlive the handle. */
+void *moekit_q_prepare(int kind, const float *x, int64_t R, int64_t I) {
+    const int grouped = kind == INT4 || kind == INT4_ZP || kind == MXFP4;
+    if (R < 1 || R > MAX_ROWS || I < 1 || kind < BF16 || kind > MXFP4) return NULL;
+    if (grouped && I % GROUP) return NULL;
+    if (active_path < 0) moekit_q_set_path(-1);
+    const int path = active_path, x8 = (x8_kinds >> kind) & 1 && I % GROUP == 0;
+    const int64_t G = I / GROUP;
+    size_t floats = 0, bytes = 0;
+    if (x8)
+        floats = (size_t)(R * G * 6), bytes = (size_t)(R * I);
+    else if (path == PATH_AVX2 && (kind == BF16 || grouped))
+        floats = (size_t)(R * I) + (grouped ? (size_t)(R * I / 4) : 0);
+    prepared_t *p = malloc(sizeof *p + floats * sizeof(float) + bytes);
+    if (p == NULL) return NULL;
+    float *f = (float *)(p + 1);
+    *p = (prepared_t){kind, path, x8, R, I, x, NULL, NULL, NULL, NULL, NULL, NULL};
+    if (x8) {
+        p->xd = f, p->xs = f + R * G, p->xd4 = f + 2 * R * G, p->codes = (int8_t *)(f + floats);
+        prepare_x8(p);
+    } else if (floats) {
+        p->xp = f, p->sx = grouped ? f + R * I : NULL;
+        prepare_float(p);
+    }
+    return p;
+}
+
+void moekit_q_release(void *prepared) { free(prepared); }
+
+/* Rows [o0, o1) of y (R, O) = x @ W^T (+ bias), x the prepared handle's, W (O, I) of its kind in
+ * the layouts above (offsets NULL but for int4 with a zero point), on the calling thread. Each
+ * element is summed in an order fixed by I and R alone, whichever thread computes it. */
+void moekit_q_rows(const void *prepared, const void *data, const void *scales,
+                   const uint16_t *offsets, int64_t o0, int64_t o1, int64_t O, const float *bias,
+                   float *y) {
+    const prepared_t *p = prepared;
+    const int four_bit_int = p->kind == INT4 || p->kind == INT4_ZP;
+    const int kind = four_bit_int ? (offsets != NULL ? INT4_ZP : INT4) : p->kind;
+    const weight_t w = {kind, p->I, data, scales, offsets};
+    const int64_t R = p->R;
+    for (int64_t o = o0; o < o1; o++) {
         float sums[MAX_ROWS];
-        if (path == PATH_AVX2)
-            row_avx2(&w, x, xp, sx, R, o, sums);
+        if (p->x8 && p->path == PATH_AVX2)
+            row_x8_avx2(&w, p->codes, p->xd, p->xd4, p->xs, R, o, sums);
+        else if (p->x8)
+            row_x8_portable(&w, p->codes, p->xd, p->xs, R, o, sums);
+        else if (p->path == PATH_AVX2)
+            row_avx2(&w, p->x, p->xp, p->sx, R, o, sums);
         else
-            row_portable(&w, x, R, o, sums);
+            row_portable(&w, p->x, R, o, sums);
         const float scale = kind == INT8 ? ((const float *)scales)[o] : 1.0f;
         const float b = bias ? bias[o] : 0.0f;
         for (int64_t r = 0; r < R; r++) y[r * O + o] = (kind == INT8 ? sums[r] * scale : sums[r]) + b;
     }
-    free(xp);
-    free(sx);
+}
+
+/* y (R, O) = x (R, I) @ W^T (+ bias): x and y contiguous float32, W's tensors contiguous in the
+ * layouts above (offsets NULL but for int4 with a zero point), bias (O,) or NULL; the output rows
+ * split between threads. Returns 0, or -1 if R, I or the kind is out of range (nothing written). */
+int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *data,
+                    const void *scales, const uint16_t *offsets, int64_t O, const float *bias,
+                    float *y) {
+    if (O < 1 || (kind == INT4_ZP) != (offsets != NULL)) return -1;
+    void *p = moekit_q_prepare(kind, x, R, I);
+    if (p == NULL) return -1;
+#pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
+    for (int64_t o = 0; o < O; o++) moekit_q_rows(p, data, scales, offsets, o, o + 1, O, bias, y);
+    moekit_q_release(p);
     return 0;
 }
 

@@ -1,0 +1,362 @@
+"""Whole decode layers in one C call (`moekit.inference.decode_layers`): the MoE layer (routing,
+its top-k SwiGLU experts, the weighted sum) and the attention block, against their references.
+
+Two references, two standards:
+  - the same model running its decode kernels product by product (the layer's own forward, which
+    is what runs when the fast path does not qualify: hooks, say): bit for bit, for float32
+    experts and every quantized scheme, resident and offloaded, so a layer that falls back
+    changes no token;
+  - the plain PyTorch model (no kernels; a quantized one dequantized, its kernels taking float x):
+    logits within float32 rounding and the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from moekit import ModelConfig, MoETransformer
+from moekit.config import MoEConfig, QuantizeConfig
+from moekit.inference import decode_glue, decode_layers
+from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
+from moekit.inference.offload import apply_expert_offload
+from moekit.inference.store import write_expert_files
+from moekit.inference.trace import TraceRecorder
+from moekit.model.generation import KVCache
+from moekit.moe import MoELayer
+from moekit.quant import kernels as quant_kernels
+from moekit.quant.modules import dequantize_model, quantize_model
+from moekit.routing.topk import topk_route
+
+
+def _why_not() -> str | None:
+    if os.environ.get("MOEKIT_NO_KERNELS"):
+        return "MOEKIT_NO_KERNELS is set: the C layers are off"
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        return "no C compiler here to build the C layers"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+
+# Every scheme the quantized kernels read; int4 with and without its zero point.
+SCHEMES = {
+    "bf16": QuantizeConfig(weights="bf16"),
+    "int8": QuantizeConfig(weights="int8"),
+    "int4": QuantizeConfig(weights="int4", head="int8"),
+    "int4_zp": QuantizeConfig(weights="int4", zero_point=True),
+    "mxfp4": QuantizeConfig(weights="none", experts="mxfp4", attention="int8"),
+}
+
+
+def _cfg(**overrides) -> ModelConfig:
+    d = 64  # widths multiples of 32: the 4-bit schemes' groups
+    moe = MoEConfig(d_model=d, d_expert=32, n_experts=6, top_k=2, **overrides.pop("moe", {}))
+    args = dict(vocab_size=97, d_model=d, n_layers=2, n_heads=4, n_kv_heads=2, moe=moe)
+    args.update(max_seq_len=64, **overrides)
+    return ModelConfig(**args)
+
+
+def _model(seed: int = 0, scheme: str | None = None, **overrides) -> MoETransformer:
+    torch.manual_seed(seed)
+    model = MoETransformer(_cfg(**overrides)).eval()
+    with torch.no_grad():  # larger routed weights than init's: outputs that differ if wrong
+        for layer in model.moe_layers():
+            layer.router.weight.normal_(std=0.3)
+    return model if scheme is None else quantize_model(model, SCHEMES[scheme])
+
+
+def _decode(model: MoETransformer, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a prefill of `prefill` tokens and then one decode step per remaining token."""
+    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1])
+    with torch.no_grad():
+        out = [model(ids[:, :prefill], kv_cache=cache, with_aux=False).logits]
+        for i in range(prefill, ids.shape[1]):
+            out.append(model(ids[:, i : i + 1], kv_cache=cache, with_aux=False).logits)
+    return torch.cat(out, dim=1)
+
+
+def _greedy(model: MoETransformer, prompt: torch.Tensor, n: int) -> tuple:
+    """Greedy tokens (B, n) and the logits (B, n, V) that chose them."""
+    cache = KVCache.for_model(model, prompt.shape[0], prompt.shape[1] + n)
+    ids, logits = [], []
+    with torch.no_grad():
+        step = model(prompt, kv_cache=cache, with_aux=False).logits[:, -1]
+        for _ in range(n):
+            logits.append(step)
+            ids.append(step.argmax(-1))
+            step = model(ids[-1][:, None], kv_cache=cache, with_aux=False).logits[:, -1]
+    return torch.stack(ids, 1), torch.stack(logits, 1)
+
+
+def _count_calls(monkeypatch) -> dict[str, int]:
+    """From now on, count the calls made through the glue's library, by C function."""
+    calls: dict[str, int] = {}
+    lib = decode_glue._library()
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+
+            def counted(*args):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args)
+
+            return counted
+
+    monkeypatch.setattr(decode_layers, "_library", lambda: Counting())
+    return calls
+
+
+def _per_product(model: MoETransformer) -> MoETransformer:
+    """`model` with its decode kernels (product by product) but none of the whole-layer calls:
+    the layers' and routers' own forwards (the glue's routing stays, as a falling-back layer
+    keeps it)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer) or type(module).__name__ == "Attention":
+            module.__dict__.pop("forward", None)
+    return model
+
+
+# ---------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(("E", "K"), [(8, 2), (16, 4), (5, 1)])
+def test_route_topk_matches_topk_route(score: str, normalize: bool, E: int, K: int) -> None:
+    cfg = MoEConfig(
+        d_model=8,
+        d_expert=8,
+        n_experts=E,
+        top_k=K,
+        score=score,
+        normalize=normalize,
+        routed_scaling=2.5,
+    )
+    g = torch.Generator().manual_seed(E * 10 + K)
+    for _ in range(20):
+        logits = torch.randn(1, E, generator=g) * 3
+        bias = torch.randn(E, generator=g) * 0.1
+        ref = topk_route(logits, bias, cfg)
+        scores, ids, weights = decode_layers._buffers(E, K)
+        decode_glue._library().moekit_route_topk_f32(
+            logits.data_ptr(), E, bias.data_ptr(), K, score == "sigmoid", normalize, 2.5,
+            scores, ids, weights,
+        )  # fmt: skip
+        assert list(ids) == ref.ids_TK[0].tolist()
+        torch.testing.assert_close(torch.tensor(list(weights)), ref.weights_TK[0])
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_router_forward_matches_the_router(score: str, rows: int) -> None:
+    """The C routing of a few rows gives the reference's Routing to float32 rounding, the same
+    experts; gradients, many rows or training run the reference itself."""
+    cfg = MoEConfig(d_model=16, d_expert=8, n_experts=7, top_k=3, score=score, routed_scaling=1.5)
+    layer = MoELayer(cfg).eval()
+    with torch.no_grad():
+        layer.router.weight.normal_()
+        layer.router.expert_bias.normal_(std=0.05)
+        x = torch.randn(rows, 16)
+        ref = layer.router(x)
+        got = decode_layers.router_forward(layer.router, x)
+    assert torch.equal(got.ids_TK, ref.ids_TK)
+    for field in ("logits_TE", "scores_TE", "probs_TE", "weights_TK", "selection_TE", "scale_T"):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field))
+    many = torch.randn(decode_layers.MAX_ROWS + 1, 16)
+    with torch.no_grad():
+        assert torch.equal(decode_layers.router_forward(layer.router, many).weights_TK,
+                           layer.router(many).weights_TK)  # fmt: skip
+    routed = decode_layers.router_forward(layer.router, x)  # gradients wanted: the reference
+    assert routed.weights_TK.grad_fn is not None
+
+
+def test_route_buffers_are_each_threads_own() -> None:
+    """The C calls' scratch is written with the GIL released: two threads decoding at once must
+    not share it."""
+    here = decode_layers._buffers(6, 2)
+    assert decode_layers._buffers(6, 2) is here
+    there = []
+    thread = threading.Thread(target=lambda: there.append(decode_layers._buffers(6, 2)))
+    thread.start()
+    thread.join()
+    assert all(a is not b for a, b in zip(there[0], here, strict=True))
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("scheme", [None, *SCHEMES])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layers_equal_the_per_product_path_bit_for_bit(monkeypatch, scheme, batch) -> None:
+    """Every decode step's MoE layers (batch 1) and attention blocks run one C call each, and the
+    logits equal the same model's product-by-product decode exactly: the same row functions, the
+    same sums in the same order."""
+    model = apply_decode_kernels(_model(1, scheme))
+    ids = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
+    calls = _count_calls(monkeypatch)
+    fast = _decode(model, ids, 4)
+    steps, layers = 8, 2
+    assert calls.get("moekit_attention_block") == steps * layers
+    assert calls.get("moekit_moe_one_token", 0) == (steps * layers if batch == 1 else 0)
+    slow = _decode(_per_product(copy.deepcopy(model)), ids, 4)
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("scheme", [None, *SCHEMES])
+def test_layers_match_the_plain_model(scheme) -> None:
+    """Against plain PyTorch (a quantized model dequantized to float32, its kernels taking float
+    x so that both compute the same products): float32 rounding, the same greedy tokens."""
+    model = _model(3, scheme)
+    plain = dequantize_model(copy.deepcopy(model)) if scheme else copy.deepcopy(model)
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    want_ids, want_logits = _greedy(plain, prompt, 12)
+    apply_decode_kernels(model)
+    with quant_kernels.use_activations("float"):
+        got_ids, got_logits = _greedy(model, prompt, 12)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"moe": {"n_shared_experts": 1}},
+        {"moe": {"score": "sigmoid", "routed_scaling": 2.0}},
+        {"moe": {"expert_bias": True}},
+        {"moe": {"router_bias": True}},
+        {"attn_bias": True, "n_kv_heads": 1},
+        {"n_kv_heads": 4},
+    ],
+)
+def test_layer_variants_equal_the_per_product_path(overrides: dict) -> None:
+    model = apply_decode_kernels(_model(5, **overrides))
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.expert_bias.normal_(std=0.05)
+            if layer.router.bias is not None:
+                layer.router.bias.normal_(std=0.1)
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(6))
+    plain = remove_decode_kernels(copy.deepcopy(model))
+    fast = _decode(model, ids, 3)
+    assert torch.equal(fast, _decode(_per_product(copy.deepcopy(model)), ids, 3))
+    torch.testing.assert_close(fast, _decode(plain, ids, 3), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["router", "experts", "q_proj", "o_proj", "global"])
+def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, where) -> None:
+    """A forward hook the C layer would bypass (it runs the router's, experts' and projections'
+    products itself) sends the step through the reference, which calls the module, and the
+    logits stay bit-identical (the reference routes in C too). Removed, the fast path runs."""
+    model = apply_decode_kernels(_model(8))
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(9))
+    ref = _decode(model, ids, 4)
+    calls, seen = _count_calls(monkeypatch), []
+    module = {
+        "router": model.moe_layers()[0].router,
+        "experts": model.moe_layers()[0].experts,
+        "q_proj": model.layers[0].attn.q_proj,
+        "o_proj": model.layers[0].attn.o_proj,
+    }.get(where)
+    if module is None:
+        handle = nn.modules.module.register_module_forward_pre_hook(lambda m, a: seen.append(m))
+    elif where == "experts":  # the reference runs forward_selected, no hook: only the fallback
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(m))
+    else:
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(m))
+    try:
+        assert torch.equal(_decode(model, ids, 4), ref)
+    finally:
+        handle.remove()
+    layer_calls = {"router": 5, "q_proj": 5, "o_proj": 5, "experts": 0}  # prefill + 4 steps
+    if where == "global":
+        assert len(seen) > 100 and not calls.get("moekit_moe_one_token")
+    else:
+        assert len(seen) == layer_calls[where]
+    if where in ("router", "experts"):
+        assert calls["moekit_moe_one_token"] == 4  # layer 1's steps only
+    if where in ("q_proj", "o_proj"):
+        assert calls["moekit_attention_block"] == 4
+    before = dict(calls)
+    _decode(model, ids, 4)
+    assert calls["moekit_moe_one_token"] == before.get("moekit_moe_one_token", 0) + 8
+
+
+@pytest.mark.parametrize("scheme", [None, "int4", "mxfp4"])
+def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_path, scheme):
+    """Offloaded experts (fetched, then one C call over the chosen ones) give the resident glued
+    model's logits exactly, at the least budget and with prefetch; and so does the resident model
+    recorded by a TraceRecorder (hooks: its layers fall back), which the offload benchmark checks
+    against."""
+    model = apply_decode_kernels(_model(10, scheme))
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(11))
+    want = _greedy(model, prompt, 10)
+    with TraceRecorder(model):
+        traced = _greedy(model, prompt, 10)
+    assert torch.equal(traced[0], want[0]) and torch.equal(traced[1], want[1])
+    expert_dir = write_expert_files(model, tmp_path / "experts")
+    calls = _count_calls(monkeypatch)
+    for budget, prefetch in ((2, False), (3, True)):
+        offloaded = copy.deepcopy(model)
+        handle = apply_expert_offload(offloaded, expert_dir, budget=budget, prefetch=prefetch)
+        try:
+            got = _greedy(offloaded, prompt, 10)
+        finally:
+            handle.close()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (budget, prefetch)
+    assert calls["moekit_experts_one_token"] == 2 * 10 * 2  # runs x steps x layers
+
+
+def test_a_glued_model_saves_and_copies(tmp_path) -> None:
+    """Nothing is fused or re-pointed: safetensors saves the glued model; a deepcopy runs its own
+    (changed) weights, and replaced parameter data is read, not a stale pointer."""
+    model = apply_decode_kernels(_model(12, attn_bias=True))
+    save_model(model, str(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(13))
+    _decode(model, ids, 4)  # the refs are built
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in clone.layers:
+            layer.attn.q_proj.weight.mul_(-2.0)
+            layer.ffn.experts.w_in.mul_(0.5)
+    expected = _decode(remove_decode_kernels(copy.deepcopy(clone)), ids, 4)
+    torch.testing.assert_close(_decode(clone, ids, 4), expected, rtol=1e-4, atol=1e-5)
+    for layer in model.layers:
+        k = layer.attn.k_proj
+        k.weight.data = torch.randn_like(k.weight) * 0.2
+        k.bias.data = torch.randn_like(k.bias)
+        layer.ffn.experts.w_out.data = layer.ffn.experts.w_out.data * 3
+    expected = _decode(remove_decode_kernels(copy.deepcopy(model)), ids, 4)
+    torch.testing.assert_close(_decode(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_that_do_not_qualify_run_their_reference(monkeypatch) -> None:
+    """Aux wanted, training, gradients, a glue without the decode kernels' products, other
+    experts: `MoELayer.forward` and `Attention.forward`, and no C layer call."""
+    from moekit.inference.decode_glue import apply_decode_glue
+
+    model = apply_decode_glue(_model(14))  # the glue alone: plain products, which C would not
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(15))
+    calls = _count_calls(monkeypatch)
+    _decode(model, ids, 4)
+    assert not calls.get("moekit_moe_one_token") and not calls.get("moekit_attention_block")
+    glued = apply_decode_kernels(_model(14))
+    layer = glued.moe_layers()[0]
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        ref, _ = MoELayer.forward(layer, x, with_aux=False, decoding=True)
+        y_aux, aux = decode_layers.moe_forward(layer, x, with_aux=True, decoding=True)
+        assert aux is not None and torch.equal(y_aux, ref)
+        assert not calls.get("moekit_moe_one_token")
+        y, aux = decode_layers.moe_forward(layer, x, with_aux=False, decoding=True)
+        assert aux is None and torch.equal(y, ref) and calls["moekit_moe_one_token"] == 1
+    y = decode_layers.moe_forward(layer.train(), x, with_aux=False, decoding=True)[0]
+    assert y.grad_fn is not None and calls["moekit_moe_one_token"] == 1
