@@ -21,6 +21,13 @@ LAYOUTS = {
     "dp_shard2_tp2": {"dp_shard": 2, "tp": 2},
     "ep2_tp2": {"ep": 2, "tp": 2},
     "hsdp2x2_ep2": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
+    "dp_shard2_tp2_bf16_kept": {
+        "dp_shard": 2,
+        "tp": 2,
+        "param_dtype": "bfloat16",
+        "reshard_after_forward": False,
+    },
+    "dp_shard2_ep2_bf16": {"dp_shard": 2, "ep": 2, "dp_replicate": 2, "param_dtype": "bfloat16"},
 }
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -16,7 +16,7 @@ settings.
     moekit quantize RUN_DIR|HF_DIR [CONFIG.json] [--weights=int4 ...] --out DIR
     moekit trace RUN_DIR|HF_DIR [CONFIG.json] [--max_new_tokens=32] --prompts FILE --out TRACE
     moekit cache-sim TRACE [CONFIG.json] [--budget=100%,50%,25%] [--policy=lru,lfu,static]
-    moekit params PRESET|CONFIG.json [--model.a=value ...] [--ep N]
+    moekit params PRESET|CONFIG.json [--model.a=value ...] [--ep K --tp M --dp-shard N ...]
     moekit convert --from-hf DIR [CONFIG.json] [--dtype=bfloat16] --out RUN_DIR
     moekit convert --to-hf RUN_DIR --arch mixtral [CONFIG.json] [--layout=fused ...] --out DIR
     moekit upcycle DENSE_RUN [CONFIG.json] [--n_experts=8 --top_k=2 --noise=0] --out RUN_DIR

@@ -20,15 +20,16 @@ Memory per device
         prefetched); without it every unit (all stay gathered from the forward to the backward).
     activations: the tensors autograd saves for the backward of one micro-batch (T = micro_batch *
         seq_len tokens, element size a = that of param_dtype), per block
-            attention  T*D*2 (norm input, normed) + T*(H + 2*KV)*hd/tp (q, k, v)
-                       + 2*T*H*hd/tp (attention output and its reshaped copy for o_proj)
-            FFN norm   T*D*2
+            attention  3*T*D (the norm's input, input * rsqrt(mean square), output)
+                       + T*(H + 2*KV)*hd/tp (q, k, v) + 2*T*H*hd/tp (attention output and its
+                       reshaped copy for o_proj)
+            FFN norm   3*T*D
             dense FFN  4*T*F/tp (gate, silu(gate), up, their product)
             MoE        2*T*E (router logits, probabilities) + R*(2*D + 4*F/tp') (rows gathered
                        for the experts, [gate|up], silu(gate), product, expert outputs) with
                        R = T*top_k rows (dropless), tp' = tp when ep=1 else 1; shared experts
                        4*T*Fs/tp
-        plus the head: 2*T*D (final norm) and T*V float32 (the log-softmax the loss keeps). Small
+        plus the head: 3*T*D (final norm) and T*V float32 (the log-softmax the loss keeps). Small
         terms (norm statistics, indices, routing weights) are left out. Calibrated against the
         saved tensors torch reports on CPU (benchmarks/parallel_layouts.py, tests/test_params.py).
 
@@ -317,7 +318,8 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], tokens: int, act: 
     else:
         qkv = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.d_head
         out = cfg.n_heads * cfg.d_head
-    attention = 2 * T * D + T * qkv // tp + 2 * T * out // tp + 2 * T * D
+    norm = 3 * T * D  # its input, the input times rsqrt(mean square), and the output
+    attention = norm + T * qkv // tp + 2 * T * out // tp + norm
     dense = 4 * T * (cfg.d_ff or 0) // tp
     moe = 0
     if cfg.moe is not None:
@@ -326,5 +328,5 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], tokens: int, act: 
         moe = 2 * T * m.n_experts + _rows(cfg, T) * (2 * D + 4 * f) + 4 * T * m.shared_width // tp
     blocks = [moe if i in moe_layers else dense for i in range(cfg.n_layers)]
     blocks += [moe if cfg.moe is not None else dense] * cfg.mtp_depth
-    elements = sum(attention + b for b in blocks) + 2 * T * D
+    elements = sum(attention + b for b in blocks) + norm
     return elements * act + T * cfg.vocab_size * FLOAT32 * (1 + cfg.mtp_depth)
