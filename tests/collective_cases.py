@@ -12,7 +12,8 @@ from torch.distributed.tensor import DTensor
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 
-# A dense first layer, GQA heads, shared experts and an aux loss: every kind of collective.
+# Every piece a layout splits: a dense first layer, GQA heads with sinks and biases, shared
+# experts, expert biases, an aux loss, a multi-token-prediction block.
 MODEL = ModelConfig(
     vocab_size=96,
     d_model=32,
@@ -21,8 +22,17 @@ MODEL = ModelConfig(
     n_kv_heads=4,
     d_ff=40,
     first_dense=1,
+    attn_bias=True,
+    attn_sinks=True,
+    mtp_depth=1,
     moe=MoEConfig(
-        d_model=32, d_expert=24, n_experts=8, top_k=2, n_shared_experts=1, aux_loss_coef=0.01
+        d_model=32,
+        d_expert=24,
+        n_experts=8,
+        top_k=2,
+        n_shared_experts=1,
+        expert_bias=True,
+        aux_loss_coef=0.01,
     ),
 )
 
