@@ -48,8 +48,9 @@ Communication per step (one forward and backward of a micro-batch)
     fsdp_reduce_scatter  per unit once in the backward, float32, input = n * padded chunks.
     dp_all_reduce     HSDP: per unit one all-reduce of the reduced float32 chunk over
                       dp_replicate (edp_replicate for routed experts). DDP (dp_shard = tp = 1):
-                      every non-expert gradient over all processes, and the routed experts'
-                      over their edp_replicate copies.
+                      every non-expert gradient over all processes (in DDP's buckets: about one
+                      call for the first MiB, then one per 25 MiB), and the routed experts' over
+                      their edp_replicate copies (one call).
     tp_all_reduce     one (T, D) all-reduce in the forward per row-wise output (attention's
                       o_proj, a dense FFN's w_down, the shared experts' w_out) and one in the
                       backward per column-wise module's input gradient: `parallelize_module`
@@ -90,6 +91,7 @@ KINDS = (
 )
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 FLOAT32 = 4
+DDP_FIRST_BUCKET, DDP_BUCKET = 2**20, 25 * 2**20  # torch's DistributedDataParallel defaults
 INT64 = 8
 # Colwise: split on the output features (dim 0 of an nn.Linear weight, its bias); rowwise: on
 # the input features (dim 1 of the weight; the bias stays whole).
@@ -264,9 +266,10 @@ def device_costs(
         n = sizes["dp_replicate"] * sizes["dp_shard"]
         dense = sum(u["local"] for u in units.values() if not u["experts"]) * FLOAT32
         experts = sum(u["local"] for u in units.values() if u["experts"]) * FLOAT32
-        if n > 1:
-            costs.grad_bytes += dense  # DDP's buckets
-            comms["dp_all_reduce"].add(1, dense, 2 * (n - 1) / n * dense)
+        if n > 1:  # in DDP's buckets: the first of 1 MiB, then 25 MiB each
+            costs.grad_bytes += dense  # the buckets hold a copy of the gradients
+            buckets = 1 + math.ceil(max(0, dense - DDP_FIRST_BUCKET) / DDP_BUCKET)
+            comms["dp_all_reduce"].add(buckets, dense / buckets, 2 * (n - 1) / n * dense / buckets)
         r = sizes["edp_replicate"]
         if r > 1 and experts:
             comms["dp_all_reduce"].add(1, experts, 2 * (r - 1) / r * experts)
