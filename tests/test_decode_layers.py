@@ -24,11 +24,12 @@ from torch import nn
 
 from moekit import ModelConfig, MoETransformer
 from moekit.config import MoEConfig, QuantizeConfig
-from moekit.inference import decode_glue, decode_layers
+from moekit.inference import decode_block, decode_glue, decode_layers, decode_moe
 from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
 from moekit.inference.offload import apply_expert_offload
 from moekit.inference.store import write_expert_files
 from moekit.inference.trace import TraceRecorder
+from moekit.model.block import Block
 from moekit.model.generation import KVCache
 from moekit.moe import MoELayer
 from moekit.quant import kernels as quant_kernels
@@ -111,16 +112,23 @@ def _count_calls(monkeypatch) -> dict[str, int]:
 
             return counted
 
-    monkeypatch.setattr(decode_layers, "_library", lambda: Counting())
+    for module in (decode_layers, decode_moe, decode_block):
+        monkeypatch.setattr(module, "_library", lambda: Counting())
     return calls
 
 
-def _per_product(model: MoETransformer) -> MoETransformer:
-    """`model` with its decode kernels (product by product) but none of the whole-layer calls:
-    the layers' and routers' own forwards (the glue's routing stays, as a falling-back layer
-    keeps it)."""
+def _moe_calls(calls: dict[str, int]) -> int:
+    """MoE layers run in C: alone, or in a whole block."""
+    return calls.get("moekit_moe_one_token", 0) + calls.get("moekit_block_one_token", 0)
+
+
+def _per_product(model: MoETransformer, keep_layers: bool = False) -> MoETransformer:
+    """`model` with its decode kernels (product by product) but none of the whole-block calls
+    and (unless keep_layers) none of the whole-layer calls: the modules' own forwards (the glue's
+    routing stays, as a falling-back layer keeps it)."""
     for module in model.modules():
-        if isinstance(module, MoELayer) or type(module).__name__ == "Attention":
+        layer = isinstance(module, MoELayer) or type(module).__name__ == "Attention"
+        if type(module) is Block or (layer and not keep_layers):
             module.__dict__.pop("forward", None)
     return model
 
@@ -167,15 +175,15 @@ def test_router_forward_matches_the_router(score: str, rows: int) -> None:
         layer.router.expert_bias.normal_(std=0.05)
         x = torch.randn(rows, 16)
         ref = layer.router(x)
-        got = decode_layers.router_forward(layer.router, x)
+        got = decode_moe.router_forward(layer.router, x)
     assert torch.equal(got.ids_TK, ref.ids_TK)
     for field in ("logits_TE", "scores_TE", "probs_TE", "weights_TK", "selection_TE", "scale_T"):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field))
     many = torch.randn(decode_layers.MAX_ROWS + 1, 16)
     with torch.no_grad():
-        assert torch.equal(decode_layers.router_forward(layer.router, many).weights_TK,
+        assert torch.equal(decode_moe.router_forward(layer.router, many).weights_TK,
                            layer.router(many).weights_TK)  # fmt: skip
-    routed = decode_layers.router_forward(layer.router, x)  # gradients wanted: the reference
+    routed = decode_moe.router_forward(layer.router, x)  # gradients wanted: the reference
     assert routed.weights_TK.grad_fn is not None
 
 
@@ -197,18 +205,22 @@ def test_route_buffers_are_each_threads_own() -> None:
 @pytest.mark.parametrize("scheme", [None, *SCHEMES])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_layers_equal_the_per_product_path_bit_for_bit(monkeypatch, scheme, batch) -> None:
-    """Every decode step's MoE layers (batch 1) and attention blocks run one C call each, and the
-    logits equal the same model's product-by-product decode exactly: the same row functions, the
-    same sums in the same order."""
+    """Every decode step runs one C call per block (batch 1) or per attention block (batch 3),
+    and the logits equal the same model's layer-by-layer and product-by-product decodes exactly:
+    the same row functions, the same sums in the same order."""
     model = apply_decode_kernels(_model(1, scheme))
     ids = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
     calls = _count_calls(monkeypatch)
     fast = _decode(model, ids, 4)
     steps, layers = 8, 2
-    assert calls.get("moekit_attention_block") == steps * layers
+    assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
+    assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
+    calls.clear()
+    by_layer = _decode(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
     assert calls.get("moekit_moe_one_token", 0) == (steps * layers if batch == 1 else 0)
-    slow = _decode(_per_product(copy.deepcopy(model)), ids, 4)
-    assert torch.equal(fast, slow)
+    assert calls.get("moekit_attention_block", 0) == steps * layers
+    assert torch.equal(fast, by_layer)
+    assert torch.equal(fast, _decode(_per_product(copy.deepcopy(model)), ids, 4))
 
 
 @pytest.mark.parametrize("scheme", [None, *SCHEMES])
@@ -278,16 +290,18 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
         handle.remove()
     layer_calls = {"router": 5, "q_proj": 5, "o_proj": 5, "experts": 0}  # prefill + 4 steps
     if where == "global":
-        assert len(seen) > 100 and not calls.get("moekit_moe_one_token")
+        assert len(seen) > 100 and not _moe_calls(calls)
     else:
         assert len(seen) == layer_calls[where]
-    if where in ("router", "experts"):
-        assert calls["moekit_moe_one_token"] == 4  # layer 1's steps only
-    if where in ("q_proj", "o_proj"):
+    if where in ("router", "experts", "q_proj", "o_proj"):
+        assert calls["moekit_block_one_token"] == 4  # layer 1's steps only
+    if where in ("q_proj", "o_proj"):  # layer 0's MoE layer still runs in C, alone
+        assert calls["moekit_moe_one_token"] == 4
+    if where in ("router", "experts"):  # and its attention block
         assert calls["moekit_attention_block"] == 4
-    before = dict(calls)
+    before = _moe_calls(calls)
     _decode(model, ids, 4)
-    assert calls["moekit_moe_one_token"] == before.get("moekit_moe_one_token", 0) + 8
+    assert calls["moekit_block_one_token"] == before - calls.get("moekit_moe_one_token", 0) + 8
 
 
 @pytest.mark.parametrize("scheme", [None, "int4", "mxfp4"])
@@ -347,16 +361,16 @@ def test_layers_that_do_not_qualify_run_their_reference(monkeypatch) -> None:
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(15))
     calls = _count_calls(monkeypatch)
     _decode(model, ids, 4)
-    assert not calls.get("moekit_moe_one_token") and not calls.get("moekit_attention_block")
+    assert set(calls) == {"moekit_route_topk_f32"}  # the routers' C routing, nothing more
     glued = apply_decode_kernels(_model(14))
     layer = glued.moe_layers()[0]
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
         ref, _ = MoELayer.forward(layer, x, with_aux=False, decoding=True)
-        y_aux, aux = decode_layers.moe_forward(layer, x, with_aux=True, decoding=True)
+        y_aux, aux = decode_moe.moe_forward(layer, x, with_aux=True, decoding=True)
         assert aux is not None and torch.equal(y_aux, ref)
         assert not calls.get("moekit_moe_one_token")
-        y, aux = decode_layers.moe_forward(layer, x, with_aux=False, decoding=True)
+        y, aux = decode_moe.moe_forward(layer, x, with_aux=False, decoding=True)
         assert aux is None and torch.equal(y, ref) and calls["moekit_moe_one_token"] == 1
-    y = decode_layers.moe_forward(layer.train(), x, with_aux=False, decoding=True)[0]
+    y = decode_moe.moe_forward(layer.train(), x, with_aux=False, decoding=True)[0]
     assert y.grad_fn is not None and calls["moekit_moe_one_token"] == 1

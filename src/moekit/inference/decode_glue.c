@@ -331,3 +331,32 @@ done:
     release(wo, po);
     return failed ? -1 : 0;
 }
+
+/* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
+ * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention as
+ * moekit_attention_block (B = 1; attn: q, k, v, o_proj's weights), the MoE layer as moekit_moe_one_token (no shared experts); the
+ * sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (2F + D))
+ * floats, x1 at scratch + 2 D. Returns 0; -1 if the attention could not run (nothing written
+ * to the cache), -2 if the MoE layer could not (the cache written, x1 in the scratch). */
+int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,
+                           const weight_ref *attn, const float *cos_h, const float *sin_h,
+                           float *k_cache, float *v_cache, int64_t pos, int64_t max_len, int64_t H,
+                           int64_t KV, int64_t hd, float scale, const float *ffn_norm,
+                           double ffn_eps, const weight_ref *router, const float *expert_bias,
+                           int64_t K, int sigmoid, int normalize, float scaling,
+                           const weight_ref *w_in, const weight_ref *w_out, float *scratch,
+                           int64_t *ids, float *weights, float *out) {
+    const int64_t D = attn[0].I;
+    float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = y + D;
+    moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
+    if (moekit_attention_block(h, 1, &attn[0], &attn[1], &attn[2], &attn[3], cos_h, sin_h, k_cache,
+                               v_cache, pos, max_len, H, KV, hd, scale, rest, a))
+        return -1;
+    for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
+    moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);
+    if (moekit_moe_one_token(h, router, expert_bias, K, sigmoid, normalize, scaling, w_in, w_out,
+                             rest, ids, weights, y))
+        return -2; /* the attention step is written: the caller must not run it again */
+    for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
+    return 0;
+}

@@ -32,6 +32,7 @@ from torch.nn.modules import module as torch_module
 
 from moekit import cbuild
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
+from moekit.model.block import Block
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
 
@@ -203,10 +204,12 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     `GlueRMSNorm` sharing its weight; every `Attention` (the MTP blocks' too; not latent
     attention) runs `glue_cached_attention`, and a decode position's whole block in one C call
     (`decode_layers.attention_forward`); every MoE layer a decoded token's routing and experts in
-    one C call (`decode_layers.moe_forward`) and its router a few rows' top-k routing in C
-    (`decode_layers.router_forward`). Nothing is copied or re-pointed: the model saves and
+    one C call (`decode_moe.moe_forward`) and its router a few rows' top-k routing in C
+    (`decode_moe.router_forward`); every decoder block a decoded token's whole block in one C
+    call (`decode_block.block_forward`). Nothing is copied or re-pointed: the model saves and
     deep-copies as before. Returns `model`; `remove_decode_glue` undoes it."""
-    from moekit.inference import decode_layers  # it builds on this module's checks and library
+    # here, not at the top: they build on this module's checks and library
+    from moekit.inference import decode_block, decode_layers, decode_moe
 
     for name, module in list(model.named_modules()):
         if type(module) is nn.RMSNorm:
@@ -215,8 +218,10 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
             module.cached_attention = glue_cached_attention
             module.forward = functools.partial(decode_layers.attention_forward, module)
         elif isinstance(module, MoELayer):
-            module.forward = functools.partial(decode_layers.moe_forward, module)
-            module.router.forward = functools.partial(decode_layers.router_forward, module.router)
+            module.forward = functools.partial(decode_moe.moe_forward, module)
+            module.router.forward = functools.partial(decode_moe.router_forward, module.router)
+        elif isinstance(module, Block):
+            module.forward = functools.partial(decode_block.block_forward, module)
     model.rope_memo = {}
     return model
 
@@ -234,6 +239,8 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, MoELayer):
             module.__dict__.pop("forward", None)
             module.router.__dict__.pop("forward", None)
+        elif isinstance(module, Block):
+            module.__dict__.pop("forward", None)
     model.rope_memo = None
     return model
 
@@ -261,6 +268,26 @@ def _library() -> ctypes.CDLL | None:
             ),
             "moekit_attention_block": (
                 [ptr, i64, *[ptr] * 8, *[i64] * 5, ctypes.c_float, ptr, ptr],
+                ctypes.c_int,
+            ),
+            "moekit_block_one_token": (
+                [
+                    ptr,
+                    ptr,
+                    ctypes.c_double,
+                    *[ptr] * 5,
+                    *[i64] * 5,
+                    ctypes.c_float,
+                    ptr,
+                    ctypes.c_double,
+                    ptr,
+                    ptr,
+                    i64,
+                    ctypes.c_int,
+                    ctypes.c_int,
+                    ctypes.c_float,
+                    *[ptr] * 6,
+                ],
                 ctypes.c_int,
             ),
         },

@@ -1,0 +1,271 @@
+"""A decoded token's MoE layer in one C call (routing, its top-k SwiGLU experts, the weighted
+sum: moekit_moe_one_token; offloaded experts routed, fetched, then moekit_experts_one_token),
+and a few rows' top-k routing in C; swapped in by `moekit.inference.decode_glue.apply_decode_glue`
+on the weights' descriptions of `moekit.inference.decode_layers` (which says why and what holds
+them to their references).
+
+Routing: `router_forward` replaces a top-k router's forward for a few float32 rows with the C
+routing (moekit_route_topk_f32), so a layer that falls back routes with the same bits as one that
+runs in C (its softmax rounds differently from torch's in the last bit; C everywhere keeps an
+offloaded, hooked or traced model's tokens bit-identical to the resident one's).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor, nn
+
+from moekit.experts.experts import Experts
+from moekit.inference import decode_kernels
+from moekit.inference.cache import expert_groups
+from moekit.inference.decode_glue import _eager_no_grad, _hooked, _library, _plain
+from moekit.inference.decode_layers import (
+    MAX_ROWS,
+    WeightRef,
+    _buffers,
+    _cached,
+    float_ref,
+    ops_ready,
+    quant_ref,
+)
+from moekit.inference.offloaded_experts import OffloadedExperts
+from moekit.moe import MoEAux, MoELayer
+from moekit.quant.modules import QuantizedExperts
+from moekit.quant.schemes import QuantizedWeight
+from moekit.routing.base import Routing
+from moekit.routing.router import Router
+from moekit.routing.topk import NORMALIZER_EPS
+
+
+def _router_qualifies(router: Router, x: Tensor) -> bool:
+    cfg = router.cfg
+    return (
+        cfg.router == "topk"
+        and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+        and not router.training
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_ROWS
+        and _eager_no_grad(x, router.weight)
+        and _plain(x)
+        and _plain(router.weight)
+        and _plain(router.expert_bias)
+        and (router.bias is None or _plain(router.bias))
+        and _library() is not None
+    )
+
+
+def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+    """`Router.forward` for a few float32 rows of top-k routing without expert groups: the logits
+    by the router's product, then the C routing, each token's row; `Router.forward` otherwise."""
+    if not _router_qualifies(router, x_TD):
+        return Router.forward(router, x_TD, token_ids_T)
+    cfg = router.cfg
+    T, E, K = x_TD.shape[0], cfg.n_experts, cfg.top_k
+    logits_TE = router.linear(x_TD, router.weight, router.bias)
+    scores_TE = torch.empty_like(logits_TE)
+    ids_TK = torch.empty(T, K, dtype=torch.int64)
+    weights_TK = torch.empty(T, K)
+    route = _library().moekit_route_topk_f32
+    for t in range(T):
+        route(
+            logits_TE[t].data_ptr(),
+            E,
+            router.expert_bias.data_ptr(),
+            K,
+            cfg.score == "sigmoid",
+            cfg.normalize,
+            cfg.routed_scaling,
+            scores_TE[t].data_ptr(),
+            ids_TK[t].data_ptr(),
+            weights_TK[t].data_ptr(),
+        )
+    if cfg.score == "softmax":
+        probs_TE = scores_TE
+    else:
+        probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + NORMALIZER_EPS)
+    return Routing(
+        logits_TE=logits_TE,
+        scores_TE=scores_TE,
+        probs_TE=probs_TE,
+        ids_TK=ids_TK,
+        weights_TK=weights_TK,
+        selection_TE=scores_TE + router.expert_bias,
+        scale_T=_scale(scores_TE.gather(1, ids_TK), cfg.normalize, cfg.routed_scaling),
+    )
+
+
+def _scale(selected_TK: Tensor, normalize: bool, scaling: float) -> Tensor:
+    """topk_route's scale_T (the capacity dispatch's re-weighting reads it)."""
+    if normalize:
+        return (selected_TK.sum(-1) + NORMALIZER_EPS).reciprocal() * scaling
+    return torch.full_like(selected_TK[:, 0], scaling)
+
+
+def _expert_refs(experts: nn.Module) -> tuple[ctypes.Array, ctypes.Array] | None:
+    """(w_in, w_out) refs of each of a resident layer's E experts, or None if they do not
+    qualify: SwiGLU without biases, float32 `Experts` running the decode kernels' expert (as
+    `apply_decode_kernels` leaves them) or `QuantizedExperts` the kernels read."""
+    cfg = experts.cfg
+    if cfg.activation != "swiglu" or experts.b_in is not None or experts.b_out is not None:
+        return None
+    if type(experts) is Experts:
+        if experts.expert_ffn is not decode_kernels.kernel_expert_ffn:
+            return None
+        tensors: tuple = (experts.w_in, experts.w_out)  # the parameters: the key's ids stay
+        w_in, w_out = experts.w_in.detach(), experts.w_out.detach()
+
+        def ref(w: Tensor, e: int) -> WeightRef | None:
+            return float_ref(w[e])
+    elif type(experts) is QuantizedExperts:
+        w_in, w_out = experts.quantized_weights()
+        tensors = tuple(t for qw in (w_in, w_out) for t in (qw.data, qw.scales, qw.offsets))
+
+        def ref(w: QuantizedWeight, e: int) -> WeightRef | None:
+            return quant_ref(w[e])
+    else:
+        return None
+
+    def build():
+        E = cfg.n_experts
+        refs = [[ref(w, e) for e in range(E)] for w in (w_in, w_out)]
+        if not _swiglu_refs(refs, cfg.d_model, cfg.d_expert):
+            return None
+        return tuple((WeightRef * E)(*side) for side in refs)
+
+    return _cached(experts, tensors, build)
+
+
+def _swiglu_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
+    """Whether [w_in refs, w_out refs] are all readable, w_in (2F, D) and w_out (D, F)."""
+    return all(r is not None and (r.O, r.I) == (2 * F, D) for r in refs[0]) and all(
+        r is not None and (r.O, r.I) == (D, F) for r in refs[1]
+    )
+
+
+def _moe_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: bool) -> bool:
+    cfg, router = layer.cfg, layer.router
+    return (
+        not with_aux
+        and x.dim() > 0
+        and x.numel() == cfg.d_model
+        and x.shape[-1] == cfg.d_model
+        and not layer.training
+        and cfg.router == "topk"
+        and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+        and layer.selected_path(1, decoding)
+        and not torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
+        and not torch.compiler.is_compiling()
+        and _plain(x)
+        and _plain(router.expert_bias)
+        and router.linear is decode_kernels.linear
+        and ops_ready()
+        and not _hooked(router, layer.experts)  # the layer's own hooks see this call as any other
+    )
+
+
+def moe_forward(
+    layer: MoELayer,
+    x: Tensor,
+    token_ids: Tensor | None = None,
+    *,
+    with_aux: bool = True,
+    decoding: bool = False,
+) -> tuple[Tensor, MoEAux | None]:
+    """`MoELayer.forward` for one decoded token without aux, in one C call where it qualifies (an
+    eval-mode layer, top-k routing without expert groups, the decode path of `selected_path`,
+    float32 x and router, SwiGLU experts without biases that `_expert_refs` reads); offloaded
+    experts (`OffloadedExperts`) route in C, fetch the chosen experts, then run them in one call.
+    `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
+    if not _moe_qualifies(layer, x, with_aux, decoding):
+        return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
+    cfg = layer.cfg
+    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
+    x_TD = x.view(1, D)
+    y_TD = x.new_empty(1, D)
+    scratch, ids, weights = _buffers(2 * E + K * (2 * F + D), K)
+    args = resident_args(layer)
+    if args is not None:
+        status = _library().moekit_moe_one_token(
+            x_TD.data_ptr(), *args, scratch, ids, weights, y_TD.data_ptr()
+        )
+    else:
+        status = _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD)
+    if status != 0:  # not runnable here (the experts' x could not be prepared): the reference
+        return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
+    if layer.shared_experts is not None:
+        y_TD = y_TD + layer.shared_experts(x_TD)
+    return y_TD.view(x.shape), None
+
+
+def router_ref(router: Router) -> WeightRef | None:
+    """The router's weight (and bias) as the C calls read them (float32), or None."""
+    return _cached(router, (router.weight, router.bias), lambda: _router_weight(router))
+
+
+def _router_weight(router: Router) -> WeightRef | None:
+    return float_ref(router.weight.detach(), None if router.bias is None else router.bias)
+
+
+def resident_args(layer: MoELayer) -> tuple | None:
+    """moekit_moe_one_token's arguments from router to w_out for a qualified layer (`moe_forward`)
+    whose experts are resident and readable (`_expert_refs`); None otherwise."""
+    cfg, router = layer.cfg, layer.router
+    r, refs = router_ref(router), _expert_refs(layer.experts)
+    if r is None or refs is None:
+        return None
+    return (ctypes.byref(r), router.expert_bias.data_ptr(), cfg.top_k, cfg.score == "sigmoid",
+            cfg.normalize, cfg.routed_scaling, refs[0], refs[1])  # fmt: skip
+
+
+def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
+    """The offloaded layer's call: routed in C (the logits by the router's own product, which
+    `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call;
+    1 (the reference runs) where the experts are not offloaded SwiGLU ones that all fit at once."""
+    cfg, router, experts = layer.cfg, layer.router, layer.experts
+    if (
+        type(experts) is not OffloadedExperts
+        or cfg.activation != "swiglu"
+        or experts.b_in is not None
+        or experts.b_out is not None
+        or not (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
+    ):
+        return 1
+    E, K = cfg.n_experts, cfg.top_k
+    if router_ref(router) is None:
+        return 1
+    logits = router.linear(x_TD, router.weight, router.bias)
+    scores = ctypes.addressof(scratch)
+    _library().moekit_route_topk_f32(
+        logits.data_ptr(),
+        E,
+        router.expert_bias.data_ptr(),
+        K,
+        cfg.score == "sigmoid",
+        cfg.normalize,
+        cfg.routed_scaling,
+        scores,
+        ids,
+        weights,
+    )
+    order = sorted(range(K), key=lambda k: ids[k])
+    chosen = [ids[k] for k in order]
+    if len(expert_groups(chosen, experts.cache.capacity, selected=True)) != 1:
+        return 1
+    with experts.cache.using([(experts.layer, e) for e in chosen]) as fetched:
+        make = quant_ref if experts.quantized else float_ref
+        refs = [[make(w[side]) for w in fetched] for side in (0, 1)]
+        if not _swiglu_refs(refs, cfg.d_model, cfg.d_expert):
+            return 1
+        chosen_weights = (ctypes.c_float * K)(*(weights[k] for k in order))
+        h = ctypes.addressof(scratch) + 4 * E
+        return _library().moekit_experts_one_token(
+            x_TD.data_ptr(),
+            K,
+            (WeightRef * K)(*refs[0]),
+            (WeightRef * K)(*refs[1]),
+            chosen_weights,
+            h,
+            y_TD.data_ptr(),
+        )
