@@ -17,6 +17,7 @@ LAYOUTS = {
     "dp_shard4": {"dp_shard": 4},
     "tp4": {"tp": 4},
     "ep4": {"ep": 4},
+    "ep2_ddp4": {"ep": 2},  # DDP over 4, each expert shard on 2 processes (replica all-reduce)
     "dp_shard4_ep4": {"dp_shard": 4, "ep": 4},
     "dp_shard2_tp2": {"dp_shard": 2, "tp": 2},
     "ep2_tp2": {"ep": 2, "tp": 2},
