@@ -1,9 +1,11 @@
 """What each process does in the parallel-layout tests (tests/test_parallel_layouts.py): a few
-training steps of one small MoE transformer under a layout of 4 gloo processes, and the same
-steps on one process, gathered into single-process terms for comparison."""
+SGD-with-momentum steps of one small MoE transformer under each layout of 4 gloo processes, and
+the same steps on one process, in single-process terms for comparison."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,7 +44,20 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "dp_shard4": {"dp_shard": 4},
     "hsdp2x2_ep2": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
 }
-BATCH, SEQ, STEPS, LR = 8, 12, 3, 1e-2
+BATCH, SEQ, STEPS, LR = 8, 12, 2, 0.1
+
+
+@dataclass
+class Job:
+    """Train MODEL (or `model`) for the steps from `first`, from `start` (model and optimizer
+    state dicts; None: the seed-0 weights and a fresh optimizer), with `freeze` parts frozen."""
+
+    layout: dict[str, int]
+    start: dict[str, Any] | None = None
+    first: int = 0
+    freeze: tuple[str, ...] = ()
+    model: ModelConfig = field(default_factory=lambda: MODEL)
+    record: bool = True  # gather the first step's gradients and checkpoint (slow-ish)
 
 
 def batches() -> list[torch.Tensor]:
@@ -50,17 +65,26 @@ def batches() -> list[torch.Tensor]:
     return [torch.randint(0, MODEL.vocab_size, (BATCH, SEQ), generator=g) for _ in range(STEPS)]
 
 
-def build(state: dict[str, torch.Tensor] | None = None) -> Any:
+def _build(job: Job) -> tuple[Any, dict | None]:
+    """The job's model (restored, frozen) and the optimizer state to start from."""
     from moekit.model import MoETransformer
+    from moekit.train.freeze import freeze
 
     torch.manual_seed(0)
-    model = MoETransformer(MODEL)
-    if state is not None:
-        model.load_state_dict(state)
-    return model
+    model = MoETransformer(job.model)
+    # A copy: the optimizer takes the state's tensors as its own and updates them in place.
+    start = None if job.start is None else copy.deepcopy(job.start)
+    if start is not None:
+        model.load_state_dict(start["model"])
+    freeze(model, job.freeze)
+    return model, None if start is None else start.get("optim")
 
 
-def step(forward: Any, model: Any, ids: torch.Tensor, clip: Any, optimizer: Any) -> dict:
+def trainable(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _step(forward: Any, model: Any, ids: torch.Tensor, clip: Any, optimizer: Any) -> dict:
     out = forward(ids, labels=ids)
     out.loss.backward()
     norm = clip(model)
@@ -69,27 +93,43 @@ def step(forward: Any, model: Any, ids: torch.Tensor, clip: Any, optimizer: Any)
     return {"loss": out.loss.detach(), "norm": norm.detach()}
 
 
-def one_process(steps: int = STEPS, resume: dict | None = None) -> dict:
-    """The reference: every step on the whole batch, one process."""
-    model = build(None if resume is None else resume["model"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    if resume is not None:
-        optimizer.load_state_dict(resume["optim"])
-    clip = lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)  # noqa: E731
-    results = []
-    first = 0 if resume is None else 1
-    for ids in batches()[first:steps]:
+def one_process(job: Job) -> dict:
+    """The reference: `job` on one process, every step on the whole batch."""
+    model, optim_state = _build(job)
+    optimizer = torch.optim.SGD(trainable(model), lr=LR, momentum=0.9)
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state)
+    steps, grads, saved = [], {}, None
+    for ids in batches()[job.first :]:
         optimizer.zero_grad(set_to_none=True)
-        results.append(step(model, model, ids, clip, optimizer))
-        if not results[1:]:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            saved = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    return {"steps": results, "grads": grads, "saved": saved, "final": model.state_dict()}
+        steps.append(_step(model, model, ids, _clip_one, optimizer))
+        if len(steps) == 1:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            saved = copy.deepcopy({"model": model.state_dict(), "optim": optimizer.state_dict()})
+    return {"steps": steps, "grads": grads, "saved": saved, "final": model.state_dict()}
 
 
-def layout_run(rank: int, world: int, layout: dict, resume: dict | None = None) -> dict:
-    """`one_process` under `layout`: losses and norms per step, the first step's gradients, the
-    checkpoint after it and the final weights, all in single-process terms (on rank 0)."""
+def _clip_one(model: Any) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def layout_jobs(rank: int, world: int, jobs_file: str) -> list[dict] | None:
+    """Each job of `jobs_file` (a torch.save'd list of `Job`: their tensors would need too many
+    file descriptors as arguments) under its layout, one after another on the same processes;
+    rank 0 returns what `one_process` returns for each, gathered into single-process terms."""
+    jobs = torch.load(jobs_file, weights_only=False)
+    return [_layout_run(job, world) for job in jobs] if rank == 0 else _rest(jobs, world)
+
+
+def _rest(jobs: list[Job], world: int) -> None:
+    for job in jobs:
+        _layout_run(job, world)
+
+
+_MESHES: dict[tuple, Any] = {}
+
+
+def _layout_run(job: Job, world: int) -> dict:
     from moekit.distributed import init_distributed
     from moekit.distributed.checkpoint import full_state_dicts, shard_optimizer_state
     from moekit.distributed.data_parallel import clip_grad_norm_
@@ -97,27 +137,30 @@ def layout_run(rank: int, world: int, layout: dict, resume: dict | None = None) 
     from moekit.distributed.shard_specs import full_tensor, shard_specs
     from moekit.distributed.trainer import my_share
 
-    parallel = ParallelConfig(**layout, backend="gloo", timeout_s=60)
-    mesh = init_distributed(parallel)
-    model = build(None if resume is None else resume["model"])
+    parallel = ParallelConfig(**job.layout, backend="gloo", timeout_s=60)
+    key = tuple(sorted(job.layout.items()))
+    if key not in _MESHES:  # building a mesh's gloo groups is most of a job's time
+        _MESHES[key] = init_distributed(parallel)
+    mesh = _MESHES[key]
+    model, optim_state = _build(job)
     forward = parallelize(model, parallel, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    if resume is not None:
-        optimizer.load_state_dict(shard_optimizer_state(resume["optim"], optimizer, model))
-    clip = lambda m: clip_grad_norm_(m, 1.0)  # noqa: E731
-    results, grads, saved = [], {}, None
-    first = 0 if resume is None else 1
-    for ids in batches()[first:]:
+    optimizer = torch.optim.SGD(trainable(model), lr=LR, momentum=0.9)
+    if optim_state is not None:
+        optimizer.load_state_dict(shard_optimizer_state(optim_state, optimizer, model))
+    steps, grads, saved = [], {}, None
+    for ids in batches()[job.first :]:
         optimizer.zero_grad(set_to_none=True)
         mine = my_share(ids, mesh.data_rank, mesh.data_size)
-        results.append(step(forward, model, mine, clip, optimizer))
-        if len(results) == 1 and resume is None:
+        steps.append(_step(forward, model, mine, lambda m: clip_grad_norm_(m, 1.0), optimizer))
+        if len(steps) == 1 and job.record:
             specs = shard_specs(model)
             for name, p in model.named_parameters():
-                grads[name] = full_tensor(p.grad, specs.get(name))
-            saved = dict(zip(("model", "optim"), full_state_dicts(model, optimizer), strict=True))
-    for r in results:  # the loss of the global batch: the mean over data-parallel processes
-        torch.distributed.all_reduce(r["loss"])
-        r["loss"] /= world
+                if p.grad is not None:
+                    grads[name] = full_tensor(p.grad, specs.get(name))
+            state = full_state_dicts(model, optimizer)  # some of it may alias the live tensors
+            saved = copy.deepcopy(dict(zip(("model", "optim"), state, strict=True)))
+    for s in steps:  # the loss of the global batch: the mean over the processes' own batches
+        torch.distributed.all_reduce(s["loss"])
+        s["loss"] /= world
     final, _ = full_state_dicts(model)
-    return {"steps": results, "grads": grads, "saved": saved, "final": final}
+    return {"steps": steps, "grads": grads, "saved": saved, "final": final}

@@ -4,6 +4,8 @@ World ranks are laid out as (dp_replicate, dp_shard, tp), tp fastest. Two meshes
 
     dense    ("dp_replicate", "dp_shard", "tp"): FSDP2 shards every non-expert parameter over
              dp_shard and replicates it over dp_replicate; tensor parallelism runs over tp.
+             "dp_replicate" and "tp" are left out when they are 1: every axis of the mesh a
+             DTensor spans costs it time on every operation (its sharding propagation).
     experts  ("edp_replicate", "edp_shard", "ep", "tp"): the same ranks, with the data-parallel
              ones (dp_replicate * dp_shard) regrouped: each MoE layer's routed experts are split
              over "ep", sharded by FSDP2 over "edp_shard" (the dp_shard / ep processes that hold
@@ -55,16 +57,20 @@ class ParallelMesh:
 
     @cached_property
     def dp(self) -> DeviceMesh:
-        """The ("dp_replicate", "dp_shard") mesh FSDP2 runs non-expert parameters over."""
-        return self.dense["dp_replicate", "dp_shard"]
+        """The mesh FSDP2 runs non-expert parameters over: ("dp_replicate", "dp_shard") (HSDP),
+        or ("dp_shard",) without replicas."""
+        return self.dense[_data_axes("dp", self.sizes)]
 
     @cached_property
     def edp(self) -> DeviceMesh:
-        """The ("edp_replicate", "edp_shard") mesh FSDP2 runs the routed experts over."""
-        return self.experts["edp_replicate", "edp_shard"]
+        """The mesh FSDP2 runs the routed experts over: ("edp_replicate", "edp_shard"), or
+        ("edp_shard",) without replicas."""
+        return self.experts[_data_axes("edp", self.sizes)]
 
     @cached_property
     def tp_mesh(self) -> DeviceMesh:
+        if self.tp == 1:
+            raise ValueError("this layout has no tensor-parallel axis (parallel.tp=1)")
         return self.dense["tp"]
 
     @cached_property
@@ -97,6 +103,7 @@ def build_mesh(
     ranks = torch.arange(dist.get_world_size())
 
     def mesh(axes: tuple[str, ...]) -> DeviceMesh:
+        axes = tuple(a for a in axes if sizes[a] > 1 or a not in ("dp_replicate", "tp"))
         shape = tuple(sizes[a] for a in axes)
         override = tuple((backend, options) for _ in axes)
         return DeviceMesh(
@@ -104,3 +111,10 @@ def build_mesh(
         )
 
     return ParallelMesh(mesh(DENSE_AXES), mesh(EXPERT_AXES), sizes, (backend, options))
+
+
+def _data_axes(prefix: str, sizes: dict[str, int]) -> tuple[str, ...]:
+    """(prefix_replicate, prefix_shard) with replicas, else (prefix_shard,)."""
+    if sizes[f"{prefix}_replicate"] > 1:
+        return (f"{prefix}_replicate", f"{prefix}_shard")
+    return (f"{prefix}_shard",)
