@@ -374,3 +374,20 @@ def test_layers_that_do_not_qualify_run_their_reference(monkeypatch) -> None:
         assert aux is None and torch.equal(y, ref) and calls["moekit_moe_one_token"] == 1
     y = decode_moe.moe_forward(layer.train(), x, with_aux=False, decoding=True)[0]
     assert y.grad_fn is not None and calls["moekit_moe_one_token"] == 1
+
+
+def test_a_replaced_module_or_setting_is_followed() -> None:
+    """The C block's plan is kept only while its modules, their tensors and the settings it
+    read stay: a swapped projection, a router's product or training mode are followed."""
+    from moekit.inference.decode_kernels import KernelLinear
+
+    model = apply_decode_kernels(_model(16))
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(17))
+    _decode(model, ids, 4)  # the plans are built
+    for layer in model.layers:
+        q = nn.Linear(64, 64, bias=False)
+        layer.attn.q_proj = KernelLinear.sharing(q)
+    expected = _decode(remove_decode_kernels(copy.deepcopy(model)), ids, 4)
+    torch.testing.assert_close(_decode(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
+    model.layers[0].ffn.router.linear = torch.nn.functional.linear  # not the kernels' product
+    assert torch.equal(_decode(model, ids, 4), _decode(_per_product(copy.deepcopy(model)), ids, 4))

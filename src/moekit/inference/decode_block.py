@@ -15,12 +15,18 @@ FFN, offloaded experts, a hook on any module it would bypass, anything `attentio
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from moekit.inference.decode_glue import GlueRMSNorm, _hooked, _library, _plain
-from moekit.inference.decode_layers import attention_args, attention_refs
-from moekit.inference.decode_moe import _moe_qualifies, resident_args
-from moekit.model.attention import AttentionMask, LayerKVCache
+from moekit.inference.decode_glue import (
+    GlueRMSNorm,
+    _cache_qualifies,
+    _hooked,
+    _library,
+    _plain,
+)
+from moekit.inference.decode_layers import _cached, attention_args, attention_weights, ops_ready
+from moekit.inference.decode_moe import resident_args
+from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
 
@@ -31,6 +37,42 @@ def _norm_args(norm, D: int) -> tuple[int, float] | None:
     if w is None or norm.normalized_shape != (D,) or not _plain(w):
         return None
     return w.data_ptr(), torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
+
+
+def _modules(block: Block) -> tuple[nn.Module, ...] | None:
+    """The modules whose work the C call does, read from the modules' own dicts (cheap): the
+    norms, the attention and its projections, the MoE layer, its router and experts."""
+    own = block._modules
+    attn, ffn = own["attn"], own["ffn"]
+    if type(ffn) is not MoELayer or type(attn) is not Attention:
+        return None
+    a, f = attn._modules, ffn._modules
+    return (own["attn_norm"], attn, a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"],
+            own["ffn_norm"], ffn, f["router"], f["experts"])  # fmt: skip
+
+
+def _plan(block: Block, modules: tuple) -> tuple | None:
+    """What the C call reads of the block's weights (norms, attention, MoE layer), or None if
+    anything does not qualify; kept while the modules and their tensors stay."""
+    ffn = modules[7]
+    extra = (*map(id, modules), ffn.training, ffn.__dict__.get("shared_experts"),
+             modules[8].__dict__.get("linear"), modules[9].__dict__.get("expert_ffn"))  # fmt: skip
+    return _cached(block, modules, lambda: _build_plan(block), extra)
+
+
+def _build_plan(block: Block) -> tuple | None:
+    D = block.ffn.cfg.d_model if isinstance(block.ffn, MoELayer) else 0
+    norms = _norm_args(block.attn_norm, D), _norm_args(block.ffn_norm, D)
+    if D == 0 or None in norms or block.ffn.shared_experts is not None:
+        return None
+    refs, moe = attention_weights(block.attn), resident_args(block.ffn)
+    if refs is None or moe is None or refs[0].I != D:
+        return None
+    attn, cfg = block.attn, block.ffn.cfg
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    E, K, F = cfg.n_experts, cfg.top_k, cfg.d_expert
+    scratch = 4 * D + max((2 * H + 2 * KV) * hd, 2 * E + K * (2 * F + D))
+    return norms, refs, moe, scratch
 
 
 def block_forward(
@@ -45,36 +87,33 @@ def block_forward(
     """`Block.forward` for one decoded token (batch 1) in one C call where it qualifies (see the
     module's docstring); `Block.forward` itself otherwise."""
     B, S, D = x_BSD.shape
-    ffn = block.ffn
-    plan = None
+    modules = plan = None
+    if B * S == 1 and not with_aux and cache is not None and mask.mask_SL is None:
+        modules = _modules(block)
     if (
-        B * S == 1
-        and not with_aux
-        and cache is not None
-        and type(ffn) is MoELayer
-        and ffn.shared_experts is None
-        and not _hooked(block.attn_norm, block.attn, block.ffn_norm, ffn)
+        modules is not None
+        and not torch.is_grad_enabled()  # generation's no_grad: no gradient anywhere
+        and not torch.compiler.is_compiling()
+        and not _hooked(*modules)
+        and _plain(x_BSD)
+        and ops_ready()
     ):
-        norms = _norm_args(block.attn_norm, D), _norm_args(block.ffn_norm, D)
-        refs = attention_refs(block.attn, x_BSD, rope, mask, cache)
-        if None not in norms and refs is not None and _moe_qualifies(ffn, x_BSD, False, True):
-            moe = resident_args(ffn)
-            plan = None if moe is None else (norms, refs, moe)
-    if plan is None:
+        attn = modules[1]
+        if _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope):
+            plan = _plan(block, modules)
+    if plan is None or plan[1][0].I != D:
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     assert cache is not None
-    (attn_norm, ffn_norm), refs, moe = plan
-    attn, cfg = block.attn, ffn.cfg
-    E, K, F = cfg.n_experts, cfg.top_k, cfg.d_expert
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    scratch = x_BSD.new_empty(4 * D + max((2 * H + 2 * KV) * hd, 2 * E + K * (2 * F + D)))
+    (attn_norm, ffn_norm), refs, moe, n_scratch = plan
+    K = moe[2]
+    scratch = x_BSD.new_empty(n_scratch)
     ids, weights = (torch.empty(K, dtype=torch.int64), torch.empty(K))
     out = x_BSD.new_empty(1, 1, D)
     status = _library().moekit_block_one_token(
         x_BSD.data_ptr(),
         *attn_norm,
         refs,
-        *attention_args(attn, rope, cache),
+        *attention_args(modules[1], rope, cache),
         *ffn_norm,
         *moe,
         scratch.data_ptr(),
@@ -87,6 +126,6 @@ def block_forward(
     cache.length += 1
     if status == -2:  # the attention step ran; the MoE layer's reference runs the rest
         x1 = scratch[2 * D : 3 * D].view(1, 1, D).clone()
-        y, aux = ffn(block.ffn_norm(x1), None, with_aux=with_aux, decoding=True)
+        y, aux = block.ffn(block.ffn_norm(x1), None, with_aux=with_aux, decoding=True)
         return x1 + y, aux
     return out, None

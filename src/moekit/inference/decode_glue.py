@@ -220,7 +220,7 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, MoELayer):
             module.forward = functools.partial(decode_moe.moe_forward, module)
             module.router.forward = functools.partial(decode_moe.router_forward, module.router)
-        elif isinstance(module, Block):
+        elif type(module) is Block:  # (a subclass's forward would be another computation)
             module.forward = functools.partial(decode_block.block_forward, module)
     model.rope_memo = {}
     return model

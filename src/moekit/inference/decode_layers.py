@@ -107,19 +107,32 @@ def projection_ref(module: nn.Module) -> WeightRef | None:
     return None
 
 
-# Each module's refs, kept while the tensors they point into are the same memory (a key of
-# data pointers: replaced `.data` or a `.to()` rebuilds them). Beside the modules, not in them:
-# a deepcopy must not copy raw pointers into another model's memory.
+# What the C calls read of a module (its weights' refs, say), kept while the parameters and
+# buffers of the modules it came from are the same tensors over the same memory (a key of ids and
+# data pointers: a replaced parameter, `.data = ...` or `.to()` rebuilds it). Beside the modules,
+# not in them: a deepcopy must not copy raw pointers into another model's memory.
 _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cached(module: nn.Module, tensors: tuple, build):
-    key = tuple(None if t is None else (id(t), t.data_ptr()) for t in tensors)
-    kept = _kept.get(module)
+def _cached(owner: nn.Module, modules: tuple, build, extra: tuple = ()):
+    """`build()`, kept for `owner` while `modules`' tensors (and `extra`) stay as they were."""
+    key = (*extra, *tensors_key(modules))
+    kept = _kept.get(owner)
     if kept is None or kept[0] != key:
         kept = (key, build())
-        _kept[module] = kept
+        _kept[owner] = kept
     return kept[1]
+
+
+def tensors_key(modules: tuple) -> tuple:
+    """(id, data pointer) of every parameter and buffer of `modules` (not their children)."""
+    return tuple(
+        (id(t), t.data_ptr())
+        for m in modules
+        for d in (m._parameters, m._buffers)
+        for t in d.values()
+        if t is not None
+    )
 
 
 @functools.cache
@@ -170,33 +183,46 @@ def attention_refs(
     cache: LayerKVCache | None,
 ) -> ctypes.Array | None:
     """The q, k, v and o_proj weights (an array of 4 `WeightRef`) where one decode position of at
-    most MAX_ROWS sequences can run the C block: decode-kernel projections, no q/k norms,
-    clipping or sinks, a float32 cache every cached position of which the position attends, no
-    gradient wanted, nothing hooked on the projections; else None."""
-    B, S, D = x_BSD.shape
-    if not (
+    most MAX_ROWS sequences can run the C block (`attention_step_qualifies`,
+    `attention_weights`); else None."""
+    if not attention_step_qualifies(attn, x_BSD, rope, mask, cache):
+        return None
+    if torch.is_grad_enabled() and _wants_grad(attn):
+        return None
+    return attention_weights(attn)
+
+
+def attention_step_qualifies(
+    attn: Attention,
+    x_BSD: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache | None,
+) -> bool:
+    """What a step must be for the C block, its weights aside: one position of at most MAX_ROWS
+    plain float32 rows, no gradient for x, a float32 cache with room, every cached position of
+    which it attends, nothing hooked on the projections, not traced."""
+    B, S, _ = x_BSD.shape
+    return (
         S == 1
         and B <= MAX_ROWS
-        and attn.qk_norm is None
-        and attn.clip_qkv is None
-        and attn.sinks is None
         and cache is not None
         and mask.mask_SL is None
         and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x_BSD.requires_grad or _wants_grad(attn)))
+        and not (torch.is_grad_enabled() and x_BSD.requires_grad)
         and _plain(x_BSD)
         and _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
         and not _hooked(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         and ops_ready()
-    ):
-        return None
+    )
+
+
+def attention_weights(attn: Attention) -> ctypes.Array | None:
+    """q, k, v and o_proj's weights (decode-kernel projections, shapes of the heads) for an
+    attention without q/k norms, clipping or sinks; None otherwise. Kept while they stay."""
     projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    tensors = tuple(t for p in projs for t in _tensors_of(p))
-    refs = _cached(attn, tensors, lambda: _attention_refs(projs))
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    if refs is None or (D, H * hd, KV * hd) != (refs[0].I, refs[0].O, refs[1].O):
-        return None
-    return refs
+    extra = (attn.qk_norm, attn.clip_qkv, attn.sinks is None)
+    return _cached(attn, projs, lambda: _attention_refs(attn), extra)
 
 
 def attention_args(attn: Attention, rope: tuple[Tensor, Tensor], cache: LayerKVCache) -> tuple:
@@ -220,7 +246,7 @@ def attention_forward(
     where `attention_refs` qualifies it; `Attention.forward` itself otherwise (with the glue's
     attention step)."""
     refs = attention_refs(attn, x_BSD, rope, mask, cache)
-    if refs is None:
+    if refs is None or x_BSD.shape[-1] != refs[0].I:
         return Attention.forward(attn, x_BSD, rope, mask, cache)
     assert cache is not None
     B = x_BSD.shape[0]
@@ -245,18 +271,17 @@ def _wants_grad(attn: Attention) -> bool:
     return any(p.requires_grad for p in attn.parameters())
 
 
-def _tensors_of(module: nn.Module) -> tuple:
-    if type(module) is QuantizedLinear:
-        qw = module.weight_q
-        return (qw.data, qw.scales, qw.offsets, module.bias)
-    return (getattr(module, "weight", None), getattr(module, "bias", None))
-
-
-def _attention_refs(projs: tuple) -> ctypes.Array | None:
+def _attention_refs(attn: Attention) -> ctypes.Array | None:
+    if attn.qk_norm is not None or attn.clip_qkv is not None or attn.sinks is not None:
+        return None
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
     refs = tuple(projection_ref(p) for p in projs)
     if any(r is None for r in refs):
         return None
     q, k, v, o = refs
-    if not (q.I == k.I == v.I and k.O == v.O and o.I == q.O):
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    if not (
+        q.I == k.I == v.I == o.O and (H * hd, KV * hd, KV * hd, H * hd) == (q.O, k.O, v.O, o.I)
+    ):
         return None
     return (WeightRef * 4)(*refs)

@@ -113,28 +113,22 @@ def _expert_refs(experts: nn.Module) -> tuple[ctypes.Array, ctypes.Array] | None
     if type(experts) is Experts:
         if experts.expert_ffn is not decode_kernels.kernel_expert_ffn:
             return None
-        tensors: tuple = (experts.w_in, experts.w_out)  # the parameters: the key's ids stay
         w_in, w_out = experts.w_in.detach(), experts.w_out.detach()
 
         def ref(w: Tensor, e: int) -> WeightRef | None:
             return float_ref(w[e])
     elif type(experts) is QuantizedExperts:
         w_in, w_out = experts.quantized_weights()
-        tensors = tuple(t for qw in (w_in, w_out) for t in (qw.data, qw.scales, qw.offsets))
 
         def ref(w: QuantizedWeight, e: int) -> WeightRef | None:
             return quant_ref(w[e])
     else:
         return None
-
-    def build():
-        E = cfg.n_experts
-        refs = [[ref(w, e) for e in range(E)] for w in (w_in, w_out)]
-        if not _swiglu_refs(refs, cfg.d_model, cfg.d_expert):
-            return None
-        return tuple((WeightRef * E)(*side) for side in refs)
-
-    return _cached(experts, tensors, build)
+    E = cfg.n_experts
+    refs = [[ref(w, e) for e in range(E)] for w in (w_in, w_out)]
+    if not _swiglu_refs(refs, cfg.d_model, cfg.d_expert):
+        return None
+    return tuple((WeightRef * E)(*side) for side in refs)
 
 
 def _swiglu_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
@@ -147,21 +141,31 @@ def _swiglu_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
 def _moe_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: bool) -> bool:
     cfg, router = layer.cfg, layer.router
     return (
-        not with_aux
-        and x.dim() > 0
-        and x.numel() == cfg.d_model
-        and x.shape[-1] == cfg.d_model
+        moe_step_qualifies(layer, x, with_aux, decoding)
         and not layer.training
         and cfg.router == "topk"
         and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
         and layer.selected_path(1, decoding)
+        and _plain(router.expert_bias)
+        and router.linear is decode_kernels.linear
+    )
+
+
+def moe_step_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: bool) -> bool:
+    """What a call must be for the C layer, the layer's own settings aside: one decoded token
+    of plain float32 x, no aux, no gradients anywhere, not traced, router and experts unhooked."""
+    D = layer.cfg.d_model
+    return (
+        not with_aux
+        and decoding
+        and x.dim() > 0
+        and x.numel() == D
+        and x.shape[-1] == D
         and not torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
         and not torch.compiler.is_compiling()
         and _plain(x)
-        and _plain(router.expert_bias)
-        and router.linear is decode_kernels.linear
         and ops_ready()
-        and not _hooked(router, layer.experts)  # the layer's own hooks see this call as any other
+        and not _hooked(layer.router, layer.experts)  # the layer's own hooks see it as any other
     )
 
 
@@ -201,7 +205,7 @@ def moe_forward(
 
 def router_ref(router: Router) -> WeightRef | None:
     """The router's weight (and bias) as the C calls read them (float32), or None."""
-    return _cached(router, (router.weight, router.bias), lambda: _router_weight(router))
+    return _cached(router, (router,), lambda: _router_weight(router))
 
 
 def _router_weight(router: Router) -> WeightRef | None:
@@ -209,10 +213,27 @@ def _router_weight(router: Router) -> WeightRef | None:
 
 
 def resident_args(layer: MoELayer) -> tuple | None:
-    """moekit_moe_one_token's arguments from router to w_out for a qualified layer (`moe_forward`)
-    whose experts are resident and readable (`_expert_refs`); None otherwise."""
+    """moekit_moe_one_token's arguments from router to w_out for a layer whose router and
+    resident experts the C call reads (`_expert_refs`; top-k routing without groups on the
+    decode kernels' product, the selected path, eval mode); None otherwise. Kept while the
+    router's and experts' tensors stay."""
+    router, experts = layer.router, layer.experts
+    extra = (layer.training, router.linear, getattr(experts, "expert_ffn", None))
+    return _cached(layer, (router, experts), lambda: _resident_args(layer), extra)
+
+
+def _resident_args(layer: MoELayer) -> tuple | None:
     cfg, router = layer.cfg, layer.router
-    r, refs = router_ref(router), _expert_refs(layer.experts)
+    if (
+        layer.training
+        or cfg.router != "topk"
+        or not (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+        or not layer.selected_path(1, True)
+        or router.linear is not decode_kernels.linear
+        or not _plain(router.expert_bias)
+    ):
+        return None
+    r, refs = _router_weight(router), _expert_refs(layer.experts)
     if r is None or refs is None:
         return None
     return (ctypes.byref(r), router.expert_bias.data_ptr(), cfg.top_k, cfg.score == "sigmoid",
