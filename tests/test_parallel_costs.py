@@ -4,8 +4,10 @@ every collective counted by `CollectiveCounter` in every process."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-from tests.collective_cases import MODEL, counted_steps
+from tests.collective_cases import MODEL, counted_layouts
 from tests.distributed_cases import spawn
 
 from moekit.config import ParallelConfig
@@ -34,16 +36,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[str, list[dict]]:
-    cache: dict[str, list[dict]] = {}
-
-    def run(name: str) -> list[dict]:
-        if name not in cache:
-            args = (LAYOUTS[name], MODEL.to_dict(), MICRO_BATCH, SEQ_LEN)
-            cache[name] = spawn(counted_steps, WORLD, *args, timeout=180)
-        return cache[name]
-
-    return run  # type: ignore[return-value]
+def runs() -> Callable[[str], list[dict]]:
+    """Every layout's counted step, by name: each rank's result."""
+    args = (LAYOUTS, MODEL.to_dict(), MICRO_BATCH, SEQ_LEN)
+    by_rank = spawn(counted_layouts, WORLD, *args, timeout=240)
+    return lambda name: [ranks[name] for ranks in by_rank]
 
 
 def predicted(name: str, rank: int):  # type: ignore[no-untyped-def]

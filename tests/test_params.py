@@ -179,12 +179,13 @@ def test_hand_model_counts_as_the_parameter_counter_does() -> None:
     assert all(c.calls == 0 for c in one.comms.values())
 
 
-def test_fsdp_over_two_halves_every_tensor_and_gathers_each_unit_twice() -> None:
+def test_fsdp_over_two_halves_every_tensor_and_gathers_each_block_twice() -> None:
     c = costs(HAND, 2, dp_shard=2)
     assert c.params == 412  # every dim 0 is even
     gather, scatter = c.comms["fsdp_all_gather"], c.comms["fsdp_reduce_scatter"]
-    # Two units: the root (embedding 16 x 8, final norm 8: 68 per half) and the block (344).
-    assert gather.calls == 4 and gather.payload == 2 * (68 + 344) * 4
+    # Two units: the root (embedding 16 x 8, final norm 8: 68 per half), gathered once (it stays
+    # gathered for its backward), and the block (344), gathered again for its backward.
+    assert gather.calls == 3 and gather.payload == (68 + 2 * 344) * 4
     assert gather.sent == gather.payload  # (n - 1) x the input, n = 2
     assert scatter.calls == 2 and scatter.payload == 2 * (68 + 344) * 4
     assert scatter.sent == scatter.payload / 2
@@ -202,9 +203,9 @@ def test_tensor_parallel_splits_attention_and_expert_widths_and_all_reduces_acti
     # attention 256 / 2, experts 384 / 2 on their hidden width; embedding, norms, router whole
     assert c.params == 128 + 128 + 24 + 32 + 192
     tp = c.comms["tp_all_reduce"]
-    # T = 4 tokens of 8 float32: attention 1 forward + 3 backward (q, k, v), experts 1 + 1
-    # (R = T * top_k = 4 rows)
-    assert tp.calls == 6 and tp.payload == 6 * 4 * 8 * 4
+    # T = 4 tokens of 8 float32: attention 1 forward + 1 backward (q, k, v share one input),
+    # experts 1 + 1 (R = T * top_k = 4 rows)
+    assert tp.calls == 4 and tp.payload == 4 * 4 * 8 * 4
     assert tp.sent == tp.payload  # 2 (n - 1) / n = 1 for n = 2
     assert costs(HAND, 2, tp=2, dp_shard=1).comms["fsdp_all_gather"].calls == 0
 

@@ -251,12 +251,12 @@ def device_costs(
             costs.gathered_bytes = full["root"] + sum(blocks[:2])
         else:
             costs.gathered_bytes = sum(full.values())
-        for u in units.values():
+        for name, u in units.items():
             mesh = "experts" if u["experts"] else "dense"
             n = shard_of[mesh][0]
             replicas = sizes["edp_replicate" if u["experts"] else "dp_replicate"]
-            if n > 1:
-                gathers = 1 + int(parallel.reshard_after_forward)
+            if n > 1:  # the root unit stays gathered for its backward (apply_fully_shard)
+                gathers = 1 + int(parallel.reshard_after_forward and name != "root")
                 comms["fsdp_all_gather"].add(
                     gathers, u["padded"] * act, (n - 1) * u["padded"] * act
                 )
@@ -297,8 +297,10 @@ def _activation_comms(
     if tp > 1:  # one forward all-reduce per row-wise output, one backward per column-wise input
         ring = 2 * (tp - 1) / tp
         td = tokens * D * act
-        comms["tp_all_reduce"].add(n_blocks * (1 + 3), td, ring * td)  # attention: q, k, v
-        comms["tp_all_reduce"].add((n_blocks - n_moe) * (1 + 2), td, ring * td)  # gate, up
+        # attention's q, k, v share one input (one backward all-reduce); a dense FFN's gate and
+        # up each all-reduce their own
+        comms["tp_all_reduce"].add(n_blocks * (1 + 1), td, ring * td)
+        comms["tp_all_reduce"].add((n_blocks - n_moe) * (1 + 2), td, ring * td)
         if cfg.moe is not None and cfg.moe.shared_width:
             comms["tp_all_reduce"].add(n_moe * (1 + 1), td, ring * td)  # fused [gate; up]
         if cfg.moe is not None and ep == 1:

@@ -9,7 +9,7 @@ tensor and expert parallelism, as torchtitan applies it.
 - Every `Block` (main stack and multi-token prediction) is one unit over ("dp_replicate",
   "dp_shard"): sharded over dp_shard, replicated over dp_replicate (HSDP); the root unit holds
   the embeddings, the final norm and the LM head. Gradients are averaged over D.
-- `parallel.reshard_after_forward` frees each unit's gathered parameters after its forward;
+- `parallel.reshard_after_forward` frees each block's gathered parameters after its forward;
   `parallel.param_dtype="bfloat16"` gathers and computes in bfloat16 while the sharded float32
   parameters, the optimizer and the gradient reduction stay float32 (`MixedPrecisionPolicy`).
 """
@@ -45,5 +45,7 @@ def apply_fully_shard(model: nn.Module, mesh: ParallelMesh, parallel: ParallelCo
             layer.experts.set_gradient_divide_factor(float(mesh.data_size))
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block, mesh=mesh.dp, **options)
-    fully_shard(model, mesh=mesh.dp, **options)
+    # The root unit (embeddings, final norm, LM head) stays gathered from its forward to its
+    # backward, which follows at once (FSDP2's own default for the root).
+    fully_shard(model, mesh=mesh.dp, **(options | {"reshard_after_forward": False}))
     return model
