@@ -391,3 +391,15 @@ def test_a_replaced_module_or_setting_is_followed() -> None:
     torch.testing.assert_close(_decode(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
     model.layers[0].ffn.router.linear = torch.nn.functional.linear  # not the kernels' product
     assert torch.equal(_decode(model, ids, 4), _decode(_per_product(copy.deepcopy(model)), ids, 4))
+
+
+@pytest.mark.parametrize("scheme", ["int4", "mxfp4", "int8"])
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_layers_follow_the_kernels_body_and_activation_path(scheme, activations) -> None:
+    """The C layers run the quantized kernels' rows as chosen at the time (the portable body, the
+    float- or int8-activation path): still the per-product path's bits."""
+    model = apply_decode_kernels(_model(18, scheme))
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(19))
+    with quant_kernels.use_path("portable"), quant_kernels.use_activations(activations):
+        fast = _decode(model, ids, 4)
+        assert torch.equal(fast, _decode(_per_product(copy.deepcopy(model)), ids, 4))

@@ -9,8 +9,7 @@ and multiplied by every row of x (float32, up to MAX_ROWS), accumulating in floa
 rows are split over torch's own OpenMP threads; sums run in an order that does not depend on the
 thread count. An AVX2+FMA+F16C body is chosen at run time where the CPU has it, else a portable C
 one; MOEKIT_PORTABLE=1 (or `use_path("portable")`) forces the portable one. AVX-512 (VNNI,
-AVX512-BF16) is the next step, not written: this project's machine (AMD EPYC Zen 3) has none to
-run it on.
+AVX512-BF16) is the next step, not written: this machine (AMD EPYC Zen 3) cannot run it.
 
 `swiglu_expert(x, w_in, w_out)` runs a whole SwiGLU expert in one call (10-18% faster than two
 `linear` calls and torch's silu at one row). Both are torch ops (`moekit::quant_linear`,
@@ -403,6 +402,7 @@ def _library() -> ctypes.CDLL | None:
         },
         what="quantized decode kernels",
         fallback="products over quantized weights run F.linear on the dequantized weight",
+        flags=cbuild.FLAGS_O2,
     )
     if library is not None:  # dlopen hands back the one loaded library: choose its body afresh
         _PATH[0] = 0 if os.environ.get("MOEKIT_PORTABLE") else -1
