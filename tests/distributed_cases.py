@@ -92,11 +92,12 @@ def spawn(
 
 
 def join(ep: int, dp: int = 1, timeout_s: float = 30.0) -> Any:
-    """Join the process group of this spawned process; the (dp, ep) mesh."""
+    """Join the process group of this spawned process; the meshes of ep * dp data-parallel
+    processes whose experts are split over ep and copied dp times."""
     from moekit.distributed import init_distributed
 
     return init_distributed(
-        ParallelConfig(ep=ep, dp_replicate=dp, timeout_s=timeout_s, backend="gloo")
+        ParallelConfig(ep=ep, dp_replicate=ep * dp, timeout_s=timeout_s, backend="gloo")
     )
 
 

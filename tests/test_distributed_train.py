@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def curve(run_dir: Path) -> list[tuple[str, int, float]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The same run on one process, and on two launched by torchrun with --parallel.ep=2."""
+    """The same run on one process, and on two launched by torchrun with
+    --parallel.dp_shard=2 --parallel.ep=2 (FSDP2 over both processes, experts split between
+    them; the trainer's AdamW, gradient accumulation, checkpoints)."""
     tmp = tmp_path_factory.mktemp("runs")
     cfg = run_config(tmp)
     train(cfg, tmp / "single")  # also fills the token cache the two processes read
@@ -71,6 +74,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         str(tmp / "run.json"),
         "--out",
         str(tmp / "ep2"),
+        "--parallel.dp_shard=2",
         "--parallel.ep=2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -120,7 +124,7 @@ def test_a_two_process_run_resumes_on_one_process(runs) -> None:
     shutil.copytree(runs["ep2"], resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000006")
     cfg = RunConfig.from_json((resumed / "config.json").read_text())
-    single_process = cfg.replace(parallel=cfg.parallel.replace(ep=1))
+    single_process = cfg.replace(parallel=cfg.parallel.replace(ep=1, dp_shard=1))
     train(single_process, resumed, resume=True)
     for (kind, step, got), (_, _, want) in zip(curve(resumed), curve(runs["ep2"]), strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (kind, step)
@@ -137,13 +141,19 @@ def test_convert_reads_a_two_process_checkpoint(runs) -> None:
     assert any(out.glob("*.safetensors"))
 
 
-def fault_config(tmp: Path, timeout_s: float) -> str:
+def fault_config(tmp: Path, timeout_s: float, **layout: int) -> str:
     cfg = run_config(tmp, steps=4, eval=EvalConfig(every=0, batches=1))
-    return cfg.replace(parallel=cfg.parallel.replace(ep=2, timeout_s=timeout_s)).to_json()
+    if layout.get("tp", 1) > 1:  # the tiny model's 3 heads do not split in 2
+        cfg = cfg.replace(model=cfg.model.replace(n_heads=4, n_kv_heads=2))
+    layout = layout or {"ep": 2}
+    return cfg.replace(parallel=cfg.parallel.replace(timeout_s=timeout_s, **layout)).to_json()
 
 
-def test_a_killed_process_fails_the_other_with_a_clear_error(tmp_path) -> None:
-    cfg = fault_config(tmp_path, timeout_s=5)
+@pytest.mark.parametrize(
+    "layout", [{"ep": 2}, {"dp_shard": 2, "ep": 2}, {"tp": 2}], ids=["ep2", "fsdp2_ep2", "tp2"]
+)
+def test_a_killed_process_fails_the_other_with_a_clear_error(tmp_path, layout) -> None:
+    cfg = fault_config(tmp_path, timeout_s=5, **layout)
     survivor, killed = spawn(
         train_worker, 2, cfg, str(tmp_path / "run"), ("kill", 1, 2), may_die=(1,), timeout=60
     )
@@ -219,10 +229,10 @@ def test_a_step_of_another_number_of_micro_batches_than_grad_accum_is_refused(pa
 
 
 def test_each_step_counts_its_own_micro_batches() -> None:
-    from moekit.distributed.trainer import ExpertDataParallel, _SyncOnLastMicroBatch
-    from moekit.train.world import World
+    from moekit.distributed.trainer import MeshParallelism, _SyncOnLastMicroBatch
 
-    parallelism = ExpertDataParallel(run_config(Path(".")), mesh=None, world=World())
+    one_process = SimpleNamespace(data_rank=0, data_size=1)
+    parallelism = MeshParallelism(run_config(Path(".")), mesh=one_process)
     ddp = _RecordingDDP()
     parallelism.forward_model = model = _SyncOnLastMicroBatch(ddp, grad_accum=2)
     for step in range(3):
