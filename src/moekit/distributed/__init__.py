@@ -1,13 +1,15 @@
-"""moekit.distributed: expert parallelism over torch.distributed (see ../shared/DESIGN.md).
+"""moekit.distributed: data (DDP, FSDP2), expert and tensor parallelism over torch.distributed.
 
-    mesh = init_distributed(ParallelConfig(ep=2))      # under torchrun: the ("dp", "ep") mesh
-    apply_expert_parallel(model, mesh)                 # shard experts, all-to-all dispatch
-    ddp = apply_data_parallel(model)                   # DDP for the rest; expert replicas
-    out = ddp(batch_share, labels=batch_share); out.loss.backward()
-    clip_grad_norm_(ddp, 1.0); optimizer.step(); model.update_expert_bias()
+    parallel = ParallelConfig(dp_shard=2, ep=2, tp=2)
+    mesh = init_distributed(parallel)                   # under torchrun: the run's meshes
+    forward = parallelize(model, parallel, mesh)        # tp, then ep, then FSDP2 (or DDP)
+    rows = my_share(batch, mesh.data_rank, mesh.data_size)
+    out = forward(rows, labels=rows); out.loss.backward()
+    clip_grad_norm_(model, 1.0); optimizer.step(); model.update_expert_bias()
 
 Parallelism is applied to a built model from outside it; the model code never asks whether
-torch.distributed is initialised.
+torch.distributed is initialised. `full_state_dicts` and `shard_optimizer_state` convert between
+a parallel model's pieces and the single-process checkpoint format.
 """
 
 from moekit.distributed.checkpoint import full_state_dicts, shard_optimizer_state
@@ -26,7 +28,10 @@ from moekit.distributed.launch import (
     init_distributed,
 )
 from moekit.distributed.layout import Layout, layout_of
+from moekit.distributed.mesh import ParallelMesh
+from moekit.distributed.parallelize import parallelize
 from moekit.distributed.traffic import network_bytes, traffic_table
+from moekit.distributed.trainer import my_share
 
 __all__ = [
     "TRAFFIC",
@@ -34,6 +39,7 @@ __all__ = [
     "DistributedFailure",
     "GlobalCapacityDispatcher",
     "Layout",
+    "ParallelMesh",
     "Traffic",
     "all_reduce_sum",
     "all_to_all",
@@ -46,7 +52,9 @@ __all__ = [
     "full_state_dicts",
     "init_distributed",
     "layout_of",
+    "my_share",
     "network_bytes",
+    "parallelize",
     "shard_experts",
     "shard_optimizer_state",
     "traffic_table",
