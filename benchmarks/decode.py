@@ -662,14 +662,10 @@ def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, model ready to decode) of moekit's side; each shares nothing it changes with
     `model`. Names of MATCHED pair with llama.cpp's format of the same precision."""
     from moekit.inference import decode_kernels
-    from moekit.model.attention import Attention
     from moekit.quant.modules import quantize_model
 
-    # The fp32 copy shares the weights it leaves as they are; q/k/v it copies: the decode glue
-    # fuses them, re-pointing their parameters' memory (the caller's, were they shared).
-    fused = {id(p) for m in model.modules() if isinstance(m, Attention)
-             for proj in (m.q_proj, m.k_proj, m.v_proj) for p in proj.parameters()}  # fmt: skip
-    shared = {id(p): p for p in model.parameters() if id(p) not in fused}
+    # The fp32 copy shares the caller's weights (the decode kernels and glue change none of them).
+    shared = {id(p): p for p in model.parameters()}
     out = [("moekit_fp32", decode_kernels.apply_decode_kernels(copy.deepcopy(model, shared)))]
     for name, config in MOEKIT_QUANTIZED.items():
         quantized = quantize_model(copy.deepcopy(model), config)
@@ -739,6 +735,8 @@ def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
     huge_pages = {f"llamacpp_{fmt}": e.huge_page_bytes for fmt, e in engines.items()}
     huge_pages["moekit"] = use_huge_pages(model.parameters())
     ours = moekit_contenders(model)
+    for name, m in ours[1:]:  # the quantized copies' stored tensors too, as llama.cpp's are
+        huge_pages[name] = use_huge_pages([*m.parameters(), *m.buffers()])
 
     # The same computation first: f32 logits on a 16-token prompt (flash attention off, float32
     # K/V cache), greedy tokens below.
@@ -827,6 +825,7 @@ def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
             "step after the prompt instead of the argmax (the argmax is still computed); greedy "
             "with random weights repeats a token and so re-reads the same experts",
             "huge_page_bytes": huge_pages,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         },
         "model": {
             "parameters": model.num_parameters(),
