@@ -269,17 +269,3 @@ def test_train_step_profile_times_and_profiles_every_design(tmp_path):
     assert all(set(row) == names for row in ops.values())
     gaps = [row["fine-grained"] - row["dense"] for row in ops.values()]
     assert gaps == sorted(gaps, reverse=True)  # the fine-grained design's extra time first
-
-
-@pytest.mark.slow
-def test_parallel_layouts_benchmark_counts_what_costs_predicts(tmp_path):
-    bench = load_benchmark("parallel_layouts")
-    out = tmp_path / "parallel_layouts.json"
-    result = bench.main(["--quick", "--out", str(out)])
-    assert out.exists() and set(result["results"]) == set(bench.LAYOUTS)
-    for name, run in result["results"].items():
-        assert run["payload_matches_prediction"], name
-        assert run["step_ms_median"] > 0
-        for rank in run["per_rank"]:
-            assert rank["local_params"] == rank["predicted_local_params"]
-    assert "oversubscribed" in result["single_machine_scope"]

@@ -230,7 +230,9 @@ def test_uneven_fsdp_chunks_are_ceil_sized_and_padded() -> None:
     assert len({x.comms["fsdp_all_gather"].payload for x in c}) == 1
 
 
-@pytest.mark.parametrize("name", ["small", "mixtral-8x7b", "deepseek-v3", "gpt-oss-20b"])
+# deepseek-v3 (61 layers of 256 experts, 12 s a layout on meta) left out for CI's time; its MTP
+# block's split is held to the real collectives in tests/test_parallel_costs.py
+@pytest.mark.parametrize("name", ["small", "mixtral-8x7b", "gpt-oss-20b"])
 @pytest.mark.parametrize(
     "layout", [{"dp_shard": 8}, {"dp_shard": 8, "ep": 8}, {"dp_shard": 8, "ep": 4}]
 )
