@@ -261,7 +261,9 @@ def test_source_builds_without_the_x86_intrinsics() -> None:
     does here: it runs, and refuses to be switched to AVX2."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lib = ctypes.CDLL(str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_PORTABLE"))))
+        lib = ctypes.CDLL(
+            str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_PORTABLE")))
+        )
     assert lib.moekit_q_set_path(1) == -1
     assert lib.moekit_q_set_path(-1) == 0
     qw = _weight("int4", False, 24, 96, seed=13)
