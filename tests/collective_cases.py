@@ -24,6 +24,7 @@ MODEL = ModelConfig(
     first_dense=1,
     attn_bias=True,
     attn_sinks=True,
+    qk_norm="head",
     mtp_depth=1,
     moe=MoEConfig(
         d_model=32,

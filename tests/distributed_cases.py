@@ -183,9 +183,10 @@ def _passes(model: Any, layer: MoELayer, x: torch.Tensor, target: torch.Tensor) 
 def layer_cases(
     rank: int, world: int, ep: int, dp: int, names: list[str], scope: str, extras: tuple = ()
 ) -> dict:
-    """Every case of `names` expert-parallel over a (dp, ep) mesh, on this process's share of
-    the global batch; also the traffic each case's all-to-alls caused. `extras` may ask for
-    "refused" (the errors of `refused_layers`) and "model" (`model_pass` on this mesh)."""
+    """Every case of `names` expert-parallel over ep processes (dp copies each), on this
+    process's share of the global batch; also the traffic each case's all-to-alls caused.
+    `extras` may ask for "refused" (the errors of `refused_layers`) and "model" (`model_pass` on
+    this mesh)."""
     from moekit.distributed import TRAFFIC, apply_data_parallel, apply_expert_parallel
 
     mesh = join(ep, dp)

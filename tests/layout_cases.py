@@ -12,17 +12,18 @@ import torch
 
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 
-# Every piece a layout splits: GQA heads with sinks, a dense layer, shared experts, expert
-# biases, an aux loss and aux-loss-free bias updates, a multi-token-prediction block.
+# Every piece a layout splits: GQA heads with sinks and per-head q/k norms, a dense layer,
+# shared experts, expert biases, an aux loss and aux-loss-free bias updates, an MTP block.
 MODEL = ModelConfig(
     vocab_size=64,
     d_model=32,
     n_layers=3,
-    n_heads=4,
+    n_heads=8,
     n_kv_heads=4,
     d_ff=48,
     first_dense=1,
     attn_sinks=True,
+    qk_norm="head",
     mtp_depth=1,
     moe=MoEConfig(
         d_model=32,
@@ -41,7 +42,7 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "dp_shard4_ep4": {"dp_shard": 4, "ep": 4},
     "dp_shard2_tp2": {"dp_shard": 2, "tp": 2},
     "ep2_tp2": {"ep": 2, "tp": 2},
-    "dp_shard4": {"dp_shard": 4},
+    "dp_shard4_kept": {"dp_shard": 4, "reshard_after_forward": False},
     "hsdp2x2_ep2": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
 }
 BATCH, SEQ, STEPS, LR = 8, 12, 2, 0.1

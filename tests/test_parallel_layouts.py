@@ -23,6 +23,7 @@ FROZEN = ("attention", "router")
 UPCYCLE_LAYOUTS = ("dp_shard4_ep4", "dp_shard2_tp2")
 # ep4 resumes through DDP as tests/test_distributed_train.py's runs do; ep2_tp2 and dp_shard4
 # cut the state as these do.
+BF16_LAYOUT = {"dp_shard": 2, "tp": 2, "param_dtype": "bfloat16"}
 RESUME_LAYOUTS = ("tp4", "dp_shard4_ep4", "dp_shard2_tp2", "hsdp2x2_ep2")
 
 
@@ -45,7 +46,8 @@ def results(tmp_path_factory) -> dict:
         f"upcycled-{n}": Job(LAYOUTS[n], start=start, freeze=FROZEN, model=UPCYCLED)
         for n in UPCYCLE_LAYOUTS
     }
-    jobs = fresh | resumed | upcycled
+    bf16 = {"bf16": Job(BF16_LAYOUT)}
+    jobs = fresh | resumed | upcycled | bf16
     jobs_file = tmp_path_factory.mktemp("layouts") / "jobs.pt"
     torch.save(list(jobs.values()), jobs_file)
     got = spawn(layout_jobs, 4, str(jobs_file), timeout=240)[0]
@@ -119,3 +121,17 @@ def test_layouts_are_checked_before_any_process_is_needed() -> None:
         ParallelConfig(dp_replicate=1, dp_shard=2).sizes(4)
     with pytest.raises(ValueError, match=r"bfloat16 parameters need the FSDP2 path"):
         ParallelConfig(ep=2, param_dtype="bfloat16").sizes(2)
+
+
+def test_bfloat16_parameters_train_as_float32_within_bfloat16_rounding(results) -> None:
+    """FSDP2's mixed precision (bf16 gathers and compute, float32 master weights and gradient
+    reduction): the losses and gradients of one float32 process, to bf16's 8 bits."""
+    ref, got = results["bf16"]
+    for r, g in zip(ref["steps"], got["steps"], strict=True):
+        torch.testing.assert_close(g["loss"], r["loss"], rtol=1e-2, atol=0.0)
+    for name, grad in ref["grads"].items():
+        assert got["grads"][name].dtype == torch.float32, name  # reduced in float32
+        error = (got["grads"][name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 0.15, (name, float(error))  # a wrong layout is off by ~1
+    # not float32 in disguise: bf16 rounding shows
+    assert any((got["grads"][n] - g).abs().max() > 1e-6 for n, g in ref["grads"].items())

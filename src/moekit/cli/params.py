@@ -90,16 +90,15 @@ def run(args: argparse.Namespace) -> int:
 
 def parallel_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ParallelConfig, int]:
     """The layout the flags and --parallel.key=value overrides ask for, and its world size."""
-    dp_shard, ep, tp = args.dp_shard or 1, args.ep or 1, args.tp or 1
-    replicate = args.dp_replicate
-    if replicate is None:  # the fewest replicas the experts' processes need
-        replicate = ep // dp_shard if ep > dp_shard and ep % dp_shard == 0 else 1
     parallel = ParallelConfig(
-        dp_replicate=replicate, dp_shard=dp_shard, ep=ep, tp=tp, param_dtype=args.param_dtype
+        dp_replicate=args.dp_replicate,
+        dp_shard=args.dp_shard or 1,
+        ep=args.ep or 1,
+        tp=args.tp or 1,
+        param_dtype=args.param_dtype,
     )
     parallel = apply_overrides(parallel, [model_override(o, "--parallel.") for o in overrides])
-    world = (parallel.dp_replicate or 1) * parallel.dp_shard * parallel.tp
-    return parallel, world
+    return parallel, parallel.min_world_size()
 
 
 def costs_table(

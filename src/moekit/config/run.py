@@ -214,6 +214,14 @@ class ParallelConfig(ConfigBase):
         """Whether the run takes the FSDP2 path (fully_shard, DTensor) rather than DDP."""
         return self.dp_shard > 1 or self.tp > 1
 
+    def min_world_size(self) -> int:
+        """The fewest processes this layout runs on: dp_replicate (or, unset, the fewest replicas
+        that ep's processes need) x dp_shard x tp."""
+        replicate = self.dp_replicate
+        if replicate is None:
+            replicate = self.ep // self.dp_shard if self.ep > self.dp_shard else 1
+        return replicate * self.dp_shard * self.tp
+
     def sizes(self, world_size: int) -> dict[str, int]:
         """The mesh's axis sizes for `world_size` processes, checked: dp_replicate, dp_shard,
         ep, tp, and the experts' own data-parallel axes edp_replicate and edp_shard (the
@@ -244,10 +252,14 @@ class ParallelConfig(ConfigBase):
         elif ep % self.dp_shard == 0 and data % ep == 0:
             edp_shard = 1
         else:
+            fits = [n for n in range(1, data + 1) if data % n == 0 and
+                    (self.dp_shard % n == 0 or n % self.dp_shard == 0)]  # fmt: skip
             rule = (
-                f"takes its processes from the data-parallel ones: it must divide "
-                f"parallel.dp_shard ({self.dp_shard}), or be a multiple of it that divides "
-                f"dp_replicate * dp_shard ({data})"
+                f"takes its processes from the {data} data-parallel ones (dp_replicate x "
+                f"dp_shard): it must divide parallel.dp_shard ({self.dp_shard}), or be a multiple "
+                f"of it that divides {data}; here ep can be {', '.join(map(str, fits))}, or "
+                f"launch {self.replace(dp_replicate=None).min_world_size()} processes for "
+                f"ep={ep}"
             )
             raise invalid("parallel.ep", ep, rule)
         return {

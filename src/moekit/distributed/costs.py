@@ -45,9 +45,9 @@ Communication per step (one forward and backward of a micro-batch)
     size) or pairwise (all-to-all: the rows that leave the process) algorithm.
 
     fsdp_all_gather   per FSDP unit on a group of n > 1: once in the forward, and again in the
-                      backward with reshard_after_forward (the root unit too: `apply_fully_shard`
-                      passes the flag to the root explicitly, which turns off FSDP2's keeping the
-                      root gathered); input = the padded local chunks in param_dtype.
+                      backward with reshard_after_forward (not the root unit, which
+                      `apply_fully_shard` keeps gathered for its backward); input = the padded
+                      local chunks in param_dtype.
     fsdp_reduce_scatter  per unit once in the backward, float32, input = n * padded chunks.
     dp_all_reduce     HSDP: per unit one all-reduce of the reduced float32 chunk over
                       dp_replicate (edp_replicate for routed experts). DDP (dp_shard = tp = 1):
@@ -56,11 +56,12 @@ Communication per step (one forward and backward of a micro-batch)
                       their edp_replicate copies (one call).
     tp_all_reduce     one (T, D) all-reduce in the forward per row-wise output (attention's
                       o_proj, a dense FFN's w_down, the shared experts' w_out) and one in the
-                      backward per column-wise module's input gradient: `parallelize_module`
-                      makes each ColwiseParallel module's input a replicated DTensor of its own,
-                      so attention all-reduces three (q, k, v), a dense FFN two (gate, up), the
-                      shared experts one (fused [gate; up]); with ep=1 the routed experts add
-                      one (R, D) all-reduce forward (output) and one backward (input gradient).
+                      backward per column-wise input gradient: attention's q, k and v share one
+                      replicated input (one), a dense FFN's gate and up measure one each (two),
+                      the shared experts one (fused [gate; up]); with ep=1 the routed experts
+                      add one (R, D) all-reduce forward (output) and one backward (input
+                      gradient); per-head q/k norms add two (head_dim) for their weights'
+                      gradients.
     Collectives on a group of one process send nothing and are left out (FSDP2 on a 2-D mesh
     with a replicate axis of 1 still calls a no-op all-reduce per unit).
     ep_all_to_all     per MoE layer: the counts exchange (E int64) and four exchanges of R rows
@@ -301,6 +302,11 @@ def _activation_comms(
         # up each all-reduce their own
         comms["tp_all_reduce"].add(n_blocks * (1 + 1), td, ring * td)
         comms["tp_all_reduce"].add((n_blocks - n_moe) * (1 + 2), td, ring * td)
+        if cfg.qk_norm == "head" and cfg.mla is None:
+            # the q and k norms' weight gradients, summed in the compute dtype (DTensor's
+            # reduction, before FSDP2's float32 one)
+            hd = cfg.d_head * act
+            comms["tp_all_reduce"].add(2 * n_blocks, hd, ring * hd)
         if cfg.moe is not None and cfg.moe.shared_width:
             comms["tp_all_reduce"].add(n_moe * (1 + 1), td, ring * td)  # fused [gate; up]
         if cfg.moe is not None and ep == 1:

@@ -4,7 +4,8 @@
 run, with the routed experts excluded: different processes of an expert-parallel group hold
 different experts, so averaging those weights' gradients over all processes would mix unrelated
 experts. Each expert shard's gradients are averaged over the processes that hold copies of it
-(the "dp" dimension of the mesh) instead, whenever DDP synchronises (so `no_sync()` covers both).
+(the experts' "edp" axes of the mesh) instead, whenever DDP synchronises (so `no_sync()` covers
+both).
 
 After `loss.backward()` on every process (each on its share of the global batch, `loss` the mean
 over that share), every gradient is that of the mean loss over the global batch: DDP averages the

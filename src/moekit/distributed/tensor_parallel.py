@@ -8,7 +8,8 @@ For every `Block` of the model (the main stack and the multi-token-prediction bl
   n_kv_heads / tp key/value heads: the module's head counts are divided accordingly), o_proj
   row-wise (its partial sums are all-reduced); attention sinks are split by head. The input
   enters as one replicated DTensor, so the backward sums q, k and v's input gradients in one
-  all-reduce rather than one each;
+  all-reduce rather than one each; per-head q/k norms (qk_norm="head") keep one replicated
+  weight whose gradient is summed over the group;
 - a dense FFN: w_gate and w_up column-wise, w_down row-wise (the same one-input preparation
   measured no fewer backward all-reduces inside the model, 2 per dense block, so it is not
   applied);
@@ -39,6 +40,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 
@@ -66,6 +68,8 @@ def apply_tensor_parallel(
                 "uses multi-head latent attention (MLA): use parallel.tp=1"
             )
     group = tp_mesh.get_group()
+    # parallelize_module's replicated parameters (SequenceParallel's) come back trainable
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     for block in blocks:
         _split_attention(block.attn, tp_mesh, group)
         if isinstance(block.ffn, DenseFFN):
@@ -89,6 +93,9 @@ def apply_tensor_parallel(
                 )
             if split_experts:
                 layer.experts = TensorParallelExperts.split(layer.experts, group)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     return model
 
 
@@ -106,16 +113,18 @@ def _one_input(n_args: int) -> PrepareModuleInput:
 def _split_attention(attn: Attention, tp_mesh: DeviceMesh, group: ProcessGroup) -> None:
     tp = tp_mesh.size()
     parallelize_module(attn, tp_mesh, _one_input(4))  # x, rope, mask, cache
-    parallelize_module(
-        attn,
-        tp_mesh,
-        {
-            "q_proj": ColwiseParallel(),
-            "k_proj": ColwiseParallel(),
-            "v_proj": ColwiseParallel(),
-            "o_proj": RowwiseParallel(),
-        },
-    )
+    plan: dict[str, Any] = {
+        "q_proj": ColwiseParallel(),
+        "k_proj": ColwiseParallel(),
+        "v_proj": ColwiseParallel(),
+        "o_proj": RowwiseParallel(),
+    }
+    if attn.qk_norm == "head":
+        # One weight shared by every head, applied here to this process's heads (dim 1 of
+        # (B, H, S, hd)): a replicated DTensor, whose gradient is summed over the group.
+        per_head = SequenceParallel(sequence_dim=1, use_local_output=True)
+        plan |= {"q_norm": per_head, "k_norm": per_head}
+    parallelize_module(attn, tp_mesh, plan)
     attn.n_heads //= tp
     attn.n_kv_heads //= tp
     if attn.sinks is not None:

@@ -42,9 +42,7 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     """`moekit.train.train` on every process of a torchrun launch (see the module docstring).
     Rank 0's `run_dir` is used by every process."""
     if "RANK" not in os.environ and not dist.is_initialized():
-        p = cfg.parallel
-        n = (p.dp_replicate or 1) * p.dp_shard * p.tp
-        n = max(n, p.ep)
+        n = cfg.parallel.min_world_size()
         raise ValueError(
             f"this parallel layout needs {n} processes: launch with torchrun, e.g. "
             f"`torchrun --nproc-per-node {n} -m moekit train ...`"

@@ -111,8 +111,7 @@ def wants_processes(cfg: RunConfig) -> bool:
     """Whether a run is meant for several processes: launched by torchrun with more than one,
     or asking for expert or data parallelism."""
     p = cfg.parallel
-    processes = max(p.ep, (p.dp_replicate or 1) * p.dp_shard * p.tp)
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or processes > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.min_world_size() > 1
 
 
 class Trainer:
