@@ -77,6 +77,7 @@ Communication per step (one forward and backward of a micro-batch)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -167,19 +168,29 @@ def _unit_of(name: str, part: str, separate_experts: bool) -> str:
     return f"{unit}.experts" if part == "routed_experts" and separate_experts else unit
 
 
-def _local_params(cfg: ModelConfig, sizes: dict[str, int]) -> list[_Param]:
-    """Every parameter (the MTP module's too) with its shape on one device after tensor and
-    expert parallelism, and its FSDP unit."""
+@functools.lru_cache(maxsize=8)
+def _whole_params(cfg_json: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """(name, part, shape) of every parameter of the single-process model (built on meta once
+    per config: a 61-layer model takes seconds)."""
     with torch.device("meta"):
-        model = MoETransformer(cfg)
-    tp, ep = sizes["tp"], sizes["ep"]
+        model = MoETransformer(ModelConfig.from_json(cfg_json))
     out = []
     for name, p in model.named_parameters():
         try:
             part = part_of(model, name)
         except ValueError:  # the MTP module's own projection and norms
             part = "other"
-        shape = list(p.shape)
+        out.append((name, part, tuple(p.shape)))
+    return tuple(out)
+
+
+def _local_params(cfg: ModelConfig, sizes: dict[str, int]) -> list[_Param]:
+    """Every parameter (the MTP module's too) with its shape on one device after tensor and
+    expert parallelism, and its FSDP unit."""
+    tp, ep = sizes["tp"], sizes["ep"]
+    out = []
+    for name, part, whole in _whole_params(cfg.to_json()):
+        shape = list(whole)
         if part == "routed_experts" and ep > 1:
             shape[0] //= ep
         elif tp > 1 and not (part == "routed_experts" and ep > 1):
