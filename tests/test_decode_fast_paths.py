@@ -5,11 +5,9 @@ whole-layer calls of `decode_layers`: tests/test_decode_layers.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
+from tests.c_kernels import needs_c_kernels
 from torch import nn
 
 from moekit import ModelConfig, MoETransformer
@@ -38,15 +36,7 @@ def _cfg(**overrides) -> ModelConfig:
     return ModelConfig(**args)
 
 
-def _why_no_glue() -> str | None:
-    if os.environ.get("MOEKIT_NO_KERNELS"):
-        return "MOEKIT_NO_KERNELS is set: the C glue is off"
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
-        return "no C compiler here to build the C glue"
-    return None
-
-
-needs_glue = pytest.mark.skipif(_why_no_glue() is not None, reason=str(_why_no_glue()))
+needs_glue = needs_c_kernels
 
 
 @needs_glue

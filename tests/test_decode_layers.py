@@ -13,13 +13,12 @@ Two references, two standards:
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import threading
 
 import pytest
 import torch
 from safetensors.torch import save_model
+from tests.c_kernels import needs_c_kernels
 from torch import nn
 
 from moekit import ModelConfig, MoETransformer
@@ -36,16 +35,7 @@ from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import dequantize_model, quantize_model
 from moekit.routing.topk import topk_route
 
-
-def _why_not() -> str | None:
-    if os.environ.get("MOEKIT_NO_KERNELS"):
-        return "MOEKIT_NO_KERNELS is set: the C layers are off"
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
-        return "no C compiler here to build the C layers"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+pytestmark = needs_c_kernels
 
 # Every scheme the quantized kernels read; int4 with and without its zero point.
 SCHEMES = {
