@@ -20,11 +20,13 @@ from moekit.train.upcycle import upcycle_config, upcycle_model
 TOL = {"rtol": 1e-4, "atol": 1e-6}
 UPCYCLED = upcycle_config(MODEL.replace(moe=None, first_dense=0, mtp_depth=0), 8, 2)
 FROZEN = ("attention", "router")
-UPCYCLE_LAYOUTS = ("dp_shard4_ep4", "dp_shard2_tp2")
-# ep4 resumes through DDP as tests/test_distributed_train.py's runs do; ep2_tp2 and dp_shard4
-# cut the state as these do.
+UPCYCLE_LAYOUTS = ("dp_shard2_tp2",)  # FSDP2 with tensor parallelism's replicated norms
+# Resuming cuts the optimizer state as each kind of piece is cut: FSDP2 shards with expert
+# slices (dp_shard4_ep4), FSDP2 over tensor-parallel DTensors and hidden-split experts
+# (dp_shard2_tp2); ep4 resumes through DDP in tests/test_distributed_train.py's runs. (Fewer
+# jobs: CI's time.)
+RESUME_LAYOUTS = ("dp_shard4_ep4", "dp_shard2_tp2")
 BF16_LAYOUT = {"dp_shard": 2, "tp": 2, "param_dtype": "bfloat16"}
-RESUME_LAYOUTS = ("tp4", "dp_shard4_ep4", "dp_shard2_tp2", "hsdp2x2_ep2")
 
 
 def upcycled_start() -> dict:
@@ -89,6 +91,7 @@ def test_a_layout_trains_as_one_process(results, layout) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_its_checkpoint_is_the_single_process_one(results, layout) -> None:
     ref, got = results[layout]
+    assert got["saved"]["model"].keys() == ref["saved"]["model"].keys()
     for name, value in ref["saved"]["model"].items():
         torch.testing.assert_close(got["saved"]["model"][name], value, **TOL, msg=name)
     ref_state, got_state = ref["saved"]["optim"]["state"], got["saved"]["optim"]["state"]
