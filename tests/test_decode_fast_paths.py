@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.c_kernels import needs_c_kernels
+from tests.c_kernels import decode_logits, needs_c_kernels
 from torch import nn
 
 from moekit import ModelConfig, MoETransformer
@@ -23,7 +23,7 @@ from moekit.inference.decode_glue import (
 )
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.model.attention import AttentionMask, LayerKVCache, attention_mask, cached_attention
-from moekit.model.generation import KVCache, generate
+from moekit.model.generation import generate
 from moekit.model.rope import rope_angles
 
 
@@ -166,28 +166,19 @@ def test_glue_attention_falls_back() -> None:
     assert out.grad_fn is not None
 
 
-def _decode(model: MoETransformer, ids: torch.Tensor, prefill: int) -> torch.Tensor:
-    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1])
-    with torch.no_grad():
-        out = [model(ids[:, :prefill], kv_cache=cache, with_aux=False).logits]
-        for i in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, i : i + 1], kv_cache=cache, with_aux=False).logits)
-    return torch.cat(out, dim=1)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"qk_norm": "head", "n_kv_heads": 4}, {"sliding_window": 5, "n_layers": 3}],
 )
 @pytest.mark.parametrize("batch", [1, 2])
-def test_decode_with_glue_matches_plain_decode(overrides: dict, batch: int) -> None:
+def test_decode_with_glue_matches_plaindecode_logits(overrides: dict, batch: int) -> None:
     torch.manual_seed(0)
     model = MoETransformer(_cfg(**overrides)).eval()
     ids = torch.randint(0, 97, (batch, 24))
-    ref = _decode(model, ids, 5)
+    ref = decode_logits(model, ids, 5)
     apply_decode_kernels(model)  # which applies the glue too
     assert any(isinstance(m, GlueRMSNorm) for m in model.modules())
-    torch.testing.assert_close(_decode(model, ids, 5), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decode_logits(model, ids, 5), ref, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         full = model(ids).logits  # a prefill-only forward runs the references
     torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-5)
@@ -257,4 +248,6 @@ def test_decode_benchmarks_contenders_leave_the_callers_model_alone() -> None:
     fp32 = contenders["moekit_fp32"]
     assert fp32.norm.weight is model.norm.weight  # what the glue leaves alone stays shared
     ids = torch.randint(0, 97, (1, 8))
-    torch.testing.assert_close(_decode(fp32, ids, 4), _decode(model, ids, 4), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        decode_logits(fp32, ids, 4), decode_logits(model, ids, 4), rtol=1e-4, atol=1e-5
+    )

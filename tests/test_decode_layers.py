@@ -18,7 +18,7 @@ import threading
 import pytest
 import torch
 from safetensors.torch import save_model
-from tests.c_kernels import needs_c_kernels
+from tests.c_kernels import decode_logits, needs_c_kernels
 from torch import nn
 
 from moekit import ModelConfig, MoETransformer
@@ -62,16 +62,6 @@ def _model(seed: int = 0, scheme: str | None = None, **overrides) -> MoETransfor
         for layer in model.moe_layers():
             layer.router.weight.normal_(std=0.3)
     return model if scheme is None else quantize_model(model, SCHEMES[scheme])
-
-
-def _decode(model: MoETransformer, ids: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Logits of a prefill of `prefill` tokens and then one decode step per remaining token."""
-    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1])
-    with torch.no_grad():
-        out = [model(ids[:, :prefill], kv_cache=cache, with_aux=False).logits]
-        for i in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, i : i + 1], kv_cache=cache, with_aux=False).logits)
-    return torch.cat(out, dim=1)
 
 
 def _greedy(model: MoETransformer, prompt: torch.Tensor, n: int) -> tuple:
@@ -201,16 +191,16 @@ def test_layers_equal_the_per_product_path_bit_for_bit(monkeypatch, scheme, batc
     model = apply_decode_kernels(_model(1, scheme))
     ids = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
     calls = _count_calls(monkeypatch)
-    fast = _decode(model, ids, 4)
+    fast = decode_logits(model, ids, 4)
     steps, layers = 8, 2
     assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
     assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
     calls.clear()
-    by_layer = _decode(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
+    by_layer = decode_logits(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
     assert calls.get("moekit_moe_one_token", 0) == (steps * layers if batch == 1 else 0)
     assert calls.get("moekit_attention_block", 0) == steps * layers
     assert torch.equal(fast, by_layer)
-    assert torch.equal(fast, _decode(_per_product(copy.deepcopy(model)), ids, 4))
+    assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
 
 
 @pytest.mark.parametrize("scheme", [None, *SCHEMES])
@@ -248,9 +238,9 @@ def test_layer_variants_equal_the_per_product_path(overrides: dict) -> None:
                 layer.router.bias.normal_(std=0.1)
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(6))
     plain = remove_decode_kernels(copy.deepcopy(model))
-    fast = _decode(model, ids, 3)
-    assert torch.equal(fast, _decode(_per_product(copy.deepcopy(model)), ids, 3))
-    torch.testing.assert_close(fast, _decode(plain, ids, 3), rtol=1e-4, atol=1e-5)
+    fast = decode_logits(model, ids, 3)
+    assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 3))
+    torch.testing.assert_close(fast, decode_logits(plain, ids, 3), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("where", ["router", "experts", "q_proj", "o_proj", "global"])
@@ -260,7 +250,7 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     logits stay bit-identical (the reference routes in C too). Removed, the fast path runs."""
     model = apply_decode_kernels(_model(8))
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(9))
-    ref = _decode(model, ids, 4)
+    ref = decode_logits(model, ids, 4)
     calls, seen = _count_calls(monkeypatch), []
     module = {
         "router": model.moe_layers()[0].router,
@@ -275,7 +265,7 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     else:
         handle = module.register_forward_hook(lambda m, a, out: seen.append(m))
     try:
-        assert torch.equal(_decode(model, ids, 4), ref)
+        assert torch.equal(decode_logits(model, ids, 4), ref)
     finally:
         handle.remove()
     layer_calls = {"router": 5, "q_proj": 5, "o_proj": 5, "experts": 0}  # prefill + 4 steps
@@ -290,7 +280,7 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     if where in ("router", "experts"):  # and its attention block
         assert calls["moekit_attention_block"] == 4
     before = _moe_calls(calls)
-    _decode(model, ids, 4)
+    decode_logits(model, ids, 4)
     assert calls["moekit_block_one_token"] == before - calls.get("moekit_moe_one_token", 0) + 8
 
 
@@ -325,21 +315,21 @@ def test_a_glued_model_saves_and_copies(tmp_path) -> None:
     model = apply_decode_kernels(_model(12, attn_bias=True))
     save_model(model, str(tmp_path / "model.safetensors"))
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(13))
-    _decode(model, ids, 4)  # the refs are built
+    decode_logits(model, ids, 4)  # the refs are built
     clone = copy.deepcopy(model)
     with torch.no_grad():
         for layer in clone.layers:
             layer.attn.q_proj.weight.mul_(-2.0)
             layer.ffn.experts.w_in.mul_(0.5)
-    expected = _decode(remove_decode_kernels(copy.deepcopy(clone)), ids, 4)
-    torch.testing.assert_close(_decode(clone, ids, 4), expected, rtol=1e-4, atol=1e-5)
+    expected = decode_logits(remove_decode_kernels(copy.deepcopy(clone)), ids, 4)
+    torch.testing.assert_close(decode_logits(clone, ids, 4), expected, rtol=1e-4, atol=1e-5)
     for layer in model.layers:
         k = layer.attn.k_proj
         k.weight.data = torch.randn_like(k.weight) * 0.2
         k.bias.data = torch.randn_like(k.bias)
         layer.ffn.experts.w_out.data = layer.ffn.experts.w_out.data * 3
-    expected = _decode(remove_decode_kernels(copy.deepcopy(model)), ids, 4)
-    torch.testing.assert_close(_decode(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
+    expected = decode_logits(remove_decode_kernels(copy.deepcopy(model)), ids, 4)
+    torch.testing.assert_close(decode_logits(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_layers_that_do_not_qualify_run_their_reference(monkeypatch) -> None:
@@ -350,7 +340,7 @@ def test_layers_that_do_not_qualify_run_their_reference(monkeypatch) -> None:
     model = apply_decode_glue(_model(14))  # the glue alone: plain products, which C would not
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(15))
     calls = _count_calls(monkeypatch)
-    _decode(model, ids, 4)
+    decode_logits(model, ids, 4)
     assert set(calls) == {"moekit_route_topk_f32"}  # the routers' C routing, nothing more
     glued = apply_decode_kernels(_model(14))
     layer = glued.moe_layers()[0]
@@ -373,14 +363,16 @@ def test_a_replaced_module_or_setting_is_followed() -> None:
 
     model = apply_decode_kernels(_model(16))
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(17))
-    _decode(model, ids, 4)  # the plans are built
+    decode_logits(model, ids, 4)  # the plans are built
     for layer in model.layers:
         q = nn.Linear(64, 64, bias=False)
         layer.attn.q_proj = KernelLinear.sharing(q)
-    expected = _decode(remove_decode_kernels(copy.deepcopy(model)), ids, 4)
-    torch.testing.assert_close(_decode(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
+    expected = decode_logits(remove_decode_kernels(copy.deepcopy(model)), ids, 4)
+    torch.testing.assert_close(decode_logits(model, ids, 4), expected, rtol=1e-4, atol=1e-5)
     model.layers[0].ffn.router.linear = torch.nn.functional.linear  # not the kernels' product
-    assert torch.equal(_decode(model, ids, 4), _decode(_per_product(copy.deepcopy(model)), ids, 4))
+    assert torch.equal(
+        decode_logits(model, ids, 4), decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
+    )
 
 
 @pytest.mark.parametrize("scheme", ["int4", "mxfp4", "int8"])
@@ -391,5 +383,5 @@ def test_layers_follow_the_kernels_body_and_activation_path(scheme, activations)
     model = apply_decode_kernels(_model(18, scheme))
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(19))
     with quant_kernels.use_path("portable"), quant_kernels.use_activations(activations):
-        fast = _decode(model, ids, 4)
-        assert torch.equal(fast, _decode(_per_product(copy.deepcopy(model)), ids, 4))
+        fast = decode_logits(model, ids, 4)
+        assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
