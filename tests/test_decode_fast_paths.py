@@ -131,14 +131,18 @@ def _attention_case(B: int, H: int, KV: int, hd: int, filled: int, seed: int = 0
     ("B", "H", "KV", "hd", "filled"),
     [(1, 4, 2, 16, 0), (1, 4, 2, 16, 37), (2, 8, 8, 64, 5), (1, 12, 4, 64, 700), (3, 2, 1, 6, 9)],
 )
-def test_glue_attention_matches_cached_attention(B, H, KV, hd, filled) -> None:
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_glue_attention_matches_cached_attention(B, H, KV, hd, filled, with_sinks) -> None:
+    """Sinks (GPT-OSS) large enough to take most of the probability of some heads and none of
+    others."""
     q, k, v, rope, cache = _attention_case(B, H, KV, hd, filled)
+    sinks = torch.linspace(-4.0, 4.0, H) if with_sinks else None
     mask = attention_mask(filled, 1, None)
     fast_cache = cache()
-    assert decode_glue._attention_qualifies(q, k, v, rope, mask, fast_cache, None)
+    assert decode_glue._attention_qualifies(q, k, v, rope, mask, fast_cache, sinks)
     ref_cache = cache()
-    ref = cached_attention(q, k, v, rope, mask, ref_cache)
-    out = glue_cached_attention(q, k, v, rope, mask, fast_cache)
+    ref = cached_attention(q, k, v, rope, mask, ref_cache, sinks)
+    out = glue_cached_attention(q, k, v, rope, mask, fast_cache, sinks)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert fast_cache.length == ref_cache.length == filled + 1
@@ -148,12 +152,12 @@ def test_glue_attention_matches_cached_attention(B, H, KV, hd, filled) -> None:
 
 
 def test_glue_attention_falls_back() -> None:
-    """An explicit mask (a sliding window that bites), sinks, several positions, a full cache and
-    gradients all run `cached_attention`."""
+    """An explicit mask (a sliding window that bites), sinks wanting a gradient, several
+    positions, a full cache and gradients all run `cached_attention`."""
     q, k, v, rope, cache = _attention_case(1, 4, 2, 8, 6)
     windowed = attention_mask(6, 1, 3)
     assert windowed.mask_SL is not None
-    sinks = torch.zeros(4)
+    sinks = torch.zeros(4, requires_grad=True)
     for mask, s in ((windowed, None), (AttentionMask(None, False), sinks)):
         ref = cached_attention(q, k, v, rope, mask, cache(), s)
         assert torch.equal(glue_cached_attention(q, k, v, rope, mask, cache(), s), ref)

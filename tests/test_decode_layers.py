@@ -243,6 +243,35 @@ def test_layer_variants_equal_the_per_product_path(overrides: dict) -> None:
     torch.testing.assert_close(fast, decode_logits(plain, ids, 3), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{"qk_norm": "head"}, {"attn_sinks": True, "attn_bias": True}],
+    ids=["qk_norm_head", "sinks"],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_variants_run_in_one_call(monkeypatch, overrides: dict, batch: int) -> None:
+    """Qwen3's per-head q/k norms and GPT-OSS's sinks (random, large enough to matter) run in the
+    C attention block (the whole block at batch 1): the per-product path's bits, the plain
+    model's logits within float32 rounding."""
+    model = apply_decode_kernels(_model(20, **overrides))
+    with torch.no_grad():
+        for attn in (layer.attn for layer in model.layers):
+            if attn.sinks is not None:
+                attn.sinks.normal_(std=2.0)
+            if attn.qk_norm is not None:
+                attn.q_norm.weight.uniform_(0.5, 2.0)
+                attn.k_norm.weight.uniform_(0.5, 2.0)
+    ids = torch.randint(0, 97, (batch, 10), generator=torch.Generator().manual_seed(21))
+    calls = _count_calls(monkeypatch)
+    fast = decode_logits(model, ids, 4)
+    steps, layers = 6, 2
+    assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
+    assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
+    assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
+    plain = remove_decode_kernels(copy.deepcopy(model))
+    torch.testing.assert_close(fast, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("where", ["router", "experts", "q_proj", "o_proj", "global"])
 def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, where) -> None:
     """A forward hook the C layer would bypass (it runs the router's, experts' and projections'

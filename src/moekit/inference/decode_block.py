@@ -8,35 +8,30 @@ calls, two residual adds and the attention and MoE modules' calls and checks aro
 checks. It runs the same C functions (decode_glue.c's RMSNorm, attention block and MoE layer) on
 the same inputs and adds as torch adds, so its result equals `Block.forward`'s bit for bit, which
 runs wherever it does not qualify: batch above 1, prefill, aux wanted, shared experts or a dense
-FFN, offloaded experts, a hook on any module it would bypass, anything `attention_refs` or
+FFN, offloaded experts, a hook on any module it would bypass, anything `attention_weights` or
 `decode_moe.resident_args` refuses (tests/test_decode_layers.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import (
-    GlueRMSNorm,
-    _cache_qualifies,
-    _hooked,
-    _library,
-    _plain,
+from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain
+from moekit.inference.decode_layers import (
+    _cached,
+    attention_args,
+    attention_modules,
+    attention_weights,
+    norm_args,
+    ops_ready,
 )
-from moekit.inference.decode_layers import _cached, attention_args, attention_weights, ops_ready
 from moekit.inference.decode_moe import resident_args
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
-
-
-def _norm_args(norm, D: int) -> tuple[int, float] | None:
-    """(weight pointer, eps) of a GlueRMSNorm over the last D numbers, or None."""
-    w = norm.weight if type(norm) is GlueRMSNorm else None
-    if w is None or norm.normalized_shape != (D,) or not _plain(w):
-        return None
-    return w.data_ptr(), torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
 
 
 def _modules(block: Block) -> tuple[nn.Module, ...] | None:
@@ -46,27 +41,28 @@ def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     attn, ffn = own["attn"], own["ffn"]
     if type(ffn) is not MoELayer or type(attn) is not Attention:
         return None
-    a, f = attn._modules, ffn._modules
-    return (own["attn_norm"], attn, a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"],
-            own["ffn_norm"], ffn, f["router"], f["experts"])  # fmt: skip
+    f = ffn._modules
+    return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"],
+            *attention_modules(attn))  # fmt: skip
 
 
 def _plan(block: Block, modules: tuple) -> tuple | None:
     """What the C call reads of the block's weights (norms, attention, MoE layer), or None if
     anything does not qualify; kept while the modules and their tensors stay."""
-    ffn = modules[7]
+    attn, ffn = modules[1], modules[3]
     extra = (*map(id, modules), ffn.training, ffn.__dict__.get("shared_experts"),
-             modules[8].__dict__.get("linear"), modules[9].__dict__.get("expert_ffn"))  # fmt: skip
+             modules[4].__dict__.get("linear"), modules[5].__dict__.get("expert_ffn"),
+             attn.qk_norm, attn.clip_qkv, attn.sinks is None)  # fmt: skip
     return _cached(block, modules, lambda: _build_plan(block), extra)
 
 
 def _build_plan(block: Block) -> tuple | None:
     D = block.ffn.cfg.d_model if isinstance(block.ffn, MoELayer) else 0
-    norms = _norm_args(block.attn_norm, D), _norm_args(block.ffn_norm, D)
+    norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
     if D == 0 or None in norms or block.ffn.shared_experts is not None:
         return None
     refs, moe = attention_weights(block.attn), resident_args(block.ffn)
-    if refs is None or moe is None or refs[0].I != D:
+    if refs is None or moe is None or refs.q.I != D:
         return None
     attn, cfg = block.attn, block.ffn.cfg
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -101,7 +97,7 @@ def block_forward(
         attn = modules[1]
         if _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope):
             plan = _plan(block, modules)
-    if plan is None or plan[1][0].I != D:
+    if plan is None or plan[1].q.I != D:
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     assert cache is not None
     (attn_norm, ffn_norm), refs, moe, n_scratch = plan
@@ -112,7 +108,7 @@ def block_forward(
     status = _library().moekit_block_one_token(
         x_BSD.data_ptr(),
         *attn_norm,
-        refs,
+        ctypes.byref(refs),
         *attention_args(modules[1], rope, cache),
         *ffn_norm,
         *moe,

@@ -50,17 +50,20 @@ static void cache_write(const float *k, const float *v, int64_t kv_stride, const
         }
 }
 
-/* Query head bh = b * H + h over the L cached positions of its key/value head: out (hd). */
+/* Query head bh = b * H + h over the L cached positions of its key/value head: out (hd). With
+ * sinks (H; NULL: none), head h's softmax denominator also holds exp(sinks[h]), which carries no
+ * value (GPT-OSS; moekit.model.attention.sink_attention). */
 static void attend_head(const float *q, int64_t q_stride, const float *cos_h, const float *sin_h,
                         const float *k_cache, const float *v_cache, int64_t L, int64_t max_len,
-                        int64_t H, int64_t KV, int64_t hd, float scale, int64_t bh, float *o) {
+                        int64_t H, int64_t KV, int64_t hd, float scale, const float *sinks,
+                        int64_t bh, float *o) {
     int64_t b = bh / H, h = bh % H, group = H / KV;
     const float *kc = k_cache + (b * KV + h / group) * max_len * hd;
     const float *vc = v_cache + (b * KV + h / group) * max_len * hd;
     float qr[hd > 0 ? hd : 1];
     rope(q + b * q_stride + h * hd, cos_h, sin_h, hd / 2, qr);
     float *scores = malloc((size_t)L * sizeof(float));
-    float top = -INFINITY;
+    float top = sinks ? sinks[h] : -INFINITY;
     for (int64_t j = 0; j < L; j++) {
         const float *kj = kc + j * hd;
         float acc[8] = {0};
@@ -74,6 +77,7 @@ static void attend_head(const float *q, int64_t q_stride, const float *cos_h, co
     }
     float total = 0.0f;
     for (int64_t j = 0; j < L; j++) total += scores[j] = expf(scores[j] - top);
+    if (sinks) total += expf(sinks[h] - top);
     for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
     for (int64_t j = 0; j < L; j++) {
         const float *vj = vc + j * hd;
@@ -88,18 +92,19 @@ static void attend_head(const float *q, int64_t q_stride, const float *cos_h, co
  * row holds all three), cos and sin (hd / 2) the position's angles, k_cache and v_cache
  * (B, KV, max_len, hd) contiguous with `pos` positions filled. Writes the rotated k and v at
  * position pos, then out (B, H, hd) = softmax(q_rot . K[:pos+1] * scale) @ V[:pos+1], query head
- * h reading key/value head h / (H / KV). Heads run in parallel (torch's OpenMP pool) when the
- * cache is long enough to pay for the fork. */
+ * h reading key/value head h / (H / KV), with the sink logits sinks (H) when not NULL. Heads run
+ * in parallel (torch's OpenMP pool) when the cache is long enough to pay for the fork. */
 void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64_t q_stride,
                            int64_t kv_stride, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len,
-                           int64_t B, int64_t H, int64_t KV, int64_t hd, float scale, float *out) {
+                           int64_t B, int64_t H, int64_t KV, int64_t hd, float scale,
+                           const float *sinks, float *out) {
     int64_t L = pos + 1, n = B * H;
     cache_write(k, v, kv_stride, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
 #pragma omp parallel for schedule(static) if (n > 1 && L * hd * H >= 262144)
     for (int64_t bh = 0; bh < n; bh++)
-        attend_head(q, q_stride, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale, bh,
-                    out + bh * hd);
+        attend_head(q, q_stride, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale,
+                    sinks, bh, out + bh * hd);
 }
 
 /* One token's top-k routing (moekit.routing.topk.topk_route without expert groups): scores =
@@ -172,6 +177,16 @@ typedef struct {
     const void *data, *scales, *offsets;
     const float *bias;
 } weight_ref;
+
+/* An attention as its block reads it: the q (H hd, D), k and v (KV hd, D) and o (D, H hd)
+ * projections; q_norm and k_norm (hd), the per-head RMSNorm weights of q and k (NULL: none; eps
+ * qk_eps, both); sinks (H), the sink logits (NULL: none). */
+typedef struct {
+    weight_ref q, k, v, o;
+    const float *q_norm, *k_norm;
+    double qk_eps;
+    const float *sinks;
+} attention_ref;
 
 #define ROWS_A_TASK 16
 
@@ -289,15 +304,16 @@ int moekit_moe_one_token(const float *x, const weight_ref *router, const float *
 }
 
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
- * biases) for q (H hd, D), k and v (KV hd, D), then moekit_attend_one_f32's step (rope, cache
- * write, attention over the pos + 1 cached positions), then out (B, D) = that @ W_o^T (+ bias).
- * scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot be prepared. */
-int moekit_attention_block(const float *x, int64_t B, const weight_ref *wq, const weight_ref *wk,
-                           const weight_ref *wv, const weight_ref *wo, const float *cos_h,
+ * biases), the per-head q and k norms where given, then moekit_attend_one_f32's step (rope, cache
+ * write, attention over the pos + 1 cached positions, sinks where given), then out (B, D) = that
+ * @ W_o^T (+ bias). scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot
+ * be prepared. */
+int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, const float *cos_h,
                            const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
                            int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,
                            float *scratch, float *out) {
     float *q = scratch, *k = q + B * H * hd, *v = k + B * KV * hd, *att = v + B * KV * hd;
+    const weight_ref *wq = &w->q, *wk = &w->k, *wv = &w->v, *wo = &w->o;
     void *pq = prepared(wq, x, B);
     void *pk = wk->kind == wq->kind ? pq : prepared(wk, x, B);
     void *pv = wv->kind == wq->kind ? pq : prepared(wv, x, B);
@@ -312,11 +328,15 @@ int moekit_attention_block(const float *x, int64_t B, const weight_ref *wq, cons
         product(wv, pv, B, v);
 #pragma omp barrier
 #pragma omp single
-        cache_write(k, v, KV * hd, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
+        {
+            if (w->q_norm) moekit_rmsnorm_f32(q, B * H, hd, w->q_norm, w->qk_eps, q);
+            if (w->k_norm) moekit_rmsnorm_f32(k, B * KV, hd, w->k_norm, w->qk_eps, k);
+            cache_write(k, v, KV * hd, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
+        }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n; bh++)
             attend_head(q, H * hd, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale,
-                        bh, att + bh * hd);
+                        w->sinks, bh, att + bh * hd);
 #pragma omp single
         {
             po = prepared(wo, att, B);
@@ -334,23 +354,23 @@ done:
 
 /* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
  * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention as
- * moekit_attention_block (B = 1; attn: q, k, v, o_proj's weights), the MoE layer as moekit_moe_one_token (no shared experts); the
+ * moekit_attention_block (B = 1), the MoE layer as moekit_moe_one_token (no shared experts); the
  * sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (2F + D))
  * floats, x1 at scratch + 2 D. Returns 0; -1 if the attention could not run (nothing written
  * to the cache), -2 if the MoE layer could not (the cache written, x1 in the scratch). */
 int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,
-                           const weight_ref *attn, const float *cos_h, const float *sin_h,
+                           const attention_ref *attn, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len, int64_t H,
                            int64_t KV, int64_t hd, float scale, const float *ffn_norm,
                            double ffn_eps, const weight_ref *router, const float *expert_bias,
                            int64_t K, int sigmoid, int normalize, float scaling,
                            const weight_ref *w_in, const weight_ref *w_out, float *scratch,
                            int64_t *ids, float *weights, float *out) {
-    const int64_t D = attn[0].I;
+    const int64_t D = attn->q.I;
     float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = y + D;
     moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
-    if (moekit_attention_block(h, 1, &attn[0], &attn[1], &attn[2], &attn[3], cos_h, sin_h, k_cache,
-                               v_cache, pos, max_len, H, KV, hd, scale, rest, a))
+    if (moekit_attention_block(h, 1, attn, cos_h, sin_h, k_cache, v_cache, pos, max_len, H, KV, hd,
+                               scale, rest, a))
         return -1;
     for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);

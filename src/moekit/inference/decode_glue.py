@@ -9,11 +9,11 @@ fork, views). Here each is one ctypes call:
 
 - `rms_norm`: nn.RMSNorm over at most MAX_ROWS rows (`GlueRMSNorm` swaps it in for nn.RMSNorm);
 - `glue_cached_attention`: one new position's rope, cache write and attention over every cached
-  position (`Attention.cached_attention`; decode steps with the plain mask, no sinks);
+  position (`Attention.cached_attention`; decode steps with the plain mask, sinks or not);
 - whole layers (`moekit.inference.decode_layers`, on this module's library): a decode
   position's attention block and a decoded token's MoE layer, each one C call.
 
-Anything else (training, gradients, other dtypes, prefill, sliding windows that bite, sinks,
+Anything else (training, gradients, other dtypes, prefill, sliding windows that bite,
 `torch.compile` tracing) runs the torch reference: nn.RMSNorm and
 `moekit.model.attention.cached_attention`. Outputs agree with it to float32 rounding
 (tests/test_decode_fast_paths.py). Built with the system C compiler through `moekit.cbuild`
@@ -109,7 +109,8 @@ def glue_cached_attention(
     sinks_H: Tensor | None = None,
 ) -> Tensor:
     """`cached_attention` in one C call for one new position over a float32 cache whose every
-    position it may attend (mask without an explicit matrix), no sinks; the reference otherwise."""
+    position it may attend (mask without an explicit matrix), with or without sinks; the
+    reference otherwise."""
     if not _attention_qualifies(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H):
         return cached_attention(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H)
     assert cache is not None
@@ -117,7 +118,7 @@ def glue_cached_attention(
     KV = cache.k_BKLd.shape[1]
     y_BHSd = torch.empty_like(q_BHSd)
     q, k, v = q_BHSd.data_ptr(), k_BKSd.data_ptr(), v_BKSd.data_ptr()
-    _attend(q, k, v, H * hd, KV * hd, rope, cache, B, H, hd, y_BHSd)
+    _attend(q, k, v, H * hd, KV * hd, rope, cache, B, H, hd, sinks_H, y_BHSd)
     return y_BHSd
 
 
@@ -132,10 +133,12 @@ def _attend(
     B: int,
     H: int,
     hd: int,
+    sinks_H: Tensor | None,
     out: Tensor,
 ) -> None:
     """The C attention step (qualification checked by the caller): q, k, v addresses, sequence b's
-    q at q + 4 * b * q_stride (k, v likewise with kv_stride); appends to `cache`; writes out."""
+    q at q + 4 * b * q_stride (k, v likewise with kv_stride), sink logits sinks_H (H,) or None;
+    appends to `cache`; writes out."""
     KV, max_len = cache.k_BKLd.shape[1], cache.k_BKLd.shape[2]
     cos, sin = rope
     _library().moekit_attend_one_f32(
@@ -155,6 +158,7 @@ def _attend(
         KV,
         hd,
         hd**-0.5,
+        None if sinks_H is None else sinks_H.data_ptr(),
         out.data_ptr(),
     )
     cache.length += 1
@@ -169,12 +173,13 @@ def _attention_qualifies(
     cache: LayerKVCache | None,
     sinks: Tensor | None,
 ) -> bool:
-    if cache is None or sinks is not None or mask.mask_SL is not None or q.shape[2] != 1:
+    if cache is None or mask.mask_SL is not None or q.shape[2] != 1:
         return False
     B, H, _, hd = q.shape
     KV = k.shape[1]
     return (
-        _eager_no_grad(q, k, v)
+        (sinks is None or (_plain(sinks) and sinks.shape == (H,) and _eager_no_grad(sinks)))
+        and _eager_no_grad(q, k, v)
         and all(_plain(t) for t in (q, k, v))
         and k.shape == v.shape == (B, KV, 1, hd)
         and H % KV == 0
@@ -257,7 +262,7 @@ def _library() -> ctypes.CDLL | None:
                 None,
             ),
             "moekit_attend_one_f32": (
-                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr],
+                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr, ptr],
                 None,
             ),
             "moekit_layers_set_ops": ([ptr] * 4, None),
@@ -267,7 +272,7 @@ def _library() -> ctypes.CDLL | None:
                 ctypes.c_int,
             ),
             "moekit_attention_block": (
-                [ptr, i64, *[ptr] * 8, *[i64] * 5, ctypes.c_float, ptr, ptr],
+                [ptr, i64, *[ptr] * 5, *[i64] * 5, ctypes.c_float, ptr, ptr],
                 ctypes.c_int,
             ),
             "moekit_block_one_token": (

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
 from moekit.inference.decode_glue import (
+    GlueRMSNorm,
     _cache_qualifies,
     _hooked,
     _library,
@@ -50,6 +51,18 @@ class WeightRef(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("kind", "O", "I", "ld")),
         *((name, ctypes.c_void_p) for name in ("data", "scales", "offsets", "bias")),
+    ]
+
+
+class AttentionRef(ctypes.Structure):
+    """decode_glue.c's attention_ref: q, k, v, o_proj's weights; the per-head q and k RMSNorm
+    weights (hd,) and their eps, the sink logits (H,) (each None when the attention has none)."""
+
+    _fields_ = [
+        *((name, WeightRef) for name in ("q", "k", "v", "o")),
+        *((name, ctypes.c_void_p) for name in ("q_norm", "k_norm")),
+        ("qk_eps", ctypes.c_double),
+        ("sinks", ctypes.c_void_p),
     ]
 
 
@@ -181,10 +194,9 @@ def attention_refs(
     rope: tuple[Tensor, Tensor],
     mask: AttentionMask,
     cache: LayerKVCache | None,
-) -> ctypes.Array | None:
-    """The q, k, v and o_proj weights (an array of 4 `WeightRef`) where one decode position of at
-    most MAX_ROWS sequences can run the C block (`attention_step_qualifies`,
-    `attention_weights`); else None."""
+) -> AttentionRef | None:
+    """The attention's weights as the C block reads them where one decode position of at most
+    MAX_ROWS sequences can run it (`attention_step_qualifies`, `attention_weights`); else None."""
     if not attention_step_qualifies(attn, x_BSD, rope, mask, cache):
         return None
     if torch.is_grad_enabled() and _wants_grad(attn):
@@ -212,17 +224,25 @@ def attention_step_qualifies(
         and not (torch.is_grad_enabled() and x_BSD.requires_grad)
         and _plain(x_BSD)
         and _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
-        and not _hooked(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        and not _hooked(*attention_modules(attn))
         and ops_ready()
     )
 
 
-def attention_weights(attn: Attention) -> ctypes.Array | None:
-    """q, k, v and o_proj's weights (decode-kernel projections, shapes of the heads) for an
-    attention without q/k norms, clipping or sinks; None otherwise. Kept while they stay."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+def attention_modules(attn: Attention) -> tuple[nn.Module, ...]:
+    """The modules whose work the C attention block does: the projections and the q/k norms."""
+    own = attn._modules
+    return tuple(own[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+                 if own.get(n) is not None)  # fmt: skip
+
+
+def attention_weights(attn: Attention) -> AttentionRef | None:
+    """The attention's weights as the C block reads them: decode-kernel projections of the heads'
+    shapes, per-head q/k norms (the glue's, over head_dim) or none, sinks or none, no clipping;
+    None otherwise. Kept while they stay."""
     extra = (attn.qk_norm, attn.clip_qkv, attn.sinks is None)
-    return _cached(attn, projs, lambda: _attention_refs(attn), extra)
+    modules = (attn, *attention_modules(attn))  # attn's own parameter: the sinks
+    return _cached(attn, modules, lambda: _attention_refs(attn), extra)
 
 
 def attention_args(attn: Attention, rope: tuple[Tensor, Tensor], cache: LayerKVCache) -> tuple:
@@ -246,17 +266,17 @@ def attention_forward(
     where `attention_refs` qualifies it; `Attention.forward` itself otherwise (with the glue's
     attention step)."""
     refs = attention_refs(attn, x_BSD, rope, mask, cache)
-    if refs is None or x_BSD.shape[-1] != refs[0].I:
+    if refs is None or x_BSD.shape[-1] != refs.q.I:
         return Attention.forward(attn, x_BSD, rope, mask, cache)
     assert cache is not None
     B = x_BSD.shape[0]
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     scratch = x_BSD.new_empty(B * (2 * H + 2 * KV) * hd)
-    out = x_BSD.new_empty(B, 1, refs[3].O)
+    out = x_BSD.new_empty(B, 1, refs.o.O)
     status = _library().moekit_attention_block(
         x_BSD.data_ptr(),
         B,
-        *(ctypes.byref(refs, i * ctypes.sizeof(WeightRef)) for i in range(4)),
+        ctypes.byref(refs),
         *attention_args(attn, rope, cache),
         scratch.data_ptr(),
         out.data_ptr(),
@@ -271,17 +291,36 @@ def _wants_grad(attn: Attention) -> bool:
     return any(p.requires_grad for p in attn.parameters())
 
 
-def _attention_refs(attn: Attention) -> ctypes.Array | None:
-    if attn.qk_norm is not None or attn.clip_qkv is not None or attn.sinks is not None:
+def _attention_refs(attn: Attention) -> AttentionRef | None:
+    if attn.clip_qkv is not None or attn.qk_norm not in (None, "head"):
+        return None
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    norms = (None, None)
+    if attn.qk_norm == "head":
+        norms = norm_args(attn.q_norm, hd), norm_args(attn.k_norm, hd)
+        if None in norms or norms[0][1] != norms[1][1]:  # (one eps for both in C)
+            return None
+    sinks = attn.sinks
+    if sinks is not None and not (_plain(sinks) and sinks.shape == (H,)):
         return None
     projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
     refs = tuple(projection_ref(p) for p in projs)
     if any(r is None for r in refs):
         return None
     q, k, v, o = refs
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     if not (
         q.I == k.I == v.I == o.O and (H * hd, KV * hd, KV * hd, H * hd) == (q.O, k.O, v.O, o.I)
     ):
         return None
-    return (WeightRef * 4)(*refs)
+    q_norm, k_norm = (None if n is None else n[0] for n in norms)
+    eps = 0.0 if norms[0] is None else norms[0][1]
+    return AttentionRef(*refs, q_norm, k_norm, eps, _ptr(sinks))
+
+
+def norm_args(norm: nn.Module | None, D: int) -> tuple[int, float] | None:
+    """(weight pointer, eps) of the glue's RMSNorm (`GlueRMSNorm`) over the last D numbers, whose
+    C function the C calls run, or None."""
+    w = norm.weight if type(norm) is GlueRMSNorm else None
+    if w is None or norm.normalized_shape != (D,) or not _plain(w):
+        return None
+    return w.data_ptr(), torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
