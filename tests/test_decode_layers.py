@@ -243,24 +243,37 @@ def test_layer_variants_equal_the_per_product_path(overrides: dict) -> None:
     torch.testing.assert_close(fast, decode_logits(plain, ids, 3), rtol=1e-4, atol=1e-5)
 
 
+# GPT-OSS's layers: attention with biases and sinks; experts with biases and the clamped SwiGLU
+# (its limit low enough to bite on these activations), a router with a bias.
+GPT_OSS = {"attn_sinks": True, "attn_bias": True,
+           "moe": {"activation": "clamped_swiglu", "swiglu_limit": 0.05, "expert_bias": True,
+                   "router_bias": True}}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "overrides",
-    [{"qk_norm": "head"}, {"attn_sinks": True, "attn_bias": True}],
-    ids=["qk_norm_head", "sinks"],
+    ("overrides", "scheme"),
+    [({"qk_norm": "head"}, None), (GPT_OSS, None), (GPT_OSS, "mxfp4")],
+    ids=["qwen3_qk_norm_head", "gpt_oss", "gpt_oss_mxfp4"],
 )
 @pytest.mark.parametrize("batch", [1, 3])
-def test_attention_variants_run_in_one_call(monkeypatch, overrides: dict, batch: int) -> None:
-    """Qwen3's per-head q/k norms and GPT-OSS's sinks (random, large enough to matter) run in the
-    C attention block (the whole block at batch 1): the per-product path's bits, the plain
-    model's logits within float32 rounding."""
+def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch) -> None:
+    """Qwen3's per-head q/k norms, GPT-OSS's sinks, biased experts and clamped SwiGLU (all random,
+    large enough to matter) run in the C layers (the whole block at batch 1): the per-product
+    path's bits, the plain model's logits within float32 rounding."""
     model = apply_decode_kernels(_model(20, **overrides))
     with torch.no_grad():
-        for attn in (layer.attn for layer in model.layers):
+        for layer in model.layers:
+            attn, experts = layer.attn, layer.ffn.experts
             if attn.sinks is not None:
                 attn.sinks.normal_(std=2.0)
             if attn.qk_norm is not None:
                 attn.q_norm.weight.uniform_(0.5, 2.0)
                 attn.k_norm.weight.uniform_(0.5, 2.0)
+            for b in (experts.b_in, experts.b_out, layer.ffn.router.bias):
+                if b is not None:
+                    b.normal_(std=0.1)
+    if scheme is not None:
+        model = apply_decode_kernels(quantize_model(remove_decode_kernels(model), SCHEMES[scheme]))
     ids = torch.randint(0, 97, (batch, 10), generator=torch.Generator().manual_seed(21))
     calls = _count_calls(monkeypatch)
     fast = decode_logits(model, ids, 4)
@@ -269,7 +282,11 @@ def test_attention_variants_run_in_one_call(monkeypatch, overrides: dict, batch:
     assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
     assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
     plain = remove_decode_kernels(copy.deepcopy(model))
-    torch.testing.assert_close(fast, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-5)
+    if scheme is not None:
+        plain = dequantize_model(plain)
+    with quant_kernels.use_activations("float"):  # (the plain model's products take float x)
+        want = decode_logits(plain, ids, 4)
+        torch.testing.assert_close(decode_logits(model, ids, 4), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("where", ["router", "experts", "q_proj", "o_proj", "global"])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tests.test_cpu_kernels import on_one_and_two_threads
 
 from moekit import cbuild
+from moekit.experts.experts import activate
 from moekit.quant import kernels, quantize
 from moekit.quant.kernels import MAX_ROWS, linear, qualifies
 from moekit.quant.schemes import QuantizedWeight
@@ -303,6 +304,25 @@ def test_swiglu_expert_matches_torch(scheme_in: str, scheme_out: str, path: str)
             torch.testing.assert_close(
                 kernels.swiglu_expert(x, w_in, w_out), reference, rtol=1e-5, atol=1e-5
             )
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "clamped_swiglu"])
+def test_glu_is_the_activation(activation: str) -> None:
+    """The C gated activations (the ones the C MoE layers run) against `activate`, with gates and
+    ups well past the clamp (limit 1.5), infinities and a NaN, which clamping keeps as torch does;
+    gradients and ungated activations run `activate` itself."""
+    g = torch.Generator().manual_seed(17)
+    h = torch.randn(5, 2 * 40, generator=g) * 4
+    h[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    h[1, 40:43] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    want = activate(h, activation, 1.3, 1.5)
+    got = kernels.glu(h, activation, 1.3, 1.5)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6, equal_nan=True)
+    if activation == "clamped_swiglu":
+        assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    hg = h.clone().requires_grad_()
+    assert kernels.glu(hg, activation, 1.3, 1.5).grad_fn is not None
+    assert torch.equal(kernels.glu(h[2:], "gelu"), activate(h[2:], "gelu"))
 
 
 def test_swiglu_expert_falls_back_and_is_a_torch_op() -> None:

@@ -66,12 +66,14 @@ def expert_ffn(
     b_out: Tensor | None,
     cfg: MoEConfig,
     linear: Callable[..., Tensor] = F.linear,
+    activation: Callable[..., Tensor] = activate,
 ) -> Tensor:
     """One expert on N rows: x (N, D), w_in (2F|F, D), w_out (D, F) in nn.Linear layout -> (N, D).
     The decode path's expert (`Experts.expert_ffn`), in the resident and the offloaded experts;
-    `linear` runs its two products (the decode kernels pass theirs)."""
+    `linear` runs its two products and `activation` (`activate`'s arguments) its activation (the
+    decode kernels pass theirs)."""
     h_NH = linear(x_ND, w_in, b_in)
-    act_NF = activate(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+    act_NF = activation(h_NH, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
     return linear(act_NF, w_out, b_out)
 
 

@@ -159,16 +159,26 @@ typedef void *(*q_prepare_fn)(int, const float *, int64_t, int64_t);
 typedef void (*q_rows_fn)(const void *, const void *, const void *, const uint16_t *, int64_t,
                           int64_t, int64_t, const float *, float *);
 typedef void (*q_release_fn)(void *);
+typedef void (*glu_fn)(const float *, const float *, int64_t, int, float, float, float *);
 
 static f32_rows_fn f32_rows;
 static q_prepare_fn q_prepare;
 static q_rows_fn q_rows;
 static q_release_fn q_release;
+static glu_fn glu; /* quant/kernels.c's moekit_q_glu: a gated expert activation */
 
-void moekit_layers_set_ops(void *f32, void *prepare, void *rows, void *release) {
+void moekit_layers_set_ops(void *f32, void *prepare, void *rows, void *release, void *glu_f) {
     f32_rows = (f32_rows_fn)f32;
     q_prepare = (q_prepare_fn)prepare, q_rows = (q_rows_fn)rows, q_release = (q_release_fn)release;
+    glu = (glu_fn)glu_f;
 }
+
+/* A gated expert's activation other than plain SwiGLU: GPT-OSS's clamped SwiGLU (clamped 1, its
+ * alpha and limit), run by `glu`; NULL where an activation_ref is taken means silu(gate) * up. */
+typedef struct {
+    int clamped;
+    float alpha, limit;
+} activation_ref;
 
 /* One weight matrix (O, I) as stored: kind -1 float32 (data rows `ld` floats apart), else
  * quant/kernels.c's kind (data, scales, offsets in its layouts); bias (O,) float32 or NULL. */
@@ -218,12 +228,14 @@ static void product(const weight_ref *w, const void *p, int64_t R, float *y) {
     }
 }
 
-/* One token x (D) through K SwiGLU experts without biases, w_in[k] (2F, D) = [W_gate; W_up] and
- * w_out[k] (D, F) (chosen in increasing expert order), y (D) = sum_k weights[k] * expert_k(x),
- * summed as moekit's selected_experts_forward sums: y = y_0 w_0, then y = y + y_k w_k. h: scratch
- * of K * (2F + D) floats. Returns 0, or -1 if a product's x cannot be prepared (nothing meaningful in y). */
+/* One token x (D) through K gated experts, w_in[k] (2F, D) = [W_gate; W_up] and w_out[k] (D, F)
+ * (chosen in increasing expert order; with their biases where the refs hold them), the activation
+ * silu(gate) * up or act's, y (D) = sum_k weights[k] * expert_k(x), summed as moekit's
+ * selected_experts_forward sums: y = y_0 w_0, then y = y + y_k w_k. h: scratch of K * (2F + D)
+ * floats. Returns 0, or -1 if a product's x cannot be prepared (nothing meaningful in y). */
 int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
-                             const weight_ref *w_out, const float *weights, float *h, float *y) {
+                             const weight_ref *w_out, const activation_ref *act,
+                             const float *weights, float *h, float *y) {
     const int64_t F = w_out[0].I, D = w_out[0].O, f_tasks = (F + ROWS_A_TASK - 1) / ROWS_A_TASK;
     void *px[K > 0 ? K : 1], *pa[K > 0 ? K : 1];
     int failed = 0;
@@ -243,8 +255,11 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
             float *hk = h + k * 2 * F;
             rows(&w_in[k], px[k], 1, f0, f1, hk);
             rows(&w_in[k], px[k], 1, F + f0, F + f1, hk);
-            for (int64_t f = f0; f < f1; f++)
-                hk[f] = hk[f] / (1.0f + expf(-hk[f])) * hk[F + f];
+            if (act)
+                glu(hk + f0, hk + F + f0, f1 - f0, act->clamped, act->alpha, act->limit, hk + f0);
+            else /* moekit_q_glu's SwiGLU, without needing the quantized kernels' library */
+                for (int64_t f = f0; f < f1; f++)
+                    hk[f] = hk[f] / (1.0f + expf(-hk[f])) * hk[F + f];
         }
 #pragma omp single
         for (int64_t k = 0; k < K; k++) {
@@ -277,11 +292,13 @@ done:
 /* One token's MoE layer without shared experts: logits (E) = router x (+ its bias; float32), the
  * top-k routing of moekit_route_topk_f32 (ids and weights best first, into ids and weights), then
  * moekit_experts_one_token over the chosen experts in increasing expert order. w_in and w_out: the
- * E experts' weights; scratch: 2E + K * (2F + D) floats. Returns as moekit_experts_one_token. */
+ * E experts' weights, act their activation; scratch: 2E + K * (2F + D) floats. Returns as
+ * moekit_experts_one_token. */
 int moekit_moe_one_token(const float *x, const weight_ref *router, const float *expert_bias,
                          int64_t K, int sigmoid, int normalize, float scaling,
-                         const weight_ref *w_in, const weight_ref *w_out, float *scratch,
-                         int64_t *ids, float *weights, float *y) {
+                         const weight_ref *w_in, const weight_ref *w_out,
+                         const activation_ref *act, float *scratch, int64_t *ids, float *weights,
+                         float *y) {
     const int64_t E = router->O;
     float *logits = scratch, *scores = scratch + E;
     rows(router, x, 1, 0, E, logits);
@@ -300,7 +317,7 @@ int moekit_moe_one_token(const float *x, const weight_ref *router, const float *
         chosen_in[k] = w_in[ids[order[k]]], chosen_out[k] = w_out[ids[order[k]]];
         chosen_weights[k] = weights[order[k]];
     }
-    return moekit_experts_one_token(x, K, chosen_in, chosen_out, chosen_weights, h, y);
+    return moekit_experts_one_token(x, K, chosen_in, chosen_out, act, chosen_weights, h, y);
 }
 
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
@@ -364,8 +381,9 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
                            int64_t KV, int64_t hd, float scale, const float *ffn_norm,
                            double ffn_eps, const weight_ref *router, const float *expert_bias,
                            int64_t K, int sigmoid, int normalize, float scaling,
-                           const weight_ref *w_in, const weight_ref *w_out, float *scratch,
-                           int64_t *ids, float *weights, float *out) {
+                           const weight_ref *w_in, const weight_ref *w_out,
+                           const activation_ref *act, float *scratch, int64_t *ids,
+                           float *weights, float *out) {
     const int64_t D = attn->q.I;
     float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = y + D;
     moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
@@ -375,7 +393,7 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
     for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);
     if (moekit_moe_one_token(h, router, expert_bias, K, sigmoid, normalize, scaling, w_in, w_out,
-                             rest, ids, weights, y))
+                             act, rest, ids, weights, y))
         return -2; /* the attention step is written: the caller must not run it again */
     for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
     return 0;

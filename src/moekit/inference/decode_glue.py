@@ -265,10 +265,10 @@ def _library() -> ctypes.CDLL | None:
                 [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr, ptr],
                 None,
             ),
-            "moekit_layers_set_ops": ([ptr] * 4, None),
-            "moekit_experts_one_token": ([ptr, i64, *[ptr] * 5], ctypes.c_int),
+            "moekit_layers_set_ops": ([ptr] * 5, None),
+            "moekit_experts_one_token": ([ptr, i64, *[ptr] * 6], ctypes.c_int),
             "moekit_moe_one_token": (
-                [ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, *[ptr] * 6],
+                [ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, *[ptr] * 7],
                 ctypes.c_int,
             ),
             "moekit_attention_block": (
@@ -291,7 +291,7 @@ def _library() -> ctypes.CDLL | None:
                     ctypes.c_int,
                     ctypes.c_int,
                     ctypes.c_float,
-                    *[ptr] * 6,
+                    *[ptr] * 7,
                 ],
                 ctypes.c_int,
             ),

@@ -42,6 +42,7 @@ from moekit.cbuild import call as _call
 from moekit.config import MoEConfig
 from moekit.experts.experts import expert_ffn
 from moekit.model.transformer import MoETransformer
+from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedExperts
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
@@ -125,10 +126,13 @@ def kernel_expert_ffn(
     cfg: MoEConfig,
 ) -> Tensor:
     """`expert_ffn` (one expert on N rows) with the kernels: a SwiGLU expert without biases is one
-    `swiglu_expert` call, any other runs its two products through `linear`."""
+    `swiglu_expert` call, any other runs its two products through `linear` and a gated
+    activation through the quantized kernels' `glu` (the C MoE layers' own)."""
     if cfg.activation == "swiglu" and b_in is None and b_out is None:
         return swiglu_expert(x_ND, w_in, w_out)
-    return expert_ffn(x_ND, w_in, w_out, b_in, b_out, cfg, linear=linear)
+    return expert_ffn(
+        x_ND, w_in, w_out, b_in, b_out, cfg, linear=linear, activation=quant_kernels.glu
+    )
 
 
 class KernelLinear(nn.Linear):

@@ -165,6 +165,7 @@ def ops_ready() -> bool:
         address(q, "moekit_q_prepare"),
         address(q, "moekit_q_rows"),
         address(q, "moekit_q_release"),
+        address(q, "moekit_q_glu"),
     )
     return True
 

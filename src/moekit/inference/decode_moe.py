@@ -1,4 +1,4 @@
-"""A decoded token's MoE layer in one C call (routing, its top-k SwiGLU experts, the weighted
+"""A decoded token's MoE layer in one C call (routing, its top-k gated experts, the weighted
 sum: moekit_moe_one_token; offloaded experts routed, fetched, then moekit_experts_one_token),
 and a few rows' top-k routing in C; swapped in by `moekit.inference.decode_glue.apply_decode_glue`
 on the weights' descriptions of `moekit.inference.decode_layers` (which says why and what holds
@@ -32,8 +32,8 @@ from moekit.inference.decode_layers import (
 )
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.moe import MoEAux, MoELayer
+from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedExperts
-from moekit.quant.schemes import QuantizedWeight
 from moekit.routing.base import Routing
 from moekit.routing.router import Router
 from moekit.routing.topk import NORMALIZER_EPS
@@ -103,36 +103,54 @@ def _scale(selected_TK: Tensor, normalize: bool, scaling: float) -> Tensor:
     return torch.full_like(selected_TK[:, 0], scaling)
 
 
+class ActivationRef(ctypes.Structure):
+    """decode_glue.c's activation_ref: GPT-OSS's clamped SwiGLU (quant/kernels.c's moekit_q_glu)."""
+
+    _fields_ = [("clamped", ctypes.c_int), ("alpha", ctypes.c_float), ("limit", ctypes.c_float)]
+
+
+def activation_ref(experts: nn.Module) -> ActivationRef | bool | None:
+    """How the C layers compute the experts' activation: None for SwiGLU (their own), an
+    `ActivationRef` for the clamped SwiGLU (where the quantized kernels, which run it, are
+    built); False where they cannot (an ungated activation)."""
+    cfg = experts.cfg
+    if cfg.activation == "swiglu":
+        return None
+    if cfg.activation == "clamped_swiglu" and quant_kernels.available():
+        return ActivationRef(1, cfg.swiglu_alpha, cfg.swiglu_limit)
+    return False
+
+
+def _bias(b: Tensor | None, e: int) -> Tensor | None:
+    return None if b is None else b.detach()[e]
+
+
 def _expert_refs(experts: nn.Module) -> tuple[ctypes.Array, ctypes.Array] | None:
-    """(w_in, w_out) refs of each of a resident layer's E experts, or None if they do not
-    qualify: SwiGLU without biases, float32 `Experts` running the decode kernels' expert (as
+    """(w_in, w_out) refs (with their biases) of each of a resident layer's E gated experts, or
+    None if they do not qualify: float32 `Experts` running the decode kernels' expert (as
     `apply_decode_kernels` leaves them) or `QuantizedExperts` the kernels read."""
     cfg = experts.cfg
-    if cfg.activation != "swiglu" or experts.b_in is not None or experts.b_out is not None:
+    if not cfg.gated:
         return None
     if type(experts) is Experts:
         if experts.expert_ffn is not decode_kernels.kernel_expert_ffn:
             return None
-        w_in, w_out = experts.w_in.detach(), experts.w_out.detach()
-
-        def ref(w: Tensor, e: int) -> WeightRef | None:
-            return float_ref(w[e])
+        w_in, w_out, make = experts.w_in.detach(), experts.w_out.detach(), float_ref
     elif type(experts) is QuantizedExperts:
-        w_in, w_out = experts.quantized_weights()
-
-        def ref(w: QuantizedWeight, e: int) -> WeightRef | None:
-            return quant_ref(w[e])
+        (w_in, w_out), make = experts.quantized_weights(), quant_ref
     else:
         return None
     E = cfg.n_experts
-    refs = [[ref(w, e) for e in range(E)] for w in (w_in, w_out)]
-    if not _swiglu_refs(refs, cfg.d_model, cfg.d_expert):
+    refs = [[make(w[e], _bias(b, e)) for e in range(E)]
+            for w, b in ((w_in, experts.b_in), (w_out, experts.b_out))]  # fmt: skip
+    if not _gated_refs(refs, cfg.d_model, cfg.d_expert):
         return None
     return tuple((WeightRef * E)(*side) for side in refs)
 
 
-def _swiglu_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
-    """Whether [w_in refs, w_out refs] are all readable, w_in (2F, D) and w_out (D, F)."""
+def _gated_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
+    """Whether [w_in refs, w_out refs] of gated experts are all readable, w_in (2F, D) and
+    w_out (D, F)."""
     return all(r is not None and (r.O, r.I) == (2 * F, D) for r in refs[0]) and all(
         r is not None and (r.O, r.I) == (D, F) for r in refs[1]
     )
@@ -179,7 +197,8 @@ def moe_forward(
 ) -> tuple[Tensor, MoEAux | None]:
     """`MoELayer.forward` for one decoded token without aux, in one C call where it qualifies (an
     eval-mode layer, top-k routing without expert groups, the decode path of `selected_path`,
-    float32 x and router, SwiGLU experts without biases that `_expert_refs` reads); offloaded
+    float32 x and router, gated experts (SwiGLU or clamped, biases or not) that `_expert_refs`
+    reads); offloaded
     experts (`OffloadedExperts`) route in C, fetch the chosen experts, then run them in one call.
     `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
     if not _moe_qualifies(layer, x, with_aux, decoding):
@@ -233,25 +252,31 @@ def _resident_args(layer: MoELayer) -> tuple | None:
         or not _plain(router.expert_bias)
     ):
         return None
-    r, refs = _router_weight(router), _expert_refs(layer.experts)
-    if r is None or refs is None:
+    r, refs, act = (
+        _router_weight(router),
+        _expert_refs(layer.experts),
+        activation_ref(layer.experts),
+    )
+    if r is None or refs is None or act is False:
         return None
     return (ctypes.byref(r), router.expert_bias.data_ptr(), cfg.top_k, cfg.score == "sigmoid",
-            cfg.normalize, cfg.routed_scaling, refs[0], refs[1])  # fmt: skip
+            cfg.normalize, cfg.routed_scaling, refs[0], refs[1],
+            None if act is None else ctypes.pointer(act))  # fmt: skip
 
 
 def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     """The offloaded layer's call: routed in C (the logits by the router's own product, which
     `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call;
-    1 (the reference runs) where the experts are not offloaded SwiGLU ones that all fit at once."""
+    1 (the reference runs) where the experts are not offloaded gated ones that all fit at once."""
     cfg, router, experts = layer.cfg, layer.router, layer.experts
     if (
         type(experts) is not OffloadedExperts
-        or cfg.activation != "swiglu"
-        or experts.b_in is not None
-        or experts.b_out is not None
+        or not cfg.gated
         or not (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
     ):
+        return 1
+    act = activation_ref(experts)
+    if act is False:
         return 1
     E, K = cfg.n_experts, cfg.top_k
     if router_ref(router) is None:
@@ -276,8 +301,10 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
         return 1
     with experts.cache.using([(experts.layer, e) for e in chosen]) as fetched:
         make = quant_ref if experts.quantized else float_ref
-        refs = [[make(w[side]) for w in fetched] for side in (0, 1)]
-        if not _swiglu_refs(refs, cfg.d_model, cfg.d_expert):
+        biases = (experts.b_in, experts.b_out)
+        pairs = list(zip(fetched, chosen, strict=True))
+        refs = [[make(w[side], _bias(biases[side], e)) for w, e in pairs] for side in (0, 1)]
+        if not _gated_refs(refs, cfg.d_model, cfg.d_expert):
             return 1
         chosen_weights = (ctypes.c_float * K)(*(weights[k] for k in order))
         h = ctypes.addressof(scratch) + 4 * E
@@ -286,6 +313,7 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
             K,
             (WeightRef * K)(*refs[0]),
             (WeightRef * K)(*refs[1]),
+            None if act is None else ctypes.byref(act),
             chosen_weights,
             h,
             y_TD.data_ptr(),

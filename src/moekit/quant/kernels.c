@@ -910,20 +910,42 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
     return 0;
 }
 
+/* A gated expert's activation of n pairs (gate, up) into act (which may be gate itself): SwiGLU,
+ * silu(g) u = g / (1 + exp(-g)) u, as torch computes silu (clamped 0), or GPT-OSS's clamped
+ * SwiGLU (clamped 1; moekit.experts.activate): g = min(g, limit), u clamped to [-limit, limit],
+ * g sigmoid(alpha g) (u + 1). The one definition the C MoE layers (moekit/inference/
+ * decode_glue.c, through the pointer moekit_layers_set_ops hands it) and the per-expert products
+ * (moekit_q_glu_rows) run, so they agree bit for bit. */
+void moekit_q_glu(const float *gate, const float *up, int64_t n, int clamped, float alpha,
+                  float limit, float *act) {
+    if (!clamped) {
+        for (int64_t f = 0; f < n; f++) act[f] = gate[f] / (1.0f + expf(-gate[f])) * up[f];
+        return;
+    }
+    for (int64_t f = 0; f < n; f++) {
+        float g = gate[f] > limit ? limit : gate[f]; /* NaN stays NaN, as torch.clamp keeps it */
+        float u = up[f] > limit ? limit : up[f] < -limit ? -limit : up[f];
+        act[f] = g * (1.0f / (1.0f + expf(-(g * alpha)))) * (u + 1.0f);
+    }
+}
+
+/* act (R, F) = moekit_q_glu of h (R, 2F) = [gate | up] row by row; act may be h itself (row r's
+ * result lands below row r's own inputs, on rows already consumed). */
+void moekit_q_glu_rows(const float *h, int64_t R, int64_t F, int clamped, float alpha,
+                       float limit, float *act) {
+    for (int64_t r = 0; r < R; r++)
+        moekit_q_glu(h + r * 2 * F, h + r * 2 * F + F, F, clamped, alpha, limit, act + r * F);
+}
+
 /* One SwiGLU expert over quantized weights, in one call: h (R, 2F) = x (R, D) @ W_in^T with W_in
- * (2F, D) = [W_gate; W_up], then silu(gate) * up compacted in place into h's first R * F floats
- * (row r's result lands below row r's own inputs, on rows already consumed), then y (R, D) =
- * that @ W_out^T with W_out (D, F). silu(g) = g / (1 + exp(-g)), as torch computes it. h is
- * scratch of R * 2F floats. Returns 0, or -1 as moekit_q_linear (nothing meaningful in y). */
+ * (2F, D) = [W_gate; W_up], then silu(gate) * up (moekit_q_glu) compacted in place into h's
+ * first R * F floats, then y (R, D) = that @ W_out^T with W_out (D, F). h is scratch of R * 2F
+ * floats. Returns 0, or -1 as moekit_q_linear (nothing meaningful in y). */
 int moekit_q_swiglu_expert(int kind_in, const float *x, int64_t R, int64_t D, const void *data_in,
                            const void *scales_in, const uint16_t *offsets_in, int64_t F,
                            int kind_out, const void *data_out, const void *scales_out,
                            const uint16_t *offsets_out, float *h, float *y) {
     if (moekit_q_linear(kind_in, x, R, D, data_in, scales_in, offsets_in, 2 * F, NULL, h)) return -1;
-    for (int64_t r = 0; r < R; r++) {
-        const float *gate = h + r * 2 * F, *up = gate + F;
-        float *act = h + r * F;
-        for (int64_t f = 0; f < F; f++) act[f] = gate[f] / (1.0f + expf(-gate[f])) * up[f];
-    }
+    moekit_q_glu_rows(h, R, F, 0, 0.0f, 0.0f, h);
     return moekit_q_linear(kind_out, h, R, F, data_out, scales_out, offsets_out, D, NULL, y);
 }

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit import cbuild
+from moekit.experts.experts import activate
 from moekit.quant.schemes import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -153,6 +154,29 @@ def swiglu_expert(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight) -
     args = (w_in.scheme, w_in.data, w_in.scales, w_in.offsets)
     args += (w_out.scheme, w_out.data, w_out.scales, w_out.offsets)
     return cbuild.call(_swiglu_expert_cpu, op, x_ND.contiguous(), *args)
+
+
+def glu(h_NH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
+    """`moekit.experts.activate` (same arguments), the gated activations ("swiglu",
+    "clamped_swiglu") of plain float32 rows without gradients in one C call (moekit_q_glu_rows:
+    the function the C MoE layers of moekit.inference run, so a layer and its per-expert
+    reference agree bit for bit); `activate` itself otherwise."""
+    if (
+        activation not in ("swiglu", "clamped_swiglu")
+        or h_NH.dim() != 2
+        or h_NH.shape[1] % 2
+        or not (cbuild.plain_cpu(h_NH, torch.float32) and h_NH.is_contiguous())
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and h_NH.requires_grad)
+        or _library() is None
+    ):
+        return activate(h_NH, activation, alpha, limit)
+    N, F2 = h_NH.shape
+    act_NF = h_NH.new_empty(N, F2 // 2)
+    _loaded().moekit_q_glu_rows(
+        h_NH.data_ptr(), N, F2 // 2, activation == "clamped_swiglu", alpha, limit, act_NF.data_ptr()
+    )
+    return act_NF
 
 
 def expert_qualifies(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight) -> bool:
@@ -395,6 +419,10 @@ def _library() -> ctypes.CDLL | None:
             "moekit_q_linear": ([i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr], i32),
             "moekit_q_set_path": ([i32], i32),
             "moekit_q_set_x8": ([i32], i32),
+            "moekit_q_glu_rows": (
+                [ptr, i64, i64, i32, ctypes.c_float, ctypes.c_float, ptr],
+                None,
+            ),
             "moekit_q_swiglu_expert": (
                 [i32, ptr, i64, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, ptr],
                 i32,

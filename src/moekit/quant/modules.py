@@ -84,10 +84,13 @@ def quantized_expert_ffn(
     cfg: MoEConfig,
 ) -> Tensor:
     """`expert_ffn` (one expert on N rows) with quantized weights, its products through
-    `kernels.linear`; a SwiGLU expert without biases in one call (`kernels.swiglu_expert`)."""
+    `kernels.linear` and a gated activation through `kernels.glu`; a SwiGLU expert without biases
+    in one call (`kernels.swiglu_expert`)."""
     if cfg.activation == "swiglu" and b_in is None and b_out is None:
         return kernels.swiglu_expert(x_ND, w_in, w_out)
-    return expert_ffn(x_ND, w_in, w_out, b_in, b_out, cfg, linear=kernels.linear)
+    return expert_ffn(
+        x_ND, w_in, w_out, b_in, b_out, cfg, linear=kernels.linear, activation=kernels.glu
+    )
 
 
 def experts_on_their_rows(
