@@ -131,13 +131,13 @@ def _attention_case(B: int, H: int, KV: int, hd: int, filled: int, seed: int = 0
     ("B", "H", "KV", "hd", "filled"),
     [(1, 4, 2, 16, 0), (1, 4, 2, 16, 37), (2, 8, 8, 64, 5), (1, 12, 4, 64, 700), (3, 2, 1, 6, 9)],
 )
-@pytest.mark.parametrize("with_sinks", [False, True])
-def test_glue_attention_matches_cached_attention(B, H, KV, hd, filled, with_sinks) -> None:
+@pytest.mark.parametrize(("with_sinks", "window"), [(False, None), (True, None), (True, 4)])
+def test_glue_attention_matches_cached_attention(B, H, KV, hd, filled, with_sinks, window) -> None:
     """Sinks (GPT-OSS) large enough to take most of the probability of some heads and none of
-    others."""
+    others; a sliding window of 4 keys (biting once 4 positions are cached)."""
     q, k, v, rope, cache = _attention_case(B, H, KV, hd, filled)
     sinks = torch.linspace(-4.0, 4.0, H) if with_sinks else None
-    mask = attention_mask(filled, 1, None)
+    mask = attention_mask(filled, 1, window)
     fast_cache = cache()
     assert decode_glue._attention_qualifies(q, k, v, rope, mask, fast_cache, sinks)
     ref_cache = cache()
@@ -152,11 +152,11 @@ def test_glue_attention_matches_cached_attention(B, H, KV, hd, filled, with_sink
 
 
 def test_glue_attention_falls_back() -> None:
-    """An explicit mask (a sliding window that bites), sinks wanting a gradient, several
+    """An explicit mask other than a sliding window's, sinks wanting a gradient, several
     positions, a full cache and gradients all run `cached_attention`."""
     q, k, v, rope, cache = _attention_case(1, 4, 2, 8, 6)
     windowed = attention_mask(6, 1, 3)
-    assert windowed.mask_SL is not None
+    windowed = AttentionMask(windowed.mask_SL, is_causal=False)  # (not said to be a window's)
     sinks = torch.zeros(4, requires_grad=True)
     for mask, s in ((windowed, None), (AttentionMask(None, False), sinks)):
         ref = cached_attention(q, k, v, rope, mask, cache(), s)

@@ -243,9 +243,11 @@ def test_layer_variants_equal_the_per_product_path(overrides: dict) -> None:
     torch.testing.assert_close(fast, decode_logits(plain, ids, 3), rtol=1e-4, atol=1e-5)
 
 
-# GPT-OSS's layers: attention with biases and sinks; experts with biases and the clamped SwiGLU
-# (its limit low enough to bite on these activations), a router with a bias.
-GPT_OSS = {"attn_sinks": True, "attn_bias": True,
+# GPT-OSS's layers: attention with biases and sinks, a sliding window (biting after 3 positions)
+# in every other layer; experts with biases and the clamped SwiGLU (its limit low enough to bite
+# on these activations), a router with a bias.
+GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
+           "layer_types": ("sliding", "full"),
            "moe": {"activation": "clamped_swiglu", "swiglu_limit": 0.05, "expert_bias": True,
                    "router_bias": True}}  # fmt: skip
 
@@ -257,9 +259,9 @@ GPT_OSS = {"attn_sinks": True, "attn_bias": True,
 )
 @pytest.mark.parametrize("batch", [1, 3])
 def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch) -> None:
-    """Qwen3's per-head q/k norms, GPT-OSS's sinks, biased experts and clamped SwiGLU (all random,
-    large enough to matter) run in the C layers (the whole block at batch 1): the per-product
-    path's bits, the plain model's logits within float32 rounding."""
+    """Qwen3's per-head q/k norms, GPT-OSS's sinks, sliding windows, biased experts and clamped
+    SwiGLU (all random, large enough to matter) run in the C layers (the whole block at batch 1):
+    the per-product path's bits, the plain model's logits within float32 rounding."""
     model = apply_decode_kernels(_model(20, **overrides))
     with torch.no_grad():
         for layer in model.layers:

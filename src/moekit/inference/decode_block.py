@@ -19,7 +19,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain
+from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
 from moekit.inference.decode_layers import (
     _cached,
     attention_args,
@@ -84,7 +84,7 @@ def block_forward(
     module's docstring); `Block.forward` itself otherwise."""
     B, S, D = x_BSD.shape
     modules = plan = None
-    if B * S == 1 and not with_aux and cache is not None and mask.mask_SL is None:
+    if B * S == 1 and not with_aux and cache is not None and decode_window(mask) is not None:
         modules = _modules(block)
     if (
         modules is not None
@@ -109,7 +109,7 @@ def block_forward(
         x_BSD.data_ptr(),
         *attn_norm,
         ctypes.byref(refs),
-        *attention_args(modules[1], rope, cache),
+        *attention_args(modules[1], rope, cache, mask),
         *ffn_norm,
         *moe,
         scratch.data_ptr(),

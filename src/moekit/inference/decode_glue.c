@@ -50,16 +50,18 @@ static void cache_write(const float *k, const float *v, int64_t kv_stride, const
         }
 }
 
-/* Query head bh = b * H + h over the L cached positions of its key/value head: out (hd). With
- * sinks (H; NULL: none), head h's softmax denominator also holds exp(sinks[h]), which carries no
- * value (GPT-OSS; moekit.model.attention.sink_attention). */
+/* Query head bh = b * H + h over the L cached positions of its key/value head (the last `window`
+ * of them where window > 0: a sliding window): out (hd). With sinks (H; NULL: none), head h's
+ * softmax denominator also holds exp(sinks[h]), which carries no value (GPT-OSS;
+ * moekit.model.attention.sink_attention). */
 static void attend_head(const float *q, int64_t q_stride, const float *cos_h, const float *sin_h,
-                        const float *k_cache, const float *v_cache, int64_t L, int64_t max_len,
-                        int64_t H, int64_t KV, int64_t hd, float scale, const float *sinks,
-                        int64_t bh, float *o) {
-    int64_t b = bh / H, h = bh % H, group = H / KV;
-    const float *kc = k_cache + (b * KV + h / group) * max_len * hd;
-    const float *vc = v_cache + (b * KV + h / group) * max_len * hd;
+                        const float *k_cache, const float *v_cache, int64_t L, int64_t window,
+                        int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,
+                        const float *sinks, int64_t bh, float *o) {
+    int64_t b = bh / H, h = bh % H, group = H / KV, first = window > 0 && L > window ? L - window : 0;
+    const float *kc = k_cache + ((b * KV + h / group) * max_len + first) * hd;
+    const float *vc = v_cache + ((b * KV + h / group) * max_len + first) * hd;
+    L -= first;
     float qr[hd > 0 ? hd : 1];
     rope(q + b * q_stride + h * hd, cos_h, sin_h, hd / 2, qr);
     float *scores = malloc((size_t)L * sizeof(float));
@@ -92,19 +94,20 @@ static void attend_head(const float *q, int64_t q_stride, const float *cos_h, co
  * row holds all three), cos and sin (hd / 2) the position's angles, k_cache and v_cache
  * (B, KV, max_len, hd) contiguous with `pos` positions filled. Writes the rotated k and v at
  * position pos, then out (B, H, hd) = softmax(q_rot . K[:pos+1] * scale) @ V[:pos+1], query head
- * h reading key/value head h / (H / KV), with the sink logits sinks (H) when not NULL. Heads run
- * in parallel (torch's OpenMP pool) when the cache is long enough to pay for the fork. */
+ * h reading key/value head h / (H / KV); over the last `window` positions only where window > 0,
+ * with the sink logits sinks (H) when not NULL. Heads run in parallel (torch's OpenMP pool) when
+ * the cache is long enough to pay for the fork. */
 void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64_t q_stride,
                            int64_t kv_stride, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len,
                            int64_t B, int64_t H, int64_t KV, int64_t hd, float scale,
-                           const float *sinks, float *out) {
+                           int64_t window, const float *sinks, float *out) {
     int64_t L = pos + 1, n = B * H;
     cache_write(k, v, kv_stride, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
 #pragma omp parallel for schedule(static) if (n > 1 && L * hd * H >= 262144)
     for (int64_t bh = 0; bh < n; bh++)
-        attend_head(q, q_stride, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale,
-                    sinks, bh, out + bh * hd);
+        attend_head(q, q_stride, cos_h, sin_h, k_cache, v_cache, L, window, max_len, H, KV, hd,
+                    scale, sinks, bh, out + bh * hd);
 }
 
 /* One token's top-k routing (moekit.routing.topk.topk_route without expert groups): scores =
@@ -322,13 +325,13 @@ int moekit_moe_one_token(const float *x, const weight_ref *router, const float *
 
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
  * biases), the per-head q and k norms where given, then moekit_attend_one_f32's step (rope, cache
- * write, attention over the pos + 1 cached positions, sinks where given), then out (B, D) = that
- * @ W_o^T (+ bias). scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot
+ * write, attention over the pos + 1 cached positions, or the last `window` of them where window
+ * > 0, sinks where given), then out (B, D) = that @ W_o^T (+ bias). scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot
  * be prepared. */
 int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, const float *cos_h,
                            const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
                            int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,
-                           float *scratch, float *out) {
+                           int64_t window, float *scratch, float *out) {
     float *q = scratch, *k = q + B * H * hd, *v = k + B * KV * hd, *att = v + B * KV * hd;
     const weight_ref *wq = &w->q, *wk = &w->k, *wv = &w->v, *wo = &w->o;
     void *pq = prepared(wq, x, B);
@@ -352,8 +355,8 @@ int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, co
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n; bh++)
-            attend_head(q, H * hd, cos_h, sin_h, k_cache, v_cache, L, max_len, H, KV, hd, scale,
-                        w->sinks, bh, att + bh * hd);
+            attend_head(q, H * hd, cos_h, sin_h, k_cache, v_cache, L, window, max_len, H, KV, hd,
+                        scale, w->sinks, bh, att + bh * hd);
 #pragma omp single
         {
             po = prepared(wo, att, B);
@@ -378,7 +381,8 @@ done:
 int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,
                            const attention_ref *attn, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len, int64_t H,
-                           int64_t KV, int64_t hd, float scale, const float *ffn_norm,
+                           int64_t KV, int64_t hd, float scale, int64_t window,
+                           const float *ffn_norm,
                            double ffn_eps, const weight_ref *router, const float *expert_bias,
                            int64_t K, int sigmoid, int normalize, float scaling,
                            const weight_ref *w_in, const weight_ref *w_out,
@@ -388,7 +392,7 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
     float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = y + D;
     moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
     if (moekit_attention_block(h, 1, attn, cos_h, sin_h, k_cache, v_cache, pos, max_len, H, KV, hd,
-                               scale, rest, a))
+                               scale, window, rest, a))
         return -1;
     for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);

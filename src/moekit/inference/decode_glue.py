@@ -13,7 +13,7 @@ fork, views). Here each is one ctypes call:
 - whole layers (`moekit.inference.decode_layers`, on this module's library): a decode
   position's attention block and a decoded token's MoE layer, each one C call.
 
-Anything else (training, gradients, other dtypes, prefill, sliding windows that bite,
+Anything else (training, gradients, other dtypes, prefill, masks other than a sliding window's,
 `torch.compile` tracing) runs the torch reference: nn.RMSNorm and
 `moekit.model.attention.cached_attention`. Outputs agree with it to float32 rounding
 (tests/test_decode_fast_paths.py). Built with the system C compiler through `moekit.cbuild`
@@ -118,7 +118,7 @@ def glue_cached_attention(
     KV = cache.k_BKLd.shape[1]
     y_BHSd = torch.empty_like(q_BHSd)
     q, k, v = q_BHSd.data_ptr(), k_BKSd.data_ptr(), v_BKSd.data_ptr()
-    _attend(q, k, v, H * hd, KV * hd, rope, cache, B, H, hd, sinks_H, y_BHSd)
+    _attend(q, k, v, H * hd, KV * hd, rope, cache, B, H, hd, decode_window(mask), sinks_H, y_BHSd)
     return y_BHSd
 
 
@@ -133,12 +133,13 @@ def _attend(
     B: int,
     H: int,
     hd: int,
+    window: int,
     sinks_H: Tensor | None,
     out: Tensor,
 ) -> None:
     """The C attention step (qualification checked by the caller): q, k, v addresses, sequence b's
-    q at q + 4 * b * q_stride (k, v likewise with kv_stride), sink logits sinks_H (H,) or None;
-    appends to `cache`; writes out."""
+    q at q + 4 * b * q_stride (k, v likewise with kv_stride), the keys it attends
+    (`decode_window`), sink logits sinks_H (H,) or None; appends to `cache`; writes out."""
     KV, max_len = cache.k_BKLd.shape[1], cache.k_BKLd.shape[2]
     cos, sin = rope
     _library().moekit_attend_one_f32(
@@ -158,6 +159,7 @@ def _attend(
         KV,
         hd,
         hd**-0.5,
+        window,
         None if sinks_H is None else sinks_H.data_ptr(),
         out.data_ptr(),
     )
@@ -173,7 +175,7 @@ def _attention_qualifies(
     cache: LayerKVCache | None,
     sinks: Tensor | None,
 ) -> bool:
-    if cache is None or mask.mask_SL is not None or q.shape[2] != 1:
+    if cache is None or decode_window(mask) is None or q.shape[2] != 1:
         return False
     B, H, _, hd = q.shape
     KV = k.shape[1]
@@ -185,6 +187,13 @@ def _attention_qualifies(
         and H % KV == 0
         and _cache_qualifies(cache, B, KV, hd, rope)
     )
+
+
+def decode_window(mask: AttentionMask) -> int | None:
+    """Which cached keys one decode query attends, as the C attention reads it: 0 for all of them
+    (no explicit mask), the window for a sliding window's mask (its last `window` keys); None for
+    any other mask (the reference runs)."""
+    return 0 if mask.mask_SL is None else mask.window
 
 
 def _cache_qualifies(
@@ -262,7 +271,7 @@ def _library() -> ctypes.CDLL | None:
                 None,
             ),
             "moekit_attend_one_f32": (
-                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, ptr, ptr],
+                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, i64, ptr, ptr],
                 None,
             ),
             "moekit_layers_set_ops": ([ptr] * 5, None),
@@ -272,7 +281,7 @@ def _library() -> ctypes.CDLL | None:
                 ctypes.c_int,
             ),
             "moekit_attention_block": (
-                [ptr, i64, *[ptr] * 5, *[i64] * 5, ctypes.c_float, ptr, ptr],
+                [ptr, i64, *[ptr] * 5, *[i64] * 5, ctypes.c_float, i64, ptr, ptr],
                 ctypes.c_int,
             ),
             "moekit_block_one_token": (
@@ -283,6 +292,7 @@ def _library() -> ctypes.CDLL | None:
                     *[ptr] * 5,
                     *[i64] * 5,
                     ctypes.c_float,
+                    i64,
                     ptr,
                     ctypes.c_double,
                     ptr,

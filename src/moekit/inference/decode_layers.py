@@ -36,6 +36,7 @@ from moekit.inference.decode_glue import (
     _hooked,
     _library,
     _plain,
+    decode_window,
 )
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.quant import kernels as quant_kernels
@@ -214,13 +215,13 @@ def attention_step_qualifies(
 ) -> bool:
     """What a step must be for the C block, its weights aside: one position of at most MAX_ROWS
     plain float32 rows, no gradient for x, a float32 cache with room, every cached position of
-    which it attends, nothing hooked on the projections, not traced."""
+    which it attends or a sliding window's, nothing hooked on the projections, not traced."""
     B, S, _ = x_BSD.shape
     return (
         S == 1
         and B <= MAX_ROWS
         and cache is not None
-        and mask.mask_SL is None
+        and decode_window(mask) is not None
         and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and x_BSD.requires_grad)
         and _plain(x_BSD)
@@ -246,14 +247,16 @@ def attention_weights(attn: Attention) -> AttentionRef | None:
     return _cached(attn, modules, lambda: _attention_refs(attn), extra)
 
 
-def attention_args(attn: Attention, rope: tuple[Tensor, Tensor], cache: LayerKVCache) -> tuple:
-    """moekit_attention_block's arguments from cos to scale: the position's angles, the cache
-    (its tensors, filled length, room) and the heads."""
+def attention_args(
+    attn: Attention, rope: tuple[Tensor, Tensor], cache: LayerKVCache, mask: AttentionMask
+) -> tuple:
+    """moekit_attention_block's arguments from cos to window: the position's angles, the cache
+    (its tensors, filled length, room), the heads and the keys attended (`decode_window`)."""
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     k, v = cache.k_BKLd, cache.v_BKLd
     cos, sin = rope
     return (cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), cache.length,
-            k.shape[2], H, KV, hd, hd**-0.5)  # fmt: skip
+            k.shape[2], H, KV, hd, hd**-0.5, decode_window(mask))  # fmt: skip
 
 
 def attention_forward(
@@ -278,7 +281,7 @@ def attention_forward(
         x_BSD.data_ptr(),
         B,
         ctypes.byref(refs),
-        *attention_args(attn, rope, cache),
+        *attention_args(attn, rope, cache, mask),
         scratch.data_ptr(),
         out.data_ptr(),
     )

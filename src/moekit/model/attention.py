@@ -18,10 +18,13 @@ from moekit.model.rope import apply_rope
 @dataclass
 class AttentionMask:
     """How the queries of one call may attend: `mask_SL` (S queries, L keys; True = may attend),
-    or None with `is_causal` (plain causal from position 0) or without (every cached key)."""
+    or None with `is_causal` (plain causal from position 0) or without (every cached key);
+    `window`: the sliding window mask_SL spells out (causal, each query's last `window` keys),
+    None where it is not a window's."""
 
     mask_SL: Tensor | None
     is_causal: bool
+    window: int | None = None
 
     def allowed(self, n_queries: int, n_keys: int, device: torch.device) -> Tensor:
         """The (S, L) boolean mask spelled out (True = may attend)."""
@@ -50,7 +53,7 @@ def attention_mask(
     allowed_SL = k_1L <= q_S1
     if window is not None:
         allowed_SL = allowed_SL & (q_S1 - k_1L < window)
-    return AttentionMask(allowed_SL, is_causal=False)
+    return AttentionMask(allowed_SL, is_causal=False, window=window)
 
 
 class Attention(nn.Module):
