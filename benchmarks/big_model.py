@@ -126,6 +126,7 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     """In this process: load, swap the decode kernels in, decode a fixed token sequence."""
     from load_hf import status_kib  # this script's directory is on sys.path in the child
     from moekit import load
+    from moekit.inference.decode_block import blocks_in_one_call
     from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.model.generation import KVCache
 
@@ -153,6 +154,7 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
         "tokens_per_s": new_tokens / decode_s,
         "finite": bool(torch.isfinite(logits).all()),
         "active_bytes": active_bytes(model) if loaded.offload is None else None,
+        "blocks_in_one_call": f"{blocks_in_one_call(model)} of {len(model.layers)}",
         "peak_rss_bytes": status_kib("VmHWM") * 1024,
     }
     if loaded.offload is not None:

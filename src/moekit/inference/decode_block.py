@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
 from moekit.inference.decode_layers import (
     _cached,
+    _kept,
     attention_args,
     attention_modules,
     attention_weights,
@@ -125,3 +126,9 @@ def block_forward(
         y, aux = block.ffn(block.ffn_norm(x1), None, with_aux=with_aux, decoding=True)
         return x1 + y, aux
     return out, None
+
+
+def blocks_in_one_call(model: nn.Module) -> int:
+    """How many of `model`'s decoder blocks decode a token in one C call: those whose plan (built
+    on their first decoded token) found every part readable (a benchmark's check)."""
+    return sum(_kept.get(block, (None, None))[1] is not None for block in model.layers)
