@@ -126,6 +126,7 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     """In this process: load, swap the decode kernels in, decode a fixed token sequence."""
     from load_hf import status_kib  # this script's directory is on sys.path in the child
     from moekit import load
+    from moekit.cpu_memory import use_huge_pages
     from moekit.inference.decode_block import blocks_in_one_call
     from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.model.generation import KVCache
@@ -134,6 +135,7 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     loaded = load(run, experts=budget, require_tokenizer=False)
     load_s = time.perf_counter() - start
     model = apply_decode_kernels(loaded.model)
+    huge_page_bytes = use_huge_pages(model)  # as `moekit generate` does
     g = torch.Generator().manual_seed(1)
     vocab = model.cfg.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len + new_tokens), generator=g)
@@ -155,6 +157,7 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
         "finite": bool(torch.isfinite(logits).all()),
         "active_bytes": active_bytes(model) if loaded.offload is None else None,
         "blocks_in_one_call": f"{blocks_in_one_call(model)} of {len(model.layers)}",
+        "huge_page_bytes": huge_page_bytes,
         "peak_rss_bytes": status_kib("VmHWM") * 1024,
     }
     if loaded.offload is not None:

@@ -736,7 +736,7 @@ def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
     huge_pages["moekit"] = use_huge_pages(model.parameters())
     ours = moekit_contenders(model)
     for name, m in ours[1:]:  # the quantized copies' stored tensors too, as llama.cpp's are
-        huge_pages[name] = use_huge_pages([*m.parameters(), *m.buffers()])
+        huge_pages[name] = use_huge_pages(m)
 
     # The same computation first: f32 logits on a 16-token prompt (flash attention off, float32
     # K/V cache), greedy tokens below.

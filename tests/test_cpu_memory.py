@@ -64,3 +64,20 @@ def test_use_huge_pages_collapses_in_place() -> None:
         elif region and line.startswith("AnonHugePages:"):
             huge_kb += int(line.split()[1])
     assert huge_kb * 1024 >= 3 * HUGE_PAGE
+
+
+def test_use_huge_pages_of_a_module_covers_its_buffers() -> None:
+    """A quantized model keeps its weights in buffers: `use_huge_pages(module)` (what `moekit
+    generate` calls) collapses them too, not only the parameters."""
+    import torch
+    from torch import nn
+
+    from moekit.cpu_memory import HUGE_PAGE, use_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if _glibc() is None or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no glibc, or transparent huge pages are off on this system")
+    module = nn.Module()
+    module.register_buffer("weight_data", torch.zeros(3 * HUGE_PAGE, dtype=torch.uint8))
+    module.p = nn.Parameter(torch.zeros(3 * HUGE_PAGE // 4))
+    assert use_huge_pages(module) >= 4 * HUGE_PAGE  # 2 whole pages inside each, at least

@@ -26,7 +26,7 @@ import ctypes.util
 import platform
 from collections.abc import Iterable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_MAX = -4
@@ -60,8 +60,9 @@ MADV_COLLAPSE = 25  # Linux 6.1+
 HUGE_PAGE = 2 * 2**20
 
 
-def use_huge_pages(tensors: Iterable[Tensor]) -> int:
-    """Back the CPU tensors' memory with 2 MiB transparent huge pages, now (Linux 6.1+
+def use_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
+    """Back the CPU tensors' memory (a module's: its parameters and buffers, where a quantized
+    model keeps its weights) with 2 MiB transparent huge pages, now (Linux 6.1+
     `MADV_COLLAPSE`, where the system's THP setting is `always` or `madvise`): the whole 2 MiB
     pages inside each tensor, in place, values unchanged. Returns the bytes collapsed (0 where
     unsupported; on a kernel without MADV_COLLAPSE the MADV_HUGEPAGE advice stays, which only lets
@@ -71,10 +72,12 @@ def use_huge_pages(tensors: Iterable[Tensor]) -> int:
     walk every 4 KiB. On the decode benchmark's 213M-parameter model (2 cores), collapsing the
     parameters' pages raised moekit's batch-1 decode from 51 to 58 tokens/s and batch 8 from 150
     to 170, in one standalone run each; `benchmarks/decode.py` applies it to every model it
-    times. `moekit generate` calls it on the model's parameters; library code never does."""
+    times. `moekit generate` calls it on the model; library code never does."""
     libc = _glibc()
     if libc is None:
         return 0
+    if isinstance(tensors, nn.Module):
+        tensors = [*tensors.parameters(), *tensors.buffers()]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed, seen = 0, set()
     for t in tensors:

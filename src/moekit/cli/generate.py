@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error
-    use_huge_pages(loaded.model.parameters())  # decode streams every weight per token (cpu_memory)
+    use_huge_pages(loaded.model)  # decode streams every weight per token (cpu_memory)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
     stats = None
     if cfg.speculative is not None:
