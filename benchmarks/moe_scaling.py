@@ -33,6 +33,7 @@ and the plot of step and time ratio against tokens per parameter beside it.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -94,7 +95,10 @@ def size_for(base: RunConfig, budget: float, compute: float, tokens_per_step: in
     parameters, and the steps that give it `budget` tokens per active parameter."""
     target = math.sqrt(compute / budget)
     widths = range(WIDTH_STEP, 1025, WIDTH_STEP)
-    d = min(widths, key=lambda w: abs(math.log(dense_active(base, w) / target)))
+    # the active parameters grow with the width: the closest is one of the two around the target
+    at = bisect.bisect_left(widths, target, key=lambda w: dense_active(base, w))
+    near = widths[max(at - 1, 0) : at + 1]
+    d = min(near, key=lambda w: abs(math.log(dense_active(base, w) / target)))
     active = dense_active(base, d)
     steps = max(1, round(budget * active / tokens_per_step))
     return {"budget": budget, "d_model": d, "active_parameters": active, "steps": steps,

@@ -188,7 +188,9 @@ def test_decode_benchmark_quick(tmp_path):
 def test_moe_scaling_sizes_each_budget_and_measures_steps_and_time(tmp_path):
     bench = load_benchmark("moe_scaling")
     out = tmp_path / "scaling.json"
-    small = ["--train.data.tokenizer=bytes", "--model.vocab_size=257", "--train.batch_size=8",
+    # 32 x 32 tokens a step: budgets 1 and 10 train widths 16 and 8 for 12 and 40 steps (about
+    # the least compute, 1e8, at which the larger budget's model is the narrower)
+    small = ["--train.data.tokenizer=bytes", "--model.vocab_size=257", "--train.batch_size=32",
              "--train.seq_len=32", f"--train.data.source={JSON_PACKAGE}",
              f"--train.data.cache_dir={tmp_path / 'cache'}", "--train.eval.batches=1"]  # fmt: skip
     result = bench.main(["--compute", "1e8", "--budgets", "1,10", "--seeds", "2", "--evals", "2",
