@@ -53,8 +53,13 @@ def test_use_huge_pages_collapses_in_place() -> None:
     collapsed = use_huge_pages([x, x[7:], torch.ones(3), torch.empty(5, device="meta")])
     assert collapsed >= 3 * HUGE_PAGE  # the whole 2 MiB pages inside x, once
     assert torch.equal(x, expected)
+    assert _anon_huge_bytes(x) >= 3 * HUGE_PAGE
+
+
+def _anon_huge_bytes(x) -> int:
+    """Bytes of huge pages in the mappings that hold tensor x (/proc/self/smaps)."""
     huge_kb = 0
-    begin, end = x.data_ptr(), x.data_ptr() + x.numel() * 4
+    begin, end = x.data_ptr(), x.data_ptr() + x.nbytes
     region = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
@@ -63,7 +68,7 @@ def test_use_huge_pages_collapses_in_place() -> None:
             region = lo < end and hi > begin
         elif region and line.startswith("AnonHugePages:"):
             huge_kb += int(line.split()[1])
-    assert huge_kb * 1024 >= 3 * HUGE_PAGE
+    return huge_kb * 1024
 
 
 def test_use_huge_pages_of_a_module_covers_its_buffers() -> None:
@@ -81,3 +86,19 @@ def test_use_huge_pages_of_a_module_covers_its_buffers() -> None:
     module.register_buffer("weight_data", torch.zeros(3 * HUGE_PAGE, dtype=torch.uint8))
     module.p = nn.Parameter(torch.zeros(3 * HUGE_PAGE // 4))
     assert use_huge_pages(module) >= 4 * HUGE_PAGE  # 2 whole pages inside each, at least
+
+
+def test_advised_memory_faults_in_huge_pages() -> None:
+    """Memory advised before its first touch (as a quantized model is allocated to be loaded)
+    comes in 2 MiB pages when touched: no collapse needed."""
+    import torch
+
+    from moekit.cpu_memory import HUGE_PAGE, advise_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if _glibc() is None or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no glibc, or transparent huge pages are off on this system")
+    x = torch.empty(8 * HUGE_PAGE, dtype=torch.uint8)
+    assert advise_huge_pages([x]) >= 7 * HUGE_PAGE
+    x.fill_(1)
+    assert _anon_huge_bytes(x) >= 4 * HUGE_PAGE  # most of it (the kernel may lack a free block)

@@ -52,7 +52,10 @@ def _glibc() -> ctypes.CDLL | None:
     if name is None:
         return None
     libc = ctypes.CDLL(name)
-    return libc if hasattr(libc, "mallopt") else None
+    if not hasattr(libc, "mallopt"):
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 MADV_HUGEPAGE = 14  # <sys/mman.h>
@@ -62,11 +65,13 @@ HUGE_PAGE = 2 * 2**20
 
 def use_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
     """Back the CPU tensors' memory (a module's: its parameters and buffers, where a quantized
-    model keeps its weights) with 2 MiB transparent huge pages, now (Linux 6.1+
-    `MADV_COLLAPSE`, where the system's THP setting is `always` or `madvise`): the whole 2 MiB
-    pages inside each tensor, in place, values unchanged. Returns the bytes collapsed (0 where
-    unsupported; on a kernel without MADV_COLLAPSE the MADV_HUGEPAGE advice stays, which only lets
-    the kernel's background khugepaged collapse those pages later).
+    model keeps its weights) with 2 MiB transparent huge pages, now (Linux 6.1+ `MADV_COLLAPSE`,
+    where the system's THP setting is `always` or `madvise`): the whole 2 MiB pages inside each
+    tensor, in place, values unchanged. Returns the bytes collapsed (0 where unsupported; on a
+    kernel without MADV_COLLAPSE the MADV_HUGEPAGE advice stays, which only lets the kernel's
+    background khugepaged collapse those pages later). A collapse needs free 2 MiB blocks: on a
+    machine whose memory the model and the page cache fill, few are found (big_model.py: 0.3-0.9
+    of 14-19 GB); `advise_huge_pages` before the memory is first touched does not need them.
 
     Decoding streams every weight matrix once per token; with 4 KiB pages that is a page-table
     walk every 4 KiB. On the decode benchmark's 213M-parameter model (2 cores), collapsing the
@@ -74,12 +79,34 @@ def use_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
     to 170, in one standalone run each; `benchmarks/decode.py` applies it to every model it
     times. `moekit generate` calls it on the model; library code never does."""
     libc = _glibc()
-    if libc is None:
-        return 0
+    collapsed = 0
+    for start, end in _huge_page_spans(tensors) if libc is not None else ():
+        advised = libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
+        if advised and libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
+            collapsed += end - start
+    return collapsed
+
+
+def advise_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
+    """Ask for 2 MiB transparent huge pages (`MADV_HUGEPAGE`) for the whole 2 MiB pages inside
+    the CPU tensors not yet touched (allocated uninitialised): their first touch then faults in
+    huge pages, which the kernel makes room for (compacting or reclaiming the page cache where the
+    THP defrag setting allows it for advised memory, its default). For weights allocated to be
+    loaded, as `moekit.quant.files.empty_quantized_model` allocates a quantized model. Returns the
+    bytes advised (0 without glibc on Linux)."""
+    libc = _glibc()
+    advised = 0
+    for start, end in _huge_page_spans(tensors) if libc is not None else ():
+        if libc.madvise(start, end - start, MADV_HUGEPAGE) == 0:
+            advised += end - start
+    return advised
+
+
+def _huge_page_spans(tensors: Iterable[Tensor] | nn.Module) -> list[tuple[int, int]]:
+    """(start, end) of the whole 2 MiB pages inside each CPU tensor's storage, each once."""
     if isinstance(tensors, nn.Module):
         tensors = [*tensors.parameters(), *tensors.buffers()]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    collapsed, seen = 0, set()
+    spans, seen = [], set()
     for t in tensors:
         storage = t.untyped_storage()
         begin = storage.data_ptr()
@@ -88,12 +115,9 @@ def use_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
         seen.add(begin)
         start = -(-begin // HUGE_PAGE) * HUGE_PAGE
         end = (begin + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
-        if end <= start:
-            continue
-        advised = libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
-        if advised and libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
-            collapsed += end - start
-    return collapsed
+        if end > start:
+            spans.append((start, end))
+    return spans
 
 
-__all__ = ["keep_freed_memory", "use_huge_pages"]
+__all__ = ["advise_huge_pages", "keep_freed_memory", "use_huge_pages"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig, QuantizeConfig
+from moekit.cpu_memory import advise_huge_pages
 from moekit.model.transformer import MoETransformer
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
 
@@ -32,10 +33,13 @@ def read_quantization(checkpoint: Path) -> QuantizeConfig | None:
 
 def empty_quantized_model(cfg: ModelConfig, quantization: QuantizeConfig) -> MoETransformer:
     """The model of `cfg` quantized as `quantization`, allocated once on the CPU and uninitialised
-    (the float weights are never built); buffers zero. For a quantized checkpoint to load into."""
+    (the float weights are never built); buffers zero. For a quantized checkpoint to load into:
+    its memory is advised to huge pages before it is first touched (decoding streams every weight
+    per token; see `moekit.cpu_memory.advise_huge_pages`)."""
     with torch.device("meta"):
         model = quantize_model(MoETransformer(cfg), quantization, empty=True)
     model.to_empty(device="cpu")
+    advise_huge_pages(model)
     for buffer in model.buffers():
         buffer.zero_()
     return model
