@@ -17,7 +17,7 @@ from moekit.config import ModelConfig, MoEConfig, ParallelConfig
 MODEL = ModelConfig(
     vocab_size=64,
     d_model=32,
-    n_layers=3,
+    n_layers=2,
     n_heads=8,
     n_kv_heads=4,
     d_ff=48,
