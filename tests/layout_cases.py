@@ -44,6 +44,10 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "ep2_tp2": {"ep": 2, "tp": 2},
     "dp_shard4_kept": {"dp_shard": 4, "reshard_after_forward": False},
     "hsdp2x2_ep2": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
+    # sequence parallelism with hidden-split routed experts, and with expert-parallel ones
+    "dp_shard2_tp2_sp": {"dp_shard": 2, "tp": 2, "sequence_parallel": True},
+    "ep2_tp2_sp": {"ep": 2, "tp": 2, "sequence_parallel": True},
+    "tp4_sp": {"tp": 4, "sequence_parallel": True},
 }
 BATCH, SEQ, STEPS, LR = 8, 12, 2, 0.1
 

@@ -31,6 +31,9 @@ LAYOUTS = {
         "reshard_after_forward": False,
     },
     "dp_shard2_ep2_bf16": {"dp_shard": 2, "ep": 2, "dp_replicate": 2, "param_dtype": "bfloat16"},
+    "dp_shard2_tp2_sp": {"dp_shard": 2, "tp": 2, "sequence_parallel": True},
+    "ep2_tp2_sp": {"ep": 2, "tp": 2, "sequence_parallel": True},
+    "tp4_sp_bf16": {"tp": 4, "sequence_parallel": True, "param_dtype": "bfloat16"},
 }
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -12,7 +12,7 @@ import torch
 from tests.distributed_cases import spawn
 from tests.layout_cases import LAYOUTS, MODEL, Job, layout_jobs, one_process
 
-from moekit.config import ParallelConfig
+from moekit.config import ParallelConfig, RunConfig, TrainConfig
 from moekit.model import MoETransformer
 from moekit.train.upcycle import upcycle_config, upcycle_model
 
@@ -20,7 +20,9 @@ from moekit.train.upcycle import upcycle_config, upcycle_model
 TOL = {"rtol": 1e-4, "atol": 1e-6}
 UPCYCLED = upcycle_config(MODEL.replace(moe=None, first_dense=0, mtp_depth=0), 8, 2)
 FROZEN = ("attention", "router")
-UPCYCLE_LAYOUTS = ("dp_shard2_tp2",)  # FSDP2 with tensor parallelism's replicated norms
+# FSDP2 with tensor parallelism's replicated norms; sequence parallelism with MoE layers that
+# have no shared experts (their output is cut, not reduce-scattered)
+UPCYCLE_LAYOUTS = ("dp_shard2_tp2_sp",)
 # Resuming cuts the optimizer state as each kind of piece is cut: FSDP2 shards with expert
 # slices (dp_shard4_ep4), FSDP2 over tensor-parallel DTensors and hidden-split experts
 # (dp_shard2_tp2); ep4 resumes through DDP in tests/test_distributed_train.py's runs. (Fewer
@@ -124,6 +126,12 @@ def test_layouts_are_checked_before_any_process_is_needed() -> None:
         ParallelConfig(dp_replicate=1, dp_shard=2).sizes(4)
     with pytest.raises(ValueError, match=r"bfloat16 parameters need the FSDP2 path"):
         ParallelConfig(ep=2, param_dtype="bfloat16").sizes(2)
+    split = ParallelConfig(tp=4, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"train.seq_len=10 is invalid: .* parallel.tp \(4\)"):
+        RunConfig(model=MODEL, train=TrainConfig(seq_len=10), parallel=split)
+    with pytest.raises(ValueError, match=r"use 8 or 12, or parallel.sequence_parallel=false"):
+        split.check_seq_len(10)
+    ParallelConfig(tp=4).check_seq_len(10)  # without sequence parallelism any length splits
 
 
 def test_bfloat16_parameters_train_as_float32_within_bfloat16_rounding(results) -> None:

@@ -173,6 +173,14 @@ class ParallelConfig(ConfigBase):
         rows; routers stay replicated. With ep=1 the routed experts are split on their hidden
         dimension over tp too; with ep > 1 they are expert-parallel and every tp process runs
         its rows' experts. tp must divide n_heads, the key/value heads and every hidden width.
+    sequence_parallel: with tp > 1, split the residual stream between blocks, the RMSNorms and
+        their saved activations over the tp processes along the sequence (Megatron-LM's
+        sequence parallelism, Korthikanti et al. 2022): each holds seq_len / tp positions, and
+        the all-reduce that ends each row-wise projection becomes a reduce-scatter before the
+        norm and an all-gather after it (the same bytes, in twice the calls). An MoE layer
+        gathers the whole sequence, so routing and its statistics stay those of one process;
+        without (ungated) shared experts that costs two all-gathers per MoE layer more than
+        tp alone. train.seq_len must be a multiple of tp.
     reshard_after_forward: whether FSDP2 frees each block's gathered parameters after its
         forward (and gathers them again for the backward): less memory, more all-gathers.
     param_dtype: "float32", or "bfloat16" for FSDP2's mixed precision (parameters gathered and
@@ -196,6 +204,7 @@ class ParallelConfig(ConfigBase):
     dp_shard: int = 1
     ep: int = 1
     tp: int = 1
+    sequence_parallel: bool = False
     reshard_after_forward: bool = True
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scope: Literal["global", "local"] = "global"
@@ -221,6 +230,24 @@ class ParallelConfig(ConfigBase):
         if replicate is None:
             replicate = self.ep // self.dp_shard if self.ep > self.dp_shard else 1
         return replicate * self.dp_shard * self.tp
+
+    @property
+    def splits_sequence(self) -> bool:
+        """Whether the residual stream is split over the tp processes (sequence parallelism)."""
+        return self.sequence_parallel and self.tp > 1
+
+    def check_seq_len(self, seq_len: int, name: str = "train.seq_len") -> None:
+        """Raise unless sequences of `seq_len` tokens split over tp under sequence parallelism
+        (`name`: the field or argument that set the length, for the error)."""
+        if self.splits_sequence and seq_len % self.tp:
+            below, above = seq_len // self.tp * self.tp, -(-seq_len // self.tp) * self.tp
+            fits = " or ".join(str(n) for n in (below, above) if n > 0)
+            rule = (
+                f"must be a multiple of parallel.tp ({self.tp}) under "
+                f"parallel.sequence_parallel (each tensor-parallel process holds seq_len / tp "
+                f"positions between blocks): use {fits}, or parallel.sequence_parallel=false"
+            )
+            raise invalid(name, seq_len, rule)
 
     def sizes(self, world_size: int) -> dict[str, int]:
         """The mesh's axis sizes for `world_size` processes, checked: dp_replicate, dp_shard,
@@ -321,6 +348,7 @@ class RunConfig(ConfigBase):
 
     def check(self) -> None:
         self.parallel.check_model(self.model)
+        self.parallel.check_seq_len(self.train.seq_len)
         model, data = self.model, self.train.data
         if self.train.seq_len > model.max_seq_len:
             rule = f"must be <= model.max_seq_len ({model.max_seq_len})"

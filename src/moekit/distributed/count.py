@@ -125,19 +125,19 @@ class CollectiveCounter(TorchDispatchMode):
 
 def by_kind(records: list[Record], tp: int, rank: int) -> dict[str, dict[str, float]]:
     """Calls, payload and sent per kind of `moekit.distributed.costs.KINDS`, from this process's
-    records (`rank` of the world, `tp` its tensor-parallel size: the all-reduces on its
-    tensor-parallel group are tensor parallelism's). Also "statistics" (the MoE layers' float64
-    balance sums), "one_process" (collectives on a group of one: they send nothing) and "other"."""
+    records (`rank` of the world, `tp` its tensor-parallel size: the all-reduces, all-gathers and
+    reduce-scatters on its tensor-parallel group are tensor parallelism's). Also "statistics"
+    (the MoE layers' float64 balance sums), "one_process" (collectives on a group of one: they
+    send nothing) and "other"."""
     first = rank - rank % tp
     tp_ranks = tuple(range(first, first + tp))
     out = {k: {"calls": 0, "payload": 0, "sent": 0.0} for k in (*KINDS, *EXTRA_KINDS)}
     for r in records:
         if r.group == 1:
             kind = "one_process"
-        elif r.kind == "all_gather":
-            kind = "fsdp_all_gather"
-        elif r.kind == "reduce_scatter":
-            kind = "fsdp_reduce_scatter"
+        elif r.kind in ("all_gather", "reduce_scatter"):
+            on_tp = tp > 1 and r.ranks == tp_ranks  # sequence parallelism's, else FSDP2's
+            kind = ("tp_" if on_tp else "fsdp_") + r.kind
         elif r.kind == "all_to_all":
             kind = "ep_all_to_all"
         elif r.kind == "all_reduce" and r.dtype == torch.float64:

@@ -12,7 +12,8 @@ World ranks are laid out as (dp_replicate, dp_shard, tp), tp fastest. Two meshes
              the same experts) and replicated over "edp_replicate" (as torchtitan's sparse mesh).
 
 A process's rows of every global batch are those of its data-parallel rank, rank // tp: the tp
-processes of one data rank see the same rows.
+processes of one data rank see the same rows (with sequence parallelism, each holds 1 / tp of
+their positions between blocks).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`parallelize`: spread a built model over a run's meshes, from outside the model.
 
 In order: tensor parallelism over "tp" (`apply_tensor_parallel`; routed experts split on their
-hidden dimension when ep = 1), expert parallelism over "ep" (`apply_expert_parallel`; also with
+hidden dimension when ep = 1; with `parallel.sequence_parallel`, the norms and the residual
+stream split along the sequence), expert parallelism over "ep" (`apply_expert_parallel`; also with
 ep = 1 for token-choice routing, whose balance statistics then span every data-parallel process),
 then FSDP2 over the data-parallel axes when dp_shard > 1 or tp > 1 (`apply_fully_shard`), else
 DDP (`apply_data_parallel`). `ParallelConfig` documents the layouts.
@@ -27,7 +28,12 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, mesh: ParallelMesh) 
     if hasattr(model, "cfg"):
         parallel.check_model(model.cfg)
     if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh.tp_mesh, split_experts=parallel.ep == 1)
+        apply_tensor_parallel(
+            model,
+            mesh.tp_mesh,
+            split_experts=parallel.ep == 1,
+            sequence_parallel=parallel.sequence_parallel,
+        )
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if layers and (parallel.ep > 1 or all(m.cfg.token_choice for m in layers)):
         apply_expert_parallel(

@@ -21,9 +21,31 @@ For every `Block` of the model (the main stack and the multi-token-prediction bl
   whole (expert-parallel, or replicated);
 - routers, norms, embeddings and the LM head stay whole on every process.
 
-Activations between blocks are whole (replicated) on every process of the tensor-parallel group;
-sequence parallelism is not applied. Checkpoints stay single-process: `shard_specs` records each
-split that is not a DTensor.
+Without sequence parallelism the activations between blocks are whole (replicated) on every
+process of the tensor-parallel group. With it (`sequence_parallel=True`, Megatron-LM's sequence
+parallelism as torchtitan's `parallelize_llama` applies it), each process holds positions
+[t S / tp, (t + 1) S / tp) of the residual stream:
+
+- the RMSNorms run on that shard (`SequenceParallel`: replicated weights, gradients summed over
+  the group); attention's and a dense FFN's inputs are all-gathered
+  (`PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())`, whose
+  backward reduce-scatters the input gradient) and their row-wise outputs reduce-scattered
+  (`RowwiseParallel(output_layouts=Shard(1))`): the all-reduce becomes a reduce-scatter and an
+  all-gather of the same bytes;
+- an MoE layer all-gathers its input too: its router sees every token, so routing, capacity
+  and balance statistics are those of one process (torchtitan gathers the MoE input the same
+  way). Shared experts (without a gate) keep partial sums: their input gradient and output are
+  reduce-scattered with the rest, while the router and the routed experts, computed whole on
+  every process, count their input gradient once (`_GradOnFirst`) and their output once
+  (`_RoutedOnFirst`). A layer whose output is whole on every process (no shared experts, or
+  gated ones, which keep their all-reduces) keeps its own shard of it;
+- the model's first block (and each multi-token-prediction block) takes its shard of the
+  replicated embeddings; the final norm (and each MTP depth's) gathers the whole sequence back,
+  for the LM head, the loss and the next MTP depth, which stay whole as without sequence
+  parallelism (torchtitan splits the head column-wise instead, which all-gathers the (T, V)
+  logits unless the loss is computed in parallel too).
+
+Checkpoints stay single-process: `shard_specs` records each split that is not a DTensor.
 """
 
 from __future__ import annotations
@@ -35,7 +57,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -44,19 +66,27 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from moekit.config import ParallelConfig
 from moekit.distributed.shard_specs import add_split, set_permutation, split_piece
 from moekit.experts import Experts
 from moekit.experts.experts import grouped_experts_forward
 from moekit.model.attention import Attention
 from moekit.model.block import Block, DenseFFN
+from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
 
 
 def apply_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, *, split_experts: bool
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    *,
+    split_experts: bool,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Split every block of `model` over the 1-D `tp_mesh` (see the module docstring); returns
-    `model`. Every process of the mesh must call it with the same model."""
+    `model`. `sequence_parallel` also splits the residual stream and the norms along the
+    sequence (an `MoETransformer` only). Every process of the mesh must call it with the same
+    model."""
     tp = tp_mesh.size()
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
@@ -67,32 +97,48 @@ def apply_tensor_parallel(
                 "tensor parallelism splits multi-head and grouped-query attention; this model "
                 "uses multi-head latent attention (MLA): use parallel.tp=1"
             )
+    if sequence_parallel and not isinstance(model, MoETransformer):
+        raise ValueError(
+            f"sequence parallelism splits an MoETransformer's residual stream, not a "
+            f"{type(model).__name__}'s: use parallel.sequence_parallel=false"
+        )
     group = tp_mesh.get_group()
     # parallelize_module's replicated parameters (SequenceParallel's) come back trainable
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     for block in blocks:
-        _split_attention(block.attn, tp_mesh, group)
+        _split_attention(block.attn, tp_mesh, group, sequence_parallel)
+        if sequence_parallel:
+            norms = {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
+            parallelize_module(block, tp_mesh, norms)
         if isinstance(block.ffn, DenseFFN):
-            parallelize_module(
-                block.ffn,
-                tp_mesh,
-                {
-                    "w_gate": ColwiseParallel(),
-                    "w_up": ColwiseParallel(),
-                    "w_down": RowwiseParallel(),
-                },
-            )
+            if sequence_parallel:
+                parallelize_module(block.ffn, tp_mesh, _gathered_input(1))
+            rowwise = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else None
+            plan = {
+                "w_gate": ColwiseParallel(),
+                "w_up": ColwiseParallel(),
+                "w_down": rowwise or RowwiseParallel(),
+            }
+            parallelize_module(block.ffn, tp_mesh, plan)
         elif isinstance(block.ffn, MoELayer):
             layer = block.ffn
-            if layer.shared_experts is not None:
-                shared = layer.shared_experts
+            # Under sequence parallelism, shared experts without a gate keep partial sums
+            # (the gate's weight would need its gradient summed over the group).
+            shared = layer.shared_experts
+            partial_shared = sequence_parallel and shared is not None and shared.gate is None
+            if shared is not None:
                 if layer.cfg.gated:
                     _interleave_gate_up(shared.w_in, tp)
-                parallelize_module(
-                    shared, tp_mesh, {"w_in": ColwiseParallel(), "w_out": RowwiseParallel()}
-                )
+                out = RowwiseParallel(output_layouts=Partial()) if partial_shared else None
+                plan = {"w_in": ColwiseParallel(), "w_out": out or RowwiseParallel()}
+                parallelize_module(shared, tp_mesh, plan)
             if split_experts:
                 layer.experts = TensorParallelExperts.split(layer.experts, group)
+            if sequence_parallel:
+                _sequence_parallel_moe(layer, tp_mesh, partial_shared)
+    if sequence_parallel:
+        assert isinstance(model, MoETransformer)
+        _sequence_boundaries(model, tp_mesh)
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
@@ -110,14 +156,30 @@ def _one_input(n_args: int) -> PrepareModuleInput:
     )
 
 
-def _split_attention(attn: Attention, tp_mesh: DeviceMesh, group: ProcessGroup) -> None:
+def _gathered_input(n_args: int) -> PrepareModuleInput:
+    """Sequence parallelism's preparation of a block's attention or FFN: the first argument, this
+    process's positions, all-gathered into one replicated DTensor (the backward reduce-scatters
+    its gradient); the others untouched."""
+    rest = (None,) * (n_args - 1)
+    return PrepareModuleInput(
+        input_layouts=(Shard(1), *rest),
+        desired_input_layouts=(Replicate(), *rest),
+        use_local_output=False,
+    )
+
+
+def _split_attention(
+    attn: Attention, tp_mesh: DeviceMesh, group: ProcessGroup, sequence_parallel: bool
+) -> None:
     tp = tp_mesh.size()
-    parallelize_module(attn, tp_mesh, _one_input(4))  # x, rope, mask, cache
+    # x, rope, mask, cache
+    prepare = _gathered_input(4) if sequence_parallel else _one_input(4)
+    parallelize_module(attn, tp_mesh, prepare)
     plan: dict[str, Any] = {
         "q_proj": ColwiseParallel(),
         "k_proj": ColwiseParallel(),
         "v_proj": ColwiseParallel(),
-        "o_proj": RowwiseParallel(),
+        "o_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
     }
     if attn.qk_norm == "head":
         # One weight shared by every head, applied here to this process's heads (dim 1 of
@@ -132,6 +194,121 @@ def _split_attention(attn: Attention, tp_mesh: DeviceMesh, group: ProcessGroup) 
             split_piece(attn.sinks.detach(), group, 0), requires_grad=attn.sinks.requires_grad
         )
         add_split(attn, "sinks", group, 0)
+
+
+def _sequence_parallel_moe(layer: MoELayer, tp_mesh: DeviceMesh, partial_shared: bool) -> None:
+    """An MoE layer between sequence shards: its input all-gathered (the router sees every
+    token), its output reduce-scattered when `partial_shared` (the shared experts' partial sums
+    and, from the first process only, the routed output), else cut to this process's shard.
+
+    The backward mirrors it. With partial shared experts every process's input gradient is a
+    part of the whole: the shared experts' own, plus, on the first process only, that of the
+    router and the routed experts (computed whole, the same on every process); the parts are
+    reduce-scattered. Otherwise the input gradient is whole on every process and each keeps its
+    shard."""
+    group = tp_mesh.get_group()
+    held: dict[str, Tensor] = {}  # this call's gathered input and shared-expert output
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, tp_mesh, (Shard(1),), run_check=False)
+        grads = (Partial(),) if partial_shared else None
+        whole = x.redistribute(tp_mesh, (Replicate(),)).to_local(grad_placements=grads)
+        if not partial_shared:
+            return (whole, *args[1:])
+        held["input"] = whole
+        return (_GradOnFirst.apply(whole, group), *args[1:])
+
+    def scatter(module: nn.Module, args: tuple, output: tuple) -> tuple:
+        y, aux = output
+        placement: Any = Replicate()
+        if partial_shared:
+            shared = held.pop("shared").view_as(y)
+            held.clear()
+            y, placement = _RoutedOnFirst.apply(y, shared, group), Partial()
+        y = DTensor.from_local(y, tp_mesh, (placement,), run_check=False)
+        return y.redistribute(tp_mesh, (Shard(1),)).to_local(), aux
+
+    layer.register_forward_pre_hook(gather)
+    layer.register_forward_hook(scatter)
+    if not partial_shared:
+        return
+    shared = layer.shared_experts
+    assert shared is not None
+
+    def shared_input(module: nn.Module, args: tuple) -> tuple:
+        # the gathered input itself, not the layer's (whose gradient only the first keeps)
+        return (held["input"].reshape(args[0].shape), *args[1:])
+
+    def partial_grads(module: nn.Module, args: tuple) -> tuple:
+        # one replicated input whose gradient stays partial (reduce-scattered with the layer's)
+        x = DTensor.from_local(
+            args[0], tp_mesh, (Replicate(),), run_check=False, grad_placements=(Partial(),)
+        )
+        return (x, *args[1:])
+
+    def keep_output(module: nn.Module, args: tuple, output: Tensor) -> None:
+        held["shared"] = output
+
+    shared.register_forward_pre_hook(shared_input)
+    shared.w_in.register_forward_pre_hook(partial_grads, prepend=True)
+    shared.register_forward_hook(keep_output)
+
+
+def _sequence_boundaries(model: MoETransformer, tp_mesh: DeviceMesh) -> None:
+    """Where the residual stream enters and leaves its sequence shards: the first block of the
+    model and of each MTP depth take this process's positions of their (replicated) input (the
+    backward all-gathers the gradient); the final norm and each MTP depth's run on the shards
+    and all-gather their output."""
+    check = ParallelConfig(tp=tp_mesh.size(), sequence_parallel=True)
+
+    def enter(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        check.check_seq_len(x.shape[1], "input_ids.shape[1]")
+        x = DTensor.from_local(x, tp_mesh, (Replicate(),), run_check=False)
+        return (x.redistribute(tp_mesh, (Shard(1),)).to_local(), *args[1:])
+
+    def leave(module: nn.Module, args: tuple, output: DTensor) -> Tensor:
+        # a copy: to_local's view, returned by the model (ModelOutput.hidden), would make FSDP2
+        # warn about in-place changes to it
+        return output.redistribute(tp_mesh, (Replicate(),)).to_local().clone()
+
+    firsts: list[nn.Module] = [model.layers[0], *(depth.block for depth in model.mtp)]
+    for block in firsts:
+        block.register_forward_pre_hook(enter)
+    for norm in [model.norm, *(depth.norm for depth in model.mtp)]:
+        parallelize_module(norm, tp_mesh, SequenceParallel(use_local_output=False))
+        norm.register_forward_hook(leave)
+
+
+class _GradOnFirst(torch.autograd.Function):
+    """Identity forward; the gradient, whole and the same on every process of the group, is kept
+    on its first process and zero on the others: one part of a sum over the group."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.first = dist.get_rank(group) == 0
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return (grad if ctx.first else torch.zeros_like(grad)), None
+
+
+class _RoutedOnFirst(torch.autograd.Function):
+    """An MoE layer's output y = routed + shared, with the routed part whole on every process
+    and the shared part this process's partial sum, as one part of a sum over the group: y on
+    the first process, `shared` on the others. Every process's y (routed and shared alike) gets
+    the whole gradient back."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, shared: Tensor, group: ProcessGroup) -> Tensor:
+        return y.view_as(y) if dist.get_rank(group) == 0 else shared.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
 
 
 def gate_up_order(width: int, tp: int) -> Tensor:
