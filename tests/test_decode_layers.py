@@ -97,6 +97,17 @@ def _count_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
+def _one_call_per_block(monkeypatch, model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """`decode_logits(model, ids, 4)` and the C calls it made (counting on), having checked that
+    every decode step ran one C call per block (batch 1) or per attention block (batch above 1)."""
+    calls = _count_calls(monkeypatch)
+    fast = decode_logits(model, ids, 4)
+    batch, steps, layers = ids.shape[0], ids.shape[1] - 4, len(model.layers)
+    assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
+    assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
+    return fast, calls
+
+
 def _moe_calls(calls: dict[str, int]) -> int:
     """MoE layers run in C: alone, or in a whole block."""
     return calls.get("moekit_moe_one_token", 0) + calls.get("moekit_block_one_token", 0)
@@ -190,11 +201,8 @@ def test_layers_equal_the_per_product_path_bit_for_bit(monkeypatch, scheme, batc
     the same row functions, the same sums in the same order."""
     model = apply_decode_kernels(_model(1, scheme))
     ids = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
-    calls = _count_calls(monkeypatch)
-    fast = decode_logits(model, ids, 4)
+    fast, calls = _one_call_per_block(monkeypatch, model, ids)
     steps, layers = 8, 2
-    assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
-    assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
     calls.clear()
     by_layer = decode_logits(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
     assert calls.get("moekit_moe_one_token", 0) == (steps * layers if batch == 1 else 0)
@@ -277,11 +285,7 @@ def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme
     if scheme is not None:
         model = apply_decode_kernels(quantize_model(remove_decode_kernels(model), SCHEMES[scheme]))
     ids = torch.randint(0, 97, (batch, 10), generator=torch.Generator().manual_seed(21))
-    calls = _count_calls(monkeypatch)
-    fast = decode_logits(model, ids, 4)
-    steps, layers = 6, 2
-    assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
-    assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
+    fast, _ = _one_call_per_block(monkeypatch, model, ids)
     assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
     plain = remove_decode_kernels(copy.deepcopy(model))
     if scheme is not None:
