@@ -76,6 +76,31 @@ def test_offloaded_generation_is_bit_identical(model_and_dir, budget, policy, pr
     assert [str(w.message)[:22] for w in caught] == ["prefetch stands down: "] * stands_down
 
 
+def test_an_mtp_blocks_experts_are_offloaded_too(tmp_path) -> None:
+    """An expert directory holds the MTP block's experts after the main layers' (one file more);
+    offloaded, they serve the drafts: speculative greedy output equals resident plain greedy, and
+    the drafts read MTP experts through the cache."""
+    torch.manual_seed(1)
+    model = MoETransformer(TINY.replace(mtp_depth=1)).eval()
+    n_main = len(model.moe_layers())
+    expert_dir = write_expert_files(model, tmp_path / "experts")
+    assert layer_file(expert_dir, n_main).is_file()
+    prompt = torch.randint(0, TINY.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    expected = generate(model, prompt, 12)
+    offloaded = copy.deepcopy(model)
+    offload = apply_expert_offload(offloaded, expert_dir, budget=2 * TINY.moe.top_k)
+    loaded, load = [], offload.cache.load
+    offload.cache.load = lambda key: loaded.append(key) or load(key)
+    try:
+        mtp_layer = offloaded.moe_layers(with_mtp=True)[n_main]
+        assert isinstance(mtp_layer.experts, OffloadedExperts)
+        got = generate(offloaded, prompt, 12, speculative="mtp", draft_tokens=2)
+        assert torch.equal(got, expected)
+        assert any(layer == n_main for layer, _ in loaded)
+    finally:
+        offload.close()
+
+
 def test_prefetch_stands_down_at_the_minimum_budget(model_and_dir) -> None:
     """At budget = top_k a layer's own experts fill the cache, so every prefetched read would be
     evicted before its use (the budget cannot hold them plus a guess): no prefetch, one warning

@@ -42,14 +42,15 @@ def runs(tmp_path_factory) -> dict[int, tuple[MoETransformer, Path]]:
 @pytest.mark.parametrize("budget", [2, "50%"])
 @pytest.mark.parametrize("kernels", [False, True])
 def test_offloaded_speculative_greedy_equals_resident_plain_greedy(runs, budget, kernels) -> None:
-    """One verification runs its tokens' experts through the offloaded decode path; the MTP
-    block's experts stay in memory."""
+    """One verification runs its tokens' experts through the offloaded decode path, a draft its
+    MTP block's: every MoE layer's experts, the MTP block's too, are offloaded."""
     model, run = runs[1]
     prompt = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(4))
     expected = generate(model, prompt, 21)
     loaded = load(run, experts=budget)
     try:
-        layers = loaded.model.moe_layers()
+        layers = loaded.model.moe_layers(with_mtp=True)
+        assert len(layers) == len(loaded.model.moe_layers()) + 1
         assert all(isinstance(layer.experts, OffloadedExperts) for layer in layers)
         if kernels:
             apply_decode_kernels(loaded.model)

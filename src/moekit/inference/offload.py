@@ -22,7 +22,7 @@ from moekit.config import ModelConfig, QuantizeConfig
 from moekit.inference.budget import resolve_budget
 from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offloaded_experts import OffloadedExperts
-from moekit.inference.store import CheckpointExpertStore, ExpertStore
+from moekit.inference.store import CheckpointExpertStore, ExpertStore, offloaded_layers
 from moekit.model.transformer import MoETransformer
 from moekit.quant.modules import quantize_model
 from moekit.userfiles import open_safetensors
@@ -63,10 +63,11 @@ def apply_expert_offload(
     prefetch: bool = False,
     expert_counts: Tensor | None = None,
 ) -> ExpertOffload:
-    """Replace each MoE layer's experts (`Experts`, or a quantized model's `QuantizedExperts`)
-    by `OffloadedExperts` reading from `expert_dir` (written by `write_expert_files`), or from a
-    `CheckpointExpertStore`, through one `ExpertCache` of `budget` experts (see `resolve_budget`;
-    in bytes, of the experts as stored: quantized ones at their quantized size).
+    """Replace each MoE layer's experts (the MTP blocks' too: `offloaded_layers`; `Experts`, or
+    a quantized model's `QuantizedExperts`) by `OffloadedExperts` reading from `expert_dir`
+    (written by `write_expert_files`), or from a `CheckpointExpertStore`, through one
+    `ExpertCache` of `budget` experts (see `resolve_budget`; in bytes, of the experts as stored:
+    quantized ones at their quantized size).
 
     policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
     (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
@@ -79,7 +80,7 @@ def apply_expert_offload(
     if not isinstance(store, CheckpointExpertStore):
         store = ExpertStore(expert_dir, model)
     moe = model.cfg.moe
-    layers = model.moe_layers()
+    layers = offloaded_layers(model)
     capacity = expert_capacity(store, model, budget)
     pol = make_policy(policy, expert_counts, n_static=capacity - moe.top_k)
     cache = ExpertCache(store.load, capacity, pol, store.expert_bytes)
@@ -95,7 +96,8 @@ def apply_expert_offload(
         )
     elif prefetch and moe.router != "hash":  # a hash router needs the token ids, not x
         offload.prefetching = True
-        for i, (layer, nxt) in enumerate(itertools.pairwise(layers)):
+        # the main layers: an MTP block's input is not the last main layer's
+        for i, (layer, nxt) in enumerate(itertools.pairwise(model.moe_layers())):
             offload.hooks.append(layer.register_forward_pre_hook(_prefetch_hook(i, nxt, cache)))
     return offload
 
@@ -106,7 +108,7 @@ def expert_capacity(
     """`budget` as a number of experts of `model` stored as in `store` (`resolve_budget`: an error
     naming offload.budget when it cannot hold top_k of them)."""
     moe = model.cfg.moe
-    n_total = len(model.moe_layers()) * moe.n_experts
+    n_total = len(offloaded_layers(model)) * moe.n_experts
     return resolve_budget(
         budget, n_total, store.expert_bytes, moe.top_k, name="offload.budget",
         stored_as=store.stored_as,

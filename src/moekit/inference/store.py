@@ -28,6 +28,7 @@ from moekit.experts import Experts
 from moekit.fileio import atomic_path
 from moekit.inference.cache import ExpertWeight, Key
 from moekit.model.transformer import MoETransformer
+from moekit.moe import MoELayer
 from moekit.quant.modules import QuantizedExperts
 from moekit.quant.schemes import QuantizedWeight
 from moekit.userfiles import DTYPES, open_safetensors, read_json
@@ -89,18 +90,24 @@ def expert_weight(weight: str, scheme: str | None, read: dict[str, Tensor]) -> E
     return QuantizedWeight(scheme, **{k.removeprefix(f"{weight}_"): t for k, t in read.items()})
 
 
+def offloaded_layers(model: MoETransformer) -> list[MoELayer]:
+    """The MoE layers whose experts are offloaded, in order: the main model's, then its MTP
+    blocks' (a draft token reads them as a verified one reads the main layers'; DeepSeek-V3's MTP
+    block alone holds 256 experts). Expert files and cache keys number them in this order."""
+    return model.moe_layers(with_mtp=True)
+
+
 def moe_layer_names(model: MoETransformer) -> list[str]:
-    """The module names of the main model's MoE layers (`model.moe_layers()`), in order: the
-    layers whose experts are offloaded (the MTP blocks' stay in memory)."""
+    """The module names of the `offloaded_layers`, in order."""
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] for layer in model.moe_layers()]
+    return [names[id(layer)] for layer in offloaded_layers(model)]
 
 
 def directory_identity(model: MoETransformer) -> dict[str, Any]:
     """What an expert directory's manifest holds: `model_identity`, plus the schemes of quantized
     experts (a float directory cannot serve a quantized model, nor the reverse)."""
     identity = model_identity(model.cfg)
-    layers = model.moe_layers()
+    layers = offloaded_layers(model)
     schemes = {w: scheme for w, (scheme, _) in stored_experts(layers[0].experts).items()}
     if any(schemes.values()):
         identity["quantized"] = schemes
@@ -108,14 +115,15 @@ def directory_identity(model: MoETransformer) -> dict[str, Any]:
 
 
 def write_expert_files(model: MoETransformer, expert_dir: str | Path) -> Path:
-    """Write every MoE layer's routed experts as `layer-NNN.safetensors` (keys "E.w_in",
+    """Write every offloaded layer's routed experts (`offloaded_layers`: the MTP blocks' too) as
+    `layer-NNN.safetensors` (keys "E.w_in",
     "E.w_out"; a quantized model's "E.w_in_data", "E.w_in_scales", ... as `stored_experts` names
     them) plus a manifest, atomically (the directory appears whole or not at all)."""
     expert_dir = Path(expert_dir)
     identity = directory_identity(model)
     with atomic_path(expert_dir) as tmp:
         tmp.mkdir()
-        for i, layer in enumerate(model.moe_layers()):
+        for i, layer in enumerate(offloaded_layers(model)):
             tensors = {}
             for _, stacked in stored_experts(layer.experts).values():
                 for name, t_E in stacked.items():
@@ -148,7 +156,7 @@ class ExpertStore:
                 f"the experts in {self.dir} belong to another model: {found} != {identity}"
             )
         self.layouts, self.headers = [], []
-        for i, layer in enumerate(model.moe_layers()):
+        for i, layer in enumerate(offloaded_layers(model)):
             path = layer_file(self.dir, i)
             if not path.is_file():
                 raise FileNotFoundError(f"expert file {path} is missing; {REWRITE_EXPERTS}")
@@ -192,7 +200,7 @@ class CheckpointExpertStore:
         self.path = Path(path)
         header, self.data_start = tensor_layout(self.path, remedy)
         self.layouts, self.entries, self.routed_keys = [], [], set()
-        for layer_name, layer in zip(moe_layer_names(model), model.moe_layers(), strict=True):
+        for layer_name, layer in zip(moe_layer_names(model), offloaded_layers(model), strict=True):
             stored, entries = stored_experts(layer.experts), {}
             for scheme, stacked in stored.values():
                 for name, t_E in stacked.items():
