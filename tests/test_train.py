@@ -75,28 +75,30 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path: Path,
     assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
 
 
-# Trains tiny_run with a noisy router in a fresh process: "straight" for all 12 steps, "first"
-# until a Ctrl-C during step 6, "resume" from that run's checkpoint. A fresh process meets every
-# first-call probe (cached per process) at the step where a user's resumed process meets it.
+# Trains tiny_run with a noisy router: in one fresh process "straight" for all 12 steps, then
+# "first" until a Ctrl-C during step 6; in another, "resume" from that run's checkpoint. A fresh
+# process meets every first-call probe (cached per process) at the step where a user's resumed
+# process meets it. ("first" follows "straight" in its process: a probe that drew from the global
+# RNG would also set it apart from "straight", which met the probe first.)
 FRESH_PROCESS_RUN = """
 import signal, sys
 from pathlib import Path
 from tests.run_cases import tiny_run
 from moekit.train import loop
 
-work, mode, noise = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+work, modes, noise = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
 cfg = tiny_run(work)
 cfg = cfg.replace(model=cfg.model.replace(moe=cfg.model.moe.replace(noise=noise)))
-if mode == "first":
-    step = loop.Trainer._train_step
-    def step_then_interrupt(self):
-        result = step(self)
-        if self.step + 1 == 6:
-            signal.raise_signal(signal.SIGINT)
-        return result
-    loop.Trainer._train_step = step_then_interrupt
-run = work / ("straight" if mode == "straight" else "halves")
-loop.train(cfg, run, resume=mode == "resume")
+step = loop.Trainer._train_step
+def step_then_interrupt(self):
+    result = step(self)
+    if self.step + 1 == 6:
+        signal.raise_signal(signal.SIGINT)
+    return result
+for mode in modes:
+    loop.Trainer._train_step = step_then_interrupt if mode == "first" else step
+    run = work / ("straight" if mode == "straight" else "halves")
+    loop.train(cfg, run, resume=mode == "resume")
 """
 
 
@@ -104,9 +106,9 @@ loop.train(cfg, run, resume=mode == "resume")
 def test_resume_in_a_fresh_process_is_exact_with_a_noisy_router(tmp_path: Path, noise: str):
     """Router noise draws from the global RNG, which the checkpoint restores: nothing else in a
     resumed process may draw from it first (issue 13: the grouped_mm probe did)."""
-    for mode in ("straight", "first", "resume"):
+    for modes in ("straight,first", "resume"):
         subprocess.run(
-            [sys.executable, "-c", FRESH_PROCESS_RUN, str(tmp_path), mode, noise],
+            [sys.executable, "-c", FRESH_PROCESS_RUN, str(tmp_path), modes, noise],
             check=True,
             cwd=Path(__file__).parent.parent,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
