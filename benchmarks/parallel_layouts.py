@@ -9,6 +9,9 @@ processes allow, against one process.
     dp_shard4_ep4   FSDP2 over 4 for the rest, experts split over the same 4
     dp_shard2_tp2   FSDP2 over 2 x tensor parallelism over 2
     ep2_tp2         experts split over 2 data ranks x tensor parallelism over 2
+    *_sp            tp4, dp_shard2_tp2 and ep2_tp2 with sequence parallelism
+                    (parallel.sequence_parallel: norms and the residual stream split over the
+                    tp processes along the sequence)
 
 Each layout trains on the same global batch (GLOBAL_BATCH sequences of SEQ_LEN tokens: each
 data-parallel rank takes its share, the tp processes of one data rank the same rows). Per layout:
@@ -18,7 +21,7 @@ the same figures from `moekit.distributed.costs.device_costs`; the step time (fo
 AdamW step; median over steps after warm-up, slowest process per step); each process's peak RSS
 and its memory per `device_costs`. Prints JSON and writes benchmarks/results/parallel_layouts.json.
 
-    .venv/bin/python benchmarks/parallel_layouts.py [--quick] [--steps N] [--out FILE]
+    .venv/bin/python benchmarks/parallel_layouts.py [--quick] [--steps N] [--rounds R] [--out FILE]
 """
 
 from __future__ import annotations
@@ -44,14 +47,17 @@ from moekit.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "parallel_layouts.json"
 WORLD = 4
-LAYOUTS: dict[str, dict[str, Any]] = {
+LAYOUTS: dict[str, dict[str, Any]] = {  # each *_sp right after its layout: compare neighbours
     "baseline": {},
     "ep4": {"ep": 4},
     "tp4": {"tp": 4},
+    "tp4_sp": {"tp": 4, "sequence_parallel": True},
     "dp_shard4": {"dp_shard": 4},
     "dp_shard4_ep4": {"dp_shard": 4, "ep": 4},
     "dp_shard2_tp2": {"dp_shard": 2, "tp": 2},
+    "dp_shard2_tp2_sp": {"dp_shard": 2, "tp": 2, "sequence_parallel": True},
     "ep2_tp2": {"ep": 2, "tp": 2},
+    "ep2_tp2_sp": {"ep": 2, "tp": 2, "sequence_parallel": True},
 }
 # 4 layers (the first dense), 8 heads over 4 KV heads, 8 experts of 256 top-2 and a shared one.
 MODEL = ModelConfig(
@@ -195,9 +201,11 @@ def by_kind(records: list[dict[str, Any]], tp: int, rank: int) -> dict[str, dict
     return by_kind(typed, tp, rank)
 
 
-def summarise(name: str, ranks: list[dict[str, Any]], model: ModelConfig) -> dict[str, Any]:
+def summarise(name: str, rounds: list[list[dict[str, Any]]], model: ModelConfig) -> dict[str, Any]:
     """Communication (rank 0, and summed over the ranks) measured and predicted per kind, the
-    median step time of the slowest rank, memory per rank measured and predicted."""
+    median step time of the slowest rank (over the steps of every round, and per round), memory
+    per rank measured and predicted (the last round's)."""
+    ranks = rounds[-1]
     layout = LAYOUTS[name]
     world = len(ranks)
     parallel = ParallelConfig(**layout)
@@ -223,7 +231,8 @@ def summarise(name: str, ranks: list[dict[str, Any]], model: ModelConfig) -> dic
         if row["calls_rank0"] or row.get("predicted_calls_rank0"):
             comm[kind] = row
     steps = len(ranks[0]["seconds"])
-    slowest = [max(r["seconds"][s] for r in ranks) for s in range(steps)]
+    per_round = [[max(r["seconds"][s] for r in ranks) for s in range(steps)] for ranks in rounds]
+    slowest = [t for times in per_round for t in times]
     sent = [sum(m[k]["sent"] for k in KINDS) for m in measured]
     return {
         "layout": layout,
@@ -231,7 +240,8 @@ def summarise(name: str, ranks: list[dict[str, Any]], model: ModelConfig) -> dic
         "micro_batch_per_data_rank": micro_batch,
         "step_ms_median": 1e3 * statistics.median(slowest),
         "step_ms_min": 1e3 * min(slowest),
-        "steps": steps,
+        "step_ms_median_per_round": [1e3 * statistics.median(times) for times in per_round],
+        "steps": steps * len(rounds),
         "bytes_sent_per_process_per_step": statistics.mean(sent),
         "bytes_sent_predicted_per_process_per_step": statistics.mean(
             sum(p.comms[k].sent for k in KINDS) for p in predicted
@@ -268,18 +278,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a tiny model, 1 step (smoke run)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every layout this many times, one after the other (times pooled over rounds)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     model = QUICK_MODEL if args.quick else MODEL
     steps, warmup = (1, 2) if args.quick else (args.steps, args.warmup)
     info = machine_info()
-    results = {}
-    for name, layout in LAYOUTS.items():
-        spec = {"model": model.to_dict(), "layout": layout, "global_batch": GLOBAL_BATCH,
-                "seq_len": SEQ_LEN, "steps": steps, "warmup": warmup}  # fmt: skip
-        world = 1 if name == "baseline" else WORLD
-        results[name] = summarise(name, launch(spec, world), model)
-        print(f"{name}: {results[name]['step_ms_median']:.0f} ms", file=sys.stderr)
+    runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in LAYOUTS}
+    for _ in range(args.rounds):
+        for name, layout in LAYOUTS.items():
+            spec = {"model": model.to_dict(), "layout": layout, "global_batch": GLOBAL_BATCH,
+                    "seq_len": SEQ_LEN, "steps": steps, "warmup": warmup}  # fmt: skip
+            runs[name].append(launch(spec, 1 if name == "baseline" else WORLD))
+            median = statistics.median(max(r["seconds"][i] for r in runs[name][-1])
+                                       for i in range(steps))  # fmt: skip
+            print(f"{name}: {1e3 * median:.0f} ms", file=sys.stderr)
+    results = {name: summarise(name, rounds, model) for name, rounds in runs.items()}
     base = results["baseline"]["step_ms_median"]
     for run in results.values():
         run["time_vs_baseline"] = run["step_ms_median"] / base
@@ -292,6 +311,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "float32, under each layout of 4 gloo processes and on 1 process"
         ),
         "model": model.to_dict(),
+        "settings": {
+            "rounds": args.rounds,
+            "timed_steps_per_round": steps,
+            "warmup": warmup,
+            "order": "each round runs the layouts in this order: " + ", ".join(LAYOUTS),
+        },
         "machine": info | {"backend": "gloo (localhost TCP)", "threads_per_process": 1},
         "loadavg_end": list(os.getloadavg()),
         "results": results,
