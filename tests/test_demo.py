@@ -9,6 +9,7 @@ import pytest
 from tests.run_cases import JSON_PACKAGE, tiny_run
 
 from moekit.cli import main
+from moekit.cli.demo import clear_previous_demo
 from moekit.config import RunConfig, dense_twin
 from moekit.train import train
 
@@ -36,9 +37,15 @@ def test_the_dense_twin_has_the_moe_active_width() -> None:
 def test_demo_trains_both_compares_and_reports(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     tiny = ["--train.steps=12", "--train.eval.every=4", "--train.log_every=2",
+            "--train.batch_size=4", "--train.seq_len=32", "--train.eval.batches=1",
             f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
             f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    assert main(["demo", "--out", str(out), "--max_new_tokens=8", *tiny]) == 0
+    for name in ("moe", "dense"):  # an earlier demo (its two runs' configs), with a file of its own
+        (out / name).mkdir(parents=True)
+        (out / name / "config.json").write_text(RunConfig.preset("demo").to_json())
+    (out / "stale.txt").write_text("from the last demo")
+    assert main(["demo", "--out", str(out), "--max_new_tokens=8", *tiny]) == 0  # replaces it
+    assert not (out / "stale.txt").exists()
     printed = capsys.readouterr().out
     figures = json.loads((out / "comparison.json").read_text())
     ratio = figures["comparison"]["moe"]["step_ratio"]
@@ -53,9 +60,8 @@ def test_demo_trains_both_compares_and_reports(tmp_path: Path, capsys) -> None:
     )
     for name in ("loss.png", "expert_load.png", "moe/report.md", "dense/report.md"):
         assert (out / name).stat().st_size > 0, name
-    (out / "stale.txt").write_text("from the last demo")
-    assert main(["demo", "--out", str(out), "--max_new_tokens=8", *tiny]) == 0  # replaces it
-    assert not (out / "stale.txt").exists()
+    clear_previous_demo(out)  # what a demo writes is what the next demo replaces
+    assert not out.exists()
 
 
 def test_demo_refuses_to_replace_what_is_not_a_demo(tmp_path: Path, capsys) -> None:
