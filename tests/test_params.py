@@ -305,6 +305,13 @@ def test_params_command_prints_per_device_memory_and_communication(capsys) -> No
     assert total.split()[-1] == f"{expected.memory_bytes / 1e9:,.3f}"
     for name in ("FSDP all-gather", "FSDP reduce-scatter", "TP all-reduce", "EP all-to-all"):
         assert any(line.startswith(name) for line in out.splitlines())
+    # sequence parallelism: its all-gathers and reduce-scatters over the tp group, said
+    assert main([*args, "--parallel.sequence_parallel=true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("per device of 64") and line.endswith(", sequence_parallel")
+               for line in lines)  # fmt: skip
+    for name in ("TP all-gather", "TP reduce-scatter"):
+        assert any(line.startswith(name) for line in lines)
     # ep alone takes the replicas it needs: 4 data-parallel processes
     assert main(["params", "small", "--ep", "4"]) == 0
     assert "per device of 4: dp_replicate 4 x dp_shard 1 x tp 1, ep 4" in capsys.readouterr().out

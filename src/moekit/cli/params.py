@@ -18,6 +18,8 @@ KIND_NAMES = {
     "fsdp_reduce_scatter": "FSDP reduce-scatter",
     "dp_all_reduce": "HSDP/DDP all-reduce",
     "tp_all_reduce": "TP all-reduce",
+    "tp_all_gather": "TP all-gather",
+    "tp_reduce_scatter": "TP reduce-scatter",
     "ep_all_to_all": "EP all-to-all",
 }
 
@@ -113,7 +115,8 @@ def costs_table(
         f"per device of {world}: dp_replicate {s['dp_replicate']} x dp_shard {s['dp_shard']} x "
         f"tp {s['tp']}, ep {s['ep']} (routed experts sharded over {s['edp_shard']}, replicated "
         f"over {s['edp_replicate']}); {path}, param_dtype {parallel.param_dtype}, "
-        f"reshard_after_forward {parallel.reshard_after_forward}",
+        f"reshard_after_forward {parallel.reshard_after_forward}"
+        + (", sequence_parallel" if parallel.sequence_parallel and s["tp"] > 1 else ""),
         f"micro-batch {micro_batch} x {seq_len} tokens per data-parallel rank; rank 0 (the "
         "largest FSDP shards)",
         "",
