@@ -1,5 +1,5 @@
 """Whole decode layers in one C call (`moekit.inference.decode_layers`): the MoE layer (routing,
-its top-k SwiGLU experts, the weighted sum) and the attention block, against their references.
+its top-k gated experts, the weighted sum) and the attention block, against their references.
 
 Two references, two standards:
   - the same model running its decode kernels product by product (the layer's own forward, which
@@ -251,6 +251,8 @@ def test_layer_variants_equal_the_per_product_path(overrides: dict) -> None:
     torch.testing.assert_close(fast, decode_logits(plain, ids, 3), rtol=1e-4, atol=1e-5)
 
 
+# Qwen3-30B-A3B's head layout: 32 query heads (more per-head q norm rows than a model row count)
+QWEN3_32_HEADS = {"qk_norm": "head", "n_heads": 32, "n_kv_heads": 4, "head_dim": 16}
 # GPT-OSS's layers: attention with biases and sinks, a sliding window (biting after 3 positions)
 # in every other layer; experts with biases and the clamped SwiGLU (its limit low enough to bite
 # on these activations), a router with a bias.
@@ -262,8 +264,8 @@ GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
 
 @pytest.mark.parametrize(
     ("overrides", "scheme"),
-    [({"qk_norm": "head"}, None), (GPT_OSS, None), (GPT_OSS, "mxfp4")],
-    ids=["qwen3_qk_norm_head", "gpt_oss", "gpt_oss_mxfp4"],
+    [({"qk_norm": "head"}, None), (QWEN3_32_HEADS, None), (GPT_OSS, None), (GPT_OSS, "mxfp4")],
+    ids=["qwen3_qk_norm_head", "qwen3_32_heads", "gpt_oss", "gpt_oss_mxfp4"],
 )
 @pytest.mark.parametrize("batch", [1, 3])
 def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch) -> None:
@@ -336,13 +338,25 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     assert calls["moekit_block_one_token"] == before - calls.get("moekit_moe_one_token", 0) + 8
 
 
-@pytest.mark.parametrize("scheme", [None, "int4", "mxfp4"])
-def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_path, scheme):
-    """Offloaded experts (fetched, then one C call over the chosen ones) give the resident glued
-    model's logits exactly, at the least budget and with prefetch; and so does the resident model
-    recorded by a TraceRecorder (hooks: its layers fall back), which the offload benchmark checks
-    against."""
-    model = apply_decode_kernels(_model(10, scheme))
+@pytest.mark.parametrize(
+    ("scheme", "moe"),
+    [(None, {}), ("int4", {}), ("mxfp4", {}), (None, GPT_OSS["moe"]), ("mxfp4", GPT_OSS["moe"])],
+    ids=["float32", "int4", "mxfp4", "gpt_oss_moe", "gpt_oss_moe_mxfp4"],
+)
+def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_path, scheme, moe):
+    """Offloaded experts (fetched, then one C call over the chosen ones; GPT-OSS's biased,
+    clamped ones too) give the resident glued model's logits exactly, at the least budget and with
+    prefetch; and so does the resident model recorded by a TraceRecorder (hooks: its layers fall
+    back), which the offload benchmark checks against."""
+    model = _model(10, None, moe=dict(moe))
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            for b in (layer.experts.b_in, layer.experts.b_out, layer.router.bias):
+                if b is not None:
+                    b.normal_(std=0.1)
+    if scheme is not None:
+        model = quantize_model(model, SCHEMES[scheme])
+    model = apply_decode_kernels(model)
     prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(11))
     want = _greedy(model, prompt, 10)
     with TraceRecorder(model):
@@ -425,6 +439,23 @@ def test_a_replaced_module_or_setting_is_followed() -> None:
     assert torch.equal(
         decode_logits(model, ids, 4), decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
     )
+
+
+def test_a_changed_norm_is_followed() -> None:
+    """The C attention's kept weights follow a per-head norm's eps changed, or the norm replaced
+    by one sharing its weight: the per-product path's bits after each change."""
+    model = apply_decode_kernels(_model(22, qk_norm="head"))
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(23))
+    decode_logits(model, ids, 4)  # the plans are built
+    for change in ("eps", "module"):
+        for layer in model.layers:
+            if change == "eps":
+                layer.attn.q_norm.eps = 0.5
+            else:
+                layer.attn.k_norm = decode_glue.GlueRMSNorm.sharing(layer.attn.k_norm)
+                layer.attn.k_norm.eps = 0.25
+        want = decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
+        assert torch.equal(decode_logits(model, ids, 4), want), change
 
 
 @pytest.mark.parametrize("scheme", ["int4", "mxfp4", "int8"])

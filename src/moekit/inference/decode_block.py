@@ -51,9 +51,17 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
     """What the C call reads of the block's weights (norms, attention, MoE layer), or None if
     anything does not qualify; kept while the modules and their tensors stay."""
     attn, ffn = modules[1], modules[3]
-    extra = (*map(id, modules), ffn.training, ffn.__dict__.get("shared_experts"),
-             modules[4].__dict__.get("linear"), modules[5].__dict__.get("expert_ffn"),
-             attn.qk_norm, attn.clip_qkv, attn.sinks is None)  # fmt: skip
+    extra = (
+        *map(id, modules),
+        ffn.training,
+        ffn.__dict__.get("shared_experts"),
+        modules[4].__dict__.get("linear"),
+        modules[5].__dict__.get("expert_ffn"),
+        attn.qk_norm,
+        attn.clip_qkv,
+        attn.sinks is None,
+        *(getattr(m, "eps", None) for m in modules),
+    )  # fmt: skip  (the norms' eps)
     return _cached(block, modules, lambda: _build_plan(block), extra)
 
 

@@ -1,6 +1,6 @@
 /* The per-token glue of a CPU decode step in C: an RMSNorm over a few rows, and one query
  * position's whole attention step (rotary embedding of q and k, the KV-cache write, grouped-query
- * softmax attention over every cached position).
+ * softmax attention over every cached position or a sliding window's, with sinks where given).
  *
  * On this project's machine (AMD EPYC, 2 cores) a decode step of a small model spends most of its
  * time in framework overhead, not arithmetic: torch's rms_norm is a composite of ~6 ops (~16 us
@@ -58,7 +58,8 @@ static void attend_head(const float *q, int64_t q_stride, const float *cos_h, co
                         const float *k_cache, const float *v_cache, int64_t L, int64_t window,
                         int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,
                         const float *sinks, int64_t bh, float *o) {
-    int64_t b = bh / H, h = bh % H, group = H / KV, first = window > 0 && L > window ? L - window : 0;
+    int64_t b = bh / H, h = bh % H, group = H / KV;
+    int64_t first = window > 0 && L > window ? L - window : 0;
     const float *kc = k_cache + ((b * KV + h / group) * max_len + first) * hd;
     const float *vc = v_cache + ((b * KV + h / group) * max_len + first) * hd;
     L -= first;
@@ -146,7 +147,7 @@ void moekit_route_topk_f32(const float *logits, int64_t E, const float *bias, in
 
 /* ================================================================ whole layers in one call
  *
- * A decode token's MoE layer (routing, its top-k experts' SwiGLU products, the weighted sum) and
+ * A decode token's MoE layer (routing, its top-k gated experts' products, the weighted sum) and
  * its attention block (q/k/v products, the step above, o_proj) each in one call and one OpenMP
  * parallel region: each product's output rows split between the threads, barriers between the
  * steps instead of a fork and a join per product (and a Python call per product before). The
@@ -241,7 +242,7 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
                              const float *weights, float *h, float *y) {
     const int64_t F = w_out[0].I, D = w_out[0].O, f_tasks = (F + ROWS_A_TASK - 1) / ROWS_A_TASK;
     void *px[K > 0 ? K : 1], *pa[K > 0 ? K : 1];
-    int failed = 0;
+    int failed = act != NULL && glu == NULL; /* (the caller checks; a mismatch: the reference) */
     for (int64_t k = 0; k < K; k++) { /* x once per kind: experts of one layer share theirs */
         px[k] = k > 0 && w_in[k].kind == w_in[0].kind ? px[0] : prepared(&w_in[k], x, 1);
         pa[k] = NULL;
@@ -326,8 +327,8 @@ int moekit_moe_one_token(const float *x, const weight_ref *router, const float *
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
  * biases), the per-head q and k norms where given, then moekit_attend_one_f32's step (rope, cache
  * write, attention over the pos + 1 cached positions, or the last `window` of them where window
- * > 0, sinks where given), then out (B, D) = that @ W_o^T (+ bias). scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot
- * be prepared. */
+ * > 0, sinks where given), then out (B, D) = that @ W_o^T (+ bias). scratch: B (2 H + 2 KV) hd
+ * floats. Returns 0, or -1 if a product's x cannot be prepared. */
 int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, const float *cos_h,
                            const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
                            int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,

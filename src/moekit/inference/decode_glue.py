@@ -7,9 +7,10 @@ framework overhead: ~4 us an op, and torch's rms_norm is a composite of ~6 of th
 numbers), a step's attention ~25 (rope of q and k, the cache's slice writes, SDPA with its OpenMP
 fork, views). Here each is one ctypes call:
 
-- `rms_norm`: nn.RMSNorm over at most MAX_ROWS rows (`GlueRMSNorm` swaps it in for nn.RMSNorm);
+- `rms_norm`: nn.RMSNorm over at most MAX_NORM_NUMBERS numbers (`GlueRMSNorm` swaps it in for
+  nn.RMSNorm);
 - `glue_cached_attention`: one new position's rope, cache write and attention over every cached
-  position (`Attention.cached_attention`; decode steps with the plain mask, sinks or not);
+  position or a sliding window's (`Attention.cached_attention`; sinks or not);
 - whole layers (`moekit.inference.decode_layers`, on this module's library): a decode
   position's attention block and a decoded token's MoE layer, each one C call.
 
@@ -38,6 +39,9 @@ from moekit.moe import MoELayer
 
 SOURCE = Path(__file__).with_name("decode_glue.c")
 MAX_ROWS = 16  # decode steps; more rows are torch's (its vectorised kernels win there)
+# rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the per-head q/k norms of
+# MAX_ROWS sequences of 64 heads of 128 (the C attention block's, which must equal these bits)
+MAX_NORM_NUMBERS = MAX_ROWS * 8192
 # -ffp-contract=off: the rotary products and sums round one by one, as torch's do.
 FLAGS = (*cbuild.FLAGS, "-ffp-contract=off")
 
@@ -70,7 +74,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor:
         weight is None
         or not _eager_no_grad(x, weight)
         or not (_plain(x) and _plain(weight) and weight.shape == (D,))
-        or x.numel() > MAX_ROWS * D
+        or x.numel() > MAX_NORM_NUMBERS
         or x.numel() == 0
         or _library() is None
     ):
@@ -109,8 +113,8 @@ def glue_cached_attention(
     sinks_H: Tensor | None = None,
 ) -> Tensor:
     """`cached_attention` in one C call for one new position over a float32 cache whose every
-    position it may attend (mask without an explicit matrix), with or without sinks; the
-    reference otherwise."""
+    position it may attend, or its last positions of a sliding window (`decode_window`), with or
+    without sinks; the reference otherwise."""
     if not _attention_qualifies(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H):
         return cached_attention(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H)
     assert cache is not None
@@ -193,7 +197,9 @@ def decode_window(mask: AttentionMask) -> int | None:
     """Which cached keys one decode query attends, as the C attention reads it: 0 for all of them
     (no explicit mask), the window for a sliding window's mask (its last `window` keys); None for
     any other mask (the reference runs)."""
-    return 0 if mask.mask_SL is None else mask.window
+    if mask.mask_SL is None:
+        return 0
+    return mask.window if mask.window is not None and mask.window > 0 else None
 
 
 def _cache_qualifies(

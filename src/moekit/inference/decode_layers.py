@@ -1,5 +1,5 @@
 """Whole decode layers in one C call: a decode position's attention block (q/k/v products, rope,
-the cache write, attention, o_proj; here), a decoded token's MoE layer (routing, its top-k SwiGLU
+the cache write, attention, o_proj; here), a decoded token's MoE layer (routing, its top-k gated
 experts, the weighted sum; `decode_moe`) and a whole decoder block (`decode_block`), swapped in by
 `moekit.inference.decode_glue.apply_decode_glue`; here also the weights' descriptions the C
 calls read (`WeightRef`) and the kernels' row functions handed to them (`ops_ready`).
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
 from moekit.inference.decode_glue import (
+    MAX_NORM_NUMBERS,
     GlueRMSNorm,
     _cache_qualifies,
     _hooked,
@@ -226,6 +227,7 @@ def attention_step_qualifies(
         and not (torch.is_grad_enabled() and x_BSD.requires_grad)
         and _plain(x_BSD)
         and _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
+        and (attn.qk_norm is None or B * attn.n_heads * attn.head_dim <= MAX_NORM_NUMBERS)
         and not _hooked(*attention_modules(attn))
         and ops_ready()
     )
@@ -242,8 +244,9 @@ def attention_weights(attn: Attention) -> AttentionRef | None:
     """The attention's weights as the C block reads them: decode-kernel projections of the heads'
     shapes, per-head q/k norms (the glue's, over head_dim) or none, sinks or none, no clipping;
     None otherwise. Kept while they stay."""
-    extra = (attn.qk_norm, attn.clip_qkv, attn.sinks is None)
     modules = (attn, *attention_modules(attn))  # attn's own parameter: the sinks
+    norms = (getattr(n, "eps", None) for n in (attn.q_norm, attn.k_norm))
+    extra = (*map(id, modules), *norms, attn.qk_norm, attn.clip_qkv, attn.sinks is None)
     return _cached(attn, modules, lambda: _attention_refs(attn), extra)
 
 

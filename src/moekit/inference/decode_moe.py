@@ -112,10 +112,12 @@ class ActivationRef(ctypes.Structure):
 def activation_ref(experts: nn.Module) -> ActivationRef | bool | None:
     """How the C layers compute the experts' activation: None for SwiGLU (their own), an
     `ActivationRef` for the clamped SwiGLU (where the quantized kernels, which run it, are
-    built); False where they cannot (an ungated activation)."""
+    built); False where they cannot (an ungated activation; biased SwiGLU experts without the
+    quantized kernels, whose per-expert reference then runs torch's silu)."""
     cfg = experts.cfg
-    if cfg.activation == "swiglu":
-        return None
+    biased = experts.b_in is not None or experts.b_out is not None
+    if cfg.activation == "swiglu" and not (biased and not quant_kernels.available()):
+        return None  # (the per-expert reference of biased ones runs the quantized kernels' glu)
     if cfg.activation == "clamped_swiglu" and quant_kernels.available():
         return ActivationRef(1, cfg.swiglu_alpha, cfg.swiglu_limit)
     return False
