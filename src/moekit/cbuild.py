@@ -13,19 +13,25 @@ pool and its thread count (torch.set_num_threads).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from moekit.fileio import atomic_path, default_cache_dir
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
 # For large kernel files: quant/kernels.c builds in 10.6 s at -O2 against 18.2 at -O3 on this
@@ -37,7 +43,8 @@ LIBS = ("-lm",)  # after the source: with --as-needed linkers, a library before 
 def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS) -> Path:
     """The shared library of `source` for this compiler ($CC, else cc, else gcc) and flags,
     compiled once into the cache directory (under a temporary name, then renamed, so concurrent
-    first uses are safe). Raises OSError without a compiler, CalledProcessError if it fails."""
+    first uses are safe; where file locks exist, they wait for one build instead of each compiling
+    it: test workers, ranks). Raises OSError without a compiler, CalledProcessError if it fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler")
@@ -45,11 +52,26 @@ def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS
     key = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()
     path = default_cache_dir() / "kernels" / f"{source.stem}-{key[:16]}.so"
     if not path.exists():
-        with atomic_path(path) as out:
-            names = {"{source}": str(source), "{out}": str(out)}
-            filled = [names.get(arg, arg) for arg in command]
-            subprocess.run(filled, check=True, capture_output=True, text=True)
+        with _locked(path.with_name(f".{path.name}.lock")):
+            if not path.exists():  # another process may have built it while this one waited
+                with atomic_path(path) as out:
+                    names = {"{source}": str(source), "{out}": str(out)}
+                    filled = [names.get(arg, arg) for arg in command]
+                    subprocess.run(filled, check=True, capture_output=True, text=True)
     return path
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if missing) for the block; without fcntl
+    (Windows), no lock."""
+    if fcntl is None:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def load(
