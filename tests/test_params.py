@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ PUBLISHED = {
 }
 
 
+@functools.cache  # a preset's meta model is built once (DeepSeek-V3's ~0.5 s); tests only read it
 def meta_model(name: str) -> MoETransformer:
     with torch.device("meta"):
         return MoETransformer(ModelConfig.preset(name))
