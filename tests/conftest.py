@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-# Tests run in parallel workers on a 2-core machine: one thread each avoids oversubscription, under
-# which OpenMP spin-waiting makes small matmuls a hundred times slower.
-torch.set_num_threads(1)
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # pytest-xdist's controller runs no test: its workers start without its torch import
+    import torch
+
+    # Tests run in parallel workers on a 2-core machine: one thread each avoids oversubscription,
+    # under which OpenMP spin-waiting makes small matmuls a hundred times slower.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
+    import torch
+
     torch.manual_seed(0)
     yield
     # A benchmark's main() sets 2 threads for its own timing; the next test in this worker would
@@ -20,6 +29,8 @@ def _seed_and_one_thread():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
