@@ -75,46 +75,60 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path: Path,
     assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
 
 
-# Trains tiny_run with a noisy router: in one fresh process "straight" for all 12 steps, then
-# "first" until a Ctrl-C during step 6; in another, "resume" from that run's checkpoint. A fresh
-# process meets every first-call probe (cached per process) at the step where a user's resumed
-# process meets it. ("first" follows "straight" in its process: a probe that drew from the global
-# RNG would also set it apart from "straight", which met the probe first.)
+# Trains tiny_run with a noisy router for each of the noises: "straight" for all 12 steps, then
+# "first" until a Ctrl-C during step 6 (the modes in order, one process); or "resume" from that
+# run's checkpoint (a fresh process for each noise). A fresh process meets every first-call probe
+# (cached per process) at the step where a user's resumed process meets it. (A probe that drew from
+# the global RNG would also set "first" apart from a "straight" that met the probe first.)
 FRESH_PROCESS_RUN = """
 import signal, sys
 from pathlib import Path
 from tests.run_cases import tiny_run
 from moekit.train import loop
 
-work, modes, noise = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
-cfg = tiny_run(work)
-cfg = cfg.replace(model=cfg.model.replace(moe=cfg.model.moe.replace(noise=noise)))
+work, modes, noises = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3].split(",")
 step = loop.Trainer._train_step
 def step_then_interrupt(self):
     result = step(self)
     if self.step + 1 == 6:
         signal.raise_signal(signal.SIGINT)
     return result
-for mode in modes:
-    loop.Trainer._train_step = step_then_interrupt if mode == "first" else step
-    run = work / ("straight" if mode == "straight" else "halves")
-    loop.train(cfg, run, resume=mode == "resume")
+for noise in noises:
+    cfg = tiny_run(work)
+    cfg = cfg.replace(model=cfg.model.replace(moe=cfg.model.moe.replace(noise=noise)))
+    for mode in modes:
+        loop.Trainer._train_step = step_then_interrupt if mode == "first" else step
+        run = work / noise / ("straight" if mode == "straight" else "halves")
+        loop.train(cfg, run, resume=mode == "resume")
 """
+NOISES = ("jitter", "gaussian")
 
 
-@pytest.mark.parametrize("noise", ["jitter", "gaussian"])
-def test_resume_in_a_fresh_process_is_exact_with_a_noisy_router(tmp_path: Path, noise: str):
+def run_fresh(work: Path, modes: str, noises: str) -> None:
+    subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_RUN, str(work), modes, noises],
+        check=True,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def noisy_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each noise's "straight" and "first" runs, all trained in one fresh process."""
+    work = tmp_path_factory.mktemp("noisy")
+    run_fresh(work, "straight,first", ",".join(NOISES))
+    return work
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_resume_in_a_fresh_process_is_exact_with_a_noisy_router(noisy_runs: Path, noise: str):
     """Router noise draws from the global RNG, which the checkpoint restores: nothing else in a
     resumed process may draw from it first (issue 13: the grouped_mm probe did)."""
-    for modes in ("straight,first", "resume"):
-        subprocess.run(
-            [sys.executable, "-c", FRESH_PROCESS_RUN, str(tmp_path), modes, noise],
-            check=True,
-            cwd=Path(__file__).parent.parent,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    assert losses(tmp_path / "halves") == losses(tmp_path / "straight")
-    straight, halves = (list_checkpoints(tmp_path / r)[-1] for r in ("straight", "halves"))
+    run_fresh(noisy_runs, "resume", noise)
+    work = noisy_runs / noise
+    assert losses(work / "halves") == losses(work / "straight")
+    straight, halves = (list_checkpoints(work / r)[-1] for r in ("straight", "halves"))
     assert straight.name == halves.name == "step-000012"
     a, b = (load_file(str(c / "model.safetensors")) for c in (straight, halves))
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
