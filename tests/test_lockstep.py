@@ -69,14 +69,28 @@ def test_lockstep_runs_are_ordinary_runs_with_timed_curves(tmp_path: Path) -> No
         train_in_lockstep({"a": moe, "b": dense.replace(train=train.replace(steps=4))}, dirs)
 
 
-def test_runs_in_parallel_are_the_runs_of_one_process_each(tmp_path: Path) -> None:
-    """Two processes at once give the runs of training each alone (same seed, same data, one
-    thread each): the same losses at every logged step and evaluation."""
-    base = tiny_run(tmp_path)
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, set[str]]:
+    """An MoE, its dense twin and a run that diverges at its first step, trained at once by
+    `run_in_parallel` (a process each, one thread each; a diverged run ends alone): the configs,
+    run directories and diverged runs that the next two tests read."""
+    work = tmp_path_factory.mktemp("side")
+    base = tiny_run(work)
     moe = base.replace(train=lockstep_settings(base.train, steps=6, evals=2).replace(threads=1))
-    dense = moe.replace(model=dense_twin(moe.model))
-    dirs = {"moe": tmp_path / "moe", "dense": tmp_path / "dense"}
-    run_in_parallel({"moe": moe, "dense": dense}, dirs, progress=False)
+    configs = {
+        "moe": moe,
+        "dense": moe.replace(model=dense_twin(moe.model)),
+        "blows-up": moe.replace(train=moe.train.replace(lr=1e30, warmup_steps=0)),
+    }
+    dirs = {name: work / name for name in configs}
+    return configs, dirs, run_in_parallel(configs, dirs, progress=False, divergence_ends_a_run=True)
+
+
+def test_runs_in_parallel_are_the_runs_of_one_process_each(side_by_side, tmp_path: Path) -> None:
+    """Processes at once give the runs of training each alone (same seed, same data, one thread
+    each): the same losses at every logged step and evaluation."""
+    configs, dirs, _ = side_by_side
+    moe, dense = configs["moe"], configs["dense"]
     runs = {name: run_summary(dirs[name], cfg) for name, cfg in (("moe", moe), ("dense", dense))}
     train_in_lockstep({"dense": dense}, {"dense": tmp_path / "alone"}, progress=False)
     assert runs["dense"]["val_curve"] == run_summary(tmp_path / "alone", dense)["val_curve"]
@@ -103,21 +117,19 @@ def test_a_run_that_fails_in_its_process_stops_the_others_and_is_named(
     assert "error: " in capfd.readouterr().err
 
 
-def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(tmp_path: Path) -> None:
+def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(
+    side_by_side, tmp_path: Path
+) -> None:
     """An experiment's arm may diverge (a high learning rate is one of its arms): it ends, the
     others train to the end; for a comparison, a diverged run stops them all and is named."""
-    base = tiny_run(tmp_path)
-    ok = base.replace(train=lockstep_settings(base.train, steps=4, evals=1).replace(threads=1))
-    blows_up = ok.replace(train=ok.train.replace(lr=1e30, warmup_steps=0))
-    configs = {"ok": ok, "blows-up": blows_up}
-    dirs = {name: tmp_path / "side" / name for name in configs}
-    assert run_in_parallel(configs, dirs, progress=False, divergence_ends_a_run=True) == {
-        "blows-up"
-    }
-    assert [r["step"] for r in read_metrics(dirs["ok"] / "metrics.jsonl")][-1] == 4
-    dirs = {name: tmp_path / "compare" / name for name in configs}
+    configs, dirs, diverged = side_by_side
+    assert diverged == {"blows-up"}
+    for name in ("moe", "dense"):
+        assert [r["step"] for r in read_metrics(dirs[name] / "metrics.jsonl")][-1] == 6
+    compared = {"ok": configs["dense"], "blows-up": configs["blows-up"]}
+    dirs = {name: tmp_path / "compare" / name for name in compared}
     with pytest.raises(SideBySideFailed, match=r"blows-up \(diverged"):
-        run_in_parallel(configs, dirs, progress=False)
+        run_in_parallel(compared, dirs, progress=False)
 
 
 def test_designs_are_overrides_of_a_base_trained_side_by_side_once_per_seed(tmp_path: Path):
