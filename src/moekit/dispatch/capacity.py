@@ -16,6 +16,7 @@ from torch import Tensor
 from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch.base import DispatchState, combine_rows, sort_by_expert
+from moekit.dispatch.combine import gather_rows
 from moekit.routing.base import Routing, expert_capacity
 
 
@@ -117,7 +118,7 @@ class CapacityDispatcher:
         slot_R = slots[order_R]
         token_R = slot_R // final_TK.shape[1]
         state = DispatchState(token_R, weights_TK.reshape(-1)[slot_R], final_TK, weights_TK, T)
-        return x_TD.index_select(0, token_R), counts_E, state
+        return gather_rows(x_TD, token_R), counts_E, state
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
         return combine_rows(y_RD, state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moekit.dispatch.base import DispatchState, combine_rows, sort_by_expert
+from moekit.dispatch.combine import gather_rows
 from moekit.routing.base import Routing
 
 
@@ -18,7 +19,7 @@ class DroplessDispatcher:
         token_R = order_R // K
         weights_R = routing.weights_TK.reshape(-1)[order_R]
         state = DispatchState(token_R, weights_R, routing.ids_TK, routing.weights_TK, len(x_TD))
-        return x_TD.index_select(0, token_R), counts_E, state
+        return gather_rows(x_TD, token_R), counts_E, state
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
         return combine_rows(y_RD, state)

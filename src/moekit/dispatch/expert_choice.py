@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.base import DispatchState, combine_rows
+from moekit.dispatch.combine import gather_rows
 from moekit.routing.base import Routing
 
 
@@ -17,7 +18,7 @@ class ExpertChoiceDispatcher:
         token_R = routing.tokens_EC.reshape(-1)
         counts_E = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
         state = DispatchState(token_R, routing.gates_EC.reshape(-1), None, None, x_TD.shape[0])
-        return x_TD.index_select(0, token_R), counts_E, state
+        return gather_rows(x_TD, token_R), counts_E, state
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
         return combine_rows(y_RD, state)

@@ -25,10 +25,10 @@ Memory per device
                        reshaped copy for o_proj)
             FFN norm   3*T*D
             dense FFN  4*T*F/tp (gate, silu(gate), up, their product)
-            MoE        2*T*E (router logits, probabilities) + R*(2*D + 4*F/tp') (rows gathered
-                       for the experts, [gate|up], silu(gate), product, expert outputs) with
-                       R = T*top_k rows (dropless), tp' = tp when ep=1 else 1; shared experts
-                       4*T*Fs/tp
+            MoE        2*T*E (router logits, probabilities) + R*(2*D + 3*F/tp') (rows gathered
+                       for the experts, [gate|up], product, expert outputs: the fused SwiGLU
+                       keeps only [gate|up]) with R = T*top_k rows (dropless), tp' = tp when
+                       ep=1 else 1; shared experts 3*T*Fs/tp
         plus the head: 3*T*D (final norm) and T*V float32 (the log-softmax the loss keeps). With
         sequence parallelism each RMSNorm (attention's, the FFN's, the final one) saves its
         input and normalised input on this process's T/tp positions and the next projections
@@ -416,7 +416,7 @@ def activation_bytes(
     if cfg.moe is not None:
         m = cfg.moe
         f = m.d_expert // (tp if ep == 1 else 1)
-        moe = 2 * T * m.n_experts + _rows(cfg, T) * (2 * D + 4 * f) + 4 * T * m.shared_width // tp
+        moe = 2 * T * m.n_experts + _rows(cfg, T) * (2 * D + 3 * f) + 3 * T * m.shared_width // tp
     blocks = [moe if i in moe_layers else dense for i in range(cfg.n_layers)]
     blocks += [moe if cfg.moe is not None else dense] * cfg.mtp_depth
     elements = sum(attention + b for b in blocks) + norm

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit import moe_kernels
 from moekit.config import MoEConfig
 from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
 
@@ -32,23 +33,29 @@ def activate(h_RH: Tensor, activation: str, alpha: float = 1.702, limit: float =
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up with a backward that writes d[gate | up] straight into one (R, 2F) tensor:
-    no concatenation of the halves' gradients, and no more temporaries than autograd's own."""
+    """silu(gate) * up saving only h = [gate | up] for the backward (silu(gate) is recomputed
+    there), which writes d[gate | up] straight into one (R, 2F) tensor: no concatenation of the
+    halves' gradients. On CPU float32 each pass is one C kernel call (`moekit.moe_kernels`); these
+    torch operators are its reference and run everywhere else."""
 
     @staticmethod
     def forward(ctx, h_RH: Tensor) -> Tensor:
+        ctx.save_for_backward(h_RH)
+        if moe_kernels.usable(h_RH):
+            return moe_kernels.swiglu_forward(h_RH)
         gate, up = h_RH.chunk(2, dim=-1)
-        silu_gate = F.silu(gate)
-        ctx.save_for_backward(h_RH, silu_gate)
-        return silu_gate * up
+        return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad_RF: Tensor) -> Tensor:
-        h_RH, silu_gate = ctx.saved_tensors
+        (h_RH,) = ctx.saved_tensors
+        grad_RF = grad_RF.contiguous()
+        if moe_kernels.usable(h_RH, grad_RF):
+            return moe_kernels.swiglu_backward(h_RH, grad_RF)
         gate, up = h_RH.chunk(2, dim=-1)
         grad_h = torch.empty_like(h_RH)
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(silu_gate, grad_RF, out=grad_up)
+        torch.mul(F.silu(gate), grad_RF, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad_RF * up, gate, grad_input=grad_gate)
         return grad_h
 
@@ -56,6 +63,13 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(h_RH: Tensor) -> Tensor:
     """Fused silu(gate) * up for h = [gate | up] (R, 2F) -> (R, F); twin of `activate`."""
     return _SwiGLU.apply(h_RH)
+
+
+def activate_fast(h_RH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0):
+    """`activate`, with swiglu run by the fused `swiglu` (one C call per pass on CPU float32)."""
+    if activation == "swiglu":
+        return swiglu(h_RH)
+    return activate(h_RH, activation, alpha, limit)
 
 
 def expert_ffn(
@@ -94,11 +108,7 @@ def grouped_experts_forward(
     h = matmul(x_RD, w_in, counts_E)
     if b_in is not None:
         h = h + torch.repeat_interleave(b_in, counts_E, dim=0, output_size=x_RD.shape[0])
-    act = (
-        swiglu(h)
-        if cfg.activation == "swiglu"
-        else activate(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
-    )
+    act = activate_fast(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
     y = matmul(act, w_out, counts_E)
     if b_out is not None:
         y = y + torch.repeat_interleave(b_out, counts_E, dim=0, output_size=x_RD.shape[0])
@@ -225,7 +235,7 @@ class SharedExperts(nn.Module):
             nn.init.normal_(self.gate.weight, std=std)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        y = self.w_out(activate(self.w_in(x_TD), *self.activation))
+        y = self.w_out(activate_fast(self.w_in(x_TD), *self.activation))
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x_TD))
         return y

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit import moe_kernels
 from moekit.config import MoEConfig
 from moekit.routing.base import Routing
 
@@ -47,7 +48,7 @@ def topk_route(logits_TE: Tensor, expert_bias_E: Tensor, cfg: MoEConfig) -> Rout
     """
     scores_TE, probs_TE = score(logits_TE, cfg.score)
     selection_TE = group_limit(scores_TE.detach() + expert_bias_E, cfg.n_groups, cfg.topk_groups)
-    ids_TK = selection_TE.topk(cfg.top_k, dim=-1).indices
+    ids_TK = moe_kernels.topk_ids(selection_TE, cfg.top_k)
     selected_TK = scores_TE.gather(1, ids_TK)
     if cfg.normalize:  # reciprocal() * scaling is what `scaling / tensor` runs, minus a wrapper
         scale_T = (selected_TK.sum(-1) + NORMALIZER_EPS).reciprocal() * cfg.routed_scaling
