@@ -190,13 +190,20 @@ __attribute__((target("avx2,fma"))) static void topk_row_avx2(float *row, int64_
         m = _mm256_max_ps(m, _mm256_permute_ps(m, 0xB1)); /* every lane: the row's largest */
         int64_t e = 0;
         int mask = 0;
+        __m256 v = m;
         for (; e < E8; e += 8) {
-            mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + e), m, _CMP_EQ_OQ));
+            v = _mm256_loadu_ps(row + e);
+            mask = _mm256_movemask_ps(_mm256_cmp_ps(v, m, _CMP_EQ_OQ));
             if (mask) break;
         }
-        int64_t best = e + __builtin_ctz(mask);
-        ids[k] = best;
-        row[best] = -INFINITY;
+        int lane = __builtin_ctz(mask);
+        ids[k] = e + lane;
+        /* take it out with a whole-vector store: a one-float store that the next round's vector
+         * loads overlap would stall them (no store-to-load forwarding) */
+        __m256i hit = _mm256_cmpeq_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(lane));
+        _mm256_storeu_ps(row + e,
+                         _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(hit)));
     }
 }
 #endif

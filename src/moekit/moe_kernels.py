@@ -40,18 +40,30 @@ _ops.define("sort_by_expert(Tensor ids, int n_experts) -> Tensor[]")
 _ops.define("gather_rows_dots(Tensor x, Tensor token, Tensor weights, Tensor y) -> Tensor[]")
 
 
-# Below this many numbers in an op's first tensor torch's operator runs: a kernel call through
-# ctypes costs ~5 us more than an operator's (top-k ids of (1, 64) scores: 8.4 us against 3.1;
-# even at (64, 64)), which decoding and small prefills would pay.
+# Below this many numbers in their first tensor the SwiGLU and top-k ops leave the work to torch:
+# a kernel call through ctypes costs ~5 us more than an operator's (top-k ids of (1, 64) scores:
+# 8.4 us against 3.1; about even at (64, 64), and SwiGLU at 4,096 numbers), which decoding and
+# small prefills would pay. The ops over rows win at every size (a sort of 128 expert ids 6 us
+# against argsort's 30, a combine of 1,024 numbers 6 against 16).
 MIN_NUMBERS = 8192
 
 
 def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels run on these tensors: plain contiguous CPU float32, the first of at
-    least MIN_NUMBERS numbers, the library built."""
+    """Whether the SwiGLU and top-k kernels run on these tensors: plain contiguous CPU float32,
+    the first of at least MIN_NUMBERS numbers, the library built."""
+    return tensors[0].numel() >= MIN_NUMBERS and _plain(tensors)
+
+
+def rows_usable(token_R: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether `scatter_rows` / `gather_rows` / `sort_by_expert` run the kernels: a contiguous
+    int64 CPU index and plain contiguous CPU float32 tensors (None skipped), any size."""
+    floats = tuple(t for t in tensors if t is not None)
+    return cbuild.plain_cpu(token_R, torch.int64) and token_R.is_contiguous() and _plain(floats)
+
+
+def _plain(floats: tuple[Tensor, ...]) -> bool:
     return (
-        tensors[0].numel() >= MIN_NUMBERS
-        and all(cbuild.plain_cpu(t, torch.float32) and t.is_contiguous() for t in tensors)
+        all(cbuild.plain_cpu(t, torch.float32) and t.is_contiguous() for t in floats)
         and _library() is not None
     )
 
@@ -77,20 +89,6 @@ def topk_ids(scores_TE: Tensor, k: int) -> Tensor:
     if not usable(scores_TE):
         return scores_TE.topk(k, dim=-1).indices
     return cbuild.call(_topk_ids_cpu, torch.ops.moekit.topk_ids.default, scores_TE, k)
-
-
-def rows_usable(token_R: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether `scatter_rows` / `gather_rows` / `sort_by_expert` run the kernels: `usable` float
-    tensors (None skipped) and a contiguous int64 CPU index (of MIN_NUMBERS ids when it is the
-    only tensor)."""
-    floats = [t for t in tensors if t is not None]
-    return (
-        cbuild.plain_cpu(token_R, torch.int64)
-        and token_R.is_contiguous()
-        and (
-            usable(*floats) if floats else token_R.numel() >= MIN_NUMBERS and _library() is not None
-        )
-    )
 
 
 def scatter_rows(y_RD: Tensor, weights_R: Tensor | None, token_R: Tensor, n_tokens: int) -> Tensor:
