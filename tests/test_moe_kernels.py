@@ -143,6 +143,17 @@ def test_combine_and_gather_are_index_add_and_index_select_bit_for_bit() -> None
     assert torch.equal(x.grad, torch.zeros_like(x).index_add_(0, token, y.detach()))
 
 
+def test_token_ids_out_of_range_raise_instead_of_reading_past_the_rows() -> None:
+    y, w, token, T = rows_case(100, 8, 20)
+    bad = token.clone()
+    bad[7] = T  # one past the last token
+    with pytest.raises(IndexError, match=r"outside 0\.\.19"):
+        moe_kernels.scatter_rows(y.detach(), w.detach(), bad, T)
+    bad[7] = -1
+    with pytest.raises(IndexError, match=r"outside 0\.\.19"):
+        moe_kernels.gather_rows(torch.randn(T, 8), bad)
+
+
 def test_kernels_are_deterministic_across_thread_counts() -> None:
     y, w, token, T = rows_case(40000, 64, 3000)  # large enough to use both threads
     h, g = torch.randn(40000, 64), torch.randn(40000, 32)

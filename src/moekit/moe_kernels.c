@@ -236,17 +236,22 @@ int moekit_topk_ids(const float *scores, int64_t T, int64_t E, int64_t K, int64_
  * (w NULL: of y[r]); 0 for a token without rows. Each thread owns a range of tokens and reads
  * every token id, so each sum runs in row order whatever the thread count: the numbers of
  * torch's `index_add_` of `y * w[:, None]`, bit for bit (products rounded, then added; this file
- * is compiled as ISO C, which does not contract them into FMAs). */
-void moekit_scatter_rows(const float *y, const float *w, const int64_t *token, int64_t R,
-                         int64_t D, int64_t T, float *out) {
-#pragma omp parallel if (R * D >= MIN_PARALLEL_NUMBERS)
+ * is compiled as ISO C, which does not contract them into FMAs). Returns 0, or -1 if a token id
+ * lies outside 0..T-1 (its row is left out). */
+int moekit_scatter_rows(const float *y, const float *w, const int64_t *token, int64_t R,
+                        int64_t D, int64_t T, float *out) {
+    int bad = 0;
+#pragma omp parallel if (R * D >= MIN_PARALLEL_NUMBERS) reduction(| : bad)
     {
         int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
         int64_t lo = T * id / threads, hi = T * (id + 1) / threads;
         for (int64_t i = lo * D; i < hi * D; i++) out[i] = 0.0f;
         for (int64_t r = 0; r < R; r++) {
             int64_t t = token[r];
-            if (t < lo || t >= hi) continue;
+            if (t < lo || t >= hi) {
+                bad |= id == 0 && (t < 0 || t >= T);
+                continue;
+            }
             float *o = out + t * D;
             const float *yr = y + r * D;
             if (w) {
@@ -257,6 +262,7 @@ void moekit_scatter_rows(const float *y, const float *w, const int64_t *token, i
             }
         }
     }
+    return bad ? -1 : 0;
 }
 
 /* a . b over n numbers in 8 lanes (a fixed order the compiler can vectorise), then the lanes,
@@ -273,17 +279,26 @@ static float dot_lanes(const float *a, const float *b, int64_t n) {
 }
 
 /* out (R, D): out[r] = w[r] * x[token[r]] (w NULL: x[token[r]]); and where dots is not NULL,
- * dots[r] = x[token[r]] . y[r] (dot_lanes): the backward of moekit_scatter_rows. */
-void moekit_gather_rows(const float *x, const int64_t *token, const float *w, int64_t R,
-                        int64_t D, float *out, const float *y, float *dots) {
-#pragma omp parallel for schedule(static) if (R * D >= MIN_PARALLEL_NUMBERS)
+ * dots[r] = x[token[r]] . y[r] (dot_lanes): the backward of moekit_scatter_rows. Returns 0, or
+ * -1 if a token id lies outside 0..T-1 (its row is left as zeros). */
+int moekit_gather_rows(const float *x, int64_t T, const int64_t *token, const float *w, int64_t R,
+                       int64_t D, float *out, const float *y, float *dots) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) if (R * D >= MIN_PARALLEL_NUMBERS) reduction(| : bad)
     for (int64_t r = 0; r < R; r++) {
-        const float *xr = x + token[r] * D;
         float *o = out + r * D;
+        if (token[r] < 0 || token[r] >= T) {
+            bad = 1;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            if (dots) dots[r] = 0.0f;
+            continue;
+        }
+        const float *xr = x + token[r] * D;
         float wr = w ? w[r] : 1.0f;
         for (int64_t d = 0; d < D; d++) o[d] = wr * xr[d];
         if (dots) dots[r] = dot_lanes(xr, y + r * D, D);
     }
+    return bad ? -1 : 0;
 }
 
 /* A stable counting sort of R expert ids in -1..E-1 (-1: a dropped assignment): order (R,) the

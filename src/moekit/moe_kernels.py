@@ -94,7 +94,7 @@ def topk_ids(scores_TE: Tensor, k: int) -> Tensor:
 def scatter_rows(y_RD: Tensor, weights_R: Tensor | None, token_R: Tensor, n_tokens: int) -> Tensor:
     """(n_tokens, D): row t the sum, in row order, of weights_R[r] * y_RD[r] over the rows r of
     token t (weights None: of y_RD[r]); `zeros.index_add_(0, token_R, y_RD * weights_R[:, None])`
-    bit for bit. Tensors as `rows_usable` says; token ids in range (not checked)."""
+    bit for bit. Tensors as `rows_usable` says; a token id outside 0..n_tokens-1 raises."""
     op = torch.ops.moekit.scatter_rows.default
     return cbuild.call(_scatter_rows_cpu, op, y_RD, weights_R, token_R, n_tokens)
 
@@ -138,9 +138,10 @@ def _scatter_rows_cpu(
     R, D = y_RD.shape
     out_TD = y_RD.new_empty(n_tokens, D)
     w = None if weights_R is None else weights_R.data_ptr()
-    _library().moekit_scatter_rows(
+    status = _library().moekit_scatter_rows(
         y_RD.data_ptr(), w, token_R.data_ptr(), R, D, n_tokens, out_TD.data_ptr()
     )
+    _check_tokens(status, n_tokens)
     return out_TD
 
 
@@ -148,9 +149,10 @@ def _gather_rows_cpu(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None) ->
     R, D = token_R.shape[0], x_TD.shape[1]
     out_RD = x_TD.new_empty(R, D)
     w = None if weights_R is None else weights_R.data_ptr()
-    _library().moekit_gather_rows(
-        x_TD.data_ptr(), token_R.data_ptr(), w, R, D, out_RD.data_ptr(), None, None
+    status = _library().moekit_gather_rows(
+        x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), w, R, D, out_RD.data_ptr(), None, None
     )
+    _check_tokens(status, x_TD.shape[0])
     return out_RD
 
 
@@ -159,11 +161,17 @@ def _gather_rows_dots_cpu(
 ) -> list[Tensor]:
     R, D = y_RD.shape
     out_RD, dots_R = x_TD.new_empty(R, D), x_TD.new_empty(R)
-    _library().moekit_gather_rows(
-        x_TD.data_ptr(), token_R.data_ptr(), weights_R.data_ptr(), R, D, out_RD.data_ptr(),
-        y_RD.data_ptr(), dots_R.data_ptr(),
+    status = _library().moekit_gather_rows(
+        x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), weights_R.data_ptr(), R, D,
+        out_RD.data_ptr(), y_RD.data_ptr(), dots_R.data_ptr(),
     )  # fmt: skip
+    _check_tokens(status, x_TD.shape[0])
     return [out_RD, dots_R]
+
+
+def _check_tokens(status: int, n_tokens: int) -> None:
+    if status != 0:
+        raise IndexError(f"a token id lies outside 0..{n_tokens - 1} (the rows' token index)")
 
 
 def _swiglu_fwd_cpu(h_RH: Tensor) -> Tensor:
@@ -245,8 +253,8 @@ def _library() -> ctypes.CDLL | None:
             "moekit_swiglu_fwd": ([ptr, i64, i64, i64, ptr], None),
             "moekit_swiglu_bwd": ([ptr, i64, ptr, i64, i64, ptr], None),
             "moekit_topk_ids": ([ptr, i64, i64, i64, ptr], ctypes.c_int),
-            "moekit_scatter_rows": ([ptr, ptr, ptr, i64, i64, i64, ptr], None),
-            "moekit_gather_rows": ([ptr, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
+            "moekit_scatter_rows": ([ptr, ptr, ptr, i64, i64, i64, ptr], ctypes.c_int),
+            "moekit_gather_rows": ([ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr], ctypes.c_int),
             "moekit_sort_by_expert": ([ptr, i64, i64, ptr, ptr], ctypes.c_int),
         },
         "MoE training kernels",
