@@ -96,11 +96,12 @@ def test_topk_ids_are_torch_topk_indices(T, E, K) -> None:
 
 
 def test_topk_ids_ties_and_masked_experts() -> None:
-    """Equal scores: the lower id first; -inf (group-limited routing masks) and NaN rank below
-    every finite score."""
+    """Equal scores: the lower id first; -inf (group-limited routing masks) ranks below every
+    finite score; NaN above every number, as in torch.topk (a NaN row reaches the loss)."""
     s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [float("-inf"), 0.5, float("nan"), -1.0, -2.0]])
-    assert moe_kernels.topk_ids(s, 3).tolist() == [[1, 2, 4], [1, 3, 4]]
-    assert moe_kernels.topk_ids(s[1:, [0, 2, 1]], 3).tolist() == [[2, 0, 1]]
+    assert moe_kernels.topk_ids(s, 3).tolist() == [[1, 2, 4], [2, 1, 3]]
+    masked = torch.tensor([[float("-inf"), -3.0, float("-inf"), 0.5]])
+    assert moe_kernels.topk_ids(masked, 3).tolist() == [[3, 1, 0]]
 
 
 def test_topk_ids_fall_back_to_torch_beyond_the_kernel() -> None:
@@ -151,7 +152,7 @@ def test_token_ids_out_of_range_raise_instead_of_reading_past_the_rows() -> None
         moe_kernels.scatter_rows(y.detach(), w.detach(), bad, T)
     bad[7] = -1
     with pytest.raises(IndexError, match=r"outside 0\.\.19"):
-        moe_kernels.gather_rows(torch.randn(T, 8), bad)
+        moe_kernels.scaled_rows(torch.randn(T, 8), bad)
 
 
 def test_kernels_are_deterministic_across_thread_counts() -> None:
@@ -162,7 +163,7 @@ def test_kernels_are_deterministic_across_thread_counts() -> None:
     def run():
         return (
             moe_kernels.scatter_rows(y.detach(), w.detach(), token, T),
-            *moe_kernels.gather_rows_dots(
+            *moe_kernels.scaled_rows_dots(
                 torch.randn(T, 64, generator=torch.Generator().manual_seed(1)),
                 token,
                 w.detach(),
@@ -192,11 +193,21 @@ def test_source_builds_without_the_x86_intrinsics() -> None:
     assert torch.equal(ids, scores.topk(4).indices)
 
 
-def test_moe_layer_with_and_without_the_kernels(monkeypatch) -> None:
-    """A fine-grained layer with a shared expert: outputs, aux loss and every gradient agree;
-    the routing is the same."""
-    cfg = MoEConfig(d_model=32, d_expert=16, n_experts=16, top_k=4, n_shared_experts=1,
-                    d_shared=16, aux_loss_coef=0.01)  # fmt: skip
+@pytest.mark.parametrize(
+    "dispatch",
+    [
+        {},
+        {"capacity_factor": 1.0},
+        {"capacity_factor": 1.0, "overflow": "next_best"},
+        {"router": "expert_choice", "capacity_factor": 2.0, "aux_loss_coef": 0.0},
+    ],
+    ids=["dropless", "capacity", "next-best", "expert-choice"],
+)
+def test_moe_layer_with_and_without_the_kernels(monkeypatch, dispatch) -> None:
+    """A fine-grained layer with a shared expert, under each dispatcher: outputs, aux loss and
+    every gradient agree with torch's operators throughout; the routing is the same."""
+    shape = {"d_model": 32, "d_expert": 16, "n_experts": 16, "top_k": 4, "n_shared_experts": 1}
+    cfg = MoEConfig(**{**shape, "d_shared": 16, "aux_loss_coef": 0.01, **dispatch})
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     x = torch.randn(4, 50, 32)
@@ -205,12 +216,33 @@ def test_moe_layer_with_and_without_the_kernels(monkeypatch) -> None:
         layer.zero_grad()
         y, aux = layer(x)
         (y.square().sum() + aux.loss).backward()
-        return y.detach(), aux.ids, {n: p.grad.clone() for n, p in layer.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        return y.detach(), aux.counts, grads
 
-    y, ids, grads = run()
+    y, counts, grads = run()
     monkeypatch.setattr(moe_kernels, "usable", lambda *t: False)
-    y_ref, ids_ref, grads_ref = run()
-    assert torch.equal(ids, ids_ref)
+    monkeypatch.setattr(moe_kernels, "rows_usable", lambda *t: False)
+    y_ref, counts_ref, grads_ref = run()
+    assert torch.equal(counts, counts_ref) and grads.keys() == grads_ref.keys()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_what_the_kernels_leave_to_torch(monkeypatch) -> None:
+    """Strided rows, int32 indices and anything `torch.compile` traces (Dynamo cannot trace the
+    checks) go to torch's operators."""
+    h = torch.randn(64, 256)
+    assert moe_kernels.usable(h) and not moe_kernels.usable(h[:, :128])
+    ids = torch.zeros(64, dtype=torch.int64)
+    assert moe_kernels.rows_usable(ids, h) and not moe_kernels.rows_usable(ids.int(), h)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not moe_kernels.usable(h) and not moe_kernels.rows_usable(ids, h)
+
+
+def test_a_double_backward_raises_instead_of_detaching() -> None:
+    """The backwards are once_differentiable: a second derivative is an error, not zeros."""
+    h = torch.randn(64, 256, requires_grad=True)
+    (g,) = torch.autograd.grad((swiglu(h) * torch.randn(64, 128)).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        g.sum().backward()

@@ -9,8 +9,10 @@
  *                              lower id first): K vectorised passes over the row, where
  *                              torch.topk takes ~0.8 us a row at E = 64, K = 7.
  *   moekit_scatter_rows /      the combine (each token's rows, weighted, summed in row order) and
- *   moekit_gather_rows         the dispatch's gather, each the other's backward: one pass, no
- *                              (R, D) temporary, no zero-filled (T, D) scatter target.
+ *   moekit_scaled_rows         its backward (each row its token's gradient, weighted, and the
+ *                              weight's dot): one pass, no (R, D) temporary, no zero-filled
+ *                              (T, D) scatter target; the scatter unweighted is also the
+ *                              backward of the dispatch's gather.
  *   moekit_sort_by_expert      a stable counting sort of the assignments by expert, where
  *                              torch's stable argsort of T * k ids sorts by comparison.
  *
@@ -162,8 +164,8 @@ void moekit_swiglu_bwd(const float *h, int64_t ld, const float *grad, int64_t R,
         row(h + r * ld, h + r * ld + F, grad + r * F, F, grad_h + r * ld, grad_h + r * ld + F);
 }
 
-/* Top-k by K rounds of "take the largest left" over a copy of the row, in which NaN and -inf
- * read as -FLT_MAX and a taken score becomes -inf: branch-free passes over E numbers instead of a
+/* Top-k by K rounds of "take the largest left" over a copy of the row, in which NaN reads as
+ * +inf (torch.topk ranks it highest), -inf as -FLT_MAX, and a taken score becomes -inf: branch-free passes over E numbers instead of a
  * data-dependent insertion (whose mispredicted branches cost ~0.5 us a row at E = 64, K = 7). Both
  * bodies take the largest score with the lowest id, so they agree exactly. */
 static void topk_row_portable(float *row, int64_t E, int64_t K, int64_t *ids) {
@@ -209,7 +211,7 @@ __attribute__((target("avx2,fma"))) static void topk_row_avx2(float *row, int64_
 #endif
 
 /* ids (T, K): each row of scores (T, E) its K largest, largest first; equal scores keep the lower
- * id first; NaN and -inf rank as the lowest finite number. Returns 0, or -1 if K is outside
+ * id first; NaN ranks as +inf, -inf as the lowest finite number. Returns 0, or -1 if K is outside
  * 1..min(E, MAX_TOPK) or E above MAX_TOPK_EXPERTS. */
 int moekit_topk_ids(const float *scores, int64_t T, int64_t E, int64_t K, int64_t *ids) {
     if (K < 1 || K > E || K > MAX_TOPK || E > MAX_TOPK_EXPERTS) return -1;
@@ -225,7 +227,8 @@ int moekit_topk_ids(const float *scores, int64_t T, int64_t E, int64_t K, int64_
     for (int64_t t = 0; t < T; t++) {
         float row[MAX_TOPK_EXPERTS];
         const float *in = scores + t * E;
-        for (int64_t e = 0; e < E; e++) row[e] = in[e] > -FLT_MAX ? in[e] : -FLT_MAX;
+        for (int64_t e = 0; e < E; e++)
+            row[e] = isnan(in[e]) ? INFINITY : in[e] > -FLT_MAX ? in[e] : -FLT_MAX;
         for (int64_t e = E; e < E8; e++) row[e] = -INFINITY;
         row_fn(row, E8, K, ids + t * K);
     }
@@ -235,8 +238,8 @@ int moekit_topk_ids(const float *scores, int64_t T, int64_t E, int64_t K, int64_
 /* out (T, D): out[t] = the sum, in row order, of w[r] * y[r] over the rows r with token[r] = t
  * (w NULL: of y[r]); 0 for a token without rows. Each thread owns a range of tokens and reads
  * every token id, so each sum runs in row order whatever the thread count: the numbers of
- * torch's `index_add_` of `y * w[:, None]`, bit for bit (products rounded, then added; this file
- * is compiled as ISO C, which does not contract them into FMAs). Returns 0, or -1 if a token id
+ * torch's `index_add_` of `y * w[:, None]`, bit for bit (products rounded, then added: this file
+ * is compiled with -ffp-contract=off, so no FMA fuses them). Returns 0, or -1 if a token id
  * lies outside 0..T-1 (its row is left out). */
 int moekit_scatter_rows(const float *y, const float *w, const int64_t *token, int64_t R,
                         int64_t D, int64_t T, float *out) {
@@ -281,7 +284,7 @@ static float dot_lanes(const float *a, const float *b, int64_t n) {
 /* out (R, D): out[r] = w[r] * x[token[r]] (w NULL: x[token[r]]); and where dots is not NULL,
  * dots[r] = x[token[r]] . y[r] (dot_lanes): the backward of moekit_scatter_rows. Returns 0, or
  * -1 if a token id lies outside 0..T-1 (its row is left as zeros). */
-int moekit_gather_rows(const float *x, int64_t T, const int64_t *token, const float *w, int64_t R,
+int moekit_scaled_rows(const float *x, int64_t T, const int64_t *token, const float *w, int64_t R,
                        int64_t D, float *out, const float *y, float *dots) {
     int bad = 0;
 #pragma omp parallel for schedule(static) if (R * D >= MIN_PARALLEL_NUMBERS) reduction(| : bad)

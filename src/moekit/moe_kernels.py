@@ -1,7 +1,8 @@
 """C kernels for the MoE layer's training path on CPU: SwiGLU forward and backward over the
-experts' [gate | up] rows, top-k expert ids, and the dispatch's gather and the combine's weighted
-scatter of rows (each the other's backward). torch's operators are their reference and their
-fallback (tests/test_moe_kernels.py holds each kernel to them).
+experts' [gate | up] rows, top-k expert ids, a counting sort by expert, the combine's weighted
+scatter of rows and its backward (a weighted gather), which also serves as the backward of the
+dispatch's gather (`index_select`, whose own forward is fast). torch's operators are their
+reference and their fallback (tests/test_moe_kernels.py holds each kernel to them).
 
 Why (benchmarks/README.md, Fine-grained experts at speed): an MoE layer works on T * k rows of a
 few numbers each. At the demo's width with 64 experts of 32 (top-7), torch's silu, its backward
@@ -9,11 +10,13 @@ and the products on the strided 32-wide halves of the (T * k, 64) hidden tensor 
 23 ms layer forward+backward, and `topk` over (2048, 64) scores 1.7 ms: ~0.8 us a row for what is
 one pass over 64 numbers.
 
-The kernels are `torch.library` ops (`moekit::swiglu_fwd`, `moekit::swiglu_bwd`,
-`moekit::topk_ids`), called directly in eager mode and through the op when `torch.compile` traces
-or a profiler records (`moekit.cbuild.call`). They run where `usable` says (plain CPU float32
-contiguous tensors, the library built); anything else (CUDA, bf16, float64 for gradcheck,
-DTensors, no compiler, MOEKIT_NO_KERNELS=1) runs torch's operators.
+The kernels are `torch.library` ops (`moekit::swiglu_fwd`, ...), called directly in eager mode
+and through the op when a profiler records, so it lists them by name (`moekit.cbuild.call`).
+They run where `usable` / `rows_usable` say (plain CPU float32 contiguous tensors, int64 indices,
+the library built, not while `torch.compile` traces: Dynamo cannot trace their checks, so a
+compiled model runs torch's operators); anything else (CUDA, bf16, float64 for gradcheck,
+DTensors, no compiler, MOEKIT_NO_KERNELS=1) runs torch's operators. Their backwards are
+`once_differentiable`: a double backward through them raises instead of silently detaching.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ _ops.define("swiglu_fwd(Tensor h) -> Tensor")
 _ops.define("swiglu_bwd(Tensor h, Tensor grad) -> Tensor")
 _ops.define("topk_ids(Tensor scores, int k) -> Tensor")
 _ops.define("scatter_rows(Tensor y, Tensor? weights, Tensor token, int n_tokens) -> Tensor")
-_ops.define("gather_rows(Tensor x, Tensor token, Tensor? weights) -> Tensor")
+_ops.define("scaled_rows(Tensor x, Tensor token, Tensor? weights) -> Tensor")
 _ops.define("sort_by_expert(Tensor ids, int n_experts) -> Tensor[]")
-_ops.define("gather_rows_dots(Tensor x, Tensor token, Tensor weights, Tensor y) -> Tensor[]")
+_ops.define("scaled_rows_dots(Tensor x, Tensor token, Tensor weights, Tensor y) -> Tensor[]")
 
 
 # Below this many numbers in their first tensor the SwiGLU and top-k ops leave the work to torch:
@@ -50,20 +53,26 @@ MIN_NUMBERS = 8192
 
 def usable(*tensors: Tensor) -> bool:
     """Whether the SwiGLU and top-k kernels run on these tensors: plain contiguous CPU float32,
-    the first of at least MIN_NUMBERS numbers, the library built."""
+    the first of at least MIN_NUMBERS numbers, the library built, not compiling."""
     return tensors[0].numel() >= MIN_NUMBERS and _plain(tensors)
 
 
 def rows_usable(token_R: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether `scatter_rows` / `gather_rows` / `sort_by_expert` run the kernels: a contiguous
+    """Whether `scatter_rows` / `scaled_rows` / `sort_by_expert` run the kernels: a contiguous
     int64 CPU index and plain contiguous CPU float32 tensors (None skipped), any size."""
     floats = tuple(t for t in tensors if t is not None)
-    return cbuild.plain_cpu(token_R, torch.int64) and token_R.is_contiguous() and _plain(floats)
+    return (
+        not torch.compiler.is_compiling()
+        and cbuild.plain_cpu(token_R, torch.int64)
+        and token_R.is_contiguous()
+        and _plain(floats)
+    )
 
 
 def _plain(floats: tuple[Tensor, ...]) -> bool:
     return (
-        all(cbuild.plain_cpu(t, torch.float32) and t.is_contiguous() for t in floats)
+        not torch.compiler.is_compiling()
+        and all(cbuild.plain_cpu(t, torch.float32) and t.is_contiguous() for t in floats)
         and _library() is not None
     )
 
@@ -81,8 +90,9 @@ def swiglu_backward(h_RH: Tensor, grad_RF: Tensor) -> Tensor:
 def topk_ids(scores_TE: Tensor, k: int) -> Tensor:
     """(T, k) int64: each row's k largest scores' ids, largest first; `scores.topk(k).indices`
     where the kernel does not apply (see `usable`; k up to MAX_TOPK, E up to MAX_TOPK_EXPERTS).
-    Equal scores: the lower id first (torch.topk does not say which); NaN and -inf rank as the
-    lowest finite number (torch.topk ranks NaN highest)."""
+    NaN ranks highest, as in torch.topk (a NaN router row still reaches the loss), -inf as the
+    lowest finite number. Equal scores: the lower id first; torch.topk does not say which, so
+    ties may be broken apart between batches above and below MIN_NUMBERS."""
     fits = scores_TE.dim() == 2 and 1 <= k <= min(MAX_TOPK, scores_TE.shape[1])
     if not fits or scores_TE.shape[1] > MAX_TOPK_EXPERTS or scores_TE.requires_grad:
         return scores_TE.topk(k, dim=-1).indices
@@ -99,19 +109,19 @@ def scatter_rows(y_RD: Tensor, weights_R: Tensor | None, token_R: Tensor, n_toke
     return cbuild.call(_scatter_rows_cpu, op, y_RD, weights_R, token_R, n_tokens)
 
 
-def gather_rows(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None = None) -> Tensor:
+def scaled_rows(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None = None) -> Tensor:
     """(R, D): row r = weights_R[r] * x_TD[token_R[r]] (weights None: the row itself)."""
-    op = torch.ops.moekit.gather_rows.default
-    return cbuild.call(_gather_rows_cpu, op, x_TD, token_R, weights_R)
+    op = torch.ops.moekit.scaled_rows.default
+    return cbuild.call(_scaled_rows_cpu, op, x_TD, token_R, weights_R)
 
 
-def gather_rows_dots(
+def scaled_rows_dots(
     x_TD: Tensor, token_R: Tensor, weights_R: Tensor, y_RD: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """`gather_rows(x_TD, token_R, weights_R)` and (R,) dots[r] = x_TD[token_R[r]] . y_RD[r], in
+    """`scaled_rows(x_TD, token_R, weights_R)` and (R,) dots[r] = x_TD[token_R[r]] . y_RD[r], in
     one pass: the backward of `scatter_rows` for y and for the weights."""
-    op = torch.ops.moekit.gather_rows_dots.default
-    return tuple(cbuild.call(_gather_rows_dots_cpu, op, x_TD, token_R, weights_R, y_RD))
+    op = torch.ops.moekit.scaled_rows_dots.default
+    return tuple(cbuild.call(_scaled_rows_dots_cpu, op, x_TD, token_R, weights_R, y_RD))
 
 
 def sort_by_expert(ids_R: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
@@ -145,23 +155,23 @@ def _scatter_rows_cpu(
     return out_TD
 
 
-def _gather_rows_cpu(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None) -> Tensor:
+def _scaled_rows_cpu(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None) -> Tensor:
     R, D = token_R.shape[0], x_TD.shape[1]
     out_RD = x_TD.new_empty(R, D)
     w = None if weights_R is None else weights_R.data_ptr()
-    status = _library().moekit_gather_rows(
+    status = _library().moekit_scaled_rows(
         x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), w, R, D, out_RD.data_ptr(), None, None
     )
     _check_tokens(status, x_TD.shape[0])
     return out_RD
 
 
-def _gather_rows_dots_cpu(
+def _scaled_rows_dots_cpu(
     x_TD: Tensor, token_R: Tensor, weights_R: Tensor, y_RD: Tensor
 ) -> list[Tensor]:
     R, D = y_RD.shape
     out_RD, dots_R = x_TD.new_empty(R, D), x_TD.new_empty(R)
-    status = _library().moekit_gather_rows(
+    status = _library().moekit_scaled_rows(
         x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), weights_R.data_ptr(), R, D,
         out_RD.data_ptr(), y_RD.data_ptr(), dots_R.data_ptr(),
     )  # fmt: skip
@@ -204,9 +214,9 @@ _ops.impl("swiglu_fwd", _swiglu_fwd_cpu, "CPU")
 _ops.impl("swiglu_bwd", _swiglu_bwd_cpu, "CPU")
 _ops.impl("topk_ids", _topk_ids_cpu, "CPU")
 _ops.impl("scatter_rows", _scatter_rows_cpu, "CPU")
-_ops.impl("gather_rows", _gather_rows_cpu, "CPU")
+_ops.impl("scaled_rows", _scaled_rows_cpu, "CPU")
 _ops.impl("sort_by_expert", _sort_by_expert_cpu, "CPU")
-_ops.impl("gather_rows_dots", _gather_rows_dots_cpu, "CPU")
+_ops.impl("scaled_rows_dots", _scaled_rows_dots_cpu, "CPU")
 
 
 @torch.library.register_fake("moekit::swiglu_fwd")
@@ -229,8 +239,8 @@ def _scatter_rows_fake(y_RD: Tensor, weights_R, token_R: Tensor, n_tokens: int) 
     return y_RD.new_empty(n_tokens, y_RD.shape[1])
 
 
-@torch.library.register_fake("moekit::gather_rows")
-def _gather_rows_fake(x_TD: Tensor, token_R: Tensor, weights_R) -> Tensor:
+@torch.library.register_fake("moekit::scaled_rows")
+def _scaled_rows_fake(x_TD: Tensor, token_R: Tensor, weights_R) -> Tensor:
     return x_TD.new_empty(token_R.shape[0], x_TD.shape[1])
 
 
@@ -239,8 +249,8 @@ def _sort_by_expert_fake(ids_R: Tensor, n_experts: int) -> list:
     return [torch.empty_like(ids_R), ids_R.new_empty(n_experts)]
 
 
-@torch.library.register_fake("moekit::gather_rows_dots")
-def _gather_rows_dots_fake(x_TD: Tensor, token_R: Tensor, weights_R, y_RD: Tensor) -> list:
+@torch.library.register_fake("moekit::scaled_rows_dots")
+def _scaled_rows_dots_fake(x_TD: Tensor, token_R: Tensor, weights_R, y_RD: Tensor) -> list:
     return [torch.empty_like(y_RD), y_RD.new_empty(y_RD.shape[0])]
 
 
@@ -254,9 +264,11 @@ def _library() -> ctypes.CDLL | None:
             "moekit_swiglu_bwd": ([ptr, i64, ptr, i64, i64, ptr], None),
             "moekit_topk_ids": ([ptr, i64, i64, i64, ptr], ctypes.c_int),
             "moekit_scatter_rows": ([ptr, ptr, ptr, i64, i64, i64, ptr], ctypes.c_int),
-            "moekit_gather_rows": ([ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr], ctypes.c_int),
+            "moekit_scaled_rows": ([ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr], ctypes.c_int),
             "moekit_sort_by_expert": ([ptr, i64, i64, ptr, ptr], ctypes.c_int),
         },
         "MoE training kernels",
         "torch's operators run",
+        # no FMA contraction (clang's default, and aarch64's): the combine matches index_add_
+        (*cbuild.FLAGS, "-ffp-contract=off"),
     )

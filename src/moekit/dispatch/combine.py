@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moekit import moe_kernels
 
@@ -43,14 +44,15 @@ class _ScatterWeighted(torch.autograd.Function):
         return out.to(y_RD.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_TD: Tensor):
         y_RD, weights_R, token_R = ctx.saved_tensors
         if ctx.kernel and ctx.needs_input_grad[1]:
             g_TD = grad_TD.contiguous()
-            return *moe_kernels.gather_rows_dots(g_TD, token_R, weights_R, y_RD), None, None
+            return *moe_kernels.scaled_rows_dots(g_TD, token_R, weights_R, y_RD), None, None
         if ctx.kernel:
             g_TD = grad_TD.contiguous()
-            return moe_kernels.gather_rows(g_TD, token_R, weights_R), None, None, None
+            return moe_kernels.scaled_rows(g_TD, token_R, weights_R), None, None, None
         grad_y = torch.empty_like(y_RD) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weights_R) if ctx.needs_input_grad[1] else None
         for s in range(0, y_RD.shape[0], CHUNK_ROWS):
@@ -77,6 +79,7 @@ class _GatherRows(torch.autograd.Function):
         return x_TD.index_select(0, token_R)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_RD: Tensor):
         (token_R,) = ctx.saved_tensors
         if moe_kernels.rows_usable(token_R, grad_RD):

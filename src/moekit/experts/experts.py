@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from moekit import moe_kernels
 from moekit.config import MoEConfig
@@ -47,6 +48,7 @@ class _SwiGLU(torch.autograd.Function):
         return F.silu(gate) * up
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_RF: Tensor) -> Tensor:
         (h_RH,) = ctx.saved_tensors
         grad_RF = grad_RF.contiguous()
