@@ -46,8 +46,9 @@ def test_glue_is_built_here() -> None:
 
 
 def test_single_token_experts_match_the_general_path() -> None:
-    """T == 1 takes its own branch: it must equal the per-expert gather/scatter loop bit for bit
-    (the loop's result for one row is what a two-row call gives its first row)."""
+    """T == 1 takes its own branch: it must equal the general path bit for bit (the per-expert
+    gather/scatter loop, or in float32 on CPU its one C combine; the general path's result for
+    one row is what a two-row call gives its first row)."""
     g = torch.Generator().manual_seed(0)
     w_E = torch.randn(6, 8, 8, generator=g)
 

@@ -246,3 +246,23 @@ def test_a_double_backward_raises_instead_of_detaching() -> None:
     (g,) = torch.autograd.grad((swiglu(h) * torch.randn(64, 128)).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("tokens", [2, 5, 16])
+def test_a_few_decoded_tokens_combine_in_c_as_the_per_expert_loop(monkeypatch, tokens) -> None:
+    """The selected path for 2..16 decoded tokens sums their experts by one C combine: the same
+    numbers as the per-expert index_add_ loop; with gradients on it keeps the loop (and them)."""
+    cfg = MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=3, n_shared_experts=1, d_shared=16)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg).eval()
+    x = torch.randn(tokens, 1, 32)
+    with torch.no_grad():
+        y_c, _ = layer(x, with_aux=False, decoding=True)
+        monkeypatch.setattr(moe_kernels, "rows_usable", lambda *t: False)
+        y_loop, _ = layer(x, with_aux=False, decoding=True)
+    assert torch.equal(y_c, y_loop)
+    monkeypatch.undo()
+    x.requires_grad_()
+    y, _ = layer(x, with_aux=False, decoding=True)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -152,21 +152,40 @@ def selected_experts_forward(
         for e in row:
             rows.setdefault(e, []).append(t)
     w_TE = weights_TK.new_zeros(T, max(rows) + 1).scatter_(1, ids_TK, weights_TK)
-    order = sorted(rows)
-    t_R = torch.tensor([t for e in order for t in rows[e]], device=x_TD.device)
-    e_R = torch.tensor([e for e in order for _ in rows[e]], device=x_TD.device)
-    ys = []
-    for e in order:  # each expert's rows, expert after expert: R rows in all
-        t_N = t_R.new_tensor(rows[e])
-        ys.append(expert(e, x_TD if len(rows[e]) == T else x_TD.index_select(0, t_N)))
-    y_RD, w_R = torch.cat(ys), w_TE[t_R, e_R]
-    # each token's rows weighted and summed in row order (= increasing expert), from zero: the
-    # C combine where it runs (one call, where an index_add_ per expert cost ~8 us each, ~50
-    # under OMP_WAIT_POLICY=PASSIVE), torch's index_add_ with the same numbers elsewhere
-    if moe_kernels.rows_usable(t_R, y_RD, w_R):
-        return moe_kernels.scatter_rows(y_RD, w_R, t_R, T).to(x_TD.dtype)
+    grad = torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad)
+    if not grad and moe_kernels.rows_usable(ids_TK, x_TD, weights_TK):
+        return _combine_selected_in_c(x_TD, rows, w_TE, expert)
     y_TD = x_TD.new_zeros(x_TD.shape, dtype=acc)
-    return y_TD.index_add_(0, t_R, y_RD * w_R[:, None]).to(x_TD.dtype)
+    for e in sorted(rows):
+        if len(rows[e]) == T:
+            y_TD += expert(e, x_TD) * w_TE[:, e, None]
+        else:
+            t_N = torch.tensor(rows[e], device=x_TD.device)
+            y_ND = expert(e, x_TD.index_select(0, t_N))
+            y_TD.index_add_(0, t_N, y_ND * w_TE.index_select(0, t_N)[:, e, None])
+    return y_TD.to(x_TD.dtype)
+
+
+def _combine_selected_in_c(
+    x_TD: Tensor, rows: dict[int, list[int]], w_TE: Tensor, expert: Callable[[int, Tensor], Tensor]
+) -> Tensor:
+    """`selected_experts_forward`'s loop on CPU float32 without gradients: each expert's rows,
+    expert after expert, then one C combine (each token's rows weighted and summed in increasing
+    expert order from zero: the loop's numbers), where an `index_add_` per expert opened an
+    OpenMP region each (~8 us, ~50 under OMP_WAIT_POLICY=PASSIVE)."""
+    T, order = x_TD.shape[0], sorted(rows)
+    t_R = torch.tensor([t for e in order for t in rows[e]])
+    e_R = torch.tensor([e for e in order for _ in rows[e]])
+    ys, start = [], 0
+    for e in order:
+        n = len(rows[e])
+        ys.append(expert(e, x_TD if n == T else x_TD.index_select(0, t_R[start : start + n])))
+        start += n
+    y_RD, w_R = torch.cat(ys), w_TE[t_R, e_R].contiguous()
+    if moe_kernels.rows_usable(t_R, y_RD, w_R):
+        return moe_kernels.scatter_rows(y_RD, w_R, t_R, T)
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.promote_types(y_RD.dtype, w_R.dtype))
+    return y_TD.index_add_(0, t_R, y_RD * w_R[:, None]).to(x_TD.dtype)  # experts not in float32
 
 
 class Experts(nn.Module):
