@@ -229,6 +229,17 @@ def test_moe_layer_with_and_without_the_kernels(monkeypatch, dispatch) -> None:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
 
 
+def test_no_kernels_switch_leaves_everything_to_torch(monkeypatch) -> None:
+    """MOEKIT_NO_KERNELS=1 (read when the library is first loaded) turns every kernel off."""
+    monkeypatch.setenv("MOEKIT_NO_KERNELS", "1")
+    moe_kernels._library.cache_clear()
+    try:
+        h, ids = torch.randn(64, 256), torch.zeros(64, dtype=torch.int64)
+        assert not moe_kernels.usable(h) and not moe_kernels.rows_usable(ids, h)
+    finally:
+        moe_kernels._library.cache_clear()
+
+
 def test_what_the_kernels_leave_to_torch(monkeypatch) -> None:
     """Strided rows, int32 indices and anything `torch.compile` traces (Dynamo cannot trace the
     checks) go to torch's operators."""
