@@ -163,7 +163,7 @@ def test_kernels_are_deterministic_across_thread_counts() -> None:
     def run():
         return (
             moe_kernels.scatter_rows(y.detach(), w.detach(), token, T),
-            *moe_kernels.scaled_rows_dots(
+            *moe_kernels.scaled_rows(
                 torch.randn(T, 64, generator=torch.Generator().manual_seed(1)),
                 token,
                 w.detach(),

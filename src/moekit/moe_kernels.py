@@ -38,9 +38,8 @@ _ops.define("swiglu_fwd(Tensor h) -> Tensor")
 _ops.define("swiglu_bwd(Tensor h, Tensor grad) -> Tensor")
 _ops.define("topk_ids(Tensor scores, int k) -> Tensor")
 _ops.define("scatter_rows(Tensor y, Tensor? weights, Tensor token, int n_tokens) -> Tensor")
-_ops.define("scaled_rows(Tensor x, Tensor token, Tensor? weights) -> Tensor")
+_ops.define("scaled_rows(Tensor x, Tensor token, Tensor? weights, Tensor? y) -> Tensor[]")
 _ops.define("sort_by_expert(Tensor ids, int n_experts) -> Tensor[]")
-_ops.define("scaled_rows_dots(Tensor x, Tensor token, Tensor weights, Tensor y) -> Tensor[]")
 
 
 # Below this many numbers in their first tensor the SwiGLU and top-k ops leave the work to torch:
@@ -61,12 +60,7 @@ def rows_usable(token_R: Tensor, *tensors: Tensor | None) -> bool:
     """Whether `scatter_rows` / `scaled_rows` / `sort_by_expert` run the kernels: a contiguous
     int64 CPU index and plain contiguous CPU float32 tensors (None skipped), any size."""
     floats = tuple(t for t in tensors if t is not None)
-    return (
-        not torch.compiler.is_compiling()
-        and cbuild.plain_cpu(token_R, torch.int64)
-        and token_R.is_contiguous()
-        and _plain(floats)
-    )
+    return cbuild.plain_cpu(token_R, torch.int64) and token_R.is_contiguous() and _plain(floats)
 
 
 def _plain(floats: tuple[Tensor, ...]) -> bool:
@@ -94,9 +88,8 @@ def topk_ids(scores_TE: Tensor, k: int) -> Tensor:
     lowest finite number. Equal scores: the lower id first; torch.topk does not say which, so
     ties may be broken apart between batches above and below MIN_NUMBERS."""
     fits = scores_TE.dim() == 2 and 1 <= k <= min(MAX_TOPK, scores_TE.shape[1])
-    if not fits or scores_TE.shape[1] > MAX_TOPK_EXPERTS or scores_TE.requires_grad:
-        return scores_TE.topk(k, dim=-1).indices
-    if not usable(scores_TE):
+    fits = fits and scores_TE.shape[1] <= MAX_TOPK_EXPERTS and not scores_TE.requires_grad
+    if not (fits and usable(scores_TE)):
         return scores_TE.topk(k, dim=-1).indices
     return cbuild.call(_topk_ids_cpu, torch.ops.moekit.topk_ids.default, scores_TE, k)
 
@@ -109,19 +102,15 @@ def scatter_rows(y_RD: Tensor, weights_R: Tensor | None, token_R: Tensor, n_toke
     return cbuild.call(_scatter_rows_cpu, op, y_RD, weights_R, token_R, n_tokens)
 
 
-def scaled_rows(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None = None) -> Tensor:
-    """(R, D): row r = weights_R[r] * x_TD[token_R[r]] (weights None: the row itself)."""
+def scaled_rows(
+    x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None = None, y_RD: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(R, D): row r = weights_R[r] * x_TD[token_R[r]] (weights None: the row itself); and, given
+    y_RD (R, D), the (R,) dots[r] = x_TD[token_R[r]] . y_RD[r] in the same pass (else None): the
+    backward of `scatter_rows` for y and for the weights."""
     op = torch.ops.moekit.scaled_rows.default
-    return cbuild.call(_scaled_rows_cpu, op, x_TD, token_R, weights_R)
-
-
-def scaled_rows_dots(
-    x_TD: Tensor, token_R: Tensor, weights_R: Tensor, y_RD: Tensor
-) -> tuple[Tensor, Tensor]:
-    """`scaled_rows(x_TD, token_R, weights_R)` and (R,) dots[r] = x_TD[token_R[r]] . y_RD[r], in
-    one pass: the backward of `scatter_rows` for y and for the weights."""
-    op = torch.ops.moekit.scaled_rows_dots.default
-    return tuple(cbuild.call(_scaled_rows_dots_cpu, op, x_TD, token_R, weights_R, y_RD))
+    out = cbuild.call(_scaled_rows_cpu, op, x_TD, token_R, weights_R, y_RD)
+    return out[0], out[1] if y_RD is not None else None
 
 
 def sort_by_expert(ids_R: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
@@ -155,28 +144,18 @@ def _scatter_rows_cpu(
     return out_TD
 
 
-def _scaled_rows_cpu(x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None) -> Tensor:
+def _scaled_rows_cpu(
+    x_TD: Tensor, token_R: Tensor, weights_R: Tensor | None, y_RD: Tensor | None
+) -> list[Tensor]:
     R, D = token_R.shape[0], x_TD.shape[1]
-    out_RD = x_TD.new_empty(R, D)
-    w = None if weights_R is None else weights_R.data_ptr()
+    out = [x_TD.new_empty(R, D)] + ([] if y_RD is None else [x_TD.new_empty(R)])
+    dots = out[1] if y_RD is not None else None
+    w, y, dots = (None if t is None else t.data_ptr() for t in (weights_R, y_RD, dots))
     status = _library().moekit_scaled_rows(
-        x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), w, R, D, out_RD.data_ptr(), None, None
+        x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), w, R, D, out[0].data_ptr(), y, dots
     )
     _check_tokens(status, x_TD.shape[0])
-    return out_RD
-
-
-def _scaled_rows_dots_cpu(
-    x_TD: Tensor, token_R: Tensor, weights_R: Tensor, y_RD: Tensor
-) -> list[Tensor]:
-    R, D = y_RD.shape
-    out_RD, dots_R = x_TD.new_empty(R, D), x_TD.new_empty(R)
-    status = _library().moekit_scaled_rows(
-        x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), weights_R.data_ptr(), R, D,
-        out_RD.data_ptr(), y_RD.data_ptr(), dots_R.data_ptr(),
-    )  # fmt: skip
-    _check_tokens(status, x_TD.shape[0])
-    return [out_RD, dots_R]
+    return out
 
 
 def _check_tokens(status: int, n_tokens: int) -> None:
@@ -216,7 +195,6 @@ _ops.impl("topk_ids", _topk_ids_cpu, "CPU")
 _ops.impl("scatter_rows", _scatter_rows_cpu, "CPU")
 _ops.impl("scaled_rows", _scaled_rows_cpu, "CPU")
 _ops.impl("sort_by_expert", _sort_by_expert_cpu, "CPU")
-_ops.impl("scaled_rows_dots", _scaled_rows_dots_cpu, "CPU")
 
 
 @torch.library.register_fake("moekit::swiglu_fwd")
@@ -240,18 +218,14 @@ def _scatter_rows_fake(y_RD: Tensor, weights_R, token_R: Tensor, n_tokens: int) 
 
 
 @torch.library.register_fake("moekit::scaled_rows")
-def _scaled_rows_fake(x_TD: Tensor, token_R: Tensor, weights_R) -> Tensor:
-    return x_TD.new_empty(token_R.shape[0], x_TD.shape[1])
+def _scaled_rows_fake(x_TD: Tensor, token_R: Tensor, weights_R, y_RD) -> list:
+    out = [x_TD.new_empty(token_R.shape[0], x_TD.shape[1])]
+    return out if y_RD is None else [*out, x_TD.new_empty(token_R.shape[0])]
 
 
 @torch.library.register_fake("moekit::sort_by_expert")
 def _sort_by_expert_fake(ids_R: Tensor, n_experts: int) -> list:
     return [torch.empty_like(ids_R), ids_R.new_empty(n_experts)]
-
-
-@torch.library.register_fake("moekit::scaled_rows_dots")
-def _scaled_rows_dots_fake(x_TD: Tensor, token_R: Tensor, weights_R, y_RD: Tensor) -> list:
-    return [torch.empty_like(y_RD), y_RD.new_empty(y_RD.shape[0])]
 
 
 @functools.cache

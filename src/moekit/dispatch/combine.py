@@ -47,12 +47,10 @@ class _ScatterWeighted(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_TD: Tensor):
         y_RD, weights_R, token_R = ctx.saved_tensors
-        if ctx.kernel and ctx.needs_input_grad[1]:
-            g_TD = grad_TD.contiguous()
-            return *moe_kernels.scaled_rows_dots(g_TD, token_R, weights_R, y_RD), None, None
-        if ctx.kernel:
-            g_TD = grad_TD.contiguous()
-            return moe_kernels.scaled_rows(g_TD, token_R, weights_R), None, None, None
+        if ctx.kernel:  # the weights' dots only where their gradient is needed
+            y = y_RD if ctx.needs_input_grad[1] else None
+            grad_y, grad_w = moe_kernels.scaled_rows(grad_TD.contiguous(), token_R, weights_R, y)
+            return grad_y, grad_w, None, None
         grad_y = torch.empty_like(y_RD) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weights_R) if ctx.needs_input_grad[1] else None
         for s in range(0, y_RD.shape[0], CHUNK_ROWS):

@@ -60,8 +60,8 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
         attn.qk_norm,
         attn.clip_qkv,
         attn.sinks is None,
-        *(getattr(m, "eps", None) for m in modules),
-    )  # fmt: skip  (the norms' eps)
+        *(getattr(m, "eps", None) for m in modules),  # the norms' eps
+    )
     return _cached(block, modules, lambda: _build_plan(block), extra)
 
 
