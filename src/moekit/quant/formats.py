@@ -2,28 +2,20 @@
 
 FP8 block-scaled (DeepSeek-V3, `quant_method: "fp8"`): a weight W (M, N) is stored as
 float8_e4m3fn with a float32 `weight_scale_inv` grid (ceil(M / bm), ceil(N / bn)), the block size
-(bm, bn) from `quantization_config["weight_block_size"]` ([128, 128] for DeepSeek-V3), and
-W[i, j] = float(W_fp8[i, j]) * scale_inv[i // bm, j // bn]. Despite its name, scale_inv is the
-factor to multiply by. The last block row and column may be partial (DeepSeek-V3's
-kv_a_proj_with_mqa is (576, 7168) with scales (5, 56)). Checked against DeepSeek-V3's reference
-`inference/kernel.py::weight_dequant` (a Triton kernel over masked bm x bn tiles:
-`y = x.to(float32) * s_ptr[pid_m * cdiv(N, BLOCK) + pid_n]`, stored in the output dtype).
-transformers 5.23's `integrations/finegrained_fp8.py::Fp8Dequantize._dequantize_one` is not
-followed: it infers the block size as shape // grid, which raises on (576, 7168) / (5, 56) and
-silently computes wrong weights where the division happens to be exact (a (136, 200) weight with
-a (2, 2) grid becomes 68 x 100 blocks); here the block size is always the config's.
+(bm, bn) from `quantization_config["weight_block_size"]`, and W[i, j] = float(W_fp8[i, j]) *
+scale_inv[i // bm, j // bn] (despite its name, scale_inv is the factor to multiply by). The last
+block row and column may be partial (DeepSeek-V3's kv_a_proj_with_mqa: (576, 7168), scales (5, 56)),
+as in DeepSeek-V3's reference `inference/kernel.py::weight_dequant`. The block size is always the
+config's: transformers 5.23's `Fp8Dequantize` infers it as shape // grid, which raises on partial
+blocks and silently computes wrong weights where the division happens to be exact.
 
 MXFP4 (GPT-OSS, `quant_method: "mxfp4"`): each expert projection P ships as `P_blocks` uint8
-(E, rows, cols / 32, 16) and `P_scales` uint8 (E, rows, cols / 32): 32 E2M1 codes per 16 bytes,
-low nibble first, sharing the scale 2^(byte - 127). That is byte for byte moekit's own "mxfp4"
-scheme (`quant.schemes`: data (..., O, I/2), scales (..., O, I/32)), so `mxfp4_expert_weight`
-reshapes it into a `QuantizedWeight` and decoding is `QuantizedWeight.dequantize`. transformers
-5.23's `integrations/mxfp4.py::_convert_moe_packed_tensors` decodes it the same way (lut[low
-nibble] at 2j, lut[high] at 2j + 1, ldexp by byte - 127) to (E, rows, cols) and then transposes
-to (E, cols, rows): gate_up_proj (E, D, 2F) whose last axis interleaves gate (even) and up (odd),
-which GPT-OSS's forward reads as gate_up[..., ::2] and gate_up[..., 1::2]; down_proj (E, F, D).
-So in the shipped bytes the rows of gate_up_proj_blocks alternate gate, up, gate, ... and
-down_proj_blocks' rows are already (E, D, F), moekit's w_out.
+(E, rows, cols / 32, 16) and `P_scales` uint8 (E, rows, cols / 32), byte for byte moekit's own
+"mxfp4" scheme (`quant.schemes`), so `mxfp4_expert_weight` reshapes it into a `QuantizedWeight`.
+transformers decodes it to (E, rows, cols) and transposes to (E, cols, rows): gate_up_proj
+(E, D, 2F), its last axis interleaving gate (even) and up (odd), and down_proj (E, F, D). So the
+shipped rows of gate_up_proj_blocks alternate gate, up, gate, ... and down_proj_blocks' rows are
+already (E, D, F), moekit's w_out.
 """
 
 from __future__ import annotations
@@ -42,12 +34,6 @@ MXFP4_BLOCK_BYTES = GROUP // 2  # 32 E2M1 codes packed two to a byte
 # ---- FP8, block-scaled ----
 
 
-def fp8_scale_grid(shape_MN: tuple[int, ...], block_size: tuple[int, int]) -> tuple[int, int]:
-    """The scale grid (ceil(M / bm), ceil(N / bn)) of a weight (M, N) in blocks (bm, bn)."""
-    (m, n), (bm, bn) = shape_MN, block_size
-    return math.ceil(m / bm), math.ceil(n / bn)
-
-
 def check_fp8_scales(
     name: str,
     shape_MN: tuple[int, ...],
@@ -60,7 +46,7 @@ def check_fp8_scales(
         raise ValueError(
             f"{name} has shape {tuple(shape_MN)}: FP8 block-scaled weights are matrices (M, N)"
         )
-    expected = fp8_scale_grid(shape_MN, block_size)
+    expected = tuple(math.ceil(n / b) for n, b in zip(shape_MN, block_size, strict=True))
     if tuple(scales_shape) != expected:
         raise ValueError(
             f"{name} of shape {tuple(shape_MN)} has a scale grid of shape {tuple(scales_shape)}; "
@@ -130,12 +116,6 @@ def check_mxfp4_pair(
     return (*blocks_shape[:-2], blocks_shape[-2] * GROUP)
 
 
-def gate_up_rows(n_rows: int) -> Tensor:
-    """The order that takes GPT-OSS's interleaved gate_up rows (gate, up, gate, up, ...) to
-    moekit's [gate; up]: the even rows, then the odd ones."""
-    return torch.cat((torch.arange(0, n_rows, 2), torch.arange(1, n_rows, 2)))
-
-
 def mxfp4_expert_weight(
     blocks_ERG16: Tensor,
     scales_ERG: Tensor,
@@ -160,6 +140,7 @@ def mxfp4_expert_weight(
             raise ValueError(
                 f"{name} has {data_ERB.shape[-2]} rows: interleaved gate/up rows come in pairs"
             )
-        order = gate_up_rows(data_ERB.shape[-2])
+        rows = data_ERB.shape[-2]  # gate, up, gate, up, ... -> [gate; up]: even, then odd
+        order = torch.cat((torch.arange(0, rows, 2), torch.arange(1, rows, 2)))
         data_ERB, scales_ERG = data_ERB[..., order, :], scales_ERG[..., order, :]
     return QuantizedWeight("mxfp4", data_ERB.contiguous(), scales_ERG.contiguous())

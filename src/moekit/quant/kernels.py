@@ -1,46 +1,24 @@
 """Products with quantized weights: `linear(x, qw, bias)` = F.linear(x, qw.dequantize(), bias), run
-by a C kernel over the stored layout where it qualifies (a decode step's few rows), else by that
-reference itself.
-
-`kernels.c` (built and loaded through `moekit.cbuild`, as the float32 decode kernels are) reads
-the layouts of `moekit.quant.schemes` as they are stored: bf16, int8 per channel, int4 in groups
-of 32 with or without a zero point, MXFP4. Each weight row is read once, dequantized in registers
-and multiplied by every row of x (float32, up to MAX_ROWS), accumulating in float32; the output
-rows are split over torch's own OpenMP threads; sums run in an order that does not depend on the
-thread count. An AVX2+FMA+F16C body is chosen at run time where the CPU has it, else a portable C
-one; MOEKIT_PORTABLE=1 (or `use_path("portable")`) forces the portable one. AVX-512 (VNNI,
-AVX512-BF16) is the next step, not written: this machine (AMD EPYC Zen 3) cannot run it.
+by a C kernel (`kernels.c`, through `moekit.cbuild`) over the layouts of `moekit.quant.schemes` as
+stored where it qualifies (a decode step's few rows), else by that reference itself. Each weight
+row is read once, dequantized in registers and multiplied by every row of x (float32, up to
+MAX_ROWS), accumulating in float32; output rows are split over torch's OpenMP threads, in sums
+whose order does not depend on the thread count. An AVX2+FMA+F16C body is chosen at run time where
+the CPU has it, else a portable one (MOEKIT_PORTABLE=1 or `use_path("portable")` forces it).
 
 `swiglu_expert(x, w_in, w_out)` runs a whole SwiGLU expert in one call (10-18% faster than two
 `linear` calls and torch's silu at one row). Both are torch ops (`moekit::quant_linear`,
 `moekit::quant_swiglu_expert`, with fake implementations), called directly in eager decoding.
 
 Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
-MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x):
-  - "float": the weights dequantized to float32 in registers, times float32 x (described below);
-  - "int8" (llama.cpp's q8_0 idea, our code): each row of x quantized once per call to int8 per
-    block of 32 (scale max|x| / 127, round half to even), then integer dot products per block
-    (AVX2: maddubs / madd; 4-bit blocks two at a time off one 32-byte load, ~7 instructions a
-    block at one row against 22), scaled and summed in float32 in a fixed order. Its result is
-    F.linear(dequantized x, dequantized W) up to float32 summation order (tests hold it to that,
-    and to the float path within (d / 2) @ |W|^T, d each block's x scale).
-Measured (benchmarks/results/quant_kernels.json; figures and the error study in
-benchmarks/README.md, Quantized weights): the int8 path is 1.3-1.8x the float path at one row
-for int4 and MXFP4, its output error (0.8-1.4% of the largest output on realistic rows) an order
-of magnitude under the weights' own quantization error, so it is their default
-(`DEFAULT_ACTIVATIONS`, as llama.cpp does for q4_0 and MXFP4); int8 weights stay on the float
-path (0.98-1.3x for about twice the error). A dequantized float twin equals the float path
-(tests/test_quant.py takes it explicitly).
-
-Ours or a library's, per scheme: ours, for all four. torch has no bf16-weight product with
-float32 x; `torch._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` were 6-20x slower with
-float32 x and 1.0-1.9x slower with x rounded to bf16 (and int4's needs the weight repacked to its
-own tiles); torchao 0.18 has no int4 kernel for this CPU and dequantizes the whole weight every
-call (3-100x slower); torch has no MXFP4 product.
-
-Where the time goes: bf16 and int8 stream their weights (a 2 KiB software prefetch ahead);
-4-bit on the float path is compute-bound on AVX2 (22 instructions a group of 32 weights at one
-row, ~10 G weights/s a core; MXFP4's table lookups ~30% slower), hence the int8 path.
+MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x): "float", the
+weights dequantized to float32 in registers, times float32 x; "int8" (llama.cpp's q8_0 idea),
+each row of x quantized once per call to int8 per block of 32 (scale max|x| / 127, round half to
+even), integer dot products per block, scaled and summed in float32 in a fixed order (so
+F.linear(dequantized x, dequantized W) up to summation order). 4-bit on the float path is
+compute-bound on AVX2, so int8 x is the default for int4 and MXFP4 (`DEFAULT_ACTIVATIONS`); the
+figures, the error study and torch's and torchao's products compared are in benchmarks/README.md
+(Quantized weights).
 """
 
 from __future__ import annotations
@@ -63,8 +41,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products dequantize and run a GEMM
 PATHS = ("portable", "avx2")  # kernels.c's PATH_PORTABLE, PATH_AVX2
 ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 per block of 32
-# The path each scheme takes by default (the module docstring's measurements);
-# MOEKIT_QUANT_ACTIVATIONS=float (or int8) overrides it for every quantized scheme.
+# The path each scheme takes unless MOEKIT_QUANT_ACTIVATIONS=float|int8 (or set_activations).
 DEFAULT_ACTIVATIONS = {"bf16": "float", "int8": "float", "int4": "int8", "mxfp4": "int8"}
 _KIND = {"bf16": 0, "int8": 1, "int4": 2, "int4_zp": 3, "mxfp4": 4}  # kernels.c's enum
 # Each stored tensor's dtype, as the kernel reads it.
@@ -118,7 +95,7 @@ def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> boo
         and x.dim() >= 1
         and x.shape[-1] == shape[1]
         and 0 < x.numel() <= MAX_ROWS * shape[1]
-        and (bias is None or (_fits(bias, torch.float32) and bias.shape == (shape[0],)))
+        and (bias is None or _fits(bias, torch.float32, (shape[0],)))
         and available()
     )
 
@@ -127,18 +104,18 @@ def _kernel_shape(qw: QuantizedWeight) -> tuple[int, int] | None:
     """(O, I) of a weight the kernels read: one matrix, its tensors contiguous CPU tensors of the
     scheme's dtypes and shapes, none needing a gradient; else None."""
     data_dtype, scales_dtype = _DTYPES.get(qw.scheme, (None, None))
-    data, scales, offsets = qw.data, qw.scales, qw.offsets
-    if data_dtype is None or data.dim() != 2:
+    scales, offsets = qw.scales, qw.offsets
+    if data_dtype is None or qw.data.dim() != 2:
         return None  # stacked experts: index them first (qw[e])
-    O, I = data.shape[0], data.shape[1] * (2 if qw.scheme in ("int4", "mxfp4") else 1)
+    O, I = qw.shape
+    groups = (O,) if qw.scheme == "int8" else (O, I // GROUP)  # the scales' (and offsets') shape
     fits = (
         O > 0
         and I > 0
-        and cbuild.plain_cpu(data, data_dtype)
-        and data.is_contiguous()
-        and not (torch.is_grad_enabled() and cbuild.any_requires_grad(data, scales, offsets))
-        and _scales_fit(qw, scales_dtype, O, I)
-        and (offsets is None or (qw.scheme == "int4" and _fits(offsets, torch.float16, scales)))
+        and _fits(qw.data, data_dtype)
+        and not (torch.is_grad_enabled() and cbuild.any_requires_grad(qw.data, scales, offsets))
+        and (scales is None if scales_dtype is None else _fits(scales, scales_dtype, groups))
+        and (offsets is None or (qw.scheme == "int4" and _fits(offsets, torch.float16, groups)))
     )
     return (O, I) if fits else None
 
@@ -192,17 +169,8 @@ def expert_qualifies(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight
     )
 
 
-def _scales_fit(qw: QuantizedWeight, dtype: torch.dtype | None, O: int, I: int) -> bool:
-    if dtype is None:
-        return qw.scales is None
-    shape = (O,) if qw.scheme == "int8" else (O, I // GROUP)
-    return qw.scales is not None and _fits(qw.scales, dtype) and qw.scales.shape == shape
-
-
-def _fits(t: Tensor, dtype: torch.dtype, like: Tensor | None = None) -> bool:
-    return (
-        cbuild.plain_cpu(t, dtype) and t.is_contiguous() and (like is None or t.shape == like.shape)
-    )
+def _fits(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> bool:
+    return cbuild.plain_cpu(t, dtype) and t.is_contiguous() and (shape is None or t.shape == shape)
 
 
 def _linear_cpu(
@@ -216,18 +184,17 @@ def _linear_cpu(
     """x (R, I) contiguous float32, the weight's tensors as `qualifies` checks -> y (R, O)."""
     R, I = x_RI.shape
     O = data.shape[0]
-    kind = _KIND["int4_zp" if offsets is not None else scheme]
     y_RO = x_RI.new_empty(R, O)  # on x's device, whatever the default
     status = _loaded().moekit_q_linear(
-        kind,
+        _kind(scheme, offsets),
         x_RI.data_ptr(),
         R,
         I,
         data.data_ptr(),
-        None if scales is None else scales.data_ptr(),
-        None if offsets is None else offsets.data_ptr(),
+        _ptr(scales),
+        _ptr(offsets),
         O,
-        None if bias is None else bias.data_ptr(),
+        _ptr(bias),
         y_RO.data_ptr(),
     )
     if status != 0:
@@ -254,7 +221,6 @@ def _swiglu_expert_cpu(
     N, D = x_ND.shape
     h_NH = x_ND.new_empty(N, data_in.shape[0])  # scratch: [gate | up], then the activation
     y_ND = x_ND.new_empty(N, D)
-    F_ = data_in.shape[0] // 2
     status = _loaded().moekit_q_swiglu_expert(
         _kind(scheme_in, offsets_in),
         x_ND.data_ptr(),
@@ -263,7 +229,7 @@ def _swiglu_expert_cpu(
         data_in.data_ptr(),
         _ptr(scales_in),
         _ptr(offsets_in),
-        F_,
+        data_in.shape[0] // 2,  # F
         _kind(scheme_out, offsets_out),
         data_out.data_ptr(),
         _ptr(scales_out),
@@ -309,15 +275,19 @@ def available() -> bool:
 
 def path() -> str:
     """The body the kernels run: "avx2" or "portable"."""
-    return PATHS[_loaded().moekit_q_set_path(_active_path())]
+    return PATHS[_loaded().moekit_q_set_path(_PATH[0])]
 
 
 @contextlib.contextmanager
 def use_path(name: str):
     """Run the kernels' `name` body ("portable", "avx2") inside the block (for tests and
     benchmarks); raises ValueError if this CPU cannot run it."""
-    before = _active_path()
-    _set_path(name)
+    if name not in PATHS:
+        raise ValueError(f"unknown kernel body {name!r}: use one of {PATHS}")
+    before = _PATH[0]
+    if _loaded().moekit_q_set_path(PATHS.index(name)) < 0:
+        raise ValueError(f"this CPU cannot run the {name} body (it lacks AVX2, FMA or F16C)")
+    _PATH[0] = PATHS.index(name)
     try:
         yield
     finally:
@@ -334,20 +304,20 @@ def _default_activations() -> dict[str, str]:
         return dict(DEFAULT_ACTIVATIONS)
     if forced not in ACTIVATIONS:
         raise ValueError(f"MOEKIT_QUANT_ACTIVATIONS={forced!r}: use one of {ACTIVATIONS}")
-    return {scheme: "float" if scheme == "bf16" else forced for scheme in DEFAULT_ACTIVATIONS}
+    return _every(forced)
+
+
+def _every(mode: str) -> dict[str, str]:
+    """`mode` for every quantized scheme; bf16 takes float x."""
+    return {scheme: "float" if scheme == "bf16" else mode for scheme in DEFAULT_ACTIVATIONS}
 
 
 _ACTIVATIONS = _default_activations()  # scheme -> "float" or "int8": x as the kernels take it
 
 
 def _x8_mask(choice: dict[str, str]) -> int:
-    kinds = {"int8": ("int8",), "int4": ("int4", "int4_zp"), "mxfp4": ("mxfp4",)}
-    return sum(
-        1 << _KIND[kind]
-        for scheme, names in kinds.items()
-        if choice.get(scheme) == "int8"
-        for kind in names
-    )
+    """kernels.c's bit mask of the kinds that take int8 x (int4_zp as int4 chooses)."""
+    return sum(1 << k for kind, k in _KIND.items() if choice[kind.removesuffix("_zp")] == "int8")
 
 
 def activations() -> dict[str, str]:
@@ -362,7 +332,7 @@ def set_activations(mode: str | dict[str, str]) -> None:
     if mode == "default":
         choice = dict(DEFAULT_ACTIVATIONS)
     elif isinstance(mode, str):
-        choice = {s: "float" if s == "bf16" else mode for s in DEFAULT_ACTIVATIONS}
+        choice = _every(mode)
     else:
         choice = {**_ACTIVATIONS, **mode}
     bad = {s: m for s, m in choice.items() if s not in _DTYPES or m not in ACTIVATIONS}
@@ -386,18 +356,6 @@ def use_activations(mode: str | dict[str, str]):
         yield
     finally:
         set_activations(before)
-
-
-def _active_path() -> int:
-    return _PATH[0]
-
-
-def _set_path(name: str) -> None:
-    if name not in PATHS:
-        raise ValueError(f"unknown kernel body {name!r}: use one of {PATHS}")
-    if _loaded().moekit_q_set_path(PATHS.index(name)) < 0:
-        raise ValueError(f"this CPU cannot run the {name} body (it lacks AVX2, FMA or F16C)")
-    _PATH[0] = PATHS.index(name)
 
 
 def _loaded() -> ctypes.CDLL:
