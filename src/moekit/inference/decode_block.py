@@ -1,14 +1,12 @@
 """A decoded token through a whole MoE decoder block in one C call (moekit_block_one_token):
-x1 = x + attention(attn_norm(x)), out = x1 + moe(ffn_norm(x1)), swapped in for `Block.forward` by
-`moekit.inference.decode_glue.apply_decode_glue`.
+x1 = x + attention(attn_norm(x)), out = x1 + moe(ffn_norm(x1)), swapped in for `Block.forward`.
 
-The layer calls of `decode_layers` and `decode_moe` left, per block and token, two RMSNorm module
-calls, two residual adds and the attention and MoE modules' calls and checks around their C calls
-(~100 us of Python a block on this project's machine); here they are one call and one set of
-checks. It runs the same C functions (decode_glue.c's RMSNorm, attention block and MoE layer) on
-the same inputs and adds as torch adds, so its result equals `Block.forward`'s bit for bit, which
-runs wherever it does not qualify: batch above 1, prefill, aux wanted, shared experts or a dense
-FFN, offloaded experts, a hook on any module it would bypass, anything `attention_weights` or
+The layer calls of `decode_layers` and `decode_moe` left, per block and token, two RMSNorm calls,
+two residual adds and the modules' calls and checks around their C calls (~100 us of Python a
+block on this project's machine); here they are one call and one set of checks, over the same C
+functions on the same inputs, so the result equals `Block.forward`'s bit for bit. That runs
+wherever this does not qualify: batch above 1, prefill, aux wanted, shared experts or a dense FFN,
+offloaded experts, a hook on any module it would bypass, anything `attention_weights` or
 `decode_moe.resident_args` refuses (tests/test_decode_layers.py).
 """
 

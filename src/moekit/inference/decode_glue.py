@@ -1,24 +1,18 @@
 """CPU decode glue: the per-token ops between a decode step's products, in C (`decode_glue.c`),
-swapped into a built model for generation by `apply_decode_glue(model)`, next to the products'
-kernels (`moekit.inference.decode_kernels`).
+swapped in for generation by `apply_decode_glue(model)` (`apply_decode_kernels` calls it).
 
 A batch-1 decode step of a small model on this project's machine (AMD EPYC, 2 cores) is mostly
-framework overhead: ~4 us an op, and torch's rms_norm is a composite of ~6 of them (~16 us for 64
+framework overhead: ~4 us an op, torch's rms_norm a composite of ~6 of them (~16 us for 64
 numbers), a step's attention ~25 (rope of q and k, the cache's slice writes, SDPA with its OpenMP
-fork, views). Here each is one ctypes call:
+fork, views). Here each is one ctypes call: `rms_norm` (`GlueRMSNorm`), `glue_cached_attention`
+(one new position's rope, cache write and attention over every cached position or a sliding
+window's, sinks or not); and whole layers (`decode_layers`, `decode_moe`, `decode_block`) run on
+this module's library.
 
-- `rms_norm`: nn.RMSNorm over at most MAX_NORM_NUMBERS numbers (`GlueRMSNorm` swaps it in for
-  nn.RMSNorm);
-- `glue_cached_attention`: one new position's rope, cache write and attention over every cached
-  position or a sliding window's (`Attention.cached_attention`; sinks or not);
-- whole layers (`moekit.inference.decode_layers`, on this module's library): a decode
-  position's attention block and a decoded token's MoE layer, each one C call.
-
-Anything else (training, gradients, other dtypes, prefill, masks other than a sliding window's,
-`torch.compile` tracing) runs the torch reference: nn.RMSNorm and
-`moekit.model.attention.cached_attention`. Outputs agree with it to float32 rounding
-(tests/test_decode_fast_paths.py). Built with the system C compiler through `moekit.cbuild`
-(MOEKIT_NO_KERNELS=1, or no compiler, leaves the references).
+Anything else (training, gradients, other dtypes, prefill, other masks, `torch.compile` tracing)
+runs the torch reference, nn.RMSNorm and `moekit.model.attention.cached_attention`, which the
+outputs match to float32 rounding (tests/test_decode_fast_paths.py); so does all of it where
+MOEKIT_NO_KERNELS=1 is set or no C compiler is found.
 """
 
 from __future__ import annotations
@@ -32,13 +26,13 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from moekit import cbuild
+from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.block import Block
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
 
 SOURCE = Path(__file__).with_name("decode_glue.c")
-MAX_ROWS = 16  # decode steps; more rows are torch's (its vectorised kernels win there)
 # rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the per-head q/k norms of
 # MAX_ROWS sequences of 64 heads of 128 (the C attention block's, which must equal these bits)
 MAX_NORM_NUMBERS = MAX_ROWS * 8192
@@ -119,39 +113,15 @@ def glue_cached_attention(
         return cached_attention(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H)
     assert cache is not None
     B, H, _, hd = q_BHSd.shape
-    KV = cache.k_BKLd.shape[1]
-    y_BHSd = torch.empty_like(q_BHSd)
-    q, k, v = q_BHSd.data_ptr(), k_BKSd.data_ptr(), v_BKSd.data_ptr()
-    _attend(q, k, v, H * hd, KV * hd, rope, cache, B, H, hd, decode_window(mask), sinks_H, y_BHSd)
-    return y_BHSd
-
-
-def _attend(
-    q: int,
-    k: int,
-    v: int,
-    q_stride: int,
-    kv_stride: int,
-    rope: tuple[Tensor, Tensor],
-    cache: LayerKVCache,
-    B: int,
-    H: int,
-    hd: int,
-    window: int,
-    sinks_H: Tensor | None,
-    out: Tensor,
-) -> None:
-    """The C attention step (qualification checked by the caller): q, k, v addresses, sequence b's
-    q at q + 4 * b * q_stride (k, v likewise with kv_stride), the keys it attends
-    (`decode_window`), sink logits sinks_H (H,) or None; appends to `cache`; writes out."""
     KV, max_len = cache.k_BKLd.shape[1], cache.k_BKLd.shape[2]
+    y_BHSd = torch.empty_like(q_BHSd)
     cos, sin = rope
-    _library().moekit_attend_one_f32(
-        q,
-        k,
-        v,
-        q_stride,
-        kv_stride,
+    _library().moekit_attend_one_f32(  # sequence b's q at q + 4 * b * H * hd (k, v: KV * hd)
+        q_BHSd.data_ptr(),
+        k_BKSd.data_ptr(),
+        v_BKSd.data_ptr(),
+        H * hd,
+        KV * hd,
         cos.data_ptr(),
         sin.data_ptr(),
         cache.k_BKLd.data_ptr(),
@@ -163,11 +133,12 @@ def _attend(
         KV,
         hd,
         hd**-0.5,
-        window,
+        decode_window(mask),
         None if sinks_H is None else sinks_H.data_ptr(),
-        out.data_ptr(),
+        y_BHSd.data_ptr(),
     )
     cache.length += 1
+    return y_BHSd
 
 
 def _attention_qualifies(
@@ -267,49 +238,26 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    f32, f64 = ctypes.c_float, ctypes.c_double
+    routing = [i64, i32, i32, f32]  # top_k, sigmoid, normalize, routed_scaling
+    attention = [*[i64] * 5, f32, i64]  # filled, max_len, H, KV, hd, scale, window
     return cbuild.load(
         SOURCE,
         {
-            "moekit_rmsnorm_f32": ([ptr, i64, i64, ptr, ctypes.c_double, ptr], None),
-            "moekit_route_topk_f32": (
-                [ptr, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, *[ptr] * 3],
-                None,
-            ),
+            "moekit_rmsnorm_f32": ([ptr, i64, i64, ptr, f64, ptr], None),
+            "moekit_route_topk_f32": ([ptr, i64, ptr, *routing, *[ptr] * 3], None),
             "moekit_attend_one_f32": (
-                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, ctypes.c_float, i64, ptr, ptr],
+                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, f32, i64, ptr, ptr],
                 None,
             ),
             "moekit_layers_set_ops": ([ptr] * 5, None),
-            "moekit_experts_one_token": ([ptr, i64, *[ptr] * 6], ctypes.c_int),
-            "moekit_moe_one_token": (
-                [ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, *[ptr] * 7],
-                ctypes.c_int,
-            ),
-            "moekit_attention_block": (
-                [ptr, i64, *[ptr] * 5, *[i64] * 5, ctypes.c_float, i64, ptr, ptr],
-                ctypes.c_int,
-            ),
+            "moekit_experts_one_token": ([ptr, i64, *[ptr] * 6], i32),
+            "moekit_moe_one_token": ([ptr, ptr, ptr, *routing, *[ptr] * 7], i32),
+            "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
             "moekit_block_one_token": (
-                [
-                    ptr,
-                    ptr,
-                    ctypes.c_double,
-                    *[ptr] * 5,
-                    *[i64] * 5,
-                    ctypes.c_float,
-                    i64,
-                    ptr,
-                    ctypes.c_double,
-                    ptr,
-                    ptr,
-                    i64,
-                    ctypes.c_int,
-                    ctypes.c_int,
-                    ctypes.c_float,
-                    *[ptr] * 7,
-                ],
-                ctypes.c_int,
+                [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 7],
+                i32,
             ),
         },
         what="CPU decode glue",

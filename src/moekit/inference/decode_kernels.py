@@ -1,29 +1,19 @@
-"""CPU decode kernels: a few-row float32 linear (GEMV) and a whole SwiGLU expert, in C, registered
-as the torch ops `moekit::linear` and `moekit::swiglu_expert`, and swapped into a built model for
-generation by `apply_decode_kernels(model)` (`moekit generate` does; training never sees them).
+"""CPU decode kernels: a few-row float32 linear (GEMV) and a whole SwiGLU expert, in C
+(`decode_kernels.c`), registered as the torch ops `moekit::linear` and `moekit::swiglu_expert`
+and swapped into a built model for generation by `apply_decode_kernels(model)`.
 
-A batch-1 decode step is a chain of matrix-vector products: its speed is the rate at which the
-weights stream from memory. On this project's machine (AMD EPYC, 2 cores) torch's F.linear (MKL)
-streams a (2048, 768) float32 matrix at 11-12 GB/s, a third of what a plain `sum` reads (33 GB/s).
-numpy's OpenBLAS streams 23-25 GB/s on its own, but its thread pool and torch's OpenMP pool then
-take turns spinning on the same two cores, and a decode step got slower, not faster (measured).
+A batch-1 decode step is a chain of matrix-vector products, as fast as the weights stream from
+memory. On this project's machine (AMD EPYC, 2 cores) torch's F.linear (MKL) streams a (2048, 768)
+float32 matrix at 11-12 GB/s, a third of what a plain `sum` reads (33 GB/s); numpy's OpenBLAS
+streams 23-25 GB/s on its own, but its thread pool and torch's OpenMP pool then spin on the same
+two cores, and a decode step got slower (measured). The kernel reads each weight row once for
+every input row, the output rows split over torch's own OpenMP threads.
 
-`decode_kernels.c` is a plain GEMV: each weight row is read once and multiplied by every input
-row, the output rows split over torch's own OpenMP threads; `swiglu_expert` runs an expert's two
-projections and its activation in one call. It is compiled on first use with the system C
-compiler (`cc`, or $CC) into moekit's cache directory and loaded with ctypes (`moekit.cbuild`,
-shared with the quantized kernels); the ops' CPU implementations call it, and their fake
-implementations give `torch.compile` the output shapes (the profiler lists them by name).
-
-Built with `cc`, not `torch.utils.cpp_extension`, for what was measured on this machine: cc
-builds it in 1.4 s where a minimal C++ op against torch's headers took 62 s on first use (a
-minute of `make test`'s five on a cold cache; it also needs ninja and a C++ toolchain), to save
-about 3.5 us a call (the C++ op's call took 5.5 us with an empty body; this Python op's takes
-9 us, 5.8 of them the ctypes call itself). Where no compiler is found or the build fails, the
-kernels are F.linear, which stays the reference (tests/test_cpu_kernels.py holds them to it).
-
-`linear` and `swiglu_expert` run the kernel where it qualifies (CPU, float32, at most MAX_ROWS
-rows, no gradient needed: a decode step) and torch otherwise.
+Built with `cc` through `moekit.cbuild`, not `torch.utils.cpp_extension`: 1.4 s against 62 s for
+a minimal C++ op on first use (which also needs ninja and a C++ toolchain), to save about 3.5 us a
+call (the C++ op's call took 5.5 us with an empty body; this op's takes 9 us, 5.8 of them the
+ctypes call). The ops' fake implementations give `torch.compile` the output shapes. Without a
+compiler the kernels are F.linear, their reference (tests/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -53,18 +43,30 @@ _ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _ops.define("swiglu_expert(Tensor x, Tensor w_in, Tensor w_out) -> Tensor")
 
 
-def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether `linear` runs the kernel: plain CPU float32 tensors, x (..., I) with at most
-    MAX_ROWS rows, W (O, I) with unit stride along I, b (O,) contiguous, no gradient needed by any
-    of them, the kernel built. Anything else is F.linear's."""
+def plain_matrix(w: Tensor) -> bool:
+    """Whether the kernels read `w` as it is: a plain CPU float32 (O, I), O, I > 0, rows of unit
+    stride."""
     return (
-        not (torch.is_grad_enabled() and _any_requires_grad(x, w, b))
-        and _plain_cpu_float32(x)
-        and _plain_cpu_float32(w)
+        cbuild.plain_cpu(w, torch.float32)
         and w.dim() == 2
         and w.shape[0] > 0
         and w.shape[1] > 0
         and w.stride(1) == 1
+    )
+
+
+def _plain_cpu_float32(t: Tensor) -> bool:
+    return cbuild.plain_cpu(t, torch.float32)
+
+
+def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether `linear` runs the kernel: x (..., I) plain CPU float32 with at most MAX_ROWS rows,
+    w a `plain_matrix`, b (O,) contiguous, no gradient needed by any of them, the kernel built.
+    Anything else is F.linear's."""
+    return (
+        not (torch.is_grad_enabled() and _any_requires_grad(x, w, b))
+        and _plain_cpu_float32(x)
+        and plain_matrix(w)
         and x.dim() >= 1
         and x.shape[-1] == w.shape[1]
         and x.numel() <= MAX_ROWS * w.shape[1]
@@ -89,10 +91,6 @@ def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
         and w_in.shape[0] == 2 * w_out.shape[1]
         and w_out.shape[0] == w_in.shape[1]
     )
-
-
-def _plain_cpu_float32(t: Tensor) -> bool:
-    return cbuild.plain_cpu(t, torch.float32)
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -142,9 +140,7 @@ class KernelLinear(nn.Linear):
     @classmethod
     def sharing(cls, module: nn.Linear) -> KernelLinear:
         """A KernelLinear holding `module`'s own parameters (nothing is copied)."""
-        new = cls(module.in_features, module.out_features, bias=False, device="meta")
-        new.weight, new.bias = module.weight, module.bias
-        return new.train(module.training)
+        return _sharing(cls, module)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
@@ -161,14 +157,7 @@ def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
     # here, not at the top: decode_glue builds on this module's KernelLinear and linear
     from moekit.inference.decode_glue import apply_decode_glue
 
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear:
-            model.set_submodule(name, KernelLinear.sharing(module))
-    for layer in model.moe_layers(with_mtp=True):
-        layer.router.linear = linear
-        if not isinstance(layer.experts, QuantizedExperts):  # those run the quantized kernels
-            layer.experts.expert_ffn = kernel_expert_ffn
-    model.tied_head_linear = linear
+    _use_products(model, nn.Linear, KernelLinear.sharing, linear, kernel_expert_ffn)
     return apply_decode_glue(model)
 
 
@@ -177,17 +166,28 @@ def remove_decode_kernels(model: MoETransformer) -> MoETransformer:
     from moekit.inference.decode_glue import remove_decode_glue  # as in apply_decode_kernels
 
     remove_decode_glue(model)
-    for name, module in list(model.named_modules()):
-        if type(module) is KernelLinear:
-            plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-            plain.weight, plain.bias = module.weight, module.bias
-            model.set_submodule(name, plain.train(module.training))
-    for layer in model.moe_layers(with_mtp=True):
-        layer.router.linear = F.linear
-        if not isinstance(layer.experts, QuantizedExperts):
-            layer.experts.expert_ffn = expert_ffn
-    model.tied_head_linear = F.linear
+    _use_products(model, KernelLinear, functools.partial(_sharing, nn.Linear), F.linear, expert_ffn)
     return model
+
+
+def _sharing(cls: type[nn.Linear], module: nn.Linear) -> nn.Linear:
+    new = cls(module.in_features, module.out_features, bias=False, device="meta")
+    new.weight, new.bias = module.weight, module.bias
+    return new.train(module.training)
+
+
+def _use_products(model: MoETransformer, old: type, new, linear_fn, ffn) -> None:
+    """Every module of type `old` becomes `new(module)`; the routers, the experts' decode path (not
+    quantized experts': those run the quantized kernels) and a tied LM head run `linear_fn` and
+    `ffn`."""
+    for name, module in list(model.named_modules()):
+        if type(module) is old:
+            model.set_submodule(name, new(module))
+    for layer in model.moe_layers(with_mtp=True):
+        layer.router.linear = linear_fn
+        if not isinstance(layer.experts, QuantizedExperts):
+            layer.experts.expert_ffn = ffn
+    model.tied_head_linear = linear_fn
 
 
 def _linear_cpu(x_RI: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

@@ -1,22 +1,17 @@
 """Whole decode layers in one C call: a decode position's attention block (q/k/v products, rope,
-the cache write, attention, o_proj; here), a decoded token's MoE layer (routing, its top-k gated
-experts, the weighted sum; `decode_moe`) and a whole decoder block (`decode_block`), swapped in by
-`moekit.inference.decode_glue.apply_decode_glue`; here also the weights' descriptions the C
-calls read (`WeightRef`) and the kernels' row functions handed to them (`ops_ready`).
+the cache write, attention, o_proj; here), a decoded token's MoE layer (`decode_moe`) and a whole
+decoder block (`decode_block`), swapped in by `decode_glue.apply_decode_glue`; here also the
+weights' descriptions the C calls read (`WeightRef`) and the kernels' row functions they run
+(`ops_ready`).
 
 Why (benchmarks/README.md, Decoding): on this project's 2-core machine a batch-1 decode token of
-a small model spent ~7 ms outside its matrix products: every product was a Python call, a ctypes
-call and an OpenMP fork and join (~25 us each, 16 expert calls a token on decode.py's model), and
-the routing a dozen torch ops. Here each layer is one ctypes call and one OpenMP parallel region
-(`decode_glue.c`: moekit_moe_one_token, moekit_experts_one_token, moekit_attention_block), whose
-products run the same row functions as the one-product kernels (decode_kernels.c's float32 rows,
-quant/kernels.c's quantized rows, over float32 or any quantized scheme): results equal the
-per-product path bit for bit, so a layer that falls back (hooked, say) changes nothing.
-
-The references, which run wherever a layer does not qualify: `Block.forward`,
-`MoELayer.forward` and `Attention.forward` (with the decode kernels' products);
-tests/test_decode_layers.py holds the fast paths to them bit for bit, and to the plain PyTorch
-model within float32 rounding.
+a small model spent ~7 ms outside its matrix products: every product a Python call, a ctypes call
+and an OpenMP fork and join (~25 us each, 16 expert calls a token on decode.py's model), the
+routing a dozen torch ops. Each layer is one ctypes call and one OpenMP parallel region here,
+whose products run the one-product kernels' row functions (float32 or quantized), so results
+equal the per-product path bit for bit and a layer that falls back (hooked, say) changes nothing.
+The references, wherever a layer does not qualify: `Block.forward`, `MoELayer.forward` and
+`Attention.forward` (tests/test_decode_layers.py).
 """
 
 from __future__ import annotations
@@ -39,12 +34,11 @@ from moekit.inference.decode_glue import (
     _plain,
     decode_window,
 )
+from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedLinear
 from moekit.quant.schemes import GROUP, QuantizedWeight
-
-MAX_ROWS = 16  # decode batches; the routing's and the attention block's rows
 
 
 class WeightRef(ctypes.Structure):
@@ -77,23 +71,13 @@ def float_ref(w: Tensor, bias: Tensor | None = None) -> WeightRef | None:
     or None if they cannot (other dtype or layout, the kernels not built). Callers check that no
     gradient is wanted before they run it."""
     if not (
-        _plain_matrix(w)
+        decode_kernels.plain_matrix(w)
         and (bias is None or (_plain(bias) and bias.shape == (w.shape[0],)))
         and decode_kernels.available()
     ):
         return None
     O, I = w.shape
     return WeightRef(-1, O, I, w.stride(0), w.data_ptr(), None, None, _ptr(bias))
-
-
-def _plain_matrix(w: Tensor) -> bool:
-    return (
-        decode_kernels._plain_cpu_float32(w)
-        and w.dim() == 2
-        and w.shape[0] > 0
-        and w.shape[1] > 0
-        and w.stride(1) == 1
-    )
 
 
 def quant_ref(qw: QuantizedWeight, bias: Tensor | None = None) -> WeightRef | None:
@@ -130,24 +114,23 @@ _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cached(owner: nn.Module, modules: tuple, build, extra: tuple = ()):
-    """`build()`, kept for `owner` while `modules`' tensors (and `extra`) stay as they were."""
-    key = (*extra, *tensors_key(modules))
+    """`build()`, kept for `owner` while `modules`' own parameters and buffers (not their
+    children's) and `extra` stay as they were."""
+    key = (
+        *extra,
+        *(
+            (id(t), t.data_ptr())
+            for m in modules
+            for d in (m._parameters, m._buffers)
+            for t in d.values()
+            if t is not None
+        ),
+    )
     kept = _kept.get(owner)
     if kept is None or kept[0] != key:
         kept = (key, build())
         _kept[owner] = kept
     return kept[1]
-
-
-def tensors_key(modules: tuple) -> tuple:
-    """(id, data pointer) of every parameter and buffer of `modules` (not their children)."""
-    return tuple(
-        (id(t), t.data_ptr())
-        for m in modules
-        for d in (m._parameters, m._buffers)
-        for t in d.values()
-        if t is not None
-    )
 
 
 @functools.cache
@@ -189,22 +172,6 @@ def _buffers(n_floats: int, K: int) -> tuple[ctypes.Array, ctypes.Array, ctypes.
 
 
 # ---------------------------------------------------------------- the attention block
-
-
-def attention_refs(
-    attn: Attention,
-    x_BSD: Tensor,
-    rope: tuple[Tensor, Tensor],
-    mask: AttentionMask,
-    cache: LayerKVCache | None,
-) -> AttentionRef | None:
-    """The attention's weights as the C block reads them where one decode position of at most
-    MAX_ROWS sequences can run it (`attention_step_qualifies`, `attention_weights`); else None."""
-    if not attention_step_qualifies(attn, x_BSD, rope, mask, cache):
-        return None
-    if torch.is_grad_enabled() and _wants_grad(attn):
-        return None
-    return attention_weights(attn)
 
 
 def attention_step_qualifies(
@@ -270,9 +237,14 @@ def attention_forward(
     cache: LayerKVCache | None = None,
 ) -> Tensor:
     """`Attention.forward` for one decode position of at most MAX_ROWS sequences in one C call
-    where `attention_refs` qualifies it; `Attention.forward` itself otherwise (with the glue's
-    attention step)."""
-    refs = attention_refs(attn, x_BSD, rope, mask, cache)
+    where the step (`attention_step_qualifies`) and the weights (`attention_weights`) qualify and
+    no parameter wants a gradient; `Attention.forward` itself otherwise (with the glue's attention
+    step)."""
+    refs = None
+    if attention_step_qualifies(attn, x_BSD, rope, mask, cache) and not (
+        torch.is_grad_enabled() and any(p.requires_grad for p in attn.parameters())
+    ):
+        refs = attention_weights(attn)
     if refs is None or x_BSD.shape[-1] != refs.q.I:
         return Attention.forward(attn, x_BSD, rope, mask, cache)
     assert cache is not None
@@ -292,10 +264,6 @@ def attention_forward(
         return Attention.forward(attn, x_BSD, rope, mask, cache)
     cache.length += 1
     return out
-
-
-def _wants_grad(attn: Attention) -> bool:
-    return any(p.requires_grad for p in attn.parameters())
 
 
 def _attention_refs(attn: Attention) -> AttentionRef | None:

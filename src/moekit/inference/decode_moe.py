@@ -1,13 +1,12 @@
 """A decoded token's MoE layer in one C call (routing, its top-k gated experts, the weighted
 sum: moekit_moe_one_token; offloaded experts routed, fetched, then moekit_experts_one_token),
-and a few rows' top-k routing in C; swapped in by `moekit.inference.decode_glue.apply_decode_glue`
-on the weights' descriptions of `moekit.inference.decode_layers` (which says why and what holds
-them to their references).
+and a few rows' top-k routing in C (`router_forward`), on the weights' descriptions of
+`decode_layers` (which says why and what holds them to their references).
 
-Routing: `router_forward` replaces a top-k router's forward for a few float32 rows with the C
-routing (moekit_route_topk_f32), so a layer that falls back routes with the same bits as one that
-runs in C (its softmax rounds differently from torch's in the last bit; C everywhere keeps an
-offloaded, hooked or traced model's tokens bit-identical to the resident one's).
+The routing runs in C wherever the layer's does, so a layer that falls back routes with the same
+bits as one that runs in C (the C softmax rounds differently from torch's in the last bit; C
+everywhere keeps an offloaded, hooked or traced model's tokens bit-identical to the resident
+one's).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
+from moekit.config import MoEConfig
 from moekit.experts.experts import Experts
 from moekit.inference import decode_kernels
 from moekit.inference.cache import expert_groups
@@ -39,11 +39,26 @@ from moekit.routing.router import Router
 from moekit.routing.topk import NORMALIZER_EPS
 
 
-def _router_qualifies(router: Router, x: Tensor) -> bool:
+def _topk_in_c(cfg: MoEConfig) -> bool:
+    """Whether the C routing computes this routing: top-k without expert groups."""
+    return cfg.router == "topk" and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+
+
+def _topk_args(router: Router) -> tuple:
+    """The C routing's arguments from the expert bias to the routed scaling."""
     cfg = router.cfg
     return (
-        cfg.router == "topk"
-        and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+        router.expert_bias.data_ptr(),
+        cfg.top_k,
+        cfg.score == "sigmoid",
+        cfg.normalize,
+        cfg.routed_scaling,
+    )
+
+
+def _router_qualifies(router: Router, x: Tensor) -> bool:
+    return (
+        _topk_in_c(router.cfg)
         and not router.training
         and x.dim() == 2
         and 0 < x.shape[0] <= MAX_ROWS
@@ -67,16 +82,12 @@ def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = No
     scores_TE = torch.empty_like(logits_TE)
     ids_TK = torch.empty(T, K, dtype=torch.int64)
     weights_TK = torch.empty(T, K)
-    route = _library().moekit_route_topk_f32
+    route, args = _library().moekit_route_topk_f32, _topk_args(router)
     for t in range(T):
         route(
             logits_TE[t].data_ptr(),
             E,
-            router.expert_bias.data_ptr(),
-            K,
-            cfg.score == "sigmoid",
-            cfg.normalize,
-            cfg.routed_scaling,
+            *args,
             scores_TE[t].data_ptr(),
             ids_TK[t].data_ptr(),
             weights_TK[t].data_ptr(),
@@ -158,14 +169,14 @@ def _gated_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
     )
 
 
-def _moe_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: bool) -> bool:
-    cfg, router = layer.cfg, layer.router
+def _layer_qualifies(layer: MoELayer) -> bool:
+    """The layer's settings the C layer needs: eval mode, `_topk_in_c` routing on the decode
+    kernels' product with a plain expert bias, the decode path of `selected_path`."""
+    router = layer.router
     return (
-        moe_step_qualifies(layer, x, with_aux, decoding)
-        and not layer.training
-        and cfg.router == "topk"
-        and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
-        and layer.selected_path(1, decoding)
+        not layer.training
+        and _topk_in_c(layer.cfg)
+        and layer.selected_path(1, True)
         and _plain(router.expert_bias)
         and router.linear is decode_kernels.linear
     )
@@ -203,7 +214,7 @@ def moe_forward(
     reads); offloaded
     experts (`OffloadedExperts`) route in C, fetch the chosen experts, then run them in one call.
     `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
-    if not _moe_qualifies(layer, x, with_aux, decoding):
+    if not (moe_step_qualifies(layer, x, with_aux, decoding) and _layer_qualifies(layer)):
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
     cfg = layer.cfg
     D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
@@ -244,26 +255,17 @@ def resident_args(layer: MoELayer) -> tuple | None:
 
 
 def _resident_args(layer: MoELayer) -> tuple | None:
-    cfg, router = layer.cfg, layer.router
-    if (
-        layer.training
-        or cfg.router != "topk"
-        or not (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
-        or not layer.selected_path(1, True)
-        or router.linear is not decode_kernels.linear
-        or not _plain(router.expert_bias)
-    ):
+    if not _layer_qualifies(layer):
         return None
     r, refs, act = (
-        _router_weight(router),
+        _router_weight(layer.router),
         _expert_refs(layer.experts),
         activation_ref(layer.experts),
     )
     if r is None or refs is None or act is False:
         return None
-    return (ctypes.byref(r), router.expert_bias.data_ptr(), cfg.top_k, cfg.score == "sigmoid",
-            cfg.normalize, cfg.routed_scaling, refs[0], refs[1],
-            None if act is None else ctypes.pointer(act))  # fmt: skip
+    act = None if act is None else ctypes.pointer(act)
+    return (ctypes.byref(r), *_topk_args(layer.router), refs[0], refs[1], act)
 
 
 def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
@@ -286,16 +288,7 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     logits = router.linear(x_TD, router.weight, router.bias)
     scores = ctypes.addressof(scratch)
     _library().moekit_route_topk_f32(
-        logits.data_ptr(),
-        E,
-        router.expert_bias.data_ptr(),
-        K,
-        cfg.score == "sigmoid",
-        cfg.normalize,
-        cfg.routed_scaling,
-        scores,
-        ids,
-        weights,
+        logits.data_ptr(), E, *_topk_args(router), scores, ids, weights
     )
     order = sorted(range(K), key=lambda k: ids[k])
     chosen = [ids[k] for k in order]
