@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moekit.analysis import metrics
 from moekit.analysis.report import layer_stats, write_report
-from moekit.analysis.trace import label_tokens, record_routing
+from moekit.analysis.trace import LabelledTokens, label_tokens, record_routing
 from moekit.data import load_corpus
 from moekit.loading import load
 
@@ -39,16 +40,14 @@ def analyze(
 
 
 def _saturation(
-    checkpoints: list[Path], tokens: Any, seq_len: int, final_ids: list
+    checkpoints: list[Path], tokens: LabelledTokens, seq_len: int, final_ids: list
 ) -> dict[str, Any] | None:
     """OLMoE router saturation of every checkpoint against the final one (the loaded weights)."""
     if len(checkpoints) < 2:
         return None
-    from moekit.analysis import metrics
-
     n = min(SATURATION_TOKENS, len(final_ids[0]))
     final = [ids[:n] for ids in final_ids]
-    short = type(tokens)(
+    short = LabelledTokens(
         tokens.token_ids[:n], tokens.token_class[:n], tokens.domain[:n], tokens.domains
     )
     steps, per_layer = [], [[] for _ in final]

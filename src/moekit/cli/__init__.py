@@ -43,7 +43,7 @@ from moekit.cli import (
     train,
     upcycle,
 )
-from moekit.cli.common import flat_overrides
+from moekit.cli.common import CONFIG_HELP, flat_overrides
 from moekit.cpu_memory import keep_freed_memory
 from moekit.distributed import DistributedFailure
 from moekit.overrides import split_override
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=epilog,
                            allow_abbrev=False)  # fmt: skip
         cmd.configure(p)
+        if cmd.config is not None:  # after the command's own positionals
+            p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     return parser
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 
 from moekit.analysis.analyze import analyze
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config
+from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import AnalyzeConfig
 from moekit.fileio import atomic_write_text
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument("--out", help="report folder (default: PATH/analysis)")
 
 

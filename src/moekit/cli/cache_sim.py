@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config
+from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import CacheSimConfig
 from moekit.inference.budget import check_budget_form, resolve_budget
 from moekit.inference.cache_sim import cache_sim_rows
@@ -17,7 +17,6 @@ from moekit.moe import SELECTED_MAX_TOKENS
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", metavar="TRACE", help="a trace written by moekit trace")
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     overrides: bool = False
     trains: bool = False
-    config: type[ConfigBase] | None = None  # its settings, when not a RunConfig
+    config: type[ConfigBase] | None = None  # its settings (CONFIG.json), when not a RunConfig
 
 
 def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:
@@ -57,23 +57,16 @@ def override_text(value: Any) -> str:
     return ",".join(map(str, value))
 
 
-def number(kind: type, ok: Callable[[Any], bool], noun: str) -> Callable[[str], Any]:
-    """An argparse type: `text` as a `kind` for which `ok` holds; else argparse reports "argument
-    --flag: must be NOUN, not TEXT" and exits 2."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {noun}, not {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {noun}, not {text}")
-        return value
-
-    return parse
-
-
-positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1; else argparse reports "argument --flag: must be an
+    integer >= 1, not TEXT" and exits 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
 
 
 def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> C:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, save_config
+from moekit.cli.common import Command, print_config, resolve_config, save_config
 from moekit.config import ConvertConfig
 from moekit.config.rules import invalid
 from moekit.interop import save_hf
@@ -28,7 +28,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--to-hf", metavar="RUN_DIR", help="run's newest checkpoint -> Hugging Face"
     )
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument(
         "--out", required=True, help="the run directory or checkpoint directory to write"
     )

@@ -7,7 +7,7 @@ import argparse
 import sys
 import warnings
 
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, stream_text
+from moekit.cli.common import Command, print_config, resolve_config, stream_text
 from moekit.config import GenerateConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
@@ -18,7 +18,6 @@ from moekit.model.speculative import SpeculativeStats, check_speculative
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by moekit train")
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config
+from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import QuantizeConfig
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
@@ -27,7 +27,6 @@ from moekit.train.checkpoint import CHECKPOINT_DIR, write_quantized_run
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="the directory to write (a new run directory)")
 
 

@@ -5,9 +5,8 @@ resolved `TraceConfig` beside it as TRACE.config.json."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, save_config
+from moekit.cli.common import Command, print_config, resolve_config, save_config
 from moekit.config import TraceConfig
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.inference.trace import record_prompts, save_trace
@@ -17,14 +16,8 @@ from moekit.userfiles import read_text
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="RUN_DIR|HF_DIR", help="a moekit run or a HF checkpoint dir")
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="trace file to write (safetensors)")
-
-
-def config_path(trace: str | Path) -> Path:
-    """Where the resolved config of the trace `trace` is saved: TRACE.config.json beside it."""
-    return Path(f"{trace}.config.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     model = apply_decode_kernels(loaded.model)
     trace = record_prompts(model, loaded.tokenizer, prompts, cfg.max_new_tokens)
     save_trace(trace, args.out)
-    save_config(cfg, config_path(args.out))
+    save_config(cfg, f"{args.out}.config.json")
     print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
     return 0
 

@@ -12,6 +12,7 @@ from moekit.distributed.trainer import train_distributed
 from moekit.overrides import apply_overrides
 from moekit.train import TrainResult, train
 from moekit.train.loop import wants_processes
+from moekit.train.report import loss_text
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -44,15 +45,12 @@ def default_run_dir(spec: str | None) -> str:
 
 
 def print_result(result: TrainResult) -> None:
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
     if result.interrupted:
         print(f"\ninterrupted at step {result.step}; checkpoint {result.checkpoint}")
         print(f"continue with: moekit train --resume {result.run_dir}")
     print(
-        f"\nstep {result.step}: train loss {fmt(result.train_loss)}, "
-        f"validation loss {fmt(result.val_loss)} ({fmt(result.val_bpb)} bits/byte), "
+        f"\nstep {result.step}: train loss {loss_text(result.train_loss)}, "
+        f"validation loss {loss_text(result.val_loss)} ({loss_text(result.val_bpb)} bits/byte), "
         f"{result.tokens_per_s:,.0f} tokens/s"
     )
     print(f"report: {result.run_dir / 'report.md'}")

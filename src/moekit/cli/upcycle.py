@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.cli.common import CONFIG_HELP, Command, print_config, resolve_config, save_config
+from moekit.cli.common import Command, print_config, resolve_config, save_config
 from moekit.config import UpcycleConfig
 from moekit.train.upcycle import upcycle_run
 
@@ -15,7 +15,6 @@ CONFIG_FILE = "upcycle_config.json"
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("dense_run", metavar="DENSE_RUN", help="a run directory of a dense model")
-    p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="the new run directory")
 
 

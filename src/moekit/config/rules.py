@@ -76,10 +76,8 @@ def check_field(name: str, hint: Any, value: Any) -> Any:
     canonical = rule_of(hint)(value)
     if canonical is not _BAD:
         return canonical
-    if typing.get_origin(hint) is Literal:  # today's wording of a choice
-        raise invalid(
-            name, value, f"allowed values are {', '.join(map(repr, typing.get_args(hint)))}"
-        )
+    if typing.get_origin(hint) is Literal:
+        check_choice(name, value, typing.get_args(hint))
     if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):
         item_hints = _item_hints(typing.get_args(hint), len(value))
         for item_hint, item in zip(item_hints or (), value, strict=False):

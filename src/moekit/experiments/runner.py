@@ -19,11 +19,12 @@ from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import z_loss
 from moekit.machine import machine_info
-from moekit.model import parameter_breakdown
+from moekit.model import MoETransformer, parameter_breakdown
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import list_checkpoints, load_weights
-from moekit.train.lockstep import curves_figure, design_configs, parallel_threads, train_designs
+from moekit.train.lockstep import design_configs, parallel_threads, train_designs
 from moekit.train.metrics import read_metrics
+from moekit.train.report import curves_figure
 from moekit.train.sample import load_run
 
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
@@ -119,11 +120,9 @@ def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return []
-    cfg, model, _ = load_run(run_dir)
+    model, batch = _model_and_batch(run_dir)
     if not model.moe_layers():
         return []
-    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
-    batch = fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
     z: list[Tensor] = []
     hooks = [m.router.register_forward_hook(lambda _m, _i, out: z.append(z_loss(out.logits_TE)))
              for m in model.moe_layers()]  # fmt: skip
@@ -138,6 +137,14 @@ def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
     for hook in hooks:
         hook.remove()
     return curve
+
+
+def _model_and_batch(run_dir: Path) -> tuple[MoETransformer, Tensor]:
+    """The run's model with its last checkpoint's weights (eval mode), and one fixed validation
+    batch (B, S) of its training shape."""
+    cfg, model, _ = load_run(run_dir)
+    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
+    return model, fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
 
 
 MTP_PROMPTS, MTP_PROMPT_TOKENS, MTP_NEW_TOKENS = 4, 32, 32
@@ -157,10 +164,7 @@ def mtp_figures(run_dir: Path, cfg: RunConfig) -> dict[str, float]:
     from moekit.model.generation import generate
     from moekit.model.speculative import SpeculativeStats
 
-    cfg, model, _ = load_run(run_dir)
-    model.eval()
-    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
-    batch = fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
+    model, batch = _model_and_batch(run_dir)
     logits = model(batch, mtp=True, with_aux=False).mtp_logits[0]  # position i: token i + 2
     accuracy = float((logits[:, :-2].argmax(-1) == batch[:, 2:]).float().mean())
     accepted = proposed = 0
@@ -189,8 +193,7 @@ def arm_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "val_loss": evals[-1]["val_loss"] if evals else math.nan,
         "train_lm_loss": losses[-1] if losses else math.nan,
-        "max_vio": _layer_figure(last, "max_vio"),
-        "dropped_fraction": _layer_figure(last, "dropped_fraction"),
+        **{key: _layer_figure(last, key) for key in LOGGED},
         "tokens_per_s": _mean([r["tokens_per_s"] for r in train_recs]),
         "spikes": spikes,
         "seconds": times[-1] if times else math.nan,

@@ -3,6 +3,7 @@ throughput, and two PNG plots (loss curves; each MoE layer's expert load over tr
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ def write_report(
     evals = [r for r in records if r["kind"] == "eval"]
     plots = []
     if train:
-        save_figure(loss_figure(train, evals), run_dir / "loss.png")
+        curves = {"train": [(r["step"], r["lm_loss"]) for r in train]}
+        curves["validation"] = [(r["step"], r["val_loss"]) for r in evals]
+        ylabel, title = "cross-entropy (nats/token)", "Language-model loss"
+        figure = curves_figure(curves, "optimizer step", ylabel, title, loss=False)
+        save_figure(figure, run_dir / "loss.png")
         plots.append(("Loss", "loss.png"))
     if train and train[-1]["layers"]:
         save_figure(expert_load_figure(train), run_dir / "expert_load.png")
@@ -74,9 +79,10 @@ def report_text(
         f"- parameters: {format_count(model.num_parameters())} total, "
         f"{format_count(model.num_parameters(active=True))} active per token",
         f"- steps: {s['step']} of {cfg.train.steps}, {s['tokens']:,} tokens",
-        f"- final train loss: {_num(s['train_loss'])} nats/token (mean of the last log interval)",
-        f"- final validation loss: {_num(s['val_loss'])} nats/token, "
-        f"{_num(s['val_bpb'])} bits per byte",
+        f"- final train loss: {loss_text(s['train_loss'])} nats/token (mean of the last log "
+        "interval)",
+        f"- final validation loss: {loss_text(s['val_loss'])} nats/token, "
+        f"{loss_text(s['val_bpb'])} bits per byte",
         f"- throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.0f} s of "
         "training steps",
     ]
@@ -94,23 +100,41 @@ def report_text(
     return "\n".join(lines)
 
 
-def _num(value: float | None) -> str:
+def loss_text(value: float | None) -> str:
+    """A loss to 4 decimals, or "n/a"."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def loss_figure(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Figure:
-    """Train LM loss per log interval and validation loss per evaluation, against the step."""
+VAL_LOSS = "validation cross-entropy (nats/token)"
+
+
+def curves_figure(
+    curves: Mapping[str, Sequence[Sequence[float]]], xlabel: str, ylabel: str, title: str = "",
+    baseline: str | None = None, labels: Mapping[str, str] | None = None, loss: bool = True,
+) -> Figure:  # fmt: skip
+    """One line per curve of (x, y) points (NaN left out), labelled by `labels` or its name; the
+    `baseline`'s black, with its last value a dashed line. For a `loss`, the y range starts
+    below the lowest value and stops at 1.5 x the median: the first steps' losses would flatten
+    the differences between the curves."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
-    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train", lw=1.2)
-    if evals:
-        steps, losses = [r["step"] for r in evals], [r["val_loss"] for r in evals]
-        ax.plot(steps, losses, "o-", label="validation", lw=1.5, ms=4)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Language-model loss")
+    for name, curve in curves.items():
+        points = [(x, y) for x, y in curve if y == y]
+        if points:
+            black = {"color": "black", "lw": 2} if name == baseline else {"lw": 1}
+            style = "o-" if len(points) <= 40 else "-"
+            label = (labels or {}).get(name, name)
+            ax.plot(*zip(*points, strict=True), style, ms=3, label=label, **black)
+    values = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if loss and values:
+        low, mid = min(values), float(np.median(values))
+        ax.set_ylim(low - 0.05 * (mid - low), 1.5 * mid)
+    if baseline is not None:
+        ax.axhline(curves[baseline][-1][1], color="gray", ls="--", lw=1)
+    ax.set_title(title, fontsize=10)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return fig
 
 
