@@ -291,45 +291,45 @@ def _remove_stale_temporaries(folder: Path) -> None:
 
 
 def write_new_run(out_dir: Path, cfg: Any, model: nn.Module, tokenizer: Path | None) -> Path:
-    """A run directory (config.json, tokenizer.json when given, and `model` as a step-0
-    checkpoint with a fresh optimizer and the seed's RNG state) that `moekit train --resume`
-    continues; written atomically, refusing an existing `out_dir`. `cfg` is a `RunConfig`."""
+    """A run directory (`new_run_dir`) with `model` as a step-0 checkpoint, a fresh optimizer and
+    the seed's RNG state, that `moekit train --resume` continues. `cfg` is a `RunConfig`."""
     from moekit.train.optim import build_optimizer
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; choose a new run directory")
     seeded = torch.Generator().manual_seed(cfg.train.seed).get_state()
     state = TrainerState(0, 0, sampler={"generator": seeded}, torch_rng=seeded.clone())
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(cfg.to_json() + "\n")
-        if tokenizer is not None:
-            shutil.copy2(tokenizer, tmp / "tokenizer.json")
+    with new_run_dir(out_dir, cfg, tokenizer, "choose a new run directory") as tmp:
         optimizer_sd = build_optimizer(model, cfg.train).state_dict()
         save_checkpoint(tmp, model.state_dict(), optimizer_sd, state, keep=1)
-    return out_dir
+    return Path(out_dir)
 
 
 def write_quantized_run(
     out: Path, cfg: Any, model: nn.Module, quantization: Any, tokenizer: Path | None
 ) -> Path:
-    """A run directory of a quantized model (`moekit quantize`): config.json, tokenizer.json when
-    given, and one checkpoint of the model's weights with the `QuantizeConfig` it was quantized
-    with (`quantization.json`), no optimizer state (it is for inference). Written atomically,
-    refusing an existing `out`."""
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new directory for the quantized model")
-    with atomic_path(out) as tmp:
+    """A run directory (`new_run_dir`) of a quantized model (`moekit quantize`): one checkpoint of
+    the model's weights with the `QuantizeConfig` it was quantized with (`quantization.json`), no
+    optimizer state (it is for inference)."""
+    with new_run_dir(out, cfg, tokenizer, "choose a new directory for the quantized model") as tmp:
         checkpoint = tmp / CHECKPOINT_DIR / "step-000000"
         checkpoint.mkdir(parents=True)
+        save_file(_one_name_per_tensor(model.state_dict()), str(checkpoint / "model.safetensors"))
+        (checkpoint / QUANTIZATION_FILE).write_text(quantization.to_json() + "\n")
+    return Path(out)
+
+
+@contextmanager
+def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Iterator[Path]:
+    """Write a new run directory atomically: config.json, tokenizer.json when given, and what the
+    caller writes into the folder yielded. An existing `out` is refused (`remedy`: what to do)."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; {remedy}")
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
         (tmp / "config.json").write_text(cfg.to_json() + "\n")
         if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / "tokenizer.json")
-        save_file(_one_name_per_tensor(model.state_dict()), str(checkpoint / "model.safetensors"))
-        (checkpoint / QUANTIZATION_FILE).write_text(quantization.to_json() + "\n")
-    return out
+        yield tmp
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> Path | None:

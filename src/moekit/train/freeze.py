@@ -57,7 +57,8 @@ def trainable_table(model: nn.Module) -> str:
     trainable = sum(t for t, _ in counts.values())
     lines = [f"{'part':<10} {'trainable':>12} {'frozen':>12}"]
     lines += [f"{p:<10} {t:>12,} {f:>12,}" for p, (t, f) in counts.items() if t + f]
-    mtp = [(p.numel(), p.requires_grad) for n, p in model.named_parameters() if n[:4] == "mtp."]
+    params = model.named_parameters()
+    mtp = [(p.numel(), p.requires_grad) for n, p in params if module_of(n) == "mtp"]
     if mtp:
         on = sum(n for n, grad in mtp if grad)
         off = sum(n for n, _ in mtp) - on

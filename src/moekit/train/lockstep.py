@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 from tqdm.auto import tqdm
 
 from moekit.config import RunConfig, TrainConfig
@@ -37,6 +35,8 @@ from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import check_run_dir
 from moekit.train.loop import Trainer, TrainingDiverged, train
 from moekit.train.metrics import read_metrics
+from moekit.train.report import VAL_LOSS as VAL_LOSS  # re-exported: the benchmarks' figures
+from moekit.train.report import curves_figure as curves_figure
 from moekit.train.report import summary
 
 
@@ -309,36 +309,3 @@ def compare_to(
             "final_val_bpb": run["final_val_bpb"],
         }
     return out
-
-
-VAL_LOSS = "validation cross-entropy (nats/token)"
-
-
-def curves_figure(
-    curves: Mapping[str, Sequence[Sequence[float]]], xlabel: str, ylabel: str, title: str = "",
-    baseline: str | None = None, labels: Mapping[str, str] | None = None, loss: bool = True,
-) -> Figure:  # fmt: skip
-    """One line per curve of (x, y) points (NaN left out), labelled by `labels` or its name; the
-    `baseline`'s black, with its last value a dashed line. For a `loss`, the y range starts
-    below the lowest value and stops at 1.5 x the median: the first steps' losses would flatten
-    the differences between the curves."""
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for name, curve in curves.items():
-        points = [(x, y) for x, y in curve if y == y]
-        if points:
-            black = {"color": "black", "lw": 2} if name == baseline else {"lw": 1}
-            style = "o-" if len(points) <= 40 else "-"
-            label = (labels or {}).get(name, name)
-            ax.plot(*zip(*points, strict=True), style, ms=3, label=label, **black)
-    values = [y for line in ax.get_lines() for y in line.get_ydata()]
-    if loss and values:
-        low, mid = min(values), float(np.median(values))
-        ax.set_ylim(low - 0.05 * (mid - low), 1.5 * mid)
-    if baseline is not None:
-        ax.axhline(curves[baseline][-1][1], color="gray", ls="--", lw=1)
-    ax.set_title(title, fontsize=10)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig

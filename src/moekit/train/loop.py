@@ -153,12 +153,8 @@ class Trainer:
                 shard = self.parallelism.shard_optimizer_state(restored, self.optimizer, self.model)
                 self.optimizer.load_state_dict(shard)
         eval_bs = t.eval.batch_size or t.batch_size
-        self.eval_batches = [
-            self.parallelism.my_share(b)
-            for b in fixed_batches(
-                self.data.val.tokens, t.eval.batches, eval_bs, t.seq_len, EVAL_SEED
-            )
-        ]
+        fixed = fixed_batches(self.data.val.tokens, t.eval.batches, eval_bs, t.seq_len, EVAL_SEED)
+        self.eval_batches = [self.parallelism.my_share(b) for b in fixed]
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t.bf16)
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, Any] = {}
@@ -228,7 +224,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=not self.talks)
         with bar, StopOnInterrupt(self._say) as stop:
             while not self.done and not stop.requested:
-                _, seconds = self.advance()
+                seconds = self.advance()
                 _show_progress(bar, seconds, self.tokens_per_step, self.last_train)
             self.finish()
         return self.result(time.perf_counter() - start, stop.requested)
@@ -237,9 +233,9 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.cfg.train.steps
 
-    def advance(self) -> tuple[StepResult, float]:
+    def advance(self) -> float:
         """One optimizer step, then the logging, evaluation and checkpoint that are due; returns
-        the step's figures and its duration in seconds."""
+        the step's duration in seconds."""
         t = self.cfg.train
         begin = time.perf_counter()
         result = self._train_step()
@@ -255,7 +251,7 @@ class Trainer:
             self._evaluate()
         if self.done or (t.checkpoint.every and self.step % t.checkpoint.every == 0):
             self._save()
-        return result, seconds
+        return seconds
 
     def finish(self) -> None:
         """Log the steps not yet logged and save a checkpoint unless this step has one."""

@@ -22,16 +22,14 @@ from moekit.fileio import atomic_write_json, atomic_write_text, save_figure
 from moekit.machine import machine_info
 from moekit.model import format_count
 from moekit.train.lockstep import (
-    VAL_LOSS,
     compare_to,
-    curves_figure,
     parallel_threads,
     run_in_parallel,
     run_summary,
     train_in_lockstep,
 )
 from moekit.train.metrics import read_metrics
-from moekit.train.report import expert_load_figure
+from moekit.train.report import VAL_LOSS, curves_figure, expert_load_figure
 
 MOE, DENSE = "moe", "dense"
 
