@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.config import ModelConfig, RopeScaling
+from moekit.config import ModelConfig, MoEConfig, RopeScaling
 from moekit.interop.files import CheckpointError
 
 HF = dict[str, Any]
@@ -127,15 +127,26 @@ def common_to_hf(cfg: ModelConfig) -> HF:
     }
 
 
-def moe_from_hf(hf: HF, n_experts: int, d_expert: int) -> HF:
-    """MoEConfig fields every architecture reads the same way."""
+def moe_from_hf(hf: HF, experts: str, width: str) -> HF:
+    """MoEConfig fields every architecture reads the same way; `experts` and `width` are its
+    names for the expert count and width."""
     return dict(
         d_model=hf["hidden_size"],
-        d_expert=d_expert,
-        n_experts=n_experts,
+        d_expert=hf[width],
+        n_experts=hf[experts],
         top_k=hf["num_experts_per_tok"],
         aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
     )
+
+
+def moe_to_hf(moe: MoEConfig, experts: str, width: str) -> HF:
+    """`moe_from_hf`'s entries, written."""
+    return {
+        width: moe.d_expert,
+        experts: moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+    }
 
 
 def dense_width(cfg: ModelConfig) -> int:

@@ -1,14 +1,10 @@
 """`load_hf` and `save_hf`: Hugging Face checkpoint directories <-> `MoETransformer`.
 
-Loading builds the model on the meta device, allocates it once in the target dtype, checks every
-tensor's name and shape against the checkpoint headers before reading any weight, then streams
-the weights into place (`moekit.userfiles.CheckpointReader`). A model loaded quantized
-(`keep_quantized`, `quantize`) is swapped for its quantized form while still on the meta device
-and allocated quantized: its float weights are never all in memory. `interop.quantized.fill`
-puts each tensor in place, float or quantized, one expert or one slice of rows at a time
-(`interop.plan` checks names and shapes first). Saving writes config.json, the safetensors shards
-(with an index above one shard) and the tokenizer into a temporary directory that is renamed to
-the destination only when complete.
+Loading builds the model on the meta device (swapped for its quantized form there when loaded
+quantized), allocates it once, checks every tensor's name and shape against the checkpoint
+headers (`interop.plan`), then streams the weights into place one expert or one slice of rows at
+a time (`interop.quantized.fill`). Saving writes config.json, the safetensors shards and the
+tokenizer into a temporary directory renamed to the destination only when complete.
 """
 
 from __future__ import annotations
@@ -100,17 +96,14 @@ def load_hf(
     model.safetensors.index.json, in the hub's per-expert key layout or transformers 5's fused one.
 
     dtype: of the weights; None takes the config's "dtype" (or "torch_dtype"), else float32, and
-    bfloat16 for a quantized checkpoint. The routers' correction biases stay float32. Tensors are
-    streamed into the model one at a time (a large one in slices), so the peak memory is about
-    the model's own. Unsupported architectures, missing, unexpected or misshapen tensors and
-    truncated or corrupt files raise `CheckpointError` before any weight is read. `progress`
-    shows a progress bar (bytes read, rate, ETA).
+    bfloat16 for a quantized checkpoint. The routers' correction biases stay float32. The peak
+    memory is about the model's own. Unsupported architectures, missing, unexpected or misshapen
+    tensors and truncated or corrupt files raise `CheckpointError` before any weight is read.
+    `progress` shows a progress bar (bytes read, rate, ETA).
 
-    Quantized checkpoints (config.json's quantization_config; see `interop.quantized`) are
-    dequantized on load, a tensor or slice at a time: quant_method "fp8" (DeepSeek-V3's
-    float8_e4m3fn weights with block scales) and "mxfp4" (GPT-OSS's experts); the tensors they
-    leave unquantized are read as stored. Another method, a missing or misshapen scale tensor,
-    or a truncated blocks tensor raises `CheckpointError` naming it, before any weight is read.
+    Quantized checkpoints (quant_method "fp8": DeepSeek-V3's block-scaled weights; "mxfp4":
+    GPT-OSS's experts; see `interop.quantized`) are dequantized on load, a tensor or slice at a
+    time; a problem of the format raises `CheckpointError` naming it, before any weight is read.
 
     keep_quantized: GPT-OSS's MXFP4 experts stay MXFP4 (`QuantizedExperts` holding the bytes as
         shipped, rows reordered to moekit's layout; never decoded to float), everything else

@@ -1,28 +1,22 @@
-"""Quantized Hugging Face checkpoints, dequantized on load: config.json's `quantization_config`
-read and checked, the checkpoint's tensors seen as the dense ones the key maps expect, and the
-readers that dequantize them (the formats themselves are `moekit.quant.formats`).
+"""Quantized Hugging Face checkpoints: config.json's `quantization_config` read and checked, the
+checkpoint's tensors seen as the dense ones the key maps expect, and the readers that dequantize
+them (the formats themselves are `moekit.quant.formats`).
 
     quant_method "fp8"    DeepSeek-V3 (and Qwen3's -FP8 checkpoints): fmt "e4m3",
                           weight_block_size [bm, bn]. A float8_e4m3fn `X.weight` has a
-                          `X.weight_scale_inv` grid beside it; every other tensor (embeddings,
-                          head, norms, router, correction bias: those with no scale) is read as
-                          it is stored.
+                          `X.weight_scale_inv` grid beside it; every tensor with no scale is
+                          read as it is stored.
     quant_method "mxfp4"  GPT-OSS: an expert projection `P` ships as `P_blocks` / `P_scales`;
-                          everything else (modules_to_not_convert: attention, router, embedding,
-                          head) is stored unquantized and read as it is.
+                          everything else (modules_to_not_convert) is stored unquantized.
 
-The view (`QuantizedView`) names each quantized tensor by the dense key a bf16 checkpoint would
-have, with the shape transformers dequantizes it to (GPT-OSS's transposed (E, D, 2F) / (E, F, D)),
-so the loader's check of names and shapes against the config covers quantized checkpoints before
-any weight is read. Every problem of the format is a `CheckpointError` naming the tensor or field
-and what would be right. moekit writes (`save_hf`) unquantized checkpoints only.
+The view (`QuantizedView`) names each quantized tensor by the dense key and shape a bf16
+checkpoint would have (GPT-OSS's transposed (E, D, 2F) / (E, F, D)), so the loader's check of
+names and shapes covers quantized checkpoints before any weight is read.
 
-`fill` puts each loaded tensor in place, a piece (one expert, or one slice of rows) at a time:
-into the float parameter, or, loaded quantized (`load_hf(keep_quantized=True)` or
-`load_hf(quantize=QuantizeConfig(...))`), into its `QuantizedWeight` storage: an MXFP4 pair into
-MXFP4 storage as shipped (`load_mxfp4`: the bytes copied, rows reordered, never decoded), anything
-else dequantized (MXFP4 one expert, FP8 one block row slice at a time) and quantized piece by
-piece (`quantize_into`).
+`fill` puts each loaded tensor in place a piece (one expert, or one slice of rows) at a time: into
+the float parameter, or, loaded quantized, into its `QuantizedWeight` storage: an MXFP4 pair into
+MXFP4 storage as shipped (`load_mxfp4`: never decoded), anything else dequantized and quantized
+piece by piece (`quantize_into`).
 """
 
 from __future__ import annotations
@@ -251,7 +245,17 @@ class DequantizingReader(CheckpointReader):
             raise CheckpointError(f"{key} is MXFP4: read it with load_mxfp4")
         if key not in self.view.fp8_scales:
             return super().read(key, rows)
-        return self._read_fp8(key, rows)
+        if isinstance(rows, int):
+            return self.read(key, slice(rows, rows + 1))[0]
+        # an FP8 weight's rows, dequantized with the rows of the scale grid they need
+        start, stop, _ = (rows or slice(None)).indices(self.view.files[key].shape[0])
+        block_size = self.view.quantization.block_size
+        w_MN = self.read_stored(key, slice(start, stop))
+        grid_rows = slice(start // block_size[0], -(-stop // block_size[0]))
+        scale_inv_GH = self.read_stored(self.view.fp8_scales[key], grid_rows)
+        return dequantize_fp8_blocks(
+            w_MN, scale_inv_GH, block_size, self.dtype, first_row=start, name=key
+        )
 
     def row_slices(self, key: str) -> Iterator[slice]:
         if key not in self.view.fp8_scales:
@@ -260,26 +264,6 @@ class DequantizingReader(CheckpointReader):
         budget = SLICE_BYTES // 4  # elements: each is dequantized through float32
         yield from fp8_row_slices(
             self.view.files[key].shape, self.view.quantization.block_size, budget
-        )
-
-    def _read_fp8(self, key: str, rows: slice | int | None) -> Tensor:
-        """W[rows] of an FP8 weight, dequantized: the weight's rows and the grid's rows they
-        need."""
-        n_rows = self.view.files[key].shape[0]
-        if isinstance(rows, int):
-            return self._read_fp8(key, slice(rows, rows + 1))[0]
-        start, stop, _ = (rows or slice(None)).indices(n_rows)
-        bm = self.view.quantization.block_size[0]
-        w_MN = self.read_stored(key, slice(start, stop))
-        grid_rows = slice(start // bm, -(-stop // bm))
-        scale_inv_GH = self.read_stored(self.view.fp8_scales[key], grid_rows)
-        return dequantize_fp8_blocks(
-            w_MN,
-            scale_inv_GH,
-            self.view.quantization.block_size,
-            self.dtype,
-            first_row=start,
-            name=key,
         )
 
 

@@ -161,15 +161,6 @@ def _part_of(name: str, module: nn.Module) -> str | None:
     return "attention" if ".attn." in f".{name}." else "ffn"
 
 
-def quantizable_parts(model: MoETransformer) -> dict[str, str]:
-    """{module name: part} of every module `quantize_model` may quantize, in model order."""
-    return {
-        name: part
-        for name, module in model.named_modules()
-        if isinstance(module, Experts | nn.Linear) and (part := _part_of(name, module))
-    }
-
-
 def quantize_model(
     model: MoETransformer, config: QuantizeConfig, *, empty: bool = False
 ) -> MoETransformer:
@@ -183,79 +174,52 @@ def quantize_model(
     keep_quantized=True)`) stay as they are where their part's scheme is theirs or None; another
     scheme requantizes them one expert at a time (dequantized to float32, then quantized), never
     the whole part in float."""
-    plan = {}
-    for name, part in quantizable_parts(model).items():
-        scheme = config.scheme_of(part)
+    swaps = {}
+    for name, module in model.named_modules():
+        part = _part_of(name, module)
+        scheme = None if part is None else config.scheme_of(part)
         if scheme is None:
             continue
-        module = model.get_submodule(name)
-        weights = (module.w_in, module.w_out) if part == "experts" else (module.weight,)
-        for w in weights:
-            check_quantizable(w.shape, scheme, f"{name} ({part}, shape {tuple(w.shape)})")
-        plan[name] = (module, part, scheme)
-    requantize = _requantize_plan(model, config)
-    for name, (module, part, scheme) in plan.items():
-
-        def stored(w: Tensor, scheme: str = scheme) -> QuantizedWeight:
-            if empty:
-                return empty_quantized(w.shape, scheme, config.zero_point, device=w.device)
-            return quantize(w, scheme, config.zero_point)
-
-        if part == "experts":
-            new = QuantizedExperts(module, stored(module.w_in), stored(module.w_out))
-        else:
-            new = QuantizedLinear(stored(module.weight), module.bias)
-        model.set_submodule(name, new.train(False))
-    for name, (module, scheme) in requantize.items():
-
-        def restored(qw: QuantizedWeight, scheme: str = scheme) -> QuantizedWeight:
-            return _requantized(qw, scheme, config.zero_point, empty)
-
         if isinstance(module, QuantizedExperts):
-            new = QuantizedExperts(module, *map(restored, module.quantized_weights()))
+            weights = module.quantized_weights()
+        elif isinstance(module, QuantizedLinear):
+            weights = (module.weight_q,)
         else:
-            new = QuantizedLinear(restored(module.weight_q), module.bias)
+            weights = (module.w_in, module.w_out) if part == "experts" else (module.weight,)
+        zero_point = config.zero_point and scheme == "int4"
+        if all(
+            isinstance(w, QuantizedWeight)
+            and w.scheme == scheme
+            and (w.offsets is not None) == zero_point
+            for w in weights
+        ):
+            continue  # already stored as asked
+        for w in weights:
+            stored = f"{w.scheme}, " if isinstance(w, QuantizedWeight) else ""
+            check_quantizable(w.shape, scheme, f"{name} ({part}, {stored}shape {tuple(w.shape)})")
+        swaps[name] = (module, scheme, weights)
+    for name, (module, scheme, weights) in swaps.items():
+        new_weights = [_stored_as(w, scheme, config.zero_point, empty) for w in weights]
+        if isinstance(module, Experts | QuantizedExperts):
+            new = QuantizedExperts(module, *new_weights)
+        else:
+            new = QuantizedLinear(new_weights[0], module.bias)
         model.set_submodule(name, new.train(False))
     return model
 
 
-def _requantize_plan(
-    model: MoETransformer, config: QuantizeConfig
-) -> dict[str, tuple[QuantizedExperts | QuantizedLinear, str]]:
-    """{name: (module, scheme)} of the already quantized modules `config` stores otherwise, each
-    weight checked against its new scheme."""
-    plan = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedExperts):
-            stored = module.quantized_weights()
-        elif isinstance(module, QuantizedLinear):
-            stored = (module.weight_q,)
-        else:
-            continue
-        part = _part_of(name, module)
-        scheme = config.scheme_of(part)
-        zero_point = config.zero_point and scheme == "int4"
-        if scheme is None or all(
-            qw.scheme == scheme and (qw.offsets is not None) == zero_point for qw in stored
-        ):
-            continue
-        for qw in stored:
-            where = f"{name} ({part}, {qw.scheme}, shape {tuple(qw.shape)})"
-            check_quantizable(qw.shape, scheme, where)
-        plan[name] = (module, scheme)
-    return plan
-
-
-def _requantized(
-    qw: QuantizedWeight, scheme: str, zero_point: bool, empty: bool
+def _stored_as(
+    w: Tensor | QuantizedWeight, scheme: str, zero_point: bool, empty: bool
 ) -> QuantizedWeight:
-    """`qw` stored in `scheme`: each matrix (one expert) dequantized to float32 and quantized."""
-    out = empty_quantized(qw.shape, scheme, zero_point, device=qw.data.device)
-    if empty:
+    """`w` (float, or quantized: then one matrix, one expert, at a time dequantized to float32 and
+    quantized) stored in `scheme`; `empty`: its storage, uninitialised."""
+    if empty or isinstance(w, QuantizedWeight):
+        out = empty_quantized(w.shape, scheme, zero_point, device=w.data.device)
+        if not empty:
+            for index in itertools.product(*map(range, w.shape[:-2])):
+                quantize_into(out[index], w[index].dequantize())
         return out
-    for index in itertools.product(*map(range, qw.shape[:-2])):
-        quantize_into(out[index], qw[index].dequantize())
-    return out
+    return quantize(w, scheme, zero_point)
 
 
 def dequantize_model(model: MoETransformer) -> MoETransformer:

@@ -154,22 +154,16 @@ def empty_quantized(
     zero_point: bool = False,
     device: torch.device | str = "cpu",
 ) -> QuantizedWeight:
-    """Uninitialised storage of a weight of `shape` (..., O, I) in `scheme`, to load into."""
-    check_quantizable(shape, scheme)
-    *lead, out_features, in_features = shape
-    rows = (*lead, out_features)
-    if scheme == "bf16":
-        return QuantizedWeight(scheme, torch.empty(shape, dtype=torch.bfloat16, device=device))
-    if scheme == "int8":
-        data = torch.empty(shape, dtype=torch.int8, device=device)
-        return QuantizedWeight(scheme, data, torch.empty(rows, device=device))
-    data = torch.empty((*rows, in_features // 2), dtype=torch.uint8, device=device)
-    groups = (*rows, in_features // GROUP)
-    if scheme == "mxfp4":
-        return QuantizedWeight(scheme, data, torch.empty(groups, dtype=torch.uint8, device=device))
-    scales = torch.empty(groups, dtype=torch.float16, device=device)
-    offsets = torch.empty(groups, dtype=torch.float16, device=device) if zero_point else None
-    return QuantizedWeight(scheme, data, scales, offsets)
+    """Uninitialised storage of a weight of `shape` (..., O, I) in `scheme`, to load into: the
+    layout `quantize` gives, worked out on the meta device."""
+    layout = quantize(torch.empty(shape, device="meta"), scheme, zero_point)
+    return replace(
+        layout,
+        **{
+            k: torch.empty(t.shape, dtype=t.dtype, device=device)
+            for k, t in layout.tensors().items()
+        },
+    )
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -22,7 +22,7 @@ from moekit.interop.keymaps import (
 
 
 def from_hf(hf: HF) -> ModelConfig:
-    routed = moe_from_hf(hf, hf["n_routed_experts"], hf["moe_intermediate_size"])
+    routed = moe_from_hf(hf, "n_routed_experts", "moe_intermediate_size")
     routed["aux_loss_coef"] = 0.0  # auxiliary-loss-free: the correction bias balances instead
     moe = MoEConfig(
         **routed,

@@ -12,6 +12,7 @@ from moekit.interop.configs import (
     layer_windows_from_hf,
     layer_windows_to_hf,
     moe_from_hf,
+    moe_to_hf,
 )
 from moekit.interop.keymaps import LAYER, MLP, Source, attention_keys, common_keys
 
@@ -22,7 +23,7 @@ def from_hf(hf: HF) -> ModelConfig:
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)
     ]
     moe = MoEConfig(
-        **moe_from_hf(hf, hf["num_local_experts"], hf["intermediate_size"]),
+        **moe_from_hf(hf, "num_local_experts", "intermediate_size"),
         activation="clamped_swiglu",
         swiglu_alpha=float(hf["swiglu_alpha"]),
         swiglu_limit=float(hf["swiglu_limit"]),
@@ -42,14 +43,11 @@ def from_hf(hf: HF) -> ModelConfig:
 def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
-        "intermediate_size": moe.d_expert,
-        "num_local_experts": moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+        **moe_to_hf(moe, "num_local_experts", "intermediate_size"),
         "swiglu_alpha": moe.swiglu_alpha,
         "swiglu_limit": moe.swiglu_limit,
         "attention_bias": cfg.attn_bias is True,
         **layer_windows_to_hf(cfg),
-        "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
 

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
-from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, one_window
+from moekit.interop.configs import (
+    HF,
+    common_from_hf,
+    common_to_hf,
+    moe_from_hf,
+    moe_to_hf,
+    one_window,
+)
 from moekit.interop.keymaps import LAYER, MLP, Source, attention_keys, common_keys, expert_keys
 
 HUB = LAYER + "block_sparse_moe."  # the hub's prefix of the router and experts
 
 
 def from_hf(hf: HF) -> ModelConfig:
-    moe = MoEConfig(**moe_from_hf(hf, hf["num_local_experts"], hf["intermediate_size"]))
+    moe = MoEConfig(**moe_from_hf(hf, "num_local_experts", "intermediate_size"))
     return ModelConfig(**common_from_hf(hf), moe=moe, sliding_window=hf["sliding_window"])
 
 
 def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
-        "intermediate_size": moe.d_expert,
-        "num_local_experts": moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+        **moe_to_hf(moe, "num_local_experts", "intermediate_size"),
         "sliding_window": one_window(cfg),
-        "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
 

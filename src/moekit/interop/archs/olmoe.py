@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
-from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf
+from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, moe_to_hf
 from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
 
 def from_hf(hf: HF) -> ModelConfig:
     moe = MoEConfig(
-        **moe_from_hf(hf, hf["num_experts"], hf["intermediate_size"]),
+        **moe_from_hf(hf, "num_experts", "intermediate_size"),
         normalize=bool(hf["norm_topk_prob"]),
     )
     common = common_from_hf(hf)
@@ -30,13 +30,10 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     del out["head_dim"]
     return {
         **out,
-        "intermediate_size": moe.d_expert,
-        "num_experts": moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+        **moe_to_hf(moe, "num_experts", "intermediate_size"),
         "norm_topk_prob": moe.normalize,
         "attention_bias": cfg.attn_bias is True,
         "clip_qkv": cfg.clip_qkv,
-        "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
 

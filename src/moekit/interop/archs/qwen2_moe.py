@@ -13,6 +13,7 @@ from moekit.interop.configs import (
     layer_windows_from_hf,
     layer_windows_to_hf,
     moe_from_hf,
+    moe_to_hf,
 )
 from moekit.interop.keymaps import (
     MLP,
@@ -46,7 +47,7 @@ def from_hf(hf: HF) -> ModelConfig:
     moe = None
     if hf["num_experts"] > 0:
         moe = MoEConfig(
-            **moe_from_hf(hf, hf["num_experts"], hf["moe_intermediate_size"]),
+            **moe_from_hf(hf, "num_experts", "moe_intermediate_size"),
             normalize=bool(hf["norm_topk_prob"]),
             n_shared_experts=1,
             d_shared=hf["shared_expert_intermediate_size"],
@@ -74,16 +75,13 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
         **moe_layers_to_hf(cfg),
-        "moe_intermediate_size": moe.d_expert,
-        "num_experts": moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+        **moe_to_hf(moe, "num_experts", "moe_intermediate_size"),
         "norm_topk_prob": moe.normalize,
         "shared_expert_intermediate_size": moe.shared_width,
         "qkv_bias": cfg.attn_bias == "qkv",
         "use_sliding_window": layer_windows["sliding_window"] is not None,
         **layer_windows,
         "max_window_layers": cfg.n_layers,
-        "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
 

@@ -6,13 +6,20 @@ from __future__ import annotations
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs.qwen2_moe import moe_layers_from_hf, moe_layers_to_hf
-from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, one_window
+from moekit.interop.configs import (
+    HF,
+    common_from_hf,
+    common_to_hf,
+    moe_from_hf,
+    moe_to_hf,
+    one_window,
+)
 from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
 
 def from_hf(hf: HF) -> ModelConfig:
     moe = MoEConfig(
-        **moe_from_hf(hf, hf["num_local_experts"], hf["moe_intermediate_size"]),
+        **moe_from_hf(hf, "num_local_experts", "moe_intermediate_size"),
         normalize=bool(hf["norm_topk_prob"]),
     )
     return ModelConfig(
@@ -31,14 +38,11 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
         **moe_layers_to_hf(cfg),
-        "moe_intermediate_size": moe.d_expert,
-        "num_experts": moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+        **moe_to_hf(moe, "num_experts", "moe_intermediate_size"),
         "norm_topk_prob": moe.normalize,
         "attention_bias": cfg.attn_bias is True,
         "use_sliding_window": window is not None,
         "sliding_window": window,
-        "router_aux_loss_coef": moe.aux_loss_coef,
     }
 
 
