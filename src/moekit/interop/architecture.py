@@ -17,10 +17,6 @@ from moekit.interop.files import CheckpointError
 from moekit.interop.keymaps import KeyMap
 
 
-def _no_key(key: str, cfg: ModelConfig) -> bool:
-    return False
-
-
 def _no_copies(cfg: ModelConfig) -> dict[str, str]:
     return {}
 
@@ -37,7 +33,6 @@ class Architecture:
     to_hf: the config.json entries of a model, given its MoE settings (model_type and
         architectures are added by `hf_config`).
     keys: where each moekit tensor lives in the checkpoint (see `keymaps`).
-    ignores: checkpoint keys (of a model of this config) that are not part of the model.
     reads_hidden_act: whether config.json's hidden_act is what the experts compute (then it must
         be "silu").
     copies: {checkpoint key: checkpoint key it copies} for a model of this config: tensors the
@@ -52,21 +47,17 @@ class Architecture:
     from_hf: Callable[[HF], ModelConfig]
     to_hf: Callable[[ModelConfig, MoEConfig], HF]
     keys: KeyMap
-    ignores: Callable[[str, ModelConfig], bool] = _no_key
     reads_hidden_act: bool = True
     copies: Callable[[ModelConfig], dict[str, str]] = _no_copies
 
-    def with_defaults(self, hf: HF) -> HF:
-        """The config with its aliases renamed and transformers' defaults for the keys it lacks."""
+    def model_config(self, hf: HF) -> ModelConfig:
+        """The `ModelConfig` of a config.json of this architecture: its aliases renamed, and
+        transformers' defaults for the keys it lacks."""
         hf = dict(hf)
         for alias, name in self.aliases.items():
             if alias in hf and name not in hf:
                 hf[name] = hf.pop(alias)
-        return {**BASE_DEFAULTS, **self.defaults, **hf}
-
-    def model_config(self, hf: HF) -> ModelConfig:
-        """The `ModelConfig` of a config.json of this architecture."""
-        hf = self.with_defaults(hf)
+        hf = {**BASE_DEFAULTS, **self.defaults, **hf}
         if self.reads_hidden_act and hf["hidden_act"] != "silu":
             raise CheckpointError(
                 f"{self.model_type}: hidden_act={hf['hidden_act']!r} is not supported "

@@ -54,7 +54,6 @@ from moekit.interop.quantized import (
 from moekit.model import MoETransformer
 from moekit.quant.files import is_quantized
 from moekit.quant.modules import quantize_model
-from moekit.quant.schemes import QuantizedWeight
 from moekit.userfiles import read_tokenizer
 
 TOKENIZER_FILES = (
@@ -140,26 +139,24 @@ def load_hf(
         quantize_model(model, schemes, empty=True)  # still on the meta device
         if keep_quantized:
             check_kept(model, plan, view)
-    _allocate(model)
+    model.to_empty(device="cpu")  # allocated once, uninitialised; buffers zero
+    for buffer in model.buffers():
+        buffer.zero_()
     float_dtype = model.embed.weight.dtype
     targets = [(destination(model, name), source, keys) for name, source, keys in plan]
     reader = DequantizingReader(view, float_dtype)
-    total = sum(_nbytes(dest) for dest, _, _ in targets)
+    total = sum(dest.nbytes for dest, _, _ in targets)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="load_hf", disable=not progress)
     try:
         check_copies(arch, cfg, reader)
         with torch.no_grad():
             for dest, source, keys in targets:
                 fill(dest, source.op, keys, reader, float_dtype)
-                bar.update(_nbytes(dest))
+                bar.update(dest.nbytes)
     finally:
         reader.close()
         bar.close()
     return model.eval()
-
-
-def _nbytes(dest: Tensor | QuantizedWeight) -> int:
-    return dest.nbytes if isinstance(dest, QuantizedWeight) else dest.numel() * dest.element_size()
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
@@ -183,13 +180,6 @@ def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
             for name, p in list(module.named_parameters(recurse=False)):
                 setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype)))
     return model
-
-
-def _allocate(model: MoETransformer) -> None:
-    """Allocate a meta model once on the CPU, uninitialised; buffers zero."""
-    model.to_empty(device="cpu")
-    for buffer in model.buffers():
-        buffer.zero_()
 
 
 def save_hf(

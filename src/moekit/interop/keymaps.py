@@ -90,29 +90,14 @@ Shape = tuple[int, ...]
 Piece = tuple[int | slice | tuple[int, slice], Tensor]
 
 
-def _shapes(source: Source, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The shape each template of `source` must have for a moekit tensor of shape `ours`."""
-    k = len(source.keys)
-    if source.op == "copy":
-        return [ours]
-    if source.op == "cat":
-        return [(ours[0] // k, *ours[1:])] * k
-    if source.op == "experts":
-        return [(ours[1] // k, *ours[2:])] * k
-    if source.op == "transpose":
-        return [(*ours[:-2], ours[-1], ours[-2])]
-    return [(ours[0], ours[2], ours[1]) if len(ours) == 3 else ours]  # interleaved_t
-
-
 def expected_shapes(
     source: Source, ours: tuple[int, ...], layer: int | None, n_experts: int
 ) -> dict[str, tuple[int, ...]]:
-    """{checkpoint key: required shape} for one moekit tensor."""
-    out = {}
-    for template, shape in zip(source.keys, _shapes(source, ours), strict=True):
-        one = Source((template,), "copy")
-        out |= dict.fromkeys(checkpoint_keys(one, layer, n_experts), shape)
-    return out
+    """{checkpoint key: required shape} for one moekit tensor of shape `ours`: what the op's saver
+    makes of it (on the meta device)."""
+    keys = checkpoint_keys(source, layer, n_experts)
+    saved = OPS[source.op][1](torch.empty(ours, device="meta"), keys)
+    return {key: tuple(t.shape) for key, t in saved}
 
 
 def _load_copy(shape: Shape, keys: list[str], reader: CheckpointReader) -> Iterator[Piece]:

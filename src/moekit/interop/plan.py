@@ -56,14 +56,6 @@ def check_copies(arch: Architecture, cfg: ModelConfig, reader: CheckpointReader)
                 )
 
 
-def _ignored(arch: Architecture, cfg: ModelConfig, key: str) -> bool:
-    """Checkpoint keys that are not part of the model: the rotary tables older checkpoints kept,
-    a tied model's copy of its embedding, and those the architecture ignores."""
-    if key.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and key == "lm_head.weight"):
-        return True
-    return arch.ignores(key, cfg)
-
-
 def plan_load(
     model: MoETransformer, arch: Architecture, view: QuantizedView, dropped: set[str]
 ) -> list[tuple[str, Source, list[str]]]:
@@ -105,7 +97,11 @@ def plan_load(
             )
         used.add(copy)
     used |= dropped
-    unexpected = sorted(k for k in files if k not in used and not _ignored(arch, cfg, k))
+    # not part of the model: the rotary tables older checkpoints kept, a tied model's head
+    used |= {k for k in files if k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")
+    unexpected = sorted(k for k in files if k not in used)
     _raise_if_any(arch.model_type, missing, unexpected, wrong)
     return plan
 
