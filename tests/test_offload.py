@@ -236,7 +236,7 @@ def test_budget_forms() -> None:
 
 def test_lru_and_lfu_evict_the_expected_expert() -> None:
     def run(policy: str, keys: list[int]) -> set[int]:
-        cache = ExpertCache(lambda k: (torch.zeros(1),), 2, make_policy(policy), 4)
+        cache = ExpertCache(lambda k: (torch.zeros(1),), 2, make_policy(policy))
         for k in keys:
             cache.get((0, k))
             cache.unpin((0, k))
@@ -259,7 +259,7 @@ def test_get_many_overlaps_the_loads_and_counts_like_get() -> None:
             loading["now"] -= 1
         return (torch.full((2,), float(key[1])),)
 
-    cache = ExpertCache(slow_load, 4, make_policy("lru"), 8)
+    cache = ExpertCache(slow_load, 4, make_policy("lru"))
     try:
         cache.get((0, 0))
         cache.unpin((0, 0))
@@ -284,7 +284,7 @@ def test_get_many_unpins_when_a_load_fails() -> None:
             raise OSError("disk gone")
         return (torch.zeros(1),)
 
-    cache = ExpertCache(load, 2, make_policy("lru"), 4)
+    cache = ExpertCache(load, 2, make_policy("lru"))
     try:
         with pytest.raises(OSError, match="disk gone"):
             cache.get_many([(0, 0), (0, 1)])
@@ -303,7 +303,7 @@ def test_a_failed_wait_leaves_nothing_pinned() -> None:
             raise OSError("bad sector")
         return (torch.zeros(1),)
 
-    cache = ExpertCache(load, 2, make_policy("lru"), 4)
+    cache = ExpertCache(load, 2, make_policy("lru"))
     try:
         cache.prefetch([(0, 0), (0, 1)])  # both slots reserved, (0, 0) about to fail
         gate.set()
@@ -330,7 +330,7 @@ def test_a_failed_load_one_expert_at_a_time_raises_its_own_error() -> None:
             raise OSError("disk gone")
         return experts.w_in[key[1]].detach(), experts.w_out[key[1]].detach()
 
-    cache = ExpertCache(load, 2, make_policy("lru"), 4)
+    cache = ExpertCache(load, 2, make_policy("lru"))
     try:
         offloaded = OffloadedExperts(experts, 0, cache)
         x_TD = torch.randn(3, TINY.d_model)

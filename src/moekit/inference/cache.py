@@ -35,10 +35,8 @@ def expert_groups(experts: list[int], capacity: int, selected: bool) -> list[lis
     """The groups in which one MoE layer call fetches its distinct experts (ascending) from a
     cache of `capacity`, each group pinned together, in order: all at once when they fit; else,
     on the dispatch path (a prefill), chunks of `capacity`; on the selected path
-    (`MoELayer.selected_path`: a decode step, few tokens), one expert at a time.
-
-    `OffloadedExperts` fetches by these groups and `moekit cache-sim` replays them, so the two
-    count the same hits."""
+    (`MoELayer.selected_path`: a decode step, few tokens), one expert at a time. `OffloadedExperts`
+    fetches by these groups and `moekit cache-sim` replays them: the two count the same hits."""
     if len(experts) <= capacity:
         return [list(experts)] if experts else []
     step = 1 if selected else capacity
@@ -149,7 +147,7 @@ class CacheStats:
 class ExpertCache:
     """At most `capacity` experts' weights resident; `load(key)` reads one from disk.
 
-    `pin`/`unpin` protect experts being computed. Prefetches reserve their slot when issued, so
+    `get` pins an expert being computed until `unpin`. Prefetches reserve their slot when issued, so
     resident plus in-flight experts never exceed the capacity. `loader_threads=0`: every load
     runs in the requesting thread (what a simulation wants; no prefetch then), with the same
     hits, misses and evictions.
@@ -160,14 +158,12 @@ class ExpertCache:
         load: Callable[[Key], tuple[ExpertWeight, ...]],
         capacity: int,
         policy: Policy,
-        expert_bytes: int,
         loader_threads: int = LOADER_THREADS,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity={capacity} is invalid: must hold at least one expert")
         self.load, self.capacity, self.policy = load, capacity, policy
         self.loader_threads = loader_threads
-        self.expert_bytes = expert_bytes
         self.resident: dict[Key, tuple[ExpertWeight, ...]] = {}
         self.pending: dict[Key, Future] = {}
         self.pinned: dict[Key, int] = {}

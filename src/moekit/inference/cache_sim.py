@@ -1,11 +1,5 @@
-"""`moekit cache-sim`: a routing trace replayed against the cache policies and against Belady's
-optimal oracle.
-
-The replay drives the very `ExpertCache` the offloaded model uses (no weights, no loader threads)
-with each recorded layer call's experts, pinned in the groups of `expert_groups` as
-`OffloadedExperts` pins them, so its hit counts are the model's on the same routing (without
-prefetch).
-"""
+"""`moekit cache-sim`: a routing trace replayed against the cache policies (on the very
+`ExpertCache` the offloaded model uses) and against Belady's optimal oracle."""
 
 from __future__ import annotations
 
@@ -22,13 +16,12 @@ def simulate(
     counts: Tensor | None = None,
     top_k: int = 1,
 ) -> CacheStats:
-    """The statistics of an `ExpertCache` of `capacity` with `policy` (no prefetch) fed the layer
-    calls as `OffloadedExperts` feeds it: each call's experts pinned together in the groups of
-    `expert_groups`, so the hits and misses are those of the model on the same routing. "static"
-    never evicts the `capacity - top_k` most counted keys of `counts` (L, E), as the model does
-    given the same counts."""
+    """The statistics of an `ExpertCache` of `capacity` with `policy` (no weights, no loader
+    threads, no prefetch) fed the layer calls in the groups of `expert_groups`, as
+    `OffloadedExperts` pins them: the model's hits and misses on the same routing. "static" keeps
+    the `capacity - top_k` most counted keys of `counts` (L, E), as the model does."""
     pol = make_policy(policy, counts, n_static=capacity - top_k)
-    cache = ExpertCache(lambda key: (), capacity, pol, expert_bytes=0, loader_threads=0)
+    cache = ExpertCache(lambda key: (), capacity, pol, loader_threads=0)
     for call in calls:
         for group in expert_groups(list(call.experts), capacity, call.selected):
             with cache.using([(call.layer, e) for e in group]):

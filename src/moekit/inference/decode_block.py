@@ -64,9 +64,9 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
 
 
 def _build_plan(block: Block) -> tuple | None:
-    D = block.ffn.cfg.d_model if isinstance(block.ffn, MoELayer) else 0
+    D = block.ffn.cfg.d_model  # (an MoELayer: `_modules` checked)
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
-    if D == 0 or None in norms or block.ffn.shared_experts is not None:
+    if None in norms or block.ffn.shared_experts is not None:
         return None
     refs, moe = attention_weights(block.attn), resident_args(block.ffn)
     if refs is None or moe is None or refs.q.I != D:

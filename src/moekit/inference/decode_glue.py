@@ -192,13 +192,11 @@ def _cache_qualifies(
 
 def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     """Swap the glue into `model` for generation, in place: every nn.RMSNorm becomes a
-    `GlueRMSNorm` sharing its weight; every `Attention` (the MTP blocks' too; not latent
-    attention) runs `glue_cached_attention`, and a decode position's whole block in one C call
-    (`decode_layers.attention_forward`); every MoE layer a decoded token's routing and experts in
-    one C call (`decode_moe.moe_forward`) and its router a few rows' top-k routing in C
-    (`decode_moe.router_forward`); every decoder block a decoded token's whole block in one C
-    call (`decode_block.block_forward`). Nothing is copied or re-pointed: the model saves and
-    deep-copies as before. Returns `model`; `remove_decode_glue` undoes it."""
+    `GlueRMSNorm` sharing its weight; every `Attention` (not latent attention) runs
+    `glue_cached_attention` and `decode_layers.attention_forward`, every MoE layer and its router
+    `decode_moe.moe_forward` and `router_forward`, every decoder block `decode_block.block_forward`.
+    Nothing is copied: the model saves and deep-copies as before. Returns `model`;
+    `remove_decode_glue` undoes it."""
     # here, not at the top: they build on this module's checks and library
     from moekit.inference import decode_block, decode_layers, decode_moe
 

@@ -148,11 +148,9 @@ class KernelLinear(nn.Linear):
 
 def apply_decode_kernels(model: MoETransformer) -> MoETransformer:
     """Swap the kernels into `model` for generation, in place: every nn.Linear becomes a
-    `KernelLinear` sharing its parameters, and the routers' projections, the experts' decode path
-    (resident or offloaded; the MTP blocks' too) and a tied LM head run `linear` /
-    `kernel_expert_ffn`; then the per-token glue between the products
-    (`moekit.inference.decode_glue`: RMSNorm, one position's attention, one token's routing, in
-    C). Outputs agree with the plain model's to float32 rounding (the sums run in another order).
+    `KernelLinear` sharing its parameters, the routers, the experts' decode path (resident or
+    offloaded) and a tied LM head run `linear` / `kernel_expert_ffn`; then `apply_decode_glue`.
+    Outputs agree with the plain model's to float32 rounding (the sums run in another order).
     Returns `model`; `remove_decode_kernels` undoes both."""
     # here, not at the top: decode_glue builds on this module's KernelLinear and linear
     from moekit.inference.decode_glue import apply_decode_glue
@@ -177,9 +175,8 @@ def _sharing(cls: type[nn.Linear], module: nn.Linear) -> nn.Linear:
 
 
 def _use_products(model: MoETransformer, old: type, new, linear_fn, ffn) -> None:
-    """Every module of type `old` becomes `new(module)`; the routers, the experts' decode path (not
-    quantized experts': those run the quantized kernels) and a tied LM head run `linear_fn` and
-    `ffn`."""
+    """Every module of type `old` becomes `new(module)`; the routers, the experts' decode path
+    (quantized experts run the quantized kernels) and a tied LM head run `linear_fn` and `ffn`."""
     for name, module in list(model.named_modules()):
         if type(module) is old:
             model.set_submodule(name, new(module))

@@ -1,10 +1,7 @@
 """Expert offloading: routed experts stay on disk (an expert directory or the checkpoint file,
-`moekit.inference.store`) and an `ExpertCache` keeps at most a budget of them in memory.
-
-`apply_expert_offload(model, expert_dir, budget=..., policy=...)` replaces each MoE layer's
-`Experts` with `OffloadedExperts` from outside the model, optionally with prefetch hooks;
-`load_offloaded` builds a model from a checkpoint with its experts left in the file (what
-`moekit.load(..., experts=budget)` does for a run).
+`moekit.inference.store`) and an `ExpertCache` keeps at most a budget of them in memory:
+`apply_expert_offload` swaps `OffloadedExperts` into a built model, `load_offloaded` builds one
+from a checkpoint with its experts left in the file.
 """
 
 from __future__ import annotations
@@ -63,18 +60,15 @@ def apply_expert_offload(
     prefetch: bool = False,
     expert_counts: Tensor | None = None,
 ) -> ExpertOffload:
-    """Replace each MoE layer's experts (the MTP blocks' too: `offloaded_layers`; `Experts`, or
-    a quantized model's `QuantizedExperts`) by `OffloadedExperts` reading from `expert_dir`
-    (written by `write_expert_files`), or from a `CheckpointExpertStore`, through one
-    `ExpertCache` of `budget` experts (see `resolve_budget`; in bytes, of the experts as stored:
-    quantized ones at their quantized size).
+    """Replace the experts of each of the `offloaded_layers` (`Experts` or `QuantizedExperts`) by
+    `OffloadedExperts` reading from `expert_dir` (written by `write_expert_files`) or a
+    `CheckpointExpertStore`, through one `ExpertCache` of `budget` experts (`resolve_budget`; bytes
+    count the experts as stored). Everything is checked before the model is changed.
 
     policy: "lru", "lfu" or "static" (keeps the most used experts of `expert_counts`
-    (n_moe_layers, n_experts), e.g. from a routing trace). prefetch: before each MoE layer, run
-    the next MoE layer's router on this layer's input and load its experts in a background thread
-    (`_prefetch_hook`). At a budget of top_k experts every layer call fills the cache, so every
-    guess would be evicted unused: prefetch then stands down for good, with one warning.
-    Everything is checked before the model is changed.
+    (n_moe_layers, n_experts), e.g. a routing trace's). prefetch: before each MoE layer, load the
+    next layer's guessed experts in the background (`_prefetch_hook`); at a budget of top_k
+    experts every guess would be evicted unused, so prefetch stands down, with one warning.
     """
     store = expert_dir
     if not isinstance(store, CheckpointExpertStore):
@@ -83,7 +77,7 @@ def apply_expert_offload(
     layers = offloaded_layers(model)
     capacity = expert_capacity(store, model, budget)
     pol = make_policy(policy, expert_counts, n_static=capacity - moe.top_k)
-    cache = ExpertCache(store.load, capacity, pol, store.expert_bytes)
+    cache = ExpertCache(store.load, capacity, pol)
     for i, layer in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts, i, cache)
     offload = ExpertOffload(cache, store)
@@ -140,18 +134,13 @@ def load_offloaded(
     budget: int | float | str = 0.5,
     **offload: Any,
 ) -> tuple[MoETransformer, ExpertOffload]:
-    """The model of `cfg` with the weights of the safetensors file `path` (a checkpoint's
-    model.safetensors), its routed experts left in the file: the model is built on the meta
-    device, everything else is read into memory, and the experts are read one at a time through
-    `apply_expert_offload(..., budget=budget, **offload)`. The whole model is never in memory.
-    Eval mode.
-    `quantization`: the checkpoint's `QuantizeConfig` (`moekit quantize` wrote it; None: float
-    weights): the model is quantized as it was (`quantize_model(..., empty=True)`) and its
-    experts are read and cached in their quantized format. The budget is checked (`offload.budget`
-    against top_k experts as stored) before the file's weights are read.
-    `remedy`: what a damaged file's error tells the user to do (for a run's checkpoint, the
-    training checkpoints' `checkpoint_remedy`). `moekit.load(run, experts=budget)` loads a run's
-    checkpoint through this (and the whole model in memory without `experts`)."""
+    """The model of `cfg` in eval mode with the weights of the safetensors file `path` (a
+    checkpoint's model.safetensors) but its routed experts, which stay in the file and are read
+    one at a time through `apply_expert_offload(..., budget=budget, **offload)`: the whole model is
+    never in memory. The budget is checked before any weight is read. `quantization`: the
+    checkpoint's `QuantizeConfig` (None: float weights); the model is quantized as it was and its
+    experts are read and cached quantized. `remedy`: what a damaged file's error tells the user
+    to do. `moekit.load(run, experts=budget)` loads a run's checkpoint through this."""
     with torch.device("meta"):
         model = MoETransformer(cfg)
         if quantization is not None:

@@ -1,12 +1,8 @@
 """`OffloadedExperts`: a drop-in for `Experts` (or a quantized run's `QuantizedExperts`) whose
-weights come from an `ExpertCache`.
-
-It computes with the resident module's own functions, so its output is bit-identical to the
-all-resident model's: float experts through `grouped_experts_forward` on the fetched experts'
-stacked weights and `expert_ffn` on the decode path (`Experts` is the reference twin); quantized
-experts (their `QuantizedWeight`s fetched as stored) through `quantized_expert_ffn`, each expert
-on its own rows as `QuantizedExperts.forward` runs them (`experts_on_their_rows`), and on the
-decode path (`QuantizedExperts` is the reference twin).
+weights come from an `ExpertCache`. It computes with the resident module's own functions (float
+experts: `grouped_experts_forward` on the fetched experts' stacked weights, `expert_ffn` on the
+decode path; quantized ones: `quantized_expert_ffn` on each expert's rows), so its output is
+bit-identical to the all-resident model's, its reference twin.
 """
 
 from __future__ import annotations

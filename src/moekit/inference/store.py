@@ -1,15 +1,10 @@
 """Where offloaded experts are read from: an expert directory (one safetensors file per MoE layer,
 keys "E.w_in" and "E.w_out", plus a manifest) or the stacked expert tensors of a checkpoint's
-model.safetensors. Either store is checked whole when opened and then reads one expert at a time.
-
-Quantized experts (a quantized run's `QuantizedExperts`, `moekit quantize`) are read as they are
-stored: each weight's data, scales and offsets ("w_in_data", "w_in_scales", ... ; `stored_experts`
-names them) from their own byte ranges, given as a `QuantizedWeight`, so a miss reads the
-quantized bytes (int4: 4.5 bits a weight against float32's 32).
-
-The `safetensors` library checks each file (a missing, truncated or corrupt one fails when the
-store opens, naming the file and what to do); an expert is then read straight from its byte range
-in the file (`read_tensor`), which is what the library has no call for.
+model.safetensors. Either store is checked whole when opened (the `safetensors` library checks
+each file: a missing, truncated or corrupt one fails naming the file and what to do) and then
+reads one expert at a time, straight from its byte range (`read_tensor`). Quantized experts are
+read as stored ("w_in_data", "w_in_scales", ...: `stored_experts`), as `QuantizedWeight`s, so a
+miss reads the quantized bytes (int4: 4.5 bits a weight against float32's 32).
 """
 
 from __future__ import annotations
@@ -77,17 +72,8 @@ def stored_experts(experts: nn.Module) -> dict[str, tuple[str | None, dict[str, 
 
 
 def layout_of(stored: dict[str, tuple[str | None, dict[str, Tensor]]]) -> Layout:
-    """`stored_experts`'s answer without the tensors: weight -> (scheme, its tensors' names). What
-    a store keeps (not the model's tensors, which offloading is to free)."""
+    """`stored_experts`'s answer without the tensors (which offloading is to free)."""
     return {w: (scheme, tuple(stacked)) for w, (scheme, stacked) in stored.items()}
-
-
-def expert_weight(weight: str, scheme: str | None, read: dict[str, Tensor]) -> ExpertWeight:
-    """One expert's `weight` ("w_in" or "w_out") from its tensors as read, named as in
-    `stored_experts`: the float tensor, or a `QuantizedWeight` of `scheme`."""
-    if scheme is None:
-        return read[weight]
-    return QuantizedWeight(scheme, **{k.removeprefix(f"{weight}_"): t for k, t in read.items()})
 
 
 def offloaded_layers(model: MoETransformer) -> list[MoELayer]:
@@ -95,12 +81,6 @@ def offloaded_layers(model: MoETransformer) -> list[MoELayer]:
     blocks' (a draft token reads them as a verified one reads the main layers'; DeepSeek-V3's MTP
     block alone holds 256 experts). Expert files and cache keys number them in this order."""
     return model.moe_layers(with_mtp=True)
-
-
-def moe_layer_names(model: MoETransformer) -> list[str]:
-    """The module names of the `offloaded_layers`, in order."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] for layer in offloaded_layers(model)]
 
 
 def directory_identity(model: MoETransformer) -> dict[str, Any]:
@@ -115,10 +95,8 @@ def directory_identity(model: MoETransformer) -> dict[str, Any]:
 
 
 def write_expert_files(model: MoETransformer, expert_dir: str | Path) -> Path:
-    """Write every offloaded layer's routed experts (`offloaded_layers`: the MTP blocks' too) as
-    `layer-NNN.safetensors` (keys "E.w_in",
-    "E.w_out"; a quantized model's "E.w_in_data", "E.w_in_scales", ... as `stored_experts` names
-    them) plus a manifest, atomically (the directory appears whole or not at all)."""
+    """Write every offloaded layer's routed experts (`offloaded_layers`) as `layer-NNN.safetensors`
+    (keys "E.<name>", the names of `stored_experts`) plus a manifest, atomically."""
     expert_dir = Path(expert_dir)
     identity = directory_identity(model)
     with atomic_path(expert_dir) as tmp:
@@ -180,9 +158,10 @@ class ExpertStore:
     def load(self, key: Key) -> tuple[ExpertWeight, ...]:
         """Expert key = (moe_layer, expert) -> (w_in, w_out), read from disk."""
         layer, e = key
-        start = self.headers[layer][1]
         with layer_file(self.dir, layer).open("rb", buffering=0) as f:
-            return read_expert(f, start, self.layouts[layer], self._entries(layer, e))
+            return read_expert(
+                f, self.headers[layer][1], self.layouts[layer], self._entries(layer, e)
+            )
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("layer-*.safetensors"))
@@ -190,17 +169,18 @@ class ExpertStore:
 
 class CheckpointExpertStore:
     """The routed experts inside a checkpoint's safetensors file (each MoE layer's stacked
-    (E, ., .) `w_in` and `w_out`; a quantized run's `w_in_data`, `w_in_scales`, ...), read one
-    expert at a time (`read_tensor`): a slice of the file, never the whole tensor. `model` (on
-    the meta device will do) says which tensors and shapes to expect. The file is checked when
-    the store is made; `remedy` says what to do about a damaged one. `load` gives one expert's
-    (w_in, w_out) as `ExpertStore.load` does; expert_bytes and stored_as as there."""
+    (E, ., .) `w_in` and `w_out`; a quantized run's `w_in_data`, `w_in_scales`, ...), each read as
+    a slice of the file. `model` (on the meta device will do) says which tensors and shapes to
+    expect; `remedy` what to do about a damaged file. `load`, expert_bytes and stored_as as
+    `ExpertStore`'s."""
 
     def __init__(self, path: str | Path, model: MoETransformer, remedy: str) -> None:
         self.path = Path(path)
         header, self.data_start = tensor_layout(self.path, remedy)
         self.layouts, self.entries, self.routed_keys = [], [], set()
-        for layer_name, layer in zip(moe_layer_names(model), offloaded_layers(model), strict=True):
+        names = {id(m): n for n, m in model.named_modules()}
+        for layer in offloaded_layers(model):
+            layer_name = names[id(layer)]
             stored, entries = stored_experts(layer.experts), {}
             for scheme, stacked in stored.values():
                 for name, t_E in stacked.items():
@@ -228,11 +208,18 @@ def read_expert(
     f: BinaryIO, data_start: int, layout: Layout, entries: dict[str, dict], index: int | None = None
 ) -> tuple[ExpertWeight, ...]:
     """One expert's (w_in, w_out) from the open file f: each tensor of `layout` (`stored_experts`)
-    read from its header entry in `entries` (with `index`: that slice of a stacked tensor)."""
-    return tuple(
-        expert_weight(w, scheme, {n: read_tensor(f, data_start, entries[n], index) for n in t})
-        for w, (scheme, t) in layout.items()
-    )
+    read from its header entry in `entries` (with `index`: that slice of a stacked tensor); a
+    quantized weight as a `QuantizedWeight` of its scheme."""
+    weights = []
+    for w, (scheme, names) in layout.items():
+        read = {n: read_tensor(f, data_start, entries[n], index) for n in names}
+        if scheme is None:
+            weights.append(read[w])
+        else:
+            weights.append(
+                QuantizedWeight(scheme, **{n.removeprefix(f"{w}_"): t for n, t in read.items()})
+            )
+    return tuple(weights)
 
 
 def stored_format(layout: Layout, entries: dict[str, dict]) -> str:

@@ -1,13 +1,11 @@
 """Routing traces: which experts each token used at each MoE layer, recorded by hooks on a running
-model (`TraceRecorder`, the one recorder of routing: `moekit trace` records generation with it for
-cache planning, `moekit analyze` records held-out text with it), saved as one small safetensors
-file with the model's identity (`save_trace`, `load_trace`).
+model (`TraceRecorder`, the one recorder of routing, for `moekit trace` and `moekit analyze`),
+saved as one small safetensors file with the model's identity (`save_trace`, `load_trace`).
 
 A trace's layer calls: for each forward call (a prefill or one decode step), for each MoE layer
 in order, the distinct experts the layer fetched, ascending, and whether it ran the selected
-(decode) path; `OffloadedExperts` asks the cache for them in the groups of `expert_groups`, and
-`moekit cache-sim` (`moekit.inference.cache_sim`) replays those very groups on an `ExpertCache`,
-so its hit counts are the model's. The request sequence is the same keys one after another.
+(decode) path: what `moekit cache-sim` replays, in the groups of `expert_groups` in which
+`OffloadedExperts` asks the cache for them, so its hit counts are the model's.
 """
 
 from __future__ import annotations
@@ -82,7 +80,7 @@ class Trace:
         return torch.bincount(flat.flatten(), minlength=L * E).view(L, E)
 
     def layer_calls(self) -> list[LayerCall]:
-        """Every MoE layer call, in order (see the module docstring)."""
+        """Every MoE layer call, in order."""
         assert self.fetched is not None and self.selected is not None
         return [
             LayerCall(layer, tuple(e for e, f in enumerate(row) if f), selected)
@@ -97,12 +95,11 @@ class Trace:
 
 class TraceRecorder:
     """Records the routing of every forward of `model` inside `with TraceRecorder(model) as r`,
-    per forward call and MoE layer: the experts each token's router chose (`calls`, hooked on the
-    routers: generation runs the MoE layers without their aux), which experts the layer call
-    fetched (`fetched`: the chosen ones; on the dispatch path, those that received rows, hooked
-    on the experts) and which path it ran (`selected`). Where the layer reports its aux (a
-    forward with metrics, as `moekit analyze` runs), also the assignments it kept (`kept`: (T, K),
-    -1 where capacity dropped one) and its mean routing entropy (`entropy`)."""
+    per forward call and MoE layer: the experts each token's router chose (`calls`), which ones the
+    layer call fetched (`fetched`: on the dispatch path, those that received rows) and which path
+    it ran (`selected`); where the layer reports its aux (a forward with metrics), also the
+    assignments it kept (`kept`: (T, K), -1 where capacity dropped one) and its mean routing
+    entropy (`entropy`)."""
 
     def __init__(self, model: MoETransformer) -> None:
         self.model, self.identity = model, model_identity(model.cfg)
