@@ -3,9 +3,8 @@
 as `moekit.model.params` names them) and `ParallelConfig.sizes`.
 
 Memory per device
-    parameters: the persistent shard of every parameter, in float32. FSDP2 keeps its shards in the
-        parameters' own dtype and gathers them in param_dtype, so with param_dtype="bfloat16" the
-        float32 shard is the master copy (no second one) and the bfloat16 copies are transient.
+    parameters: the persistent shard of every parameter, in float32 (with param_dtype="bfloat16"
+        FSDP2's float32 shard is the master copy and the bfloat16 copies are transient).
         Sharding: tensor parallelism splits attention q/k/v (colwise) and o (rowwise), dense FFNs
         and shared experts (colwise in, rowwise out; row-wise biases and the shared-expert gate
         stay whole), and with ep=1 the routed experts on their hidden dimension; expert
@@ -27,27 +26,23 @@ Memory per device
             dense FFN  4*T*F/tp (gate, silu(gate), up, their product)
             MoE        2*T*E (router logits, probabilities) + R*(2*D + 3*F/tp') (rows gathered
                        for the experts, [gate|up], product, expert outputs: the fused SwiGLU
-                       keeps only [gate|up]) with R = T*top_k rows (dropless), tp' = tp when
-                       ep=1 else 1; shared experts 3*T*Fs/tp
+                       keeps only [gate|up]) with R = T*top_k rows (dropless; the bound under
+                       capacity dispatch), tp' = tp when ep=1 else 1; shared experts 3*T*Fs/tp
         plus the head: 3*T*D (final norm) and T*V float32 (the log-softmax the loss keeps). With
-        sequence parallelism each RMSNorm (attention's, the FFN's, the final one) saves its
-        input and normalised input on this process's T/tp positions and the next projections
-        the all-gathered output: 2*T*D/tp + T*D instead of 3*T*D (measured on 4 gloo processes,
-        tiny preset, tp=4, 2 x 64 tokens: 186,636 bytes fewer saved, 186,240 predicted with
-        the norm statistics). Small
-        terms (norm statistics, indices, routing weights) are left out. Calibrated against the
-        tensors autograd saves on CPU (tests/test_params.py): 97.5% of them for the tiny preset,
-        99.6% for small (2 x 64 tokens, float32). The backward's temporaries come on top: the
-        CPU allocator's peak during a forward and backward (torch.profiler, profile_memory, the
-        gradients already allocated) was 1.34x the estimate for tiny and 1.61x for small.
+        sequence parallelism each RMSNorm saves its input and normalised input on this process's
+        T/tp positions and the next projections the all-gathered output: 2*T*D/tp + T*D instead
+        of 3*T*D (4 gloo processes, tiny preset, tp=4, 2 x 64 tokens: 186,636 bytes fewer saved,
+        186,240 predicted with the norm statistics). Small terms (norm statistics, indices,
+        routing weights) are left out; `tests/test_params.py` holds the estimate to the tensors
+        autograd saves on CPU. The backward's temporaries come on top: the CPU allocator's peak
+        during a forward and backward (the gradients already allocated) was 1.34x the estimate
+        for tiny and 1.61x for small.
 
 Communication per step (one forward and backward of a micro-batch)
     Two figures per collective kind: `payload`, the bytes of the tensors this process hands to
     the collective (the input of an all-gather, all-to-all or all-reduce, the full input of a
-    reduce-scatter: what a counting wrapper around torch.distributed sees, and what the tests
-    check), and `sent`, the bytes this process puts on the network with a ring (all-gather:
-    (n-1) * input = (n-1)/n * output; reduce-scatter: (n-1)/n * input; all-reduce: 2(n-1)/n *
-    size) or pairwise (all-to-all: the rows that leave the process) algorithm.
+    reduce-scatter: what `count.CollectiveCounter` sees, and what the tests check), and `sent`,
+    the bytes this process puts on the network (`SENT_PER_BYTE`).
 
     fsdp_all_gather   per FSDP unit on a group of n > 1: once in the forward, and again in the
                       backward with reshard_after_forward (not the root unit, which
@@ -68,30 +63,25 @@ Communication per step (one forward and backward of a micro-batch)
                       gradient); per-head q/k norms add two (head_dim) for their weights'
                       gradients.
     tp_all_gather, tp_reduce_scatter
-                      with sequence parallelism (`parallel.sequence_parallel`) the (T, D)
-                      all-reduces of attention, dense FFNs and shared experts become a
-                      reduce-scatter (input T*D) and an all-gather (input T*D/tp): attention and
-                      a dense FFN gather their input and reduce-scatter their output forward,
-                      and the reverse backward (2 + 2 each: a dense FFN's gate and up share one
-                      reduce-scatter); an MoE layer gathers its input forward and its output's
-                      gradient backward (2 all-gathers) and, with shared experts without a gate,
-                      reduce-scatters its output and its input gradient (2); a gated shared
-                      expert keeps its two all-reduces. The sequence enters its shards at the
-                      first block (the backward all-gathers the gradient) and leaves them at the
-                      final norm (an all-gather forward), once more per MTP depth; every
-                      sequence-parallel RMSNorm adds one all-reduce of its weight's gradient (D,
-                      in tp_all_reduce). The routed experts' all-reduces (ep=1) stay as they are.
-    Collectives on a group of one process send nothing and are left out (FSDP2 on a 2-D mesh
-    with a replicate axis of 1 still calls a no-op all-reduce per unit).
+                      with sequence parallelism the (T, D) all-reduces of attention, dense FFNs
+                      and shared experts become a reduce-scatter (input T*D) and an all-gather
+                      (input T*D/tp): attention and a dense FFN gather their input and
+                      reduce-scatter their output forward, and the reverse backward (2 + 2 each:
+                      a dense FFN's gate and up share one reduce-scatter); an MoE layer gathers
+                      its input forward and its output's gradient backward (2 all-gathers) and,
+                      with shared experts without a gate, reduce-scatters its output and its
+                      input gradient (2); a gated shared expert keeps its two all-reduces. The
+                      sequence enters its shards at the first block (the backward all-gathers
+                      the gradient) and leaves them at the final norm (an all-gather forward),
+                      once more per MTP depth; every sequence-parallel RMSNorm adds one
+                      all-reduce of its weight's gradient (D, in tp_all_reduce).
     ep_all_to_all     per MoE layer: the counts exchange (E int64) and four exchanges of R rows
-                      of D (dispatch and combine, forward and backward), each process handing its
-                      rows in; under balanced routing (ep-1)/ep of them leave the process. The
-                      figure holds exactly for the dispatch forward and combine backward (T*top_k
-                      rows); the other two hand in the rows the process's experts received, which
-                      sum to the same over the ep group. Capacity dispatch hands in at most this.
-    The MoE layers' balance statistics (a float64 vector of a few E per layer, summed over the
-    batch's processes forward and backward under scope="global") are left out: they are
-    per-expert, not per-token.
+                      of D (dispatch and combine, forward and backward). The figure holds
+                      exactly for the dispatch forward and combine backward (T*top_k rows); the
+                      other two hand in the rows the process's experts received, which sum to
+                      the same over the ep group. Capacity dispatch hands in at most this.
+    Left out: collectives on a group of one process (they send nothing), and the MoE layers'
+    balance statistics (a float64 vector of a few E per layer: per expert, not per token).
 """
 
 from __future__ import annotations
@@ -115,7 +105,14 @@ KINDS = (
     "tp_reduce_scatter",
     "ep_all_to_all",
 )
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Bytes a process sends per byte it hands to a collective on a group of n: by a ring, or for an
+# all-to-all the rows that leave the process under balanced routing.
+SENT_PER_BYTE = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: n - 1,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
+}
 FLOAT32 = 4
 DDP_FIRST_BUCKET, DDP_BUCKET = 2**20, 25 * 2**20  # torch's DistributedDataParallel defaults
 INT64 = 8
@@ -132,17 +129,19 @@ _TP_DIM = {
 
 @dataclass
 class Comm:
-    """One kind of collective per step: calls, bytes handed in (`payload`) and bytes sent by a
-    ring or pairwise algorithm (`sent`)."""
+    """One kind of collective per step: calls, bytes handed in (`payload`) and bytes sent
+    (`sent`, `SENT_PER_BYTE` of the payload)."""
 
+    collective: str  # a key of SENT_PER_BYTE
     calls: int = 0
     payload: float = 0.0
     sent: float = 0.0
 
-    def add(self, calls: int, payload: float, sent: float) -> None:
+    def add(self, calls: int, payload: float, n: int) -> None:
+        """`calls` calls, each handed `payload` bytes, on a group of `n` processes."""
         self.calls += calls
         self.payload += calls * payload
-        self.sent += calls * sent
+        self.sent += calls * (SENT_PER_BYTE[self.collective](n) * payload)
 
 
 @dataclass
@@ -157,7 +156,9 @@ class DeviceCosts:
     optimizer_bytes: int
     gathered_bytes: int
     activation_bytes: int
-    comms: dict[str, Comm] = field(default_factory=lambda: {k: Comm() for k in KINDS})
+    comms: dict[str, Comm] = field(
+        default_factory=lambda: {k: Comm(k.split("_", 1)[1]) for k in KINDS}
+    )
 
     @property
     def memory_bytes(self) -> int:
@@ -170,15 +171,8 @@ class DeviceCosts:
         )
 
 
-@dataclass
-class _Param:
-    name: str
-    unit: str  # the FSDP unit: "root", "layers.3", "layers.3.experts", "mtp.0", ...
-    part: str  # a part of moekit.model.params.PARTS, or "other"
-    shape: tuple[int, ...]  # after tensor and expert parallelism, before FSDP
-
-
 def _unit_of(name: str, part: str, separate_experts: bool) -> str:
+    """The FSDP unit of a parameter: "root", "layers.3", "layers.3.experts", "mtp.0.block"..."""
     pieces = name.split(".")
     if pieces[0] == "layers":
         unit = ".".join(pieces[:2])
@@ -205,28 +199,22 @@ def _whole_params(cfg_json: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]
     return tuple(out)
 
 
-def _local_params(cfg: ModelConfig, sizes: dict[str, int]) -> list[_Param]:
-    """Every parameter (the MTP module's too) with its shape on one device after tensor and
-    expert parallelism, and its FSDP unit."""
+def _local_params(cfg: ModelConfig, sizes: dict[str, int]) -> list[tuple[str, list[int]]]:
+    """(FSDP unit, shape on one device after tensor and expert parallelism) of every parameter
+    (the MTP module's too)."""
     tp, ep = sizes["tp"], sizes["ep"]
     out = []
     for name, part, whole in _whole_params(cfg.to_json()):
         shape = list(whole)
         if part == "routed_experts" and ep > 1:
             shape[0] //= ep
-        elif tp > 1 and not (part == "routed_experts" and ep > 1):
+        elif tp > 1:
             for suffix, dim in _TP_DIM.get(part, {}).items():
                 if name.endswith("." + suffix):
                     shape[dim] //= tp
                     break
-        out.append(_Param(name, _unit_of(name, part, ep > 1), part, tuple(shape)))
+        out.append((_unit_of(name, part, ep > 1), shape))
     return out
-
-
-def _chunk(d0: int, n: int, index: int) -> int:
-    """Rows of dim 0 that FSDP2's rank `index` of n holds (torch.chunk: ceil(d0 / n) each)."""
-    size = -(-d0 // n)
-    return max(0, min(size, d0 - index * size))
 
 
 def device_costs(
@@ -249,24 +237,23 @@ def device_costs(
     tp, ep = sizes["tp"], sizes["ep"]
     fsdp = parallel.fully_sharded
     # The process's place on the meshes (moekit.distributed.mesh: tp fastest, then dp_shard; the
-    # data-parallel ranks regrouped as (edp_replicate, edp_shard, ep)).
+    # data-parallel ranks regrouped as (edp_replicate, edp_shard, ep)): FSDP2's group size, this
+    # process's index in it and the replicas, for the dense units and the experts'.
     data_rank = rank // tp
-    shard_of = {
-        "dense": (sizes["dp_shard"] if fsdp else 1, data_rank % sizes["dp_shard"]),
-        "experts": (sizes["edp_shard"] if fsdp else 1, (data_rank // ep) % sizes["edp_shard"]),
+    meshes = {
+        False: (sizes["dp_shard"], data_rank % sizes["dp_shard"], sizes["dp_replicate"]),
+        True: (sizes["edp_shard"], (data_rank // ep) % sizes["edp_shard"], sizes["edp_replicate"]),
     }
-    act = DTYPE_BYTES[parallel.param_dtype]
-    params = _local_params(cfg, sizes)
-    units: dict[str, dict[str, int]] = {}  # unit -> local, padded elements; its mesh
-    for p in params:
-        mesh = "experts" if p.unit.endswith(".experts") else "dense"
-        n, index = shard_of[mesh]
-        rest = math.prod(p.shape[1:])
-        u = units.setdefault(p.unit, {"local": 0, "padded": 0, "full": 0})
-        u["experts"] = int(mesh == "experts")
-        u["local"] += _chunk(p.shape[0], n, index) * rest
-        u["padded"] += -(-p.shape[0] // n) * rest
-        u["full"] += math.prod(p.shape)
+    act = getattr(torch, parallel.param_dtype).itemsize
+    units: dict[str, dict[str, int]] = {}  # elements held (local), padded chunks, unsharded
+    for unit, shape in _local_params(cfg, sizes):
+        n, index, _ = meshes[unit.endswith(".experts")] if fsdp else (1, 0, 1)
+        rows = -(-shape[0] // n)  # FSDP2's chunks (torch.chunk): ceil(d0 / n) rows each
+        rest = math.prod(shape[1:])
+        u = units.setdefault(unit, {"local": 0, "padded": 0, "full": 0})
+        u["local"] += max(0, min(rows, shape[0] - index * rows)) * rest
+        u["padded"] += rows * rest
+        u["full"] += shape[0] * rest
     local = sum(u["local"] for u in units.values())
     costs = DeviceCosts(
         sizes=sizes,
@@ -288,39 +275,26 @@ def device_costs(
         else:
             costs.gathered_bytes = sum(full.values())
         for name, u in units.items():
-            mesh = "experts" if u["experts"] else "dense"
-            n = shard_of[mesh][0]
-            replicas = sizes["edp_replicate" if u["experts"] else "dp_replicate"]
+            n, _, replicas = meshes[name.endswith(".experts")]
             if n > 1:  # the root unit stays gathered for its backward (apply_fully_shard)
                 gathers = 1 + int(parallel.reshard_after_forward and name != "root")
-                comms["fsdp_all_gather"].add(
-                    gathers, u["padded"] * act, (n - 1) * u["padded"] * act
-                )
-                rs = n * u["padded"] * FLOAT32
-                comms["fsdp_reduce_scatter"].add(1, rs, (n - 1) / n * rs)
+                comms["fsdp_all_gather"].add(gathers, u["padded"] * act, n)
+                comms["fsdp_reduce_scatter"].add(1, n * u["padded"] * FLOAT32, n)
             if replicas > 1:
-                chunk = u["padded"] * FLOAT32
-                comms["dp_all_reduce"].add(1, chunk, 2 * (replicas - 1) / replicas * chunk)
+                comms["dp_all_reduce"].add(1, u["padded"] * FLOAT32, replicas)
     else:
         n = sizes["dp_replicate"] * sizes["dp_shard"]
-        dense = sum(u["local"] for u in units.values() if not u["experts"]) * FLOAT32
-        experts = sum(u["local"] for u in units.values() if u["experts"]) * FLOAT32
+        dense = sum(u["local"] for k, u in units.items() if not k.endswith(".experts")) * FLOAT32
+        experts = sum(u["local"] for k, u in units.items() if k.endswith(".experts")) * FLOAT32
         if n > 1:  # in DDP's buckets: the first of 1 MiB, then 25 MiB each
             costs.grad_bytes += dense  # the buckets hold a copy of the gradients
             buckets = 1 + math.ceil(max(0, dense - DDP_FIRST_BUCKET) / DDP_BUCKET)
-            comms["dp_all_reduce"].add(buckets, dense / buckets, 2 * (n - 1) / n * dense / buckets)
+            comms["dp_all_reduce"].add(buckets, dense / buckets, n)
         r = sizes["edp_replicate"]
         if r > 1 and experts:
-            comms["dp_all_reduce"].add(1, experts, 2 * (r - 1) / r * experts)
+            comms["dp_all_reduce"].add(1, experts, r)
     _activation_comms(cfg, sizes, micro_batch * seq_len, act, comms, parallel.splits_sequence)
     return costs
-
-
-def _rows(cfg: ModelConfig, tokens: int) -> int:
-    """Rows the experts of one MoE layer take for `tokens` tokens: tokens * top_k (dropless; the
-    bound under capacity dispatch)."""
-    assert cfg.moe is not None
-    return tokens * cfg.moe.top_k
 
 
 def _activation_comms(
@@ -329,62 +303,46 @@ def _activation_comms(
     tokens: int,
     act: int,
     comms: dict[str, Comm],
-    sequence_parallel: bool = False,
+    sequence_parallel: bool,
 ) -> None:
+    """tp_all_reduce, tp_all_gather, tp_reduce_scatter and ep_all_to_all of the module
+    docstring."""
     tp, ep, D = sizes["tp"], sizes["ep"], cfg.d_model
-    moe_layers = set(cfg.moe_layer_indices)
     n_blocks = cfg.n_layers + cfg.mtp_depth
-    n_moe = len(moe_layers) + (cfg.mtp_depth if cfg.moe is not None else 0)
-    if tp > 1:  # one forward all-reduce per row-wise output, one backward per column-wise input
-        ring = 2 * (tp - 1) / tp
-        td = tokens * D * act
-        if sequence_parallel:
-            _sequence_parallel_comms(cfg, tp, act, td, n_blocks, n_moe, comms)
-        else:
-            # attention's q, k, v share one input (one backward all-reduce); a dense FFN's gate
-            # and up each all-reduce their own
-            comms["tp_all_reduce"].add(n_blocks * (1 + 1), td, ring * td)
-            comms["tp_all_reduce"].add((n_blocks - n_moe) * (1 + 2), td, ring * td)
+    n_moe = len(cfg.moe_layer_indices) + (cfg.mtp_depth if cfg.moe is not None else 0)
+    n_dense = n_blocks - n_moe
+    td = tokens * D * act
+    rd = tokens * cfg.moe.top_k * D * act if cfg.moe is not None else 0  # the experts' rows
+    reduce = comms["tp_all_reduce"]
+    if tp > 1 and sequence_parallel:
+        gather, scatter = comms["tp_all_gather"], comms["tp_reduce_scatter"]
+        # attention in every block and dense FFNs: gather in, scatter out, and back
+        gather.add(2 * n_blocks + 2 * n_dense, td / tp, tp)
+        scatter.add(2 * n_blocks + 2 * n_dense, td, tp)
+        gather.add(2 * n_moe, td / tp, tp)  # MoE layers: the input, the output's gradient
+        if cfg.moe is not None and cfg.moe.shared_width > 0 and not cfg.moe.shared_gate:
+            scatter.add(2 * n_moe, td, tp)  # the output, the input's gradient
+        # the sequence enters its shards (backward) and leaves them (forward): main stack, MTP
+        gather.add(2 * (1 + cfg.mtp_depth), td / tp, tp)
+        # the RMSNorm weights' gradients: two per block, the final norm and each MTP depth's
+        reduce.add(2 * n_blocks + 1 + cfg.mtp_depth, D * act, tp)
+    elif tp > 1:  # one forward all-reduce per row-wise output, one backward per column-wise input
+        # attention's q, k, v share one input; a dense FFN's gate and up each all-reduce their own
+        reduce.add(n_blocks * (1 + 1), td, tp)
+        reduce.add(n_dense * (1 + 2), td, tp)
+    if tp > 1:
         if cfg.qk_norm == "head" and cfg.mla is None:
             # the q and k norms' weight gradients, summed in the compute dtype (DTensor's
             # reduction, before FSDP2's float32 one)
-            hd = cfg.d_head * act
-            comms["tp_all_reduce"].add(2 * n_blocks, hd, ring * hd)
+            reduce.add(2 * n_blocks, cfg.d_head * act, tp)
         shared = cfg.moe is not None and cfg.moe.shared_width > 0
         if shared and not (sequence_parallel and not cfg.moe.shared_gate):  # type: ignore[union-attr]
-            comms["tp_all_reduce"].add(n_moe * (1 + 1), td, ring * td)  # fused [gate; up]
+            reduce.add(n_moe * (1 + 1), td, tp)  # fused [gate; up]
         if cfg.moe is not None and ep == 1:
-            rd = _rows(cfg, tokens) * D * act
-            comms["tp_all_reduce"].add(n_moe * (1 + 1), rd, ring * rd)
+            reduce.add(n_moe * (1 + 1), rd, tp)
     if ep > 1 and cfg.moe is not None:
-        away = (ep - 1) / ep
-        counts = cfg.moe.n_experts * INT64
-        comms["ep_all_to_all"].add(n_moe, counts, away * counts)
-        rd = _rows(cfg, tokens) * D * act
-        comms["ep_all_to_all"].add(4 * n_moe, rd, away * rd)
-
-
-def _sequence_parallel_comms(
-    cfg: ModelConfig, tp: int, act: int, td: int, n_blocks: int, n_moe: int, comms: dict[str, Comm]
-) -> None:
-    """The tensor-parallel collectives of sequence parallelism (tp_all_gather and
-    tp_reduce_scatter of the module docstring, and the norms' weight gradients)."""
-    gather, scatter = comms["tp_all_gather"], comms["tp_reduce_scatter"]
-    d_bytes = cfg.d_model * act
-    part = (tp - 1) / tp * td  # what one all-gather or reduce-scatter of (T, D) sends
-    partial_moe = cfg.moe is not None and cfg.moe.shared_width > 0 and not cfg.moe.shared_gate
-    # attention in every block and dense FFNs: gather in, scatter out, and back
-    gather.add(2 * n_blocks + 2 * (n_blocks - n_moe), td / tp, part)
-    scatter.add(2 * n_blocks + 2 * (n_blocks - n_moe), td, part)
-    gather.add(2 * n_moe, td / tp, part)  # MoE layers: the input, the output's gradient
-    if partial_moe:
-        scatter.add(2 * n_moe, td, part)  # the output, the input's gradient
-    # the sequence enters its shards (backward) and leaves them (forward): main stack, MTP depths
-    gather.add(2 * (1 + cfg.mtp_depth), td / tp, part)
-    # the RMSNorm weights' gradients: two per block, the final norm and each MTP depth's
-    # (D, in the compute dtype as the q/k norms' are)
-    norms = 2 * n_blocks + 1 + cfg.mtp_depth
-    comms["tp_all_reduce"].add(norms, d_bytes, 2 * (tp - 1) / tp * d_bytes)
+        comms["ep_all_to_all"].add(n_moe, cfg.moe.n_experts * INT64, ep)  # the counts
+        comms["ep_all_to_all"].add(4 * n_moe, rd, ep)
 
 
 def activation_bytes(
@@ -416,7 +374,7 @@ def activation_bytes(
     if cfg.moe is not None:
         m = cfg.moe
         f = m.d_expert // (tp if ep == 1 else 1)
-        moe = 2 * T * m.n_experts + _rows(cfg, T) * (2 * D + 3 * f) + 3 * T * m.shared_width // tp
+        moe = 2 * T * m.n_experts + T * m.top_k * (2 * D + 3 * f) + 3 * T * m.shared_width // tp
     blocks = [moe if i in moe_layers else dense for i in range(cfg.n_layers)]
     blocks += [moe if cfg.moe is not None else dense] * cfg.mtp_depth
     elements = sum(attention + b for b in blocks) + norm

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moekit.distributed.costs import KINDS
+from moekit.distributed.costs import KINDS, SENT_PER_BYTE
 
 EXTRA_KINDS = ("statistics", "one_process", "other")
 
@@ -52,8 +52,8 @@ _OPS: dict[tuple[str, str], tuple[str, int]] = {
 class Record:
     """One collective call: its kind (all_reduce, all_gather, reduce_scatter, all_to_all,
     broadcast), the op's name, the size of its group and its (global) ranks, the dtype of its
-    input, `payload` (bytes of the input handed in) and `sent` (bytes that leave this process by
-    a ring algorithm, or for an all-to-all the rows addressed to other ranks)."""
+    input, `payload` (bytes of the input handed in) and `sent` (bytes that leave this process:
+    `costs.SENT_PER_BYTE`, or for an all-to-all the rows addressed to other ranks)."""
 
     kind: str
     op: str
@@ -84,17 +84,11 @@ def _group(args: tuple, kwargs: dict, namespace: str) -> dist.ProcessGroup:
 
 
 def _sent(kind: str, n: int, payload: int, splits: list[int] | None, rank: int) -> float:
-    if kind == "all_reduce":
-        return 2 * (n - 1) / n * payload
-    if kind == "all_gather":
-        return (n - 1) * payload
-    if kind == "reduce_scatter":
-        return (n - 1) / n * payload
-    if kind == "all_to_all":
-        if splits:  # the rows addressed to other ranks
-            return payload * (sum(splits) - splits[rank]) / max(sum(splits), 1)
-        return payload * (n - 1) / n
-    return (n - 1) * payload if rank == 0 else 0.0  # broadcast from rank 0
+    if kind == "broadcast":  # from rank 0
+        return (n - 1) * payload if rank == 0 else 0.0
+    if kind == "all_to_all" and splits:  # the rows addressed to other ranks
+        return payload * (sum(splits) - splits[rank]) / max(sum(splits), 1)
+    return SENT_PER_BYTE[kind](n) * payload
 
 
 class CollectiveCounter(TorchDispatchMode):

@@ -24,8 +24,7 @@ def network_bytes(moe: MoEConfig, ep: int, dtype: torch.dtype) -> dict[str, floa
     all-to-all (the PARTS, and "total"), rows in `dtype`, under balanced routing."""
     if ep < 1 or moe.n_experts % ep:
         raise ValueError(f"--ep {ep} must be >= 1 and divide n_experts ({moe.n_experts})")
-    element = torch.empty((), dtype=dtype).element_size()
-    one_way = moe.top_k * (ep - 1) / ep * moe.d_model * element
+    one_way = moe.top_k * (ep - 1) / ep * moe.d_model * dtype.itemsize
     figures = dict.fromkeys(PARTS, one_way)
     figures["total"] = sum(figures.values())
     return figures
