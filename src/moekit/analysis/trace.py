@@ -74,12 +74,9 @@ def record_routing(
     (after capacity), recorded by the one routing recorder, `TraceRecorder`."""
     ids_T = torch.from_numpy(tokens.token_ids)
     windows = list(torch.split(ids_T, seq_len))
-    batches = []
-    for start in range(0, len(windows), batch_size):
-        group = windows[start : start + batch_size]
-        full = [w for w in group if len(w) == seq_len]  # equal lengths batch; a short tail alone
-        batches += [torch.stack(full)] if full else []
-        batches += [w[None] for w in group if len(w) < seq_len]
+    tail = [windows.pop()[None]] if len(windows[-1]) < seq_len else []  # a batch of its own
+    starts = range(0, len(windows), batch_size)
+    batches = [torch.stack(windows[i : i + batch_size]) for i in starts] + tail
     with TraceRecorder(model) as rec:
         for batch in batches:
             model(batch)

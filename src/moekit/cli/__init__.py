@@ -8,20 +8,7 @@ trace beside the trace (TRACE.config.json), convert and upcycle in the directory
 (convert_config.json, upcycle_config.json), quantize in its checkpoint (quantization.json);
 generate, cache-sim and params write nothing but what they print. What a command reads
 (positional, or --from-hf, --to-hf, --prompts) and where it writes (--out) are arguments, not
-settings.
-
-    moekit train [PRESET|CONFIG.json] [--a.b=value ...] [--out RUN_DIR] [--resume RUN_DIR]
-    moekit generate RUN_DIR [CONFIG.json] --prompt="def fib(" --max_new_tokens=200
-    moekit analyze RUN_DIR|HF_DIR [CONFIG.json] [--tokens=32768 ...] [--out DIR]
-    moekit quantize RUN_DIR|HF_DIR [CONFIG.json] [--weights=int4 ...] --out DIR
-    moekit trace RUN_DIR|HF_DIR [CONFIG.json] [--max_new_tokens=32] --prompts FILE --out TRACE
-    moekit cache-sim TRACE [CONFIG.json] [--budget=100%,50%,25%] [--policy=lru,lfu,static]
-    moekit params PRESET|CONFIG.json [--model.a=value ...] [--ep K --tp M --dp-shard N ...]
-    moekit convert --from-hf DIR [CONFIG.json] [--dtype=bfloat16] --out RUN_DIR
-    moekit convert --to-hf RUN_DIR --arch mixtral [CONFIG.json] [--layout=fused ...] --out DIR
-    moekit upcycle DENSE_RUN [CONFIG.json] [--n_experts=8 --top_k=2 --noise=0] --out RUN_DIR
-    moekit experiment NAME [--preset PRESET|CONFIG.json] [--seeds N] [--a.b=value ...]
-    moekit demo [--a.b=value ...] [--out DIR] [--prompt="def main(" --max_new_tokens=200]
+settings. Each command's usage opens its module's docstring (and `moekit COMMAND -h`).
 """
 
 from __future__ import annotations

@@ -110,7 +110,13 @@ def costs_table(
     s = costs.sizes
     world = s["dp_replicate"] * s["dp_shard"] * s["tp"]
     path = "FSDP2" if parallel.fully_sharded else "DDP"
-    gathered = parallel.param_dtype
+    memory = {
+        f"parameters (float32 shard: {costs.params:,})": costs.param_bytes,
+        "gradients (float32" + (", + DDP buckets)" if path == "DDP" else ")"): costs.grad_bytes,
+        "AdamW moments (2 x float32)": costs.optimizer_bytes,
+        f"gathered units ({parallel.param_dtype}, at the peak)": costs.gathered_bytes,
+        "activations (estimate, saved for backward)": costs.activation_bytes,
+    }
     lines = [
         f"per device of {world}: dp_replicate {s['dp_replicate']} x dp_shard {s['dp_shard']} x "
         f"tp {s['tp']}, ep {s['ep']} (routed experts sharded over {s['edp_shard']}, replicated "
@@ -121,13 +127,7 @@ def costs_table(
         "largest FSDP shards)",
         "",
         f"{'memory':<44}{'GB':>10}",
-        f"{'parameters (float32 shard: ' + format(costs.params, ',') + ')':<44}"
-        f"{_gb(costs.param_bytes)}",
-        f"{'gradients (float32' + (', + DDP buckets)' if path == 'DDP' else ')'):<44}"
-        f"{_gb(costs.grad_bytes)}",
-        f"{'AdamW moments (2 x float32)':<44}{_gb(costs.optimizer_bytes)}",
-        f"{'gathered units (' + gathered + ', at the peak)':<44}{_gb(costs.gathered_bytes)}",
-        f"{'activations (estimate, saved for backward)':<44}{_gb(costs.activation_bytes)}",
+        *(f"{name:<44}{_gb(n)}" for name, n in memory.items()),
         "-" * 54,
         f"{'total':<44}{_gb(costs.memory_bytes)}",
         "",

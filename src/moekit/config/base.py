@@ -9,7 +9,6 @@ import functools
 import json
 import re
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,9 +23,9 @@ class ConfigBase:
     type hint, then the class's own cross-field rules (`check`); JSON round trip."""
 
     def __post_init__(self) -> None:
-        for name, hint, rule in _field_rules(type(self)):
+        for name, hint in _hints(type(self)).items():
             value = getattr(self, name)
-            if rule(value) is not value:  # a list to make a tuple, or a value to refuse
+            if rule_of(hint)(value) is not value:  # a list to make a tuple, or a value to refuse
                 setattr(self, name, check_field(name, hint, value))
         self.check()
 
@@ -84,11 +83,6 @@ def config_from_data(cls: type[C], data: Any, path: str | Path) -> C:
         return cls.from_dict(data)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-
-
-@functools.cache
-def _field_rules(cls: type) -> tuple[tuple[str, Any, Callable[[Any], Any]], ...]:
-    return tuple((name, hint, rule_of(hint)) for name, hint in _hints(cls).items())
 
 
 @functools.cache

@@ -11,6 +11,9 @@ from typing import Annotated, Literal
 from moekit.config.base import ConfigBase
 from moekit.config.rules import In, NonNegFloat, NonNegInt, invalid
 
+# The expert cache's policies, as inference.cache.POLICIES names them (tests/test_cli.py).
+Policy = Literal["lru", "lfu", "static"]
+
 
 @dataclass(kw_only=True)
 class OffloadConfig(ConfigBase):
@@ -25,7 +28,7 @@ class OffloadConfig(ConfigBase):
     """
 
     budget: str | None = None
-    policy: Literal["lru", "lfu", "static"] = "lru"
+    policy: Policy = "lru"
     prefetch: bool = False
     trace: str | None = None
 
@@ -112,10 +115,6 @@ class TraceConfig(ConfigBase):
     """
 
     max_new_tokens: int = 32
-
-
-# The expert cache's policies, as inference.cache.POLICIES names them (tests/test_cli.py).
-Policy = Literal["lru", "lfu", "static"]
 
 
 @dataclass(kw_only=True)

@@ -144,11 +144,7 @@ def read_training_state(path: Path) -> tuple[TrainerState, dict[str, Any]]:
     prefix = "rng.sampler."
     sampler = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     state = TrainerState(
-        step=meta["step"],
-        tokens=meta["tokens"],
-        sampler=sampler,
-        torch_rng=tensors["rng.torch"],
-        cuda_rng=tensors.get("rng.cuda"),
+        meta["step"], meta["tokens"], sampler, tensors["rng.torch"], tensors.get("rng.cuda")
     )
     return state, {"state": _unflatten_optimizer(tensors), "param_groups": meta["param_groups"]}
 

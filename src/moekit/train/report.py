@@ -56,10 +56,7 @@ def summary(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[st
         "train_seconds": seconds,
         "max_vio": max((layer["max_vio"] for layer in last_train.get("layers", [])), default=None),
         # depth k's loss predicts the token k + 1 ahead (multi-token prediction), k = 1, 2, ...
-        "mtp_losses": [
-            last_train[f"mtp_loss_{k}"]
-            for k in range(1, 1 + sum("mtp_loss_" in n for n in last_train))
-        ],
+        "mtp_losses": [v for n, v in last_train.items() if n.startswith("mtp_loss_")],
     }
 
 
