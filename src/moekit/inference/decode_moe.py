@@ -153,20 +153,22 @@ def _expert_refs(experts: nn.Module) -> tuple[ctypes.Array, ctypes.Array] | None
         (w_in, w_out), make = experts.quantized_weights(), quant_ref
     else:
         return None
-    E = cfg.n_experts
-    refs = [[make(w[e], _bias(b, e)) for e in range(E)]
-            for w, b in ((w_in, experts.b_in), (w_out, experts.b_out))]  # fmt: skip
-    if not _gated_refs(refs, cfg.d_model, cfg.d_expert):
-        return None
-    return tuple((WeightRef * E)(*side) for side in refs)
+    weights = [(w_in[e], w_out[e]) for e in range(cfg.n_experts)]
+    return _gated_arrays(make, weights, range(cfg.n_experts), experts)
 
 
-def _gated_refs(refs: list[list[WeightRef | None]], D: int, F: int) -> bool:
-    """Whether [w_in refs, w_out refs] of gated experts are all readable, w_in (2F, D) and
-    w_out (D, F)."""
-    return all(r is not None and (r.O, r.I) == (2 * F, D) for r in refs[0]) and all(
-        r is not None and (r.O, r.I) == (D, F) for r in refs[1]
-    )
+def _gated_arrays(make, weights: list, numbers, experts: nn.Module) -> tuple | None:
+    """The C arrays (w_in refs, w_out refs) of the gated experts `numbers` of `experts` whose
+    (w_in, w_out) are `weights` (`make` reads one, with its row of the experts' biases); None
+    unless each is readable, w_in (2F, D) and w_out (D, F)."""
+    D, F = experts.cfg.d_model, experts.cfg.d_expert
+    arrays = []
+    for side, (b, shape) in enumerate(((experts.b_in, (2 * F, D)), (experts.b_out, (D, F)))):
+        refs = [make(w[side], _bias(b, e)) for w, e in zip(weights, numbers, strict=True)]
+        if not all(r is not None and shape == (r.O, r.I) for r in refs):
+            return None
+        arrays.append((WeightRef * len(refs))(*refs))
+    return tuple(arrays)
 
 
 def _layer_qualifies(layer: MoELayer) -> bool:
@@ -208,11 +210,9 @@ def moe_forward(
     with_aux: bool = True,
     decoding: bool = False,
 ) -> tuple[Tensor, MoEAux | None]:
-    """`MoELayer.forward` for one decoded token without aux, in one C call where it qualifies (an
-    eval-mode layer, top-k routing without expert groups, the decode path of `selected_path`,
-    float32 x and router, gated experts (SwiGLU or clamped, biases or not) that `_expert_refs`
-    reads); offloaded
-    experts (`OffloadedExperts`) route in C, fetch the chosen experts, then run them in one call.
+    """`MoELayer.forward` for one decoded token without aux, in one C call where the step and the
+    layer qualify and its gated experts (SwiGLU or clamped, biases or not) are ones `_expert_refs`
+    reads; offloaded experts route in C, fetch the chosen experts, then run in one call;
     `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
     if not (moe_step_qualifies(layer, x, with_aux, decoding) and _layer_qualifies(layer)):
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
@@ -277,14 +277,11 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
         type(experts) is not OffloadedExperts
         or not cfg.gated
         or not (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
+        or (act := activation_ref(experts)) is False
+        or router_ref(router) is None
     ):
         return 1
-    act = activation_ref(experts)
-    if act is False:
-        return 1
     E, K = cfg.n_experts, cfg.top_k
-    if router_ref(router) is None:
-        return 1
     logits = router.linear(x_TD, router.weight, router.bias)
     scores = ctypes.addressof(scratch)
     _library().moekit_route_topk_f32(
@@ -296,18 +293,15 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
         return 1
     with experts.cache.using([(experts.layer, e) for e in chosen]) as fetched:
         make = quant_ref if experts.quantized else float_ref
-        biases = (experts.b_in, experts.b_out)
-        pairs = list(zip(fetched, chosen, strict=True))
-        refs = [[make(w[side], _bias(biases[side], e)) for w, e in pairs] for side in (0, 1)]
-        if not _gated_refs(refs, cfg.d_model, cfg.d_expert):
+        arrays = _gated_arrays(make, fetched, chosen, experts)
+        if arrays is None:
             return 1
         chosen_weights = (ctypes.c_float * K)(*(weights[k] for k in order))
         h = ctypes.addressof(scratch) + 4 * E
         return _library().moekit_experts_one_token(
             x_TD.data_ptr(),
             K,
-            (WeightRef * K)(*refs[0]),
-            (WeightRef * K)(*refs[1]),
+            *arrays,
             None if act is None else ctypes.byref(act),
             chosen_weights,
             h,
