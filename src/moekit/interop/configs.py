@@ -74,18 +74,16 @@ def rope_to_hf(cfg: ModelConfig) -> HF:
     params: HF = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     s = cfg.rope_scaling
     if s is not None:
-        params = {
+        params |= {
             "rope_type": "yarn",
-            "rope_theta": cfg.rope_theta,
             "factor": s.factor,
             "original_max_position_embeddings": s.original_max_seq_len,
             "beta_fast": s.beta_fast,
             "beta_slow": s.beta_slow,
             "truncate": s.truncate,
         }
-        for name in ("mscale", "mscale_all_dim", "attention_factor"):
-            if getattr(s, name) is not None:
-                params[name] = getattr(s, name)
+        optional = ("mscale", "mscale_all_dim", "attention_factor")
+        params |= {k: getattr(s, k) for k in optional if getattr(s, k) is not None}
     return {"rope_parameters": params, "rope_theta": cfg.rope_theta}
 
 
@@ -163,9 +161,9 @@ def windows(cfg: ModelConfig) -> list[int | None]:
     return [cfg.layer_window(i) for i in range(cfg.n_layers)]
 
 
-def layer_windows_from_hf(hf: HF, types: list[str], sliding: bool) -> HF:
+def layer_windows_from_hf(hf: HF, types: list[str]) -> HF:
     """ModelConfig's sliding_window and layer_types for HF per-layer attention types."""
-    if not sliding:
+    if "sliding_attention" not in types:
         return {"sliding_window": None, "layer_types": None}
     names = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
     return {"sliding_window": hf["sliding_window"], "layer_types": names}

@@ -148,11 +148,17 @@ def quantized_view(
     read."""
     view = QuantizedView(quantization, dict(files), files)
     method = quantization.method if quantization is not None else None
-    problems = [] if method == "fp8" else _stray_fp8(files)
     if method == "fp8":
-        problems += _view_fp8(view, quantization.block_size)
-    elif method == "mxfp4":
-        problems += _view_mxfp4(view)
+        problems = _view_fp8(view, quantization.block_size)
+    else:
+        problems = [
+            f"{key} is {info.dtype} but config.json declares no quant_method 'fp8' (with its "
+            "weight_block_size): its scales would be ignored"
+            for key, info in files.items()
+            if info.dtype.startswith("F8")
+        ]
+        if method == "mxfp4":
+            problems += _view_mxfp4(view)
     if problems:
         more = f" ... and {len(problems) - 12} more" if len(problems) > 12 else ""
         raise CheckpointError(
@@ -160,15 +166,6 @@ def quantized_view(
             f"quantization_config: {'; '.join(problems[:12])}{more}"
         )
     return view
-
-
-def _stray_fp8(files: dict[str, WeightInfo]) -> list[str]:
-    return [
-        f"{key} is {info.dtype} but config.json declares no quant_method 'fp8' (with its "
-        "weight_block_size): its scales would be ignored"
-        for key, info in files.items()
-        if info.dtype.startswith("F8")
-    ]
 
 
 def _view_fp8(view: QuantizedView, block_size: tuple[int, int]) -> list[str]:

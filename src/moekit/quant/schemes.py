@@ -114,19 +114,19 @@ def quantize(w: Tensor, scheme: str, zero_point: bool = False) -> QuantizedWeigh
     return QuantizedWeight("int4", _pack(q.flatten(-2)), scales)
 
 
-def quantize_into(dest: QuantizedWeight, w: Tensor, max_elements: int = SLICE_BYTES // 4) -> None:
+def quantize_into(dest: QuantizedWeight, w: Tensor) -> None:
     """Quantize the float weight w (..., O, I) into the storage `dest` of its shape, in dest's
-    scheme (int4 with a zero point where dest has offsets), one matrix and at most `max_elements`
-    of its rows at a time (every scheme quantizes rows independently, so the result is the one
-    `quantize(w, ...)` gives at once)."""
+    scheme (int4 with a zero point where dest has offsets), one matrix and at most SLICE_BYTES of
+    its rows in float32 at a time (every scheme quantizes rows independently, so the result is
+    the one `quantize(w, ...)` gives at once)."""
     if tuple(dest.shape) != tuple(w.shape):
         raise ValueError(f"a {tuple(w.shape)} weight does not fit {dest.scheme} storage of "
                          f"{tuple(dest.shape)}")  # fmt: skip
     if w.dim() > 2:
         for e in range(w.shape[0]):
-            quantize_into(dest[e], w[e], max_elements)
+            quantize_into(dest[e], w[e])
         return
-    step = max(1, max_elements // max(w.shape[-1], 1))
+    step = max(1, SLICE_BYTES // 4 // max(w.shape[-1], 1))
     for start in range(0, w.shape[0], step):
         rows = slice(start, start + step)
         q = quantize(w[rows], dest.scheme, zero_point=dest.offsets is not None).tensors()

@@ -30,13 +30,12 @@ def from_hf(hf: HF) -> ModelConfig:
         expert_bias=True,
         router_bias=True,
     )
-    sliding = "sliding_attention" in types
     return ModelConfig(
         **common_from_hf(hf),
         moe=moe,
         attn_bias=bool(hf["attention_bias"]),
         attn_sinks=True,
-        **layer_windows_from_hf(hf, types, sliding),
+        **layer_windows_from_hf(hf, types),
     )
 
 

@@ -54,19 +54,16 @@ def from_hf(hf: HF) -> ModelConfig:
             shared_gate=True,
         )
     types = hf.get("layer_types") or [
-        "sliding_attention"
-        if (i + 1) % 2 and i < hf["max_window_layers"] and hf["use_sliding_window"]
-        else "full_attention"
+        "sliding_attention" if (i + 1) % 2 and i < hf["max_window_layers"] else "full_attention"
         for i in range(hf["num_hidden_layers"])
     ]
-    sliding = hf["use_sliding_window"] and "sliding_attention" in types
     return ModelConfig(
         **common_from_hf(hf),
         d_ff=hf["intermediate_size"],
         moe=moe,
         moe_layers=moe_layers_from_hf(hf),
         attn_bias="qkv" if hf["qkv_bias"] else False,
-        **layer_windows_from_hf(hf, types, sliding),
+        **layer_windows_from_hf(hf, types if hf["use_sliding_window"] else []),
     )
 
 
