@@ -31,7 +31,7 @@ from moekit.train.checkpoint import (
 )
 from moekit.train.freeze import freeze, trainable_table
 from moekit.train.interrupt import StopOnInterrupt
-from moekit.train.metrics import Interval, LayerFigures, MetricsLog, StepResult, add_layers
+from moekit.train.metrics import Interval, LayerFigures, MetricsLog, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
 from moekit.train.world import Parallelism, World
@@ -238,13 +238,13 @@ class Trainer:
         the step's duration in seconds."""
         t = self.cfg.train
         begin = time.perf_counter()
-        result = self._train_step()
+        figures_F, layers = self._train_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - begin
         self.step += 1
         self.tokens += self.tokens_per_step
-        self.interval.add(result, seconds, self.tokens_per_step)
+        self.interval.add(figures_F, layers, seconds, self.tokens_per_step)
         if self.step % t.log_every == 0 or self.done:
             self._log()
         if self.done or (t.eval.every and self.step % t.eval.every == 0):
@@ -278,9 +278,10 @@ class Trainer:
         t = self.cfg.train
         return t.batch_size * t.seq_len * t.grad_accum
 
-    def _train_step(self) -> StepResult:
+    def _train_step(self) -> tuple[Tensor, list[LayerFigures]]:
         """Accumulate gradients over grad_accum micro-batches, clip, step, update expert biases.
-        The step's figures stay on the device; the one host sync is the finiteness check."""
+        Returns the step's figures (`Interval.add`), on the device: the one host sync is the
+        finiteness check."""
         t = self.cfg.train
         self.parallelism.before_step(t.seed, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -302,7 +303,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.step, t))
         self.optimizer.step()
         self.model.update_expert_bias()
-        return StepResult(losses_L, grad_norm, layers)
+        return torch.cat([losses_L, grad_norm.reshape(1).to(losses_L.dtype)]), layers
 
     def _check_finite(self, loss: Tensor, grad_norm: Tensor) -> None:
         """Stop before the update when the loss or the gradient is not finite (one host sync per

@@ -59,17 +59,6 @@ def add_layers(layers: list[LayerFigures], more: list[LayerFigures]) -> list[Lay
 
 
 @dataclass
-class StepResult:
-    """One optimizer step, on the model's device: losses_L (loss, lm_loss, aux_loss, then each
-    multi-token-prediction depth's loss) averaged over its micro-batches, the gradient norm, and
-    per-layer figures (the MTP blocks' MoE layers after the main model's)."""
-
-    losses_L: Tensor
-    grad_norm: Tensor
-    layers: list[LayerFigures]
-
-
-@dataclass
 class Interval:
     """Steps since the last train record: summed losses, time, tokens and layer figures."""
 
@@ -79,14 +68,17 @@ class Interval:
     sums: Tensor | None = None  # (loss, lm_loss, aux_loss, mtp..., grad_norm) summed, on device
     layers: list[LayerFigures] = field(default_factory=list)
 
-    def add(self, result: StepResult, seconds: float, tokens: int) -> None:
+    def add(
+        self, figures_F: Tensor, layers: list[LayerFigures], seconds: float, tokens: int
+    ) -> None:
+        """One optimizer step: figures_F (loss, lm_loss, aux_loss, then each multi-token-prediction
+        depth's loss, averaged over its micro-batches, and the gradient norm) and the per-layer
+        figures (the MTP blocks' MoE layers after the main model's), on the model's device."""
         self.steps += 1
         self.seconds += seconds
         self.tokens += tokens
-        losses_L = result.losses_L
-        step = torch.cat([losses_L, result.grad_norm.reshape(1).to(losses_L.dtype)])
-        self.sums = step if self.sums is None else self.sums + step
-        self.layers = add_layers(self.layers, result.layers)
+        self.sums = figures_F if self.sums is None else self.sums + figures_F
+        self.layers = add_layers(self.layers, layers)
 
     def record(self, step: int, lr: float, tokens_seen: int) -> dict[str, Any]:
         """The metrics.jsonl record of this interval, ending at optimizer step `step` (the one
