@@ -121,15 +121,15 @@ def forward_signature(cfg: ModelConfig) -> HF:
             "norm_eps",
             "tie_embeddings",
             "mtp_depth",
+            "rope_theta",
+            "attn_bias",
+            "attn_sinks",
+            "qk_norm",
+            "clip_qkv",
         )
     }
     sig |= {
-        "rope_theta": cfg.rope_theta,
         "rope_scaling": None if cfg.rope_scaling is None else cfg.rope_scaling.to_dict(),
-        "attn_bias": cfg.attn_bias,
-        "attn_sinks": cfg.attn_sinks,
-        "qk_norm": cfg.qk_norm,
-        "clip_qkv": cfg.clip_qkv,
         "windows": windows(cfg),
         "moe_layers": cfg.moe_layer_indices,
         "d_ff": cfg.d_ff if len(cfg.moe_layer_indices) < cfg.n_layers else None,

@@ -32,15 +32,7 @@ from moekit.interop.files import (
     read_checkpoint_json,
     write_shards,
 )
-from moekit.interop.keymaps import (
-    LAYOUTS,
-    OPS,
-    Source,
-    checkpoint_keys,
-    expected_shapes,
-    sources,
-    template_of,
-)
+from moekit.interop.keymaps import LAYOUTS, OPS, Source, expected_shapes, placements
 from moekit.interop.plan import check_copies, choose_mtp, plan_load
 from moekit.interop.quantized import (
     DequantizingReader,
@@ -266,22 +258,19 @@ def _save_plan(
 ) -> dict[str, _Pending]:
     """{checkpoint key: what makes it} in model order."""
     keymap, cfg = arch.keys, model.cfg
-    n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
     out: dict[str, _Pending] = {}
     for name, tensor in model.state_dict().items():
-        template, layer = template_of(name, cfg.n_layers)
-        if template not in keymap:
+        options = placements(keymap, name, cfg)
+        if options is None:
             if name in buffers and not tensor.any():
                 continue  # a zero correction bias is the architecture's plain router
             raise ValueError(
                 f"{arch.model_type} cannot express this model: it has no place for {name}"
             )
-        options = sources(keymap[template])
-        source = options[min(LAYOUTS.index(layout), len(options) - 1)]
-        keys = checkpoint_keys(source, layer, n_experts)
+        source, keys = options[min(LAYOUTS.index(layout), len(options) - 1)]
         out_dtype = dtype if name not in buffers and tensor.is_floating_point() else tensor.dtype
-        shapes = expected_shapes(source, tuple(tensor.shape), layer, n_experts)
+        shapes = expected_shapes(source, tuple(tensor.shape), keys)
         for key in keys:
             out[key] = _Pending(tensor, source, keys, shapes[key], out_dtype)
     for copy, original in arch.copies(cfg).items():

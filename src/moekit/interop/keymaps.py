@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moekit.config import ModelConfig
 from moekit.userfiles import CheckpointReader
 
 
@@ -67,9 +68,18 @@ def template_of(name: str, n_layers: int) -> tuple[str, int | None]:
     return "layers.{i}." + name[match.end() :], int(match.group(1))
 
 
-def sources(entry: Source | tuple[Source, Source]) -> tuple[Source, ...]:
-    """The layouts of one key-map entry, per-expert (hub) first."""
-    return entry if isinstance(entry, tuple) else (entry,)
+def placements(
+    keymap: KeyMap, name: str, cfg: ModelConfig
+) -> list[tuple[Source, list[str]]] | None:
+    """(source, its checkpoint keys) of each layout the moekit tensor `name` of a model of `cfg`
+    may take, per-expert (hub) first; None where `keymap` has no place for it."""
+    template, layer = template_of(name, cfg.n_layers)
+    if template not in keymap:
+        return None
+    entry = keymap[template]
+    n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
+    layouts = entry if isinstance(entry, tuple) else (entry,)
+    return [(s, checkpoint_keys(s, layer, n_experts)) for s in layouts]
 
 
 def checkpoint_keys(source: Source, layer: int | None, n_experts: int) -> list[str]:
@@ -91,11 +101,10 @@ Piece = tuple[int | slice | tuple[int, slice], Tensor]
 
 
 def expected_shapes(
-    source: Source, ours: tuple[int, ...], layer: int | None, n_experts: int
+    source: Source, ours: tuple[int, ...], keys: list[str]
 ) -> dict[str, tuple[int, ...]]:
-    """{checkpoint key: required shape} for one moekit tensor of shape `ours`: what the op's saver
-    makes of it (on the meta device)."""
-    keys = checkpoint_keys(source, layer, n_experts)
+    """{checkpoint key: required shape} of the `keys` of `source` for one moekit tensor of shape
+    `ours`: what the op's saver makes of it (on the meta device)."""
     saved = OPS[source.op][1](torch.empty(ours, device="meta"), keys)
     return {key: tuple(t.shape) for key, t in saved}
 

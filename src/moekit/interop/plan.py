@@ -13,7 +13,7 @@ import torch
 from moekit.config import ModelConfig
 from moekit.interop.architecture import Architecture
 from moekit.interop.files import CheckpointError, WeightInfo
-from moekit.interop.keymaps import Source, checkpoint_keys, expected_shapes, sources, template_of
+from moekit.interop.keymaps import Source, expected_shapes, placements
 from moekit.interop.quantized import QuantizedView
 from moekit.model import MoETransformer
 from moekit.userfiles import CheckpointReader
@@ -64,25 +64,23 @@ def plan_load(
     (`dropped` keys are left out on purpose, the architecture's copies are checked, not loaded).
     Keys and shapes are the dense ones of `view` (a quantized tensor's dense form)."""
     keymap, cfg, files = arch.keys, model.cfg, view.files
-    n_experts = cfg.moe.n_experts if cfg.moe is not None else 0
     buffers = {name for name, _ in model.named_buffers()}
     plan, used, missing, wrong = [], set(), [], []
     for name, tensor in model.state_dict(keep_vars=True).items():
-        template, layer = template_of(name, cfg.n_layers)
-        if template not in keymap:
+        options = placements(keymap, name, cfg)
+        if options is None:
             if name in buffers:
                 continue  # e.g. a correction bias the architecture does not have: stays zero
             raise CheckpointError(
                 f"{arch.model_type}: moekit parameter {name} has no place in the key map"
             )
-        options = [(s, checkpoint_keys(s, layer, n_experts)) for s in sources(keymap[template])]
         found = [(s, keys) for s, keys in options if all(k in files for k in keys)]
         if not found:
             best = max(options, key=lambda o: sum(k in files for k in o[1]))[1]
             missing += [k for k in best if k not in files]
             continue
         source, keys = found[0]
-        for key, shape in expected_shapes(source, tuple(tensor.shape), layer, n_experts).items():
+        for key, shape in expected_shapes(source, tuple(tensor.shape), keys).items():
             if files[key].shape != shape:
                 wrong.append(view.misshapen(key, shape))
         wrong += view.check_op(source.op, keys)
