@@ -10,40 +10,29 @@ For every `Block` of the model (the main stack and the multi-token-prediction bl
   enters as one replicated DTensor, so the backward sums q, k and v's input gradients in one
   all-reduce rather than one each; per-head q/k norms (qk_norm="head") keep one replicated
   weight whose gradient is summed over the group;
-- a dense FFN: w_gate and w_up column-wise, w_down row-wise (the same one-input preparation
-  measured no fewer backward all-reduces inside the model, 2 per dense block, so it is not
-  applied);
+- a dense FFN: w_gate and w_up column-wise, w_down row-wise (the one-input preparation measured
+  no fewer backward all-reduces here, so it is not applied);
 - shared experts: the fused [gate; up] input projection column-wise (its rows reordered so that
   each process holds matching gate and up rows, `set_permutation`), the output row-wise; the
   shared-expert gate stays whole;
 - routed experts (`split_experts=True`, the ep=1 layout): each expert's hidden dimension is split
-  the same way (w_in column-wise, w_out row-wise; `TensorParallelExperts`); otherwise they stay
-  whole (expert-parallel, or replicated);
+  the same way (`TensorParallelExperts`); otherwise they stay whole;
 - routers, norms, embeddings and the LM head stay whole on every process.
 
-Without sequence parallelism the activations between blocks are whole (replicated) on every
-process of the tensor-parallel group. With it (`sequence_parallel=True`, Megatron-LM's sequence
-parallelism as torchtitan's `parallelize_llama` applies it), each process holds positions
-[t S / tp, (t + 1) S / tp) of the residual stream:
+With `sequence_parallel=True` (Megatron-LM's sequence parallelism, as torchtitan's
+`parallelize_llama` applies it) each process holds positions [t S / tp, (t + 1) S / tp) of the
+residual stream between blocks, instead of the whole of it:
 
 - the RMSNorms run on that shard (`SequenceParallel`: replicated weights, gradients summed over
-  the group); attention's and a dense FFN's inputs are all-gathered
-  (`PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())`, whose
-  backward reduce-scatters the input gradient) and their row-wise outputs reduce-scattered
-  (`RowwiseParallel(output_layouts=Shard(1))`): the all-reduce becomes a reduce-scatter and an
-  all-gather of the same bytes;
-- an MoE layer all-gathers its input too: its router sees every token, so routing, capacity
-  and balance statistics are those of one process (torchtitan gathers the MoE input the same
-  way). Shared experts (without a gate) keep partial sums: their input gradient and output are
-  reduce-scattered with the rest, while the router and the routed experts, computed whole on
-  every process, count their input gradient once (`_GradOnFirst`) and their output once
-  (`_RoutedOnFirst`). A layer whose output is whole on every process (no shared experts, or
-  gated ones, which keep their all-reduces) keeps its own shard of it;
-- the model's first block (and each multi-token-prediction block) takes its shard of the
-  replicated embeddings; the final norm (and each MTP depth's) gathers the whole sequence back,
-  for the LM head, the loss and the next MTP depth, which stay whole as without sequence
-  parallelism (torchtitan splits the head column-wise instead, which all-gathers the (T, V)
-  logits unless the loss is computed in parallel too).
+  the group); attention's and a dense FFN's inputs are all-gathered and their row-wise outputs
+  reduce-scattered: each all-reduce becomes a reduce-scatter and an all-gather of the same bytes;
+- an MoE layer all-gathers its input too, so its router sees every token and routing, capacity
+  and balance statistics are those of one process (as torchtitan does); see
+  `_sequence_parallel_moe` for its output;
+- the model's first block (and each MTP block) takes its shard of the replicated embeddings; the
+  final norm (and each MTP depth's) gathers the whole sequence back for the LM head, the loss and
+  the next MTP depth (torchtitan splits the head column-wise instead, which all-gathers the
+  (T, V) logits unless the loss is computed in parallel too).
 
 Checkpoints stay single-process: `shard_specs` records each split that is not a DTensor.
 """
@@ -102,17 +91,16 @@ def apply_tensor_parallel(
             f"sequence parallelism splits an MoETransformer's residual stream, not a "
             f"{type(model).__name__}'s: use parallel.sequence_parallel=false"
         )
-    group = tp_mesh.get_group()
     # parallelize_module's replicated parameters (SequenceParallel's) come back trainable
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     for block in blocks:
-        _split_attention(block.attn, tp_mesh, group, sequence_parallel)
+        _split_attention(block.attn, tp_mesh, sequence_parallel)
         if sequence_parallel:
             norms = {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
             parallelize_module(block, tp_mesh, norms)
         if isinstance(block.ffn, DenseFFN):
             if sequence_parallel:
-                parallelize_module(block.ffn, tp_mesh, _gathered_input(1))
+                parallelize_module(block.ffn, tp_mesh, _replicated_input(1, True))
             rowwise = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else None
             plan = {
                 "w_gate": ColwiseParallel(),
@@ -133,7 +121,7 @@ def apply_tensor_parallel(
                 plan = {"w_in": ColwiseParallel(), "w_out": out or RowwiseParallel()}
                 parallelize_module(shared, tp_mesh, plan)
             if split_experts:
-                layer.experts = TensorParallelExperts.split(layer.experts, group)
+                layer.experts = TensorParallelExperts.split(layer.experts, tp_mesh)
             if sequence_parallel:
                 _sequence_parallel_moe(layer, tp_mesh, partial_shared)
     if sequence_parallel:
@@ -145,36 +133,23 @@ def apply_tensor_parallel(
     return model
 
 
-def _one_input(n_args: int) -> PrepareModuleInput:
+def _replicated_input(n_args: int, sequence_parallel: bool) -> PrepareModuleInput:
     """The module's first argument as one replicated DTensor (the others untouched), which its
-    column-wise projections share: their input gradients are summed over the group once."""
+    column-wise projections share, so their input gradients are summed over the group once; with
+    `sequence_parallel` it arrives as this process's positions and is all-gathered (the backward
+    reduce-scatters its gradient)."""
     rest = (None,) * (n_args - 1)
     return PrepareModuleInput(
-        input_layouts=(Replicate(), *rest),
+        input_layouts=(Shard(1) if sequence_parallel else Replicate(), *rest),
         desired_input_layouts=(Replicate(), *rest),
         use_local_output=False,
     )
 
 
-def _gathered_input(n_args: int) -> PrepareModuleInput:
-    """Sequence parallelism's preparation of a block's attention or FFN: the first argument, this
-    process's positions, all-gathered into one replicated DTensor (the backward reduce-scatters
-    its gradient); the others untouched."""
-    rest = (None,) * (n_args - 1)
-    return PrepareModuleInput(
-        input_layouts=(Shard(1), *rest),
-        desired_input_layouts=(Replicate(), *rest),
-        use_local_output=False,
-    )
-
-
-def _split_attention(
-    attn: Attention, tp_mesh: DeviceMesh, group: ProcessGroup, sequence_parallel: bool
-) -> None:
-    tp = tp_mesh.size()
+def _split_attention(attn: Attention, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    tp, group = tp_mesh.size(), tp_mesh.get_group()
     # x, rope, mask, cache
-    prepare = _gathered_input(4) if sequence_parallel else _one_input(4)
-    parallelize_module(attn, tp_mesh, prepare)
+    parallelize_module(attn, tp_mesh, _replicated_input(4, sequence_parallel))
     plan: dict[str, Any] = {
         "q_proj": ColwiseParallel(),
         "k_proj": ColwiseParallel(),
@@ -333,56 +308,25 @@ def _interleave_gate_up(linear: nn.Linear, tp: int) -> None:
                 set_permutation(linear, name, 0, order)
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """Identity forward; the gradient is summed over the group (each process's use of a whole
-    input is one part of its gradient)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _SumOverGroup(torch.autograd.Function):
-    """The sum of the group's partial outputs forward; every process's part gets the whole
-    (replicated) gradient back."""
-
-    @staticmethod
-    def forward(ctx: Any, y: Tensor, group: ProcessGroup) -> Tensor:
-        y = y.contiguous().clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
-
 class TensorParallelExperts(Experts):
-    """Routed experts whose hidden dimension is split over a tensor-parallel group: this process
+    """Routed experts whose hidden dimension is split over a tensor-parallel mesh: this process
     holds hidden units [t F / tp, (t + 1) F / tp) of every expert (w_in's matching gate and up
     rows, w_out's columns, b_in's entries) and the whole b_out, which is added once after the
     partial outputs are summed. State-dict keys are those of `Experts`."""
 
-    group: ProcessGroup
+    tp_mesh: DeviceMesh
 
     @classmethod
-    def split(cls, experts: Experts, group: ProcessGroup) -> TensorParallelExperts:
-        tp = group.size()
+    def split(cls, experts: Experts, tp_mesh: DeviceMesh) -> TensorParallelExperts:
+        group = tp_mesh.get_group()
         with torch.device("meta"):
             local = cls(experts.cfg)
-        local.group = group
+        local.tp_mesh = tp_mesh
         for name, tensor in experts.named_parameters():
             full = tensor.detach()
             if name in ("w_in", "b_in"):
                 if experts.cfg.gated:
-                    order = gate_up_order(full.shape[1], tp)
+                    order = gate_up_order(full.shape[1], group.size())
                     full = full.index_select(1, order)
                     set_permutation(local, name, 1, order)
                 full = split_piece(full, group, 1)
@@ -397,11 +341,15 @@ class TensorParallelExperts(Experts):
         return local
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
-        x_RD = _CopyToGroup.apply(x_RD, self.group)
+        # x_RD is whole on every process: its gradient is the sum of theirs (an all-reduce)
+        x_RD = DTensor.from_local(x_RD, self.tp_mesh, (Replicate(),), run_check=False)
+        x_RD = x_RD.to_local(grad_placements=(Partial(),))
         part_RD = grouped_experts_forward(
             x_RD, counts_E, self.w_in, self.w_out, self.b_in, None, self.cfg
         )
-        y_RD = _SumOverGroup.apply(part_RD, self.group)
+        # the partial outputs summed (an all-reduce); each gets the whole gradient back
+        y_RD = DTensor.from_local(part_RD, self.tp_mesh, (Partial(),), run_check=False)
+        y_RD = y_RD.redistribute(self.tp_mesh, (Replicate(),)).to_local()
         if self.b_out is not None:
             y_RD = y_RD + self.b_out.repeat_interleave(counts_E, dim=0, output_size=len(y_RD))
         return y_RD
