@@ -35,8 +35,6 @@ from moekit.quant.schemes import (
     quantize_into,
 )
 
-PARTS = ("experts", "attention", "ffn", "head")
-
 
 def _register(module: nn.Module, prefix: str, qw: QuantizedWeight) -> None:
     for name, t in qw.tensors().items():
