@@ -31,6 +31,7 @@ from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cache
 from moekit.model.block import Block
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
+from moekit.routing.router import Router
 
 SOURCE = Path(__file__).with_name("decode_glue.c")
 # rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the per-head q/k norms of
@@ -222,14 +223,10 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             plain = nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
             plain.weight = module.weight
             model.set_submodule(name, plain.train(module.training))
-        elif isinstance(module, Attention):
-            module.cached_attention = cached_attention
-            module.__dict__.pop("forward", None)
-        elif isinstance(module, MoELayer):
-            module.__dict__.pop("forward", None)
-            module.router.__dict__.pop("forward", None)
-        elif isinstance(module, Block):
-            module.__dict__.pop("forward", None)
+        elif isinstance(module, Attention | MoELayer | Router | Block):
+            module.__dict__.pop("forward", None)  # the class's own forward again
+            if isinstance(module, Attention):
+                module.cached_attention = cached_attention
     model.rope_memo = None
     return model
 
