@@ -38,8 +38,7 @@ def load_figure(layers: list[dict[str, Any]]) -> Figure:
 
 def repetition_figure(layers: list[dict[str, Any]]) -> Figure:
     """Measured consecutive-token repetition beside the random baselines, per layer."""
-    fig = Figure(figsize=(max(5.0, 1.6 * len(layers)), 3.5))
-    ax = fig.subplots()
+    fig, (ax,) = _panels(1, width=max(5.0, 1.6 * len(layers)), height=3.5)
     x = np.arange(len(layers))
     bars = [
         ("first choice", [r["repetition"]["first"] for r in layers]),
@@ -82,8 +81,7 @@ def heatmap_figure(
 
 def saturation_figure(steps: list[int], layers: list[list[float]]) -> Figure:
     """Top-k overlap of each checkpoint with the final one, per layer."""
-    fig = Figure(figsize=(5.5, 3.5))
-    ax = fig.subplots()
+    fig, (ax,) = _panels(1, width=5.5, height=3.5)
     for i, values in enumerate(layers):
         ax.plot(steps, values, marker="o", label=f"layer {i}")
     ax.set_xlabel("checkpoint step")

@@ -1,5 +1,5 @@
-"""What several commands share: the `Command` record, argparse number types, the config resolver,
-its printer and writer, the streaming sampler."""
+"""What several commands share: the `Command` record, `positive_int`, the config resolver, its
+printer and writer, the streaming sampler."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+import torch
+from tokenizers import Tokenizer
+
 from moekit.config import ConfigBase, ModelConfig, RunConfig, config_from_data
+from moekit.data import eos_id
 from moekit.fileio import atomic_write_text
 from moekit.inference.decode_kernels import apply_decode_kernels
+from moekit.model import MoETransformer, generate
 from moekit.overrides import apply_overrides
-from moekit.train.sample import sample_text
 from moekit.userfiles import read_json
 
 C = TypeVar("C", bound=ConfigBase)
@@ -104,13 +108,62 @@ def save_config(cfg: ConfigBase, path: str | Path) -> Path:
 
 
 def stream_text(
-    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, **sampling: Any
+    model: MoETransformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int = 0,
+    **speculative: Any,
 ) -> str:
     """Print `prompt` and its continuation by the model (its decode kernels swapped in) as it is
-    generated; return the new text."""
+    generated, up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len); return the
+    new text. `speculative`: generate's speculative, draft_tokens and stats."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    eos = eos_id(tokenizer)
+    ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
+    budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+    if budget < 1:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens; the model's max_seq_len={model.cfg.max_seq_len} "
+            "leaves no room to generate"
+        )
     print(prompt, end="", flush=True)
-    on_text = lambda text: print(text, end="", flush=True)  # noqa: E731
-    model = apply_decode_kernels(model)
-    text = sample_text(model, tokenizer, prompt, max_new_tokens, on_text=on_text, **sampling)
+    stream = _TextStream(tokenizer)
+    generate(
+        apply_decode_kernels(model),
+        torch.tensor([ids]),
+        budget,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos,
+        generator=torch.Generator().manual_seed(seed),
+        stream=stream,
+        **speculative,
+    )
     print()
-    return text
+    return stream.text
+
+
+class _TextStream:
+    """Prints the text of new token ids as they come. Decoding the whole continuation each time
+    keeps multi-byte characters whole: text ending in an incomplete character waits for the next
+    token."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def __call__(self, ids_B: torch.Tensor) -> None:
+        self.ids.append(int(ids_B[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.text):
+            return
+        print(text[len(self.text) :], end="", flush=True)
+        self.text = text

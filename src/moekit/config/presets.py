@@ -110,11 +110,10 @@ def tiny_run() -> RunConfig:
 
 def experiment_run() -> RunConfig:
     """The base run of `moekit experiment`, sized by tokens per parameter rather than by
-    parameters (issue 14): 2 layers of width 64 with 2 heads, 8 experts of 128 top-2 (active
-    width 256; 263K active parameters with the 2048-token BPE's tied embeddings), 16 x 128 tokens
-    a step. Each experiment sets its own train.steps (2,600 steps: 20 tokens per active
-    parameter, where a model is held back by its capacity and not only by optimisation). One
-    final checkpoint per arm: the report measures its router logits."""
+    parameters (263K active with the 2048-token BPE's tied embeddings). Each experiment sets its
+    own train.steps (2,600 steps: 20 tokens per active parameter, where a model is held back by
+    its capacity and not only by optimisation). One final checkpoint per arm: the report
+    measures its router logits."""
     moe = MoEConfig(d_model=64, d_expert=128, n_experts=8, top_k=2, aux_loss_coef=0.01)
     model = ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=2, d_ff=256, moe=moe,
                         max_seq_len=128, tie_embeddings=True)

@@ -1,17 +1,13 @@
-"""A trained run: read its config, newest (or a given) checkpoint and tokenizer; sample text."""
+"""A trained run: read its config, newest (or a given) checkpoint and tokenizer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
 from tokenizers import Tokenizer
 
 from moekit.config import RUN_FILE_REMEDY, RunConfig
-from moekit.data import eos_id
-from moekit.model import MoETransformer, generate
+from moekit.model import MoETransformer
 from moekit.quant.files import empty_quantized_model, read_quantization
 from moekit.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_weights
 from moekit.userfiles import read_tokenizer
@@ -53,64 +49,3 @@ def read_run_tokenizer(run_dir: str | Path) -> Tokenizer:
         f"from, or (a run moekit trained) `moekit train --resume {run_dir}` writes it again"
     )
     return read_tokenizer(Path(run_dir) / "tokenizer.json", remedy)
-
-
-def sample_text(
-    model: MoETransformer,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = 0.95,
-    seed: int = 0,
-    on_text: Callable[[str], None] | None = None,
-    **speculative: Any,
-) -> str:
-    """Continue `prompt` by up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len);
-    returns the new text, and passes each new piece of it to `on_text` as it is made.
-    `speculative`: generate's speculative, draft_tokens and stats."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    eos = eos_id(tokenizer)
-    ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
-    budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
-    if budget < 1:
-        raise ValueError(
-            f"the prompt is {len(ids)} tokens; the model's max_seq_len={model.cfg.max_seq_len} "
-            "leaves no room to generate"
-        )
-    stream = _TextStream(tokenizer, on_text)
-    generate(
-        model,
-        torch.tensor([ids]),
-        budget,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=eos,
-        generator=torch.Generator().manual_seed(seed),
-        stream=stream,
-        **speculative,
-    )
-    return stream.text
-
-
-class _TextStream:
-    """Turns new token ids into new text. Decoding the whole continuation each time keeps
-    multi-byte characters whole: text ending in an incomplete character waits for the next token."""
-
-    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None] | None) -> None:
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.text = ""
-
-    def __call__(self, ids_B: torch.Tensor) -> None:
-        self.ids.append(int(ids_B[0]))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or len(text) <= len(self.text):
-            return
-        new, self.text = text[len(self.text) :], text
-        if self.on_text is not None:
-            self.on_text(new)
