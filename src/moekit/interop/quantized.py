@@ -82,10 +82,7 @@ def read_quantization(hf: HF) -> Quantization | None:
             f"quantization_config.fmt={fmt!r} is not supported: moekit reads FP8 weights in "
             f"{', '.join(repr(f) for f in FP8_FORMATS)} (float8_e4m3fn)"
         )
-    return Quantization("fp8", _block_size(config.get("weight_block_size")))
-
-
-def _block_size(value: object) -> tuple[int, int]:
+    value = config.get("weight_block_size")
     ints = isinstance(value, (list, tuple)) and all(type(v) is int and v > 0 for v in value)
     if not ints or len(value) != 2:
         raise CheckpointError(
@@ -93,7 +90,7 @@ def _block_size(value: object) -> tuple[int, int]:
             "block-scaled FP8, which needs two positive block sizes (rows, columns), "
             "[128, 128] for DeepSeek-V3"
         )
-    return value[0], value[1]
+    return Quantization("fp8", (value[0], value[1]))
 
 
 @dataclass
