@@ -17,21 +17,17 @@ _STRING_TYPES = {tokenize.STRING} | {
     if hasattr(tokenize, n)
 }  # fmt: skip
 _LAYOUT_TYPES = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT}
+# The class of each `tokenize` token type but NAME (a keyword or a name); any other is "other".
+_CLASS_OF_TYPE = {tokenize.OP: "operator", tokenize.NUMBER: "number", tokenize.COMMENT: "comment"}
+_CLASS_OF_TYPE |= dict.fromkeys(_STRING_TYPES, "string")
+_CLASS_OF_TYPE |= dict.fromkeys(_LAYOUT_TYPES, "whitespace")
 
 
 def source_class(tok: tokenize.TokenInfo) -> str:
     """The class of one `tokenize` token."""
     if tok.type == tokenize.NAME:
         return "keyword" if keyword.iskeyword(tok.string) else "name"
-    if tok.type == tokenize.OP:
-        return "operator"
-    if tok.type == tokenize.NUMBER:
-        return "number"
-    if tok.type in _STRING_TYPES:
-        return "string"
-    if tok.type == tokenize.COMMENT:
-        return "comment"
-    return "whitespace" if tok.type in _LAYOUT_TYPES else "other"
+    return _CLASS_OF_TYPE.get(tok.type, "other")
 
 
 def char_classes(text: str) -> np.ndarray:

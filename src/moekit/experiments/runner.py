@@ -19,7 +19,8 @@ from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import z_loss
 from moekit.machine import machine_info
-from moekit.model import MoETransformer, parameter_breakdown
+from moekit.model import MoETransformer, generate, parameter_breakdown
+from moekit.model.speculative import SpeculativeStats
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import list_checkpoints, load_weights
 from moekit.train.lockstep import design_configs, parallel_threads, train_designs
@@ -157,13 +158,10 @@ def mtp_figures(run_dir: Path, cfg: RunConfig) -> dict[str, float]:
     self-speculative decoding (one draft a round) of `MTP_NEW_TOKENS` tokens after each of
     `MTP_PROMPTS` validation prompts; error and rejection are 1 minus each (the checks read lower
     as better). NaN without an MTP head or a checkpoint."""
-    nan = {"mtp_accuracy": math.nan, "mtp_error": math.nan, "mtp_acceptance": math.nan,
-           "mtp_rejection": math.nan}  # fmt: skip
     if cfg.model.mtp_depth == 0 or not list_checkpoints(run_dir):
-        return nan
-    from moekit.model.generation import generate
-    from moekit.model.speculative import SpeculativeStats
-
+        return dict.fromkeys(
+            ("mtp_accuracy", "mtp_error", "mtp_acceptance", "mtp_rejection"), math.nan
+        )
     model, batch = _model_and_batch(run_dir)
     logits = model(batch, mtp=True, with_aux=False).mtp_logits[0]  # position i: token i + 2
     accuracy = float((logits[:, :-2].argmax(-1) == batch[:, 2:]).float().mean())
