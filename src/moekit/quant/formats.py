@@ -6,16 +6,18 @@ float8_e4m3fn with a float32 `weight_scale_inv` grid (ceil(M / bm), ceil(N / bn)
 scale_inv[i // bm, j // bn] (despite its name, scale_inv is the factor to multiply by). The last
 block row and column may be partial (DeepSeek-V3's kv_a_proj_with_mqa: (576, 7168), scales (5, 56)),
 as in DeepSeek-V3's reference `inference/kernel.py::weight_dequant`. The block size is always the
-config's: transformers 5.23's `Fp8Dequantize` infers it as shape // grid, which raises on partial
-blocks and silently computes wrong weights where the division happens to be exact.
+config's: transformers 5.23's `integrations/finegrained_fp8.py::Fp8Dequantize._dequantize_one`
+infers it as shape // grid, which raises on partial blocks and silently computes wrong weights
+where the division happens to be exact (a (136, 200) weight with a (2, 2) grid: 68 x 100 blocks).
 
 MXFP4 (GPT-OSS, `quant_method: "mxfp4"`): each expert projection P ships as `P_blocks` uint8
 (E, rows, cols / 32, 16) and `P_scales` uint8 (E, rows, cols / 32), byte for byte moekit's own
 "mxfp4" scheme (`quant.schemes`), so `mxfp4_expert_weight` reshapes it into a `QuantizedWeight`.
-transformers decodes it to (E, rows, cols) and transposes to (E, cols, rows): gate_up_proj
-(E, D, 2F), its last axis interleaving gate (even) and up (odd), and down_proj (E, F, D). So the
-shipped rows of gate_up_proj_blocks alternate gate, up, gate, ... and down_proj_blocks' rows are
-already (E, D, F), moekit's w_out.
+transformers 5.23 (`integrations/mxfp4.py::_convert_moe_packed_tensors`) decodes it the same way
+to (E, rows, cols) and transposes to (E, cols, rows): gate_up_proj (E, D, 2F), its last axis
+interleaving gate (even) and up (odd), and down_proj (E, F, D). So the shipped rows of
+gate_up_proj_blocks alternate gate, up, gate, ... and down_proj_blocks' rows are already
+(E, D, F), moekit's w_out.
 """
 
 from __future__ import annotations

@@ -1,24 +1,24 @@
-"""Products with quantized weights: `linear(x, qw, bias)` = F.linear(x, qw.dequantize(), bias), run
-by a C kernel (`kernels.c`, through `moekit.cbuild`) over the layouts of `moekit.quant.schemes` as
-stored where it qualifies (a decode step's few rows), else by that reference itself. Each weight
-row is read once, dequantized in registers and multiplied by every row of x (float32, up to
-MAX_ROWS), accumulating in float32; output rows are split over torch's OpenMP threads, in sums
-whose order does not depend on the thread count. An AVX2+FMA+F16C body is chosen at run time where
-the CPU has it, else a portable one (MOEKIT_PORTABLE=1 or `use_path("portable")` forces it).
-
-`swiglu_expert(x, w_in, w_out)` runs a whole SwiGLU expert in one call (10-18% faster than two
-`linear` calls and torch's silu at one row). Both are torch ops (`moekit::quant_linear`,
-`moekit::quant_swiglu_expert`, with fake implementations), called directly in eager decoding.
+"""Products with quantized weights: `linear(x, qw, bias)` = F.linear(x, qw.dequantize(), bias), and
+`swiglu_expert(x, w_in, w_out)`, a whole SwiGLU expert in one call (10-18% faster than two `linear`
+calls and torch's silu at one row), run by C kernels (`kernels.c`: torch ops with fakes) over the
+layouts of `moekit.quant.schemes` where they qualify (a decode step's few rows), else by that
+reference. Each weight row is read once, dequantized in registers and multiplied by every row of x
+(float32, up to MAX_ROWS), accumulating in float32 in an order that does not depend on torch's
+OpenMP threads. An AVX2+FMA+F16C body is chosen where the CPU has it, else a portable one
+(MOEKIT_PORTABLE=1 or `use_path("portable")`); AVX-512 is not written (Zen 3 cannot run it).
 
 Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
 MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x): "float", the
 weights dequantized to float32 in registers, times float32 x; "int8" (llama.cpp's q8_0 idea),
 each row of x quantized once per call to int8 per block of 32 (scale max|x| / 127, round half to
-even), integer dot products per block, scaled and summed in float32 in a fixed order (so
-F.linear(dequantized x, dequantized W) up to summation order). 4-bit on the float path is
-compute-bound on AVX2, so int8 x is the default for int4 and MXFP4 (`DEFAULT_ACTIVATIONS`); the
-figures, the error study and torch's and torchao's products compared are in benchmarks/README.md
-(Quantized weights).
+even), integer dot products per block (AVX2 maddubs / madd, 4-bit blocks two at a time: ~7
+instructions a block at one row against the float path's 22), scaled and summed in float32 in a
+fixed order: F.linear(dequantized x, dequantized W) up to summation order, and within
+(d / 2) @ |W|^T of the float path, d each block's x scale. 4-bit on the float path is
+compute-bound (MXFP4's table lookups ~30% slower), so int8 x is the default for int4 and MXFP4
+(`DEFAULT_ACTIVATIONS`). Ours for all four schemes: torch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` were 6-20x slower with float32 x, 1.0-1.9x with x rounded to bf16;
+torch has no MXFP4 product. Figures, error study: benchmarks/README.md, Quantized weights.
 """
 
 from __future__ import annotations
