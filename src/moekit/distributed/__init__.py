@@ -27,8 +27,7 @@ from moekit.distributed.launch import (
     explain_failures,
     init_distributed,
 )
-from moekit.distributed.layout import Layout, layout_of
-from moekit.distributed.mesh import ParallelMesh
+from moekit.distributed.mesh import Layout, ParallelMesh, layout_of
 from moekit.distributed.parallelize import parallelize
 from moekit.distributed.traffic import network_bytes, traffic_table
 from moekit.distributed.trainer import my_share

@@ -1,13 +1,10 @@
 """Checkpoints of parallel models, in the single-process format.
 
-Saving rebuilds each tensor of the single-process model from the processes' pieces
-(`shard_specs.full_tensor`: FSDP2 and tensor-parallel DTensors gathered, expert and hidden splits
-concatenated, reorderings undone), for the weights and the optimizer's moments alike; global rank
-0 then holds exactly the state dicts one process training the whole model would hold, so the
-files on disk are those of a single-process run and any layout, `moekit generate` or
-`moekit convert` reads them. Loading builds the whole model, loads the checkpoint as one process
-would, then parallelizes it: `shard_optimizer_state` cuts the optimizer's moments the way the
-weights were cut (`shard_specs.local_piece`).
+Saving rebuilds each tensor of the single-process model, weights and optimizer moments alike,
+from the processes' pieces (`shard_specs.full_tensor`), so global rank 0 holds the state dicts
+one process would. Loading builds the whole model, loads the checkpoint as one process would,
+then parallelizes it: `shard_optimizer_state` cuts the optimizer's moments the way the weights
+were cut (`shard_specs.local_piece`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +45,12 @@ class Traffic:
 TRAFFIC = Traffic()
 
 
-class _Timed:
+@contextmanager
+def _timed() -> Iterator[None]:
     """Adds the wall time of a block to TRAFFIC.other_seconds."""
-
-    def __enter__(self) -> None:
-        self.begin = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        TRAFFIC.other_seconds += time.perf_counter() - self.begin
+    begin = time.perf_counter()
+    yield
+    TRAFFIC.other_seconds += time.perf_counter() - begin
 
 
 def _exchange(x: Tensor, send: list[int], recv: list[int], group: ProcessGroup) -> Tensor:
@@ -86,23 +86,24 @@ def all_to_all(x_RD: Tensor, send: list[int], recv: list[int], group: ProcessGro
     return _AllToAll.apply(x_RD, send, recv, group)
 
 
+def _summed(x: Tensor, group: ProcessGroup) -> Tensor:
+    out = x.clone(memory_format=torch.contiguous_format)
+    with _timed():
+        dist.all_reduce(out, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
         ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        with _Timed():
-            dist.all_reduce(out, group=group)
-        return out
+        return _summed(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         # Every process's loss may depend on the sum, so each input's gradient is the sum of the
         # gradients of all processes.
-        out = grad.clone(memory_format=torch.contiguous_format)
-        with _Timed():
-            dist.all_reduce(out, group=ctx.group)
-        return out, None
+        return _summed(grad, ctx.group), None
 
 
 def all_reduce_sum(x: Tensor, group: ProcessGroup) -> Tensor:
@@ -116,7 +117,7 @@ def exchange_counts(counts_E: Tensor, group: ProcessGroup) -> Tensor:
     process's experts."""
     ep = group.size()
     received = torch.empty_like(counts_E)
-    with _Timed():
+    with _timed():
         dist.all_to_all_single(received, counts_E.contiguous(), group=group)
     return received.view(ep, -1)
 
@@ -130,14 +131,14 @@ def gather_rows(x_TC: Tensor, group: ProcessGroup) -> tuple[Tensor, int]:
     n = group.size()
     sizes = torch.tensor([x_TC.shape[0]], dtype=torch.long, device=x_TC.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(n)]
-    with _Timed():
+    with _timed():
         dist.all_gather(all_sizes, sizes, group=group)
     lengths = [int(s) for s in all_sizes]
     longest = max(lengths)
     padded = x_TC.new_zeros((longest, *x_TC.shape[1:]))
     padded[: x_TC.shape[0]] = x_TC
     parts = [torch.empty_like(padded) for _ in range(n)]
-    with _Timed():
+    with _timed():
         dist.all_gather(parts, padded, group=group)
     me = dist.get_rank(group)
     rows = torch.cat([part[:length] for part, length in zip(parts, lengths, strict=True)])

@@ -1,16 +1,11 @@
 """Data parallelism around expert parallelism: DDP for what is replicated, replicas for experts.
 
 `apply_data_parallel` wraps a model in torch's `DistributedDataParallel` over every process of the
-run, with the routed experts excluded: different processes of an expert-parallel group hold
-different experts, so averaging those weights' gradients over all processes would mix unrelated
-experts. Each expert shard's gradients are averaged over the processes that hold copies of it
-(the experts' "edp" axes of the mesh) instead, whenever DDP synchronises (so `no_sync()` covers
-both).
-
-After `loss.backward()` on every process (each on its share of the global batch, `loss` the mean
-over that share), every gradient is that of the mean loss over the global batch: DDP averages the
-replicated ones; an expert's gradient was already the mean over its expert-parallel group (see
-`apply_expert_parallel`) and is averaged over its copies.
+run, with the routed experts excluded (the processes of an expert-parallel group hold different
+experts): each expert shard's gradients are averaged over the processes that hold copies of it
+instead, whenever DDP synchronises (so `no_sync()` covers both). After `loss.backward()` on every
+process, every gradient is that of the mean loss over the global batch (an expert's was already
+the mean over its expert-parallel group, `apply_expert_parallel`).
 """
 
 from __future__ import annotations
@@ -24,25 +19,30 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from moekit.distributed.checkpoint import unwrap
 from moekit.distributed.expert_parallel import expert_parallel_layers
-from moekit.distributed.layout import Layout, group_timeout, layout_of
+from moekit.distributed.mesh import group_timeout, layout_of
 from moekit.distributed.shard_specs import shard_specs
 
 
-def apply_data_parallel(
-    model: nn.Module, mesh_or_group: DeviceMesh | ProcessGroup | None = None, **ddp_kwargs: Any
-) -> DistributedDataParallel:
+def apply_data_parallel(model: nn.Module, mesh_or_group: Any = None) -> DistributedDataParallel:
     """Wrap `model` (expert-parallel or not) in DDP over every process of the run.
 
-    mesh_or_group: the layout, needed only when no layer was made expert-parallel (a dense
-        model); otherwise the layers' own layout is used.
-    ddp_kwargs: passed to `DistributedDataParallel` (e.g. find_unused_parameters=True).
+    mesh_or_group: the layout (`layout_of`), needed only when no layer was made expert-parallel
+        (a dense model); otherwise the layers' own layout is used.
     """
-    layout = _layout(model, mesh_or_group)
+    layers = expert_parallel_layers(model)
+    if layers:
+        layout = layers[0][2].layout
+    elif mesh_or_group is None:
+        raise ValueError(
+            "the model has no expert-parallel layer: pass the device mesh or process group"
+        )
+    else:
+        layout = layout_of(mesh_or_group)
     names, params = expert_parameters(model)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     # A group of its own: DDP's asynchronous all-reduces must not interleave with the
@@ -51,24 +51,12 @@ def apply_data_parallel(
     group = dist.new_group(
         world, timeout=group_timeout(layout.batch_group), use_local_synchronization=True
     )
-    ddp_kwargs.setdefault("broadcast_buffers", False)
-    ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
+    ddp = DistributedDataParallel(model, process_group=group, broadcast_buffers=False)
     trained = [p for p in params if p.requires_grad]  # frozen experts have nothing to average
     if trained and layout.dp_size > 1:
         assert layout.dp_group is not None
         ddp.register_comm_hook(ExpertReplicaSync(trained, layout.dp_group, group), _bucket_hook)
     return ddp
-
-
-def _layout(model: nn.Module, mesh_or_group: DeviceMesh | ProcessGroup | None) -> Layout:
-    layers = expert_parallel_layers(model)
-    if layers:
-        return layers[0][2].layout
-    if mesh_or_group is None:
-        raise ValueError(
-            "the model has no expert-parallel layer: pass the device mesh or process group"
-        )
-    return layout_of(mesh_or_group)
 
 
 def expert_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
@@ -123,7 +111,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     process. Each gradient's squares are summed over the processes that hold other pieces of it
     (the sharded axes of a DTensor's mesh, the groups of its `shard_specs` splits) and nowhere
     else: copies are counted once."""
-    module = model.module if isinstance(model, DistributedDataParallel) else model
+    module = unwrap(model)
     names = {id(p): name for name, p in module.named_parameters()}
     specs = shard_specs(module)
     device = next(module.parameters()).device
@@ -150,7 +138,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
         grads.append(p.grad)
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for groups, local in buckets.items():
-        sq = (_norm(local, device) ** 2).reshape(1)
+        sq = (torch.nn.utils.get_total_norm(local).float().to(device) ** 2).reshape(1)
         for group in groups:
             if group.size() > 1:
                 dist.all_reduce(sq, group=group)
@@ -161,9 +149,3 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
         for grad in grads:
             grad.mul_(scale)
     return total
-
-
-def _norm(grads: list[Tensor], device: torch.device) -> Tensor:
-    if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.nn.utils.get_total_norm(grads).float().to(device)

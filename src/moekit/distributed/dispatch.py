@@ -28,20 +28,15 @@ from moekit.dispatch import (
     capacity_assignment,
 )
 from moekit.distributed.comm import all_to_all, exchange_counts, gather_rows
-from moekit.distributed.layout import Layout
+from moekit.distributed.mesh import Layout
 from moekit.routing import Routing, expert_capacity
 
 
 @dataclass(kw_only=True)
 class AllToAllState(DispatchState):
-    """The wrapped dispatcher's state (its fields repeated, so the layer reads them as usual),
-    plus how rows were exchanged. Only `combine` reads the row fields, through `local`.
-
-    local: the wrapped dispatcher's own state.
-    send, recv: rows sent to / received from each rank of the group.
-    order_R: for each local-expert-sorted row, its index among the received rows (None when no
-        re-sort was needed).
-    """
+    """The wrapped dispatcher's state `local` (its fields repeated, so the layer reads them as
+    usual), the rows sent to / received from each rank (`send`, `recv`), and for each
+    local-expert-sorted row its index among the received rows (`order_R`; None: no re-sort)."""
 
     local: DispatchState
     send: list[int]
@@ -50,11 +45,9 @@ class AllToAllState(DispatchState):
 
 
 class AllToAllDispatcher:
-    """Dispatch to experts split over the ranks of `layout.ep_group` (see the module docstring).
-
-    This process holds experts [first_expert, first_expert + n_local). With an expert-parallel
-    group of one process it is the wrapped dispatcher and nothing is exchanged.
-    """
+    """Dispatch to experts split over the ranks of `layout.ep_group` (see the module docstring):
+    this process holds experts [first_expert, first_expert + n_local). With a group of one
+    process it is the wrapped dispatcher."""
 
     def __init__(self, local: Dispatcher, n_experts: int, layout: Layout) -> None:
         self.local = local
@@ -100,15 +93,11 @@ def local_expert_order(recv_JL: Tensor) -> Tensor | None:
 
 
 class GlobalCapacityDispatcher(CapacityDispatcher):
-    """Capacity dispatch of this process's tokens, decided over the global batch.
-
-    The capacity C = ceil(capacity_factor * T_global * top_k / E) and the choice of which
-    assignments each expert keeps (drop policy, next-best overflow) are those of one process
-    holding every process's tokens of `group`, concatenated in rank order: every process gathers
-    the routing decisions (expert ids, and the weights or selection scores the policy needs), runs
-    the same `capacity_assignment`, and keeps its own rows of the result. The rest is
-    `CapacityDispatcher`'s.
-    """
+    """Capacity dispatch of this process's tokens, decided over the global batch: the capacity
+    and the assignments each expert keeps are those of one process holding every process's
+    tokens of `group` in rank order. Every process gathers the routing decisions (expert ids, and
+    the weights or selection scores the policy needs), runs the same `capacity_assignment`, and
+    keeps its own rows. The rest is `CapacityDispatcher`'s."""
 
     def __init__(self, cfg: MoEConfig, group: ProcessGroup) -> None:
         super().__init__(cfg)

@@ -2,9 +2,8 @@
 
 For every `MoELayer` of the model (a whole `MoETransformer`, or bare layers in any container):
 
-- `layer.experts` becomes an `Experts` holding only this process's slice of the stacked expert
-  weights (experts [first, first + E / ep) on rank `ep_rank` of the expert-parallel group); it
-  loads a full (single-process) state dict by slicing it;
+- `layer.experts` becomes an `Experts` holding only this process's experts
+  [first, first + E / ep) (`shard_experts`);
 - `layer.dispatcher` becomes an `AllToAllDispatcher` around the layer's own dispatcher (or, for
   capacity under `scope="global"`, around a `GlobalCapacityDispatcher`);
 - `layer.reduce_bias_counts` sums the routed counts of the aux-loss-free bias update over every
@@ -14,9 +13,7 @@ For every `MoELayer` of the model (a whole `MoETransformer`, or bare layers in a
 - each expert weight's gradient is divided by ep: a process's loss is the mean over its own
   tokens, and an expert receives the gradients of all ep processes' losses, so its gradient
   becomes that of their mean. Gradients of the replicated parameters (routers, attention, shared
-  experts) stay per process: average them over every process, as `apply_data_parallel` does.
-
-Shared experts are dense and stay whole on every process.
+  experts, which stay whole) stay per process: `apply_data_parallel` averages them.
 """
 
 from __future__ import annotations
@@ -26,12 +23,12 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from moekit.config import check_choice
 from moekit.distributed.comm import all_reduce_sum
 from moekit.distributed.dispatch import AllToAllDispatcher, GlobalCapacityDispatcher
-from moekit.distributed.layout import Layout, layout_of
+from moekit.distributed.mesh import Layout, layout_of
 from moekit.distributed.shard_specs import add_split
 from moekit.experts import Experts
 from moekit.moe import MoELayer
@@ -109,19 +106,12 @@ def _parallelize(layer: MoELayer, layout: Layout, scope: str, scale_grads: bool)
             add_split(layer.experts.get_submodule(module_name), attr, layout.ep_group, 0)
         for p in layer.experts.parameters():
             if p.requires_grad and scale_grads:
-                p.register_hook(_scale_by(1.0 / layout.ep_size))
+                p.register_hook(partial(torch.mul, other=1.0 / layout.ep_size))
     layer.dispatcher = dispatcher
     sum_over_batch = partial(all_reduce_sum, group=layout.batch_group)
     layer.reduce_bias_counts = sum_over_batch
     if scope == "global":
         layer.reduce_stats = sum_over_batch
-
-
-def _scale_by(factor: float) -> Callable[[Tensor], Tensor]:
-    def scale(grad: Tensor) -> Tensor:
-        return grad * factor
-
-    return scale
 
 
 def shard_experts(experts: Experts, first: int, n_local: int) -> Experts:

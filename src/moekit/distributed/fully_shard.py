@@ -21,10 +21,9 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from moekit.config import ParallelConfig
-from moekit.distributed.dispatch import AllToAllDispatcher
+from moekit.distributed.expert_parallel import expert_parallel_layers
 from moekit.distributed.mesh import ParallelMesh
 from moekit.model.block import Block
-from moekit.moe import MoELayer
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -35,12 +34,8 @@ def apply_fully_shard(model: nn.Module, mesh: ParallelMesh, parallel: ParallelCo
         param_dtype=DTYPES[parallel.param_dtype], reduce_dtype=torch.float32
     )
     options = {"mp_policy": policy, "reshard_after_forward": parallel.reshard_after_forward}
-    for layer in model.modules():
-        if (
-            isinstance(layer, MoELayer)
-            and isinstance(layer.dispatcher, AllToAllDispatcher)
-            and layer.dispatcher.ep > 1
-        ):
+    for _, layer, dispatcher in expert_parallel_layers(model):
+        if dispatcher.ep > 1:
             fully_shard(layer.experts, mesh=mesh.edp, **options)
             layer.experts.set_gradient_divide_factor(float(mesh.data_size))
     for block in [m for m in model.modules() if isinstance(m, Block)]:

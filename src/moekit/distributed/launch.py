@@ -1,11 +1,5 @@
-"""Starting a distributed run under `torchrun`, and failing clearly when a process is lost.
-
-`init_distributed(parallel)` joins the process group that torchrun's environment describes
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), with `parallel.timeout_s` on every group, and builds
-the run's device meshes (`moekit.distributed.mesh`). `check_same_config` compares every
-process's config at start. `explain_failures` turns a collective that failed because another
-process died or hung into a `DistributedFailure` that says so.
-"""
+"""Starting a distributed run under `torchrun` (the process group its environment describes:
+RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), and failing clearly when a process is lost."""
 
 from __future__ import annotations
 
@@ -27,10 +21,6 @@ from moekit.distributed.mesh import ParallelMesh, build_mesh
 class DistributedFailure(RuntimeError):
     """A collective operation failed: another process died, hung past the timeout, or the
     processes disagree (their configs differ)."""
-
-
-def rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def resolve_backend(parallel: ParallelConfig) -> str:
@@ -87,13 +77,6 @@ _LOST_PEER = re.compile(
 )
 
 
-def is_lost_peer_error(err: BaseException) -> bool:
-    """Whether an exception is a collective failing because another process died or hung."""
-    return isinstance(err, dist.DistError) or (
-        isinstance(err, RuntimeError) and bool(_LOST_PEER.search(str(err)))
-    )
-
-
 @contextmanager
 def explain_failures(timeout_s: float, doing: str = "training") -> Iterator[None]:
     """Re-raise a collective failure caused by a lost process as a `DistributedFailure` that
@@ -103,9 +86,9 @@ def explain_failures(timeout_s: float, doing: str = "training") -> Iterator[None
     except DistributedFailure:
         raise
     except (RuntimeError, dist.DistError) as err:
-        if not is_lost_peer_error(err):
+        if not (isinstance(err, dist.DistError) or _LOST_PEER.search(str(err))):
             raise
-        rank = dist.get_rank() if dist.is_initialized() else rank_from_env()
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistributedFailure(
             f"rank {rank}: a collective operation failed while {doing}: another process died or "

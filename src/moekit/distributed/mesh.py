@@ -14,6 +14,18 @@ World ranks are laid out as (dp_replicate, dp_shard, tp), tp fastest. Two meshes
 A process's rows of every global batch are those of its data-parallel rank, rank // tp: the tp
 processes of one data rank see the same rows (with sequence parallelism, each holds 1 / tp of
 their positions between blocks).
+
+The groups expert parallelism talks to are a `Layout`:
+
+    ep group     the ep processes that split every MoE layer's experts between them and
+                 exchange tokens by all-to-all;
+    dp group     the processes that hold copies of the same expert shard and average those
+                 experts' gradients (None when there are none);
+    batch group  the data-parallel processes (of this tensor-parallel index): their tokens form
+                 the global batch that balance statistics and capacity are computed over.
+
+A run's is `ParallelMesh.expert_layout`; a process group or a 1-D mesh is the layout of experts
+split over all of its processes, with no copies (`layout_of`).
 """
 
 from __future__ import annotations
@@ -25,13 +37,38 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from moekit.config import ParallelConfig
-from moekit.distributed.layout import Layout
 
 DENSE_AXES = ("dp_replicate", "dp_shard", "tp")
 EXPERT_AXES = ("edp_replicate", "edp_shard", "ep", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The process groups of this process (see the module docstring)."""
+
+    ep_group: ProcessGroup
+    batch_group: ProcessGroup
+    dp_group: ProcessGroup | None
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep_group.size()
+
+    @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.ep_group)
+
+    @property
+    def dp_size(self) -> int:
+        return 1 if self.dp_group is None else self.dp_group.size()
+
+    @property
+    def world_size(self) -> int:
+        return self.batch_group.size()
 
 
 @dataclass(frozen=True)
@@ -119,3 +156,29 @@ def _data_axes(prefix: str, sizes: dict[str, int]) -> tuple[str, ...]:
     if sizes[f"{prefix}_replicate"] > 1:
         return (f"{prefix}_replicate", f"{prefix}_shard")
     return (f"{prefix}_shard",)
+
+
+def layout_of(mesh_or_group: Any) -> Layout:
+    """The layout of a `ParallelMesh`, a process group or a 1-D device mesh (every process holds
+    a share of the experts; no copies)."""
+    if isinstance(mesh_or_group, ProcessGroup):
+        return Layout(mesh_or_group, mesh_or_group, None)
+    if isinstance(mesh_or_group, DeviceMesh):
+        if mesh_or_group.ndim != 1:
+            raise ValueError(
+                f"expert parallelism takes a ParallelMesh (moekit.distributed.init_distributed), "
+                f"a process group or a 1-D device mesh; got a {mesh_or_group.ndim}-D mesh"
+            )
+        group = mesh_or_group.get_group()
+        return Layout(group, group, None)
+    return mesh_or_group.expert_layout
+
+
+def group_timeout(group: ProcessGroup) -> timedelta | None:
+    """The timeout a process group was made with (None if it cannot be read)."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout  # type: ignore[union-attr]
+        except (RuntimeError, AttributeError):
+            continue
+    return None

@@ -37,9 +37,7 @@ class ShardSpec:
 
 
 def _specs(module: nn.Module) -> dict[str, ShardSpec]:
-    if _ATTR not in module.__dict__:
-        module.__dict__[_ATTR] = {}
-    return module.__dict__[_ATTR]
+    return module.__dict__.setdefault(_ATTR, {})
 
 
 def add_split(module: nn.Module, name: str, group: ProcessGroup, dim: int) -> None:

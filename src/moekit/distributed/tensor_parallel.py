@@ -101,11 +101,11 @@ def apply_tensor_parallel(
         if isinstance(block.ffn, DenseFFN):
             if sequence_parallel:
                 parallelize_module(block.ffn, tp_mesh, _replicated_input(1, True))
-            rowwise = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else None
+            out = Shard(1) if sequence_parallel else Replicate()
             plan = {
                 "w_gate": ColwiseParallel(),
                 "w_up": ColwiseParallel(),
-                "w_down": rowwise or RowwiseParallel(),
+                "w_down": RowwiseParallel(output_layouts=out),
             }
             parallelize_module(block.ffn, tp_mesh, plan)
         elif isinstance(block.ffn, MoELayer):
@@ -116,9 +116,11 @@ def apply_tensor_parallel(
             partial_shared = sequence_parallel and shared is not None and shared.gate is None
             if shared is not None:
                 if layer.cfg.gated:
-                    _interleave_gate_up(shared.w_in, tp)
-                out = RowwiseParallel(output_layouts=Partial()) if partial_shared else None
-                plan = {"w_in": ColwiseParallel(), "w_out": out or RowwiseParallel()}
+                    with torch.no_grad():
+                        for name, p in shared.w_in.named_parameters():  # weight, bias
+                            p.copy_(_interleave_gate_up(shared.w_in, name, p, 0, tp))
+                out = Partial() if partial_shared else Replicate()
+                plan = {"w_in": ColwiseParallel(), "w_out": RowwiseParallel(output_layouts=out)}
                 parallelize_module(shared, tp_mesh, plan)
             if split_experts:
                 layer.experts = TensorParallelExperts.split(layer.experts, tp_mesh)
@@ -232,10 +234,8 @@ def _sequence_parallel_moe(layer: MoELayer, tp_mesh: DeviceMesh, partial_shared:
 
 
 def _sequence_boundaries(model: MoETransformer, tp_mesh: DeviceMesh) -> None:
-    """Where the residual stream enters and leaves its sequence shards: the first block of the
-    model and of each MTP depth take this process's positions of their (replicated) input (the
-    backward all-gathers the gradient); the final norm and each MTP depth's run on the shards
-    and all-gather their output."""
+    """Where the residual stream enters its sequence shards (the first block of the model and of
+    each MTP depth) and leaves them (the final norms, which all-gather their output)."""
     check = ParallelConfig(tp=tp_mesh.size(), sequence_parallel=True)
 
     def enter(module: nn.Module, args: tuple) -> tuple:
@@ -297,15 +297,12 @@ def gate_up_order(width: int, tp: int) -> Tensor:
     return torch.cat(pieces)
 
 
-def _interleave_gate_up(linear: nn.Linear, tp: int) -> None:
-    """Reorder a fused [gate; up] projection's output rows (`gate_up_order`), so that
-    column-wise pieces hold matching gate and up rows."""
-    order = gate_up_order(linear.weight.shape[0], tp)
-    with torch.no_grad():
-        for name, p in (("weight", linear.weight), ("bias", linear.bias)):
-            if p is not None:
-                p.copy_(p.index_select(0, order))
-                set_permutation(linear, name, 0, order)
+def _interleave_gate_up(module: nn.Module, name: str, full: Tensor, dim: int, tp: int) -> Tensor:
+    """`full`, the fused [gate; up] axis `dim` of `module.<name>`, reordered by `gate_up_order`
+    so that its tp pieces hold matching gate and up rows (recorded by `set_permutation`)."""
+    order = gate_up_order(full.shape[dim], tp)
+    set_permutation(module, name, dim, order)
+    return full.index_select(dim, order)
 
 
 class TensorParallelExperts(Experts):
@@ -326,9 +323,7 @@ class TensorParallelExperts(Experts):
             full = tensor.detach()
             if name in ("w_in", "b_in"):
                 if experts.cfg.gated:
-                    order = gate_up_order(full.shape[1], group.size())
-                    full = full.index_select(1, order)
-                    set_permutation(local, name, 1, order)
+                    full = _interleave_gate_up(local, name, full, 1, group.size())
                 full = split_piece(full, group, 1)
                 add_split(local, name, group, 1)
             elif name == "w_out":

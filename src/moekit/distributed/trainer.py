@@ -4,16 +4,12 @@
 processes as its `World` (`ProcessGroupWorld`) and `MeshParallelism` as its `Parallelism`:
 
 - every process builds the whole model with the same seed, restores a checkpoint as one process
-  would, then spreads it over the run's meshes (`parallelize`: tensor, expert, then fully sharded
-  or DDP data parallelism) and cuts the optimizer state the same way (`shard_optimizer_state`);
-- each global batch of `train.batch_size` sequences (and each evaluation batch) is drawn the same
-  on every process, and data-parallel rank d of D keeps rows [d * B / D, (d + 1) * B / D) (the
-  tp processes of one data rank share its rows): the batches, and with
+  would, then `parallelize`s it and cuts the optimizer state the same way;
+- every process draws the same global batches, and data-parallel rank d of D keeps its rows
+  (`my_share`; the tp processes of one data rank share them): the batches, and with
   `parallel.scope="global"` the whole run, are those of one process;
-- logged losses, evaluation losses and the gradient norm are averaged (or totalled) over the
-  processes; rank 0 alone writes metrics.jsonl, config.json, the report and the checkpoints,
-  which hold the gathered experts in the single-process format, so a run resumes on any number
-  of processes;
+- rank 0 alone writes the run directory; checkpoints are in the single-process format, so a run
+  resumes on any number of processes;
 - a collective that fails because a process died or hung past `parallel.timeout_s` raises
   `DistributedFailure` on the others.
 """
@@ -53,7 +49,9 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
         with explain_failures(timeout, "starting"):
             mesh = init_distributed(cfg.parallel)
             check_same_config(cfg.to_json())
-            run_dir = _rank0_value(str(run_dir))
+            holder = [str(run_dir)]
+            dist.broadcast_object_list(holder, src=0)  # rank 0's run_dir
+            run_dir = holder[0]
             world = ProcessGroupWorld()
             _check_batches(cfg, mesh.data_size)
         with explain_failures(timeout, "training"):
@@ -62,12 +60,6 @@ def train_distributed(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     finally:
         if joined_here and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _rank0_value(value: Any) -> Any:
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 class ProcessGroupWorld(World):
