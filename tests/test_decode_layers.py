@@ -205,7 +205,13 @@ def test_layers_equal_the_per_product_path_bit_for_bit(monkeypatch, scheme, batc
     steps, layers = 8, 2
     calls.clear()
     by_layer = decode_logits(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
-    assert calls.get("moekit_moe_one_token", 0) == (steps * layers if batch == 1 else 0)
+
+    def in_c(rows: int) -> int:  # one call a token: one token, or a few of float experts
+        few = scheme is None and rows <= decode_moe.FEW_TOKENS
+        return rows if rows == 1 or few else 0
+
+    moe_calls = layers * (in_c(batch * 4) + steps * in_c(batch))  # the prefill of 4, the steps
+    assert calls.get("moekit_moe_one_token", 0) == moe_calls
     assert calls.get("moekit_attention_block", 0) == steps * layers
     assert torch.equal(fast, by_layer)
     assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
@@ -329,13 +335,16 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
         assert len(seen) == layer_calls[where]
     if where in ("router", "experts", "q_proj", "o_proj"):
         assert calls["moekit_block_one_token"] == 4  # layer 1's steps only
-    if where in ("q_proj", "o_proj"):  # layer 0's MoE layer still runs in C, alone
-        assert calls["moekit_moe_one_token"] == 4
+    if where in ("q_proj", "o_proj"):  # layer 0's MoE layer still runs in C, alone: its 4
+        # steps, and the 4 prompt tokens of both MoE layers (a call of a few tokens, one a token)
+        assert calls["moekit_moe_one_token"] == 4 + 2 * 4
     if where in ("router", "experts"):  # and its attention block
         assert calls["moekit_attention_block"] == 4
-    before = _moe_calls(calls)
+    blocks_before, layers_before = (calls.get(f"moekit_{name}", 0)
+                                    for name in ("block_one_token", "moe_one_token"))  # fmt: skip
     decode_logits(model, ids, 4)
-    assert calls["moekit_block_one_token"] == before - calls.get("moekit_moe_one_token", 0) + 8
+    assert calls["moekit_block_one_token"] == blocks_before + 8  # both layers' 4 steps
+    assert calls["moekit_moe_one_token"] == layers_before + 8  # both layers' 4 prompt tokens
 
 
 @pytest.mark.parametrize(

@@ -184,15 +184,23 @@ def _layer_qualifies(layer: MoELayer) -> bool:
     )
 
 
+# Decoding calls of at most this many tokens (a decode step of a small batch, a speculative
+# verification of up to 3 drafts) run token by token in C, each as a lone decode step: cheaper
+# than the torch path's per-expert calls at these sizes, though tokens sharing an expert read it
+# once each (benchmarks/README.md, "Self-speculative decoding").
+FEW_TOKENS = 4
+
+
 def moe_step_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: bool) -> bool:
-    """What a call must be for the C layer, the layer's own settings aside: one decoded token
-    of plain float32 x, no aux, no gradients anywhere, not traced, router and experts unhooked."""
+    """What a call must be for the C layer, the layer's own settings aside: a decoding call of
+    at most FEW_TOKENS tokens of plain float32 x, no aux, no gradients anywhere, not traced,
+    router and experts unhooked."""
     D = layer.cfg.d_model
     return (
         not with_aux
         and decoding
         and x.dim() > 0
-        and x.numel() == D
+        and 0 < x.numel() <= FEW_TOKENS * D
         and x.shape[-1] == D
         and not torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
         and not torch.compiler.is_compiling()
@@ -210,24 +218,29 @@ def moe_forward(
     with_aux: bool = True,
     decoding: bool = False,
 ) -> tuple[Tensor, MoEAux | None]:
-    """`MoELayer.forward` for one decoded token without aux, in one C call where the step and the
-    layer qualify and its gated experts (SwiGLU or clamped, biases or not) are ones `_expert_refs`
-    reads; offloaded experts route in C, fetch the chosen experts, then run in one call;
-    `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
+    """`MoELayer.forward` for decoded tokens without aux, one C call a token where the step and
+    the layer qualify and its gated experts (SwiGLU or clamped, biases or not) are ones
+    `_expert_refs` reads: each token routed and run as a step of one token runs it, so a
+    speculative verification's positions and a batch's rows get a lone decode step's numbers.
+    Offloaded experts (one token only) route in C, fetch the chosen experts, then run in one
+    call; `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
     if not (moe_step_qualifies(layer, x, with_aux, decoding) and _layer_qualifies(layer)):
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
     cfg = layer.cfg
     D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
-    x_TD = x.view(1, D)
-    y_TD = x.new_empty(1, D)
+    x_TD = x.reshape(-1, D)
+    y_TD = x.new_empty(x_TD.shape)
     scratch, ids, weights = _buffers(2 * E + K * (2 * F + D), K)
     args = resident_args(layer)
-    if args is not None:
-        status = _library().moekit_moe_one_token(
-            x_TD.data_ptr(), *args, scratch, ids, weights, y_TD.data_ptr()
-        )
-    else:
+    if args is not None and (x_TD.shape[0] == 1 or type(layer.experts) is Experts):
+        one_token, status, row = _library().moekit_moe_one_token, 0, 4 * D
+        x_at, y_at = x_TD.data_ptr(), y_TD.data_ptr()
+        for t in range(x_TD.shape[0]):
+            status |= one_token(x_at + t * row, *args, scratch, ids, weights, y_at + t * row)
+    elif x_TD.shape[0] == 1:  # (quantized experts' several rows: the reference's numbers)
         status = _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD)
+    else:
+        status = 1
     if status != 0:  # not runnable here (the experts' x could not be prepared): the reference
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
     if layer.shared_experts is not None:
