@@ -37,9 +37,7 @@ def full_state_dicts(
         whole = full_tensor(value, specs.get(key))
         if writer:
             model_sd[key] = whole
-    optim_sd = None
-    if optimizer is not None:
-        optim_sd = _full_optimizer_state(module, optimizer, specs)
+    optim_sd = None if optimizer is None else _full_optimizer_state(module, optimizer, specs)
     if not writer:
         return None, None
     return model_sd, optim_sd

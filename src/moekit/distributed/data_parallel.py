@@ -112,12 +112,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     (the sharded axes of a DTensor's mesh, the groups of its `shard_specs` splits) and nowhere
     else: copies are counted once."""
     module = unwrap(model)
-    names = {id(p): name for name, p in module.named_parameters()}
     specs = shard_specs(module)
     device = next(module.parameters()).device
     buckets: dict[tuple[ProcessGroup, ...], list[Tensor]] = {}
     grads = []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.grad is None:
             continue
         grad = p.grad
@@ -131,7 +130,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
                 mesh.get_group(i) for i, pl in enumerate(grad.placements) if not pl.is_replicate()
             ]
             grad = grad.to_local()
-        spec = specs.get(names.get(id(p), ""))
+        spec = specs.get(name)
         if spec is not None:
             groups += [group for group, _ in spec.splits]
         buckets.setdefault(tuple(groups), []).append(grad)

@@ -23,16 +23,12 @@ class DistributedFailure(RuntimeError):
     processes disagree (their configs differ)."""
 
 
-def resolve_backend(parallel: ParallelConfig) -> str:
-    if parallel.backend != "auto":
-        return parallel.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def init_distributed(parallel: ParallelConfig) -> ParallelMesh:
     """Join the process group (if not joined yet) and build the run's meshes (`build_mesh`),
     every group with `parallel.timeout_s`. On CUDA, each process takes the GPU LOCAL_RANK."""
-    backend = resolve_backend(parallel)
+    backend = parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     device_type = "cuda" if backend == "nccl" else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -120,12 +120,8 @@ class ParallelMesh:
         )
         copies = None
         if self.edp.size() > 1:
-            copies = self.edp._flatten("edp", backend_override=self.group_options)
-        return Layout(
-            ep_group=self.experts.get_group("ep"),
-            batch_group=data.get_group(),
-            dp_group=None if copies is None else copies.get_group(),
-        )
+            copies = self.edp._flatten("edp", backend_override=self.group_options).get_group()
+        return Layout(self.experts.get_group("ep"), data.get_group(), copies)
 
 
 def build_mesh(
