@@ -78,6 +78,17 @@ def test_rms_norm_matches_torch(rows: int, eps: float | None) -> None:
     torch.testing.assert_close(rms_norm(x, w, eps), torch.rms_norm(x, (96,), w, eps))
 
 
+def test_rms_norm_of_a_split_runs_in_c(monkeypatch) -> None:
+    """Rows that are a split's (latent attention's latent of a few positions: each row
+    contiguous, the rows strided) run in C too, with the contiguous rows' numbers."""
+    x = torch.randn(2, 3, 96 + 16, generator=torch.Generator().manual_seed(5))
+    latent = x.split([96, 16], dim=-1)[0]
+    w = torch.randn(96)
+    want = rms_norm(latent.contiguous(), w, 1e-6)
+    monkeypatch.setattr(torch, "rms_norm", None)  # the fallback would fail
+    assert torch.equal(rms_norm(latent, w, 1e-6), want)
+
+
 def test_rms_norm_falls_back_to_torch() -> None:
     """Gradients, many rows, other dtypes and no weight run torch.rms_norm itself."""
     x = torch.randn(decode_glue.MAX_NORM_NUMBERS // 8 + 1, 8)

@@ -68,13 +68,14 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float | None) -> Tensor:
     if (
         weight is None
         or not _eager_no_grad(x, weight)
-        or not (_plain(x) and _plain(weight) and weight.shape == (D,))
+        or not (cbuild.plain_cpu(x, torch.float32) and _plain(weight) and weight.shape == (D,))
         or x.numel() > MAX_NORM_NUMBERS
         or x.numel() == 0
         or _library() is None
     ):
         return torch.rms_norm(x, (D,), weight, eps)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
+    x = x.contiguous()  # (a split's rows, as latent attention's latent of a few positions)
     y = torch.empty_like(x)
     _library().moekit_rmsnorm_f32(
         x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr()
