@@ -203,6 +203,13 @@ typedef struct {
 } attention_ref;
 
 #define ROWS_A_TASK 16
+/* A call whose products read fewer weights than this runs on one thread: waking the others
+ * (tens of us under OMP_WAIT_POLICY=PASSIVE) costs more than sharing the work saves. Measured
+ * on one token through 2 of 8 experts (D = F), 2 threads: one thread is faster up to D = 256
+ * (393,216 weights: 65 against 68 us), two from D = 384 (884,736: 111 against 178 us). */
+#ifndef MIN_PARALLEL_WEIGHTS
+#define MIN_PARALLEL_WEIGHTS 524288
+#endif
 
 /* x (R, I) prepared for w: quant/kernels.c's handle, or x itself for float32 (NULL if it fails). */
 static void *prepared(const weight_ref *w, const float *x, int64_t R) {
@@ -249,7 +256,7 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
         failed |= px[k] == NULL;
     }
     if (failed) goto done;
-#pragma omp parallel
+#pragma omp parallel if (K * 3 * F * D >= MIN_PARALLEL_WEIGHTS)
     {
         /* gate and up rows of one range on one thread: its activations need no barrier */
 #pragma omp for schedule(static)
@@ -342,7 +349,7 @@ int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, co
     int failed = pq == NULL || pk == NULL || pv == NULL;
     const int64_t L = pos + 1, n = B * H;
     if (failed) goto done;
-#pragma omp parallel
+#pragma omp parallel if ((wq->O + wk->O + wv->O) * wq->I + wo->O * wo->I >= MIN_PARALLEL_WEIGHTS)
     {
         product(wq, pq, B, q);
         product(wk, pk, B, k);
