@@ -79,9 +79,9 @@ class MoETransformer(nn.Module):
         # The tied head's product; moekit.inference.decode_kernels swaps in its own for generation.
         self.tied_head_linear: Callable[[Tensor, Tensor], Tensor] = F.linear
         self.mtp = MultiTokenPrediction(cfg)
-        # Single positions' rotary angles by (position, device), when set to a dict (generation
-        # sets one: moekit.inference.decode_glue); None computes them on every call.
-        self.rope_memo: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] | None = None
+        # The rotary angles of up to 4 positions by (start, count, device), when set to a dict
+        # (generation sets one: moekit.inference.decode_glue); None computes them on every call.
+        self.rope_memo: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -199,14 +199,14 @@ class MoETransformer(nn.Module):
 
     def _rope(self, start: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """The rotary angles of positions start .. start + S - 1."""
-        memo = self.rope_memo if S == 1 else None
-        if memo is not None and (start, device) in memo:  # the angles computed below, kept
-            return memo[start, device]
+        memo = self.rope_memo if S <= 4 else None  # decode steps, speculative verifications
+        if memo is not None and (start, S, device) in memo:  # the angles computed below, kept
+            return memo[start, S, device]
         positions_S = torch.arange(start, start + S, device=device)
         cfg = self.cfg
         angles = rope_angles(positions_S, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         if memo is not None:
-            memo[start, device] = angles
+            memo[start, S, device] = angles
         return angles
 
     @property
