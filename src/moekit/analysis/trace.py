@@ -74,7 +74,7 @@ def record_routing(
     (after capacity), recorded by the one routing recorder, `TraceRecorder`."""
     ids_T = torch.from_numpy(tokens.token_ids)
     windows = list(torch.split(ids_T, seq_len))
-    tail = [windows.pop()[None]] if len(windows[-1]) < seq_len else []  # a batch of its own
+    tail = [windows.pop()[None]] if windows and len(windows[-1]) < seq_len else []  # alone
     starts = range(0, len(windows), batch_size)
     batches = [torch.stack(windows[i : i + batch_size]) for i in starts] + tail
     with TraceRecorder(model) as rec:

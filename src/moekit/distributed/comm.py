@@ -49,8 +49,10 @@ TRAFFIC = Traffic()
 def _timed() -> Iterator[None]:
     """Adds the wall time of a block to TRAFFIC.other_seconds."""
     begin = time.perf_counter()
-    yield
-    TRAFFIC.other_seconds += time.perf_counter() - begin
+    try:
+        yield
+    finally:
+        TRAFFIC.other_seconds += time.perf_counter() - begin
 
 
 def _exchange(x: Tensor, send: list[int], recv: list[int], group: ProcessGroup) -> Tensor:

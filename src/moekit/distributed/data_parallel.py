@@ -28,11 +28,14 @@ from moekit.distributed.mesh import group_timeout, layout_of
 from moekit.distributed.shard_specs import shard_specs
 
 
-def apply_data_parallel(model: nn.Module, mesh_or_group: Any = None) -> DistributedDataParallel:
+def apply_data_parallel(
+    model: nn.Module, mesh_or_group: Any = None, **ddp_kwargs: Any
+) -> DistributedDataParallel:
     """Wrap `model` (expert-parallel or not) in DDP over every process of the run.
 
     mesh_or_group: the layout (`layout_of`), needed only when no layer was made expert-parallel
         (a dense model); otherwise the layers' own layout is used.
+    ddp_kwargs: passed to `DistributedDataParallel` (e.g. find_unused_parameters=True).
     """
     layers = expert_parallel_layers(model)
     if layers:
@@ -51,7 +54,8 @@ def apply_data_parallel(model: nn.Module, mesh_or_group: Any = None) -> Distribu
     group = dist.new_group(
         world, timeout=group_timeout(layout.batch_group), use_local_synchronization=True
     )
-    ddp = DistributedDataParallel(model, process_group=group, broadcast_buffers=False)
+    ddp_kwargs.setdefault("broadcast_buffers", False)
+    ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
     trained = [p for p in params if p.requires_grad]  # frozen experts have nothing to average
     if trained and layout.dp_size > 1:
         assert layout.dp_group is not None

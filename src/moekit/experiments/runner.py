@@ -19,7 +19,7 @@ from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import z_loss
 from moekit.machine import machine_info
-from moekit.model import MoETransformer, generate, parameter_breakdown
+from moekit.model import generate, parameter_breakdown
 from moekit.model.speculative import SpeculativeStats
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import list_checkpoints, load_weights
@@ -121,9 +121,10 @@ def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return []
-    model, batch = _model_and_batch(run_dir)
+    cfg, model, _ = load_run(run_dir)
     if not model.moe_layers():
         return []
+    batch = _validation_batch(cfg)
     z: list[Tensor] = []
     hooks = [m.router.register_forward_hook(lambda _m, _i, out: z.append(z_loss(out.logits_TE)))
              for m in model.moe_layers()]  # fmt: skip
@@ -140,12 +141,10 @@ def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
     return curve
 
 
-def _model_and_batch(run_dir: Path) -> tuple[MoETransformer, Tensor]:
-    """The run's model with its last checkpoint's weights (eval mode), and one fixed validation
-    batch (B, S) of its training shape."""
-    cfg, model, _ = load_run(run_dir)
+def _validation_batch(cfg: RunConfig) -> Tensor:
+    """One fixed validation batch (B, S) of the run's training shape."""
     data = prepare_data(cfg.train.data, cfg.token_vocab_size)
-    return model, fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
+    return fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
 
 
 MTP_PROMPTS, MTP_PROMPT_TOKENS, MTP_NEW_TOKENS = 4, 32, 32
@@ -162,7 +161,8 @@ def mtp_figures(run_dir: Path, cfg: RunConfig) -> dict[str, float]:
         return dict.fromkeys(
             ("mtp_accuracy", "mtp_error", "mtp_acceptance", "mtp_rejection"), math.nan
         )
-    model, batch = _model_and_batch(run_dir)
+    run_cfg, model, _ = load_run(run_dir)
+    batch = _validation_batch(run_cfg)
     logits = model(batch, mtp=True, with_aux=False).mtp_logits[0]  # position i: token i + 2
     accuracy = float((logits[:, :-2].argmax(-1) == batch[:, 2:]).float().mean())
     accepted = proposed = 0

@@ -158,6 +158,7 @@ class ExpertCache:
         load: Callable[[Key], tuple[ExpertWeight, ...]],
         capacity: int,
         policy: Policy,
+        *,
         loader_threads: int = LOADER_THREADS,
     ) -> None:
         if capacity < 1:
