@@ -177,8 +177,14 @@ def test_decode_benchmark_quick(tmp_path):
         assert d["speedup_vs_plain"] > 0 and d["bound_speedup"] == d["mean_accepted_length"]
         assert d["cost_model_speedup"] > 0 and d["in_run_seconds"]["draft_step_s"] > 0
     assert 0 <= spec["teacher_forced_first_draft_agreement"] <= 1
-    for n, d in spec["sampled"]["draft_tokens"].items():  # temperature 0.8
+    sampled = spec["sampled"]  # temperature 0.8, on 2 prompts
+    assert sampled["prompts"] == len(sampled["speedup_by_prompt"]) == 2
+    for n, d in sampled["draft_tokens"].items():
         assert len(d["acceptance_by_position"]) == int(n) and d["speedup_vs_plain"] > 0
+        assert sampled["decode_tokens_per_s"][f"moekit_mtp_{n}"] > 0
+    assert spec["checks"]["sampled_met"] == (
+        spec["checks"]["sampled_best_speedup_vs_plain"] >= spec["checks"]["target_speedup"]
+    )
     # transformers' generate(use_mtp=True) on the same weights, or why it could not run
     assert ("transformers_eager_use_mtp" in spec) == spec["transformers_use_mtp"].startswith("ran")
     assert spec["checks"]["best_draft_tokens"] in (1, 2)
