@@ -204,7 +204,10 @@ def _ending(exitcode: int | None) -> str:
 def _interrupt_when_parent_dies(parent: int) -> None:
     """A run whose parent (pid `parent`) was killed (SIGKILL, a test's timeout) stops as on Ctrl-C
     instead of training on unseen: Linux's PR_SET_PDEATHSIG; elsewhere the parent's `_stop` is the
-    only way. A parent already gone (killed while this process started) counts too."""
+    only way. A parent already gone (killed while this process started) counts too. Ctrl-C is
+    made to raise KeyboardInterrupt here even where it was ignored (a shell's background job
+    inherits SIGINT ignored): the parent stops its runs with it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.platform != "linux":
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
