@@ -4,6 +4,7 @@ the torch ops they are registered as, and their swap into a built model."""
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +238,33 @@ def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:
     lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
     lib.moekit_linear_f32(x.data_ptr(), 3, 100, w.data_ptr(), 100, 40, None, y.data_ptr())
     torch.testing.assert_close(y, linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def _has_avx512f() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
+
+
+@pytest.mark.skipif(not _has_avx512f(), reason="this CPU has no AVX-512: only the AVX2 body runs")
+@pytest.mark.parametrize(("R", "I", "O"), [(1, 768, 2048), (3, 100, 41), (16, 31, 7), (2, 65, 4)])
+def test_the_avx512_body_sums_as_the_avx2_body_bit_for_bit(R: int, I: int, O: int) -> None:
+    """The AVX-512 body (four weight rows at a time, two 8-lane sums in each register) computes
+    every element as the AVX2 body does: the build without it (-DMOEKIT_NO_AVX512) gives the same
+    bits, for every tail of I (32-wide part, then one by one) and of O (blocks of 4)."""
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    g = torch.Generator().manual_seed(R * I + O)
+    x, w, b = torch.randn(R, I, generator=g), torch.randn(O, I + 3, generator=g), torch.randn(O)
+    ys = []
+    for flags in (cbuild.FLAGS, (*cbuild.FLAGS, "-DMOEKIT_NO_AVX512")):
+        lib = ctypes.CDLL(str(cbuild.build(decode_kernels.SOURCE, flags)))
+        lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+        y = torch.empty(R, O)
+        lib.moekit_linear_f32(
+            x.data_ptr(), R, I, w.data_ptr(), I + 3, O, b.data_ptr(), y.data_ptr()
+        )
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+    torch.testing.assert_close(ys[0], F.linear(x, w[:, :I], b), rtol=1e-5, atol=1e-4)
 
 
 def test_fake_tensors_never_reach_the_kernel() -> None:
