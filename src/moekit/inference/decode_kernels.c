@@ -39,6 +39,18 @@ static float dot_portable(const float *a, const float *b, int64_t n) {
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
 #include <immintrin.h>
 
+/* The sum of acc's 8 lanes, then a[i:n] . b[i:n] added one by one: every dot's last steps. */
+__attribute__((target("avx2,fma"))) static inline float finish_avx2(__m256 acc, const float *a,
+                                                                   const float *b, int64_t i,
+                                                                   int64_t n) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    float s = _mm_cvtss_f32(half);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b,
                                                           int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -51,12 +63,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
         acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
     }
     __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    half = _mm_add_ss(half, _mm_movehdup_ps(half));
-    float s = _mm_cvtss_f32(half);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+    return finish_avx2(acc, a, b, i, n);
 }
 #endif
 
@@ -90,13 +97,7 @@ __attribute__((target("avx512f,avx2,fma"))) static inline float
 finish_avx512(__m512 acc01, __m512 acc23, const float *a, const float *b, int64_t i, int64_t n) {
     __m256 t01 = _mm256_add_ps(_mm512_castps512_ps256(acc01), upper_half(acc01));
     __m256 t23 = _mm256_add_ps(_mm512_castps512_ps256(acc23), upper_half(acc23));
-    __m256 acc = _mm256_add_ps(t01, t23);
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    half = _mm_add_ss(half, _mm_movehdup_ps(half));
-    float s = _mm_cvtss_f32(half);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+    return finish_avx2(_mm256_add_ps(t01, t23), a, b, i, n);
 }
 
 __attribute__((target("avx512f,avx2,fma"))) static void
