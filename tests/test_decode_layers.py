@@ -193,9 +193,28 @@ def test_route_buffers_are_each_threads_own() -> None:
 # ---------------------------------------------------------------- whole models
 
 
+@pytest.fixture(params=["threshold", "every region parallel"])
+def parallel_regions(request):
+    """The one-call layers' OpenMP regions as they run (one thread below ~0.5M weights, as these
+    tiny models are), or forced onto two threads, so the parallel branch is tested too (the
+    suite's one thread is restored after each test)."""
+    if request.param == "threshold":
+        yield
+        return
+    set_min = decode_glue._library().moekit_layers_set_min_parallel
+    old = set_min(0)
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        set_min(old)
+
+
 @pytest.mark.parametrize("scheme", [None, *SCHEMES])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_layers_equal_the_per_product_path_bit_for_bit(monkeypatch, scheme, batch) -> None:
+def test_layers_equal_the_per_product_path_bit_for_bit(
+    monkeypatch, parallel_regions, scheme, batch
+) -> None:
     """Every decode step runs one C call per block (batch 1) or per attention block (batch 3),
     and the logits equal the same model's layer-by-layer and product-by-product decodes exactly:
     the same row functions, the same sums in the same order."""

@@ -207,9 +207,14 @@ typedef struct {
  * (tens of us under OMP_WAIT_POLICY=PASSIVE) costs more than sharing the work saves. Measured
  * on one token through 2 of 8 experts (D = F), 2 threads: one thread is faster up to D = 256
  * (393,216 weights: 65 against 68 us), two from D = 384 (884,736: 111 against 178 us). */
-#ifndef MIN_PARALLEL_WEIGHTS
-#define MIN_PARALLEL_WEIGHTS 524288
-#endif
+static int64_t min_parallel_weights = 524288;
+
+/* Set the threshold (tests set 0 to run every region on all threads); returns the old value. */
+int64_t moekit_layers_set_min_parallel(int64_t weights) {
+    int64_t old = min_parallel_weights;
+    min_parallel_weights = weights;
+    return old;
+}
 
 /* x (R, I) prepared for w: quant/kernels.c's handle, or x itself for float32 (NULL if it fails). */
 static void *prepared(const weight_ref *w, const float *x, int64_t R) {
@@ -256,7 +261,7 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
         failed |= px[k] == NULL;
     }
     if (failed) goto done;
-#pragma omp parallel if (K * 3 * F * D >= MIN_PARALLEL_WEIGHTS)
+#pragma omp parallel if (K * 3 * F * D >= min_parallel_weights)
     {
         /* gate and up rows of one range on one thread: its activations need no barrier */
 #pragma omp for schedule(static)
@@ -348,8 +353,10 @@ int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, co
     void *po = NULL;
     int failed = pq == NULL || pk == NULL || pv == NULL;
     const int64_t L = pos + 1, n = B * H;
+    /* the projections' weights, or the cached keys and values the heads read (as the step alone) */
+    const int64_t weights = (wq->O + wk->O + wv->O) * wq->I + wo->O * wo->I;
     if (failed) goto done;
-#pragma omp parallel if ((wq->O + wk->O + wv->O) * wq->I + wo->O * wo->I >= MIN_PARALLEL_WEIGHTS)
+#pragma omp parallel if (weights >= min_parallel_weights || (n > 1 && L * hd * H >= 262144))
     {
         product(wq, pq, B, q);
         product(wk, pk, B, k);

@@ -139,10 +139,11 @@ rows_avx512(const float *x, int64_t ldx, int64_t R, int64_t I, const float *W, i
 static rows_fn best_rows(void) {
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
     __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #ifndef MOEKIT_NO_AVX512
-    if (__builtin_cpu_supports("avx512f")) return rows_avx512;
+    if (avx2 && __builtin_cpu_supports("avx512f")) return rows_avx512; /* its last rows: AVX2 */
 #endif
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
+    if (avx2) return rows_avx2;
 #endif
     return rows_portable;
 }
