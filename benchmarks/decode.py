@@ -460,8 +460,10 @@ def sampled_contenders(model, prompts, n_new: int, repeats: int, drafts: tuple[i
     does): plain against MTP drafting of each count, side by side on each of `prompts` (1, P),
     each prompt's calls seeded alike; tokens differ by design (the accept/reject rule keeps the
     distribution, tested in tests/test_speculative*.py). Tokens/s over all prompts (their decode
-    seconds summed), each prompt's speedups, and acceptance and mean accepted length over all
-    the timed calls: one continuation's acceptance is a few dozen verifications, too few alone."""
+    seconds summed), each prompt's speedups, and acceptance and mean accepted length over every
+    full-length call (the timed ones and the last, untimed one side_by_side makes for its
+    tokens: the same seeded continuations again): one continuation's acceptance is a few dozen
+    verifications, too few alone."""
     from moekit.model.generation import generate
     from moekit.model.speculative import SpeculativeStats
 
