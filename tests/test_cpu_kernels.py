@@ -255,7 +255,7 @@ def test_the_avx512_body_sums_as_the_avx2_body_bit_for_bit(R: int, I: int, O: in
     g = torch.Generator().manual_seed(R * I + O)
     x, w, b = torch.randn(R, I, generator=g), torch.randn(O, I + 3, generator=g), torch.randn(O)
     ys = []
-    for flags in (decode_kernels.FLAGS, (*decode_kernels.FLAGS, "-DMOEKIT_NO_AVX512")):
+    for flags in (cbuild.EXACT_FLAGS, (*cbuild.EXACT_FLAGS, "-DMOEKIT_NO_AVX512")):
         lib = ctypes.CDLL(str(cbuild.build(decode_kernels.SOURCE, flags)))
         lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
         y = torch.empty(R, O)

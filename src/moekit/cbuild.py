@@ -37,6 +37,9 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
 # For large kernel files: quant/kernels.c builds in 10.6 s at -O2 against 18.2 at -O3 on this
 # project's machine, and decodes as fast (benchmarks/README.md, Quantized weights).
 FLAGS_O2 = ("-O2", *FLAGS[1:])
+# For kernels whose sums must round as a reference's do, product by product and add by add: no
+# FMA contraction (clang's default, aarch64's, GCC's outside ISO C).
+EXACT_FLAGS = (*FLAGS, "-ffp-contract=off")
 LIBS = ("-lm",)  # after the source: with --as-needed linkers, a library before it is dropped
 
 

@@ -165,9 +165,10 @@ void moekit_swiglu_bwd(const float *h, int64_t ld, const float *grad, int64_t R,
 }
 
 /* Top-k by K rounds of "take the largest left" over a copy of the row, in which NaN reads as
- * +inf (torch.topk ranks it highest), -inf as -FLT_MAX, and a taken score becomes -inf: branch-free passes over E numbers instead of a
- * data-dependent insertion (whose mispredicted branches cost ~0.5 us a row at E = 64, K = 7). Both
- * bodies take the largest score with the lowest id, so they agree exactly. */
+ * +inf (torch.topk ranks it highest), -inf as -FLT_MAX, and a taken score becomes -inf:
+ * branch-free passes over E numbers instead of a data-dependent insertion (whose mispredicted
+ * branches cost ~0.5 us a row at E = 64, K = 7). Both bodies take the largest score with the
+ * lowest id, so they agree exactly. */
 static void topk_row_portable(float *row, int64_t E, int64_t K, int64_t *ids) {
     for (int64_t k = 0; k < K; k++) {
         int64_t best = 0;

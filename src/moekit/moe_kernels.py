@@ -243,6 +243,5 @@ def _library() -> ctypes.CDLL | None:
         },
         "MoE training kernels",
         "torch's operators run",
-        # no FMA contraction (clang's default, and aarch64's): the combine matches index_add_
-        (*cbuild.FLAGS, "-ffp-contract=off"),
+        cbuild.EXACT_FLAGS,  # the combine rounds as index_add_ does
     )

@@ -37,8 +37,6 @@ SOURCE = Path(__file__).with_name("decode_glue.c")
 # rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the per-head q/k norms of
 # MAX_ROWS sequences of 64 heads of 128 (the C attention block's, which must equal these bits)
 MAX_NORM_NUMBERS = MAX_ROWS * 8192
-# -ffp-contract=off: the rotary products and sums round one by one, as torch's do.
-FLAGS = (*cbuild.FLAGS, "-ffp-contract=off")
 
 
 def _plain(t: Tensor) -> bool:
@@ -259,5 +257,5 @@ def _library() -> ctypes.CDLL | None:
         },
         what="CPU decode glue",
         fallback="decoding runs torch's rms_norm and attention",
-        flags=FLAGS,
+        flags=cbuild.EXACT_FLAGS,  # the rotary products and sums round as torch's do
     )

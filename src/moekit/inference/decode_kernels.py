@@ -37,9 +37,6 @@ from moekit.quant.modules import QuantizedExperts
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products are GEMMs, MKL's domain
-# -ffp-contract=off: the dots' scalar tails multiply and add one by one in every body, so the
-# AVX-512 and AVX2 bodies agree bit for bit whatever the compiler would fuse (-std=gnu11, clang).
-FLAGS = (*cbuild.FLAGS, "-ffp-contract=off")
 
 _ops = torch.library.Library("moekit", "DEF")
 _ops.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
@@ -265,5 +262,5 @@ def _library() -> ctypes.CDLL | None:
         },
         what="CPU decode kernels",
         fallback="decoding runs torch's F.linear",
-        flags=FLAGS,
+        flags=cbuild.EXACT_FLAGS,  # the bodies' scalar tails round alike (AVX-512 = AVX2)
     )

@@ -230,17 +230,17 @@ def moe_forward(
     D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
     x_TD = x.reshape(-1, D)
     y_TD = x.new_empty(x_TD.shape)
+    T, args = x_TD.shape[0], resident_args(layer)
+    # several tokens: resident float experts only (quantized ones keep the reference's numbers)
+    status = 0 if T == 1 or (args is not None and type(layer.experts) is Experts) else 1
     scratch, ids, weights = _buffers(2 * E + K * (2 * F + D), K)
-    args = resident_args(layer)
-    if args is not None and (x_TD.shape[0] == 1 or type(layer.experts) is Experts):
-        one_token, status, row = _library().moekit_moe_one_token, 0, 4 * D
+    if status == 0 and args is not None:
+        one_token, row = _library().moekit_moe_one_token, 4 * D
         x_at, y_at = x_TD.data_ptr(), y_TD.data_ptr()
-        for t in range(x_TD.shape[0]):
+        for t in range(T):
             status |= one_token(x_at + t * row, *args, scratch, ids, weights, y_at + t * row)
-    elif x_TD.shape[0] == 1:  # (quantized experts' several rows: the reference's numbers)
+    elif status == 0:
         status = _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD)
-    else:
-        status = 1
     if status != 0:  # not runnable here (the experts' x could not be prepared): the reference
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
     if layer.shared_experts is not None:
