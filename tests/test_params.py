@@ -225,6 +225,16 @@ def test_expert_parallel_splits_experts_and_all_to_alls_rows() -> None:
     assert a2a.sent == a2a.payload / 2
 
 
+def test_each_collective_sends_its_own_share_on_a_group_of_four() -> None:
+    """On groups of 2 the ring shares pair up (all-reduce and all-gather 1, reduce-scatter and
+    all-to-all 1/2); on 4 each is its own: all-gather 3, all-reduce 3/2, the others 3/4."""
+    fsdp, ep = costs(HAND, 4, dp_shard=4).comms, costs(HAND, 4, ep=4).comms
+    assert fsdp["fsdp_all_gather"].sent == 3 * fsdp["fsdp_all_gather"].payload
+    assert fsdp["fsdp_reduce_scatter"].sent == 3 / 4 * fsdp["fsdp_reduce_scatter"].payload
+    assert ep["dp_all_reduce"].sent == 3 / 2 * ep["dp_all_reduce"].payload
+    assert ep["ep_all_to_all"].sent == 3 / 4 * ep["ep_all_to_all"].payload
+
+
 def test_uneven_fsdp_chunks_are_ceil_sized_and_padded() -> None:
     c = [costs(HAND, 3, rank, dp_shard=3) for rank in range(3)]
     assert sum(x.params for x in c) == 824

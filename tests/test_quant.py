@@ -57,10 +57,26 @@ def test_every_scheme_round_trips_within_its_step(scheme: str) -> None:
         "mxfp4": (groups / 2).expand(-1, -1, -1, GROUP).flatten(-2),  # half the step at 6 (2)
     }[scheme]
     assert ((back - w).abs() <= bound * (1 + 1e-3) + 1e-9).all()
-    # stored bytes: (O * I) x bits / 8, plus scales
+    # stored bytes: (O * I) x bits / 8, plus scales; the layout written out (empty_quantized
+    # derives it from quantize, so quantize's own output is checked against it here)
+    u8, f16 = torch.uint8, torch.float16
+    layout = {
+        "bf16": {"data": ((3, 16, 96), torch.bfloat16)},
+        "int8": {"data": ((3, 16, 96), torch.int8), "scales": ((3, 16), torch.float32)},
+        "int4": {"data": ((3, 16, 48), u8), "scales": ((3, 16, 3), f16)},
+        "mxfp4": {"data": ((3, 16, 48), u8), "scales": ((3, 16, 3), u8)},
+    }[scheme]
+    for qw_or_empty in (
+        qw,
+        empty_quantized(w.shape, scheme),
+        empty_quantized(w.shape, scheme, device="meta"),
+    ):
+        assert {k: (tuple(t.shape), t.dtype) for k, t in qw_or_empty.tensors().items()} == layout
+    assert empty_quantized(w.shape, scheme, device="meta").data.device.type == "meta"
     assert empty_quantized(w.shape, scheme).nbytes == qw.nbytes
-    for name, t in empty_quantized(w.shape, scheme).tensors().items():
-        assert t.shape == qw.tensors()[name].shape and t.dtype == qw.tensors()[name].dtype
+    if scheme == "int4":  # with a zero point, offsets beside the scales
+        offsets = empty_quantized(w.shape, scheme, zero_point=True).tensors()["offsets"]
+        assert (tuple(offsets.shape), offsets.dtype) == ((3, 16, 3), f16)
 
 
 def test_mxfp4_matches_ml_dtypes_independent_decoder_and_rounding() -> None:

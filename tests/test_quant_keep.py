@@ -29,6 +29,7 @@ from moekit.experts import Experts
 from moekit.interop import load_hf, save_hf
 from moekit.interop import quantized as interop_quantized
 from moekit.quant import kernels
+from moekit.quant import modules as quant_modules
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, quantize_model
 from moekit.quant.schemes import QuantizedWeight
 
@@ -183,7 +184,16 @@ def test_quantize_to_int4_requantizes_one_expert_at_a_time(gpt_oss, tmp_path, mo
     written = load_file(str(out / "checkpoints" / "step-000000" / "model.safetensors"))
     config = QuantizeConfig(weights="int8", experts="int4")
     dequantized_then_quantized = quantize_model(load_hf(folder), config).state_dict()
-    requantized = quantize_model(load_hf(folder, keep_quantized=True), config)
+    kept, calls = load_hf(folder, keep_quantized=True), []
+    real = quant_modules.quantize_into
+    monkeypatch.setattr(
+        quant_modules,
+        "quantize_into",
+        lambda dest, w, *a: calls.append(tuple(w.shape)) or real(dest, w, *a),
+    )
+    requantized = quantize_model(kept, config)  # the kept MXFP4 experts, one at a time too
+    monkeypatch.undo()
+    assert (two_f, d) in calls and not any(len(s) == 3 for s in calls)
     assert isinstance(requantized.layers[0].ffn.experts, QuantizedExperts)
     assert requantized.layers[0].ffn.experts.schemes == ("int4", "int4")
     for name, t in requantized.state_dict().items():
