@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import shutil
 import statistics
@@ -452,7 +453,7 @@ def round_costs(model, prompt, n_new: int, n: int) -> dict:
 
 
 SAMPLING_TEMPERATURE = 0.8
-SAMPLED_PROMPTS, SAMPLED_PROMPT_STRIDE = 6, 96
+SAMPLED_PROMPTS, SAMPLED_PROMPT_STRIDE, SAMPLED_REPEATS = 6, 96, 3
 
 
 def sampled_contenders(model, prompts, n_new: int, repeats: int, drafts: tuple[int, ...]) -> dict:
@@ -460,44 +461,42 @@ def sampled_contenders(model, prompts, n_new: int, repeats: int, drafts: tuple[i
     does): plain against MTP drafting of each count, side by side on each of `prompts` (1, P),
     each prompt's calls seeded alike; tokens differ by design (the accept/reject rule keeps the
     distribution, tested in tests/test_speculative*.py). Tokens/s over all prompts (their decode
-    seconds summed), each prompt's speedups, and acceptance and mean accepted length over every
-    full-length call (the timed ones and the last, untimed one side_by_side makes for its
-    tokens: the same seeded continuations again): one continuation's acceptance is a few dozen
-    verifications, too few alone."""
+    seconds summed), each prompt's speedups, and acceptance and mean accepted length over the
+    prompts' continuations (one each: every full-length call of a prompt repeats it): one
+    continuation's acceptance is a few dozen verifications, too few alone."""
     from moekit.model.generation import generate
     from moekit.model.speculative import SpeculativeStats
 
     t = SAMPLING_TEMPERATURE
-    totals = {n: {"proposed": [0] * n, "accepted": [0] * n, "verifications": 0} for n in drafts}
-    seed = 0
+    last: dict[int, SpeculativeStats] = {}  # each draft count's latest call's statistics
 
-    def spec(x, k, n):
-        stats = SpeculativeStats()
-        out = generate(model, x, k, temperature=t, speculative="mtp", draft_tokens=n,
-                       stats=stats, generator=torch.Generator().manual_seed(seed + k))  # fmt: skip
-        if k == n_new:
-            tot = totals[n]
-            tot["proposed"] = [a + b for a, b in zip(tot["proposed"], stats.proposed, strict=True)]
-            tot["accepted"] = [a + b for a, b in zip(tot["accepted"], stats.accepted, strict=True)]
-            tot["verifications"] += stats.verifications
-        return out
+    def contenders(seed: int) -> dict:
+        def plain(x, k):
+            gen = torch.Generator().manual_seed(seed + k)
+            return generate(model, x, k, temperature=t, generator=gen)
 
-    def plain(x, k):
-        gen = torch.Generator().manual_seed(seed + k)
-        return generate(model, x, k, temperature=t, generator=gen)
+        def spec(x, k, n):
+            last[n], gen = SpeculativeStats(), torch.Generator().manual_seed(seed + k)
+            return generate(model, x, k, temperature=t, speculative="mtp", draft_tokens=n,
+                            stats=last[n], generator=gen)  # fmt: skip
 
-    gens = {"moekit": plain}
-    for n in drafts:
-        gens[f"moekit_mtp_{n}"] = lambda x, k, n=n: spec(x, k, n)
-    seconds = dict.fromkeys(gens, 0.0)
+        return {"moekit": plain} | {f"moekit_mtp_{n}": functools.partial(spec, n=n) for n in drafts}
+
+    seconds: dict[str, float] = {}
+    proposed = {n: [0] * n for n in drafts}
+    accepted = {n: [0] * n for n in drafts}
+    verifications = dict.fromkeys(drafts, 0)
     per_prompt = []
     for i, prompt in enumerate(prompts):
-        seed = 1000 * i
-        runs = side_by_side(gens, prompt, n_new, repeats)
+        runs = side_by_side(contenders(seed=1000 * i), prompt, n_new, repeats)
         for name, r in runs.items():
-            seconds[name] += (n_new - 1) / r["decode_tokens_per_s"]
+            seconds[name] = seconds.get(name, 0.0) + (n_new - 1) / r["decode_tokens_per_s"]
+        for n in drafts:  # side_by_side's last call: the n_new-token continuation
+            proposed[n] = [a + b for a, b in zip(proposed[n], last[n].proposed, strict=True)]
+            accepted[n] = [a + b for a, b in zip(accepted[n], last[n].accepted, strict=True)]
+            verifications[n] += last[n].verifications
         base = runs["moekit"]["decode_tokens_per_s"]
-        per_prompt.append({name: r["decode_tokens_per_s"] / base for name, r in runs.items()})
+        per_prompt.append({n: runs[n]["decode_tokens_per_s"] / base for n in runs if n != "moekit"})
     tokens = len(prompts) * (n_new - 1)
     out: dict = {
         "temperature": t,
@@ -507,11 +506,10 @@ def sampled_contenders(model, prompts, n_new: int, repeats: int, drafts: tuple[i
         "draft_tokens": {},
     }
     for n in drafts:
-        tot = totals[n]
-        rates = [a / p if p else 0.0 for a, p in zip(tot["accepted"], tot["proposed"], strict=True)]
+        rates = [a / p if p else 0.0 for a, p in zip(accepted[n], proposed[n], strict=True)]
         out["draft_tokens"][str(n)] = {
             "acceptance_by_position": rates,
-            "mean_accepted_length": 1 + sum(tot["accepted"]) / max(tot["verifications"], 1),
+            "mean_accepted_length": 1 + sum(accepted[n]) / max(verifications[n], 1),
             "speedup_vs_plain": seconds["moekit"] / seconds[f"moekit_mtp_{n}"],
         }
     return out
@@ -550,7 +548,8 @@ def speculative(quick: bool) -> dict:
     drafts = (1, 2) if quick else (1, 2, 3)
     # A prompt from a validation file of the corpus: real text, as a user's would be.
     text = Path(__file__).read_text()[:400] if quick else _stdlib_text()
-    prompt = torch.tensor([tokenizer.encode(text).ids[:32]])
+    text_ids = tokenizer.encode(text).ids
+    prompt = torch.tensor([text_ids[:32]])
 
     stats = {n: SpeculativeStats() for n in drafts}
     gens = {"moekit": lambda x, k: generate(fast, x, k)}
@@ -615,11 +614,12 @@ def speculative(quick: bool) -> dict:
             "round_cost_in_decode_steps": cost,
             "cost_model_speedup": length / cost,
         }
-    text_ids = tokenizer.encode(text).ids
     n_prompts = 2 if quick else SAMPLED_PROMPTS
     starts = [i * SAMPLED_PROMPT_STRIDE for i in range(n_prompts)]
     prompts = [torch.tensor([text_ids[s : s + 32]]) for s in starts if s + 32 <= len(text_ids)]
-    sampled = sampled_contenders(fast, prompts, n_new, 3 if not quick else repeats, drafts)
+    sampled = sampled_contenders(
+        fast, prompts, n_new, repeats if quick else SAMPLED_REPEATS, drafts
+    )
     window = torch.tensor([text_ids[:256]])
     agreement = teacher_forced_agreement(fast, window)
     best = max(per_draft, key=lambda n: per_draft[n]["speedup_vs_plain"])

@@ -179,12 +179,13 @@ def test_decode_benchmark_quick(tmp_path):
     assert 0 <= spec["teacher_forced_first_draft_agreement"] <= 1
     sampled = spec["sampled"]  # temperature 0.8, on 2 prompts
     assert sampled["prompts"] == len(sampled["speedup_by_prompt"]) == 2
+    rate = sampled["decode_tokens_per_s"]
     for n, d in sampled["draft_tokens"].items():
-        assert len(d["acceptance_by_position"]) == int(n) and d["speedup_vs_plain"] > 0
-        assert sampled["decode_tokens_per_s"][f"moekit_mtp_{n}"] > 0
-    assert spec["checks"]["sampled_met"] == (
-        spec["checks"]["sampled_best_speedup_vs_plain"] >= spec["checks"]["target_speedup"]
-    )
+        assert len(d["acceptance_by_position"]) == int(n)
+        assert all(0 <= a <= 1 for a in d["acceptance_by_position"])
+        assert d["speedup_vs_plain"] == pytest.approx(rate[f"moekit_mtp_{n}"] / rate["moekit"])
+    speedups = [d["speedup_vs_plain"] for d in sampled["draft_tokens"].values()]
+    assert spec["checks"]["sampled_best_speedup_vs_plain"] == max(speedups)
     # transformers' generate(use_mtp=True) on the same weights, or why it could not run
     assert ("transformers_eager_use_mtp" in spec) == spec["transformers_use_mtp"].startswith("ran")
     assert spec["checks"]["best_draft_tokens"] in (1, 2)
