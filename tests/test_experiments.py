@@ -191,7 +191,7 @@ def test_mtp_arms_and_their_head_figures(tmp_path: Path):
     """`moekit experiment mtp`: lambda 0.3 and 0.1 against no MTP; an arm's MTP-head accuracy
     and decode acceptance come from its last checkpoint (NaN without a head)."""
     from moekit.experiments.arms import mtp
-    from moekit.experiments.runner import mtp_figures
+    from moekit.experiments.runner import ArmProbe, mtp_figures
     from moekit.train import train
 
     base = RunConfig.preset("experiment")
@@ -206,9 +206,10 @@ def test_mtp_arms_and_their_head_figures(tmp_path: Path):
     model = ModelConfig.preset("tiny").replace(vocab_size=257, mtp_depth=1)
     cfg = RunConfig(model=model, train=t)
     train(cfg, tmp_path / "run")
-    figures = mtp_figures(tmp_path / "run", cfg)
+    probe = ArmProbe.of(tmp_path / "run")
+    figures = mtp_figures(probe, cfg)
     assert 0 <= figures["mtp_accuracy"] <= 1 and 0 <= figures["mtp_acceptance"] <= 1
     assert figures["mtp_error"] == pytest.approx(1 - figures["mtp_accuracy"])
     assert figures["mtp_rejection"] == pytest.approx(1 - figures["mtp_acceptance"])
     plain = cfg.replace(model=model.replace(mtp_depth=0))
-    assert all(math.isnan(v) for v in mtp_figures(tmp_path / "run", plain).values())
+    assert all(math.isnan(v) for v in mtp_figures(probe, plain).values())

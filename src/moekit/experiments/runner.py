@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from moekit.experiments.arms import EXPERIMENTS, Experiment
 from moekit.fileio import atomic_write_text, save_figure
 from moekit.losses import z_loss
 from moekit.machine import machine_info
-from moekit.model import generate, parameter_breakdown
+from moekit.model import MoETransformer, generate, parameter_breakdown
 from moekit.model.speculative import SpeculativeStats
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import list_checkpoints, load_weights
@@ -104,32 +106,58 @@ def arm_results(run_dir: Path, cfg: RunConfig, diverged: bool) -> dict[str, Any]
     """An arm's figures (`arm_figures`), its router logit RMS curve and its total and active
     (per token) parameters."""
     figures = arm_figures(read_metrics(run_dir / "metrics.jsonl"))
-    rms = router_logit_rms(run_dir)
+    probe = ArmProbe.of(run_dir)
+    rms = router_logit_rms(probe)
     figures["curves"]["logit_rms"] = rms
     figures["logit_rms"] = rms[-1][1] if rms else math.nan
     counts = parameter_breakdown(cfg.model)  # what trains: the MTP module too, where there is one
-    return figures | mtp_figures(run_dir, cfg) | {
+    return figures | mtp_figures(probe, cfg) | {
         "diverged": diverged, "params": counts["total"] + counts["mtp"],
         "active_params": counts["active"] + counts["mtp_active"]}  # fmt: skip
 
 
+@dataclass
+class ArmProbe:
+    """What the probes of a trained arm read, loaded once: its checkpoints (oldest first), its
+    config and model with the last one's weights (eval mode; None without a checkpoint), and
+    `batch`, one fixed validation batch (B, S) of its training shape, prepared when first read."""
+
+    checkpoints: list[Path]
+    cfg: RunConfig | None
+    model: MoETransformer | None
+
+    @classmethod
+    def of(cls, run_dir: Path) -> ArmProbe:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            return cls(checkpoints, None, None)
+        cfg, model, _ = load_run(run_dir)
+        return cls(checkpoints, cfg, model)
+
+    @functools.cached_property
+    def batch(self) -> Tensor:
+        assert self.cfg is not None
+        data = prepare_data(self.cfg.train.data, self.cfg.token_vocab_size)
+        return fixed_batches(data.val.tokens, 1, self.cfg.train.batch_size, self.cfg.train.seq_len)[
+            0
+        ]
+
+
 @torch.no_grad()
-def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
+def router_logit_rms(probe: ArmProbe) -> list[tuple[int, float]]:
     """(step, sqrt(mean over tokens and layers of logsumexp(router logits)^2)) of each of the
-    run's checkpoints on one fixed validation batch: the magnitude the z-loss (ST-MoE) penalises,
-    measured whether or not the arm trains with it. Empty for a dense model or no checkpoint."""
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
+    run's checkpoints on the probe's validation batch: the magnitude the z-loss (ST-MoE)
+    penalises, measured whether or not the arm trains with it. Empty for a dense model or no
+    checkpoint. Leaves the model with the last checkpoint's weights, as it was."""
+    model = probe.model
+    if model is None or not model.moe_layers():
         return []
-    cfg, model, _ = load_run(run_dir)
-    if not model.moe_layers():
-        return []
-    batch = _validation_batch(cfg)
+    batch = probe.batch
     z: list[Tensor] = []
     hooks = [m.router.register_forward_hook(lambda _m, _i, out: z.append(z_loss(out.logits_TE)))
              for m in model.moe_layers()]  # fmt: skip
     curve = []
-    for checkpoint in checkpoints:
+    for checkpoint in probe.checkpoints:
         load_weights(checkpoint, model)
         z.clear()
         model(batch)
@@ -141,28 +169,22 @@ def router_logit_rms(run_dir: Path) -> list[tuple[int, float]]:
     return curve
 
 
-def _validation_batch(cfg: RunConfig) -> Tensor:
-    """One fixed validation batch (B, S) of the run's training shape."""
-    data = prepare_data(cfg.train.data, cfg.token_vocab_size)
-    return fixed_batches(data.val.tokens, 1, cfg.train.batch_size, cfg.train.seq_len)[0]
-
-
 MTP_PROMPTS, MTP_PROMPT_TOKENS, MTP_NEW_TOKENS = 4, 32, 32
 
 
 @torch.no_grad()
-def mtp_figures(run_dir: Path, cfg: RunConfig) -> dict[str, float]:
+def mtp_figures(probe: ArmProbe, cfg: RunConfig) -> dict[str, float]:
     """With the last checkpoint's weights: the first MTP depth's top-1 accuracy on the token two
     ahead over one fixed validation batch, and the acceptance rate of its drafts in greedy
     self-speculative decoding (one draft a round) of `MTP_NEW_TOKENS` tokens after each of
     `MTP_PROMPTS` validation prompts; error and rejection are 1 minus each (the checks read lower
     as better). NaN without an MTP head or a checkpoint."""
-    if cfg.model.mtp_depth == 0 or not list_checkpoints(run_dir):
+    model = probe.model
+    if cfg.model.mtp_depth == 0 or model is None:
         return dict.fromkeys(
             ("mtp_accuracy", "mtp_error", "mtp_acceptance", "mtp_rejection"), math.nan
         )
-    run_cfg, model, _ = load_run(run_dir)
-    batch = _validation_batch(run_cfg)
+    batch = probe.batch
     logits = model(batch, mtp=True, with_aux=False).mtp_logits[0]  # position i: token i + 2
     accuracy = float((logits[:, :-2].argmax(-1) == batch[:, 2:]).float().mean())
     accepted = proposed = 0
