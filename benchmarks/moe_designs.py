@@ -50,13 +50,12 @@ from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json, save_figure
 from moekit.overrides import apply_overrides
 from moekit.train.lockstep import (
-    VAL_LOSS,
     compare_to,
-    curves_figure,
     design_configs,
     lockstep_settings,
     train_designs,
 )
+from moekit.train.report import VAL_LOSS, curves_figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DENSE = "dense"

@@ -40,13 +40,12 @@ from moekit.fileio import atomic_write_json, save_figure
 from moekit.machine import machine_info as machine
 from moekit.overrides import apply_overrides
 from moekit.train.lockstep import (
-    VAL_LOSS,
     compare_to,
-    curves_figure,
     first_step_reaching,
     lockstep_settings,
     train_designs,
 )
+from moekit.train.report import VAL_LOSS, curves_figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS = ("small", "dense-small")

@@ -35,8 +35,6 @@ from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import check_run_dir
 from moekit.train.loop import Trainer, TrainingDiverged, train
 from moekit.train.metrics import read_metrics
-from moekit.train.report import VAL_LOSS as VAL_LOSS  # re-exported: the benchmarks' figures
-from moekit.train.report import curves_figure as curves_figure
 from moekit.train.report import summary
 
 
