@@ -51,18 +51,18 @@ def freeze(model: nn.Module, parts: Sequence[str]) -> None:
 def trainable_table(model: nn.Module) -> str:
     """Parameters per part: trainable and frozen, and the trainable share of the whole."""
     counts: dict[str, list[int]] = {part: [0, 0] for part in [*PARTS, "other"]}
+    mtp = [0, 0]  # the mtp module's, across the parts
     for name, param in model.named_parameters():
-        counts[part_of(name)][0 if param.requires_grad else 1] += param.numel()
+        slot = 0 if param.requires_grad else 1
+        counts[part_of(name)][slot] += param.numel()
+        if module_of(name) == "mtp":
+            mtp[slot] += param.numel()
     total = sum(t + f for t, f in counts.values())
     trainable = sum(t for t, _ in counts.values())
     lines = [f"{'part':<10} {'trainable':>12} {'frozen':>12}"]
     lines += [f"{p:<10} {t:>12,} {f:>12,}" for p, (t, f) in counts.items() if t + f]
-    params = model.named_parameters()
-    mtp = [(p.numel(), p.requires_grad) for n, p in params if module_of(n) == "mtp"]
-    if mtp:
-        on = sum(n for n, grad in mtp if grad)
-        off = sum(n for n, _ in mtp) - on
-        lines.append(f"of which the mtp module: {on:,} trainable, {off:,} frozen")
+    if sum(mtp):
+        lines.append(f"of which the mtp module: {mtp[0]:,} trainable, {mtp[1]:,} frozen")
     lines.append(f"trainable: {trainable:,} of {total:,} ({trainable / max(total, 1):.1%})")
     return "\n".join(lines)
 
