@@ -44,7 +44,7 @@ from moekit.interop.quantized import (
     read_quantization,
 )
 from moekit.model import MoETransformer
-from moekit.quant.files import is_quantized
+from moekit.quant.files import allocate_on_cpu, is_quantized
 from moekit.quant.modules import quantize_model
 from moekit.userfiles import read_tokenizer
 
@@ -131,9 +131,7 @@ def load_hf(
         quantize_model(model, schemes, empty=True)  # still on the meta device
         if keep_quantized:
             check_kept(model, plan, view)
-    model.to_empty(device="cpu")  # allocated once, uninitialised; buffers zero
-    for buffer in model.buffers():
-        buffer.zero_()
+    allocate_on_cpu(model)
     float_dtype = model.embed.weight.dtype
     targets = [(destination(model, name), source, keys) for name, source, keys in plan]
     reader = DequantizingReader(view, float_dtype)

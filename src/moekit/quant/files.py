@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moekit.config import ModelConfig, QuantizeConfig
 from moekit.cpu_memory import advise_huge_pages
@@ -38,8 +39,15 @@ def empty_quantized_model(cfg: ModelConfig, quantization: QuantizeConfig) -> MoE
     per token; see `moekit.cpu_memory.advise_huge_pages`)."""
     with torch.device("meta"):
         model = quantize_model(MoETransformer(cfg), quantization, empty=True)
+    return allocate_on_cpu(model, huge_pages=True)
+
+
+def allocate_on_cpu(model: nn.Module, huge_pages: bool = False) -> nn.Module:
+    """A model built on the meta device, allocated once on the CPU, uninitialised but for its
+    buffers (zero); with `huge_pages` its memory advised to them before it is first touched."""
     model.to_empty(device="cpu")
-    advise_huge_pages(model)
+    if huge_pages:
+        advise_huge_pages(model)
     for buffer in model.buffers():
         buffer.zero_()
     return model
