@@ -314,29 +314,33 @@ def _activation_comms(
     td = tokens * D * act
     rd = tokens * cfg.moe.top_k * D * act if cfg.moe is not None else 0  # the experts' rows
     reduce = comms["tp_all_reduce"]
-    if tp > 1 and sequence_parallel:
-        gather, scatter = comms["tp_all_gather"], comms["tp_reduce_scatter"]
-        # attention in every block and dense FFNs: gather in, scatter out, and back
-        gather.add(2 * n_blocks + 2 * n_dense, td / tp, tp)
-        scatter.add(2 * n_blocks + 2 * n_dense, td, tp)
-        gather.add(2 * n_moe, td / tp, tp)  # MoE layers: the input, the output's gradient
-        if cfg.moe is not None and cfg.moe.shared_width > 0 and not cfg.moe.shared_gate:
-            scatter.add(2 * n_moe, td, tp)  # the output, the input's gradient
-        # the sequence enters its shards (backward) and leaves them (forward): main stack, MTP
-        gather.add(2 * (1 + cfg.mtp_depth), td / tp, tp)
-        # the RMSNorm weights' gradients: two per block, the final norm and each MTP depth's
-        reduce.add(2 * n_blocks + 1 + cfg.mtp_depth, D * act, tp)
-    elif tp > 1:  # one forward all-reduce per row-wise output, one backward per column-wise input
-        # attention's q, k, v share one input; a dense FFN's gate and up each all-reduce their own
-        reduce.add(n_blocks * (1 + 1), td, tp)
-        reduce.add(n_dense * (1 + 2), td, tp)
     if tp > 1:
+        moe = cfg.moe
+        shared = moe is not None and moe.shared_width > 0
+        # ungated shared experts under sequence parallelism leave their output partial, to be
+        # reduce-scattered with the routed experts' (`tensor_parallel`); else all-reduced
+        partial_shared = moe is not None and shared and sequence_parallel and not moe.shared_gate
+        if sequence_parallel:
+            gather, scatter = comms["tp_all_gather"], comms["tp_reduce_scatter"]
+            # attention in every block and dense FFNs: gather in, scatter out, and back
+            gather.add(2 * n_blocks + 2 * n_dense, td / tp, tp)
+            scatter.add(2 * n_blocks + 2 * n_dense, td, tp)
+            gather.add(2 * n_moe, td / tp, tp)  # MoE layers: the input, the output's gradient
+            if partial_shared:
+                scatter.add(2 * n_moe, td, tp)  # the output, the input's gradient
+            # the sequence enters its shards (backward) and leaves them (forward): stack, MTP
+            gather.add(2 * (1 + cfg.mtp_depth), td / tp, tp)
+            # the RMSNorm weights' gradients: two per block, the final norm and each MTP depth's
+            reduce.add(2 * n_blocks + 1 + cfg.mtp_depth, D * act, tp)
+        else:  # one forward all-reduce per row-wise output, one backward per column-wise input
+            # attention's q, k, v share one input; a dense FFN's gate and up each their own
+            reduce.add(n_blocks * (1 + 1), td, tp)
+            reduce.add(n_dense * (1 + 2), td, tp)
         if cfg.qk_norm == "head" and cfg.mla is None:
             # the q and k norms' weight gradients, summed in the compute dtype (DTensor's
             # reduction, before FSDP2's float32 one)
             reduce.add(2 * n_blocks, cfg.d_head * act, tp)
-        shared = cfg.moe is not None and cfg.moe.shared_width > 0
-        if shared and not (sequence_parallel and not cfg.moe.shared_gate):  # type: ignore[union-attr]
+        if shared and not partial_shared:
             reduce.add(n_moe * (1 + 1), td, tp)  # fused [gate; up]
         if cfg.moe is not None and ep == 1:
             reduce.add(n_moe * (1 + 1), rd, tp)
