@@ -180,7 +180,14 @@ def _unit_of(name: str, part: str, separate_experts: bool) -> str:
         unit = ".".join(pieces[:3])
     else:  # the embeddings, final norm, LM head and the MTP module's norms and projection
         return "root"
-    return f"{unit}.experts" if part == "routed_experts" and separate_experts else unit
+    return unit + EXPERTS_UNIT if part == "routed_experts" and separate_experts else unit
+
+
+EXPERTS_UNIT = ".experts"  # the suffix of a block's routed experts' own unit
+
+
+def _is_experts(unit: str) -> bool:
+    return unit.endswith(EXPERTS_UNIT)
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,7 +254,7 @@ def device_costs(
     act = getattr(torch, parallel.param_dtype).itemsize
     units: dict[str, dict[str, int]] = {}  # elements held (local), padded chunks, unsharded
     for unit, shape in _local_params(cfg, sizes):
-        n, index, _ = meshes[unit.endswith(".experts")] if fsdp else (1, 0, 1)
+        n, index, _ = meshes[_is_experts(unit)] if fsdp else (1, 0, 1)
         rows = -(-shape[0] // n)  # FSDP2's chunks (torch.chunk): ceil(d0 / n) rows each
         rest = math.prod(shape[1:])
         u = units.setdefault(unit, {"local": 0, "padded": 0, "full": 0})
@@ -275,7 +282,7 @@ def device_costs(
         else:
             costs.gathered_bytes = sum(full.values())
         for name, u in units.items():
-            n, _, replicas = meshes[name.endswith(".experts")]
+            n, _, replicas = meshes[_is_experts(name)]
             if n > 1:  # the root unit stays gathered for its backward (apply_fully_shard)
                 gathers = 1 + int(parallel.reshard_after_forward and name != "root")
                 comms["fsdp_all_gather"].add(gathers, u["padded"] * act, n)
@@ -284,8 +291,8 @@ def device_costs(
                 comms["dp_all_reduce"].add(1, u["padded"] * FLOAT32, replicas)
     else:
         n = sizes["dp_replicate"] * sizes["dp_shard"]
-        dense = sum(u["local"] for k, u in units.items() if not k.endswith(".experts")) * FLOAT32
-        experts = sum(u["local"] for k, u in units.items() if k.endswith(".experts")) * FLOAT32
+        dense = sum(u["local"] for k, u in units.items() if not _is_experts(k)) * FLOAT32
+        experts = sum(u["local"] for k, u in units.items() if _is_experts(k)) * FLOAT32
         if n > 1:  # in DDP's buckets: the first of 1 MiB, then 25 MiB each
             costs.grad_bytes += dense  # the buckets hold a copy of the gradients
             buckets = 1 + math.ceil(max(0, dense - DDP_FIRST_BUCKET) / DDP_BUCKET)
