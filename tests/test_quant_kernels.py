@@ -1,4 +1,5 @@
-"""moekit.quant.kernels: the C kernels over each stored layout (both bodies, AVX2 and portable)
+"""moekit.quant.kernels: the C kernels over each stored layout (every body: portable, AVX2, and
+AVX-512 where the CPU runs it)
 against their reference F.linear(x, qw.dequantize(), b), the inputs they leave to the reference,
 the torch op they are registered as, and their build.
 
@@ -31,7 +32,7 @@ from moekit.quant.schemes import QuantizedWeight
 # (scheme, zero_point): int4 with and without offsets
 SCHEMES = [("bf16", False), ("int8", False), ("int4", False), ("int4", True), ("mxfp4", False)]
 IDS = ["bf16", "int8", "int4", "int4_zp", "mxfp4"]
-PATHS = ["portable", "avx2"]
+PATHS = list(kernels.PATHS)
 
 
 @contextlib.contextmanager
@@ -39,15 +40,15 @@ def _path(name: str, activations: str = "float"):
     """The kernels' `name` body for the block, x taken as `activations` ("float": the weights
     dequantized in registers; the int8-activation path has its own tests below); skips the test
     where this CPU cannot run the body."""
-    if name == "avx2" and not _avx2_here():
-        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    if not _runs_here(name):
+        pytest.skip(f"this CPU cannot run the {name} body")
     with kernels.use_path(name), kernels.use_activations(activations):
         yield
 
 
-def _avx2_here() -> bool:
+def _runs_here(name: str) -> bool:
     try:
-        with kernels.use_path("avx2"):
+        with kernels.use_path(name):
             return True
     except ValueError:
         return False
@@ -279,6 +280,18 @@ def test_source_builds_without_the_x86_intrinsics() -> None:
     _assert_matches(y, x, qw)
 
 
+def test_source_builds_without_the_avx512_body() -> None:
+    """-DMOEKIT_NO_AVX512 (a compiler that lacks the AVX-512 VNNI intrinsics) leaves the AVX2 and
+    portable bodies, and refuses the AVX-512 one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = ctypes.CDLL(
+            str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_NO_AVX512")))
+        )
+    assert lib.moekit_q_set_path(kernels.PATHS.index("avx512")) == -1
+    assert lib.moekit_q_set_path(-1) == (1 if _runs_here("avx2") else 0)
+
+
 def test_the_kernel_refuses_what_it_cannot_run() -> None:
     """Called directly (not through `linear`), the op raises with what to do, writing nothing."""
     qw = _weight("int8", False, 4, 8, seed=14)
@@ -471,3 +484,31 @@ def test_bfloat16_activations_run_the_kernel_in_float32(monkeypatch) -> None:
     y = kernels.linear(x, qw, bias)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected.bfloat16())
+
+
+@pytest.mark.parametrize("activations", ["int8", "float"])
+@pytest.mark.parametrize(("scheme", "zero_point"), SCHEMES, ids=IDS)
+def test_avx512_body_is_the_avx2_body_bit_for_bit(
+    scheme: str, zero_point: bool, activations: str
+) -> None:
+    """The AVX-512 body's wide steps put each integer and product in the lanes the AVX2 body does
+    and sum them in its order: every row count (both FMA arrangements: 1-4 rows, 5-8), block
+    counts with every remainder after the 4-block steps (1, 3, 5, 6, 67, 130), odd O."""
+    if not (_runs_here("avx512") and _runs_here("avx2")):
+        pytest.skip("this CPU cannot run the AVX-512 body")
+    if activations == "int8" and scheme == "bf16":
+        pytest.skip("bf16 takes float x only")
+    shapes = [(37, 96), (5, 32), (3, 32 * 67), (9, 32 * 5), (11, 32 * 130), (7, 32 * 6)]
+    if scheme in ("bf16", "int8"):  # tails after the vector body (int8's go to the float path)
+        shapes += [(37, 100), (3, 7), (6, 32 * 9 + 17)]
+    for O, I in shapes:
+        qw = _weight(scheme, zero_point, O, I, seed=O + I)
+        g = torch.Generator().manual_seed(O)
+        b = torch.randn(O, generator=g)
+        for rows in range(1, MAX_ROWS + 1):
+            x = torch.randn(rows, I, generator=g)
+            with kernels.use_activations(activations):
+                with kernels.use_path("avx2"):
+                    expected = linear(x, qw, b)
+                with kernels.use_path("avx512"):
+                    assert torch.equal(linear(x, qw, b), expected), (O, I, rows)

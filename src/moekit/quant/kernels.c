@@ -63,7 +63,7 @@
 #define MAX_ROWS 16
 #define CHUNK 256 /* portable body: weights dequantized at a time (a multiple of GROUP) */
 
-enum { PATH_PORTABLE = 0, PATH_AVX2 = 1 };
+enum { PATH_PORTABLE = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
 enum { BF16 = 0, INT8 = 1, INT4 = 2, INT4_ZP = 3, MXFP4 = 4 };
 
 typedef struct {
@@ -642,128 +642,281 @@ AVX2_INLINE void x8_pair(const int RB, const int kind, const int8_t *codes, int6
     }
 }
 
-/* sums[r] = x[r, :] . row over RB rows of quantized x; dx (RB, SEGMENT) the blocks' products of
- * scales (int8: x's scale alone, read in place), int4's offset term m * xs 8 blocks a vector. */
+/* A segment's blocks s..s+n: each block's weight scale (and int4 offset) as floats, and int4's
+ * offset term corr[r] += sum_j m[j] * xs[r, s + j] (8 blocks a vector, then the rest). */
+AVX2_INLINE void x8_segment(const int RB, const int kind, const void *scales,
+                            const uint16_t *offsets, const float *xs, int64_t G, int64_t s,
+                            int64_t n, float *d, float *m, float corr[8]) {
+    if (kind == INT8) return;
+    group_scales(kind, scales, offsets, s, n, d, m);
+    if (kind == MXFP4) return;
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        const float *sr = xs + r * G + s;
+        __m256 c = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8)
+            c = _mm256_fmadd_ps(_mm256_loadu_ps(m + j), _mm256_loadu_ps(sr + j), c);
+        float t = hsum(c);
+        for (; j < n; j++) t += m[j] * sr[j];
+        corr[r] += t;
+    }
+}
+
+/* The blocks g..n of a segment that the steps of a cache line each (4-bit: 4 blocks; int8: 2)
+ * leave: 4-bit, a last pair, then a last odd block alone (its weight scale times x's); int8, a
+ * last odd block. Into accumulator 0 of each row. */
+AVX2_INLINE void x8_rest(const int RB, const int kind, const int8_t *cs, int64_t I, int64_t g,
+                         int64_t n, const void *rs, const float *d, const float *xd_s,
+                         const float *xd4_s, int64_t G, __m256 acc[8][2]) {
+    if (kind == INT8) {
+        for (; g < n; g++) x8_step(RB, kind, cs, I, g, rs, xd_s, G, acc, 0);
+        return;
+    }
+    for (; g + 2 <= n; g += 2) x8_pair(RB, kind, cs, I, g, rs, d, xd4_s, acc, 0);
+    if (g < n) {
+        float dx[8];
+        _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) dx[r] = d[g] * xd_s[r * G + g];
+        x8_step(RB, kind, cs, I, g, rs, dx - g, 1, acc, 0);
+    }
+}
+
+/* sums[r] = x[r, :] . row over RB rows of quantized x (xd, xd4, xs: x's scales, each 4 times,
+ * and block sums), a cache line of weights a step: 4-bit, two pairs; int8, two blocks; each
+ * into its own accumulator a row (NA = 2) or both into one (NA = 1, 5-8 rows: no spills). */
 AVX2_INLINE void x8_block(const int RB, const int kind, const int8_t *codes, const float *xd,
-                          const float *xd4, const float *xs, int64_t I, const void *row, const void *scales,
-                          const uint16_t *offsets, float *sums) {
-    const int64_t G = I / GROUP;
-    const int NA = RB <= 4 ? 2 : 1; /* accumulators a row: >= 4 FMA chains, no spills at 8 */
+                          const float *xd4, const float *xs, int64_t I, const void *row,
+                          const void *scales, const uint16_t *offsets, float *sums) {
+    const int64_t G = I / GROUP, bytes = kind == INT8 ? GROUP : GROUP / 2;
+    const int NA = RB <= 4 ? 2 : 1, step = kind == INT8 ? 2 : 4;
     float d[X8_SEGMENT], m[X8_SEGMENT], corr[8] = {0};
     __m256 acc[8][2];
     _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t s = 0; s < G; s += X8_SEGMENT) {
         const int64_t n = G - s < X8_SEGMENT ? G - s : X8_SEGMENT;
-        if (kind != INT8) {
-            group_scales(kind, scales, offsets, s, n, d, m);
-        }
-        if (kind == INT4 || kind == INT4_ZP) {
-            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
-                const float *sr = xs + r * G + s;
-                __m256 c = _mm256_setzero_ps();
-                int64_t j = 0;
-                for (; j + 8 <= n; j += 8)
-                    c = _mm256_fmadd_ps(_mm256_loadu_ps(m + j), _mm256_loadu_ps(sr + j), c);
-                float t = hsum(c);
-                for (; j < n; j++) t += m[j] * sr[j];
-                corr[r] += t;
-            }
-        }
+        x8_segment(RB, kind, scales, offsets, xs, G, s, n, d, m, corr);
         const int8_t *cs = codes + s * GROUP;
-        const void *rs = kind == INT8 ? (const void *)((const int8_t *)row + s * GROUP)
-                                      : (const void *)((const uint8_t *)row + s * (GROUP / 2));
+        const void *rs = (const int8_t *)row + s * bytes;
         int64_t g = 0;
-        if (kind != INT8) {
-            for (; g + 4 <= n; g += 4) {
+        for (; g + step <= n; g += step) {
 #if X8_PREFETCH
-                _mm_prefetch((const char *)rs + g * (GROUP / 2) + X8_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)rs + g * bytes + X8_PREFETCH, _MM_HINT_T0);
 #endif
+            if (kind == INT8) {
+                x8_step(RB, kind, cs, I, g, rs, xd + s, G, acc, 0);
+                x8_step(RB, kind, cs, I, g + 1, rs, xd + s, G, acc, NA - 1);
+            } else {
                 x8_pair(RB, kind, cs, I, g, rs, d, xd4 + 4 * s, acc, 0);
                 x8_pair(RB, kind, cs, I, g + 2, rs, d, xd4 + 4 * s, acc, NA - 1);
             }
-            for (; g + 2 <= n; g += 2) x8_pair(RB, kind, cs, I, g, rs, d, xd4 + 4 * s, acc, 0);
-            if (g < n) { /* an odd block count's last block, alone: its weights and x's scale */
-                const float *xr = xd + s;
-                float dx[8];
-                _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) dx[r] = d[g] * xr[r * G + g];
-                x8_step(RB, kind, cs, I, g, rs, dx - g, 1, acc, 0);
-                g++;
-            }
         }
-        for (; g + 2 <= n; g += 2) {
-#if X8_PREFETCH
-            _mm_prefetch((const char *)rs + g * (kind == INT8 ? GROUP : GROUP / 2) + X8_PREFETCH,
-                         _MM_HINT_T0);
-#endif
-            x8_step(RB, kind, cs, I, g, rs, xd + s, G, acc, 0);
-            x8_step(RB, kind, cs, I, g + 1, rs, xd + s, G, acc, NA - 1);
-        }
-        for (; g < n; g++) x8_step(RB, kind, cs, I, g, rs, xd + s, G, acc, 0);
+        x8_rest(RB, kind, cs, I, g, n, rs, d, xd + s, xd4 + 4 * s, G, acc);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++)
         sums[r] = hsum(NA == 2 ? _mm256_add_ps(acc[r][0], acc[r][1]) : acc[r][0]) + corr[r];
 }
 
-#define X8(RB)                                                                                  \
-    x8_block(RB, KIND, codes + r0 * I, xd + r0 * G, xd4 + r0 * 4 * G, xs + r0 * G, I, row,     \
+/* Run BLOCK(RB, KIND) over rows r0.. of x in blocks of up to 8, each block size and weight kind
+ * a constant (row and scales: weight row o's data and scales, for the int8-activation bodies). */
+#define FOR_BLOCK_OF(BLOCK, KIND)                                                                \
+    switch (rb) {                                                                                \
+    case 1: BLOCK(1, KIND); break;                                                               \
+    case 2: BLOCK(2, KIND); break;                                                               \
+    case 3: BLOCK(3, KIND); break;                                                               \
+    case 4: BLOCK(4, KIND); break;                                                               \
+    case 5: BLOCK(5, KIND); break;                                                               \
+    case 6: BLOCK(6, KIND); break;                                                               \
+    case 7: BLOCK(7, KIND); break;                                                               \
+    default: BLOCK(8, KIND); break;                                                              \
+    }
+#define X8_ROWS(BLOCK)                                                                           \
+    const int64_t I = w->I, G = I / GROUP;                                                       \
+    const uint16_t *offsets = w->offsets ? w->offsets + o * G : NULL;                            \
+    const void *row = w->kind == INT8 ? (const void *)((const int8_t *)w->data + o * I)          \
+                                      : (const void *)((const uint8_t *)w->data + o * (I / 2));  \
+    const void *scales = w->kind == INT8    ? NULL                                               \
+                         : w->kind == MXFP4 ? (const void *)((const uint8_t *)w->scales + o * G) \
+                                            : (const void *)((const uint16_t *)w->scales + o * G); \
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {                                                      \
+        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;                                           \
+        if (w->kind == INT8) FOR_BLOCK_OF(BLOCK, INT8)                                           \
+        else if (w->kind == MXFP4) FOR_BLOCK_OF(BLOCK, MXFP4)                                    \
+        else if (offsets == NULL) FOR_BLOCK_OF(BLOCK, INT4)                                      \
+        else FOR_BLOCK_OF(BLOCK, INT4_ZP)                                                        \
+    }
+#define X8(RB, KIND)                                                                             \
+    x8_block(RB, KIND, codes + r0 * I, xd + r0 * G, xd4 + r0 * 4 * G, xs + r0 * G, I, row,      \
              scales, offsets, sums + r0)
 
 static AVX2_TARGET void row_x8_avx2(const weight_t *w, const int8_t *codes, const float *xd,
-                                    const float *xd4, const float *xs, int64_t R, int64_t o, float *sums) {
-    const int64_t I = w->I, G = I / GROUP;
-    const uint16_t *offsets = w->offsets ? w->offsets + o * G : NULL;
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {
-        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
-        if (w->kind == INT8) {
-            const void *row = (const int8_t *)w->data + o * I, *scales = NULL;
-#define KIND INT8
-            FOR_BLOCK(X8)
-#undef KIND
-        } else if (w->kind == MXFP4) {
-            const void *row = (const uint8_t *)w->data + o * (I / 2);
-            const void *scales = (const uint8_t *)w->scales + o * G;
-#define KIND MXFP4
-            FOR_BLOCK(X8)
-#undef KIND
-        } else if (offsets == NULL) {
-            const void *row = (const uint8_t *)w->data + o * (I / 2);
-            const void *scales = (const uint16_t *)w->scales + o * G;
-#define KIND INT4
-            FOR_BLOCK(X8)
-#undef KIND
-        } else {
-            const void *row = (const uint8_t *)w->data + o * (I / 2);
-            const void *scales = (const uint16_t *)w->scales + o * G;
-#define KIND INT4_ZP
-            FOR_BLOCK(X8)
-#undef KIND
+                                    const float *xd4, const float *xs, int64_t R, int64_t o,
+                                    float *sums) {
+    X8_ROWS(X8)
+}
+
+/* ------------------------------------------------ int8-activation path: AVX-512 VNNI body
+ *
+ * The AVX2 body's steps a 64-byte register wide, with vpdpbusd (u8 x s8, 4 products summed into
+ * an int32 lane, exact) in place of maddubs + madd: a cache line of weights is one load and two
+ * dot instructions a row (4-bit), or one (int8). The integers land in the lanes the AVX2 body
+ * gives them (4-bit: lanes 0-7 its pair g, 8-15 its pair g + 2; int8: 0-7 block g, 8-15 block
+ * g + 1) and each lane takes the same FMAs in the same order, so the sums are the AVX2 body's
+ * bit for bit (tests hold them to it): with NA = 2 a 16-lane accumulator is the AVX2 body's two,
+ * side by side; with NA = 1 its low half is the one, the step's halves added in turn. The 4-bit
+ * codes come regrouped per 4 blocks (the 4 blocks' evens, then their odds: regroup_codes). AVX-512
+ * has no vpsignb: signs go onto x's codes by a masked subtraction from zero. */
+#ifndef MOEKIT_NO_AVX512
+#define AVX512_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
+#define AVX512_INLINE                                                                            \
+    static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
+
+AVX512_INLINE __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
+AVX512_INLINE __m256 high_half(__m512 v) {
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+/* acc[r] += p * scale lane by lane: NA = 2, one 16-lane FMA (the AVX2 body's two accumulators
+ * side by side); NA = 1, into the low half, the low 8 lanes' products first, then the high 8. */
+AVX512_INLINE __m512 x8_accumulate(const int NA, __m512i p, __m512 scale, __m512 acc) {
+    const __m512 pf = _mm512_cvtepi32_ps(p);
+    if (NA == 2) return _mm512_fmadd_ps(pf, scale, acc);
+    __m256 a = _mm256_fmadd_ps(low_half(pf), low_half(scale), low_half(acc));
+    return _mm512_castps256_ps512(_mm256_fmadd_ps(high_half(pf), high_half(scale), a));
+}
+
+/* 4-bit: blocks g..g+3 of a row (64 bytes: low nibbles the 4 blocks' evens, high their odds),
+ * the codes per 4 blocks (evens of g..g+3, then odds); scale lane 4j + k = d[g + j] xd[g + j]. */
+AVX512_INLINE void x8_quad(const int RB, const int NA, const int kind, const int8_t *codes,
+                           int64_t I, int64_t g, const void *row, const float *d,
+                           const float *xd4, __m512 acc[8]) {
+    const __m512i nibble = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    __m512i b = _mm512_loadu_si512((const uint8_t *)row + g * (GROUP / 2));
+    __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    __mmask64 neg_lo = 0, neg_hi = 0;
+    if (kind == MXFP4) { /* twice the E2M1 value (pshufb per 128 bits), its sign onto x */
+        const __m512i table = _mm512_broadcast_i32x4(
+            _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));
+        __m512i slo = _mm512_shuffle_epi8(table, lo), shi = _mm512_shuffle_epi8(table, hi);
+        neg_lo = _mm512_movepi8_mask(slo), neg_hi = _mm512_movepi8_mask(shi);
+        lo = _mm512_abs_epi8(slo), hi = _mm512_abs_epi8(shi);
+    }
+    const __m512 d16 = _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+        _mm512_castps128_ps512(_mm_loadu_ps(d + g)));
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        const int8_t *c = codes + r * I + g * GROUP;
+        __m512i ylo = _mm512_loadu_si512(c), yhi = _mm512_loadu_si512(c + 64);
+        if (kind == MXFP4) {
+            ylo = _mm512_mask_sub_epi8(ylo, neg_lo, zero, ylo);
+            yhi = _mm512_mask_sub_epi8(yhi, neg_hi, zero, yhi);
         }
+        __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, ylo), hi, yhi);
+        __m512 scale = _mm512_mul_ps(d16, _mm512_loadu_ps(xd4 + r * (I / GROUP) * 4 + 4 * g));
+        acc[r] = x8_accumulate(NA, p, scale, acc[r]);
     }
 }
+
+/* int8: blocks g and g + 1 of a row (64 bytes), each block's lanes scaled by x's scale. */
+AVX512_INLINE void x8_pair_int8(const int RB, const int NA, const int8_t *codes, int64_t I,
+                                int64_t g, const void *row, const float *xd, int64_t G,
+                                __m512 acc[8]) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512i s = _mm512_loadu_si512((const int8_t *)row + g * GROUP), u = _mm512_abs_epi8(s);
+    __mmask64 neg = _mm512_movepi8_mask(s);
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        __m512i y = _mm512_loadu_si512(codes + r * I + g * GROUP);
+        y = _mm512_mask_sub_epi8(y, neg, zero, y);
+        __m512i p = _mm512_dpbusd_epi32(zero, u, y);
+        __m128 pair = _mm_castpd_ps(_mm_load_sd((const double *)(xd + r * G + g)));
+        acc[r] = x8_accumulate(NA, p, _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(pair)), acc[r]);
+    }
+}
+
+/* x8_block a cache line a step in one register; the segment's rest on the AVX2 steps. */
+AVX512_INLINE void x8_block_wide(const int RB, const int kind, const int8_t *codes,
+                                 const float *xd, const float *xd4, const float *xs, int64_t I,
+                                 const void *row, const void *scales, const uint16_t *offsets,
+                                 float *sums) {
+    const int64_t G = I / GROUP, bytes = kind == INT8 ? GROUP : GROUP / 2;
+    const int NA = RB <= 4 ? 2 : 1, step = kind == INT8 ? 2 : 4;
+    float d[X8_SEGMENT], m[X8_SEGMENT], corr[8] = {0};
+    __m512 acc[8];
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < G; s += X8_SEGMENT) {
+        const int64_t n = G - s < X8_SEGMENT ? G - s : X8_SEGMENT;
+        x8_segment(RB, kind, scales, offsets, xs, G, s, n, d, m, corr);
+        const int8_t *cs = codes + s * GROUP;
+        const void *rs = (const int8_t *)row + s * bytes;
+        int64_t g = 0;
+        for (; g + step <= n; g += step) {
+#if X8_PREFETCH
+            _mm_prefetch((const char *)rs + g * bytes + X8_PREFETCH, _MM_HINT_T0);
+#endif
+            if (kind == INT8)
+                x8_pair_int8(RB, NA, cs, I, g, rs, xd + s, G, acc);
+            else
+                x8_quad(RB, NA, kind, cs, I, g, rs, d, xd4 + 4 * s, acc);
+        }
+        if (g < n) {
+            __m256 half[8][2];
+            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) half[r][0] = low_half(acc[r]);
+            x8_rest(RB, kind, cs, I, g, n, rs, d, xd + s, xd4 + 4 * s, G, half);
+            _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) acc[r] = _mm512_castpd_ps(
+                _mm512_insertf64x4(_mm512_castps_pd(acc[r]), _mm256_castps_pd(half[r][0]), 0));
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
+        __m256 total = NA == 2 ? _mm256_add_ps(low_half(acc[r]), high_half(acc[r])) : low_half(acc[r]);
+        sums[r] = hsum(total) + corr[r];
+    }
+}
+
+#define X8_WIDE(RB, KIND)                                                                        \
+    x8_block_wide(RB, KIND, codes + r0 * I, xd + r0 * G, xd4 + r0 * 4 * G, xs + r0 * G, I, row, \
+                  scales, offsets, sums + r0)
+
+static AVX512_TARGET void row_x8_avx512(const weight_t *w, const int8_t *codes, const float *xd,
+                                        const float *xd4, const float *xs, int64_t R, int64_t o,
+                                        float *sums) {
+    X8_ROWS(X8_WIDE)
+}
+
+static int avx512_supported(void) {
+    return avx2_supported() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+#else
+static int avx512_supported(void) { return 0; }
+#define row_x8_avx512 row_x8_avx2
+#endif
 #else
 static void quantize_x_avx2(const float *x, int64_t n_blocks, int perm, int8_t *codes, float *xd,
                             float *xs) {
     quantize_x_portable(x, n_blocks, perm, codes, xd, xs);
 }
 static void row_x8_avx2(const weight_t *w, const int8_t *codes, const float *xd, const float *xd4,
-                        const float *xs,
-                        int64_t R, int64_t o, float *sums) {
+                        const float *xs, int64_t R, int64_t o, float *sums) {
     (void)xd4;
     row_x8_portable(w, codes, xd, xs, R, o, sums);
 }
+static int avx512_supported(void) { return 0; }
+#define row_x8_avx512 row_x8_avx2
 #endif
 
 /* ---------------------------------------------------------------- entry points */
 
 static int active_path = -1; /* -1: not chosen yet */
 
-/* Choose the body: -1 the best this CPU runs, PATH_PORTABLE, or PATH_AVX2 (if the CPU has it).
- * Returns the body now in use, or -1 if the one asked for cannot run here. */
+/* Choose the body: -1 the best this CPU runs, PATH_PORTABLE, PATH_AVX2 or PATH_AVX512 (the AVX2
+ * body with the int8-activation path's AVX-512 VNNI steps), if the CPU has it. Returns the body
+ * now in use, or -1 if the one asked for cannot run here. */
 int moekit_q_set_path(int path) {
     for (int e = 0; e < 256; e++) E8M0_HALF[e] = e8m0_to_float((uint8_t)e, 1);
-    if (path == PATH_AVX2 && !avx2_supported()) return -1;
-    active_path = path >= 0 ? path : (avx2_supported() ? PATH_AVX2 : PATH_PORTABLE);
-    return active_path;
+    if ((path == PATH_AVX2 && !avx2_supported()) || (path == PATH_AVX512 && !avx512_supported()))
+        return -1;
+    if (path < 0)
+        path = avx512_supported() ? PATH_AVX512 : avx2_supported() ? PATH_AVX2 : PATH_PORTABLE;
+    return active_path = path;
 }
 
 static int x8_kinds = 0; /* bit k set: kind k runs the int8-activation path (where I % 32 == 0) */
@@ -789,19 +942,32 @@ typedef struct {
     float *xd, *xs, *xd4;
 } prepared_t;
 
+/* A row's first n_blocks codes (each block its evens, then its odds), regrouped per k blocks: the
+ * k blocks' evens, then their odds, as the 4-bit steps read k blocks at once. */
+static void regroup_codes(int8_t *codes, int64_t n_blocks, int k) {
+    int8_t t[4 * GROUP];
+    for (int64_t g = 0; g + k <= n_blocks; g += k) {
+        int8_t *c = codes + g * GROUP;
+        for (int j = 0; j < k; j++) {
+            memcpy(t + j * (GROUP / 2), c + j * GROUP, GROUP / 2);
+            memcpy(t + (k + j) * (GROUP / 2), c + j * GROUP + GROUP / 2, GROUP / 2);
+        }
+        memcpy(c, t, (size_t)k * GROUP);
+    }
+}
+
 static void prepare_x8(prepared_t *p) {
     const int64_t R = p->R, I = p->I, G = I / GROUP;
     const int perm = p->kind != INT8;
-    if (p->path == PATH_AVX2) {
+    if (p->path != PATH_PORTABLE) {
         quantize_x_avx2(p->x, R * G, perm, p->codes, p->xd, p->xs);
-        /* 4-bit: each row's pairs of blocks (E0 O0 E1 O1) -> (E0 E1 O0 O1), as x8_pair reads */
-        for (int64_t r = 0; perm && r < R; r++)
-            for (int64_t g = 0; g + 2 <= G; g += 2) {
-                int8_t *c = p->codes + r * I + g * GROUP, t[GROUP / 2];
-                memcpy(t, c + GROUP / 2, GROUP / 2);
-                memcpy(c + GROUP / 2, c + GROUP, GROUP / 2);
-                memcpy(c + GROUP, t, GROUP / 2);
-            }
+        /* 4-bit: per 4 blocks (AVX-512) where whole, then per pair, as x8_quad and x8_pair read;
+         * a last odd block stays as it is (x8_step) */
+        const int64_t quads = p->path == PATH_AVX512 ? G / 4 * 4 : 0;
+        for (int64_t r = 0; perm && r < R; r++) {
+            regroup_codes(p->codes + r * I, quads, 4);
+            regroup_codes(p->codes + r * I + quads * GROUP, G - quads, 2);
+        }
         for (int64_t k = 0; perm && k < R * G; k++)
             p->xd4[4 * k] = p->xd4[4 * k + 1] = p->xd4[4 * k + 2] = p->xd4[4 * k + 3] = p->xd[k];
     } else {
@@ -850,7 +1016,7 @@ void *moekit_q_prepare(int kind, const float *x, int64_t R, int64_t I) {
     size_t floats = 0, bytes = 0;
     if (x8)
         floats = (size_t)(R * G * 6), bytes = (size_t)(R * I);
-    else if (path == PATH_AVX2 && (kind == BF16 || grouped))
+    else if (path != PATH_PORTABLE && (kind == BF16 || grouped))
         floats = (size_t)(R * I) + (grouped ? (size_t)(R * I / 4) : 0);
     prepared_t *p = malloc(sizeof *p + floats * sizeof(float) + bytes);
     if (p == NULL) return NULL;
@@ -881,11 +1047,13 @@ void moekit_q_rows(const void *prepared, const void *data, const void *scales,
     const int64_t R = p->R;
     for (int64_t o = o0; o < o1; o++) {
         float sums[MAX_ROWS];
-        if (p->x8 && p->path == PATH_AVX2)
+        if (p->x8 && p->path == PATH_AVX512)
+            row_x8_avx512(&w, p->codes, p->xd, p->xd4, p->xs, R, o, sums);
+        else if (p->x8 && p->path == PATH_AVX2)
             row_x8_avx2(&w, p->codes, p->xd, p->xd4, p->xs, R, o, sums);
         else if (p->x8)
             row_x8_portable(&w, p->codes, p->xd, p->xs, R, o, sums);
-        else if (p->path == PATH_AVX2)
+        else if (p->path != PATH_PORTABLE)
             row_avx2(&w, p->x, p->xp, p->sx, R, o, sums);
         else
             row_portable(&w, p->x, R, o, sums);

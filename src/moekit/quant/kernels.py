@@ -39,7 +39,7 @@ from moekit.quant.schemes import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # the decode path's batch sizes; larger products dequantize and run a GEMM
-PATHS = ("portable", "avx2")  # kernels.c's PATH_PORTABLE, PATH_AVX2
+PATHS = ("portable", "avx2", "avx512")  # kernels.c's PATH_PORTABLE, PATH_AVX2, PATH_AVX512
 ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 per block of 32
 # The path each scheme takes unless MOEKIT_QUANT_ACTIVATIONS=float|int8 (or set_activations).
 DEFAULT_ACTIVATIONS = {"bf16": "float", "int8": "float", "int4": "int8", "mxfp4": "int8"}
@@ -274,19 +274,20 @@ def available() -> bool:
 
 
 def path() -> str:
-    """The body the kernels run: "avx2" or "portable"."""
+    """The body the kernels run: "avx512", "avx2" or "portable"."""
     return PATHS[_loaded().moekit_q_set_path(_PATH[0])]
 
 
 @contextlib.contextmanager
 def use_path(name: str):
-    """Run the kernels' `name` body ("portable", "avx2") inside the block (for tests and
+    """Run the kernels' `name` body ("portable", "avx2", "avx512") inside the block (for tests and
     benchmarks); raises ValueError if this CPU cannot run it."""
     if name not in PATHS:
         raise ValueError(f"unknown kernel body {name!r}: use one of {PATHS}")
     before = _PATH[0]
     if _loaded().moekit_q_set_path(PATHS.index(name)) < 0:
-        raise ValueError(f"this CPU cannot run the {name} body (it lacks AVX2, FMA or F16C)")
+        needs = "AVX2, FMA and F16C" + (", AVX512F, AVX512BW and AVX512-VNNI" if name == "avx512" else "")
+        raise ValueError(f"this CPU cannot run the {name} body (it needs {needs})")
     _PATH[0] = PATHS.index(name)
     try:
         yield
