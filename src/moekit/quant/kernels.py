@@ -286,7 +286,7 @@ def use_path(name: str):
         raise ValueError(f"unknown kernel body {name!r}: use one of {PATHS}")
     before = _PATH[0]
     if _loaded().moekit_q_set_path(PATHS.index(name)) < 0:
-        needs = "AVX2, FMA and F16C" + (", AVX512F, AVX512BW and AVX512-VNNI" if name == "avx512" else "")
+        needs = "AVX2, FMA, F16C" + (", AVX512F, AVX512BW, AVX512-VNNI" if name == "avx512" else "")
         raise ValueError(f"this CPU cannot run the {name} body (it needs {needs})")
     _PATH[0] = PATHS.index(name)
     try:
