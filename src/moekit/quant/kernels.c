@@ -212,6 +212,17 @@ AVX2_INLINE void load32(const int kind, const void *row, int64_t i, __m256 v[4])
     }
 }
 
+/* s + x[i:I] . row[i:I], one by one: a row's tail after the vector body (bf16 / int8). */
+AVX2_INLINE float dense_tail(const int kind, const float *x, int64_t I, const void *row, int64_t i,
+                             float s) {
+    for (int64_t j = i; j < I; j++) {
+        float wj = kind == BF16 ? from_bits((uint32_t)((const uint16_t *)row)[j] << 16)
+                                : (float)((const int8_t *)row)[j];
+        s += x[j] * wj;
+    }
+    return s;
+}
+
 /* bf16 / int8: sums[r] = x[r, :] . row for RB rows of x (RB a constant after inlining). Each row
  * of x has NA accumulators of 8 lanes (RB * NA independent FMA chains, at most 8 registers). */
 AVX2_INLINE void dense_block(const int RB, const int kind, const float *x, int64_t I,
@@ -239,13 +250,7 @@ AVX2_INLINE void dense_block(const int RB, const int kind, const float *x, int64
                                   _mm256_add_ps(acc[r][2], acc[r][3]));
         else if (NA == 2)
             total = _mm256_add_ps(acc[r][0], acc[r][1]);
-        float s = hsum(total);
-        for (int64_t j = i; j < I; j++) {
-            float wj = kind == BF16 ? from_bits((uint32_t)((const uint16_t *)row)[j] << 16)
-                                    : (float)((const int8_t *)row)[j];
-            s += x[r * I + j] * wj;
-        }
-        sums[r] = s;
+        sums[r] = dense_tail(kind, x + r * I, I, row, i, hsum(total));
     }
 }
 
@@ -871,6 +876,52 @@ AVX512_INLINE void x8_block_wide(const int RB, const int kind, const int8_t *cod
     }
 }
 
+/* int8 weights, float x: dense_block 16 lanes wide for 1-4 rows of x, the same products in the
+ * same lanes (1-2 rows: accumulators k = 0, 1 side by side in one register, k = 2, 3 in another;
+ * 3-4 rows: k = 0, 1 side by side, k = 2, 3 added after them); 5-8 rows: dense_block itself. */
+AVX512_INLINE void dense_block_int8_wide(const int RB, const float *x, int64_t I,
+                                         const int8_t *row, float *sums) {
+    if (RB > 4) {
+        dense_block(RB, INT8, x, I, row, sums);
+        return;
+    }
+    const int NA = RB <= 2 ? 4 : 2;
+    __m512 a[4], b[4];
+    _Pragma("GCC unroll 4") for (int r = 0; r < RB; r++) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        _mm_prefetch((const char *)row + i + PREFETCH, _MM_HINT_T0);
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + i))));
+        __m512 w1 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + i + 16))));
+        _Pragma("GCC unroll 4") for (int r = 0; r < RB; r++) {
+            const float *xr = x + r * I + i;
+            a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, a[r]);
+            if (NA == 4)
+                b[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, b[r]);
+            else
+                a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, a[r]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < RB; r++) {
+        __m256 total = _mm256_add_ps(low_half(a[r]), high_half(a[r]));
+        if (NA == 4) total = _mm256_add_ps(total, _mm256_add_ps(low_half(b[r]), high_half(b[r])));
+        sums[r] = dense_tail(INT8, x + r * I, I, row, i, hsum(total));
+    }
+}
+
+#define DENSE_WIDE(RB, KIND) dense_block_int8_wide(RB, x + r0 * I, I, row, sums + r0)
+
+static AVX512_TARGET void row_int8_avx512(const weight_t *w, const float *x, int64_t R,
+                                          int64_t o, float *sums) {
+    const int64_t I = w->I;
+    const int8_t *row = (const int8_t *)w->data + o * I;
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {
+        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
+        FOR_BLOCK_OF(DENSE_WIDE, INT8)
+    }
+}
+
 #define X8_WIDE(RB, KIND)                                                                        \
     x8_block_wide(RB, KIND, codes + r0 * I, xd + r0 * G, xd4 + r0 * 4 * G, xs + r0 * G, I, row, \
                   scales, offsets, sums + r0)
@@ -888,6 +939,7 @@ static int avx512_supported(void) {
 #else
 static int avx512_supported(void) { return 0; }
 #define row_x8_avx512 row_x8_avx2
+#define row_int8_avx512(w, x, R, o, sums) row_avx2(w, x, NULL, NULL, R, o, sums)
 #endif
 #else
 static void quantize_x_avx2(const float *x, int64_t n_blocks, int perm, int8_t *codes, float *xd,
@@ -901,6 +953,7 @@ static void row_x8_avx2(const weight_t *w, const int8_t *codes, const float *xd,
 }
 static int avx512_supported(void) { return 0; }
 #define row_x8_avx512 row_x8_avx2
+#define row_int8_avx512(w, x, R, o, sums) row_avx2(w, x, NULL, NULL, R, o, sums)
 #endif
 
 /* ---------------------------------------------------------------- entry points */
@@ -1053,6 +1106,8 @@ void moekit_q_rows(const void *prepared, const void *data, const void *scales,
             row_x8_avx2(&w, p->codes, p->xd, p->xd4, p->xs, R, o, sums);
         else if (p->x8)
             row_x8_portable(&w, p->codes, p->xd, p->xs, R, o, sums);
+        else if (p->path == PATH_AVX512 && kind == INT8)
+            row_int8_avx512(&w, p->x, R, o, sums);
         else if (p->path != PATH_PORTABLE)
             row_avx2(&w, p->x, p->xp, p->sx, R, o, sums);
         else
