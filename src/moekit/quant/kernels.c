@@ -17,10 +17,12 @@
  * count (they may on R: rows of x are processed in blocks whose accumulator count depends on the
  * block's size).
  *
- * Two bodies, both always compiled on x86-64 and chosen at run time (moekit_q_set_path forces
- * one, for the tests): AVX2+FMA+F16C, and a portable C one (the same algorithm: a row dequantized
- * once, in chunks, then multiplied by the R rows; the compiler vectorizes what it can). Other
- * CPUs (aarch64, Apple clang) and -DMOEKIT_PORTABLE compile only the portable body.
+ * Three bodies, all compiled on x86-64 and chosen at run time (moekit_q_set_path forces one, for
+ * the tests): AVX-512 (AVX512F/BW/VNNI: the AVX2 body with 16-lane steps for int8 weights and for
+ * the int8-activation path, its sums bit for bit the AVX2 body's; -DMOEKIT_NO_AVX512 leaves it
+ * out), AVX2+FMA+F16C, and a portable C one (the same algorithm: a row dequantized once, in
+ * chunks, then multiplied by the R rows; the compiler vectorizes what it can). Other CPUs
+ * (aarch64, Apple clang) and -DMOEKIT_PORTABLE compile only the portable body.
  *
  * The AVX2 body's tricks:
  *   - bf16: a bfloat16 is the top half of a float32: of a 32-bit lane holding two, a shift left
@@ -40,8 +42,9 @@
  *   - MXFP4: a pshufb table maps each nibble to twice its E2M1 value as int8 (all integers;
  *     llama.cpp's kvalues_mxfp4 trick), with the scale halved (2^(e - 128), from a 256-entry
  *     table); the group's scale multiplies the group's dot once (d * sum(x q)).
- * Next step, not written here (this machine has no AVX-512 to run it on): AVX-512 (16 lanes,
- * vpermb/vpermi2b tables for 4-bit, VNNI/AVX512-BF16 dot products where x may be quantized).
+ * Not written: an AVX-512 float path for bf16 and 4-bit weights (bf16 decodes at ~87% of the
+ * stream bound on the AVX2 body; 4-bit takes int8 x by default), AVX512-BF16 dot products
+ * (they would round x to bf16).
  *
  * The int8-activation path (moekit_q_set_x8 chooses the kinds that take it; its own comment
  * below) quantizes x to int8 per block of 32 and multiplies integers instead.

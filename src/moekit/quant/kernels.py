@@ -4,8 +4,9 @@ calls and torch's silu at one row), run by C kernels (`kernels.c`: torch ops wit
 layouts of `moekit.quant.schemes` where they qualify (a decode step's few rows), else by that
 reference. Each weight row is read once, dequantized in registers and multiplied by every row of x
 (float32, up to MAX_ROWS), accumulating in float32 in an order that does not depend on torch's
-OpenMP threads. An AVX2+FMA+F16C body is chosen where the CPU has it, else a portable one
-(MOEKIT_PORTABLE=1 or `use_path("portable")`); AVX-512 is not written (Zen 3 cannot run it).
+OpenMP threads. The widest body the CPU runs is chosen: AVX-512 (AVX512F/BW/VNNI: 16-lane steps
+for int8 weights and for int8 x, vpdpbusd in place of maddubs + madd, its sums bit for bit the
+AVX2 body's), AVX2+FMA+F16C, else a portable one (MOEKIT_PORTABLE=1 or `use_path("portable")`).
 
 Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
 MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x): "float", the
