@@ -106,12 +106,15 @@ def contenders(w: torch.Tensor, have_torchao: bool) -> dict:
         for mode in ("float",) if scheme == "bf16" else kernels.ACTIVATIONS:
             name = f"{scheme}{'_zp' if zero_point else ''} moekit"
             name += "" if scheme == "bf16" else f" x-{mode}"
-            out[name] = (
-                lambda qw=qw: _clone(qw),
-                _ours(mode),
-                qw.nbytes,
-                lambda x, deq=deq: F.linear(x, deq),
-            )
+            # on a CPU with AVX-512, the AVX2 body beside it: what the wider steps gain
+            bodies = [None] + (["avx2"] if scheme != "bf16" and kernels.path() == "avx512" else [])
+            for body in bodies:
+                out[name + (f" ({body} body)" if body else "")] = (
+                    lambda qw=qw: _clone(qw),
+                    _ours(mode, body),
+                    qw.nbytes,
+                    lambda x, deq=deq: F.linear(x, deq),
+                )
     w_bf16 = w.bfloat16()
     out["bf16 torch F.linear (x bf16)"] = (
         w_bf16.clone,
@@ -156,13 +159,14 @@ def contenders(w: torch.Tensor, have_torchao: bool) -> dict:
     return out
 
 
-def _ours(mode: str):
-    """kernels.linear, timed with x taken as `mode` ("float" or "int8": `measure` sets it)."""
+def _ours(mode: str, body: str | None = None):
+    """kernels.linear, timed with x taken as `mode` ("float" or "int8") on `body` (None: the
+    best this CPU runs); `measure` sets both around each call."""
 
     def call(x, qw):
         return kernels.linear(x, qw)
 
-    call.activations = mode
+    call.activations, call.body = mode, body
     return call
 
 
@@ -306,9 +310,16 @@ def measure(
     return results, streams
 
 
+@contextlib.contextmanager
 def _activations(call):
-    mode = getattr(call, "activations", None)
-    return kernels.use_activations(mode) if mode else contextlib.nullcontext()
+    """Our kernels' activation path and body as `call` asks (_ours); nothing for the others."""
+    mode, body = getattr(call, "activations", None), getattr(call, "body", None)
+    with contextlib.ExitStack() as stack:
+        if mode:
+            stack.enter_context(kernels.use_activations(mode))
+        if body:
+            stack.enter_context(kernels.use_path(body))
+        yield
 
 
 def _time_calls(call, x: torch.Tensor, pool: list) -> float:
@@ -333,9 +344,14 @@ def summary(results: list[dict], stream: float) -> dict:
         key = f"{scheme} | {row['shape']} | R={row['rows']}"
         entry = out.setdefault(key, {})
         side = "moekit" if " moekit" in row["contender"] else "library"
+        forced = row["contender"].endswith(" body)")  # a body other than the best, beside it
         for mode in kernels.ACTIVATIONS:
-            if row["contender"].endswith(f"x-{mode}"):
-                entry[f"moekit_x_{mode}_gb_s_dram"] = row["gb_s_dram"]
+            if row["contender"].removesuffix(" (avx2 body)").endswith(f"x-{mode}"):
+                entry[f"moekit_x_{mode}{'_avx2_body' if forced else ''}_gb_s_dram"] = row[
+                    "gb_s_dram"
+                ]
+        if forced:
+            continue
         best = entry.get(side)
         if best is None or row["us_dram"] < best["us_dram"]:
             entry[side] = {
