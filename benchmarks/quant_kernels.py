@@ -106,8 +106,10 @@ def contenders(w: torch.Tensor, have_torchao: bool) -> dict:
         for mode in ("float",) if scheme == "bf16" else kernels.ACTIVATIONS:
             name = f"{scheme}{'_zp' if zero_point else ''} moekit"
             name += "" if scheme == "bf16" else f" x-{mode}"
-            # on a CPU with AVX-512, the AVX2 body beside it: what the wider steps gain
-            bodies = [None] + (["avx2"] if scheme != "bf16" and kernels.path() == "avx512" else [])
+            # on a CPU with AVX-512, the AVX2 body beside it where the wider steps differ
+            # (int8 weights, and int8 x): what they gain
+            wider = kernels.path() == "avx512" and "int8" in (scheme, mode)
+            bodies = [None] + (["avx2"] if wider else [])
             for body in bodies:
                 out[name + (f" ({body} body)" if body else "")] = (
                     lambda qw=qw: _clone(qw),
