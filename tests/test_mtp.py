@@ -73,6 +73,41 @@ def test_labels_ignored_by_the_main_loss_are_ignored_by_every_depth() -> None:
         assert float(ours) == pytest.approx(float(short), abs=1e-5)
 
 
+def test_model_target_is_kl_from_the_main_models_own_prediction() -> None:
+    """mtp_target="model": depth k at t learns the main model's distribution at t + k (both
+    predict token t + k + 1): KL(main || depth) averaged over the positions a label scores, the
+    main logits a target only (no gradient reaches them through it)."""
+    model = model_of(VARIANTS["gqa_moe_depth2"].replace(mtp_target="model"))
+    t = tokens()
+    labels = t.clone()
+    labels[1, 8:] = -100
+    out = model(t, labels=labels)
+    for k, (depth, loss) in enumerate(zip(out.mtp_logits, out.mtp_losses, strict=True), start=1):
+        kls = []
+        for b in range(2):
+            for pos in range(t.shape[1] - k - 1):
+                if labels[b, pos + k + 1] == -100:
+                    continue
+                p = torch.softmax(out.logits[b, pos + k].double(), -1)
+                q = torch.softmax(depth[b, pos].double(), -1)
+                kls.append((p * (p.log() - q.log())).sum())
+        assert float(loss) == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4, abs=1e-6)
+        assert torch.autograd.grad(loss, out.logits, retain_graph=True, allow_unused=True) == (
+            None,
+        )
+    assert float(out.mtp_loss) == pytest.approx(0.25 * float(sum(out.mtp_losses)))
+
+
+def test_a_depth_that_copies_the_main_model_has_zero_model_target_loss() -> None:
+    from moekit.model.transformer import distill_loss
+
+    main = torch.randn(2, 9, 17)
+    depth = torch.cat([main[:, 1:], torch.randn(2, 1, 17)], dim=1)  # depth 1 at t = main at t + 1
+    labels = torch.zeros(2, 9, dtype=torch.long)
+    assert float(distill_loss(depth, main, labels, 1)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(depth.flip(-1), main, labels, 1)) > 0.1
+
+
 def test_mtp_runs_with_labels_or_when_asked_and_never_with_a_cache() -> None:
     model = model_of(VARIANTS["gqa_moe_depth2"])
     t = tokens()
@@ -100,6 +135,7 @@ def test_mtp_blocks_are_built_like_the_models_blocks() -> None:
         ("mtp_depth", -1, "mtp_depth=-1 is invalid: must be an integer >= 0"),
         ("mtp_depth", 127, r"mtp_depth=127 is invalid: must be < max_seq_len - 1 \(127\)"),
         ("mtp_loss_weight", -0.1, "mtp_loss_weight=-0.1 is invalid"),
+        ("mtp_target", "data", "mtp_target='data' is invalid.*'tokens'.*'model'"),
     ],
 )
 def test_bad_mtp_settings_are_one_clear_error(field: str, value: object, message: str) -> None:

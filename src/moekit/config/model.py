@@ -126,6 +126,11 @@ class ModelConfig(ConfigBase):
             token k + 1 positions ahead with one more block (`moekit.model.mtp`).
         mtp_loss_weight: lambda: the loss adds (lambda / D) * the sum of the depths' losses
             (DeepSeek-V3 used 0.3, then 0.1).
+        mtp_target: what depth k learns at position t. "tokens": the token k + 1 ahead, by
+            cross-entropy (the paper's). "model": the main model's own prediction of that token
+            (its logits at t + k, detached), by KL(main || depth): self-distillation, for a head
+            added to a trained model (`--train.freeze=...,mtp`) to draft for speculative
+            decoding, whose acceptance is 1 - TV(main, draft) a token (<= sqrt(KL / 2) lost).
 
     Other
         norm_eps: epsilon of every RMSNorm.
@@ -154,6 +159,7 @@ class ModelConfig(ConfigBase):
     mla: MLAConfig | None = None
     mtp_depth: NonNegInt = 0
     mtp_loss_weight: NonNegFloat = 0.3
+    mtp_target: Literal["tokens", "model"] = "tokens"
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 

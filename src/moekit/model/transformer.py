@@ -36,7 +36,8 @@ class ModelOutput:
     lm_loss: mean next-token cross-entropy over the labels that are not -100; None without labels.
     mtp_logits: with multi-token prediction run, depth k's (B, S, vocab_size) logits (k = 1..D),
         at position t scoring the token at t + k + 1; [] otherwise.
-    mtp_losses: depth k's mean cross-entropy over the positions with a target (labels[:, t + k +
+    mtp_losses: depth k's mean cross-entropy (mtp_target "tokens"; "model": KL from the main
+        model's prediction, `distill_loss`) over the positions with a target (labels[:, t + k +
         1] not -100), unweighted; [] without labels or MTP.
     mtp_loss: (mtp_loss_weight / D) * sum(mtp_losses); None without labels or MTP.
     loss: lm_loss + aux_loss (+ mtp_loss), what to backpropagate; None without labels.
@@ -155,6 +156,8 @@ class MoETransformer(nn.Module):
             if mtp_logits:
                 out.mtp_losses = [
                     lm_loss(logits, shift_left(labels, k, IGNORE_INDEX))
+                    if cfg.mtp_target == "tokens"
+                    else distill_loss(logits, logits_BSV, labels, k)
                     for k, logits in enumerate(mtp_logits, start=1)
                 ]
                 weight = cfg.mtp_loss_weight / cfg.mtp_depth
@@ -254,6 +257,19 @@ class MoETransformer(nn.Module):
             routed = sum(p.numel() for p in layer.experts.parameters())
             total -= routed - routed // layer.cfg.n_experts * layer.cfg.top_k
         return total
+
+
+def distill_loss(depth_BSV: Tensor, main_BSV: Tensor, labels_BS: Tensor, k: int) -> Tensor:
+    """Mean float32 KL(main || depth) of MTP depth k's logits at position t against the main
+    model's at t + k (detached: the target, not a path for gradients), both predicting token
+    t + k + 1, over the positions t whose label t + k + 1 is not -100 (the positions the tokens
+    target scores)."""
+    S = depth_BSV.shape[1]
+    keep_BS = F.pad(labels_BS[:, k + 1 :], (0, k + 1), value=IGNORE_INDEX)[:, :S] != IGNORE_INDEX
+    b, t = keep_BS.nonzero(as_tuple=True)
+    log_q_NV = F.log_softmax(depth_BSV[b, t].float(), dim=-1)
+    log_p_NV = F.log_softmax(main_BSV[b, t + k].detach().float(), dim=-1)
+    return F.kl_div(log_q_NV, log_p_NV, log_target=True, reduction="batchmean")
 
 
 def lm_loss(logits_BSV: Tensor, labels_BS: Tensor) -> Tensor:
