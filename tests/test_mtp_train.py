@@ -81,6 +81,26 @@ def test_freezing_the_model_trains_only_the_mtp_module() -> None:
     assert f"of which the mtp module: {mtp:,} trainable, 0 frozen" in trainable_table(model)
 
 
+def test_a_frozen_router_keeps_its_balancing_bias() -> None:
+    """Aux-loss-free balancing moves a router's bias after each step, but not a frozen router's:
+    with the model frozen, only the MTP block's bias moves, so the main model's routing (and its
+    outputs) stay those it was trained to."""
+    cfg = tiny_run(Path("."), steps=1).model.replace(mtp_depth=1)
+    assert cfg.moe is not None
+    cfg = cfg.replace(moe=cfg.moe.replace(bias_update_rate=0.01))
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).train()
+    freeze(model, ["model"])
+    layers = model.moe_layers(with_mtp=True)
+    before = [layer.router.expert_bias.clone() for layer in layers]
+    batch = torch.randint(0, 257, (2, 16))
+    model(batch, labels=batch).loss.backward()
+    model.update_expert_bias()
+    moved = [not torch.equal(b, layer.router.expert_bias) for b, layer in zip(before, layers)]
+    assert moved == [False] * (len(layers) - 1) + [True]
+    assert all(int(layer.bias_counts.sum()) == 0 for layer in layers)
+
+
 def test_freezing_mtp_keeps_the_module_and_trains_the_rest() -> None:
     model = MoETransformer(tiny_run(Path("."), steps=1).model.replace(mtp_depth=1))
     freeze(model, ["mtp"])
