@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tests.run_cases import tiny_run
 from tests.test_train import interrupt_at
+from tokenizers import Tokenizer
 
 from moekit.cli import main
 from moekit.config import TrainConfig
@@ -96,7 +97,10 @@ def test_a_frozen_router_keeps_its_balancing_bias() -> None:
     batch = torch.randint(0, 257, (2, 16))
     model(batch, labels=batch).loss.backward()
     model.update_expert_bias()
-    moved = [not torch.equal(b, layer.router.expert_bias) for b, layer in zip(before, layers)]
+    moved = [
+        not torch.equal(b, layer.router.expert_bias)
+        for b, layer in zip(before, layers, strict=True)
+    ]
     assert moved == [False] * (len(layers) - 1) + [True]
     assert all(int(layer.bias_counts.sum()) == 0 for layer in layers)
 
@@ -119,3 +123,42 @@ def test_train_cli_with_the_model_frozen_moves_only_the_mtp_module(tmp_path: Pat
     assert torch.equal(initial.embed.weight, trained.embed.weight)
     assert torch.equal(initial.layers[1].ffn.router.weight, trained.layers[1].ffn.router.weight)
     assert not torch.equal(initial.mtp[0].eh_proj.weight, trained.mtp[0].eh_proj.weight)
+
+
+def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: Path, capsys):
+    """--train.init_from starts a new run from a trained run's weights: with an MTP module added
+    and the model frozen, the main weights (expert biases included) stay the trained ones and only
+    the head learns, here on the main model's own predictions (mtp_target=model)."""
+    cfg = tiny_run(tmp_path, steps=2)
+    (tmp_path / "run.json").write_text(cfg.to_json())
+    base = ["train", str(tmp_path / "run.json")]
+    assert main([*base, "--out", str(tmp_path / "main")]) == 0
+    head_args = ["--model.mtp_depth=1", "--train.freeze=model", "--model.mtp_target=model"]
+    init = f"--train.init_from={tmp_path / 'main'}"
+    talking = "--train.progress=true"
+    assert main([*base, "--out", str(tmp_path / "head"), *head_args, init, talking]) == 0
+    assert "the MTP module starts from fresh weights" in capsys.readouterr().out
+    trained = MoETransformer(cfg.model)
+    load_weights(latest_checkpoint(tmp_path / "main"), trained)
+    head = MoETransformer(cfg.model.replace(mtp_depth=1))
+    load_weights(latest_checkpoint(tmp_path / "head"), head)
+    ours = head.state_dict()
+    assert all(torch.equal(t, ours[name]) for name, t in trained.state_dict().items())
+    torch.manual_seed(cfg.train.seed)
+    fresh = MoETransformer(cfg.model.replace(mtp_depth=1))
+    assert not torch.equal(fresh.mtp[0].eh_proj.weight, head.mtp[0].eh_proj.weight)
+
+    # what does not fit is one error naming it, and no run is written
+    assert cfg.model.moe is not None
+    wider = f"--model.moe.d_expert={cfg.model.moe.d_expert * 2}"
+    assert main([*base, "--out", str(tmp_path / "bad"), wider, init]) == 2
+    assert "its weights do not fit this run's model (size mismatch" in capsys.readouterr().err
+    deeper = f"--model.n_layers={cfg.model.n_layers + 1}"
+    assert main([*base, "--out", str(tmp_path / "bad"), deeper, init]) == 2
+    assert "(tensors the source lacks: ['layers." in capsys.readouterr().err
+    tokenizer = Tokenizer.from_file(str(tmp_path / "main" / "tokenizer.json"))
+    tokenizer.add_tokens(["<another>"])
+    tokenizer.save(str(tmp_path / "main" / "tokenizer.json"))
+    assert main([*base, "--out", str(tmp_path / "bad"), init]) == 2
+    assert "was trained with another tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()

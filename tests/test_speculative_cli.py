@@ -85,7 +85,7 @@ def test_generate_speculative_without_an_mtp_head_is_one_line_saying_how(runs, c
     assert out.out == ""  # refused before any text
     (line,) = [line for line in out.err.splitlines() if "error" in line]
     assert "mtp_depth=0: train one with --model.mtp_depth=1" in line
-    assert "--train.freeze=model" in line
+    assert "--train.init_from=RUN --model.mtp_depth=1 --train.freeze=model" in line
     assert main(["generate", str(run), "--speculative=mtp", "--draft_tokens=0"]) == 2
     assert "draft_tokens" in capsys.readouterr().err
 

@@ -105,6 +105,11 @@ class TrainConfig(ConfigBase):
             model, its embedding and head included: --train.freeze=model trains only the
             multi-token-prediction module) and "mtp" (that module); () trains everything. A
             comma-separated string is read as the list.
+        init_from: a run directory (its newest checkpoint) or one of its checkpoint directories
+            whose weights this new run starts from instead of random ones (fine-tuning; a Hugging
+            Face checkpoint: `moekit convert --from-hf` it first). The model may add an MTP
+            module the source lacks: it starts fresh (train it alone: --train.freeze=model).
+            Same tokenizer required. A resumed run reads its own checkpoint instead.
 
     Logging
         log_every: write train metrics (loss averaged over the interval, expert counts summed over
@@ -130,6 +135,7 @@ class TrainConfig(ConfigBase):
     compile: bool = False
     threads: int | None = None
     freeze: tuple[FreezePart, ...] = ()
+    init_from: str | None = None
     log_every: int = 10
     progress: bool = True
     tensorboard: bool = True

@@ -92,8 +92,9 @@ def check_speculative(model: MoETransformer, batch_size: int, draft_tokens: int)
     if model.cfg.mtp_depth == 0:
         raise ValueError(
             "speculative='mtp' needs a model with a multi-token-prediction head, and this one has "
-            "mtp_depth=0: train one with --model.mtp_depth=1, or add a head to a trained model by "
-            "training only it (--model.mtp_depth=1 --train.freeze=model)"
+            "mtp_depth=0: train one with --model.mtp_depth=1, or add a head to a trained run by "
+            "training only it, on its own predictions (moekit train CONFIG --train.init_from=RUN "
+            "--model.mtp_depth=1 --train.freeze=model --model.mtp_target=model)"
         )
     if batch_size != 1:
         raise ValueError(

@@ -30,6 +30,7 @@ from moekit.train.checkpoint import (
     save_checkpoint,
 )
 from moekit.train.freeze import freeze, trainable_table
+from moekit.train.init_from import initialize_from
 from moekit.train.interrupt import StopOnInterrupt
 from moekit.train.metrics import Interval, LayerFigures, MetricsLog, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
@@ -135,7 +136,10 @@ class Trainer:
         checkpoint = check_run_dir(run_dir, resume)
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
-        self.model = MoETransformer(cfg.model).to(self.device)
+        self.model = MoETransformer(cfg.model)
+        if t.init_from is not None and checkpoint is None:
+            self._say(initialize_from(t.init_from, self.model, self.data.tokenizer))
+        self.model.to(self.device)
         if t.freeze:
             freeze(self.model, t.freeze)
             self._say(f"frozen: {', '.join(t.freeze)}\n{trainable_table(self.model)}")
