@@ -176,7 +176,14 @@ def test_decode_benchmark_quick(tmp_path):
         assert 1 <= d["mean_accepted_length"] <= int(n) + 1
         assert d["speedup_vs_plain"] > 0 and d["bound_speedup"] == d["mean_accepted_length"]
         assert d["cost_model_speedup"] > 0 and d["in_run_seconds"]["draft_step_s"] > 0
-    assert 0 <= spec["teacher_forced_first_draft_agreement"] <= 1
+    training = spec["training"]  # then the head alone, on the frozen model's predictions
+    assert (
+        training["head_distillation_steps"] > 0 and training["run_dir"] != training["joint_run_dir"]
+    )
+    assert training["final_logged_head_distillation"]["mtp_loss_1"] >= 0  # a KL
+    heads = spec["teacher_forced_first_draft_acceptance"]
+    assert set(heads) == {"trained_with_the_model", "distilled"}
+    assert all(0 <= a <= 1 for head in heads.values() for a in head.values())
     sampled = spec["sampled"]  # temperature 0.8, on 2 prompts
     assert sampled["prompts"] == len(sampled["speedup_by_prompt"]) == 2
     rate = sampled["decode_tokens_per_s"]
