@@ -25,8 +25,10 @@ shared: run it under the machine's CPU lock, and compare ratios measured side by
 Self-speculative decoding (issue 16), on a model whose MTP head is trained so that acceptance is
 real: a DeepSeek-V3-shaped model (8 layers of width 128, latent attention, 8 experts top-2, one
 MTP depth; 5.0M parameters, 0.5M of them the MTP module) trained from scratch with its MTP head
-on the built-in corpus for 1,200 steps (about 6 minutes, once: the run directory is cached under
-~/.cache/moekit/benchmarks by its config's hash; the JSON says how it was trained). Batch 1,
+on the built-in corpus for 1,200 steps, then its head alone for 1,000 more on the frozen model's
+own predictions (`--train.init_from`, `--train.freeze=model`, `--model.mtp_target=model`; about
+6 + 4 minutes, once: the run directories are cached under ~/.cache/moekit/benchmarks by their
+configs' hashes; the JSON says how they were trained). Batch 1,
 greedy, a 32-token prompt of standard-library text, 128 new tokens, the same side-by-side
 method: moekit plain, moekit drafting 1, 2 and 3 tokens with its MTP head (`generate(...,
 speculative="mtp")`), and transformers eager, plain and with `generate(use_mtp=True)` (its
@@ -34,8 +36,9 @@ generic `MtpModel` on the same weights, written with `save_hf(..., "deepseek_v3"
 round), all emitting the same tokens (checked). Reported per draft count: the acceptance rate of
 each draft position, the mean accepted length L (tokens per verification), the speedup over
 plain decode, the bound L (a round costs at least a plain step) and a cost model of the round
-from the forwards and draft steps timed inside `generate`. Also: the first draft's agreement
-with the main model on real text (teacher-forced), and plain against MTP drafting when sampling
+from the forwards and draft steps timed inside `generate`. Also: the first draft's acceptance
+on real text, teacher-forced, greedy and sampled, for the head before and after its second stage;
+and plain against MTP drafting when sampling
 at temperature 0.8 on 6 prompts (tokens differ by design; acceptance by the accept/reject rule;
 tokens/s over all six). The speculative part takes about 2 minutes (plus the first training).
 
