@@ -663,8 +663,8 @@ def speculative(quick: bool) -> dict:
     )
     window = torch.tensor([text_ids[:256]])
     heads = {  # the same main weights (frozen in the second stage): only the heads differ
-        "trained_with_the_model": teacher_forced_acceptance(load(joint_dir).model.eval(), window),
-        "distilled": teacher_forced_acceptance(fast, window),
+        name: teacher_forced_acceptance(load(path).model.eval(), window)
+        for name, path in (("trained_with_the_model", joint_dir), ("distilled", run_dir))
     }
     best = max(per_draft, key=lambda n: per_draft[n]["speedup_vs_plain"])
     sampled_best = max(sampled["draft_tokens"].values(), key=lambda d: d["speedup_vs_plain"])

@@ -137,7 +137,7 @@ def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: P
     init = f"--train.init_from={tmp_path / 'main'}"
     talking = "--train.progress=true"
     assert main([*base, "--out", str(tmp_path / "head"), *head_args, init, talking]) == 0
-    assert "the MTP module starts from fresh weights" in capsys.readouterr().out
+    assert "(the MTP module starts fresh)" in capsys.readouterr().out
     trained = MoETransformer(cfg.model)
     load_weights(latest_checkpoint(tmp_path / "main"), trained)
     head = MoETransformer(cfg.model.replace(mtp_depth=1))
@@ -150,15 +150,21 @@ def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: P
 
     # what does not fit is one error naming it, and no run is written
     assert cfg.model.moe is not None
-    wider = f"--model.moe.d_expert={cfg.model.moe.d_expert * 2}"
-    assert main([*base, "--out", str(tmp_path / "bad"), wider, init]) == 2
-    assert "its weights do not fit this run's model (size mismatch" in capsys.readouterr().err
+    top_k = cfg.model.moe.top_k + 1  # the same shapes, another function
+    assert main([*base, "--out", str(tmp_path / "bad"), f"--model.moe.top_k={top_k}", init]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"its model differs from this run's in model.moe.top_k ({top_k - 1} there, {top_k} here)"
+        in err
+    )
     deeper = f"--model.n_layers={cfg.model.n_layers + 1}"
     assert main([*base, "--out", str(tmp_path / "bad"), deeper, init]) == 2
-    assert "(tensors the source lacks: ['layers." in capsys.readouterr().err
+    assert "model.n_layers (2 there, 3 here)" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "bad"), f"--train.init_from={tmp_path}"]) == 2
+    assert "moekit convert --from-hf" in capsys.readouterr().err
     tokenizer = Tokenizer.from_file(str(tmp_path / "main" / "tokenizer.json"))
     tokenizer.add_tokens(["<another>"])
     tokenizer.save(str(tmp_path / "main" / "tokenizer.json"))
     assert main([*base, "--out", str(tmp_path / "bad"), init]) == 2
     assert "was trained with another tokenizer" in capsys.readouterr().err
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert not any((tmp_path / "bad").glob("**/*.*"))  # no run written (at most its folder)

@@ -266,7 +266,7 @@ def test_source_builds_without_the_x86_intrinsics() -> None:
         lib = ctypes.CDLL(
             str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_PORTABLE")))
         )
-    assert lib.moekit_q_set_path(1) == -1
+    assert lib.moekit_q_set_path(1) == lib.moekit_q_set_path(2) == -1
     assert lib.moekit_q_set_path(-1) == 0
     qw = _weight("int4", False, 24, 96, seed=13)
     x, y = torch.randn(3, 96), torch.empty(3, 24)
@@ -289,7 +289,19 @@ def test_source_builds_without_the_avx512_body() -> None:
             str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_NO_AVX512")))
         )
     assert lib.moekit_q_set_path(kernels.PATHS.index("avx512")) == -1
+    assert lib.moekit_q_set_path(len(kernels.PATHS)) == -1  # no such body
     assert lib.moekit_q_set_path(-1) == (1 if _runs_here("avx2") else 0)
+    lib.moekit_q_set_x8(1 << 2)  # int4 on int8 x: the path whose steps the AVX-512 body widens
+    qw = _weight("int4", False, 24, 96, seed=13)
+    x, y = torch.randn(3, 96), torch.empty(3, 24)
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moekit_q_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
+    status = lib.moekit_q_linear(
+        2, x.data_ptr(), 3, 96, qw.data.data_ptr(), qw.scales.data_ptr(), None, 24, None,
+        y.data_ptr(),
+    )  # fmt: skip
+    assert status == 0
+    _assert_int8_path_matches(y, x, qw)
 
 
 def test_the_kernel_refuses_what_it_cannot_run() -> None:
@@ -493,12 +505,13 @@ def test_avx512_body_is_the_avx2_body_bit_for_bit(
 ) -> None:
     """The AVX-512 body's wide steps put each integer and product in the lanes the AVX2 body does
     and sum them in its order: every row count (both FMA arrangements: 1-4 rows, 5-8), block
-    counts with every remainder after the 4-block steps (1, 3, 5, 6, 67, 130), odd O."""
+    counts with every remainder after the 4-block steps (1, 3, 4, 5, 6, 8, 67, 130), odd O."""
     if not (_runs_here("avx512") and _runs_here("avx2")):
         pytest.skip("this CPU cannot run the AVX-512 body")
     if activations == "int8" and scheme == "bf16":
         pytest.skip("bf16 takes float x only")
     shapes = [(37, 96), (5, 32), (3, 32 * 67), (9, 32 * 5), (11, 32 * 130), (7, 32 * 6)]
+    shapes += [(6, 128), (4, 256)]  # whole 4-block steps only
     if scheme in ("bf16", "int8"):  # tails after the vector body (int8's go to the float path)
         shapes += [(37, 100), (3, 7), (6, 32 * 9 + 17)]
     for O, I in shapes:
@@ -507,6 +520,7 @@ def test_avx512_body_is_the_avx2_body_bit_for_bit(
         b = torch.randn(O, generator=g)
         for rows in range(1, MAX_ROWS + 1):
             x = torch.randn(rows, I, generator=g)
+            assert qualifies(x, qw, b)
             with kernels.use_activations(activations):
                 with kernels.use_path("avx2"):
                     expected = linear(x, qw, b)

@@ -174,9 +174,12 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step (Wang et al. 2024): b += rate * sign(mean load - load),
-        from the routed counts gathered since the last call; then clears them."""
+        from the routed counts gathered since the last call; then clears them. A frozen router
+        (none of its parameters needs a gradient: `train.freeze`) keeps its bias: the bias is
+        part of the routing it was frozen with."""
         rate = self.cfg.bias_update_rate
-        if rate > 0:  # no tokens counted: every load 0, every sign 0, nothing moves (no sync)
+        frozen = not any(p.requires_grad for p in self.router.parameters())
+        if rate > 0 and not frozen:  # no tokens counted: every sign 0, nothing moves (no sync)
             load = self.reduce_bias_counts(self.bias_counts)
             self.router.expert_bias += rate * torch.sign(load.mean() - load)
         self.bias_counts.zero_()

@@ -131,6 +131,8 @@ class ModelConfig(ConfigBase):
             (its logits at t + k, detached), by KL(main || depth): self-distillation, for a head
             added to a trained model (`--train.freeze=...,mtp`) to draft for speculative
             decoding, whose acceptance is 1 - TV(main, draft) a token (<= sqrt(KL / 2) lost).
+            The target is the main model's training-mode output: a router's training noise or
+            jitter, if configured, shapes it too.
 
     Other
         norm_eps: epsilon of every RMSNorm.

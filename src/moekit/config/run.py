@@ -104,7 +104,8 @@ class TrainConfig(ConfigBase):
             and "attention" (in the main model and the MTP blocks), "model" (the whole main
             model, its embedding and head included: --train.freeze=model trains only the
             multi-token-prediction module) and "mtp" (that module); () trains everything. A
-            comma-separated string is read as the list.
+            comma-separated string is read as the list. A frozen router keeps its aux-loss-free
+            balancing bias as well.
         init_from: a run directory (its newest checkpoint) or one of its checkpoint directories
             whose weights this new run starts from instead of random ones (fine-tuning; a Hugging
             Face checkpoint: `moekit convert --from-hf` it first). The model may add an MTP

@@ -241,14 +241,9 @@ class MoETransformer(nn.Module):
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step on every MoE layer, the MTP blocks' included (call after
-        each optimizer step); a layer whose router is frozen (no parameter of it needs a
-        gradient: `train.freeze` "router", "model" or "mtp") keeps its bias too, its counts
-        cleared."""
+        each optimizer step); a frozen router keeps its bias (`MoELayer.update_expert_bias`)."""
         for layer in self.moe_layers(with_mtp=True):
-            if any(p.requires_grad for p in layer.router.parameters()):
-                layer.update_expert_bias()
-            else:
-                layer.bias_counts.zero_()
+            layer.update_expert_bias()
 
     def num_parameters(self, active: bool = False, mtp: bool = True) -> int:
         """Total parameters, or with `active` those one token uses: all but the routed experts,

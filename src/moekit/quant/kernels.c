@@ -42,7 +42,7 @@
  *   - MXFP4: a pshufb table maps each nibble to twice its E2M1 value as int8 (all integers;
  *     llama.cpp's kvalues_mxfp4 trick), with the scale halved (2^(e - 128), from a 256-entry
  *     table); the group's scale multiplies the group's dot once (d * sum(x q)).
- * Not written: an AVX-512 float path for bf16 and 4-bit weights (bf16 decodes at ~87% of the
+ * Not written: an AVX-512 float path for bf16 and 4-bit weights (bf16 decodes at 87-94% of the
  * stream bound on the AVX2 body; 4-bit takes int8 x by default), AVX512-BF16 dot products
  * (they would round x to bf16).
  *
@@ -54,7 +54,8 @@
  * prepared once, then any range of output rows on the calling thread): the whole-layer calls of
  * moekit/inference/decode_glue.c split a product's rows between their own threads with them.
  * Built and loaded by moekit/quant/kernels.py (through moekit/cbuild.py); tests/
- * test_quant_kernels.py holds both bodies to F.linear over the dequantized weight.
+ * test_quant_kernels.py holds every body to F.linear over the dequantized weight, and the AVX-512
+ * body to the AVX2 one bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -573,7 +574,9 @@ static AVX2_TARGET void quantize_x_avx2(const float *x, int64_t n_blocks, int pe
     }
 }
 
-#define X8_SEGMENT 64 /* blocks whose scales are prepared at a time (even: pairs stay whole) */
+#define X8_SEGMENT 64 /* blocks whose scales are prepared at a time: a multiple of 4, so that the
+                        * 4-block steps (and pairs) of every segment are those of the row */
+_Static_assert(X8_SEGMENT % 4 == 0, "the codes are regrouped per 4 blocks from a row's start");
 #ifndef X8_PREFETCH
 #define X8_PREFETCH 1024
 #endif
@@ -772,6 +775,10 @@ static AVX2_TARGET void row_x8_avx2(const weight_t *w, const int8_t *codes, cons
  * side by side; with NA = 1 its low half is the one, the step's halves added in turn. The 4-bit
  * codes come regrouped per 4 blocks (the 4 blocks' evens, then their odds: regroup_codes). AVX-512
  * has no vpsignb: signs go onto x's codes by a masked subtraction from zero. */
+#if !defined(MOEKIT_NO_AVX512) && ((defined(__clang__) && __clang_major__ < 7) ||               \
+                                    (!defined(__clang__) && __GNUC__ < 8))
+#define MOEKIT_NO_AVX512 /* a compiler without the avx512vnni target: the AVX2 body only */
+#endif
 #ifndef MOEKIT_NO_AVX512
 #define AVX512_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
 #define AVX512_INLINE                                                                            \
@@ -835,7 +842,7 @@ AVX512_INLINE void x8_pair_int8(const int RB, const int NA, const int8_t *codes,
         __m512i y = _mm512_loadu_si512(codes + r * I + g * GROUP);
         y = _mm512_mask_sub_epi8(y, neg, zero, y);
         __m512i p = _mm512_dpbusd_epi32(zero, u, y);
-        __m128 pair = _mm_castpd_ps(_mm_load_sd((const double *)(xd + r * G + g)));
+        __m128 pair = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + g)));
         acc[r] = x8_accumulate(NA, p, _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(pair)), acc[r]);
     }
 }
@@ -968,7 +975,8 @@ static int active_path = -1; /* -1: not chosen yet */
  * now in use, or -1 if the one asked for cannot run here. */
 int moekit_q_set_path(int path) {
     for (int e = 0; e < 256; e++) E8M0_HALF[e] = e8m0_to_float((uint8_t)e, 1);
-    if ((path == PATH_AVX2 && !avx2_supported()) || (path == PATH_AVX512 && !avx512_supported()))
+    if (path > PATH_AVX512 || (path == PATH_AVX2 && !avx2_supported()) ||
+        (path == PATH_AVX512 && !avx512_supported()))
         return -1;
     if (path < 0)
         path = avx512_supported() ? PATH_AVX512 : avx2_supported() ? PATH_AVX2 : PATH_PORTABLE;
@@ -988,7 +996,7 @@ int moekit_q_set_x8(int mask) {
  * float path's AVX2 x_perm (bf16: de-interleaved per 16; 4-bit: per group of 32, evens then odds)
  * and sx (4-bit: each group's 4 vectors of x_perm summed lane by lane, int4's m * sum(x) term);
  * or the int8-activation path's codes (R, I), xd and xs (R, I/32), xd4 (R, 4 I/32: each scale 4
- * times, as the AVX2 4-bit pairs read). One allocation, released by moekit_q_release. */
+ * times, as the 4-bit steps read). One allocation, released by moekit_q_release. */
 typedef struct {
     int kind, path, x8;
     int64_t R, I;

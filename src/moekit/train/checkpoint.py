@@ -162,13 +162,14 @@ def restoring(checkpoint: Path, name: str, what: str) -> Iterator[None]:
         raise DamagedFile(Path(checkpoint) / name, problem, checkpoint_remedy(checkpoint)) from None
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
+def load_weights(path: Path, model: nn.Module, may_lack: str | None = None) -> None:
     """Load only the weights of a checkpoint directory into `model`, the model of its run's
     config.json: names and shapes checked against the file's header first, then each tensor
     streamed into place in slices (`CheckpointReader`), so loading needs the model's memory and a
     bounded margin, not twice the checkpoint (a quantized 30B model is ~19 GB). `model` is whole:
     expert parallelism is applied after loading, as the trainer does (a sharded layer's
-    load_state_dict pre-hook, which cuts full tensors to its shard, is not consulted here)."""
+    load_state_dict pre-hook, which cuts full tensors to its shard, is not consulted here).
+    may_lack: a name prefix ("mtp.") whose tensors the file may lack (they keep the model's)."""
     file = Path(path) / "model.safetensors"
     if not is_quantized(model):
         refuse_quantized(path)
@@ -176,7 +177,7 @@ def load_weights(path: Path, model: nn.Module) -> None:
     targets = model.state_dict()
     with open_safetensors(file, remedy) as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    problems = _weight_problems(targets, stored)
+    problems = _weight_problems(targets, stored, may_lack)
     if problems:
         raise ValueError(
             f"{file} holds the weights of another model than its run's config.json describes "
@@ -192,13 +193,16 @@ def load_weights(path: Path, model: nn.Module) -> None:
         reader.close()
 
 
-def _weight_problems(targets: dict[str, Tensor], stored: dict[str, tuple[int, ...]]) -> list[str]:
+def _weight_problems(
+    targets: dict[str, Tensor], stored: dict[str, tuple[int, ...]], may_lack: str | None = None
+) -> list[str]:
     """What keeps a file's tensors ({name: shape}) from loading into `targets`: tensors missing
-    (a tensor stored under one of its names, as tied embeddings are, counts for all of them),
-    unexpected, or of another shape."""
+    (a tensor stored under one of its names, as tied embeddings are, counts for all of them; but
+    those named `may_lack`...), unexpected, or of another shape."""
     names_of: dict[int, list[str]] = {}
     for name, t in targets.items():
-        names_of.setdefault(t.data_ptr() if t.numel() else id(t), []).append(name)
+        if may_lack is None or not name.startswith(may_lack):
+            names_of.setdefault(t.data_ptr() if t.numel() else id(t), []).append(name)
     missing = [n for names in names_of.values() if not set(names) & stored.keys() for n in names]
     problems = [
         f"size mismatch for {n}: the checkpoint's is {list(shape)}, the model's "
