@@ -180,12 +180,14 @@ DOCS = ("README.md", "benchmarks/README.md")
 
 
 def doc_commands() -> list[tuple[str, list[str]]]:
-    """Every `moekit ...` line of the docs' bash blocks, as its arguments."""
+    """Every `moekit ...` command of the docs' bash blocks (a line ending in a backslash joined
+    to the next), as its arguments."""
     root = Path(__file__).resolve().parent.parent
     commands = []
     for doc in DOCS:
         in_bash = False
-        for line in (root / doc).read_text().splitlines():
+        text = (root / doc).read_text().replace("\\\n", " ")
+        for line in text.splitlines():
             if line.startswith("```"):
                 in_bash = line == "```bash"
             elif in_bash and line.startswith("moekit "):
