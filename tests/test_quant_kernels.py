@@ -261,13 +261,21 @@ def test_moekit_portable_forces_the_portable_body(monkeypatch) -> None:
 def test_source_builds_without_the_x86_intrinsics() -> None:
     """Other CPUs (aarch64, Apple clang) compile only the portable body, as -DMOEKIT_PORTABLE
     does here: it runs, and refuses to be switched to AVX2."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lib = ctypes.CDLL(
-            str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_PORTABLE")))
-        )
+    lib = _built_with("-DMOEKIT_PORTABLE")
     assert lib.moekit_q_set_path(1) == lib.moekit_q_set_path(2) == -1
     assert lib.moekit_q_set_path(-1) == 0
+    _assert_matches(*_int4_product(lib))
+
+
+def _built_with(flag: str) -> ctypes.CDLL:
+    """kernels.c built with one more compiler flag (a warning fails the test), loaded apart."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return ctypes.CDLL(str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, flag))))
+
+
+def _int4_product(lib: ctypes.CDLL) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight]:
+    """y = x @ W^T by `lib`'s moekit_q_linear over an int4 W (24, 96), x (3, 96): (y, x, W)."""
     qw = _weight("int4", False, 24, 96, seed=13)
     x, y = torch.randn(3, 96), torch.empty(3, 24)
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -277,31 +285,18 @@ def test_source_builds_without_the_x86_intrinsics() -> None:
         y.data_ptr(),
     )  # fmt: skip
     assert status == 0
-    _assert_matches(y, x, qw)
+    return y, x, qw
 
 
 def test_source_builds_without_the_avx512_body() -> None:
     """-DMOEKIT_NO_AVX512 (a compiler that lacks the AVX-512 VNNI intrinsics) leaves the AVX2 and
     portable bodies, and refuses the AVX-512 one."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lib = ctypes.CDLL(
-            str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, "-DMOEKIT_NO_AVX512")))
-        )
+    lib = _built_with("-DMOEKIT_NO_AVX512")
     assert lib.moekit_q_set_path(kernels.PATHS.index("avx512")) == -1
     assert lib.moekit_q_set_path(len(kernels.PATHS)) == -1  # no such body
     assert lib.moekit_q_set_path(-1) == (1 if _runs_here("avx2") else 0)
     lib.moekit_q_set_x8(1 << 2)  # int4 on int8 x: the path whose steps the AVX-512 body widens
-    qw = _weight("int4", False, 24, 96, seed=13)
-    x, y = torch.randn(3, 96), torch.empty(3, 24)
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.moekit_q_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
-    status = lib.moekit_q_linear(
-        2, x.data_ptr(), 3, 96, qw.data.data_ptr(), qw.scales.data_ptr(), None, 24, None,
-        y.data_ptr(),
-    )  # fmt: skip
-    assert status == 0
-    _assert_int8_path_matches(y, x, qw)
+    _assert_int8_path_matches(*_int4_product(lib))
 
 
 def test_the_kernel_refuses_what_it_cannot_run() -> None:
