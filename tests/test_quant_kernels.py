@@ -81,15 +81,20 @@ def test_every_row_count_matches_the_reference(scheme: str, zero_point: bool, pa
     (100 = 3 * 32 + 4; 7 has no vector body at all); 4-bit I must be a multiple of 32."""
     shapes = [(37, 96), (5, 64)] if scheme in ("int4", "mxfp4") else [(37, 100), (3, 7)]
     with _path(path):
-        for O, I in shapes:
-            qw = _weight(scheme, zero_point, O, I, seed=O + I)
-            g = torch.Generator().manual_seed(O)
-            b = torch.randn(O, generator=g)
-            for rows in range(1, MAX_ROWS + 1):
-                x = torch.randn(rows, I, generator=g)
-                assert qualifies(x, qw, b)
-                _assert_matches(linear(x, qw, b), x, qw, b)
-                _assert_matches(linear(x, qw), x, qw)
+        for qw, x, b in _cases(scheme, zero_point, shapes):
+            assert qualifies(x, qw, b)
+            _assert_matches(linear(x, qw, b), x, qw, b)
+            _assert_matches(linear(x, qw), x, qw)
+
+
+def _cases(scheme: str, zero_point: bool, shapes: list[tuple[int, int]]):
+    """(W, x, b) for each (O, I) of `shapes` and each row count of x 1..MAX_ROWS, seeded."""
+    for O, I in shapes:
+        qw = _weight(scheme, zero_point, O, I, seed=O + I)
+        g = torch.Generator().manual_seed(O)
+        b = torch.randn(O, generator=g)
+        for rows in range(1, MAX_ROWS + 1):
+            yield qw, torch.randn(rows, I, generator=g), b
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -406,17 +411,13 @@ def test_int8_activations_match_the_quantized_reference(
     4-bit blocks in pairs), a row with an outlier channel (its
     block's other codes lose precision: the bound still holds), an all-zero row."""
     with _path(path, "int8"):
-        for O, I in [(37, 96), (5, 64), (3, 32 * 67)]:  # 67 blocks: past a 64-block segment
-            qw = _weight(scheme, zero_point, O, I, seed=O + I)
-            g = torch.Generator().manual_seed(O)
-            b = torch.randn(O, generator=g)
-            for rows in range(1, MAX_ROWS + 1):
-                x = torch.randn(rows, I, generator=g)
-                x[0, 5] = 40.0
-                if rows > 2:
-                    x[2] = 0
-                _assert_int8_path_matches(linear(x, qw, b), x, qw, b)
-                _assert_int8_path_matches(linear(x, qw), x, qw)
+        shapes = [(37, 96), (5, 64), (3, 32 * 67)]  # 67 blocks: past a 64-block segment
+        for qw, x, b in _cases(scheme, zero_point, shapes):
+            x[0, 5] = 40.0
+            if x.shape[0] > 2:
+                x[2] = 0
+            _assert_int8_path_matches(linear(x, qw, b), x, qw, b)
+            _assert_int8_path_matches(linear(x, qw), x, qw)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -509,15 +510,10 @@ def test_avx512_body_is_the_avx2_body_bit_for_bit(
     shapes += [(6, 128), (4, 256)]  # whole 4-block steps only
     if scheme in ("bf16", "int8"):  # tails after the vector body (int8's go to the float path)
         shapes += [(37, 100), (3, 7), (6, 32 * 9 + 17)]
-    for O, I in shapes:
-        qw = _weight(scheme, zero_point, O, I, seed=O + I)
-        g = torch.Generator().manual_seed(O)
-        b = torch.randn(O, generator=g)
-        for rows in range(1, MAX_ROWS + 1):
-            x = torch.randn(rows, I, generator=g)
-            assert qualifies(x, qw, b)
-            with kernels.use_activations(activations):
-                with kernels.use_path("avx2"):
-                    expected = linear(x, qw, b)
-                with kernels.use_path("avx512"):
-                    assert torch.equal(linear(x, qw, b), expected), (O, I, rows)
+    for qw, x, b in _cases(scheme, zero_point, shapes):
+        assert qualifies(x, qw, b)
+        with kernels.use_activations(activations):
+            with kernels.use_path("avx2"):
+                expected = linear(x, qw, b)
+            with kernels.use_path("avx512"):
+                assert torch.equal(linear(x, qw, b), expected), (qw.shape, x.shape[0])
