@@ -227,6 +227,20 @@ def test_swiglu_expert_matches_torch(rows: int) -> None:
     )
 
 
+def test_a_library_is_rebuilt_when_a_file_its_source_includes_changes(tmp_path, monkeypatch):
+    """cbuild's cache key covers the `#include "..."` files beside a source (quant/kernels.c
+    includes its bodies), so editing one builds anew instead of loading the stale library."""
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    source, body = tmp_path / "k.c", tmp_path / "k_body.h"
+    source.write_text('#include "k_body.h"\nint k(void) { return K; }\n')
+    body.write_text("#define K 1\n")
+    first = cbuild.build(source)
+    body.write_text("#define K 2\n")
+    second = cbuild.build(source)
+    assert first != second
+    assert ctypes.CDLL(str(first)).k() == 1 and ctypes.CDLL(str(second)).k() == 2
+
+
 def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:
     """Other CPUs (aarch64, Apple clang) compile only the portable body, as MOEKIT_PORTABLE does
     here; it computes what the AVX2 body does, to float32 rounding."""

@@ -1,8 +1,8 @@
 """moekit's one way to build and call C kernels: compile a C source with the system compiler into
-the cache directory (keyed by the source's and the command's hash), load it with ctypes, warn and
-fall back to torch where that fails; and `call`, the direct-call-in-eager dispatch of a kernel
-registered as a torch op. Used by `moekit.inference.decode_kernels` (float32 decode products) and
-`moekit.quant.kernels` (products over quantized weights).
+the cache directory (keyed by the hash of the source, the files it includes and the command), load
+it with ctypes, warn and fall back to torch where that fails; and `call`, the direct-call-in-eager
+dispatch of a kernel registered as a torch op. Used by `moekit.inference.decode_kernels` (float32
+decode products) and `moekit.quant.kernels` (products over quantized weights).
 
 Why `cc` and ctypes rather than `torch.utils.cpp_extension` (measured on this project's machine):
 cc builds a kernel file in about a second where a minimal C++ op against torch's headers took 62 s
@@ -52,7 +52,7 @@ def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS
     if compiler is None:
         raise OSError("no C compiler")
     command = [compiler, *flags, "{source}", "-o", "{out}", *libs]
-    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()
+    key = hashlib.sha256(_with_includes(source) + " ".join(command).encode()).hexdigest()
     path = default_cache_dir() / "kernels" / f"{source.stem}-{key[:16]}.so"
     if not path.exists():
         with _locked(path.with_name(f".{path.name}.lock")):
@@ -62,6 +62,22 @@ def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS
                     filled = [names.get(arg, arg) for arg in command]
                     subprocess.run(filled, check=True, capture_output=True, text=True)
     return path
+
+
+def _with_includes(source: Path, seen: set[Path] | None = None) -> bytes:
+    """The bytes of `source` and, in order, of each file it includes by `#include "name"` (beside
+    it, recursively, once each): what the library's cache key must cover."""
+    seen = set() if seen is None else seen
+    seen.add(source)
+    text = source.read_bytes()
+    out = [text]
+    for line in text.decode().splitlines():
+        name = line.removeprefix("#include").strip()
+        if line.startswith("#include") and name.startswith('"'):
+            included = source.parent / name.strip('"')
+            if included not in seen:
+                out.append(_with_includes(included, seen))
+    return b"".join(out)
 
 
 @contextlib.contextmanager
