@@ -231,14 +231,16 @@ def test_a_library_is_rebuilt_when_a_file_its_source_includes_changes(tmp_path, 
     """cbuild's cache key covers the `#include "..."` files beside a source (quant/kernels.c
     includes its bodies), so editing one builds anew instead of loading the stale library."""
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-    source, body = tmp_path / "k.c", tmp_path / "k_body.h"
-    source.write_text('#include "k_body.h"\nint k(void) { return K; }\n')
-    body.write_text("#define K 1\n")
+    source, body, inner = tmp_path / "k.c", tmp_path / "k_body.h", tmp_path / "k_inner.h"
+    source.write_text('#include <stdint.h>\n  #  include "k_body.h" // the body\n'
+                      "int k(void) { return K + J; }\n")  # fmt: skip
+    body.write_text('#pragma once\n#include "k_inner.h"\n#include "k_body.h"\n#define K 1\n')
+    inner.write_text("#pragma once\n#define J 10\n")
     first = cbuild.build(source)
-    body.write_text("#define K 2\n")
+    inner.write_text("#pragma once\n#define J 20\n")  # an include's include: a cycle beside it
     second = cbuild.build(source)
     assert first != second
-    assert ctypes.CDLL(str(first)).k() == 1 and ctypes.CDLL(str(second)).k() == 2
+    assert ctypes.CDLL(str(first)).k() == 11 and ctypes.CDLL(str(second)).k() == 21
 
 
 def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:

@@ -127,8 +127,9 @@ def test_train_cli_with_the_model_frozen_moves_only_the_mtp_module(tmp_path: Pat
 
 def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: Path, capsys):
     """--train.init_from starts a new run from a trained run's weights: with an MTP module added
-    and the model frozen, the main weights (expert biases included) stay the trained ones and only
-    the head learns, here on the main model's own predictions (mtp_target=model)."""
+    and the model frozen, the main weights stay the trained ones and only the head learns, here
+    on the main model's own predictions (mtp_target=model). Settings that keep the weights' shapes
+    but change their function are refused, as a source that is not a run, before any data."""
     cfg = tiny_run(tmp_path, steps=2)
     (tmp_path / "run.json").write_text(cfg.to_json())
     base = ["train", str(tmp_path / "run.json")]
@@ -137,7 +138,7 @@ def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: P
     init = f"--train.init_from={tmp_path / 'main'}"
     talking = "--train.progress=true"
     assert main([*base, "--out", str(tmp_path / "head"), *head_args, init, talking]) == 0
-    assert "(the MTP module starts fresh)" in capsys.readouterr().out
+    assert "(MTP depth 1 starts fresh)" in capsys.readouterr().out
     trained = MoETransformer(cfg.model)
     load_weights(latest_checkpoint(tmp_path / "main"), trained)
     head = MoETransformer(cfg.model.replace(mtp_depth=1))
@@ -162,9 +163,11 @@ def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: P
     assert "model.n_layers (2 there, 3 here)" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "bad"), f"--train.init_from={tmp_path}"]) == 2
     assert "moekit convert --from-hf" in capsys.readouterr().err
+    longer = f"--model.max_seq_len={cfg.model.max_seq_len * 2}"  # no weight depends on it
+    assert main([*base, "--out", str(tmp_path / "longer"), longer, init]) == 0
     tokenizer = Tokenizer.from_file(str(tmp_path / "main" / "tokenizer.json"))
     tokenizer.add_tokens(["<another>"])
     tokenizer.save(str(tmp_path / "main" / "tokenizer.json"))
     assert main([*base, "--out", str(tmp_path / "bad"), init]) == 2
     assert "was trained with another tokenizer" in capsys.readouterr().err
-    assert not any((tmp_path / "bad").glob("**/*.*"))  # no run written (at most its folder)
+    assert not any(p.is_file() for p in (tmp_path / "bad").rglob("*"))  # no run written

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import warnings
 
 import pytest
 import torch
@@ -273,10 +272,9 @@ def test_source_builds_without_the_x86_intrinsics() -> None:
 
 
 def _built_with(flag: str) -> ctypes.CDLL:
-    """kernels.c built with one more compiler flag (a warning fails the test), loaded apart."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return ctypes.CDLL(str(cbuild.build(kernels.SOURCE, (*cbuild.FLAGS_O2, flag))))
+    """kernels.c built with one more compiler flag (and -Wall -Werror), loaded apart."""
+    flags = (*cbuild.FLAGS_O2, "-Wall", "-Werror", flag)
+    return ctypes.CDLL(str(cbuild.build(kernels.SOURCE, flags)))
 
 
 def _int4_product(lib: ctypes.CDLL) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight]:

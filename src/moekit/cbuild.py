@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -66,18 +67,21 @@ def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS
 
 def _with_includes(source: Path, seen: set[Path] | None = None) -> bytes:
     """The bytes of `source` and, in order, of each file it includes by `#include "name"` (beside
-    it, recursively, once each): what the library's cache key must cover."""
+    it, recursively, once each; `<...>` includes are the system's): what the library's cache key
+    must cover."""
     seen = set() if seen is None else seen
-    seen.add(source)
+    seen.add(source.resolve())
     text = source.read_bytes()
     out = [text]
-    for line in text.decode().splitlines():
-        name = line.removeprefix("#include").strip()
-        if line.startswith("#include") and name.startswith('"'):
-            included = source.parent / name.strip('"')
-            if included not in seen:
-                out.append(_with_includes(included, seen))
+    for line in text.splitlines():
+        found = LOCAL_INCLUDE.match(line)
+        included = found and (source.parent / found[1].decode()).resolve()
+        if included and included not in seen:
+            out.append(_with_includes(included, seen))
     return b"".join(out)
+
+
+LOCAL_INCLUDE = re.compile(rb'\s*#\s*include\s*"([^"]+)"')
 
 
 @contextlib.contextmanager

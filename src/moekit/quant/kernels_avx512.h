@@ -12,8 +12,9 @@
  * side by side; with NA = 1 its low half is the one, the step's halves added in turn. The 4-bit
  * codes come regrouped per 4 blocks (the 4 blocks' evens, then their odds: regroup_codes). AVX-512
  * has no vpsignb: signs go onto x's codes by a masked subtraction from zero. */
-#if !defined(MOEKIT_NO_AVX512) && ((defined(__clang__) && __clang_major__ < 7) ||               \
-                                    (!defined(__clang__) && __GNUC__ < 8))
+#if !defined(MOEKIT_NO_AVX512) &&                                                                \
+    ((defined(__apple_build_version__) && __clang_major__ < 10) ||                                 \
+     (defined(__clang__) && __clang_major__ < 7) || (!defined(__clang__) && __GNUC__ < 8))
 #define MOEKIT_NO_AVX512 /* a compiler without the avx512vnni target: the AVX2 body only */
 #endif
 #ifndef MOEKIT_NO_AVX512

@@ -162,14 +162,16 @@ def restoring(checkpoint: Path, name: str, what: str) -> Iterator[None]:
         raise DamagedFile(Path(checkpoint) / name, problem, checkpoint_remedy(checkpoint)) from None
 
 
-def load_weights(path: Path, model: nn.Module, may_lack: str | None = None) -> None:
+def load_weights(
+    path: Path, model: nn.Module, may_lack: str | tuple[str, ...] | None = None
+) -> None:
     """Load only the weights of a checkpoint directory into `model`, the model of its run's
     config.json: names and shapes checked against the file's header first, then each tensor
     streamed into place in slices (`CheckpointReader`), so loading needs the model's memory and a
     bounded margin, not twice the checkpoint (a quantized 30B model is ~19 GB). `model` is whole:
     expert parallelism is applied after loading, as the trainer does (a sharded layer's
     load_state_dict pre-hook, which cuts full tensors to its shard, is not consulted here).
-    may_lack: a name prefix ("mtp.") whose tensors the file may lack (they keep the model's)."""
+    may_lack: name prefixes ("mtp.1.") whose tensors the file may lack (they keep the model's)."""
     file = Path(path) / "model.safetensors"
     if not is_quantized(model):
         refuse_quantized(path)
@@ -194,7 +196,9 @@ def load_weights(path: Path, model: nn.Module, may_lack: str | None = None) -> N
 
 
 def _weight_problems(
-    targets: dict[str, Tensor], stored: dict[str, tuple[int, ...]], may_lack: str | None = None
+    targets: dict[str, Tensor],
+    stored: dict[str, tuple[int, ...]],
+    may_lack: str | tuple[str, ...] | None = None,
 ) -> list[str]:
     """What keeps a file's tensors ({name: shape}) from loading into `targets`: tensors missing
     (a tensor stored under one of its names, as tied embeddings are, counts for all of them; but

@@ -1,6 +1,6 @@
 """A new run that starts from another run's weights (`train.init_from`): fine-tuning, or adding a
-multi-token-prediction module to a trained model (the MTP module the source lacks keeps its fresh
-initialization; train it alone with `--train.freeze=model`)."""
+multi-token-prediction module to a trained model (the MTP depths the source lacks keep their fresh
+initialization; train them alone with `--train.freeze=model`)."""
 
 from __future__ import annotations
 
@@ -9,55 +9,77 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from moekit.config import ModelConfig, RunConfig
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import load_weights
+from moekit.train.checkpoint import CHECKPOINT_DIR, load_weights
 from moekit.train.sample import find_run, read_run_tokenizer
 
-# The model settings a run may change from its source's: its MTP module, and training-only ones
-# (the balance losses' weights, the aux-loss-free bias's rate). Any other changes the function
-# the weights compute, so the weights would not be the source model's.
+# The model settings a run may change from its source's: its MTP module, how the experts are
+# computed, the context length (no weight depends on it), and training-only ones (the balance
+# losses, the aux-loss-free bias's rate). Any other changes the function the weights compute.
 MAY_CHANGE = frozenset({
-    "mtp_depth", "mtp_loss_weight", "mtp_target", "aux_loss_coef", "z_loss_coef",
-    "importance_loss_coef", "load_loss_coef", "bias_update_rate",
+    "mtp_depth", "mtp_loss_weight", "mtp_target", "expert_impl", "max_seq_len", "aux_loss_coef",
+    "aux_loss_scope", "z_loss_coef", "importance_loss_coef", "load_loss_coef", "bias_update_rate",
+    "noise_eps",
 })  # fmt: skip
 
 
-def initialize_from(source: str | Path, model: MoETransformer, tokenizer: Tokenizer) -> str:
-    """Stream the newest checkpoint of the run `source` (or that checkpoint directory) into
-    `model`, this run's freshly built model, whose data gives `tokenizer`. Raises ValueError
-    saying what to do when the source is not a run, its model settings differ from this run's
-    (but for MAY_CHANGE; this run may add MTP depths, not drop them), or it was trained with
-    another tokenizer; nothing is loaded then. Returns a line saying what was loaded."""
-    where = f"train.init_from={str(source)!r}"
-    try:
-        cfg, checkpoint = find_run(source)
-    except (FileNotFoundError, ValueError) as error:
+def init_source(source: str | Path, ours: ModelConfig) -> tuple[RunConfig, Path]:
+    """The config and checkpoint of the run `source` (its newest checkpoint, or that checkpoint
+    directory), checked against this run's model before any data is read: ValueError, saying
+    what to do, if it is not a run or its model settings differ from `ours` but for MAY_CHANGE
+    (this run may add MTP depths, not drop them)."""
+    where, path = f"train.init_from={str(source)!r}", Path(source)
+    if not ((path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR):
         raise ValueError(
-            f"{where}: {error} (a Hugging Face checkpoint: `moekit convert --from-hf` it to a run "
-            "first)"
-        ) from None
-    ours = model.cfg
-    differ = _differences(cfg.model.to_dict(), ours.to_dict(), "model.")
+            f"{where} is not a run directory (no {CHECKPOINT_DIR}/): give one `moekit train` "
+            "wrote; a Hugging Face checkpoint: `moekit convert --from-hf` it to a run first"
+        )
+    try:
+        cfg, checkpoint = find_run(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    differ = _differences(_comparable(cfg.model), _comparable(ours), "model.")
     if ours.mtp_depth < cfg.model.mtp_depth:
         differ.append(f"model.mtp_depth ({cfg.model.mtp_depth} there, {ours.mtp_depth} here)")
     if differ:
         raise ValueError(
             f"{where}: its model differs from this run's in {'; '.join(differ)}; give its "
-            f"settings (its config.json) for those: only the MTP module (which may be added), the "
-            "balance losses' weights and the bias update rate may change"
+            "settings (its config.json) for those: only the MTP module (which may be added), "
+            "expert_impl, max_seq_len and the training-only settings of the balancing may change"
         )
+    return cfg, checkpoint
+
+
+def initialize_from(
+    source: tuple[RunConfig, Path], model: MoETransformer, tokenizer: Tokenizer
+) -> str:
+    """Stream the `init_source` checkpoint into `model`, this run's freshly built model, whose
+    data gives `tokenizer` (ValueError if the source was trained with another). Returns a line
+    saying what was loaded and what starts fresh."""
+    cfg, checkpoint = source
+    where = f"train.init_from={str(checkpoint)!r}"
     if read_run_tokenizer(checkpoint.parent.parent).to_str() != tokenizer.to_str():
         raise ValueError(
             f"{where} was trained with another tokenizer than this run's data settings give: "
             "train with the source's train.data (its config.json), or copy its tokenizer.json "
             "into the new run directory and set train.data.tokenizer=run"
         )
-    added = ours.mtp_depth > cfg.model.mtp_depth
+    have, want = cfg.model.mtp_depth, model.cfg.mtp_depth
+    fresh = tuple(f"mtp.{k}." for k in range(have, want))
     try:
-        load_weights(checkpoint, model, may_lack="mtp." if added else None)
+        load_weights(checkpoint, model, may_lack=fresh or None)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    return f"weights from {checkpoint}" + (" (the MTP module starts fresh)" if added else "")
+    depths = (
+        f"MTP depth {want} starts" if want == have + 1 else f"MTP depths {have + 1}-{want} start"
+    )
+    return f"weights from {checkpoint}" + (f" ({depths} fresh)" if fresh else "")
+
+
+def _comparable(cfg: ModelConfig) -> dict[str, Any]:
+    """cfg's settings, with the head counts and widths as the model uses them (None -> derived)."""
+    return cfg.to_dict() | {"n_kv_heads": cfg.kv_heads, "head_dim": cfg.d_head}
 
 
 def _differences(theirs: dict[str, Any], ours: dict[str, Any], prefix: str) -> list[str]:

@@ -30,7 +30,7 @@ from moekit.train.checkpoint import (
     save_checkpoint,
 )
 from moekit.train.freeze import freeze, trainable_table
-from moekit.train.init_from import initialize_from
+from moekit.train.init_from import init_source, initialize_from
 from moekit.train.interrupt import StopOnInterrupt
 from moekit.train.metrics import Interval, LayerFigures, MetricsLog, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
@@ -134,11 +134,13 @@ class Trainer:
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         checkpoint = check_run_dir(run_dir, resume)
+        fresh = checkpoint is None and t.init_from is not None
+        source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model)
-        if t.init_from is not None and checkpoint is None:
-            self._say(initialize_from(t.init_from, self.model, self.data.tokenizer))
+        if source is not None:
+            self._say(initialize_from(source, self.model, self.data.tokenizer))
         self.model.to(self.device)
         if t.freeze:
             freeze(self.model, t.freeze)
