@@ -108,9 +108,11 @@ class TrainConfig(ConfigBase):
             balancing bias as well.
         init_from: a run directory (its newest checkpoint) or one of its checkpoint directories
             whose weights this new run starts from instead of random ones (fine-tuning; a Hugging
-            Face checkpoint: `moekit convert --from-hf` it first). The model may add an MTP
-            module the source lacks: it starts fresh (train it alone: --train.freeze=model).
-            Same tokenizer required. A resumed run reads its own checkpoint instead.
+            Face checkpoint: `moekit convert --from-hf` it first). The model settings must be
+            the source's but for expert_impl, max_seq_len, balancing's training-only ones and the
+            MTP module, which may be added (it starts fresh: train it alone with
+            --train.freeze=model). Same tokenizer required. A resumed run reads its own
+            checkpoint instead.
 
     Logging
         log_every: write train metrics (loss averaged over the interval, expert counts summed over
