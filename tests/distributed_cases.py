@@ -63,7 +63,24 @@ def spawn(
     fn: Callable, world: int, *args: Any, timeout: float = 90.0, may_die: tuple[int, ...] = ()
 ) -> list[Any]:
     """Run fn(rank, world, *args) in `world` fresh processes; their results, by rank. The ranks
-    in `may_die` may end without a result (None)."""
+    in `may_die` may end without a result (None). The port free_port found can be taken before
+    rank 0 listens on it (by another test's processes: gloo's own connections use ephemeral
+    ports): then everything is stopped and started again on another port, up to 3 times."""
+    for _ in range(3):
+        try:
+            return _spawn_once(fn, world, args, timeout, may_die)
+        except _PortTaken:
+            continue
+    raise RuntimeError("rank 0 found its port taken 3 times in a row")
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _spawn_once(
+    fn: Callable, world: int, args: tuple, timeout: float, may_die: tuple[int, ...]
+) -> list[Any]:
     ctx = _context()
     with tempfile.TemporaryDirectory() as out:
         port = free_port()
@@ -73,12 +90,17 @@ def spawn(
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 0.1))
+        taken = False
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline and not taken:
+            time.sleep(0.02)
+            err = Path(out, "rank0.err")
+            taken = err.exists() and "EADDRINUSE" in err.read_text()
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
+        if taken:
+            raise _PortTaken
         errors = {r: Path(out, f"rank{r}.err") for r in range(world)}
         failed = {r: e.read_text() for r, e in errors.items() if e.exists() and r not in may_die}
         if failed:
@@ -346,3 +368,11 @@ def data_parallel_only(mesh: Any, rank: int, world: int) -> list[dict]:
     target = torch.randn_like(x)
     model = apply_data_parallel(layer, mesh)
     return _passes(model, layer, my_rows(x, rank, world), my_rows(target, rank, world))
+
+
+def all_reduce_ranks(rank: int, world: int) -> int:
+    """The sum of the ranks, over a gloo group joined at MASTER_ADDR:MASTER_PORT."""
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    total = torch.tensor([rank])
+    dist.all_reduce(total)
+    return int(total)

@@ -5,8 +5,11 @@ every case in one launch (module-scoped fixtures) and the tests below check one 
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
+from tests import distributed_cases
 from tests.distributed_cases import (
     AUX_FIELDS,
     DP_ONLY_CASE,
@@ -252,3 +255,19 @@ def test_a_shard_of_the_experts_holds_its_slice_and_loads_a_full_state_dict() ->
     shard.load_state_dict(other.state_dict())  # a single-process (full) state dict
     for name, p in other.named_parameters():
         assert torch.equal(getattr(shard, name), p[2:5])
+
+
+def test_spawn_starts_again_when_rank_0_finds_its_port_taken(monkeypatch) -> None:
+    """A port free_port found may be taken before rank 0 listens on it (the flake CI met): the
+    processes are stopped and started again on another port, not left to time out."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    ports = iter([held.getsockname()[1]])  # the first port handed out is already listened on
+    real = distributed_cases.free_port
+    monkeypatch.setattr(distributed_cases, "free_port", lambda: next(ports, None) or real())
+    try:
+        assert distributed_cases.spawn(distributed_cases.all_reduce_ranks, 2, timeout=60) == [1, 1]
+    finally:
+        held.close()
+    assert next(ports, None) is None  # the taken port was tried first
