@@ -65,6 +65,9 @@ def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS
     return path
 
 
+LOCAL_INCLUDE = re.compile(rb'\s*#\s*include\s*"([^"]+)"')  # a line including a file beside it
+
+
 def _with_includes(source: Path, seen: set[Path] | None = None) -> bytes:
     """The bytes of `source` and, in order, of each file it includes by `#include "name"` (beside
     it, recursively, once each; `<...>` includes are the system's): what the library's cache key
@@ -79,9 +82,6 @@ def _with_includes(source: Path, seen: set[Path] | None = None) -> bytes:
         if included and included not in seen:
             out.append(_with_includes(included, seen))
     return b"".join(out)
-
-
-LOCAL_INCLUDE = re.compile(rb'\s*#\s*include\s*"([^"]+)"')
 
 
 @contextlib.contextmanager
