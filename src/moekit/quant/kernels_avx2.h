@@ -208,61 +208,63 @@ AVX2_INLINE void group_block(const int RB, const int kind, const float *xp, cons
     }
 }
 
-#define FOR_BLOCK(call)                                                                          \
-    switch (rb) {                                                                                \
-    case 1: call(1); break;                                                                      \
-    case 2: call(2); break;                                                                      \
-    case 3: call(3); break;                                                                      \
-    case 4: call(4); break;                                                                      \
-    case 5: call(5); break;                                                                      \
-    case 6: call(6); break;                                                                      \
-    case 7: call(7); break;                                                                      \
-    default: call(8); break;                                                                     \
-    }
+/* Weight row o of w: its data; *scales its groups' scales (4-bit kinds; NULL for bf16 and int8,
+ * whose channel scale multiplies the row's dot after it) and *offsets its groups' offsets (int4
+ * with a zero point; else NULL). */
+static const void *row_of(const weight_t *w, int64_t o, const void **scales,
+                          const uint16_t **offsets) {
+    const int64_t I = w->I, G = I / GROUP;
+    *offsets = w->offsets ? w->offsets + o * G : NULL;
+    *scales = NULL;
+    if (w->kind == MXFP4) *scales = (const uint8_t *)w->scales + o * G;
+    if (w->kind == INT4 || w->kind == INT4_ZP) *scales = (const uint16_t *)w->scales + o * G;
+    if (w->kind == BF16) return (const uint16_t *)w->data + o * I;
+    if (w->kind == INT8) return (const int8_t *)w->data + o * I;
+    return (const uint8_t *)w->data + o * (I / 2);
+}
 
-/* The kind is a constant in each instantiation, so every block is specialised twice over. */
-#define DENSE(RB) dense_block(RB, KIND, x + r0 * I, I, row, sums + r0)
-#define DENSE_PERM(RB) dense_block(RB, KIND, xp + r0 * I, I, row, sums + r0)
-#define GROUPS(RB)                                                                             \
-    group_block(RB, KIND, xp + r0 * I, sx ? sx + r0 * (I / GROUP) * 8 : NULL, I, bytes, scales,    \
-                offsets, sums + r0)
+/* Run BLOCK(RB, KIND) for the block of rb rows of x at r0, the block size and the weight kind
+ * constants, so that each instantiation is specialised twice over. */
+#define FOR_BLOCK_OF(BLOCK, KIND)                                                                \
+    switch (rb) {                                                                                \
+    case 1: BLOCK(1, KIND); break;                                                               \
+    case 2: BLOCK(2, KIND); break;                                                               \
+    case 3: BLOCK(3, KIND); break;                                                               \
+    case 4: BLOCK(4, KIND); break;                                                               \
+    case 5: BLOCK(5, KIND); break;                                                               \
+    case 6: BLOCK(6, KIND); break;                                                               \
+    case 7: BLOCK(7, KIND); break;                                                               \
+    default: BLOCK(8, KIND); break;                                                              \
+    }
+/* A row function's body: weight row o of w (row, scales, offsets: row_of's) against the rows of
+ * x in blocks of up to 8, each kind's block as named (NO_BLOCK for a kind the path never sees). */
+#define FOR_ROWS(BF16_BLOCK, INT8_BLOCK, GROUPS_BLOCK)                                           \
+    const int64_t I = w->I, G = I / GROUP;                                                       \
+    const void *scales;                                                                          \
+    const uint16_t *offsets;                                                                     \
+    const void *row = row_of(w, o, &scales, &offsets);                                           \
+    (void)G;                                                                                     \
+    for (int64_t r0 = 0; r0 < R; r0 += 8) {                                                      \
+        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;                                           \
+        switch (w->kind) {                                                                       \
+        case BF16: FOR_BLOCK_OF(BF16_BLOCK, BF16) break;                                         \
+        case INT8: FOR_BLOCK_OF(INT8_BLOCK, INT8) break;                                         \
+        case MXFP4: FOR_BLOCK_OF(GROUPS_BLOCK, MXFP4) break;                                     \
+        case INT4: FOR_BLOCK_OF(GROUPS_BLOCK, INT4) break;                                       \
+        default: FOR_BLOCK_OF(GROUPS_BLOCK, INT4_ZP) break;                                      \
+        }                                                                                        \
+    }
+#define NO_BLOCK(RB, KIND) (void)0
+
+#define DENSE(RB, KIND) dense_block(RB, KIND, x + r0 * I, I, row, sums + r0)
+#define DENSE_PERM(RB, KIND) dense_block(RB, KIND, xp + r0 * I, I, row, sums + r0)
+#define GROUPS(RB, KIND)                                                                       \
+    group_block(RB, KIND, xp + r0 * I, sx ? sx + r0 * G * 8 : NULL, I, row, scales, offsets,      \
+                sums + r0)
 
 static AVX2_TARGET void row_avx2(const weight_t *w, const float *x, const float *xp,
                                  const float *sx, int64_t R, int64_t o, float *sums) {
-    const int64_t I = w->I, G = I / GROUP;
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {
-        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
-        if (w->kind == BF16) {
-            const void *row = (const uint16_t *)w->data + o * I;
-#define KIND BF16
-            FOR_BLOCK(DENSE_PERM)
-#undef KIND
-        } else if (w->kind == INT8) {
-            const void *row = (const int8_t *)w->data + o * I;
-#define KIND INT8
-            FOR_BLOCK(DENSE)
-#undef KIND
-        } else {
-            const uint8_t *bytes = (const uint8_t *)w->data + o * (I / 2);
-            const uint16_t *offsets = w->offsets ? w->offsets + o * G : NULL;
-            if (w->kind == MXFP4) {
-                const void *scales = (const uint8_t *)w->scales + o * G;
-#define KIND MXFP4
-                FOR_BLOCK(GROUPS)
-#undef KIND
-            } else if (offsets == NULL) {
-                const void *scales = (const uint16_t *)w->scales + o * G;
-#define KIND INT4
-                FOR_BLOCK(GROUPS)
-#undef KIND
-            } else {
-                const void *scales = (const uint16_t *)w->scales + o * G;
-#define KIND INT4_ZP
-                FOR_BLOCK(GROUPS)
-#undef KIND
-            }
-        }
-    }
+    FOR_ROWS(DENSE_PERM, DENSE, GROUPS)
 }
 
 static int avx2_supported(void) {

@@ -174,7 +174,8 @@ AVX2_INLINE void x8_block(const int RB, const int kind, const int8_t *codes, con
     const int NA = RB <= 4 ? 2 : 1, step = kind == INT8 ? 2 : 4;
     float d[X8_SEGMENT], m[X8_SEGMENT], corr[8] = {0};
     __m256 acc[8][2];
-    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) acc[r][0] = acc[r][1] =
+        _mm256_setzero_ps();
     for (int64_t s = 0; s < G; s += X8_SEGMENT) {
         const int64_t n = G - s < X8_SEGMENT ? G - s : X8_SEGMENT;
         x8_segment(RB, kind, scales, offsets, xs, G, s, n, d, m, corr);
@@ -199,34 +200,6 @@ AVX2_INLINE void x8_block(const int RB, const int kind, const int8_t *codes, con
         sums[r] = hsum(NA == 2 ? _mm256_add_ps(acc[r][0], acc[r][1]) : acc[r][0]) + corr[r];
 }
 
-/* Run BLOCK(RB, KIND) over rows r0.. of x in blocks of up to 8, each block size and weight kind
- * a constant (row and scales: weight row o's data and scales, for the int8-activation bodies). */
-#define FOR_BLOCK_OF(BLOCK, KIND)                                                                \
-    switch (rb) {                                                                                \
-    case 1: BLOCK(1, KIND); break;                                                               \
-    case 2: BLOCK(2, KIND); break;                                                               \
-    case 3: BLOCK(3, KIND); break;                                                               \
-    case 4: BLOCK(4, KIND); break;                                                               \
-    case 5: BLOCK(5, KIND); break;                                                               \
-    case 6: BLOCK(6, KIND); break;                                                               \
-    case 7: BLOCK(7, KIND); break;                                                               \
-    default: BLOCK(8, KIND); break;                                                              \
-    }
-#define X8_ROWS(BLOCK)                                                                           \
-    const int64_t I = w->I, G = I / GROUP;                                                       \
-    const uint16_t *offsets = w->offsets ? w->offsets + o * G : NULL;                            \
-    const void *row = w->kind == INT8 ? (const void *)((const int8_t *)w->data + o * I)          \
-                                      : (const void *)((const uint8_t *)w->data + o * (I / 2));  \
-    const void *scales = w->kind == INT8    ? NULL                                               \
-                         : w->kind == MXFP4 ? (const void *)((const uint8_t *)w->scales + o * G) \
-                                            : (const void *)((const uint16_t *)w->scales + o * G); \
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {                                                      \
-        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;                                           \
-        if (w->kind == INT8) FOR_BLOCK_OF(BLOCK, INT8)                                           \
-        else if (w->kind == MXFP4) FOR_BLOCK_OF(BLOCK, MXFP4)                                    \
-        else if (offsets == NULL) FOR_BLOCK_OF(BLOCK, INT4)                                      \
-        else FOR_BLOCK_OF(BLOCK, INT4_ZP)                                                        \
-    }
 #define X8(RB, KIND)                                                                             \
     x8_block(RB, KIND, codes + r0 * I, xd + r0 * G, xd4 + r0 * 4 * G, xs + r0 * G, I, row,      \
              scales, offsets, sums + r0)
@@ -234,7 +207,7 @@ AVX2_INLINE void x8_block(const int RB, const int kind, const int8_t *codes, con
 static AVX2_TARGET void row_x8_avx2(const weight_t *w, const int8_t *codes, const float *xd,
                                     const float *xd4, const float *xs, int64_t R, int64_t o,
                                     float *sums) {
-    X8_ROWS(X8)
+    FOR_ROWS(NO_BLOCK, X8, X8)
 }
 #else
 static void quantize_x_avx2(const float *x, int64_t n_blocks, int perm, int8_t *codes, float *xd,

@@ -1,6 +1,10 @@
 /* moekit/quant/kernels.c's AVX-512 body. Included by kernels.c, after kernels_avx2_x8.h. */
 
-#if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
+/* x86-64, neither -DMOEKIT_PORTABLE nor -DMOEKIT_NO_AVX512, and a compiler that knows the
+ * avx512vnni target (GCC >= 8, clang >= 7, Apple clang >= 10); else the AVX2 body only. */
+#if defined(__x86_64__) && !defined(MOEKIT_PORTABLE) && !defined(MOEKIT_NO_AVX512) &&             \
+    !((defined(__apple_build_version__) && __clang_major__ < 10) ||                                \
+      (defined(__clang__) && __clang_major__ < 7) || (!defined(__clang__) && __GNUC__ < 8))
 /* ------------------------------------------------ int8-activation path: AVX-512 VNNI body
  *
  * The AVX2 body's steps a 64-byte register wide, with vpdpbusd (u8 x s8, 4 products summed into
@@ -12,15 +16,9 @@
  * side by side; with NA = 1 its low half is the one, the step's halves added in turn. The 4-bit
  * codes come regrouped per 4 blocks (the 4 blocks' evens, then their odds: regroup_codes). AVX-512
  * has no vpsignb: signs go onto x's codes by a masked subtraction from zero. */
-#if !defined(MOEKIT_NO_AVX512) &&                                                                \
-    ((defined(__apple_build_version__) && __clang_major__ < 10) ||                                 \
-     (defined(__clang__) && __clang_major__ < 7) || (!defined(__clang__) && __GNUC__ < 8))
-#define MOEKIT_NO_AVX512 /* a compiler without the avx512vnni target: the AVX2 body only */
-#endif
-#ifndef MOEKIT_NO_AVX512
-#define AVX512_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
-#define AVX512_INLINE                                                                            \
-    static inline __attribute__((always_inline, target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
+#define AVX512_FEATURES "avx2,fma,f16c,avx512f,avx512bw,avx512vnni"
+#define AVX512_TARGET __attribute__((target(AVX512_FEATURES)))
+#define AVX512_INLINE static inline __attribute__((always_inline, target(AVX512_FEATURES)))
 
 AVX512_INLINE __m256 low_half(__m512 v) { return _mm512_castps512_ps256(v); }
 AVX512_INLINE __m256 high_half(__m512 v) {
@@ -43,7 +41,8 @@ AVX512_INLINE void x8_quad(const int RB, const int NA, const int kind, const int
                            const float *xd4, __m512 acc[8]) {
     const __m512i nibble = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
     __m512i b = _mm512_loadu_si512((const uint8_t *)row + g * (GROUP / 2));
-    __m512i lo = _mm512_and_si512(b, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    __m512i lo = _mm512_and_si512(b, nibble);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
     __mmask64 neg_lo = 0, neg_hi = 0;
     if (kind == MXFP4) { /* twice the E2M1 value (pshufb per 128 bits), its sign onto x */
         const __m512i table = _mm512_broadcast_i32x4(
@@ -81,7 +80,8 @@ AVX512_INLINE void x8_pair_int8(const int RB, const int NA, const int8_t *codes,
         y = _mm512_mask_sub_epi8(y, neg, zero, y);
         __m512i p = _mm512_dpbusd_epi32(zero, u, y);
         __m128 pair = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + g)));
-        acc[r] = x8_accumulate(NA, p, _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(pair)), acc[r]);
+        __m512 scale = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(pair));
+        acc[r] = x8_accumulate(NA, p, scale, acc[r]);
     }
 }
 
@@ -119,7 +119,8 @@ AVX512_INLINE void x8_block_wide(const int RB, const int kind, const int8_t *cod
         }
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < RB; r++) {
-        __m256 total = NA == 2 ? _mm256_add_ps(low_half(acc[r]), high_half(acc[r])) : low_half(acc[r]);
+        __m256 total = low_half(acc[r]);
+        if (NA == 2) total = _mm256_add_ps(total, high_half(acc[r]));
         sums[r] = hsum(total) + corr[r];
     }
 }
@@ -139,9 +140,9 @@ AVX512_INLINE void dense_block_int8_wide(const int RB, const float *x, int64_t I
     int64_t i = 0;
     for (; i + 32 <= I; i += 32) {
         _mm_prefetch((const char *)row + i + PREFETCH, _MM_HINT_T0);
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + i))));
-        __m512 w1 = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + i + 16))));
+        const __m128i *bytes = (const __m128i *)(row + i);
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes + 1)));
         _Pragma("GCC unroll 4") for (int r = 0; r < RB; r++) {
             const float *xr = x + r * I + i;
             a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, a[r]);
@@ -177,18 +178,13 @@ static AVX512_TARGET void row_int8_avx512(const weight_t *w, const float *x, int
 static AVX512_TARGET void row_x8_avx512(const weight_t *w, const int8_t *codes, const float *xd,
                                         const float *xd4, const float *xs, int64_t R, int64_t o,
                                         float *sums) {
-    X8_ROWS(X8_WIDE)
+    FOR_ROWS(NO_BLOCK, X8_WIDE, X8_WIDE)
 }
 
 static int avx512_supported(void) {
     return avx2_supported() && __builtin_cpu_supports("avx512f") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
-#else
-static int avx512_supported(void) { return 0; }
-#define row_x8_avx512 row_x8_avx2
-#define row_int8_avx512(w, x, R, o, sums) row_avx2(w, x, NULL, NULL, R, o, sums)
-#endif
 #else
 static int avx512_supported(void) { return 0; }
 #define row_x8_avx512 row_x8_avx2
