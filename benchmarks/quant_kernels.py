@@ -276,7 +276,7 @@ def measure(
             timed = {}
             for name, (make, call, nbytes, reference) in entries.items():
                 one = make()
-                with torch.no_grad(), _activations(call):
+                with torch.no_grad(), _kernel_choice(call):
                     y = call(x, one).float()
                     ref = reference(x)
                 error = ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
@@ -296,7 +296,7 @@ def measure(
             for _ in range(repeats):
                 for entry in timed.values():
                     for where in ("single", "dram"):
-                        with _activations(entry["call"]):
+                        with _kernel_choice(entry["call"]):
                             seconds = _time_calls(entry["call"], x, entry[where])
                         entry["times"].setdefault(where, []).append(seconds)
             for entry in timed.values():
@@ -313,7 +313,7 @@ def measure(
 
 
 @contextlib.contextmanager
-def _activations(call):
+def _kernel_choice(call):
     """Our kernels' activation path and body as `call` asks (_ours); nothing for the others."""
     mode, body = getattr(call, "activations", None), getattr(call, "body", None)
     with contextlib.ExitStack() as stack:

@@ -264,8 +264,7 @@ def distill_loss(depth_BSV: Tensor, main_BSV: Tensor, labels_BS: Tensor, k: int)
     model's at t + k (detached: the target, not a path for gradients), both predicting token
     t + k + 1, over the positions t whose label t + k + 1 is not -100 (the positions the tokens
     target scores)."""
-    S = depth_BSV.shape[1]
-    keep_BS = F.pad(labels_BS[:, k + 1 :], (0, k + 1), value=IGNORE_INDEX)[:, :S] != IGNORE_INDEX
+    keep_BS = shift_left(labels_BS, k + 1, IGNORE_INDEX) != IGNORE_INDEX  # label t + k + 1
     b, t = keep_BS.nonzero(as_tuple=True)
     log_q_NV = F.log_softmax(depth_BSV[b, t].float(), dim=-1)
     log_p_NV = F.log_softmax(main_BSV[b, t + k].detach().float(), dim=-1)
