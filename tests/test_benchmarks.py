@@ -180,7 +180,10 @@ def test_decode_benchmark_quick(tmp_path):
     assert (
         training["head_distillation_steps"] > 0 and training["run_dir"] != training["joint_run_dir"]
     )
-    assert training["final_logged_head_distillation"]["mtp_loss_1"] >= 0  # a KL
+    # the second stage's loss is a KL from the model's predictions, far below a cross-entropy
+    # against the text (it would be one if mtp_target were not "model")
+    kl = training["final_logged_head_distillation"]["mtp_loss_1"]
+    assert 0 <= kl < 0.5 * training["final_logged"]["mtp_loss_1"]
     heads = spec["teacher_forced_first_draft_acceptance"]
     assert set(heads) == {"trained_with_the_model", "distilled"}
     assert all(0 <= a <= 1 for head in heads.values() for a in head.values())
