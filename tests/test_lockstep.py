@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +17,10 @@ from tests.run_cases import tiny_run
 
 from moekit.config import dense_twin
 from moekit.train.lockstep import (
+    INTERRUPTED,
     SideBySideFailed,
+    _stop,
+    _train_one,
     compare_to,
     design_configs,
     lockstep_settings,
@@ -115,6 +121,28 @@ def test_a_run_that_fails_in_its_process_stops_the_others_and_is_named(
         run_in_parallel({"a": long, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file"})
     assert "a (interrupted" in str(err.value)  # stopped, not left to run its 400 steps
     assert "error: " in capfd.readouterr().err
+
+
+def test_a_run_stopped_while_it_starts_is_interrupted_where_ctrl_c_is_ignored(tmp_path) -> None:
+    """A shell's background job (CI) ignores SIGINT, and a spawned run inherits that until it
+    installs its handler, seconds later, after importing torch: the Ctrl-C `_stop` sends must
+    wait for the run to listen, or it is lost and the run trains to its end (as it once did in CI:
+    a 400-step run finished instead of being stopped)."""
+    base = tiny_run(tmp_path)
+    cfg = base.replace(train=base.train.replace(steps=100_000, progress=False))
+    context = multiprocessing.get_context("spawn")
+    listening = context.Event()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the spawned run
+    try:
+        run = context.Process(target=_train_one, args=(cfg, str(tmp_path / "r"), os.getpid(),
+                                                       listening))  # fmt: skip
+        run.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not listening.is_set()  # still importing: the stop below races its start
+    started = time.monotonic()
+    _stop([(run, listening)])
+    assert run.exitcode == INTERRUPTED and time.monotonic() - started < 60
 
 
 def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(

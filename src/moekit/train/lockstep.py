@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +135,19 @@ def run_in_parallel(
             prepare_data(cfg.train.data, cfg.token_vocab_size, progress, Path(run_dirs[name]))
             prepared.add(key)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
-    processes = {}
+    processes, listening = {}, {}  # listening: set once the run's Ctrl-C handler is in place
     try:
         for name, cfg in configs.items():
             threads = cfg.train.threads or parallel_threads(len(configs))
             train_cfg = cfg.train.replace(threads=threads, progress=False)
-            args = (cfg.replace(train=train_cfg), str(run_dirs[name]), os.getpid())
+            listening[name] = context.Event()
+            args = (cfg.replace(train=train_cfg), str(run_dirs[name]), os.getpid(), listening[name])
             processes[name] = context.Process(target=_train_one, args=args, name=name)
             processes[name].start()
         ended_well = {0, DIVERGED} if divergence_ends_a_run else {0}
         _follow(processes, configs, run_dirs, progress, ended_well)
     finally:
-        _stop(processes.values())
+        _stop([(processes[name], listening[name]) for name in processes])
     codes = {name: p.exitcode for name, p in processes.items()}
     if failed := {name: code for name, code in codes.items() if code not in ended_well}:
         said = ", ".join(f"{name} ({_ending(code)})" for name, code in failed.items())
@@ -172,13 +173,19 @@ def _follow(
             time.sleep(1.0)
 
 
-def _stop(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
-    """Ask the runs still going to stop as one Ctrl-C does (a checkpoint, then exit; they are in
-    process groups of their own, so a terminal's Ctrl-C reached only this process), then wait."""
-    for p in processes:
+def _stop(runs: Sequence[tuple[multiprocessing.process.BaseProcess, Any]]) -> None:
+    """Ask the runs (process, its `listening` event) still going to stop as one Ctrl-C does (a
+    checkpoint, then exit; they are in process groups of their own, so a terminal's Ctrl-C reached
+    only this process), then wait. A run still starting is waited for until it listens: a Ctrl-C
+    sent before would be lost where this process ignores SIGINT (a shell's background job, CI),
+    as its children inherit that, and the run would train to its end unasked."""
+    for p, listening in runs:
+        started = time.monotonic()
+        while p.is_alive() and not listening.wait(0.1) and time.monotonic() - started < 120:
+            pass
         if p.is_alive():
             os.kill(p.pid, signal.SIGINT)
-    for p in processes:
+    for p, _ in runs:
         p.join(timeout=120)
         if p.is_alive():
             p.terminate()
@@ -216,13 +223,15 @@ def _interrupt_when_parent_dies(parent: int) -> None:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _train_one(cfg: RunConfig, run_dir: str, parent: int) -> None:
-    """One run of `run_in_parallel`, in its own process: exits 130 when interrupted, 3 when it
-    diverged, and with a user error as one line (exit 2), as `moekit train` would."""
+def _train_one(cfg: RunConfig, run_dir: str, parent: int, listening: Any) -> None:
+    """One run of `run_in_parallel`, in its own process: sets `listening` once Ctrl-C stops it;
+    exits 130 when interrupted, 3 when it diverged, and with a user error as one line (exit 2),
+    as `moekit train` would."""
     os.setpgrp()  # a terminal's Ctrl-C reaches only the parent, which passes on exactly one
-    _interrupt_when_parent_dies(parent)
-    keep_freed_memory()  # as `moekit train` does; it lasts for this process only
-    try:
+    try:  # from the moment Ctrl-C raises KeyboardInterrupt here, it exits 130
+        _interrupt_when_parent_dies(parent)
+        listening.set()
+        keep_freed_memory()  # as `moekit train` does; it lasts for this process only
         result = train(cfg, run_dir)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
