@@ -117,11 +117,10 @@ def exchange_counts(counts_E: Tensor, group: ProcessGroup) -> Tensor:
     """counts_E (E,): rows this process sends to each expert, experts split evenly and in order
     over the ranks of `group`. Returns (ep, E / ep): row j is what rank j sends to each of this
     process's experts."""
-    ep = group.size()
     received = torch.empty_like(counts_E)
     with _timed():
         dist.all_to_all_single(received, counts_E.contiguous(), group=group)
-    return received.view(ep, -1)
+    return received.view(group.size(), -1)
 
 
 def gather_rows(x_TC: Tensor, group: ProcessGroup) -> tuple[Tensor, int]:

@@ -326,7 +326,7 @@ def _activation_comms(
         shared = moe is not None and moe.shared_width > 0
         # ungated shared experts under sequence parallelism leave their output partial, to be
         # reduce-scattered with the routed experts' (`tensor_parallel`); else all-reduced
-        partial_shared = moe is not None and shared and sequence_parallel and not moe.shared_gate
+        partial_shared = shared and sequence_parallel and not moe.shared_gate
         if sequence_parallel:
             gather, scatter = comms["tp_all_gather"], comms["tp_reduce_scatter"]
             # attention in every block and dense FFNs: gather in, scatter out, and back

@@ -12,12 +12,12 @@ around the Python functions. It changes nothing: every op runs as called.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moekit.distributed.costs import KINDS, SENT_PER_BYTE
 
@@ -64,14 +64,6 @@ class Record:
     sent: float
 
 
-def _tensors(x: Any) -> list[Tensor]:
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for item in x for t in _tensors(item)]
-    return []
-
-
 def _group(args: tuple, kwargs: dict, namespace: str) -> dist.ProcessGroup:
     """The op's process group."""
     if namespace == "_c10d_functional":  # the group's name is the last string argument
@@ -103,7 +95,7 @@ class CollectiveCounter(TorchDispatchMode):
         key = (func.namespace, func._schema.name.split("::")[-1])
         if key in _OPS:
             kind, index = _OPS[key]
-            tensors = _tensors(args[index])
+            tensors = [t for t in tree_leaves(args[index]) if isinstance(t, Tensor)]
             payload = sum(t.numel() * t.element_size() for t in tensors)
             pg = _group(args, kwargs, func.namespace)
             n, rank = pg.size(), pg.rank()

@@ -58,8 +58,8 @@ def apply_data_parallel(
     ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
     trained = [p for p in params if p.requires_grad]  # frozen experts have nothing to average
     if trained and layout.dp_size > 1:
-        assert layout.dp_group is not None
-        ddp.register_comm_hook(ExpertReplicaSync(trained, layout.dp_group, group), _bucket_hook)
+        sync = ExpertReplicaSync(trained, layout.dp_group, group)
+        ddp.register_comm_hook(sync, ExpertReplicaSync.on_bucket)
     return ddp
 
 
@@ -82,8 +82,10 @@ class ExpertReplicaSync:
         self.params, self.dp_group, self.ddp_group = params, dp_group, ddp_group
         self.queued = False
 
-    def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-        """DDP is reducing a bucket: this backward syncs, so average the experts after it."""
+    def on_bucket(self, bucket):  # type: ignore[no-untyped-def]
+        """DDP's comm hook (this object its state): DDP is reducing a bucket, so this backward
+        syncs; average the experts after it. Unannotated: DDP checks a hook's annotations
+        against the real classes, and this module's annotations are strings."""
         if not self.queued:
             self.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.average)
@@ -101,12 +103,6 @@ class ExpertReplicaSync:
         flat /= self.dp_group.size()
         for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(averaged)
-
-
-def _bucket_hook(state, bucket):  # type: ignore[no-untyped-def]
-    # Unannotated: DDP checks a hook's annotations against the real classes, and this module's
-    # annotations are strings.
-    return state.on_bucket(bucket)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:

@@ -102,8 +102,7 @@ def _parallelize(layer: MoELayer, layout: Layout, scope: str, scale_grads: bool)
     if layout.ep_size > 1:
         layer.experts = shard_experts(layer.experts, dispatcher.first_expert, dispatcher.n_local)
         for name, _ in [*layer.experts.named_parameters(), *layer.experts.named_buffers()]:
-            module_name, _, attr = name.rpartition(".")
-            add_split(layer.experts.get_submodule(module_name), attr, layout.ep_group, 0)
+            add_split(layer.experts, name, layout.ep_group, 0)
         for p in layer.experts.parameters():
             if p.requires_grad and scale_grads:
                 p.register_hook(partial(torch.mul, other=1.0 / layout.ep_size))

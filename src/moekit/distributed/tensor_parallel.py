@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -93,19 +93,19 @@ def apply_tensor_parallel(
         )
     # parallelize_module's replicated parameters (SequenceParallel's) come back trainable
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream's placement
     for block in blocks:
-        _split_attention(block.attn, tp_mesh, sequence_parallel)
+        _split_attention(block.attn, tp_mesh, stream)
         if sequence_parallel:
             norms = {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
             parallelize_module(block, tp_mesh, norms)
         if isinstance(block.ffn, DenseFFN):
             if sequence_parallel:
-                parallelize_module(block.ffn, tp_mesh, _replicated_input(1, True))
-            out = Shard(1) if sequence_parallel else Replicate()
+                parallelize_module(block.ffn, tp_mesh, _replicated_input(1, stream))
             plan = {
                 "w_gate": ColwiseParallel(),
                 "w_up": ColwiseParallel(),
-                "w_down": RowwiseParallel(output_layouts=out),
+                "w_down": RowwiseParallel(output_layouts=stream),
             }
             parallelize_module(block.ffn, tp_mesh, plan)
         elif isinstance(block.ffn, MoELayer):
@@ -127,7 +127,6 @@ def apply_tensor_parallel(
             if sequence_parallel:
                 _sequence_parallel_moe(layer, tp_mesh, partial_shared)
     if sequence_parallel:
-        assert isinstance(model, MoETransformer)
         _sequence_boundaries(model, tp_mesh)
     for name, p in model.named_parameters():
         if name in frozen:
@@ -135,28 +134,28 @@ def apply_tensor_parallel(
     return model
 
 
-def _replicated_input(n_args: int, sequence_parallel: bool) -> PrepareModuleInput:
+def _replicated_input(n_args: int, stream: Placement) -> PrepareModuleInput:
     """The module's first argument as one replicated DTensor (the others untouched), which its
     column-wise projections share, so their input gradients are summed over the group once; with
-    `sequence_parallel` it arrives as this process's positions and is all-gathered (the backward
-    reduce-scatters its gradient)."""
+    `stream` Shard(1) (sequence parallelism) it arrives as this process's positions and is
+    all-gathered (the backward reduce-scatters its gradient)."""
     rest = (None,) * (n_args - 1)
     return PrepareModuleInput(
-        input_layouts=(Shard(1) if sequence_parallel else Replicate(), *rest),
+        input_layouts=(stream, *rest),
         desired_input_layouts=(Replicate(), *rest),
         use_local_output=False,
     )
 
 
-def _split_attention(attn: Attention, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def _split_attention(attn: Attention, tp_mesh: DeviceMesh, stream: Placement) -> None:
     tp, group = tp_mesh.size(), tp_mesh.get_group()
     # x, rope, mask, cache
-    parallelize_module(attn, tp_mesh, _replicated_input(4, sequence_parallel))
+    parallelize_module(attn, tp_mesh, _replicated_input(4, stream))
     plan: dict[str, Any] = {
         "q_proj": ColwiseParallel(),
         "k_proj": ColwiseParallel(),
         "v_proj": ColwiseParallel(),
-        "o_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
+        "o_proj": RowwiseParallel(output_layouts=stream),
     }
     if attn.qk_norm == "head":
         # One weight shared by every head, applied here to this process's heads (dim 1 of
@@ -212,7 +211,6 @@ def _sequence_parallel_moe(layer: MoELayer, tp_mesh: DeviceMesh, partial_shared:
     if not partial_shared:
         return
     shared = layer.shared_experts
-    assert shared is not None
 
     def shared_input(module: nn.Module, args: tuple) -> tuple:
         # the gathered input itself, not the layer's (whose gradient only the first keeps)
@@ -286,21 +284,11 @@ class _RoutedOnFirst(torch.autograd.Function):
         return grad, None, None
 
 
-def gate_up_order(width: int, tp: int) -> Tensor:
-    """The order of a fused [gate (F); up (F)] axis of `width` = 2F that puts each of the tp
-    pieces' gate rows next to its up rows: [gate_0; up_0; gate_1; up_1; ...]."""
-    f = width // 2 // tp
-    pieces = [
-        torch.cat([torch.arange(t * f, (t + 1) * f), width // 2 + torch.arange(t * f, (t + 1) * f)])
-        for t in range(tp)
-    ]
-    return torch.cat(pieces)
-
-
 def _interleave_gate_up(module: nn.Module, name: str, full: Tensor, dim: int, tp: int) -> Tensor:
-    """`full`, the fused [gate; up] axis `dim` of `module.<name>`, reordered by `gate_up_order`
-    so that its tp pieces hold matching gate and up rows (recorded by `set_permutation`)."""
-    order = gate_up_order(full.shape[dim], tp)
+    """`full`, the fused [gate (F); up (F)] axis `dim` of `module.<name>`, reordered so that each
+    of its tp pieces holds its gate rows next to its up rows, [gate_0; up_0; gate_1; up_1; ...]
+    (recorded by `set_permutation`)."""
+    order = torch.arange(full.shape[dim]).view(2, tp, -1).transpose(0, 1).reshape(-1)
     set_permutation(module, name, dim, order)
     return full.index_select(dim, order)
 
@@ -321,16 +309,14 @@ class TensorParallelExperts(Experts):
         local.tp_mesh = tp_mesh
         for name, tensor in experts.named_parameters():
             full = tensor.detach()
-            if name in ("w_in", "b_in"):
-                if experts.cfg.gated:
-                    full = _interleave_gate_up(local, name, full, 1, group.size())
-                full = split_piece(full, group, 1)
-                add_split(local, name, group, 1)
-            elif name == "w_out":
-                full = split_piece(full, group, 2)
-                add_split(local, name, group, 2)
-            else:  # b_out: whole
+            if name == "b_out":  # whole
                 full = full.clone()
+            else:  # the hidden units: w_in's and b_in's dim 1, w_out's dim 2
+                dim = 2 if name == "w_out" else 1
+                if experts.cfg.gated and dim == 1:
+                    full = _interleave_gate_up(local, name, full, 1, group.size())
+                full = split_piece(full, group, dim)
+                add_split(local, name, group, dim)
             setattr(local, name, nn.Parameter(full, requires_grad=tensor.requires_grad))
         local.train(experts.training)
         return local
