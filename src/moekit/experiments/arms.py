@@ -93,9 +93,8 @@ def z_loss(base: RunConfig) -> list[Arm]:
 
 def capacity(base: RunConfig) -> list[Arm]:
     m = "--model.moe.capacity_factor"
-    return [(f"cf-{c}", [f"{m}={c}"]) for c in (0.5, 1.0, 1.25, 2.0)] + [
-        ("dropless", [f"{m}=null"])
-    ]
+    arms = [(f"cf-{c}", [f"{m}={c}"]) for c in (0.5, 1.0, 1.25, 2.0)]
+    return [*arms, ("dropless", [f"{m}=null"])]
 
 
 def mtp(base: RunConfig) -> list[Arm]:

@@ -137,10 +137,9 @@ class ArmProbe:
     @functools.cached_property
     def batch(self) -> Tensor:
         assert self.cfg is not None
-        data = prepare_data(self.cfg.train.data, self.cfg.token_vocab_size)
-        return fixed_batches(data.val.tokens, 1, self.cfg.train.batch_size, self.cfg.train.seq_len)[
-            0
-        ]
+        t = self.cfg.train
+        data = prepare_data(t.data, self.cfg.token_vocab_size)
+        return fixed_batches(data.val.tokens, 1, t.batch_size, t.seq_len)[0]
 
 
 @torch.no_grad()
@@ -161,9 +160,8 @@ def router_logit_rms(probe: ArmProbe) -> list[tuple[int, float]]:
         load_weights(checkpoint, model)
         z.clear()
         model(batch)
-        curve.append(
-            (int(checkpoint.name.removeprefix("step-")), math.sqrt(float(torch.stack(z).mean())))
-        )
+        step = int(checkpoint.name.removeprefix("step-"))
+        curve.append((step, math.sqrt(float(torch.stack(z).mean()))))
     for hook in hooks:
         hook.remove()
     return curve

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from moekit.fileio import atomic_path, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
+from moekit.train.optim import build_optimizer
 from moekit.userfiles import (
     CheckpointReader,
     DamagedFile,
@@ -79,29 +80,23 @@ def save_checkpoint(
     """Write a checkpoint of `state.step` from the whole model's and optimizer's state dicts
     atomically, then delete all but the `keep` newest."""
     final = Path(run_dir) / CHECKPOINT_DIR / f"step-{state.step:06d}"
-    _remove_stale_temporaries(final.parent)
+    for stale in final.parent.glob(".step-*.tmp"):  # left by a write that was killed (SIGKILL)
+        remove_path(stale)
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        write_checkpoint_files(tmp, model_sd, optimizer_sd, state)
+        save_file(_one_name_per_tensor(model_sd), str(tmp / "model.safetensors"))
+        tensors = _flatten_optimizer(optimizer_sd["state"])
+        tensors["rng.torch"] = state.torch_rng
+        tensors |= {f"rng.sampler.{k}": v for k, v in state.sampler.items()}
+        if state.cuda_rng is not None:
+            tensors["rng.cuda"] = state.cuda_rng
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        groups = optimizer_sd["param_groups"]
+        meta = {"step": state.step, "tokens": state.tokens, "param_groups": groups}
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     for old in list_checkpoints(run_dir)[:-keep]:
         remove_path(old)
     return final
-
-
-def write_checkpoint_files(
-    folder: Path, model_sd: dict[str, Tensor], optimizer_sd: dict[str, Any], state: TrainerState
-) -> None:
-    """The three files of a checkpoint, into `folder`."""
-    save_file(_one_name_per_tensor(model_sd), str(folder / "model.safetensors"))
-    tensors = _flatten_optimizer(optimizer_sd["state"])
-    tensors["rng.torch"] = state.torch_rng
-    tensors |= {f"rng.sampler.{k}": v for k, v in state.sampler.items()}
-    if state.cuda_rng is not None:
-        tensors["rng.cuda"] = state.cuda_rng
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "state.safetensors"))
-    groups = optimizer_sd["param_groups"]
-    meta = {"step": state.step, "tokens": state.tokens, "param_groups": groups}
-    (folder / "trainer.json").write_text(json.dumps(meta, indent=2))
 
 
 def _one_name_per_tensor(model_sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -233,17 +228,6 @@ def read_trainer_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_checkpoint(path: Path) -> None:
-    """Raise `DamagedFile` unless the three files of a checkpoint directory can be read (their
-    headers and trainer.json: before a resumed run writes anything)."""
-    path = Path(path)
-    refuse_quantized(path)
-    read_trainer_json(path)
-    for name in ("model.safetensors", "state.safetensors"):
-        with open_safetensors(path / name, checkpoint_remedy(path)):
-            pass
-
-
 def refuse_quantized(checkpoint: Path) -> None:
     """Raise ValueError if `checkpoint` holds a quantized model (which trains no more)."""
     if (Path(checkpoint) / QUANTIZATION_FILE).is_file():
@@ -287,18 +271,9 @@ def _unflatten_optimizer(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tens
     return state
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary directories left by a write that was killed (e.g. by SIGKILL)."""
-    if folder.is_dir():
-        for stale in folder.glob(".step-*.tmp"):
-            remove_path(stale)
-
-
 def write_new_run(out_dir: Path, cfg: Any, model: nn.Module, tokenizer: Path | None) -> Path:
     """A run directory (`new_run_dir`) with `model` as a step-0 checkpoint, a fresh optimizer and
     the seed's RNG state, that `moekit train --resume` continues. `cfg` is a `RunConfig`."""
-    from moekit.train.optim import build_optimizer
-
     seeded = torch.Generator().manual_seed(cfg.train.seed).get_state()
     state = TrainerState(0, 0, sampler={"generator": seeded}, torch_rng=seeded.clone())
     with new_run_dir(out_dir, cfg, tokenizer, "choose a new run directory") as tmp:
@@ -342,8 +317,12 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
-    if resume and latest is not None:
-        check_checkpoint(latest)
+    if resume and latest is not None:  # DamagedFile unless its files read (headers, trainer.json)
+        refuse_quantized(latest)
+        read_trainer_json(latest)
+        for name in ("model.safetensors", "state.safetensors"):
+            with open_safetensors(latest / name, checkpoint_remedy(latest)):
+                pass
         read_metrics(run_dir / "metrics.jsonl")
     if not resume and latest is not None:
         raise FileExistsError(

@@ -59,13 +59,6 @@ class TrainResult:
     interrupted: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" is cuda when available, else cpu; other names are passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def forward(model: torch.nn.Module, batch: Tensor, autocast: AbstractContextManager) -> ModelOutput:
     """One forward pass of a batch (B, S) read as both input ids and labels."""
     with autocast:
@@ -111,8 +104,7 @@ def train(
 def wants_processes(cfg: RunConfig) -> bool:
     """Whether a run is meant for several processes: launched by torchrun with more than one,
     or asking for expert or data parallelism."""
-    p = cfg.parallel
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.min_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.min_world_size() > 1
 
 
 class Trainer:
@@ -129,7 +121,9 @@ class Trainer:
     ) -> None:
         t = cfg.train
         self.world, self.parallelism = world or World(), parallelism or Parallelism()
-        self.cfg, self.run_dir, self.device = cfg, run_dir, resolve_device(t.device)
+        self.cfg, self.run_dir = cfg, run_dir
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if t.device == "auto" else t.device)
         self.talks = t.progress and self.world.is_writer
         if t.threads is not None:
             torch.set_num_threads(t.threads)
@@ -233,7 +227,18 @@ class Trainer:
                 seconds = self.advance()
                 _show_progress(bar, seconds, self.tokens_per_step, self.last_train)
             self.finish()
-        return self.result(time.perf_counter() - start, stop.requested)
+        rate = self.session_tokens / self.session_seconds if self.session_seconds else 0.0
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            train_loss=self.last_train.get("loss"),
+            val_loss=self.last_eval.get("val_loss"),
+            val_bpb=self.last_eval.get("val_bpb"),
+            tokens_per_s=rate,
+            seconds=time.perf_counter() - start,
+            checkpoint=latest_checkpoint(self.run_dir),
+            interrupted=stop.requested,
+        )
 
     @property
     def done(self) -> bool:
@@ -366,27 +371,12 @@ class Trainer:
         with torch.device("meta"):
             return MoETransformer(self.cfg.model)
 
-    def result(self, seconds: float, interrupted: bool) -> TrainResult:
-        """How this session ended, `seconds` after it began."""
-        rate = self.session_tokens / self.session_seconds if self.session_seconds else 0.0
-        return TrainResult(
-            run_dir=self.run_dir,
-            step=self.step,
-            train_loss=self.last_train.get("loss"),
-            val_loss=self.last_eval.get("val_loss"),
-            val_bpb=self.last_eval.get("val_bpb"),
-            tokens_per_s=rate,
-            seconds=seconds,
-            checkpoint=latest_checkpoint(self.run_dir),
-            interrupted=interrupted,
-        )
-
     def _say(self, message: str) -> None:
         if self.talks:
             tqdm.write(message)
 
     def close(self) -> None:
-        if getattr(self, "metrics", None) is not None:
+        if self.metrics is not None:
             self.metrics.close()
 
 

@@ -119,8 +119,15 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            _write_tensorboard(self._tb, record)
+        if self._tb is None:
+            return
+        step, kind = record["step"], record["kind"]
+        for key, value in record.items():
+            if isinstance(value, float):
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+        for i, layer in enumerate(record.get("layers", [])):
+            for name in LAYER_FIGURES:
+                self._tb.add_scalar(f"layer{i}/{name}", layer[name], step)
 
     def close(self) -> None:
         self._file.close()
@@ -145,13 +152,3 @@ def _tensorboard_writer(run_dir: Path) -> Any:
     except ImportError:  # optional: TensorBoard is not a dependency
         return None
     return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-
-
-def _write_tensorboard(writer: Any, record: dict[str, Any]) -> None:
-    step, kind = record["step"], record["kind"]
-    for key, value in record.items():
-        if isinstance(value, float):
-            writer.add_scalar(f"{kind}/{key}", value, step)
-    for i, layer in enumerate(record.get("layers", [])):
-        for name in LAYER_FIGURES:
-            writer.add_scalar(f"layer{i}/{name}", layer[name], step)
