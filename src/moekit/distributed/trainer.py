@@ -91,15 +91,8 @@ class MeshParallelism(Parallelism):
         )
         return self.forward_model
 
-    def shard_optimizer_state(
-        self, full_state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
-    ) -> dict[str, Any]:
-        return shard_optimizer_state(full_state, optimizer, model)
-
-    def full_state_dicts(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
-        return full_state_dicts(model, optimizer)
+    shard_optimizer_state = staticmethod(shard_optimizer_state)
+    full_state_dicts = staticmethod(full_state_dicts)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         # The first call after a step's micro-batches, before the update: a step whose gradients
