@@ -17,10 +17,6 @@ from moekit.interop.files import CheckpointError
 from moekit.interop.keymaps import KeyMap
 
 
-def _no_copies(cfg: ModelConfig) -> dict[str, str]:
-    return {}
-
-
 @dataclass(frozen=True)
 class Architecture:
     """One Hugging Face architecture: its names, config map and key map.
@@ -48,7 +44,7 @@ class Architecture:
     to_hf: Callable[[ModelConfig, MoEConfig], HF]
     keys: KeyMap
     reads_hidden_act: bool = True
-    copies: Callable[[ModelConfig], dict[str, str]] = _no_copies
+    copies: Callable[[ModelConfig], dict[str, str]] = lambda cfg: {}
 
     def model_config(self, hf: HF) -> ModelConfig:
         """The `ModelConfig` of a config.json of this architecture: its aliases renamed, and

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from moekit.config import ModelConfig, QuantizeConfig
+from moekit.config.rules import invalid
 from moekit.fileio import atomic_path
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
@@ -125,14 +126,17 @@ def load_hf(
     cfg, dropped = choose_mtp(arch.model_config(hf), view.files, mtp)
     if dtype is None and quantization is not None:
         dtype = torch.bfloat16
-    model = _meta_model(cfg, resolve_dtype(dtype, hf))
+    float_dtype = resolve_dtype(dtype, hf)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    for p in model.parameters():  # buffers (the routers' correction biases) stay float32
+        p.data = p.data.to(float_dtype)
     plan = plan_load(model, arch, view, dropped)
     if schemes is not None:
         quantize_model(model, schemes, empty=True)  # still on the meta device
         if keep_quantized:
             check_kept(model, plan, view)
     allocate_on_cpu(model)
-    float_dtype = model.embed.weight.dtype
     targets = [(destination(model, name), source, keys) for name, source, keys in plan]
     reader = DequantizingReader(view, float_dtype)
     total = sum(dest.nbytes for dest, _, _ in targets)
@@ -141,7 +145,7 @@ def load_hf(
         check_copies(arch, cfg, reader)
         with torch.no_grad():
             for dest, source, keys in targets:
-                fill(dest, source.op, keys, reader, float_dtype)
+                fill(dest, source.op, keys, reader)
                 bar.update(dest.nbytes)
     finally:
         reader.close()
@@ -156,20 +160,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
         return dtype
     name = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if name not in WEIGHT_DTYPES:
-        raise ValueError(
-            f"dtype={name!r} is invalid: allowed values are {', '.join(WEIGHT_DTYPES)}"
-        )
+        raise invalid("dtype", name, f"allowed values are {', '.join(WEIGHT_DTYPES)}")
     return getattr(torch, name)
-
-
-def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
-    """The model on the meta device, parameters in `dtype`."""
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-        for module in model.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype)))
-    return model
 
 
 def save_hf(
@@ -217,7 +209,7 @@ def save_hf(
         )
     target = architecture_named(arch)
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(LAYOUTS)}")
+        raise invalid("layout", layout, f"allowed values are {', '.join(LAYOUTS)}")
     hf = target.hf_config(model.cfg)
     out_dtype = model.embed.weight.dtype if dtype is None else resolve_dtype(dtype, {})
     tensors = _save_plan(model, target, layout, out_dtype)

@@ -202,15 +202,19 @@ def common_keys() -> KeyMap:
     }
 
 
-def attention_keys() -> KeyMap:
-    """Multi-head attention: q/k/v/o projections (weights and biases) and the q/k norms."""
-    out: KeyMap = {}
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        for kind in ("weight", "bias"):
-            out[f"layers.{{i}}.attn.{proj}.{kind}"] = Source((f"{LAYER}self_attn.{proj}.{kind}",))
-    for norm in ("q_norm", "k_norm"):
-        out[f"layers.{{i}}.attn.{norm}.weight"] = Source((f"{LAYER}self_attn.{norm}.weight",))
-    return out
+_MHA = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+def attention_keys(names: dict[str, str] | None = None) -> KeyMap:
+    """Attention's projections and norms under `self_attn.`, weights and biases: `names` maps
+    moekit's module names to the checkpoint's (default: multi-head attention's q/k/v/o
+    projections and q/k norms, named alike)."""
+    names = names or {n: n for n in _MHA}
+    return {
+        f"layers.{{i}}.attn.{ours}.{kind}": Source((f"{LAYER}self_attn.{theirs}.{kind}",))
+        for ours, theirs in names.items()
+        for kind in ("weight", "bias")
+    }
 
 
 def expert_keys(hub: str, fused: str, names: tuple[str, str, str]) -> KeyMap:

@@ -310,19 +310,18 @@ def fill(
     op: str,
     keys: list[str],
     reader: DequantizingReader,
-    float_dtype: torch.dtype,
 ) -> None:
     """Fill one moekit tensor `dest` (float, or its quantized storage) from the checkpoint `keys`
     joined by the key-map `op`, one piece at a time: at most one expert, or one slice of rows, is
-    ever in float (`dest` float: copied; quantized: `quantize_into` from the piece in
-    `float_dtype`, what the float load would hold). An MXFP4 pair goes through `load_mxfp4`."""
+    ever in float (`dest` float: copied; quantized: `quantize_into` from the piece in the
+    reader's dtype, what the float load would hold). An MXFP4 pair goes through `load_mxfp4`."""
     if keys[0] in reader.view.mxfp4_pairs:
-        pieces = load_mxfp4(dest, keys[0], op, reader, float_dtype)
+        pieces = load_mxfp4(dest, keys[0], op, reader)
     else:
         pieces = OPS[op][0](tuple(dest.shape), keys, reader)
     for index, value in pieces:
         if isinstance(dest, QuantizedWeight):  # from what the float load would hold
-            quantize_into(dest[index], value.to(float_dtype))
+            quantize_into(dest[index], value.to(reader.dtype))
         else:
             dest[index].copy_(value)
 
@@ -332,17 +331,15 @@ def load_mxfp4(
     key: str,
     op: str,
     reader: DequantizingReader,
-    dtype: torch.dtype,
 ) -> Iterator[Piece]:
     """Load moekit's stacked expert weight (w_in (E, 2F, D) or w_out (E, D, F)) from the MXFP4
     pair of `key`, one expert at a time through `mxfp4_expert_weight` (the bytes as shipped, rows
     reordered). MXFP4 storage `dest` takes those bytes here (never decoded); for any other `dest`
     (float, or storage in another scheme) the pieces yielded are each expert decoded
-    (`QuantizedWeight.dequantize`, to a float `dest`'s dtype, else `dtype`), at most SLICE_BYTES
-    of float32 rows at a time, for `fill` to copy or requantize."""
+    (`QuantizedWeight.dequantize`, to the reader's dtype: the float parameters'), at most
+    SLICE_BYTES of float32 rows at a time, for `fill` to copy or requantize."""
     blocks, scales = reader.view.mxfp4_pairs[key]
     kept = isinstance(dest, QuantizedWeight) and dest.scheme == "mxfp4"
-    dtype = dest.dtype if isinstance(dest, Tensor) else dtype
     for e in range(dest.shape[0]):
         qw_OI = mxfp4_expert_weight(
             reader.read_stored(blocks, e),
@@ -357,4 +354,4 @@ def load_mxfp4(
         rows_per_slice = max(1, SLICE_BYTES // (4 * qw_OI.shape[-1]))
         for start in range(0, qw_OI.shape[0], rows_per_slice):
             part = slice(start, start + rows_per_slice)
-            yield (e, part), qw_OI[part].dequantize(dtype)
+            yield (e, part), qw_OI[part].dequantize(reader.dtype)

@@ -15,6 +15,7 @@ from moekit.interop.keymaps import (
     MLP,
     KeyMap,
     Source,
+    attention_keys,
     common_keys,
     mlp_keys,
     shared_expert_keys,
@@ -60,7 +61,6 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     m = cfg.mla
     out = common_to_hf(cfg)
     out.update(num_key_value_heads=cfg.n_heads, head_dim=m.qk_rope_head_dim)
-    dense = [i for i in range(cfg.n_layers) if i not in set(cfg.moe_layer_indices)]
     return {
         **out,
         "intermediate_size": dense_width(cfg),
@@ -72,7 +72,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
         "n_group": moe.n_groups,
         "topk_group": moe.topk_groups,
         "norm_topk_prob": moe.normalize,
-        "first_k_dense_replace": len(dense),
+        "first_k_dense_replace": cfg.n_layers - len(cfg.moe_layer_indices),
         "q_lora_rank": m.q_lora_rank,
         "kv_lora_rank": m.kv_lora_rank,
         "qk_nope_head_dim": m.qk_nope_head_dim,
@@ -95,15 +95,6 @@ _LATENT_ATTENTION = {
     "kv_b_proj": "kv_b_proj",
     "o_proj": "o_proj",
 }
-
-
-def latent_attention_keys() -> KeyMap:
-    """Latent attention's projections and norms, weights and biases."""
-    return {
-        f"layers.{{i}}.attn.{ours}.{kind}": Source((f"{LAYER}self_attn.{theirs}.{kind}",))
-        for ours, theirs in _LATENT_ATTENTION.items()
-        for kind in ("weight", "bias")
-    }
 
 
 def mtp_keys() -> KeyMap:
@@ -151,7 +142,7 @@ DEEPSEEK_V3 = Architecture(
     to_hf=to_hf,
     keys={  # latent attention, `mlp.shared_experts.*`, the router's correction bias
         **common_keys(),
-        **latent_attention_keys(),
+        **attention_keys(_LATENT_ATTENTION),
         **mlp_keys(),
         "layers.{i}.ffn.router.expert_bias": Source((MLP + "gate.e_score_correction_bias",)),
         **shared_expert_keys(MLP + "shared_experts."),
