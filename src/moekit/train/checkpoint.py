@@ -42,7 +42,7 @@ from moekit.userfiles import (
 )
 
 CHECKPOINT_DIR = "checkpoints"
-NAME = re.compile(r"step-(\d{6,})")
+NAME = re.compile(r"step-\d{6,}")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
