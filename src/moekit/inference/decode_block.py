@@ -17,11 +17,17 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
+from moekit.inference.decode_glue import (
+    _cache_qualifies,
+    _hooked,
+    _library,
+    _plain,
+    attention_args,
+    decode_window,
+)
 from moekit.inference.decode_layers import (
     _cached,
     _kept,
-    attention_args,
     attention_modules,
     attention_weights,
     norm_args,
@@ -116,7 +122,7 @@ def block_forward(
         x_BSD.data_ptr(),
         *attn_norm,
         ctypes.byref(refs),
-        *attention_args(modules[1], rope, cache, mask),
+        *attention_args(attn.n_heads, attn.n_kv_heads, attn.head_dim, rope, cache, mask),
         *ffn_norm,
         *moe,
         scratch.data_ptr(),

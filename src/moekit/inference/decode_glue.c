@@ -99,10 +99,10 @@ static void attend_head(const float *q, int64_t q_stride, const float *cos_h, co
  * with the sink logits sinks (H) when not NULL. Heads run in parallel (torch's OpenMP pool) when
  * the cache is long enough to pay for the fork. */
 void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64_t q_stride,
-                           int64_t kv_stride, const float *cos_h, const float *sin_h,
+                           int64_t kv_stride, int64_t B, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len,
-                           int64_t B, int64_t H, int64_t KV, int64_t hd, float scale,
-                           int64_t window, const float *sinks, float *out) {
+                           int64_t H, int64_t KV, int64_t hd, float scale, int64_t window,
+                           const float *sinks, float *out) {
     int64_t L = pos + 1, n = B * H;
     cache_write(k, v, kv_stride, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
 #pragma omp parallel for schedule(static) if (n > 1 && L * hd * H >= 262144)

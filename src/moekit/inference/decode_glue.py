@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from moekit import cbuild
-from moekit.inference.decode_kernels import MAX_ROWS
+from moekit.inference.decode_kernels import MAX_ROWS, _plain
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.block import Block
 from moekit.model.transformer import MoETransformer
@@ -37,10 +37,6 @@ SOURCE = Path(__file__).with_name("decode_glue.c")
 # rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the per-head q/k norms of
 # MAX_ROWS sequences of 64 heads of 128 (the C attention block's, which must equal these bits)
 MAX_NORM_NUMBERS = MAX_ROWS * 8192
-
-
-def _plain(t: Tensor) -> bool:
-    return cbuild.plain_cpu(t, torch.float32) and t.is_contiguous()
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -113,32 +109,33 @@ def glue_cached_attention(
         return cached_attention(q_BHSd, k_BKSd, v_BKSd, rope, mask, cache, sinks_H)
     assert cache is not None
     B, H, _, hd = q_BHSd.shape
-    KV, max_len = cache.k_BKLd.shape[1], cache.k_BKLd.shape[2]
+    KV = cache.k_BKLd.shape[1]
     y_BHSd = torch.empty_like(q_BHSd)
-    cos, sin = rope
     _library().moekit_attend_one_f32(  # sequence b's q at q + 4 * b * H * hd (k, v: KV * hd)
         q_BHSd.data_ptr(),
         k_BKSd.data_ptr(),
         v_BKSd.data_ptr(),
         H * hd,
         KV * hd,
-        cos.data_ptr(),
-        sin.data_ptr(),
-        cache.k_BKLd.data_ptr(),
-        cache.v_BKLd.data_ptr(),
-        cache.length,
-        max_len,
         B,
-        H,
-        KV,
-        hd,
-        hd**-0.5,
-        decode_window(mask),
+        *attention_args(H, KV, hd, rope, cache, mask),
         None if sinks_H is None else sinks_H.data_ptr(),
         y_BHSd.data_ptr(),
     )
     cache.length += 1
     return y_BHSd
+
+
+def attention_args(
+    H: int, KV: int, hd: int, rope: tuple[Tensor, Tensor], cache: LayerKVCache, mask: AttentionMask
+) -> tuple:
+    """The C attention's arguments from cos to window, for H query heads and KV key/value heads of
+    hd: the position's angles, the cache (its tensors, filled length, room), the heads and the
+    keys attended (`decode_window`)."""
+    k, v = cache.k_BKLd, cache.v_BKLd
+    cos, sin = rope
+    return (cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), cache.length,
+            k.shape[2], H, KV, hd, hd**-0.5, decode_window(mask))  # fmt: skip
 
 
 def _attention_qualifies(
@@ -242,7 +239,7 @@ def _library() -> ctypes.CDLL | None:
             "moekit_rmsnorm_f32": ([ptr, i64, i64, ptr, f64, ptr], None),
             "moekit_route_topk_f32": ([ptr, i64, ptr, *routing, *[ptr] * 3], None),
             "moekit_attend_one_f32": (
-                [*[ptr] * 3, i64, i64, *[ptr] * 4, *[i64] * 6, f32, i64, ptr, ptr],
+                [*[ptr] * 3, *[i64] * 3, *[ptr] * 4, *attention, ptr, ptr],
                 None,
             ),
             "moekit_layers_set_ops": ([ptr] * 5, None),

@@ -55,8 +55,9 @@ def plain_matrix(w: Tensor) -> bool:
     )
 
 
-def _plain_cpu_float32(t: Tensor) -> bool:
-    return cbuild.plain_cpu(t, torch.float32)
+def _plain(t: Tensor) -> bool:
+    """A plain (`cbuild.plain_cpu`) contiguous CPU float32 tensor."""
+    return cbuild.plain_cpu(t, torch.float32) and t.is_contiguous()
 
 
 def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
@@ -65,14 +66,12 @@ def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
     Anything else is F.linear's."""
     return (
         not (torch.is_grad_enabled() and _any_requires_grad(x, w, b))
-        and _plain_cpu_float32(x)
+        and cbuild.plain_cpu(x, torch.float32)
         and plain_matrix(w)
         and x.dim() >= 1
         and x.shape[-1] == w.shape[1]
         and x.numel() <= MAX_ROWS * w.shape[1]
-        and (
-            b is None or (_plain_cpu_float32(b) and b.shape == (w.shape[0],) and b.is_contiguous())
-        )
+        and (b is None or (_plain(b) and b.shape == (w.shape[0],)))
         and available()
     )
 
@@ -84,10 +83,9 @@ def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
         x_ND.dim() == 2
         and qualifies(x_ND, w_in, None)
         and not (torch.is_grad_enabled() and _any_requires_grad(w_out))
-        and _plain_cpu_float32(w_out)
+        and _plain(w_out)
         and w_out.dim() == 2
         and w_in.is_contiguous()
-        and w_out.is_contiguous()
         and w_in.shape[0] == 2 * w_out.shape[1]
         and w_out.shape[0] == w_in.shape[1]
     )
@@ -133,14 +131,19 @@ def kernel_expert_ffn(
     )
 
 
+def _sharing(cls: type[nn.Linear], module: nn.Linear) -> nn.Linear:
+    """A `cls` holding `module`'s own parameters (nothing is copied)."""
+    new = cls(module.in_features, module.out_features, bias=False, device="meta")
+    new.weight, new.bias = module.weight, module.bias
+    return new.train(module.training)
+
+
 class KernelLinear(nn.Linear):
     """nn.Linear (same parameters, state dict) whose forward is `linear`: the kernel for the
-    few-row no-grad float32 products of decoding on CPU, F.linear otherwise."""
+    few-row no-grad float32 products of decoding on CPU, F.linear otherwise. `sharing(module)`:
+    a KernelLinear holding `module`'s own parameters."""
 
-    @classmethod
-    def sharing(cls, module: nn.Linear) -> KernelLinear:
-        """A KernelLinear holding `module`'s own parameters (nothing is copied)."""
-        return _sharing(cls, module)
+    sharing = classmethod(_sharing)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
@@ -166,12 +169,6 @@ def remove_decode_kernels(model: MoETransformer) -> MoETransformer:
     remove_decode_glue(model)
     _use_products(model, KernelLinear, functools.partial(_sharing, nn.Linear), F.linear, expert_ffn)
     return model
-
-
-def _sharing(cls: type[nn.Linear], module: nn.Linear) -> nn.Linear:
-    new = cls(module.in_features, module.out_features, bias=False, device="meta")
-    new.weight, new.bias = module.weight, module.bias
-    return new.train(module.training)
 
 
 def _use_products(model: MoETransformer, old: type, new, linear_fn, ffn) -> None:

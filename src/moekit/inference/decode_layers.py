@@ -32,11 +32,13 @@ from moekit.inference.decode_glue import (
     _hooked,
     _library,
     _plain,
+    attention_args,
     decode_window,
 )
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.quant import kernels as quant_kernels
+from moekit.quant.kernels import _ptr
 from moekit.quant.modules import QuantizedLinear
 from moekit.quant.schemes import GROUP, QuantizedWeight
 
@@ -60,10 +62,6 @@ class AttentionRef(ctypes.Structure):
         ("qk_eps", ctypes.c_double),
         ("sinks", ctypes.c_void_p),
     ]
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def float_ref(w: Tensor, bias: Tensor | None = None) -> WeightRef | None:
@@ -217,18 +215,6 @@ def attention_weights(attn: Attention) -> AttentionRef | None:
     return _cached(attn, modules, lambda: _attention_refs(attn), extra)
 
 
-def attention_args(
-    attn: Attention, rope: tuple[Tensor, Tensor], cache: LayerKVCache, mask: AttentionMask
-) -> tuple:
-    """moekit_attention_block's arguments from cos to window: the position's angles, the cache
-    (its tensors, filled length, room), the heads and the keys attended (`decode_window`)."""
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    k, v = cache.k_BKLd, cache.v_BKLd
-    cos, sin = rope
-    return (cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), cache.length,
-            k.shape[2], H, KV, hd, hd**-0.5, decode_window(mask))  # fmt: skip
-
-
 def attention_forward(
     attn: Attention,
     x_BSD: Tensor,
@@ -256,7 +242,7 @@ def attention_forward(
         x_BSD.data_ptr(),
         B,
         ctypes.byref(refs),
-        *attention_args(attn, rope, cache, mask),
+        *attention_args(H, KV, hd, rope, cache, mask),
         scratch.data_ptr(),
         out.data_ptr(),
     )

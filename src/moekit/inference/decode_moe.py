@@ -250,11 +250,7 @@ def moe_forward(
 
 def router_ref(router: Router) -> WeightRef | None:
     """The router's weight (and bias) as the C calls read them (float32), or None."""
-    return _cached(router, (router,), lambda: _router_weight(router))
-
-
-def _router_weight(router: Router) -> WeightRef | None:
-    return float_ref(router.weight.detach(), None if router.bias is None else router.bias)
+    return _cached(router, (router,), lambda: float_ref(router.weight.detach(), router.bias))
 
 
 def resident_args(layer: MoELayer) -> tuple | None:
@@ -271,7 +267,7 @@ def _resident_args(layer: MoELayer) -> tuple | None:
     if not _layer_qualifies(layer):
         return None
     r, refs, act = (
-        _router_weight(layer.router),
+        router_ref(layer.router),
         _expert_refs(layer.experts),
         activation_ref(layer.experts),
     )

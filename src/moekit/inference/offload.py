@@ -19,7 +19,7 @@ from moekit.config import ModelConfig, QuantizeConfig
 from moekit.inference.budget import resolve_budget
 from moekit.inference.cache import ExpertCache, make_policy
 from moekit.inference.offloaded_experts import OffloadedExperts
-from moekit.inference.store import CheckpointExpertStore, ExpertStore, offloaded_layers
+from moekit.inference.store import CheckpointExpertStore, ExpertStore
 from moekit.model.transformer import MoETransformer
 from moekit.quant.modules import quantize_model
 from moekit.userfiles import open_safetensors
@@ -60,8 +60,8 @@ def apply_expert_offload(
     prefetch: bool = False,
     expert_counts: Tensor | None = None,
 ) -> ExpertOffload:
-    """Replace the experts of each of the `offloaded_layers` (`Experts` or `QuantizedExperts`) by
-    `OffloadedExperts` reading from `expert_dir` (written by `write_expert_files`) or a
+    """Replace the experts (`Experts` or `QuantizedExperts`) of each MoE layer, the MTP blocks'
+    too, by `OffloadedExperts` reading from `expert_dir` (written by `write_expert_files`) or a
     `CheckpointExpertStore`, through one `ExpertCache` of `budget` experts (`resolve_budget`; bytes
     count the experts as stored). Everything is checked before the model is changed.
 
@@ -74,7 +74,7 @@ def apply_expert_offload(
     if not isinstance(store, CheckpointExpertStore):
         store = ExpertStore(expert_dir, model)
     moe = model.cfg.moe
-    layers = offloaded_layers(model)
+    layers = model.moe_layers(with_mtp=True)
     capacity = expert_capacity(store, model, budget)
     pol = make_policy(policy, expert_counts, n_static=capacity - moe.top_k)
     cache = ExpertCache(store.load, capacity, pol)
@@ -102,7 +102,7 @@ def expert_capacity(
     """`budget` as a number of experts of `model` stored as in `store` (`resolve_budget`: an error
     naming offload.budget when it cannot hold top_k of them)."""
     moe = model.cfg.moe
-    n_total = len(offloaded_layers(model)) * moe.n_experts
+    n_total = len(model.moe_layers(with_mtp=True)) * moe.n_experts
     return resolve_budget(
         budget, n_total, store.expert_bytes, moe.top_k, name="offload.budget",
         stored_as=store.stored_as,

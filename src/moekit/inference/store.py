@@ -23,7 +23,6 @@ from moekit.experts import Experts
 from moekit.fileio import atomic_path
 from moekit.inference.cache import ExpertWeight, Key
 from moekit.model.transformer import MoETransformer
-from moekit.moe import MoELayer
 from moekit.quant.modules import QuantizedExperts
 from moekit.quant.schemes import QuantizedWeight
 from moekit.userfiles import DTYPES, open_safetensors, read_json
@@ -76,18 +75,11 @@ def layout_of(stored: dict[str, tuple[str | None, dict[str, Tensor]]]) -> Layout
     return {w: (scheme, tuple(stacked)) for w, (scheme, stacked) in stored.items()}
 
 
-def offloaded_layers(model: MoETransformer) -> list[MoELayer]:
-    """The MoE layers whose experts are offloaded, in order: the main model's, then its MTP
-    blocks' (a draft token reads them as a verified one reads the main layers'; DeepSeek-V3's MTP
-    block alone holds 256 experts). Expert files and cache keys number them in this order."""
-    return model.moe_layers(with_mtp=True)
-
-
 def directory_identity(model: MoETransformer) -> dict[str, Any]:
     """What an expert directory's manifest holds: `model_identity`, plus the schemes of quantized
     experts (a float directory cannot serve a quantized model, nor the reverse)."""
     identity = model_identity(model.cfg)
-    layers = offloaded_layers(model)
+    layers = model.moe_layers(with_mtp=True)
     schemes = {w: scheme for w, (scheme, _) in stored_experts(layers[0].experts).items()}
     if any(schemes.values()):
         identity["quantized"] = schemes
@@ -95,13 +87,16 @@ def directory_identity(model: MoETransformer) -> dict[str, Any]:
 
 
 def write_expert_files(model: MoETransformer, expert_dir: str | Path) -> Path:
-    """Write every offloaded layer's routed experts (`offloaded_layers`) as `layer-NNN.safetensors`
-    (keys "E.<name>", the names of `stored_experts`) plus a manifest, atomically."""
+    """Write the routed experts of every MoE layer, the main model's then its MTP blocks' (a draft
+    token reads them as a verified one reads the main layers'; DeepSeek-V3's MTP block alone
+    holds 256 experts; expert files and cache keys number them in this order), as
+    `layer-NNN.safetensors` (keys "E.<name>", the names of `stored_experts`) plus a manifest,
+    atomically."""
     expert_dir = Path(expert_dir)
     identity = directory_identity(model)
     with atomic_path(expert_dir) as tmp:
         tmp.mkdir()
-        for i, layer in enumerate(offloaded_layers(model)):
+        for i, layer in enumerate(model.moe_layers(with_mtp=True)):
             tensors = {}
             for _, stacked in stored_experts(layer.experts).values():
                 for name, t_E in stacked.items():
@@ -134,7 +129,7 @@ class ExpertStore:
                 f"the experts in {self.dir} belong to another model: {found} != {identity}"
             )
         self.layouts, self.headers = [], []
-        for i, layer in enumerate(offloaded_layers(model)):
+        for i, layer in enumerate(model.moe_layers(with_mtp=True)):
             path = layer_file(self.dir, i)
             if not path.is_file():
                 raise FileNotFoundError(f"expert file {path} is missing; {REWRITE_EXPERTS}")
@@ -179,7 +174,7 @@ class CheckpointExpertStore:
         header, self.data_start = tensor_layout(self.path, remedy)
         self.layouts, self.entries, self.routed_keys = [], [], set()
         names = {id(m): n for n, m in model.named_modules()}
-        for layer in offloaded_layers(model):
+        for layer in model.moe_layers(with_mtp=True):
             layer_name = names[id(layer)]
             stored, entries = stored_experts(layer.experts), {}
             for scheme, stacked in stored.values():
