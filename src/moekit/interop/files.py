@@ -54,7 +54,6 @@ def find_weight_files(folder: Path) -> dict[str, WeightInfo]:
     Uses model.safetensors.index.json when there is one (sharded checkpoints), else the single
     model.safetensors. Every file's header is read and checked here, before any weight is.
     """
-    folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
         return _from_index(folder, index)

@@ -100,9 +100,7 @@ Shape = tuple[int, ...]
 Piece = tuple[int | slice | tuple[int, slice], Tensor]
 
 
-def expected_shapes(
-    source: Source, ours: tuple[int, ...], keys: list[str]
-) -> dict[str, tuple[int, ...]]:
+def expected_shapes(source: Source, ours: Shape, keys: list[str]) -> dict[str, Shape]:
     """{checkpoint key: required shape} of the `keys` of `source` for one moekit tensor of shape
     `ours`: what the op's saver makes of it (on the meta device)."""
     saved = OPS[source.op][1](torch.empty(ours, device="meta"), keys)

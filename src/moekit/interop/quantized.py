@@ -351,7 +351,5 @@ def load_mxfp4(
             dest.data[e].copy_(qw_OI.data)
             dest.scales[e].copy_(qw_OI.scales)
             continue
-        rows_per_slice = max(1, SLICE_BYTES // (4 * qw_OI.shape[-1]))
-        for start in range(0, qw_OI.shape[0], rows_per_slice):
-            part = slice(start, start + rows_per_slice)
+        for part in fp8_row_slices(qw_OI.shape, (1, 1), SLICE_BYTES // 4):  # blocks of a row
             yield (e, part), qw_OI[part].dequantize(reader.dtype)
