@@ -19,15 +19,13 @@ from moekit.train.sample import load_run
 ROUTER_STD = 1e-3  # a near-uniform router at the start: every expert is the same function anyway
 
 
-def upcycle_config(
-    dense: ModelConfig, n_experts: int, top_k: int, aux_loss_coef: float = 0.01
-) -> ModelConfig:
+def upcycle_config(dense: ModelConfig, n_experts: int, top_k: int) -> ModelConfig:
     """The MoE config of an upcycled dense model: every layer's FFN becomes E experts of d_ff."""
     if dense.moe is not None or dense.d_ff is None:
         raise ValueError("upcycling needs a dense model (model.moe=None with d_ff set)")
     moe = MoEConfig(
         d_model=dense.d_model, d_expert=dense.d_ff, n_experts=n_experts, top_k=top_k,
-        normalize=True, aux_loss_coef=aux_loss_coef,
+        normalize=True, aux_loss_coef=0.01,
     )  # fmt: skip
     return dense.replace(moe=moe, moe_layers="all", first_dense=0)
 
