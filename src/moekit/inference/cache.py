@@ -64,8 +64,7 @@ class Policy:
 
     def insert(self, key: Key) -> None:
         """A key loaded without being requested (prefetched): known, but not a use."""
-        if key not in self.order:
-            self.order[key] = None
+        self.order.setdefault(key)
 
     def victim(self, candidates: set[Key]) -> Key | None:
         return next((k for k in self.order if k in candidates), None)
@@ -282,7 +281,8 @@ class ExpertCache:
             candidates = set(self.resident) - set(self.pinned) - protect
             victim = self.policy.victim(candidates)
             if victim is not None:
-                self._evict(victim)
+                del self.resident[victim]
+                self.unused_prefetch.discard(victim)
             elif wait and self.pending:  # every slot is loading: let one finish
                 future = next(iter(self.pending.values()))
                 self.lock.release()
@@ -323,7 +323,3 @@ class ExpertCache:
             self.pending.pop(key, None)
             self.stats.bytes_read += sum(t.nbytes for t in tensors_of(weights))
         future.set_result(None)
-
-    def _evict(self, key: Key) -> None:
-        del self.resident[key]
-        self.unused_prefetch.discard(key)

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit import cbuild
-from moekit.cbuild import any_requires_grad as _any_requires_grad
-from moekit.cbuild import call as _call
 from moekit.config import MoEConfig
 from moekit.experts.experts import expert_ffn
 from moekit.model.transformer import MoETransformer
@@ -65,7 +63,7 @@ def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
     w a `plain_matrix`, b (O,) contiguous, no gradient needed by any of them, the kernel built.
     Anything else is F.linear's."""
     return (
-        not (torch.is_grad_enabled() and _any_requires_grad(x, w, b))
+        not (torch.is_grad_enabled() and cbuild.any_requires_grad(x, w, b))
         and cbuild.plain_cpu(x, torch.float32)
         and plain_matrix(w)
         and x.dim() >= 1
@@ -82,7 +80,7 @@ def expert_qualifies(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
     return (
         x_ND.dim() == 2
         and qualifies(x_ND, w_in, None)
-        and not (torch.is_grad_enabled() and _any_requires_grad(w_out))
+        and not (torch.is_grad_enabled() and cbuild.any_requires_grad(w_out))
         and _plain(w_out)
         and w_out.dim() == 2
         and w_in.is_contiguous()
@@ -96,9 +94,9 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if not qualifies(x, w, b):
         return F.linear(x, w, b)
     if x.dim() == 2:  # no views in and out: ~30% less time a call (the routers' products)
-        return _call(_linear_cpu, torch.ops.moekit.linear.default, x.contiguous(), w, b)
+        return cbuild.call(_linear_cpu, torch.ops.moekit.linear.default, x.contiguous(), w, b)
     x_RI = x.reshape(-1, w.shape[1]).contiguous()
-    y_RO = _call(_linear_cpu, torch.ops.moekit.linear.default, x_RI, w, b)
+    y_RO = cbuild.call(_linear_cpu, torch.ops.moekit.linear.default, x_RI, w, b)
     return y_RO.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -110,7 +108,7 @@ def swiglu_expert(x_ND: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
         gate, up = F.linear(x_ND, w_in).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w_out)
     op = torch.ops.moekit.swiglu_expert.default
-    return _call(_swiglu_expert_cpu, op, x_ND.contiguous(), w_in, w_out)
+    return cbuild.call(_swiglu_expert_cpu, op, x_ND.contiguous(), w_in, w_out)
 
 
 def kernel_expert_ffn(
