@@ -264,8 +264,7 @@ def _save_plan(
         for key in keys:
             out[key] = _Pending(tensor, source, keys, shapes[key], out_dtype)
     for copy, original in arch.copies(cfg).items():
-        main = out[original]
-        out[copy] = main._replace(source=Source((copy,)), keys=[copy])
+        out[copy] = out[original]._replace(source=Source((copy,)), keys=[copy])
     return out
 
 
