@@ -45,8 +45,6 @@ class Source:
 KeyMap = dict[str, "Source | tuple[Source, Source]"]
 LAYOUTS = ("per_expert", "fused")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
 _MTP = re.compile(r"^mtp\.(\d+)\.")
 
 

@@ -306,10 +306,7 @@ def check_kept(
 
 
 def fill(
-    dest: Tensor | QuantizedWeight,
-    op: str,
-    keys: list[str],
-    reader: DequantizingReader,
+    dest: Tensor | QuantizedWeight, op: str, keys: list[str], reader: DequantizingReader
 ) -> None:
     """Fill one moekit tensor `dest` (float, or its quantized storage) from the checkpoint `keys`
     joined by the key-map `op`, one piece at a time: at most one expert, or one slice of rows, is
@@ -327,10 +324,7 @@ def fill(
 
 
 def load_mxfp4(
-    dest: Tensor | QuantizedWeight,
-    key: str,
-    op: str,
-    reader: DequantizingReader,
+    dest: Tensor | QuantizedWeight, key: str, op: str, reader: DequantizingReader
 ) -> Iterator[Piece]:
     """Load moekit's stacked expert weight (w_in (E, 2F, D) or w_out (E, D, F)) from the MXFP4
     pair of `key`, one expert at a time through `mxfp4_expert_weight` (the bytes as shipped, rows
