@@ -236,12 +236,9 @@ static void rows(const weight_ref *w, const void *p, int64_t R, int64_t o0, int6
 
 /* Inside a parallel region: y (R, O) = x @ W^T, the rows split between its threads; no barrier. */
 static void product(const weight_ref *w, const void *p, int64_t R, float *y) {
-    const int64_t tasks = (w->O + ROWS_A_TASK - 1) / ROWS_A_TASK;
 #pragma omp for schedule(static) nowait
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t o0 = t * ROWS_A_TASK, o1 = o0 + ROWS_A_TASK < w->O ? o0 + ROWS_A_TASK : w->O;
-        rows(w, p, R, o0, o1, y);
-    }
+    for (int64_t o0 = 0; o0 < w->O; o0 += ROWS_A_TASK)
+        rows(w, p, R, o0, o0 + ROWS_A_TASK < w->O ? o0 + ROWS_A_TASK : w->O, y);
 }
 
 /* One token x (D) through K gated experts, w_in[k] (2F, D) = [W_gate; W_up] and w_out[k] (D, F)
@@ -284,10 +281,9 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
             if (pa[k] == NULL) failed = 1;
         }
         if (!failed) {
-            const int64_t d_tasks = (D + ROWS_A_TASK - 1) / ROWS_A_TASK;
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < d_tasks; t++) {
-                int64_t d0 = t * ROWS_A_TASK, d1 = d0 + ROWS_A_TASK < D ? d0 + ROWS_A_TASK : D;
+            for (int64_t d0 = 0; d0 < D; d0 += ROWS_A_TASK) {
+                int64_t d1 = d0 + ROWS_A_TASK < D ? d0 + ROWS_A_TASK : D;
                 for (int64_t k = 0; k < K; k++) {
                     float *yk = h + K * 2 * F + k * D; /* expert k's output */
                     rows(&w_out[k], pa[k], 1, d0, d1, yk);

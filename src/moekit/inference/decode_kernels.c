@@ -153,12 +153,9 @@ static rows_fn best_rows(void) {
 /* y (R, O) = x (R, I) @ W^T (+ b), the outputs split between the threads in blocks. */
 static void linear_rows(rows_fn rows, const float *x, int64_t ldx, int64_t R, int64_t I,
                         const float *W, int64_t ldw, int64_t O, const float *b, float *y) {
-    const int64_t blocks = (O + ROWS_A_BLOCK - 1) / ROWS_A_BLOCK;
 #pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_ELEMENTS)
-    for (int64_t k = 0; k < blocks; k++) {
-        int64_t o0 = k * ROWS_A_BLOCK, o1 = o0 + ROWS_A_BLOCK < O ? o0 + ROWS_A_BLOCK : O;
-        rows(x, ldx, R, I, W, ldw, o0, o1, O, b, y);
-    }
+    for (int64_t o0 = 0; o0 < O; o0 += ROWS_A_BLOCK)
+        rows(x, ldx, R, I, W, ldw, o0, o0 + ROWS_A_BLOCK < O ? o0 + ROWS_A_BLOCK : O, O, b, y);
 }
 
 /* x (R, I) contiguous; W rows of I floats, ldw floats apart; b (O,) or NULL; y (R, O) contiguous. */
@@ -168,7 +165,7 @@ void moekit_linear_f32(const float *x, int64_t R, int64_t I, const float *W, int
 }
 
 /* Rows [o0, o1) of moekit_linear_f32's y (R, O), on the calling thread (for callers that split
- * the rows between their own threads: moekit/inference/decode_layers.c). */
+ * the rows between their own threads: moekit/inference/decode_glue.c). */
 void moekit_linear_rows_f32(const float *x, int64_t R, int64_t I, const float *W, int64_t ldw,
                             int64_t o0, int64_t o1, int64_t O, const float *b, float *y) {
     best_rows()(x, I, R, I, W, ldw, o0, o1, O, b, y);

@@ -120,9 +120,9 @@ class ActivationRef(ctypes.Structure):
     _fields_ = [("clamped", ctypes.c_int), ("alpha", ctypes.c_float), ("limit", ctypes.c_float)]
 
 
-def activation_ref(experts: nn.Module) -> ActivationRef | bool | None:
-    """How the C layers compute the experts' activation: None for SwiGLU (their own), an
-    `ActivationRef` for the clamped SwiGLU (where the quantized kernels, which run it, are
+def activation_ref(experts: nn.Module) -> ctypes._Pointer | bool | None:
+    """How the C layers compute the experts' activation: None for SwiGLU (their own), a pointer
+    to an `ActivationRef` for the clamped SwiGLU (where the quantized kernels, which run it, are
     built); False where they cannot (an ungated activation; biased SwiGLU experts without the
     quantized kernels, whose per-expert reference then runs torch's silu)."""
     cfg = experts.cfg
@@ -130,7 +130,7 @@ def activation_ref(experts: nn.Module) -> ActivationRef | bool | None:
     if cfg.activation == "swiglu" and not (biased and not quant_kernels.available()):
         return None  # (the per-expert reference of biased ones runs the quantized kernels' glu)
     if cfg.activation == "clamped_swiglu" and quant_kernels.available():
-        return ActivationRef(1, cfg.swiglu_alpha, cfg.swiglu_limit)
+        return ctypes.pointer(ActivationRef(1, cfg.swiglu_alpha, cfg.swiglu_limit))
     return False
 
 
@@ -266,14 +266,10 @@ def resident_args(layer: MoELayer) -> tuple | None:
 def _resident_args(layer: MoELayer) -> tuple | None:
     if not _layer_qualifies(layer):
         return None
-    r, refs, act = (
-        router_ref(layer.router),
-        _expert_refs(layer.experts),
-        activation_ref(layer.experts),
-    )
+    r, refs = router_ref(layer.router), _expert_refs(layer.experts)
+    act = activation_ref(layer.experts)
     if r is None or refs is None or act is False:
         return None
-    act = None if act is None else ctypes.pointer(act)
     return (ctypes.byref(r), *_topk_args(layer.router), refs[0], refs[1], act)
 
 
@@ -311,7 +307,7 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
             x_TD.data_ptr(),
             K,
             *arrays,
-            None if act is None else ctypes.byref(act),
+            act,
             chosen_weights,
             h,
             y_TD.data_ptr(),
