@@ -33,7 +33,7 @@ from moekit.interop.files import (
     read_checkpoint_json,
     write_shards,
 )
-from moekit.interop.keymaps import LAYOUTS, OPS, Source, expected_shapes, placements
+from moekit.interop.keymaps import LAYOUTS, OPS, expected_shapes, placements
 from moekit.interop.plan import check_copies, choose_mtp, plan_load
 from moekit.interop.quantized import (
     DequantizingReader,
@@ -233,11 +233,11 @@ def save_hf(
 
 
 class _Pending(NamedTuple):
-    """One checkpoint tensor to write: made by `source`'s op from the moekit `tensor` (with the
+    """One checkpoint tensor to write: made by the key-map `op` from the moekit `tensor` (with the
     other `keys` it produces), of `shape`, written in `dtype`."""
 
     tensor: Tensor
-    source: Source
+    op: str
     keys: list[str]
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -262,9 +262,9 @@ def _save_plan(
         out_dtype = dtype if name not in buffers and tensor.is_floating_point() else tensor.dtype
         shapes = expected_shapes(source, tuple(tensor.shape), keys)
         for key in keys:
-            out[key] = _Pending(tensor, source, keys, shapes[key], out_dtype)
+            out[key] = _Pending(tensor, source.op, keys, shapes[key], out_dtype)
     for copy, original in arch.copies(cfg).items():
-        out[copy] = out[original]._replace(source=Source((copy,)), keys=[copy])
+        out[copy] = out[original]._replace(op="copy", keys=[copy])
     return out
 
 
@@ -278,7 +278,7 @@ def _materialise(tensors: dict[str, _Pending], names: list[str]) -> dict[str, Te
         if name in out:
             continue  # made with an earlier key of the same moekit tensor
         pending = tensors[name]
-        for key, value in OPS[pending.source.op][1](pending.tensor.detach(), pending.keys):
+        for key, value in OPS[pending.op][1](pending.tensor.detach(), pending.keys):
             if key in wanted:
                 value = value.to(pending.dtype).contiguous()
                 out[key] = value.clone() if value.data_ptr() in starts else value
