@@ -34,9 +34,9 @@ from moekit.interop import CheckpointError, load_hf, save_hf
 from moekit.interop import hf as interop_hf
 from moekit.interop import quantized as interop_quantized
 from moekit.quant.formats import (
+    block_row_slices,
     check_fp8_scales,
     dequantize_fp8_blocks,
-    fp8_row_slices,
     mxfp4_expert_weight,
 )
 from moekit.quant.modules import QuantizedLinear, quantize_model
@@ -150,12 +150,12 @@ def test_fp8_block_size_is_the_configs_not_shape_over_grid() -> None:
     assert scale_inv[1, 1] < 0 and torch.equal(ours[128:, 128:], expected)
 
 
-def test_fp8_row_slices_dequantize_like_the_whole_weight() -> None:
+def test_block_row_slices_dequantize_an_fp8_weight_like_the_whole_weight() -> None:
     torch.manual_seed(1)
     w_fp8, scale_inv = quantize_fp8(torch.randn(41, 30), FP8_BLOCK)
     scale_inv = odd_scales(scale_inv)
     whole = dequantize_fp8_blocks(w_fp8, scale_inv, FP8_BLOCK)
-    slices = fp8_row_slices((41, 30), FP8_BLOCK, max_elements=16 * 30)
+    slices = block_row_slices((41, 30), FP8_BLOCK, max_elements=16 * 30)
     assert [(s.start, s.stop) for s in slices] == [(0, 16), (16, 32), (32, 41)]
     for start, stop in ((0, 16), (5, 23), (17, 41), (40, 41)):
         grid_rows = scale_inv[start // 16 : -(-stop // 16)]

@@ -33,10 +33,10 @@ from moekit.interop.files import CheckpointError, WeightInfo
 from moekit.interop.keymaps import OPS, Piece, Source
 from moekit.quant.formats import (
     FP8_FORMATS,
+    block_row_slices,
     check_fp8_scales,
     check_mxfp4_pair,
     dequantize_fp8_blocks,
-    fp8_row_slices,
     mxfp4_expert_weight,
 )
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear
@@ -256,7 +256,7 @@ class DequantizingReader(CheckpointReader):
             yield from super().row_slices(key)
             return
         budget = SLICE_BYTES // 4  # elements: each is dequantized through float32
-        yield from fp8_row_slices(
+        yield from block_row_slices(
             self.view.files[key].shape, self.view.quantization.block_size, budget
         )
 
@@ -345,5 +345,5 @@ def load_mxfp4(
             dest.data[e].copy_(qw_OI.data)
             dest.scales[e].copy_(qw_OI.scales)
             continue
-        for part in fp8_row_slices(qw_OI.shape, (1, 1), SLICE_BYTES // 4):  # blocks of a row
+        for part in block_row_slices(qw_OI.shape, (1, 1), SLICE_BYTES // 4):  # one-row blocks
             yield (e, part), qw_OI[part].dequantize(reader.dtype)

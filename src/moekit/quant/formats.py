@@ -82,7 +82,7 @@ def dequantize_fp8_blocks(
     return w_MN.float().mul_(scale_MN).to(dtype)
 
 
-def fp8_row_slices(
+def block_row_slices(
     shape_MN: tuple[int, ...], block_size: tuple[int, int], max_elements: int
 ) -> list[slice]:
     """Row slices of a weight (M, N), whole block rows of about `max_elements` or fewer each
