@@ -17,17 +17,11 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import (
-    _cache_qualifies,
-    _hooked,
-    _library,
-    _plain,
-    attention_args,
-    decode_window,
-)
+from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
 from moekit.inference.decode_layers import (
     _cached,
     _kept,
+    attention_args,
     attention_modules,
     attention_weights,
     norm_args,
