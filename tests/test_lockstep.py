@@ -145,6 +145,46 @@ def test_a_run_stopped_while_it_starts_is_interrupted_where_ctrl_c_is_ignored(tm
     assert run.exitcode == INTERRUPTED and time.monotonic() - started < 60
 
 
+# run_in_parallel in a session of its own, as from a terminal: "following" once the runs started
+TERMINAL_RUN = """
+import sys
+from pathlib import Path
+from tests.run_cases import tiny_run
+from moekit.train import lockstep
+work = Path(sys.argv[1])
+cfg = tiny_run(work, steps=100_000)
+follow = lockstep._follow
+def announced(*args):
+    print("following", flush=True)
+    return follow(*args)
+lockstep._follow = announced
+try:
+    lockstep.run_in_parallel({"a": cfg, "b": cfg}, {"a": work / "a", "b": work / "b"}, False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a terminal's process group, POSIX")
+def test_a_terminal_ctrl_c_while_the_runs_start_stops_them_without_a_traceback(tmp_path) -> None:
+    """A terminal's Ctrl-C reaches its whole foreground process group, which holds the runs until
+    they leave it (seconds, importing torch first): they start deaf to it, and the parent passes
+    it on once they listen, so each saves and exits 130 instead of dying with a traceback."""
+    tiny_run(tmp_path)  # the data is cached by the parent before it starts the runs
+    parent = subprocess.Popen(
+        [sys.executable, "-c", TERMINAL_RUN, str(tmp_path)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "following\n"
+        time.sleep(0.5)  # the runs are importing (an interpreter just exec'd dies silently)
+        os.killpg(parent.pid, signal.SIGINT)  # as the terminal does: every process of the group
+        out, err = parent.communicate(timeout=120)
+    finally:
+        parent.kill()
+    assert out == "interrupted\n" and "Traceback" not in err, err
+
+
 def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(
     side_by_side, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ to share the machine:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import multiprocessing
@@ -20,6 +21,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -137,13 +139,15 @@ def run_in_parallel(
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
     processes, listening = {}, {}  # listening: set once the run's Ctrl-C handler is in place
     try:
-        for name, cfg in configs.items():
-            threads = cfg.train.threads or parallel_threads(len(configs))
-            train_cfg = cfg.train.replace(threads=threads, progress=False)
-            listening[name] = context.Event()
-            args = (cfg.replace(train=train_cfg), str(run_dirs[name]), os.getpid(), listening[name])
-            processes[name] = context.Process(target=_train_one, args=args, name=name)
-            processes[name].start()
+        with _runs_start_deaf():
+            for name, cfg in configs.items():
+                threads = cfg.train.threads or parallel_threads(len(configs))
+                train_cfg = cfg.train.replace(threads=threads, progress=False)
+                listening[name] = context.Event()
+                run_dir = str(run_dirs[name])
+                args = (cfg.replace(train=train_cfg), run_dir, os.getpid(), listening[name])
+                processes[name] = context.Process(target=_train_one, args=args, name=name)
+                processes[name].start()
         ended_well = {0, DIVERGED} if divergence_ends_a_run else {0}
         _follow(processes, configs, run_dirs, progress, ended_well)
     finally:
@@ -173,15 +177,30 @@ def _follow(
             time.sleep(1.0)
 
 
+@contextlib.contextmanager
+def _runs_start_deaf() -> Iterator[None]:
+    """Runs started here ignore Ctrl-C until they listen for it (`_train_one`): a terminal's
+    Ctrl-C reaches a run still importing torch, in the terminal's process group, and would end
+    it with a traceback; `_stop` passes the Ctrl-C on once it listens (the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by spawned processes
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _stop(runs: Sequence[tuple[multiprocessing.process.BaseProcess, Any]]) -> None:
     """Ask the runs (process, its `listening` event) still going to stop as one Ctrl-C does (a
     checkpoint, then exit; they are in process groups of their own, so a terminal's Ctrl-C reached
-    only this process), then wait. A run still starting is waited for until it listens: a Ctrl-C
-    sent before would be lost where this process ignores SIGINT (a shell's background job, CI),
-    as its children inherit that, and the run would train to its end unasked."""
+    only this process), then wait. A run still starting ignores Ctrl-C (`_runs_start_deaf`, or a
+    shell's background job's SIGINT ignored, as in CI): it is waited for until it listens (120 s
+    for all at most), or the Ctrl-C would be lost and the run would train to its end unasked."""
+    deadline = time.monotonic() + 120
     for p, listening in runs:
-        started = time.monotonic()
-        while p.is_alive() and not listening.wait(0.1) and time.monotonic() - started < 120:
+        while p.is_alive() and not listening.wait(0.1) and time.monotonic() < deadline:
             pass
         if p.is_alive():
             os.kill(p.pid, signal.SIGINT)
@@ -233,6 +252,7 @@ def _train_one(cfg: RunConfig, run_dir: str, parent: int, listening: Any) -> Non
         listening.set()
         keep_freed_memory()  # as `moekit train` does; it lasts for this process only
         result = train(cfg, run_dir)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # it has ended: a late stop changes nothing
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
