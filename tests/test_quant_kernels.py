@@ -492,8 +492,12 @@ def test_bfloat16_activations_run_the_kernel_in_float32(monkeypatch) -> None:
     torch.testing.assert_close(y, expected.bfloat16())
 
 
-BODY_CASES = [(*scheme, a) for scheme in SCHEMES for a in ("int8", "float")]
-BODY_CASES = [case for case in BODY_CASES if case[::2] != ("bf16", "int8")]  # bf16: float x only
+BODY_CASES = [  # bf16 takes float x only
+    pytest.param(*scheme, a, id=f"{name}-{a}")
+    for scheme, name in zip(SCHEMES, IDS, strict=True)
+    for a in ("int8", "float")
+    if (scheme[0], a) != ("bf16", "int8")
+]
 
 
 @pytest.mark.parametrize(("scheme", "zero_point", "activations"), BODY_CASES)
