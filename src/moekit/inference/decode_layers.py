@@ -38,7 +38,7 @@ from moekit.inference.decode_glue import (
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.quant import kernels as quant_kernels
-from moekit.quant.kernels import _ptr
+from moekit.quant.kernels import optional_ptr
 from moekit.quant.modules import QuantizedLinear
 from moekit.quant.schemes import GROUP, QuantizedWeight
 
@@ -75,7 +75,7 @@ def float_ref(w: Tensor, bias: Tensor | None = None) -> WeightRef | None:
     ):
         return None
     O, I = w.shape
-    return WeightRef(-1, O, I, w.stride(0), w.data_ptr(), None, None, _ptr(bias))
+    return WeightRef(-1, O, I, w.stride(0), w.data_ptr(), None, None, optional_ptr(bias))
 
 
 def quant_ref(qw: QuantizedWeight, bias: Tensor | None = None) -> WeightRef | None:
@@ -89,9 +89,8 @@ def quant_ref(qw: QuantizedWeight, bias: Tensor | None = None) -> WeightRef | No
     ):
         return None
     kind = quant_kernels._kind(qw.scheme, qw.offsets)
-    return WeightRef(
-        kind, O, I, I, qw.data.data_ptr(), _ptr(qw.scales), _ptr(qw.offsets), _ptr(bias)
-    )
+    scales, offsets, bias_ptr = (optional_ptr(t) for t in (qw.scales, qw.offsets, bias))
+    return WeightRef(kind, O, I, I, qw.data.data_ptr(), scales, offsets, bias_ptr)
 
 
 def projection_ref(module: nn.Module) -> WeightRef | None:
@@ -275,7 +274,7 @@ def _attention_refs(attn: Attention) -> AttentionRef | None:
         return None
     q_norm, k_norm = (None if n is None else n[0] for n in norms)
     eps = 0.0 if norms[0] is None else norms[0][1]
-    return AttentionRef(*refs, q_norm, k_norm, eps, _ptr(sinks))
+    return AttentionRef(*refs, q_norm, k_norm, eps, optional_ptr(sinks))
 
 
 def norm_args(norm: nn.Module | None, D: int) -> tuple[int, float] | None:

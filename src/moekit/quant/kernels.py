@@ -192,10 +192,10 @@ def _linear_cpu(
         R,
         I,
         data.data_ptr(),
-        _ptr(scales),
-        _ptr(offsets),
+        optional_ptr(scales),
+        optional_ptr(offsets),
         O,
-        _ptr(bias),
+        optional_ptr(bias),
         y_RO.data_ptr(),
     )
     if status != 0:
@@ -228,13 +228,13 @@ def _swiglu_expert_cpu(
         N,
         D,
         data_in.data_ptr(),
-        _ptr(scales_in),
-        _ptr(offsets_in),
+        optional_ptr(scales_in),
+        optional_ptr(offsets_in),
         data_in.shape[0] // 2,  # F
         _kind(scheme_out, offsets_out),
         data_out.data_ptr(),
-        _ptr(scales_out),
-        _ptr(offsets_out),
+        optional_ptr(scales_out),
+        optional_ptr(offsets_out),
         h_NH.data_ptr(),
         y_ND.data_ptr(),
     )
@@ -251,7 +251,8 @@ def _kind(scheme: str, offsets: Tensor | None) -> int:
     return _KIND["int4_zp" if offsets is not None else scheme]
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def optional_ptr(t: Tensor | None) -> int | None:
+    """A tensor's data pointer for a C call, or None (NULL) for an absent one."""
     return None if t is None else t.data_ptr()
 
 
