@@ -204,7 +204,8 @@ _MHA = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 def attention_keys(names: dict[str, str] | None = None) -> KeyMap:
     """Attention's projections and norms under `self_attn.`, weights and biases: `names` maps
     moekit's module names to the checkpoint's (default: multi-head attention's q/k/v/o
-    projections and q/k norms, named alike)."""
+    projections and q/k norms, named alike). Only moekit's own tensors are looked up, so a norm's
+    bias entry is never used (its norms have none)."""
     names = names or {n: n for n in _MHA}
     return {
         f"layers.{{i}}.attn.{ours}.{kind}": Source((f"{LAYER}self_attn.{theirs}.{kind}",))
