@@ -153,3 +153,8 @@ def plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
 
 def any_requires_grad(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def optional_ptr(t: Tensor | None) -> int | None:
+    """A tensor's data pointer for a C call, or None (NULL) for an absent one."""
+    return None if t is None else t.data_ptr()

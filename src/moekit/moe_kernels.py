@@ -136,7 +136,7 @@ def _scatter_rows_cpu(
 ) -> Tensor:
     R, D = y_RD.shape
     out_TD = y_RD.new_empty(n_tokens, D)
-    w = None if weights_R is None else weights_R.data_ptr()
+    w = cbuild.optional_ptr(weights_R)
     status = _library().moekit_scatter_rows(
         y_RD.data_ptr(), w, token_R.data_ptr(), R, D, n_tokens, out_TD.data_ptr()
     )
@@ -150,7 +150,7 @@ def _scaled_rows_cpu(
     R, D = token_R.shape[0], x_TD.shape[1]
     out = [x_TD.new_empty(R, D)] + ([] if y_RD is None else [x_TD.new_empty(R)])
     dots = out[1] if y_RD is not None else None
-    w, y, dots = (None if t is None else t.data_ptr() for t in (weights_R, y_RD, dots))
+    w, y, dots = (cbuild.optional_ptr(t) for t in (weights_R, y_RD, dots))
     status = _library().moekit_scaled_rows(
         x_TD.data_ptr(), x_TD.shape[0], token_R.data_ptr(), w, R, D, out[0].data_ptr(), y, dots
     )

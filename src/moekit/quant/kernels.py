@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit import cbuild
+from moekit.cbuild import optional_ptr
 from moekit.experts.experts import activate
 from moekit.quant.schemes import GROUP, QuantizedWeight
 
@@ -249,11 +250,6 @@ def _swiglu_expert_cpu(
 
 def _kind(scheme: str, offsets: Tensor | None) -> int:
     return _KIND["int4_zp" if offsets is not None else scheme]
-
-
-def optional_ptr(t: Tensor | None) -> int | None:
-    """A tensor's data pointer for a C call, or None (NULL) for an absent one."""
-    return None if t is None else t.data_ptr()
 
 
 _ops.impl("quant_linear", _linear_cpu, "CPU")
