@@ -80,13 +80,7 @@ def use_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
     parameters' pages raised moekit's batch-1 decode from 51 to 58 tokens/s and batch 8 from 150
     to 170, in one standalone run each; `benchmarks/decode.py` applies it to every model it
     times. `moekit generate` calls it on the model; library code never does."""
-    libc = _glibc()
-    collapsed = 0
-    for start, end in _huge_page_spans(tensors) if libc is not None else ():
-        advised = libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
-        if advised and libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
-            collapsed += end - start
-    return collapsed
+    return _advise(tensors, MADV_HUGEPAGE, MADV_COLLAPSE)
 
 
 def advise_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
@@ -99,19 +93,19 @@ def advise_huge_pages(tensors: Iterable[Tensor] | nn.Module) -> int:
     quantized model; memory malloc serves from its heap (after `keep_freed_memory`, as the training
     commands set it) may be touched already and gains nothing. Returns the bytes advised (0 without
     glibc on Linux)."""
+    return _advise(tensors, MADV_HUGEPAGE)
+
+
+def _advise(tensors: Iterable[Tensor] | nn.Module, *advice: int) -> int:
+    """`madvise` each `advice` in turn over the whole 2 MiB pages inside each CPU tensor's
+    storage (each once), stopping at a span's first failure; the bytes of the spans every one
+    succeeded on (0 without glibc on Linux)."""
     libc = _glibc()
-    advised = 0
-    for start, end in _huge_page_spans(tensors) if libc is not None else ():
-        if libc.madvise(start, end - start, MADV_HUGEPAGE) == 0:
-            advised += end - start
-    return advised
-
-
-def _huge_page_spans(tensors: Iterable[Tensor] | nn.Module) -> list[tuple[int, int]]:
-    """(start, end) of the whole 2 MiB pages inside each CPU tensor's storage, each once."""
+    if libc is None:
+        return 0
     if isinstance(tensors, nn.Module):
         tensors = [*tensors.parameters(), *tensors.buffers()]
-    spans, seen = [], set()
+    done, seen = 0, set()
     for t in tensors:
         storage = t.untyped_storage()
         begin = storage.data_ptr()
@@ -120,9 +114,9 @@ def _huge_page_spans(tensors: Iterable[Tensor] | nn.Module) -> list[tuple[int, i
         seen.add(begin)
         start = -(-begin // HUGE_PAGE) * HUGE_PAGE
         end = (begin + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
-        if end > start:
-            spans.append((start, end))
-    return spans
+        if end > start and all(libc.madvise(start, end - start, a) == 0 for a in advice):
+            done += end - start
+    return done
 
 
 __all__ = ["advise_huge_pages", "keep_freed_memory", "use_huge_pages"]
