@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for item in extra:  # before anything is read: `--tokens 256` is a malformed override
             split_override(item)
-        return cmd.run(args)
+        cmd.run(args)
+        return 0
     except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2

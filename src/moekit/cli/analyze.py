@@ -18,13 +18,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="report folder (default: PATH/analysis)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(AnalyzeConfig, args.config, args.overrides)
     print_config(cfg)
     report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
     atomic_write_text(report.parent / "analyze_config.json", cfg.to_json())
     print(f"report: {report}")
-    return 0
 
 
 COMMAND = Command("analyze", "trace a model's routing over held-out text; write a report",

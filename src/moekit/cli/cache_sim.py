@@ -19,7 +19,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", metavar="TRACE", help="a trace written by moekit trace")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(CacheSimConfig, args.config, args.overrides)
     for budget in cfg.budget:  # before the trace is read; a trace knows no sizes in bytes
         check_budget_form(budget, in_bytes=False)
@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     for row in cache_sim_rows(trace, caps, policies):
         rates = "".join(f"{row[p]:>9.1%}" for p in [*policies, "belady"])
         print(f"{row['budget']:>6}  {rates}")
-    return 0
 
 
 COMMAND = Command("cache-sim", "replay a routing trace against cache policies and Belady's oracle",

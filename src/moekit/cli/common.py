@@ -1,5 +1,5 @@
-"""What several commands share: the `Command` record, `positive_int`, the config resolver, its
-printer and writer, the streaming sampler."""
+"""What several commands share: the `Command` record, `positive_int`, the config resolver and its
+printer, the streaming sampler."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from tokenizers import Tokenizer
 
 from moekit.config import ConfigBase, ModelConfig, RunConfig, config_from_data
 from moekit.data import eos_id
-from moekit.fileio import atomic_write_text
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.model import MoETransformer, generate
 from moekit.overrides import apply_overrides
@@ -30,14 +29,15 @@ RUN_FILE_IS = "a RunConfig or a ModelConfig, such as the resolved config `moekit
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: `configure` adds its arguments to its parser, `run(args)` returns the exit
-    status. With `overrides`, its extra arguments are `--a.b=value` config overrides
-    (`args.overrides`); with `trains`, its process keeps freed memory for reuse (cpu_memory)."""
+    """A subcommand: `configure` adds its arguments to its parser, `run(args)` does the work (a
+    failure raises: `main` gives the exit status). With `overrides`, its extra arguments are
+    `--a.b=value` config overrides (`args.overrides`); with `trains`, its process keeps freed
+    memory for reuse (cpu_memory)."""
 
     name: str
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace], None]
     overrides: bool = False
     trains: bool = False
     config: type[ConfigBase] | None = None  # its settings (CONFIG.json), when not a RunConfig
@@ -100,13 +100,6 @@ def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:
     print("resolved config:", cfg.to_json(), sep="\n", file=file or sys.stdout, flush=True)
 
 
-def save_config(cfg: ConfigBase, path: str | Path) -> Path:
-    """Write a command's resolved config where its output is (atomically): a file that command
-    reads back as its CONFIG.json."""
-    atomic_write_text(path, cfg.to_json())
-    return Path(path)
-
-
 def stream_text(
     model: MoETransformer,
     tokenizer: Tokenizer,
@@ -133,7 +126,21 @@ def stream_text(
             "leaves no room to generate"
         )
     print(prompt, end="", flush=True)
-    stream = _TextStream(tokenizer)
+    new_ids: list[int] = []
+    shown = ""
+
+    def stream(ids_B: torch.Tensor) -> None:
+        """Print the text of new token ids as they come. Decoding the whole continuation each
+        time keeps multi-byte characters whole: text ending in an incomplete character waits for
+        the next token."""
+        nonlocal shown
+        new_ids.append(int(ids_B[0]))
+        text = tokenizer.decode(new_ids)
+        if text.endswith("\ufffd") or len(text) <= len(shown):
+            return
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
     generate(
         apply_decode_kernels(model),
         torch.tensor([ids]),
@@ -147,23 +154,4 @@ def stream_text(
         **speculative,
     )
     print()
-    return stream.text
-
-
-class _TextStream:
-    """Prints the text of new token ids as they come. Decoding the whole continuation each time
-    keeps multi-byte characters whole: text ending in an incomplete character waits for the next
-    token."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def __call__(self, ids_B: torch.Tensor) -> None:
-        self.ids.append(int(ids_B[0]))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or len(text) <= len(self.text):
-            return
-        print(text[len(self.text) :], end="", flush=True)
-        self.text = text
+    return shown

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moekit.cli.common import Command, print_config, resolve_config, save_config
+from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import ConvertConfig
 from moekit.config.rules import invalid
+from moekit.fileio import atomic_write_text
 from moekit.interop import save_hf
 from moekit.interop.archs import ARCHITECTURES
 from moekit.interop.convert import hf_to_run
@@ -47,7 +48,7 @@ def shard_bytes(cfg: ConvertConfig) -> int:
     return size
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(ConvertConfig, args.config, args.overrides)
     max_shard_size = shard_bytes(cfg)  # before anything is read
     if args.to_hf and args.arch is None:
@@ -55,17 +56,16 @@ def run(args: argparse.Namespace) -> int:
     print_config(cfg)
     if args.from_hf:
         out = hf_to_run(args.from_hf, args.out, dtype=cfg.dtype)
-        save_config(cfg, Path(out) / CONFIG_FILE)
+        atomic_write_text(Path(out) / CONFIG_FILE, cfg.to_json())
         print(f"wrote run directory {out} (weights as checkpoint step 0)")
-        return 0
+        return
     loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
     model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
     out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
                   layout=cfg.layout, dtype=cfg.dtype, max_shard_size=max_shard_size,
                   overwrite=args.overwrite)  # fmt: skip
-    save_config(cfg, Path(out) / CONFIG_FILE)
+    atomic_write_text(Path(out) / CONFIG_FILE, cfg.to_json())
     print(f"wrote {args.arch} checkpoint {out}")
-    return 0
 
 
 COMMAND = Command("convert", "convert Hugging Face checkpoints to run directories (--from-hf) and "

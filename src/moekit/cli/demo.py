@@ -32,7 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="tokens the sample generates")  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     cfg = resolve_config(RunConfig, DEMO_PRESET, args.overrides)
     out = Path(args.out)
@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     write_report(out / MOE, cfg, loaded.model, sample=sample)  # its training wrote it without one
     report = twin.write_twin_report(result, cfg, sample)
     print_twin_figures(result, cfg, report, args.prompt, time.perf_counter() - start)
-    return 0
 
 
 def print_twin_figures(result: Any, cfg: Any, report: Path, prompt: str, seconds: float) -> None:

@@ -25,7 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="report folder (default runs/experiments/NAME); runs in OUT/arms")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     out = args.out or f"runs/experiments/{args.name}"
     base = resolve_config(RunConfig, args.preset, [])
     if args.preset == "experiment":  # each experiment's steps fit its arms in the time budget
@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
                           "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip
     report = runner.run_experiment(args.name, base, out, args.seeds, args.overrides, command)
     print(f"report: {report}")
-    return 0
 
 
 COMMAND = Command("experiment", "train a paper's arms side by side and report the measured "

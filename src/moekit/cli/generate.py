@@ -20,7 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by moekit train")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(GenerateConfig, args.config, args.overrides)
     if cfg.offload.budget is not None:
         check_budget_form(cfg.offload.budget)  # before anything is read
@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     if loaded.offload is not None:
         loaded.offload.close()
         print(format_stats(loaded.offload.stats()))
-    return 0
 
 
 COMMAND = Command("generate", "stream text from a trained run's newest checkpoint", configure, run,

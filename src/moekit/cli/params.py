@@ -67,7 +67,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     model_items = [o for o in args.overrides if not o.startswith("--parallel.")]
     parallel_items = [o for o in args.overrides if o.startswith("--parallel.")]
     if args.config in MODEL_PRESETS:  # the model preset itself, not its training run's variant
@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{traffic}")
     if costs is not None:
         print(f"\n{costs_table(costs, parallel, args.micro_batch, seq_len)}")
-    return 0
 
 
 def parallel_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ParallelConfig, int]:

@@ -30,7 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the directory to write (a new run directory)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(QuantizeConfig, args.config, args.overrides)
     print_config(cfg)
     if Path(args.out).exists():  # before the model is read
@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
     out = write_quantized_run(Path(args.out), config, model, cfg, tokenizer)
     after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(f"wrote {out}: weights {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB")
-    return 0
 
 
 def _float_bytes(model: MoETransformer) -> int:

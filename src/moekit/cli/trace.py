@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.cli.common import Command, print_config, resolve_config, save_config
+from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import TraceConfig
+from moekit.fileio import atomic_write_text
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.inference.trace import record_prompts, save_trace
 from moekit.loading import load
@@ -20,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="trace file to write (safetensors)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(TraceConfig, args.config, args.overrides)
     print_config(cfg)
     text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
@@ -31,9 +32,8 @@ def run(args: argparse.Namespace) -> int:
     model = apply_decode_kernels(loaded.model)
     trace = record_prompts(model, loaded.tokenizer, prompts, cfg.max_new_tokens)
     save_trace(trace, args.out)
-    save_config(cfg, f"{args.out}.config.json")
+    atomic_write_text(f"{args.out}.config.json", cfg.to_json())
     print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
-    return 0
 
 
 COMMAND = Command("trace", "record which experts each token uses while generating", configure, run,

@@ -21,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config or args.out:
             raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     print_config(cfg)
     trainer = train_distributed if wants_processes(cfg) else train  # torchrun, or parallel.ep/dp
     print_result(trainer(cfg, run_dir, resume=bool(args.resume)))
-    return 0
 
 
 def default_run_dir(spec: str | None) -> str:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.cli.common import Command, print_config, resolve_config, save_config
+from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import UpcycleConfig
+from moekit.fileio import atomic_write_text
 from moekit.train.upcycle import upcycle_run
 
 CONFIG_FILE = "upcycle_config.json"
@@ -18,13 +19,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the new run directory")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(UpcycleConfig, args.config, args.overrides)
     print_config(cfg)
     out = upcycle_run(args.dense_run, args.out, cfg.n_experts, cfg.top_k, cfg.noise)
-    save_config(cfg, out / CONFIG_FILE)
+    atomic_write_text(out / CONFIG_FILE, cfg.to_json())
     print(f"upcycled run: {out}\ntrain it with: moekit train --resume {out}")
-    return 0
 
 
 COMMAND = Command("upcycle", "turn a dense run into an MoE run (sparse upcycling)", configure, run,
