@@ -30,9 +30,9 @@ def expert_load(ids_TK: Tensor, n_experts: int) -> Tensor:
     return counts / counts.sum().clamp(min=1)
 
 
-def dead_experts(load_E: Tensor, fraction: float = DEAD_FRACTION) -> list[int]:
-    """Experts whose load is below `fraction` of the mean load."""
-    return torch.nonzero(load_E < fraction * load_E.mean()).flatten().tolist()
+def dead_experts(load_E: Tensor) -> list[int]:
+    """Experts whose load is below DEAD_FRACTION of the mean load."""
+    return torch.nonzero(load_E < DEAD_FRACTION * load_E.mean()).flatten().tolist()
 
 
 def repetition(ids_TK: Tensor, new_seq_T: Tensor) -> dict[str, float]:

@@ -48,9 +48,10 @@ def domain_of(name: str) -> str:
 def label_tokens(tok: Tokenizer, documents: Sequence[Document], n_tokens: int) -> LabelledTokens:
     """`n_tokens` tokens spread over all the documents (a prefix of each, so that every domain is
     seen), each prefix followed by END_OF_TEXT (class "other")."""
+    if not documents:
+        raise ValueError("analysis needs held-out text: the documents given are empty")
     ids, classes, domain, domains = [], [], [], {}
-    per_doc = -(-n_tokens // max(len(documents), 1))
-    total = 0
+    per_doc = -(-n_tokens // len(documents))
     for doc in documents:
         enc = tok.encode(doc.text)
         d = domains.setdefault(domain_of(doc.name), len(domains))
@@ -59,9 +60,6 @@ def label_tokens(tok: Tokenizer, documents: Sequence[Document], n_tokens: int) -
         labels = token_classes(char_classes(doc.text), enc.offsets[:n])
         classes += [labels, [CLASSES.index("other")]]
         domain.append(np.full(n + 1, d))
-        total += n + 1
-    if total == 0:
-        raise ValueError("analysis needs held-out text: the documents given are empty")
     cat = [np.concatenate(x)[:n_tokens] for x in (ids, classes, domain)]
     return LabelledTokens(cat[0], cat[1].astype(np.int64), cat[2], list(domains))
 

@@ -52,7 +52,6 @@ class Split:
 class Corpus:
     """A corpus split into train and validation documents."""
 
-    source: str
     train: Split
     val: Split
 
@@ -68,15 +67,16 @@ def load_corpus(source: str, val_fraction: float = 0.05, max_files: int | None =
     if not docs:
         raise ValueError(f"data source {source!r} has no readable UTF-8 text files")
     if len(docs) == 1:
-        return Corpus(source, *_split_lines(docs[0], val_fraction))
-    held = [in_validation(doc.name, val_fraction) for doc in docs]
+        return Corpus(*_split_lines(docs[0], val_fraction))
+    hashes = [_path_hash(doc.name) for doc in docs]
+    held = [h < val_fraction for h in hashes]
     if not any(held):  # a small corpus may hash no file below the fraction: hold out one
-        held[min(range(len(docs)), key=lambda i: _path_hash(docs[i].name))] = True
+        held[hashes.index(min(hashes))] = True
     if all(held):
-        held[max(range(len(docs)), key=lambda i: _path_hash(docs[i].name))] = False
+        held[hashes.index(max(hashes))] = False
     train = tuple(d for d, h in zip(docs, held, strict=True) if not h)
     val = tuple(d for d, h in zip(docs, held, strict=True) if h)
-    return Corpus(source, Split(train), Split(val))
+    return Corpus(Split(train), Split(val))
 
 
 def find_files(source: str) -> tuple[Path, list[Path]]:
@@ -97,11 +97,6 @@ def find_files(source: str) -> tuple[Path, list[Path]]:
         f"'{STDLIB}' (the Python standard library), a text file, a folder of text files, "
         "or a glob such as 'docs/**/*.md'"
     )
-
-
-def in_validation(name: str, val_fraction: float) -> bool:
-    """Whether the file at relative path `name` belongs to the validation split."""
-    return _path_hash(name) < val_fraction
 
 
 def _path_hash(name: str) -> float:
