@@ -44,7 +44,7 @@ EXACT_FLAGS = (*FLAGS, "-ffp-contract=off")
 LIBS = ("-lm",)  # after the source: with --as-needed linkers, a library before it is dropped
 
 
-def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS) -> Path:
+def build(source: Path, flags: Sequence[str] = FLAGS) -> Path:
     """The shared library of `source` for this compiler ($CC, else cc, else gcc) and flags,
     compiled once into the cache directory (under a temporary name, then renamed, so concurrent
     first uses are safe; where file locks exist, they wait for one build instead of each compiling
@@ -52,7 +52,7 @@ def build(source: Path, flags: Sequence[str] = FLAGS, libs: Sequence[str] = LIBS
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler")
-    command = [compiler, *flags, "{source}", "-o", "{out}", *libs]
+    command = [compiler, *flags, "{source}", "-o", "{out}", *LIBS]
     key = hashlib.sha256(_with_includes(source) + " ".join(command).encode()).hexdigest()
     path = default_cache_dir() / "kernels" / f"{source.stem}-{key[:16]}.so"
     if not path.exists():

@@ -170,11 +170,9 @@ def open_safetensors(
         yield handle
 
 
-def read_safetensors(
-    path: str | Path, remedy: str, error: type[DamagedFile] = DamagedFile
-) -> dict[str, Any]:
+def read_safetensors(path: str | Path, remedy: str) -> dict[str, Any]:
     """Every tensor of a safetensors file, by name."""
-    with open_safetensors(path, remedy, error) as f:
+    with open_safetensors(path, remedy) as f:
         return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not iterable)
 
 
