@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +96,7 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
 
 
 def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:
-    print("resolved config:", cfg.to_json(), sep="\n", file=file or sys.stdout, flush=True)
+    print("resolved config:", cfg.to_json(), sep="\n", file=file, flush=True)
 
 
 def stream_text(

@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> None:
     layout = layout or bool(parallel_items) or args.param_dtype != "float32"
     costs = None
     if layout:
-        parallel, world = parallel_config(args, parallel_items)
+        parallel = parallel_config(args, parallel_items)
         seq_len = args.seq_len or min(cfg.max_seq_len, 4096)
-        costs = device_costs(cfg, parallel, world, args.micro_batch, seq_len)
+        costs = device_costs(cfg, parallel, parallel.min_world_size(), args.micro_batch, seq_len)
     traffic = None if args.ep is None else traffic_table(cfg, args.ep)
     print(parameter_table(cfg, title=f"{args.config}: parameters"))
     if traffic is not None:
@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"\n{costs_table(costs, parallel, args.micro_batch, seq_len)}")
 
 
-def parallel_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ParallelConfig, int]:
-    """The layout the flags and --parallel.key=value overrides ask for, and its world size."""
+def parallel_config(args: argparse.Namespace, overrides: list[str]) -> ParallelConfig:
+    """The layout the flags and --parallel.key=value overrides ask for."""
     parallel = ParallelConfig(
         dp_replicate=args.dp_replicate,
         dp_shard=args.dp_shard or 1,
@@ -98,8 +98,7 @@ def parallel_config(args: argparse.Namespace, overrides: list[str]) -> tuple[Par
         tp=args.tp or 1,
         param_dtype=args.param_dtype,
     )
-    parallel = apply_overrides(parallel, [model_override(o, "--parallel.") for o in overrides])
-    return parallel, parallel.min_world_size()
+    return apply_overrides(parallel, [model_override(o, "--parallel.") for o in overrides])
 
 
 def costs_table(
