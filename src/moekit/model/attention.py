@@ -30,9 +30,8 @@ class AttentionMask:
         """The (S, L) boolean mask spelled out (True = may attend)."""
         if self.mask_SL is not None:
             return self.mask_SL
-        if not self.is_causal:
-            return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
-        return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril()
+        every_SL = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
+        return every_SL.tril() if self.is_causal else every_SL
 
 
 def attention_mask(
@@ -54,6 +53,23 @@ def attention_mask(
     if window is not None:
         allowed_SL = allowed_SL & (q_S1 - k_1L < window)
     return AttentionMask(allowed_SL, is_causal=False, window=window)
+
+
+def init_children(
+    module: nn.Module, std: float, out_std: float, out_proj: nn.Module | None = None
+) -> None:
+    """Initialise `module`'s children in their order (the order of the random draws): nn.Linear
+    weights Normal(0, std), out_proj's Normal(0, out_std), biases zero; RMSNorms to one; any
+    other child by its own `init_weights(std, out_std)`."""
+    for child in module.children():
+        if isinstance(child, nn.Linear):
+            nn.init.normal_(child.weight, std=out_std if child is out_proj else std)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.RMSNorm):
+            child.reset_parameters()
+        else:
+            child.init_weights(std, out_std)
 
 
 class Attention(nn.Module):
@@ -86,13 +102,7 @@ class Attention(nn.Module):
         self.cached_attention: Callable[..., Tensor] = cached_attention
 
     def init_weights(self, std: float, out_std: float) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            nn.init.normal_(proj.weight, std=out_std if proj is self.o_proj else std)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
-        for norm in (self.q_norm, self.k_norm):
-            if norm is not None:
-                norm.reset_parameters()
+        init_children(self, std, out_std, self.o_proj)
         if self.sinks is not None:
             nn.init.zeros_(self.sinks)
 

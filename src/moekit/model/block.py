@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import Attention, AttentionMask, LayerKVCache
+from moekit.model.attention import Attention, AttentionMask, LayerKVCache, init_children
 from moekit.model.mla import LatentAttention
 from moekit.moe import MoEAux, MoELayer
 
@@ -21,9 +21,7 @@ class DenseFFN(nn.Module):
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_gate.weight, std=std)
-        nn.init.normal_(self.w_up.weight, std=std)
-        nn.init.normal_(self.w_down.weight, std=out_std)
+        init_children(self, std, out_std, self.w_down)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., D) -> (..., D)."""
@@ -47,10 +45,7 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff)
 
     def init_weights(self, std: float, out_std: float) -> None:
-        self.attn_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attn.init_weights(std, out_std)
-        self.ffn.init_weights(std, out_std)
+        init_children(self, std, out_std)
 
     def forward(
         self,

@@ -21,21 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import AttentionMask
+from moekit.model.attention import AttentionMask, init_children
 from moekit.model.rope import apply_rope, deinterleave, yarn_mscale
 
 if TYPE_CHECKING:
     from moekit.model.attention import LayerKVCache
-
-
-def mla_softmax_scale(cfg: ModelConfig) -> float:
-    """(qk_nope_head_dim + qk_rope_head_dim)^-0.5, times m(factor, mscale_all_dim)^2 with YaRN."""
-    assert cfg.mla is not None
-    scale = cfg.mla.qk_head_dim**-0.5
-    s = cfg.rope_scaling
-    if s is not None and s.mscale_all_dim:
-        scale = scale * yarn_mscale(s.factor, s.mscale_all_dim) ** 2
-    return scale
 
 
 class LatentAttention(nn.Module):
@@ -51,7 +41,11 @@ class LatentAttention(nn.Module):
         m = cfg.mla
         assert m is not None
         self.m, self.n_heads = m, cfg.n_heads
-        self.scale = mla_softmax_scale(cfg)
+        # (qk_nope_head_dim + qk_rope_head_dim)^-0.5, times m(factor, mscale_all_dim)^2 with YaRN
+        self.scale = m.qk_head_dim**-0.5
+        s = cfg.rope_scaling
+        if s is not None and s.mscale_all_dim:
+            self.scale = self.scale * yarn_mscale(s.factor, s.mscale_all_dim) ** 2
         bias, H, D = bool(cfg.attn_bias), cfg.n_heads, cfg.d_model
         self.q_proj = self.q_a_proj = self.q_a_norm = self.q_b_proj = None
         if m.q_lora_rank is None:
@@ -68,13 +62,7 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * m.v_head_dim, D, bias=bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=out_std if module is self.o_proj else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
-                module.reset_parameters()
+        init_children(self, std, out_std, self.o_proj)
 
     def forward(
         self,

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import AttentionMask, LayerKVCache
+from moekit.model.attention import AttentionMask, LayerKVCache, init_children
 from moekit.model.block import Block
-from moekit.moe import MoEAux, MoELayer
+from moekit.moe import MoEAux
 
 
 def shift_left(x_BS: Tensor, k: int, fill: int) -> Tensor:
@@ -59,10 +59,7 @@ class MTPDepth(nn.Module):
         self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
 
     def init_weights(self, std: float, out_std: float) -> None:
-        for norm in (self.enorm, self.hnorm, self.norm):
-            norm.reset_parameters()
-        nn.init.normal_(self.eh_proj.weight, std=std)
-        self.block.init_weights(std, out_std)
+        init_children(self, std, out_std)
 
     def forward(
         self,
@@ -88,10 +85,6 @@ class MultiTokenPrediction(nn.ModuleList):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(MTPDepth(cfg) for _ in range(cfg.mtp_depth))
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE layers of the depths' blocks, in depth order."""
-        return [d.block.ffn for d in self if isinstance(d.block.ffn, MoELayer)]
 
     def forward(
         self,

@@ -91,12 +91,8 @@ def parameter_table(model: ModelConfig | MoETransformer, title: str | None = Non
     """A plain-text table of `parameter_breakdown`: each part's total and active counts, the main
     model's total; with multi-token prediction, the MTP module's and the sum of both."""
     counts = parameter_breakdown(model)
-    rows = [(part.replace("_", " "), counts[part], counts[part]) for part in PARTS]
-    rows[PARTS.index("routed_experts")] = (
-        "routed experts",
-        counts["routed_experts"],
-        counts["routed_experts_active"],
-    )
+    active = {**counts, "routed_experts": counts["routed_experts_active"]}
+    rows = [(part.replace("_", " "), counts[part], active[part]) for part in PARTS]
     rows.append(("total", counts["total"], counts["active"]))
     if counts["mtp"]:
         rows.append(("mtp module", counts["mtp"], counts["mtp_active"]))

@@ -236,8 +236,8 @@ class MoETransformer(nn.Module):
 
     def moe_layers(self, with_mtp: bool = False) -> list[MoELayer]:
         """The MoE layers of the main model, in layer order; `with_mtp` adds the MTP blocks'."""
-        main = [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
-        return main + self.mtp.moe_layers() if with_mtp else main
+        blocks = [*self.layers, *(depth.block for depth in self.mtp)] if with_mtp else self.layers
+        return [block.ffn for block in blocks if isinstance(block.ffn, MoELayer)]
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step on every MoE layer, the MTP blocks' included (call after
