@@ -23,7 +23,7 @@ these layouts as they are; `dequantize` is their reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -61,11 +61,8 @@ class QuantizedWeight:
 
     def tensors(self) -> dict[str, Tensor]:
         """{"data": ..., "scales": ..., "offsets": ...}, the ones present (what a file stores)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "scheme" and getattr(self, f.name) is not None
-        }
+        named = {"data": self.data, "scales": self.scales, "offsets": self.offsets}
+        return {name: t for name, t in named.items() if t is not None}
 
     def __getitem__(self, index) -> QuantizedWeight:
         """Index the leading (stacking) dimensions of every tensor alike."""
