@@ -83,15 +83,9 @@ def eos_id(tok: Tokenizer) -> int:
 def _byte_characters() -> list[str]:
     """The printable character that byte-level BPE (GPT-2) writes for each byte value 0-255:
     printable Latin-1 bytes stand for themselves, the others for 256 + their rank."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    others = iter(range(256, 512))  # 256 + the rank of each byte that is not printable
+    return [chr(byte if byte in printable else next(others)) for byte in range(256)]
 
 
 def _byte_level(tok: Tokenizer, use_regex: bool) -> None:
