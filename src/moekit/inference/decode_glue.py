@@ -119,7 +119,7 @@ def glue_cached_attention(
         KV * hd,
         B,
         *attention_args(H, KV, hd, rope, cache, mask),
-        None if sinks_H is None else sinks_H.data_ptr(),
+        cbuild.optional_ptr(sinks_H),
         y_BHSd.data_ptr(),
     )
     cache.length += 1

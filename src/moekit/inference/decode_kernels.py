@@ -193,7 +193,7 @@ def _linear_cpu(x_RI: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         w.data_ptr(),
         w.stride(0),
         w.shape[0],
-        None if b is None else b.data_ptr(),
+        cbuild.optional_ptr(b),
         y_RO.data_ptr(),
     )
     return y_RO

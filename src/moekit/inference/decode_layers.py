@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from moekit.cbuild import optional_ptr
 from moekit.inference import decode_kernels
 from moekit.inference.decode_glue import (
     MAX_NORM_NUMBERS,
@@ -38,7 +39,6 @@ from moekit.inference.decode_glue import (
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.quant import kernels as quant_kernels
-from moekit.quant.kernels import optional_ptr
 from moekit.quant.modules import QuantizedLinear
 from moekit.quant.schemes import GROUP, QuantizedWeight
 
