@@ -1,8 +1,9 @@
 """moekit's one way to build and call C kernels: compile a C source with the system compiler into
 the cache directory (keyed by the hash of the source, the files it includes and the command), load
 it with ctypes, warn and fall back to torch where that fails; and `call`, the direct-call-in-eager
-dispatch of a kernel registered as a torch op. Used by `moekit.inference.decode_kernels` (float32
-decode products) and `moekit.quant.kernels` (products over quantized weights).
+dispatch of a kernel registered as a torch op. Used by `moekit.moe_kernels` (the MoE layer's
+per-row work), `moekit.inference.decode_kernels` and `decode_glue` (float32 decode products, a
+token's attention and MoE layer) and `moekit.quant.kernels` (products over quantized weights).
 
 Why `cc` and ctypes rather than `torch.utils.cpp_extension` (measured on this project's machine):
 cc builds a kernel file in about a second where a minimal C++ op against torch's headers took 62 s

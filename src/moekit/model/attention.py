@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
+from moekit.model.init import init_children
 from moekit.model.rope import apply_rope
 
 
@@ -53,23 +54,6 @@ def attention_mask(
     if window is not None:
         allowed_SL = allowed_SL & (q_S1 - k_1L < window)
     return AttentionMask(allowed_SL, is_causal=False, window=window)
-
-
-def init_children(
-    module: nn.Module, std: float, out_std: float, out_proj: nn.Module | None = None
-) -> None:
-    """Initialise `module`'s children in their order (the order of the random draws): nn.Linear
-    weights Normal(0, std), out_proj's Normal(0, out_std), biases zero; RMSNorms to one; any
-    other child by its own `init_weights(std, out_std)`."""
-    for child in module.children():
-        if isinstance(child, nn.Linear):
-            nn.init.normal_(child.weight, std=out_std if child is out_proj else std)
-            if child.bias is not None:
-                nn.init.zeros_(child.bias)
-        elif isinstance(child, nn.RMSNorm):
-            child.reset_parameters()
-        else:
-            child.init_weights(std, out_std)
 
 
 class Attention(nn.Module):

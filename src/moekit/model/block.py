@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import Attention, AttentionMask, LayerKVCache, init_children
+from moekit.model.attention import Attention, AttentionMask, LayerKVCache
+from moekit.model.init import init_children
 from moekit.model.mla import LatentAttention
 from moekit.moe import MoEAux, MoELayer
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import AttentionMask, init_children
+from moekit.model.attention import AttentionMask
+from moekit.model.init import init_children
 from moekit.model.rope import apply_rope, deinterleave, yarn_mscale
 
 if TYPE_CHECKING:

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import AttentionMask, LayerKVCache, init_children
+from moekit.model.attention import AttentionMask, LayerKVCache
 from moekit.model.block import Block
+from moekit.model.init import init_children
 from moekit.moe import MoEAux
 
 
