@@ -125,4 +125,23 @@ def test_glob_source_reads_only_matching_files(tmp_path: Path) -> None:
     (folder / "pkg0" / "notes.txt").write_text("not python\n" * 10)
     corpus = load_corpus(str(folder / "pkg0" / "*.py"), val_fraction=0.2)
     names = [d.name for d in corpus.train.documents + corpus.val.documents]
-    assert len(names) == 20 and all(name.endswith(".py") and "pkg0" in name for name in names)
+    assert len(names) == 20 and all(name.endswith(".py") for name in names)
+    assert set(names) == {p.name for p in (folder / "pkg0").glob("*.py")}  # named from pkg0/
+
+
+def test_a_glob_names_its_files_from_its_folder_however_it_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split hashes a file's name relative to the corpus root: a glob's root is the folder
+    before its first wildcard, so an absolute and a relative spelling, or the folder itself,
+    split the same files the same way (absolute names would differ from machine to machine)."""
+    folder = write_corpus(tmp_path / "corpus")
+
+    def split(source: str) -> tuple[list[str], list[str]]:
+        corpus = load_corpus(source, val_fraction=0.3)
+        return ([d.name for d in corpus.train.documents], [d.name for d in corpus.val.documents])
+
+    monkeypatch.chdir(tmp_path)
+    relative = split("corpus/**/*.py")
+    assert relative == split(str(folder / "**" / "*.py")) == split(str(folder))
+    assert relative[1] and all(not Path(n).is_absolute() for n in relative[0] + relative[1])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +92,17 @@ def find_files(source: str) -> tuple[Path, list[Path]]:
     if path.is_dir():
         return path, sorted(_walk(path))
     matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
-    if matches:
-        return Path("."), matches
+    if matches:  # named from the pattern's folder, as a folder's files are: however it is spelled
+        root = Path(*itertools.takewhile(lambda part: not WILDCARD.search(part), path.parts[:-1]))
+        return root, [m.relative_to(root) for m in matches]
     raise FileNotFoundError(
         f"data source {source!r} is not a file, a folder, or a glob matching any file; use "
         f"'{STDLIB}' (the Python standard library), a text file, a folder of text files, "
         "or a glob such as 'docs/**/*.md'"
     )
+
+
+WILDCARD = re.compile(r"[*?[]")  # what makes a part of a path a glob pattern (glob's rule)
 
 
 def _path_hash(name: str) -> float:
