@@ -163,12 +163,7 @@ AVX512_INLINE void dense_block_int8_wide(const int RB, const float *x, int64_t I
 
 static AVX512_TARGET void row_int8_avx512(const weight_t *w, const float *x, int64_t R,
                                           int64_t o, float *sums) {
-    const int64_t I = w->I;
-    const int8_t *row = (const int8_t *)w->data + o * I;
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {
-        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;
-        FOR_BLOCK_OF(DENSE_WIDE, INT8)
-    }
+    FOR_ROWS(NO_BLOCK, DENSE_WIDE, NO_BLOCK) /* int8 weights only */
 }
 
 #define X8_WIDE(RB, KIND)                                                                        \
