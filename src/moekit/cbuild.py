@@ -152,6 +152,11 @@ def plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
     )
 
 
+def plain_contiguous(t: Tensor, dtype: torch.dtype) -> bool:
+    """`plain_cpu` and contiguous: a tensor a kernel reads from its data pointer row by row."""
+    return plain_cpu(t, dtype) and t.is_contiguous()
+
+
 def any_requires_grad(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 

@@ -60,13 +60,13 @@ def rows_usable(token_R: Tensor, *tensors: Tensor | None) -> bool:
     """Whether `scatter_rows` / `scaled_rows` / `sort_by_expert` run the kernels: a contiguous
     int64 CPU index and plain contiguous CPU float32 tensors (None skipped), any size."""
     floats = tuple(t for t in tensors if t is not None)
-    return cbuild.plain_cpu(token_R, torch.int64) and token_R.is_contiguous() and _plain(floats)
+    return cbuild.plain_contiguous(token_R, torch.int64) and _plain(floats)
 
 
 def _plain(floats: tuple[Tensor, ...]) -> bool:
     return (
         not torch.compiler.is_compiling()
-        and all(cbuild.plain_cpu(t, torch.float32) and t.is_contiguous() for t in floats)
+        and all(cbuild.plain_contiguous(t, torch.float32) for t in floats)
         and _library() is not None
     )
 

@@ -54,8 +54,8 @@ def plain_matrix(w: Tensor) -> bool:
 
 
 def _plain(t: Tensor) -> bool:
-    """A plain (`cbuild.plain_cpu`) contiguous CPU float32 tensor."""
-    return cbuild.plain_cpu(t, torch.float32) and t.is_contiguous()
+    """A plain contiguous CPU float32 tensor (`cbuild.plain_contiguous`)."""
+    return cbuild.plain_contiguous(t, torch.float32)
 
 
 def qualifies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:

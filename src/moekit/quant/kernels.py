@@ -144,7 +144,7 @@ def glu(h_NH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0)
         activation not in ("swiglu", "clamped_swiglu")
         or h_NH.dim() != 2
         or h_NH.shape[1] % 2
-        or not (cbuild.plain_cpu(h_NH, torch.float32) and h_NH.is_contiguous())
+        or not cbuild.plain_contiguous(h_NH, torch.float32)
         or torch.compiler.is_compiling()
         or (torch.is_grad_enabled() and h_NH.requires_grad)
         or _library() is None
@@ -172,7 +172,7 @@ def expert_qualifies(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight
 
 
 def _fits(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> bool:
-    return cbuild.plain_cpu(t, dtype) and t.is_contiguous() and (shape is None or t.shape == shape)
+    return cbuild.plain_contiguous(t, dtype) and (shape is None or t.shape == shape)
 
 
 def _linear_cpu(
