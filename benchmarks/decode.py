@@ -418,7 +418,7 @@ def trained_mtp_run(quick: bool, work: Path) -> tuple[Path, Path, dict]:
     """The MTP model's two run directories (a few minutes each on first use, then cached): the
     model and head trained together, then the head alone distilled from the frozen model (the
     benchmark's model: the same main weights); and how they were trained."""
-    import json
+    from moekit.train.metrics import read_metrics
 
     joint_cfg = mtp_run_config(quick, work)
     joint, joint_s = cached_run(joint_cfg, quick, work)
@@ -426,9 +426,8 @@ def trained_mtp_run(quick: bool, work: Path) -> tuple[Path, Path, dict]:
     distilled, distill_s = cached_run(distill_cfg, quick, work)
 
     def last_logged(run_dir: Path) -> dict:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        logged = [m for m in map(json.loads, lines) if "loss" in m][-1]
-        return {k: v for k, v in logged.items() if k != "layers"}
+        train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+        return {k: v for k, v in train[-1].items() if k != "layers"}
 
     how = {
         "run_dir": str(distilled),
