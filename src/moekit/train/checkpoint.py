@@ -157,9 +157,7 @@ def restoring(checkpoint: Path, name: str, what: str) -> Iterator[None]:
         raise DamagedFile(Path(checkpoint) / name, problem, checkpoint_remedy(checkpoint)) from None
 
 
-def load_weights(
-    path: Path, model: nn.Module, may_lack: str | tuple[str, ...] | None = None
-) -> None:
+def load_weights(path: Path, model: nn.Module, may_lack: tuple[str, ...] = ()) -> None:
     """Load only the weights of a checkpoint directory into `model`, the model of its run's
     config.json: names and shapes checked against the file's header first, then each tensor
     streamed into place in slices (`CheckpointReader`), so loading needs the model's memory and a
@@ -193,14 +191,14 @@ def load_weights(
 def _weight_problems(
     targets: dict[str, Tensor],
     stored: dict[str, tuple[int, ...]],
-    may_lack: str | tuple[str, ...] | None = None,
+    may_lack: tuple[str, ...] = (),
 ) -> list[str]:
     """What keeps a file's tensors ({name: shape}) from loading into `targets`: tensors missing
     (a tensor stored under one of its names, as tied embeddings are, counts for all of them; but
     those named `may_lack`...), unexpected, or of another shape."""
     names_of: dict[int, list[str]] = {}
     for name, t in targets.items():
-        if may_lack is None or not name.startswith(may_lack):
+        if not name.startswith(may_lack):
             names_of.setdefault(t.data_ptr() if t.numel() else id(t), []).append(name)
     missing = [n for names in names_of.values() if not set(names) & stored.keys() for n in names]
     problems = [

@@ -68,7 +68,7 @@ def initialize_from(
     have, want = cfg.model.mtp_depth, model.cfg.mtp_depth
     fresh = tuple(f"mtp.{k}." for k in range(have, want))
     try:
-        load_weights(checkpoint, model, may_lack=fresh or None)
+        load_weights(checkpoint, model, may_lack=fresh)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     depths = (
