@@ -661,9 +661,12 @@ def speculative(quick: bool) -> dict:
         fast, prompts, n_new, repeats if quick else SAMPLED_REPEATS, drafts
     )
     window = torch.tensor([text_ids[:256]])
-    heads = {  # the same main weights (frozen in the second stage): only the heads differ
-        name: teacher_forced_acceptance(load(path).model.eval(), window)
-        for name, path in (("trained_with_the_model", joint_dir), ("distilled", run_dir))
+    # The same main weights (frozen in the second stage): only the heads differ. Both plain: the
+    # distilled run's model (loaded above; decoding changed none of its weights) without the
+    # kernels, as the joint run's is loaded.
+    heads = {
+        "trained_with_the_model": teacher_forced_acceptance(load(joint_dir).model.eval(), window),
+        "distilled": teacher_forced_acceptance(decode_kernels.remove_decode_kernels(model), window),
     }
     best = max(per_draft, key=lambda n: per_draft[n]["speedup_vs_plain"])
     sampled_best = max(sampled["draft_tokens"].values(), key=lambda d: d["speedup_vs_plain"])
