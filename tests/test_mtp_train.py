@@ -5,6 +5,7 @@ loss beside the main one and tracks the MTP block's experts like the other layer
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer
 from moekit.cli import main
 from moekit.config import TrainConfig
 from moekit.model import MoETransformer
+from moekit.quant.files import QUANTIZATION_FILE
 from moekit.train import loop as loop_module
 from moekit.train.checkpoint import latest_checkpoint, load_weights
 from moekit.train.freeze import freeze, trainable_table
@@ -163,6 +165,11 @@ def test_a_new_run_adds_an_mtp_head_to_a_trained_runs_frozen_weights(tmp_path: P
     assert "model.n_layers (2 there, 3 here)" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "bad"), f"--train.init_from={tmp_path}"]) == 2
     assert "moekit convert --from-hf" in capsys.readouterr().err
+    quantized = tmp_path / "quantized"  # a run `moekit quantize` wrote: for inference only
+    shutil.copytree(tmp_path / "main", quantized)
+    (latest_checkpoint(quantized) / QUANTIZATION_FILE).write_text("{}")
+    assert main([*base, "--out", str(tmp_path / "bad"), f"--train.init_from={quantized}"]) == 2
+    assert "holds a quantized model" in capsys.readouterr().err
     longer = f"--model.max_seq_len={cfg.model.max_seq_len * 2}"  # no weight depends on it
     assert main([*base, "--out", str(tmp_path / "longer"), longer, init]) == 0
     tokenizer = Tokenizer.from_file(str(tmp_path / "main" / "tokenizer.json"))

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from moekit.config import ModelConfig, RunConfig
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import CHECKPOINT_DIR, load_weights
+from moekit.train.checkpoint import CHECKPOINT_DIR, load_weights, refuse_quantized
 from moekit.train.sample import find_run, read_run_tokenizer
 
 # The model settings a run may change from its source's: its MTP module, how the experts are
@@ -37,6 +37,7 @@ def init_source(source: str | Path, ours: ModelConfig) -> tuple[RunConfig, Path]
         )
     try:
         cfg, checkpoint = find_run(path)
+        refuse_quantized(checkpoint)  # (load_weights would, after the data is prepared)
     except (FileNotFoundError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
     differ = _differences(_comparable(cfg.model), _comparable(ours), "model.")
