@@ -187,6 +187,8 @@ def test_decode_benchmark_quick(tmp_path):
     heads = spec["teacher_forced_first_draft_acceptance"]
     assert set(heads) == {"trained_with_the_model", "distilled"}
     assert all(0 <= a <= 1 for head in heads.values() for a in head.values())
+    # in [0, 1] by construction: that the two heads' figures differ shows each was measured
+    assert heads["distilled"]["sampled"] != heads["trained_with_the_model"]["sampled"]
     sampled = spec["sampled"]  # temperature 0.8, on 2 prompts
     assert sampled["prompts"] == len(sampled["speedup_by_prompt"]) == 2
     rate = sampled["decode_tokens_per_s"]
