@@ -263,11 +263,16 @@ def test_spawn_starts_again_when_rank_0_finds_its_port_taken(monkeypatch) -> Non
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
-    ports = iter([held.getsockname()[1]])  # the first port handed out is already listened on
+    handed: list[int] = []  # the first port handed out is already listened on
     real = distributed_cases.free_port
-    monkeypatch.setattr(distributed_cases, "free_port", lambda: next(ports, None) or real())
+
+    def free_port() -> int:
+        handed.append(real() if handed else held.getsockname()[1])
+        return handed[-1]
+
+    monkeypatch.setattr(distributed_cases, "free_port", free_port)
     try:
         assert distributed_cases.spawn(distributed_cases.all_reduce_ranks, 2, timeout=60) == [1, 1]
     finally:
         held.close()
-    assert next(ports, None) is None  # the taken port was tried first
+    assert len(handed) == 2  # the taken port was tried, then another
