@@ -74,6 +74,12 @@ def spawn(
     raise RuntimeError("rank 0 found its port taken 3 times in a row")
 
 
+def _port_taken(out: str) -> bool:
+    """Whether rank 0 failed because its port was taken (its error file says EADDRINUSE)."""
+    err = Path(out, "rank0.err")
+    return err.exists() and "EADDRINUSE" in err.read_text()
+
+
 class _PortTaken(Exception):
     pass
 
@@ -93,13 +99,12 @@ def _spawn_once(
         taken = False
         while any(p.is_alive() for p in procs) and time.monotonic() < deadline and not taken:
             time.sleep(0.02)
-            err = Path(out, "rank0.err")
-            taken = err.exists() and "EADDRINUSE" in err.read_text()
+            taken = _port_taken(out)
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
-        if taken:
+        if taken or _port_taken(out):  # (its file may have been read half-written above)
             raise _PortTaken
         errors = {r: Path(out, f"rank{r}.err") for r in range(world)}
         failed = {r: e.read_text() for r, e in errors.items() if e.exists() and r not in may_die}
