@@ -288,6 +288,7 @@ def measure(
                     "I": I,
                     "rows": R,
                     "contender": name,
+                    "body": getattr(call, "body", None),  # ours on a set body; else None
                     "bytes": nbytes,
                     "bits_per_weight": round(8 * nbytes / (O * I), 3),
                     "dram_pool_copies": len(pool),
@@ -346,13 +347,13 @@ def summary(results: list[dict], stream: float) -> dict:
         key = f"{scheme} | {row['shape']} | R={row['rows']}"
         entry = out.setdefault(key, {})
         side = "moekit" if " moekit" in row["contender"] else "library"
-        forced = row["contender"].endswith(" body)")  # a body other than the best, beside it
+        body = row["body"]  # a body other than the best, beside it; None: the best
         for mode in kernels.ACTIVATIONS:
-            if row["contender"].removesuffix(" (avx2 body)").endswith(f"x-{mode}"):
-                entry[f"moekit_x_{mode}{'_avx2_body' if forced else ''}_gb_s_dram"] = row[
+            if f"x-{mode}" in row["contender"].split(" "):
+                entry[f"moekit_x_{mode}{f'_{body}_body' if body else ''}_gb_s_dram"] = row[
                     "gb_s_dram"
                 ]
-        if forced:
+        if body:
             continue
         best = entry.get(side)
         if best is None or row["us_dram"] < best["us_dram"]:
