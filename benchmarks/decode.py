@@ -716,13 +716,16 @@ def speculative(quick: bool) -> dict:
 # --- llama.cpp on the same weights (issue 17) ----------------------------------------------------
 
 LLAMACPP_RESULTS = RESULTS.with_name("decode_llamacpp.json")
-# How the llama-cpp-python in the `bench` group was built (benchmarks/README.md, Decoding).
+# How the llama-cpp-python in the `bench` group was built (benchmarks/README.md, Decoding), on
+# any host: the instruction sets -march=native gave it are that host's, in the results'
+# system_info (llama.cpp's own report). A build with further flags (as the Intel run's
+# -mno-amx-*) says so in its results.
 LLAMACPP_BUILD = (
     "pip install --no-deps --no-build-isolation llama_cpp_python-0.3.36.tar.gz with "
     "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF "
     "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF "
-    "-DCMAKE_BUILD_TYPE=Release', gcc 12.2 (-march=native on the AMD EPYC host: AVX2, FMA, F16C; "
-    "no AVX-512 or AMX there), OpenMP"
+    "-DCMAKE_BUILD_TYPE=Release', gcc 12.2 (-march=native: this host's instruction sets, as "
+    "system_info lists them), OpenMP"
 )
 # moekit's side, its precision matched to a llama.cpp format for the comparison; a quantized
 # variant is one more entry in `moekit_contenders`.
