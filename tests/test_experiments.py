@@ -8,6 +8,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from moekit.cli import main
 from moekit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
@@ -191,7 +192,15 @@ def test_mtp_arms_and_their_head_figures(tmp_path: Path):
     """`moekit experiment mtp`: lambda 0.3 and 0.1 against no MTP; an arm's MTP-head accuracy
     and decode acceptance come from its last checkpoint (NaN without a head)."""
     from moekit.experiments.arms import mtp
-    from moekit.experiments.runner import ArmProbe, mtp_figures
+    from moekit.experiments.runner import (
+        MTP_NEW_TOKENS,
+        MTP_PROMPT_TOKENS,
+        MTP_PROMPTS,
+        ArmProbe,
+        mtp_figures,
+    )
+    from moekit.model.generation import generate
+    from moekit.model.speculative import SpeculativeStats
     from moekit.train import train
 
     base = RunConfig.preset("experiment")
@@ -209,6 +218,21 @@ def test_mtp_arms_and_their_head_figures(tmp_path: Path):
     probe = ArmProbe.of(tmp_path / "run")
     figures = mtp_figures(probe, cfg)
     assert 0 <= figures["mtp_accuracy"] <= 1 and 0 <= figures["mtp_acceptance"] <= 1
+    # recomputed: depth 1 at position i scores token i + 2 of the probe's batch ...
+    trained, batch = probe.model, probe.batch
+    with torch.no_grad():
+        depth1 = trained(batch, mtp=True).mtp_logits[0]
+    hits = [int(depth1[b, i].argmax()) == int(batch[b, i + 2])
+            for b in range(batch.shape[0]) for i in range(batch.shape[1] - 2)]  # fmt: skip
+    assert figures["mtp_accuracy"] == pytest.approx(sum(hits) / len(hits))
+    # ... and the drafts accepted over those proposed, greedy, one draft a round, per prompt
+    accepted = proposed = 0
+    for prompt in batch[:MTP_PROMPTS, :MTP_PROMPT_TOKENS]:
+        stats = SpeculativeStats()
+        generate(trained, prompt[None], MTP_NEW_TOKENS, speculative="mtp", draft_tokens=1,
+                 stats=stats)  # fmt: skip
+        accepted, proposed = accepted + stats.accepted[0], proposed + stats.proposed[0]
+    assert proposed > 0 and figures["mtp_acceptance"] == pytest.approx(accepted / proposed)
     assert figures["mtp_error"] == pytest.approx(1 - figures["mtp_accuracy"])
     assert figures["mtp_rejection"] == pytest.approx(1 - figures["mtp_acceptance"])
     plain = cfg.replace(model=model.replace(mtp_depth=0))

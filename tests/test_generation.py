@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit import ModelConfig, MoETransformer
-from moekit.model.generation import KVCache, generate, sample_next
+from moekit.model.generation import KVCache, generate, sample_next, sampling_probs
 
 TINY = ModelConfig.preset("tiny")
 
@@ -73,6 +73,29 @@ def test_temperature_sampling_reaches_beyond_the_argmax() -> None:
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([sample_next(logits, 1.0, generator=g) for _ in range(300)])
     assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+def test_temperature_divides_the_logits_before_top_k_and_top_p() -> None:
+    """sampling_probs (what sample_next draws from) at temperature T is softmax(logits / T),
+    restricted after the division: probabilities (0.5, 0.3, 0.15, 0.05) at T = 0.25 become
+    p^4 renormalised, (0.877, 0.114, 0.007, 0.000), so a top_p of 0.7 keeps the best token
+    alone (at T = 1 it keeps two), and the draws follow the sharpened distribution."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = p.log()
+    sharp = p**4 / (p**4).sum()
+    torch.testing.assert_close(sampling_probs(logits, 0.25), sharp)
+    flat = p**0.5 / (p**0.5).sum()  # T = 2
+    torch.testing.assert_close(sampling_probs(logits, 2.0), flat)
+    assert sampling_probs(logits, 1.0, top_p=0.7).nonzero()[:, 1].tolist() == [0, 1]
+    assert sampling_probs(logits, 0.25, top_p=0.7).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    top2 = sampling_probs(logits, 2.0, top_k=2)
+    torch.testing.assert_close(
+        top2, torch.cat([flat[:, :2] / flat[:, :2].sum(), torch.zeros(1, 2)], 1)
+    )
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next(logits, 0.25, generator=g) for _ in range(2000)])
+    share = torch.bincount(draws, minlength=4).float() / 2000
+    assert (share - sharp[0]).abs().max() < 0.03  # about 4 standard errors
 
 
 def test_sampling_is_reproducible_with_a_generator() -> None:

@@ -39,6 +39,14 @@ def test_z_loss_of_zero_logits_is_log_E_squared() -> None:
     assert losses.z_loss(torch.zeros(5, 8)).item() == pytest.approx(math.log(8) ** 2)
 
 
+def test_z_loss_is_the_mean_of_each_tokens_squared_logsumexp() -> None:
+    """Rows whose logsumexp differ: the mean of the squares, not the square of the mean.
+    Row 0: logsumexp = log 4; row 1 (every logit 2 higher): log 4 + 2."""
+    logits = torch.stack([torch.zeros(4), torch.full((4,), 2.0)])
+    expected = (math.log(4) ** 2 + (math.log(4) + 2) ** 2) / 2  # (1.92 + 11.47) / 2 = 6.70
+    assert losses.z_loss(logits).item() == pytest.approx(expected)
+
+
 def test_cv_squared() -> None:
     assert losses.cv_squared(torch.tensor([2.0, 2.0, 2.0])).item() == pytest.approx(0.0)
     # mean 2, population variance 1 -> 1 / 4

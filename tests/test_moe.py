@@ -92,6 +92,17 @@ def test_clamped_swiglu_worked_example() -> None:
     torch.testing.assert_close(out, expected)
 
 
+def test_ungated_activations_worked_example() -> None:
+    """relu zeroes the negatives; gelu is the exact x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2,
+    not its tanh approximation (2e-4 away at x = 1.5): the layer's reference runs `activate`
+    too, so only this pins them."""
+    xs = [-2.0, -0.5, 0.0, 0.75, 1.5]
+    h = torch.tensor([xs])
+    assert activate(h, "relu").tolist() == [[0.0, 0.0, 0.0, 0.75, 1.5]]
+    gelu = [x * (1 + math.erf(x / math.sqrt(2))) / 2 for x in xs]  # -0.0455, -0.1543, 0, ...
+    torch.testing.assert_close(activate(h, "gelu"), torch.tensor([gelu]), rtol=0, atol=1e-6)
+
+
 def test_grouped_mm_refuses_misaligned_sizes_with_advice() -> None:
     layer = make_layer(expert_impl="grouped_mm")  # d_expert=10: 40-byte rows
     with pytest.raises(ValueError, match="expert_impl='auto'"):

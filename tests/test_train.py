@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from moekit.config import (
     RunConfig,
     TrainConfig,
 )
+from moekit.data import load_corpus
 from moekit.model import MoETransformer
 from moekit.train import TrainingDiverged, build_optimizer, list_checkpoints, load_checkpoint, lr_at
 from moekit.train import checkpoint as checkpoint_module
@@ -134,6 +137,82 @@ def test_resume_in_a_fresh_process_is_exact_with_a_noisy_router(noisy_runs: Path
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def record_forwards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[tuple[bool, torch.nn.Module, torch.Tensor, float]]:
+    """From now on, each forward the trainer runs: (training?, the model, the batch, lm_loss)."""
+    seen = []
+    original = loop_module.forward
+
+    def recording(model, batch, autocast):  # type: ignore[no-untyped-def]
+        out = original(model, batch, autocast)
+        seen.append((model.training, model, batch.clone(), float(out.lm_loss.detach())))
+        return out
+
+    monkeypatch.setattr(loop_module, "forward", recording)
+    return seen
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+def test_a_step_applies_the_clipped_mean_gradient_of_its_micro_batches(
+    tmp_path: Path, monkeypatch, grad_clip: float | None
+) -> None:
+    """The gradients the optimizer steps with are those of the mean loss over the grad_accum
+    micro-batches (a copy of the model recomputes them here), scaled to a global norm of
+    train.grad_clip when they exceed it; the logged grad_norm is the norm before clipping."""
+    cfg = tiny_run(tmp_path, steps=1, grad_accum=2, batch_size=2, seq_len=32, grad_clip=grad_clip)
+    forwards = record_forwards(monkeypatch)
+    checked = []
+    real_build = loop_module.build_optimizer
+
+    def build(model, t):  # type: ignore[no-untyped-def]
+        optimizer = real_build(model, t)
+
+        def before_step(opt, args, kwargs) -> None:  # type: ignore[no-untyped-def]
+            micro = [batch for training, _, batch, _ in forwards if training]
+            assert len(micro) == 2
+            twin = copy.deepcopy(model)
+            twin.zero_grad(set_to_none=True)
+            for batch in micro:
+                (twin(batch, labels=batch).loss / len(micro)).backward()
+            want = {n: p.grad for n, p in twin.named_parameters()}
+            norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in want.values()])))
+            scale = 1.0 if grad_clip is None else min(1.0, grad_clip / (norm + 1e-6))
+            assert grad_clip is None or scale < 0.5  # the clip binds
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, want[name] * scale, rtol=1e-4, atol=1e-7)
+            checked.append(norm)
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(loop_module, "build_optimizer", build)
+    loop_module.train(cfg, tmp_path / "run")
+    assert len(checked) == 1
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert logged[0]["grad_norm"] == pytest.approx(checked[0], rel=1e-4)
+
+
+def test_validation_loss_is_the_mean_over_its_batches_and_bpb_its_bits_per_byte(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """val_loss: the mean lm_loss of the eval batches; val_bpb: val_loss in bits, over the UTF-8
+    bytes per token of the validation split (bytes tokenizer: each byte a token, plus one
+    end-of-text token per file)."""
+    cfg = tiny_run(tmp_path, steps=1, eval=EvalConfig(every=1, batches=3))
+    forwards = record_forwards(monkeypatch)
+    loop_module.train(cfg, tmp_path / "run")
+    evals = [loss for training, _, _, loss in forwards if not training]
+    assert len(evals) == 3 and len(set(evals)) == 3
+    (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert record["val_loss"] == pytest.approx(sum(evals) / 3, rel=1e-9)
+    data = cfg.train.data
+    val = load_corpus(data.source, data.val_fraction, data.max_files).val
+    bytes_per_token = val.n_bytes / (val.n_bytes + len(val.documents))
+    assert 0.9 < bytes_per_token < 1
+    assert record["val_bpb"] == pytest.approx(record["val_loss"] / math.log(2) / bytes_per_token)
+
+
 FIRST_FORWARD = """
 import torch
 from moekit.config import ModelConfig
@@ -236,6 +315,18 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(99, cfg) == pytest.approx(1e-4)
+
+
+def test_the_decay_after_warmup_is_a_cosine() -> None:
+    """101 steps, 10 of warmup: steps 10..100 decay over 90 steps. A third of the way (step 40)
+    the cosine factor is (1 + cos(pi / 3)) / 2 = 0.75, two thirds (step 70) 0.25: lr is
+    1e-3 * (0.1 + 0.9 * 0.75) = 7.75e-4, then 3.25e-4 (a linear decay: 7e-4, then 4e-4); past
+    the last step it stays at the floor."""
+    cfg = TrainConfig(steps=101, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(40, cfg) == pytest.approx(7.75e-4)
+    assert lr_at(70, cfg) == pytest.approx(3.25e-4)
+    assert lr_at(100, cfg) == pytest.approx(1e-4) and lr_at(150, cfg) == pytest.approx(1e-4)
 
 
 def test_no_weight_decay_on_norms_embeddings_and_routers() -> None:
