@@ -147,7 +147,10 @@ def test_a_run_stopped_while_it_starts_is_interrupted_where_ctrl_c_is_ignored(tm
 
 # run_in_parallel in a session of its own, as from a terminal: "following" once the runs started
 TERMINAL_RUN = """
-import sys
+import signal, sys
+# a terminal's foreground process takes Ctrl-C; this one may inherit SIG_IGN for it, as every
+# process of a shell's background job does (pytest run as one), and would then never take it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from tests.run_cases import tiny_run
 from moekit.train import lockstep
