@@ -146,3 +146,37 @@ def test_nested_config_override_of_the_wrong_shape_is_one_line(capsys, value: st
     assert main(["params", "tiny", f"--model.moe={value}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("moekit params: error: --moe=")
+
+
+def test_a_config_file_that_is_a_directory_is_named_as_one(tmp_path, capsys) -> None:
+    """It was "config file DIR does not exist"."""
+    assert main(["generate", RUN, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"moekit generate: error: config file {tmp_path} is a directory; give a JSON file\n"
+    )
+
+
+def test_a_config_file_that_is_not_json_says_what_it_should_be(tmp_path, capsys) -> None:
+    path = tmp_path / "run.json"
+    path.write_text("{")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "a config file is one JSON object, a RunConfig or a ModelConfig" in err, err
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ('{"d_model": 48, "d_expert": 40, "n_experts": 4, "top_k": 8}',
+         "top_k=8 is invalid: must be <= n_experts (4)"),
+        ('{"n_experts": 4}', "MoEConfig needs the field(s) ['d_model', 'd_expert']"),
+        ("{bad", "expected JSON (expecting property name"),
+    ],
+)  # fmt: skip
+def test_a_nested_config_override_says_what_is_wrong_with_it(capsys, value: str, says) -> None:
+    """A JSON object for an optional config was "expected MoEConfig or none", its fault unsaid."""
+    assert main(["params", "tiny", f"--model.moe={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moekit params: error: --moe={value!r}: "), err
+    assert says in err and err.count("--moe=") == 1 and err.count("\n") == 1, err

@@ -4,6 +4,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.run_cases import tiny_run
+from tests.run_cases import JSON_PACKAGE, tiny_run
 
 from moekit.cli import main
 from moekit.interop import save_hf
@@ -334,3 +335,116 @@ def test_config_file_of_the_wrong_shape_names_the_file(tmp_path: Path, capsys, d
     path.write_text(json.dumps(data))
     assert main(["params", str(path)]) == 2
     assert says in one_line_error(capsys, "params", path)
+
+
+# Where a command writes: a file in the way, a directory where a file goes, a directory that may
+# not be written in. Each was a traceback (NotADirectoryError, IsADirectoryError, PermissionError)
+# or an "[Errno 17] File exists" line naming no remedy.
+
+
+def write_commands(run: Path, hf: Path, tmp_path: Path, out: Path) -> dict[str, list[str]]:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\n")
+    return {
+        "train": ["train", str(run / "config.json"), "--out", str(out)],
+        "from-hf": ["convert", "--from-hf", str(hf), "--out", str(out)],
+        "to-hf": ["convert", "--to-hf", str(run), "--arch", "mixtral", "--out", str(out),
+                  "--overwrite"],
+        "quantize": ["quantize", str(run), "--weights=int8", "--out", str(out)],
+        "upcycle": ["upcycle", str(run), "--out", str(out)],
+        "trace": ["trace", str(run), "--prompts", str(prompts), "--out", str(out / "r.trace"),
+                  "--max_new_tokens=2"],
+        "analyze": ["analyze", str(run), "--tokens=256", "--seq_len=32", "--out", str(out)],
+        "demo": ["demo", "--out", str(out), "--train.steps=1", "--train.data.tokenizer=bytes",
+                 f"--train.data.source={JSON_PACKAGE}",
+                 f"--train.data.cache_dir={tmp_path / 'cache'}"],
+    }  # fmt: skip
+
+
+WRITERS = ["train", "from-hf", "to-hf", "quantize", "upcycle", "trace", "analyze", "demo"]
+AT_A_FILE = ["train", "to-hf", "trace", "analyze"]  # the others refuse an existing --out as such
+
+
+@pytest.mark.parametrize(
+    "command, under",
+    [(c, True) for c in WRITERS] + [(c, False) for c in AT_A_FILE],
+    ids=[f"{c} under a file" for c in WRITERS] + [f"{c} at a file" for c in AT_A_FILE],
+)
+def test_an_output_path_through_a_file_is_one_line_and_writes_nothing(
+    run: Path, hf: Path, tmp_path: Path, capsys, command: str, under: bool
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine\n")
+    args = write_commands(run, hf, tmp_path, blocker / "sub" if under else blocker)[command]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(args) == 2
+    line = one_line_error(capsys, args[0], blocker)
+    assert f"{blocker} is a file, not a directory; move it away or choose another path" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_trace_written_over_a_directory_is_one_line(run: Path, tmp_path: Path, capsys) -> None:
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "traces"
+    prompts.write_text("def f(\n")
+    out.mkdir()
+    assert main(["trace", str(run), "--prompts", str(prompts), "--out", str(out)]) == 2
+    line = one_line_error(capsys, "trace", out)
+    assert f"is a directory; give the trace a file name, such as {out / 'routing.trace'}" in line
+    assert list(out.iterdir()) == [] and {p.name for p in tmp_path.iterdir()} == {
+        "run",
+        "prompts.txt",
+        "traces",
+    }
+
+
+@pytest.mark.parametrize("command", [c for c in WRITERS if c != "upcycle"])  # the run is no dense
+def test_a_directory_that_may_not_be_written_in_is_one_line(
+    run: Path, hf: Path, tmp_path: Path, capsys, monkeypatch, command: str
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    args = write_commands(run, hf, tmp_path, locked / "out")[command]
+    mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs) -> None:  # what a folder of another user's does (root may)
+        if Path(path).parent == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the error's line last, after convert --from-hf's progress
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith(f"moekit {args[0]}: error: "), err
+    assert f"{locked} may not be written in (permission denied); choose a directory" in line
+    assert list(locked.iterdir()) == []
+
+
+def test_a_directory_given_as_a_routing_trace_is_one_line(run: Path, tmp_path: Path, capsys):
+    """safetensors said "No such device (os error 19)", a traceback."""
+    for args in (
+        ["cache-sim", str(tmp_path)],
+        ["generate", str(run), "--offload.budget=50%", "--offload.policy=static",
+         f"--offload.trace={tmp_path}"],
+    ):  # fmt: skip
+        assert main(args) == 2
+        assert "is a directory, not a file" in one_line_error(capsys, args[0], tmp_path)
+
+
+def test_a_checkpoint_of_the_other_kind_says_to_convert_it(
+    run: Path, hf: Path, tmp_path: Path, capsys
+) -> None:
+    """A Hugging Face directory where a run goes was a list of RunConfig's unknown fields; a run
+    given to --from-hf was "architecture None (None) is not supported"."""
+    out = tmp_path / "o"
+    for args, says in (
+        (["train", "--resume", str(hf)], f"convert it to one first (moekit convert --from-hf {hf}"),
+        (["upcycle", str(hf), "--out", str(out)], "is a Hugging Face checkpoint, not a run"),
+        (["convert", "--from-hf", str(run), "--out", str(out)], f"--to-hf {run} --arch ARCH"),
+    ):
+        before = snapshot(hf)
+        assert main(args) == 2
+        assert says in one_line_error(capsys, args[0], hf if "--from-hf" not in args else run)
+        assert snapshot(hf) == before and not out.exists()

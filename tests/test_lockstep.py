@@ -115,12 +115,16 @@ def test_a_run_that_fails_in_its_process_stops_the_others_and_is_named(
     train_in_lockstep({"a": cfg}, {"a": tmp_path / "a"}, progress=False)  # a run is there now
     with pytest.raises(FileExistsError, match="already holds a run"):  # before any process
         run_in_parallel({"a": cfg, "b": cfg}, {"a": tmp_path / "a", "b": tmp_path / "b"})
-    (tmp_path / "file").write_text("not a folder")  # the run's mkdir fails in its process
+    (tmp_path / "file").write_text("not a folder")  # a file in a run's way: before any process
+    with pytest.raises(FileExistsError, match="file is a file, not a directory"):
+        run_in_parallel({"a": cfg, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file/b"})
+    assert not (tmp_path / "c").exists()
+    missing = cfg.replace(train=cfg.train.replace(init_from=str(tmp_path / "none")))  # its process
     long = cfg.replace(train=cfg.train.replace(steps=400))
     with pytest.raises(SideBySideFailed, match=r"b \(failed with exit code 2") as err:
-        run_in_parallel({"a": long, "b": cfg}, {"a": tmp_path / "c", "b": tmp_path / "file"})
+        run_in_parallel({"a": long, "b": missing}, {"a": tmp_path / "c", "b": tmp_path / "d"})
     assert "a (interrupted" in str(err.value)  # stopped, not left to run its 400 steps
-    assert "error: " in capfd.readouterr().err
+    assert "error: train.init_from=" in capfd.readouterr().err
 
 
 def test_a_run_stopped_while_it_starts_is_interrupted_where_ctrl_c_is_ignored(tmp_path) -> None:

@@ -340,3 +340,12 @@ def test_a_failed_load_one_expert_at_a_time_raises_its_own_error() -> None:
         assert not cache.pinned
     finally:
         cache.close()
+
+
+def test_offloading_a_model_without_experts_is_a_clear_error(tmp_path) -> None:
+    """`moekit generate DENSE_RUN --offload.budget=50%` was an AttributeError traceback."""
+    dense = TINY.replace(moe=None)
+    path = tmp_path / "model.safetensors"
+    save_model(MoETransformer(dense), str(path))
+    with pytest.raises(ValueError, match="the model has no MoE layers: there are no experts"):
+        load_offloaded(path, dense, budget="50%")

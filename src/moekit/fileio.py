@@ -2,11 +2,14 @@
 moekit caches what it derives (tokenised corpora, compiled kernels).
 
 A crash or Ctrl-C in the middle of a write leaves the previous file (or nothing) behind, never a
-half-written file under the final name.
+half-written file under the final name. A place that cannot be written (a file where a directory
+must be or the other way round, a directory this process may not write in) is one
+`FileExistsError` or `PermissionError` naming it, which the command line prints as one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,8 +28,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     `path` (an existing file is replaced atomically; an existing directory is swapped out first).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    make_dirs(final.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        raise _write_error(final, err) from None
     tmp.rmdir()  # the caller decides whether this becomes a file or a directory
     try:
         yield tmp
@@ -36,6 +42,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _replace(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.is_dir() != src.is_dir():  # which os.replace cannot do
+        kinds = ("a directory", "a file") if dst.is_dir() else ("a file", "a directory")
+        raise FileExistsError(
+            f"cannot write {dst}: it is {kinds[0]}, and what goes there is {kinds[1]}; move it "
+            "away or choose another path"
+        )
     if dst.is_dir() and src.is_dir():
         old = dst.with_name(f".{dst.name}.old")
         remove_path(old)
@@ -44,6 +56,49 @@ def _replace(src: Path, dst: Path) -> None:
         remove_path(old)
     else:
         os.replace(src, dst)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """Create the directory `path` and those above it that are missing (`mkdir -p`); a file in
+    the way, or a directory this process may not write in, is one error naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(path, err) from None
+    return path
+
+
+def check_no_file_in_the_way(path: str | os.PathLike, *, file_ok: bool = False) -> None:
+    """The FileExistsError `make_dirs(path)` would raise for a file at `path` or above it, before
+    anything is made; with `file_ok`, `path` is a file to write and only the directories above it
+    are checked."""
+    path = Path(path)
+    for place in path.parents if file_ok else (path, *path.parents):
+        if place.exists() and not place.is_dir():
+            raise FileExistsError(
+                f"cannot write {path}: {place} is a file, not a directory; move it away or "
+                "choose another path"
+            )
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    """`err`, raised creating `path` or a directory on the way to it, as an error that says what
+    is in the way: a file (FileExistsError) or a directory that may not be written in
+    (PermissionError); any other as it is."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        try:
+            check_no_file_in_the_way(path)
+        except FileExistsError as found:
+            return found
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        folder = next((p for p in path.parents if p.is_dir()), path.parent)
+        reason = (err.strerror or "permission denied").lower()
+        return PermissionError(
+            f"cannot write {path}: {folder} may not be written in ({reason}); choose a directory "
+            "you can write in"
+        )
+    return err
 
 
 def remove_path(path: Path) -> None:

@@ -99,7 +99,12 @@ def _parse_union(args: tuple, text: str, key: str) -> Any:
     for arm in arms:
         try:
             return parse_value(arm, text, key)
-        except ValueError:
+        except ValueError as err:
+            if _config_class(arm) is not None and text.lstrip().startswith("{"):  # its JSON
+                said = str(err)  # what the config (or the JSON) says is wrong with it
+                raise ValueError(
+                    said if said.startswith(f"--{key}=") else f"--{key}={text!r}: {said}"
+                ) from None
             continue
     allowed = " or ".join(_type_name(a) for a in args)
     raise ValueError(f"--{key}={text!r}: expected {allowed}")

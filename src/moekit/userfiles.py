@@ -166,8 +166,11 @@ def open_safetensors(
     """`safetensors.safe_open(path)` (a truncated or corrupt file fails here, at its header),
     closed after the block; what reading it inside the block raises is reported as `reading`
     does."""
-    with reading(path, remedy, error), safe_open(str(path), framework="pt") as handle:
-        yield handle
+    with reading(path, remedy, error):
+        if Path(path).is_dir():  # which safetensors reports as "No such device (os error 19)"
+            raise IsADirectoryError(path)
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
 
 
 def read_safetensors(path: str | Path, remedy: str) -> dict[str, Any]:

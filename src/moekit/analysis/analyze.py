@@ -10,6 +10,7 @@ from moekit.analysis import metrics
 from moekit.analysis.report import layer_stats, write_report
 from moekit.analysis.trace import LabelledTokens, label_tokens, record_routing
 from moekit.data import load_corpus
+from moekit.fileio import check_no_file_in_the_way
 from moekit.loading import load
 
 SATURATION_TOKENS = 4096  # tokens traced at each checkpoint for router saturation
@@ -23,6 +24,8 @@ def analyze(
     corpus, else the standard library); write `out_dir` (default PATH/analysis)/report.md."""
     path = Path(path)
     loaded = load(path, dtype="float32")
+    out_dir = Path(out_dir or path / "analysis")
+    check_no_file_in_the_way(out_dir)  # before the routing is traced
     model, corpus = loaded.model, loaded.config.train.data
     source = data or corpus.source
     seq_len = min(seq_len or 256, model.cfg.max_seq_len)
@@ -36,7 +39,7 @@ def analyze(
             "n_tokens": len(tokens.token_ids), "n_experts": first.n_experts,
             "top_k": first.top_k}  # fmt: skip
     saturation = _saturation(loaded.checkpoints, tokens, seq_len, trace.ids)
-    return write_report(Path(out_dir or path / "analysis"), layers, meta, saturation)
+    return write_report(out_dir, layers, meta, saturation)
 
 
 def _saturation(

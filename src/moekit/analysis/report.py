@@ -14,7 +14,7 @@ import torch
 from moekit.analysis import metrics, plots
 from moekit.analysis.token_classes import CLASSES
 from moekit.analysis.trace import RoutingTrace
-from moekit.fileio import atomic_write_text, save_figure
+from moekit.fileio import atomic_write_text, make_dirs, save_figure
 from moekit.losses import entropy, max_violation
 
 MAX_DOMAINS = 12  # the most frequent packages get a column each; the rest share "(other)"
@@ -72,7 +72,7 @@ def write_report(
     saturation: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """analysis.json, the PNGs and report.md in `out_dir`; returns the report's path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     data = {"meta": meta, "layers": layers, "saturation": saturation}
     atomic_write_text(out_dir / "analysis.json", json.dumps(data, indent=1))
     k_over_e = meta["top_k"] / meta["n_experts"]

@@ -52,7 +52,7 @@ MODULES = (
 )
 COMMANDS = {module.COMMAND.name: module.COMMAND for module in MODULES}
 # Errors that are the user's input, printed as one line instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 # Training that diverged, lost a process or failed in an arm's process: one line, exit 1.
 FAILURES = (TrainingDiverged, DistributedFailure, SideBySideFailed)
 NUL = "\0"  # in no argument: argv strings are C strings

@@ -80,10 +80,12 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
         spec.endswith(".json") or Path(spec).is_file() or cls is not RunConfig
     ):
         path = Path(spec)
+        if path.is_dir():
+            raise ValueError(f"config file {spec} is a directory; give a JSON file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {spec} does not exist")
-        kind = RUN_FILE_IS if cls is RunConfig else f"{cls.__name__}, as the command prints it"
-        remedy = f"fix it: a config file is one JSON object, a {kind}"
+        kind = RUN_FILE_IS if cls is RunConfig else f"a {cls.__name__}, as the command prints it"
+        remedy = f"fix it: a config file is one JSON object, {kind}"
         if cls is not RunConfig:
             cfg: Any = cls.from_file(path, remedy)
         elif "model" not in (data := read_json(path, remedy)):

@@ -17,6 +17,7 @@ import torch
 
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import QuantizeConfig
+from moekit.fileio import check_no_file_in_the_way
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
 from moekit.loading import load
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> None:
     print_config(cfg)
     if Path(args.out).exists():  # before the model is read
         raise FileExistsError(f"{args.out} exists; choose a new directory for the quantized model")
+    check_no_file_in_the_way(args.out)
     source = Path(args.path)
     if (source / "config.json").is_file() and not (source / CHECKPOINT_DIR).is_dir():
         model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read

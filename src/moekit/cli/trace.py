@@ -5,10 +5,11 @@ resolved `TraceConfig` beside it as TRACE.config.json."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import TraceConfig
-from moekit.fileio import atomic_write_text
+from moekit.fileio import atomic_write_text, check_no_file_in_the_way
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.inference.trace import record_prompts, save_trace
 from moekit.loading import load
@@ -24,6 +25,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(TraceConfig, args.config, args.overrides)
     print_config(cfg)
+    out = Path(args.out)
+    if out.is_dir():  # before the model is read
+        raise FileExistsError(f"--out {out} is a directory; give the trace a file name, such as "
+                              f"{out / 'routing.trace'}")  # fmt: skip
+    check_no_file_in_the_way(out, file_ok=True)
     text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:

@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
-from moekit.config import RUN_FILE_REMEDY, RunConfig
+from moekit.config import RunConfig
 from moekit.distributed.trainer import train_distributed
 from moekit.overrides import apply_overrides
 from moekit.train import TrainResult, train
 from moekit.train.loop import wants_processes
 from moekit.train.report import loss_text
+from moekit.train.sample import read_run_config
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -26,10 +27,7 @@ def run(args: argparse.Namespace) -> None:
         if args.config or args.out:
             raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"cannot resume {run_dir}: it has no config.json")
-        cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
-        cfg = apply_overrides(cfg, args.overrides)
+        cfg = apply_overrides(read_run_config(run_dir), args.overrides)
     else:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))

@@ -170,6 +170,7 @@ class CheckpointExpertStore:
     `ExpertStore`'s."""
 
     def __init__(self, path: str | Path, model: MoETransformer, remedy: str) -> None:
+        model_identity(model.cfg)  # a model without MoE layers has no experts to offload
         self.path = Path(path)
         header, self.data_start = tensor_layout(self.path, remedy)
         self.layouts, self.entries, self.routed_keys = [], [], set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from moekit.fileio import check_no_file_in_the_way
 from moekit.interop.hf import hf_model_config, load_hf, read_hf_config
 from moekit.train.checkpoint import write_new_run
 from moekit.userfiles import REDOWNLOAD, read_tokenizer
@@ -32,6 +33,7 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) 
     Refuses an existing `out`."""
     if Path(out).exists():
         raise FileExistsError(f"{out} exists; choose a new run directory")
+    check_no_file_in_the_way(out)
     model_cfg = hf_model_config(read_hf_config(hf_dir))
     cfg = hf_run_config(model_cfg)  # validated before any weight is read
     tokenizer = Path(hf_dir) / "tokenizer.json"

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from moekit.config import ModelConfig, QuantizeConfig
 from moekit.config.rules import invalid
-from moekit.fileio import atomic_path
+from moekit.fileio import atomic_path, check_no_file_in_the_way
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF
@@ -47,6 +47,7 @@ from moekit.interop.quantized import (
 from moekit.model import MoETransformer
 from moekit.quant.files import allocate_on_cpu, is_quantized
 from moekit.quant.modules import quantize_model
+from moekit.train.checkpoint import CHECKPOINT_DIR
 from moekit.userfiles import read_tokenizer
 
 TOKENIZER_FILES = (
@@ -64,6 +65,11 @@ TOKENIZER_FILES = (
 def read_hf_config(folder: str | Path) -> HF:
     """config.json of a checkpoint directory, as a dict."""
     path = Path(folder) / "config.json"
+    if (Path(folder) / CHECKPOINT_DIR).is_dir():
+        raise ValueError(
+            f"{folder} is a moekit run directory, not a Hugging Face checkpoint (moekit convert "
+            f"--to-hf {folder} --arch ARCH --out DIR writes one from it)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
     return read_checkpoint_json(path)
@@ -210,6 +216,7 @@ def save_hf(
     target = architecture_named(arch)
     if layout not in LAYOUTS:
         raise invalid("layout", layout, f"allowed values are {', '.join(LAYOUTS)}")
+    check_no_file_in_the_way(path)  # even with overwrite: a checkpoint is a directory
     hf = target.hf_config(model.cfg)
     out_dtype = model.embed.weight.dtype if dtype is None else resolve_dtype(dtype, {})
     tensors = _save_plan(model, target, layout, out_dtype)

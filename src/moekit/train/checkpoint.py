@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moekit.fileio import atomic_path, remove_path
+from moekit.fileio import atomic_path, check_no_file_in_the_way, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
 from moekit.train.optim import build_optimizer
@@ -312,6 +312,7 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
 def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, and to
     resume from damaged files (before anything is written)."""
+    check_no_file_in_the_way(run_dir)
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from moekit.config import RunConfig, TrainConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.data import prepare_data
+from moekit.fileio import make_dirs
 from moekit.model import parameter_breakdown
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import check_run_dir
@@ -136,6 +137,8 @@ def run_in_parallel(
         if key not in prepared:
             prepare_data(cfg.train.data, cfg.token_vocab_size, progress, Path(run_dirs[name]))
             prepared.add(key)
+    for run_dir in run_dirs.values():  # a place that cannot be written: one error, here
+        make_dirs(run_dir)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
     processes, listening = {}, {}  # listening: set once the run's Ctrl-C handler is in place
     try:
@@ -253,7 +256,7 @@ def _train_one(cfg: RunConfig, run_dir: str, parent: int, listening: Any) -> Non
         keep_freed_memory()  # as `moekit train` does; it lasts for this process only
         result = train(cfg, run_dir)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # it has ended: a late stop changes nothing
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from moekit.config import RunConfig
 from moekit.data import Data, WindowSampler, fixed_batches, prepare_data
-from moekit.fileio import atomic_path, atomic_write_text
+from moekit.fileio import atomic_path, atomic_write_text, make_dirs
 from moekit.losses import sum_dtype
 from moekit.model import ModelOutput, MoETransformer
 from moekit.train.checkpoint import (
@@ -195,7 +195,7 @@ class Trainer:
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
                 f"{data.tokenizer.get_vocab_size()} tokens"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is good
+        make_dirs(self.run_dir)  # only once the data is good
         self._say(
             f"data: {data.n_train_files} train files ({data.train.n_tokens:,} tokens), "
             f"{data.n_val_files} validation files ({data.val.n_tokens:,} tokens), "

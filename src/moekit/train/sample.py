@@ -18,13 +18,25 @@ def find_run(path: str | Path) -> tuple[RunConfig, Path]:
     newest checkpoint) or of one of its checkpoint directories (checkpoints/step-NNNNNN)."""
     path = Path(path)
     run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
-    cfg = RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
+    cfg = read_run_config(run_dir)
     checkpoint = latest_checkpoint(run_dir) if path == run_dir else path
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-*)")
     return cfg, checkpoint
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The config.json of a run directory; a directory without one, or a Hugging Face checkpoint
+    (weights beside its config.json, no checkpoints/), is one error saying what it is."""
+    hf_weights = any(run_dir.glob("*.safetensors*")) or any(run_dir.glob("*.bin"))
+    if hf_weights and not (run_dir / CHECKPOINT_DIR).is_dir():
+        raise ValueError(
+            f"{run_dir} is a Hugging Face checkpoint, not a run directory: convert it to one "
+            f"first (moekit convert --from-hf {run_dir} --out RUN_DIR)"
+        )
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
+    return RunConfig.from_file(run_dir / "config.json", RUN_FILE_REMEDY)
 
 
 def load_run(path: str | Path) -> tuple[RunConfig, MoETransformer, Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig, MoEConfig, RunConfig
+from moekit.fileio import check_no_file_in_the_way
 from moekit.model import MoETransformer
 from moekit.train.checkpoint import write_new_run
 from moekit.train.sample import load_run
@@ -65,6 +66,7 @@ def upcycle_run(
     run's data and training settings: `moekit train --resume OUT_DIR` trains it."""
     if Path(out_dir).exists():
         raise FileExistsError(f"{out_dir} exists; choose a new --out for the upcycled run")
+    check_no_file_in_the_way(out_dir)
     run, dense, _ = load_run(dense_dir)
     cfg = RunConfig(model=upcycle_config(run.model, n_experts, top_k), train=run.train)
     model = upcycle_model(dense, cfg.model, noise, seed=run.train.seed)
