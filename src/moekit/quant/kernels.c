@@ -29,8 +29,9 @@
  *     by 16 gives the even element and a mask the odd one, with x de-interleaved per 16 once per
  *     call to match (x_perm).
  *   - bf16 and int8 prefetch the weight stream in software, PREFETCH bytes ahead: from DRAM the
- *     hardware prefetchers alone left int8 ~15% slower (measured); the 4-bit bodies are
- *     compute-bound and a prefetch is one more instruction a group (7% slower, measured).
+ *     hardware prefetchers alone left int8 ~15% slower (measured); the float path's 4-bit
+ *     bodies are compute-bound and a prefetch is one more instruction a group (7% slower,
+ *     measured); the int8-activation path's prefetch X8_PREFETCH ahead.
  *   - int8: widen, convert, and multiply by the channel's scale once, after the row's dot.
  *   - 4-bit: x is de-interleaved once per call (x_perm: per group of 32, the 16 even elements,
  *     then the 16 odd ones), so the low nibbles of a group's 16 bytes multiply x_perm[0:16] and
@@ -65,6 +66,7 @@
 #define MIN_PARALLEL_WEIGHTS 65536
 #define GROUP 32
 #define MAX_ROWS 16
+#define ROWS_A_CALL 16 /* weight rows a body's call computes (their sums on the caller's stack) */
 #define CHUNK 256 /* portable body: weights dequantized at a time (a multiple of GROUP) */
 
 enum { PATH_PORTABLE = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
@@ -256,23 +258,28 @@ void moekit_q_rows(const void *prepared, const void *data, const void *scales,
     const int kind = four_bit_int ? (offsets != NULL ? INT4_ZP : INT4) : p->kind;
     const weight_t w = {kind, p->I, data, scales, offsets};
     const int64_t R = p->R;
-    for (int64_t o = o0; o < o1; o++) {
-        float sums[MAX_ROWS];
+    float out[ROWS_A_CALL * MAX_ROWS];
+    for (int64_t c0 = o0; c0 < o1; c0 += ROWS_A_CALL) {
+        const int64_t c1 = o1 - c0 < ROWS_A_CALL ? o1 : c0 + ROWS_A_CALL;
         if (p->x8 && p->path == PATH_AVX512)
-            row_x8_avx512(&w, p->codes, p->xd, p->xd4, p->xs, R, o, sums);
+            rows_x8_avx512(&w, p->codes, p->xd, p->xd4, p->xs, R, c0, c1, out);
         else if (p->x8 && p->path == PATH_AVX2)
-            row_x8_avx2(&w, p->codes, p->xd, p->xd4, p->xs, R, o, sums);
+            rows_x8_avx2(&w, p->codes, p->xd, p->xd4, p->xs, R, c0, c1, out);
         else if (p->x8)
-            row_x8_portable(&w, p->codes, p->xd, p->xs, R, o, sums);
+            rows_x8_portable(&w, p->codes, p->xd, p->xs, R, c0, c1, out);
         else if (p->path == PATH_AVX512 && kind == INT8)
-            row_int8_avx512(&w, p->x, R, o, sums);
+            rows_int8_avx512(&w, p->x, R, c0, c1, out);
         else if (p->path != PATH_PORTABLE)
-            row_avx2(&w, p->x, p->xp, p->sx, R, o, sums);
+            rows_avx2(&w, p->x, p->xp, p->sx, R, c0, c1, out);
         else
-            row_portable(&w, p->x, R, o, sums);
-        const float scale = kind == INT8 ? ((const float *)scales)[o] : 1.0f;
-        const float b = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < R; r++) y[r * O + o] = (kind == INT8 ? sums[r] * scale : sums[r]) + b;
+            rows_portable(&w, p->x, R, c0, c1, out);
+        for (int64_t o = c0; o < c1; o++) {
+            const float *sums = out + (o - c0) * MAX_ROWS;
+            const float scale = kind == INT8 ? ((const float *)scales)[o] : 1.0f;
+            const float b = bias ? bias[o] : 0.0f;
+            for (int64_t r = 0; r < R; r++)
+                y[r * O + o] = (kind == INT8 ? sums[r] * scale : sums[r]) + b;
+        }
     }
 }
 
@@ -286,7 +293,9 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
     void *p = moekit_q_prepare(kind, x, R, I);
     if (p == NULL) return -1;
 #pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
-    for (int64_t o = 0; o < O; o++) moekit_q_rows(p, data, scales, offsets, o, o + 1, O, bias, y);
+    for (int64_t o0 = 0; o0 < O; o0 += ROWS_A_CALL)
+        moekit_q_rows(p, data, scales, offsets, o0, O - o0 < ROWS_A_CALL ? O : o0 + ROWS_A_CALL, O,
+                      bias, y);
     moekit_q_release(p);
     return 0;
 }

@@ -6,8 +6,8 @@
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
 #include <immintrin.h>
 
-#ifndef PREFETCH /* bytes ahead: the best of 0 / 512 / 1024 / 2048 measured from DRAM */
-#define PREFETCH 2048
+#ifndef PREFETCH /* bytes ahead, from DRAM: on the AMD EPYC host 2048 was the best of 0 to 2048; */
+#define PREFETCH 4096 /* on the Intel Xeon one 4096 beat 2048 by 5-9%, and 8192 no more */
 #endif
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
@@ -236,22 +236,28 @@ static const void *row_of(const weight_t *w, int64_t o, const void **scales,
     case 7: BLOCK(7, KIND); break;                                                               \
     default: BLOCK(8, KIND); break;                                                              \
     }
-/* A row function's body: weight row o of w (row, scales, offsets: row_of's) against the rows of
- * x in blocks of up to 8, each kind's block as named (NO_BLOCK for a kind the path never sees). */
+/* A rows function's body: each weight row o in [o0, o1) of w (row, scales, offsets: row_of's)
+ * against the rows of x in blocks of up to 8, each kind's block as named (NO_BLOCK for a kind the
+ * path never sees), its sums at out + (o - o0) MAX_ROWS. The loop over o lives here, in the
+ * body's own target, not in its caller: a call per weight row cost 10-20 ns a row, a third of a
+ * 4-bit row of 768 weights (benchmarks/README.md, "Quantized weights"). */
 #define FOR_ROWS(BF16_BLOCK, INT8_BLOCK, GROUPS_BLOCK)                                           \
     const int64_t I = w->I, G = I / GROUP;                                                       \
-    const void *scales;                                                                          \
-    const uint16_t *offsets;                                                                     \
-    const void *row = row_of(w, o, &scales, &offsets);                                           \
     (void)G;                                                                                     \
-    for (int64_t r0 = 0; r0 < R; r0 += 8) {                                                      \
-        const int rb = R - r0 < 8 ? (int)(R - r0) : 8;                                           \
-        switch (w->kind) {                                                                       \
-        case BF16: FOR_BLOCK_OF(BF16_BLOCK, BF16) break;                                         \
-        case INT8: FOR_BLOCK_OF(INT8_BLOCK, INT8) break;                                         \
-        case MXFP4: FOR_BLOCK_OF(GROUPS_BLOCK, MXFP4) break;                                     \
-        case INT4: FOR_BLOCK_OF(GROUPS_BLOCK, INT4) break;                                       \
-        default: FOR_BLOCK_OF(GROUPS_BLOCK, INT4_ZP) break;                                      \
+    for (int64_t o = o0; o < o1; o++) {                                                          \
+        const void *scales;                                                                      \
+        const uint16_t *offsets;                                                                 \
+        const void *row = row_of(w, o, &scales, &offsets);                                       \
+        float *sums = out + (o - o0) * MAX_ROWS;                                                 \
+        for (int64_t r0 = 0; r0 < R; r0 += 8) {                                                  \
+            const int rb = R - r0 < 8 ? (int)(R - r0) : 8;                                       \
+            switch (w->kind) {                                                                   \
+            case BF16: FOR_BLOCK_OF(BF16_BLOCK, BF16) break;                                     \
+            case INT8: FOR_BLOCK_OF(INT8_BLOCK, INT8) break;                                     \
+            case MXFP4: FOR_BLOCK_OF(GROUPS_BLOCK, MXFP4) break;                                 \
+            case INT4: FOR_BLOCK_OF(GROUPS_BLOCK, INT4) break;                                   \
+            default: FOR_BLOCK_OF(GROUPS_BLOCK, INT4_ZP) break;                                  \
+            }                                                                                    \
         }                                                                                        \
     }
 #define NO_BLOCK(RB, KIND) (void)0
@@ -262,8 +268,8 @@ static const void *row_of(const weight_t *w, int64_t o, const void **scales,
     group_block(RB, KIND, xp + r0 * I, sx ? sx + r0 * G * 8 : NULL, I, row, scales, offsets,      \
                 sums + r0)
 
-static AVX2_TARGET void row_avx2(const weight_t *w, const float *x, const float *xp,
-                                 const float *sx, int64_t R, int64_t o, float *sums) {
+static AVX2_TARGET void rows_avx2(const weight_t *w, const float *x, const float *xp,
+                                  const float *sx, int64_t R, int64_t o0, int64_t o1, float *out) {
     FOR_ROWS(DENSE_PERM, DENSE, GROUPS)
 }
 
@@ -274,10 +280,10 @@ static int avx2_supported(void) {
 }
 #else
 static int avx2_supported(void) { return 0; }
-static void row_avx2(const weight_t *w, const float *x, const float *xp, const float *sx,
-                     int64_t R, int64_t o, float *sums) {
+static void rows_avx2(const weight_t *w, const float *x, const float *xp, const float *sx,
+                      int64_t R, int64_t o0, int64_t o1, float *out) {
     (void)xp;
     (void)sx;
-    row_portable(w, x, R, o, sums);
+    rows_portable(w, x, R, o0, o1, out);
 }
 #endif

@@ -161,8 +161,8 @@ AVX512_INLINE void dense_block_int8_wide(const int RB, const float *x, int64_t I
 
 #define DENSE_WIDE(RB, KIND) dense_block_int8_wide(RB, x + r0 * I, I, row, sums + r0)
 
-static AVX512_TARGET void row_int8_avx512(const weight_t *w, const float *x, int64_t R,
-                                          int64_t o, float *sums) {
+static AVX512_TARGET void rows_int8_avx512(const weight_t *w, const float *x, int64_t R,
+                                           int64_t o0, int64_t o1, float *out) {
     FOR_ROWS(NO_BLOCK, DENSE_WIDE, NO_BLOCK) /* int8 weights only */
 }
 
@@ -170,9 +170,9 @@ static AVX512_TARGET void row_int8_avx512(const weight_t *w, const float *x, int
     x8_block_wide(RB, KIND, codes + r0 * I, xd + r0 * G, xd4 + r0 * 4 * G, xs + r0 * G, I, row, \
                   scales, offsets, sums + r0)
 
-static AVX512_TARGET void row_x8_avx512(const weight_t *w, const int8_t *codes, const float *xd,
-                                        const float *xd4, const float *xs, int64_t R, int64_t o,
-                                        float *sums) {
+static AVX512_TARGET void rows_x8_avx512(const weight_t *w, const int8_t *codes,
+                                         const float *xd, const float *xd4, const float *xs,
+                                         int64_t R, int64_t o0, int64_t o1, float *out) {
     FOR_ROWS(NO_BLOCK, X8_WIDE, X8_WIDE)
 }
 
@@ -182,6 +182,6 @@ static int avx512_supported(void) {
 }
 #else
 static int avx512_supported(void) { return 0; }
-#define row_x8_avx512 row_x8_avx2
-#define row_int8_avx512(w, x, R, o, sums) row_avx2(w, x, NULL, NULL, R, o, sums)
+#define rows_x8_avx512 rows_x8_avx2
+#define rows_int8_avx512(w, x, R, o0, o1, out) rows_avx2(w, x, NULL, NULL, R, o0, o1, out)
 #endif

@@ -143,3 +143,15 @@ static void row_x8_portable(const weight_t *w, const int8_t *codes, const float 
         sums[r] = acc + corr;
     }
 }
+
+/* The portable bodies over weight rows [o0, o1), their sums as FOR_ROWS lays them out. */
+static void rows_portable(const weight_t *w, const float *x, int64_t R, int64_t o0, int64_t o1,
+                          float *out) {
+    for (int64_t o = o0; o < o1; o++) row_portable(w, x, R, o, out + (o - o0) * MAX_ROWS);
+}
+
+static void rows_x8_portable(const weight_t *w, const int8_t *codes, const float *xd,
+                             const float *xs, int64_t R, int64_t o0, int64_t o1, float *out) {
+    for (int64_t o = o0; o < o1; o++)
+        row_x8_portable(w, codes, xd, xs, R, o, out + (o - o0) * MAX_ROWS);
+}
