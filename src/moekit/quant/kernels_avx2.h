@@ -239,8 +239,8 @@ static const void *row_of(const weight_t *w, int64_t o, const void **scales,
 /* A rows function's body: each weight row o in [o0, o1) of w (row, scales, offsets: row_of's)
  * against the rows of x in blocks of up to 8, each kind's block as named (NO_BLOCK for a kind the
  * path never sees), its sums at out + (o - o0) MAX_ROWS. The loop over o lives here, in the
- * body's own target, not in its caller: a call per weight row cost 10-20 ns a row, a third of a
- * 4-bit row of 768 weights (benchmarks/README.md, "Quantized weights"). */
+ * body's own target, not in its caller: a call a weight row took a third of an int4 row of 768
+ * weights in cache (benchmarks/README.md, "Quantized weights"). */
 #define FOR_ROWS(BF16_BLOCK, INT8_BLOCK, GROUPS_BLOCK)                                           \
     const int64_t I = w->I, G = I / GROUP;                                                       \
     (void)G;                                                                                     \
