@@ -65,6 +65,20 @@ def test_offload_benchmark_quick(tmp_path):
     assert set(peaks) == {"all", "0.5"} and min(peaks.values()) > 0
 
 
+@pytest.mark.slow
+def test_prefetch_benchmark_times_each_distance_on_equal_outputs(tmp_path):
+    """Each build's outputs are checked equal to the default build's before it is timed (a
+    prefetch distance changes no sum); every scheme and build gets a time."""
+    bench = load_benchmark("prefetch")
+    result = bench.main(["--quick", "--distances", "0", "--out", str(tmp_path / "p.json")])
+    assert [r["scheme"] for r in result["results"]] == list(bench.SCHEMES)
+    for row in result["results"]:
+        assert set(row["us"]) == {"default", "0"} and min(row["us"].values()) > 0
+        assert row["calls_each"] >= 2
+    assert set(result["best_distance"].values()) == {"0"}
+    assert json.loads((tmp_path / "p.json").read_text())["distances"] == [0]
+
+
 def test_moe_vs_dense_overrides_change_the_moe_run_only():
     bench = load_benchmark("moe_vs_dense")
     args = bench.parse_args(["--steps", "8", "--model.moe.n_experts=16", "--model.moe.top_k=3"])

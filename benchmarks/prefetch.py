@@ -1,0 +1,165 @@
+"""How far ahead the quantized decode kernels should prefetch their weights, on this host.
+
+`moekit/quant/kernels.c` prefetches the weight stream in software, PREFETCH bytes ahead on the
+float path (bf16, int8 weights) and X8_PREFETCH on the int8-activation path (int4, MXFP4), both
+compile-time constants (`kernels_avx2.h`, `kernels_avx2_x8.h`). This builds the kernels once per
+distance (`-DPREFETCH=N -DX8_PREFETCH=N`, the library's own flags otherwise), loads every build
+into this one process, and times one product per call from DRAM: a round-robin pool of distinct
+copies of each weight (POOL_BYTES, far beyond the L3), every call going to the next build in turn,
+so that the host's drift (20-30% here from minute to minute) falls on every distance alike. Each
+figure is the median over all of a build's calls (thousands); each build's outputs are first
+checked equal, bit for bit, to the default build's (a prefetch changes no sum).
+
+Shapes: Qwen3-30B-A3B's expert products (768x2048, 2048x768) and attention q (4096x2048), one
+row of x (a batch-1 decode step), 2 threads, bf16 / int8 / int4 / MXFP4 as `moekit quantize`
+stores them, each on its default path (kernels.DEFAULT_ACTIVATIONS).
+
+    python benchmarks/prefetch.py                        # ~4 minutes: 1024 2048 4096 8192
+    python benchmarks/prefetch.py --distances 2048 4096  # any set
+    python benchmarks/prefetch.py --quick                # small, for the tests
+
+Prints JSON; writes benchmarks/results/prefetch.json (or --out). Run it under the CPU lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moekit import cbuild
+from moekit.cbuild import optional_ptr
+from moekit.machine import machine_info
+from moekit.quant import kernels, quantize
+
+SHAPES = {
+    "Qwen3-30B-A3B expert gate/up": (768, 2048),
+    "Qwen3-30B-A3B expert down": (2048, 768),
+    "Qwen3-30B-A3B attention q": (4096, 2048),
+}
+QUICK_SHAPES = {"small": (256, 512)}
+SCHEMES = ("bf16", "int8", "int4", "mxfp4")
+DISTANCES = (1024, 2048, 4096, 8192)
+POOL_BYTES = 2**30
+ROUNDS = 6  # passes over the pool; each pass starts the alternation at another build
+DEFAULT = "default"  # the build with the source's own constants, the reference for the outputs
+
+
+def build(distance: int | None) -> ctypes.CDLL:
+    """The kernels compiled with both prefetch distances set to `distance` (None: the source's
+    own), the path and activations chosen as the library chooses them by default."""
+    flags = cbuild.FLAGS_O2
+    if distance is not None:
+        flags = (*flags, f"-DPREFETCH={distance}", f"-DX8_PREFETCH={distance}")
+    library = ctypes.CDLL(str(cbuild.build(kernels.SOURCE, flags)))
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.moekit_q_linear.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
+    library.moekit_q_linear.restype = i32
+    library.moekit_q_set_x8.argtypes = [i32]
+    library.moekit_q_set_x8(kernels._x8_mask(kernels.DEFAULT_ACTIVATIONS))
+    return library
+
+
+def measure(libraries: dict, scheme: str, O: int, I: int, pool_bytes: int, rounds: int) -> dict:
+    """Median us a call of each build over one (O, I) product of `scheme`, from a pool."""
+    qw = quantize(torch.randn(O, I) * 0.02, scheme)
+    parts = [t for t in (qw.data, qw.scales, qw.offsets) if t is not None]
+    nbytes = sum(t.numel() * t.element_size() for t in parts)
+    copies = max(2, pool_bytes // nbytes)
+    pool = [tuple(None if t is None else t.clone() for t in (qw.data, qw.scales, qw.offsets))
+            for _ in range(copies)]  # fmt: skip
+    kind = kernels._kind(scheme, qw.offsets)
+    x = torch.randn(1, I)
+    names = list(libraries)
+
+    def call(name: str, weight: tuple, y: torch.Tensor) -> None:
+        data, scales, offsets = weight
+        status = libraries[name].moekit_q_linear(
+            kind, x.data_ptr(), 1, I, data.data_ptr(), optional_ptr(scales),
+            optional_ptr(offsets), O, None, y.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"moekit_q_linear refused {scheme} {O}x{I}")
+
+    outputs = {name: torch.empty(1, O) for name in names}
+    for name in names:
+        call(name, pool[0], outputs[name])
+    mismatched = [n for n in names if not torch.equal(outputs[n], outputs[DEFAULT])]
+    if mismatched:
+        raise AssertionError(f"{scheme} {O}x{I}: builds {mismatched} differ from the default's")
+    times = {name: [] for name in names}
+    y = torch.empty(1, O)
+    for r in range(rounds):
+        for j, weight in enumerate(pool):
+            name = names[(j + r) % len(names)]
+            start = time.perf_counter()
+            call(name, weight, y)
+            times[name].append(time.perf_counter() - start)
+    us = {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    return {
+        "scheme": scheme,
+        "O": O,
+        "I": I,
+        "bytes": nbytes,
+        "calls_each": len(times[names[0]]),
+        "us": {name: round(v, 2) for name, v in us.items()},
+        "gb_s": {name: round(nbytes / v / 1e3, 2) for name, v in us.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES))
+    parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if any(d < 0 for d in args.distances):
+        parser.error(f"--distances must be byte counts >= 0, not {args.distances}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    libraries = {DEFAULT: build(None), **{str(d): build(d) for d in args.distances}}
+    pool_bytes, rounds = (8 * 2**20, 2) if args.quick else (POOL_BYTES, ROUNDS)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows = []
+    for scheme in SCHEMES:
+        for label, (O, I) in shapes.items():
+            rows.append({"shape": label, **measure(libraries, scheme, O, I, pool_bytes, rounds)})
+    best = {
+        f"{row['scheme']} | {row['shape']}": min(
+            (d for d in row["us"] if d != DEFAULT), key=lambda d: row["us"][d]
+        )
+        for row in rows
+    }
+    report = {
+        "benchmark": "prefetch",
+        "machine": machine_info(),
+        "kernel_body": kernels.path(),
+        "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "pool_bytes": pool_bytes,
+        "distances": args.distances,
+        "method": (
+            "one product a call from Python through ctypes, 1 row, from a round-robin pool of "
+            "distinct copies; consecutive calls go to the builds in turn; medians of each build's "
+            "calls; 'default' is the build with the source's own PREFETCH / X8_PREFETCH"
+        ),
+        "best_distance": best,
+        "results": rows,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    out = args.out or (None if args.quick else Path(__file__).parent / "results/prefetch.json")
+    if out is not None:
+        out.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
