@@ -211,26 +211,24 @@ def parallel_regions(request):
 
 
 @pytest.mark.parametrize("scheme", [None, *SCHEMES])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 8])
 def test_layers_equal_the_per_product_path_bit_for_bit(
     monkeypatch, parallel_regions, scheme, batch
 ) -> None:
-    """Every decode step runs one C call per block (batch 1) or per attention block (batch 3),
-    and the logits equal the same model's layer-by-layer and product-by-product decodes exactly:
-    the same row functions, the same sums in the same order."""
+    """Every decode step runs one C call per block (batch 1) or per attention block and MoE layer
+    (batch 3 and 8: each chosen expert once, on its tokens' rows together), and the logits equal
+    the same model's layer-by-layer and product-by-product decodes exactly: the same row
+    functions, the same sums in the same order."""
     model = apply_decode_kernels(_model(1, scheme))
     ids = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
     fast, calls = _one_call_per_block(monkeypatch, model, ids)
     steps, layers = 8, 2
     calls.clear()
     by_layer = decode_logits(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
-
-    def in_c(rows: int) -> int:  # one call a token: one token, or a few of float experts
-        few = scheme is None and rows <= decode_moe.FEW_TOKENS
-        return rows if rows == 1 or few else 0
-
-    moe_calls = layers * (in_c(batch * 4) + steps * in_c(batch))  # the prefill of 4, the steps
-    assert calls.get("moekit_moe_one_token", 0) == moe_calls
+    prefill = batch * 4  # tokens: up to MAX_ROWS in one call, more through the reference
+    grouped = steps * (batch > 1) + (1 < prefill <= decode_layers.MAX_ROWS)
+    assert calls.get("moekit_moe_one_token", 0) == layers * steps * (batch == 1)
+    assert calls.get("moekit_moe_tokens", 0) == layers * grouped
     assert calls.get("moekit_attention_block", 0) == steps * layers
     assert torch.equal(fast, by_layer)
     assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
@@ -355,15 +353,16 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     if where in ("router", "experts", "q_proj", "o_proj"):
         assert calls["moekit_block_one_token"] == 4  # layer 1's steps only
     if where in ("q_proj", "o_proj"):  # layer 0's MoE layer still runs in C, alone: its 4
-        # steps, and the 4 prompt tokens of both MoE layers (a call of a few tokens, one a token)
-        assert calls["moekit_moe_one_token"] == 4 + 2 * 4
+        # steps, and the 4 prompt tokens of both MoE layers (one call of a few tokens each)
+        assert calls["moekit_moe_one_token"] == 4
+        assert calls["moekit_moe_tokens"] == 2
     if where in ("router", "experts"):  # and its attention block
         assert calls["moekit_attention_block"] == 4
     blocks_before, layers_before = (calls.get(f"moekit_{name}", 0)
-                                    for name in ("block_one_token", "moe_one_token"))  # fmt: skip
+                                    for name in ("block_one_token", "moe_tokens"))  # fmt: skip
     decode_logits(model, ids, 4)
     assert calls["moekit_block_one_token"] == blocks_before + 8  # both layers' 4 steps
-    assert calls["moekit_moe_one_token"] == layers_before + 8  # both layers' 4 prompt tokens
+    assert calls["moekit_moe_tokens"] == layers_before + 2  # both layers' 4 prompt tokens
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def _build_plan(block: Block) -> tuple | None:
     attn, cfg = block.attn, block.ffn.cfg
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     E, K, F = cfg.n_experts, cfg.top_k, cfg.d_expert
-    scratch = 4 * D + max((2 * H + 2 * KV) * hd, 2 * E + K * (2 * F + D))
+    scratch = 4 * D + max((2 * H + 2 * KV) * hd, 2 * E + K * (3 * F + D))
     return norms, refs, moe, scratch
 
 

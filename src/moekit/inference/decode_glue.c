@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* y (R, D) = x * rsqrt(mean(x^2) + eps) * w, row by row (torch.rms_norm). */
 void moekit_rmsnorm_f32(const float *x, int64_t R, int64_t D, const float *w, double eps,
@@ -147,8 +148,9 @@ void moekit_route_topk_f32(const float *logits, int64_t E, const float *bias, in
 
 /* ================================================================ whole layers in one call
  *
- * A decode token's MoE layer (routing, its top-k gated experts' products, the weighted sum) and
- * its attention block (q/k/v products, the step above, o_proj) each in one call and one OpenMP
+ * A decode token's MoE layer (routing, its top-k gated experts' products, the weighted sum; or a
+ * few tokens', each chosen expert once: decode_moe_layer.h) and its attention block (q/k/v
+ * products, the step above, o_proj) each in one call and one OpenMP
  * parallel region: each product's output rows split between the threads, barriers between the
  * steps instead of a fork and a join per product (and a Python call per product before). The
  * products run moekit's kernels row range by row range, through pointers handed over once by
@@ -241,96 +243,7 @@ static void product(const weight_ref *w, const void *p, int64_t R, float *y) {
         rows(w, p, R, o0, o0 + ROWS_A_TASK < w->O ? o0 + ROWS_A_TASK : w->O, y);
 }
 
-/* One token x (D) through K gated experts, w_in[k] (2F, D) = [W_gate; W_up] and w_out[k] (D, F)
- * (chosen in increasing expert order; with their biases where the refs hold them), the activation
- * silu(gate) * up or act's, y (D) = sum_k weights[k] * expert_k(x), summed as moekit's
- * selected_experts_forward sums: y = y_0 w_0, then y = y + y_k w_k. h: scratch of K * (2F + D)
- * floats. Returns 0, or -1 if a product's x cannot be prepared (nothing meaningful in y). */
-int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
-                             const weight_ref *w_out, const activation_ref *act,
-                             const float *weights, float *h, float *y) {
-    const int64_t F = w_out[0].I, D = w_out[0].O, f_tasks = (F + ROWS_A_TASK - 1) / ROWS_A_TASK;
-    void *px[K > 0 ? K : 1], *pa[K > 0 ? K : 1];
-    int failed = act != NULL && glu == NULL; /* (the caller checks; a mismatch: the reference) */
-    for (int64_t k = 0; k < K; k++) { /* x once per kind: experts of one layer share theirs */
-        px[k] = k > 0 && w_in[k].kind == w_in[0].kind ? px[0] : prepared(&w_in[k], x, 1);
-        pa[k] = NULL;
-        failed |= px[k] == NULL;
-    }
-    if (failed) goto done;
-#pragma omp parallel if (K * 3 * F * D >= min_parallel_weights)
-    {
-        /* gate and up rows of one range on one thread: its activations need no barrier */
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < K * f_tasks; t++) {
-            int64_t k = t / f_tasks, f0 = (t % f_tasks) * ROWS_A_TASK;
-            int64_t f1 = f0 + ROWS_A_TASK < F ? f0 + ROWS_A_TASK : F;
-            float *hk = h + k * 2 * F;
-            rows(&w_in[k], px[k], 1, f0, f1, hk);
-            rows(&w_in[k], px[k], 1, F + f0, F + f1, hk);
-            if (act)
-                glu(hk + f0, hk + F + f0, f1 - f0, act->clamped, act->alpha, act->limit, hk + f0);
-            else /* moekit_q_glu's SwiGLU, without needing the quantized kernels' library */
-                for (int64_t f = f0; f < f1; f++)
-                    hk[f] = hk[f] / (1.0f + expf(-hk[f])) * hk[F + f];
-        }
-#pragma omp single
-        for (int64_t k = 0; k < K; k++) {
-            float *hk = h + k * 2 * F; /* the activations, compacted where gate was */
-            pa[k] = prepared(&w_out[k], hk, 1);
-            if (pa[k] == NULL) failed = 1;
-        }
-        if (!failed) {
-#pragma omp for schedule(static)
-            for (int64_t d0 = 0; d0 < D; d0 += ROWS_A_TASK) {
-                int64_t d1 = d0 + ROWS_A_TASK < D ? d0 + ROWS_A_TASK : D;
-                for (int64_t k = 0; k < K; k++) {
-                    float *yk = h + K * 2 * F + k * D; /* expert k's output */
-                    rows(&w_out[k], pa[k], 1, d0, d1, yk);
-                    for (int64_t d = d0; d < d1; d++)
-                        y[d] = k == 0 ? yk[d] * weights[k] : y[d] + yk[d] * weights[k];
-                }
-            }
-        }
-    }
-done:
-    for (int64_t k = 0; k < K; k++) {
-        if (k == 0 || px[k] != px[0]) release(&w_in[k], px[k]);
-        release(&w_out[k], pa[k]);
-    }
-    return failed ? -1 : 0;
-}
-
-/* One token's MoE layer without shared experts: logits (E) = router x (+ its bias; float32), the
- * top-k routing of moekit_route_topk_f32 (ids and weights best first, into ids and weights), then
- * moekit_experts_one_token over the chosen experts in increasing expert order. w_in and w_out: the
- * E experts' weights, act their activation; scratch: 2E + K * (2F + D) floats. Returns as
- * moekit_experts_one_token. */
-int moekit_moe_one_token(const float *x, const weight_ref *router, const float *expert_bias,
-                         int64_t K, int sigmoid, int normalize, float scaling,
-                         const weight_ref *w_in, const weight_ref *w_out,
-                         const activation_ref *act, float *scratch, int64_t *ids, float *weights,
-                         float *y) {
-    const int64_t E = router->O;
-    float *logits = scratch, *scores = scratch + E;
-    rows(router, x, 1, 0, E, logits);
-    float *h = scores + E;
-    moekit_route_topk_f32(logits, E, expert_bias, K, sigmoid, normalize, scaling, scores, ids,
-                          weights);
-    int64_t order[K > 0 ? K : 1];
-    for (int64_t k = 0; k < K; k++) { /* insertion sort by expert: K is small */
-        int64_t j = k;
-        for (; j > 0 && ids[order[j - 1]] > ids[k]; j--) order[j] = order[j - 1];
-        order[j] = k;
-    }
-    weight_ref chosen_in[K > 0 ? K : 1], chosen_out[K > 0 ? K : 1];
-    float chosen_weights[K > 0 ? K : 1];
-    for (int64_t k = 0; k < K; k++) {
-        chosen_in[k] = w_in[ids[order[k]]], chosen_out[k] = w_out[ids[order[k]]];
-        chosen_weights[k] = weights[order[k]];
-    }
-    return moekit_experts_one_token(x, K, chosen_in, chosen_out, act, chosen_weights, h, y);
-}
+#include "decode_moe_layer.h"
 
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
  * biases), the per-head q and k norms where given, then moekit_attend_one_f32's step (rope, cache
@@ -386,7 +299,7 @@ done:
 /* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
  * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention as
  * moekit_attention_block (B = 1), the MoE layer as moekit_moe_one_token (no shared experts); the
- * sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (2F + D))
+ * sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (3F + D))
  * floats, x1 at scratch + 2 D. Returns 0; -1 if the attention could not run (nothing written
  * to the cache), -2 if the MoE layer could not (the cache written, x1 in the scratch). */
 int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,

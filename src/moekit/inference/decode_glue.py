@@ -246,6 +246,7 @@ def _library() -> ctypes.CDLL | None:
             "moekit_layers_set_min_parallel": ([i64], i64),
             "moekit_experts_one_token": ([ptr, i64, *[ptr] * 6], i32),
             "moekit_moe_one_token": ([ptr, ptr, ptr, *routing, *[ptr] * 7], i32),
+            "moekit_moe_tokens": ([ptr, i64, ptr, ptr, *routing, *[ptr] * 7], i32),
             "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
             "moekit_block_one_token": (
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 7],

@@ -184,23 +184,16 @@ def _layer_qualifies(layer: MoELayer) -> bool:
     )
 
 
-# Decoding calls of at most this many tokens (a decode step of a small batch, a speculative
-# verification of up to 3 drafts) run token by token in C, each as a lone decode step: cheaper
-# than the torch path's per-expert calls at these sizes, though tokens sharing an expert read it
-# once each (benchmarks/README.md, "Self-speculative decoding").
-FEW_TOKENS = 4
-
-
 def moe_step_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: bool) -> bool:
     """What a call must be for the C layer, the layer's own settings aside: a decoding call of
-    at most FEW_TOKENS tokens of plain float32 x, no aux, no gradients anywhere, not traced,
-    router and experts unhooked."""
+    at most MAX_ROWS tokens (a decode step of a batch, a speculative verification) of plain
+    float32 x, no aux, no gradients anywhere, not traced, router and experts unhooked."""
     D = layer.cfg.d_model
     return (
         not with_aux
         and decoding
         and x.dim() > 0
-        and 0 < x.numel() <= FEW_TOKENS * D
+        and 0 < x.numel() <= MAX_ROWS * D
         and x.shape[-1] == D
         and not torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
         and not torch.compiler.is_compiling()
@@ -218,10 +211,12 @@ def moe_forward(
     with_aux: bool = True,
     decoding: bool = False,
 ) -> tuple[Tensor, MoEAux | None]:
-    """`MoELayer.forward` for decoded tokens without aux, one C call a token where the step and
-    the layer qualify and its gated experts (SwiGLU or clamped, biases or not) are ones
-    `_expert_refs` reads: each token routed and run as a step of one token runs it, so a
-    speculative verification's positions and a batch's rows get a lone decode step's numbers.
+    """`MoELayer.forward` for decoded tokens without aux, in one C call where the step and the
+    layer qualify and its gated experts (SwiGLU or clamped, biases or not) are ones
+    `_expert_refs` reads: one token (moekit_moe_one_token), or up to MAX_ROWS (a batch's step, a
+    speculative verification: moekit_moe_tokens), each chosen expert run once on its tokens' rows
+    together, the reference's products and sums (float32 experts' products give every row a lone
+    token's numbers; quantized ones' depend on the row count, as the reference's do).
     Offloaded experts (one token only) route in C, fetch the chosen experts, then run in one
     call; `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
     if not (moe_step_qualifies(layer, x, with_aux, decoding) and _layer_qualifies(layer)):
@@ -231,16 +226,19 @@ def moe_forward(
     x_TD = x.reshape(-1, D)
     y_TD = x.new_empty(x_TD.shape)
     T, args = x_TD.shape[0], resident_args(layer)
-    # several tokens: resident float experts only (quantized ones keep the reference's numbers)
-    status = 0 if T == 1 or (args is not None and type(layer.experts) is Experts) else 1
-    scratch, ids, weights = _buffers(2 * E + K * (2 * F + D), K)
-    if status == 0 and args is not None:
-        one_token, row = _library().moekit_moe_one_token, 4 * D
-        x_at, y_at = x_TD.data_ptr(), y_TD.data_ptr()
-        for t in range(T):
-            status |= one_token(x_at + t * row, *args, scratch, ids, weights, y_at + t * row)
-    elif status == 0:
+    scratch, ids, weights = _buffers(T * (2 * E + K * (3 * F + 2 * D)), T * K)
+    if args is not None and T == 1:
+        status = _library().moekit_moe_one_token(
+            x_TD.data_ptr(), *args, scratch, ids, weights, y_TD.data_ptr()
+        )
+    elif args is not None:
+        status = _library().moekit_moe_tokens(
+            x_TD.data_ptr(), T, *args, scratch, ids, weights, y_TD.data_ptr()
+        )
+    elif T == 1:
         status = _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD)
+    else:
+        status = 1
     if status != 0:  # not runnable here (the experts' x could not be prepared): the reference
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
     if layer.shared_experts is not None:
@@ -275,7 +273,8 @@ def _resident_args(layer: MoELayer) -> tuple | None:
 
 def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     """The offloaded layer's call: routed in C (the logits by the router's own product, which
-    `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call;
+    `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call
+    (scratch: 2E + K (3F + D) floats);
     1 (the reference runs) where the experts are not offloaded gated ones that all fit at once."""
     cfg, router, experts = layer.cfg, layer.router, layer.experts
     if (
