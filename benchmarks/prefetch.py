@@ -35,6 +35,7 @@ import torch
 
 from moekit import cbuild
 from moekit.cbuild import optional_ptr
+from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 from moekit.quant import kernels, quantize
 
@@ -153,11 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         "best_distance": best,
         "results": rows,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
     out = args.out or (None if args.quick else Path(__file__).parent / "results/prefetch.json")
-    if out is not None:
-        out.write_text(text + "\n")
+    print(atomic_write_json(out, report) if out is not None else json.dumps(report, indent=2))
     return report
 
 
