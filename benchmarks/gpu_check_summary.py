@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from moekit.config import RunConfig
+from moekit.fileio import atomic_write_json, atomic_write_text
 from moekit.model.params import parameter_breakdown
 from moekit.train.metrics import read_metrics
 
@@ -119,8 +120,8 @@ def main(out_dir: Path | str) -> dict:
         )
         md += ["", s["mfu_definition"] + "."]
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text("\n".join(md) + "\n")
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return summary
 

@@ -7,8 +7,11 @@ distance (`-DPREFETCH=N -DX8_PREFETCH=N`, the library's own flags otherwise), lo
 into this one process, and times one product per call from DRAM: a round-robin pool of distinct
 copies of each weight (POOL_BYTES, far beyond the L3), every call going to the next build in turn,
 so that the host's drift (20-30% here from minute to minute) falls on every distance alike. Each
-figure is the median over all of a build's calls (thousands); each build's outputs are first
-checked equal, bit for bit, to the default build's (a prefetch changes no sum).
+figure is the median over all of a build's calls (tens to thousands, by the weight's size); each
+build's outputs are first checked equal, bit for bit, to the default build's (a prefetch changes
+no sum). The verdict, `recommended`: the smallest distance whose time, relative to the default
+build's and averaged (geometric mean) over every scheme and shape, is within TIE (1%) of the
+best distance's: a farther prefetch that gains less than the noise is no gain.
 
 Shapes: Qwen3-30B-A3B's expert products (768x2048, 2048x768) and attention q (4096x2048), one
 row of x (a batch-1 decode step), 2 threads, bf16 / int8 / int4 / MXFP4 as `moekit quantize`
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import statistics
 import time
@@ -49,6 +53,7 @@ SCHEMES = ("bf16", "int8", "int4", "mxfp4")
 DISTANCES = (1024, 2048, 4096, 8192)
 POOL_BYTES = 2**30
 ROUNDS = 6  # passes over the pool; each pass starts the alternation at another build
+TIE = 0.01  # distances within this of the best (relative time) count as the best
 DEFAULT = "default"  # the build with the source's own constants, the reference for the outputs
 
 
@@ -114,6 +119,17 @@ def measure(libraries: dict, scheme: str, O: int, I: int, pool_bytes: int, round
     }
 
 
+def verdict(rows: list[dict], distances: list[int]) -> tuple[dict[str, float], int]:
+    """Each distance's time over the default build's, geometric mean over `rows`, and the
+    smallest distance within TIE of the best."""
+    relative = {}
+    for d in map(str, distances):
+        ratios = [math.log(r["us"][d] / r["us"][DEFAULT]) for r in rows]
+        relative[d] = math.exp(statistics.mean(ratios))
+    best = min(relative.values())
+    return relative, min(d for d in distances if relative[str(d)] <= best * (1 + TIE))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES))
@@ -132,12 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     for scheme in SCHEMES:
         for label, (O, I) in shapes.items():
             rows.append({"shape": label, **measure(libraries, scheme, O, I, pool_bytes, rounds)})
-    best = {
-        f"{row['scheme']} | {row['shape']}": min(
-            (d for d in row["us"] if d != DEFAULT), key=lambda d: row["us"][d]
-        )
-        for row in rows
-    }
+    relative, recommended = verdict(rows, args.distances)
     report = {
         "benchmark": "prefetch",
         "machine": machine_info(),
@@ -151,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             "distinct copies; consecutive calls go to the builds in turn; medians of each build's "
             "calls; 'default' is the build with the source's own PREFETCH / X8_PREFETCH"
         ),
-        "best_distance": best,
+        "relative_time": {d: round(v, 4) for d, v in relative.items()},
+        "recommended": recommended,
         "results": rows,
     }
     out = args.out or (None if args.quick else Path(__file__).parent / "results/prefetch.json")

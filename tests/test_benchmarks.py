@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import sys
@@ -75,8 +76,31 @@ def test_prefetch_benchmark_times_each_distance_on_equal_outputs(tmp_path):
     for row in result["results"]:
         assert set(row["us"]) == {"default", "0"} and min(row["us"].values()) > 0
         assert row["calls_each"] >= 2
-    assert set(result["best_distance"].values()) == {"0"}
+    assert result["recommended"] == 0 and set(result["relative_time"]) == {"0"}
     assert json.loads((tmp_path / "p.json").read_text())["distances"] == [0]
+
+
+def test_prefetch_benchmark_refuses_a_build_whose_outputs_differ():
+    """A build whose product differs from the default's in one number is an error, not a time."""
+    bench = load_benchmark("prefetch")
+    real = bench.build(None)
+
+    class OffByOne:  # the real kernel, then its first output nudged
+        def moekit_q_linear(self, *args):
+            status = real.moekit_q_linear(*args)
+            ctypes.c_float.from_address(args[-1]).value += 1.0
+            return status
+
+    with pytest.raises(AssertionError, match="differ from the default"):
+        bench.measure({"default": real, "1": OffByOne()}, "int4", 64, 64, 2**16, 1)
+
+
+def test_prefetch_verdict_takes_the_smallest_distance_within_the_tie():
+    bench = load_benchmark("prefetch")
+    rows = [{"us": {"default": 1.0, "1024": 1.3, "4096": 1.004, "8192": 1.0}}]
+    relative, recommended = bench.verdict(rows, [1024, 4096, 8192])
+    assert recommended == 4096 and relative["1024"] == pytest.approx(1.3)
+    assert bench.verdict(rows, [1024, 8192])[1] == 8192
 
 
 def test_moe_vs_dense_overrides_change_the_moe_run_only():

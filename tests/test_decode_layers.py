@@ -49,7 +49,8 @@ SCHEMES = {
 
 def _cfg(**overrides) -> ModelConfig:
     d = 64  # widths multiples of 32: the 4-bit schemes' groups
-    moe = MoEConfig(d_model=d, d_expert=32, n_experts=6, top_k=2, **overrides.pop("moe", {}))
+    moe = MoEConfig(**{"d_model": d, "d_expert": 32, "n_experts": 6, "top_k": 2,
+                       **overrides.pop("moe", {})})  # fmt: skip
     args = dict(vocab_size=97, d_model=d, n_layers=2, n_heads=4, n_kv_heads=2, moe=moe)
     args.update(max_seq_len=64, **overrides)
     return ModelConfig(**args)
@@ -109,8 +110,9 @@ def _one_call_per_block(monkeypatch, model, ids: torch.Tensor) -> tuple[torch.Te
 
 
 def _moe_calls(calls: dict[str, int]) -> int:
-    """MoE layers run in C: alone, or in a whole block."""
-    return calls.get("moekit_moe_one_token", 0) + calls.get("moekit_block_one_token", 0)
+    """MoE layers run in C: alone (one token or a few), or in a whole block."""
+    names = ("moekit_moe_one_token", "moekit_moe_tokens", "moekit_block_one_token")
+    return sum(calls.get(name, 0) for name in names)
 
 
 def _per_product(model: MoETransformer, keep_layers: bool = False) -> MoETransformer:
@@ -231,6 +233,23 @@ def test_layers_equal_the_per_product_path_bit_for_bit(
     assert calls.get("moekit_moe_tokens", 0) == layers * grouped
     assert calls.get("moekit_attention_block", 0) == steps * layers
     assert torch.equal(fast, by_layer)
+    assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
+
+
+@pytest.mark.parametrize("scheme", [None, "int4", "mxfp4"])
+@pytest.mark.parametrize("batch", [4, 16])
+def test_a_few_tokens_sum_their_experts_in_increasing_order(
+    monkeypatch, parallel_regions, scheme, batch
+) -> None:
+    """Four experts a token (with two, a + b = b + a hides the order) and the most rows a call
+    takes (batch 4: a prefill of 16 tokens; batch 16: every step): one C call a layer and the
+    per-product path's logits bit for bit, the reference summing each token's experts in
+    increasing expert order."""
+    model = apply_decode_kernels(_model(30, scheme, moe={"n_experts": 12, "top_k": 4}))
+    ids = torch.randint(0, 97, (batch, 8), generator=torch.Generator().manual_seed(31))
+    calls = _count_calls(monkeypatch)
+    fast = decode_logits(_per_product(copy.deepcopy(model), keep_layers=True), ids, 4)
+    assert calls["moekit_moe_tokens"] == 2 * (4 + (batch == 4))  # 2 layers: 4 steps, a prefill
     assert torch.equal(fast, decode_logits(_per_product(copy.deepcopy(model)), ids, 4))
 
 

@@ -3,7 +3,6 @@ and its summary (benchmarks/gpu_check_summary.py) of real step outputs made on C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.run_cases import JSON_PACKAGE
+from tests.test_benchmarks import load_benchmark
 
 from moekit.config import RunConfig
 from moekit.machine import machine_info
@@ -62,13 +62,6 @@ def test_fails():
 def test_skipped():
     pass
 """
-
-
-def load_summary_module():
-    spec = importlib.util.spec_from_file_location("gpu_check_summary", SUMMARY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def active_parameters(model_config) -> int:
@@ -179,7 +172,7 @@ def test_gpu_check_summary_of_real_step_outputs(tmp_path: Path, monkeypatch) -> 
 
     # At an H100's peak a CPU run's MFU rounds to 0 at 4 places: against a peak this run could
     # reach, the MFU is a number to check.
-    module = load_summary_module()
+    module = load_benchmark("gpu_check_summary")
     peak = 1e12
     monkeypatch.setattr(module, "PEAKS", (("H100", peak),))
     mfu = 6 * active * tokens_per_s / peak

@@ -23,7 +23,12 @@ from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf, resolve_dtype
 from moekit.model import MoETransformer
 from moekit.quant.files import read_quantization
-from moekit.train.checkpoint import CHECKPOINT_DIR, checkpoint_remedy, list_checkpoints
+from moekit.train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_remedy,
+    is_hf_checkpoint,
+    list_checkpoints,
+)
 from moekit.train.sample import find_run, load_run, read_run_tokenizer
 from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
@@ -81,10 +86,7 @@ def load(
             "(moekit convert --dtype)"
         )
     has_config = (path / "config.json").is_file()
-    # A Hugging Face directory holds its weights beside config.json; a run, in checkpoints/ (none
-    # yet before its first checkpoint, which `load_run` says; a trace file may sit beside it).
-    is_run = (path / CHECKPOINT_DIR).is_dir()
-    if has_config and not is_run and (any(path.glob("*.safetensors*")) or any(path.glob("*.bin"))):
+    if has_config and is_hf_checkpoint(path):
         if offload is not None:
             raise ValueError(
                 f"{path} is a Hugging Face directory: experts={experts!r} offloads the experts of "
@@ -95,7 +97,7 @@ def load(
         has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
         return Loaded(model, tokenizer, hf_run_config(model.cfg), [])
-    if has_config or is_run or path.parent.name == CHECKPOINT_DIR:
+    if has_config or (path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR:
         if offload is None:
             config, model, checkpoint = load_run(path)
             if dtype is not None:

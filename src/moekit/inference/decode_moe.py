@@ -1,6 +1,7 @@
 """A decoded token's MoE layer in one C call (routing, its top-k gated experts, the weighted
 sum: moekit_moe_one_token; offloaded experts routed, fetched, then moekit_experts_one_token),
-and a few rows' top-k routing in C (`router_forward`), on the weights' descriptions of
+a few tokens' (moekit_moe_tokens: each chosen expert once, on its tokens' rows together), and a
+few rows' top-k routing in C (`router_forward`), on the weights' descriptions of
 `decode_layers` (which says why and what holds them to their references).
 
 The routing runs in C wherever the layer's does, so a layer that falls back routes with the same
@@ -194,6 +195,7 @@ def moe_step_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: boo
         and decoding
         and x.dim() > 0
         and 0 < x.numel() <= MAX_ROWS * D
+        and layer.selected_path(x.numel() // D, decoding)  # the reference's path at that count
         and x.shape[-1] == D
         and not torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
         and not torch.compiler.is_compiling()
@@ -226,7 +228,8 @@ def moe_forward(
     x_TD = x.reshape(-1, D)
     y_TD = x.new_empty(x_TD.shape)
     T, args = x_TD.shape[0], resident_args(layer)
-    scratch, ids, weights = _buffers(T * (2 * E + K * (3 * F + 2 * D)), T * K)
+    # sized for MAX_ROWS tokens, whatever T: one set a thread and layer shape
+    scratch, ids, weights = _buffers(MAX_ROWS * (2 * E + K * (3 * F + 2 * D)), MAX_ROWS * K)
     if args is not None and T == 1:
         status = _library().moekit_moe_one_token(
             x_TD.data_ptr(), *args, scratch, ids, weights, y_TD.data_ptr()
@@ -252,10 +255,10 @@ def router_ref(router: Router) -> WeightRef | None:
 
 
 def resident_args(layer: MoELayer) -> tuple | None:
-    """moekit_moe_one_token's arguments from router to w_out for a layer whose router and
-    resident experts the C call reads (`_expert_refs`; top-k routing without groups on the
-    decode kernels' product, the selected path, eval mode); None otherwise. Kept while the
-    router's and experts' tensors stay."""
+    """moekit_moe_one_token's (and moekit_moe_tokens') arguments from router to w_out for a
+    layer whose router and resident experts the C call reads (`_expert_refs`; top-k routing
+    without groups on the decode kernels' product, the selected path, eval mode); None
+    otherwise. Kept while the router's and experts' tensors stay."""
     router, experts = layer.router, layer.experts
     extra = (layer.training, router.linear, getattr(experts, "expert_ffn", None))
     return _cached(layer, (router, experts), lambda: _resident_args(layer), extra)
@@ -274,7 +277,7 @@ def _resident_args(layer: MoELayer) -> tuple | None:
 def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     """The offloaded layer's call: routed in C (the logits by the router's own product, which
     `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call
-    (scratch: 2E + K (3F + D) floats);
+    (scratch: E + K (3F + D) floats);
     1 (the reference runs) where the experts are not offloaded gated ones that all fit at once."""
     cfg, router, experts = layer.cfg, layer.router, layer.experts
     if (

@@ -144,9 +144,10 @@ int moekit_moe_tokens(const float *x, int64_t T, const weight_ref *router,
     float *logits = scratch, *scores = logits + T * E, *xg = scores + T * E, *work = xg + N * D;
     route_tokens(x, T, router, expert_bias, K, sigmoid, normalize, scaling, logits, scores, ids,
                  weights);
-    int64_t n[E], token[N > 0 ? N : 1], J = 0, r = 0;
-    weight_ref used_in[E], used_out[E];
-    const float *xs[E];
+    const int64_t most = E < N ? E : N; /* experts that can be chosen */
+    int64_t n[most > 0 ? most : 1], token[N > 0 ? N : 1], J = 0, r = 0;
+    weight_ref used_in[most > 0 ? most : 1], used_out[most > 0 ? most : 1];
+    const float *xs[most > 0 ? most : 1];
     float weight[N > 0 ? N : 1];
     unsigned char first[N > 0 ? N : 1];
     for (int64_t e = 0; e < E; e++) { /* the experts in increasing order, their tokens in order */

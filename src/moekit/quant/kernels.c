@@ -31,7 +31,7 @@
  *   - bf16 and int8 prefetch the weight stream in software, PREFETCH bytes ahead: from DRAM the
  *     hardware prefetchers alone left int8 ~15% slower (measured); the float path's 4-bit
  *     bodies are compute-bound and a prefetch is one more instruction a group (7% slower,
- *     measured); the int8-activation path's prefetch X8_PREFETCH ahead.
+ *     measured); the int8-activation path prefetches X8_PREFETCH bytes ahead.
  *   - int8: widen, convert, and multiply by the channel's scale once, after the row's dot.
  *   - 4-bit: x is de-interleaved once per call (x_perm: per group of 32, the 16 even elements,
  *     then the 16 odd ones), so the low nibbles of a group's 16 bytes multiply x_perm[0:16] and
@@ -292,7 +292,7 @@ int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *
     if (O < 1 || (kind == INT4_ZP) != (offsets != NULL)) return -1;
     void *p = moekit_q_prepare(kind, x, R, I);
     if (p == NULL) return -1;
-#pragma omp parallel for schedule(static) if (O * I >= MIN_PARALLEL_WEIGHTS)
+#pragma omp parallel for schedule(static) if (O > ROWS_A_CALL && O * I >= MIN_PARALLEL_WEIGHTS)
     for (int64_t o0 = 0; o0 < O; o0 += ROWS_A_CALL)
         moekit_q_rows(p, data, scales, offsets, o0, O - o0 < ROWS_A_CALL ? O : o0 + ROWS_A_CALL, O,
                       bias, y);

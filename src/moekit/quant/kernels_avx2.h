@@ -7,7 +7,7 @@
 #include <immintrin.h>
 
 #ifndef PREFETCH /* bytes ahead, from DRAM: on the AMD EPYC host 2048 was the best of 0 to 2048; */
-#define PREFETCH 4096 /* on the Intel Xeon one 4096 beat 2048 by 5-9%, and 8192 no more */
+#define PREFETCH 4096 /* on the Intel Xeon one 4096 beat 2048 by 4-9%, 8192 the same (prefetch.py) */
 #endif
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))

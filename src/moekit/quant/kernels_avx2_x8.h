@@ -51,7 +51,7 @@ static AVX2_TARGET void quantize_x_avx2(const float *x, int64_t n_blocks, int pe
                         * 4-block steps (and pairs) of every segment are those of the row */
 _Static_assert(X8_SEGMENT % 4 == 0, "the codes are regrouped per 4 blocks from a row's start");
 #ifndef X8_PREFETCH /* bytes ahead, as PREFETCH; on the Intel Xeon host 4096 beat 1024 by */
-#define X8_PREFETCH 4096 /* 18-29% from DRAM, 2048 by 6-7%, and 8192 no more */
+#define X8_PREFETCH 4096 /* 23-33% from DRAM, 2048 by 7-10%, 8192 the same (prefetch.py) */
 #endif
 
 /* One block g of a weight row against RB rows of quantized x, into accumulator a of each row. */

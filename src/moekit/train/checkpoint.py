@@ -42,6 +42,16 @@ from moekit.userfiles import (
 )
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a Hugging Face checkpoint: its weights beside its config, where a run
+    keeps them in CHECKPOINT_DIR (none yet before a run's first checkpoint; a trace file may sit
+    beside a run's config)."""
+    weights = any(path.glob("*.safetensors*")) or any(path.glob("*.bin"))
+    return weights and not (path / CHECKPOINT_DIR).is_dir()
+
+
 NAME = re.compile(r"step-\d{6,}")
 
 

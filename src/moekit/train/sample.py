@@ -9,7 +9,12 @@ from tokenizers import Tokenizer
 from moekit.config import RUN_FILE_REMEDY, RunConfig
 from moekit.model import MoETransformer
 from moekit.quant.files import empty_quantized_model, read_quantization
-from moekit.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_weights
+from moekit.train.checkpoint import (
+    CHECKPOINT_DIR,
+    is_hf_checkpoint,
+    latest_checkpoint,
+    load_weights,
+)
 from moekit.userfiles import read_tokenizer
 
 
@@ -28,8 +33,7 @@ def find_run(path: str | Path) -> tuple[RunConfig, Path]:
 def read_run_config(run_dir: Path) -> RunConfig:
     """The config.json of a run directory; a directory without one, or a Hugging Face checkpoint
     (weights beside its config.json, no checkpoints/), is one error saying what it is."""
-    hf_weights = any(run_dir.glob("*.safetensors*")) or any(run_dir.glob("*.bin"))
-    if hf_weights and not (run_dir / CHECKPOINT_DIR).is_dir():
+    if is_hf_checkpoint(run_dir):
         raise ValueError(
             f"{run_dir} is a Hugging Face checkpoint, not a run directory: convert it to one "
             f"first (moekit convert --from-hf {run_dir} --out RUN_DIR)"
