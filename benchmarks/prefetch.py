@@ -19,6 +19,7 @@ stores them, each on its default path (kernels.DEFAULT_ACTIVATIONS).
 
     python benchmarks/prefetch.py                        # ~4 minutes: 1024 2048 4096 8192
     python benchmarks/prefetch.py --distances 2048 4096  # any set
+    python benchmarks/prefetch.py --body avx2            # the AVX2 body on an AVX-512 CPU
     python benchmarks/prefetch.py --quick                # small, for the tests
 
 Prints JSON; writes benchmarks/results/prefetch.json (or --out). Run it under the CPU lock.
@@ -57,9 +58,10 @@ TIE = 0.01  # distances within this of the best (relative time) count as the bes
 DEFAULT = "default"  # the build with the source's own constants, the reference for the outputs
 
 
-def build(distance: int | None) -> ctypes.CDLL:
+def build(distance: int | None, body: str | None = None) -> ctypes.CDLL:
     """The kernels compiled with both prefetch distances set to `distance` (None: the source's
-    own), the path and activations chosen as the library chooses them by default."""
+    own), running `body` ("avx2", "avx512"; None: the best this CPU runs) with the default
+    activations."""
     flags = cbuild.FLAGS_O2
     if distance is not None:
         flags = (*flags, f"-DPREFETCH={distance}", f"-DX8_PREFETCH={distance}")
@@ -69,6 +71,9 @@ def build(distance: int | None) -> ctypes.CDLL:
     library.moekit_q_linear.restype = i32
     library.moekit_q_set_x8.argtypes = [i32]
     library.moekit_q_set_x8(kernels._x8_mask(kernels.DEFAULT_ACTIVATIONS))
+    library.moekit_q_set_path.argtypes = [i32]
+    if library.moekit_q_set_path(-1 if body is None else kernels.PATHS.index(body)) < 0:
+        raise SystemExit(f"prefetch.py: this CPU cannot run the {body} body")
     return library
 
 
@@ -135,13 +140,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES))
     parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--body", choices=["avx2", "avx512"], help="kernel body (default: the best this CPU runs)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if any(d < 0 for d in args.distances):
         parser.error(f"--distances must be byte counts >= 0, not {args.distances}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    libraries = {DEFAULT: build(None), **{str(d): build(d) for d in args.distances}}
+    libraries = {
+        DEFAULT: build(None, args.body),
+        **{str(d): build(d, args.body) for d in args.distances},
+    }
     pool_bytes, rounds = (8 * 2**20, 2) if args.quick else (POOL_BYTES, ROUNDS)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows = []
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "prefetch",
         "machine": machine_info(),
-        "kernel_body": kernels.path(),
+        "kernel_body": args.body or kernels.path(),
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "pool_bytes": pool_bytes,
