@@ -33,6 +33,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,14 +59,16 @@ TIE = 0.01  # distances within this of the best (relative time) count as the bes
 DEFAULT = "default"  # the build with the source's own constants, the reference for the outputs
 
 
-def build(distance: int | None, body: str | None = None) -> ctypes.CDLL:
-    """The kernels compiled with both prefetch distances set to `distance` (None: the source's
-    own), running `body` ("avx2", "avx512"; None: the best this CPU runs) with the default
-    activations."""
+def build(
+    distance: int | None, body: str | None = None, source: Path = kernels.SOURCE
+) -> ctypes.CDLL:
+    """The kernels (`source`: kernels.c, beside the bodies it includes) compiled with both
+    prefetch distances set to `distance` (None: the source's own), running `body` ("avx2",
+    "avx512"; None: the best this CPU runs) with the default activations."""
     flags = cbuild.FLAGS_O2
     if distance is not None:
         flags = (*flags, f"-DPREFETCH={distance}", f"-DX8_PREFETCH={distance}")
-    library = ctypes.CDLL(str(cbuild.build(kernels.SOURCE, flags)))
+    library = ctypes.CDLL(str(cbuild.build(source, flags)))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.moekit_q_linear.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     library.moekit_q_linear.restype = i32
@@ -73,12 +76,14 @@ def build(distance: int | None, body: str | None = None) -> ctypes.CDLL:
     library.moekit_q_set_x8(kernels._x8_mask(kernels.DEFAULT_ACTIVATIONS))
     library.moekit_q_set_path.argtypes = [i32]
     if library.moekit_q_set_path(-1 if body is None else kernels.PATHS.index(body)) < 0:
-        raise SystemExit(f"prefetch.py: this CPU cannot run the {body} body")
+        raise SystemExit(f"{Path(sys.argv[0]).name}: this CPU cannot run the {body} body")
     return library
 
 
 def measure(libraries: dict, scheme: str, O: int, I: int, pool_bytes: int, rounds: int) -> dict:
-    """Median us a call of each build over one (O, I) product of `scheme`, from a pool."""
+    """Median us a call of each build over one (O, I) product of `scheme`, from a pool of
+    distinct copies of at least pool_bytes (two at least: a small pool stays in cache), each
+    build's outputs first checked equal to the DEFAULT build's."""
     qw = quantize(torch.randn(O, I) * 0.02, scheme)
     parts = [t for t in (qw.data, qw.scales, qw.offsets) if t is not None]
     nbytes = sum(t.numel() * t.element_size() for t in parts)

@@ -83,6 +83,20 @@ def test_prefetch_benchmark_times_each_distance_on_equal_outputs(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["distances"] == [0]
 
 
+@pytest.mark.slow
+def test_kernel_ab_benchmark_times_a_commit_against_this_tree(tmp_path):
+    """The kernels of HEAD (git) against this tree's, both pools, every scheme: timed, with the
+    outputs checked equal first."""
+    bench = load_benchmark("kernel_ab")
+    result = bench.main(["--before", "HEAD", "--quick", "--out", str(tmp_path / "ab.json")])
+    pairs = [(pool, scheme) for pool in ("cache", "dram") for scheme in bench.SCHEMES]
+    assert {(r["pool"], r["scheme"]) for r in result["results"]} == set(pairs)
+    assert all(r["speedup"] > 0 and r["calls_each"] >= 2 for r in result["results"])
+    assert set(result["summary"]) == {f"{pool} | {scheme}" for pool, scheme in pairs}
+    with pytest.raises(SystemExit, match="git ls-tree"):
+        bench.main(["--before", "no-such-commit", "--quick"])
+
+
 def test_prefetch_benchmark_refuses_a_build_whose_outputs_differ():
     """A build whose product differs from the default's in one number is an error, not a time."""
     bench = load_benchmark("prefetch")

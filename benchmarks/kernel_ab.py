@@ -1,0 +1,123 @@
+"""The quantized decode kernels of an earlier commit against this tree's, side by side.
+
+A change to `moekit/quant/kernels.c` or the bodies it includes is measured against the code before
+it in one process: both sources are built (the earlier one taken from git, `--before REV`), both
+libraries loaded, and every product timed with consecutive calls going to the two builds in turn
+(`prefetch.measure`), so that the host's drift falls on both alike; each product's outputs are
+first checked equal, bit for bit (a change that should not alter any sum). Two pools: `cache`, two
+copies of each weight, which stay in cache where they fit, and `dram`, distinct copies of 1 GiB.
+
+Shapes: Qwen3-30B-A3B's expert and attention products and decode.py's 213M model's LM head, one row
+of x (a batch-1 decode step), 2 threads, bf16 / int8 / int4 / MXFP4 on their default paths.
+
+    python benchmarks/kernel_ab.py --before 8e00a65        # ~3 minutes
+    python benchmarks/kernel_ab.py --before HEAD~1 --body avx2
+
+Prints JSON; writes benchmarks/results/kernel_ab.json (or --out). Run it under the CPU lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moekit.fileio import atomic_write_json
+from moekit.machine import machine_info
+from moekit.quant import kernels
+from prefetch import DEFAULT, POOL_BYTES, ROUNDS, SCHEMES, build, measure
+
+SHAPES = {
+    "Qwen3-30B-A3B expert gate/up": (768, 2048),
+    "Qwen3-30B-A3B expert down": (2048, 768),
+    "Qwen3-30B-A3B attention q": (4096, 2048),
+    "213M lm_head": (32000, 768),
+}
+QUICK_SHAPES = {"small": (256, 512)}
+BEFORE = "before"
+CACHE_ROUNDS = 400  # passes over the cache pool's two copies: 400 calls a build
+KERNELS_DIR = "src/moekit/quant"
+
+
+def sources_at(rev: str, dest: Path) -> Path:
+    """kernels.c and the files beside it (the bodies it includes) as they were at `rev`, written
+    into `dest`; the path of that kernels.c."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"kernel_ab.py: git {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    for name in git("ls-tree", "--name-only", f"{rev}:{KERNELS_DIR}").split():
+        if name.endswith((".c", ".h")):
+            (dest / name).write_text(git("show", f"{rev}:{KERNELS_DIR}/{name}"))
+    return dest / "kernels.c"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", required=True, help="the commit whose kernels to compare")
+    parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--body", choices=["avx2", "avx512"], help="kernel body (default: the best this CPU runs)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        before = build(None, args.body, sources_at(args.before, Path(tmp)))
+    libraries = {DEFAULT: build(None, args.body), BEFORE: before}
+    # (pool bytes, passes over it): the cache pool's two copies, passed over many more times
+    pools = {"cache": (0, CACHE_ROUNDS), "dram": (POOL_BYTES, ROUNDS)}
+    if args.quick:
+        pools = {"cache": (0, 4), "dram": (8 * 2**20, 2)}
+    rows = []
+    for pool, (pool_bytes, rounds) in pools.items():
+        for scheme in SCHEMES:
+            for label, (O, I) in (QUICK_SHAPES if args.quick else SHAPES).items():
+                row = measure(libraries, scheme, O, I, pool_bytes, rounds)
+                row |= {"pool": pool, "shape": label}
+                row["speedup"] = round(row["us"][BEFORE] / row["us"][DEFAULT], 3)
+                rows.append(row)
+    summary = {}  # per pool and scheme: the speedups' range and geometric mean over the shapes
+    for pool in pools:
+        for scheme in SCHEMES:
+            ups = [r["speedup"] for r in rows if r["pool"] == pool and r["scheme"] == scheme]
+            summary[f"{pool} | {scheme}"] = {
+                "min": min(ups),
+                "max": max(ups),
+                "geomean": round(math.exp(statistics.mean(map(math.log, ups))), 3),
+            }
+    report = {
+        "benchmark": "kernel_ab",
+        "machine": machine_info(),
+        "before": args.before,
+        "kernel_body": args.body or kernels.path(),
+        "threads": args.threads,
+        "method": (
+            "both builds loaded in one process; one product a call from Python through ctypes, "
+            "1 row; consecutive calls alternate between the builds; medians of each build's "
+            "calls; outputs checked equal first; speedup = before's time / this tree's"
+        ),
+        "summary": summary,
+        "results": rows,
+    }
+    out = args.out or (None if args.quick else Path(__file__).parent / "results/kernel_ab.json")
+    print(atomic_write_json(out, report) if out is not None else json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
