@@ -19,7 +19,6 @@ Prints JSON; writes benchmarks/results/kernel_ab.json (or --out). Run it under t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -30,10 +29,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moekit.fileio import atomic_write_json
-from moekit.machine import machine_info
-from moekit.quant import kernels
-from prefetch import DEFAULT, POOL_BYTES, ROUNDS, SCHEMES, build, measure
+from prefetch import (
+    DEFAULT,
+    POOL_BYTES,
+    ROUNDS,
+    SCHEMES,
+    add_common_arguments,
+    build,
+    measure,
+    report_head,
+    write_report,
+)
 
 SHAPES = {
     "Qwen3-30B-A3B expert gate/up": (768, 2048),
@@ -67,12 +73,7 @@ def sources_at(rev: str, dest: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True, help="the commit whose kernels to compare")
-    parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--body", choices=["avx2", "avx512"], help="kernel body (default: the best this CPU runs)"
-    )
-    parser.add_argument("--out", type=Path, default=None)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -101,11 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "geomean": round(math.exp(statistics.mean(map(math.log, ups))), 3),
             }
     report = {
-        "benchmark": "kernel_ab",
-        "machine": machine_info(),
+        **report_head("kernel_ab", args),
         "before": args.before,
-        "kernel_body": args.body or kernels.path(),
-        "threads": args.threads,
         "method": (
             "both builds loaded in one process; one product a call from Python through ctypes, "
             "1 row; consecutive calls alternate between the builds; medians of each build's "
@@ -114,9 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "results": rows,
     }
-    out = args.out or (None if args.quick else Path(__file__).parent / "results/kernel_ab.json")
-    print(atomic_write_json(out, report) if out is not None else json.dumps(report, indent=2))
-    return report
+    return write_report("kernel_ab", args, report)
 
 
 if __name__ == "__main__":

@@ -140,15 +140,39 @@ def verdict(rows: list[dict], distances: list[int]) -> tuple[dict[str, float], i
     return relative, min(d for d in distances if relative[str(d)] <= best * (1 + TIE))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES))
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options this benchmark and kernel_ab.py share."""
     parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--body", choices=["avx2", "avx512"], help="kernel body (default: the best this CPU runs)"
     )
     parser.add_argument("--out", type=Path, default=None)
+
+
+def report_head(name: str, args: argparse.Namespace) -> dict:
+    """What a report of `name` records first: the machine and how the kernels ran."""
+    return {
+        "benchmark": name,
+        "machine": machine_info(),
+        "kernel_body": args.body or kernels.path(),
+        "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+    }
+
+
+def write_report(name: str, args: argparse.Namespace, report: dict) -> dict:
+    """Print the report; write it to --out, or results/NAME.json unless --quick."""
+    default = Path(__file__).parent / f"results/{name}.json"
+    out = args.out or (None if args.quick else default)
+    print(atomic_write_json(out, report) if out is not None else json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES))
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if any(d < 0 for d in args.distances):
         parser.error(f"--distances must be byte counts >= 0, not {args.distances}")
@@ -166,11 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"shape": label, **measure(libraries, scheme, O, I, pool_bytes, rounds)})
     relative, recommended = verdict(rows, args.distances)
     report = {
-        "benchmark": "prefetch",
-        "machine": machine_info(),
-        "kernel_body": args.body or kernels.path(),
-        "threads": args.threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        **report_head("prefetch", args),
         "pool_bytes": pool_bytes,
         "distances": args.distances,
         "method": (
@@ -182,9 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recommended": recommended,
         "results": rows,
     }
-    out = args.out or (None if args.quick else Path(__file__).parent / "results/prefetch.json")
-    print(atomic_write_json(out, report) if out is not None else json.dumps(report, indent=2))
-    return report
+    return write_report("prefetch", args, report)
 
 
 if __name__ == "__main__":
