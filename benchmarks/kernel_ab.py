@@ -11,7 +11,7 @@ Shapes: Qwen3-30B-A3B's expert and attention products and decode.py's 213M model
 of x (a batch-1 decode step), 2 threads, bf16 / int8 / int4 / MXFP4 on their default paths.
 
     python benchmarks/kernel_ab.py --before 8e00a65        # ~3 minutes
-    python benchmarks/kernel_ab.py --before HEAD~1 --body avx2
+    python benchmarks/kernel_ab.py --before HEAD~1 --body avx2   # each build a library of its own
 
 Prints JSON; writes benchmarks/results/kernel_ab.json (or --out). Run it under the CPU lock.
 """
@@ -19,8 +19,6 @@ Prints JSON; writes benchmarks/results/kernel_ab.json (or --out). Run it under t
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prefetch
 from prefetch import (
     DEFAULT,
     POOL_BYTES,
@@ -36,34 +35,30 @@ from prefetch import (
     SCHEMES,
     add_common_arguments,
     build,
+    geomean,
     measure,
     report_head,
     write_report,
 )
 
-SHAPES = {
-    "Qwen3-30B-A3B expert gate/up": (768, 2048),
-    "Qwen3-30B-A3B expert down": (2048, 768),
-    "Qwen3-30B-A3B attention q": (4096, 2048),
-    "213M lm_head": (32000, 768),
-}
-QUICK_SHAPES = {"small": (256, 512)}
+SHAPES = {**prefetch.SHAPES, "213M lm_head": (32000, 768)}
 BEFORE = "before"
 CACHE_ROUNDS = 400  # passes over the cache pool's two copies: 400 calls a build
 KERNELS_DIR = "src/moekit/quant"
 
 
+def git(*args: str) -> str:
+    """git's output in this repository; SystemExit naming the command if it fails."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"kernel_ab.py: git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
 def sources_at(rev: str, dest: Path) -> Path:
     """kernels.c and the files beside it (the bodies it includes) as they were at `rev`, written
     into `dest`; the path of that kernels.c."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"kernel_ab.py: git {' '.join(args)} failed: {done.stderr.strip()}")
-        return done.stdout
-
     for name in git("ls-tree", "--name-only", f"{rev}:{KERNELS_DIR}").split():
         if name.endswith((".c", ".h")):
             (dest / name).write_text(git("show", f"{rev}:{KERNELS_DIR}/{name}"))
@@ -75,11 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--before", required=True, help="the commit whose kernels to compare")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    prefetch.check_body(parser, args.body)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    before_commit = git("rev-parse", "--verify", f"{args.before}^{{commit}}").strip()
     with tempfile.TemporaryDirectory() as tmp:
-        before = build(None, args.body, sources_at(args.before, Path(tmp)))
-    libraries = {DEFAULT: build(None, args.body), BEFORE: before}
+        before = build(BEFORE, None, args.body, sources_at(before_commit, Path(tmp)))
+    libraries = {DEFAULT: build(DEFAULT, None, args.body), BEFORE: before}
     # (pool bytes, passes over it): the cache pool's two copies, passed over many more times
     pools = {"cache": (0, CACHE_ROUNDS), "dram": (POOL_BYTES, ROUNDS)}
     if args.quick:
@@ -87,23 +84,30 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for pool, (pool_bytes, rounds) in pools.items():
         for scheme in SCHEMES:
-            for label, (O, I) in (QUICK_SHAPES if args.quick else SHAPES).items():
+            for label, (O, I) in (prefetch.QUICK_SHAPES if args.quick else SHAPES).items():
                 row = measure(libraries, scheme, O, I, pool_bytes, rounds)
                 row |= {"pool": pool, "shape": label}
-                row["speedup"] = round(row["us"][BEFORE] / row["us"][DEFAULT], 3)
+                row["speedup"] = row["us"][BEFORE] / row["us"][DEFAULT]
                 rows.append(row)
     summary = {}  # per pool and scheme: the speedups' range and geometric mean over the shapes
     for pool in pools:
         for scheme in SCHEMES:
             ups = [r["speedup"] for r in rows if r["pool"] == pool and r["scheme"] == scheme]
             summary[f"{pool} | {scheme}"] = {
-                "min": min(ups),
-                "max": max(ups),
-                "geomean": round(math.exp(statistics.mean(map(math.log, ups))), 3),
+                "min": round(min(ups), 3),
+                "max": round(max(ups), 3),
+                "geomean": round(geomean(ups), 3),
             }
+    for row in rows:
+        row["speedup"] = round(row["speedup"], 3)
     report = {
-        **report_head("kernel_ab", args),
-        "before": args.before,
+        **report_head("kernel_ab", args, libraries[DEFAULT]),
+        "before": {"rev": args.before, "commit": before_commit, "kernel_body": before.body},
+        "this_tree": {
+            "commit": git("rev-parse", "HEAD").strip(),
+            "kernels_changed_since": bool(git("status", "--porcelain", "--", KERNELS_DIR).strip()),
+        },
+        "pools": {name: {"bytes": b, "passes": n} for name, (b, n) in pools.items()},
         "method": (
             "both builds loaded in one process; one product a call from Python through ctypes, "
             "1 row; consecutive calls alternate between the builds; medians of each build's "

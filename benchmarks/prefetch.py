@@ -33,7 +33,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -60,12 +59,14 @@ DEFAULT = "default"  # the build with the source's own constants, the reference 
 
 
 def build(
-    distance: int | None, body: str | None = None, source: Path = kernels.SOURCE
+    name: str, distance: int | None, body: str | None = None, source: Path = kernels.SOURCE
 ) -> ctypes.CDLL:
     """The kernels (`source`: kernels.c, beside the bodies it includes) compiled with both
     prefetch distances set to `distance` (None: the source's own), running `body` ("avx2",
-    "avx512"; None: the best this CPU runs) with the default activations."""
-    flags = cbuild.FLAGS_O2
+    "avx512"; None: the best this CPU runs) with the default activations; `body` set on the
+    library to the body it runs. A library of its own, `name` in its build flags: never moekit's
+    (whose body a benchmark would otherwise set), nor another build's with the same source."""
+    flags = (*cbuild.FLAGS_O2, f"-DMOEKIT_BENCHMARK_BUILD={name}")
     if distance is not None:
         flags = (*flags, f"-DPREFETCH={distance}", f"-DX8_PREFETCH={distance}")
     library = ctypes.CDLL(str(cbuild.build(source, flags)))
@@ -75,9 +76,25 @@ def build(
     library.moekit_q_set_x8.argtypes = [i32]
     library.moekit_q_set_x8(kernels._x8_mask(kernels.DEFAULT_ACTIVATIONS))
     library.moekit_q_set_path.argtypes = [i32]
-    if library.moekit_q_set_path(-1 if body is None else kernels.PATHS.index(body)) < 0:
-        raise SystemExit(f"{Path(sys.argv[0]).name}: this CPU cannot run the {body} body")
+    chosen = library.moekit_q_set_path(-1 if body is None else kernels.PATHS.index(body))
+    if chosen < 0 or (body is not None and kernels.PATHS[chosen] != body):
+        raise ValueError(f"this CPU (or the source's kernels) cannot run the {body} body")
+    library.body = kernels.PATHS[chosen]
     return library
+
+
+def check_body(parser: argparse.ArgumentParser, body: str | None) -> None:
+    """--body refused before anything is built if this CPU cannot run it."""
+    if body is not None:
+        try:
+            with kernels.use_path(body):
+                pass
+        except ValueError as err:
+            parser.error(str(err))
+
+
+def geomean(values) -> float:
+    return math.exp(statistics.mean(map(math.log, values)))
 
 
 def measure(libraries: dict, scheme: str, O: int, I: int, pool_bytes: int, rounds: int) -> dict:
@@ -134,8 +151,7 @@ def verdict(rows: list[dict], distances: list[int]) -> tuple[dict[str, float], i
     smallest distance within TIE of the best."""
     relative = {}
     for d in map(str, distances):
-        ratios = [math.log(r["us"][d] / r["us"][DEFAULT]) for r in rows]
-        relative[d] = math.exp(statistics.mean(ratios))
+        relative[d] = geomean(r["us"][d] / r["us"][DEFAULT] for r in rows)
     best = min(relative.values())
     return relative, min(d for d in distances if relative[str(d)] <= best * (1 + TIE))
 
@@ -145,17 +161,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--body", choices=["avx2", "avx512"], help="kernel body (default: the best this CPU runs)"
+        "--body", choices=kernels.PATHS[1:], help="kernel body (default: the best this CPU runs)"
     )
     parser.add_argument("--out", type=Path, default=None)
 
 
-def report_head(name: str, args: argparse.Namespace) -> dict:
-    """What a report of `name` records first: the machine and how the kernels ran."""
+def report_head(name: str, args: argparse.Namespace, library: ctypes.CDLL) -> dict:
+    """What a report of `name` records first: the machine and how the kernels ran (`library`'s
+    body)."""
     return {
         "benchmark": name,
         "machine": machine_info(),
-        "kernel_body": args.body or kernels.path(),
+        "kernel_body": library.body,
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
     }
@@ -174,13 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES))
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    check_body(parser, args.body)
     if any(d < 0 for d in args.distances):
         parser.error(f"--distances must be byte counts >= 0, not {args.distances}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     libraries = {
-        DEFAULT: build(None, args.body),
-        **{str(d): build(d, args.body) for d in args.distances},
+        DEFAULT: build(DEFAULT, None, args.body),
+        **{str(d): build(str(d), d, args.body) for d in args.distances},
     }
     pool_bytes, rounds = (8 * 2**20, 2) if args.quick else (POOL_BYTES, ROUNDS)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -190,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"shape": label, **measure(libraries, scheme, O, I, pool_bytes, rounds)})
     relative, recommended = verdict(rows, args.distances)
     report = {
-        **report_head("prefetch", args),
+        **report_head("prefetch", args, libraries[DEFAULT]),
         "pool_bytes": pool_bytes,
         "distances": args.distances,
         "method": (

@@ -72,9 +72,11 @@ def test_prefetch_benchmark_times_each_distance_on_equal_outputs(tmp_path):
     """Each build's outputs are checked equal to the default build's before it is timed (a
     prefetch distance changes no sum); every scheme and build gets a time."""
     bench = load_benchmark("prefetch")
-    body = [] if quant_kernels.path() == "portable" else ["--body", "avx2"]  # as on AMD hosts
+    best = quant_kernels.path()
+    body = [] if best == "portable" else ["--body", "avx2"]  # the body AMD hosts run
     result = bench.main(["--quick", "--distances", "0", "--out", str(tmp_path / "p.json"), *body])
-    assert result["kernel_body"] == (body[1] if body else "portable")
+    assert result["kernel_body"] == (body[1] if body else "portable")  # as the library says
+    assert quant_kernels.path() == best  # moekit's own library untouched: the builds are apart
     assert [r["scheme"] for r in result["results"]] == list(bench.SCHEMES)
     for row in result["results"]:
         assert set(row["us"]) == {"default", "0"} and min(row["us"].values()) > 0
@@ -89,18 +91,27 @@ def test_kernel_ab_benchmark_times_a_commit_against_this_tree(tmp_path):
     outputs checked equal first."""
     bench = load_benchmark("kernel_ab")
     result = bench.main(["--before", "HEAD", "--quick", "--out", str(tmp_path / "ab.json")])
+    assert result["before"]["commit"] == bench.git("rev-parse", "HEAD").strip()
     pairs = [(pool, scheme) for pool in ("cache", "dram") for scheme in bench.SCHEMES]
     assert {(r["pool"], r["scheme"]) for r in result["results"]} == set(pairs)
     assert all(r["speedup"] > 0 and r["calls_each"] >= 2 for r in result["results"])
     assert set(result["summary"]) == {f"{pool} | {scheme}" for pool, scheme in pairs}
-    with pytest.raises(SystemExit, match="git ls-tree"):
+    with pytest.raises(SystemExit, match=r"git rev-parse .*no-such-commit"):
         bench.main(["--before", "no-such-commit", "--quick"])
+
+
+def test_benchmark_builds_are_libraries_of_their_own():
+    """Two builds of the same source and flags but names apart, and moekit's own library: three
+    handles, so setting a build's body touches neither moekit's kernels nor another build."""
+    bench = load_benchmark("prefetch")
+    a, b = bench.build("default", None), bench.build("before", None)  # (as kernel_ab builds)
+    assert len({a._handle, b._handle, quant_kernels._loaded()._handle}) == 3
 
 
 def test_prefetch_benchmark_refuses_a_build_whose_outputs_differ():
     """A build whose product differs from the default's in one number is an error, not a time."""
     bench = load_benchmark("prefetch")
-    real = bench.build(None)
+    real = bench.build("default", None)
 
     class OffByOne:  # the real kernel, then its first output nudged
         def moekit_q_linear(self, *args):
