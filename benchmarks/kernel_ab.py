@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     before_commit = git("rev-parse", "--verify", f"{args.before}^{{commit}}").strip()
     with tempfile.TemporaryDirectory() as tmp:
-        before = build(BEFORE, None, args.body, sources_at(before_commit, Path(tmp)))
+        try:
+            before = build(BEFORE, None, args.body, sources_at(before_commit, Path(tmp)))
+        except ValueError as err:  # it does not compile, predates the API, lacks the body
+            raise SystemExit(f"kernel_ab.py: the kernels of {args.before}: {err}") from None
     libraries = {DEFAULT: build(DEFAULT, None, args.body), BEFORE: before}
     # (pool bytes, passes over it): the cache pool's two copies, passed over many more times
     pools = {"cache": (0, CACHE_ROUNDS), "dram": (POOL_BYTES, ROUNDS)}

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -69,7 +70,12 @@ def build(
     flags = (*cbuild.FLAGS_O2, f"-DMOEKIT_BENCHMARK_BUILD={name}")
     if distance is not None:
         flags = (*flags, f"-DPREFETCH={distance}", f"-DX8_PREFETCH={distance}")
-    library = ctypes.CDLL(str(cbuild.build(source, flags)))
+    try:
+        library = ctypes.CDLL(str(cbuild.build(source, flags)))
+    except subprocess.CalledProcessError as err:
+        raise ValueError(f"{source} does not compile: {err.stderr.strip()[-1500:]}") from None
+    if not hasattr(library, "moekit_q_set_x8"):
+        raise ValueError(f"{source} predates the int8-activation path (moekit_q_set_x8)")
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.moekit_q_linear.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     library.moekit_q_linear.restype = i32

@@ -100,6 +100,18 @@ def test_kernel_ab_benchmark_times_a_commit_against_this_tree(tmp_path):
         bench.main(["--before", "no-such-commit", "--quick"])
 
 
+def test_kernel_ab_refuses_kernels_older_than_the_api_it_calls(monkeypatch):
+    bench = load_benchmark("kernel_ab")
+
+    def old_sources(rev, dest):  # kernels without moekit_q_set_x8, as before 6e3d8ab
+        (dest / "kernels.c").write_text("int moekit_q_set_path(int p) { return p; }\n")
+        return dest / "kernels.c"
+
+    monkeypatch.setattr(bench, "sources_at", old_sources)
+    with pytest.raises(SystemExit, match="predates the int8-activation path"):
+        bench.main(["--before", "HEAD", "--quick"])
+
+
 def test_benchmark_builds_are_libraries_of_their_own():
     """Two builds of the same source and flags but names apart, and moekit's own library: three
     handles, so setting a build's body touches neither moekit's kernels nor another build."""
