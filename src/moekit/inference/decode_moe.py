@@ -277,8 +277,8 @@ def _resident_args(layer: MoELayer) -> tuple | None:
 def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     """The offloaded layer's call: routed in C (the logits by the router's own product, which
     `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call
-    (scratch: E + K (3F + D) floats);
-    1 (the reference runs) where the experts are not offloaded gated ones that all fit at once."""
+    (scratch: E + K (3F + D) floats); 1 (the reference runs) where the experts are not offloaded
+    gated ones that all fit at once."""
     cfg, router, experts = layer.cfg, layer.router, layer.experts
     if (
         type(experts) is not OffloadedExperts

@@ -149,16 +149,16 @@ int moekit_moe_tokens(const float *x, int64_t T, const weight_ref *router,
     weight_ref used_in[most > 0 ? most : 1], used_out[most > 0 ? most : 1];
     const float *xs[most > 0 ? most : 1];
     float weight[N > 0 ? N : 1];
-    unsigned char first[N > 0 ? N : 1];
+    unsigned char first[N > 0 ? N : 1], seen[T > 0 ? T : 1];
+    memset(seen, 0, sizeof seen);
     for (int64_t e = 0; e < E; e++) { /* the experts in increasing order, their tokens in order */
         const int64_t r0 = r;
         for (int64_t t = 0; t < T; t++) {
             const int64_t *chosen = ids + t * K;
-            int64_t lowest = chosen[0];
-            for (int64_t k = 1; k < K; k++) lowest = chosen[k] < lowest ? chosen[k] : lowest;
             for (int64_t k = 0; k < K; k++)
-                if (chosen[k] == e) {
-                    token[r] = t, weight[r] = weights[t * K + k], first[r] = e == lowest;
+                if (chosen[k] == e) { /* a token's first row is its lowest expert's */
+                    token[r] = t, weight[r] = weights[t * K + k], first[r] = !seen[t];
+                    seen[t] = 1;
                     memcpy(xg + r * D, x + t * D, (size_t)D * sizeof(float));
                     r++;
                 }
