@@ -27,21 +27,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefetch
 from prefetch import (
     DEFAULT,
     POOL_BYTES,
+    QUICK_SHAPES,
     ROUNDS,
     SCHEMES,
     add_common_arguments,
     build,
+    check_body,
     geomean,
     measure,
     report_head,
     write_report,
 )
+from prefetch import SHAPES as PREFETCH_SHAPES
 
-SHAPES = {**prefetch.SHAPES, "213M lm_head": (32000, 768)}
+SHAPES = {**PREFETCH_SHAPES, "213M lm_head": (32000, 768)}
 BEFORE = "before"
 CACHE_ROUNDS = 400  # passes over the cache pool's two copies: 400 calls a build
 KERNELS_DIR = "src/moekit/quant"
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--before", required=True, help="the commit whose kernels to compare")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    prefetch.check_body(parser, args.body)
+    check_body(parser, args.body)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     before_commit = git("rev-parse", "--verify", f"{args.before}^{{commit}}").strip()
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for pool, (pool_bytes, rounds) in pools.items():
         for scheme in SCHEMES:
-            for label, (O, I) in (prefetch.QUICK_SHAPES if args.quick else SHAPES).items():
+            for label, (O, I) in (QUICK_SHAPES if args.quick else SHAPES).items():
                 row = measure(libraries, scheme, O, I, pool_bytes, rounds)
                 row |= {"pool": pool, "shape": label}
                 row["speedup"] = row["us"][BEFORE] / row["us"][DEFAULT]
