@@ -200,7 +200,6 @@ def test_mtp_arms_and_their_head_figures(tmp_path: Path):
         mtp_figures,
     )
     from moekit.model.generation import generate
-    from moekit.model.speculative import SpeculativeStats
     from moekit.train import train
 
     base = RunConfig.preset("experiment")
@@ -225,14 +224,33 @@ def test_mtp_arms_and_their_head_figures(tmp_path: Path):
     hits = [int(depth1[b, i].argmax()) == int(batch[b, i + 2])
             for b in range(batch.shape[0]) for i in range(batch.shape[1] - 2)]  # fmt: skip
     assert figures["mtp_accuracy"] == pytest.approx(sum(hits) / len(hits))
-    # ... and the drafts accepted over those proposed, greedy, one draft a round, per prompt
-    accepted = proposed = 0
-    for prompt in batch[:MTP_PROMPTS, :MTP_PROMPT_TOKENS]:
-        stats = SpeculativeStats()
-        generate(trained, prompt[None], MTP_NEW_TOKENS, speculative="mtp", draft_tokens=1,
-                 stats=stats)  # fmt: skip
-        accepted, proposed = accepted + stats.accepted[0], proposed + stats.proposed[0]
-    assert proposed > 0 and figures["mtp_acceptance"] == pytest.approx(accepted / proposed)
+
+    # ... and the drafts accepted over those proposed, greedy, one draft a round, per prompt:
+    # replayed on plain greedy decoding (which self-speculation reproduces) from one full forward,
+    # not through the speculative loop. A round after position q drafts token q + 2 from depth 1
+    # at q; accepted, the round emits it and the main model's next (q += 2), else its correction
+    # (q += 1); no draft while fewer than two tokens remain.
+    def replayed_acceptance() -> float:
+        accepted = proposed = 0
+        for prompt in batch[:MTP_PROMPTS, :MTP_PROMPT_TOKENS]:
+            ids = torch.cat([prompt, generate(trained, prompt[None], MTP_NEW_TOKENS)[0]])
+            with torch.no_grad():
+                drafts = trained(ids[None], mtp=True).mtp_logits[0][0].argmax(-1)
+            q, emitted = len(prompt) - 1, 1  # the prefill emits the first token
+            while MTP_NEW_TOKENS - emitted >= 2:
+                ok = int(drafts[q]) == int(ids[q + 2])
+                proposed, accepted = proposed + 1, accepted + ok
+                q, emitted = q + 1 + ok, emitted + 1 + ok
+        assert proposed > 0
+        return accepted / proposed
+
+    assert figures["mtp_acceptance"] == pytest.approx(replayed_acceptance())
+    # the trained head's drafts are all accepted (1.0): reseeded weights reject some, so both
+    # branches of the replay are taken (the probe's model is `trained`)
+    torch.manual_seed(1)
+    trained.init_weights()
+    reseeded = mtp_figures(probe, cfg)["mtp_acceptance"]
+    assert 0 < reseeded < 1 and reseeded == pytest.approx(replayed_acceptance())
     assert figures["mtp_error"] == pytest.approx(1 - figures["mtp_accuracy"])
     assert figures["mtp_rejection"] == pytest.approx(1 - figures["mtp_acceptance"])
     plain = cfg.replace(model=model.replace(mtp_depth=0))
