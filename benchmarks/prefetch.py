@@ -76,12 +76,9 @@ def build(
         raise ValueError(f"{source} does not compile: {err.stderr.strip()[-1500:]}") from None
     if not hasattr(library, "moekit_q_set_x8"):
         raise ValueError(f"{source} predates the int8-activation path (moekit_q_set_x8)")
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    library.moekit_q_linear.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
-    library.moekit_q_linear.restype = i32
-    library.moekit_q_set_x8.argtypes = [i32]
+    calls = ("moekit_q_linear", "moekit_q_set_path", "moekit_q_set_x8")  # what this file calls
+    cbuild.typed(library, {name: kernels.SIGNATURES[name] for name in calls})
     library.moekit_q_set_x8(kernels._x8_mask(kernels.DEFAULT_ACTIVATIONS))
-    library.moekit_q_set_path.argtypes = [i32]
     chosen = library.moekit_q_set_path(-1 if body is None else kernels.PATHS.index(body))
     if chosen < 0 or (body is not None and kernels.PATHS[chosen] != body):
         raise ValueError(f"this CPU (or the source's kernels) cannot run the {body} body")

@@ -111,10 +111,7 @@ def load(
     if os.environ.get("MOEKIT_NO_KERNELS"):
         return None
     try:
-        library = ctypes.CDLL(str(build(source, flags)))
-        for name, (argtypes, restype) in signatures.items():
-            function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, restype
+        library = typed(ctypes.CDLL(str(build(source, flags))), signatures)
     except (OSError, AttributeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         warnings.warn(
@@ -125,6 +122,15 @@ def load(
             stacklevel=3,
         )
         return None
+    return library
+
+
+def typed(library: ctypes.CDLL, signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL:
+    """`library` with each function of `signatures` ({name: (argtypes, restype)}) typed;
+    AttributeError if one is missing."""
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, restype
     return library
 
 

@@ -367,24 +367,25 @@ def _loaded() -> ctypes.CDLL:
     return library
 
 
+_ptr, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# kernels.c's entry points this module calls: {name: (argtypes, restype)}
+SIGNATURES = {
+    "moekit_q_linear": ([_i32, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr], _i32),
+    "moekit_q_set_path": ([_i32], _i32),
+    "moekit_q_set_x8": ([_i32], _i32),
+    "moekit_q_glu_rows": ([_ptr, _i64, _i64, _i32, ctypes.c_float, ctypes.c_float, _ptr], None),
+    "moekit_q_swiglu_expert": (
+        [_i32, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr],
+        _i32,
+    ),
+}
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library = cbuild.load(
         SOURCE,
-        {
-            "moekit_q_linear": ([i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr], i32),
-            "moekit_q_set_path": ([i32], i32),
-            "moekit_q_set_x8": ([i32], i32),
-            "moekit_q_glu_rows": (
-                [ptr, i64, i64, i32, ctypes.c_float, ctypes.c_float, ptr],
-                None,
-            ),
-            "moekit_q_swiglu_expert": (
-                [i32, ptr, i64, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, ptr],
-                i32,
-            ),
-        },
+        SIGNATURES,
         what="quantized decode kernels",
         fallback="products over quantized weights run F.linear on the dequantized weight",
         flags=cbuild.FLAGS_O2,
