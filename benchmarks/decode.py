@@ -64,6 +64,7 @@ Prints JSON; writes benchmarks/results/decode.json (decode_speculative.json with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import os
@@ -77,6 +78,7 @@ import torch
 
 from moekit.config import QuantizeConfig
 from moekit.machine import machine_info
+from moekit.quant import kernels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 SPECULATIVE_RESULTS = RESULTS.with_name("decode_speculative.json")
@@ -781,7 +783,9 @@ def _load_llamacpp_module():
     return sys.modules[name]
 
 
-def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
+def llamacpp_section(
+    quick: bool, converter: Path | None = None, build: str = LLAMACPP_BUILD
+) -> dict:
     """moekit against llama.cpp (f32, f16, q8_0, q4_0 GGUF of the same weights) at batch 1 and 8,
     greedy and fed a fixed random token sequence, side by side; the f32 logits checked first."""
     from moekit import MoETransformer
@@ -883,7 +887,7 @@ def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
         "machine": machine_start,
         "llamacpp": {
             **lc.llamacpp_info(),
-            "build": LLAMACPP_BUILD,
+            "build": build,
             "converter": str(converter),
             "convert_and_quantize_s": convert_s,
             "converter_log_tail": written["converter_log_tail"],
@@ -901,6 +905,7 @@ def llamacpp_section(quick: bool, converter: Path | None = None) -> dict:
             "with random weights repeats a token and so re-reads the same experts",
             "huge_page_bytes": huge_pages,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "moekit_quantized_kernel_body": kernels.path(),
         },
         "model": {
             "parameters": model.num_parameters(),
@@ -970,10 +975,28 @@ def main(argv: list[str] | None = None) -> dict:
         "`bench` extras)",
     )
     parser.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
+    parser.add_argument(
+        "--body",
+        choices=kernels.PATHS,
+        help="with --llamacpp: the body moekit's quantized kernels run (default: the widest this "
+        "CPU runs); avx2 on an AVX-512 host stands in for an AVX2-only CPU beside a llama.cpp "
+        "built without AVX-512 (the float32 kernel keeps its own choice)",
+    )
+    parser.add_argument(
+        "--llamacpp-build",
+        default=LLAMACPP_BUILD,
+        help="with --llamacpp: how the importable llama-cpp-python was built, for the results",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.llamacpp:
-        result = llamacpp_section(args.quick, args.converter)
+        with contextlib.ExitStack() as body:
+            if args.body:
+                try:
+                    body.enter_context(kernels.use_path(args.body))
+                except ValueError as e:  # this CPU cannot run it
+                    parser.error(f"--body {args.body}: {e}")
+            result = llamacpp_section(args.quick, args.converter, args.llamacpp_build)
         args.out = args.out or LLAMACPP_RESULTS
     elif args.speculative_only:
         result = {"benchmark": "decode_speculative", "machine": machine(),

@@ -229,6 +229,27 @@ def test_moe_designs_needs_a_dense_design(tmp_path):
         bench.designs(args, bench.base_config(args))
 
 
+def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
+    """--body runs moekit's side of --llamacpp on that quantized-kernel body, and only it;
+    --llamacpp-build reaches the results (llama.cpp itself is stubbed: a bench-only dependency)."""
+    if quant_kernels.path() == "portable":
+        pytest.skip("this CPU runs only the portable body")
+    bench = load_benchmark("decode")
+    seen = []
+
+    def section(quick, converter, build):
+        seen.append((quant_kernels.path(), build))
+        return {"benchmark": "decode_llamacpp"}
+
+    monkeypatch.setattr(bench, "llamacpp_section", section)
+    before = quant_kernels.path()
+    out = str(tmp_path / "l.json")
+    bench.main(["--llamacpp", "--body", "portable", "--llamacpp-build", "AVX2 only", "--out", out])
+    bench.main(["--llamacpp", "--out", out])
+    assert seen == [("portable", "AVX2 only"), (before, bench.LLAMACPP_BUILD)]
+    assert quant_kernels.path() == before  # restored
+
+
 @pytest.mark.slow
 def test_decode_benchmark_quick(tmp_path):
     pytest.importorskip("transformers")
