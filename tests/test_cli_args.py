@@ -80,8 +80,8 @@ def test_bad_argument_is_one_line_naming_it_and_what_it_must_be(
 MISSPELT = [
     (["generate", RUN, "--max-new-tokens", "5"], "'--max-new-tokens' has no value: write "
      "--max-new-tokens=VALUE"),
-    (["generate", RUN, "--max-new-tokens=5"], "no field 'max-new-tokens'; its fields are prompt, "
-     "max_new_tokens"),
+    (["generate", RUN, "--max-new-tokens=5"], "no field 'max-new-tokens'; its fields are "
+     "prompt, chat, system, max_new_tokens"),
     (["analyze", RUN, "--tokens", "256"], "'--tokens' has no value: write --tokens=VALUE"),
     (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "4"], "'--max-new-tokens' "
      "has no value: write --max-new-tokens=VALUE"),

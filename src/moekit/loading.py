@@ -40,13 +40,16 @@ class Loaded:
     directory, the one `moekit convert --from-hf` writes for it. checkpoints: the run's
     checkpoints up to the loaded one, oldest first (none for a Hugging Face directory).
     offload: with `load(..., experts=budget)`, the experts' cache and store (statistics in
-    `offload.stats()`; `offload.close()` when done); None when every expert is in memory."""
+    `offload.stats()`; `offload.close()` when done); None when every expert is in memory.
+    folder: the directory of the tokenizer files (the run's, or the Hugging Face one), where a
+    chat template lives (`moekit.interop.chat`)."""
 
     model: MoETransformer
     tokenizer: Tokenizer | None
     config: RunConfig
     checkpoints: list[Path]
     offload: ExpertOffload | None = None
+    folder: Path | None = None
 
 
 def load(
@@ -96,7 +99,7 @@ def load(
         model = load_hf(path, dtype, keep_quantized=keep_quantized)
         has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
-        return Loaded(model, tokenizer, hf_run_config(model.cfg), [])
+        return Loaded(model, tokenizer, hf_run_config(model.cfg), [], folder=path)
     if has_config or (path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR:
         if offload is None:
             config, model, checkpoint = load_run(path)
@@ -111,9 +114,9 @@ def load(
         has_tokenizer = require_tokenizer or (run_dir / "tokenizer.json").is_file()
         tokenizer = read_run_tokenizer(run_dir) if has_tokenizer else None
         if offload is None:
-            return Loaded(model, tokenizer, config, checkpoints)
+            return Loaded(model, tokenizer, config, checkpoints, folder=run_dir)
         model, cache = _load_offloaded_run(config, checkpoint, *offload)
-        return Loaded(model, tokenizer, config, checkpoints, cache)
+        return Loaded(model, tokenizer, config, checkpoints, cache, folder=run_dir)
     raise FileNotFoundError(
         f"{path} is neither a run directory ({CHECKPOINT_DIR}/) nor a Hugging Face checkpoint "
         "directory (config.json)"

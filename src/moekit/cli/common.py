@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from moekit.config import ConfigBase, ModelConfig, RunConfig, config_from_data
 from moekit.data import eos_id
 from moekit.inference.decode_kernels import apply_decode_kernels
+from moekit.interop.chat import ChatPrompt
 from moekit.model import MoETransformer, generate
 from moekit.overrides import apply_overrides
 from moekit.userfiles import read_json
@@ -111,15 +112,21 @@ def stream_text(
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     seed: int = 0,
+    chat: ChatPrompt | None = None,
     **speculative: Any,
 ) -> str:
     """Print `prompt` and its continuation by the model (its decode kernels swapped in) as it is
     generated, up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len); return the
-    new text. `speculative`: generate's speculative, draft_tokens and stats."""
+    new text. With `chat` (the conversation rendered, `moekit.interop.chat`), the model answers it
+    instead and only the reply is printed, up to the chat's end tokens. `speculative`: generate's
+    speculative, draft_tokens and stats."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    eos = eos_id(tokenizer)
-    ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
+    if chat is not None:
+        ids, eos, prompt = chat.ids, chat.end_ids, ""
+    else:
+        eos = eos_id(tokenizer)
+        ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
     budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
     if budget < 1:
         raise ValueError(

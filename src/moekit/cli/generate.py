@@ -1,5 +1,6 @@
-"""`moekit generate RUN_DIR [CONFIG.json] [--a.b=value ...]`: stream text from a trained run; its
-resolved `GenerateConfig` goes to stderr, so stdout holds the text alone."""
+"""`moekit generate RUN_DIR [CONFIG.json] [--a.b=value ...]`: stream text from a trained run or a
+Hugging Face checkpoint (`--chat=true`: the reply to the prompt in the checkpoint's chat
+template); its resolved `GenerateConfig` goes to stderr, so stdout holds the text alone."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from moekit.config import GenerateConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
+from moekit.interop.chat import chat_prompt
 from moekit.loading import load
 from moekit.model.speculative import SpeculativeStats, check_speculative
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by moekit train")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run directory (moekit train, convert, quantize) or a Hugging Face checkpoint",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -29,6 +35,13 @@ def run(args: argparse.Namespace) -> None:
         loaded = load(args.run_dir, experts=cfg.offload)  # a budget: the experts stay on disk
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
+    chat = None
+    if cfg.chat:  # rendered before anything is printed: a checkpoint without a template is one line
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        messages.append({"role": "user", "content": cfg.prompt})
+        chat = chat_prompt(loaded.folder, loaded.tokenizer, messages)
+    elif cfg.system:
+        raise ValueError("--system is the system message of a chat: add --chat=true")
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error
     use_huge_pages(loaded.model)  # decode streams every weight per token (cpu_memory)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
@@ -38,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
         stats = SpeculativeStats()
         sampling.update(speculative=cfg.speculative, draft_tokens=cfg.draft_tokens, stats=stats)
     stream_text(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens, seed=cfg.seed,
-                **sampling)  # fmt: skip
+                chat=chat, **sampling)  # fmt: skip
     if stats is not None:
         print(stats.format(), file=sys.stderr)
     if loaded.offload is not None:
@@ -46,5 +59,5 @@ def run(args: argparse.Namespace) -> None:
         print(format_stats(loaded.offload.stats()))
 
 
-COMMAND = Command("generate", "stream text from a trained run's newest checkpoint", configure, run,
+COMMAND = Command("generate", "stream text from a run or a Hugging Face checkpoint", configure, run,
                   overrides=True, config=GenerateConfig)  # fmt: skip

@@ -37,7 +37,11 @@ class OffloadConfig(ConfigBase):
 class GenerateConfig(ConfigBase):
     """`moekit generate`: what to continue and how to sample it.
 
-    prompt: text to continue; "" starts a new document.
+    prompt: text to continue; "" starts a new document. With chat, the user's message instead.
+    chat: wrap the prompt as a user message (after `system`, if given) in the checkpoint's chat
+        template and print the model's reply alone, which ends at the template's end-of-turn
+        tokens (an instruct model's way to be asked; needs transformers, `moekit[hf]`).
+    system: the system message of a chat; "" sends none (the template may add its own).
     max_new_tokens: tokens to generate (fewer at end-of-text or at the model's max_seq_len).
     temperature: 0 is greedy.
     top_k: sample among the k likeliest tokens; 0 or None turns it off.
@@ -50,6 +54,8 @@ class GenerateConfig(ConfigBase):
     """
 
     prompt: str = ""
+    chat: bool = False
+    system: str = ""
     max_new_tokens: int = 200
     temperature: NonNegFloat = 0.8
     top_k: NonNegInt | None = 50

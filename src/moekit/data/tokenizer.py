@@ -18,6 +18,10 @@ from moekit.userfiles import read_tokenizer
 
 END_OF_TEXT = "<|endoftext|>"
 BYTES_VOCAB_SIZE = 257  # 256 byte values + END_OF_TEXT
+# What a checkpoint keeps beside its tokenizer.json for a chat: special tokens, the chat template,
+# the end tokens (`moekit.interop.chat` reads them; a new run copies them with its tokenizer).
+CHAT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "chat_template.json", "generation_config.json")  # fmt: skip
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from moekit.config import ModelConfig, QuantizeConfig
 from moekit.config.rules import invalid
+from moekit.data.tokenizer import CHAT_FILES, END_OF_TEXT
 from moekit.fileio import atomic_path, check_no_file_in_the_way
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
@@ -50,16 +51,7 @@ from moekit.quant.modules import quantize_model
 from moekit.train.checkpoint import CHECKPOINT_DIR
 from moekit.userfiles import read_tokenizer
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+TOKENIZER_FILES = ("tokenizer.json", *CHAT_FILES, "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def read_hf_config(folder: str | Path) -> HF:
@@ -297,8 +289,6 @@ def write_tokenizer(tokenizer: Any, folder: Path, cfg: ModelConfig) -> int | Non
     """Write or copy tokenizer files into `folder`; return the end-of-text id when known."""
     if tokenizer is None:
         return None
-    from moekit.data.tokenizer import END_OF_TEXT
-
     if isinstance(tokenizer, (str, Path)):
         source = Path(tokenizer)
         if source.is_dir():

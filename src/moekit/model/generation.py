@@ -3,7 +3,7 @@ forward per new token. Greedy, temperature, top-k and top-p (nucleus) sampling; 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -123,7 +123,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     stream: Callable[[Tensor], None] | None = None,
@@ -133,8 +133,9 @@ def generate(
 ) -> Tensor:
     """Continue the prompts input_ids (B, S) -> the new ids (B, N), N <= max_new_tokens.
 
-    Sampling is as `sample_next`. A sequence that emits `eos_token_id` keeps it and is padded with
-    `pad_token_id` (default: eos_token_id) afterwards; generation ends when every sequence has
+    Sampling is as `sample_next`. A sequence that emits `eos_token_id` (one id, or several: a chat
+    model's end of turn and end of text, say) keeps it and is padded with `pad_token_id` (default:
+    the first end id) afterwards; generation ends when every sequence has
     ended or after max_new_tokens. `stream`, if given, receives each new column (B,) as it is
     made. The model runs in eval mode (restored afterwards); S + max_new_tokens must fit in
     `max_seq_len`. The model runs as built (nn.Linear): on CPU, swap in the decode kernels first
@@ -147,7 +148,8 @@ def generate(
     model's own distribution; `stats`, a `SpeculativeStats`, is filled with what it measured.
     """
     _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    end_ids = end_token_ids(eos_token_id)
+    pad = (end_ids[0] if end_ids else None) if pad_token_id is None else pad_token_id
     B, S = input_ids.shape
     if max_new_tokens == 0:
         return input_ids.new_empty(B, 0)
@@ -164,10 +166,11 @@ def generate(
     try:
         if speculate:
             args = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "stats": stats}
-            args.update(eos_token_id=eos_token_id, generator=generator, stream=stream)
+            args.update(eos_token_id=end_ids, generator=generator, stream=stream)
             return speculative_generate(model, input_ids, max_new_tokens, draft_tokens, **args)
         cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
         finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        end_ids_E = torch.tensor(end_ids, dtype=torch.long, device=input_ids.device)
         new_ids: list[Tensor] = []
 
         def next_logits(ids_BS: Tensor) -> Tensor:  # (B, S) -> (B, V)
@@ -177,9 +180,9 @@ def generate(
         for step in range(max_new_tokens):
             sampled_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
             ids_B = sampled_B
-            if eos_token_id is not None:
+            if end_ids:
                 ids_B = torch.where(finished_B, pad, sampled_B)
-                finished_B |= ids_B == eos_token_id
+                finished_B |= torch.isin(ids_B, end_ids_E)
             new_ids.append(ids_B)
             if stream is not None:
                 stream(ids_B)
@@ -190,6 +193,18 @@ def generate(
         return torch.stack(new_ids, dim=1)
     finally:
         model.train(was_training)
+
+
+def end_token_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """generate's eos_token_id as a tuple of ids (empty for None); refuses anything else."""
+    ids = () if eos_token_id is None else eos_token_id
+    ids = (ids,) if isinstance(ids, int) else tuple(ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(
+            f"eos_token_id={eos_token_id!r} is invalid: must be a token id >= 0, a sequence of "
+            "them, or None"
+        )
+    return ids
 
 
 def _check_generate_args(

@@ -114,14 +114,14 @@ def speculative_generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     stream: Callable[[Tensor], None] | None = None,
     stats: SpeculativeStats | None = None,
 ) -> Tensor:
     """`generate(..., speculative="mtp", draft_tokens=n)` (which checks the arguments and puts the
     model in eval mode): input_ids (1, S) -> the new ids (1, N), N <= max_new_tokens, ending at
-    the first `eos_token_id` as generate's do."""
+    the first of the ids in `eos_token_id` as generate's do."""
     stats = SpeculativeStats() if stats is None else stats
     stats.start(draft_tokens)
     started = time.perf_counter()
@@ -160,16 +160,16 @@ def _emit(
     tokens: list[int],
     new: list[int],
     max_new_tokens: int,
-    eos_token_id: int | None,
+    eos_token_id: tuple[int, ...],
     stream: Callable[[Tensor], None] | None,
 ) -> bool:
-    """Append `tokens` to `new`, stopping at max_new_tokens and after an eos_token_id, streaming
+    """Append `tokens` to `new`, stopping at max_new_tokens and after one of eos_token_id, streaming
     each; whether generation goes on."""
     for token in tokens:
         new.append(token)
         if stream is not None:
             stream(torch.tensor([token]))
-        if len(new) == max_new_tokens or token == eos_token_id:
+        if len(new) == max_new_tokens or token in eos_token_id:
             return False
     return True
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from moekit.data.tokenizer import CHAT_FILES
 from moekit.fileio import atomic_path, check_no_file_in_the_way, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
@@ -306,8 +307,10 @@ def write_quantized_run(
 
 @contextmanager
 def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Iterator[Path]:
-    """Write a new run directory atomically: config.json, tokenizer.json when given, and what the
-    caller writes into the folder yielded. An existing `out` is refused (`remedy`: what to do)."""
+    """Write a new run directory atomically: config.json, `tokenizer` (the tokenizer.json of a
+    run or a Hugging Face checkpoint) when given with the chat files beside it (its template,
+    special tokens and end tokens: `CHAT_FILES`), and what the caller writes into
+    the folder yielded. An existing `out` is refused (`remedy`: what to do)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; {remedy}")
@@ -316,6 +319,9 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
         (tmp / "config.json").write_text(cfg.to_json() + "\n")
         if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / "tokenizer.json")
+            for name in CHAT_FILES:
+                if (Path(tokenizer).parent / name).is_file():
+                    shutil.copy2(Path(tokenizer).parent / name, tmp / name)
         yield tmp
 
 
