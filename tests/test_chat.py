@@ -4,6 +4,7 @@ runs keep the template, and a checkpoint without one is one line of error."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.data.tokenizer import byte_tokenizer
 from moekit.interop import save_hf
-from moekit.interop.chat import chat_prompt
+from moekit.interop.chat import ChatSession, chat_prompt
 from moekit.model import generate
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +56,7 @@ def chat_folder(folder: Path, template: str, *, bos: bool = False, jinja: bool =
     """A tiny Mixtral checkpoint with a chat tokenizer and `template` (in tokenizer_config.json,
     or with `jinja` in chat_template.jinja), ending at <|im_end|> or <|endoftext|>."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=261, tie_embeddings=False)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=261, tie_embeddings=False, max_seq_len=256)
     save_hf(MoETransformer(cfg), folder, "mixtral", tokenizer=chat_tokenizer(bos))
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     # eos as older checkpoints write special tokens: an AddedToken record
@@ -165,3 +166,74 @@ def test_generate_chat_replies_and_converted_or_quantized_runs_keep_the_template
     assert main(["generate", str(run), *args]) == 2
     err = capsys.readouterr().err
     assert "has no chat template" in err and "Traceback" not in err
+
+
+# ChatML whose history shows each earlier reply after a marker: a template that rewrites past
+# turns (as Qwen3's drops a reply's reasoning), so a turn departs from the cached tokens where the
+# last reply began.
+MARKED_REPLIES = "(('[said] ' + m['content']) if m['role'] == 'assistant' else m['content'])"
+CHATML_REWRITING = CHATML.replace("m['content']", MARKED_REPLIES)
+
+
+def fresh_reply(folder: Path, messages: list[dict], n: int) -> list[int]:
+    """The greedy reply to `messages` from a model loaded anew, the whole conversation fed."""
+    loaded = load(folder)
+    prompt = chat_prompt(folder, loaded.tokenizer, messages)
+    return generate(loaded.model, torch.tensor([prompt.ids]), n, eos_token_id=prompt.end_ids)[
+        0
+    ].tolist()
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_REWRITING], ids=["chatml", "rewriting"])
+def test_a_conversation_reuses_its_cache_and_replies_as_a_fresh_model(tmp_path, template) -> None:
+    """Each turn feeds only the tokens past what the cache holds (cropped where the template
+    rewrote history) and replies with the tokens a fresh model fed the whole conversation gives."""
+    folder = chat_folder(tmp_path / "hf", template)
+    loaded = load(folder)
+    session = ChatSession(loaded.model, loaded.tokenizer, folder, system="Be brief.")
+    history = [{"role": "system", "content": "Be brief."}]
+    reply_start = 0  # where the last reply's tokens begin in the cache
+    for text in ["héllo", "and then?", "why"]:
+        before = session.cache.length
+        prompt = session.ask(text)
+        full = chat_prompt(folder, loaded.tokenizer, [*history, {"role": "user", "content": text}])
+        assert prompt.ids == full.ids[len(full.ids) - len(prompt.ids) :]  # a suffix of it
+        assert session.cache.length == len(full.ids) - len(prompt.ids) <= before
+        if template == CHATML:  # history renders as it was fed, up to the reply at least (the
+            assert session.cache.length >= reply_start  # reply's text may encode otherwise)
+        reply_start = session.cache.length + len(prompt.ids)
+        ids = torch.tensor([prompt.ids])
+        reply = generate(loaded.model, ids, 5, eos_token_id=prompt.end_ids, kv_cache=session.cache)
+        reply = reply[0].tolist()
+        history += [{"role": "user", "content": text}]
+        assert reply == fresh_reply(folder, history, 5)
+        session.answered(prompt.ids, reply)
+        history += [{"role": "assistant", "content": loaded.tokenizer.decode(reply)}]
+        assert session.messages == history
+        if template == CHATML_REWRITING:  # the marker departs from the reply's cached tokens
+            assert session.ask("ok").text.count("[said]") == len(history) // 2
+            assert session.cache.length == reply_start
+            session.messages.pop()  # "ok" was not answered
+
+
+def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, monkeypatch):
+    folder = chat_folder(tmp_path / "hf", CHATML)
+    monkeypatch.setattr("sys.stdin", io.StringIO("héllo\n\nand then?\n"))
+    args = ["--chat=true", "--max_new_tokens=4", "--temperature=0"]
+    assert main(["generate", str(folder), *args]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    history, expected = [], []
+    tok = load(folder).tokenizer
+    for text in ("héllo", "and then?"):  # the blank line is no turn
+        history.append({"role": "user", "content": text})
+        ids = fresh_reply(folder, history, 4)
+        history.append({"role": "assistant", "content": tok.decode(ids)})
+        texts = [tok.decode(ids[: k + 1]) for k in range(len(ids))]
+        expected.append(max((t for t in texts if not t.endswith("\ufffd")), key=len, default=""))
+    assert replies == expected
+    monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
+    assert main(["generate", str(folder), *args, "--speculative=mtp"]) == 2
+    assert "a conversation" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * 600 + "\n"))
+    assert main(["generate", str(folder), *args]) == 2
+    assert "leaves no room to generate" in capsys.readouterr().err

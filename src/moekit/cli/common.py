@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, NamedTuple, TextIO, TypeVar
 
 import torch
 from tokenizers import Tokenizer
@@ -102,6 +102,13 @@ def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:
     print("resolved config:", cfg.to_json(), sep="\n", file=file, flush=True)
 
 
+class Streamed(NamedTuple):
+    """What `stream_text` generated: the text shown and the new ids."""
+
+    text: str
+    ids: list[int]
+
+
 def stream_text(
     model: MoETransformer,
     tokenizer: Tokenizer,
@@ -113,13 +120,13 @@ def stream_text(
     top_p: float | None = 0.95,
     seed: int = 0,
     chat: ChatPrompt | None = None,
-    **speculative: Any,
-) -> str:
+    **generate_args: Any,
+) -> Streamed:
     """Print `prompt` and its continuation by the model (its decode kernels swapped in) as it is
     generated, up to `max_new_tokens` tokens (fewer at end-of-text or max_seq_len); return the
-    new text. With `chat` (the conversation rendered, `moekit.interop.chat`), the model answers it
-    instead and only the reply is printed, up to the chat's end tokens. `speculative`: generate's
-    speculative, draft_tokens and stats."""
+    new text and ids. With `chat` (the conversation rendered, `moekit.interop.chat`), the model
+    answers it instead and only the reply is printed, up to the chat's end tokens.
+    `generate_args`: generate's speculative, draft_tokens and stats, or kv_cache (a chat's)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
     if chat is not None:
@@ -127,11 +134,14 @@ def stream_text(
     else:
         eos = eos_id(tokenizer)
         ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
-    budget = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+    cache = generate_args.get("kv_cache")
+    past = 0 if cache is None else cache.length
+    budget = min(max_new_tokens, model.cfg.max_seq_len - past - len(ids))
     if budget < 1:
+        what = "conversation" if past else "prompt"
         raise ValueError(
-            f"the prompt is {len(ids)} tokens; the model's max_seq_len={model.cfg.max_seq_len} "
-            "leaves no room to generate"
+            f"the {what} is {past + len(ids)} tokens; the model's max_seq_len="
+            f"{model.cfg.max_seq_len} leaves no room to generate"
         )
     print(prompt, end="", flush=True)
     new_ids: list[int] = []
@@ -159,7 +169,7 @@ def stream_text(
         eos_token_id=eos,
         generator=torch.Generator().manual_seed(seed),
         stream=stream,
-        **speculative,
+        **generate_args,
     )
     print()
-    return shown
+    return Streamed(shown, new_ids)

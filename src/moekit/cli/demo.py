@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
     result = twin.train_with_dense_twin(cfg, out)
     loaded = load(out / MOE)
     print(f"\n--- sample (prompt {args.prompt!r}, temperature 0.8, top-k 50, top-p 0.95) ---")
-    text = stream_text(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens)
+    text = stream_text(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens).text
     print("--- end of sample ---")
     sample = args.prompt + text
     write_report(out / MOE, cfg, loaded.model, sample=sample)  # its training wrote it without one

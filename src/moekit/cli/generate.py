@@ -13,7 +13,7 @@ from moekit.config import GenerateConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
-from moekit.interop.chat import chat_prompt
+from moekit.interop.chat import ChatSession
 from moekit.loading import load
 from moekit.model.speculative import SpeculativeStats, check_speculative
 
@@ -35,11 +35,16 @@ def run(args: argparse.Namespace) -> None:
         loaded = load(args.run_dir, experts=cfg.offload)  # a budget: the experts stay on disk
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
-    chat = None
-    if cfg.chat:  # rendered before anything is printed: a checkpoint without a template is one line
-        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
-        messages.append({"role": "user", "content": cfg.prompt})
-        chat = chat_prompt(loaded.folder, loaded.tokenizer, messages)
+    chat = session = None
+    if cfg.chat:  # checked before anything is printed: a checkpoint without a template is one line
+        session = ChatSession(loaded.model, loaded.tokenizer, loaded.folder, cfg.system)
+        if cfg.prompt:  # one question; without a prompt, a conversation read from stdin
+            chat, session = session.ask(cfg.prompt), None
+        elif cfg.speculative is not None:
+            raise ValueError(
+                "--speculative=mtp answers one --prompt: a conversation (--chat=true without "
+                "--prompt) keeps its cache across turns, which speculative decoding does not"
+            )
     elif cfg.system:
         raise ValueError("--system is the system message of a chat: add --chat=true")
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error
@@ -50,13 +55,33 @@ def run(args: argparse.Namespace) -> None:
         check_speculative(loaded.model, 1, cfg.draft_tokens)  # before any text is printed
         stats = SpeculativeStats()
         sampling.update(speculative=cfg.speculative, draft_tokens=cfg.draft_tokens, stats=stats)
-    stream_text(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens, seed=cfg.seed,
-                chat=chat, **sampling)  # fmt: skip
+    if session is not None:
+        converse(session, loaded.model, cfg, sampling)
+    else:
+        stream_text(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens,
+                    seed=cfg.seed, chat=chat, **sampling)  # fmt: skip
     if stats is not None:
         print(stats.format(), file=sys.stderr)
     if loaded.offload is not None:
         loaded.offload.close()
         print(format_stats(loaded.offload.stats()))
+
+
+def converse(session: ChatSession, model, cfg: GenerateConfig, sampling: dict) -> None:
+    """A conversation: each line of stdin a user turn, each reply streamed (a `> ` prompt on
+    stderr where stdin is a terminal); ends at end of input (Ctrl-D)."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        prompt = session.ask(line.rstrip("\n"))
+        reply = stream_text(model, session.tokenizer, "", cfg.max_new_tokens, seed=cfg.seed,
+                            chat=prompt, kv_cache=session.cache, **sampling)  # fmt: skip
+        session.answered(prompt.ids, reply.ids)
 
 
 COMMAND = Command("generate", "stream text from a run or a Hugging Face checkpoint", configure, run,

@@ -40,7 +40,8 @@ class GenerateConfig(ConfigBase):
     prompt: text to continue; "" starts a new document. With chat, the user's message instead.
     chat: wrap the prompt as a user message (after `system`, if given) in the checkpoint's chat
         template and print the model's reply alone, which ends at the template's end-of-turn
-        tokens (an instruct model's way to be asked; needs transformers, `moekit[hf]`).
+        tokens (an instruct model's way to be asked; needs transformers, `moekit[hf]`). Without a
+        prompt, a conversation: each line of stdin a user turn, until end of input.
     system: the system message of a chat; "" sends none (the template may add its own).
     max_new_tokens: tokens to generate (fewer at end-of-text or at the model's max_seq_len).
     temperature: 0 is greedy.

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from moekit.model import MoETransformer
+from moekit.model.generation import KVCache
 from moekit.userfiles import REDOWNLOAD, read_json
 
 NEEDS_TRANSFORMERS = (
@@ -46,21 +48,13 @@ def chat_prompt(folder: str | Path, tokenizer: Tokenizer, messages: list[dict]) 
     for the assistant's reply; `tokenizer` is the folder's tokenizer.json as loaded. Raises
     ValueError when the folder has no template or the template refuses the conversation."""
     folder = Path(folder)
-    try:
-        from jinja2.exceptions import TemplateError
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as e:
-        raise ValueError(NEEDS_TRANSFORMERS) from e
+    template = chat_template(folder)
+    from jinja2.exceptions import TemplateError  # (transformers' dependency, checked above)
+    from transformers import PreTrainedTokenizerFast
+
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, **_tokenizer_settings(folder)
     )
-    template = _chat_template(folder)
-    if template is None:
-        raise ValueError(
-            f"{folder} has no chat template (chat_template.jinja, or chat_template in "
-            "tokenizer_config.json): generate without --chat, or copy the checkpoint's "
-            "tokenizer_config.json and chat_template.jinja beside its tokenizer.json"
-        )
     try:
         text = hf_tokenizer.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
@@ -92,9 +86,14 @@ def _tokenizer_settings(folder: Path) -> dict[str, str]:
     return {n: text for n in names if (text := _token_text(merged.get(n))) is not None}
 
 
-def _chat_template(folder: Path) -> str | None:
-    """The template: chat_template.jinja, else chat_template.json's, else tokenizer_config.json's
-    (a string, or a list of {"name", "template"}: the one named "default")."""
+def chat_template(folder: Path) -> str:
+    """The template of `folder`: chat_template.jinja, else chat_template.json's, else
+    tokenizer_config.json's (a string, or a list of {"name", "template"}: the one named
+    "default"). Raises ValueError where there is none or transformers is not installed."""
+    try:
+        import transformers  # noqa: F401 (its renderer renders the template)
+    except ImportError as e:
+        raise ValueError(NEEDS_TRANSFORMERS) from e
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     for name in ("chat_template.json", "tokenizer_config.json"):
@@ -104,7 +103,11 @@ def _chat_template(folder: Path) -> str | None:
             template = named.get("default")
         if isinstance(template, str):
             return template
-    return None
+    raise ValueError(
+        f"{folder} has no chat template (chat_template.jinja, or chat_template in "
+        "tokenizer_config.json): generate without --chat, or copy the checkpoint's "
+        "tokenizer_config.json and chat_template.jinja beside its tokenizer.json"
+    )
 
 
 def _end_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) -> tuple[int, ...]:
@@ -126,3 +129,52 @@ def _end_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) -> tuple
             "set eos_token_id in generation_config.json or eos_token in tokenizer_config.json"
         )
     return tuple(dict.fromkeys(ids))
+
+
+class ChatSession:
+    """A conversation with `model`, turn by turn, that reads each earlier token once: the cache
+    keeps the keys and values of every token fed so far, and each turn's whole conversation,
+    rendered afresh (a template may rewrite earlier turns: drop a reply's reasoning, say), is fed
+    only from where it departs from what the cache holds.
+
+        session = ChatSession(model, tokenizer, folder, system="Be brief.")
+        prompt = session.ask("Why MoE?")  # prompt.ids: the tokens the cache has not seen
+        new_ids = generate(model, torch.tensor([prompt.ids]), 200,
+                           eos_token_id=prompt.end_ids, kv_cache=session.cache)
+        session.answered(prompt.ids, new_ids[0].tolist())
+    """
+
+    def __init__(self, model: MoETransformer, tokenizer: Tokenizer, folder: str | Path,
+                 system: str = "") -> None:  # fmt: skip
+        self.tokenizer, self.folder = tokenizer, Path(folder)
+        chat_template(self.folder)  # there is one (else a ValueError now, not at the first turn)
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.cache = KVCache.for_model(model, 1, model.cfg.max_seq_len)
+        self.fed: list[int] = []  # the tokens whose keys and values the cache holds, in order
+
+    def ask(self, text: str) -> ChatPrompt:
+        """The conversation with the user's `text` appended, ready for the reply: its ids only
+        from where they depart from the cached tokens (the cache cropped to there; at least one
+        id, whose logits start the reply)."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt = chat_prompt(self.folder, self.tokenizer, messages)
+        same = 0
+        for cached, new in zip(self.fed, prompt.ids[:-1], strict=False):
+            if cached != new:
+                break
+            same += 1
+        self.cache.crop(same)
+        self.fed = self.fed[:same]
+        self.messages = messages
+        return ChatPrompt(prompt.text, prompt.ids[same:], prompt.end_ids)
+
+    def answered(self, fed: list[int], reply: list[int]) -> None:
+        """Record a turn: `fed` the prompt ids generate was given, `reply` the ids it returned
+        (their last one was never fed: the cache ends before it)."""
+        self.fed += fed + reply[:-1]
+        if len(self.fed) != self.cache.length:
+            raise RuntimeError(
+                f"the chat cache holds {self.cache.length} positions, {len(self.fed)} tokens fed"
+            )
+        text = self.tokenizer.decode(reply)  # special tokens (the end of turn) skipped
+        self.messages.append({"role": "assistant", "content": text})

@@ -130,6 +130,7 @@ def generate(
     speculative: Literal["mtp"] | None = None,
     draft_tokens: int = 2,
     stats: SpeculativeStats | None = None,
+    kv_cache: KVCache | None = None,
 ) -> Tensor:
     """Continue the prompts input_ids (B, S) -> the new ids (B, N), N <= max_new_tokens.
 
@@ -146,8 +147,15 @@ def generate(
     `draft_tokens` tokens a round and one forward of the model verifying them
     (`moekit.model.speculative`): batch 1; greedy gives plain greedy's tokens, sampling the
     model's own distribution; `stats`, a `SpeculativeStats`, is filled with what it measured.
+
+    kv_cache continues a cache (a chat's earlier turns, `moekit.interop.chat.ChatSession`): its
+    kv_cache.length positions come before input_ids, and it is left holding every position but
+    the last new token's. It needs batch B and room for S + max_new_tokens - 1 more positions.
     """
-    _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    past = 0 if kv_cache is None else kv_cache.length
+    _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, past)
+    if kv_cache is not None:
+        _check_cache(kv_cache, input_ids, max_new_tokens, speculative)
     end_ids = end_token_ids(eos_token_id)
     pad = (end_ids[0] if end_ids else None) if pad_token_id is None else pad_token_id
     B, S = input_ids.shape
@@ -168,7 +176,7 @@ def generate(
             args = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "stats": stats}
             args.update(eos_token_id=end_ids, generator=generator, stream=stream)
             return speculative_generate(model, input_ids, max_new_tokens, draft_tokens, **args)
-        cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
+        cache = kv_cache or KVCache.for_model(model, B, S + max_new_tokens - 1)
         finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         end_ids_E = torch.tensor(end_ids, dtype=torch.long, device=input_ids.device)
         new_ids: list[Tensor] = []
@@ -207,6 +215,21 @@ def end_token_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     return ids
 
 
+def _check_cache(
+    cache: KVCache, input_ids: Tensor, max_new_tokens: int, speculative: str | None
+) -> None:
+    """generate's kv_cache, checked against the call."""
+    if speculative is not None:
+        raise ValueError("speculative decoding keeps a cache of its own: give no kv_cache")
+    k = cache.layers[0].k_BKLd
+    room = k.shape[2] - cache.length
+    if k.shape[0] != input_ids.shape[0] or input_ids.shape[1] + max_new_tokens - 1 > room:
+        raise ValueError(
+            f"kv_cache holds {k.shape[0]} sequences with room for {room} more positions; this call "
+            f"needs {input_ids.shape[0]} and {input_ids.shape[1] + max_new_tokens - 1}"
+        )
+
+
 def _check_generate_args(
     model: MoETransformer,
     input_ids: Tensor,
@@ -214,6 +237,7 @@ def _check_generate_args(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    past: int = 0,
 ) -> None:
     cfg = model.cfg
     if cfg.moe is not None and not cfg.moe.token_choice:
@@ -227,10 +251,11 @@ def _check_generate_args(
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
-    if input_ids.shape[1] + max_new_tokens > cfg.max_seq_len:
+    if past + input_ids.shape[1] + max_new_tokens > cfg.max_seq_len:
+        cached = f"{past} cached + " if past else ""
         raise ValueError(
-            f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} is longer "
-            f"than max_seq_len={cfg.max_seq_len}"
+            f"prompt of {cached}{input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} is "
+            f"longer than max_seq_len={cfg.max_seq_len}"
         )
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 is greedy)")
