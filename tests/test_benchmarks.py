@@ -251,6 +251,26 @@ def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_prefill_benchmark_quick(tmp_path):
+    """Both trees (HEAD's checked out into a worktree, removed after) time every length in
+    alternating fresh processes and give the same first tokens."""
+    bench = load_benchmark("prefill")
+    args = ["--quick", "--lengths", "3", "20", "--rounds", "2", "--before", "HEAD",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "p.json")]  # fmt: skip
+    result = bench.main(args)
+    assert (tmp_path / "p.json").exists() and result["same_first_tokens"]
+    before, this = result["runs"]
+    assert before.startswith("before (") and this == "this tree"
+    for runs in result["runs"].values():
+        assert len(runs) == 2 and all(r[S]["tokens_per_s"] > 0 for r in runs for S in ("3", "20"))
+    assert set(result["speedup"]) == {"3", "20"}
+    worktrees = bench.git("worktree", "list")
+    assert "prefill-before-" not in worktrees  # removed
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--before", "no-such-rev", "--work", str(tmp_path / "work")])
+
+
+@pytest.mark.slow
 def test_decode_benchmark_quick(tmp_path):
     pytest.importorskip("transformers")
     result = load_benchmark("decode").main(["--quick", "--out", str(tmp_path / "decode.json")])

@@ -37,6 +37,22 @@ def test_chunked_prefill_equals_full_forward() -> None:
     torch.testing.assert_close(torch.cat(chunks, dim=1), model(x).logits, rtol=0, atol=1e-5)
 
 
+def test_logits_to_keep_is_the_last_positions_logits() -> None:
+    """The head on the last positions only (generation's prefill), as the full forward's; with
+    labels, or below 1, refused."""
+    model = MoETransformer(TINY.replace(mtp_depth=1)).eval()
+    x = prompt(2, 9)
+    full = model(x)
+    for keep in (1, 3, 9):
+        kept = model(x, logits_to_keep=keep)
+        assert kept.logits.shape == (2, keep, TINY.vocab_size)
+        torch.testing.assert_close(kept.logits, full.logits[:, -keep:], rtol=0, atol=1e-6)
+        assert torch.equal(kept.hidden, full.hidden)
+    for bad in ({"labels": x, "logits_to_keep": 1}, {"logits_to_keep": 0}):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(x, **bad)
+
+
 def test_greedy_is_deterministic_and_follows_the_argmax() -> None:
     model = MoETransformer(TINY)
     x = prompt()

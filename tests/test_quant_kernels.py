@@ -25,7 +25,7 @@ from tests.test_cpu_kernels import on_one_and_two_threads
 from moekit import cbuild
 from moekit.experts.experts import activate
 from moekit.quant import kernels, quantize
-from moekit.quant.kernels import MAX_ROWS, linear, qualifies
+from moekit.quant.kernels import KERNEL_ROWS, MAX_ROWS, linear, qualifies
 from moekit.quant.schemes import QuantizedWeight
 
 # (scheme, zero_point): int4 with and without offsets
@@ -177,8 +177,8 @@ def test_falls_back_to_the_reference(case: str) -> None:
     g = torch.Generator().manual_seed(9)
     qw = _weight("int4", False, 16, 64, seed=9)
     x, b = torch.randn(4, 64, generator=g), None
-    if case == "too many rows":
-        x = torch.randn(MAX_ROWS + 1, 64, generator=g)
+    if case == "too many rows":  # a GEMM over the dequantized weight is cheaper
+        x = torch.randn(KERNEL_ROWS["int4"] + 1, 64, generator=g)
     elif case == "float64 x":
         x = x.double()
     elif case == "x needs grad":
@@ -304,9 +304,35 @@ def test_source_builds_without_the_avx512_body() -> None:
 
 def test_the_kernel_refuses_what_it_cannot_run() -> None:
     """Called directly (not through `linear`), the op raises with what to do, writing nothing."""
-    qw = _weight("int8", False, 4, 8, seed=14)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        kernels._linear_cpu(torch.randn(MAX_ROWS + 1, 8), "int8", qw.data, qw.scales, None, None)
+    data = torch.zeros(4, 20, dtype=torch.uint8)  # int4 codes of 40 inputs: not groups of 32
+    scales = torch.ones(4, 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels._linear_cpu(torch.randn(MAX_ROWS + 1, 40), "int4", data, scales, None, None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "mxfp4"])
+def test_more_rows_than_a_pass_run_in_passes(scheme: str, path: str) -> None:
+    """Up to KERNEL_ROWS rows of x (a prompt's) run the kernel in passes of MAX_ROWS rows: each
+    pass's rows equal a lone call on them, bit for bit; the expert alike; one more row runs the
+    reference."""
+    g = torch.Generator().manual_seed(18)
+    qw, b = _weight(scheme, False, 64, 64, seed=18), torch.randn(64, generator=g)
+    w_out = quantize(torch.randn(64, 32, generator=g), "int8" if scheme == "bf16" else scheme)
+    # (w_out int8 beside bf16: bf16's fewer KERNEL_ROWS rule the expert then, as the test needs)
+    rows = KERNEL_ROWS[scheme]
+    x = torch.randn(rows, 64, generator=g)
+    with _path(path):
+        assert qualifies(x, qw, b) and not qualifies(torch.randn(rows + 1, 64), qw, b)
+        passes = [linear(x[r : r + MAX_ROWS], qw, b) for r in range(0, rows, MAX_ROWS)]
+        assert torch.equal(linear(x, qw, b), torch.cat(passes))
+        assert kernels.expert_qualifies(x, qw, w_out)  # qw as w_in: (2F, D), F = 32
+        experts = [kernels.swiglu_expert(x[r : r + MAX_ROWS], qw, w_out)
+                   for r in range(0, rows, MAX_ROWS)]  # fmt: skip
+        assert torch.equal(kernels.swiglu_expert(x, qw, w_out), torch.cat(experts))
+    torch.testing.assert_close(
+        linear(x, qw, b), F.linear(x, qw.dequantize(), b), rtol=0.05, atol=0.05 * x.abs().max()
+    )
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -353,7 +379,7 @@ def test_swiglu_expert_falls_back_and_is_a_torch_op() -> None:
     w_in = quantize(torch.randn(64, 32, generator=g), "int4")
     w_out = quantize(torch.randn(32, 32, generator=g), "int8")
     x = torch.randn(2, 32, generator=g)
-    many = torch.randn(MAX_ROWS + 1, 32, generator=g)
+    many = torch.randn(max(KERNEL_ROWS.values()) + 1, 32, generator=g)  # a GEMM's for either
     assert not kernels.expert_qualifies(many, w_in, w_out)
     assert not kernels.expert_qualifies(x, w_in, w_in)  # w_out of the wrong shape
     gate, up = F.linear(many, w_in.dequantize()).chunk(2, dim=-1)

@@ -182,7 +182,7 @@ def generate(
         new_ids: list[Tensor] = []
 
         def next_logits(ids_BS: Tensor) -> Tensor:  # (B, S) -> (B, V)
-            return model(ids_BS, kv_cache=cache, with_aux=False).logits[:, -1]
+            return model(ids_BS, kv_cache=cache, with_aux=False, logits_to_keep=1).logits[:, -1]
 
         logits_BV = next_logits(input_ids)
         for step in range(max_new_tokens):

@@ -127,7 +127,7 @@ def speculative_generate(
     started = time.perf_counter()
     S, device = input_ids.shape[1], input_ids.device
     cache = KVCache.for_model(model, 1, S + max_new_tokens - 1, mtp=True)
-    out = model(input_ids, kv_cache=cache, with_aux=False)
+    out = model(input_ids, kv_cache=cache, with_aux=False, logits_to_keep=1)
     new: list[int] = []
     token = int(sample_next(out.logits[:, -1], temperature, top_k, top_p, generator))
     # The MTP positions not yet cached: their hidden states and, for each, the token after it.

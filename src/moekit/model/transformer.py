@@ -108,6 +108,7 @@ class MoETransformer(nn.Module):
         *,
         with_aux: bool = True,
         mtp: bool | None = None,
+        logits_to_keep: int | None = None,
     ) -> ModelOutput:
         """input_ids (B, S) long -> `ModelOutput` with logits (B, S, vocab_size).
 
@@ -120,8 +121,15 @@ class MoETransformer(nn.Module):
         `aux_loss` 0): what generation passes.
         mtp: run the multi-token-prediction module (`mtp_logits`, and with labels `mtp_losses`,
         added to `loss`); None runs it when labels are given and the model has one.
+        logits_to_keep: only the last positions' logits (B, logits_to_keep, V), as generation's
+        prefill needs the last one's (the LM head of a prompt's every position is wasted work).
         """
         self._check_input(input_ids, kv_cache)
+        if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep!r} is invalid: must be >= 1, and without labels "
+                "(the loss scores every position)"
+            )
         run_mtp = self._runs_mtp(mtp, labels, kv_cache)
         S = input_ids.shape[1]
         start = 0 if kv_cache is None else kv_cache.length
@@ -138,7 +146,7 @@ class MoETransformer(nn.Module):
             if layer_aux is not None:
                 aux.append(layer_aux)
         h_BSD = self.norm(x_BSD)
-        logits_BSV = self._head(h_BSD)
+        logits_BSV = self._head(h_BSD if logits_to_keep is None else h_BSD[:, -logits_to_keep:])
         mtp_logits: list[Tensor] = []
         if run_mtp:
             mask = masks[self._mtp_window]

@@ -1,6 +1,6 @@
 /* Few-row products over quantized weights for CPU decode: y (R, O) = x (R, I) @ W^T (+ b), x
- * float32, R <= 16, W (O, I) stored in one of moekit.quant.schemes' layouts (its docstring is
- * binding; `dequantize` there is the reference):
+ * float32, R <= 16 a pass (moekit_q_linear makes passes of more), W (O, I) stored in one of
+ * moekit.quant.schemes' layouts (its docstring is binding; `dequantize` there is the reference):
  *   bf16     uint16 (O, I)                                  w = bits << 16
  *   int8     int8 (O, I), float32 scales (O,)               w = s[o] * q
  *   int4     uint8 (O, I/2), float16 scales (O, I/32),      w = d * (nibble - 8)
@@ -285,11 +285,21 @@ void moekit_q_rows(const void *prepared, const void *data, const void *scales,
 
 /* y (R, O) = x (R, I) @ W^T (+ bias): x and y contiguous float32, W's tensors contiguous in the
  * layouts above (offsets NULL but for int4 with a zero point), bias (O,) or NULL; the output rows
- * split between threads. Returns 0, or -1 if R, I or the kind is out of range (nothing written). */
+ * split between threads; more than MAX_ROWS rows of x in passes of MAX_ROWS (the weights read
+ * once a pass: a prompt's few dozen rows, where dequantizing the weights for a GEMM costs more).
+ * Returns 0, or -1 if I or the kind is out of range (nothing written). */
 int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *data,
                     const void *scales, const uint16_t *offsets, int64_t O, const float *bias,
                     float *y) {
     if (O < 1 || (kind == INT4_ZP) != (offsets != NULL)) return -1;
+    if (R > MAX_ROWS) {
+        for (int64_t r0 = 0; r0 < R; r0 += MAX_ROWS) { /* a pass fails only as the first would */
+            const int64_t n = R - r0 < MAX_ROWS ? R - r0 : MAX_ROWS;
+            if (moekit_q_linear(kind, x + r0 * I, n, I, data, scales, offsets, O, bias, y + r0 * O))
+                return -1;
+        }
+        return 0;
+    }
     void *p = moekit_q_prepare(kind, x, R, I);
     if (p == NULL) return -1;
 #pragma omp parallel for schedule(static) if (O > ROWS_A_CALL && O * I >= MIN_PARALLEL_WEIGHTS)

@@ -1,12 +1,12 @@
 """Products with quantized weights: `linear(x, qw, bias)` = F.linear(x, qw.dequantize(), bias), and
 `swiglu_expert(x, w_in, w_out)`, a whole SwiGLU expert in one call (10-18% faster than two `linear`
-calls and torch's silu at one row), run by C kernels (`kernels.c`: torch ops with fakes) over the
-layouts of `moekit.quant.schemes` where they qualify (a decode step's few rows), else by that
-reference. Each weight row is read once, dequantized in registers and multiplied by every row of x
-(float32, up to MAX_ROWS), accumulating in float32 in an order that does not depend on torch's
-OpenMP threads. The widest body the CPU runs is chosen: AVX-512 (AVX512F/BW/VNNI: 16-lane steps
-for int8 weights and for int8 x, vpdpbusd in place of maddubs + madd, its sums bit for bit the
-AVX2 body's), AVX2+FMA+F16C, else a portable one (MOEKIT_PORTABLE=1 or `use_path("portable")`).
+calls and torch's silu at one row), run by C kernels (`kernels.c`: torch ops with fakes) where
+they qualify (a decode step's or a prompt's rows), else by that reference. Each weight row is read
+once a pass, dequantized in registers and multiplied by every row of x (float32, MAX_ROWS a
+pass), accumulating in float32 in an order torch's OpenMP threads do not change. The widest body
+the CPU runs is chosen: AVX-512 (AVX512F/BW/VNNI: 16-lane steps for int8 weights and for int8 x,
+vpdpbusd in place of maddubs + madd, its sums bit for bit the AVX2 body's), AVX2+FMA+F16C, else
+a portable one (MOEKIT_PORTABLE=1 or `use_path("portable")`).
 
 Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
 MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x): "float", the
@@ -40,7 +40,9 @@ from moekit.experts.experts import activate
 from moekit.quant.schemes import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("kernels.c")
-MAX_ROWS = 16  # the decode path's batch sizes; larger products dequantize and run a GEMM
+MAX_ROWS = 16  # rows of x a kernel pass takes (the decode path's batch sizes)
+# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM (benchmarks/README.md, Prefill)
+KERNEL_ROWS = {"bf16": 32, "int8": 128, "int4": 96, "mxfp4": 128}
 PATHS = ("portable", "avx2", "avx512")  # kernels.c's PATH_PORTABLE, PATH_AVX2, PATH_AVX512
 ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 per block of 32
 # The path each scheme takes unless MOEKIT_QUANT_ACTIVATIONS=float|int8 (or set_activations).
@@ -86,7 +88,7 @@ def linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor
 
 
 def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> bool:
-    """Whether `linear` runs the kernel: x (..., I) CPU float32 with at most MAX_ROWS rows, qw one
+    """Whether `linear` runs the kernel: x (..., I) CPU float32 of up to KERNEL_ROWS rows, qw one
     (O, I) weight (no stacked leading dimensions) with contiguous tensors of the scheme's dtypes,
     bias (O,) contiguous float32 or None, no gradient needed, the kernels built."""
     shape = _kernel_shape(qw)
@@ -96,7 +98,7 @@ def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> boo
         and cbuild.plain_cpu(x, torch.float32)
         and x.dim() >= 1
         and x.shape[-1] == shape[1]
-        and 0 < x.numel() <= MAX_ROWS * shape[1]
+        and 0 < x.numel() <= KERNEL_ROWS[qw.scheme] * shape[1]
         and (bias is None or _fits(bias, torch.float32, (shape[0],)))
         and available()
     )
@@ -159,13 +161,13 @@ def glu(h_NH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0)
 
 
 def expert_qualifies(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight) -> bool:
-    """Whether `swiglu_expert` runs the kernel: as `qualifies` for x and each weight, x 2-D,
-    w_in (2F, D) and w_out (D, F)."""
+    """Whether `swiglu_expert` runs the kernel: `qualifies` for x and either weight."""
     shape_out = _kernel_shape(w_out)
     return (
         x_ND.dim() == 2
         and qualifies(x_ND, w_in)
         and shape_out is not None
+        and x_ND.shape[0] <= KERNEL_ROWS[w_out.scheme]
         and w_in.data.shape[0] == 2 * shape_out[1]
         and shape_out[0] == x_ND.shape[1]
     )
@@ -202,7 +204,7 @@ def _linear_cpu(
     if status != 0:
         raise ValueError(
             f"moekit::quant_linear cannot run {scheme} with x {tuple(x_RI.shape)} and a weight "
-            f"of {O} rows: at most {MAX_ROWS} rows of x, 4-bit inputs a multiple of {GROUP}; "
+            f"of {O} rows: 4-bit inputs must be a multiple of {GROUP}; "
             "call moekit.quant.kernels.linear, which checks and falls back to the reference"
         )
     return y_RO
@@ -241,8 +243,8 @@ def _swiglu_expert_cpu(
     )
     if status != 0:
         raise ValueError(
-            f"moekit::quant_swiglu_expert cannot run x {tuple(x_ND.shape)}: at most {MAX_ROWS} "
-            f"rows, 4-bit inputs a multiple of {GROUP}; call moekit.quant.kernels.swiglu_expert, "
+            f"moekit::quant_swiglu_expert cannot run x {tuple(x_ND.shape)}: 4-bit inputs must be "
+            f"a multiple of {GROUP}; call moekit.quant.kernels.swiglu_expert, "
             "which checks and falls back to the reference"
         )
     return y_ND
@@ -368,8 +370,7 @@ def _loaded() -> ctypes.CDLL:
 
 
 _ptr, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-# kernels.c's entry points this module calls: {name: (argtypes, restype)}
-SIGNATURES = {
+SIGNATURES = {  # kernels.c's entry points this module calls: {name: (argtypes, restype)}
     "moekit_q_linear": ([_i32, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr], _i32),
     "moekit_q_set_path": ([_i32], _i32),
     "moekit_q_set_x8": ([_i32], _i32),
