@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, processors
@@ -54,10 +55,14 @@ def chat_tokenizer(bos: bool = False) -> Tokenizer:
 
 def chat_folder(folder: Path, template: str, *, bos: bool = False, jinja: bool = False) -> Path:
     """A tiny Mixtral checkpoint with a chat tokenizer and `template` (in tokenizer_config.json,
-    or with `jinja` in chat_template.jinja), ending at <|im_end|> or <|endoftext|>."""
+    or with `jinja` in chat_template.jinja), ending at <|im_end|> or <|endoftext|>, whose greedy
+    replies are ASCII (so their text encodes back to the tokens emitted)."""
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(vocab_size=261, tie_embeddings=False, max_seq_len=256)
-    save_hf(MoETransformer(cfg), folder, "mixtral", tokenizer=chat_tokenizer(bos))
+    model = MoETransformer(cfg)
+    with torch.no_grad():  # ASCII replies: every other token's logit 0, below the best ASCII one
+        model.lm_head.weight[128:] = 0
+    save_hf(model, folder, "mixtral", tokenizer=chat_tokenizer(bos))
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     # eos as older checkpoints write special tokens: an AddedToken record
     eos = {"__type": "AddedToken", "content": "<|im_end|>", "special": True}
@@ -93,45 +98,66 @@ def test_prompt_ids_are_transformers_own(tmp_path, template, bos, jinja, message
     assert ours.end_ids == (258, 256)  # generation_config's, the tokenizer's <|im_end|> once
 
 
-def test_a_template_that_refuses_or_a_folder_without_one_is_one_error(tmp_path) -> None:
+def test_a_template_that_fails_or_a_folder_without_one_is_one_error(tmp_path) -> None:
     folder = chat_folder(tmp_path / "hf", INST, bos=True)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    with pytest.raises(ValueError, match="refused the conversation: system messages are not"):
+    with pytest.raises(ValueError, match="failed on the conversation: TemplateError: system"):
         chat_prompt(folder, tok, MESSAGES)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    del settings["chat_template"]
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+
+    def with_settings(**changes) -> None:
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, **changes}))
+
+    for template, message in [
+        ("{{ 'a' + 1 }}", "failed on the conversation: TypeError"),  # the template's own bug
+        ("{% if false %}x{% endif %}", "rendered the conversation as nothing"),
+        ([{"name": "tool_use", "template": CHATML}], "named \\['tool_use'\\], none \"default\""),
+    ]:
+        with_settings(chat_template=template)
+        with pytest.raises(ValueError, match=message):
+            chat_prompt(folder, tok, MESSAGES[1:])
+    with_settings(chat_template=None)
     with pytest.raises(ValueError, match="has no chat template"):
         chat_prompt(folder, tok, MESSAGES[1:])
-    settings["chat_template"] = CHATML
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")  # not UTF-8
+    with pytest.raises(ValueError, match=r"chat_template\.jinja"):
+        chat_prompt(folder, tok, MESSAGES[1:])
+    (folder / "chat_template.jinja").unlink()
+    with_settings(chat_template=CHATML)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [9999]}))
-    with pytest.raises(ValueError, match=r"end tokens \[9999, 258\] are not ids"):
+    with pytest.raises(ValueError, match=r"end tokens \[9999, 258\] are not all ids"):
+        chat_prompt(folder, tok, MESSAGES[1:])
+    (folder / "generation_config.json").unlink()
+    with_settings(chat_template=CHATML, eos_token=None)
+    with pytest.raises(ValueError, match="names no token that ends a reply"):
         chat_prompt(folder, tok, MESSAGES[1:])
 
 
 def test_generation_ends_at_any_of_several_end_tokens() -> None:
-    """The reply stops after the first of the end ids it emits; a finished row of a batch is
-    padded with the first end id; speculative decoding stops alike."""
+    """Each row stops after the first of the end ids it emits (one row at one id, the other at
+    the other); a finished row is padded with the first end id; speculative decoding stops
+    alike; numpy and tensor ids are ids."""
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(vocab_size=97, mtp_depth=1)
     model = MoETransformer(cfg).eval()
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     free = generate(model, prompt, 12)
-    stop = int(free[0, 3])
-    first = next(i for i, t in enumerate(free[0].tolist()) if t == stop)
-    unused = next(t for t in range(97) if t not in free.tolist()[0])
-    ends = [unused, stop]
+    ends = [int(free[1, 2]), int(free[0, 3])]  # row 1 emits the first, row 0 the second
     out = generate(model, prompt, 12, eos_token_id=ends)
-    assert out[0, : first + 1].tolist() == free[0, : first + 1].tolist()
-    row1_ends = [i for i, t in enumerate(free[1].tolist()) if t in ends]
-    if out.shape[1] > first + 1:  # row 1 ran on: row 0 is padded with the first end id
-        assert set(out[0, first + 1 :].tolist()) == {ends[0]}
-    assert out.shape[1] == max(first, row1_ends[0] if row1_ends else 11) + 1
+    stops = [next(i for i, t in enumerate(free[r].tolist()) if t in ends) for r in (0, 1)]
+    assert out.shape[1] == max(stops) + 1
+    for r, stop in enumerate(stops):
+        assert out[r, : stop + 1].tolist() == free[r, : stop + 1].tolist()
+        assert set(out[r, stop + 1 :].tolist()) <= {ends[0]}  # padding
+    assert free[0, stops[0]] in ends and free[1, stops[1]] in ends
     spec = generate(model, prompt[:1], 12, eos_token_id=ends, speculative="mtp")
-    assert spec[0].tolist() == free[0, : first + 1].tolist()
-    with pytest.raises(ValueError, match="eos_token_id"):
-        generate(model, prompt, 3, eos_token_id=[1, -2])
+    assert spec[0].tolist() == free[0, : stops[0] + 1].tolist()
+    one = int(free[0, stops[0]])
+    for same in (one, np.int64(one), torch.tensor(one), [torch.tensor(one)]):
+        assert torch.equal(generate(model, prompt[:1], 12, eos_token_id=same), spec)
+    for bad in ([1, -2], "x", 1.5):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            generate(model, prompt, 3, eos_token_id=bad)
 
 
 def test_generate_chat_replies_and_converted_or_quantized_runs_keep_the_template(
@@ -139,29 +165,25 @@ def test_generate_chat_replies_and_converted_or_quantized_runs_keep_the_template
 ) -> None:
     folder = chat_folder(tmp_path / "hf", CHATML)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    chat = chat_prompt(folder, tok, [{"role": "user", "content": "def f("}])
-    loaded = load(folder)
-    ids = generate(loaded.model, torch.tensor([chat.ids]), 6, eos_token_id=chat.end_ids)
-    # what the stream shows: the longest decoded prefix that does not end inside a character
-    texts = [tok.decode(ids[0, : k + 1].tolist()) for k in range(ids.shape[1])]
-    expected = max((t for t in texts if not t.endswith("\ufffd")), key=len, default="")
-    assert expected  # the reply is not empty
+    expected = tok.decode(fresh_reply(load(folder).model, folder, [user("def f(")], 6))
+    assert expected.isascii() and expected
     args = ["--chat=true", "--prompt=def f(", "--max_new_tokens=6", "--temperature=0"]
-    run, quantized = tmp_path / "run", tmp_path / "int8"
+    run, quantized, back = tmp_path / "run", tmp_path / "int8", tmp_path / "back"
     assert main(["convert", "--from-hf", str(folder), "--out", str(run)]) == 0
+    assert main(["convert", "--to-hf", str(run), "--arch=mixtral", "--out", str(back)]) == 0
     assert main(["quantize", str(folder), "--weights=int8", "--out", str(quantized)]) == 0
     capsys.readouterr()
-    for source in (folder, run):
+    for source in (folder, run, back):
         assert main(["generate", str(source), *args]) == 0
-        out = capsys.readouterr().out
-        assert out == expected + "\n"  # the reply alone: the prompt is not echoed
-    assert (quantized / "chat_template.jinja").exists() or (
-        "chat_template" in json.loads((quantized / "tokenizer_config.json").read_text())
-    )
+        assert capsys.readouterr().out == expected + "\n"  # the reply alone, not the prompt
+    assert "chat_template" in json.loads((quantized / "tokenizer_config.json").read_text())
     assert main(["generate", str(quantized), *args]) == 0
     assert capsys.readouterr().out.strip()
-    assert main(["generate", str(folder), "--system=be brief", "--prompt=x"]) == 2
+    missing = str(tmp_path / "nothing here")  # flags are checked before a model is read
+    assert main(["generate", missing, "--system=be brief", "--prompt=x"]) == 2
     assert "add --chat=true" in capsys.readouterr().err
+    assert main(["generate", missing, "--chat=true", "--speculative=mtp"]) == 2
+    assert "a conversation" in capsys.readouterr().err
     (run / "tokenizer_config.json").unlink()
     assert main(["generate", str(run), *args]) == 2
     err = capsys.readouterr().err
@@ -175,65 +197,84 @@ MARKED_REPLIES = "(('[said] ' + m['content']) if m['role'] == 'assistant' else m
 CHATML_REWRITING = CHATML.replace("m['content']", MARKED_REPLIES)
 
 
-def fresh_reply(folder: Path, messages: list[dict], n: int) -> list[int]:
-    """The greedy reply to `messages` from a model loaded anew, the whole conversation fed."""
-    loaded = load(folder)
-    prompt = chat_prompt(folder, loaded.tokenizer, messages)
-    return generate(loaded.model, torch.tensor([prompt.ids]), n, eos_token_id=prompt.end_ids)[
-        0
-    ].tolist()
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def fresh_reply(model: MoETransformer, folder: Path, messages: list[dict], n: int) -> list[int]:
+    """The greedy reply to `messages`, the whole conversation fed to a fresh cache."""
+    prompt = chat_prompt(folder, load(folder).tokenizer, messages)
+    ids = generate(model, torch.tensor([prompt.ids]), n, eos_token_id=prompt.end_ids)
+    return ids[0].tolist()
 
 
 @pytest.mark.parametrize("template", [CHATML, CHATML_REWRITING], ids=["chatml", "rewriting"])
-def test_a_conversation_reuses_its_cache_and_replies_as_a_fresh_model(tmp_path, template) -> None:
-    """Each turn feeds only the tokens past what the cache holds (cropped where the template
-    rewrote history) and replies with the tokens a fresh model fed the whole conversation gives."""
+def test_a_conversation_reuses_its_cache_and_replies_as_a_fresh_model(
+    tmp_path, template, monkeypatch
+) -> None:
+    """Each turn feeds only the tokens past what the cache holds (all of the last reply but its
+    last token, or, under a template that rewrites it, up to where it began), grows the cache as
+    it needs, and replies with the tokens a fresh cache fed the whole conversation gives; one
+    reply ends at the end-of-turn token."""
     folder = chat_folder(tmp_path / "hf", template)
     loaded = load(folder)
-    session = ChatSession(loaded.model, loaded.tokenizer, folder, system="Be brief.")
-    history = [{"role": "system", "content": "Be brief."}]
-    reply_start = 0  # where the last reply's tokens begin in the cache
-    for text in ["héllo", "and then?", "why"]:
-        before = session.cache.length
-        prompt = session.ask(text)
-        full = chat_prompt(folder, loaded.tokenizer, [*history, {"role": "user", "content": text}])
+    model, tok = loaded.model, loaded.tokenizer
+    first = fresh_reply(model, folder, [{"role": "system", "content": "Be brief."}, user("hi")], 5)
+    k = next(k for k in range(1, 5) if first[k] not in first[:k])  # its first new token after one
+    with torch.no_grad():  # <|im_end|> now wins where that token would, just
+        model.lm_head.weight[258] = 1.001 * model.lm_head.weight[first[k]]
+    monkeypatch.setattr(ChatSession, "FIRST_ROOM", 16)  # so that it grows within this talk
+    session = ChatSession(model, tok, folder, system="Be brief.")
+    history, reply_start, reply, ended = [{"role": "system", "content": "Be brief."}], 0, [], 0
+    for turn, text in enumerate(["hi", "and then?", "why", "ok"]):
+        n = 40 if turn == 3 else 5
+        prompt = session.ask(text, n)
+        full = chat_prompt(folder, tok, [*history, user(text)])
         assert prompt.ids == full.ids[len(full.ids) - len(prompt.ids) :]  # a suffix of it
-        assert session.cache.length == len(full.ids) - len(prompt.ids) <= before
-        if template == CHATML:  # history renders as it was fed, up to the reply at least (the
-            assert session.cache.length >= reply_start  # reply's text may encode otherwise)
+        assert session.cache.length == len(full.ids) - len(prompt.ids)
+        if turn:  # kept: the history up to the reply, and (ChatML) the reply but its last token
+            kept = reply_start + (len(reply) - 1 if template == CHATML else 0)
+            assert session.cache.length == kept
+        assert session.cache.layers[0].k_BKLd.shape[2] >= len(full.ids) + n - 1  # room made
         reply_start = session.cache.length + len(prompt.ids)
         ids = torch.tensor([prompt.ids])
-        reply = generate(loaded.model, ids, 5, eos_token_id=prompt.end_ids, kv_cache=session.cache)
+        reply = generate(model, ids, n, eos_token_id=prompt.end_ids, kv_cache=session.cache)
         reply = reply[0].tolist()
-        history += [{"role": "user", "content": text}]
-        assert reply == fresh_reply(folder, history, 5)
-        session.answered(prompt.ids, reply)
-        history += [{"role": "assistant", "content": loaded.tokenizer.decode(reply)}]
-        assert session.messages == history
-        if template == CHATML_REWRITING:  # the marker departs from the reply's cached tokens
-            assert session.ask("ok").text.count("[said]") == len(history) // 2
-            assert session.cache.length == reply_start
-            session.messages.pop()  # "ok" was not answered
+        assert reply == fresh_reply(model, folder, [*history, user(text)], n)
+        ended += reply[-1] == 258
+        session.answered(reply)
+        history += [user(text), {"role": "assistant", "content": tok.decode(reply)}]
+        assert session.messages == history and session.cache.length == len(session.fed)
+    assert [*first[:k], 258] == fresh_reply(model, folder, history[:2], 5) and ended >= 1
+
+
+def test_a_conversation_that_fills_the_context_is_refused_unchanged(tmp_path) -> None:
+    folder = chat_folder(tmp_path / "hf", CHATML)
+    loaded = load(folder)
+    session = ChatSession(loaded.model, loaded.tokenizer, folder)
+    before = (list(session.messages), session.cache.length)
+    with pytest.raises(ValueError, match="whole context \\(max_seq_len=256\\): start a new"):
+        session.ask("x" * 300, 5)
+    assert (session.messages, session.cache.length) == before and session._pending is None
+    with pytest.raises(ValueError, match="non-empty reply to the turn `ask` started"):
+        session.answered([1])
 
 
 def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, monkeypatch):
     folder = chat_folder(tmp_path / "hf", CHATML)
-    monkeypatch.setattr("sys.stdin", io.StringIO("héllo\n\nand then?\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("héllo\r\n\nand then?\n"))
     args = ["--chat=true", "--max_new_tokens=4", "--temperature=0"]
     assert main(["generate", str(folder), *args]) == 0
-    replies = capsys.readouterr().out.splitlines()
+    replies = capsys.readouterr().out.split("\n")[:-1]  # (not splitlines: replies hold \x1e)
     history, expected = [], []
-    tok = load(folder).tokenizer
-    for text in ("héllo", "and then?"):  # the blank line is no turn
-        history.append({"role": "user", "content": text})
-        ids = fresh_reply(folder, history, 4)
-        history.append({"role": "assistant", "content": tok.decode(ids)})
-        texts = [tok.decode(ids[: k + 1]) for k in range(len(ids))]
-        expected.append(max((t for t in texts if not t.endswith("\ufffd")), key=len, default=""))
+    loaded = load(folder)
+    for text in ("héllo", "and then?"):  # the blank line is no turn; the \r is no part of it
+        ids = fresh_reply(loaded.model, folder, [*history, user(text)], 4)
+        reply = loaded.tokenizer.decode(ids)
+        history += [user(text), {"role": "assistant", "content": reply}]
+        expected.append(reply)
     assert replies == expected
-    monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
-    assert main(["generate", str(folder), *args, "--speculative=mtp"]) == 2
-    assert "a conversation" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("x" * 600 + "\n"))
     assert main(["generate", str(folder), *args]) == 2
-    assert "leaves no room to generate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "start a new conversation" in err and "Traceback" not in err

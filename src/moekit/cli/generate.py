@@ -7,14 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import Any
 
 from moekit.cli.common import Command, print_config, resolve_config, stream_text
 from moekit.config import GenerateConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
-from moekit.interop.chat import ChatSession
+from moekit.interop.chat import ChatSession, ChatTemplate
 from moekit.loading import load
+from moekit.model import MoETransformer
 from moekit.model.speculative import SpeculativeStats, check_speculative
 
 
@@ -30,23 +32,26 @@ def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(GenerateConfig, args.config, args.overrides)
     if cfg.offload.budget is not None:
         check_budget_form(cfg.offload.budget)  # before anything is read
+    if cfg.system and not cfg.chat:
+        raise ValueError("--system is the system message of a chat: add --chat=true")
+    if cfg.chat and not cfg.prompt and cfg.speculative is not None:
+        raise ValueError(
+            "--speculative=mtp answers one --prompt: a conversation (--chat=true without "
+            "--prompt) keeps its cache across turns, which speculative decoding does not"
+        )
     with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
         warnings.simplefilter("always")
         loaded = load(args.run_dir, experts=cfg.offload)  # a budget: the experts stay on disk
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
+    # A chat's template read before anything is printed: a checkpoint without one is one line.
     chat = session = None
-    if cfg.chat:  # checked before anything is printed: a checkpoint without a template is one line
+    if cfg.chat and cfg.prompt:
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        messages.append({"role": "user", "content": cfg.prompt})
+        chat = ChatTemplate(loaded.folder, loaded.tokenizer).render(messages)
+    elif cfg.chat:  # without a prompt, a conversation read from stdin
         session = ChatSession(loaded.model, loaded.tokenizer, loaded.folder, cfg.system)
-        if cfg.prompt:  # one question; without a prompt, a conversation read from stdin
-            chat, session = session.ask(cfg.prompt), None
-        elif cfg.speculative is not None:
-            raise ValueError(
-                "--speculative=mtp answers one --prompt: a conversation (--chat=true without "
-                "--prompt) keeps its cache across turns, which speculative decoding does not"
-            )
-    elif cfg.system:
-        raise ValueError("--system is the system message of a chat: add --chat=true")
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error
     use_huge_pages(loaded.model)  # decode streams every weight per token (cpu_memory)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
@@ -67,9 +72,12 @@ def run(args: argparse.Namespace) -> None:
         print(format_stats(loaded.offload.stats()))
 
 
-def converse(session: ChatSession, model, cfg: GenerateConfig, sampling: dict) -> None:
+def converse(
+    session: ChatSession, model: MoETransformer, cfg: GenerateConfig, sampling: dict[str, Any]
+) -> None:
     """A conversation: each line of stdin a user turn, each reply streamed (a `> ` prompt on
-    stderr where stdin is a terminal); ends at end of input (Ctrl-D)."""
+    stderr where stdin is a terminal); ends at end of input (Ctrl-D), or with one line when the
+    conversation fills the model's context."""
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
@@ -78,10 +86,14 @@ def converse(session: ChatSession, model, cfg: GenerateConfig, sampling: dict) -
             return
         if not line.strip():
             continue
-        prompt = session.ask(line.rstrip("\n"))
+        prompt = session.ask(line.rstrip("\r\n"), cfg.max_new_tokens)
+        room = session.max_seq_len - session.cache.length - len(prompt.ids)
         reply = stream_text(model, session.tokenizer, "", cfg.max_new_tokens, seed=cfg.seed,
                             chat=prompt, kv_cache=session.cache, **sampling)  # fmt: skip
-        session.answered(prompt.ids, reply.ids)
+        session.answered(reply.ids)
+        if len(reply.ids) == room < cfg.max_new_tokens and reply.ids[-1] not in prompt.end_ids:
+            print(f"note: the reply stopped at the model's context (max_seq_len="
+                  f"{session.max_seq_len})", file=sys.stderr)  # fmt: skip
 
 
 COMMAND = Command("generate", "stream text from a run or a Hugging Face checkpoint", configure, run,

@@ -8,6 +8,7 @@ so a second run on the same corpus loads it instead of training again.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,6 +23,15 @@ BYTES_VOCAB_SIZE = 257  # 256 byte values + END_OF_TEXT
 # the end tokens (`moekit.interop.chat` reads them; a new run copies them with its tokenizer).
 CHAT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "chat_template.json", "generation_config.json")  # fmt: skip
+
+
+def copy_chat_files(source: Path, dest: Path) -> None:
+    """The CHAT_FILES of folder `source` that exist, copied into folder `dest` (each file
+    atomically, replacing one there)."""
+    for name in CHAT_FILES:
+        if (Path(source) / name).is_file():
+            with atomic_path(Path(dest) / name) as tmp:
+                shutil.copy2(Path(source) / name, tmp)
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -1,5 +1,6 @@
 """A checkpoint's chat template: the prompt a chat model was trained to answer, rendered as
-`transformers` renders it, and the tokens that end its reply.
+`transformers` renders it, and the tokens that end its reply; `ChatSession`, a conversation that
+keeps its KV cache from turn to turn.
 
 Instruct and chat checkpoints (Qwen3, GPT-OSS, Mixtral-Instruct, DeepSeek-V3, OLMoE-Instruct) ship
 a Jinja template (`chat_template.jinja`, or `chat_template` in tokenizer_config.json) that wraps
@@ -11,8 +12,8 @@ writes its own), which gives transformers' ids (tests/test_chat.py). The reply e
 ids generation_config.json lists as `eos_token_id` (a chat model's end of turn and end of text)
 or the tokenizer's own end token.
 
-`moekit convert --from-hf`, `quantize` and `upcycle` copy these files into the run beside its
-tokenizer.json (`moekit.data.tokenizer.CHAT_FILES`): a converted or quantized chat model chats.
+`moekit convert` (both ways), `quantize` and `upcycle` copy these files beside tokenizer.json
+(`moekit.data.tokenizer.CHAT_FILES`): a converted or quantized chat model chats.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from moekit.interop.files import read_checkpoint_json
 from moekit.model import MoETransformer
 from moekit.model.generation import KVCache
-from moekit.userfiles import REDOWNLOAD, read_json
+from moekit.userfiles import REDOWNLOAD, read_text
 
 NEEDS_TRANSFORMERS = (
     "rendering a chat template needs transformers (its sandboxed renderer): "
@@ -34,40 +36,58 @@ NEEDS_TRANSFORMERS = (
 
 @dataclass
 class ChatPrompt:
-    """A conversation rendered for the model: text (what the template wrote), ids (its tokens)
-    and end_ids (the tokens that end the reply, in the order found)."""
+    """A conversation rendered for the model: text (what the template wrote), ids (its tokens;
+    from a `ChatSession`, those its cache does not hold) and end_ids (the tokens that end the
+    reply, in the order found)."""
 
     text: str
     ids: list[int]
     end_ids: tuple[int, ...]
 
 
-def chat_prompt(folder: str | Path, tokenizer: Tokenizer, messages: list[dict]) -> ChatPrompt:
-    """`messages` ([{"role": "system" | "user" | "assistant", "content": str}, ...]) in the chat
-    template of `folder` (a Hugging Face checkpoint or a run holding its tokenizer files), ready
-    for the assistant's reply; `tokenizer` is the folder's tokenizer.json as loaded. Raises
-    ValueError when the folder has no template or the template refuses the conversation."""
-    folder = Path(folder)
-    template = chat_template(folder)
-    from jinja2.exceptions import TemplateError  # (transformers' dependency, checked above)
-    from transformers import PreTrainedTokenizerFast
+class ChatTemplate:
+    """The chat template of `folder` (a Hugging Face checkpoint, or a run holding its tokenizer
+    files) over `tokenizer` (the folder's tokenizer.json as loaded), read once. Raises
+    ValueError where there is no template, no end token, or no transformers."""
 
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, **_tokenizer_settings(folder)
-    )
-    try:
-        text = hf_tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    def __init__(self, folder: str | Path, tokenizer: Tokenizer) -> None:
+        try:
+            from transformers import PreTrainedTokenizerFast
+        except ImportError as e:
+            raise ValueError(NEEDS_TRANSFORMERS) from e
+        self.folder, self.tokenizer = Path(folder), tokenizer
+        self.template = _chat_template(self.folder)
+        self.renderer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, **_tokenizer_settings(self.folder)
         )
-    except TemplateError as e:
-        raise ValueError(f"{folder}'s chat template refused the conversation: {e}") from e
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    return ChatPrompt(text, ids, _end_ids(folder, tokenizer, hf_tokenizer.eos_token))
+        self.end_ids = _end_ids(self.folder, tokenizer, self.renderer.eos_token)
+
+    def render(self, messages: list[dict]) -> ChatPrompt:
+        """`messages` ([{"role": "system" | "user" | "assistant", "content": str}, ...]) ready
+        for the assistant's reply; ValueError if the template fails on them (its own
+        raise_exception, or any error of its code) or writes nothing."""
+        try:
+            text = self.renderer.apply_chat_template(
+                messages, chat_template=self.template, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # the checkpoint's code: whatever it raises is about its input
+            raise ValueError(
+                f"{self.folder}'s chat template failed on the conversation: {type(e).__name__}: {e}"
+            ) from e
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError(f"{self.folder}'s chat template rendered the conversation as nothing")
+        return ChatPrompt(text, ids, self.end_ids)
+
+
+def chat_prompt(folder: str | Path, tokenizer: Tokenizer, messages: list[dict]) -> ChatPrompt:
+    """`messages` in the chat template of `folder`, ready for the reply (`ChatTemplate.render`)."""
+    return ChatTemplate(folder, tokenizer).render(messages)
 
 
 def _read_json(path: Path) -> dict:
     """A JSON object file of the checkpoint, or {} where there is none."""
-    return read_json(path, REDOWNLOAD) if path.is_file() else {}
+    return read_checkpoint_json(path) if path.is_file() else {}
 
 
 def _token_text(value: object) -> str | None:
@@ -86,27 +106,27 @@ def _tokenizer_settings(folder: Path) -> dict[str, str]:
     return {n: text for n in names if (text := _token_text(merged.get(n))) is not None}
 
 
-def chat_template(folder: Path) -> str:
-    """The template of `folder`: chat_template.jinja, else chat_template.json's, else
-    tokenizer_config.json's (a string, or a list of {"name", "template"}: the one named
-    "default"). Raises ValueError where there is none or transformers is not installed."""
-    try:
-        import transformers  # noqa: F401 (its renderer renders the template)
-    except ImportError as e:
-        raise ValueError(NEEDS_TRANSFORMERS) from e
+def _chat_template(folder: Path) -> str:
+    """chat_template.jinja, else chat_template.json's or tokenizer_config.json's chat_template
+    (a string, or a list of {"name", "template"}: the one named "default")."""
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return read_text(folder / "chat_template.jinja", REDOWNLOAD)
     for name in ("chat_template.json", "tokenizer_config.json"):
         template = _read_json(folder / name).get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
+            if not isinstance(named.get("default"), str):
+                raise ValueError(
+                    f"{folder / name} lists chat templates named {sorted(map(str, named))}, "
+                    'none "default": moekit uses the default one'
+                )
+            template = named["default"]
         if isinstance(template, str):
             return template
     raise ValueError(
         f"{folder} has no chat template (chat_template.jinja, or chat_template in "
-        "tokenizer_config.json): generate without --chat, or copy the checkpoint's "
-        "tokenizer_config.json and chat_template.jinja beside its tokenizer.json"
+        "chat_template.json or tokenizer_config.json): generate without --chat, or copy the "
+        "checkpoint's tokenizer_config.json and chat_template.jinja beside its tokenizer.json"
     )
 
 
@@ -122,42 +142,56 @@ def _end_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) -> tuple
         )
     if eos_token is not None and (eos := tokenizer.token_to_id(eos_token)) is not None:
         ids.append(eos)
+    remedy = "set eos_token_id in generation_config.json or eos_token in tokenizer_config.json"
+    if not ids:
+        raise ValueError(f"{folder} names no token that ends a reply: {remedy}")
     vocab = tokenizer.get_vocab_size()
-    if not ids or any(not 0 <= i < vocab for i in ids):
+    if any(not 0 <= i < vocab for i in ids):
         raise ValueError(
-            f"{folder}: the chat's end tokens {ids} are not ids of its {vocab}-token tokenizer: "
-            "set eos_token_id in generation_config.json or eos_token in tokenizer_config.json"
+            f"{folder}: the chat's end tokens {ids} are not all ids of its {vocab}-token "
+            f"tokenizer: {remedy}"
         )
     return tuple(dict.fromkeys(ids))
 
 
 class ChatSession:
-    """A conversation with `model`, turn by turn, that reads each earlier token once: the cache
-    keeps the keys and values of every token fed so far, and each turn's whole conversation,
-    rendered afresh (a template may rewrite earlier turns: drop a reply's reasoning, say), is fed
-    only from where it departs from what the cache holds.
+    """A conversation with `model`, turn by turn. The cache keeps the keys and values of every
+    token fed so far (it grows with the conversation, up to max_seq_len), and each turn's whole
+    conversation, rendered afresh, is fed only from where it departs from what the cache holds:
+    a template may rewrite earlier turns (drop a reply's reasoning, say), and a reply's text may
+    encode to other tokens than the model emitted.
 
         session = ChatSession(model, tokenizer, folder, system="Be brief.")
-        prompt = session.ask("Why MoE?")  # prompt.ids: the tokens the cache has not seen
+        prompt = session.ask("Why MoE?", max_new_tokens=200)  # ids: what the cache lacks
         new_ids = generate(model, torch.tensor([prompt.ids]), 200,
                            eos_token_id=prompt.end_ids, kv_cache=session.cache)
-        session.answered(prompt.ids, new_ids[0].tolist())
+        session.answered(new_ids[0].tolist())
     """
+
+    FIRST_ROOM = 256  # positions the cache starts with; it doubles (or more) when a turn needs
 
     def __init__(self, model: MoETransformer, tokenizer: Tokenizer, folder: str | Path,
                  system: str = "") -> None:  # fmt: skip
-        self.tokenizer, self.folder = tokenizer, Path(folder)
-        chat_template(self.folder)  # there is one (else a ValueError now, not at the first turn)
+        self.template = ChatTemplate(folder, tokenizer)
+        self.tokenizer, self.max_seq_len = tokenizer, model.cfg.max_seq_len
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.cache = KVCache.for_model(model, 1, model.cfg.max_seq_len)
+        self.cache = KVCache.for_model(model, 1, min(self.FIRST_ROOM, self.max_seq_len))
         self.fed: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        self._pending: tuple[list[dict], list[int]] | None = None  # asked, not yet answered
 
-    def ask(self, text: str) -> ChatPrompt:
-        """The conversation with the user's `text` appended, ready for the reply: its ids only
-        from where they depart from the cached tokens (the cache cropped to there; at least one
-        id, whose logits start the reply)."""
+    def ask(self, text: str, max_new_tokens: int) -> ChatPrompt:
+        """The conversation with the user's `text` appended, ready for a reply of up to
+        `max_new_tokens` (room made for it within max_seq_len): its ids only from where they
+        depart from the cached tokens (the cache cropped to there; at least one id, whose
+        logits start the reply). The turn joins the conversation with `answered`; a ValueError
+        (the conversation fills the model's context) changes nothing."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        prompt = chat_prompt(self.folder, self.tokenizer, messages)
+        prompt = self.template.render(messages)
+        if len(prompt.ids) >= self.max_seq_len:
+            raise ValueError(
+                f"the conversation is {len(prompt.ids)} tokens, the model's whole context "
+                f"(max_seq_len={self.max_seq_len}): start a new conversation"
+            )
         same = 0
         for cached, new in zip(self.fed, prompt.ids[:-1], strict=False):
             if cached != new:
@@ -165,16 +199,26 @@ class ChatSession:
             same += 1
         self.cache.crop(same)
         self.fed = self.fed[:same]
-        self.messages = messages
+        room = self.cache.layers[0].k_BKLd.shape[2]
+        needed = min(self.max_seq_len, len(prompt.ids) + max_new_tokens)
+        if needed > room:
+            self.cache.reserve(min(self.max_seq_len, max(needed, 2 * room)))
+        self._pending = messages, prompt.ids[same:]
         return ChatPrompt(prompt.text, prompt.ids[same:], prompt.end_ids)
 
-    def answered(self, fed: list[int], reply: list[int]) -> None:
-        """Record a turn: `fed` the prompt ids generate was given, `reply` the ids it returned
-        (their last one was never fed: the cache ends before it)."""
-        self.fed += fed + reply[:-1]
-        if len(self.fed) != self.cache.length:
-            raise RuntimeError(
-                f"the chat cache holds {self.cache.length} positions, {len(self.fed)} tokens fed"
+    def answered(self, reply: list[int]) -> None:
+        """The reply to the last `ask`, as generate returned it (its last token was never fed:
+        the cache ends before it); the turn and the reply join the conversation."""
+        if self._pending is None or not reply:
+            raise ValueError("answered() takes the non-empty reply to the turn `ask` started")
+        messages, fed = self._pending
+        fed = self.fed + fed + reply[:-1]
+        if len(fed) != self.cache.length:
+            raise ValueError(
+                f"the chat cache holds {self.cache.length} positions where {len(fed)} tokens "
+                "were fed: generate with kv_cache=session.cache on the ids `ask` returned"
             )
+        self.fed = fed
         text = self.tokenizer.decode(reply)  # special tokens (the end of turn) skipped
-        self.messages.append({"role": "assistant", "content": text})
+        self.messages = [*messages, {"role": "assistant", "content": text}]
+        self._pending = None

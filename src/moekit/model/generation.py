@@ -3,6 +3,7 @@ forward per new token. Greedy, temperature, top-k and top-p (nucleus) sampling; 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -70,6 +71,17 @@ class KVCache:
         past a rejected draft); the MTP layer crops on its own (`self.mtp.crop`)."""
         for layer in self.layers:
             layer.crop(length)
+
+    def reserve(self, max_len: int) -> None:
+        """Room for max_len positions in every layer (a conversation's cache grows with it): each
+        smaller one's tensors reallocated, its filled positions copied."""
+        for layer in [*self.layers, *([self.mtp] if self.mtp is not None else [])]:
+            for name in ("k_BKLd", "v_BKLd"):
+                old = getattr(layer, name)
+                if old.shape[2] < max_len:
+                    new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+                    new[:, :, : layer.length] = old[:, :, : layer.length]
+                    setattr(layer, name, new)
 
 
 def sample_next(
@@ -150,7 +162,8 @@ def generate(
 
     kv_cache continues a cache (a chat's earlier turns, `moekit.interop.chat.ChatSession`): its
     kv_cache.length positions come before input_ids, and it is left holding every position but
-    the last new token's. It needs batch B and room for S + max_new_tokens - 1 more positions.
+    the last new token's (a row that ended early holds what it was fed, not the padding). It
+    needs batch B and room for S + max_new_tokens - 1 more positions.
     """
     past = 0 if kv_cache is None else kv_cache.length
     _check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, past)
@@ -176,7 +189,9 @@ def generate(
             args = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "stats": stats}
             args.update(eos_token_id=end_ids, generator=generator, stream=stream)
             return speculative_generate(model, input_ids, max_new_tokens, draft_tokens, **args)
-        cache = kv_cache or KVCache.for_model(model, B, S + max_new_tokens - 1)
+        cache = kv_cache
+        if cache is None:
+            cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
         finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         end_ids_E = torch.tensor(end_ids, dtype=torch.long, device=input_ids.device)
         new_ids: list[Tensor] = []
@@ -204,10 +219,16 @@ def generate(
 
 
 def end_token_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
-    """generate's eos_token_id as a tuple of ids (empty for None); refuses anything else."""
-    ids = () if eos_token_id is None else eos_token_id
-    ids = (ids,) if isinstance(ids, int) else tuple(ids)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    """generate's eos_token_id as a tuple of ids (empty for None): an integer (Python's, numpy's,
+    a 0-d tensor) or a sequence of them; ValueError for anything else."""
+    try:
+        ids = () if eos_token_id is None else (operator.index(eos_token_id),)
+    except TypeError:
+        try:
+            ids = tuple(operator.index(i) for i in eos_token_id)  # type: ignore[union-attr]
+        except TypeError:
+            ids = (-1,)  # refused below
+    if any(i < 0 for i in ids):
         raise ValueError(
             f"eos_token_id={eos_token_id!r} is invalid: must be a token id >= 0, a sequence of "
             "them, or None"
@@ -225,8 +246,8 @@ def _check_cache(
     room = k.shape[2] - cache.length
     if k.shape[0] != input_ids.shape[0] or input_ids.shape[1] + max_new_tokens - 1 > room:
         raise ValueError(
-            f"kv_cache holds {k.shape[0]} sequences with room for {room} more positions; this call "
-            f"needs {input_ids.shape[0]} and {input_ids.shape[1] + max_new_tokens - 1}"
+            f"kv_cache has batch {k.shape[0]} and room for {room} more positions; this call needs "
+            f"batch {input_ids.shape[0]} and {input_ids.shape[1] + max_new_tokens - 1} positions"
         )
 
 

@@ -22,13 +22,13 @@ positions in one forward). Drafts come from the first depth only: deeper depths 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from moekit.model.generation import KVCache, sample_next, sampling_probs
+from moekit.model.generation import KVCache, end_token_ids, sample_next, sampling_probs
 from moekit.model.transformer import MoETransformer
 
 
@@ -114,15 +114,16 @@ def speculative_generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: tuple[int, ...] = (),
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     stream: Callable[[Tensor], None] | None = None,
     stats: SpeculativeStats | None = None,
 ) -> Tensor:
     """`generate(..., speculative="mtp", draft_tokens=n)` (which checks the arguments and puts the
     model in eval mode): input_ids (1, S) -> the new ids (1, N), N <= max_new_tokens, ending at
-    the first of the ids in `eos_token_id` as generate's do."""
+    the first of the `eos_token_id` ids as generate's do."""
     stats = SpeculativeStats() if stats is None else stats
+    end_ids = end_token_ids(eos_token_id)
     stats.start(draft_tokens)
     started = time.perf_counter()
     S, device = input_ids.shape[1], input_ids.device
@@ -133,7 +134,7 @@ def speculative_generate(
     # The MTP positions not yet cached: their hidden states and, for each, the token after it.
     h_BSD, next_ids = out.hidden, [*input_ids[0, 1:].tolist(), token]
     emitting = [token]
-    while _emit(emitting, new, max_new_tokens, eos_token_id, stream):
+    while _emit(emitting, new, max_new_tokens, end_ids, stream):
         # A round emits up to n + 1 tokens: n drafts past the last token that may be emitted
         # would only fill the cache.
         n = min(draft_tokens, max_new_tokens - len(new) - 1)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moekit.data.tokenizer import CHAT_FILES
+from moekit.data.tokenizer import copy_chat_files
 from moekit.fileio import atomic_path, check_no_file_in_the_way, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
@@ -309,7 +309,7 @@ def write_quantized_run(
 def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Iterator[Path]:
     """Write a new run directory atomically: config.json, `tokenizer` (the tokenizer.json of a
     run or a Hugging Face checkpoint) when given with the chat files beside it (its template,
-    special tokens and end tokens: `CHAT_FILES`), and what the caller writes into
+    special tokens and end tokens: `copy_chat_files`), and what the caller writes into
     the folder yielded. An existing `out` is refused (`remedy`: what to do)."""
     out = Path(out)
     if out.exists():
@@ -319,9 +319,7 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
         (tmp / "config.json").write_text(cfg.to_json() + "\n")
         if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / "tokenizer.json")
-            for name in CHAT_FILES:
-                if (Path(tokenizer).parent / name).is_file():
-                    shutil.copy2(Path(tokenizer).parent / name, tmp / name)
+            copy_chat_files(Path(tokenizer).parent, tmp)
         yield tmp
 
 
