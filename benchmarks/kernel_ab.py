@@ -54,7 +54,7 @@ def git(*args: str) -> str:
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"kernel_ab.py: git {' '.join(args)} failed: {done.stderr.strip()}")
+        raise SystemExit(f"git {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
 
 

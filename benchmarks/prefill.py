@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from big_model import write_model
+from kernel_ab import git
 from moekit.fileio import atomic_write_json, default_cache_dir
 from moekit.machine import machine_info
 
@@ -57,13 +58,6 @@ def prefill(run: str, lengths: list[int]) -> dict:
         seconds = time.perf_counter() - start
         out[str(S)] = {"seconds": seconds, "tokens_per_s": S / seconds, "first": int(first[0, 0])}
     return out
-
-
-def git(*args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"prefill.py: git {' '.join(args)} failed: {done.stderr.strip()}")
-    return done.stdout
 
 
 def in_fresh_process(src: Path, run: Path, lengths: list[int]) -> dict:
