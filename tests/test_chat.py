@@ -18,7 +18,7 @@ from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.data.tokenizer import byte_tokenizer
 from moekit.interop import save_hf
-from moekit.interop.chat import ChatSession, chat_prompt
+from moekit.interop.chat import ChatSession, ChatTemplate, chat_prompt
 from moekit.model import generate
 
 transformers = pytest.importorskip("transformers")
@@ -278,3 +278,67 @@ def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, m
     assert main(["generate", str(folder), *args]) == 2
     err = capsys.readouterr().err
     assert "start a new conversation" in err and "Traceback" not in err
+
+
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]  # 257-261
+# GPT-OSS's shape: every message <|start|>ROLE<|channel|>NAME<|message|>TEXT<|end|>, the reply
+# opened by the generation prompt; earlier replies shown as their final channel.
+HARMONY = (
+    "{% for m in messages %}{{ '<|start|>' + m['role'] }}"
+    "{% if m['role'] == 'assistant' %}{{ '<|channel|>final' }}{% endif %}"
+    "{{ '<|message|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+
+def harmony_folder(folder: Path) -> Path:
+    """A tiny checkpoint with GPT-OSS's channel tokens, ending at <|return|>."""
+    tok = byte_tokenizer()
+    tok.add_special_tokens(HARMONY_TOKENS)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=262, max_seq_len=256)
+    save_hf(MoETransformer(cfg), folder, "mixtral", tokenizer=tok)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.update(eos_token="<|return|>", chat_template=HARMONY)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def test_a_harmony_reply_shows_its_final_channel_only(tmp_path, capsys) -> None:
+    """GPT-OSS's reply: the analysis channel (its reasoning) is not the answer; the final channel's
+    text is, shown as it streams (each prefix of the ids shows a prefix of the answer) and kept
+    as the turn's reply in the conversation."""
+    folder = harmony_folder(tmp_path / "hf")
+    loaded = load(folder)
+    tok = loaded.tokenizer
+    start, end, message, channel, done = (tok.token_to_id(t) for t in HARMONY_TOKENS)
+
+    def enc(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    analysis = [channel, *enc("analysis"), message, *enc("Think: 2+2."), end]
+    final = [start, *enc("assistant"), channel, *enc("final"), message, *enc("It is 4."), done]
+    reply = analysis + final
+    template = ChatTemplate(folder, tok)
+    assert template.reply_text(reply) == "It is 4."
+    shown = [template.reply_text(reply[:k]) for k in range(1, len(reply) + 1)]
+    opened = len(analysis) + final.index(message) + 1  # the final channel's text starts here
+    assert shown[:opened] == [""] * opened  # nothing while it reasons
+    assert all("It is 4.".startswith(text) for text in shown) and shown[opened] == "I"
+    assert template.reply_text([channel, *enc("commentary"), message, *enc("x")]) == ""
+    chatml = load(chat_folder(tmp_path / "chatml", CHATML)).tokenizer
+    plain = ChatTemplate(tmp_path / "chatml", chatml)  # no channels: the text, specials skipped
+    assert plain.reply_text(chatml.encode("a<|im_end|>", add_special_tokens=False).ids) == "a"
+    session = ChatSession(loaded.model, tok, folder)
+    prompt = session.ask("2+2?", len(reply))
+    assert prompt.text.endswith("<|start|>assistant") and prompt.end_ids == (done,)
+    with torch.no_grad():  # as if the model had emitted `reply`: all but its last token fed
+        loaded.model(torch.tensor([prompt.ids + reply[:-1]]), kv_cache=session.cache)
+    session.answered(reply)
+    assert session.messages[-1] == {"role": "assistant", "content": "It is 4."}
+    assert session.ask("and 3+3?", 5).text.count("<|channel|>final<|message|>It is 4.<|end|>") == 1
+    capsys.readouterr()  # a random model opens no final channel: an empty reply and a note
+    args = ["generate", str(folder), "--chat=true", "--prompt=hi", "--max_new_tokens=3"]
+    assert main([*args, "--temperature=0"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and "3 tokens hold no answer to show" in err

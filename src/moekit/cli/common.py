@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,9 @@ def stream_text(
     `generate_args`: generate's speculative, draft_tokens and stats, or kv_cache (a chat's)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    view = tokenizer.decode  # new ids -> the text shown
     if chat is not None:
-        ids, eos, prompt = chat.ids, chat.end_ids, ""
+        ids, eos, prompt, view = chat.ids, chat.end_ids, "", chat.reply_text
     else:
         eos = eos_id(tokenizer)
         ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
@@ -153,7 +155,7 @@ def stream_text(
         the next token."""
         nonlocal shown
         new_ids.append(int(ids_B[0]))
-        text = tokenizer.decode(new_ids)
+        text = view(new_ids)
         if text.endswith("\ufffd") or len(text) <= len(shown):
             return
         print(text[len(shown) :], end="", flush=True)
@@ -172,4 +174,7 @@ def stream_text(
         **generate_args,
     )
     print()
+    if chat is not None and not shown:
+        note = f"the reply's {len(new_ids)} tokens hold no answer to show (a reasoning model"
+        print(f"note: {note} answers after its reasoning): raise --max_new_tokens", file=sys.stderr)
     return Streamed(shown, new_ids)

@@ -18,6 +18,8 @@ or the tokenizer's own end token.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +39,14 @@ NEEDS_TRANSFORMERS = (
 @dataclass
 class ChatPrompt:
     """A conversation rendered for the model: text (what the template wrote), ids (its tokens;
-    from a `ChatSession`, those its cache does not hold) and end_ids (the tokens that end the
-    reply, in the order found)."""
+    from a `ChatSession`, those its cache does not hold), end_ids (the tokens that end the reply,
+    in the order found) and reply_text (a reply's ids, or the first of them -> the answer shown:
+    `ChatTemplate.reply_text`)."""
 
     text: str
     ids: list[int]
     end_ids: tuple[int, ...]
+    reply_text: Callable[[list[int]], str]
 
 
 class ChatTemplate:
@@ -61,6 +65,8 @@ class ChatTemplate:
             tokenizer_object=tokenizer, **_tokenizer_settings(self.folder)
         )
         self.end_ids = _end_ids(self.folder, tokenizer, self.renderer.eos_token)
+        harmony = [tokenizer.token_to_id(t) for t in ("<|channel|>", "<|message|>")]
+        self.harmony = None if None in harmony else tuple(harmony)
 
     def render(self, messages: list[dict]) -> ChatPrompt:
         """`messages` ([{"role": "system" | "user" | "assistant", "content": str}, ...]) ready
@@ -77,7 +83,24 @@ class ChatTemplate:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ValueError(f"{self.folder}'s chat template rendered the conversation as nothing")
-        return ChatPrompt(text, ids, self.end_ids)
+        return ChatPrompt(text, ids, self.end_ids, self.reply_text)
+
+    def reply_text(self, reply: list[int]) -> str:
+        """The answer in a reply's ids (or the first of them): their text, special tokens
+        skipped; for a tokenizer with GPT-OSS's harmony channels (`<|channel|>NAME<|message|>`),
+        the text of the last `final` channel only, "" before one opens (the `analysis` channel,
+        the model's reasoning, is not the answer)."""
+        if self.harmony is None:
+            return self.tokenizer.decode(reply)
+        channel, message = self.harmony
+        start = None
+        for i, token in enumerate(reply):
+            if token == channel:
+                name_end = next((j for j in range(i + 1, len(reply)) if reply[j] == message), None)
+                if name_end is not None:
+                    name = self.tokenizer.decode(reply[i + 1 : name_end]).strip()
+                    start = name_end + 1 if name == "final" else None
+        return "" if start is None else self.tokenizer.decode(reply[start:])
 
 
 def chat_prompt(folder: str | Path, tokenizer: Tokenizer, messages: list[dict]) -> ChatPrompt:
@@ -204,7 +227,7 @@ class ChatSession:
         if needed > room:
             self.cache.reserve(min(self.max_seq_len, max(needed, 2 * room)))
         self._pending = messages, prompt.ids[same:]
-        return ChatPrompt(prompt.text, prompt.ids[same:], prompt.end_ids)
+        return dataclasses.replace(prompt, ids=prompt.ids[same:])
 
     def answered(self, reply: list[int]) -> None:
         """The reply to the last `ask`, as generate returned it (its last token was never fed:
@@ -219,6 +242,6 @@ class ChatSession:
                 "were fed: generate with kv_cache=session.cache on the ids `ask` returned"
             )
         self.fed = fed
-        text = self.tokenizer.decode(reply)  # special tokens (the end of turn) skipped
+        text = self.template.reply_text(reply)  # the answer: no end token, no reasoning
         self.messages = [*messages, {"role": "assistant", "content": text}]
         self._pending = None
