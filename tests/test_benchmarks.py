@@ -250,6 +250,25 @@ def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
     assert quant_kernels.path() == before  # restored
 
 
+def test_kernel_rows_benchmark_quick(tmp_path):
+    """Every scheme's table has both row counts on both shapes, and its recommendation is a row
+    count at which every ratio up to it is at least 1 (or one pass)."""
+    if not quant_kernels.available():
+        pytest.skip("the quantized kernels are not built here")
+    result = load_benchmark("kernel_rows").main(
+        ["--quick", "--repeats", "2", "--out", str(tmp_path / "r.json")]
+    )
+    assert (tmp_path / "r.json").exists() and result["body"] == quant_kernels.path()
+    for entry in result["schemes"].values():
+        rows = [R for R in (17, 40) if entry["recommended"] >= R]
+        assert entry["recommended"] in (16, *rows)
+        for table in entry["table"].values():
+            assert set(table) == {"17", "40"} and all(t["ratio"] > 0 for t in table.values())
+            assert all(table[str(R)]["ratio"] >= 1 for R in rows)
+        beyond = [R for R in (17, 40) if entry["recommended"] < R][:1]  # the first it refused
+        assert all(any(t[str(R)]["ratio"] < 1 for t in entry["table"].values()) for R in beyond)
+
+
 @pytest.mark.slow
 def test_prefill_benchmark_quick(tmp_path):
     """Both trees (HEAD's checked out into a worktree, removed after) time every length in
@@ -258,13 +277,23 @@ def test_prefill_benchmark_quick(tmp_path):
     args = ["--quick", "--lengths", "3", "20", "--rounds", "2", "--before", "HEAD",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "p.json")]  # fmt: skip
     result = bench.main(args)
-    assert (tmp_path / "p.json").exists() and result["same_first_tokens"]
+    assert (tmp_path / "p.json").exists() and result["logits_agree"]
     before, this = result["runs"]
     assert before.startswith("before (") and this == "this tree"
     for runs in result["runs"].values():
         assert len(runs) == 2 and all(r[S]["tokens_per_s"] > 0 for r in runs for S in ("3", "20"))
     assert set(result["speedup"]) == {"3", "20"}
-    worktrees = bench.git("worktree", "list")
+    run = {"top_ids": [5, 3, 9, 1, 2, 4, 6, 7], "top_logits": [10.0, 9.0, 8.0, 7, 6, 5, 4, 3]}
+    assert bench.logits_agree(run, run)
+    moved = {**run, "top_logits": [10.0, 9.0, 8.0, 7, 6, 5, 4, 2.0]}  # 1.0 > 5% of 10
+    assert not bench.logits_agree(run, moved)
+    swapped = {**run, "top_ids": [3, 5, 9, 1, 2, 4, 6, 7]}  # another best, by a clear margin
+    assert not bench.logits_agree(run, swapped)
+    near = {"top_ids": [3, 5, 9, 1, 2, 4, 6, 7], "top_logits": [10.0, 9.8, 8, 7, 6, 5, 4, 3]}
+    assert bench.logits_agree({**near, "top_ids": [5, 3, 9, 1, 2, 4, 6, 7]}, near)  # a near-tie
+    from kernel_ab import git
+
+    worktrees = git("worktree", "list")
     assert "prefill-before-" not in worktrees  # removed
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--before", "no-such-rev", "--work", str(tmp_path / "work")])

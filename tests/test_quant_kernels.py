@@ -312,27 +312,47 @@ def test_the_kernel_refuses_what_it_cannot_run() -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "mxfp4"])
-def test_more_rows_than_a_pass_run_in_passes(scheme: str, path: str) -> None:
-    """Up to KERNEL_ROWS rows of x (a prompt's) run the kernel in passes of MAX_ROWS rows: each
-    pass's rows equal a lone call on them, bit for bit; the expert alike; one more row runs the
-    reference."""
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_more_rows_than_a_pass_run_in_passes(scheme: str, path: str, activations: str) -> None:
+    """The kernel takes any number of rows of x (a prompt's) in passes of MAX_ROWS: each pass's
+    rows equal a lone call on them, bit for bit, the last pass a short one (45 rows: 16 + 16 + 13;
+    O != I, so swapped offsets show); the expert alike."""
     g = torch.Generator().manual_seed(18)
-    qw, b = _weight(scheme, False, 64, 64, seed=18), torch.randn(64, generator=g)
-    w_out = quantize(torch.randn(64, 32, generator=g), "int8" if scheme == "bf16" else scheme)
-    # (w_out int8 beside bf16: bf16's fewer KERNEL_ROWS rule the expert then, as the test needs)
-    rows = KERNEL_ROWS[scheme]
-    x = torch.randn(rows, 64, generator=g)
-    with _path(path):
-        assert qualifies(x, qw, b) and not qualifies(torch.randn(rows + 1, 64), qw, b)
-        passes = [linear(x[r : r + MAX_ROWS], qw, b) for r in range(0, rows, MAX_ROWS)]
-        assert torch.equal(linear(x, qw, b), torch.cat(passes))
-        assert kernels.expert_qualifies(x, qw, w_out)  # qw as w_in: (2F, D), F = 32
-        experts = [kernels.swiglu_expert(x[r : r + MAX_ROWS], qw, w_out)
-                   for r in range(0, rows, MAX_ROWS)]  # fmt: skip
-        assert torch.equal(kernels.swiglu_expert(x, qw, w_out), torch.cat(experts))
-    torch.testing.assert_close(
-        linear(x, qw, b), F.linear(x, qw.dequantize(), b), rtol=0.05, atol=0.05 * x.abs().max()
-    )
+    qw, b = _weight(scheme, False, 48, 64, seed=18), torch.randn(48, generator=g)
+    w_in = _weight(scheme, False, 64, 64, seed=19)  # (2F, D), F = 32
+    w_out = quantize(torch.randn(64, 32, generator=g), scheme)
+    x = torch.randn(45, 64, generator=g)
+    args, expert = (qw.scheme, qw.data, qw.scales, qw.offsets, b), (w_in, w_out)
+
+    def expert_call(x_ND: torch.Tensor) -> torch.Tensor:
+        w = [t for q in expert for t in (q.scheme, q.data, q.scales, q.offsets)]
+        return kernels._swiglu_expert_cpu(x_ND.contiguous(), *w)
+
+    with _path(path, activations):
+        passes = [kernels._linear_cpu(x[r : r + MAX_ROWS].contiguous(), *args)
+                  for r in range(0, 45, MAX_ROWS)]  # fmt: skip
+        assert torch.equal(kernels._linear_cpu(x, *args), torch.cat(passes))
+        experts = [expert_call(x[r : r + MAX_ROWS]) for r in range(0, 45, MAX_ROWS)]
+        assert torch.equal(expert_call(x), torch.cat(experts))
+        y, reference = kernels._linear_cpu(x, *args), F.linear(x, qw.dequantize(), b)
+        torch.testing.assert_close(y, reference, rtol=0.05, atol=0.05 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "mxfp4"])
+def test_a_prompts_rows_take_the_kernel_up_to_kernel_rows(scheme: str, path: str) -> None:
+    """`linear` runs the kernel up to KERNEL_ROWS rows on a SIMD body (beyond, dequantize and a
+    GEMM are faster), up to one pass on the portable body and for 4-bit weights on float x."""
+    qw = _weight(scheme, False, 48, 64, seed=20)
+    with _path(path, "default"):
+        expected = MAX_ROWS if path == "portable" else KERNEL_ROWS[scheme]
+        assert kernels.kernel_rows(scheme) == expected
+        x = torch.randn(expected + 1, 64)
+        assert qualifies(x[:expected], qw) and not qualifies(x, qw)
+        with kernels.use_activations("float"):
+            four_bit = scheme in ("int4", "mxfp4")
+            assert kernels.kernel_rows(scheme) == (MAX_ROWS if four_bit else expected)
+    assert kernels.kernel_rows(scheme) == KERNEL_ROWS[scheme] or kernels.path() == "portable"
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -121,8 +121,8 @@ class MoETransformer(nn.Module):
         `aux_loss` 0): what generation passes.
         mtp: run the multi-token-prediction module (`mtp_logits`, and with labels `mtp_losses`,
         added to `loss`); None runs it when labels are given and the model has one.
-        logits_to_keep: only the last positions' logits (B, logits_to_keep, V), as generation's
-        prefill needs the last one's (the LM head of a prompt's every position is wasted work).
+        logits_to_keep: only the last positions' logits (B, min(logits_to_keep, S), V), as
+        generation's prefill needs the last one's (the LM head of every position is wasted work).
         """
         self._check_input(input_ids, kv_cache)
         if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):

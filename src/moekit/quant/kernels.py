@@ -11,15 +11,11 @@ a portable one (MOEKIT_PORTABLE=1 or `use_path("portable")`).
 Two paths for int8, int4 and MXFP4 weights (`set_activations`, `use_activations`, or
 MOEKIT_QUANT_ACTIVATIONS=float|int8 for every scheme; bf16 always takes float x): "float", the
 weights dequantized to float32 in registers, times float32 x; "int8" (llama.cpp's q8_0 idea),
-each row of x quantized once per call to int8 per block of 32 (scale max|x| / 127, round half to
-even), integer dot products per block (AVX2 maddubs / madd, 4-bit blocks two at a time: ~7
-instructions a block at one row against the float path's 22), scaled and summed in float32 in a
-fixed order: F.linear(dequantized x, dequantized W) up to summation order, and within
-(d / 2) @ |W|^T of the float path, d each block's x scale. 4-bit on the float path is
-compute-bound (MXFP4's table lookups ~30% slower), so int8 x is the default for int4 and MXFP4
-(`DEFAULT_ACTIVATIONS`). Ours for all four schemes: torch's `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` were 6-20x slower with float32 x, 1.0-1.9x with x rounded to bf16;
-torch has no MXFP4 product. Figures, error study: benchmarks/README.md, Quantized weights.
+each row of x quantized to int8 per block of 32 (scale max|x| / 127, round half to even), integer
+dot products per block, scaled and summed in float32 in a fixed order: within (d / 2) @ |W|^T of
+the float path, d each block's x scale. int8 x is the default for int4 and MXFP4, which the float
+path leaves compute-bound (`DEFAULT_ACTIVATIONS`). Faster than torch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu`; figures, error study: benchmarks/README.md, Quantized weights.
 """
 
 from __future__ import annotations
@@ -41,8 +37,9 @@ from moekit.quant.schemes import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # rows of x a kernel pass takes (the decode path's batch sizes)
-# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM (benchmarks/README.md, Prefill)
-KERNEL_ROWS = {"bf16": 32, "int8": 128, "int4": 96, "mxfp4": 128}
+# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM, on a SIMD body with 4-bit
+# weights on int8 x: results/kernel_rows_intel.json's `recommended` (benchmarks/kernel_rows.py)
+KERNEL_ROWS = {"bf16": 16, "int8": 32, "int4": 96, "mxfp4": 256}
 PATHS = ("portable", "avx2", "avx512")  # kernels.c's PATH_PORTABLE, PATH_AVX2, PATH_AVX512
 ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 per block of 32
 # The path each scheme takes unless MOEKIT_QUANT_ACTIVATIONS=float|int8 (or set_activations).
@@ -87,6 +84,13 @@ def linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor
     return y_RO if x.dim() == 2 else y_RO.reshape(*x.shape[:-1], y_RO.shape[-1])
 
 
+def kernel_rows(scheme: str) -> int:
+    """Rows of x up to which `linear` runs the kernel on a weight of `scheme`: KERNEL_ROWS, or
+    MAX_ROWS (one pass) on the portable body and for 4-bit weights on float x."""
+    four_bit_on_float_x = scheme in ("int4", "mxfp4") and _ACTIVATIONS[scheme] == "float"
+    return MAX_ROWS if _BODY[0] == "portable" or four_bit_on_float_x else KERNEL_ROWS[scheme]
+
+
 def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> bool:
     """Whether `linear` runs the kernel: x (..., I) CPU float32 of up to KERNEL_ROWS rows, qw one
     (O, I) weight (no stacked leading dimensions) with contiguous tensors of the scheme's dtypes,
@@ -98,9 +102,9 @@ def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> boo
         and cbuild.plain_cpu(x, torch.float32)
         and x.dim() >= 1
         and x.shape[-1] == shape[1]
-        and 0 < x.numel() <= KERNEL_ROWS[qw.scheme] * shape[1]
         and (bias is None or _fits(bias, torch.float32, (shape[0],)))
-        and available()
+        and available()  # (loads the library, which sets the body kernel_rows reads)
+        and 0 < x.numel() <= kernel_rows(qw.scheme) * shape[1]
     )
 
 
@@ -167,7 +171,7 @@ def expert_qualifies(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight
         x_ND.dim() == 2
         and qualifies(x_ND, w_in)
         and shape_out is not None
-        and x_ND.shape[0] <= KERNEL_ROWS[w_out.scheme]
+        and x_ND.shape[0] <= kernel_rows(w_out.scheme)
         and w_in.data.shape[0] == 2 * shape_out[1]
         and shape_out[0] == x_ND.shape[1]
     )
@@ -190,22 +194,14 @@ def _linear_cpu(
     O = data.shape[0]
     y_RO = x_RI.new_empty(R, O)  # on x's device, whatever the default
     status = _loaded().moekit_q_linear(
-        _kind(scheme, offsets),
-        x_RI.data_ptr(),
-        R,
-        I,
-        data.data_ptr(),
-        optional_ptr(scales),
-        optional_ptr(offsets),
-        O,
-        optional_ptr(bias),
-        y_RO.data_ptr(),
-    )
+        _kind(scheme, offsets), x_RI.data_ptr(), R, I, data.data_ptr(), optional_ptr(scales),
+        optional_ptr(offsets), O, optional_ptr(bias), y_RO.data_ptr()
+    )  # fmt: skip
     if status != 0:
         raise ValueError(
             f"moekit::quant_linear cannot run {scheme} with x {tuple(x_RI.shape)} and a weight "
-            f"of {O} rows: 4-bit inputs must be a multiple of {GROUP}; "
-            "call moekit.quant.kernels.linear, which checks and falls back to the reference"
+            f"of {O} rows (rows >= 1, 4-bit inputs a multiple of {GROUP}, memory for x): call "
+            "moekit.quant.kernels.linear, which checks and falls back to the reference"
         )
     return y_RO
 
@@ -225,27 +221,18 @@ def _swiglu_expert_cpu(
     N, D = x_ND.shape
     h_NH = x_ND.new_empty(N, data_in.shape[0])  # scratch: [gate | up], then the activation
     y_ND = x_ND.new_empty(N, D)
+    F_ = data_in.shape[0] // 2
     status = _loaded().moekit_q_swiglu_expert(
-        _kind(scheme_in, offsets_in),
-        x_ND.data_ptr(),
-        N,
-        D,
-        data_in.data_ptr(),
-        optional_ptr(scales_in),
-        optional_ptr(offsets_in),
-        data_in.shape[0] // 2,  # F
-        _kind(scheme_out, offsets_out),
-        data_out.data_ptr(),
-        optional_ptr(scales_out),
-        optional_ptr(offsets_out),
-        h_NH.data_ptr(),
-        y_ND.data_ptr(),
-    )
+        _kind(scheme_in, offsets_in), x_ND.data_ptr(), N, D, data_in.data_ptr(),
+        optional_ptr(scales_in), optional_ptr(offsets_in), F_, _kind(scheme_out, offsets_out),
+        data_out.data_ptr(), optional_ptr(scales_out), optional_ptr(offsets_out),
+        h_NH.data_ptr(), y_ND.data_ptr()
+    )  # fmt: skip
     if status != 0:
         raise ValueError(
-            f"moekit::quant_swiglu_expert cannot run x {tuple(x_ND.shape)}: 4-bit inputs must be "
-            f"a multiple of {GROUP}; call moekit.quant.kernels.swiglu_expert, "
-            "which checks and falls back to the reference"
+            f"moekit::quant_swiglu_expert cannot run x {tuple(x_ND.shape)} (rows >= 1, 4-bit "
+            f"inputs a multiple of {GROUP}, memory for x): call "
+            "moekit.quant.kernels.swiglu_expert, which checks and falls back to the reference"
         )
     return y_ND
 
@@ -288,15 +275,16 @@ def use_path(name: str):
     if _loaded().moekit_q_set_path(PATHS.index(name)) < 0:
         needs = "AVX2, FMA, F16C" + (", AVX512F, AVX512BW, AVX512-VNNI" if name == "avx512" else "")
         raise ValueError(f"this CPU cannot run the {name} body (it needs {needs})")
-    _PATH[0] = PATHS.index(name)
+    _PATH[0], _BODY[0] = PATHS.index(name), name
     try:
         yield
     finally:
-        _loaded().moekit_q_set_path(before)
+        _BODY[0] = PATHS[_loaded().moekit_q_set_path(before)]
         _PATH[0] = before
 
 
 _PATH = [-1]  # the body chosen: -1 the best this CPU runs
+_BODY = ["portable"]  # the body it runs (kernel_rows'), set with the library's
 
 
 def _default_activations() -> dict[str, str]:
@@ -393,7 +381,7 @@ def _library() -> ctypes.CDLL | None:
     )
     if library is not None:  # dlopen hands back the one loaded library: choose its body afresh
         _PATH[0] = 0 if os.environ.get("MOEKIT_PORTABLE") else -1
-        library.moekit_q_set_path(_PATH[0])
+        _BODY[0] = PATHS[library.moekit_q_set_path(_PATH[0])]
         _ACTIVATIONS.clear()  # MOEKIT_QUANT_ACTIVATIONS read afresh too
         _ACTIVATIONS.update(_default_activations())
         library.moekit_q_set_x8(_x8_mask(_ACTIVATIONS))

@@ -10,8 +10,8 @@ routing decisions are the most sensitive to error. A tied head stays the embeddi
 `QuantizedLinear` and `QuantizedExperts` keep the quantized tensors as buffers (the state dict a
 quantized checkpoint stores: "<module>.weight_data", "weight_scales", "weight_offsets"; experts
 "w_in_data", ...) and compute through `moekit.quant.kernels.linear`, which is the decode kernel
-for a few rows and F.linear over the dequantized weight otherwise (prefill). They are for
-inference: nothing in them trains.
+for a step's or a prompt's rows (up to `kernels.kernel_rows`) and F.linear over the dequantized
+weight beyond. They are for inference: nothing in them trains.
 """
 
 from __future__ import annotations
