@@ -10,19 +10,25 @@ alternately, medians of --repeats, 2 threads; `ratio` is the reference's time ov
 above 1 (16, a single pass, if none).
 
     python benchmarks/kernel_rows.py                 # -> results/kernel_rows.json
+    python benchmarks/kernel_rows.py --body portable --out ...   # the portable body's
+    python benchmarks/kernel_rows.py --activations float --out ... # 4-bit weights on float x
     python benchmarks/kernel_rows.py --quick         # a smoke run (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_ab import git
 from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 from moekit.quant import kernels
@@ -72,10 +78,28 @@ def recommended(table: dict, shapes: list[str], rows: tuple[int, ...]) -> int:
     return best
 
 
+def sweep(shapes: dict, rows: tuple[int, ...], repeats: int) -> dict:
+    """Per scheme: the ratio table over `shapes` and `rows`, and its recommendation."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for scheme in SCHEMES:
+        table: dict = {}
+        for name, (O, I) in shapes.items():
+            qw = quantize(torch.randn(O, I, generator=g) / I**0.5, scheme)
+            table[name] = {str(R): ratio(qw, torch.randn(R, I, generator=g), repeats)
+                           for R in rows}  # fmt: skip
+        out[scheme] = {"table": table, "recommended": recommended(table, list(shapes), rows)}
+        print(scheme, "recommended", out[scheme]["recommended"], "in use",
+              kernels.kernel_rows(scheme))  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, two row counts (tests)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--body", choices=kernels.PATHS, help="the kernels' body (default: the widest)")
+    p.add_argument("--activations", choices=kernels.ACTIVATIONS, help="x for every scheme")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if not kernels.available():
@@ -84,19 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
     quick_shapes = {"small (64, 64)": (64, 64), "large (1024, 2048)": (1024, 2048)}
     shapes = quick_shapes if args.quick else SHAPES
     rows = (17, 40) if args.quick else ROWS
-    g = torch.Generator().manual_seed(0)
-    result: dict = {"machine": machine_info(), "body": kernels.path(), "repeats": args.repeats,
-                    "activations": kernels.activations(), "rows": list(rows),
-                    "schemes": {}}  # fmt: skip
-    for scheme in SCHEMES:
-        table: dict = {}
-        for name, (O, I) in shapes.items():
-            qw = quantize(torch.randn(O, I, generator=g) / I**0.5, scheme)
-            table[name] = {str(R): ratio(qw, torch.randn(R, I, generator=g), args.repeats)
-                           for R in rows}  # fmt: skip
-        best = recommended(table, list(shapes), rows)
-        result["schemes"][scheme] = {"table": table, "recommended": best}
-        print(scheme, "recommended", best, "in use", kernels.KERNEL_ROWS[scheme])
+    with contextlib.ExitStack() as settings:
+        if args.body:
+            settings.enter_context(kernels.use_path(args.body))
+        if args.activations:
+            settings.enter_context(kernels.use_activations(args.activations))
+        result = {"machine": machine_info(), "commit": git("rev-parse", "HEAD").strip(),
+                  "body": kernels.path(), "repeats": args.repeats,
+                  "activations": kernels.activations(), "rows": list(rows),
+                  "schemes": sweep(shapes, rows, args.repeats)}  # fmt: skip
     atomic_write_json(args.out, result)
     return result
 

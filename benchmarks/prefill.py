@@ -10,8 +10,10 @@ temporary git worktree), --rounds times: the host's drift falls on both alike. E
 the model, swaps the decode kernels in as `moekit generate` does, runs one untimed short forward
 (its first call's set-up), then reports seconds, tokens/s and the last position's 8 best logits
 per length. Both trees must agree on them (the same model and prompt; the int8-activation rows
-may move a logit by ~1e-2): the same best token, or a best-two margin within the tolerance, and
-every shared logit within it; else the run fails.
+may move a logit by ~1e-2): the same best token, or a best-two margin within the tolerance, at
+least 4 of the 8 ids shared, and every shared logit within it; else the run fails. (With random
+weights the last logits hardly depend on the prompt, so this guards against gross errors only;
+the kernels' own tests hold their passes to lone calls bit for bit.)
 
     python benchmarks/prefill.py --before 00fa8fb      # -> results/prefill.json
     python benchmarks/prefill.py --quick --lengths 4 20 --rounds 1   # scaled-down shapes (tests)

@@ -272,7 +272,8 @@ def test_kernel_rows_benchmark_quick(tmp_path):
 @pytest.mark.slow
 def test_prefill_benchmark_quick(tmp_path):
     """Both trees (HEAD's checked out into a worktree, removed after) time every length in
-    alternating fresh processes and give the same first tokens."""
+    alternating fresh processes and agree on the last logits; `logits_agree` refuses a moved
+    logit and another best token, and allows a near-tie."""
     bench = load_benchmark("prefill")
     args = ["--quick", "--lengths", "3", "20", "--rounds", "2", "--before", "HEAD",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "p.json")]  # fmt: skip

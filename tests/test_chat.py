@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -127,6 +128,10 @@ def test_a_template_that_fails_or_a_folder_without_one_is_one_error(tmp_path) ->
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [9999]}))
     with pytest.raises(ValueError, match=r"end tokens \[9999, 258\] are not all ids"):
         chat_prompt(folder, tok, MESSAGES[1:])
+    for bad in (2.5, "258", [258, None]):
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ValueError, match="is not a token id or a list of them"):
+            chat_prompt(folder, tok, MESSAGES[1:])
     (folder / "generation_config.json").unlink()
     with_settings(chat_template=CHATML, eos_token=None)
     with pytest.raises(ValueError, match="names no token that ends a reply"):
@@ -135,8 +140,8 @@ def test_a_template_that_fails_or_a_folder_without_one_is_one_error(tmp_path) ->
 
 def test_generation_ends_at_any_of_several_end_tokens() -> None:
     """Each row stops after the first of the end ids it emits (one row at one id, the other at
-    the other); a finished row is padded with the first end id; speculative decoding stops
-    alike; numpy and tensor ids are ids."""
+    the other); a finished row is padded (with the first end id, or pad_token_id); speculative
+    decoding stops alike; numpy and tensor ids are ids."""
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(vocab_size=97, mtp_depth=1)
     model = MoETransformer(cfg).eval()
@@ -150,6 +155,11 @@ def test_generation_ends_at_any_of_several_end_tokens() -> None:
         assert out[r, : stop + 1].tolist() == free[r, : stop + 1].tolist()
         assert set(out[r, stop + 1 :].tolist()) <= {ends[0]}  # padding
     assert free[0, stops[0]] in ends and free[1, stops[1]] in ends
+    pad = next(t for t in range(97) if t not in free.flatten().tolist())  # a token neither emits
+    padded = generate(model, prompt, 12, eos_token_id=ends, pad_token_id=pad)
+    early = min((0, 1), key=lambda r: stops[r])
+    assert stops[early] < max(stops)  # one row finished first: padded until the other ends
+    assert padded[early, stops[early] + 1 :].tolist() == [pad] * (max(stops) - stops[early])
     spec = generate(model, prompt[:1], 12, eos_token_id=ends, speculative="mtp")
     assert spec[0].tolist() == free[0, : stops[0] + 1].tolist()
     one = int(free[0, stops[0]])
@@ -185,9 +195,12 @@ def test_generate_chat_replies_and_converted_or_quantized_runs_keep_the_template
     assert main(["generate", missing, "--chat=true", "--speculative=mtp"]) == 2
     assert "a conversation" in capsys.readouterr().err
     (run / "tokenizer_config.json").unlink()
-    assert main(["generate", str(run), *args]) == 2
-    err = capsys.readouterr().err
-    assert "has no chat template" in err and "Traceback" not in err
+    checkpoint = run / "checkpoints" / "step-000000"
+    for path in (run, checkpoint):  # found before the model is read: no load happens
+        with mock.patch("moekit.cli.generate.load", side_effect=AssertionError("loaded")):
+            assert main(["generate", str(path), *args]) == 2
+        err = capsys.readouterr().err
+        assert "has no chat template" in err and "Traceback" not in err
 
 
 # ChatML whose history shows each earlier reply after a marker: a template that rewrites past
@@ -235,7 +248,7 @@ def test_a_conversation_reuses_its_cache_and_replies_as_a_fresh_model(
         if turn:  # kept: the history up to the reply, and (ChatML) the reply but its last token
             kept = reply_start + (len(reply) - 1 if template == CHATML else 0)
             assert session.cache.length == kept
-        assert session.cache.layers[0].k_BKLd.shape[2] >= len(full.ids) + n - 1  # room made
+        assert session.cache.max_len >= len(full.ids) + n - 1  # room made
         reply_start = session.cache.length + len(prompt.ids)
         ids = torch.tensor([prompt.ids])
         reply = generate(model, ids, n, eos_token_id=prompt.end_ids, kv_cache=session.cache)
@@ -326,6 +339,8 @@ def test_a_harmony_reply_shows_its_final_channel_only(tmp_path, capsys) -> None:
     assert shown[:opened] == [""] * opened  # nothing while it reasons
     assert all("It is 4.".startswith(text) for text in shown) and shown[opened] == "I"
     assert template.reply_text([channel, *enc("commentary"), message, *enc("x")]) == ""
+    cut_after = [*final[:-1], end, start, *enc("assistant")]  # a new message's header follows
+    assert template.reply_text(cut_after) == "It is 4."
     chatml = load(chat_folder(tmp_path / "chatml", CHATML)).tokenizer
     plain = ChatTemplate(tmp_path / "chatml", chatml)  # no channels: the text, specials skipped
     assert plain.reply_text(chatml.encode("a<|im_end|>", add_special_tokens=False).ids) == "a"
@@ -341,4 +356,4 @@ def test_a_harmony_reply_shows_its_final_channel_only(tmp_path, capsys) -> None:
     args = ["generate", str(folder), "--chat=true", "--prompt=hi", "--max_new_tokens=3"]
     assert main([*args, "--temperature=0"]) == 0
     out, err = capsys.readouterr()
-    assert out == "\n" and "3 tokens hold no answer to show" in err
+    assert out == "\n" and "cut at 3 new tokens, holds no answer yet" in err

@@ -53,6 +53,21 @@ def test_logits_to_keep_is_the_last_positions_logits() -> None:
             model(x, **bad)
 
 
+def test_a_cache_grows_keeping_what_it_holds() -> None:
+    """KVCache.reserve reallocates every layer, the MTP one too, and keeps the filled positions:
+    decoding on from the grown cache gives the logits of one that was large from the start."""
+    model = MoETransformer(TINY.replace(mtp_depth=1)).eval()
+    x = prompt(1, 12)
+    small, large = (KVCache.for_model(model, 1, n, mtp=True) for n in (6, 12))
+    with torch.no_grad():
+        for cache in (small, large):
+            model(x[:, :6], kv_cache=cache)
+        small.reserve(12)
+        assert small.max_len == 12 == small.mtp.k_BKLd.shape[2] and small.length == 6
+        grown, whole = (model(x[:, 6:], kv_cache=c).logits for c in (small, large))
+    torch.testing.assert_close(grown, whole, rtol=0, atol=0)
+
+
 def test_greedy_is_deterministic_and_follows_the_argmax() -> None:
     model = MoETransformer(TINY)
     x = prompt()

@@ -174,7 +174,8 @@ def stream_text(
         **generate_args,
     )
     print()
-    if chat is not None and not shown:
-        note = f"the reply's {len(new_ids)} tokens hold no answer to show (a reasoning model"
-        print(f"note: {note} answers after its reasoning): raise --max_new_tokens", file=sys.stderr)
+    if chat is not None and not shown and new_ids and new_ids[-1] not in chat.end_ids:
+        note = f"the reply, cut at {len(new_ids)} new tokens, holds no answer yet (a reasoning"
+        note += " model answers after it reasons): raise --max_new_tokens"
+        print(f"note: {note}", file=sys.stderr)
     return Streamed(shown, new_ids)

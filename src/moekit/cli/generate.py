@@ -14,7 +14,7 @@ from moekit.config import GenerateConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
-from moekit.interop.chat import ChatSession, ChatTemplate
+from moekit.interop.chat import ChatSession, ChatTemplate, check_chat_files
 from moekit.loading import load
 from moekit.model import MoETransformer
 from moekit.model.speculative import SpeculativeStats, check_speculative
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> None:
             "--speculative=mtp answers one --prompt: a conversation (--chat=true without "
             "--prompt) keeps its cache across turns, which speculative decoding does not"
         )
+    if cfg.chat:
+        check_chat_files(args.run_dir)  # before the model is read
     with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
         warnings.simplefilter("always")
         loaded = load(args.run_dir, experts=cfg.offload)  # a budget: the experts stay on disk

@@ -28,8 +28,11 @@ from tokenizers import Tokenizer
 from moekit.interop.files import read_checkpoint_json
 from moekit.model import MoETransformer
 from moekit.model.generation import KVCache
+from moekit.train.checkpoint import CHECKPOINT_DIR
 from moekit.userfiles import REDOWNLOAD, read_text
 
+# GPT-OSS's harmony tokens: a message's channel, its text, and what ends it.
+HARMONY = ("<|channel|>", "<|message|>", "<|end|>", "<|start|>")
 NEEDS_TRANSFORMERS = (
     "rendering a chat template needs transformers (its sandboxed renderer): "
     "pip install 'moekit[hf]'"
@@ -65,8 +68,8 @@ class ChatTemplate:
             tokenizer_object=tokenizer, **_tokenizer_settings(self.folder)
         )
         self.end_ids = _end_ids(self.folder, tokenizer, self.renderer.eos_token)
-        harmony = [tokenizer.token_to_id(t) for t in ("<|channel|>", "<|message|>")]
-        self.harmony = None if None in harmony else tuple(harmony)
+        harmony = [tokenizer.token_to_id(t) for t in HARMONY]
+        self.harmony = None if None in harmony[:2] else tuple(i for i in harmony if i is not None)
 
     def render(self, messages: list[dict]) -> ChatPrompt:
         """`messages` ([{"role": "system" | "user" | "assistant", "content": str}, ...]) ready
@@ -88,19 +91,37 @@ class ChatTemplate:
     def reply_text(self, reply: list[int]) -> str:
         """The answer in a reply's ids (or the first of them): their text, special tokens
         skipped; for a tokenizer with GPT-OSS's harmony channels (`<|channel|>NAME<|message|>`),
-        the text of the last `final` channel only, "" before one opens (the `analysis` channel,
-        the model's reasoning, is not the answer)."""
+        the text of the last `final` channel only, up to its message's end (`<|end|>`, or the
+        next `<|start|>`), "" before one opens (the `analysis` channel, the model's reasoning,
+        is not the answer)."""
         if self.harmony is None:
             return self.tokenizer.decode(reply)
-        channel, message = self.harmony
-        start = None
+        channel, message, *ends = self.harmony
+        start = stop = None
         for i, token in enumerate(reply):
             if token == channel:
                 name_end = next((j for j in range(i + 1, len(reply)) if reply[j] == message), None)
                 if name_end is not None:
                     name = self.tokenizer.decode(reply[i + 1 : name_end]).strip()
-                    start = name_end + 1 if name == "final" else None
-        return "" if start is None else self.tokenizer.decode(reply[start:])
+                    start, stop = (name_end + 1 if name == "final" else None), None
+            elif token in ends and start is not None and stop is None:
+                stop = i
+        return "" if start is None else self.tokenizer.decode(reply[start:stop])
+
+
+def check_chat_files(path: str | Path) -> None:
+    """Before a model is read (minutes, for a 30B one): ValueError, as `ChatTemplate` would raise
+    it, where the tokenizer folder of `path` (a run, one of its checkpoints, or a Hugging Face
+    checkpoint) has no chat template or transformers is missing; a folder without a
+    tokenizer.json is left to the loader to report."""
+    path = Path(path)
+    folder = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
+    if (folder / "tokenizer.json").is_file():
+        try:
+            import transformers  # noqa: F401 (ChatTemplate's renderer)
+        except ImportError as e:
+            raise ValueError(NEEDS_TRANSFORMERS) from e
+        _chat_template(folder)
 
 
 def chat_prompt(folder: str | Path, tokenizer: Tokenizer, messages: list[dict]) -> ChatPrompt:
@@ -157,7 +178,7 @@ def _end_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) -> tuple
     """generation_config.json's eos_token_id (one id or a list), then the tokenizer's end token;
     each once, in that order."""
     listed = _read_json(folder / "generation_config.json").get("eos_token_id")
-    ids = [listed] if isinstance(listed, int) else list(listed or [])
+    ids = [] if listed is None else [listed] if not isinstance(listed, list) else listed
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(
             f"{folder / 'generation_config.json'}: eos_token_id={listed!r} is not a token id or "
@@ -222,10 +243,9 @@ class ChatSession:
             same += 1
         self.cache.crop(same)
         self.fed = self.fed[:same]
-        room = self.cache.layers[0].k_BKLd.shape[2]
         needed = min(self.max_seq_len, len(prompt.ids) + max_new_tokens)
-        if needed > room:
-            self.cache.reserve(min(self.max_seq_len, max(needed, 2 * room)))
+        if needed > self.cache.max_len:
+            self.cache.reserve(min(self.max_seq_len, max(needed, 2 * self.cache.max_len)))
         self._pending = messages, prompt.ids[same:]
         return dataclasses.replace(prompt, ids=prompt.ids[same:])
 

@@ -29,8 +29,8 @@ def hf_run_config(model_cfg: ModelConfig) -> RunConfig:
 
 def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
     """Import a Hugging Face checkpoint as a run directory: its weights as checkpoint step 0
-    (which `moekit train --resume OUT` fine-tunes), its tokenizer.json copied when it has one.
-    Refuses an existing `out`."""
+    (which `moekit train --resume OUT` fine-tunes), its tokenizer.json copied when it has one,
+    with its chat files (template, special and end tokens). Refuses an existing `out`."""
     if Path(out).exists():
         raise FileExistsError(f"{out} exists; choose a new run directory")
     check_no_file_in_the_way(out)

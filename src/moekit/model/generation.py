@@ -62,6 +62,11 @@ class KVCache:
         return cls(model.cfg, batch_size, max_len, device=device, dtype=dtype, mtp=mtp)
 
     @property
+    def max_len(self) -> int:
+        """Positions it has room for."""
+        return self.layers[0].k_BKLd.shape[2]
+
+    @property
     def length(self) -> int:
         """Positions cached so far (the position of the next token)."""
         return self.layers[0].length
@@ -242,11 +247,10 @@ def _check_cache(
     """generate's kv_cache, checked against the call."""
     if speculative is not None:
         raise ValueError("speculative decoding keeps a cache of its own: give no kv_cache")
-    k = cache.layers[0].k_BKLd
-    room = k.shape[2] - cache.length
-    if k.shape[0] != input_ids.shape[0] or input_ids.shape[1] + max_new_tokens - 1 > room:
+    batch, room = cache.layers[0].k_BKLd.shape[0], cache.max_len - cache.length
+    if batch != input_ids.shape[0] or input_ids.shape[1] + max_new_tokens - 1 > room:
         raise ValueError(
-            f"kv_cache has batch {k.shape[0]} and room for {room} more positions; this call needs "
+            f"kv_cache has batch {batch} and room for {room} more positions; this call needs "
             f"batch {input_ids.shape[0]} and {input_ids.shape[1] + max_new_tokens - 1} positions"
         )
 

@@ -287,8 +287,8 @@ void moekit_q_rows(const void *prepared, const void *data, const void *scales,
  * layouts above (offsets NULL but for int4 with a zero point), bias (O,) or NULL; the output rows
  * split between threads; more than MAX_ROWS rows of x in passes of MAX_ROWS (the weights read
  * once a pass: a prompt's few dozen rows, where dequantizing the weights for a GEMM costs more).
- * Returns 0, or -1 if I or the kind is out of range (nothing written) or memory runs out (the
- * passes before it written). */
+ * Returns 0, or -1 if R, I or the kind is out of range (nothing written) or memory runs out
+ * (the passes before it written). */
 int moekit_q_linear(int kind, const float *x, int64_t R, int64_t I, const void *data,
                     const void *scales, const uint16_t *offsets, int64_t O, const float *bias,
                     float *y) {

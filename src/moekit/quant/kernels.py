@@ -92,7 +92,7 @@ def kernel_rows(scheme: str) -> int:
 
 
 def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> bool:
-    """Whether `linear` runs the kernel: x (..., I) CPU float32 of up to KERNEL_ROWS rows, qw one
+    """Whether `linear` runs the kernel: x (..., I) CPU float32 of up to `kernel_rows` rows, qw one
     (O, I) weight (no stacked leading dimensions) with contiguous tensors of the scheme's dtypes,
     bias (O,) contiguous float32 or None, no gradient needed, the kernels built."""
     shape = _kernel_shape(qw)
@@ -165,7 +165,7 @@ def glu(h_NH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0)
 
 
 def expert_qualifies(x_ND: Tensor, w_in: QuantizedWeight, w_out: QuantizedWeight) -> bool:
-    """Whether `swiglu_expert` runs the kernel: `qualifies` for x and either weight."""
+    """Whether `swiglu_expert` runs the kernel: `qualifies` for x and w_in (2F, D), w_out (D, F)."""
     shape_out = _kernel_shape(w_out)
     return (
         x_ND.dim() == 2
@@ -284,7 +284,7 @@ def use_path(name: str):
 
 
 _PATH = [-1]  # the body chosen: -1 the best this CPU runs
-_BODY = ["portable"]  # the body it runs (kernel_rows'), set with the library's
+_BODY = ["portable"]  # the body it runs, kept beside the library's for kernel_rows (per call)
 
 
 def _default_activations() -> dict[str, str]:
