@@ -232,8 +232,10 @@ def test_moe_designs_needs_a_dense_design(tmp_path):
 def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
     """--body runs moekit's side of --llamacpp on that quantized-kernel body, and only it;
     --llamacpp-build reaches the results (llama.cpp itself is stubbed: a bench-only dependency)."""
-    if quant_kernels.path() == "portable":
-        pytest.skip("this CPU runs only the portable body")
+    before = quant_kernels.path()
+    other = next((b for b in quant_kernels.PATHS if b != before and _runs(b)), None)
+    if other is None:
+        pytest.skip("this CPU runs only one body")
     bench = load_benchmark("decode")
     seen = []
 
@@ -242,12 +244,22 @@ def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
         return {"benchmark": "decode_llamacpp"}
 
     monkeypatch.setattr(bench, "llamacpp_section", section)
-    before = quant_kernels.path()
     out = str(tmp_path / "l.json")
-    bench.main(["--llamacpp", "--body", "portable", "--llamacpp-build", "AVX2 only", "--out", out])
+    bench.main(["--llamacpp", "--body", other, "--llamacpp-build", "AVX2 only", "--out", out])
     bench.main(["--llamacpp", "--out", out])
-    assert seen == [("portable", "AVX2 only"), (before, bench.LLAMACPP_BUILD)]
+    assert seen == [(other, "AVX2 only"), (before, bench.LLAMACPP_BUILD)]
     assert quant_kernels.path() == before  # restored
+    with pytest.raises(SystemExit):  # a setting of the comparison, without it
+        bench.main(["--body", other, "--out", out])
+
+
+def _runs(body: str) -> bool:
+    """Whether this CPU runs the quantized kernels' `body`."""
+    try:
+        with quant_kernels.use_path(body):
+            return True
+    except ValueError:
+        return False
 
 
 def test_kernel_rows_benchmark_quick(tmp_path):
