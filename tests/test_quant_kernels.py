@@ -342,7 +342,8 @@ def test_more_rows_than_a_pass_run_in_passes(scheme: str, path: str, activations
 @pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "mxfp4"])
 def test_a_prompts_rows_take_the_kernel_up_to_kernel_rows(scheme: str, path: str) -> None:
     """`linear` runs the kernel up to KERNEL_ROWS rows on a SIMD body (beyond, dequantize and a
-    GEMM are faster), up to one pass on the portable body and for 4-bit weights on float x."""
+    GEMM are faster; KERNEL_ROWS_FLOAT_X for 4-bit weights on float x), one pass on the portable
+    body."""
     qw = _weight(scheme, False, 48, 64, seed=20)
     with _path(path, "default"):
         expected = MAX_ROWS if path == "portable" else KERNEL_ROWS[scheme]
@@ -350,8 +351,8 @@ def test_a_prompts_rows_take_the_kernel_up_to_kernel_rows(scheme: str, path: str
         x = torch.randn(expected + 1, 64)
         assert qualifies(x[:expected], qw) and not qualifies(x, qw)
         with kernels.use_activations("float"):
-            four_bit = scheme in ("int4", "mxfp4")
-            assert kernels.kernel_rows(scheme) == (MAX_ROWS if four_bit else expected)
+            float_x = kernels.KERNEL_ROWS_FLOAT_X.get(scheme, expected)
+            assert kernels.kernel_rows(scheme) == (MAX_ROWS if path == "portable" else float_x)
     assert kernels.kernel_rows(scheme) == KERNEL_ROWS[scheme] or kernels.path() == "portable"
 
 

@@ -37,9 +37,11 @@ from moekit.quant.schemes import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # rows of x a kernel pass takes (the decode path's batch sizes)
-# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM, on a SIMD body with 4-bit
-# weights on int8 x: results/kernel_rows_intel.json's `recommended` (benchmarks/kernel_rows.py)
+# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM on a SIMD body: the
+# `recommended` of benchmarks/kernel_rows.py (results/kernel_rows_intel*.json), 4-bit on int8 x,
+# and on float x; the portable body's is MAX_ROWS
 KERNEL_ROWS = {"bf16": 16, "int8": 32, "int4": 96, "mxfp4": 256}
+KERNEL_ROWS_FLOAT_X = {"int4": 32, "mxfp4": 64}
 PATHS = ("portable", "avx2", "avx512")  # kernels.c's PATH_PORTABLE, PATH_AVX2, PATH_AVX512
 ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 per block of 32
 # The path each scheme takes unless MOEKIT_QUANT_ACTIVATIONS=float|int8 (or set_activations).
@@ -85,10 +87,12 @@ def linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor
 
 
 def kernel_rows(scheme: str) -> int:
-    """Rows of x up to which `linear` runs the kernel on a weight of `scheme`: KERNEL_ROWS, or
-    MAX_ROWS (one pass) on the portable body and for 4-bit weights on float x."""
-    four_bit_on_float_x = scheme in ("int4", "mxfp4") and _ACTIVATIONS[scheme] == "float"
-    return MAX_ROWS if _BODY[0] == "portable" or four_bit_on_float_x else KERNEL_ROWS[scheme]
+    """Rows of x up to which `linear` runs the kernel on a weight of `scheme`: KERNEL_ROWS
+    (KERNEL_ROWS_FLOAT_X for 4-bit weights on float x), MAX_ROWS (one pass) on the portable body."""
+    if _BODY[0] == "portable":
+        return MAX_ROWS
+    float_x = scheme in KERNEL_ROWS_FLOAT_X and _ACTIVATIONS[scheme] == "float"
+    return KERNEL_ROWS_FLOAT_X[scheme] if float_x else KERNEL_ROWS[scheme]
 
 
 def qualifies(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> bool:
