@@ -287,6 +287,13 @@ def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, m
         history += [user(text), {"role": "assistant", "content": reply}]
         expected.append(reply)
     assert replies == expected
+    run = tmp_path / "run"  # the same conversation with the experts offloaded: the same replies
+    assert main(["convert", "--from-hf", str(folder), "--out", str(run)]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("héllo\r\n\nand then?\n"))
+    capsys.readouterr()
+    assert main(["generate", str(run), *args, "--offload.budget=50%"]) == 0
+    out = capsys.readouterr().out
+    assert out.split("\n")[:2] == expected and "expert cache" in out
     monkeypatch.setattr("sys.stdin", io.StringIO("x" * 600 + "\n"))
     assert main(["generate", str(folder), *args]) == 2
     err = capsys.readouterr().err
