@@ -991,13 +991,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if (args.body or args.llamacpp_build != LLAMACPP_BUILD) and not args.llamacpp:
         parser.error("--body and --llamacpp-build are settings of the --llamacpp comparison")
+    if args.body and (why := kernels.cannot_run(args.body)):
+        parser.error(f"--body {args.body}: {why}")
     if args.llamacpp:
         with contextlib.ExitStack() as body:
             if args.body:
-                try:
-                    body.enter_context(kernels.use_path(args.body))
-                except (ValueError, RuntimeError) as e:  # this CPU cannot run it; no compiler
-                    parser.error(f"--body {args.body}: {e}")
+                body.enter_context(kernels.use_path(args.body))
             result = llamacpp_section(args.quick, args.converter, args.llamacpp_build)
         args.out = args.out or LLAMACPP_RESULTS
     elif args.speculative_only:

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not kernels.available():
         raise SystemExit("kernel_rows.py: the quantized kernels are not built here (no compiler)")
+    if args.body and (why := kernels.cannot_run(args.body)):
+        p.error(f"--body {args.body}: {why}")
     torch.set_num_threads(2)
     quick_shapes = {"small (64, 64)": (64, 64), "large (1024, 2048)": (1024, 2048)}
     shapes = quick_shapes if args.quick else SHAPES

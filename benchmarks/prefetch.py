@@ -88,12 +88,8 @@ def build(
 
 def check_body(parser: argparse.ArgumentParser, body: str | None) -> None:
     """--body refused before anything is built if this CPU cannot run it."""
-    if body is not None:
-        try:
-            with kernels.use_path(body):
-                pass
-        except ValueError as err:
-            parser.error(str(err))
+    if body is not None and (why := kernels.cannot_run(body)):
+        parser.error(why)
 
 
 def geomean(values) -> float:

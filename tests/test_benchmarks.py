@@ -233,7 +233,8 @@ def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
     """--body runs moekit's side of --llamacpp on that quantized-kernel body, and only it;
     --llamacpp-build reaches the results (llama.cpp itself is stubbed: a bench-only dependency)."""
     before = quant_kernels.path()
-    other = next((b for b in quant_kernels.PATHS if b != before and _runs(b)), None)
+    runs = [b for b in quant_kernels.PATHS if quant_kernels.cannot_run(b) is None]
+    other = next((b for b in runs if b != before), None)
     if other is None:
         pytest.skip("this CPU runs only one body")
     bench = load_benchmark("decode")
@@ -251,15 +252,6 @@ def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
     assert quant_kernels.path() == before  # restored
     with pytest.raises(SystemExit):  # a setting of the comparison, without it
         bench.main(["--body", other, "--out", out])
-
-
-def _runs(body: str) -> bool:
-    """Whether this CPU runs the quantized kernels' `body`."""
-    try:
-        with quant_kernels.use_path(body):
-            return True
-    except ValueError:
-        return False
 
 
 def test_kernel_rows_benchmark_quick(tmp_path):

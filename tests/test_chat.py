@@ -294,6 +294,9 @@ def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, m
     assert main(["generate", str(run), *args, "--offload.budget=50%"]) == 0
     out = capsys.readouterr().out
     assert out.split("\n")[:2] == expected and "expert cache" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * 200 + "\n"))  # leaves < 60 positions
+    assert main(["generate", str(folder), "--chat=true", "--max_new_tokens=60"]) == 0
+    assert "note: the reply stopped at the model's context" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("x" * 600 + "\n"))
     assert main(["generate", str(folder), *args]) == 2
     err = capsys.readouterr().err

@@ -46,11 +46,7 @@ def _path(name: str, activations: str = "float"):
 
 
 def _runs_here(name: str) -> bool:
-    try:
-        with kernels.use_path(name):
-            return True
-    except ValueError:
-        return False
+    return kernels.cannot_run(name) is None
 
 
 def _weight(scheme: str, zero_point: bool, O: int, I: int, seed: int) -> QuantizedWeight:

@@ -19,6 +19,7 @@ from moekit.data import eos_id
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop.chat import ChatPrompt
 from moekit.model import MoETransformer, generate
+from moekit.model.generation import end_token_ids
 from moekit.overrides import apply_overrides
 from moekit.userfiles import read_json
 
@@ -104,10 +105,12 @@ def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:
 
 
 class Streamed(NamedTuple):
-    """What `stream_text` generated: the text shown and the new ids."""
+    """What `stream_text` generated: the text shown, the new ids, and whether the model's context
+    (max_seq_len) cut it before max_new_tokens and before an end token."""
 
     text: str
     ids: list[int]
+    cut_by_context: bool
 
 
 def stream_text(
@@ -174,8 +177,9 @@ def stream_text(
         **generate_args,
     )
     print()
-    if chat is not None and not shown and new_ids and new_ids[-1] not in chat.end_ids:
+    ended = bool(new_ids) and new_ids[-1] in end_token_ids(eos)
+    if chat is not None and not shown and new_ids and not ended:
         note = f"the reply, cut at {len(new_ids)} new tokens, holds no answer yet (a reasoning"
         note += " model answers after it reasons): raise --max_new_tokens"
         print(f"note: {note}", file=sys.stderr)
-    return Streamed(shown, new_ids)
+    return Streamed(shown, new_ids, len(new_ids) == budget < max_new_tokens and not ended)

@@ -89,11 +89,11 @@ def converse(
         if not line.strip():
             continue
         prompt = session.ask(line.rstrip("\r\n"), cfg.max_new_tokens)
-        room = session.max_seq_len - session.cache.length - len(prompt.ids)
-        reply = stream_text(model, session.tokenizer, "", cfg.max_new_tokens, seed=cfg.seed,
-                            chat=prompt, kv_cache=session.cache, **sampling)  # fmt: skip
+        reply = stream_text(model, session.template.tokenizer, "", cfg.max_new_tokens,
+                            seed=cfg.seed, chat=prompt, kv_cache=session.cache,
+                            **sampling)  # fmt: skip
         session.answered(reply.ids)
-        if len(reply.ids) == room < cfg.max_new_tokens and reply.ids[-1] not in prompt.end_ids:
+        if reply.cut_by_context:
             print(f"note: the reply stopped at the model's context (max_seq_len="
                   f"{session.max_seq_len})", file=sys.stderr)  # fmt: skip
 

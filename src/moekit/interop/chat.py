@@ -58,13 +58,9 @@ class ChatTemplate:
     ValueError where there is no template, no end token, or no transformers."""
 
     def __init__(self, folder: str | Path, tokenizer: Tokenizer) -> None:
-        try:
-            from transformers import PreTrainedTokenizerFast
-        except ImportError as e:
-            raise ValueError(NEEDS_TRANSFORMERS) from e
         self.folder, self.tokenizer = Path(folder), tokenizer
         self.template = _chat_template(self.folder)
-        self.renderer = PreTrainedTokenizerFast(
+        self.renderer = _renderer_class()(
             tokenizer_object=tokenizer, **_tokenizer_settings(self.folder)
         )
         self.end_ids = _end_ids(self.folder, tokenizer, self.renderer.eos_token)
@@ -117,11 +113,18 @@ def check_chat_files(path: str | Path) -> None:
     path = Path(path)
     folder = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path
     if (folder / "tokenizer.json").is_file():
-        try:
-            import transformers  # noqa: F401 (ChatTemplate's renderer)
-        except ImportError as e:
-            raise ValueError(NEEDS_TRANSFORMERS) from e
+        _renderer_class()
         _chat_template(folder)
+
+
+def _renderer_class() -> type:
+    """transformers' PreTrainedTokenizerFast, whose sandboxed apply_chat_template renders a
+    template; ValueError saying how to install it where it is missing."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:
+        raise ValueError(NEEDS_TRANSFORMERS) from e
+    return PreTrainedTokenizerFast
 
 
 def chat_prompt(folder: str | Path, tokenizer: Tokenizer, messages: list[dict]) -> ChatPrompt:
@@ -217,7 +220,7 @@ class ChatSession:
     def __init__(self, model: MoETransformer, tokenizer: Tokenizer, folder: str | Path,
                  system: str = "") -> None:  # fmt: skip
         self.template = ChatTemplate(folder, tokenizer)
-        self.tokenizer, self.max_seq_len = tokenizer, model.cfg.max_seq_len
+        self.max_seq_len = model.cfg.max_seq_len
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cache = KVCache.for_model(model, 1, min(self.FIRST_ROOM, self.max_seq_len))
         self.fed: list[int] = []  # the tokens whose keys and values the cache holds, in order

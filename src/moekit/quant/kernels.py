@@ -37,9 +37,8 @@ from moekit.quant.schemes import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # rows of x a kernel pass takes (the decode path's batch sizes)
-# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM on a SIMD body: the
-# `recommended` of benchmarks/kernel_rows.py (results/kernel_rows_intel*.json), 4-bit on int8 x,
-# and on float x; the portable body's is MAX_ROWS
+# Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM on a SIMD body (4-bit on int8 x,
+# and on float x): benchmarks/kernel_rows.py's `recommended` (results/kernel_rows_intel*.json)
 KERNEL_ROWS = {"bf16": 16, "int8": 32, "int4": 96, "mxfp4": 256}
 KERNEL_ROWS_FLOAT_X = {"int4": 32, "mxfp4": 64}
 PATHS = ("portable", "avx2", "avx512")  # kernels.c's PATH_PORTABLE, PATH_AVX2, PATH_AVX512
@@ -285,6 +284,15 @@ def use_path(name: str):
     finally:
         _BODY[0] = PATHS[_loaded().moekit_q_set_path(before)]
         _PATH[0] = before
+
+
+def cannot_run(name: str) -> str | None:
+    """Why the kernels' `name` body cannot run here (unknown, this CPU, not built), else None."""
+    try:
+        with use_path(name):
+            return None
+    except (ValueError, RuntimeError) as err:
+        return str(err)
 
 
 _PATH = [-1]  # the body chosen: -1 the best this CPU runs
