@@ -69,8 +69,10 @@ def test_upcycle_command_writes_a_run_that_trains_on(tmp_path: Path):
                     TrainerState(0, 0, {}, torch.get_rng_state()), keep=1)  # fmt: skip
     (dense_dir / "config.json").write_text(RunConfig(model=DENSE, train=t).to_json())
     byte_tokenizer().save(str(dense_dir / "tokenizer.json"))
+    (dense_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     out = tmp_path / "moe"
     assert main(["upcycle", str(dense_dir), "--n_experts=4", "--top_k=2", "--out", str(out)]) == 0
+    assert (out / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"  # kept
     cfg = RunConfig.from_json((out / "config.json").read_text())
     saved = UpcycleConfig.from_json((out / "upcycle_config.json").read_text())
     assert saved == UpcycleConfig(n_experts=4, top_k=2)
