@@ -33,6 +33,7 @@ from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 from moekit.quant import kernels
 from moekit.quant.schemes import quantize
+from prefetch import check_body
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_rows.json"
 SHAPES = {  # (O, I): Qwen3-30B-A3B's
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not kernels.available():
         raise SystemExit("kernel_rows.py: the quantized kernels are not built here (no compiler)")
-    if args.body and (why := kernels.cannot_run(args.body)):
-        p.error(f"--body {args.body}: {why}")
+    check_body(p, args.body)
     torch.set_num_threads(2)
     quick_shapes = {"small (64, 64)": (64, 64), "large (1024, 2048)": (1024, 2048)}
     shapes = quick_shapes if args.quick else SHAPES

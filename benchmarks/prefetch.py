@@ -101,9 +101,7 @@ def measure(libraries: dict, scheme: str, O: int, I: int, pool_bytes: int, round
     distinct copies of at least pool_bytes (two at least: a small pool stays in cache), each
     build's outputs first checked equal to the DEFAULT build's."""
     qw = quantize(torch.randn(O, I) * 0.02, scheme)
-    parts = [t for t in (qw.data, qw.scales, qw.offsets) if t is not None]
-    nbytes = sum(t.numel() * t.element_size() for t in parts)
-    copies = max(2, pool_bytes // nbytes)
+    copies = max(2, pool_bytes // qw.nbytes)
     pool = [tuple(None if t is None else t.clone() for t in (qw.data, qw.scales, qw.offsets))
             for _ in range(copies)]  # fmt: skip
     kind = kernels._kind(scheme, qw.offsets)
@@ -138,10 +136,10 @@ def measure(libraries: dict, scheme: str, O: int, I: int, pool_bytes: int, round
         "scheme": scheme,
         "O": O,
         "I": I,
-        "bytes": nbytes,
+        "bytes": qw.nbytes,
         "calls_each": len(times[names[0]]),
         "us": {name: round(v, 2) for name, v in us.items()},
-        "gb_s": {name: round(nbytes / v / 1e3, 2) for name, v in us.items()},
+        "gb_s": {name: round(qw.nbytes / v / 1e3, 2) for name, v in us.items()},
     }
 
 

@@ -273,6 +273,20 @@ def test_kernel_rows_benchmark_quick(tmp_path):
         assert all(any(t[str(R)]["ratio"] < 1 for t in entry["table"].values()) for R in beyond)
 
 
+def test_kernel_rows_recommends_up_to_the_first_row_count_a_shape_loses() -> None:
+    """The largest row count before the first at which any shape's ratio drops under 1 (a win
+    after a loss does not count); one pass if the first already loses."""
+    bench = load_benchmark("kernel_rows")
+
+    def table(*ratios):
+        return {str(R): {"ratio": r} for R, r in zip((17, 32, 64), ratios, strict=True)}
+
+    tables = {"a": table(2.0, 1.5, 1.2), "b": table(1.8, 0.9, 1.1)}
+    assert bench.recommended(tables, ["a", "b"], (17, 32, 64)) == 17
+    assert bench.recommended(tables, ["a"], (17, 32, 64)) == 64
+    assert bench.recommended({"c": table(0.5, 2.0, 2.0)}, ["c"], (17, 32, 64)) == 16
+
+
 @pytest.mark.slow
 def test_prefill_benchmark_quick(tmp_path):
     """Both trees (HEAD's checked out into a worktree, removed after) time every length in

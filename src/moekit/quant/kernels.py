@@ -46,13 +46,8 @@ ACTIVATIONS = ("float", "int8")  # how x enters the product: float32, or int8 pe
 # The path each scheme takes unless MOEKIT_QUANT_ACTIVATIONS=float|int8 (or set_activations).
 DEFAULT_ACTIVATIONS = {"bf16": "float", "int8": "float", "int4": "int8", "mxfp4": "int8"}
 _KIND = {"bf16": 0, "int8": 1, "int4": 2, "int4_zp": 3, "mxfp4": 4}  # kernels.c's enum
-# Each stored tensor's dtype, as the kernel reads it.
-_DTYPES = {
-    "bf16": (torch.bfloat16, None),
-    "int8": (torch.int8, torch.float32),
-    "int4": (torch.uint8, torch.float16),
-    "mxfp4": (torch.uint8, torch.uint8),
-}
+_DTYPES = {"bf16": (torch.bfloat16, None), "int8": (torch.int8, torch.float32),  # data, scales
+           "int4": (torch.uint8, torch.float16), "mxfp4": (torch.uint8, torch.uint8)}  # fmt: skip
 
 _ops = torch.library.Library("moekit", "FRAGMENT")  # decode_kernels holds the namespace's DEF
 _ops.define(
@@ -265,7 +260,8 @@ def available() -> bool:
 
 def path() -> str:
     """The body the kernels run: "avx512", "avx2" or "portable"."""
-    return PATHS[_loaded().moekit_q_set_path(_PATH[0])]
+    _loaded()  # (its loading chooses the body)
+    return _BODY[0]
 
 
 @contextlib.contextmanager
@@ -274,8 +270,9 @@ def use_path(name: str):
     benchmarks); raises ValueError if this CPU cannot run it."""
     if name not in PATHS:
         raise ValueError(f"unknown kernel body {name!r}: use one of {PATHS}")
-    before = _PATH[0]
-    if _loaded().moekit_q_set_path(PATHS.index(name)) < 0:
+    library = _loaded()
+    before = _PATH[0]  # (read after the load, which on a first load chooses the body)
+    if library.moekit_q_set_path(PATHS.index(name)) < 0:
         needs = "AVX2, FMA, F16C" + (", AVX512F, AVX512BW, AVX512-VNNI" if name == "avx512" else "")
         raise ValueError(f"this CPU cannot run the {name} body (it needs {needs})")
     _PATH[0], _BODY[0] = PATHS.index(name), name
@@ -296,7 +293,7 @@ def cannot_run(name: str) -> str | None:
 
 
 _PATH = [-1]  # the body chosen: -1 the best this CPU runs
-_BODY = ["portable"]  # the body it runs, kept beside the library's for kernel_rows (per call)
+_BODY = ["portable"]  # the body it runs (set with the library's; kernel_rows reads it per call)
 
 
 def _default_activations() -> dict[str, str]:
