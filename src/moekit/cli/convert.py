@@ -12,7 +12,6 @@ from pathlib import Path
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import ConvertConfig
 from moekit.config.rules import invalid
-from moekit.data.tokenizer import copy_chat_files
 from moekit.fileio import atomic_write_text
 from moekit.interop import save_hf
 from moekit.interop.archs import ARCHITECTURES
@@ -64,9 +63,7 @@ def run(args: argparse.Namespace) -> None:
     model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
     out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
                   layout=cfg.layout, dtype=cfg.dtype, max_shard_size=max_shard_size,
-                  overwrite=args.overwrite)  # fmt: skip
-    if loaded.folder is not None:  # its chat template, special tokens and end tokens too
-        copy_chat_files(loaded.folder, Path(out))
+                  overwrite=args.overwrite, chat_files=loaded.folder)  # fmt: skip
     atomic_write_text(Path(out) / CONFIG_FILE, cfg.to_json())
     print(f"wrote {args.arch} checkpoint {out}")
 

@@ -14,7 +14,7 @@ from moekit.config import GenerateConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
-from moekit.interop.chat import ChatSession, ChatTemplate, check_chat_files
+from moekit.interop.chat import ChatSession, chat_prompt, check_chat_files
 from moekit.loading import load
 from moekit.model import MoETransformer
 from moekit.model.speculative import SpeculativeStats, check_speculative
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     if cfg.chat and cfg.prompt:
         messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
         messages.append({"role": "user", "content": cfg.prompt})
-        chat = ChatTemplate(loaded.folder, loaded.tokenizer).render(messages)
+        chat = chat_prompt(loaded.folder, loaded.tokenizer, messages)
     elif cfg.chat:  # without a prompt, a conversation read from stdin
         session = ChatSession(loaded.model, loaded.tokenizer, loaded.folder, cfg.system)
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error

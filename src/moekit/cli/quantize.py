@@ -17,13 +17,12 @@ import torch
 
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import QuantizeConfig
-from moekit.fileio import check_no_file_in_the_way
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
 from moekit.loading import load
 from moekit.model import MoETransformer
 from moekit.quant.modules import quantize_model
-from moekit.train.checkpoint import CHECKPOINT_DIR, write_quantized_run
+from moekit.train.checkpoint import CHECKPOINT_DIR, check_new_run_dir, write_quantized_run
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -34,9 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(QuantizeConfig, args.config, args.overrides)
     print_config(cfg)
-    if Path(args.out).exists():  # before the model is read
-        raise FileExistsError(f"{args.out} exists; choose a new directory for the quantized model")
-    check_no_file_in_the_way(args.out)
+    check_new_run_dir(args.out, "choose a new directory for the quantized model")  # before reading
     source = Path(args.path)
     if (source / "config.json").is_file() and not (source / CHECKPOINT_DIR).is_dir():
         model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read
@@ -47,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
         before = _float_bytes(loaded.model)
         model = quantize_model(loaded.model, cfg)
         config = loaded.config
-        source = loaded.checkpoints[-1].parent.parent
+        source = loaded.folder  # the run directory
     tokenizer = source / "tokenizer.json"
     tokenizer = tokenizer if tokenizer.is_file() else None
     out = write_quantized_run(Path(args.out), config, model, cfg, tokenizer)

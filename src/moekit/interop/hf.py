@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from moekit.config import ModelConfig, QuantizeConfig
 from moekit.config.rules import invalid
-from moekit.data.tokenizer import CHAT_FILES, END_OF_TEXT
+from moekit.data.tokenizer import CHAT_FILES, END_OF_TEXT, copy_chat_files
 from moekit.fileio import atomic_path, check_no_file_in_the_way
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
@@ -173,6 +173,7 @@ def save_hf(
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
     extra_config: HF | None = None,
+    chat_files: str | Path | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint of architecture `arch` into directory `path`,
     which `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected
@@ -187,6 +188,8 @@ def save_hf(
         are sharded with a model.safetensors.index.json. One shard is held in memory at a time.
     overwrite: replace an existing non-empty directory (otherwise FileExistsError).
     extra_config: more config.json entries (e.g. bos_token_id), written last.
+    chat_files: a folder whose chat files (template, special and end tokens: CHAT_FILES) are
+        copied over the tokenizer's (a run converted from a chat checkpoint keeps them).
 
     A model the architecture cannot express (say shared experts for mixtral) raises ValueError
     naming the fields. The directory appears complete or not at all. The weights are written
@@ -213,7 +216,7 @@ def save_hf(
     out_dtype = model.embed.weight.dtype if dtype is None else resolve_dtype(dtype, {})
     tensors = _save_plan(model, target, layout, out_dtype)
     final = Path(path)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+    if final.exists() and any(final.iterdir()) and not overwrite:  # (a directory: checked above)
         raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
     with atomic_path(final) as tmp:
         tmp.mkdir()
@@ -223,6 +226,8 @@ def save_hf(
             tmp, shards, lambda names: _materialise(tensors, names), sum(s for _, s in sizes)
         )
         eos = write_tokenizer(tokenizer, tmp, model.cfg)
+        if chat_files is not None:
+            copy_chat_files(Path(chat_files), tmp)
         hf["dtype"] = str(out_dtype).split(".")[-1]
         if eos is not None:
             hf["eos_token_id"] = eos

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig, MoEConfig, RunConfig
-from moekit.fileio import check_no_file_in_the_way
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import write_new_run
+from moekit.train.checkpoint import check_new_run_dir, write_new_run
 from moekit.train.sample import load_run
 
 ROUTER_STD = 1e-3  # a near-uniform router at the start: every expert is the same function anyway
@@ -64,9 +63,7 @@ def upcycle_run(
 ) -> Path:
     """Write a run directory holding the upcycled model as its step-0 checkpoint, with the dense
     run's data and training settings: `moekit train --resume OUT_DIR` trains it."""
-    if Path(out_dir).exists():
-        raise FileExistsError(f"{out_dir} exists; choose a new --out for the upcycled run")
-    check_no_file_in_the_way(out_dir)
+    check_new_run_dir(out_dir, "choose a new --out for the upcycled run")
     run, dense, _ = load_run(dense_dir)
     cfg = RunConfig(model=upcycle_config(run.model, n_experts, top_k), train=run.train)
     model = upcycle_model(dense, cfg.model, noise, seed=run.train.seed)
