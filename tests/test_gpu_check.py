@@ -86,6 +86,9 @@ def test_gpu_check_summary_of_real_step_outputs(tmp_path: Path, monkeypatch) -> 
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     steps = {}
+    # run_step below writes steps.tsv as the script's own run_step does: that line still there
+    status_line = r'''printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$limit" >>"$STATUS_FILE"'''
+    assert status_line in SCRIPT.read_text()
 
     def run_step(name: str, limit: int, *cmd: str) -> None:  # gpu_check.sh's run_step
         started = time.time()
