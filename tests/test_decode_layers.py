@@ -390,10 +390,11 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     ids=["float32", "int4", "mxfp4", "gpt_oss_moe", "gpt_oss_moe_mxfp4"],
 )
 def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_path, scheme, moe):
-    """Offloaded experts (fetched, then one C call over the chosen ones; GPT-OSS's biased,
-    clamped ones too) give the resident glued model's logits exactly, at the least budget and with
-    prefetch; and so does the resident model recorded by a TraceRecorder (hooks: its layers fall
-    back), which the offload benchmark checks against."""
+    """Offloaded experts (the block's attention half in one C call, the chosen experts fetched,
+    then one C call over them; GPT-OSS's biased, clamped ones too) give the resident glued model's
+    logits exactly, at the least budget and with prefetch; and so does the resident model
+    recorded by a TraceRecorder (hooks: its layers fall back), which the offload benchmark checks
+    against."""
     model = _model(10, None, moe=dict(moe))
     with torch.no_grad():
         for layer in model.moe_layers():
@@ -419,6 +420,9 @@ def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_p
             handle.close()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (budget, prefetch)
     assert calls["moekit_experts_one_token"] == 2 * 10 * 2  # runs x steps x layers
+    # each step's attention half in one C call too, prefetch's hook on the MoE layer or not
+    assert calls["moekit_block_attention_one_token"] == 2 * 10 * 2
+    assert decode_block.blocks_in_one_call(offloaded) == len(offloaded.layers)
 
 
 def test_a_glued_model_saves_and_copies(tmp_path) -> None:

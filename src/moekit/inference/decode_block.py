@@ -6,8 +6,11 @@ two residual adds and the modules' calls and checks around their C calls (~100 u
 block on this project's machine); here they are one call and one set of checks, over the same C
 functions on the same inputs, so the result equals `Block.forward`'s bit for bit. That runs
 wherever this does not qualify: batch above 1, prefill, aux wanted, shared experts or a dense FFN,
-offloaded experts, a hook on any module it would bypass, anything `attention_weights` or
-`decode_moe.resident_args` refuses (tests/test_decode_layers.py).
+a hook on any module it would bypass, anything `attention_weights` or `decode_moe.resident_args`
+refuses (tests/test_decode_layers.py). A block of offloaded experts (`decode_moe.
+offloaded_qualifies`) runs its attention half in one C call (moekit_block_attention_one_token),
+then its MoE layer as a module (routing in C, the chosen experts fetched, then run in one call),
+then the residual add.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from moekit.inference.decode_layers import (
     norm_args,
     ops_ready,
 )
-from moekit.inference.decode_moe import resident_args
+from moekit.inference.decode_moe import offloaded_qualifies, resident_args
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
+
+OFFLOADED = "offloaded"  # a plan's MoE part for offloaded experts: fetched after the attention half
 
 
 def _modules(block: Block) -> tuple[nn.Module, ...] | None:
@@ -43,6 +48,12 @@ def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     f = ffn._modules
     return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"],
             *attention_modules(attn))  # fmt: skip
+
+
+def _bypassed(modules: tuple) -> tuple[nn.Module, ...]:
+    """Of `_modules`, those the attention half's C call runs without calling them: the norms, the
+    attention and its projections."""
+    return (*modules[:3], *modules[6:])
 
 
 def _plan(block: Block, modules: tuple) -> tuple | None:
@@ -69,6 +80,8 @@ def _build_plan(block: Block) -> tuple | None:
     if None in norms or block.ffn.shared_experts is not None:
         return None
     refs, moe = attention_weights(block.attn), resident_args(block.ffn)
+    if moe is None and offloaded_qualifies(block.ffn):
+        moe = OFFLOADED
     if refs is None or moe is None or refs.q.I != D:
         return None
     attn, cfg = block.attn, block.ffn.cfg
@@ -97,26 +110,41 @@ def block_forward(
         modules is not None
         and not torch.is_grad_enabled()  # generation's no_grad: no gradient anywhere
         and not torch.compiler.is_compiling()
-        and not _hooked(*modules)
         and _plain(x_BSD)
         and ops_ready()
     ):
         attn = modules[1]
         if _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope):
             plan = _plan(block, modules)
+        # a hook on a module the C call bypasses: the MoE layer, router and experts of offloaded
+        # experts are called as modules (their hooks run; an offload's prefetch hook is one)
+        if plan is not None and _hooked(*(_bypassed(modules) if plan[2] is OFFLOADED else modules)):
+            plan = None
     if plan is None or plan[1].q.I != D:
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     assert cache is not None
     (attn_norm, ffn_norm), refs, moe, n_scratch = plan
-    K = moe[2]
     scratch = x_BSD.new_empty(n_scratch)
+    attention = attention_args(attn.n_heads, attn.n_kv_heads, attn.head_dim, rope, cache, mask)
+    if moe is OFFLOADED:  # the attention half in C; the MoE layer fetches its experts, then runs
+        status = _library().moekit_block_attention_one_token(
+            x_BSD.data_ptr(), *attn_norm, ctypes.byref(refs), *attention, *ffn_norm,
+            scratch.data_ptr(),
+        )  # fmt: skip
+        if status == -1:  # nothing written to the cache
+            return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
+        cache.length += 1
+        x1 = scratch[2 * D : 3 * D].view(1, 1, D)
+        y, aux = block.ffn(scratch[:D].view(1, 1, D), None, with_aux=with_aux, decoding=True)
+        return x1 + y, aux
+    K = moe[2]
     ids, weights = (torch.empty(K, dtype=torch.int64), torch.empty(K))
     out = x_BSD.new_empty(1, 1, D)
     status = _library().moekit_block_one_token(
         x_BSD.data_ptr(),
         *attn_norm,
         ctypes.byref(refs),
-        *attention_args(attn.n_heads, attn.n_kv_heads, attn.head_dim, rope, cache, mask),
+        *attention,
         *ffn_norm,
         *moe,
         scratch.data_ptr(),
@@ -135,6 +163,7 @@ def block_forward(
 
 
 def blocks_in_one_call(model: nn.Module) -> int:
-    """How many of `model`'s decoder blocks decode a token in one C call: those whose plan (built
-    on their first decoded token) found every part readable (a benchmark's check)."""
+    """How many of `model`'s decoder blocks decode a token in one C call (of offloaded experts:
+    the attention half, then the MoE layer's): those whose plan (built on their first decoded
+    token) found every part readable (a benchmark's check)."""
     return sum(_kept.get(block, (None, None))[1] is not None for block in model.layers)

@@ -296,11 +296,33 @@ done:
     return failed ? -1 : 0;
 }
 
+/* The attention half of moekit_block_one_token for one decoded token: x1 = x + attention(
+ * rmsnorm(x, attn_norm)) at scratch + 2 D and the MoE layer's input h = rmsnorm(x1, ffn_norm) at
+ * scratch; what a caller whose experts are not all resident (offloaded) runs before fetching
+ * the chosen ones. scratch: 4 D + (2 H + 2 KV) hd floats. Returns 0, or -1 if the attention could
+ * not run (nothing written to the cache). */
+int moekit_block_attention_one_token(const float *x, const float *attn_norm, double attn_eps,
+                                     const attention_ref *attn, const float *cos_h,
+                                     const float *sin_h, float *k_cache, float *v_cache,
+                                     int64_t pos, int64_t max_len, int64_t H, int64_t KV,
+                                     int64_t hd, float scale, int64_t window,
+                                     const float *ffn_norm, double ffn_eps, float *scratch) {
+    const int64_t D = attn->q.I;
+    float *h = scratch, *a = h + D, *x1 = a + D, *rest = x1 + 2 * D;
+    moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
+    if (moekit_attention_block(h, 1, attn, cos_h, sin_h, k_cache, v_cache, pos, max_len, H, KV, hd,
+                               scale, window, rest, a))
+        return -1;
+    for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
+    moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);
+    return 0;
+}
+
 /* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
- * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention as
- * moekit_attention_block (B = 1), the MoE layer as moekit_moe_one_token (no shared experts); the
- * sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (3F + D))
- * floats, x1 at scratch + 2 D. Returns 0; -1 if the attention could not run (nothing written
+ * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention half as
+ * moekit_block_attention_one_token, the MoE layer as moekit_moe_one_token (no shared experts);
+ * the sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (3F +
+ * D)) floats, x1 at scratch + 2 D. Returns 0; -1 if the attention could not run (nothing written
  * to the cache), -2 if the MoE layer could not (the cache written, x1 in the scratch). */
 int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,
                            const attention_ref *attn, const float *cos_h, const float *sin_h,
@@ -313,13 +335,11 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
                            const activation_ref *act, float *scratch, int64_t *ids,
                            float *weights, float *out) {
     const int64_t D = attn->q.I;
-    float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = y + D;
-    moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
-    if (moekit_attention_block(h, 1, attn, cos_h, sin_h, k_cache, v_cache, pos, max_len, H, KV, hd,
-                               scale, window, rest, a))
+    float *h = scratch, *x1 = h + 2 * D, *y = x1 + D, *rest = y + D;
+    if (moekit_block_attention_one_token(x, attn_norm, attn_eps, attn, cos_h, sin_h, k_cache,
+                                         v_cache, pos, max_len, H, KV, hd, scale, window, ffn_norm,
+                                         ffn_eps, scratch))
         return -1;
-    for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
-    moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);
     if (moekit_moe_one_token(h, router, expert_bias, K, sigmoid, normalize, scaling, w_in, w_out,
                              act, rest, ids, weights, y))
         return -2; /* the attention step is written: the caller must not run it again */

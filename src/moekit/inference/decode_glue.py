@@ -248,6 +248,10 @@ def _library() -> ctypes.CDLL | None:
             "moekit_moe_one_token": ([ptr, ptr, ptr, *routing, *[ptr] * 7], i32),
             "moekit_moe_tokens": ([ptr, i64, ptr, ptr, *routing, *[ptr] * 7], i32),
             "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
+            "moekit_block_attention_one_token": (
+                [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr],
+                i32,
+            ),
             "moekit_block_one_token": (
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 7],
                 i32,

@@ -13,6 +13,7 @@ one's).
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -274,20 +275,53 @@ def _resident_args(layer: MoELayer) -> tuple | None:
     return (ctypes.byref(r), *_topk_args(layer.router), refs[0], refs[1], act)
 
 
+def offloaded_qualifies(layer: MoELayer) -> bool:
+    """Whether `_offloaded_experts` runs this layer: offloaded gated experts the C calls read
+    (quantized, or float ones on the decode kernels' expert) with an activation they compute,
+    and a router they read."""
+    experts = layer.experts
+    return (
+        type(experts) is OffloadedExperts
+        and layer.cfg.gated
+        and (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
+        and activation_ref(experts) is not False
+        and router_ref(layer.router) is not None
+    )
+
+
+# Each offloaded expert's C refs (w_in, w_out), kept while the cache keeps the expert's weights:
+# per OffloadedExperts module and expert, a weak reference to the fetched w_in's data tensor (a
+# reload is a new tensor, which rebuilds them) and the refs, or None where they do not qualify.
+_fetched_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _offloaded_refs(experts: OffloadedExperts, chosen: list[int], fetched: list) -> tuple | None:
+    """The C arrays (w_in refs, w_out refs) of the fetched experts `chosen` (`_gated_arrays`'),
+    each expert's pair built once per load; None unless each is readable."""
+    kept = _fetched_refs.setdefault(experts, {})
+    make = quant_ref if experts.quantized else float_ref
+    pairs = []
+    for e, weights in zip(chosen, fetched, strict=True):
+        first = weights[0].data if experts.quantized else weights[0]
+        pair = kept.get(e)
+        if pair is None or pair[0]() is not first:
+            arrays = _gated_arrays(make, [weights], [e], experts)
+            pair = kept[e] = (weakref.ref(first), arrays and (arrays[0][0], arrays[1][0]))
+        if pair[1] is None:
+            return None
+        pairs.append(pair[1])
+    K = len(pairs)
+    return (WeightRef * K)(*(p[0] for p in pairs)), (WeightRef * K)(*(p[1] for p in pairs))
+
+
 def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     """The offloaded layer's call: routed in C (the logits by the router's own product, which
     `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call
     (scratch: E + K (3F + D) floats); 1 (the reference runs) where the experts are not offloaded
-    gated ones that all fit at once."""
-    cfg, router, experts = layer.cfg, layer.router, layer.experts
-    if (
-        type(experts) is not OffloadedExperts
-        or not cfg.gated
-        or not (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
-        or (act := activation_ref(experts)) is False
-        or router_ref(router) is None
-    ):
+    gated ones (`offloaded_qualifies`) that all fit at once."""
+    if not offloaded_qualifies(layer):
         return 1
+    cfg, router, experts = layer.cfg, layer.router, layer.experts
     E, K = cfg.n_experts, cfg.top_k
     logits = router.linear(x_TD, router.weight, router.bias)
     scores = ctypes.addressof(scratch)
@@ -299,8 +333,7 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     if len(expert_groups(chosen, experts.cache.capacity, selected=True)) != 1:
         return 1
     with experts.cache.using([(experts.layer, e) for e in chosen]) as fetched:
-        make = quant_ref if experts.quantized else float_ref
-        arrays = _gated_arrays(make, fetched, chosen, experts)
+        arrays = _offloaded_refs(experts, chosen, fetched)
         if arrays is None:
             return 1
         chosen_weights = (ctypes.c_float * K)(*(weights[k] for k in order))
@@ -309,7 +342,7 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
             x_TD.data_ptr(),
             K,
             *arrays,
-            act,
+            activation_ref(experts),
             chosen_weights,
             h,
             y_TD.data_ptr(),
