@@ -78,13 +78,23 @@ def test_bad_argument_is_one_line_naming_it_and_what_it_must_be(
 
 
 MISSPELT = [
-    (["generate", RUN, "--max-new-tokens", "5"], "'--max-new-tokens' has no value: write "
-     "--max-new-tokens=VALUE"),
+    (["generate", RUN, "--max-new-tokens", "5"], "unknown option '--max-new-tokens': did you mean "
+     "--max_new_tokens=VALUE?"),
     (["generate", RUN, "--max-new-tokens=5"], "no field 'max-new-tokens'; its fields are "
      "prompt, chat, system, max_new_tokens"),
     (["analyze", RUN, "--tokens", "256"], "'--tokens' has no value: write --tokens=VALUE"),
-    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "4"], "'--max-new-tokens' "
-     "has no value: write --max-new-tokens=VALUE"),
+    (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "4"], "unknown option "
+     "'--max-new-tokens': did you mean --max_new_tokens=VALUE?"),
+    (["train", "--hlep"], "unknown option '--hlep': did you mean --help?"),
+    (["train", "tiny", "small"], "unexpected argument 'small': a setting is one argument, "
+     "--key=value"),
+    (["generate", RUN, "-p", "x"], "unknown option '-p'"),
+    (["params", "tiny", "--foo"], "unknown option '--foo'"),
+    (["generate", RUN, "--temperature", "0.5"], "setting '--temperature' has no value: write "
+     "--temperature=VALUE"),
+    (["generate", RUN, "--prompt=x", "extra"], "unexpected argument 'extra'"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "o", "--ovewrite"], "unknown option "
+     "'--ovewrite': did you mean --overwrite"),
     (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens=4"], "no field "
      "'max-new-tokens'; its fields are max_new_tokens"),
     (["cache-sim", "t", "--budget", "50%"], "'--budget' has no value: write --budget=VALUE"),

@@ -14,6 +14,8 @@ settings. Each command's usage opens its module's docstring (and `moekit COMMAND
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import re
 import sys
 
@@ -31,6 +33,7 @@ from moekit.cli import (
     upcycle,
 )
 from moekit.cli.common import CONFIG_HELP, flat_overrides
+from moekit.config import ConfigBase, RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.distributed import DistributedFailure
 from moekit.overrides import split_override
@@ -56,6 +59,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 # Training that diverged, lost a process or failed in an arm's process: one line, exit 1.
 FAILURES = (TrainingDiverged, DistributedFailure, SideBySideFailed)
 NUL = "\0"  # in no argument: argv strings are C strings
+COMMAND_OPTIONS: dict[str, list[str]] = {}  # each command's option strings (build_parser)
 OVERRIDE = re.compile(r"--[\w.]+=")  # and --out=DIR: what argparse keeps gets its spaces back
 EPILOG = "Config overrides: --a.b=value, e.g. --train.lr=3e-4 --model.moe.top_k=1"
 
@@ -73,7 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.configure(p)
         if cmd.config is not None:  # after the command's own positionals
             p.add_argument("config", nargs="?", metavar="CONFIG.json", help=CONFIG_HELP)
+        COMMAND_OPTIONS[name] = [o for a in p._actions for o in a.option_strings]
     return parser
+
+
+def check_setting(item: str, command: str, config: type[ConfigBase]) -> None:
+    """An argument the command's parser did not take must be a setting in one argument,
+    --key=value (`split_override`); anything else is one error naming it: a stray word, an
+    unknown option (a typo of one, say), or a setting of `config` written without its value."""
+    if "=" in item or (item.startswith("--") and "." in item):
+        split_override(item)  # a malformed key, or a nested setting's missing "=VALUE"
+        return
+    see = f"`moekit {command} --help` lists its arguments and settings"
+    if not item.startswith("-"):
+        raise ValueError(
+            f"unexpected argument {item!r}: a setting is one argument, --key=value; {see}"
+        )
+    name = item.lstrip("-")
+    fields = [f.name for f in dataclasses.fields(config)]
+    if name in fields:
+        raise ValueError(f"setting {item!r} has no value: write {item}=VALUE (one argument)")
+    options = [o for o in COMMAND_OPTIONS.get(command, []) if o.startswith("--")]
+    close = difflib.get_close_matches(item, options, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    if not close and (close := difflib.get_close_matches(name.replace("-", "_"), fields, n=1)):
+        hint = f"did you mean --{close[0]}=VALUE? "
+    raise ValueError(f"unknown option {item!r}: {hint}{see}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     try:
         for item in extra:  # before anything is read: `--tokens 256` is a malformed override
-            split_override(item)
+            check_setting(item, args.command, cmd.config or RunConfig)
         cmd.run(args)
         return 0
     except USER_ERRORS as err:
