@@ -150,6 +150,18 @@ def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
     assert saved == ConvertConfig(dtype="float32")
     model = RunConfig.from_json((back / "config.json").read_text()).model
     assert model.moe == saved_run.model.moe and model.n_layers == saved_run.model.n_layers
+    # each direction refuses what it would ignore or overwrite, before anything is read
+    capsys.readouterr()
+    assert main(to_hf) == 2  # hf is written now
+    assert "is not empty; pass --overwrite to replace it" in capsys.readouterr().err
+    from_hf = ["convert", "--from-hf", str(hf), "--out", str(tmp_path / "back2")]
+    assert main([*from_hf, "--arch", "mixtral", "--layout=fused"]) == 2
+    err = capsys.readouterr().err
+    assert "--layout, --arch apply to --to-hf only" in err and not (tmp_path / "back2").exists()
+    (hf / "tokenizer.json").unlink()  # a checkpoint without one: the run has none, said so
+    assert main(from_hf) == 0
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    assert not (tmp_path / "back2" / "tokenizer.json").exists()
 
 
 def test_command_configs_name_what_their_modules_take() -> None:

@@ -7,6 +7,7 @@ the directory written as convert_config.json (not config.json: that is the model
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from moekit.cli.common import Command, print_config, resolve_config
@@ -48,16 +49,46 @@ def shard_bytes(cfg: ConvertConfig) -> int:
     return size
 
 
+def check_direction(args: argparse.Namespace, cfg: ConvertConfig) -> None:
+    """What one direction needs, and nothing it would ignore: --to-hf takes --arch and may
+    --overwrite a non-empty --out; --from-hf writes a new run directory in its own layout."""
+    if args.to_hf:
+        if args.arch is None:
+            raise ValueError(
+                "--to-hf needs --arch (one of the architectures in `moekit convert -h`)"
+            )
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        return
+    default = ConvertConfig()
+    ignored = [f"--{name}" for name in ("layout", "max_shard_size")
+               if getattr(cfg, name) != getattr(default, name)]  # fmt: skip
+    ignored += [name for name, given in (("--arch", args.arch), ("--overwrite", args.overwrite))
+                if given]  # fmt: skip
+    if ignored:
+        raise ValueError(
+            f"{', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to --to-hf "
+            "only: --from-hf writes a new run directory "
+            "(its checkpoint in moekit's own layout); drop them"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(ConvertConfig, args.config, args.overrides)
     max_shard_size = shard_bytes(cfg)  # before anything is read
-    if args.to_hf and args.arch is None:
-        raise ValueError("--to-hf needs --arch (one of the architectures in `moekit convert -h`)")
+    check_direction(args, cfg)
     print_config(cfg)
     if args.from_hf:
         out = hf_to_run(args.from_hf, args.out, dtype=cfg.dtype)
         atomic_write_text(Path(out) / CONFIG_FILE, cfg.to_json())
         print(f"wrote run directory {out} (weights as checkpoint step 0)")
+        if not (Path(args.from_hf) / "tokenizer.json").is_file():
+            print(
+                f"note: {args.from_hf} has no tokenizer.json, so {out} has none: `moekit "
+                f"generate` needs one (copy the model's tokenizer.json into {out})",
+                file=sys.stderr,
+            )
         return
     loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
     model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
