@@ -65,6 +65,11 @@ def test_export_to_an_architecture_that_cannot_hold_it_is_one_line(run_dir, tmp_
     err = capsys.readouterr().err
     assert "qwen3_moe cannot express this model" in err and "qk_norm=None" in err
     assert not (tmp_path / "q").exists()
+    args[4], args[-1] = "qwen2_moe", str(tmp_path / "q2")  # a model without a shared expert
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "every Qwen2-MoE layer has a shared expert" in err and "d_shared" not in err
+    assert not (tmp_path / "q2").exists()
 
 
 def test_from_hf_writes_a_run_that_exports_the_same_weights(run_dir, tmp_path) -> None:

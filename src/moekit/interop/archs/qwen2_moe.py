@@ -68,6 +68,12 @@ def from_hf(hf: HF) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
+    if moe.shared_width == 0:  # Qwen2-MoE's layers always add a (gated) shared expert
+        raise ValueError(
+            "qwen2_moe cannot express this model: every Qwen2-MoE layer has a shared expert "
+            "(shared_expert_intermediate_size) and this model has none; write it as mixtral, "
+            "qwen3_moe or olmoe instead"
+        )
     layer_windows = layer_windows_to_hf(cfg)
     return {
         **common_to_hf(cfg),
