@@ -422,6 +422,33 @@ def test_a_directory_that_may_not_be_written_in_is_one_line(
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [c for c in WRITERS if c != "upcycle"])
+def test_a_file_system_that_takes_no_new_files_is_one_line_naming_the_output(
+    run: Path, hf: Path, tmp_path: Path, capsys, monkeypatch, command: str
+) -> None:
+    """What /proc does (ENOENT for a new name): the line named the temporary beside the output,
+    '[Errno 2] No such file or directory: .../.out.x1y2.tmp'."""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    args = write_commands(run, hf, tmp_path, closed / "out")[command]
+    mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs) -> None:
+        if Path(path).parent == closed:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err, err
+    assert line.startswith(f"moekit {args[0]}: error: cannot write "), err
+    assert f"creating it in {closed} failed (no such file or directory); choose" in line, line
+    assert ".tmp" not in line and list(closed.iterdir()) == []
+
+
 def test_a_directory_given_as_a_routing_trace_is_one_line(run: Path, tmp_path: Path, capsys):
     """safetensors said "No such device (os error 19)", a traceback."""
     for args in (

@@ -83,22 +83,26 @@ def check_no_file_in_the_way(path: str | os.PathLike, *, file_ok: bool = False) 
 
 
 def _write_error(path: Path, err: OSError) -> OSError:
-    """`err`, raised creating `path` or a directory on the way to it, as an error that says what
-    is in the way: a file (FileExistsError) or a directory that may not be written in
-    (PermissionError); any other as it is."""
+    """`err`, raised creating `path` or a directory (or a temporary beside it) on the way, as an
+    error that names `path` and says what is in the way: a file (FileExistsError), a directory
+    that may not be written in (PermissionError), or else the system's reason, as the same
+    kind of error (a file system that takes no new files, a full disk)."""
     if isinstance(err, (FileExistsError, NotADirectoryError)):
         try:
             check_no_file_in_the_way(path)
         except FileExistsError as found:
             return found
+    folder = next((p for p in path.parents if p.is_dir()), path.parent)
+    reason = (err.strerror or str(err)).lower()
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        folder = next((p for p in path.parents if p.is_dir()), path.parent)
-        reason = (err.strerror or "permission denied").lower()
         return PermissionError(
             f"cannot write {path}: {folder} may not be written in ({reason}); choose a directory "
             "you can write in"
         )
-    return err
+    return type(err)(
+        f"cannot write {path}: creating it in {folder} failed ({reason}); choose a directory "
+        "you can write in"
+    )
 
 
 def remove_path(path: Path) -> None:
