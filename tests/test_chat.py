@@ -262,15 +262,30 @@ def test_a_conversation_reuses_its_cache_and_replies_as_a_fresh_model(
 
 
 def test_a_conversation_that_fills_the_context_is_refused_unchanged(tmp_path) -> None:
+    """A message too long for the context on its own says so, and by how much (a new
+    conversation would not help); one that fits alone but not after the earlier turns says to
+    start a new conversation. Either changes nothing."""
     folder = chat_folder(tmp_path / "hf", CHATML)
     loaded = load(folder)
-    session = ChatSession(loaded.model, loaded.tokenizer, folder)
+    session = ChatSession(loaded.model, loaded.tokenizer, folder, system="Be brief.")
     before = (list(session.messages), session.cache.length)
-    with pytest.raises(ValueError, match="whole context \\(max_seq_len=256\\): start a new"):
+    n = len(chat_prompt(folder, loaded.tokenizer, [session.messages[0], user("x" * 300)]).ids)
+    over = n - 255  # max_seq_len=256 leaves 255 positions before a reply
+    with pytest.raises(ValueError, match=f"message is too long for the model's context: {n} "
+                       f"tokens.* shorten it by at least {over} tokens"):  # fmt: skip
         session.ask("x" * 300, 5)
     assert (session.messages, session.cache.length) == before and session._pending is None
     with pytest.raises(ValueError, match="non-empty reply to the turn `ask` started"):
         session.answered([1])
+    prompt = session.ask("x" * 120, 5)
+    session.answered(generate(loaded.model, torch.tensor([prompt.ids]), 5,
+                              kv_cache=session.cache)[0].tolist())  # fmt: skip
+    before = (list(session.messages), session.cache.length)
+    with pytest.raises(ValueError, match=r"max_seq_len=256\): start a new conversation"):
+        session.ask("y" * 120, 5)  # alone it fits
+    assert (session.messages, session.cache.length) == before and session._pending is None
+    with pytest.raises(ValueError, match="the message is too long"):
+        session.ask("y" * 260, 5)  # alone it does not
 
 
 def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, monkeypatch):
@@ -300,7 +315,8 @@ def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, m
     monkeypatch.setattr("sys.stdin", io.StringIO("x" * 600 + "\n"))
     assert main(["generate", str(folder), *args]) == 2
     err = capsys.readouterr().err
-    assert "start a new conversation" in err and "Traceback" not in err
+    assert "the message is too long for the model's context" in err and "Traceback" not in err
+    assert "start a new conversation" not in err  # a new one would not help
 
 
 HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]  # 257-261

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 import moekit
 from moekit import MoETransformer
+from moekit.cli import main
 from moekit.config import ModelConfig, OffloadConfig, TrainConfig
 from moekit.data import byte_tokenizer
 from moekit.inference.offloaded_experts import OffloadedExperts
@@ -175,3 +177,50 @@ def test_load_weights_streams_the_checkpoint_and_names_a_mismatch(tmp_path: Path
     untied = MoETransformer(cfg.replace(tie_embeddings=False))
     with pytest.raises(ValueError, match=r"1 missing: lm_head\.weight"):
         load_weights(checkpoint, untied)
+
+
+def test_a_hugging_face_config_without_weights_is_named_as_one(saved, tmp_path, capsys) -> None:
+    """config.json in transformers' form with no weights beside it is a Hugging Face checkpoint
+    missing its weights, not a run whose config has unknown fields."""
+    _, _, hf = saved
+    bare = tmp_path / "hf"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (bare / name).write_bytes((hf / name).read_bytes())
+    with pytest.raises(ValueError, match=r"has neither model\.safetensors nor"):
+        load(bare)
+    assert main(["generate", str(bare), "--prompt=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"moekit generate: error: {bare} has neither model.safetensors nor "
+        "model.safetensors.index.json"
+    )
+
+
+def test_a_file_inside_a_model_folder_says_to_give_the_folder(saved, tmp_path, capsys) -> None:
+    _, run, hf = saved
+    step = run / "checkpoints/step-000000"
+    for path, folder in ((run / "config.json", run), (hf / "config.json", hf),
+                         (step / "model.safetensors", step)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"is a file: give the folder that holds it "
+                           rf"\({re.escape(str(folder))}\)"):  # fmt: skip
+            load(path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes\.txt is a file: give a run directory"):
+        load(tmp_path / "notes.txt")
+    assert main(["generate", str(run / "config.json")]) == 2
+    assert f"give the folder that holds it ({run})" in capsys.readouterr().err
+
+
+def test_generate_names_an_offload_budget_on_a_hugging_face_directory_as_typed(
+    saved, capsys
+) -> None:
+    _, _, hf = saved
+    assert main(["generate", str(hf), "--offload.budget=50%"]) == 2
+    err = capsys.readouterr().err
+    assert f"--offload.budget=50% offloads the experts of a run's checkpoint, and {hf} is a " in err
+    assert "then moekit generate RUN_DIR --offload.budget=50%" in err
+    assert "OffloadConfig(" not in err and "resolved config" not in err  # found first
+    with pytest.raises(ValueError, match=r"an expert budget \('50%'\)") as raised:
+        load(hf, experts=OffloadConfig(budget="50%"))
+    assert "OffloadConfig(" not in str(raised.value)

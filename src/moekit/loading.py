@@ -10,6 +10,7 @@ experts left in the checkpoint file behind a cache (`moekit.inference.load_offlo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from moekit.config import OffloadConfig, RunConfig
 from moekit.inference.offload import ExpertOffload, load_offloaded
 from moekit.inference.trace import load_trace
 from moekit.interop.convert import hf_run_config
-from moekit.interop.hf import load_hf, resolve_dtype
+from moekit.interop.hf import hf_model_config, load_hf, read_hf_config, resolve_dtype
 from moekit.model import MoETransformer
 from moekit.quant.files import read_quantization
 from moekit.train.checkpoint import (
@@ -84,43 +85,99 @@ def load(
     offload = _offloaded(experts)
     if offload is not None and dtype is not None:
         raise ValueError(
-            f"dtype={dtype!r} with experts={experts!r}: offloaded experts are read as the "
+            f"dtype={dtype!r} with experts={offload[0]!r}: offloaded experts are read as the "
             "checkpoint stores them; convert the checkpoint to that dtype instead "
             "(moekit convert --dtype)"
         )
-    has_config = (path / "config.json").is_file()
-    if has_config and is_hf_checkpoint(path):
+    if _kind(path) == "hf":
         if offload is not None:
             raise ValueError(
-                f"{path} is a Hugging Face directory: experts={experts!r} offloads the experts of "
-                f"a run's checkpoint; convert it first (moekit convert --from-hf {path} --out "
-                "RUN_DIR) and load the run"
+                f"{path} is a Hugging Face directory: an expert budget ({offload[0]!r}) offloads "
+                f"the experts of a run's checkpoint; convert it first (moekit convert --from-hf "
+                f"{path} --out RUN_DIR) and load the run"
             )
         model = load_hf(path, dtype, keep_quantized=keep_quantized)
         has_tokenizer = require_tokenizer or (path / "tokenizer.json").is_file()
         tokenizer = read_tokenizer(path / "tokenizer.json", REDOWNLOAD) if has_tokenizer else None
         return Loaded(model, tokenizer, hf_run_config(model.cfg), [], folder=path)
+    if offload is None:
+        config, model, checkpoint = load_run(path)
+        if dtype is not None:
+            for param in model.parameters():
+                param.data = param.data.to(resolve_dtype(dtype, {}))
+    else:
+        config, checkpoint = find_run(path)
+    run_dir = checkpoint.parent.parent
+    found = list_checkpoints(run_dir)
+    checkpoints = found[: found.index(checkpoint) + 1] if checkpoint in found else [checkpoint]
+    has_tokenizer = require_tokenizer or (run_dir / "tokenizer.json").is_file()
+    tokenizer = read_run_tokenizer(run_dir) if has_tokenizer else None
+    if offload is None:
+        return Loaded(model, tokenizer, config, checkpoints, folder=run_dir)
+    model, cache = _load_offloaded_run(config, checkpoint, *offload)
+    return Loaded(model, tokenizer, config, checkpoints, cache, folder=run_dir)
+
+
+def read_config(path: str | Path) -> RunConfig:
+    """The config `load(path)` gives, read without a weight (a run's config.json, or the one
+    `moekit convert --from-hf` writes for a Hugging Face directory): what a command checks its
+    settings against (the model's max_seq_len, say) before the model is read."""
+    path = Path(path)
+    if _kind(path) == "hf":
+        return hf_run_config(hf_model_config(read_hf_config(path)))
+    return find_run(path)[0]
+
+
+def read_model_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer `load(path)` gives (a run's tokenizer.json, or the Hugging Face
+    directory's), read without the model: for checking text against the model's context first."""
+    path = Path(path)
+    if _kind(path) == "hf":
+        return read_tokenizer(path / "tokenizer.json", REDOWNLOAD)
+    return read_run_tokenizer(find_run(path)[1].parent.parent)
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    """Whether `load` reads `path` as a Hugging Face checkpoint directory (a path that is neither
+    that nor a run is `load`'s error)."""
+    return _kind(Path(path)) == "hf"
+
+
+def _kind(path: Path) -> str:
+    """ "hf" (a Hugging Face checkpoint directory: its weights beside config.json, or a
+    config.json of transformers' form, weights or none) or "run" (a run directory or one of its
+    checkpoints); any other path is one error saying what to give instead."""
+    if path.is_file():
+        folder = path.parent
+        if (folder / "config.json").is_file() or folder.parent.name == CHECKPOINT_DIR:
+            raise ValueError(f"{path} is a file: give the folder that holds it ({folder})")
+        raise ValueError(
+            f"{path} is a file: give a run directory ({CHECKPOINT_DIR}/) or a Hugging Face "
+            "checkpoint directory (config.json)"
+        )
+    has_config = (path / "config.json").is_file()
+    if has_config and (is_hf_checkpoint(path) or _hf_config(path)):
+        return "hf"
     if has_config or (path / CHECKPOINT_DIR).is_dir() or path.parent.name == CHECKPOINT_DIR:
-        if offload is None:
-            config, model, checkpoint = load_run(path)
-            if dtype is not None:
-                for param in model.parameters():
-                    param.data = param.data.to(resolve_dtype(dtype, {}))
-        else:
-            config, checkpoint = find_run(path)
-        run_dir = checkpoint.parent.parent
-        found = list_checkpoints(run_dir)
-        checkpoints = found[: found.index(checkpoint) + 1] if checkpoint in found else [checkpoint]
-        has_tokenizer = require_tokenizer or (run_dir / "tokenizer.json").is_file()
-        tokenizer = read_run_tokenizer(run_dir) if has_tokenizer else None
-        if offload is None:
-            return Loaded(model, tokenizer, config, checkpoints, folder=run_dir)
-        model, cache = _load_offloaded_run(config, checkpoint, *offload)
-        return Loaded(model, tokenizer, config, checkpoints, cache, folder=run_dir)
+        return "run"
     raise FileNotFoundError(
         f"{path} is neither a run directory ({CHECKPOINT_DIR}/) nor a Hugging Face checkpoint "
         "directory (config.json)"
     )
+
+
+def _hf_config(path: Path) -> bool:
+    """Whether the config.json of `path`, a folder without checkpoints/, is transformers' (its
+    `model_type` or `architectures`) rather than a run's; one that cannot be read is left to the
+    run's reader, which names the damage."""
+    if (path / CHECKPOINT_DIR).is_dir():
+        return False
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    hf_keys = ("model_type", "architectures")
+    return isinstance(data, dict) and "model" not in data and any(k in data for k in hf_keys)
 
 
 def _offloaded(

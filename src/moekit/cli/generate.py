@@ -10,14 +10,16 @@ import warnings
 from typing import Any
 
 from moekit.cli.common import Command, print_config, resolve_config, stream_text
-from moekit.config import GenerateConfig
+from moekit.config import GenerateConfig, OffloadConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import check_budget_form
 from moekit.inference.offload import format_stats
 from moekit.interop.chat import ChatSession, chat_prompt, check_chat_files
-from moekit.loading import load
+from moekit.loading import is_hf_directory, load
 from moekit.model import MoETransformer
 from moekit.model.speculative import SpeculativeStats, check_speculative
+
+BUDGET_FORMS = "a count (12), a fraction of all experts (50%) or bytes (200MB)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -30,8 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(GenerateConfig, args.config, args.overrides)
-    if cfg.offload.budget is not None:
-        check_budget_form(cfg.offload.budget)  # before anything is read
+    check_offload(cfg.offload, args.run_dir)  # before anything is read
     if cfg.system and not cfg.chat:
         raise ValueError("--system is the system message of a chat: add --chat=true")
     if cfg.chat and not cfg.prompt and cfg.speculative is not None:
@@ -72,6 +73,42 @@ def run(args: argparse.Namespace) -> None:
     if loaded.offload is not None:
         loaded.offload.close()
         print(format_stats(loaded.offload.stats()))
+
+
+def check_offload(offload: OffloadConfig, path: str) -> None:
+    """The --offload.* settings, in the command line's words: the cache's settings need a budget
+    (without one every expert stays in memory), and a budget needs a run's checkpoint."""
+    if offload.budget is None:
+        default = OffloadConfig()
+        given = [f"--offload.{name}={str(value).lower() if isinstance(value, bool) else value}"
+                 for name in ("policy", "prefetch", "trace")
+                 if (value := getattr(offload, name)) != getattr(default, name)]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --offload.budget: "
+                "without a budget every expert stays in memory and there is no expert cache; add "
+                f"--offload.budget ({BUDGET_FORMS}) or leave {'it' if len(given) == 1 else 'them'}"
+                " out"
+            )
+        return
+    check_budget_form(offload.budget)
+    if offload.policy == "static" and offload.trace is None:
+        raise ValueError(
+            "--offload.policy=static keeps the most used experts of a routing trace: add "
+            "--offload.trace=TRACE (record one of this model with `moekit trace`)"
+        )
+    if offload.trace is not None and offload.policy != "static":
+        raise ValueError(
+            f"--offload.trace={offload.trace} is read by --offload.policy=static alone (policy "
+            f"{offload.policy} keeps no trace's experts): add --offload.policy=static or leave "
+            "the trace out"
+        )
+    if is_hf_directory(path):
+        raise ValueError(
+            f"--offload.budget={offload.budget} offloads the experts of a run's checkpoint, and "
+            f"{path} is a Hugging Face directory: convert it first (moekit convert --from-hf "
+            f"{path} --out RUN_DIR), then moekit generate RUN_DIR --offload.budget={offload.budget}"
+        )
 
 
 def converse(

@@ -199,12 +199,24 @@ def load_trace(path: str | Path, cfg: ModelConfig | None = None) -> Trace:
     _check_trace_tensors(path, tensors, identity, version)
     calls = [tensors[k].bool() for k in ("fetched", "selected")] if version >= 2 else [None, None]
     trace = Trace(tensors["ids"].long(), tensors["step"], identity, *calls)
-    if cfg is not None and trace.identity != model_identity(cfg):
+    if cfg is not None and trace.identity != (ours := model_identity(cfg)):
         raise ValueError(
-            f"the trace {path} was recorded from another model: {trace.identity} != "
-            f"{model_identity(cfg)}"
+            f"the trace {path} was recorded from another model ({_differences(identity, ours)}): "
+            "record a trace of this model with `moekit trace MODEL --prompts FILE --out TRACE`"
         )
     return trace
+
+
+def _differences(theirs: dict, ours: dict) -> str:
+    """The fields in which a trace's model identity differs from this model's ("the trace's
+    n_experts=4; this model's n_experts=6"); the config hash where the shapes agree."""
+    names = [n for n, v in ours.items() if n != "config_hash" and theirs.get(n) != v]
+    prefix = ""
+    if not names:
+        names, prefix = ["config_hash"], "the same expert shapes, another config: "
+    trace_side = ", ".join(f"{n}={theirs.get(n)}" for n in names)
+    model_side = ", ".join(f"{n}={ours[n]}" for n in names)
+    return f"{prefix}the trace's {trace_side}; this model's {model_side}"
 
 
 def _check_trace_tensors(path: str | Path, tensors: dict, identity: dict, version: int) -> None:
@@ -227,12 +239,28 @@ def _check_trace_tensors(path: str | Path, tensors: dict, identity: dict, versio
             raise DamagedFile(path, problem, RECORD_AGAIN)
 
 
+def room_after_prompt(n_ids: int, max_seq_len: int, what: str) -> int:
+    """The positions the model's context leaves to generate after a prompt of `n_ids` tokens; a
+    prompt that leaves none is refused as `moekit generate` refuses it (`what` names it)."""
+    if n_ids >= max_seq_len:
+        raise ValueError(
+            f"{what} is {n_ids} tokens; the model's max_seq_len={max_seq_len} leaves no room to "
+            f"generate: shorten it to at most {max_seq_len - 1} tokens"
+        )
+    return max_seq_len - n_ids
+
+
 def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new_tokens: int):
-    """Trace greedy generation of `max_new_tokens` after each prompt, one prompt at a time."""
+    """Trace greedy generation of `max_new_tokens` after each prompt, one prompt at a time (fewer
+    where the model's context ends first); a prompt that fills the context is refused, by its
+    number, before any is traced."""
     from moekit.model.generation import generate
 
+    max_seq_len = model.cfg.max_seq_len
+    encoded = [tokenizer.encode(text).ids or [0] for text in prompts]
+    rooms = [room_after_prompt(len(ids), max_seq_len, f"prompt {i + 1}")
+             for i, ids in enumerate(encoded)]  # fmt: skip
     with TraceRecorder(model) as rec:
-        for text in prompts:
-            ids = tokenizer.encode(text).ids[: model.cfg.max_seq_len - max_new_tokens] or [0]
-            generate(model, torch.tensor([ids]), max_new_tokens)
+        for ids, room in zip(encoded, rooms, strict=True):
+            generate(model, torch.tensor([ids]), min(max_new_tokens, room))
     return rec.trace()
