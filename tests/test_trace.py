@@ -12,10 +12,18 @@ from safetensors.torch import save_file
 
 from moekit import ModelConfig, MoETransformer
 from moekit.cli import main
+from moekit.data import byte_tokenizer
 from moekit.inference.cache_sim import belady, cache_sim_rows, simulate
 from moekit.inference.offload import apply_expert_offload
 from moekit.inference.store import write_expert_files
-from moekit.inference.trace import LayerCall, Trace, TraceRecorder, load_trace, save_trace
+from moekit.inference.trace import (
+    LayerCall,
+    Trace,
+    TraceRecorder,
+    load_trace,
+    record_prompts,
+    save_trace,
+)
 from moekit.model.generation import generate
 from moekit.userfiles import DamagedFile
 
@@ -208,3 +216,63 @@ def test_trace_with_the_decode_kernels_and_glue_is_the_plain_models() -> None:
     assert torch.equal(glued.ids, plain.ids) and torch.equal(glued.step, plain.step)
     assert torch.equal(glued.fetched, plain.fetched)
     assert torch.equal(glued.selected, plain.selected)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model (max_seq_len 128) as a run directory, with the byte tokenizer."""
+    from moekit.interop.convert import hf_run_config
+    from moekit.train.checkpoint import write_new_run
+
+    work = tmp_path_factory.mktemp("trace_cli")
+    cfg = TINY.replace(vocab_size=257)
+    byte_tokenizer().save(str(work / "tokenizer.json"))
+    model = MoETransformer(cfg).eval()
+    return write_new_run(work / "run", hf_run_config(cfg), model, work / "tokenizer.json")
+
+
+def trace_cli(run, tmp_path, prompts: str, out: str = "r.trace", *extra: str) -> int:
+    (tmp_path / "prompts.txt").write_text(prompts)
+    return main(["trace", str(run), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(tmp_path / out), "--max_new_tokens=4", *extra])  # fmt: skip
+
+
+def test_trace_refuses_a_prompt_that_fills_the_context_as_generate_does(
+    tiny_run, tmp_path, capsys
+) -> None:
+    """A prompt of max_seq_len tokens or more is named by its line and length before the model
+    is read (it was cut silently); one that leaves fewer positions than max_new_tokens is traced
+    whole, with fewer new tokens, as generate does."""
+    assert TINY.max_seq_len == 128
+    assert trace_cli(tiny_run, tmp_path, "def f(\n\n" + "x" * 402 + "\n") == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"moekit trace: error: the prompt on line 3 of {tmp_path / 'prompts.txt'} is 402 tokens; "
+        "the model's max_seq_len=128 leaves no room to generate: shorten it to at most 127 "
+        "tokens\n"
+    )
+    assert not (tmp_path / "r.trace").exists()
+    assert trace_cli(tiny_run, tmp_path, "x" * 126 + "\n") == 0  # room for 2 of the 4 tokens
+    trace = load_trace(tmp_path / "r.trace")
+    assert trace.ids.shape[0] == 126 + 1  # the whole prompt, then one decode step
+    model = MoETransformer(TINY.replace(vocab_size=257))
+    with pytest.raises(ValueError, match=r"prompt 2 is 128 tokens; the model's max_seq_len=128"):
+        record_prompts(model, byte_tokenizer(), ["x", "x" * 128], 4)
+
+
+def test_trace_refuses_to_replace_an_existing_trace(tiny_run, tmp_path, capsys) -> None:
+    assert trace_cli(tiny_run, tmp_path, "def f(\n") == 0
+    first = (tmp_path / "r.trace").read_bytes()
+    capsys.readouterr()
+    assert trace_cli(tiny_run, tmp_path, "import json\n", "r.trace", "--max_new_tokens=2") == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"{tmp_path / 'r.trace'} exists; choose a new --out for the trace, or "
+                        "remove the old one first\n")  # fmt: skip
+    assert err.count("\n") == 1  # one line
+    assert (tmp_path / "r.trace").read_bytes() == first
+    (tmp_path / "r.trace").unlink()  # its settings file left behind: refused too, by name
+    assert trace_cli(tiny_run, tmp_path, "import json\n") == 2
+    assert (
+        "r.trace.config.json exists (the settings of an earlier trace at" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "r.trace").exists()

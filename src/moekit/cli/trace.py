@@ -1,6 +1,7 @@
 """`moekit trace RUN_DIR|HF_DIR [CONFIG.json] [--max_new_tokens=32] --prompts FILE --out TRACE`:
 record which experts each token uses while generating greedily; write the trace, and its
-resolved `TraceConfig` beside it as TRACE.config.json."""
+resolved `TraceConfig` beside it as TRACE.config.json. An existing TRACE is not replaced, and a
+prompt that fills the model's context (max_seq_len) is refused, before the model is read."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import TraceConfig
 from moekit.fileio import atomic_write_text, check_no_file_in_the_way
 from moekit.inference.decode_kernels import apply_decode_kernels
-from moekit.inference.trace import record_prompts, save_trace
-from moekit.loading import load
+from moekit.inference.trace import record_prompts, room_after_prompt, save_trace
+from moekit.loading import load, read_config, read_model_tokenizer
 from moekit.userfiles import read_text
 
 
@@ -30,13 +31,26 @@ def run(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a directory; give the trace a file name, such as "
                               f"{out / 'routing.trace'}")  # fmt: skip
     check_no_file_in_the_way(out, file_ok=True)
+    settings = Path(f"{out}.config.json")  # an existing output refused, as train and convert do
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new --out for the trace, or remove the old "
+                              "one first")  # fmt: skip
+    if settings.exists():
+        raise FileExistsError(f"{settings} exists (the settings of an earlier trace at {out}); "
+                              "choose a new --out for the trace, or remove it first")  # fmt: skip
     text = read_text(args.prompts, "give a UTF-8 text file, one prompt per line")
-    prompts = [line for line in text.splitlines() if line.strip()]
+    prompts = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts} has no prompts (one per non-empty line)")
+    max_seq_len = read_config(args.path).model.max_seq_len  # the prompts checked before the model
+    tokenizer = read_model_tokenizer(args.path)
+    for n, line in prompts:
+        what = f"the prompt on line {n} of {args.prompts}"
+        room_after_prompt(len(tokenizer.encode(line).ids) or 1, max_seq_len, what)
     loaded = load(args.path)
     model = apply_decode_kernels(loaded.model)
-    trace = record_prompts(model, loaded.tokenizer, prompts, cfg.max_new_tokens)
+    trace = record_prompts(model, loaded.tokenizer, [line for _, line in prompts],
+                           cfg.max_new_tokens)  # fmt: skip
     save_trace(trace, args.out)
     atomic_write_text(f"{args.out}.config.json", cfg.to_json())
     print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
