@@ -11,9 +11,25 @@ from moekit.analysis.report import layer_stats, write_report
 from moekit.analysis.trace import LabelledTokens, label_tokens, record_routing
 from moekit.data import load_corpus
 from moekit.fileio import check_no_file_in_the_way
-from moekit.loading import load
+from moekit.loading import load, read_config
 
 SATURATION_TOKENS = 4096  # tokens traced at each checkpoint for router saturation
+SEQ_LEN = 256  # tokens per traced sequence unless given (or the model's context is shorter)
+
+
+def traced_seq_len(path: str | Path, seq_len: int | None) -> int:
+    """The tokens per traced sequence of `analyze(path, seq_len=...)`, checked against the
+    model's max_seq_len (read without its weights): None is SEQ_LEN, or max_seq_len where that
+    is shorter; a seq_len above max_seq_len is refused."""
+    max_seq_len = read_config(path).model.max_seq_len
+    if seq_len is None:
+        return min(SEQ_LEN, max_seq_len)
+    if seq_len > max_seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} is invalid: must be at most the model's max_seq_len "
+            f"({max_seq_len}); give seq_len={max_seq_len} or less"
+        )
+    return seq_len
 
 
 def analyze(
@@ -21,14 +37,15 @@ def analyze(
     out_dir: str | Path | None = None, seq_len: int | None = None,
 ) -> Path:  # fmt: skip
     """Trace `path` (RUN_DIR or HF_DIR) over the validation split of `data` (default: the run's
-    corpus, else the standard library); write `out_dir` (default PATH/analysis)/report.md."""
+    corpus, else the standard library); write `out_dir` (default PATH/analysis)/report.md.
+    seq_len: tokens per traced sequence (`traced_seq_len`)."""
     path = Path(path)
+    seq_len = traced_seq_len(path, seq_len)  # before the model is read
     loaded = load(path, dtype="float32")
     out_dir = Path(out_dir or path / "analysis")
     check_no_file_in_the_way(out_dir)  # before the routing is traced
     model, corpus = loaded.model, loaded.config.train.data
     source = data or corpus.source
-    seq_len = min(seq_len or 256, model.cfg.max_seq_len)
     documents = load_corpus(source, corpus.val_fraction).val.documents
     tokens = label_tokens(loaded.tokenizer, documents, n_tokens)
     trace = record_routing(model, tokens, seq_len)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.analysis.analyze import analyze
+from moekit.analysis.analyze import analyze, traced_seq_len
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import AnalyzeConfig
 from moekit.fileio import atomic_write_text
@@ -20,6 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(AnalyzeConfig, args.config, args.overrides)
+    cfg = cfg.replace(seq_len=traced_seq_len(args.path, cfg.seq_len))  # the number it traces
     print_config(cfg)
     report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
     atomic_write_text(report.parent / "analyze_config.json", cfg.to_json())

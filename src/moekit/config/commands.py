@@ -9,10 +9,22 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from moekit.config.base import ConfigBase
-from moekit.config.rules import In, NonNegFloat, NonNegInt, invalid
+from moekit.config.rules import In, NonNegInt, invalid
 
 # The expert cache's policies, as inference.cache.POLICIES names them (tests/test_cli.py).
 Policy = Literal["lru", "lfu", "static"]
+
+
+@dataclass(frozen=True)
+class Finite(In):
+    """An interval unbounded above whose rule says that inf is not in it: "a number >= 0 and
+    finite" (In's own phrase, "a number >= 0", reads as if inf were allowed)."""
+
+    def phrase(self, kind: type) -> str:
+        return f"{super().phrase(kind)} and finite"
+
+
+FiniteNonNegFloat = Annotated[float, Finite("[0, inf)")]
 
 
 @dataclass(kw_only=True)
@@ -58,7 +70,7 @@ class GenerateConfig(ConfigBase):
     chat: bool = False
     system: str = ""
     max_new_tokens: int = 200
-    temperature: NonNegFloat = 0.8
+    temperature: FiniteNonNegFloat = 0.8
     top_k: NonNegInt | None = 50
     top_p: Annotated[float, In("(0, 1]")] = 0.95
     seed: Annotated[int, In("[0, 2**64)")] = 0
@@ -74,12 +86,14 @@ class AnalyzeConfig(ConfigBase):
     data: the corpus whose validation split is traced ("stdlib", a file, a folder or a glob); None
         means the run's own corpus (the standard library for a Hugging Face checkpoint).
     tokens: held-out tokens to trace.
-    seq_len: tokens per traced sequence (at most the model's max_seq_len).
+    seq_len: tokens per traced sequence, at most the model's max_seq_len; None: 256, or
+        max_seq_len where that is shorter (the resolved config saved beside the report holds the
+        number used).
     """
 
     data: str | None = None
     tokens: int = 16384
-    seq_len: int = 256
+    seq_len: int | None = None
 
 
 Scheme = Literal["bf16", "int8", "int4", "mxfp4", "none"]
@@ -118,7 +132,7 @@ class TraceConfig(ConfigBase):
     recorded (greedily).
 
     max_new_tokens: greedy tokens generated per prompt (fewer at end-of-text or at the model's
-        max_seq_len).
+        max_seq_len; a prompt that fills max_seq_len is refused, as generate refuses it).
     """
 
     max_new_tokens: int = 32
@@ -173,7 +187,7 @@ class UpcycleConfig(ConfigBase):
 
     n_experts: int = 8
     top_k: int = 2
-    noise: NonNegFloat = 0.0
+    noise: FiniteNonNegFloat = 0.0
 
     def check(self) -> None:
         if self.top_k > self.n_experts:
