@@ -253,11 +253,10 @@ class ExpertCache:
             raise ValueError("prefetch needs loader threads: this cache has loader_threads=0")
         with self.lock:
             self._start_pool()
-            protect = {k for k in self.resident if k[0] == protect_layer}
             for key in keys:
                 if key in self.resident or key in self.pending:
                     continue
-                if self._reserve(key, wait=False, protect=protect) is None:
+                if self._reserve(key, wait=False, protect_layer=protect_layer) is None:
                     return
                 self.stats.prefetched += 1
                 self.unused_prefetch.add(key)
@@ -273,12 +272,15 @@ class ExpertCache:
             self.pool = None
 
     def _reserve(
-        self, key: Key, wait: bool, protect: set[Key] = frozenset(), background: bool = False
+        self, key: Key, wait: bool, protect_layer: int | None = None, background: bool = False
     ) -> Future | None:
-        """With the lock held: free a slot and start loading `key` into it, in this thread when
-        `wait` (for a free slot) and not `background`, else on a loader thread."""
+        """With the lock held: free a slot (of an unpinned expert not of `protect_layer`) and
+        start loading `key` into it, in this thread when `wait` (for a free slot) and not
+        `background`, else on a loader thread."""
         while len(self.resident) + len(self.pending) >= self.capacity:
-            candidates = set(self.resident) - set(self.pinned) - protect
+            candidates = {
+                k for k in self.resident if k not in self.pinned and k[0] != protect_layer
+            }
             victim = self.policy.victim(candidates)
             if victim is not None:
                 del self.resident[victim]

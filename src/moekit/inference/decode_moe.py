@@ -109,6 +109,25 @@ def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = No
     )
 
 
+def chosen_experts(router: Router, x_TD: Tensor) -> list[int]:
+    """The distinct experts `router` routes the rows x_TD (T, D) to, ascending, as
+    `router_forward` chooses them (the router's product, then each row's C routing) without the
+    rest of its `Routing`, where that runs; by the router's class's forward otherwise (no module
+    hooks: an offload's prefetch guesses with it; none for a routing without ids)."""
+    if not _router_qualifies(router, x_TD):
+        ids_TK = type(router).forward(router, x_TD).ids_TK
+        return [] if ids_TK is None else ids_TK.unique().tolist()
+    E, K = router.cfg.n_experts, router.cfg.top_k
+    logits_TE = router.linear(x_TD, router.weight, router.bias)
+    scores, ids, weights = (ctypes.c_float * E)(), (ctypes.c_int64 * K)(), (ctypes.c_float * K)()
+    route, args = _library().moekit_route_topk_f32, _topk_args(router)
+    chosen: set[int] = set()
+    for t in range(x_TD.shape[0]):
+        route(logits_TE[t].data_ptr(), E, *args, scores, ids, weights)
+        chosen.update(ids)
+    return sorted(chosen)
+
+
 def _scale(selected_TK: Tensor, normalize: bool, scaling: float) -> Tensor:
     """topk_route's scale_T (the capacity dispatch's re-weighting reads it)."""
     if normalize:

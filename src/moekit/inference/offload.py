@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from moekit.config import ModelConfig, QuantizeConfig
 from moekit.inference.budget import resolve_budget
 from moekit.inference.cache import ExpertCache, make_policy
+from moekit.inference.decode_moe import chosen_experts
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.inference.store import CheckpointExpertStore, ExpertStore
 from moekit.model.transformer import MoETransformer
@@ -117,10 +118,8 @@ def _prefetch_hook(layer: int, next_layer: nn.Module, cache: ExpertCache):
     def hook(module: nn.Module, args: tuple) -> None:
         x_TD = args[0].reshape(-1, next_layer.cfg.d_model)
         with torch.no_grad():
-            ids = next_layer.router(x_TD).ids_TK
-        if ids is not None:
-            keys = [(layer + 1, int(e)) for e in ids.unique().tolist()]
-            cache.prefetch(keys, protect_layer=layer)
+            chosen = chosen_experts(next_layer.router, x_TD)
+        cache.prefetch([(layer + 1, e) for e in chosen], protect_layer=layer)
 
     return hook
 
