@@ -10,6 +10,7 @@ from moekit.cli.common import Command, positive_int, print_config, resolve_confi
 from moekit.config import RunConfig
 from moekit.experiments import runner
 from moekit.experiments.arms import EXPERIMENTS
+from moekit.train.device import training_device
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -26,11 +27,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty: give the report folder, or no --out (runs/experiments)")
     out = args.out or f"runs/experiments/{args.name}"
     base = resolve_config(RunConfig, args.preset, [])
     if args.preset == "experiment":  # each experiment's steps fit its arms in the time budget
         base = base.replace(train=base.train.replace(steps=EXPERIMENTS[args.name].steps))
-    print_config(runner.experiment_base(args.name, base, args.overrides))
+    shown = runner.experiment_base(args.name, base, args.overrides)
+    training_device(shown.train.device)  # in this process, before an arm's process fails on it
+    print_config(shown)
     command = shlex.join(["moekit", "experiment", args.name, "--preset", args.preset,
                           "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip
     report = runner.run_experiment(args.name, base, out, args.seeds, args.overrides, command)

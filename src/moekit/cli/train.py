@@ -9,8 +9,11 @@ from pathlib import Path
 from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
 from moekit.config import RunConfig
 from moekit.distributed.trainer import train_distributed
-from moekit.overrides import apply_overrides
+from moekit.overrides import apply_overrides, split_override
 from moekit.train import TrainResult, train
+from moekit.train.checkpoint import check_run_dir, nothing_to_train, read_trainer_json
+from moekit.train.device import training_device
+from moekit.train.init_from import RESUME_MAY_CHANGE, describe_changes, model_changes
 from moekit.train.loop import wants_processes
 from moekit.train.report import loss_text
 from moekit.train.sample import read_run_config
@@ -23,17 +26,57 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.resume:
-        if args.config or args.out:
+    for flag in ("out", "resume"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            what = "to continue" if flag == "resume" else "to write, or no --out (runs/NAME-DATE)"
+            raise ValueError(f"--{flag} is empty: give the run directory {what}")
+    if args.resume is not None:
+        if args.config is not None or args.out is not None:
             raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
         run_dir = Path(args.resume)
-        cfg = apply_overrides(read_run_config(run_dir), args.overrides)
+        recorded = read_run_config(run_dir)
+        cfg = apply_overrides(recorded, args.overrides)
+        check_resume(run_dir, recorded, cfg, args.overrides)
     else:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))
+    training_device(cfg.train.device)  # before the config is printed and the run begins
     print_config(cfg)
     trainer = train_distributed if wants_processes(cfg) else train  # torchrun, or parallel.ep/dp
-    print_result(trainer(cfg, run_dir, resume=bool(args.resume)))
+    print_result(trainer(cfg, run_dir, resume=args.resume is not None))
+
+
+def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: list[str]) -> None:
+    """Refuse to resume `run_dir` (its config.json: `recorded`) as `cfg` (with the `overrides`)
+    where that trains nothing or another model: before the run directory is touched."""
+    changes = model_changes(recorded.model, cfg.model, RESUME_MAY_CHANGE)
+    if changes:
+        names = [name for name, _, _ in changes]
+        items = [o for o in overrides if _touches(split_override(o)[0], names)] or [
+            o for o in overrides if o.startswith("--model.")
+        ]
+        one, given = len(items) == 1, " ".join(items)
+        start = f"moekit train {run_dir / 'config.json'} {given}"
+        if names == ["model.mtp_depth"]:  # an MTP module is added to the run's weights
+            new = f"add the MTP module in a new run from its weights: {start} --train.init_from="
+            new += str(run_dir)
+        else:
+            new = f"train a new model with {'it' if one else 'them'}: {start}"
+        raise ValueError(
+            f"{given} change{'s' if one else ''} the model of {run_dir}: "
+            f"{describe_changes(changes, 'in the run')}; a resumed run keeps its model: drop "
+            f"{'it' if one else 'them'}, or {new} --out NEW_RUN_DIR"
+        )
+    latest = check_run_dir(run_dir, resume=True)
+    assert latest is not None  # check_run_dir refuses a run without a checkpoint
+    step = read_trainer_json(latest)["step"]
+    if step >= cfg.train.steps:
+        raise ValueError(nothing_to_train(run_dir, step, cfg.train.steps, recorded.train.steps))
+
+
+def _touches(key: str, names: list[str]) -> bool:
+    """Whether the override of `key` ("model.moe") sets one of the settings `names` or a part."""
+    return any(n == key or n.startswith(key + ".") or key.startswith(n + ".") for n in names)
 
 
 def default_run_dir(spec: str | None) -> str:

@@ -330,16 +330,19 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
         yield tmp
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, and to
-    resume from damaged files (before anything is written)."""
+def check_run_dir(run_dir: Path, resume: bool, steps: int | None = None) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, to
+    resume from damaged files and, given the run's `steps` (train.steps), to resume a run that
+    has trained them all (before anything is written)."""
     check_no_file_in_the_way(run_dir)
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
     if resume and latest is not None:  # DamagedFile unless its files read (headers, trainer.json)
         refuse_quantized(latest)
-        read_trainer_json(latest)
+        step = read_trainer_json(latest)["step"]
+        if steps is not None and step >= steps:
+            raise ValueError(nothing_to_train(run_dir, step, steps))
         for name in ("model.safetensors", "state.safetensors"):
             with open_safetensors(latest / name, checkpoint_remedy(latest)):
                 pass
@@ -350,3 +353,19 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
             f"`moekit train --resume {run_dir}` or choose another --out"
         )
     return latest if resume else None
+
+
+def nothing_to_train(run_dir: Path, step: int, steps: int, recorded: int | None = None) -> str:
+    """Why resuming `run_dir`, at `step`, with train.steps=`steps` (<= step) trains nothing;
+    `recorded`: the train.steps of its config.json, when known and other than `steps`."""
+    if recorded is None and step > steps:
+        where = f"is at step {step}"
+    else:
+        recorded = steps if recorded is None else recorded
+        at = f"step {step} of {recorded}"
+        where = f"is finished ({at})" if step >= recorded else f"is at {at}"
+    given = "" if steps == recorded else f" with train.steps={steps}"
+    return (
+        f"{run_dir} {where}: nothing to train{given}; raise --train.steps above {step} to "
+        f"continue (moekit train --resume {run_dir} --train.steps=N)"
+    )

@@ -22,6 +22,9 @@ MAY_CHANGE = frozenset({
     "aux_loss_scope", "z_loss_coef", "importance_loss_coef", "load_loss_coef", "bias_update_rate",
     "noise_eps",
 })  # fmt: skip
+# Those a resumed run may change (`moekit train --resume RUN --model.KEY=VALUE`): the same but
+# the MTP module, whose weights and optimizer state a run's checkpoint holds or lacks.
+RESUME_MAY_CHANGE = MAY_CHANGE - {"mtp_depth"}
 
 
 def init_source(source: str | Path, ours: ModelConfig) -> tuple[RunConfig, Path]:
@@ -40,12 +43,14 @@ def init_source(source: str | Path, ours: ModelConfig) -> tuple[RunConfig, Path]
         refuse_quantized(checkpoint)  # (load_weights would, after the data is prepared)
     except (FileNotFoundError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
-    differ = _differences(_comparable(cfg.model), _comparable(ours), "model.")
+    changes = model_changes(cfg.model, ours)
+    differ = describe_changes(changes, "there")
     if ours.mtp_depth < cfg.model.mtp_depth:
-        differ.append(f"model.mtp_depth ({cfg.model.mtp_depth} there, {ours.mtp_depth} here)")
+        mtp = f"model.mtp_depth ({cfg.model.mtp_depth} there, {ours.mtp_depth} here)"
+        differ = f"{differ}; {mtp}" if differ else mtp
     if differ:
         raise ValueError(
-            f"{where}: its model differs from this run's in {'; '.join(differ)}; give its "
+            f"{where}: its model differs from this run's in {differ}; give its "
             "settings (its config.json) for those: only the MTP module (which may be added), "
             "expert_impl, max_seq_len and the training-only settings of the balancing may change"
         )
@@ -78,18 +83,50 @@ def initialize_from(
     return f"weights from {checkpoint}" + (f" ({depths} fresh)" if fresh else "")
 
 
+def model_changes(
+    theirs: ModelConfig, ours: ModelConfig, may_change: frozenset[str] = MAY_CHANGE
+) -> list[tuple[str, Any, Any]]:
+    """(name, their value, ours) for each model setting outside `may_change` that differs, named
+    from the model ("model.moe.top_k"); head counts and widths as the model uses them."""
+    return _differences(_comparable(theirs), _comparable(ours), "model.", may_change)
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], there: str) -> str:
+    """`model_changes` in words: "model.moe.top_k (2 there, 1 here); ..." (`there`: where their
+    values are); a nested config reads as a few words, not its whole dict."""
+    return "; ".join(
+        f"{name} ({_shown(name, a)} {there}, {_shown(name, b)} here)" for name, a, b in changes
+    )
+
+
+def _shown(name: str, value: Any) -> str:
+    """A setting's value in a line: an MoE layer or another nested config in a few words."""
+    if name.endswith(".moe"):
+        return (
+            "None (dense)"
+            if value is None
+            else f"{value['n_experts']} experts top-{value['top_k']}"
+        )
+    if isinstance(value, dict):
+        return "set"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:56] + "...)"
+
+
 def _comparable(cfg: ModelConfig) -> dict[str, Any]:
     """cfg's settings, with the head counts and widths as the model uses them (None -> derived)."""
     return cfg.to_dict() | {"n_kv_heads": cfg.kv_heads, "head_dim": cfg.d_head}
 
 
-def _differences(theirs: dict[str, Any], ours: dict[str, Any], prefix: str) -> list[str]:
-    """'name (their value there, ours here)' for each setting outside MAY_CHANGE that differs."""
+def _differences(
+    theirs: dict[str, Any], ours: dict[str, Any], prefix: str, may_change: frozenset[str]
+) -> list[tuple[str, Any, Any]]:
+    """(name, their value, ours) for each setting outside `may_change` that differs."""
     out = []
     for key in sorted(theirs.keys() | ours.keys()):
         a, b = theirs.get(key), ours.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b and key not in MAY_CHANGE:
-            out.append(f"{prefix}{key} ({a!r} there, {b!r} here)")
+            out += _differences(a, b, f"{prefix}{key}.", may_change)
+        elif a != b and key not in may_change:
+            out.append((f"{prefix}{key}", a, b))
     return out

@@ -29,6 +29,7 @@ from moekit.train.checkpoint import (
     restoring,
     save_checkpoint,
 )
+from moekit.train.device import training_device
 from moekit.train.freeze import freeze, trainable_table
 from moekit.train.init_from import init_source, initialize_from
 from moekit.train.interrupt import StopOnInterrupt
@@ -122,12 +123,11 @@ class Trainer:
         t = cfg.train
         self.world, self.parallelism = world or World(), parallelism or Parallelism()
         self.cfg, self.run_dir = cfg, run_dir
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(auto if t.device == "auto" else t.device)
+        self.device = training_device(t.device)  # before anything is read or written
         self.talks = t.progress and self.world.is_writer
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        checkpoint = check_run_dir(run_dir, resume)
+        checkpoint = check_run_dir(run_dir, resume, t.steps)
         fresh = checkpoint is None and t.init_from is not None
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
         self.data = self._prepare_data()
@@ -164,11 +164,13 @@ class Trainer:
 
     def _open_run_files(self, resume: bool) -> None:
         """Open metrics.jsonl (a resumed run keeps its records to its step); write config.json
-        and tokenizer.json. Only now, once a resumed checkpoint has been read whole: a damaged
-        one leaves the run directory as it was. Only the writer's process writes them."""
+        and tokenizer.json. Only now, once the data, the model and a resumed checkpoint have been
+        read whole: a failure before leaves the run directory as it was (a new one unmade). Only
+        the writer's process writes them."""
         if not self.world.is_writer:
             self.metrics: MetricsLog | None = None
             return
+        make_dirs(self.run_dir)  # only now: a run refused earlier leaves no folder behind
         if self.cfg.train.data.tokenizer != "run":  # "run" read it from there
             with atomic_path(self.run_dir / "tokenizer.json") as tmp:
                 self.data.tokenizer.save(str(tmp))
@@ -195,7 +197,6 @@ class Trainer:
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
                 f"{data.tokenizer.get_vocab_size()} tokens"
             )
-        make_dirs(self.run_dir)  # only once the data is good
         self._say(
             f"data: {data.n_train_files} train files ({data.train.n_tokens:,} tokens), "
             f"{data.n_val_files} validation files ({data.val.n_tokens:,} tokens), "

@@ -62,6 +62,7 @@ def read_run_tokenizer(run_dir: str | Path) -> Tokenizer:
     """The tokenizer.json of a run directory."""
     remedy = (
         "copy the run again, or only its tokenizer.json: from the checkpoint it was converted "
-        f"from, or (a run moekit trained) `moekit train --resume {run_dir}` writes it again"
+        f"from, or (a run moekit trained) `moekit train --resume {run_dir} --train.steps=N` "
+        "(N above its last step) writes it again"
     )
     return read_tokenizer(Path(run_dir) / "tokenizer.json", remedy)
