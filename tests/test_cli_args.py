@@ -85,6 +85,9 @@ MISSPELT = [
     (["analyze", RUN, "--tokens", "256"], "'--tokens' has no value: write --tokens=VALUE"),
     (["trace", RUN, "--prompts", "p", "--out", "o", "--max-new-tokens", "4"], "unknown option "
      "'--max-new-tokens': did you mean --max_new_tokens=VALUE?"),
+    (["generate", RUN, "--offload=5"], "--offload='5': expected a JSON object of OffloadConfig's "
+     "fields, or set one at a time: --offload.FIELD=VALUE"),
+    (["train", "tiny", "--train=3"], "--train='3': expected a JSON object of TrainConfig's fields"),
     (["train", "--hlep"], "unknown option '--hlep': did you mean --help?"),
     (["train", "tiny", "small"], "unexpected argument 'small': a setting is one argument, "
      "--key=value"),

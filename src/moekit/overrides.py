@@ -80,7 +80,13 @@ def parse_value(hint: Any, text: str, key: str) -> Any:
     if origin in (tuple, list):
         return _parse_sequence(origin, args, text, key)
     if isinstance(hint, type) and issubclass(hint, ConfigBase):
-        return hint.from_dict(_json(text, key))
+        data = _json(text, key)
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"--{key}={text!r}: expected a JSON object of {hint.__name__}'s fields, or set "
+                f"one at a time: --{key}.FIELD=VALUE"
+            )
+        return hint.from_dict(data)
     if hint is bool:
         return _parse_bool(text, key)
     if hint in (int, float, str):

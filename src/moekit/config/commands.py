@@ -9,22 +9,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from moekit.config.base import ConfigBase
-from moekit.config.rules import In, NonNegInt, invalid
+from moekit.config.rules import In, NonNegFloat, NonNegInt, invalid
 
 # The expert cache's policies, as inference.cache.POLICIES names them (tests/test_cli.py).
 Policy = Literal["lru", "lfu", "static"]
-
-
-@dataclass(frozen=True)
-class Finite(In):
-    """An interval unbounded above whose rule says that inf is not in it: "a number >= 0 and
-    finite" (In's own phrase, "a number >= 0", reads as if inf were allowed)."""
-
-    def phrase(self, kind: type) -> str:
-        return f"{super().phrase(kind)} and finite"
-
-
-FiniteNonNegFloat = Annotated[float, Finite("[0, inf)")]
 
 
 @dataclass(kw_only=True)
@@ -70,7 +58,7 @@ class GenerateConfig(ConfigBase):
     chat: bool = False
     system: str = ""
     max_new_tokens: int = 200
-    temperature: FiniteNonNegFloat = 0.8
+    temperature: NonNegFloat = 0.8
     top_k: NonNegInt | None = 50
     top_p: Annotated[float, In("(0, 1]")] = 0.95
     seed: Annotated[int, In("[0, 2**64)")] = 0
@@ -187,7 +175,7 @@ class UpcycleConfig(ConfigBase):
 
     n_experts: int = 8
     top_k: int = 2
-    noise: FiniteNonNegFloat = 0.0
+    noise: NonNegFloat = 0.0
 
     def check(self) -> None:
         if self.top_k > self.n_experts:

@@ -40,12 +40,14 @@ class In:
         return math.isfinite(value) and above and below
 
     def phrase(self, kind: type) -> str:
-        """ "an integer >= 1", "a number > 0", "a number in [0, 1)"."""
+        """ "an integer >= 1", "a number > 0 and finite", "a number in [0, 1)" (a number's
+        interval open above says so: inf is > 0, but never holds)."""
         noun = "an integer" if kind is int else "a number"
         if not self.interval.endswith(", inf)"):
             return f"{noun} in {self.interval}"
         low = self.interval[1:].split(",")[0]
-        return f"{noun} {'>=' if self.interval[0] == '[' else '>'} {low}"
+        finite = "" if kind is int else " and finite"
+        return f"{noun} {'>=' if self.interval[0] == '[' else '>'} {low}{finite}"
 
 
 def _bound(text: str) -> float:
