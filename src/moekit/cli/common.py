@@ -14,13 +14,21 @@ from typing import Any, NamedTuple, TextIO, TypeVar
 import torch
 from tokenizers import Tokenizer
 
-from moekit.config import ConfigBase, ModelConfig, RunConfig, config_from_data
+from moekit.config import (
+    MODEL_PRESETS,
+    RUN_PRESETS,
+    ConfigBase,
+    ModelConfig,
+    RunConfig,
+    config_from_data,
+)
 from moekit.data import eos_id
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop.chat import ChatPrompt
 from moekit.model import MoETransformer, generate
 from moekit.model.generation import end_token_ids
 from moekit.overrides import apply_overrides
+from moekit.train.checkpoint import CHECKPOINT_DIR, is_hf_checkpoint
 from moekit.userfiles import read_json
 
 C = TypeVar("C", bound=ConfigBase)
@@ -79,12 +87,15 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
     """A `cls` config from a preset name or a JSON file, with `--a.b=value` overrides applied.
     Without `spec`: a RunConfig is the preset DEFAULT_PRESET, any other the class's defaults. A
     RunConfig's file may hold a bare ModelConfig; only a RunConfig has presets."""
+    if spec is not None and not spec.strip():
+        raise ValueError(f"the config argument is empty: give {_config_is(cls)}")
+    presets = (*MODEL_PRESETS, *RUN_PRESETS) if cls is RunConfig else ()
+    if spec is not None and spec not in presets and Path(spec).is_dir():  # a folder ./tiny: tiny
+        raise ValueError(directory_given(Path(spec), cls))
     if spec is not None and (
         spec.endswith(".json") or Path(spec).is_file() or cls is not RunConfig
     ):
         path = Path(spec)
-        if path.is_dir():
-            raise ValueError(f"config file {spec} is a directory; give a JSON file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {spec} does not exist")
         kind = RUN_FILE_IS if cls is RunConfig else f"a {cls.__name__}, as the command prints it"
@@ -98,6 +109,31 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
     else:
         cfg = RunConfig.preset(spec or DEFAULT_PRESET) if cls is RunConfig else cls()
     return apply_overrides(cfg, overrides)
+
+
+def _config_is(cls: type[ConfigBase]) -> str:
+    """What a command's config argument is."""
+    if cls is RunConfig:
+        return "a preset or a JSON config file (such as a run's config.json)"
+    return f"a JSON file of a {cls.__name__}, as the command prints it"
+
+
+def directory_given(path: Path, cls: type[ConfigBase]) -> str:
+    """The error for a directory given as a config: what it is and what to give instead."""
+    if cls is not RunConfig:
+        return f"config file {path} is a directory; give a JSON file"
+    config, said = path / "config.json", f"{path} is a directory, not a config"
+    if is_hf_checkpoint(path):
+        return (
+            f"{path} is a Hugging Face checkpoint, not a config: convert it to a run first "
+            f"(moekit convert --from-hf {path} --out RUN_DIR)"
+        )
+    if not config.is_file():
+        return f"{said}: give {_config_is(cls)}"
+    if not (path / CHECKPOINT_DIR).is_dir():
+        return f"{said}: give its config file, {config}"
+    resume = f"moekit train --resume {path}"  # a run directory
+    return f"{said}: give its settings, {config} (to continue that run: {resume})"
 
 
 def print_config(cfg: ConfigBase, file: TextIO | None = None) -> None:

@@ -74,12 +74,17 @@ def run(args: argparse.Namespace) -> None:
         cfg = apply_overrides(ModelConfig.preset(args.config), map(model_override, model_items))
     else:
         cfg = resolve_config(RunConfig, args.config, model_items).model
+    if args.seq_len is not None and args.seq_len > cfg.max_seq_len:
+        rule = f"must be at most the model's context, max_seq_len ({cfg.max_seq_len})"
+        raise ValueError(f"--seq-len={args.seq_len} is invalid: {rule}")
     layout = any(getattr(args, f) is not None for f in ("tp", "ep", "dp_shard", "dp_replicate"))
     layout = layout or bool(parallel_items) or args.param_dtype != "float32"
     costs = None
     if layout:
         parallel = parallel_config(args, parallel_items)
         seq_len = args.seq_len or min(cfg.max_seq_len, 4096)
+        name = "--seq-len" if args.seq_len else "the default --seq-len"
+        parallel.check_seq_len(seq_len, name, most=cfg.max_seq_len)
         costs = device_costs(cfg, parallel, parallel.min_world_size(), args.micro_batch, seq_len)
     traffic = None if args.ep is None else traffic_table(cfg, args.ep)
     print(parameter_table(cfg, title=f"{args.config}: parameters"))

@@ -245,16 +245,18 @@ class ParallelConfig(ConfigBase):
         """Whether the residual stream is split over the tp processes (sequence parallelism)."""
         return self.sequence_parallel and self.tp > 1
 
-    def check_seq_len(self, seq_len: int, name: str = "train.seq_len") -> None:
+    def check_seq_len(self, seq_len: int, name: str = "train.seq_len", most: int = 0) -> None:
         """Raise unless sequences of `seq_len` tokens split over tp under sequence parallelism
-        (`name`: the field or argument that set the length, for the error)."""
+        (`name`: the field or argument that set the length, for the error; `most`: the longest
+        the model takes, max_seq_len, if known)."""
         if self.splits_sequence and seq_len % self.tp:
             below, above = seq_len // self.tp * self.tp, -(-seq_len // self.tp) * self.tp
-            fits = " or ".join(str(n) for n in (below, above) if n > 0)
+            fits = " or ".join(str(n) for n in (below, above) if 0 < n <= (most or n))
             rule = (
                 f"must be a multiple of parallel.tp ({self.tp}) under "
                 f"parallel.sequence_parallel (each tensor-parallel process holds seq_len / tp "
-                f"positions between blocks): use {fits}, or parallel.sequence_parallel=false"
+                f"positions between blocks): use {fits + ', or ' if fits else ''}"
+                "parallel.sequence_parallel=false"
             )
             raise invalid(name, seq_len, rule)
 
@@ -288,24 +290,27 @@ class ParallelConfig(ConfigBase):
         elif ep % self.dp_shard == 0 and data % ep == 0:
             edp_shard = 1
         else:
-            fits = [n for n in range(1, data + 1) if data % n == 0 and
-                    (self.dp_shard % n == 0 or n % self.dp_shard == 0)]  # fmt: skip
-            rule = (
-                f"takes its processes from the {data} data-parallel ones (dp_replicate x "
-                f"dp_shard): it must divide parallel.dp_shard ({self.dp_shard}), or be a multiple "
-                f"of it that divides {data}; here ep can be {', '.join(map(str, fits))}, or "
-                f"launch {self.replace(dp_replicate=None).min_world_size()} processes for "
-                f"ep={ep}"
+            raise invalid("parallel.ep", ep, self._ep_rule(data))
+        return {"dp_replicate": replicate, "dp_shard": self.dp_shard, "ep": ep, "tp": self.tp,
+                "edp_replicate": data // (ep * edp_shard), "edp_shard": edp_shard}  # fmt: skip
+
+    def _ep_rule(self, data: int) -> str:
+        """What an ep that does not fit `data` data-parallel processes breaks, and the remedies
+        that exist: the ep values that fit; for this ep, more replicas or another dp_shard."""
+        ep, shard, inner = self.ep, self.dp_shard, self.dp_shard * self.tp
+        fits = [n for n in range(1, data + 1) if not data % n and not (shard % n and n % shard)]
+        rule = (
+            f"takes its processes from the {data} data-parallel ones (dp_replicate x dp_shard): "
+            f"it must divide parallel.dp_shard ({shard}), or be a multiple of it that divides "
+            f"{data}; here ep can be {', '.join(map(str, fits))}, or for ep={ep} "
+        )
+        if ep % shard == 0:  # dp_replicate a multiple of ep / dp_shard
+            unset = (
+                "" if self.dp_replicate is None else f" (dp_replicate a multiple of {ep // shard})"
             )
-            raise invalid("parallel.ep", ep, rule)
-        return {
-            "dp_replicate": replicate,
-            "dp_shard": self.dp_shard,
-            "ep": ep,
-            "tp": self.tp,
-            "edp_replicate": data // (ep * edp_shard),
-            "edp_shard": edp_shard,
-        }
+            return f"{rule}launch a multiple of {ep // shard * inner} processes{unset}"
+        shards = ", ".join(map(str, [n for n in range(1, ep + 1) if ep % n == 0] + [2 * ep]))
+        return f"{rule}make parallel.dp_shard a divisor or a multiple of {ep} (such as {shards})"
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise unless the model can be split as asked: experts over `ep`, heads and hidden
@@ -357,7 +362,7 @@ class RunConfig(ConfigBase):
 
     def check(self) -> None:
         self.parallel.check_model(self.model)
-        self.parallel.check_seq_len(self.train.seq_len)
+        self.parallel.check_seq_len(self.train.seq_len, most=self.model.max_seq_len)
         model, data = self.model, self.train.data
         if self.train.seq_len > model.max_seq_len:
             rule = f"must be <= model.max_seq_len ({model.max_seq_len})"
@@ -381,8 +386,14 @@ class RunConfig(ConfigBase):
     @classmethod
     def preset(cls, name: str) -> RunConfig:
         """The model preset `name` with its training settings."""
-        from moekit.config.presets import RUN_PRESETS  # the presets are built of this class
+        from moekit.config.presets import MODEL_PRESETS, RUN_PRESETS  # built of this class
 
         if name in RUN_PRESETS:
             return RUN_PRESETS[name]()
+        if name not in MODEL_PRESETS:
+            known = (
+                f"known model presets are {', '.join(MODEL_PRESETS)}; run presets (a model with "
+                f"training settings of its own) {', '.join(RUN_PRESETS)}"
+            )
+            raise invalid("preset", name, known)
         return cls(model=ModelConfig.preset(name))
