@@ -88,6 +88,8 @@ MISSPELT = [
     (["generate", RUN, "--offload=5"], "--offload='5': expected a JSON object of OffloadConfig's "
      "fields, or set one at a time: --offload.FIELD=VALUE"),
     (["train", "tiny", "--train=3"], "--train='3': expected a JSON object of TrainConfig's fields"),
+    (["quantize", RUN, "--weights=int8", "--zero_point=true", "--out", "o"], "zero_point=True is "
+     "invalid: applies to int4 weights only"),
     (["train", "--hlep"], "unknown option '--hlep': did you mean --help?"),
     (["train", "tiny", "small"], "unexpected argument 'small': a setting is one argument, "
      "--key=value"),
