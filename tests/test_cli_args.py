@@ -55,6 +55,7 @@ BAD = [
     (["generate", RUN, "--offload.budget=-3"], "expert budget", "a count (12)"),
     (["generate", RUN, "--offload.budget="], "expert budget", "a count (12)"),
     (["generate", RUN, "--offload.budget=150%"], "expert budget", "(0, 1]"),
+    (["generate", RUN, "--offload.budget=1e9"], "expert budget", "a count is a whole number: 12"),
     (["cache-sim", "t", "--budget=200MB"], "expert budget", "does not know the experts"),
     (["cache-sim", "t", "--budget=lots"], "expert budget", "or a fraction (0.5 or 50%)"),
     (["cache-sim", "t", "--policy=fifo"], "--policy='fifo'", "'lru', 'lfu', 'static'"),

@@ -70,6 +70,10 @@ def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | N
         raise ValueError(f"expert budget {given!r} is invalid: give {forms}")
     if isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise ValueError(f"expert budget {given!r} is invalid: a fraction must be in (0, 1]")
+            count = " (a count is a whole number: 12)" if budget > 1 else ""
+            raise ValueError(
+                f"expert budget {given!r} is invalid: a fraction must be in (0, 1]{count}; give "
+                f"{forms}"
+            )
         return int(budget * n_total)
     return budget
