@@ -191,7 +191,7 @@ def test_resume_from_state_that_does_not_fit_the_run_writes_nothing(
         tensors["rng.sampler.generator"] = torch.zeros(3, dtype=torch.uint8)
         save_file(tensors, str(checkpoint / name))
     before = snapshot(run)
-    assert main(["train", "--resume", str(run)]) == 2
+    assert main(["train", "--resume", str(run), "--train.steps=13"]) == 2  # a step left to train
     assert "does not fit this run" in one_line_error(capsys, "train", checkpoint / name)
     assert snapshot(run) == before
 
@@ -214,8 +214,9 @@ def test_resume_drops_a_last_metrics_line_cut_short(run: Path) -> None:
     whole = path.read_text()
     last = whole.splitlines(keepends=True)[-1]
     path.write_text(whole + last[: len(last) // 2])
-    assert main(["train", "--resume", str(run)]) == 0
-    assert path.read_text() == whole
+    assert main(["train", "--resume", str(run), "--train.steps=13"]) == 0
+    assert path.read_text().startswith(whole)  # the cut line gone, step 13's records after
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()][-1] == 13
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
