@@ -76,6 +76,16 @@ def test_demo_refuses_to_replace_what_is_not_a_demo(tmp_path: Path, capsys) -> N
     assert (run / "config.json").is_file() and list((run / "checkpoints").iterdir())
 
 
+def test_demo_checks_the_device_before_it_clears_the_last_demo(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    for name in ("moe", "dense"):  # an earlier demo's two runs: what clear_previous_demo removes
+        (out / name).mkdir(parents=True)
+        (out / name / "config.json").write_text("{}")
+    assert main(["demo", "--out", str(out), "--train.device=cuda:7"]) == 2
+    assert "train.device='cuda:7' is not available here" in capsys.readouterr().err
+    assert (out / "moe" / "config.json").is_file() and (out / "dense" / "config.json").is_file()
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [

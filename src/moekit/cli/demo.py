@@ -19,6 +19,7 @@ from moekit.config import RunConfig
 from moekit.loading import load
 from moekit.model import format_count
 from moekit.train import twin, write_report
+from moekit.train.device import training_device
 from moekit.train.twin import DENSE, MOE
 
 DEMO_PRESET = "demo"
@@ -35,6 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     cfg = resolve_config(RunConfig, DEMO_PRESET, args.overrides)
+    training_device(cfg.train.device)  # before the previous demo is cleared
     out = Path(args.out)
     clear_previous_demo(out)
     print_config(cfg)
