@@ -309,8 +309,9 @@ def offloaded_qualifies(layer: MoELayer) -> bool:
 
 
 # Each offloaded expert's C refs (w_in, w_out), kept while the cache keeps the expert's weights:
-# per OffloadedExperts module and expert, a weak reference to the fetched w_in's data tensor (a
-# reload is a new tensor, which rebuilds them) and the refs, or None where they do not qualify.
+# per OffloadedExperts module and expert, a weak reference to the fetched w_in's data tensor and
+# its data pointer (a reload is a new tensor, re-pointed data another pointer: either rebuilds
+# them) and the refs, or None where they do not qualify.
 _fetched_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -323,12 +324,13 @@ def _offloaded_refs(experts: OffloadedExperts, chosen: list[int], fetched: list)
     for e, weights in zip(chosen, fetched, strict=True):
         first = weights[0].data if experts.quantized else weights[0]
         pair = kept.get(e)
-        if pair is None or pair[0]() is not first:
+        if pair is None or pair[0]() is not first or pair[1] != first.data_ptr():
             arrays = _gated_arrays(make, [weights], [e], experts)
-            pair = kept[e] = (weakref.ref(first), arrays and (arrays[0][0], arrays[1][0]))
-        if pair[1] is None:
+            refs = arrays and (arrays[0][0], arrays[1][0])
+            pair = kept[e] = (weakref.ref(first), first.data_ptr(), refs)
+        if pair[2] is None:
             return None
-        pairs.append(pair[1])
+        pairs.append(pair[2])
     K = len(pairs)
     return (WeightRef * K)(*(p[0] for p in pairs)), (WeightRef * K)(*(p[1] for p in pairs))
 
