@@ -399,18 +399,31 @@ def test_a_trace_written_over_a_directory_is_one_line(run: Path, tmp_path: Path,
     }
 
 
+# What creating a name in a folder may meet: a folder of another user's (root may), or a file
+# system that takes no new files (/proc: ENOENT; the line named the temporary beside the output,
+# "[Errno 2] No such file or directory: .../.out.x1y2.tmp").
+REFUSALS = {
+    "may not be written in": (PermissionError, errno.EACCES, "Permission denied",
+                              "{folder} may not be written in (permission denied); choose a"),
+    "takes no new files": (FileNotFoundError, errno.ENOENT, "No such file or directory",
+                           "creating it in {folder} failed (no such file or directory); choose"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
 @pytest.mark.parametrize("command", [c for c in WRITERS if c != "upcycle"])  # the run is no dense
-def test_a_directory_that_may_not_be_written_in_is_one_line(
-    run: Path, hf: Path, tmp_path: Path, capsys, monkeypatch, command: str
+def test_a_folder_that_refuses_the_output_is_one_line_naming_it(
+    run: Path, hf: Path, tmp_path: Path, capsys, monkeypatch, command: str, refusal: str
 ) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    args = write_commands(run, hf, tmp_path, locked / "out")[command]
+    kind, code, reason, says = REFUSALS[refusal]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    args = write_commands(run, hf, tmp_path, folder / "out")[command]
     mkdir = os.mkdir
 
-    def refuse(path, *args, **kwargs) -> None:  # what a folder of another user's does (root may)
-        if Path(path).parent == locked:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    def refuse(path, *args, **kwargs) -> None:
+        if Path(path).parent == folder:
+            raise kind(code, reason, str(path))
         mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", refuse)
@@ -418,36 +431,10 @@ def test_a_directory_that_may_not_be_written_in_is_one_line(
     assert main(args) == 2
     err = capsys.readouterr().err  # the error's line last, after convert --from-hf's progress
     line = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and line.startswith(f"moekit {args[0]}: error: "), err
-    assert f"{locked} may not be written in (permission denied); choose a directory" in line
-    assert list(locked.iterdir()) == []
-
-
-@pytest.mark.parametrize("command", [c for c in WRITERS if c != "upcycle"])
-def test_a_file_system_that_takes_no_new_files_is_one_line_naming_the_output(
-    run: Path, hf: Path, tmp_path: Path, capsys, monkeypatch, command: str
-) -> None:
-    """What /proc does (ENOENT for a new name): the line named the temporary beside the output,
-    '[Errno 2] No such file or directory: .../.out.x1y2.tmp'."""
-    closed = tmp_path / "closed"
-    closed.mkdir()
-    args = write_commands(run, hf, tmp_path, closed / "out")[command]
-    mkdir = os.mkdir
-
-    def refuse(path, *args, **kwargs) -> None:
-        if Path(path).parent == closed:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
-        mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", refuse)
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    line = err.strip().splitlines()[-1]
     assert "Traceback" not in err, err
-    assert line.startswith(f"moekit {args[0]}: error: cannot write "), err
-    assert f"creating it in {closed} failed (no such file or directory); choose" in line, line
-    assert ".tmp" not in line and list(closed.iterdir()) == []
+    assert line.startswith(f"moekit {args[0]}: error: cannot write {folder / 'out'}"), err
+    assert says.format(folder=folder) in line and ".tmp" not in line, line
+    assert list(folder.iterdir()) == []
 
 
 def test_a_directory_given_as_a_routing_trace_is_one_line(run: Path, tmp_path: Path, capsys):
