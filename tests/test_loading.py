@@ -68,12 +68,16 @@ def test_dtype_converts_the_weights_and_keeps_the_correction_biases(saved) -> No
         assert model.moe_layers()[0].router.expert_bias.dtype == torch.float32
 
 
+def _copy_of(folder: Path, to: Path, *names: str) -> Path:
+    """A new folder `to` holding copies of `folder`'s files `names`."""
+    to.mkdir()
+    for name in names:
+        (to / name).write_bytes((folder / name).read_bytes())
+    return to
+
+
 def test_a_missing_tokenizer_is_an_error_unless_not_required(saved, tmp_path) -> None:
-    _, _, hf = saved
-    bare = tmp_path / "hf"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (bare / name).write_bytes((hf / name).read_bytes())
+    bare = _copy_of(saved[2], tmp_path / "hf", "config.json", "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json does not exist"):
         load(bare)
     assert load(bare, require_tokenizer=False).tokenizer is None
@@ -182,11 +186,7 @@ def test_load_weights_streams_the_checkpoint_and_names_a_mismatch(tmp_path: Path
 def test_a_hugging_face_config_without_weights_is_named_as_one(saved, tmp_path, capsys) -> None:
     """config.json in transformers' form with no weights beside it is a Hugging Face checkpoint
     missing its weights, not a run whose config has unknown fields."""
-    _, _, hf = saved
-    bare = tmp_path / "hf"
-    bare.mkdir()
-    for name in ("config.json", "tokenizer.json"):
-        (bare / name).write_bytes((hf / name).read_bytes())
+    bare = _copy_of(saved[2], tmp_path / "hf", "config.json", "tokenizer.json")
     with pytest.raises(ValueError, match=r"has neither model\.safetensors nor"):
         load(bare)
     assert main(["generate", str(bare), "--prompt=x"]) == 2
