@@ -533,3 +533,20 @@ def test_chosen_experts_are_the_routers_choices() -> None:
             assert decode_moe.chosen_experts(router, rows) == want
         assert decode_moe.chosen_experts(router, rows.requires_grad_()) == want
         assert len(want) >= router.cfg.top_k
+
+
+def test_offloaded_hash_routed_experts_decode_as_resident_ones(tmp_path) -> None:
+    """A hash router routes by token id, which only the block's reference passes on: its blocks
+    keep the layer-by-layer path when offloaded (the attention half's path called the MoE layer
+    without the ids and raised)."""
+    model = apply_decode_kernels(_model(16, moe={"router": "hash", "top_k": 1}))
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(17))
+    want = _greedy(model, prompt, 6)
+    offloaded = copy.deepcopy(model)
+    handle = apply_expert_offload(offloaded, write_expert_files(model, tmp_path / "e"), budget=2)
+    try:
+        got = _greedy(offloaded, prompt, 6)
+    finally:
+        handle.close()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert decode_block.blocks_in_one_call(offloaded) == 0

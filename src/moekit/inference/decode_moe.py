@@ -18,6 +18,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from moekit.cbuild import optional_ptr
 from moekit.config import MoEConfig
 from moekit.experts.experts import Experts
 from moekit.inference import decode_kernels
@@ -295,12 +296,15 @@ def _resident_args(layer: MoELayer) -> tuple | None:
 
 
 def offloaded_qualifies(layer: MoELayer) -> bool:
-    """Whether `_offloaded_experts` runs this layer: offloaded gated experts the C calls read
-    (quantized, or float ones on the decode kernels' expert) with an activation they compute,
-    and a router they read."""
+    """Whether a decoded token's call of this layer can run `_offloaded_experts` (the call's own
+    checks, `moe_step_qualifies`, aside): the settings the C layer needs (`_layer_qualifies`:
+    top-k routing in C, not a hash router's, which routes by token id), offloaded gated experts
+    the C calls read (quantized, or float ones on the decode kernels' expert) with an activation
+    they compute, and a router they read."""
     experts = layer.experts
     return (
-        type(experts) is OffloadedExperts
+        _layer_qualifies(layer)
+        and type(experts) is OffloadedExperts
         and layer.cfg.gated
         and (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
         and activation_ref(experts) is not False
@@ -309,9 +313,10 @@ def offloaded_qualifies(layer: MoELayer) -> bool:
 
 
 # Each offloaded expert's C refs (w_in, w_out), kept while the cache keeps the expert's weights:
-# per OffloadedExperts module and expert, a weak reference to the fetched w_in's data tensor and
-# its data pointer (a reload is a new tensor, re-pointed data another pointer: either rebuilds
-# them) and the refs, or None where they do not qualify.
+# per OffloadedExperts module and expert, a weak reference to the fetched w_in's data tensor, the
+# pointers the refs hold beside it (its data's, the module's biases'; a reload is a new tensor,
+# re-pointed data or biases other pointers: either rebuilds them) and the refs, or None where
+# they do not qualify.
 _fetched_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -323,11 +328,12 @@ def _offloaded_refs(experts: OffloadedExperts, chosen: list[int], fetched: list)
     pairs = []
     for e, weights in zip(chosen, fetched, strict=True):
         first = weights[0].data if experts.quantized else weights[0]
+        pointers = (first.data_ptr(), *(optional_ptr(b) for b in (experts.b_in, experts.b_out)))
         pair = kept.get(e)
-        if pair is None or pair[0]() is not first or pair[1] != first.data_ptr():
+        if pair is None or pair[0]() is not first or pair[1] != pointers:
             arrays = _gated_arrays(make, [weights], [e], experts)
             refs = arrays and (arrays[0][0], arrays[1][0])
-            pair = kept[e] = (weakref.ref(first), first.data_ptr(), refs)
+            pair = kept[e] = (weakref.ref(first), pointers, refs)
         if pair[2] is None:
             return None
         pairs.append(pair[2])
