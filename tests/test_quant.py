@@ -257,3 +257,10 @@ def test_quantized_runs_refuse_training_and_existing_outputs(
     )
     assert main(["quantize", str(run), "--weights=int3", f"--out={tmp_path / 'r'}"]) == 2
     assert "int3" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_quantization_record_with_a_zero_point_but_no_int4_part_still_reads() -> None:
+    """quantize refuses --zero_point without an int4 part (tests/test_cli_args.py); a checkpoint
+    an earlier version wrote that way (its int8 parts never took it) still loads."""
+    cfg = QuantizeConfig.from_json(QuantizeConfig(weights="int8", zero_point=True).to_json())
+    assert cfg.zero_point and cfg.scheme_of("experts") == "int8"

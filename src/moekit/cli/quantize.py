@@ -17,6 +17,7 @@ import torch
 
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import QuantizeConfig
+from moekit.config.rules import invalid
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
 from moekit.loading import load
@@ -32,6 +33,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(QuantizeConfig, args.config, args.overrides)
+    parts = ("experts", "attention", "ffn", "head")
+    if cfg.zero_point and "int4" not in {cfg.scheme_of(part) for part in parts}:
+        # (a checkpoint's quantization.json may say so: only its int4 parts ever took it)
+        raise invalid(
+            "zero_point",
+            True,
+            "applies to int4 weights only (q4_1's rule), and no part is int4 "
+            "here: drop it, or choose int4 for a part (--weights=int4, --experts=int4)",
+        )
     print_config(cfg)
     check_new_run_dir(args.out, "choose a new directory for the quantized model")  # before reading
     source = Path(args.path)

@@ -113,14 +113,6 @@ class QuantizeConfig(ConfigBase):
         scheme = getattr(self, part) or self.weights
         return None if scheme == "none" else scheme
 
-    def check(self) -> None:
-        parts = ("experts", "attention", "ffn", "head")
-        if self.zero_point and "int4" not in {self.scheme_of(part) for part in parts}:
-            raise invalid(
-                "zero_point", True, "applies to int4 weights only (q4_1's rule), and no part is "
-                "int4 here: drop it, or choose int4 for a part (--weights=int4, --experts=int4)"
-            )  # fmt: skip
-
 
 @dataclass(kw_only=True)
 class TraceConfig(ConfigBase):
