@@ -399,14 +399,16 @@ def test_a_trace_written_over_a_directory_is_one_line(run: Path, tmp_path: Path,
     }
 
 
-# What creating a name in a folder may meet: a folder of another user's (root may), or a file
+# What creating a name in a folder may meet: a folder of another user's (root may), a file
 # system that takes no new files (/proc: ENOENT; the line named the temporary beside the output,
-# "[Errno 2] No such file or directory: .../.out.x1y2.tmp").
+# "[Errno 2] No such file or directory: .../.out.x1y2.tmp"), a full disk (a traceback).
 REFUSALS = {
     "may not be written in": (PermissionError, errno.EACCES, "Permission denied",
                               "{folder} may not be written in (permission denied); choose a"),
     "takes no new files": (FileNotFoundError, errno.ENOENT, "No such file or directory",
                            "creating it in {folder} failed (no such file or directory); choose"),
+    "is full": (OSError, errno.ENOSPC, "No space left on device",
+                "{folder} has no room (no space left on device); free some space"),
 }  # fmt: skip
 
 

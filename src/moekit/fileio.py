@@ -99,6 +99,11 @@ def _write_error(path: Path, err: OSError) -> OSError:
             f"cannot write {path}: {folder} may not be written in ({reason}); choose a directory "
             "you can write in"
         )
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(
+            f"cannot write {path}: {folder} has no room ({reason}); free some space or choose a "
+            "directory on another disk"
+        )
     return type(err)(
         f"cannot write {path}: creating it in {folder} failed ({reason}); choose a directory "
         "you can write in"

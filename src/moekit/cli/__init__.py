@@ -54,8 +54,9 @@ MODULES = (
     experiment,
 )
 COMMANDS = {module.COMMAND.name: module.COMMAND for module in MODULES}
-# Errors that are the user's input, printed as one line instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+# Errors that are the user's input or machine, printed as one line instead of a traceback: bad
+# values, and what the file system said (a missing file, a file in the way, a full disk).
+USER_ERRORS = (ValueError, OSError)
 # Training that diverged, lost a process or failed in an arm's process: one line, exit 1.
 FAILURES = (TrainingDiverged, DistributedFailure, SideBySideFailed)
 NUL = "\0"  # in no argument: argv strings are C strings
