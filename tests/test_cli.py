@@ -158,6 +158,10 @@ def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
     assert main([*from_hf, "--arch", "mixtral", "--layout=fused"]) == 2
     err = capsys.readouterr().err
     assert "--layout, --arch apply to --to-hf only" in err and not (tmp_path / "back2").exists()
+    back3 = tmp_path / "back3"  # the settings file --to-hf wrote (layout fused) reads back
+    assert main(["convert", "--from-hf", str(hf), str(hf / "convert_config.json"), "--out",
+                 str(back3)]) == 0  # fmt: skip
+    capsys.readouterr()
     (hf / "tokenizer.json").unlink()  # a checkpoint without one: the run has none, said so
     assert main(from_hf) == 0
     assert "has no tokenizer.json" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from moekit.interop import save_hf
 from moekit.interop.archs import ARCHITECTURES
 from moekit.interop.convert import hf_to_run
 from moekit.interop.files import parse_size
+from moekit.interop.hf import check_hf_out
 from moekit.loading import load
 from moekit.quant.modules import dequantize_model
 
@@ -57,20 +58,20 @@ def check_direction(args: argparse.Namespace, cfg: ConvertConfig) -> None:
             raise ValueError(
                 "--to-hf needs --arch (one of the architectures in `moekit convert -h`)"
             )
-        out = Path(args.out)
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        check_hf_out(args.out, args.overwrite, "--overwrite")
         return
-    default = ConvertConfig()
-    ignored = [f"--{name}" for name in ("layout", "max_shard_size")
-               if getattr(cfg, name) != getattr(default, name)]  # fmt: skip
-    ignored += [name for name, given in (("--arch", args.arch), ("--overwrite", args.overwrite))
-                if given]  # fmt: skip
+    # what the command line says for --to-hf alone (a config file's, convert_config.json say,
+    # holds both directions' settings: --from-hf reads its dtype)
+    given = {item.partition("=")[0].lstrip("-") for item in args.overrides}
+    ignored = [f"--{name}" for name in ("layout", "max_shard_size") if name in given]
+    ignored += [name for name, value in (("--arch", args.arch), ("--overwrite", args.overwrite))
+                if value]  # fmt: skip
     if ignored:
+        one = len(ignored) == 1
         raise ValueError(
-            f"{', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to --to-hf "
-            "only: --from-hf writes a new run directory "
-            "(its checkpoint in moekit's own layout); drop them"
+            f"{', '.join(ignored)} {'applies' if one else 'apply'} to --to-hf only: --from-hf "
+            f"writes a new run directory (its checkpoint in moekit's own layout); drop "
+            f"{'it' if one else 'them'}"
         )
 
 

@@ -162,6 +162,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_hf_out(path: str | Path, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """What `save_hf` refuses to write into: a non-empty directory `path` unless `overwrite` (the
+    remedy names `flag`, the command line's --overwrite, say)."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass {flag} to replace it")
+
+
 def save_hf(
     model: MoETransformer,
     path: str | Path,
@@ -216,8 +224,7 @@ def save_hf(
     out_dtype = model.embed.weight.dtype if dtype is None else resolve_dtype(dtype, {})
     tensors = _save_plan(model, target, layout, out_dtype)
     final = Path(path)
-    if final.exists() and any(final.iterdir()) and not overwrite:  # (a directory: checked above)
-        raise FileExistsError(f"{final} exists and is not empty; pass overwrite=True to replace it")
+    check_hf_out(final, overwrite)
     with atomic_path(final) as tmp:
         tmp.mkdir()
         sizes = [(key, math.prod(p.shape) * p.dtype.itemsize) for key, p in tensors.items()]
