@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,16 @@ def test_resuming_with_an_override_that_changes_the_model_names_it(
     assert "a resumed run keeps its model: drop it, or " in line
     assert f"moekit train {run / 'config.json'} {override}" in line
     assert snapshot(run) == before
+
+
+def test_resuming_with_a_change_its_weights_still_fit_trains(runs: Path, tmp_path) -> None:
+    """Capacity dispatch or another top_k on the same weights (fine-tuning a converted run with a
+    capacity factor, say) resumes, as it did before the check of the model."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "run", run)
+    overrides = ["--model.moe.capacity_factor=1.25", "--model.moe.top_k=1", "--train.steps=4"]
+    assert main(["train", "--resume", str(run), *overrides]) == 0
+    assert (run / "checkpoints" / "step-000004").is_dir()
 
 
 @pytest.mark.parametrize(

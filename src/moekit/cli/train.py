@@ -6,9 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
-from moekit.config import RunConfig
+from moekit.config import ModelConfig, RunConfig
 from moekit.distributed.trainer import train_distributed
+from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides, split_override
 from moekit.train import TrainResult, train
 from moekit.train.checkpoint import check_run_dir, nothing_to_train, read_trainer_json
@@ -48,9 +51,11 @@ def run(args: argparse.Namespace) -> None:
 
 def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: list[str]) -> None:
     """Refuse to resume `run_dir` (its config.json: `recorded`) as `cfg` (with the `overrides`)
-    where that trains nothing or another model: before the run directory is touched."""
+    where that trains nothing or a model its checkpoint cannot be (other weights: more experts,
+    an MTP module), before the run directory is touched. A change its weights still fit (the
+    capacity, top_k) is the user's to make."""
     changes = model_changes(recorded.model, cfg.model, RESUME_MAY_CHANGE)
-    if changes:
+    if changes and _weight_shapes(recorded.model) != _weight_shapes(cfg.model):
         names = [name for name, _, _ in changes]
         items = [o for o in overrides if _touches(split_override(o)[0], names)] or [
             o for o in overrides if o.startswith("--model.")
@@ -72,6 +77,12 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
     step = read_trainer_json(latest)["step"]
     if step >= cfg.train.steps:
         raise ValueError(nothing_to_train(run_dir, step, cfg.train.steps, recorded.train.steps))
+
+
+def _weight_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of each weight of a `model` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(t.shape) for k, t in MoETransformer(model).state_dict().items()}
 
 
 def _touches(key: str, names: list[str]) -> bool:
