@@ -304,13 +304,13 @@ class ParallelConfig(ConfigBase):
             f"it must divide parallel.dp_shard ({shard}), or be a multiple of it that divides "
             f"{data}; here ep can be {', '.join(map(str, fits))}, or for ep={ep} "
         )
+        r = self.dp_replicate  # None: as many replicas as the processes launched make
         if ep % shard == 0:  # dp_replicate a multiple of ep / dp_shard
-            unset = (
-                "" if self.dp_replicate is None else f" (dp_replicate a multiple of {ep // shard})"
-            )
+            unset = "" if r is None else f" (dp_replicate a multiple of {ep // shard})"
             return f"{rule}launch a multiple of {ep // shard * inner} processes{unset}"
-        shards = ", ".join(map(str, [n for n in range(1, ep + 1) if ep % n == 0] + [2 * ep]))
-        return f"{rule}make parallel.dp_shard a divisor or a multiple of {ep} (such as {shards})"
+        such = ", ".join(str(n) for n in [*range(1, ep + 1), 2 * ep] if not n % ep or (
+            not ep % n and (r is None or not r * n % ep)))  # fmt: skip
+        return f"{rule}make parallel.dp_shard a divisor or a multiple of {ep} (such as {such})"
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise unless the model can be split as asked: experts over `ep`, heads and hidden
