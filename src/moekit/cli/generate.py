@@ -12,14 +12,12 @@ from typing import Any
 from moekit.cli.common import Command, print_config, resolve_config, stream_text
 from moekit.config import GenerateConfig, OffloadConfig
 from moekit.cpu_memory import use_huge_pages
-from moekit.inference.budget import check_budget_form
+from moekit.inference.budget import BUDGET_FORMS, check_budget_form
 from moekit.inference.offload import format_stats
 from moekit.interop.chat import ChatSession, chat_prompt, check_chat_files
 from moekit.loading import is_hf_directory, load
 from moekit.model import MoETransformer
 from moekit.model.speculative import SpeculativeStats, check_speculative
-
-BUDGET_FORMS = "a count (12), a fraction of all experts (50%) or bytes (200MB)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -42,18 +42,21 @@ def check_budget_form(budget: str, in_bytes: bool = True) -> str:
     return budget
 
 
+# What an expert budget may be, for errors: without the experts' size (a routing trace's), and with
+COUNT_OR_FRACTION = "a count (12) or a fraction (0.5 or 50%)"
+BUDGET_FORMS = "a count (12), a fraction (0.5 or 50%) or bytes (200MB)"
+
+
 def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | None) -> int:
     given = budget
-    forms = "a count (12) or a fraction (0.5 or 50%)"
-    if expert_bytes is not None:
-        forms = "a count (12), a fraction (0.5 or 50%) or bytes (200MB)"
+    forms = COUNT_OR_FRACTION if expert_bytes is None else BUDGET_FORMS
     if isinstance(budget, str):
         text = budget.strip()
         in_bytes = text.upper().endswith("B")
         if in_bytes and expert_bytes is None:
             raise ValueError(
                 f"expert budget {budget!r} is in bytes, but a routing trace does not know the "
-                "experts' size: give a count (12) or a fraction (0.5 or 50%)"
+                f"experts' size: give {COUNT_OR_FRACTION}"
             )
         try:
             if in_bytes:
