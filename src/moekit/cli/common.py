@@ -26,7 +26,7 @@ from moekit.data import eos_id
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop.chat import ChatPrompt
 from moekit.model import MoETransformer, generate
-from moekit.model.generation import end_token_ids
+from moekit.model.generation import end_token_ids, room_after_prompt
 from moekit.overrides import apply_overrides
 from moekit.train.checkpoint import CHECKPOINT_DIR, is_hf_checkpoint
 from moekit.userfiles import read_json
@@ -177,13 +177,8 @@ def stream_text(
         ids = tokenizer.encode(prompt).ids or [eos]  # an empty prompt starts a new document
     cache = generate_args.get("kv_cache")
     past = 0 if cache is None else cache.length
-    budget = min(max_new_tokens, model.cfg.max_seq_len - past - len(ids))
-    if budget < 1:
-        what = "conversation" if past else "prompt"
-        raise ValueError(
-            f"the {what} is {past + len(ids)} tokens; the model's max_seq_len="
-            f"{model.cfg.max_seq_len} leaves no room to generate"
-        )
+    what = "the conversation" if past else "the prompt"
+    budget = min(max_new_tokens, room_after_prompt(past + len(ids), model.cfg.max_seq_len, what))
     print(prompt, end="", flush=True)
     new_ids: list[int] = []
     shown = ""

@@ -12,8 +12,9 @@ from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import TraceConfig
 from moekit.fileio import atomic_write_text, check_no_file_in_the_way
 from moekit.inference.decode_kernels import apply_decode_kernels
-from moekit.inference.trace import record_prompts, room_after_prompt, save_trace
+from moekit.inference.trace import record_prompts, save_trace
 from moekit.loading import load, read_config, read_model_tokenizer
+from moekit.model.generation import room_after_prompt
 from moekit.userfiles import read_text
 
 

@@ -239,22 +239,11 @@ def _check_trace_tensors(path: str | Path, tensors: dict, identity: dict, versio
             raise DamagedFile(path, problem, RECORD_AGAIN)
 
 
-def room_after_prompt(n_ids: int, max_seq_len: int, what: str) -> int:
-    """The positions the model's context leaves to generate after a prompt of `n_ids` tokens; a
-    prompt that leaves none is refused as `moekit generate` refuses it (`what` names it)."""
-    if n_ids >= max_seq_len:
-        raise ValueError(
-            f"{what} is {n_ids} tokens; the model's max_seq_len={max_seq_len} leaves no room to "
-            f"generate: shorten it to at most {max_seq_len - 1} tokens"
-        )
-    return max_seq_len - n_ids
-
-
 def record_prompts(model: MoETransformer, tokenizer, prompts: list[str], max_new_tokens: int):
     """Trace greedy generation of `max_new_tokens` after each prompt, one prompt at a time (fewer
     where the model's context ends first); a prompt that fills the context is refused, by its
     number, before any is traced."""
-    from moekit.model.generation import generate
+    from moekit.model.generation import generate, room_after_prompt
 
     max_seq_len = model.cfg.max_seq_len
     encoded = [tokenizer.encode(text).ids or [0] for text in prompts]

@@ -223,6 +223,18 @@ def generate(
         model.train(was_training)
 
 
+def room_after_prompt(n_ids: int, max_seq_len: int, what: str) -> int:
+    """The positions a context of `max_seq_len` leaves to generate after a prompt of `n_ids`
+    tokens; a prompt that leaves none is one error naming it (`what`: "prompt 3", "the
+    conversation") and how long it may be."""
+    if n_ids >= max_seq_len:
+        raise ValueError(
+            f"{what} is {n_ids} tokens; the model's max_seq_len={max_seq_len} leaves no room to "
+            f"generate: shorten it to at most {max_seq_len - 1} tokens"
+        )
+    return max_seq_len - n_ids
+
+
 def end_token_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     """generate's eos_token_id as a tuple of ids (empty for None): an integer (Python's, numpy's,
     a 0-d tensor) or a sequence of them; ValueError for anything else."""
