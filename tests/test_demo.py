@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tests.run_cases import JSON_PACKAGE, tiny_run
 
 from moekit.cli import main
@@ -76,7 +77,10 @@ def test_demo_refuses_to_replace_what_is_not_a_demo(tmp_path: Path, capsys) -> N
     assert (run / "config.json").is_file() and list((run / "checkpoints").iterdir())
 
 
-def test_demo_checks_the_device_before_it_clears_the_last_demo(tmp_path: Path, capsys) -> None:
+def test_demo_checks_the_device_before_it_clears_the_last_demo(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without cuda:7
     out = tmp_path / "demo"
     for name in ("moe", "dense"):  # an earlier demo's two runs: what clear_previous_demo removes
         (out / name).mkdir(parents=True)
