@@ -59,6 +59,12 @@ BAD = [
     (["cache-sim", "t", "--budget=200MB"], "expert budget", "does not know the experts"),
     (["cache-sim", "t", "--budget=lots"], "expert budget", "or a fraction (0.5 or 50%)"),
     (["cache-sim", "t", "--policy=fifo"], "--policy='fifo'", "'lru', 'lfu', 'static'"),
+    (["quantize", RUN, "--out="], "--out is empty", "give a path"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", f"{RUN}/sub"], "is inside the run "
+     "being converted", f"{RUN}/sub"),
+    (["convert", "--to-hf", RUN, "--arch", "mixtral", "--out", "."], "holds the run being "
+     "converted", "choose a folder outside it"),
+    (["trace", RUN, "--prompts", "p", "--out", "o/"], "--out o/ is a directory", "o/"),
 ]  # fmt: skip
 
 
@@ -196,3 +202,30 @@ def test_a_nested_config_override_says_what_is_wrong_with_it(capsys, value: str,
     err = capsys.readouterr().err
     assert err.startswith(f"moekit params: error: --moe={value!r}: "), err
     assert says in err and err.count("--moe=") == 1 and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", RUN, "--out", "{out}"],
+        ["experiment", "balance", "--preset", "tiny", "--out", "{out}"],
+    ],
+    ids=["analyze", "experiment"],
+)
+def test_a_report_folder_of_something_else_is_refused(tmp_path, capsys, argv) -> None:
+    """analyze and experiment wrote their report.md into any --out, a training run's included."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.md").write_text("the run's own report")
+    assert main([a.format(out=out) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds other files than" in err and "choose another --out" in err
+    assert (out / "report.md").read_text() == "the run's own report"
+
+
+def test_an_argument_that_is_not_utf8_is_one_line(capsys) -> None:
+    """Bytes from the shell (Python keeps them as surrogates): tokenizers raised a TypeError."""
+    assert main(["generate", RUN, "--prompt=\udcff"]) == 2
+    err = capsys.readouterr().err
+    said = "argument '--prompt=\\xff' is not UTF-8 text; give text in UTF-8"
+    assert err == f"moekit generate: error: {said}\n"

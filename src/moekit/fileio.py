@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and directories alike: whatever the block creates at the yielded path replaces
     `path` (an existing file is replaced atomically; an existing directory is swapped out first).
     """
-    final = Path(path)
+    final = Path(path).absolute()  # (".": a name to put the temporary beside)
     make_dirs(final.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -80,6 +80,18 @@ def check_no_file_in_the_way(path: str | os.PathLike, *, file_ok: bool = False) 
                 f"cannot write {path}: {place} is a file, not a directory; move it away or "
                 "choose another path"
             )
+
+
+def check_own_folder(path: str | os.PathLike, markers: tuple[str, ...], what: str) -> None:
+    """Refuse a folder `path` that holds files but none of `markers` (what a `what`, "an
+    analysis" say, writes there: a file or folder): writing would mix into, or replace the files
+    of, something else (a run's report.md)."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in markers):
+        raise FileExistsError(
+            f"{path} holds other files than {what} (it has no {' or '.join(markers)}); choose "
+            "another --out, or empty it yourself"
+        )
 
 
 def _write_error(path: Path, err: OSError) -> OSError:

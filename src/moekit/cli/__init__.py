@@ -82,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(argv: list[str], args: argparse.Namespace) -> None:
+    """What no command can use: an argument that is not UTF-8 text (the shell passed bytes), or
+    an empty path ("--out=")."""
+    for item in argv:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(f"argument '{shown}' is not UTF-8 text; give text in UTF-8") from None
+    for name in ("path", "run_dir", "out", "resume", "from_hf", "to_hf", "prompts"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            flag = f"--{name.replace('_', '-')}" if name not in ("path", "run_dir") else name
+            raise ValueError(f"{flag} is empty: give a path")
+
+
 def check_setting(item: str, command: str, config: type[ConfigBase]) -> None:
     """An argument the command's parser did not take must be a setting in one argument,
     --key=value (`split_override`); anything else is one error naming it: a stray word, an
@@ -120,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     if cmd.trains:
         keep_freed_memory()
     try:
+        check_arguments(argv, args)
         for item in extra:  # before anything is read: `--tokens 256` is a malformed override
             check_setting(item, args.command, cmd.config or RunConfig)
         cmd.run(args)
         return 0
     except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:  # (torch's "can't allocate" is a RuntimeError: a traceback still)
+        print(f"moekit {args.command}: error: out of memory: the settings or input ask for more "
+              "than this machine has (sizes, batch, a file read whole); make them smaller",
+              file=sys.stderr)  # fmt: skip
         return 2
     except FAILURES as err:  # a side-by-side run's error is above, in its process's output
         print(f"\nerror: {err}", file=sys.stderr)

@@ -10,7 +10,9 @@ import argparse
 from moekit.analysis.analyze import analyze, traced_seq_len
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import AnalyzeConfig
-from moekit.fileio import atomic_write_text
+from moekit.fileio import atomic_write_text, check_own_folder
+
+CONFIG_FILE = "analyze_config.json"  # written by every analysis, beside its report
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -20,10 +22,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(AnalyzeConfig, args.config, args.overrides)
+    if args.out is not None:  # (the default, PATH/analysis, is the analysis' own)
+        check_own_folder(args.out, (CONFIG_FILE,), "an analysis")
     cfg = cfg.replace(seq_len=traced_seq_len(args.path, cfg.seq_len))  # the number it traces
     print_config(cfg)
     report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
-    atomic_write_text(report.parent / "analyze_config.json", cfg.to_json())
+    atomic_write_text(report.parent / CONFIG_FILE, cfg.to_json())
     print(f"report: {report}")
 
 

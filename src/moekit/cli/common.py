@@ -103,6 +103,12 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
         if cls is not RunConfig:
             cfg: Any = cls.from_file(path, remedy)
         elif "model" not in (data := read_json(path, remedy)):
+            if "model_type" in data or "architectures" in data:  # transformers' config.json
+                raise ValueError(
+                    f"{path} is a Hugging Face model's config, not a moekit one: convert its "
+                    f"checkpoint to a run (moekit convert --from-hf {path.parent} --out RUN_DIR), "
+                    "then give RUN_DIR/config.json"
+                )
             cfg = RunConfig(model=config_from_data(ModelConfig, data, path))
         else:
             cfg = config_from_data(RunConfig, data, path)

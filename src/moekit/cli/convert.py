@@ -58,6 +58,13 @@ def check_direction(args: argparse.Namespace, cfg: ConvertConfig) -> None:
             raise ValueError(
                 "--to-hf needs --arch (one of the architectures in `moekit convert -h`)"
             )
+        source, out = Path(args.to_hf).resolve(), Path(args.out).resolve()
+        if out == source or out in source.parents or source in out.parents:
+            where = "is" if out == source else "holds" if out in source.parents else "is inside"
+            raise ValueError(
+                f"--out {args.out} {where} the run being converted ({args.to_hf}): writing the "
+                "checkpoint there would replace or mix into it; choose a folder outside it"
+            )
         check_hf_out(args.out, args.overwrite, "--overwrite")
         return
     # what the command line says for --to-hf alone (a config file's, convert_config.json say,

@@ -10,6 +10,7 @@ from moekit.cli.common import Command, positive_int, print_config, resolve_confi
 from moekit.config import RunConfig
 from moekit.experiments import runner
 from moekit.experiments.arms import EXPERIMENTS
+from moekit.fileio import check_own_folder
 from moekit.train.device import training_device
 
 
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> None:
     if args.out is not None and not args.out.strip():
         raise ValueError("--out is empty: give the report folder, or no --out (runs/experiments)")
     out = args.out or f"runs/experiments/{args.name}"
+    # a run's own report.md, say; an experiment's folder (its arms' runs too) it goes on with
+    check_own_folder(out, ("results.json", runner.ARMS_DIR), "an experiment")
     base = resolve_config(RunConfig, args.preset, [])
     if args.preset == "experiment":  # each experiment's steps fit its arms in the time budget
         base = base.replace(train=base.train.replace(steps=EXPERIMENTS[args.name].steps))

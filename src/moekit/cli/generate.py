@@ -123,6 +123,11 @@ def converse(
             return
         if not line.strip():
             continue
+        try:
+            line.encode("utf-8")  # stdin read with surrogateescape (a C locale): bytes kept
+        except UnicodeEncodeError:
+            print("note: that line is not UTF-8 text; say it again in UTF-8", file=sys.stderr)
+            continue
         prompt = session.ask(line.rstrip("\r\n"), cfg.max_new_tokens)
         reply = stream_text(model, session.template.tokenizer, "", cfg.max_new_tokens,
                             seed=cfg.seed, chat=prompt, kv_cache=session.cache,

@@ -6,6 +6,7 @@ prompt that fills the model's context (max_seq_len) is refused, before the model
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from moekit.cli.common import Command, print_config, resolve_config
@@ -28,9 +29,9 @@ def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(TraceConfig, args.config, args.overrides)
     print_config(cfg)
     out = Path(args.out)
-    if out.is_dir():  # before the model is read
-        raise FileExistsError(f"--out {out} is a directory; give the trace a file name, such as "
-                              f"{out / 'routing.trace'}")  # fmt: skip
+    if out.is_dir() or args.out.endswith(("/", os.sep)):  # before the model is read
+        raise FileExistsError(f"--out {args.out} is a directory; give the trace a file name, such "
+                              f"as {out / 'routing.trace'}")  # fmt: skip
     check_no_file_in_the_way(out, file_ok=True)
     settings = Path(f"{out}.config.json")  # an existing output refused, as train and convert do
     if out.exists():
@@ -52,9 +53,9 @@ def run(args: argparse.Namespace) -> None:
     model = apply_decode_kernels(loaded.model)
     trace = record_prompts(model, loaded.tokenizer, [line for _, line in prompts],
                            cfg.max_new_tokens)  # fmt: skip
-    save_trace(trace, args.out)
-    atomic_write_text(f"{args.out}.config.json", cfg.to_json())
-    print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {args.out}")
+    save_trace(trace, out)
+    atomic_write_text(settings, cfg.to_json())
+    print(f"trace of {len(trace.ids)} tokens, {len(trace.requests())} requests: {out}")
 
 
 COMMAND = Command("trace", "record which experts each token uses while generating", configure, run,

@@ -13,8 +13,8 @@ import torch
 
 from moekit.config import ModelConfig, MoEConfig, RunConfig
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import check_new_run_dir, write_new_run
-from moekit.train.sample import load_run
+from moekit.train.checkpoint import check_new_run_dir, refuse_quantized, write_new_run
+from moekit.train.sample import find_run, load_run
 
 ROUTER_STD = 1e-3  # a near-uniform router at the start: every expert is the same function anyway
 
@@ -64,7 +64,8 @@ def upcycle_run(
     """Write a run directory holding the upcycled model as its step-0 checkpoint, with the dense
     run's data and training settings: `moekit train --resume OUT_DIR` trains it."""
     check_new_run_dir(out_dir, "choose a new --out for the upcycled run")
-    run, dense, _ = load_run(dense_dir)
+    refuse_quantized(find_run(dense_dir)[1])  # before its weights are read
+    run, dense, checkpoint = load_run(dense_dir)  # (dense_dir: the run, or one checkpoint of it)
     cfg = RunConfig(model=upcycle_config(run.model, n_experts, top_k), train=run.train)
     model = upcycle_model(dense, cfg.model, noise, seed=run.train.seed)
-    return write_new_run(Path(out_dir), cfg, model, Path(dense_dir) / "tokenizer.json")
+    return write_new_run(Path(out_dir), cfg, model, checkpoint.parent.parent / "tokenizer.json")
