@@ -20,6 +20,7 @@ from moekit.config import (
 )
 from moekit.data import byte_tokenizer
 from moekit.model import MoETransformer
+from moekit.quant.files import QUANTIZATION_FILE
 from moekit.train import list_checkpoints, train
 from moekit.train.checkpoint import TrainerState, save_checkpoint
 from moekit.train.optim import build_optimizer
@@ -58,7 +59,7 @@ def test_upcycling_an_moe_model_is_refused():
         upcycle_config(ModelConfig.preset("tiny"), 4, 2)
 
 
-def test_upcycle_command_writes_a_run_that_trains_on(tmp_path: Path):
+def test_upcycle_command_writes_a_run_that_trains_on(tmp_path: Path, capsys):
     data = DataConfig(source=JSON_PACKAGE, tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
     settings = dict(steps=1, batch_size=2, seq_len=32, warmup_steps=1, progress=False)
     t = TrainConfig(**settings, tensorboard=False, data=data, eval=EvalConfig(every=1, batches=1),
@@ -70,6 +71,13 @@ def test_upcycle_command_writes_a_run_that_trains_on(tmp_path: Path):
     (dense_dir / "config.json").write_text(RunConfig(model=DENSE, train=t).to_json())
     byte_tokenizer().save(str(dense_dir / "tokenizer.json"))
     (dense_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    step = list_checkpoints(dense_dir)[-1]  # one checkpoint of the run: the run's tokenizer
+    assert main(["upcycle", str(step), "--n_experts=4", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    (step / QUANTIZATION_FILE).write_text("{}")  # a quantized run trains no more: refused first
+    assert main(["upcycle", str(dense_dir), "--out", str(tmp_path / "q")]) == 2
+    assert "holds a quantized model" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    (step / QUANTIZATION_FILE).unlink()
     out = tmp_path / "moe"
     assert main(["upcycle", str(dense_dir), "--n_experts=4", "--top_k=2", "--out", str(out)]) == 0
     assert (out / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"  # kept
