@@ -317,6 +317,11 @@ def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "the message is too long for the model's context" in err and "Traceback" not in err
     assert "start a new conversation" not in err  # a new one would not help
+    # a line of bytes that are not UTF-8 (kept as surrogates): skipped with a note, no TypeError
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi \udcff there\nhéllo\n"))
+    assert main(["generate", str(folder), *args]) == 0
+    said = capsys.readouterr()
+    assert "that line is not UTF-8 text" in said.err and said.out.split("\n")[0] == expected[0]
 
 
 HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]  # 257-261

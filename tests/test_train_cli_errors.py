@@ -138,6 +138,9 @@ def test_a_directory_given_as_the_config_says_what_it_is(
     (hf / "model.safetensors").write_bytes(b"")
     assert main(["params", str(hf)]) == 2
     assert f"moekit convert --from-hf {hf}" in one_line(capsys, "params")
+    (hf / "config.json").write_text('{"model_type": "mixtral", "hidden_size": 8}')
+    assert main(["params", str(hf / "config.json")]) == 2  # its file: not "no field(s) [...]"
+    assert "is a Hugging Face model's config, not a moekit one" in one_line(capsys, "params")
     assert main(["train", ""]) == 2
     assert "the config argument is empty" in one_line(capsys, "train")
     monkeypatch.chdir(tmp_path)  # a folder named like a preset does not hide the preset
@@ -296,7 +299,7 @@ def test_an_empty_folder_argument_is_refused(tmp_path: Path, capsys, monkeypatch
     """`--out=` trained into runs/tiny-DATE as if --out were not given."""
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
-    assert "is empty: give the" in one_line(capsys, args[0])
+    assert "is empty: give a path" in one_line(capsys, args[0])
     assert list(tmp_path.iterdir()) == []
 
 

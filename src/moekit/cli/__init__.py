@@ -95,7 +95,7 @@ def check_arguments(argv: list[str], args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if isinstance(value, str) and not value.strip():
             flag = f"--{name.replace('_', '-')}" if name not in ("path", "run_dir") else name
-            raise ValueError(f"{flag} is empty: give a path")
+            raise ValueError(f"{flag} is empty: give a path (an option's default: leave it out)")
 
 
 def check_setting(item: str, command: str, config: type[ConfigBase]) -> None:

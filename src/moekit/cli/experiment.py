@@ -28,8 +28,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.out is not None and not args.out.strip():
-        raise ValueError("--out is empty: give the report folder, or no --out (runs/experiments)")
     out = args.out or f"runs/experiments/{args.name}"
     # a run's own report.md, say; an experiment's folder (its arms' runs too) it goes on with
     check_own_folder(out, ("results.json", runner.ARMS_DIR), "an experiment")

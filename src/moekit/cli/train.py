@@ -29,10 +29,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    for flag in ("out", "resume"):
-        if getattr(args, flag) is not None and not getattr(args, flag).strip():
-            what = "to continue" if flag == "resume" else "to write, or no --out (runs/NAME-DATE)"
-            raise ValueError(f"--{flag} is empty: give the run directory {what}")
     if args.resume is not None:
         if args.config is not None or args.out is not None:
             raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
