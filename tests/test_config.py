@@ -102,7 +102,7 @@ class Probe(ConfigBase):
         ("offset", -1, "offset=-1 is invalid: must be an integer >= 0"),
         ("scale", 0.0, "scale=0.0 is invalid: must be > 0 and finite"),
         ("scale", math.inf, "scale=inf is invalid: must be > 0 and finite"),
-        ("scale", "1", "scale='1' is invalid: must be > 0 and finite"),
+        ("scale", "1", "scale='1' is invalid: must be a number > 0 and finite"),
         ("share", 1.5, "share=1.5 is invalid: must be a number in (0, 1]"),
         ("name", 3, "name=3 is invalid: must be a string"),
         ("mode", "z", "mode='z' is invalid: allowed values are 'x', 'y'"),

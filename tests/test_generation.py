@@ -242,3 +242,11 @@ def test_the_decode_path_is_chosen_by_the_kv_cache_not_by_grad_mode() -> None:
         with torch.set_grad_enabled(grad):
             model(x, kv_cache=KVCache.for_model(model, 1, 3))
     assert calls == []
+
+
+def test_sampling_from_logits_that_are_not_finite_is_one_error() -> None:
+    """torch.multinomial's "probability tensor contains either inf, nan or element < 0" was a
+    traceback (an upcycle with --noise=1e30, say)."""
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="the model's logits are not finite"):
+        sample_next(logits, temperature=0.8, top_k=0, top_p=1.0, generator=torch.Generator())

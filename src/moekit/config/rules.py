@@ -86,8 +86,9 @@ def check_field(name: str, hint: Any, value: Any) -> Any:
             if rule_of(item_hint)(item) is _BAD:
                 raise invalid(name, item, f"must be {describe(item_hint)} (each item of {name})")
     rule = describe(hint)
-    if rule.startswith("a number >"):  # a field's own bound reads as it did before the rules
-        rule = rule.removeprefix("a number ")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if rule.startswith("a number >") and number:  # a field's own bound reads as it always did
+        rule = rule.removeprefix("a number ")  # ("lr='1e-3'": the rule says a number is wanted)
     raise invalid(name, value, f"must be {rule}")
 
 

@@ -125,7 +125,7 @@ class TrainConfig(ConfigBase):
     batch_size: int = 8
     seq_len: Annotated[int, In("[2, inf)")] = 256
     grad_accum: int = 1
-    seed: NonNegInt = 0
+    seed: Annotated[int, In("[0, 2**64)")] = 0  # torch's generators take 64 bits
     lr: float = 3e-3
     min_lr_ratio: Annotated[float, In("[0, 1]")] = 0.1
     warmup_steps: NonNegInt = 30

@@ -106,7 +106,15 @@ def sample_next(
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     probs_BV = sampling_probs(logits_BV, temperature, top_k, top_p)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    except RuntimeError:
+        if torch.isfinite(logits_BV).all():
+            raise
+        raise ValueError(  # (checked only here: no cost on a step that samples)
+            "the model's logits are not finite (inf or NaN): its weights are broken (an "
+            "upcycle's --noise far above 1, say, or a training run that diverged)"
+        ) from None
 
 
 def sampling_probs(
