@@ -249,4 +249,4 @@ def test_sampling_from_logits_that_are_not_finite_is_one_error() -> None:
     traceback (an upcycle with --noise=1e30, say)."""
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(ValueError, match="the model's logits are not finite"):
-        sample_next(logits, temperature=0.8, top_k=0, top_p=1.0, generator=torch.Generator())
+        sample_next(logits, temperature=0.8, generator=torch.Generator())
