@@ -30,7 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     out = args.out or f"runs/experiments/{args.name}"
     # a run's own report.md, say; an experiment's folder (its arms' runs too) it goes on with
-    check_own_folder(out, ("results.json", runner.ARMS_DIR), "an experiment")
+    check_own_folder(out, (runner.RESULTS_FILE, runner.ARMS_DIR), "an experiment")
     base = resolve_config(RunConfig, args.preset, [])
     if args.preset == "experiment":  # each experiment's steps fit its arms in the time budget
         base = base.replace(train=base.train.replace(steps=EXPERIMENTS[args.name].steps))

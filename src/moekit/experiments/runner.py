@@ -32,6 +32,7 @@ from moekit.train.sample import load_run
 
 SPIKE = 1.5  # a logged train loss above 1.5 x the lowest one before it is a spike
 ARMS_DIR = "arms"  # OUT/arms/ARM/seed-N: the arms' run directories, apart from the report files
+RESULTS_FILE = "results.json"  # OUT/results.json: every arm's figures
 CURVES = {"max_vio": "MaxVio (max over layers)", "dropped_fraction": "dropped fraction",
           "logit_rms": "router logit RMS, sqrt(z-loss), at each checkpoint"}  # fmt: skip
 LOGGED = ("max_vio", "dropped_fraction")  # curves from the train records; logit_rms: checkpoints
@@ -75,7 +76,7 @@ def write_report(
     base: RunConfig, out_dir: Path,
 ) -> None:  # fmt: skip
     """results.json, the plots and report.md (last: its presence means the others are there)."""
-    atomic_write_text(out_dir / "results.json", json.dumps(run | {"arms": results}, indent=1))
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(run | {"arms": results}, indent=1))
     first = {arm: runs[0] for arm, runs in results.items()}
     losses = {arm: run["losses"] for arm, run in first.items()}
     save_figure(curves_figure(losses, "step", "train LM loss"), out_dir / "loss.png")
