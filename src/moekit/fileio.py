@@ -82,6 +82,15 @@ def check_no_file_in_the_way(path: str | os.PathLike, *, file_ok: bool = False) 
             )
 
 
+def check_new_path(path: str | os.PathLike, remedy: str) -> None:
+    """What a command that writes something new at `path` (a run directory, a trace) refuses,
+    checked before anything is read: FileExistsError where `path` exists (`remedy`: what to do)
+    or a file stands where a directory on its way must go."""
+    if Path(path).exists():
+        raise FileExistsError(f"{path} exists; {remedy}")
+    check_no_file_in_the_way(path)
+
+
 def check_own_folder(path: str | os.PathLike, markers: tuple[str, ...], what: str) -> None:
     """Refuse a folder `path` that holds files but none of `markers` (what a `what`, "an
     analysis" say, writes there: a file or folder): writing would mix into, or replace the files

@@ -18,12 +18,13 @@ import torch
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import QuantizeConfig
 from moekit.config.rules import invalid
+from moekit.fileio import check_new_path
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
 from moekit.loading import load
 from moekit.model import MoETransformer
 from moekit.quant.modules import quantize_model
-from moekit.train.checkpoint import CHECKPOINT_DIR, check_new_run_dir, write_quantized_run
+from moekit.train.checkpoint import CHECKPOINT_DIR, write_quantized_run
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
             "here: drop it, or choose int4 for a part (--weights=int4, --experts=int4)",
         )
     print_config(cfg)
-    check_new_run_dir(args.out, "choose a new directory for the quantized model")  # before reading
+    check_new_path(args.out, "choose a new directory for the quantized model")  # before reading
     source = Path(args.path)
     if (source / "config.json").is_file() and not (source / CHECKPOINT_DIR).is_dir():
         model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read

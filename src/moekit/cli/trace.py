@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import TraceConfig
-from moekit.fileio import atomic_write_text, check_no_file_in_the_way
+from moekit.fileio import atomic_write_text, check_new_path
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.inference.trace import record_prompts, save_trace
 from moekit.loading import load, read_config, read_model_tokenizer
@@ -32,11 +32,8 @@ def run(args: argparse.Namespace) -> None:
     if out.is_dir() or args.out.endswith(("/", os.sep)):  # before the model is read
         raise FileExistsError(f"--out {args.out} is a directory; give the trace a file name, such "
                               f"as {out / 'routing.trace'}")  # fmt: skip
-    check_no_file_in_the_way(out, file_ok=True)
+    check_new_path(out, "choose a new --out for the trace, or remove the old one first")
     settings = Path(f"{out}.config.json")  # an existing output refused, as train and convert do
-    if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new --out for the trace, or remove the old "
-                              "one first")  # fmt: skip
     if settings.exists():
         raise FileExistsError(f"{settings} exists (the settings of an earlier trace at {out}); "
                               "choose a new --out for the trace, or remove it first")  # fmt: skip

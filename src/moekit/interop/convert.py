@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from moekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from moekit.fileio import check_new_path
 from moekit.interop.hf import hf_model_config, load_hf, read_hf_config
-from moekit.train.checkpoint import check_new_run_dir, write_new_run
+from moekit.train.checkpoint import write_new_run
 from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
 
@@ -30,7 +31,7 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) 
     """Import a Hugging Face checkpoint as a run directory: its weights as checkpoint step 0
     (which `moekit train --resume OUT` fine-tunes), its tokenizer.json copied when it has one,
     with its chat files (template, special and end tokens). Refuses an existing `out`."""
-    check_new_run_dir(out, "choose a new run directory")
+    check_new_path(out, "choose a new run directory")
     model_cfg = hf_model_config(read_hf_config(hf_dir))
     cfg = hf_run_config(model_cfg)  # validated before any weight is read
     tokenizer = Path(hf_dir) / "tokenizer.json"

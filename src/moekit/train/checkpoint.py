@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moekit.data.tokenizer import copy_chat_files
-from moekit.fileio import atomic_path, check_no_file_in_the_way, remove_path
+from moekit.fileio import atomic_path, check_new_path, check_no_file_in_the_way, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
 from moekit.train.optim import build_optimizer
@@ -305,14 +305,6 @@ def write_quantized_run(
     return Path(out)
 
 
-def check_new_run_dir(out: str | Path, remedy: str) -> None:
-    """What `new_run_dir` refuses, checked before a model is read: FileExistsError where `out`
-    exists (`remedy`: what to do) or a file stands where a directory on its path must go."""
-    if Path(out).exists():
-        raise FileExistsError(f"{out} exists; {remedy}")
-    check_no_file_in_the_way(out)
-
-
 @contextmanager
 def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Iterator[Path]:
     """Write a new run directory atomically: config.json, `tokenizer` (the tokenizer.json of a
@@ -320,7 +312,7 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
     special tokens and end tokens: `copy_chat_files`), and what the caller writes into
     the folder yielded. An existing `out` is refused (`remedy`: what to do)."""
     out = Path(out)
-    check_new_run_dir(out, remedy)
+    check_new_path(out, remedy)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "config.json").write_text(cfg.to_json() + "\n")

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig, MoEConfig, RunConfig
+from moekit.fileio import check_new_path
 from moekit.model import MoETransformer
-from moekit.train.checkpoint import check_new_run_dir, refuse_quantized, write_new_run
+from moekit.train.checkpoint import refuse_quantized, write_new_run
 from moekit.train.sample import find_run, load_run
 
 ROUTER_STD = 1e-3  # a near-uniform router at the start: every expert is the same function anyway
@@ -63,7 +64,7 @@ def upcycle_run(
 ) -> Path:
     """Write a run directory holding the upcycled model as its step-0 checkpoint, with the dense
     run's data and training settings: `moekit train --resume OUT_DIR` trains it."""
-    check_new_run_dir(out_dir, "choose a new --out for the upcycled run")
+    check_new_path(out_dir, "choose a new --out for the upcycled run")
     refuse_quantized(find_run(dense_dir)[1])  # before its weights are read
     run, dense, checkpoint = load_run(dense_dir)  # (dense_dir: the run, or one checkpoint of it)
     cfg = RunConfig(model=upcycle_config(run.model, n_experts, top_k), train=run.train)
