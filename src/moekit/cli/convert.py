@@ -20,6 +20,7 @@ from moekit.interop.convert import hf_to_run
 from moekit.interop.files import parse_size
 from moekit.interop.hf import check_hf_out
 from moekit.loading import load
+from moekit.overrides import split_override
 from moekit.quant.modules import dequantize_model
 
 CONFIG_FILE = "convert_config.json"
@@ -50,7 +51,7 @@ def shard_bytes(cfg: ConvertConfig) -> int:
     return size
 
 
-def check_direction(args: argparse.Namespace, cfg: ConvertConfig) -> None:
+def check_direction(args: argparse.Namespace) -> None:
     """What one direction needs, and nothing it would ignore: --to-hf takes --arch and may
     --overwrite a non-empty --out; --from-hf writes a new run directory in its own layout."""
     if args.to_hf:
@@ -69,7 +70,7 @@ def check_direction(args: argparse.Namespace, cfg: ConvertConfig) -> None:
         return
     # what the command line says for --to-hf alone (a config file's, convert_config.json say,
     # holds both directions' settings: --from-hf reads its dtype)
-    given = {item.partition("=")[0].lstrip("-") for item in args.overrides}
+    given = {split_override(item)[0] for item in args.overrides}
     ignored = [f"--{name}" for name in ("layout", "max_shard_size") if name in given]
     ignored += [name for name, value in (("--arch", args.arch), ("--overwrite", args.overwrite))
                 if value]  # fmt: skip
@@ -85,7 +86,7 @@ def check_direction(args: argparse.Namespace, cfg: ConvertConfig) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(ConvertConfig, args.config, args.overrides)
     max_shard_size = shard_bytes(cfg)  # before anything is read
-    check_direction(args, cfg)
+    check_direction(args)
     print_config(cfg)
     if args.from_hf:
         out = hf_to_run(args.from_hf, args.out, dtype=cfg.dtype)
