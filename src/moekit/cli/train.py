@@ -14,7 +14,7 @@ from moekit.distributed.trainer import train_distributed
 from moekit.model import MoETransformer
 from moekit.overrides import apply_overrides, split_override
 from moekit.train import TrainResult, train
-from moekit.train.checkpoint import check_run_dir, nothing_to_train, read_trainer_json
+from moekit.train.checkpoint import check_run_dir
 from moekit.train.device import training_device
 from moekit.train.init_from import RESUME_MAY_CHANGE, describe_changes, model_changes
 from moekit.train.loop import wants_processes
@@ -68,11 +68,7 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
             f"{describe_changes(changes, 'in the run')}; a resumed run keeps its model: drop "
             f"{'it' if one else 'them'}, or {new} --out NEW_RUN_DIR"
         )
-    latest = check_run_dir(run_dir, resume=True)
-    assert latest is not None  # check_run_dir refuses a run without a checkpoint
-    step = read_trainer_json(latest)["step"]
-    if step >= cfg.train.steps:
-        raise ValueError(nothing_to_train(run_dir, step, cfg.train.steps, recorded.train.steps))
+    check_run_dir(run_dir, True, cfg.train.steps, recorded.train.steps)
 
 
 def _weight_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -322,10 +322,13 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
         yield tmp
 
 
-def check_run_dir(run_dir: Path, resume: bool, steps: int | None = None) -> Path | None:
+def check_run_dir(
+    run_dir: Path, resume: bool, steps: int | None = None, recorded: int | None = None
+) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, to
     resume from damaged files and, given the run's `steps` (train.steps), to resume a run that
-    has trained them all (before anything is written)."""
+    has trained them all (before anything is written; `recorded`: its config.json's
+    train.steps, for the message, `nothing_to_train`)."""
     check_no_file_in_the_way(run_dir)
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
@@ -333,12 +336,12 @@ def check_run_dir(run_dir: Path, resume: bool, steps: int | None = None) -> Path
     if resume and latest is not None:  # DamagedFile unless its files read (headers, trainer.json)
         refuse_quantized(latest)
         step = read_trainer_json(latest)["step"]
-        if steps is not None and step >= steps:
-            raise ValueError(nothing_to_train(run_dir, step, steps))
         for name in ("model.safetensors", "state.safetensors"):
             with open_safetensors(latest / name, checkpoint_remedy(latest)):
                 pass
         read_metrics(run_dir / "metrics.jsonl")
+        if steps is not None and step >= steps:  # (after the damage: that is named first)
+            raise ValueError(nothing_to_train(run_dir, step, steps, recorded))
     if not resume and latest is not None:
         raise FileExistsError(
             f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
