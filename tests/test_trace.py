@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -244,7 +245,8 @@ def test_trace_refuses_a_prompt_that_fills_the_context_as_generate_does(
     is read (it was cut silently); one that leaves fewer positions than max_new_tokens is traced
     whole, with fewer new tokens, as generate does."""
     assert TINY.max_seq_len == 128
-    assert trace_cli(tiny_run, tmp_path, "def f(\n\n" + "x" * 402 + "\n") == 2
+    with mock.patch("moekit.cli.trace.load", side_effect=AssertionError("loaded")):
+        assert trace_cli(tiny_run, tmp_path, "def f(\n\n" + "x" * 402 + "\n") == 2
     err = capsys.readouterr().err
     assert err.endswith(
         f"moekit trace: error: the prompt on line 3 of {tmp_path / 'prompts.txt'} is 402 tokens; "
