@@ -21,7 +21,13 @@ from moekit.config import OffloadConfig, RunConfig
 from moekit.inference.offload import ExpertOffload, load_offloaded
 from moekit.inference.trace import load_trace
 from moekit.interop.convert import hf_run_config
-from moekit.interop.hf import hf_model_config, load_hf, read_hf_config, resolve_dtype
+from moekit.interop.hf import (
+    hf_model_config,
+    is_transformers_config,
+    load_hf,
+    read_hf_config,
+    resolve_dtype,
+)
 from moekit.model import MoETransformer
 from moekit.quant.files import read_quantization
 from moekit.train.checkpoint import (
@@ -167,17 +173,16 @@ def _kind(path: Path) -> str:
 
 
 def _hf_config(path: Path) -> bool:
-    """Whether the config.json of `path`, a folder without checkpoints/, is transformers' (its
-    `model_type` or `architectures`) rather than a run's; one that cannot be read is left to the
-    run's reader, which names the damage."""
+    """Whether the config.json of `path`, a folder without checkpoints/, is transformers'
+    (`is_transformers_config`); one that cannot be read is left to the run's reader, which names
+    the damage."""
     if (path / CHECKPOINT_DIR).is_dir():
         return False
     try:
         data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    hf_keys = ("model_type", "architectures")
-    return isinstance(data, dict) and "model" not in data and any(k in data for k in hf_keys)
+    return is_transformers_config(data)
 
 
 def _offloaded(

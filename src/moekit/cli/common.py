@@ -25,6 +25,7 @@ from moekit.config import (
 from moekit.data import eos_id
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop.chat import ChatPrompt
+from moekit.interop.hf import is_transformers_config
 from moekit.model import MoETransformer, generate
 from moekit.model.generation import end_token_ids, room_after_prompt
 from moekit.overrides import apply_overrides
@@ -103,7 +104,7 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
         if cls is not RunConfig:
             cfg: Any = cls.from_file(path, remedy)
         elif "model" not in (data := read_json(path, remedy)):
-            if "model_type" in data or "architectures" in data:  # transformers' config.json
+            if is_transformers_config(data):
                 raise ValueError(
                     f"{path} is a Hugging Face model's config, not a moekit one: convert its "
                     f"checkpoint to a run (moekit convert --from-hf {path.parent} --out RUN_DIR), "

@@ -54,6 +54,13 @@ from moekit.userfiles import read_tokenizer
 TOKENIZER_FILES = ("tokenizer.json", *CHAT_FILES, "tokenizer.model", "vocab.json", "merges.txt")
 
 
+def is_transformers_config(data: object) -> bool:
+    """Whether the JSON `data` of a config.json is transformers' (its `model_type` or
+    `architectures`) rather than a moekit run's (which holds a `model`)."""
+    keys = ("model_type", "architectures")
+    return isinstance(data, dict) and "model" not in data and any(k in data for k in keys)
+
+
 def read_hf_config(folder: str | Path) -> HF:
     """config.json of a checkpoint directory, as a dict."""
     path = Path(folder) / "config.json"
