@@ -297,19 +297,34 @@ def _resident_args(layer: MoELayer) -> tuple | None:
 
 def offloaded_qualifies(layer: MoELayer) -> bool:
     """Whether a decoded token's call of this layer can run `_offloaded_experts` (the call's own
-    checks, `moe_step_qualifies`, aside): the settings the C layer needs (`_layer_qualifies`:
-    top-k routing in C, not a hash router's, which routes by token id), offloaded gated experts
-    the C calls read (quantized, or float ones on the decode kernels' expert) with an activation
-    they compute, and a router they read."""
+    checks, `moe_step_qualifies`, aside): `offloaded_args` reads it."""
+    return offloaded_args(layer) is not None
+
+
+def offloaded_args(layer: MoELayer) -> tuple | None:
+    """(activation,) of `_offloaded_experts`' C call for a layer it runs, else None: the settings
+    the C layer needs (`_layer_qualifies`: top-k routing in C, not a hash router's, which routes
+    by token id), offloaded gated experts the C calls read (quantized, or float ones on the decode
+    kernels' expert) with an activation they compute, and a router they read. Kept as
+    `resident_args` is, while the same modules' tensors stay."""
+    router, experts = layer.router, layer.experts
+    extra = (layer.training, router.linear, getattr(experts, "expert_ffn", None))
+    # kept for the experts module (the layer's slot holds `resident_args`)
+    return _cached(experts, (router, experts), lambda: _offloaded_args(layer), extra)
+
+
+def _offloaded_args(layer: MoELayer) -> tuple | None:
     experts = layer.experts
-    return (
+    if not (
         _layer_qualifies(layer)
         and type(experts) is OffloadedExperts
         and layer.cfg.gated
         and (experts.quantized or experts.expert_ffn is decode_kernels.kernel_expert_ffn)
-        and activation_ref(experts) is not False
         and router_ref(layer.router) is not None
-    )
+    ):
+        return None
+    act = activation_ref(experts)
+    return None if act is False else (act,)
 
 
 # Each offloaded expert's C refs (w_in, w_out), kept while the cache keeps the expert's weights:
@@ -345,8 +360,8 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
     """The offloaded layer's call: routed in C (the logits by the router's own product, which
     `moekit_moe_one_token` computes alike), the chosen experts fetched together, run in one call
     (scratch: E + K (3F + D) floats); 1 (the reference runs) where the experts are not offloaded
-    gated ones (`offloaded_qualifies`) that all fit at once."""
-    if not offloaded_qualifies(layer):
+    gated ones (`offloaded_args`) that all fit at once."""
+    if (args := offloaded_args(layer)) is None:
         return 1
     cfg, router, experts = layer.cfg, layer.router, layer.experts
     E, K = cfg.n_experts, cfg.top_k
@@ -369,7 +384,7 @@ def _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD) -> int:
             x_TD.data_ptr(),
             K,
             *arrays,
-            activation_ref(experts),
+            *args,
             chosen_weights,
             h,
             y_TD.data_ptr(),
