@@ -38,7 +38,8 @@ from moekit.quant.schemes import GROUP, QuantizedWeight
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # rows of x a kernel pass takes (the decode path's batch sizes)
 # Rows up to which passes of MAX_ROWS beat dequantizing for a GEMM on a SIMD body (4-bit on int8 x,
-# and on float x): benchmarks/kernel_rows.py's `recommended` (results/kernel_rows_intel*.json)
+# and on float x): benchmarks/kernel_rows.py's `recommended` (results/kernel_rows_intel*.json;
+# MXFP4's 256 is the largest count it tries, where passes still win)
 KERNEL_ROWS = {"bf16": 16, "int8": 32, "int4": 96, "mxfp4": 256}
 KERNEL_ROWS_FLOAT_X = {"int4": 32, "mxfp4": 64}
 PATHS = ("portable", "avx2", "avx512")  # kernels.c's PATH_PORTABLE, PATH_AVX2, PATH_AVX512
