@@ -994,9 +994,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.body and (why := kernels.cannot_run(args.body)):
         parser.error(f"--body {args.body}: {why}")
     if args.llamacpp:
-        with contextlib.ExitStack() as body:
-            if args.body:
-                body.enter_context(kernels.use_path(args.body))
+        with kernels.use_path(args.body) if args.body else contextlib.nullcontext():
             result = llamacpp_section(args.quick, args.converter, args.llamacpp_build)
         args.out = args.out or LLAMACPP_RESULTS
     elif args.speculative_only:
