@@ -26,12 +26,11 @@ CHAT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template
 
 
 def copy_chat_files(source: Path, dest: Path) -> None:
-    """The CHAT_FILES of folder `source` that exist, copied into folder `dest` (each file
-    atomically, replacing one there)."""
+    """The CHAT_FILES of folder `source` that exist, copied into folder `dest` (replacing one
+    there); `dest` is its callers' temporary folder, renamed into place whole."""
     for name in CHAT_FILES:
         if (Path(source) / name).is_file():
-            with atomic_path(Path(dest) / name) as tmp:
-                shutil.copy2(Path(source) / name, tmp)
+            shutil.copy2(Path(source) / name, Path(dest) / name)
 
 
 def byte_tokenizer() -> Tokenizer:
