@@ -80,21 +80,7 @@ def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = No
     if not _router_qualifies(router, x_TD):
         return Router.forward(router, x_TD, token_ids_T)
     cfg = router.cfg
-    T, E, K = x_TD.shape[0], cfg.n_experts, cfg.top_k
-    logits_TE = router.linear(x_TD, router.weight, router.bias)
-    scores_TE = torch.empty_like(logits_TE)
-    ids_TK = torch.empty(T, K, dtype=torch.int64)
-    weights_TK = torch.empty(T, K)
-    route, args = _library().moekit_route_topk_f32, _topk_args(router)
-    for t in range(T):
-        route(
-            logits_TE[t].data_ptr(),
-            E,
-            *args,
-            scores_TE[t].data_ptr(),
-            ids_TK[t].data_ptr(),
-            weights_TK[t].data_ptr(),
-        )
+    logits_TE, scores_TE, ids_TK, weights_TK = _route_rows(router, x_TD)
     if cfg.score == "softmax":
         probs_TE = scores_TE
     else:
@@ -110,23 +96,37 @@ def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = No
     )
 
 
+def _route_rows(router: Router, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits (T, E) by the router's product, then each row's C routing: scores (T, E), ids and
+    weights (T, K) best first. For a router and rows `_router_qualifies` accepts."""
+    T, E, K = x_TD.shape[0], router.cfg.n_experts, router.cfg.top_k
+    logits_TE = router.linear(x_TD, router.weight, router.bias)
+    scores_TE = torch.empty_like(logits_TE)
+    ids_TK = torch.empty(T, K, dtype=torch.int64)
+    weights_TK = torch.empty(T, K)
+    route, args = _library().moekit_route_topk_f32, _topk_args(router)
+    for t in range(T):
+        route(
+            logits_TE[t].data_ptr(),
+            E,
+            *args,
+            scores_TE[t].data_ptr(),
+            ids_TK[t].data_ptr(),
+            weights_TK[t].data_ptr(),
+        )
+    return logits_TE, scores_TE, ids_TK, weights_TK
+
+
 def chosen_experts(router: Router, x_TD: Tensor) -> list[int]:
     """The distinct experts `router` routes the rows x_TD (T, D) to, ascending, as
-    `router_forward` chooses them (the router's product, then each row's C routing) without the
-    rest of its `Routing`, where that runs; by the router's class's forward otherwise (no module
-    hooks: an offload's prefetch guesses with it; none for a routing without ids)."""
-    if not _router_qualifies(router, x_TD):
+    `router_forward` chooses them (`_route_rows`) without the rest of its `Routing`, where that
+    runs; by the router's class's forward otherwise (no module hooks: an offload's prefetch
+    guesses with it; none for a routing without ids)."""
+    if _router_qualifies(router, x_TD):
+        ids_TK = _route_rows(router, x_TD)[2]
+    else:
         ids_TK = type(router).forward(router, x_TD).ids_TK
-        return [] if ids_TK is None else ids_TK.unique().tolist()
-    E, K = router.cfg.n_experts, router.cfg.top_k
-    logits_TE = router.linear(x_TD, router.weight, router.bias)
-    scores, ids, weights = (ctypes.c_float * E)(), (ctypes.c_int64 * K)(), (ctypes.c_float * K)()
-    route, args = _library().moekit_route_topk_f32, _topk_args(router)
-    chosen: set[int] = set()
-    for t in range(x_TD.shape[0]):
-        route(logits_TE[t].data_ptr(), E, *args, scores, ids, weights)
-        chosen.update(ids)
-    return sorted(chosen)
+    return [] if ids_TK is None else sorted(set(ids_TK.flatten().tolist()))
 
 
 def _scale(selected_TK: Tensor, normalize: bool, scaling: float) -> Tensor:
