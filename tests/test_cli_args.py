@@ -229,3 +229,46 @@ def test_an_argument_that_is_not_utf8_is_one_line(capsys) -> None:
     err = capsys.readouterr().err
     said = "argument '--prompt=\\xff' is not UTF-8 text; give text in UTF-8"
     assert err == f"moekit generate: error: {said}\n"
+
+
+def test_an_allocation_that_fails_is_one_line_and_other_runtime_errors_still_raise(
+    capsys, monkeypatch
+) -> None:
+    """torch's CPU allocator raises a RuntimeError ("can't allocate memory"), which had been a
+    traceback; a RuntimeError of anything else is a bug, and stays a traceback."""
+    import dataclasses
+
+    import torch
+
+    from moekit.cli import COMMANDS
+
+    def allocate(args) -> None:
+        torch.empty(2**50)  # 4 PB of float32: refused at once, nothing touched
+
+    params = COMMANDS["params"]
+    monkeypatch.setitem(COMMANDS, "params", dataclasses.replace(params, run=allocate))
+    assert main(["params", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit params: error: out of memory (4,503,599.6 GB asked): ")
+    assert err.count("\n") == 1
+
+    def bug(args) -> None:
+        raise RuntimeError("a shape mismatch")
+
+    monkeypatch.setitem(COMMANDS, "params", dataclasses.replace(params, run=bug))
+    with pytest.raises(RuntimeError, match="a shape mismatch"):
+        main(["params", "tiny"])
+
+
+def test_a_config_file_after_the_settings_is_still_the_config_file(tmp_path, capsys) -> None:
+    """argparse ends the positionals at the first setting, so `cache-sim TRACE --policy=lru
+    FILE.json` called the file an unexpected argument; it is read as the config, then the
+    settings applied over it (its empty budget list is its own error, before the trace is read)."""
+    path = tmp_path / "sim.json"
+    path.write_text('{"budget": []}')
+    assert main(["cache-sim", str(tmp_path / "missing.trace"), "--policy=lru", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and "must list at least one budget" in err, err
+    path.write_text('{"budget": ["50%"]}')
+    assert main(["cache-sim", str(tmp_path / "missing.trace"), "--policy=lru", str(path)]) == 2
+    assert "missing.trace does not exist" in capsys.readouterr().err

@@ -448,6 +448,9 @@ def test_a_directory_given_as_a_routing_trace_is_one_line(run: Path, tmp_path: P
     ):  # fmt: skip
         assert main(args) == 2
         assert "is a directory, not a file" in one_line_error(capsys, args[0], tmp_path)
+    assert main(["cache-sim", os.devnull]) == 2  # said "No such device" too
+    line = one_line_error(capsys, "cache-sim", os.devnull)
+    assert "/dev/null is not a regular file (a device or a pipe); record" in line, line
 
 
 def test_a_checkpoint_of_the_other_kind_says_to_convert_it(

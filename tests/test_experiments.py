@@ -182,6 +182,15 @@ def test_the_printed_config_is_the_one_the_arms_start_from(monkeypatch, capsys):
     assert shown["train"]["checkpoint"]["every"] == 200 and shown["train"]["lr"] == 1e-3
 
 
+def test_seeds_past_the_largest_seed_are_refused_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("moekit.experiments.runner.run_experiment", None)  # would raise
+    out = f"--out={tmp_path / 'e'}"
+    assert main(["experiment", "balance", "--seeds", "3", f"--train.seed={2**64 - 2}", out]) == 2
+    err = capsys.readouterr().err
+    assert "runs past the largest seed (2**64 - 1): give at most 2 seeds" in err
+    assert err.count("\n") == 1
+
+
 def test_experiment_cli_refuses_an_unknown_name(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "nonsense"])

@@ -22,3 +22,15 @@ def test_upcycle_noise_says_finite_too_and_zero_stays_allowed() -> None:
     with pytest.raises(ValueError, match=r"noise=inf is invalid: must be >= 0 and finite"):
         UpcycleConfig(noise=float("inf"))
     assert GenerateConfig(temperature=0).temperature == 0  # 0 (greedy) stays allowed
+
+
+def test_draft_tokens_without_speculative_is_refused_before_the_run_is_read(
+    tmp_path, capsys
+) -> None:
+    """--draft_tokens sets speculative decoding's drafts: alone it was ignored. The run folder
+    does not exist here, so the refusal comes before anything is read."""
+    assert main(["generate", str(tmp_path / "no-run"), "--draft_tokens=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--draft_tokens=4 is how many tokens --speculative=mtp" in err
+    assert main(["generate", str(tmp_path / "no-run"), "--draft_tokens=2"]) == 2  # the default
+    assert "is neither a run directory" in capsys.readouterr().err

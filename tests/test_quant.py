@@ -23,6 +23,7 @@ from moekit.quant.modules import (
     QuantizedExperts,
     QuantizedLinear,
     dequantize_model,
+    parts_of,
     quantize_model,
 )
 from moekit.quant.schemes import GROUP, empty_quantized
@@ -257,6 +258,44 @@ def test_quantized_runs_refuse_training_and_existing_outputs(
     )
     assert main(["quantize", str(run), "--weights=int3", f"--out={tmp_path / 'r'}"]) == 2
     assert "int3" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_requantizing_a_quantized_run_to_none_makes_those_parts_float(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    """The scheme "none" is float: a quantized run's parts given it are dequantized (they had stayed int8
+    while quantization.json called them float, a checkpoint that did not load); every part none
+    is refused (nothing quantized: convert --to-hf writes the float weights)."""
+    int8, mixed = tmp_path / "int8", tmp_path / "mixed"
+    assert main(["quantize", str(run), "--weights=int8", f"--out={int8}"]) == 0
+    assert main(["quantize", str(int8), "--weights=none", "--experts=int4", f"--out={mixed}"]) == 0
+    capsys.readouterr()
+    source, loaded = load(int8).model, load(mixed).model
+    o_proj = loaded.layers[1].attn.o_proj
+    assert type(o_proj) is torch.nn.Linear and o_proj.weight.dtype == torch.float32
+    assert torch.equal(o_proj.weight, source.layers[1].attn.o_proj.weight_q.dequantize())
+    experts = loaded.layers[1].ffn.experts
+    assert isinstance(experts, QuantizedExperts) and experts.schemes == ("int4", "int4")
+    assert main(["quantize", str(int8), "--weights=none", f"--out={tmp_path / 'f'}"]) == 2
+    assert "every part is none" in capsys.readouterr().err and not (tmp_path / "f").exists()
+
+
+def test_a_part_the_model_lacks_is_refused_before_a_weight_is_read(
+    run: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """--experts on a dense model, --head on a tied head, --ffn on a model of MoE layers alone
+    were ignored; each is refused from the config, the weights never read."""
+    tiny = ModelConfig.preset("tiny")
+    assert parts_of(tiny) == {"experts", "attention", "head"}  # MoE layers alone
+    assert parts_of(tiny.replace(moe_layers=2)) == {"experts", "attention", "ffn", "head"}
+    assert parts_of(tiny.replace(moe=None)) == {"attention", "ffn", "head"}
+    assert parts_of(tiny.replace(tie_embeddings=True)) == {"experts", "attention"}
+    monkeypatch.setattr("moekit.cli.quantize.load", None)  # reading the weights would raise
+    out = tmp_path / "q"
+    assert main(["quantize", str(run), "--ffn=int8", f"--out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "--ffn=int8: " in err and "has no dense FFN layer or shared expert" in err
+    assert err.count("\n") == 1 and not out.exists()
 
 
 def test_a_quantization_record_with_a_zero_point_but_no_int4_part_still_reads() -> None:

@@ -169,6 +169,8 @@ def open_safetensors(
     with reading(path, remedy, error):
         if Path(path).is_dir():  # which safetensors reports as "No such device (os error 19)"
             raise IsADirectoryError(path)
+        if Path(path).exists() and not Path(path).is_file():  # a device or a pipe: the same
+            raise ValueError(f"{path} is not a regular file (a device or a pipe); {remedy}")
         with safe_open(str(path), framework="pt") as handle:
             yield handle
 

@@ -19,6 +19,8 @@ import difflib
 import re
 import sys
 
+import torch
+
 from moekit.cli import (
     analyze,
     cache_sim,
@@ -122,6 +124,17 @@ def check_setting(item: str, command: str, config: type[ConfigBase]) -> None:
     raise ValueError(f"unknown option {item!r}: {hint}{see}")
 
 
+def out_of_memory(err: BaseException) -> str | None:
+    """What an allocation that failed asked for, as " (N GB asked)" ("" where the size is unknown):
+    Python's MemoryError, torch's CPU allocator's RuntimeError, torch.OutOfMemoryError. None for
+    any other error."""
+    text = str(err)  # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory: ..."
+    if not isinstance(err, MemoryError | torch.OutOfMemoryError) and "allocate memory" not in text:
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    return f" ({int(asked.group(1)) / 1e9:,.1f} GB asked)" if asked else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # argparse takes an unknown option with a space (--prompt="def f(") for a positional: hide it
@@ -131,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     args.__dict__.update((k, v.replace(NUL, " ")) for k, v in vars(args).items() if type(v) is str)
     args.overrides = extra = [item.replace(NUL, " ") for item in extra]
     cmd = COMMANDS[args.command]
+    if cmd.config is not None and args.config is None:  # argparse ends positionals at an option
+        late = [item for item in extra if item.endswith(".json") and not item.startswith("-")]
+        if len(late) == 1:  # `generate RUN --prompt=hi settings.json`: the config file, late
+            args.config = late[0]
+            extra.remove(late[0])
     if extra and not cmd.overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if cmd.trains:
@@ -144,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except MemoryError:  # (torch's "can't allocate" is a RuntimeError: a traceback still)
-        print(f"moekit {args.command}: error: out of memory: the settings or input ask for more "
-              "than this machine has (sizes, batch, a file read whole); make them smaller",
+    except (MemoryError, RuntimeError) as err:
+        asked = out_of_memory(err)
+        if asked is None:
+            raise
+        print(f"moekit {args.command}: error: out of memory{asked}: the settings or input ask for "
+              "more than this machine has (sizes, batch, a file read whole); make them smaller",
               file=sys.stderr)  # fmt: skip
         return 2
     except FAILURES as err:  # a side-by-side run's error is above, in its process's output

@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> None:
         base = base.replace(train=base.train.replace(steps=EXPERIMENTS[args.name].steps))
     shown = runner.experiment_base(args.name, base, args.overrides)
     training_device(shown.train.device)  # in this process, before an arm's process fails on it
+    if shown.train.seed + args.seeds > 2**64:  # the seeds are train.seed + 0 .. seeds - 1
+        raise ValueError(
+            f"--seeds={args.seeds} from train.seed={shown.train.seed} runs past the largest seed "
+            f"(2**64 - 1): give at most {2**64 - shown.train.seed} seeds or a smaller train.seed"
+        )
     print_config(shown)
     command = shlex.join(["moekit", "experiment", args.name, "--preset", args.preset,
                           "--seeds", str(args.seeds), "--out", out, *args.overrides])  # fmt: skip

@@ -33,6 +33,11 @@ def run(args: argparse.Namespace) -> None:
     check_offload(cfg.offload, args.run_dir)  # before anything is read
     if cfg.system and not cfg.chat:
         raise ValueError("--system is the system message of a chat: add --chat=true")
+    if cfg.speculative is None and cfg.draft_tokens != GenerateConfig().draft_tokens:
+        raise ValueError(
+            f"--draft_tokens={cfg.draft_tokens} is how many tokens --speculative=mtp drafts: add "
+            "--speculative=mtp or leave it out"
+        )
     if cfg.chat and not cfg.prompt and cfg.speculative is not None:
         raise ValueError(
             "--speculative=mtp answers one --prompt: a conversation (--chat=true without "

@@ -21,9 +21,9 @@ from moekit.config.rules import invalid
 from moekit.fileio import check_new_path
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
-from moekit.loading import load
+from moekit.loading import load, read_config
 from moekit.model import MoETransformer
-from moekit.quant.modules import quantize_model
+from moekit.quant.modules import parts_of, quantize_model
 from moekit.train.checkpoint import CHECKPOINT_DIR, write_quantized_run
 
 
@@ -43,8 +43,15 @@ def run(args: argparse.Namespace) -> None:
             "applies to int4 weights only (q4_1's rule), and no part is int4 "
             "here: drop it, or choose int4 for a part (--weights=int4, --experts=int4)",
         )
-    print_config(cfg)
+    if all(cfg.scheme_of(part) is None for part in parts):
+        raise ValueError(
+            "every part is none: nothing would be quantized; choose a scheme for a part "
+            "(--weights=int4, --experts=int8, ...), or write a quantized run's float weights "
+            "with moekit convert --to-hf RUN_DIR --arch ARCH --out DIR"
+        )
     check_new_path(args.out, "choose a new directory for the quantized model")  # before reading
+    check_parts(cfg, args.path)
+    print_config(cfg)
     source = Path(args.path)
     if (source / "config.json").is_file() and not (source / CHECKPOINT_DIR).is_dir():
         model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read
@@ -61,6 +68,24 @@ def run(args: argparse.Namespace) -> None:
     out = write_quantized_run(Path(args.out), config, model, cfg, tokenizer)
     after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(f"wrote {out}: weights {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB")
+
+
+PART_MISSING = {
+    "experts": "has no routed experts (a dense model)",
+    "ffn": "has no dense FFN layer or shared expert",
+    "head": "ties its LM head to the embedding, which stays as it is",
+}
+
+
+def check_parts(cfg: QuantizeConfig, path: str) -> None:
+    """A part given its own scheme that the model lacks is refused (it was ignored), from the
+    model's config, before a weight is read."""
+    present = parts_of(read_config(path).model)
+    for part, missing in PART_MISSING.items():
+        if getattr(cfg, part) is not None and part not in present:
+            raise ValueError(
+                f"--{part}={getattr(cfg, part)}: {path} {missing}, so it would be ignored: drop it"
+            )
 
 
 def _float_bytes(model: MoETransformer) -> int:

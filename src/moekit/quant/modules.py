@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig, QuantizeConfig
+from moekit.config import ModelConfig, MoEConfig, QuantizeConfig
 from moekit.experts import Experts
 from moekit.experts.experts import expert_ffn, selected_experts_forward
 from moekit.model.transformer import MoETransformer
@@ -159,6 +159,14 @@ def _part_of(name: str, module: nn.Module) -> str | None:
     return "attention" if ".attn." in f".{name}." else "ffn"
 
 
+def parts_of(cfg: ModelConfig) -> set[str]:
+    """The parts ("experts", "attention", "ffn", "head") a model of `cfg` has: a dense model has
+    no experts, a tied head no head, a model of MoE layers alone without shared experts no ffn."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    return {part for name, module in model.named_modules() if (part := _part_of(name, module))}
+
+
 def quantize_model(
     model: MoETransformer, config: QuantizeConfig, *, empty: bool = False
 ) -> MoETransformer:
@@ -168,15 +176,18 @@ def quantize_model(
     `empty`: allocate the quantized tensors without quantizing (to load a quantized checkpoint
     into; the model may be on the meta device).
 
-    Modules already quantized (GPT-OSS's MXFP4 experts kept as shipped, `load_hf(...,
-    keep_quantized=True)`) stay as they are where their part's scheme is theirs or None; another
-    scheme requantizes them one expert at a time (dequantized to float32, then quantized), never
-    the whole part in float."""
-    swaps = {}
+    Modules already quantized (a quantized run's, GPT-OSS's MXFP4 experts kept as shipped by
+    `load_hf(..., keep_quantized=True)`) stay as they are where their part's scheme is theirs;
+    another scheme requantizes them one expert at a time (dequantized to float32, then
+    quantized), never the whole part in float; None ("none": float) dequantizes them to the
+    dtype of the model's embedding."""
+    swaps, floats = {}, []
     for name, module in model.named_modules():
         part = _part_of(name, module)
         scheme = None if part is None else config.scheme_of(part)
         if scheme is None:
+            if isinstance(module, QuantizedExperts | QuantizedLinear):
+                floats.append(name)
             continue
         if isinstance(module, QuantizedExperts):
             weights = module.quantized_weights()
@@ -203,6 +214,8 @@ def quantize_model(
         else:
             new = QuantizedLinear(new_weights[0], module.bias)
         model.set_submodule(name, new.train(False))
+    for name in floats:
+        model.set_submodule(name, _dequantized(model.get_submodule(name), model.embed.weight.dtype))
     return model
 
 
@@ -224,17 +237,22 @@ def dequantize_model(model: MoETransformer) -> MoETransformer:
     """Undo `quantize_model` with the dequantized weights (float32), in place: plain `Experts`
     and nn.Linear again, e.g. to save a Hugging Face checkpoint. Returns `model`."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedExperts):
-            with torch.device("meta"):
-                plain = Experts(module.cfg)
-            w_in, w_out = module.quantized_weights()
-            plain.w_in, plain.w_out = (nn.Parameter(w.dequantize()) for w in (w_in, w_out))
-            plain.b_in, plain.b_out = module.b_in, module.b_out
-        elif isinstance(module, QuantizedLinear):
-            plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-            plain.weight = nn.Parameter(module.weight_q.dequantize())
-            plain.bias = module.bias
-        else:
-            continue
-        model.set_submodule(name, plain.train(False))
+        if isinstance(module, QuantizedExperts | QuantizedLinear):
+            model.set_submodule(name, _dequantized(module, torch.float32))
     return model
+
+
+def _dequantized(module: QuantizedExperts | QuantizedLinear, dtype: torch.dtype) -> nn.Module:
+    """The plain `Experts` or nn.Linear of a quantized module, its weights dequantized to `dtype`
+    (its biases as they are), in eval mode."""
+    if isinstance(module, QuantizedExperts):
+        with torch.device("meta"):
+            plain = Experts(module.cfg)
+        w_in, w_out = module.quantized_weights()
+        plain.w_in, plain.w_out = (nn.Parameter(w.dequantize(dtype)) for w in (w_in, w_out))
+        plain.b_in, plain.b_out = module.b_in, module.b_out
+    else:
+        plain = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        plain.weight = nn.Parameter(module.weight_q.dequantize(dtype))
+        plain.bias = module.bias
+    return plain.train(False)
