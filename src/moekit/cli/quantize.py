@@ -21,10 +21,10 @@ from moekit.config.rules import invalid
 from moekit.fileio import check_new_path
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
-from moekit.loading import load, read_config
+from moekit.loading import is_hf_directory, load, read_config
 from moekit.model import MoETransformer
 from moekit.quant.modules import parts_of, quantize_model
-from moekit.train.checkpoint import CHECKPOINT_DIR, write_quantized_run
+from moekit.train.checkpoint import write_quantized_run
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     check_parts(cfg, args.path)
     print_config(cfg)
     source = Path(args.path)
-    if (source / "config.json").is_file() and not (source / CHECKPOINT_DIR).is_dir():
+    if is_hf_directory(source):
         model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read
         config = hf_run_config(model.cfg)
         before = _float_bytes(model)
