@@ -149,13 +149,19 @@ _PLAIN = (Tensor, nn.Parameter)
 
 def plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
     """A CPU tensor of `dtype` whose data pointer is its data: not meta, not a functorch wrapper,
-    not a subclass (a FakeTensor is "cpu" too, with no memory behind it)."""
+    not a subclass (a FakeTensor is "cpu" too, with no memory behind it). While torch.compile
+    traces, a plain tensor's kernel runs through its torch op (`call`), whose fake implementation
+    tracing reads; the functorch test, which dynamo cannot trace (it fell back to eager for the
+    whole forward), is left out there."""
     return (
         type(t) in _PLAIN
         and t.is_cpu  # 5x cheaper than t.device.type == "cpu"
         and t.dtype == dtype
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and (torch.compiler.is_compiling() or not _functorch_wrapped(t))
     )
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def plain_contiguous(t: Tensor, dtype: torch.dtype) -> bool:

@@ -8,8 +8,6 @@ Three implementations of one contract, selected by `MoEConfig.expert_impl`:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -48,9 +46,32 @@ def grouped_matmul_reference(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> T
     return torch.stack(rows)
 
 
-@functools.cache
+# What the probes found, by (probe, device type, dtype): each runs once. Their public callers are
+# marked constant for torch.compile, so tracing calls them eagerly instead of tracing a probe (one
+# traced ran its tensors as fake ones: torch logged the meta kernel's error at every MoE layer).
+_PROBED: dict[tuple[str, str, torch.dtype], bool] = {}
+
+
+@torch.compiler.assume_constant_result
 def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` runs forward and backward here, with correct results."""
+    key = ("runs", device_type, dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _runs_forward_and_backward(device_type, dtype)
+    return _PROBED[key]
+
+
+@torch.compiler.assume_constant_result
+def grouped_mm_traceable(dtype: torch.dtype) -> bool:
+    """Whether torch.compile can trace `torch._grouped_mm` in `dtype`: its meta kernel, which
+    tracing runs, takes bfloat16 alone in torch 2.13, where the CPU kernel takes float32 too."""
+    key = ("traces", "meta", dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _runs_on_meta(dtype)
+    return _PROBED[key]
+
+
+def _runs_forward_and_backward(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -66,6 +87,15 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return bool(torch.allclose(y.detach().float(), expected.float(), rtol=0.05, atol=0.05))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def _runs_on_meta(dtype: torch.dtype) -> bool:
+    try:
+        x, w = (torch.empty(shape, device="meta", dtype=dtype) for shape in ((6, 16), (3, 16, 32)))
+        torch._grouped_mm(x, w, offs=torch.tensor([2, 2, 6], dtype=torch.int32, device="meta"))
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def grouped_mm_fits(x_RI: Tensor, w_EOI: Tensor) -> bool:
@@ -91,4 +121,6 @@ def resolve_impl(impl: str, x_RI: Tensor, w_EOI: Tensor) -> str:
     if impl != "auto":
         return impl
     usable = grouped_mm_available(x_RI.device.type, x_RI.dtype) and grouped_mm_fits(x_RI, w_EOI)
+    if torch.compiler.is_compiling() and not grouped_mm_traceable(x_RI.dtype):
+        usable = False
     return "grouped_mm" if usable else "loop"

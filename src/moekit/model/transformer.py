@@ -135,7 +135,8 @@ class MoETransformer(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length
         cfg = self.cfg
         rope = self._rope(start, S, input_ids.device)
-        windows = {cfg.layer_window(i) for i in range(cfg.n_layers)}
+        # a dict, not a set: torch.compile cannot iterate a set (it ran this whole forward eagerly)
+        windows = dict.fromkeys(cfg.layer_window(i) for i in range(cfg.n_layers))
         masks = {w: attention_mask(start, S, w, input_ids.device) for w in windows}
         x_BSD = self.embed(input_ids)
         aux: list[MoEAux] = []
