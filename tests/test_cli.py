@@ -15,6 +15,8 @@ from tests.run_cases import JSON_PACKAGE
 from moekit.cli import COMMANDS, NUL, OVERRIDE, build_parser, main
 from moekit.cli.common import flat_overrides, resolve_config
 from moekit.config import (
+    MODEL_PRESETS,
+    RUN_PRESETS,
     AnalyzeConfig,
     CacheSimConfig,
     ConvertConfig,
@@ -196,8 +198,8 @@ DOCS = ("README.md", "benchmarks/README.md")
 
 
 def doc_commands() -> list[tuple[str, list[str]]]:
-    """Every `moekit ...` command of the docs' bash blocks (a line ending in a backslash joined
-    to the next), as its arguments."""
+    """Every `moekit ...` command of the docs' bash blocks, and every `torchrun ... -m moekit ...`
+    one (a line ending in a backslash joined to the next), as moekit's arguments."""
     root = Path(__file__).resolve().parent.parent
     commands = []
     for doc in DOCS:
@@ -206,8 +208,10 @@ def doc_commands() -> list[tuple[str, list[str]]]:
         for line in text.splitlines():
             if line.startswith("```"):
                 in_bash = line == "```bash"
-            elif in_bash and line.startswith("moekit "):
-                commands.append((doc, shlex.split(line, comments=True)[1:]))
+            elif in_bash and line.startswith(("moekit ", "torchrun ")):
+                words = shlex.split(line, comments=True)
+                assert "moekit" in words, f"{doc}: a torchrun line that runs no moekit: {line}"
+                commands.append((doc, words[words.index("moekit") + 1 :]))
     return commands
 
 
@@ -222,6 +226,8 @@ def test_the_docs_commands_parse_and_their_settings_exist(doc: str, argv: list[s
     assert cmd.overrides or not extra, (doc, argv)
     if cmd.config is not None:
         resolve_config(cmd.config, None, extra)
+    elif args.command == "train" and args.config in (*MODEL_PRESETS, *RUN_PRESETS):  # its preset
+        resolve_config(RunConfig, args.config, extra)
     elif args.command in ("train", "demo"):
         resolve_config(RunConfig, None, extra)
     else:

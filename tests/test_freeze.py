@@ -28,6 +28,10 @@ def one_step(parts: list[str]) -> tuple[dict[str, torch.Tensor], MoETransformer]
     batch = torch.randint(0, 257, (2, 16))
     model(batch, labels=batch).loss.backward()
     opt.step()
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    held |= {id(p) for p in opt.state}
+    for name, param in model.named_parameters():  # no optimizer state for a frozen parameter
+        assert (id(param) in held) == (part_of(name) not in parts), name
     return before, model
 
 

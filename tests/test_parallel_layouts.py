@@ -12,7 +12,7 @@ import torch
 from tests.distributed_cases import spawn
 from tests.layout_cases import LAYOUTS, MODEL, Job, layout_jobs, one_process
 
-from moekit.config import ParallelConfig, RunConfig, TrainConfig
+from moekit.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from moekit.model import MoETransformer
 from moekit.train.upcycle import upcycle_config, upcycle_model
 
@@ -132,6 +132,11 @@ def test_layouts_are_checked_before_any_process_is_needed() -> None:
     with pytest.raises(ValueError, match=r"use 8 or 12, or parallel.sequence_parallel=false"):
         split.check_seq_len(10)
     ParallelConfig(tp=4).check_seq_len(10)  # without sequence parallelism any length splits
+    deepseek = ModelConfig.preset("deepseek-v3")  # MLA: its latent attention is not split
+    with pytest.raises(ValueError, match=r"parallel.tp=2 is invalid: .*not MLA yet"):
+        ParallelConfig(tp=2).check_model(deepseek)
+    with pytest.raises(ValueError, match=r"qk_norm='full' normalises across every head"):
+        ParallelConfig(tp=2).check_model(ModelConfig.preset("olmoe-1b-7b"))
 
 
 def test_bfloat16_parameters_train_as_float32_within_bfloat16_rounding(results) -> None:

@@ -178,6 +178,12 @@ def test_quantized_model_is_its_dequantized_twin_and_close_to_float() -> None:
     assert isinstance(quantized.layers[0].ffn.experts, QuantizedExperts)
     assert quantized.layers[0].attn.q_proj.scheme == "int8"
     assert type(quantized.lm_head) is torch.nn.Linear  # head="none"
+    kept = [n for n, m in quantized.named_modules() if isinstance(m, QuantizedLinear)]
+    assert not [n for n in kept if "router" in n or "norm" in n or "embed" in n], kept
+    floats = dict(quantized.named_parameters())  # embeddings, norms and routers stay float
+    for name in ("embed.weight", "norm.weight", "layers.0.attn_norm.weight",
+                 "layers.0.ffn.router.weight"):  # fmt: skip
+        assert floats[name].dtype == torch.float32, name
 
 
 def test_quantized_experts_decode_path_equals_grouped_path_and_reference() -> None:
@@ -263,9 +269,9 @@ def test_quantized_runs_refuse_training_and_existing_outputs(
 def test_requantizing_a_quantized_run_to_none_makes_those_parts_float(
     run: Path, tmp_path: Path, capsys
 ) -> None:
-    """The scheme "none" is float: a quantized run's parts given it are dequantized (they had stayed int8
-    while quantization.json called them float, a checkpoint that did not load); every part none
-    is refused (nothing quantized: convert --to-hf writes the float weights)."""
+    """The scheme "none" is float: a quantized run's parts given it are dequantized (they had
+    stayed int8 while quantization.json called them float, a checkpoint that did not load);
+    every part none is refused (nothing quantized: convert --to-hf writes the float weights)."""
     int8, mixed = tmp_path / "int8", tmp_path / "mixed"
     assert main(["quantize", str(run), "--weights=int8", f"--out={int8}"]) == 0
     assert main(["quantize", str(int8), "--weights=none", "--experts=int4", f"--out={mixed}"]) == 0
