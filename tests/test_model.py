@@ -179,3 +179,19 @@ def test_too_long_input_is_rejected() -> None:
     model = MoETransformer(TINY.replace(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(ids(1, 9))
+
+
+def test_a_bfloat16_model_traces_whole_for_torch_compile() -> None:
+    """train.compile's graph: Dynamo traces a bfloat16 model's forward (torch._grouped_mm's meta
+    kernel takes bfloat16) with no graph break: a set iterated in the forward, the C kernels'
+    functorch test and the fused SwiGLU's backward each broke it, and a break in the blocks' loop
+    runs the whole forward eagerly. (A float32 one still breaks at the experts' per-expert loop,
+    whose split sizes are data.)"""
+    cfg = ModelConfig.preset("tiny")
+    assert cfg.moe is not None
+    cfg = cfg.replace(d_model=64, n_heads=4, moe=cfg.moe.replace(d_model=64, d_expert=64))
+    model = MoETransformer(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, labels=ids)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -61,7 +61,11 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(h_RH: Tensor) -> Tensor:
     """Fused silu(gate) * up for h = [gate | up] (R, 2F) -> (R, F); twin of `activate`. Without
-    a gradient to record (generation) no autograd Function is built: ~8 us less a call."""
+    a gradient to record (generation) no autograd Function is built: ~8 us less a call. While
+    torch.compile traces, the plain formula, which it fuses itself (the Function's backward
+    writes into halves of one tensor, which Dynamo cannot trace: the forward ran eagerly)."""
+    if torch.compiler.is_compiling():
+        return activate(h_RH, "swiglu")
     if torch.is_grad_enabled() and h_RH.requires_grad:
         return _SwiGLU.apply(h_RH)
     return _swiglu_values(h_RH)
