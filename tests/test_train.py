@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.run_cases import tiny_run
+from tests.run_cases import JSON_PACKAGE, tiny_run
 
 from moekit.config import (
     CheckpointConfig,
@@ -262,6 +262,28 @@ def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
         loop_module.train(cfg, tmp_path / "run")
 
 
+def test_fresh_run_refuses_a_folder_of_other_files_and_keeps_them(tmp_path: Path) -> None:
+    """A Hugging Face checkpoint, or a user's own files, given as --out: the run had replaced
+    their config.json and report.md. A run stopped before its first checkpoint trains again."""
+    cfg = tiny_run(tmp_path, steps=1)
+    hf, own = tmp_path / "hf", tmp_path / "own"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "mixtral"}')
+    (hf / "model.safetensors").write_bytes(b"weights")
+    own.mkdir()
+    (own / "report.md").write_text("my notes")
+    for folder in (hf, own):
+        before = {f.name: f.read_bytes() for f in folder.iterdir()}
+        with pytest.raises(FileExistsError, match=r"not a moekit run's .* choose a new --out"):
+            loop_module.train(cfg, folder)
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.json").write_text(cfg.to_json())
+    (stopped / "metrics.jsonl").write_text("")
+    assert loop_module.train(cfg, stopped).step == 1
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
     model = MoETransformer(ModelConfig.preset("tiny"))
     optimizer = build_optimizer(model, TrainConfig())
@@ -372,3 +394,23 @@ def test_a_config_for_several_processes_is_refused_on_one(tmp_path: Path, capsys
     assert main(["train", str(tmp_path / "run.json"), "--out", str(tmp_path / "cli")]) != 0
     assert "launch with torchrun" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_resumed_run_keeps_its_tokenizer(tmp_path: Path, capsys) -> None:
+    """Resuming a BPE run on other data trained the BPE again and replaced tokenizer.json (its
+    checkpoints then paired with another vocabulary); another tokenizer kind is refused."""
+    from moekit.cli import main
+
+    run, email = tmp_path / "run", str(Path(JSON_PACKAGE).parent / "email")
+    common = [f"--train.data.cache_dir={tmp_path / 'cache'}", "--train.progress=false",
+              "--train.eval.batches=1", "--train.batch_size=2", "--train.seq_len=32"]  # fmt: skip
+    assert main(["train", "tiny", f"--out={run}", "--train.steps=2", "--train.data.tokenizer=bpe",
+                 f"--train.data.source={JSON_PACKAGE}", *common]) == 0  # fmt: skip
+    tokenizer = (run / "tokenizer.json").read_bytes()
+    assert main(["train", "--resume", str(run), "--train.steps=3",
+                 f"--train.data.source={email}"]) == 0  # fmt: skip
+    assert (run / "tokenizer.json").read_bytes() == tokenizer
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--train.steps=4",
+                 "--train.data.tokenizer=bytes"]) == 2  # fmt: skip
+    assert "changes the tokenizer of" in capsys.readouterr().err

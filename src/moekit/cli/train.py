@@ -68,6 +68,12 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
             f"{describe_changes(changes, 'in the run')}; a resumed run keeps its model: drop "
             f"{'it' if one else 'them'}, or {new} --out NEW_RUN_DIR"
         )
+    tokenizer = recorded.train.data.tokenizer
+    if cfg.train.data.tokenizer != tokenizer:
+        raise ValueError(
+            f"--train.data.tokenizer={cfg.train.data.tokenizer} changes the tokenizer of {run_dir} "
+            f"({tokenizer}): a resumed run keeps its tokenizer (its tokenizer.json); drop it"
+        )
     check_run_dir(run_dir, True, cfg.train.steps, recorded.train.steps)
 
 

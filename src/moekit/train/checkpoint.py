@@ -347,7 +347,27 @@ def check_run_dir(
             f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
             f"`moekit train --resume {run_dir}` or choose another --out"
         )
+    if not resume:
+        check_no_other_files(run_dir)
     return latest if resume else None
+
+
+def check_no_other_files(run_dir: Path) -> None:
+    """A new run writes config.json, tokenizer.json and report.md into `run_dir`: refuse a folder
+    that holds anything but a run stopped before its first checkpoint (a config.json of a run),
+    such as a Hugging Face checkpoint or a user's own files, which it would overwrite."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    try:
+        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and {"model", "train"} <= data.keys():
+        return  # a run that stopped before its first checkpoint: trained again from the start
+    raise FileExistsError(
+        f"{run_dir} holds files that are not a moekit run's (a Hugging Face checkpoint, say), "
+        "which a new run would overwrite: choose a new --out (or an empty folder)"
+    )
 
 
 def nothing_to_train(run_dir: Path, step: int, steps: int, recorded: int | None = None) -> str:

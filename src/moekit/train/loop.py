@@ -130,6 +130,7 @@ class Trainer:
         checkpoint = check_run_dir(run_dir, resume, t.steps)
         fresh = checkpoint is None and t.init_from is not None
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
+        self.resumed = checkpoint is not None
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model)
@@ -171,7 +172,8 @@ class Trainer:
             self.metrics: MetricsLog | None = None
             return
         make_dirs(self.run_dir)  # only now: a run refused earlier leaves no folder behind
-        if self.cfg.train.data.tokenizer != "run":  # "run" read it from there
+        kept = self.resumed and (self.run_dir / "tokenizer.json").is_file()  # read from there
+        if self.cfg.train.data.tokenizer != "run" and not kept:  # "run": read from there too
             with atomic_path(self.run_dir / "tokenizer.json") as tmp:
                 self.data.tokenizer.save(str(tmp))
         self.metrics = MetricsLog(
@@ -191,7 +193,12 @@ class Trainer:
     def _read_data(self) -> Data:
         t = self.cfg.train
         self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
-        data = prepare_data(t.data, self.cfg.token_vocab_size, self.talks, self.run_dir)
+        data_cfg = t.data
+        if self.resumed and (self.run_dir / "tokenizer.json").is_file():
+            # the run's own tokenizer, whatever the data: a BPE trained again on other data
+            # would pair the run's checkpoints with another vocabulary
+            data_cfg = t.data.replace(tokenizer="run")
+        data = prepare_data(data_cfg, self.cfg.token_vocab_size, self.talks, self.run_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
