@@ -14,6 +14,7 @@ from moekit.config import (
     ConvertConfig,
     GenerateConfig,
     OffloadConfig,
+    QuantizeConfig,
     UpcycleConfig,
 )
 
@@ -272,3 +273,12 @@ def test_a_config_file_after_the_settings_is_still_the_config_file(tmp_path, cap
     path.write_text('{"budget": ["50%"]}')
     assert main(["cache-sim", str(tmp_path / "missing.trace"), "--policy=lru", str(path)]) == 2
     assert "missing.trace does not exist" in capsys.readouterr().err
+
+
+def test_none_is_the_scheme_none_where_a_field_can_name_it() -> None:
+    """quantize's --experts=none had been read as None ("use --weights"), so the experts were
+    quantized; null still leaves a part to --weights, and none elsewhere is None."""
+    cfg = resolve_config(QuantizeConfig, None, ["--weights=int8", "--experts=none"])
+    assert cfg.experts == "none" and cfg.scheme_of("experts") is None
+    assert resolve_config(QuantizeConfig, None, ["--experts=null"]).experts is None
+    assert resolve_config(GenerateConfig, None, ["--top_k=none"]).top_k is None

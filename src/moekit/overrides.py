@@ -98,7 +98,10 @@ def parse_value(hint: Any, text: str, key: str) -> Any:
 
 
 def _parse_union(args: tuple, text: str, key: str) -> Any:
-    if type(None) in args and text.lower() in NONE_WORDS:
+    # "none" is None, unless an arm's choices hold the word itself (quantize's --experts=none:
+    # the scheme "none", float; null still leaves it unset)
+    spelt = any(typing.get_origin(a) is Literal and text in typing.get_args(a) for a in args)
+    if type(None) in args and text.lower() in NONE_WORDS and not spelt:
         return None
     arms = [a for a in args if a is not type(None)]
     arms.sort(key=lambda a: a is str)  # a plain string accepts anything: try it last
