@@ -304,6 +304,29 @@ def test_a_part_the_model_lacks_is_refused_before_a_weight_is_read(
     assert err.count("\n") == 1 and not out.exists()
 
 
+def test_a_quantization_record_that_does_not_fit_its_tensors_is_named(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    """int4 tensors under a record saying MXFP4 (the same shapes; float16 scales, not bytes) had
+    decoded as MXFP4, silently; a record that names another scheme or is missing pointed at
+    config.json alone."""
+    q = tmp_path / "q"
+    assert main(["quantize", str(run), "--weights=int4", f"--out={q}"]) == 0
+    record = q / "checkpoints/step-000000/quantization.json"
+    args = ["generate", str(q), "--prompt=x", "--max_new_tokens=2"]
+    record.write_text(record.read_text().replace('"int4"', '"mxfp4"'))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "weight_scales is torch.float16 in the checkpoint, torch.uint8 in the model" in err
+    assert "restore the config.json and quantization.json" in err
+    record.unlink()
+    assert main(args) == 2
+    assert "its tensors are quantized (..._scales): restore the quantization.json" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_quantization_record_with_a_zero_point_but_no_int4_part_still_reads() -> None:
     """quantize refuses --zero_point without an int4 part (tests/test_cli_args.py); a checkpoint
     an earlier version wrote that way (its int8 parts never took it) still loads."""

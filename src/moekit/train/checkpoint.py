@@ -34,6 +34,7 @@ from moekit.quant.files import QUANTIZATION_FILE, is_quantized
 from moekit.train.metrics import read_metrics
 from moekit.train.optim import build_optimizer
 from moekit.userfiles import (
+    DTYPES,
     CheckpointReader,
     DamagedFile,
     open_safetensors,
@@ -182,12 +183,33 @@ def load_weights(path: Path, model: nn.Module, may_lack: tuple[str, ...] = ()) -
     remedy = checkpoint_remedy(path)
     targets = model.state_dict()
     with open_safetensors(file, remedy) as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+        stored = {k: tuple(s.get_shape()) for k, s in slices.items()}
+        dtypes = {k: DTYPES.get(s.get_dtype()) for k, s in slices.items()}
     problems = _weight_problems(targets, stored, may_lack)
+    # a quantized tensor's codes or scales of another dtype (int4's bfloat16-bit scales read as
+    # MXFP4's exponent bytes, say) would be converted by the copy: another scheme, silently
+    problems += [
+        f"{n} is {dtypes[n]} in the checkpoint, {targets[n].dtype} in the model"
+        for n in stored
+        if n in targets
+        and dtypes[n] != targets[n].dtype
+        and not (targets[n].is_floating_point() and dtypes[n] and dtypes[n].is_floating_point)
+    ][:1]
     if problems:
+        quantized = (Path(path) / QUANTIZATION_FILE).is_file()
+        record = f"config.json and {QUANTIZATION_FILE}" if quantized else "config.json"
+        fix = f"restore the {record} the weights were written with"
+        if quantized:
+            fix += " (or quantize the run again)"
+        elif any(n.endswith("_scales") for n in stored):
+            fix = (
+                f"its tensors are quantized (..._scales): restore the {QUANTIZATION_FILE} that "
+                "moekit quantize wrote beside them"
+            )
         raise ValueError(
-            f"{file} holds the weights of another model than its run's config.json describes "
-            f"({'; '.join(problems)}); restore the config.json the run was trained with"
+            f"{file} holds the weights of another model than its run's {record} "
+            f"{'describe' if quantized else 'describes'} ({'; '.join(problems)}); {fix}"
         )
     reader = CheckpointReader(dict.fromkeys(stored, file))
     try:
