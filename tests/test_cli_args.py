@@ -46,7 +46,8 @@ BAD = [
      "--layout='stacked'", "'per_expert', 'fused'"),
     (["demo", "--max_new_tokens=0"], "argument --max_new_tokens: ", "integer >= 1"),
     (["analyze", RUN, "--tokens=0"], "tokens=0", "integer >= 1"),
-    (["analyze", RUN, "--seq_len=-1"], "seq_len=-1", "integer >= 1"),
+    (["analyze", RUN, "--seq_len=-1"], "seq_len=-1", "integer >= 2"),
+    (["analyze", RUN, "--seq_len=1"], "seq_len=1", "integer >= 2"),  # repetition: pairs
     (["upcycle", RUN, "--out", "o", "--n_experts=0"], "n_experts=0", "integer >= 1"),
     (["upcycle", RUN, "--out", "o", "--top_k=0"], "top_k=0", "integer >= 1"),
     (["upcycle", RUN, "--out", "o", "--top_k=9"], "top_k=9", "<= n_experts (8)"),

@@ -74,14 +74,14 @@ class AnalyzeConfig(ConfigBase):
     data: the corpus whose validation split is traced ("stdlib", a file, a folder or a glob); None
         means the run's own corpus (the standard library for a Hugging Face checkpoint).
     tokens: held-out tokens to trace.
-    seq_len: tokens per traced sequence, at most the model's max_seq_len; None: 256, or
-        max_seq_len where that is shorter (the resolved config saved beside the report holds the
-        number used).
+    seq_len: tokens per traced sequence, at least 2 (the repetition metrics compare each token's
+        experts with the next's) and at most the model's max_seq_len; None: 256, or max_seq_len
+        where that is shorter (the resolved config saved beside the report holds the number used).
     """
 
     data: str | None = None
     tokens: int = 16384
-    seq_len: int | None = None
+    seq_len: Annotated[int, In("[2, inf)")] | None = None
 
 
 Scheme = Literal["bf16", "int8", "int4", "mxfp4", "none"]
