@@ -191,6 +191,48 @@ def test_seeds_past_the_largest_seed_are_refused_before_training(monkeypatch, ca
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["granularity", "--model.moe.n_experts=16"], "--model.moe.n_experts is what the arms"),
+        (["capacity", "--model.moe.capacity_factor=2"], "--model.moe.capacity_factor is what"),
+        (["mtp", "--model.mtp_depth=2"], "--model.mtp_depth is what the arms of `mtp` set"),
+        (["balance", "--model.moe=null"], "this base is dense (model.moe is None)"),
+        (["balance", "--preset", "dense-small"], "this base is dense (model.moe is None)"),
+    ],
+)
+def test_an_override_the_arms_replace_is_refused(argv, says, monkeypatch, capsys, tmp_path):
+    """Each arm's own value had replaced it, silently; a dense base said "cannot set
+    --model.moe.aux_loss_coef", a key the user never gave."""
+    monkeypatch.setattr("moekit.experiments.runner.run_experiment", None)  # would raise
+    assert main(["experiment", *argv, f"--out={tmp_path / 'e'}"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+
+
+def test_a_base_the_arms_are_sized_on_reaches_them(monkeypatch):
+    """z-loss's arms scale the base lr, granularity's the base's expert width: given by the user,
+    they size the arms (the arms were sized on the preset's)."""
+    seen: dict[str, RunConfig] = {}
+
+    class Built(Exception):
+        pass
+
+    def capture(arms, *args, **kwargs):
+        seen.update(arms)
+        raise Built  # the arms are built: nothing is trained
+
+    monkeypatch.setattr("moekit.experiments.runner.train_designs", capture)
+    monkeypatch.setattr("moekit.experiments.runner.data_facts", lambda cfg: {})
+    base = RunConfig.preset("experiment")
+    with pytest.raises(Built):
+        run_experiment("z-loss", base, "unused", 1, ["--train.lr=1e-3"])
+    assert seen["no-z-lr4x"].train.lr == pytest.approx(4e-3)
+    with pytest.raises(Built):
+        run_experiment("granularity", base, "unused", 1, ["--model.moe.d_expert=256"])
+    assert seen["E8-k1"].model.moe.d_expert == 2 * 256 // 4 * 4  # k F / 4 per F0, 4 F0 wide
+
+
 def test_experiment_cli_refuses_an_unknown_name(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "nonsense"])

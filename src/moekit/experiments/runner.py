@@ -23,7 +23,7 @@ from moekit.losses import z_loss
 from moekit.machine import machine_info
 from moekit.model import MoETransformer, generate, parameter_breakdown
 from moekit.model.speculative import SpeculativeStats
-from moekit.overrides import apply_overrides
+from moekit.overrides import apply_overrides, split_override
 from moekit.train.checkpoint import list_checkpoints, load_weights
 from moekit.train.lockstep import design_configs, parallel_threads, train_designs
 from moekit.train.metrics import read_metrics
@@ -40,8 +40,30 @@ LOGGED = ("max_vio", "dropped_fraction")  # curves from the train records; logit
 
 def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConfig:
     """The config every arm of experiment `name` starts from: `base` with the experiment's own
-    settings, then the user's `overrides`."""
-    return apply_overrides(base, [*EXPERIMENTS[name].settings, *overrides])
+    settings, then the user's `overrides`. The arms are sized on it (a base lr or expert width
+    the user gives scales them); an override of what every arm sets to its own value, which it
+    would not change, is refused (it was replaced, silently): ValueError naming it."""
+    exp = EXPERIMENTS[name]
+    shown = apply_overrides(base, [*exp.settings, *overrides])
+    if shown.model.moe is None:
+        raise ValueError(
+            f"the arms of `{name}` vary a base run's MoE layers, and this base is dense (model.moe "
+            "is None): give an MoE preset or config (the default, experiment, is one)"
+        )
+    arms = exp.arms(shown)
+    varied = {split_override(item)[0] for _, arm in arms for item in arm}
+    for item in overrides:
+        key = split_override(item)[0]
+        clash = sorted(v for v in varied if f"{v}.".startswith(f"{key}.") or key.startswith(v))
+        if not clash:
+            continue
+        rest = apply_overrides(base, [*exp.settings, *(o for o in overrides if o is not item)])
+        if design_configs(rest, dict(exp.arms(rest))) == design_configs(shown, dict(arms)):
+            raise ValueError(
+                f"--{key} is what the arms of `{name}` set ({', '.join(clash)}), each to its own "
+                "value: drop it"
+            )
+    return shown
 
 
 def run_experiment(
@@ -58,7 +80,7 @@ def run_experiment(
     machine, shown = machine_info(), experiment_base(name, base, overrides or [])
     overrides = [*exp.settings, *(overrides or [])]
     setup = data_facts(shown)
-    arms = design_configs(shown, dict(exp.arms(base)))
+    arms = design_configs(shown, dict(exp.arms(shown)))  # sized on the user's base
     per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results))
     results = {arm: [runs[arm] for runs in per_seed] for arm in arms}
     add_loss_at_equal_time(results)
