@@ -3,6 +3,8 @@ anything is loaded: numeric flags are checked by argparse, settings by their con
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from moekit.cli import build_parser, main
@@ -13,8 +15,10 @@ from moekit.config import (
     CacheSimConfig,
     ConvertConfig,
     GenerateConfig,
+    ModelConfig,
     OffloadConfig,
     QuantizeConfig,
+    RunConfig,
     UpcycleConfig,
 )
 
@@ -283,3 +287,34 @@ def test_none_is_the_scheme_none_where_a_field_can_name_it() -> None:
     assert cfg.experts == "none" and cfg.scheme_of("experts") is None
     assert resolve_config(QuantizeConfig, None, ["--experts=null"]).experts is None
     assert resolve_config(GenerateConfig, None, ["--top_k=none"]).top_k is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["generate", RUN, "--prompt=a", "--prompt=b"], "--prompt is given after --prompt"),
+        (["cache-sim", RUN, "--budget=50%", "--budget=25%"], "--budget is given after --budget"),
+        (["params", "tiny", "--model.moe.top_k=1", "--model.moe=null"],
+         "--moe is given after --moe.top_k"),  # (params names model keys bare)
+    ],
+)  # fmt: skip
+def test_a_setting_given_twice_is_one_line(argv: list[str], says: str, capsys) -> None:
+    """The last had won, silently."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "give each setting once" in err and err.count("\n") == 1, err
+
+
+def test_a_config_file_with_a_key_twice_is_named(tmp_path, capsys) -> None:
+    path = tmp_path / "generate.json"
+    path.write_text('{"prompt": "x", "max_new_tokens": 3, "prompt": "y"}')
+    assert main(["generate", RUN, str(path)]) == 2
+    assert "gives the key 'prompt' twice (JSON keeps the last)" in capsys.readouterr().err
+    run = tmp_path / "run.json"
+    run.write_text('{"model": {}, "model": {}}')
+    assert main(["train", str(run)]) == 2
+    assert "gives the key 'model' twice" in capsys.readouterr().err
+    moe = ModelConfig.preset("small").moe
+    assert moe is not None
+    whole = f"--model.moe={json.dumps(moe.to_dict())}"  # whole, then one inside it: allowed
+    assert resolve_config(RunConfig, None, [whole, "--model.moe.top_k=1"]).model.moe.top_k == 1

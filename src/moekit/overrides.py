@@ -26,10 +26,21 @@ FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
-    """A copy of `cfg` with each "--a.b=value" of `overrides` applied, validated."""
+    """A copy of `cfg` with each "--a.b=value" of `overrides` applied, validated. A key given
+    twice, or a setting after one inside it (--model.moe.top_k=1 --model.moe=null), would lose
+    the first: ValueError naming both (a setting whole, then one inside it, is the way to fill a
+    None: --model.moe='{...}' --model.moe.top_k=1)."""
     data = cfg.to_dict()
+    given: list[str] = []
     for item in overrides:
         key, text = split_override(item)
+        lost = [k for k in given if k == key or k.startswith(f"{key}.")]
+        if lost:
+            raise ValueError(
+                f"--{key} is given after --{lost[0]}, which it would replace: give each setting "
+                "once"
+            )
+        given.append(key)
         _set(type(cfg), data, key.split("."), text, key)
     return type(cfg).from_dict(data)
 

@@ -106,9 +106,33 @@ def read_json(
     remedy: str,
     error: type[DamagedFile] = DamagedFile,
     expect: type = dict,
+    unique_keys: bool = False,
 ) -> Any:
-    """The JSON value of `path`, which must be an `expect` (dict: a JSON object; list: an array)."""
-    return parse_json(read_text(path, remedy, error), path, remedy, error, expect)
+    """The JSON value of `path`, which must be an `expect` (dict: a JSON object; list: an array);
+    with `unique_keys` (a settings file a user wrote), a key given twice in an object is refused
+    (JSON keeps the last, silently)."""
+    text = read_text(path, remedy, error)
+    if unique_keys:
+        twice = _repeated_key(text)
+        if twice is not None:
+            raise error(path, f"gives the key {twice!r} twice (JSON keeps the last)", remedy)
+    return parse_json(text, path, remedy, error, expect)
+
+
+def _repeated_key(text: str) -> str | None:
+    """A key some object of the JSON `text` holds twice, if any (None for invalid JSON too)."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError:
+        return None
+    return repeated[0] if repeated else None
 
 
 def parse_json(

@@ -103,7 +103,7 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
         remedy = f"fix it: a config file is one JSON object, {kind}"
         if cls is not RunConfig:
             cfg: Any = cls.from_file(path, remedy)
-        elif "model" not in (data := read_json(path, remedy)):
+        elif "model" not in (data := read_json(path, remedy, unique_keys=True)):
             if is_transformers_config(data):
                 raise ValueError(
                     f"{path} is a Hugging Face model's config, not a moekit one: convert its "

@@ -71,7 +71,7 @@ class ConfigBase:
         """Read a config JSON file a user handed us: a file that is not JSON, or a config whose
         fields are wrong, is one `ValueError` naming the file (and the position or the field);
         `remedy` says what to do about a file that is not JSON."""
-        return config_from_data(cls, read_json(path, remedy), path)
+        return config_from_data(cls, read_json(path, remedy, unique_keys=True), path)
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

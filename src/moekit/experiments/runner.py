@@ -44,7 +44,7 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
     the user gives scales them); an override of what every arm sets to its own value, which it
     would not change, is refused (it was replaced, silently): ValueError naming it."""
     exp = EXPERIMENTS[name]
-    shown = apply_overrides(base, [*exp.settings, *overrides])
+    shown = apply_overrides(apply_overrides(base, exp.settings), overrides)  # the user's last
     if shown.model.moe is None:
         raise ValueError(
             f"the arms of `{name}` vary a base run's MoE layers, and this base is dense (model.moe "
@@ -57,7 +57,9 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
         clash = sorted(v for v in varied if f"{v}.".startswith(f"{key}.") or key.startswith(v))
         if not clash:
             continue
-        rest = apply_overrides(base, [*exp.settings, *(o for o in overrides if o is not item)])
+        rest = apply_overrides(
+            apply_overrides(base, exp.settings), [o for o in overrides if o is not item]
+        )
         if design_configs(rest, dict(exp.arms(rest))) == design_configs(shown, dict(arms)):
             raise ValueError(
                 f"--{key} is what the arms of `{name}` set ({', '.join(clash)}), each to its own "
