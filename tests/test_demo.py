@@ -90,6 +90,22 @@ def test_demo_checks_the_device_before_it_clears_the_last_demo(
     assert (out / "moe" / "config.json").is_file() and (out / "dense" / "config.json").is_file()
 
 
+def test_demo_refuses_a_prompt_that_fills_the_context_before_training(
+    tmp_path: Path, capsys
+) -> None:
+    """The sample's prompt was read after minutes of training, with the last demo gone."""
+    out = tmp_path / "demo"
+    for name in ("moe", "dense"):
+        (out / name).mkdir(parents=True)
+        (out / name / "config.json").write_text("{}")
+    data = [f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
+            f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(["demo", "--out", str(out), f"--prompt={'x' * 200}", *data]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt is 200 tokens; the model's max_seq_len=128 leaves no room" in err, err
+    assert (out / "moe" / "config.json").is_file() and not (out / "moe" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [

@@ -16,8 +16,10 @@ from typing import Any
 
 from moekit.cli.common import Command, positive_int, print_config, resolve_config, stream_text
 from moekit.config import RunConfig
+from moekit.data import prepare_data
 from moekit.loading import load
 from moekit.model import format_count
+from moekit.model.generation import room_after_prompt
 from moekit.train import twin, write_report
 from moekit.train.device import training_device
 from moekit.train.twin import DENSE, MOE
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(RunConfig, DEMO_PRESET, args.overrides)
     training_device(cfg.train.device)  # before the previous demo is cleared
     out = Path(args.out)
+    check_replaceable(out)
+    check_prompt(cfg, args.prompt)  # before minutes of training, not after them
     clear_previous_demo(out)
     print_config(cfg)
     result = twin.train_with_dense_twin(cfg, out)
@@ -82,16 +86,28 @@ def print_twin_figures(result: Any, cfg: Any, report: Path, prompt: str, seconds
     print(f"demo time   {minutes} min {rest} s")
 
 
-def clear_previous_demo(out: Path) -> None:
-    """Remove an earlier demo in `out`; refuse to delete anything else."""
-    if not out.exists():
-        return
-    if not all((out / name / "config.json").is_file() for name in (MOE, DENSE)):
+def check_prompt(cfg: RunConfig, prompt: str) -> None:
+    """Refuse a prompt that leaves the sample no room in the model's context, with the run's
+    tokenizer: the data is prepared here once (tokenizer and token splits cached: both runs then
+    read them), as the runs would first thing."""
+    tokenizer = prepare_data(cfg.train.data, cfg.token_vocab_size, progress=True).tokenizer
+    room_after_prompt(len(tokenizer.encode(prompt).ids) or 1, cfg.model.max_seq_len, "--prompt")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an `out` that exists and is not an earlier demo (which the demo replaces)."""
+    if out.exists() and not all((out / name / "config.json").is_file() for name in (MOE, DENSE)):
         raise FileExistsError(
             f"{out} exists and is not a demo of an MoE and its dense twin (an older demo's single "
             "run, or a run of yours?): delete it yourself or choose another --out"
         )
-    shutil.rmtree(out)
+
+
+def clear_previous_demo(out: Path) -> None:
+    """Remove an earlier demo in `out`; refuse to delete anything else."""
+    check_replaceable(out)
+    if out.exists():
+        shutil.rmtree(out)
 
 
 COMMAND = Command("demo", f"train the `{DEMO_PRESET}` MoE and its dense twin side by side for a "
