@@ -13,7 +13,7 @@ import pytest
 from tests.run_cases import JSON_PACKAGE
 
 from moekit.cli import COMMANDS, NUL, OVERRIDE, build_parser, main
-from moekit.cli.common import flat_overrides, resolve_config
+from moekit.cli.common import Streamed, flat_overrides, resolve_config
 from moekit.config import (
     MODEL_PRESETS,
     RUN_PRESETS,
@@ -91,7 +91,7 @@ def test_unknown_preset_is_one_line_error(capsys) -> None:
 
 
 def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
-    tmp_path: Path, capsys
+    tmp_path: Path, capsys, monkeypatch
 ) -> None:
     run = tmp_path / "run"
     args = [
@@ -114,6 +114,12 @@ def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
     assert out.out.startswith("def f(")  # the text alone: its resolved config goes to stderr
     printed = GenerateConfig.from_json(out.err.split("resolved config:\n")[1])
     assert printed == GenerateConfig(prompt="def f(", max_new_tokens=5)
+    with monkeypatch.context() as patch:  # text the context cut short: a note says so
+        cut = Streamed("x", [1] * 127, cut_by_context=True)
+        patch.setattr("moekit.cli.generate.stream_text", lambda *args, **kwargs: cut)
+        assert main(["generate", str(run), "--max_new_tokens=500"]) == 0
+    note = "note: the text stopped at the model's context (max_seq_len=128), 127 of --max_new_"
+    assert note in capsys.readouterr().err
     analyze = ["analyze", str(run), f"--data={JSON_PACKAGE}", "--tokens=300", "--seq_len=32"]
     assert main(analyze) == 0
     saved = AnalyzeConfig.from_json((run / "analysis/analyze_config.json").read_text())

@@ -69,8 +69,12 @@ def run(args: argparse.Namespace) -> None:
     if session is not None:
         converse(session, loaded.model, cfg, sampling)
     else:
-        stream_text(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens,
-                    seed=cfg.seed, chat=chat, **sampling)  # fmt: skip
+        text = stream_text(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens,
+                           seed=cfg.seed, chat=chat, **sampling)  # fmt: skip
+        if text.cut_by_context:  # as a conversation says it (converse)
+            print(f"note: the text stopped at the model's context (max_seq_len="
+                  f"{loaded.model.cfg.max_seq_len}), {len(text.ids)} of --max_new_tokens="
+                  f"{cfg.max_new_tokens} tokens", file=sys.stderr)  # fmt: skip
     if stats is not None:
         print(stats.format(), file=sys.stderr)
     if loaded.offload is not None:
