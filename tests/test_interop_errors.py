@@ -49,6 +49,35 @@ def test_unsupported_architecture_is_named(mixtral_dir: Path, tmp_path: Path) ->
         load_hf(folder)
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"num_local_experts": "6"}, "num_local_experts (moekit's n_experts)='6' is invalid"),
+        ({"hidden_size": None}, "hidden_size (moekit's d_model)=None is invalid"),
+        ({"rms_norm_eps": "1e-5"}, "rms_norm_eps (moekit's norm_eps)='1e-5' is invalid"),
+        ({"num_experts_per_tok": 10}, "num_experts_per_tok (moekit's top_k)=10 is invalid"),
+        ({"model_type": None}, "the config.json has no model_type (architectures: ['Mixtral"),
+    ],
+)
+def test_a_bad_config_value_is_named_by_its_config_json_key(
+    mixtral_dir: Path, tmp_path: Path, change: dict, says: str, capsys
+) -> None:
+    """The errors named moekit's fields (n_experts='6'), not the file or its keys; a missing
+    model_type said "architecture None (['MixtralForCausalLM']) is not supported"."""
+    from moekit.cli import main
+
+    folder = copy_of(mixtral_dir, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text()) | change
+    (folder / "config.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if v or k != "model_type"})
+    )
+    assert main(["convert", "--from-hf", str(folder), f"--out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+    assert "model_type" in change or f"{folder / 'config.json'}: " in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_tensors_are_listed(mixtral_dir: Path, tmp_path: Path) -> None:
     folder = copy_of(mixtral_dir, tmp_path)
     edit_weights(folder, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))

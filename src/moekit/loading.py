@@ -130,7 +130,7 @@ def read_config(path: str | Path) -> RunConfig:
     settings against (the model's max_seq_len, say) before the model is read."""
     path = Path(path)
     if _kind(path) == "hf":
-        return hf_run_config(hf_model_config(read_hf_config(path)))
+        return hf_run_config(hf_model_config(read_hf_config(path), path / "config.json"))
     return find_run(path)[0]
 
 

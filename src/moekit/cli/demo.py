@@ -17,6 +17,7 @@ from typing import Any
 from moekit.cli.common import Command, positive_int, print_config, resolve_config, stream_text
 from moekit.config import RunConfig
 from moekit.data import prepare_data
+from moekit.fileio import check_no_file_in_the_way
 from moekit.loading import load
 from moekit.model import format_count
 from moekit.model.generation import room_after_prompt
@@ -95,7 +96,9 @@ def check_prompt(cfg: RunConfig, prompt: str) -> None:
 
 
 def check_replaceable(out: Path) -> None:
-    """Refuse an `out` that exists and is not an earlier demo (which the demo replaces)."""
+    """Refuse an `out` that exists and is not an earlier demo (which the demo replaces), or that
+    a file is in the way of."""
+    check_no_file_in_the_way(out)
     if out.exists() and not all((out / name / "config.json").is_file() for name in (MOE, DENSE)):
         raise FileExistsError(
             f"{out} exists and is not a demo of an MoE and its dense twin (an older demo's single "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +29,7 @@ from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF
 from moekit.interop.files import (
     WEIGHT_DTYPES,
+    CheckpointError,
     find_weight_files,
     parse_size,
     plan_shards,
@@ -74,9 +76,48 @@ def read_hf_config(folder: str | Path) -> HF:
     return read_checkpoint_json(path)
 
 
-def hf_model_config(hf: HF) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face config dict."""
-    return architecture_of(hf).model_config(hf)
+def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face config dict (read from `source`); a value moekit cannot
+    take is one `CheckpointError` naming the file and the config.json key where moekit's field
+    has one (num_local_experts, not n_experts)."""
+    arch = architecture_of(hf)
+    try:
+        return arch.model_config(hf)
+    except CheckpointError:
+        raise
+    except KeyError as err:
+        needs = f"which {arch.model_type} needs"
+        raise CheckpointError(f"{source} has no {err.args[0]!r}, {needs}") from None
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: {_in_hf_terms(str(err), hf)}") from None
+
+
+# moekit's ModelConfig and MoEConfig fields under their config.json names (configs.common_to_hf)
+HF_NAMES = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "top_k": "num_experts_per_tok",
+}
+
+
+def _in_hf_terms(message: str, hf: HF) -> str:
+    """ "moe.top_k=10 is invalid..." -> "num_experts_per_tok (moekit's moe.top_k)=10 is ...": the
+    config.json key of HF_NAMES, or else the one key of `hf` holding the value named."""
+    field = re.match(r"((?:moe\.)?(\w+))=(\S+) ", message)
+    if field is None:
+        return message
+    name = HF_NAMES.get(field.group(2))
+    if name is None:
+        keys = [k for k, v in hf.items() if repr(v) == field.group(3)]
+        name = keys[0] if len(keys) == 1 else None
+    if name is None:
+        return message
+    return f"{name} (moekit's {field.group(1)}){message[field.end(1) :]}"
 
 
 def load_hf(
@@ -128,7 +169,7 @@ def load_hf(
     quantization = read_quantization(hf)
     schemes = load_schemes(quantize, keep_quantized, quantization)
     view = quantized_view(find_weight_files(folder), quantization)
-    cfg, dropped = choose_mtp(arch.model_config(hf), view.files, mtp)
+    cfg, dropped = choose_mtp(hf_model_config(hf, folder / "config.json"), view.files, mtp)
     if dtype is None and quantization is not None:
         dtype = torch.bfloat16
     float_dtype = resolve_dtype(dtype, hf)

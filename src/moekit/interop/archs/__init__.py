@@ -34,6 +34,13 @@ def architecture_of(hf: HF) -> Architecture:
     """The architecture of a config.json, or an error naming it when unsupported (its
     quantization_config, if any, is `interop.quantized`'s)."""
     kind = hf.get("model_type")
+    if kind is None:
+        classes = hf.get("architectures")
+        raise CheckpointError(
+            f"the config.json has no model_type (architectures: {classes}), which names the "
+            f"architecture; moekit reads {', '.join(ARCHITECTURES)}: restore the checkpoint's "
+            "config.json"
+        )
     if kind not in ARCHS:
         classes = hf.get("architectures")
         raise CheckpointError(
