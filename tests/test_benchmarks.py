@@ -208,7 +208,10 @@ def test_moe_designs_keep_the_active_width_of_a_base_with_a_shared_expert():
     configs = bench.check_widths(design_configs(base, designs))  # every design's width is A
     assert configs["dense"].model.d_ff == moe.top_k * moe.d_expert + moe.shared_width
     assert configs["top2"].model.moe.shared_width == 0
-    designs["top2"] = [*designs["top2"], f"--model.moe.d_expert={moe.d_expert}"]
+    wide = f"--model.moe.d_expert={moe.d_expert}"  # a top-2 design of twice the width
+    designs["top2"] = [
+        wide if o.startswith("--model.moe.d_expert=") else o for o in designs["top2"]
+    ]
     with pytest.raises(
         SystemExit, match=f"'top2' has an active expert width of {2 * moe.d_expert}"
     ):

@@ -16,6 +16,7 @@ from moekit.experiments.arms import EXPERIMENTS, Experiment, moe_vs_dense
 from moekit.experiments.runner import (
     add_loss_at_equal_time,
     arm_figures,
+    experiment_base,
     run_experiment,
     verdict,
     write_report,
@@ -208,6 +209,23 @@ def test_an_override_the_arms_replace_is_refused(argv, says, monkeypatch, capsys
     assert main(["experiment", *argv, f"--out={tmp_path / 'e'}"]) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("name", "override"),
+    [
+        ("z-loss", "--train.lr=0.003"),  # the preset's own, restated (the arms scale it)
+        ("moe-vs-dense", "--model.moe.top_k=2"),  # the dense arm sets model.moe whole
+        ("granularity", "--model.moe.normalize=true"),  # one arm sets it
+        ("moe-vs-dense", "--model.moe.router_bias=false"),  # not model.moe.router
+        ("capacity", "--model.moe.capacity_factor=null"),
+    ],
+)
+def test_an_override_that_restates_or_sizes_the_base_is_taken(name: str, override: str) -> None:
+    base = RunConfig.preset("experiment")
+    assert experiment_base(name, base, [override]) == experiment_base(name, base, []) or (
+        override.startswith("--model.moe.router_bias")
+    )
 
 
 def test_a_base_the_arms_are_sized_on_reaches_them(monkeypatch):

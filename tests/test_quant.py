@@ -320,6 +320,17 @@ def test_a_quantization_record_that_does_not_fit_its_tensors_is_named(
     err = capsys.readouterr().err
     assert "weight_scales is torch.float16 in the checkpoint, torch.uint8 in the model" in err
     assert "restore the config.json and quantization.json" in err
+    assert main([*args, "--offload.budget=50%"]) == 2  # the expert files are checked
+    assert "should be torch.uint8 as its quantization scheme stores it" in capsys.readouterr().err
+    q2 = tmp_path / "q2"  # MXFP4 experts as recorded, int4 attention under a record of MXFP4
+    assert main(["quantize", str(run), "--weights=int4", "--experts=mxfp4", f"--out={q2}"]) == 0
+    record2 = q2 / "checkpoints/step-000000/quantization.json"
+    record2.write_text(record2.read_text().replace('"weights": "int4"', '"weights": "mxfp4"'))
+    capsys.readouterr()
+    assert main(["generate", str(q2), "--max_new_tokens=2", "--offload.budget=50%"]) == 2
+    assert "weight_scales is torch.float16 in the checkpoint, torch.uint8 in the model" in (
+        capsys.readouterr().err
+    )  # the offloaded load's other tensors, assigned as stored, are checked too
     record.unlink()
     assert main(args) == 2
     assert "its tensors are quantized (..._scales): restore the quantization.json" in (

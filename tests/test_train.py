@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_loss_falls_over_30_steps(tmp_path: Path) -> None:
     assert train[-1]["lm_loss"] < train[0]["lm_loss"] - 1.0
 
 
-def test_compiled_and_bf16_training_follow_the_plain_run(tmp_path: Path, capfd) -> None:
+def test_compiled_training_and_bf16_autocast_follow_the_plain_run(tmp_path: Path, capfd) -> None:
     """train.compile and train.bf16: the compiled model's losses are the eager ones to float32
     rounding, bf16 autocast's to bf16's; compiling logs no error (a probe of torch._grouped_mm
     traced inside the graph had logged the meta kernel's traceback at every MoE layer)."""
@@ -274,14 +275,25 @@ def test_fresh_run_refuses_a_folder_of_other_files_and_keeps_them(tmp_path: Path
     (own / "report.md").write_text("my notes")
     for folder in (hf, own):
         before = {f.name: f.read_bytes() for f in folder.iterdir()}
-        with pytest.raises(FileExistsError, match=r"not a moekit run's .* choose a new --out"):
+        with pytest.raises(
+            FileExistsError,
+            match=r"not a moekit run's \((config.json, model.safetensors|report.md)\)",
+        ):
             loop_module.train(cfg, folder)
         assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
-    stopped = tmp_path / "stopped"
-    stopped.mkdir()
+    stopped, died = tmp_path / "stopped", tmp_path / "died"  # before config.json was written
+    for folder in (stopped, died):
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("")
+        (folder / "tensorboard").mkdir()
     (stopped / "config.json").write_text(cfg.to_json())
-    (stopped / "metrics.jsonl").write_text("")
     assert loop_module.train(cfg, stopped).step == 1
+    assert loop_module.train(cfg, died).step == 1
+    prepared = tmp_path / "prepared"  # a tokenizer copied in for train.data.tokenizer="run"
+    prepared.mkdir()
+    shutil.copy(stopped / "tokenizer.json", prepared / "tokenizer.json")
+    data = cfg.train.data.replace(tokenizer="run")
+    assert loop_module.train(cfg.replace(train=cfg.train.replace(data=data)), prepared).step == 1
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
@@ -411,6 +423,10 @@ def test_a_resumed_run_keeps_its_tokenizer(tmp_path: Path, capsys) -> None:
                  f"--train.data.source={email}"]) == 0  # fmt: skip
     assert (run / "tokenizer.json").read_bytes() == tokenizer
     capsys.readouterr()
-    assert main(["train", "--resume", str(run), "--train.steps=4",
-                 "--train.data.tokenizer=bytes"]) == 2  # fmt: skip
-    assert "changes the tokenizer of" in capsys.readouterr().err
+    for change in ("--train.data.tokenizer=bytes", "--train.data.vocab_size=300"):
+        assert main(["train", "--resume", str(run), "--train.steps=4", change]) == 2
+        assert "changes the tokenizer of" in capsys.readouterr().err
+    assert (
+        main(["train", "--resume", str(run), "--train.steps=4", "--train.data.tokenizer=run"]) == 0
+    )  # what a resumed run reads anyway
+    assert (run / "tokenizer.json").read_bytes() == tokenizer

@@ -342,7 +342,8 @@ def test_a_run_refused_after_its_data_is_read_leaves_no_folder(
     """The run folder is made once everything is read: a tokenizer that is not the source run's
     was found after the folder had been made, and left it behind empty."""
     out = tmp_path / "bpe"
-    args = ["train", "tiny", *data_args(tmp_path), "--train.data.tokenizer=bpe"]
+    bpe = [a.replace("tokenizer=bytes", "tokenizer=bpe") for a in data_args(tmp_path)]
+    args = ["train", "tiny", *bpe]
     assert main([*args, f"--train.init_from={runs / 'run'}", "--out", str(out)]) == 2
     assert "was trained with another tokenizer" in one_line(capsys, "train")
     assert not out.exists()

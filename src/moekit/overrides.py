@@ -13,7 +13,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 from moekit.config import ConfigBase
@@ -26,23 +26,35 @@ FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
-    """A copy of `cfg` with each "--a.b=value" of `overrides` applied, validated. A key given
-    twice, or a setting after one inside it (--model.moe.top_k=1 --model.moe=null), would lose
-    the first: ValueError naming both (a setting whole, then one inside it, is the way to fill a
-    None: --model.moe='{...}' --model.moe.top_k=1)."""
+    """A copy of `cfg` with each "--a.b=value" of `overrides` applied, validated."""
     data = cfg.to_dict()
-    given: list[str] = []
     for item in overrides:
         key, text = split_override(item)
-        lost = [k for k in given if k == key or k.startswith(f"{key}.")]
-        if lost:
-            raise ValueError(
-                f"--{key} is given after --{lost[0]}, which it would replace: give each setting "
-                "once"
-            )
-        given.append(key)
         _set(type(cfg), data, key.split("."), text, key)
     return type(cfg).from_dict(data)
+
+
+def check_nothing_lost(overrides: Iterable[str]) -> None:
+    """A user's settings: a setting after one inside it (--model.moe.top_k=1 --model.moe=null)
+    would drop the first, unseen: ValueError naming both. The same key twice is the last one's,
+    as with options (a script's defaults, then the user's); a setting whole, then one inside it,
+    is the way to fill a None (--model.moe='{...}' --model.moe.top_k=1)."""
+    given: list[str] = []
+    for item in overrides:
+        key = split_override(item)[0]
+        lost = [k for k in given if k.startswith(f"{key}.")]
+        if lost:
+            raise ValueError(
+                f"--{key} is given after --{lost[0]}, which it would drop: give --{key} first, or "
+                f"leave out --{lost[0]}"
+            )
+        given.append(key)
+
+
+def touches(key: str, names: Iterable[str]) -> bool:
+    """Whether an override of `key` ("model.moe") sets one of the settings `names`, a part of one,
+    or a setting that holds one."""
+    return any(n == key or n.startswith(f"{key}.") or key.startswith(f"{n}.") for n in names)
 
 
 def split_override(item: str) -> tuple[str, str]:

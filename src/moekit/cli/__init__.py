@@ -38,7 +38,7 @@ from moekit.cli.common import CONFIG_HELP, flat_overrides
 from moekit.config import ConfigBase, RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.distributed import DistributedFailure
-from moekit.overrides import split_override
+from moekit.overrides import check_nothing_lost, split_override
 from moekit.train import TrainingDiverged
 from moekit.train.lockstep import SideBySideFailed
 
@@ -124,7 +124,7 @@ def check_setting(item: str, command: str, config: type[ConfigBase]) -> None:
     raise ValueError(f"unknown option {item!r}: {hint}{see}")
 
 
-def out_of_memory(err: BaseException) -> str | None:
+def allocation_asked(err: BaseException) -> str | None:
     """What an allocation that failed asked for, as " (N GB asked)" ("" where the size is unknown):
     Python's MemoryError, torch's CPU allocator's RuntimeError, torch.OutOfMemoryError. None for
     any other error."""
@@ -133,6 +133,12 @@ def out_of_memory(err: BaseException) -> str | None:
         return None
     asked = re.search(r"tried to allocate (\d+) bytes", text)
     return f" ({int(asked.group(1)) / 1e9:,.1f} GB asked)" if asked else ""
+
+
+def _value_of_an_option(before: list[str]) -> bool:
+    """Whether the word after `before` is an option's value written without its "=" (`--prompt
+    about.json`): the option's own error says so, where the word would be read as a file."""
+    return bool(before) and before[-1].startswith("-") and "=" not in before[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra = [item.replace(NUL, " ") for item in extra]
     cmd = COMMANDS[args.command]
     if cmd.config is not None and args.config is None:  # argparse ends positionals at an option
-        late = [item for item in extra if item.endswith(".json") and not item.startswith("-")]
+        late = [item for i, item in enumerate(extra) if item.endswith(".json")
+                and not item.startswith("-") and not _value_of_an_option(extra[:i])]  # fmt: skip
         if len(late) == 1:  # `generate RUN --prompt=hi settings.json`: the config file, late
             args.config = late[0]
             extra.remove(late[0])
@@ -157,22 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(argv, args)
         for item in extra:  # before anything is read: `--tokens 256` is a malformed override
             check_setting(item, args.command, cmd.config or RunConfig)
+        check_nothing_lost(extra)
         cmd.run(args)
         return 0
     except USER_ERRORS as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FAILURES as err:  # a side-by-side run's error is above, in its process's output
+        print(f"\nerror: {err}", file=sys.stderr)  # (RuntimeErrors: before the clause below)
+        return 1
     except (MemoryError, RuntimeError) as err:
-        asked = out_of_memory(err)
+        asked = allocation_asked(err)
         if asked is None:
             raise
         print(f"moekit {args.command}: error: out of memory{asked}: the settings or input ask for "
               "more than this machine has (sizes, batch, a file read whole); make them smaller",
               file=sys.stderr)  # fmt: skip
         return 2
-    except FAILURES as err:  # a side-by-side run's error is above, in its process's output
-        print(f"\nerror: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # outside a training loop, or a second Ctrl-C inside one
         print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
         return 130

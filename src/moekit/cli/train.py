@@ -12,7 +12,7 @@ from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_con
 from moekit.config import ModelConfig, RunConfig
 from moekit.distributed.trainer import train_distributed
 from moekit.model import MoETransformer
-from moekit.overrides import apply_overrides, split_override
+from moekit.overrides import apply_overrides, split_override, touches
 from moekit.train import TrainResult, train
 from moekit.train.checkpoint import check_run_dir
 from moekit.train.device import training_device
@@ -53,7 +53,7 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
     changes = model_changes(recorded.model, cfg.model, RESUME_MAY_CHANGE)
     if changes and _weight_shapes(recorded.model) != _weight_shapes(cfg.model):
         names = [name for name, _, _ in changes]
-        items = [o for o in overrides if _touches(split_override(o)[0], names)] or [
+        items = [o for o in overrides if touches(split_override(o)[0], names)] or [
             o for o in overrides if o.startswith("--model.")
         ]
         one, given = len(items) == 1, " ".join(items)
@@ -68,12 +68,17 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
             f"{describe_changes(changes, 'in the run')}; a resumed run keeps its model: drop "
             f"{'it' if one else 'them'}, or {new} --out NEW_RUN_DIR"
         )
-    tokenizer = recorded.train.data.tokenizer
-    if cfg.train.data.tokenizer != tokenizer:
-        raise ValueError(
-            f"--train.data.tokenizer={cfg.train.data.tokenizer} changes the tokenizer of {run_dir} "
-            f"({tokenizer}): a resumed run keeps its tokenizer (its tokenizer.json); drop it"
-        )
+    before, now = recorded.train.data, cfg.train.data  # a resumed run reads its tokenizer.json
+    for name, allowed in (
+        ("tokenizer", (before.tokenizer, "run")),
+        ("vocab_size", (before.vocab_size,)),
+    ):
+        if getattr(now, name) not in allowed:
+            raise ValueError(
+                f"--train.data.{name}={getattr(now, name)} changes the tokenizer of {run_dir} "
+                f"({name} {getattr(before, name)}): a resumed run keeps its tokenizer (its "
+                "tokenizer.json); drop it"
+            )
     check_run_dir(run_dir, True, cfg.train.steps, recorded.train.steps)
 
 
@@ -81,11 +86,6 @@ def _weight_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The name and shape of each weight of a `model` (built on the meta device: no memory)."""
     with torch.device("meta"):
         return {k: tuple(t.shape) for k, t in MoETransformer(model).state_dict().items()}
-
-
-def _touches(key: str, names: list[str]) -> bool:
-    """Whether the override of `key` ("model.moe") sets one of the settings `names` or a part."""
-    return any(n == key or n.startswith(key + ".") or key.startswith(n + ".") for n in names)
 
 
 def default_run_dir(spec: str | None) -> str:

@@ -23,7 +23,7 @@ from moekit.losses import z_loss
 from moekit.machine import machine_info
 from moekit.model import MoETransformer, generate, parameter_breakdown
 from moekit.model.speculative import SpeculativeStats
-from moekit.overrides import apply_overrides, split_override
+from moekit.overrides import apply_overrides, split_override, touches
 from moekit.train.checkpoint import list_checkpoints, load_weights
 from moekit.train.lockstep import design_configs, parallel_threads, train_designs
 from moekit.train.metrics import read_metrics
@@ -54,16 +54,21 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
     varied = {split_override(item)[0] for _, arm in arms for item in arm}
     for item in overrides:
         key = split_override(item)[0]
-        clash = sorted(v for v in varied if f"{v}.".startswith(f"{key}.") or key.startswith(v))
-        if not clash:
+        if not touches(key, varied):
             continue
-        rest = apply_overrides(
-            apply_overrides(base, exp.settings), [o for o in overrides if o is not item]
-        )
-        if design_configs(rest, dict(exp.arms(rest))) == design_configs(shown, dict(arms)):
+        try:
+            others = [o for o in overrides if o is not item]
+            rest = apply_overrides(apply_overrides(base, exp.settings), others)
+            replaced = rest != shown and design_configs(rest, dict(exp.arms(rest))) == (
+                design_configs(shown, dict(arms))
+            )
+        except ValueError:  # the base without it is not a config: it is needed, not replaced
+            replaced = False
+        if replaced:  # it changed the base, and no arm
+            clash = ", ".join(sorted(v for v in varied if touches(key, [v])))
             raise ValueError(
-                f"--{key} is what the arms of `{name}` set ({', '.join(clash)}), each to its own "
-                "value: drop it"
+                f"--{key} is what the arms of `{name}` set ({clash}), each to its own value: "
+                "drop it"
             )
     return shown
 

@@ -22,6 +22,7 @@ from moekit.inference.decode_moe import chosen_experts
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.inference.store import CheckpointExpertStore, ExpertStore
 from moekit.model.transformer import MoETransformer
+from moekit.quant.files import dtype_problems
 from moekit.quant.modules import quantize_model
 from moekit.userfiles import open_safetensors
 
@@ -150,6 +151,9 @@ def load_offloaded(
     with open_safetensors(path, remedy) as f:
         # clone: safetensors hands out views of its memory map, which would keep the file mapped
         state = {k: f.get_tensor(k).clone() for k in f.keys() if k not in routed}  # noqa: SIM118
+    wrong = dtype_problems(model.state_dict(), {k: t.dtype for k, t in state.items()})
+    if wrong:  # assign=True would keep them: a quantized scheme read as another, silently
+        raise ValueError(f"{path} does not hold this model's weights: {wrong[0]}")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if set(missing) != routed or unexpected:
         raise ValueError(

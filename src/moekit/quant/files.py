@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moekit.config import ModelConfig, QuantizeConfig
 from moekit.cpu_memory import advise_huge_pages
@@ -56,3 +56,17 @@ def allocate_on_cpu(model: nn.Module, huge_pages: bool = False) -> nn.Module:
 def is_quantized(model: MoETransformer) -> bool:
     """Whether any of `model`'s modules is quantized."""
     return any(isinstance(m, QuantizedLinear | QuantizedExperts) for m in model.modules())
+
+
+def dtype_problems(targets: dict[str, Tensor], stored: dict[str, torch.dtype | None]) -> list[str]:
+    """The first tensor of a checkpoint (`stored`: name -> dtype) whose dtype a model's tensor of
+    that name (`targets`) cannot take: a quantized tensor's codes or scales must match exactly
+    (int4's float16 scales read as MXFP4's exponent bytes would decode another scheme, silently);
+    floats may convert (a bfloat16 checkpoint into a float32 model)."""
+    return [
+        f"{n} is {dtype} in the checkpoint, {targets[n].dtype} in the model"
+        for n, dtype in stored.items()
+        if n in targets
+        and dtype != targets[n].dtype
+        and not (targets[n].is_floating_point() and dtype is not None and dtype.is_floating_point)
+    ][:1]

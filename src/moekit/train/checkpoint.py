@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moekit.data.tokenizer import copy_chat_files
+from moekit.data.tokenizer import CHAT_FILES, copy_chat_files
 from moekit.fileio import atomic_path, check_new_path, check_no_file_in_the_way, remove_path
-from moekit.quant.files import QUANTIZATION_FILE, is_quantized
+from moekit.quant.files import QUANTIZATION_FILE, dtype_problems, is_quantized
 from moekit.train.metrics import read_metrics
 from moekit.train.optim import build_optimizer
 from moekit.userfiles import (
@@ -187,15 +187,7 @@ def load_weights(path: Path, model: nn.Module, may_lack: tuple[str, ...] = ()) -
         stored = {k: tuple(s.get_shape()) for k, s in slices.items()}
         dtypes = {k: DTYPES.get(s.get_dtype()) for k, s in slices.items()}
     problems = _weight_problems(targets, stored, may_lack)
-    # a quantized tensor's codes or scales of another dtype (int4's bfloat16-bit scales read as
-    # MXFP4's exponent bytes, say) would be converted by the copy: another scheme, silently
-    problems += [
-        f"{n} is {dtypes[n]} in the checkpoint, {targets[n].dtype} in the model"
-        for n in stored
-        if n in targets
-        and dtypes[n] != targets[n].dtype
-        and not (targets[n].is_floating_point() and dtypes[n] and dtypes[n].is_floating_point)
-    ][:1]
+    problems += dtype_problems(targets, dtypes)
     if problems:
         quantized = (Path(path) / QUANTIZATION_FILE).is_file()
         record = f"config.json and {QUANTIZATION_FILE}" if quantized else "config.json"
@@ -374,21 +366,32 @@ def check_run_dir(
     return latest if resume else None
 
 
+# What a run writes before its first checkpoint (config.json last): a folder of these alone is a
+# run that stopped there, or one prepared for train.data.tokenizer="run" (its tokenizer.json).
+RUN_FILES = ("tokenizer.json", *CHAT_FILES, "metrics.jsonl", "tensorboard", CHECKPOINT_DIR)
+
+
 def check_no_other_files(run_dir: Path) -> None:
     """A new run writes config.json, tokenizer.json and report.md into `run_dir`: refuse a folder
-    that holds anything but a run stopped before its first checkpoint (a config.json of a run),
-    such as a Hugging Face checkpoint or a user's own files, which it would overwrite."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    that holds anything but what a run writes before its first checkpoint (RUN_FILES, and a
+    config.json of a run), such as a Hugging Face checkpoint or a user's own files, which it
+    would overwrite."""
+    if not run_dir.is_dir():
         return
-    try:
-        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
-    if isinstance(data, dict) and {"model", "train"} <= data.keys():
-        return  # a run that stopped before its first checkpoint: trained again from the start
+    names = {path.name for path in run_dir.iterdir()} - set(RUN_FILES)
+    if names == {"config.json"}:
+        try:
+            data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and {"model", "train"} <= data.keys():
+            names = set()  # a run's own config.json
+    if not names:
+        return
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
     raise FileExistsError(
-        f"{run_dir} holds files that are not a moekit run's (a Hugging Face checkpoint, say), "
-        "which a new run would overwrite: choose a new --out (or an empty folder)"
+        f"{run_dir} holds files that are not a moekit run's ({shown}), beside which a new run "
+        "would write its own config.json and report.md: choose a new --out (or an empty folder)"
     )
 
 
