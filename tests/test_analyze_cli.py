@@ -62,3 +62,18 @@ def test_the_seq_len_traced_is_the_one_saved(run, corpus, tmp_path, given, trace
     saved = AnalyzeConfig.from_json((out / "analyze_config.json").read_text())
     assert saved == AnalyzeConfig(data=str(corpus), tokens=200, seq_len=traced)
     assert json.loads((out / "analysis.json").read_text())["meta"]["seq_len"] == traced
+
+
+def test_fewer_held_out_tokens_than_asked_is_a_note(run, corpus, tmp_path, capsys) -> None:
+    """Only report.md had said the validation split was shorter than --tokens."""
+    args = [
+        "analyze",
+        str(run),
+        f"--data={corpus}",
+        "--tokens=1000000",
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    assert main(args) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "fewer than the 1,000,000 asked: all of them are traced" in notes[0]

@@ -136,6 +136,8 @@ def test_an_empty_list_of_policies_is_one_line(capsys) -> None:
     assert main(["cache-sim", "t", "--policy=none"]) == 2
     err = capsys.readouterr().err
     assert err == "moekit cache-sim: error: policy=() is invalid: must list at least one policy\n"
+    assert main(["cache-sim", "t", "--policy=lru,lfu,lru"]) == 2  # its column printed twice
+    assert "policy='lru,lfu,lru' is invalid: lists lru twice" in capsys.readouterr().err
 
 
 def test_numbers_in_range_parse() -> None:
@@ -322,3 +324,16 @@ def test_a_config_file_with_a_key_twice_is_named(tmp_path, capsys) -> None:
     assert moe is not None
     whole = f"--model.moe={json.dumps(moe.to_dict())}"  # whole, then one inside it: allowed
     assert resolve_config(RunConfig, None, [whole, "--model.moe.top_k=1"]).model.moe.top_k == 1
+
+
+def test_an_output_that_is_a_link_to_nothing_is_refused(tmp_path, capsys) -> None:
+    """quantize gave a raw "[Errno 20] Not a directory" on its temporary; trace replaced the link
+    with a file. Both refuse it before reading anything (the run does not even exist here)."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    for argv in (["quantize", "no-run", f"--out={link}"],
+                 ["trace", "no-run", "--prompts", "p.txt", f"--out={link}"]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{link} is a link to {tmp_path / 'gone'}, which does not exist; choose" in err
+    assert link.is_symlink() and not (tmp_path / "gone").exists()

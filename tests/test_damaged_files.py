@@ -166,7 +166,13 @@ def test_resume_from_a_damaged_checkpoint_writes_nothing(
 
 
 @pytest.mark.parametrize(
-    "meta", [{"tokens": 1, "param_groups": []}, [1, 2], {"step": "x", "tokens": 1}]
+    "meta",
+    [
+        {"tokens": 1, "param_groups": []},
+        [1, 2],
+        {"step": "x", "tokens": 1},
+        {"step": -1, "tokens": 1, "param_groups": []},  # was taken: it trained 13 more steps
+    ],
 )
 def test_resume_from_a_trainer_json_without_its_fields(run: Path, capsys, meta) -> None:
     path = run / "checkpoints/step-000012/trainer.json"

@@ -88,6 +88,22 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, monkeypatch) -> Non
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000003"]
 
 
+def test_an_interrupted_train_command_exits_130_after_saying_how_to_resume(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """It exited 0, so `moekit train ... && next` went on with a run not trained to its end."""
+    from moekit.cli import main
+
+    interrupt_at(monkeypatch, 2)
+    args = ["train", "tiny", f"--out={tmp_path / 'run'}", "--train.progress=false",
+            f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
+            f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(args) == 130
+    out = capsys.readouterr()
+    assert f"continue with: moekit train --resume {tmp_path / 'run'}" in out.out
+    assert out.err.endswith("moekit train: interrupted\n")
+
+
 def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path: Path, monkeypatch):
     cfg = tiny_run(tmp_path)
     loop_module.train(cfg, tmp_path / "straight")

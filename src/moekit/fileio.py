@@ -88,6 +88,9 @@ def check_new_path(path: str | os.PathLike, remedy: str) -> None:
     or a file stands where a directory on its way must go."""
     if Path(path).exists():
         raise FileExistsError(f"{path} exists; {remedy}")
+    if Path(path).is_symlink():  # a link to nothing: writing would replace the link itself
+        target = os.readlink(path)
+        raise FileExistsError(f"{path} is a link to {target}, which does not exist; {remedy}")
     check_no_file_in_the_way(path)
 
 

@@ -3,6 +3,7 @@ held-out text, and write the report."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,12 @@ def analyze(
     source = data or corpus.source
     documents = load_corpus(source, corpus.val_fraction).val.documents
     tokens = label_tokens(loaded.tokenizer, documents, n_tokens)
+    if len(tokens.token_ids) < n_tokens:  # the report says so too; say it where it is seen
+        warnings.warn(
+            f"the validation split of {source} holds {len(tokens.token_ids):,} tokens, fewer than "
+            f"the {n_tokens:,} asked: all of them are traced",
+            stacklevel=2,
+        )
     trace = record_routing(model, tokens, seq_len)
     layers = [layer_stats(trace, i, moe.cfg.n_experts, moe.cfg.top_k)
               for i, moe in enumerate(model.moe_layers())]  # fmt: skip

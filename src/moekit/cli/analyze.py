@@ -6,6 +6,8 @@ config.json is the model's)."""
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from moekit.analysis.analyze import analyze, traced_seq_len
 from moekit.cli.common import Command, print_config, resolve_config
@@ -26,7 +28,11 @@ def run(args: argparse.Namespace) -> None:
         check_own_folder(args.out, (CONFIG_FILE,), "an analysis")
     cfg = cfg.replace(seq_len=traced_seq_len(args.path, cfg.seq_len))  # the number it traces
     print_config(cfg)
-    report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
+    with warnings.catch_warnings(record=True) as notes:  # fewer tokens than asked, say
+        warnings.simplefilter("always")
+        report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
     atomic_write_text(report.parent / CONFIG_FILE, cfg.to_json())
     print(f"report: {report}")
 

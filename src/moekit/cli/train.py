@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> None:
     training_device(cfg.train.device)  # before the config is printed and the run begins
     print_config(cfg)
     trainer = train_distributed if wants_processes(cfg) else train  # torchrun, or parallel.ep/dp
-    print_result(trainer(cfg, run_dir, resume=args.resume is not None))
+    result = trainer(cfg, run_dir, resume=args.resume is not None)
+    print_result(result)
+    if result.interrupted:  # saved, but not trained to its end: exit 130, as an interrupt does
+        raise KeyboardInterrupt
 
 
 def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: list[str]) -> None:

@@ -144,6 +144,9 @@ class CacheSimConfig(ConfigBase):
         for name in ("budget", "policy"):
             if not getattr(self, name):
                 raise invalid(name, getattr(self, name), f"must list at least one {name}")
+        twice = sorted({p for p in self.policy if self.policy.count(p) > 1})
+        if twice:  # (its column would be printed twice)
+            raise invalid("policy", ",".join(self.policy), f"lists {', '.join(twice)} twice")
 
 
 @dataclass(kw_only=True)

@@ -248,6 +248,10 @@ def read_trainer_json(path: Path) -> dict[str, Any]:
         if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
             problem = f"has no {name!r} {kind.__name__} (found {meta.get(name)!r})"
             raise DamagedFile(file, problem, checkpoint_remedy(path))
+    for name in ("step", "tokens"):
+        if meta[name] < 0:
+            problem = f"has a negative {name!r} ({meta[name]})"
+            raise DamagedFile(file, problem, checkpoint_remedy(path))
     return meta
 
 
