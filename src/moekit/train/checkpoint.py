@@ -28,10 +28,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moekit.data.tokenizer import CHAT_FILES, copy_chat_files
-from moekit.fileio import atomic_path, check_new_path, check_no_file_in_the_way, remove_path
+from moekit.data.tokenizer import copy_chat_files
+from moekit.fileio import atomic_path, check_new_path, remove_path
 from moekit.quant.files import QUANTIZATION_FILE, dtype_problems, is_quantized
-from moekit.train.metrics import read_metrics
 from moekit.train.optim import build_optimizer
 from moekit.userfiles import (
     DTYPES,
@@ -338,78 +337,3 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
             shutil.copy2(tokenizer, tmp / "tokenizer.json")
             copy_chat_files(Path(tokenizer).parent, tmp)
         yield tmp
-
-
-def check_run_dir(
-    run_dir: Path, resume: bool, steps: int | None = None, recorded: int | None = None
-) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, to
-    resume from damaged files and, given the run's `steps` (train.steps), to resume a run that
-    has trained them all (before anything is written; `recorded`: its config.json's
-    train.steps, for the message, `nothing_to_train`)."""
-    check_no_file_in_the_way(run_dir)
-    latest = latest_checkpoint(run_dir)
-    if resume and latest is None:
-        raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint in checkpoints/")
-    if resume and latest is not None:  # DamagedFile unless its files read (headers, trainer.json)
-        refuse_quantized(latest)
-        step = read_trainer_json(latest)["step"]
-        for name in ("model.safetensors", "state.safetensors"):
-            with open_safetensors(latest / name, checkpoint_remedy(latest)):
-                pass
-        read_metrics(run_dir / "metrics.jsonl")
-        if steps is not None and step >= steps:  # (after the damage: that is named first)
-            raise ValueError(nothing_to_train(run_dir, step, steps, recorded))
-    if not resume and latest is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds a run (checkpoint {latest.name}); continue it with "
-            f"`moekit train --resume {run_dir}` or choose another --out"
-        )
-    if not resume:
-        check_no_other_files(run_dir)
-    return latest if resume else None
-
-
-# What a run writes before its first checkpoint (config.json last): a folder of these alone is a
-# run that stopped there, or one prepared for train.data.tokenizer="run" (its tokenizer.json).
-RUN_FILES = ("tokenizer.json", *CHAT_FILES, "metrics.jsonl", "tensorboard", CHECKPOINT_DIR)
-
-
-def check_no_other_files(run_dir: Path) -> None:
-    """A new run writes config.json, tokenizer.json and report.md into `run_dir`: refuse a folder
-    that holds anything but what a run writes before its first checkpoint (RUN_FILES, and a
-    config.json of a run), such as a Hugging Face checkpoint or a user's own files, which it
-    would overwrite."""
-    if not run_dir.is_dir():
-        return
-    names = {path.name for path in run_dir.iterdir()} - set(RUN_FILES)
-    if names == {"config.json"}:
-        try:
-            data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = None
-        if isinstance(data, dict) and {"model", "train"} <= data.keys():
-            names = set()  # a run's own config.json
-    if not names:
-        return
-    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-    raise FileExistsError(
-        f"{run_dir} holds files that are not a moekit run's ({shown}), beside which a new run "
-        "would write its own config.json and report.md: choose a new --out (or an empty folder)"
-    )
-
-
-def nothing_to_train(run_dir: Path, step: int, steps: int, recorded: int | None = None) -> str:
-    """Why resuming `run_dir`, at `step`, with train.steps=`steps` (<= step) trains nothing;
-    `recorded`: the train.steps of its config.json, when known and other than `steps`."""
-    if recorded is None and step > steps:
-        where = f"is at step {step}"
-    else:
-        recorded = steps if recorded is None else recorded
-        at = f"step {step} of {recorded}"
-        where = f"is finished ({at})" if step >= recorded else f"is at {at}"
-    given = "" if steps == recorded else f" with train.steps={steps}"
-    return (
-        f"{run_dir} {where}: nothing to train{given}; raise --train.steps above {step} to "
-        f"continue (moekit train --resume {run_dir} --train.steps=N)"
-    )

@@ -35,10 +35,10 @@ from moekit.data import prepare_data
 from moekit.fileio import make_dirs
 from moekit.model import parameter_breakdown
 from moekit.overrides import apply_overrides
-from moekit.train.checkpoint import check_run_dir
 from moekit.train.loop import Trainer, TrainingDiverged, train
 from moekit.train.metrics import read_metrics
 from moekit.train.report import summary
+from moekit.train.run_dir import check_run_dir
 
 
 class SideBySideFailed(RuntimeError):

@@ -22,7 +22,6 @@ from moekit.losses import sum_dtype
 from moekit.model import ModelOutput, MoETransformer
 from moekit.train.checkpoint import (
     TrainerState,
-    check_run_dir,
     latest_checkpoint,
     load_weights,
     read_training_state,
@@ -36,6 +35,7 @@ from moekit.train.interrupt import StopOnInterrupt
 from moekit.train.metrics import Interval, LayerFigures, MetricsLog, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
+from moekit.train.run_dir import check_run_dir
 from moekit.train.world import Parallelism, World
 
 EVAL_SEED = 1234  # the validation windows: the same in every evaluation and every run
@@ -193,11 +193,9 @@ class Trainer:
     def _read_data(self) -> Data:
         t = self.cfg.train
         self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
-        data_cfg = t.data
-        if self.resumed and (self.run_dir / "tokenizer.json").is_file():
-            # the run's own tokenizer, whatever the data: a BPE trained again on other data
-            # would pair the run's checkpoints with another vocabulary
-            data_cfg = t.data.replace(tokenizer="run")
+        # resumed: the run's own tokenizer (a BPE trained again on other data would not be it)
+        keep = self.resumed and (self.run_dir / "tokenizer.json").is_file()
+        data_cfg = t.data.replace(tokenizer="run") if keep else t.data
         data = prepare_data(data_cfg, self.cfg.token_vocab_size, self.talks, self.run_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(
