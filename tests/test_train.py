@@ -289,11 +289,15 @@ def test_fresh_run_refuses_a_folder_of_other_files_and_keeps_them(tmp_path: Path
     (hf / "model.safetensors").write_bytes(b"weights")
     own.mkdir()
     (own / "report.md").write_text("my notes")
-    for folder in (hf, own):
+    tokenizer = tmp_path / "tokenizer"  # a Hugging Face tokenizer alone: not a run's files
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    for folder in (hf, own, tokenizer):
         before = {f.name: f.read_bytes() for f in folder.iterdir()}
         with pytest.raises(
             FileExistsError,
-            match=r"not a moekit run's \((config.json, model.safetensors|report.md)\)",
+            match=r"not a moekit run's \((config.json, model.safetensors|report.md|tokenizer.js)",
         ):
             loop_module.train(cfg, folder)
         assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
@@ -433,16 +437,19 @@ def test_a_resumed_run_keeps_its_tokenizer(tmp_path: Path, capsys) -> None:
     common = [f"--train.data.cache_dir={tmp_path / 'cache'}", "--train.progress=false",
               "--train.eval.batches=1", "--train.batch_size=2", "--train.seq_len=32"]  # fmt: skip
     assert main(["train", "tiny", f"--out={run}", "--train.steps=2", "--train.data.tokenizer=bpe",
-                 f"--train.data.source={JSON_PACKAGE}", *common]) == 0  # fmt: skip
+                 "--train.data.vocab_size=300", f"--train.data.source={JSON_PACKAGE}",
+                 *common]) == 0  # fmt: skip
     tokenizer = (run / "tokenizer.json").read_bytes()
     assert main(["train", "--resume", str(run), "--train.steps=3",
                  f"--train.data.source={email}"]) == 0  # fmt: skip
     assert (run / "tokenizer.json").read_bytes() == tokenizer
     capsys.readouterr()
-    for change in ("--train.data.tokenizer=bytes", "--train.data.vocab_size=300"):
+    for change in ("--train.data.tokenizer=bytes", "--train.data.vocab_size=400"):
         assert main(["train", "--resume", str(run), "--train.steps=4", change]) == 2
         assert "changes the tokenizer of" in capsys.readouterr().err
     assert (
         main(["train", "--resume", str(run), "--train.steps=4", "--train.data.tokenizer=run"]) == 0
-    )  # what a resumed run reads anyway
+    )  # what a resumed run reads anyway: taken as said, the run's record kept
     assert (run / "tokenizer.json").read_bytes() == tokenizer
+    recorded = RunConfig.from_json((run / "config.json").read_text()).train.data
+    assert (recorded.tokenizer, recorded.vocab_size) == ("bpe", 300)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import time
+import typing
 from pathlib import Path
 
 import torch
 
 from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
-from moekit.config import ModelConfig, RunConfig
+from moekit.config import DataConfig, ModelConfig, RunConfig
 from moekit.distributed.trainer import train_distributed
 from moekit.model import MoETransformer
-from moekit.overrides import apply_overrides, split_override, touches
+from moekit.overrides import apply_overrides, parse_value, split_override, touches
 from moekit.train import TrainResult, train
 from moekit.train.device import training_device
 from moekit.train.init_from import RESUME_MAY_CHANGE, describe_changes, model_changes
@@ -34,8 +35,12 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--resume RUN_DIR continues that run: give no config and no --out")
         run_dir = Path(args.resume)
         recorded = read_run_config(run_dir)
-        cfg = apply_overrides(recorded, args.overrides)
-        check_resume(run_dir, recorded, cfg, args.overrides)
+        # a resumed run reads its own tokenizer.json: tokenizer=run says what it does anyway
+        same = ("train.data.tokenizer", "run")
+        overrides = [o for o in args.overrides if split_override(o) != same]
+        check_tokenizer_kept(run_dir, recorded, overrides)  # (before its rules between fields)
+        cfg = apply_overrides(recorded, overrides)
+        check_resume(run_dir, recorded, cfg, overrides)
     else:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))
@@ -71,18 +76,23 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
             f"{describe_changes(changes, 'in the run')}; a resumed run keeps its model: drop "
             f"{'it' if one else 'them'}, or {new} --out NEW_RUN_DIR"
         )
-    before, now = recorded.train.data, cfg.train.data  # a resumed run reads its tokenizer.json
-    for name, allowed in (
-        ("tokenizer", (before.tokenizer, "run")),
-        ("vocab_size", (before.vocab_size,)),
-    ):
-        if getattr(now, name) not in allowed:
-            raise ValueError(
-                f"--train.data.{name}={getattr(now, name)} changes the tokenizer of {run_dir} "
-                f"({name} {getattr(before, name)}): a resumed run keeps its tokenizer (its "
-                "tokenizer.json); drop it"
-            )
     check_run_dir(run_dir, True, cfg.train.steps, recorded.train.steps)
+
+
+def check_tokenizer_kept(run_dir: Path, recorded: RunConfig, overrides: list[str]) -> None:
+    """A resumed run reads its own tokenizer.json: an override that changes its
+    train.data.tokenizer or vocab_size is refused, naming it."""
+    data, hints = recorded.train.data, typing.get_type_hints(DataConfig)
+    for item in overrides:
+        key, text = split_override(item)
+        name = key.removeprefix("train.data.")
+        if name in ("tokenizer", "vocab_size") and parse_value(hints[name], text, key) != getattr(
+            data, name
+        ):
+            raise ValueError(
+                f"{item} changes the tokenizer of {run_dir} ({name} {getattr(data, name)}): a "
+                "resumed run keeps its tokenizer (its tokenizer.json); drop it"
+            )
 
 
 def _weight_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -127,7 +127,7 @@ class Trainer:
         self.talks = t.progress and self.world.is_writer
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        checkpoint = check_run_dir(run_dir, resume, t.steps)
+        checkpoint = check_run_dir(run_dir, resume, t.steps, tokenizer=t.data.tokenizer)
         fresh = checkpoint is None and t.init_from is not None
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
         self.resumed = checkpoint is not None
@@ -195,7 +195,7 @@ class Trainer:
         self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
         # resumed: the run's own tokenizer (a BPE trained again on other data would not be it)
         keep = self.resumed and (self.run_dir / "tokenizer.json").is_file()
-        data_cfg = t.data.replace(tokenizer="run") if keep else t.data
+        data_cfg = t.data.replace(tokenizer="run", vocab_size=None) if keep else t.data
         data = prepare_data(data_cfg, self.cfg.token_vocab_size, self.talks, self.run_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(

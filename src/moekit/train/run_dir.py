@@ -21,12 +21,17 @@ from moekit.userfiles import open_safetensors
 
 
 def check_run_dir(
-    run_dir: Path, resume: bool, steps: int | None = None, recorded: int | None = None
+    run_dir: Path,
+    resume: bool,
+    steps: int | None = None,
+    recorded: int | None = None,
+    tokenizer: str | None = None,
 ) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run, to
     resume from damaged files and, given the run's `steps` (train.steps), to resume a run that
     has trained them all (before anything is written; `recorded`: its config.json's
-    train.steps, for the message, `nothing_to_train`)."""
+    train.steps, for the message, `nothing_to_train`; `tokenizer`: a new run's
+    train.data.tokenizer, `check_no_other_files`)."""
     check_no_file_in_the_way(run_dir)
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
@@ -46,30 +51,31 @@ def check_run_dir(
             f"`moekit train --resume {run_dir}` or choose another --out"
         )
     if not resume:
-        check_no_other_files(run_dir)
+        check_no_other_files(run_dir, tokenizer)
     return latest if resume else None
 
 
 # What a run writes before its first checkpoint (config.json last): a folder of these alone is a
-# run that stopped there, or one prepared for train.data.tokenizer="run" (its tokenizer.json).
-RUN_FILES = ("tokenizer.json", *CHAT_FILES, "metrics.jsonl", "tensorboard", CHECKPOINT_DIR)
+# run that stopped there. Its tokenizer files are a run's only beside its other files (or where
+# train.data.tokenizer="run" reads a tokenizer.json prepared for it); alone, they may be a
+# Hugging Face tokenizer the run would replace.
+RUN_FILES = ("metrics.jsonl", "tensorboard", CHECKPOINT_DIR)
+TOKENIZER_FILES = ("tokenizer.json", *CHAT_FILES)
 
 
-def check_no_other_files(run_dir: Path) -> None:
+def check_no_other_files(run_dir: Path, tokenizer: str | None = None) -> None:
     """A new run writes config.json, tokenizer.json and report.md into `run_dir`: refuse a folder
-    that holds anything but what a run writes before its first checkpoint (RUN_FILES, and a
-    config.json of a run), such as a Hugging Face checkpoint or a user's own files, which it
-    would overwrite."""
+    that holds anything but what a run writes before its first checkpoint (RUN_FILES, a
+    config.json of a run, and beside either its tokenizer files), such as a Hugging Face
+    checkpoint or tokenizer or a user's own files, which it would overwrite. `tokenizer`: the
+    run's train.data.tokenizer ("run" reads the folder's tokenizer.json: it is the run's)."""
     if not run_dir.is_dir():
         return
-    names = {path.name for path in run_dir.iterdir()} - set(RUN_FILES)
-    if names == {"config.json"}:
-        try:
-            data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = None
-        if isinstance(data, dict) and {"model", "train"} <= data.keys():
-            names = set()  # a run's own config.json
+    names = {path.name for path in run_dir.iterdir()}
+    run_config = "config.json" in names and _is_run_config(run_dir / "config.json")
+    if run_config or names & set(RUN_FILES) or tokenizer == "run":
+        names -= {"config.json", *TOKENIZER_FILES} if run_config else set(TOKENIZER_FILES)
+    names -= set(RUN_FILES)
     if not names:
         return
     shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
@@ -93,3 +99,12 @@ def nothing_to_train(run_dir: Path, step: int, steps: int, recorded: int | None 
         f"{run_dir} {where}: nothing to train{given}; raise --train.steps above {step} to "
         f"continue (moekit train --resume {run_dir} --train.steps=N)"
     )
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is a run's config.json (a RunConfig's keys), not someone else's."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"model", "train"} <= data.keys()
