@@ -327,13 +327,15 @@ def test_a_config_file_with_a_key_twice_is_named(tmp_path, capsys) -> None:
 
 
 def test_an_output_that_is_a_link_to_nothing_is_refused(tmp_path, capsys) -> None:
-    """quantize gave a raw "[Errno 20] Not a directory" on its temporary; trace replaced the link
-    with a file. Both refuse it before reading anything (the run does not even exist here)."""
+    """quantize gave a raw "[Errno 20] Not a directory" on its temporary, trace replaced the link
+    with a file, train failed after preparing its data. Each refuses it before reading anything
+    (the run does not even exist here)."""
     link = tmp_path / "out"
     link.symlink_to(tmp_path / "gone")
     for argv in (["quantize", "no-run", f"--out={link}"],
-                 ["trace", "no-run", "--prompts", "p.txt", f"--out={link}"]):  # fmt: skip
+                 ["trace", "no-run", "--prompts", "p.txt", f"--out={link}"],
+                 ["train", "tiny", f"--out={link}", "--train.data.source=no-corpus"]):  # fmt: skip
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert f"{link} is a link to {tmp_path / 'gone'}, which does not exist; choose" in err
+        assert f"{link} is a link to {tmp_path / 'gone'}, which does not exist; remove" in err, err
     assert link.is_symlink() and not (tmp_path / "gone").exists()

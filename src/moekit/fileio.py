@@ -80,6 +80,11 @@ def check_no_file_in_the_way(path: str | os.PathLike, *, file_ok: bool = False) 
                 f"cannot write {path}: {place} is a file, not a directory; move it away or "
                 "choose another path"
             )
+        if place.is_symlink() and not place.exists():  # writing would replace the link, or fail
+            raise FileExistsError(
+                f"cannot write {path}: {place} is a link to {os.readlink(place)}, which does not "
+                "exist; remove the link or choose another path"
+            )
 
 
 def check_new_path(path: str | os.PathLike, remedy: str) -> None:
@@ -88,10 +93,7 @@ def check_new_path(path: str | os.PathLike, remedy: str) -> None:
     or a file stands where a directory on its way must go."""
     if Path(path).exists():
         raise FileExistsError(f"{path} exists; {remedy}")
-    if Path(path).is_symlink():  # a link to nothing: writing would replace the link itself
-        target = os.readlink(path)
-        raise FileExistsError(f"{path} is a link to {target}, which does not exist; {remedy}")
-    check_no_file_in_the_way(path)
+    check_no_file_in_the_way(path)  # (a link to nothing too)
 
 
 def check_own_folder(path: str | os.PathLike, markers: tuple[str, ...], what: str) -> None:

@@ -14,6 +14,11 @@ from moekit.data import load_corpus
 from moekit.fileio import check_no_file_in_the_way
 from moekit.loading import load, read_config
 
+
+class FewerTokens(UserWarning):
+    """The held-out text has fewer tokens than asked (`analyze` traces them all)."""
+
+
 SATURATION_TOKENS = 4096  # tokens traced at each checkpoint for router saturation
 SEQ_LEN = 256  # tokens per traced sequence unless given (or the model's context is shorter)
 
@@ -53,6 +58,7 @@ def analyze(
         warnings.warn(
             f"the validation split of {source} holds {len(tokens.token_ids):,} tokens, fewer than "
             f"the {n_tokens:,} asked: all of them are traced",
+            FewerTokens,
             stacklevel=2,
         )
     trace = record_routing(model, tokens, seq_len)

@@ -9,7 +9,7 @@ import argparse
 import sys
 import warnings
 
-from moekit.analysis.analyze import analyze, traced_seq_len
+from moekit.analysis.analyze import FewerTokens, analyze, traced_seq_len
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import AnalyzeConfig
 from moekit.fileio import atomic_write_text, check_own_folder
@@ -28,11 +28,15 @@ def run(args: argparse.Namespace) -> None:
         check_own_folder(args.out, (CONFIG_FILE,), "an analysis")
     cfg = cfg.replace(seq_len=traced_seq_len(args.path, cfg.seq_len))  # the number it traces
     print_config(cfg)
-    with warnings.catch_warnings(record=True) as notes:  # fewer tokens than asked, say
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FewerTokens)
         report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
-    for note in notes:
-        print(f"note: {note.message}", file=sys.stderr)
+    for warning in caught:  # its own notes as notes; any other warning as Python shows it
+        if issubclass(warning.category, FewerTokens):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)  # fmt: skip
     atomic_write_text(report.parent / CONFIG_FILE, cfg.to_json())
     print(f"report: {report}")
 

@@ -44,7 +44,8 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
     the user gives scales them); an override of what every arm sets to its own value, which it
     would not change, is refused (it was replaced, silently): ValueError naming it."""
     exp = EXPERIMENTS[name]
-    shown = apply_overrides(apply_overrides(base, exp.settings), overrides)  # the user's last
+    settled = apply_overrides(base, exp.settings)
+    shown = apply_overrides(settled, overrides)  # the user's last
     if shown.model.moe is None:
         raise ValueError(
             f"the arms of `{name}` vary a base run's MoE layers, and this base is dense (model.moe "
@@ -56,9 +57,9 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
         key = split_override(item)[0]
         if not touches(key, varied):
             continue
-        try:
-            others = [o for o in overrides if o is not item]
-            rest = apply_overrides(apply_overrides(base, exp.settings), others)
+        try:  # the base without this key (given once or more: the last one counts)
+            others = [o for o in overrides if split_override(o)[0] != key]
+            rest = apply_overrides(settled, others)
             replaced = rest != shown and design_configs(rest, dict(exp.arms(rest))) == (
                 design_configs(shown, dict(arms))
             )

@@ -88,8 +88,10 @@ def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
     except KeyError as err:
         needs = f"which {arch.model_type} needs"
         raise CheckpointError(f"{source} has no {err.args[0]!r}, {needs}") from None
-    except (ValueError, TypeError) as err:
+    except ValueError as err:  # the config's rules: a value moekit cannot take
         raise CheckpointError(f"{source}: {_in_hf_terms(str(err), hf)}") from None
+    except ZeroDivisionError:  # a head count or width of 0, divided by before the rules run
+        raise CheckpointError(f"{source}: a count it divides by is 0 (heads, say)") from None
 
 
 # moekit's ModelConfig and MoEConfig fields under their config.json names (configs.common_to_hf)
@@ -117,7 +119,8 @@ def _in_hf_terms(message: str, hf: HF) -> str:
         name = keys[0] if len(keys) == 1 else None
     if name is None:
         return message
-    return f"{name} (moekit's {field.group(1)}){message[field.end(1) :]}"
+    ours = "" if name == field.group(1) else f" (moekit's {field.group(1)})"
+    return f"{name}{ours}{message[field.end(1) :]}"
 
 
 def load_hf(
