@@ -245,7 +245,9 @@ def test_quantize_command_writes_a_run_that_generate_and_convert_read(
     analyze = ["analyze", str(out), f"--data={JSON_PACKAGE}", "--tokens=200", "--seq_len=32"]
     assert main(analyze) == 0 and (out / "analysis/report.md").is_file()
     hf = tmp_path / "hf"
+    capsys.readouterr()
     assert main(["convert", "--to-hf", str(out), "--arch=mixtral", f"--out={hf}"]) == 0
+    assert "is quantized; Hugging Face checkpoints hold float weights" in capsys.readouterr().err
     with torch.no_grad(), kernels.use_activations("float"):  # the dequantized twin's path
         assert torch.allclose(load(hf).model(ids).logits, expected(ids).logits, atol=1e-5)
 

@@ -21,6 +21,7 @@ from moekit.interop.files import parse_size
 from moekit.interop.hf import check_hf_out
 from moekit.loading import load
 from moekit.overrides import split_override
+from moekit.quant.files import is_quantized
 from moekit.quant.modules import dequantize_model
 
 CONFIG_FILE = "convert_config.json"
@@ -100,6 +101,11 @@ def run(args: argparse.Namespace) -> None:
             )
         return
     loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
+    if is_quantized(loaded.model):  # said: the checkpoint is several times the run's size
+        dtype = cfg.dtype or "float32"
+        print(f"note: {args.to_hf} is quantized; Hugging Face checkpoints hold float weights, so "
+              f"its weights are written dequantized, in {dtype} (--dtype=bfloat16 halves "
+              "float32's size)", file=sys.stderr)  # fmt: skip
     model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
     out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
                   layout=cfg.layout, dtype=cfg.dtype, max_shard_size=max_shard_size,
