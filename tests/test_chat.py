@@ -113,6 +113,7 @@ def test_a_template_that_fails_or_a_folder_without_one_is_one_error(tmp_path) ->
         ("{{ 'a' + 1 }}", "failed on the conversation: TypeError"),  # the template's own bug
         ("{% if false %}x{% endif %}", "rendered the conversation as nothing"),
         ([{"name": "tool_use", "template": CHATML}], "named \\['tool_use'\\], none \"default\""),
+        (5, "chat_template is 5, not a template"),  # it said "has no chat template"
     ]:
         with_settings(chat_template=template)
         with pytest.raises(ValueError, match=message):

@@ -104,6 +104,19 @@ def test_an_interrupted_train_command_exits_130_after_saying_how_to_resume(
     assert out.err.endswith("moekit train: interrupted\n")
 
 
+def test_a_warmup_longer_than_the_run_is_a_note(tmp_path: Path, capsys) -> None:
+    from moekit.cli import main
+
+    args = ["train", "tiny", f"--out={tmp_path / 'run'}", "--train.progress=false",
+            "--train.steps=2", "--train.warmup_steps=100", "--train.eval.batches=1",
+            f"--train.data.source={JSON_PACKAGE}", "--train.data.tokenizer=bytes",
+            f"--train.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(args) == 0
+    assert (
+        "note: train.warmup_steps=100 outlasts the run (train.steps=2)" in capsys.readouterr().err
+    )
+
+
 def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path: Path, monkeypatch):
     cfg = tiny_run(tmp_path)
     loop_module.train(cfg, tmp_path / "straight")

@@ -170,6 +170,11 @@ def _chat_template(folder: Path) -> str:
             template = named["default"]
         if isinstance(template, str):
             return template
+        if template is not None:  # a number, say: the key is there, its value is not a template
+            raise ValueError(
+                f"{folder / name}: chat_template is {template!r}, not a template (a Jinja string, "
+                'or a list of {"name", "template"}): restore the checkpoint\'s file'
+            )
     raise ValueError(
         f"{folder} has no chat template (chat_template.jinja, or chat_template in "
         "chat_template.json or tokenizer_config.json): generate without --chat, or copy the "
