@@ -112,27 +112,7 @@ def read_json(
     with `unique_keys` (a settings file a user wrote), a key given twice in an object is refused
     (JSON keeps the last, silently)."""
     text = read_text(path, remedy, error)
-    if unique_keys:
-        twice = _repeated_key(text)
-        if twice is not None:
-            raise error(path, f"gives the key {twice!r} twice (JSON keeps the last)", remedy)
-    return parse_json(text, path, remedy, error, expect)
-
-
-def _repeated_key(text: str) -> str | None:
-    """A key some object of the JSON `text` holds twice, if any (None for invalid JSON too)."""
-    repeated: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in items]
-        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
-        return dict(items)
-
-    try:
-        json.loads(text, object_pairs_hook=pairs)
-    except json.JSONDecodeError:
-        return None
-    return repeated[0] if repeated else None
+    return parse_json(text, path, remedy, error, expect, unique_keys=unique_keys)
 
 
 def parse_json(
@@ -142,10 +122,20 @@ def parse_json(
     error: type[DamagedFile] = DamagedFile,
     expect: type = object,
     line: int | None = None,
+    unique_keys: bool = False,
 ) -> Any:
-    """The JSON value of `text`, read from `path` (all of it, or its line number `line`)."""
+    """The JSON value of `text`, read from `path` (all of it, or its line number `line`); with
+    `unique_keys`, an object that gives a key twice is refused."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+        if twice:
+            raise error(path, f"gives the key {twice[0]!r} twice (JSON keeps the last)", remedy)
+        return dict(pairs)
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique if unique_keys else None)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno + (line or 1) - 1}, column {err.colno}"
         raise error(path, f"is not valid JSON ({json_problem(err)} at {where})", remedy) from None
