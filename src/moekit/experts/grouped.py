@@ -8,6 +8,8 @@ Three implementations of one contract, selected by `MoEConfig.expert_impl`:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -46,31 +48,26 @@ def grouped_matmul_reference(x_RI: Tensor, w_EOI: Tensor, counts_E: Tensor) -> T
     return torch.stack(rows)
 
 
-# What the probes found, by (probe, device type, dtype): each runs once. Their public callers are
-# marked constant for torch.compile, so tracing calls them eagerly instead of tracing a probe (one
-# traced ran its tensors as fake ones: torch logged the meta kernel's error at every MoE layer).
-_PROBED: dict[tuple[str, str, torch.dtype], bool] = {}
+# The probes run once each (functools.cache). Their public callers are marked constant for
+# torch.compile, so tracing calls them eagerly instead of tracing a probe (one traced ran its
+# tensors as fake ones: torch logged the meta kernel's error at every MoE layer; Dynamo traces
+# through a functools.cache it meets, hence the cache one call down).
 
 
 @torch.compiler.assume_constant_result
 def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` runs forward and backward here, with correct results."""
-    key = ("runs", device_type, dtype)
-    if key not in _PROBED:
-        _PROBED[key] = _runs_forward_and_backward(device_type, dtype)
-    return _PROBED[key]
+    return _runs_forward_and_backward(device_type, dtype)
 
 
 @torch.compiler.assume_constant_result
 def grouped_mm_traceable(dtype: torch.dtype) -> bool:
     """Whether torch.compile can trace `torch._grouped_mm` in `dtype`: its meta kernel, which
     tracing runs, takes bfloat16 alone in torch 2.13, where the CPU kernel takes float32 too."""
-    key = ("traces", "meta", dtype)
-    if key not in _PROBED:
-        _PROBED[key] = _runs_on_meta(dtype)
-    return _PROBED[key]
+    return _runs_on_meta(dtype)
 
 
+@functools.cache
 def _runs_forward_and_backward(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -89,6 +86,7 @@ def _runs_forward_and_backward(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.cache
 def _runs_on_meta(dtype: torch.dtype) -> bool:
     try:
         x, w = (torch.empty(shape, device="meta", dtype=dtype) for shape in ((6, 16), (3, 16, 32)))
