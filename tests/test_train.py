@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -457,7 +458,11 @@ def test_a_resumed_run_keeps_its_tokenizer(tmp_path: Path, capsys) -> None:
                  f"--train.data.source={email}"]) == 0  # fmt: skip
     assert (run / "tokenizer.json").read_bytes() == tokenizer
     capsys.readouterr()
-    for change in ("--train.data.tokenizer=bytes", "--train.data.vocab_size=400"):
+    whole = RunConfig.from_json((run / "config.json").read_text()).train.data.replace(
+        vocab_size=400
+    )
+    for change in ("--train.data.tokenizer=bytes", "--train.data.vocab_size=400",
+                   f"--train.data={json.dumps(whole.to_dict())}"):  # fmt: skip
         assert main(["train", "--resume", str(run), "--train.steps=4", change]) == 2
         assert "changes the tokenizer of" in capsys.readouterr().err
     assert (

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
 
 from moekit.cli.common import DEFAULT_PRESET, Command, print_config, resolve_config
-from moekit.config import DataConfig, ModelConfig, RunConfig
+from moekit.config import ModelConfig, RunConfig
 from moekit.distributed.trainer import train_distributed
 from moekit.model import MoETransformer
-from moekit.overrides import apply_overrides, parse_value, split_override, touches
+from moekit.overrides import apply_overrides, split_override, touches
 from moekit.train import TrainResult, train
 from moekit.train.device import training_device
 from moekit.train.init_from import RESUME_MAY_CHANGE, describe_changes, model_changes
@@ -85,19 +84,27 @@ def check_resume(run_dir: Path, recorded: RunConfig, cfg: RunConfig, overrides: 
     check_run_dir(run_dir, True, cfg.train.steps, recorded.train.steps)
 
 
+TOKENIZER_SETTINGS = ("train.data.tokenizer", "train.data.vocab_size")
+
+
 def check_tokenizer_kept(run_dir: Path, recorded: RunConfig, overrides: list[str]) -> None:
     """A resumed run reads its own tokenizer.json: an override that changes its
-    train.data.tokenizer or vocab_size is refused, naming it."""
-    data, hints = recorded.train.data, typing.get_type_hints(DataConfig)
+    train.data.tokenizer or vocab_size (or a setting holding them: --train.data={...}) is
+    refused, naming it; one the config's rules refuse on the run's own data counts as a change
+    (bytes for a BPE run of a vocab_size)."""
+    data = recorded.train.data
     for item in overrides:
-        key, text = split_override(item)
-        name = key.removeprefix("train.data.")
-        if name in ("tokenizer", "vocab_size") and parse_value(hints[name], text, key) != getattr(
-            data, name
-        ):
+        if not touches(split_override(item)[0], TOKENIZER_SETTINGS):
+            continue
+        try:
+            now = apply_overrides(recorded, [item]).train.data
+        except ValueError:
+            now = None
+        if now is None or (now.tokenizer, now.vocab_size) != (data.tokenizer, data.vocab_size):
             raise ValueError(
-                f"{item} changes the tokenizer of {run_dir} ({name} {getattr(data, name)}): a "
-                "resumed run keeps its tokenizer (its tokenizer.json); drop it"
+                f"{item} changes the tokenizer of {run_dir} (tokenizer {data.tokenizer}, "
+                f"vocab_size {data.vocab_size}): a resumed run keeps its tokenizer (its "
+                "tokenizer.json); drop it"
             )
 
 
