@@ -130,7 +130,8 @@ class Trainer:
         checkpoint = check_run_dir(run_dir, resume, t.steps, tokenizer=t.data.tokenizer)
         fresh = checkpoint is None and t.init_from is not None
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
-        self.resumed = checkpoint is not None
+        # a resumed run reads and keeps its tokenizer.json (a BPE trained again would differ)
+        self.keeps_tokenizer = checkpoint is not None and (run_dir / "tokenizer.json").is_file()
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model)
@@ -172,8 +173,7 @@ class Trainer:
             self.metrics: MetricsLog | None = None
             return
         make_dirs(self.run_dir)  # only now: a run refused earlier leaves no folder behind
-        kept = self.resumed and (self.run_dir / "tokenizer.json").is_file()  # read from there
-        if self.cfg.train.data.tokenizer != "run" and not kept:  # "run": read from there too
+        if self.cfg.train.data.tokenizer != "run" and not self.keeps_tokenizer:  # else read there
             with atomic_path(self.run_dir / "tokenizer.json") as tmp:
                 self.data.tokenizer.save(str(tmp))
         self.metrics = MetricsLog(
@@ -193,9 +193,9 @@ class Trainer:
     def _read_data(self) -> Data:
         t = self.cfg.train
         self._say(f"preparing data: {t.data.source} ({t.data.tokenizer} tokenizer)")
-        # resumed: the run's own tokenizer (a BPE trained again on other data would not be it)
-        keep = self.resumed and (self.run_dir / "tokenizer.json").is_file()
-        data_cfg = t.data.replace(tokenizer="run", vocab_size=None) if keep else t.data
+        data_cfg = t.data
+        if self.keeps_tokenizer:  # the run's own tokenizer.json
+            data_cfg = t.data.replace(tokenizer="run", vocab_size=None)
         data = prepare_data(data_cfg, self.cfg.token_vocab_size, self.talks, self.run_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(
