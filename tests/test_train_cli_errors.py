@@ -139,6 +139,9 @@ def test_a_directory_given_as_the_config_says_what_it_is(
     assert main(["params", str(hf)]) == 2
     assert f"moekit convert --from-hf {hf}" in one_line(capsys, "params")
     (hf / "config.json").write_text('{"model_type": "mixtral", "hidden_size": 8}')
+    (hf / "model.safetensors").unlink()  # transformers' config.json alone: Hugging Face's too
+    assert main(["params", str(hf)]) == 2  # it said "give its config file", refused next
+    assert f"moekit convert --from-hf {hf}" in one_line(capsys, "params")
     assert main(["params", str(hf / "config.json")]) == 2  # its file: not "no field(s) [...]"
     assert "is a Hugging Face model's config, not a moekit one" in one_line(capsys, "params")
     assert main(["train", ""]) == 2

@@ -26,6 +26,7 @@ from moekit.data import eos_id
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop.chat import ChatPrompt
 from moekit.interop.hf import is_transformers_config
+from moekit.loading import is_hf_directory
 from moekit.model import MoETransformer, generate
 from moekit.model.generation import end_token_ids, room_after_prompt
 from moekit.overrides import apply_overrides
@@ -130,7 +131,7 @@ def directory_given(path: Path, cls: type[ConfigBase]) -> str:
     if cls is not RunConfig:
         return f"config file {path} is a directory; give a JSON file"
     config, said = path / "config.json", f"{path} is a directory, not a config"
-    if is_hf_checkpoint(path):
+    if is_hf_checkpoint(path) or (config.is_file() and is_hf_directory(path)):  # load's test
         return (
             f"{path} is a Hugging Face checkpoint, not a config: convert it to a run first "
             f"(moekit convert --from-hf {path} --out RUN_DIR)"
