@@ -22,10 +22,9 @@ from moekit.inference.offload import ExpertOffload, load_offloaded
 from moekit.inference.trace import load_trace
 from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import (
-    hf_model_config,
     is_transformers_config,
     load_hf,
-    read_hf_config,
+    read_hf_model_config,
     resolve_dtype,
 )
 from moekit.model import MoETransformer
@@ -130,7 +129,7 @@ def read_config(path: str | Path) -> RunConfig:
     settings against (the model's max_seq_len, say) before the model is read."""
     path = Path(path)
     if _kind(path) == "hf":
-        return hf_run_config(hf_model_config(read_hf_config(path), path / "config.json"))
+        return hf_run_config(read_hf_model_config(path))
     return find_run(path)[0]
 
 

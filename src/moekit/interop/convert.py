@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moekit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from moekit.fileio import check_new_path
-from moekit.interop.hf import hf_model_config, load_hf, read_hf_config
+from moekit.interop.hf import load_hf, read_hf_model_config
 from moekit.train.checkpoint import write_new_run
 from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
@@ -32,7 +32,7 @@ def hf_to_run(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None) 
     (which `moekit train --resume OUT` fine-tunes), its tokenizer.json copied when it has one,
     with its chat files (template, special and end tokens). Refuses an existing `out`."""
     check_new_path(out, "choose a new run directory")
-    model_cfg = hf_model_config(read_hf_config(hf_dir), Path(hf_dir) / "config.json")
+    model_cfg = read_hf_model_config(hf_dir)
     cfg = hf_run_config(model_cfg)  # validated before any weight is read
     tokenizer = Path(hf_dir) / "tokenizer.json"
     if tokenizer.is_file():  # read before anything is written: it must load and fit the model

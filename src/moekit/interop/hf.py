@@ -94,6 +94,12 @@ def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
         raise CheckpointError(f"{source}: a count it divides by is 0 (heads, say)") from None
 
 
+def read_hf_model_config(folder: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face checkpoint directory's config.json (`hf_model_config`,
+    its errors naming that file)."""
+    return hf_model_config(read_hf_config(folder), Path(folder) / "config.json")
+
+
 # moekit's ModelConfig and MoEConfig fields under their config.json names (configs.common_to_hf)
 HF_NAMES = {
     "vocab_size": "vocab_size",
