@@ -24,7 +24,7 @@ from moekit.inference.store import CheckpointExpertStore, ExpertStore
 from moekit.model.transformer import MoETransformer
 from moekit.quant.files import dtype_problems
 from moekit.quant.modules import quantize_model
-from moekit.userfiles import open_safetensors
+from moekit.userfiles import DTYPES, open_safetensors
 
 RESAVE_CHECKPOINT = "copy or save the checkpoint again"
 
@@ -149,11 +149,13 @@ def load_offloaded(
     expert_capacity(store, model, budget)  # a budget below top_k experts: nothing read yet
     routed = store.routed_keys
     with open_safetensors(path, remedy) as f:
+        kept = [k for k in f.keys() if k not in routed]  # noqa: SIM118
+        stored = {k: DTYPES.get(f.get_slice(k).get_dtype()) for k in kept}  # from the header
+        wrong = dtype_problems(model.state_dict(), stored)
+        if wrong:  # assign=True would keep them: a quantized scheme read as another, silently
+            raise ValueError(f"{path} does not hold this model's weights: {wrong[0]}")
         # clone: safetensors hands out views of its memory map, which would keep the file mapped
-        state = {k: f.get_tensor(k).clone() for k in f.keys() if k not in routed}  # noqa: SIM118
-    wrong = dtype_problems(model.state_dict(), {k: t.dtype for k, t in state.items()})
-    if wrong:  # assign=True would keep them: a quantized scheme read as another, silently
-        raise ValueError(f"{path} does not hold this model's weights: {wrong[0]}")
+        state = {k: f.get_tensor(k).clone() for k in kept}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if set(missing) != routed or unexpected:
         raise ValueError(
