@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import ConvertConfig
 from moekit.config.rules import invalid
@@ -106,7 +108,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"note: {args.to_hf} is quantized; Hugging Face checkpoints hold float weights, so "
               f"its weights are written dequantized, in {dtype} (--dtype=bfloat16 halves "
               "float32's size)", file=sys.stderr)  # fmt: skip
-    model = dequantize_model(loaded.model)  # a quantized run's weights, dequantized (float32)
+    # a quantized run's weights dequantized straight to the dtype written (float32 by default):
+    # the float32 model is never built for a bfloat16 checkpoint
+    model = dequantize_model(loaded.model, getattr(torch, cfg.dtype or "float32"))
     out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
                   layout=cfg.layout, dtype=cfg.dtype, max_shard_size=max_shard_size,
                   overwrite=args.overwrite, chat_files=loaded.folder)  # fmt: skip

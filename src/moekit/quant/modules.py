@@ -233,12 +233,13 @@ def _stored_as(
     return quantize(w, scheme, zero_point)
 
 
-def dequantize_model(model: MoETransformer) -> MoETransformer:
-    """Undo `quantize_model` with the dequantized weights (float32), in place: plain `Experts`
-    and nn.Linear again, e.g. to save a Hugging Face checkpoint. Returns `model`."""
+def dequantize_model(model: MoETransformer, dtype: torch.dtype = torch.float32) -> MoETransformer:
+    """Undo `quantize_model` with the dequantized weights (computed in float32, kept in `dtype`),
+    in place: plain `Experts` and nn.Linear again, e.g. to save a Hugging Face checkpoint.
+    Returns `model`."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedExperts | QuantizedLinear):
-            model.set_submodule(name, _dequantized(module, torch.float32))
+            model.set_submodule(name, _dequantized(module, dtype))
     return model
 
 
