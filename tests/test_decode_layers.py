@@ -522,14 +522,16 @@ def test_layers_follow_the_kernels_body_and_activation_path(scheme, activations)
 
 def test_chosen_experts_are_the_routers_choices() -> None:
     """An offload's prefetch guess (`chosen_experts`: the C routing without the rest of a
-    `Routing`) picks the experts the glued router picks, for one row and a few, and through the
-    router's own forward where the C routing does not run (gradients wanted)."""
+    `Routing`) picks the experts the router's own forward picks (its class's: the glued router
+    runs `_route_rows`, as the guess does), for one row and a few, and through that forward where
+    the C routing does not run (gradients wanted)."""
     model = apply_decode_kernels(_model(14))
     router = model.moe_layers()[0].router
     x = torch.randn(5, router.cfg.d_model, generator=torch.Generator().manual_seed(15))
     for rows in (x[:1], x):
         with torch.no_grad():
-            want = router(rows).ids_TK.unique().tolist()
+            want = type(router).forward(router, rows).ids_TK.unique().tolist()
+            assert router(rows).ids_TK.unique().tolist() == want  # the glued router's too
             assert decode_moe.chosen_experts(router, rows) == want
         assert decode_moe.chosen_experts(router, rows.requires_grad_()) == want
         assert len(want) >= router.cfg.top_k

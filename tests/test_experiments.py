@@ -224,6 +224,10 @@ def test_an_override_the_arms_replace_is_refused(argv, says, monkeypatch, capsys
 def test_an_override_that_restates_the_base_is_taken(name: str, override: str) -> None:
     base = RunConfig.preset("experiment")
     assert experiment_base(name, base, [override]) == experiment_base(name, base, [])
+
+
+def test_a_key_given_twice_that_restates_the_base_is_taken() -> None:
+    base = RunConfig.preset("experiment")
     restated = ["--model.moe.capacity_factor=1.0", "--model.moe.capacity_factor=null"]
     assert experiment_base("capacity", base, restated) == experiment_base("capacity", base, [])
 

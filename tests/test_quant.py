@@ -340,8 +340,14 @@ def test_a_quantization_record_that_does_not_fit_its_tensors_is_named(
     )
 
 
-def test_a_quantization_record_with_a_zero_point_but_no_int4_part_still_reads() -> None:
+def test_a_quantization_record_with_a_zero_point_but_no_int4_part_still_reads(
+    run: Path, tmp_path: Path
+) -> None:
     """quantize refuses --zero_point without an int4 part (tests/test_cli_args.py); a checkpoint
     an earlier version wrote that way (its int8 parts never took it) still loads."""
     cfg = QuantizeConfig.from_json(QuantizeConfig(weights="int8", zero_point=True).to_json())
     assert cfg.zero_point and cfg.scheme_of("experts") == "int8"
+    q = tmp_path / "q"
+    assert main(["quantize", str(run), "--weights=int8", f"--out={q}"]) == 0
+    (q / "checkpoints/step-000000/quantization.json").write_text(cfg.to_json())
+    assert load(q).model.layers[0].attn.q_proj.scheme == "int8"  # the record of an earlier one
