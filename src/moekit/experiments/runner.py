@@ -52,17 +52,14 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
             "is None): give an MoE preset or config (the default, experiment, is one)"
         )
     arms = exp.arms(shown)
+    designs = design_configs(shown, dict(arms))
     varied = {split_override(item)[0] for _, arm in arms for item in arm}
-    for item in overrides:
-        key = split_override(item)[0]
-        if not touches(key, varied):
-            continue
+    keys = [split_override(item)[0] for item in overrides]
+    for key in dict.fromkeys(k for k in keys if touches(k, varied)):  # each key once
         try:  # the base without this key (given once or more: the last one counts)
-            others = [o for o in overrides if split_override(o)[0] != key]
+            others = [o for o, k in zip(overrides, keys, strict=True) if k != key]
             rest = apply_overrides(settled, others)
-            replaced = rest != shown and design_configs(rest, dict(exp.arms(rest))) == (
-                design_configs(shown, dict(arms))
-            )
+            replaced = rest != shown and design_configs(rest, dict(exp.arms(rest))) == designs
         except ValueError:  # the base without it is not a config: it is needed, not replaced
             replaced = False
         if replaced:  # it changed the base, and no arm
