@@ -23,7 +23,7 @@ from moekit.interop.convert import hf_run_config
 from moekit.interop.hf import load_hf
 from moekit.loading import is_hf_directory, load, read_config
 from moekit.model import MoETransformer
-from moekit.quant.modules import parts_of, quantize_model
+from moekit.quant.modules import PARTS, parts_of, quantize_model
 from moekit.train.checkpoint import write_quantized_run
 
 
@@ -34,8 +34,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_config(QuantizeConfig, args.config, args.overrides)
-    parts = ("experts", "attention", "ffn", "head")
-    if cfg.zero_point and "int4" not in {cfg.scheme_of(part) for part in parts}:
+    if cfg.zero_point and "int4" not in {cfg.scheme_of(part) for part in PARTS}:
         # (a checkpoint's quantization.json may say so: only its int4 parts ever took it)
         raise invalid(
             "zero_point",
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
             "applies to int4 weights only (q4_1's rule), and no part is int4 "
             "here: drop it, or choose int4 for a part (--weights=int4, --experts=int4)",
         )
-    if all(cfg.scheme_of(part) is None for part in parts):
+    if all(cfg.scheme_of(part) is None for part in PARTS):
         raise ValueError(
             "every part is none: nothing would be quantized; choose a scheme for a part "
             "(--weights=int4, --experts=int8, ...), or write a quantized run's float weights "

@@ -146,6 +146,9 @@ class QuantizedExperts(nn.Module):
         )
 
 
+PARTS = ("experts", "attention", "ffn", "head")  # QuantizeConfig's parts, each its own scheme
+
+
 def _part_of(name: str, module: nn.Module) -> str | None:
     """The part ("experts", "attention", "ffn", "head") module `name` belongs to, float or
     already quantized; None for a module `quantize_model` leaves alone."""
