@@ -90,20 +90,29 @@ def rope_to_hf(cfg: ModelConfig) -> HF:
 # ---- fields every architecture maps the same way ----
 
 
+# The config.json key each ModelConfig field every architecture reads as it is comes from (and
+# MoEConfig's top_k, moe_from_hf's): the readers' table, and the names of a value's error
+# (interop.hf.hf_model_config).
+HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+}
+HF_NAMES = {**HF_KEYS, "n_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok"}
+
+
 def common_from_hf(hf: HF) -> HF:
     """ModelConfig fields every architecture reads the same way."""
     heads = hf["num_attention_heads"]
     return dict(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=heads,
+        **{field: hf[key] for field, key in HF_KEYS.items()},
         n_kv_heads=hf["num_key_value_heads"] or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_seq_len=hf["max_position_embeddings"],
         rope_theta=rope_theta(hf),
         rope_scaling=rope_scaling(hf),
-        norm_eps=hf["rms_norm_eps"],
         tie_embeddings=bool(hf["tie_word_embeddings"]),
     )
 
@@ -132,7 +141,7 @@ def moe_from_hf(hf: HF, experts: str, width: str) -> HF:
         d_model=hf["hidden_size"],
         d_expert=hf[width],
         n_experts=hf[experts],
-        top_k=hf["num_experts_per_tok"],
+        top_k=hf[HF_NAMES["top_k"]],
         aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
     )
 

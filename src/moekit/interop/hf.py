@@ -26,7 +26,7 @@ from moekit.data.tokenizer import CHAT_FILES, END_OF_TEXT, copy_chat_files
 from moekit.fileio import atomic_path, check_no_file_in_the_way
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
-from moekit.interop.configs import HF
+from moekit.interop.configs import HF, HF_NAMES
 from moekit.interop.files import (
     WEIGHT_DTYPES,
     CheckpointError,
@@ -98,19 +98,6 @@ def read_hf_model_config(folder: str | Path) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face checkpoint directory's config.json (`hf_model_config`,
     its errors naming that file)."""
     return hf_model_config(read_hf_config(folder), Path(folder) / "config.json")
-
-
-# moekit's ModelConfig and MoEConfig fields under their config.json names (configs.common_to_hf)
-HF_NAMES = {
-    "vocab_size": "vocab_size",
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "max_seq_len": "max_position_embeddings",
-    "norm_eps": "rms_norm_eps",
-    "top_k": "num_experts_per_tok",
-}
 
 
 def _in_hf_terms(message: str, hf: HF) -> str:
