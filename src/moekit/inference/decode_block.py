@@ -76,6 +76,25 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
     return _cached(block, modules, lambda: _build_plan(block), extra)
 
 
+def _unhooked_plan(block: Block, modules: tuple) -> tuple | None:
+    """`_plan`, or None where a module the C call bypasses is hooked (the MoE layer, router and
+    experts of offloaded experts are called as modules: their hooks run; an offload's prefetch
+    hook is one)."""
+    plan = _plan(block, modules)
+    if plan is not None and _hooked(*(_bypassed(modules) if plan[2] is OFFLOADED else modules)):
+        return None
+    return plan
+
+
+def resident_plan(block: Block) -> tuple | None:
+    """What the one-call path reads of a block whose experts are all resident, its modules as
+    they are now (the step's own conditions aside: `block_forward`'s), or None: (attention norm
+    args, ffn norm args), its `AttentionRef`, `decode_moe.resident_args`, the scratch floats."""
+    modules = _modules(block)
+    plan = None if modules is None else _unhooked_plan(block, modules)
+    return None if plan is None or plan[2] is OFFLOADED else plan
+
+
 def _build_plan(block: Block) -> tuple | None:
     D = block.ffn.cfg.d_model  # (an MoELayer: `_modules` checked)
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
@@ -117,11 +136,7 @@ def block_forward(
     ):
         attn = modules[1]
         if _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope):
-            plan = _plan(block, modules)
-        # a hook on a module the C call bypasses: the MoE layer, router and experts of offloaded
-        # experts are called as modules (their hooks run; an offload's prefetch hook is one)
-        if plan is not None and _hooked(*(_bypassed(modules) if plan[2] is OFFLOADED else modules)):
-            plan = None
+            plan = _unhooked_plan(block, modules)
     if plan is None or plan[1].q.I != D:
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     assert cache is not None

@@ -346,3 +346,60 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
     for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
     return 0;
 }
+
+/* One decoder block as moekit_block_one_token reads it: its arguments but the token's (x, the
+ * position's angles, the position, scratch and outputs). Mirrors moekit/inference/decode_step.py's
+ * BlockPlan field by field. */
+typedef struct {
+    const float *attn_norm;
+    double attn_eps;
+    const attention_ref *attn;
+    float *k_cache, *v_cache;
+    int64_t max_len, H, KV, hd;
+    float scale;
+    int64_t window;
+    const float *ffn_norm;
+    double ffn_eps;
+    const weight_ref *router;
+    const float *expert_bias;
+    int64_t K;
+    int32_t sigmoid, normalize;
+    float scaling;
+    const weight_ref *w_in, *w_out;
+    const activation_ref *act;
+} block_plan;
+
+/* One decoded token through a whole model of n_blocks such blocks: x (D) the token's embedding
+ * row, each block's output (moekit_block_one_token) the next one's input, then hidden (D) =
+ * rmsnorm(that, norm) and logits (V) = hidden @ head^T, the head's product split between the
+ * threads as every product here. cos_h and sin_h (hd / 2) the position's angles, shared by every
+ * block; pos the cached positions of every block's cache (each written at pos). scratch: the
+ * largest block's; xs: 2 D floats; ids and weights: the largest top_k. Returns 0, or -1 if a block
+ * or the head could not run (some caches may be written at pos: the caller runs the token again
+ * from the start, which rewrites them). */
+int moekit_decode_one_token(const block_plan *blocks, int64_t n_blocks, const float *x,
+                            const float *cos_h, const float *sin_h, int64_t pos,
+                            const float *norm, double norm_eps, const weight_ref *head,
+                            float *scratch, float *xs, int64_t *ids, float *weights, float *hidden,
+                            float *logits) {
+    const int64_t D = head->I;
+    const float *in = x;
+    for (int64_t i = 0; i < n_blocks; i++) {
+        const block_plan *b = &blocks[i];
+        float *out = xs + (i % 2) * D;
+        if (moekit_block_one_token(in, b->attn_norm, b->attn_eps, b->attn, cos_h, sin_h,
+                                   b->k_cache, b->v_cache, pos, b->max_len, b->H, b->KV, b->hd,
+                                   b->scale, b->window, b->ffn_norm, b->ffn_eps, b->router,
+                                   b->expert_bias, b->K, b->sigmoid, b->normalize, b->scaling,
+                                   b->w_in, b->w_out, b->act, scratch, ids, weights, out))
+            return -1;
+        in = out;
+    }
+    moekit_rmsnorm_f32(in, 1, D, norm, norm_eps, hidden);
+    void *p = prepared(head, hidden, 1);
+    if (p == NULL) return -1;
+#pragma omp parallel if (head->O * head->I >= min_parallel_weights)
+    product(head, p, 1, logits);
+    release(head, p);
+    return 0;
+}

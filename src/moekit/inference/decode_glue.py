@@ -195,7 +195,7 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     Nothing is copied: the model saves and deep-copies as before. Returns `model`;
     `remove_decode_glue` undoes it."""
     # here, not at the top: they build on this module's checks and library
-    from moekit.inference import decode_block, decode_layers, decode_moe
+    from moekit.inference import decode_block, decode_layers, decode_moe, decode_step
 
     for name, module in list(model.named_modules()):
         if type(module) is nn.RMSNorm:
@@ -209,6 +209,7 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
         elif type(module) is Block:  # (a subclass's forward would be another computation)
             module.forward = functools.partial(decode_block.block_forward, module)
     model.rope_memo = {}
+    model.one_token_decoder = decode_step.one_token_decoder
     return model
 
 
@@ -224,6 +225,7 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             if isinstance(module, Attention):
                 module.cached_attention = cached_attention
     model.rope_memo = None
+    model.one_token_decoder = None
     return model
 
 
@@ -256,6 +258,7 @@ def _library() -> ctypes.CDLL | None:
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 7],
                 i32,
             ),
+            "moekit_decode_one_token": ([ptr, i64, *[ptr] * 3, i64, ptr, f64, *[ptr] * 7], i32),
         },
         what="CPU decode glue",
         fallback="decoding runs torch's rms_norm and attention",

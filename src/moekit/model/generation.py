@@ -208,10 +208,7 @@ def generate(
         finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         end_ids_E = torch.tensor(end_ids, dtype=torch.long, device=input_ids.device)
         new_ids: list[Tensor] = []
-
-        def next_logits(ids_BS: Tensor) -> Tensor:  # (B, S) -> (B, V)
-            return model(ids_BS, kv_cache=cache, with_aux=False, logits_to_keep=1).logits[:, -1]
-
+        next_logits = step_logits(model, cache)
         logits_BV = next_logits(input_ids)
         for step in range(max_new_tokens):
             sampled_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
@@ -229,6 +226,27 @@ def generate(
         return torch.stack(new_ids, dim=1)
     finally:
         model.train(was_training)
+
+
+def step_logits(model: MoETransformer, cache: KVCache) -> Callable[[Tensor], Tensor]:
+    """`generate`'s step: next ids (B, S) continuing `cache` -> the last position's logits (B, V).
+    Each a forward of the model, except decoded tokens (S = 1) where the model has a one-token
+    decoder (`model.one_token_decoder`, set by moekit.inference's decode kernels: batch 1, the
+    whole step in one C call, the same logits), asked for at the first of them."""
+    decoder: list = []  # [the decoder or None], once asked
+
+    def next_logits(ids_BS: Tensor) -> Tensor:
+        if ids_BS.shape[1] == 1:
+            if not decoder:
+                make = model.one_token_decoder
+                decoder.append(None if make is None else make(model, cache))
+            if decoder[0] is not None:
+                logits_BV = decoder[0](ids_BS)
+                if logits_BV is not None:
+                    return logits_BV
+        return model(ids_BS, kv_cache=cache, with_aux=False, logits_to_keep=1).logits[:, -1]
+
+    return next_logits
 
 
 def room_after_prompt(n_ids: int, max_seq_len: int, what: str) -> int:

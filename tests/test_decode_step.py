@@ -1,0 +1,211 @@
+"""A decoded token through the whole model in one C call (`moekit.inference.decode_step`), as
+generation's batch-1 steps run it (`moekit.model.generation.step_logits`): the glued model's
+forward logits bit for bit, wherever it qualifies; None, and the forward, wherever it does not."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from tests.c_kernels import needs_c_kernels
+from tests.test_decode_layers import GPT_OSS, QWEN3_32_HEADS, SCHEMES, _model
+from tests.test_mtp import MLA
+from torch import nn
+
+from moekit.inference import decode_step
+from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
+from moekit.inference.offload import apply_expert_offload
+from moekit.inference.store import write_expert_files
+from moekit.inference.trace import TraceRecorder
+from moekit.model.generation import KVCache, generate, step_logits
+from moekit.quant.modules import quantize_model
+
+pytestmark = needs_c_kernels
+
+
+def _counted(monkeypatch) -> list[int]:
+    """From now on, count the decoders' C calls (one per decoded token)."""
+    calls = [0]
+    real = decode_step._library
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(real(), name)
+
+            def counted(*args):
+                calls[0] += 1
+                return fn(*args)
+
+            return counted
+
+    monkeypatch.setattr(decode_step, "_library", Counting)
+    return calls
+
+
+def _both(model, ids: torch.Tensor, prefill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of a prefill and then one token a step, by `step_logits` (the decoder where it
+    qualifies) and by the model's forward, each on its own cache: (steps + 1, B, V) each."""
+    B, S = ids.shape
+    steps, forward = [], []
+    with torch.no_grad():
+        one, two = KVCache.for_model(model, B, S), KVCache.for_model(model, B, S)
+        step = step_logits(model, one)
+        for i in [prefill, *range(prefill + 1, S + 1)]:
+            part = ids[:, :prefill] if i == prefill else ids[:, i - 1 : i]
+            steps.append(step(part))
+            out = model(part, kv_cache=two, with_aux=False, logits_to_keep=1)  # (generate's)
+            forward.append(out.logits[:, -1])
+        assert (
+            [c.length for c in one.layers]
+            == [c.length for c in two.layers]
+            == [S] * len(two.layers)
+        )
+    return torch.stack(steps), torch.stack(forward)
+
+
+CASES = {
+    "float32": ({}, None),
+    **{name: ({}, name) for name in SCHEMES},
+    "tied_embeddings": ({"tie_embeddings": True}, None),
+    "tied_int8": ({"tie_embeddings": True}, "int8"),
+    "qwen3_qk_norm": (QWEN3_32_HEADS, None),
+    "gpt_oss_windows_sinks": (GPT_OSS, None),
+    "gpt_oss_mxfp4": (GPT_OSS, "mxfp4"),
+    "sigmoid_scaled": ({"moe": {"score": "sigmoid", "routed_scaling": 2.5}}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case) -> None:
+    """Float32 and every quantized scheme, tied heads, Qwen3's q/k norms, GPT-OSS's windows,
+    sinks and clamped experts, sigmoid routing: each decoded token one C call, its logits the
+    glued forward's bit for bit (the same C functions), past a change of the angles' chunk."""
+    overrides, scheme = CASES[case]
+    model = _model(30, **overrides)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.attn.sinks is not None:
+                layer.attn.sinks.normal_(std=2.0)
+    if scheme is not None:
+        model = quantize_model(model, SCHEMES[scheme])
+    model = apply_decode_kernels(model)
+    monkeypatch.setattr(decode_step, "ROPE_CHUNK", 3)  # a new chunk every third position
+    calls = _counted(monkeypatch)
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(31))
+    steps, forward = _both(model, ids, 5)
+    assert calls[0] == 11
+    assert torch.equal(steps, forward)
+
+
+def test_generate_gives_the_per_block_paths_tokens(monkeypatch) -> None:
+    """`generate` on the decoder: one call a token, the tokens of the same model decoding block
+    by block (its decoder unset), greedy and sampled with one seed."""
+    model = apply_decode_kernels(_model(32, tie_embeddings=True))
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(33))
+    calls = _counted(monkeypatch)
+
+    def both(**kw):
+        fast = generate(model, prompt, 20, generator=torch.Generator().manual_seed(1), **kw)
+        per_block = copy.deepcopy(model)
+        per_block.one_token_decoder = None
+        slow = generate(per_block, prompt, 20, generator=torch.Generator().manual_seed(1), **kw)
+        return fast, slow
+
+    fast, slow = both()
+    assert torch.equal(fast, slow) and calls[0] == 19
+    fast, slow = both(temperature=0.9, top_k=20)
+    assert torch.equal(fast, slow) and calls[0] == 38
+
+
+def _decoder(model, batch: int = 1, length: int = 4):
+    cache = KVCache.for_model(model, batch, 16)
+    ids = torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(34))
+    with torch.no_grad():
+        model(ids, kv_cache=cache, with_aux=False)
+        return decode_step.one_token_decoder(model, cache), cache
+
+
+def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
+    """Batch above 1, shared experts, a dense layer, latent attention, offloaded experts, training
+    mode, a hook on any module the call bypasses, no decode kernels: no decoder (every step
+    then runs the forward); the glued model gets one, and loses it with its kernels."""
+    glued = apply_decode_kernels(_model(35))
+    assert _decoder(glued)[0] is not None
+    assert _decoder(glued, batch=2)[0] is None
+    for overrides in (
+        {"moe": {"n_shared_experts": 1}},
+        {"first_dense": 1, "d_ff": 64},
+        {"mla": MLA},
+    ):
+        assert _decoder(apply_decode_kernels(_model(35, **overrides)))[0] is None, overrides
+    for where in ("model", "embed", "norm", "lm_head", "block", "router", "q_proj"):
+        model = copy.deepcopy(glued)
+        module = {"model": model, "embed": model.embed, "norm": model.norm,
+                  "lm_head": model.lm_head, "block": model.layers[1],
+                  "router": model.layers[0].ffn.router,
+                  "q_proj": model.layers[1].attn.q_proj}[where]  # fmt: skip
+        handle = module.register_forward_hook(lambda *args: None)
+        assert _decoder(model)[0] is None, where
+        handle.remove()
+        assert _decoder(model)[0] is not None, where
+    with TraceRecorder(glued):
+        assert _decoder(glued)[0] is None
+    glued.train()
+    assert _decoder(glued)[0] is None
+    glued.eval()
+    write_expert_files(glued, tmp_path)
+    offloaded = copy.deepcopy(glued)
+    apply_expert_offload(offloaded, tmp_path, budget="4")
+    assert _decoder(offloaded)[0] is None
+    assert remove_decode_kernels(glued).one_token_decoder is None
+
+
+def test_a_step_it_cannot_run_is_left_to_the_forward(monkeypatch) -> None:
+    """A token id out of the vocabulary, a full cache: None, the cache untouched, so that the
+    forward runs (and raises its own error). A C call that fails after writing some caches: None,
+    and the forward's rerun of that token gives the same logits as ever."""
+    model = apply_decode_kernels(_model(36))
+    decoder, cache = _decoder(model)
+    assert decoder is not None
+    assert decoder(torch.tensor([[97]])) is None and cache.layers[0].length == 4
+    with pytest.raises(IndexError):
+        step_logits(model, cache)(torch.tensor([[97]]))
+    assert _decoder(model, length=16)[0](torch.tensor([[1]])) is None  # no room left
+
+    real = decoder.call
+    decoder.call = lambda *args: (real(*args), -1)[1]  # every cache written, then "failed"
+    assert decoder(torch.tensor([[5]])) is None and cache.layers[-1].length == 4
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(37))
+    steps, forward = _both(model, ids, 4)
+    assert torch.equal(steps, forward)
+
+    failing, failing_cache = _decoder(model)
+    failing.call = lambda *args: (real(*args), -1)[1]
+    with torch.no_grad():
+        rerun = model(torch.tensor([[5]]), kv_cache=failing_cache, with_aux=False).logits[:, -1]
+        _, fresh = _decoder(model)
+        want = model(torch.tensor([[5]]), kv_cache=fresh, with_aux=False).logits[:, -1]
+    assert torch.equal(rerun, want)
+
+
+def test_the_decoder_keeps_the_weights_it_reads_alive() -> None:
+    """Weights replaced while a decoder lives (not during `generate`, but a `stream` callback
+    could): it reads the tensors it was made with, held until it goes, never freed memory."""
+    model = apply_decode_kernels(_model(38))
+    before = copy.deepcopy(model)
+    decoder, _ = _decoder(model)
+    old = weakref.ref(model.layers[0].ffn.experts.w_in)
+    for layer in model.layers:
+        layer.ffn.experts.w_in = nn.Parameter(torch.zeros_like(layer.ffn.experts.w_in))
+    gc.collect()
+    assert old() is not None
+    with torch.no_grad():
+        got = decoder(torch.tensor([[3]]))
+        want = _decoder(before)[0](torch.tensor([[3]]))
+    assert got is not None and torch.equal(got, want)
+    del decoder
+    gc.collect()
+    assert old() is None
