@@ -131,7 +131,8 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     from moekit.cpu_memory import use_huge_pages
     from moekit.inference.decode_block import blocks_in_one_call
     from moekit.inference.decode_kernels import apply_decode_kernels
-    from moekit.model.generation import KVCache
+    from moekit.inference.decode_step import decodes_in_one_call
+    from moekit.model.generation import KVCache, step_logits
 
     start = time.perf_counter()
     loaded = load(run, experts=budget, require_tokenizer=False)
@@ -141,16 +142,16 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     g = torch.Generator().manual_seed(1)
     vocab = model.cfg.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len + new_tokens), generator=g)
-    cache = KVCache.for_model(model, 1, prompt_len + new_tokens)
-    with torch.no_grad():
+    next_logits = step_logits(model, KVCache.for_model(model, 1, prompt_len + new_tokens))
+    with torch.no_grad():  # generate's steps: with every expert resident, a token one C call
         start = time.perf_counter()
-        logits = model(ids[:, :prompt_len], kv_cache=cache, with_aux=False).logits
+        logits = next_logits(ids[:, :prompt_len])
         prefill_s = time.perf_counter() - start
         if loaded.offload is not None:
             before = loaded.offload.stats()
         start = time.perf_counter()
         for i in range(prompt_len, prompt_len + new_tokens):
-            logits = model(ids[:, i : i + 1], kv_cache=cache, with_aux=False).logits
+            logits = next_logits(ids[:, i : i + 1])
         decode_s = time.perf_counter() - start
     result = {
         "load_s": load_s,
@@ -159,13 +160,14 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
         "finite": bool(torch.isfinite(logits).all()),
         "active_bytes": active_bytes(model) if loaded.offload is None else None,
         "blocks_in_one_call": f"{blocks_in_one_call(model)} of {len(model.layers)}",
+        "token_in_one_call": decodes_in_one_call(model),
         "huge_page_bytes": huge_page_bytes,
         "peak_rss_bytes": status_kib("VmHWM") * 1024,
     }
     if loaded.offload is None:  # the bound as the decode found the host: measured right after
         from decode import stream_bandwidth
 
-        del logits, cache  # (the peak above is the decode's; the 1 GiB of the sum comes after)
+        del logits, next_logits  # (the peak above is the decode's; the sum's 1 GiB comes after)
         result["stream_bandwidth_after"] = stream_bandwidth()
     if loaded.offload is not None:
         after = loaded.offload.stats()

@@ -790,6 +790,7 @@ def llamacpp_section(
     greedy and fed a fixed random token sequence, side by side; the f32 logits checked first."""
     from moekit import MoETransformer
     from moekit.cpu_memory import use_huge_pages
+    from moekit.inference.decode_step import decodes_in_one_call
 
     lc = _load_llamacpp_module()
     processes_before, machine_start = busiest_processes(), machine()
@@ -906,6 +907,7 @@ def llamacpp_section(
             "huge_page_bytes": huge_pages,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "moekit_quantized_kernel_body": kernels.path(),
+            "moekit_token_in_one_call": {name: decodes_in_one_call(m) for name, m in ours},
         },
         "model": {
             "parameters": model.num_parameters(),

@@ -416,16 +416,16 @@ class LlamaCppDecoder:
 
 @torch.no_grad()
 def moekit_forced(model, prompt_BP: torch.Tensor, n: int, forced: torch.Tensor) -> torch.Tensor:
-    """moekit's decode loop (`generate`'s: one prefill, then one forward per token over a
-    preallocated KVCache) fed forced[:, :n-1] after the prompt instead of its own argmax; returns
-    the (B, n) argmax at each position, as LlamaCppDecoder does."""
-    from moekit.model.generation import KVCache, sample_next
+    """moekit's decode loop (`generate`'s step, `step_logits`: one prefill, then one step per
+    token over a preallocated KVCache, at batch 1 the whole token in one C call) fed
+    forced[:, :n-1] after the prompt instead of its own argmax; returns the (B, n) argmax at each
+    position, as LlamaCppDecoder does."""
+    from moekit.model.generation import KVCache, sample_next, step_logits
 
     B, P = prompt_BP.shape
-    cache = KVCache.for_model(model, B, P + n - 1)
-    logits = model(prompt_BP, kv_cache=cache, with_aux=False).logits[:, -1]
-    out = [sample_next(logits)]
-    for step in range(1, n):
-        feed = forced[:B, step - 1 : step]
-        out.append(sample_next(model(feed, kv_cache=cache, with_aux=False).logits[:, -1]))
+    next_logits = step_logits(model, KVCache.for_model(model, B, P + n - 1))
+    with torch.no_grad():
+        out = [sample_next(next_logits(prompt_BP))]
+        for step in range(1, n):
+            out.append(sample_next(next_logits(forced[:B, step - 1 : step])))
     return torch.stack(out, dim=1)

@@ -213,3 +213,10 @@ class _Decoder:
         for layer in self.cache_layers:
             layer.length = pos + 1
         return logits
+
+
+def decodes_in_one_call(model: MoETransformer) -> bool:
+    """Whether `generate` decodes `model`'s batch-1 tokens in one C call each, as it stands (a
+    benchmark's check): it gets a decoder for a fresh cache."""
+    with torch.no_grad():
+        return one_token_decoder(model, KVCache.for_model(model, 1, 1)) is not None
