@@ -55,7 +55,10 @@ prompt are compared with moekit's first (flash attention off, float32 K/V cache)
 and 8, 128 new tokens after a 16-token prompt, 2 threads, medians of 3 side by side, greedy and
 fed a fixed random token sequence (experts change every step, as in real text), against moekit's
 fp32 decode; effective GB/s = tokens/s x the bytes a batch-1 token reads in each format (all but
-the embedding's other rows and the unchosen experts), against a 2 GiB `sum`.
+the embedding's other rows and the unchosen experts), against a 2 GiB `sum`. At batch 1, each
+moekit contender also runs block by block (`*_block_by_block`: its decoder unset, so the model's
+forward runs between the blocks' C calls, as before `moekit.inference.decode_step`), in the same
+alternation: the one-call token's gain, and its tokens checked the same.
 
 Prints JSON; writes benchmarks/results/decode.json (decode_speculative.json with
 --speculative-only, decode_llamacpp.json with --llamacpp; or --out).
@@ -753,6 +756,10 @@ def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
 # moekit's weights per matched format: every projection in the scheme (routers, norms and the
 # embedding stay float32); with int4, the head int8, as llama.cpp's q4_0 keeps its output at
 # Q6_K (and attn_k/attn_v at Q8_0; moekit's are int4).
+# moekit's batch-1 contenders again with the token's blocks each one C call, the model's forward
+# between them (its decoder unset: the code before `decode_step`), beside the one-call token
+BLOCK_BY_BLOCK = "_block_by_block"
+
 MOEKIT_QUANTIZED = {
     "moekit_bf16": QuantizeConfig(weights="bf16"),
     "moekit_int8": QuantizeConfig(weights="int8"),
@@ -790,7 +797,7 @@ def llamacpp_section(
     greedy and fed a fixed random token sequence, side by side; the f32 logits checked first."""
     from moekit import MoETransformer
     from moekit.cpu_memory import use_huge_pages
-    from moekit.inference.decode_step import decodes_in_one_call
+    from moekit.inference.decode_step import decodes_in_one_call, one_token_decoder
 
     lc = _load_llamacpp_module()
     processes_before, machine_start = busiest_processes(), machine()
@@ -858,11 +865,30 @@ def llamacpp_section(
     stream_runs = [stream_bandwidth(n_bytes=2**31)]
     batches: dict = {}
     processes_between: dict = {}
+
+    def block_by_block(m, mode):  # the code before the one-call token: its decoder unset
+        gen = moekit_gen(m, mode)
+
+        def run(x, n):
+            m.one_token_decoder = None
+            try:
+                return gen(x, n)
+            finally:
+                m.one_token_decoder = one_token_decoder
+
+        return run
+
+    same_tokens: dict = {}  # batch 1: one call and block by block, the same tokens
     for batch in (1, 8):
         for mode in ("greedy", "fixed_sequence"):
             gens = {name: moekit_gen(m, mode) for name, m in ours}
+            if batch == 1:  # (batch 8 has no one-call token)
+                gens.update({name + BLOCK_BY_BLOCK: block_by_block(m, mode) for name, m in ours})
             gens.update({f"llamacpp_{f}": llamacpp_gen(e, mode) for f, e in engines.items()})
             runs = side_by_side(gens, prompts[batch], n_new, repeats)
+            if batch == 1:
+                same_tokens[mode] = {n: torch.equal(runs[n]["tokens"], runs[n + BLOCK_BY_BLOCK][
+                    "tokens"]) for n, _ in ours}  # fmt: skip
             reference = runs["moekit_fp32"]["tokens"]
             for r in runs.values():
                 tokens = r.pop("tokens")
@@ -875,7 +901,11 @@ def llamacpp_section(
     stream_runs.append(stream_bandwidth(n_bytes=2**31))
     stream = max(stream_runs, key=lambda r: r["median"])
     for name, r in [item for runs in batches["1"].values() for item in runs.items()]:
-        gb_s = r["decode_tokens_per_s"] * formats[name]["bytes_per_token"] / 1e9
+        gb_s = (
+            r["decode_tokens_per_s"]
+            * formats[name.removesuffix(BLOCK_BY_BLOCK)]["bytes_per_token"]
+            / 1e9
+        )
         r["effective_gb_s"] = gb_s
         r["fraction_of_stream"] = gb_s / (stream["median"] / 1e9)
     agreement["greedy_same_tokens_f32"] = (
@@ -883,6 +913,11 @@ def llamacpp_section(
     )
     for e in engines.values():
         e.close()
+    one_call = {  # batch 1: the one-call token over block by block, each contender and mode
+        name: {mode: runs[name]["decode_tokens_per_s"] / runs[name + BLOCK_BY_BLOCK][
+            "decode_tokens_per_s"] for mode, runs in batches["1"].items()}
+        for name, _ in ours
+    }  # fmt: skip
     result = {
         "benchmark": "decode_llamacpp",
         "machine": machine_start,
@@ -920,6 +955,8 @@ def llamacpp_section(
         "stream_gb_s_before_and_after": [{k: v / 1e9 for k, v in r.items()} for r in stream_runs],
         "stream_bytes": 2**31,
         "batches": batches,
+        "one_call_over_block_by_block": one_call,
+        "one_call_same_tokens_as_block_by_block": same_tokens,
         "matched_precisions": {k: f"llamacpp_{v}" for k, v in MATCHED.items()},
         "processes_before": processes_before,
         "processes_after_each_batch": processes_between,
@@ -937,12 +974,13 @@ def llamacpp_table(result: dict) -> list[str]:
     rows = ["| contender | b1 greedy | b1 fixed | b8 greedy | b8 fixed | b1 fixed vs moekit fp32 "
             "| b1 fixed GB/s (of stream) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in b["1"]["greedy"]:
-        r = {f"{k}{m}": b[k][m][name] for k in b for m in b[k]}
+        r = {f"{k}{m}": b[k][m].get(name) for k in b for m in b[k]}
         fixed = r["1fixed_sequence"]
+        b8 = [f"{r[f'8{m}']['decode_tokens_per_s']:.1f}" if r[f"8{m}"] else "-"
+              for m in ("greedy", "fixed_sequence")]  # fmt: skip
         rows.append(
             f"| {name} | {r['1greedy']['decode_tokens_per_s']:.1f} "
-            f"| {fixed['decode_tokens_per_s']:.1f} | {r['8greedy']['decode_tokens_per_s']:.1f} "
-            f"| {r['8fixed_sequence']['decode_tokens_per_s']:.1f} "
+            f"| {fixed['decode_tokens_per_s']:.1f} | {b8[0]} | {b8[1]} "
             f"| {fixed['vs_moekit_fp32']:.2f}x | {fixed['effective_gb_s']:.1f} "
             f"({fixed['fraction_of_stream']:.0%}) |"
         )

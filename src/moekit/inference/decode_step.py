@@ -109,7 +109,7 @@ def one_token_decoder(
         or head is None
         or (head.O, head.I) != (V, D)
         or any(p is None or p[1].q.I != D for p in plans)
-        or _hooked(model, embed, model.norm, model.layers, *blocks, *filter(None, [head_module]))
+        or _hooked(model, embed, model.norm, *blocks, *filter(None, [head_module]))
     ):
         return None
     layers = _cache_layers(model, cache)
