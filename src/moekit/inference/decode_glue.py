@@ -6,8 +6,8 @@ framework overhead: ~4 us an op, torch's rms_norm a composite of ~6 of them (~16
 numbers), a step's attention ~25 (rope of q and k, the cache's slice writes, SDPA with its OpenMP
 fork, views). Here each is one ctypes call: `rms_norm` (`GlueRMSNorm`), `glue_cached_attention`
 (one new position's rope, cache write and attention over every cached position or a sliding
-window's, sinks or not); and whole layers (`decode_layers`, `decode_moe`, `decode_block`) run on
-this module's library.
+window's, sinks or not); and whole layers (`decode_layers`, `decode_moe`, `decode_block`) and
+generation's whole batch-1 token (`decode_step`) run on this module's library.
 
 Anything else (training, gradients, other dtypes, prefill, other masks, `torch.compile` tracing)
 runs the torch reference, nn.RMSNorm and `moekit.model.attention.cached_attention`, which the
