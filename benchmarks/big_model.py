@@ -143,7 +143,9 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     vocab = model.cfg.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len + new_tokens), generator=g)
     next_logits = step_logits(model, KVCache.for_model(model, 1, prompt_len + new_tokens))
-    with torch.no_grad():  # generate's steps: with every expert resident, a token one C call
+    # generate's steps: the prompt's last logits alone; with every expert resident, a token in
+    # one C call (results before 2026-12-06 timed a prefill with every position's logits)
+    with torch.no_grad():
         start = time.perf_counter()
         logits = next_logits(ids[:, :prompt_len])
         prefill_s = time.perf_counter() - start

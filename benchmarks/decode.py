@@ -753,13 +753,13 @@ def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
-# moekit's weights per matched format: every projection in the scheme (routers, norms and the
-# embedding stay float32); with int4, the head int8, as llama.cpp's q4_0 keeps its output at
-# Q6_K (and attn_k/attn_v at Q8_0; moekit's are int4).
 # moekit's batch-1 contenders again with the token's blocks each one C call, the model's forward
 # between them (its decoder unset: the code before `decode_step`), beside the one-call token
 BLOCK_BY_BLOCK = "_block_by_block"
 
+# moekit's weights per matched format: every projection in the scheme (routers, norms and the
+# embedding stay float32); with int4, the head int8, as llama.cpp's q4_0 keeps its output at
+# Q6_K (and attn_k/attn_v at Q8_0; moekit's are int4).
 MOEKIT_QUANTIZED = {
     "moekit_bf16": QuantizeConfig(weights="bf16"),
     "moekit_int8": QuantizeConfig(weights="int8"),

@@ -424,8 +424,7 @@ def moekit_forced(model, prompt_BP: torch.Tensor, n: int, forced: torch.Tensor) 
 
     B, P = prompt_BP.shape
     next_logits = step_logits(model, KVCache.for_model(model, B, P + n - 1))
-    with torch.no_grad():
-        out = [sample_next(next_logits(prompt_BP))]
-        for step in range(1, n):
-            out.append(sample_next(next_logits(forced[:B, step - 1 : step])))
+    out = [sample_next(next_logits(prompt_BP))]
+    for step in range(1, n):
+        out.append(sample_next(next_logits(forced[:B, step - 1 : step])))
     return torch.stack(out, dim=1)

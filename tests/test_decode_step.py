@@ -27,7 +27,7 @@ pytestmark = needs_c_kernels
 
 
 def _counted(monkeypatch) -> list[int]:
-    """From now on, count the decoders' C calls (one per decoded token)."""
+    """From now on, count the decoders' C calls that ran (one per decoded token)."""
     calls = [0]
     real = decode_step._library
 
@@ -36,8 +36,9 @@ def _counted(monkeypatch) -> list[int]:
             fn = getattr(real(), name)
 
             def counted(*args):
-                calls[0] += 1
-                return fn(*args)
+                status = fn(*args)
+                calls[0] += status == 0  # (a failed call's token runs the forward)
+                return status
 
             return counted
 
@@ -163,32 +164,83 @@ def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
     assert remove_decode_kernels(glued).one_token_decoder is None
 
 
-def test_a_step_it_cannot_run_is_left_to_the_forward(monkeypatch) -> None:
-    """A token id out of the vocabulary, a full cache: None, the cache untouched, so that the
-    forward runs (and raises its own error). A C call that fails after writing some caches: None,
-    and the forward's rerun of that token gives the same logits as ever."""
+def test_a_step_it_cannot_run_is_left_to_the_forward() -> None:
+    """A token id out of the vocabulary or not long, gradients on, a hook added: None, the cache
+    untouched, so that the forward runs (and raises its own error). A full cache: no decoder. A C
+    call that fails after writing every cache at the position: None, and the forward's run of
+    that token on the same cache rewrites them: its logits and the next token's are a fresh
+    cache's bit for bit."""
     model = apply_decode_kernels(_model(36))
     decoder, cache = _decoder(model)
     assert decoder is not None
     assert decoder(torch.tensor([[97]])) is None and cache.layers[0].length == 4
+    assert decoder(torch.tensor([[5]], dtype=torch.int32)) is None
     with pytest.raises(IndexError):
         step_logits(model, cache)(torch.tensor([[97]]))
-    assert _decoder(model, length=16)[0](torch.tensor([[1]])) is None  # no room left
+    with torch.enable_grad():
+        assert decoder(torch.tensor([[5]])) is None
+    handle = model.layers[0].ffn.experts.register_forward_pre_hook(lambda *args: None)
+    assert decoder(torch.tensor([[5]])) is None
+    handle.remove()
+    assert [c.length for c in cache.layers] == [4, 4]
+    assert _decoder(model, length=16)[0] is None  # no room left
 
     real = decoder.call
-    decoder.call = lambda *args: (real(*args), -1)[1]  # every cache written, then "failed"
-    assert decoder(torch.tensor([[5]])) is None and cache.layers[-1].length == 4
-    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(37))
-    steps, forward = _both(model, ids, 4)
-    assert torch.equal(steps, forward)
 
-    failing, failing_cache = _decoder(model)
-    failing.call = lambda *args: (real(*args), -1)[1]
+    def fails_after_writing(*args):
+        real(*args)
+        for layer in cache.layers:  # the position's keys and values, spoilt
+            layer.k_BKLd[:, :, 4].fill_(float("nan"))
+            layer.v_BKLd[:, :, 4].fill_(float("nan"))
+        return -1
+
+    decoder.call = fails_after_writing
+    fresh = KVCache.for_model(model, 1, 16)
+    ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(34))
     with torch.no_grad():
-        rerun = model(torch.tensor([[5]]), kv_cache=failing_cache, with_aux=False).logits[:, -1]
-        _, fresh = _decoder(model)
-        want = model(torch.tensor([[5]]), kv_cache=fresh, with_aux=False).logits[:, -1]
-    assert torch.equal(rerun, want)
+        assert decoder(torch.tensor([[5]])) is None and cache.layers[-1].length == 4
+        model(ids, kv_cache=fresh, with_aux=False)
+        for token in (5, 6):
+            got = model(torch.tensor([[token]]), kv_cache=cache, with_aux=False).logits
+            want = model(torch.tensor([[token]]), kv_cache=fresh, with_aux=False).logits
+            assert torch.equal(got, want)
+
+
+def test_a_hook_added_while_generating_runs_and_the_tokens_stay() -> None:
+    """A `stream` callback that hooks a router on the third token: the hook runs on every later
+    token (those steps run the forward), and the tokens are the block-by-block path's."""
+    model = apply_decode_kernels(_model(39))
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(40))
+    seen, streamed = [], []
+
+    def stream(ids):
+        streamed.append(ids)
+        if len(streamed) == 3:
+            model.layers[1].ffn.router.register_forward_hook(lambda *a: seen.append(1))
+
+    fast = generate(model, prompt, 8, stream=stream)
+    assert len(seen) == 5  # tokens 4 .. 8
+    per_block = copy.deepcopy(model)
+    per_block.one_token_decoder = None
+    assert torch.equal(fast, generate(per_block, prompt, 8))
+
+
+def test_a_default_dtype_other_than_float32_changes_nothing(monkeypatch) -> None:
+    """torch's default dtype float64 (or bfloat16): the decoder's buffers are float32 as the
+    model, its logits the forward's bit for bit."""
+    model = apply_decode_kernels(_model(41))
+    calls = _counted(monkeypatch)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(42))
+    for dtype in (torch.float64, torch.bfloat16):
+        with torch.device("cpu"):
+            old = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                steps, forward = _both(model, ids, 4)
+            finally:
+                torch.set_default_dtype(old)
+        assert steps.dtype == torch.float32 and torch.equal(steps, forward)
+    assert calls[0] == 10
 
 
 def test_the_decoder_keeps_the_weights_it_reads_alive() -> None:

@@ -16,8 +16,10 @@ nothing the call bypasses hooked (the model, embedding, norms, head, blocks and 
 the embedding a plain float32 nn.Embedding, the final norm the glue's, the head a decode-kernel
 projection (or the tied embedding on the kernels' linear), the cache's layers float32 (1, KV, L,
 hd) of one length. Otherwise `one_token_decoder` returns None and every step runs the model's
-forward. The decoder keeps the model's tensors alive while it lives: a model changed during
-`generate` (a `stream` callback replacing modules or adding hooks) is seen by the next call.
+forward. Each step checks again what a `stream` callback might change cheaply (a hook on any
+module, training or gradient mode: that step runs the forward); the modules and tensors are those
+of the first decoded token until `generate` returns (a module replaced meanwhile is seen by the
+next call), and the decoder keeps those tensors alive while it lives.
 Each step's logits equal the glued forward's bit for bit, the same C functions on the same inputs
 (tests/test_decode_step.py); a step it cannot run (a token id out of range, no room left, a
 product's input that could not be prepared) returns None, and the forward runs that token again
@@ -33,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
-from moekit.inference.decode_block import resident_plan
-from moekit.inference.decode_glue import _hooked, _library, _plain
+from moekit.inference.decode_block import block_forward, resident_plan
+from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library
 from moekit.inference.decode_layers import float_ref, norm_args, ops_ready, projection_ref
 from moekit.model.block import Block
 from moekit.model.generation import KVCache
@@ -70,79 +72,79 @@ def _address(arg) -> int | None:
     return ctypes.addressof(getattr(arg, "_obj", arg))  # byref(x) holds x as _obj
 
 
-def one_token_decoder(
-    model: MoETransformer, cache: KVCache
-) -> Callable[[Tensor], Tensor | None] | None:
+Decoder = Callable[[Tensor], Tensor | None]  # next ids (1, 1) -> logits (1, V), or None
+
+
+def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
     """A function next ids (1, 1) -> logits (1, vocab_size) that decodes one token continuing
     `cache` in one C call (or returns None for a step it cannot run), where the model and cache
     qualify (the module's docstring); else None."""
-    if (
-        torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-        or model.training
-        or type(model).forward is not MoETransformer.forward
-        or "forward" in model.__dict__
-        or not ops_ready()
+    if not (
+        _no_grad_eval(model)
+        and type(model).forward is MoETransformer.forward
+        and "forward" not in model.__dict__
+        and ops_ready()
     ):
         return None
-    embed, blocks = model.embed, list(model.layers)
+    embed, blocks, head_module = model.embed, list(model.layers), model.lm_head
+    called = (embed, model.norm, *filter(None, [head_module]))  # their forwards it replaces
     if not (
         type(embed) is nn.Embedding
         and embed.max_norm is None
         and decode_kernels.plain_matrix(embed.weight)
         and embed.weight.is_contiguous()
+        and not any("forward" in m.__dict__ for m in called)
+        and all(type(b) is Block and _glued(b) for b in blocks)
         and len(cache.layers) == len(blocks) > 0
-        and all(type(b) is Block for b in blocks)
+        and len({c.length for c in cache.layers}) == 1
     ):
         return None
     V, D = embed.weight.shape
     norm = norm_args(model.norm, D)
-    head_module = model.lm_head
     if head_module is None:
         tied = model.tied_head_linear is decode_kernels.linear
         head = float_ref(embed.weight.detach()) if tied else None
     else:
         head = projection_ref(head_module)
     plans = [resident_plan(b) for b in blocks]
+    modules = tuple(model.modules())  # whose hooks it would bypass: each step checks them
     if (
         norm is None
         or head is None
         or (head.O, head.I) != (V, D)
         or any(p is None or p[1].q.I != D for p in plans)
-        or _hooked(model, embed, model.norm, *blocks, *filter(None, [head_module]))
+        or _hooked(*modules)
     ):
         return None
-    layers = _cache_layers(model, cache)
-    if layers is None:
+    pos = cache.layers[0].length
+    rope = model._rope(pos, ROPE_CHUNK, embed.weight.device)
+    first = (rope[0][:1], rope[1][:1])  # (1, hd / 2): the glue's check of a cache and angles
+    if not all(
+        _cache_qualifies(c, 1, b.attn.n_kv_heads, b.attn.head_dim, first)
+        for b, c in zip(blocks, cache.layers, strict=True)
+    ):
         return None
-    return _Decoder(model, cache, plans, layers, norm, head)
+    return _Decoder(model, cache, plans, norm, head, modules, (pos, rope))
 
 
-def _cache_layers(model: MoETransformer, cache: KVCache) -> list[tuple[Tensor, Tensor]] | None:
-    """Each layer's (k, v) cache where all are float32 (1, KV, L, hd) of the layer's heads, one
-    length L and as many positions filled."""
-    out = []
-    lengths = {c.length for c in cache.layers}
-    for block, c in zip(model.layers, cache.layers, strict=True):
-        k, v, attn = c.k_BKLd, c.v_BKLd, block.attn
-        if not (
-            _plain(k)
-            and _plain(v)
-            and k.shape == v.shape == (1, attn.n_kv_heads, k.shape[2], attn.head_dim)
-            and attn.head_dim % 2 == 0
-            and k.shape[2] == cache.layers[0].k_BKLd.shape[2]
-        ):
-            return None
-        out.append((k, v))
-    return out if len(lengths) == 1 else None
+def _no_grad_eval(model: MoETransformer) -> bool:
+    """Generation's mode, which the C call assumes: no gradient, eval mode, not traced."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or model.training)
+
+
+def _glued(block: Block) -> bool:
+    """Whether the block's forward is the glue's one-call block (`apply_decode_glue`), whose
+    work the C call does: not another forward put in its place."""
+    return getattr(block.__dict__.get("forward"), "func", None) is block_forward
 
 
 class _Decoder:
     """`one_token_decoder`'s function: the C call's arguments built once, a step's filled in."""
 
-    def __init__(self, model, cache, plans, layers, norm, head) -> None:
+    def __init__(self, model, cache, plans, norm, head, modules, rope) -> None:
         cfg = model.cfg
-        self.model, self.cache_layers = model, cache.layers
+        self.model, self.cache_layers, self.modules = model, cache.layers, modules
+        layers = [(c.k_BKLd, c.v_BKLd) for c in cache.layers]
         self.kept = (list(model.parameters()), list(model.buffers()), plans, layers, head)
         self.blocks = (BlockPlan * len(plans))()
         for i, (((attn_norm, ffn_norm), refs, moe, _), (k, v), block) in enumerate(
@@ -153,43 +155,47 @@ class _Decoder:
             self.blocks[i] = BlockPlan(
                 *attn_norm, ctypes.addressof(refs), k.data_ptr(), v.data_ptr(), k.shape[2],
                 attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.head_dim**-0.5,
-                window if window is not None and window > 0 else 0,
+                window if window is not None and window > 0 else 0,  # (decode_window's)
                 *ffn_norm, _address(router), bias, K, sigmoid, normalize, scaling,
                 _address(w_in), _address(w_out), _address(act),
             )  # fmt: skip
-        V, D = model.embed.weight.shape
+        self.embed = model.embed.weight
+        V, D = self.embed.shape
         K = max(p[2][2] for p in plans)
-        self.embed, self.row_bytes, self.V = model.embed.weight, D * 4, V
+        self.row_bytes, self.V = D * 4, V
         self.room = min(layers[0][0].shape[2], cfg.max_seq_len)
         self.norm, self.head = norm, head
-        self.scratch = torch.empty(max(p[3] for p in plans) + 3 * D)  # + xs (2 D), hidden (D)
-        self.ids, self.weights = torch.empty(K, dtype=torch.int64), torch.empty(K)
-        self.rope_start = self.rope_bytes = 0
-        self.rope = self._rope_from(cache.layers[0].length)
+        # float32 CPU buffers, as the embedding (whatever torch's default dtype and device)
+        self.scratch = self.embed.new_empty(max(p[3] for p in plans) + 3 * D)  # + xs, hidden
+        self.ids, self.weights = torch.empty(K, dtype=torch.int64), self.embed.new_empty(K)
+        self.rope_start, self.rope = rope
+        self.rope_bytes = self.rope[0].shape[1] * 4
         self.call = _library().moekit_decode_one_token
 
-    def _rope_from(self, pos: int) -> tuple[Tensor, Tensor]:
-        """The rotary angles (cos, sin), each (ROPE_CHUNK, hd / 2), of positions pos onwards: the
-        model's own (each position's are the bits a one-position forward computes)."""
-        rope = self.model._rope(pos, ROPE_CHUNK, self.embed.device)
-        self.rope_start, self.rope_bytes = pos, rope[0].shape[1] * 4
-        return rope
-
     def _angles(self, pos: int) -> tuple[int, int]:
-        """The (cos, sin) pointers of position pos's rotary angles."""
+        """The (cos, sin) pointers of position pos's rotary angles: the model's own, computed for
+        ROPE_CHUNK positions at a time (each position's are the bits a one-position forward
+        computes)."""
         if not 0 <= pos - self.rope_start < ROPE_CHUNK:
-            self.rope = self._rope_from(pos)
+            self.rope_start = pos
+            self.rope = self.model._rope(pos, ROPE_CHUNK, self.embed.device)
         at = (pos - self.rope_start) * self.rope_bytes
         return self.rope[0].data_ptr() + at, self.rope[1].data_ptr() + at
 
     def __call__(self, ids_BS: Tensor) -> Tensor | None:
         pos = self.cache_layers[0].length
-        if ids_BS.shape != (1, 1) or pos >= self.room:
+        if (
+            ids_BS.shape != (1, 1)
+            or ids_BS.dtype != torch.long
+            or pos >= self.room
+            or not _no_grad_eval(self.model)
+            or _hooked(*self.modules)  # (a stream callback's hook, say)
+        ):
             return None
         token = int(ids_BS)
         if not 0 <= token < self.V:
             return None  # (the forward's embedding raises its IndexError)
-        logits = torch.empty(1, self.V)
+        logits = self.embed.new_empty(1, self.V)
         s = self.scratch
         D = self.row_bytes // 4
         n = s.numel() - 3 * D
