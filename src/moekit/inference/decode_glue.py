@@ -43,10 +43,16 @@ def _hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook or pre-hook, global or of one of `modules`, waits for a call that
     a glued forward would not make (it runs their products itself): it then runs the reference,
     which calls them (a `TraceRecorder`'s hooks on the routers and experts, say)."""
-    return bool(
-        torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-        or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(hook_dicts(*modules))
+
+
+def hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
+    """The dicts that hold those hooks (registering one adds to them in place): `_hooked` is
+    any(hook_dicts(...)), which a caller checking the same modules again and again keeps."""
+    return (
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+        *(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)),
     )
 
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
 from moekit.inference.decode_block import block_forward, resident_plan
-from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library
+from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, hook_dicts
 from moekit.inference.decode_layers import float_ref, norm_args, ops_ready, projection_ref
 from moekit.model.block import Block
 from moekit.model.generation import KVCache
@@ -143,7 +143,7 @@ class _Decoder:
 
     def __init__(self, model, cache, plans, norm, head, modules, rope) -> None:
         cfg = model.cfg
-        self.model, self.cache_layers, self.modules = model, cache.layers, modules
+        self.model, self.cache_layers, self.hooks = model, cache.layers, hook_dicts(*modules)
         layers = [(c.k_BKLd, c.v_BKLd) for c in cache.layers]
         self.kept = (list(model.parameters()), list(model.buffers()), plans, layers, head)
         self.blocks = (BlockPlan * len(plans))()
@@ -189,7 +189,7 @@ class _Decoder:
             or ids_BS.dtype != torch.long
             or pos >= self.room
             or not _no_grad_eval(self.model)
-            or _hooked(*self.modules)  # (a stream callback's hook, say)
+            or any(self.hooks)  # `_hooked` (a stream callback's hook, say)
         ):
             return None
         token = int(ids_BS)
