@@ -298,6 +298,9 @@ QWEN3_32_HEADS = {"qk_norm": "head", "n_heads": 32, "n_kv_heads": 4, "head_dim":
 # GPT-OSS's layers: attention with biases and sinks, a sliding window (biting after 3 positions)
 # in every other layer; experts with biases and the clamped SwiGLU (its limit low enough to bite
 # on these activations), a router with a bias.
+# OLMoE's: q/k norms over the whole projections, then q, k and v clipped (at a bound that bites
+# on these normed activations)
+OLMOE = {"qk_norm": "full", "clip_qkv": 0.6}
 GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
            "layer_types": ("sliding", "full"),
            "moe": {"activation": "clamped_swiglu", "swiglu_limit": 0.05, "expert_bias": True,
@@ -306,13 +309,21 @@ GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
 
 @pytest.mark.parametrize(
     ("overrides", "scheme"),
-    [({"qk_norm": "head"}, None), (QWEN3_32_HEADS, None), (GPT_OSS, None), (GPT_OSS, "mxfp4")],
-    ids=["qwen3_qk_norm_head", "qwen3_32_heads", "gpt_oss", "gpt_oss_mxfp4"],
+    [
+        ({"qk_norm": "head"}, None),
+        (QWEN3_32_HEADS, None),
+        (GPT_OSS, None),
+        (GPT_OSS, "mxfp4"),
+        (OLMOE, None),
+        (OLMOE, "int8"),
+    ],
+    ids=["qwen3_qk_norm_head", "qwen3_32_heads", "gpt_oss", "gpt_oss_mxfp4", "olmoe", "olmoe_int8"],
 )
 @pytest.mark.parametrize("batch", [1, 3])
 def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch) -> None:
-    """Qwen3's per-head q/k norms, GPT-OSS's sinks, sliding windows, biased experts and clamped
-    SwiGLU (all random, large enough to matter) run in the C layers (the whole block at batch 1):
+    """Qwen3's per-head q/k norms, OLMoE's whole-projection ones and clipping, GPT-OSS's sinks,
+    sliding windows, biased experts and clamped SwiGLU (all random, large enough to matter) run
+    in the C layers (the whole block at batch 1):
     the per-product path's bits, the plain model's logits within float32 rounding."""
     model = apply_decode_kernels(_model(20, **overrides))
     with torch.no_grad():

@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 from tests.c_kernels import needs_c_kernels
-from tests.test_decode_layers import GPT_OSS, QWEN3_32_HEADS, SCHEMES, _model
+from tests.test_decode_layers import GPT_OSS, OLMOE, QWEN3_32_HEADS, SCHEMES, _model
 from tests.test_mtp import MLA
 from torch import nn
 
@@ -75,6 +75,7 @@ CASES = {
     "qwen3_qk_norm": (QWEN3_32_HEADS, None),
     "gpt_oss_windows_sinks": (GPT_OSS, None),
     "gpt_oss_mxfp4": (GPT_OSS, "mxfp4"),
+    "olmoe_qk_norm_clip": (OLMOE, None),
     "sigmoid_scaled": ({"moe": {"score": "sigmoid", "routed_scaling": 2.5}}, None),
 }
 

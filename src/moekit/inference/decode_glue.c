@@ -195,14 +195,23 @@ typedef struct {
 } weight_ref;
 
 /* An attention as its block reads it: the q (H hd, D), k and v (KV hd, D) and o (D, H hd)
- * projections; q_norm and k_norm (hd), the per-head RMSNorm weights of q and k (NULL: none; eps
- * qk_eps, both); sinks (H), the sink logits (NULL: none). */
+ * projections; q_norm and k_norm, the RMSNorm weights of q and k (NULL: none; eps qk_eps, both):
+ * per head (hd, Qwen3) or, where qk_full, over the whole projection (H hd and KV hd, OLMoE);
+ * sinks (H), the sink logits (NULL: none); where clipped, q, k and v clamped to [-clip, clip]
+ * after the whole-projection norm and before the per-head one (OLMoE's clip_qkv). */
 typedef struct {
     weight_ref q, k, v, o;
     const float *q_norm, *k_norm;
     double qk_eps;
     const float *sinks;
+    int32_t qk_full, clipped;
+    float clip;
 } attention_ref;
+
+/* x (n) clamped to [-c, c] in place as torch.clamp does (a NaN stays NaN). */
+static void clamp(float *x, int64_t n, float c) {
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] < -c ? -c : (x[i] > c ? c : x[i]);
+}
 
 #define ROWS_A_TASK 16
 /* A call whose products read fewer weights than this runs on one thread: waking the others
@@ -273,8 +282,19 @@ int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, co
 #pragma omp barrier
 #pragma omp single
         {
-            if (w->q_norm) moekit_rmsnorm_f32(q, B * H, hd, w->q_norm, w->qk_eps, q);
-            if (w->k_norm) moekit_rmsnorm_f32(k, B * KV, hd, w->k_norm, w->qk_eps, k);
+            if (w->q_norm && w->qk_full) { /* q (B, H hd), k (B, KV hd): a row a sequence */
+                moekit_rmsnorm_f32(q, B, H * hd, w->q_norm, w->qk_eps, q);
+                moekit_rmsnorm_f32(k, B, KV * hd, w->k_norm, w->qk_eps, k);
+            }
+            if (w->clipped) {
+                clamp(q, B * H * hd, w->clip);
+                clamp(k, B * KV * hd, w->clip);
+                clamp(v, B * KV * hd, w->clip);
+            }
+            if (w->q_norm && !w->qk_full) {
+                moekit_rmsnorm_f32(q, B * H, hd, w->q_norm, w->qk_eps, q);
+                moekit_rmsnorm_f32(k, B * KV, hd, w->k_norm, w->qk_eps, k);
+            }
             cache_write(k, v, KV * hd, cos_h, sin_h, k_cache, v_cache, pos, max_len, B, KV, hd);
         }
 #pragma omp for schedule(static)

@@ -61,6 +61,9 @@ class AttentionRef(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("q_norm", "k_norm")),
         ("qk_eps", ctypes.c_double),
         ("sinks", ctypes.c_void_p),
+        ("qk_full", ctypes.c_int32),
+        ("clipped", ctypes.c_int32),
+        ("clip", ctypes.c_float),
     ]
 
 
@@ -206,8 +209,8 @@ def attention_modules(attn: Attention) -> tuple[nn.Module, ...]:
 
 def attention_weights(attn: Attention) -> AttentionRef | None:
     """The attention's weights as the C block reads them: decode-kernel projections of the heads'
-    shapes, per-head q/k norms (the glue's, over head_dim) or none, sinks or none, no clipping;
-    None otherwise. Kept while they stay."""
+    shapes, q/k norms (the glue's, per head or over the whole projection) or none, sinks or none,
+    clipping or none; None otherwise. Kept while they stay."""
     modules = (attn, *attention_modules(attn))  # attn's own parameter: the sinks
     norms = (getattr(n, "eps", None) for n in (attn.q_norm, attn.k_norm))
     extra = (*map(id, modules), *norms, attn.qk_norm, attn.clip_qkv, attn.sinks is None)
@@ -252,12 +255,16 @@ def attention_forward(
 
 
 def _attention_refs(attn: Attention) -> AttentionRef | None:
-    if attn.clip_qkv is not None or attn.qk_norm not in (None, "head"):
+    if attn.qk_norm not in (None, "head", "full"):
         return None
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     norms = (None, None)
-    if attn.qk_norm == "head":
-        norms = norm_args(attn.q_norm, hd), norm_args(attn.k_norm, hd)
+    full = attn.qk_norm == "full"
+    if attn.qk_norm is not None:
+        norms = (
+            norm_args(attn.q_norm, H * hd if full else hd),
+            norm_args(attn.k_norm, KV * hd if full else hd),
+        )
         if None in norms or norms[0][1] != norms[1][1]:  # (one eps for both in C)
             return None
     sinks = attn.sinks
@@ -274,7 +281,9 @@ def _attention_refs(attn: Attention) -> AttentionRef | None:
         return None
     q_norm, k_norm = (None if n is None else n[0] for n in norms)
     eps = 0.0 if norms[0] is None else norms[0][1]
-    return AttentionRef(*refs, q_norm, k_norm, eps, optional_ptr(sinks))
+    clip = attn.clip_qkv
+    return AttentionRef(*refs, q_norm, k_norm, eps, optional_ptr(sinks), full, clip is not None,
+                        0.0 if clip is None else clip)  # fmt: skip
 
 
 def norm_args(norm: nn.Module | None, D: int) -> tuple[int, float] | None:
