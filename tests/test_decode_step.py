@@ -122,6 +122,25 @@ def test_generate_gives_the_per_block_paths_tokens(monkeypatch) -> None:
     assert torch.equal(fast, slow) and calls[0] == 38
 
 
+def test_generate_continuing_a_cache_decodes_as_block_by_block(monkeypatch) -> None:
+    """`generate(kv_cache=...)` twice on one cache (a chat's turns): the decoder starts at the
+    cache's length each time; the tokens and the cache's keys are the block-by-block path's."""
+    model = apply_decode_kernels(_model(43))
+    per_block = copy.deepcopy(model)
+    per_block.one_token_decoder = None
+    calls = _counted(monkeypatch)
+    turns = [
+        torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 3)
+    ]
+    caches = [KVCache.for_model(m, 1, 32) for m in (model, per_block)]
+    for turn in turns:
+        got = generate(model, turn, 6, kv_cache=caches[0])
+        assert torch.equal(got, generate(per_block, turn, 6, kv_cache=caches[1]))
+    assert calls[0] == 10 and caches[0].layers[0].length == caches[1].layers[0].length == 18
+    for one, two in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(one.k_BKLd[:, :, :18], two.k_BKLd[:, :, :18])
+
+
 def _decoder(model, batch: int = 1, length: int = 4):
     cache = KVCache.for_model(model, batch, 16)
     ids = torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(34))
