@@ -80,8 +80,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case) -> None:
+def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case, batch) -> None:
     """Float32 and every quantized scheme, tied heads, Qwen3's q/k norms, GPT-OSS's windows,
     sinks and clamped experts, sigmoid routing: each decoded token one C call, its logits the
     glued forward's bit for bit (the same C functions), past a change of the angles' chunk."""
@@ -96,7 +97,7 @@ def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case) -
     model = apply_decode_kernels(model)
     monkeypatch.setattr(decode_step, "ROPE_CHUNK", 3)  # a new chunk every third position
     calls = _counted(monkeypatch)
-    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(31))
+    ids = torch.randint(0, 97, (batch, 16), generator=torch.Generator().manual_seed(31))
     steps, forward = _both(model, ids, 5)
     assert calls[0] == 11
     assert torch.equal(steps, forward)
@@ -120,6 +121,9 @@ def test_generate_gives_the_per_block_paths_tokens(monkeypatch) -> None:
     assert torch.equal(fast, slow) and calls[0] == 19
     fast, slow = both(temperature=0.9, top_k=20)
     assert torch.equal(fast, slow) and calls[0] == 38
+    prompt = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(44))
+    fast, slow = both(eos_token_id=3)  # a batch's step; rows that end still run
+    assert torch.equal(fast, slow) and calls[0] == 38 + fast.shape[1] - 1
 
 
 def test_generate_continuing_a_cache_decodes_as_block_by_block(monkeypatch) -> None:
@@ -150,12 +154,13 @@ def _decoder(model, batch: int = 1, length: int = 4):
 
 
 def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
-    """Batch above 1, shared experts, a dense layer, latent attention, offloaded experts, training
+    """Batch above 16, shared experts, a dense layer, latent attention, offloaded experts, training
     mode, a hook on any module the call bypasses, no decode kernels: no decoder (every step
     then runs the forward); the glued model gets one, and loses it with its kernels."""
     glued = apply_decode_kernels(_model(35))
     assert _decoder(glued)[0] is not None
-    assert _decoder(glued, batch=2)[0] is None
+    assert _decoder(glued, batch=16)[0] is not None
+    assert _decoder(glued, batch=17)[0] is None  # (the C layers' MAX_ROWS)
     for overrides in (
         {"moe": {"n_shared_experts": 1}},
         {"first_dense": 1, "d_ff": 64},
@@ -194,6 +199,10 @@ def test_a_step_it_cannot_run_is_left_to_the_forward() -> None:
     decoder, cache = _decoder(model)
     assert decoder is not None
     assert decoder(torch.tensor([[97]])) is None and cache.layers[0].length == 4
+    batched, batched_cache = _decoder(model, batch=3)
+    assert batched(torch.tensor([[5], [97], [6]])) is None  # one row out of the vocabulary
+    assert batched(torch.tensor([[5], [-1], [6]])) is None
+    assert batched(torch.tensor([[5, 6, 7]])) is None and batched_cache.layers[0].length == 4
     assert decoder(torch.tensor([[5]], dtype=torch.int32)) is None
     with pytest.raises(IndexError):
         step_logits(model, cache)(torch.tensor([[97]]))

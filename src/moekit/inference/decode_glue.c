@@ -389,37 +389,66 @@ typedef struct {
     const activation_ref *act;
 } block_plan;
 
-/* One decoded token through a whole model of n_blocks such blocks: x (D) the token's embedding
- * row, each block's output (moekit_block_one_token) the next one's input, then hidden (D) =
- * rmsnorm(that, norm) and logits (V) = hidden @ head^T, the head's product split between the
- * threads as every product here. cos_h and sin_h (hd / 2) the position's angles, shared by every
- * block; pos the cached positions of every block's cache (each written at pos). scratch: the
- * largest block's; xs: 2 D floats; ids and weights: the largest top_k. Returns 0, or -1 if a block
- * or the head could not run (some caches may be written at pos: the caller runs the token again
- * from the start, which rewrites them). */
-int moekit_decode_one_token(const block_plan *blocks, int64_t n_blocks, const float *x,
-                            const float *cos_h, const float *sin_h, int64_t pos,
-                            const float *norm, double norm_eps, const weight_ref *head,
-                            float *scratch, float *xs, int64_t *ids, float *weights, float *hidden,
-                            float *logits) {
+/* One position of B <= 16 sequences through a whole block, as the layer calls run it for B
+ * above 1: h = rmsnorm(x, attn_norm) (B rows), x1 = x + moekit_attention_block(h), out = x1 +
+ * moekit_moe_tokens(rmsnorm(x1, ffn_norm)). x, out: (B, D); scratch: B (4 D + max((2 H + 2 KV)
+ * hd, 2 E + K (3 F + 2 D))) floats; ids, weights: B K. Returns 0, or -1 if the attention or the
+ * MoE layer could not run (the cache may be written at pos). */
+static int block_tokens(const float *x, int64_t B, const block_plan *b, const float *cos_h,
+                        const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
+                        float *weights, float *out) {
+    const int64_t D = b->attn->q.I;
+    float *h = scratch, *a = h + B * D, *x1 = a + B * D, *y = x1 + B * D, *rest = y + B * D;
+    moekit_rmsnorm_f32(x, B, D, b->attn_norm, b->attn_eps, h);
+    if (moekit_attention_block(h, B, b->attn, cos_h, sin_h, b->k_cache, b->v_cache, pos,
+                               b->max_len, b->H, b->KV, b->hd, b->scale, b->window, rest, a))
+        return -1;
+    for (int64_t i = 0; i < B * D; i++) x1[i] = x[i] + a[i];
+    moekit_rmsnorm_f32(x1, B, D, b->ffn_norm, b->ffn_eps, h);
+    if (moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
+                          b->scaling, b->w_in, b->w_out, b->act, rest, ids, weights, y))
+        return -1;
+    for (int64_t i = 0; i < B * D; i++) out[i] = x1[i] + y[i];
+    return 0;
+}
+
+/* One position of B <= 16 sequences through a whole model of n_blocks such blocks: x (B, D) the
+ * tokens' rows of embed (V, D), each block's output the next one's input (B = 1:
+ * moekit_block_one_token, else block_tokens), then hidden (B, D) = rmsnorm(that, norm) and logits
+ * (B, V) = hidden @ head^T, the head's product split between the threads as every product here.
+ * cos_h and sin_h (hd / 2) the position's angles, shared by every block; pos the cached positions
+ * of every block's cache (each written at pos). scratch: the largest block's (block_tokens'
+ * size); xs: 2 B D floats; ids and weights: B times the largest top_k. Returns 0, or -1 if a
+ * block or the head could not run (some caches may be written at pos: the caller runs the step
+ * again from the start, which rewrites them). */
+int moekit_decode_tokens(const block_plan *blocks, int64_t n_blocks, const float *embed,
+                         const int64_t *tokens, int64_t B, const float *cos_h, const float *sin_h,
+                         int64_t pos, const float *norm, double norm_eps, const weight_ref *head,
+                         float *scratch, float *xs, int64_t *ids, float *weights, float *hidden,
+                         float *logits) {
     const int64_t D = head->I;
-    const float *in = x;
+    const float *in = B == 1 ? embed + tokens[0] * D : xs; /* a lone token's row, read in place */
+    for (int64_t r = 0; B > 1 && r < B; r++)
+        memcpy(xs + r * D, embed + tokens[r] * D, (size_t)D * sizeof(float));
     for (int64_t i = 0; i < n_blocks; i++) {
         const block_plan *b = &blocks[i];
-        float *out = xs + (i % 2) * D;
-        if (moekit_block_one_token(in, b->attn_norm, b->attn_eps, b->attn, cos_h, sin_h,
-                                   b->k_cache, b->v_cache, pos, b->max_len, b->H, b->KV, b->hd,
-                                   b->scale, b->window, b->ffn_norm, b->ffn_eps, b->router,
-                                   b->expert_bias, b->K, b->sigmoid, b->normalize, b->scaling,
-                                   b->w_in, b->w_out, b->act, scratch, ids, weights, out))
-            return -1;
+        float *out = xs + ((i + 1) % 2) * B * D;
+        const int failed =
+            B == 1 ? moekit_block_one_token(in, b->attn_norm, b->attn_eps, b->attn, cos_h, sin_h,
+                                            b->k_cache, b->v_cache, pos, b->max_len, b->H, b->KV,
+                                            b->hd, b->scale, b->window, b->ffn_norm, b->ffn_eps,
+                                            b->router, b->expert_bias, b->K, b->sigmoid,
+                                            b->normalize, b->scaling, b->w_in, b->w_out, b->act,
+                                            scratch, ids, weights, out)
+                   : block_tokens(in, B, b, cos_h, sin_h, pos, scratch, ids, weights, out);
+        if (failed) return -1;
         in = out;
     }
-    moekit_rmsnorm_f32(in, 1, D, norm, norm_eps, hidden);
-    void *p = prepared(head, hidden, 1);
+    moekit_rmsnorm_f32(in, B, D, norm, norm_eps, hidden);
+    void *p = prepared(head, hidden, B);
     if (p == NULL) return -1;
 #pragma omp parallel if (head->O * head->I >= min_parallel_weights)
-    product(head, p, 1, logits);
+    product(head, p, B, logits);
     release(head, p);
     return 0;
 }

@@ -264,7 +264,10 @@ def _library() -> ctypes.CDLL | None:
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 7],
                 i32,
             ),
-            "moekit_decode_one_token": ([ptr, i64, *[ptr] * 3, i64, ptr, f64, *[ptr] * 7], i32),
+            "moekit_decode_tokens": (
+                [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, f64, *[ptr] * 7],
+                i32,
+            ),
         },
         what="CPU decode glue",
         fallback="decoding runs torch's rms_norm and attention",

@@ -1,7 +1,9 @@
-"""A decoded token through the whole model in one C call (moekit_decode_one_token): its embedding
+"""A decoded token through the whole model in one C call (moekit_decode_tokens): its embedding
 row, every decoder block as `decode_block` runs one (moekit_block_one_token), the final norm and
-the LM head, for generation's batch-1 steps (`moekit.model.generation.step_logits` asks
-`model.one_token_decoder`, which `apply_decode_glue` sets to `one_token_decoder`).
+the LM head, for generation's steps (`moekit.model.generation.step_logits` asks
+`model.one_token_decoder`, which `apply_decode_glue` sets to `one_token_decoder`); a batch's step
+(B <= 16 sequences, one position each) likewise, each block as its layer calls run it (two norms,
+the C attention block, moekit_moe_tokens, two residual adds).
 
 Why: with each block one C call, a decode step still ran ~0.8 ms (int4) to ~1.2 ms (float32) of
 Python between them on decode.py's 8-layer model on this project's machine: the forward's
@@ -14,9 +16,9 @@ What the call reads is taken once, when generation's first decoded token asks fo
 must qualify for the one-call path with all its experts resident (`decode_block.resident_plan`),
 nothing the call bypasses hooked (the model, embedding, norms, head, blocks and their modules);
 the embedding a plain float32 nn.Embedding, the final norm the glue's, the head a decode-kernel
-projection (or the tied embedding on the kernels' linear), the cache's layers float32 (1, KV, L,
-hd) of one length. Otherwise `one_token_decoder` returns None and every step runs the model's
-forward. Each step checks again what a `stream` callback might change cheaply (a hook on any
+projection (or the tied embedding on the kernels' linear), the cache's layers float32 (B, KV, L,
+hd) of one length, B <= 16. Otherwise `one_token_decoder` returns None and every step runs the
+model's forward. Each step checks again what a `stream` callback might change cheaply (a hook on any
 module, training or gradient mode: that step runs the forward); the modules and tensors are those
 of the first decoded token until `generate` returns (a module replaced meanwhile is seen by the
 next call), and the decoder keeps those tensors alive while it lives.
@@ -36,7 +38,14 @@ from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
 from moekit.inference.decode_block import block_forward, resident_plan
-from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, hook_dicts
+from moekit.inference.decode_glue import (
+    MAX_NORM_NUMBERS,
+    _cache_qualifies,
+    _hooked,
+    _library,
+    hook_dicts,
+)
+from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.inference.decode_layers import float_ref, norm_args, ops_ready, projection_ref
 from moekit.model.block import Block
 from moekit.model.generation import KVCache
@@ -72,13 +81,13 @@ def _address(arg) -> int | None:
     return ctypes.addressof(getattr(arg, "_obj", arg))  # byref(x) holds x as _obj
 
 
-Decoder = Callable[[Tensor], Tensor | None]  # next ids (1, 1) -> logits (1, V), or None
+Decoder = Callable[[Tensor], Tensor | None]  # next ids (B, 1) -> logits (B, V), or None
 
 
 def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
-    """A function next ids (1, 1) -> logits (1, vocab_size) that decodes one token continuing
-    `cache` in one C call (or returns None for a step it cannot run), where the model and cache
-    qualify (the module's docstring); else None."""
+    """A function next ids (B, 1) -> logits (B, vocab_size) that decodes one position of the B
+    <= 16 sequences of `cache` in one C call (or returns None for a step it cannot run), where the
+    model and cache qualify (the module's docstring); else None."""
     if not (
         _no_grad_eval(model)
         and type(model).forward is MoETransformer.forward
@@ -88,6 +97,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         return None
     embed, blocks, head_module = model.embed, list(model.layers), model.lm_head
     called = (embed, model.norm, *filter(None, [head_module]))  # their forwards it replaces
+    B = cache.layers[0].k_BKLd.shape[0] if cache.layers else 0
     if not (
         type(embed) is nn.Embedding
         and embed.max_norm is None
@@ -97,6 +107,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         and all(type(b) is Block and _glued(b) for b in blocks)
         and len(cache.layers) == len(blocks) > 0
         and len({c.length for c in cache.layers}) == 1
+        and 1 <= B <= MAX_ROWS
     ):
         return None
     V, D = embed.weight.shape
@@ -113,6 +124,8 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         or head is None
         or (head.O, head.I) != (V, D)
         or any(p is None or p[1].q.I != D for p in plans)
+        # the q/k norms' rows, as the C attention block's step takes them (attention_forward)
+        or not all(b.attn.qk_norm is None or _norm_rows_fit(b, B) for b in blocks)
         or _hooked(*modules)
     ):
         return None
@@ -120,7 +133,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
     rope = model._rope(pos, ROPE_CHUNK, embed.weight.device)
     first = (rope[0][:1], rope[1][:1])  # (1, hd / 2): the glue's check of a cache and angles
     if not all(
-        _cache_qualifies(c, 1, b.attn.n_kv_heads, b.attn.head_dim, first)
+        _cache_qualifies(c, B, b.attn.n_kv_heads, b.attn.head_dim, first)
         for b, c in zip(blocks, cache.layers, strict=True)
     ):
         return None
@@ -136,6 +149,20 @@ def _glued(block: Block) -> bool:
     """Whether the block's forward is the glue's one-call block (`apply_decode_glue`), whose
     work the C call does: not another forward put in its place."""
     return getattr(block.__dict__.get("forward"), "func", None) is block_forward
+
+
+def _norm_rows_fit(block: Block, B: int) -> bool:
+    """Whether B sequences' q rows fit the glue's RMSNorm in C (`decode_glue.rms_norm`)."""
+    return B * block.attn.n_heads * block.attn.head_dim <= MAX_NORM_NUMBERS
+
+
+def _scratch_floats(block: Block, B: int) -> int:
+    """The C block's scratch for B rows (decode_glue.c's block_tokens; moekit_block_one_token's
+    for one row is smaller)."""
+    attn, cfg = block.attn, block.ffn.cfg
+    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
+    heads = (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
+    return B * (4 * D + max(heads, 2 * E + K * (3 * F + 2 * D)))
 
 
 class _Decoder:
@@ -161,16 +188,17 @@ class _Decoder:
             )  # fmt: skip
         self.embed = model.embed.weight
         V, D = self.embed.shape
-        K = max(p[2][2] for p in plans)
-        self.row_bytes, self.V = D * 4, V
+        B, K = layers[0][0].shape[0], max(p[2][2] for p in plans)
+        self.B, self.V = B, V
         self.room = min(layers[0][0].shape[2], cfg.max_seq_len)
         self.norm, self.head = norm, head
         # float32 CPU buffers, as the embedding (whatever torch's default dtype and device)
-        self.scratch = self.embed.new_empty(max(p[3] for p in plans) + 3 * D)  # + xs, hidden
-        self.ids, self.weights = torch.empty(K, dtype=torch.int64), self.embed.new_empty(K)
+        self.scratch = self.embed.new_empty(max(_scratch_floats(b, B) for b in model.layers))
+        self.xs, self.hidden = self.embed.new_empty(2 * B * D), self.embed.new_empty(B * D)
+        self.ids, self.weights = torch.empty(B * K, dtype=torch.int64), self.embed.new_empty(B * K)
         self.rope_start, self.rope = rope
         self.rope_bytes = self.rope[0].shape[1] * 4
-        self.call = _library().moekit_decode_one_token
+        self.call = _library().moekit_decode_tokens
 
     def _angles(self, pos: int) -> tuple[int, int]:
         """The (cos, sin) pointers of position pos's rotary angles: the model's own, computed for
@@ -183,35 +211,38 @@ class _Decoder:
         return self.rope[0].data_ptr() + at, self.rope[1].data_ptr() + at
 
     def __call__(self, ids_BS: Tensor) -> Tensor | None:
-        pos = self.cache_layers[0].length
+        pos, B = self.cache_layers[0].length, self.B
         if (
-            ids_BS.shape != (1, 1)
+            ids_BS.shape != (B, 1)
             or ids_BS.dtype != torch.long
             or pos >= self.room
             or not _no_grad_eval(self.model)
             or any(self.hooks)  # `_hooked` (a stream callback's hook, say)
         ):
             return None
-        token = int(ids_BS)
-        if not 0 <= token < self.V:
+        if B == 1:
+            low = high = int(ids_BS)
+        else:
+            ids_BS = ids_BS.contiguous()
+            low, high = map(int, torch.aminmax(ids_BS))
+        if not (low >= 0 and high < self.V):
             return None  # (the forward's embedding raises its IndexError)
-        logits = self.embed.new_empty(1, self.V)
-        s = self.scratch
-        D = self.row_bytes // 4
-        n = s.numel() - 3 * D
+        logits = self.embed.new_empty(B, self.V)
         status = self.call(
             ctypes.addressof(self.blocks),
             len(self.blocks),
-            self.embed.data_ptr() + token * self.row_bytes,
+            self.embed.data_ptr(),
+            ids_BS.data_ptr(),
+            B,
             *self._angles(pos),
             pos,
             *self.norm,
             ctypes.byref(self.head),
-            s.data_ptr(),
-            s.data_ptr() + n * 4,
+            self.scratch.data_ptr(),
+            self.xs.data_ptr(),
             self.ids.data_ptr(),
             self.weights.data_ptr(),
-            s.data_ptr() + (n + 2 * D) * 4,
+            self.hidden.data_ptr(),
             logits.data_ptr(),
         )
         if status != 0:
@@ -221,8 +252,8 @@ class _Decoder:
         return logits
 
 
-def decodes_in_one_call(model: MoETransformer) -> bool:
-    """Whether `generate` decodes `model`'s batch-1 tokens in one C call each, as it stands (a
-    benchmark's check): it gets a decoder for a fresh cache."""
+def decodes_in_one_call(model: MoETransformer, batch: int = 1) -> bool:
+    """Whether `generate` decodes a position of `batch` sequences of `model` in one C call, as it
+    stands (a benchmark's check): it gets a decoder for a fresh cache."""
     with torch.no_grad():
-        return one_token_decoder(model, KVCache.for_model(model, 1, 1)) is not None
+        return one_token_decoder(model, KVCache.for_model(model, batch, 1)) is not None

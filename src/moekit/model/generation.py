@@ -231,8 +231,8 @@ def generate(
 def step_logits(model: MoETransformer, cache: KVCache) -> Callable[[Tensor], Tensor]:
     """`generate`'s step: next ids (B, S) continuing `cache` -> the last position's logits (B, V).
     Each a forward of the model, except decoded tokens (S = 1) where the model has a one-token
-    decoder (`model.one_token_decoder`, set by moekit.inference's decode kernels: batch 1, the
-    whole step in one C call, the same logits), asked for at the first of them."""
+    decoder (`model.one_token_decoder`, set by moekit.inference's decode kernels: up to 16 rows,
+    the whole step in one C call, the same logits), asked for at the first of them."""
     decoder: list = []  # [the decoder or None], once asked
 
     def next_logits(ids_BS: Tensor) -> Tensor:

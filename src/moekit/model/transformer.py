@@ -83,8 +83,8 @@ class MoETransformer(nn.Module):
         # The rotary angles of up to 4 positions by (start, count, device), when set to a dict
         # (generation sets one: moekit.inference.decode_glue); None computes them on every call.
         self.rope_memo: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] | None = None
-        # Generation's batch-1 steps in one call, when set (moekit.inference.decode_glue sets
-        # one): (model, cache) -> a function next ids (1, 1) -> logits (1, V), or None for a step
+        # Generation's decode steps in one call, when set (moekit.inference.decode_glue sets
+        # one): (model, cache) -> a function next ids (B, 1) -> logits (B, V), or None for a step
         # it cannot run; or None where the model does not qualify (`generation.step_logits`).
         self.one_token_decoder: Callable | None = None
         self.init_weights()
