@@ -55,10 +55,11 @@ prompt are compared with moekit's first (flash attention off, float32 K/V cache)
 and 8, 128 new tokens after a 16-token prompt, 2 threads, medians of 3 side by side, greedy and
 fed a fixed random token sequence (experts change every step, as in real text), against moekit's
 fp32 decode; effective GB/s = tokens/s x the bytes a batch-1 token reads in each format (all but
-the embedding's other rows and the unchosen experts), against a 2 GiB `sum`. At batch 1, each
-moekit contender also runs block by block (`*_block_by_block`: its decoder unset, so the model's
-forward runs between the blocks' C calls, as before `moekit.inference.decode_step`), in the same
-alternation: the one-call token's gain, and its tokens checked the same.
+the embedding's other rows and the unchosen experts), against a 2 GiB `sum`. Each moekit
+contender also runs block by block (`*_block_by_block`: its decoder unset, so the model's forward
+runs between its C calls, a block's at batch 1 and a layer's at batch 8, as before
+`moekit.inference.decode_step`), in the same alternation: the one-call step's gain, and its tokens
+checked the same.
 
 Prints JSON; writes benchmarks/results/decode.json (decode_speculative.json with
 --speculative-only, decode_llamacpp.json with --llamacpp; or --out).
@@ -753,8 +754,9 @@ def moekit_contenders(model) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
-# moekit's batch-1 contenders again with the token's blocks each one C call, the model's forward
-# between them (its decoder unset: the code before `decode_step`), beside the one-call token
+# moekit's contenders again with the model's forward between its C calls (each block one at
+# batch 1, each layer one above: its decoder unset, the code before `decode_step`), beside the
+# one-call step
 BLOCK_BY_BLOCK = "_block_by_block"
 
 # moekit's weights per matched format: every projection in the scheme (routers, norms and the
@@ -878,17 +880,17 @@ def llamacpp_section(
 
         return run
 
-    same_tokens: dict = {}  # batch 1: one call and block by block, the same tokens
+    same_tokens: dict = {}  # one call and block by block, the same tokens
     for batch in (1, 8):
         for mode in ("greedy", "fixed_sequence"):
             gens = {name: moekit_gen(m, mode) for name, m in ours}
-            if batch == 1:  # (batch 8 has no one-call token)
-                gens.update({name + BLOCK_BY_BLOCK: block_by_block(m, mode) for name, m in ours})
+            gens.update({name + BLOCK_BY_BLOCK: block_by_block(m, mode) for name, m in ours})
             gens.update({f"llamacpp_{f}": llamacpp_gen(e, mode) for f, e in engines.items()})
             runs = side_by_side(gens, prompts[batch], n_new, repeats)
-            if batch == 1:
-                same_tokens[mode] = {n: torch.equal(runs[n]["tokens"], runs[n + BLOCK_BY_BLOCK][
-                    "tokens"]) for n, _ in ours}  # fmt: skip
+            same_tokens.setdefault(str(batch), {})[mode] = {
+                n: torch.equal(runs[n]["tokens"], runs[n + BLOCK_BY_BLOCK]["tokens"])
+                for n, _ in ours
+            }
             reference = runs["moekit_fp32"]["tokens"]
             for r in runs.values():
                 tokens = r.pop("tokens")
@@ -913,10 +915,10 @@ def llamacpp_section(
     )
     for e in engines.values():
         e.close()
-    one_call = {  # batch 1: the one-call token over block by block, each contender and mode
-        name: {mode: runs[name]["decode_tokens_per_s"] / runs[name + BLOCK_BY_BLOCK][
-            "decode_tokens_per_s"] for mode, runs in batches["1"].items()}
-        for name, _ in ours
+    one_call = {  # the one-call step over block by block, each batch, contender and mode
+        batch: {name: {mode: runs[name]["decode_tokens_per_s"] / runs[name + BLOCK_BY_BLOCK][
+            "decode_tokens_per_s"] for mode, runs in modes.items()} for name, _ in ours}
+        for batch, modes in batches.items()
     }  # fmt: skip
     result = {
         "benchmark": "decode_llamacpp",
@@ -942,7 +944,9 @@ def llamacpp_section(
             "huge_page_bytes": huge_pages,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "moekit_quantized_kernel_body": kernels.path(),
-            "moekit_token_in_one_call": {name: decodes_in_one_call(m) for name, m in ours},
+            "moekit_step_in_one_call": {
+                batch: {name: decodes_in_one_call(m, batch) for name, m in ours} for batch in (1, 8)
+            },
         },
         "model": {
             "parameters": model.num_parameters(),
