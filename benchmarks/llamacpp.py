@@ -417,7 +417,7 @@ class LlamaCppDecoder:
 @torch.no_grad()
 def moekit_forced(model, prompt_BP: torch.Tensor, n: int, forced: torch.Tensor) -> torch.Tensor:
     """moekit's decode loop (`generate`'s step, `step_logits`: one prefill, then one step per
-    token over a preallocated KVCache, at batch 1 the whole token in one C call) fed
+    token over a preallocated KVCache, each step one C call where the model qualifies) fed
     forced[:, :n-1] after the prompt instead of its own argmax; returns the (B, n) argmax at each
     position, as LlamaCppDecoder does."""
     from moekit.model.generation import KVCache, sample_next, step_logits

@@ -320,7 +320,7 @@ GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
     ids=["qwen3_qk_norm_head", "qwen3_32_heads", "gpt_oss", "gpt_oss_mxfp4", "olmoe", "olmoe_int8"],
 )
 @pytest.mark.parametrize("batch", [1, 3])
-def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch) -> None:
+def test_qwen3_olmoe_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch):
     """Qwen3's per-head q/k norms, OLMoE's whole-projection ones and clipping, GPT-OSS's sinks,
     sliding windows, biased experts and clamped SwiGLU (all random, large enough to matter) run
     in the C layers (the whole block at batch 1):
@@ -334,6 +334,8 @@ def test_qwen3_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme
             if attn.qk_norm is not None:
                 attn.q_norm.weight.uniform_(0.5, 2.0)
                 attn.k_norm.weight.uniform_(0.5, 2.0)
+            if attn.clip_qkv is not None:  # values that the clip bites too (q and k's norm does)
+                attn.v_proj.weight.normal_(std=0.2)
             for b in (experts.b_in, experts.b_out, layer.ffn.router.bias):
                 if b is not None:
                     b.normal_(std=0.1)

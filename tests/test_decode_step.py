@@ -1,6 +1,7 @@
-"""A decoded token through the whole model in one C call (`moekit.inference.decode_step`), as
-generation's batch-1 steps run it (`moekit.model.generation.step_logits`): the glued model's
-forward logits bit for bit, wherever it qualifies; None, and the forward, wherever it does not."""
+"""A decode step through the whole model in one C call (`moekit.inference.decode_step`), as
+generation's steps of up to 16 sequences run it (`moekit.model.generation.step_logits`): the glued
+model's forward logits bit for bit, wherever it qualifies; None, and the forward, wherever it does
+not."""
 
 from __future__ import annotations
 
@@ -80,12 +81,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 16])
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case, batch) -> None:
-    """Float32 and every quantized scheme, tied heads, Qwen3's q/k norms, GPT-OSS's windows,
-    sinks and clamped experts, sigmoid routing: each decoded token one C call, its logits the
-    glued forward's bit for bit (the same C functions), past a change of the angles' chunk."""
+    """Float32 and every quantized scheme, tied heads, Qwen3's and OLMoE's q/k norms (OLMoE's
+    clipping), GPT-OSS's windows, sinks and clamped experts, sigmoid routing, at batch 1, 3 and
+    16: each step one C call, its logits the glued forward's bit for bit (the same C functions),
+    past a change of the angles' chunk."""
     overrides, scheme = CASES[case]
     model = _model(30, **overrides)
     with torch.no_grad():
@@ -122,7 +124,8 @@ def test_generate_gives_the_per_block_paths_tokens(monkeypatch) -> None:
     fast, slow = both(temperature=0.9, top_k=20)
     assert torch.equal(fast, slow) and calls[0] == 38
     prompt = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(44))
-    fast, slow = both(eos_token_id=3)  # a batch's step; rows that end still run
+    fast, slow = both(eos_token_id=95)  # a batch's step; row 0 ends at once, and still runs
+    assert (fast[0] == 95).all() and not (fast[1:] == 95).any()
     assert torch.equal(fast, slow) and calls[0] == 38 + fast.shape[1] - 1
 
 
@@ -161,6 +164,10 @@ def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
     assert _decoder(glued)[0] is not None
     assert _decoder(glued, batch=16)[0] is not None
     assert _decoder(glued, batch=17)[0] is None  # (the C layers' MAX_ROWS)
+    wide = apply_decode_kernels(_model(35, d_model=8224, head_dim=16, moe={"d_model": 8224}))
+    assert _decoder(wide)[0] is not None
+    # 16 rows of 8224 numbers: the layer calls' norms run torch's reference, as the C call does not
+    assert _decoder(wide, batch=16)[0] is None
     for overrides in (
         {"moe": {"n_shared_experts": 1}},
         {"first_dense": 1, "d_ff": 64},

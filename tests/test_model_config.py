@@ -36,6 +36,8 @@ INVALID = [
     (dict(sliding_window=0), "sliding_window=0"),
     (dict(norm_eps=-1e-5), "norm_eps=-1e-05"),
     (dict(qk_norm="layer"), "qk_norm='layer'"),
+    (dict(clip_qkv=-1.0), "clip_qkv=-1.0 is invalid: must be > 0"),
+    (dict(clip_qkv=float("nan")), "clip_qkv=nan"),
     (dict(tie_embeddings="yes"), "tie_embeddings='yes'"),
 ]
 

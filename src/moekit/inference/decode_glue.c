@@ -255,10 +255,11 @@ static void product(const weight_ref *w, const void *p, int64_t R, float *y) {
 #include "decode_moe_layer.h"
 
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
- * biases), the per-head q and k norms where given, then moekit_attend_one_f32's step (rope, cache
- * write, attention over the pos + 1 cached positions, or the last `window` of them where window
- * > 0, sinks where given), then out (B, D) = that @ W_o^T (+ bias). scratch: B (2 H + 2 KV) hd
- * floats. Returns 0, or -1 if a product's x cannot be prepared. */
+ * biases), the q and k norms and the clamp where given (attention_ref), then
+ * moekit_attend_one_f32's step (rope, cache write, attention over the pos + 1 cached positions, or
+ * the last `window` of them where window > 0, sinks where given), then out (B, D) = that @ W_o^T
+ * (+ bias). scratch: B (2 H + 2 KV) hd floats. Returns 0, or -1 if a product's x cannot be
+ * prepared. */
 int moekit_attention_block(const float *x, int64_t B, const attention_ref *w, const float *cos_h,
                            const float *sin_h, float *k_cache, float *v_cache, int64_t pos,
                            int64_t max_len, int64_t H, int64_t KV, int64_t hd, float scale,

@@ -7,7 +7,7 @@ numbers), a step's attention ~25 (rope of q and k, the cache's slice writes, SDP
 fork, views). Here each is one ctypes call: `rms_norm` (`GlueRMSNorm`), `glue_cached_attention`
 (one new position's rope, cache write and attention over every cached position or a sliding
 window's, sinks or not); and whole layers (`decode_layers`, `decode_moe`, `decode_block`) and
-generation's whole batch-1 token (`decode_step`) run on this module's library.
+generation's whole step of up to 16 sequences (`decode_step`) run on this module's library.
 
 Anything else (training, gradients, other dtypes, prefill, other masks, `torch.compile` tracing)
 runs the torch reference, nn.RMSNorm and `moekit.model.attention.cached_attention`, which the
@@ -34,8 +34,9 @@ from moekit.moe import MoELayer
 from moekit.routing.router import Router
 
 SOURCE = Path(__file__).with_name("decode_glue.c")
-# rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the per-head q/k norms of
-# MAX_ROWS sequences of 64 heads of 128 (the C attention block's, which must equal these bits)
+# rms_norm's C at most: MAX_ROWS rows of a model of width 8192, or the q/k norms of MAX_ROWS
+# sequences of 64 heads of 128 (the C attention block's and the C step's, decode_step, which
+# must equal these bits: above it they run the reference)
 MAX_NORM_NUMBERS = MAX_ROWS * 8192
 
 

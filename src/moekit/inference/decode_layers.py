@@ -53,8 +53,10 @@ class WeightRef(ctypes.Structure):
 
 
 class AttentionRef(ctypes.Structure):
-    """decode_glue.c's attention_ref: q, k, v, o_proj's weights; the per-head q and k RMSNorm
-    weights (hd,) and their eps, the sink logits (H,) (each None when the attention has none)."""
+    """decode_glue.c's attention_ref: q, k, v, o_proj's weights; the q and k RMSNorm weights and
+    their eps, per head (hd,) or over the whole projections (qk_full: (H hd,) and (KV hd,)), the
+    sink logits (H,) (each None when the attention has none); the clamp bound of q, k and v where
+    clipped."""
 
     _fields_ = [
         *((name, WeightRef) for name in ("q", "k", "v", "o")),
@@ -255,8 +257,9 @@ def attention_forward(
 
 
 def _attention_refs(attn: Attention) -> AttentionRef | None:
-    if attn.qk_norm not in (None, "head", "full"):
-        return None
+    clip = attn.clip_qkv
+    if attn.qk_norm not in (None, "head", "full") or not (clip is None or clip > 0):
+        return None  # (a bound <= 0 or NaN clamps as torch.clamp does not)
     H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     norms = (None, None)
     full = attn.qk_norm == "full"
@@ -281,7 +284,6 @@ def _attention_refs(attn: Attention) -> AttentionRef | None:
         return None
     q_norm, k_norm = (None if n is None else n[0] for n in norms)
     eps = 0.0 if norms[0] is None else norms[0][1]
-    clip = attn.clip_qkv
     return AttentionRef(*refs, q_norm, k_norm, eps, optional_ptr(sinks), full, clip is not None,
                         0.0 if clip is None else clip)  # fmt: skip
 

@@ -57,7 +57,8 @@ _ptr = ctypes.c_void_p
 
 
 class BlockPlan(ctypes.Structure):
-    """decode_glue.c's block_plan: moekit_block_one_token's arguments but the token's."""
+    """decode_glue.c's block_plan: moekit_block_one_token's arguments but the token's (what
+    block_tokens reads for B rows too)."""
 
     _fields_ = [
         ("attn_norm", _ptr), ("attn_eps", ctypes.c_double), ("attn", _ptr),
@@ -124,8 +125,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         or head is None
         or (head.O, head.I) != (V, D)
         or any(p is None or p[1].q.I != D for p in plans)
-        # the q/k norms' rows, as the C attention block's step takes them (attention_forward)
-        or not all(b.attn.qk_norm is None or _norm_rows_fit(b, B) for b in blocks)
+        or not all(_rows_fit(b, B) for b in blocks)
         or _hooked(*modules)
     ):
         return None
@@ -151,9 +151,16 @@ def _glued(block: Block) -> bool:
     return getattr(block.__dict__.get("forward"), "func", None) is block_forward
 
 
-def _norm_rows_fit(block: Block, B: int) -> bool:
-    """Whether B sequences' q rows fit the glue's RMSNorm in C (`decode_glue.rms_norm`)."""
-    return B * block.attn.n_heads * block.attn.head_dim <= MAX_NORM_NUMBERS
+def _rows_fit(block: Block, B: int) -> bool:
+    """Whether the layer calls run a step of B sequences of this block as the C call does: its
+    norms' rows in C (`decode_glue.rms_norm`: the block's and the q/k norms' numbers at most
+    MAX_NORM_NUMBERS above one row, where `block_tokens` runs them) and the MoE layer on its
+    chosen experts (`MoELayer.selected_path`, which `moekit_moe_tokens` computes)."""
+    attn = block.attn
+    norms = (block.ffn.cfg.d_model, *([attn.n_heads * attn.head_dim] if attn.qk_norm else []))
+    return block.ffn.selected_path(B, True) and (
+        B == 1 or all(B * n <= MAX_NORM_NUMBERS for n in norms)
+    )
 
 
 def _scratch_floats(block: Block, B: int) -> int:
@@ -215,6 +222,7 @@ class _Decoder:
         if (
             ids_BS.shape != (B, 1)
             or ids_BS.dtype != torch.long
+            or ids_BS.device.type != "cpu"
             or pos >= self.room
             or not _no_grad_eval(self.model)
             or any(self.hooks)  # `_hooked` (a stream callback's hook, say)
