@@ -17,11 +17,12 @@ must qualify for the one-call path with all its experts resident (`decode_block.
 nothing the call bypasses hooked (the model, embedding, norms, head, blocks and their modules);
 the embedding a plain float32 nn.Embedding, the final norm the glue's, the head a decode-kernel
 projection (or the tied embedding on the kernels' linear), the cache's layers float32 (B, KV, L,
-hd) of one length, B <= 16. Otherwise `one_token_decoder` returns None and every step runs the
-model's forward. Each step checks again what a `stream` callback might change cheaply (a hook on any
-module, training or gradient mode: that step runs the forward); the modules and tensors are those
-of the first decoded token until `generate` returns (a module replaced meanwhile is seen by the
-next call), and the decoder keeps those tensors alive while it lives.
+hd) of one length, B <= 16 (above one, a step the layer calls would run in C too: `_rows_fit`).
+Otherwise `one_token_decoder` returns None and every step runs the model's forward. Each step
+checks again what a `stream` callback might change cheaply (a hook on any module, training or
+gradient mode: that step runs the forward); the modules and tensors are those of the first decoded
+token until `generate` returns (a module replaced meanwhile is seen by the next call), and the
+decoder keeps those tensors alive while it lives.
 Each step's logits equal the glued forward's bit for bit, the same C functions on the same inputs
 (tests/test_decode_step.py); a step it cannot run (a token id out of range, no room left, a
 product's input that could not be prepared) returns None, and the forward runs that token again
