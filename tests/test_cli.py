@@ -120,6 +120,11 @@ def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
         assert main(["generate", str(run), "--max_new_tokens=500"]) == 0
     note = "note: the text stopped at the model's context (max_seq_len=128), 127 of --max_new_"
     assert note in capsys.readouterr().err
+    greedy = ["generate", str(run), "--temperature=0", "--top_k=5", "--max_new_tokens=2"]
+    assert main(greedy) == 0  # top_k is not read by greedy decoding: a note says so
+    assert "note: --top_k=5 has no effect with --temperature=0" in capsys.readouterr().err
+    assert main([*greedy[:3], "--max_new_tokens=2"]) == 0
+    assert "no effect" not in capsys.readouterr().err
     analyze = ["analyze", str(run), f"--data={JSON_PACKAGE}", "--tokens=300", "--seq_len=32"]
     assert main(analyze) == 0
     saved = AnalyzeConfig.from_json((run / "analysis/analyze_config.json").read_text())

@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> None:
     elif cfg.chat:  # without a prompt, a conversation read from stdin
         session = ChatSession(loaded.model, loaded.tokenizer, loaded.folder, cfg.system)
     print_config(cfg, sys.stderr)  # once the model loaded: a bad run is one line of error
+    if cfg.temperature == 0 and (unused := sampling_unused(cfg)):
+        verb = "have" if " and " in unused else "has"
+        print(f"note: {unused} {verb} no effect with --temperature=0 (greedy decoding takes "
+              "the likeliest token)", file=sys.stderr)  # fmt: skip
     use_huge_pages(loaded.model)  # decode streams every weight per token (cpu_memory)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
     stats = None
@@ -80,6 +84,14 @@ def run(args: argparse.Namespace) -> None:
     if loaded.offload is not None:
         loaded.offload.close()
         print(format_stats(loaded.offload.stats()))
+
+
+def sampling_unused(cfg: GenerateConfig) -> str:
+    """The sampling settings given other than their defaults ("--top_k=5 and --top_p=0.9"), which
+    greedy decoding does not read; "" if none."""
+    default = GenerateConfig()
+    return " and ".join(f"--{name}={getattr(cfg, name)}" for name in ("top_k", "top_p")
+                        if getattr(cfg, name) != getattr(default, name))  # fmt: skip
 
 
 def check_offload(offload: OffloadConfig, path: str) -> None:
