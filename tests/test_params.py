@@ -341,6 +341,8 @@ def test_params_command_prints_per_device_memory_and_communication(capsys) -> No
             "parallel.ep=3",
         ),
         (["--parallel.nope=1"], "nope"),
+        (["--model.moe.top_k=99"], "model.moe.top_k=99 is invalid: must be <= n_experts"),
+        (["--model.n_layers=x"], "--model.n_layers='x': expected int"),
     ],
 )
 def test_params_command_rejects_a_bad_layout_in_one_line(args: list, says: str, capsys) -> None:

@@ -5,13 +5,25 @@ model's parameters; with a layout, what each device holds and sends per training
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from moekit.cli.common import Command, positive_int, resolve_config
 from moekit.config import MODEL_PRESETS, ModelConfig, ParallelConfig, RunConfig
+from moekit.config.base import ConfigBase
 from moekit.distributed.costs import DeviceCosts, device_costs
 from moekit.distributed.traffic import traffic_table
 from moekit.model import parameter_table
 from moekit.overrides import apply_overrides
+
+
+@dataclass(kw_only=True)
+class ModelOnly(ConfigBase):
+    """A model config alone: `params PRESET`'s --model.key=value overrides apply to it as to a
+    run's model, so that an error names the key as given (model.moe.top_k), without the checks of
+    a run the preset's model is not trained in."""
+
+    model: ModelConfig
+
 
 KIND_NAMES = {
     "fsdp_all_gather": "FSDP all-gather",
@@ -71,7 +83,10 @@ def run(args: argparse.Namespace) -> None:
     model_items = [o for o in args.overrides if not o.startswith("--parallel.")]
     parallel_items = [o for o in args.overrides if o.startswith("--parallel.")]
     if args.config in MODEL_PRESETS:  # the model preset itself, not its training run's variant
-        cfg = apply_overrides(ModelConfig.preset(args.config), map(model_override, model_items))
+        for item in model_items:
+            model_override(item)  # (refuses any other key)
+        preset = ModelOnly(model=ModelConfig.preset(args.config))
+        cfg = apply_overrides(preset, model_items).model
     else:
         cfg = resolve_config(RunConfig, args.config, model_items).model
     if args.seq_len is not None and args.seq_len > cfg.max_seq_len:
