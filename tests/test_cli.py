@@ -151,6 +151,10 @@ def test_commands_on_a_trained_run_print_and_save_their_resolved_configs(
         "lfu",
         "belady",
     ]
+    assert main(["cache-sim", str(trace), "--budget=40,3"]) == 0  # 40 of 12 experts: all 12
+    captured = capsys.readouterr()
+    assert "note: --budget 40 is more than the trace's 12 experts" in captured.err
+    assert [line.split()[0] for line in captured.out.splitlines()[-3:]] == ["12", "3", "2"]
     hf, back = tmp_path / "hf", tmp_path / "back"
     to_hf = ["convert", "--to-hf", str(run), "--arch", "mixtral", "--out", str(hf)]
     assert main([*to_hf, "--layout=fused", "--dtype=bfloat16", "--max_shard_size=100KB"]) == 0

@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> None:
     ident = trace.identity
     n_total, k = ident["n_layers"] * ident["n_experts"], ident["top_k"]
     caps = sorted({k, *(resolve_budget(b, n_total, None, k) for b in cfg.budget)}, reverse=True)
+    over = [b for b in cfg.budget if b.isdigit() and int(b) > n_total]  # counts above them all
+    if over:
+        print(f"note: --budget {', '.join(over)} {'is' if len(over) == 1 else 'are'} more than "
+              f"the trace's {n_total} experts: a cache of all of them ({n_total}) stands for "
+              f"{'it' if len(over) == 1 else 'them'}", file=sys.stderr)  # fmt: skip
     policies = list(cfg.policy)
     print(f"{len(trace.requests())} requests, {n_total} experts, top_k={k}")
     print("budget  " + "".join(f"{p:>9}" for p in [*policies, "belady"]))
