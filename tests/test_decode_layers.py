@@ -23,7 +23,7 @@ from torch import nn
 
 from moekit import ModelConfig, MoETransformer
 from moekit.config import MoEConfig, QuantizeConfig
-from moekit.inference import decode_block, decode_glue, decode_layers, decode_moe
+from moekit.inference import decode_block, decode_glue, decode_layers, decode_moe, decode_step
 from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
 from moekit.inference.offload import apply_expert_offload
 from moekit.inference.store import write_expert_files
@@ -78,8 +78,10 @@ def _greedy(model: MoETransformer, prompt: torch.Tensor, n: int) -> tuple:
     return torch.stack(ids, 1), torch.stack(logits, 1)
 
 
-def _count_calls(monkeypatch) -> dict[str, int]:
-    """From now on, count the calls made through the glue's library, by C function."""
+def _count_calls(monkeypatch, ran_only: bool = False) -> dict[str, int]:
+    """From now on, count the calls made through the glue's library, by C function; with
+    ran_only, those that ran (a status of 0, or none: a call that fails leaves the work to the
+    reference)."""
     calls: dict[str, int] = {}
     lib = decode_glue._library()
 
@@ -88,12 +90,14 @@ def _count_calls(monkeypatch) -> dict[str, int]:
             fn = getattr(lib, name)
 
             def counted(*args):
-                calls[name] = calls.get(name, 0) + 1
-                return fn(*args)
+                status = fn(*args)
+                if not (ran_only and status):
+                    calls[name] = calls.get(name, 0) + 1
+                return status
 
             return counted
 
-    for module in (decode_layers, decode_moe, decode_block):
+    for module in (decode_layers, decode_moe, decode_block, decode_step):
         monkeypatch.setattr(module, "_library", lambda: Counting())
     return calls
 

@@ -12,7 +12,14 @@ import weakref
 import pytest
 import torch
 from tests.c_kernels import needs_c_kernels
-from tests.test_decode_layers import GPT_OSS, OLMOE, QWEN3_32_HEADS, SCHEMES, _model
+from tests.test_decode_layers import (
+    GPT_OSS,
+    OLMOE,
+    QWEN3_32_HEADS,
+    SCHEMES,
+    _count_calls,
+    _model,
+)
 from tests.test_mtp import MLA
 from torch import nn
 
@@ -27,24 +34,15 @@ from moekit.quant.modules import quantize_model
 pytestmark = needs_c_kernels
 
 
-def _counted(monkeypatch) -> list[int]:
-    """From now on, count the decoders' C calls that ran (one per decoded token)."""
-    calls = [0]
-    real = decode_step._library
+STEP = "moekit_decode_tokens"  # the decoder's C function: its calls that ran, one a step
 
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(real(), name)
 
-            def counted(*args):
-                status = fn(*args)
-                calls[0] += status == 0  # (a failed call's token runs the forward)
-                return status
-
-            return counted
-
-    monkeypatch.setattr(decode_step, "_library", Counting)
-    return calls
+def _block_by_block(model):
+    """A copy of the glued model that decodes block by block: its decoder unset (the code
+    before `decode_step`)."""
+    copied = copy.deepcopy(model)
+    copied.one_token_decoder = None
+    return copied
 
 
 def _both(model, ids: torch.Tensor, prefill: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +96,10 @@ def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case, b
         model = quantize_model(model, SCHEMES[scheme])
     model = apply_decode_kernels(model)
     monkeypatch.setattr(decode_step, "ROPE_CHUNK", 3)  # a new chunk every third position
-    calls = _counted(monkeypatch)
+    calls = _count_calls(monkeypatch, ran_only=True)
     ids = torch.randint(0, 97, (batch, 16), generator=torch.Generator().manual_seed(31))
     steps, forward = _both(model, ids, 5)
-    assert calls[0] == 11
+    assert calls.get(STEP, 0) == 11
     assert torch.equal(steps, forward)
 
 
@@ -110,32 +108,30 @@ def test_generate_gives_the_per_block_paths_tokens(monkeypatch) -> None:
     by block (its decoder unset), greedy and sampled with one seed."""
     model = apply_decode_kernels(_model(32, tie_embeddings=True))
     prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(33))
-    calls = _counted(monkeypatch)
+    calls = _count_calls(monkeypatch, ran_only=True)
 
     def both(**kw):
         fast = generate(model, prompt, 20, generator=torch.Generator().manual_seed(1), **kw)
-        per_block = copy.deepcopy(model)
-        per_block.one_token_decoder = None
+        per_block = _block_by_block(model)
         slow = generate(per_block, prompt, 20, generator=torch.Generator().manual_seed(1), **kw)
         return fast, slow
 
     fast, slow = both()
-    assert torch.equal(fast, slow) and calls[0] == 19
+    assert torch.equal(fast, slow) and calls.get(STEP, 0) == 19
     fast, slow = both(temperature=0.9, top_k=20)
-    assert torch.equal(fast, slow) and calls[0] == 38
+    assert torch.equal(fast, slow) and calls.get(STEP, 0) == 38
     prompt = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(44))
     fast, slow = both(eos_token_id=95)  # a batch's step; row 0 ends at once, and still runs
     assert (fast[0] == 95).all() and not (fast[1:] == 95).any()
-    assert torch.equal(fast, slow) and calls[0] == 38 + fast.shape[1] - 1
+    assert torch.equal(fast, slow) and calls.get(STEP, 0) == 38 + fast.shape[1] - 1
 
 
 def test_generate_continuing_a_cache_decodes_as_block_by_block(monkeypatch) -> None:
     """`generate(kv_cache=...)` twice on one cache (a chat's turns): the decoder starts at the
     cache's length each time; the tokens and the cache's keys are the block-by-block path's."""
     model = apply_decode_kernels(_model(43))
-    per_block = copy.deepcopy(model)
-    per_block.one_token_decoder = None
-    calls = _counted(monkeypatch)
+    per_block = _block_by_block(model)
+    calls = _count_calls(monkeypatch, ran_only=True)
     turns = [
         torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 3)
     ]
@@ -143,7 +139,8 @@ def test_generate_continuing_a_cache_decodes_as_block_by_block(monkeypatch) -> N
     for turn in turns:
         got = generate(model, turn, 6, kv_cache=caches[0])
         assert torch.equal(got, generate(per_block, turn, 6, kv_cache=caches[1]))
-    assert calls[0] == 10 and caches[0].layers[0].length == caches[1].layers[0].length == 18
+    assert calls.get(STEP, 0) == 10
+    assert caches[0].layers[0].length == caches[1].layers[0].length == 18
     for one, two in zip(caches[0].layers, caches[1].layers, strict=True):
         assert torch.equal(one.k_BKLd[:, :, :18], two.k_BKLd[:, :, :18])
 
@@ -256,8 +253,7 @@ def test_a_hook_added_while_generating_runs_and_the_tokens_stay() -> None:
 
     fast = generate(model, prompt, 8, stream=stream)
     assert len(seen) == 5  # tokens 4 .. 8
-    per_block = copy.deepcopy(model)
-    per_block.one_token_decoder = None
+    per_block = _block_by_block(model)
     assert torch.equal(fast, generate(per_block, prompt, 8))
 
 
@@ -265,7 +261,7 @@ def test_a_default_dtype_other_than_float32_changes_nothing(monkeypatch) -> None
     """torch's default dtype float64 (or bfloat16): the decoder's buffers are float32 as the
     model, its logits the forward's bit for bit."""
     model = apply_decode_kernels(_model(41))
-    calls = _counted(monkeypatch)
+    calls = _count_calls(monkeypatch, ran_only=True)
     ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(42))
     for dtype in (torch.float64, torch.bfloat16):
         with torch.device("cpu"):
@@ -276,7 +272,7 @@ def test_a_default_dtype_other_than_float32_changes_nothing(monkeypatch) -> None
             finally:
                 torch.set_default_dtype(old)
         assert steps.dtype == torch.float32 and torch.equal(steps, forward)
-    assert calls[0] == 10
+    assert calls.get(STEP, 0) == 10
 
 
 def test_the_decoder_keeps_the_weights_it_reads_alive() -> None:
