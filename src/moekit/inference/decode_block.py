@@ -105,11 +105,16 @@ def _build_plan(block: Block) -> tuple | None:
         moe = OFFLOADED
     if refs is None or moe is None or refs.q.I != D:
         return None
+    return norms, refs, moe, scratch_floats(block, 1)
+
+
+def scratch_floats(block: Block, rows: int) -> int:
+    """The C block's scratch for `rows` sequences' position: decode_glue.c's block_tokens', which
+    covers moekit_block_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D))) at one."""
     attn, cfg = block.attn, block.ffn.cfg
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    E, K, F = cfg.n_experts, cfg.top_k, cfg.d_expert
-    scratch = 4 * D + max((2 * H + 2 * KV) * hd, 2 * E + K * (3 * F + D))
-    return norms, refs, moe, scratch
+    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
+    heads = (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
+    return rows * (4 * D + max(heads, 2 * E + K * (3 * F + 2 * D)))
 
 
 def block_forward(

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
-from moekit.inference.decode_block import block_forward, resident_plan
+from moekit.inference.decode_block import block_forward, resident_plan, scratch_floats
 from moekit.inference.decode_glue import (
     MAX_NORM_NUMBERS,
     _cache_qualifies,
@@ -164,15 +164,6 @@ def _rows_fit(block: Block, B: int) -> bool:
     )
 
 
-def _scratch_floats(block: Block, B: int) -> int:
-    """The C block's scratch for B rows (decode_glue.c's block_tokens; moekit_block_one_token's
-    for one row is smaller)."""
-    attn, cfg = block.attn, block.ffn.cfg
-    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
-    heads = (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
-    return B * (4 * D + max(heads, 2 * E + K * (3 * F + 2 * D)))
-
-
 class _Decoder:
     """`one_token_decoder`'s function: the C call's arguments built once, a step's filled in."""
 
@@ -201,7 +192,7 @@ class _Decoder:
         self.room = min(layers[0][0].shape[2], cfg.max_seq_len)
         self.norm, self.head = norm, head
         # float32 CPU buffers, as the embedding (whatever torch's default dtype and device)
-        self.scratch = self.embed.new_empty(max(_scratch_floats(b, B) for b in model.layers))
+        self.scratch = self.embed.new_empty(max(scratch_floats(b, B) for b in model.layers))
         self.xs, self.hidden = self.embed.new_empty(2 * B * D), self.embed.new_empty(B * D)
         self.ids, self.weights = torch.empty(B * K, dtype=torch.int64), self.embed.new_empty(B * K)
         self.rope_start, self.rope = rope
