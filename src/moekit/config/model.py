@@ -216,8 +216,6 @@ class ModelConfig(ConfigBase):
             raise invalid("mtp_depth", self.mtp_depth, rule)
 
     def _check_attention(self) -> None:
-        if self.clip_qkv is not None and not self.clip_qkv > 0:  # (NaN too)
-            raise invalid("clip_qkv", self.clip_qkv, "must be > 0, or None for no clipping")
         if self.layer_types is not None:
             if len(self.layer_types) != self.n_layers:
                 allowed = f'a tuple of {self.n_layers} (n_layers) of "full" or "sliding"'
