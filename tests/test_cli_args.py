@@ -21,6 +21,7 @@ from moekit.config import (
     RunConfig,
     UpcycleConfig,
 )
+from moekit.overrides import check_nothing_lost
 
 RUN = "no-such-run"  # never read: the argument fails first
 
@@ -323,6 +324,7 @@ def test_a_config_file_with_a_key_twice_is_named(tmp_path, capsys) -> None:
     moe = ModelConfig.preset("small").moe
     assert moe is not None
     whole = f"--model.moe={json.dumps(moe.to_dict())}"  # whole, then one inside it: allowed
+    check_nothing_lost([whole, "--model.moe.top_k=1"])  # (the check `main` runs: no error)
     assert resolve_config(RunConfig, None, [whole, "--model.moe.top_k=1"]).model.moe.top_k == 1
 
 

@@ -6,11 +6,9 @@ config.json is the model's)."""
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
 
 from moekit.analysis.analyze import FewerTokens, analyze, traced_seq_len
-from moekit.cli.common import Command, print_config, resolve_config
+from moekit.cli.common import Command, print_config, resolve_config, warnings_as_notes
 from moekit.config import AnalyzeConfig
 from moekit.fileio import atomic_write_text, check_own_folder
 
@@ -28,15 +26,8 @@ def run(args: argparse.Namespace) -> None:
         check_own_folder(args.out, (CONFIG_FILE,), "an analysis")
     cfg = cfg.replace(seq_len=traced_seq_len(args.path, cfg.seq_len))  # the number it traces
     print_config(cfg)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FewerTokens)
+    with warnings_as_notes(FewerTokens):  # its own notes as notes
         report = analyze(args.path, cfg.data, cfg.tokens, args.out, cfg.seq_len)
-    for warning in caught:  # its own notes as notes; any other warning as Python shows it
-        if issubclass(warning.category, FewerTokens):
-            print(f"note: {warning.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename,
-                                 warning.lineno)  # fmt: skip
     atomic_write_text(report.parent / CONFIG_FILE, cfg.to_json())
     print(f"report: {report}")
 

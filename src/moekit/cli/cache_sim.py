@@ -9,7 +9,7 @@ import sys
 
 from moekit.cli.common import Command, print_config, resolve_config
 from moekit.config import CacheSimConfig
-from moekit.inference.budget import check_budget_form, resolve_budget
+from moekit.inference.budget import budget_count, check_budget_form, resolve_budget
 from moekit.inference.cache_sim import cache_sim_rows
 from moekit.inference.trace import load_trace
 from moekit.moe import SELECTED_MAX_TOKENS
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
     ident = trace.identity
     n_total, k = ident["n_layers"] * ident["n_experts"], ident["top_k"]
     caps = sorted({k, *(resolve_budget(b, n_total, None, k) for b in cfg.budget)}, reverse=True)
-    over = [b for b in cfg.budget if b.isdigit() and int(b) > n_total]  # counts above them all
+    over = [b for b in cfg.budget if budget_count(b, n_total, None) > n_total]  # counts
     if over:
         print(f"note: --budget {', '.join(over)} {'is' if len(over) == 1 else 'are'} more than "
               f"the trace's {n_total} experts: a cache of all of them ({n_total}) stands for "

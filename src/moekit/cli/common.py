@@ -4,9 +4,11 @@ printer, the streaming sampler."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO, TypeVar
@@ -37,6 +39,22 @@ C = TypeVar("C", bound=ConfigBase)
 DEFAULT_PRESET = "small"
 CONFIG_HELP = "settings as JSON, such as the resolved config it prints (default: the defaults)"
 RUN_FILE_IS = "a RunConfig or a ModelConfig, such as the resolved config `moekit train` prints"
+
+
+@contextlib.contextmanager
+def warnings_as_notes(category: type[Warning] = Warning) -> Iterator[None]:
+    """The warnings of `category` raised inside, each printed afterwards as one `note:` line on
+    stderr (a command's own notes, e.g. prefetch standing down); any other warning as Python
+    shows it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, category):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)  # fmt: skip
 
 
 @dataclass(frozen=True)

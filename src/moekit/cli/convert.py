@@ -103,14 +103,14 @@ def run(args: argparse.Namespace) -> None:
             )
         return
     loaded = load(args.to_hf, require_tokenizer=False)  # its tokenizer is copied where it has one
+    dtype = cfg.dtype or "float32"
     if is_quantized(loaded.model):  # said: the checkpoint is several times the run's size
-        dtype = cfg.dtype or "float32"
         print(f"note: {args.to_hf} is quantized; Hugging Face checkpoints hold float weights, so "
               f"its weights are written dequantized, in {dtype} (--dtype=bfloat16 halves "
               "float32's size)", file=sys.stderr)  # fmt: skip
     # a quantized run's weights dequantized straight to the dtype written (float32 by default):
     # the float32 model is never built for a bfloat16 checkpoint
-    model = dequantize_model(loaded.model, getattr(torch, cfg.dtype or "float32"))
+    model = dequantize_model(loaded.model, getattr(torch, dtype))
     out = save_hf(model, args.out, args.arch, tokenizer=loaded.tokenizer,
                   layout=cfg.layout, dtype=cfg.dtype, max_shard_size=max_shard_size,
                   overwrite=args.overwrite, chat_files=loaded.folder)  # fmt: skip

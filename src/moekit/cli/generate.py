@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Any
 
-from moekit.cli.common import Command, print_config, resolve_config, stream_text
+from moekit.cli.common import (
+    Command,
+    print_config,
+    resolve_config,
+    stream_text,
+    warnings_as_notes,
+)
 from moekit.config import GenerateConfig, OffloadConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import BUDGET_FORMS, check_budget_form
@@ -45,11 +50,8 @@ def run(args: argparse.Namespace) -> None:
         )
     if cfg.chat:
         check_chat_files(args.run_dir)  # before the model is read
-    with warnings.catch_warnings(record=True) as notes:  # e.g. prefetch standing down
-        warnings.simplefilter("always")
+    with warnings_as_notes():  # e.g. prefetch standing down
         loaded = load(args.run_dir, experts=cfg.offload)  # a budget: the experts stay on disk
-    for note in notes:
-        print(f"note: {note.message}", file=sys.stderr)
     # A chat's template read before anything is printed: a checkpoint without one is one line.
     chat = session = None
     if cfg.chat and cfg.prompt:

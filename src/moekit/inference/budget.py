@@ -20,7 +20,7 @@ def resolve_budget(
     a quantized run's in its quantized format, `stored_as`; refused where `expert_bytes` is None:
     a routing trace knows no sizes). Below top_k experts nothing can run: ValueError naming the
     setting (`name`, e.g. "offload.budget"), the minimum and its size in bytes."""
-    count = _parse_budget(budget, n_total, expert_bytes)
+    count = budget_count(budget, n_total, expert_bytes)
     if count < top_k:
         share = f"{top_k / n_total:.1%} of the {n_total} experts"
         least = f"{top_k} experts"
@@ -38,7 +38,7 @@ def resolve_budget(
 def check_budget_form(budget: str, in_bytes: bool = True) -> str:
     """`budget` if `resolve_budget` can read it (before the model's sizes are known); raises
     ValueError saying what forms it takes otherwise. For command-line arguments."""
-    _parse_budget(budget, 1, 1 if in_bytes else None)
+    budget_count(budget, 1, 1 if in_bytes else None)
     return budget
 
 
@@ -47,7 +47,9 @@ COUNT_OR_FRACTION = "a count (12) or a fraction (0.5 or 50%)"
 BUDGET_FORMS = "a count (12), a fraction (0.5 or 50%) or bytes (200MB)"
 
 
-def _parse_budget(budget: int | float | str, n_total: int, expert_bytes: int | None) -> int:
+def budget_count(budget: int | float | str, n_total: int, expert_bytes: int | None) -> int:
+    """The experts a budget names, before `resolve_budget` caps it at n_total (a count may name
+    more than there are); ValueError naming the forms it takes where it names none."""
     given = budget
     forms = COUNT_OR_FRACTION if expert_bytes is None else BUDGET_FORMS
     if isinstance(budget, str):

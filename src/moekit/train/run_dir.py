@@ -60,7 +60,7 @@ def check_run_dir(
 # train.data.tokenizer="run" reads a tokenizer.json prepared for it); alone, they may be a
 # Hugging Face tokenizer the run would replace.
 RUN_FILES = ("metrics.jsonl", "tensorboard", CHECKPOINT_DIR)
-TOKENIZER_FILES = ("tokenizer.json", *CHAT_FILES)
+RUN_TOKENIZER_FILES = ("tokenizer.json", *CHAT_FILES)
 
 
 def check_no_other_files(run_dir: Path, tokenizer: str | None = None) -> None:
@@ -74,7 +74,7 @@ def check_no_other_files(run_dir: Path, tokenizer: str | None = None) -> None:
     names = {path.name for path in run_dir.iterdir()}
     run_config = "config.json" in names and _is_run_config(run_dir / "config.json")
     if run_config or names & set(RUN_FILES) or tokenizer == "run":
-        names -= {"config.json", *TOKENIZER_FILES} if run_config else set(TOKENIZER_FILES)
+        names -= {"config.json", *RUN_TOKENIZER_FILES} if run_config else set(RUN_TOKENIZER_FILES)
     names -= set(RUN_FILES)
     if not names:
         return
