@@ -41,6 +41,12 @@ CONFIG_HELP = "settings as JSON, such as the resolved config it prints (default:
 RUN_FILE_IS = "a RunConfig or a ModelConfig, such as the resolved config `moekit train` prints"
 
 
+def check_prompt_room(tokenizer: Tokenizer, prompt: str, max_seq_len: int, what: str) -> None:
+    """`room_after_prompt` for `prompt` as `stream_text` feeds it (an empty prompt is one token,
+    the end of text that starts a new document): ValueError naming `what` if it leaves none."""
+    room_after_prompt(len(tokenizer.encode(prompt).ids) or 1, max_seq_len, what)
+
+
 @contextlib.contextmanager
 def warnings_as_notes(category: type[Warning] = Warning) -> Iterator[None]:
     """The warnings of `category` raised inside, each printed afterwards as one `note:` line on

@@ -14,13 +14,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moekit.cli.common import Command, positive_int, print_config, resolve_config, stream_text
+from moekit.cli.common import (
+    Command,
+    check_prompt_room,
+    positive_int,
+    print_config,
+    resolve_config,
+    stream_text,
+)
 from moekit.config import RunConfig
 from moekit.data import prepare_data
 from moekit.fileio import check_no_file_in_the_way
 from moekit.loading import load
 from moekit.model import format_count
-from moekit.model.generation import room_after_prompt
 from moekit.train import twin, write_report
 from moekit.train.device import training_device
 from moekit.train.twin import DENSE, MOE
@@ -92,7 +98,7 @@ def check_prompt(cfg: RunConfig, prompt: str) -> None:
     tokenizer: the data is prepared here once (tokenizer and token splits cached: both runs then
     read them), as the runs would first thing."""
     tokenizer = prepare_data(cfg.train.data, cfg.token_vocab_size, progress=True).tokenizer
-    room_after_prompt(len(tokenizer.encode(prompt).ids) or 1, cfg.model.max_seq_len, "--prompt")
+    check_prompt_room(tokenizer, prompt, cfg.model.max_seq_len, "--prompt")
 
 
 def check_replaceable(out: Path) -> None:

@@ -9,13 +9,12 @@ import argparse
 import os
 from pathlib import Path
 
-from moekit.cli.common import Command, print_config, resolve_config
+from moekit.cli.common import Command, check_prompt_room, print_config, resolve_config
 from moekit.config import TraceConfig
 from moekit.fileio import atomic_write_text, check_new_path
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.inference.trace import record_prompts, save_trace
 from moekit.loading import load, read_config, read_model_tokenizer
-from moekit.model.generation import room_after_prompt
 from moekit.userfiles import read_text
 
 
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = read_model_tokenizer(args.path)
     for n, line in prompts:
         what = f"the prompt on line {n} of {args.prompts}"
-        room_after_prompt(len(tokenizer.encode(line).ids) or 1, max_seq_len, what)
+        check_prompt_room(tokenizer, line, max_seq_len, what)
     loaded = load(args.path)
     model = apply_decode_kernels(loaded.model)
     trace = record_prompts(model, loaded.tokenizer, [line for _, line in prompts],
