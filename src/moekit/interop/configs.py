@@ -151,7 +151,7 @@ def moe_to_hf(moe: MoEConfig, experts: str, width: str) -> HF:
     return {
         width: moe.d_expert,
         experts: moe.n_experts,
-        "num_experts_per_tok": moe.top_k,
+        HF_NAMES["top_k"]: moe.top_k,
         "router_aux_loss_coef": moe.aux_loss_coef,
     }
 

@@ -33,16 +33,14 @@ def architecture_named(name: str) -> Architecture:
 def architecture_of(hf: HF) -> Architecture:
     """The architecture of a config.json, or an error naming it when unsupported (its
     quantization_config, if any, is `interop.quantized`'s)."""
-    kind = hf.get("model_type")
+    kind, classes = hf.get("model_type"), hf.get("architectures")
     if kind is None:
-        classes = hf.get("architectures")
         raise CheckpointError(
             f"the config.json has no model_type (architectures: {classes}), which names the "
             f"architecture; moekit reads {', '.join(ARCHITECTURES)}: restore the checkpoint's "
             "config.json"
         )
     if kind not in ARCHS:
-        classes = hf.get("architectures")
         raise CheckpointError(
             f"architecture {kind!r} ({classes}) is not supported; moekit reads and writes "
             f"{', '.join(ARCHITECTURES)}"
