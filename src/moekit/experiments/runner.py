@@ -43,6 +43,13 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
     settings, then the user's `overrides`. The arms are sized on it (a base lr or expert width
     the user gives scales them); an override of what every arm sets to its own value, which it
     would not change, is refused (it was replaced, silently): ValueError naming it."""
+    return _base_and_designs(name, base, overrides)[0]
+
+
+def _base_and_designs(
+    name: str, base: RunConfig, overrides: list[str]
+) -> tuple[RunConfig, dict[str, RunConfig]]:
+    """`experiment_base` and the arms' configs sized on it (`design_configs`)."""
     exp = EXPERIMENTS[name]
     settled = apply_overrides(base, exp.settings)
     shown = apply_overrides(settled, overrides)  # the user's last
@@ -68,7 +75,7 @@ def experiment_base(name: str, base: RunConfig, overrides: list[str]) -> RunConf
                 f"--{key} is what the arms of `{name}` set ({clash}), each to its own value: "
                 "drop it"
             )
-    return shown
+    return shown, designs
 
 
 def run_experiment(
@@ -82,10 +89,10 @@ def run_experiment(
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     exp, out_dir, begin = EXPERIMENTS[name], Path(out_dir), time.perf_counter()
-    machine, shown = machine_info(), experiment_base(name, base, overrides or [])
+    machine = machine_info()
+    shown, arms = _base_and_designs(name, base, overrides or [])  # sized on the user's base
     overrides = [*exp.settings, *(overrides or [])]
     setup = data_facts(shown)
-    arms = design_configs(shown, dict(exp.arms(shown)))  # sized on the user's base
     per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results))
     results = {arm: [runs[arm] for runs in per_seed] for arm in arms}
     add_loss_at_equal_time(results)
