@@ -211,6 +211,16 @@ def test_an_override_the_arms_replace_is_refused(argv, says, monkeypatch, capsys
     assert says in err and err.count("\n") == 1, err
 
 
+def test_mtp_runs_on_a_dense_base_as_its_arms_vary_no_moe_layer() -> None:
+    """A dense base is refused only for arms that vary or are sized on its MoE layers: `mtp`'s
+    vary its MTP depth (a dense base was refused for every experiment, `mtp` included)."""
+    dense = RunConfig.preset("dense-small")
+    assert experiment_base("mtp", dense, []).model.moe is None
+    for name in ("balance", "granularity", "moe-vs-dense"):
+        with pytest.raises(ValueError, match="this base is dense"):
+            experiment_base(name, dense, [])
+
+
 @pytest.mark.parametrize(
     ("name", "override"),
     [

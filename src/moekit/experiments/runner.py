@@ -53,7 +53,7 @@ def _base_and_designs(
     exp = EXPERIMENTS[name]
     settled = apply_overrides(base, exp.settings)
     shown = apply_overrides(settled, overrides)  # the user's last
-    if shown.model.moe is None:
+    if shown.model.moe is None and _varies_moe(exp, shown):
         raise ValueError(
             f"the arms of `{name}` vary a base run's MoE layers, and this base is dense (model.moe "
             "is None): give an MoE preset or config (the default, experiment, is one)"
@@ -76,6 +76,16 @@ def _base_and_designs(
                 "drop it"
             )
     return shown, designs
+
+
+def _varies_moe(exp: Experiment, base: RunConfig) -> bool:
+    """Whether the arms of `exp` set or are sized on `base`'s MoE layers (`mtp`'s do neither: it
+    runs on a dense base too)."""
+    try:
+        arms = exp.arms(base)
+    except ValueError:  # sized on the MoE layers, which a dense base has not (arms._moe)
+        return True
+    return any(touches("model.moe", [split_override(item)[0]]) for _, arm in arms for item in arm)
 
 
 def run_experiment(
