@@ -473,3 +473,26 @@ def test_a_resumed_run_keeps_its_tokenizer(tmp_path: Path, capsys) -> None:
     assert (run / "tokenizer.json").read_bytes() == tokenizer
     recorded = RunConfig.from_json((run / "config.json").read_text()).train.data
     assert (recorded.tokenizer, recorded.vocab_size) == ("bpe", 300)
+
+
+def test_a_resume_from_the_library_keeps_the_runs_tokenizer_and_its_record(tmp_path: Path) -> None:
+    """`train(cfg, run, resume=True)` reads the run's tokenizer.json whatever cfg says: a cfg
+    naming another tokenizer is refused before anything is written (it rewrote config.json to
+    name a tokenizer the run's tokens never came from); tokenizer="run" keeps the record."""
+    from moekit.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_run(tmp_path, steps=2, eval=EvalConfig(every=0, batches=1))
+    cfg = cfg.replace(model=cfg.model.replace(vocab_size=300))  # room for the BPE below
+    train(cfg, run)
+    config, tokenizer = (run / "config.json").read_bytes(), (run / "tokenizer.json").read_bytes()
+    bpe = cfg.train.data.replace(tokenizer="bpe", vocab_size=300)
+    other = cfg.replace(train=cfg.train.replace(steps=3, data=bpe))
+    with pytest.raises(ValueError, match=r"is not the tokenizer of .*tokenizer bytes"):
+        train(other, run, resume=True)
+    assert (run / "config.json").read_bytes() == config
+    as_run = cfg.train.data.replace(tokenizer="run", vocab_size=None)
+    train(cfg.replace(train=cfg.train.replace(steps=3, data=as_run)), run, resume=True)
+    assert (run / "tokenizer.json").read_bytes() == tokenizer
+    recorded = RunConfig.from_json((run / "config.json").read_text())
+    assert recorded.train.data == cfg.train.data and recorded.train.steps == 3

@@ -35,7 +35,7 @@ from moekit.train.interrupt import StopOnInterrupt
 from moekit.train.metrics import Interval, LayerFigures, MetricsLog, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
-from moekit.train.run_dir import check_run_dir
+from moekit.train.run_dir import check_run_dir, with_run_tokenizer
 from moekit.train.world import Parallelism, World
 
 EVAL_SEED = 1234  # the validation windows: the same in every evaluation and every run
@@ -98,7 +98,7 @@ def train(
     finally:
         trainer.close()
     if world.is_writer:
-        write_report(trainer.run_dir, cfg, trainer.whole_model())
+        write_report(trainer.run_dir, trainer.cfg, trainer.whole_model())
     return result
 
 
@@ -132,6 +132,9 @@ class Trainer:
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
         # a resumed run reads and keeps its tokenizer.json (a BPE trained again would differ)
         self.keeps_tokenizer = checkpoint is not None and (run_dir / "tokenizer.json").is_file()
+        if self.keeps_tokenizer:  # and its config.json's record of it
+            self.cfg = cfg = with_run_tokenizer(run_dir, cfg)
+            t = cfg.train
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model)

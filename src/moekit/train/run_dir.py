@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moekit.config import RUN_FILE_REMEDY, RunConfig
 from moekit.data.tokenizer import CHAT_FILES
 from moekit.fileio import check_no_file_in_the_way
 from moekit.train.checkpoint import (
@@ -83,6 +84,30 @@ def check_no_other_files(run_dir: Path, tokenizer: str | None = None) -> None:
         f"{run_dir} holds files that are not a moekit run's ({shown}), beside which a new run "
         "would write its own config.json and report.md: choose a new --out (or an empty folder)"
     )
+
+
+def with_run_tokenizer(run_dir: Path, cfg: RunConfig) -> RunConfig:
+    """`cfg` for resuming `run_dir`, which reads and keeps its own tokenizer.json: its
+    train.data.tokenizer and vocab_size as the run's config.json records them, so the config.json
+    the resumed run writes still says which tokenizer made its tokens. train.data.tokenizer="run"
+    (what a resumed run reads anyway) takes the recorded ones; any other tokenizer or vocab_size
+    than the recorded is refused, naming both (`moekit train --resume` names the override first,
+    cli.train.check_tokenizer_kept)."""
+    path = run_dir / "config.json"
+    if not path.is_file():  # nothing recorded to keep (a run directory without its config.json)
+        return cfg
+    recorded = RunConfig.from_file(path, RUN_FILE_REMEDY).train.data
+    data = cfg.train.data
+    kept = (recorded.tokenizer, recorded.vocab_size)
+    if data.tokenizer != "run" and (data.tokenizer, data.vocab_size) != kept:
+        raise ValueError(
+            f"train.data.tokenizer={data.tokenizer}, vocab_size={data.vocab_size} is not the "
+            f"tokenizer of {run_dir} (tokenizer {kept[0]}, vocab_size {kept[1]}): a resumed run "
+            "keeps its tokenizer (its tokenizer.json); resume with its own settings (or "
+            'train.data.tokenizer="run")'
+        )
+    data = data.replace(tokenizer=recorded.tokenizer, vocab_size=recorded.vocab_size)
+    return cfg.replace(train=cfg.train.replace(data=data))
 
 
 def nothing_to_train(run_dir: Path, step: int, steps: int, recorded: int | None = None) -> str:
