@@ -16,6 +16,7 @@ import pytest
 from tests.run_cases import tiny_run
 
 from moekit.config import dense_twin
+from moekit.data import prepare_data
 from moekit.train.lockstep import (
     INTERRUPTED,
     SideBySideFailed,
@@ -79,16 +80,21 @@ def test_lockstep_runs_are_ordinary_runs_with_timed_curves(tmp_path: Path) -> No
 def side_by_side(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, set[str]]:
     """An MoE, its dense twin and a run that diverges at its first step, trained at once by
     `run_in_parallel` (a process each, one thread each; a diverged run ends alone): the configs,
-    run directories and diverged runs that the next two tests read."""
+    run directories and diverged runs that the next two tests read. The diverging run reads a
+    tokenizer.json prepared in its folder (tokenizer "run"): that folder is a new run's."""
     work = tmp_path_factory.mktemp("side")
     base = tiny_run(work)
     moe = base.replace(train=lockstep_settings(base.train, steps=6, evals=2).replace(threads=1))
+    prepared = moe.train.data.replace(tokenizer="run")
     configs = {
         "moe": moe,
         "dense": moe.replace(model=dense_twin(moe.model)),
-        "blows-up": moe.replace(train=moe.train.replace(lr=1e30, warmup_steps=0)),
+        "blows-up": moe.replace(train=moe.train.replace(lr=1e30, warmup_steps=0, data=prepared)),
     }
     dirs = {name: work / name for name in configs}
+    dirs["blows-up"].mkdir()
+    tokenizer = prepare_data(moe.train.data, moe.token_vocab_size).tokenizer
+    tokenizer.save(str(dirs["blows-up"] / "tokenizer.json"))
     return configs, dirs, run_in_parallel(configs, dirs, progress=False, divergence_ends_a_run=True)
 
 
@@ -201,7 +207,9 @@ def test_a_run_that_diverges_ends_alone_when_divergence_ends_a_run(
     assert diverged == {"blows-up"}
     for name in ("moe", "dense"):
         assert [r["step"] for r in read_metrics(dirs[name] / "metrics.jsonl")][-1] == 6
-    compared = {"ok": configs["dense"], "blows-up": configs["blows-up"]}
+    blows_up = configs["blows-up"]  # with the corpus' tokenizer: no tokenizer.json prepared
+    blows_up = blows_up.replace(train=blows_up.train.replace(data=configs["moe"].train.data))
+    compared = {"ok": configs["dense"], "blows-up": blows_up}
     dirs = {name: tmp_path / "compare" / name for name in compared}
     with pytest.raises(SideBySideFailed, match=r"blows-up \(diverged"):
         run_in_parallel(compared, dirs, progress=False)

@@ -129,8 +129,8 @@ def run_in_parallel(
     saves a checkpoint first) and `SideBySideFailed` says which. With `divergence_ends_a_run`, a
     run that diverges (`TrainingDiverged`) ends on its own and the others go on: the names of
     those runs are returned (an experiment reports a diverged arm; a comparison cannot)."""
-    for name in configs:  # a directory holding a run fails here, before anything trains
-        check_run_dir(Path(run_dirs[name]), resume=False)
+    for name, cfg in configs.items():  # a directory holding a run fails here, before training
+        check_run_dir(Path(run_dirs[name]), resume=False, tokenizer=cfg.train.data.tokenizer)
     prepared = set()
     for name, cfg in configs.items():  # each corpus and tokenizer once, before the processes
         key = (cfg.train.data.to_json(), cfg.token_vocab_size)
