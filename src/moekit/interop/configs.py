@@ -106,11 +106,10 @@ HF_NAMES = {**HF_KEYS, "n_kv_heads": "num_key_value_heads", "top_k": "num_expert
 
 def common_from_hf(hf: HF) -> HF:
     """ModelConfig fields every architecture reads the same way."""
-    heads = hf["num_attention_heads"]
     return dict(
         **{field: hf[key] for field, key in HF_KEYS.items()},
-        n_kv_heads=hf["num_key_value_heads"] or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        n_kv_heads=hf["num_key_value_heads"] or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or None,  # None: d_model // n_heads, once the rules passed
         rope_theta=rope_theta(hf),
         rope_scaling=rope_scaling(hf),
         tie_embeddings=bool(hf["tie_word_embeddings"]),

@@ -80,7 +80,7 @@ def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
     """The `ModelConfig` of a Hugging Face config dict (read from `source`); a value moekit cannot
     take is one `CheckpointError` naming the file and the config.json key where moekit's field
     has one (num_local_experts, not n_experts)."""
-    arch = architecture_of(hf)
+    arch = architecture_of(hf, source)
     try:
         return arch.model_config(hf)
     except CheckpointError:
@@ -90,8 +90,6 @@ def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
         raise CheckpointError(f"{source} has no {err.args[0]!r}, {needs}") from None
     except ValueError as err:  # the config's rules: a value moekit cannot take
         raise CheckpointError(f"{source}: {_in_hf_terms(str(err), hf)}") from None
-    except ZeroDivisionError:  # a head count or width of 0, divided by before the rules run
-        raise CheckpointError(f"{source}: a count it divides by is 0 (heads, say)") from None
 
 
 def read_hf_model_config(folder: str | Path) -> ModelConfig:
@@ -161,7 +159,7 @@ def load_hf(
     """
     folder = Path(path)
     hf = read_hf_config(folder)
-    arch = architecture_of(hf)
+    arch = architecture_of(hf, folder / "config.json")
     quantization = read_quantization(hf)
     schemes = load_schemes(quantize, keep_quantized, quantization)
     view = quantized_view(find_weight_files(folder), quantization)

@@ -7,6 +7,8 @@ parity tests then ask for a case in tests/interop_cases.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from moekit.interop.architecture import Architecture
 from moekit.interop.archs.deepseek_v3 import DEEPSEEK_V3
 from moekit.interop.archs.gpt_oss import GPT_OSS
@@ -30,19 +32,19 @@ def architecture_named(name: str) -> Architecture:
     return ARCHS[name]
 
 
-def architecture_of(hf: HF) -> Architecture:
-    """The architecture of a config.json, or an error naming it when unsupported (its
-    quantization_config, if any, is `interop.quantized`'s)."""
+def architecture_of(hf: HF, source: str | Path = "config.json") -> Architecture:
+    """The architecture of a config.json (read from `source`), or an error naming the file and
+    what it says when unsupported (its quantization_config, if any, is `interop.quantized`'s)."""
     kind, classes = hf.get("model_type"), hf.get("architectures")
     if kind is None:
         raise CheckpointError(
-            f"the config.json has no model_type (architectures: {classes}), which names the "
+            f"{source} has no model_type (architectures: {classes}), which names the "
             f"architecture; moekit reads {', '.join(ARCHITECTURES)}: restore the checkpoint's "
             "config.json"
         )
     if kind not in ARCHS:
         raise CheckpointError(
-            f"architecture {kind!r} ({classes}) is not supported; moekit reads and writes "
-            f"{', '.join(ARCHITECTURES)}"
+            f"{source}: architecture {kind!r} ({classes}) is not supported; moekit reads and "
+            f"writes {', '.join(ARCHITECTURES)}"
         )
     return ARCHS[kind]

@@ -14,10 +14,8 @@ def from_hf(hf: HF) -> ModelConfig:
         **moe_from_hf(hf, "num_experts", "intermediate_size"),
         normalize=bool(hf["norm_topk_prob"]),
     )
-    common = common_from_hf(hf)
-    common["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]  # OLMoE has no head_dim
     return ModelConfig(
-        **common,
+        **common_from_hf(hf),  # OLMoE has no head_dim: d_model // n_heads
         moe=moe,
         attn_bias=bool(hf["attention_bias"]),
         qk_norm="full",
