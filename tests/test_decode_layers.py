@@ -23,7 +23,14 @@ from torch import nn
 
 from moekit import ModelConfig, MoETransformer
 from moekit.config import MoEConfig, QuantizeConfig
-from moekit.inference import decode_block, decode_glue, decode_layers, decode_moe, decode_step
+from moekit.inference import (
+    decode_block,
+    decode_glue,
+    decode_layers,
+    decode_moe,
+    decode_shared,
+    decode_step,
+)
 from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
 from moekit.inference.offload import apply_expert_offload
 from moekit.inference.store import write_expert_files
@@ -97,7 +104,7 @@ def _count_calls(monkeypatch, ran_only: bool = False) -> dict[str, int]:
 
             return counted
 
-    for module in (decode_layers, decode_moe, decode_block, decode_step):
+    for module in (decode_layers, decode_moe, decode_shared, decode_block, decode_step):
         monkeypatch.setattr(module, "_library", lambda: Counting())
     return calls
 
@@ -305,6 +312,10 @@ QWEN3_32_HEADS = {"qk_norm": "head", "n_heads": 32, "n_kv_heads": 4, "head_dim":
 # OLMoE's: q/k norms over the whole projections, then q, k and v clipped (at a bound that bites
 # on these normed activations)
 OLMOE = {"qk_norm": "full", "clip_qkv": 0.6}
+# Qwen2-MoE's shared expert (gated by a sigmoid of its own product); DeepSeek's two ungated ones
+# beside sigmoid routing
+QWEN2_MOE = {"moe": {"n_shared_experts": 1, "shared_gate": True}}
+DEEPSEEK_SHARED = {"moe": {"n_shared_experts": 2, "score": "sigmoid", "routed_scaling": 2.5}}
 GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
            "layer_types": ("sliding", "full"),
            "moe": {"activation": "clamped_swiglu", "swiglu_limit": 0.05, "expert_bias": True,
@@ -320,14 +331,28 @@ GPT_OSS = {"attn_sinks": True, "attn_bias": True, "sliding_window": 3,
         (GPT_OSS, "mxfp4"),
         (OLMOE, None),
         (OLMOE, "int8"),
+        (QWEN2_MOE, None),
+        (QWEN2_MOE, "int8"),
+        (DEEPSEEK_SHARED, "int4"),
     ],
-    ids=["qwen3_qk_norm_head", "qwen3_32_heads", "gpt_oss", "gpt_oss_mxfp4", "olmoe", "olmoe_int8"],
+    ids=[
+        "qwen3_qk_norm_head",
+        "qwen3_32_heads",
+        "gpt_oss",
+        "gpt_oss_mxfp4",
+        "olmoe",
+        "olmoe_int8",
+        "qwen2_moe",
+        "qwen2_moe_int8",
+        "deepseek_shared_int4",
+    ],
 )
 @pytest.mark.parametrize("batch", [1, 3])
 def test_qwen3_olmoe_and_gpt_oss_layers_run_in_one_call(monkeypatch, overrides, scheme, batch):
     """Qwen3's per-head q/k norms, OLMoE's whole-projection ones and clipping, GPT-OSS's sinks,
-    sliding windows, biased experts and clamped SwiGLU (all random, large enough to matter) run
-    in the C layers (the whole block at batch 1):
+    sliding windows, biased experts and clamped SwiGLU, Qwen2-MoE's gated shared expert and
+    DeepSeek's shared ones (all random, large enough to matter) run in the C layers (the whole
+    block at batch 1):
     the per-product path's bits, the plain model's logits within float32 rounding."""
     model = apply_decode_kernels(_model(20, **overrides))
     with torch.no_grad():
@@ -403,12 +428,15 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
 
 @pytest.mark.parametrize(
     ("scheme", "moe"),
-    [(None, {}), ("int4", {}), ("mxfp4", {}), (None, GPT_OSS["moe"]), ("mxfp4", GPT_OSS["moe"])],
-    ids=["float32", "int4", "mxfp4", "gpt_oss_moe", "gpt_oss_moe_mxfp4"],
-)
+    [(None, {}), ("int4", {}), ("mxfp4", {}), (None, GPT_OSS["moe"]), ("mxfp4", GPT_OSS["moe"]),
+     (None, QWEN2_MOE["moe"]), ("int4", DEEPSEEK_SHARED["moe"])],
+    ids=["float32", "int4", "mxfp4", "gpt_oss_moe", "gpt_oss_moe_mxfp4", "qwen2_moe_shared",
+         "deepseek_shared_int4"],
+)  # fmt: skip
 def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_path, scheme, moe):
     """Offloaded experts (the block's attention half in one C call, the chosen experts fetched,
-    then one C call over them; GPT-OSS's biased, clamped ones too) give the resident glued model's
+    then one C call over them; GPT-OSS's biased, clamped ones too; shared experts added by their
+    own call) give the resident glued model's
     logits exactly, at the least budget and with prefetch; and so does the resident model
     recorded by a TraceRecorder (hooks: its layers fall back), which the offload benchmark checks
     against."""

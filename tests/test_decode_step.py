@@ -13,8 +13,10 @@ import pytest
 import torch
 from tests.c_kernels import needs_c_kernels
 from tests.test_decode_layers import (
+    DEEPSEEK_SHARED,
     GPT_OSS,
     OLMOE,
+    QWEN2_MOE,
     QWEN3_32_HEADS,
     SCHEMES,
     _count_calls,
@@ -76,6 +78,9 @@ CASES = {
     "gpt_oss_mxfp4": (GPT_OSS, "mxfp4"),
     "olmoe_qk_norm_clip": (OLMOE, None),
     "sigmoid_scaled": ({"moe": {"score": "sigmoid", "routed_scaling": 2.5}}, None),
+    "qwen2_moe_shared_gate": (QWEN2_MOE, None),
+    "qwen2_moe_int4": (QWEN2_MOE, "int4"),
+    "deepseek_shared_sigmoid": (DEEPSEEK_SHARED, None),
 }
 
 
@@ -83,9 +88,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case, batch) -> None:
     """Float32 and every quantized scheme, tied heads, Qwen3's and OLMoE's q/k norms (OLMoE's
-    clipping), GPT-OSS's windows, sinks and clamped experts, sigmoid routing, at batch 1, 3 and
-    16: each step one C call, its logits the glued forward's bit for bit (the same C functions),
-    past a change of the angles' chunk."""
+    clipping), GPT-OSS's windows, sinks and clamped experts, sigmoid routing, shared experts
+    (Qwen2-MoE's gated, DeepSeek's two), at batch 1, 3 and 16: each step one C call, its logits
+    the glued forward's bit for bit (the same C functions), past a change of the angles' chunk."""
     overrides, scheme = CASES[case]
     model = _model(30, **overrides)
     with torch.no_grad():
@@ -154,9 +159,10 @@ def _decoder(model, batch: int = 1, length: int = 4):
 
 
 def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
-    """Batch above 16, shared experts, a dense layer, latent attention, offloaded experts, training
-    mode, a hook on any module the call bypasses, no decode kernels: no decoder (every step
-    then runs the forward); the glued model gets one, and loses it with its kernels."""
+    """Batch above 16, a dense layer, latent attention, offloaded experts, training mode, a hook
+    on any module the call bypasses (a shared expert's projection among them), no decode
+    kernels: no decoder (every step then runs the forward); the glued model gets one, and loses
+    it with its kernels."""
     glued = apply_decode_kernels(_model(35))
     assert _decoder(glued)[0] is not None
     assert _decoder(glued, batch=16)[0] is not None
@@ -165,8 +171,12 @@ def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
     assert _decoder(wide)[0] is not None
     # 16 rows of 8224 numbers: the layer calls' norms run torch's reference, as the C call does not
     assert _decoder(wide, batch=16)[0] is None
+    shared = apply_decode_kernels(_model(35, **QWEN2_MOE))
+    assert _decoder(shared)[0] is not None
+    handle = shared.layers[1].ffn.shared_experts.gate.register_forward_hook(lambda *args: None)
+    assert _decoder(shared)[0] is None
+    handle.remove()
     for overrides in (
-        {"moe": {"n_shared_experts": 1}},
         {"first_dense": 1, "d_ff": 64},
         {"mla": MLA},
     ):

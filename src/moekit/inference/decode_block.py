@@ -4,13 +4,13 @@ x1 = x + attention(attn_norm(x)), out = x1 + moe(ffn_norm(x1)), swapped in for `
 The layer calls of `decode_layers` and `decode_moe` left, per block and token, two RMSNorm calls,
 two residual adds and the modules' calls and checks around their C calls (~100 us of Python a
 block on this project's machine); here they are one call and one set of checks, over the same C
-functions on the same inputs, so the result equals `Block.forward`'s bit for bit. That runs
-wherever this does not qualify: batch above 1, prefill, aux wanted, shared experts or a dense FFN,
-a hook on any module it would bypass, anything `attention_weights` or `decode_moe.resident_args`
-refuses (tests/test_decode_layers.py). A block of offloaded experts (`decode_moe.
-offloaded_qualifies`) runs its attention half in one C call (moekit_block_attention_one_token),
-then its MoE layer as a module (routing in C, the chosen experts fetched, then run in one call),
-then the residual add.
+functions on the same inputs, so the result equals `Block.forward`'s bit for bit (shared experts
+included: `decode_shared`). That runs wherever this does not qualify: batch above 1, prefill, aux
+wanted, a dense FFN, a hook on any module it would bypass, anything `attention_weights`,
+`decode_moe.resident_args` or `decode_shared.shared_ref` refuses (tests/test_decode_layers.py). A
+block of offloaded experts (`decode_moe.offloaded_qualifies`) runs its attention half in one C
+call (moekit_block_attention_one_token), then its MoE layer as a module (routing in C, the chosen
+experts fetched, then run in one call), then the residual add.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from moekit.inference.decode_layers import (
     ops_ready,
 )
 from moekit.inference.decode_moe import offloaded_qualifies, resident_args
+from moekit.inference.decode_shared import shared_floats, shared_modules, shared_ref
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
@@ -40,19 +41,23 @@ OFFLOADED = "offloaded"  # a plan's MoE part for offloaded experts: fetched afte
 
 def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     """The modules whose work the C call does, read from the modules' own dicts (cheap): the
-    norms, the attention and its projections, the MoE layer, its router and experts."""
+    norms, the attention and its projections, the MoE layer, its router and experts, and its
+    shared experts' modules (`decode_shared.shared_modules`)."""
     own = block._modules
     attn, ffn = own["attn"], own["ffn"]
     if type(ffn) is not MoELayer or type(attn) is not Attention:
         return None
     f = ffn._modules
+    shared = f.get("shared_experts")  # (a module, or None: then an attribute, not in f)
+    shared = () if shared is None else shared_modules(shared)
     return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"],
-            *attention_modules(attn))  # fmt: skip
+            *attention_modules(attn), *shared)  # fmt: skip
 
 
 def _bypassed(modules: tuple) -> tuple[nn.Module, ...]:
     """Of `_modules`, those the attention half's C call runs without calling them: the norms, the
-    attention and its projections."""
+    attention and its projections (and the shared experts' modules, which the MoE layer runs
+    after it: a hook there keeps the whole block on its reference)."""
     return (*modules[:3], *modules[6:])
 
 
@@ -63,7 +68,6 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
     extra = (
         *map(id, modules),
         ffn.training,
-        ffn.__dict__.get("shared_experts"),
         modules[4].__dict__.get("linear"),
         modules[5].__dict__.get("expert_ffn"),
         attn.qk_norm,
@@ -89,7 +93,8 @@ def _unhooked_plan(block: Block, modules: tuple) -> tuple | None:
 def resident_plan(block: Block) -> tuple | None:
     """What the one-call path reads of a block whose experts are all resident, its modules as
     they are now (the step's own conditions aside: `block_forward`'s), or None: (attention norm
-    args, ffn norm args), its `AttentionRef`, `decode_moe.resident_args`, the scratch floats."""
+    args, ffn norm args), its `AttentionRef`, `decode_moe.resident_args` and the shared experts'
+    argument (byref of `decode_shared.shared_ref`, or None without them), the scratch floats."""
     modules = _modules(block)
     plan = None if modules is None else _unhooked_plan(block, modules)
     return None if plan is None or plan[2] is OFFLOADED else plan
@@ -98,11 +103,18 @@ def resident_plan(block: Block) -> tuple | None:
 def _build_plan(block: Block) -> tuple | None:
     D = block.ffn.cfg.d_model  # (an MoELayer: `_modules` checked)
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
-    if None in norms or block.ffn.shared_experts is not None:
+    if None in norms:
         return None
-    refs, moe = attention_weights(block.attn), resident_args(block.ffn)
+    refs, moe, shared = attention_weights(block.attn), resident_args(block.ffn), None
+    if block.ffn.shared_experts is not None:
+        shared = shared_ref(block.ffn.shared_experts)
+        if shared is None:
+            return None
+        shared = ctypes.byref(shared)
     if moe is None and offloaded_qualifies(block.ffn):
-        moe = OFFLOADED
+        moe = OFFLOADED  # (its MoE layer is called: it adds its shared experts itself)
+    elif moe is not None:
+        moe = (*moe, shared)
     if refs is None or moe is None or refs.q.I != D:
         return None
     return norms, refs, moe, scratch_floats(block, 1)
@@ -110,11 +122,13 @@ def _build_plan(block: Block) -> tuple | None:
 
 def scratch_floats(block: Block, rows: int) -> int:
     """The C block's scratch for `rows` sequences' position: decode_glue.c's block_tokens', which
-    covers moekit_block_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D))) at one."""
+    covers moekit_block_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D), 3 SW + 2 D +
+    1)) at one."""
     attn, cfg = block.attn, block.ffn.cfg
     D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
     heads = (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
-    return rows * (4 * D + max(heads, 2 * E + K * (3 * F + 2 * D)))
+    shared = shared_floats(block.ffn.shared_experts, 1)
+    return rows * (4 * D + max(heads, 2 * E + K * (3 * F + 2 * D), shared))
 
 
 def block_forward(

@@ -341,10 +341,11 @@ int moekit_block_attention_one_token(const float *x, const float *attn_norm, dou
 
 /* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
  * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention half as
- * moekit_block_attention_one_token, the MoE layer as moekit_moe_one_token (no shared experts);
- * the sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd, 2 E + K (3F +
- * D)) floats, x1 at scratch + 2 D. Returns 0; -1 if the attention could not run (nothing written
- * to the cache), -2 if the MoE layer could not (the cache written, x1 in the scratch). */
+ * moekit_block_attention_one_token, the MoE layer as moekit_moe_one_token (its shared experts
+ * where given); the sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd,
+ * 2 E + K (3F + D), 3 SW + 2 D + 1) floats, x1 at scratch + 2 D. Returns 0; -1 if the
+ * attention could not run (nothing written to the cache), -2 if the MoE layer could not (the
+ * cache written, x1 in the scratch). */
 int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,
                            const attention_ref *attn, const float *cos_h, const float *sin_h,
                            float *k_cache, float *v_cache, int64_t pos, int64_t max_len, int64_t H,
@@ -353,8 +354,8 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
                            double ffn_eps, const weight_ref *router, const float *expert_bias,
                            int64_t K, int sigmoid, int normalize, float scaling,
                            const weight_ref *w_in, const weight_ref *w_out,
-                           const activation_ref *act, float *scratch, int64_t *ids,
-                           float *weights, float *out) {
+                           const activation_ref *act, const shared_ref *shared, float *scratch,
+                           int64_t *ids, float *weights, float *out) {
     const int64_t D = attn->q.I;
     float *h = scratch, *x1 = h + 2 * D, *y = x1 + D, *rest = y + D;
     if (moekit_block_attention_one_token(x, attn_norm, attn_eps, attn, cos_h, sin_h, k_cache,
@@ -362,7 +363,7 @@ int moekit_block_one_token(const float *x, const float *attn_norm, double attn_e
                                          ffn_eps, scratch))
         return -1;
     if (moekit_moe_one_token(h, router, expert_bias, K, sigmoid, normalize, scaling, w_in, w_out,
-                             act, rest, ids, weights, y))
+                             act, shared, rest, ids, weights, y))
         return -2; /* the attention step is written: the caller must not run it again */
     for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
     return 0;
@@ -388,13 +389,14 @@ typedef struct {
     float scaling;
     const weight_ref *w_in, *w_out;
     const activation_ref *act;
+    const shared_ref *shared;
 } block_plan;
 
 /* One position of B <= 16 sequences through a whole block, as the layer calls run it for B
  * above 1: h = rmsnorm(x, attn_norm) (B rows), x1 = x + moekit_attention_block(h), out = x1 +
  * moekit_moe_tokens(rmsnorm(x1, ffn_norm)). x, out: (B, D); scratch: B (4 D + max((2 H + 2 KV)
- * hd, 2 E + K (3 F + 2 D))) floats; ids, weights: B K. Returns 0, or -1 if the attention or the
- * MoE layer could not run (the cache may be written at pos). */
+ * hd, 2 E + K (3 F + 2 D), 3 SW + 2 D + 1)) floats; ids, weights: B K. Returns 0, or -1 if the
+ * attention or the MoE layer could not run (the cache may be written at pos). */
 static int block_tokens(const float *x, int64_t B, const block_plan *b, const float *cos_h,
                         const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
                         float *weights, float *out) {
@@ -407,7 +409,8 @@ static int block_tokens(const float *x, int64_t B, const block_plan *b, const fl
     for (int64_t i = 0; i < B * D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, B, D, b->ffn_norm, b->ffn_eps, h);
     if (moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
-                          b->scaling, b->w_in, b->w_out, b->act, rest, ids, weights, y))
+                          b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
+                          y))
         return -1;
     for (int64_t i = 0; i < B * D; i++) out[i] = x1[i] + y[i];
     return 0;
@@ -440,7 +443,7 @@ int moekit_decode_tokens(const block_plan *blocks, int64_t n_blocks, const float
                                             b->hd, b->scale, b->window, b->ffn_norm, b->ffn_eps,
                                             b->router, b->expert_bias, b->K, b->sigmoid,
                                             b->normalize, b->scaling, b->w_in, b->w_out, b->act,
-                                            scratch, ids, weights, out)
+                                            b->shared, scratch, ids, weights, out)
                    : block_tokens(in, B, b, cos_h, sin_h, pos, scratch, ids, weights, out);
         if (failed) return -1;
         in = out;

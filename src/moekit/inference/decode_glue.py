@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from moekit import cbuild
+from moekit.experts.experts import SharedExperts
 from moekit.inference.decode_kernels import MAX_ROWS, _plain
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.block import Block
@@ -198,11 +199,12 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     """Swap the glue into `model` for generation, in place: every nn.RMSNorm becomes a
     `GlueRMSNorm` sharing its weight; every `Attention` (not latent attention) runs
     `glue_cached_attention` and `decode_layers.attention_forward`, every MoE layer and its router
-    `decode_moe.moe_forward` and `router_forward`, every decoder block `decode_block.block_forward`.
+    `decode_moe.moe_forward` and `router_forward`, its shared experts
+    `decode_shared.shared_forward`, every decoder block `decode_block.block_forward`.
     Nothing is copied: the model saves and deep-copies as before. Returns `model`;
     `remove_decode_glue` undoes it."""
     # here, not at the top: they build on this module's checks and library
-    from moekit.inference import decode_block, decode_layers, decode_moe, decode_step
+    from moekit.inference import decode_block, decode_layers, decode_moe, decode_shared, decode_step
 
     for name, module in list(model.named_modules()):
         if type(module) is nn.RMSNorm:
@@ -213,6 +215,9 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, MoELayer):
             module.forward = functools.partial(decode_moe.moe_forward, module)
             module.router.forward = functools.partial(decode_moe.router_forward, module.router)
+            if module.shared_experts is not None:
+                shared = module.shared_experts
+                shared.forward = functools.partial(decode_shared.shared_forward, shared)
         elif type(module) is Block:  # (a subclass's forward would be another computation)
             module.forward = functools.partial(decode_block.block_forward, module)
     model.rope_memo = {}
@@ -227,7 +232,7 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             plain = nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
             plain.weight = module.weight
             model.set_submodule(name, plain.train(module.training))
-        elif isinstance(module, Attention | MoELayer | Router | Block):
+        elif isinstance(module, Attention | MoELayer | Router | Block | SharedExperts):
             module.__dict__.pop("forward", None)  # the class's own forward again
             if isinstance(module, Attention):
                 module.cached_attention = cached_attention
@@ -254,15 +259,16 @@ def _library() -> ctypes.CDLL | None:
             "moekit_layers_set_ops": ([ptr] * 5, None),
             "moekit_layers_set_min_parallel": ([i64], i64),
             "moekit_experts_one_token": ([ptr, i64, *[ptr] * 6], i32),
-            "moekit_moe_one_token": ([ptr, ptr, ptr, *routing, *[ptr] * 7], i32),
-            "moekit_moe_tokens": ([ptr, i64, ptr, ptr, *routing, *[ptr] * 7], i32),
+            "moekit_moe_one_token": ([ptr, ptr, ptr, *routing, *[ptr] * 8], i32),
+            "moekit_moe_tokens": ([ptr, i64, ptr, ptr, *routing, *[ptr] * 8], i32),
+            "moekit_shared_tokens": ([ptr, i64, *[ptr] * 4], i32),
             "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
             "moekit_block_attention_one_token": (
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr],
                 i32,
             ),
             "moekit_block_one_token": (
-                [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 7],
+                [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 8],
                 i32,
             ),
             "moekit_decode_tokens": (

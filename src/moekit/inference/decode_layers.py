@@ -69,6 +69,26 @@ class AttentionRef(ctypes.Structure):
     ]
 
 
+class ActivationRef(ctypes.Structure):
+    """decode_glue.c's activation_ref: GPT-OSS's clamped SwiGLU (quant/kernels.c's moekit_q_glu)."""
+
+    _fields_ = [("clamped", ctypes.c_int), ("alpha", ctypes.c_float), ("limit", ctypes.c_float)]
+
+
+def activation_ref(
+    activation: str, alpha: float, limit: float, biased: bool = False
+) -> ctypes._Pointer | bool | None:
+    """How the C layers compute a gated FFN's `activation` (with its `alpha` and `limit`): None for
+    SwiGLU (their own), a pointer to an `ActivationRef` for the clamped SwiGLU (where the
+    quantized kernels, which run it, are built); False where they cannot (an ungated activation;
+    a `biased` SwiGLU without the quantized kernels: `decode_moe.experts_activation`)."""
+    if activation == "swiglu" and not (biased and not quant_kernels.available()):
+        return None
+    if activation == "clamped_swiglu" and quant_kernels.available():
+        return ctypes.pointer(ActivationRef(1, alpha, limit))
+    return False
+
+
 def float_ref(w: Tensor, bias: Tensor | None = None) -> WeightRef | None:
     """A float32 weight (O, I) with rows of unit stride (and bias (O,)) as the C layers read it,
     or None if they cannot (other dtype or layout, the kernels not built). Callers check that no

@@ -29,13 +29,14 @@ from moekit.inference.decode_layers import (
     WeightRef,
     _buffers,
     _cached,
+    activation_ref,
     float_ref,
     ops_ready,
     quant_ref,
 )
+from moekit.inference.decode_shared import c_shared, shared_floats
 from moekit.inference.offloaded_experts import OffloadedExperts
 from moekit.moe import MoEAux, MoELayer
-from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedExperts
 from moekit.routing.base import Routing
 from moekit.routing.router import Router
@@ -136,24 +137,13 @@ def _scale(selected_TK: Tensor, normalize: bool, scaling: float) -> Tensor:
     return torch.full_like(selected_TK[:, 0], scaling)
 
 
-class ActivationRef(ctypes.Structure):
-    """decode_glue.c's activation_ref: GPT-OSS's clamped SwiGLU (quant/kernels.c's moekit_q_glu)."""
-
-    _fields_ = [("clamped", ctypes.c_int), ("alpha", ctypes.c_float), ("limit", ctypes.c_float)]
-
-
-def activation_ref(experts: nn.Module) -> ctypes._Pointer | bool | None:
-    """How the C layers compute the experts' activation: None for SwiGLU (their own), a pointer
-    to an `ActivationRef` for the clamped SwiGLU (where the quantized kernels, which run it, are
-    built); False where they cannot (an ungated activation; biased SwiGLU experts without the
-    quantized kernels, whose per-expert reference then runs torch's silu)."""
+def experts_activation(experts: nn.Module) -> ctypes._Pointer | bool | None:
+    """`activation_ref` of a layer's routed experts: their settings, and whether they have
+    biases (biased SwiGLU experts without the quantized kernels run torch's silu in their
+    per-expert reference, which the C layers would not reproduce)."""
     cfg = experts.cfg
     biased = experts.b_in is not None or experts.b_out is not None
-    if cfg.activation == "swiglu" and not (biased and not quant_kernels.available()):
-        return None  # (the per-expert reference of biased ones runs the quantized kernels' glu)
-    if cfg.activation == "clamped_swiglu" and quant_kernels.available():
-        return ctypes.pointer(ActivationRef(1, cfg.swiglu_alpha, cfg.swiglu_limit))
-    return False
+    return activation_ref(cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit, biased)
 
 
 def _bias(b: Tensor | None, e: int) -> Tensor | None:
@@ -241,23 +231,26 @@ def moe_forward(
     together, the reference's products and sums (float32 experts' products give every row a lone
     token's numbers; quantized ones' depend on the row count, as the reference's do).
     Offloaded experts (one token only) route in C, fetch the chosen experts, then run in one
-    call; `MoELayer.forward` itself otherwise. Shared experts are added after, as it adds them."""
+    call; `MoELayer.forward` itself otherwise. Shared experts are added as it adds them: in the
+    same C call where `decode_shared.c_shared` reads them, else by calling them after."""
     if not (moe_step_qualifies(layer, x, with_aux, decoding) and _layer_qualifies(layer)):
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
-    cfg = layer.cfg
+    cfg, shared = layer.cfg, layer.shared_experts
     D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
     x_TD = x.reshape(-1, D)
     y_TD = x.new_empty(x_TD.shape)
     T, args = x_TD.shape[0], resident_args(layer)
+    in_c = c_shared(shared) if args is not None else None  # (the offloaded add them after)
     # sized for MAX_ROWS tokens, whatever T: one set a thread and layer shape
-    scratch, ids, weights = _buffers(MAX_ROWS * (2 * E + K * (3 * F + 2 * D)), MAX_ROWS * K)
+    routed = MAX_ROWS * (2 * E + K * (3 * F + 2 * D))
+    scratch, ids, weights = _buffers(max(routed, shared_floats(shared, MAX_ROWS)), MAX_ROWS * K)
     if args is not None and T == 1:
         status = _library().moekit_moe_one_token(
-            x_TD.data_ptr(), *args, scratch, ids, weights, y_TD.data_ptr()
+            x_TD.data_ptr(), *args, in_c, scratch, ids, weights, y_TD.data_ptr()
         )
     elif args is not None:
         status = _library().moekit_moe_tokens(
-            x_TD.data_ptr(), T, *args, scratch, ids, weights, y_TD.data_ptr()
+            x_TD.data_ptr(), T, *args, in_c, scratch, ids, weights, y_TD.data_ptr()
         )
     elif T == 1:
         status = _offloaded_experts(layer, x_TD, scratch, ids, weights, y_TD)
@@ -265,8 +258,8 @@ def moe_forward(
         status = 1
     if status != 0:  # not runnable here (the experts' x could not be prepared): the reference
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
-    if layer.shared_experts is not None:
-        y_TD = y_TD + layer.shared_experts(x_TD)
+    if shared is not None and in_c is None:  # (the glue's `shared_forward`, as the reference)
+        y_TD = y_TD + shared(x_TD)
     return y_TD.view(x.shape), None
 
 
@@ -276,7 +269,7 @@ def router_ref(router: Router) -> WeightRef | None:
 
 
 def resident_args(layer: MoELayer) -> tuple | None:
-    """moekit_moe_one_token's (and moekit_moe_tokens') arguments from router to w_out for a
+    """moekit_moe_one_token's (and moekit_moe_tokens') arguments from router to act for a
     layer whose router and resident experts the C call reads (`_expert_refs`; top-k routing
     without groups on the decode kernels' product, the selected path, eval mode); None
     otherwise. Kept while the router's and experts' tensors stay."""
@@ -289,7 +282,7 @@ def _resident_args(layer: MoELayer) -> tuple | None:
     if not _layer_qualifies(layer):
         return None
     r, refs = router_ref(layer.router), _expert_refs(layer.experts)
-    act = activation_ref(layer.experts)
+    act = experts_activation(layer.experts)
     if r is None or refs is None or act is False:
         return None
     return (ctypes.byref(r), *_topk_args(layer.router), refs[0], refs[1], act)
@@ -323,7 +316,7 @@ def _offloaded_args(layer: MoELayer) -> tuple | None:
         and router_ref(layer.router) is not None
     ):
         return None
-    act = activation_ref(experts)
+    act = experts_activation(experts)
     return None if act is False else (act,)
 
 

@@ -1,6 +1,7 @@
 /* moekit/inference/decode_glue.c's MoE layers in one call: a decoded token's (routing, its top-k
- * gated experts, the weighted sum), a few tokens' (each chosen expert once, on its tokens' rows
- * together) and the experts' part alone (offloaded experts, fetched by the caller). Included by
+ * gated experts, the weighted sum, the shared experts), a few tokens' (each chosen expert once, on
+ * its tokens' rows together), the experts' part alone (offloaded experts, fetched by the caller)
+ * and the shared experts alone. Included by
  * decode_glue.c, after the weight references and the row functions the products run. */
 
 /* Gated experts over grouped rows: expert j of J, w_in[j] (2F, D) = [W_gate; W_up] and w_out[j]
@@ -88,6 +89,46 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
     return grouped_experts(K, n, xs, w_in, w_out, act, token, weights, first, h, y);
 }
 
+/* The shared experts of a MoE layer (moekit's SharedExperts), fused into one gated FFN of width
+ * SW: w_in (2SW, D) = [W_gate; W_up], w_out (D, SW), with their biases where the refs hold them;
+ * where gated, the output scaled by sigmoid(x @ gate^T), gate (1, D) (Qwen2-MoE's shared gate). */
+typedef struct {
+    weight_ref w_in, w_out, gate;
+    int32_t gated;
+} shared_ref;
+
+/* y (T, D) = the shared experts of T tokens x (T, D): their rows through the one gated FFN as
+ * grouped_experts runs an expert, each row's output times its scale (1, or 1 / (1 + exp(-g)) of
+ * its gate logit g: o * 1 is o). work: T (3 SW + D + 1) floats. Returns as grouped_experts. */
+int moekit_shared_tokens(const float *x, int64_t T, const shared_ref *s,
+                         const activation_ref *act, float *work, float *y) {
+    float *scale = work, *h = scale + T;
+    int64_t n[1] = {T}, token[T > 0 ? T : 1];
+    const float *xs[1] = {x};
+    unsigned char first[T > 0 ? T : 1];
+    for (int64_t t = 0; t < T; t++) token[t] = t, first[t] = 1, scale[t] = 1.0f;
+    if (s->gated) {
+        void *p = prepared(&s->gate, x, T);
+        if (p == NULL) return -1;
+        rows(&s->gate, p, T, 0, 1, scale); /* (T, 1): each token's logit */
+        release(&s->gate, p);
+        for (int64_t t = 0; t < T; t++) scale[t] = 1.0f / (1.0f + expf(-scale[t]));
+    }
+    return grouped_experts(1, n, xs, &s->w_in, &s->w_out, act, token, scale, first, h, y);
+}
+
+/* y (T, D) += the shared experts of x (T, D) where `shared` is given (moekit_shared_tokens, into
+ * work: T (3 SW + 2 D + 1) floats), as MoELayer adds them: y + shared(x), element by element. */
+static int add_shared(const float *x, int64_t T, const shared_ref *shared,
+                      const activation_ref *act, float *work, float *y) {
+    if (shared == NULL) return 0;
+    const int64_t D = shared->w_out.O;
+    float *ys = work;
+    if (moekit_shared_tokens(x, T, shared, act, ys + T * D, ys)) return -1;
+    for (int64_t i = 0; i < T * D; i++) y[i] = y[i] + ys[i];
+    return 0;
+}
+
 /* The router's logits for T tokens x (T, D) (+ its bias; float32) and each token's top-k routing
  * (moekit_route_topk_f32): ids and weights (T, K) best first; scores: T E floats of scratch. */
 static void route_tokens(const float *x, int64_t T, const weight_ref *router,
@@ -101,16 +142,17 @@ static void route_tokens(const float *x, int64_t T, const weight_ref *router,
                               scores + t * E, ids + t * K, weights + t * K);
 }
 
-/* One token's MoE layer without shared experts: logits (E) = router x (+ its bias; float32), the
- * top-k routing of moekit_route_topk_f32 (ids and weights best first, into ids and weights), then
- * moekit_experts_one_token over the chosen experts in increasing expert order. w_in and w_out: the
- * E experts' weights, act their activation; scratch: 2E + K * (3F + D) floats. Returns as
- * moekit_experts_one_token. */
+/* One token's MoE layer: logits (E) = router x (+ its bias; float32), the top-k routing of
+ * moekit_route_topk_f32 (ids and weights best first, into ids and weights), then
+ * moekit_experts_one_token over the chosen experts in increasing expert order, then the shared
+ * experts added where given (add_shared; NULL: none). w_in and w_out: the E experts' weights, act
+ * their activation (and the shared experts'); scratch: max(2E + K (3F + D), 3 SW + 2 D + 1)
+ * floats. Returns as moekit_experts_one_token. */
 int moekit_moe_one_token(const float *x, const weight_ref *router, const float *expert_bias,
                          int64_t K, int sigmoid, int normalize, float scaling,
                          const weight_ref *w_in, const weight_ref *w_out,
-                         const activation_ref *act, float *scratch, int64_t *ids, float *weights,
-                         float *y) {
+                         const activation_ref *act, const shared_ref *shared, float *scratch,
+                         int64_t *ids, float *weights, float *y) {
     const int64_t E = router->O;
     float *logits = scratch, *scores = scratch + E, *h = scores + E;
     route_tokens(x, 1, router, expert_bias, K, sigmoid, normalize, scaling, logits, scores, ids,
@@ -127,19 +169,21 @@ int moekit_moe_one_token(const float *x, const weight_ref *router, const float *
         chosen_in[k] = w_in[ids[order[k]]], chosen_out[k] = w_out[ids[order[k]]];
         chosen_weights[k] = weights[order[k]];
     }
-    return moekit_experts_one_token(x, K, chosen_in, chosen_out, act, chosen_weights, h, y);
+    if (moekit_experts_one_token(x, K, chosen_in, chosen_out, act, chosen_weights, h, y))
+        return -1;
+    return add_shared(x, 1, shared, act, scratch, y);
 }
 
-/* T decoded tokens x (T, D) through the MoE layer without shared experts, each routed as
- * moekit_moe_one_token routes it (ids and weights (T, K)), then every chosen expert once, on its
- * tokens' rows together (tokens in order), as moekit's selected_experts_forward runs them: the
- * same products, the same sums. scratch: T (2E + K (3F + 2D)) floats. Returns as
- * grouped_experts. */
+/* T decoded tokens x (T, D) through the MoE layer, each routed as moekit_moe_one_token routes it
+ * (ids and weights (T, K)), then every chosen expert once, on its tokens' rows together (tokens
+ * in order), as moekit's selected_experts_forward runs them: the same products, the same sums;
+ * then the shared experts added where given (add_shared). scratch: T max(2E + K (3F + 2D), 3 SW +
+ * 2 D + 1) floats. Returns as grouped_experts. */
 int moekit_moe_tokens(const float *x, int64_t T, const weight_ref *router,
                       const float *expert_bias, int64_t K, int sigmoid, int normalize,
                       float scaling, const weight_ref *w_in, const weight_ref *w_out,
-                      const activation_ref *act, float *scratch, int64_t *ids, float *weights,
-                      float *y) {
+                      const activation_ref *act, const shared_ref *shared, float *scratch,
+                      int64_t *ids, float *weights, float *y) {
     const int64_t E = router->O, D = w_out[0].O, N = T * K;
     float *logits = scratch, *scores = logits + T * E, *xg = scores + T * E, *work = xg + N * D;
     route_tokens(x, T, router, expert_bias, K, sigmoid, normalize, scaling, logits, scores, ids,
@@ -166,5 +210,7 @@ int moekit_moe_tokens(const float *x, int64_t T, const weight_ref *router,
         if (r > r0)
             n[J] = r - r0, used_in[J] = w_in[e], used_out[J] = w_out[e], xs[J] = xg + r0 * D, J++;
     }
-    return grouped_experts(J, n, xs, used_in, used_out, act, token, weight, first, work, y);
+    if (grouped_experts(J, n, xs, used_in, used_out, act, token, weight, first, work, y))
+        return -1;
+    return add_shared(x, T, shared, act, scratch, y);
 }

@@ -69,7 +69,7 @@ class BlockPlan(ctypes.Structure):
         ("ffn_norm", _ptr), ("ffn_eps", ctypes.c_double),
         ("router", _ptr), ("expert_bias", _ptr), ("K", ctypes.c_int64),
         ("sigmoid", ctypes.c_int32), ("normalize", ctypes.c_int32), ("scaling", ctypes.c_float),
-        ("w_in", _ptr), ("w_out", _ptr), ("act", _ptr),
+        ("w_in", _ptr), ("w_out", _ptr), ("act", _ptr), ("shared", _ptr),
     ]  # fmt: skip
 
 
@@ -177,13 +177,13 @@ class _Decoder:
             zip(plans, layers, model.layers, strict=True)
         ):
             attn, window = block.attn, cfg.layer_window(i)
-            router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act = moe
+            router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act, shared = moe
             self.blocks[i] = BlockPlan(
                 *attn_norm, ctypes.addressof(refs), k.data_ptr(), v.data_ptr(), k.shape[2],
                 attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.head_dim**-0.5,
                 window if window is not None and window > 0 else 0,  # (decode_window's)
                 *ffn_norm, _address(router), bias, K, sigmoid, normalize, scaling,
-                _address(w_in), _address(w_out), _address(act),
+                _address(w_in), _address(w_out), _address(act), _address(shared),
             )  # fmt: skip
         self.embed = model.embed.weight
         V, D = self.embed.shape

@@ -1,0 +1,125 @@
+"""A MoE layer's shared experts (`SharedExperts`: one fused gated FFN, Qwen2-MoE's sigmoid gate
+or none) for a few decoded rows in one C call (moekit_shared_tokens), swapped in for their
+forward by `decode_glue.apply_decode_glue`; the MoE layer's and the whole block's C calls run the
+same function inside them (`c_shared`), so a layer or block with shared experts decodes in one
+call too, with the bits of the layer calls.
+
+Why (benchmarks/README.md, Decoding): a layer with shared experts ran its forward module by
+module (three products, the activation, the gate's sigmoid and product, the add: ~10 Python
+calls), and its block and the model's step left the one-call path, for every Qwen2-MoE and
+DeepSeek-style model. The reference, wherever this does not qualify (a hook on a module it would
+bypass, gradients, more rows, a projection the kernels do not read): `SharedExperts.forward`,
+which the C call matches to float32 rounding (it runs the C layers' SwiGLU and sigmoid, not
+torch's); tests/test_decode_shared.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor, nn
+
+from moekit.experts.experts import SharedExperts
+from moekit.inference.decode_glue import _hooked, _library, _plain
+from moekit.inference.decode_layers import (
+    MAX_ROWS,
+    WeightRef,
+    _buffers,
+    _cached,
+    activation_ref,
+    ops_ready,
+    projection_ref,
+)
+
+
+class SharedRef(ctypes.Structure):
+    """decode_glue.c's shared_ref: w_in (2 SW, D) and w_out (D, SW) with their biases; where gated,
+    the gate (1, D)."""
+
+    _fields_ = [("w_in", WeightRef), ("w_out", WeightRef), ("gate", WeightRef)]
+    _fields_ += [("gated", ctypes.c_int32)]
+
+
+def shared_modules(shared: SharedExperts) -> tuple[nn.Module, ...]:
+    """The modules whose work the C call does without calling them: the shared experts, their
+    projections and gate (read from the modules' own dicts: cheap)."""
+    own = shared._modules  # (a gate of None is an attribute, not in own)
+    gate = own.get("gate")
+    return (shared, own["w_in"], own["w_out"], *([] if gate is None else [gate]))
+
+
+def shared_ref(shared: SharedExperts) -> SharedRef | None:
+    """The shared experts as the C calls read them, or None where they cannot: projections the
+    decode kernels run (`projection_ref`: KernelLinear, QuantizedLinear) of the fused gated
+    FFN's shapes, a gate of one output, an activation the C layers compute, the forward the
+    glue's or the class's. Kept while the modules and their tensors stay."""
+    modules = shared_modules(shared)
+    extra = (*map(id, modules), shared.activation, shared.__dict__.get("forward"))
+    return _cached(shared, modules, lambda: _shared_ref(shared), extra)
+
+
+def _shared_ref(shared: SharedExperts) -> SharedRef | None:
+    forward = shared.__dict__.get("forward")
+    if forward is not None and getattr(forward, "func", None) is not shared_forward:
+        return None  # another forward put in its place: the C call would bypass it
+    w_in, w_out = projection_ref(shared.w_in), projection_ref(shared.w_out)
+    gate = None if shared.gate is None else projection_ref(shared.gate)
+    if w_in is None or w_out is None or (shared.gate is not None and gate is None):
+        return None
+    D, SW = w_out.O, w_out.I
+    if (w_in.O, w_in.I) != (2 * SW, D) or (gate is not None and (gate.O, gate.I) != (1, D)):
+        return None  # (an ungated activation has w_in (SW, D): activation_ref refuses it too)
+    if activation_ref(*shared.activation) is False:
+        return None
+    return SharedRef(w_in, w_out, WeightRef() if gate is None else gate, gate is not None)
+
+
+def c_shared(shared: SharedExperts | None) -> ctypes._CArgObject | None:
+    """The shared experts' argument of a MoE layer's or block's C call: byref of their
+    `shared_ref`, or None where the layer has none or the C call cannot run them (then the layer
+    adds `shared(x)` as its reference does); a hook on a module of theirs keeps them out."""
+    if shared is None or _hooked(*shared_modules(shared)):
+        return None
+    ref = shared_ref(shared)
+    return None if ref is None else ctypes.byref(ref)
+
+
+def shared_floats(shared: SharedExperts | None, rows: int) -> int:
+    """The scratch floats the C shared experts of `rows` rows take within a layer's call
+    (moekit_moe_tokens' add_shared: 3 SW + 2 D + 1 a row); 0 without shared experts."""
+    if shared is None:
+        return 0
+    D, SW = shared.w_out.out_features, shared.w_out.in_features
+    return rows * (3 * SW + 2 * D + 1)
+
+
+def shared_forward(shared: SharedExperts, x_TD: Tensor) -> Tensor:
+    """`SharedExperts.forward` for a few rows (at most MAX_ROWS) of plain float32 x with no
+    gradient anywhere, in one C call where `shared_ref` reads the modules and none of them is
+    hooked; the class's forward otherwise."""
+    D = shared.w_out.out_features
+    ref = None
+    if (
+        x_TD.dim() > 0
+        and x_TD.shape[-1] == D
+        and 0 < x_TD.numel() <= MAX_ROWS * D
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _plain(x_TD)
+        and ops_ready()
+        and not _hooked(*shared_modules(shared)[1:])  # (its own hooks ran: it was called)
+    ):
+        ref = shared_ref(shared)
+    if ref is None:
+        return SharedExperts.forward(shared, x_TD)
+    T = x_TD.numel() // D
+    y = x_TD.new_empty(x_TD.shape)
+    scratch = _buffers(shared_floats(shared, MAX_ROWS), 1)[0]  # one set a thread and shape
+    status = _library().moekit_shared_tokens(
+        x_TD.data_ptr(), T, ctypes.byref(ref), activation_ref(*shared.activation), scratch,
+        y.data_ptr(),
+    )  # fmt: skip
+    if status != 0:  # a product's x could not be prepared: the reference
+        return SharedExperts.forward(shared, x_TD)
+    return y
