@@ -296,14 +296,14 @@ def test_prefill_benchmark_quick(tmp_path):
     alternating fresh processes and agree on the last logits; `logits_agree` refuses a moved
     logit and another best token, and allows a near-tie."""
     bench = load_benchmark("prefill")
-    args = ["--quick", "--lengths", "3", "20", "--rounds", "2", "--before", "HEAD",
+    args = ["--quick", "--lengths", "3", "20", "--rounds", "1", "--before", "HEAD",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "p.json")]  # fmt: skip
     result = bench.main(args)
     assert (tmp_path / "p.json").exists() and result["logits_agree"]
     before, this = result["runs"]
     assert before.startswith("before (") and this == "this tree"
     for runs in result["runs"].values():
-        assert len(runs) == 2 and all(r[S]["tokens_per_s"] > 0 for r in runs for S in ("3", "20"))
+        assert len(runs) == 1 and all(r[S]["tokens_per_s"] > 0 for r in runs for S in ("3", "20"))
     assert set(result["speedup"]) == {"3", "20"}
     run = {"top_ids": [5, 3, 9, 1, 2, 4, 6, 7], "top_logits": [10.0, 9.0, 8.0, 7, 6, 5, 4, 3]}
     assert bench.logits_agree(run, run)
@@ -460,3 +460,26 @@ def test_train_step_profile_times_and_profiles_every_design(tmp_path):
     assert all(set(row) == names for row in ops.values())
     gaps = [row["fine-grained"] - row["dense"] for row in ops.values()]
     assert gaps == sorted(gaps, reverse=True)  # the fine-grained design's extra time first
+
+
+@pytest.mark.slow
+def test_shared_experts_benchmark_quick(tmp_path):
+    """This tree's run (a fresh process) times every scheme at batch 1 and 8, greedy and on a
+    fixed sequence; the summary's medians, speedups and agreement read two trees' rounds."""
+    bench = load_benchmark("shared_experts")
+    result = bench.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "s.json")])
+    assert (tmp_path / "s.json").exists() and result["first_logits_agree"]
+    (run,) = result["runs"]["this tree"]
+    figures = {"b1_greedy", "b1_fixed_sequence", "b8_greedy", "b8_fixed_sequence"}
+    assert set(run) == set(bench.SCHEMES) and all(
+        set(row) == figures and min(row.values()) > 0 for row in run.values()
+    )
+    assert result["greedy_tokens_agree_b8"] == dict.fromkeys(bench.SCHEMES, 1.0)
+    one = {s: {**dict.fromkeys(figures, 10.0), "first_logits": [1.0, -2.0],
+               "b8_greedy_tokens": [[1, 2], [3, 4]]} for s in bench.SCHEMES}  # fmt: skip
+    two = {s: {**r, "b1_greedy": 25.0, "first_logits": [1.0, -2.0001]} for s, r in one.items()}
+    summary = bench.summarise({"before": [one], "after": [two]})
+    assert summary["speedup"]["int4"]["b1_greedy"] == 2.5
+    assert summary["speedup"]["int4"]["b8_greedy"] == 1.0 and summary["first_logits_agree"]
+    moved = {s: {**r, "first_logits": [1.0, -2.01]} for s, r in one.items()}  # 0.01 > 2e-4
+    assert not bench.summarise({"before": [one], "after": [moved]})["first_logits_agree"]

@@ -1,0 +1,194 @@
+"""Decoding a MoE model with shared experts: this tree against the code of an earlier commit.
+
+Qwen2-MoE's models (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B) add a shared expert, gated by a sigmoid
+of its own product, to every MoE layer; DeepSeek's add ungated ones. The model here is
+decode.py's (8 layers, d_model 768, 8 experts top-2 of width 1024, vocab 32000) with a shared
+expert of width 2048 and Qwen2-MoE's gate: 251M parameters, built from a seed in each process (the
+same weights in every tree: the model's construction did not change). Each of fp32, bf16, int8 and
+int4 (head int8; decode.py's schemes) decodes with the decode kernels swapped in as `moekit
+generate` does, greedy and on a fixed random token sequence (the experts change every step as in
+real text), at batch 1 and 8: 64 new tokens after a 16-token prompt, decode tokens/s as
+decode.py's `side_by_side` measures it (the time of 64 tokens less that of 1).
+
+The trees run in fresh processes alternating `--rounds` times (the host's drift falls on both
+alike), this tree's and, with --before REV, the earlier commit's (a temporary git worktree); the
+results give each round's figures, the medians, and whether the trees' greedy tokens agree (the
+earlier code ran the shared experts' SwiGLU and sigmoid in torch, this one in C: float32 rounding
+apart, so long greedy runs of random weights may part; the first step's logits must agree to
+1e-4 or the run fails).
+
+    python benchmarks/shared_experts.py --before 6058765     # ~6 minutes, under the CPU lock
+    python benchmarks/shared_experts.py --quick --rounds 1   # scaled-down shapes (tests)
+
+Prints the JSON; writes benchmarks/results/shared_experts.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moekit.fileio import atomic_write_json
+from moekit.machine import machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (decode.py, llamacpp.py, kernel_ab.py)
+RESULTS = Path(__file__).resolve().parent / "results" / "shared_experts.json"
+REPO = Path(__file__).resolve().parent.parent
+SCHEMES = ("fp32", "bf16", "int8", "int4")
+LOGIT_TOLERANCE = 1e-4  # of the largest |logit|: how far the trees' first logits may differ
+
+
+def model_config(quick: bool):
+    """decode.py's model with a Qwen2-MoE shared expert (gated) of twice the experts' width."""
+    from decode import model_config as decode_model
+
+    cfg = decode_model(quick)
+    shared = cfg.moe.replace(n_shared_experts=1, d_shared=2 * cfg.moe.d_expert, shared_gate=True)
+    return cfg.replace(moe=shared)
+
+
+def measure(quick: bool) -> dict:
+    """In this process (whichever moekit is importable): each scheme's decode tokens/s."""
+    from decode import MOEKIT_QUANTIZED, side_by_side
+    from llamacpp import moekit_forced
+    from moekit import MoETransformer
+    from moekit.inference.decode_kernels import apply_decode_kernels
+    from moekit.model.generation import generate
+    from moekit.quant.modules import quantize_model
+
+    torch.manual_seed(0)
+    cfg = model_config(quick)
+    base = MoETransformer(cfg).eval()
+    n_new, prompt_len = (8, 8) if quick else (64, 16)
+    g = torch.Generator().manual_seed(1)
+    prompts = {B: torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g) for B in (1, 8)}
+    forced = torch.randint(0, cfg.vocab_size, (8, n_new), generator=g)
+    out: dict = {}
+    for scheme in SCHEMES:
+        config = MOEKIT_QUANTIZED.get(f"moekit_{scheme}")
+        model = base if config is None else quantize_model(_copy(base), config)
+        model = apply_decode_kernels(model)
+
+        def fixed(x, n, m=model):  # one forced token a step: the experts change as in real text
+            return moekit_forced(m, x, n, forced)
+
+        with torch.no_grad():
+            first = model(prompts[1]).logits[0, -1]
+        row = {"first_logits": first.tolist()}
+        for B, prompt in prompts.items():
+            gens = {"greedy": lambda x, n, m=model: generate(m, x, n), "fixed_sequence": fixed}
+            runs = side_by_side(gens, prompt, n_new, repeats=1 if quick else 3)
+            for mode, r in runs.items():
+                row[f"b{B}_{mode}"] = r["decode_tokens_per_s"]
+                if mode == "greedy":
+                    row[f"b{B}_greedy_tokens"] = r["tokens"].tolist()
+        out[scheme] = row
+        del model
+    return out
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def in_fresh_process(src: Path, quick: bool) -> dict:
+    """`measure` in a new process importing moekit from `src`."""
+    command = [sys.executable, __file__, "--child", *(["--quick"] if quick else [])]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"shared_experts.py: the run on {src} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--before", help="an earlier commit to time beside this tree")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="scaled-down shapes (tests)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    if args.child:
+        result = measure(args.quick)
+        print(json.dumps(result))
+        return result
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    from kernel_ab import git
+
+    trees = {"this tree": REPO / "src"}
+    with tempfile.TemporaryDirectory(prefix="shared-experts-before-") as tmp:
+        if args.before:
+            commit = git("rev-parse", "--verify", f"{args.before}^{{commit}}").strip()
+            git("worktree", "add", "--detach", tmp + "/tree", commit)
+            trees = {f"before ({commit[:10]})": Path(tmp) / "tree" / "src", **trees}
+        try:
+            runs: dict[str, list[dict]] = {name: [] for name in trees}
+            for _ in range(args.rounds):
+                for name, src in trees.items():
+                    runs[name].append(in_fresh_process(src, args.quick))
+        finally:
+            if args.before:
+                git("worktree", "remove", "--force", tmp + "/tree")
+    result = summarise(runs)
+    result = {
+        "benchmark": "shared_experts",
+        "machine": machine_info(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "commit": git("rev-parse", "HEAD").strip(),
+        "tree_changed_since": bool(git("status", "--porcelain", "--", "src").strip()),
+        **result,
+    }
+    atomic_write_json(args.out, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    if not result["first_logits_agree"]:
+        raise SystemExit("shared_experts.py: the trees' first logits disagree (see `runs`)")
+    return result
+
+
+def _figures(run: dict, figures: list[str]) -> dict:
+    """A round's tokens/s figures (its logits and tokens left out)."""
+    return {s: {k: v for k, v in run[s].items() if k in figures} for s in SCHEMES}
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Medians of each tree's rounds, the speedup of the last tree over the first, whether the
+    trees' first logits agree (LOGIT_TOLERANCE) and how many greedy tokens they share."""
+    figures = [k for k in runs[next(iter(runs))][0]["fp32"] if k.endswith(("greedy", "sequence"))]
+    medians = {
+        tree: {s: {f: statistics.median(r[s][f] for r in rs) for f in figures} for s in SCHEMES}
+        for tree, rs in runs.items()
+    }
+    first, last = runs[next(iter(runs))][0], runs[list(runs)[-1]][0]
+    agree, same_tokens = True, {}
+    for s in SCHEMES:
+        a, b = torch.tensor(first[s]["first_logits"]), torch.tensor(last[s]["first_logits"])
+        agree &= bool((a - b).abs().max() <= LOGIT_TOLERANCE * a.abs().max())
+        ta, tb = (torch.tensor(r[s]["b8_greedy_tokens"]) for r in (first, last))
+        same_tokens[s] = float((ta == tb).float().mean())
+    out = {
+        "median_tokens_per_s": medians,
+        "first_logits_agree": agree,
+        "greedy_tokens_agree_b8": same_tokens,
+        "runs": {tree: [_figures(r, figures) for r in rs] for tree, rs in runs.items()},
+    }
+    if len(runs) == 2:
+        before, after = medians.values()
+        out["speedup"] = {s: {f: after[s][f] / before[s][f] for f in figures} for s in SCHEMES}
+    return out
+
+
+if __name__ == "__main__":
+    main()
