@@ -6,10 +6,13 @@ tests/test_decode_layers.py and tests/test_decode_step.py (QWEN2_MOE, DEEPSEEK_S
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from tests.c_kernels import needs_c_kernels
-from tests.test_decode_layers import SCHEMES, _count_calls, _model
+from tests.c_kernels import decode_logits, needs_c_kernels
+from tests.test_decode_layers import SCHEMES, _count_calls, _model, _per_product
+from torch.nn.modules.module import register_module_forward_hook
 
 from moekit.experts.experts import SharedExperts
 from moekit.inference import decode_moe
@@ -70,29 +73,91 @@ def test_glued_shared_experts_are_their_forward_to_float32_rounding(
 
 
 def test_what_does_not_qualify_runs_the_class_forward(monkeypatch) -> None:
-    """17 rows, gradients wanted, a hook on a projection, an ungated activation, a forward put in
-    the glue's place: `SharedExperts.forward` itself (its bits), no C call."""
+    """17 rows, gradients wanted, an ungated activation, a w_out of another width than its
+    module says (a replaced weight: the scratch is sized from the module): `SharedExperts.forward`
+    itself (its bits), no C call."""
     model = _shared_model("gated")
     shared = model.moe_layers()[0].shared_experts
     calls = _count_calls(monkeypatch, ran_only=True)
 
-    def same(x: torch.Tensor) -> None:
-        assert torch.equal(shared(x), SharedExperts.forward(shared, x))
+    def same(module, x: torch.Tensor) -> None:
+        assert torch.equal(module(x), SharedExperts.forward(module, x))
 
     with torch.no_grad():
-        same(_x(17))
-    same(_x(2).requires_grad_())
-    handle = shared.w_in.register_forward_hook(lambda *args: None)
-    with torch.no_grad():
-        same(_x(2))
-    handle.remove()
+        same(shared, _x(17))
+    same(shared, _x(2).requires_grad_())
     gelu = _shared_model("two_ungated", activation="gelu").moe_layers()[0].shared_experts
+    wide = _shared_model("gated").moe_layers()[0].shared_experts
+    wide.w_out.weight = torch.nn.Parameter(torch.randn(64, 64))  # its in_features still 32
+    wide.w_in.weight = torch.nn.Parameter(torch.randn(128, 64))
     with torch.no_grad():
-        assert torch.equal(gelu(_x(2)), SharedExperts.forward(gelu, _x(2)))
+        same(gelu, _x(2))
+        same(wide, _x(2))
     assert _ran(calls) == {}
     with torch.no_grad():
         shared(_x(2))
-    assert _ran(calls) == {SHARED: 1}  # (the hook removed: C again)
+    assert _ran(calls) == {SHARED: 1}
+
+
+@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("where", ["w_in", "gate", "w_out", "global"])
+def test_a_hooked_projection_runs_its_hook_and_keeps_the_bits(monkeypatch, scheme, where):
+    """A hook on a shared projection, the gate, or a global one (a profiler's): the model's
+    decode logits bit for bit those without it (the projections called as modules, the rest the
+    C call's own arithmetic: moekit_shared_parts), and the hook ran at every step."""
+    model = _shared_model("biased_clamped", scheme)
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(8))
+    want = decode_logits(model, ids, 4)
+    seen = []
+    shared = model.moe_layers()[1].shared_experts
+    if where == "global":
+        handle = register_module_forward_hook(lambda m, a, out: seen.append(m is shared.w_out))
+    else:
+        module = getattr(shared, where)
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(True))
+    calls = _count_calls(monkeypatch, ran_only=True)
+    try:
+        got = decode_logits(model, ids, 4)
+    finally:
+        handle.remove()
+    assert torch.equal(got, want)
+    assert seen.count(True) == 7 and calls.get("moekit_shared_parts", 0) >= 6
+
+
+def test_a_shared_forward_put_in_place_after_decoding_is_called(monkeypatch) -> None:
+    """A forward put on the shared experts after the blocks' plans were built (their first
+    decoded token): the next decode calls it, at every step."""
+    model = _shared_model("gated")
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(9))
+    decode_logits(model, ids, 4)  # the plans are built
+    shared, called = model.moe_layers()[0].shared_experts, []
+    shared.forward = lambda x: called.append(x.shape) or torch.zeros_like(x)
+    decode_logits(model, ids, 4)
+    assert len(called) == 5  # the prefill and 4 steps
+
+
+def test_other_shared_experts_are_called_as_modules() -> None:
+    """A shared-experts module of another class, or computing another activation than the
+    routed experts' (the layer's call runs both with one): the layer calls it after its own C
+    call, whose logits then equal the layer's reference's."""
+    model = _shared_model("gated")
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(10))
+    other = model.moe_layers()[0]
+
+    class Halved(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    other.shared_experts = Halved(other.shared_experts)
+    reference = decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
+    assert torch.equal(decode_logits(model, ids, 4), reference)
+    model.moe_layers()[1].shared_experts.activation = ("clamped_swiglu", 1.702, 0.05)
+    reference = decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
+    assert torch.equal(decode_logits(model, ids, 4), reference)
 
 
 @pytest.mark.parametrize("scheme", [None, "int4"])

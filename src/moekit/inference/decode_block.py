@@ -20,6 +20,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
+from moekit.experts.experts import SharedExperts
 from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
 from moekit.inference.decode_layers import (
     _cached,
@@ -31,7 +32,7 @@ from moekit.inference.decode_layers import (
     ops_ready,
 )
 from moekit.inference.decode_moe import offloaded_qualifies, resident_args
-from moekit.inference.decode_shared import shared_floats, shared_modules, shared_ref
+from moekit.inference.decode_shared import layer_shared_ref, shared_floats, shared_modules
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
@@ -47,9 +48,9 @@ def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     attn, ffn = own["attn"], own["ffn"]
     if type(ffn) is not MoELayer or type(attn) is not Attention:
         return None
-    f = ffn._modules
-    shared = f.get("shared_experts")  # (a module, or None: then an attribute, not in f)
+    shared = ffn._modules.get("shared_experts")  # (a module, or None: an attribute, not there)
     shared = () if shared is None else shared_modules(shared)
+    f = ffn._modules
     return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"],
             *attention_modules(attn), *shared)  # fmt: skip
 
@@ -76,6 +77,8 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
         # the norms' eps, an instance attribute: getattr(m, "eps", None) cost 8 us a block and
         # token in the modules' failing __getattr__ (three quarters of this check)
         *(m.__dict__.get("eps") for m in modules),
+        # the shared experts' forward and activation (`decode_shared.shared_ref` reads them)
+        *((m.__dict__.get("forward"), m.activation) for m in modules if type(m) is SharedExperts),
     )
     return _cached(block, modules, lambda: _build_plan(block), extra)
 
@@ -107,7 +110,7 @@ def _build_plan(block: Block) -> tuple | None:
         return None
     refs, moe, shared = attention_weights(block.attn), resident_args(block.ffn), None
     if block.ffn.shared_experts is not None:
-        shared = shared_ref(block.ffn.shared_experts)
+        shared = layer_shared_ref(block.ffn)
         if shared is None:
             return None
         shared = ctypes.byref(shared)

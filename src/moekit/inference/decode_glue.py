@@ -262,6 +262,7 @@ def _library() -> ctypes.CDLL | None:
             "moekit_moe_one_token": ([ptr, ptr, ptr, *routing, *[ptr] * 8], i32),
             "moekit_moe_tokens": ([ptr, i64, ptr, ptr, *routing, *[ptr] * 8], i32),
             "moekit_shared_tokens": ([ptr, i64, *[ptr] * 4], i32),
+            "moekit_shared_parts": ([ptr, i64, i64, *[ptr] * 3], None),
             "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
             "moekit_block_attention_one_token": (
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr],

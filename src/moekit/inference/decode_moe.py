@@ -240,7 +240,7 @@ def moe_forward(
     x_TD = x.reshape(-1, D)
     y_TD = x.new_empty(x_TD.shape)
     T, args = x_TD.shape[0], resident_args(layer)
-    in_c = c_shared(shared) if args is not None else None  # (the offloaded add them after)
+    in_c = c_shared(layer) if args is not None else None  # (the offloaded add them after)
     # sized for MAX_ROWS tokens, whatever T: one set a thread and layer shape
     routed = MAX_ROWS * (2 * E + K * (3 * F + 2 * D))
     scratch, ids, weights = _buffers(max(routed, shared_floats(shared, MAX_ROWS)), MAX_ROWS * K)

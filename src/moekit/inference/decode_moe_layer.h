@@ -4,6 +4,21 @@
  * and the shared experts alone. Included by
  * decode_glue.c, after the weight references and the row functions the products run. */
 
+/* o (n) = the gated activation of gate g (n) and up u (n): act's (`glu`), or silu(g) * u where
+ * act is NULL (moekit_q_glu's SwiGLU, without needing the quantized kernels' library). */
+static void gated_activation(const float *g, const float *u, int64_t n, const activation_ref *act,
+                             float *o) {
+    if (act)
+        glu(g, u, n, act->clamped, act->alpha, act->limit, o);
+    else
+        for (int64_t f = 0; f < n; f++) o[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
+}
+
+/* s (T) = 1 / (1 + exp(-s)) in place: the shared experts' scales from their gate's logits. */
+static void sigmoid_scales(float *s, int64_t T) {
+    for (int64_t t = 0; t < T; t++) s[t] = 1.0f / (1.0f + expf(-s[t]));
+}
+
 /* Gated experts over grouped rows: expert j of J, w_in[j] (2F, D) = [W_gate; W_up] and w_out[j]
  * (D, F) (with their biases where the refs hold them), runs on its n[j] rows at xs[j] (D floats
  * each), each product over all n[j] rows at once as moekit's per-expert path computes it; the
@@ -40,12 +55,8 @@ static int grouped_experts(int64_t J, const int64_t *n, const float *const *xs,
             rows(&w_in[j], px[j], n[j], f0, f1, hj);
             rows(&w_in[j], px[j], n[j], F + f0, F + f1, hj);
             for (int64_t r = 0; r < n[j]; r++) {
-                const float *g = hj + r * 2 * F, *u = g + F;
-                float *o = a + (start[j] + r) * F;
-                if (act)
-                    glu(g + f0, u + f0, f1 - f0, act->clamped, act->alpha, act->limit, o + f0);
-                else /* moekit_q_glu's SwiGLU, without needing the quantized kernels' library */
-                    for (int64_t f = f0; f < f1; f++) o[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
+                const float *g = hj + r * 2 * F;
+                gated_activation(g + f0, g + F + f0, f1 - f0, act, a + (start[j] + r) * F + f0);
             }
         }
 #pragma omp single
@@ -112,9 +123,20 @@ int moekit_shared_tokens(const float *x, int64_t T, const shared_ref *s,
         if (p == NULL) return -1;
         rows(&s->gate, p, T, 0, 1, scale); /* (T, 1): each token's logit */
         release(&s->gate, p);
-        for (int64_t t = 0; t < T; t++) scale[t] = 1.0f / (1.0f + expf(-scale[t]));
+        sigmoid_scales(scale, T);
     }
     return grouped_experts(1, n, xs, &s->w_in, &s->w_out, act, token, scale, first, h, y);
+}
+
+/* moekit_shared_tokens' own arithmetic for a caller that runs the products itself (its
+ * projections called as modules, whose hooks then run): a (T, SW) = the activation of h (T, 2 SW)
+ * = [gate | up] rows, and where gate_logits (T) is given, those logits made the rows' scales in
+ * place, as moekit_shared_tokens computes both. */
+void moekit_shared_parts(const float *h, int64_t T, int64_t SW, const activation_ref *act,
+                         float *gate_logits, float *a) {
+    for (int64_t t = 0; t < T; t++)
+        gated_activation(h + t * 2 * SW, h + t * 2 * SW + SW, SW, act, a + t * SW);
+    if (gate_logits) sigmoid_scales(gate_logits, T);
 }
 
 /* y (T, D) += the shared experts of x (T, D) where `shared` is given (moekit_shared_tokens, into

@@ -31,6 +31,7 @@ from moekit.inference.decode_layers import (
     ops_ready,
     projection_ref,
 )
+from moekit.moe import MoELayer
 
 
 class SharedRef(ctypes.Structure):
@@ -41,9 +42,12 @@ class SharedRef(ctypes.Structure):
     _fields_ += [("gated", ctypes.c_int32)]
 
 
-def shared_modules(shared: SharedExperts) -> tuple[nn.Module, ...]:
+def shared_modules(shared: nn.Module) -> tuple[nn.Module, ...]:
     """The modules whose work the C call does without calling them: the shared experts, their
-    projections and gate (read from the modules' own dicts: cheap)."""
+    projections and gate (read from the modules' own dicts: cheap); the module alone where it is
+    not a `SharedExperts` (then no C call runs it)."""
+    if type(shared) is not SharedExperts:
+        return (shared,)
     own = shared._modules  # (a gate of None is an attribute, not in own)
     gate = own.get("gate")
     return (shared, own["w_in"], own["w_out"], *([] if gate is None else [gate]))
@@ -52,8 +56,8 @@ def shared_modules(shared: SharedExperts) -> tuple[nn.Module, ...]:
 def shared_ref(shared: SharedExperts) -> SharedRef | None:
     """The shared experts as the C calls read them, or None where they cannot: projections the
     decode kernels run (`projection_ref`: KernelLinear, QuantizedLinear) of the fused gated
-    FFN's shapes, a gate of one output, an activation the C layers compute, the forward the
-    glue's or the class's. Kept while the modules and their tensors stay."""
+    FFN's shapes (their modules' own), a gate of one output, an activation the C layers compute,
+    the forward the glue's or the class's. Kept while the modules and their tensors stay."""
     modules = shared_modules(shared)
     extra = (*map(id, modules), shared.activation, shared.__dict__.get("forward"))
     return _cached(shared, modules, lambda: _shared_ref(shared), extra)
@@ -67,28 +71,45 @@ def _shared_ref(shared: SharedExperts) -> SharedRef | None:
     gate = None if shared.gate is None else projection_ref(shared.gate)
     if w_in is None or w_out is None or (shared.gate is not None and gate is None):
         return None
-    D, SW = w_out.O, w_out.I
-    if (w_in.O, w_in.I) != (2 * SW, D) or (gate is not None and (gate.O, gate.I) != (1, D)):
-        return None  # (an ungated activation has w_in (SW, D): activation_ref refuses it too)
-    if activation_ref(*shared.activation) is False:
+    D, SW = shared.w_in.in_features, shared.w_out.in_features  # (scratch is sized from these)
+    if (
+        (w_in.O, w_in.I, w_out.O, w_out.I) != (2 * SW, D, D, SW)  # an ungated w_in is (SW, D)
+        or (shared.w_in.out_features, shared.w_out.out_features) != (2 * SW, D)
+        or (gate is not None and (gate.O, gate.I) != (1, D))
+        or activation_ref(*shared.activation) is False
+    ):
         return None
     return SharedRef(w_in, w_out, WeightRef() if gate is None else gate, gate is not None)
 
 
-def c_shared(shared: SharedExperts | None) -> ctypes._CArgObject | None:
-    """The shared experts' argument of a MoE layer's or block's C call: byref of their
-    `shared_ref`, or None where the layer has none or the C call cannot run them (then the layer
-    adds `shared(x)` as its reference does); a hook on a module of theirs keeps them out."""
-    if shared is None or _hooked(*shared_modules(shared)):
+def layer_shared_ref(layer: MoELayer) -> SharedRef | None:
+    """`shared_ref` of a MoE layer's shared experts where its C call can add them: `SharedExperts`
+    of the layer's width computing the routed experts' activation (the call runs both with one);
+    None otherwise, or without shared experts."""
+    shared, cfg = layer.shared_experts, layer.cfg
+    if type(shared) is not SharedExperts:
         return None
     ref = shared_ref(shared)
+    same = shared.activation == (cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+    return ref if ref is not None and same and cfg.d_model == ref.w_out.O else None
+
+
+def c_shared(layer: MoELayer) -> ctypes._CArgObject | None:
+    """The shared experts' argument of a MoE layer's C call: byref of `layer_shared_ref`, or None
+    where the layer has none, or they are hooked (a hook on any of `shared_modules`) or the C call
+    cannot run them: then the layer calls them after, as its reference does."""
+    shared = layer.shared_experts
+    if shared is None or _hooked(*shared_modules(shared)):
+        return None
+    ref = layer_shared_ref(layer)
     return None if ref is None else ctypes.byref(ref)
 
 
-def shared_floats(shared: SharedExperts | None, rows: int) -> int:
+def shared_floats(shared: nn.Module | None, rows: int) -> int:
     """The scratch floats the C shared experts of `rows` rows take within a layer's call
-    (moekit_moe_tokens' add_shared: 3 SW + 2 D + 1 a row); 0 without shared experts."""
-    if shared is None:
+    (add_shared: 3 SW + 2 D + 1 a row; `_shared_ref` holds the C's shapes to the modules'); 0
+    without shared experts the C calls run."""
+    if type(shared) is not SharedExperts:
         return 0
     D, SW = shared.w_out.out_features, shared.w_out.in_features
     return rows * (3 * SW + 2 * D + 1)
@@ -96,9 +117,10 @@ def shared_floats(shared: SharedExperts | None, rows: int) -> int:
 
 def shared_forward(shared: SharedExperts, x_TD: Tensor) -> Tensor:
     """`SharedExperts.forward` for a few rows (at most MAX_ROWS) of plain float32 x with no
-    gradient anywhere, in one C call where `shared_ref` reads the modules and none of them is
-    hooked; the class's forward otherwise."""
-    D = shared.w_out.out_features
+    gradient anywhere, in one C call where `shared_ref` reads the modules; where a projection or
+    the gate is hooked, those called as modules (their hooks run) and the rest in C, the same
+    bits (`_through_modules`); the class's forward otherwise."""
+    D = shared.w_in.in_features
     ref = None
     if (
         x_TD.dim() > 0
@@ -108,18 +130,37 @@ def shared_forward(shared: SharedExperts, x_TD: Tensor) -> Tensor:
         and not torch.compiler.is_compiling()
         and _plain(x_TD)
         and ops_ready()
-        and not _hooked(*shared_modules(shared)[1:])  # (its own hooks ran: it was called)
     ):
         ref = shared_ref(shared)
     if ref is None:
         return SharedExperts.forward(shared, x_TD)
+    act = activation_ref(*shared.activation)
+    if _hooked(*shared_modules(shared)[1:]):  # (its own hooks ran: it was called)
+        return _through_modules(shared, x_TD, act)
     T = x_TD.numel() // D
     y = x_TD.new_empty(x_TD.shape)
     scratch = _buffers(shared_floats(shared, MAX_ROWS), 1)[0]  # one set a thread and shape
     status = _library().moekit_shared_tokens(
-        x_TD.data_ptr(), T, ctypes.byref(ref), activation_ref(*shared.activation), scratch,
-        y.data_ptr(),
-    )  # fmt: skip
+        x_TD.data_ptr(), T, ctypes.byref(ref), act, scratch, y.data_ptr()
+    )
     if status != 0:  # a product's x could not be prepared: the reference
         return SharedExperts.forward(shared, x_TD)
     return y
+
+
+def _through_modules(shared: SharedExperts, x_TD: Tensor, act) -> Tensor:
+    """moekit_shared_tokens' result with the projections and gate called as modules (the decode
+    kernels' products, the C call's own, and their hooks), the activation and the gate's sigmoid
+    by the C call's own arithmetic (moekit_shared_parts): the same bits as the one call."""
+    h = shared.w_in(x_TD)
+    gate = None if shared.gate is None else shared.gate(x_TD).contiguous()
+    if not (_plain(h) and h.shape[-1] == 2 * shared.w_out.in_features):  # (a hook replaced it)
+        return SharedExperts.forward(shared, x_TD)
+    T, SW = h.numel() // h.shape[-1], h.shape[-1] // 2
+    a = h.new_empty(*h.shape[:-1], SW)
+    scales = None if gate is None else gate.float().contiguous()
+    _library().moekit_shared_parts(
+        h.data_ptr(), T, SW, act, None if scales is None else scales.data_ptr(), a.data_ptr()
+    )
+    y = shared.w_out(a)
+    return y if scales is None else y * scales
