@@ -14,8 +14,8 @@ The trees run in fresh processes alternating `--rounds` times (the host's drift 
 alike), this tree's and, with --before REV, the earlier commit's (a temporary git worktree); the
 results give each round's figures, the medians, and whether the trees' greedy tokens agree (the
 earlier code ran the shared experts' SwiGLU and sigmoid in torch, this one in C: float32 rounding
-apart, so long greedy runs of random weights may part; the first step's logits must agree to
-1e-4 or the run fails).
+apart, so long greedy runs of random weights may part; the first step's logits must agree within
+LOGIT_TOLERANCE or the run fails).
 
     python benchmarks/shared_experts.py --before 6058765     # ~6 minutes, under the CPU lock
     python benchmarks/shared_experts.py --quick --rounds 1   # scaled-down shapes (tests)
@@ -43,7 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # (decode.py, llamacpp
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_experts.json"
 REPO = Path(__file__).resolve().parent.parent
 SCHEMES = ("fp32", "bf16", "int8", "int4")
-LOGIT_TOLERANCE = 1e-4  # of the largest |logit|: how far the trees' first logits may differ
+# How far the trees' first logits may differ, as a fraction of the largest |logit|: float32
+# rounding for fp32 and bf16 (float x); int8 and int4 quantize their x to int8 per row, where a
+# last-bit change of one activation can move a code (prefill.py allows 5% there).
+LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-4, "int8": 1e-2, "int4": 1e-2}
 
 
 def model_config(quick: bool):
@@ -60,13 +63,14 @@ def measure(quick: bool) -> dict:
     from decode import MOEKIT_QUANTIZED, side_by_side
     from llamacpp import moekit_forced
     from moekit import MoETransformer
+    from moekit.cpu_memory import use_huge_pages
     from moekit.inference.decode_kernels import apply_decode_kernels
     from moekit.model.generation import generate
     from moekit.quant.modules import quantize_model
 
     torch.manual_seed(0)
     cfg = model_config(quick)
-    base = MoETransformer(cfg).eval()
+    base = MoETransformer(cfg).eval()  # kept unglued: `quantize_model` quantizes nn.Linear
     n_new, prompt_len = (8, 8) if quick else (64, 16)
     g = torch.Generator().manual_seed(1)
     prompts = {B: torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g) for B in (1, 8)}
@@ -74,8 +78,9 @@ def measure(quick: bool) -> dict:
     out: dict = {}
     for scheme in SCHEMES:
         config = MOEKIT_QUANTIZED.get(f"moekit_{scheme}")
-        model = base if config is None else quantize_model(_copy(base), config)
+        model = _copy(base) if config is None else quantize_model(_copy(base), config)
         model = apply_decode_kernels(model)
+        use_huge_pages(model)  # as `moekit generate` does (and decode.py for every model)
 
         def fixed(x, n, m=model):  # one forced token a step: the experts change as in real text
             return moekit_forced(m, x, n, forced)
@@ -172,15 +177,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         for tree, rs in runs.items()
     }
     first, last = runs[next(iter(runs))][0], runs[list(runs)[-1]][0]
-    agree, same_tokens = True, {}
+    diffs, same_tokens = {}, {}
     for s in SCHEMES:
         a, b = torch.tensor(first[s]["first_logits"]), torch.tensor(last[s]["first_logits"])
-        agree &= bool((a - b).abs().max() <= LOGIT_TOLERANCE * a.abs().max())
+        diffs[s] = float((a - b).abs().max() / a.abs().max())
         ta, tb = (torch.tensor(r[s]["b8_greedy_tokens"]) for r in (first, last))
         same_tokens[s] = float((ta == tb).float().mean())
     out = {
         "median_tokens_per_s": medians,
-        "first_logits_agree": agree,
+        "first_logits_max_difference": diffs,  # of the largest |logit|
+        "first_logits_agree": all(diffs[s] <= LOGIT_TOLERANCE[s] for s in SCHEMES),
         "greedy_tokens_agree_b8": same_tokens,
         "runs": {tree: [_figures(r, figures) for r in rs] for tree, rs in runs.items()},
     }
