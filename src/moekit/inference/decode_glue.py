@@ -30,6 +30,7 @@ from moekit.experts.experts import SharedExperts
 from moekit.inference.decode_kernels import MAX_ROWS, _plain
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
 from moekit.model.block import Block
+from moekit.model.mla import LatentAttention
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
 from moekit.routing.router import Router
@@ -197,14 +198,22 @@ def _cache_qualifies(
 
 def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     """Swap the glue into `model` for generation, in place: every nn.RMSNorm becomes a
-    `GlueRMSNorm` sharing its weight; every `Attention` (not latent attention) runs
-    `glue_cached_attention` and `decode_layers.attention_forward`, every MoE layer and its router
+    `GlueRMSNorm` sharing its weight; every `Attention` runs `glue_cached_attention` and
+    `decode_layers.attention_forward`, every `LatentAttention` `decode_mla.
+    latent_attention_forward` (its decode steps in the latent space), every MoE layer and its router
     `decode_moe.moe_forward` and `router_forward`, its shared experts
     `decode_shared.shared_forward`, every decoder block `decode_block.block_forward`.
     Nothing is copied: the model saves and deep-copies as before. Returns `model`;
     `remove_decode_glue` undoes it."""
     # here, not at the top: they build on this module's checks and library
-    from moekit.inference import decode_block, decode_layers, decode_moe, decode_shared, decode_step
+    from moekit.inference import (
+        decode_block,
+        decode_layers,
+        decode_mla,
+        decode_moe,
+        decode_shared,
+        decode_step,
+    )
 
     for name, module in list(model.named_modules()):
         if type(module) is nn.RMSNorm:
@@ -212,6 +221,8 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, Attention):
             module.cached_attention = glue_cached_attention
             module.forward = functools.partial(decode_layers.attention_forward, module)
+        elif isinstance(module, LatentAttention):
+            module.forward = functools.partial(decode_mla.latent_attention_forward, module)
         elif isinstance(module, MoELayer):
             module.forward = functools.partial(decode_moe.moe_forward, module)
             module.router.forward = functools.partial(decode_moe.router_forward, module.router)
@@ -232,7 +243,9 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             plain = nn.RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
             plain.weight = module.weight
             model.set_submodule(name, plain.train(module.training))
-        elif isinstance(module, Attention | MoELayer | Router | Block | SharedExperts):
+        elif isinstance(
+            module, Attention | LatentAttention | MoELayer | Router | Block | SharedExperts
+        ):
             module.__dict__.pop("forward", None)  # the class's own forward again
             if isinstance(module, Attention):
                 module.cached_attention = cached_attention

@@ -75,15 +75,7 @@ class LatentAttention(nn.Module):
         """x_BSD (B, S, D), rope = (cos, sin) (S, qk_rope_head_dim / 2) -> (B, S, D)."""
         m, H = self.m, self.n_heads
         B, S, _ = x_BSD.shape
-        q_nope, q_rope = self._queries(x_BSD).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
-        latent, k_rope = self.kv_a_proj(x_BSD).split([m.kv_lora_rank, m.qk_rope_head_dim], -1)
-        latent_B1SR = self.kv_a_norm(latent).view(B, 1, S, m.kv_lora_rank)
-        k_rope_B1Sr = k_rope.view(B, 1, S, m.qk_rope_head_dim)
-        if m.rope_interleave:
-            q_rope, k_rope_B1Sr = deinterleave(q_rope), deinterleave(k_rope_B1Sr)
-        q_rope, k_rope_B1Sr = apply_rope(q_rope, *rope), apply_rope(k_rope_B1Sr, *rope)
-        if cache is not None:
-            latent_B1SR, k_rope_B1Sr = cache.update(latent_B1SR, k_rope_B1Sr)
+        q_nope, q_rope, latent_B1SR, k_rope_B1Sr = self.latents(x_BSD, rope, cache)
         L = latent_B1SR.shape[2]
         kv_BHLe = self.kv_b_proj(latent_B1SR).view(B, L, H, -1).transpose(1, 2)
         k_nope, v_BHLv = kv_BHLe.split([m.qk_nope_head_dim, m.v_head_dim], -1)
@@ -98,6 +90,26 @@ class LatentAttention(nn.Module):
             scale=self.scale,
         )
         return self.o_proj(y_BHSv.transpose(1, 2).reshape(B, S, -1))
+
+    def latents(
+        self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], cache: LayerKVCache | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The queries' parts without and with position, q_nope (B, H, S, qk_nope_head_dim) and
+        q_rope (B, H, S, qk_rope_head_dim) rotated; the normalised latents (B, 1, L, Rkv) and
+        rotated keys (B, 1, L, qk_rope_head_dim) attended: the S new ones, after the cached ones
+        where `cache` holds them (which it then holds too)."""
+        m = self.m
+        B, S, _ = x_BSD.shape
+        q_nope, q_rope = self._queries(x_BSD).split([m.qk_nope_head_dim, m.qk_rope_head_dim], -1)
+        latent, k_rope = self.kv_a_proj(x_BSD).split([m.kv_lora_rank, m.qk_rope_head_dim], -1)
+        latent_B1SR = self.kv_a_norm(latent).view(B, 1, S, m.kv_lora_rank)
+        k_rope_B1Sr = k_rope.view(B, 1, S, m.qk_rope_head_dim)
+        if m.rope_interleave:
+            q_rope, k_rope_B1Sr = deinterleave(q_rope), deinterleave(k_rope_B1Sr)
+        q_rope, k_rope_B1Sr = apply_rope(q_rope, *rope), apply_rope(k_rope_B1Sr, *rope)
+        if cache is not None:
+            latent_B1SR, k_rope_B1Sr = cache.update(latent_B1SR, k_rope_B1Sr)
+        return q_nope, q_rope, latent_B1SR, k_rope_B1Sr
 
     def _queries(self, x_BSD: Tensor) -> Tensor:
         """(B, H, S, qk_nope_head_dim + qk_rope_head_dim)."""

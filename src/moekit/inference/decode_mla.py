@@ -1,0 +1,79 @@
+"""Multi-head latent attention's decode steps in the latent space (DeepSeek-V2's absorbed form),
+swapped in for `LatentAttention.forward` by `decode_glue.apply_decode_glue`.
+
+`LatentAttention.forward` expands every cached latent into per-head keys and values at each step:
+kv_b_proj over all L cached positions, L Rkv H (nope + v) multiply-adds a layer and token (16.8M
+a cached position for DeepSeek-V3's layers), so a decode step's cost grows with its context
+hundreds of times faster than its attention's. A step of a few queries here folds kv_b_proj's key
+rows into the queries and its value rows into the output instead (DeepSeek-AI 2024, *DeepSeek-V2*
+§2.1.2; vLLM's and llama.cpp's MLA decoding do the same):
+
+    q_lat = q_nope W_UK                  per head, W_UK (nope, Rkv): kv_b_proj's key rows
+    scores = ([q_lat | q_rope] . [c | k_rope]) * scale   over the cached latents c (every head
+                                         shares them: one product for all heads' queries)
+    o_lat = softmax(scores) c            per head (Rkv)
+    y = o_lat W_UV^T                     per head, W_UV (v, Rkv): kv_b_proj's value rows
+
+the same attention in another order (float32 rounding apart; tests/test_decode_mla.py), at H
+(2 Rkv + rope) multiply-adds a cached position instead of Rkv H (nope + v) + H (qk + v), plus
+kv_b_proj's weight once a step (dequantized where it is quantized).
+
+Where it does not apply the reference runs: no cache, more than MAX_ROWS new positions (a
+prefill, whose expansion is done once per position anyway), gradients, tracing, a kv_b_proj that
+is neither a float matrix of x's dtype nor a quantized one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.inference.decode_kernels import MAX_ROWS
+from moekit.model.attention import AttentionMask, LayerKVCache
+from moekit.model.mla import LatentAttention
+from moekit.quant.modules import QuantizedLinear
+
+
+def _kv_b_weight(attn: LatentAttention, dtype: torch.dtype) -> Tensor | None:
+    """kv_b_proj's weight (H (nope + v), Rkv) in `dtype`: a float matrix of that dtype as it is,
+    a quantized one dequantized (this step's copy); None for anything else."""
+    proj = attn.kv_b_proj
+    if type(proj) is QuantizedLinear:
+        return proj.weight_q.dequantize(dtype)
+    weight = getattr(proj, "weight", None)
+    if isinstance(weight, Tensor) and weight.dtype == dtype and weight.dim() == 2:
+        return weight.detach()
+    return None
+
+
+def latent_attention_forward(
+    attn: LatentAttention,
+    x_BSD: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache | None = None,
+) -> Tensor:
+    """`LatentAttention.forward` for a decode step of at most MAX_ROWS positions with a cache, in
+    the latent space (the module's docstring); the reference otherwise."""
+    B, S, _ = x_BSD.shape
+    weight = None
+    decoding = cache is not None and S <= MAX_ROWS
+    if decoding and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        weight = _kv_b_weight(attn, x_BSD.dtype)
+    if weight is None:
+        return LatentAttention.forward(attn, x_BSD, rope, mask, cache)
+    m, H = attn.m, attn.n_heads
+    nope, R = m.qk_nope_head_dim, m.kv_lora_rank
+    q_nope_BHSn, q_rope_BHSr, latent_B1LR, k_rope_B1Lr = attn.latents(x_BSD, rope, cache)
+    L = latent_B1LR.shape[2]
+    w_HeR = weight.view(H, nope + m.v_head_dim, R)
+    q_lat_BHSR = q_nope_BHSn @ w_HeR[:, :nope]  # (B, H, S, nope) @ (H, nope, R)
+    q_BHSe = torch.cat([q_lat_BHSR, q_rope_BHSr], dim=-1)
+    k_BLe = torch.cat([latent_B1LR, k_rope_B1Lr], dim=-1)[:, 0]
+    scores_BHSL = (q_BHSe.reshape(B, H * S, -1) @ k_BLe.transpose(1, 2)).view(B, H, S, L)
+    scores_BHSL = scores_BHSL * attn.scale
+    allowed_SL = mask.allowed(S, L, x_BSD.device)
+    probs_BHSL = scores_BHSL.masked_fill(~allowed_SL, float("-inf")).softmax(-1)
+    o_lat_BHSR = (probs_BHSL.view(B, H * S, L) @ latent_B1LR[:, 0]).view(B, H, S, R)
+    y_BHSv = o_lat_BHSR @ w_HeR[:, nope:].transpose(1, 2)  # (B, H, S, R) @ (H, R, v)
+    return attn.o_proj(y_BHSv.transpose(1, 2).reshape(B, S, H * m.v_head_dim))

@@ -1,0 +1,113 @@
+"""Latent attention's decode steps in the latent space (`moekit.inference.decode_mla`): the
+reference's (`LatentAttention.forward`, which expands the cached latents) logits to float32
+rounding at every step, one position or a few, with or without the low-rank query, a quantized
+kv_b_proj dequantized each step; exactly the reference wherever it does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.c_kernels import decode_logits
+from tests.test_decode_layers import _model
+
+from moekit.config import MLAConfig, QuantizeConfig
+from moekit.inference import decode_mla
+from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
+from moekit.model.attention import attention_mask
+from moekit.model.generation import KVCache
+from moekit.model.mla import LatentAttention
+from moekit.quant.modules import QuantizedLinear, dequantize_model, quantize_model
+
+# DeepSeek-V3's layout at a small width: a low-rank query, interleaved rotary dimensions
+MLA = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16)  # fmt: skip
+DIRECT_Q = MLA.replace(q_lora_rank=None, rope_interleave=False)
+
+
+def _mla_model(mla: MLAConfig = MLA, seed: int = 3, **overrides):
+    model = _model(seed, mla=mla, n_kv_heads=None, **overrides)
+    with torch.no_grad():  # keys that matter: scores far from uniform
+        for layer in model.layers:
+            layer.attn.kv_b_proj.weight.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("mla", [MLA, DIRECT_Q], ids=["q_lora", "direct_q"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_latent_decode_steps_give_the_references_logits(monkeypatch, mla, batch) -> None:
+    """A prefill (the reference's), then 12 steps in the latent space: the plain model's logits
+    to float32 rounding at every position; the greedy tokens the same."""
+    plain = _mla_model(mla)
+    glued = apply_decode_kernels(copy.deepcopy(plain))
+    ran = []
+    forward = decode_mla.latent_attention_forward
+
+    def counted(attn, x, *args, **kwargs):
+        ran.append(x.shape[1])
+        return forward(attn, x, *args, **kwargs)
+
+    monkeypatch.setattr(decode_mla, "latent_attention_forward", counted)
+    apply_decode_kernels(remove_decode_kernels(glued))  # (the glue now binds the counting one)
+    ids = torch.randint(0, 97, (batch, 16), generator=torch.Generator().manual_seed(5))
+    want, got = decode_logits(plain, ids, 4), decode_logits(glued, ids, 4)
+    assert ran.count(1) == 12 * 2  # 12 steps, 2 layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def _chunked_logits(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """The logits of `ids` run through one cache in chunks of these lengths."""
+    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1])
+    out, at = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(ids[:, at : at + n], kv_cache=cache, with_aux=False).logits)
+            at += n
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_few_positions_at_once_are_masked_as_the_reference(window) -> None:
+    """Three new positions a step over a cache (a speculative verification's: causal among
+    them), under full attention and a sliding window of 4: the reference's logits to float32
+    rounding."""
+    plain = _mla_model(MLA, seed=8, sliding_window=window)
+    glued = apply_decode_kernels(copy.deepcopy(plain))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    want, got = (_chunked_logits(m, ids, [6, 3, 3]) for m in (plain, glued))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_quantized_kv_b_proj_is_dequantized_for_the_step() -> None:
+    """int8 attention (kv_b_proj among it): each step dequantizes kv_b_proj's weight; the
+    dequantized model's reference logits to float32 rounding."""
+    model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention="int8"))
+    plain = dequantize_model(copy.deepcopy(model))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+    model = apply_decode_kernels(model)
+    assert type(model.layers[0].attn.kv_b_proj) is QuantizedLinear
+    got = decode_logits(model, ids, 4)
+    torch.testing.assert_close(got, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-4)
+
+
+def test_what_does_not_apply_runs_the_reference(monkeypatch) -> None:
+    """No cache, a prefill of more than 16 positions, gradients wanted, a kv_b_proj of another
+    dtype than x: the reference, no step in the latent space."""
+    model = _mla_model()
+    attn = model.layers[0].attn
+    calls = []
+    monkeypatch.setattr(
+        LatentAttention, "forward", lambda *args: calls.append(args[1].shape) or args[1]
+    )
+    x = torch.randn(1, 17, 64)
+    rope, cache = model._rope(0, 17, x.device), KVCache.for_model(model, 1, 18).layers[0]
+    step = decode_mla.latent_attention_forward
+    with torch.no_grad():
+        step(attn, x, rope, attention_mask(0, 17, None))  # no cache
+        step(attn, x, rope, attention_mask(0, 17, None), cache)  # 17 positions
+        with torch.autocast("cpu", enabled=False):
+            step(attn, x[:, :1].double(), rope, attention_mask(0, 1, None), cache)  # float64 x
+    step(attn, x[:, :1], rope, attention_mask(0, 1, None), cache)  # gradients
+    assert len(calls) == 4
