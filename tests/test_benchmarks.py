@@ -483,3 +483,17 @@ def test_shared_experts_benchmark_quick(tmp_path):
     assert summary["speedup"]["int4"]["b8_greedy"] == 1.0 and summary["first_logits_agree"]
     moved = {s: {**r, "first_logits": [1.0, -2.01]} for s, r in one.items()}  # 0.01 > 2e-4
     assert not bench.summarise({"before": [one], "after": [moved]})["first_logits_agree"]
+
+
+@pytest.mark.slow
+def test_latent_attention_benchmark_quick(tmp_path):
+    """Both contenders at every context and weights, timed, with the same last logits."""
+    bench = load_benchmark("latent_attention")
+    args = ["--quick", "--contexts", "4", "40", "--steps", "3", "--rounds", "1"]
+    result = bench.main([*args, "--out", str(tmp_path / "l.json")])
+    assert (tmp_path / "l.json").exists() and result["logits_agree"]
+    assert set(result["results"]) == {"float32", "int8"}
+    for by_context in result["results"].values():
+        assert set(by_context) == {"4", "40"}
+        for row in by_context.values():
+            assert min(row["tokens_per_s"].values()) > 0 and row["speedup"] > 0
