@@ -58,6 +58,28 @@ def git(*args: str) -> str:
     return done.stdout
 
 
+def runs_by_tree(before: str | None, rounds: int, prefix: str, run) -> dict[str, list]:
+    """`run(src)` on this tree's src/ and, given `before`, on that commit's (checked out into a
+    temporary git worktree named `prefix`..., removed after), the trees alternating `rounds` times
+    (the host's drift falls on both alike): {tree's name: each round's result}, the earlier first.
+    prefill.py's and shared_experts.py's fresh processes, each importing its tree's moekit."""
+    trees = {"this tree": Path(__file__).resolve().parent.parent / "src"}
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        if before:
+            commit = git("rev-parse", "--verify", f"{before}^{{commit}}").strip()
+            git("worktree", "add", "--detach", tmp + "/tree", commit)
+            trees = {f"before ({commit[:10]})": Path(tmp) / "tree" / "src", **trees}
+        try:
+            runs: dict[str, list] = {name: [] for name in trees}
+            for _ in range(rounds):
+                for name, src in trees.items():
+                    runs[name].append(run(src))
+        finally:
+            if before:
+                git("worktree", "remove", "--force", tmp + "/tree")
+    return runs
+
+
 def sources_at(rev: str, dest: Path) -> Path:
     """kernels.c and the files beside it (the bodies it includes) as they were at `rev`, written
     into `dest`; the path of that kernels.c."""

@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from moekit.machine import machine_info
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (this directory's modules: in main,
 # the parent's; a child runs another tree's moekit, which they may not import)
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.json"
-REPO = Path(__file__).resolve().parent.parent
 MODEL = "qwen3-30b-a3b"
 LOGIT_TOLERANCE = 0.05  # of the largest |logit|: how far the trees' last logits may differ
 
@@ -125,23 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.lengths) < 1 or args.rounds < 1:
         p.error("--lengths and --rounds must be >= 1")
     from big_model import write_model
-    from kernel_ab import git
+    from kernel_ab import git, runs_by_tree
 
     run, write_s = write_model(MODEL, args.quick, args.work)
-    trees = {"this tree": REPO / "src"}
-    with tempfile.TemporaryDirectory(prefix="prefill-before-") as tmp:
-        if args.before:
-            commit = git("rev-parse", "--verify", f"{args.before}^{{commit}}").strip()
-            git("worktree", "add", "--detach", tmp + "/tree", commit)
-            trees = {f"before ({commit[:10]})": Path(tmp) / "tree" / "src", **trees}
-        try:
-            runs: dict[str, list[dict]] = {name: [] for name in trees}
-            for _ in range(args.rounds):
-                for name, src in trees.items():
-                    runs[name].append(in_fresh_process(src, run, args.lengths))
-        finally:
-            if args.before:
-                git("worktree", "remove", "--force", tmp + "/tree")
+    runs = runs_by_tree(
+        args.before, args.rounds, "prefill-before-",
+        lambda src: in_fresh_process(src, run, args.lengths),
+    )  # fmt: skip
     every = [r for v in runs.values() for r in v]
     agree = all(logits_agree(every[0][str(S)], r[str(S)]) for r in every for S in args.lengths)
     result = {

@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,7 +40,6 @@ from moekit.machine import machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (decode.py, llamacpp.py, kernel_ab.py)
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_experts.json"
-REPO = Path(__file__).resolve().parent.parent
 SCHEMES = ("fp32", "bf16", "int8", "int4")
 # How far the trees' first logits may differ, as a fraction of the largest |logit|: float32
 # rounding where the products take float x (fp32, bf16, int8); int4's quantize x to int8 per row,
@@ -132,22 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    from kernel_ab import git
+    from kernel_ab import git, runs_by_tree
 
-    trees = {"this tree": REPO / "src"}
-    with tempfile.TemporaryDirectory(prefix="shared-experts-before-") as tmp:
-        if args.before:
-            commit = git("rev-parse", "--verify", f"{args.before}^{{commit}}").strip()
-            git("worktree", "add", "--detach", tmp + "/tree", commit)
-            trees = {f"before ({commit[:10]})": Path(tmp) / "tree" / "src", **trees}
-        try:
-            runs: dict[str, list[dict]] = {name: [] for name in trees}
-            for _ in range(args.rounds):
-                for name, src in trees.items():
-                    runs[name].append(in_fresh_process(src, args.quick))
-        finally:
-            if args.before:
-                git("worktree", "remove", "--force", tmp + "/tree")
+    runs = runs_by_tree(
+        args.before, args.rounds, "shared-experts-before-",
+        lambda src: in_fresh_process(src, args.quick),
+    )  # fmt: skip
     result = summarise(runs)
     result = {
         "benchmark": "shared_experts",
