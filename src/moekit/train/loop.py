@@ -130,11 +130,8 @@ class Trainer:
         checkpoint = check_run_dir(run_dir, resume, t.steps, tokenizer=t.data.tokenizer)
         fresh = checkpoint is None and t.init_from is not None
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
-        # a resumed run reads and keeps its tokenizer.json (a BPE trained again would differ)
-        self.keeps_tokenizer = checkpoint is not None and (run_dir / "tokenizer.json").is_file()
-        if self.keeps_tokenizer:  # and its config.json's record of it
-            self.cfg = cfg = with_run_tokenizer(run_dir, cfg)
-            t = cfg.train
+        cfg, self.keeps_tokenizer = with_run_tokenizer(run_dir, cfg, checkpoint is not None)
+        self.cfg, t = cfg, cfg.train
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = MoETransformer(cfg.model)

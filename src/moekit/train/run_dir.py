@@ -86,16 +86,18 @@ def check_no_other_files(run_dir: Path, tokenizer: str | None = None) -> None:
     )
 
 
-def with_run_tokenizer(run_dir: Path, cfg: RunConfig) -> RunConfig:
-    """`cfg` for resuming `run_dir`, which reads and keeps its own tokenizer.json: its
-    train.data.tokenizer and vocab_size as the run's config.json records them, so the config.json
-    the resumed run writes still says which tokenizer made its tokens. train.data.tokenizer="run"
-    (what a resumed run reads anyway) takes the recorded ones; any other tokenizer or vocab_size
-    than the recorded is refused, naming both (`moekit train --resume` names the override first,
-    cli.train.check_tokenizer_kept)."""
+def with_run_tokenizer(run_dir: Path, cfg: RunConfig, resumed: bool) -> tuple[RunConfig, bool]:
+    """(cfg, whether the run keeps its tokenizer.json). A `resumed` run holding a tokenizer.json
+    reads and keeps it (a BPE trained again would differ), and cfg takes the tokenizer and
+    vocab_size its config.json records, so the config.json it writes still says which tokenizer
+    made its tokens: train.data.tokenizer="run" (what it reads anyway) takes them; any other
+    tokenizer or vocab_size than the recorded is refused, naming both (`moekit train --resume`
+    names the override first, cli.train.check_tokenizer_kept)."""
+    if not (resumed and (run_dir / "tokenizer.json").is_file()):
+        return cfg, False
     path = run_dir / "config.json"
     if not path.is_file():  # nothing recorded to keep (a run directory without its config.json)
-        return cfg
+        return cfg, True
     recorded = RunConfig.from_file(path, RUN_FILE_REMEDY).train.data
     data = cfg.train.data
     kept = (recorded.tokenizer, recorded.vocab_size)
@@ -107,7 +109,7 @@ def with_run_tokenizer(run_dir: Path, cfg: RunConfig) -> RunConfig:
             'train.data.tokenizer="run")'
         )
     data = data.replace(tokenizer=recorded.tokenizer, vocab_size=recorded.vocab_size)
-    return cfg.replace(train=cfg.train.replace(data=data))
+    return cfg.replace(train=cfg.train.replace(data=data)), True
 
 
 def nothing_to_train(run_dir: Path, step: int, steps: int, recorded: int | None = None) -> str:
