@@ -80,21 +80,51 @@ def test_a_few_positions_at_once_are_masked_as_the_reference(window) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_quantized_kv_b_proj_is_dequantized_for_the_step() -> None:
-    """int8 attention (kv_b_proj among it): each step dequantizes kv_b_proj's weight; the
-    dequantized model's reference logits to float32 rounding."""
+def test_a_quantized_kv_b_proj_is_dequantized_for_the_step(monkeypatch) -> None:
+    """int8 attention (kv_b_proj among it): from QUANTIZED_MIN_POSITIONS cached positions on, each
+    step dequantizes kv_b_proj's weight; below, the reference runs (dequantizing cost more); the
+    dequantized model's logits to float32 rounding either way."""
     model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention="int8"))
     plain = dequantize_model(copy.deepcopy(model))
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
     model = apply_decode_kernels(model)
     assert type(model.layers[0].attn.kv_b_proj) is QuantizedLinear
-    got = decode_logits(model, ids, 4)
-    torch.testing.assert_close(got, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-4)
+    dequantized = []
+    weight_q = type(model.layers[0].attn.kv_b_proj.weight_q)
+    real = weight_q.dequantize
+    monkeypatch.setattr(weight_q, "dequantize", lambda *a: dequantized.append(1) or real(*a))
+    want = decode_logits(plain, ids, 4)
+    torch.testing.assert_close(decode_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
+    assert not dequantized  # 12 positions: below the threshold
+    monkeypatch.setattr(decode_mla, "QUANTIZED_MIN_POSITIONS", 6)
+    torch.testing.assert_close(decode_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
+    assert len(dequantized) == 2 * 7  # the steps over 6..12 positions, 2 layers
+
+
+def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:
+    """A bfloat16 model: its latent steps round as bfloat16 does, the reference's logits within
+    what bfloat16 allows (the two differ from float32 by as much)."""
+    plain = _mla_model().to(torch.bfloat16)
+    glued = apply_decode_kernels(copy.deepcopy(plain))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(11))
+    want, got = decode_logits(plain, ids, 4).float(), decode_logits(glued, ids, 4).float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_a_hooked_kv_b_proj_runs_the_reference() -> None:
+    """A hook on kv_b_proj (or a global one): the latent path would never call it; the reference
+    runs and the hook sees every call."""
+    model = apply_decode_kernels(_mla_model())
+    seen = []
+    model.layers[1].attn.kv_b_proj.register_forward_hook(lambda *args: seen.append(1))
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(12))
+    decode_logits(model, ids, 4)
+    assert len(seen) == 5  # the prefill and 4 steps
 
 
 def test_what_does_not_apply_runs_the_reference(monkeypatch) -> None:
     """No cache, a prefill of more than 16 positions, gradients wanted, a kv_b_proj of another
-    dtype than x: the reference, no step in the latent space."""
+    dtype than x, one with a bias or of a subclass: the reference, no step in the latent space."""
     model = _mla_model()
     attn = model.layers[0].attn
     calls = []
@@ -111,3 +141,10 @@ def test_what_does_not_apply_runs_the_reference(monkeypatch) -> None:
             step(attn, x[:, :1].double(), rope, attention_mask(0, 1, None), cache)  # float64 x
     step(attn, x[:, :1], rope, attention_mask(0, 1, None), cache)  # gradients
     assert len(calls) == 4
+    attn.kv_b_proj.bias = torch.nn.Parameter(torch.zeros(attn.kv_b_proj.out_features))
+    with torch.no_grad():
+        step(attn, x[:, :1], rope, attention_mask(0, 1, None), cache)  # a bias
+        attn.kv_b_proj.bias = None
+        attn.kv_b_proj.__class__ = type("Sub", (torch.nn.Linear,), {})
+        step(attn, x[:, :1], rope, attention_mask(0, 1, None), cache)  # a subclass
+    assert len(calls) == 6

@@ -14,9 +14,9 @@ from tests.c_kernels import decode_logits, needs_c_kernels
 from tests.test_decode_layers import SCHEMES, _count_calls, _model, _per_product
 from torch.nn.modules.module import register_module_forward_hook
 
-from moekit.experts.experts import SharedExperts
+from moekit.experts.experts import SharedExperts, activate_fast
 from moekit.inference import decode_moe
-from moekit.inference.decode_kernels import apply_decode_kernels
+from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
 from moekit.quant.modules import quantize_model
 
 pytestmark = needs_c_kernels
@@ -155,6 +155,10 @@ def test_other_shared_experts_are_called_as_modules() -> None:
     other.shared_experts = Halved(other.shared_experts)
     reference = decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
     assert torch.equal(decode_logits(model, ids, 4), reference)
+    glued_after = apply_decode_kernels(remove_decode_kernels(copy.deepcopy(model)))
+    assert "forward" not in glued_after.moe_layers()[0].shared_experts.__dict__  # not glued
+    reference = decode_logits(_per_product(copy.deepcopy(glued_after)), ids, 4)
+    assert torch.equal(decode_logits(glued_after, ids, 4), reference)
     model.moe_layers()[1].shared_experts.activation = ("clamped_swiglu", 1.702, 0.05)
     reference = decode_logits(_per_product(copy.deepcopy(model)), ids, 4)
     assert torch.equal(decode_logits(model, ids, 4), reference)
@@ -180,3 +184,35 @@ def test_a_layer_runs_its_shared_experts_in_its_own_call_with_the_same_bits(
         y_hooked, _ = decode_moe.moe_forward(layer, x, with_aux=False, decoding=True)
     assert _ran(calls) == {layer_call: 2, SHARED: 1} and len(seen) == 1
     assert torch.equal(y, y_hooked)
+
+
+def test_hooks_that_keep_or_replace_outputs_see_them_as_the_reference_would(monkeypatch) -> None:
+    """A gate hook keeping its output keeps the logits (not the sigmoid written over them); a
+    w_in hook returning a non-contiguous tensor, or a gate hook returning one logit for several
+    rows: each module called once, the rest as the class computes it."""
+    shared = _shared_model("gated").moe_layers()[0].shared_experts
+    x = _x(3)
+    with torch.no_grad():
+        want = shared(x)
+        kept = []
+        handle = shared.gate.register_forward_hook(lambda m, a, out: kept.append(out.clone()))
+        keep = shared.gate.register_forward_hook(lambda m, a, out: kept.append(out))
+        assert torch.equal(shared(x), want)
+        assert torch.equal(kept[0], kept[1])  # the module's output left as it returned it
+        handle.remove(), keep.remove()
+        calls = {"w_in": 0, "gate": 0}
+
+        def count(name, replace):
+            def hook(m, a, out):
+                calls[name] += 1
+                return replace(out)
+
+            return hook
+
+        shared.w_in.register_forward_hook(count("w_in", lambda out: out.t().contiguous().t()))
+        shared.gate.register_forward_hook(count("gate", lambda out: out[:1]))
+        h = shared.w_in(x)  # (the hooks' own results, as the reference reads them)
+        g = shared.gate(x)
+        calls.update(w_in=0, gate=0)
+        reference = shared.w_out(activate_fast(h, *shared.activation)) * torch.sigmoid(g)
+        assert torch.equal(shared(x), reference) and calls == {"w_in": 1, "gate": 1}

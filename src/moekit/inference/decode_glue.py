@@ -221,13 +221,13 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
         elif isinstance(module, Attention):
             module.cached_attention = glue_cached_attention
             module.forward = functools.partial(decode_layers.attention_forward, module)
-        elif isinstance(module, LatentAttention):
+        elif type(module) is LatentAttention:  # (a subclass's forward: another computation)
             module.forward = functools.partial(decode_mla.latent_attention_forward, module)
         elif isinstance(module, MoELayer):
             module.forward = functools.partial(decode_moe.moe_forward, module)
             module.router.forward = functools.partial(decode_moe.router_forward, module.router)
-            if module.shared_experts is not None:
-                shared = module.shared_experts
+            shared = module.shared_experts
+            if type(shared) is SharedExperts:  # (another class: its own forward, called after)
                 shared.forward = functools.partial(decode_shared.shared_forward, shared)
         elif type(module) is Block:  # (a subclass's forward would be another computation)
             module.forward = functools.partial(decode_block.block_forward, module)

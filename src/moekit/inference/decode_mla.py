@@ -14,36 +14,52 @@ rows into the queries and its value rows into the output instead (DeepSeek-AI 20
     o_lat = softmax(scores) c            per head (Rkv)
     y = o_lat W_UV^T                     per head, W_UV (v, Rkv): kv_b_proj's value rows
 
-the same attention in another order (float32 rounding apart; tests/test_decode_mla.py), at H
-(2 Rkv + rope) multiply-adds a cached position instead of Rkv H (nope + v) + H (qk + v), plus
-kv_b_proj's weight once a step (dequantized where it is quantized).
+the same attention in another order (the model dtype's rounding apart: float32's, or bfloat16's
+in a bfloat16 model; tests/test_decode_mla.py), at H (2 Rkv + rope) multiply-adds a cached
+position instead of Rkv H (nope + v) + H (qk + v), plus kv_b_proj's weight read once a layer and
+step (dequantized where it is quantized).
 
 Where it does not apply the reference runs: no cache, more than MAX_ROWS new positions (a
 prefill, whose expansion is done once per position anyway), gradients, tracing, a kv_b_proj that
-is neither a float matrix of x's dtype nor a quantized one.
+is not a plain projection (nn.Linear or the kernels' KernelLinear, no bias) of x's dtype or a
+quantized one, one with a hook (the latent path never calls it), a quantized one over fewer than
+QUANTIZED_MIN_POSITIONS cached positions. Both paths write the cache alike, so a generation may
+switch between them from one step to the next.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from moekit.inference.decode_kernels import MAX_ROWS
+from moekit.inference.decode_glue import _hooked
+from moekit.inference.decode_kernels import MAX_ROWS, KernelLinear
 from moekit.model.attention import AttentionMask, LayerKVCache
 from moekit.model.mla import LatentAttention
 from moekit.quant.modules import QuantizedLinear
 
+# A quantized kv_b_proj is dequantized whole each step (a layer's H (nope + v) Rkv weights): below
+# this many cached positions that costs more than expanding them (measured on latent_attention.py's
+# model, int8 attention: 0.84x at 1, 0.88x at 4, 0.99x at 16 positions), so the reference runs.
+QUANTIZED_MIN_POSITIONS = 32
 
-def _kv_b_weight(attn: LatentAttention, dtype: torch.dtype) -> Tensor | None:
-    """kv_b_proj's weight (H (nope + v), Rkv) in `dtype`: a float matrix of that dtype as it is,
-    a quantized one dequantized (this step's copy); None for anything else."""
-    proj = attn.kv_b_proj
-    if type(proj) is QuantizedLinear:
-        return proj.weight_q.dequantize(dtype)
-    weight = getattr(proj, "weight", None)
-    if isinstance(weight, Tensor) and weight.dtype == dtype and weight.dim() == 2:
-        return weight.detach()
-    return None
+
+def _kv_b_weight(attn: LatentAttention, dtype: torch.dtype, positions: int) -> Tensor | None:
+    """kv_b_proj's weight (H (nope + v), Rkv) in `dtype` for a step over `positions` cached
+    positions: a plain projection's float matrix of that dtype as it is, a quantized one's
+    dequantized (this step's copy; from QUANTIZED_MIN_POSITIONS on); None for anything else (a
+    bias, a subclass or a forward of its own, a hook, which the latent path would bypass)."""
+    proj, m = attn.kv_b_proj, attn.m
+    shape = (attn.n_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+    if proj.bias is not None or "forward" in proj.__dict__ or _hooked(proj):
+        return None
+    if type(proj) is QuantizedLinear and positions >= QUANTIZED_MIN_POSITIONS:
+        weight = proj.weight_q.dequantize(dtype)
+    elif type(proj) in (nn.Linear, KernelLinear) and proj.weight.dtype == dtype:
+        weight = proj.weight.detach()
+    else:
+        return None
+    return weight if weight.shape == shape and weight.is_contiguous() else None
 
 
 def latent_attention_forward(
@@ -59,7 +75,7 @@ def latent_attention_forward(
     weight = None
     decoding = cache is not None and S <= MAX_ROWS
     if decoding and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
-        weight = _kv_b_weight(attn, x_BSD.dtype)
+        weight = _kv_b_weight(attn, x_BSD.dtype, cache.length + S)
     if weight is None:
         return LatentAttention.forward(attn, x_BSD, rope, mask, cache)
     m, H = attn.m, attn.n_heads

@@ -20,7 +20,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from moekit.experts.experts import SharedExperts
+from moekit.experts.experts import SharedExperts, activate_fast
 from moekit.inference.decode_glue import _hooked, _library, _plain
 from moekit.inference.decode_layers import (
     MAX_ROWS,
@@ -151,16 +151,20 @@ def shared_forward(shared: SharedExperts, x_TD: Tensor) -> Tensor:
 def _through_modules(shared: SharedExperts, x_TD: Tensor, act) -> Tensor:
     """moekit_shared_tokens' result with the projections and gate called as modules (the decode
     kernels' products, the C call's own, and their hooks), the activation and the gate's sigmoid
-    by the C call's own arithmetic (moekit_shared_parts): the same bits as the one call."""
+    by the C call's own arithmetic (moekit_shared_parts): the same bits as the one call. Where a
+    hook replaced w_in's or the gate's output with something else, the rest as the class computes
+    it from what they returned (each module called once)."""
     h = shared.w_in(x_TD)
-    gate = None if shared.gate is None else shared.gate(x_TD).contiguous()
-    if not (_plain(h) and h.shape[-1] == 2 * shared.w_out.in_features):  # (a hook replaced it)
-        return SharedExperts.forward(shared, x_TD)
-    T, SW = h.numel() // h.shape[-1], h.shape[-1] // 2
+    gate = None if shared.gate is None else shared.gate(x_TD)
+    SW = shared.w_out.in_features
+    T = h.numel() // max(h.shape[-1], 1)
+    scales = None if gate is None else gate.to(torch.float32, copy=True).contiguous()
+    if not (_plain(h) and h.shape[-1] == 2 * SW and (scales is None or scales.numel() == T)):
+        y = shared.w_out(activate_fast(h, *shared.activation))
+        return y if gate is None else y * torch.sigmoid(gate)
     a = h.new_empty(*h.shape[:-1], SW)
-    scales = None if gate is None else gate.float().contiguous()
     _library().moekit_shared_parts(
         h.data_ptr(), T, SW, act, None if scales is None else scales.data_ptr(), a.data_ptr()
     )
     y = shared.w_out(a)
-    return y if scales is None else y * scales
+    return y if scales is None else y * scales.view(gate.shape)
