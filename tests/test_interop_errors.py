@@ -59,6 +59,8 @@ def test_unsupported_architecture_is_named(mixtral_dir: Path, tmp_path: Path) ->
         ({"model_type": None}, "config.json has no model_type (architectures: ['Mixtral"),
         # divided by before the rules ran: "a count it divides by is 0 (heads, say)"
         ({"num_attention_heads": 0}, "num_attention_heads (moekit's n_heads)=0 is invalid"),
+        # not "sliding_window (moekit's head_dim)=None": the one other key holding None
+        ({"hidden_size": "64"}, "hidden_size (moekit's d_model)='64' is invalid"),
     ],
 )
 def test_a_bad_config_value_is_named_by_its_config_json_key(
@@ -259,3 +261,14 @@ def test_deepseek_layers_after_the_last_are_no_longer_skipped(tmp_path: Path) ->
     edit_weights(folder, lambda t: t.update({"model.layers.3.eh_proj.weight": torch.ones(40, 80)}))
     with pytest.raises(CheckpointError, match=r"unexpected: model\.layers\.3\.eh_proj\.weight"):
         load_hf(folder)
+
+
+def test_a_head_width_not_given_is_the_rounded_down_quotient(mixtral_dir: Path) -> None:
+    """A config.json without head_dim whose hidden_size the heads do not divide: the head width
+    transformers computes (hidden_size // num_attention_heads, rounded down), not a refusal."""
+    from moekit.interop.hf import hf_model_config, read_hf_config
+
+    hf = read_hf_config(mixtral_dir)
+    hf = {k: v for k, v in hf.items() if k != "head_dim"}
+    hf |= {"num_attention_heads": 6, "num_key_value_heads": 2}
+    assert hf_model_config(hf).head_dim == hf["hidden_size"] // 6

@@ -104,12 +104,21 @@ HF_KEYS = {
 HF_NAMES = {**HF_KEYS, "n_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok"}
 
 
+def derived_head_dim(hf: HF) -> int | None:
+    """A config.json's head width where it gives none: hidden_size // num_attention_heads, rounded
+    down as transformers computes it (a width not divisible by the heads loads); None where either
+    is not a positive count, for the model's rules to name."""
+    width, heads = hf["hidden_size"], hf["num_attention_heads"]
+    counts = all(type(v) is int and v > 0 for v in (width, heads))
+    return width // heads if counts else None
+
+
 def common_from_hf(hf: HF) -> HF:
     """ModelConfig fields every architecture reads the same way."""
     return dict(
         **{field: hf[key] for field, key in HF_KEYS.items()},
         n_kv_heads=hf["num_key_value_heads"] or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or None,  # None: d_model // n_heads, once the rules passed
+        head_dim=hf.get("head_dim") or derived_head_dim(hf),
         rope_theta=rope_theta(hf),
         rope_scaling=rope_scaling(hf),
         tie_embeddings=bool(hf["tie_word_embeddings"]),

@@ -100,12 +100,12 @@ def read_hf_model_config(folder: str | Path) -> ModelConfig:
 
 def _in_hf_terms(message: str, hf: HF) -> str:
     """ "moe.top_k=10 is invalid..." -> "num_experts_per_tok (moekit's moe.top_k)=10 is ...": the
-    config.json key of HF_NAMES, or else the one key of `hf` holding the value named."""
+    config.json key of HF_NAMES, or else the one key of `hf` holding the value named (not None)."""
     field = re.match(r"((?:moe\.)?(\w+))=(\S+) ", message)
     if field is None:
         return message
     name = HF_NAMES.get(field.group(2))
-    if name is None:
+    if name is None and field.group(3) != "None":  # (None is every unset key's value)
         keys = [k for k, v in hf.items() if repr(v) == field.group(3)]
         name = keys[0] if len(keys) == 1 else None
     if name is None:

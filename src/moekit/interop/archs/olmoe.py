@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.architecture import Architecture
-from moekit.interop.configs import HF, common_from_hf, common_to_hf, moe_from_hf, moe_to_hf
+from moekit.interop.configs import (
+    HF,
+    common_from_hf,
+    common_to_hf,
+    derived_head_dim,
+    moe_from_hf,
+    moe_to_hf,
+)
 from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
 
@@ -14,8 +21,9 @@ def from_hf(hf: HF) -> ModelConfig:
         **moe_from_hf(hf, "num_experts", "intermediate_size"),
         normalize=bool(hf["norm_topk_prob"]),
     )
+    common = common_from_hf(hf) | {"head_dim": derived_head_dim(hf)}  # OLMoE reads no head_dim
     return ModelConfig(
-        **common_from_hf(hf),  # OLMoE has no head_dim: d_model // n_heads
+        **common,
         moe=moe,
         attn_bias=bool(hf["attention_bias"]),
         qk_norm="full",
