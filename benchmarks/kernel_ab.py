@@ -61,7 +61,8 @@ def git(*args: str) -> str:
 def runs_by_tree(before: str | None, rounds: int, prefix: str, run) -> dict[str, list]:
     """`run(src)` on this tree's src/ and, given `before`, on that commit's (checked out into a
     temporary git worktree named `prefix`..., removed after), the trees alternating `rounds` times
-    (the host's drift falls on both alike): {tree's name: each round's result}, the earlier first.
+    in ABBA order (the host's drift and a round's first place fall on both alike): {tree's name:
+    each round's result}, the earlier first.
     prefill.py's and shared_experts.py's fresh processes, each importing its tree's moekit."""
     trees = {"this tree": Path(__file__).resolve().parent.parent / "src"}
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
@@ -71,8 +72,8 @@ def runs_by_tree(before: str | None, rounds: int, prefix: str, run) -> dict[str,
             trees = {f"before ({commit[:10]})": Path(tmp) / "tree" / "src", **trees}
         try:
             runs: dict[str, list] = {name: [] for name in trees}
-            for _ in range(rounds):
-                for name, src in trees.items():
+            for i in range(rounds):
+                for name, src in list(trees.items())[:: -1 if i % 2 else 1]:
                     runs[name].append(run(src))
         finally:
             if before:

@@ -10,14 +10,15 @@ generate` does, greedy and on a fixed random token sequence (the experts change 
 real text), at batch 1 and 8: 64 new tokens after a 16-token prompt, decode tokens/s as
 decode.py's `side_by_side` measures it (the time of 64 tokens less that of 1).
 
-The trees run in fresh processes alternating `--rounds` times (the host's drift falls on both
-alike), this tree's and, with --before REV, the earlier commit's (a temporary git worktree); the
-results give each round's figures, the medians, and whether the trees' greedy tokens agree (the
-earlier code ran the shared experts' SwiGLU and sigmoid in torch, this one in C: float32 rounding
-apart, so long greedy runs of random weights may part; the first step's logits must agree within
-LOGIT_TOLERANCE or the run fails).
+The trees run in fresh processes alternating `--rounds` times, in ABBA order (the host's drift
+falls on both alike; `kernel_ab.runs_by_tree`), this tree's and, with --before REV, the earlier
+commit's (a temporary git worktree); the results give each round's figures, the medians, and
+whether the trees' greedy tokens agree (the earlier code ran the shared experts' SwiGLU and
+sigmoid in torch, this one in C: float32 rounding apart, so long greedy runs of random weights may
+part). The logits of one decode step through generate's step, at batch 1 and 8 (the paths timed),
+must agree within LOGIT_TOLERANCE or the run fails.
 
-    python benchmarks/shared_experts.py --before 6058765     # ~6 minutes, under the CPU lock
+    python benchmarks/shared_experts.py --before f09ef9a     # ~9 minutes, under the CPU lock
     python benchmarks/shared_experts.py --quick --rounds 1   # scaled-down shapes (tests)
 
 Prints the JSON; writes benchmarks/results/shared_experts.json (or --out).
@@ -41,7 +42,7 @@ from moekit.machine import machine_info
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (decode.py, llamacpp.py, kernel_ab.py)
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_experts.json"
 SCHEMES = ("fp32", "bf16", "int8", "int4")
-# How far the trees' first logits may differ, as a fraction of the largest |logit|: float32
+# How far the trees' step logits may differ, as a fraction of the largest |logit|: float32
 # rounding where the products take float x (fp32, bf16, int8); int4's quantize x to int8 per row,
 # where a last-bit change of one activation can move a code, and 8 layers of random weights carry
 # it on (1.2% in the first run; prefill.py allows 5% there).
@@ -84,9 +85,8 @@ def measure(quick: bool) -> dict:
         def fixed(x, n, m=model):  # one forced token a step: the experts change as in real text
             return moekit_forced(m, x, n, forced)
 
-        with torch.no_grad():
-            first = model(prompts[1]).logits[0, -1]
-        row = {"first_logits": first.tolist()}
+        steps = [_step_logits(model, prompts[B], forced[:B, :1]) for B in (1, 8)]
+        row = {"step_logits": torch.cat(steps).tolist()}
         for B, prompt in prompts.items():
             gens = {"greedy": lambda x, n, m=model: generate(m, x, n), "fixed_sequence": fixed}
             runs = side_by_side(gens, prompt, n_new, repeats=1 if quick else 3)
@@ -97,6 +97,18 @@ def measure(quick: bool) -> dict:
         out[scheme] = row
         del model
     return out
+
+
+def _step_logits(model, prompt: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The logits (B, V) of one decode step after `prompt`, through generate's step (the path
+    the timings take: one call where the tree has it)."""
+    from moekit.model.generation import KVCache, step_logits
+
+    B, P = prompt.shape
+    step = step_logits(model, KVCache.for_model(model, B, P + 1))
+    with torch.no_grad():
+        step(prompt)
+        return step(token)
 
 
 def _copy(model):
@@ -118,7 +130,7 @@ def in_fresh_process(src: Path, quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", help="an earlier commit to time beside this tree")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="scaled-down shapes (tests)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -147,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     atomic_write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    if not result["first_logits_agree"]:
-        raise SystemExit("shared_experts.py: the trees' first logits disagree (see `runs`)")
+    if not result["step_logits_agree"]:
+        raise SystemExit("shared_experts.py: the trees' step logits disagree (see `runs`)")
     return result
 
 
@@ -159,7 +171,7 @@ def _figures(run: dict, figures: list[str]) -> dict:
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
     """Medians of each tree's rounds, the speedup of the last tree over the first, whether the
-    trees' first logits agree (LOGIT_TOLERANCE) and how many greedy tokens they share."""
+    trees' step logits agree (LOGIT_TOLERANCE) and how many greedy tokens they share."""
     figures = [k for k in runs[next(iter(runs))][0]["fp32"] if k.endswith(("greedy", "sequence"))]
     medians = {
         tree: {s: {f: statistics.median(r[s][f] for r in rs) for f in figures} for s in SCHEMES}
@@ -168,14 +180,14 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     first, last = runs[next(iter(runs))][0], runs[list(runs)[-1]][0]
     diffs, same_tokens = {}, {}
     for s in SCHEMES:
-        a, b = torch.tensor(first[s]["first_logits"]), torch.tensor(last[s]["first_logits"])
+        a, b = torch.tensor(first[s]["step_logits"]), torch.tensor(last[s]["step_logits"])
         diffs[s] = float((a - b).abs().max() / a.abs().max())
         ta, tb = (torch.tensor(r[s]["b8_greedy_tokens"]) for r in (first, last))
         same_tokens[s] = float((ta == tb).float().mean())
     out = {
         "median_tokens_per_s": medians,
-        "first_logits_max_difference": diffs,  # of the largest |logit|
-        "first_logits_agree": all(diffs[s] <= LOGIT_TOLERANCE[s] for s in SCHEMES),
+        "step_logits_max_difference": diffs,  # of the largest |logit|
+        "step_logits_agree": all(diffs[s] <= LOGIT_TOLERANCE[s] for s in SCHEMES),
         "greedy_tokens_agree_b8": same_tokens,
         "runs": {tree: [_figures(r, figures) for r in rs] for tree, rs in runs.items()},
     }

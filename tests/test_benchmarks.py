@@ -468,21 +468,21 @@ def test_shared_experts_benchmark_quick(tmp_path):
     fixed sequence; the summary's medians, speedups and agreement read two trees' rounds."""
     bench = load_benchmark("shared_experts")
     result = bench.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "s.json")])
-    assert (tmp_path / "s.json").exists() and result["first_logits_agree"]
+    assert (tmp_path / "s.json").exists() and result["step_logits_agree"]
     (run,) = result["runs"]["this tree"]
     figures = {"b1_greedy", "b1_fixed_sequence", "b8_greedy", "b8_fixed_sequence"}
     assert set(run) == set(bench.SCHEMES) and all(
         set(row) == figures and min(row.values()) > 0 for row in run.values()
     )
     assert result["greedy_tokens_agree_b8"] == dict.fromkeys(bench.SCHEMES, 1.0)
-    one = {s: {**dict.fromkeys(figures, 10.0), "first_logits": [1.0, -2.0],
+    one = {s: {**dict.fromkeys(figures, 10.0), "step_logits": [1.0, -2.0],
                "b8_greedy_tokens": [[1, 2], [3, 4]]} for s in bench.SCHEMES}  # fmt: skip
-    two = {s: {**r, "b1_greedy": 25.0, "first_logits": [1.0, -2.0001]} for s, r in one.items()}
+    two = {s: {**r, "b1_greedy": 25.0, "step_logits": [1.0, -2.0001]} for s, r in one.items()}
     summary = bench.summarise({"before": [one], "after": [two]})
     assert summary["speedup"]["int4"]["b1_greedy"] == 2.5
-    assert summary["speedup"]["int4"]["b8_greedy"] == 1.0 and summary["first_logits_agree"]
-    moved = {s: {**r, "first_logits": [1.0, -2.01]} for s, r in one.items()}  # 0.01 > 2e-4
-    assert not bench.summarise({"before": [one], "after": [moved]})["first_logits_agree"]
+    assert summary["speedup"]["int4"]["b8_greedy"] == 1.0 and summary["step_logits_agree"]
+    moved = {s: {**r, "step_logits": [1.0, -2.01]} for s, r in one.items()}  # 0.005 > 1e-4
+    assert not bench.summarise({"before": [one], "after": [moved]})["step_logits_agree"]
 
 
 @pytest.mark.slow
