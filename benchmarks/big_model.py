@@ -23,6 +23,13 @@ that bound; offloaded within a budget a 16 GB laptop has.
     python benchmarks/big_model.py                    # both models, ~20 min and 30 GB of disk
     python benchmarks/big_model.py --models qwen3-30b-a3b --new-tokens 16
     python benchmarks/big_model.py --quick            # scaled-down shapes: a 20 s smoke run
+    python benchmarks/big_model.py --models qwen1.5-moe-a2.7b --before f09ef9a   # 10 GB of disk
+
+`--models qwen1.5-moe-a2.7b` (not a default) adds Qwen1.5-MoE-A2.7B's shapes: 60 experts top-4
+and a gated shared expert in every layer. `--before REV` also times the in-memory decode of an
+earlier commit's code on the same files, the two trees in fresh processes alternating `--rounds`
+times in ABBA order (`kernel_ab.runs_by_tree`): medians and the speedup in
+`in_memory_against_before`.
 
 Models are written under --work (default ~/.cache/moekit/big_model) and kept for reruns.
 Prints the JSON to stdout and writes benchmarks/results/big_model.json (or --out).
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +58,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "big_model.json"
 MODELS = {
     "qwen3-30b-a3b": QuantizeConfig(weights="int8", experts="int4"),
     "gpt-oss-20b": QuantizeConfig(weights="int8", experts="mxfp4"),
+    "qwen1.5-moe-a2.7b": QuantizeConfig(weights="int8", experts="int4"),  # a gated shared expert
 }
+DEFAULT_MODELS = ["qwen3-30b-a3b", "gpt-oss-20b"]
 WEIGHT_STD = 0.02
 # Scales giving random codes a standard deviation of ~WEIGHT_STD: uniform int4 codes -8..7 have
 # std 4.6, uniform int8 codes -127..127 std 73.3; uniform E2M1 codes have rms 2.93, so the
@@ -185,12 +195,14 @@ def decode(run: str, budget: str | None, prompt_len: int, new_tokens: int) -> di
     return result
 
 
-def decode_in_fresh_process(run: Path, budget: str | None, args) -> dict:
+def decode_in_fresh_process(run: Path, budget: str | None, args, src: Path | None = None) -> dict:
+    """`decode` in a new process, importing moekit from `src` (default: as this one does)."""
     command = [sys.executable, __file__, "--decode", str(run), "--prompt-len",
                str(args.prompt_len), "--new-tokens", str(args.new_tokens)]  # fmt: skip
     if budget is not None:
         command += ["--budget", budget]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    env = os.environ if src is None else {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-2000:]}
     return json.loads(done.stdout)
@@ -198,7 +210,9 @@ def decode_in_fresh_process(run: Path, budget: str | None, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS)
+    p.add_argument("--before", help="an earlier commit whose in-memory decode to time beside")
+    p.add_argument("--rounds", type=int, default=2, help="with --before: alternations (ABBA)")
     p.add_argument("--quick", action="store_true", help="scaled-down shapes (a smoke run)")
     p.add_argument("--budget", help="offload budget (default 6GB; quick 2MB)")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -225,6 +239,20 @@ def main(argv: list[str] | None = None) -> dict:
         run, write_s = write_model(name, args.quick, args.work)
         in_memory = decode_in_fresh_process(run, None, args)
         offloaded = decode_in_fresh_process(run, budget, args)
+        if args.before:  # the in-memory decode of both trees in fresh processes, alternating
+            from kernel_ab import runs_by_tree
+
+            by_tree = runs_by_tree(
+                args.before, args.rounds, "big-model-before-",
+                lambda src, run=run: decode_in_fresh_process(run, None, args, src),
+            )  # fmt: skip
+            medians = {
+                tree: statistics.median(r.get("tokens_per_s", 0.0) for r in runs)
+                for tree, runs in by_tree.items()
+            }
+            before, this = medians.values()
+            comparison = {"runs": by_tree, "median_tokens_per_s": medians}
+            comparison["speedup"] = this / before if before else None
         entry = {
             "config": MODELS[name].to_dict(),
             "file_bytes": (run / "checkpoints/step-000000/model.safetensors").stat().st_size,
@@ -232,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
             "in_memory": in_memory,
             "offloaded": offloaded,
         }
+        if args.before:
+            entry["in_memory_against_before"] = comparison
         if "active_bytes" in in_memory:
             bound = bandwidth / in_memory["active_bytes"]
             entry["bound_tokens_per_s"] = bound

@@ -17,11 +17,12 @@ from moekit.model.params import PARTS, format_count, parameter_breakdown, parame
 # counts the 48 routers, 12.6M, as active: they run for every token); OLMoE-1B-7B 6.92B / 1.28B
 # (Muennighoff et al. 2024, "6.9B / 1.3B"); DeepSeek-V3 671B without its MTP module / 37.6B
 # (DeepSeek-AI 2024 says 37B: see the test of the input embedding below); GPT-OSS-20B 20.9B / 4.19B
-# (OpenAI's model card: 20.91B / 3.61B, likewise).
+# (OpenAI's model card: 20.91B / 3.61B, likewise); Qwen1.5-MoE-A2.7B 14.3B / 2.7B (model card).
 PUBLISHED = {
     "mixtral-8x7b": ("46.7B", "12.9B"),
     "mixtral-8x22b": ("141B", "39.2B"),
     "qwen3-30b-a3b": ("30.5B", "3.35B"),
+    "qwen1.5-moe-a2.7b": ("14.3B", "2.69B"),
     "olmoe-1b-7b": ("6.92B", "1.28B"),
     "deepseek-v3": ("671B", "37.6B"),
     "gpt-oss-20b": ("20.9B", "4.19B"),
@@ -54,6 +55,25 @@ def test_deepseek_and_openai_count_active_without_the_input_embedding(
     model = meta_model(name)
     active = model.num_parameters(active=True, mtp=False) - cfg.vocab_size * cfg.d_model
     assert format_count(active) == published_active
+
+
+def test_the_qwen15_moe_preset_is_what_its_published_config_json_loads_as() -> None:
+    """Qwen/Qwen1.5-MoE-A2.7B's config.json (its entries that moekit reads), through the
+    qwen2_moe architecture's reader: the preset, field for field."""
+    from moekit.interop.hf import hf_model_config
+
+    published = {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "decoder_sparse_step": 1, "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21,
+        "moe_intermediate_size": 1408, "norm_topk_prob": False, "num_attention_heads": 16,
+        "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 16, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 5632,
+        "sliding_window": 32768, "tie_word_embeddings": False, "use_sliding_window": False,
+        "vocab_size": 151936,
+    }  # fmt: skip
+    assert hf_model_config(published) == ModelConfig.preset("qwen1.5-moe-a2.7b")
 
 
 def test_deepseek_v3_attention_is_latent_and_its_first_three_layers_dense() -> None:

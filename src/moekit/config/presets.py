@@ -59,6 +59,17 @@ def qwen3_30b_a3b() -> ModelConfig:
                        qk_norm="head", norm_eps=1e-6)
 
 
+def qwen15_moe_a27b() -> ModelConfig:
+    """Qwen1.5-MoE-A2.7B (Qwen/Qwen1.5-MoE-A2.7B): 14.3B total, 2.7B active; 60 experts top-4
+    (unnormalised weights) and one shared expert of width 5632 behind a sigmoid gate, q/k/v
+    biases."""
+    moe = MoEConfig(d_model=2048, d_expert=1408, n_experts=60, top_k=4, normalize=False,
+                    n_shared_experts=1, d_shared=5632, shared_gate=True, aux_loss_coef=0.001)
+    return ModelConfig(vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
+                       head_dim=128, d_ff=5632, moe=moe, max_seq_len=8192, rope_theta=1e6,
+                       norm_eps=1e-6, attn_bias="qkv")
+
+
 def olmoe_1b_7b() -> ModelConfig:
     """OLMoE-1B-7B (Muennighoff et al. 2024; allenai/OLMoE-1B-7B-0924): 6.9B total, 1.3B active;
     q/k norm over the full projections, unnormalised top-8 weights."""
@@ -144,6 +155,7 @@ MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "mixtral-8x7b": mixtral_8x7b,
     "mixtral-8x22b": mixtral_8x22b,
     "qwen3-30b-a3b": qwen3_30b_a3b,
+    "qwen1.5-moe-a2.7b": qwen15_moe_a27b,
     "olmoe-1b-7b": olmoe_1b_7b,
     "deepseek-v3": deepseek_v3,
     "gpt-oss-20b": gpt_oss_20b,
