@@ -24,6 +24,7 @@ from tests.interop_cases import (
 )
 
 from moekit import MoETransformer
+from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop import ARCHITECTURES, hf_model_config, load_hf, save_hf
 from moekit.interop.archs import ARCHS
 from moekit.model import generate
@@ -106,9 +107,15 @@ def test_layouts_differ_on_disk_as_transformers_expects(case: str, checkpoints: 
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys["fused"])
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["plain", "decode_kernels"])
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_generation_matches_token_for_token(case: str, checkpoints: dict) -> None:
+def test_greedy_generation_matches_token_for_token(case: str, kernels: bool, checkpoints) -> None:
+    """Plain PyTorch, and with the decode kernels and glue as `moekit generate` applies them
+    (one-call blocks and steps, shared experts in C, latent attention's steps in the latent
+    space, wherever each case qualifies): transformers' greedy tokens."""
     ours = load_hf(checkpoints[case])
+    if kernels:
+        ours = apply_decode_kernels(ours)
     theirs, _ = load_transformers(case, checkpoints[case])
     prompt = tokens(batch=1, length=6, seed=4)
     want = theirs.generate(
