@@ -74,6 +74,7 @@ def model_config(name: str, quick: bool) -> ModelConfig:
     if not quick:
         return cfg
     moe = cfg.moe.replace(d_model=256, d_expert=128 if name.startswith("qwen") else 256)
+    moe = moe.replace(d_shared=moe.d_shared and moe.d_shared // 8)
     return cfg.replace(
         d_model=256, n_layers=2, vocab_size=4096, moe=moe, head_dim=32, n_heads=8,
         n_kv_heads=2, d_ff=512, layer_types=cfg.layer_types and cfg.layer_types[:2],
@@ -230,7 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
     from decode import stream_bandwidth
 
     budget = args.budget or ("2MB" if args.quick else "6GB")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    from kernel_ab import git
+
     result = {"machine": machine_info(), "settings": vars(args) | {"budget": budget}}
+    result["commit"] = git("rev-parse", "HEAD").strip()
+    result["tree_changed_since"] = bool(git("status", "--porcelain", "--", "src").strip())
     result["settings"] = {k: str(v) for k, v in result["settings"].items()}
     result["stream_bandwidth"] = stream_bandwidth()
     bandwidth = result["stream_bandwidth"]["median"]
@@ -246,13 +253,16 @@ def main(argv: list[str] | None = None) -> dict:
                 args.before, args.rounds, "big-model-before-",
                 lambda src, run=run: decode_in_fresh_process(run, None, args, src),
             )  # fmt: skip
+            failed = [r["error"] for runs in by_tree.values() for r in runs if "error" in r]
+            if failed:  # (an older tree's moekit may lack what `decode` imports)
+                raise SystemExit(f"big_model.py: a --before run failed:\n{failed[0]}")
             medians = {
-                tree: statistics.median(r.get("tokens_per_s", 0.0) for r in runs)
+                tree: statistics.median(r["tokens_per_s"] for r in runs)
                 for tree, runs in by_tree.items()
             }
             before, this = medians.values()
             comparison = {"runs": by_tree, "median_tokens_per_s": medians}
-            comparison["speedup"] = this / before if before else None
+            comparison["speedup"] = this / before
         entry = {
             "config": MODELS[name].to_dict(),
             "file_bytes": (run / "checkpoints/step-000000/model.safetensors").stat().st_size,

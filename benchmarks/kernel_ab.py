@@ -63,7 +63,8 @@ def runs_by_tree(before: str | None, rounds: int, prefix: str, run) -> dict[str,
     temporary git worktree named `prefix`..., removed after), the trees alternating `rounds` times
     in ABBA order (the host's drift and a round's first place fall on both alike): {tree's name:
     each round's result}, the earlier first.
-    prefill.py's and shared_experts.py's fresh processes, each importing its tree's moekit."""
+    prefill.py's, shared_experts.py's and big_model.py's fresh processes, each importing its
+    tree's moekit."""
     trees = {"this tree": Path(__file__).resolve().parent.parent / "src"}
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         if before:

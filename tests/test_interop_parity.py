@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from tests.c_kernels import needs_c_kernels
 from tests.interop_cases import (
     CASES,
     hf_config,
@@ -24,7 +25,10 @@ from tests.interop_cases import (
 )
 
 from moekit import MoETransformer
+from moekit.inference import decode_mla
+from moekit.inference.decode_block import blocks_in_one_call
 from moekit.inference.decode_kernels import apply_decode_kernels
+from moekit.inference.decode_step import decodes_in_one_call
 from moekit.interop import ARCHITECTURES, hf_model_config, load_hf, save_hf
 from moekit.interop.archs import ARCHS
 from moekit.model import generate
@@ -107,15 +111,29 @@ def test_layouts_differ_on_disk_as_transformers_expects(case: str, checkpoints: 
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys["fused"])
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["plain", "decode_kernels"])
+@pytest.mark.parametrize(
+    "kernels", [False, pytest.param(True, marks=needs_c_kernels)], ids=["plain", "decode_kernels"]
+)
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_generation_matches_token_for_token(case: str, kernels: bool, checkpoints) -> None:
-    """Plain PyTorch, and with the decode kernels and glue as `moekit generate` applies them
-    (one-call blocks and steps, shared experts in C, latent attention's steps in the latent
-    space, wherever each case qualifies): transformers' greedy tokens."""
+def test_greedy_generation_matches_token_for_token(
+    case: str, kernels: bool, checkpoints, monkeypatch
+) -> None:
+    """Plain PyTorch, and with the decode kernels and glue as `moekit generate` applies them:
+    transformers' greedy tokens. With the kernels every grouped-query case decodes some blocks in
+    one C call (Qwen2-MoE's with its shared expert in C), Mixtral, OLMoE and GPT-OSS each whole
+    step (the others have a dense layer); DeepSeek-V3's latent attention takes latent steps."""
     ours = load_hf(checkpoints[case])
+    latent_steps = []  # the steps that took the latent path (it read kv_b_proj's weight)
     if kernels:
         ours = apply_decode_kernels(ours)
+        weight = decode_mla._kv_b_weight
+
+        def counted(*args):
+            w = weight(*args)
+            latent_steps.extend([] if w is None else [1])
+            return w
+
+        monkeypatch.setattr(decode_mla, "_kv_b_weight", counted)
     theirs, _ = load_transformers(case, checkpoints[case])
     prompt = tokens(batch=1, length=6, seed=4)
     want = theirs.generate(
@@ -123,6 +141,11 @@ def test_greedy_generation_matches_token_for_token(case: str, kernels: bool, che
     )[:, prompt.shape[1] :]
     got = generate(ours, prompt, 20)
     assert got.tolist() == want.tolist()
+    if kernels and case.startswith("deepseek"):
+        assert len(latent_steps) > 0
+    elif kernels:
+        assert blocks_in_one_call(ours) >= 1
+        assert decodes_in_one_call(ours) == (case in ("mixtral", "olmoe", "gpt_oss"))
 
 
 def test_sharded_checkpoint_has_an_index_and_loads_both_ways(checkpoints: dict, tmp_path) -> None:
