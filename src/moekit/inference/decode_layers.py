@@ -177,6 +177,23 @@ def ops_ready() -> bool:
     return True
 
 
+def decoded_rows(x: Tensor, D: int) -> int:
+    """The rows of x (..., D) where the C layers take them: at most MAX_ROWS of plain float32, no
+    gradient anywhere (generation's no_grad only: no cached view joins a graph), not traced, the
+    kernels' rows handed to C (`ops_ready`); 0 otherwise."""
+    if not (
+        x.dim() > 0
+        and x.shape[-1] == D
+        and 0 < x.numel() <= MAX_ROWS * D
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _plain(x)
+        and ops_ready()
+    ):
+        return 0
+    return x.numel() // D
+
+
 _scratch = threading.local()
 
 

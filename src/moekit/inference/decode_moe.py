@@ -30,8 +30,8 @@ from moekit.inference.decode_layers import (
     _buffers,
     _cached,
     activation_ref,
+    decoded_rows,
     float_ref,
-    ops_ready,
     quant_ref,
 )
 from moekit.inference.decode_shared import c_shared, shared_floats
@@ -200,18 +200,10 @@ def moe_step_qualifies(layer: MoELayer, x: Tensor, with_aux: bool, decoding: boo
     """What a call must be for the C layer, the layer's own settings aside: a decoding call of
     at most MAX_ROWS tokens (a decode step of a batch, a speculative verification) of plain
     float32 x, no aux, no gradients anywhere, not traced, router and experts unhooked."""
-    D = layer.cfg.d_model
+    T = decoded_rows(x, layer.cfg.d_model) if decoding and not with_aux else 0
     return (
-        not with_aux
-        and decoding
-        and x.dim() > 0
-        and 0 < x.numel() <= MAX_ROWS * D
-        and layer.selected_path(x.numel() // D, decoding)  # the reference's path at that count
-        and x.shape[-1] == D
-        and not torch.is_grad_enabled()  # generation's no_grad only: no cached view joins a graph
-        and not torch.compiler.is_compiling()
-        and _plain(x)
-        and ops_ready()
+        T > 0
+        and layer.selected_path(T, decoding)  # the reference's path at that count
         and not _hooked(layer.router, layer.experts)  # the layer's own hooks see it as any other
     )
 

@@ -28,7 +28,7 @@ from moekit.inference.decode_layers import (
     _buffers,
     _cached,
     activation_ref,
-    ops_ready,
+    decoded_rows,
     projection_ref,
 )
 from moekit.moe import MoELayer
@@ -120,24 +120,13 @@ def shared_forward(shared: SharedExperts, x_TD: Tensor) -> Tensor:
     gradient anywhere, in one C call where `shared_ref` reads the modules; where a projection or
     the gate is hooked, those called as modules (their hooks run) and the rest in C, the same
     bits (`_through_modules`); the class's forward otherwise."""
-    D = shared.w_in.in_features
-    ref = None
-    if (
-        x_TD.dim() > 0
-        and x_TD.shape[-1] == D
-        and 0 < x_TD.numel() <= MAX_ROWS * D
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and _plain(x_TD)
-        and ops_ready()
-    ):
-        ref = shared_ref(shared)
+    T = decoded_rows(x_TD, shared.w_in.in_features)
+    ref = shared_ref(shared) if T else None
     if ref is None:
         return SharedExperts.forward(shared, x_TD)
     act = activation_ref(*shared.activation)
     if _hooked(*shared_modules(shared)[1:]):  # (its own hooks ran: it was called)
         return _through_modules(shared, x_TD, act)
-    T = x_TD.numel() // D
     y = x_TD.new_empty(x_TD.shape)
     scratch = _buffers(shared_floats(shared, MAX_ROWS), 1)[0]  # one set a thread and shape
     status = _library().moekit_shared_tokens(
