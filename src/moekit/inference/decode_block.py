@@ -31,8 +31,8 @@ from moekit.inference.decode_layers import (
     norm_args,
     ops_ready,
 )
-from moekit.inference.decode_moe import offloaded_qualifies, resident_args
-from moekit.inference.decode_shared import layer_shared_ref, shared_floats, shared_modules
+from moekit.inference.decode_moe import layer_floats, offloaded_qualifies, resident_args
+from moekit.inference.decode_shared import layer_shared_ref, shared_modules
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
 from moekit.moe import MoEAux, MoELayer
@@ -127,11 +127,9 @@ def scratch_floats(block: Block, rows: int) -> int:
     """The C block's scratch for `rows` sequences' position: decode_glue.c's block_tokens', which
     covers moekit_block_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D), 3 SW + 2 D +
     1)) at one."""
-    attn, cfg = block.attn, block.ffn.cfg
-    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
+    attn = block.attn
     heads = (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
-    shared = shared_floats(block.ffn.shared_experts, 1)
-    return rows * (4 * D + max(heads, 2 * E + K * (3 * F + 2 * D), shared))
+    return rows * 4 * block.ffn.cfg.d_model + max(rows * heads, layer_floats(block.ffn, rows))
 
 
 def block_forward(

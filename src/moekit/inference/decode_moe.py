@@ -227,15 +227,13 @@ def moe_forward(
     same C call where `decode_shared.c_shared` reads them, else by calling them after."""
     if not (moe_step_qualifies(layer, x, with_aux, decoding) and _layer_qualifies(layer)):
         return MoELayer.forward(layer, x, token_ids, with_aux=with_aux, decoding=decoding)
-    cfg, shared = layer.cfg, layer.shared_experts
-    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
-    x_TD = x.reshape(-1, D)
+    shared = layer.shared_experts
+    x_TD = x.reshape(-1, layer.cfg.d_model)
     y_TD = x.new_empty(x_TD.shape)
     T, args = x_TD.shape[0], resident_args(layer)
     in_c = c_shared(layer) if args is not None else None  # (the offloaded add them after)
     # sized for MAX_ROWS tokens, whatever T: one set a thread and layer shape
-    routed = MAX_ROWS * (2 * E + K * (3 * F + 2 * D))
-    scratch, ids, weights = _buffers(max(routed, shared_floats(shared, MAX_ROWS)), MAX_ROWS * K)
+    scratch, ids, weights = _buffers(layer_floats(layer, MAX_ROWS), MAX_ROWS * layer.cfg.top_k)
     if args is not None and T == 1:
         status = _library().moekit_moe_one_token(
             x_TD.data_ptr(), *args, in_c, scratch, ids, weights, y_TD.data_ptr()
@@ -253,6 +251,15 @@ def moe_forward(
     if shared is not None and in_c is None:  # (the glue's `shared_forward`, as the reference)
         y_TD = y_TD + shared(x_TD)
     return y_TD.view(x.shape), None
+
+
+def layer_floats(layer: MoELayer, rows: int) -> int:
+    """The scratch floats the C MoE layer takes for `rows` tokens: moekit_moe_tokens' routing and
+    chosen experts (2 E + K (3 F + 2 D) a token, which covers moekit_moe_one_token's), or its
+    shared experts' after them (`decode_shared.shared_floats`), whichever is more."""
+    cfg = layer.cfg
+    D, E, K, F = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert
+    return max(rows * (2 * E + K * (3 * F + 2 * D)), shared_floats(layer.shared_experts, rows))
 
 
 def router_ref(router: Router) -> WeightRef | None:
