@@ -233,11 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
     budget = args.budget or ("2MB" if args.quick else "6GB")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    from kernel_ab import git
+    from kernel_ab import provenance
 
     result = {"machine": machine_info(), "settings": vars(args) | {"budget": budget}}
-    result["commit"] = git("rev-parse", "HEAD").strip()
-    result["tree_changed_since"] = bool(git("status", "--porcelain", "--", "src").strip())
+    result |= provenance()
     result["settings"] = {k: str(v) for k, v in result["settings"].items()}
     result["stream_bandwidth"] = stream_bandwidth()
     bandwidth = result["stream_bandwidth"]["median"]

@@ -58,6 +58,14 @@ def git(*args: str) -> str:
     return done.stdout
 
 
+def provenance() -> dict:
+    """Which code a result came from: HEAD's commit, and whether src/ had changed since."""
+    return {
+        "commit": git("rev-parse", "HEAD").strip(),
+        "tree_changed_since": bool(git("status", "--porcelain", "--", "src").strip()),
+    }
+
+
 def runs_by_tree(before: str | None, rounds: int, prefix: str, run) -> dict[str, list]:
     """`run(src)` on this tree's src/ and, given `before`, on that commit's (checked out into a
     temporary git worktree named `prefix`..., removed after), the trees alternating `rounds` times

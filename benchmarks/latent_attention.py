@@ -126,15 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--contexts plus --steps must fit {model_config(args.quick).max_seq_len}")
     torch.set_num_threads(2)
     measured, parameters = measure(args.quick, args.contexts, args.steps, args.rounds)
-    from kernel_ab import git
+    from kernel_ab import provenance
 
     worst = max(r["last_logits_difference"] for w in measured.values() for r in w.values())
     result = {
         "benchmark": "latent_attention",
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "commit": git("rev-parse", "HEAD").strip(),
-        "tree_changed_since": bool(git("status", "--porcelain", "--", "src").strip()),
+        **provenance(),
         "parameters": parameters,
         "results": measured,
         "logits_agree": worst <= LOGIT_TOLERANCE,

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.lengths) < 1 or args.rounds < 1:
         p.error("--lengths and --rounds must be >= 1")
     from big_model import write_model
-    from kernel_ab import git, runs_by_tree
+    from kernel_ab import provenance, runs_by_tree
 
     run, write_s = write_model(MODEL, args.quick, args.work)
     runs = runs_by_tree(
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "prefill",
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()} | {"model": MODEL},
-        "commit": git("rev-parse", "HEAD").strip(),
-        "tree_changed_since": bool(git("status", "--porcelain", "--", "src").strip()),
+        **provenance(),
         "write_s": write_s,
         "runs": runs,
         "median_tokens_per_s": {name: summary(v, args.lengths) for name, v in runs.items()},

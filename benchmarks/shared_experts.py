@@ -27,6 +27,7 @@ Prints the JSON; writes benchmarks/results/shared_experts.json (or --out).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -78,7 +79,8 @@ def measure(quick: bool) -> dict:
     out: dict = {}
     for scheme in SCHEMES:
         config = MOEKIT_QUANTIZED.get(f"moekit_{scheme}")
-        model = _copy(base) if config is None else quantize_model(_copy(base), config)
+        model = copy.deepcopy(base)
+        model = model if config is None else quantize_model(model, config)
         model = apply_decode_kernels(model)
         use_huge_pages(model)  # as `moekit generate` does (and decode.py for every model)
 
@@ -111,12 +113,6 @@ def _step_logits(model, prompt: torch.Tensor, token: torch.Tensor) -> torch.Tens
         return step(token)
 
 
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def in_fresh_process(src: Path, quick: bool) -> dict:
     """`measure` in a new process importing moekit from `src`."""
     command = [sys.executable, __file__, "--child", *(["--quick"] if quick else [])]
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    from kernel_ab import git, runs_by_tree
+    from kernel_ab import provenance, runs_by_tree
 
     runs = runs_by_tree(
         args.before, args.rounds, "shared-experts-before-",
@@ -153,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "shared_experts",
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "commit": git("rev-parse", "HEAD").strip(),
-        "tree_changed_since": bool(git("status", "--porcelain", "--", "src").strip()),
+        **provenance(),
         **result,
     }
     atomic_write_json(args.out, result)
