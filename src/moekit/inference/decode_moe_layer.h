@@ -102,10 +102,10 @@ int moekit_experts_one_token(const float *x, int64_t K, const weight_ref *w_in,
 
 /* The shared experts of a MoE layer (moekit's SharedExperts), fused into one gated FFN of width
  * SW: w_in (2SW, D) = [W_gate; W_up], w_out (D, SW), with their biases where the refs hold them;
- * where gated, the output scaled by sigmoid(x @ gate^T), gate (1, D) (Qwen2-MoE's shared gate). */
+ * the output scaled by sigmoid(x @ gate^T) where gate is (1, D) (Qwen2-MoE's shared gate), not
+ * where it has no rows (gate.O 0: ungated). */
 typedef struct {
     weight_ref w_in, w_out, gate;
-    int32_t gated;
 } shared_ref;
 
 /* y (T, D) = the shared experts of T tokens x (T, D): their rows through the one gated FFN as
@@ -118,7 +118,7 @@ int moekit_shared_tokens(const float *x, int64_t T, const shared_ref *s,
     const float *xs[1] = {x};
     unsigned char first[T > 0 ? T : 1];
     for (int64_t t = 0; t < T; t++) token[t] = t, first[t] = 1, scale[t] = 1.0f;
-    if (s->gated) {
+    if (s->gate.O) {
         void *p = prepared(&s->gate, x, T);
         if (p == NULL) return -1;
         rows(&s->gate, p, T, 0, 1, scale); /* (T, 1): each token's logit */

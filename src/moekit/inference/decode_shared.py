@@ -35,11 +35,10 @@ from moekit.moe import MoELayer
 
 
 class SharedRef(ctypes.Structure):
-    """decode_glue.c's shared_ref: w_in (2 SW, D) and w_out (D, SW) with their biases; where gated,
-    the gate (1, D)."""
+    """decode_glue.c's shared_ref: w_in (2 SW, D) and w_out (D, SW) with their biases; the gate
+    (1, D), or an empty ref (O 0) where ungated."""
 
     _fields_ = [("w_in", WeightRef), ("w_out", WeightRef), ("gate", WeightRef)]
-    _fields_ += [("gated", ctypes.c_int32)]
 
 
 def shared_modules(shared: nn.Module) -> tuple[nn.Module, ...]:
@@ -79,7 +78,7 @@ def _shared_ref(shared: SharedExperts) -> SharedRef | None:
         or activation_ref(*shared.activation) is False
     ):
         return None
-    return SharedRef(w_in, w_out, WeightRef() if gate is None else gate, gate is not None)
+    return SharedRef(w_in, w_out, WeightRef() if gate is None else gate)
 
 
 def layer_shared_ref(layer: MoELayer) -> SharedRef | None:
