@@ -474,7 +474,7 @@ def test_shared_experts_benchmark_quick(tmp_path):
     assert set(run) == set(bench.SCHEMES) and all(
         set(row) == figures and min(row.values()) > 0 for row in run.values()
     )
-    assert result["greedy_tokens_agree_b8"] == dict.fromkeys(bench.SCHEMES, 1.0)
+    assert result["greedy_tokens_agree_b8"] == dict.fromkeys(bench.SCHEMES, 1.0)  # (itself)
     one = {s: {**dict.fromkeys(figures, 10.0), "step_logits": [1.0, -2.0],
                "b8_greedy_tokens": [[1, 2], [3, 4]]} for s in bench.SCHEMES}  # fmt: skip
     two = {s: {**r, "b1_greedy": 25.0, "step_logits": [1.0, -2.0001]} for s, r in one.items()}
@@ -483,6 +483,10 @@ def test_shared_experts_benchmark_quick(tmp_path):
     assert summary["speedup"]["int4"]["b8_greedy"] == 1.0 and summary["step_logits_agree"]
     moved = {s: {**r, "step_logits": [1.0, -2.01]} for s, r in one.items()}  # 0.005 > 1e-4
     assert not bench.summarise({"before": [one], "after": [moved]})["step_logits_agree"]
+    parted = {s: {**r, "b8_greedy_tokens": [[1, 2], [3, 5]]} for s, r in one.items()}
+    assert bench.summarise({"before": [one], "after": [parted]})["greedy_tokens_agree_b8"] == (
+        dict.fromkeys(bench.SCHEMES, 0.75)
+    )
 
 
 @pytest.mark.slow
