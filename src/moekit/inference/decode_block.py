@@ -48,9 +48,9 @@ def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     attn, ffn = own["attn"], own["ffn"]
     if type(ffn) is not MoELayer or type(attn) is not Attention:
         return None
-    shared = ffn._modules.get("shared_experts")  # (a module, or None: an attribute, not there)
-    shared = () if shared is None else shared_modules(shared)
     f = ffn._modules
+    shared = f.get("shared_experts")  # (a module, or None: an attribute, not in f)
+    shared = () if shared is None else shared_modules(shared)
     return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"],
             *attention_modules(attn), *shared)  # fmt: skip
 
@@ -108,16 +108,14 @@ def _build_plan(block: Block) -> tuple | None:
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
     if None in norms:
         return None
-    refs, moe, shared = attention_weights(block.attn), resident_args(block.ffn), None
-    if block.ffn.shared_experts is not None:
+    refs, moe = attention_weights(block.attn), resident_args(block.ffn)
+    if moe is not None:  # its shared experts in the same call, where it has any
         shared = layer_shared_ref(block.ffn)
-        if shared is None:
+        if shared is None and block.ffn.shared_experts is not None:
             return None
-        shared = ctypes.byref(shared)
-    if moe is None and offloaded_qualifies(block.ffn):
+        moe = (*moe, None if shared is None else ctypes.byref(shared))
+    elif offloaded_qualifies(block.ffn):
         moe = OFFLOADED  # (its MoE layer is called: it adds its shared experts itself)
-    elif moe is not None:
-        moe = (*moe, shared)
     if refs is None or moe is None or refs.q.I != D:
         return None
     return norms, refs, moe, scratch_floats(block, 1)
