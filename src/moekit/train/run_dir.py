@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moekit.config import RUN_FILE_REMEDY, RunConfig
+from moekit.config import RunConfig
 from moekit.data.tokenizer import CHAT_FILES
 from moekit.fileio import check_no_file_in_the_way
 from moekit.train.checkpoint import (
@@ -18,6 +18,7 @@ from moekit.train.checkpoint import (
     refuse_quantized,
 )
 from moekit.train.metrics import read_metrics
+from moekit.train.sample import read_run_config
 from moekit.userfiles import open_safetensors
 
 
@@ -95,10 +96,9 @@ def with_run_tokenizer(run_dir: Path, cfg: RunConfig, resumed: bool) -> tuple[Ru
     names the override first, cli.train.check_tokenizer_kept)."""
     if not (resumed and (run_dir / "tokenizer.json").is_file()):
         return cfg, False
-    path = run_dir / "config.json"
-    if not path.is_file():  # nothing recorded to keep (a run directory without its config.json)
+    if not (run_dir / "config.json").is_file():  # nothing recorded to keep
         return cfg, True
-    recorded = RunConfig.from_file(path, RUN_FILE_REMEDY).train.data
+    recorded = read_run_config(run_dir).train.data
     data = cfg.train.data
     kept = (recorded.tokenizer, recorded.vocab_size)
     if data.tokenizer != "run" and (data.tokenizer, data.vocab_size) != kept:
