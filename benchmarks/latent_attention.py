@@ -15,6 +15,8 @@ the reference).
 
     python benchmarks/latent_attention.py                  # ~5 minutes, under the CPU lock
     python benchmarks/latent_attention.py --quick          # scaled-down shapes (tests)
+    python benchmarks/latent_attention.py --contexts 1 8 16 32 64 --steps 8 \
+        --quantized-min-positions 0    # where dequantizing kv_b_proj each step starts to win
 
 Prints the JSON; writes benchmarks/results/latent_attention.json (or --out).
 """
@@ -119,7 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="scaled-down shapes (tests)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--quantized-min-positions", type=int, default=decode_mla.QUANTIZED_MIN_POSITIONS,
+        help="cached positions from which a quantized kv_b_proj takes the latent path "
+        "(0: always; to measure where that starts to win)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    decode_mla.QUANTIZED_MIN_POSITIONS = args.quantized_min_positions
     if min(args.contexts) < 1 or args.steps < 1 or args.rounds < 1:
         p.error("--contexts, --steps and --rounds must be >= 1")
     if max(args.contexts) + args.steps > model_config(args.quick).max_seq_len:

@@ -39,8 +39,9 @@ from moekit.model.mla import LatentAttention
 from moekit.quant.modules import QuantizedLinear
 
 # A quantized kv_b_proj is dequantized whole each step (a layer's H (nope + v) Rkv weights): below
-# this many cached positions that costs more than expanding them (measured on latent_attention.py's
-# model, int8 attention: 0.84x at 1, 0.88x at 4, 0.99x at 16 positions), so the reference runs.
+# this many cached positions that costs about what expanding them does or more, so the reference
+# runs (latent_attention.py's model, int8 attention, the latent path at every length: 0.73x at 1,
+# 0.96x at 8, 1.02x at 16, 1.21x at 32, 1.35x at 64; results/latent_attention_intel_threshold.json).
 QUANTIZED_MIN_POSITIONS = 32
 
 
