@@ -133,15 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
     if max(args.contexts) + args.steps > model_config(args.quick).max_seq_len:
         p.error(f"--contexts plus --steps must fit {model_config(args.quick).max_seq_len}")
     torch.set_num_threads(2)
-    measured, parameters = measure(args.quick, args.contexts, args.steps, args.rounds)
     from kernel_ab import provenance
+
+    code = provenance()  # (the code as the runs import it, not as it may be after them)
+    measured, parameters = measure(args.quick, args.contexts, args.steps, args.rounds)
 
     worst = max(r["last_logits_difference"] for w in measured.values() for r in w.values())
     result = {
         "benchmark": "latent_attention",
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        **provenance(),
+        **code,
         "parameters": parameters,
         "results": measured,
         "logits_agree": worst <= LOGIT_TOLERANCE,

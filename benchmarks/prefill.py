@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     from kernel_ab import provenance, runs_by_tree
 
     run, write_s = write_model(MODEL, args.quick, args.work)
+    code = provenance()  # (the code as the runs import it, not as it may be after them)
     runs = runs_by_tree(
         args.before, args.rounds, "prefill-before-",
         lambda src: in_fresh_process(src, run, args.lengths),
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "prefill",
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()} | {"model": MODEL},
-        **provenance(),
+        **code,
         "write_s": write_s,
         "runs": runs,
         "median_tokens_per_s": {name: summary(v, args.lengths) for name, v in runs.items()},

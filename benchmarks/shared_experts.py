@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--rounds must be >= 1")
     from kernel_ab import provenance, runs_by_tree
 
+    code = provenance()  # (the code as the runs import it, not as it may be after them)
     runs = runs_by_tree(
         args.before, args.rounds, "shared-experts-before-",
         lambda src: in_fresh_process(src, args.quick),
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "shared_experts",
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        **provenance(),
+        **code,
         **result,
     }
     atomic_write_json(args.out, result)
