@@ -59,6 +59,7 @@ MODELS = {
     "qwen3-30b-a3b": QuantizeConfig(weights="int8", experts="int4"),
     "gpt-oss-20b": QuantizeConfig(weights="int8", experts="mxfp4"),
     "qwen1.5-moe-a2.7b": QuantizeConfig(weights="int8", experts="int4"),  # a gated shared expert
+    "moonlight-16b-a3b": QuantizeConfig(weights="int8", experts="int4"),  # DeepSeek-V3's layout
 }
 DEFAULT_MODELS = ["qwen3-30b-a3b", "gpt-oss-20b"]
 WEIGHT_STD = 0.02
@@ -75,10 +76,15 @@ def model_config(name: str, quick: bool) -> ModelConfig:
         return cfg
     moe = cfg.moe.replace(d_model=256, d_expert=128 if name.startswith("qwen") else 256)
     moe = moe.replace(d_shared=moe.d_shared and moe.d_shared // 8)
-    return cfg.replace(
-        d_model=256, n_layers=2, vocab_size=4096, moe=moe, head_dim=32, n_heads=8,
-        n_kv_heads=2, d_ff=512, layer_types=cfg.layer_types and cfg.layer_types[:2],
+    quick = cfg.replace(
+        d_model=256, n_layers=2, vocab_size=4096, moe=moe, n_heads=8, d_ff=512,
+        layer_types=cfg.layer_types and cfg.layer_types[:2],
     )  # fmt: skip
+    if cfg.mla is None:
+        return quick.replace(head_dim=32, n_kv_heads=2)
+    mla = cfg.mla.replace(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                          v_head_dim=32)  # fmt: skip
+    return quick.replace(mla=mla)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

@@ -17,7 +17,8 @@ from moekit.model.params import PARTS, format_count, parameter_breakdown, parame
 # counts the 48 routers, 12.6M, as active: they run for every token); OLMoE-1B-7B 6.92B / 1.28B
 # (Muennighoff et al. 2024, "6.9B / 1.3B"); DeepSeek-V3 671B without its MTP module / 37.6B
 # (DeepSeek-AI 2024 says 37B: see the test of the input embedding below); GPT-OSS-20B 20.9B / 4.19B
-# (OpenAI's model card: 20.91B / 3.61B, likewise); Qwen1.5-MoE-A2.7B 14.3B / 2.7B (model card).
+# (OpenAI's model card: 20.91B / 3.61B, likewise); Qwen1.5-MoE-A2.7B 14.3B / 2.7B (model card);
+# Moonlight-16B-A3B "16B / 3B" (model card; to two figures).
 PUBLISHED = {
     "mixtral-8x7b": ("46.7B", "12.9B"),
     "mixtral-8x22b": ("141B", "39.2B"),
@@ -26,6 +27,7 @@ PUBLISHED = {
     "olmoe-1b-7b": ("6.92B", "1.28B"),
     "deepseek-v3": ("671B", "37.6B"),
     "gpt-oss-20b": ("20.9B", "4.19B"),
+    "moonlight-16b-a3b": ("16.0B", "2.91B"),
 }
 
 
@@ -57,12 +59,10 @@ def test_deepseek_and_openai_count_active_without_the_input_embedding(
     assert format_count(active) == published_active
 
 
-def test_the_qwen15_moe_preset_is_what_its_published_config_json_loads_as() -> None:
-    """Qwen/Qwen1.5-MoE-A2.7B's config.json (its entries that moekit reads), through the
-    qwen2_moe architecture's reader: the preset, field for field."""
-    from moekit.interop.hf import hf_model_config
-
-    published = {
+# Published config.json files (the entries moekit reads): Qwen/Qwen1.5-MoE-A2.7B's and
+# moonshotai/Moonlight-16B-A3B's.
+PUBLISHED_CONFIGS = {
+    "qwen1.5-moe-a2.7b": {
         "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
         "decoder_sparse_step": 1, "hidden_act": "silu", "hidden_size": 2048,
         "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21,
@@ -72,8 +72,31 @@ def test_the_qwen15_moe_preset_is_what_its_published_config_json_loads_as() -> N
         "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 5632,
         "sliding_window": 32768, "tie_word_embeddings": False, "use_sliding_window": False,
         "vocab_size": 151936,
-    }  # fmt: skip
-    assert hf_model_config(published) == ModelConfig.preset("qwen1.5-moe-a2.7b")
+    },
+    "moonlight-16b-a3b": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "attention_bias": False, "aux_loss_alpha": 0.001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 11264,
+        "kv_lora_rank": 512, "max_position_embeddings": 8192, "moe_intermediate_size": 1408,
+        "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+        "norm_topk_prob": True, "num_attention_heads": 16, "num_experts_per_tok": 6,
+        "num_hidden_layers": 27, "num_key_value_heads": 16, "num_nextn_predict_layers": 0,
+        "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 50000.0,
+        "routed_scaling_factor": 2.446, "scoring_func": "sigmoid", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+        "v_head_dim": 128, "vocab_size": 163840,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_CONFIGS))
+def test_preset_is_what_its_published_config_json_loads_as(name: str) -> None:
+    """The published config.json, through its architecture's reader: the preset, field for
+    field."""
+    from moekit.interop.hf import hf_model_config
+
+    assert hf_model_config(PUBLISHED_CONFIGS[name]) == ModelConfig.preset(name)
 
 
 def test_deepseek_v3_attention_is_latent_and_its_first_three_layers_dense() -> None:

@@ -98,6 +98,21 @@ def deepseek_v3() -> ModelConfig:
                        norm_eps=1e-6, mtp_depth=1)
 
 
+def moonlight_16b_a3b() -> ModelConfig:
+    """Moonlight-16B-A3B (Moonshot AI 2025, *Muon is Scalable for LLM Training*;
+    moonshotai/Moonlight-16B-A3B): 16.0B total, 3.0B active, DeepSeek-V3's architecture at a
+    laptop's size. Latent attention without the low-rank query (16 heads, rank 512), one dense
+    layer, then 64 routed experts (6 per token, sigmoid, scaling 2.446, one group) and two
+    shared ones; auxiliary-loss-free, as its config.json loads."""
+    moe = MoEConfig(d_model=2048, d_expert=1408, n_experts=64, top_k=6, score="sigmoid",
+                    routed_scaling=2.446, n_shared_experts=2, aux_loss_coef=0.0)
+    mla = MLAConfig(q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128)
+    return ModelConfig(vocab_size=163840, d_model=2048, n_layers=27, n_heads=16, d_ff=11264,
+                       moe=moe, first_dense=1, max_seq_len=8192, rope_theta=50000.0, mla=mla,
+                       norm_eps=1e-5)
+
+
 def gpt_oss_20b() -> ModelConfig:
     """GPT-OSS-20B (OpenAI 2025; openai/gpt-oss-20b): 20.9B total, 3.6B active. Alternating
     128-token sliding-window and full attention with sinks, 32 experts top-4 with router and
@@ -159,6 +174,7 @@ MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "olmoe-1b-7b": olmoe_1b_7b,
     "deepseek-v3": deepseek_v3,
     "gpt-oss-20b": gpt_oss_20b,
+    "moonlight-16b-a3b": moonlight_16b_a3b,
 }
 RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny_run,
