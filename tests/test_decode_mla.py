@@ -1,7 +1,8 @@
 """Latent attention's decode steps in the latent space (`moekit.inference.decode_mla`): the
 reference's (`LatentAttention.forward`, which expands the cached latents) logits to float32
-rounding at every step, one position or a few, with or without the low-rank query, a quantized
-kv_b_proj dequantized each step; exactly the reference wherever it does not apply."""
+rounding at every step, one position in one C call (decode_latent.h; kv_b_proj float32, bf16 or
+int8) or a few in torch, with or without the low-rank query, another quantized kv_b_proj
+dequantized each step; exactly the reference wherever neither applies."""
 
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ MLA = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_he
 DIRECT_Q = MLA.replace(q_lora_rank=None, rope_interleave=False)
 
 
+@pytest.fixture
+def c_steps(monkeypatch) -> list[int]:
+    """The batch of every step the C call ran (`decode_mla._c_step`)."""
+    ran = []
+    real = decode_mla._c_step
+
+    def counted(attn, x, *args):
+        out = real(attn, x, *args)
+        if out is not None:
+            ran.append(x.shape[0])
+        return out
+
+    monkeypatch.setattr(decode_mla, "_c_step", counted)
+    return ran
+
+
 def _mla_model(mla: MLAConfig = MLA, seed: int = 3, **overrides):
     model = _model(seed, mla=mla, n_kv_heads=None, **overrides)
     with torch.no_grad():  # keys that matter: scores far from uniform
@@ -36,9 +53,9 @@ def _mla_model(mla: MLAConfig = MLA, seed: int = 3, **overrides):
 
 @pytest.mark.parametrize("mla", [MLA, DIRECT_Q], ids=["q_lora", "direct_q"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_latent_decode_steps_give_the_references_logits(monkeypatch, mla, batch) -> None:
-    """A prefill (the reference's), then 12 steps in the latent space: the plain model's logits
-    to float32 rounding at every position; the greedy tokens the same."""
+def test_latent_decode_steps_give_the_references_logits(monkeypatch, c_steps, mla, batch) -> None:
+    """A prefill (the reference's), then 12 steps in the latent space, each one C call: the
+    plain model's logits to float32 rounding at every position; the greedy tokens the same."""
     plain = _mla_model(mla)
     glued = apply_decode_kernels(copy.deepcopy(plain))
     ran = []
@@ -53,8 +70,22 @@ def test_latent_decode_steps_give_the_references_logits(monkeypatch, mla, batch)
     ids = torch.randint(0, 97, (batch, 16), generator=torch.Generator().manual_seed(5))
     want, got = decode_logits(plain, ids, 4), decode_logits(glued, ids, 4)
     assert ran.count(1) == 12 * 2  # 12 steps, 2 layers
+    assert c_steps == [batch] * 12 * 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("mla", [MLA, DIRECT_Q], ids=["q_lora", "direct_q"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_the_c_step_gives_the_torch_steps_logits(monkeypatch, c_steps, mla, window) -> None:
+    """The C call against this module's torch path (the same algebra, torch's products and sums)
+    over 12 steps of 3 sequences, under full attention and a sliding window: float32 rounding."""
+    glued = apply_decode_kernels(_mla_model(mla, seed=4, sliding_window=window))
+    ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(9))
+    got = decode_logits(glued, ids, 4)
+    assert len(c_steps) == 12 * 2
+    monkeypatch.setattr(decode_mla, "_c_step", lambda *args: None)
+    torch.testing.assert_close(got, decode_logits(glued, ids, 4), rtol=1e-5, atol=1e-6)
 
 
 def _chunked_logits(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
@@ -80,10 +111,27 @@ def test_a_few_positions_at_once_are_masked_as_the_reference(window) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_quantized_kv_b_proj_is_dequantized_for_the_step(monkeypatch) -> None:
-    """int8 attention (kv_b_proj among it): from QUANTIZED_MIN_POSITIONS cached positions on, each
-    step dequantizes kv_b_proj's weight; below, the reference runs (dequantizing cost more); the
+@pytest.mark.parametrize("scheme", ["int8", "bf16"])
+def test_an_int8_or_bf16_kv_b_proj_steps_in_c(c_steps, scheme) -> None:
+    """int8 or bf16 attention (kv_b_proj among it): every step one C call, which reads kv_b_proj's
+    rows as `dequantize` gives them; the dequantized model's logits to float32 rounding."""
+    model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention=scheme))
+    plain = dequantize_model(copy.deepcopy(model))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+    model = apply_decode_kernels(model)
+    got = decode_logits(model, ids, 4)
+    assert len(c_steps) == 8 * 2
+    torch.testing.assert_close(got, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_kv_b_proj_the_c_call_does_not_read_is_dequantized_for_the_step(
+    monkeypatch, c_steps
+) -> None:
+    """int8 attention with kv_b_proj of a kind the C call does not read (int4, mxfp4: here int8
+    taken out of its kinds): from QUANTIZED_MIN_POSITIONS cached positions on, each step
+    dequantizes kv_b_proj's weight; below, the reference runs (dequantizing cost more); the
     dequantized model's logits to float32 rounding either way."""
+    monkeypatch.setattr(decode_mla, "KV_B_KINDS", (-1, 0))
     model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention="int8"))
     plain = dequantize_model(copy.deepcopy(model))
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -99,6 +147,7 @@ def test_a_quantized_kv_b_proj_is_dequantized_for_the_step(monkeypatch) -> None:
     monkeypatch.setattr(decode_mla, "QUANTIZED_MIN_POSITIONS", 6)
     torch.testing.assert_close(decode_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
     assert len(dequantized) == 2 * 7  # the steps over 6..12 positions, 2 layers
+    assert not c_steps
 
 
 def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:
@@ -111,15 +160,18 @@ def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
-def test_a_hooked_kv_b_proj_runs_the_reference() -> None:
+@pytest.mark.parametrize("hooked", ["kv_b_proj", "kv_a_norm", "q_a_proj"])
+def test_a_hooked_projection_or_norm_runs_as_a_module(c_steps, hooked) -> None:
     """A hook on kv_b_proj (or a global one): the latent path would never call it; the reference
-    runs and the hook sees every call."""
+    runs and the hook sees every call. On another of the attention's modules: the torch path, which
+    calls it. No C call bypasses the hook."""
     model = apply_decode_kernels(_mla_model())
     seen = []
-    model.layers[1].attn.kv_b_proj.register_forward_hook(lambda *args: seen.append(1))
+    getattr(model.layers[1].attn, hooked).register_forward_hook(lambda *args: seen.append(1))
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(12))
     decode_logits(model, ids, 4)
     assert len(seen) == 5  # the prefill and 4 steps
+    assert len(c_steps) == 4  # the unhooked layer's
 
 
 def test_what_does_not_apply_runs_the_reference(monkeypatch) -> None:

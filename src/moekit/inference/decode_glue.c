@@ -253,6 +253,7 @@ static void product(const weight_ref *w, const void *p, int64_t R, float *y) {
 }
 
 #include "decode_moe_layer.h"
+#include "decode_latent.h"
 
 /* One decode position's attention block for B <= 16 sequences: q, k, v = x (B, D) @ W^T (+
  * biases), the q and k norms and the clamp where given (attention_ref), then

@@ -19,7 +19,12 @@ in a bfloat16 model; tests/test_decode_mla.py), at H (2 Rkv + rope) multiply-add
 position instead of Rkv H (nope + v) + H (qk + v), plus kv_b_proj's weight read once a layer and
 step (dequantized where it is quantized).
 
-Where it does not apply the reference runs: no cache, more than MAX_ROWS new positions (a
+A step of one position for at most MAX_ROWS sequences runs in one C call where its modules
+qualify (`latent_weights`: decode-kernel projections, kv_b_proj float32, bf16 or int8, the glue's
+norms): decode_latent.h, the same algebra over the same products, its sums in float32
+(tests/test_decode_mla.py holds it to this module's torch path).
+
+Where neither applies the reference runs: no cache, more than MAX_ROWS new positions (a
 prefill, whose expansion is done once per position anyway), gradients, tracing, a kv_b_proj that
 is not a plain projection (nn.Linear or the kernels' KernelLinear, no bias) of x's dtype or a
 quantized one, one with a hook (the latent path never calls it), a quantized one over fewer than
@@ -29,11 +34,14 @@ switch between them from one step to the next.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _hooked
+from moekit.inference.decode_glue import _hooked, _library, _plain, decode_window
 from moekit.inference.decode_kernels import MAX_ROWS, KernelLinear
+from moekit.inference.decode_layers import WeightRef, _cached, norm_args, ops_ready, projection_ref
 from moekit.model.attention import AttentionMask, LayerKVCache
 from moekit.model.mla import LatentAttention
 from moekit.quant.modules import QuantizedLinear
@@ -43,6 +51,127 @@ from moekit.quant.modules import QuantizedLinear
 # runs (latent_attention.py's model, int8 attention, the latent path at every length: 0.73x at 1,
 # 0.96x at 8, 1.02x at 16, 1.21x at 32, 1.35x at 64; results/latent_attention_intel_threshold.json).
 QUANTIZED_MIN_POSITIONS = 32
+
+
+class LatentRef(ctypes.Structure):
+    """decode_latent.h's latent_ref: the projections (q, or q_a and q_b; kv_a, kv_b, o), the two
+    norms' weights and eps, the heads and their parts' widths, the softmax scale, interleave."""
+
+    _fields_ = [
+        *((name, WeightRef) for name in ("q", "q_a", "q_b", "kv_a", "kv_b", "o")),
+        ("q_a_norm", ctypes.c_void_p), ("kv_a_norm", ctypes.c_void_p), ("eps", ctypes.c_double),
+        *((name, ctypes.c_int64) for name in ("H", "nope", "rope", "v", "R")),
+        ("scale", ctypes.c_float), ("interleave", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+KV_B_KINDS = (-1, 0, 1)  # the kv_b_proj weights decode_latent.h reads: float32, bf16, int8
+
+
+def latent_modules(attn: LatentAttention) -> tuple[nn.Module, ...]:
+    """The modules whose work the C call does: the projections and the two norms."""
+    own = attn._modules
+    names = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj",
+             "o_proj")  # fmt: skip
+    return tuple(own[n] for n in names if own.get(n) is not None)
+
+
+def latent_weights(attn: LatentAttention) -> LatentRef | None:
+    """The attention's weights as the C call reads them, or None where one does not qualify;
+    kept while they stay."""
+    modules = (attn, *latent_modules(attn))
+    extra = (*map(id, modules), attn.scale, *(m.__dict__.get("eps") for m in modules))
+    return _cached(attn, modules, lambda: _latent_refs(attn), extra)
+
+
+def _latent_refs(attn: LatentAttention) -> LatentRef | None:
+    m, H = attn.m, attn.n_heads
+    qk, R, rope = m.qk_nope_head_dim + m.qk_rope_head_dim, m.kv_lora_rank, m.qk_rope_head_dim
+    low_rank = attn.q_proj is None
+    projs = (attn.q_b_proj, attn.q_a_proj) if low_rank else (attn.q_proj,)
+    refs = [projection_ref(p) for p in (*projs, attn.kv_a_proj, attn.kv_b_proj, attn.o_proj)]
+    norms = [norm_args(attn.kv_a_norm, R)]
+    if low_rank:
+        norms.append(norm_args(attn.q_a_norm, m.q_lora_rank))
+    if None in refs or None in norms or len({eps for _, eps in norms}) != 1:
+        return None  # (one eps for both in C)
+    q, *q_a, kv_a, kv_b, o = refs
+    D = kv_a.I
+    shapes = [(q.O, q.I), (kv_a.O, D), (kv_b.O, kv_b.I), (o.O, o.I)]
+    want = [(H * qk, m.q_lora_rank if low_rank else D), (R + rope, D),
+            (H * (m.qk_nope_head_dim + m.v_head_dim), R), (D, H * m.v_head_dim)]  # fmt: skip
+    if shapes != want or kv_b.kind not in KV_B_KINDS or kv_b.bias or rope % 2:
+        return None
+    if low_rank and (q_a[0].O, q_a[0].I) != (m.q_lora_rank, D):
+        return None
+    empty = WeightRef(-1, 0, 0, 0, None, None, None, None)
+    q_a_norm = norms[1][0] if low_rank else None
+    return LatentRef(
+        empty if low_rank else q, q_a[0] if low_rank else empty, q if low_rank else empty,
+        kv_a, kv_b, o, q_a_norm, norms[0][0], norms[0][1],
+        H, m.qk_nope_head_dim, rope, m.v_head_dim, R, attn.scale, m.rope_interleave,
+    )  # fmt: skip
+
+
+def latent_floats(attn: LatentAttention, rows: int) -> int:
+    """decode_latent.h's scratch for `rows` sequences' position."""
+    m, H = attn.m, attn.n_heads
+    low_rank = 0 if attn.q_proj is not None else m.q_lora_rank
+    heads = H * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+    return rows * (heads + low_rank + m.kv_lora_rank + m.qk_rope_head_dim)
+
+
+def _step_qualifies(
+    attn: LatentAttention,
+    x_BSD: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache | None,
+) -> bool:
+    """What a step must be for the C call, its weights aside: one position of at most MAX_ROWS
+    plain float32 rows, no gradient, not traced, a float32 cache with room and the angles of its
+    rotary key, every cached position attended or a sliding window's, nothing hooked."""
+    B, S, _ = x_BSD.shape
+    if not (S == 1 and B <= MAX_ROWS and cache is not None and decode_window(mask) is not None):
+        return False
+    m, (cos, sin) = attn.m, rope
+    latent, k_rope = cache.k_BKLd, cache.v_BKLd
+    return (
+        not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        and all(_plain(t) for t in (x_BSD, latent, k_rope, cos, sin))
+        and latent.shape[:2] == k_rope.shape[:2] == (B, 1)
+        and latent.shape[2] == k_rope.shape[2] > cache.length
+        and (latent.shape[3], k_rope.shape[3]) == (m.kv_lora_rank, m.qk_rope_head_dim)
+        and cos.shape == sin.shape == (1, m.qk_rope_head_dim // 2)
+        and not _hooked(*latent_modules(attn))
+        and ops_ready()
+    )
+
+
+def _c_step(
+    attn: LatentAttention,
+    x_BSD: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache,
+) -> Tensor | None:
+    """The step in one C call (decode_latent.h), or None where it does not run."""
+    refs = latent_weights(attn)
+    if refs is None or x_BSD.shape[-1] != refs.kv_a.I:
+        return None
+    B = x_BSD.shape[0]
+    scratch = x_BSD.new_empty(latent_floats(attn, B))
+    out = x_BSD.new_empty(B, 1, refs.o.O)
+    latent, k_rope = cache.k_BKLd, cache.v_BKLd
+    status = _library().moekit_latent_attention_block(
+        x_BSD.data_ptr(), B, ctypes.byref(refs), rope[0].data_ptr(), rope[1].data_ptr(),
+        latent.data_ptr(), k_rope.data_ptr(), cache.length, latent.shape[2],
+        decode_window(mask), scratch.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:  # nothing written to the cache
+        return None
+    cache.length += 1
+    return out
 
 
 def _kv_b_weight(attn: LatentAttention, dtype: torch.dtype, positions: int) -> Tensor | None:
@@ -72,6 +201,10 @@ def latent_attention_forward(
 ) -> Tensor:
     """`LatentAttention.forward` for a decode step of at most MAX_ROWS positions with a cache, in
     the latent space (the module's docstring); the reference otherwise."""
+    if _step_qualifies(attn, x_BSD, rope, mask, cache):
+        out = _c_step(attn, x_BSD, rope, mask, cache)
+        if out is not None:
+            return out
     B, S, _ = x_BSD.shape
     weight = None
     decoding = cache is not None and S <= MAX_ROWS
