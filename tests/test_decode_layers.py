@@ -27,6 +27,7 @@ from moekit.inference import (
     decode_block,
     decode_glue,
     decode_layers,
+    decode_mla,
     decode_moe,
     decode_shared,
     decode_step,
@@ -104,7 +105,7 @@ def _count_calls(monkeypatch, ran_only: bool = False) -> dict[str, int]:
 
             return counted
 
-    for module in (decode_layers, decode_moe, decode_shared, decode_block, decode_step):
+    for module in (decode_layers, decode_moe, decode_shared, decode_block, decode_step, decode_mla):
         monkeypatch.setattr(module, "_library", lambda: Counting())
     return calls
 
@@ -115,14 +116,14 @@ def _one_call_per_block(monkeypatch, model, ids: torch.Tensor) -> tuple[torch.Te
     calls = _count_calls(monkeypatch)
     fast = decode_logits(model, ids, 4)
     batch, steps, layers = ids.shape[0], ids.shape[1] - 4, len(model.layers)
-    assert calls.get("moekit_block_one_token", 0) == (steps * layers if batch == 1 else 0)
+    assert calls.get("moekit_plan_one_token", 0) == (steps * layers if batch == 1 else 0)
     assert calls.get("moekit_attention_block", 0) == (0 if batch == 1 else steps * layers)
     return fast, calls
 
 
 def _moe_calls(calls: dict[str, int]) -> int:
     """MoE layers run in C: alone (one token or a few), or in a whole block."""
-    names = ("moekit_moe_one_token", "moekit_moe_tokens", "moekit_block_one_token")
+    names = ("moekit_moe_one_token", "moekit_moe_tokens", "moekit_plan_one_token")
     return sum(calls.get(name, 0) for name in names)
 
 
@@ -412,7 +413,7 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     else:
         assert len(seen) == layer_calls[where]
     if where in ("router", "experts", "q_proj", "o_proj"):
-        assert calls["moekit_block_one_token"] == 4  # layer 1's steps only
+        assert calls["moekit_plan_one_token"] == 4  # layer 1's steps only
     if where in ("q_proj", "o_proj"):  # layer 0's MoE layer still runs in C, alone: its 4
         # steps, and the 4 prompt tokens of both MoE layers (one call of a few tokens each)
         assert calls["moekit_moe_one_token"] == 4
@@ -420,9 +421,9 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     if where in ("router", "experts"):  # and its attention block
         assert calls["moekit_attention_block"] == 4
     blocks_before, layers_before = (calls.get(f"moekit_{name}", 0)
-                                    for name in ("block_one_token", "moe_tokens"))  # fmt: skip
+                                    for name in ("plan_one_token", "moe_tokens"))  # fmt: skip
     decode_logits(model, ids, 4)
-    assert calls["moekit_block_one_token"] == blocks_before + 8  # both layers' 4 steps
+    assert calls["moekit_plan_one_token"] == blocks_before + 8  # both layers' 4 steps
     assert calls["moekit_moe_tokens"] == layers_before + 2  # both layers' 4 prompt tokens
 
 

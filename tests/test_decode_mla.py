@@ -1,8 +1,9 @@
 """Latent attention's decode steps in the latent space (`moekit.inference.decode_mla`): the
 reference's (`LatentAttention.forward`, which expands the cached latents) logits to float32
 rounding at every step, one position in one C call (decode_latent.h; kv_b_proj float32, bf16 or
-int8) or a few in torch, with or without the low-rank query, another quantized kv_b_proj
-dequantized each step; exactly the reference wherever neither applies."""
+int8: alone, inside its block's call or inside the whole step's, the same bits) or a few in
+torch, with or without the low-rank query, another quantized kv_b_proj dequantized each step;
+exactly the reference wherever neither applies."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import copy
 import pytest
 import torch
 from tests.c_kernels import decode_logits
-from tests.test_decode_layers import _model
+from tests.test_decode_layers import _count_calls, _model
+from tests.test_decode_step import _both
 
 from moekit.config import MLAConfig, QuantizeConfig
-from moekit.inference import decode_mla
-from moekit.inference.decode_kernels import apply_decode_kernels, remove_decode_kernels
+from moekit.inference import decode_block, decode_mla
+from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.model.attention import attention_mask
 from moekit.model.generation import KVCache
 from moekit.model.mla import LatentAttention
@@ -43,6 +45,20 @@ def c_steps(monkeypatch) -> list[int]:
     return ran
 
 
+@pytest.fixture
+def layer_by_layer(monkeypatch):
+    """From now on, models decode layer by layer: no whole-step or whole-block call (each latent
+    attention's own call, `latent_attention_forward`); returns a function that unsets a model's
+    whole-step decoder."""
+    monkeypatch.setattr(decode_block, "_unhooked_plan", lambda *args: None)
+
+    def unset(model):
+        model.one_token_decoder = None
+        return model
+
+    return unset
+
+
 def _mla_model(mla: MLAConfig = MLA, seed: int = 3, **overrides):
     model = _model(seed, mla=mla, n_kv_heads=None, **overrides)
     with torch.no_grad():  # keys that matter: scores far from uniform
@@ -53,35 +69,48 @@ def _mla_model(mla: MLAConfig = MLA, seed: int = 3, **overrides):
 
 @pytest.mark.parametrize("mla", [MLA, DIRECT_Q], ids=["q_lora", "direct_q"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_latent_decode_steps_give_the_references_logits(monkeypatch, c_steps, mla, batch) -> None:
-    """A prefill (the reference's), then 12 steps in the latent space, each one C call: the
-    plain model's logits to float32 rounding at every position; the greedy tokens the same."""
+def test_latent_decode_steps_give_the_references_logits(monkeypatch, mla, batch) -> None:
+    """A prefill (the reference's), then 12 steps in the latent space (batch 1: each block one C
+    call; 3: each latent attention): the plain model's logits to float32 rounding at every
+    position; the greedy tokens the same."""
     plain = _mla_model(mla)
     glued = apply_decode_kernels(copy.deepcopy(plain))
-    ran = []
-    forward = decode_mla.latent_attention_forward
-
-    def counted(attn, x, *args, **kwargs):
-        ran.append(x.shape[1])
-        return forward(attn, x, *args, **kwargs)
-
-    monkeypatch.setattr(decode_mla, "latent_attention_forward", counted)
-    apply_decode_kernels(remove_decode_kernels(glued))  # (the glue now binds the counting one)
+    calls = _count_calls(monkeypatch, ran_only=True)
     ids = torch.randint(0, 97, (batch, 16), generator=torch.Generator().manual_seed(5))
     want, got = decode_logits(plain, ids, 4), decode_logits(glued, ids, 4)
-    assert ran.count(1) == 12 * 2  # 12 steps, 2 layers
-    assert c_steps == [batch] * 12 * 2
+    name = "moekit_plan_one_token" if batch == 1 else "moekit_latent_attention_block"
+    assert calls[name] == 12 * 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_block_and_step_calls_give_the_same_bits(monkeypatch, batch) -> None:
+    """The whole step's call, the block's (batch 1) and the latent attention's own (with the MoE
+    layer's): the same C functions on the same inputs, the same logits bit for bit."""
+    model = apply_decode_kernels(_mla_model(seed=13))
+    ids = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(14))
+    calls = _count_calls(monkeypatch, ran_only=True)
+    steps, forward = _both(model, ids, 4)  # the forward: by block at batch 1, else by layer
+    assert calls["moekit_decode_tokens"] == 8
+    assert calls.get("moekit_plan_one_token", 0) == (8 * 2 if batch == 1 else 0)
+    assert calls.get("moekit_latent_attention_block", 0) == (0 if batch == 1 else 8 * 2)
+    assert torch.equal(steps, forward)
+    monkeypatch.setattr(decode_block, "_unhooked_plan", lambda *args: None)
+    assert torch.equal(_both(model, ids, 4)[1], forward)  # layer by layer
+
+
 @pytest.mark.parametrize("mla", [MLA, DIRECT_Q], ids=["q_lora", "direct_q"])
 @pytest.mark.parametrize("window", [None, 5])
-def test_the_c_step_gives_the_torch_steps_logits(monkeypatch, c_steps, mla, window) -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_c_step_gives_the_torch_steps_logits(
+    monkeypatch, layer_by_layer, c_steps, mla, window, batch
+) -> None:
     """The C call against this module's torch path (the same algebra, torch's products and sums)
-    over 12 steps of 3 sequences, under full attention and a sliding window: float32 rounding."""
-    glued = apply_decode_kernels(_mla_model(mla, seed=4, sliding_window=window))
-    ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(9))
+    over 12 steps of 1 or 3 sequences, under full attention and a sliding window: float32
+    rounding."""
+    glued = layer_by_layer(apply_decode_kernels(_mla_model(mla, seed=4, sliding_window=window)))
+    ids = torch.randint(0, 97, (batch, 16), generator=torch.Generator().manual_seed(9))
     got = decode_logits(glued, ids, 4)
     assert len(c_steps) == 12 * 2
     monkeypatch.setattr(decode_mla, "_c_step", lambda *args: None)
@@ -112,20 +141,20 @@ def test_a_few_positions_at_once_are_masked_as_the_reference(window) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["int8", "bf16"])
-def test_an_int8_or_bf16_kv_b_proj_steps_in_c(c_steps, scheme) -> None:
+def test_an_int8_or_bf16_kv_b_proj_steps_in_c(layer_by_layer, c_steps, scheme) -> None:
     """int8 or bf16 attention (kv_b_proj among it): every step one C call, which reads kv_b_proj's
     rows as `dequantize` gives them; the dequantized model's logits to float32 rounding."""
     model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention=scheme))
     plain = dequantize_model(copy.deepcopy(model))
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
-    model = apply_decode_kernels(model)
+    model = layer_by_layer(apply_decode_kernels(model))
     got = decode_logits(model, ids, 4)
     assert len(c_steps) == 8 * 2
     torch.testing.assert_close(got, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-4)
 
 
 def test_a_quantized_kv_b_proj_the_c_call_does_not_read_is_dequantized_for_the_step(
-    monkeypatch, c_steps
+    monkeypatch, layer_by_layer, c_steps
 ) -> None:
     """int8 attention with kv_b_proj of a kind the C call does not read (int4, mxfp4: here int8
     taken out of its kinds): from QUANTIZED_MIN_POSITIONS cached positions on, each step
@@ -135,7 +164,7 @@ def test_a_quantized_kv_b_proj_the_c_call_does_not_read_is_dequantized_for_the_s
     model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention="int8"))
     plain = dequantize_model(copy.deepcopy(model))
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
-    model = apply_decode_kernels(model)
+    model = layer_by_layer(apply_decode_kernels(model))
     assert type(model.layers[0].attn.kv_b_proj) is QuantizedLinear
     dequantized = []
     weight_q = type(model.layers[0].attn.kv_b_proj.weight_q)
@@ -161,11 +190,11 @@ def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:
 
 
 @pytest.mark.parametrize("hooked", ["kv_b_proj", "kv_a_norm", "q_a_proj"])
-def test_a_hooked_projection_or_norm_runs_as_a_module(c_steps, hooked) -> None:
+def test_a_hooked_projection_or_norm_runs_as_a_module(layer_by_layer, c_steps, hooked) -> None:
     """A hook on kv_b_proj (or a global one): the latent path would never call it; the reference
     runs and the hook sees every call. On another of the attention's modules: the torch path, which
     calls it. No C call bypasses the hook."""
-    model = apply_decode_kernels(_mla_model())
+    model = layer_by_layer(apply_decode_kernels(_mla_model()))
     seen = []
     getattr(model.layers[1].attn, hooked).register_forward_hook(lambda *args: seen.append(1))
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(12))

@@ -1,5 +1,6 @@
-"""A decoded token through a whole MoE decoder block in one C call (moekit_block_one_token):
-x1 = x + attention(attn_norm(x)), out = x1 + moe(ffn_norm(x1)), swapped in for `Block.forward`.
+"""A decoded token through a whole MoE decoder block in one C call (moekit_plan_one_token, over
+the block's `BlockPlan`): x1 = x + attention(attn_norm(x)), out = x1 + moe(ffn_norm(x1)), swapped
+in for `Block.forward`; the attention grouped-query (`decode_layers`) or latent (`decode_mla`).
 
 The layer calls of `decode_layers` and `decode_moe` left, per block and token, two RMSNorm calls,
 two residual adds and the modules' calls and checks around their C calls (~100 us of Python a
@@ -7,8 +8,9 @@ block on this project's machine); here they are one call and one set of checks, 
 functions on the same inputs, so the result equals `Block.forward`'s bit for bit (shared experts
 included: `decode_shared`). That runs wherever this does not qualify: batch above 1, prefill, aux
 wanted, a dense FFN, a hook on any module it would bypass, anything `attention_weights`,
-`decode_moe.resident_args` or `decode_shared.shared_ref` refuses (tests/test_decode_layers.py). A
-block of offloaded experts (`decode_moe.offloaded_qualifies`) runs its attention half in one C
+`decode_mla.latent_weights`, `decode_moe.resident_args` or `decode_shared.shared_ref` refuses
+(tests/test_decode_layers.py, tests/test_decode_mla.py). A grouped-query block of offloaded
+experts (`decode_moe.offloaded_qualifies`) runs its attention half in one C
 call (moekit_block_attention_one_token), then its MoE layer as a module (routing in C, the chosen
 experts fetched, then run in one call), then the residual add.
 """
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from moekit.experts.experts import SharedExperts
 from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
 from moekit.inference.decode_layers import (
+    AttentionRef,
     _cached,
     _kept,
     attention_args,
@@ -31,13 +34,79 @@ from moekit.inference.decode_layers import (
     norm_args,
     ops_ready,
 )
+from moekit.inference.decode_mla import (
+    LatentRef,
+    latent_cache_qualifies,
+    latent_floats,
+    latent_modules,
+    latent_weights,
+)
 from moekit.inference.decode_moe import layer_floats, offloaded_qualifies, resident_args
 from moekit.inference.decode_shared import layer_shared_ref, shared_modules
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
+from moekit.model.mla import LatentAttention
 from moekit.moe import MoEAux, MoELayer
 
 OFFLOADED = "offloaded"  # a plan's MoE part for offloaded experts: fetched after the attention half
+_ptr = ctypes.c_void_p
+
+
+class BlockPlan(ctypes.Structure):
+    """decode_glue.c's block_plan: moekit_block_one_token's arguments but the token's (what
+    block_tokens reads for B rows too), and the latent attention's weights where the block has
+    one (then attn is None and the caches are its latents' and rotary keys')."""
+
+    _fields_ = [
+        ("attn_norm", _ptr), ("attn_eps", ctypes.c_double), ("attn", _ptr),
+        ("k_cache", _ptr), ("v_cache", _ptr),
+        *((name, ctypes.c_int64) for name in ("max_len", "H", "KV", "hd")),
+        ("scale", ctypes.c_float), ("window", ctypes.c_int64),
+        ("ffn_norm", _ptr), ("ffn_eps", ctypes.c_double),
+        ("router", _ptr), ("expert_bias", _ptr), ("K", ctypes.c_int64),
+        ("sigmoid", ctypes.c_int32), ("normalize", ctypes.c_int32), ("scaling", ctypes.c_float),
+        ("w_in", _ptr), ("w_out", _ptr), ("act", _ptr), ("shared", _ptr), ("latent", _ptr),
+    ]  # fmt: skip
+
+
+def _address(arg) -> int | None:
+    """The address a ctypes argument of `decode_moe.resident_args` passes: byref(x), an array or
+    a pointer; None stays None."""
+    if arg is None:
+        return None
+    if isinstance(arg, ctypes._Pointer):
+        return ctypes.cast(arg, ctypes.c_void_p).value
+    return ctypes.addressof(getattr(arg, "_obj", arg))  # byref(x) holds x as _obj
+
+
+def block_struct(block: Block, plan: tuple, cache: LayerKVCache, window: int) -> BlockPlan:
+    """The block_plan of a block with resident experts (`resident_plan`'s plan) over this cache,
+    attending its last `window` positions (0: all)."""
+    (attn_norm, ffn_norm), refs, moe, _ = plan
+    router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act, shared = moe
+    k, v, attn = cache.k_BKLd, cache.v_BKLd, block.attn
+    latent = type(refs) is LatentRef
+    heads = (0, 0, 0, 0.0) if latent else (attn.n_heads, attn.n_kv_heads, attn.head_dim,
+                                           attn.head_dim**-0.5)  # fmt: skip
+    return BlockPlan(
+        *attn_norm, None if latent else ctypes.addressof(refs), k.data_ptr(), v.data_ptr(),
+        k.shape[2], *heads, window, *ffn_norm, _address(router), bias, K, sigmoid, normalize,
+        scaling, _address(w_in), _address(w_out), _address(act), _address(shared),
+        ctypes.addressof(refs) if latent else None,
+    )  # fmt: skip
+
+
+def attention_width(refs: AttentionRef | LatentRef) -> int:
+    """The model width D the attention's weights read."""
+    return refs.kv_a.I if type(refs) is LatentRef else refs.q.I
+
+
+def cache_qualifies(block: Block, cache: LayerKVCache, B: int, rope: tuple) -> bool:
+    """Whether the block's C attention reads `cache` for B sequences at these angles."""
+    attn = block.attn
+    if type(attn) is LatentAttention:
+        return latent_cache_qualifies(attn, cache, B, rope)
+    return _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
 
 
 def _modules(block: Block) -> tuple[nn.Module, ...] | None:
@@ -46,13 +115,14 @@ def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     shared experts' modules (`decode_shared.shared_modules`)."""
     own = block._modules
     attn, ffn = own["attn"], own["ffn"]
-    if type(ffn) is not MoELayer or type(attn) is not Attention:
+    if type(ffn) is not MoELayer or type(attn) not in (Attention, LatentAttention):
         return None
     f = ffn._modules
     shared = f.get("shared_experts")  # (a module, or None: an attribute, not in f)
     shared = () if shared is None else shared_modules(shared)
-    return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"],
-            *attention_modules(attn), *shared)  # fmt: skip
+    parts = attention_modules(attn) if type(attn) is Attention else latent_modules(attn)
+    return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"], *parts,
+            *shared)  # fmt: skip
 
 
 def _bypassed(modules: tuple) -> tuple[nn.Module, ...]:
@@ -71,9 +141,7 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
         ffn.training,
         modules[4].__dict__.get("linear"),
         modules[5].__dict__.get("expert_ffn"),
-        attn.qk_norm,
-        attn.clip_qkv,
-        attn.sinks is None,
+        *_attention_state(attn),
         # the norms' eps, an instance attribute: getattr(m, "eps", None) cost 8 us a block and
         # token in the modules' failing __getattr__ (three quarters of this check)
         *(m.__dict__.get("eps") for m in modules),
@@ -81,6 +149,13 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
         *((m.__dict__.get("forward"), m.activation) for m in modules if type(m) is SharedExperts),
     )
     return _cached(block, modules, lambda: _build_plan(block), extra)
+
+
+def _attention_state(attn: Attention | LatentAttention) -> tuple:
+    """What the attention's weights' refs read besides its modules' tensors."""
+    if type(attn) is LatentAttention:
+        return (attn.scale,)
+    return attn.qk_norm, attn.clip_qkv, attn.sinks is None
 
 
 def _unhooked_plan(block: Block, modules: tuple) -> tuple | None:
@@ -108,26 +183,31 @@ def _build_plan(block: Block) -> tuple | None:
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
     if None in norms:
         return None
-    refs, moe = attention_weights(block.attn), resident_args(block.ffn)
+    latent = type(block.attn) is LatentAttention
+    refs = latent_weights(block.attn) if latent else attention_weights(block.attn)
+    moe = resident_args(block.ffn)
     if moe is not None:  # its shared experts in the same call, where it has any
         shared = layer_shared_ref(block.ffn)
         if shared is None and block.ffn.shared_experts is not None:
             return None
         moe = (*moe, None if shared is None else ctypes.byref(shared))
-    elif offloaded_qualifies(block.ffn):
+    elif offloaded_qualifies(block.ffn) and not latent:
         moe = OFFLOADED  # (its MoE layer is called: it adds its shared experts itself)
-    if refs is None or moe is None or refs.q.I != D:
+    if refs is None or moe is None or attention_width(refs) != D:
         return None
     return norms, refs, moe, scratch_floats(block, 1)
 
 
 def scratch_floats(block: Block, rows: int) -> int:
     """The C block's scratch for `rows` sequences' position: decode_glue.c's block_tokens', which
-    covers moekit_block_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D), 3 SW + 2 D +
+    covers moekit_plan_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D), 3 SW + 2 D +
     1)) at one."""
     attn = block.attn
-    heads = (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
-    return rows * 4 * block.ffn.cfg.d_model + max(rows * heads, layer_floats(block.ffn, rows))
+    if type(attn) is LatentAttention:
+        heads = latent_floats(attn, rows)
+    else:
+        heads = rows * (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
+    return rows * 4 * block.ffn.cfg.d_model + max(heads, layer_floats(block.ffn, rows))
 
 
 def block_forward(
@@ -151,43 +231,53 @@ def block_forward(
         and not torch.compiler.is_compiling()
         and _plain(x_BSD)
         and ops_ready()
+        and cache_qualifies(block, cache, B, rope)
     ):
-        attn = modules[1]
-        if _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope):
-            plan = _unhooked_plan(block, modules)
-    if plan is None or plan[1].q.I != D:
+        plan = _unhooked_plan(block, modules)
+    if plan is None or attention_width(plan[1]) != D:
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     assert cache is not None
     (attn_norm, ffn_norm), refs, moe, n_scratch = plan
     scratch = x_BSD.new_empty(n_scratch)
+    if moe is not OFFLOADED:
+        return _plan_one_token(block, plan, x_BSD, rope, mask, cache, token_ids_BS, scratch,
+                               with_aux)  # fmt: skip
+    # offloaded experts: the attention half in C; the MoE layer fetches its experts, then runs
+    attn = modules[1]
     attention = attention_args(attn.n_heads, attn.n_kv_heads, attn.head_dim, rope, cache, mask)
-    if moe is OFFLOADED:  # the attention half in C; the MoE layer fetches its experts, then runs
-        status = _library().moekit_block_attention_one_token(
-            x_BSD.data_ptr(), *attn_norm, ctypes.byref(refs), *attention, *ffn_norm,
-            scratch.data_ptr(),
-        )  # fmt: skip
-        if status == -1:  # nothing written to the cache
-            return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
-        cache.length += 1
-        x1 = scratch[2 * D : 3 * D].view(1, 1, D)
-        y, aux = block.ffn(scratch[:D].view(1, 1, D), None, with_aux=with_aux, decoding=True)
-        return x1 + y, aux
-    K = moe[2]
+    status = _library().moekit_block_attention_one_token(
+        x_BSD.data_ptr(), *attn_norm, ctypes.byref(refs), *attention, *ffn_norm,
+        scratch.data_ptr(),
+    )  # fmt: skip
+    if status == -1:  # nothing written to the cache
+        return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
+    cache.length += 1
+    x1 = scratch[2 * D : 3 * D].view(1, 1, D)
+    y, aux = block.ffn(scratch[:D].view(1, 1, D), None, with_aux=with_aux, decoding=True)
+    return x1 + y, aux
+
+
+def _plan_one_token(
+    block: Block,
+    plan: tuple,
+    x_BSD: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: AttentionMask,
+    cache: LayerKVCache,
+    token_ids_BS: Tensor | None,
+    scratch: Tensor,
+    with_aux: bool,
+) -> tuple[Tensor, MoEAux | None]:
+    """The block's one call with every expert resident (moekit_plan_one_token, its block_plan)."""
+    D, K = x_BSD.shape[-1], plan[2][2]
     ids, weights = (torch.empty(K, dtype=torch.int64), torch.empty(K))
     out = x_BSD.new_empty(1, 1, D)
-    status = _library().moekit_block_one_token(
-        x_BSD.data_ptr(),
-        *attn_norm,
-        ctypes.byref(refs),
-        *attention,
-        *ffn_norm,
-        *moe,
-        scratch.data_ptr(),
-        ids.data_ptr(),
-        weights.data_ptr(),
-        out.data_ptr(),
-    )
-    if status == -1:  # nothing written to the cache
+    struct = block_struct(block, plan, cache, decode_window(mask))
+    status = _library().moekit_plan_one_token(
+        ctypes.byref(struct), x_BSD.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr(),
+        cache.length, scratch.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if status == -1:  # the step not counted in the cache: the reference writes it again
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     cache.length += 1
     if status == -2:  # the attention step ran; the MoE layer's reference runs the rest

@@ -318,7 +318,49 @@ done:
     return failed ? -1 : 0;
 }
 
-/* The attention half of moekit_block_one_token for one decoded token: x1 = x + attention(
+/* One decoder block as moekit_plan_one_token reads it: its norms, attention, KV cache, window and
+ * MoE layer (shared experts included), and the latent attention that replaces the grouped-query
+ * one where `latent` is not NULL (then attn is NULL, H, KV, hd and
+ * scale unused, k_cache and v_cache the latent and rotary-key caches). Mirrors
+ * moekit/inference/decode_block.py's BlockPlan field by field. */
+typedef struct {
+    const float *attn_norm;
+    double attn_eps;
+    const attention_ref *attn;
+    float *k_cache, *v_cache;
+    int64_t max_len, H, KV, hd;
+    float scale;
+    int64_t window;
+    const float *ffn_norm;
+    double ffn_eps;
+    const weight_ref *router;
+    const float *expert_bias;
+    int64_t K;
+    int32_t sigmoid, normalize;
+    float scaling;
+    const weight_ref *w_in, *w_out;
+    const activation_ref *act;
+    const shared_ref *shared;
+    const latent_ref *latent;
+} block_plan;
+
+/* a (B, D) = the block's attention of h (B, D), its latent attention where it has one; as
+ * moekit_attention_block or moekit_latent_attention_block return. rest: their scratch. */
+static int block_attention(const block_plan *b, const float *h, int64_t B, const float *cos_h,
+                           const float *sin_h, int64_t pos, float *rest, float *a) {
+    if (b->latent)
+        return moekit_latent_attention_block(h, B, b->latent, cos_h, sin_h, b->k_cache,
+                                             b->v_cache, pos, b->max_len, b->window, rest, a);
+    return moekit_attention_block(h, B, b->attn, cos_h, sin_h, b->k_cache, b->v_cache, pos,
+                                  b->max_len, b->H, b->KV, b->hd, b->scale, b->window, rest, a);
+}
+
+/* The model width D of a block's input. */
+static int64_t block_width(const block_plan *b) {
+    return b->latent ? b->latent->kv_a.I : b->attn->q.I;
+}
+
+/* The attention half of moekit_plan_one_token for one decoded token: x1 = x + attention(
  * rmsnorm(x, attn_norm)) at scratch + 2 D and the MoE layer's input h = rmsnorm(x1, ffn_norm) at
  * scratch; what a caller whose experts are not all resident (offloaded) runs before fetching
  * the chosen ones. scratch: 4 D + (2 H + 2 KV) hd floats. Returns 0, or -1 if the attention could
@@ -341,57 +383,29 @@ int moekit_block_attention_one_token(const float *x, const float *attn_norm, dou
 }
 
 /* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
- * rmsnorm(x, attn_norm)), out = x1 + moe(rmsnorm(x1, ffn_norm)), the attention half as
- * moekit_block_attention_one_token, the MoE layer as moekit_moe_one_token (its shared experts
- * where given); the sums element by element, as torch adds. scratch: 4 D + max((2 H + 2 KV) hd,
- * 2 E + K (3F + D), 3 SW + 2 D + 1) floats, x1 at scratch + 2 D. Returns 0; -1 if the
- * attention could not run (nothing written to the cache), -2 if the MoE layer could not (the
- * cache written, x1 in the scratch). */
-int moekit_block_one_token(const float *x, const float *attn_norm, double attn_eps,
-                           const attention_ref *attn, const float *cos_h, const float *sin_h,
-                           float *k_cache, float *v_cache, int64_t pos, int64_t max_len, int64_t H,
-                           int64_t KV, int64_t hd, float scale, int64_t window,
-                           const float *ffn_norm,
-                           double ffn_eps, const weight_ref *router, const float *expert_bias,
-                           int64_t K, int sigmoid, int normalize, float scaling,
-                           const weight_ref *w_in, const weight_ref *w_out,
-                           const activation_ref *act, const shared_ref *shared, float *scratch,
-                           int64_t *ids, float *weights, float *out) {
-    const int64_t D = attn->q.I;
-    float *h = scratch, *x1 = h + 2 * D, *y = x1 + D, *rest = y + D;
-    if (moekit_block_attention_one_token(x, attn_norm, attn_eps, attn, cos_h, sin_h, k_cache,
-                                         v_cache, pos, max_len, H, KV, hd, scale, window, ffn_norm,
-                                         ffn_eps, scratch))
-        return -1;
-    if (moekit_moe_one_token(h, router, expert_bias, K, sigmoid, normalize, scaling, w_in, w_out,
-                             act, shared, rest, ids, weights, y))
+ * rmsnorm(x, attn_norm)) (block_attention: the grouped-query or the latent one), out = x1 +
+ * moe(rmsnorm(x1, ffn_norm)) (moekit_moe_one_token, its shared experts where given); the sums
+ * element by element, as torch adds. scratch: 4 D + max(attention's, 2 E + K (3F + D), 3 SW +
+ * 2 D + 1) floats (attention's: (2 H + 2 KV) hd, or the latent scratch), x1 at scratch + 2 D.
+ * Returns 0; -1 if the attention could not run (nothing counted in the cache: the caller's
+ * reference writes position pos again), -2 if the MoE layer could not (the cache written, x1 in
+ * the scratch). */
+int moekit_plan_one_token(const block_plan *b, const float *x, const float *cos_h,
+                          const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
+                          float *weights, float *out) {
+    const int64_t D = block_width(b);
+    float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = x1 + 2 * D;
+    moekit_rmsnorm_f32(x, 1, D, b->attn_norm, b->attn_eps, h);
+    if (block_attention(b, h, 1, cos_h, sin_h, pos, rest, a)) return -1;
+    for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
+    moekit_rmsnorm_f32(x1, 1, D, b->ffn_norm, b->ffn_eps, h);
+    if (moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
+                             b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
+                             y))
         return -2; /* the attention step is written: the caller must not run it again */
     for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
     return 0;
 }
-
-/* One decoder block as moekit_block_one_token reads it: its arguments but the token's (x, the
- * position's angles, the position, scratch and outputs). Mirrors moekit/inference/decode_step.py's
- * BlockPlan field by field. */
-typedef struct {
-    const float *attn_norm;
-    double attn_eps;
-    const attention_ref *attn;
-    float *k_cache, *v_cache;
-    int64_t max_len, H, KV, hd;
-    float scale;
-    int64_t window;
-    const float *ffn_norm;
-    double ffn_eps;
-    const weight_ref *router;
-    const float *expert_bias;
-    int64_t K;
-    int32_t sigmoid, normalize;
-    float scaling;
-    const weight_ref *w_in, *w_out;
-    const activation_ref *act;
-    const shared_ref *shared;
-} block_plan;
 
 /* One position of B <= 16 sequences through a whole block, as the layer calls run it for B
  * above 1: h = rmsnorm(x, attn_norm) (B rows), x1 = x + moekit_attention_block(h), out = x1 +
@@ -401,12 +415,10 @@ typedef struct {
 static int block_tokens(const float *x, int64_t B, const block_plan *b, const float *cos_h,
                         const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
                         float *weights, float *out) {
-    const int64_t D = b->attn->q.I;
+    const int64_t D = block_width(b);
     float *h = scratch, *a = h + B * D, *x1 = a + B * D, *y = x1 + B * D, *rest = y + B * D;
     moekit_rmsnorm_f32(x, B, D, b->attn_norm, b->attn_eps, h);
-    if (moekit_attention_block(h, B, b->attn, cos_h, sin_h, b->k_cache, b->v_cache, pos,
-                               b->max_len, b->H, b->KV, b->hd, b->scale, b->window, rest, a))
-        return -1;
+    if (block_attention(b, h, B, cos_h, sin_h, pos, rest, a)) return -1;
     for (int64_t i = 0; i < B * D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, B, D, b->ffn_norm, b->ffn_eps, h);
     if (moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
@@ -419,9 +431,10 @@ static int block_tokens(const float *x, int64_t B, const block_plan *b, const fl
 
 /* One position of B <= 16 sequences through a whole model of n_blocks such blocks: x (B, D) the
  * tokens' rows of embed (V, D), each block's output the next one's input (B = 1:
- * moekit_block_one_token, else block_tokens), then hidden (B, D) = rmsnorm(that, norm) and logits
+ * moekit_plan_one_token, else block_tokens), then hidden (B, D) = rmsnorm(that, norm) and logits
  * (B, V) = hidden @ head^T, the head's product split between the threads as every product here.
- * cos_h and sin_h (hd / 2) the position's angles, shared by every block; pos the cached positions
+ * cos_h and sin_h (hd / 2, or the latent attention's rope / 2) the position's angles, shared by
+ * every block; pos the cached positions
  * of every block's cache (each written at pos). scratch: the largest block's (block_tokens'
  * size); xs: 2 B D floats; ids and weights: B times the largest top_k. Returns 0, or -1 if a
  * block or the head could not run (some caches may be written at pos: the caller runs the step
@@ -439,12 +452,7 @@ int moekit_decode_tokens(const block_plan *blocks, int64_t n_blocks, const float
         const block_plan *b = &blocks[i];
         float *out = xs + ((i + 1) % 2) * B * D;
         const int failed =
-            B == 1 ? moekit_block_one_token(in, b->attn_norm, b->attn_eps, b->attn, cos_h, sin_h,
-                                            b->k_cache, b->v_cache, pos, b->max_len, b->H, b->KV,
-                                            b->hd, b->scale, b->window, b->ffn_norm, b->ffn_eps,
-                                            b->router, b->expert_bias, b->K, b->sigmoid,
-                                            b->normalize, b->scaling, b->w_in, b->w_out, b->act,
-                                            b->shared, scratch, ids, weights, out)
+            B == 1 ? moekit_plan_one_token(b, in, cos_h, sin_h, pos, scratch, ids, weights, out)
                    : block_tokens(in, B, b, cos_h, sin_h, pos, scratch, ids, weights, out);
         if (failed) return -1;
         in = out;

@@ -281,11 +281,8 @@ def _library() -> ctypes.CDLL | None:
                 [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr],
                 i32,
             ),
-            "moekit_block_one_token": (
-                [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr, ptr, *routing, *[ptr] * 8],
-                i32,
-            ),
             "moekit_latent_attention_block": ([ptr, i64, *[ptr] * 5, i64, i64, i64, ptr, ptr], i32),
+            "moekit_plan_one_token": ([*[ptr] * 4, i64, *[ptr] * 4], i32),
             "moekit_decode_tokens": (
                 [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, f64, *[ptr] * 7],
                 i32,

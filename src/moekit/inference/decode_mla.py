@@ -102,7 +102,7 @@ def _latent_refs(attn: LatentAttention) -> LatentRef | None:
             (H * (m.qk_nope_head_dim + m.v_head_dim), R), (D, H * m.v_head_dim)]  # fmt: skip
     if shapes != want or kv_b.kind not in KV_B_KINDS or kv_b.bias or rope % 2:
         return None
-    if low_rank and (q_a[0].O, q_a[0].I) != (m.q_lora_rank, D):
+    if low_rank and (m.q_lora_rank, D) != (q_a[0].O, q_a[0].I):
         return None
     empty = WeightRef(-1, 0, 0, 0, None, None, None, None)
     q_a_norm = norms[1][0] if low_rank else None
@@ -121,6 +121,22 @@ def latent_floats(attn: LatentAttention, rows: int) -> int:
     return rows * (heads + low_rank + m.kv_lora_rank + m.qk_rope_head_dim)
 
 
+def latent_cache_qualifies(
+    attn: LatentAttention, cache: LayerKVCache, B: int, rope: tuple[Tensor, Tensor]
+) -> bool:
+    """Whether the C call reads `cache` for B sequences: plain float32 latents (B, 1, L, Rkv) and
+    rotary keys (B, 1, L, rope) with room left, the position's angles (1, rope / 2)."""
+    m, (cos, sin) = attn.m, rope
+    latent, k_rope = cache.k_BKLd, cache.v_BKLd
+    return (
+        all(_plain(t) for t in (latent, k_rope, cos, sin))
+        and latent.shape[:2] == k_rope.shape[:2] == (B, 1)
+        and latent.shape[2] == k_rope.shape[2] > cache.length
+        and (latent.shape[3], k_rope.shape[3]) == (m.kv_lora_rank, m.qk_rope_head_dim)
+        and cos.shape == sin.shape == (1, m.qk_rope_head_dim // 2)
+    )
+
+
 def _step_qualifies(
     attn: LatentAttention,
     x_BSD: Tensor,
@@ -129,20 +145,15 @@ def _step_qualifies(
     cache: LayerKVCache | None,
 ) -> bool:
     """What a step must be for the C call, its weights aside: one position of at most MAX_ROWS
-    plain float32 rows, no gradient, not traced, a float32 cache with room and the angles of its
-    rotary key, every cached position attended or a sliding window's, nothing hooked."""
+    plain float32 rows, no gradient, not traced, a cache it reads (`latent_cache_qualifies`),
+    every cached position attended or a sliding window's, nothing hooked."""
     B, S, _ = x_BSD.shape
     if not (S == 1 and B <= MAX_ROWS and cache is not None and decode_window(mask) is not None):
         return False
-    m, (cos, sin) = attn.m, rope
-    latent, k_rope = cache.k_BKLd, cache.v_BKLd
     return (
         not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-        and all(_plain(t) for t in (x_BSD, latent, k_rope, cos, sin))
-        and latent.shape[:2] == k_rope.shape[:2] == (B, 1)
-        and latent.shape[2] == k_rope.shape[2] > cache.length
-        and (latent.shape[3], k_rope.shape[3]) == (m.kv_lora_rank, m.qk_rope_head_dim)
-        and cos.shape == sin.shape == (1, m.qk_rope_head_dim // 2)
+        and _plain(x_BSD)
+        and latent_cache_qualifies(attn, cache, B, rope)
         and not _hooked(*latent_modules(attn))
         and ops_ready()
     )

@@ -1,5 +1,5 @@
 """A decoded token through the whole model in one C call (moekit_decode_tokens): its embedding
-row, every decoder block as `decode_block` runs one (moekit_block_one_token), the final norm and
+row, every decoder block as `decode_block` runs one (moekit_plan_one_token), the final norm and
 the LM head, for generation's steps (`moekit.model.generation.step_logits` asks
 `model.one_token_decoder`, which `apply_decode_glue` sets to `one_token_decoder`); a batch's step
 (B <= 16 sequences, one position each) likewise, each block as its layer calls run it (two norms,
@@ -38,14 +38,16 @@ import torch
 from torch import Tensor, nn
 
 from moekit.inference import decode_kernels
-from moekit.inference.decode_block import block_forward, resident_plan, scratch_floats
-from moekit.inference.decode_glue import (
-    MAX_NORM_NUMBERS,
-    _cache_qualifies,
-    _hooked,
-    _library,
-    hook_dicts,
+from moekit.inference.decode_block import (
+    BlockPlan,
+    attention_width,
+    block_forward,
+    block_struct,
+    cache_qualifies,
+    resident_plan,
+    scratch_floats,
 )
+from moekit.inference.decode_glue import MAX_NORM_NUMBERS, _hooked, _library, hook_dicts
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.inference.decode_layers import float_ref, norm_args, ops_ready, projection_ref
 from moekit.model.block import Block
@@ -55,32 +57,6 @@ from moekit.model.transformer import MoETransformer
 ROPE_CHUNK = 256  # positions whose rotary angles are computed at once (model._rope, as a forward)
 
 _ptr = ctypes.c_void_p
-
-
-class BlockPlan(ctypes.Structure):
-    """decode_glue.c's block_plan: moekit_block_one_token's arguments but the token's (what
-    block_tokens reads for B rows too)."""
-
-    _fields_ = [
-        ("attn_norm", _ptr), ("attn_eps", ctypes.c_double), ("attn", _ptr),
-        ("k_cache", _ptr), ("v_cache", _ptr),
-        *((name, ctypes.c_int64) for name in ("max_len", "H", "KV", "hd")),
-        ("scale", ctypes.c_float), ("window", ctypes.c_int64),
-        ("ffn_norm", _ptr), ("ffn_eps", ctypes.c_double),
-        ("router", _ptr), ("expert_bias", _ptr), ("K", ctypes.c_int64),
-        ("sigmoid", ctypes.c_int32), ("normalize", ctypes.c_int32), ("scaling", ctypes.c_float),
-        ("w_in", _ptr), ("w_out", _ptr), ("act", _ptr), ("shared", _ptr),
-    ]  # fmt: skip
-
-
-def _address(arg) -> int | None:
-    """The address a ctypes argument of `decode_moe.resident_args` passes: byref(x), an array or
-    a pointer; None stays None."""
-    if arg is None:
-        return None
-    if isinstance(arg, ctypes._Pointer):
-        return ctypes.cast(arg, ctypes.c_void_p).value
-    return ctypes.addressof(getattr(arg, "_obj", arg))  # byref(x) holds x as _obj
 
 
 Decoder = Callable[[Tensor], Tensor | None]  # next ids (B, 1) -> logits (B, V), or None
@@ -125,7 +101,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         norm is None
         or head is None
         or (head.O, head.I) != (V, D)
-        or any(p is None or p[1].q.I != D for p in plans)
+        or any(p is None or attention_width(p[1]) != D for p in plans)
         or not all(_rows_fit(b, B) for b in blocks)
         or _hooked(*modules)
     ):
@@ -133,10 +109,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
     pos = cache.layers[0].length
     rope = model._rope(pos, ROPE_CHUNK, embed.weight.device)
     first = (rope[0][:1], rope[1][:1])  # (1, hd / 2): the glue's check of a cache and angles
-    if not all(
-        _cache_qualifies(c, B, b.attn.n_kv_heads, b.attn.head_dim, first)
-        for b, c in zip(blocks, cache.layers, strict=True)
-    ):
+    if not all(cache_qualifies(b, c, B, first) for b, c in zip(blocks, cache.layers, strict=True)):
         return None
     return _Decoder(model, cache, plans, norm, head, modules, (pos, rope))
 
@@ -158,7 +131,8 @@ def _rows_fit(block: Block, B: int) -> bool:
     MAX_NORM_NUMBERS above one row, where `block_tokens` runs them) and the MoE layer on its
     chosen experts (`MoELayer.selected_path`, which `moekit_moe_tokens` computes)."""
     attn = block.attn
-    norms = (block.ffn.cfg.d_model, *([attn.n_heads * attn.head_dim] if attn.qk_norm else []))
+    qk_norm = getattr(attn, "qk_norm", None)  # (latent attention has none; its C norms are C's)
+    norms = (block.ffn.cfg.d_model, *([attn.n_heads * attn.head_dim] if qk_norm else []))
     return block.ffn.selected_path(B, True) and (
         B == 1 or all(B * n <= MAX_NORM_NUMBERS for n in norms)
     )
@@ -173,18 +147,11 @@ class _Decoder:
         layers = [(c.k_BKLd, c.v_BKLd) for c in cache.layers]
         self.kept = (list(model.parameters()), list(model.buffers()), plans, layers, head)
         self.blocks = (BlockPlan * len(plans))()
-        for i, (((attn_norm, ffn_norm), refs, moe, _), (k, v), block) in enumerate(
-            zip(plans, layers, model.layers, strict=True)
-        ):
-            attn, window = block.attn, cfg.layer_window(i)
-            router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act, shared = moe
-            self.blocks[i] = BlockPlan(
-                *attn_norm, ctypes.addressof(refs), k.data_ptr(), v.data_ptr(), k.shape[2],
-                attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.head_dim**-0.5,
-                window if window is not None and window > 0 else 0,  # (decode_window's)
-                *ffn_norm, _address(router), bias, K, sigmoid, normalize, scaling,
-                _address(w_in), _address(w_out), _address(act), _address(shared),
-            )  # fmt: skip
+        rows = zip(plans, cache.layers, model.layers, strict=True)
+        for i, (plan, layer, block) in enumerate(rows):
+            window = cfg.layer_window(i)
+            window = window if window is not None and window > 0 else 0  # (decode_window's)
+            self.blocks[i] = block_struct(block, plan, layer, window)
         self.embed = model.embed.weight
         V, D = self.embed.shape
         B, K = layers[0][0].shape[0], max(p[2][2] for p in plans)
