@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 from tests.c_kernels import decode_logits, needs_c_kernels
+from tests.test_mtp import MLA
 from torch import nn
 
 from moekit import ModelConfig, MoETransformer
@@ -428,20 +429,23 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
 
 
 @pytest.mark.parametrize(
-    ("scheme", "moe"),
-    [(None, {}), ("int4", {}), ("mxfp4", {}), (None, GPT_OSS["moe"]), ("mxfp4", GPT_OSS["moe"]),
-     (None, QWEN2_MOE["moe"]), ("int4", DEEPSEEK_SHARED["moe"])],
+    ("scheme", "moe", "latent"),
+    [(None, {}, False), ("int4", {}, False), ("mxfp4", {}, False), (None, GPT_OSS["moe"], False),
+     ("mxfp4", GPT_OSS["moe"], False), (None, QWEN2_MOE["moe"], False),
+     ("int4", DEEPSEEK_SHARED["moe"], False), ("int8", DEEPSEEK_SHARED["moe"], True)],
     ids=["float32", "int4", "mxfp4", "gpt_oss_moe", "gpt_oss_moe_mxfp4", "qwen2_moe_shared",
-         "deepseek_shared_int4"],
+         "deepseek_shared_int4", "deepseek_latent_int8"],
 )  # fmt: skip
-def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_path, scheme, moe):
-    """Offloaded experts (the block's attention half in one C call, the chosen experts fetched,
-    then one C call over them; GPT-OSS's biased, clamped ones too; shared experts added by their
-    own call) give the resident glued model's
-    logits exactly, at the least budget and with prefetch; and so does the resident model
-    recorded by a TraceRecorder (hooks: its layers fall back), which the offload benchmark checks
-    against."""
-    model = _model(10, None, moe=dict(moe))
+def test_offloaded_experts_are_bit_identical_to_resident_ones(
+    monkeypatch, tmp_path, scheme, moe, latent
+):
+    """Offloaded experts (the block's attention half in one C call, grouped-query or latent, the
+    chosen experts fetched, then one C call over them; GPT-OSS's biased, clamped ones too; shared
+    experts added by their own call) give the resident glued model's logits exactly, at the
+    least budget and with prefetch; and so does the resident model recorded by a TraceRecorder
+    (hooks: its layers fall back), which the offload benchmark checks against."""
+    attention = {"mla": MLA, "n_kv_heads": None} if latent else {}
+    model = _model(10, None, moe=dict(moe), **attention)
     with torch.no_grad():
         for layer in model.moe_layers():
             for b in (layer.experts.b_in, layer.experts.b_out, layer.router.bias):
@@ -467,7 +471,7 @@ def test_offloaded_experts_are_bit_identical_to_resident_ones(monkeypatch, tmp_p
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (budget, prefetch)
     assert calls["moekit_experts_one_token"] == 2 * 10 * 2  # runs x steps x layers
     # each step's attention half in one C call too, prefetch's hook on the MoE layer or not
-    assert calls["moekit_block_attention_one_token"] == 2 * 10 * 2
+    assert calls["moekit_plan_attention_one_token"] == 2 * 10 * 2
     assert decode_block.blocks_in_one_call(offloaded) == len(offloaded.layers)
 
 
@@ -598,3 +602,27 @@ def test_offloaded_hash_routed_experts_decode_as_resident_ones(tmp_path) -> None
         handle.close()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert decode_block.blocks_in_one_call(offloaded) == 0
+
+
+@pytest.mark.parametrize("part", ["attn", "ffn"])
+@pytest.mark.parametrize("overrides", [{}, {"mla": MLA, "n_kv_heads": None}], ids=["gqa", "mla"])
+def test_a_block_whose_attention_or_moe_forward_is_replaced_runs_it(
+    monkeypatch, part, overrides
+) -> None:
+    """The attention's or the MoE layer's forward put back to the class's (the reference: a
+    benchmark's contender) or replaced: the block's one call would bypass it, so the block runs
+    `Block.forward`, which calls it; the forward restored, the one call again."""
+    model = apply_decode_kernels(_model(40, **overrides))
+    module = getattr(model.layers[1], part)
+    glued = module.__dict__.pop("forward")  # the class's forward again
+    calls = _count_calls(monkeypatch, ran_only=True)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(41))
+    decode_logits(model, ids, 4)
+    assert calls["moekit_plan_one_token"] == 4  # layer 0's steps only
+    seen = []
+    module.forward = lambda *args, **kwargs: seen.append(1) or glued(*args, **kwargs)
+    decode_logits(model, ids, 4)
+    assert calls["moekit_plan_one_token"] == 8 and len(seen) == 5  # the prefill and 4 steps
+    module.forward = glued
+    decode_logits(model, ids, 4)
+    assert calls["moekit_plan_one_token"] == 16

@@ -9,9 +9,9 @@ functions on the same inputs, so the result equals `Block.forward`'s bit for bit
 included: `decode_shared`). That runs wherever this does not qualify: batch above 1, prefill, aux
 wanted, a dense FFN, a hook on any module it would bypass, anything `attention_weights`,
 `decode_mla.latent_weights`, `decode_moe.resident_args` or `decode_shared.shared_ref` refuses
-(tests/test_decode_layers.py, tests/test_decode_mla.py). A grouped-query block of offloaded
-experts (`decode_moe.offloaded_qualifies`) runs its attention half in one C
-call (moekit_block_attention_one_token), then its MoE layer as a module (routing in C, the chosen
+(tests/test_decode_layers.py, tests/test_decode_mla.py). A block of offloaded experts
+(`decode_moe.offloaded_qualifies`) runs its attention half in one C call
+(moekit_plan_attention_one_token), then its MoE layer as a module (routing in C, the chosen
 experts fetched, then run in one call), then the residual add.
 """
 
@@ -28,7 +28,7 @@ from moekit.inference.decode_layers import (
     AttentionRef,
     _cached,
     _kept,
-    attention_args,
+    attention_forward,
     attention_modules,
     attention_weights,
     norm_args,
@@ -36,12 +36,18 @@ from moekit.inference.decode_layers import (
 )
 from moekit.inference.decode_mla import (
     LatentRef,
+    latent_attention_forward,
     latent_cache_qualifies,
     latent_floats,
     latent_modules,
     latent_weights,
 )
-from moekit.inference.decode_moe import layer_floats, offloaded_qualifies, resident_args
+from moekit.inference.decode_moe import (
+    layer_floats,
+    moe_forward,
+    offloaded_qualifies,
+    resident_args,
+)
 from moekit.inference.decode_shared import layer_shared_ref, shared_modules
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
 from moekit.model.block import Block
@@ -80,9 +86,11 @@ def _address(arg) -> int | None:
 
 
 def block_struct(block: Block, plan: tuple, cache: LayerKVCache, window: int) -> BlockPlan:
-    """The block_plan of a block with resident experts (`resident_plan`'s plan) over this cache,
-    attending its last `window` positions (0: all)."""
+    """The block_plan of a block (`_plan`'s plan) over this cache, attending its last `window`
+    positions (0: all)."""
     (attn_norm, ffn_norm), refs, moe, _ = plan
+    if moe is OFFLOADED:  # (the attention half's call reads none of the MoE layer's fields)
+        moe = (None, None, 0, 0, 0, 0.0, None, None, None, None)
     router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act, shared = moe
     k, v, attn = cache.k_BKLd, cache.v_BKLd, block.attn
     latent = type(refs) is LatentRef
@@ -138,6 +146,8 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
     attn, ffn = modules[1], modules[3]
     extra = (
         *map(id, modules),
+        attn.__dict__.get("forward"),
+        ffn.__dict__.get("forward"),
         ffn.training,
         modules[4].__dict__.get("linear"),
         modules[5].__dict__.get("expert_ffn"),
@@ -178,8 +188,21 @@ def resident_plan(block: Block) -> tuple | None:
     return None if plan is None or plan[2] is OFFLOADED else plan
 
 
+def _glue_forwards(attn: Attention | LatentAttention, ffn: MoELayer) -> bool:
+    """Whether the attention and the MoE layer run the glue's forwards (`apply_decode_glue`'s),
+    whose work the C call does: not another forward put in their place (nor the class's: the
+    reference, a benchmark's contender)."""
+    want = latent_attention_forward if type(attn) is LatentAttention else attention_forward
+    return (
+        getattr(attn.__dict__.get("forward"), "func", None) is want
+        and getattr(ffn.__dict__.get("forward"), "func", None) is moe_forward
+    )
+
+
 def _build_plan(block: Block) -> tuple | None:
     D = block.ffn.cfg.d_model  # (an MoELayer: `_modules` checked)
+    if not _glue_forwards(block.attn, block.ffn):
+        return None
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
     if None in norms:
         return None
@@ -191,7 +214,7 @@ def _build_plan(block: Block) -> tuple | None:
         if shared is None and block.ffn.shared_experts is not None:
             return None
         moe = (*moe, None if shared is None else ctypes.byref(shared))
-    elif offloaded_qualifies(block.ffn) and not latent:
+    elif offloaded_qualifies(block.ffn):
         moe = OFFLOADED  # (its MoE layer is called: it adds its shared experts itself)
     if refs is None or moe is None or attention_width(refs) != D:
         return None
@@ -237,19 +260,17 @@ def block_forward(
     if plan is None or attention_width(plan[1]) != D:
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     assert cache is not None
-    (attn_norm, ffn_norm), refs, moe, n_scratch = plan
-    scratch = x_BSD.new_empty(n_scratch)
+    moe, scratch = plan[2], x_BSD.new_empty(plan[3])
     if moe is not OFFLOADED:
         return _plan_one_token(block, plan, x_BSD, rope, mask, cache, token_ids_BS, scratch,
                                with_aux)  # fmt: skip
     # offloaded experts: the attention half in C; the MoE layer fetches its experts, then runs
-    attn = modules[1]
-    attention = attention_args(attn.n_heads, attn.n_kv_heads, attn.head_dim, rope, cache, mask)
-    status = _library().moekit_block_attention_one_token(
-        x_BSD.data_ptr(), *attn_norm, ctypes.byref(refs), *attention, *ffn_norm,
-        scratch.data_ptr(),
+    struct = block_struct(block, plan, cache, decode_window(mask))
+    status = _library().moekit_plan_attention_one_token(
+        ctypes.byref(struct), x_BSD.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr(),
+        cache.length, scratch.data_ptr(),
     )  # fmt: skip
-    if status == -1:  # nothing written to the cache
+    if status == -1:  # the step not counted in the cache: the reference writes it again
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     cache.length += 1
     x1 = scratch[2 * D : 3 * D].view(1, 1, D)

@@ -361,44 +361,35 @@ static int64_t block_width(const block_plan *b) {
 }
 
 /* The attention half of moekit_plan_one_token for one decoded token: x1 = x + attention(
- * rmsnorm(x, attn_norm)) at scratch + 2 D and the MoE layer's input h = rmsnorm(x1, ffn_norm) at
- * scratch; what a caller whose experts are not all resident (offloaded) runs before fetching
- * the chosen ones. scratch: 4 D + (2 H + 2 KV) hd floats. Returns 0, or -1 if the attention could
- * not run (nothing written to the cache). */
-int moekit_block_attention_one_token(const float *x, const float *attn_norm, double attn_eps,
-                                     const attention_ref *attn, const float *cos_h,
-                                     const float *sin_h, float *k_cache, float *v_cache,
-                                     int64_t pos, int64_t max_len, int64_t H, int64_t KV,
-                                     int64_t hd, float scale, int64_t window,
-                                     const float *ffn_norm, double ffn_eps, float *scratch) {
-    const int64_t D = attn->q.I;
-    float *h = scratch, *a = h + D, *x1 = a + D, *rest = x1 + 2 * D;
-    moekit_rmsnorm_f32(x, 1, D, attn_norm, attn_eps, h);
-    if (moekit_attention_block(h, 1, attn, cos_h, sin_h, k_cache, v_cache, pos, max_len, H, KV, hd,
-                               scale, window, rest, a))
-        return -1;
-    for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
-    moekit_rmsnorm_f32(x1, 1, D, ffn_norm, ffn_eps, h);
-    return 0;
-}
-
-/* One decoded token through a whole pre-norm MoE block (moekit's Block): x1 = x + attention(
- * rmsnorm(x, attn_norm)) (block_attention: the grouped-query or the latent one), out = x1 +
- * moe(rmsnorm(x1, ffn_norm)) (moekit_moe_one_token, its shared experts where given); the sums
- * element by element, as torch adds. scratch: 4 D + max(attention's, 2 E + K (3F + D), 3 SW +
- * 2 D + 1) floats (attention's: (2 H + 2 KV) hd, or the latent scratch), x1 at scratch + 2 D.
- * Returns 0; -1 if the attention could not run (nothing counted in the cache: the caller's
- * reference writes position pos again), -2 if the MoE layer could not (the cache written, x1 in
- * the scratch). */
-int moekit_plan_one_token(const block_plan *b, const float *x, const float *cos_h,
-                          const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
-                          float *weights, float *out) {
+ * rmsnorm(x, attn_norm)) at scratch + 2 D (block_attention: the grouped-query or the latent one)
+ * and the MoE layer's input h = rmsnorm(x1, ffn_norm) at scratch; what a caller whose experts are
+ * not all resident (offloaded) runs before fetching the chosen ones (the plan's MoE fields then
+ * unread). scratch: 4 D + the attention's ((2 H + 2 KV) hd, or the latent scratch) floats.
+ * Returns 0, or -1 if the attention could not run (nothing counted in the cache: the caller's
+ * reference writes position pos again). */
+int moekit_plan_attention_one_token(const block_plan *b, const float *x, const float *cos_h,
+                                    const float *sin_h, int64_t pos, float *scratch) {
     const int64_t D = block_width(b);
-    float *h = scratch, *a = h + D, *x1 = a + D, *y = x1 + D, *rest = x1 + 2 * D;
+    float *h = scratch, *a = h + D, *x1 = a + D, *rest = x1 + 2 * D;
     moekit_rmsnorm_f32(x, 1, D, b->attn_norm, b->attn_eps, h);
     if (block_attention(b, h, 1, cos_h, sin_h, pos, rest, a)) return -1;
     for (int64_t i = 0; i < D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, 1, D, b->ffn_norm, b->ffn_eps, h);
+    return 0;
+}
+
+/* One decoded token through a whole pre-norm MoE block (moekit's Block): the attention half
+ * (moekit_plan_attention_one_token), then out = x1 + moe(h) (moekit_moe_one_token, its shared
+ * experts where given); the sums element by element, as torch adds. scratch: 4 D + max(the
+ * attention's, 2 E + K (3F + D), 3 SW + 2 D + 1) floats, x1 at scratch + 2 D. Returns 0; -1 if
+ * the attention could not run (as the half's), -2 if the MoE layer could not (the cache written,
+ * x1 in the scratch). */
+int moekit_plan_one_token(const block_plan *b, const float *x, const float *cos_h,
+                          const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
+                          float *weights, float *out) {
+    const int64_t D = block_width(b);
+    float *h = scratch, *x1 = h + 2 * D, *y = x1 + D, *rest = x1 + 2 * D;
+    if (moekit_plan_attention_one_token(b, x, cos_h, sin_h, pos, scratch)) return -1;
     if (moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
                              b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
                              y))

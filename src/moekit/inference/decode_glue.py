@@ -277,10 +277,7 @@ def _library() -> ctypes.CDLL | None:
             "moekit_shared_tokens": ([ptr, i64, *[ptr] * 4], i32),
             "moekit_shared_parts": ([ptr, i64, i64, *[ptr] * 3], None),
             "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
-            "moekit_block_attention_one_token": (
-                [ptr, ptr, f64, *[ptr] * 5, *attention, ptr, f64, ptr],
-                i32,
-            ),
+            "moekit_plan_attention_one_token": ([*[ptr] * 4, i64, ptr], i32),
             "moekit_latent_attention_block": ([ptr, i64, *[ptr] * 5, i64, i64, i64, ptr, ptr], i32),
             "moekit_plan_one_token": ([*[ptr] * 4, i64, *[ptr] * 4], i32),
             "moekit_decode_tokens": (
