@@ -26,6 +26,7 @@ from moekit import ModelConfig, MoETransformer
 from moekit.config import MoEConfig, QuantizeConfig
 from moekit.inference import (
     decode_block,
+    decode_dense,
     decode_glue,
     decode_layers,
     decode_mla,
@@ -106,7 +107,9 @@ def _count_calls(monkeypatch, ran_only: bool = False) -> dict[str, int]:
 
             return counted
 
-    for module in (decode_layers, decode_moe, decode_shared, decode_block, decode_step, decode_mla):
+    modules = (decode_layers, decode_moe, decode_shared, decode_block, decode_step, decode_mla,
+               decode_dense)  # fmt: skip
+    for module in modules:
         monkeypatch.setattr(module, "_library", lambda: Counting())
     return calls
 

@@ -84,10 +84,18 @@ CASES = {
     "deepseek_shared_sigmoid": (DEEPSEEK_SHARED, None),
     "deepseek_latent": ({**DEEPSEEK_SHARED, "mla": MLA, "n_kv_heads": None}, None),
     "deepseek_latent_int8": ({**DEEPSEEK_SHARED, "mla": MLA, "n_kv_heads": None}, "int8"),
-    "moonlight_latent_direct_q": (  # big_model.py's scheme: int4 experts, int8 the rest
-        {**DEEPSEEK_SHARED, "mla": MLA.replace(q_lora_rank=None), "n_kv_heads": None},
+    "moonlight_latent_direct_q_dense": (  # big_model.py's scheme: int4 experts, int8 the rest
+        {
+            **DEEPSEEK_SHARED,
+            "mla": MLA.replace(q_lora_rank=None),
+            "n_kv_heads": None,
+            "first_dense": 1,
+            "d_ff": 96,
+        },
         QuantizeConfig(weights="int8", experts="int4"),
     ),
+    "first_dense": ({"first_dense": 1, "d_ff": 96}, None),
+    "first_dense_int4": ({"first_dense": 1, "d_ff": 96}, "int4"),
 }
 
 
@@ -97,7 +105,7 @@ def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case, b
     """Float32 and every quantized scheme, tied heads, Qwen3's and OLMoE's q/k norms (OLMoE's
     clipping), GPT-OSS's windows, sinks and clamped experts, sigmoid routing, shared experts
     (Qwen2-MoE's gated, DeepSeek's two), latent attention (DeepSeek-V3's, Moonlight's without
-    the low-rank query), at batch 1, 3 and 16: each step one C call, its logits
+    the low-rank query), a dense first layer, at batch 1, 3 and 16: each step one C call, its logits
     the glued forward's bit for bit (the same C functions), past a change of the angles' chunk."""
     overrides, scheme = CASES[case]
     model = _model(30, **overrides)
@@ -167,7 +175,7 @@ def _decoder(model, batch: int = 1, length: int = 4):
 
 
 def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
-    """Batch above 16, a dense layer, offloaded experts, training mode, a hook
+    """Batch above 16, offloaded experts, training mode, a hook
     on any module the call bypasses (a shared expert's projection among them), no decode
     kernels: no decoder (every step then runs the forward); the glued model gets one, and loses
     it with its kernels."""
@@ -184,7 +192,6 @@ def test_models_and_caches_that_do_not_qualify_get_no_decoder(tmp_path) -> None:
     handle = shared.layers[1].ffn.shared_experts.gate.register_forward_hook(lambda *args: None)
     assert _decoder(shared)[0] is None
     handle.remove()
-    assert _decoder(apply_decode_kernels(_model(35, first_dense=1, d_ff=64)))[0] is None
     for where in ("model", "embed", "norm", "lm_head", "block", "router", "q_proj"):
         model = copy.deepcopy(glued)
         module = {"model": model, "embed": model.embed, "norm": model.norm,

@@ -23,6 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from moekit.experts.experts import SharedExperts
+from moekit.inference.decode_dense import (
+    DenseRef,
+    dense_floats,
+    dense_forward,
+    dense_modules,
+    dense_ref,
+)
 from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
 from moekit.inference.decode_layers import (
     AttentionRef,
@@ -50,7 +57,7 @@ from moekit.inference.decode_moe import (
 )
 from moekit.inference.decode_shared import layer_shared_ref, shared_modules
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
-from moekit.model.block import Block
+from moekit.model.block import Block, DenseFFN
 from moekit.model.mla import LatentAttention
 from moekit.moe import MoEAux, MoELayer
 
@@ -72,6 +79,7 @@ class BlockPlan(ctypes.Structure):
         ("router", _ptr), ("expert_bias", _ptr), ("K", ctypes.c_int64),
         ("sigmoid", ctypes.c_int32), ("normalize", ctypes.c_int32), ("scaling", ctypes.c_float),
         ("w_in", _ptr), ("w_out", _ptr), ("act", _ptr), ("shared", _ptr), ("latent", _ptr),
+        ("dense", _ptr),
     ]  # fmt: skip
 
 
@@ -89,7 +97,8 @@ def block_struct(block: Block, plan: tuple, cache: LayerKVCache, window: int) ->
     """The block_plan of a block (`_plan`'s plan) over this cache, attending its last `window`
     positions (0: all)."""
     (attn_norm, ffn_norm), refs, moe, _ = plan
-    if moe is OFFLOADED:  # (the attention half's call reads none of the MoE layer's fields)
+    dense = moe if type(moe) is DenseRef else None
+    if moe is OFFLOADED or dense:  # (then the call reads none of the MoE layer's fields)
         moe = (None, None, 0, 0, 0, 0.0, None, None, None, None)
     router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act, shared = moe
     k, v, attn = cache.k_BKLd, cache.v_BKLd, block.attn
@@ -100,7 +109,7 @@ def block_struct(block: Block, plan: tuple, cache: LayerKVCache, window: int) ->
         *attn_norm, None if latent else ctypes.addressof(refs), k.data_ptr(), v.data_ptr(),
         k.shape[2], *heads, window, *ffn_norm, _address(router), bias, K, sigmoid, normalize,
         scaling, _address(w_in), _address(w_out), _address(act), _address(shared),
-        ctypes.addressof(refs) if latent else None,
+        ctypes.addressof(refs) if latent else None, dense and ctypes.addressof(dense),
     )  # fmt: skip
 
 
@@ -119,18 +128,24 @@ def cache_qualifies(block: Block, cache: LayerKVCache, B: int, rope: tuple) -> b
 
 def _modules(block: Block) -> tuple[nn.Module, ...] | None:
     """The modules whose work the C call does, read from the modules' own dicts (cheap): the
-    norms, the attention and its projections, the MoE layer, its router and experts, and its
-    shared experts' modules (`decode_shared.shared_modules`)."""
+    norms, the attention, the MoE layer, its router and experts, the attention's projections,
+    and the MoE layer's shared experts' modules (`decode_shared.shared_modules`); of a dense FFN,
+    in the router's and experts' places its gate and up projections, then its down one last."""
     own = block._modules
     attn, ffn = own["attn"], own["ffn"]
-    if type(ffn) is not MoELayer or type(attn) not in (Attention, LatentAttention):
+    if type(attn) not in (Attention, LatentAttention):
         return None
-    f = ffn._modules
-    shared = f.get("shared_experts")  # (a module, or None: an attribute, not in f)
-    shared = () if shared is None else shared_modules(shared)
+    if type(ffn) is MoELayer:
+        f = ffn._modules
+        shared = f.get("shared_experts")  # (a module, or None: an attribute, not in f)
+        first, last = (f["router"], f["experts"]), () if shared is None else shared_modules(shared)
+    elif type(ffn) is DenseFFN:
+        _, gate, up, down = dense_modules(ffn)
+        first, last = (gate, up), (down,)
+    else:
+        return None
     parts = attention_modules(attn) if type(attn) is Attention else latent_modules(attn)
-    return (own["attn_norm"], attn, own["ffn_norm"], ffn, f["router"], f["experts"], *parts,
-            *shared)  # fmt: skip
+    return (own["attn_norm"], attn, own["ffn_norm"], ffn, *first, *parts, *last)
 
 
 def _bypassed(modules: tuple) -> tuple[nn.Module, ...]:
@@ -188,19 +203,20 @@ def resident_plan(block: Block) -> tuple | None:
     return None if plan is None or plan[2] is OFFLOADED else plan
 
 
-def _glue_forwards(attn: Attention | LatentAttention, ffn: MoELayer) -> bool:
-    """Whether the attention and the MoE layer run the glue's forwards (`apply_decode_glue`'s),
-    whose work the C call does: not another forward put in their place (nor the class's: the
+def _glue_forwards(attn: Attention | LatentAttention, ffn: MoELayer | DenseFFN) -> bool:
+    """Whether the attention and the FFN run the glue's forwards (`apply_decode_glue`'s), whose
+    work the C call does: not another forward put in their place (nor the class's: the
     reference, a benchmark's contender)."""
     want = latent_attention_forward if type(attn) is LatentAttention else attention_forward
+    ffn_want = dense_forward if type(ffn) is DenseFFN else moe_forward
     return (
         getattr(attn.__dict__.get("forward"), "func", None) is want
-        and getattr(ffn.__dict__.get("forward"), "func", None) is moe_forward
+        and getattr(ffn.__dict__.get("forward"), "func", None) is ffn_want
     )
 
 
 def _build_plan(block: Block) -> tuple | None:
-    D = block.ffn.cfg.d_model  # (an MoELayer: `_modules` checked)
+    D = block.ffn_norm.normalized_shape[0]
     if not _glue_forwards(block.attn, block.ffn):
         return None
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
@@ -208,17 +224,22 @@ def _build_plan(block: Block) -> tuple | None:
         return None
     latent = type(block.attn) is LatentAttention
     refs = latent_weights(block.attn) if latent else attention_weights(block.attn)
-    moe = resident_args(block.ffn)
-    if moe is not None:  # its shared experts in the same call, where it has any
-        shared = layer_shared_ref(block.ffn)
-        if shared is None and block.ffn.shared_experts is not None:
-            return None
-        moe = (*moe, None if shared is None else ctypes.byref(shared))
-    elif offloaded_qualifies(block.ffn):
-        moe = OFFLOADED  # (its MoE layer is called: it adds its shared experts itself)
+    moe = dense_ref(block.ffn) if type(block.ffn) is DenseFFN else _moe_plan(block.ffn)
     if refs is None or moe is None or attention_width(refs) != D:
         return None
     return norms, refs, moe, scratch_floats(block, 1)
+
+
+def _moe_plan(ffn: MoELayer) -> tuple | str | None:
+    """The MoE layer as the block's call reads it: `decode_moe.resident_args` and its shared
+    experts' ref (or None without them); OFFLOADED for offloaded experts; None otherwise."""
+    moe = resident_args(ffn)
+    if moe is None:  # offloaded: its MoE layer is called, and adds its shared experts itself
+        return OFFLOADED if offloaded_qualifies(ffn) else None
+    shared = layer_shared_ref(ffn)  # its shared experts in the same call, where it has any
+    if shared is None and ffn.shared_experts is not None:
+        return None
+    return (*moe, None if shared is None else ctypes.byref(shared))
 
 
 def scratch_floats(block: Block, rows: int) -> int:
@@ -230,7 +251,9 @@ def scratch_floats(block: Block, rows: int) -> int:
         heads = latent_floats(attn, rows)
     else:
         heads = rows * (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
-    return rows * 4 * block.ffn.cfg.d_model + max(heads, layer_floats(block.ffn, rows))
+    ffn = block.ffn
+    ffn_floats = dense_floats(ffn, rows) if type(ffn) is DenseFFN else layer_floats(ffn, rows)
+    return rows * 4 * block.ffn_norm.normalized_shape[0] + max(heads, ffn_floats)
 
 
 def block_forward(
@@ -289,8 +312,9 @@ def _plan_one_token(
     scratch: Tensor,
     with_aux: bool,
 ) -> tuple[Tensor, MoEAux | None]:
-    """The block's one call with every expert resident (moekit_plan_one_token, its block_plan)."""
-    D, K = x_BSD.shape[-1], plan[2][2]
+    """The block's one call with every expert resident or a dense FFN (moekit_plan_one_token, its
+    block_plan)."""
+    D, K = x_BSD.shape[-1], top_k(plan)
     ids, weights = (torch.empty(K, dtype=torch.int64), torch.empty(K))
     out = x_BSD.new_empty(1, 1, D)
     struct = block_struct(block, plan, cache, decode_window(mask))
@@ -301,11 +325,20 @@ def _plan_one_token(
     if status == -1:  # the step not counted in the cache: the reference writes it again
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     cache.length += 1
-    if status == -2:  # the attention step ran; the MoE layer's reference runs the rest
+    if status == -2:  # the attention step ran; the FFN's reference runs the rest
         x1 = scratch[2 * D : 3 * D].view(1, 1, D).clone()
+        if type(block.ffn) is DenseFFN:
+            return x1 + block.ffn(block.ffn_norm(x1)), None
         y, aux = block.ffn(block.ffn_norm(x1), None, with_aux=with_aux, decoding=True)
         return x1 + y, aux
     return out, None
+
+
+def top_k(plan: tuple) -> int:
+    """The experts a token of the plan's block runs (ids and weights its call writes): 0 for a
+    dense FFN or offloaded experts."""
+    moe = plan[2]
+    return 0 if moe is OFFLOADED or type(moe) is DenseRef else moe[2]
 
 
 def blocks_in_one_call(model: nn.Module) -> int:

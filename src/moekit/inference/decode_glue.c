@@ -321,7 +321,8 @@ done:
 /* One decoder block as moekit_plan_one_token reads it: its norms, attention, KV cache, window and
  * MoE layer (shared experts included), and the latent attention that replaces the grouped-query
  * one where `latent` is not NULL (then attn is NULL, H, KV, hd and
- * scale unused, k_cache and v_cache the latent and rotary-key caches). Mirrors
+ * scale unused, k_cache and v_cache the latent and rotary-key caches); a dense FFN in place of the
+ * MoE layer where `dense` is not NULL (then the MoE fields are unread). Mirrors
  * moekit/inference/decode_block.py's BlockPlan field by field. */
 typedef struct {
     const float *attn_norm;
@@ -342,6 +343,7 @@ typedef struct {
     const activation_ref *act;
     const shared_ref *shared;
     const latent_ref *latent;
+    const dense_ref *dense;
 } block_plan;
 
 /* a (B, D) = the block's attention of h (B, D), its latent attention where it has one; as
@@ -390,9 +392,10 @@ int moekit_plan_one_token(const block_plan *b, const float *x, const float *cos_
     const int64_t D = block_width(b);
     float *h = scratch, *x1 = h + 2 * D, *y = x1 + D, *rest = x1 + 2 * D;
     if (moekit_plan_attention_one_token(b, x, cos_h, sin_h, pos, scratch)) return -1;
-    if (moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
-                             b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
-                             y))
+    if (b->dense ? moekit_dense_tokens(h, 1, b->dense, rest, y)
+                 : moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid,
+                                        b->normalize, b->scaling, b->w_in, b->w_out, b->act,
+                                        b->shared, rest, ids, weights, y))
         return -2; /* the attention step is written: the caller must not run it again */
     for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
     return 0;
@@ -412,9 +415,10 @@ static int block_tokens(const float *x, int64_t B, const block_plan *b, const fl
     if (block_attention(b, h, B, cos_h, sin_h, pos, rest, a)) return -1;
     for (int64_t i = 0; i < B * D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, B, D, b->ffn_norm, b->ffn_eps, h);
-    if (moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
-                          b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
-                          y))
+    if (b->dense ? moekit_dense_tokens(h, B, b->dense, rest, y)
+                 : moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid,
+                                     b->normalize, b->scaling, b->w_in, b->w_out, b->act,
+                                     b->shared, rest, ids, weights, y))
         return -1;
     for (int64_t i = 0; i < B * D; i++) out[i] = x1[i] + y[i];
     return 0;

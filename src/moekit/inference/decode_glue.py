@@ -29,7 +29,7 @@ from moekit import cbuild
 from moekit.experts.experts import SharedExperts
 from moekit.inference.decode_kernels import MAX_ROWS, _plain
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache, cached_attention
-from moekit.model.block import Block
+from moekit.model.block import Block, DenseFFN
 from moekit.model.mla import LatentAttention
 from moekit.model.transformer import MoETransformer
 from moekit.moe import MoELayer
@@ -202,12 +202,14 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
     `decode_layers.attention_forward`, every `LatentAttention` `decode_mla.
     latent_attention_forward` (its decode steps in the latent space), every MoE layer and its router
     `decode_moe.moe_forward` and `router_forward`, its shared experts
-    `decode_shared.shared_forward`, every decoder block `decode_block.block_forward`.
+    `decode_shared.shared_forward`, every dense FFN `decode_dense.dense_forward`, every decoder
+    block `decode_block.block_forward`.
     Nothing is copied: the model saves and deep-copies as before. Returns `model`;
     `remove_decode_glue` undoes it."""
     # here, not at the top: they build on this module's checks and library
     from moekit.inference import (
         decode_block,
+        decode_dense,
         decode_layers,
         decode_mla,
         decode_moe,
@@ -229,6 +231,8 @@ def apply_decode_glue(model: MoETransformer) -> MoETransformer:
             shared = module.shared_experts
             if type(shared) is SharedExperts:  # (another class: its own forward, called after)
                 shared.forward = functools.partial(decode_shared.shared_forward, shared)
+        elif type(module) is DenseFFN:  # (a subclass's forward: another computation)
+            module.forward = functools.partial(decode_dense.dense_forward, module)
         elif type(module) is Block:  # (a subclass's forward would be another computation)
             module.forward = functools.partial(decode_block.block_forward, module)
     model.rope_memo = {}
@@ -244,7 +248,8 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
             plain.weight = module.weight
             model.set_submodule(name, plain.train(module.training))
         elif isinstance(
-            module, Attention | LatentAttention | MoELayer | Router | Block | SharedExperts
+            module,
+            Attention | LatentAttention | MoELayer | Router | Block | SharedExperts | DenseFFN,
         ):
             module.__dict__.pop("forward", None)  # the class's own forward again
             if isinstance(module, Attention):
@@ -276,6 +281,7 @@ def _library() -> ctypes.CDLL | None:
             "moekit_moe_tokens": ([ptr, i64, ptr, ptr, *routing, *[ptr] * 8], i32),
             "moekit_shared_tokens": ([ptr, i64, *[ptr] * 4], i32),
             "moekit_shared_parts": ([ptr, i64, i64, *[ptr] * 3], None),
+            "moekit_dense_tokens": ([ptr, i64, *[ptr] * 3], i32),
             "moekit_attention_block": ([ptr, i64, *[ptr] * 5, *attention, ptr, ptr], i32),
             "moekit_plan_attention_one_token": ([*[ptr] * 4, i64, ptr], i32),
             "moekit_latent_attention_block": ([ptr, i64, *[ptr] * 5, i64, i64, i64, ptr, ptr], i32),

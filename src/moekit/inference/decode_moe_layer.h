@@ -236,3 +236,44 @@ int moekit_moe_tokens(const float *x, int64_t T, const weight_ref *router,
         return -1;
     return add_shared(x, T, shared, act, scratch, y);
 }
+
+/* A dense block's FFN (moekit's DenseFFN): w_down (silu(w_gate x) * (w_up x)), gate and up (F, D)
+ * and down (D, F) stored apart as its checkpoint keeps them, no biases. */
+typedef struct {
+    weight_ref gate, up, down;
+} dense_ref;
+
+/* y (T, D) = the dense FFN of T rows x (T, D), every product over all T rows at once, the
+ * activation gated_activation's SwiGLU. work: 3 T F floats. Returns 0, or -1 if a product's x
+ * cannot be prepared (nothing meaningful in y). */
+int moekit_dense_tokens(const float *x, int64_t T, const dense_ref *d, float *work, float *y) {
+    const int64_t F = d->gate.O;
+    float *g = work, *u = g + T * F, *a = u + T * F;
+    void *px = prepared(&d->gate, x, T);
+    void *pu = d->up.kind == d->gate.kind ? px : prepared(&d->up, x, T);
+    void *pa = NULL;
+    int failed = px == NULL || pu == NULL;
+    if (failed) goto done;
+#pragma omp parallel if (3 * F * d->gate.I >= min_parallel_weights)
+    {
+        product(&d->gate, px, T, g);
+        product(&d->up, pu, T, u);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t f0 = 0; f0 < T * F; f0 += ROWS_A_TASK * 64) {
+            const int64_t n = T * F - f0 < ROWS_A_TASK * 64 ? T * F - f0 : ROWS_A_TASK * 64;
+            gated_activation(g + f0, u + f0, n, NULL, a + f0);
+        }
+#pragma omp single
+        {
+            pa = prepared(&d->down, a, T);
+            failed = pa == NULL;
+        }
+        if (!failed) product(&d->down, pa, T, y);
+    }
+done:
+    release(&d->gate, px);
+    if (pu != px) release(&d->up, pu);
+    release(&d->down, pa);
+    return failed ? -1 : 0;
+}

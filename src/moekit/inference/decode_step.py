@@ -46,11 +46,12 @@ from moekit.inference.decode_block import (
     cache_qualifies,
     resident_plan,
     scratch_floats,
+    top_k,
 )
 from moekit.inference.decode_glue import MAX_NORM_NUMBERS, _hooked, _library, hook_dicts
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.inference.decode_layers import float_ref, norm_args, ops_ready, projection_ref
-from moekit.model.block import Block
+from moekit.model.block import Block, DenseFFN
 from moekit.model.generation import KVCache
 from moekit.model.transformer import MoETransformer
 
@@ -130,12 +131,12 @@ def _rows_fit(block: Block, B: int) -> bool:
     norms' rows in C (`decode_glue.rms_norm`: the block's and the q/k norms' numbers at most
     MAX_NORM_NUMBERS above one row, where `block_tokens` runs them) and the MoE layer on its
     chosen experts (`MoELayer.selected_path`, which `moekit_moe_tokens` computes)."""
-    attn = block.attn
+    attn, ffn = block.attn, block.ffn
     qk_norm = getattr(attn, "qk_norm", None)  # (latent attention has none; its C norms are C's)
-    norms = (block.ffn.cfg.d_model, *([attn.n_heads * attn.head_dim] if qk_norm else []))
-    return block.ffn.selected_path(B, True) and (
-        B == 1 or all(B * n <= MAX_NORM_NUMBERS for n in norms)
-    )
+    D = block.ffn_norm.normalized_shape[0]
+    norms = (D, *([attn.n_heads * attn.head_dim] if qk_norm else []))
+    dense_or_selected = type(ffn) is DenseFFN or ffn.selected_path(B, True)
+    return dense_or_selected and (B == 1 or all(B * n <= MAX_NORM_NUMBERS for n in norms))
 
 
 class _Decoder:
@@ -154,7 +155,7 @@ class _Decoder:
             self.blocks[i] = block_struct(block, plan, layer, window)
         self.embed = model.embed.weight
         V, D = self.embed.shape
-        B, K = layers[0][0].shape[0], max(p[2][2] for p in plans)
+        B, K = layers[0][0].shape[0], max(1, *(top_k(p) for p in plans))
         self.B, self.V = B, V
         self.room = min(layers[0][0].shape[2], cfg.max_seq_len)
         self.norm, self.head = norm, head
