@@ -272,3 +272,17 @@ def test_a_head_width_not_given_is_the_rounded_down_quotient(mixtral_dir: Path) 
     hf = {k: v for k, v in hf.items() if k != "head_dim"}
     hf |= {"num_attention_heads": 6, "num_key_value_heads": 2}
     assert hf_model_config(hf).head_dim == hf["hidden_size"] // 6
+
+
+@pytest.mark.parametrize(("key", "value"), [("scoring_func", "softmax"), ("topk_method", "greedy")])
+def test_deepseek_routing_is_written_and_another_is_refused(tmp_path: Path, key, value) -> None:
+    """save_hf writes DeepSeek-V3's routing into config.json as its published configs do (readers
+    other than transformers, llama.cpp's converter among them, take softmax scores without it);
+    a config with another routing (DeepSeek-V2's softmax, its greedy top-k) is one error naming
+    the key, not a model that routes otherwise."""
+    ours = load_hf(save_hf_case("deepseek_v3", tmp_path / "ds"))  # (transformers writes neither)
+    save_hf(ours, tmp_path / "ours", "deepseek_v3")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (written["scoring_func"], written["topk_method"]) == ("sigmoid", "noaux_tc")
+    with pytest.raises(CheckpointError, match=rf"config\.json: {key}='{value}': deepseek_v3"):
+        hf_model_config({**written, key: value})

@@ -21,8 +21,15 @@ from moekit.interop.keymaps import (
     shared_expert_keys,
 )
 
+# The routing the architecture computes (transformers' DeepseekV3 always does; other readers,
+# llama.cpp's converter among them, take softmax where config.json does not say sigmoid).
+SCORING = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+
 
 def from_hf(hf: HF) -> ModelConfig:
+    for key, value in SCORING.items():
+        if hf[key] != value:
+            raise ValueError(f"{key}={hf[key]!r}: deepseek_v3 routes with {key}={value!r} only")
     routed = moe_from_hf(hf, "n_routed_experts", "moe_intermediate_size")
     routed["aux_loss_coef"] = 0.0  # auxiliary-loss-free: the correction bias balances instead
     moe = MoEConfig(
@@ -81,6 +88,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
         "rope_interleave": m.rope_interleave,
         "attention_bias": cfg.attn_bias is True,
         "num_nextn_predict_layers": cfg.mtp_depth,
+        **SCORING,
     }
 
 
@@ -136,6 +144,7 @@ DEEPSEEK_V3 = Architecture(
         "v_head_dim": 128,
         "rope_interleave": True,
         "num_nextn_predict_layers": 1,
+        **SCORING,
     },
     aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     from_hf=from_hf,
