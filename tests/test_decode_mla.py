@@ -1,9 +1,9 @@
 """Latent attention's decode steps in the latent space (`moekit.inference.decode_mla`): the
 reference's (`LatentAttention.forward`, which expands the cached latents) logits to float32
-rounding at every step, one position in one C call (decode_latent.h; kv_b_proj float32, bf16 or
-int8: alone, inside its block's call or inside the whole step's, the same bits) or a few in
-torch, with or without the low-rank query, another quantized kv_b_proj dequantized each step;
-exactly the reference wherever neither applies."""
+rounding at every step, one position in one C call (decode_latent.h; kv_b_proj float32 or of any
+quantized scheme: alone, inside its block's call or inside the whole step's, the same bits) or a
+few in torch, with or without the low-rank query, a quantized kv_b_proj dequantized each step
+there; exactly the reference wherever neither applies."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.model.attention import attention_mask
 from moekit.model.generation import KVCache
 from moekit.model.mla import LatentAttention
+from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedLinear, dequantize_model, quantize_model
 
 # DeepSeek-V3's layout at a small width: a low-rank query, interleaved rotary dimensions
@@ -153,13 +154,36 @@ def test_an_int8_or_bf16_kv_b_proj_steps_in_c(layer_by_layer, c_steps, scheme) -
     torch.testing.assert_close(got, decode_logits(plain, ids, 4), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int4_zp", "mxfp4"])
+def test_a_grouped_4_bit_kv_b_proj_steps_in_c(monkeypatch, layer_by_layer, c_steps, scheme) -> None:
+    """int4 (with zero points or not) and MXFP4 attention: every step one C call, which reads
+    kv_b_proj's rows as `dequantize` gives them. With the kernels taking x as float32, this
+    module's torch path (kv_b_proj dequantized each step) to float32 rounding; with their default
+    (x as int8 per block of 32, as every other product of these weights takes it), within what
+    quantizing o_lat moves."""
+    config = QuantizeConfig(weights="none", attention=scheme.removesuffix("_zp"),
+                            zero_point=scheme.endswith("_zp"))  # fmt: skip
+    model = layer_by_layer(apply_decode_kernels(quantize_model(_mla_model(), config)))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+    with quant_kernels.use_activations("float"):
+        got = decode_logits(model, ids, 4)
+    default = decode_logits(model, ids, 4)
+    assert len(c_steps) == 2 * 8 * 2
+    monkeypatch.setattr(decode_mla, "_c_step", lambda *args: None)
+    monkeypatch.setattr(decode_mla, "QUANTIZED_MIN_POSITIONS", 0)
+    with quant_kernels.use_activations("float"):
+        want = decode_logits(model, ids, 4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(default[:, 4:], want[:, 4:], rtol=0.05, atol=0.02 * want.abs().max())
+
+
 def test_a_quantized_kv_b_proj_the_c_call_does_not_read_is_dequantized_for_the_step(
     monkeypatch, layer_by_layer, c_steps
 ) -> None:
-    """int8 attention with kv_b_proj of a kind the C call does not read (int4, mxfp4: here int8
-    taken out of its kinds): from QUANTIZED_MIN_POSITIONS cached positions on, each step
-    dequantizes kv_b_proj's weight; below, the reference runs (dequantizing cost more); the
-    dequantized model's logits to float32 rounding either way."""
+    """int8 attention with kv_b_proj of a kind the C call does not read (int8 taken out of its
+    kinds; the torch path a step of a few positions takes): from QUANTIZED_MIN_POSITIONS cached
+    positions on, each step dequantizes kv_b_proj's weight; below, the reference runs
+    (dequantizing cost more); the dequantized model's logits to float32 rounding either way."""
     monkeypatch.setattr(decode_mla, "KV_B_KINDS", (-1, 0))
     model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention="int8"))
     plain = dequantize_model(copy.deepcopy(model))

@@ -9,14 +9,14 @@
  *     out = o_proj(y)
  *
  * kv_b_proj (H (nope + v), R) holds W_UK[h] (nope, R) and W_UV[h] (v, R) head by head; its rows are
- * read as float32 (a float32 matrix's; bf16 widened; int8 times its row's scale: the weight
- * `QuantizedWeight.dequantize` gives), and every sum here is float32 (a user's choice of int8 x for
+ * read as float32 (`float_row`: the weight `QuantizedWeight.dequantize` gives), and every sum here
+ * is float32 (a user's choice of int8 x for
  * int8 weights, `quant.kernels.set_activations`, applies to W_UV's product too). Included by decode_glue.c,
  * after the weight references, `product` and `rope`. */
 
 /* The latent attention as its block reads it: q (H qk, D), or q_a (Rq, D), q_a_norm (Rq) and q_b
  * (H qk, Rq) where q.O is 0 (the low-rank query); kv_a (R + rope, D), kv_a_norm (R); kv_b
- * (H (nope + v), R), of kind -1, 0 (bf16) or 1 (int8); o (D, H v); the two norms' eps; the heads
+ * (H (nope + v), R), float32 or any quantized kind (`float_row`); o (D, H v); the two norms' eps; the heads
  * and their parts' widths (qk = nope + rope); interleave: the rotary pairs come interleaved
  * (x0, x1), (x2, x3) ... and are gathered into halves before the rotation (rope_interleave). */
 typedef struct {
@@ -44,18 +44,67 @@ WIDEST static void axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-/* Row o of w (I floats) as float32: a float32 row in place, else widened into buf. */
+/* IEEE half h as float32 (normals, subnormals, infinities and NaNs). */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    float magnitude;
+    if (exponent == 0)
+        magnitude = ldexpf((float)mantissa, -24);
+    else if (exponent == 31)
+        magnitude = mantissa ? NAN : INFINITY;
+    else
+        magnitude = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
+    uint32_t bits;
+    memcpy(&bits, &magnitude, sizeof bits);
+    bits |= sign;
+    memcpy(&magnitude, &bits, sizeof bits);
+    return magnitude;
+}
+
+/* E2M1's 16 values, low nibble first (moekit.quant.schemes.E2M1_VALUES). */
+static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* Row o of w (I floats) as float32, as `QuantizedWeight.dequantize` computes it: a float32 row in
+ * place, else into buf: bf16 widened; int8 times its row's scale; int4 (its nibbles, element 2j
+ * low, in groups of 32) (q - 8) times its group's half scale, or q scale + offset with zero
+ * points; MXFP4 E2M1 times 2^(byte - 127). */
 WIDEST static const float *float_row(const weight_ref *w, int64_t o, float *buf) {
+    const int64_t I = w->I;
     if (w->kind < 0) return (const float *)w->data + o * w->ld;
     if (w->kind == 0) { /* bf16: the high half of a float32 */
-        const uint16_t *r = (const uint16_t *)w->data + o * w->I;
+        const uint16_t *r = (const uint16_t *)w->data + o * I;
         uint32_t *bits = (uint32_t *)buf;
-        for (int64_t i = 0; i < w->I; i++) bits[i] = (uint32_t)r[i] << 16;
+        for (int64_t i = 0; i < I; i++) bits[i] = (uint32_t)r[i] << 16;
         return buf;
     }
-    const int8_t *r = (const int8_t *)w->data + o * w->I;
-    const float s = ((const float *)w->scales)[o];
-    for (int64_t i = 0; i < w->I; i++) buf[i] = (float)r[i] * s;
+    if (w->kind == 1) {
+        const int8_t *r = (const int8_t *)w->data + o * I;
+        const float s = ((const float *)w->scales)[o];
+        for (int64_t i = 0; i < I; i++) buf[i] = (float)r[i] * s;
+        return buf;
+    }
+    const uint8_t *r = (const uint8_t *)w->data + o * (I / 2);
+    for (int64_t g = 0; g < I / 32; g++) {
+        float s, off = 0.0f;
+        if (w->kind == 4) {
+            const uint8_t e = ((const uint8_t *)w->scales)[o * (I / 32) + g];
+            s = e == 255 ? NAN : ldexpf(1.0f, (int)e - 127);
+        } else {
+            s = half_to_float(((const uint16_t *)w->scales)[o * (I / 32) + g]);
+            if (w->kind == 3) off = half_to_float(((const uint16_t *)w->offsets)[o * (I / 32) + g]);
+        }
+        for (int64_t j = 0; j < 32; j++) {
+            const int q = (r[(g * 32 + j) / 2] >> (4 * (j & 1))) & 15;
+            float *out = buf + g * 32 + j;
+            if (w->kind == 4)
+                *out = e2m1[q] * s;
+            else if (w->kind == 3)
+                *out = (float)q * s + off;
+            else
+                *out = (float)(q - 8) * s;
+        }
+    }
     return buf;
 }
 
@@ -74,8 +123,9 @@ static void rope_latent(const float *x, int64_t n, int interleave, const float *
  * rotated), the caches' first L positions (the last `window` of them where window > 0) -> y
  * (B, H v) at those heads' columns. The products over the cache (every head's scores at once)
  * and W_UV run the kernels' row functions (`rows`: the float32 kernel's, or the quantized
- * kernels' for a bf16 or int8 kv_b, x taken as float32 as their default is); the sums over rows
- * of W_UK and of the cache are `axpy`s. work: latent_work floats. Returns 0, or -1 if o_lat
+ * kernels', which take o_lat as they take every product's x: float32 for bf16 and int8 weights,
+ * int8 per block of 32 for int4 and MXFP4 by default); the sums over rows of W_UK (`float_row`'s)
+ * and of the cache are `axpy`s. work: latent_work floats. Returns 0, or -1 if o_lat
  * cannot be prepared for kv_b. */
 static int latent_heads(const latent_ref *w, int64_t b, int64_t h0, int64_t h1, const float *q,
                         const float *latent_cache, const float *rope_cache, int64_t L,

@@ -20,7 +20,7 @@ position instead of Rkv H (nope + v) + H (qk + v), plus kv_b_proj's weight read 
 step (dequantized where it is quantized).
 
 A step of one position for at most MAX_ROWS sequences runs in one C call where its modules
-qualify (`latent_weights`: decode-kernel projections, kv_b_proj float32, bf16 or int8, the glue's
+qualify (`latent_weights`: decode-kernel projections, kv_b_proj float32 or quantized, the glue's
 norms): decode_latent.h, the same algebra over the same products, its sums in float32
 (tests/test_decode_mla.py holds it to this module's torch path).
 
@@ -44,6 +44,7 @@ from moekit.inference.decode_kernels import MAX_ROWS, KernelLinear
 from moekit.inference.decode_layers import WeightRef, _cached, norm_args, ops_ready, projection_ref
 from moekit.model.attention import AttentionMask, LayerKVCache
 from moekit.model.mla import LatentAttention
+from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedLinear
 
 # A quantized kv_b_proj is dequantized whole each step (a layer's H (nope + v) Rkv weights): below
@@ -65,7 +66,8 @@ class LatentRef(ctypes.Structure):
     ]  # fmt: skip
 
 
-KV_B_KINDS = (-1, 0, 1)  # the kv_b_proj weights decode_latent.h reads: float32, bf16, int8
+# the kv_b_proj weights decode_latent.h reads: float32 and every quantized kind (`float_row`)
+KV_B_KINDS = (-1, *quant_kernels._KIND.values())
 
 
 def latent_modules(attn: LatentAttention) -> tuple[nn.Module, ...]:
