@@ -46,6 +46,7 @@ tokens/s over all six). The speculative part takes about 2 minutes (plus the fir
     python benchmarks/decode.py --speculative-only   # the MTP contenders: decode_speculative.json
     python benchmarks/decode.py --quick              # small models, for the tests
     python benchmarks/decode.py --llamacpp           # against llama.cpp: decode_llamacpp.json
+    python benchmarks/decode.py --llamacpp --arch deepseek_v3   # DeepSeek-V3's layout (MLA)
 
 llama.cpp on the same weights (issue 17; `--llamacpp`, needs the `bench` extras: llama-cpp-python
 built from source, gguf, sentencepiece): the model saved with `save_hf` and a Llama-style
@@ -59,7 +60,9 @@ the embedding's other rows and the unchosen experts), against a 2 GiB `sum`. Eac
 contender also runs block by block (`*_block_by_block`: its decoder unset, so the model's forward
 runs between its C calls, a block's at batch 1 and a layer's at batch 8, as before
 `moekit.inference.decode_step`), in the same alternation: the one-call step's gain, and its tokens
-checked the same.
+checked the same. `--arch deepseek_v3` runs the comparison on DeepSeek-V3's layout at the same
+widths (latent attention, which llama.cpp also decodes in the latent space; a dense first layer;
+a shared expert): llama.cpp's converter reads it as its `deepseek2` architecture.
 
 Prints JSON; writes benchmarks/results/decode.json (decode_speculative.json with
 --speculative-only, decode_llamacpp.json with --llamacpp; or --out).
@@ -90,16 +93,32 @@ TARGET_SPEEDUP = 2.0  # issue 5: batch-1 decode at least 2x transformers eager
 TARGET_FRACTION_OF_BOUND = 0.5  # and at least half the streaming-bandwidth bound
 
 
-def model_config(quick: bool):
-    """8 layers, d_model 768, 8 experts top-2 of width 1024, vocab 32000: 213M parameters."""
+ARCHS = ("mixtral", "deepseek_v3")  # --arch: the layouts of decode.py's model
+
+
+def model_config(quick: bool, arch: str = "mixtral"):
+    """8 layers, d_model 768, 8 experts top-2 of width 1024, vocab 32000: 213M parameters. With
+    arch deepseek_v3, DeepSeek-V3's layout at those widths: latent attention (a low-rank query of
+    384, latent rank 256, 12 heads of 64 + 32 rotary), a dense first layer of width 2048, sigmoid
+    routing scaled by 2.5 and one shared expert."""
     from moekit import ModelConfig, MoEConfig
+    from moekit.config import MLAConfig
 
     d, f, layers, vocab = (128, 256, 2, 1024) if quick else (768, 1024, 8, 32000)
+    heads = 12 if not quick else 4
+    if arch == "deepseek_v3":
+        q, r, nope, rope = (64, 64, 32, 16) if quick else (384, 256, 64, 32)
+        mla = MLAConfig(q_lora_rank=q, kv_lora_rank=r, qk_nope_head_dim=nope,
+                        qk_rope_head_dim=rope, v_head_dim=nope)  # fmt: skip
+        moe = MoEConfig(d_model=d, d_expert=f, n_experts=8, top_k=2, score="sigmoid",
+                        routed_scaling=2.5, n_shared_experts=1)  # fmt: skip
+        return ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, moe=moe,
+                           mla=mla, first_dense=1, d_ff=2 * f, max_seq_len=512)  # fmt: skip
     return ModelConfig(
         vocab_size=vocab,
         d_model=d,
         n_layers=layers,
-        n_heads=12 if not quick else 4,
+        n_heads=heads,
         n_kv_heads=4 if not quick else 2,
         moe=MoEConfig(d_model=d, d_expert=f, n_experts=8, top_k=2),
         max_seq_len=512,
@@ -793,10 +812,11 @@ def _load_llamacpp_module():
 
 
 def llamacpp_section(
-    quick: bool, converter: Path | None = None, build: str = LLAMACPP_BUILD
+    quick: bool, converter: Path | None = None, build: str = LLAMACPP_BUILD, arch: str = "mixtral"
 ) -> dict:
     """moekit against llama.cpp (f32, f16, q8_0, q4_0 GGUF of the same weights) at batch 1 and 8,
-    greedy and fed a fixed random token sequence, side by side; the f32 logits checked first."""
+    greedy and fed a fixed random token sequence, side by side; the f32 logits checked first.
+    `arch`: the model's layout (`model_config`)."""
     from moekit import MoETransformer
     from moekit.cpu_memory import use_huge_pages
     from moekit.inference.decode_step import decodes_in_one_call, one_token_decoder
@@ -804,7 +824,7 @@ def llamacpp_section(
     lc = _load_llamacpp_module()
     processes_before, machine_start = busiest_processes(), machine()
     torch.manual_seed(0)
-    cfg = model_config(quick)
+    cfg = model_config(quick, arch)
     model = MoETransformer(cfg).eval()
     prompt_len, n_new, repeats = 16, (16 if quick else 128), (2 if quick else 3)
     threads = 2
@@ -949,6 +969,7 @@ def llamacpp_section(
             },
         },
         "model": {
+            "arch": arch,
             "parameters": model.num_parameters(),
             "active_parameters": model.num_parameters(active=True),
             "config": cfg.to_dict(),
@@ -1020,6 +1041,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="mixtral",
+        help="with --llamacpp: the model's layout (deepseek_v3: latent attention, a dense first "
+        "layer, a shared expert; default --out decode_llamacpp_deepseek_v3.json)",
+    )
+    parser.add_argument(
         "--body",
         choices=kernels.PATHS,
         help="with --llamacpp: the body moekit's quantized kernels run (default: the widest this "
@@ -1033,14 +1061,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if (args.body or args.llamacpp_build != LLAMACPP_BUILD) and not args.llamacpp:
-        parser.error("--body and --llamacpp-build are settings of the --llamacpp comparison")
+    if (args.body or args.llamacpp_build != LLAMACPP_BUILD or args.arch != "mixtral") and not (
+        args.llamacpp
+    ):
+        parser.error("--body, --llamacpp-build and --arch are settings of the --llamacpp run")
     if args.body and (why := kernels.cannot_run(args.body)):
         parser.error(f"--body {args.body}: {why}")
     if args.llamacpp:
         with kernels.use_path(args.body) if args.body else contextlib.nullcontext():
-            result = llamacpp_section(args.quick, args.converter, args.llamacpp_build)
-        args.out = args.out or LLAMACPP_RESULTS
+            result = llamacpp_section(args.quick, args.converter, args.llamacpp_build, args.arch)
+        suffix = "" if args.arch == "mixtral" else f"_{args.arch}"
+        args.out = args.out or LLAMACPP_RESULTS.with_name(f"decode_llamacpp{suffix}.json")
     elif args.speculative_only:
         result = {"benchmark": "decode_speculative", "machine": machine(),
                   "speculative": speculative(args.quick)}  # fmt: skip

@@ -11,9 +11,12 @@ The pieces, each usable alone:
     CONVERTER, or the llama-cpp-python sdist unpacked under ~/.cache/moekit/llamacpp (fetched
     with `pip download --no-binary :all: --no-deps llama-cpp-python==<installed version>` when
     absent). llama.cpp's source is never part of this repository.
-  - `write_ggufs`: the model through `save_hf(..., "mixtral")` and the converter to f32, f16 and
-    q8_0 GGUF files, and q4_0 by llama.cpp's own quantizer (`llama_model_quantize`, its defaults,
-    as `llama-quantize model.gguf out.gguf Q4_0` would) from the f32 file.
+  - `write_ggufs`: the model through `save_hf(..., "mixtral")` (or "deepseek_v3" for a model with
+    latent attention) and the converter to f32, f16 and q8_0 GGUF files, and q4_0 by llama.cpp's
+    own quantizer (`llama_model_quantize`, its defaults, as `llama-quantize model.gguf out.gguf
+    Q4_0` would) from the f32 file. The converter's DeepSeek class takes only byte-level BPE
+    vocabularies it knows; `python llamacpp.py convert-deepseek CONVERTER ARGS...` runs the
+    converter with that class's vocabulary read by the Llama route instead (its one change).
   - `gguf_bytes_per_token` / `torch_bytes_per_token`: the bytes one batch-1 decode token reads,
     from the tensors as stored (GGUF file, or the model's state dict): every tensor in full but
     the token embedding (one row) and the routed experts (top_k / n_experts of them).
@@ -152,20 +155,25 @@ def find_converter(explicit: Path | None = None, *, fetch: bool = True) -> Path:
 
 def write_ggufs(model, folder: Path, converter: Path, *, threads: int = 2) -> dict:
     """The model as GGUF files of FORMATS in `folder` -> {"files": {format: path}, ...}: saved
-    with save_hf (mixtral, a Llama-route tokenizer), converted with convert_hf_to_gguf.py to
-    CONVERTED, quantized by llama.cpp's quantizer from the f32 file to QUANTIZED."""
+    with save_hf (mixtral, or deepseek_v3 with latent attention; a Llama-route tokenizer),
+    converted with convert_hf_to_gguf.py to CONVERTED, quantized by llama.cpp's quantizer from
+    the f32 file to QUANTIZED."""
     import llama_cpp
 
     from moekit.interop import save_hf
 
     hf_dir = folder / "hf"
     tokenizer = write_llama_tokenizer(model.cfg.vocab_size, folder / "tokenizer")
-    save_hf(model, hf_dir, "mixtral", tokenizer=tokenizer,
+    arch = "mixtral" if model.cfg.mla is None else "deepseek_v3"
+    save_hf(model, hf_dir, arch, tokenizer=tokenizer,
             extra_config={"bos_token_id": 1, "eos_token_id": 2})  # fmt: skip
+    run = [sys.executable, str(converter)]
+    if arch == "deepseek_v3":
+        run = [sys.executable, __file__, "convert-deepseek", str(converter)]
     files, logs = {}, {}
     for fmt in CONVERTED:
         out = folder / f"model-{fmt}.gguf"
-        cmd = [sys.executable, str(converter), str(hf_dir), "--outfile", str(out), "--outtype", fmt]
+        cmd = [*run, str(hf_dir), "--outfile", str(out), "--outtype", fmt]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -428,3 +436,22 @@ def moekit_forced(model, prompt_BP: torch.Tensor, n: int, forced: torch.Tensor) 
     for step in range(1, n):
         out.append(sample_next(next_logits(forced[:B, step - 1 : step])))
     return torch.stack(out, dim=1)
+
+
+def convert_deepseek(converter: Path, args: list[str]) -> None:
+    """convert_hf_to_gguf.py with `args`, its DeepSeek class reading the vocabulary by the Llama
+    route (`_set_vocab_llama_hf`, as its Llama class does for this tokenizer)."""
+    import runpy
+
+    sys.argv = [str(converter), *args]
+    sys.path.insert(0, str(converter.parent))
+    from conversion.deepseek import DeepseekV2Model
+
+    DeepseekV2Model.set_vocab = lambda self: self._set_vocab_llama_hf()
+    runpy.run_path(str(converter), run_name="__main__")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["convert-deepseek"] or len(sys.argv) < 4:
+        raise SystemExit("usage: python llamacpp.py convert-deepseek CONVERTER HF_DIR [ARGS...]")
+    convert_deepseek(Path(sys.argv[2]), sys.argv[3:])
