@@ -797,14 +797,14 @@ def busiest_processes(n: int = 8) -> list[str]:
             ps.stdout.splitlines()[: n + 1]]  # fmt: skip
 
 
-def _load_llamacpp_module():
-    """benchmarks/llamacpp.py, by path (decode.py runs as a script and from the tests)."""
+def _load_sibling(stem: str):
+    """benchmarks/<stem>.py, by path (decode.py runs as a script and from the tests)."""
     import importlib.util
     import sys
 
-    name = "benchmark_llamacpp"
+    name = f"benchmark_{stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("llamacpp.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -821,7 +821,8 @@ def llamacpp_section(
     from moekit.cpu_memory import use_huge_pages
     from moekit.inference.decode_step import decodes_in_one_call, one_token_decoder
 
-    lc = _load_llamacpp_module()
+    lc = _load_sibling("llamacpp")
+    code = _load_sibling("kernel_ab").provenance()  # (the code as the runs import it)
     processes_before, machine_start = busiest_processes(), machine()
     torch.manual_seed(0)
     cfg = model_config(quick, arch)
@@ -943,6 +944,7 @@ def llamacpp_section(
     result = {
         "benchmark": "decode_llamacpp",
         "machine": machine_start,
+        **code,
         "llamacpp": {
             **lc.llamacpp_info(),
             "build": build,

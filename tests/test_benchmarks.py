@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import importlib.util
 import json
@@ -9,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tests.run_cases import JSON_PACKAGE
 
+from moekit import MoETransformer
 from moekit.quant import kernels as quant_kernels
+from moekit.quant.modules import quantize_model
 from moekit.train.lockstep import design_configs, seconds_at
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -232,29 +236,48 @@ def test_moe_designs_needs_a_dense_design(tmp_path):
         bench.designs(args, bench.base_config(args))
 
 
-def test_decode_llamacpp_body_and_build_flags(tmp_path, monkeypatch):
+def test_decode_llamacpp_body_build_and_arch_flags(tmp_path, monkeypatch):
     """--body runs moekit's side of --llamacpp on that quantized-kernel body, and only it;
-    --llamacpp-build reaches the results (llama.cpp itself is stubbed: a bench-only dependency)."""
+    --llamacpp-build and --arch reach the comparison, --arch deepseek_v3 writing its own results
+    by default (llama.cpp itself is stubbed: a bench-only dependency); each refused without
+    --llamacpp."""
     before = quant_kernels.path()
     runs = [b for b in quant_kernels.PATHS if quant_kernels.cannot_run(b) is None]
-    other = next((b for b in runs if b != before), None)
-    if other is None:
-        pytest.skip("this CPU runs only one body")
+    other = next((b for b in runs if b != before), before)
     bench = load_benchmark("decode")
     seen = []
 
-    def section(quick, converter, build):
-        seen.append((quant_kernels.path(), build))
+    def section(quick, converter, build, arch):
+        seen.append((quant_kernels.path(), build, arch))
         return {"benchmark": "decode_llamacpp"}
 
     monkeypatch.setattr(bench, "llamacpp_section", section)
+    monkeypatch.setattr(bench, "LLAMACPP_RESULTS", tmp_path / "decode_llamacpp.json")
     out = str(tmp_path / "l.json")
     bench.main(["--llamacpp", "--body", other, "--llamacpp-build", "AVX2 only", "--out", out])
-    bench.main(["--llamacpp", "--out", out])
-    assert seen == [(other, "AVX2 only"), (before, bench.LLAMACPP_BUILD)]
+    bench.main(["--llamacpp", "--arch", "deepseek_v3"])
+    assert seen == [(other, "AVX2 only", "mixtral"), (before, bench.LLAMACPP_BUILD, "deepseek_v3")]
+    assert (tmp_path / "decode_llamacpp_deepseek_v3.json").is_file()
     assert quant_kernels.path() == before  # restored
-    with pytest.raises(SystemExit):  # a setting of the comparison, without it
-        bench.main(["--body", other, "--out", out])
+    for flags in (["--body", other], ["--arch", "deepseek_v3"]):  # settings of the comparison
+        with pytest.raises(SystemExit):
+            bench.main([*flags, "--out", out])
+
+
+def test_decode_deepseek_v3_layout_is_deepseek_v3s_at_decode_pys_widths():
+    """--arch deepseek_v3's model: latent attention with a low-rank query (llama.cpp's deepseek2
+    needs one below 27 layers), a dense first layer, sigmoid routing with a shared expert, the
+    widths of the default model; every quantized contender's shapes quantizable."""
+    bench = load_benchmark("decode")
+    plain, latent = bench.model_config(False), bench.model_config(False, "deepseek_v3")
+    assert (latent.d_model, latent.n_layers, latent.vocab_size) == (
+        plain.d_model, plain.n_layers, plain.vocab_size)  # fmt: skip
+    assert latent.mla.q_lora_rank and list(latent.moe_layer_indices) == list(range(1, 8))
+    assert (latent.moe.score, latent.moe.n_shared_experts) == ("sigmoid", 1)
+    with torch.device("meta"):
+        model = MoETransformer(latent)
+    for config in bench.MOEKIT_QUANTIZED.values():
+        quantize_model(copy.deepcopy(model), config)  # (raises on a shape it cannot store)
 
 
 def test_kernel_rows_benchmark_quick(tmp_path):
