@@ -82,3 +82,29 @@ def test_a_model_with_a_dense_layer_decodes_each_block_in_one_call(monkeypatch, 
     if scheme is None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("replaced", ["w_gate", "w_down"])
+def test_a_projection_with_a_forward_of_its_own_is_called(replaced) -> None:
+    """A forward of its own in a projection's place: no C call (the FFN's or its block's)
+    bypasses it; it runs at the prefill and every step."""
+    model = apply_decode_kernels(_model(54, **DENSE))
+    module = getattr(model.layers[0].ffn, replaced)
+    calls, forward = [], module.forward
+    module.forward = lambda *args: calls.append(1) or forward(*args)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(55))
+    decode_logits(model, ids, 4)
+    assert len(calls) == 5  # the prefill and 4 steps
+
+
+def test_modules_the_calls_do_not_read_fall_back_without_error() -> None:
+    """A dense FFN's projection wrapped in another module (an adapter's nn.Sequential) and a
+    block's norm replaced by nn.Identity: decoding runs their forwards, as the plain model does,
+    the same logits to float32 rounding."""
+    plain = _model(56, **DENSE)
+    plain.layers[0].ffn.w_gate = torch.nn.Sequential(plain.layers[0].ffn.w_gate)
+    plain.layers[1].ffn_norm = torch.nn.Identity()
+    glued = apply_decode_kernels(copy.deepcopy(plain))
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(57))
+    want = decode_logits(plain, ids, 4)
+    torch.testing.assert_close(decode_logits(glued, ids, 4), want, rtol=1e-4, atol=1e-5)

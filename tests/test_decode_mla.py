@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from tests.c_kernels import decode_logits
+from tests.c_kernels import decode_logits, needs_c_kernels
 from tests.test_decode_layers import _count_calls, _model
 from tests.test_decode_step import _both
 
@@ -23,6 +23,8 @@ from moekit.model.generation import KVCache
 from moekit.model.mla import LatentAttention
 from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedLinear, dequantize_model, quantize_model
+
+pytestmark = needs_c_kernels
 
 # DeepSeek-V3's layout at a small width: a low-rank query, interleaved rotary dimensions
 MLA = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
@@ -215,8 +217,8 @@ def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:
 
 @pytest.mark.parametrize("hooked", ["kv_b_proj", "kv_a_norm", "q_a_proj"])
 def test_a_hooked_projection_or_norm_runs_as_a_module(layer_by_layer, c_steps, hooked) -> None:
-    """A hook on kv_b_proj (or a global one): the latent path would never call it; the reference
-    runs and the hook sees every call. On another of the attention's modules: the torch path, which
+    """A hook on kv_b_proj: the latent path would never call it; the reference runs and the hook
+    sees every call. On another of the attention's modules: the torch path, which
     calls it. No C call bypasses the hook."""
     model = layer_by_layer(apply_decode_kernels(_mla_model()))
     seen = []
@@ -253,3 +255,32 @@ def test_what_does_not_apply_runs_the_reference(monkeypatch) -> None:
         attn.kv_b_proj.__class__ = type("Sub", (torch.nn.Linear,), {})
         step(attn, x[:, :1], rope, attention_mask(0, 1, None), cache)  # a subclass
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("replaced", ["kv_b_proj", "q_a_proj", "kv_a_norm", "o_proj"])
+def test_a_module_with_a_forward_of_its_own_is_called(replaced) -> None:
+    """A forward of its own put in a projection's or norm's place (a wrapper, an adapter): no C
+    call bypasses it, in the latent attention's call or its block's; it runs at the prefill and
+    every step."""
+    model = apply_decode_kernels(_mla_model())
+    module = getattr(model.layers[1].attn, replaced)
+    calls, forward = [], module.forward
+    module.forward = lambda *args: calls.append(1) or forward(*args)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(15))
+    decode_logits(model, ids, 4)
+    assert len(calls) == 5  # the prefill and 4 steps
+
+
+def test_changing_the_attention_in_place_is_seen_by_the_next_step() -> None:
+    """Its latent settings changed in place after a first decode (rope_interleave flipped, as a
+    corrected config would): the C calls read the new ones, the plain model's logits to float32
+    rounding, not the old settings'."""
+    plain = _mla_model(seed=16)
+    glued = apply_decode_kernels(copy.deepcopy(plain))
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(17))
+    decode_logits(glued, ids, 4)
+    for model in (plain, glued):
+        for layer in model.layers:
+            layer.attn.m = layer.attn.m.replace(rope_interleave=not layer.attn.m.rope_interleave)
+    want = decode_logits(plain, ids, 4)
+    torch.testing.assert_close(decode_logits(glued, ids, 4), want, rtol=1e-4, atol=1e-5)

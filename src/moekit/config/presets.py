@@ -100,7 +100,7 @@ def deepseek_v3() -> ModelConfig:
 
 def moonlight_16b_a3b() -> ModelConfig:
     """Moonlight-16B-A3B (Moonshot AI 2025, *Muon is Scalable for LLM Training*;
-    moonshotai/Moonlight-16B-A3B): 16.0B total, 3.0B active, DeepSeek-V3's architecture at a
+    moonshotai/Moonlight-16B-A3B): 16.0B total, 2.91B active ("3B"), DeepSeek-V3's architecture at a
     laptop's size. Latent attention without the low-rank query (16 heads, rank 512), one dense
     layer, then 64 routed experts (6 per token, sigmoid, scaling 2.446, one group) and two
     shared ones; auxiliary-loss-free, as its config.json loads."""

@@ -6,9 +6,10 @@ The layer calls of `decode_layers` and `decode_moe` left, per block and token, t
 two residual adds and the modules' calls and checks around their C calls (~100 us of Python a
 block on this project's machine); here they are one call and one set of checks, over the same C
 functions on the same inputs, so the result equals `Block.forward`'s bit for bit (shared experts
-included: `decode_shared`). That runs wherever this does not qualify: batch above 1, prefill, aux
-wanted, a dense FFN, a hook on any module it would bypass, anything `attention_weights`,
-`decode_mla.latent_weights`, `decode_moe.resident_args` or `decode_shared.shared_ref` refuses
+included: `decode_shared`; a dense FFN: `decode_dense`). That runs wherever this does not qualify:
+batch above 1, prefill, aux wanted, a hook on any module it would bypass or a forward of its own
+put in a module's place, anything `attention_weights`, `decode_mla.latent_weights`,
+`decode_moe.resident_args`, `decode_shared.shared_ref` or `decode_dense.dense_ref` refuses
 (tests/test_decode_layers.py, tests/test_decode_mla.py). A block of offloaded experts
 (`decode_moe.offloaded_qualifies`) runs its attention half in one C call
 (moekit_plan_attention_one_token), then its MoE layer as a module (routing in C, the chosen
@@ -30,7 +31,14 @@ from moekit.inference.decode_dense import (
     dense_modules,
     dense_ref,
 )
-from moekit.inference.decode_glue import _cache_qualifies, _hooked, _library, _plain, decode_window
+from moekit.inference.decode_glue import (
+    _cache_qualifies,
+    _hooked,
+    _library,
+    _plain,
+    _replaced,
+    decode_window,
+)
 from moekit.inference.decode_layers import (
     AttentionRef,
     _cached,
@@ -66,9 +74,11 @@ _ptr = ctypes.c_void_p
 
 
 class BlockPlan(ctypes.Structure):
-    """decode_glue.c's block_plan: moekit_block_one_token's arguments but the token's (what
-    block_tokens reads for B rows too), and the latent attention's weights where the block has
-    one (then attn is None and the caches are its latents' and rotary keys')."""
+    """decode_glue.c's block_plan: what moekit_plan_one_token and block_tokens read of a block
+    (all but the token's x, angles, position, scratch and outputs): its norms, attention and KV
+    cache, window and MoE layer; the latent attention's weights where the block has one (then
+    attn is None and the caches are its latents' and rotary keys'); a dense FFN's where it has
+    one (then the MoE fields are unread)."""
 
     _fields_ = [
         ("attn_norm", _ptr), ("attn_eps", ctypes.c_double), ("attn", _ptr),
@@ -159,27 +169,27 @@ def _plan(block: Block, modules: tuple) -> tuple | None:
     """What the C call reads of the block's weights (norms, attention, MoE layer), or None if
     anything does not qualify; kept while the modules and their tensors stay."""
     attn, ffn = modules[1], modules[3]
+    moe = type(ffn) is MoELayer
     extra = (
         *map(id, modules),
-        attn.__dict__.get("forward"),
-        ffn.__dict__.get("forward"),
-        ffn.training,
-        modules[4].__dict__.get("linear"),
-        modules[5].__dict__.get("expert_ffn"),
+        # every module's own forward: the glue's on the attention and FFN, none on their parts
+        *(m.__dict__.get("forward") for m in modules),
+        *((ffn.training, modules[4].__dict__.get("linear"), modules[5].__dict__.get("expert_ffn"))
+          if moe else ()),  # (the router's linear and the experts' FFN `resident_args` reads)
         *_attention_state(attn),
         # the norms' eps, an instance attribute: getattr(m, "eps", None) cost 8 us a block and
         # token in the modules' failing __getattr__ (three quarters of this check)
         *(m.__dict__.get("eps") for m in modules),
-        # the shared experts' forward and activation (`decode_shared.shared_ref` reads them)
-        *((m.__dict__.get("forward"), m.activation) for m in modules if type(m) is SharedExperts),
-    )
+        # the shared experts' activation (`decode_shared.shared_ref` reads it)
+        *(m.activation for m in modules if type(m) is SharedExperts),
+    )  # fmt: skip
     return _cached(block, modules, lambda: _build_plan(block), extra)
 
 
 def _attention_state(attn: Attention | LatentAttention) -> tuple:
     """What the attention's weights' refs read besides its modules' tensors."""
     if type(attn) is LatentAttention:
-        return (attn.scale,)
+        return attn.scale, attn.m, attn.n_heads
     return attn.qk_norm, attn.clip_qkv, attn.sinks is None
 
 
@@ -216,18 +226,21 @@ def _glue_forwards(attn: Attention | LatentAttention, ffn: MoELayer | DenseFFN) 
 
 
 def _build_plan(block: Block) -> tuple | None:
-    D = block.ffn_norm.normalized_shape[0]
-    if not _glue_forwards(block.attn, block.ffn):
+    attn, ffn = block.attn, block.ffn
+    parts = latent_modules(attn) if type(attn) is LatentAttention else attention_modules(attn)
+    if type(ffn) is DenseFFN:
+        parts = (*parts, *dense_modules(ffn)[1:])
+    if not _glue_forwards(attn, ffn) or _replaced(*parts):
         return None
+    refs = latent_weights(attn) if type(attn) is LatentAttention else attention_weights(attn)
+    if refs is None:
+        return None
+    D = attention_width(refs)
     norms = norm_args(block.attn_norm, D), norm_args(block.ffn_norm, D)
-    if None in norms:
+    moe = dense_ref(ffn) if type(ffn) is DenseFFN else _moe_plan(ffn)
+    if None in norms or moe is None:
         return None
-    latent = type(block.attn) is LatentAttention
-    refs = latent_weights(block.attn) if latent else attention_weights(block.attn)
-    moe = dense_ref(block.ffn) if type(block.ffn) is DenseFFN else _moe_plan(block.ffn)
-    if refs is None or moe is None or attention_width(refs) != D:
-        return None
-    return norms, refs, moe, scratch_floats(block, 1)
+    return norms, refs, moe, scratch_floats(block, 1, D)
 
 
 def _moe_plan(ffn: MoELayer) -> tuple | str | None:
@@ -242,10 +255,10 @@ def _moe_plan(ffn: MoELayer) -> tuple | str | None:
     return (*moe, None if shared is None else ctypes.byref(shared))
 
 
-def scratch_floats(block: Block, rows: int) -> int:
-    """The C block's scratch for `rows` sequences' position: decode_glue.c's block_tokens', which
-    covers moekit_plan_one_token's (4 D + max((2 H + 2 KV) hd, 2 E + K (3 F + D), 3 SW + 2 D +
-    1)) at one."""
+def scratch_floats(block: Block, rows: int, D: int) -> int:
+    """The C block's scratch for `rows` sequences' position of width D (a block whose plan was
+    built): decode_glue.c's block_tokens', which covers moekit_plan_one_token's at one: 4 D a
+    row and the larger of the attention's and the FFN's."""
     attn = block.attn
     if type(attn) is LatentAttention:
         heads = latent_floats(attn, rows)
@@ -253,7 +266,7 @@ def scratch_floats(block: Block, rows: int) -> int:
         heads = rows * (2 * attn.n_heads + 2 * attn.n_kv_heads) * attn.head_dim
     ffn = block.ffn
     ffn_floats = dense_floats(ffn, rows) if type(ffn) is DenseFFN else layer_floats(ffn, rows)
-    return rows * 4 * block.ffn_norm.normalized_shape[0] + max(heads, ffn_floats)
+    return rows * 4 * D + max(heads, ffn_floats)
 
 
 def block_forward(

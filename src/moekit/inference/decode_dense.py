@@ -15,7 +15,7 @@ import ctypes
 
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _hooked, _library
+from moekit.inference.decode_glue import _hooked, _library, _replaced
 from moekit.inference.decode_layers import (
     MAX_ROWS,
     WeightRef,
@@ -53,7 +53,7 @@ def _dense_ref(ffn: DenseFFN) -> DenseRef | None:
     if forward is not None and getattr(forward, "func", None) is not dense_forward:
         return None  # another forward put in its place: the C call would bypass it
     refs = [projection_ref(m) for m in dense_modules(ffn)[1:]]
-    if None in refs or any(r.bias for r in refs):
+    if None in refs or any(r.bias for r in refs):  # (projections the kernels run: their shapes)
         return None
     gate, up, down = refs
     D, F = ffn.w_gate.in_features, ffn.w_gate.out_features  # (scratch is sized from these)
@@ -70,10 +70,13 @@ def dense_floats(ffn: DenseFFN, rows: int) -> int:
 def dense_forward(ffn: DenseFFN, x: Tensor) -> Tensor:
     """`DenseFFN.forward` for a few rows (at most MAX_ROWS) of plain float32 x with no gradient
     anywhere, in one C call where `dense_ref` reads the modules and none of the projections is
-    hooked; the class's forward otherwise."""
-    T = decoded_rows(x, ffn.w_gate.in_features)
-    ref = dense_ref(ffn) if T and not _hooked(*dense_modules(ffn)[1:]) else None
-    if ref is None:
+    hooked or has a forward of its own; the class's forward otherwise."""
+    projections = dense_modules(ffn)[1:]
+    T = decoded_rows(x, x.shape[-1]) if x.dim() else 0
+    ref = None
+    if T and not (_hooked(*projections) or _replaced(*projections)):
+        ref = dense_ref(ffn)
+    if ref is None or x.shape[-1] != ref.gate.I:
         return DenseFFN.forward(ffn, x)
     y = x.new_empty(x.shape)
     scratch = _buffers(dense_floats(ffn, MAX_ROWS), 1)[0]  # one set a thread and shape

@@ -319,11 +319,11 @@ done:
 }
 
 /* One decoder block as moekit_plan_one_token reads it: its norms, attention, KV cache, window and
- * MoE layer (shared experts included), and the latent attention that replaces the grouped-query
- * one where `latent` is not NULL (then attn is NULL, H, KV, hd and
- * scale unused, k_cache and v_cache the latent and rotary-key caches); a dense FFN in place of the
- * MoE layer where `dense` is not NULL (then the MoE fields are unread). Mirrors
- * moekit/inference/decode_block.py's BlockPlan field by field. */
+ * MoE layer (shared experts included); the latent attention that replaces the grouped-query one
+ * where `latent` is not NULL (then attn is NULL, H, KV, hd and scale unused, k_cache and v_cache
+ * the latent and rotary-key caches); a dense FFN in place of the MoE layer where `dense` is not
+ * NULL (then the MoE fields are unread). Mirrors moekit/inference/decode_block.py's BlockPlan
+ * field by field. */
 typedef struct {
     const float *attn_norm;
     double attn_eps;
@@ -357,6 +357,21 @@ static int block_attention(const block_plan *b, const float *h, int64_t B, const
                                   b->max_len, b->H, b->KV, b->hd, b->scale, b->window, rest, a);
 }
 
+/* y (B, D) = the block's FFN of h (B, D): its dense FFN where it has one, else its MoE layer
+ * (moekit_moe_one_token for one row, moekit_moe_tokens for more: the layer calls' functions); as
+ * they return. rest: their scratch; ids, weights: B K. */
+static int block_ffn(const block_plan *b, const float *h, int64_t B, float *rest, int64_t *ids,
+                     float *weights, float *y) {
+    if (b->dense) return moekit_dense_tokens(h, B, b->dense, rest, y);
+    if (B == 1)
+        return moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
+                                    b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids,
+                                    weights, y);
+    return moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
+                             b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
+                             y);
+}
+
 /* The model width D of a block's input. */
 static int64_t block_width(const block_plan *b) {
     return b->latent ? b->latent->kv_a.I : b->attn->q.I;
@@ -380,32 +395,30 @@ int moekit_plan_attention_one_token(const block_plan *b, const float *x, const f
     return 0;
 }
 
-/* One decoded token through a whole pre-norm MoE block (moekit's Block): the attention half
- * (moekit_plan_attention_one_token), then out = x1 + moe(h) (moekit_moe_one_token, its shared
- * experts where given); the sums element by element, as torch adds. scratch: 4 D + max(the
- * attention's, 2 E + K (3F + D), 3 SW + 2 D + 1) floats, x1 at scratch + 2 D. Returns 0; -1 if
- * the attention could not run (as the half's), -2 if the MoE layer could not (the cache written,
- * x1 in the scratch). */
+/* One decoded token through a whole pre-norm block (moekit's Block): the attention half
+ * (moekit_plan_attention_one_token), then out = x1 + ffn(h) (block_ffn: the MoE layer with its
+ * shared experts, or the dense FFN); the sums element by element, as torch adds. scratch: 4 D +
+ * max(the attention's, the FFN's) floats (as block_tokens' at B = 1), x1 at scratch + 2 D.
+ * Returns 0; -1 if the attention could not run (as the half's), -2 if the FFN could not (the
+ * cache written, x1 in the scratch). */
 int moekit_plan_one_token(const block_plan *b, const float *x, const float *cos_h,
                           const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
                           float *weights, float *out) {
     const int64_t D = block_width(b);
     float *h = scratch, *x1 = h + 2 * D, *y = x1 + D, *rest = x1 + 2 * D;
     if (moekit_plan_attention_one_token(b, x, cos_h, sin_h, pos, scratch)) return -1;
-    if (b->dense ? moekit_dense_tokens(h, 1, b->dense, rest, y)
-                 : moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid,
-                                        b->normalize, b->scaling, b->w_in, b->w_out, b->act,
-                                        b->shared, rest, ids, weights, y))
+    if (block_ffn(b, h, 1, rest, ids, weights, y))
         return -2; /* the attention step is written: the caller must not run it again */
     for (int64_t i = 0; i < D; i++) out[i] = x1[i] + y[i];
     return 0;
 }
 
-/* One position of B <= 16 sequences through a whole block, as the layer calls run it for B
- * above 1: h = rmsnorm(x, attn_norm) (B rows), x1 = x + moekit_attention_block(h), out = x1 +
- * moekit_moe_tokens(rmsnorm(x1, ffn_norm)). x, out: (B, D); scratch: B (4 D + max((2 H + 2 KV)
- * hd, 2 E + K (3 F + 2 D), 3 SW + 2 D + 1)) floats; ids, weights: B K. Returns 0, or -1 if the
- * attention or the MoE layer could not run (the cache may be written at pos). */
+/* One position of B (2 to 16) sequences through a whole block, as the layer calls run it: h =
+ * rmsnorm(x, attn_norm) (B rows), x1 = x + block_attention(h), out = x1 + block_ffn(rmsnorm(x1,
+ * ffn_norm)). x, out: (B, D); scratch: 4 B D + the larger of the attention's ((2 H + 2 KV) hd B,
+ * or the latent scratch) and the FFN's (B max(2 E + K (3 F + 2 D), 3 SW + 2 D + 1), or a dense
+ * FFN's 3 B F) floats (decode_block.scratch_floats); ids, weights: B K. Returns 0, or -1 if the
+ * attention or the FFN could not run (the cache may be written at pos). */
 static int block_tokens(const float *x, int64_t B, const block_plan *b, const float *cos_h,
                         const float *sin_h, int64_t pos, float *scratch, int64_t *ids,
                         float *weights, float *out) {
@@ -415,11 +428,7 @@ static int block_tokens(const float *x, int64_t B, const block_plan *b, const fl
     if (block_attention(b, h, B, cos_h, sin_h, pos, rest, a)) return -1;
     for (int64_t i = 0; i < B * D; i++) x1[i] = x[i] + a[i];
     moekit_rmsnorm_f32(x1, B, D, b->ffn_norm, b->ffn_eps, h);
-    if (b->dense ? moekit_dense_tokens(h, B, b->dense, rest, y)
-                 : moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid,
-                                     b->normalize, b->scaling, b->w_in, b->w_out, b->act,
-                                     b->shared, rest, ids, weights, y))
-        return -1;
+    if (block_ffn(b, h, B, rest, ids, weights, y)) return -1;
     for (int64_t i = 0; i < B * D; i++) out[i] = x1[i] + y[i];
     return 0;
 }

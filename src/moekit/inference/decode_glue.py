@@ -49,6 +49,13 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(hook_dicts(*modules))
 
 
+def _replaced(*modules: nn.Module) -> bool:
+    """Whether a forward of its own was put in any of `modules`' place (an instance attribute):
+    a glued forward that runs their work itself would bypass it, so the reference runs, which
+    calls them."""
+    return any("forward" in m.__dict__ for m in modules)
+
+
 def hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
     """The dicts that hold those hooks (registering one adds to them in place): `_hooked` is
     any(hook_dicts(...)), which a caller checking the same modules again and again keeps."""

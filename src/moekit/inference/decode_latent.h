@@ -8,17 +8,18 @@
  *                 o_lat = softmax(scores) c (R);  y[h] = W_UV[h] o_lat (v)
  *     out = o_proj(y)
  *
- * kv_b_proj (H (nope + v), R) holds W_UK[h] (nope, R) and W_UV[h] (v, R) head by head; its rows are
- * read as float32 (`float_row`: the weight `QuantizedWeight.dequantize` gives), and every sum here
- * is float32 (a user's choice of int8 x for
- * int8 weights, `quant.kernels.set_activations`, applies to W_UV's product too). Included by decode_glue.c,
- * after the weight references, `product` and `rope`. */
+ * kv_b_proj (H (nope + v), R) holds W_UK[h] (nope, R) and W_UV[h] (v, R) head by head; its rows
+ * are read as float32 (`float_row`: the weight `QuantizedWeight.dequantize` gives) and every sum
+ * here is float32, but W_UV's product takes o_lat as the quantized kernels take every product's x
+ * (int8 per block of 32 for int4 and MXFP4 weights by default: `quant.kernels.set_activations`).
+ * Included by decode_glue.c, after the weight references, `product` and `rope`. */
 
 /* The latent attention as its block reads it: q (H qk, D), or q_a (Rq, D), q_a_norm (Rq) and q_b
  * (H qk, Rq) where q.O is 0 (the low-rank query); kv_a (R + rope, D), kv_a_norm (R); kv_b
- * (H (nope + v), R), float32 or any quantized kind (`float_row`); o (D, H v); the two norms' eps; the heads
- * and their parts' widths (qk = nope + rope); interleave: the rotary pairs come interleaved
- * (x0, x1), (x2, x3) ... and are gathered into halves before the rotation (rope_interleave). */
+ * (H (nope + v), R), float32 or any quantized kind (`float_row`); o (D, H v); the two norms'
+ * eps; the heads and their parts' widths (qk = nope + rope); interleave: the rotary pairs come
+ * interleaved (x0, x1), (x2, x3) ... and are gathered into halves before the rotation
+ * (rope_interleave). */
 typedef struct {
     weight_ref q, q_a, q_b, kv_a, kv_b, o;
     const float *q_a_norm, *kv_a_norm;
@@ -30,8 +31,8 @@ typedef struct {
 
 /* The widest vector unit this CPU has, chosen when the library loads, for the loops below that
  * the compiler vectorizes (no sums across lanes: the same bits on every unit). */
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones) /* (an ifunc: glibc's ELF loader resolves it) */
 #define WIDEST __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
@@ -44,26 +45,7 @@ WIDEST static void axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-/* IEEE half h as float32 (normals, subnormals, infinities and NaNs). */
-static float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
-    float magnitude;
-    if (exponent == 0)
-        magnitude = ldexpf((float)mantissa, -24);
-    else if (exponent == 31)
-        magnitude = mantissa ? NAN : INFINITY;
-    else
-        magnitude = ldexpf((float)(mantissa | 1024), (int)exponent - 25);
-    uint32_t bits;
-    memcpy(&bits, &magnitude, sizeof bits);
-    bits |= sign;
-    memcpy(&magnitude, &bits, sizeof bits);
-    return magnitude;
-}
-
-/* E2M1's 16 values, low nibble first (moekit.quant.schemes.E2M1_VALUES). */
-static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+#include "../quant/scalar_formats.h" /* from_bits, fp16_to_float, e8m0_to_float, E2M1 */
 
 /* Row o of w (I floats) as float32, as `QuantizedWeight.dequantize` computes it: a float32 row in
  * place, else into buf: bf16 widened; int8 times its row's scale; int4 (its nibbles, element 2j
@@ -74,8 +56,7 @@ WIDEST static const float *float_row(const weight_ref *w, int64_t o, float *buf)
     if (w->kind < 0) return (const float *)w->data + o * w->ld;
     if (w->kind == 0) { /* bf16: the high half of a float32 */
         const uint16_t *r = (const uint16_t *)w->data + o * I;
-        uint32_t *bits = (uint32_t *)buf;
-        for (int64_t i = 0; i < I; i++) bits[i] = (uint32_t)r[i] << 16;
+        for (int64_t i = 0; i < I; i++) buf[i] = from_bits((uint32_t)r[i] << 16);
         return buf;
     }
     if (w->kind == 1) {
@@ -88,17 +69,16 @@ WIDEST static const float *float_row(const weight_ref *w, int64_t o, float *buf)
     for (int64_t g = 0; g < I / 32; g++) {
         float s, off = 0.0f;
         if (w->kind == 4) {
-            const uint8_t e = ((const uint8_t *)w->scales)[o * (I / 32) + g];
-            s = e == 255 ? NAN : ldexpf(1.0f, (int)e - 127);
+            s = e8m0_to_float(((const uint8_t *)w->scales)[o * (I / 32) + g], 0);
         } else {
-            s = half_to_float(((const uint16_t *)w->scales)[o * (I / 32) + g]);
-            if (w->kind == 3) off = half_to_float(((const uint16_t *)w->offsets)[o * (I / 32) + g]);
+            s = fp16_to_float(((const uint16_t *)w->scales)[o * (I / 32) + g]);
+            if (w->kind == 3) off = fp16_to_float(((const uint16_t *)w->offsets)[o * (I / 32) + g]);
         }
         for (int64_t j = 0; j < 32; j++) {
             const int q = (r[(g * 32 + j) / 2] >> (4 * (j & 1))) & 15;
             float *out = buf + g * 32 + j;
             if (w->kind == 4)
-                *out = e2m1[q] * s;
+                *out = E2M1[q] * s;
             else if (w->kind == 3)
                 *out = (float)q * s + off;
             else
@@ -119,58 +99,63 @@ static void rope_latent(const float *x, int64_t n, int interleave, const float *
 
 #define HEADS_A_TASK 8 /* heads whose products over the cache read each cached latent once */
 
-/* Heads [h0, h1) (at most HEADS_A_TASK) of sequence b: q (B, H qk) as projected (q_rope already
+/* Heads [h0, h1) (at most HEADS_A_TASK) of B sequences: q (B, H qk) as projected (q_rope already
  * rotated), the caches' first L positions (the last `window` of them where window > 0) -> y
- * (B, H v) at those heads' columns. The products over the cache (every head's scores at once)
- * and W_UV run the kernels' row functions (`rows`: the float32 kernel's, or the quantized
- * kernels', which take o_lat as they take every product's x: float32 for bf16 and int8 weights,
- * int8 per block of 32 for int4 and MXFP4 by default); the sums over rows of W_UK (`float_row`'s)
- * and of the cache are `axpy`s. work: latent_work floats. Returns 0, or -1 if o_lat
- * cannot be prepared for kv_b. */
-static int latent_heads(const latent_ref *w, int64_t b, int64_t h0, int64_t h1, const float *q,
+ * (B, H v) at those heads' columns. W_UK's rows are widened once (`float_row`) for every
+ * sequence; the products over a sequence's cache (its heads' scores at once) and W_UV run the
+ * kernels' row functions (`rows`: the float32 kernel's, or the quantized kernels', which take
+ * o_lat as they take every product's x: float32 for bf16 and int8 weights, int8 per block of 32
+ * for int4 and MXFP4 by default); the sums over rows of W_UK and of the cache are `axpy`s.
+ * work: latent_work floats. Returns 0, or -1 if o_lat cannot be prepared for kv_b. */
+static int latent_heads(const latent_ref *w, int64_t B, int64_t h0, int64_t h1, const float *q,
                         const float *latent_cache, const float *rope_cache, int64_t L,
                         int64_t window, int64_t max_len, float *work, float *y) {
     const int64_t R = w->R, nope = w->nope, rp = w->rope, qk = nope + rp, e = nope + w->v;
     const int64_t first = window > 0 && L > window ? L - window : 0, n = L - first, nh = h1 - h0;
-    const float *c = latent_cache + (b * max_len + first) * R;
-    const float *kr = rope_cache + (b * max_len + first) * rp;
-    float *q_lat = work, *o_lat = q_lat + nh * R, *scores = o_lat + nh * R;
+    float *q_lat = work, *o_lat = q_lat + B * nh * R, *scores = o_lat + nh * R;
     float *s_rope = scores + nh * n, *q_rope = s_rope + nh * n, *row = q_rope + nh * rp;
     float *kv = row + R; /* a row of W_UV's product (kv_b's O wide) */
-    for (int64_t i = 0; i < nh * R; i++) q_lat[i] = o_lat[i] = 0.0f;
-    for (int64_t g = 0; g < nh; g++) {
-        const float *qh = q + (b * w->H + h0 + g) * qk;
-        for (int64_t i = 0; i < nope; i++) /* q_lat = q_nope W_UK[h] */
-            axpy(q_lat + g * R, qh[i], float_row(&w->kv_b, (h0 + g) * e + i, row), R);
-        memcpy(q_rope + g * rp, qh + nope, (size_t)rp * sizeof(float));
-    }
-    f32_rows(q_lat, nh, R, c, R, 0, n, n, NULL, scores); /* (nh, n) */
-    f32_rows(q_rope, nh, rp, kr, rp, 0, n, n, NULL, s_rope);
-    for (int64_t g = 0; g < nh; g++) {
-        float *sg = scores + g * n, top = -INFINITY, total = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            sg[j] = (sg[j] + s_rope[g * n + j]) * w->scale;
-            if (sg[j] > top) top = sg[j];
+    for (int64_t i = 0; i < B * nh * R; i++) q_lat[i] = 0.0f;
+    for (int64_t g = 0; g < nh; g++)
+        for (int64_t i = 0; i < nope; i++) { /* q_lat = q_nope W_UK[h], each row widened once */
+            const float *wi = float_row(&w->kv_b, (h0 + g) * e + i, row);
+            for (int64_t b = 0; b < B; b++)
+                axpy(q_lat + (b * nh + g) * R, q[(b * w->H + h0 + g) * qk + i], wi, R);
         }
-        for (int64_t j = 0; j < n; j++) total += sg[j] = expf(sg[j] - top);
-        for (int64_t j = 0; j < n; j++) sg[j] /= total;
-    }
-    for (int64_t j = 0; j < n; j++) /* o_lat = probs c, each cached latent read once */
-        for (int64_t g = 0; g < nh; g++) axpy(o_lat + g * R, scores[g * n + j], c + j * R, R);
-    for (int64_t g = 0; g < nh; g++) { /* y[h] = W_UV[h] o_lat */
-        const int64_t h = h0 + g;
-        void *p = prepared(&w->kv_b, o_lat + g * R, 1);
-        if (p == NULL) return -1;
-        rows(&w->kv_b, p, 1, h * e + nope, (h + 1) * e, kv);
-        release(&w->kv_b, p);
-        memcpy(y + (b * w->H + h) * w->v, kv + h * e + nope, (size_t)w->v * sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        const float *c = latent_cache + (b * max_len + first) * R;
+        const float *kr = rope_cache + (b * max_len + first) * rp;
+        for (int64_t g = 0; g < nh; g++)
+            memcpy(q_rope + g * rp, q + (b * w->H + h0 + g) * qk + nope, rp * sizeof(float));
+        f32_rows(q_lat + b * nh * R, nh, R, c, R, 0, n, n, NULL, scores); /* (nh, n) */
+        f32_rows(q_rope, nh, rp, kr, rp, 0, n, n, NULL, s_rope);
+        for (int64_t g = 0; g < nh; g++) {
+            float *sg = scores + g * n, top = -INFINITY, total = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                sg[j] = (sg[j] + s_rope[g * n + j]) * w->scale;
+                if (sg[j] > top) top = sg[j];
+            }
+            for (int64_t j = 0; j < n; j++) total += sg[j] = expf(sg[j] - top);
+            for (int64_t j = 0; j < n; j++) sg[j] /= total;
+        }
+        for (int64_t i = 0; i < nh * R; i++) o_lat[i] = 0.0f;
+        for (int64_t j = 0; j < n; j++) /* o_lat = probs c, each cached latent read once */
+            for (int64_t g = 0; g < nh; g++) axpy(o_lat + g * R, scores[g * n + j], c + j * R, R);
+        for (int64_t g = 0; g < nh; g++) { /* y[h] = W_UV[h] o_lat */
+            const int64_t h = h0 + g;
+            void *p = prepared(&w->kv_b, o_lat + g * R, 1);
+            if (p == NULL) return -1;
+            rows(&w->kv_b, p, 1, h * e + nope, (h + 1) * e, kv);
+            release(&w->kv_b, p);
+            memcpy(y + (b * w->H + h) * w->v, kv + h * e + nope, (size_t)w->v * sizeof(float));
+        }
     }
     return 0;
 }
 
-/* The floats of latent_heads' work over L cached positions. */
-static int64_t latent_work(const latent_ref *w, int64_t L) {
-    return HEADS_A_TASK * (2 * w->R + 2 * L + w->rope) + w->R + w->kv_b.O;
+/* The floats of latent_heads' work for B sequences over L cached positions. */
+static int64_t latent_work(const latent_ref *w, int64_t B, int64_t L) {
+    return HEADS_A_TASK * ((B + 1) * w->R + 2 * L + w->rope) + w->R + w->kv_b.O;
 }
 
 /* One decode position's latent attention for B <= 16 sequences (the header's comment): x (B, D);
@@ -194,8 +179,9 @@ int moekit_latent_attention_block(const float *x, int64_t B, const latent_ref *w
     int failed = px == NULL || pkv == NULL;
     const int64_t weights = (wq->O + w->kv_a.O) * wq->I + w->kv_b.O * R + w->o.O * w->o.I +
                             (w->q.O ? 0 : w->q_b.O * w->q_b.I);
+    const int64_t cached = B * H * L * (R + rp); /* the numbers the heads read of the caches */
     if (failed) goto done;
-#pragma omp parallel if (weights >= min_parallel_weights)
+#pragma omp parallel if (weights >= min_parallel_weights || (H > HEADS_A_TASK && cached >= 262144))
     {
         product(wq, px, B, w->q.O ? q : qa);
         product(&w->kv_a, pkv, B, kva);
@@ -226,14 +212,12 @@ int moekit_latent_attention_block(const float *x, int64_t B, const latent_ref *w
                 }
             }
         if (!failed) {
-            float *work = malloc((size_t)latent_work(w, L) * sizeof(float));
+            float *work = malloc((size_t)latent_work(w, B, L) * sizeof(float));
             int head_failed = work == NULL;
-            const int64_t groups = (H + HEADS_A_TASK - 1) / HEADS_A_TASK;
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < B * groups; t++) {
-                const int64_t b = t / groups, h0 = (t % groups) * HEADS_A_TASK;
+            for (int64_t h0 = 0; h0 < H; h0 += HEADS_A_TASK) {
                 const int64_t h1 = h0 + HEADS_A_TASK < H ? h0 + HEADS_A_TASK : H;
-                head_failed |= head_failed || latent_heads(w, b, h0, h1, q, latent_cache,
+                head_failed |= head_failed || latent_heads(w, B, h0, h1, q, latent_cache,
                                                            rope_cache, L, window, max_len, work, y);
             }
             free(work);

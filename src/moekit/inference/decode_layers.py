@@ -33,6 +33,7 @@ from moekit.inference.decode_glue import (
     _hooked,
     _library,
     _plain,
+    _replaced,
     attention_args,
     decode_window,
 )
@@ -222,7 +223,8 @@ def attention_step_qualifies(
 ) -> bool:
     """What a step must be for the C block, its weights aside: one position of at most MAX_ROWS
     plain float32 rows, no gradient for x, a float32 cache with room, every cached position of
-    which it attends or a sliding window's, nothing hooked on the projections, not traced."""
+    which it attends or a sliding window's, nothing hooked on the projections nor a forward of
+    their own, not traced."""
     B, S, _ = x_BSD.shape
     return (
         S == 1
@@ -235,6 +237,7 @@ def attention_step_qualifies(
         and _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
         and (attn.qk_norm is None or B * attn.n_heads * attn.head_dim <= MAX_NORM_NUMBERS)
         and not _hooked(*attention_modules(attn))
+        and not _replaced(*attention_modules(attn))
         and ops_ready()
     )
 

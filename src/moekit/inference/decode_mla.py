@@ -39,7 +39,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _hooked, _library, _plain, decode_window
+from moekit.inference.decode_glue import _hooked, _library, _plain, _replaced, decode_window
 from moekit.inference.decode_kernels import MAX_ROWS, KernelLinear
 from moekit.inference.decode_layers import WeightRef, _cached, norm_args, ops_ready, projection_ref
 from moekit.model.attention import AttentionMask, LayerKVCache
@@ -82,7 +82,8 @@ def latent_weights(attn: LatentAttention) -> LatentRef | None:
     """The attention's weights as the C call reads them, or None where one does not qualify;
     kept while they stay."""
     modules = (attn, *latent_modules(attn))
-    extra = (*map(id, modules), attn.scale, *(m.__dict__.get("eps") for m in modules))
+    extra = (*map(id, modules), attn.scale, attn.m, attn.n_heads,
+             *(m.__dict__.get("eps") for m in modules))  # fmt: skip
     return _cached(attn, modules, lambda: _latent_refs(attn), extra)
 
 
@@ -157,6 +158,7 @@ def _step_qualifies(
         and _plain(x_BSD)
         and latent_cache_qualifies(attn, cache, B, rope)
         and not _hooked(*latent_modules(attn))
+        and not _replaced(*latent_modules(attn))
         and ops_ready()
     )
 
@@ -181,7 +183,7 @@ def _c_step(
         latent.data_ptr(), k_rope.data_ptr(), cache.length, latent.shape[2],
         decode_window(mask), scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
-    if status != 0:  # nothing written to the cache
+    if status != 0:  # not counted in the cache: the torch path writes the position again
         return None
     cache.length += 1
     return out
@@ -194,7 +196,7 @@ def _kv_b_weight(attn: LatentAttention, dtype: torch.dtype, positions: int) -> T
     bias, a subclass or a forward of its own, a hook, which the latent path would bypass)."""
     proj, m = attn.kv_b_proj, attn.m
     shape = (attn.n_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
-    if proj.bias is not None or "forward" in proj.__dict__ or _hooked(proj):
+    if proj.bias is not None or _replaced(proj) or _hooked(proj):
         return None
     if type(proj) is QuantizedLinear and positions >= QUANTIZED_MIN_POSITIONS:
         weight = proj.weight_q.dequantize(dtype)

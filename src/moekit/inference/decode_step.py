@@ -3,7 +3,7 @@ row, every decoder block as `decode_block` runs one (moekit_plan_one_token), the
 the LM head, for generation's steps (`moekit.model.generation.step_logits` asks
 `model.one_token_decoder`, which `apply_decode_glue` sets to `one_token_decoder`); a batch's step
 (B <= 16 sequences, one position each) likewise, each block as its layer calls run it (two norms,
-the C attention block, moekit_moe_tokens, two residual adds).
+the C attention block, moekit_moe_tokens or a dense FFN's call, two residual adds).
 
 Why: with each block one C call, a decode step still ran ~0.8 ms (int4) to ~1.2 ms (float32) of
 Python between them on decode.py's 8-layer model on this project's machine: the forward's
@@ -16,8 +16,9 @@ What the call reads is taken once, when generation's first decoded token asks fo
 must qualify for the one-call path with all its experts resident (`decode_block.resident_plan`),
 nothing the call bypasses hooked (the model, embedding, norms, head, blocks and their modules);
 the embedding a plain float32 nn.Embedding, the final norm the glue's, the head a decode-kernel
-projection (or the tied embedding on the kernels' linear), the cache's layers float32 (B, KV, L,
-hd) of one length, B <= 16 (above one, a step the layer calls would run in C too: `_rows_fit`).
+projection (or the tied embedding on the kernels' linear), the cache's layers float32 of one
+length ((B, KV, L, hd) keys and values; a latent attention's (B, 1, L, Rkv) latents and (B, 1, L,
+rope) rotary keys), B <= 16 (above one, a step the layer calls would run in C too: `_rows_fit`).
 Otherwise `one_token_decoder` returns None and every step runs the model's forward. Each step
 checks again what a `stream` callback might change cheaply (a hook on any module, training or
 gradient mode: that step runs the forward); the modules and tensors are those of the first decoded
@@ -103,7 +104,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         or head is None
         or (head.O, head.I) != (V, D)
         or any(p is None or attention_width(p[1]) != D for p in plans)
-        or not all(_rows_fit(b, B) for b in blocks)
+        or not all(_rows_fit(b, B, D) for b in blocks)
         or _hooked(*modules)
     ):
         return None
@@ -126,14 +127,13 @@ def _glued(block: Block) -> bool:
     return getattr(block.__dict__.get("forward"), "func", None) is block_forward
 
 
-def _rows_fit(block: Block, B: int) -> bool:
+def _rows_fit(block: Block, B: int, D: int) -> bool:
     """Whether the layer calls run a step of B sequences of this block as the C call does: its
     norms' rows in C (`decode_glue.rms_norm`: the block's and the q/k norms' numbers at most
     MAX_NORM_NUMBERS above one row, where `block_tokens` runs them) and the MoE layer on its
     chosen experts (`MoELayer.selected_path`, which `moekit_moe_tokens` computes)."""
     attn, ffn = block.attn, block.ffn
     qk_norm = getattr(attn, "qk_norm", None)  # (latent attention has none; its C norms are C's)
-    D = block.ffn_norm.normalized_shape[0]
     norms = (D, *([attn.n_heads * attn.head_dim] if qk_norm else []))
     dense_or_selected = type(ffn) is DenseFFN or ffn.selected_path(B, True)
     return dense_or_selected and (B == 1 or all(B * n <= MAX_NORM_NUMBERS for n in norms))
@@ -160,7 +160,7 @@ class _Decoder:
         self.room = min(layers[0][0].shape[2], cfg.max_seq_len)
         self.norm, self.head = norm, head
         # float32 CPU buffers, as the embedding (whatever torch's default dtype and device)
-        self.scratch = self.embed.new_empty(max(scratch_floats(b, B) for b in model.layers))
+        self.scratch = self.embed.new_empty(max(scratch_floats(b, B, D) for b in model.layers))
         self.xs, self.hidden = self.embed.new_empty(2 * B * D), self.embed.new_empty(B * D)
         self.ids, self.weights = torch.empty(B * K, dtype=torch.int64), self.embed.new_empty(B * K)
         self.rope_start, self.rope = rope

@@ -1,0 +1,30 @@
+/* One number of each stored format as float32, exactly as moekit.quant.schemes.dequantize computes
+ * it: IEEE half (int4's scales and zero points), E8M0 (MXFP4's scales), E2M1 (MXFP4's values).
+ * Included by quant/kernels.c and inference/decode_latent.h. */
+
+static float from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static float fp16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+        float f = ldexpf((float)mantissa, -24);
+        return sign ? -f : f;
+    }
+    if (exponent == 31) return from_bits(sign | 0x7f800000u | (mantissa << 13));
+    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+/* 2^(e - 127 - halve), exactly (e = 0 and 1 give subnormals; e = 255 gives 2^128 = inf unhalved,
+ * as the reference's exp2 does). */
+static float e8m0_to_float(uint8_t e, int halve) {
+    int exponent = (int)e - halve;
+    if (exponent >= 1) return exponent >= 255 ? INFINITY : from_bits((uint32_t)exponent << 23);
+    return from_bits(0x00400000u >> -exponent); /* 2^-127 >> k */
+}
+
+static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
