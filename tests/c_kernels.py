@@ -33,3 +33,13 @@ def decode_logits(model: MoETransformer, ids: torch.Tensor, prefill: int) -> tor
         for i in range(prefill, ids.shape[1]):
             out.append(model(ids[:, i : i + 1], kv_cache=cache, with_aux=False).logits)
     return torch.cat(out, dim=1)
+
+
+def own_forward_calls(model: MoETransformer, module: torch.nn.Module, seed: int) -> int:
+    """How many times a forward of its own put in `module`'s place (counting, then running the
+    one it had) runs while `model` decodes 4 steps after a 4-token prefill (batch 1)."""
+    calls, forward = [], module.forward
+    module.forward = lambda *args: calls.append(1) or forward(*args)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(seed))
+    decode_logits(model, ids, 4)
+    return len(calls)

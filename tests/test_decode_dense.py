@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tests.c_kernels import decode_logits, needs_c_kernels
+from tests.c_kernels import decode_logits, needs_c_kernels, own_forward_calls
 from tests.test_decode_layers import SCHEMES, _count_calls, _model
 
 from moekit.inference import decode_dense
@@ -90,11 +90,7 @@ def test_a_projection_with_a_forward_of_its_own_is_called(replaced) -> None:
     bypasses it; it runs at the prefill and every step."""
     model = apply_decode_kernels(_model(54, **DENSE))
     module = getattr(model.layers[0].ffn, replaced)
-    calls, forward = [], module.forward
-    module.forward = lambda *args: calls.append(1) or forward(*args)
-    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(55))
-    decode_logits(model, ids, 4)
-    assert len(calls) == 5  # the prefill and 4 steps
+    assert own_forward_calls(model, module, seed=55) == 5  # the prefill and 4 steps
 
 
 def test_modules_the_calls_do_not_read_fall_back_without_error() -> None:

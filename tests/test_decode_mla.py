@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from tests.c_kernels import decode_logits, needs_c_kernels
+from tests.c_kernels import decode_logits, needs_c_kernels, own_forward_calls
 from tests.test_decode_layers import _count_calls, _model
 from tests.test_decode_step import _both
 
@@ -264,11 +264,7 @@ def test_a_module_with_a_forward_of_its_own_is_called(replaced) -> None:
     every step."""
     model = apply_decode_kernels(_mla_model())
     module = getattr(model.layers[1].attn, replaced)
-    calls, forward = [], module.forward
-    module.forward = lambda *args: calls.append(1) or forward(*args)
-    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(15))
-    decode_logits(model, ids, 4)
-    assert len(calls) == 5  # the prefill and 4 steps
+    assert own_forward_calls(model, module, seed=15) == 5  # the prefill and 4 steps
 
 
 def test_changing_the_attention_in_place_is_seen_by_the_next_step() -> None:
