@@ -257,13 +257,18 @@ def test_what_does_not_apply_runs_the_reference(monkeypatch) -> None:
     assert len(calls) == 6
 
 
-@pytest.mark.parametrize("replaced", ["kv_b_proj", "q_a_proj", "kv_a_norm", "o_proj"])
-def test_a_module_with_a_forward_of_its_own_is_called(replaced) -> None:
+@pytest.mark.parametrize(
+    ("replaced", "latent"),
+    [("attn.kv_b_proj", True), ("attn.q_a_proj", True), ("attn.kv_a_norm", True),
+     ("attn.o_proj", True), ("attn_norm", True), ("ffn_norm", True), ("attn_norm", False),
+     ("ffn_norm", False)],
+)  # fmt: skip
+def test_a_module_with_a_forward_of_its_own_is_called(replaced, latent) -> None:
     """A forward of its own put in a projection's or norm's place (a wrapper, an adapter): no C
-    call bypasses it, in the latent attention's call or its block's; it runs at the prefill and
-    every step."""
-    model = apply_decode_kernels(_mla_model())
-    module = getattr(model.layers[1].attn, replaced)
+    call bypasses it, in the latent attention's call or its block's (the block's norms in a
+    grouped-query model's too); it runs at the prefill and every step."""
+    model = apply_decode_kernels(_mla_model() if latent else _model(3))
+    module = model.layers[1].get_submodule(replaced)
     assert own_forward_calls(model, module, seed=15) == 5  # the prefill and 4 steps
 
 

@@ -230,7 +230,7 @@ def _build_plan(block: Block) -> tuple | None:
     parts = latent_modules(attn) if type(attn) is LatentAttention else attention_modules(attn)
     if type(ffn) is DenseFFN:
         parts = (*parts, *dense_modules(ffn)[1:])
-    if not _glue_forwards(attn, ffn) or _replaced(*parts):
+    if not _glue_forwards(attn, ffn) or _replaced(block.attn_norm, block.ffn_norm, *parts):
         return None
     refs = latent_weights(attn) if type(attn) is LatentAttention else attention_weights(attn)
     if refs is None:

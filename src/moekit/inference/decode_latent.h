@@ -45,7 +45,7 @@ WIDEST static void axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-#include "../quant/scalar_formats.h" /* from_bits, fp16_to_float, e8m0_to_float, E2M1 */
+#include "../quant/scalar_formats.h" /* from_bits, fp16_to_float, e8m0_to_float, dequantize_group */
 
 /* Row o of w (I floats) as float32, as `QuantizedWeight.dequantize` computes it: a float32 row in
  * place, else into buf: bf16 widened; int8 times its row's scale; int4 (its nibbles, element 2j
@@ -66,23 +66,15 @@ WIDEST static const float *float_row(const weight_ref *w, int64_t o, float *buf)
         return buf;
     }
     const uint8_t *r = (const uint8_t *)w->data + o * (I / 2);
-    for (int64_t g = 0; g < I / 32; g++) {
-        float s, off = 0.0f;
+    for (int64_t g = 0; g < I / 32; g++) { /* kinds 2, 3 (zero points) and 4 (MXFP4) */
+        const int64_t at = o * (I / 32) + g;
         if (w->kind == 4) {
-            s = e8m0_to_float(((const uint8_t *)w->scales)[o * (I / 32) + g], 0);
+            dequantize_group(r + g * 16, 1, e8m0_to_float(((const uint8_t *)w->scales)[at], 0),
+                             NULL, buf + g * 32);
         } else {
-            s = fp16_to_float(((const uint16_t *)w->scales)[o * (I / 32) + g]);
-            if (w->kind == 3) off = fp16_to_float(((const uint16_t *)w->offsets)[o * (I / 32) + g]);
-        }
-        for (int64_t j = 0; j < 32; j++) {
-            const int q = (r[(g * 32 + j) / 2] >> (4 * (j & 1))) & 15;
-            float *out = buf + g * 32 + j;
-            if (w->kind == 4)
-                *out = E2M1[q] * s;
-            else if (w->kind == 3)
-                *out = (float)q * s + off;
-            else
-                *out = (float)(q - 8) * s;
+            const float m = w->kind == 3 ? fp16_to_float(((const uint16_t *)w->offsets)[at]) : 0.0f;
+            dequantize_group(r + g * 16, 0, fp16_to_float(((const uint16_t *)w->scales)[at]),
+                             w->kind == 3 ? &m : NULL, buf + g * 32);
         }
     }
     return buf;
@@ -97,65 +89,60 @@ static void rope_latent(const float *x, int64_t n, int interleave, const float *
     rope(interleave ? halves : x, cos_h, sin_h, n / 2, out);
 }
 
-#define HEADS_A_TASK 8 /* heads whose products over the cache read each cached latent once */
+#define HEADS_A_TASK 8 /* at most: heads whose products over the cache read each latent once */
 
-/* Heads [h0, h1) (at most HEADS_A_TASK) of B sequences: q (B, H qk) as projected (q_rope already
+/* Heads [h0, h1) (at most HEADS_A_TASK) of sequence b: q (B, H qk) as projected (q_rope already
  * rotated), the caches' first L positions (the last `window` of them where window > 0) -> y
- * (B, H v) at those heads' columns. W_UK's rows are widened once (`float_row`) for every
- * sequence; the products over a sequence's cache (its heads' scores at once) and W_UV run the
- * kernels' row functions (`rows`: the float32 kernel's, or the quantized kernels', which take
- * o_lat as they take every product's x: float32 for bf16 and int8 weights, int8 per block of 32
- * for int4 and MXFP4 by default); the sums over rows of W_UK and of the cache are `axpy`s.
- * work: latent_work floats. Returns 0, or -1 if o_lat cannot be prepared for kv_b. */
-static int latent_heads(const latent_ref *w, int64_t B, int64_t h0, int64_t h1, const float *q,
+ * (B, H v) at those heads' columns. The products over the cache (the heads' scores at once) and
+ * W_UV run the kernels' row functions (`rows`: the float32 kernel's, or the quantized kernels',
+ * which take o_lat as they take every product's x: float32 for bf16 and int8 weights, int8 per
+ * block of 32 for int4 and MXFP4 by default); the sums over W_UK's rows (`float_row`'s) and the
+ * cache's are `axpy`s. work: latent_work floats. Returns 0, or -1 if o_lat cannot be prepared
+ * for kv_b. */
+static int latent_heads(const latent_ref *w, int64_t b, int64_t h0, int64_t h1, const float *q,
                         const float *latent_cache, const float *rope_cache, int64_t L,
                         int64_t window, int64_t max_len, float *work, float *y) {
     const int64_t R = w->R, nope = w->nope, rp = w->rope, qk = nope + rp, e = nope + w->v;
     const int64_t first = window > 0 && L > window ? L - window : 0, n = L - first, nh = h1 - h0;
-    float *q_lat = work, *o_lat = q_lat + B * nh * R, *scores = o_lat + nh * R;
+    const float *c = latent_cache + (b * max_len + first) * R;
+    const float *kr = rope_cache + (b * max_len + first) * rp;
+    float *q_lat = work, *o_lat = q_lat + nh * R, *scores = o_lat + nh * R;
     float *s_rope = scores + nh * n, *q_rope = s_rope + nh * n, *row = q_rope + nh * rp;
     float *kv = row + R; /* a row of W_UV's product (kv_b's O wide) */
-    for (int64_t i = 0; i < B * nh * R; i++) q_lat[i] = 0.0f;
-    for (int64_t g = 0; g < nh; g++)
-        for (int64_t i = 0; i < nope; i++) { /* q_lat = q_nope W_UK[h], each row widened once */
-            const float *wi = float_row(&w->kv_b, (h0 + g) * e + i, row);
-            for (int64_t b = 0; b < B; b++)
-                axpy(q_lat + (b * nh + g) * R, q[(b * w->H + h0 + g) * qk + i], wi, R);
+    for (int64_t i = 0; i < nh * R; i++) q_lat[i] = o_lat[i] = 0.0f;
+    for (int64_t g = 0; g < nh; g++) {
+        const float *qh = q + (b * w->H + h0 + g) * qk;
+        for (int64_t i = 0; i < nope; i++) /* q_lat = q_nope W_UK[h] */
+            axpy(q_lat + g * R, qh[i], float_row(&w->kv_b, (h0 + g) * e + i, row), R);
+        memcpy(q_rope + g * rp, qh + nope, rp * sizeof(float));
+    }
+    f32_rows(q_lat, nh, R, c, R, 0, n, n, NULL, scores); /* (nh, n) */
+    f32_rows(q_rope, nh, rp, kr, rp, 0, n, n, NULL, s_rope);
+    for (int64_t g = 0; g < nh; g++) {
+        float *sg = scores + g * n, top = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            sg[j] = (sg[j] + s_rope[g * n + j]) * w->scale;
+            if (sg[j] > top) top = sg[j];
         }
-    for (int64_t b = 0; b < B; b++) {
-        const float *c = latent_cache + (b * max_len + first) * R;
-        const float *kr = rope_cache + (b * max_len + first) * rp;
-        for (int64_t g = 0; g < nh; g++)
-            memcpy(q_rope + g * rp, q + (b * w->H + h0 + g) * qk + nope, rp * sizeof(float));
-        f32_rows(q_lat + b * nh * R, nh, R, c, R, 0, n, n, NULL, scores); /* (nh, n) */
-        f32_rows(q_rope, nh, rp, kr, rp, 0, n, n, NULL, s_rope);
-        for (int64_t g = 0; g < nh; g++) {
-            float *sg = scores + g * n, top = -INFINITY, total = 0.0f;
-            for (int64_t j = 0; j < n; j++) {
-                sg[j] = (sg[j] + s_rope[g * n + j]) * w->scale;
-                if (sg[j] > top) top = sg[j];
-            }
-            for (int64_t j = 0; j < n; j++) total += sg[j] = expf(sg[j] - top);
-            for (int64_t j = 0; j < n; j++) sg[j] /= total;
-        }
-        for (int64_t i = 0; i < nh * R; i++) o_lat[i] = 0.0f;
-        for (int64_t j = 0; j < n; j++) /* o_lat = probs c, each cached latent read once */
-            for (int64_t g = 0; g < nh; g++) axpy(o_lat + g * R, scores[g * n + j], c + j * R, R);
-        for (int64_t g = 0; g < nh; g++) { /* y[h] = W_UV[h] o_lat */
-            const int64_t h = h0 + g;
-            void *p = prepared(&w->kv_b, o_lat + g * R, 1);
-            if (p == NULL) return -1;
-            rows(&w->kv_b, p, 1, h * e + nope, (h + 1) * e, kv);
-            release(&w->kv_b, p);
-            memcpy(y + (b * w->H + h) * w->v, kv + h * e + nope, (size_t)w->v * sizeof(float));
-        }
+        for (int64_t j = 0; j < n; j++) total += sg[j] = expf(sg[j] - top);
+        for (int64_t j = 0; j < n; j++) sg[j] /= total;
+    }
+    for (int64_t j = 0; j < n; j++) /* o_lat = probs c, each cached latent read once */
+        for (int64_t g = 0; g < nh; g++) axpy(o_lat + g * R, scores[g * n + j], c + j * R, R);
+    for (int64_t g = 0; g < nh; g++) { /* y[h] = W_UV[h] o_lat */
+        const int64_t h = h0 + g;
+        void *p = prepared(&w->kv_b, o_lat + g * R, 1);
+        if (p == NULL) return -1;
+        rows(&w->kv_b, p, 1, h * e + nope, (h + 1) * e, kv);
+        release(&w->kv_b, p);
+        memcpy(y + (b * w->H + h) * w->v, kv + h * e + nope, (size_t)w->v * sizeof(float));
     }
     return 0;
 }
 
-/* The floats of latent_heads' work for B sequences over L cached positions. */
-static int64_t latent_work(const latent_ref *w, int64_t B, int64_t L) {
-    return HEADS_A_TASK * ((B + 1) * w->R + 2 * L + w->rope) + w->R + w->kv_b.O;
+/* The floats of latent_heads' work over L cached positions. */
+static int64_t latent_work(const latent_ref *w, int64_t L) {
+    return HEADS_A_TASK * (2 * w->R + 2 * L + w->rope) + w->R + w->kv_b.O;
 }
 
 /* One decode position's latent attention for B <= 16 sequences (the header's comment): x (B, D);
@@ -180,8 +167,10 @@ int moekit_latent_attention_block(const float *x, int64_t B, const latent_ref *w
     const int64_t weights = (wq->O + w->kv_a.O) * wq->I + w->kv_b.O * R + w->o.O * w->o.I +
                             (w->q.O ? 0 : w->q_b.O * w->q_b.I);
     const int64_t cached = B * H * L * (R + rp); /* the numbers the heads read of the caches */
+    const int parallel =
+        weights >= min_parallel_weights || (B * H > HEADS_A_TASK && cached >= 262144);
     if (failed) goto done;
-#pragma omp parallel if (weights >= min_parallel_weights || (H > HEADS_A_TASK && cached >= 262144))
+#pragma omp parallel if (parallel)
     {
         product(wq, px, B, w->q.O ? q : qa);
         product(&w->kv_a, pkv, B, kva);
@@ -212,12 +201,15 @@ int moekit_latent_attention_block(const float *x, int64_t B, const latent_ref *w
                 }
             }
         if (!failed) {
-            float *work = malloc((size_t)latent_work(w, B, L) * sizeof(float));
+            float *work = malloc((size_t)latent_work(w, L) * sizeof(float));
             int head_failed = work == NULL;
+            /* tasks of (sequence, group of heads), the groups as even as HEADS_A_TASK allows */
+            const int64_t groups = (H + HEADS_A_TASK - 1) / HEADS_A_TASK;
 #pragma omp for schedule(static)
-            for (int64_t h0 = 0; h0 < H; h0 += HEADS_A_TASK) {
-                const int64_t h1 = h0 + HEADS_A_TASK < H ? h0 + HEADS_A_TASK : H;
-                head_failed |= head_failed || latent_heads(w, B, h0, h1, q, latent_cache,
+            for (int64_t t = 0; t < B * groups; t++) {
+                const int64_t b = t / groups, h0 = t % groups * H / groups;
+                const int64_t h1 = (t % groups + 1) * H / groups;
+                head_failed |= head_failed || latent_heads(w, b, h0, h1, q, latent_cache,
                                                            rope_cache, L, window, max_len, work, y);
             }
             free(work);

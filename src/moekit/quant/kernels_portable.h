@@ -21,24 +21,12 @@ static void dequantize_chunk(const weight_t *w, int64_t o, int64_t i0, int64_t n
         const uint8_t *b = bytes + g * (GROUP / 2);
         float *v = out + (g * GROUP - i0);
         if (w->kind == MXFP4) {
-            float d = e8m0_to_float(((const uint8_t *)w->scales)[o * G + g], 0);
-            for (int j = 0; j < GROUP / 2; j++) {
-                v[2 * j] = E2M1[b[j] & 15] * d;
-                v[2 * j + 1] = E2M1[b[j] >> 4] * d;
-            }
-        } else if (w->offsets == NULL) {
-            float d = fp16_to_float(((const uint16_t *)w->scales)[o * G + g]);
-            for (int j = 0; j < GROUP / 2; j++) {
-                v[2 * j] = (float)((b[j] & 15) - 8) * d;
-                v[2 * j + 1] = (float)((b[j] >> 4) - 8) * d;
-            }
+            dequantize_group(b, 1, e8m0_to_float(((const uint8_t *)w->scales)[o * G + g], 0), NULL,
+                             v);
         } else {
-            float d = fp16_to_float(((const uint16_t *)w->scales)[o * G + g]);
-            float m = fp16_to_float(w->offsets[o * G + g]);
-            for (int j = 0; j < GROUP / 2; j++) {
-                v[2 * j] = (float)(b[j] & 15) * d + m;
-                v[2 * j + 1] = (float)(b[j] >> 4) * d + m;
-            }
+            const float m = w->offsets ? fp16_to_float(w->offsets[o * G + g]) : 0.0f;
+            dequantize_group(b, 0, fp16_to_float(((const uint16_t *)w->scales)[o * G + g]),
+                             w->offsets ? &m : NULL, v);
         }
     }
 }

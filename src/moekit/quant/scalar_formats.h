@@ -1,6 +1,10 @@
 /* One number of each stored format as float32, exactly as moekit.quant.schemes.dequantize computes
- * it: IEEE half (int4's scales and zero points), E8M0 (MXFP4's scales), E2M1 (MXFP4's values).
- * Included by quant/kernels.c and inference/decode_latent.h. */
+ * it: IEEE half (int4's scales and zero points), E8M0 (MXFP4's scales), E2M1 (MXFP4's values); and
+ * a group of 32 4-bit weights. Included by quant/kernels.c and inference/decode_latent.h. */
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 static float from_bits(uint32_t bits) {
     float f;
@@ -28,3 +32,18 @@ static float e8m0_to_float(uint8_t e, int halve) {
 
 static const float E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* The 32 weights of one 4-bit group into v, as dequantize computes them: b its 16 bytes (element
+ * 2j low, 2j + 1 high); MXFP4 E2M1 times d (its E8M0 scale, decoded), int4 (q - 8) d, or q d + m
+ * with a zero point m (NULL: none). */
+static void dequantize_group(const uint8_t *b, int mxfp4, float d, const float *m, float *v) {
+    for (int j = 0; j < 16; j++) {
+        const int lo = b[j] & 15, hi = b[j] >> 4;
+        if (mxfp4)
+            v[2 * j] = E2M1[lo] * d, v[2 * j + 1] = E2M1[hi] * d;
+        else if (m == NULL)
+            v[2 * j] = (float)(lo - 8) * d, v[2 * j + 1] = (float)(hi - 8) * d;
+        else
+            v[2 * j] = (float)lo * d + *m, v[2 * j + 1] = (float)hi * d + *m;
+    }
+}
