@@ -147,8 +147,15 @@ def _per_product(model: MoETransformer, keep_layers: bool = False) -> MoETransfo
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize(("E", "K"), [(8, 2), (16, 4), (5, 1)])
-def test_route_topk_matches_topk_route(score: str, normalize: bool, E: int, K: int) -> None:
+@pytest.mark.parametrize(
+    ("E", "K", "groups", "kept"),
+    [(8, 2, 1, 1), (16, 4, 1, 1), (5, 1, 1, 1), (16, 4, 4, 2), (32, 8, 8, 4), (8, 3, 8, 3),
+     (12, 2, 4, 4)],
+)  # fmt: skip
+def test_route_topk_matches_topk_route(score, normalize, E, K, groups, kept) -> None:
+    """The C routing against `topk_route`: the same experts, their weights to float32 rounding;
+    group-limited too (DeepSeek-V3's 8 groups of 32 at a smaller scale, groups of one expert,
+    every group kept)."""
     cfg = MoEConfig(
         d_model=8,
         d_expert=8,
@@ -157,16 +164,18 @@ def test_route_topk_matches_topk_route(score: str, normalize: bool, E: int, K: i
         score=score,
         normalize=normalize,
         routed_scaling=2.5,
+        n_groups=groups,
+        topk_groups=kept,
     )
-    g = torch.Generator().manual_seed(E * 10 + K)
+    g = torch.Generator().manual_seed(E * 10 + K + groups)
     for _ in range(20):
         logits = torch.randn(1, E, generator=g) * 3
         bias = torch.randn(E, generator=g) * 0.1
         ref = topk_route(logits, bias, cfg)
         scores, ids, weights = decode_layers._buffers(E, K)
         decode_glue._library().moekit_route_topk_f32(
-            logits.data_ptr(), E, bias.data_ptr(), K, score == "sigmoid", normalize, 2.5,
-            scores, ids, weights,
+            logits.data_ptr(), E, bias.data_ptr(), K, score == "sigmoid", normalize, 2.5, groups,
+            kept, scores, ids, weights,
         )  # fmt: skip
         assert list(ids) == ref.ids_TK[0].tolist()
         torch.testing.assert_close(torch.tensor(list(weights)), ref.weights_TK[0])
@@ -435,9 +444,10 @@ def test_hooks_make_the_layer_run_its_reference_with_the_same_bits(monkeypatch, 
     ("scheme", "moe", "latent"),
     [(None, {}, False), ("int4", {}, False), ("mxfp4", {}, False), (None, GPT_OSS["moe"], False),
      ("mxfp4", GPT_OSS["moe"], False), (None, QWEN2_MOE["moe"], False),
-     ("int4", DEEPSEEK_SHARED["moe"], False), ("int8", DEEPSEEK_SHARED["moe"], True)],
+     ("int4", DEEPSEEK_SHARED["moe"], False), ("int8", DEEPSEEK_SHARED["moe"], True),
+     ("int8", {**DEEPSEEK_SHARED["moe"], "n_groups": 3, "topk_groups": 2}, True)],
     ids=["float32", "int4", "mxfp4", "gpt_oss_moe", "gpt_oss_moe_mxfp4", "qwen2_moe_shared",
-         "deepseek_shared_int4", "deepseek_latent_int8"],
+         "deepseek_shared_int4", "deepseek_latent_int8", "deepseek_group_limited"],
 )  # fmt: skip
 def test_offloaded_experts_are_bit_identical_to_resident_ones(
     monkeypatch, tmp_path, scheme, moe, latent

@@ -94,6 +94,17 @@ CASES = {
         },
         QuantizeConfig(weights="int8", experts="int4"),
     ),
+    "deepseek_v3_group_limited": (  # 3 groups of 2 experts, 2 kept; latent, a dense layer
+        {
+            "moe": {**DEEPSEEK_SHARED["moe"], "n_groups": 3, "topk_groups": 2},
+            "mla": MLA,
+            "n_kv_heads": None,
+            "first_dense": 1,
+            "d_ff": 96,
+            "n_layers": 3,
+        },
+        "int8",
+    ),
     "first_dense": ({"first_dense": 1, "d_ff": 96}, None),
     "first_dense_int4": ({"first_dense": 1, "d_ff": 96}, "int4"),
 }
@@ -105,8 +116,9 @@ def test_a_decoded_token_is_one_call_with_the_forwards_bits(monkeypatch, case, b
     """Float32 and every quantized scheme, tied heads, Qwen3's and OLMoE's q/k norms (OLMoE's
     clipping), GPT-OSS's windows, sinks and clamped experts, sigmoid routing, shared experts
     (Qwen2-MoE's gated, DeepSeek's two), latent attention (DeepSeek-V3's, Moonlight's without
-    the low-rank query), a dense first layer, at batch 1, 3 and 16: each step one C call, its logits
-    the glued forward's bit for bit (the same C functions), past a change of the angles' chunk."""
+    the low-rank query), a dense first layer, group-limited routing, at batch 1, 3 and 16: each
+    step one C call, its logits the glued forward's bit for bit (the same C functions), past a
+    change of the angles' chunk."""
     overrides, scheme = CASES[case]
     model = _model(30, **overrides)
     with torch.no_grad():

@@ -88,6 +88,7 @@ class BlockPlan(ctypes.Structure):
         ("ffn_norm", _ptr), ("ffn_eps", ctypes.c_double),
         ("router", _ptr), ("expert_bias", _ptr), ("K", ctypes.c_int64),
         ("sigmoid", ctypes.c_int32), ("normalize", ctypes.c_int32), ("scaling", ctypes.c_float),
+        ("n_groups", ctypes.c_int64), ("topk_groups", ctypes.c_int64),
         ("w_in", _ptr), ("w_out", _ptr), ("act", _ptr), ("shared", _ptr), ("latent", _ptr),
         ("dense", _ptr),
     ]  # fmt: skip
@@ -109,8 +110,8 @@ def block_struct(block: Block, plan: tuple, cache: LayerKVCache, window: int) ->
     (attn_norm, ffn_norm), refs, moe, _ = plan
     dense = moe if type(moe) is DenseRef else None
     if moe is OFFLOADED or dense:  # (then the call reads none of the MoE layer's fields)
-        moe = (None, None, 0, 0, 0, 0.0, None, None, None, None)
-    router, bias, K, sigmoid, normalize, scaling, w_in, w_out, act, shared = moe
+        moe = (None, None, 0, 0, 0, 0.0, 1, 1, None, None, None, None)
+    router, bias, K, sigmoid, normalize, scaling, groups, kept, w_in, w_out, act, shared = moe
     k, v, attn = cache.k_BKLd, cache.v_BKLd, block.attn
     latent = type(refs) is LatentRef
     heads = (0, 0, 0, 0.0) if latent else (attn.n_heads, attn.n_kv_heads, attn.head_dim,
@@ -118,7 +119,7 @@ def block_struct(block: Block, plan: tuple, cache: LayerKVCache, window: int) ->
     return BlockPlan(
         *attn_norm, None if latent else ctypes.addressof(refs), k.data_ptr(), v.data_ptr(),
         k.shape[2], *heads, window, *ffn_norm, _address(router), bias, K, sigmoid, normalize,
-        scaling, _address(w_in), _address(w_out), _address(act), _address(shared),
+        scaling, groups, kept, _address(w_in), _address(w_out), _address(act), _address(shared),
         ctypes.addressof(refs) if latent else None, dense and ctypes.addressof(dense),
     )  # fmt: skip
 

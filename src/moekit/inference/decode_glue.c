@@ -112,13 +112,16 @@ void moekit_attend_one_f32(const float *q, const float *k, const float *v, int64
                     scale, sinks, bh, out + bh * hd);
 }
 
-/* One token's top-k routing (moekit.routing.topk.topk_route without expert groups): scores =
- * softmax (or sigmoid) of logits (E), the K best of scores + bias (best first; the lower expert on
- * a tie), weights = their scores times routed_scaling, divided first by the scores' sum (+1e-20)
- * when normalize. Writes ids (K) and weights (K); scores (E) is scratch. */
+/* One token's top-k routing (moekit.routing.topk.topk_route): scores = softmax (or sigmoid) of
+ * logits (E), the K best of scores + bias (best first; the lower expert on a tie), weights =
+ * their scores times routed_scaling, divided first by the scores' sum (+1e-20) when normalize.
+ * With n_groups > 1 expert groups of which a token keeps topk_groups < n_groups (DeepSeek-V3's
+ * group-limited routing, `topk.group_limit`), only the experts of its topk_groups best groups
+ * (a group's score the sum of its two best selection values, its best alone where it has one
+ * expert; the lower group on a tie). Writes ids (K) and weights (K); scores (E) is scratch. */
 void moekit_route_topk_f32(const float *logits, int64_t E, const float *bias, int64_t K,
-                           int sigmoid, int normalize, float scaling, float *scores,
-                           int64_t *ids, float *weights) {
+                           int sigmoid, int normalize, float scaling, int64_t n_groups,
+                           int64_t topk_groups, float *scores, int64_t *ids, float *weights) {
     if (sigmoid) {
         for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
     } else {
@@ -128,12 +131,36 @@ void moekit_route_topk_f32(const float *logits, int64_t E, const float *bias, in
         for (int64_t e = 0; e < E; e++) total += scores[e] = expf(logits[e] - top);
         for (int64_t e = 0; e < E; e++) scores[e] = scores[e] / total;
     }
+    unsigned char allowed[E > 0 ? E : 1];
+    memset(allowed, 1, (size_t)(E > 0 ? E : 1));
+    if (n_groups > 1 && topk_groups < n_groups) {
+        const int64_t size = E / n_groups;
+        float group[n_groups];
+        unsigned char kept[n_groups];
+        for (int64_t g = 0; g < n_groups; g++) {
+            float best = -INFINITY, second = -INFINITY;
+            for (int64_t e = g * size; e < (g + 1) * size; e++) {
+                const float value = scores[e] + bias[e];
+                if (value > best) second = best, best = value;
+                else if (value > second) second = value;
+            }
+            group[g] = size > 1 ? best + second : best;
+            kept[g] = 0;
+        }
+        for (int64_t k = 0; k < topk_groups; k++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < n_groups; g++)
+                if (!kept[g] && (best < 0 || group[g] > group[best])) best = g;
+            kept[best] = 1;
+        }
+        for (int64_t e = 0; e < E; e++) allowed[e] = kept[e / size];
+    }
     float sum = 0.0f;
     for (int64_t k = 0; k < K; k++) {
         int64_t best = -1;
         float best_value = 0.0f;
         for (int64_t e = 0; e < E; e++) {
-            int taken = 0;
+            int taken = !allowed[e];
             for (int64_t j = 0; j < k; j++) taken |= ids[j] == e;
             float value = scores[e] + bias[e];
             if (!taken && (best < 0 || value > best_value)) best = e, best_value = value;
@@ -339,6 +366,7 @@ typedef struct {
     int64_t K;
     int32_t sigmoid, normalize;
     float scaling;
+    int64_t n_groups, topk_groups;
     const weight_ref *w_in, *w_out;
     const activation_ref *act;
     const shared_ref *shared;
@@ -365,11 +393,11 @@ static int block_ffn(const block_plan *b, const float *h, int64_t B, float *rest
     if (b->dense) return moekit_dense_tokens(h, B, b->dense, rest, y);
     if (B == 1)
         return moekit_moe_one_token(h, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
-                                    b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids,
-                                    weights, y);
+                                    b->scaling, b->n_groups, b->topk_groups, b->w_in, b->w_out,
+                                    b->act, b->shared, rest, ids, weights, y);
     return moekit_moe_tokens(h, B, b->router, b->expert_bias, b->K, b->sigmoid, b->normalize,
-                             b->scaling, b->w_in, b->w_out, b->act, b->shared, rest, ids, weights,
-                             y);
+                             b->scaling, b->n_groups, b->topk_groups, b->w_in, b->w_out, b->act,
+                             b->shared, rest, ids, weights, y);
 }
 
 /* The model width D of a block's input. */

@@ -270,7 +270,7 @@ def remove_decode_glue(model: MoETransformer) -> MoETransformer:
 def _library() -> ctypes.CDLL | None:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     f32, f64 = ctypes.c_float, ctypes.c_double
-    routing = [i64, i32, i32, f32]  # top_k, sigmoid, normalize, routed_scaling
+    routing = [i64, i32, i32, f32, i64, i64]  # top_k, sigmoid, normalize, scaling, groups, kept
     attention = [*[i64] * 5, f32, i64]  # filled, max_len, H, KV, hd, scale, window
     return cbuild.load(
         SOURCE,

@@ -44,12 +44,12 @@ from moekit.routing.topk import NORMALIZER_EPS
 
 
 def _topk_in_c(cfg: MoEConfig) -> bool:
-    """Whether the C routing computes this routing: top-k without expert groups."""
-    return cfg.router == "topk" and (cfg.n_groups == 1 or cfg.topk_groups == cfg.n_groups)
+    """Whether the C routing computes this routing: top-k, group-limited or not."""
+    return cfg.router == "topk" and cfg.n_experts % cfg.n_groups == 0
 
 
 def _topk_args(router: Router) -> tuple:
-    """The C routing's arguments from the expert bias to the routed scaling."""
+    """The C routing's arguments from the expert bias to the groups a token keeps."""
     cfg = router.cfg
     return (
         router.expert_bias.data_ptr(),
@@ -57,6 +57,8 @@ def _topk_args(router: Router) -> tuple:
         cfg.score == "sigmoid",
         cfg.normalize,
         cfg.routed_scaling,
+        cfg.n_groups,
+        cfg.topk_groups,
     )
 
 
@@ -76,7 +78,7 @@ def _router_qualifies(router: Router, x: Tensor) -> bool:
 
 
 def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-    """`Router.forward` for a few float32 rows of top-k routing without expert groups: the logits
+    """`Router.forward` for a few float32 rows of top-k routing (group-limited or not): the logits
     by the router's product, then the C routing, each token's row; `Router.forward` otherwise."""
     if not _router_qualifies(router, x_TD):
         return Router.forward(router, x_TD, token_ids_T)
@@ -269,8 +271,8 @@ def router_ref(router: Router) -> WeightRef | None:
 
 def resident_args(layer: MoELayer) -> tuple | None:
     """moekit_moe_one_token's (and moekit_moe_tokens') arguments from router to act for a
-    layer whose router and resident experts the C call reads (`_expert_refs`; top-k routing
-    without groups on the decode kernels' product, the selected path, eval mode); None
+    layer whose router and resident experts the C call reads (`_expert_refs`; top-k routing,
+    group-limited or not, on the decode kernels' product, the selected path, eval mode); None
     otherwise. Kept while the router's and experts' tensors stay."""
     router, experts = layer.router, layer.experts
     extra = (layer.training, router.linear, getattr(experts, "expert_ffn", None))

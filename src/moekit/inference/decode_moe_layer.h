@@ -155,13 +155,13 @@ static int add_shared(const float *x, int64_t T, const shared_ref *shared,
  * (moekit_route_topk_f32): ids and weights (T, K) best first; scores: T E floats of scratch. */
 static void route_tokens(const float *x, int64_t T, const weight_ref *router,
                          const float *expert_bias, int64_t K, int sigmoid, int normalize,
-                         float scaling, float *logits, float *scores, int64_t *ids,
-                         float *weights) {
+                         float scaling, int64_t n_groups, int64_t topk_groups, float *logits,
+                         float *scores, int64_t *ids, float *weights) {
     const int64_t E = router->O;
     rows(router, x, T, 0, E, logits);
     for (int64_t t = 0; t < T; t++)
         moekit_route_topk_f32(logits + t * E, E, expert_bias, K, sigmoid, normalize, scaling,
-                              scores + t * E, ids + t * K, weights + t * K);
+                              n_groups, topk_groups, scores + t * E, ids + t * K, weights + t * K);
 }
 
 /* One token's MoE layer: logits (E) = router x (+ its bias; float32), the top-k routing of
@@ -171,14 +171,14 @@ static void route_tokens(const float *x, int64_t T, const weight_ref *router,
  * their activation (and the shared experts'); scratch: max(2E + K (3F + D), 3 SW + 2 D + 1)
  * floats. Returns as moekit_experts_one_token. */
 int moekit_moe_one_token(const float *x, const weight_ref *router, const float *expert_bias,
-                         int64_t K, int sigmoid, int normalize, float scaling,
-                         const weight_ref *w_in, const weight_ref *w_out,
+                         int64_t K, int sigmoid, int normalize, float scaling, int64_t n_groups,
+                         int64_t topk_groups, const weight_ref *w_in, const weight_ref *w_out,
                          const activation_ref *act, const shared_ref *shared, float *scratch,
                          int64_t *ids, float *weights, float *y) {
     const int64_t E = router->O;
     float *logits = scratch, *scores = scratch + E, *h = scores + E;
-    route_tokens(x, 1, router, expert_bias, K, sigmoid, normalize, scaling, logits, scores, ids,
-                 weights);
+    route_tokens(x, 1, router, expert_bias, K, sigmoid, normalize, scaling, n_groups, topk_groups,
+                 logits, scores, ids, weights);
     int64_t order[K > 0 ? K : 1];
     for (int64_t k = 0; k < K; k++) { /* insertion sort by expert: K is small */
         int64_t j = k;
@@ -203,13 +203,14 @@ int moekit_moe_one_token(const float *x, const weight_ref *router, const float *
  * 2 D + 1) floats. Returns as grouped_experts. */
 int moekit_moe_tokens(const float *x, int64_t T, const weight_ref *router,
                       const float *expert_bias, int64_t K, int sigmoid, int normalize,
-                      float scaling, const weight_ref *w_in, const weight_ref *w_out,
+                      float scaling, int64_t n_groups, int64_t topk_groups,
+                      const weight_ref *w_in, const weight_ref *w_out,
                       const activation_ref *act, const shared_ref *shared, float *scratch,
                       int64_t *ids, float *weights, float *y) {
     const int64_t E = router->O, D = w_out[0].O, N = T * K;
     float *logits = scratch, *scores = logits + T * E, *xg = scores + T * E, *work = xg + N * D;
-    route_tokens(x, T, router, expert_bias, K, sigmoid, normalize, scaling, logits, scores, ids,
-                 weights);
+    route_tokens(x, T, router, expert_bias, K, sigmoid, normalize, scaling, n_groups, topk_groups,
+                 logits, scores, ids, weights);
     const int64_t most = E < N ? E : N; /* experts that can be chosen */
     int64_t n[most > 0 ? most : 1], token[N > 0 ? N : 1], J = 0, r = 0;
     weight_ref used_in[most > 0 ? most : 1], used_out[most > 0 ? most : 1];
