@@ -183,10 +183,13 @@ def test_route_topk_matches_topk_route(score, normalize, E, K, groups, kept) -> 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_router_forward_matches_the_router(score: str, rows: int) -> None:
+@pytest.mark.parametrize(("E", "groups", "kept"), [(7, 1, 1), (8, 4, 2)])
+def test_router_forward_matches_the_router(score: str, rows: int, E, groups, kept) -> None:
     """The C routing of a few rows gives the reference's Routing to float32 rounding, the same
-    experts; gradients, many rows or training run the reference itself."""
-    cfg = MoEConfig(d_model=16, d_expert=8, n_experts=7, top_k=3, score=score, routed_scaling=1.5)
+    experts, group-limited too (its selection -inf outside the kept groups, which capacity's
+    next-best rerouting reads); gradients, many rows or training run the reference itself."""
+    cfg = MoEConfig(d_model=16, d_expert=8, n_experts=E, top_k=3, score=score,
+                    routed_scaling=1.5, n_groups=groups, topk_groups=kept)  # fmt: skip
     layer = MoELayer(cfg).eval()
     with torch.no_grad():
         layer.router.weight.normal_()

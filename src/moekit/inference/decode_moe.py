@@ -40,7 +40,7 @@ from moekit.moe import MoEAux, MoELayer
 from moekit.quant.modules import QuantizedExperts
 from moekit.routing.base import Routing
 from moekit.routing.router import Router
-from moekit.routing.topk import NORMALIZER_EPS
+from moekit.routing.topk import NORMALIZER_EPS, group_limit
 
 
 def _topk_in_c(cfg: MoEConfig) -> bool:
@@ -94,7 +94,7 @@ def router_forward(router: Router, x_TD: Tensor, token_ids_T: Tensor | None = No
         probs_TE=probs_TE,
         ids_TK=ids_TK,
         weights_TK=weights_TK,
-        selection_TE=scores_TE + router.expert_bias,
+        selection_TE=group_limit(scores_TE + router.expert_bias, cfg.n_groups, cfg.topk_groups),
         scale_T=_scale(scores_TE.gather(1, ids_TK), cfg.normalize, cfg.routed_scaling),
     )
 
