@@ -339,12 +339,9 @@ def _plan_one_token(
     if status == -1:  # the step not counted in the cache: the reference writes it again
         return Block.forward(block, x_BSD, rope, mask, cache, token_ids_BS, with_aux)
     cache.length += 1
-    if status == -2:  # the attention step ran; the FFN's reference runs the rest
+    if status == -2:  # the attention step ran; the block's reference runs the rest
         x1 = scratch[2 * D : 3 * D].view(1, 1, D).clone()
-        if type(block.ffn) is DenseFFN:
-            return x1 + block.ffn(block.ffn_norm(x1)), None
-        y, aux = block.ffn(block.ffn_norm(x1), None, with_aux=with_aux, decoding=True)
-        return x1 + y, aux
+        return Block.feed_forward(block, x1, token_ids_BS, with_aux, decoding=True)
     return out, None
 
 

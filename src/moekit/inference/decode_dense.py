@@ -15,7 +15,7 @@ import ctypes
 
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _hooked, _library, _replaced
+from moekit.inference.decode_glue import _intercepted, _library
 from moekit.inference.decode_layers import (
     MAX_ROWS,
     WeightRef,
@@ -74,7 +74,7 @@ def dense_forward(ffn: DenseFFN, x: Tensor) -> Tensor:
     projections = dense_modules(ffn)[1:]
     T = decoded_rows(x, x.shape[-1]) if x.dim() else 0
     ref = None
-    if T and not (_hooked(*projections) or _replaced(*projections)):
+    if T and not _intercepted(*projections):
         ref = dense_ref(ffn)
     if ref is None or x.shape[-1] != ref.gate.I:
         return DenseFFN.forward(ffn, x)

@@ -56,6 +56,26 @@ def _replaced(*modules: nn.Module) -> bool:
     return any("forward" in m.__dict__ for m in modules)
 
 
+def _intercepted(*modules: nn.Module) -> bool:
+    """`_hooked` or `_replaced`: a call the glue would not make is awaited by one of `modules`."""
+    return _hooked(*modules) or _replaced(*modules)
+
+
+def decode_position(x_BSD: Tensor, cache: LayerKVCache | None, mask: AttentionMask) -> bool:
+    """What every C attention step needs of its input, before its own checks: one position of
+    at most MAX_ROWS plain float32 rows over a cache, attending every cached position or a
+    sliding window's, not traced."""
+    B, S, _ = x_BSD.shape
+    return (
+        S == 1
+        and B <= MAX_ROWS
+        and cache is not None
+        and decode_window(mask) is not None
+        and not torch.compiler.is_compiling()
+        and _plain(x_BSD)
+    )
+
+
 def hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
     """The dicts that hold those hooks (registering one adds to them in place): `_hooked` is
     any(hook_dicts(...)), which a caller checking the same modules again and again keeps."""

@@ -30,12 +30,11 @@ from moekit.inference.decode_glue import (
     MAX_NORM_NUMBERS,
     GlueRMSNorm,
     _cache_qualifies,
-    _hooked,
+    _intercepted,
     _library,
     _plain,
-    _replaced,
     attention_args,
-    decode_window,
+    decode_position,
 )
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.model.attention import Attention, AttentionMask, LayerKVCache
@@ -225,19 +224,13 @@ def attention_step_qualifies(
     plain float32 rows, no gradient for x, a float32 cache with room, every cached position of
     which it attends or a sliding window's, nothing hooked on the projections nor a forward of
     their own, not traced."""
-    B, S, _ = x_BSD.shape
+    B = x_BSD.shape[0]
     return (
-        S == 1
-        and B <= MAX_ROWS
-        and cache is not None
-        and decode_window(mask) is not None
-        and not torch.compiler.is_compiling()
+        decode_position(x_BSD, cache, mask)
         and not (torch.is_grad_enabled() and x_BSD.requires_grad)
-        and _plain(x_BSD)
         and _cache_qualifies(cache, B, attn.n_kv_heads, attn.head_dim, rope)
         and (attn.qk_norm is None or B * attn.n_heads * attn.head_dim <= MAX_NORM_NUMBERS)
-        and not _hooked(*attention_modules(attn))
-        and not _replaced(*attention_modules(attn))
+        and not _intercepted(*attention_modules(attn))
         and ops_ready()
     )
 

@@ -39,7 +39,13 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from moekit.inference.decode_glue import _hooked, _library, _plain, _replaced, decode_window
+from moekit.inference.decode_glue import (
+    _intercepted,
+    _library,
+    _plain,
+    decode_position,
+    decode_window,
+)
 from moekit.inference.decode_kernels import MAX_ROWS, KernelLinear
 from moekit.inference.decode_layers import WeightRef, _cached, norm_args, ops_ready, projection_ref
 from moekit.model.attention import AttentionMask, LayerKVCache
@@ -150,15 +156,11 @@ def _step_qualifies(
     """What a step must be for the C call, its weights aside: one position of at most MAX_ROWS
     plain float32 rows, no gradient, not traced, a cache it reads (`latent_cache_qualifies`),
     every cached position attended or a sliding window's, nothing hooked."""
-    B, S, _ = x_BSD.shape
-    if not (S == 1 and B <= MAX_ROWS and cache is not None and decode_window(mask) is not None):
-        return False
     return (
-        not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-        and _plain(x_BSD)
-        and latent_cache_qualifies(attn, cache, B, rope)
-        and not _hooked(*latent_modules(attn))
-        and not _replaced(*latent_modules(attn))
+        decode_position(x_BSD, cache, mask)
+        and not torch.is_grad_enabled()
+        and latent_cache_qualifies(attn, cache, x_BSD.shape[0], rope)
+        and not _intercepted(*latent_modules(attn))
         and ops_ready()
     )
 
@@ -196,7 +198,7 @@ def _kv_b_weight(attn: LatentAttention, dtype: torch.dtype, positions: int) -> T
     bias, a subclass or a forward of its own, a hook, which the latent path would bypass)."""
     proj, m = attn.kv_b_proj, attn.m
     shape = (attn.n_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
-    if proj.bias is not None or _replaced(proj) or _hooked(proj):
+    if proj.bias is not None or _intercepted(proj):
         return None
     if type(proj) is QuantizedLinear and positions >= QUANTIZED_MIN_POSITIONS:
         weight = proj.weight_q.dequantize(dtype)

@@ -62,10 +62,17 @@ class Block(nn.Module):
         routes by. With a cache the call continues cached sequences: the MoE layer decodes
         (`MoELayer.forward`'s `decoding`)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, mask, cache)
+        return self.feed_forward(x_BSD, token_ids_BS, with_aux, decoding=cache is not None)
+
+    def feed_forward(
+        self, x_BSD: Tensor, token_ids_BS: Tensor | None, with_aux: bool, decoding: bool
+    ) -> tuple[Tensor, MoEAux | None]:
+        """The block's second half: x + ffn(ffn_norm(x)) and the MoE layer's aux (`forward`'s;
+        decoding: the rows continue cached sequences)."""
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             hashed = self.ffn.cfg.router == "hash"
             ids_BS = token_ids_BS if hashed else None
-            y_BSD, aux = self.ffn(h_BSD, ids_BS, with_aux=with_aux, decoding=cache is not None)
+            y_BSD, aux = self.ffn(h_BSD, ids_BS, with_aux=with_aux, decoding=decoding)
             return x_BSD + y_BSD, aux
         return x_BSD + self.ffn(h_BSD), None
