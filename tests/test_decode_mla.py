@@ -179,30 +179,27 @@ def test_a_grouped_4_bit_kv_b_proj_steps_in_c(monkeypatch, layer_by_layer, c_ste
     torch.testing.assert_close(default[:, 4:], want[:, 4:], rtol=0.05, atol=0.02 * want.abs().max())
 
 
-def test_a_quantized_kv_b_proj_the_c_call_does_not_read_is_dequantized_for_the_step(
-    monkeypatch, layer_by_layer, c_steps
-) -> None:
-    """int8 attention with kv_b_proj of a kind the C call does not read (int8 taken out of its
-    kinds; the torch path a step of a few positions takes): from QUANTIZED_MIN_POSITIONS cached
-    positions on, each step dequantizes kv_b_proj's weight; below, the reference runs
-    (dequantizing cost more); the dequantized model's logits to float32 rounding either way."""
-    monkeypatch.setattr(decode_mla, "KV_B_KINDS", (-1, 0))
+def test_a_few_positions_dequantize_a_quantized_kv_b_proj_for_the_step(monkeypatch) -> None:
+    """int8 attention, steps of 3 positions (a speculative verification's: the torch path): from
+    QUANTIZED_MIN_POSITIONS cached positions on, each step dequantizes kv_b_proj's weight; below,
+    the reference runs (dequantizing cost more); the dequantized model's logits to float32
+    rounding either way."""
     model = quantize_model(_mla_model(), QuantizeConfig(weights="none", attention="int8"))
     plain = dequantize_model(copy.deepcopy(model))
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
-    model = layer_by_layer(apply_decode_kernels(model))
+    model = apply_decode_kernels(model)
     assert type(model.layers[0].attn.kv_b_proj) is QuantizedLinear
     dequantized = []
     weight_q = type(model.layers[0].attn.kv_b_proj.weight_q)
     real = weight_q.dequantize
     monkeypatch.setattr(weight_q, "dequantize", lambda *a: dequantized.append(1) or real(*a))
-    want = decode_logits(plain, ids, 4)
-    torch.testing.assert_close(decode_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
+    chunks = [3, 3, 3, 3]
+    want = _chunked_logits(plain, ids, chunks)
+    torch.testing.assert_close(_chunked_logits(model, ids, chunks), want, rtol=1e-4, atol=1e-4)
     assert not dequantized  # 12 positions: below the threshold
     monkeypatch.setattr(decode_mla, "QUANTIZED_MIN_POSITIONS", 6)
-    torch.testing.assert_close(decode_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
-    assert len(dequantized) == 2 * 7  # the steps over 6..12 positions, 2 layers
-    assert not c_steps
+    torch.testing.assert_close(_chunked_logits(model, ids, chunks), want, rtol=1e-4, atol=1e-4)
+    assert len(dequantized) == 3 * 2  # the steps over 6, 9 and 12 positions, 2 layers
 
 
 def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:

@@ -50,7 +50,6 @@ from moekit.inference.decode_kernels import MAX_ROWS, KernelLinear
 from moekit.inference.decode_layers import WeightRef, _cached, norm_args, ops_ready, projection_ref
 from moekit.model.attention import AttentionMask, LayerKVCache
 from moekit.model.mla import LatentAttention
-from moekit.quant import kernels as quant_kernels
 from moekit.quant.modules import QuantizedLinear
 
 # A quantized kv_b_proj is dequantized whole each step (a layer's H (nope + v) Rkv weights): below
@@ -70,10 +69,6 @@ class LatentRef(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("H", "nope", "rope", "v", "R")),
         ("scale", ctypes.c_float), ("interleave", ctypes.c_int32),
     ]  # fmt: skip
-
-
-# the kv_b_proj weights decode_latent.h reads: float32 and every quantized kind (`float_row`)
-KV_B_KINDS = (-1, *quant_kernels._KIND.values())
 
 
 def latent_modules(attn: LatentAttention) -> tuple[nn.Module, ...]:
@@ -109,7 +104,7 @@ def _latent_refs(attn: LatentAttention) -> LatentRef | None:
     shapes = [(q.O, q.I), (kv_a.O, D), (kv_b.O, kv_b.I), (o.O, o.I)]
     want = [(H * qk, m.q_lora_rank if low_rank else D), (R + rope, D),
             (H * (m.qk_nope_head_dim + m.v_head_dim), R), (D, H * m.v_head_dim)]  # fmt: skip
-    if shapes != want or kv_b.kind not in KV_B_KINDS or kv_b.bias or rope % 2:
+    if shapes != want or kv_b.bias or rope % 2:  # (kv_b of any kind: decode_latent.h's float_row)
         return None
     if low_rank and (m.q_lora_rank, D) != (q_a[0].O, q_a[0].I):
         return None
