@@ -35,8 +35,8 @@ from moekit.inference.decode_glue import (
     _cache_qualifies,
     _hooked,
     _library,
-    _plain,
     _replaced,
+    decode_position,
     decode_window,
 )
 from moekit.inference.decode_layers import (
@@ -281,15 +281,13 @@ def block_forward(
 ) -> tuple[Tensor, MoEAux | None]:
     """`Block.forward` for one decoded token (batch 1) in one C call where it qualifies (see the
     module's docstring); `Block.forward` itself otherwise."""
-    B, S, D = x_BSD.shape
+    B, _, D = x_BSD.shape
     modules = plan = None
-    if B * S == 1 and not with_aux and cache is not None and decode_window(mask) is not None:
+    if B == 1 and not with_aux and decode_position(x_BSD, cache, mask):
         modules = _modules(block)
     if (
         modules is not None
         and not torch.is_grad_enabled()  # generation's no_grad: no gradient anywhere
-        and not torch.compiler.is_compiling()
-        and _plain(x_BSD)
         and ops_ready()
         and cache_qualifies(block, cache, B, rope)
     ):
