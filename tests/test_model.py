@@ -175,6 +175,23 @@ def test_update_expert_bias_moves_every_moe_layer() -> None:
         assert layer.router.expert_bias.abs().sum() > 0
 
 
+def test_a_float32_model_compiles_once_however_its_tokens_are_routed() -> None:
+    """Where the experts' products are a loop over experts (float32: torch._grouped_mm's meta
+    kernel takes bfloat16 alone), the loop runs outside the graph. Traced, the frame resumed after
+    its `counts.tolist()` guarded on each expert's row count being 0, 1 or more, so a compiled
+    run recompiled as routing changed until Dynamo's limit (8), then warned."""
+    model = MoETransformer(TINY).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, TINY.vocab_size, (1, 3), generator=gen) for _ in range(12)]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(batches[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for ids in batches[1:]:
+                torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+
+
 def test_too_long_input_is_rejected() -> None:
     model = MoETransformer(TINY.replace(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):

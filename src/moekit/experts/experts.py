@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from moekit import moe_kernels
 from moekit.config import MoEConfig
-from moekit.experts.grouped import GROUPED_MATMULS, resolve_impl
+from moekit.experts.grouped import grouped_matmul
 
 
 def activate(h_RH: Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
@@ -117,7 +117,7 @@ def grouped_experts_forward(
     per expert, w_in (E, 2F|F, D), w_out (E, D, F), b_in (E, 2F|F), b_out (E, D) -> y_RD (R, D).
     `Experts.forward` on its own weights; `OffloadedExperts` on the weights of each group of
     experts it fetched (E is then the group's size)."""
-    matmul = GROUPED_MATMULS[resolve_impl(cfg.expert_impl, x_RD, w_out)]
+    matmul = grouped_matmul(cfg.expert_impl, x_RD, w_out)
     h = matmul(x_RD, w_in, counts_E)
     if b_in is not None:
         h = h + torch.repeat_interleave(b_in, counts_E, dim=0, output_size=x_RD.shape[0])

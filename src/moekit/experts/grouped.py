@@ -109,6 +109,23 @@ GROUPED_MATMULS = {
 }
 
 
+# While torch.compile traces, the loops run eagerly, outside the graph. Traced, `counts_E.tolist()`
+# breaks the graph anyway, and the frame resumed after it guards on each expert's row count (0, 1
+# or more): a run recompiled as routing changed until Dynamo's recompile limit (8), warned and
+# ran the loop eagerly from then on. Inductor has nothing to fuse in a loop of GEMMs.
+_OUTSIDE_THE_GRAPH = {
+    name: torch.compiler.disable(fn) for name, fn in GROUPED_MATMULS.items() if name != "grouped_mm"
+}
+
+
+def grouped_matmul(impl: str, x_RI: Tensor, w_EOI: Tensor):
+    """The implementation `impl` ("auto" resolved by `resolve_impl`) for these operands."""
+    name = resolve_impl(impl, x_RI, w_EOI)
+    if torch.compiler.is_compiling() and name in _OUTSIDE_THE_GRAPH:
+        return _OUTSIDE_THE_GRAPH[name]
+    return GROUPED_MATMULS[name]
+
+
 def resolve_impl(impl: str, x_RI: Tensor, w_EOI: Tensor) -> str:
     """Turn "auto" into the fastest implementation that works for these operands."""
     if impl == "grouped_mm" and not grouped_mm_fits(x_RI, w_EOI):
