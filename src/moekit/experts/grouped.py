@@ -9,6 +9,7 @@ Three implementations of one contract, selected by `MoEConfig.expert_impl`:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -102,7 +103,9 @@ def grouped_mm_fits(x_RI: Tensor, w_EOI: Tensor) -> bool:
     return (w_EOI.shape[-1] * size) % 16 == 0 and (w_EOI.shape[-2] * size) % 16 == 0
 
 
-GROUPED_MATMULS = {
+GroupedMatmul = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_RI, w_EOI, counts_E) -> y_RO
+
+GROUPED_MATMULS: dict[str, GroupedMatmul] = {
     "grouped_mm": grouped_matmul_grouped_mm,
     "loop": grouped_matmul_loop,
     "reference": grouped_matmul_reference,
@@ -118,7 +121,7 @@ _OUTSIDE_THE_GRAPH = {
 }
 
 
-def grouped_matmul(impl: str, x_RI: Tensor, w_EOI: Tensor):
+def grouped_matmul(impl: str, x_RI: Tensor, w_EOI: Tensor) -> GroupedMatmul:
     """The implementation `impl` ("auto" resolved by `resolve_impl`) for these operands."""
     name = resolve_impl(impl, x_RI, w_EOI)
     if torch.compiler.is_compiling() and name in _OUTSIDE_THE_GRAPH:
