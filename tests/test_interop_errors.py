@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -131,6 +132,23 @@ def test_index_naming_a_missing_shard(mixtral_dir: Path, tmp_path: Path) -> None
         load_hf(tmp_path / "sharded")
 
 
+def test_a_folder_with_one_file_and_shards_loads_the_one_file_as_transformers_does(
+    mixtral_dir: Path, tmp_path: Path
+) -> None:
+    """transformers takes model.safetensors before the index; moekit took the shards, so such a
+    folder gave a model other than transformers'."""
+    model = load_hf(mixtral_dir)
+    folder = tmp_path / "both"
+    save_hf(model, folder, "mixtral", max_shard_size="60KB")
+    other = MoETransformer(model.cfg)  # other weights, in the one file
+    save_hf(other, tmp_path / "single", "mixtral")
+    shutil.copy(tmp_path / "single" / "model.safetensors", folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    loaded = load_hf(folder).state_dict()
+    for name, tensor in other.state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
 def test_no_weights_and_bin_weights_are_explained(mixtral_dir: Path, tmp_path: Path) -> None:
     folder = copy_of(mixtral_dir, tmp_path)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
@@ -180,6 +198,36 @@ def test_config_styles_rope_theta_top_level_or_in_rope_parameters() -> None:
     assert cfg.layer_types == ("sliding", "full") and cfg.attn_sinks
     with pytest.raises(CheckpointError, match="rope_type='llama3' is not supported"):
         rope_scaling({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "says"),
+    [
+        # the counts' values are ambiguous (4 heads, 4 groups): the names come from the architecture
+        ("deepseek_v3", {"n_routed_experts": 6, "n_group": 4},
+         "n_group (moekit's n_groups)=4 is invalid: must divide n_routed_experts (6)"),
+        # was a bare ZeroDivisionError
+        ("qwen2_moe", {"decoder_sparse_step": 0},
+         "decoder_sparse_step=0 is invalid: must be a positive count"),
+        # were read as full attention, whatever they said
+        ("gpt_oss", {"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
+         "'chunked_attention', 'full_attention'] is invalid: must give each of the "
+         "num_hidden_layers=3 layers one of ('full_attention', 'sliding_attention')"),
+        ("gpt_oss", {"layer_types": ["full_attention"]},
+         "layer_types=['full_attention'] is invalid"),
+    ],
+)  # fmt: skip
+def test_an_architectures_own_config_keys_are_named(case: str, change: dict, says: str) -> None:
+    hf = hf_config(case).to_dict() | change
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        hf_model_config(hf)
+
+
+def test_swish_is_silu_as_in_transformers(mixtral_dir: Path) -> None:
+    hf = json.loads((mixtral_dir / "config.json").read_text())
+    assert hf_model_config(hf | {"hidden_act": "swish"}) == hf_model_config(hf)
+    with pytest.raises(CheckpointError, match="hidden_act='gelu' is not supported"):
+        hf_model_config(hf | {"hidden_act": "gelu"})
 
 
 def test_old_style_config_loads_the_same_model(mixtral_dir: Path, tmp_path: Path) -> None:

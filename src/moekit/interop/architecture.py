@@ -9,12 +9,14 @@ the field.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.configs import BASE_DEFAULTS, HF, windows
 from moekit.interop.files import CheckpointError
 from moekit.interop.keymaps import KeyMap
+
+SILU = ("silu", "swish")  # transformers' ACT2FN: both are nn.SiLU
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Architecture:
     copies: {checkpoint key: checkpoint key it copies} for a model of this config: tensors the
         format stores twice and moekit once (DeepSeek-V3's MTP layer keeps its own embedding and
         head); load checks each copy equals its original, save writes it.
+    names: moekit's field -> this architecture's config.json key, for the fields it names its
+        own way (n_experts: num_local_experts, n_routed_experts ...): errors name the key.
     """
 
     model_type: str
@@ -45,6 +49,7 @@ class Architecture:
     keys: KeyMap
     reads_hidden_act: bool = True
     copies: Callable[[ModelConfig], dict[str, str]] = lambda cfg: {}
+    names: dict[str, str] = field(default_factory=dict)
 
     def model_config(self, hf: HF) -> ModelConfig:
         """The `ModelConfig` of a config.json of this architecture: its aliases renamed, and
@@ -54,7 +59,7 @@ class Architecture:
             if alias in hf and name not in hf:
                 hf[name] = hf.pop(alias)
         hf = {**BASE_DEFAULTS, **self.defaults, **hf}
-        if self.reads_hidden_act and hf["hidden_act"] != "silu":
+        if self.reads_hidden_act and hf["hidden_act"] not in SILU:
             raise CheckpointError(
                 f"{self.model_type}: hidden_act={hf['hidden_act']!r} is not supported "
                 "(moekit: 'silu')"

@@ -142,23 +142,23 @@ def common_to_hf(cfg: ModelConfig) -> HF:
     }
 
 
-def moe_from_hf(hf: HF, experts: str, width: str) -> HF:
-    """MoEConfig fields every architecture reads the same way; `experts` and `width` are its
-    names for the expert count and width."""
+def moe_from_hf(hf: HF, names: dict[str, str]) -> HF:
+    """MoEConfig fields every architecture reads the same way; `names` holds its config.json keys
+    for the expert count and width (n_experts, d_expert)."""
     return dict(
         d_model=hf["hidden_size"],
-        d_expert=hf[width],
-        n_experts=hf[experts],
+        d_expert=hf[names["d_expert"]],
+        n_experts=hf[names["n_experts"]],
         top_k=hf[HF_NAMES["top_k"]],
         aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
     )
 
 
-def moe_to_hf(moe: MoEConfig, experts: str, width: str) -> HF:
+def moe_to_hf(moe: MoEConfig, names: dict[str, str]) -> HF:
     """`moe_from_hf`'s entries, written."""
     return {
-        width: moe.d_expert,
-        experts: moe.n_experts,
+        names["d_expert"]: moe.d_expert,
+        names["n_experts"]: moe.n_experts,
         HF_NAMES["top_k"]: moe.top_k,
         "router_aux_loss_coef": moe.aux_loss_coef,
     }
@@ -179,7 +179,14 @@ def windows(cfg: ModelConfig) -> list[int | None]:
 
 
 def layer_windows_from_hf(hf: HF, types: list[str]) -> HF:
-    """ModelConfig's sliding_window and layer_types for HF per-layer attention types."""
+    """ModelConfig's sliding_window and layer_types for HF per-layer attention types (one per
+    layer, each "full_attention" or "sliding_attention"; none: no window)."""
+    known = ("full_attention", "sliding_attention")
+    if types and (len(types) != hf["num_hidden_layers"] or any(t not in known for t in types)):
+        raise ValueError(
+            f"layer_types={types!r} is invalid: must give each of the num_hidden_layers="
+            f"{hf['num_hidden_layers']} layers one of {known}"
+        )
     if "sliding_attention" not in types:
         return {"sliding_window": None, "layer_types": None}
     names = tuple("sliding" if t == "sliding_attention" else "full" for t in types)

@@ -51,15 +51,16 @@ class WeightInfo(NamedTuple):
 def find_weight_files(folder: Path) -> dict[str, WeightInfo]:
     """Map every tensor name of a checkpoint directory to the safetensors file holding it.
 
-    Uses model.safetensors.index.json when there is one (sharded checkpoints), else the single
-    model.safetensors. Every file's header is read and checked here, before any weight is.
+    The single model.safetensors where there is one, else the shards model.safetensors.index.json
+    lists: transformers' order, so a folder holding both loads the model transformers loads.
+    Every file's header is read and checked here, before any weight is.
     """
-    index = folder / INDEX_NAME
-    if index.is_file():
-        return _from_index(folder, index)
     single = folder / SINGLE_NAME
     if single.is_file():
         return {k: WeightInfo(single, *v) for k, v in read_header(single).items()}
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return _from_index(folder, index)
     found = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
     hint = f" (found {found}: PyTorch .bin checkpoints are not read; convert them)" if found else ""
     raise CheckpointError(f"{folder} has neither {SINGLE_NAME} nor {INDEX_NAME}{hint}")

@@ -89,7 +89,8 @@ def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
         needs = f"which {arch.model_type} needs"
         raise CheckpointError(f"{source} has no {err.args[0]!r}, {needs}") from None
     except ValueError as err:  # the config's rules: a value moekit cannot take
-        raise CheckpointError(f"{source}: {_in_hf_terms(str(err), hf)}") from None
+        names = {**HF_NAMES, **arch.names}
+        raise CheckpointError(f"{source}: {_in_hf_terms(str(err), hf, names)}") from None
 
 
 def read_hf_model_config(folder: str | Path) -> ModelConfig:
@@ -98,20 +99,26 @@ def read_hf_model_config(folder: str | Path) -> ModelConfig:
     return hf_model_config(read_hf_config(folder), Path(folder) / "config.json")
 
 
-def _in_hf_terms(message: str, hf: HF) -> str:
+def _in_hf_terms(message: str, hf: HF, names: dict[str, str]) -> str:
     """ "moe.top_k=10 is invalid..." -> "num_experts_per_tok (moekit's moe.top_k)=10 is ...": the
-    config.json key of HF_NAMES, or else the one key of `hf` holding the value named (not None)."""
+    config.json key `names` gives, or else the one key of `hf` holding the value named (not
+    None); other fields the message names with their value ("n_experts (6)") by their key too."""
     field = re.match(r"((?:moe\.)?(\w+))=(\S+) ", message)
     if field is None:
         return message
-    name = HF_NAMES.get(field.group(2))
+    name = names.get(field.group(2))
     if name is None and field.group(3) != "None":  # (None is every unset key's value)
         keys = [k for k, v in hf.items() if repr(v) == field.group(3)]
         name = keys[0] if len(keys) == 1 else None
+    rest = re.sub(
+        r"\b(?:moe\.)?(\w+) \(",
+        lambda m: f"{names.get(m.group(1), m.group(0)[:-2])} (",
+        message[field.end(1) :],
+    )
     if name is None:
-        return message
+        return message[: field.end(1)] + rest
     ours = "" if name == field.group(1) else f" (moekit's {field.group(1)})"
-    return f"{name}{ours}{message[field.end(1) :]}"
+    return f"{name}{ours}{rest}"
 
 
 def load_hf(
@@ -227,7 +234,9 @@ def save_hf(
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint of architecture `arch` into directory `path`,
     which `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected
-    keys, and `load_hf` reads back.
+    keys (but a DeepSeek-V3 MTP layer's: transformers has no MTP module and quietly skips only
+    layer 61's, the published model's, so other depths' are reported unexpected), and `load_hf`
+    reads back.
 
     layout: "per_expert" (the hub's `experts.{e}.*` keys, as transformers' save_pretrained writes)
         or "fused" (transformers 5's `experts.gate_up_proj` / `down_proj`); GPT-OSS has only one.

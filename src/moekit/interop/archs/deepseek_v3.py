@@ -26,11 +26,21 @@ from moekit.interop.keymaps import (
 SCORING = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 
 
+# moekit's fields -> this architecture's config.json keys, where it names them its own way
+NAMES = {
+    "n_experts": "n_routed_experts",
+    "d_expert": "moe_intermediate_size",
+    "n_groups": "n_group",
+    "topk_groups": "topk_group",
+    "routed_scaling": "routed_scaling_factor",
+}
+
+
 def from_hf(hf: HF) -> ModelConfig:
     for key, value in SCORING.items():
         if hf[key] != value:
             raise ValueError(f"{key}={hf[key]!r}: deepseek_v3 routes with {key}={value!r} only")
-    routed = moe_from_hf(hf, "n_routed_experts", "moe_intermediate_size")
+    routed = moe_from_hf(hf, NAMES)
     routed["aux_loss_coef"] = 0.0  # auxiliary-loss-free: the correction bias balances instead
     moe = MoEConfig(
         **routed,
@@ -125,6 +135,7 @@ def mtp_copies(cfg: ModelConfig) -> dict[str, str]:
 
 
 DEEPSEEK_V3 = Architecture(
+    names=NAMES,
     model_type="deepseek_v3",
     class_name="DeepseekV3ForCausalLM",
     defaults={

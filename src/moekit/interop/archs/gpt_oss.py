@@ -16,6 +16,9 @@ from moekit.interop.configs import (
 )
 from moekit.interop.keymaps import LAYER, MLP, Source, attention_keys, common_keys
 
+# moekit's fields -> this architecture's config.json keys, where it names them its own way
+NAMES = {"n_experts": "num_local_experts", "d_expert": "intermediate_size"}
+
 
 def from_hf(hf: HF) -> ModelConfig:
     n = hf["num_hidden_layers"]
@@ -23,7 +26,7 @@ def from_hf(hf: HF) -> ModelConfig:
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)
     ]
     moe = MoEConfig(
-        **moe_from_hf(hf, "num_local_experts", "intermediate_size"),
+        **moe_from_hf(hf, NAMES),
         activation="clamped_swiglu",
         swiglu_alpha=float(hf["swiglu_alpha"]),
         swiglu_limit=float(hf["swiglu_limit"]),
@@ -42,7 +45,7 @@ def from_hf(hf: HF) -> ModelConfig:
 def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
-        **moe_to_hf(moe, "num_local_experts", "intermediate_size"),
+        **moe_to_hf(moe, NAMES),
         "swiglu_alpha": moe.swiglu_alpha,
         "swiglu_limit": moe.swiglu_limit,
         "attention_bias": cfg.attn_bias is True,
@@ -51,6 +54,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
 
 
 GPT_OSS = Architecture(
+    names=NAMES,
     model_type="gpt_oss",
     class_name="GptOssForCausalLM",
     defaults={

@@ -17,20 +17,25 @@ from moekit.interop.keymaps import LAYER, MLP, Source, attention_keys, common_ke
 HUB = LAYER + "block_sparse_moe."  # the hub's prefix of the router and experts
 
 
+# moekit's fields -> this architecture's config.json keys, where it names them its own way
+NAMES = {"n_experts": "num_local_experts", "d_expert": "intermediate_size"}
+
+
 def from_hf(hf: HF) -> ModelConfig:
-    moe = MoEConfig(**moe_from_hf(hf, "num_local_experts", "intermediate_size"))
+    moe = MoEConfig(**moe_from_hf(hf, NAMES))
     return ModelConfig(**common_from_hf(hf), moe=moe, sliding_window=hf["sliding_window"])
 
 
 def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
-        **moe_to_hf(moe, "num_local_experts", "intermediate_size"),
+        **moe_to_hf(moe, NAMES),
         "sliding_window": one_window(cfg),
     }
 
 
 MIXTRAL = Architecture(
+    names=NAMES,
     model_type="mixtral",
     class_name="MixtralForCausalLM",
     defaults={

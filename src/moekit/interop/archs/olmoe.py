@@ -15,10 +15,13 @@ from moekit.interop.configs import (
 )
 from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
+# moekit's fields -> this architecture's config.json keys, where it names them its own way
+NAMES = {"n_experts": "num_experts", "d_expert": "intermediate_size"}
+
 
 def from_hf(hf: HF) -> ModelConfig:
     moe = MoEConfig(
-        **moe_from_hf(hf, "num_experts", "intermediate_size"),
+        **moe_from_hf(hf, NAMES),
         normalize=bool(hf["norm_topk_prob"]),
     )
     common = common_from_hf(hf) | {"head_dim": derived_head_dim(hf)}  # OLMoE reads no head_dim
@@ -36,7 +39,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     del out["head_dim"]
     return {
         **out,
-        **moe_to_hf(moe, "num_experts", "intermediate_size"),
+        **moe_to_hf(moe, NAMES),
         "norm_topk_prob": moe.normalize,
         "attention_bias": cfg.attn_bias is True,
         "clip_qkv": cfg.clip_qkv,
@@ -44,6 +47,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
 
 
 OLMOE = Architecture(
+    names=NAMES,
     model_type="olmoe",
     class_name="OlmoeForCausalLM",
     defaults={

@@ -24,10 +24,15 @@ from moekit.interop.keymaps import (
     shared_expert_keys,
 )
 
+# moekit's fields -> this architecture's config.json keys, where it names them its own way
+NAMES = {"n_experts": "num_experts", "d_expert": "moe_intermediate_size"}
+
 
 def moe_layers_from_hf(hf: HF) -> tuple[int, ...] | str:
     """Qwen's MoE layers: (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers."""
     step, dense = hf["decoder_sparse_step"], set(hf["mlp_only_layers"] or [])
+    if type(step) is not int or step < 1:
+        raise ValueError(f"decoder_sparse_step={step!r} is invalid: must be a positive count")
     layers = [i for i in range(hf["num_hidden_layers"]) if (i + 1) % step == 0 and i not in dense]
     return "all" if len(layers) == hf["num_hidden_layers"] else tuple(layers)
 
@@ -47,7 +52,7 @@ def from_hf(hf: HF) -> ModelConfig:
     moe = None
     if hf["num_experts"] > 0:
         moe = MoEConfig(
-            **moe_from_hf(hf, "num_experts", "moe_intermediate_size"),
+            **moe_from_hf(hf, NAMES),
             normalize=bool(hf["norm_topk_prob"]),
             n_shared_experts=1,
             d_shared=hf["shared_expert_intermediate_size"],
@@ -78,7 +83,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
         **moe_layers_to_hf(cfg),
-        **moe_to_hf(moe, "num_experts", "moe_intermediate_size"),
+        **moe_to_hf(moe, NAMES),
         "norm_topk_prob": moe.normalize,
         "shared_expert_intermediate_size": moe.shared_width,
         "qkv_bias": cfg.attn_bias == "qkv",
@@ -89,6 +94,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
 
 
 QWEN2_MOE = Architecture(
+    names=NAMES,
     model_type="qwen2_moe",
     class_name="Qwen2MoeForCausalLM",
     defaults={
