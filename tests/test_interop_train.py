@@ -102,6 +102,41 @@ def test_a_converted_run_fine_tunes_with_its_own_tokenizer(run_dir, tmp_path) ->
     assert not torch.equal(tuned.embed.weight, original.embed.weight)  # it trained
 
 
+def test_a_converted_run_fine_tunes_with_parts_frozen_resumed_or_as_a_new_run(
+    run_dir, tmp_path, capsys
+) -> None:
+    """The README's fine-tuning, with --train.freeze: resuming the converted run (its step 0 has
+    no optimizer state: the checkpoint's, for every parameter, was refused as "does not fit this
+    run"), or a new run from its weights (--train.init_from; tokenizer "run" took the new run's
+    folder, which has no tokenizer.json). Once a run has trained, its frozen parts stay."""
+    hf, back = tmp_path / "hf", tmp_path / "run"
+    assert main(["convert", "--to-hf", str(run_dir), "--arch", "mixtral", "--out", str(hf)]) == 0
+    assert main(["convert", "--from-hf", str(hf), "--out", str(back)]) == 0
+    _, imported, _ = load_run(back)
+    common = ["--train.steps=2", "--train.progress=false", "--train.tensorboard=false",
+              f"--train.data.source={JSON_PACKAGE}", f"--train.data.cache_dir={tmp_path / 'cache'}",
+              "--train.freeze=experts"]  # fmt: skip
+    new = tmp_path / "new"
+    init = [str(back / "config.json"), f"--train.init_from={back}", f"--out={new}"]
+    for args in (["--resume", str(back)], init):
+        assert main(["train", *args, *common]) == 0
+        _, tuned, checkpoint = load_run(new if args is init else back)
+        assert checkpoint.name == "step-000002"
+        trained = dict(tuned.named_parameters())
+        for name, weight in imported.named_parameters():
+            assert torch.equal(trained[name], weight) == (".experts." in name), name
+    assert (new / "tokenizer.json").read_bytes() == (back / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    config = (back / "config.json").read_text()
+    resume = ["train", "--resume", str(back), *common[1:-1], "--train.steps=4"]
+    assert main([*resume, "--train.freeze=router"]) == 2
+    err = capsys.readouterr().err
+    assert "train.freeze=['router'] freezes other parts than" in err, err
+    assert "(['experts']), whose optimizer state" in err, err
+    assert f"--train.init_from={back}" in err
+    assert (back / "config.json").read_text() == config  # nothing written
+
+
 def test_a_converted_run_whose_end_token_is_not_moekits_generates_and_fine_tunes(
     run_dir, tmp_path
 ) -> None:

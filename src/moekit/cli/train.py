@@ -17,10 +17,10 @@ from moekit.overrides import apply_overrides, split_override, touches
 from moekit.train import TrainResult, train
 from moekit.train.device import training_device
 from moekit.train.init_from import RESUME_MAY_CHANGE, describe_changes, model_changes
-from moekit.train.loop import wants_processes
 from moekit.train.report import loss_text
 from moekit.train.run_dir import check_run_dir
 from moekit.train.sample import read_run_config
+from moekit.train.world import wants_processes
 
 
 def configure(p: argparse.ArgumentParser) -> None:

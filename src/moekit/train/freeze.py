@@ -7,10 +7,13 @@ model, which is how a model that lacks one gains one)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from moekit.config import FREEZE_PARTS
+from moekit.train.sample import read_run_config
 
 # Each part: the module names (a component of a parameter's dotted name) it covers.
 PARTS = {
@@ -68,3 +71,26 @@ def trainable_table(model: nn.Module) -> str:
 
 
 assert (*PARTS, *MODULES) == FREEZE_PARTS  # the config validates the same names
+
+
+def optimizer_state_to_restore(
+    run_dir: Path, parts: Sequence[str], optimizer_sd: dict[str, Any], step: int
+) -> dict[str, Any] | None:
+    """A resumed checkpoint's optimizer state, or None where it holds none (no optimizer step yet:
+    a converted or upcycled run's step 0), which leaves `train.freeze` free to change. Once the
+    run has trained, its state is for the parameters it trained: ValueError, saying what to do,
+    if `parts` are not the frozen parts its config.json records."""
+    if not optimizer_sd["state"]:
+        return None
+    recorded = (
+        read_run_config(run_dir).train.freeze if (run_dir / "config.json").is_file() else parts
+    )
+    if set(recorded) != set(parts):
+        raise ValueError(
+            f"train.freeze={list(parts)} freezes other parts than {run_dir} trained with to step "
+            f"{step} ({list(recorded)}), whose optimizer state is for the parameters it trained: "
+            f"resume with train.freeze={list(recorded)}, or start a new run from its weights: "
+            f"moekit train {run_dir / 'config.json'} --train.init_from={run_dir} "
+            f"--train.freeze={','.join(parts) or '[]'} --out NEW_RUN"
+        )
+    return optimizer_sd

@@ -57,6 +57,15 @@ def init_source(source: str | Path, ours: ModelConfig) -> tuple[RunConfig, Path]
     return cfg, checkpoint
 
 
+def tokenizer_dir(run_dir: Path, tokenizer: str, source: tuple[RunConfig, Path] | None) -> Path:
+    """Where train.data.tokenizer "run" reads tokenizer.json: the run's folder, or, for a new run
+    from `source`'s weights (`init_source`) whose folder holds none, the source run's: the ids
+    its weights were trained on (the new run keeps a copy)."""
+    if source is None or tokenizer != "run" or (run_dir / "tokenizer.json").is_file():
+        return run_dir
+    return source[1].parent.parent
+
+
 def initialize_from(
     source: tuple[RunConfig, Path], model: MoETransformer, tokenizer: Tokenizer
 ) -> str:

@@ -4,7 +4,6 @@ directory (config.json, tokenizer.json, metrics.jsonl, checkpoints/, report.md a
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -29,14 +28,14 @@ from moekit.train.checkpoint import (
     save_checkpoint,
 )
 from moekit.train.device import training_device
-from moekit.train.freeze import freeze, trainable_table
-from moekit.train.init_from import init_source, initialize_from
+from moekit.train.freeze import freeze, optimizer_state_to_restore, trainable_table
+from moekit.train.init_from import init_source, initialize_from, tokenizer_dir
 from moekit.train.interrupt import StopOnInterrupt
 from moekit.train.metrics import Interval, LayerFigures, MetricsLog, add_layers
 from moekit.train.optim import build_optimizer, lr_at, set_lr
 from moekit.train.report import write_report
 from moekit.train.run_dir import check_run_dir, with_run_tokenizer
-from moekit.train.world import Parallelism, World
+from moekit.train.world import Parallelism, World, wants_processes
 
 EVAL_SEED = 1234  # the validation windows: the same in every evaluation and every run
 
@@ -102,12 +101,6 @@ def train(
     return result
 
 
-def wants_processes(cfg: RunConfig) -> bool:
-    """Whether a run is meant for several processes: launched by torchrun with more than one,
-    or asking for expert or data parallelism."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.min_world_size() > 1
-
-
 class Trainer:
     """The state of one training run; `run()` trains until the last step or a Ctrl-C. On several
     processes every process runs it; `world` and `parallelism` say how they share the work."""
@@ -130,6 +123,7 @@ class Trainer:
         checkpoint = check_run_dir(run_dir, resume, t.steps, tokenizer=t.data.tokenizer)
         fresh = checkpoint is None and t.init_from is not None
         source = init_source(t.init_from, cfg.model) if fresh else None  # before the data
+        self.tokenizer_dir = tokenizer_dir(run_dir, t.data.tokenizer, source)
         cfg, self.keeps_tokenizer = with_run_tokenizer(run_dir, cfg, checkpoint is not None)
         self.cfg, t = cfg, cfg.train
         self.data = self._prepare_data()
@@ -173,7 +167,8 @@ class Trainer:
             self.metrics: MetricsLog | None = None
             return
         make_dirs(self.run_dir)  # only now: a run refused earlier leaves no folder behind
-        if self.cfg.train.data.tokenizer != "run" and not self.keeps_tokenizer:  # else read there
+        read_here = self.cfg.train.data.tokenizer == "run" and self.tokenizer_dir == self.run_dir
+        if not (read_here or self.keeps_tokenizer):
             with atomic_path(self.run_dir / "tokenizer.json") as tmp:
                 self.data.tokenizer.save(str(tmp))
         self.metrics = MetricsLog(
@@ -196,7 +191,7 @@ class Trainer:
         data_cfg = t.data
         if self.keeps_tokenizer:  # the run's own tokenizer.json
             data_cfg = t.data.replace(tokenizer="run", vocab_size=None)
-        data = prepare_data(data_cfg, self.cfg.token_vocab_size, self.talks, self.run_dir)
+        data = prepare_data(data_cfg, self.cfg.token_vocab_size, self.talks, self.tokenizer_dir)
         if data.tokenizer.get_vocab_size() > self.cfg.model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={self.cfg.model.vocab_size} is too small for the tokenizer's "
@@ -209,9 +204,9 @@ class Trainer:
         )
         return data
 
-    def _restore(self, checkpoint: Path) -> dict[str, Any]:
+    def _restore(self, checkpoint: Path) -> dict[str, Any] | None:
         """Weights, RNG, sampler and step from `checkpoint`; returns its optimizer state (of the
-        whole model), loaded once the optimizer is built."""
+        whole model; None before any step), loaded once the optimizer is built."""
         load_weights(checkpoint, self.model)
         state, optimizer_sd = read_training_state(checkpoint)
         with restoring(checkpoint, "state.safetensors", "RNG or sampler state"):
@@ -221,7 +216,8 @@ class Trainer:
             torch.cuda.set_rng_state(state.cuda_rng)
         self.step, self.tokens, self.saved_step = state.step, state.tokens, state.step
         self._say(f"resumed from {checkpoint} (step {self.step})")
-        return optimizer_sd
+        freeze = self.cfg.train.freeze
+        return optimizer_state_to_restore(self.run_dir, freeze, optimizer_sd, self.step)
 
     def run(self) -> TrainResult:
         """Train until the last step, or until Ctrl-C; then `finish()`."""

@@ -10,10 +10,13 @@ torch.distributed and there is one training loop.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from moekit.config import RunConfig
 
 
 class World:
@@ -66,3 +69,9 @@ class Parallelism:
 
     def before_step(self, seed: int, step: int) -> None:
         """Called before each optimizer step (e.g. to seed this process's router noise)."""
+
+
+def wants_processes(cfg: RunConfig) -> bool:
+    """Whether a run is meant for several processes: launched by torchrun with more than one,
+    or asking for expert or data parallelism."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.min_world_size() > 1
