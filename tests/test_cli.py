@@ -207,6 +207,13 @@ def test_the_settings_help_lists_are_overrides_that_give_the_defaults(capsys) ->
         main(["cache-sim", "-h"])
     printed = " ".join(capsys.readouterr().out.split())  # argparse wraps it at the width
     assert "defaults: --budget=100%,50%,25% --policy=lru,lfu,static" in printed
+    # the run commands list a preset's (they printed only "--a.b=value, e.g. --train.lr=3e-4")
+    for command, preset in (("train", "small"), ("params", "small"), ("demo", "demo")):
+        with pytest.raises(SystemExit):
+            main([command, "-h"])
+        printed = " ".join(capsys.readouterr().out.split())
+        listed = " ".join(flat_overrides(RunConfig.preset(preset).to_dict()))
+        assert f"the '{preset}' preset's values" in printed and listed in printed, command
 
 
 DOCS = ("README.md", "benchmarks/README.md")

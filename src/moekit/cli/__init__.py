@@ -64,14 +64,17 @@ FAILURES = (TrainingDiverged, DistributedFailure, SideBySideFailed)
 NUL = "\0"  # in no argument: argv strings are C strings
 COMMAND_OPTIONS: dict[str, list[str]] = {}  # each command's option strings (build_parser)
 OVERRIDE = re.compile(r"--[\w.]+=")  # and --out=DIR: what argparse keeps gets its spaces back
-EPILOG = "Config overrides: --a.b=value, e.g. --train.lr=3e-4 --model.moe.top_k=1"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        epilog = EPILOG if cmd.overrides else None
+        epilog = None
+        if cmd.overrides:
+            epilog = f"Settings, as overrides with the {cmd.preset!r} preset's values (a preset or "
+            epilog += "config JSON gives its own): "
+            epilog += " ".join(flat_overrides(RunConfig.preset(cmd.preset).to_dict()))
         if cmd.config is not None:
             epilog = "Settings, as overrides with their defaults: "
             epilog += " ".join(flat_overrides(cmd.config().to_dict()))

@@ -77,6 +77,7 @@ class Command:
     overrides: bool = False
     trains: bool = False
     config: type[ConfigBase] | None = None  # its settings (CONFIG.json), when not a RunConfig
+    preset: str = DEFAULT_PRESET  # the RunConfig preset whose settings -h lists (`overrides`)
 
 
 def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:

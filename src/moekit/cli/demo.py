@@ -121,4 +121,4 @@ def clear_previous_demo(out: Path) -> None:
 
 COMMAND = Command("demo", f"train the `{DEMO_PRESET}` MoE and its dense twin side by side for a "
                   "few minutes, compare them, then sample from the MoE", configure, run,
-                  overrides=True, trains=True)  # fmt: skip
+                  overrides=True, preset=DEMO_PRESET, trains=True)  # fmt: skip

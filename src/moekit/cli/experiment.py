@@ -49,4 +49,5 @@ def run(args: argparse.Namespace) -> None:
 
 
 COMMAND = Command("experiment", "train a paper's arms side by side and report the measured "
-                  "direction", configure, run, overrides=True, trains=True)  # fmt: skip
+                  "direction", configure, run, overrides=True, preset="experiment",
+                  trains=True)  # fmt: skip
