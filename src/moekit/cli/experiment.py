@@ -20,8 +20,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--preset",
         default="experiment",
         help="base run preset (or config JSON) of every arm (default experiment: each experiment "
-        "takes about 9 minutes on 2 CPU cores, with its own train.steps); scale up with another "
-        "preset (e.g. small) or overrides such as --train.steps=2000 --model.n_layers=8",
+        "takes 9-12 minutes on 2 idle CPU cores, by its arms' CPU time, with its own train.steps); "
+        "scale up with another preset (e.g. small) or overrides such as --train.steps=2000 "
+        "--model.n_layers=8",
     )
     p.add_argument("--seeds", type=positive_int, default=1, help="repeat each arm with N seeds")
     p.add_argument("--out", help="report folder (default runs/experiments/NAME); runs in OUT/arms")

@@ -21,8 +21,8 @@ class Experiment:
     """Arms, the paper's prediction, and the checks of its direction: for each (metric, better,
     worse), the paper expects metric(better) < metric(worse); metrics are the report's columns.
     `steps`: train.steps of each arm at the default base run (`RunConfig.preset("experiment")`):
-    about 20 tokens per active parameter, in 10-15 minutes on 2 CPU cores with the arms side by
-    side."""
+    about 20 tokens per active parameter, in 9-12 minutes on 2 idle CPU cores with the arms side
+    by side (estimated from the arms' CPU time: benchmarks/README.md)."""
 
     name: str
     prediction: str
