@@ -80,6 +80,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    # one process prints the config and the result (each printed them)
+    assert done.stdout.count("resolved config:") == done.stdout.count("report: ") == 1, done.stdout
     return {"single": tmp / "single", "ep2": tmp / "ep2", "tmp": tmp}
 
 

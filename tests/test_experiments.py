@@ -141,7 +141,7 @@ def test_each_report_has_the_issues_columns_plots_and_checks(name: str, tmp_path
     assert "load average" in report and "Unigram baseline" in report
 
 
-def test_an_experiment_trains_its_arms_with_paired_seeds(tmp_path: Path, monkeypatch):
+def test_an_experiment_trains_its_arms_with_paired_seeds(tmp_path: Path, monkeypatch, capsys):
     source = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
     data = DataConfig(source=source, tokenizer="bytes", cache_dir=str(tmp_path / "cache"))
     t = TrainConfig(steps=2, batch_size=2, seq_len=32, warmup_steps=1, log_every=1,
@@ -152,6 +152,7 @@ def test_an_experiment_trains_its_arms_with_paired_seeds(tmp_path: Path, monkeyp
                           (("val_loss", "hash", "dense"),))  # fmt: skip
     monkeypatch.setitem(EXPERIMENTS, "moe-vs-dense", two_arms)
     report = run_experiment("moe-vs-dense", base, tmp_path / "exp", seeds=2).read_text()
+    assert "side by side" not in capsys.readouterr().err  # train.progress=False: no bar at all
     assert "| dense |" in report and "| hash |" in report
     assert "Measured: val_loss(dense) - val_loss(hash)" in report and "(per seed: " in report
     assert (tmp_path / "exp/arms/dense/seed-1/metrics.jsonl").is_file()

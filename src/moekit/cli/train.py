@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,15 +46,18 @@ def run(args: argparse.Namespace) -> None:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))
     training_device(cfg.train.device)  # before the config is printed and the run begins
-    print_config(cfg)
+    talks = os.environ.get("RANK", "0") == "0"  # under torchrun, one process prints
+    if talks:
+        print_config(cfg)
     t = cfg.train
-    if t.warmup_steps > t.steps:
+    if talks and t.warmup_steps > t.steps:
         print(f"note: train.warmup_steps={t.warmup_steps} outlasts the run (train.steps="
               f"{t.steps}): the learning rate never reaches train.lr={t.lr:g}",
               file=sys.stderr)  # fmt: skip
     trainer = train_distributed if wants_processes(cfg) else train  # torchrun, or parallel.ep/dp
     result = trainer(cfg, run_dir, resume=args.resume is not None)
-    print_result(result)
+    if talks:
+        print_result(result)
     if result.interrupted:  # saved, but not trained to its end: exit 130, as an interrupt does
         raise KeyboardInterrupt
 

@@ -103,7 +103,8 @@ def run_experiment(
     shown, arms = _base_and_designs(name, base, overrides or [])  # sized on the user's base
     overrides = [*exp.settings, *(overrides or [])]
     setup = data_facts(shown)
-    per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results))
+    bar = shown.train.progress  # --train.progress=false: no bar over the arms' steps either
+    per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results, bar))
     results = {arm: [runs[arm] for runs in per_seed] for arm in arms}
     add_loss_at_equal_time(results)
     machine["loadavg_end"] = list(os.getloadavg())

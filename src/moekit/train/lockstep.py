@@ -66,11 +66,13 @@ def design_configs(base: RunConfig, designs: Mapping[str, Sequence[str]]) -> dic
 def train_designs(
     configs: Mapping[str, RunConfig], seeds: int = 1, out: Path | None = None,
     parallel: bool = False, summarise: Callable[[Path, RunConfig, bool], Any] | None = None,
+    progress: bool = True,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Train the designs side by side once per seed, train.seed + 0..seeds-1 (one seed: the same
     initial RNG and batch order for all), in lockstep or with `parallel` a process each, where a
-    diverged run ends alone (`run_in_parallel`); the runs are out/NAME/seed-N, or temporary.
-    Yields each seed's {name: summarise(run_dir, config, diverged)}, by default `run_summary`."""
+    diverged run ends alone (`run_in_parallel`); the runs are out/NAME/seed-N, or temporary;
+    `progress`: a bar over the runs' steps. Yields each seed's {name: summarise(run_dir, config,
+    diverged)}, by default `run_summary`."""
     summarise = summarise or (lambda run_dir, cfg, _: run_summary(run_dir, cfg))
     for s in range(seeds):
         seeded = {name: cfg.replace(train=cfg.train.replace(seed=cfg.train.seed + s))
@@ -78,9 +80,9 @@ def train_designs(
         with tempfile.TemporaryDirectory() as work:
             dirs = {name: Path(out or work) / name / f"seed-{s}" for name in configs}
             if parallel:
-                diverged = run_in_parallel(seeded, dirs, divergence_ends_a_run=True)
+                diverged = run_in_parallel(seeded, dirs, progress, divergence_ends_a_run=True)
             else:
-                train_in_lockstep(seeded, dirs)
+                train_in_lockstep(seeded, dirs, progress)
                 diverged = set()
             yield {n: summarise(dirs[n], cfg, n in diverged) for n, cfg in seeded.items()}
 
