@@ -843,6 +843,9 @@ def llamacpp_section(
         formats[f"llamacpp_{fmt}"]["file_bytes"] = path.stat().st_size
     shutil.rmtree(work)  # read into memory: the files are no longer needed
     huge_pages = {f"llamacpp_{fmt}": e.huge_page_bytes for fmt, e in engines.items()}
+    not_collapsed = {
+        f"llamacpp_{f}": e.huge_page_failures for f, e in engines.items() if e.huge_page_failures
+    }
     huge_pages["moekit"] = use_huge_pages(model.parameters())
     ours = moekit_contenders(model)
     for name, m in ours[1:]:  # the quantized copies' stored tensors too, as llama.cpp's are
@@ -964,6 +967,7 @@ def llamacpp_section(
             "step after the prompt instead of the argmax (the argmax is still computed); greedy "
             "with random weights repeats a token and so re-reads the same experts",
             "huge_page_bytes": huge_pages,
+            "huge_page_failures": not_collapsed,  # llama.cpp's buffers MADV_COLLAPSE refused
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "moekit_quantized_kernel_body": kernels.path(),
             "moekit_step_in_one_call": {

@@ -30,6 +30,7 @@ Benchmark-only: llama-cpp-python and gguf are the `bench` optional dependencies,
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -262,23 +263,28 @@ def anonymous_mappings() -> set[tuple[int, int]]:
     return out
 
 
-def collapse_new_mappings(before: set[tuple[int, int]]) -> int:
+def collapse_new_mappings(before: set[tuple[int, int]]) -> tuple[int, list[str]]:
     """Back the anonymous mappings made since `before` (llama.cpp's weight buffers, loaded
     without mmap) with 2 MiB pages: MADV_HUGEPAGE then MADV_COLLAPSE over their whole 2 MiB
-    pages, as moekit.cpu_memory.use_huge_pages does for tensors. Returns the bytes collapsed."""
+    pages, as moekit.cpu_memory.use_huge_pages does for tensors. Returns the bytes collapsed,
+    and for each mapping not collapsed its size and the error ("512 MB: EAGAIN")."""
     from moekit.cpu_memory import HUGE_PAGE, MADV_COLLAPSE, MADV_HUGEPAGE
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    collapsed = 0
+    collapsed, failed = 0, []
     for begin, end in anonymous_mappings() - before:
         start, stop = -(-begin // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
         if stop - start < HUGE_PAGE:
             continue
-        advised = libc.madvise(start, stop - start, MADV_HUGEPAGE) == 0
-        if advised and libc.madvise(start, stop - start, MADV_COLLAPSE) == 0:
+        ok = all(libc.madvise(start, stop - start, a) == 0 for a in (MADV_HUGEPAGE, MADV_COLLAPSE))
+        if ok:
             collapsed += stop - start
-    return collapsed
+        else:
+            failed.append(
+                f"{(stop - start) / 1e6:.0f} MB: {errno.errorcode.get(ctypes.get_errno())}"
+            )
+    return collapsed, failed
 
 
 # --- Decoding through llama-cpp-python's low-level API -----------------------------------------
@@ -344,7 +350,9 @@ class LlamaCppDecoder:
         self.model = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
-        self.huge_page_bytes = 0 if mmap else collapse_new_mappings(before)
+        self.huge_page_bytes, self.huge_page_failures = (
+            (0, []) if mmap else collapse_new_mappings(before)
+        )
         self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.contexts: dict[int, tuple] = {}
         self.forced: torch.Tensor | None = None
