@@ -102,8 +102,7 @@ def run_experiment(
     machine = machine_info()
     shown, arms = _base_and_designs(name, base, overrides or [])  # sized on the user's base
     overrides = [*exp.settings, *(overrides or [])]
-    setup = data_facts(shown)
-    bar = shown.train.progress  # --train.progress=false: no bar over the arms' steps either
+    setup, bar = data_facts(shown), shown.train.progress  # (false: no bar over the arms either)
     per_seed = list(train_designs(arms, seeds, out_dir / ARMS_DIR, True, arm_results, bar))
     results = {arm: [runs[arm] for runs in per_seed] for arm in arms}
     add_loss_at_equal_time(results)
