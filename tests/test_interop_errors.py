@@ -284,9 +284,19 @@ def test_existing_directory_is_kept_unless_overwrite(mixtral_dir: Path, tmp_path
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_hf(model, out, "mixtral")
+    # overwrite replaces a checkpoint only: it deleted any folder (a run, these notes)
+    with pytest.raises(FileExistsError, match="is not a Hugging Face checkpoint"):
+        save_hf(model, out, "mixtral", overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
-    save_hf(model, out, "mixtral", overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    run = tmp_path / "run"
+    shutil.copytree(out, run / "checkpoints" / "step-000001")
+    (run / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="no checkpoints/"):
+        save_hf(model, run, "mixtral", overwrite=True)
+    (out / "notes.txt").unlink()
+    save_hf(model, out, "mixtral")
+    save_hf(model, out, "mixtral", overwrite=True, dtype="bfloat16")
+    assert load_hf(out).embed.weight.dtype == torch.bfloat16
 
 
 def test_failed_write_leaves_nothing_behind(mixtral_dir: Path, tmp_path: Path, monkeypatch):

@@ -28,6 +28,8 @@ from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF, HF_NAMES
 from moekit.interop.files import (
+    INDEX_NAME,
+    SINGLE_NAME,
     WEIGHT_DTYPES,
     CheckpointError,
     find_weight_files,
@@ -213,10 +215,21 @@ def resolve_dtype(dtype: torch.dtype | str | None, hf: HF) -> torch.dtype:
 
 def check_hf_out(path: str | Path, overwrite: bool, flag: str = "overwrite=True") -> None:
     """What `save_hf` refuses to write into: a non-empty directory `path` unless `overwrite` (the
-    remedy names `flag`, the command line's --overwrite, say)."""
+    remedy names `flag`, the command line's --overwrite, say), and even then one that is not a
+    Hugging Face checkpoint (config.json beside its weights, no run's checkpoints/): replacing a
+    run, or a folder of other files, would delete them."""
     path = Path(path)
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    if not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass {flag} to replace it")
+    weights = any((path / name).is_file() for name in (SINGLE_NAME, INDEX_NAME))
+    if not ((path / "config.json").is_file() and weights) or (path / CHECKPOINT_DIR).exists():
+        raise FileExistsError(
+            f"{path} is not a Hugging Face checkpoint (config.json beside model.safetensors or "
+            f"its index, and no {CHECKPOINT_DIR}/), and {flag} replaces only one: choose another "
+            "--out, or empty it yourself"
+        )
 
 
 def save_hf(
