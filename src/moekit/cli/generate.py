@@ -19,7 +19,7 @@ from moekit.config import GenerateConfig, OffloadConfig
 from moekit.cpu_memory import use_huge_pages
 from moekit.inference.budget import BUDGET_FORMS, check_budget_form
 from moekit.inference.offload import format_stats
-from moekit.interop.chat import ChatSession, chat_prompt, check_chat_files
+from moekit.interop.chat import ChatSession, MessageTooLong, chat_prompt, check_chat_files
 from moekit.loading import is_hf_directory, load
 from moekit.model import MoETransformer
 from moekit.model.speculative import SpeculativeStats, check_speculative
@@ -151,7 +151,11 @@ def converse(
         except UnicodeEncodeError:
             print("note: that line is not UTF-8 text; say it again in UTF-8", file=sys.stderr)
             continue
-        prompt = session.ask(line.rstrip("\r\n"), cfg.max_new_tokens)
+        try:
+            prompt = session.ask(line.rstrip("\r\n"), cfg.max_new_tokens)
+        except MessageTooLong as too_long:  # the conversation so far stays: say it shorter
+            print(f"note: {too_long}", file=sys.stderr)
+            continue
         reply = stream_text(model, session.template.tokenizer, "", cfg.max_new_tokens,
                             seed=cfg.seed, chat=prompt, kv_cache=session.cache,
                             **sampling)  # fmt: skip

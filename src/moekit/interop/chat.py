@@ -206,6 +206,10 @@ def _end_ids(folder: Path, tokenizer: Tokenizer, eos_token: str | None) -> tuple
     return tuple(dict.fromkeys(ids))
 
 
+class MessageTooLong(ValueError):
+    """A message that fills the model's context alone: the conversation can go on without it."""
+
+
 class ChatSession:
     """A conversation with `model`, turn by turn. The cache keeps the keys and values of every
     token fed so far (it grows with the conversation, up to max_seq_len), and each turn's whole
@@ -240,7 +244,7 @@ class ChatSession:
         messages = [*self.messages, {"role": "user", "content": text}]
         prompt = self.template.render(messages)
         if len(prompt.ids) >= self.max_seq_len:
-            raise ValueError(self._too_long(messages, len(prompt.ids)))
+            raise self._too_long(messages, len(prompt.ids))
         same = 0
         for cached, new in zip(self.fed, prompt.ids[:-1], strict=False):
             if cached != new:
@@ -254,21 +258,21 @@ class ChatSession:
         self._pending = messages, prompt.ids[same:]
         return dataclasses.replace(prompt, ids=prompt.ids[same:])
 
-    def _too_long(self, messages: list[dict], n_tokens: int) -> str:
+    def _too_long(self, messages: list[dict], n_tokens: int) -> ValueError:
         """Why a conversation of `n_tokens` (rendered, with the new message last) leaves no room
-        for a reply: the message itself, where it fills the context without the earlier turns
-        (a new conversation would not help), else the conversation."""
+        for a reply: the message itself (MessageTooLong), where it fills the context without the
+        earlier turns (a new conversation would not help), else the conversation."""
         alone = [m for m in messages[:-1] if m["role"] == "system"][:1] + messages[-1:]
         n_alone = n_tokens if alone == messages else len(self.template.render(alone).ids)
         room = self.max_seq_len - 1  # a reply needs one position
         if n_alone > room:
-            return (
+            return MessageTooLong(
                 f"the message is too long for the model's context: {n_alone} tokens in the chat "
                 f"template, {n_alone - room} more than the {room} that max_seq_len="
                 f"{self.max_seq_len} leaves before a reply; shorten it by at least "
                 f"{n_alone - room} tokens"
             )
-        return (
+        return ValueError(
             f"the conversation is {n_tokens} tokens with this message, the model's whole "
             f"context (max_seq_len={self.max_seq_len}): start a new conversation (the message "
             f"alone is {n_alone} tokens)"
