@@ -48,11 +48,18 @@ from pathlib import Path
 
 import torch
 
+from moekit.cli.common import positive_int
 from moekit.config import ModelConfig, QuantizeConfig, RunConfig
 from moekit.fileio import atomic_write_json, default_cache_dir
+from moekit.inference.budget import check_budget_form
 from moekit.machine import machine_info
 from moekit.quant.files import empty_quantized_model
 from moekit.train.checkpoint import write_quantized_run
+
+try:  # a --before child runs this file on an older tree's moekit (its parent checked --out)
+    from moekit.cli.common import results_file
+except ImportError:
+    results_file = Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big_model.json"
 MODELS = {
@@ -222,10 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=2, help="with --before: alternations (ABBA)")
     p.add_argument("--quick", action="store_true", help="scaled-down shapes (a smoke run)")
     p.add_argument("--budget", help="offload budget (default 6GB; quick 2MB)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=positive_int, default=16)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
     p.add_argument("--work", type=Path, default=default_cache_dir() / "big_model")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     p.add_argument("--decode", help=argparse.SUPPRESS)  # the child process: decode this run
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -239,6 +246,12 @@ def main(argv: list[str] | None = None) -> dict:
     budget = args.budget or ("2MB" if args.quick else "6GB")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    try:  # before ~30 GB are written and decoded (it failed in the offloaded decode)
+        check_budget_form(budget)
+    except ValueError as err:
+        p.error(f"--budget: {err}")
+    if args.work.exists() and not args.work.is_dir():
+        p.error(f"--work {args.work} is a file: give a folder for the models' files")
     from kernel_ab import provenance
 
     result = {"machine": machine_info(), "settings": vars(args) | {"budget": budget}}

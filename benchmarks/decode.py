@@ -83,6 +83,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.cli.common import results_file
 from moekit.config import QuantizeConfig
 from moekit.machine import machine_info
 from moekit.quant import kernels
@@ -1065,12 +1066,16 @@ def main(argv: list[str] | None = None) -> dict:
         default=LLAMACPP_BUILD,
         help="with --llamacpp: how the importable llama-cpp-python was built, for the results",
     )
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=results_file)
     args = parser.parse_args(argv)
     if (args.body or args.llamacpp_build != LLAMACPP_BUILD or args.arch != "mixtral") and not (
         args.llamacpp
     ):
         parser.error("--body, --llamacpp-build and --arch are settings of the --llamacpp run")
+    if args.converter is not None and not args.llamacpp:
+        parser.error("--converter is a setting of the --llamacpp run")
+    if args.speculative_only and args.llamacpp:
+        parser.error("--speculative-only and --llamacpp are two runs: give one")
     if args.body and (why := kernels.cannot_run(args.body)):
         parser.error(f"--body {args.body}: {why}")
     if args.llamacpp:

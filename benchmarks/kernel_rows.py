@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_ab import git
+from moekit.cli.common import results_file
 from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 from moekit.quant import kernels
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--body", choices=kernels.PATHS, help="the kernels' body (default: the widest)")
     p.add_argument("--activations", choices=kernels.ACTIVATIONS, help="x for every scheme")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     args = p.parse_args(argv)
     if not kernels.available():
         raise SystemExit("kernel_rows.py: the quantized kernels are not built here (no compiler)")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from moekit import ModelConfig, MoEConfig, MoETransformer
+from moekit.cli.common import results_file
 from moekit.config import MLAConfig, QuantizeConfig
 from moekit.fileio import atomic_write_json
 from moekit.inference import decode_mla
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="scaled-down shapes (tests)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     p.add_argument(
         "--quantized-min-positions", type=int, default=decode_mla.QUANTIZED_MIN_POSITIONS,
         help="cached positions from which a quantized kv_b_proj takes the latent path "

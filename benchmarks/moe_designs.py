@@ -45,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_vs_dense import machine_info
+from moekit.cli.common import results_file
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json, save_figure
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--only", default=None, metavar="NAME,NAME",
                    help="a subset of the designs (and dense)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_designs.json")
+    p.add_argument("--out", type=results_file, default=RESULTS_DIR / "moe_designs.json")
     return p.parse_args(argv)
 
 

@@ -63,6 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import moekit
+from moekit.cli.common import results_file
 from moekit.cpu_memory import keep_freed_memory
 from moekit.experts import grouped_mm_available, resolve_impl
 from moekit.fileio import atomic_write_json
@@ -950,7 +951,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=results_file, default=None)
     args = p.parse_args(argv)
     presets = [name.strip() for name in (args.shapes or "").split(",") if name.strip()]
     unknown = [name for name in presets if name not in SHAPE_PRESETS]

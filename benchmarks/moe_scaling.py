@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_designs import DENSE, check_widths, choose_designs, seed_table
 from moe_vs_dense import machine_info
+from moekit.cli.common import results_file
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json, save_figure
@@ -127,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, metavar="NAME,NAME", help="a subset of the designs")
     p.add_argument("--set", action="append", default=[], metavar="--a.b=VALUE",
                    help="an override of the base run, for every design (repeatable)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_scaling.json")
+    p.add_argument("--out", type=results_file, default=RESULTS_DIR / "moe_scaling.json")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="train nothing: join studies of other budgets (same compute, base, "
                    "designs; e.g. run at once on two cores) into --out and its plot")  # fmt: skip

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import moekit
+from moekit.cli.common import results_file
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json, save_figure
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="default: the small preset's steps")
     p.add_argument("--evals", type=int, default=20, help="evaluations over the run")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_vs_dense.json")
+    p.add_argument("--out", type=results_file, default=RESULTS_DIR / "moe_vs_dense.json")
     p.add_argument(
         "--malloc",
         default="keep",

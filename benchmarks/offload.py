@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.cli.common import results_file
 from moekit.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "offload.json"
@@ -394,7 +395,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for tests")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
+    parser.add_argument(
+        "--out", type=results_file, default=RESULTS, help="results JSON (PNG beside it)"
+    )
     parser.add_argument(
         "--new-tokens",
         type=int,

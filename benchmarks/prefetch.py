@@ -41,6 +41,7 @@ import torch
 
 from moekit import cbuild
 from moekit.cbuild import optional_ptr
+from moekit.cli.common import positive_int, results_file
 from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 from moekit.quant import kernels, quantize
@@ -156,11 +157,11 @@ def verdict(rows: list[dict], distances: list[int]) -> tuple[dict[str, float], i
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options this benchmark and kernel_ab.py share."""
     parser.add_argument("--quick", action="store_true", help="one small shape, for the tests")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument(
         "--body", choices=kernels.PATHS[1:], help="kernel body (default: the best this CPU runs)"
     )
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=results_file, default=None)
 
 
 def report_head(name: str, args: argparse.Namespace, library: ctypes.CDLL) -> dict:

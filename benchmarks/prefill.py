@@ -35,6 +35,11 @@ import torch
 from moekit.fileio import atomic_write_json, default_cache_dir
 from moekit.machine import machine_info
 
+try:  # a --before child runs this file on an older tree's moekit (its parent checked --out)
+    from moekit.cli.common import results_file
+except ImportError:
+    results_file = Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (this directory's modules: in main,
 # the parent's; a child runs another tree's moekit, which they may not import)
 RESULTS = Path(__file__).resolve().parent / "results" / "prefill.json"
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="big_model.py's scaled-down shapes")
     p.add_argument("--work", type=Path, default=default_cache_dir() / "big_model")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     p.add_argument("--child", help=argparse.SUPPRESS)  # the child process: time this run
     args = p.parse_args(argv)
     torch.set_num_threads(2)

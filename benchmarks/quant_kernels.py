@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moekit.cli.common import results_file
 from moekit.inference import decode_kernels
 from moekit.machine import machine_info
 from moekit.quant import kernels, quantize
@@ -375,7 +376,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small shapes, for the tests")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=results_file, default=None)
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # torchao's notes about its CUDA-only libraries
     warnings.filterwarnings("ignore", module="torchao")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moekit import load
+from moekit.cli.common import results_file
 from moekit.config import QuantizeConfig
 from moekit.data import fixed_batches, prepare_data
 from moekit.fileio import atomic_write_json
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("runs", nargs="+", help="trained run directories")
     p.add_argument("--quick", action="store_true", help="float32 and int4 only")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     names = QUICK if args.quick else tuple(CONFIGS)

@@ -40,6 +40,11 @@ import torch
 from moekit.fileio import atomic_write_json
 from moekit.machine import machine_info
 
+try:  # a --before child runs this file on an older tree's moekit (its parent checked --out)
+    from moekit.cli.common import results_file
+except ImportError:
+    results_file = Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (decode.py, llamacpp.py, kernel_ab.py)
 RESULTS = Path(__file__).resolve().parent / "results" / "shared_experts.json"
 SCHEMES = ("fp32", "bf16", "int8", "int4")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--before", help="an earlier commit to time beside this tree")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="scaled-down shapes (tests)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(2)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_scaling import BASE, designs
+from moekit.cli.common import results_file
 from moekit.config import RunConfig
 from moekit.cpu_memory import keep_freed_memory
 from moekit.fileio import atomic_write_json
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo's arms: 1)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--profiled", type=int, default=8)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the training commands do: freed memory is reused, not page-faulted

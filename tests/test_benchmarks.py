@@ -528,3 +528,26 @@ def test_latent_attention_benchmark_quick(tmp_path):
         assert set(by_context) == {"4", "40"}
         for row in by_context.values():
             assert min(row["tokens_per_s"].values()) > 0 and row["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "says"),
+    [
+        ("prefetch", ["--quick", "--out", "{tmp}"], "is a directory; give a file's path"),
+        ("latent_attention", ["--quick", "--out", "{tmp}/file.txt/r.json"], "is a file, not a"),
+        ("prefetch", ["--quick", "--threads", "0"], "must be an integer >= 1, not 0"),
+        ("big_model", ["--quick", "--new-tokens", "0"], "must be an integer >= 1, not 0"),
+        ("big_model", ["--quick", "--budget", "lots"], "expert budget 'lots' is invalid"),
+        ("decode", ["--converter", "c.py"], "--converter is a setting of the --llamacpp run"),
+    ],
+)
+def test_a_benchmark_refuses_its_arguments_before_it_measures(
+    name: str, args: list[str], says: str, tmp_path: Path, capsys
+) -> None:
+    """--out that cannot be written, a count of 0, a budget of no form: an argparse error at
+    once; they failed with a traceback after the measurement (minutes; big_model's ~30 GB)."""
+    (tmp_path / "file.txt").write_text("")
+    bench = load_benchmark(name)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err

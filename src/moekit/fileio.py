@@ -87,6 +87,22 @@ def check_no_file_in_the_way(path: str | os.PathLike, *, file_ok: bool = False) 
             )
 
 
+def check_writable_file(path: str | os.PathLike) -> None:
+    """What writing a file at `path` (`atomic_write_*`, its folders made) would refuse, checked
+    before the work that makes it: a directory at `path`, a file above it, or a folder that may
+    not be written in (a temporary file is made and removed in the nearest existing one)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"cannot write {path}: it is a directory; give a file's path")
+    check_no_file_in_the_way(path, file_ok=True)
+    folder = next((p for p in path.parents if p.is_dir()), Path("."))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise _write_error(path, err) from None
+
+
 def check_new_path(path: str | os.PathLike, remedy: str) -> None:
     """What a command that writes something new at `path` (a run directory, a trace) refuses,
     checked before anything is read: FileExistsError where `path` exists (`remedy`: what to do)

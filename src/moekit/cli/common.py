@@ -25,6 +25,7 @@ from moekit.config import (
     config_from_data,
 )
 from moekit.data import eos_id
+from moekit.fileio import check_writable_file
 from moekit.inference.decode_kernels import apply_decode_kernels
 from moekit.interop.chat import ChatPrompt
 from moekit.interop.hf import is_transformers_config
@@ -78,6 +79,7 @@ class Command:
     trains: bool = False
     config: type[ConfigBase] | None = None  # its settings (CONFIG.json), when not a RunConfig
     preset: str = DEFAULT_PRESET  # the RunConfig preset whose settings -h lists (`overrides`)
+    listed: tuple[str, ...] = ("model", "train", "parallel")  # the settings it takes
 
 
 def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:
@@ -96,6 +98,16 @@ def override_text(value: Any) -> str:
     if any(isinstance(item, (tuple, list, dict)) for item in value):
         return json.dumps(value)
     return ",".join(map(str, value))
+
+
+def results_file(text: str) -> Path:
+    """An argparse type for a file to write at the end (a benchmark's --out): checked before the
+    work (`fileio.check_writable_file`), so a path that cannot be written costs no run."""
+    try:
+        check_writable_file(text)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return Path(text)
 
 
 def positive_int(text: str) -> int:
