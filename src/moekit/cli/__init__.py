@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd.overrides:
             epilog = f"Settings, as overrides with the {cmd.preset!r} preset's values (a preset or "
             epilog += "config JSON gives its own): "
-            epilog += " ".join(flat_overrides(RunConfig.preset(cmd.preset).to_dict()))
+            settings = RunConfig.preset(cmd.preset).to_dict()
+            listed = {k: v for k, v in settings.items() if k in cmd.listed}
+            epilog += " ".join(flat_overrides(listed))
         if cmd.config is not None:
             epilog = "Settings, as overrides with their defaults: "
             epilog += " ".join(flat_overrides(cmd.config().to_dict()))

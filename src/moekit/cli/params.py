@@ -181,4 +181,5 @@ def model_override(item: str, prefix: str = "--model.") -> str:
 
 COMMAND = Command("params", "print a model's parameters: total, active per token, and by part; "
                   "with --tp/--ep/--dp-shard, per-device memory and communication per step",
-                  configure, run, overrides=True)  # fmt: skip
+                  configure, run, overrides=True,
+                  listed=("model", "parallel"))  # fmt: skip

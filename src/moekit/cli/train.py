@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))
     training_device(cfg.train.device)  # before the config is printed and the run begins
-    talks = os.environ.get("RANK", "0") == "0"  # under torchrun, one process prints
+    talks = not wants_processes(cfg) or os.environ.get("RANK", "0") == "0"  # torchrun: rank 0
     if talks:
         print_config(cfg)
     t = cfg.train

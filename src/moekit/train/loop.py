@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from moekit.config import RunConfig
 from moekit.data import Data, WindowSampler, fixed_batches, prepare_data
+from moekit.data.tokenizer import copy_chat_files
 from moekit.fileio import atomic_path, atomic_write_text, make_dirs
 from moekit.losses import sum_dtype
 from moekit.model import ModelOutput, MoETransformer
@@ -171,6 +172,8 @@ class Trainer:
         if not (read_here or self.keeps_tokenizer):
             with atomic_path(self.run_dir / "tokenizer.json") as tmp:
                 self.data.tokenizer.save(str(tmp))
+            if self.tokenizer_dir != self.run_dir:  # init_from's run's: its chat files too
+                copy_chat_files(self.tokenizer_dir, self.run_dir)
         self.metrics = MetricsLog(
             self.run_dir, self.step if resume else None, self.cfg.train.tensorboard
         )

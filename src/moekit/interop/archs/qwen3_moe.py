@@ -17,7 +17,7 @@ from moekit.interop.configs import (
 from moekit.interop.keymaps import attention_keys, common_keys, mlp_keys
 
 # moekit's fields -> this architecture's config.json keys, where it names them its own way
-NAMES = {"n_experts": "num_experts", "d_expert": "moe_intermediate_size"}
+NAMES = {"n_experts": "num_local_experts", "d_expert": "moe_intermediate_size"}
 
 
 def from_hf(hf: HF) -> ModelConfig:
@@ -41,7 +41,7 @@ def to_hf(cfg: ModelConfig, moe: MoEConfig) -> HF:
     return {
         **common_to_hf(cfg),
         **moe_layers_to_hf(cfg),
-        **moe_to_hf(moe, NAMES),
+        **moe_to_hf(moe, NAMES | {"n_experts": "num_experts"}),  # as published configs name it
         "norm_topk_prob": moe.normalize,
         "attention_bias": cfg.attn_bias is True,
         "use_sliding_window": window is not None,
@@ -55,7 +55,7 @@ QWEN3_MOE = Architecture(
     class_name="Qwen3MoeForCausalLM",
     defaults={
         "rope_theta": 1e4,
-        "num_experts": 128,
+        "num_local_experts": 128,
         "num_experts_per_tok": 8,
         "norm_topk_prob": False,
         "decoder_sparse_step": 1,
@@ -65,7 +65,7 @@ QWEN3_MOE = Architecture(
         "num_key_value_heads": 4,
         "max_position_embeddings": 32768,
     },
-    aliases={"num_local_experts": "num_experts"},  # transformers' attribute_map, reversed
+    aliases={"num_experts": "num_local_experts"},  # transformers' attribute_map
     from_hf=from_hf,
     to_hf=to_hf,
     keys={**common_keys(), **attention_keys(), **mlp_keys()},
