@@ -268,7 +268,7 @@ def test_damaged_hugging_face_files_are_named(
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-@pytest.mark.parametrize("command", ["analyze", "trace", "convert"])
+@pytest.mark.parametrize("command", ["analyze", "trace", "convert", "quantize"])
 def test_damaged_hugging_face_tokenizer_is_named(
     hf: Path, tmp_path: Path, capsys, damage: str, command: str
 ) -> None:
@@ -280,6 +280,8 @@ def test_damaged_hugging_face_tokenizer_is_named(
         "analyze": ["analyze", str(hf), "--tokens=256", "--seq_len=32"],
         "trace": ["trace", str(hf), "--prompts", str(prompts), "--out", str(tmp_path / "t")],
         "convert": ["convert", "--from-hf", str(hf), "--out", str(tmp_path / "t")],
+        # copied it into its run and exited 0, for the run's next command to fail on
+        "quantize": ["quantize", str(hf), "--weights=int8", "--out", str(tmp_path / "t")],
     }
     assert main(args[command]) == 2
     assert "download" in one_line_error(capsys, command, path)

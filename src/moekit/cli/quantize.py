@@ -25,6 +25,7 @@ from moekit.loading import is_hf_directory, load, read_config
 from moekit.model import MoETransformer
 from moekit.quant.modules import PARTS, parts_of, quantize_model
 from moekit.train.checkpoint import write_quantized_run
+from moekit.userfiles import REDOWNLOAD, read_tokenizer
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> None:
     print_config(cfg)
     source = Path(args.path)
     if is_hf_directory(source):
+        if (source / "tokenizer.json").is_file():  # before the weights (minutes): it is copied
+            read_tokenizer(source / "tokenizer.json", f"restore tokenizer.json ({REDOWNLOAD})")
         model = load_hf(source, quantize=cfg, progress=True)  # a HF directory, quantized as read
         config = hf_run_config(model.cfg)
         before = _float_bytes(model)

@@ -34,11 +34,13 @@ from moekit.quant.files import QUANTIZATION_FILE, dtype_problems, is_quantized
 from moekit.train.optim import build_optimizer
 from moekit.userfiles import (
     DTYPES,
+    REDOWNLOAD,
     CheckpointReader,
     DamagedFile,
     open_safetensors,
     read_json,
     read_safetensors,
+    read_tokenizer,
     reading,
 )
 
@@ -330,6 +332,8 @@ def new_run_dir(out: Path, cfg: Any, tokenizer: Path | None, remedy: str) -> Ite
     the folder yielded. An existing `out` is refused (`remedy`: what to do)."""
     out = Path(out)
     check_new_path(out, remedy)
+    if tokenizer is not None:  # one that does not read is refused here, not copied in
+        read_tokenizer(tokenizer, f"restore {Path(tokenizer).name} ({REDOWNLOAD})")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "config.json").write_text(cfg.to_json() + "\n")
