@@ -259,3 +259,12 @@ def test_the_docs_commands_parse_and_their_settings_exist(doc: str, argv: list[s
     else:
         for item in extra:
             split_override(item)
+
+
+def test_a_runs_config_given_as_a_commands_settings_says_so(tmp_path: Path) -> None:
+    """`moekit generate RUN RUN/config.json` said "GenerateConfig has no field(s) ['model',
+    'parallel', 'train']", naming what is wrong and not what is right."""
+    path = tmp_path / "config.json"
+    path.write_text(RunConfig.preset("tiny").to_json())
+    with pytest.raises(ValueError, match=r"is a run's config \(model, train\), not GenerateConfig"):
+        resolve_config(GenerateConfig, str(path), [])

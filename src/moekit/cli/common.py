@@ -140,6 +140,13 @@ def resolve_config(cls: type[C], spec: str | None, overrides: Sequence[str]) -> 
         kind = RUN_FILE_IS if cls is RunConfig else f"a {cls.__name__}, as the command prints it"
         remedy = f"fix it: a config file is one JSON object, {kind}"
         if cls is not RunConfig:
+            data = read_json(path, remedy, unique_keys=True)
+            if isinstance(data, dict) and {"model", "train"} <= data.keys():  # RUN/config.json
+                raise ValueError(
+                    f"{path} is a run's config (model, train), not {cls.__name__}'s settings: "
+                    "the run brings its own; leave it out, or give a file of the settings "
+                    "`-h` lists (the resolved config this command prints)"
+                )
             cfg: Any = cls.from_file(path, remedy)
         elif "model" not in (data := read_json(path, remedy, unique_keys=True)):
             if is_transformers_config(data):
