@@ -320,6 +320,9 @@ def test_generate_chat_without_a_prompt_converses_over_stdin(tmp_path, capsys, m
     assert "note: the message is too long for the model's context" in said.err
     assert "start a new conversation" not in said.err  # a new one would not help
     assert said.out.split("\n")[0] == expected[0]
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # said nothing at all
+    assert main(["generate", str(folder), *args]) == 0
+    assert "note: no input to answer" in capsys.readouterr().err
     # a line of bytes that are not UTF-8 (kept as surrogates): skipped with a note, no TypeError
     monkeypatch.setattr("sys.stdin", io.StringIO("hi \udcff there\nhéllo\n"))
     assert main(["generate", str(folder), *args]) == 0

@@ -54,6 +54,12 @@ def test_noise_makes_the_experts_differ():
     assert (w[0] - w[1]).std() < 0.05 * w[0].std()
 
 
+def test_noise_that_overflows_is_refused():
+    """--noise=1e308 wrote 129,024 infinite weights into a run and exited 0."""
+    with pytest.raises(ValueError, match="noise=1e\\+308 makes expert weights that are not finite"):
+        upcycle_model(dense_model(), upcycle_config(DENSE, 4, 2), noise=1e308)
+
+
 def test_upcycling_an_moe_model_is_refused():
     with pytest.raises(ValueError, match="dense model"):
         upcycle_config(ModelConfig.preset("tiny"), 4, 2)

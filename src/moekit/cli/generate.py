@@ -138,11 +138,15 @@ def converse(
     """A conversation: each line of stdin a user turn, each reply streamed (a `> ` prompt on
     stderr where stdin is a terminal); ends at end of input (Ctrl-D), or with one line when the
     conversation fills the model's context."""
+    asked = False
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:
+            if not asked:  # (an empty stdin said nothing at all)
+                print("note: no input to answer: write a line a turn on stdin, or give --prompt",
+                      file=sys.stderr)  # fmt: skip
             return
         if not line.strip():
             continue
@@ -151,6 +155,7 @@ def converse(
         except UnicodeEncodeError:
             print("note: that line is not UTF-8 text; say it again in UTF-8", file=sys.stderr)
             continue
+        asked = True
         try:
             prompt = session.ask(line.rstrip("\r\n"), cfg.max_new_tokens)
         except MessageTooLong as too_long:  # the conversation so far stays: say it shorter

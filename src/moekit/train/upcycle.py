@@ -56,6 +56,11 @@ def _copies(w: torch.Tensor, n: int, noise: float, gen: torch.Generator) -> torc
     out = w.expand(n, *w.shape).clone()
     if noise:
         out += noise * w.std() * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        if not torch.isfinite(out).all():  # before anything is written
+            raise ValueError(
+                f"noise={noise:g} makes expert weights that are not finite numbers in "
+                f"{out.dtype}: give a noise of about 0.01 (a copy's spread, in weight stds)"
+            )
     return out
 
 
