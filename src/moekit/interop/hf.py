@@ -28,8 +28,6 @@ from moekit.interop.architecture import Architecture
 from moekit.interop.archs import architecture_named, architecture_of
 from moekit.interop.configs import HF, HF_NAMES
 from moekit.interop.files import (
-    INDEX_NAME,
-    SINGLE_NAME,
     WEIGHT_DTYPES,
     CheckpointError,
     find_weight_files,
@@ -52,7 +50,7 @@ from moekit.interop.quantized import (
 from moekit.model import MoETransformer
 from moekit.quant.files import allocate_on_cpu, is_quantized
 from moekit.quant.modules import quantize_model
-from moekit.train.checkpoint import CHECKPOINT_DIR
+from moekit.train.checkpoint import CHECKPOINT_DIR, is_hf_checkpoint
 from moekit.userfiles import read_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", *CHAT_FILES, "tokenizer.model", "vocab.json", "merges.txt")
@@ -223,8 +221,7 @@ def check_hf_out(path: str | Path, overwrite: bool, flag: str = "overwrite=True"
         return
     if not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass {flag} to replace it")
-    weights = any((path / name).is_file() for name in (SINGLE_NAME, INDEX_NAME))
-    if not ((path / "config.json").is_file() and weights) or (path / CHECKPOINT_DIR).exists():
+    if not ((path / "config.json").is_file() and is_hf_checkpoint(path)):
         raise FileExistsError(
             f"{path} is not a Hugging Face checkpoint (config.json beside model.safetensors or "
             f"its index, and no {CHECKPOINT_DIR}/), and {flag} replaces only one: choose another "
