@@ -155,8 +155,12 @@ def _modules(block: Block) -> tuple[nn.Module, ...] | None:
         first, last = (gate, up), (down,)
     else:
         return None
-    parts = attention_modules(attn) if type(attn) is Attention else latent_modules(attn)
-    return (own["attn_norm"], attn, own["ffn_norm"], ffn, *first, *parts, *last)
+    return (own["attn_norm"], attn, own["ffn_norm"], ffn, *first, *_attention_parts(attn), *last)
+
+
+def _attention_parts(attn: nn.Module) -> tuple[nn.Module, ...]:
+    """The projections (and norms) of a block's attention, grouped-query or latent."""
+    return latent_modules(attn) if type(attn) is LatentAttention else attention_modules(attn)
 
 
 def _bypassed(modules: tuple) -> tuple[nn.Module, ...]:
@@ -228,7 +232,7 @@ def _glue_forwards(attn: Attention | LatentAttention, ffn: MoELayer | DenseFFN) 
 
 def _build_plan(block: Block) -> tuple | None:
     attn, ffn = block.attn, block.ffn
-    parts = latent_modules(attn) if type(attn) is LatentAttention else attention_modules(attn)
+    parts = _attention_parts(attn)
     if type(ffn) is DenseFFN:
         parts = (*parts, *dense_modules(ffn)[1:])
     if not _glue_forwards(attn, ffn) or _replaced(block.attn_norm, block.ffn_norm, *parts):

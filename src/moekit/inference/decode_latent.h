@@ -66,17 +66,10 @@ WIDEST static const float *float_row(const weight_ref *w, int64_t o, float *buf)
         return buf;
     }
     const uint8_t *r = (const uint8_t *)w->data + o * (I / 2);
-    for (int64_t g = 0; g < I / 32; g++) { /* kinds 2, 3 (zero points) and 4 (MXFP4) */
-        const int64_t at = o * (I / 32) + g;
-        if (w->kind == 4) {
-            dequantize_group(r + g * 16, 1, e8m0_to_float(((const uint8_t *)w->scales)[at], 0),
-                             NULL, buf + g * 32);
-        } else {
-            const float m = w->kind == 3 ? fp16_to_float(((const uint16_t *)w->offsets)[at]) : 0.0f;
-            dequantize_group(r + g * 16, 0, fp16_to_float(((const uint16_t *)w->scales)[at]),
-                             w->kind == 3 ? &m : NULL, buf + g * 32);
-        }
-    }
+    const uint16_t *offsets = w->kind == 3 ? (const uint16_t *)w->offsets : NULL;
+    for (int64_t g = 0; g < I / 32; g++) /* kinds 2, 3 (zero points) and 4 (MXFP4) */
+        dequantize_group_at(r + g * 16, w->kind == 4, w->scales, offsets, o * (I / 32) + g,
+                            buf + g * 32);
     return buf;
 }
 

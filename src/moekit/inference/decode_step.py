@@ -49,7 +49,13 @@ from moekit.inference.decode_block import (
     scratch_floats,
     top_k,
 )
-from moekit.inference.decode_glue import MAX_NORM_NUMBERS, _hooked, _library, hook_dicts
+from moekit.inference.decode_glue import (
+    MAX_NORM_NUMBERS,
+    _hooked,
+    _library,
+    _replaced,
+    hook_dicts,
+)
 from moekit.inference.decode_kernels import MAX_ROWS
 from moekit.inference.decode_layers import float_ref, norm_args, ops_ready, projection_ref
 from moekit.model.block import Block, DenseFFN
@@ -83,7 +89,7 @@ def one_token_decoder(model: MoETransformer, cache: KVCache) -> Decoder | None:
         and embed.max_norm is None
         and decode_kernels.plain_matrix(embed.weight)
         and embed.weight.is_contiguous()
-        and not any("forward" in m.__dict__ for m in called)
+        and not _replaced(*called)
         and all(type(b) is Block and _glued(b) for b in blocks)
         and len(cache.layers) == len(blocks) > 0
         and len({c.length for c in cache.layers}) == 1

@@ -17,18 +17,10 @@ static void dequantize_chunk(const weight_t *w, int64_t o, int64_t i0, int64_t n
         return;
     }
     const uint8_t *bytes = (const uint8_t *)w->data + o * (I / 2);
-    for (int64_t g = i0 / GROUP; g < (i0 + n) / GROUP; g++) {
-        const uint8_t *b = bytes + g * (GROUP / 2);
-        float *v = out + (g * GROUP - i0);
-        if (w->kind == MXFP4) {
-            dequantize_group(b, 1, e8m0_to_float(((const uint8_t *)w->scales)[o * G + g], 0), NULL,
-                             v);
-        } else {
-            const float m = w->offsets ? fp16_to_float(w->offsets[o * G + g]) : 0.0f;
-            dequantize_group(b, 0, fp16_to_float(((const uint16_t *)w->scales)[o * G + g]),
-                             w->offsets ? &m : NULL, v);
-        }
-    }
+    for (int64_t g = i0 / GROUP; g < (i0 + n) / GROUP; g++)
+        dequantize_group_at(bytes + g * (GROUP / 2), w->kind == MXFP4, w->scales,
+                            w->kind == MXFP4 ? NULL : w->offsets, o * G + g,
+                            out + (g * GROUP - i0));
 }
 
 /* sums[r] = x[r, :] . W[o, :] for r < R: the row dequantized CHUNK weights at a time, each chunk

@@ -47,3 +47,16 @@ static void dequantize_group(const uint8_t *b, int mxfp4, float d, const float *
             v[2 * j] = (float)lo * d + *m, v[2 * j + 1] = (float)hi * d + *m;
     }
 }
+
+/* Group `at` (row * groups a row + group) of a 4-bit weight, b its 16 bytes, into v: with its
+ * scale (scales: E8M0 bytes for MXFP4, else IEEE halves) and its zero point where offsets is not
+ * NULL; dequantize_group's numbers. */
+static void dequantize_group_at(const uint8_t *b, int mxfp4, const void *scales,
+                                const uint16_t *offsets, int64_t at, float *v) {
+    if (mxfp4) {
+        dequantize_group(b, 1, e8m0_to_float(((const uint8_t *)scales)[at], 0), NULL, v);
+        return;
+    }
+    const float m = offsets ? fp16_to_float(offsets[at]) : 0.0f;
+    dequantize_group(b, 0, fp16_to_float(((const uint16_t *)scales)[at]), offsets ? &m : NULL, v);
+}
