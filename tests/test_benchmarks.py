@@ -236,7 +236,7 @@ def test_moe_designs_needs_a_dense_design(tmp_path):
         bench.designs(args, bench.base_config(args))
 
 
-def test_decode_llamacpp_body_build_and_arch_flags(tmp_path, monkeypatch):
+def test_decode_llamacpp_body_build_and_arch_flags(tmp_path, monkeypatch, capsys):
     """--body runs moekit's side of --llamacpp on that quantized-kernel body, and only it;
     --llamacpp-build and --arch reach the comparison, --arch deepseek_v3 writing its own results
     by default (llama.cpp itself is stubbed: a bench-only dependency); each refused without
@@ -258,14 +258,18 @@ def test_decode_llamacpp_body_build_and_arch_flags(tmp_path, monkeypatch):
     bench.main(["--llamacpp", "--llamacpp-build", "AVX2 only", "--out", out])
     assert seen == [(before, bench.LLAMACPP_BUILD, "deepseek_v3"), (before, "AVX2 only", "mixtral")]
     assert (tmp_path / "decode_llamacpp_deepseek_v3.json").is_file()
-    with pytest.raises(SystemExit):  # a setting of the comparison, without it
-        bench.main(["--arch", "deepseek_v3", "--out", out])
+    for alone in (["--arch", "deepseek_v3"], ["--llamacpp-build", "x"]):  # without --llamacpp
+        with pytest.raises(SystemExit) as exit_:
+            bench.main([*alone, "--out", out])
+        assert exit_.value.code == 2
+        assert "are settings of the --llamacpp run" in capsys.readouterr().err
     if other is None:
         pytest.skip("this CPU runs only one body: --body switches nothing here")
     bench.main(["--llamacpp", "--body", other, "--out", out])
     assert seen[-1][0] == other and quant_kernels.path() == before  # restored
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         bench.main(["--body", other, "--out", out])
+    assert exit_.value.code == 2 and "are settings of the --llamacpp run" in capsys.readouterr().err
 
 
 def test_decode_deepseek_v3_layout_is_deepseek_v3s_at_decode_pys_widths():

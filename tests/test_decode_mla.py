@@ -179,7 +179,9 @@ def test_a_grouped_4_bit_kv_b_proj_steps_in_c(monkeypatch, layer_by_layer, c_ste
     torch.testing.assert_close(default[:, 4:], want[:, 4:], rtol=0.05, atol=0.02 * want.abs().max())
 
 
-def test_a_few_positions_dequantize_a_quantized_kv_b_proj_for_the_step(monkeypatch) -> None:
+def test_a_few_positions_dequantize_a_quantized_kv_b_proj_for_the_step(
+    monkeypatch, c_steps
+) -> None:
     """int8 attention, steps of 3 positions (a speculative verification's: the torch path): from
     QUANTIZED_MIN_POSITIONS cached positions on, each step dequantizes kv_b_proj's weight; below,
     the reference runs (dequantizing cost more); the dequantized model's logits to float32
@@ -200,6 +202,7 @@ def test_a_few_positions_dequantize_a_quantized_kv_b_proj_for_the_step(monkeypat
     monkeypatch.setattr(decode_mla, "QUANTIZED_MIN_POSITIONS", 6)
     torch.testing.assert_close(_chunked_logits(model, ids, chunks), want, rtol=1e-4, atol=1e-4)
     assert len(dequantized) == 3 * 2  # the steps over 6, 9 and 12 positions, 2 layers
+    assert not c_steps  # steps of 3 positions: the torch path throughout
 
 
 def test_a_bfloat16_model_steps_to_bfloat16_rounding() -> None:

@@ -23,6 +23,7 @@ from tests.interop_cases import (
     save_hf_case,
     tokens,
 )
+from tests.test_decode_layers import _count_calls
 
 from moekit import MoETransformer
 from moekit.inference.decode_block import blocks_in_one_call
@@ -114,7 +115,9 @@ def test_layouts_differ_on_disk_as_transformers_expects(case: str, checkpoints: 
     "kernels", [False, pytest.param(True, marks=needs_c_kernels)], ids=["plain", "decode_kernels"]
 )
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_generation_matches_token_for_token(case: str, kernels: bool, checkpoints) -> None:
+def test_greedy_generation_matches_token_for_token(
+    case: str, kernels: bool, checkpoints, monkeypatch
+) -> None:
     """Plain PyTorch, and with the decode kernels and glue as `moekit generate` applies them:
     transformers' greedy tokens. With the kernels every case decodes each step in one C call,
     every block in it (Qwen2-MoE's shared expert, dense layers, DeepSeek-V3's latent attention and
@@ -127,11 +130,13 @@ def test_greedy_generation_matches_token_for_token(case: str, kernels: bool, che
     want = theirs.generate(
         prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
     )[:, prompt.shape[1] :]
+    calls = _count_calls(monkeypatch, ran_only=True) if kernels else {}
     got = generate(ours, prompt, 20)
     assert got.tolist() == want.tolist()
     if kernels:
         assert blocks_in_one_call(ours) == len(ours.layers)
         assert decodes_in_one_call(ours)
+        assert calls.get("moekit_decode_tokens", 0) == 19  # each step after the prompt, in C
 
 
 def test_sharded_checkpoint_has_an_index_and_loads_both_ways(checkpoints: dict, tmp_path) -> None:
