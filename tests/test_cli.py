@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import typing
 from pathlib import Path
@@ -218,6 +219,10 @@ def test_the_settings_help_lists_are_overrides_that_give_the_defaults(capsys) ->
             settings.pop("train")
         listed = " ".join(flat_overrides(settings))
         assert f"the '{preset}' preset's values" in printed and listed in printed, command
+    with pytest.raises(SystemExit):  # each experiment sets its own train.steps
+        main(["experiment", "-h"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--train\.steps=<each experiment's own, \d+(-\d+)?> --train\.", printed)
 
 
 DOCS = ("README.md", "benchmarks/README.md")

@@ -83,6 +83,17 @@ def test_a_bad_config_value_is_named_by_its_config_json_key(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_value_under_an_alias_is_named_by_the_key_given(mixtral_dir: Path) -> None:
+    """A config.json holding num_experts (Mixtral's alias of num_local_experts, transformers'
+    attribute_map) was named as num_local_experts, a key the file does not have."""
+    from moekit.interop.hf import hf_model_config
+
+    cfg = json.loads((mixtral_dir / "config.json").read_text())
+    cfg["num_experts"] = cfg.pop("num_local_experts") + 0.5
+    with pytest.raises(CheckpointError, match=r"num_experts \(moekit's n_experts\)=\d\.5 is"):
+        hf_model_config(cfg)
+
+
 def test_missing_tensors_are_listed(mixtral_dir: Path, tmp_path: Path) -> None:
     folder = copy_of(mixtral_dir, tmp_path)
     edit_weights(folder, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -183,6 +184,18 @@ def test_table_shows_total_and_active_of_each_part() -> None:
     assert lines[-1].split() == ["total", "46,702,792,704", "46.7B", "12,879,925,248", "12.9B"]
     routed = next(line for line in lines if line.startswith("routed experts"))
     assert routed.split()[2:] == ["45,097,156,608", "45.1B", "11,274,289,152", "11.3B"]
+
+
+def test_table_keeps_counts_of_any_size_apart() -> None:
+    """Counts wider than the column (here 280T) ran into the next column's."""
+    tiny = ModelConfig.preset("tiny")
+    huge = tiny.replace(d_model=4_800_000, n_heads=1, vocab_size=10_000_000,
+                        moe=tiny.moe.replace(d_model=4_800_000))  # fmt: skip
+    lines = parameter_table(huge).splitlines()
+    assert lines[-1].split() == ["total", "280,326,993,600,000", "280T", "280,322,385,600,000",
+                                 "280T"]  # fmt: skip
+    for line in lines[1:-2]:  # each part: its label, then four fields two spaces apart or more
+        assert re.fullmatch(r"[a-z ]+?( {2,}[\d,.]+[KMBT]?){4}", line), line
 
 
 @pytest.mark.parametrize(("name", "total"), [("deepseek-v3", "671B"), ("gpt-oss-20b", "20.9B")])

@@ -105,9 +105,13 @@ def check_writable_file(path: str | os.PathLike) -> None:
 
 def check_new_path(path: str | os.PathLike, remedy: str) -> None:
     """What a command that writes something new at `path` (a run directory, a trace) refuses,
-    checked before anything is read: FileExistsError where `path` exists (`remedy`: what to do)
-    or a file stands where a directory on its way must go."""
-    if Path(path).exists():
+    checked before anything is read: FileExistsError where `path` exists (`remedy`: what to do),
+    unless it is an empty directory (made for it: `atomic_path` replaces it, as `train` writes
+    into one), or a file stands where a directory on its way must go."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if path.exists():
         raise FileExistsError(f"{path} exists; {remedy}")
     check_no_file_in_the_way(path)  # (a link to nothing too)
 

@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
             epilog += "config JSON gives its own): "
             settings = RunConfig.preset(cmd.preset).to_dict()
             listed = {k: v for k, v in settings.items() if k in cmd.listed}
-            epilog += " ".join(flat_overrides(listed))
+            own = {f"--{key}=": text for key, text in cmd.own}
+            epilog += " ".join(
+                next((k + own[k] for k in own if item.startswith(k)), item)
+                for item in flat_overrides(listed)
+            )
         if cmd.config is not None:
             epilog = "Settings, as overrides with their defaults: "
             epilog += " ".join(flat_overrides(cmd.config().to_dict()))

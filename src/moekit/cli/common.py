@@ -80,6 +80,7 @@ class Command:
     config: type[ConfigBase] | None = None  # its settings (CONFIG.json), when not a RunConfig
     preset: str = DEFAULT_PRESET  # the RunConfig preset whose settings -h lists (`overrides`)
     listed: tuple[str, ...] = ("model", "train", "parallel")  # the settings it takes
+    own: tuple[tuple[str, str], ...] = ()  # (setting, what -h says) of those it sets itself
 
 
 def flat_overrides(data: dict[str, Any], prefix: str = "--") -> list[str]:

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+STEPS = sorted({experiment.steps for experiment in EXPERIMENTS.values()})
+STEPS_TEXT = str(STEPS[0]) if len(STEPS) == 1 else f"{STEPS[0]}-{STEPS[-1]}"
 COMMAND = Command("experiment", "train a paper's arms side by side and report the measured "
-                  "direction", configure, run, overrides=True, preset="experiment",
-                  trains=True)  # fmt: skip
+                  "direction", configure, run, overrides=True, preset="experiment", trains=True,
+                  own=(("train.steps", f"<each experiment's own, {STEPS_TEXT}>"),))  # fmt: skip

@@ -89,7 +89,10 @@ def hf_model_config(hf: HF, source: str | Path = "config.json") -> ModelConfig:
         needs = f"which {arch.model_type} needs"
         raise CheckpointError(f"{source} has no {err.args[0]!r}, {needs}") from None
     except ValueError as err:  # the config's rules: a value moekit cannot take
-        names = {**HF_NAMES, **arch.names}
+        given = {
+            name: alias for alias, name in arch.aliases.items() if name not in hf and alias in hf
+        }
+        names = {field: given.get(key, key) for field, key in {**HF_NAMES, **arch.names}.items()}
         raise CheckpointError(f"{source}: {_in_hf_terms(str(err), hf, names)}") from None
 
 

@@ -98,12 +98,12 @@ def parameter_table(model: ModelConfig | MoETransformer, title: str | None = Non
         rows.append(("mtp module", counts["mtp"], counts["mtp_active"]))
         both = ("total with mtp", counts["total"] + counts["mtp"])
         rows.append((*both, counts["active"] + counts["mtp_active"]))
+    width = max(18, 2 + max(len(f"{n:,}") for row in rows for n in row[1:]))  # column apart
     lines = [] if title is None else [title]
-    lines.append(f"{'part':<16}{'total':>18}{'active':>26}")
+    lines.append(f"{'part':<16}{'total':>{width}}{'active':>{width + 8}}")
     for label, total, active in rows:
         if label == "total":
-            lines.append("-" * 68)
-        lines.append(
-            f"{label:<16}{total:>18,}{format_count(total):>8}{active:>18,}{format_count(active):>8}"
-        )
+            lines.append("-" * (32 + 2 * width))
+        counts = f"{total:>{width},}{format_count(total):>8}{active:>{width},}"
+        lines.append(f"{label:<16}{counts}{format_count(active):>8}")
     return "\n".join(lines)
