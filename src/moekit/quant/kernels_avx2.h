@@ -6,8 +6,8 @@
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
 #include <immintrin.h>
 
-#ifndef PREFETCH /* bytes ahead, from DRAM: on the AMD EPYC host 2048 was the best of 0 to 2048; */
-#define PREFETCH 4096 /* on the Intel Xeon one 4096 beat 2048 by 4-9%, 8192 the same (prefetch.py) */
+#ifndef PREFETCH /* bytes ahead, from DRAM (prefetch.py): on the Intel Xeon host 4096 beat 2048 */
+#define PREFETCH 4096 /* by 4-9%, 8192 the same; on the AMD EPYC one 4096 and 1024 tie */
 #endif
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
