@@ -55,10 +55,10 @@ def test_loss_is_lm_plus_aux_plus_weighted_mtp_and_aux_counts_the_mtp_blocks() -
     out = model(t, labels=t)
     out.loss.backward()
     assert len(out.aux) == len(model.moe_layers()) + 2  # the main layers', then each depth's
-    assert float(out.aux_loss) == pytest.approx(float(sum(a.loss.detach() for a in out.aux)))
+    assert out.aux_loss.item() == pytest.approx(sum(a.loss.item() for a in out.aux))
     weighted = 0.5 / 2 * (out.mtp_losses[0] + out.mtp_losses[1])
-    assert float(out.mtp_loss) == pytest.approx(float(weighted))
-    assert float(out.loss) == pytest.approx(float(out.lm_loss + out.aux_loss + out.mtp_loss))
+    assert out.mtp_loss.item() == pytest.approx(weighted.item())
+    assert out.loss.item() == pytest.approx((out.lm_loss + out.aux_loss + out.mtp_loss).item())
     assert all(p.grad is not None for name, p in model.named_parameters() if name.startswith("mtp"))
 
 
