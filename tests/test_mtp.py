@@ -70,7 +70,7 @@ def test_labels_ignored_by_the_main_loss_are_ignored_by_every_depth() -> None:
     out = model(t, labels=labels)
     cut = model(t[:, :6], labels=t[:, :6])  # causal: the first 6 positions do not see the rest
     for ours, short in zip(out.mtp_losses, cut.mtp_losses, strict=True):
-        assert float(ours) == pytest.approx(float(short), abs=1e-5)
+        assert ours.item() == pytest.approx(short.item(), abs=1e-5)
 
 
 def test_model_target_is_kl_from_the_main_models_own_prediction() -> None:
