@@ -45,8 +45,8 @@ def test_mtp_logits_and_losses_equal_the_paper_formula(variant: str) -> None:
         assert ours.shape == (2, t.shape[1], 256)
         torch.testing.assert_close(ours[:, : t.shape[1] - k], ref, atol=2e-5, rtol=1e-5)
     for ours, ref in zip(out.mtp_losses, ref_losses, strict=True):
-        assert float(ours) == pytest.approx(float(ref), abs=1e-5)
-    assert float(out.mtp_loss) == pytest.approx(mtp_loss_reference(model, t), abs=1e-5)
+        assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert out.mtp_loss.item() == pytest.approx(mtp_loss_reference(model, t), abs=1e-5)
 
 
 def test_loss_is_lm_plus_aux_plus_weighted_mtp_and_aux_counts_the_mtp_blocks() -> None:
@@ -91,11 +91,11 @@ def test_model_target_is_kl_from_the_main_models_own_prediction() -> None:
                 p = torch.softmax(out.logits[b, pos + k].double(), -1)
                 q = torch.softmax(depth[b, pos].double(), -1)
                 kls.append((p * (p.log() - q.log())).sum())
-        assert float(loss) == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4, abs=1e-6)
+        assert loss.item() == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4, abs=1e-6)
         assert torch.autograd.grad(loss, out.logits, retain_graph=True, allow_unused=True) == (
             None,
         )
-    assert float(out.mtp_loss) == pytest.approx(0.25 * float(sum(out.mtp_losses)))
+    assert out.mtp_loss.item() == pytest.approx(0.25 * sum(out.mtp_losses).item())
 
 
 def test_a_depth_that_copies_the_main_model_has_zero_model_target_loss() -> None:
