@@ -171,7 +171,15 @@ def test_dense_small_has_the_active_parameters_of_small_but_the_routers() -> Non
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(0, "0"), (999, "999"), (1234, "1.23K"), (999_500, "1.00M"), (140_630_071_296, "141B")],
+    [
+        (0, "0"),
+        (999, "999"),
+        (1234, "1.23K"),
+        (999_500, "1.00M"),
+        (140_630_071_296, "141B"),
+        (999_500_000_000_000, "1000T"),
+        (12_345_678_000_000_000, "12300T"),
+    ],
 )
 def test_format_count_keeps_3_significant_figures(n: int, text: str) -> None:
     assert format_count(n) == text

@@ -106,14 +106,23 @@ def check_writable_file(path: str | os.PathLike) -> None:
 def check_new_path(path: str | os.PathLike, remedy: str) -> None:
     """What a command that writes something new at `path` (a run directory, a trace) refuses,
     checked before anything is read: FileExistsError where `path` exists (`remedy`: what to do),
-    unless it is an empty directory (made for it: `atomic_path` replaces it, as `train` writes
-    into one), or a file stands where a directory on its way must go."""
+    an empty folder too (`atomic_path` would swap it out, with its owner, permissions and
+    whatever came into it meanwhile, and cannot replace a mount point or the working directory),
+    or a file stands where a directory on its way must go."""
     path = Path(path)
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        return
     if path.exists():
-        raise FileExistsError(f"{path} exists; {remedy}")
+        made = " (an empty folder: the command makes its own, so remove it)" if _empty(path) else ""
+        raise FileExistsError(f"{path} exists{made}; {remedy}")
     check_no_file_in_the_way(path)  # (a link to nothing too)
+
+
+def _empty(path: Path) -> bool:
+    """Whether `path` is a directory with nothing in it (one that cannot be read: False)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def check_own_folder(path: str | os.PathLike, markers: tuple[str, ...], what: str) -> None:

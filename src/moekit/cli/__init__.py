@@ -76,11 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
             epilog += "config JSON gives its own): "
             settings = RunConfig.preset(cmd.preset).to_dict()
             listed = {k: v for k, v in settings.items() if k in cmd.listed}
-            own = {f"--{key}=": text for key, text in cmd.own}
-            epilog += " ".join(
-                next((k + own[k] for k in own if item.startswith(k)), item)
-                for item in flat_overrides(listed)
-            )
+            own = {f"--{key}": text for key, text in cmd.own}  # what -h says of those
+            items = (item.split("=", 1) for item in flat_overrides(listed))
+            epilog += " ".join(f"{key}={own.get(key, value)}" for key, value in items)
         if cmd.config is not None:
             epilog = "Settings, as overrides with their defaults: "
             epilog += " ".join(flat_overrides(cmd.config().to_dict()))

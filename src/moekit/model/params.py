@@ -82,7 +82,7 @@ def format_count(n: int) -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if rounded >= scale:
             value = rounded / scale
-            decimals = 2 - math.floor(math.log10(value * (1 + 1e-9)))
+            decimals = max(0, 2 - math.floor(math.log10(value * (1 + 1e-9))))  # 1000T: 0
             return f"{value:.{decimals}f}{suffix}"
     return str(n)
 

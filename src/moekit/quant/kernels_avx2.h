@@ -6,8 +6,11 @@
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
 #include <immintrin.h>
 
-#ifndef PREFETCH /* bytes ahead, from DRAM (prefetch.py): on the Intel Xeon host 4096 beat 2048 */
-#define PREFETCH 4096 /* by 4-9%, 8192 the same; on the AMD EPYC one 4096 and 1024 tie */
+/* Bytes ahead, from DRAM (prefetch.py): on the Intel Xeon host 4096 beat 2048 by 4-9% and 1024
+ * by 14-25%, 8192 the same; on the AMD EPYC one 1024 beat 4096 by 2% here (bf16 5-12% faster,
+ * int8 2-5% slower), which does not pay for Intel's loss. */
+#ifndef PREFETCH
+#define PREFETCH 4096
 #endif
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
