@@ -261,17 +261,39 @@ def _has_avx512f() -> bool:
     return cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
 
 
+def _has_avx2() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx2" in cpuinfo.read_text() and " fma" in cpuinfo.read_text()
+
+
 @pytest.mark.skipif(not _has_avx512f(), reason="this CPU has no AVX-512: only the AVX2 body runs")
 @pytest.mark.parametrize(("R", "I", "O"), [(1, 768, 2048), (3, 100, 41), (16, 31, 7), (2, 65, 4)])
 def test_the_avx512_body_sums_as_the_avx2_body_bit_for_bit(R: int, I: int, O: int) -> None:
     """The AVX-512 body (four weight rows at a time, two 8-lane sums in each register) computes
     every element as the AVX2 body does: the build without it (-DMOEKIT_NO_AVX512) gives the same
     bits, for every tail of I (32-wide part, then one by one) and of O (blocks of 4)."""
+    assert_same_bits_with(R, I, O, "-DMOEKIT_NO_AVX512")
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2")
+@pytest.mark.parametrize(
+    ("R", "I", "O"), [(1, 768, 2048), (8, 768, 1024), (3, 100, 41), (16, 31, 7)]
+)
+def test_the_bodies_sum_as_one_rows_avx2_dot_bit_for_bit(R: int, I: int, O: int) -> None:
+    """The body this CPU runs (AVX2: two weight rows at a time, x loaded once for both; AVX-512:
+    four) computes every element as the one-row AVX2 dot does (-DMOEKIT_ONE_ROW_AVX2), bit for
+    bit, for every tail of I (32-wide part, then one by one) and of O (an odd last row)."""
+    assert_same_bits_with(R, I, O, "-DMOEKIT_ONE_ROW_AVX2")
+
+
+def assert_same_bits_with(R: int, I: int, O: int, flag: str) -> None:
+    """y (R, O) = x (R, I) @ W^T + b (W's rows I + 3 apart) from the default build and the build
+    with `flag`: equal bit for bit, and F.linear's to float32 rounding."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     g = torch.Generator().manual_seed(R * I + O)
     x, w, b = torch.randn(R, I, generator=g), torch.randn(O, I + 3, generator=g), torch.randn(O)
     ys = []
-    for flags in (cbuild.EXACT_FLAGS, (*cbuild.EXACT_FLAGS, "-DMOEKIT_NO_AVX512")):
+    for flags in (cbuild.EXACT_FLAGS, (*cbuild.EXACT_FLAGS, flag)):
         lib = ctypes.CDLL(str(cbuild.build(decode_kernels.SOURCE, flags)))
         lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
         y = torch.empty(R, O)

@@ -11,8 +11,9 @@
  * the lanes, then the tail), whatever the thread count: results are deterministic. On x86-64 the
  * AVX-512 body (AVX512F) or else the AVX2+FMA body is chosen at run time; the AVX-512 body holds
  * two of those 8-lane accumulators in each 16-lane register and reads four weight rows at once
- * (four memory streams, x loaded once for them), so it sums every element exactly as the AVX2
- * body does, bit for bit (-DMOEKIT_NO_AVX512 leaves it out). Elsewhere (aarch64, Apple clang)
+ * (four memory streams, x loaded once for them), the AVX2 body two, so both sum every element
+ * exactly as one row's dot_avx2 does, bit for bit (-DMOEKIT_NO_AVX512 leaves the AVX-512 body out;
+ * -DMOEKIT_ONE_ROW_AVX2 runs that one-row body, the tests' reference). Elsewhere (aarch64, Apple clang)
  * only the portable body is compiled: the same algorithm without the intrinsics
  * (-DMOEKIT_PORTABLE builds only it on x86 too). Built and loaded by
  * moekit/inference/decode_kernels.py; F.linear is its reference (tests/test_cpu_kernels.py).
@@ -85,7 +86,45 @@ typedef void (*rows_fn)(const float *x, int64_t ldx, int64_t R, int64_t I, const
 ROWS_BY_DOT(rows_portable, dot_portable)
 
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
-ROWS_BY_DOT(rows_avx2, dot_avx2)
+ROWS_BY_DOT(rows_avx2_one, dot_avx2)
+
+/* rows_avx2_one's sums, two weight rows at a time: each x vector loaded once for both (a quarter
+ * fewer loads, which bound the product at R > 1, where W's rows come from L1), each row's four
+ * accumulators summed as dot_avx2 sums them, so every output is dot_avx2's bit for bit. */
+__attribute__((target("avx2,fma"))) static void
+rows_avx2(const float *x, int64_t ldx, int64_t R, int64_t I, const float *W, int64_t ldw,
+          int64_t o0, int64_t o1, int64_t O, const float *b, float *y) {
+    const int64_t n = I & ~(int64_t)31; /* the 32-wide part; the tail summed as dot_avx2 sums it */
+    int64_t o = o0;
+    for (; o + 2 <= o1; o += 2) {
+        const float *w0 = W + o * ldw, *w1 = w0 + ldw;
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+            __m256 c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+            for (int64_t i = 0; i < n; i += 32) {
+                const __m256 x0 = _mm256_loadu_ps(xr + i), x1 = _mm256_loadu_ps(xr + i + 8);
+                const __m256 x2 = _mm256_loadu_ps(xr + i + 16), x3 = _mm256_loadu_ps(xr + i + 24);
+                a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + i), a0);
+                c0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + i), c0);
+                a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w0 + i + 8), a1);
+                c1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + i + 8), c1);
+                a2 = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w0 + i + 16), a2);
+                c2 = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w1 + i + 16), c2);
+                a3 = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w0 + i + 24), a3);
+                c3 = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w1 + i + 24), c3);
+            }
+            const __m256 s0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            const __m256 s1 = _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
+            float *yr = y + r * O + o;
+            yr[0] = finish_avx2(s0, xr, w0, n, I) + (b ? b[o] : 0.0f);
+            yr[1] = finish_avx2(s1, xr, w1, n, I) + (b ? b[o + 1] : 0.0f);
+        }
+    }
+    rows_avx2_one(x, ldx, R, I, W, ldw, o, o1, O, b, y); /* an odd last output */
+}
 
 #ifndef MOEKIT_NO_AVX512
 __attribute__((target("avx512f"))) static inline __m256 upper_half(__m512 v) { /* AVX512F only */
@@ -140,6 +179,9 @@ static rows_fn best_rows(void) {
 #if defined(__x86_64__) && !defined(MOEKIT_PORTABLE)
     __builtin_cpu_init();
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef MOEKIT_ONE_ROW_AVX2 /* the tests' reference for the bodies that read more rows at once */
+    if (avx2) return rows_avx2_one;
+#endif
 #ifndef MOEKIT_NO_AVX512
     if (avx2 && __builtin_cpu_supports("avx512f")) return rows_avx512; /* its last rows: AVX2 */
 #endif
