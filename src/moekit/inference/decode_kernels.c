@@ -12,9 +12,9 @@
  * AVX-512 body (AVX512F) or else the AVX2+FMA body is chosen at run time; the AVX-512 body holds
  * two of those 8-lane accumulators in each 16-lane register and reads four weight rows at once
  * (four memory streams, x loaded once for them), the AVX2 body two, so both sum every element
- * exactly as one row's dot_avx2 does, bit for bit (-DMOEKIT_NO_AVX512 leaves the AVX-512 body out;
- * -DMOEKIT_ONE_ROW_AVX2 runs that one-row body, the tests' reference). Elsewhere (aarch64, Apple clang)
- * only the portable body is compiled: the same algorithm without the intrinsics
+ * exactly as one row's dot_avx2 does, bit for bit (-DMOEKIT_NO_AVX512 leaves the AVX-512 body
+ * out; -DMOEKIT_ONE_ROW_AVX2 runs that one-row body, the tests' reference). Elsewhere (aarch64,
+ * Apple clang) only the portable body is compiled: the same algorithm without the intrinsics
  * (-DMOEKIT_PORTABLE builds only it on x86 too). Built and loaded by
  * moekit/inference/decode_kernels.py; F.linear is its reference (tests/test_cpu_kernels.py).
  */
