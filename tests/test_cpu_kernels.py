@@ -263,11 +263,14 @@ def _has_avx512f() -> bool:
 
 def _has_avx2() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " avx2" in cpuinfo.read_text() and " fma" in cpuinfo.read_text()
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return " avx2" in flags and " fma" in flags
 
 
 @pytest.mark.skipif(not _has_avx512f(), reason="this CPU has no AVX-512: only the AVX2 body runs")
-@pytest.mark.parametrize(("R", "I", "O"), [(1, 768, 2048), (3, 100, 41), (16, 31, 7), (2, 65, 4)])
+@pytest.mark.parametrize(
+    ("R", "I", "O"), [(1, 768, 2048), (3, 100, 41), (3, 100, 43), (16, 31, 7), (2, 65, 4)]
+)
 def test_the_avx512_body_sums_as_the_avx2_body_bit_for_bit(R: int, I: int, O: int) -> None:
     """The AVX-512 body (four weight rows at a time, two 8-lane sums in each register) computes
     every element as the AVX2 body does: the build without it (-DMOEKIT_NO_AVX512) gives the same
@@ -296,12 +299,19 @@ def assert_same_bits_with(R: int, I: int, O: int, flag: str) -> None:
     for flags in (cbuild.EXACT_FLAGS, (*cbuild.EXACT_FLAGS, flag)):
         lib = ctypes.CDLL(str(cbuild.build(decode_kernels.SOURCE, flags)))
         lib.moekit_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+        lib.moekit_linear_rows_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr]
         y = torch.empty(R, O)
         lib.moekit_linear_f32(
             x.data_ptr(), R, I, w.data_ptr(), I + 3, O, b.data_ptr(), y.data_ptr()
         )
-        ys.append(y)
-    assert torch.equal(ys[0], ys[1])
+        # a caller's own row ranges (decode_glue.c): odd starts, one to three rows
+        ranged = torch.zeros(R, O)
+        for o0, o1 in ((0, 1), (1, 4), (4, O)):
+            o0, o1 = min(o0, O), min(o1, O)
+            args = (x.data_ptr(), R, I, w.data_ptr(), I + 3, o0, o1, O, b.data_ptr())
+            lib.moekit_linear_rows_f32(*args, ranged.data_ptr())
+        ys += [y, ranged]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
     torch.testing.assert_close(ys[0], F.linear(x, w[:, :I], b), rtol=1e-5, atol=1e-4)
 
 

@@ -89,8 +89,9 @@ ROWS_BY_DOT(rows_portable, dot_portable)
 ROWS_BY_DOT(rows_avx2_one, dot_avx2)
 
 /* rows_avx2_one's sums, two weight rows at a time: each x vector loaded once for both (a quarter
- * fewer loads, which bound the product at R > 1, where W's rows come from L1), each row's four
- * accumulators summed as dot_avx2 sums them, so every output is dot_avx2's bit for bit. */
+ * fewer loads, which bound the product at R > 1, where each pair of W rows is read R times from
+ * cache), each row's four accumulators summed as dot_avx2 sums them, so every output is
+ * dot_avx2's bit for bit. */
 __attribute__((target("avx2,fma"))) static void
 rows_avx2(const float *x, int64_t ldx, int64_t R, int64_t I, const float *W, int64_t ldw,
           int64_t o0, int64_t o1, int64_t O, const float *b, float *y) {
