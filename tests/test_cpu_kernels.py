@@ -256,18 +256,14 @@ def test_source_builds_without_the_x86_intrinsics(tmp_path) -> None:
     torch.testing.assert_close(y, linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def _has_avx512f() -> bool:
+def _has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists every one of `flags` (no such file: False)."""
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return all(f" {flag}" in text for flag in flags)
 
 
-def _has_avx2() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return " avx2" in flags and " fma" in flags
-
-
-@pytest.mark.skipif(not _has_avx512f(), reason="this CPU has no AVX-512: only the AVX2 body runs")
+@pytest.mark.skipif(not _has("avx512f"), reason="this CPU has no AVX-512: only the AVX2 body runs")
 @pytest.mark.parametrize(
     ("R", "I", "O"), [(1, 768, 2048), (3, 100, 41), (3, 100, 43), (16, 31, 7), (2, 65, 4)]
 )
@@ -278,7 +274,7 @@ def test_the_avx512_body_sums_as_the_avx2_body_bit_for_bit(R: int, I: int, O: in
     assert_same_bits_with(R, I, O, "-DMOEKIT_NO_AVX512")
 
 
-@pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2")
+@pytest.mark.skipif(not _has("avx2", "fma"), reason="this CPU has no AVX2")
 @pytest.mark.parametrize(
     ("R", "I", "O"), [(1, 768, 2048), (8, 768, 1024), (3, 100, 41), (16, 31, 7)]
 )

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> None:
         cfg = resolve_config(RunConfig, args.config, args.overrides)
         run_dir = Path(args.out or default_run_dir(args.config))
     training_device(cfg.train.device)  # before the config is printed and the run begins
-    talks = not wants_processes(cfg) or os.environ.get("RANK", "0") == "0"  # torchrun: rank 0
+    many = wants_processes(cfg)  # torchrun, or parallel.ep/dp
+    talks = not many or os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 prints
     if talks:
         print_config(cfg)
     t = cfg.train
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"note: train.warmup_steps={t.warmup_steps} outlasts the run (train.steps="
               f"{t.steps}): the learning rate never reaches train.lr={t.lr:g}",
               file=sys.stderr)  # fmt: skip
-    trainer = train_distributed if wants_processes(cfg) else train  # torchrun, or parallel.ep/dp
+    trainer = train_distributed if many else train
     result = trainer(cfg, run_dir, resume=args.resume is not None)
     if talks:
         print_result(result)
